@@ -1,0 +1,52 @@
+"""imperative_ptq: post-training quantization for PaddlePaddle dygraph models.
+
+A drop-in for ``paddle.quantization.ImperativePTQ`` that works on Paddle 3.x (PIR, numpy 2),
+calibrates fast, and exports int8 models.
+"""
+
+import logging
+
+from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
+from .collector import CalibrationError
+from .config import PTQConfig, default_ptq_config
+from .fuse import fuse_layers
+from .ptq import ImperativePTQ
+from .quant_layers import QuantizedLayer
+from .quantizers import (
+    AbsmaxQuantizer,
+    BaseHistQuantizer,
+    BaseQuantizer,
+    HistQuantizer,
+    KLQuantizer,
+    MovingAverageAbsmaxQuantizer,
+    MSEQuantizer,
+    PerChannelAbsmaxQuantizer,
+    TensorRTKLQuantizer,
+)
+from .registry import LayerInfo, PTQRegistry, register_layer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbsmaxQuantizer",
+    "BaseHistQuantizer",
+    "BaseQuantizer",
+    "CALIBRATION_TABLE_VERSION",
+    "CalibrationError",
+    "HistQuantizer",
+    "ImperativePTQ",
+    "KLQuantizer",
+    "LayerInfo",
+    "MSEQuantizer",
+    "MovingAverageAbsmaxQuantizer",
+    "PTQConfig",
+    "PTQRegistry",
+    "PerChannelAbsmaxQuantizer",
+    "QuantizedLayer",
+    "TensorRTKLQuantizer",
+    "default_ptq_config",
+    "fuse_layers",
+    "register_layer",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,71 @@
+"""PTQ configuration: which algorithm calibrates activations and which calibrates weights."""
+
+from __future__ import annotations
+
+from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
+
+__all__ = ["PTQConfig", "default_ptq_config"]
+
+
+class PTQConfig:
+    """How to quantize activations and weights (Paddle's ``PTQConfig``).
+
+    The quantizers given here are prototypes: every hooked layer gets fresh clones, so one
+    config can be shared by many models and layers.
+
+    Args:
+        activation_quantizer: Algorithm for layer inputs and outputs, e.g. ``KLQuantizer()``.
+        weight_quantizer: Algorithm for weights: ``PerChannelAbsmaxQuantizer()`` or
+            ``AbsmaxQuantizer()``.
+
+    Raises:
+        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role.
+    """
+
+    def __init__(
+        self, activation_quantizer: BaseQuantizer, weight_quantizer: BaseQuantizer
+    ) -> None:
+        _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
+        _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
+        self.activation_quantizer = activation_quantizer.clone()
+        self.weight_quantizer = weight_quantizer.clone()
+
+    def new_activation_quantizer(self) -> BaseQuantizer:
+        """A fresh activation quantizer for one role of one layer."""
+        return self.activation_quantizer.clone()
+
+    def new_weight_quantizer(self) -> BaseQuantizer:
+        """A fresh weight quantizer for one layer."""
+        return self.weight_quantizer.clone()
+
+    def to_dict(self) -> dict[str, dict[str, object]]:
+        """The algorithms and their arguments, for calibration tables and logs."""
+        return {
+            "activation_quantizer": {
+                "type": type(self.activation_quantizer).__name__,
+                **self.activation_quantizer.config(),
+            },
+            "weight_quantizer": {
+                "type": type(self.weight_quantizer).__name__,
+                **self.weight_quantizer.config(),
+            },
+        }
+
+    def __repr__(self) -> str:
+        return f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r})"
+
+
+def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:
+    if isinstance(quantizer, type) and issubclass(quantizer, BaseQuantizer):
+        raise TypeError(f"{name} must be a quantizer instance, got the class {quantizer.__name__}")
+    if not isinstance(quantizer, BaseQuantizer):
+        raise TypeError(
+            f"{name} must be an imperative_ptq quantizer (BaseQuantizer), "
+            f"got {type(quantizer).__module__}.{type(quantizer).__name__}"
+        )
+    if not getattr(quantizer, role_flag):
+        role = "activations" if role_flag == "for_activations" else "weights"
+        raise TypeError(f"{name}: {type(quantizer).__name__} cannot quantize {role}")
+
+
+default_ptq_config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer())

@@ -1,0 +1,87 @@
+"""Folding BatchNorm into the preceding Conv2D or Linear before calibration.
+
+With ``sigma = sqrt(var + eps)`` and per-output-channel ``gamma, beta, mean``, a conv followed by
+batch norm equals one conv with ``w' = w * gamma / sigma`` (on the output-channel axis) and
+``b' = (b - mean) * gamma / sigma + beta``. Calibrating the folded layer quantizes the weights
+that inference engines actually run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import paddle
+
+__all__ = ["fuse_layers"]
+
+_FOLDABLE = {
+    # (layer type, norm type): weight output-channel axis
+    (paddle.nn.Conv2D, paddle.nn.BatchNorm2D): 0,
+    (paddle.nn.Conv2D, paddle.nn.BatchNorm): 0,
+    (paddle.nn.Linear, paddle.nn.BatchNorm1D): 1,
+}
+
+
+def _find(model: paddle.nn.Layer, name: str) -> tuple[paddle.nn.Layer, str, paddle.nn.Layer]:
+    parent = model
+    *path, leaf = name.split(".")
+    for part in path:
+        parent = getattr(parent, part, None)
+        if not isinstance(parent, paddle.nn.Layer):
+            raise ValueError(f"fuse_list names {name!r}, which is not a sublayer of the model")
+    layer = getattr(parent, leaf, None)
+    if not isinstance(layer, paddle.nn.Layer):
+        raise ValueError(f"fuse_list names {name!r}, which is not a sublayer of the model")
+    return parent, leaf, layer
+
+
+def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> paddle.nn.Layer:
+    """Folds each ``[conv_name, bn_name]`` pair of ``fuse_list`` in place; the BN becomes Identity.
+
+    Args:
+        model: Model in eval mode (its batch-norm statistics are used).
+        fuse_list: Pairs of sublayer names, e.g. ``[["conv1", "bn1"]]``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``fuse_list`` is not a list of name pairs.
+        ValueError: A name is not a sublayer, or the pair cannot be folded.
+    """
+    if fuse_list is None or isinstance(fuse_list, str) or not isinstance(fuse_list, (list, tuple)):
+        raise TypeError("fuse_list must be a list of [layer_name, norm_name] pairs when fuse=True")
+    for pair in fuse_list:
+        if isinstance(pair, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(f"fuse_list entries must be [layer_name, norm_name] pairs, got {pair!r}")
+        _, _, layer = _find(model, pair[0])
+        norm_parent, norm_leaf, norm = _find(model, pair[1])
+        axis = next(
+            (a for (lt, nt), a in _FOLDABLE.items() if isinstance(layer, lt) and isinstance(norm, nt)),
+            None,
+        )
+        if axis is None:
+            raise ValueError(
+                f"cannot fold {type(norm).__name__} {pair[1]!r} into "
+                f"{type(layer).__name__} {pair[0]!r}"
+            )
+        _fold(layer, norm, axis)
+        setattr(norm_parent, norm_leaf, paddle.nn.Identity())
+    return model
+
+
+def _fold(layer: paddle.nn.Layer, norm: paddle.nn.Layer, axis: int) -> None:
+    with paddle.no_grad():
+        gamma = norm.weight if norm.weight is not None else paddle.ones_like(norm._mean)
+        beta = norm.bias if norm.bias is not None else paddle.zeros_like(norm._mean)
+        factor = gamma / paddle.sqrt(norm._variance + norm._epsilon)
+        shape = [1] * layer.weight.ndim
+        shape[axis] = -1
+        layer.weight.set_value(layer.weight * factor.reshape(shape))
+        bias = layer.bias if layer.bias is not None else paddle.zeros_like(norm._mean)
+        new_bias = (bias - norm._mean) * factor + beta
+        if layer.bias is None:
+            layer.bias = layer.create_parameter(
+                shape=new_bias.shape, dtype=new_bias.dtype, is_bias=True
+            )
+        layer.bias.set_value(new_bias)

@@ -1,0 +1,389 @@
+"""ImperativePTQ: post-training quantization of dygraph models, a drop-in for Paddle's.
+
+Lifecycle::
+
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)       # eval-mode copy with forward-post hooks on leaf layers
+    for x in loader: qmodel(x)         # hooks feed the quantizers' statistics
+    table = ptq.calibration_table(qmodel)
+    ptq.convert(qmodel)                # hooks removed, thresholds frozen into the layers
+
+Calibration always runs in eval mode: the returned model is switched to ``eval()`` and a forward
+with any batch-norm layer in training mode is refused, so calibration can never change the
+model's batch-norm statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import paddle
+
+from .calibration_table import CalibrationTable, read_table, write_table
+from .collector import CalibrationCollector, CalibrationError
+from .config import PTQConfig, default_ptq_config
+from .fuse import fuse_layers
+from .quant_layers import QuantizedLayer
+from .quantizers import BaseQuantizer
+from .registry import PTQRegistry
+
+__all__ = ["ImperativePTQ"]
+
+logger = logging.getLogger(__name__)
+
+_STATE = "_ptq_state"
+_SESSION = "_ptq_session"
+_CONVERTED = "_ptq_converted"
+_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+
+
+@dataclasses.dataclass
+class _LayerState:
+    """What ``quantize`` attaches to one hooked layer."""
+
+    name: str
+    output_quantizer: BaseQuantizer
+    input_quantizer: BaseQuantizer | None
+    weight_quantizer: BaseQuantizer | None
+    hook: Any = None
+    output_skipped: bool = False
+
+
+class _Session:
+    """Per-model calibration state: the collector and the root hooks."""
+
+    def __init__(self, model: paddle.nn.Layer, asynchronous: bool) -> None:
+        self.collector = CalibrationCollector(asynchronous=asynchronous)
+        self.norm_layers = [
+            (name, layer) for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, _NORM_TYPES)
+        ]
+        self.root_hooks = [
+            model.register_forward_pre_hook(self._before_forward),
+            model.register_forward_post_hook(self._after_forward),
+        ]
+
+    def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
+        for name, norm in self.norm_layers:
+            if norm.training:
+                raise CalibrationError(
+                    f"{name or type(layer).__name__} is in training mode: calibration would "
+                    f"update its batch-norm statistics. Call model.eval() before calibrating."
+                )
+        self.collector.raise_pending_error()
+
+    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        self.collector.end_forward()
+
+    def hook(self, layer: paddle.nn.Layer, inputs: tuple, outputs: Any) -> None:
+        """Forward-post hook of every quantized layer."""
+        state: _LayerState = getattr(layer, _STATE)
+        collector = self.collector
+        if state.input_quantizer is not None and inputs and _is_float_tensor(inputs[0]):
+            collector.submit(state.input_quantizer, [collector.sample(inputs[0])], state.name)
+        if _is_float_tensor(outputs):
+            collector.submit(state.output_quantizer, [collector.sample(outputs)], state.name)
+        elif not state.output_skipped:
+            state.output_skipped = True
+            logger.warning(
+                "layer %r (%s) returned %s, not a floating-point tensor: its output is not "
+                "calibrated", state.name, type(layer).__name__, _describe(outputs),
+            )
+
+    def close(self) -> None:
+        for handle in self.root_hooks:
+            handle.remove()
+        self.collector.close()
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, paddle.Tensor) and paddle.is_floating_point(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, paddle.Tensor):
+        return f"a {value.dtype} tensor"
+    return f"a {type(value).__name__}"
+
+
+def _parent_and_attr(model: paddle.nn.Layer, name: str) -> tuple[paddle.nn.Layer, str]:
+    *path, attr = name.split(".")
+    parent = model
+    for part in path:
+        parent = getattr(parent, part)
+    return parent, attr
+
+
+class ImperativePTQ:
+    """Post-training quantization for dygraph models (Paddle's ``ImperativePTQ`` API).
+
+    Args:
+        quant_config: Algorithms for activations and weights.
+        asynchronous: Reduce statistics on a worker thread while the forward runs (faster on
+            multi-core machines; results are identical either way).
+
+    Raises:
+        TypeError: ``quant_config`` is not a :class:`PTQConfig`.
+    """
+
+    def __init__(
+        self, quant_config: PTQConfig = default_ptq_config, *, asynchronous: bool = True
+    ) -> None:
+        if not isinstance(quant_config, PTQConfig):
+            raise TypeError(
+                f"quant_config must be an imperative_ptq.PTQConfig, got {type(quant_config).__name__}"
+            )
+        self._quant_config = quant_config
+        self._asynchronous = bool(asynchronous)
+
+    @property
+    def quant_config(self) -> PTQConfig:
+        """The configuration."""
+        return self._quant_config
+
+    # ------------------------------------------------------------------------------ quantize
+    def quantize(
+        self,
+        model: paddle.nn.Layer,
+        inplace: bool = False,
+        fuse: bool = False,
+        fuse_list: Sequence[Sequence[str]] | None = None,
+    ) -> paddle.nn.Layer:
+        """Hooks every supported leaf layer for calibration.
+
+        Args:
+            model: The fp32 model. Untouched unless ``inplace``.
+            inplace: Hook ``model`` itself instead of a deep copy.
+            fuse: Fold the Conv2D/BatchNorm2D (and Linear/BatchNorm1D) pairs of ``fuse_list``.
+            fuse_list: Pairs of sublayer names, e.g. ``[["conv1", "bn1"]]``.
+
+        Returns:
+            The model to calibrate, in eval mode.
+
+        Raises:
+            TypeError: ``model`` is not a Layer, or ``fuse_list`` is malformed.
+            ValueError: ``model`` is already quantized, or has no supported layer.
+        """
+        if not isinstance(model, paddle.nn.Layer):
+            raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+        if getattr(model, _SESSION, None) is not None or getattr(model, _CONVERTED, False):
+            raise ValueError(
+                "model was already quantized by ImperativePTQ; quantize the original fp32 model"
+            )
+        if fuse and fuse_list is None:
+            raise TypeError("fuse_list must be given when fuse=True")
+        if not inplace:
+            model = copy.deepcopy(model)
+        if model.training:
+            logger.info("switching the model to eval mode for calibration")
+        model.eval()
+        if fuse:
+            fuse_layers(model, fuse_list)
+
+        session = _Session(model, self._asynchronous)
+        config = self._quant_config
+        hooked = 0
+        for name, layer in model.named_sublayers():
+            if (
+                layer.sublayers()
+                or getattr(layer, "skip_quant", False) is True
+                or not PTQRegistry.is_supported_layer(layer)
+            ):
+                continue
+            simulated = PTQRegistry.is_simulated_quant_layer(layer)
+            state = _LayerState(
+                name=name,
+                output_quantizer=config.new_activation_quantizer(),
+                input_quantizer=config.new_activation_quantizer() if simulated else None,
+                weight_quantizer=config.new_weight_quantizer() if simulated else None,
+            )
+            setattr(layer, _STATE, state)
+            state.hook = layer.register_forward_post_hook(session.hook)
+            # First among the layer's hooks: statistics see the layer's own output.
+            layer._forward_post_hooks.move_to_end(state.hook._hook_id, last=False)
+            hooked += 1
+        if not hooked:
+            session.close()
+            raise ValueError(
+                f"{type(model).__name__} has no leaf layer supported by PTQRegistry; "
+                f"supported: {', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
+            )
+        setattr(model, _SESSION, session)
+        logger.info("hooked %d layers of %s for calibration", hooked, type(model).__name__)
+        return model
+
+    # ---------------------------------------------------------------------------- thresholds
+    def calibration_table(self, model: paddle.nn.Layer) -> CalibrationTable:
+        """Thresholds from the statistics gathered so far, keyed by sublayer name.
+
+        Returns:
+            ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
+            ``weight`` for simulated-quant layers, ``weight`` one value per output channel for
+            per-channel quantizers. Layers that never ran are left out (with a warning).
+
+        Raises:
+            ValueError: ``model`` was not returned by :meth:`quantize`.
+            CalibrationError: No calibration batch has been run yet.
+        """
+        session = self._session(model)
+        session.collector.flush()
+        states = self._states(model)
+        table: CalibrationTable = {}
+        missing = []
+        for layer, state in states:
+            if not state.output_quantizer.is_calibrated and not (
+                state.input_quantizer is not None and state.input_quantizer.is_calibrated
+            ):
+                missing.append(state.name)
+                continue
+            entry: dict[str, list[float]] = {}
+            if state.input_quantizer is not None:
+                entry["input"] = _thresholds(state.input_quantizer)
+            if state.output_quantizer.is_calibrated:
+                entry["output"] = _thresholds(state.output_quantizer)
+            if state.weight_quantizer is not None:
+                entry["weight"] = self._weight_thresholds(layer, state.weight_quantizer)
+            table[state.name] = entry
+        if not table:
+            raise CalibrationError(
+                "no calibration data: run batches through the quantized model before asking "
+                "for thresholds"
+            )
+        if missing:
+            logger.warning(
+                "%d hooked layers never ran during calibration and stay in fp32: %s",
+                len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
+            )
+        return table
+
+    def save_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
+        """Writes :meth:`calibration_table` to ``path`` as versioned JSON (atomically)."""
+        write_table(path, self.calibration_table(model), self._quant_config.to_dict())
+
+    def load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
+        """Sets thresholds from a table written by :meth:`save_calibration_table`.
+
+        The table must describe exactly the model's hooked layers; no data needs to be run.
+
+        Raises:
+            ValueError: The file is not a valid table, or does not match the model (the first
+                mismatch is named).
+        """
+        layers, _ = read_table(path)
+        states = self._states(model)
+        known = {state.name for _, state in states}
+        extra = [name for name in layers if name not in known]
+        if extra:
+            raise ValueError(f"{path}: layer {extra[0]!r} is not a quantized layer of the model")
+        for layer, state in states:
+            entry = layers.get(state.name)
+            if entry is None:
+                raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
+            roles = {"output": state.output_quantizer, "input": state.input_quantizer}
+            for role, quantizer in roles.items():
+                if quantizer is None:
+                    continue
+                if role not in entry:
+                    raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
+                quantizer.set_thresholds(entry[role])
+            if state.weight_quantizer is not None:
+                weight = entry.get("weight")
+                channels = _weight_channels(layer)
+                if weight is None or len(weight) not in (1, channels):
+                    raise ValueError(
+                        f"{path}: layer {state.name!r} needs 1 or {channels} weight thresholds, "
+                        f"got {0 if weight is None else len(weight)}"
+                    )
+                state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
+
+    # ------------------------------------------------------------------------------- convert
+    def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        """Removes the hooks and freezes the thresholds into the layers.
+
+        Simulated-quant layers become :class:`QuantizedLayer` (int8 simulation in dygraph);
+        other hooked layers keep their output thresholds in ``_ptq_output_thresholds``.
+        Converting an already converted model does nothing.
+
+        Returns:
+            ``model`` (converted in place).
+
+        Raises:
+            CalibrationError: No calibration batch has been run.
+        """
+        if getattr(model, _CONVERTED, False):
+            logger.warning("model is already converted; nothing to do")
+            return model
+        table = self.calibration_table(model)
+        session = self._session(model)
+        states = self._states(model)
+        session.close()
+        activation_bits = self._quant_config.activation_quantizer.quant_bits
+        weight_bits = self._quant_config.weight_quantizer.quant_bits
+        for layer, state in states:
+            state.hook.remove()
+            delattr(layer, _STATE)
+            entry = table.get(state.name)
+            if entry is None:
+                continue
+            info = PTQRegistry.layer_info(layer)
+            if state.weight_quantizer is not None and "input" in entry:
+                wrapped = QuantizedLayer(
+                    layer,
+                    entry["input"],
+                    entry["weight"],
+                    entry.get("output", []),
+                    info.weight_channel_axis,
+                    activation_bits,
+                    weight_bits,
+                )
+                parent, attr = _parent_and_attr(model, state.name)
+                setattr(parent, attr, wrapped)
+            elif "output" in entry:
+                layer._ptq_output_thresholds = entry["output"]
+        delattr(model, _SESSION)
+        setattr(model, _CONVERTED, True)
+        return model
+
+    # ------------------------------------------------------------------------------ helpers
+    def _session(self, model: paddle.nn.Layer) -> _Session:
+        if not isinstance(model, paddle.nn.Layer):
+            raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+        session = getattr(model, _SESSION, None)
+        if session is None:
+            if getattr(model, _CONVERTED, False):
+                raise ValueError("model is already converted; its thresholds are frozen")
+            raise ValueError("model was not prepared by ImperativePTQ.quantize()")
+        return session
+
+    def _states(self, model: paddle.nn.Layer) -> list[tuple[paddle.nn.Layer, _LayerState]]:
+        self._session(model)
+        return [
+            (layer, getattr(layer, _STATE))
+            for _, layer in model.named_sublayers()
+            if getattr(layer, _STATE, None) is not None
+        ]
+
+    @staticmethod
+    def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list[float]:
+        if not quantizer.is_calibrated:
+            quantizer.sample_data(layer, (layer.weight,))
+        quantizer.cal_thresholds()
+        (value,) = quantizer.thresholds
+        return list(value) if isinstance(value, list) else [value]
+
+
+def _thresholds(quantizer: BaseQuantizer) -> list[float]:
+    quantizer.cal_thresholds()
+    return [float(t) for t in quantizer.thresholds]
+
+
+def _weight_channels(layer: paddle.nn.Layer) -> int:
+    axis = PTQRegistry.layer_info(layer).weight_channel_axis
+    return int(layer.weight.shape[axis])

@@ -1,0 +1,108 @@
+"""Layers that simulate int8 in dygraph after :meth:`ImperativePTQ.convert`.
+
+A simulated-quant layer (Conv2D, Linear, ...) is replaced by :class:`QuantizedLayer`, which
+fake-quantizes its input with the calibrated threshold and runs the original layer on
+fake-quantized weights, so accuracy can be measured before export. Thresholds follow Paddle's
+symmetric convention ``q = clip(round(x / t * L), -L, L)`` with ``L = 2**(bits-1) - 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import paddle
+
+__all__ = ["QuantizedLayer", "fake_quantize_symmetric", "quantize_weight"]
+
+
+def fake_quantize_symmetric(
+    x: paddle.Tensor, threshold: paddle.Tensor, bits: int, axis: int | None = None
+) -> paddle.Tensor:
+    """Quantize-dequantize ``x`` with symmetric thresholds (per tensor, or per channel on ``axis``).
+
+    Args:
+        x: Float tensor.
+        threshold: Positive threshold(s): shape [1], or [C] with ``C = x.shape[axis]``.
+        bits: Bit width.
+        axis: Channel axis for per-channel thresholds.
+    """
+    levels = float(2 ** (bits - 1) - 1)
+    if axis is not None and threshold.shape[0] > 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        threshold = threshold.reshape(shape)
+    scale = threshold / levels
+    return paddle.clip(paddle.round(x / scale), -levels, levels) * scale
+
+
+def quantize_weight(
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
+) -> np.ndarray:
+    """Integer weights ``clip(round(w / t * L), -L, L)`` (int8 for ``bits <= 8``, else int16)."""
+    levels = 2 ** (bits - 1) - 1
+    shape = [1] * weight.ndim
+    if thresholds.size > 1:
+        shape[axis] = -1
+    scales = (np.asarray(thresholds, dtype=np.float32) / levels).reshape(shape)
+    integers = np.clip(np.round(weight / scales), -levels, levels)
+    return integers.astype(np.int8 if bits <= 8 else np.int16)
+
+
+class QuantizedLayer(paddle.nn.Layer):
+    """A simulated-quant layer with frozen thresholds.
+
+    Args:
+        layer: The original layer (owned by the quantized model; its weight is replaced by the
+            fake-quantized weight).
+        input_thresholds: One threshold per input position.
+        weight_thresholds: Per-channel (length = channels on ``weight_axis``) or one value.
+        output_thresholds: Output thresholds, kept for export.
+        weight_axis: Output-channel axis of the weight.
+        activation_bits: Bit width of activations.
+        weight_bits: Bit width of weights.
+    """
+
+    def __init__(
+        self,
+        layer: paddle.nn.Layer,
+        input_thresholds: Sequence[float],
+        weight_thresholds: Sequence[float],
+        output_thresholds: Sequence[float],
+        weight_axis: int,
+        activation_bits: int = 8,
+        weight_bits: int = 8,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.weight_axis = weight_axis
+        self.activation_bits = activation_bits
+        self.weight_bits = weight_bits
+        self.input_thresholds = [float(t) for t in input_thresholds]
+        self.output_thresholds = [float(t) for t in output_thresholds]
+        weight_thresholds = np.asarray(weight_thresholds, dtype=np.float32).reshape(-1)
+        self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
+        self.register_buffer(
+            "input_threshold",
+            paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
+        )
+        with paddle.no_grad():
+            weight = layer.weight
+            integers = quantize_weight(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+            levels = 2 ** (weight_bits - 1) - 1
+            shape = [1] * weight.ndim
+            if weight_thresholds.size > 1:
+                shape[weight_axis] = -1
+            scales = (weight_thresholds / levels).reshape(shape)
+            weight.set_value((integers.astype(np.float32) * scales).astype(np.float32))
+
+    def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
+        first = fake_quantize_symmetric(inputs[0], self.input_threshold, self.activation_bits)
+        return self.layer(first, *inputs[1:], **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_threshold={self.input_thresholds[0]:.6g}, "
+            f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
+            f"{self.weight_bits}"
+        )

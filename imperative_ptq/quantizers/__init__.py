@@ -1,0 +1,26 @@
+"""Calibration algorithms: each turns observed tensors into quantization thresholds."""
+
+from .absmax import AbsmaxQuantizer
+from .base import MIN_THRESHOLD, BaseQuantizer
+from .hist import HistQuantizer
+from .histogram import BaseHistQuantizer
+from .kl import KLQuantizer
+from .kl_tensorrt import TensorRTKLQuantizer
+from .moving_average_absmax import MovingAverageAbsmaxQuantizer
+from .mse import MSEQuantizer
+from .per_channel_absmax import PerChannelAbsmaxQuantizer
+from .sample import TensorSample
+
+__all__ = [
+    "AbsmaxQuantizer",
+    "BaseHistQuantizer",
+    "BaseQuantizer",
+    "HistQuantizer",
+    "KLQuantizer",
+    "MIN_THRESHOLD",
+    "MSEQuantizer",
+    "MovingAverageAbsmaxQuantizer",
+    "PerChannelAbsmaxQuantizer",
+    "TensorRTKLQuantizer",
+    "TensorSample",
+]

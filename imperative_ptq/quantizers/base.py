@@ -1,0 +1,201 @@
+"""The quantizer interface shared by every calibration algorithm.
+
+A quantizer is attached to one role of one layer (its input, its output or its weight) and sees
+the tensors of that role, batch after batch. Following Paddle's ``ptq_quantizer`` it keeps one
+set of statistics per tensor position (``paddle.nn.quant.add`` has two inputs) and exposes
+``sample_data`` / ``cal_thresholds`` / ``thresholds`` under Paddle's names. Underneath, the work is
+split the way AIMET and NNCF split it:
+
+* **sampling** reduces one batch into bounded statistics (``observe``), never keeping the batch;
+* **computing** turns statistics into thresholds (``cal_thresholds``), as often as you like;
+* statistics can be ``reset``, exported with ``state_dict`` and combined with ``merge`` (the basis of
+  resumed and distributed calibration).
+
+Thresholds follow Paddle's symmetric convention: ``q = round(x / threshold * (2**(bits-1) - 1))``.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import paddle
+
+from .sample import TensorSample
+
+__all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_quant_bits"]
+
+#: Smallest threshold ever returned. Paddle returns 0.0 for an all-zero tensor, which makes
+#: ``x / threshold`` divide by zero downstream; any positive value represents zeros exactly.
+MIN_THRESHOLD = 1e-8
+
+def validate_quant_bits(quant_bits: Any) -> int:
+    """Returns ``quant_bits`` if it is an int in 1..16, else raises.
+
+    Raises:
+        TypeError: ``quant_bits`` is not an int.
+        ValueError: ``quant_bits`` is outside 1..16.
+    """
+    if isinstance(quant_bits, bool) or not isinstance(quant_bits, (int, np.integer)):
+        raise TypeError(f"quant_bits must be an int, got {type(quant_bits).__name__}")
+    if not 1 <= quant_bits <= 16:
+        raise ValueError(f"quant_bits must be in 1..16, got {quant_bits}")
+    return int(quant_bits)
+
+
+class BaseQuantizer(abc.ABC):
+    """Collects statistics of a layer's tensors and turns them into thresholds.
+
+    Args:
+        quant_bits: Bit width of the quantized integers, 1..16.
+
+    Attributes:
+        thresholds: Set by :meth:`cal_thresholds`: one entry per tensor position, a float for
+            per-tensor quantizers and a list of floats (one per channel) for per-channel ones.
+    """
+
+    #: Whether the algorithm makes sense for activations / for weights.
+    for_activations: ClassVar[bool] = True
+    for_weights: ClassVar[bool] = False
+    #: Whether the algorithm needs histograms (the collector then keeps ``|x|`` around).
+    uses_histogram: ClassVar[bool] = False
+
+    def __init__(self, quant_bits: int = 8) -> None:
+        self.quant_bits = validate_quant_bits(quant_bits)
+        self.thresholds: list[Any] = []
+        self.num_batches = 0
+        self._frozen: list[Any] | None = None
+
+    # ----------------------------------------------------------------------------- configuration
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild an equivalent, empty quantizer."""
+        names = [
+            name
+            for name in inspect.signature(type(self).__init__).parameters
+            if name != "self"
+        ]
+        return {name: getattr(self, name) for name in names}
+
+    def clone(self) -> "BaseQuantizer":
+        """A fresh quantizer with the same arguments and no statistics."""
+        return type(self)(**self.config())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # ---------------------------------------------------------------------------------- sampling
+    def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
+        """Reduces one batch of tensors into the statistics (Paddle's name and signature).
+
+        Args:
+            layer: The layer the tensors belong to (used by per-channel quantizers).
+            tensors: One tensor per position, e.g. ``(x,)`` or ``(x, y)``.
+        """
+        tensors = self._check_tensors(tensors)
+        self.observe_samples([TensorSample.from_tensor(t) for t in tensors], layer)
+
+    def observe_samples(
+        self, samples: Sequence[TensorSample], layer: paddle.nn.Layer | None = None
+    ) -> None:
+        """Reduces one batch, given as prepared samples (one per tensor position)."""
+        if self.num_batches and len(samples) != self.num_tensors:
+            raise ValueError(
+                f"{type(self).__name__} was sampled with {self.num_tensors} tensors per batch, "
+                f"got {len(samples)}"
+            )
+        for index, sample in enumerate(samples):
+            self.observe(index, sample)
+        self.num_batches += 1
+
+    @abc.abstractmethod
+    def observe(self, index: int, sample: TensorSample) -> None:
+        """Merges one batch of the tensor at position ``index`` into the statistics."""
+
+    @property
+    @abc.abstractmethod
+    def num_tensors(self) -> int:
+        """Number of tensor positions seen so far."""
+
+    # --------------------------------------------------------------------------------- computing
+    @abc.abstractmethod
+    def compute_threshold(self, index: int) -> float | np.ndarray:
+        """Threshold of the tensor at ``index`` from the current statistics."""
+
+    def cal_thresholds(self) -> None:
+        """Computes :attr:`thresholds` from the statistics (Paddle's name).
+
+        Raises:
+            RuntimeError: No batch was sampled and no thresholds were loaded.
+        """
+        if self._frozen is not None:
+            self.thresholds = list(self._frozen)
+            return
+        if not self.num_batches:
+            raise RuntimeError(
+                f"{type(self).__name__} has seen no data: run calibration batches first"
+            )
+        thresholds: list[Any] = []
+        for index in range(self.num_tensors):
+            value = self.compute_threshold(index)
+            if isinstance(value, np.ndarray):
+                thresholds.append(np.maximum(value, MIN_THRESHOLD).astype(np.float64).tolist())
+            else:
+                value = float(value)
+                thresholds.append(value if value >= MIN_THRESHOLD else MIN_THRESHOLD)
+        self.thresholds = thresholds
+
+    def set_thresholds(self, thresholds: Sequence[Any]) -> None:
+        """Freezes ``thresholds`` (e.g. loaded from a calibration table) over any statistics.
+
+        Raises:
+            ValueError: A threshold is not finite and positive.
+        """
+        checked: list[Any] = []
+        for value in thresholds:
+            array = np.asarray(value, dtype=np.float64)
+            if array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
+                raise ValueError(
+                    f"thresholds must be finite and positive, got {value!r} "
+                    f"for {type(self).__name__}"
+                )
+            checked.append(array.tolist() if array.ndim else float(array))
+        self._frozen = checked
+        self.thresholds = list(checked)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether thresholds can be computed (data was seen or thresholds were loaded)."""
+        return self._frozen is not None or self.num_batches > 0
+
+    # ------------------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forgets all statistics and thresholds."""
+        self.thresholds = []
+        self.num_batches = 0
+        self._frozen = None
+        self._reset_statistics()
+
+    @abc.abstractmethod
+    def _reset_statistics(self) -> None:
+        """Clears the algorithm's own statistics."""
+
+    @staticmethod
+    def _check_tensors(tensors: Any) -> tuple[paddle.Tensor, ...]:
+        if isinstance(tensors, paddle.Tensor):
+            tensors = (tensors,)
+        if not isinstance(tensors, (tuple, list)) or not tensors:
+            raise TypeError(
+                f"tensors must be a non-empty tuple of paddle.Tensor, got {type(tensors).__name__}"
+            )
+        for position, tensor in enumerate(tensors):
+            if not isinstance(tensor, paddle.Tensor):
+                raise TypeError(
+                    f"tensors[{position}] must be a paddle.Tensor, got {type(tensor).__name__}"
+                )
+            if not paddle.is_floating_point(tensor):
+                raise TypeError(f"tensors[{position}] must be floating point, got {tensor.dtype}")
+        return tuple(tensors)
+

@@ -1,0 +1,108 @@
+"""Per-channel abs-max, for weights: one threshold per output channel.
+
+One reduction serves every layer type: ``amax(|w|)`` over every axis but the channel axis, which
+comes from the layer's :class:`~imperative_ptq.registry.LayerInfo` (Conv2D ``[out, in, kh, kw]``:
+axis 0; Linear ``[in, out]`` and Conv2DTranspose ``[in, out, kh, kw]``: axis 1). Paddle's version
+loops over channels with a device sync per channel.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import paddle
+
+from .base import BaseQuantizer
+from .sample import TensorSample
+
+__all__ = ["PerChannelAbsmaxQuantizer", "per_channel_abs_max"]
+
+
+def per_channel_abs_max(tensor: paddle.Tensor, axis: int) -> np.ndarray:
+    """``max |tensor|`` over every axis but ``axis``, as float64 numpy (NaN/Inf ignored).
+
+    Raises:
+        ValueError: ``axis`` is out of range for ``tensor``.
+    """
+    ndim = tensor.ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {ndim}")
+    axis %= ndim
+    with paddle.no_grad():
+        values = paddle.abs(tensor.detach().astype("float32"))
+        values = paddle.where(paddle.isfinite(values), values, paddle.zeros_like(values))
+        reduce_axes = [a for a in range(ndim) if a != axis]
+        maxima = paddle.amax(values, axis=reduce_axes) if reduce_axes else values
+    return maxima.numpy().astype(np.float64)
+
+
+class PerChannelAbsmaxQuantizer(BaseQuantizer):
+    """Per-channel abs-max quantizer (Paddle's ``PerChannelAbsmaxQuantizer``).
+
+    ``sample_data(layer, (weight,))`` finds the channel axis from the layer's registry entry.
+
+    Args:
+        quant_bits: Bit width, 1..16.
+    """
+
+    for_activations = False
+    for_weights = True
+
+    def __init__(self, quant_bits: int = 8) -> None:
+        super().__init__(quant_bits)
+        self.abs_max_vals: list[np.ndarray] = []
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.abs_max_vals)
+
+    def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
+        """Reduces weights per channel; the channel axis comes from ``layer``'s registry entry.
+
+        Raises:
+            TypeError: ``layer`` is not a registered layer with a weight channel axis.
+        """
+        from ..registry import PTQRegistry  # the registry imports the quantizers
+
+        tensors = self._check_tensors(tensors)
+        info = PTQRegistry.layer_info(layer) if layer is not None else None
+        if info is None or info.weight_channel_axis is None:
+            raise TypeError(
+                f"PerChannelAbsmaxQuantizer needs a layer with a weight channel axis in "
+                f"PTQRegistry, got {type(layer).__name__}"
+            )
+        self.observe_channels([per_channel_abs_max(t, info.weight_channel_axis) for t in tensors])
+
+    def observe_channels(self, channel_maxima: Sequence[np.ndarray]) -> None:
+        """Merges per-channel maxima (one array per tensor position) into the statistics.
+
+        Raises:
+            ValueError: The number of channels differs from earlier batches.
+        """
+        if self.abs_max_vals and len(channel_maxima) != len(self.abs_max_vals):
+            raise ValueError(
+                f"expected {len(self.abs_max_vals)} tensors per batch, got {len(channel_maxima)}"
+            )
+        if not self.abs_max_vals:
+            self.abs_max_vals = [np.asarray(m, dtype=np.float64).copy() for m in channel_maxima]
+        else:
+            for index, maxima in enumerate(channel_maxima):
+                if maxima.shape != self.abs_max_vals[index].shape:
+                    raise ValueError(
+                        f"tensor {index} has {maxima.shape[0]} channels, "
+                        f"earlier batches had {self.abs_max_vals[index].shape[0]}"
+                    )
+                np.maximum(self.abs_max_vals[index], maxima, out=self.abs_max_vals[index])
+        self.num_batches += 1
+
+    def observe(self, index: int, sample: TensorSample) -> None:
+        raise TypeError(
+            "PerChannelAbsmaxQuantizer quantizes weights: call sample_data(layer, (weight,))"
+        )
+
+    def compute_threshold(self, index: int) -> np.ndarray:
+        return self.abs_max_vals[index]
+
+    def _reset_statistics(self) -> None:
+        self.abs_max_vals = []

@@ -1,0 +1,172 @@
+"""Which layers PTQ hooks, and what it needs to know about each.
+
+A plain dict from layer class to :class:`LayerInfo`, looked up along the class's MRO so that
+subclasses of a registered layer are covered. Users add their own layer types with
+:func:`register_layer` (usable as a decorator) without editing the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, TypeVar
+
+import paddle
+
+__all__ = ["LayerInfo", "PTQRegistry", "register_layer"]
+
+LayerT = TypeVar("LayerT", bound=type)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """What PTQ needs to know about a layer type.
+
+    Attributes:
+        layer: The layer class.
+        input_names: Names of the op inputs (Paddle's convention, e.g. ``("Input",)``).
+        weight_names: Names of the weights; empty for layers without weights.
+        output_names: Names of the op outputs.
+        weight_channel_axis: Output-channel axis of the weight for per-channel quantization;
+            ``None`` for layers without weights.
+        simulated: Whether the layer is a simulated-quant layer (its input and weights are
+            quantized, as for Conv2D and Linear).
+    """
+
+    layer: type
+    input_names: tuple[str, ...]
+    weight_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    weight_channel_axis: int | None = None
+    simulated: bool = False
+
+
+class PTQRegistry:
+    """Registry of the layer types PTQ supports (Paddle's ``PTQRegistry`` API)."""
+
+    _layers: dict[type, LayerInfo] = {}
+
+    @classmethod
+    def register(
+        cls,
+        layer: type,
+        input_names: tuple[str, ...] = ("X",),
+        output_names: tuple[str, ...] = ("Out",),
+        weight_names: tuple[str, ...] = (),
+        weight_channel_axis: int | None = None,
+        simulated: bool = False,
+    ) -> LayerInfo:
+        """Registers (or re-registers) a layer type.
+
+        Args:
+            layer: A subclass of ``paddle.nn.Layer``.
+            input_names: Op input names.
+            output_names: Op output names.
+            weight_names: Weight names; simulated layers quantize the first (``layer.weight``).
+            weight_channel_axis: Output-channel axis of the weight (per-channel quantization).
+            simulated: Quantize the layer's input and weight, not only its output.
+
+        Raises:
+            TypeError: ``layer`` is not a Layer subclass.
+            ValueError: A simulated layer has no weight channel axis.
+        """
+        if not isinstance(layer, type) or not issubclass(layer, paddle.nn.Layer):
+            raise TypeError(f"layer must be a paddle.nn.Layer subclass, got {layer!r}")
+        if simulated and weight_channel_axis is None:
+            raise ValueError(f"simulated layer {layer.__name__} needs a weight_channel_axis")
+        info = LayerInfo(
+            layer,
+            tuple(input_names),
+            tuple(weight_names),
+            tuple(output_names),
+            weight_channel_axis,
+            simulated,
+        )
+        cls._layers[layer] = info
+        return info
+
+    @classmethod
+    def unregister(cls, layer: type) -> None:
+        """Removes a layer type (no error if it was not registered)."""
+        cls._layers.pop(layer, None)
+
+    @classmethod
+    def layer_info(cls, layer: paddle.nn.Layer | type) -> LayerInfo | None:
+        """The :class:`LayerInfo` of a layer class or instance (nearest registered base class),
+        or ``None`` if it is not supported."""
+        layer_type = layer if isinstance(layer, type) else type(layer)
+        for klass in layer_type.__mro__:
+            info = cls._layers.get(klass)
+            if info is not None:
+                return info
+        return None
+
+    @classmethod
+    def is_supported_layer(cls, layer: paddle.nn.Layer | type) -> bool:
+        """Whether PTQ hooks this layer class or instance."""
+        return cls.layer_info(layer) is not None
+
+    @classmethod
+    def is_simulated_quant_layer(cls, layer: paddle.nn.Layer | type) -> bool:
+        """Whether the layer's input and weights are quantized too (Conv2D, Linear, ...)."""
+        info = cls.layer_info(layer)
+        return info is not None and info.simulated
+
+    @classmethod
+    def supported_layers(cls) -> tuple[type, ...]:
+        """All registered layer types."""
+        return tuple(cls._layers)
+
+
+def register_layer(
+    input_names: tuple[str, ...] = ("X",),
+    output_names: tuple[str, ...] = ("Out",),
+    weight_names: tuple[str, ...] = (),
+    weight_channel_axis: int | None = None,
+    simulated: bool = False,
+) -> Callable[[LayerT], LayerT]:
+    """Class decorator registering a user layer type with :class:`PTQRegistry`.
+
+    Example::
+
+        @register_layer(weight_names=("W",), weight_channel_axis=0, simulated=True)
+        class MyConv(paddle.nn.Layer): ...
+    """
+
+    def decorate(layer: LayerT) -> LayerT:
+        PTQRegistry.register(
+            layer, input_names, output_names, weight_names, weight_channel_axis, simulated
+        )
+        return layer
+
+    return decorate
+
+
+def _register_defaults() -> None:
+    nn = paddle.nn
+    for conv in (nn.Conv1D, nn.Conv2D, nn.Conv3D):
+        # Weight [out, in/groups, *k]: grouped and depthwise convolutions are covered too.
+        PTQRegistry.register(conv, ("Input",), ("Output",), ("Filter",), 0, simulated=True)
+    for conv_transpose in (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose):
+        # Weight [in, out/groups, *k].
+        PTQRegistry.register(conv_transpose, ("Input",), ("Output",), ("Filter",), 1, simulated=True)
+    # Weight [in, out].
+    PTQRegistry.register(nn.Linear, ("X",), ("Out",), ("Y",), 1, simulated=True)
+    PTQRegistry.register(nn.BatchNorm2D, ("X",), ("Y",))
+    for layer in (
+        nn.AdaptiveMaxPool2D,
+        nn.AdaptiveAvgPool2D,
+        nn.AvgPool2D,
+        nn.MaxPool2D,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardswish,
+        nn.Swish,
+        nn.Sigmoid,
+        nn.Softmax,
+        nn.Tanh,
+    ):
+        PTQRegistry.register(layer)
+    PTQRegistry.register(nn.quant.add, ("X", "Y"), ("Out",))
+
+
+_register_defaults()

@@ -1,0 +1,28 @@
+"""Packaging for imperative_ptq."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="imperative_ptq",
+    version="0.1.0",
+    description=(
+        "Post-training quantization for PaddlePaddle dygraph models: fast calibration and "
+        "int8 export that runs on Paddle 3.x"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["imperative_ptq", "imperative_ptq.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "paddlepaddle>=3.0",
+        "numpy",
+        "scipy",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is only a reference implementation for the primitives' tests.
+        "test": ["pytest", "hypothesis", "torch==2.13.0"],
+    },
+    entry_points={},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering"],
+)

@@ -1,0 +1,31 @@
+"""End-to-end smoke test of the calibration lifecycle on a tiny CNN."""
+
+import numpy as np
+import paddle
+
+from imperative_ptq import ImperativePTQ, QuantizedLayer
+
+
+def test_quantize_calibrate_convert_keeps_outputs_close() -> None:
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3),
+        paddle.nn.BatchNorm2D(8),
+        paddle.nn.ReLU(),
+        paddle.nn.Flatten(),
+        paddle.nn.Linear(8 * 6 * 6, 10),
+    )
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    batches = [paddle.randn([4, 3, 8, 8]) for _ in range(3)]
+    for x in batches:
+        qmodel(x)
+    table = ptq.calibration_table(qmodel)
+    assert set(table) == {"0", "1", "2", "4"}
+    assert len(table["0"]["weight"]) == 8 and len(table["4"]["weight"]) == 10
+    ptq.convert(qmodel)
+    assert isinstance(qmodel[0], QuantizedLayer) and isinstance(qmodel[4], QuantizedLayer)
+    x = batches[0]
+    reference, simulated = model(x).numpy().ravel(), qmodel(x).numpy().ravel()
+    cosine = reference @ simulated / np.linalg.norm(reference) / np.linalg.norm(simulated)
+    assert cosine > 0.98
