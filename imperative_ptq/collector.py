@@ -94,9 +94,10 @@ class CalibrationCollector:
     def __init__(self, asynchronous: bool = True, max_pending: int = 64) -> None:
         self.asynchronous = asynchronous
         self._pool = _BufferPool()
-        self._recent: collections.OrderedDict[int, tuple[paddle.Tensor, _PooledSample]] = (
-            collections.OrderedDict()
-        )
+        # (id, inplace version) -> (tensor, its sample)
+        self._recent: collections.OrderedDict[
+            tuple[int, int], tuple[paddle.Tensor, _PooledSample]
+        ] = collections.OrderedDict()
         self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -105,7 +106,9 @@ class CalibrationCollector:
     # ------------------------------------------------------------------------ forward thread
     def sample(self, tensor: paddle.Tensor) -> _PooledSample:
         """``|tensor|`` as a sample, shared with recent requests for the same tensor."""
-        key = id(tensor)
+        # The inplace version tells apart the same tensor before and after an in-place op
+        # between two hooks (e.g. ``y = conv1(x); y.scale_(2); conv2(y)``).
+        key = (id(tensor), tensor._inplace_version())
         cached = self._recent.get(key)
         if cached is not None and cached[0] is tensor:
             self._recent.move_to_end(key)

@@ -264,8 +264,14 @@ class ImperativePTQ:
         return table
 
     def save_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
-        """Writes :meth:`calibration_table` to ``path`` as versioned JSON (atomically)."""
-        write_table(path, self.calibration_table(model), self._quant_config.to_dict())
+        """Writes :meth:`calibration_table` to ``path`` as versioned JSON (atomically).
+
+        Hooked layers that saw no data get an empty entry, so the table still names every
+        hooked layer and loads back into the same model.
+        """
+        table = self.calibration_table(model)
+        layers = {state.name: table.get(state.name, {}) for _, state in self._states(model)}
+        write_table(path, layers, self._quant_config.to_dict())
 
     def load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
         """Sets thresholds from a table written by :meth:`save_calibration_table`.
@@ -286,11 +292,15 @@ class ImperativePTQ:
             entry = layers.get(state.name)
             if entry is None:
                 raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
+            if not entry:  # the layer saw no data when the table was written: it stays fp32
+                continue
             roles = {"output": state.output_quantizer, "input": state.input_quantizer}
             for role, quantizer in roles.items():
                 if quantizer is None:
                     continue
                 if role not in entry:
+                    if role == "output" and "input" in entry:
+                        continue  # its output was not a float tensor, so it was not calibrated
                     raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
                 quantizer.set_thresholds(entry[role])
             if state.weight_quantizer is not None:
@@ -350,6 +360,33 @@ class ImperativePTQ:
         delattr(model, _SESSION)
         setattr(model, _CONVERTED, True)
         return model
+
+    # -------------------------------------------------------------------------------- export
+    def save_quantized_model(
+        self,
+        model: paddle.nn.Layer,
+        path: str | os.PathLike,
+        input_spec: Sequence[Any] | None = None,
+        **config: Any,
+    ) -> None:
+        """Exports an int8 program: ``path.pdmodel``, ``path.pdiparams``, ``path.calibration.json``.
+
+        Converts ``model`` first if it is still calibrating. See
+        :func:`imperative_ptq.export.save_quantized_model` for the format and ``config``.
+
+        Raises:
+            TypeError: Bad ``input_spec`` or option.
+            ValueError: ``model`` was never quantized, or tracing failed.
+            CalibrationError: No calibration batch has been run.
+            OSError: The target cannot be written (nothing is left half-written).
+        """
+        from .export.paddle_export import save_quantized_model
+
+        if getattr(model, _SESSION, None) is not None:
+            self.convert(model)
+        save_quantized_model(
+            model, path, input_spec, quant_config=self._quant_config.to_dict(), **config
+        )
 
     # ------------------------------------------------------------------------------ helpers
     def _session(self, model: paddle.nn.Layer) -> _Session:

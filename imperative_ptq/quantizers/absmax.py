@@ -38,5 +38,14 @@ class AbsmaxQuantizer(BaseQuantizer):
     def compute_threshold(self, index: int) -> float:
         return float(self.abs_max_vals[index])
 
+    def _statistics(self) -> dict[str, np.ndarray]:
+        return {"abs_max_vals": self.abs_max_vals.copy()}
+
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        self.abs_max_vals = np.asarray(state["abs_max_vals"], dtype=np.float64).reshape(-1).copy()
+
+    def _merge_statistics(self, other: "AbsmaxQuantizer") -> None:
+        np.maximum(self.abs_max_vals, other.abs_max_vals, out=self.abs_max_vals)
+
     def _reset_statistics(self) -> None:
         self.abs_max_vals = np.zeros(0, dtype=np.float64)

@@ -171,6 +171,69 @@ class BaseQuantizer(abc.ABC):
         return self._frozen is not None or self.num_batches > 0
 
     # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The statistics as numpy arrays (for saving, resuming and merging)."""
+        state = self._statistics()
+        state["num_batches"] = np.asarray(self.num_batches, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Replaces the statistics by ``state`` (from :meth:`state_dict`).
+
+        Raises:
+            ValueError: ``state`` lacks a key or holds arrays of the wrong shape.
+        """
+        if "num_batches" not in state:
+            raise ValueError(f"{type(self).__name__} state has no 'num_batches'")
+        self.reset()
+        try:
+            self._load_statistics(state)
+        except (KeyError, ValueError, IndexError) as error:
+            self.reset()
+            raise ValueError(f"{type(self).__name__} state does not fit: {error}") from None
+        self.num_batches = int(state["num_batches"])
+
+    def merge(self, other: "BaseQuantizer") -> None:
+        """Adds the statistics of ``other`` (the same algorithm, arguments and tensors), as if
+        its batches had been observed here: exact for abs-max, re-binned for histograms.
+
+        Raises:
+            TypeError: ``other`` is another algorithm.
+            ValueError: ``other`` has other arguments or tensor shapes.
+        """
+        if type(other) is not type(self):
+            raise TypeError(
+                f"cannot merge {type(other).__name__} statistics into {type(self).__name__}"
+            )
+        if other.config() != self.config():
+            raise ValueError(
+                f"cannot merge {type(self).__name__} statistics with different arguments: "
+                f"{other.config()} vs {self.config()}"
+            )
+        if not other.num_batches:
+            return
+        if not self.num_batches:
+            self.load_state_dict(other.state_dict())
+            return
+        if other.num_tensors != self.num_tensors:
+            raise ValueError(
+                f"cannot merge statistics of {other.num_tensors} tensors into {self.num_tensors}"
+            )
+        self._merge_statistics(other)
+        self.num_batches += other.num_batches
+
+    @abc.abstractmethod
+    def _statistics(self) -> dict[str, np.ndarray]:
+        """The algorithm's statistics as named arrays."""
+
+    @abc.abstractmethod
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        """Sets the algorithm's statistics from :meth:`_statistics` output."""
+
+    @abc.abstractmethod
+    def _merge_statistics(self, other: "BaseQuantizer") -> None:
+        """Adds ``other``'s statistics (same type, config and number of tensors)."""
+
     def reset(self) -> None:
         """Forgets all statistics and thresholds."""
         self.thresholds = []

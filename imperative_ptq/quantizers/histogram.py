@@ -25,7 +25,7 @@ import numpy as np
 from .base import BaseQuantizer
 from .sample import TensorSample
 
-__all__ = ["BaseHistQuantizer", "HistogramState", "rebin_histogram"]
+__all__ = ["BaseHistQuantizer", "HistogramState", "rebin_histogram", "resample_histogram"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -52,6 +52,21 @@ def rebin_histogram(counts: np.ndarray, upsample_bins: int, downsample_bins: int
     sub_bins[: bins * upsample_bins] = np.repeat(counts, upsample_bins)
     merged = sub_bins.reshape(bins, downsample_bins).sum(axis=1, dtype=np.float64)
     return (merged / upsample_bins).astype(np.float32)
+
+
+def resample_histogram(counts: np.ndarray, upper: float, new_upper: float) -> np.ndarray:
+    """Re-bins a histogram over ``[0, upper]`` into as many bins over ``[0, new_upper]``.
+
+    Counts are taken as uniform inside each bin (the cumulative count is interpolated
+    linearly between bin edges), so mass is conserved exactly and placed to within one bin.
+    """
+    if new_upper == upper:
+        return counts.astype(np.float32)
+    bins = counts.shape[0]
+    cumulative = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
+    old_edges = np.linspace(0.0, upper, bins + 1)
+    new_edges = np.linspace(0.0, new_upper, bins + 1)
+    return np.diff(np.interp(new_edges, old_edges, cumulative)).astype(np.float32)
 
 
 class HistogramState:
@@ -87,6 +102,27 @@ class HistogramState:
             rebinned = rebin_histogram(self.counts, upsample_bins, downsample_bins)
             self.counts = sample.histogram(bins, new_upper, exact_binning) + rebinned
             self.upper = new_upper
+
+    def merge_histogram(self, upper: float, counts: np.ndarray | None, upsample_bins: int) -> None:
+        """Adds another histogram over ``[0, upper]`` (e.g. from another shard).
+
+        The range grows on the same grid as :meth:`merge_sample`; the other histogram is then
+        resampled onto this one's bins (:func:`resample_histogram`).
+        """
+        if counts is None or upper == 0.0:
+            return
+        if self.counts is None:
+            self.upper, self.counts = upper, counts.astype(np.float32).copy()
+            return
+        bins = self.counts.shape[0]
+        if counts.shape[0] != bins:
+            raise ValueError(f"cannot merge a histogram of {counts.shape[0]} bins into {bins}")
+        if upper > self.upper:
+            sub_bin_width = self.upper / (bins * upsample_bins)
+            downsample_bins = int(math.ceil(upper / (bins * sub_bin_width)))
+            self.counts = rebin_histogram(self.counts, upsample_bins, downsample_bins)
+            self.upper = bins * sub_bin_width * downsample_bins
+        self.counts = self.counts + resample_histogram(counts, upper, self.upper)
 
 
 class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
@@ -137,6 +173,32 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
         """The threshold for a histogram of ``|x|`` with bins of width ``bin_width``."""
+
+    def _statistics(self) -> dict[str, np.ndarray]:
+        uppers = np.array([state.upper for state in self.states], dtype=np.float64)
+        counts = np.zeros((len(self.states), self.bins), dtype=np.float32)
+        for index, state in enumerate(self.states):
+            if state.counts is not None:
+                counts[index] = state.counts
+        return {"upper": uppers, "counts": counts}
+
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        uppers = np.asarray(state["upper"], dtype=np.float64).reshape(-1)
+        counts = np.asarray(state["counts"], dtype=np.float32)
+        if counts.shape != (uppers.shape[0], self.bins):
+            raise ValueError(
+                f"'counts' has shape {counts.shape}, expected {(uppers.shape[0], self.bins)}"
+            )
+        self.states = []
+        for upper, row in zip(uppers, counts):
+            state = HistogramState()
+            if upper > 0.0:
+                state.upper, state.counts = float(upper), row.copy()
+            self.states.append(state)
+
+    def _merge_statistics(self, other: "BaseHistQuantizer") -> None:
+        for mine, theirs in zip(self.states, other.states):
+            mine.merge_histogram(theirs.upper, theirs.counts, self.upsample_bins)
 
     def _reset_statistics(self) -> None:
         self.states = []

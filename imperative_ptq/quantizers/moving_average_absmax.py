@@ -58,6 +58,22 @@ class MovingAverageAbsmaxQuantizer(BaseQuantizer):
     def compute_threshold(self, index: int) -> float:
         return float(self.accum[index] / self.state[index])
 
+    def _statistics(self) -> dict[str, np.ndarray]:
+        return {"accum": self.accum.copy(), "state": self.state.copy()}
+
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        accum = np.asarray(state["accum"], dtype=np.float64).reshape(-1)
+        weight = np.asarray(state["state"], dtype=np.float64).reshape(-1)
+        if accum.shape != weight.shape:
+            raise ValueError("'accum' and 'state' differ in length")
+        self.accum, self.state = accum.copy(), weight.copy()
+
+    def _merge_statistics(self, other: "MovingAverageAbsmaxQuantizer") -> None:
+        # An EMA depends on batch order, so shards cannot be merged exactly; adding the
+        # bias-corrected sums gives the average of the shards' EMAs weighted by their weights.
+        self.accum += other.accum
+        self.state += other.state
+
     def _reset_statistics(self) -> None:
         self.accum = np.zeros(0, dtype=np.float64)
         self.state = np.zeros(0, dtype=np.float64)

@@ -104,5 +104,21 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
     def compute_threshold(self, index: int) -> np.ndarray:
         return self.abs_max_vals[index]
 
+    def _statistics(self) -> dict[str, np.ndarray]:
+        return {f"abs_max_vals.{i}": values.copy() for i, values in enumerate(self.abs_max_vals)}
+
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        count = sum(1 for key in state if key.startswith("abs_max_vals."))
+        self.abs_max_vals = [
+            np.asarray(state[f"abs_max_vals.{i}"], dtype=np.float64).reshape(-1).copy()
+            for i in range(count)
+        ]
+
+    def _merge_statistics(self, other: "PerChannelAbsmaxQuantizer") -> None:
+        for mine, theirs in zip(self.abs_max_vals, other.abs_max_vals):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"cannot merge {theirs.shape[0]} channels into {mine.shape[0]}")
+            np.maximum(mine, theirs, out=mine)
+
     def _reset_statistics(self) -> None:
         self.abs_max_vals = []

@@ -1,0 +1,126 @@
+"""Calibration state: every quantizer's statistics in one versioned file.
+
+Saving the statistics (not the thresholds) lets a long calibration be resumed, shards be
+calibrated separately (or on several processes) and merged, and thresholds be recomputed with
+other arguments later. The file is an ``.npz`` archive without pickles: one array per
+statistic, keyed ``"<layer>/<role>/<statistic>"``, plus a JSON header::
+
+    {"format": "imperative_ptq.calibration_state", "format_version": 1,
+     "config": {...},
+     "quantizers": {"<layer>/<role>": {"type": "KLQuantizer", "config": {...}}, ...}}
+
+Written atomically: to a temporary file first, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from .quantizers import BaseQuantizer
+
+__all__ = ["FORMAT_VERSION", "read_state", "write_state", "check_compatible"]
+
+FORMAT_NAME = "imperative_ptq.calibration_state"
+FORMAT_VERSION = 1
+_HEADER = "__header__"
+
+
+def write_state(
+    path: str | os.PathLike, quantizers: Mapping[str, BaseQuantizer], config: Any
+) -> None:
+    """Writes the statistics of ``quantizers`` (keyed ``"<layer>/<role>"``) to ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "quantizers": {
+            key: {"type": type(q).__name__, "config": q.config()} for key, q in quantizers.items()
+        },
+    }
+    arrays = {_HEADER: np.asarray(json.dumps(header))}
+    for key, quantizer in quantizers.items():
+        for name, value in quantizer.state_dict().items():
+            arrays[f"{key}/{name}"] = value
+    handle, temporary = tempfile.mkstemp(prefix=".state-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Reads a state file.
+
+    Returns:
+        ``(header, states)`` with ``states["<layer>/<role>"]`` a quantizer ``state_dict``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: Not a calibration state file, or an unknown format version.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"calibration state {path} does not exist") from None
+        raise ValueError(f"{path} is not a calibration state file: {error}") from None
+    with archive:
+        if _HEADER not in archive.files:
+            raise ValueError(f"{path} is not an imperative_ptq calibration state file")
+        header = json.loads(str(archive[_HEADER]))
+        if header.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not an imperative_ptq calibration state file")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has calibration state format version {header.get('format_version')!r}; "
+                f"this imperative_ptq reads version {FORMAT_VERSION}"
+            )
+        states: dict[str, dict[str, np.ndarray]] = {key: {} for key in header["quantizers"]}
+        for name in archive.files:
+            if name == _HEADER:
+                continue
+            key, _, statistic = name.rpartition("/")
+            if key not in states:
+                raise ValueError(f"{path}: array {name!r} belongs to no listed quantizer")
+            states[key][statistic] = archive[name]
+    return header, states
+
+
+def check_compatible(
+    path: str, header: Mapping[str, Any], quantizers: Mapping[str, BaseQuantizer]
+) -> None:
+    """Raises ``ValueError`` naming the first difference between a state file and a model.
+
+    Checks the set of ``"<layer>/<role>"`` keys, then each quantizer's algorithm and arguments.
+    """
+    stored = header["quantizers"]
+    for key in quantizers:
+        if key not in stored:
+            raise ValueError(f"{path}: the model's {key!r} has no statistics in the file")
+    for key in stored:
+        if key not in quantizers:
+            raise ValueError(f"{path}: {key!r} in the file is not a quantizer of the model")
+    for key, quantizer in quantizers.items():
+        entry = stored[key]
+        if entry["type"] != type(quantizer).__name__:
+            raise ValueError(
+                f"{path}: {key!r} was calibrated with {entry['type']}, "
+                f"the model uses {type(quantizer).__name__}"
+            )
+        if entry["config"] != quantizer.config():
+            raise ValueError(
+                f"{path}: {key!r} was calibrated with arguments {entry['config']}, "
+                f"the model uses {quantizer.config()}"
+            )

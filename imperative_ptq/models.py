@@ -1,0 +1,93 @@
+"""Small reference models for demos, tests and benchmarks (MNIST-sized)."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+from paddle import nn
+
+__all__ = ["LeNet", "VerySimpleNet", "train_classifier"]
+
+
+class VerySimpleNet(nn.Layer):
+    """The classic 784-100-100-10 MLP."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(784, 100)
+        self.relu1 = nn.ReLU()
+        self.fc2 = nn.Linear(100, 100)
+        self.relu2 = nn.ReLU()
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.relu1(self.fc1(self.flatten(x)))
+        return self.fc3(self.relu2(self.fc2(x)))
+
+
+class LeNet(nn.Layer):
+    """A LeNet-style CNN: two conv/BN/ReLU/pool stages and two linear layers."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(1, 16, 5, padding=2)
+        self.bn1 = nn.BatchNorm2D(16)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2D(2)
+        self.conv2 = nn.Conv2D(16, 32, 5)
+        self.bn2 = nn.BatchNorm2D(32)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2D(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 5 * 5, 128)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.relu2(self.bn2(self.conv2(x))))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+def train_classifier(
+    model: nn.Layer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int = 2,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Layer:
+    """Trains ``model`` in place with Adam and a cosine schedule; returns it in eval mode.
+
+    Args:
+        model: The classifier.
+        images: ``[N, ...]`` float32 inputs.
+        labels: ``[N]`` int64 labels.
+        epochs: Passes over the data.
+        batch_size: Batch size.
+        learning_rate: Peak learning rate.
+        seed: Seed for initialisation-independent shuffling.
+        progress: Show a tqdm progress bar.
+    """
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = len(images) // batch_size
+    schedule = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate, epochs * steps_per_epoch)
+    optimizer = paddle.optimizer.Adam(schedule, parameters=model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(len(images))
+        batches = range(steps_per_epoch)
+        for step in tqdm(batches, desc="training", disable=not progress, leave=False):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            loss = loss_fn(model(paddle.to_tensor(images[index])), paddle.to_tensor(labels[index]))
+            loss.backward()
+            optimizer.step()
+            optimizer.clear_grad()
+            schedule.step()
+    model.eval()
+    return model
