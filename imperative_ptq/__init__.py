@@ -10,6 +10,13 @@ from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
+from .primitives import (
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize_per_channel,
+    quantize_per_tensor,
+)
 from .ptq import ImperativePTQ
 from .quant_layers import QuantizedLayer
 from .quantizers import (
@@ -44,8 +51,13 @@ __all__ = [
     "PerChannelAbsmaxQuantizer",
     "QuantizedLayer",
     "TensorRTKLQuantizer",
+    "compute_qparams",
     "default_ptq_config",
+    "dequantize",
+    "fake_quantize",
     "fuse_layers",
+    "quantize_per_channel",
+    "quantize_per_tensor",
     "register_layer",
 ]
 

@@ -15,15 +15,19 @@ model's batch-norm statistics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
-from typing import Any, Iterable, Sequence
+import time
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import paddle
+from tqdm import tqdm
 
+from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table, write_table
 from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
@@ -55,18 +59,58 @@ class _LayerState:
 
 
 class _Session:
-    """Per-model calibration state: the collector and the root hooks."""
+    """Per-model calibration state: the collector, the hooked layers and the hooks.
+
+    Hooks can be detached (statistics are kept, so thresholds can still be computed and the
+    model converted) and attached again.
+    """
 
     def __init__(self, model: paddle.nn.Layer, asynchronous: bool) -> None:
-        self.collector = CalibrationCollector(asynchronous=asynchronous)
+        self.model = model
+        self.asynchronous = asynchronous
+        self.collector: CalibrationCollector | None = None
+        self.layers: list[tuple[paddle.nn.Layer, _LayerState]] = []
         self.norm_layers = [
             (name, layer) for name, layer in model.named_sublayers(include_self=True)
             if isinstance(layer, _NORM_TYPES)
         ]
+        self.root_hooks: list[Any] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.root_hooks)
+
+    def attach(self) -> None:
+        """Registers the hooks (first among each layer's forward-post hooks)."""
+        if self.attached:
+            return
+        self.collector = CalibrationCollector(asynchronous=self.asynchronous)
+        for layer, state in self.layers:
+            state.hook = layer.register_forward_post_hook(self.hook)
+            # First among the layer's hooks: statistics see the layer's own output.
+            layer._forward_post_hooks.move_to_end(state.hook._hook_id, last=False)
         self.root_hooks = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_post_hook(self._after_forward),
+            self.model.register_forward_pre_hook(self._before_forward),
+            self.model.register_forward_post_hook(self._after_forward),
         ]
+
+    def flush(self) -> None:
+        """Waits until every observed batch is in the statistics."""
+        if self.collector is not None:
+            self.collector.flush()
+
+    def detach(self) -> None:
+        """Removes every hook and stops the worker; statistics are kept."""
+        for handle in self.root_hooks:
+            handle.remove()
+        self.root_hooks = []
+        for _, state in self.layers:
+            if state.hook is not None:
+                state.hook.remove()
+                state.hook = None
+        collector, self.collector = self.collector, None
+        if collector is not None:
+            collector.close()
 
     def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
         for name, norm in self.norm_layers:
@@ -95,10 +139,35 @@ class _Session:
                 "calibrated", state.name, type(layer).__name__, _describe(outputs),
             )
 
-    def close(self) -> None:
-        for handle in self.root_hooks:
-            handle.remove()
-        self.collector.close()
+    def quantizers(self) -> dict[str, BaseQuantizer]:
+        """Activation quantizers keyed ``"<layer>/<role>"`` (weights are re-sampled, not kept)."""
+        found: dict[str, BaseQuantizer] = {}
+        for _, state in self.layers:
+            if state.input_quantizer is not None:
+                found[f"{state.name}/input"] = state.input_quantizer
+            found[f"{state.name}/output"] = state.output_quantizer
+        return found
+
+
+def _as_inputs(batch: Any) -> tuple[paddle.Tensor, ...]:
+    """Positional model inputs from one batch (arrays become tensors; labels are dropped)."""
+    if isinstance(batch, dict):
+        raise TypeError("dict batches are not supported: yield tensors or tuples of tensors")
+    items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if len(items) == 2 and _is_integer_array(items[1]):
+        items = items[:1]  # an (inputs, labels) pair from a classification loader
+    return tuple(
+        item if isinstance(item, paddle.Tensor) else paddle.to_tensor(np.asarray(item))
+        for item in items
+    )
+
+
+def _is_integer_array(value: Any) -> bool:
+    if isinstance(value, paddle.Tensor):
+        return not paddle.is_floating_point(value)
+    return isinstance(value, (np.ndarray, np.integer, int)) and np.issubdtype(
+        np.asarray(value).dtype, np.integer
+    )
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -189,7 +258,6 @@ class ImperativePTQ:
 
         session = _Session(model, self._asynchronous)
         config = self._quant_config
-        hooked = 0
         for name, layer in model.named_sublayers():
             if (
                 layer.sublayers()
@@ -205,19 +273,152 @@ class ImperativePTQ:
                 weight_quantizer=config.new_weight_quantizer() if simulated else None,
             )
             setattr(layer, _STATE, state)
-            state.hook = layer.register_forward_post_hook(session.hook)
-            # First among the layer's hooks: statistics see the layer's own output.
-            layer._forward_post_hooks.move_to_end(state.hook._hook_id, last=False)
-            hooked += 1
-        if not hooked:
-            session.close()
+            session.layers.append((layer, state))
+        if not session.layers:
             raise ValueError(
                 f"{type(model).__name__} has no leaf layer supported by PTQRegistry; "
                 f"supported: {', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
+        session.attach()
         setattr(model, _SESSION, session)
-        logger.info("hooked %d layers of %s for calibration", hooked, type(model).__name__)
+        logger.info(
+            "hooked %d layers of %s for calibration", len(session.layers), type(model).__name__
+        )
         return model
+
+    # --------------------------------------------------------------------------- calibration
+    @contextlib.contextmanager
+    def calibrating(self, model: paddle.nn.Layer) -> Iterator[paddle.nn.Layer]:
+        """Context in which ``model``'s calibration hooks are active; always cleans up.
+
+        On leaving, normally or through an exception (``KeyboardInterrupt`` included), every
+        hook is removed and the worker stopped. Statistics gathered so far are kept, so
+        thresholds can still be computed, saved or converted; entering again resumes.
+
+        Example::
+
+            qmodel = ptq.quantize(model)
+            with ptq.calibrating(qmodel):
+                for x in loader:
+                    qmodel(x)
+            ptq.convert(qmodel)
+        """
+        session = self._session(model)
+        session.attach()
+        try:
+            yield model
+        finally:
+            try:
+                session.flush()
+            finally:
+                session.detach()
+
+    def remove_hooks(self, model: paddle.nn.Layer) -> None:
+        """Removes every calibration hook (statistics are kept; ``convert`` still works)."""
+        self._session(model).detach()
+
+    def calibrate(
+        self,
+        model: paddle.nn.Layer,
+        data: Iterable[Any],
+        max_batches: int | None = None,
+        time_budget: float | None = None,
+        progress: bool = True,
+    ) -> int:
+        """Runs calibration batches through a quantized model.
+
+        Args:
+            model: Model returned by :meth:`quantize`.
+            data: Iterable of batches: a tensor or array, or a tuple/list of them (passed as
+                positional inputs). In an ``(inputs, labels)`` pair with integer labels, as
+                classification loaders yield, the labels are dropped.
+            max_batches: Stop after this many batches.
+            time_budget: Stop after this many seconds (checked between batches).
+            progress: Show a tqdm progress bar.
+
+        Returns:
+            The number of batches run.
+
+        Raises:
+            ValueError: ``max_batches`` or ``time_budget`` is not positive, or ``data`` was
+                empty.
+        """
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+        if time_budget is not None and not time_budget > 0:
+            raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
+        total = max_batches
+        if total is None and hasattr(data, "__len__"):
+            total = len(data)  # type: ignore[arg-type]
+        deadline = None if time_budget is None else time.monotonic() + time_budget
+        count = 0
+        with self.calibrating(model), paddle.no_grad():
+            bar = tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)
+            for batch in bar:
+                model(*_as_inputs(batch))
+                count += 1
+                if max_batches is not None and count >= max_batches:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    logger.info("calibration time budget reached after %d batches", count)
+                    break
+            bar.close()
+        if not count:
+            raise ValueError("data yielded no calibration batch")
+        return count
+
+    # --------------------------------------------------------------------- statistics state
+    def save_state(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
+        """Writes every quantizer's statistics to one versioned file (atomically).
+
+        Use it to resume an interrupted calibration or to merge shards calibrated separately
+        (:meth:`load_state` with ``merge=True``).
+        """
+        session = self._session(model)
+        session.flush()
+        write_state(path, session.quantizers(), self._quant_config.to_dict())
+
+    def load_state(
+        self, model: paddle.nn.Layer, path: str | os.PathLike, merge: bool = False
+    ) -> None:
+        """Loads statistics saved by :meth:`save_state`, replacing or merging with the current.
+
+        Merging is exact for abs-max statistics; histograms are re-binned onto a common range
+        (mass is conserved, placed to within one bin).
+
+        Raises:
+            ValueError: The file does not match the model (the first mismatch is named) or is
+                not a state file of a known version.
+        """
+        session = self._session(model)
+        session.flush()
+        quantizers = session.quantizers()
+        header, states = read_state(path)
+        check_compatible(os.fspath(path), header, quantizers)
+        for key, quantizer in quantizers.items():
+            loaded = quantizer.clone()
+            try:
+                loaded.load_state_dict(states[key])
+            except ValueError as error:
+                raise ValueError(f"{path}: {key!r}: {error}") from None
+            if merge:
+                quantizer.merge(loaded)
+            else:
+                quantizer.load_state_dict(states[key])
+
+    def sync(self, model: paddle.nn.Layer, group: Any = None) -> None:
+        """Merges the statistics of every ``paddle.distributed`` rank, on every rank.
+
+        Each rank calibrates its own shard, then calls ``sync``: afterwards every rank holds
+        the same statistics (merged in rank order) and computes the same thresholds as one
+        process over the union of the shards (exactly for abs-max, up to histogram re-binning).
+        Does nothing when not running distributed.
+        """
+        session = self._session(model)
+        session.flush()
+        from .distributed import all_merge
+
+        all_merge(session.quantizers(), group)
 
     # ---------------------------------------------------------------------------- thresholds
     def calibration_table(self, model: paddle.nn.Layer) -> CalibrationTable:
@@ -233,7 +434,7 @@ class ImperativePTQ:
             CalibrationError: No calibration batch has been run yet.
         """
         session = self._session(model)
-        session.collector.flush()
+        session.flush()
         states = self._states(model)
         table: CalibrationTable = {}
         missing = []
@@ -333,11 +534,10 @@ class ImperativePTQ:
         table = self.calibration_table(model)
         session = self._session(model)
         states = self._states(model)
-        session.close()
+        session.detach()
         activation_bits = self._quant_config.activation_quantizer.quant_bits
         weight_bits = self._quant_config.weight_quantizer.quant_bits
         for layer, state in states:
-            state.hook.remove()
             delattr(layer, _STATE)
             entry = table.get(state.name)
             if entry is None:
