@@ -21,7 +21,9 @@ setup(
     ],
     extras_require={
         # torch is only a reference implementation for the primitives' tests.
-        "test": ["pytest", "hypothesis", "torch==2.13.0"],
+        "test": ["pytest", "hypothesis", "torch==2.13.0", "onnx", "onnxruntime"],
+        # QDQ ONNX export (imperative_ptq.export.export_onnx) and running it.
+        "export": ["onnx", "onnxruntime"],
     },
     entry_points={},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering"],

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from .files import atomic_file
 from .quantizers import BaseQuantizer
 
 __all__ = ["FORMAT_VERSION", "read_state", "write_state", "check_compatible"]
@@ -34,9 +34,6 @@ def write_state(
     path: str | os.PathLike, quantizers: Mapping[str, BaseQuantizer], config: Any
 ) -> None:
     """Writes the statistics of ``quantizers`` (keyed ``"<layer>/<role>"``) to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -49,15 +46,8 @@ def write_state(
     for key, quantizer in quantizers.items():
         for name, value in quantizer.state_dict().items():
             arrays[f"{key}/{name}"] = value
-    handle, temporary = tempfile.mkstemp(prefix=".state-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path, "wb") as file:
+        np.savez(file, **arrays)
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -124,3 +114,4 @@ def check_compatible(
                 f"{path}: {key!r} was calibrated with arguments {entry['config']}, "
                 f"the model uses {quantizer.config()}"
             )
+

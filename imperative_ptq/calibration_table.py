@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Mapping
+
+from .files import atomic_file
 
 __all__ = ["FORMAT_VERSION", "CalibrationTable", "read_table", "write_table"]
 
@@ -31,24 +32,14 @@ def write_table(
     path: str | os.PathLike, layers: Mapping[str, Mapping[str, list[float]]], config: Any
 ) -> None:
     """Writes ``layers`` (and the config that produced them) to ``path`` atomically."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config,
         "layers": {name: dict(roles) for name, roles in layers.items()},
     }
-    handle, temporary = tempfile.mkstemp(prefix=".calibration-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(document, file, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as file:
+        json.dump(document, file, indent=1)
 
 
 def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any]]:
@@ -94,3 +85,4 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
                     f"finite positive numbers, got {values!r}"
                 )
     return layers, document.get("config") or {}
+

@@ -36,6 +36,9 @@ def _check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+_MAX_SUB_BINS = 1 << 22
+
+
 def rebin_histogram(counts: np.ndarray, upsample_bins: int, downsample_bins: int) -> np.ndarray:
     """Spreads each bin over ``upsample_bins`` sub-bins and regroups ``downsample_bins`` at a time.
 
@@ -48,10 +51,19 @@ def rebin_histogram(counts: np.ndarray, upsample_bins: int, downsample_bins: int
         The histogram over ``[0, upper * downsample_bins / upsample_bins]``, float32.
     """
     bins = counts.shape[0]
-    sub_bins = np.zeros(bins * downsample_bins, dtype=np.float32)
-    sub_bins[: bins * upsample_bins] = np.repeat(counts, upsample_bins)
-    merged = sub_bins.reshape(bins, downsample_bins).sum(axis=1, dtype=np.float64)
-    return (merged / upsample_bins).astype(np.float32)
+    if bins * downsample_bins <= _MAX_SUB_BINS:
+        # Materialize the sub-bins and sum them, as Paddle does (bit-identical results).
+        sub_bins = np.zeros(bins * downsample_bins, dtype=np.float32)
+        sub_bins[: bins * upsample_bins] = np.repeat(counts, upsample_bins)
+        merged = sub_bins.reshape(bins, downsample_bins).sum(axis=1, dtype=np.float64)
+        return (merged / upsample_bins).astype(np.float32)
+    # A batch far larger than the range so far (Paddle would allocate bins * downsample_bins
+    # floats, gigabytes): integrate the piecewise-constant sub-bin mass at the new edges.
+    prefix = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
+    edges = np.minimum(np.arange(bins + 1, dtype=np.int64) * downsample_bins, bins * upsample_bins)
+    whole, part = np.divmod(edges, upsample_bins)
+    partial = np.concatenate((counts.astype(np.float64), [0.0]))[whole] * part / upsample_bins
+    return np.diff(prefix[whole] + partial).astype(np.float32)
 
 
 def resample_histogram(counts: np.ndarray, upper: float, new_upper: float) -> np.ndarray:

@@ -1,0 +1,215 @@
+"""fp32 vs int8 latency in Paddle Inference (oneDNN) and ONNX Runtime, one process.
+
+Engines are interleaved round by round and medians reported, so a noisy neighbour on the shared
+machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
+weights, calibrated on random data), a 784-256-128-10 MLP and a LeNet. Logit cosine is against
+the dygraph fp32 model; sizes are of the exported files.
+
+Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import paddle
+
+from imperative_ptq import ImperativePTQ
+from imperative_ptq.export import create_predictor, export_onnx, predict
+from imperative_ptq.export import program as program_lib
+
+logger = logging.getLogger("benchmarks.inference")
+
+
+def _lenet() -> paddle.nn.Layer:
+    return paddle.nn.Sequential(
+        paddle.nn.Conv2D(1, 6, 5, padding=2), paddle.nn.BatchNorm2D(6), paddle.nn.ReLU(),
+        paddle.nn.MaxPool2D(2, 2), paddle.nn.Conv2D(6, 16, 5), paddle.nn.ReLU(),
+        paddle.nn.MaxPool2D(2, 2), paddle.nn.Flatten(), paddle.nn.Linear(400, 120),
+        paddle.nn.ReLU(), paddle.nn.Linear(120, 84), paddle.nn.ReLU(), paddle.nn.Linear(84, 10),
+    )
+
+
+def _mlp() -> paddle.nn.Layer:
+    return paddle.nn.Sequential(
+        paddle.nn.Linear(784, 256), paddle.nn.ReLU(), paddle.nn.Linear(256, 128),
+        paddle.nn.ReLU(), paddle.nn.Linear(128, 10),
+    )
+
+
+MODELS = {
+    "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8)),
+    "mobilenet_v2": (lambda: paddle.vision.models.mobilenet_v2(), [3, 224, 224], (1, 8)),
+    "mlp": (_mlp, [784], (1, 64)),
+    "lenet": (_lenet, [1, 28, 28], (1, 64)),
+}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _time(run, iters: int) -> float:
+    run()  # warm-up of this round
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path)
+
+
+def bench_model(name: str, rounds: int, iters: int, workdir: str) -> list[dict]:
+    factory, shape, batches = MODELS[name]
+    paddle.seed(0)
+    model = factory()
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    for _ in range(8):
+        qmodel(paddle.rand([4, *shape]))
+    spec = [paddle.static.InputSpec([None, *shape], "float32", "x")]
+    int8_prefix = os.path.join(workdir, name, "int8")
+    ptq.save_quantized_model(qmodel, int8_prefix, spec)
+    fp32_prefix = os.path.join(workdir, name, "fp32")
+    with paddle.pir_utils.DygraphOldIrGuard():
+        paddle.jit.save(model, fp32_prefix + ".raw", input_spec=spec)
+    # Same bias folding as the int8 export, so fp32 is not handicapped by unfused conv biases.
+    with program_lib.legacy_static_mode():
+        loaded = program_lib.load_legacy_program(fp32_prefix + ".raw")
+        program_lib.fold_conv_bias(loaded)
+        program_lib.save_legacy_program(loaded, fp32_prefix)
+    engines = {
+        "paddle fp32": create_predictor(fp32_prefix, int8=False),
+        "paddle int8": create_predictor(int8_prefix, int8=True),
+    }
+    onnx_int8 = export_onnx(qmodel, os.path.join(workdir, name, "int8.onnx"), spec)
+    sizes = {
+        "pdiparams fp32 MB": _size(fp32_prefix + ".pdiparams") / 2**20,
+        "pdiparams int8 MB": _size(int8_prefix + ".pdiparams") / 2**20,
+        "onnx int8 MB": _size(onnx_int8) / 2**20,
+    }
+    options = None
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        engines["ort int8"] = ort.InferenceSession(onnx_int8, options, providers=["CPUExecutionProvider"])
+        fp32_path = _fp32_onnx(qmodel, os.path.join(workdir, name, "fp32.onnx"), spec)
+        engines["ort fp32"] = ort.InferenceSession(fp32_path, options, providers=["CPUExecutionProvider"])
+    except ImportError:
+        logger.warning("onnxruntime missing: ONNX Runtime columns skipped")
+
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(batch).random([batch, *shape], dtype=np.float32)
+        with paddle.no_grad():
+            reference = model(paddle.to_tensor(x)).numpy()
+        runs = {}
+        for engine_name, engine in engines.items():
+            if engine_name.startswith("ort"):
+                runs[engine_name] = (lambda e=engine: e.run(None, {"x": x})[0])
+            else:
+                runs[engine_name] = (lambda e=engine: predict(e, x)[0])
+        cosines = {k: _cosine(run(), reference) for k, run in runs.items()}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for engine_name, run in runs.items():
+                times[engine_name].append(_time(run, iters))
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        row = {"model": name, "batch": batch, **{f"{k} ms": v for k, v in medians.items()}}
+        row["paddle speed-up"] = medians["paddle fp32"] / medians["paddle int8"]
+        if "ort int8" in medians:
+            row["ort speed-up"] = medians["ort fp32"] / medians["ort int8"]
+        row.update({f"cos {k}": v for k, v in cosines.items()})
+        row.update(sizes)
+        rows.append(row)
+        logger.info("%s", row)
+    return rows
+
+
+def _fp32_onnx(qmodel: paddle.nn.Layer, path: str, spec) -> str:
+    """fp32 ONNX of the same graph: the QDQ export with every threshold dropped."""
+    import onnx
+
+    int8_path = export_onnx(qmodel, path.replace(".onnx", ".qdq.onnx"), spec)
+    model = onnx.load(int8_path)
+    # Replace Q->DQ pairs on activations by identity and DQ of weights by float initializers.
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rename: dict[str, str] = {}
+    new_inits = {}
+    kept = []
+    for node in model.graph.node:
+        inputs = [rename.get(i, i) for i in node.input]
+        if node.op_type == "QuantizeLinear":
+            rename[node.output[0]] = inputs[0]
+            continue
+        if node.op_type == "DequantizeLinear":
+            if inputs[0] in inits:
+                q = inits[inputs[0]].astype(np.float32)
+                scale = inits[inputs[1]]
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [1] * q.ndim
+                if scale.ndim:
+                    shape[axis] = -1
+                new_inits[node.output[0]] = (q * scale.reshape(shape)).astype(np.float32)
+            else:
+                rename[node.output[0]] = inputs[0]
+            continue
+        del node.input[:]
+        node.input.extend(inputs)
+        kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {i for n in kept for i in n.input}
+    initializers = [t for t in model.graph.initializer if t.name in used]
+    initializers += [numpy_helper.from_array(v, k) for k, v in new_inits.items()]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    onnx.save(model, path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models.split(","):
+            rows.extend(bench_model(name, args.rounds, args.iters, workdir))
+    print(f"# {datetime.date.today()} {platform.processor() or platform.machine()} "
+          f"cpus={len(os.sched_getaffinity(0))} paddle={paddle.__version__}")
+    header = ["model", "batch", "paddle fp32 ms", "paddle int8 ms", "paddle speed-up",
+              "ort fp32 ms", "ort int8 ms", "ort speed-up", "cos paddle fp32", "cos paddle int8",
+              "cos ort int8", "pdiparams fp32 MB", "pdiparams int8 MB", "onnx int8 MB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = []
+        for key in header:
+            value = row.get(key, "")
+            cells.append(f"{value:.4f}" if key.startswith("cos") and value != "" else
+                         f"{value:.2f}" if isinstance(value, float) else str(value))
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Int8 export: Paddle Inference / Paddle Lite programs and QDQ ONNX.
+
+* :func:`save_quantized_model` writes a legacy-IR program in Paddle's QDQ format with int8
+  weights (oneDNN int8 on x86, Paddle Lite ``opt`` for ARM);
+* :func:`create_predictor` configures Paddle Inference for it;
+* :func:`export_onnx` writes a QDQ ONNX model that ONNX Runtime runs with QLinear kernels
+  (needs the ``export`` extra: ``onnx``, ``onnxruntime``).
+"""
+
+from .onnx_export import export_onnx
+from .paddle_export import save_quantized_model
+from .predictor import create_predictor, predict
+
+__all__ = ["create_predictor", "export_onnx", "predict", "save_quantized_model"]

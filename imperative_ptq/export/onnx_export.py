@@ -1,0 +1,394 @@
+"""QDQ ONNX export that ONNX Runtime runs with QLinear (int8) kernels.
+
+The model is traced like the Paddle export (:mod:`.tracing`), and the legacy fp32 program is
+translated op by op (a small converter for the CNN/MLP ops PTQ models use) with
+
+* BatchNorm folded into the preceding conv; per-channel thresholds scale with the BN factor, so
+  the folded int8 weights equal the dygraph ones (up to sign) exactly;
+* per-channel int8 weights (``DequantizeLinear`` with ``axis``) and int32 conv biases with
+  scale ``s_input * s_weight[c]``;
+* uint8 activations, zero point 0 for tensors known to be non-negative (after ReLU) and 128 for
+  signed ones. ONNX Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations;
+  symmetric int8 activations leave convs in float (FIELD_NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import paddle
+
+from . import program as program_lib
+from .atomic import export_directory, staged_export
+from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
+
+__all__ = ["export_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
+_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid"})
+_SIGN_PRESERVING_OPS = frozenset({"pool2d", "flatten_contiguous_range", "reshape2", "dropout"})
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "export_onnx needs the 'onnx' package: pip install 'imperative_ptq[export]'"
+        ) from error
+    import onnx
+
+    return onnx
+
+
+class _Converter:
+    """Translates one legacy program into an ONNX QDQ graph."""
+
+    def __init__(self, loaded: program_lib.LegacyProgram, records: Sequence[LayerRecord], specs):
+        self.onnx = _require_onnx()
+        self.helper = self.onnx.helper
+        self.loaded = loaded
+        self.block = loaded.program.global_block()
+        self.specs = specs
+        self.nodes: list = []
+        self.initializers: list = []
+        self.names: dict[str, str] = {}  # program var -> onnx tensor
+        self.scales: dict[str, tuple[float, int]] = {}  # program var -> (scale, zero point)
+        self.unsigned: set[str] = set()
+        self.counter = 0
+        self.ops = [op for op in self.block.ops if op.type not in ("feed", "fetch")]
+        self.readers: dict[str, list] = {}
+        self.producer: dict[str, Any] = {}
+        for op in self.ops:
+            for slot in op.input_names:
+                for name in op.input(slot):
+                    self.readers.setdefault(name, []).append(op)
+            for slot in op.output_names:
+                for name in op.output(slot):
+                    self.producer[name] = op
+        self.weights = {r.weight_name: r for r in records if r.simulated}
+        self.thresholds = self._activation_thresholds(records)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
+        consumers = {name: [op.type for op in ops] for name, ops in self.readers.items()}
+        _, outputs = program_lib.collect_scales(list(records), consumers)
+        thresholds = dict(outputs)
+        # Inputs of int8 ops: the layer's own input threshold wins, as in the dygraph model.
+        for op in self.ops:
+            slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
+            if slots and op.input(slots[0])[0] in self.weights:
+                record = self.weights[op.input(slots[0])[0]]
+                thresholds[op.input(slots[1])[0]] = float(record.input_threshold)
+        return thresholds
+
+    def _unique(self, stem: str) -> str:
+        self.counter += 1
+        return f"{stem}__{self.counter}"
+
+    def _const(self, stem: str, value: np.ndarray) -> str:
+        name = self._unique(stem)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def _param(self, name: str) -> np.ndarray:
+        return np.array(self.loaded.scope.find_var(name).get_tensor())
+
+    def _is_param(self, name: str) -> bool:
+        var = self.block._find_var_recursive(name)
+        return var is not None and var.persistable
+
+    def _node(self, op_type: str, inputs: list[str], stem: str, **attrs) -> str:
+        out = self._unique(stem)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+    def _bind(self, var: str, tensor: str) -> None:
+        """Maps a program variable to its ONNX tensor, adding Q/DQ when it has a threshold."""
+        threshold = self.thresholds.get(var)
+        if threshold is None or threshold <= 0:
+            self.names[var] = tensor
+            return
+        if var in self.unsigned:
+            scale, zero = threshold / 255.0, 0
+        else:
+            scale, zero = threshold / 127.0, 128
+        s = self._const("scale", np.array(scale, dtype=np.float32))
+        z = self._const("zero_point", np.array(zero, dtype=np.uint8))
+        q = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
+        self.names[var] = self._node("DequantizeLinear", [q, s, z], var + ".dq")
+        self.scales[var] = (scale, zero)
+
+    def _out(self, op, slot: str = "Out") -> str:
+        return op.output(slot)[0]
+
+    def _in(self, op, slot: str = "X") -> str:
+        name = op.input(slot)[0]
+        if name not in self.names:
+            raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
+        return self.names[name]
+
+    # --------------------------------------------------------------------------- converters
+    def _conv(self, op) -> None:
+        weight_name = op.input("Filter")[0]
+        weight = self._param(weight_name).astype(np.float32)
+        out = self._out(op, "Output")
+        bias = np.zeros([weight.shape[0]], dtype=np.float32)
+        # Absorb the bias add and a BatchNorm that reads nothing else.
+        readers = self.readers.get(out, [])
+        absorbed = []
+        if len(readers) == 1 and readers[0].type == "elementwise_add" and self._is_param(
+            readers[0].input("Y")[0]
+        ) and len(self._param(readers[0].input("Y")[0]).shape) == 1:
+            add = readers[0]
+            bias = bias + self._param(add.input("Y")[0]).reshape(-1)
+            absorbed.append(add)
+            out = self._out(add)
+            readers = self.readers.get(out, [])
+        factor = np.ones_like(bias)
+        if len(readers) == 1 and readers[0].type == "batch_norm":
+            bn = readers[0]
+            gamma, beta = self._param(bn.input("Scale")[0]), self._param(bn.input("Bias")[0])
+            mean, var = self._param(bn.input("Mean")[0]), self._param(bn.input("Variance")[0])
+            factor = gamma / np.sqrt(var + bn.attr("epsilon"))
+            bias = (bias - mean) * factor + beta
+            absorbed.append(bn)
+            out = self._out(bn, "Y")
+        weight = weight * factor.reshape(-1, 1, 1, 1)
+        record = self.weights.get(weight_name)
+        x_var = op.input("Input")[0]
+        x = self._in(op, "Input")
+        if record is not None and x_var in self.scales:
+            thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
+            if thresholds.size == 1:
+                thresholds = np.full([weight.shape[0]], thresholds[0], np.float32)
+            w_scale = np.maximum(thresholds * np.abs(factor), 1e-12).astype(np.float32) / 127.0
+            integers = np.clip(np.round(weight / w_scale.reshape(-1, 1, 1, 1)), -127, 127)
+            w = self._node(
+                "DequantizeLinear",
+                [self._const(weight_name, integers.astype(np.int8)),
+                 self._const("w_scale", w_scale),
+                 self._const("w_zero", np.zeros_like(w_scale, dtype=np.int8))],
+                weight_name + ".dq", axis=0,
+            )
+            b_scale = (self.scales[x_var][0] * w_scale).astype(np.float32)
+            b = self._node(
+                "DequantizeLinear",
+                [self._const("bias", np.round(bias / b_scale).astype(np.int32)),
+                 self._const("b_scale", b_scale),
+                 self._const("b_zero", np.zeros_like(b_scale, dtype=np.int32))],
+                "bias.dq", axis=0,
+            )
+        else:
+            w, b = self._const(weight_name, weight), self._const("bias", bias.astype(np.float32))
+        paddings = list(op.attr("paddings"))
+        if len(paddings) == 2:
+            pads = paddings + paddings
+        else:  # [top, bottom, left, right]
+            pads = [paddings[0], paddings[2], paddings[1], paddings[3]]
+        algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
+        attrs = dict(
+            strides=list(op.attr("strides")), dilations=list(op.attr("dilations")),
+            group=int(op.attr("groups")), kernel_shape=list(weight.shape[2:]),
+        )
+        if algorithm == "SAME":
+            attrs["auto_pad"] = "SAME_UPPER"
+        elif algorithm == "VALID":
+            attrs["pads"] = [0, 0, 0, 0]
+        else:
+            attrs["pads"] = pads
+        self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
+        self.skip.update(id(a) for a in absorbed)
+
+    def _matmul(self, op) -> None:
+        if op.attr("trans_x") or op.attr("trans_y") or not self._is_param(op.input("Y")[0]):
+            raise NotImplementedError("matmul_v2 is exported only as x @ W with a [in, out] weight")
+        weight_name = op.input("Y")[0]
+        weight = self._param(weight_name).astype(np.float32)
+        record = self.weights.get(weight_name)
+        x_var = op.input("X")[0]
+        if record is not None and x_var in self.scales:
+            thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
+            if thresholds.size == 1:
+                thresholds = np.full([weight.shape[1]], thresholds[0], np.float32)
+            w_scale = np.maximum(thresholds, 1e-12) / 127.0
+            integers = np.clip(np.round(weight / w_scale.reshape(1, -1)), -127, 127)
+            w = self._node(
+                "DequantizeLinear",
+                [self._const(weight_name, integers.astype(np.int8)),
+                 self._const("w_scale", w_scale.astype(np.float32)),
+                 self._const("w_zero", np.zeros_like(w_scale, dtype=np.int8))],
+                weight_name + ".dq", axis=1,
+            )
+        else:
+            w = self._const(weight_name, weight)
+        out = self._out(op)
+        self._bind(out, self._node("MatMul", [self._in(op), w], out))
+
+    def _elementwise(self, op) -> None:
+        kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
+        y_var = op.input("Y")[0]
+        x = self._in(op)
+        if self._is_param(y_var):
+            value = self._param(y_var).astype(np.float32)
+            axis = op.attr("axis")
+            x_rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
+            if axis not in (-1, x_rank - value.ndim):
+                value = value.reshape(list(value.shape) + [1] * (x_rank - axis - value.ndim))
+            y = self._const(y_var, value)
+        else:
+            y = self._in(op, "Y")
+        out = self._out(op)
+        self._bind(out, self._node(kind, [x, y], out))
+
+    def _pool(self, op) -> None:
+        kind = op.attr("pooling_type")
+        ksize = list(op.attr("ksize"))
+        out = self._out(op)
+        if op.attr("global_pooling") or (op.attr("adaptive") and ksize == [1, 1]):
+            node = self._node("GlobalMaxPool" if kind == "max" else "GlobalAveragePool", [self._in(op)], out)
+        elif op.attr("adaptive"):
+            raise NotImplementedError(f"adaptive pool2d to {ksize} is not exported")
+        else:
+            paddings = list(op.attr("paddings"))
+            pads = paddings + paddings if len(paddings) == 2 else [paddings[0], paddings[2], paddings[1], paddings[3]]
+            attrs = dict(kernel_shape=ksize, strides=list(op.attr("strides")), pads=pads,
+                         ceil_mode=int(op.attr("ceil_mode")))
+            if kind == "max":
+                node = self._node("MaxPool", [self._in(op)], out, **attrs)
+            else:
+                node = self._node("AveragePool", [self._in(op)], out,
+                                  count_include_pad=int(not op.attr("exclusive")), **attrs)
+        self._bind(out, node)
+
+    def _simple(self, op) -> None:
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "relu":
+            node = self._node("Relu", [x], out)
+        elif op.type == "relu6":
+            node = self._node("Clip", [x, self._const("min", np.array(0, np.float32)),
+                                       self._const("max", np.array(6, np.float32))], out)
+        elif op.type == "sigmoid":
+            node = self._node("Sigmoid", [x], out)
+        elif op.type == "softmax":
+            node = self._node("Softmax", [x], out, axis=int(op.attr("axis")))
+        elif op.type == "flatten_contiguous_range":
+            start, stop = op.attr("start_axis"), op.attr("stop_axis")
+            rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
+            if stop not in (-1, rank - 1):
+                raise NotImplementedError("flatten is exported only up to the last axis")
+            node = self._node("Flatten", [x], out, axis=int(start))
+        elif op.type == "reshape2":
+            if op.input("Shape") or op.input("ShapeTensor"):
+                raise NotImplementedError("reshape2 with a tensor shape is not exported")
+            node = self._node("Reshape", [x, self._const("shape", np.array(op.attr("shape"), np.int64))], out)
+        elif op.type == "dropout":
+            if op.attr("dropout_implementation") == "downgrade_in_infer":
+                factor = self._const("keep", np.array(1.0 - op.attr("dropout_prob"), np.float32))
+                node = self._node("Mul", [x, factor], out)
+            else:
+                node = self._node("Identity", [x], out)
+        elif op.type == "scale":
+            scale = self._const("scale", np.array(op.attr("scale"), np.float32))
+            bias = self._const("bias", np.array(op.attr("bias"), np.float32))
+            if op.attr("bias_after_scale"):
+                node = self._node("Add", [self._node("Mul", [x, scale], out + ".mul"), bias], out)
+            else:
+                node = self._node("Mul", [self._node("Add", [x, bias], out + ".add"), scale], out)
+        else:  # pragma: no cover - guarded by the dispatch table
+            raise NotImplementedError(op.type)
+        self._bind(out, node)
+
+    # ------------------------------------------------------------------------------- driver
+    def convert(self, opset: int):
+        onnx = self.onnx
+        dispatch = {
+            "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
+            "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
+            "elementwise_sub": self._elementwise, "pool2d": self._pool,
+        }
+        for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
+                     "reshape2", "dropout", "scale"):
+            dispatch[kind] = self._simple
+        self.skip: set[int] = set()
+        inputs = []
+        for name, spec in zip(self.loaded.feed_names, self.specs):
+            shape = ["batch" if d is None or d == -1 else int(d) for d in spec.shape]
+            inputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            self._bind(name, name)
+        for op in self.ops:
+            if id(op) in self.skip:
+                continue
+            if op.type in _NON_NEGATIVE_OPS:
+                self.unsigned.add(self._out(op))
+            elif op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned:
+                self.unsigned.add(self._out(op))
+            convert = dispatch.get(op.type)
+            if convert is None:
+                raise NotImplementedError(
+                    f"op {op.type!r} has no ONNX converter; supported: {sorted(dispatch)}"
+                )
+            convert(op)
+        outputs = []
+        for var in self.loaded.fetch_vars:
+            tensor = self.names[var.name]
+            name = var.name.replace(".", "_") + "_out"
+            self.nodes.append(self.helper.make_node("Identity", [tensor], [name]))
+            shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
+            outputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+        graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
+        model = self.helper.make_model(
+            graph, opset_imports=[self.helper.make_opsetid("", opset)], producer_name="imperative_ptq"
+        )
+        model.ir_version = min(model.ir_version, 8)
+        onnx.checker.check_model(model)
+        return model
+
+
+def export_onnx(
+    model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None, opset: int = 13
+) -> str:
+    """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
+
+    Args:
+        model: A model converted by ``ImperativePTQ.convert``.
+        path: Target file (``.onnx`` is appended if missing); directories are created.
+        input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
+        opset: ONNX opset (>= 13 for per-channel QDQ).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ImportError: ``onnx`` is not installed.
+        TypeError / ValueError: As for ``save_quantized_model``.
+        NotImplementedError: The program contains an op without a converter (named).
+    """
+    from .paddle_export import _check_exportable
+
+    _require_onnx()
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
+    _check_exportable(model)
+    specs = normalize_input_spec(input_spec)
+    path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+    if isinstance(path, str) and not path.endswith(".onnx"):
+        path += ".onnx"
+    directory, stem = export_directory(path)
+    path = os.path.join(directory, stem)
+    with staged_export(path[: -len(".onnx")], (".onnx",)) as staging:
+        traced = trace_to_legacy_program(model, specs, staging + ".fp32")
+        with program_lib.legacy_static_mode():
+            loaded = program_lib.load_legacy_program(staging + ".fp32")
+            program_lib.fold_conv_bias(loaded)
+            onnx_model = _Converter(loaded, traced.records, specs).convert(opset)
+        with open(staging + ".onnx", "wb") as file:
+            file.write(onnx_model.SerializeToString())
+    return path

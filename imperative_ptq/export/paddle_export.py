@@ -1,0 +1,110 @@
+"""``save_quantized_model``: a converted model -> int8 Paddle program (+ calibration JSON)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import paddle
+
+from ..calibration_table import write_table
+from ..quant_layers import QuantizedLayer
+from . import program as program_lib
+from .atomic import export_directory, staged_export
+from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
+
+__all__ = ["EXPORT_SUFFIXES", "save_quantized_model"]
+
+logger = logging.getLogger(__name__)
+
+#: Files of one export, in the order they are moved into place (the program last).
+EXPORT_SUFFIXES = (".pdiparams", ".calibration.json", ".pdmodel")
+
+_OPTIONS = {"quantize_residuals"}
+
+
+def _is_converted(model: paddle.nn.Layer) -> bool:
+    if getattr(model, "_ptq_converted", False):
+        return True
+    return any(isinstance(layer, QuantizedLayer) for layer in model.sublayers())
+
+
+def _check_exportable(model: paddle.nn.Layer) -> None:
+    """Raises TypeError/ValueError unless ``model`` is a converted ImperativePTQ model."""
+    if not isinstance(model, paddle.nn.Layer):
+        raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+    if getattr(model, "_ptq_session", None) is not None:
+        raise ValueError(
+            "model is still being calibrated: call ImperativePTQ.convert(model) first "
+            "(ImperativePTQ.save_quantized_model does this for you)"
+        )
+    if not _is_converted(model):
+        raise ValueError(
+            "model is not quantized: quantize it with ImperativePTQ.quantize, run calibration "
+            "batches and convert it before exporting"
+        )
+
+
+def _table(records: Sequence[LayerRecord]) -> dict[str, dict[str, list[float]]]:
+    layers: dict[str, dict[str, list[float]]] = {}
+    for record in records:
+        entry: dict[str, list[float]] = {}
+        if record.simulated:
+            entry["input"] = [float(record.input_threshold)]
+            entry["weight"] = [float(t) for t in record.weight_thresholds.reshape(-1)]
+        if record.output_thresholds:
+            entry["output"] = [float(t) for t in record.output_thresholds]
+        layers[record.name] = entry
+    return layers
+
+
+def save_quantized_model(
+    model: paddle.nn.Layer,
+    path: str | os.PathLike,
+    input_spec: Any = None,
+    quant_config: Mapping[str, Any] | None = None,
+    **config: Any,
+) -> None:
+    """Writes ``path.pdmodel``, ``path.pdiparams`` (int8 weights) and ``path.calibration.json``.
+
+    The program is a legacy-IR program in Paddle's QDQ format (see :mod:`.program`) that Paddle
+    Inference runs with oneDNN int8 kernels and Paddle Lite's ``opt`` converts for ARM.
+
+    Args:
+        model: A model converted by ``ImperativePTQ.convert``.
+        path: File prefix; missing directories are created.
+        input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
+        quant_config: Quantizer description stored in the calibration JSON.
+        **config: ``quantize_residuals`` (bool, default True): give BatchNorm outputs that feed
+            only residual adds a scale, so the fused residual convs run in int8 too (faster,
+            slightly less accurate).
+
+    Raises:
+        TypeError: Bad ``model``/``input_spec``/option.
+        ValueError: The model is not calibrated and converted, or tracing failed.
+        OSError: The target directory cannot be created or written.
+    """
+    unknown = set(config) - _OPTIONS
+    if unknown:
+        raise TypeError(
+            f"unknown export option(s) {sorted(unknown)}; supported: {sorted(_OPTIONS)}"
+        )
+    quantize_residuals = config.get("quantize_residuals", True)
+    if not isinstance(quantize_residuals, bool):
+        raise TypeError(f"quantize_residuals must be a bool, got {type(quantize_residuals).__name__}")
+    _check_exportable(model)
+    specs = normalize_input_spec(input_spec)
+    directory, _ = export_directory(path)
+    path = os.path.join(directory, os.path.basename(os.fspath(path)))
+
+    with staged_export(path, EXPORT_SUFFIXES) as staging:
+        fp32_prefix = staging + ".fp32"
+        traced = trace_to_legacy_program(model, specs, fp32_prefix)
+        with program_lib.legacy_static_mode():
+            loaded = program_lib.load_legacy_program(fp32_prefix)
+            program_lib.quantize_program(
+                loaded, traced.records, quantize_residuals=quantize_residuals
+            )
+            program_lib.save_legacy_program(loaded, staging)
+        write_table(staging + ".calibration.json", _table(traced.records), dict(quant_config or {}))

