@@ -23,8 +23,7 @@ import numpy as np
 import paddle
 
 from imperative_ptq import ImperativePTQ
-from imperative_ptq.export import create_predictor, export_onnx, predict
-from imperative_ptq.export import program as program_lib
+from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -83,13 +82,8 @@ def bench_model(name: str, rounds: int, iters: int, workdir: str) -> list[dict]:
     int8_prefix = os.path.join(workdir, name, "int8")
     ptq.save_quantized_model(qmodel, int8_prefix, spec)
     fp32_prefix = os.path.join(workdir, name, "fp32")
-    with paddle.pir_utils.DygraphOldIrGuard():
-        paddle.jit.save(model, fp32_prefix + ".raw", input_spec=spec)
-    # Same bias folding as the int8 export, so fp32 is not handicapped by unfused conv biases.
-    with program_lib.legacy_static_mode():
-        loaded = program_lib.load_legacy_program(fp32_prefix + ".raw")
-        program_lib.fold_conv_bias(loaded)
-        program_lib.save_legacy_program(loaded, fp32_prefix)
+    # Same format and bias folding as the int8 export, so fp32 is not handicapped.
+    save_fp32_model(model, fp32_prefix, spec)
     engines = {
         "paddle fp32": create_predictor(fp32_prefix, int8=False),
         "paddle int8": create_predictor(int8_prefix, int8=True),

@@ -8,7 +8,13 @@
 """
 
 from .onnx_export import export_onnx
-from .paddle_export import save_quantized_model
+from .paddle_export import save_fp32_model, save_quantized_model
 from .predictor import create_predictor, predict
 
-__all__ = ["create_predictor", "export_onnx", "predict", "save_quantized_model"]
+__all__ = [
+    "create_predictor",
+    "export_onnx",
+    "predict",
+    "save_fp32_model",
+    "save_quantized_model",
+]

@@ -108,3 +108,33 @@ def save_quantized_model(
             )
             program_lib.save_legacy_program(loaded, staging)
         write_table(staging + ".calibration.json", _table(traced.records), dict(quant_config or {}))
+
+
+def save_fp32_model(
+    model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None
+) -> None:
+    """Writes the fp32 ``model`` as ``path.pdmodel`` / ``path.pdiparams``, the baseline to
+    compare an int8 export with: the same legacy-IR format and the same conv-bias folding, so
+    oneDNN fuses it as well as the int8 program.
+
+    Args:
+        model: An fp32 model (not a quantized one).
+        path: File prefix; missing directories are created.
+        input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
+
+    Raises:
+        TypeError: Bad ``model`` or ``input_spec``.
+        OSError: The target directory cannot be created or written.
+    """
+    if not isinstance(model, paddle.nn.Layer):
+        raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+    specs = normalize_input_spec(input_spec)
+    directory, _ = export_directory(path)
+    path = os.path.join(directory, os.path.basename(os.fspath(path)))
+    with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
+        with paddle.pir_utils.DygraphOldIrGuard():
+            paddle.jit.save(model, staging + ".raw", input_spec=specs)
+        with program_lib.legacy_static_mode():
+            loaded = program_lib.load_legacy_program(staging + ".raw")
+            program_lib.fold_conv_bias(loaded)
+            program_lib.save_legacy_program(loaded, staging)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Sequence
+import sys
+from typing import Iterator, Sequence
 
 import numpy as np
 import paddle.inference as paddle_infer
@@ -17,6 +19,28 @@ logger = logging.getLogger(__name__)
 #: chain into one fp32 op before the int8 passes see it, so an int8 MLP would run in fp32
 #: (FIELD_NOTES: ~4x faster once deleted).
 INT8_DELETED_PASSES = ("repeated_fc_relu_fuse_pass",)
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silences the pass log that oneDNN's int8 passes write straight to file descriptors 1
+    and 2 (they ignore ``disable_glog_info``), unless this module logs at DEBUG level. Failures
+    still surface: Paddle raises them as Python exceptions."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "wb") as devnull:
+            for fd in saved:
+                os.dup2(devnull.fileno(), fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _default_threads() -> int:
@@ -61,7 +85,12 @@ def create_predictor(
     config.set_cpu_math_library_num_threads(num_threads)
     config.disable_glog_info()
     logger.debug("predictor for %s: int8=%s threads=%d", path_prefix, int8, num_threads)
-    return paddle_infer.create_predictor(config)
+    with _quiet_native_output():
+        predictor = paddle_infer.create_predictor(config)
+        # The int8 passes run (and print) on the first call.
+        for name in predictor.get_input_names():
+            predictor.get_input_handle(name)
+    return predictor
 
 
 def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np.ndarray]:
