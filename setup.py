@@ -21,10 +21,12 @@ setup(
     ],
     extras_require={
         # torch is only a reference implementation for the primitives' tests.
-        "test": ["pytest", "hypothesis", "torch==2.13.0", "onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "torch==2.13.0", "onnx", "onnxruntime", "matplotlib"],
         # QDQ ONNX export (imperative_ptq.export.export_onnx) and running it.
         "export": ["onnx", "onnxruntime"],
+        # PNG plots of SensitivityReport.save (imperative_ptq.analysis).
+        "report": ["matplotlib"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["imperative-ptq=imperative_ptq.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering"],
 )

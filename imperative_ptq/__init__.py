@@ -6,6 +6,7 @@ calibrates fast, and exports int8 models.
 
 import logging
 
+from .analysis import SensitivityReport, analyze, keep_fp32, search_skip_set
 from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
@@ -26,8 +27,11 @@ from .quantizers import (
     HistQuantizer,
     KLQuantizer,
     MovingAverageAbsmaxQuantizer,
+    MinMaxQuantizer,
     MSEQuantizer,
     PerChannelAbsmaxQuantizer,
+    PerChannelMinMaxQuantizer,
+    QuantParams,
     TensorRTKLQuantizer,
 )
 from .registry import LayerInfo, PTQRegistry, register_layer
@@ -45,20 +49,27 @@ __all__ = [
     "KLQuantizer",
     "LayerInfo",
     "MSEQuantizer",
+    "MinMaxQuantizer",
     "MovingAverageAbsmaxQuantizer",
     "PTQConfig",
     "PTQRegistry",
     "PerChannelAbsmaxQuantizer",
+    "PerChannelMinMaxQuantizer",
+    "QuantParams",
     "QuantizedLayer",
+    "SensitivityReport",
     "TensorRTKLQuantizer",
+    "analyze",
     "compute_qparams",
     "default_ptq_config",
     "dequantize",
     "fake_quantize",
     "fuse_layers",
+    "keep_fp32",
     "quantize_per_channel",
     "quantize_per_tensor",
     "register_layer",
+    "search_skip_set",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -8,6 +8,11 @@ Format (version 1)::
 
 Layer names are those of ``model.named_sublayers()``. Files are written atomically (temporary
 file, then rename), so a crash never leaves a truncated table.
+
+A role calibrated by an affine quantizer (``symmetric=False``) also records its uint8
+parameters next to its thresholds, one per threshold: ``"output_scale": [s]``,
+``"output_zero_point": [z]`` (likewise ``input_*``, and ``weight_*`` per channel). Symmetric
+entries hold thresholds only, exactly as before.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ __all__ = ["FORMAT_VERSION", "CalibrationTable", "read_table", "write_table"]
 FORMAT_NAME = "imperative_ptq.calibration_table"
 FORMAT_VERSION = 1
 ROLES = ("input", "output", "weight")
+#: Optional affine parameters of each role.
+AFFINE_KEYS = tuple(f"{role}_{kind}" for role in ROLES for kind in ("scale", "zero_point"))
 
 CalibrationTable = dict[str, dict[str, list[float]]]
 
@@ -70,9 +77,12 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
     if not isinstance(layers, dict):
         raise ValueError(f"{path}: 'layers' must be an object")
     for name, roles in layers.items():
-        if not isinstance(roles, dict) or not set(roles) <= set(ROLES):
+        if not isinstance(roles, dict) or not set(roles) <= set(ROLES) | set(AFFINE_KEYS):
             raise ValueError(f"{path}: layer {name!r} must map {ROLES} to threshold lists")
+        _check_affine(path, name, roles)
         for role, values in roles.items():
+            if role not in ROLES:
+                continue
             if (
                 not isinstance(values, list)
                 or not values
@@ -85,4 +95,36 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
                     f"finite positive numbers, got {values!r}"
                 )
     return layers, document.get("config") or {}
+
+
+def _check_affine(path: str | os.PathLike, name: str, roles: Mapping[str, Any]) -> None:
+    """Validates the optional ``<role>_scale`` / ``<role>_zero_point`` lists of one layer."""
+    for role in ROLES:
+        scales, zero_points = roles.get(f"{role}_scale"), roles.get(f"{role}_zero_point")
+        if scales is None and zero_points is None:
+            continue
+        thresholds = roles.get(role)
+        count = len(thresholds) if isinstance(thresholds, list) else -1
+        if not (
+            isinstance(scales, list)
+            and len(scales) == count
+            and all(
+                isinstance(s, (int, float)) and not isinstance(s, bool)
+                and math.isfinite(s) and s > 0
+                for s in scales
+            )
+        ):
+            raise ValueError(
+                f"{path}: layer {name!r} {role}_scale must be a list of finite positive numbers, "
+                f"one per {role} threshold, got {scales!r}"
+            )
+        if not (
+            isinstance(zero_points, list)
+            and len(zero_points) == count
+            and all(isinstance(z, int) and not isinstance(z, bool) for z in zero_points)
+        ):
+            raise ValueError(
+                f"{path}: layer {name!r} {role}_zero_point must be a list of integers (0 "
+                f"allowed), one per {role} threshold, got {zero_points!r}"
+            )
 

@@ -104,14 +104,20 @@ class CalibrationCollector:
         self._error_context = ""
 
     # ------------------------------------------------------------------------ forward thread
-    def sample(self, tensor: paddle.Tensor) -> _PooledSample:
-        """``|tensor|`` as a sample, shared with recent requests for the same tensor."""
+    def sample(self, tensor: paddle.Tensor, signed: bool = False) -> _PooledSample:
+        """``|tensor|`` as a sample, shared with recent requests for the same tensor.
+
+        With ``signed`` (affine quantizers) the sample also holds a copy of ``tensor`` itself;
+        symmetric-only calibration never pays for that copy.
+        """
         # The inplace version tells apart the same tensor before and after an in-place op
         # between two hooks (e.g. ``y = conv1(x); y.scale_(2); conv2(y)``).
         key = (id(tensor), tensor._inplace_version())
         cached = self._recent.get(key)
         if cached is not None and cached[0] is tensor:
             self._recent.move_to_end(key)
+            if signed:
+                self._attach_signed(cached[1], tensor)
             return cached[1]
         with paddle.no_grad():
             if tensor.dtype == paddle.float32:
@@ -119,12 +125,27 @@ class CalibrationCollector:
                 paddle.abs(tensor, out=buffer)
                 sample = _PooledSample(buffer, self._pool)
             else:
-                sample = _PooledSample(paddle.abs(tensor).astype("float32"), _BufferPool())
+                # float16/bfloat16 have no CPU abs kernel: convert first.
+                sample = _PooledSample(paddle.abs(tensor.astype("float32")), _BufferPool())
+        if signed:
+            self._attach_signed(sample, tensor)
         self._recent[key] = (tensor, sample)
         if len(self._recent) > _DEDUP_WINDOW:
             _, (_, evicted) = self._recent.popitem(last=False)
             evicted.drop()
         return sample
+
+    def _attach_signed(self, sample: _PooledSample, tensor: paddle.Tensor) -> None:
+        """Copies ``tensor`` into ``sample`` (once), for consumers that need its sign."""
+        if sample.signed_values is not None:
+            return
+        with paddle.no_grad():
+            if tensor.dtype == paddle.float32:
+                buffer = self._pool.acquire(tuple(tensor.shape))
+                paddle.assign(tensor, output=buffer)
+            else:
+                buffer = tensor.astype("float32")
+        sample.signed_values = buffer
 
     def submit(self, quantizer: BaseQuantizer, samples: Sequence[_PooledSample], name: str) -> None:
         """Queues one batch of ``samples`` for ``quantizer`` (``name`` is used in errors)."""

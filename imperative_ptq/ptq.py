@@ -33,7 +33,7 @@ from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
 from .quant_layers import QuantizedLayer
-from .quantizers import BaseQuantizer
+from .quantizers import BaseQuantizer, QuantParams
 from .registry import PTQRegistry
 
 __all__ = ["ImperativePTQ"]
@@ -128,10 +128,13 @@ class _Session:
         """Forward-post hook of every quantized layer."""
         state: _LayerState = getattr(layer, _STATE)
         collector = self.collector
-        if state.input_quantizer is not None and inputs and _is_float_tensor(inputs[0]):
-            collector.submit(state.input_quantizer, [collector.sample(inputs[0])], state.name)
+        inputs_quantizer = state.input_quantizer
+        if inputs_quantizer is not None and inputs and _is_float_tensor(inputs[0]):
+            sample = collector.sample(inputs[0], inputs_quantizer.uses_signed_values)
+            collector.submit(inputs_quantizer, [sample], state.name)
         if _is_float_tensor(outputs):
-            collector.submit(state.output_quantizer, [collector.sample(outputs)], state.name)
+            sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
+            collector.submit(state.output_quantizer, [sample], state.name)
         elif not state.output_skipped:
             state.output_skipped = True
             logger.warning(
@@ -447,10 +450,13 @@ class ImperativePTQ:
             entry: dict[str, list[float]] = {}
             if state.input_quantizer is not None:
                 entry["input"] = _thresholds(state.input_quantizer)
+                _add_affine_params(entry, "input", state.input_quantizer)
             if state.output_quantizer.is_calibrated:
                 entry["output"] = _thresholds(state.output_quantizer)
+                _add_affine_params(entry, "output", state.output_quantizer)
             if state.weight_quantizer is not None:
                 entry["weight"] = self._weight_thresholds(layer, state.weight_quantizer)
+                _add_affine_params(entry, "weight", state.weight_quantizer)
             table[state.name] = entry
         if not table:
             raise CalibrationError(
@@ -504,6 +510,7 @@ class ImperativePTQ:
                         continue  # its output was not a float tensor, so it was not calibrated
                     raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
                 quantizer.set_thresholds(entry[role])
+                _load_affine_params(entry, role, quantizer, per_channel=False)
             if state.weight_quantizer is not None:
                 weight = entry.get("weight")
                 channels = _weight_channels(layer)
@@ -513,6 +520,7 @@ class ImperativePTQ:
                         f"got {0 if weight is None else len(weight)}"
                     )
                 state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
+                _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
 
     # ------------------------------------------------------------------------------- convert
     def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
@@ -552,6 +560,7 @@ class ImperativePTQ:
                     info.weight_channel_axis,
                     activation_bits,
                     weight_bits,
+                    **_affine_layer_params(entry),
                 )
                 parent, attr = _parent_and_attr(model, state.name)
                 setattr(parent, attr, wrapped)
@@ -588,6 +597,32 @@ class ImperativePTQ:
             model, path, input_spec, quant_config=self._quant_config.to_dict(), **config
         )
 
+    # ------------------------------------------------------------------------------ analysis
+    def analyze(
+        self,
+        model: paddle.nn.Layer,
+        quantized_model: paddle.nn.Layer,
+        data: Iterable[Any],
+        metric: Any = None,
+        max_batches: int | None = None,
+    ) -> Any:
+        """Per-layer sensitivity: see :func:`imperative_ptq.analysis.analyze`.
+
+        Returns:
+            A :class:`~imperative_ptq.analysis.SensitivityReport`, most sensitive layer first.
+        """
+        from .analysis import analyze
+
+        return analyze(model, quantized_model, data, metric, max_batches)
+
+    def keep_fp32(
+        self, quantized_model: paddle.nn.Layer, names: Iterable[str], model: paddle.nn.Layer
+    ) -> paddle.nn.Layer:
+        """Puts converted layers back in fp32: see :func:`imperative_ptq.analysis.keep_fp32`."""
+        from .analysis import keep_fp32
+
+        return keep_fp32(quantized_model, names, model)
+
     # ------------------------------------------------------------------------------ helpers
     def _session(self, model: paddle.nn.Layer) -> _Session:
         if not isinstance(model, paddle.nn.Layer):
@@ -619,6 +654,54 @@ class ImperativePTQ:
 def _thresholds(quantizer: BaseQuantizer) -> list[float]:
     quantizer.cal_thresholds()
     return [float(t) for t in quantizer.thresholds]
+
+
+def _add_affine_params(entry: dict[str, list], role: str, quantizer: BaseQuantizer) -> None:
+    """Records ``<role>_scale`` / ``<role>_zero_point`` for an affine quantizer (symmetric
+    entries stay thresholds only, as Paddle's tables are)."""
+    if quantizer.symmetric:
+        return
+    params = quantizer.quant_params()
+    if all(p.symmetric for p in params):
+        return  # loaded from a symmetric table: nothing affine to record
+    if role == "weight":
+        (only,) = params
+        entry["weight_scale"] = list(np.atleast_1d(only.scale).astype(float))
+        entry["weight_zero_point"] = [int(z) for z in np.atleast_1d(only.zero_point)]
+        return
+    entry[f"{role}_scale"] = [float(p.scale) for p in params]
+    entry[f"{role}_zero_point"] = [int(p.zero_point) for p in params]
+
+
+def _load_affine_params(
+    entry: dict[str, list], role: str, quantizer: BaseQuantizer, per_channel: bool
+) -> None:
+    """Freezes the affine parameters of ``role`` recorded in a table entry, if any."""
+    scales, zero_points = entry.get(f"{role}_scale"), entry.get(f"{role}_zero_point")
+    if scales is None:
+        return
+    bits = quantizer.quant_bits
+    dtype = "uint8" if bits <= 8 else "int32"
+    if per_channel:
+        params = [QuantParams(list(scales), list(zero_points), dtype, 0, 2**bits - 1)]
+    else:
+        params = [
+            QuantParams(float(s), int(z), dtype, 0, 2**bits - 1)
+            for s, z in zip(scales, zero_points)
+        ]
+    quantizer.set_quant_params(params)
+
+
+def _affine_layer_params(entry: dict[str, list]) -> dict[str, Any]:
+    """QuantizedLayer arguments for the affine parts of a table entry."""
+    params: dict[str, Any] = {}
+    if "input_scale" in entry:
+        params["input_scale"] = entry["input_scale"][0]
+        params["input_zero_point"] = entry["input_zero_point"][0]
+    if "weight_scale" in entry:
+        params["weight_scales"] = entry["weight_scale"]
+        params["weight_zero_points"] = entry["weight_zero_point"]
+    return params
 
 
 def _weight_channels(layer: paddle.nn.Layer) -> int:

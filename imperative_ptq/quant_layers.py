@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from .primitives import fake_quantize
+
 __all__ = ["QuantizedLayer", "fake_quantize_symmetric", "quantize_weight"]
 
 
@@ -61,6 +63,13 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_axis: Output-channel axis of the weight.
         activation_bits: Bit width of activations.
         weight_bits: Bit width of weights.
+        input_scale: Affine input quantization (``symmetric=False`` calibration): the input
+            is fake-quantized on ``[0, 2**activation_bits - 1]`` with this scale and
+            ``input_zero_point`` instead of symmetrically with its threshold.
+        input_zero_point: Zero point that goes with ``input_scale``.
+        weight_scales: Affine weight quantization: scales (one, or one per channel) used with
+            ``weight_zero_points`` on ``[0, 2**weight_bits - 1]`` instead of the thresholds.
+        weight_zero_points: Zero points that go with ``weight_scales``.
     """
 
     def __init__(
@@ -72,8 +81,18 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_axis: int,
         activation_bits: int = 8,
         weight_bits: int = 8,
+        input_scale: float | None = None,
+        input_zero_point: int | None = None,
+        weight_scales: Sequence[float] | None = None,
+        weight_zero_points: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        self.input_scale = input_scale
+        self.input_zero_point = input_zero_point
+        self.weight_scales = None if weight_scales is None else [float(s) for s in weight_scales]
+        self.weight_zero_points = (
+            None if weight_zero_points is None else [int(z) for z in weight_zero_points]
+        )
         self.layer = layer
         self.weight_axis = weight_axis
         self.activation_bits = activation_bits
@@ -88,16 +107,36 @@ class QuantizedLayer(paddle.nn.Layer):
         )
         with paddle.no_grad():
             weight = layer.weight
-            integers = quantize_weight(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+            original = weight.numpy()
+            integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
             levels = 2 ** (weight_bits - 1) - 1
             shape = [1] * weight.ndim
             if weight_thresholds.size > 1:
                 shape[weight_axis] = -1
             scales = (weight_thresholds / levels).reshape(shape)
             weight.set_value((integers.astype(np.float32) * scales).astype(np.float32))
+            if self.weight_scales is not None:
+                # Affine weights replace the symmetric simulation above.
+                per_channel = len(self.weight_scales) > 1
+                weight.set_value(
+                    fake_quantize(
+                        original,
+                        self.weight_scales if per_channel else self.weight_scales[0],
+                        self.weight_zero_points if per_channel else self.weight_zero_points[0],
+                        0,
+                        2**weight_bits - 1,
+                        axis=weight_axis if per_channel else None,
+                    )
+                )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
-        first = fake_quantize_symmetric(inputs[0], self.input_threshold, self.activation_bits)
+        if self.input_zero_point is not None:
+            first = fake_quantize(
+                inputs[0], self.input_scale, self.input_zero_point, 0,
+                2**self.activation_bits - 1,
+            )
+        else:
+            first = fake_quantize_symmetric(inputs[0], self.input_threshold, self.activation_bits)
         return self.layer(first, *inputs[1:], **kwargs)
 
     def extra_repr(self) -> str:

@@ -6,9 +6,12 @@ from .hist import HistQuantizer
 from .histogram import BaseHistQuantizer
 from .kl import KLQuantizer
 from .kl_tensorrt import TensorRTKLQuantizer
+from .minmax import MinMaxQuantizer
 from .moving_average_absmax import MovingAverageAbsmaxQuantizer
 from .mse import MSEQuantizer
 from .per_channel_absmax import PerChannelAbsmaxQuantizer
+from .per_channel_minmax import PerChannelMinMaxQuantizer
+from .qparams import QuantParams
 from .sample import TensorSample
 
 __all__ = [
@@ -19,8 +22,11 @@ __all__ = [
     "KLQuantizer",
     "MIN_THRESHOLD",
     "MSEQuantizer",
+    "MinMaxQuantizer",
     "MovingAverageAbsmaxQuantizer",
     "PerChannelAbsmaxQuantizer",
+    "PerChannelMinMaxQuantizer",
+    "QuantParams",
     "TensorRTKLQuantizer",
     "TensorSample",
 ]

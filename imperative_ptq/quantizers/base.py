@@ -12,6 +12,9 @@ split the way AIMET and NNCF split it:
   resumed and distributed calibration).
 
 Thresholds follow Paddle's symmetric convention: ``q = round(x / threshold * (2**(bits-1) - 1))``.
+:meth:`BaseQuantizer.quant_params` gives the same result as ``(scale, zero_point, dtype)``;
+affine quantizers (``symmetric=False``) also compute a clip range ``[lo, hi]`` per tensor, whose
+parameters are uint8 with a zero point, while their threshold stays ``max(-lo, hi)`` for Paddle.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import paddle
 
+from .qparams import QuantParams, affine_qparams, symmetric_qparams
 from .sample import TensorSample
 
-__all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_quant_bits"]
+__all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_bool", "validate_quant_bits"]
 
 #: Smallest threshold ever returned. Paddle returns 0.0 for an all-zero tensor, which makes
 #: ``x / threshold`` divide by zero downstream; any positive value represents zeros exactly.
-MIN_THRESHOLD = 1e-8
+#: It is the smallest float32 normal times 2**23, so that ``threshold / 127`` stays a normal
+#: float (kernels that flush subnormals to zero would turn it into 0) while a legitimately tiny
+#: tensor (values ~1e-30) keeps its own range.
+MIN_THRESHOLD = float(np.finfo(np.float32).tiny) * 2.0**23
 
 def validate_quant_bits(quant_bits: Any) -> int:
     """Returns ``quant_bits`` if it is an int in 1..16, else raises.
@@ -43,6 +50,13 @@ def validate_quant_bits(quant_bits: Any) -> int:
     if not 1 <= quant_bits <= 16:
         raise ValueError(f"quant_bits must be in 1..16, got {quant_bits}")
     return int(quant_bits)
+
+
+def validate_bool(name: str, value: Any) -> bool:
+    """Returns ``value`` if it is a bool, else raises ``TypeError`` naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 class BaseQuantizer(abc.ABC):
@@ -61,12 +75,20 @@ class BaseQuantizer(abc.ABC):
     for_weights: ClassVar[bool] = False
     #: Whether the algorithm needs histograms (the collector then keeps ``|x|`` around).
     uses_histogram: ClassVar[bool] = False
+    #: Whether ``observe`` needs the signed tensor, not only ``|x|`` (affine statistics). The
+    #: collector copies ``x`` only for such quantizers, so the symmetric path pays nothing.
+    uses_signed_values: bool = False
+    #: Symmetric (Paddle's thresholds) or affine (clip ranges, uint8 with zero points).
+    symmetric: bool = True
 
     def __init__(self, quant_bits: int = 8) -> None:
         self.quant_bits = validate_quant_bits(quant_bits)
         self.thresholds: list[Any] = []
+        #: Affine quantizers: ``(lo, hi)`` per tensor position, set with ``thresholds``.
+        self.ranges: list[tuple[Any, Any]] = []
         self.num_batches = 0
         self._frozen: list[Any] | None = None
+        self._frozen_params: list[QuantParams] | None = None
 
     # ----------------------------------------------------------------------------- configuration
     def config(self) -> dict[str, Any]:
@@ -95,7 +117,8 @@ class BaseQuantizer(abc.ABC):
             tensors: One tensor per position, e.g. ``(x,)`` or ``(x, y)``.
         """
         tensors = self._check_tensors(tensors)
-        self.observe_samples([TensorSample.from_tensor(t) for t in tensors], layer)
+        signed = self.uses_signed_values
+        self.observe_samples([TensorSample.from_tensor(t, signed) for t in tensors], layer)
 
     def observe_samples(
         self, samples: Sequence[TensorSample], layer: paddle.nn.Layer | None = None
@@ -124,8 +147,12 @@ class BaseQuantizer(abc.ABC):
     def compute_threshold(self, index: int) -> float | np.ndarray:
         """Threshold of the tensor at ``index`` from the current statistics."""
 
+    def compute_range(self, index: int) -> tuple[Any, Any]:
+        """Affine quantizers: the clip range ``(lo, hi)`` of the tensor at ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} has no affine statistics")
+
     def cal_thresholds(self) -> None:
-        """Computes :attr:`thresholds` from the statistics (Paddle's name).
+        """Computes :attr:`thresholds` (and, if affine, :attr:`ranges`) from the statistics.
 
         Raises:
             RuntimeError: No batch was sampled and no thresholds were loaded.
@@ -138,8 +165,16 @@ class BaseQuantizer(abc.ABC):
                 f"{type(self).__name__} has seen no data: run calibration batches first"
             )
         thresholds: list[Any] = []
+        self.ranges = []
         for index in range(self.num_tensors):
-            value = self.compute_threshold(index)
+            if self.symmetric:
+                value = self.compute_threshold(index)
+            else:
+                # One search serves both: Paddle's threshold is the wider side of the range.
+                low, high = self.compute_range(index)
+                self.ranges.append((low, high))
+                value = np.maximum(-np.asarray(low), np.asarray(high))
+                value = value if value.ndim else float(value)
             if isinstance(value, np.ndarray):
                 thresholds.append(np.maximum(value, MIN_THRESHOLD).astype(np.float64).tolist())
             else:
@@ -164,6 +199,38 @@ class BaseQuantizer(abc.ABC):
             checked.append(array.tolist() if array.ndim else float(array))
         self._frozen = checked
         self.thresholds = list(checked)
+
+    def quant_params(self) -> list[QuantParams]:
+        """``(scale, zero_point, dtype)`` per tensor position, from the last
+        :meth:`cal_thresholds` (run first if it has not been).
+
+        Symmetric quantizers give ``scale = threshold / (2**(bits-1) - 1)``, zero point 0,
+        int8; affine ones the uint8 parameters of their clip range. Parameters loaded with
+        :meth:`set_quant_params` win; an affine quantizer given only thresholds (a symmetric
+        table) falls back to the symmetric parameters of those thresholds.
+        """
+        if self._frozen_params is not None:
+            return list(self._frozen_params)
+        if not self.thresholds:
+            self.cal_thresholds()
+        if self.symmetric or self._frozen is not None or len(self.ranges) != len(self.thresholds):
+            return [symmetric_qparams(t, self.quant_bits) for t in self.thresholds]
+        # A range that saw only zeros is widened: any positive range represents them exactly.
+        return [
+            affine_qparams(low, np.maximum(high, np.asarray(low) + MIN_THRESHOLD), self.quant_bits)
+            for low, high in self.ranges
+        ]
+
+    def set_quant_params(self, params: Sequence[QuantParams]) -> None:
+        """Freezes quantization parameters (e.g. loaded from a calibration table).
+
+        Raises:
+            TypeError: An entry is not a :class:`QuantParams`.
+        """
+        for value in params:
+            if not isinstance(value, QuantParams):
+                raise TypeError(f"params must hold QuantParams, got {type(value).__name__}")
+        self._frozen_params = list(params)
 
     @property
     def is_calibrated(self) -> bool:
@@ -237,8 +304,10 @@ class BaseQuantizer(abc.ABC):
     def reset(self) -> None:
         """Forgets all statistics and thresholds."""
         self.thresholds = []
+        self.ranges = []
         self.num_batches = 0
         self._frozen = None
+        self._frozen_params = None
         self._reset_statistics()
 
     @abc.abstractmethod

@@ -33,6 +33,7 @@ class HistQuantizer(BaseHistQuantizer):
         upsample_bins: Sub-bins per bin when the range grows.
         hist_percent: Share of values to keep inside the threshold, in (0, 1).
         exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        symmetric: ``False``: affine, the percentile is taken on each side separately.
     """
 
     def __init__(
@@ -42,8 +43,9 @@ class HistQuantizer(BaseHistQuantizer):
         upsample_bins: int = 64,
         hist_percent: float = 0.99999,
         exact_binning: bool = False,
+        symmetric: bool = True,
     ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning)
+        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
         if isinstance(hist_percent, bool) or not isinstance(hist_percent, (int, float, np.floating)):
             raise TypeError(f"hist_percent must be a float, got {type(hist_percent).__name__}")
         if not 0.0 < float(hist_percent) < 1.0:

@@ -13,19 +13,32 @@ the thresholds) agree with Paddle's:
 
 The re-binning assumes counts are uniform inside a bin, so a histogram merged over several
 batches equals a single pass over all the data up to that assumption.
+
+With ``symmetric=False`` each tensor position keeps two such histograms, one of ``x >= 0`` and
+one of ``|x|`` for ``x < 0``, each merged the same way with its own range. The algorithm's
+one-sided search runs on each side and gives the clip range ``[-t_neg, t_pos]`` (an empty side
+gets 0, so a ReLU output is ``[0, t_pos]``). Levels: the affine grid has ``2**bits - 1`` steps
+shared by the two sides in proportion to their clips, so a one-sided tensor searches with all
+255 levels (not 127) and a balanced one with ~127 per side. The split depends on the clips it
+produces, so it is iterated (first split by the observed ranges; at most
+``_LEVEL_SPLIT_ROUNDS`` rounds, stopping when the clips no longer change).
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import numpy as np
 
-from .base import BaseQuantizer
+from .base import BaseQuantizer, validate_bool
 from .sample import TensorSample
 
 __all__ = ["BaseHistQuantizer", "HistogramState", "rebin_histogram", "resample_histogram"]
+
+#: Rounds of re-splitting the affine levels between the two sides (see the module docstring).
+_LEVEL_SPLIT_ROUNDS = 3
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -147,6 +160,8 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         exact_binning: Bin exactly like ``np.histogram`` (what Paddle uses) instead of the ~4x
             faster ``paddle.histogram``, which differs on a few elements per million that lie
             within an ulp of a bin edge. Only needed to reproduce Paddle's thresholds bit for bit.
+        symmetric: ``False`` keeps signed statistics and gives affine (uint8, zero point)
+            parameters from a clip range per tensor (see the module docstring).
     """
 
     uses_histogram = True
@@ -157,6 +172,7 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         bins: int = 1024,
         upsample_bins: int = 64,
         exact_binning: bool = False,
+        symmetric: bool = True,
     ) -> None:
         super().__init__(quant_bits)
         self.bins = _check_positive_int("bins", bins)
@@ -164,7 +180,23 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         if not isinstance(exact_binning, bool):
             raise TypeError(f"exact_binning must be a bool, got {type(exact_binning).__name__}")
         self.exact_binning = exact_binning
+        self.symmetric = validate_bool("symmetric", symmetric)
+        #: Histograms of ``|x|`` (symmetric) or of ``x >= 0`` (affine), per tensor position.
         self.states: list[HistogramState] = []
+        #: Affine only: histograms of ``|x|`` for ``x < 0``, per tensor position.
+        self.negative_states: list[HistogramState] = []
+
+    @property
+    def uses_signed_values(self) -> bool:  # type: ignore[override]
+        return not self.symmetric
+
+    def config(self) -> dict[str, Any]:
+        # ``symmetric`` is listed only when False, so symmetric tables and state files stay
+        # byte-identical to (and compatible with) those written before the option existed.
+        config = super().config()
+        if config.get("symmetric") is True:
+            del config["symmetric"]
+        return config
 
     @property
     def num_tensors(self) -> int:
@@ -173,44 +205,110 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
     def observe(self, index: int, sample: TensorSample) -> None:
         while len(self.states) <= index:
             self.states.append(HistogramState())
-        self.states[index].merge_sample(sample, self.bins, self.upsample_bins, self.exact_binning)
+        if self.symmetric:
+            self.states[index].merge_sample(
+                sample, self.bins, self.upsample_bins, self.exact_binning
+            )
+            return
+        while len(self.negative_states) <= index:
+            self.negative_states.append(HistogramState())
+        for states, negative in ((self.states, False), (self.negative_states, True)):
+            states[index].merge_sample(
+                sample.side(negative), self.bins, self.upsample_bins, self.exact_binning
+            )
 
     def compute_threshold(self, index: int) -> float:
+        if not self.symmetric:
+            low, high = self.compute_range(index)
+            return max(-low, high)
         state = self.states[index]
         if state.counts is None or not np.any(state.counts):
             # Only zeros (or NaN/Inf) were seen: any positive threshold represents them.
             return state.upper
         return self.threshold_from_histogram(state.counts, state.upper / self.bins)
 
+    def compute_range(self, index: int) -> tuple[float, float]:
+        """Affine clip range ``(-t_neg, t_pos)`` from the two one-sided searches."""
+        if self.symmetric:
+            raise NotImplementedError(f"{type(self).__name__}(symmetric=True) has no ranges")
+        sides = (self.negative_states[index], self.states[index])
+        total_levels = 2**self.quant_bits - 1
+        clips = [state.upper for state in sides]
+        for _ in range(_LEVEL_SPLIT_ROUNDS):
+            span = clips[0] + clips[1]
+            positive_levels = round(total_levels * clips[1] / span) if span > 0 else total_levels
+            positive_levels = min(max(positive_levels, 1), total_levels)
+            levels = (max(total_levels - positive_levels, 1), positive_levels)
+            new_clips = [self._side_clip(state, n) for state, n in zip(sides, levels)]
+            if new_clips == clips:
+                break
+            clips = new_clips
+        return (-clips[0] if clips[0] else 0.0), clips[1]
+
+    def _side_clip(self, state: HistogramState, levels: int) -> float:
+        """One side's clip (0.0 for a side that saw no mass)."""
+        if state.counts is None or not np.any(state.counts):
+            return 0.0
+        return float(self.threshold_for_levels(state.counts, state.upper / self.bins, levels))
+
+    def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
+        """The clip of one side of an affine tensor quantized with ``levels`` steps.
+
+        Algorithms whose search depends on the number of levels (KL, MSE) override this; the
+        default ignores ``levels`` and uses :meth:`threshold_from_histogram`.
+        """
+        return self.threshold_from_histogram(counts, bin_width)
+
     @abc.abstractmethod
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
         """The threshold for a histogram of ``|x|`` with bins of width ``bin_width``."""
 
     def _statistics(self) -> dict[str, np.ndarray]:
-        uppers = np.array([state.upper for state in self.states], dtype=np.float64)
-        counts = np.zeros((len(self.states), self.bins), dtype=np.float32)
-        for index, state in enumerate(self.states):
+        statistics = self._pack(self.states)
+        if not self.symmetric:
+            negative = self._pack(self.negative_states)
+            statistics["negative_upper"] = negative["upper"]
+            statistics["negative_counts"] = negative["counts"]
+        return statistics
+
+    def _pack(self, states: list[HistogramState]) -> dict[str, np.ndarray]:
+        uppers = np.array([state.upper for state in states], dtype=np.float64)
+        counts = np.zeros((len(states), self.bins), dtype=np.float32)
+        for index, state in enumerate(states):
             if state.counts is not None:
                 counts[index] = state.counts
         return {"upper": uppers, "counts": counts}
 
     def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
-        uppers = np.asarray(state["upper"], dtype=np.float64).reshape(-1)
-        counts = np.asarray(state["counts"], dtype=np.float32)
+        self.states = self._unpack(state, "upper", "counts")
+        if not self.symmetric:
+            self.negative_states = self._unpack(state, "negative_upper", "negative_counts")
+            if len(self.negative_states) != len(self.states):
+                raise ValueError("'negative_upper' and 'upper' differ in length")
+
+    def _unpack(
+        self, state: dict[str, np.ndarray], upper_key: str, counts_key: str
+    ) -> list[HistogramState]:
+        uppers = np.asarray(state[upper_key], dtype=np.float64).reshape(-1)
+        counts = np.asarray(state[counts_key], dtype=np.float32)
         if counts.shape != (uppers.shape[0], self.bins):
             raise ValueError(
-                f"'counts' has shape {counts.shape}, expected {(uppers.shape[0], self.bins)}"
+                f"{counts_key!r} has shape {counts.shape}, expected {(uppers.shape[0], self.bins)}"
             )
-        self.states = []
+        states = []
         for upper, row in zip(uppers, counts):
-            state = HistogramState()
+            histogram = HistogramState()
             if upper > 0.0:
-                state.upper, state.counts = float(upper), row.copy()
-            self.states.append(state)
+                histogram.upper, histogram.counts = float(upper), row.copy()
+            states.append(histogram)
+        return states
 
     def _merge_statistics(self, other: "BaseHistQuantizer") -> None:
-        for mine, theirs in zip(self.states, other.states):
+        for mine, theirs in zip(
+            self.states + self.negative_states, other.states + other.negative_states
+        ):
             mine.merge_histogram(theirs.upper, theirs.counts, self.upsample_bins)
 
     def _reset_statistics(self) -> None:
         self.states = []
+        self.negative_states = []

@@ -34,17 +34,20 @@ def _sequential_tail_sums(counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.cumsum(windows, axis=1, dtype=np.float32)[:, -1]
 
 
-def paddle_kl_threshold(counts: np.ndarray, bin_width: float, quant_bits: int) -> float:
+def paddle_kl_threshold(
+    counts: np.ndarray, bin_width: float, quant_bits: int, levels: int | None = None
+) -> float:
     """Threshold of Paddle's ``cal_kl_threshold(counts, bin_width, quant_bits)``.
 
     Args:
         counts: Histogram of ``|x|``, float32.
         bin_width: Width of one bin.
         quant_bits: Bit width; Paddle merges into ``2**(quant_bits-1) - 1`` levels.
+        levels: Merge into this many levels instead (one side of an affine tensor).
     """
     counts = np.asarray(counts, dtype=np.float32)
     bins = counts.shape[0]
-    levels = 2 ** (quant_bits - 1) - 1
+    levels = 2 ** (quant_bits - 1) - 1 if levels is None else levels
     first = int((bins - 1) * 0.5)
     candidates = np.arange(first, bins)
     # Paddle skips candidates whose last reference bin is empty.
@@ -103,6 +106,8 @@ class KLQuantizer(BaseHistQuantizer):
         bins: Number of histogram bins; needs ``bins // 2 >= 2**(quant_bits-1) - 1``.
         upsample_bins: Sub-bins per bin when the range grows.
         exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
+            levels; needs ``bins // 2 >= 2**bits - 1``.
 
     Raises:
         ValueError: ``bins`` is too small to merge into the quantization levels.
@@ -114,9 +119,10 @@ class KLQuantizer(BaseHistQuantizer):
         bins: int = 1024,
         upsample_bins: int = 64,
         exact_binning: bool = False,
+        symmetric: bool = True,
     ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning)
-        levels = 2 ** (self.quant_bits - 1) - 1
+        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
+        levels = 2 ** (self.quant_bits - 1) - 1 if self.symmetric else 2**self.quant_bits - 1
         if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:
             raise ValueError(
                 f"KLQuantizer needs quant_bits >= 2 and bins >= {2 * levels + 1} for "
@@ -125,3 +131,6 @@ class KLQuantizer(BaseHistQuantizer):
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
         return paddle_kl_threshold(counts, bin_width, self.quant_bits)
+
+    def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
+        return paddle_kl_threshold(counts, bin_width, self.quant_bits, levels)

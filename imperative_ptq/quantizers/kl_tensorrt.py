@@ -21,17 +21,20 @@ from .level_groups import GroupedCandidates
 __all__ = ["TensorRTKLQuantizer", "tensorrt_kl_threshold"]
 
 
-def tensorrt_kl_threshold(counts: np.ndarray, bin_width: float, quant_bits: int) -> float:
+def tensorrt_kl_threshold(
+    counts: np.ndarray, bin_width: float, quant_bits: int, levels: int | None = None
+) -> float:
     """TensorRT-style KL threshold of a histogram of ``|x|``.
 
     Args:
         counts: Histogram, float32 or float64.
         bin_width: Width of one bin.
         quant_bits: Bit width; merges into ``2**(quant_bits-1)`` levels.
+        levels: Merge into this many levels instead (one side of an affine tensor).
     """
     counts = np.asarray(counts, dtype=np.float64)
     bins = counts.shape[0]
-    levels = 2 ** (quant_bits - 1)
+    levels = 2 ** (quant_bits - 1) if levels is None else levels
     candidates = np.arange(levels, bins + 1)
     candidates = candidates[counts[candidates - 1] != 0]
     if candidates.size == 0:
@@ -69,6 +72,8 @@ class TensorRTKLQuantizer(BaseHistQuantizer):
         bins: Number of histogram bins.
         upsample_bins: Sub-bins per bin when the range grows.
         exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
+            levels; needs ``bins >= 2**bits - 1``.
 
     Raises:
         ValueError: ``bins`` is smaller than the number of levels.
@@ -80,13 +85,18 @@ class TensorRTKLQuantizer(BaseHistQuantizer):
         bins: int = 1024,
         upsample_bins: int = 64,
         exact_binning: bool = False,
+        symmetric: bool = True,
     ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning)
-        if self.quant_bits < 2 or self.bins < 2 ** (self.quant_bits - 1):
+        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
+        levels = 2 ** (self.quant_bits - 1) if self.symmetric else 2**self.quant_bits - 1
+        if self.quant_bits < 2 or self.bins < levels:
             raise ValueError(
                 f"TensorRTKLQuantizer needs quant_bits >= 2 and bins >= "
-                f"{2 ** (self.quant_bits - 1)}, got quant_bits={self.quant_bits}, bins={self.bins}"
+                f"{levels}, got quant_bits={self.quant_bits}, bins={self.bins}"
             )
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
         return tensorrt_kl_threshold(counts, bin_width, self.quant_bits)
+
+    def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
+        return tensorrt_kl_threshold(counts, bin_width, self.quant_bits, levels)

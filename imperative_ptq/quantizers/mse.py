@@ -21,11 +21,15 @@ from .histogram import BaseHistQuantizer
 __all__ = ["MSEQuantizer", "mse_threshold"]
 
 
-def mse_threshold(counts: np.ndarray, bin_width: float, quant_bits: int) -> float:
-    """Clip at a bin edge minimizing the expected squared error of ``quant_bits`` quantization."""
+def mse_threshold(
+    counts: np.ndarray, bin_width: float, quant_bits: int, levels: int | None = None
+) -> float:
+    """Clip at a bin edge minimizing the expected squared error of ``quant_bits`` quantization
+    (or of ``levels`` steps between 0 and the clip, for one side of an affine tensor)."""
     counts = np.asarray(counts, dtype=np.float64)
     bins = counts.shape[0]
-    levels = 2 ** (quant_bits - 1) - 1 if quant_bits > 1 else 1
+    if levels is None:
+        levels = 2 ** (quant_bits - 1) - 1 if quant_bits > 1 else 1
     centres = (np.arange(bins) + 0.5) * bin_width
     clips = np.arange(1, bins + 1) * bin_width  # clip k keeps bins [0, k)
 
@@ -51,7 +55,12 @@ class MSEQuantizer(BaseHistQuantizer):
         bins: Number of histogram bins.
         upsample_bins: Sub-bins per bin when the range grows.
         exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        symmetric: ``False``: affine, each side minimizes its error with its share of
+            ``2**bits - 1`` levels.
     """
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
         return mse_threshold(counts, bin_width, self.quant_bits)
+
+    def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
+        return mse_threshold(counts, bin_width, self.quant_bits, levels)

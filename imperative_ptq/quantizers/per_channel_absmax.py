@@ -16,7 +16,21 @@ import paddle
 from .base import BaseQuantizer
 from .sample import TensorSample
 
-__all__ = ["PerChannelAbsmaxQuantizer", "per_channel_abs_max"]
+__all__ = [
+    "PerChannelAbsmaxQuantizer",
+    "layer_channel_axis",
+    "per_channel_abs_max",
+    "per_channel_min_max",
+]
+
+
+def _reduce_axes(tensor: paddle.Tensor, axis: int) -> list[int]:
+    """Every axis of ``tensor`` but the channel ``axis`` (validated)."""
+    ndim = tensor.ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {ndim}")
+    axis %= ndim
+    return [a for a in range(ndim) if a != axis]
 
 
 def per_channel_abs_max(tensor: paddle.Tensor, axis: int) -> np.ndarray:
@@ -25,16 +39,49 @@ def per_channel_abs_max(tensor: paddle.Tensor, axis: int) -> np.ndarray:
     Raises:
         ValueError: ``axis`` is out of range for ``tensor``.
     """
-    ndim = tensor.ndim
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"channel axis {axis} is out of range for a tensor of rank {ndim}")
-    axis %= ndim
+    reduce_axes = _reduce_axes(tensor, axis)
     with paddle.no_grad():
         values = paddle.abs(tensor.detach().astype("float32"))
         values = paddle.where(paddle.isfinite(values), values, paddle.zeros_like(values))
-        reduce_axes = [a for a in range(ndim) if a != axis]
         maxima = paddle.amax(values, axis=reduce_axes) if reduce_axes else values
     return maxima.numpy().astype(np.float64)
+
+
+def per_channel_min_max(tensor: paddle.Tensor, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(min, max)`` of ``tensor`` over every axis but ``axis``, float64 numpy.
+
+    NaN and Inf are ignored; a channel with no finite value gets ``(+inf, -inf)``, the identity
+    of the running reduction.
+
+    Raises:
+        ValueError: ``axis`` is out of range for ``tensor``.
+    """
+    reduce_axes = _reduce_axes(tensor, axis)
+    with paddle.no_grad():
+        values = tensor.detach().astype("float32")
+        finite = paddle.isfinite(values)
+        inf = paddle.full_like(values, np.inf)
+        low, high = paddle.where(finite, values, inf), paddle.where(finite, values, -inf)
+        if reduce_axes:
+            low, high = paddle.amin(low, axis=reduce_axes), paddle.amax(high, axis=reduce_axes)
+    return low.numpy().astype(np.float64), high.numpy().astype(np.float64)
+
+
+def layer_channel_axis(layer: paddle.nn.Layer | None, quantizer_name: str) -> int:
+    """The weight channel axis of ``layer`` from its :class:`PTQRegistry` entry.
+
+    Raises:
+        TypeError: ``layer`` is not a registered layer with a weight channel axis.
+    """
+    from ..registry import PTQRegistry  # the registry imports the quantizers
+
+    info = PTQRegistry.layer_info(layer) if layer is not None else None
+    if info is None or info.weight_channel_axis is None:
+        raise TypeError(
+            f"{quantizer_name} needs a layer with a weight channel axis in "
+            f"PTQRegistry, got {type(layer).__name__}"
+        )
+    return info.weight_channel_axis
 
 
 class PerChannelAbsmaxQuantizer(BaseQuantizer):
@@ -63,16 +110,9 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
         Raises:
             TypeError: ``layer`` is not a registered layer with a weight channel axis.
         """
-        from ..registry import PTQRegistry  # the registry imports the quantizers
-
         tensors = self._check_tensors(tensors)
-        info = PTQRegistry.layer_info(layer) if layer is not None else None
-        if info is None or info.weight_channel_axis is None:
-            raise TypeError(
-                f"PerChannelAbsmaxQuantizer needs a layer with a weight channel axis in "
-                f"PTQRegistry, got {type(layer).__name__}"
-            )
-        self.observe_channels([per_channel_abs_max(t, info.weight_channel_axis) for t in tensors])
+        axis = layer_channel_axis(layer, type(self).__name__)
+        self.observe_channels([per_channel_abs_max(t, axis) for t in tensors])
 
     def observe_channels(self, channel_maxima: Sequence[np.ndarray]) -> None:
         """Merges per-channel maxima (one array per tensor position) into the statistics.

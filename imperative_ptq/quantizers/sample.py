@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import paddle
 
-__all__ = ["TensorSample"]
+__all__ = ["SampleSide", "TensorSample"]
 
 
 class TensorSample:
@@ -28,7 +28,10 @@ class TensorSample:
             return the buffer to a pool.
     """
 
-    __slots__ = ("abs_values", "_abs_max", "_histograms", "_release", "_numpy")
+    __slots__ = (
+        "abs_values", "_abs_max", "_histograms", "_release", "_numpy",
+        "signed_values", "_min_max", "_sides",
+    )
 
     def __init__(
         self,
@@ -40,15 +43,25 @@ class TensorSample:
         self._histograms: dict[tuple[int, float, bool], np.ndarray] = {}
         self._release = release
         self._numpy: np.ndarray | None = None
+        # Only affine quantizers need the sign; the symmetric path never sets these.
+        self.signed_values: paddle.Tensor | None = None
+        self._min_max: tuple[float, float] | None = None
+        self._sides: dict[bool, "SampleSide"] = {}
 
     @classmethod
-    def from_tensor(cls, tensor: paddle.Tensor) -> "TensorSample":
-        """Builds a sample from any floating tensor (copies ``|tensor|`` as float32)."""
+    def from_tensor(cls, tensor: paddle.Tensor, signed: bool = False) -> "TensorSample":
+        """Builds a sample from any floating tensor (copies ``|tensor|`` as float32, and
+        ``tensor`` itself too when ``signed``)."""
         with paddle.no_grad():
-            abs_values = paddle.abs(tensor.detach())
-            if abs_values.dtype != paddle.float32:
-                abs_values = abs_values.astype("float32")
-        return cls(abs_values)
+            values = tensor.detach()
+            if values.dtype != paddle.float32:
+                # float16/bfloat16 have no CPU abs kernel; statistics are float32 anyway.
+                values = values.astype("float32")
+            abs_values = paddle.abs(values)
+            sample = cls(abs_values)
+            if signed:
+                sample.signed_values = paddle.assign(tensor.detach().astype("float32"))
+        return sample
 
     @property
     def numel(self) -> int:
@@ -100,9 +113,96 @@ class TensorSample:
             self._histograms[key] = cached
         return cached
 
+    def min_max(self) -> tuple[float, float]:
+        """Smallest and largest finite ``x`` of the signed tensor; NaN and Inf are ignored
+        ((0.0, 0.0) when nothing is finite).
+
+        Raises:
+            RuntimeError: The sample was built without its signed values.
+        """
+        if self._min_max is None:
+            values = self._signed()
+            if not self.numel:
+                self._min_max = (0.0, 0.0)
+                return self._min_max
+            with paddle.no_grad():
+                low, high = float(paddle.min(values)), float(paddle.max(values))
+                if not (math.isfinite(low) and math.isfinite(high)):
+                    # Slow path, only for tensors holding NaN or Inf.
+                    finite = paddle.isfinite(values)
+                    if not bool(paddle.any(finite)):
+                        self._min_max = (0.0, 0.0)
+                        return self._min_max
+                    inf = paddle.full_like(values, math.inf)
+                    low = float(paddle.min(paddle.where(finite, values, inf)))
+                    high = float(paddle.max(paddle.where(finite, values, -inf)))
+            self._min_max = (low, high)
+        return self._min_max
+
+    def side(self, negative: bool) -> "SampleSide":
+        """The positive (``x >= 0``) or negative (``x < 0``, as ``|x|``) part of the tensor,
+        with the interface :class:`HistogramState` expects of a sample (shared and cached)."""
+        side = self._sides.get(negative)
+        if side is None:
+            side = self._sides[negative] = SampleSide(self, negative)
+        return side
+
+    def _signed(self) -> paddle.Tensor:
+        if self.signed_values is None:
+            raise RuntimeError(
+                "this sample holds only |x|: build it with signed=True for affine quantizers"
+            )
+        return self.signed_values
+
+    def _nonnegative_histogram(self, bins: int, upper: float, exact_binning: bool) -> np.ndarray:
+        """Counts of ``x >= 0`` (zeros included) in ``bins`` bins over ``[0, upper]``."""
+        key = (-bins, upper, exact_binning)  # negative bins: never a key of |x| histograms
+        cached = self._histograms.get(key)
+        if cached is None:
+            values = self._signed()
+            if exact_binning:
+                counts, _ = np.histogram(values.numpy(), range=(0.0, upper), bins=bins)
+            else:
+                with paddle.no_grad():
+                    counts = paddle.histogram(values, bins=bins, min=0.0, max=upper).numpy()
+            cached = counts.astype(np.float32)
+            self._histograms[key] = cached
+        return cached
+
     def release(self) -> None:
         """Drops the tensor (and returns its buffer to its owner, if any)."""
         if self._release is not None and self.abs_values is not None:
             self._release(self.abs_values)
+        if self._release is not None and self.signed_values is not None:
+            self._release(self.signed_values)
         self.abs_values = None  # type: ignore[assignment]
+        self.signed_values = None
         self._numpy = None
+
+
+class SampleSide:
+    """One side of a signed sample, seen as a one-sided sample of magnitudes.
+
+    The positive side counts ``x >= 0`` (zeros go here, as they do in the symmetric ``|x|``
+    histogram); the negative side counts ``|x|`` for ``x < 0``. Its histogram is the ``|x|``
+    histogram minus the positive one over the same bins: the bin of a value depends only on
+    its magnitude, so the subtraction is exact and needs no negated copy of the tensor.
+    """
+
+    __slots__ = ("sample", "negative")
+
+    def __init__(self, sample: TensorSample, negative: bool) -> None:
+        self.sample = sample
+        self.negative = negative
+
+    def abs_max(self) -> float:
+        """Largest finite magnitude on this side (0.0 when the side is empty)."""
+        low, high = self.sample.min_max()
+        return max(-low, 0.0) if self.negative else max(high, 0.0)
+
+    def histogram(self, bins: int, upper: float, exact_binning: bool = False) -> np.ndarray:
+        """Counts of this side's magnitudes in ``bins`` bins over ``[0, upper]``, float32."""
+        positive = self.sample._nonnegative_histogram(bins, upper, exact_binning)
+        if not self.negative:
+            return positive
+        return np.maximum(self.sample.histogram(bins, upper, exact_binning) - positive, 0.0)

@@ -1,0 +1,447 @@
+"""Command line: calibrate a model from the user's Python file and export it.
+
+    imperative-ptq --model net.py:build --weights net.pdparams --data calib/ \\
+        --input-shape None,3,224,224 --output out/net
+
+``python -m imperative_ptq`` is the same. Errors the user can fix (a missing file, a bad factory,
+an empty data directory) end with a one-line message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import paddle
+
+from .collector import CalibrationError
+from .config import PTQConfig
+from .ptq import ImperativePTQ
+from .quantizers import (
+    AbsmaxQuantizer,
+    HistQuantizer,
+    KLQuantizer,
+    MovingAverageAbsmaxQuantizer,
+    MSEQuantizer,
+    PerChannelAbsmaxQuantizer,
+    TensorRTKLQuantizer,
+)
+
+__all__ = ["CliError", "build_parser", "load_factory", "main", "npy_batches", "image_batches"]
+
+logger = logging.getLogger(__name__)
+
+PROG = "imperative-ptq"
+ACTIVATION_ALGORITHMS: dict[str, Callable[..., Any]] = {
+    "abs_max": AbsmaxQuantizer,
+    "moving_average": MovingAverageAbsmaxQuantizer,
+    "hist": HistQuantizer,
+    "kl": KLQuantizer,
+    "kl_tensorrt": TensorRTKLQuantizer,
+    "mse": MSEQuantizer,
+}
+WEIGHT_SCHEMES: dict[str, Callable[..., Any]] = {
+    "per_channel": PerChannelAbsmaxQuantizer,
+    "abs_max": AbsmaxQuantizer,
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class CliError(Exception):
+    """An error the user can fix; reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- arguments
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _shape(text: str) -> list[int | None]:
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        shape = [None if part.lower() in ("none", "-1", "?") else int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape like None,3,224,224, got {text!r}"
+        ) from None
+    if any(dim is not None and dim < 1 for dim in shape):
+        raise argparse.ArgumentTypeError(f"dimensions must be positive or None, got {text!r}")
+    return shape
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHT,WIDTH, got {text!r}") from None
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHT,WIDTH, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (its ``--help`` documents every option)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Post-training quantization of a PaddlePaddle dygraph model: calibrate on a "
+            "directory of data, save the calibration table and export an int8 program."
+        ),
+        epilog=(
+            "Example: imperative-ptq --model net.py:build --weights net.pdparams --data calib/ "
+            "--input-shape None,3,224,224 --output out/net   writes out/net.calibration.json, "
+            "out/net.pdmodel and out/net.pdiparams."
+        ),
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", required=True, metavar="FILE.py:FACTORY|MODULE:FACTORY",
+        help="a callable returning the fp32 paddle.nn.Layer, called without arguments: a "
+             "Python file and a name in it (models/net.py:build), or an importable module "
+             "(mypkg.models:resnet18)",
+    )
+    model.add_argument(
+        "--weights", metavar="PDPARAMS",
+        help="state dict to load into the model (paddle.save(model.state_dict(), ...))",
+    )
+    data = parser.add_argument_group("calibration data")
+    data.add_argument(
+        "--data", required=True, metavar="DIR",
+        help="directory of .npy files, each one batch [N, ...] (or one sample, batched with "
+             "--batch-size), or of images (searched recursively: class sub-folders are fine)",
+    )
+    data.add_argument("--batch-size", type=_positive_int, default=32,
+                      help="images (or single-sample .npy files) per batch (default: 32)")
+    data.add_argument("--max-batches", type=_positive_int, metavar="N",
+                      help="calibrate on at most N batches (default: all)")
+    data.add_argument("--image-size", type=_image_size, default=(224, 224), metavar="H[,W]",
+                      help="resize images to this size (default: 224)")
+    data.add_argument("--mean", type=_floats, default=[0.485, 0.456, 0.406], metavar="M,M,M",
+                      help="per-channel mean subtracted from images scaled to [0, 1] "
+                           "(default: ImageNet 0.485,0.456,0.406)")
+    data.add_argument("--std", type=_floats, default=[0.229, 0.224, 0.225], metavar="S,S,S",
+                      help="per-channel std images are divided by (default: ImageNet "
+                           "0.229,0.224,0.225)")
+    data.add_argument("--grayscale", action="store_true",
+                      help="load images as one channel (default: RGB)")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--algorithm", choices=sorted(ACTIVATION_ALGORITHMS), default="kl",
+                       help="activation calibration algorithm (default: kl)")
+    quant.add_argument("--weights-scheme", choices=sorted(WEIGHT_SCHEMES), default="per_channel",
+                       help="weight quantization (default: per_channel)")
+    quant.add_argument("--bits", type=int, choices=range(2, 17), default=8, metavar="BITS",
+                       help="bit width of activations and weights, 2..16 (default: 8)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", required=True, metavar="PREFIX",
+                        help="path prefix of the written files: PREFIX.calibration.json, and "
+                             "with export PREFIX.pdmodel / PREFIX.pdiparams")
+    output.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+                        help="input spec of the exported program, e.g. None,3,224,224 (default: "
+                             "the first batch's shape with a variable batch dimension)")
+    output.add_argument("--no-export", action="store_true",
+                        help="only calibrate and save the calibration table")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar, no per-layer table")
+    output.add_argument("--debug", action="store_true",
+                        help="show tracebacks and debug logging")
+    return parser
+
+
+# ------------------------------------------------------------------------------- loading
+def load_factory(spec: str) -> Callable[[], Any]:
+    """The callable named by ``FILE.py:NAME`` or ``MODULE:NAME``.
+
+    Raises:
+        CliError: The file or module cannot be loaded, or has no callable ``NAME``.
+    """
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise CliError(f"--model must be FILE.py:FACTORY or MODULE:FACTORY, got {spec!r}")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        if not os.path.isfile(target):
+            raise CliError(f"model file not found: {target}")
+        module_name = "_imperative_ptq_user_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(module_name, target)
+        if module_spec is None or module_spec.loader is None:
+            raise CliError(f"cannot load {target} as a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        # Registered like an import, so pickling/deep-copying the user's classes finds them.
+        sys.modules[module_name] = module
+        # The user's file may import its siblings.
+        folder = os.path.dirname(os.path.abspath(target))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # the user's code: any failure is theirs to see
+            raise CliError(f"error while running {target}: {type(error).__name__}: {error}")
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise CliError(f"cannot import module {target!r}: {error}")
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise CliError(f"{target} has no attribute {name!r}")
+    if not callable(factory):
+        raise CliError(f"{target}:{name} is not callable")
+    return factory
+
+
+def build_model(spec: str, weights: str | None) -> paddle.nn.Layer:
+    """Calls the factory and loads ``weights``.
+
+    Raises:
+        CliError: The factory fails or returns no Layer, or the weights do not load.
+    """
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as error:
+        raise CliError(f"{spec}() failed: {type(error).__name__}: {error}")
+    if not isinstance(model, paddle.nn.Layer):
+        raise CliError(f"{spec}() returned {type(model).__name__}, not a paddle.nn.Layer")
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise CliError(f"weights file not found: {weights}")
+        try:
+            state = paddle.load(weights)
+        except Exception as error:
+            raise CliError(f"cannot load weights {weights}: {type(error).__name__}: {error}")
+        if not isinstance(state, dict):
+            raise CliError(f"{weights} does not hold a state dict")
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(state))
+        if missing:
+            raise CliError(
+                f"{weights} lacks {len(missing)} of the model's parameters, e.g. {missing[0]!r}"
+            )
+        model.set_state_dict(state)
+    model.eval()
+    return model
+
+
+def npy_batches(files: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:
+    """Batches from ``.npy`` files: a file is a batch, except that files which all hold one
+    sample of the same shape (rank lower than a batch) are stacked ``batch_size`` at a time.
+
+    Whether a file is a sample or a batch is decided by rank: the first file sets the batch
+    rank, files of rank one lower are samples.
+    """
+    pending: list[np.ndarray] = []
+    batch_rank = None
+    for path in files:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise CliError(f"cannot read {path}: {error}")
+        if array.dtype.kind not in "fiub":
+            raise CliError(f"{path} holds {array.dtype} data, not numbers")
+        array = array.astype(np.float32, copy=False)
+        if batch_rank is None:
+            batch_rank = array.ndim
+        if array.ndim == batch_rank:
+            yield array
+        elif array.ndim == batch_rank - 1:
+            pending.append(array)
+            if len(pending) == batch_size:
+                yield np.stack(pending)
+                pending = []
+        else:
+            raise CliError(f"{path} has rank {array.ndim}; the first file has rank {batch_rank}")
+    if pending:
+        yield np.stack(pending)
+
+
+def image_batches(
+    files: Sequence[str],
+    batch_size: int,
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    grayscale: bool = False,
+) -> Iterator[np.ndarray]:
+    """NCHW float32 batches of images resized to ``size`` and normalized per channel."""
+    from PIL import Image
+
+    channels = 1 if grayscale else 3
+    mean_arr = _per_channel(mean, channels, "--mean")
+    std_arr = _per_channel(std, channels, "--std")
+    if np.any(std_arr == 0):
+        raise CliError("--std must not contain 0")
+    height, width = size
+    for start in range(0, len(files), batch_size):
+        images = []
+        for path in files[start : start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("L" if grayscale else "RGB")
+                    image = image.resize((width, height), Image.BILINEAR)
+                    images.append(np.asarray(image, dtype=np.float32))
+            except OSError as error:
+                raise CliError(f"cannot read image {path}: {error}")
+        batch = np.stack(images) / 255.0  # [N, H, W] or [N, H, W, C]
+        if grayscale:
+            batch = batch[..., None]
+        batch = (batch - mean_arr) / std_arr
+        yield np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.size == 1:
+        array = np.repeat(array, channels)
+    if array.size != channels:
+        raise CliError(f"{option} needs 1 or {channels} values, got {array.size}")
+    return array
+
+
+def calibration_data(args: argparse.Namespace) -> tuple[str, int, Iterator[np.ndarray]]:
+    """``(kind, number of files, batches)`` for ``--data``.
+
+    Raises:
+        CliError: The directory is missing or holds neither ``.npy`` files nor images.
+    """
+    directory = args.data
+    if not os.path.isdir(directory):
+        raise CliError(f"data directory not found: {directory}")
+    npy, images = [], []
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        for name in sorted(names):
+            lower = name.lower()
+            if lower.endswith(".npy"):
+                npy.append(os.path.join(root, name))
+            elif lower.endswith(IMAGE_SUFFIXES):
+                images.append(os.path.join(root, name))
+    if npy and images:
+        logger.warning("%s holds .npy files and images; using the .npy files", directory)
+    if npy:
+        return "npy", len(npy), npy_batches(npy, args.batch_size)
+    if images:
+        return "image", len(images), image_batches(
+            images, args.batch_size, args.image_size, args.mean, args.std, args.grayscale
+        )
+    raise CliError(
+        f"no calibration data in {directory}: expected .npy files or images "
+        f"({', '.join(IMAGE_SUFFIXES)})"
+    )
+
+
+# ---------------------------------------------------------------------------------- main
+class _Peek:
+    """Iterates the batches while remembering the first one (for the default input shape)."""
+
+    def __init__(self, batches: Iterator[np.ndarray]) -> None:
+        self.batches = batches
+        self.first: np.ndarray | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self.batches:
+            if self.first is None:
+                self.first = batch
+            yield batch
+
+
+def _summary(table: dict[str, dict[str, list[float]]]) -> list[str]:
+    width = max([len("layer")] + [len(name) for name in table])
+    lines = [f"  {'layer':<{width}}  {'input':>10}  {'output':>10}  weight (min..max, channels)"]
+    for name, roles in table.items():
+        weight = roles.get("weight")
+        weight_text = (
+            f"{min(weight):.4g}..{max(weight):.4g} ({len(weight)})" if weight else "-"
+        )
+        input_text = f"{roles['input'][0]:.4g}" if roles.get("input") else "-"
+        output_text = f"{roles['output'][0]:.4g}" if roles.get("output") else "-"
+        lines.append(f"  {name:<{width}}  {input_text:>10}  {output_text:>10}  {weight_text}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the command for parsed arguments; raises :class:`CliError` on user errors."""
+    model = build_model(args.model, args.weights)
+    kind, count, batches = calibration_data(args)
+    config = PTQConfig(
+        ACTIVATION_ALGORITHMS[args.algorithm](quant_bits=args.bits),
+        WEIGHT_SCHEMES[args.weights_scheme](quant_bits=args.bits),
+    )
+    ptq = ImperativePTQ(config)
+    try:
+        qmodel = ptq.quantize(model)
+    except ValueError as error:
+        raise CliError(str(error))
+    peek = _Peek(batches)
+    print(f"{PROG}: {type(model).__name__} with {config}")
+    used = ptq.calibrate(qmodel, peek, max_batches=args.max_batches, progress=not args.quiet)
+    print(f"calibrated on {used} batches from {count} {kind} files in {args.data}")
+
+    prefix = args.output
+    directory = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(directory, exist_ok=True)
+    table_path = prefix + ".calibration.json"
+    ptq.save_calibration_table(qmodel, table_path)
+    table = ptq.calibration_table(qmodel)
+    if not args.quiet:
+        print(f"calibration table ({len(table)} layers):")
+        print("\n".join(_summary(table)))
+    written = [table_path]
+
+    if not args.no_export:
+        export = getattr(ptq, "save_quantized_model", None)
+        if export is None:
+            print("export skipped: this imperative_ptq has no ImperativePTQ.save_quantized_model")
+        else:
+            shape = args.input_shape
+            if shape is None:
+                shape = [None, *peek.first.shape[1:]]  # type: ignore[union-attr]
+            input_spec = [paddle.static.InputSpec(shape, "float32", "x")]
+            export(qmodel, prefix, input_spec=input_spec)
+            written = sorted(
+                {prefix + suffix for suffix in (".pdmodel", ".pdiparams")
+                 if os.path.exists(prefix + suffix)} | {table_path}
+            )
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``imperative-ptq`` and ``python -m imperative_ptq``; returns the exit
+    status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run(args)
+    except (CliError, CalibrationError, OSError, ValueError, TypeError) as error:
+        if args.debug:
+            raise
+        message = str(error) or type(error).__name__
+        print(f"{PROG}: error: {message.splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,122 @@
+"""Per-channel min/max, for weights: one clip range per output channel.
+
+Shares the reduction path of :mod:`.per_channel_absmax` (the channel axis from the layer's
+registry entry, one reduction over every other axis, NaN/Inf ignored), reducing to ``min`` and
+``max`` instead of ``max |w|``. With ``symmetric=False`` the parameters are those of
+``torch.ao.quantization.PerChannelMinMaxObserver(dtype=torch.quint8)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import paddle
+
+from .base import BaseQuantizer, validate_bool
+from .minmax import finite_range
+from .per_channel_absmax import layer_channel_axis, per_channel_min_max
+from .sample import TensorSample
+
+__all__ = ["PerChannelMinMaxQuantizer"]
+
+
+class PerChannelMinMaxQuantizer(BaseQuantizer):
+    """Per-channel running minimum and maximum of weights.
+
+    The thresholds (Paddle's convention) are ``max(|min|, |max|)`` per channel, the
+    per-channel abs-max. Merging is exact.
+
+    Args:
+        quant_bits: Bit width, 1..16.
+        symmetric: Symmetric int8 (``True``) or affine uint8 (``False``) parameters.
+    """
+
+    for_activations = False
+    for_weights = True
+    uses_signed_values = True
+
+    def __init__(self, quant_bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__(quant_bits)
+        self.symmetric = validate_bool("symmetric", symmetric)
+        self.min_vals: list[np.ndarray] = []
+        self.max_vals: list[np.ndarray] = []
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.min_vals)
+
+    def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
+        """Reduces weights per channel; the channel axis comes from ``layer``'s registry entry.
+
+        Raises:
+            TypeError: ``layer`` is not a registered layer with a weight channel axis.
+        """
+        tensors = self._check_tensors(tensors)
+        axis = layer_channel_axis(layer, type(self).__name__)
+        self.observe_channels([per_channel_min_max(t, axis) for t in tensors])
+
+    def observe_channels(self, ranges: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Merges per-channel ``(min, max)`` arrays (one pair per tensor position).
+
+        Raises:
+            ValueError: The number of tensors or channels differs from earlier batches.
+        """
+        if self.min_vals and len(ranges) != len(self.min_vals):
+            raise ValueError(f"expected {len(self.min_vals)} tensors per batch, got {len(ranges)}")
+        if not self.min_vals:
+            self.min_vals = [np.asarray(low, dtype=np.float64).copy() for low, _ in ranges]
+            self.max_vals = [np.asarray(high, dtype=np.float64).copy() for _, high in ranges]
+        else:
+            for index, (low, high) in enumerate(ranges):
+                if low.shape != self.min_vals[index].shape:
+                    raise ValueError(
+                        f"tensor {index} has {low.shape[0]} channels, "
+                        f"earlier batches had {self.min_vals[index].shape[0]}"
+                    )
+                np.minimum(self.min_vals[index], low, out=self.min_vals[index])
+                np.maximum(self.max_vals[index], high, out=self.max_vals[index])
+        self.num_batches += 1
+
+    def observe(self, index: int, sample: TensorSample) -> None:
+        raise TypeError(
+            "PerChannelMinMaxQuantizer quantizes weights: call sample_data(layer, (weight,))"
+        )
+
+    def compute_range(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return finite_range(self.min_vals[index], self.max_vals[index])
+
+    def compute_threshold(self, index: int) -> np.ndarray:
+        low, high = self.compute_range(index)
+        return np.maximum(-low, high)
+
+    def _statistics(self) -> dict[str, np.ndarray]:
+        state = {f"min_vals.{i}": values.copy() for i, values in enumerate(self.min_vals)}
+        state.update({f"max_vals.{i}": values.copy() for i, values in enumerate(self.max_vals)})
+        return state
+
+    def _load_statistics(self, state: dict[str, np.ndarray]) -> None:
+        count = sum(1 for key in state if key.startswith("min_vals."))
+        self.min_vals = [
+            np.asarray(state[f"min_vals.{i}"], dtype=np.float64).reshape(-1).copy()
+            for i in range(count)
+        ]
+        self.max_vals = [
+            np.asarray(state[f"max_vals.{i}"], dtype=np.float64).reshape(-1).copy()
+            for i in range(count)
+        ]
+        for low, high in zip(self.min_vals, self.max_vals):
+            if low.shape != high.shape:
+                raise ValueError(f"min_vals has {low.shape[0]} channels, max_vals {high.shape[0]}")
+
+    def _merge_statistics(self, other: "PerChannelMinMaxQuantizer") -> None:
+        for mine, theirs in zip(self.min_vals, other.min_vals):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"cannot merge {theirs.shape[0]} channels into {mine.shape[0]}")
+        for index in range(len(self.min_vals)):
+            np.minimum(self.min_vals[index], other.min_vals[index], out=self.min_vals[index])
+            np.maximum(self.max_vals[index], other.max_vals[index], out=self.max_vals[index])
+
+    def _reset_statistics(self) -> None:
+        self.min_vals = []
+        self.max_vals = []
