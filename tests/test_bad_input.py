@@ -1,0 +1,317 @@
+"""The bad-input battery: what users get wrong, fed to every public entry point.
+
+Each case asserts a clear exception naming the problem, or correct behaviour; never a silent
+wrong threshold or a changed user model. The cases are listed in docs/bad_input.md (a test
+below keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import re
+from typing import Callable
+
+import numpy as np
+import paddle
+import pytest
+
+from imperative_ptq import (
+    AbsmaxQuantizer,
+    CalibrationError,
+    HistQuantizer,
+    ImperativePTQ,
+    KLQuantizer,
+    MSEQuantizer,
+    PerChannelAbsmaxQuantizer,
+    PTQConfig,
+    TensorRTKLQuantizer,
+)
+from imperative_ptq.export import create_predictor, save_quantized_model
+from imperative_ptq.quantizers import MIN_THRESHOLD
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
+
+
+def _model() -> paddle.nn.Layer:
+    paddle.seed(3)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.ReLU(),
+        paddle.nn.Flatten(), paddle.nn.Linear(4 * 6 * 6, 3),
+    )
+    model.eval()
+    return model
+
+
+def _batch(scale: float = 1.0) -> paddle.Tensor:
+    return paddle.to_tensor(
+        np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype("float32") * scale
+    )
+
+
+def _calibrated(ptq: ImperativePTQ | None = None) -> tuple[ImperativePTQ, paddle.nn.Layer]:
+    ptq = ptq or ImperativePTQ()
+    qmodel = ptq.quantize(_model())
+    qmodel(_batch())
+    return ptq, qmodel
+
+
+def _finite_positive(table: dict) -> bool:
+    values = [v for roles in table.values() for vs in roles.values() for v in vs]
+    return bool(values) and all(np.isfinite(v) and v > 0 for v in values)
+
+
+# ----------------------------------------------------------------- errors: (call, exception, match)
+def _quantize_string() -> None:
+    ImperativePTQ().quantize("resnet18")
+
+
+def _config_class() -> None:
+    PTQConfig(KLQuantizer, PerChannelAbsmaxQuantizer())
+
+
+def _config_swapped() -> None:
+    PTQConfig(PerChannelAbsmaxQuantizer(), KLQuantizer())
+
+
+def _bits_zero() -> None:
+    KLQuantizer(quant_bits=0)
+
+
+def _bits_float() -> None:
+    AbsmaxQuantizer(quant_bits=8.0)
+
+
+def _bins_negative() -> None:
+    HistQuantizer(bins=-4)
+
+
+def _percent_one() -> None:
+    HistQuantizer(hist_percent=1.0)
+
+
+def _quantize_twice() -> None:
+    ptq = ImperativePTQ()
+    ptq.quantize(ptq.quantize(_model()))
+
+
+def _table_before_data() -> None:
+    ptq = ImperativePTQ()
+    ptq.calibration_table(ptq.quantize(_model()))
+
+
+def _convert_without_data() -> None:
+    ptq = ImperativePTQ()
+    ptq.convert(ptq.quantize(_model()))
+
+
+def _table_of_fp32_model() -> None:
+    ImperativePTQ().calibration_table(_model())
+
+
+def _empty_calibration() -> None:
+    ptq = ImperativePTQ()
+    ptq.calibrate(ptq.quantize(_model()), [], progress=False)
+
+
+def _calibrate_dict_batches() -> None:
+    ptq = ImperativePTQ()
+    ptq.calibrate(ptq.quantize(_model()), [{"x": _batch()}], progress=False)
+
+
+def _training_mode_forward() -> None:
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_model())
+    qmodel.train()
+    qmodel(_batch())
+
+
+def _wrong_input_shape() -> None:
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_model())
+    qmodel(paddle.randn([2, 5, 8, 8]))  # Paddle's own shape error surfaces unchanged
+
+
+def _table_missing_file(tmp_path: pathlib.Path) -> None:
+    ptq = ImperativePTQ()
+    ptq.load_calibration_table(ptq.quantize(_model()), tmp_path / "missing.json")
+
+
+def _table_not_json(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "table.json").write_text("{not json")
+    ptq = ImperativePTQ()
+    ptq.load_calibration_table(ptq.quantize(_model()), tmp_path / "table.json")
+
+
+def _table_negative_threshold(tmp_path: pathlib.Path) -> None:
+    ptq, qmodel = _calibrated()
+    ptq.save_calibration_table(qmodel, tmp_path / "table.json")
+    text = (tmp_path / "table.json").read_text()
+    (tmp_path / "table.json").write_text(re.sub(r'"output": \[\s*[0-9.e+-]+', '"output": [-1.0', text, 1))
+    ptq.load_calibration_table(ptq.quantize(_model()), tmp_path / "table.json")
+
+
+def _table_wrong_channels(tmp_path: pathlib.Path) -> None:
+    ptq, qmodel = _calibrated()
+    ptq.save_calibration_table(qmodel, tmp_path / "table.json")
+    other = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 5, 3), paddle.nn.BatchNorm2D(5), paddle.nn.ReLU(),
+        paddle.nn.Flatten(), paddle.nn.Linear(5 * 6 * 6, 3),
+    )
+    ptq.load_calibration_table(ptq.quantize(other), tmp_path / "table.json")
+
+
+def _state_other_algorithm(tmp_path: pathlib.Path) -> None:
+    ptq, qmodel = _calibrated()
+    ptq.save_state(qmodel, tmp_path / "state.npz")
+    other = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    other.load_state(other.quantize(_model()), tmp_path / "state.npz")
+
+
+def _export_uncalibrated(tmp_path: pathlib.Path) -> None:
+    ptq = ImperativePTQ()
+    ptq.save_quantized_model(ptq.quantize(_model()), tmp_path / "model",
+                             [paddle.static.InputSpec([None, 3, 8, 8], "float32")])
+
+
+def _export_fp32_model(tmp_path: pathlib.Path) -> None:
+    save_quantized_model(_model(), tmp_path / "model",
+                         [paddle.static.InputSpec([None, 3, 8, 8], "float32")])
+
+
+def _export_wrong_spec_type(tmp_path: pathlib.Path) -> None:
+    ptq, qmodel = _calibrated()
+    ptq.save_quantized_model(qmodel, tmp_path / "model", input_spec="[None, 3, 8, 8]")
+
+
+def _predictor_missing(tmp_path: pathlib.Path) -> None:
+    create_predictor(tmp_path / "nothing")
+
+
+ERRORS: dict[str, tuple[Callable, type, str]] = {
+    "quantize-non-layer": (_quantize_string, TypeError, "model must be a paddle.nn.Layer"),
+    "config-quantizer-class": (_config_class, TypeError, "activation_quantizer"),
+    "config-roles-swapped": (_config_swapped, TypeError, "activation_quantizer"),
+    "quant-bits-zero": (_bits_zero, ValueError, "quant_bits"),
+    "quant-bits-float": (_bits_float, TypeError, "quant_bits"),
+    "bins-negative": (_bins_negative, ValueError, "bins"),
+    "hist-percent-one": (_percent_one, ValueError, "hist_percent"),
+    "quantize-twice": (_quantize_twice, ValueError, "already quantized"),
+    "table-before-data": (_table_before_data, CalibrationError, "no calibration data"),
+    "convert-without-data": (_convert_without_data, CalibrationError, "no calibration data"),
+    "table-of-fp32-model": (_table_of_fp32_model, ValueError, "not prepared"),
+    "calibrate-empty-data": (_empty_calibration, ValueError, "no calibration batch"),
+    "calibrate-dict-batches": (_calibrate_dict_batches, TypeError, "dict batches"),
+    "forward-in-training-mode": (_training_mode_forward, CalibrationError, "training mode"),
+    "wrong-input-shape": (_wrong_input_shape, ValueError, "channel"),
+}
+FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
+    "table-missing-file": (_table_missing_file, FileNotFoundError, "missing.json"),
+    "table-not-json": (_table_not_json, ValueError, "not a calibration table"),
+    "table-negative-threshold": (_table_negative_threshold, ValueError, "finite positive"),
+    "table-wrong-channel-count": (_table_wrong_channels, ValueError, "weight thresholds"),
+    "state-other-algorithm": (_state_other_algorithm, ValueError, "KLQuantizer"),
+    "export-uncalibrated": (_export_uncalibrated, CalibrationError, "no calibration data"),
+    "export-fp32-model": (_export_fp32_model, (TypeError, ValueError), "quantiz|convert"),
+    "export-input-spec-string": (_export_wrong_spec_type, TypeError, "input_spec"),
+    "predictor-missing-path": (_predictor_missing, FileNotFoundError, "nothing.pdmodel"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_bad_input_raises_clear_error(case: str) -> None:
+    call, error, match = ERRORS[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("case", sorted(FILE_ERRORS))
+def test_bad_file_input_raises_clear_error(case: str, tmp_path) -> None:
+    call, error, match = FILE_ERRORS[case]
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written
+
+
+# ------------------------------------------------------------------------ correct behaviour
+ALGORITHMS = [AbsmaxQuantizer, HistQuantizer, KLQuantizer, TensorRTKLQuantizer, MSEQuantizer]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS, ids=lambda a: a.__name__)
+@pytest.mark.parametrize(
+    "case, values",
+    [
+        ("nan-and-inf", [np.nan, np.inf, -np.inf, 0.5, -2.0]),
+        ("all-zeros", [0.0, 0.0, -0.0]),
+        ("huge-values", [3e38, -1e30, 1.0, 0.0]),
+        ("tiny-values", [1e-30, -1e-35, 0.0]),
+        ("single-element", [7.0]),
+    ],
+)
+def test_extreme_values_give_finite_positive_thresholds(algorithm, case: str, values) -> None:
+    quantizer = algorithm()
+    quantizer.sample_data(None, (paddle.to_tensor(np.asarray(values, dtype=np.float32)),))
+    quantizer.cal_thresholds()
+    (threshold,) = quantizer.thresholds
+    assert np.isfinite(threshold) and threshold > 0
+    finite = np.abs(np.asarray(values, dtype=np.float32))
+    finite = finite[np.isfinite(finite)]
+    assert threshold <= max(float(finite.max()) * 1.01, MIN_THRESHOLD)  # never a made-up range
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_low_and_high_precision_tensors_are_reduced_in_float32(dtype: str) -> None:
+    values = paddle.to_tensor([0.5, -3.0, 1.25]).astype(dtype)
+    quantizer = AbsmaxQuantizer()
+    quantizer.sample_data(None, (values,))
+    quantizer.cal_thresholds()
+    assert quantizer.thresholds == [3.0]
+
+
+def test_float64_model_calibrates() -> None:
+    model = _model()
+    model.to(dtype="float64")
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    qmodel(_batch().astype("float64"))
+    assert _finite_positive(ptq.calibration_table(qmodel))
+
+
+def test_integer_model_input_is_skipped_not_sampled() -> None:
+    model = paddle.nn.Sequential(paddle.nn.Embedding(10, 4), paddle.nn.Linear(4, 2))
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.to_tensor([[1, 2, 3]]))
+    table = ptq.calibration_table(qmodel)
+    assert set(table) == {"1"} and _finite_positive(table)
+
+
+def test_convert_twice_is_a_no_op() -> None:
+    ptq, qmodel = _calibrated()
+    ptq.convert(qmodel)
+    before = [p.numpy().copy() for p in qmodel.parameters()]
+    ptq.convert(qmodel)
+    for old, new in zip(before, qmodel.parameters()):
+        np.testing.assert_array_equal(old, new.numpy())
+
+
+def test_failed_calls_never_change_the_user_model() -> None:
+    model = _model()
+    snapshot = copy.deepcopy(model.state_dict())
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    with pytest.raises(CalibrationError):
+        ptq.convert(qmodel)
+    qmodel.train()
+    with pytest.raises(CalibrationError):
+        qmodel(_batch())
+    assert model.training is False
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), snapshot[name].numpy())
+    assert all(not layer._forward_post_hooks for layer in model.sublayers(include_self=True))
+
+
+def test_every_case_is_documented() -> None:
+    documented = DOC.read_text()
+    for case in [*ERRORS, *FILE_ERRORS]:
+        assert f"`{case}`" in documented, case
