@@ -22,30 +22,14 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from imperative_ptq import (
-    AbsmaxQuantizer,
-    HistQuantizer,
-    ImperativePTQ,
-    KLQuantizer,
-    MovingAverageAbsmaxQuantizer,
-    MSEQuantizer,
-    PerChannelAbsmaxQuantizer,
-    PTQConfig,
-    TensorRTKLQuantizer,
-)
+from imperative_ptq import ImperativePTQ, PTQConfig
 from imperative_ptq.datasets import load_mnist
 from imperative_ptq.export import create_predictor, predict, save_fp32_model
 from imperative_ptq.models import LeNet, VerySimpleNet, train_classifier
+from imperative_ptq.quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 
-ACTIVATION_ALGORITHMS = {
-    "abs_max": AbsmaxQuantizer,
-    "moving_average": MovingAverageAbsmaxQuantizer,
-    "hist": HistQuantizer,
-    "kl": KLQuantizer,
-    "kl_tensorrt": TensorRTKLQuantizer,
-    "mse": MSEQuantizer,
-}
-WEIGHT_ALGORITHMS = {"per_channel": PerChannelAbsmaxQuantizer, "abs_max": AbsmaxQuantizer}
+ACTIVATION_ALGORITHMS = ACTIVATION_QUANTIZERS
+WEIGHT_ALGORITHMS = WEIGHT_QUANTIZERS
 MODELS = {"mlp": (VerySimpleNet, 6), "lenet": (LeNet, 3)}  # class, training epochs
 LATENCY_BATCHES = (1, 64)
 

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import paddle
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -23,33 +23,15 @@ import paddle
 from .collector import CalibrationError
 from .config import PTQConfig
 from .ptq import ImperativePTQ
-from .quantizers import (
-    AbsmaxQuantizer,
-    HistQuantizer,
-    KLQuantizer,
-    MovingAverageAbsmaxQuantizer,
-    MSEQuantizer,
-    PerChannelAbsmaxQuantizer,
-    TensorRTKLQuantizer,
-)
+from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 
 __all__ = ["CliError", "build_parser", "load_factory", "main", "npy_batches", "image_batches"]
 
 logger = logging.getLogger(__name__)
 
 PROG = "imperative-ptq"
-ACTIVATION_ALGORITHMS: dict[str, Callable[..., Any]] = {
-    "abs_max": AbsmaxQuantizer,
-    "moving_average": MovingAverageAbsmaxQuantizer,
-    "hist": HistQuantizer,
-    "kl": KLQuantizer,
-    "kl_tensorrt": TensorRTKLQuantizer,
-    "mse": MSEQuantizer,
-}
-WEIGHT_SCHEMES: dict[str, Callable[..., Any]] = {
-    "per_channel": PerChannelAbsmaxQuantizer,
-    "abs_max": AbsmaxQuantizer,
-}
+ACTIVATION_ALGORITHMS = ACTIVATION_QUANTIZERS
+WEIGHT_SCHEMES = WEIGHT_QUANTIZERS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,13 +36,11 @@ _SIGN_PRESERVING_OPS = frozenset({"pool2d", "flatten_contiguous_range", "reshape
 
 def _require_onnx():
     try:
-        import onnx  # noqa: F401
+        import onnx
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise ImportError(
             "export_onnx needs the 'onnx' package: pip install 'imperative_ptq[export]'"
         ) from error
-    import onnx
-
     return onnx
 
 

@@ -14,7 +14,24 @@ from .per_channel_minmax import PerChannelMinMaxQuantizer
 from .qparams import QuantParams
 from .sample import TensorSample
 
+#: Activation algorithms by the names the command line and demos use.
+ACTIVATION_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+    "abs_max": AbsmaxQuantizer,
+    "moving_average": MovingAverageAbsmaxQuantizer,
+    "min_max": MinMaxQuantizer,
+    "hist": HistQuantizer,
+    "kl": KLQuantizer,
+    "kl_tensorrt": TensorRTKLQuantizer,
+    "mse": MSEQuantizer,
+}
+#: Weight schemes by name.
+WEIGHT_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+    "per_channel": PerChannelAbsmaxQuantizer,
+    "abs_max": AbsmaxQuantizer,
+}
+
 __all__ = [
+    "ACTIVATION_QUANTIZERS",
     "AbsmaxQuantizer",
     "BaseHistQuantizer",
     "BaseQuantizer",
@@ -29,4 +46,5 @@ __all__ = [
     "QuantParams",
     "TensorRTKLQuantizer",
     "TensorSample",
+    "WEIGHT_QUANTIZERS",
 ]
