@@ -65,9 +65,9 @@ def paddle_kl_threshold(
     q_sum = groups.prefix[candidates]
 
     # Bins before the last one, in float64 like Paddle's Python floats.
-    with np.errstate(divide="ignore"):
-        log_counts = np.where(counts > 0, np.log(np.where(counts > 0, counts, 1)), 0.0)
-    plogp_prefix = np.concatenate(([0.0], np.cumsum(counts * log_counts, dtype=np.float64)))
+    counts64 = counts.astype(np.float64)  # math.log and Python float products in Paddle
+    log_counts = np.log(np.where(counts64 > 0, counts64, 1.0))
+    plogp_prefix = np.concatenate(([0.0], np.cumsum(counts64 * log_counts)))
     head_mass = groups.prefix[last]
     tmp1_head = np.log(q_sum) * head_mass + plogp_prefix[last]
 
