@@ -16,7 +16,6 @@ setup(
     install_requires=[
         "paddlepaddle>=3.0",
         "numpy",
-        "scipy",
         "tqdm",
     ],
     extras_require={

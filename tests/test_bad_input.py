@@ -315,3 +315,33 @@ def test_every_case_is_documented() -> None:
     documented = DOC.read_text()
     for case in [*ERRORS, *FILE_ERRORS]:
         assert f"`{case}`" in documented, case
+
+
+class _ReturnsNone(paddle.nn.ReLU):
+    """A supported layer type (a ReLU subclass) whose forward returns None."""
+
+    def forward(self, x):  # noqa: D102
+        return None
+
+
+def test_layer_returning_none_is_skipped_with_one_warning(caplog) -> None:
+    class Net(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = paddle.nn.Linear(4, 4)
+            self.odd = _ReturnsNone()
+
+        def forward(self, x):
+            y = self.fc(x)
+            self.odd(y)
+            return y
+
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(Net())
+    with caplog.at_level("WARNING", logger="imperative_ptq"):
+        for _ in range(3):
+            qmodel(paddle.randn([2, 4]))
+        table = ptq.calibration_table(qmodel)
+    warnings = [r.getMessage() for r in caplog.records if "not calibrated" in r.getMessage()]
+    assert len(warnings) == 1 and "'odd'" in warnings[0] and "NoneType" in warnings[0]
+    assert set(table) == {"fc"}
