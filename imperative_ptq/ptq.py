@@ -635,12 +635,8 @@ class ImperativePTQ:
         return session
 
     def _states(self, model: paddle.nn.Layer) -> list[tuple[paddle.nn.Layer, _LayerState]]:
-        self._session(model)
-        return [
-            (layer, getattr(layer, _STATE))
-            for _, layer in model.named_sublayers()
-            if getattr(layer, _STATE, None) is not None
-        ]
+        """The hooked layers and their calibration state, in ``named_sublayers`` order."""
+        return list(self._session(model).layers)
 
     @staticmethod
     def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list[float]:
