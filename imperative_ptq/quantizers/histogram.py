@@ -185,6 +185,10 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         self.states: list[HistogramState] = []
         #: Affine only: histograms of ``|x|`` for ``x < 0``, per tensor position.
         self.negative_states: list[HistogramState] = []
+        self._check_bins()
+
+    def _check_bins(self) -> None:
+        """Raises ``ValueError`` if ``bins`` cannot serve the algorithm (override to check)."""
 
     @property
     def uses_signed_values(self) -> bool:  # type: ignore[override]

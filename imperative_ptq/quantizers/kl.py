@@ -113,15 +113,7 @@ class KLQuantizer(BaseHistQuantizer):
         ValueError: ``bins`` is too small to merge into the quantization levels.
     """
 
-    def __init__(
-        self,
-        quant_bits: int = 8,
-        bins: int = 1024,
-        upsample_bins: int = 64,
-        exact_binning: bool = False,
-        symmetric: bool = True,
-    ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
+    def _check_bins(self) -> None:
         levels = 2 ** (self.quant_bits - 1) - 1 if self.symmetric else 2**self.quant_bits - 1
         if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:
             raise ValueError(

@@ -79,15 +79,7 @@ class TensorRTKLQuantizer(BaseHistQuantizer):
         ValueError: ``bins`` is smaller than the number of levels.
     """
 
-    def __init__(
-        self,
-        quant_bits: int = 8,
-        bins: int = 1024,
-        upsample_bins: int = 64,
-        exact_binning: bool = False,
-        symmetric: bool = True,
-    ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
+    def _check_bins(self) -> None:
         levels = 2 ** (self.quant_bits - 1) if self.symmetric else 2**self.quant_bits - 1
         if self.quant_bits < 2 or self.bins < levels:
             raise ValueError(
