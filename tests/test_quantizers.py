@@ -463,3 +463,20 @@ def test_per_channel_max_equals_per_tensor(seed, shape, axis) -> None:
     np.testing.assert_array_equal(per_channel, ref_per_channel(weight, axis))
     per_tensor = _calibrate(AbsmaxQuantizer(), [weight])
     assert per_channel.max() == per_tensor
+
+
+def test_exact_histogram_equals_numpy_on_edge_values() -> None:
+    """Values sitting on, and one ulp either side of, every float32 bin edge: the worst case
+    for ``paddle.histogram`` vs ``np.histogram``; the corrected counts equal numpy's."""
+    from imperative_ptq.quantizers.sample import exact_histogram
+
+    rng = np.random.default_rng(7)
+    for bins, upper in ((1024, 3.7), (2048, 0.013), (64, 1234.5)):
+        edges = np.linspace(0.0, upper, bins + 1, dtype=np.float32)
+        values = np.concatenate([
+            edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(1e9)),
+            rng.uniform(0, upper, 5000).astype(np.float32), [np.nan, np.inf],
+        ]).astype(np.float32)
+        expected, _ = np.histogram(values[np.isfinite(values)], range=(0.0, upper), bins=bins)
+        counts = exact_histogram(paddle.to_tensor(values), bins, upper)
+        np.testing.assert_array_equal(counts, expected)

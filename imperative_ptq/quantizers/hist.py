@@ -32,7 +32,7 @@ class HistQuantizer(BaseHistQuantizer):
         bins: Number of histogram bins.
         upsample_bins: Sub-bins per bin when the range grows.
         hist_percent: Share of values to keep inside the threshold, in (0, 1).
-        exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, the percentile is taken on each side separately.
     """
 
@@ -42,7 +42,7 @@ class HistQuantizer(BaseHistQuantizer):
         bins: int = 1024,
         upsample_bins: int = 64,
         hist_percent: float = 0.99999,
-        exact_binning: bool = False,
+        exact_binning: bool = True,
         symmetric: bool = True,
     ) -> None:
         super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)

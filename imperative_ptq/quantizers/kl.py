@@ -105,7 +105,7 @@ class KLQuantizer(BaseHistQuantizer):
         quant_bits: Bit width, 1..16.
         bins: Number of histogram bins; needs ``bins // 2 >= 2**(quant_bits-1) - 1``.
         upsample_bins: Sub-bins per bin when the range grows.
-        exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
             levels; needs ``bins // 2 >= 2**bits - 1``.
 

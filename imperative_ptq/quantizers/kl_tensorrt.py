@@ -71,7 +71,7 @@ class TensorRTKLQuantizer(BaseHistQuantizer):
         quant_bits: Bit width, 2..16; needs ``bins >= 2**(quant_bits-1)``.
         bins: Number of histogram bins.
         upsample_bins: Sub-bins per bin when the range grows.
-        exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
             levels; needs ``bins >= 2**bits - 1``.
 

@@ -54,7 +54,7 @@ class MSEQuantizer(BaseHistQuantizer):
         quant_bits: Bit width, 1..16.
         bins: Number of histogram bins.
         upsample_bins: Sub-bins per bin when the range grows.
-        exact_binning: Bin like ``np.histogram`` (see :class:`BaseHistQuantizer`).
+        exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, each side minimizes its error with its share of
             ``2**bits - 1`` levels.
     """

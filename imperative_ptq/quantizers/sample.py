@@ -10,12 +10,63 @@ collector's worker thread; a sample is only ever reduced by one thread at a time
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable
 
 import numpy as np
 import paddle
 
-__all__ = ["SampleSide", "TensorSample"]
+__all__ = ["SampleSide", "TensorSample", "exact_histogram"]
+
+#: Half-width, in bins, of the band around each bin edge inside which ``paddle.histogram`` and
+#: ``np.histogram`` may disagree. Both place a value within a few float32 ulps of its true
+#: position (at most ~6e-5 bins for 1024 bins), so 1e-3 bins is a wide safety margin.
+_EDGE_BAND = np.float32(1e-3)
+_scratch = threading.local()
+
+
+def _near_edge_values(values: np.ndarray, bins: int, upper: float) -> np.ndarray:
+    """The elements of ``values`` lying within ``_EDGE_BAND`` bins of a bin edge."""
+    size = values.size
+    arrays = getattr(_scratch, "arrays", None)
+    if arrays is None or arrays[0].size < size:
+        # Reused across calls: fresh multi-MB arrays cost page faults every batch.
+        arrays = (np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, bool))
+        _scratch.arrays = arrays
+    position, nearest, near = (array[:size] for array in arrays)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are never near an edge
+        np.multiply(values, np.float32(bins / upper), out=position)
+        np.rint(position, out=nearest)
+        # Only interior edges 1..bins-1 can disagree: both methods put 0 in the first bin and
+        # ``upper`` in the last. Clipping the nearest edge to half a bin inside keeps zeros
+        # (often half of a ReLU output) out of the band.
+        np.clip(nearest, np.float32(0.5), np.float32(bins - 0.5), out=nearest)
+        np.subtract(position, nearest, out=position)
+        np.abs(position, out=position)
+        np.less(position, _EDGE_BAND, out=near)
+    return values[near]
+
+
+def exact_histogram(values: paddle.Tensor, bins: int, upper: float) -> np.ndarray:
+    """``np.histogram(values, bins, range=(0, upper))`` counts, at ~2x the cost of
+    ``paddle.histogram`` instead of ~7x.
+
+    ``paddle.histogram`` bins by ``trunc(x * bins / upper)``; numpy compares with float32
+    ``linspace`` edges. They disagree only on values within an ulp of an interior edge, so the
+    Paddle counts are corrected by re-binning, both ways, just the few values near an edge
+    (found on a zero-copy numpy view of the tensor).
+    """
+    with paddle.no_grad():
+        counts = paddle.histogram(values, bins=bins, min=0.0, max=upper).numpy()
+    flat = np.from_dlpack(values.contiguous()).reshape(-1)
+    if not np.isfinite(np.float32(bins / upper)):  # a range so small bins/upper overflows
+        return np.histogram(flat, range=(0.0, upper), bins=bins)[0]
+    near = _near_edge_values(flat, bins, upper)
+    if near.size:
+        with paddle.no_grad():
+            paddle_near = paddle.histogram(paddle.to_tensor(near), bins=bins, min=0.0, max=upper)
+        counts = counts - paddle_near.numpy() + np.histogram(near, range=(0.0, upper), bins=bins)[0]
+    return counts
 
 
 class TensorSample:
@@ -29,7 +80,7 @@ class TensorSample:
     """
 
     __slots__ = (
-        "abs_values", "_abs_max", "_histograms", "_release", "_numpy",
+        "abs_values", "_abs_max", "_histograms", "_release",
         "signed_values", "_min_max", "_sides",
     )
 
@@ -42,7 +93,6 @@ class TensorSample:
         self._abs_max: float | None = None
         self._histograms: dict[tuple[int, float, bool], np.ndarray] = {}
         self._release = release
-        self._numpy: np.ndarray | None = None
         # Only affine quantizers need the sign; the symmetric path never sets these.
         self.signed_values: paddle.Tensor | None = None
         self._min_max: tuple[float, float] | None = None
@@ -95,15 +145,13 @@ class TensorSample:
             exact_binning: Bin exactly as ``np.histogram`` does (float32 ``linspace`` edges).
                 ``paddle.histogram`` computes ``trunc(x * bins / upper)`` instead, which puts a
                 few elements per million that lie within an ulp of an interior edge into the
-                neighbouring bin. The exact path copies the tensor to numpy and is ~4x slower.
+                neighbouring bin. The exact path (:func:`exact_histogram`) costs ~2x.
         """
         key = (bins, upper, exact_binning)
         cached = self._histograms.get(key)
         if cached is None:
             if exact_binning:
-                if self._numpy is None:
-                    self._numpy = self.abs_values.numpy()
-                counts, _ = np.histogram(self._numpy, range=(0.0, upper), bins=bins)
+                counts = exact_histogram(self.abs_values, bins, upper)
             else:
                 with paddle.no_grad():
                     counts = paddle.histogram(
@@ -161,7 +209,7 @@ class TensorSample:
         if cached is None:
             values = self._signed()
             if exact_binning:
-                counts, _ = np.histogram(values.numpy(), range=(0.0, upper), bins=bins)
+                counts = exact_histogram(values, bins, upper)
             else:
                 with paddle.no_grad():
                     counts = paddle.histogram(values, bins=bins, min=0.0, max=upper).numpy()
@@ -177,7 +225,6 @@ class TensorSample:
             self._release(self.signed_values)
         self.abs_values = None  # type: ignore[assignment]
         self.signed_values = None
-        self._numpy = None
 
 
 class SampleSide:
