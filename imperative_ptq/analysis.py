@@ -54,7 +54,8 @@ class LayerSensitivity:
     Attributes:
         name: Sublayer name in the model.
         layer_type: Class name of the fp32 layer.
-        sqnr_db: SQNR of the layer's output, quantized vs fp32, in dB (``inf`` if identical).
+        sqnr_db: SQNR of the layer's output, quantized vs fp32, in dB (``inf`` if identical,
+            NaN if the layer never ran on ``data``).
         cosine: Cosine similarity of the layer's output, quantized vs fp32.
         output_sqnr_db: SQNR of the model's output with only this layer quantized.
         output_cosine: Cosine similarity of the model's output with only this layer quantized.
@@ -276,12 +277,14 @@ def _pairs(
 
 # ------------------------------------------------------------------------------ analysis
 class _ErrorStats:
-    """Running sums for SQNR and cosine similarity over all batches (flattened)."""
+    """Running sums for SQNR and cosine similarity over all batches (flattened); both are NaN
+    until a batch was added (a layer off every batch's path is unmeasured, not bit-exact)."""
 
-    __slots__ = ("signal", "noise", "dot", "quantized")
+    __slots__ = ("signal", "noise", "dot", "quantized", "batches")
 
     def __init__(self) -> None:
         self.signal = self.noise = self.dot = self.quantized = 0.0
+        self.batches = 0
 
     def add(self, reference: paddle.Tensor, quantized: paddle.Tensor) -> None:
         ref = reference.astype("float64").reshape([-1])
@@ -295,9 +298,12 @@ class _ErrorStats:
         self.noise += float(sums[1])
         self.dot += float(sums[2])
         self.quantized += float(sums[3])
+        self.batches += 1
 
     @property
     def sqnr_db(self) -> float:
+        if not self.batches:
+            return math.nan
         if self.noise == 0.0:
             return math.inf
         if self.signal == 0.0:
@@ -306,6 +312,8 @@ class _ErrorStats:
 
     @property
     def cosine(self) -> float:
+        if not self.batches:
+            return math.nan
         norm = math.sqrt(self.signal * self.quantized)
         # Two all-zero outputs agree perfectly.
         return self.dot / norm if norm > 0 else float(self.signal == self.quantized)
@@ -418,6 +426,9 @@ def analyze(
                 with _swapped(model, name, quantized):
                     metrics[name] = float(metric(model))
 
+    unmeasured = [name for name, stats in layer_stats.items() if not stats.batches]
+    if unmeasured:
+        logger.warning("layers never ran on the data (SQNR/cosine NaN): %s", ", ".join(unmeasured))
     rows = []
     for name, fp32, quantized in pairs:
         value = metrics.get(name)
@@ -432,7 +443,10 @@ def analyze(
             metric_drop=None if value is None else fp32_metric - value,
             input_threshold=quantized.input_thresholds[0] if quantized.input_thresholds else None,
         ))
-    rows.sort(key=lambda r: (-(r.metric_drop or 0.0), r.output_sqnr_db, r.sqnr_db))
+    # NaN (unmeasured) compares false both ways and would scramble the order: rank it last.
+    rows.sort(key=lambda r: (
+        -(r.metric_drop or 0.0), math.isnan(r.output_sqnr_db), r.output_sqnr_db, r.sqnr_db
+    ))
     logger.info("analyzed %d quantized layers on %d batches", len(rows), num_batches)
     return SensitivityReport(rows, fp32_metric, quantized_metric, num_batches)
 

@@ -70,13 +70,15 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[
         if _HEADER not in archive.files:
             raise ValueError(f"{path} is not an imperative_ptq calibration state file")
         header = json.loads(str(archive[_HEADER]))
-        if header.get("format") != FORMAT_NAME:
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not an imperative_ptq calibration state file")
         if header.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has calibration state format version {header.get('format_version')!r}; "
                 f"this imperative_ptq reads version {FORMAT_VERSION}"
             )
+        if not isinstance(header.get("quantizers"), dict):
+            raise ValueError(f"{path}: the header lists no quantizers")
         states: dict[str, dict[str, np.ndarray]] = {key: {} for key in header["quantizers"]}
         for name in archive.files:
             if name == _HEADER:

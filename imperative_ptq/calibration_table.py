@@ -87,7 +87,9 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
                 not isinstance(values, list)
                 or not values
                 or not all(
-                    isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0
+                    for v in values
                 )
             ):
                 raise ValueError(

@@ -389,19 +389,12 @@ def run(args: argparse.Namespace) -> int:
     written = [table_path]
 
     if not args.no_export:
-        export = getattr(ptq, "save_quantized_model", None)
-        if export is None:
-            print("export skipped: this imperative_ptq has no ImperativePTQ.save_quantized_model")
-        else:
-            shape = args.input_shape
-            if shape is None:
-                shape = [None, *peek.first.shape[1:]]  # type: ignore[union-attr]
-            input_spec = [paddle.static.InputSpec(shape, "float32", "x")]
-            export(qmodel, prefix, input_spec=input_spec)
-            written = sorted(
-                {prefix + suffix for suffix in (".pdmodel", ".pdiparams")
-                 if os.path.exists(prefix + suffix)} | {table_path}
-            )
+        shape = args.input_shape
+        if shape is None:
+            shape = [None, *peek.first.shape[1:]]  # type: ignore[union-attr]
+        input_spec = [paddle.static.InputSpec(shape, "float32", "x")]
+        ptq.save_quantized_model(qmodel, prefix, input_spec=input_spec)
+        written = sorted([table_path, prefix + ".pdiparams", prefix + ".pdmodel"])
     print("wrote:")
     for path in written:
         print(f"  {path}")

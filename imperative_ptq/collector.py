@@ -20,6 +20,7 @@ import collections
 import logging
 import queue
 import threading
+import weakref
 from typing import Sequence
 
 import paddle
@@ -102,6 +103,10 @@ class CalibrationCollector:
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
         self._error_context = ""
+        # The worker holds the collector only weakly, so a quantized model dropped without
+        # convert() does not leak the thread and its pooled buffers: once the collector is
+        # collected, this wakes the worker, which then finds it gone and exits.
+        weakref.finalize(self, _wake_worker, self._jobs)
 
     # ------------------------------------------------------------------------ forward thread
     def sample(self, tensor: paddle.Tensor, signed: bool = False) -> _PooledSample:
@@ -158,7 +163,10 @@ class CalibrationCollector:
             return
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(
-                target=self._work, name="imperative_ptq-calibration", daemon=True
+                target=_work,
+                args=(self._jobs, weakref.ref(self)),
+                name="imperative_ptq-calibration",
+                daemon=True,
             )
             self._worker.start()
         self._jobs.put((quantizer, samples, name))
@@ -194,29 +202,43 @@ class CalibrationCollector:
     def raise_pending_error(self) -> None:
         """Re-raises (once) an error that happened on the worker thread."""
         if self._error is not None:
-            error, self._error = self._error, None
+            error, context, self._error = self._error, self._error_context, None
             raise CalibrationError(
-                f"calibration failed while sampling {self._error_context}: {error}"
+                f"calibration failed while sampling {context}: {error}"
             ) from error
 
     # ------------------------------------------------------------------------- worker thread
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                self._run(*job)
-            finally:
-                self._jobs.task_done()
-
     def _run(self, quantizer: BaseQuantizer, samples: Sequence[_PooledSample], name: str) -> None:
         try:
             if self._error is None:
                 quantizer.observe_samples(samples)
         except BaseException as error:  # handed to the forward thread
-            self._error, self._error_context = error, name
+            # Context first: the forward thread reads it as soon as ``_error`` is set.
+            self._error_context = name
+            self._error = error
             logger.debug("calibration error in %s", name, exc_info=True)
         finally:
             for sample in samples:
                 sample.drop()
+
+
+def _work(jobs: queue.Queue, collector_ref: weakref.ref) -> None:
+    """Worker loop: runs jobs until the ``None`` sentinel or until the collector is gone."""
+    while True:
+        job = jobs.get()
+        try:
+            collector = None if job is None else collector_ref()
+            if collector is None:
+                return
+            collector._run(*job)
+        finally:
+            # Drop the strong references before blocking on the queue again.
+            collector = job = None
+            jobs.task_done()
+
+
+def _wake_worker(jobs: queue.Queue) -> None:
+    try:
+        jobs.put_nowait(None)
+    except queue.Full:
+        pass  # the worker is busy; it finds the collector gone at its next job

@@ -15,8 +15,8 @@ class PTQConfig:
 
     Args:
         activation_quantizer: Algorithm for layer inputs and outputs, e.g. ``KLQuantizer()``.
-        weight_quantizer: Algorithm for weights: ``PerChannelAbsmaxQuantizer()`` or
-            ``AbsmaxQuantizer()``.
+        weight_quantizer: Algorithm for weights (one with ``for_weights``), e.g.
+            ``PerChannelAbsmaxQuantizer()`` or ``AbsmaxQuantizer()``.
 
     Raises:
         TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role.

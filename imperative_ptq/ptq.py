@@ -142,6 +142,19 @@ class _Session:
                 "calibrated", state.name, type(layer).__name__, _describe(outputs),
             )
 
+    def __deepcopy__(self, memo: dict) -> "_Session":
+        # Paddle's hook handles hold weak references to the original model's hook dicts, so a
+        # copy with hooks attached would remove the original's hooks (and keep its own).
+        if self.attached:
+            raise TypeError(
+                "cannot deep-copy a model while its calibration hooks are attached: call "
+                "ImperativePTQ.remove_hooks() (statistics are kept) or convert() first"
+            )
+        copied = _Session.__new__(_Session)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
     def quantizers(self) -> dict[str, BaseQuantizer]:
         """Activation quantizers keyed ``"<layer>/<role>"`` (weights are re-sampled, not kept)."""
         found: dict[str, BaseQuantizer] = {}
@@ -239,7 +252,8 @@ class ImperativePTQ:
 
         Raises:
             TypeError: ``model`` is not a Layer, or ``fuse_list`` is malformed.
-            ValueError: ``model`` is already quantized, or has no supported layer.
+            ValueError: ``model`` is already quantized, has no supported layer, or a
+                ``fuse_list`` pair names no sublayer or cannot be folded.
         """
         if not isinstance(model, paddle.nn.Layer):
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
@@ -343,13 +357,20 @@ class ImperativePTQ:
             The number of batches run.
 
         Raises:
+            TypeError: ``max_batches`` is not an int or ``time_budget`` not a number.
             ValueError: ``max_batches`` or ``time_budget`` is not positive, or ``data`` was
                 empty.
         """
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
-        if time_budget is not None and not time_budget > 0:
-            raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
+        if max_batches is not None:
+            if isinstance(max_batches, bool) or not isinstance(max_batches, int):
+                raise TypeError(f"max_batches must be an int, got {type(max_batches).__name__}")
+            if max_batches < 1:
+                raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+        if time_budget is not None:
+            if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float, np.floating)):
+                raise TypeError(f"time_budget must be seconds, got {type(time_budget).__name__}")
+            if not time_budget > 0:
+                raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
         total = max_batches
         if total is None and hasattr(data, "__len__"):
             total = len(data)  # type: ignore[arg-type]
@@ -429,8 +450,10 @@ class ImperativePTQ:
 
         Returns:
             ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
-            ``weight`` for simulated-quant layers, ``weight`` one value per output channel for
-            per-channel quantizers. Layers that never ran are left out (with a warning).
+            ``weight`` for simulated-quant layers (``input`` only if it was passed
+            positionally), ``weight`` one value per output channel for per-channel
+            quantizers; affine quantizers add ``<role>_scale`` and ``<role>_zero_point``.
+            Layers that never ran are left out (with a warning).
 
         Raises:
             ValueError: ``model`` was not returned by :meth:`quantize`.
@@ -440,7 +463,7 @@ class ImperativePTQ:
         session.flush()
         states = self._states(model)
         table: CalibrationTable = {}
-        missing = []
+        missing, no_input = [], []
         for layer, state in states:
             if not state.output_quantizer.is_calibrated and not (
                 state.input_quantizer is not None and state.input_quantizer.is_calibrated
@@ -448,9 +471,13 @@ class ImperativePTQ:
                 missing.append(state.name)
                 continue
             entry: dict[str, list[float]] = {}
-            if state.input_quantizer is not None:
+            # An input passed by keyword never reaches the forward-post hook: the layer then
+            # keeps only its output thresholds (``convert`` leaves it fp32 with those).
+            if state.input_quantizer is not None and state.input_quantizer.is_calibrated:
                 entry["input"] = _thresholds(state.input_quantizer)
                 _add_affine_params(entry, "input", state.input_quantizer)
+            elif state.input_quantizer is not None:
+                no_input.append(state.name)
             if state.output_quantizer.is_calibrated:
                 entry["output"] = _thresholds(state.output_quantizer)
                 _add_affine_params(entry, "output", state.output_quantizer)
@@ -467,6 +494,11 @@ class ImperativePTQ:
             logger.warning(
                 "%d hooked layers never ran during calibration and stay in fp32: %s",
                 len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
+            )
+        if no_input:
+            logger.warning(
+                "%d layers never got a positional float input (passed by keyword?): only their "
+                "outputs are calibrated: %s", len(no_input), ", ".join(no_input[:10]),
             )
         return table
 
@@ -506,8 +538,8 @@ class ImperativePTQ:
                 if quantizer is None:
                     continue
                 if role not in entry:
-                    if role == "output" and "input" in entry:
-                        continue  # its output was not a float tensor, so it was not calibrated
+                    if ("input" if role == "output" else "output") in entry:
+                        continue  # not a positional float tensor (see calibration_table)
                     raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
                 quantizer.set_thresholds(entry[role])
                 _load_affine_params(entry, role, quantizer, per_channel=False)

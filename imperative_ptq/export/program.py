@@ -255,7 +255,12 @@ def quantize_program(
         if dequantized is None:
             dequantized = _int8_weight(loaded, index, weight_name, record, written)
             dequantized_weights[weight_name] = dequantized
-            inserted += 1
+        else:
+            # A weight read by several ops (a layer called twice) gets a private int8 copy per
+            # reader: oneDNN's int8 passes rescale each op's weight tensor in place, so a shared
+            # tensor is rescaled twice (measured: all-zero outputs for a Linear called twice).
+            dequantized = _copy_int8_weight(loaded, index, dequantized, serial=index)
+        inserted += 1
         op._rename_input(weight_name, dequantized)
         # Activation: quantize_linear -> dequantize_linear -> op.
         activation = op.input(input_slot)[0]
@@ -332,6 +337,28 @@ def _int8_weight(
         attrs={"quant_axis": axis, "bit_length": record.weight_bits},
     )
     written.weights[weight_name] = [float(t) for t in thresholds]
+    return out
+
+
+def _copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, serial: int) -> str:
+    """Inserts at ``index`` a dequantize_linear of a copy of the int8 weight behind ``dequantized``."""
+    block = loaded.program.global_block()
+    source = next(
+        op for op in block.ops if op.type == "dequantize_linear" and op.output("Y") == [dequantized]
+    )
+    weight_name = source.input("X")[0]
+    copy = _new_persistable(loaded, f"{weight_name}.copy{serial}", _get_tensor(loaded, weight_name))
+    out = copy + ".dequantized"
+    block.create_var(
+        name=out, shape=list(block.var(dequantized).shape), dtype="float32", persistable=False
+    )
+    block._insert_op(
+        index,
+        type="dequantize_linear",
+        inputs={"X": [copy], "Scale": source.input("Scale"), "ZeroPoint": source.input("ZeroPoint")},
+        outputs={"Y": [out]},
+        attrs={"quant_axis": source.attr("quant_axis"), "bit_length": source.attr("bit_length")},
+    )
     return out
 
 

@@ -182,7 +182,8 @@ def trace_to_legacy_program(
     except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
         raise ValueError(
-            f"tracing the model with input_spec [{shapes}] failed (wrong rank or shape?): "
+            f"tracing the model with input_spec [{shapes}] failed (wrong rank or shape, or an "
+            f"op without a legacy-IR kernel in Paddle {paddle.__version__}?): "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
         ) from error
     finally:

@@ -38,6 +38,7 @@ __all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_bool", "validate_quant_bi
 #: tensor (values ~1e-30) keeps its own range.
 MIN_THRESHOLD = float(np.finfo(np.float32).tiny) * 2.0**23
 
+
 def validate_quant_bits(quant_bits: Any) -> int:
     """Returns ``quant_bits`` if it is an int in 1..16, else raises.
 
@@ -73,8 +74,6 @@ class BaseQuantizer(abc.ABC):
     #: Whether the algorithm makes sense for activations / for weights.
     for_activations: ClassVar[bool] = True
     for_weights: ClassVar[bool] = False
-    #: Whether the algorithm needs histograms (the collector then keeps ``|x|`` around).
-    uses_histogram: ClassVar[bool] = False
     #: Whether ``observe`` needs the signed tensor, not only ``|x|`` (affine statistics). The
     #: collector copies ``x`` only for such quantizers, so the symmetric path pays nothing.
     uses_signed_values: bool = False

@@ -165,8 +165,6 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
             parameters from a clip range per tensor (see the module docstring).
     """
 
-    uses_histogram = True
-
     def __init__(
         self,
         quant_bits: int = 8,
@@ -178,9 +176,7 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         super().__init__(quant_bits)
         self.bins = _check_positive_int("bins", bins)
         self.upsample_bins = _check_positive_int("upsample_bins", upsample_bins)
-        if not isinstance(exact_binning, bool):
-            raise TypeError(f"exact_binning must be a bool, got {type(exact_binning).__name__}")
-        self.exact_binning = exact_binning
+        self.exact_binning = validate_bool("exact_binning", exact_binning)
         self.symmetric = validate_bool("symmetric", symmetric)
         #: Histograms of ``|x|`` (symmetric) or of ``x >= 0`` (affine), per tensor position.
         self.states: list[HistogramState] = []

@@ -103,11 +103,12 @@ class KLQuantizer(BaseHistQuantizer):
 
     Args:
         quant_bits: Bit width, 1..16.
-        bins: Number of histogram bins; needs ``bins // 2 >= 2**(quant_bits-1) - 1``.
+        bins: Number of histogram bins; needs ``bins >= 2**quant_bits - 1`` (the search
+            starts at half the histogram, which must hold ``2**(quant_bits-1) - 1`` levels).
         upsample_bins: Sub-bins per bin when the range grows.
         exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
-            levels; needs ``bins // 2 >= 2**bits - 1``.
+            levels; needs ``bins >= 2**(bits+1) - 1``.
 
     Raises:
         ValueError: ``bins`` is too small to merge into the quantization levels.

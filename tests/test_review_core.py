@@ -1,0 +1,143 @@
+"""Regression tests for defects found reviewing the core (ptq, collector, quantizers, tables)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from imperative_ptq import ImperativePTQ, PTQConfig
+from imperative_ptq.calibration_table import read_table
+from imperative_ptq.collector import CalibrationError
+from imperative_ptq.quantizers import AbsmaxQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
+
+
+def _ptq() -> ImperativePTQ:
+    return ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+
+
+def _mlp() -> paddle.nn.Layer:
+    return paddle.nn.Sequential(paddle.nn.Linear(4, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 2))
+
+
+class _KeywordInput(paddle.nn.Layer):
+    """Calls its first Linear with a keyword input, which forward-post hooks never see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = paddle.nn.Linear(4, 8)
+        self.fc2 = paddle.nn.Linear(8, 2)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.fc1(input=x))
+
+
+def test_worker_thread_stops_when_quantized_model_is_dropped() -> None:
+    ptq = _ptq()
+    qmodel = ptq.quantize(_mlp())
+    qmodel(paddle.randn([3, 4]))
+    ptq.calibration_table(qmodel)  # flushes, but neither converts nor removes the hooks
+    worker = qmodel._ptq_session.collector._worker
+    assert worker is not None and worker.is_alive()
+    del qmodel
+    gc.collect()
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+
+
+def test_keyword_input_layer_keeps_output_thresholds_and_round_trips(tmp_path) -> None:
+    ptq = _ptq()
+    qmodel = ptq.quantize(_KeywordInput())
+    qmodel(paddle.randn([3, 4]))
+    table = ptq.calibration_table(qmodel)
+    assert "input" not in table["fc1"] and table["fc1"]["output"][0] > 0
+    assert "input" in table["fc2"]
+
+    path = tmp_path / "table.json"
+    ptq.save_calibration_table(qmodel, path)
+    fresh = ptq.quantize(_KeywordInput())
+    ptq.load_calibration_table(fresh, path)
+    assert ptq.calibration_table(fresh) == table
+
+    ptq.convert(qmodel)
+    assert isinstance(qmodel.fc1, paddle.nn.Linear)
+    assert qmodel.fc1._ptq_output_thresholds == table["fc1"]["output"]
+    assert type(qmodel.fc2).__name__ == "QuantizedLayer"
+
+
+def test_deepcopy_of_calibrating_model() -> None:
+    ptq = _ptq()
+    qmodel = ptq.quantize(_mlp())
+    with pytest.raises(TypeError, match="remove_hooks"):
+        copy.deepcopy(qmodel)
+    qmodel(paddle.randn([3, 4]))
+    ptq.remove_hooks(qmodel)
+    clone = copy.deepcopy(qmodel)
+    # The copy calibrates on its own; the original's statistics are untouched.
+    before = ptq.calibration_table(qmodel)
+    with ptq.calibrating(clone):
+        clone(paddle.randn([3, 4]) * 100)
+    assert ptq.calibration_table(qmodel) == before
+    assert ptq.calibration_table(clone)["0"]["input"][0] > before["0"]["input"][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"max_batches": 2.0}, TypeError),
+        ({"max_batches": True}, TypeError),
+        ({"max_batches": 0}, ValueError),
+        ({"time_budget": "1"}, TypeError),
+        ({"time_budget": 0}, ValueError),
+    ],
+)
+def test_calibrate_validates_arguments(kwargs, error) -> None:
+    ptq = _ptq()
+    qmodel = ptq.quantize(_mlp())
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        ptq.calibrate(qmodel, [np.ones((2, 4), np.float32)], progress=False, **kwargs)
+
+
+class _FailingQuantizer(AbsmaxQuantizer):
+    def observe(self, index, sample) -> None:
+        raise RuntimeError("boom")
+
+
+def test_worker_error_names_the_layer() -> None:
+    ptq = ImperativePTQ(PTQConfig(_FailingQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_mlp())
+    # The worker may report during the forward or at the next flush, whichever comes first.
+    with pytest.raises(CalibrationError, match=r"sampling 0: boom"):
+        qmodel(paddle.randn([3, 4]))
+        ptq.calibration_table(qmodel)
+
+
+def test_read_table_rejects_bool_threshold(tmp_path) -> None:
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({
+        "format": "imperative_ptq.calibration_table", "format_version": 1,
+        "layers": {"0": {"output": [True]}},
+    }))
+    with pytest.raises(ValueError, match="finite positive"):
+        read_table(path)
+
+
+def test_histogram_quantizer_accepts_numpy_bool() -> None:
+    assert KLQuantizer(exact_binning=np.bool_(False)).exact_binning is False
+    with pytest.raises(TypeError, match="exact_binning"):
+        KLQuantizer(exact_binning=1)
+
+
+def test_read_state_rejects_header_without_quantizers(tmp_path) -> None:
+    from imperative_ptq.calibration_state import read_state
+
+    path = tmp_path / "state.npz"
+    header = {"format": "imperative_ptq.calibration_state", "format_version": 1}
+    np.savez(path, __header__=np.asarray(json.dumps(header)))
+    with pytest.raises(ValueError, match="no quantizers"):
+        read_state(path)

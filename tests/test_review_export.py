@@ -1,0 +1,109 @@
+"""Regressions found in review of the export and analysis modules (tiny random models, fast)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+from imperative_ptq import ImperativePTQ
+from imperative_ptq.analysis import analyze
+from imperative_ptq.export import create_predictor, predict, save_quantized_model
+from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+
+class _SharedLinear(paddle.nn.Layer):
+    """One Linear (and one ReLU) called twice, as a recurrent or weight-tied block does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 8)
+        self.relu = paddle.nn.ReLU()
+        self.out = paddle.nn.Linear(8, 3)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.out(self.relu(self.fc(self.relu(self.fc(x)))))
+
+
+class _Branch(paddle.nn.Layer):
+    """``b`` runs only on inputs whose mean is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = paddle.nn.Linear(8, 8)
+        self.b = paddle.nn.Linear(8, 8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.a(x)
+        return self.b(x) if float(x.mean()) > 0 else x
+
+
+def _converted(model: paddle.nn.Layer, batches) -> paddle.nn.Layer:
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    for batch in batches:
+        qmodel(batch)
+    ptq.convert(qmodel)
+    return qmodel
+
+
+def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
+    paddle.seed(0)
+    qmodel = _converted(_SharedLinear(), [paddle.randn([16, 8]) for _ in range(3)])
+    x = paddle.randn([64, 8])
+    reference = qmodel(x).numpy()
+    prefix = str(tmp_path / "shared")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 8], "float32", "x")])
+    with legacy_static_mode():
+        block = load_legacy_program(prefix).program.global_block()
+        weights = [op.input("Y")[0] for op in block.ops if op.type == "matmul_v2"]
+        sources = {
+            op.output("Y")[0]: op.input("X")[0] for op in block.ops if op.type == "dequantize_linear"
+        }
+    # oneDNN rescales each op's int8 weight in place: a shared tensor was rescaled twice.
+    assert len({sources[name] for name in weights}) == 3
+    logits = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    cosine = np.sum(logits * reference) / np.linalg.norm(logits) / np.linalg.norm(reference)
+    assert cosine > 0.95, cosine  # was ~0: all-zero outputs
+
+
+def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
+    paddle.seed(0)
+    model = _Branch()
+    calibration = [paddle.randn([4, 8]) for _ in range(8)]
+    qmodel = _converted(model, calibration)
+    ran = [x for x in calibration if float(model.a(x).mean()) > 0]
+    skipped = [x for x in calibration if float(model.a(x).mean()) <= 0]
+    if not ran or not skipped or "b" not in [n for n, _ in qmodel.named_sublayers()]:
+        pytest.skip("the random batches did not take both branches")
+    with caplog.at_level("WARNING", logger="imperative_ptq.analysis"):
+        report = analyze(model, qmodel, skipped)
+    row = report.row("b")
+    # Was inf dB and cosine 1.0: an unmeasured layer looked bit-exact.
+    assert math.isnan(row.sqnr_db) and math.isnan(row.cosine) and math.isnan(row.output_sqnr_db)
+    assert report.names[-1] == "b"
+    assert "never ran" in caplog.text and "b" in caplog.text
+    assert "nan" in report.to_markdown()
+
+
+def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None:
+    class _Sigmoid(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = paddle.nn.Linear(8, 4)
+            self.act = paddle.nn.Sigmoid()  # no legacy-IR kernel in Paddle 3.3
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.act(self.fc(x))
+
+    paddle.seed(0)
+    qmodel = _converted(_Sigmoid(), [paddle.randn([4, 8])])
+    with pytest.raises(ValueError, match="legacy-IR kernel"):
+        save_quantized_model(
+            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
+        )
+    assert os.listdir(tmp_path) == []
