@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .ptq import _as_inputs, _parent_and_attr
+from .ptq import _as_inputs, _parent_and_attr, _positional_arity
 from .quant_layers import QuantizedLayer
 
 __all__ = [
@@ -390,9 +390,10 @@ def analyze(
     output_stats = {name: _ErrorStats() for name, _, _ in pairs}
     batches = data if max_batches is None else itertools.islice(data, max_batches)
     num_batches = 0
+    arity = _positional_arity(model)
     with _eval_mode(model, quantized_model), paddle.no_grad():
         for batch in batches:
-            inputs = _as_inputs(batch)
+            inputs = _as_inputs(batch, arity)
             captures = {name: _Capture() for name, _, _ in pairs}
             handles = [fp32.register_forward_post_hook(captures[name]) for name, fp32, _ in pairs]
             try:

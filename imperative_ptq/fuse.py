@@ -51,9 +51,16 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
     """
     if fuse_list is None or isinstance(fuse_list, str) or not isinstance(fuse_list, (list, tuple)):
         raise TypeError("fuse_list must be a list of [layer_name, norm_name] pairs when fuse=True")
+    # Check every pair before folding any, so a bad entry never leaves the model half-fused.
+    folds = []
+    seen: set[str] = set()
     for pair in fuse_list:
         if isinstance(pair, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise TypeError(f"fuse_list entries must be [layer_name, norm_name] pairs, got {pair!r}")
+        for name in pair:
+            if name in seen:  # folding a norm twice would scale the weights twice
+                raise ValueError(f"fuse_list names {name!r} more than once")
+            seen.add(name)
         _, _, layer = _find(model, pair[0])
         norm_parent, norm_leaf, norm = _find(model, pair[1])
         axis = next(
@@ -65,6 +72,8 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
                 f"cannot fold {type(norm).__name__} {pair[1]!r} into "
                 f"{type(layer).__name__} {pair[0]!r}"
             )
+        folds.append((layer, norm, axis, norm_parent, norm_leaf))
+    for layer, norm, axis, norm_parent, norm_leaf in folds:
         _fold(layer, norm, axis)
         setattr(norm_parent, norm_leaf, paddle.nn.Identity())
     return model

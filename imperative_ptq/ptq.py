@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import os
 import time
@@ -165,24 +166,34 @@ class _Session:
         return found
 
 
-def _as_inputs(batch: Any) -> tuple[paddle.Tensor, ...]:
-    """Positional model inputs from one batch (arrays become tensors; labels are dropped)."""
-    if isinstance(batch, dict):
-        raise TypeError("dict batches are not supported: yield tensors or tuples of tensors")
-    items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-    if len(items) == 2 and _is_integer_array(items[1]):
-        items = items[:1]  # an (inputs, labels) pair from a classification loader
-    return tuple(
-        item if isinstance(item, paddle.Tensor) else paddle.to_tensor(np.asarray(item))
-        for item in items
+def _positional_arity(model: paddle.nn.Layer) -> int | None:
+    """How many positional inputs ``model.forward`` takes (``None``: any number)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    return sum(
+        p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in parameters
     )
 
 
-def _is_integer_array(value: Any) -> bool:
-    if isinstance(value, paddle.Tensor):
-        return not paddle.is_floating_point(value)
-    return isinstance(value, (np.ndarray, np.integer, int)) and np.issubdtype(
-        np.asarray(value).dtype, np.integer
+def _as_inputs(batch: Any, arity: int | None) -> tuple[paddle.Tensor, ...]:
+    """Positional model inputs from one batch (arrays become tensors).
+
+    A tuple with more items than ``model.forward`` takes is an ``(inputs, labels)`` pair from a
+    classification loader: the extra items are dropped.
+    """
+    if isinstance(batch, dict):
+        raise TypeError("dict batches are not supported: yield tensors or tuples of tensors")
+    items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if arity is not None and len(items) > arity:
+        items = items[:arity]
+    return tuple(
+        item if isinstance(item, paddle.Tensor) else paddle.to_tensor(np.asarray(item))
+        for item in items
     )
 
 
@@ -347,8 +358,9 @@ class ImperativePTQ:
         Args:
             model: Model returned by :meth:`quantize`.
             data: Iterable of batches: a tensor or array, or a tuple/list of them (passed as
-                positional inputs). In an ``(inputs, labels)`` pair with integer labels, as
-                classification loaders yield, the labels are dropped.
+                positional inputs). Items beyond the number of positional inputs of
+                ``model.forward`` are dropped, so ``(images, labels)`` pairs from a
+                classification loader work as they are.
             max_batches: Stop after this many batches.
             time_budget: Stop after this many seconds (checked between batches).
             progress: Show a tqdm progress bar.
@@ -375,11 +387,12 @@ class ImperativePTQ:
         if total is None and hasattr(data, "__len__"):
             total = len(data)  # type: ignore[arg-type]
         deadline = None if time_budget is None else time.monotonic() + time_budget
+        arity = _positional_arity(model)
         count = 0
         with self.calibrating(model), paddle.no_grad():
             bar = tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)
             for batch in bar:
-                model(*_as_inputs(batch))
+                model(*_as_inputs(batch, arity))
                 count += 1
                 if max_batches is not None and count >= max_batches:
                     break

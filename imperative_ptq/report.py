@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import paddle
 
-from .ptq import _STATE, _as_inputs
+from .ptq import _STATE, _as_inputs, _positional_arity
 from .quantizers import BaseHistQuantizer, BaseQuantizer
 from .quantizers.histogram import HistogramState
 from .quantizers.sample import TensorSample
@@ -170,9 +170,10 @@ def collect_histograms(
     model.eval()
     try:
         batches = data if max_batches is None else itertools.islice(data, max_batches)
+        arity = _positional_arity(model)
         with paddle.no_grad():
             for batch in batches:
-                model(*_as_inputs(batch))
+                model(*_as_inputs(batch, arity))
     finally:
         for handle in handles:
             handle.remove()

@@ -141,3 +141,39 @@ def test_read_state_rejects_header_without_quantizers(tmp_path) -> None:
     np.savez(path, __header__=np.asarray(json.dumps(header)))
     with pytest.raises(ValueError, match="no quantizers"):
         read_state(path)
+
+
+def test_calibrate_passes_two_inputs_to_a_two_input_model() -> None:
+    class TwoInputs(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = paddle.nn.Embedding(10, 4)
+            self.fc = paddle.nn.Linear(4, 2)
+
+        def forward(self, ids, segments):
+            return self.fc(self.embed(ids) + self.embed(segments))
+
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(TwoInputs())
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    # Both items are integer arrays: neither is a label, both must reach forward.
+    assert ptq.calibrate(qmodel, [(ids, ids % 2)], progress=False) == 1
+    labelled = [(np.random.rand(2, 4).astype("float32"), np.array([0, 1]))]
+    mlp = ptq.quantize(paddle.nn.Sequential(paddle.nn.Linear(4, 3)))
+    assert ptq.calibrate(mlp, labelled, progress=False) == 1  # the labels are dropped
+
+
+def test_bad_fuse_list_leaves_the_model_untouched() -> None:
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 4, 3),
+        paddle.nn.ReLU(),
+    )
+    model.eval()
+    before = model[0].weight.numpy().copy()
+    ptq = ImperativePTQ()
+    with pytest.raises(ValueError, match="cannot fold"):  # the second pair is bad
+        ptq.quantize(model, inplace=True, fuse=True, fuse_list=[["0", "1"], ["2", "3"]])
+    np.testing.assert_array_equal(model[0].weight.numpy(), before)
+    assert isinstance(model[1], paddle.nn.BatchNorm2D)
+    with pytest.raises(ValueError, match="more than once"):
+        ptq.quantize(model, fuse=True, fuse_list=[["0", "1"], ["0", "1"]])
