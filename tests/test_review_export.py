@@ -91,19 +91,48 @@ def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
 
 
 def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None:
-    class _Sigmoid(paddle.nn.Layer):
+    class _Softplus(paddle.nn.Layer):
         def __init__(self) -> None:
             super().__init__()
             self.fc = paddle.nn.Linear(8, 4)
-            self.act = paddle.nn.Sigmoid()  # no legacy-IR kernel in Paddle 3.3
+            self.act = paddle.nn.Softplus()  # PIR-only in Paddle 3.3, not mapped to a legacy op
 
         def forward(self, x: paddle.Tensor) -> paddle.Tensor:
             return self.act(self.fc(x))
 
     paddle.seed(0)
-    qmodel = _converted(_Sigmoid(), [paddle.randn([4, 8])])
+    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError, match="legacy-IR kernel"):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
         )
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [paddle.nn.Sigmoid, paddle.nn.Tanh, paddle.nn.GELU, paddle.nn.Silu, paddle.nn.Hardsigmoid],
+    ids=lambda layer: layer.__name__,
+)
+def test_pir_only_activations_trace_to_legacy_ops(activation, tmp_path) -> None:
+    """Paddle 3.3 implements these with PIR-only ``_C_ops`` calls; the export maps them to
+    the legacy ops Paddle Inference runs."""
+
+    class Net(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = paddle.nn.Linear(16, 32), activation(), paddle.nn.Linear(32, 8)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.fc2(self.act(self.fc1(x)))
+
+    paddle.seed(0)
+    model = Net()
+    model.eval()
+    qmodel = _converted(model, [paddle.randn([16, 16]) for _ in range(4)])
+    prefix = str(tmp_path / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 16], "float32", "x")])
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype("float32")
+    reference = model(paddle.to_tensor(x)).numpy().ravel()
+    out = predict(create_predictor(prefix, int8=True), x)[0].ravel()
+    assert out @ reference / np.linalg.norm(out) / np.linalg.norm(reference) > 0.99

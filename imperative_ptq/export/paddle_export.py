@@ -12,7 +12,12 @@ from ..calibration_table import write_table
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
+from .tracing import (
+    LayerRecord,
+    legacy_activation_ops,
+    normalize_input_spec,
+    trace_to_legacy_program,
+)
 
 __all__ = ["EXPORT_SUFFIXES", "save_quantized_model"]
 
@@ -132,7 +137,7 @@ def save_fp32_model(
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
     with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
-        with paddle.pir_utils.DygraphOldIrGuard():
+        with paddle.pir_utils.DygraphOldIrGuard(), legacy_activation_ops():
             paddle.jit.save(model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
