@@ -83,20 +83,20 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
         for role, values in roles.items():
             if role not in ROLES:
                 continue
-            if (
-                not isinstance(values, list)
-                or not values
-                or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v) and v > 0
-                    for v in values
-                )
-            ):
+            if not isinstance(values, list) or not values or not _all_positive(values):
                 raise ValueError(
                     f"{path}: layer {name!r} {role} thresholds must be a non-empty list of "
                     f"finite positive numbers, got {values!r}"
                 )
     return layers, document.get("config") or {}
+
+
+def _all_positive(values: list) -> bool:
+    """Whether every value is a finite positive number (JSON booleans are not numbers here)."""
+    return all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in values
+    )
 
 
 def _check_affine(path: str | os.PathLike, name: str, roles: Mapping[str, Any]) -> None:
@@ -107,15 +107,7 @@ def _check_affine(path: str | os.PathLike, name: str, roles: Mapping[str, Any]) 
             continue
         thresholds = roles.get(role)
         count = len(thresholds) if isinstance(thresholds, list) else -1
-        if not (
-            isinstance(scales, list)
-            and len(scales) == count
-            and all(
-                isinstance(s, (int, float)) and not isinstance(s, bool)
-                and math.isfinite(s) and s > 0
-                for s in scales
-            )
-        ):
+        if not (isinstance(scales, list) and len(scales) == count and _all_positive(scales)):
             raise ValueError(
                 f"{path}: layer {name!r} {role}_scale must be a list of finite positive numbers, "
                 f"one per {role} threshold, got {scales!r}"
