@@ -535,7 +535,7 @@ class ImperativePTQ:
                 mismatch is named).
         """
         layers, _ = read_table(path)
-        self._session(model).flush()  # pending batches must not overwrite loaded thresholds
+        self._session(model).flush()  # a worker error from earlier batches surfaces here
         states = self._states(model)
         known = {state.name for _, state in states}
         extra = [name for name in layers if name not in known]
