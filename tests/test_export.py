@@ -342,3 +342,45 @@ def test_onnx_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="not quantized"):
         export_onnx(paddle.nn.Linear(3, 3), str(tmp_path / "m"), SPEC)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
+def test_onnx_export_keeps_calibrated_affine_parameters(tmp_path) -> None:
+    """Inputs calibrated with ``symmetric=False`` keep their own uint8 (scale, zero point) in
+    the ONNX graph, so ONNX Runtime computes what the dygraph simulation computes."""
+    import onnx
+    import onnxruntime as ort
+
+    from imperative_ptq import MinMaxQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(4)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(16, 32), paddle.nn.ReLU(), paddle.nn.Linear(32, 8)
+    )
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(MinMaxQuantizer(symmetric=False), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((32, 16)).astype("float32") + 1.5 for _ in range(4)]  # skewed
+    for batch in batches:
+        qmodel(paddle.to_tensor(batch))
+    table = ptq.calibration_table(qmodel)
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, str(tmp_path / "affine"), [paddle.static.InputSpec([None, 16], "float32", "x")])
+
+    graph = onnx.load(path).graph
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    zero_points = {
+        int(constants[node.input[2]]) for node in graph.node if node.op_type == "QuantizeLinear"
+    }
+    # The first Linear's input is skewed: its calibrated zero point is neither 0 nor 128.
+    assert table["0"]["input_zero_point"][0] in zero_points
+    assert table["0"]["input_zero_point"][0] not in (0, 128)
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = batches[0]
+    onnx_out = session.run(None, {"x": x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    scale = np.abs(simulated).max()
+    assert np.abs(onnx_out - simulated).max() < 0.03 * scale

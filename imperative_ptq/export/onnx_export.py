@@ -70,6 +70,8 @@ class _Converter:
                 for name in op.output(slot):
                     self.producer[name] = op
         self.weights = {r.weight_name: r for r in records if r.simulated}
+        #: program var -> calibrated affine (scale, uint8 zero point) of int8-op inputs
+        self.affine: dict[str, tuple[float, int]] = {}
         self.thresholds = self._activation_thresholds(records)
 
     # ------------------------------------------------------------------------------ helpers
@@ -83,6 +85,11 @@ class _Converter:
             if slots and op.input(slots[0])[0] in self.weights:
                 record = self.weights[op.input(slots[0])[0]]
                 thresholds[op.input(slots[1])[0]] = float(record.input_threshold)
+                if record.input_zero_point is not None and 0 <= record.input_zero_point <= 255:
+                    # Calibrated with symmetric=False: keep its own uint8 parameters.
+                    self.affine[op.input(slots[1])[0]] = (
+                        float(record.input_scale), int(record.input_zero_point)
+                    )
         return thresholds
 
     def _unique(self, stem: str) -> str:
@@ -112,7 +119,9 @@ class _Converter:
         if threshold is None or threshold <= 0:
             self.names[var] = tensor
             return
-        if var in self.unsigned:
+        if var in self.affine:
+            scale, zero = self.affine[var]
+        elif var in self.unsigned:
             scale, zero = threshold / 255.0, 0
         else:
             scale, zero = threshold / 127.0, 128

@@ -40,6 +40,9 @@ class LayerRecord:
         weight_axis: Output-channel axis of the weight.
         weight_bits: Weight bit width.
         input_threshold: Threshold of the first input (simulated layers only).
+        input_scale: Affine (uint8) scale of the first input when it was calibrated with
+            ``symmetric=False``; ``None`` for symmetric inputs.
+        input_zero_point: The zero point that goes with ``input_scale``.
         output_thresholds: Output thresholds (may be empty).
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
@@ -52,6 +55,8 @@ class LayerRecord:
     weight_axis: int | None = None
     weight_bits: int = 8
     input_threshold: float | None = None
+    input_scale: float | None = None
+    input_zero_point: int | None = None
     activation_bits: int = 8
     output_thresholds: list[float] = dataclasses.field(default_factory=list)
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
@@ -125,6 +130,10 @@ def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[Laye
                 weight_axis=layer.weight_axis,
                 weight_bits=layer.weight_bits,
                 input_threshold=float(layer.input_thresholds[0]),
+                input_scale=None if layer.input_scale is None else float(layer.input_scale),
+                input_zero_point=(
+                    None if layer.input_zero_point is None else int(layer.input_zero_point)
+                ),
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
             )
