@@ -169,7 +169,14 @@ class CalibrationCollector:
                 daemon=True,
             )
             self._worker.start()
-        self._jobs.put((quantizer, samples, name))
+        try:
+            self._jobs.put((quantizer, samples, name))
+        except BaseException:
+            # Interrupted (Ctrl-C) while waiting for room: the job never reaches the worker,
+            # so give back the holds taken above or the buffers never return to the pool.
+            for sample in samples:
+                sample.drop()
+            raise
 
     def end_forward(self) -> None:
         """Forgets the shared samples of the last forward (their buffers can be reused)."""

@@ -177,3 +177,22 @@ def test_bad_fuse_list_leaves_the_model_untouched() -> None:
     assert isinstance(model[1], paddle.nn.BatchNorm2D)
     with pytest.raises(ValueError, match="more than once"):
         ptq.quantize(model, fuse=True, fuse_list=[["0", "1"], ["0", "1"]])
+
+
+def test_interrupted_submit_gives_back_its_buffer_holds(monkeypatch) -> None:
+    from imperative_ptq.collector import CalibrationCollector
+
+    collector = CalibrationCollector()
+    tensor = paddle.randn([4, 8])
+    sample = collector.sample(tensor)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(collector._jobs, "put", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collector.submit(AbsmaxQuantizer(), [sample], "layer")
+    collector.end_forward()  # the cache's hold is the last one: the buffer goes back
+    assert sample.abs_values is None
+    monkeypatch.undo()
+    collector.close()
