@@ -136,3 +136,24 @@ def test_pir_only_activations_trace_to_legacy_ops(activation, tmp_path) -> None:
     reference = model(paddle.to_tensor(x)).numpy().ravel()
     out = predict(create_predictor(prefix, int8=True), x)[0].ravel()
     assert out @ reference / np.linalg.norm(out) / np.linalg.norm(reference) > 0.99
+
+
+def test_failed_trace_leaves_no_recorded_parameters(tmp_path) -> None:
+    """A failed trace must not leave its parameters in Paddle's per-program recorder: a later
+    program reusing the ``id`` would inherit them and ``jit.save`` would raise ``KeyError``."""
+    from paddle.jit.dy2static.program_translator import ProgramTranslator
+
+    class _Softplus(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = paddle.nn.Linear(8, 4), paddle.nn.Softplus()
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.act(self.fc(x))
+
+    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
+    with pytest.raises(ValueError):
+        save_quantized_model(
+            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
+        )
+    assert ProgramTranslator.get_instance()._params_recorder.params_dict == {}
