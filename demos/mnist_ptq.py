@@ -135,15 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         ptq = ImperativePTQ(config)
         qmodel = ptq.quantize(model)
         calibration = data.train_images[: args.calibration_size]
+        table_path = os.path.join(args.output_dir, f"{name}.calibration.json")
         start = time.perf_counter()
         with paddle.no_grad():
             for i in tqdm(range(0, len(calibration), args.batch_size), desc=f"calibrating {name}"):
                 qmodel(paddle.to_tensor(calibration[i : i + args.batch_size]))
-            table = ptq.calibration_table(qmodel)
+            table = ptq.save_calibration_table(qmodel, table_path)
         calibration_seconds = time.perf_counter() - start
-        os.makedirs(args.output_dir, exist_ok=True)
-        table_path = os.path.join(args.output_dir, f"{name}.calibration.json")
-        ptq.save_calibration_table(qmodel, table_path)
         print(f"\nCalibration table of {name} ({calibration_seconds:.2f} s, saved to {table_path}):")
         print(f"  {'layer':<10} {'input':>10} {'output':>10} {'weight (min..max over channels)':>34}")
         for layer_name, roles in table.items():

@@ -381,8 +381,7 @@ def run(args: argparse.Namespace) -> int:
     directory = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(directory, exist_ok=True)
     table_path = prefix + ".calibration.json"
-    ptq.save_calibration_table(qmodel, table_path)
-    table = ptq.calibration_table(qmodel)
+    table = ptq.save_calibration_table(qmodel, table_path)
     if not args.quiet:
         print(f"calibration table ({len(table)} layers):")
         print("\n".join(_summary(table)))

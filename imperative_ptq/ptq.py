@@ -515,15 +515,22 @@ class ImperativePTQ:
             )
         return table
 
-    def save_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
+    def save_calibration_table(
+        self, model: paddle.nn.Layer, path: str | os.PathLike
+    ) -> CalibrationTable:
         """Writes :meth:`calibration_table` to ``path`` as versioned JSON (atomically).
 
         Hooked layers that saw no data get an empty entry, so the table still names every
         hooked layer and loads back into the same model.
+
+        Returns:
+            The table, as :meth:`calibration_table` returns it (so callers need not compute
+            it a second time).
         """
         table = self.calibration_table(model)
         layers = {state.name: table.get(state.name, {}) for _, state in self._states(model)}
         write_table(path, layers, self._quant_config.to_dict())
+        return table
 
     def load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
         """Sets thresholds from a table written by :meth:`save_calibration_table`.

@@ -38,15 +38,21 @@ def fake_quantize_symmetric(
     return paddle.clip(paddle.round(x / scale), -levels, levels) * scale
 
 
+def _weight_scales(thresholds: np.ndarray, bits: int, axis: int, ndim: int) -> np.ndarray:
+    """Steps ``t / L`` shaped to broadcast over a rank-``ndim`` weight: along ``axis`` for
+    per-channel thresholds, over everything for a single one."""
+    shape = [1] * ndim
+    if np.asarray(thresholds).size > 1:
+        shape[axis] = -1
+    return (np.asarray(thresholds, dtype=np.float32) / (2 ** (bits - 1) - 1)).reshape(shape)
+
+
 def quantize_weight(
     weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
 ) -> np.ndarray:
     """Integer weights ``clip(round(w / t * L), -L, L)`` (int8 for ``bits <= 8``, else int16)."""
     levels = 2 ** (bits - 1) - 1
-    shape = [1] * weight.ndim
-    if thresholds.size > 1:
-        shape[axis] = -1
-    scales = (np.asarray(thresholds, dtype=np.float32) / levels).reshape(shape)
+    scales = _weight_scales(thresholds, bits, axis, weight.ndim)
     integers = np.clip(np.round(weight / scales), -levels, levels)
     return integers.astype(np.int8 if bits <= 8 else np.int16)
 
@@ -108,15 +114,12 @@ class QuantizedLayer(paddle.nn.Layer):
         with paddle.no_grad():
             weight = layer.weight
             original = weight.numpy()
-            integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
-            levels = 2 ** (weight_bits - 1) - 1
-            shape = [1] * weight.ndim
-            if weight_thresholds.size > 1:
-                shape[weight_axis] = -1
-            scales = (weight_thresholds / levels).reshape(shape)
-            weight.set_value((integers.astype(np.float32) * scales).astype(np.float32))
-            if self.weight_scales is not None:
-                # Affine weights replace the symmetric simulation above.
+            if self.weight_scales is None:
+                integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
+                scales = _weight_scales(weight_thresholds, weight_bits, weight_axis, weight.ndim)
+                weight.set_value((integers.astype(np.float32) * scales).astype(np.float32))
+            else:
+                # Affine weights (symmetric=False weight calibration).
                 per_channel = len(self.weight_scales) > 1
                 weight.set_value(
                     fake_quantize(
