@@ -1,10 +1,18 @@
 """Shared test configuration: quiet Paddle, deterministic seeds."""
 
+import os
 import warnings
 
 import numpy as np
 import paddle
 import pytest
+from hypothesis import settings
+
+# CI must be reproducible: every run tries the same examples (a failure found by one
+# run is found by all). Explore with `HYPOTHESIS_PROFILE=explore pytest tests`.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
 

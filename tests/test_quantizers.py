@@ -440,11 +440,17 @@ def test_merged_histogram_close_to_single_pass(seed, scales, bins) -> None:
     assert float(np.sum(state.counts, dtype=np.float64)) == pytest.approx(everything.size, rel=1e-5)
     single, _ = np.histogram(everything, bins=bins, range=(0.0, state.upper))
     width = state.upper / bins
+    # Re-binning spreads an old bin (never wider than a new one) over at most two new
+    # ones, so the merged cumulative distribution is off by at most the mass of two
+    # adjacent bins. In a sparse tail that small error can move a percentile by many
+    # bins, so the bound is on the percent, not on the threshold.
+    slack = float(np.max(single[:-1] + single[1:])) / everything.size
+    single_f32 = single.astype(np.float32)
     for percent in (0.5, 0.9, 0.99):
         merged_t = percentile_threshold(state.counts, width, percent)
-        single_t = percentile_threshold(single.astype(np.float32), width, percent)
-        # Re-binning spreads an old bin over at most two new ones.
-        assert abs(merged_t - single_t) <= 3 * width + 1e-12
+        low = percentile_threshold(single_f32, width, max(percent - slack, 0.0))
+        high = percentile_threshold(single_f32, width, min(percent + slack, 1.0))
+        assert low - width <= merged_t <= high + width
 
 
 @HYPOTHESIS
