@@ -2,7 +2,8 @@
 
 Engines are interleaved round by round and medians reported, so a noisy neighbour on the shared
 machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
-weights, calibrated on random data), a 784-256-128-10 MLP and a LeNet. Logit cosine is against
+weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet and the demo's MnistConvNet.
+Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files.
 
 Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
@@ -24,6 +25,7 @@ import paddle
 
 from imperative_ptq import ImperativePTQ
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
+from imperative_ptq.models import MnistConvNet
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -49,6 +51,7 @@ MODELS = {
     "mobilenet_v2": (lambda: paddle.vision.models.mobilenet_v2(), [3, 224, 224], (1, 8)),
     "mlp": (_mlp, [784], (1, 64)),
     "lenet": (_lenet, [1, 28, 28], (1, 64)),
+    "convnet": (MnistConvNet, [1, 28, 28], (1, 64)),
 }
 
 
@@ -100,6 +103,9 @@ def bench_model(name: str, rounds: int, iters: int, workdir: str) -> list[dict]:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        # ORT's idle workers spin after each run and steal the cores from whichever engine is
+        # timed next (inflating Paddle fp32 on small models by up to 5x): no spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         engines["ort int8"] = ort.InferenceSession(onnx_int8, options, providers=["CPUExecutionProvider"])
         fp32_path = _fp32_onnx(qmodel, os.path.join(workdir, name, "fp32.onnx"), spec)
         engines["ort fp32"] = ort.InferenceSession(fp32_path, options, providers=["CPUExecutionProvider"])

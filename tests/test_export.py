@@ -23,6 +23,7 @@ from imperative_ptq import CalibrationError, ImperativePTQ
 from imperative_ptq.calibration_table import read_table
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.models import MnistConvNet, SpaceToDepth
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
 EVAL_IMAGES = 2000
@@ -116,9 +117,12 @@ def exports(mnist, tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("exports"))
     lenet = _train(_LeNet(), train_x, train_y, [1, 28, 28])
     mlp = _train(_mlp(), train_x, train_y, [784])
+    paddle.seed(0)
+    convnet = _train(MnistConvNet(channels=(16, 32)), train_x, train_y, [1, 28, 28], steps=400)
     return {
         "lenet": _Exported("lenet", lenet, [1, 28, 28], mnist, directory),
         "mlp": _Exported("mlp", mlp, [784], mnist, directory),
+        "convnet": _Exported("convnet", convnet, [1, 28, 28], mnist, directory),
     }
 
 
@@ -138,7 +142,7 @@ def _load_program(prefix: str):
 
 
 # ------------------------------------------------------------------------- Paddle Inference
-@pytest.mark.parametrize("name", ["lenet", "mlp"])
+@pytest.mark.parametrize("name", ["lenet", "mlp", "convnet"])
 def test_paddle_inference_int8_agrees_with_dygraph(exports, name) -> None:
     exported = exports[name]
     logits = predict(create_predictor(exported.prefix), exported.x)[0]
@@ -331,6 +335,49 @@ def test_onnx_export_runs_in_qlinear_kernels(exports, tmp_path) -> None:
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
+def test_onnx_export_of_the_space_to_depth_convnet(exports, tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from imperative_ptq.export import export_onnx
+
+    exported = exports["convnet"]
+    spec = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "image")]
+    path = export_onnx(exported.qmodel, str(tmp_path / "convnet"), spec)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"image": exported.x})[0]
+    assert np.mean(logits.argmax(1) == exported.reference.argmax(1)) >= 0.99
+    kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert kinds.count("QLinearConv") == 3, kinds
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
+def test_onnx_pixel_unshuffle_keeps_paddles_channel_order(tmp_path) -> None:
+    """With several input channels Paddle's order (channel-major) differs from ONNX
+    SpaceToDepth's (block-offset-major); a 1x1 conv over the result tells them apart."""
+    import onnxruntime as ort
+
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(5)
+    model = paddle.nn.Sequential(SpaceToDepth(2), paddle.nn.Conv2D(12, 6, 1))
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    x = np.random.default_rng(0).standard_normal((8, 3, 6, 10)).astype("float32")
+    qmodel(paddle.to_tensor(x))
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, 3, 6, 10], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "unshuffle"), spec)
+    onnx_out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert onnx_out.shape == (8, 6, 3, 5)
+    assert np.abs(onnx_out - simulated).max() < 0.05 * np.abs(simulated).max()
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime not installed (extra 'export')")
 def test_onnx_bad_input(tmp_path) -> None:
     from imperative_ptq.export import export_onnx
 
@@ -384,3 +431,11 @@ def test_onnx_export_keeps_calibrated_affine_parameters(tmp_path) -> None:
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     scale = np.abs(simulated).max()
     assert np.abs(onnx_out - simulated).max() < 0.03 * scale
+
+
+def test_mnist_convnet_shapes_and_bad_channels() -> None:
+    model = MnistConvNet(channels=(8, 16))
+    assert model(paddle.rand([2, 1, 28, 28])).shape == [2, 10]
+    for channels in [(0, 16), (8,), (8.0, 16)]:
+        with pytest.raises(ValueError, match="channels"):
+            MnistConvNet(channels=channels)

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
 _NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid"})
-_SIGN_PRESERVING_OPS = frozenset({"pool2d", "flatten_contiguous_range", "reshape2", "dropout"})
+_SIGN_PRESERVING_OPS = frozenset(
+    {"pool2d", "flatten_contiguous_range", "reshape2", "dropout", "pixel_unshuffle"}
+)
 
 
 def _require_onnx():
@@ -295,6 +297,8 @@ class _Converter:
             if op.input("Shape") or op.input("ShapeTensor"):
                 raise NotImplementedError("reshape2 with a tensor shape is not exported")
             node = self._node("Reshape", [x, self._const("shape", np.array(op.attr("shape"), np.int64))], out)
+        elif op.type == "pixel_unshuffle":
+            node = self._pixel_unshuffle(op, x, out)
         elif op.type == "dropout":
             if op.attr("dropout_implementation") == "downgrade_in_infer":
                 factor = self._const("keep", np.array(1.0 - op.attr("dropout_prob"), np.float32))
@@ -312,6 +316,22 @@ class _Converter:
             raise NotImplementedError(op.type)
         self._bind(out, node)
 
+    def _pixel_unshuffle(self, op, x: str, out: str) -> str:
+        """Paddle's channel order is ``c * r * r + i * r + j`` (ONNX ``SpaceToDepth`` puts the
+        block offset first), so: reshape to blocks, move the offsets next to the channel,
+        reshape back."""
+        if op.attr("data_format") != "NCHW":
+            raise NotImplementedError("pixel_unshuffle is exported only for NCHW")
+        r = int(op.attr("downscale_factor"))
+        _, channels, height, width = self.block._find_var_recursive(op.input("X")[0]).shape
+        blocks = self._const("shape", np.array([0, channels, height // r, r, width // r, r], np.int64))
+        moved = self._node(
+            "Transpose", [self._node("Reshape", [x, blocks], out + ".blocks")], out + ".moved",
+            perm=[0, 1, 3, 5, 2, 4],
+        )
+        folded = self._const("shape", np.array([0, channels * r * r, height // r, width // r], np.int64))
+        return self._node("Reshape", [moved, folded], out)
+
     # ------------------------------------------------------------------------------- driver
     def convert(self, opset: int):
         onnx = self.onnx
@@ -321,7 +341,7 @@ class _Converter:
             "elementwise_sub": self._elementwise, "pool2d": self._pool,
         }
         for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
-                     "reshape2", "dropout", "scale"):
+                     "reshape2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
         self.skip: set[int] = set()
         inputs = []
