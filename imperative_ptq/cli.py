@@ -381,7 +381,10 @@ def run(args: argparse.Namespace) -> int:
     directory = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(directory, exist_ok=True)
     table_path = prefix + ".calibration.json"
-    table = ptq.save_calibration_table(qmodel, table_path)
+    if args.no_export:
+        table = ptq.save_calibration_table(qmodel, table_path)
+    else:  # the export writes the same table next to the program
+        table = ptq.calibration_table(qmodel)
     if not args.quiet:
         print(f"calibration table ({len(table)} layers):")
         print("\n".join(_summary(table)))

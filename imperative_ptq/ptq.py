@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 _STATE = "_ptq_state"
 _SESSION = "_ptq_session"
 _CONVERTED = "_ptq_converted"
+_CONVERTED_TABLE = "_ptq_calibration_table"  # what save_calibration_table would have written
 _NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
 
 
@@ -621,6 +622,7 @@ class ImperativePTQ:
                 layer._ptq_output_thresholds = entry["output"]
         delattr(model, _SESSION)
         setattr(model, _CONVERTED, True)
+        setattr(model, _CONVERTED_TABLE, {state.name: table.get(state.name, {}) for _, state in states})
         return model
 
     # -------------------------------------------------------------------------------- export
@@ -633,7 +635,9 @@ class ImperativePTQ:
     ) -> None:
         """Exports an int8 program: ``path.pdmodel``, ``path.pdiparams``, ``path.calibration.json``.
 
-        Converts ``model`` first if it is still calibrating. See
+        Converts ``model`` first if it is still calibrating. The calibration JSON is the table
+        :meth:`save_calibration_table` writes (affine parameters, empty entries for layers
+        that saw no data), so it loads back with :meth:`load_calibration_table`. See
         :func:`imperative_ptq.export.save_quantized_model` for the format and ``config``.
 
         Raises:
@@ -647,7 +651,8 @@ class ImperativePTQ:
         if getattr(model, _SESSION, None) is not None:
             self.convert(model)
         save_quantized_model(
-            model, path, input_spec, quant_config=self._quant_config.to_dict(), **config
+            model, path, input_spec, quant_config=self._quant_config.to_dict(),
+            calibration_table=getattr(model, _CONVERTED_TABLE, None), **config,
         )
 
     # ------------------------------------------------------------------------------ analysis

@@ -439,3 +439,37 @@ def test_mnist_convnet_shapes_and_bad_channels() -> None:
     for channels in [(0, 16), (8,), (8.0, 16)]:
         with pytest.raises(ValueError, match="channels"):
             MnistConvNet(channels=channels)
+
+
+def test_exported_table_is_the_calibration_table(tmp_path) -> None:
+    """The export's ``.calibration.json`` is what ``save_calibration_table`` writes: affine
+    parameters included, an empty entry for a layer that never ran, and it loads back."""
+    from imperative_ptq import MinMaxQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    class WithIdleBranch(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = paddle.nn.Linear(8, 4)
+            self.idle = paddle.nn.Linear(8, 4)  # hooked, never called
+
+        def forward(self, x):
+            return self.fc(x)
+
+    paddle.seed(6)
+    model = WithIdleBranch()
+    model.eval()
+    config = PTQConfig(MinMaxQuantizer(symmetric=False), PerChannelAbsmaxQuantizer())
+    ptq = ImperativePTQ(config)
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.rand([16, 8]) + 0.5)
+    ptq.save_calibration_table(qmodel, str(tmp_path / "direct.json"))
+    ptq.save_quantized_model(qmodel, str(tmp_path / "model"),
+                             [paddle.static.InputSpec([None, 8], "float32", "x")])
+    exported, exported_config = read_table(str(tmp_path / "model.calibration.json"))
+    direct, direct_config = read_table(str(tmp_path / "direct.json"))
+    assert exported == direct and exported_config == direct_config
+    assert exported["idle"] == {} and "input_zero_point" in exported["fc"]
+
+    again = ImperativePTQ(config)
+    fresh = again.quantize(WithIdleBranch())
+    again.load_calibration_table(fresh, str(tmp_path / "model.calibration.json"))

@@ -69,6 +69,7 @@ def save_quantized_model(
     path: str | os.PathLike,
     input_spec: Any = None,
     quant_config: Mapping[str, Any] | None = None,
+    calibration_table: Mapping[str, Mapping[str, list[float]]] | None = None,
     **config: Any,
 ) -> None:
     """Writes ``path.pdmodel``, ``path.pdiparams`` (int8 weights) and ``path.calibration.json``.
@@ -81,6 +82,8 @@ def save_quantized_model(
         path: File prefix; missing directories are created.
         input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
         quant_config: Quantizer description stored in the calibration JSON.
+        calibration_table: The layers of the calibration JSON (default: the thresholds the
+            converted layers hold).
         **config: ``quantize_residuals`` (bool, default True): give BatchNorm outputs that feed
             only residual adds a scale, so the fused residual convs run in int8 too (faster,
             slightly less accurate).
@@ -112,7 +115,8 @@ def save_quantized_model(
                 loaded, traced.records, quantize_residuals=quantize_residuals
             )
             program_lib.save_legacy_program(loaded, staging)
-        write_table(staging + ".calibration.json", _table(traced.records), dict(quant_config or {}))
+        layers = _table(traced.records) if calibration_table is None else calibration_table
+        write_table(staging + ".calibration.json", layers, dict(quant_config or {}))
 
 
 def save_fp32_model(
