@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .ptq import _as_inputs, _parent_and_attr, _positional_arity
+from .batches import batch_to_call
+from .ptq import _parent_and_attr
 from .quant_layers import QuantizedLayer
 
 __all__ = [
@@ -390,14 +391,14 @@ def analyze(
     output_stats = {name: _ErrorStats() for name, _, _ in pairs}
     batches = data if max_batches is None else itertools.islice(data, max_batches)
     num_batches = 0
-    arity = _positional_arity(model)
+    to_call = batch_to_call(model)
     with _eval_mode(model, quantized_model), paddle.no_grad():
         for batch in batches:
-            inputs = _as_inputs(batch, arity)
+            args, kwargs = to_call(batch)
             captures = {name: _Capture() for name, _, _ in pairs}
             handles = [fp32.register_forward_post_hook(captures[name]) for name, fp32, _ in pairs]
             try:
-                reference = _first_float_tensor(model(*inputs))
+                reference = _first_float_tensor(model(*args, **kwargs))
             finally:
                 for handle in handles:
                     handle.remove()
@@ -406,7 +407,7 @@ def analyze(
                 handle = quantized.register_forward_post_hook(capture)
                 try:
                     with _swapped(model, name, quantized):
-                        output = _first_float_tensor(model(*inputs))
+                        output = _first_float_tensor(model(*args, **kwargs))
                 finally:
                     handle.remove()
                 if captures[name].value is None or capture.value is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from .batches import batch_to_call
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table, write_table
 from .collector import CalibrationCollector, CalibrationError
@@ -165,37 +165,6 @@ class _Session:
                 found[f"{state.name}/input"] = state.input_quantizer
             found[f"{state.name}/output"] = state.output_quantizer
         return found
-
-
-def _positional_arity(model: paddle.nn.Layer) -> int | None:
-    """How many positional inputs ``model.forward`` takes (``None``: any number)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return None
-    return sum(
-        p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        for p in parameters
-    )
-
-
-def _as_inputs(batch: Any, arity: int | None) -> tuple[paddle.Tensor, ...]:
-    """Positional model inputs from one batch (arrays become tensors).
-
-    A tuple with more items than ``model.forward`` takes is an ``(inputs, labels)`` pair from a
-    classification loader: the extra items are dropped.
-    """
-    if isinstance(batch, dict):
-        raise TypeError("dict batches are not supported: yield tensors or tuples of tensors")
-    items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-    if arity is not None and len(items) > arity:
-        items = items[:arity]
-    return tuple(
-        item if isinstance(item, paddle.Tensor) else paddle.to_tensor(np.asarray(item))
-        for item in items
-    )
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -358,10 +327,10 @@ class ImperativePTQ:
 
         Args:
             model: Model returned by :meth:`quantize`.
-            data: Iterable of batches: a tensor or array, or a tuple/list of them (passed as
-                positional inputs). Items beyond the number of positional inputs of
-                ``model.forward`` are dropped, so ``(images, labels)`` pairs from a
-                classification loader work as they are.
+            data: Iterable of batches: a tensor or array; a tuple/list of them (positional
+                inputs; items beyond those ``model.forward`` takes are dropped, so
+                ``(images, labels)`` pairs work as they are); or a dict (keyword inputs; keys
+                ``forward`` does not take are dropped).
             max_batches: Stop after this many batches.
             time_budget: Stop after this many seconds (checked between batches).
             progress: Show a tqdm progress bar.
@@ -370,7 +339,8 @@ class ImperativePTQ:
             The number of batches run.
 
         Raises:
-            TypeError: ``max_batches`` is not an int or ``time_budget`` not a number.
+            TypeError: ``max_batches`` is not an int or ``time_budget`` not a number, or a
+                dict batch lacks an input of ``model.forward``.
             ValueError: ``max_batches`` or ``time_budget`` is not positive, or ``data`` was
                 empty.
         """
@@ -388,12 +358,13 @@ class ImperativePTQ:
         if total is None and hasattr(data, "__len__"):
             total = len(data)  # type: ignore[arg-type]
         deadline = None if time_budget is None else time.monotonic() + time_budget
-        arity = _positional_arity(model)
+        to_call = batch_to_call(model)
         count = 0
         with self.calibrating(model), paddle.no_grad():
             bar = tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)
             for batch in bar:
-                model(*_as_inputs(batch, arity))
+                args, kwargs = to_call(batch)
+                model(*args, **kwargs)
                 count += 1
                 if max_batches is not None and count >= max_batches:
                     break

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import paddle
 
-from .ptq import _STATE, _as_inputs, _positional_arity
+from .batches import batch_to_call
+from .ptq import _STATE
 from .quantizers import BaseHistQuantizer, BaseQuantizer
 from .quantizers.histogram import HistogramState
 from .quantizers.sample import TensorSample
@@ -170,10 +171,11 @@ def collect_histograms(
     model.eval()
     try:
         batches = data if max_batches is None else itertools.islice(data, max_batches)
-        arity = _positional_arity(model)
+        to_call = batch_to_call(model)
         with paddle.no_grad():
             for batch in batches:
-                model(*_as_inputs(batch, arity))
+                args, kwargs = to_call(batch)
+                model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

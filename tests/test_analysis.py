@@ -122,6 +122,14 @@ def test_analyze_finite_ranked_and_matches_reference(models) -> None:
     np.testing.assert_array_equal(_run(model, data[0]), before)
 
 
+def test_analyze_takes_dict_batches(models) -> None:
+    model, qmodel = models
+    data = _data(2)
+    rows = analyze(model, qmodel, data).rows
+    keyword_rows = analyze(model, qmodel, [{"x": x, "label": np.zeros(4)} for x in data]).rows
+    assert [(r.name, r.sqnr_db) for r in keyword_rows] == [(r.name, r.sqnr_db) for r in rows]
+
+
 def test_analyze_with_metric_and_helpers(models) -> None:
     model, qmodel = models
     x = _data(3, 1)[0]

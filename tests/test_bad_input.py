@@ -114,8 +114,8 @@ def _empty_calibration() -> None:
     ptq.calibrate(ptq.quantize(_model()), [], progress=False)
 
 
-def _calibrate_dict_batches() -> None:
-    ptq = ImperativePTQ()
+def _calibrate_dict_batch_missing_input() -> None:
+    ptq = ImperativePTQ()  # Sequential.forward takes ``input``, not ``x``
     ptq.calibrate(ptq.quantize(_model()), [{"x": _batch()}], progress=False)
 
 
@@ -201,7 +201,9 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
     "convert-without-data": (_convert_without_data, CalibrationError, "no calibration data"),
     "table-of-fp32-model": (_table_of_fp32_model, ValueError, "not prepared"),
     "calibrate-empty-data": (_empty_calibration, ValueError, "no calibration batch"),
-    "calibrate-dict-batches": (_calibrate_dict_batches, TypeError, "dict batches"),
+    "calibrate-dict-batch-missing-input": (
+        _calibrate_dict_batch_missing_input, TypeError, r"lacks input\(s\) \['input'\]"
+    ),
     "forward-in-training-mode": (_training_mode_forward, CalibrationError, "training mode"),
     "wrong-input-shape": (_wrong_input_shape, ValueError, "channel"),
 }

@@ -163,6 +163,38 @@ def test_calibrate_passes_two_inputs_to_a_two_input_model() -> None:
     assert ptq.calibrate(mlp, labelled, progress=False) == 1  # the labels are dropped
 
 
+def test_dict_batches_become_keyword_inputs() -> None:
+    """A dict batch calls forward with keywords; keys forward does not take (labels) are
+    dropped, non-array values are passed as they are."""
+
+    class Gated(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = paddle.nn.Linear(4, 3)
+
+        def forward(self, image, mask=None, scale: float = 1.0):
+            out = self.fc(image * scale)
+            return out if mask is None else out * mask
+
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((2, 4)).astype("float32") for _ in range(3)]
+    masks = [np.ones((2, 3), np.float32) * 0.5 for _ in range(3)]
+    dicts = [
+        {"label": np.array([0, 1]), "mask": m, "image": x, "scale": 2.0}
+        for x, m in zip(images, masks)
+    ]
+    tables = []
+    for batches in (dicts, [(x, m) for x, m in zip(images, masks)]):
+        paddle.seed(1)
+        ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+        qmodel = ptq.quantize(Gated())
+        assert ptq.calibrate(qmodel, batches, progress=False) == 3
+        tables.append(ptq.calibration_table(qmodel))
+    # The tuples leave scale at 1.0; the dicts pass scale=2.0 (a plain float, kept as is).
+    assert tables[1]["fc"]["input"][0] == pytest.approx(max(np.abs(x).max() for x in images))
+    assert tables[0]["fc"]["input"][0] == pytest.approx(2 * tables[1]["fc"]["input"][0])
+
+
 def test_bad_fuse_list_leaves_the_model_untouched() -> None:
     model = paddle.nn.Sequential(
         paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 4, 3),
