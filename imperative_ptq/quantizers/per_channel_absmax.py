@@ -18,7 +18,9 @@ from .sample import TensorSample
 
 __all__ = [
     "PerChannelAbsmaxQuantizer",
+    "check_channel_arrays",
     "layer_channel_axis",
+    "merge_channel_arrays",
     "per_channel_abs_max",
     "per_channel_min_max",
 ]
@@ -84,6 +86,43 @@ def layer_channel_axis(layer: paddle.nn.Layer | None, quantizer_name: str) -> in
     return info.weight_channel_axis
 
 
+def check_channel_arrays(running: Sequence[np.ndarray], arrays: Sequence[np.ndarray]) -> None:
+    """Checks that ``arrays`` (one per tensor position) can fold into ``running``.
+
+    Raises:
+        ValueError: The number of tensors or of channels differs from ``running``.
+    """
+    if not running:
+        return
+    if len(arrays) != len(running):
+        raise ValueError(f"expected {len(running)} tensors per batch, got {len(arrays)}")
+    for index, (mine, theirs) in enumerate(zip(running, arrays)):
+        if np.size(theirs) != mine.shape[0]:
+            raise ValueError(
+                f"tensor {index} has {np.size(theirs)} channels, earlier statistics have "
+                f"{mine.shape[0]}"
+            )
+
+
+def merge_channel_arrays(
+    running: list[np.ndarray], arrays: Sequence[np.ndarray], reduce: np.ufunc
+) -> list[np.ndarray]:
+    """Folds per-channel arrays (one per tensor position) into ``running`` with ``reduce``
+    (``np.maximum``/``np.minimum``), in place; the first call copies ``arrays``. A mismatch
+    raises before anything changes.
+
+    Raises:
+        ValueError: The number of tensors or of channels differs from ``running``.
+    """
+    check_channel_arrays(running, arrays)
+    arrays = [np.asarray(array, dtype=np.float64).reshape(-1) for array in arrays]
+    if not running:
+        return [array.copy() for array in arrays]
+    for mine, theirs in zip(running, arrays):
+        reduce(mine, theirs, out=mine)
+    return running
+
+
 class PerChannelAbsmaxQuantizer(BaseQuantizer):
     """Per-channel abs-max quantizer (Paddle's ``PerChannelAbsmaxQuantizer``).
 
@@ -120,20 +159,7 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
         Raises:
             ValueError: The number of channels differs from earlier batches.
         """
-        if self.abs_max_vals and len(channel_maxima) != len(self.abs_max_vals):
-            raise ValueError(
-                f"expected {len(self.abs_max_vals)} tensors per batch, got {len(channel_maxima)}"
-            )
-        if not self.abs_max_vals:
-            self.abs_max_vals = [np.asarray(m, dtype=np.float64).copy() for m in channel_maxima]
-        else:
-            for index, maxima in enumerate(channel_maxima):
-                if maxima.shape != self.abs_max_vals[index].shape:
-                    raise ValueError(
-                        f"tensor {index} has {maxima.shape[0]} channels, "
-                        f"earlier batches had {self.abs_max_vals[index].shape[0]}"
-                    )
-                np.maximum(self.abs_max_vals[index], maxima, out=self.abs_max_vals[index])
+        self.abs_max_vals = merge_channel_arrays(self.abs_max_vals, channel_maxima, np.maximum)
         self.num_batches += 1
 
     def observe(self, index: int, sample: TensorSample) -> None:
@@ -155,10 +181,7 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
         ]
 
     def _merge_statistics(self, other: "PerChannelAbsmaxQuantizer") -> None:
-        for mine, theirs in zip(self.abs_max_vals, other.abs_max_vals):
-            if mine.shape != theirs.shape:
-                raise ValueError(f"cannot merge {theirs.shape[0]} channels into {mine.shape[0]}")
-            np.maximum(mine, theirs, out=mine)
+        self.abs_max_vals = merge_channel_arrays(self.abs_max_vals, other.abs_max_vals, np.maximum)
 
     def _reset_statistics(self) -> None:
         self.abs_max_vals = []

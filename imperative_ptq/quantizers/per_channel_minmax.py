@@ -15,7 +15,12 @@ import paddle
 
 from .base import BaseQuantizer, validate_bool
 from .minmax import finite_range
-from .per_channel_absmax import layer_channel_axis, per_channel_min_max
+from .per_channel_absmax import (
+    check_channel_arrays,
+    layer_channel_axis,
+    merge_channel_arrays,
+    per_channel_min_max,
+)
 from .sample import TensorSample
 
 __all__ = ["PerChannelMinMaxQuantizer"]
@@ -62,20 +67,7 @@ class PerChannelMinMaxQuantizer(BaseQuantizer):
         Raises:
             ValueError: The number of tensors or channels differs from earlier batches.
         """
-        if self.min_vals and len(ranges) != len(self.min_vals):
-            raise ValueError(f"expected {len(self.min_vals)} tensors per batch, got {len(ranges)}")
-        if not self.min_vals:
-            self.min_vals = [np.asarray(low, dtype=np.float64).copy() for low, _ in ranges]
-            self.max_vals = [np.asarray(high, dtype=np.float64).copy() for _, high in ranges]
-        else:
-            for index, (low, high) in enumerate(ranges):
-                if low.shape != self.min_vals[index].shape:
-                    raise ValueError(
-                        f"tensor {index} has {low.shape[0]} channels, "
-                        f"earlier batches had {self.min_vals[index].shape[0]}"
-                    )
-                np.minimum(self.min_vals[index], low, out=self.min_vals[index])
-                np.maximum(self.max_vals[index], high, out=self.max_vals[index])
+        self._merge([low for low, _ in ranges], [high for _, high in ranges])
         self.num_batches += 1
 
     def observe(self, index: int, sample: TensorSample) -> None:
@@ -110,12 +102,12 @@ class PerChannelMinMaxQuantizer(BaseQuantizer):
                 raise ValueError(f"min_vals has {low.shape[0]} channels, max_vals {high.shape[0]}")
 
     def _merge_statistics(self, other: "PerChannelMinMaxQuantizer") -> None:
-        for mine, theirs in zip(self.min_vals, other.min_vals):
-            if mine.shape != theirs.shape:
-                raise ValueError(f"cannot merge {theirs.shape[0]} channels into {mine.shape[0]}")
-        for index in range(len(self.min_vals)):
-            np.minimum(self.min_vals[index], other.min_vals[index], out=self.min_vals[index])
-            np.maximum(self.max_vals[index], other.max_vals[index], out=self.max_vals[index])
+        self._merge(other.min_vals, other.max_vals)
+
+    def _merge(self, lows: Sequence[np.ndarray], highs: Sequence[np.ndarray]) -> None:
+        check_channel_arrays(self.max_vals, highs)  # both lists checked before either changes
+        self.min_vals = merge_channel_arrays(self.min_vals, lows, np.minimum)
+        self.max_vals = merge_channel_arrays(self.max_vals, highs, np.maximum)
 
     def _reset_statistics(self) -> None:
         self.min_vals = []
