@@ -167,12 +167,13 @@ def test_dynamic_batch_and_plain_config(exports) -> None:
         assert agreement >= 0.95
 
 
-def test_int8_kernels_really_run(exports) -> None:
+@pytest.mark.parametrize("name, num_convs, num_fcs", [("lenet", 2, 2), ("convnet", 3, 1)])
+def test_int8_kernels_really_run(exports, name, num_convs, num_fcs) -> None:
     script = textwrap.dedent(
         f"""
         import numpy as np
         from imperative_ptq.export import create_predictor, predict
-        predict(create_predictor({exports['lenet'].prefix!r}, num_threads=1),
+        predict(create_predictor({exports[name].prefix!r}, num_threads=1),
                 np.random.rand(2, 1, 28, 28).astype('float32'))
         """
     )
@@ -189,8 +190,8 @@ def test_int8_kernels_really_run(exports) -> None:
     convs = [line for line in executed if ",convolution," in line]
     fcs = [line for line in executed if ",inner_product," in line]
     # Every conv and fc runs an int8 kernel; the image is signed (s8), ReLU outputs are u8.
-    assert len(convs) == 2 and all(map(int8, convs)), convs
-    assert len(fcs) == 2 and all(map(int8, fcs)), fcs
+    assert len(convs) == num_convs and all(map(int8, convs)), convs
+    assert len(fcs) == num_fcs and all(map(int8, fcs)), fcs
     assert any("src:u8" in line and "wei:s8" in line for line in convs + fcs)
     # conv + bias + BN + ReLU fused: no separate fp32 batch-norm primitive.
     assert not any(",batch_normalization," in line for line in executed)
