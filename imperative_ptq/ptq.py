@@ -33,7 +33,7 @@ from .calibration_table import CalibrationTable, read_table, write_table
 from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
-from .quant_layers import QuantizedLayer
+from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .registry import PTQRegistry
 
@@ -587,8 +587,7 @@ class ImperativePTQ:
                     weight_bits,
                     **_affine_layer_params(entry),
                 )
-                parent, attr = _parent_and_attr(model, state.name)
-                setattr(parent, attr, wrapped)
+                replace_sublayer(model, layer, wrapped)
             elif "output" in entry:
                 layer._ptq_output_thresholds = entry["output"]
         delattr(model, _SESSION)

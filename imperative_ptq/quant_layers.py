@@ -15,7 +15,7 @@ import paddle
 
 from .primitives import fake_quantize
 
-__all__ = ["QuantizedLayer", "fake_quantize_symmetric", "quantize_weight"]
+__all__ = ["QuantizedLayer", "fake_quantize_symmetric", "quantize_weight", "replace_sublayer"]
 
 
 def fake_quantize_symmetric(
@@ -148,3 +148,20 @@ class QuantizedLayer(paddle.nn.Layer):
             f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
             f"{self.weight_bits}"
         )
+
+
+def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.nn.Layer) -> int:
+    """Puts ``new`` wherever ``model`` holds ``old``: a layer shared under several names
+    (which ``named_sublayers`` lists once) is replaced under all of them.
+
+    Returns:
+        How many places were replaced.
+    """
+    parents = {id(parent): parent for parent in (model, *model.sublayers())}
+    count = 0
+    for parent in parents.values():
+        for attr, child in list(parent._sub_layers.items()):
+            if child is old:
+                parent._sub_layers[attr] = new
+                count += 1
+    return count

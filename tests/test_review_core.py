@@ -228,3 +228,37 @@ def test_interrupted_submit_gives_back_its_buffer_holds(monkeypatch) -> None:
     assert sample.abs_values is None
     monkeypatch.undo()
     collector.close()
+
+
+def test_a_layer_shared_under_two_names_is_quantized_under_both(tmp_path) -> None:
+    from imperative_ptq.export import create_predictor, predict
+    from imperative_ptq.quant_layers import QuantizedLayer
+
+    class Shared(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(4, 4, 3, padding=1)
+            self.again = self.conv  # the same layer under a second name
+            self.head = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(4 * 6 * 6, 3))
+
+        def forward(self, x):
+            return self.head(self.again(paddle.nn.functional.relu(self.conv(x))))
+
+    paddle.seed(2)
+    model = Shared()
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    x = paddle.rand([16, 4, 6, 6])
+    qmodel(x)
+    ptq.convert(qmodel)
+    assert isinstance(qmodel.conv, QuantizedLayer) and qmodel.again is qmodel.conv
+    assert not isinstance(model.conv, QuantizedLayer)  # inplace=False: the user's model is intact
+
+    simulated = qmodel(x).numpy()
+    prefix = str(tmp_path / "shared")
+    spec = [paddle.static.InputSpec([None, 4, 6, 6], "float32", "x")]
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    deployed = predict(create_predictor(prefix), x.numpy())[0]
+    cosine = np.sum(deployed * simulated) / np.linalg.norm(deployed) / np.linalg.norm(simulated)
+    assert cosine > 0.99, cosine

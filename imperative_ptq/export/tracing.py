@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from ..quant_layers import QuantizedLayer
+from ..quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
 
@@ -137,14 +137,10 @@ def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[Laye
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
             )
-            *path, attr = name.split(".")
-            parent = export_model
-            for part in path:
-                parent = getattr(parent, part)
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
             # quantization, which .program adds as quantize/dequantize ops).
-            parent._sub_layers[attr] = inner
+            replace_sublayer(export_model, layer, inner)
             by_layer[id(inner)] = record
             records.append(record)
         elif getattr(layer, "_ptq_output_thresholds", None):
