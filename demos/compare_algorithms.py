@@ -44,7 +44,7 @@ import mnist_ptq as demo  # noqa: E402  (the MNIST demo owns the models, trainin
 from imperative_ptq import ImperativePTQ, PTQConfig  # noqa: E402
 from imperative_ptq.datasets import MNIST, load_mnist  # noqa: E402
 from imperative_ptq.export import save_fp32_model  # noqa: E402
-from imperative_ptq.models import SpaceToDepth  # noqa: E402
+from imperative_ptq.models import Reshape, SpaceToDepth  # noqa: E402
 
 # LeNet is the classic CNN the built-in and torch.ao comparisons were first run on; the
 # convnet (demo default) is accepted too but adds a minute and a half of training.
@@ -217,6 +217,14 @@ def torch_model(name: str, model: paddle.nn.Layer):
     from torch import nn
     from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules
 
+    class TorchReshape(nn.Module):
+        def __init__(self, shape: list[int]) -> None:
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, x):
+            return x.reshape(self.shape)
+
     class Net(nn.Module):
         def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
             super().__init__()
@@ -244,6 +252,8 @@ def torch_model(name: str, model: paddle.nn.Layer):
             )))
         elif isinstance(layer, SpaceToDepth):
             layers.append((layer_name, nn.PixelUnshuffle(layer.block)))  # same channel order
+        elif isinstance(layer, Reshape):
+            layers.append((layer_name, TorchReshape(layer.shape)))
         elif isinstance(layer, paddle.nn.BatchNorm2D):
             layers.append((layer_name, nn.BatchNorm2d(layer.weight.shape[0], eps=layer._epsilon)))
         elif isinstance(layer, paddle.nn.ReLU):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 from tqdm import tqdm
 from paddle import nn
 
-__all__ = ["LeNet", "MnistConvNet", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
+__all__ = ["LeNet", "MnistConvNet", "Reshape", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
 
 
 class VerySimpleNet(nn.Layer):
@@ -54,14 +53,39 @@ class LeNet(nn.Layer):
 
 class SpaceToDepth(nn.Layer):
     """Folds each ``block x block`` pixel patch into channels: ``[N, C, H, W]`` ->
-    ``[N, C * block**2, H / block, W / block]`` (``pixel_unshuffle``)."""
+    ``[N, C * block**2, H / block, W / block]``, in ``pixel_unshuffle``'s channel order.
+
+    Written as reshape/transpose/reshape, not ``F.pixel_unshuffle``: Paddle Lite has no ARM
+    kernel for ``pixel_unshuffle`` (its ``opt`` refuses the program), while every runtime has
+    reshape and transpose.
+    """
 
     def __init__(self, block: int = 2) -> None:
         super().__init__()
         self.block = block
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return F.pixel_unshuffle(x, self.block)
+        _, channels, height, width = x.shape
+        b = self.block
+        blocks = x.reshape([-1, channels, height // b, b, width // b, b])
+        return blocks.transpose([0, 1, 3, 5, 2, 4]).reshape(
+            [-1, channels * b * b, height // b, width // b]
+        )
+
+
+class Reshape(nn.Layer):
+    """``x.reshape(shape)`` as a layer (``-1``: inferred, ``0``: copied from the input).
+
+    Ends :class:`MnistConvNet` instead of ``nn.Flatten``: Paddle Lite 2.13's ``opt`` crashes
+    (segmentation fault) on a program whose output comes from a flatten op.
+    """
+
+    def __init__(self, shape: list[int]) -> None:
+        super().__init__()
+        self.shape = list(shape)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return x.reshape(self.shape)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Layer]:
@@ -79,8 +103,10 @@ class MnistConvNet(nn.Sequential):
     VNNI multiplies groups of four, its int8 max-pool over 16 channels is slower than the fp32
     one, and its convs are too small to hide per-op overhead. Here the 28x28 image is folded
     into 4 channels of 14x14 (:class:`SpaceToDepth`), the first down-sampling is a strided
-    conv, and the convs that carry the compute are wide. Accuracy and int8 speed-up are in
-    docs/results.md.
+    conv, the convs that carry the compute are wide, and the classifier is a conv over the
+    pooled 3x3 map (a Linear in effect) that reads the int8 pooling output directly, where a
+    Flatten + Linear head costs a dequantize, a flatten and a quantize. Accuracy and int8
+    speed-up are in docs/results.md.
 
     Args:
         num_classes: Number of outputs.
@@ -98,8 +124,8 @@ class MnistConvNet(nn.Sequential):
             *_conv_bn_relu(narrow, wide, stride=2),  # [N, wide, 7, 7]
             *_conv_bn_relu(wide, wide),
             nn.MaxPool2D(2),  # [N, wide, 3, 3]
-            nn.Flatten(),
-            nn.Linear(wide * 3 * 3, num_classes),
+            nn.Conv2D(wide, num_classes, 3),  # a Linear over the 3x3 map: [N, classes, 1, 1]
+            Reshape([-1, num_classes]),
         )
 
 

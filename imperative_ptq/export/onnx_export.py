@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
 _NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid"})
 _SIGN_PRESERVING_OPS = frozenset(
-    {"pool2d", "flatten_contiguous_range", "reshape2", "dropout", "pixel_unshuffle"}
+    {"pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle"}
 )
 
 
@@ -297,6 +297,8 @@ class _Converter:
             if op.input("Shape") or op.input("ShapeTensor"):
                 raise NotImplementedError("reshape2 with a tensor shape is not exported")
             node = self._node("Reshape", [x, self._const("shape", np.array(op.attr("shape"), np.int64))], out)
+        elif op.type == "transpose2":
+            node = self._node("Transpose", [x], out, perm=[int(a) for a in op.attr("axis")])
         elif op.type == "pixel_unshuffle":
             node = self._pixel_unshuffle(op, x, out)
         elif op.type == "dropout":
@@ -341,7 +343,7 @@ class _Converter:
             "elementwise_sub": self._elementwise, "pool2d": self._pool,
         }
         for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
-                     "reshape2", "dropout", "scale", "pixel_unshuffle"):
+                     "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
         self.skip: set[int] = set()
         inputs = []
