@@ -33,7 +33,7 @@ from .calibration_table import CalibrationTable, read_table, write_table
 from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
-from .quant_layers import QuantizedLayer, replace_sublayer
+from .quant_layers import QuantizedLayer, first_input, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .registry import PTQRegistry
 
@@ -88,9 +88,9 @@ class _Session:
             return
         self.collector = CalibrationCollector(asynchronous=self.asynchronous)
         for layer, state in self.layers:
-            state.hook = layer.register_forward_post_hook(self.hook)
-            # First among the layer's hooks: statistics see the layer's own output.
-            layer._forward_post_hooks.move_to_end(state.hook._hook_id, last=False)
+            # First among the layer's hooks, so statistics see the layer's own output; with
+            # the keyword arguments, so an input passed as layer(input=x) is seen too.
+            state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
         self.root_hooks = [
             self.model.register_forward_pre_hook(self._before_forward),
             self.model.register_forward_post_hook(self._after_forward),
@@ -126,14 +126,16 @@ class _Session:
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self.collector.end_forward()
 
-    def hook(self, layer: paddle.nn.Layer, inputs: tuple, outputs: Any) -> None:
+    def hook(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict, outputs: Any) -> None:
         """Forward-post hook of every quantized layer."""
         state: _LayerState = getattr(layer, _STATE)
         collector = self.collector
         inputs_quantizer = state.input_quantizer
-        if inputs_quantizer is not None and inputs and _is_float_tensor(inputs[0]):
-            sample = collector.sample(inputs[0], inputs_quantizer.uses_signed_values)
-            collector.submit(inputs_quantizer, [sample], state.name)
+        if inputs_quantizer is not None:
+            first = first_input(layer, inputs, kwargs)
+            if _is_float_tensor(first):
+                sample = collector.sample(first, inputs_quantizer.uses_signed_values)
+                collector.submit(inputs_quantizer, [sample], state.name)
         if _is_float_tensor(outputs):
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
             collector.submit(state.output_quantizer, [sample], state.name)
@@ -435,8 +437,8 @@ class ImperativePTQ:
 
         Returns:
             ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
-            ``weight`` for simulated-quant layers (``input`` only if it was passed
-            positionally), ``weight`` one value per output channel for per-channel
+            ``weight`` for simulated-quant layers (``input`` only if the first input was a
+            float tensor), ``weight`` one value per output channel for per-channel
             quantizers; affine quantizers add ``<role>_scale`` and ``<role>_zero_point``.
             Layers that never ran are left out (with a warning).
 
@@ -456,8 +458,8 @@ class ImperativePTQ:
                 missing.append(state.name)
                 continue
             entry: dict[str, list[float]] = {}
-            # An input passed by keyword never reaches the forward-post hook: the layer then
-            # keeps only its output thresholds (``convert`` leaves it fp32 with those).
+            # A layer whose first input was never a float tensor keeps only its output
+            # thresholds (``convert`` leaves it fp32 with those).
             if state.input_quantizer is not None and state.input_quantizer.is_calibrated:
                 entry["input"] = _thresholds(state.input_quantizer)
                 _add_affine_params(entry, "input", state.input_quantizer)
@@ -482,8 +484,8 @@ class ImperativePTQ:
             )
         if no_input:
             logger.warning(
-                "%d layers never got a positional float input (passed by keyword?): only their "
-                "outputs are calibrated: %s", len(no_input), ", ".join(no_input[:10]),
+                "%d layers never got a floating-point input: only their outputs are calibrated: "
+                "%s", len(no_input), ", ".join(no_input[:10]),
             )
         return table
 
@@ -532,7 +534,7 @@ class ImperativePTQ:
                     continue
                 if role not in entry:
                     if ("input" if role == "output" else "output") in entry:
-                        continue  # not a positional float tensor (see calibration_table)
+                        continue  # its first input was no float tensor (see calibration_table)
                     raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
                 quantizer.set_thresholds(entry[role])
                 _load_affine_params(entry, role, quantizer, per_channel=False)

@@ -8,14 +8,22 @@ symmetric convention ``q = clip(round(x / t * L), -L, L)`` with ``L = 2**(bits-1
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import inspect
+from typing import Any, Sequence
 
 import numpy as np
 import paddle
 
 from .primitives import fake_quantize
 
-__all__ = ["QuantizedLayer", "fake_quantize_symmetric", "quantize_weight", "replace_sublayer"]
+__all__ = [
+    "QuantizedLayer",
+    "fake_quantize_symmetric",
+    "first_input",
+    "quantize_weight",
+    "replace_sublayer",
+]
 
 
 def fake_quantize_symmetric(
@@ -133,6 +141,11 @@ class QuantizedLayer(paddle.nn.Layer):
                 )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
+        if not inputs:  # the first input passed by keyword: layer(input=x)
+            name = _first_parameter(type(self.layer))
+            if name not in kwargs:
+                raise TypeError(f"{type(self.layer).__name__}.forward() missing its input {name!r}")
+            inputs = (kwargs.pop(name),)
         if self.input_zero_point is not None:
             first = fake_quantize(
                 inputs[0], self.input_scale, self.input_zero_point, 0,
@@ -148,6 +161,28 @@ class QuantizedLayer(paddle.nn.Layer):
             f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
             f"{self.weight_bits}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _first_parameter(layer_type: type) -> str | None:
+    """Name of the first input of ``layer_type.forward`` (``None``: it takes ``*args``)."""
+    try:
+        parameters = list(inspect.signature(layer_type.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    ):
+        return None
+    return parameters[0].name
+
+
+def first_input(layer: paddle.nn.Layer, args: tuple, kwargs: dict) -> Any:
+    """The first input of a call ``layer(*args, **kwargs)``, positional or by keyword."""
+    if args:
+        return args[0]
+    name = _first_parameter(type(layer))
+    return kwargs.get(name) if name is not None else None
 
 
 def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.nn.Layer) -> int:
