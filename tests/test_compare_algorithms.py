@@ -78,3 +78,35 @@ def test_compare_on_mlp_subset(tmp_path) -> None:
 
     text = compare_algorithms.markdown(result, seconds=1.0)
     assert "| kl | per_channel |" in text and "mlp ours PI int8" in text
+
+
+def test_demo_model_names() -> None:
+    import mnist_ptq
+
+    assert mnist_ptq.parse_args([]).model == mnist_ptq.DEFAULT_MODELS == ("mlp", "convnet")
+    assert mnist_ptq.parse_args(["--model", "all"]).model == tuple(mnist_ptq.MODELS)
+    assert mnist_ptq.parse_args(["--model", "lenet, mlp,"]).model == ("lenet", "mlp")
+    for bad in ("resnet", "mlp,resnet", ""):
+        with pytest.raises(SystemExit):  # argparse reports the unknown name
+            mnist_ptq.parse_args(["--model", bad])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_torch_rebuild_of_mnist_convnet_matches_paddle() -> None:
+    """SpaceToDepth -> PixelUnshuffle, Reshape, bias-free convs: same fp32 outputs."""
+    import numpy as np
+    import paddle
+    import torch
+
+    from imperative_ptq.models import MnistConvNet
+
+    paddle.seed(3)
+    model = MnistConvNet(channels=(8, 16))
+    model.eval()
+    net = compare_algorithms.torch_model("convnet", model)
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(x)).numpy()
+    with torch.inference_mode():
+        actual = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
