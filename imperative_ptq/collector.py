@@ -16,6 +16,7 @@ computes each reduction once.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
@@ -169,6 +170,7 @@ class CalibrationCollector:
                 daemon=True,
             )
             self._worker.start()
+            _LIVE_WORKERS[self._worker] = self._jobs
         try:
             self._jobs.put((quantizer, samples, name))
         except BaseException:
@@ -242,6 +244,25 @@ def _work(jobs: queue.Queue, collector_ref: weakref.ref) -> None:
             # Drop the strong references before blocking on the queue again.
             collector = job = None
             jobs.task_done()
+
+
+# Workers still running at interpreter exit (a script that ends, or fails, before convert()):
+# a daemon thread caught inside a Paddle kernel when Python finalizes is unwound through C++
+# and aborts the process ("FATAL: exception not rethrown", exit status 134). They are stopped
+# and joined first; atexit runs before finalization.
+_LIVE_WORKERS: "weakref.WeakKeyDictionary[threading.Thread, queue.Queue]" = weakref.WeakKeyDictionary()
+
+
+@atexit.register
+def _stop_workers_at_exit(timeout: float = 10.0) -> None:
+    for worker, jobs in list(_LIVE_WORKERS.items()):
+        if not worker.is_alive():
+            continue
+        try:  # after the queued jobs: the kernels they run are never cut short
+            jobs.put(None, timeout=timeout)
+        except queue.Full:
+            continue
+        worker.join(timeout)
 
 
 def _wake_worker(jobs: queue.Queue) -> None:

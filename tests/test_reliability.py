@@ -279,3 +279,34 @@ def test_distributed_sync_two_processes_matches_union(tmp_path) -> None:
                     rank0[layer][role], roles[role], rtol=tolerance,
                     err_msg=f"{algorithm} {layer} {role}",
                 )
+
+
+def test_a_script_failing_mid_calibration_exits_cleanly(tmp_path) -> None:
+    """An exception escaping a script while the worker still reduces (no convert, hooks on)
+    must end the process with Python's status 1, not abort it from C++ at finalization."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import paddle
+        from imperative_ptq import ImperativePTQ
+        layers = []
+        for _ in range(24):
+            layers += [paddle.nn.Linear(512, 512), paddle.nn.ReLU()]
+        model = paddle.nn.Sequential(*layers)
+        ptq = ImperativePTQ()
+        qmodel = ptq.quantize(model)
+        for _ in range(3):
+            qmodel(paddle.randn([256, 512]))
+        raise RuntimeError("the user's script fails here")
+        """
+    )
+    for _ in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "the user's script fails here" in result.stderr
+        assert "FATAL" not in result.stderr
