@@ -269,14 +269,25 @@ class _Converter:
             attrs = dict(kernel_shape=ksize, strides=list(op.attr("strides")), pads=pads,
                          ceil_mode=int(op.attr("ceil_mode")))
             if kind == "max":
+                self._keep_input_scale(op, out)
                 node = self._node("MaxPool", [self._in(op)], out, **attrs)
             else:
                 node = self._node("AveragePool", [self._in(op)], out,
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
         self._bind(out, node)
 
+    def _keep_input_scale(self, op, out: str) -> None:
+        """A max-pool or a reshape outputs some of its input's values: quantized with the
+        input's parameters, the DQ -> op -> Q around it cancel and ONNX Runtime runs the op
+        on uint8 (with a threshold of its own, it dequantizes and runs it in float)."""
+        source = op.input("X")[0]
+        if source in self.scales and self.thresholds.get(out):
+            self.affine[out] = self.scales[source]
+
     def _simple(self, op) -> None:
         out = self._out(op)
+        if op.type in ("flatten_contiguous_range", "reshape2", "transpose2", "pixel_unshuffle"):
+            self._keep_input_scale(op, out)
         x = self._in(op)
         if op.type == "relu":
             node = self._node("Relu", [x], out)
