@@ -169,6 +169,14 @@ class _Session:
         return found
 
 
+def _every_layer(
+    table: CalibrationTable, states: Sequence[tuple[paddle.nn.Layer, _LayerState]]
+) -> CalibrationTable:
+    """``table`` with an empty entry for every hooked layer that saw no data: the layers
+    of a table file, which then names every hooked layer and loads back into the model."""
+    return {state.name: table.get(state.name, {}) for _, state in states}
+
+
 def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, paddle.Tensor) and paddle.is_floating_point(value)
 
@@ -502,8 +510,7 @@ class ImperativePTQ:
             it a second time).
         """
         table = self.calibration_table(model)
-        layers = {state.name: table.get(state.name, {}) for _, state in self._states(model)}
-        write_table(path, layers, self._quant_config.to_dict())
+        write_table(path, _every_layer(table, self._states(model)), self._quant_config.to_dict())
         return table
 
     def load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
@@ -594,7 +601,7 @@ class ImperativePTQ:
                 layer._ptq_output_thresholds = entry["output"]
         delattr(model, _SESSION)
         setattr(model, _CONVERTED, True)
-        setattr(model, _CONVERTED_TABLE, {state.name: table.get(state.name, {}) for _, state in states})
+        setattr(model, _CONVERTED_TABLE, _every_layer(table, states))
         return model
 
     # -------------------------------------------------------------------------------- export
