@@ -30,8 +30,7 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call
-from .ptq import _parent_and_attr
-from .quant_layers import QuantizedLayer
+from .quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = [
     "LayerSensitivity",
@@ -208,15 +207,17 @@ def quantized_layer_names(quantized_model: paddle.nn.Layer) -> list[str]:
 
 
 def _get(model: paddle.nn.Layer, name: str) -> paddle.nn.Layer:
-    parent, attr = _parent_and_attr(model, name)
-    return getattr(parent, attr)
+    layer = model
+    for part in name.split("."):
+        layer = getattr(layer, part)
+    return layer
 
 
 def _replace(model: paddle.nn.Layer, name: str, layer: paddle.nn.Layer) -> paddle.nn.Layer:
-    """Puts ``layer`` at ``name``; returns what was there."""
-    parent, attr = _parent_and_attr(model, name)
-    old = getattr(parent, attr)
-    setattr(parent, attr, layer)
+    """Puts ``layer`` wherever ``model`` holds the layer at ``name`` (under every name of a
+    shared layer, as ``convert`` does); returns that layer."""
+    old = _get(model, name)
+    replace_sublayer(model, old, layer)
     return old
 
 

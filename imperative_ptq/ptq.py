@@ -187,14 +187,6 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _parent_and_attr(model: paddle.nn.Layer, name: str) -> tuple[paddle.nn.Layer, str]:
-    *path, attr = name.split(".")
-    parent = model
-    for part in path:
-        parent = getattr(parent, part)
-    return parent, attr
-
-
 class ImperativePTQ:
     """Post-training quantization for dygraph models (Paddle's ``ImperativePTQ`` API).
 
