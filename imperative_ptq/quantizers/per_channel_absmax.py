@@ -18,6 +18,7 @@ from .sample import TensorSample
 
 __all__ = [
     "PerChannelAbsmaxQuantizer",
+    "PerChannelWeightQuantizer",
     "check_channel_arrays",
     "layer_channel_axis",
     "merge_channel_arrays",
@@ -123,25 +124,24 @@ def merge_channel_arrays(
     return running
 
 
-class PerChannelAbsmaxQuantizer(BaseQuantizer):
-    """Per-channel abs-max quantizer (Paddle's ``PerChannelAbsmaxQuantizer``).
+class PerChannelWeightQuantizer(BaseQuantizer):
+    """Base of the weight quantizers that keep statistics per output channel.
 
-    ``sample_data(layer, (weight,))`` finds the channel axis from the layer's registry entry.
-
-    Args:
-        quant_bits: Bit width, 1..16.
+    ``sample_data(layer, (weight,))`` finds the channel axis from the layer's registry entry,
+    reduces each weight with :meth:`reduce_channels` and merges the result with
+    :meth:`observe_channels`.
     """
 
     for_activations = False
     for_weights = True
 
-    def __init__(self, quant_bits: int = 8) -> None:
-        super().__init__(quant_bits)
-        self.abs_max_vals: list[np.ndarray] = []
+    def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> object:
+        """The per-channel statistics of one weight tensor."""
+        raise NotImplementedError
 
-    @property
-    def num_tensors(self) -> int:
-        return len(self.abs_max_vals)
+    def observe_channels(self, reduced: Sequence[object]) -> None:
+        """Merges :meth:`reduce_channels` results (one per tensor position)."""
+        raise NotImplementedError
 
     def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
         """Reduces weights per channel; the channel axis comes from ``layer``'s registry entry.
@@ -151,7 +151,33 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
         """
         tensors = self._check_tensors(tensors)
         axis = layer_channel_axis(layer, type(self).__name__)
-        self.observe_channels([per_channel_abs_max(t, axis) for t in tensors])
+        self.observe_channels([self.reduce_channels(t, axis) for t in tensors])
+
+    def observe(self, index: int, sample: TensorSample) -> None:
+        raise TypeError(
+            f"{type(self).__name__} quantizes weights: call sample_data(layer, (weight,))"
+        )
+
+
+class PerChannelAbsmaxQuantizer(PerChannelWeightQuantizer):
+    """Per-channel abs-max quantizer (Paddle's ``PerChannelAbsmaxQuantizer``).
+
+    ``sample_data(layer, (weight,))`` finds the channel axis from the layer's registry entry.
+
+    Args:
+        quant_bits: Bit width, 1..16.
+    """
+
+    def __init__(self, quant_bits: int = 8) -> None:
+        super().__init__(quant_bits)
+        self.abs_max_vals: list[np.ndarray] = []
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.abs_max_vals)
+
+    def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> np.ndarray:
+        return per_channel_abs_max(tensor, axis)
 
     def observe_channels(self, channel_maxima: Sequence[np.ndarray]) -> None:
         """Merges per-channel maxima (one array per tensor position) into the statistics.
@@ -161,11 +187,6 @@ class PerChannelAbsmaxQuantizer(BaseQuantizer):
         """
         self.abs_max_vals = merge_channel_arrays(self.abs_max_vals, channel_maxima, np.maximum)
         self.num_batches += 1
-
-    def observe(self, index: int, sample: TensorSample) -> None:
-        raise TypeError(
-            "PerChannelAbsmaxQuantizer quantizes weights: call sample_data(layer, (weight,))"
-        )
 
     def compute_threshold(self, index: int) -> np.ndarray:
         return self.abs_max_vals[index]

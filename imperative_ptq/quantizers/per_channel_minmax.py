@@ -13,20 +13,19 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-from .base import BaseQuantizer, validate_bool
+from .base import validate_bool
 from .minmax import finite_range
 from .per_channel_absmax import (
+    PerChannelWeightQuantizer,
     check_channel_arrays,
-    layer_channel_axis,
     merge_channel_arrays,
     per_channel_min_max,
 )
-from .sample import TensorSample
 
 __all__ = ["PerChannelMinMaxQuantizer"]
 
 
-class PerChannelMinMaxQuantizer(BaseQuantizer):
+class PerChannelMinMaxQuantizer(PerChannelWeightQuantizer):
     """Per-channel running minimum and maximum of weights.
 
     The thresholds (Paddle's convention) are ``max(|min|, |max|)`` per channel, the
@@ -37,8 +36,6 @@ class PerChannelMinMaxQuantizer(BaseQuantizer):
         symmetric: Symmetric int8 (``True``) or affine uint8 (``False``) parameters.
     """
 
-    for_activations = False
-    for_weights = True
     uses_signed_values = True
 
     def __init__(self, quant_bits: int = 8, symmetric: bool = False) -> None:
@@ -51,15 +48,8 @@ class PerChannelMinMaxQuantizer(BaseQuantizer):
     def num_tensors(self) -> int:
         return len(self.min_vals)
 
-    def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
-        """Reduces weights per channel; the channel axis comes from ``layer``'s registry entry.
-
-        Raises:
-            TypeError: ``layer`` is not a registered layer with a weight channel axis.
-        """
-        tensors = self._check_tensors(tensors)
-        axis = layer_channel_axis(layer, type(self).__name__)
-        self.observe_channels([per_channel_min_max(t, axis) for t in tensors])
+    def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        return per_channel_min_max(tensor, axis)
 
     def observe_channels(self, ranges: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         """Merges per-channel ``(min, max)`` arrays (one pair per tensor position).
@@ -69,11 +59,6 @@ class PerChannelMinMaxQuantizer(BaseQuantizer):
         """
         self._merge([low for low, _ in ranges], [high for _, high in ranges])
         self.num_batches += 1
-
-    def observe(self, index: int, sample: TensorSample) -> None:
-        raise TypeError(
-            "PerChannelMinMaxQuantizer quantizes weights: call sample_data(layer, (weight,))"
-        )
 
     def compute_range(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return finite_range(self.min_vals[index], self.max_vals[index])
