@@ -62,11 +62,19 @@ class SpaceToDepth(nn.Layer):
 
     def __init__(self, block: int = 2) -> None:
         super().__init__()
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive int, got {block!r}")
         self.block = block
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"SpaceToDepth takes [N, C, H, W] inputs, got shape {x.shape}")
         _, channels, height, width = x.shape
         b = self.block
+        if height % b or width % b:  # -1 (dynamic) never divides: a static size is needed
+            raise ValueError(
+                f"SpaceToDepth(block={b}) needs H and W divisible by {b}, got shape {x.shape}"
+            )
         blocks = x.reshape([-1, channels, height // b, b, width // b, b])
         return blocks.transpose([0, 1, 3, 5, 2, 4]).reshape(
             [-1, channels * b * b, height // b, width // b]

@@ -471,6 +471,20 @@ def test_mnist_convnet_shapes_and_bad_channels() -> None:
             MnistConvNet(channels=channels)
 
 
+def test_space_to_depth_order_and_bad_input() -> None:
+    x = paddle.rand([3, 2, 6, 8])
+    np.testing.assert_array_equal(
+        SpaceToDepth(2)(x).numpy(), paddle.nn.functional.pixel_unshuffle(x, 2).numpy()
+    )
+    for block in (0, 2.0, True):
+        with pytest.raises(ValueError, match="block must be a positive int"):
+            SpaceToDepth(block)
+    with pytest.raises(ValueError, match=r"H and W divisible by 4"):
+        SpaceToDepth(4)(x)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        SpaceToDepth(2)(paddle.rand([2, 6, 8]))
+
+
 def test_exported_table_is_the_calibration_table(tmp_path) -> None:
     """The export's ``.calibration.json`` is what ``save_calibration_table`` writes: affine
     parameters included, an empty entry for a layer that never ran, and it loads back."""

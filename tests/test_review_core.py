@@ -80,6 +80,8 @@ def test_keyword_input_layer_is_calibrated_converted_and_exported(tmp_path) -> N
     assert tables[0] == tables[1]
     assert tables[0]["fc1"]["input"][0] == pytest.approx(float(paddle.abs(x).max()))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+    with pytest.raises(TypeError, match="missing its input 'input'"):
+        qmodel.fc1(x=x)  # Linear.forward names its input ``input``
 
 
 def test_deepcopy_of_calibrating_model() -> None:
