@@ -121,7 +121,10 @@ def export_probe_model(directory: str) -> tuple[ProbeNet, str, np.ndarray]:
     rng = np.random.default_rng(0)
     model = ProbeNet()
     model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    # target="arm": the plain symmetric Q/DQ form, whose Scale is the threshold, is what this
+    # probe rewrites (the x86 targets rescale u8 tensors, see imperative_ptq.targets).
+    config = ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="arm")
+    ptq = ip.ImperativePTQ(config)
     qmodel = ptq.quantize(model)
     batches = [rng.standard_normal([16, 3, 8, 8]).astype(np.float32) for _ in range(4)]
     ptq.calibrate(qmodel, batches, progress=False)

@@ -10,6 +10,7 @@ from .analysis import SensitivityReport, analyze, keep_fp32, search_skip_set
 from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
+from .cpu import CpuInfo, cpu_info
 from .fuse import fuse_layers
 from .primitives import (
     compute_qparams,
@@ -35,6 +36,7 @@ from .quantizers import (
     TensorRTKLQuantizer,
 )
 from .registry import LayerInfo, PTQRegistry, register_layer
+from .targets import DEFAULT_TARGET, TARGETS, Target
 
 __version__ = "0.1.0"
 
@@ -44,6 +46,8 @@ __all__ = [
     "BaseQuantizer",
     "CALIBRATION_TABLE_VERSION",
     "CalibrationError",
+    "CpuInfo",
+    "DEFAULT_TARGET",
     "HistQuantizer",
     "ImperativePTQ",
     "KLQuantizer",
@@ -58,8 +62,11 @@ __all__ = [
     "QuantParams",
     "QuantizedLayer",
     "SensitivityReport",
+    "TARGETS",
+    "Target",
     "TensorRTKLQuantizer",
     "analyze",
+    "cpu_info",
     "compute_qparams",
     "default_ptq_config",
     "dequantize",

@@ -13,6 +13,10 @@ A role calibrated by an affine quantizer (``symmetric=False``) also records its 
 parameters next to its thresholds, one per threshold: ``"output_scale": [s]``,
 ``"output_zero_point": [z]`` (likewise ``input_*``, and ``weight_*`` per channel). Symmetric
 entries hold thresholds only, exactly as before.
+
+An optional top-level ``"input_minima": {"fc1": m, ...}`` holds the smallest input value
+calibration saw for each simulated layer: a non-negative input runs as u8 on the x86 targets
+(:mod:`imperative_ptq.targets`). A layer missing from it is read as having a signed input.
 """
 
 from __future__ import annotations
@@ -24,29 +28,59 @@ from typing import Any, Mapping
 
 from .files import atomic_file
 
-__all__ = ["FORMAT_VERSION", "CalibrationTable", "read_table", "write_table"]
+__all__ = [
+    "FORMAT_VERSION", "CalibrationTable", "read_input_minima", "read_table", "write_table",
+]
 
 FORMAT_NAME = "imperative_ptq.calibration_table"
 FORMAT_VERSION = 1
 ROLES = ("input", "output", "weight")
 #: Optional affine parameters of each role.
 AFFINE_KEYS = tuple(f"{role}_{kind}" for role in ROLES for kind in ("scale", "zero_point"))
+#: Top-level section: layer name -> smallest input value seen in calibration.
+INPUT_MINIMA = "input_minima"
 
 CalibrationTable = dict[str, dict[str, list[float]]]
 
 
 def write_table(
-    path: str | os.PathLike, layers: Mapping[str, Mapping[str, list[float]]], config: Any
+    path: str | os.PathLike,
+    layers: Mapping[str, Mapping[str, list[float]]],
+    config: Any,
+    input_minima: Mapping[str, float] | None = None,
 ) -> None:
-    """Writes ``layers`` (and the config that produced them) to ``path`` atomically."""
+    """Writes ``layers`` (and the config that produced them, and the smallest input value of
+    each simulated layer when known) to ``path`` atomically."""
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config,
         "layers": {name: dict(roles) for name, roles in layers.items()},
     }
+    if input_minima:
+        document[INPUT_MINIMA] = {name: float(value) for name, value in input_minima.items()}
     with atomic_file(path) as file:
         json.dump(document, file, indent=1)
+
+
+def read_input_minima(path: str | os.PathLike) -> dict[str, float]:
+    """The ``input_minima`` section of a table written by :func:`write_table` (empty when the
+    table has none).
+
+    Raises:
+        ValueError: The section is not a map from layer names to finite numbers.
+    """
+    with open(path) as file:
+        try:
+            minima = json.load(file).get(INPUT_MINIMA, {})
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{path} is not a calibration table") from None
+    if not isinstance(minima, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in minima.values()
+    ):
+        raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
+    return {name: float(value) for name, value in minima.items()}
 
 
 def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
+from .targets import DEFAULT_TARGET, get_target
 
 __all__ = ["PTQConfig", "default_ptq_config"]
 
@@ -17,18 +18,27 @@ class PTQConfig:
         activation_quantizer: Algorithm for layer inputs and outputs, e.g. ``KLQuantizer()``.
         weight_quantizer: Algorithm for weights (one with ``for_weights``), e.g.
             ``PerChannelAbsmaxQuantizer()`` or ``AbsmaxQuantizer()``.
+        target: The deployment whose int8 arithmetic ``convert`` simulates and the export
+            writes for (:data:`imperative_ptq.targets.TARGETS`): ``"x86"`` (default, right on
+            every x86 CPU with AVX2), ``"x86-vnni"`` or ``"arm"``.
 
     Raises:
-        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role.
+        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role, or
+            ``target`` is not a string.
+        ValueError: ``target`` is not a known target.
     """
 
     def __init__(
-        self, activation_quantizer: BaseQuantizer, weight_quantizer: BaseQuantizer
+        self,
+        activation_quantizer: BaseQuantizer,
+        weight_quantizer: BaseQuantizer,
+        target: str = DEFAULT_TARGET,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
         self.activation_quantizer = activation_quantizer.clone()
         self.weight_quantizer = weight_quantizer.clone()
+        self.target = get_target(target).name
 
     def new_activation_quantizer(self) -> BaseQuantizer:
         """A fresh activation quantizer for one role of one layer."""
@@ -38,9 +48,10 @@ class PTQConfig:
         """A fresh weight quantizer for one layer."""
         return self.weight_quantizer.clone()
 
-    def to_dict(self) -> dict[str, dict[str, object]]:
-        """The algorithms and their arguments, for calibration tables and logs."""
+    def to_dict(self) -> dict[str, object]:
+        """The algorithms, their arguments and the target, for calibration tables and logs."""
         return {
+            "target": self.target,
             "activation_quantizer": {
                 "type": type(self.activation_quantizer).__name__,
                 **self.activation_quantizer.config(),
@@ -52,7 +63,10 @@ class PTQConfig:
         }
 
     def __repr__(self) -> str:
-        return f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r})"
+        return (
+            f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
+            f"target={self.target!r})"
+        )
 
 
 def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:

@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from .batches import batch_to_call
 from .calibration_state import check_compatible, read_state, write_state
-from .calibration_table import CalibrationTable, read_table, write_table
+from .calibration_table import CalibrationTable, read_input_minima, read_table, write_table
 from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
 from .quant_layers import QuantizedLayer, first_input, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .registry import PTQRegistry
+from .targets import get_target, set_converted_target
 
 __all__ = ["ImperativePTQ"]
 
@@ -45,6 +46,7 @@ _STATE = "_ptq_state"
 _SESSION = "_ptq_session"
 _CONVERTED = "_ptq_converted"
 _CONVERTED_TABLE = "_ptq_calibration_table"  # what save_calibration_table would have written
+_CONVERTED_MINIMA = "_ptq_input_minima"  # and the input minima it would have written
 _NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
 
 
@@ -136,6 +138,10 @@ class _Session:
             if _is_float_tensor(first):
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
                 collector.submit(inputs_quantizer, [sample], state.name)
+                if first.size:
+                    # The sign decides how x86 runs the input (u8 or s8): see targets.py.
+                    with paddle.no_grad():
+                        inputs_quantizer.observe_minimum(float(paddle.min(first)))
         if _is_float_tensor(outputs):
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
             collector.submit(state.output_quantizer, [sample], state.name)
@@ -175,6 +181,17 @@ def _every_layer(
     """``table`` with an empty entry for every hooked layer that saw no data: the layers
     of a table file, which then names every hooked layer and loads back into the model."""
     return {state.name: table.get(state.name, {}) for _, state in states}
+
+
+def _input_minima(states: Sequence[tuple[paddle.nn.Layer, _LayerState]]) -> dict[str, float]:
+    """The smallest input value seen by each simulated layer whose input was observed."""
+    minima = {state.name: _input_minimum(state) for _, state in states}
+    return {name: value for name, value in minima.items() if value is not None}
+
+
+def _input_minimum(state: _LayerState) -> float | None:
+    """The smallest input value calibration saw (``None``: unknown, read as signed)."""
+    return None if state.input_quantizer is None else state.input_quantizer.minimum
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -502,7 +519,10 @@ class ImperativePTQ:
             it a second time).
         """
         table = self.calibration_table(model)
-        write_table(path, _every_layer(table, self._states(model)), self._quant_config.to_dict())
+        states = self._states(model)
+        write_table(
+            path, _every_layer(table, states), self._quant_config.to_dict(), _input_minima(states)
+        )
         return table
 
     def load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
@@ -515,6 +535,7 @@ class ImperativePTQ:
                 mismatch is named).
         """
         layers, _ = read_table(path)
+        minima = read_input_minima(path)
         self._session(model).flush()  # a worker error from earlier batches surfaces here
         states = self._states(model)
         known = {state.name for _, state in states}
@@ -537,6 +558,9 @@ class ImperativePTQ:
                     raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
                 quantizer.set_thresholds(entry[role])
                 _load_affine_params(entry, role, quantizer, per_channel=False)
+                if role == "input":
+                    # Unknown in tables written before the sign was recorded: signed then.
+                    quantizer.minimum = minima.get(state.name)
             if state.weight_quantizer is not None:
                 weight = entry.get("weight")
                 channels = _weight_channels(layer)
@@ -571,6 +595,8 @@ class ImperativePTQ:
         session.detach()
         activation_bits = self._quant_config.activation_quantizer.quant_bits
         weight_bits = self._quant_config.weight_quantizer.quant_bits
+        target = get_target(self._quant_config.target)
+        kept_fp32: list[str] = []
         for layer, state in states:
             delattr(layer, _STATE)
             entry = table.get(state.name)
@@ -578,6 +604,18 @@ class ImperativePTQ:
                 continue
             info = PTQRegistry.layer_info(layer)
             if state.weight_quantizer is not None and "input" in entry:
+                minimum = _input_minimum(state)
+                unsigned = (
+                    target.unsigned_inputs
+                    and "input_zero_point" not in entry
+                    and minimum is not None
+                    and minimum >= 0
+                )
+                if not unsigned and not target.signed_inputs_int8:
+                    # Plain fp32, output included: a scale on a conv/fc output would make the
+                    # runtime emit int8 from it (see export.program.collect_scales).
+                    kept_fp32.append(state.name)
+                    continue
                 wrapped = QuantizedLayer(
                     layer,
                     entry["input"],
@@ -587,13 +625,26 @@ class ImperativePTQ:
                     activation_bits,
                     weight_bits,
                     **_affine_layer_params(entry),
+                    input_unsigned=unsigned,
+                    paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
                 )
                 replace_sublayer(model, layer, wrapped)
             elif "output" in entry:
                 layer._ptq_output_thresholds = entry["output"]
+        if kept_fp32:
+            logger.warning(
+                "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
+                "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
+                "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
+                "quantizes them for VNNI/AMX CPUs only.",
+                target.name, len(kept_fp32),
+                ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
+            )
         delattr(model, _SESSION)
         setattr(model, _CONVERTED, True)
+        set_converted_target(model, target)
         setattr(model, _CONVERTED_TABLE, _every_layer(table, states))
+        setattr(model, _CONVERTED_MINIMA, _input_minima(states))
         return model
 
     # -------------------------------------------------------------------------------- export
@@ -623,7 +674,8 @@ class ImperativePTQ:
             self.convert(model)
         save_quantized_model(
             model, path, input_spec, quant_config=self._quant_config.to_dict(),
-            calibration_table=getattr(model, _CONVERTED_TABLE, None), **config,
+            calibration_table=getattr(model, _CONVERTED_TABLE, None),
+            input_minima=getattr(model, _CONVERTED_MINIMA, None), **config,
         )
 
     # ------------------------------------------------------------------------------ analysis

@@ -27,7 +27,11 @@ __all__ = [
 
 
 def fake_quantize_symmetric(
-    x: paddle.Tensor, threshold: paddle.Tensor, bits: int, axis: int | None = None
+    x: paddle.Tensor,
+    threshold: paddle.Tensor,
+    bits: int,
+    axis: int | None = None,
+    unsigned: bool = False,
 ) -> paddle.Tensor:
     """Quantize-dequantize ``x`` with symmetric thresholds (per tensor, or per channel on ``axis``).
 
@@ -36,6 +40,8 @@ def fake_quantize_symmetric(
         threshold: Positive threshold(s): shape [1], or [C] with ``C = x.shape[axis]``.
         bits: Bit width.
         axis: Channel axis for per-channel thresholds.
+        unsigned: Keep only the non-negative half of the grid (``0..L``), as an x86 runtime
+            does with an input it runs as u8: negative values become 0.
     """
     levels = float(2 ** (bits - 1) - 1)
     if axis is not None and threshold.shape[0] > 1:
@@ -43,7 +49,7 @@ def fake_quantize_symmetric(
         shape[axis] = -1
         threshold = threshold.reshape(shape)
     scale = threshold / levels
-    return paddle.clip(paddle.round(x / scale), -levels, levels) * scale
+    return paddle.clip(paddle.round(x / scale), 0.0 if unsigned else -levels, levels) * scale
 
 
 def _weight_scales(thresholds: np.ndarray, bits: int, axis: int, ndim: int) -> np.ndarray:
@@ -65,6 +71,36 @@ def quantize_weight(
     return integers.astype(np.int8 if bits <= 8 else np.int16)
 
 
+def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 weight Paddle Inference's oneDNN fc really runs for a ``[in, out]`` weight.
+
+    Paddle 3.3.1 dequantizes the exported weight to fp32 and recomputes its scales: its
+    ``compute_propagate_scales_onednn_pass`` takes the scale of output channel ``i`` from the
+    abs-max of the ``i``-th run of ``in`` consecutive elements of the row-major weight (rows,
+    not column ``i``), and oneDNN's reorder rounds ``w * 127 / scale`` half to even and
+    saturates it into s8. Measured on single Linear layers of four shapes: relative output
+    error 1e-7 against this model, 2e-3 to 5e-3 against the column abs-max it means to take.
+
+    Args:
+        weight: The dequantized ``[in, out]`` weight the program holds.
+
+    Returns:
+        ``(integers, thresholds)``: int8 ``[in, out]`` and one threshold per output channel,
+        with ``integers * thresholds / 127`` the weight that runs.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    inputs, outputs = weight.shape
+    thresholds = np.abs(weight.reshape(outputs, inputs)).max(axis=1)
+    safe = np.where(thresholds > 0, thresholds, np.float32(1))
+    multipliers = np.float32(127) * (np.float32(1) / safe)
+    integers = np.clip(np.rint(weight * multipliers[None, :]), -128, 127).astype(np.int8)
+    return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
+
+
+#: Threshold of an all-zero channel (any positive value represents its zeros exactly).
+MIN_WEIGHT_THRESHOLD = 1e-30
+
+
 class QuantizedLayer(paddle.nn.Layer):
     """A simulated-quant layer with frozen thresholds.
 
@@ -84,6 +120,18 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_scales: Affine weight quantization: scales (one, or one per channel) used with
             ``weight_zero_points`` on ``[0, 2**weight_bits - 1]`` instead of the thresholds.
         weight_zero_points: Zero points that go with ``weight_scales``.
+        input_unsigned: The input is non-negative and runs as u8 in the deployment target
+            (:mod:`imperative_ptq.targets`): it is quantized on ``0..L`` only.
+        paddle_fc_scales: The layer is a Linear that runs as Paddle Inference's oneDNN fc: it
+            computes with the weight that fc derives from the exported one
+            (:func:`paddle_fc_weight`); :attr:`program_weight` and
+            :attr:`program_weight_thresholds` keep what the Paddle program stores.
+
+    Attributes:
+        weight_thresholds: Thresholds of the weight the layer computes with.
+        program_weight: With ``paddle_fc_scales``, the fp32 weight the Paddle program stores
+            (whose fc then computes with this layer's weight); else ``None``.
+        program_weight_thresholds: Its thresholds.
     """
 
     def __init__(
@@ -99,8 +147,13 @@ class QuantizedLayer(paddle.nn.Layer):
         input_zero_point: int | None = None,
         weight_scales: Sequence[float] | None = None,
         weight_zero_points: Sequence[int] | None = None,
+        input_unsigned: bool = False,
+        paddle_fc_scales: bool = False,
     ) -> None:
         super().__init__()
+        self.input_unsigned = bool(input_unsigned)
+        self.program_weight: np.ndarray | None = None
+        self.program_weight_thresholds: np.ndarray | None = None
         self.input_scale = input_scale
         self.input_zero_point = input_zero_point
         self.weight_scales = None if weight_scales is None else [float(s) for s in weight_scales]
@@ -114,18 +167,25 @@ class QuantizedLayer(paddle.nn.Layer):
         self.input_thresholds = [float(t) for t in input_thresholds]
         self.output_thresholds = [float(t) for t in output_thresholds]
         weight_thresholds = np.asarray(weight_thresholds, dtype=np.float32).reshape(-1)
-        self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
-        self.register_buffer(
-            "input_threshold",
-            paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
-        )
+        weight = layer.weight
+        paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
+        if paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1:
+            # The export stores square weights per tensor (see export.program._int8_weight).
+            weight_thresholds = np.full_like(weight_thresholds, weight_thresholds.max())
         with paddle.no_grad():
-            weight = layer.weight
             original = weight.numpy()
             if self.weight_scales is None:
                 integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
                 scales = _weight_scales(weight_thresholds, weight_bits, weight_axis, weight.ndim)
-                weight.set_value((integers.astype(np.float32) * scales).astype(np.float32))
+                quantized = (integers.astype(np.float32) * scales).astype(np.float32)
+                if paddle_fc_scales:
+                    self.program_weight = quantized
+                    self.program_weight_thresholds = weight_thresholds
+                    integers, weight_thresholds = paddle_fc_weight(quantized)
+                    quantized = (
+                        integers.astype(np.float32) * (weight_thresholds / np.float32(127))
+                    ).astype(np.float32)
+                weight.set_value(quantized)
             else:
                 # Affine weights (symmetric=False weight calibration).
                 per_channel = len(self.weight_scales) > 1
@@ -139,6 +199,11 @@ class QuantizedLayer(paddle.nn.Layer):
                         axis=weight_axis if per_channel else None,
                     )
                 )
+        self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
+        self.register_buffer(
+            "input_threshold",
+            paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
+        )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
         if not inputs:  # the first input passed by keyword: layer(input=x)
@@ -152,14 +217,16 @@ class QuantizedLayer(paddle.nn.Layer):
                 2**self.activation_bits - 1,
             )
         else:
-            first = fake_quantize_symmetric(inputs[0], self.input_threshold, self.activation_bits)
+            first = fake_quantize_symmetric(
+                inputs[0], self.input_threshold, self.activation_bits, unsigned=self.input_unsigned
+            )
         return self.layer(first, *inputs[1:], **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"input_threshold={self.input_thresholds[0]:.6g}, "
             f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
-            f"{self.weight_bits}"
+            f"{self.weight_bits}{', unsigned input' if self.input_unsigned else ''}"
         )
 
 

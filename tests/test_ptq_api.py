@@ -436,7 +436,8 @@ def test_unknown_format_version_raises(tmp_path) -> None:
 
 # -------------------------------------------------------------------------------- convert
 def test_convert_removes_every_hook_and_wraps_layers() -> None:
-    ptq = ImperativePTQ()
+    # x86-vnni: conv1 reads a signed input, which the default x86 target keeps fp32.
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-vnni"))
     qmodel = ptq.quantize(_net())
     _calibrate(ptq, qmodel)
     assert qmodel._forward_pre_hooks and qmodel._forward_post_hooks

@@ -14,6 +14,8 @@ import pathlib
 
 import pytest
 
+from imperative_ptq.cpu import cpu_info
+
 PROBE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "zero_point_probe.py"
 
 
@@ -25,10 +27,20 @@ def results(tmp_path_factory):
     return module.probe(str(tmp_path_factory.mktemp("zero_point")))
 
 
+#: The probe's export is the plain symmetric Q/DQ form (target "arm"): its ReLU output runs
+#: as u8 on codes 0..255, exact with VNNI and saturating int16 pair sums without it.
+SATURATES = not cpu_info().vnni
+
+
 def test_unmodified_export_is_close_to_its_reference(results) -> None:
     for runner, error in results["noise_floor"].items():
         assert not isinstance(error, str), (runner, error)
-        assert error < 0.05, (runner, error)
+        if runner == "oneDNN int8" and SATURATES:
+            # Measured 0.169 under ONEDNN_MAX_CPU_ISA=AVX2 (0.019 with VNNI): the saturation
+            # the x86 targets avoid (test_int8_arithmetic.py).
+            assert error > 0.05, (runner, error)
+        else:
+            assert error < 0.05, (runner, error)
 
 
 @pytest.mark.parametrize("runner", ["oneDNN int8", "oneDNN fp32", "Executor"])
@@ -36,6 +48,8 @@ def test_non_zero_zero_point_is_ignored(results, runner) -> None:
     for variant, entry in results["variants"].items():
         verdict, errors = entry["verdicts"][runner]
         assert verdict == "ignored", (variant, runner, errors)
+        if runner == "oneDNN int8" and SATURATES:
+            continue  # saturation noise blurs the margin; the bit-identity below still holds
         # Not a near tie: the honoured-int8 output is far from what ran.
         assert errors["honoured int8"] > 2 * errors["ignored"], (variant, runner, errors)
     # Only the zero point changed (scale kept): the output is bit-identical.

@@ -226,7 +226,8 @@ class _Converter:
             if thresholds.size == 1:
                 thresholds = np.full([weight.shape[1]], thresholds[0], np.float32)
             w_scale = np.maximum(thresholds, 1e-12) / 127.0
-            integers = np.clip(np.round(weight / w_scale.reshape(1, -1)), -127, 127)
+            # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
+            integers = np.clip(np.round(weight / w_scale.reshape(1, -1)), -128, 127)
             w = self._node(
                 "DequantizeLinear",
                 [self._const(weight_name, integers.astype(np.int8)),
@@ -423,7 +424,7 @@ def export_onnx(
     directory, stem = export_directory(path)
     path = os.path.join(directory, stem)
     with staged_export(path[: -len(".onnx")], (".onnx",)) as staging:
-        traced = trace_to_legacy_program(model, specs, staging + ".fp32")
+        traced = trace_to_legacy_program(model, specs, staging + ".fp32", program_weights=False)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)

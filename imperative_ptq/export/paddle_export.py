@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 import paddle
 
 from ..calibration_table import write_table
+from ..cpu import cpu_info
+from ..targets import Target, converted_target, get_target
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
@@ -51,6 +53,29 @@ def _check_exportable(model: paddle.nn.Layer) -> None:
         )
 
 
+def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
+    """The target to export for: the one ``model`` was converted for (``ValueError`` if
+    ``target`` names another); warns when this CPU cannot run it."""
+    converted = converted_target(model)
+    chosen = converted if target is None else get_target(target)
+    if chosen.name != converted.name:
+        raise ValueError(
+            f"target {chosen.name!r}: the model was converted for {converted.name!r}, whose "
+            f"arithmetic its simulation models; quantize and convert it with "
+            f"PTQConfig(..., target={chosen.name!r}) to export for {chosen.name!r}"
+        )
+    if chosen.requires_vnni:
+        cpu = cpu_info()
+        if not cpu.vnni:
+            logger.warning(
+                "exporting for target %r, whose int8 kernels need VNNI, on a CPU without it "
+                "(%s): the export cannot be run and checked here, and on this CPU it would "
+                "saturate; target='x86' runs right on every x86 CPU",
+                chosen.name, cpu.describe(),
+            )
+    return chosen
+
+
 def _table(records: Sequence[LayerRecord]) -> dict[str, dict[str, list[float]]]:
     layers: dict[str, dict[str, list[float]]] = {}
     for record in records:
@@ -70,6 +95,8 @@ def save_quantized_model(
     input_spec: Any = None,
     quant_config: Mapping[str, Any] | None = None,
     calibration_table: Mapping[str, Mapping[str, list[float]]] | None = None,
+    target: str | None = None,
+    input_minima: Mapping[str, float] | None = None,
     **config: Any,
 ) -> None:
     """Writes ``path.pdmodel``, ``path.pdiparams`` (int8 weights) and ``path.calibration.json``.
@@ -84,13 +111,19 @@ def save_quantized_model(
         quant_config: Quantizer description stored in the calibration JSON.
         calibration_table: The layers of the calibration JSON (default: the thresholds the
             converted layers hold).
+        input_minima: The calibration JSON's input minima (see
+            :mod:`imperative_ptq.calibration_table`).
+        target: The deployment target (:mod:`imperative_ptq.targets`); default, and the only
+            value accepted, the one the model was converted for
+            (``PTQConfig(target=...)``), since the simulation models that target's arithmetic.
         **config: ``quantize_residuals`` (bool, default True): give BatchNorm outputs that feed
             only residual adds a scale, so the fused residual convs run in int8 too (faster,
             slightly less accurate).
 
     Raises:
-        TypeError: Bad ``model``/``input_spec``/option.
-        ValueError: The model is not calibrated and converted, or tracing failed.
+        TypeError: Bad ``model``/``input_spec``/option/``target``.
+        ValueError: The model is not calibrated and converted, ``target`` is unknown or not
+            the one the model was converted for, or tracing failed.
         OSError: The target directory cannot be created or written.
     """
     unknown = set(config) - _OPTIONS
@@ -102,6 +135,7 @@ def save_quantized_model(
     if not isinstance(quantize_residuals, bool):
         raise TypeError(f"quantize_residuals must be a bool, got {type(quantize_residuals).__name__}")
     _check_exportable(model)
+    target_spec = _export_target(model, target)
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
@@ -112,11 +146,15 @@ def save_quantized_model(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(fp32_prefix)
             program_lib.quantize_program(
-                loaded, traced.records, quantize_residuals=quantize_residuals
+                loaded, traced.records, quantize_residuals=quantize_residuals,
+                unsigned_inputs=target_spec.unsigned_inputs,
             )
             program_lib.save_legacy_program(loaded, staging)
         layers = _table(traced.records) if calibration_table is None else calibration_table
-        write_table(staging + ".calibration.json", layers, dict(quant_config or {}))
+        write_table(
+            staging + ".calibration.json", layers,
+            {**(quant_config or {}), "target": target_spec.name}, input_minima,
+        )
 
 
 def save_fp32_model(

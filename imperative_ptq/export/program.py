@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 
 from .tracing import LayerRecord
+from .unsigned import RELU6_U8_PRODUCERS, FusedReluClips, clip_fused_relus, fusable_relu_source
 
 __all__ = ["INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "load_legacy_program", "quantize_program"]
 
@@ -126,7 +127,7 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
         The number of biases folded.
     """
     block = loaded.program.global_block()
-    producers = {name: op for op in block.ops for slot in op.output_names for name in op.output(slot)}
+    producers = _producers(block)
     readers: dict[str, list] = {}
     for op in block.ops:
         for slot in op.input_names:
@@ -160,6 +161,36 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
     if folded:
         loaded.program._sync_with_cpp()
     return len(folded)
+
+
+def unsigned_threshold(threshold: float, bits: int) -> float:
+    """The threshold to write for a tensor Paddle Inference runs as u8, so that its grid is the
+    simulation's ``round(x / t * L)`` on ``0..L``.
+
+    Paddle's ``cpu_quantize_pass`` maps a u8 tensor's threshold ``S`` onto 0..255
+    (``q = round(x * 255 / S)``); written as ``S = t * 255 / L`` the codes stay within 0..127,
+    where no int16 pair of ``vpmaddubsw`` can saturate (2 * 127 * 127 < 32767): exact on every
+    x86 CPU (:mod:`imperative_ptq.targets`).
+    """
+    return float(threshold) * 255.0 / (2 ** (bits - 1) - 1)
+
+
+def runs_unsigned(
+    block: "paddle.static.Block", name: str, producers: Mapping[str, "paddle.base.framework.Operator"]
+) -> bool:
+    """Whether Paddle's oneDNN int8 pipeline runs variable ``name`` as u8.
+
+    Its ``compute_propagate_scales_onednn_pass`` marks unsigned only the outputs of ``relu``
+    ops and of convs/fcs with a fused ``relu``/``relu6``; every other tensor with its own scale
+    is s8, whatever its values.
+    """
+    op = producers.get(name)
+    if op is None or op.type not in ("relu", "relu6"):
+        return False
+    if op.type == "relu":
+        return True
+    found = fusable_relu_source(block, op)
+    return found is not None and found[0].type in RELU6_U8_PRODUCERS
 
 
 def collect_scales(
@@ -210,6 +241,7 @@ def quantize_program(
     records: list[LayerRecord],
     extra_outputs: Mapping[str, float] | None = None,
     quantize_residuals: bool = True,
+    unsigned_inputs: bool = True,
 ) -> ProgramScales:
     """Rewrites ``loaded`` in place into the QDQ int8 form (see module docstring).
 
@@ -218,6 +250,9 @@ def quantize_program(
         records: Calibrated layers from tracing.
         extra_outputs: Thresholds of further tensors (e.g. functional ops) by variable name.
         quantize_residuals: See :func:`collect_scales`.
+        unsigned_inputs: x86 targets: run every input calibrated non-negative as u8 within
+            0..127 (a ``relu`` is inserted in front of those Paddle would run as s8) and write
+            the thresholds of u8 tensors with :func:`unsigned_threshold`.
 
     Returns:
         The scales written.
@@ -233,14 +268,14 @@ def quantize_program(
     written = ProgramScales()
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
+    clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()
+    rectified: dict[tuple[str, float], str] = {}
 
     index = 0
     while index < len(block.ops):
         op = block.ops[index]
         slots = INT8_WEIGHT_OPS.get(op.type)
-        if slots is None or op.type == "matmul_v2" and (
-            op.attr("trans_x") or op.attr("trans_y")
-        ):
+        if slots is None or _transposed_matmul(op):
             index += 1
             continue
         weight_slot, input_slot, _ = slots
@@ -253,7 +288,10 @@ def quantize_program(
         # Weight: int8 tensor -> dequantize_linear -> op.
         dequantized = dequantized_weights.get(weight_name)
         if dequantized is None:
-            dequantized = _int8_weight(loaded, index, weight_name, record, written)
+            dequantized = _int8_weight(
+                loaded, index, weight_name, record, written,
+                clips.weight_factors.get(weight_name, 1.0),
+            )
             dequantized_weights[weight_name] = dequantized
         else:
             # A weight read by several ops (a layer called twice) gets a private int8 copy per
@@ -262,51 +300,164 @@ def quantize_program(
             dequantized = _copy_int8_weight(loaded, index, dequantized, serial=index)
         inserted += 1
         op._rename_input(weight_name, dequantized)
-        # Activation: quantize_linear -> dequantize_linear -> op.
+        # Activation: [relu ->] quantize_linear -> dequantize_linear -> op.
         activation = op.input(input_slot)[0]
-        key = (activation, record.input_threshold)
+        quantized, threshold = activation, record.input_threshold
+        if unsigned_inputs and record.input_unsigned:
+            threshold = clips.thresholds.get(activation, threshold)
+            if activation not in clips.thresholds:
+                # Not the output of a ReLU fused into its producer: clip at the threshold and
+                # rectify, so Paddle runs it as u8 (a ``clip`` output alone would be s8, which
+                # a fc shifts by +128 into u8 before the saturating pair sums) within 0..127.
+                quantized = rectified.get((activation, threshold))
+                if quantized is None:
+                    quantized = _insert_clip_relu(loaded, index + inserted, activation, threshold)
+                    rectified[(activation, threshold)] = quantized
+                    inserted += 2
+            threshold = unsigned_threshold(threshold, record.activation_bits)
+        key = (quantized, threshold)
         qdq = dequantized_inputs.get(key)
         if qdq is None:
             qdq = _activation_qdq(
-                loaded, index + inserted, activation, record.input_threshold,
+                loaded, index + inserted, quantized, threshold,
                 record.activation_bits, len(dequantized_inputs),
             )
             dequantized_inputs[key] = qdq
-            written.inputs[activation] = record.input_threshold
+            written.inputs[quantized] = threshold
             inserted += 2
         op._rename_input(activation, qdq)
         index += inserted + 1
 
-    producers = {}
-    for op in block.ops:
-        for slot in op.output_names:
-            for name in op.output(slot):
-                producers[name] = op
+    kept = _unscale_fp32_layer_inputs(block, outputs)
+    producers = _producers(block)
     for name, threshold in outputs.items():
         op = producers.get(name)
         if op is None or op.type in ("quantize_linear", "dequantize_linear"):
             continue
+        if name in written.inputs:
+            # One scale per tensor: the one its int8 readers quantize it with (Paddle takes
+            # whichever it collects first), which the u8 clip above also assumes.
+            threshold = written.inputs[name]
+        elif unsigned_inputs and runs_unsigned(block, name, producers):
+            threshold = unsigned_threshold(threshold, 8)  # Paddle's int8 passes take 8 bits only
         op._set_attr("out_threshold", float(threshold))
         written.outputs[name] = float(threshold)
     loaded.program._sync_with_cpp()
     logger.info(
-        "int8 program: %d int8 weights, %d activation QDQ pairs, %d output scales",
-        len(written.weights), len(dequantized_inputs), len(written.outputs),
+        "int8 program: %d int8 weights, %d activation QDQ pairs, %d output scales, %d conv/fc "
+        "ops kept fp32",
+        len(written.weights), len(dequantized_inputs), len(written.outputs), kept,
     )
     return written
 
 
+#: Ops across which Paddle's ``compute_propagate_scales_onednn_pass`` copies a tensor scale, in
+#: either direction.
+_SCALE_PROPAGATING_OPS = frozenset({
+    "transpose2", "fused_transpose", "reshape2", "pool2d", "slice", "shape", "nearest_interp",
+    "nearest_interp_v2", "split", "concat", "scale",
+})
+
+
+def _unscale_fp32_layer_inputs(block: "paddle.static.Block", outputs: dict[str, float]) -> int:
+    """Drops the output thresholds that would reach the input of a conv/fc kept fp32.
+
+    Paddle's oneDNN pipeline quantizes every conv/fc whose input has a scale, with weight
+    scales it computes itself: a layer kept fp32 (a signed input on x86, ``keep_fp32``) would
+    otherwise run int8 anyway (measured: a Linear after a calibrated Tanh ran
+    ``gemm_s8s8s32``; a ``skip_quant`` attribute is lost when matmul_v2 becomes fc). Scales
+    spread across reshape/transpose/pool ops both ways, so the whole connected group goes.
+
+    Returns:
+        How many conv/fc ops are kept fp32.
+    """
+    producers = _producers(block)
+    readers: dict[str, list] = {}
+    for op in block.ops:
+        for slot in op.input_names:
+            for name in op.input(slot):
+                readers.setdefault(name, []).append(op)
+    pending, kept = [], 0
+    for op in block.ops:
+        slots = INT8_WEIGHT_OPS.get(op.type)
+        if slots is None or not op.input(slots[0]):
+            continue
+        weight = producers.get(op.input(slots[0])[0])
+        if weight is not None and weight.type == "dequantize_linear":
+            continue  # an int8 layer
+        kept += 1
+        pending.extend(op.input(slots[1]))
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        outputs.pop(name, None)
+        neighbours = [producers.get(name)] + readers.get(name, [])
+        for op in neighbours:
+            if op is not None and op.type in _SCALE_PROPAGATING_OPS:
+                pending.extend(n for slot in op.input_names for n in op.input(slot))
+                pending.extend(n for slot in op.output_names for n in op.output(slot))
+    return kept
+
+
+def _producers(block: "paddle.static.Block") -> dict[str, "paddle.base.framework.Operator"]:
+    """Variable name -> the op writing it."""
+    return {name: op for op in block.ops for slot in op.output_names for name in op.output(slot)}
+
+
+def _transposed_matmul(op: "paddle.base.framework.Operator") -> bool:
+    """A matmul_v2 with a transposed operand, which the export leaves in fp32."""
+    return op.type == "matmul_v2" and bool(op.attr("trans_x") or op.attr("trans_y"))
+
+
+def _insert_clip_relu(loaded: LegacyProgram, index: int, name: str, threshold: float) -> str:
+    """Inserts ``relu(minimum(name, threshold))`` at ``index``; returns its output variable.
+
+    The minimum makes values above the threshold saturate where the simulation's do (at code
+    127, not 255); the relu makes Paddle's int8 pipeline run the result as u8. Not a ``clip``
+    op: Paddle 3.3.1 fuses a clip after a fc into the fc as a plain ReLU (oneDNN verbose
+    ``eltwise_relu:0:<max>``), which drops the upper bound.
+    """
+    block = loaded.program.global_block()
+    var = block.var(name)
+    stem = f"{name}.u8_{len(block.ops)}"
+    clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
+    out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
+    bound = _new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
+    block._insert_op(
+        index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
+        outputs={"Out": [clipped.name]}, attrs={"axis": -1},
+    )
+    block._insert_op(
+        index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
+    )
+    return out.name
+
+
 def _int8_weight(
-    loaded: LegacyProgram, index: int, weight_name: str, record: LayerRecord, written: ProgramScales
+    loaded: LegacyProgram,
+    index: int,
+    weight_name: str,
+    record: LayerRecord,
+    written: ProgramScales,
+    factor: float = 1.0,
 ) -> str:
-    """Stores ``weight_name`` as int8 and inserts its dequantize_linear at ``index``."""
+    """Stores ``weight_name`` as int8 and inserts its dequantize_linear at ``index``.
+
+    ``factor``: the weight tensor was multiplied by it (:mod:`.unsigned`), so are the
+    thresholds here; the integers stay those of the converted layer.
+    """
     from ..quant_layers import quantize_weight
 
     block = loaded.program.global_block()
     weight = _get_tensor(loaded, weight_name).astype(np.float32)
-    thresholds = np.asarray(record.weight_thresholds, dtype=np.float32).reshape(-1)
+    thresholds = np.asarray(record.weight_thresholds, dtype=np.float32).reshape(-1) * np.float32(
+        factor
+    )
     axis = int(record.weight_axis)
-    if weight.ndim == 2 and weight.shape[0] == weight.shape[1] and thresholds.size > 1:
+    if weight.ndim == 2 and weight.shape[0] == weight.shape[1] and np.ptp(thresholds) > 0:
         # Paddle's quant_dequant_mkldnn_pass guesses the channel axis of a 2-D weight from the
         # number of scales and, for a square [in, out] weight, applies them per input row
         # (measured: logit cosine 0.49 on a 100x100 Linear). One per-tensor threshold is read

@@ -43,6 +43,7 @@ class LayerRecord:
         input_scale: Affine (uint8) scale of the first input when it was calibrated with
             ``symmetric=False``; ``None`` for symmetric inputs.
         input_zero_point: The zero point that goes with ``input_scale``.
+        input_unsigned: The input was calibrated non-negative and runs as u8 (x86 targets).
         output_thresholds: Output thresholds (may be empty).
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
@@ -57,6 +58,7 @@ class LayerRecord:
     input_threshold: float | None = None
     input_scale: float | None = None
     input_zero_point: int | None = None
+    input_unsigned: bool = False
     activation_bits: int = 8
     output_thresholds: list[float] = dataclasses.field(default_factory=list)
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
@@ -113,8 +115,15 @@ def normalize_input_spec(input_spec: Any) -> list[paddle.static.InputSpec]:
     return specs
 
 
-def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[LayerRecord], dict]:
-    """Copies ``model``, unwraps QuantizedLayers and builds one record per calibrated layer."""
+def _collect_records(
+    model: paddle.nn.Layer, program_weights: bool
+) -> tuple[paddle.nn.Layer, list[LayerRecord], dict]:
+    """Copies ``model``, unwraps QuantizedLayers and builds one record per calibrated layer.
+
+    With ``program_weights`` (a Paddle program) a Linear that runs as Paddle's oneDNN fc is
+    traced with the weight the program must store for that fc to compute the layer's weight
+    (:attr:`QuantizedLayer.program_weight`); otherwise with the weight it computes with.
+    """
     export_model = copy.deepcopy(model)
     export_model.eval()
     records: list[LayerRecord] = []
@@ -122,11 +131,15 @@ def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[Laye
     for name, layer in list(export_model.named_sublayers()):
         if isinstance(layer, QuantizedLayer):
             inner = layer.layer
+            weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
+            if program_weights and layer.program_weight is not None:
+                inner.weight.set_value(layer.program_weight)
+                weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
             record = LayerRecord(
                 name=name,
                 layer_type=type(inner).__name__,
                 weight_name=inner.weight.name,
-                weight_thresholds=layer.weight_thresholds.numpy().astype(np.float32),
+                weight_thresholds=weight_thresholds,
                 weight_axis=layer.weight_axis,
                 weight_bits=layer.weight_bits,
                 input_threshold=float(layer.input_thresholds[0]),
@@ -134,6 +147,7 @@ def _collect_records(model: paddle.nn.Layer) -> tuple[paddle.nn.Layer, list[Laye
                 input_zero_point=(
                     None if layer.input_zero_point is None else int(layer.input_zero_point)
                 ),
+                input_unsigned=layer.input_unsigned,
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
             )
@@ -256,19 +270,24 @@ def legacy_activation_ops() -> Iterator[None]:
 
 
 def trace_to_legacy_program(
-    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], path_prefix: str
+    model: paddle.nn.Layer,
+    input_spec: Sequence[paddle.static.InputSpec],
+    path_prefix: str,
+    program_weights: bool = True,
 ) -> TraceResult:
     """Saves the converted ``model`` as an fp32 legacy program at ``path_prefix``.
 
+    ``program_weights``: trace the weights a Paddle Inference program stores (see
+    :func:`_collect_records`); False for exporters that store the weights computed with.
+
     Raises:
-        ValueError: The model has no calibrated layer, or tracing with ``input_spec`` failed
-            (e.g. wrong rank).
+        ValueError: Tracing with ``input_spec`` failed (e.g. wrong rank).
     """
-    export_model, records, by_layer = _collect_records(model)
+    export_model, records, by_layer = _collect_records(model, program_weights)
     if not records:
-        raise ValueError(
-            "the model has no calibrated layer: quantize, calibrate and convert it with "
-            "ImperativePTQ before exporting"
+        logger.warning(
+            "no layer of the model runs int8 (every calibrated layer stayed fp32): the export "
+            "is an fp32 program"
         )
 
     def record_call(layer: paddle.nn.Layer, inputs: tuple, outputs: Any) -> None:

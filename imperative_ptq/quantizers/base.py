@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -37,6 +38,9 @@ __all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_bool", "validate_quant_bi
 #: float (kernels that flush subnormals to zero would turn it into 0) while a legitimately tiny
 #: tensor (values ~1e-30) keeps its own range.
 MIN_THRESHOLD = float(np.finfo(np.float32).tiny) * 2.0**23
+
+#: State-dict key of :attr:`BaseQuantizer.minimum`.
+_MINIMUM = "minimum"
 
 
 def validate_quant_bits(quant_bits: Any) -> int:
@@ -86,6 +90,10 @@ class BaseQuantizer(abc.ABC):
         #: Affine quantizers: ``(lo, hi)`` per tensor position, set with ``thresholds``.
         self.ranges: list[tuple[Any, Any]] = []
         self.num_batches = 0
+        #: Smallest value of the tensor seen (``None``: not observed). Non-negative tensors run
+        #: as u8 on x86 (:mod:`imperative_ptq.targets`); kept apart from the algorithm's
+        #: statistics because symmetric samples hold only ``|x|``.
+        self.minimum: float | None = None
         self._frozen: list[Any] | None = None
         self._frozen_params: list[QuantParams] | None = None
 
@@ -131,6 +139,12 @@ class BaseQuantizer(abc.ABC):
         for index, sample in enumerate(samples):
             self.observe(index, sample)
         self.num_batches += 1
+
+    def observe_minimum(self, value: float) -> None:
+        """Folds one batch's smallest value into :attr:`minimum` (NaN is ignored)."""
+        if math.isnan(value):
+            return
+        self.minimum = value if self.minimum is None else min(self.minimum, value)
 
     @abc.abstractmethod
     def observe(self, index: int, sample: TensorSample) -> None:
@@ -241,6 +255,8 @@ class BaseQuantizer(abc.ABC):
         """The statistics as numpy arrays (for saving, resuming and merging)."""
         state = self._statistics()
         state["num_batches"] = np.asarray(self.num_batches, dtype=np.int64)
+        if self.minimum is not None:
+            state[_MINIMUM] = np.asarray(self.minimum, dtype=np.float64)
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -252,6 +268,9 @@ class BaseQuantizer(abc.ABC):
         if "num_batches" not in state:
             raise ValueError(f"{type(self).__name__} state has no 'num_batches'")
         self.reset()
+        if _MINIMUM in state:
+            self.minimum = float(state[_MINIMUM])
+            state = {key: value for key, value in state.items() if key != _MINIMUM}
         try:
             self._load_statistics(state)
         except (KeyError, ValueError, IndexError) as error:
@@ -276,17 +295,18 @@ class BaseQuantizer(abc.ABC):
                 f"cannot merge {type(self).__name__} statistics with different arguments: "
                 f"{other.config()} vs {self.config()}"
             )
-        if not other.num_batches:
-            return
-        if not self.num_batches:
+        minima = [value for value in (self.minimum, other.minimum) if value is not None]
+        if other.num_batches and not self.num_batches:
             self.load_state_dict(other.state_dict())
-            return
-        if other.num_tensors != self.num_tensors:
-            raise ValueError(
-                f"cannot merge statistics of {other.num_tensors} tensors into {self.num_tensors}"
-            )
-        self._merge_statistics(other)
-        self.num_batches += other.num_batches
+        elif other.num_batches:
+            if other.num_tensors != self.num_tensors:
+                raise ValueError(
+                    f"cannot merge statistics of {other.num_tensors} tensors into "
+                    f"{self.num_tensors}"
+                )
+            self._merge_statistics(other)
+            self.num_batches += other.num_batches
+        self.minimum = min(minima) if minima else None
 
     @abc.abstractmethod
     def _statistics(self) -> dict[str, np.ndarray]:
@@ -305,6 +325,7 @@ class BaseQuantizer(abc.ABC):
         self.thresholds = []
         self.ranges = []
         self.num_batches = 0
+        self.minimum = None
         self._frozen = None
         self._frozen_params = None
         self._reset_statistics()

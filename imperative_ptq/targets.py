@@ -1,0 +1,124 @@
+"""Deployment targets: the int8 arithmetic each runtime really performs.
+
+The dygraph simulation after ``convert`` is a promise about what the exported model computes,
+so it has to model the target's integer kernels, not an ideal int8 machine. Measured on Paddle
+3.3.1's oneDNN kernels, one layer at a time (``benchmarks/int8_arithmetic_probe.py``):
+
+* With VNNI (AVX-512 VNNI, AVX-VNNI, AMX) every int8 conv/fc accumulates u8 x s8 or s8 x s8
+  products exactly in int32.
+* Without VNNI (AVX2, AVX-512 without VNNI) oneDNN multiplies u8 x s8 byte pairs with
+  ``vpmaddubsw``, whose pairwise sums saturate at int16 (2 * 255 * 127 > 32767). An unsigned
+  (u8) input that uses its whole 0..255 range, as Paddle's pipeline makes every ReLU output,
+  saturates; a signed (s8) input is shifted by +128 into u8 first, so a fc/matmul reading it
+  saturates too (measured: 37% relative error on one Linear reading dense non-negative data),
+  while a conv reading it has its weights halved by oneDNN (7-bit weights, no saturation,
+  ties rounded by float noise: 1.6% relative error against the 8-bit simulation).
+* u8 inputs kept within 0..127 can never saturate (2 * 127 * 127 < 32767) and are exact
+  on every x86 CPU: that is what the x86 targets export for every non-negative input. The
+  ``x86`` target keeps layers with a signed input in fp32, the one form that computes the same
+  on every x86 CPU; ``x86-vnni`` runs them int8 (exact with VNNI only).
+
+Paddle Lite's ARM int8 kernels take s8 activations with symmetric thresholds, so the ``arm``
+target keeps the plain symmetric 8-bit simulation (not measured here: no ARM CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = [
+    "DEFAULT_TARGET", "TARGETS", "Target", "converted_target", "get_target", "set_converted_target",
+]
+
+#: Attribute holding the target a converted model simulates; only this module touches it.
+_CONVERTED_TARGET = "_ptq_target"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The int8 arithmetic of one deployment target.
+
+    Attributes:
+        name: The name passed as ``target=``.
+        description: One line for docs, logs and errors.
+        unsigned_inputs: Export every input that calibration saw non-negative as u8 limited to
+            0..127 (the simulation's grid), so no int16 pair can saturate.
+        signed_inputs_int8: Whether a conv/fc reading a signed input runs int8 exactly on
+            every CPU of the target; where not, such a layer stays fp32, in the simulation and
+            the export.
+        requires_vnni: The target's int8 kernels are only exact on CPUs with VNNI.
+        paddle_fc_weights: Linear layers run as Paddle Inference's oneDNN fc, which recomputes
+            their weight scales its own way (:func:`imperative_ptq.quant_layers.paddle_fc_weight`):
+            the simulation computes with that weight, and the ONNX export stores it.
+    """
+
+    name: str
+    description: str
+    unsigned_inputs: bool
+    signed_inputs_int8: bool
+    requires_vnni: bool
+    paddle_fc_weights: bool
+
+
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target(
+            "x86",
+            "any x86-64 CPU with AVX2 (Paddle Inference / oneDNN, ONNX Runtime): u8 inputs "
+            "within 0..127; layers with a signed input kept fp32",
+            unsigned_inputs=True,
+            signed_inputs_int8=False,
+            requires_vnni=False,
+            paddle_fc_weights=True,
+        ),
+        Target(
+            "x86-vnni",
+            "x86-64 CPUs with AVX-512 VNNI, AVX-VNNI or AMX only: every conv/fc int8, "
+            "exact int32 accumulation",
+            unsigned_inputs=True,
+            signed_inputs_int8=True,
+            requires_vnni=True,
+            paddle_fc_weights=True,
+        ),
+        Target(
+            "arm",
+            "ARM CPUs through Paddle Lite: symmetric s8 activations and weights",
+            unsigned_inputs=False,
+            signed_inputs_int8=True,
+            requires_vnni=False,
+            paddle_fc_weights=False,
+        ),
+    )
+}
+
+#: Correct on every x86 CPU (chosen by measurement: see the module docstring).
+DEFAULT_TARGET = "x86"
+
+
+def get_target(name: object) -> Target:
+    """The :class:`Target` called ``name``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is not a known target.
+    """
+    if isinstance(name, Target):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"target must be a string, one of {sorted(TARGETS)}; got {name!r}")
+    target = TARGETS.get(name)
+    if target is None:
+        raise ValueError(f"unknown target {name!r}: choose one of {sorted(TARGETS)}")
+    return target
+
+
+def set_converted_target(model: object, target: Target) -> None:
+    """Records on a converted model the target its simulation models."""
+    setattr(model, _CONVERTED_TARGET, target.name)
+
+
+def converted_target(model: object) -> Target:
+    """The target ``model`` was converted for (the default for models converted before
+    targets existed)."""
+    return get_target(getattr(model, _CONVERTED_TARGET, DEFAULT_TARGET))
