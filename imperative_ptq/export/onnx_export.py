@@ -9,7 +9,10 @@ translated op by op (a small converter for the CNN/MLP ops PTQ models use) with
   scale ``s_input * s_weight[c]``;
 * uint8 activations, zero point 0 for tensors known to be non-negative (after ReLU) and 128 for
   signed ones. ONNX Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations;
-  symmetric int8 activations leave convs in float (FIELD_NOTES).
+  symmetric int8 activations leave convs in float. On the x86 targets every int8 layer's input
+  is non-negative and quantized on codes 0..127 up to its threshold, the simulation's grid,
+  where ONNX Runtime's AVX2 u8 x s8 kernels cannot saturate (:mod:`imperative_ptq.targets`);
+  only ReLU outputs above the threshold (clipped by the simulation) reach higher codes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import paddle
 
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from ..targets import converted_target
 from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
 
 __all__ = ["export_onnx"]
@@ -49,7 +53,13 @@ def _require_onnx():
 class _Converter:
     """Translates one legacy program into an ONNX QDQ graph."""
 
-    def __init__(self, loaded: program_lib.LegacyProgram, records: Sequence[LayerRecord], specs):
+    def __init__(
+        self,
+        loaded: program_lib.LegacyProgram,
+        records: Sequence[LayerRecord],
+        specs,
+        unsigned_inputs: bool = True,
+    ):
         self.onnx = _require_onnx()
         self.helper = self.onnx.helper
         self.loaded = loaded
@@ -74,6 +84,10 @@ class _Converter:
         self.weights = {r.weight_name: r for r in records if r.simulated}
         #: program var -> calibrated affine (scale, uint8 zero point) of int8-op inputs
         self.affine: dict[str, tuple[float, int]] = {}
+        #: x86 targets: int8-op inputs calibrated non-negative -> threshold; quantized on
+        #: codes 0..127 up to it, where no int16 pair sum can saturate.
+        self.u8_inputs: dict[str, float] = {}
+        self.unsigned_inputs = unsigned_inputs
         self.thresholds = self._activation_thresholds(records)
 
     # ------------------------------------------------------------------------------ helpers
@@ -81,12 +95,19 @@ class _Converter:
         consumers = {name: [op.type for op in ops] for name, ops in self.readers.items()}
         _, outputs = program_lib.collect_scales(list(records), consumers)
         thresholds = dict(outputs)
+        # A layer kept fp32 reads its input unquantized, as in the simulation.
+        program_lib.unscale_fp32_layer_inputs(
+            self.block, thresholds,
+            lambda op: op.input(program_lib.INT8_WEIGHT_OPS[op.type][0])[0] in self.weights,
+        )
         # Inputs of int8 ops: the layer's own input threshold wins, as in the dygraph model.
         for op in self.ops:
             slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
             if slots and op.input(slots[0])[0] in self.weights:
                 record = self.weights[op.input(slots[0])[0]]
                 thresholds[op.input(slots[1])[0]] = float(record.input_threshold)
+                if self.unsigned_inputs and record.input_unsigned:
+                    self.u8_inputs[op.input(slots[1])[0]] = float(record.input_threshold)
                 if record.input_zero_point is not None and 0 <= record.input_zero_point <= 255:
                     # Calibrated with symmetric=False: keep its own uint8 parameters.
                     self.affine[op.input(slots[1])[0]] = (
@@ -121,7 +142,19 @@ class _Converter:
         if threshold is None or threshold <= 0:
             self.names[var] = tensor
             return
-        if var in self.affine:
+        if var in self.u8_inputs:
+            # Codes 0..127 up to the threshold, clipped there as the simulation does, except
+            # after a ReLU: a Clip between a conv and its Q stops ONNX Runtime from fusing
+            # QLinearConv (measured: 1 of 3 convs fused), so there values above the threshold
+            # reach codes up to 255.
+            threshold = self.u8_inputs[var]
+            producer = self.producer.get(var)
+            if producer is None or producer.type not in ("relu", "relu6"):
+                bounds = [self._const("min", np.array(0, np.float32)),
+                          self._const("max", np.array(threshold, np.float32))]
+                tensor = self._node("Clip", [tensor, *bounds], var + ".clip")
+            scale, zero = threshold / 127.0, 0
+        elif var in self.affine:
             scale, zero = self.affine[var]
         elif var in self.unsigned:
             scale, zero = threshold / 255.0, 0
@@ -428,7 +461,9 @@ def export_onnx(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)
-            onnx_model = _Converter(loaded, traced.records, specs).convert(opset)
+            onnx_model = _Converter(
+                loaded, traced.records, specs, converted_target(model).unsigned_inputs
+            ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
     return path

@@ -11,7 +11,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import paddle.inference as paddle_infer
 
-__all__ = ["create_predictor", "predict"]
+from ..calibration_table import read_table
+from ..cpu import cpu_info
+from ..targets import TARGETS
+
+__all__ = ["create_predictor", "exported_target", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,34 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def exported_target(path_prefix: str) -> str | None:
+    """The target an export was written for, from its ``.calibration.json`` (``None`` if the
+    file is missing or does not say)."""
+    path = path_prefix + ".calibration.json"
+    if not os.path.isfile(path):
+        return None
+    try:
+        _, config = read_table(path)
+    except ValueError:
+        return None
+    target = config.get("target")
+    return target if isinstance(target, str) else None
+
+
+def _warn_if_target_needs_vnni(path_prefix: str) -> None:
+    name = exported_target(path_prefix)
+    if name not in TARGETS or not TARGETS[name].requires_vnni:
+        return
+    cpu = cpu_info()
+    if not cpu.vnni:
+        logger.warning(
+            "%s was exported for target %r, whose int8 kernels are exact only with VNNI, but "
+            "this CPU has none (%s): its int8 layers reading signed inputs saturate here. "
+            "Export it with PTQConfig(target='x86') to run right on every x86 CPU.",
+            path_prefix, name, cpu.describe(),
+        )
+
+
 def create_predictor(
     path_prefix: str | os.PathLike, int8: bool = True, num_threads: int | None = None
 ) -> "paddle_infer.Predictor":
@@ -76,6 +108,8 @@ def create_predictor(
                 f"{file} does not exist: pass the prefix given to save_quantized_model "
                 f"(e.g. 'out/model' for out/model.pdmodel)"
             )
+    if int8:
+        _warn_if_target_needs_vnni(path_prefix)
     config = paddle_infer.Config(model_file, params_file)
     config.enable_mkldnn()
     if int8:

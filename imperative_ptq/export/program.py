@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import paddle
@@ -328,7 +328,7 @@ def quantize_program(
         op._rename_input(activation, qdq)
         index += inserted + 1
 
-    kept = _unscale_fp32_layer_inputs(block, outputs)
+    kept = unscale_fp32_layer_inputs(block, outputs)
     producers = _producers(block)
     for name, threshold in outputs.items():
         op = producers.get(name)
@@ -359,7 +359,11 @@ _SCALE_PROPAGATING_OPS = frozenset({
 })
 
 
-def _unscale_fp32_layer_inputs(block: "paddle.static.Block", outputs: dict[str, float]) -> int:
+def unscale_fp32_layer_inputs(
+    block: "paddle.static.Block",
+    outputs: dict[str, float],
+    is_int8: "Callable[[paddle.base.framework.Operator], bool] | None" = None,
+) -> int:
     """Drops the output thresholds that would reach the input of a conv/fc kept fp32.
 
     Paddle's oneDNN pipeline quantizes every conv/fc whose input has a scale, with weight
@@ -367,6 +371,12 @@ def _unscale_fp32_layer_inputs(block: "paddle.static.Block", outputs: dict[str, 
     otherwise run int8 anyway (measured: a Linear after a calibrated Tanh ran
     ``gemm_s8s8s32``; a ``skip_quant`` attribute is lost when matmul_v2 becomes fc). Scales
     spread across reshape/transpose/pool ops both ways, so the whole connected group goes.
+
+    Args:
+        block: The program block.
+        outputs: Thresholds by variable; updated.
+        is_int8: Whether a conv/fc op is an int8 layer (default: its weight comes from a
+            ``dequantize_linear``, as :func:`quantize_program` writes it).
 
     Returns:
         How many conv/fc ops are kept fp32.
@@ -382,9 +392,8 @@ def _unscale_fp32_layer_inputs(block: "paddle.static.Block", outputs: dict[str, 
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or not op.input(slots[0]):
             continue
-        weight = producers.get(op.input(slots[0])[0])
-        if weight is not None and weight.type == "dequantize_linear":
-            continue  # an int8 layer
+        if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, producers):
+            continue
         kept += 1
         pending.extend(op.input(slots[1]))
     seen: set[str] = set()
@@ -400,6 +409,11 @@ def _unscale_fp32_layer_inputs(block: "paddle.static.Block", outputs: dict[str, 
                 pending.extend(n for slot in op.input_names for n in op.input(slot))
                 pending.extend(n for slot in op.output_names for n in op.output(slot))
     return kept
+
+
+def _reads_int8_weight(op, slots: tuple[str, str, str], producers: Mapping) -> bool:
+    weight = producers.get(op.input(slots[0])[0])
+    return weight is not None and weight.type == "dequantize_linear"
 
 
 def _producers(block: "paddle.static.Block") -> dict[str, "paddle.base.framework.Operator"]:

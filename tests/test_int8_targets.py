@@ -1,0 +1,226 @@
+"""Deployment targets: the exported int8 model computes what the simulation promises, on the CPU
+at hand and on AVX2 kernels (oneDNN capped with ``ONEDNN_MAX_CPU_ISA=AVX2`` in a subprocess when
+this CPU has VNNI), and the plain form's saturation without VNNI is pinned per ISA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.cpu import CpuInfo, cpu_info
+from imperative_ptq.export import create_predictor, save_quantized_model
+from imperative_ptq.export import predictor as predictor_module
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROBE = ROOT / "benchmarks" / "int8_arithmetic_probe.py"
+AVX2 = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2")
+
+
+def _probe_module():
+    spec = importlib.util.spec_from_file_location("int8_arithmetic_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _probe_here(target: str, directory: str) -> dict[str, dict[str, float]]:
+    results = _probe_module().probe(target, directory)
+    return {f"{layer}-{source}": errors for (layer, source), errors in results.items()}
+
+
+def _probe_on_avx2(target: str, directory: str) -> dict[str, dict[str, float]]:
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, json
+        spec = importlib.util.spec_from_file_location("probe", {str(PROBE)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        results = module.probe({target!r}, {directory!r})
+        print("RESULT" + json.dumps({{f"{{l}}-{{s}}": e for (l, s), e in results.items()}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=AVX2, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+NATIVE_IS_AVX2 = not cpu_info().vnni
+needs_vnni_host = pytest.mark.skipif(
+    NATIVE_IS_AVX2, reason="this CPU runs AVX2 kernels natively: the native tests cover them"
+)
+
+
+def _assert_exact(results: dict[str, dict[str, float]]) -> None:
+    for case, errors in results.items():
+        # Convs are exact to float rounding; a Linear keeps ~2e-4 from oneDNN rounding the
+        # re-derived fc weight (quant_layers.paddle_fc_weight) in float32.
+        bound = 1e-5 if case.startswith("conv") else 1e-3
+        assert errors["simulation"] < bound, (case, errors)
+        assert errors["exact"] < bound, (case, errors)
+
+
+def test_x86_target_is_exact_here(tmp_path) -> None:
+    _assert_exact(_probe_here("x86", str(tmp_path)))
+
+
+@needs_vnni_host
+def test_x86_target_is_exact_on_avx2_kernels(tmp_path) -> None:
+    _assert_exact(_probe_on_avx2("x86", str(tmp_path)))
+
+
+def _assert_plain_form_truth(results: dict[str, dict[str, float]], vnni: bool) -> None:
+    conv = results["conv-relu"]
+    if vnni:
+        assert conv["exact"] < 1e-5, conv
+    else:
+        # u8 codes up to 255: the int16 pair sums saturate, exactly as emulated.
+        assert conv["pair-saturating"] < 1e-5 and conv["exact"] > 0.01, conv
+        linear = results["linear-dense"]  # s8 shifted by +128 into u8, then saturated
+        assert linear["exact"] > 0.1 and linear["pair-saturating"] < 0.05, linear
+
+
+def test_plain_form_per_isa_truth_here(tmp_path) -> None:
+    _assert_plain_form_truth(_probe_here("arm", str(tmp_path)), cpu_info().vnni)
+
+
+@needs_vnni_host
+def test_plain_form_saturates_on_avx2_kernels(tmp_path) -> None:
+    _assert_plain_form_truth(_probe_on_avx2("arm", str(tmp_path)), vnni=False)
+
+
+@needs_vnni_host
+def test_mnist_exports_agree_with_the_simulation_on_avx2_kernels() -> None:
+    """The export tests that compare Paddle Inference / ONNX Runtime with the simulation, again
+    on oneDNN's AVX2 kernels (ONNX Runtime is not capped by the variable)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_export.py"), "-k", "agrees_with_dygraph"],
+        env=AVX2, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout.splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------- the API
+class _Net(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = paddle.nn.Linear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+def _converted(target: str, x: paddle.Tensor) -> tuple[ip.ImperativePTQ, paddle.nn.Layer]:
+    paddle.seed(0)
+    model = _Net()
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    qmodel(x)
+    ptq.convert(qmodel)
+    return ptq, qmodel
+
+
+def test_default_target_keeps_signed_input_layers_fp32(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
+        _, qmodel = _converted("x86", paddle.randn([32, 8]))
+    assert type(qmodel.fc1) is paddle.nn.Linear  # reads a signed input
+    assert isinstance(qmodel.fc2, ip.QuantizedLayer) and qmodel.fc2.input_unsigned
+    assert "fc1" in caplog.text and "signed input" in caplog.text and "x86-vnni" in caplog.text
+
+
+def test_vnni_target_quantizes_signed_inputs() -> None:
+    _, qmodel = _converted("x86-vnni", paddle.randn([32, 8]))
+    assert isinstance(qmodel.fc1, ip.QuantizedLayer) and not qmodel.fc1.input_unsigned
+    assert qmodel.fc2.input_unsigned
+
+
+def test_unsigned_input_simulation_clips_negatives_to_zero() -> None:
+    _, qmodel = _converted("x86", paddle.rand([32, 8]))
+    layer = qmodel.fc1
+    assert layer.input_unsigned
+    x = paddle.to_tensor([[-1.0] * 8])
+    np.testing.assert_allclose(layer(x).numpy(), layer.layer(paddle.zeros([1, 8])).numpy())
+
+
+def test_input_minima_round_trip_through_table_and_state(tmp_path) -> None:
+    paddle.seed(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_Net())
+    qmodel(paddle.rand([16, 8]) + 0.25)
+    table_path, state_path = tmp_path / "table.json", tmp_path / "state.npz"
+    ptq.save_calibration_table(qmodel, table_path)
+    ptq.save_state(qmodel, state_path)
+    document = json.loads(table_path.read_text())
+    assert document["input_minima"]["fc1"] >= 0.25 and document["input_minima"]["fc2"] == 0.0
+    for load in (ptq.load_calibration_table, ptq.load_state):
+        fresh = ptq.quantize(_Net())
+        load(fresh, table_path if load == ptq.load_calibration_table else state_path)
+        ptq.convert(fresh)
+        assert fresh.fc1.input_unsigned and fresh.fc2.input_unsigned
+    # Merging a shard that saw a negative input makes the input signed.
+    shard = ptq.quantize(_Net())
+    shard(paddle.rand([16, 8]) - 0.5)
+    ptq.save_state(shard, state_path)
+    ptq.load_state(qmodel, state_path, merge=True)
+    ptq.convert(qmodel)
+    assert type(qmodel.fc1) is paddle.nn.Linear  # fp32 on x86 now
+    document["input_minima"] = {"fc1": "low"}
+    table_path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="input_minima"):
+        ptq.load_calibration_table(ptq.quantize(_Net()), table_path)
+
+
+@pytest.mark.parametrize(
+    "target, error, match",
+    [("x87", ValueError, "unknown target 'x87'.*x86-vnni"), (86, TypeError, "target must be a string")],
+)
+def test_bad_target_is_refused(target, error, match) -> None:
+    with pytest.raises(error, match=match):
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target)
+
+
+def test_export_refuses_another_target_than_converted(tmp_path) -> None:
+    _, qmodel = _converted("x86", paddle.rand([32, 8]))
+    spec = [paddle.static.InputSpec([None, 8], "float32", "x")]
+    with pytest.raises(ValueError, match="converted for 'x86'.*target='arm'"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), spec, target="arm")
+    with pytest.raises(ValueError, match="unknown target"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), spec, target="risc-v")
+    assert not os.listdir(tmp_path)
+    save_quantized_model(qmodel, str(tmp_path / "m"), spec, target="x86")
+    assert json.loads((tmp_path / "m.calibration.json").read_text())["config"]["target"] == "x86"
+
+
+AVX2_EPYC = CpuInfo("AMD EPYC 7B13", frozenset({"avx2"}))
+
+
+def test_vnni_export_warns_on_a_cpu_without_vnni(tmp_path, monkeypatch, caplog) -> None:
+    ptq, qmodel = _converted("x86-vnni", paddle.randn([32, 8]))
+    prefix = str(tmp_path / "m")
+    from imperative_ptq.export import paddle_export
+
+    monkeypatch.setattr(paddle_export, "cpu_info", lambda: AVX2_EPYC)
+    monkeypatch.setattr(predictor_module, "cpu_info", lambda: AVX2_EPYC)
+    with caplog.at_level(logging.WARNING):
+        ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 8], "float32", "x")])
+        assert "x86-vnni" in caplog.text and "AMD EPYC 7B13 (avx2)" in caplog.text
+        caplog.clear()
+        create_predictor(prefix, num_threads=1)
+    assert "x86-vnni" in caplog.text and "PTQConfig(target='x86')" in caplog.text
+    assert predictor_module.exported_target(prefix) == "x86-vnni"
