@@ -24,8 +24,15 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import paddle
 
+from .graph import get_tensor, new_persistable, producers, readers, set_tensor, transposed_matmul
 from .tracing import LayerRecord
-from .unsigned import RELU6_U8_PRODUCERS, FusedReluClips, clip_fused_relus, fusable_relu_source
+from .unsigned import (
+    FusedReluClips,
+    clip_fused_relus,
+    insert_clip_relu,
+    runs_unsigned,
+    unsigned_threshold,
+)
 
 __all__ = ["INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "load_legacy_program", "quantize_program"]
 
@@ -100,21 +107,6 @@ def save_legacy_program(loaded: LegacyProgram, path_prefix: str) -> None:
         )
 
 
-def _set_tensor(loaded: LegacyProgram, name: str, value: np.ndarray) -> None:
-    loaded.scope.var(name).get_tensor().set(value, paddle.CPUPlace())
-
-
-def _get_tensor(loaded: LegacyProgram, name: str) -> np.ndarray:
-    return np.array(loaded.scope.find_var(name).get_tensor())
-
-
-def _new_persistable(loaded: LegacyProgram, name: str, value: np.ndarray) -> str:
-    block = loaded.program.global_block()
-    block.create_var(name=name, shape=list(value.shape), dtype=str(value.dtype), persistable=True)
-    _set_tensor(loaded, name, value)
-    return name
-
-
 def fold_conv_bias(loaded: LegacyProgram) -> int:
     """Rewrites ``reshape2(bias) -> elementwise_add`` after convs into the classic bias add.
 
@@ -127,12 +119,8 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
         The number of biases folded.
     """
     block = loaded.program.global_block()
-    producers = _producers(block)
-    readers: dict[str, list] = {}
-    for op in block.ops:
-        for slot in op.input_names:
-            for name in op.input(slot):
-                readers.setdefault(name, []).append(op)
+    writers = producers(block)
+    reading = readers(block)
     folded = []
     for op in block.ops:
         if op.type != "reshape2" or op.input("Shape") or op.input("ShapeTensor"):
@@ -142,13 +130,13 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
         if var is None or not var.persistable or len(var.shape) != 1:
             continue
         out = op.output("Out")[0]
-        adds = readers.get(out, [])
+        adds = reading.get(out, [])
         if not adds or any(
             add.type != "elementwise_add"
             or add.input("Y") != [out]
-            or producers.get(add.input("X")[0]) is None
-            or producers[add.input("X")[0]].type not in ("conv2d", "depthwise_conv2d")
-            or producers[add.input("X")[0]].attr("data_format") not in ("NCHW", "AnyLayout")
+            or writers.get(add.input("X")[0]) is None
+            or writers[add.input("X")[0]].type not in ("conv2d", "depthwise_conv2d")
+            or writers[add.input("X")[0]].attr("data_format") not in ("NCHW", "AnyLayout")
             for add in adds
         ):
             continue
@@ -161,36 +149,6 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
     if folded:
         loaded.program._sync_with_cpp()
     return len(folded)
-
-
-def unsigned_threshold(threshold: float, bits: int) -> float:
-    """The threshold to write for a tensor Paddle Inference runs as u8, so that its grid is the
-    simulation's ``round(x / t * L)`` on ``0..L``.
-
-    Paddle's ``cpu_quantize_pass`` maps a u8 tensor's threshold ``S`` onto 0..255
-    (``q = round(x * 255 / S)``); written as ``S = t * 255 / L`` the codes stay within 0..127,
-    where no int16 pair of ``vpmaddubsw`` can saturate (2 * 127 * 127 < 32767): exact on every
-    x86 CPU (:mod:`imperative_ptq.targets`).
-    """
-    return float(threshold) * 255.0 / (2 ** (bits - 1) - 1)
-
-
-def runs_unsigned(
-    block: "paddle.static.Block", name: str, producers: Mapping[str, "paddle.base.framework.Operator"]
-) -> bool:
-    """Whether Paddle's oneDNN int8 pipeline runs variable ``name`` as u8.
-
-    Its ``compute_propagate_scales_onednn_pass`` marks unsigned only the outputs of ``relu``
-    ops and of convs/fcs with a fused ``relu``/``relu6``; every other tensor with its own scale
-    is s8, whatever its values.
-    """
-    op = producers.get(name)
-    if op is None or op.type not in ("relu", "relu6"):
-        return False
-    if op.type == "relu":
-        return True
-    found = fusable_relu_source(block, op)
-    return found is not None and found[0].type in RELU6_U8_PRODUCERS
 
 
 def collect_scales(
@@ -250,9 +208,8 @@ def quantize_program(
         records: Calibrated layers from tracing.
         extra_outputs: Thresholds of further tensors (e.g. functional ops) by variable name.
         quantize_residuals: See :func:`collect_scales`.
-        unsigned_inputs: x86 targets: run every input calibrated non-negative as u8 within
-            0..127 (a ``relu`` is inserted in front of those Paddle would run as s8) and write
-            the thresholds of u8 tensors with :func:`unsigned_threshold`.
+        unsigned_inputs: x86 targets: run every input calibrated non-negative as u8 on codes
+            0..127, clipped at its threshold (:mod:`.unsigned`).
 
     Returns:
         The scales written.
@@ -275,7 +232,7 @@ def quantize_program(
     while index < len(block.ops):
         op = block.ops[index]
         slots = INT8_WEIGHT_OPS.get(op.type)
-        if slots is None or _transposed_matmul(op):
+        if slots is None or transposed_matmul(op):
             index += 1
             continue
         weight_slot, input_slot, _ = slots
@@ -311,7 +268,7 @@ def quantize_program(
                 # a fc shifts by +128 into u8 before the saturating pair sums) within 0..127.
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
-                    quantized = _insert_clip_relu(loaded, index + inserted, activation, threshold)
+                    quantized = insert_clip_relu(loaded, index + inserted, activation, threshold)
                     rectified[(activation, threshold)] = quantized
                     inserted += 2
             threshold = unsigned_threshold(threshold, record.activation_bits)
@@ -329,16 +286,16 @@ def quantize_program(
         index += inserted + 1
 
     kept = unscale_fp32_layer_inputs(block, outputs)
-    producers = _producers(block)
+    writers = producers(block)
     for name, threshold in outputs.items():
-        op = producers.get(name)
+        op = writers.get(name)
         if op is None or op.type in ("quantize_linear", "dequantize_linear"):
             continue
         if name in written.inputs:
             # One scale per tensor: the one its int8 readers quantize it with (Paddle takes
             # whichever it collects first), which the u8 clip above also assumes.
             threshold = written.inputs[name]
-        elif unsigned_inputs and runs_unsigned(block, name, producers):
+        elif unsigned_inputs and runs_unsigned(block, name, writers):
             threshold = unsigned_threshold(threshold, 8)  # Paddle's int8 passes take 8 bits only
         op._set_attr("out_threshold", float(threshold))
         written.outputs[name] = float(threshold)
@@ -381,18 +338,13 @@ def unscale_fp32_layer_inputs(
     Returns:
         How many conv/fc ops are kept fp32.
     """
-    producers = _producers(block)
-    readers: dict[str, list] = {}
-    for op in block.ops:
-        for slot in op.input_names:
-            for name in op.input(slot):
-                readers.setdefault(name, []).append(op)
+    writers, reading = producers(block), readers(block)
     pending, kept = [], 0
     for op in block.ops:
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or not op.input(slots[0]):
             continue
-        if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, producers):
+        if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, writers):
             continue
         kept += 1
         pending.extend(op.input(slots[1]))
@@ -403,7 +355,7 @@ def unscale_fp32_layer_inputs(
             continue
         seen.add(name)
         outputs.pop(name, None)
-        neighbours = [producers.get(name)] + readers.get(name, [])
+        neighbours = [writers.get(name)] + reading.get(name, [])
         for op in neighbours:
             if op is not None and op.type in _SCALE_PROPAGATING_OPS:
                 pending.extend(n for slot in op.input_names for n in op.input(slot))
@@ -411,43 +363,9 @@ def unscale_fp32_layer_inputs(
     return kept
 
 
-def _reads_int8_weight(op, slots: tuple[str, str, str], producers: Mapping) -> bool:
-    weight = producers.get(op.input(slots[0])[0])
+def _reads_int8_weight(op, slots: tuple[str, str, str], writers: Mapping) -> bool:
+    weight = writers.get(op.input(slots[0])[0])
     return weight is not None and weight.type == "dequantize_linear"
-
-
-def _producers(block: "paddle.static.Block") -> dict[str, "paddle.base.framework.Operator"]:
-    """Variable name -> the op writing it."""
-    return {name: op for op in block.ops for slot in op.output_names for name in op.output(slot)}
-
-
-def _transposed_matmul(op: "paddle.base.framework.Operator") -> bool:
-    """A matmul_v2 with a transposed operand, which the export leaves in fp32."""
-    return op.type == "matmul_v2" and bool(op.attr("trans_x") or op.attr("trans_y"))
-
-
-def _insert_clip_relu(loaded: LegacyProgram, index: int, name: str, threshold: float) -> str:
-    """Inserts ``relu(minimum(name, threshold))`` at ``index``; returns its output variable.
-
-    The minimum makes values above the threshold saturate where the simulation's do (at code
-    127, not 255); the relu makes Paddle's int8 pipeline run the result as u8. Not a ``clip``
-    op: Paddle 3.3.1 fuses a clip after a fc into the fc as a plain ReLU (oneDNN verbose
-    ``eltwise_relu:0:<max>``), which drops the upper bound.
-    """
-    block = loaded.program.global_block()
-    var = block.var(name)
-    stem = f"{name}.u8_{len(block.ops)}"
-    clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
-    out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
-    bound = _new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
-    block._insert_op(
-        index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
-        outputs={"Out": [clipped.name]}, attrs={"axis": -1},
-    )
-    block._insert_op(
-        index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
-    )
-    return out.name
 
 
 def _int8_weight(
@@ -466,7 +384,7 @@ def _int8_weight(
     from ..quant_layers import quantize_weight
 
     block = loaded.program.global_block()
-    weight = _get_tensor(loaded, weight_name).astype(np.float32)
+    weight = get_tensor(loaded, weight_name).astype(np.float32)
     thresholds = np.asarray(record.weight_thresholds, dtype=np.float32).reshape(-1) * np.float32(
         factor
     )
@@ -486,10 +404,10 @@ def _int8_weight(
         thresholds = np.full([weight.shape[axis]], thresholds[0], dtype=np.float32)
     # The layer's weight already is integers * t / 127, so this round trip is exact.
     integers = quantize_weight(weight, thresholds, record.weight_bits, axis)
-    _set_tensor(loaded, weight_name, integers)
+    set_tensor(loaded, weight_name, integers)
     block.var(weight_name).desc.set_dtype(paddle.base.core.VarDesc.VarType.INT8)
-    scale = _new_persistable(loaded, weight_name + ".scale", thresholds)
-    zero = _new_persistable(
+    scale = new_persistable(loaded, weight_name + ".scale", thresholds)
+    zero = new_persistable(
         loaded, weight_name + ".zero_point", np.zeros(thresholds.shape, dtype=np.int32)
     )
     out = weight_name + ".dequantized"
@@ -512,7 +430,7 @@ def _copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, seria
         op for op in block.ops if op.type == "dequantize_linear" and op.output("Y") == [dequantized]
     )
     weight_name = source.input("X")[0]
-    copy = _new_persistable(loaded, f"{weight_name}.copy{serial}", _get_tensor(loaded, weight_name))
+    copy = new_persistable(loaded, f"{weight_name}.copy{serial}", get_tensor(loaded, weight_name))
     out = copy + ".dequantized"
     block.create_var(
         name=out, shape=list(block.var(dequantized).shape), dtype="float32", persistable=False
@@ -534,8 +452,8 @@ def _activation_qdq(
     block = loaded.program.global_block()
     var = block.var(name)
     stem = f"{name}.q{serial}"
-    scale = _new_persistable(loaded, stem + ".scale", np.array([threshold], dtype=np.float32))
-    zero = _new_persistable(loaded, stem + ".zero_point", np.zeros([1], dtype=np.int32))
+    scale = new_persistable(loaded, stem + ".scale", np.array([threshold], dtype=np.float32))
+    zero = new_persistable(loaded, stem + ".zero_point", np.zeros([1], dtype=np.int32))
     quantized = block.create_var(name=stem + ".quantized", shape=var.shape, dtype=var.dtype)
     dequantized = block.create_var(name=stem + ".dequantized", shape=var.shape, dtype=var.dtype)
     attrs = {"quant_axis": -1, "bit_length": bits}

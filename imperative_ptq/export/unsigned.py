@@ -3,7 +3,7 @@
 Paddle Inference's oneDNN pipeline runs a tensor as u8 only when it is a ReLU output (a ``relu``
 op, or a ``relu``/``relu6`` fused into the conv/fc before it) and maps its threshold ``S`` onto
 0..255. The x86 targets (:mod:`imperative_ptq.targets`) need codes 0..127, exactly the
-simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`.program.unsigned_threshold` writes
+simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` writes
 ``S = t * 255 / 127``, and the values above ``t`` must be clipped before they are quantized.
 
 * A ReLU (or ReLU6) fused into its conv and read only by int8 layers quantizing it at one
@@ -13,8 +13,9 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`.program.unsigned_thre
   unchanged; only float scales move. (Paddle 3.3.1's ``relu6`` has no threshold attribute:
   oneDNN's fused clip is always at 6.)
 * Any other non-negative input (a network input, a pooling or reshape output, a ReLU after a
-  fc, whose fused relu6 Paddle runs as s8, or a ReLU also read by a residual add) gets ``clip(x, 0, t)`` and a ``relu`` in front of its quantize op; the
-  ``relu`` is what makes Paddle run the result as u8.
+  fc, whose fused relu6 Paddle runs as s8, or a ReLU also read by a residual add) gets
+  ``relu(minimum(x, t))`` in front of its quantize op (:func:`insert_clip_relu`); the ``relu``
+  is what makes Paddle run the result as u8.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from typing import Mapping
 
 import numpy as np
 
+from .graph import get_tensor, is_persistable, new_persistable, producers, readers, set_tensor
+from .graph import transposed_matmul
 from .tracing import LayerRecord
 
 __all__ = [
-    "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_fused_relus", "fusable_relu_source",
+    "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_fused_relus",
+    "fusable_relu_source", "insert_clip_relu", "runs_unsigned", "unsigned_threshold",
 ]
 
 #: Where oneDNN's fused ``relu6`` clips (Paddle 3.3.1 ignores any threshold attribute).
@@ -47,6 +51,57 @@ FUSING_OPS: dict[str, tuple[str, str]] = {  # op type -> (weight slot, input slo
 #: Producers whose fused ``relu6`` output Paddle runs as u8. A fc's is s8 (measured: Paddle
 #: 3.3.1 fuses the fc activation after deciding signedness, and only a ``relu`` op counts then).
 RELU6_U8_PRODUCERS = frozenset({"conv2d", "depthwise_conv2d"})
+
+
+def unsigned_threshold(threshold: float, bits: int) -> float:
+    """The threshold to write for a tensor Paddle Inference runs as u8, so that its grid is the
+    simulation's ``round(x / t * L)`` on ``0..L``.
+
+    Paddle's ``cpu_quantize_pass`` maps a u8 tensor's threshold ``S`` onto 0..255
+    (``q = round(x * 255 / S)``); written as ``S = t * 255 / L`` the codes stay within 0..127,
+    where no int16 pair of ``vpmaddubsw`` can saturate (2 * 127 * 127 < 32767).
+    """
+    return float(threshold) * 255.0 / (2 ** (bits - 1) - 1)
+
+
+def runs_unsigned(block, name: str, writers: Mapping) -> bool:
+    """Whether Paddle's oneDNN int8 pipeline runs variable ``name`` as u8.
+
+    Its ``compute_propagate_scales_onednn_pass`` marks unsigned only the outputs of ``relu``
+    ops and of convs with a fused ``relu6`` (:data:`RELU6_U8_PRODUCERS`); every other tensor
+    with its own scale is s8, whatever its values.
+    """
+    op = writers.get(name)
+    if op is None or op.type not in ("relu", "relu6"):
+        return False
+    if op.type == "relu":
+        return True
+    found = fusable_relu_source(block, op)
+    return found is not None and found[0].type in RELU6_U8_PRODUCERS
+
+
+def insert_clip_relu(loaded, index: int, name: str, threshold: float) -> str:
+    """Inserts ``relu(minimum(name, threshold))`` at ``index``; returns its output variable.
+
+    The minimum makes values above the threshold saturate where the simulation's do (at code
+    127, not 255); the relu makes Paddle's int8 pipeline run the result as u8. Not a ``clip``
+    op: Paddle 3.3.1 fuses a clip after a fc into the fc as a plain ReLU (oneDNN verbose
+    ``eltwise_relu:0:<max>``), which drops the upper bound.
+    """
+    block = loaded.program.global_block()
+    var = block.var(name)
+    stem = f"{name}.u8_{len(block.ops)}"
+    clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
+    out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
+    bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
+    block._insert_op(
+        index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
+        outputs={"Out": [clipped.name]}, attrs={"axis": -1},
+    )
+    block._insert_op(
+        index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
+    )
+    return out.name
 
 
 @dataclasses.dataclass
@@ -71,19 +126,17 @@ def fusable_relu_source(block, op) -> tuple[object, list] | None:
         ``(producer, chain)`` with ``chain`` the batch_norm / bias-add ops in between (nearest
         first), or ``None`` when the activation would run on its own.
     """
-    producers = _producers(block)
+    writers = producers(block)
     chain = []
-    source = producers.get(op.input("X")[0])
+    source = writers.get(op.input("X")[0])
     while source is not None and source.type in _FUSED_INTO_PRODUCER:
-        if source.type == "elementwise_add" and not _persistable(block, source.input("Y")[0]):
+        if source.type == "elementwise_add" and not is_persistable(block, source.input("Y")[0]):
             return None  # a residual add: fused too, but its other operand is not ours to scale
         chain.append(source)
-        source = producers.get(source.input("X")[0])
-    if source is None or source.type not in FUSING_OPS:
+        source = writers.get(source.input("X")[0])
+    if source is None or source.type not in FUSING_OPS or transposed_matmul(source):
         return None
-    if source.type == "matmul_v2" and (source.attr("trans_x") or source.attr("trans_y")):
-        return None
-    if not _persistable(block, source.input(FUSING_OPS[source.type][0])[0]):
+    if not is_persistable(block, source.input(FUSING_OPS[source.type][0])[0]):
         return None
     return source, chain
 
@@ -101,27 +154,22 @@ def clip_fused_relus(
         outputs: Output thresholds by variable (updated for the rescaled tensors).
     """
     block = loaded.program.global_block()
-    producers = _producers(block)
-    readers: dict[str, list] = {}
-    for op in block.ops:
-        for slot in op.input_names:
-            for name in op.input(slot):
-                readers.setdefault(name, []).append(op)
+    reading = readers(block)
     result = FusedReluClips()
-    for name, relu in list(producers.items()):
+    for name, relu in list(producers(block).items()):
         if relu.type not in ("relu", "relu6"):
             continue
         thresholds = set()
         weight_names = []
-        for reader in readers.get(name, []):
+        for reader in reading.get(name, []):
             slots = FUSING_OPS.get(reader.type)
             record = None if slots is None else weights.get(reader.input(slots[0])[0])
             if record is None or not record.input_unsigned or reader.input(slots[1]) != [name]:
                 break
-            if reader.type == "matmul_v2" and (reader.attr("trans_x") or reader.attr("trans_y")):
+            if transposed_matmul(reader):
                 break
             weight_name = reader.input(slots[0])[0]
-            if len(readers.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
+            if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
                 break
             thresholds.add(record.input_threshold)
             weight_names.append(weight_name)
@@ -135,7 +183,7 @@ def clip_fused_relus(
             if relu.type == "relu6" and threshold > RELU6_CLIP:
                 continue  # a relu6 already clips below the threshold; scaling would lift it
             factor = RELU6_CLIP / threshold
-            if not _scale_producer(loaded, readers, found, factor, weights, result):
+            if not _scale_producer(loaded, reading, found, factor, result):
                 continue
             for weight_name in weight_names:
                 _scale_tensor(loaded, weight_name, 1.0 / factor)
@@ -149,7 +197,7 @@ def clip_fused_relus(
     return result
 
 
-def _scale_producer(loaded, readers, found, factor, weights, result: FusedReluClips) -> bool:
+def _scale_producer(loaded, reading, found, factor: float, result: FusedReluClips) -> bool:
     """Multiplies the fused producer's output by ``factor``: through the BatchNorm's scale and
     bias when there is one, else through the conv/fc weight and bias. False (nothing changed)
     when a tensor to scale is shared with another op."""
@@ -165,7 +213,7 @@ def _scale_producer(loaded, readers, found, factor, weights, result: FusedReluCl
         if weight in result.weight_factors:
             return False
         tensors = [weight] + [op.input("Y")[0] for op in chain if op.type == "elementwise_add"]
-    if any(len(readers.get(name, [])) != 1 for name in tensors):
+    if any(len(reading.get(name, [])) != 1 for name in tensors):
         return False
     for name in tensors:
         _scale_tensor(loaded, name, factor)
@@ -175,21 +223,5 @@ def _scale_producer(loaded, readers, found, factor, weights, result: FusedReluCl
 
 
 def _scale_tensor(loaded, name: str, factor: float) -> None:
-    tensor = loaded.scope.find_var(name).get_tensor()
-    value = np.array(tensor)
-    tensor.set((value * factor).astype(value.dtype), _cpu_place())
-
-
-def _cpu_place():
-    import paddle
-
-    return paddle.CPUPlace()
-
-
-def _persistable(block, name: str) -> bool:
-    var = block._find_var_recursive(name)
-    return var is not None and bool(var.persistable)
-
-
-def _producers(block) -> dict:
-    return {name: op for op in block.ops for slot in op.output_names for name in op.output(slot)}
+    value = get_tensor(loaded, name)
+    set_tensor(loaded, name, (value * factor).astype(value.dtype))

@@ -1,0 +1,60 @@
+"""Small helpers to read and edit a loaded legacy program: who writes and reads a variable,
+and the parameter tensors in its scope. ``loaded`` is a :class:`.program.LegacyProgram`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import paddle
+
+__all__ = [
+    "get_tensor", "is_persistable", "new_persistable", "producers", "readers", "set_tensor",
+    "transposed_matmul",
+]
+
+Operator = Any  # paddle.base.framework.Operator
+
+
+def producers(block: "paddle.static.Block") -> dict[str, Operator]:
+    """Variable name -> the op writing it."""
+    return {name: op for op in block.ops for slot in op.output_names for name in op.output(slot)}
+
+
+def readers(block: "paddle.static.Block") -> dict[str, list[Operator]]:
+    """Variable name -> the ops reading it, in program order."""
+    found: dict[str, list[Operator]] = {}
+    for op in block.ops:
+        for slot in op.input_names:
+            for name in op.input(slot):
+                found.setdefault(name, []).append(op)
+    return found
+
+
+def is_persistable(block: "paddle.static.Block", name: str) -> bool:
+    """Whether ``name`` is a parameter (or another persistable variable) of the program."""
+    var = block._find_var_recursive(name)
+    return var is not None and bool(var.persistable)
+
+
+def transposed_matmul(op: Operator) -> bool:
+    """A matmul_v2 with a transposed operand, which the export leaves in fp32."""
+    return op.type == "matmul_v2" and bool(op.attr("trans_x") or op.attr("trans_y"))
+
+
+def get_tensor(loaded: Any, name: str) -> np.ndarray:
+    """A copy of the scope tensor ``name``."""
+    return np.array(loaded.scope.find_var(name).get_tensor())
+
+
+def set_tensor(loaded: Any, name: str, value: np.ndarray) -> None:
+    """Sets (or creates) the scope tensor ``name``."""
+    loaded.scope.var(name).get_tensor().set(value, paddle.CPUPlace())
+
+
+def new_persistable(loaded: Any, name: str, value: np.ndarray) -> str:
+    """Adds a persistable variable ``name`` holding ``value``; returns its name."""
+    block = loaded.program.global_block()
+    block.create_var(name=name, shape=list(value.shape), dtype=str(value.dtype), persistable=True)
+    set_tensor(loaded, name, value)
+    return name
