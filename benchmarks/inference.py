@@ -4,9 +4,13 @@ Engines are interleaved round by round and medians reported, so a noisy neighbou
 machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
 weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet and the demo's MnistConvNet.
 Logit cosine is against
-the dygraph fp32 model; sizes are of the exported files.
+the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
+per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
+names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), including any
+``ONEDNN_MAX_CPU_ISA`` cap.
 
 Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
+                                      [--target x86|x86-vnni|arm]
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,7 +26,10 @@ import time
 import numpy as np
 import paddle
 
-from imperative_ptq import ImperativePTQ
+from imperative_ptq import (
+    DEFAULT_TARGET, TARGETS, ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig,
+    cpu_info,
+)
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
 from imperative_ptq.models import MnistConvNet
 
@@ -72,12 +78,16 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def bench_model(name: str, rounds: int, iters: int, workdir: str) -> list[dict]:
+def bench_model(
+    name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET
+) -> list[dict]:
+    """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it."""
     factory, shape, batches = MODELS[name]
     paddle.seed(0)
     model = factory()
     model.eval()
-    ptq = ImperativePTQ()
+    # The default algorithms (KL activations, per-channel absmax weights), for ``target``.
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
     qmodel = ptq.quantize(model)
     for _ in range(8):
         qmodel(paddle.rand([4, *shape]))
@@ -189,14 +199,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS),
+                        help="deployment target of the int8 export (default %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
-            rows.extend(bench_model(name, args.rounds, args.iters, workdir))
-    print(f"# {datetime.date.today()} {platform.processor() or platform.machine()} "
-          f"cpus={len(os.sched_getaffinity(0))} paddle={paddle.__version__}")
+            rows.extend(bench_model(name, args.rounds, args.iters, workdir, args.target))
+    print(f"# {datetime.date.today()} {cpu_info().describe()} "
+          f"cpus={len(os.sched_getaffinity(0))} paddle={paddle.__version__} target={args.target}")
     header = ["model", "batch", "paddle fp32 ms", "paddle int8 ms", "paddle speed-up",
               "ort fp32 ms", "ort int8 ms", "ort speed-up", "cos paddle fp32", "cos paddle int8",
               "cos ort int8", "pdiparams fp32 MB", "pdiparams int8 MB", "onnx int8 MB"]

