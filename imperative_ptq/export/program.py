@@ -227,6 +227,7 @@ def quantize_program(
     dequantized_inputs: dict[tuple[str, float], str] = {}
     clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()
     rectified: dict[tuple[str, float], str] = {}
+    writers = producers(block)
 
     index = 0
     while index < len(block.ops):
@@ -262,10 +263,11 @@ def quantize_program(
         quantized, threshold = activation, record.input_threshold
         if unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
-            if activation not in clips.thresholds:
-                # Not the output of a ReLU fused into its producer: clip at the threshold and
-                # rectify, so Paddle runs it as u8 (a ``clip`` output alone would be s8, which
-                # a fc shifts by +128 into u8 before the saturating pair sums) within 0..127.
+            if activation not in clips.thresholds and not runs_unsigned(block, activation, writers):
+                # Not a ReLU output: clip at the threshold and rectify, so Paddle runs it as u8
+                # (a ``clip`` output alone would be s8, which a fc shifts by +128 into u8 before
+                # the saturating pair sums) within 0..127. A ReLU output that cannot be clipped
+                # for free (after a fc or a residual add) is left as it is: see unsigned.py.
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
                     quantized = insert_clip_relu(loaded, index + inserted, activation, threshold)
@@ -309,10 +311,12 @@ def quantize_program(
 
 
 #: Ops across which Paddle's ``compute_propagate_scales_onednn_pass`` copies a tensor scale, in
-#: either direction.
+#: either direction, and ops its inference passes remove (``dropout``, ``assign``), which join
+#: their input and output into one tensor (measured: a Linear kept fp32 behind a Hardswish and
+#: a Dropout ran ``gemm_s8s8s32``).
 _SCALE_PROPAGATING_OPS = frozenset({
     "transpose2", "fused_transpose", "reshape2", "pool2d", "slice", "shape", "nearest_interp",
-    "nearest_interp_v2", "split", "concat", "scale",
+    "nearest_interp_v2", "split", "concat", "scale", "dropout", "assign",
 })
 
 
