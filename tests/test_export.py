@@ -154,6 +154,47 @@ def test_paddle_inference_int8_agrees_with_dygraph(exports, name) -> None:
     assert cosine > 0.995
 
 
+@pytest.mark.parametrize("name", ["lenet", "mlp", "convnet"])
+def test_int8_report_reads_back_what_runs(exports, name) -> None:
+    from imperative_ptq.export import int8_report
+    from imperative_ptq.quant_layers import QuantizedLayer
+
+    exported = exports[name]
+    report = int8_report(exported.prefix)
+    layers = sum(isinstance(layer, QuantizedLayer) for layer in exported.qmodel.sublayers())
+    # Every calibrated layer runs int8 on a u8 input; nothing else does.
+    assert sum(report.int8.values()) == layers and not report.signed_inputs, report
+    assert not report.fp32_weights, report
+    assert f"runs {layers} conv/fc ops int8" in report.summary()
+
+
+def test_int8_report_names_signed_inputs_and_fp32_layers(tmp_path, caplog) -> None:
+    from imperative_ptq import KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import int8_report
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(16, 32), paddle.nn.ReLU(), paddle.nn.Linear(32, 8)
+    )
+    model.eval()
+    x = paddle.randn([16, 16])  # signed: int8 on x86-vnni only
+    spec = [paddle.static.InputSpec([None, 16], "float32", "x")]
+    reports = {}
+    for target in ("x86", "x86-vnni"):
+        ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
+        qmodel = ptq.quantize(model)
+        qmodel(x)
+        with caplog.at_level("INFO", logger="imperative_ptq.export.paddle_export"):
+            ptq.save_quantized_model(qmodel, str(tmp_path / target / "m"), spec)
+        reports[target] = int8_report(tmp_path / target / "m")
+    assert reports["x86"].int8 == {"fc": 1} and reports["x86"].fp32 == {"fc": 1}
+    assert not reports["x86"].signed_inputs
+    assert reports["x86-vnni"].int8 == {"fc": 2} and len(reports["x86-vnni"].signed_inputs) == 1
+    assert "runs 1 conv/fc ops int8 (1 fc) and 1 in fp32 (1 fc)" in caplog.text
+    with pytest.raises(FileNotFoundError):
+        int8_report(tmp_path / "missing")
+
+
 def test_dynamic_batch_and_plain_config(exports) -> None:
     exported = exports["lenet"]
     config = paddle_infer.Config(exported.prefix + ".pdmodel", exported.prefix + ".pdiparams")
@@ -186,14 +227,14 @@ def test_int8_kernels_really_run(exports, name, num_convs, num_fcs) -> None:
     executed = [line for line in result.stdout.splitlines() if ",exec," in line]
 
     def int8(line: str) -> bool:
-        return ("src:u8" in line or "src:s8" in line) and "wei:s8" in line
+        return "src:u8" in line and "wei:s8" in line
 
     convs = [line for line in executed if ",convolution," in line]
     fcs = [line for line in executed if ",inner_product," in line]
-    # Every conv and fc runs an int8 kernel; the image is signed (s8), ReLU outputs are u8.
+    # Every conv and fc runs an int8 kernel on a u8 input (x86 target: the image in [0, 1]
+    # too), the form that cannot saturate without VNNI.
     assert len(convs) == num_convs and all(map(int8, convs)), convs
     assert len(fcs) == num_fcs and all(map(int8, fcs)), fcs
-    assert any("src:u8" in line and "wei:s8" in line for line in convs + fcs)
     # conv + bias + BN + ReLU fused: no separate fp32 batch-norm primitive.
     assert not any(",batch_normalization," in line for line in executed)
 

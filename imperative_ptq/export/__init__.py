@@ -2,18 +2,22 @@
 
 * :func:`save_quantized_model` writes a legacy-IR program in Paddle's QDQ format with int8
   weights (oneDNN int8 on x86, Paddle Lite ``opt`` for ARM);
-* :func:`create_predictor` configures Paddle Inference for it;
+* :func:`create_predictor` configures Paddle Inference for it, and :func:`int8_report` reads
+  back which conv/fc ops its int8 passes really run in int8;
 * :func:`export_onnx` writes a QDQ ONNX model that ONNX Runtime runs with QLinear kernels
   (needs the ``export`` extra: ``onnx``, ``onnxruntime``).
 """
 
+from .inspect import Int8Report, int8_report
 from .onnx_export import export_onnx
 from .paddle_export import save_fp32_model, save_quantized_model
 from .predictor import create_predictor, predict
 
 __all__ = [
+    "Int8Report",
     "create_predictor",
     "export_onnx",
+    "int8_report",
     "predict",
     "save_fp32_model",
     "save_quantized_model",

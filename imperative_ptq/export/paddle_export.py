@@ -11,6 +11,7 @@ import paddle
 from ..calibration_table import write_table
 from ..cpu import cpu_info
 from ..targets import Target, converted_target, get_target
+from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
@@ -74,6 +75,33 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
                 chosen.name, cpu.describe(),
             )
     return chosen
+
+
+def _log_runtime_report(path: str, records: Sequence[LayerRecord], target: Target) -> None:
+    """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line,
+    and a warning for calibrated layers it keeps fp32 or int8 ops reading a signed input on
+    the ``x86`` target. A failure to build the report is logged, never raised: the export
+    itself is done."""
+    try:
+        report = int8_report(path)
+    except Exception as error:  # noqa: BLE001 - the report is advice; the files are written
+        logger.warning("could not read back what Paddle Inference runs in int8: %s", error)
+        return
+    logger.info("%s: %s", path, report.summary())
+    names = {record.weight_name: record.name for record in records if record.simulated}
+    kept = sorted({names[weight] for weight in report.fp32_weights if weight in names})
+    if kept:
+        logger.info(
+            "%d calibrated layers run fp32 in Paddle Inference (its int8 passes found no int8 "
+            "form, e.g. a residual conv whose residual has no scale): %s",
+            len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""),
+        )
+    if report.signed_inputs and not target.signed_inputs_int8:
+        logger.warning(
+            "target %r: %d int8 ops read a signed (s8) input in Paddle Inference, which "
+            "saturates on CPUs without VNNI: %s", target.name, len(report.signed_inputs),
+            ", ".join(report.signed_inputs[:5]),
+        )
 
 
 def _table(records: Sequence[LayerRecord]) -> dict[str, dict[str, list[float]]]:
@@ -155,6 +183,8 @@ def save_quantized_model(
             staging + ".calibration.json", layers,
             {**(quant_config or {}), "target": target_spec.name}, input_minima,
         )
+    if target_spec.name in ("x86", "x86-vnni"):
+        _log_runtime_report(path, traced.records, target_spec)
 
 
 def save_fp32_model(

@@ -26,7 +26,7 @@ INT8_DELETED_PASSES = ("repeated_fc_relu_fuse_pass",)
 
 
 @contextlib.contextmanager
-def _quiet_native_output() -> Iterator[None]:
+def quiet_native_output() -> Iterator[None]:
     """Silences the pass log that oneDNN's int8 passes write straight to file descriptors 1
     and 2 (they ignore ``disable_glog_info``), unless this module logs at DEBUG level. Failures
     still surface: Paddle raises them as Python exceptions."""
@@ -119,7 +119,7 @@ def create_predictor(
     config.set_cpu_math_library_num_threads(num_threads)
     config.disable_glog_info()
     logger.debug("predictor for %s: int8=%s threads=%d", path_prefix, int8, num_threads)
-    with _quiet_native_output():
+    with quiet_native_output():
         predictor = paddle_infer.create_predictor(config)
         # The int8 passes run (and print) on the first call.
         for name in predictor.get_input_names():
