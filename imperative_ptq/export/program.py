@@ -30,6 +30,7 @@ from .unsigned import (
     FusedReluClips,
     clip_fused_relus,
     insert_clip_relu,
+    relu_fused_into_gemm,
     runs_unsigned,
     unsigned_threshold,
 )
@@ -263,11 +264,14 @@ def quantize_program(
         quantized, threshold = activation, record.input_threshold
         if unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
-            if activation not in clips.thresholds and not runs_unsigned(block, activation, writers):
-                # Not a ReLU output: clip at the threshold and rectify, so Paddle runs it as u8
-                # (a ``clip`` output alone would be s8, which a fc shifts by +128 into u8 before
-                # the saturating pair sums) within 0..127. A ReLU output that cannot be clipped
-                # for free (after a fc or a residual add) is left as it is: see unsigned.py.
+            if activation not in clips.thresholds and not (
+                runs_unsigned(block, activation, writers)
+                and relu_fused_into_gemm(block, activation, writers)
+            ):
+                # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
+                # alone would be s8, which a fc shifts by +128 into u8 before the saturating
+                # pair sums) within 0..127. A ReLU fused into a fc or a residual conv is left
+                # as it is: a clip there would cost an fp32 round trip (see unsigned.py).
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
                     quantized = insert_clip_relu(loaded, index + inserted, activation, threshold)

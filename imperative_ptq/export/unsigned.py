@@ -12,11 +12,11 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
   ``k``, the readers' weights divided by it and their threshold becomes 6. Integer weights are
   unchanged; only float scales move. (Paddle 3.3.1's ``relu6`` has no threshold attribute:
   oneDNN's fused clip is always at 6.)
-* A non-negative input that is not a ReLU output (a network input, a pooling, reshape or
-  sigmoid output) gets ``relu(minimum(x, t))`` in front of its quantize op
+* Any other non-negative input (a network input, a pooling, reshape or sigmoid output, a ReLU
+  after a BatchNorm) gets ``relu(clip(x, 0, t))`` in front of its quantize op
   (:func:`insert_clip_relu`); the ``relu`` is what makes Paddle run the result as u8.
-* A ReLU output that cannot be clipped for free (after a fc, whose fused relu6 Paddle runs as
-  s8, or after a residual add, or also read by other ops) keeps its ReLU: values up to ``t``
+* A ReLU fused into a fc (whose fused relu6 Paddle runs as s8) or into a conv with a residual
+  add, or also read by other ops, keeps its ReLU (:func:`relu_fused_into_gemm`): values up to ``t``
   land on codes 0..127 as simulated, values above ``t`` on codes 128..255 (up to ``2 t``)
   where the simulation clips at 127. A clip there would cost an fp32 round trip between two
   int8 layers (measured: ResNet-18 int8 at batch 8 2.5x fp32 instead of 5.0x on this
@@ -38,7 +38,8 @@ from .tracing import LayerRecord
 
 __all__ = [
     "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_fused_relus",
-    "fusable_relu_source", "insert_clip_relu", "runs_unsigned", "unsigned_threshold",
+    "fusable_relu_source", "insert_clip_relu", "relu_fused_into_gemm", "runs_unsigned",
+    "unsigned_threshold",
 ]
 
 #: Where oneDNN's fused ``relu6`` clips (Paddle 3.3.1 ignores any threshold attribute).
@@ -71,6 +72,32 @@ def unsigned_threshold(threshold: float, bits: int) -> float:
     return float(threshold) * 255.0 / (2 ** (bits - 1) - 1)
 
 
+def _gemm_output(block, name: str) -> bool:
+    """Whether ``name`` is a conv/fc output (after its bias add or BatchNorm, if any)."""
+    writers = producers(block)
+    source = writers.get(name)
+    while source is not None and source.type in _FUSED_INTO_PRODUCER:
+        source = writers.get(source.input("X")[0])
+    return source is not None and source.type in FUSING_OPS
+
+
+def relu_fused_into_gemm(block, name: str, writers: Mapping) -> bool:
+    """Whether ``name`` is the output of a ReLU/ReLU6 that oneDNN fuses into the conv or fc
+    before it, a residual add between them included: clipping it would cost an fp32 round
+    trip between two int8 layers."""
+    relu = writers.get(name)
+    if relu is None or relu.type not in ("relu", "relu6"):
+        return False
+    source = writers.get(relu.input("X")[0])
+    while source is not None and source.type in _FUSED_INTO_PRODUCER:
+        if source.type == "elementwise_add" and any(
+            _gemm_output(block, operand) for slot in ("X", "Y") for operand in source.input(slot)
+        ):
+            return True
+        source = writers.get(source.input("X")[0])
+    return source is not None and source.type in FUSING_OPS
+
+
 def runs_unsigned(block, name: str, writers: Mapping) -> bool:
     """Whether Paddle's oneDNN int8 pipeline runs variable ``name`` as u8.
 
@@ -88,23 +115,31 @@ def runs_unsigned(block, name: str, writers: Mapping) -> bool:
 
 
 def insert_clip_relu(loaded, index: int, name: str, threshold: float) -> str:
-    """Inserts ``relu(minimum(name, threshold))`` at ``index``; returns its output variable.
+    """Inserts ``relu(clip(name, 0, threshold))`` at ``index``; returns its output variable.
 
-    The minimum makes values above the threshold saturate where the simulation's do (at code
-    127, not 255); the relu makes Paddle's int8 pipeline run the result as u8. Not a ``clip``
-    op: Paddle 3.3.1 fuses a clip after a fc into the fc as a plain ReLU (oneDNN verbose
-    ``eltwise_relu:0:<max>``), which drops the upper bound.
+    The clip makes values above the threshold saturate where the simulation's do (at code 127,
+    not 255); the relu makes Paddle's int8 pipeline run the result as u8. Right after a conv
+    or fc (which a ReLU output never is here, but a non-negative linear output may be) the clip
+    is an ``elementwise_min``: Paddle 3.3.1 fuses a ``clip`` op after a fc into the fc as a
+    plain ReLU (oneDNN verbose ``eltwise_relu:0:<max>``), dropping the upper bound; elsewhere
+    it is a ``clip`` op, which oneDNN runs about as fast as the ReLU.
     """
     block = loaded.program.global_block()
     var = block.var(name)
     stem = f"{name}.u8_{len(block.ops)}"
     clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
     out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
-    bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
-    block._insert_op(
-        index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
-        outputs={"Out": [clipped.name]}, attrs={"axis": -1},
-    )
+    if _gemm_output(block, name):
+        bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
+        block._insert_op(
+            index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
+            outputs={"Out": [clipped.name]}, attrs={"axis": -1},
+        )
+    else:
+        block._insert_op(
+            index, type="clip", inputs={"X": [name]}, outputs={"Out": [clipped.name]},
+            attrs={"min": 0.0, "max": float(threshold)},
+        )
     block._insert_op(
         index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
     )
