@@ -224,3 +224,71 @@ def test_vnni_export_warns_on_a_cpu_without_vnni(tmp_path, monkeypatch, caplog) 
         create_predictor(prefix, num_threads=1)
     assert "x86-vnni" in caplog.text and "PTQConfig(target='x86')" in caplog.text
     assert predictor_module.exported_target(prefix) == "x86-vnni"
+
+
+# ------------------------------------------------------------------- the x86 program rewrite
+def _export_kl(model: paddle.nn.Layer, x: np.ndarray, prefix: str):
+    """KL thresholds (they clip), x86 target: (op types of the program, runtime output,
+    simulated output, int8 report)."""
+    from imperative_ptq.export import int8_report, predict
+    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for batch in np.split(x, 4):
+        qmodel(paddle.to_tensor(batch))
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, *x.shape[1:]], "float32", "x")]
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    with legacy_static_mode():
+        ops = [op.type for op in load_legacy_program(prefix).program.global_block().ops]
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    return ops, ran, qmodel(paddle.to_tensor(x)).numpy(), int8_report(prefix)
+
+
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_conv_relu_is_clipped_for_free_by_a_rescaled_relu6(tmp_path) -> None:
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(),
+        paddle.nn.Conv2D(8, 8, 3, padding=1),
+    )
+    x = np.abs(np.random.default_rng(0).standard_normal((16, 3, 8, 8))).astype("float32")
+    ops, ran, simulated, report = _export_kl(model, x, str(tmp_path / "m"))
+    # One clip, for the network input; the ReLU became a relu6 fused into the first conv.
+    assert "relu6" in ops and ops.count("clip") == 1 and "elementwise_min" not in ops, ops
+    assert report.int8 == {"fused_conv2d": 2} and not report.signed_inputs, report
+    assert _relative_error(ran, simulated) < 1e-5  # exact, KL's clipped tail included
+
+
+def test_pooled_relu_is_clipped_in_front_of_the_next_conv(tmp_path) -> None:
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.ReLU(), paddle.nn.MaxPool2D(2),
+        paddle.nn.Conv2D(8, 8, 3, padding=1),
+    )
+    x = np.abs(np.random.default_rng(0).standard_normal((16, 3, 8, 8))).astype("float32")
+    ops, ran, simulated, report = _export_kl(model, x, str(tmp_path / "m"))
+    assert ops.count("clip") == 2, ops  # the network input and the pooled ReLU output
+    assert report.int8 == {"fused_conv2d": 2} and not report.signed_inputs, report
+    assert _relative_error(ran, simulated) < 1e-5
+
+
+@pytest.mark.parametrize("activation", [paddle.nn.ReLU, paddle.nn.ReLU6])
+def test_fc_activation_outputs_run_as_u8_clipped(activation, tmp_path) -> None:
+    """After a fc a fused relu6 runs s8 in Paddle and a fused relu cannot clip at the
+    threshold (measured): both get an explicit clip and relu."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(32, 64), activation(), paddle.nn.Linear(64, 16)
+    )
+    x = np.abs(np.random.default_rng(0).standard_normal((64, 32))).astype("float32")
+    ops, ran, simulated, report = _export_kl(model, x, str(tmp_path / "m"))
+    assert report.int8 == {"fc": 2} and not report.signed_inputs, report
+    # The network input and the activation output.
+    assert ops.count("clip") + ops.count("elementwise_min") == 2, ops
+    assert _relative_error(ran, simulated) < 1e-3  # 8% without the clip after the relu
