@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model", required=True, metavar="FILE.py:FACTORY|MODULE:FACTORY",
         help="a callable returning the fp32 paddle.nn.Layer, called without arguments: a "
-             "Python file and a name in it (models/net.py:build), or an importable module "
-             "(mypkg.models:resnet18)",
+             "Python file and a name in it (models/net.py:build), or a module importable "
+             "from the current directory or the installed packages (mypkg.models:resnet18)",
     )
     model.add_argument(
         "--weights", metavar="PDPARAMS",
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_factory(spec: str) -> Callable[[], Any]:
     """The callable named by ``FILE.py:NAME`` or ``MODULE:NAME``.
 
+    A ``MODULE`` is imported with the current directory on ``sys.path`` (it is added first
+    if missing), as ``python -m imperative_ptq`` has it, so the console script finds it too.
+
     Raises:
         CliError: The file or module cannot be loaded, or has no callable ``NAME``.
     """
@@ -178,6 +181,7 @@ def load_factory(spec: str) -> Callable[[], Any]:
         except Exception as error:  # the user's code: any failure is theirs to see
             raise CliError(f"error while running {target}: {type(error).__name__}: {error}")
     else:
+        _add_cwd_to_path()
         try:
             module = importlib.import_module(target)
         except ImportError as error:
@@ -188,6 +192,21 @@ def load_factory(spec: str) -> Callable[[], Any]:
     if not callable(factory):
         raise CliError(f"{target}:{name} is not callable")
     return factory
+
+
+def _add_cwd_to_path() -> None:
+    """Puts the current directory first on ``sys.path`` unless it is there already.
+
+    ``python -m imperative_ptq`` starts with the current directory on ``sys.path``, the
+    ``imperative-ptq`` console script with its own folder instead: with this, both import
+    ``MODULE:FACTORY`` (and what the user's module imports later) from the current directory.
+    """
+    cwd = os.getcwd()
+    for entry in sys.path:
+        if isinstance(entry, str) and os.path.abspath(entry or os.curdir) == cwd:
+            return
+    sys.path.insert(0, cwd)
+    logger.debug("added the current directory %s to sys.path", cwd)
 
 
 def build_model(spec: str, weights: str | None) -> paddle.nn.Layer:
