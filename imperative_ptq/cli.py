@@ -109,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("calibration data")
     data.add_argument(
         "--data", required=True, metavar="DIR",
-        help="directory of .npy files, each one batch [N, ...] (or one sample, batched with "
-             "--batch-size), or of images (searched recursively: class sub-folders are fine)",
+        help="directory of .npy files or of images (searched recursively: class "
+             "sub-folders are fine). A .npy file is one batch [N, ...] or one sample, stacked "
+             "--batch-size at a time: files of the batch rank are batches, files of one rank "
+             "lower samples. The batch rank is the rank of --input-shape when given; else, "
+             "when all files share one rank that is one lower than the input of the model's "
+             "first layer (a convolution: [C, H, W] files for a Conv2D), they are samples; "
+             "else the highest rank among the files (files of one rank are batches: give "
+             "--input-shape to have single samples stacked for other models)",
     )
     data.add_argument("--batch-size", type=_positive_int, default=32,
                       help="images (or single-sample .npy files) per batch (default: 32)")
@@ -242,36 +248,103 @@ def build_model(spec: str, weights: str | None) -> paddle.nn.Layer:
     return model
 
 
-def npy_batches(files: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:
-    """Batches from ``.npy`` files: a file is a batch, except that files which all hold one
-    sample of the same shape (rank lower than a batch) are stacked ``batch_size`` at a time.
+def npy_batches(
+    files: Sequence[str], batch_size: int, batch_rank: int | None = None
+) -> Iterator[np.ndarray]:
+    """Batches from ``.npy`` files: each file is one batch or one sample; samples are
+    stacked ``batch_size`` at a time (in file order, the last batch may be smaller).
 
-    Whether a file is a sample or a batch is decided by rank: the first file sets the batch
-    rank, files of rank one lower are samples.
+    A file whose rank is the batch rank is a batch, a file of one rank lower a sample. The
+    batch rank is ``batch_rank`` when given (the rank of ``--input-shape``, or of the model's
+    first layer, see :func:`model_input_rank`); otherwise the highest rank among the files, so
+    files that all share one rank are batches. Every file's header is read before the first
+    batch is returned, so a bad file is reported before calibration starts.
+
+    Args:
+        files: Paths of ``.npy`` files.
+        batch_size: Samples per stacked batch.
+        batch_rank: The rank of a batch, when known.
+
+    Returns:
+        An iterator over float32 batches.
+
+    Raises:
+        CliError: A file cannot be read, holds no numbers, has a rank that is neither the
+            batch rank nor one lower, or single-sample files differ in shape.
     """
+    headers = [_npy_header(path) for path in files]
+    ranks = {len(shape) for shape, _ in headers}
+    source = "the batch rank"
+    if batch_rank is None:
+        batch_rank = max(ranks, default=0)
+        source = "the highest rank among the files"
+    for path, (shape, _) in zip(files, headers):
+        if len(shape) not in (batch_rank, batch_rank - 1):
+            raise CliError(
+                f"{path} has shape {list(shape)}: with batches of rank {batch_rank} ({source}), "
+                f"a file must be a batch of rank {batch_rank} or one sample of rank "
+                f"{batch_rank - 1}; --input-shape sets the batch rank"
+            )
+    sample_shapes = {shape for shape, _ in headers if len(shape) == batch_rank - 1}
+    if len(sample_shapes) > 1:
+        first, second = sorted(sample_shapes)[:2]
+        raise CliError(
+            f"single-sample .npy files must share one shape to be stacked into batches, found "
+            f"{list(first)} and {list(second)}; save them as batches [1, ...] instead"
+        )
+    return _read_npy_batches(files, batch_size, batch_rank)
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` file, without reading its data."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read {path}: {error}")
+    if not isinstance(array, np.ndarray):  # an .npz archive renamed .npy
+        raise CliError(f"cannot read {path}: not a .npy array file")
+    if array.dtype.kind not in "fiub":
+        raise CliError(f"{path} holds {array.dtype} data, not numbers")
+    return tuple(array.shape), array.dtype
+
+
+def _read_npy_batches(
+    files: Sequence[str], batch_size: int, batch_rank: int
+) -> Iterator[np.ndarray]:
     pending: list[np.ndarray] = []
-    batch_rank = None
     for path in files:
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise CliError(f"cannot read {path}: {error}")
-        if array.dtype.kind not in "fiub":
-            raise CliError(f"{path} holds {array.dtype} data, not numbers")
         array = array.astype(np.float32, copy=False)
-        if batch_rank is None:
-            batch_rank = array.ndim
         if array.ndim == batch_rank:
             yield array
-        elif array.ndim == batch_rank - 1:
+        else:
             pending.append(array)
             if len(pending) == batch_size:
                 yield np.stack(pending)
                 pending = []
-        else:
-            raise CliError(f"{path} has rank {array.ndim}; the first file has rank {batch_rank}")
     if pending:
         yield np.stack(pending)
+
+
+#: Input rank of a model whose first layer with parameters is one of these.
+_CONV_INPUT_RANKS: dict[type, int] = {
+    paddle.nn.Conv1D: 3, paddle.nn.Conv2D: 4, paddle.nn.Conv3D: 5,
+    paddle.nn.Conv1DTranspose: 3, paddle.nn.Conv2DTranspose: 4, paddle.nn.Conv3DTranspose: 5,
+}
+
+
+def model_input_rank(model: paddle.nn.Layer) -> int | None:
+    """The rank of the model's input when its first leaf layer with parameters (in
+    definition order) is a convolution: 4 for a ``Conv2D``; ``None`` otherwise (a ``Linear``
+    or ``Embedding`` takes inputs of any rank)."""
+    for _, layer in model.named_sublayers(include_self=True):
+        if layer.sublayers() or not layer.parameters(include_sublayers=False):
+            continue
+        return _CONV_INPUT_RANKS.get(type(layer))
+    return None
 
 
 def image_batches(
@@ -317,11 +390,19 @@ def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndar
     return array
 
 
-def calibration_data(args: argparse.Namespace) -> tuple[str, int, Iterator[np.ndarray]]:
+def calibration_data(
+    args: argparse.Namespace, model: paddle.nn.Layer | None = None
+) -> tuple[str, int, Iterator[np.ndarray]]:
     """``(kind, number of files, batches)`` for ``--data``.
 
+    Args:
+        args: The parsed command line.
+        model: The model, whose first layer may tell the rank of a batch of ``.npy`` files
+            when ``--input-shape`` does not (see :func:`npy_batch_rank`).
+
     Raises:
-        CliError: The directory is missing or holds neither ``.npy`` files nor images.
+        CliError: The directory is missing or holds neither ``.npy`` files nor images, or
+            a ``.npy`` file is bad (see :func:`npy_batches`).
     """
     directory = args.data
     if not os.path.isdir(directory):
@@ -338,7 +419,8 @@ def calibration_data(args: argparse.Namespace) -> tuple[str, int, Iterator[np.nd
     if npy and images:
         logger.warning("%s holds .npy files and images; using the .npy files", directory)
     if npy:
-        return "npy", len(npy), npy_batches(npy, args.batch_size)
+        batch_rank = npy_batch_rank(npy, args.input_shape, model)
+        return "npy", len(npy), npy_batches(npy, args.batch_size, batch_rank)
     if images:
         return "image", len(images), image_batches(
             images, args.batch_size, args.image_size, args.mean, args.std, args.grayscale
@@ -347,6 +429,29 @@ def calibration_data(args: argparse.Namespace) -> tuple[str, int, Iterator[np.nd
         f"no calibration data in {directory}: expected .npy files or images "
         f"({', '.join(IMAGE_SUFFIXES)})"
     )
+
+
+def npy_batch_rank(
+    files: Sequence[str], input_shape: Sequence[int | None] | None, model: paddle.nn.Layer | None
+) -> int | None:
+    """The rank of a batch of ``.npy`` files, when known (``None``: :func:`npy_batches`
+    takes the highest rank among the files).
+
+    The rank of ``input_shape`` when given. Otherwise, when every file has one rank that is
+    one lower than :func:`model_input_rank` (``[3, H, W]`` files for a ``Conv2D`` model), the
+    files are single samples: the model's rank. Otherwise ``None``.
+    """
+    if input_shape is not None:
+        return len(input_shape)
+    rank = None if model is None else model_input_rank(model)
+    if rank is None:
+        return None
+    ranks = {len(_npy_header(path)[0]) for path in files}
+    if ranks == {rank - 1}:
+        logger.info("every .npy file has rank %d, one lower than the model's input: samples",
+                    rank - 1)
+        return rank
+    return None
 
 
 # ---------------------------------------------------------------------------------- main
@@ -381,7 +486,7 @@ def _summary(table: dict[str, dict[str, list[float]]]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Runs the command for parsed arguments; raises :class:`CliError` on user errors."""
     model = build_model(args.model, args.weights)
-    kind, count, batches = calibration_data(args)
+    kind, count, batches = calibration_data(args, model)
     config = PTQConfig(
         ACTIVATION_ALGORITHMS[args.algorithm](quant_bits=args.bits),
         WEIGHT_SCHEMES[args.weights_scheme](quant_bits=args.bits),

@@ -52,3 +52,110 @@ def test_cli_imports_module_from_current_directory(tmp_path, monkeypatch, capsys
         sys.modules.pop(module, None)
     assert status == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "m.calibration.json").exists()
+
+
+# ---------------------------------------------------------- 2. single-sample .npy files
+CONV_MODULE = textwrap.dedent(
+    """
+    import paddle
+    from paddle import nn
+
+    class Net(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2D(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            pooled = nn.functional.adaptive_avg_pool2d(self.conv(x), 1)
+            return self.fc(paddle.flatten(pooled, 1))
+
+    class Mlp(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    def build():
+        return Net()
+
+    def mlp():
+        return Mlp()
+    """
+)
+
+
+@pytest.fixture()
+def models(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(CONV_MODULE)
+    return str(path)
+
+
+def _save_samples(folder, count: int, shape, dtype=np.float32) -> list[np.ndarray]:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    samples = [rng.standard_normal(shape).astype(dtype) for _ in range(count)]
+    for i, sample in enumerate(samples):
+        np.save(folder / f"s{i:02d}.npy", sample)
+    return samples
+
+
+def test_cli_stacks_single_sample_files_for_a_conv_model(tmp_path, models, capsys) -> None:
+    """[3, 8, 8] files for a Conv2D model are samples: stacked --batch-size at a time (it was
+    Paddle's "input's dimension is 3")."""
+    samples = _save_samples(tmp_path / "data", 5, (3, 8, 8))
+    status = main(["--model", models + ":build", "--data", str(tmp_path / "data"),
+                   "--output", str(tmp_path / "out" / "m"), "--batch-size", "2",
+                   "--algorithm", "abs_max", "-q"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "calibrated on 3 batches from 5 npy files" in captured.out
+    layers = json.loads((tmp_path / "out" / "m.calibration.json").read_text())["layers"]
+    assert layers["conv"]["input"][0] == pytest.approx(np.abs(np.stack(samples)).max(), rel=1e-6)
+    assert (tmp_path / "out" / "m.pdmodel").exists()
+
+
+def test_cli_input_shape_sets_the_batch_rank(tmp_path, models, capsys) -> None:
+    """An MLP cannot tell samples from batches: [4] files are batches of 4 numbers unless
+    --input-shape None,4 says a batch has rank 2; then they are stacked."""
+    _save_samples(tmp_path / "data", 3, (4,))
+    argv = ["--model", models + ":mlp", "--data", str(tmp_path / "data"),
+            "--output", str(tmp_path / "out" / "m"), "--batch-size", "2", "--no-export", "-q",
+            "--algorithm", "abs_max", "--input-shape", "None,4"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "calibrated on 2 batches from 3 npy files" in capsys.readouterr().out
+
+
+def test_npy_batches_rank_rules(tmp_path) -> None:
+    from imperative_ptq.cli import CliError, npy_batches
+
+    np.save(tmp_path / "a0.npy", np.zeros((3, 4), np.float32))  # samples before the batch
+    np.save(tmp_path / "a1.npy", np.ones((3, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((5, 3, 4), np.float32))
+    files = [str(tmp_path / name) for name in ("a0.npy", "a1.npy", "b.npy")]
+    # The highest rank is the batch rank, wherever the batch file sits.
+    assert [b.shape for b in npy_batches(files, 8)] == [(5, 3, 4), (2, 3, 4)]
+    # Files of one rank: batches unless a batch rank says they are samples.
+    assert [b.shape for b in npy_batches(files[:2], 8)] == [(3, 4), (3, 4)]
+    assert [b.shape for b in npy_batches(files[:2], 8, batch_rank=3)] == [(2, 3, 4)]
+    with pytest.raises(CliError, match=r"b.npy has shape \[5, 3, 4\].*--input-shape"):
+        npy_batches(files, 8, batch_rank=2)
+    np.save(tmp_path / "c.npy", np.zeros((3, 5), np.float32))
+    with pytest.raises(CliError, match=r"share one shape.*\[3, 4\] and \[3, 5\]"):
+        npy_batches(files + [str(tmp_path / "c.npy")], 8)
+    np.save(tmp_path / "d.npy", np.zeros((1, 1, 3, 4), np.float32))
+    with pytest.raises(CliError, match=r"a0.npy has shape \[3, 4\]: with batches of rank 4"):
+        npy_batches(files + [str(tmp_path / "d.npy")], 8)
+
+
+def test_cli_bad_npy_rank_is_one_line(tmp_path, models, capsys) -> None:
+    _save_samples(tmp_path / "data", 2, (3, 8))
+    status = main(["--model", models + ":build", "--data", str(tmp_path / "data"),
+                   "--output", str(tmp_path / "out" / "m"), "-q",
+                   "--input-shape", "None,3,8,8"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "has shape [3, 8]" in err and "--input-shape" in err
