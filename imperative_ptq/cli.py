@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
              "when all files share one rank that is one lower than the input of the model's "
              "first layer (a convolution: [C, H, W] files for a Conv2D), they are samples; "
              "else the highest rank among the files (files of one rank are batches: give "
-             "--input-shape to have single samples stacked for other models)",
+             "--input-shape to have single samples stacked for other models). Data keep "
+             "their kind: 32/64-bit integers (token ids) are fed as int64, floats, bools and "
+             "8/16-bit integers (pixels) as float32",
     )
     data.add_argument("--batch-size", type=_positive_int, default=32,
                       help="images (or single-sample .npy files) per batch (default: 32)")
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "with export PREFIX.pdmodel / PREFIX.pdiparams")
     output.add_argument("--input-shape", type=_shape, metavar="SHAPE",
                         help="input spec of the exported program, e.g. None,3,224,224 (default: "
-                             "the first batch's shape with a variable batch dimension)")
+                             "the first batch's shape with a variable batch dimension); its "
+                             "dtype is the data's (int64 for token ids, else float32)")
     output.add_argument("--no-export", action="store_true",
                         help="only calibrate and save the calibration table")
     output.add_argument("-q", "--quiet", action="store_true",
@@ -265,12 +268,16 @@ def npy_batches(
         batch_size: Samples per stacked batch.
         batch_rank: The rank of a batch, when known.
 
+    Data keep their kind: 32- and 64-bit integers (token ids) are fed as int64; floats,
+    bools and 8/16-bit integers (pixels) as float32.
+
     Returns:
-        An iterator over float32 batches.
+        An iterator over float32 or int64 batches.
 
     Raises:
         CliError: A file cannot be read, holds no numbers, has a rank that is neither the
-            batch rank nor one lower, or single-sample files differ in shape.
+            batch rank nor one lower, single-sample files differ in shape, or the files mix
+            float32 and int64 data.
     """
     headers = [_npy_header(path) for path in files]
     ranks = {len(shape) for shape, _ in headers}
@@ -285,6 +292,15 @@ def npy_batches(
                 f"a file must be a batch of rank {batch_rank} or one sample of rank "
                 f"{batch_rank - 1}; --input-shape sets the batch rank"
             )
+    first_of_dtype: dict[np.dtype, str] = {}
+    for path, (_, stored) in zip(files, headers):
+        first_of_dtype.setdefault(_npy_dtype(stored), path)
+    if len(first_of_dtype) > 1:
+        found = ", ".join(f"{path} ({dtype})" for dtype, path in first_of_dtype.items())
+        raise CliError(
+            f"the .npy files mix float32 and int64 data, e.g. {found}: a model input takes "
+            f"one dtype"
+        )
     sample_shapes = {shape for shape, _ in headers if len(shape) == batch_rank - 1}
     if len(sample_shapes) > 1:
         first, second = sorted(sample_shapes)[:2]
@@ -308,6 +324,25 @@ def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(array.shape), array.dtype
 
 
+def _npy_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a model is fed data stored as ``dtype``: 32- and 64-bit integers (token ids
+    for an ``nn.Embedding``) as int64; floats, bools and 8/16-bit integers (pixels) as
+    float32."""
+    if dtype.kind in "iu" and dtype.itemsize >= 4:
+        return np.dtype(np.int64)
+    return np.dtype(np.float32)
+
+
+def _npy_array(path: str, array: np.ndarray) -> np.ndarray:
+    """``array`` converted to :func:`_npy_dtype`."""
+    dtype = _npy_dtype(array.dtype)
+    if dtype.kind == "i" and array.dtype == np.uint64 and array.size and (
+        array.max() > np.iinfo(np.int64).max
+    ):
+        raise CliError(f"{path} holds uint64 values beyond the int64 range of token ids")
+    return array.astype(dtype, copy=False)
+
+
 def _read_npy_batches(
     files: Sequence[str], batch_size: int, batch_rank: int
 ) -> Iterator[np.ndarray]:
@@ -317,7 +352,7 @@ def _read_npy_batches(
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise CliError(f"cannot read {path}: {error}")
-        array = array.astype(np.float32, copy=False)
+        array = _npy_array(path, array)
         if array.ndim == batch_rank:
             yield array
         else:
@@ -498,7 +533,18 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(error))
     peek = _Peek(batches)
     print(f"{PROG}: {type(model).__name__} with {config}")
-    used = ptq.calibrate(qmodel, peek, max_batches=args.max_batches, progress=not args.quiet)
+    try:
+        used = ptq.calibrate(qmodel, peek, max_batches=args.max_batches, progress=not args.quiet)
+    except (CliError, CalibrationError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # the user's model on the user's data: theirs to see, briefly
+        first = peek.first
+        data = "" if first is None else f" (batch of {first.dtype}, shape {list(first.shape)})"
+        detail = (str(error) or "").strip().splitlines()
+        raise CliError(
+            f"the model failed on the calibration data{data}: {type(error).__name__}: "
+            f"{detail[0] if detail else ''} (--debug shows the traceback)"
+        ) from error
     print(f"calibrated on {used} batches from {count} {kind} files in {args.data}")
 
     prefix = args.output
@@ -518,7 +564,8 @@ def run(args: argparse.Namespace) -> int:
         shape = args.input_shape
         if shape is None:
             shape = [None, *peek.first.shape[1:]]  # type: ignore[union-attr]
-        input_spec = [paddle.static.InputSpec(shape, "float32", "x")]
+        dtype = "float32" if peek.first is None else str(peek.first.dtype)  # the data's
+        input_spec = [paddle.static.InputSpec(shape, dtype, "x")]
         ptq.save_quantized_model(qmodel, prefix, input_spec=input_spec)
         written = sorted([table_path, prefix + ".pdiparams", prefix + ".pdmodel"])
     print("wrote:")

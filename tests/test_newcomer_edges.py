@@ -159,3 +159,85 @@ def test_cli_bad_npy_rank_is_one_line(tmp_path, models, capsys) -> None:
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "has shape [3, 8]" in err and "--input-shape" in err
+
+
+# ---------------------------------------------------------------- 3. int64 token data
+TOKEN_MODULE = textwrap.dedent(
+    """
+    from paddle import nn
+
+    class Tok(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(axis=1))
+
+    def build():
+        return Tok()
+    """
+)
+
+
+def _feed_dtypes(model_file: str) -> dict[str, str]:
+    """The dtypes of a legacy program's feed variables (Paddle's names: FP32, INT64, ...)."""
+    from paddle.base.proto import framework_pb2
+
+    program = framework_pb2.ProgramDesc()
+    with open(model_file, "rb") as file:
+        program.ParseFromString(file.read())
+    block = program.blocks[0]
+    names = [name for op in block.ops if op.type == "feed" for slot in op.outputs
+             for name in slot.arguments]
+    types = {var.name: var.type.dense_tensor.tensor.data_type for var in block.vars}
+    return {name: framework_pb2.VarType.Type.Name(types[name]) for name in names}
+
+
+def test_cli_keeps_int64_token_ids_and_exports_an_int64_input(tmp_path, capsys) -> None:
+    """int64 ids were cast to float32 (Embedding: NotImplementedError, traceback, exit 1)."""
+    from imperative_ptq.export import create_predictor, predict
+
+    (tmp_path / "tok.py").write_text(TOKEN_MODULE)
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 50, (4, 6)).astype(np.int64) for _ in range(3)]
+    for i, batch in enumerate(batches):
+        np.save(tmp_path / "data" / f"t{i}.npy", batch)
+    prefix = tmp_path / "out" / "tok"
+    status = main(["--model", str(tmp_path / "tok.py") + ":build", "--data",
+                   str(tmp_path / "data"), "--output", str(prefix), "-q", "--algorithm", "abs_max"])
+    assert status == 0, capsys.readouterr().err
+    layers = json.loads((tmp_path / "out" / "tok.calibration.json").read_text())["layers"]
+    assert layers["fc"]["input"] and layers["fc"]["weight"]
+    assert _feed_dtypes(str(prefix) + ".pdmodel") == {"x": "INT64"}
+    (logits,) = predict(create_predictor(str(prefix), int8=False), batches[0])
+    assert logits.shape == (4, 3)
+
+
+def test_cli_model_failure_on_the_data_is_one_line(tmp_path, capsys) -> None:
+    """Float data for an Embedding: Paddle's NotImplementedError ends as exit 2, one line."""
+    (tmp_path / "tok.py").write_text(TOKEN_MODULE)
+    _linear_data(tmp_path / "data", shape=(4, 6))
+    status = main(["--model", str(tmp_path / "tok.py") + ":build", "--data",
+                   str(tmp_path / "data"), "--output", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("imperative-ptq: error: the model failed on the calibration data")
+    assert "float32" in err and "NotImplementedError" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_npy_batches_keep_the_kind_of_data(tmp_path) -> None:
+    from imperative_ptq.cli import CliError, npy_batches
+
+    cases = {"i32": (np.int32, np.int64), "i64": (np.int64, np.int64),
+             "u8": (np.uint8, np.float32), "f64": (np.float64, np.float32),
+             "f16": (np.float16, np.float32), "b": (np.bool_, np.float32)}
+    for name, (stored, fed) in cases.items():
+        np.save(tmp_path / f"{name}.npy", np.ones((2, 3), stored))
+        (batch,) = npy_batches([str(tmp_path / f"{name}.npy")], 4)
+        assert batch.dtype == fed, name
+    with pytest.raises(CliError, match="mix float32 and int64"):
+        npy_batches([str(tmp_path / "i64.npy"), str(tmp_path / "f64.npy")], 4)
