@@ -241,3 +241,63 @@ def test_npy_batches_keep_the_kind_of_data(tmp_path) -> None:
         assert batch.dtype == fed, name
     with pytest.raises(CliError, match="mix float32 and int64"):
         npy_batches([str(tmp_path / "i64.npy"), str(tmp_path / "f64.npy")], 4)
+
+
+# ------------------------------------------------- 4. one writer of PREFIX.calibration.json
+UNUSED_LAYER_MODULE = textwrap.dedent(
+    """
+    import paddle
+    from paddle import nn
+
+    class Net(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2D(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 5)
+            self.unused = nn.Linear(5, 2)  # hooked, never runs: an empty table entry
+
+        def forward(self, x):
+            pooled = nn.functional.adaptive_avg_pool2d(nn.functional.relu(self.conv(x)), 1)
+            return self.fc(paddle.flatten(pooled, 1))
+
+    def build():
+        return Net()
+    """
+)
+
+
+def test_cli_export_writes_the_calibration_table_once(tmp_path, monkeypatch, capsys) -> None:
+    """With export, PREFIX.calibration.json has one writer and the content
+    save_calibration_table writes (affine keys and empty entries included)."""
+    import imperative_ptq.calibration_table as table_module
+    import imperative_ptq.export.paddle_export as export_module
+    import imperative_ptq.ptq as ptq_module
+
+    (tmp_path / "net.py").write_text(UNUSED_LAYER_MODULE)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        np.save(data / f"b{i}.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    calls: list[str] = []
+    original = table_module.write_table
+
+    def counting(path, *args, **kwargs):
+        calls.append(os.path.basename(os.fspath(path)))
+        return original(path, *args, **kwargs)
+
+    for module in (table_module, export_module, ptq_module):
+        monkeypatch.setattr(module, "write_table", counting)
+    common = ["--model", str(tmp_path / "net.py") + ":build", "--data", str(data), "-q",
+              "--algorithm", "min_max", "--weights-scheme", "abs_max"]
+    paddle.seed(7)  # the factory builds the same random weights for both runs
+    assert main([*common, "--output", str(tmp_path / "exp" / "net")]) == 0, capsys.readouterr().err
+    assert len(calls) == 1 and calls[0].endswith(".calibration.json")
+    paddle.seed(7)
+    assert main([*common, "--output", str(tmp_path / "tab" / "net"), "--no-export"]) == 0
+    assert len(calls) == 2
+    exported = json.loads((tmp_path / "exp" / "net.calibration.json").read_text())
+    saved = json.loads((tmp_path / "tab" / "net.calibration.json").read_text())
+    assert exported == saved
+    assert exported["layers"]["unused"] == {}
+    assert "input_zero_point" in exported["layers"]["conv"]
