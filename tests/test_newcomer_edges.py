@@ -301,3 +301,82 @@ def test_cli_export_writes_the_calibration_table_once(tmp_path, monkeypatch, cap
     assert exported == saved
     assert exported["layers"]["unused"] == {}
     assert "input_zero_point" in exported["layers"]["conv"]
+
+
+# ------------------------------------------------------------ 5. predict's input dtypes
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A float32-input conv export (inputs calibrated >= 0, so its input is quantized) and an
+    int64-input Embedding export."""
+    from imperative_ptq import ImperativePTQ
+
+    from imperative_ptq.cli import load_factory
+
+    folder = tmp_path_factory.mktemp("exports")
+    (folder / "conv_models.py").write_text(CONV_MODULE)  # tracing reads the source
+    (folder / "tok_models.py").write_text(TOKEN_MODULE)
+    namespace = {"build": load_factory(str(folder / "conv_models.py") + ":build"),
+                 "tok": load_factory(str(folder / "tok_models.py") + ":build")}
+    paddle.seed(5)
+    rng = np.random.default_rng(5)
+    images = np.abs(rng.standard_normal((4, 3, 8, 8))).astype(np.float32)
+    ids = rng.integers(0, 50, (4, 6)).astype(np.int64)
+    for name, model, batch, dtype in (("conv", namespace["build"](), images, "float32"),
+                                      ("tok", namespace["tok"](), ids, "int64")):
+        model.eval()
+        ptq = ImperativePTQ()
+        qmodel = ptq.quantize(model)
+        ptq.calibrate(qmodel, [batch], progress=False)
+        spec = paddle.static.InputSpec([None, *batch.shape[1:]], dtype, "x")
+        ptq.save_quantized_model(qmodel, str(folder / name), input_spec=[spec])
+    return folder, images, ids
+
+
+def test_predict_converts_float64_and_lists_to_the_program_float32(exports) -> None:
+    """float64 data gave Paddle's "Ref tensor type (float64) is not supported by oneDNN" (or
+    "no kernels registered in the quantize operator")."""
+    from imperative_ptq.export import create_predictor, predict
+
+    folder, images, _ = exports
+    predictor = create_predictor(str(folder / "conv"))
+    (expected,) = predict(predictor, images)
+    for value in (images.astype(np.float64), images.tolist()):
+        np.testing.assert_array_equal(predict(predictor, value)[0], expected)
+    np.testing.assert_allclose(predict(predictor, images.astype(np.float16))[0], expected,
+                               atol=0.05)
+    # Whole numbers are exact in float32: converted; 2**24 + 1 is not: refused.
+    assert predict(predictor, np.ones((1, 3, 8, 8), np.int64))[0].shape == (1, 5)
+    with pytest.raises(TypeError, match=r"input 0 \('x'\) is int64 but the program takes "
+                                        r"float32: some values do not fit"):
+        predict(predictor, np.full((1, 3, 8, 8), 2**24 + 1, np.int64))
+    # A predictor whose program is unknown (a clone): float data still become float32.
+    np.testing.assert_array_equal(predict(predictor.clone(), images.astype(np.float64))[0],
+                                  expected)
+
+
+def test_predict_keeps_int64_ids_and_refuses_float_data(exports) -> None:
+    from imperative_ptq.export import create_predictor, predict
+
+    folder, _, ids = exports
+    predictor = create_predictor(str(folder / "tok"))
+    (expected,) = predict(predictor, ids)
+    np.testing.assert_array_equal(predict(predictor, ids.astype(np.int32))[0], expected)
+    np.testing.assert_array_equal(predict(predictor, ids.tolist())[0], expected)
+    with pytest.raises(TypeError, match=r"input 0 \('x'\) is float64 but the program takes "
+                                        r"int64.*astype\(np.int64\)"):
+        predict(predictor, ids.astype(np.float64))
+
+
+@pytest.mark.parametrize("value, message", [
+    (lambda images: paddle.to_tensor(images), r"must be a numpy array, got paddle.Tensor: "
+                                              r"pass tensor.numpy\(\)"),
+    (lambda images: "images.npy", "must be a numpy array, got str"),
+    (lambda images: np.array(["a", "b"]), "holds <U1 data, not numbers"),
+    (lambda images: [[1.0, 2.0], [3.0]], "cannot make an array of the list"),
+])
+def test_predict_refuses_non_arrays(exports, value, message) -> None:
+    from imperative_ptq.export import create_predictor, predict
+
+    folder, images, _ = exports
+    with pytest.raises(TypeError, match=message):
+        predict(create_predictor(str(folder / "conv")), value(images))

@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator, Sequence
+import weakref
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import paddle.inference as paddle_infer
@@ -15,7 +16,7 @@ from ..calibration_table import read_table
 from ..cpu import cpu_info
 from ..targets import TARGETS
 
-__all__ = ["create_predictor", "exported_target", "predict"]
+__all__ = ["create_predictor", "exported_target", "predict", "program_input_dtypes"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,16 @@ logger = logging.getLogger(__name__)
 #: chain into one fp32 op before the int8 passes see it, so an int8 MLP would run in fp32
 #: (FIELD_NOTES: ~4x faster once deleted).
 INT8_DELETED_PASSES = ("repeated_fc_relu_fuse_pass",)
+
+#: numpy dtypes of Paddle's tensor types (``VarType.Type`` names of a legacy program).
+_PADDLE_DTYPES = {
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "INT8": np.int8,
+    "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+}
+
+#: The program input dtypes of the predictors made by :func:`create_predictor` (Paddle's input
+#: handles report float32 until data is copied in, whatever the program takes).
+_INPUT_DTYPES: "weakref.WeakKeyDictionary[Any, dict[str, np.dtype]]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -124,15 +135,120 @@ def create_predictor(
         # The int8 passes run (and print) on the first call.
         for name in predictor.get_input_names():
             predictor.get_input_handle(name)
+    _INPUT_DTYPES[predictor] = program_input_dtypes(model_file)
     return predictor
 
 
+def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
+    """The numpy dtypes of a legacy program's inputs (its feed variables), by name.
+
+    Args:
+        model_file: A ``.pdmodel`` file.
+
+    Returns:
+        ``{input name: dtype}``; empty when the file is not a legacy program, and without the
+        inputs whose type has no numpy dtype (bfloat16).
+    """
+    from paddle.base.proto import framework_pb2
+
+    program = framework_pb2.ProgramDesc()
+    try:
+        with open(model_file, "rb") as file:
+            program.ParseFromString(file.read())
+    except Exception as error:  # protobuf's DecodeError, or an unreadable file
+        logger.debug("cannot read the input dtypes of %s: %s", model_file, error)
+        return {}
+    if not program.blocks:
+        return {}
+    block = program.blocks[0]
+    types = {var.name: var.type for var in block.vars}
+    dtypes: dict[str, np.dtype] = {}
+    for op in block.ops:
+        if op.type != "feed":
+            continue
+        for slot in op.outputs:
+            for name in slot.arguments:
+                var_type = types.get(name)
+                if var_type is None or not var_type.HasField("dense_tensor"):
+                    continue
+                type_name = framework_pb2.VarType.Type.Name(var_type.dense_tensor.tensor.data_type)
+                if type_name in _PADDLE_DTYPES:
+                    dtypes[name] = np.dtype(_PADDLE_DTYPES[type_name])
+    return dtypes
+
+
+def _input_array(position: int, name: str, value: Any, expected: np.dtype | None) -> np.ndarray:
+    """``value`` as a contiguous array of the dtype the program's input takes.
+
+    Raises:
+        TypeError: ``value`` is no array (or list of numbers), or its data cannot become
+            ``expected`` without loss.
+    """
+    where = f"predict input {position} ({name!r})"
+    if isinstance(value, (list, tuple)):
+        try:
+            value = np.asarray(value)
+        except ValueError as error:  # a ragged list
+            raise TypeError(f"{where}: cannot make an array of the list: {error}") from None
+    if not isinstance(value, np.ndarray):
+        kind = f"{type(value).__module__}.{type(value).__name__}".replace("builtins.", "")
+        fix = "pass tensor.numpy()" if hasattr(value, "numpy") else "pass a numpy array"
+        raise TypeError(f"{where} must be a numpy array, got {kind}: {fix}")
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"{where} holds {value.dtype} data, not numbers")
+    if expected is None:  # a predictor made elsewhere: float data as float32, like Paddle's layers
+        expected = np.dtype(np.float32) if value.dtype.kind == "f" else value.dtype
+    if value.dtype == expected:
+        return np.ascontiguousarray(value)
+    if expected.kind == "f" and value.dtype.kind == "f":
+        return np.ascontiguousarray(value, dtype=expected)  # float64 data: the program's float
+    if value.dtype.kind != "f" and expected.kind != "b":
+        converted = value.astype(expected)
+        if np.array_equal(converted.astype(value.dtype), value):  # every value kept
+            return np.ascontiguousarray(converted)
+        raise TypeError(
+            f"{where} is {value.dtype} but the program takes {expected}: some values do not "
+            f"fit in {expected}"
+        )
+    raise TypeError(
+        f"{where} is {value.dtype} but the program takes {expected}: convert it yourself "
+        f"(e.g. array.astype(np.{expected.name})) if that is what you mean"
+    )
+
+
 def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np.ndarray]:
-    """Runs ``predictor`` on numpy inputs (in input order) and returns all outputs."""
+    """Runs ``predictor`` on numpy inputs (in input order) and returns all outputs.
+
+    Each input is converted to the dtype the program's input takes (known for predictors made
+    by :func:`create_predictor`; otherwise float data are fed as float32 and other data as
+    they are): float64 data to a float32 input, or integers that fit (token ids as int32 to
+    an int64 input). Lists of numbers are made arrays.
+
+    Args:
+        predictor: A Paddle Inference predictor, e.g. from :func:`create_predictor`.
+        *inputs: One array per program input, in ``get_input_names()`` order.
+
+    Returns:
+        Every output of the program, as numpy arrays.
+
+    Raises:
+        ValueError: The number of inputs is not the program's.
+        TypeError: An input is no numpy array (a ``paddle.Tensor``: pass ``.numpy()``), or
+            its data cannot be converted without loss (float data for an int64 input); the
+            message names the input's position, its dtype and the program's.
+    """
     names: Sequence[str] = predictor.get_input_names()
     if len(inputs) != len(names):
         raise ValueError(f"the program takes {len(names)} inputs ({names}), got {len(inputs)}")
-    for name, value in zip(names, inputs):
-        predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(value))
+    try:
+        expected = _INPUT_DTYPES.get(predictor, {})
+    except TypeError:  # not weak-referenceable: not made by create_predictor
+        expected = {}
+    arrays = [
+        _input_array(position, name, value, expected.get(name))
+        for position, (name, value) in enumerate(zip(names, inputs))
+    ]
+    for name, array in zip(names, arrays):
+        predictor.get_input_handle(name).copy_from_cpu(array)
     predictor.run()
     return [predictor.get_output_handle(name).copy_to_cpu() for name in predictor.get_output_names()]
