@@ -117,6 +117,15 @@ class _Session:
             collector.close()
 
     def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
+        """Forward-pre hook of the model: refuses numpy inputs and a batch-norm layer in
+        training mode before anything runs."""
+        for position, value in enumerate(inputs):
+            if isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{type(layer).__name__} (being calibrated) input {position} expects a "
+                    f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...) "
+                    f"(ImperativePTQ.calibrate converts arrays itself)"
+                )
         for name, norm in self.norm_layers:
             if norm.training:
                 raise CalibrationError(

@@ -211,6 +211,12 @@ class QuantizedLayer(paddle.nn.Layer):
             if name not in kwargs:
                 raise TypeError(f"{type(self.layer).__name__}.forward() missing its input {name!r}")
             inputs = (kwargs.pop(name),)
+        for position, value in enumerate(inputs):
+            if isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{type(self.layer).__name__} (quantized) input {position} expects a "
+                    f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...)"
+                )
         if self.input_zero_point is not None:
             first = fake_quantize(
                 inputs[0], self.input_scale, self.input_zero_point, 0,

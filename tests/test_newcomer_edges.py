@@ -380,3 +380,34 @@ def test_predict_refuses_non_arrays(exports, value, message) -> None:
     folder, images, _ = exports
     with pytest.raises(TypeError, match=message):
         predict(create_predictor(str(folder / "conv")), value(images))
+
+
+# ------------------------------------------------------- 6. numpy into a quantized model
+def _mlp_with_dropout() -> paddle.nn.Layer:
+    paddle.seed(11)
+    return paddle.nn.Sequential(
+        paddle.nn.Linear(8, 16), paddle.nn.ReLU(), paddle.nn.Dropout(0.5), paddle.nn.Linear(16, 4)
+    )
+
+
+def test_numpy_input_to_a_calibrating_or_converted_model_is_a_type_error() -> None:
+    """It was Paddle's AttributeError "'numpy.ndarray' object has no attribute 'is_dist'"."""
+    from imperative_ptq import ImperativePTQ
+    from imperative_ptq.quant_layers import QuantizedLayer
+
+    model = _mlp_with_dropout()
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    data = np.abs(np.random.default_rng(0).standard_normal((4, 8))).astype(np.float32)
+    with pytest.raises(TypeError, match=r"input 0 expects a paddle.Tensor, got numpy.ndarray: "
+                                        r"wrap it with paddle.to_tensor"):
+        qmodel(data)
+    assert ptq.calibrate(qmodel, [data], progress=False) == 1  # calibrate converts arrays
+    ptq.convert(qmodel)
+    assert isinstance(qmodel[0], QuantizedLayer)  # inputs >= 0: quantized on x86
+    with pytest.raises(TypeError, match=r"Linear \(quantized\) input 0 expects a paddle.Tensor, "
+                                        r"got numpy.ndarray"):
+        qmodel(data)
+    assert qmodel(paddle.to_tensor(data)).shape == [4, 4]
+
