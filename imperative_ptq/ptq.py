@@ -9,8 +9,8 @@ Lifecycle::
     ptq.convert(qmodel)                # hooks removed, thresholds frozen into the layers
 
 Calibration always runs in eval mode: the returned model is switched to ``eval()`` and a forward
-with any batch-norm layer in training mode is refused, so calibration can never change the
-model's batch-norm statistics.
+with a batch-norm or dropout layer in training mode is refused, so calibration can never change
+the model's batch-norm statistics nor see activations a Dropout dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ _CONVERTED = "_ptq_converted"
 _CONVERTED_TABLE = "_ptq_calibration_table"  # what save_calibration_table would have written
 _CONVERTED_MINIMA = "_ptq_input_minima"  # and the input minima it would have written
 _NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+_DROPOUT_TYPES = tuple(
+    getattr(paddle.nn, name)
+    for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
+    if hasattr(paddle.nn, name)
+)
 
 
 @dataclasses.dataclass
@@ -77,6 +82,10 @@ class _Session:
         self.norm_layers = [
             (name, layer) for name, layer in model.named_sublayers(include_self=True)
             if isinstance(layer, _NORM_TYPES)
+        ]
+        self.dropout_layers = [
+            (name, layer) for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, _DROPOUT_TYPES)
         ]
         self.root_hooks: list[Any] = []
 
@@ -117,8 +126,9 @@ class _Session:
             collector.close()
 
     def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
-        """Forward-pre hook of the model: refuses numpy inputs and a batch-norm layer in
-        training mode before anything runs."""
+        """Forward-pre hook of the model: refuses numpy inputs, and a batch-norm layer (it
+        would update its statistics) or a dropout layer (calibration would see dropped
+        activations) in training mode, before anything runs."""
         for position, value in enumerate(inputs):
             if isinstance(value, np.ndarray):
                 raise TypeError(
@@ -131,6 +141,13 @@ class _Session:
                 raise CalibrationError(
                     f"{name or type(layer).__name__} is in training mode: calibration would "
                     f"update its batch-norm statistics. Call model.eval() before calibrating."
+                )
+        for name, dropout in self.dropout_layers:
+            if dropout.training:
+                raise CalibrationError(
+                    f"{name or type(layer).__name__} ({type(dropout).__name__}) is in training "
+                    f"mode: calibration would see dropped activations. Call model.eval() "
+                    f"before calibrating."
                 )
         self.collector.raise_pending_error()
 

@@ -411,3 +411,37 @@ def test_numpy_input_to_a_calibrating_or_converted_model_is_a_type_error() -> No
         qmodel(data)
     assert qmodel(paddle.to_tensor(data)).shape == [4, 4]
 
+
+# ----------------------------------------------------------- 7. no dropout in calibration
+def test_calibration_never_runs_with_dropout_active() -> None:
+    """quantize returns an eval-mode copy of a training model; a Dropout put back in training
+    mode (qmodel.train(), no BatchNorm) is refused like a BatchNorm: it was calibrated through
+    with dropout on."""
+    from imperative_ptq import (
+        AbsmaxQuantizer, CalibrationError, ImperativePTQ, PerChannelAbsmaxQuantizer, PTQConfig,
+    )
+
+    model = _mlp_with_dropout()
+    model.train()
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    assert model.training and not qmodel.training and not qmodel[2].training
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32))
+    with paddle.no_grad():
+        first, second = qmodel(x).numpy(), qmodel(x).numpy()
+    np.testing.assert_array_equal(first, second)  # dropout off: deterministic
+    table = ptq.calibration_table(qmodel)
+    relu_out = paddle.nn.functional.relu(model[0](x))
+    assert table["3"]["input"][0] == pytest.approx(float(relu_out.abs().max()), rel=1e-6)
+
+    qmodel.train()
+    with pytest.raises(CalibrationError, match=r"^2 \(Dropout\) is in training mode: .*dropped "
+                                               r"activations.*model.eval\(\)"):
+        qmodel(x)
+    qmodel.eval()
+    qmodel[2].train()  # the Dropout alone
+    with pytest.raises(CalibrationError, match=r"^2 \(Dropout\) is in training mode"):
+        qmodel(x)
+    qmodel.eval()
+    ptq.calibrate(qmodel, [x], progress=False)
+    assert ptq.calibration_table(qmodel) == table  # the refused forwards observed nothing
