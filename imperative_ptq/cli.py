@@ -24,6 +24,7 @@ from .collector import CalibrationError
 from .config import PTQConfig
 from .ptq import ImperativePTQ
 from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
+from .targets import DEFAULT_TARGET, TARGETS
 
 __all__ = ["CliError", "build_parser", "load_factory", "main", "npy_batches", "image_batches"]
 
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight quantization (default: per_channel)")
     quant.add_argument("--bits", type=int, choices=range(2, 17), default=8, metavar="BITS",
                        help="bit width of activations and weights, 2..16 (default: 8)")
+    quant.add_argument("--target", choices=sorted(TARGETS), default=DEFAULT_TARGET,
+                       help="deployment whose int8 arithmetic is simulated and exported: x86 "
+                            "(any x86 CPU with AVX2; layers reading a signed input stay fp32), "
+                            "x86-vnni (VNNI/AMX CPUs only), arm (Paddle Lite) (default: x86)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", required=True, metavar="PREFIX",
                         help="path prefix of the written files: PREFIX.calibration.json, and "
@@ -525,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
     config = PTQConfig(
         ACTIVATION_ALGORITHMS[args.algorithm](quant_bits=args.bits),
         WEIGHT_SCHEMES[args.weights_scheme](quant_bits=args.bits),
+        target=args.target,
     )
     ptq = ImperativePTQ(config)
     try:
@@ -568,6 +574,10 @@ def run(args: argparse.Namespace) -> int:
         input_spec = [paddle.static.InputSpec(shape, dtype, "x")]
         ptq.save_quantized_model(qmodel, prefix, input_spec=input_spec)
         written = sorted([table_path, prefix + ".pdiparams", prefix + ".pdmodel"])
+        if args.target != "arm":  # what Paddle Inference's int8 passes made of it
+            from .export import int8_report
+
+            print(int8_report(prefix).summary())
     print("wrote:")
     for path in written:
         print(f"  {path}")

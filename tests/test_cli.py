@@ -69,7 +69,8 @@ def test_help_documents_every_option(capsys) -> None:
     text = capsys.readouterr().out
     for option in ("--model", "--weights", "--data", "--image-size", "--mean", "--std",
                    "--algorithm", "--weights-scheme", "--bits", "--max-batches",
-                   "--input-shape", "--output", "--no-export", "kl_tensorrt", "per_channel"):
+                   "--input-shape", "--output", "--no-export", "kl_tensorrt", "per_channel",
+                   "--target", "x86-vnni"):
         assert option in text
 
 
@@ -93,6 +94,9 @@ def test_exports_with_input_shape(project, capsys) -> None:
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "calibration table (4 layers)" in out and "conv" in out
+    assert "Paddle Inference runs" in out and "conv/fc ops int8" in out  # the runtime's own count
+    config = json.loads((project / "out" / "net.calibration.json").read_text())["config"]
+    assert config["target"] == "x86"
     for suffix in (".pdmodel", ".pdiparams", ".calibration.json"):
         assert (project / "out" / f"net{suffix}").exists()
         assert f"net{suffix}" in out
@@ -140,6 +144,15 @@ def test_user_errors_are_one_line(project, capsys, model_spec, data, message) ->
     assert status == 2
     assert err.startswith("imperative-ptq: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_target_option_reaches_the_export(project, capsys) -> None:
+    assert main(_args(project, "--target", "x86-vnni")) == 0
+    config = json.loads((project / "out" / "net.calibration.json").read_text())["config"]
+    assert config["target"] == "x86-vnni"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(project, "--target", "x87"))
+    assert exit_info.value.code == 2 and "x87" in capsys.readouterr().err
 
 
 def test_bad_option_values_exit_2(project, capsys) -> None:
