@@ -292,3 +292,28 @@ def test_fc_activation_outputs_run_as_u8_clipped(activation, tmp_path) -> None:
     # The network input and the activation output.
     assert ops.count("clip") + ops.count("elementwise_min") == 2, ops
     assert _relative_error(ran, simulated) < 1e-3  # 8% without the clip after the relu
+
+
+def test_export_warns_about_simulated_layers_that_run_fp32(tmp_path, caplog) -> None:
+    """A Conv1D is simulated in int8 but Paddle Inference runs it fp32: the export says so."""
+
+    class Net(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = paddle.nn.Conv1D(4, 8, 3)
+            self.fc = paddle.nn.Linear(8 * 14, 4)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.fc(paddle.nn.functional.relu(self.conv(x)).flatten(1))
+
+    paddle.seed(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(Net())
+    qmodel(paddle.rand([8, 4, 16]))
+    ptq.convert(qmodel)
+    assert isinstance(qmodel.conv, ip.QuantizedLayer)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.paddle_export"):
+        ptq.save_quantized_model(
+            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 4, 16], "float32", "x")]
+        )
+    assert "simulated in int8 run fp32 in Paddle Inference" in caplog.text and "conv" in caplog.text

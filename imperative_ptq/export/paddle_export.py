@@ -77,10 +77,13 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
     return chosen
 
 
-def _log_runtime_report(path: str, records: Sequence[LayerRecord], target: Target) -> None:
+def _log_runtime_report(
+    path: str, records: Sequence[LayerRecord], int8_weights: set[str], target: Target
+) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line,
-    and a warning for calibrated layers it keeps fp32 or int8 ops reading a signed input on
-    the ``x86`` target. A failure to build the report is logged, never raised: the export
+    and a warning for layers simulated in int8 that run in fp32 (``int8_weights``: the weights
+    the program stores as int8), and for int8 ops reading a signed input on the ``x86``
+    target. A failure to build the report is logged, never raised: the export
     itself is done."""
     try:
         report = int8_report(path)
@@ -89,11 +92,18 @@ def _log_runtime_report(path: str, records: Sequence[LayerRecord], target: Targe
         return
     logger.info("%s: %s", path, report.summary())
     names = {record.weight_name: record.name for record in records if record.simulated}
-    kept = sorted({names[weight] for weight in report.fp32_weights if weight in names})
+    # Simulated in int8, but fp32 in the program (no int8 form written: a Conv1D, a
+    # transposed conv) or in what Paddle's passes made of it.
+    kept = sorted(
+        {name for weight, name in names.items() if weight not in int8_weights}
+        | {names[weight] for weight in report.fp32_weights if weight in names}
+    )
     if kept:
-        logger.info(
-            "%d calibrated layers run fp32 in Paddle Inference (its int8 passes found no int8 "
-            "form, e.g. a residual conv whose residual has no scale): %s",
+        # The simulation quantizes them: say so, the runtime computes something else there.
+        logger.warning(
+            "%d layers simulated in int8 run fp32 in Paddle Inference (its int8 passes found "
+            "no int8 form for them, e.g. a residual conv whose residual has no scale, or a "
+            "Conv1D/Conv3D): %s",
             len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""),
         )
     if report.signed_inputs and not target.signed_inputs_int8:
@@ -173,7 +183,7 @@ def save_quantized_model(
         traced = trace_to_legacy_program(model, specs, fp32_prefix)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(fp32_prefix)
-            program_lib.quantize_program(
+            written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
             )
@@ -184,7 +194,7 @@ def save_quantized_model(
             {**(quant_config or {}), "target": target_spec.name}, input_minima,
         )
     if target_spec.name in ("x86", "x86-vnni"):
-        _log_runtime_report(path, traced.records, target_spec)
+        _log_runtime_report(path, traced.records, set(written.weights), target_spec)
 
 
 def save_fp32_model(
