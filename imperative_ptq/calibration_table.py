@@ -21,6 +21,7 @@ calibration saw for each simulated layer: a non-negative input runs as u8 on the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,8 @@ from typing import Any, Mapping
 from .files import atomic_file
 
 __all__ = [
-    "FORMAT_VERSION", "CalibrationTable", "read_input_minima", "read_table", "write_table",
+    "FORMAT_VERSION", "CalibrationTable", "TableFile", "read_table", "read_table_file",
+    "write_table",
 ]
 
 FORMAT_NAME = "imperative_ptq.calibration_table"
@@ -63,36 +65,38 @@ def write_table(
         json.dump(document, file, indent=1)
 
 
-def read_input_minima(path: str | os.PathLike) -> dict[str, float]:
-    """The ``input_minima`` section of a table written by :func:`write_table` (empty when the
-    table has none).
+@dataclasses.dataclass
+class TableFile:
+    """A calibration table file: its layers, the config that produced them and the smallest
+    input value of each simulated layer (empty for tables written before it was recorded)."""
 
-    Raises:
-        ValueError: The section is not a map from layer names to finite numbers.
-    """
-    with open(path) as file:
-        try:
-            minima = json.load(file).get(INPUT_MINIMA, {})
-        except (json.JSONDecodeError, AttributeError):
-            raise ValueError(f"{path} is not a calibration table") from None
-    if not isinstance(minima, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for v in minima.values()
-    ):
-        raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
-    return {name: float(value) for name, value in minima.items()}
+    layers: CalibrationTable
+    config: dict[str, Any]
+    input_minima: dict[str, float]
 
 
 def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any]]:
     """Reads and validates a calibration table.
 
     Returns:
-        ``(layers, config)``.
+        ``(layers, config)``: :func:`read_table_file` without the input minima.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not a calibration table, has an unknown format version or holds
-            a threshold that is not a finite positive number.
+        ValueError: See :func:`read_table_file`.
+    """
+    table = read_table_file(path)
+    return table.layers, table.config
+
+
+def read_table_file(path: str | os.PathLike) -> TableFile:
+    """Reads and validates a calibration table, input minima included.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not a calibration table, has an unknown format version, holds
+            a threshold that is not a finite positive number, or input minima that are not
+            finite numbers.
     """
     with open(path) as file:
         try:
@@ -122,7 +126,15 @@ def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any
                     f"{path}: layer {name!r} {role} thresholds must be a non-empty list of "
                     f"finite positive numbers, got {values!r}"
                 )
-    return layers, document.get("config") or {}
+    minima = document.get(INPUT_MINIMA, {})
+    if not isinstance(minima, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in minima.values()
+    ):
+        raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
+    return TableFile(
+        layers, document.get("config") or {}, {name: float(v) for name, v in minima.items()}
+    )
 
 
 def _all_positive(values: list) -> bool:

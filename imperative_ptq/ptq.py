@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .batches import batch_to_call
 from .calibration_state import check_compatible, read_state, write_state
-from .calibration_table import CalibrationTable, read_input_minima, read_table, write_table
+from .calibration_table import CalibrationTable, read_table_file, write_table
 from .collector import CalibrationCollector, CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
@@ -560,8 +560,8 @@ class ImperativePTQ:
             ValueError: The file is not a valid table, or does not match the model (the first
                 mismatch is named).
         """
-        layers, _ = read_table(path)
-        minima = read_input_minima(path)
+        table_file = read_table_file(path)
+        layers, minima = table_file.layers, table_file.input_minima
         self._session(model).flush()  # a worker error from earlier batches surfaces here
         states = self._states(model)
         known = {state.name for _, state in states}

@@ -444,12 +444,12 @@ def export_onnx(
         TypeError / ValueError: As for ``save_quantized_model``.
         NotImplementedError: The program contains an op without a converter (named).
     """
-    from .paddle_export import _check_exportable
+    from .paddle_export import check_exportable
 
     _require_onnx()
     if not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
-    _check_exportable(model)
+    check_exportable(model)
     specs = normalize_input_spec(input_spec)
     path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
     if isinstance(path, str) and not path.endswith(".onnx"):

@@ -22,7 +22,7 @@ from .tracing import (
     trace_to_legacy_program,
 )
 
-__all__ = ["EXPORT_SUFFIXES", "save_quantized_model"]
+__all__ = ["EXPORT_SUFFIXES", "check_exportable", "save_fp32_model", "save_quantized_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _is_converted(model: paddle.nn.Layer) -> bool:
     return any(isinstance(layer, QuantizedLayer) for layer in model.sublayers())
 
 
-def _check_exportable(model: paddle.nn.Layer) -> None:
+def check_exportable(model: paddle.nn.Layer) -> None:
     """Raises TypeError/ValueError unless ``model`` is a converted ImperativePTQ model."""
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
@@ -172,7 +172,7 @@ def save_quantized_model(
     quantize_residuals = config.get("quantize_residuals", True)
     if not isinstance(quantize_residuals, bool):
         raise TypeError(f"quantize_residuals must be a bool, got {type(quantize_residuals).__name__}")
-    _check_exportable(model)
+    check_exportable(model)
     target_spec = _export_target(model, target)
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path)
