@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import os
 import time
@@ -30,204 +29,41 @@ from tqdm import tqdm
 from .batches import batch_to_call
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
-from .collector import CalibrationCollector, CalibrationError
+from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
-from .quant_layers import QuantizedLayer, first_input, replace_sublayer
+from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .registry import PTQRegistry
+from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
 from .targets import get_target, set_converted_target
 
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_ptq_state"
-_SESSION = "_ptq_session"
 _CONVERTED = "_ptq_converted"
 _CONVERTED_TABLE = "_ptq_calibration_table"  # what save_calibration_table would have written
 _CONVERTED_MINIMA = "_ptq_input_minima"  # and the input minima it would have written
-_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
-_DROPOUT_TYPES = tuple(
-    getattr(paddle.nn, name)
-    for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
-    if hasattr(paddle.nn, name)
-)
-
-
-@dataclasses.dataclass
-class _LayerState:
-    """What ``quantize`` attaches to one hooked layer."""
-
-    name: str
-    output_quantizer: BaseQuantizer
-    input_quantizer: BaseQuantizer | None
-    weight_quantizer: BaseQuantizer | None
-    hook: Any = None
-    output_skipped: bool = False
-
-
-class _Session:
-    """Per-model calibration state: the collector, the hooked layers and the hooks.
-
-    Hooks can be detached (statistics are kept, so thresholds can still be computed and the
-    model converted) and attached again.
-    """
-
-    def __init__(self, model: paddle.nn.Layer, asynchronous: bool) -> None:
-        self.model = model
-        self.asynchronous = asynchronous
-        self.collector: CalibrationCollector | None = None
-        self.layers: list[tuple[paddle.nn.Layer, _LayerState]] = []
-        self.norm_layers = [
-            (name, layer) for name, layer in model.named_sublayers(include_self=True)
-            if isinstance(layer, _NORM_TYPES)
-        ]
-        self.dropout_layers = [
-            (name, layer) for name, layer in model.named_sublayers(include_self=True)
-            if isinstance(layer, _DROPOUT_TYPES)
-        ]
-        self.root_hooks: list[Any] = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self.root_hooks)
-
-    def attach(self) -> None:
-        """Registers the hooks (first among each layer's forward-post hooks)."""
-        if self.attached:
-            return
-        self.collector = CalibrationCollector(asynchronous=self.asynchronous)
-        for layer, state in self.layers:
-            # First among the layer's hooks, so statistics see the layer's own output; with
-            # the keyword arguments, so an input passed as layer(input=x) is seen too.
-            state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
-        self.root_hooks = [
-            self.model.register_forward_pre_hook(self._before_forward),
-            self.model.register_forward_post_hook(self._after_forward),
-        ]
-
-    def flush(self) -> None:
-        """Waits until every observed batch is in the statistics."""
-        if self.collector is not None:
-            self.collector.flush()
-
-    def detach(self) -> None:
-        """Removes every hook and stops the worker; statistics are kept."""
-        for handle in self.root_hooks:
-            handle.remove()
-        self.root_hooks = []
-        for _, state in self.layers:
-            if state.hook is not None:
-                state.hook.remove()
-                state.hook = None
-        collector, self.collector = self.collector, None
-        if collector is not None:
-            collector.close()
-
-    def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
-        """Forward-pre hook of the model: refuses numpy inputs, and a batch-norm layer (it
-        would update its statistics) or a dropout layer (calibration would see dropped
-        activations) in training mode, before anything runs."""
-        for position, value in enumerate(inputs):
-            if isinstance(value, np.ndarray):
-                raise TypeError(
-                    f"{type(layer).__name__} (being calibrated) input {position} expects a "
-                    f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...) "
-                    f"(ImperativePTQ.calibrate converts arrays itself)"
-                )
-        for name, norm in self.norm_layers:
-            if norm.training:
-                raise CalibrationError(
-                    f"{name or type(layer).__name__} is in training mode: calibration would "
-                    f"update its batch-norm statistics. Call model.eval() before calibrating."
-                )
-        for name, dropout in self.dropout_layers:
-            if dropout.training:
-                raise CalibrationError(
-                    f"{name or type(layer).__name__} ({type(dropout).__name__}) is in training "
-                    f"mode: calibration would see dropped activations. Call model.eval() "
-                    f"before calibrating."
-                )
-        self.collector.raise_pending_error()
-
-    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-        self.collector.end_forward()
-
-    def hook(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict, outputs: Any) -> None:
-        """Forward-post hook of every quantized layer."""
-        state: _LayerState = getattr(layer, _STATE)
-        collector = self.collector
-        inputs_quantizer = state.input_quantizer
-        if inputs_quantizer is not None:
-            first = first_input(layer, inputs, kwargs)
-            if _is_float_tensor(first):
-                sample = collector.sample(first, inputs_quantizer.uses_signed_values)
-                collector.submit(inputs_quantizer, [sample], state.name)
-                if first.size:
-                    # The sign decides how x86 runs the input (u8 or s8): see targets.py.
-                    with paddle.no_grad():
-                        inputs_quantizer.observe_minimum(float(paddle.min(first)))
-        if _is_float_tensor(outputs):
-            sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
-            collector.submit(state.output_quantizer, [sample], state.name)
-        elif not state.output_skipped:
-            state.output_skipped = True
-            logger.warning(
-                "layer %r (%s) returned %s, not a floating-point tensor: its output is not "
-                "calibrated", state.name, type(layer).__name__, _describe(outputs),
-            )
-
-    def __deepcopy__(self, memo: dict) -> "_Session":
-        # Paddle's hook handles hold weak references to the original model's hook dicts, so a
-        # copy with hooks attached would remove the original's hooks (and keep its own).
-        if self.attached:
-            raise TypeError(
-                "cannot deep-copy a model while its calibration hooks are attached: call "
-                "ImperativePTQ.remove_hooks() (statistics are kept) or convert() first"
-            )
-        copied = _Session.__new__(_Session)
-        memo[id(self)] = copied
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return copied
-
-    def quantizers(self) -> dict[str, BaseQuantizer]:
-        """Activation quantizers keyed ``"<layer>/<role>"`` (weights are re-sampled, not kept)."""
-        found: dict[str, BaseQuantizer] = {}
-        for _, state in self.layers:
-            if state.input_quantizer is not None:
-                found[f"{state.name}/input"] = state.input_quantizer
-            found[f"{state.name}/output"] = state.output_quantizer
-        return found
 
 
 def _every_layer(
-    table: CalibrationTable, states: Sequence[tuple[paddle.nn.Layer, _LayerState]]
+    table: CalibrationTable, states: Sequence[tuple[paddle.nn.Layer, LayerState]]
 ) -> CalibrationTable:
     """``table`` with an empty entry for every hooked layer that saw no data: the layers
     of a table file, which then names every hooked layer and loads back into the model."""
     return {state.name: table.get(state.name, {}) for _, state in states}
 
 
-def _input_minima(states: Sequence[tuple[paddle.nn.Layer, _LayerState]]) -> dict[str, float]:
+def _input_minima(states: Sequence[tuple[paddle.nn.Layer, LayerState]]) -> dict[str, float]:
     """The smallest input value seen by each simulated layer whose input was observed."""
     minima = {state.name: _input_minimum(state) for _, state in states}
     return {name: value for name, value in minima.items() if value is not None}
 
 
-def _input_minimum(state: _LayerState) -> float | None:
+def _input_minimum(state: LayerState) -> float | None:
     """The smallest input value calibration saw (``None``: unknown, read as signed)."""
     return None if state.input_quantizer is None else state.input_quantizer.minimum
-
-
-def _is_float_tensor(value: Any) -> bool:
-    return isinstance(value, paddle.Tensor) and paddle.is_floating_point(value)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, paddle.Tensor):
-        return f"a {value.dtype} tensor"
-    return f"a {type(value).__name__}"
 
 
 class ImperativePTQ:
@@ -285,7 +121,7 @@ class ImperativePTQ:
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-        if getattr(model, _SESSION, None) is not None or getattr(model, _CONVERTED, False):
+        if getattr(model, SESSION_ATTR, None) is not None or getattr(model, _CONVERTED, False):
             raise ValueError(
                 "model was already quantized by ImperativePTQ; quantize the original fp32 model"
             )
@@ -299,7 +135,7 @@ class ImperativePTQ:
         if fuse:
             fuse_layers(model, fuse_list)
 
-        session = _Session(model, self._asynchronous)
+        session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
         for name, layer in model.named_sublayers():
             if (
@@ -309,13 +145,13 @@ class ImperativePTQ:
             ):
                 continue
             simulated = PTQRegistry.is_simulated_quant_layer(layer)
-            state = _LayerState(
+            state = LayerState(
                 name=name,
                 output_quantizer=config.new_activation_quantizer(),
                 input_quantizer=config.new_activation_quantizer() if simulated else None,
                 weight_quantizer=config.new_weight_quantizer() if simulated else None,
             )
-            setattr(layer, _STATE, state)
+            setattr(layer, STATE_ATTR, state)
             session.layers.append((layer, state))
         if not session.layers:
             raise ValueError(
@@ -323,7 +159,7 @@ class ImperativePTQ:
                 f"supported: {', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
         session.attach()
-        setattr(model, _SESSION, session)
+        setattr(model, SESSION_ATTR, session)
         logger.info(
             "hooked %d layers of %s for calibration", len(session.layers), type(model).__name__
         )
@@ -624,7 +460,7 @@ class ImperativePTQ:
         target = get_target(self._quant_config.target)
         kept_fp32: list[str] = []
         for layer, state in states:
-            delattr(layer, _STATE)
+            delattr(layer, STATE_ATTR)
             entry = table.get(state.name)
             if entry is None:
                 continue
@@ -666,7 +502,7 @@ class ImperativePTQ:
                 target.name, len(kept_fp32),
                 ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
             )
-        delattr(model, _SESSION)
+        delattr(model, SESSION_ATTR)
         setattr(model, _CONVERTED, True)
         set_converted_target(model, target)
         setattr(model, _CONVERTED_TABLE, _every_layer(table, states))
@@ -696,7 +532,7 @@ class ImperativePTQ:
         """
         from .export.paddle_export import save_quantized_model
 
-        if getattr(model, _SESSION, None) is not None:
+        if getattr(model, SESSION_ATTR, None) is not None:
             self.convert(model)
         save_quantized_model(
             model, path, input_spec, quant_config=self._quant_config.to_dict(),
@@ -731,17 +567,17 @@ class ImperativePTQ:
         return keep_fp32(quantized_model, names, model)
 
     # ------------------------------------------------------------------------------ helpers
-    def _session(self, model: paddle.nn.Layer) -> _Session:
+    def _session(self, model: paddle.nn.Layer) -> CalibrationSession:
         if not isinstance(model, paddle.nn.Layer):
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
-        session = getattr(model, _SESSION, None)
+        session = getattr(model, SESSION_ATTR, None)
         if session is None:
             if getattr(model, _CONVERTED, False):
                 raise ValueError("model is already converted; its thresholds are frozen")
             raise ValueError("model was not prepared by ImperativePTQ.quantize()")
         return session
 
-    def _states(self, model: paddle.nn.Layer) -> list[tuple[paddle.nn.Layer, _LayerState]]:
+    def _states(self, model: paddle.nn.Layer) -> list[tuple[paddle.nn.Layer, LayerState]]:
         """The hooked layers and their calibration state, in ``named_sublayers`` order."""
         return list(self._session(model).layers)
 

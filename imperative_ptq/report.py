@@ -22,10 +22,10 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call
-from .ptq import _STATE
 from .quantizers import BaseHistQuantizer, BaseQuantizer
 from .quantizers.histogram import HistogramState
 from .quantizers.sample import TensorSample
+from .session import hooked_states
 
 if TYPE_CHECKING:
     from .analysis import SensitivityReport
@@ -94,8 +94,7 @@ def calibration_histograms(
     if role not in ("input", "output"):
         raise ValueError(f"role must be 'input' or 'output', got {role!r}")
     found: dict[str, ActivationHistogram] = {}
-    states = [getattr(layer, _STATE) for _, layer in model.named_sublayers()
-              if getattr(layer, _STATE, None) is not None]
+    states = hooked_states(model)
     if not states:
         raise ValueError(
             "model has no calibration state: pass the model from ImperativePTQ.quantize before "
@@ -291,7 +290,7 @@ def write_report(
         _pyplot()  # fail before writing anything
     os.makedirs(directory, exist_ok=True)
     if histograms is None and model is not None:
-        if any(getattr(layer, _STATE, None) is not None for _, layer in model.named_sublayers()):
+        if hooked_states(model):
             histograms = calibration_histograms(model)
         elif data is not None:
             thresholds = {row.name: row.input_threshold for row in report.rows}

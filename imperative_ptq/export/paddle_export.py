@@ -10,6 +10,7 @@ import paddle
 
 from ..calibration_table import write_table
 from ..cpu import cpu_info
+from ..session import calibrating_session
 from ..targets import Target, converted_target, get_target
 from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
@@ -42,7 +43,7 @@ def check_exportable(model: paddle.nn.Layer) -> None:
     """Raises TypeError/ValueError unless ``model`` is a converted ImperativePTQ model."""
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
-    if getattr(model, "_ptq_session", None) is not None:
+    if calibrating_session(model) is not None:
         raise ValueError(
             "model is still being calibrated: call ImperativePTQ.convert(model) first "
             "(ImperativePTQ.save_quantized_model does this for you)"

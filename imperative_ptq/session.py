@@ -1,0 +1,206 @@
+"""The calibration session: the hooks on a quantized model and the state they keep on it.
+
+:meth:`ImperativePTQ.quantize` attaches a :class:`CalibrationSession` to the model and a
+:class:`LayerState` to each hooked layer; this module is the only one that knows the attributes
+holding them, and others ask through :func:`calibrating_session` and :func:`hooked_states`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import paddle
+
+from .collector import CalibrationCollector, CalibrationError
+from .quant_layers import first_input
+from .quantizers import BaseQuantizer
+
+__all__ = [
+    "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
+    "hooked_states",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Attribute of a hooked layer holding its :class:`LayerState`.
+STATE_ATTR = "_ptq_state"
+#: Attribute of a model being calibrated holding its :class:`CalibrationSession`.
+SESSION_ATTR = "_ptq_session"
+_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+_DROPOUT_TYPES = tuple(
+    getattr(paddle.nn, name)
+    for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
+    if hasattr(paddle.nn, name)
+)
+
+
+@dataclasses.dataclass
+class LayerState:
+    """What ``quantize`` attaches to one hooked layer."""
+
+    name: str
+    output_quantizer: BaseQuantizer
+    input_quantizer: BaseQuantizer | None
+    weight_quantizer: BaseQuantizer | None
+    hook: Any = None
+    output_skipped: bool = False
+
+
+class CalibrationSession:
+    """Per-model calibration state: the collector, the hooked layers and the hooks.
+
+    Hooks can be detached (statistics are kept, so thresholds can still be computed and the
+    model converted) and attached again.
+    """
+
+    def __init__(self, model: paddle.nn.Layer, asynchronous: bool) -> None:
+        self.model = model
+        self.asynchronous = asynchronous
+        self.collector: CalibrationCollector | None = None
+        self.layers: list[tuple[paddle.nn.Layer, LayerState]] = []
+        self.norm_layers = [
+            (name, layer) for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, _NORM_TYPES)
+        ]
+        self.dropout_layers = [
+            (name, layer) for name, layer in model.named_sublayers(include_self=True)
+            if isinstance(layer, _DROPOUT_TYPES)
+        ]
+        self.root_hooks: list[Any] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.root_hooks)
+
+    def attach(self) -> None:
+        """Registers the hooks (first among each layer's forward-post hooks)."""
+        if self.attached:
+            return
+        self.collector = CalibrationCollector(asynchronous=self.asynchronous)
+        for layer, state in self.layers:
+            # First among the layer's hooks, so statistics see the layer's own output; with
+            # the keyword arguments, so an input passed as layer(input=x) is seen too.
+            state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
+        self.root_hooks = [
+            self.model.register_forward_pre_hook(self._before_forward),
+            self.model.register_forward_post_hook(self._after_forward),
+        ]
+
+    def flush(self) -> None:
+        """Waits until every observed batch is in the statistics."""
+        if self.collector is not None:
+            self.collector.flush()
+
+    def detach(self) -> None:
+        """Removes every hook and stops the worker; statistics are kept."""
+        for handle in self.root_hooks:
+            handle.remove()
+        self.root_hooks = []
+        for _, state in self.layers:
+            if state.hook is not None:
+                state.hook.remove()
+                state.hook = None
+        collector, self.collector = self.collector, None
+        if collector is not None:
+            collector.close()
+
+    def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
+        """Forward-pre hook of the model: refuses numpy inputs, and a batch-norm layer (it
+        would update its statistics) or a dropout layer (calibration would see dropped
+        activations) in training mode, before anything runs."""
+        for position, value in enumerate(inputs):
+            if isinstance(value, np.ndarray):
+                raise TypeError(
+                    f"{type(layer).__name__} (being calibrated) input {position} expects a "
+                    f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...) "
+                    f"(ImperativePTQ.calibrate converts arrays itself)"
+                )
+        for name, norm in self.norm_layers:
+            if norm.training:
+                raise CalibrationError(
+                    f"{name or type(layer).__name__} is in training mode: calibration would "
+                    f"update its batch-norm statistics. Call model.eval() before calibrating."
+                )
+        for name, dropout in self.dropout_layers:
+            if dropout.training:
+                raise CalibrationError(
+                    f"{name or type(layer).__name__} ({type(dropout).__name__}) is in training "
+                    f"mode: calibration would see dropped activations. Call model.eval() "
+                    f"before calibrating."
+                )
+        self.collector.raise_pending_error()
+
+    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        self.collector.end_forward()
+
+    def hook(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict, outputs: Any) -> None:
+        """Forward-post hook of every quantized layer."""
+        state: LayerState = getattr(layer, STATE_ATTR)
+        collector = self.collector
+        inputs_quantizer = state.input_quantizer
+        if inputs_quantizer is not None:
+            first = first_input(layer, inputs, kwargs)
+            if _is_float_tensor(first):
+                sample = collector.sample(first, inputs_quantizer.uses_signed_values)
+                collector.submit(inputs_quantizer, [sample], state.name)
+                if first.size:
+                    # The sign decides how x86 runs the input (u8 or s8): see targets.py.
+                    with paddle.no_grad():
+                        inputs_quantizer.observe_minimum(float(paddle.min(first)))
+        if _is_float_tensor(outputs):
+            sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
+            collector.submit(state.output_quantizer, [sample], state.name)
+        elif not state.output_skipped:
+            state.output_skipped = True
+            logger.warning(
+                "layer %r (%s) returned %s, not a floating-point tensor: its output is not "
+                "calibrated", state.name, type(layer).__name__, _describe(outputs),
+            )
+
+    def __deepcopy__(self, memo: dict) -> "CalibrationSession":
+        # Paddle's hook handles hold weak references to the original model's hook dicts, so a
+        # copy with hooks attached would remove the original's hooks (and keep its own).
+        if self.attached:
+            raise TypeError(
+                "cannot deep-copy a model while its calibration hooks are attached: call "
+                "ImperativePTQ.remove_hooks() (statistics are kept) or convert() first"
+            )
+        copied = CalibrationSession.__new__(CalibrationSession)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def quantizers(self) -> dict[str, BaseQuantizer]:
+        """Activation quantizers keyed ``"<layer>/<role>"`` (weights are re-sampled, not kept)."""
+        found: dict[str, BaseQuantizer] = {}
+        for _, state in self.layers:
+            if state.input_quantizer is not None:
+                found[f"{state.name}/input"] = state.input_quantizer
+            found[f"{state.name}/output"] = state.output_quantizer
+        return found
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, paddle.Tensor) and paddle.is_floating_point(value)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, paddle.Tensor):
+        return f"a {value.dtype} tensor"
+    return f"a {type(value).__name__}"
+
+
+def calibrating_session(model: paddle.nn.Layer) -> CalibrationSession | None:
+    """The session of a model returned by ``quantize`` and not yet converted, else ``None``."""
+    return getattr(model, SESSION_ATTR, None)
+
+
+def hooked_states(model: paddle.nn.Layer) -> list[LayerState]:
+    """The :class:`LayerState` of every hooked layer of ``model``, in sublayer order (empty
+    for a model that is not being calibrated)."""
+    states = (getattr(layer, STATE_ATTR, None) for _, layer in model.named_sublayers())
+    return [state for state in states if state is not None]
