@@ -34,6 +34,7 @@ from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
+from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
 from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
 from .targets import get_target, set_converted_target
@@ -622,10 +623,10 @@ def _load_affine_params(
     bits = quantizer.quant_bits
     dtype = "uint8" if bits <= 8 else "int32"
     if per_channel:
-        params = [QuantParams(list(scales), list(zero_points), dtype, 0, 2**bits - 1)]
+        params = [QuantParams(list(scales), list(zero_points), dtype, 0, affine_levels(bits))]
     else:
         params = [
-            QuantParams(float(s), int(z), dtype, 0, 2**bits - 1)
+            QuantParams(float(s), int(z), dtype, 0, affine_levels(bits))
             for s, z in zip(scales, zero_points)
         ]
     quantizer.set_quant_params(params)

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 
 from .primitives import fake_quantize
+from .quantizers.qparams import affine_levels, symmetric_levels
 
 __all__ = [
     "QuantizedLayer",
@@ -43,7 +44,7 @@ def fake_quantize_symmetric(
         unsigned: Keep only the non-negative half of the grid (``0..L``), as an x86 runtime
             does with an input it runs as u8: negative values become 0.
     """
-    levels = float(2 ** (bits - 1) - 1)
+    levels = float(symmetric_levels(bits))
     if axis is not None and threshold.shape[0] > 1:
         shape = [1] * x.ndim
         shape[axis] = -1
@@ -58,14 +59,14 @@ def _weight_scales(thresholds: np.ndarray, bits: int, axis: int, ndim: int) -> n
     shape = [1] * ndim
     if np.asarray(thresholds).size > 1:
         shape[axis] = -1
-    return (np.asarray(thresholds, dtype=np.float32) / (2 ** (bits - 1) - 1)).reshape(shape)
+    return (np.asarray(thresholds, dtype=np.float32) / symmetric_levels(bits)).reshape(shape)
 
 
 def quantize_weight(
     weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
 ) -> np.ndarray:
     """Integer weights ``clip(round(w / t * L), -L, L)`` (int8 for ``bits <= 8``, else int16)."""
-    levels = 2 ** (bits - 1) - 1
+    levels = symmetric_levels(bits)
     scales = _weight_scales(thresholds, bits, axis, weight.ndim)
     integers = np.clip(np.round(weight / scales), -levels, levels)
     return integers.astype(np.int8 if bits <= 8 else np.int16)
@@ -195,7 +196,7 @@ class QuantizedLayer(paddle.nn.Layer):
                         self.weight_scales if per_channel else self.weight_scales[0],
                         self.weight_zero_points if per_channel else self.weight_zero_points[0],
                         0,
-                        2**weight_bits - 1,
+                        affine_levels(weight_bits),
                         axis=weight_axis if per_channel else None,
                     )
                 )
@@ -220,7 +221,7 @@ class QuantizedLayer(paddle.nn.Layer):
         if self.input_zero_point is not None:
             first = fake_quantize(
                 inputs[0], self.input_scale, self.input_zero_point, 0,
-                2**self.activation_bits - 1,
+                affine_levels(self.activation_bits),
             )
         else:
             first = fake_quantize_symmetric(

@@ -90,3 +90,29 @@ def test_no_private_name_imported_across_modules() -> None:
         if name.startswith("_") and not name.startswith("__")
     ]
     assert not offenders, offenders
+
+
+def test_levels_have_one_home() -> None:
+    """``2**(bits-1) - 1`` / ``2**bits - 1`` live in quantizers/qparams.py (a 1-bit symmetric
+    grid got 0 levels where one copy lacked the guard)."""
+    import re
+
+    from imperative_ptq.quant_layers import fake_quantize_symmetric
+    from imperative_ptq.quantizers.qparams import symmetric_levels
+
+    # 2**(bits-1) - 1 and 2**bits - 1 (TensorRT's 2**(bits-1) is another rule, not these).
+    pattern = re.compile(r"2 ?\*\* ?(\(\w*bits\w* ?- ?1\)|[\w.]*bits\w*) ?- ?1\b")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "qparams.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if pattern.search(code) and "``" not in code:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
+    assert symmetric_levels(1) == 1
+    import paddle
+
+    one_bit = fake_quantize_symmetric(paddle.to_tensor([0.3, -0.7]), paddle.to_tensor([1.0]), 1)
+    assert one_bit.numpy().tolist() == [0.0, -1.0]  # was a division by zero (0 levels)

@@ -33,6 +33,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..quantizers.qparams import symmetric_levels
 from .graph import get_tensor, is_persistable, new_persistable, producers, readers, set_tensor
 from .graph import transposed_matmul
 from .tracing import LayerRecord
@@ -70,7 +71,7 @@ def unsigned_threshold(threshold: float, bits: int) -> float:
     (``q = round(x * 255 / S)``); written as ``S = t * 255 / L`` the codes stay within 0..127,
     where no int16 pair of ``vpmaddubsw`` can saturate (2 * 127 * 127 < 32767).
     """
-    return float(threshold) * 255.0 / (2 ** (bits - 1) - 1)
+    return float(threshold) * 255.0 / symmetric_levels(bits)
 
 
 def _gemm_output(block, name: str, through_activations: bool = False) -> bool:

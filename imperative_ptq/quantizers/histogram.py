@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .base import BaseQuantizer, validate_bool
+from .qparams import affine_levels
 from .sample import TensorSample
 
 __all__ = ["BaseHistQuantizer", "HistogramState", "rebin_histogram", "resample_histogram"]
@@ -233,7 +234,7 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
         if self.symmetric:
             raise NotImplementedError(f"{type(self).__name__}(symmetric=True) has no ranges")
         sides = (self.negative_states[index], self.states[index])
-        total_levels = 2**self.quant_bits - 1
+        total_levels = affine_levels(self.quant_bits)
         clips = [state.upper for state in sides]
         for _ in range(_LEVEL_SPLIT_ROUNDS):
             span = clips[0] + clips[1]

@@ -19,6 +19,7 @@ import numpy as np
 
 from .histogram import BaseHistQuantizer
 from .level_groups import GroupedCandidates
+from .qparams import affine_levels, symmetric_levels
 
 __all__ = ["KLQuantizer", "paddle_kl_threshold"]
 
@@ -47,7 +48,7 @@ def paddle_kl_threshold(
     """
     counts = np.asarray(counts, dtype=np.float32)
     bins = counts.shape[0]
-    levels = 2 ** (quant_bits - 1) - 1 if levels is None else levels
+    levels = symmetric_levels(quant_bits) if levels is None else levels
     first = int((bins - 1) * 0.5)
     candidates = np.arange(first, bins)
     # Paddle skips candidates whose last reference bin is empty.
@@ -115,7 +116,7 @@ class KLQuantizer(BaseHistQuantizer):
     """
 
     def _check_bins(self) -> None:
-        levels = 2 ** (self.quant_bits - 1) - 1 if self.symmetric else 2**self.quant_bits - 1
+        levels = symmetric_levels(self.quant_bits) if self.symmetric else affine_levels(self.quant_bits)
         if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:
             raise ValueError(
                 f"KLQuantizer needs quant_bits >= 2 and bins >= {2 * levels + 1} for "

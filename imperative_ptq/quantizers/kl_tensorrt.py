@@ -17,6 +17,7 @@ import numpy as np
 
 from .histogram import BaseHistQuantizer
 from .level_groups import GroupedCandidates
+from .qparams import affine_levels
 
 __all__ = ["TensorRTKLQuantizer", "tensorrt_kl_threshold"]
 
@@ -80,7 +81,7 @@ class TensorRTKLQuantizer(BaseHistQuantizer):
     """
 
     def _check_bins(self) -> None:
-        levels = 2 ** (self.quant_bits - 1) if self.symmetric else 2**self.quant_bits - 1
+        levels = 2 ** (self.quant_bits - 1) if self.symmetric else affine_levels(self.quant_bits)
         if self.quant_bits < 2 or self.bins < levels:
             raise ValueError(
                 f"TensorRTKLQuantizer needs quant_bits >= 2 and bins >= "

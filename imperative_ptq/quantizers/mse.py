@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .histogram import BaseHistQuantizer
+from .qparams import symmetric_levels
 
 __all__ = ["MSEQuantizer", "mse_threshold"]
 
@@ -29,7 +30,7 @@ def mse_threshold(
     counts = np.asarray(counts, dtype=np.float64)
     bins = counts.shape[0]
     if levels is None:
-        levels = 2 ** (quant_bits - 1) - 1 if quant_bits > 1 else 1
+        levels = symmetric_levels(quant_bits)
     centres = (np.arange(bins) + 0.5) * bin_width
     clips = np.arange(1, bins + 1) * bin_width  # clip k keeps bins [0, k)
 

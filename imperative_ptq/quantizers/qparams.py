@@ -19,7 +19,18 @@ import numpy as np
 
 from ..primitives import compute_qparams
 
-__all__ = ["QuantParams", "affine_qparams", "symmetric_qparams"]
+__all__ = ["QuantParams", "affine_levels", "affine_qparams", "symmetric_levels", "symmetric_qparams"]
+
+
+def symmetric_levels(bits: int) -> int:
+    """``L = 2**(bits-1) - 1``, the largest code of Paddle's symmetric grid ``-L..L`` (at least
+    1, so a 1-bit grid still has a step)."""
+    return max(2 ** (bits - 1) - 1, 1)
+
+
+def affine_levels(bits: int) -> int:
+    """``2**bits - 1``, the number of steps of an affine (uint8 for 8 bits) grid ``0..2**bits-1``."""
+    return 2**bits - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +68,7 @@ def _listify(scale: Any, zero_point: Any) -> tuple[Any, Any]:
 
 def symmetric_qparams(threshold: float | Sequence[float], quant_bits: int) -> QuantParams:
     """Paddle's symmetric parameters for a threshold (or per-channel thresholds)."""
-    levels = max(2 ** (quant_bits - 1) - 1, 1)
+    levels = symmetric_levels(quant_bits)
     dtype = "int8" if quant_bits <= 8 else "int32"
     t = np.asarray(threshold, dtype=np.float64)
     scale, zero_point = compute_qparams(
@@ -74,7 +85,7 @@ def affine_qparams(
     Raises:
         ValueError: ``low > high`` or a bound is not finite.
     """
-    quant_max = 2**quant_bits - 1
+    quant_max = affine_levels(quant_bits)
     dtype = "uint8" if quant_bits <= 8 else "int32"
     low_array = np.asarray(low, dtype=np.float64)
     high_array = np.asarray(high, dtype=np.float64)
