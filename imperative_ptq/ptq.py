@@ -31,21 +31,25 @@ from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
+from .converted import (
+    converted_minima,
+    converted_table,
+    is_marked_converted,
+    mark_converted,
+    set_output_thresholds,
+)
 from .fuse import fuse_layers
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
 from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
-from .targets import get_target, set_converted_target
+from .targets import get_target
 
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
 
-_CONVERTED = "_ptq_converted"
-_CONVERTED_TABLE = "_ptq_calibration_table"  # what save_calibration_table would have written
-_CONVERTED_MINIMA = "_ptq_input_minima"  # and the input minima it would have written
 
 
 def _every_layer(
@@ -122,7 +126,7 @@ class ImperativePTQ:
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-        if getattr(model, SESSION_ATTR, None) is not None or getattr(model, _CONVERTED, False):
+        if getattr(model, SESSION_ATTR, None) is not None or is_marked_converted(model):
             raise ValueError(
                 "model was already quantized by ImperativePTQ; quantize the original fp32 model"
             )
@@ -440,7 +444,7 @@ class ImperativePTQ:
         """Removes the hooks and freezes the thresholds into the layers.
 
         Simulated-quant layers become :class:`QuantizedLayer` (int8 simulation in dygraph);
-        other hooked layers keep their output thresholds in ``_ptq_output_thresholds``.
+        other hooked layers keep their output thresholds (:func:`.converted.output_thresholds`).
         Converting an already converted model does nothing.
 
         Returns:
@@ -449,7 +453,7 @@ class ImperativePTQ:
         Raises:
             CalibrationError: No calibration batch has been run.
         """
-        if getattr(model, _CONVERTED, False):
+        if is_marked_converted(model):
             logger.warning("model is already converted; nothing to do")
             return model
         table = self.calibration_table(model)
@@ -493,7 +497,7 @@ class ImperativePTQ:
                 )
                 replace_sublayer(model, layer, wrapped)
             elif "output" in entry:
-                layer._ptq_output_thresholds = entry["output"]
+                set_output_thresholds(layer, entry["output"])
         if kept_fp32:
             logger.warning(
                 "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
@@ -504,10 +508,7 @@ class ImperativePTQ:
                 ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
             )
         delattr(model, SESSION_ATTR)
-        setattr(model, _CONVERTED, True)
-        set_converted_target(model, target)
-        setattr(model, _CONVERTED_TABLE, _every_layer(table, states))
-        setattr(model, _CONVERTED_MINIMA, _input_minima(states))
+        mark_converted(model, target, _every_layer(table, states), _input_minima(states))
         return model
 
     # -------------------------------------------------------------------------------- export
@@ -537,8 +538,8 @@ class ImperativePTQ:
             self.convert(model)
         save_quantized_model(
             model, path, input_spec, quant_config=self._quant_config.to_dict(),
-            calibration_table=getattr(model, _CONVERTED_TABLE, None),
-            input_minima=getattr(model, _CONVERTED_MINIMA, None), **config,
+            calibration_table=converted_table(model),
+            input_minima=converted_minima(model), **config,
         )
 
     # ------------------------------------------------------------------------------ analysis
@@ -573,7 +574,7 @@ class ImperativePTQ:
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
         session = getattr(model, SESSION_ATTR, None)
         if session is None:
-            if getattr(model, _CONVERTED, False):
+            if is_marked_converted(model):
                 raise ValueError("model is already converted; its thresholds are frozen")
             raise ValueError("model was not prepared by ImperativePTQ.quantize()")
         return session

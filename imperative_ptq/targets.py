@@ -28,12 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = [
-    "DEFAULT_TARGET", "TARGETS", "Target", "converted_target", "get_target", "set_converted_target",
-]
-
-#: Attribute holding the target a converted model simulates; only this module touches it.
-_CONVERTED_TARGET = "_ptq_target"
+__all__ = ["DEFAULT_TARGET", "TARGETS", "Target", "get_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +109,3 @@ def get_target(name: object) -> Target:
         raise ValueError(f"unknown target {name!r}: choose one of {sorted(TARGETS)}")
     return target
 
-
-def set_converted_target(model: object, target: Target) -> None:
-    """Records on a converted model the target its simulation models."""
-    setattr(model, _CONVERTED_TARGET, target.name)
-
-
-def converted_target(model: object) -> Target:
-    """The target ``model`` was converted for (the default for models converted before
-    targets existed)."""
-    return get_target(getattr(model, _CONVERTED_TARGET, DEFAULT_TARGET))

@@ -564,3 +564,26 @@ def test_exported_table_is_the_calibration_table(tmp_path) -> None:
     again = ImperativePTQ(config)
     fresh = again.quantize(WithIdleBranch())
     again.load_calibration_table(fresh, str(tmp_path / "model.calibration.json"))
+
+
+def test_module_level_export_writes_the_same_table(tmp_path) -> None:
+    """imperative_ptq.export.save_quantized_model on a converted model writes the table convert
+    recorded (affine keys and input minima included), as ImperativePTQ's method does: one
+    content, whoever calls. It used to rebuild a thresholds-only table from the traced layers."""
+    import json
+
+    from imperative_ptq import MinMaxQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    paddle.seed(6)
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 4))
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(MinMaxQuantizer(symmetric=False), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.rand([16, 8]) + 0.5)
+    ptq.save_calibration_table(qmodel, str(tmp_path / "direct.json"))
+    ptq.convert(qmodel)
+    save_quantized_model(qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")])
+    exported = json.loads((tmp_path / "m.calibration.json").read_text())
+    direct = json.loads((tmp_path / "direct.json").read_text())
+    assert exported["layers"] == direct["layers"] and "input_zero_point" in exported["layers"]["0"]
+    assert exported["input_minima"] == direct["input_minima"]

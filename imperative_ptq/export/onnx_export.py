@@ -26,7 +26,7 @@ import paddle
 
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from ..targets import converted_target
+from ..converted import converted_target
 from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
 
 __all__ = ["export_onnx"]

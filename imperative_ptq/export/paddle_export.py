@@ -11,7 +11,8 @@ import paddle
 from ..calibration_table import write_table
 from ..cpu import cpu_info
 from ..session import calibrating_session
-from ..targets import Target, converted_target, get_target
+from ..converted import converted_minima, converted_table, converted_target, is_marked_converted
+from ..targets import Target, get_target
 from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
@@ -34,7 +35,7 @@ _OPTIONS = {"quantize_residuals"}
 
 
 def _is_converted(model: paddle.nn.Layer) -> bool:
-    if getattr(model, "_ptq_converted", False):
+    if is_marked_converted(model):
         return True
     return any(isinstance(layer, QuantizedLayer) for layer in model.sublayers())
 
@@ -189,6 +190,11 @@ def save_quantized_model(
                 unsigned_inputs=target_spec.unsigned_inputs,
             )
             program_lib.save_legacy_program(loaded, staging)
+        # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
+        # (what save_calibration_table writes), else one rebuilt from the traced layers.
+        if calibration_table is None:
+            calibration_table = converted_table(model)
+            input_minima = converted_minima(model) if input_minima is None else input_minima
         layers = _table(traced.records) if calibration_table is None else calibration_table
         write_table(
             staging + ".calibration.json", layers,

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import paddle
 
+from ..converted import output_thresholds
 from ..quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
@@ -157,11 +158,11 @@ def _collect_records(
             replace_sublayer(export_model, layer, inner)
             by_layer[id(inner)] = record
             records.append(record)
-        elif getattr(layer, "_ptq_output_thresholds", None):
+        elif output_thresholds(layer):
             record = LayerRecord(
                 name=name,
                 layer_type=type(layer).__name__,
-                output_thresholds=[float(t) for t in layer._ptq_output_thresholds],
+                output_thresholds=output_thresholds(layer),
             )
             by_layer[id(layer)] = record
             records.append(record)

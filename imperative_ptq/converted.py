@@ -1,0 +1,70 @@
+"""What a converted model carries: the one module that knows the attributes holding it.
+
+``ImperativePTQ.convert`` marks the model converted with the target its simulation models, the
+calibration table and input minima a table file of it would hold, and gives each hooked layer
+that stayed fp32 its output thresholds; the exporters read them back through these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import paddle
+
+from .targets import DEFAULT_TARGET, Target, get_target
+
+__all__ = [
+    "converted_minima", "converted_table", "converted_target", "is_marked_converted",
+    "mark_converted", "output_thresholds", "set_output_thresholds",
+]
+
+_CONVERTED = "_ptq_converted"
+_TABLE = "_ptq_calibration_table"
+_MINIMA = "_ptq_input_minima"
+_TARGET = "_ptq_target"
+_OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
+
+
+def mark_converted(
+    model: paddle.nn.Layer,
+    target: Target,
+    table: Mapping[str, Mapping[str, list[float]]],
+    input_minima: Mapping[str, float],
+) -> None:
+    """Records that ``model`` was converted for ``target``, with the table (layers, and input
+    minima) that ``save_calibration_table`` would have written for it."""
+    setattr(model, _CONVERTED, True)
+    setattr(model, _TARGET, target.name)
+    setattr(model, _TABLE, dict(table))
+    setattr(model, _MINIMA, dict(input_minima))
+
+
+def is_marked_converted(model: paddle.nn.Layer) -> bool:
+    """Whether :func:`mark_converted` was called on ``model``."""
+    return bool(getattr(model, _CONVERTED, False))
+
+
+def converted_target(model: paddle.nn.Layer) -> Target:
+    """The target ``model`` was converted for (the default for models converted before targets
+    existed)."""
+    return get_target(getattr(model, _TARGET, DEFAULT_TARGET))
+
+
+def converted_table(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """The calibration table's layers of a converted model (``None`` if it has none)."""
+    return getattr(model, _TABLE, None)
+
+
+def converted_minima(model: paddle.nn.Layer) -> dict[str, float] | None:
+    """The input minima of a converted model's table (``None`` if it has none)."""
+    return getattr(model, _MINIMA, None)
+
+
+def set_output_thresholds(layer: paddle.nn.Layer, thresholds: Sequence[float]) -> None:
+    """Keeps the output thresholds of a calibrated layer that stays fp32 (for the export)."""
+    setattr(layer, _OUTPUT_THRESHOLDS, [float(t) for t in thresholds])
+
+
+def output_thresholds(layer: paddle.nn.Layer) -> list[float]:
+    """The output thresholds kept by :func:`set_output_thresholds` (empty if none)."""
+    return list(getattr(layer, _OUTPUT_THRESHOLDS, None) or [])
