@@ -1,4 +1,4 @@
-"""Does Paddle Inference's oneDNN int8 path honour a non-zero ``ZeroPoint`` (issue 6)?
+"""Does Paddle Inference's oneDNN int8 path honour a non-zero ``ZeroPoint``?
 
 Exports a small calibrated Conv2D/ReLU/Conv2D/ReLU/Linear net with ``save_quantized_model``,
 then rewrites the ``quantize_linear``/``dequantize_linear`` pair on the input of the second

