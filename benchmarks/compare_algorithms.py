@@ -17,8 +17,8 @@ input threshold against the abs-max threshold and the fraction of non-zero calib
 activations it clips, and the accuracy with the most-clipping layer's threshold raised to its
 abs-max.
 
-    python demos/compare_algorithms.py                                # everything, ~3-4 min
-    python demos/compare_algorithms.py --models mlp --calibration-size 200 --no-torch
+    python benchmarks/compare_algorithms.py                                # everything, ~3-4 min
+    python benchmarks/compare_algorithms.py --models mlp --calibration-size 200 --no-torch
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import paddle
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mnist_ptq as demo  # noqa: E402  (the MNIST demo owns the models, training and timing)
+#: The MNIST demo's folder: it owns the models, their trained-weights cache and the timing.
+DEMOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demos")
+sys.path.insert(0, DEMOS)
+import mnist_ptq as demo  # noqa: E402
 
 from imperative_ptq import ImperativePTQ, PTQConfig  # noqa: E402
 from imperative_ptq.datasets import MNIST, load_mnist  # noqa: E402
@@ -413,7 +415,7 @@ def compare(
     rounds: int = 5,
     threads: int = 2,
     output_dir: str = os.path.join("out", "compare_algorithms"),
-    cache_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"),
+    cache_dir: str = os.path.join(DEMOS, ".cache"),
 ) -> Comparison:
     """Runs the comparison; see the module docstring.
 
@@ -673,7 +675,7 @@ def markdown(result: Comparison, seconds: float) -> str:
     parts = [
         f"Measured {datetime.date.today().isoformat()} on 2 vCPU AVX-512 VNNI, Paddle "
         f"{paddle.__version__}" + (f", torch {_torch_version()}" if _torch_version() else "")
-        + f"; `python demos/compare_algorithms.py` ({seconds:.0f} s). Calibration on the first "
+        + f"; `python benchmarks/compare_algorithms.py` ({seconds:.0f} s). Calibration on the first "
         f"{settings['calibration_size']} training images (batches of {CALIBRATION_BATCH}), "
         f"accuracy on {settings['test_size']} test images, in % (difference to fp32 in points).",
         "", "### Accuracy", "", *accuracy_table(result),
@@ -717,7 +719,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="markdown file for the tables (default: out/compare_algorithms/results.md)")
     parser.add_argument("--export-dir", default=os.path.join("out", "compare_algorithms"),
                         help="where exported programs go")
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.dirname(__file__), ".cache"),
+    parser.add_argument("--cache-dir", default=os.path.join(DEMOS, ".cache"),
                         help="trained fp32 weights cache (shared with mnist_ptq.py)")
     return parser.parse_args(argv)
 
