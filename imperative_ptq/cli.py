@@ -574,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
         input_spec = [paddle.static.InputSpec(shape, dtype, "x")]
         ptq.save_quantized_model(qmodel, prefix, input_spec=input_spec)
         written = sorted([table_path, prefix + ".pdiparams", prefix + ".pdmodel"])
-        if args.target != "arm":  # what Paddle Inference's int8 passes made of it
+        if TARGETS[args.target].onednn:  # what Paddle Inference's int8 passes made of it
             from .export import int8_report
 
             print(int8_report(prefix).summary())

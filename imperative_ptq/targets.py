@@ -44,6 +44,8 @@ class Target:
             every CPU of the target; where not, such a layer stays fp32, in the simulation and
             the export.
         requires_vnni: The target's int8 kernels are only exact on CPUs with VNNI.
+        onednn: The target runs in Paddle Inference's oneDNN int8 pipeline (x86): the export
+            reads back what that pipeline runs (:func:`imperative_ptq.export.int8_report`).
         paddle_fc_weights: Linear layers run as Paddle Inference's oneDNN fc, which recomputes
             their weight scales its own way (:func:`imperative_ptq.quant_layers.paddle_fc_weight`):
             the simulation computes with that weight, and the ONNX export stores it.
@@ -54,6 +56,7 @@ class Target:
     unsigned_inputs: bool
     signed_inputs_int8: bool
     requires_vnni: bool
+    onednn: bool
     paddle_fc_weights: bool
 
 
@@ -67,6 +70,7 @@ TARGETS: dict[str, Target] = {
             unsigned_inputs=True,
             signed_inputs_int8=False,
             requires_vnni=False,
+            onednn=True,
             paddle_fc_weights=True,
         ),
         Target(
@@ -76,6 +80,7 @@ TARGETS: dict[str, Target] = {
             unsigned_inputs=True,
             signed_inputs_int8=True,
             requires_vnni=True,
+            onednn=True,
             paddle_fc_weights=True,
         ),
         Target(
@@ -84,6 +89,7 @@ TARGETS: dict[str, Target] = {
             unsigned_inputs=False,
             signed_inputs_int8=True,
             requires_vnni=False,
+            onednn=False,
             paddle_fc_weights=False,
         ),
     )

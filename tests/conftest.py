@@ -21,3 +21,11 @@ warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
 def _seed() -> None:
     paddle.seed(2024)
     np.random.seed(2024)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: exports real architectures or re-runs tests on oneDNN's AVX2 kernels in a "
+        "subprocess (seconds each); deselect with -m 'not slow'",
+    )

@@ -77,6 +77,7 @@ def test_x86_target_is_exact_here(tmp_path) -> None:
     _assert_exact(_probe_here("x86", str(tmp_path)))
 
 
+@pytest.mark.slow
 @needs_vnni_host
 def test_x86_target_is_exact_on_avx2_kernels(tmp_path) -> None:
     _assert_exact(_probe_on_avx2("x86", str(tmp_path)))
@@ -97,11 +98,13 @@ def test_plain_form_per_isa_truth_here(tmp_path) -> None:
     _assert_plain_form_truth(_probe_here("arm", str(tmp_path)), cpu_info().vnni)
 
 
+@pytest.mark.slow
 @needs_vnni_host
 def test_plain_form_saturates_on_avx2_kernels(tmp_path) -> None:
     _assert_plain_form_truth(_probe_on_avx2("arm", str(tmp_path)), vnni=False)
 
 
+@pytest.mark.slow
 @needs_vnni_host
 def test_mnist_exports_agree_with_the_simulation_on_avx2_kernels() -> None:
     """The export tests that compare Paddle Inference / ONNX Runtime with the simulation, again

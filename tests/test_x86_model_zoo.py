@@ -25,6 +25,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_x86_export_runs_what_the_simulation_computes(name, tmp_path) -> None:
     paddle.seed(0)
@@ -50,6 +51,7 @@ def test_x86_export_runs_what_the_simulation_computes(name, tmp_path) -> None:
     assert cosine > (0.998 if name == "resnet18" else 0.999), cosine
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_x86_model_zoo_on_avx2_kernels() -> None:
     done = subprocess.run(

@@ -200,7 +200,7 @@ def save_quantized_model(
             staging + ".calibration.json", layers,
             {**(quant_config or {}), "target": target_spec.name}, input_minima,
         )
-    if target_spec.name in ("x86", "x86-vnni"):
+    if target_spec.onednn:
         _log_runtime_report(path, traced.records, set(written.weights), target_spec)
 
 
