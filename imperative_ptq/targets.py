@@ -14,11 +14,11 @@ so it has to model the target's integer kernels, not an ideal int8 machine. Meas
   while a conv reading it has its weights halved by oneDNN (7-bit weights, no saturation,
   ties rounded by float noise: 1.6% relative error against the 8-bit simulation).
 * u8 inputs kept within 0..127 can never saturate (2 * 127 * 127 < 32767) and are exact
-  on every x86 CPU: that is what the x86 targets export for every non-negative input (values
-  above the threshold of a ReLU output that cannot be clipped for free excepted, see
-  :mod:`imperative_ptq.export.unsigned`). The
-  ``x86`` target keeps layers with a signed input in fp32, the one form that computes the same
-  on every x86 CPU; ``x86-vnni`` runs them int8 (exact with VNNI only).
+  on every x86 CPU: that is what the x86 targets export for every non-negative input (except
+  the values above the threshold of a ReLU after a residual conv, see
+  :mod:`imperative_ptq.export.unsigned`). The ``x86`` target keeps layers with a signed input
+  in fp32, the one form that computes the same on every x86 CPU; ``x86-vnni`` runs them int8
+  (exact with VNNI only).
 
 Paddle Lite's ARM int8 kernels take s8 activations with symmetric thresholds, so the ``arm``
 target keeps the plain symmetric 8-bit simulation (not measured here: no ARM CPU).
