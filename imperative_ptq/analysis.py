@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .batches import batch_to_call
+from .batches import batch_to_call, eval_mode
 from .quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = [
@@ -343,20 +343,6 @@ class _Capture:
         self.value = _first_float_tensor(outputs)
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: paddle.nn.Layer) -> Iterator[None]:
-    # Analysis must not update batch-norm statistics; the callers' modes are restored.
-    modes = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, training in zip(models, modes):
-            if training:
-                model.train()
-
-
 def analyze(
     model: paddle.nn.Layer,
     quantized_model: paddle.nn.Layer,
@@ -393,7 +379,7 @@ def analyze(
     batches = data if max_batches is None else itertools.islice(data, max_batches)
     num_batches = 0
     to_call = batch_to_call(model)
-    with _eval_mode(model, quantized_model), paddle.no_grad():
+    with eval_mode(model, quantized_model), paddle.no_grad():
         for batch in batches:
             args, kwargs = to_call(batch)
             captures = {name: _Capture() for name, _, _ in pairs}
@@ -422,7 +408,7 @@ def analyze(
     fp32_metric = quantized_metric = None
     metrics: dict[str, float] = {}
     if metric is not None:
-        with _eval_mode(model, quantized_model):
+        with eval_mode(model, quantized_model):
             fp32_metric = float(metric(model))
             quantized_metric = float(metric(quantized_model))
             for name, _, quantized in pairs:
@@ -566,13 +552,13 @@ def search_skip_set(
     history: list[tuple[tuple[str, ...], float]] = []
 
     def score(skip: Sequence[str]) -> float:
-        with _eval_mode(work):
+        with eval_mode(work):
             value = float(evaluate(work))
         history.append((tuple(skip), value))
         logger.info("fp32 layers %s: metric %.6g", list(skip) or "none", value)
         return value
 
-    with _eval_mode(model):
+    with eval_mode(model):
         fp32_metric = float(evaluate(model))
     floor = fp32_metric - budget
     skip: list[str] = []

@@ -1,4 +1,5 @@
-"""Turning the batches of a user's data loader into calls of the model.
+"""Turning the batches of a user's data loader into calls of the model, and the one loop that
+runs a model over them (calibration, histograms) in eval mode.
 
 A batch is a tensor or array (one input), a tuple/list (positional inputs; items beyond the
 number ``forward`` takes are dropped, so ``(images, labels)`` pairs work), or a dict (keyword
@@ -7,13 +8,20 @@ inputs; keys ``forward`` does not take are dropped, so ``{"image": ..., "label":
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+import itertools
+import logging
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import paddle
+from tqdm import tqdm
 
-__all__ = ["ModelCall", "batch_to_call"]
+__all__ = ["ModelCall", "batch_to_call", "eval_mode", "run_batches"]
+
+logger = logging.getLogger(__name__)
 
 ModelCall = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -71,3 +79,56 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
         return tuple(_tensor(item) for item in items), {}
 
     return to_call
+
+
+@contextlib.contextmanager
+def eval_mode(*models: paddle.nn.Layer) -> Iterator[None]:
+    """Runs the block with ``models`` in eval mode (batch-norm statistics untouched, dropout
+    off) and restores each one's mode afterwards."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in zip(models, modes):
+            if training:
+                model.train()
+
+
+def run_batches(
+    model: paddle.nn.Layer,
+    data: Iterable[Any],
+    max_batches: int | None = None,
+    progress: bool = False,
+    description: str = "batches",
+    time_budget: float | None = None,
+) -> int:
+    """Calls ``model`` on each batch of ``data`` without gradients; returns how many ran.
+
+    Args:
+        model: The model (its mode is the caller's business: see :func:`eval_mode`).
+        data: Batches in any form :func:`batch_to_call` takes.
+        max_batches: Stop after this many batches.
+        progress: Show a tqdm bar.
+        description: The bar's label.
+        time_budget: Stop once this many seconds have passed (after the running batch).
+    """
+    total = max_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    batches = data if max_batches is None else itertools.islice(data, max_batches)
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    to_call = batch_to_call(model)
+    count = 0
+    with paddle.no_grad():
+        bar = tqdm(batches, total=total, desc=description, unit="batch", disable=not progress)
+        for batch in bar:
+            args, kwargs = to_call(batch)
+            model(*args, **kwargs)
+            count += 1
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info("%s: time budget reached after %d batches", description, count)
+                break
+        bar.close()
+    return count

@@ -19,14 +19,12 @@ import contextlib
 import copy
 import logging
 import os
-import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import paddle
-from tqdm import tqdm
 
-from .batches import batch_to_call
+from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
 from .collector import CalibrationError
@@ -240,24 +238,8 @@ class ImperativePTQ:
                 raise TypeError(f"time_budget must be seconds, got {type(time_budget).__name__}")
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
-        total = max_batches
-        if total is None and hasattr(data, "__len__"):
-            total = len(data)  # type: ignore[arg-type]
-        deadline = None if time_budget is None else time.monotonic() + time_budget
-        to_call = batch_to_call(model)
-        count = 0
-        with self.calibrating(model), paddle.no_grad():
-            bar = tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)
-            for batch in bar:
-                args, kwargs = to_call(batch)
-                model(*args, **kwargs)
-                count += 1
-                if max_batches is not None and count >= max_batches:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    logger.info("calibration time budget reached after %d batches", count)
-                    break
-            bar.close()
+        with self.calibrating(model):
+            count = run_batches(model, data, max_batches, progress, "calibrating", time_budget)
         if not count:
             raise ValueError("data yielded no calibration batch")
         return count

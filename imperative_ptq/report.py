@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import itertools
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import paddle
 
-from .batches import batch_to_call
+from .batches import eval_mode, run_batches
 from .quantizers import BaseHistQuantizer, BaseQuantizer
 from .quantizers.histogram import HistogramState
 from .quantizers.sample import TensorSample
@@ -166,20 +165,12 @@ def collect_histograms(
         return hook
 
     handles = [layers[name].register_forward_post_hook(hook_for(name)) for name in names]
-    training = model.training
-    model.eval()
     try:
-        batches = data if max_batches is None else itertools.islice(data, max_batches)
-        to_call = batch_to_call(model)
-        with paddle.no_grad():
-            for batch in batches:
-                args, kwargs = to_call(batch)
-                model(*args, **kwargs)
+        with eval_mode(model):
+            run_batches(model, data, max_batches)
     finally:
         for handle in handles:
             handle.remove()
-        if training:
-            model.train()
     thresholds = thresholds or {}
     return {
         name: ActivationHistogram(
