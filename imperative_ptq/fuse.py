@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import paddle
 
-__all__ = ["fuse_layers"]
+__all__ = ["batch_norm_factor_and_bias", "fuse_layers"]
 
 _FOLDABLE = {
     # (layer type, norm type): weight output-channel axis
@@ -79,16 +80,31 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
     return model
 
 
+def batch_norm_factor_and_bias(
+    bias: np.ndarray, mean: np.ndarray, variance: np.ndarray, gamma: np.ndarray,
+    beta: np.ndarray, epsilon: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Folding a BatchNorm into the layer before it: the per-channel factor its weight is
+    multiplied by, and its new bias (``(bias - mean) * factor + beta``)."""
+    factor = gamma / np.sqrt(variance + epsilon)
+    return factor, (bias - mean) * factor + beta
+
+
 def _fold(layer: paddle.nn.Layer, norm: paddle.nn.Layer, axis: int) -> None:
     with paddle.no_grad():
-        gamma = norm.weight if norm.weight is not None else paddle.ones_like(norm._mean)
-        beta = norm.bias if norm.bias is not None else paddle.zeros_like(norm._mean)
-        factor = gamma / paddle.sqrt(norm._variance + norm._epsilon)
+        mean = norm._mean.numpy()
+        gamma = norm.weight.numpy() if norm.weight is not None else np.ones_like(mean)
+        beta = norm.bias.numpy() if norm.bias is not None else np.zeros_like(mean)
+        bias = layer.bias.numpy() if layer.bias is not None else np.zeros_like(mean)
+        factor, new_bias = batch_norm_factor_and_bias(
+            bias, mean, norm._variance.numpy(), gamma, beta, norm._epsilon
+        )
         shape = [1] * layer.weight.ndim
         shape[axis] = -1
-        layer.weight.set_value(layer.weight * factor.reshape(shape))
-        bias = layer.bias if layer.bias is not None else paddle.zeros_like(norm._mean)
-        new_bias = (bias - norm._mean) * factor + beta
+        layer.weight.set_value(
+            (layer.weight.numpy() * factor.reshape(shape)).astype(layer.weight.numpy().dtype)
+        )
+        new_bias = paddle.to_tensor(new_bias.astype(mean.dtype))
         if layer.bias is None:
             layer.bias = layer.create_parameter(
                 shape=new_bias.shape, dtype=new_bias.dtype, is_bias=True

@@ -27,6 +27,7 @@ import paddle
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from ..converted import converted_target
+from ..fuse import batch_norm_factor_and_bias
 from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
 
 __all__ = ["export_onnx"]
@@ -197,8 +198,7 @@ class _Converter:
             bn = readers[0]
             gamma, beta = self._param(bn.input("Scale")[0]), self._param(bn.input("Bias")[0])
             mean, var = self._param(bn.input("Mean")[0]), self._param(bn.input("Variance")[0])
-            factor = gamma / np.sqrt(var + bn.attr("epsilon"))
-            bias = (bias - mean) * factor + beta
+            factor, bias = batch_norm_factor_and_bias(bias, mean, var, gamma, beta, bn.attr("epsilon"))
             absorbed.append(bn)
             out = self._out(bn, "Y")
         weight = weight * factor.reshape(-1, 1, 1, 1)
