@@ -273,7 +273,9 @@ def quantize_program(
                 # clip there would halve ResNet's int8 speed-up (see unsigned.py).
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
-                    quantized = insert_clip_relu(loaded, index + inserted, activation, threshold)
+                    quantized = insert_clip_relu(
+                        loaded, index + inserted, activation, threshold, writers
+                    )
                     rectified[(activation, threshold)] = quantized
                     inserted += 2
             threshold = unsigned_threshold(threshold, record.activation_bits)

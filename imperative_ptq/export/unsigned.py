@@ -74,10 +74,9 @@ def unsigned_threshold(threshold: float, bits: int) -> float:
     return float(threshold) * 255.0 / symmetric_levels(bits)
 
 
-def _gemm_output(block, name: str, through_activations: bool = False) -> bool:
+def _gemm_output(writers: Mapping, name: str, through_activations: bool = False) -> bool:
     """Whether ``name`` is a conv/fc output (after its bias add or BatchNorm, if any, and with
-    ``through_activations`` after a ReLU/ReLU6 fused into it)."""
-    writers = producers(block)
+    ``through_activations`` after a ReLU/ReLU6 fused into it); ``writers``: variable -> op."""
     passed = _FUSED_INTO_PRODUCER + (("relu", "relu6") if through_activations else ())
     source = writers.get(name)
     while source is not None and source.type in passed:
@@ -95,7 +94,9 @@ def relu_after_residual_conv(block, name: str, writers: Mapping) -> bool:
     add = writers.get(relu.input("X")[0])
     if add is None or add.type != "elementwise_add" or is_persistable(block, add.input("Y")[0]):
         return False
-    return any(_gemm_output(block, operand) for slot in ("X", "Y") for operand in add.input(slot))
+    return any(
+        _gemm_output(writers, operand) for slot in ("X", "Y") for operand in add.input(slot)
+    )
 
 
 def runs_unsigned(block, name: str, writers: Mapping) -> bool:
@@ -110,11 +111,11 @@ def runs_unsigned(block, name: str, writers: Mapping) -> bool:
         return False
     if op.type == "relu":
         return True
-    found = fusable_relu_source(block, op)
+    found = fusable_relu_source(block, op, writers)
     return found is not None and found[0].type in RELU6_U8_PRODUCERS
 
 
-def insert_clip_relu(loaded, index: int, name: str, threshold: float) -> str:
+def insert_clip_relu(loaded, index: int, name: str, threshold: float, writers: Mapping) -> str:
     """Inserts ``relu(clip(name, 0, threshold))`` at ``index``; returns its output variable.
 
     The clip makes values above the threshold saturate where the simulation's do (at code 127,
@@ -130,7 +131,7 @@ def insert_clip_relu(loaded, index: int, name: str, threshold: float) -> str:
     stem = f"{name}.u8_{len(block.ops)}"
     clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
     out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
-    if _gemm_output(block, name, through_activations=True):
+    if _gemm_output(writers, name, through_activations=True):
         bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
         block._insert_op(
             index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
@@ -162,14 +163,14 @@ class FusedReluClips:
     weight_factors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def fusable_relu_source(block, op) -> tuple[object, list] | None:
-    """For an activation ``op``, the conv/fc oneDNN fuses it into and the ops between.
+def fusable_relu_source(block, op, writers: Mapping) -> tuple[object, list] | None:
+    """For an activation ``op``, the conv/fc oneDNN fuses it into and the ops between
+    (``writers``: variable -> the op writing it, :func:`.graph.producers`).
 
     Returns:
         ``(producer, chain)`` with ``chain`` the batch_norm / bias-add ops in between (nearest
         first), or ``None`` when the activation would run on its own.
     """
-    writers = producers(block)
     chain = []
     source = writers.get(op.input("X")[0])
     while source is not None and source.type in _FUSED_INTO_PRODUCER:
@@ -198,8 +199,9 @@ def clip_fused_relus(
     """
     block = loaded.program.global_block()
     reading = readers(block)
+    writers = producers(block)
     result = FusedReluClips()
-    for name, relu in list(producers(block).items()):
+    for name, relu in list(writers.items()):
         if relu.type not in ("relu", "relu6"):
             continue
         thresholds = set()
@@ -219,7 +221,7 @@ def clip_fused_relus(
         else:
             if len(thresholds) != 1:
                 continue
-            found = fusable_relu_source(block, relu)
+            found = fusable_relu_source(block, relu, writers)
             if found is None or found[0].type not in RELU6_U8_PRODUCERS:
                 continue
             threshold = next(iter(thresholds))
