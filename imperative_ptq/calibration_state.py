@@ -7,7 +7,11 @@ statistic, keyed ``"<layer>/<role>/<statistic>"``, plus a JSON header::
 
     {"format": "imperative_ptq.calibration_state", "format_version": 1,
      "config": {...},
-     "quantizers": {"<layer>/<role>": {"type": "KLQuantizer", "config": {...}}, ...}}
+     "quantizers": {"<layer>/<role>": {"type": "KLQuantizer", "config": {...}}, ...},
+     "measured_on": {"<layer>": {...}, ...}}
+
+``measured_on`` records what each layer was calibrated on (:mod:`imperative_ptq.layer_signature`);
+files written before it was recorded have none and load unchecked.
 
 Written atomically: to a temporary file first, then renamed.
 """
@@ -31,9 +35,13 @@ _HEADER = "__header__"
 
 
 def write_state(
-    path: str | os.PathLike, quantizers: Mapping[str, BaseQuantizer], config: Any
+    path: str | os.PathLike,
+    quantizers: Mapping[str, BaseQuantizer],
+    config: Any,
+    measured_on: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes the statistics of ``quantizers`` (keyed ``"<layer>/<role>"``) to ``path``."""
+    """Writes the statistics of ``quantizers`` (keyed ``"<layer>/<role>"``) to ``path``, with
+    what each layer was measured on."""
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -42,6 +50,8 @@ def write_state(
             key: {"type": type(q).__name__, "config": q.config()} for key, q in quantizers.items()
         },
     }
+    if measured_on:
+        header["measured_on"] = dict(measured_on)
     arrays = {_HEADER: np.asarray(json.dumps(header))}
     for key, quantizer in quantizers.items():
         for name, value in quantizer.state_dict().items():

@@ -17,6 +17,11 @@ entries hold thresholds only, exactly as before.
 An optional top-level ``"input_minima": {"fc1": m, ...}`` holds the smallest input value
 calibration saw for each simulated layer: a non-negative input runs as u8 on the x86 targets
 (:mod:`imperative_ptq.targets`). A layer missing from it is read as having a signed input.
+
+An optional top-level ``"measured_on": {"conv1": {...}, ...}`` records what each layer was
+calibrated on (layer type, weight shape, channel count, quantizers:
+:mod:`imperative_ptq.layer_signature`); a table is refused by a model whose layers differ.
+Tables written before it was recorded load unchecked.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ ROLES = ("input", "output", "weight")
 AFFINE_KEYS = tuple(f"{role}_{kind}" for role in ROLES for kind in ("scale", "zero_point"))
 #: Top-level section: layer name -> smallest input value seen in calibration.
 INPUT_MINIMA = "input_minima"
+#: Top-level section: layer name -> what it was measured on (see layer_signature).
+MEASURED_ON = "measured_on"
 
 CalibrationTable = dict[str, dict[str, list[float]]]
 
@@ -50,9 +57,11 @@ def write_table(
     layers: Mapping[str, Mapping[str, list[float]]],
     config: Any,
     input_minima: Mapping[str, float] | None = None,
+    measured_on: Mapping[str, Any] | None = None,
 ) -> None:
-    """Writes ``layers`` (and the config that produced them, and the smallest input value of
-    each simulated layer when known) to ``path`` atomically."""
+    """Writes ``layers`` (and the config that produced them, the smallest input value of
+    each simulated layer when known, and what each layer was measured on) to ``path``
+    atomically."""
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -61,18 +70,22 @@ def write_table(
     }
     if input_minima:
         document[INPUT_MINIMA] = {name: float(value) for name, value in input_minima.items()}
+    if measured_on:
+        document[MEASURED_ON] = dict(measured_on)
     with atomic_file(path) as file:
         json.dump(document, file, indent=1)
 
 
 @dataclasses.dataclass
 class TableFile:
-    """A calibration table file: its layers, the config that produced them and the smallest
-    input value of each simulated layer (empty for tables written before it was recorded)."""
+    """A calibration table file: its layers, the config that produced them, the smallest
+    input value of each simulated layer (empty for tables written before it was recorded) and
+    what each layer was measured on (``None`` for tables written before it was recorded)."""
 
     layers: CalibrationTable
     config: dict[str, Any]
     input_minima: dict[str, float]
+    measured_on: dict[str, Any] | None = None
 
 
 def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any]]:
@@ -133,7 +146,8 @@ def read_table_file(path: str | os.PathLike) -> TableFile:
     ):
         raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
     return TableFile(
-        layers, document.get("config") or {}, {name: float(v) for name, v in minima.items()}
+        layers, document.get("config") or {}, {name: float(v) for name, v in minima.items()},
+        document.get(MEASURED_ON),
     )
 
 

@@ -37,6 +37,7 @@ from .converted import (
     set_output_thresholds,
 )
 from .fuse import fuse_layers
+from .layer_signature import check_signatures, layer_signatures
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
@@ -253,7 +254,10 @@ class ImperativePTQ:
         """
         session = self._session(model)
         session.flush()
-        write_state(path, session.quantizers(), self._quant_config.to_dict())
+        write_state(
+            path, session.quantizers(), self._quant_config.to_dict(),
+            layer_signatures(self._states(model)),
+        )
 
     def load_state(
         self, model: paddle.nn.Layer, path: str | os.PathLike, merge: bool = False
@@ -272,6 +276,7 @@ class ImperativePTQ:
         quantizers = session.quantizers()
         header, states = read_state(path)
         check_compatible(os.fspath(path), header, quantizers)
+        check_signatures(path, header.get("measured_on"), layer_signatures(self._states(model)))
         for key, quantizer in quantizers.items():
             loaded = quantizer.clone()
             try:
@@ -370,7 +375,8 @@ class ImperativePTQ:
         table = self.calibration_table(model)
         states = self._states(model)
         write_table(
-            path, _every_layer(table, states), self._quant_config.to_dict(), _input_minima(states)
+            path, _every_layer(table, states), self._quant_config.to_dict(), _input_minima(states),
+            layer_signatures(states),
         )
         return table
 
@@ -391,6 +397,7 @@ class ImperativePTQ:
         extra = [name for name in layers if name not in known]
         if extra:
             raise ValueError(f"{path}: layer {extra[0]!r} is not a quantized layer of the model")
+        check_signatures(path, table_file.measured_on, layer_signatures(states))
         for layer, state in states:
             entry = layers.get(state.name)
             if entry is None:

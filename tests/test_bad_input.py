@@ -211,7 +211,9 @@ FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
     "table-missing-file": (_table_missing_file, FileNotFoundError, "missing.json"),
     "table-not-json": (_table_not_json, ValueError, "not a calibration table"),
     "table-negative-threshold": (_table_negative_threshold, ValueError, "finite positive"),
-    "table-wrong-channel-count": (_table_wrong_channels, ValueError, "weight thresholds"),
+    "table-wrong-channel-count": (
+        _table_wrong_channels, ValueError, r"layer '0' .*channel count 4 in the file, 5 in the model"
+    ),
     "state-other-algorithm": (_state_other_algorithm, ValueError, "KLQuantizer"),
     "export-uncalibrated": (_export_uncalibrated, CalibrationError, "no calibration data"),
     "export-fp32-model": (_export_fp32_model, (TypeError, ValueError), "quantiz|convert"),
