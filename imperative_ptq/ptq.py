@@ -36,6 +36,7 @@ from .converted import (
     mark_converted,
     set_output_thresholds,
 )
+from .finite import check_finite_parameters, check_finite_thresholds
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .quant_layers import QuantizedLayer, replace_sublayer
@@ -441,11 +442,15 @@ class ImperativePTQ:
 
         Raises:
             CalibrationError: No calibration batch has been run.
+            ValueError: A parameter or threshold holds NaN/Inf (the layer is named; the model
+                is left calibrating).
         """
         if is_marked_converted(model):
             logger.warning("model is already converted; nothing to do")
             return model
         table = self.calibration_table(model)
+        check_finite_parameters(model, "convert")
+        check_finite_thresholds(table, "convert")
         session = self._session(model)
         states = self._states(model)
         session.detach()

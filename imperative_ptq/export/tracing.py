@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from ..converted import output_thresholds
+from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
@@ -169,6 +170,17 @@ def _collect_records(
     return export_model, records, by_layer
 
 
+def _thresholds(record: LayerRecord) -> dict[str, list[float]]:
+    """The thresholds (and affine input scale) a record carries, by role."""
+    roles = {"output": list(record.output_thresholds)}
+    if record.simulated:
+        roles["input"] = [record.input_threshold]
+        roles["weight"] = np.asarray(record.weight_thresholds).reshape(-1).tolist()
+        if record.input_scale is not None:
+            roles["input_scale"] = [record.input_scale]
+    return roles
+
+
 def _legacy_op(op_type: str, original: Callable, attributes: Callable[..., dict]) -> Callable:
     """``original``, but appending a legacy ``op_type`` op when traced into a legacy program.
 
@@ -282,9 +294,12 @@ def trace_to_legacy_program(
     :func:`_collect_records`); False for exporters that store the weights computed with.
 
     Raises:
-        ValueError: Tracing with ``input_spec`` failed (e.g. wrong rank).
+        ValueError: A parameter or threshold holds NaN/Inf (the layer is named), or tracing
+            with ``input_spec`` failed (e.g. wrong rank).
     """
     export_model, records, by_layer = _collect_records(model, program_weights)
+    check_finite_parameters(export_model, "export")
+    check_finite_thresholds({record.name: _thresholds(record) for record in records}, "export")
     if not records:
         logger.warning(
             "no layer of the model runs int8 (every calibrated layer stayed fp32): the export "
