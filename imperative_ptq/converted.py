@@ -14,7 +14,7 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_minima", "converted_table", "converted_target", "is_marked_converted",
+    "converted_measured_on", "converted_minima", "converted_table", "converted_target", "is_marked_converted",
     "mark_converted", "output_thresholds", "set_output_thresholds",
 ]
 
@@ -22,6 +22,7 @@ _CONVERTED = "_ptq_converted"
 _TABLE = "_ptq_calibration_table"
 _MINIMA = "_ptq_input_minima"
 _TARGET = "_ptq_target"
+_MEASURED_ON = "_ptq_measured_on"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
 
 
@@ -30,13 +31,16 @@ def mark_converted(
     target: Target,
     table: Mapping[str, Mapping[str, list[float]]],
     input_minima: Mapping[str, float],
+    measured_on: Mapping[str, Any] | None = None,
 ) -> None:
-    """Records that ``model`` was converted for ``target``, with the table (layers, and input
-    minima) that ``save_calibration_table`` would have written for it."""
+    """Records that ``model`` was converted for ``target``, with the table (layers, input
+    minima, and what each layer was measured on) that ``save_calibration_table`` would have
+    written for it."""
     setattr(model, _CONVERTED, True)
     setattr(model, _TARGET, target.name)
     setattr(model, _TABLE, dict(table))
     setattr(model, _MINIMA, dict(input_minima))
+    setattr(model, _MEASURED_ON, None if measured_on is None else dict(measured_on))
 
 
 def is_marked_converted(model: paddle.nn.Layer) -> bool:
@@ -58,6 +62,12 @@ def converted_table(model: paddle.nn.Layer) -> dict[str, Any] | None:
 def converted_minima(model: paddle.nn.Layer) -> dict[str, float] | None:
     """The input minima of a converted model's table (``None`` if it has none)."""
     return getattr(model, _MINIMA, None)
+
+
+def converted_measured_on(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """What each layer of a converted model's table was measured on (``None`` if unknown),
+    see :mod:`imperative_ptq.layer_signature`."""
+    return getattr(model, _MEASURED_ON, None)
 
 
 def set_output_thresholds(layer: paddle.nn.Layer, thresholds: Sequence[float]) -> None:

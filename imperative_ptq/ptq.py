@@ -453,6 +453,7 @@ class ImperativePTQ:
         check_finite_thresholds(table, "convert")
         session = self._session(model)
         states = self._states(model)
+        measured_on = layer_signatures(states)  # before the layers are wrapped
         session.detach()
         activation_bits = self._quant_config.activation_quantizer.quant_bits
         weight_bits = self._quant_config.weight_quantizer.quant_bits
@@ -502,7 +503,9 @@ class ImperativePTQ:
                 ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
             )
         delattr(model, SESSION_ATTR)
-        mark_converted(model, target, _every_layer(table, states), _input_minima(states))
+        mark_converted(
+            model, target, _every_layer(table, states), _input_minima(states), measured_on
+        )
         return model
 
     # -------------------------------------------------------------------------------- export

@@ -132,3 +132,19 @@ def test_malformed_record_is_a_value_error_naming_the_file(tmp_path) -> None:
         table.write_text(json.dumps(document))
         with pytest.raises(ValueError, match="table.json"):
             ptq.load_calibration_table(ptq.quantize(_Net()), table)
+
+
+def test_exported_table_records_the_layers_too(tmp_path) -> None:
+    """PREFIX.calibration.json is the table save_calibration_table writes: it refuses another
+    architecture as well."""
+    ptq = _ptq()
+    paddle.seed(3)
+    qmodel = ptq.quantize(_Net())
+    qmodel(paddle.rand([2, 3, 8, 8]))
+    ptq.save_quantized_model(
+        qmodel, tmp_path / "model", [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    )
+    exported = tmp_path / "model.calibration.json"
+    assert json.loads(exported.read_text())["measured_on"]["conv"]["channels"] == 8
+    with pytest.raises(ValueError, match=r"layer 'conv' .*channel count 8 in the file, 16"):
+        ptq.load_calibration_table(ptq.quantize(_Net(channels=16)), exported)

@@ -11,7 +11,13 @@ import paddle
 from ..calibration_table import write_table
 from ..cpu import cpu_info
 from ..session import calibrating_session
-from ..converted import converted_minima, converted_table, converted_target, is_marked_converted
+from ..converted import (
+    converted_measured_on,
+    converted_minima,
+    converted_table,
+    converted_target,
+    is_marked_converted,
+)
 from ..targets import Target, get_target
 from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
@@ -199,6 +205,7 @@ def save_quantized_model(
         write_table(
             staging + ".calibration.json", layers,
             {**(quant_config or {}), "target": target_spec.name}, input_minima,
+            converted_measured_on(model),
         )
     if target_spec.onednn:
         _log_runtime_report(path, traced.records, set(written.weights), target_spec)
