@@ -24,6 +24,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, replace_sublayer
+from .spec_check import check_input_spec_runs
 
 __all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
 
@@ -294,12 +295,14 @@ def trace_to_legacy_program(
     :func:`_collect_records`); False for exporters that store the weights computed with.
 
     Raises:
-        ValueError: A parameter or threshold holds NaN/Inf (the layer is named), or tracing
-            with ``input_spec`` failed (e.g. wrong rank).
+        ValueError: A parameter or threshold holds NaN/Inf (the layer is named), the model
+            does not run on ``input_spec`` (:func:`.spec_check.check_input_spec_runs`), or
+            tracing with it failed.
     """
     export_model, records, by_layer = _collect_records(model, program_weights)
     check_finite_parameters(export_model, "export")
     check_finite_thresholds({record.name: _thresholds(record) for record in records}, "export")
+    check_input_spec_runs(export_model, input_spec)
     if not records:
         logger.warning(
             "no layer of the model runs int8 (every calibrated layer stayed fp32): the export "

@@ -1,0 +1,100 @@
+"""An input_spec that contradicts the model fails before the previous export is replaced."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+
+import paddle
+import pytest
+
+from imperative_ptq import AbsmaxQuantizer, ImperativePTQ, PerChannelAbsmaxQuantizer, PTQConfig
+from imperative_ptq.export import create_predictor, predict
+
+
+class _Net(paddle.nn.Layer):
+    def __init__(self, head_features: int | None = None) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 4, 3, padding=1)
+        self.relu = paddle.nn.ReLU()
+        # Pooled to 2x2 (any image size), or flattened (one image size only).
+        self.pool = paddle.nn.AdaptiveAvgPool2D(2) if head_features is None else None
+        self.fc = paddle.nn.Linear(head_features or 16, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        if self.pool is not None:
+            x = self.pool(x)
+        return self.fc(paddle.flatten(x, 1))
+
+
+def _spec(*shape) -> list:
+    return [paddle.static.InputSpec(list(shape), "float32", "x")]
+
+
+def _converted(head_features: int | None = None) -> tuple[ImperativePTQ, paddle.nn.Layer]:
+    paddle.seed(1)
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_Net(head_features))
+    qmodel(paddle.rand([2, 3, 8, 8]))
+    ptq.convert(qmodel)
+    return ptq, qmodel
+
+
+def _files(directory: pathlib.Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden staging files included) and its digest."""
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((None, 5, 8, 8), r"input_spec \[\[-1, 5, 8, 8\].*does not fit the model.*input_channels:5"),
+        ((4, 3, 8), r"input_spec \[\[4, 3, 8\].*does not fit the model"),  # one rank short
+    ],
+)
+def test_contradicting_input_spec_fails_before_the_previous_export_is_replaced(
+    tmp_path, shape, match
+) -> None:
+    ptq, qmodel = _converted()
+    prefix = tmp_path / "model"
+    ptq.save_quantized_model(qmodel, prefix, _spec(None, 3, 8, 8))
+    before = _files(tmp_path)
+    assert set(before) == {"model.pdmodel", "model.pdiparams", "model.calibration.json"}
+    with pytest.raises(ValueError, match=match):
+        ptq.save_quantized_model(qmodel, prefix, _spec(*shape))
+    assert _files(tmp_path) == before  # byte-identical, nothing else left behind
+    x = paddle.rand([2, 3, 8, 8])
+    expected = qmodel(x).numpy()
+    deployed = predict(create_predictor(str(prefix)), x.numpy())[0]
+    assert deployed.shape == expected.shape
+
+
+def test_dynamic_dimensions_are_checked_at_a_size_the_model_runs(tmp_path, caplog) -> None:
+    ptq, qmodel = _converted()
+    with caplog.at_level(logging.WARNING):
+        ptq.save_quantized_model(qmodel, tmp_path / "model", _spec(None, 3, None, None))
+    assert "could not check input_spec" not in caplog.text
+    # A head that takes 8x8 images only: no tried size fits, so it is exported with a warning
+    # (refusing would be wrong: the spec leaves the size open).
+    ptq, qmodel = _converted(head_features=4 * 8 * 8)
+    with caplog.at_level(logging.WARNING):
+        ptq.save_quantized_model(qmodel, tmp_path / "flat", _spec(None, 3, None, None))
+    assert "could not check input_spec [[-1, 3, -1, -1]" in caplog.text
+    assert (tmp_path / "flat.pdmodel").exists()
+
+
+def test_contradicting_input_spec_fails_at_onnx_export_too(tmp_path) -> None:
+    pytest.importorskip("onnx")
+    from imperative_ptq.export import export_onnx
+
+    ptq, qmodel = _converted(head_features=4 * 8 * 8)  # the ONNX export has no adaptive pool
+    path = export_onnx(qmodel, tmp_path / "model.onnx", _spec(None, 3, 8, 8))
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        export_onnx(qmodel, path, _spec(None, 5, 8, 8))
+    assert _files(tmp_path) == before
