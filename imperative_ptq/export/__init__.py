@@ -5,9 +5,12 @@
 * :func:`create_predictor` configures Paddle Inference for it, and :func:`int8_report` reads
   back which conv/fc ops its int8 passes really run in int8;
 * :func:`export_onnx` writes a QDQ ONNX model that ONNX Runtime runs with QLinear kernels
-  (needs the ``export`` extra: ``onnx``, ``onnxruntime``).
+  (needs the ``export`` extra: ``onnx``, ``onnxruntime``);
+* :func:`recover_export` completes an export whose process was killed while moving its files
+  into place (every export and ``create_predictor`` call it first).
 """
 
+from .atomic import recover_export
 from .inspect import Int8Report, int8_report
 from .onnx_export import export_onnx
 from .paddle_export import save_fp32_model, save_quantized_model
@@ -19,6 +22,7 @@ __all__ = [
     "export_onnx",
     "int8_report",
     "predict",
+    "recover_export",
     "save_fp32_model",
     "save_quantized_model",
 ]

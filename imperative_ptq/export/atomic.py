@@ -1,20 +1,34 @@
 """All-or-nothing writing of a multi-file export.
 
-Everything is written into a temporary directory next to the target (same file system, so the
+Everything is written into a staging directory next to the target (same file system, so the
 final ``os.replace`` calls are atomic renames); the files are moved into place only once all of
 them exist. A failure leaves no partial file behind and an older export untouched.
+
+The moves themselves are several renames, and a process killed between two of them would
+leave a mix of two exports. So before the first move a journal ``.STEM.export-journal`` naming
+the staging directory is written (atomically), and removed after the last: whoever finds a
+journal of a dead process (the next export to the path, :func:`recover_export`,
+``create_predictor``) completes the moves, so the path ends with the new export, whole. A
+process killed before the journal exists leaves the previous export untouched; its staging
+directory (``.STEM.export-PID-...``) is removed by the next export to the path.
+
+One writer per path at a time: two processes exporting to the same prefix at once are not
+serialized (and a reader that opens the files while they are being moved may pair them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-__all__ = ["export_directory", "staged_export"]
+from ..files import atomic_file, process_alive, remove_stale, temporary_prefix
+
+__all__ = ["export_directory", "recover_export", "staged_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +74,111 @@ def staged_export(path_prefix: str, suffixes: Sequence[str]) -> Iterator[str]:
         FileNotFoundError: A promised file was not produced.
     """
     directory, stem = os.path.split(os.path.abspath(path_prefix))
+    recover_export(path_prefix)
     try:
-        staging_dir = tempfile.mkdtemp(prefix=f".{stem}.export-", dir=directory)
+        staging_dir = tempfile.mkdtemp(
+            prefix=temporary_prefix(f".{stem}.export-"), dir=directory
+        )
     except OSError as error:
         raise type(error)(
             error.errno, f"cannot write the export to {directory!r}: {error.strerror}"
         ) from error
+    journal = _journal_path(directory, stem)
+    journal_written = False
     try:
         staging = os.path.join(staging_dir, stem)
         yield staging
         missing = [suffix for suffix in suffixes if not os.path.isfile(staging + suffix)]
         if missing:
             raise FileNotFoundError(f"export did not produce {', '.join(missing)}")
-        for suffix in suffixes:
-            os.replace(staging + suffix, path_prefix + suffix)
+        with atomic_file(journal) as file:
+            json.dump(
+                {"pid": os.getpid(), "staging": os.path.basename(staging_dir),
+                 "suffixes": list(suffixes)}, file,
+            )
+        journal_written = True
+        _move_staged(staging_dir, path_prefix, suffixes)
+        os.unlink(journal)
+        journal_written = False
         logger.info("wrote %s{%s}", path_prefix, ",".join(suffixes))
     finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+        if not journal_written:  # else the journal needs the staged files: see recover_export
+            shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+def recover_export(path_prefix: str | os.PathLike) -> bool:
+    """Completes an export to ``path_prefix`` whose process died while moving its files into
+    place, and removes the staging directories of killed exports.
+
+    Called by every export to the path and by ``create_predictor``; harmless when there is
+    nothing to do. An export still being committed by a live process is left alone.
+
+    Returns:
+        Whether an interrupted export was completed.
+
+    Raises:
+        OSError: A staged file cannot be moved (the journal is kept for the next attempt).
+    """
+    directory, stem = os.path.split(os.path.abspath(os.fspath(path_prefix)))
+    path_prefix = os.path.join(directory, stem)
+    journal = _journal_path(directory, stem)
+    record = _read_journal(journal, stem)
+    keep, completed = None, False
+    if record is not None:
+        if record["pid"] != os.getpid() and process_alive(record["pid"]):
+            keep = record["staging"]  # a live writer is committing right now
+        else:
+            staging_dir = os.path.join(directory, record["staging"])
+            _move_staged(staging_dir, path_prefix, record["suffixes"])
+            os.unlink(journal)
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            completed = True
+            logger.warning(
+                "completed the export to %s that process %d left half-moved",
+                path_prefix, record["pid"],
+            )
+    remove_stale(directory, f".{stem}.export-", keep=keep)
+    remove_stale(directory, f".{os.path.basename(journal)}.tmp-")  # see files.atomic_file
+    return completed
+
+
+def _journal_path(directory: str, stem: str) -> str:
+    return os.path.join(directory, f".{stem}.export-journal")
+
+
+def _move_staged(staging_dir: str, path_prefix: str, suffixes: Sequence[str]) -> None:
+    """Moves each staged file still in ``staging_dir`` to ``path_prefix + suffix``, in order
+    (one already moved by an interrupted attempt is skipped)."""
+    stem = os.path.basename(path_prefix)
+    for suffix in suffixes:
+        source = os.path.join(staging_dir, stem + suffix)
+        if os.path.isfile(source):
+            os.replace(source, path_prefix + suffix)
+
+
+def _read_journal(journal: str, stem: str) -> dict[str, Any] | None:
+    """The journal's record, or ``None`` when there is none. A journal that is not one this
+    module wrote (it is written atomically, so never half) is ignored and removed."""
+    try:
+        with open(journal) as file:
+            record = json.load(file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        record = error
+    valid = (
+        isinstance(record, dict)
+        and isinstance(record.get("pid"), int)
+        and isinstance(record.get("staging"), str)
+        and record["staging"].startswith(f".{stem}.export-")
+        and os.sep not in record["staging"]
+        and isinstance(record.get("suffixes"), list)
+        and all(isinstance(s, str) and s.startswith(".") and os.sep not in s
+                for s in record["suffixes"])
+    )
+    if not valid:
+        logger.warning("ignoring %s: not an export journal (%s)", journal, record)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
+        return None
+    return record

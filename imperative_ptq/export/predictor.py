@@ -15,6 +15,7 @@ import paddle.inference as paddle_infer
 from ..calibration_table import read_table
 from ..cpu import cpu_info
 from ..targets import TARGETS
+from .atomic import recover_export
 
 __all__ = ["create_predictor", "exported_target", "predict", "program_input_dtypes"]
 
@@ -112,6 +113,7 @@ def create_predictor(
         num_threads = _default_threads()
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise TypeError(f"num_threads must be a positive int, got {num_threads!r}")
+    recover_export(path_prefix)  # an export killed while moving its files: complete it
     model_file, params_file = path_prefix + ".pdmodel", path_prefix + ".pdiparams"
     for file in (model_file, params_file):
         if not os.path.isfile(file):
