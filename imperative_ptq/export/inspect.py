@@ -19,6 +19,7 @@ import paddle.inference as paddle_infer
 
 from .predictor import INT8_DELETED_PASSES, quiet_native_output
 from .program import legacy_static_mode
+from .tracing import main_thread_only
 
 __all__ = ["Int8Report", "int8_report"]
 
@@ -64,6 +65,7 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items())) or "none"
 
 
+@main_thread_only
 def int8_report(path_prefix: str | os.PathLike, num_threads: int = 1) -> Int8Report:
     """Reads back what Paddle Inference's int8 passes made of ``path_prefix``.
 

@@ -28,7 +28,7 @@ from . import program as program_lib
 from .atomic import export_directory, staged_export
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
-from .tracing import LayerRecord, normalize_input_spec, trace_to_legacy_program
+from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
 
 __all__ = ["export_onnx"]
 
@@ -425,6 +425,7 @@ class _Converter:
         return model
 
 
+@main_thread_only
 def export_onnx(
     model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None, opset: int = 13
 ) -> str:

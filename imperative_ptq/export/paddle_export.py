@@ -26,6 +26,7 @@ from .atomic import export_directory, staged_export
 from .tracing import (
     LayerRecord,
     legacy_activation_ops,
+    main_thread_only,
     normalize_input_spec,
     trace_to_legacy_program,
 )
@@ -135,6 +136,7 @@ def _table(records: Sequence[LayerRecord]) -> dict[str, dict[str, list[float]]]:
     return layers
 
 
+@main_thread_only
 def save_quantized_model(
     model: paddle.nn.Layer,
     path: str | os.PathLike,
@@ -211,6 +213,7 @@ def save_quantized_model(
         _log_runtime_report(path, traced.records, set(written.weights), target_spec)
 
 
+@main_thread_only
 def save_fp32_model(
     model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None
 ) -> None:

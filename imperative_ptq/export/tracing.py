@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import paddle
@@ -26,9 +28,35 @@ from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, replace_sublayer
 from .spec_check import check_input_spec_runs
 
-__all__ = ["LayerRecord", "TraceResult", "normalize_input_spec", "trace_to_legacy_program"]
+__all__ = [
+    "LayerRecord", "TraceResult", "main_thread_only", "normalize_input_spec", "trace_to_legacy_program",
+]
 
 logger = logging.getLogger(__name__)
+
+FunctionT = TypeVar("FunctionT", bound=Callable[..., Any])
+
+
+def main_thread_only(function: FunctionT) -> FunctionT:
+    """Decorates an export entry point: it raises ``RuntimeError`` outside the main thread.
+
+    The export switches Paddle into legacy static-graph mode, and in Paddle 3.3.1
+    ``paddle.enable_static()`` does nothing in any other thread (its dygraph context is
+    thread-local and only the main thread's is entered), so an export there failed deep inside
+    Paddle ("load_inference_model() is only supported in static graph mode").
+    """
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                f"{function.__name__} must run in the main thread: Paddle "
+                f"{paddle.__version__} enters static-graph mode only there (calibrate in "
+                f"threads, export from the main thread)"
+            )
+        return function(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
