@@ -68,15 +68,30 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: Not a calibration state file, or an unknown format version.
+        ValueError: Not a (readable) calibration state file, or an unknown format version
+            (the message names ``path``).
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"calibration state {path} does not exist")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"calibration state {path} does not exist") from None
+        return _read_archive(path)
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
         raise ValueError(f"{path} is not a calibration state file: {error}") from None
-    with archive:
+    except Exception as error:  # noqa: BLE001 - see below
+        # A truncated or corrupted archive fails anywhere in zipfile, zlib or numpy's header
+        # parser (BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError, ...),
+        # lazily, per array: whatever it is, the file is not a state file.
+        raise ValueError(
+            f"{path} is not a readable calibration state file: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _read_archive(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    with np.load(path, allow_pickle=False) as archive:
         if _HEADER not in archive.files:
             raise ValueError(f"{path} is not an imperative_ptq calibration state file")
         header = json.loads(str(archive[_HEADER]))
@@ -116,14 +131,15 @@ def check_compatible(
             raise ValueError(f"{path}: {key!r} in the file is not a quantizer of the model")
     for key, quantizer in quantizers.items():
         entry = stored[key]
-        if entry["type"] != type(quantizer).__name__:
+        found = entry.get("type") if isinstance(entry, dict) else entry
+        if found != type(quantizer).__name__:
             raise ValueError(
-                f"{path}: {key!r} was calibrated with {entry['type']}, "
+                f"{path}: {key!r} was calibrated with {found}, "
                 f"the model uses {type(quantizer).__name__}"
             )
-        if entry["config"] != quantizer.config():
+        if entry.get("config") != quantizer.config():
             raise ValueError(
-                f"{path}: {key!r} was calibrated with arguments {entry['config']}, "
+                f"{path}: {key!r} was calibrated with arguments {entry.get('config')}, "
                 f"the model uses {quantizer.config()}"
             )
 

@@ -111,10 +111,10 @@ def read_table_file(path: str | os.PathLike) -> TableFile:
             a threshold that is not a finite positive number, or input minima that are not
             finite numbers.
     """
-    with open(path) as file:
+    with open(path, encoding="utf-8") as file:
         try:
             document = json.load(file)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not a calibration table (invalid JSON: {error})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an imperative_ptq calibration table")

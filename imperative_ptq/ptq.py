@@ -43,6 +43,7 @@ from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
+from .rollback import restored_on_failure
 from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
 from .targets import get_target
 
@@ -270,7 +271,7 @@ class ImperativePTQ:
 
         Raises:
             ValueError: The file does not match the model (the first mismatch is named) or is
-                not a state file of a known version.
+                not a state file of a known version; nothing is loaded then.
         """
         session = self._session(model)
         session.flush()
@@ -278,16 +279,20 @@ class ImperativePTQ:
         header, states = read_state(path)
         check_compatible(os.fspath(path), header, quantizers)
         check_signatures(path, header.get("measured_on"), layer_signatures(self._states(model)))
-        for key, quantizer in quantizers.items():
-            loaded = quantizer.clone()
-            try:
-                loaded.load_state_dict(states[key])
-            except ValueError as error:
-                raise ValueError(f"{path}: {key!r}: {error}") from None
-            if merge:
-                quantizer.merge(loaded)
-            else:
-                quantizer.load_state_dict(states[key])
+        with restored_on_failure([state for _, state in self._states(model)]):
+            for key, quantizer in quantizers.items():
+                loaded = quantizer.clone()
+                try:
+                    loaded.load_state_dict(states[key])
+                except ValueError as error:
+                    raise ValueError(f"{path}: {key!r}: {error}") from None
+                if merge:
+                    try:
+                        quantizer.merge(loaded)
+                    except ValueError as error:
+                        raise ValueError(f"{path}: {key!r}: {error}") from None
+                else:
+                    quantizer.load_state_dict(states[key])
 
     def sync(self, model: paddle.nn.Layer, group: Any = None) -> None:
         """Merges the statistics of every ``paddle.distributed`` rank, on every rank.
@@ -388,8 +393,12 @@ class ImperativePTQ:
 
         Raises:
             ValueError: The file is not a valid table, or does not match the model (the first
-                mismatch is named).
+                mismatch is named); nothing is loaded then.
         """
+        with restored_on_failure([state for _, state in self._states(model)]):
+            self._load_calibration_table(model, path)
+
+    def _load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
         table_file = read_table_file(path)
         layers, minima = table_file.layers, table_file.input_minima
         self._session(model).flush()  # a worker error from earlier batches surfaces here

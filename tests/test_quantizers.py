@@ -486,3 +486,25 @@ def test_exact_histogram_equals_numpy_on_edge_values() -> None:
         expected, _ = np.histogram(values[np.isfinite(values)], range=(0.0, upper), bins=bins)
         counts = exact_histogram(paddle.to_tensor(values), bins, upper)
         np.testing.assert_array_equal(counts, expected)
+
+
+def test_rebin_histogram_for_a_range_far_larger_than_before_matches_the_sub_bin_sum() -> None:
+    """The integrating branch (no sub-bin array) against the obvious one, and a range 1e30
+    times the previous one, where the sub-bin edges no longer fit in int64."""
+    from imperative_ptq.quantizers.histogram import rebin_histogram
+
+    counts = np.random.default_rng(0).integers(0, 50, 256).astype(np.float32)
+    upsample, downsample = 64, 20_000  # 256 * 20000 sub-bins: past the materializing limit
+    sub_bins = np.zeros(256 * downsample, dtype=np.float64)
+    sub_bins[: 256 * upsample] = np.repeat(counts.astype(np.float64) / upsample, upsample)
+    reference = sub_bins.reshape(256, downsample).sum(axis=1)
+    np.testing.assert_allclose(rebin_histogram(counts, upsample, downsample), reference, rtol=1e-6)
+    huge = rebin_histogram(counts, upsample, 10**32)
+    assert huge[0] == pytest.approx(counts.sum()) and not huge[1:].any()
+    for algorithm in (KLQuantizer, HistQuantizer):
+        quantizer = algorithm()
+        quantizer.sample_data(None, (paddle.to_tensor(np.linspace(0, 1, 1000, dtype=np.float32)),))
+        quantizer.sample_data(None, (paddle.to_tensor(np.array([1e30], np.float32)),))
+        quantizer.cal_thresholds()
+        assert math.isfinite(quantizer.thresholds[0]) and quantizer.thresholds[0] > 0
+        assert quantizer.state_dict()["counts"].sum() == pytest.approx(1001)

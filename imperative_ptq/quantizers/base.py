@@ -263,20 +263,31 @@ class BaseQuantizer(abc.ABC):
         """Replaces the statistics by ``state`` (from :meth:`state_dict`).
 
         Raises:
-            ValueError: ``state`` lacks a key or holds arrays of the wrong shape.
+            ValueError: ``state`` lacks a key, holds arrays of the wrong shape or type, or
+                values that are not finite (the quantizer is left reset).
         """
+        name = type(self).__name__
         if "num_batches" not in state:
-            raise ValueError(f"{type(self).__name__} state has no 'num_batches'")
+            raise ValueError(f"{name} state has no 'num_batches'")
+        for key, value in state.items():
+            array = np.asarray(value)
+            if array.dtype.kind not in "biuf" or not np.isfinite(array).all():
+                raise ValueError(f"{name} state {key!r} must hold finite numbers, got {value!r}")
+        num_batches, minimum = np.asarray(state["num_batches"]), state.get(_MINIMUM)
+        if num_batches.size != 1 or num_batches.dtype.kind not in "iu" or num_batches.item() < 0:
+            raise ValueError(f"{name} state 'num_batches' must be one count, got {num_batches!r}")
+        if minimum is not None and np.asarray(minimum).size != 1:
+            raise ValueError(f"{name} state {_MINIMUM!r} must be one number, got {minimum!r}")
         self.reset()
-        if _MINIMUM in state:
-            self.minimum = float(state[_MINIMUM])
+        if minimum is not None:
+            self.minimum = float(np.asarray(minimum).item())
             state = {key: value for key, value in state.items() if key != _MINIMUM}
         try:
             self._load_statistics(state)
-        except (KeyError, ValueError, IndexError) as error:
+        except (KeyError, ValueError, IndexError, TypeError) as error:
             self.reset()
-            raise ValueError(f"{type(self).__name__} state does not fit: {error}") from None
-        self.num_batches = int(state["num_batches"])
+            raise ValueError(f"{name} state does not fit: {error}") from None
+        self.num_batches = int(num_batches.item())
 
     def merge(self, other: "BaseQuantizer") -> None:
         """Adds the statistics of ``other`` (the same algorithm, arguments and tensors), as if

@@ -74,7 +74,14 @@ def rebin_histogram(counts: np.ndarray, upsample_bins: int, downsample_bins: int
     # A batch far larger than the range so far (Paddle would allocate bins * downsample_bins
     # floats, gigabytes): integrate the piecewise-constant sub-bin mass at the new edges.
     prefix = np.concatenate(([0.0], np.cumsum(counts, dtype=np.float64)))
-    edges = np.minimum(np.arange(bins + 1, dtype=np.int64) * downsample_bins, bins * upsample_bins)
+    # New edge k sits at k * downsample_bins sub-bins, clamped to the last old edge; computed
+    # so that it cannot overflow int64 however large downsample_bins is (a range 1e30 times
+    # the previous one makes it ~1e32).
+    limit = bins * upsample_bins
+    new_edges = np.arange(bins + 1, dtype=np.int64)
+    edges = np.full(bins + 1, limit, dtype=np.int64)
+    inside = new_edges <= limit // downsample_bins
+    edges[inside] = new_edges[inside] * np.int64(min(downsample_bins, limit))
     whole, part = np.divmod(edges, upsample_bins)
     partial = np.concatenate((counts.astype(np.float64), [0.0]))[whole] * part / upsample_bins
     return np.diff(prefix[whole] + partial).astype(np.float32)
