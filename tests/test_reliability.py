@@ -234,22 +234,25 @@ def _cdf_distance(a: dict, b: dict) -> float:
     return float(np.abs(cdf(a) - cdf(b)).max())
 
 
-def test_distributed_sync_two_processes_matches_union(tmp_path) -> None:
+# 4: more processes than the machine's 2 cores (~11 s).
+@pytest.mark.parametrize("processes", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_distributed_sync_matches_union(tmp_path, processes) -> None:
     import paddle.distributed as dist
 
     import imperative_ptq
     from imperative_ptq.calibration_state import read_state
 
-    dist.spawn(distributed_worker.run, args=(str(tmp_path),), nprocs=2, backend="gloo")
+    dist.spawn(distributed_worker.run, args=(str(tmp_path),), nprocs=processes, backend="gloo")
     for algorithm in distributed_worker.ALGORITHMS:
         rank0 = json.loads((tmp_path / f"rank0_{algorithm}.json").read_text())
-        rank1 = json.loads((tmp_path / f"rank1_{algorithm}.json").read_text())
-        assert rank0 == rank1, algorithm  # every rank ends with the same thresholds
+        for rank in range(1, processes):
+            other = json.loads((tmp_path / f"rank{rank}_{algorithm}.json").read_text())
+            assert other == rank0, algorithm  # every rank ends with the same thresholds
 
         config = PTQConfig(getattr(imperative_ptq, algorithm)(), PerChannelAbsmaxQuantizer())
         ptq = ImperativePTQ(config)
         single = ptq.quantize(distributed_worker.build_model())
-        for rank in (0, 1):
+        for rank in range(processes):
             for batch in distributed_worker.shard_batches(rank):
                 single(paddle.to_tensor(batch))
         expected = ptq.calibration_table(single)
@@ -258,12 +261,14 @@ def test_distributed_sync_two_processes_matches_union(tmp_path) -> None:
             assert rank0 == expected  # exact
             continue
         # Histogram statistics equal one pass up to re-binning: the normalized cumulative
-        # histograms differ by < 0.1% of the mass everywhere.
+        # histograms differ by < 0.1% of the mass everywhere with 2 ranks. Each further rank
+        # is one more re-binning merge: 4 ranks measured 0.124% (KL and hist alike).
         ptq.save_state(single, tmp_path / "single.npz")
         _, merged_states = read_state(tmp_path / f"rank0_{algorithm}.npz")
         _, single_states = read_state(tmp_path / "single.npz")
+        bound = 1e-3 if processes == 2 else 2e-3
         for key, state in single_states.items():
-            assert _cdf_distance(state, merged_states[key]) < 1e-3, (algorithm, key)
+            assert _cdf_distance(state, merged_states[key]) < bound, (algorithm, key)
         for layer, roles in expected.items():
             if "weight" in roles:
                 assert rank0[layer]["weight"] == roles["weight"]  # same weights: exact
