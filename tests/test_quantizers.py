@@ -568,3 +568,9 @@ def test_per_channel_quantizers_keep_the_base_contract(name: str) -> None:
     fresh = QUANTIZERS[name]()
     with pytest.raises(ValueError, match="channel axis"):
         fresh.observe_samples([TensorSample.from_tensor(weights[0], True)])
+
+
+def test_histogram_quantizer_accepts_numpy_bool() -> None:
+    assert KLQuantizer(exact_binning=np.bool_(False)).exact_binning is False
+    with pytest.raises(TypeError, match="exact_binning"):
+        KLQuantizer(exact_binning=1)
