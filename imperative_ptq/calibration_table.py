@@ -1,4 +1,5 @@
-"""Calibration tables: per-layer thresholds as a versioned JSON file.
+"""Calibration tables: per-layer thresholds, built from a calibration session, applied back to
+one, and stored as a versioned JSON file.
 
 Format (version 1)::
 
@@ -28,16 +29,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
+import paddle
+
+from .collector import CalibrationError
 from .files import atomic_file
+from .quantizers import BaseQuantizer, QuantParams
+from .quantizers.qparams import affine_levels
+from .registry import PTQRegistry
+from .session import LayerState
 
 __all__ = [
-    "FORMAT_VERSION", "CalibrationTable", "TableFile", "read_table", "read_table_file",
-    "write_table",
+    "FORMAT_VERSION", "CalibrationTable", "TableFile", "apply_table", "build_table",
+    "input_minima", "read_table", "read_table_file", "table_of_every_layer", "write_table",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "imperative_ptq.calibration_table"
 FORMAT_VERSION = 1
@@ -50,6 +62,205 @@ INPUT_MINIMA = "input_minima"
 MEASURED_ON = "measured_on"
 
 CalibrationTable = dict[str, dict[str, list[float]]]
+#: The hooked layers of a model and their calibration state, in ``named_sublayers`` order.
+HookedLayers = Sequence[tuple[paddle.nn.Layer, LayerState]]
+
+
+# ------------------------------------------------------------------------ session -> table
+def build_table(hooked: HookedLayers) -> CalibrationTable:
+    """Thresholds from the statistics gathered so far, keyed by sublayer name.
+
+    Returns:
+        ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
+        ``weight`` for simulated-quant layers (``input`` only if the first input was a float
+        tensor), ``weight`` one value per output channel for per-channel quantizers; affine
+        quantizers add ``<role>_scale`` and ``<role>_zero_point``. Layers that never ran are
+        left out (with a warning).
+
+    Raises:
+        CalibrationError: No layer saw a calibration batch.
+    """
+    table: CalibrationTable = {}
+    missing, no_input = [], []
+    for layer, state in hooked:
+        if not state.output_quantizer.is_calibrated and not (
+            state.input_quantizer is not None and state.input_quantizer.is_calibrated
+        ):
+            missing.append(state.name)
+            continue
+        entry: dict[str, list] = {}
+        # A layer whose first input was never a float tensor keeps only its output
+        # thresholds (``convert`` leaves it fp32 with those).
+        if state.input_quantizer is not None and state.input_quantizer.is_calibrated:
+            entry["input"] = _activation_thresholds(state.input_quantizer)
+            _add_affine_params(entry, "input", state.input_quantizer)
+        elif state.input_quantizer is not None:
+            no_input.append(state.name)
+        if state.output_quantizer.is_calibrated:
+            entry["output"] = _activation_thresholds(state.output_quantizer)
+            _add_affine_params(entry, "output", state.output_quantizer)
+        if state.weight_quantizer is not None:
+            entry["weight"] = _weight_thresholds(layer, state.weight_quantizer)
+            _add_affine_params(entry, "weight", state.weight_quantizer)
+        table[state.name] = entry
+    if not table:
+        raise CalibrationError(
+            "no calibration data: run batches through the quantized model before asking "
+            "for thresholds"
+        )
+    if missing:
+        logger.warning(
+            "%d hooked layers never ran during calibration and stay in fp32: %s",
+            len(missing), _first_names(missing),
+        )
+    if no_input:
+        logger.warning(
+            "%d layers never got a floating-point input: only their outputs are calibrated: "
+            "%s", len(no_input), _first_names(no_input),
+        )
+    return table
+
+
+def table_of_every_layer(table: CalibrationTable, hooked: HookedLayers) -> CalibrationTable:
+    """``table`` with an empty entry for every hooked layer that saw no data: the layers of a
+    table file, which then names every hooked layer and loads back into the model."""
+    return {state.name: table.get(state.name, {}) for _, state in hooked}
+
+
+def input_minima(hooked: HookedLayers) -> dict[str, float]:
+    """The smallest input value seen by each simulated layer whose input was observed."""
+    minima = {state.name: input_minimum(state) for _, state in hooked}
+    return {name: value for name, value in minima.items() if value is not None}
+
+
+def input_minimum(state: LayerState) -> float | None:
+    """The smallest input value calibration saw (``None``: unknown, read as signed)."""
+    return None if state.input_quantizer is None else state.input_quantizer.minimum
+
+
+# ------------------------------------------------------------------------ table -> session
+def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike) -> None:
+    """Sets every hooked layer's thresholds (and input minimum) from a table file.
+
+    Args:
+        hooked: The model's hooked layers.
+        table: The file's content (:func:`read_table_file`).
+        path: The file, for error messages.
+
+    Raises:
+        ValueError: The table does not describe exactly the hooked layers (the first mismatch
+            is named), or a layer lacks a role's thresholds.
+    """
+    layers, minima = table.layers, table.input_minima
+    known = {state.name for _, state in hooked}
+    extra = [name for name in layers if name not in known]
+    if extra:
+        raise ValueError(f"{path}: layer {extra[0]!r} is not a quantized layer of the model")
+    for layer, state in hooked:
+        entry = layers.get(state.name)
+        if entry is None:
+            raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
+        if not entry:  # the layer saw no data when the table was written: it stays fp32
+            continue
+        roles = {"output": state.output_quantizer, "input": state.input_quantizer}
+        for role, quantizer in roles.items():
+            if quantizer is None:
+                continue
+            if role not in entry:
+                if ("input" if role == "output" else "output") in entry:
+                    continue  # its first input was no float tensor (see build_table)
+                raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
+            quantizer.set_thresholds(entry[role])
+            _load_affine_params(entry, role, quantizer, per_channel=False)
+            if role == "input":
+                # Unknown in tables written before the sign was recorded: signed then.
+                quantizer.minimum = minima.get(state.name)
+        if state.weight_quantizer is not None:
+            weight = entry.get("weight")
+            channels = _weight_channels(layer)
+            if weight is None or len(weight) not in (1, channels):
+                raise ValueError(
+                    f"{path}: layer {state.name!r} needs 1 or {channels} weight thresholds, "
+                    f"got {0 if weight is None else len(weight)}"
+                )
+            state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
+            _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
+
+
+def affine_layer_params(entry: Mapping[str, list]) -> dict[str, Any]:
+    """:class:`~imperative_ptq.quant_layers.QuantizedLayer` arguments for the affine parts of
+    a table entry."""
+    params: dict[str, Any] = {}
+    if "input_scale" in entry:
+        params["input_scale"] = entry["input_scale"][0]
+        params["input_zero_point"] = entry["input_zero_point"][0]
+    if "weight_scale" in entry:
+        params["weight_scales"] = entry["weight_scale"]
+        params["weight_zero_points"] = entry["weight_zero_point"]
+    return params
+
+
+def _activation_thresholds(quantizer: BaseQuantizer) -> list[float]:
+    quantizer.cal_thresholds()
+    return [float(t) for t in quantizer.thresholds]
+
+
+def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list[float]:
+    """One threshold per output channel (or one per tensor); the weight is sampled here, once,
+    unless a table already set the thresholds."""
+    if not quantizer.is_calibrated:
+        quantizer.sample_data(layer, (layer.weight,))
+    quantizer.cal_thresholds()
+    (value,) = quantizer.thresholds
+    return [float(t) for t in value] if isinstance(value, list) else [float(value)]
+
+
+def _weight_channels(layer: paddle.nn.Layer) -> int:
+    axis = PTQRegistry.layer_info(layer).weight_channel_axis
+    return int(layer.weight.shape[axis])
+
+
+def _add_affine_params(entry: dict[str, list], role: str, quantizer: BaseQuantizer) -> None:
+    """Records ``<role>_scale`` / ``<role>_zero_point`` for an affine quantizer (symmetric
+    entries stay thresholds only, as Paddle's tables are)."""
+    if quantizer.symmetric:
+        return
+    params = quantizer.quant_params()
+    if all(p.symmetric for p in params):
+        return  # loaded from a symmetric table: nothing affine to record
+    if role == "weight":
+        (only,) = params
+        entry["weight_scale"] = list(np.atleast_1d(only.scale).astype(float))
+        entry["weight_zero_point"] = [int(z) for z in np.atleast_1d(only.zero_point)]
+        return
+    entry[f"{role}_scale"] = [float(p.scale) for p in params]
+    entry[f"{role}_zero_point"] = [int(p.zero_point) for p in params]
+
+
+def _load_affine_params(
+    entry: Mapping[str, list], role: str, quantizer: BaseQuantizer, per_channel: bool
+) -> None:
+    """Freezes the affine parameters of ``role`` recorded in a table entry, if any."""
+    scales, zero_points = entry.get(f"{role}_scale"), entry.get(f"{role}_zero_point")
+    if scales is None:
+        return
+    bits = quantizer.quant_bits
+    dtype = "uint8" if bits <= 8 else "int32"
+    if per_channel:
+        params = [QuantParams(list(scales), list(zero_points), dtype, 0, affine_levels(bits))]
+    else:
+        params = [
+            QuantParams(float(s), int(z), dtype, 0, affine_levels(bits))
+            for s, z in zip(scales, zero_points)
+        ]
+    quantizer.set_quant_params(params)
+
+
+def _first_names(names: Sequence[str], count: int = 10) -> str:
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
+
+
+# ------------------------------------------------------------------------------ the file
 
 
 def write_table(

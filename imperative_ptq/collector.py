@@ -109,6 +109,11 @@ class CalibrationCollector:
         # collected, this wakes the worker, which then finds it gone and exits.
         weakref.finalize(self, _wake_worker, self._jobs)
 
+    @property
+    def worker(self) -> threading.Thread | None:
+        """The reducing thread (``None`` before the first asynchronous batch)."""
+        return self._worker
+
     # ------------------------------------------------------------------------ forward thread
     def sample(self, tensor: paddle.Tensor, signed: bool = False) -> _PooledSample:
         """``|tensor|`` as a sample, shared with recent requests for the same tensor.

@@ -14,8 +14,9 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_measured_on", "converted_minima", "converted_table", "converted_target", "is_marked_converted",
-    "mark_converted", "output_thresholds", "set_output_thresholds",
+    "converted_measured_on", "converted_minima", "converted_table", "converted_target",
+    "is_marked_converted", "mark_converted", "output_thresholds", "record_measured_on",
+    "set_output_thresholds",
 ]
 
 _CONVERTED = "_ptq_converted"
@@ -31,16 +32,19 @@ def mark_converted(
     target: Target,
     table: Mapping[str, Mapping[str, list[float]]],
     input_minima: Mapping[str, float],
-    measured_on: Mapping[str, Any] | None = None,
 ) -> None:
-    """Records that ``model`` was converted for ``target``, with the table (layers, input
-    minima, and what each layer was measured on) that ``save_calibration_table`` would have
-    written for it."""
+    """Records that ``model`` was converted for ``target``, with the table (layers, and input
+    minima) that ``save_calibration_table`` would have written for it."""
     setattr(model, _CONVERTED, True)
     setattr(model, _TARGET, target.name)
     setattr(model, _TABLE, dict(table))
     setattr(model, _MINIMA, dict(input_minima))
-    setattr(model, _MEASURED_ON, None if measured_on is None else dict(measured_on))
+
+
+def record_measured_on(model: paddle.nn.Layer, measured_on: Mapping[str, Any]) -> None:
+    """Records what each layer of a converted model's table was measured on (the table file's
+    ``measured_on``, see :mod:`imperative_ptq.layer_signature`)."""
+    setattr(model, _MEASURED_ON, dict(measured_on))
 
 
 def is_marked_converted(model: paddle.nn.Layer) -> bool:

@@ -26,50 +26,29 @@ import paddle
 
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
-from .calibration_table import CalibrationTable, read_table_file, write_table
-from .collector import CalibrationError
-from .config import PTQConfig, default_ptq_config
-from .converted import (
-    converted_minima,
-    converted_table,
-    is_marked_converted,
-    mark_converted,
-    set_output_thresholds,
+from .calibration_table import (
+    CalibrationTable,
+    apply_table,
+    build_table,
+    input_minima,
+    read_table_file,
+    table_of_every_layer,
+    write_table,
 )
+from .config import PTQConfig, default_ptq_config
+from .convert import convert_layers
+from .converted import converted_minima, converted_table, is_marked_converted, record_measured_on
 from .finite import check_finite_parameters, check_finite_thresholds
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
-from .quant_layers import QuantizedLayer, replace_sublayer
-from .quantizers import BaseQuantizer, QuantParams
-from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
 from .rollback import restored_on_failure
-from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
+from .session import CalibrationSession, LayerState, calibrating_session
 from .targets import get_target
 
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
-
-
-
-def _every_layer(
-    table: CalibrationTable, states: Sequence[tuple[paddle.nn.Layer, LayerState]]
-) -> CalibrationTable:
-    """``table`` with an empty entry for every hooked layer that saw no data: the layers
-    of a table file, which then names every hooked layer and loads back into the model."""
-    return {state.name: table.get(state.name, {}) for _, state in states}
-
-
-def _input_minima(states: Sequence[tuple[paddle.nn.Layer, LayerState]]) -> dict[str, float]:
-    """The smallest input value seen by each simulated layer whose input was observed."""
-    minima = {state.name: _input_minimum(state) for _, state in states}
-    return {name: value for name, value in minima.items() if value is not None}
-
-
-def _input_minimum(state: LayerState) -> float | None:
-    """The smallest input value calibration saw (``None``: unknown, read as signed)."""
-    return None if state.input_quantizer is None else state.input_quantizer.minimum
 
 
 class ImperativePTQ:
@@ -127,7 +106,7 @@ class ImperativePTQ:
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
         if not isinstance(inplace, bool):
             raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-        if getattr(model, SESSION_ATTR, None) is not None or is_marked_converted(model):
+        if calibrating_session(model) is not None or is_marked_converted(model):
             raise ValueError(
                 "model was already quantized by ImperativePTQ; quantize the original fp32 model"
             )
@@ -157,15 +136,14 @@ class ImperativePTQ:
                 input_quantizer=config.new_activation_quantizer() if simulated else None,
                 weight_quantizer=config.new_weight_quantizer() if simulated else None,
             )
-            setattr(layer, STATE_ATTR, state)
-            session.layers.append((layer, state))
+            session.add_layer(layer, state)
         if not session.layers:
             raise ValueError(
                 f"{type(model).__name__} has no leaf layer supported by PTQRegistry; "
                 f"supported: {', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
         session.attach()
-        setattr(model, SESSION_ATTR, session)
+        session.install()
         logger.info(
             "hooked %d layers of %s for calibration", len(session.layers), type(model).__name__
         )
@@ -258,7 +236,7 @@ class ImperativePTQ:
         session.flush()
         write_state(
             path, session.quantizers(), self._quant_config.to_dict(),
-            layer_signatures(self._states(model)),
+            layer_signatures(session.layers),
         )
 
     def load_state(
@@ -278,8 +256,8 @@ class ImperativePTQ:
         quantizers = session.quantizers()
         header, states = read_state(path)
         check_compatible(os.fspath(path), header, quantizers)
-        check_signatures(path, header.get("measured_on"), layer_signatures(self._states(model)))
-        with restored_on_failure([state for _, state in self._states(model)]):
+        check_signatures(path, header.get("measured_on"), layer_signatures(session.layers))
+        with restored_on_failure([state for _, state in session.layers]):
             for key, quantizer in quantizers.items():
                 loaded = quantizer.clone()
                 try:
@@ -325,46 +303,7 @@ class ImperativePTQ:
         """
         session = self._session(model)
         session.flush()
-        states = self._states(model)
-        table: CalibrationTable = {}
-        missing, no_input = [], []
-        for layer, state in states:
-            if not state.output_quantizer.is_calibrated and not (
-                state.input_quantizer is not None and state.input_quantizer.is_calibrated
-            ):
-                missing.append(state.name)
-                continue
-            entry: dict[str, list[float]] = {}
-            # A layer whose first input was never a float tensor keeps only its output
-            # thresholds (``convert`` leaves it fp32 with those).
-            if state.input_quantizer is not None and state.input_quantizer.is_calibrated:
-                entry["input"] = _thresholds(state.input_quantizer)
-                _add_affine_params(entry, "input", state.input_quantizer)
-            elif state.input_quantizer is not None:
-                no_input.append(state.name)
-            if state.output_quantizer.is_calibrated:
-                entry["output"] = _thresholds(state.output_quantizer)
-                _add_affine_params(entry, "output", state.output_quantizer)
-            if state.weight_quantizer is not None:
-                entry["weight"] = self._weight_thresholds(layer, state.weight_quantizer)
-                _add_affine_params(entry, "weight", state.weight_quantizer)
-            table[state.name] = entry
-        if not table:
-            raise CalibrationError(
-                "no calibration data: run batches through the quantized model before asking "
-                "for thresholds"
-            )
-        if missing:
-            logger.warning(
-                "%d hooked layers never ran during calibration and stay in fp32: %s",
-                len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
-            )
-        if no_input:
-            logger.warning(
-                "%d layers never got a floating-point input: only their outputs are calibrated: "
-                "%s", len(no_input), ", ".join(no_input[:10]),
-            )
-        return table
+        return build_table(session.layers)
 
     def save_calibration_table(
         self, model: paddle.nn.Layer, path: str | os.PathLike
@@ -379,10 +318,10 @@ class ImperativePTQ:
             it a second time).
         """
         table = self.calibration_table(model)
-        states = self._states(model)
+        hooked = self._session(model).layers
         write_table(
-            path, _every_layer(table, states), self._quant_config.to_dict(), _input_minima(states),
-            layer_signatures(states),
+            path, table_of_every_layer(table, hooked), self._quant_config.to_dict(),
+            input_minima(hooked), layer_signatures(hooked),
         )
         return table
 
@@ -395,48 +334,12 @@ class ImperativePTQ:
             ValueError: The file is not a valid table, or does not match the model (the first
                 mismatch is named); nothing is loaded then.
         """
-        with restored_on_failure([state for _, state in self._states(model)]):
-            self._load_calibration_table(model, path)
-
-    def _load_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
         table_file = read_table_file(path)
-        layers, minima = table_file.layers, table_file.input_minima
-        self._session(model).flush()  # a worker error from earlier batches surfaces here
-        states = self._states(model)
-        known = {state.name for _, state in states}
-        extra = [name for name in layers if name not in known]
-        if extra:
-            raise ValueError(f"{path}: layer {extra[0]!r} is not a quantized layer of the model")
-        check_signatures(path, table_file.measured_on, layer_signatures(states))
-        for layer, state in states:
-            entry = layers.get(state.name)
-            if entry is None:
-                raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
-            if not entry:  # the layer saw no data when the table was written: it stays fp32
-                continue
-            roles = {"output": state.output_quantizer, "input": state.input_quantizer}
-            for role, quantizer in roles.items():
-                if quantizer is None:
-                    continue
-                if role not in entry:
-                    if ("input" if role == "output" else "output") in entry:
-                        continue  # its first input was no float tensor (see calibration_table)
-                    raise ValueError(f"{path}: layer {state.name!r} has no {role} thresholds")
-                quantizer.set_thresholds(entry[role])
-                _load_affine_params(entry, role, quantizer, per_channel=False)
-                if role == "input":
-                    # Unknown in tables written before the sign was recorded: signed then.
-                    quantizer.minimum = minima.get(state.name)
-            if state.weight_quantizer is not None:
-                weight = entry.get("weight")
-                channels = _weight_channels(layer)
-                if weight is None or len(weight) not in (1, channels):
-                    raise ValueError(
-                        f"{path}: layer {state.name!r} needs 1 or {channels} weight thresholds, "
-                        f"got {0 if weight is None else len(weight)}"
-                    )
-                state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
-                _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
+        session = self._session(model)
+        session.flush()  # a worker error from earlier batches surfaces here
+        check_signatures(path, table_file.measured_on, layer_signatures(session.layers))
+        with restored_on_failure([state for _, state in session.layers]):
+            apply_table(session.layers, table_file, path)
 
     # ------------------------------------------------------------------------------- convert
     def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
@@ -461,60 +364,15 @@ class ImperativePTQ:
         check_finite_parameters(model, "convert")
         check_finite_thresholds(table, "convert")
         session = self._session(model)
-        states = self._states(model)
-        measured_on = layer_signatures(states)  # before the layers are wrapped
+        measured_on = layer_signatures(session.layers)  # before the layers are wrapped
         session.detach()
-        activation_bits = self._quant_config.activation_quantizer.quant_bits
-        weight_bits = self._quant_config.weight_quantizer.quant_bits
-        target = get_target(self._quant_config.target)
-        kept_fp32: list[str] = []
-        for layer, state in states:
-            delattr(layer, STATE_ATTR)
-            entry = table.get(state.name)
-            if entry is None:
-                continue
-            info = PTQRegistry.layer_info(layer)
-            if state.weight_quantizer is not None and "input" in entry:
-                minimum = _input_minimum(state)
-                unsigned = (
-                    target.unsigned_inputs
-                    and "input_zero_point" not in entry
-                    and minimum is not None
-                    and minimum >= 0
-                )
-                if not unsigned and not target.signed_inputs_int8:
-                    # Plain fp32, output included: a scale on a conv/fc output would make the
-                    # runtime emit int8 from it (see export.program.collect_scales).
-                    kept_fp32.append(state.name)
-                    continue
-                wrapped = QuantizedLayer(
-                    layer,
-                    entry["input"],
-                    entry["weight"],
-                    entry.get("output", []),
-                    info.weight_channel_axis,
-                    activation_bits,
-                    weight_bits,
-                    **_affine_layer_params(entry),
-                    input_unsigned=unsigned,
-                    paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
-                )
-                replace_sublayer(model, layer, wrapped)
-            elif "output" in entry:
-                set_output_thresholds(layer, entry["output"])
-        if kept_fp32:
-            logger.warning(
-                "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
-                "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
-                "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
-                "quantizes them for VNNI/AMX CPUs only.",
-                target.name, len(kept_fp32),
-                ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
-            )
-        delattr(model, SESSION_ATTR)
-        mark_converted(
-            model, target, _every_layer(table, states), _input_minima(states), measured_on
+        convert_layers(
+            model, session.layers, table, get_target(self._quant_config.target),
+            self._quant_config.activation_quantizer.quant_bits,
+            self._quant_config.weight_quantizer.quant_bits,
         )
+        record_measured_on(model, measured_on)
+        session.uninstall()
         return model
 
     # -------------------------------------------------------------------------------- export
@@ -540,7 +398,7 @@ class ImperativePTQ:
         """
         from .export.paddle_export import save_quantized_model
 
-        if getattr(model, SESSION_ATTR, None) is not None:
+        if calibrating_session(model) is not None:
             self.convert(model)
         save_quantized_model(
             model, path, input_spec, quant_config=self._quant_config.to_dict(),
@@ -578,79 +436,9 @@ class ImperativePTQ:
     def _session(self, model: paddle.nn.Layer) -> CalibrationSession:
         if not isinstance(model, paddle.nn.Layer):
             raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
-        session = getattr(model, SESSION_ATTR, None)
+        session = calibrating_session(model)
         if session is None:
             if is_marked_converted(model):
                 raise ValueError("model is already converted; its thresholds are frozen")
             raise ValueError("model was not prepared by ImperativePTQ.quantize()")
         return session
-
-    def _states(self, model: paddle.nn.Layer) -> list[tuple[paddle.nn.Layer, LayerState]]:
-        """The hooked layers and their calibration state, in ``named_sublayers`` order."""
-        return list(self._session(model).layers)
-
-    @staticmethod
-    def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list[float]:
-        if not quantizer.is_calibrated:
-            quantizer.sample_data(layer, (layer.weight,))
-        quantizer.cal_thresholds()
-        (value,) = quantizer.thresholds
-        return list(value) if isinstance(value, list) else [value]
-
-
-def _thresholds(quantizer: BaseQuantizer) -> list[float]:
-    quantizer.cal_thresholds()
-    return [float(t) for t in quantizer.thresholds]
-
-
-def _add_affine_params(entry: dict[str, list], role: str, quantizer: BaseQuantizer) -> None:
-    """Records ``<role>_scale`` / ``<role>_zero_point`` for an affine quantizer (symmetric
-    entries stay thresholds only, as Paddle's tables are)."""
-    if quantizer.symmetric:
-        return
-    params = quantizer.quant_params()
-    if all(p.symmetric for p in params):
-        return  # loaded from a symmetric table: nothing affine to record
-    if role == "weight":
-        (only,) = params
-        entry["weight_scale"] = list(np.atleast_1d(only.scale).astype(float))
-        entry["weight_zero_point"] = [int(z) for z in np.atleast_1d(only.zero_point)]
-        return
-    entry[f"{role}_scale"] = [float(p.scale) for p in params]
-    entry[f"{role}_zero_point"] = [int(p.zero_point) for p in params]
-
-
-def _load_affine_params(
-    entry: dict[str, list], role: str, quantizer: BaseQuantizer, per_channel: bool
-) -> None:
-    """Freezes the affine parameters of ``role`` recorded in a table entry, if any."""
-    scales, zero_points = entry.get(f"{role}_scale"), entry.get(f"{role}_zero_point")
-    if scales is None:
-        return
-    bits = quantizer.quant_bits
-    dtype = "uint8" if bits <= 8 else "int32"
-    if per_channel:
-        params = [QuantParams(list(scales), list(zero_points), dtype, 0, affine_levels(bits))]
-    else:
-        params = [
-            QuantParams(float(s), int(z), dtype, 0, affine_levels(bits))
-            for s, z in zip(scales, zero_points)
-        ]
-    quantizer.set_quant_params(params)
-
-
-def _affine_layer_params(entry: dict[str, list]) -> dict[str, Any]:
-    """QuantizedLayer arguments for the affine parts of a table entry."""
-    params: dict[str, Any] = {}
-    if "input_scale" in entry:
-        params["input_scale"] = entry["input_scale"][0]
-        params["input_zero_point"] = entry["input_zero_point"][0]
-    if "weight_scale" in entry:
-        params["weight_scales"] = entry["weight_scale"]
-        params["weight_zero_points"] = entry["weight_zero_point"]
-    return params
-
-
-def _weight_channels(layer: paddle.nn.Layer) -> int:
-    axis = PTQRegistry.layer_info(layer).weight_channel_axis
-    return int(layer.weight.shape[axis])

@@ -76,6 +76,25 @@ class CalibrationSession:
     def attached(self) -> bool:
         return bool(self.root_hooks)
 
+    def add_layer(self, layer: paddle.nn.Layer, state: LayerState) -> None:
+        """Puts ``layer`` under calibration with ``state`` (hooked on the next :meth:`attach`)."""
+        setattr(layer, STATE_ATTR, state)
+        self.layers.append((layer, state))
+
+    def install(self) -> None:
+        """Attaches the session to its model (:func:`calibrating_session` finds it there)."""
+        setattr(self.model, SESSION_ATTR, self)
+
+    def uninstall(self) -> None:
+        """Detaches the hooks and removes the session and every layer state from the model:
+        what ``convert`` leaves is a plain model again."""
+        self.detach()
+        for layer, _ in self.layers:
+            if hasattr(layer, STATE_ATTR):
+                delattr(layer, STATE_ATTR)
+        if hasattr(self.model, SESSION_ATTR):
+            delattr(self.model, SESSION_ATTR)
+
     def attach(self) -> None:
         """Registers the hooks (first among each layer's forward-post hooks)."""
         if self.attached:

@@ -27,6 +27,7 @@ from imperative_ptq.analysis import (
     search_skip_set,
 )
 from imperative_ptq.report import calibration_histograms, collect_histograms
+from models import Branch, converted
 
 NAMES = ["conv", "fc1", "fc2"]
 
@@ -289,3 +290,22 @@ def test_report_without_matplotlib(tmp_path, models, monkeypatch) -> None:
     assert not list((tmp_path / "b").glob("*.png"))
     with pytest.raises(ValueError, match="fmt"):
         report.save(tmp_path / "c", fmt="pdf", plots=False)
+
+
+def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
+    paddle.seed(0)
+    model = Branch()
+    calibration = [paddle.randn([4, 8]) for _ in range(8)]
+    qmodel = converted(model, calibration, target="x86-vnni")  # signed inputs quantized too
+    ran = [x for x in calibration if float(model.a(x).mean()) > 0]
+    skipped = [x for x in calibration if float(model.a(x).mean()) <= 0]
+    if not ran or not skipped or "b" not in [n for n, _ in qmodel.named_sublayers()]:
+        pytest.skip("the random batches did not take both branches")
+    with caplog.at_level("WARNING", logger="imperative_ptq.analysis"):
+        report = analyze(model, qmodel, skipped)
+    row = report.row("b")
+    # Was inf dB and cosine 1.0: an unmeasured layer looked bit-exact.
+    assert math.isnan(row.sqnr_db) and math.isnan(row.cosine) and math.isnan(row.output_sqnr_db)
+    assert report.names[-1] == "b"
+    assert "never ran" in caplog.text and "b" in caplog.text
+    assert "nan" in report.to_markdown()

@@ -116,3 +116,22 @@ def test_levels_have_one_home() -> None:
 
     one_bit = fake_quantize_symmetric(paddle.to_tensor([0.3, -0.7]), paddle.to_tensor([1.0]), 1)
     assert one_bit.numpy().tolist() == [0.0, -1.0]  # was a division by zero (0 levels)
+
+
+def test_state_on_a_model_is_touched_only_by_its_owner() -> None:
+    """The attributes a calibration session and a converted model keep on the user's layers
+    are named only in session.py and converted.py; every other module, tests included, asks
+    through their functions (``hooked_states``, ``calibrating_session``, ``converted_table``)."""
+    import re
+
+    owners = {"session.py", "converted.py"}
+    pattern = re.compile(r"""\b_ptq_\w+""")
+    offenders = []
+    for root in (PACKAGE, pathlib.Path(__file__).parent):
+        for path in root.rglob("*.py"):
+            if path.name in owners or path.name == "test_architecture.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders

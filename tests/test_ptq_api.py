@@ -26,8 +26,8 @@ from imperative_ptq import (
     register_layer,
 )
 from imperative_ptq.quantizers import MIN_THRESHOLD
+from imperative_ptq.session import hooked_states
 
-_STATE = "_ptq_state"
 
 
 class Net(paddle.nn.Layer):
@@ -88,7 +88,7 @@ def _assert_same_snapshot(a, b) -> None:
 
 
 def _hooked(model: paddle.nn.Layer) -> set[str]:
-    return {name for name, layer in model.named_sublayers() if hasattr(layer, _STATE)}
+    return {state.name for state in hooked_states(model)}
 
 
 # -------------------------------------------------------------------------- bad arguments
@@ -296,7 +296,7 @@ def test_hook_runs_first_among_existing_post_hooks() -> None:
     model.conv1.register_forward_post_hook(lambda layer, inputs, output: output * 100.0)
     ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), AbsmaxQuantizer()))
     qmodel = ptq.quantize(model)
-    state = getattr(qmodel.conv1, _STATE)
+    (state,) = [s for s in hooked_states(qmodel) if s.name == "conv1"]
     assert next(iter(qmodel.conv1._forward_post_hooks)) == state.hook._hook_id
     x = paddle.randn([2, 3, 8, 8])
     table = _calibrate(ptq, qmodel, [x])
@@ -445,7 +445,7 @@ def test_convert_removes_every_hook_and_wraps_layers() -> None:
     for name, layer in qmodel.named_sublayers(include_self=True):
         assert not layer._forward_post_hooks, name
         assert not layer._forward_pre_hooks, name
-        assert not hasattr(layer, _STATE), name
+    assert not hooked_states(qmodel)  # no calibration state left on any layer
     assert isinstance(qmodel.conv1, QuantizedLayer) and isinstance(qmodel.fc, QuantizedLayer)
     for name, layer in qmodel.named_sublayers():
         if isinstance(layer, (paddle.nn.Conv2D, paddle.nn.Linear)):

@@ -508,3 +508,91 @@ def test_rebin_histogram_for_a_range_far_larger_than_before_matches_the_sub_bin_
         quantizer.cal_thresholds()
         assert math.isfinite(quantizer.thresholds[0]) and quantizer.thresholds[0] > 0
         assert quantizer.state_dict()["counts"].sum() == pytest.approx(1001)
+
+
+# ------------------------------------------------------------------ the algorithm tables
+def _concrete_quantizer_classes() -> set[type]:
+    import inspect
+
+    from imperative_ptq.quantizers import BaseQuantizer
+
+    found, pending = set(), [BaseQuantizer]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            pending.append(sub)
+            if not inspect.isabstract(sub) and sub.__module__.startswith("imperative_ptq."):
+                found.add(sub)
+    return found
+
+
+def test_algorithm_tables_name_every_quantizer_and_follow_its_flags() -> None:
+    from imperative_ptq.quantizers import ACTIVATION_QUANTIZERS, QUANTIZERS, WEIGHT_QUANTIZERS
+
+    named = set(QUANTIZERS.values())
+    # Bases that only share code are not algorithms.
+    from imperative_ptq.quantizers.per_channel_absmax import PerChannelWeightQuantizer
+
+    assert _concrete_quantizer_classes() - {PerChannelWeightQuantizer} == named
+    assert set(ACTIVATION_QUANTIZERS.values()) == {c for c in named if c.for_activations}
+    assert set(WEIGHT_QUANTIZERS.values()) == {c for c in named if c.for_weights}
+    assert WEIGHT_QUANTIZERS["min_max"].__name__ == "MinMaxQuantizer"
+
+
+@pytest.mark.parametrize("scheme", ["abs_max", "min_max", "per_channel", "per_channel_min_max"])
+def test_every_weight_scheme_of_the_table_calibrates_and_converts(scheme: str) -> None:
+    from imperative_ptq import ImperativePTQ, PTQConfig
+    from imperative_ptq.quantizers import WEIGHT_QUANTIZERS
+
+    paddle.seed(5)
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 4))
+    model.eval()
+    x = paddle.rand([32, 8])
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), WEIGHT_QUANTIZERS[scheme]()))
+    qmodel = ptq.quantize(model)
+    qmodel(x)
+    ptq.convert(qmodel)
+    expected, got = model(x).numpy().ravel(), qmodel(x).numpy().ravel()
+    cosine = expected @ got / np.linalg.norm(expected) / np.linalg.norm(got)
+    assert cosine > 0.99, (scheme, cosine)  # 8-bit per-tensor weights of a random net: ~0.997
+
+
+# ------------------------------------------------- per-channel quantizers, base contract
+@pytest.mark.parametrize("name", ["per_channel", "per_channel_min_max"])
+def test_per_channel_quantizers_keep_the_base_contract(name: str) -> None:
+    """``observe`` works (on the channel axis), ``BaseQuantizer`` counts the batches, and a
+    tensor with other channels is refused before the statistics change."""
+    from imperative_ptq.quantizers import QUANTIZERS
+
+    layer = paddle.nn.Conv2D(3, 6, 3)
+    weights = [paddle.randn([6, 3, 3, 3]) for _ in range(3)]
+    via_layer, via_samples = QUANTIZERS[name](), QUANTIZERS[name]()
+    for weight in weights:
+        via_layer.sample_data(layer, (weight,))
+    via_samples.channel_axis = 0
+    for weight in weights:
+        via_samples.observe_samples(
+            [TensorSample.from_tensor(weight, via_samples.uses_signed_values)]
+        )
+    assert via_layer.num_batches == via_samples.num_batches == 3
+    via_layer.cal_thresholds()
+    via_samples.cal_thresholds()
+    reference = np.max([np.abs(w.numpy()).reshape(6, -1).max(axis=1) for w in weights], axis=0)
+    np.testing.assert_allclose(via_layer.thresholds[0], reference, rtol=1e-6)
+    assert via_samples.thresholds == via_layer.thresholds
+
+    before = via_layer.state_dict()
+    with pytest.raises(ValueError, match="channels"):
+        via_layer.sample_data(paddle.nn.Conv2D(3, 4, 3), (paddle.randn([4, 3, 3, 3]),))
+    after = via_layer.state_dict()
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+
+    fresh = QUANTIZERS[name]()
+    with pytest.raises(ValueError, match="channel axis"):
+        fresh.observe_samples([TensorSample.from_tensor(weights[0], True)])
+
+
+def test_histogram_quantizer_accepts_numpy_bool() -> None:
+    assert KLQuantizer(exact_binning=np.bool_(False)).exact_binning is False
+    with pytest.raises(TypeError, match="exact_binning"):
+        KLQuantizer(exact_binning=1)

@@ -20,6 +20,7 @@ from imperative_ptq import (
     PerChannelAbsmaxQuantizer,
     PTQConfig,
 )
+from imperative_ptq.session import hooked_states
 
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker  # noqa: E402
@@ -212,7 +213,7 @@ def test_worker_error_surfaces_and_hooks_are_removable() -> None:
     qmodel = ptq.quantize(_model())
     qmodel(_batches(1)[0])
     # A batch with another number of tensors per call makes the quantizer raise on the worker.
-    state = qmodel[0]._ptq_state
+    state = hooked_states(qmodel)[0]
     state.input_quantizer.observe_samples = lambda samples, layer=None: (_ for _ in ()).throw(
         ValueError("boom")
     )

@@ -14,8 +14,8 @@ from .per_channel_minmax import PerChannelMinMaxQuantizer
 from .qparams import QuantParams
 from .sample import TensorSample
 
-#: Activation algorithms by the names the command line and demos use.
-ACTIVATION_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+#: Every algorithm by the name the command line, the demos and the benchmarks use.
+QUANTIZERS: dict[str, type[BaseQuantizer]] = {
     "abs_max": AbsmaxQuantizer,
     "moving_average": MovingAverageAbsmaxQuantizer,
     "min_max": MinMaxQuantizer,
@@ -23,11 +23,16 @@ ACTIVATION_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
     "kl": KLQuantizer,
     "kl_tensorrt": TensorRTKLQuantizer,
     "mse": MSEQuantizer,
-}
-#: Weight schemes by name.
-WEIGHT_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
     "per_channel": PerChannelAbsmaxQuantizer,
-    "abs_max": AbsmaxQuantizer,
+    "per_channel_min_max": PerChannelMinMaxQuantizer,
+}
+#: The algorithms for activations / for weights, as each class declares
+#: (:attr:`BaseQuantizer.for_activations`, :attr:`BaseQuantizer.for_weights`).
+ACTIVATION_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+    name: cls for name, cls in QUANTIZERS.items() if cls.for_activations
+}
+WEIGHT_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
+    name: cls for name, cls in QUANTIZERS.items() if cls.for_weights
 }
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "MovingAverageAbsmaxQuantizer",
     "PerChannelAbsmaxQuantizer",
     "PerChannelMinMaxQuantizer",
+    "QUANTIZERS",
     "QuantParams",
     "TensorRTKLQuantizer",
     "TensorSample",

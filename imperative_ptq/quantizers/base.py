@@ -30,7 +30,10 @@ import paddle
 from .qparams import QuantParams, affine_qparams, symmetric_qparams
 from .sample import TensorSample
 
-__all__ = ["BaseQuantizer", "MIN_THRESHOLD", "validate_bool", "validate_quant_bits"]
+__all__ = ["BaseQuantizer", "MIN_THRESHOLD", "Threshold", "validate_bool", "validate_quant_bits"]
+
+#: The threshold of one tensor position: one float per tensor, or one per channel.
+Threshold = float | list[float]
 
 #: Smallest threshold ever returned. Paddle returns 0.0 for an all-zero tensor, which makes
 #: ``x / threshold`` divide by zero downstream; any positive value represents zeros exactly.
@@ -86,7 +89,7 @@ class BaseQuantizer(abc.ABC):
 
     def __init__(self, quant_bits: int = 8) -> None:
         self.quant_bits = validate_quant_bits(quant_bits)
-        self.thresholds: list[Any] = []
+        self.thresholds: list[Threshold] = []
         #: Affine quantizers: ``(lo, hi)`` per tensor position, set with ``thresholds``.
         self.ranges: list[tuple[Any, Any]] = []
         self.num_batches = 0
@@ -94,7 +97,7 @@ class BaseQuantizer(abc.ABC):
         #: as u8 on x86 (:mod:`imperative_ptq.targets`); kept apart from the algorithm's
         #: statistics because symmetric samples hold only ``|x|``.
         self.minimum: float | None = None
-        self._frozen: list[Any] | None = None
+        self._frozen: list[Threshold] | None = None
         self._frozen_params: list[QuantParams] | None = None
 
     # ----------------------------------------------------------------------------- configuration
@@ -177,7 +180,7 @@ class BaseQuantizer(abc.ABC):
             raise RuntimeError(
                 f"{type(self).__name__} has seen no data: run calibration batches first"
             )
-        thresholds: list[Any] = []
+        thresholds: list[Threshold] = []
         self.ranges = []
         for index in range(self.num_tensors):
             if self.symmetric:
@@ -195,13 +198,13 @@ class BaseQuantizer(abc.ABC):
                 thresholds.append(value if value >= MIN_THRESHOLD else MIN_THRESHOLD)
         self.thresholds = thresholds
 
-    def set_thresholds(self, thresholds: Sequence[Any]) -> None:
+    def set_thresholds(self, thresholds: Sequence[Threshold]) -> None:
         """Freezes ``thresholds`` (e.g. loaded from a calibration table) over any statistics.
 
         Raises:
             ValueError: A threshold is not finite and positive.
         """
-        checked: list[Any] = []
+        checked: list[Threshold] = []
         for value in thresholds:
             array = np.asarray(value, dtype=np.float64)
             if array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):

@@ -20,6 +20,7 @@ __all__ = [
     "PerChannelAbsmaxQuantizer",
     "PerChannelWeightQuantizer",
     "check_channel_arrays",
+    "fold_channel_array",
     "layer_channel_axis",
     "merge_channel_arrays",
     "per_channel_abs_max",
@@ -124,23 +125,56 @@ def merge_channel_arrays(
     return running
 
 
+def fold_channel_array(
+    running: list[np.ndarray], index: int, array: np.ndarray, reduce: np.ufunc
+) -> None:
+    """Folds the per-channel ``array`` of tensor position ``index`` into ``running[index]``
+    with ``reduce``, in place (a copy starts a new position). A mismatch raises before
+    anything changes.
+
+    Raises:
+        ValueError: ``index`` skips a position, or the number of channels differs.
+    """
+    array = np.asarray(array, dtype=np.float64).reshape(-1)
+    if index == len(running):
+        running.append(array.copy())
+        return
+    if index > len(running):
+        raise ValueError(f"tensor {index} observed before tensor {len(running)}")
+    mine = running[index]
+    if array.size != mine.size:
+        raise ValueError(
+            f"tensor {index} has {array.size} channels, earlier statistics have {mine.size}"
+        )
+    reduce(mine, array, out=mine)
+
+
 class PerChannelWeightQuantizer(BaseQuantizer):
     """Base of the weight quantizers that keep statistics per output channel.
 
-    ``sample_data(layer, (weight,))`` finds the channel axis from the layer's registry entry,
-    reduces each weight with :meth:`reduce_channels` and merges the result with
-    :meth:`observe_channels`.
+    ``sample_data(layer, (weight,))`` takes the channel axis from the layer's registry entry
+    and goes through the common path (:meth:`BaseQuantizer.observe_samples`, which counts the
+    batch); :meth:`observe` reduces each sample with :meth:`reduce_channels` along that axis
+    and folds the result in with :meth:`observe_channel`.
+
+    Attributes:
+        channel_axis: The weight's channel axis, from the last :meth:`sample_data` (``None``
+            until then; set it to feed :meth:`observe` samples directly).
     """
 
     for_activations = False
     for_weights = True
 
+    def __init__(self, quant_bits: int = 8) -> None:
+        super().__init__(quant_bits)
+        self.channel_axis: int | None = None
+
     def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> object:
         """The per-channel statistics of one weight tensor."""
         raise NotImplementedError
 
-    def observe_channels(self, reduced: Sequence[object]) -> None:
-        """Merges :meth:`reduce_channels` results (one per tensor position)."""
+    def observe_channel(self, index: int, reduced: object) -> None:
+        """Folds one :meth:`reduce_channels` result into the statistics of position ``index``."""
         raise NotImplementedError
 
     def sample_data(self, layer: paddle.nn.Layer | None, tensors: Sequence[paddle.Tensor]) -> None:
@@ -148,15 +182,26 @@ class PerChannelWeightQuantizer(BaseQuantizer):
 
         Raises:
             TypeError: ``layer`` is not a registered layer with a weight channel axis.
+            ValueError: The number of tensors or channels differs from earlier batches.
         """
         tensors = self._check_tensors(tensors)
-        axis = layer_channel_axis(layer, type(self).__name__)
-        self.observe_channels([self.reduce_channels(t, axis) for t in tensors])
+        self.channel_axis = layer_channel_axis(layer, type(self).__name__)
+        signed = self.uses_signed_values
+        self.observe_samples([TensorSample.from_tensor(t, signed) for t in tensors], layer)
 
     def observe(self, index: int, sample: TensorSample) -> None:
-        raise TypeError(
-            f"{type(self).__name__} quantizes weights: call sample_data(layer, (weight,))"
-        )
+        """Reduces one weight sample along :attr:`channel_axis` and folds it in.
+
+        Raises:
+            ValueError: The channel axis is unknown, or the channel count differs.
+        """
+        if self.channel_axis is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the weight's channel axis: call "
+                "sample_data(layer, (weight,)) or set channel_axis first"
+            )
+        values = sample.signed_values if self.uses_signed_values else sample.abs_values
+        self.observe_channel(index, self.reduce_channels(values, self.channel_axis))
 
 
 class PerChannelAbsmaxQuantizer(PerChannelWeightQuantizer):
@@ -179,14 +224,8 @@ class PerChannelAbsmaxQuantizer(PerChannelWeightQuantizer):
     def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> np.ndarray:
         return per_channel_abs_max(tensor, axis)
 
-    def observe_channels(self, channel_maxima: Sequence[np.ndarray]) -> None:
-        """Merges per-channel maxima (one array per tensor position) into the statistics.
-
-        Raises:
-            ValueError: The number of channels differs from earlier batches.
-        """
-        self.abs_max_vals = merge_channel_arrays(self.abs_max_vals, channel_maxima, np.maximum)
-        self.num_batches += 1
+    def observe_channel(self, index: int, channel_maxima: np.ndarray) -> None:
+        fold_channel_array(self.abs_max_vals, index, channel_maxima, np.maximum)
 
     def compute_threshold(self, index: int) -> np.ndarray:
         return self.abs_max_vals[index]

@@ -18,6 +18,7 @@ from .minmax import finite_range
 from .per_channel_absmax import (
     PerChannelWeightQuantizer,
     check_channel_arrays,
+    fold_channel_array,
     merge_channel_arrays,
     per_channel_min_max,
 )
@@ -51,14 +52,15 @@ class PerChannelMinMaxQuantizer(PerChannelWeightQuantizer):
     def reduce_channels(self, tensor: paddle.Tensor, axis: int) -> tuple[np.ndarray, np.ndarray]:
         return per_channel_min_max(tensor, axis)
 
-    def observe_channels(self, ranges: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Merges per-channel ``(min, max)`` arrays (one pair per tensor position).
-
-        Raises:
-            ValueError: The number of tensors or channels differs from earlier batches.
-        """
-        self._merge([low for low, _ in ranges], [high for _, high in ranges])
-        self.num_batches += 1
+    def observe_channel(self, index: int, channel_range: tuple[np.ndarray, np.ndarray]) -> None:
+        low, high = channel_range
+        if index < len(self.max_vals) and np.size(high) != self.max_vals[index].size:
+            raise ValueError(  # before either array changes
+                f"tensor {index} has {np.size(high)} channels, earlier statistics have "
+                f"{self.max_vals[index].size}"
+            )
+        fold_channel_array(self.min_vals, index, low, np.minimum)
+        fold_channel_array(self.max_vals, index, high, np.maximum)
 
     def compute_range(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return finite_range(self.min_vals[index], self.max_vals[index])

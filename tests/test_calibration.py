@@ -1,27 +1,23 @@
-"""Regression tests for defects found reviewing the core (ptq, collector, quantizers, tables)."""
+"""Calibration: the session's hooks and worker, batches of every shape, copies and sharing."""
 
 from __future__ import annotations
 
 import copy
 import gc
-import json
 
 import numpy as np
 import paddle
 import pytest
 
 from imperative_ptq import ImperativePTQ, PTQConfig
-from imperative_ptq.calibration_table import read_table
 from imperative_ptq.collector import CalibrationError
-from imperative_ptq.quantizers import AbsmaxQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
+from imperative_ptq.quantizers import AbsmaxQuantizer, PerChannelAbsmaxQuantizer
+from imperative_ptq.session import calibrating_session
+from models import mlp
 
 
 def _ptq() -> ImperativePTQ:
     return ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
-
-
-def _mlp() -> paddle.nn.Layer:
-    return paddle.nn.Sequential(paddle.nn.Linear(4, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 2))
 
 
 class _KeywordInput(paddle.nn.Layer):
@@ -40,10 +36,10 @@ class _KeywordInput(paddle.nn.Layer):
 
 def test_worker_thread_stops_when_quantized_model_is_dropped() -> None:
     ptq = _ptq()
-    qmodel = ptq.quantize(_mlp())
+    qmodel = ptq.quantize(mlp(4, 8, 2))
     qmodel(paddle.randn([3, 4]))
     ptq.calibration_table(qmodel)  # flushes, but neither converts nor removes the hooks
-    worker = qmodel._ptq_session.collector._worker
+    worker = calibrating_session(qmodel).collector.worker
     assert worker is not None and worker.is_alive()
     del qmodel
     gc.collect()
@@ -86,7 +82,7 @@ def test_keyword_input_layer_is_calibrated_converted_and_exported(tmp_path) -> N
 
 def test_deepcopy_of_calibrating_model() -> None:
     ptq = _ptq()
-    qmodel = ptq.quantize(_mlp())
+    qmodel = ptq.quantize(mlp(4, 8, 2))
     with pytest.raises(TypeError, match="remove_hooks"):
         copy.deepcopy(qmodel)
     qmodel(paddle.randn([3, 4]))
@@ -112,7 +108,7 @@ def test_deepcopy_of_calibrating_model() -> None:
 )
 def test_calibrate_validates_arguments(kwargs, error) -> None:
     ptq = _ptq()
-    qmodel = ptq.quantize(_mlp())
+    qmodel = ptq.quantize(mlp(4, 8, 2))
     name = next(iter(kwargs))
     with pytest.raises(error, match=name):
         ptq.calibrate(qmodel, [np.ones((2, 4), np.float32)], progress=False, **kwargs)
@@ -125,37 +121,11 @@ class _FailingQuantizer(AbsmaxQuantizer):
 
 def test_worker_error_names_the_layer() -> None:
     ptq = ImperativePTQ(PTQConfig(_FailingQuantizer(), PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(_mlp())
+    qmodel = ptq.quantize(mlp(4, 8, 2))
     # The worker may report during the forward or at the next flush, whichever comes first.
     with pytest.raises(CalibrationError, match=r"sampling 0: boom"):
         qmodel(paddle.randn([3, 4]))
         ptq.calibration_table(qmodel)
-
-
-def test_read_table_rejects_bool_threshold(tmp_path) -> None:
-    path = tmp_path / "table.json"
-    path.write_text(json.dumps({
-        "format": "imperative_ptq.calibration_table", "format_version": 1,
-        "layers": {"0": {"output": [True]}},
-    }))
-    with pytest.raises(ValueError, match="finite positive"):
-        read_table(path)
-
-
-def test_histogram_quantizer_accepts_numpy_bool() -> None:
-    assert KLQuantizer(exact_binning=np.bool_(False)).exact_binning is False
-    with pytest.raises(TypeError, match="exact_binning"):
-        KLQuantizer(exact_binning=1)
-
-
-def test_read_state_rejects_header_without_quantizers(tmp_path) -> None:
-    from imperative_ptq.calibration_state import read_state
-
-    path = tmp_path / "state.npz"
-    header = {"format": "imperative_ptq.calibration_state", "format_version": 1}
-    np.savez(path, __header__=np.asarray(json.dumps(header)))
-    with pytest.raises(ValueError, match="no quantizers"):
-        read_state(path)
 
 
 def test_calibrate_passes_two_inputs_to_a_two_input_model() -> None:

@@ -1,18 +1,17 @@
-"""Regressions found in review of the export and analysis modules (tiny random models, fast)."""
+"""Tracing unusual graphs into the legacy-IR program: shared layers, PIR-only activations,
+failures that must leave nothing behind (tiny random models, fast)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import paddle
 import pytest
 
-from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
-from imperative_ptq.analysis import analyze
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from models import converted
 
 
 class _SharedLinear(paddle.nn.Layer):
@@ -28,33 +27,10 @@ class _SharedLinear(paddle.nn.Layer):
         return self.out(self.relu(self.fc(self.relu(self.fc(x)))))
 
 
-class _Branch(paddle.nn.Layer):
-    """``b`` runs only on inputs whose mean is positive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = paddle.nn.Linear(8, 8)
-        self.b = paddle.nn.Linear(8, 8)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.a(x)
-        return self.b(x) if float(x.mean()) > 0 else x
-
-
-def _converted(model: paddle.nn.Layer, batches, target: str = "x86") -> paddle.nn.Layer:
-    model.eval()
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    for batch in batches:
-        qmodel(batch)
-    ptq.convert(qmodel)
-    return qmodel
-
-
 def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
     paddle.seed(0)
     # Non-negative inputs: on the default x86 target a Linear reading a signed input stays fp32.
-    qmodel = _converted(_SharedLinear(), [paddle.rand([16, 8]) for _ in range(3)])
+    qmodel = converted(_SharedLinear(), [paddle.rand([16, 8]) for _ in range(3)])
     x = paddle.rand([64, 8])
     reference = qmodel(x).numpy()
     prefix = str(tmp_path / "shared")
@@ -72,25 +48,6 @@ def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
     assert cosine > 0.95, cosine  # was ~0: all-zero outputs
 
 
-def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
-    paddle.seed(0)
-    model = _Branch()
-    calibration = [paddle.randn([4, 8]) for _ in range(8)]
-    qmodel = _converted(model, calibration, target="x86-vnni")  # signed inputs quantized too
-    ran = [x for x in calibration if float(model.a(x).mean()) > 0]
-    skipped = [x for x in calibration if float(model.a(x).mean()) <= 0]
-    if not ran or not skipped or "b" not in [n for n, _ in qmodel.named_sublayers()]:
-        pytest.skip("the random batches did not take both branches")
-    with caplog.at_level("WARNING", logger="imperative_ptq.analysis"):
-        report = analyze(model, qmodel, skipped)
-    row = report.row("b")
-    # Was inf dB and cosine 1.0: an unmeasured layer looked bit-exact.
-    assert math.isnan(row.sqnr_db) and math.isnan(row.cosine) and math.isnan(row.output_sqnr_db)
-    assert report.names[-1] == "b"
-    assert "never ran" in caplog.text and "b" in caplog.text
-    assert "nan" in report.to_markdown()
-
-
 def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None:
     class _Softplus(paddle.nn.Layer):
         def __init__(self) -> None:
@@ -102,7 +59,7 @@ def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None
             return self.act(self.fc(x))
 
     paddle.seed(0)
-    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = converted(_Softplus(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError, match="legacy-IR kernel"):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
@@ -130,7 +87,7 @@ def test_pir_only_activations_trace_to_legacy_ops(activation, tmp_path) -> None:
     paddle.seed(0)
     model = Net()
     model.eval()
-    qmodel = _converted(model, [paddle.randn([16, 16]) for _ in range(4)])
+    qmodel = converted(model, [paddle.randn([16, 16]) for _ in range(4)])
     prefix = str(tmp_path / "m")
     save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 16], "float32", "x")])
     x = np.random.default_rng(1).standard_normal((64, 16)).astype("float32")
@@ -152,7 +109,7 @@ def test_failed_trace_leaves_no_recorded_parameters(tmp_path) -> None:
         def forward(self, x: paddle.Tensor) -> paddle.Tensor:
             return self.act(self.fc(x))
 
-    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = converted(_Softplus(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]

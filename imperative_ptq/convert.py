@@ -1,0 +1,101 @@
+"""Convert: calibrated thresholds frozen into the model as the int8 simulation of its target.
+
+Each simulated layer (Conv2D, Linear, ...) with input and weight thresholds becomes a
+:class:`~imperative_ptq.quant_layers.QuantizedLayer` computing what the target's int8 kernels
+compute; every other calibrated layer keeps its output thresholds for the export. A layer whose
+input the target cannot run exactly in int8 stays fp32, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import paddle
+
+from .calibration_table import (
+    CalibrationTable,
+    HookedLayers,
+    affine_layer_params,
+    input_minima,
+    input_minimum,
+    table_of_every_layer,
+)
+from .converted import mark_converted, set_output_thresholds
+from .quant_layers import QuantizedLayer, replace_sublayer
+from .registry import PTQRegistry
+from .targets import Target
+
+__all__ = ["convert_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+def convert_layers(
+    model: paddle.nn.Layer,
+    hooked: HookedLayers,
+    table: CalibrationTable,
+    target: Target,
+    activation_bits: int,
+    weight_bits: int,
+) -> list[str]:
+    """Swaps the calibrated layers of ``model`` for their int8 simulation, in place.
+
+    The hooks must already be detached; the per-layer calibration state stays on the layers
+    (the caller removes it with the session).
+
+    Args:
+        model: The model being calibrated.
+        hooked: Its hooked layers and their states.
+        table: Thresholds (:func:`~imperative_ptq.calibration_table.build_table`).
+        target: The deployment target whose arithmetic the simulation follows.
+        activation_bits: Bit width of activations.
+        weight_bits: Bit width of weights.
+
+    Returns:
+        The names of the simulated layers left fp32 because the target cannot run their input
+        in int8.
+    """
+    kept_fp32: list[str] = []
+    for layer, state in hooked:
+        entry = table.get(state.name)
+        if entry is None:
+            continue
+        if state.weight_quantizer is not None and "input" in entry:
+            minimum = input_minimum(state)
+            unsigned = (
+                target.unsigned_inputs
+                and "input_zero_point" not in entry
+                and minimum is not None
+                and minimum >= 0
+            )
+            if not unsigned and not target.signed_inputs_int8:
+                # Plain fp32, output included: a scale on a conv/fc output would make the
+                # runtime emit int8 from it (see export.program.collect_scales).
+                kept_fp32.append(state.name)
+                continue
+            wrapped = QuantizedLayer(
+                layer,
+                entry["input"],
+                entry["weight"],
+                entry.get("output", []),
+                PTQRegistry.layer_info(layer).weight_channel_axis,
+                activation_bits,
+                weight_bits,
+                **affine_layer_params(entry),
+                input_unsigned=unsigned,
+                paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
+            )
+            replace_sublayer(model, layer, wrapped)
+        elif "output" in entry:
+            set_output_thresholds(layer, entry["output"])
+    if kept_fp32:
+        logger.warning(
+            "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
+            "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
+            "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
+            "quantizes them for VNNI/AMX CPUs only.",
+            target.name, len(kept_fp32),
+            ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
+        )
+    mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
+    return kept_fp32
