@@ -5,9 +5,13 @@
 * :func:`create_predictor` configures Paddle Inference for it, and :func:`int8_report` reads
   back which conv/fc ops its int8 passes really run in int8;
 * :func:`export_onnx` writes a QDQ ONNX model that ONNX Runtime runs with QLinear kernels
-  (needs the ``export`` extra: ``onnx``, ``onnxruntime``).
+  (needs the ``export`` extra: ``onnx``, ``onnxruntime``);
+* models made by ``quantize_dynamic``: :func:`save_dynamic_model` (also reached through
+  :func:`save_quantized_model`) writes a weight-only int8 program, :func:`export_onnx` ONNX
+  Runtime's ``DynamicQuantizeLinear`` + ``MatMulInteger`` form.
 """
 
+from .dynamic_export import save_dynamic_model
 from .inspect import Int8Report, int8_report
 from .onnx_export import export_onnx
 from .paddle_export import save_fp32_model, save_quantized_model
@@ -19,6 +23,7 @@ __all__ = [
     "export_onnx",
     "int8_report",
     "predict",
+    "save_dynamic_model",
     "save_fp32_model",
     "save_quantized_model",
 ]

@@ -17,6 +17,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
     LayerRecord,
     legacy_activation_ops,
@@ -141,6 +142,9 @@ def save_quantized_model(
 ) -> None:
     """Writes ``path.pdmodel``, ``path.pdiparams`` (int8 weights) and ``path.calibration.json``.
 
+    A model made by :func:`imperative_ptq.quantize_dynamic` is written as a weight-only int8
+    program instead (:func:`.dynamic_export.save_dynamic_model`; no calibration JSON).
+
     The program is a legacy-IR program in Paddle's QDQ format (see :mod:`.program`) that Paddle
     Inference runs with oneDNN int8 kernels and Paddle Lite's ``opt`` converts for ARM.
 
@@ -166,6 +170,9 @@ def save_quantized_model(
             the one the model was converted for, or tracing failed.
         OSError: The target directory cannot be created or written.
     """
+    if is_dynamic_model(model):  # quantize_dynamic: a weight-only int8 program
+        save_dynamic_model(model, path, input_spec)
+        return
     unknown = set(config) - _OPTIONS
     if unknown:
         raise TypeError(
