@@ -21,6 +21,7 @@ from .primitives import (
     quantize_per_tensor,
 )
 from .ptq import ImperativePTQ
+from .qat import ImperativeQAT
 from .quant_layers import QuantizedLayer
 from .quantizers import (
     AbsmaxQuantizer,
@@ -52,6 +53,7 @@ __all__ = [
     "DynamicQuantizedLinear",
     "HistQuantizer",
     "ImperativePTQ",
+    "ImperativeQAT",
     "KLQuantizer",
     "LayerInfo",
     "MSEQuantizer",

@@ -14,8 +14,9 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_minima", "converted_table", "converted_target", "is_marked_converted",
-    "mark_converted", "output_thresholds", "set_output_thresholds",
+    "converted_fine_tuning", "converted_minima", "converted_table", "converted_target",
+    "is_marked_converted", "mark_converted", "mark_fine_tuned", "output_thresholds",
+    "set_output_thresholds",
 ]
 
 _CONVERTED = "_ptq_converted"
@@ -23,6 +24,7 @@ _TABLE = "_ptq_calibration_table"
 _MINIMA = "_ptq_input_minima"
 _TARGET = "_ptq_target"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
+_FINE_TUNING = "_ptq_fine_tuning"
 
 
 def mark_converted(
@@ -58,6 +60,17 @@ def converted_table(model: paddle.nn.Layer) -> dict[str, Any] | None:
 def converted_minima(model: paddle.nn.Layer) -> dict[str, float] | None:
     """The input minima of a converted model's table (``None`` if it has none)."""
     return getattr(model, _MINIMA, None)
+
+
+def mark_fine_tuned(model: paddle.nn.Layer, fine_tuning: Mapping[str, Any]) -> None:
+    """Records that ``model``'s thresholds and weights come from quantization-aware
+    fine-tuning (``fine_tuning`` describes it; the exported table's config carries it)."""
+    setattr(model, _FINE_TUNING, dict(fine_tuning))
+
+
+def converted_fine_tuning(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """What :func:`mark_fine_tuned` recorded (``None``: thresholds straight from PTQ)."""
+    return getattr(model, _FINE_TUNING, None)
 
 
 def set_output_thresholds(layer: paddle.nn.Layer, thresholds: Sequence[float]) -> None:

@@ -11,7 +11,13 @@ import paddle
 from ..calibration_table import write_table
 from ..cpu import cpu_info
 from ..session import calibrating_session
-from ..converted import converted_minima, converted_table, converted_target, is_marked_converted
+from ..converted import (
+    converted_fine_tuning,
+    converted_minima,
+    converted_table,
+    converted_target,
+    is_marked_converted,
+)
 from ..targets import Target, get_target
 from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
@@ -203,10 +209,10 @@ def save_quantized_model(
             calibration_table = converted_table(model)
             input_minima = converted_minima(model) if input_minima is None else input_minima
         layers = _table(traced.records) if calibration_table is None else calibration_table
-        write_table(
-            staging + ".calibration.json", layers,
-            {**(quant_config or {}), "target": target_spec.name}, input_minima,
-        )
+        table_config = {**(quant_config or {}), "target": target_spec.name}
+        if converted_fine_tuning(model) is not None:  # thresholds from ImperativeQAT
+            table_config["fine_tuned"] = converted_fine_tuning(model)
+        write_table(staging + ".calibration.json", layers, table_config, input_minima)
     if target_spec.onednn:
         _log_runtime_report(path, traced.records, set(written.weights), target_spec)
 
