@@ -201,3 +201,13 @@ def test_bad_input(lenet_data) -> None:
     ptq_1d, calibrated_1d = _calibrated(conv1d, [paddle.rand([2, 2, 8])])
     with pytest.raises(ValueError, match="cannot fake-quantize Conv1D"):
         ImperativeQAT(ptq_1d).quantize(calibrated_1d)
+
+
+def test_benchmark_runs_as_a_script() -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "qat_dynamic.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-1000:]
