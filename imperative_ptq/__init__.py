@@ -11,7 +11,7 @@ from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .cpu import CpuInfo, cpu_info
-from .dynamic import DynamicQuantizedLinear, quantize_dynamic
+from .dynamic import DynamicQuantizedLinear, DynamicQuantizedRNN, quantize_dynamic
 from .fuse import fuse_layers
 from .primitives import (
     compute_qparams,
@@ -51,6 +51,7 @@ __all__ = [
     "CpuInfo",
     "DEFAULT_TARGET",
     "DynamicQuantizedLinear",
+    "DynamicQuantizedRNN",
     "HistQuantizer",
     "ImperativePTQ",
     "ImperativeQAT",
