@@ -55,8 +55,8 @@ def _check_layer_types(layer_types: object) -> tuple[type, ...]:
             supported = ", ".join(f"paddle.nn.{t.__name__}" for t in DYNAMIC_LAYER_TYPES)
             raise ValueError(
                 f"quantize_dynamic cannot quantize {layer_type.__module__}.{layer_type.__name__}: "
-                f"supported layer types are {supported} (quantize convolutions with "
-                f"ImperativePTQ, whose static activation thresholds suit them)"
+                f"supported layer types are {supported} (convolutions are better served by "
+                f"ImperativePTQ's static thresholds)"
             )
         checked.append(layer_type)
     return tuple(checked)
@@ -110,6 +110,11 @@ def quantize_dynamic(
     if not targets:
         names = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(f"{type(model).__name__} has no layer of the types to quantize ({names})")
+    for name, layer in targets:  # before anything is replaced (inplace)
+        if getattr(layer, "proj_size", 0):
+            raise ValueError(
+                f"layer {name!r}: quantize_dynamic cannot quantize an LSTM with proj_size > 0"
+            )
     if not inplace:
         # Copy first, then find the same layers in the copy by name.
         model = copy.deepcopy(model)
@@ -130,12 +135,10 @@ def dynamic_layers(
 ) -> list[tuple[str, DynamicQuantizedLinear | DynamicQuantizedRNN]]:
     """The dynamically quantized layers of ``model`` by sublayer name (an RNN's own products
     are part of it, not listed)."""
-    found = []
-    for name, layer in model.named_sublayers():
-        if isinstance(layer, DynamicQuantizedRNN) or (
-            isinstance(layer, DynamicQuantizedLinear)
-            and not any(name.startswith(f"{rnn}.") for rnn, other in found
-                        if isinstance(other, DynamicQuantizedRNN))
-        ):
-            found.append((name, layer))
-    return found
+    layers = list(model.named_sublayers())
+    recurrent = tuple(f"{name}." for name, layer in layers if isinstance(layer, DynamicQuantizedRNN))
+    return [
+        (name, layer) for name, layer in layers
+        if isinstance(layer, DynamicQuantizedRNN)
+        or (isinstance(layer, DynamicQuantizedLinear) and not name.startswith(recurrent))
+    ]

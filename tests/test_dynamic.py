@@ -91,8 +91,10 @@ def test_bad_input() -> None:
         quantize_dynamic(convs)
     with pytest.raises(ValueError, match="cannot quantize paddle.nn.layer.rnn.SimpleRNN"):
         quantize_dynamic(mlp(4, 4), layer_types=(paddle.nn.Linear, paddle.nn.SimpleRNN))
-    with pytest.raises(ValueError, match="proj_size"):
-        quantize_dynamic(paddle.nn.Sequential(paddle.nn.LSTM(4, 8, proj_size=2)), layer_types=(paddle.nn.LSTM,))
+    projected = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.LSTM(4, 8, proj_size=2))
+    with pytest.raises(ValueError, match="layer '1'.*proj_size"):
+        quantize_dynamic(projected, layer_types=(paddle.nn.Linear, paddle.nn.LSTM), inplace=True)
+    assert type(projected[0]) is paddle.nn.Linear  # nothing replaced before the error
     with pytest.raises(ValueError, match="Conv2D"):
         quantize_dynamic(convs, layer_types=(paddle.nn.Conv2D,))
     with pytest.raises(TypeError, match="layer_types must hold"):
