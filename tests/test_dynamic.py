@@ -267,3 +267,16 @@ def test_rnn_exports_refuse_clearly(tmp_path) -> None:
     with pytest.raises(NotImplementedError, match="GRU layer '0' cannot be exported"):
         export_onnx(model, tmp_path / "gru.onnx", spec)
     assert not os.listdir(tmp_path)
+
+
+def test_onnx_opset_18_layer_norm_and_mean(transformer, tmp_path) -> None:
+    """ReduceMean takes its axes as an input from opset 18: both forms give the same result."""
+    ort = pytest.importorskip("onnxruntime")
+    _, quantized = transformer
+    x = np.random.default_rng(12).random([8, 1, 28, 28]).astype(np.float32)
+    outputs = []
+    for opset in (13, 18):
+        path = export_onnx(quantized, tmp_path / f"opset{opset}.onnx", SPEC, opset=opset)
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
