@@ -11,6 +11,7 @@ from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
 from .config import PTQConfig, default_ptq_config
 from .cpu import CpuInfo, cpu_info
+from .dynamic import DynamicQuantizedLinear, DynamicQuantizedRNN, quantize_dynamic
 from .fuse import fuse_layers
 from .primitives import (
     compute_qparams,
@@ -20,6 +21,7 @@ from .primitives import (
     quantize_per_tensor,
 )
 from .ptq import ImperativePTQ
+from .qat import ImperativeQAT
 from .quant_layers import QuantizedLayer
 from .quantizers import (
     AbsmaxQuantizer,
@@ -48,8 +50,11 @@ __all__ = [
     "CalibrationError",
     "CpuInfo",
     "DEFAULT_TARGET",
+    "DynamicQuantizedLinear",
+    "DynamicQuantizedRNN",
     "HistQuantizer",
     "ImperativePTQ",
+    "ImperativeQAT",
     "KLQuantizer",
     "LayerInfo",
     "MSEQuantizer",
@@ -74,6 +79,7 @@ __all__ = [
     "fuse_layers",
     "keep_fp32",
     "quantize_per_channel",
+    "quantize_dynamic",
     "quantize_per_tensor",
     "register_layer",
     "search_skip_set",

@@ -14,8 +14,9 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_measured_on", "converted_minima", "converted_table", "converted_target",
-    "is_marked_converted", "mark_converted", "output_thresholds", "record_measured_on",
+    "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_table",
+    "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
+    "output_thresholds", "record_measured_on",
     "set_output_thresholds",
 ]
 
@@ -25,6 +26,7 @@ _MINIMA = "_ptq_input_minima"
 _TARGET = "_ptq_target"
 _MEASURED_ON = "_ptq_measured_on"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
+_FINE_TUNING = "_ptq_fine_tuning"
 
 
 def mark_converted(
@@ -72,6 +74,17 @@ def converted_measured_on(model: paddle.nn.Layer) -> dict[str, Any] | None:
     """What each layer of a converted model's table was measured on (``None`` if unknown),
     see :mod:`imperative_ptq.layer_signature`."""
     return getattr(model, _MEASURED_ON, None)
+
+
+def mark_fine_tuned(model: paddle.nn.Layer, fine_tuning: Mapping[str, Any]) -> None:
+    """Records that ``model``'s thresholds and weights come from quantization-aware
+    fine-tuning (``fine_tuning`` describes it; the exported table's config carries it)."""
+    setattr(model, _FINE_TUNING, dict(fine_tuning))
+
+
+def converted_fine_tuning(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """What :func:`mark_fine_tuned` recorded (``None``: thresholds straight from PTQ)."""
+    return getattr(model, _FINE_TUNING, None)
 
 
 def set_output_thresholds(layer: paddle.nn.Layer, thresholds: Sequence[float]) -> None:

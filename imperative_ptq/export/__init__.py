@@ -7,10 +7,14 @@
 * :func:`export_onnx` writes a QDQ ONNX model that ONNX Runtime runs with QLinear kernels
   (needs the ``export`` extra: ``onnx``, ``onnxruntime``);
 * :func:`recover_export` completes an export whose process was killed while moving its files
-  into place (every export and ``create_predictor`` call it first).
+  into place (every export and ``create_predictor`` call it first);
+* models made by ``quantize_dynamic``: :func:`save_dynamic_model` (also reached through
+  :func:`save_quantized_model`) writes a weight-only int8 program, :func:`export_onnx` ONNX
+  Runtime's ``DynamicQuantizeLinear`` + ``MatMulInteger`` form.
 """
 
 from .atomic import recover_export
+from .dynamic_export import save_dynamic_model
 from .inspect import Int8Report, int8_report
 from .onnx_export import export_onnx
 from .paddle_export import save_fp32_model, save_quantized_model
@@ -23,6 +27,7 @@ __all__ = [
     "int8_report",
     "predict",
     "recover_export",
+    "save_dynamic_model",
     "save_fp32_model",
     "save_quantized_model",
 ]

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import paddle
 
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .dynamic_export import (
+    DynamicWeight,
+    check_dynamic_model,
+    is_dynamic_model,
+    trace_dynamic_model,
+)
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
@@ -60,8 +66,11 @@ class _Converter:
         records: Sequence[LayerRecord],
         specs,
         unsigned_inputs: bool = True,
+        dynamic_weights: Mapping[str, DynamicWeight] | None = None,
     ):
         self.onnx = _require_onnx()
+        #: program weight -> its int8 form, for layers quantized dynamically (quantize_dynamic)
+        self.dynamic_weights = dict(dynamic_weights or {})
         self.helper = self.onnx.helper
         self.loaded = loaded
         self.block = loaded.program.global_block()
@@ -248,9 +257,15 @@ class _Converter:
         self.skip.update(id(a) for a in absorbed)
 
     def _matmul(self, op) -> None:
-        if op.attr("trans_x") or op.attr("trans_y") or not self._is_param(op.input("Y")[0]):
+        if not self._is_param(op.input("Y")[0]):
+            self._activation_matmul(op)
+            return
+        if op.attr("trans_x") or op.attr("trans_y"):
             raise NotImplementedError("matmul_v2 is exported only as x @ W with a [in, out] weight")
         weight_name = op.input("Y")[0]
+        if weight_name in self.dynamic_weights:
+            self._dynamic_matmul(op, self.dynamic_weights[weight_name])
+            return
         weight = self._param(weight_name).astype(np.float32)
         record = self.weights.get(weight_name)
         x_var = op.input("X")[0]
@@ -272,6 +287,78 @@ class _Converter:
             w = self._const(weight_name, weight)
         out = self._out(op)
         self._bind(out, self._node("MatMul", [self._in(op), w], out))
+
+    def _activation_matmul(self, op) -> None:
+        """``x @ y`` of two activations (attention scores), in float."""
+        operands = []
+        for slot, transposed in (("X", op.attr("trans_x")), ("Y", op.attr("trans_y"))):
+            tensor = self._in(op, slot)
+            if transposed:
+                rank = len(self.block._find_var_recursive(op.input(slot)[0]).shape)
+                perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+                tensor = self._node("Transpose", [tensor], op.input(slot)[0] + ".t", perm=perm)
+            operands.append(tensor)
+        out = self._out(op)
+        self._bind(out, self._node("MatMul", operands, out))
+
+    def _dynamic_matmul(self, op, weight: DynamicWeight) -> None:
+        """ONNX Runtime's dynamic-quantization form of ``x @ W``: ``DynamicQuantizeLinear``
+        (uint8, per-batch scale and zero point) -> ``MatMulInteger`` (int32) -> ``Cast`` ->
+        ``Mul`` by ``x_scale * w_scale``; ONNX Runtime fuses it into ``DynamicQuantizeMatMul``."""
+        x, out = self._in(op), self._out(op)
+        quantized, scale, zero = (self._unique(out + suffix) for suffix in (".q", ".s", ".z"))
+        self.nodes.append(
+            self.helper.make_node("DynamicQuantizeLinear", [x], [quantized, scale, zero])
+        )
+        integers = self._const(op.input("Y")[0] + ".int8", weight.integers.astype(np.int8))
+        accumulated = self._node("MatMulInteger", [quantized, integers, zero], out + ".int32")
+        floats = self._node("Cast", [accumulated], out + ".float", to=self.onnx.TensorProto.FLOAT)
+        multiplier = self._node(
+            "Mul", [scale, self._const("w_scale", weight.scales.astype(np.float32))], out + ".scale"
+        )
+        self._bind(out, self._node("Mul", [floats, multiplier], out))
+
+    def _reduce_mean(self, x: str, axes: list[int], keepdims: bool, stem: str) -> str:
+        if self.opset >= 18:  # axes became an input in opset 18
+            return self._node(
+                "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], stem,
+                keepdims=int(keepdims),
+            )
+        return self._node("ReduceMean", [x], stem, axes=axes, keepdims=int(keepdims))
+
+    def _mean(self, op) -> None:
+        rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
+        axes = list(range(rank)) if op.attr("reduce_all") else [
+            int(a) % rank for a in op.attr("dim")
+        ]
+        out = self._out(op)
+        self._bind(out, self._reduce_mean(self._in(op), axes, bool(op.attr("keep_dim")), out))
+
+    def _layer_norm(self, op) -> None:
+        """Paddle's ``layer_norm`` over the axes from ``begin_norm_axis`` on, written out
+        (ReduceMean, Sub, Mul, Sqrt, Div) so it runs at every opset >= 13."""
+        x_var = op.input("X")[0]
+        shape = list(self.block._find_var_recursive(x_var).shape)
+        begin = int(op.attr("begin_norm_axis"))
+        normalized = shape[begin:]
+        if any(d is None or d < 0 for d in normalized):
+            raise NotImplementedError("layer_norm is exported only over axes of static size")
+        axes = list(range(begin, len(shape)))
+        x, out = self._in(op), self._out(op, "Y")
+        centered = self._node("Sub", [x, self._reduce_mean(x, axes, True, out + ".mean")], out + ".centered")
+        variance = self._reduce_mean(
+            self._node("Mul", [centered, centered], out + ".squared"), axes, True, out + ".var"
+        )
+        epsilon = self._const("epsilon", np.array(op.attr("epsilon"), np.float32))
+        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".veps")], out + ".std")
+        y = self._node("Div", [centered, deviation], out + ".normed")
+        if op.input("Scale"):
+            gamma = self._param(op.input("Scale")[0]).astype(np.float32).reshape(normalized)
+            y = self._node("Mul", [y, self._const("gamma", gamma)], out + ".scaled")
+        if op.input("Bias"):
+            beta = self._param(op.input("Bias")[0]).astype(np.float32).reshape(normalized)
+            y = self._node("Add", [y, self._const("beta", beta)], out + ".shifted")
+        self._bind(out, y)
 
     def _elementwise(self, op) -> None:
         kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
@@ -386,7 +473,9 @@ class _Converter:
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
             "elementwise_sub": self._elementwise, "pool2d": self._pool,
+            "layer_norm": self._layer_norm, "reduce_mean": self._mean,
         }
+        self.opset = opset
         for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
                      "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
@@ -431,8 +520,11 @@ def export_onnx(
 ) -> str:
     """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
 
+    A model made by :func:`imperative_ptq.quantize_dynamic` is written in ONNX Runtime's
+    dynamic form instead: ``DynamicQuantizeLinear`` + ``MatMulInteger`` per dynamic layer.
+
     Args:
-        model: A model converted by ``ImperativePTQ.convert``.
+        model: A model converted by ``ImperativePTQ.convert``, or made by ``quantize_dynamic``.
         path: Target file (``.onnx`` is appended if missing); directories are created.
         input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
         opset: ONNX opset (>= 13 for per-channel QDQ).
@@ -450,7 +542,11 @@ def export_onnx(
     _require_onnx()
     if not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
-    check_exportable(model)
+    dynamic = is_dynamic_model(model)
+    if dynamic:
+        check_dynamic_model(model)
+    else:
+        check_exportable(model)
     specs = normalize_input_spec(input_spec)
     path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
     if isinstance(path, str) and not path.endswith(".onnx"):
@@ -458,12 +554,18 @@ def export_onnx(
     directory, stem = export_directory(path)
     path = os.path.join(directory, stem)
     with staged_export(path[: -len(".onnx")], (".onnx",)) as staging:
-        traced = trace_to_legacy_program(model, specs, staging + ".fp32", program_weights=False)
+        if dynamic:
+            dynamic_weights = trace_dynamic_model(model, specs, staging + ".fp32")
+            records, unsigned_inputs = [], False
+        else:
+            traced = trace_to_legacy_program(model, specs, staging + ".fp32", program_weights=False)
+            dynamic_weights, records = {}, traced.records
+            unsigned_inputs = converted_target(model).unsigned_inputs
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)
             onnx_model = _Converter(
-                loaded, traced.records, specs, converted_target(model).unsigned_inputs
+                loaded, records, specs, unsigned_inputs, dynamic_weights
             ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())

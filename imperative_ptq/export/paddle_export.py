@@ -13,6 +13,7 @@ from ..cpu import cpu_info
 from ..session import calibrating_session
 from ..converted import (
     converted_measured_on,
+    converted_fine_tuning,
     converted_minima,
     converted_table,
     converted_target,
@@ -23,6 +24,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
     LayerRecord,
     legacy_activation_ops,
@@ -149,6 +151,9 @@ def save_quantized_model(
 ) -> None:
     """Writes ``path.pdmodel``, ``path.pdiparams`` (int8 weights) and ``path.calibration.json``.
 
+    A model made by :func:`imperative_ptq.quantize_dynamic` is written as a weight-only int8
+    program instead (:func:`.dynamic_export.save_dynamic_model`; no calibration JSON).
+
     The program is a legacy-IR program in Paddle's QDQ format (see :mod:`.program`) that Paddle
     Inference runs with oneDNN int8 kernels and Paddle Lite's ``opt`` converts for ARM.
 
@@ -174,6 +179,9 @@ def save_quantized_model(
             the one the model was converted for, or tracing failed.
         OSError: The target directory cannot be created or written.
     """
+    if is_dynamic_model(model):  # quantize_dynamic: a weight-only int8 program
+        save_dynamic_model(model, path, input_spec)
+        return
     unknown = set(config) - _OPTIONS
     if unknown:
         raise TypeError(
@@ -204,9 +212,11 @@ def save_quantized_model(
             calibration_table = converted_table(model)
             input_minima = converted_minima(model) if input_minima is None else input_minima
         layers = _table(traced.records) if calibration_table is None else calibration_table
+        table_config = {**(quant_config or {}), "target": target_spec.name}
+        if converted_fine_tuning(model) is not None:  # thresholds from ImperativeQAT
+            table_config["fine_tuned"] = converted_fine_tuning(model)
         write_table(
-            staging + ".calibration.json", layers,
-            {**(quant_config or {}), "target": target_spec.name}, input_minima,
+            staging + ".calibration.json", layers, table_config, input_minima,
             converted_measured_on(model),
         )
     if target_spec.onednn:

@@ -1,0 +1,178 @@
+"""Trainable fake quantization: the straight-through estimator and the layer wrapper QAT uses.
+
+Forward, :func:`fake_quantize_ste` computes exactly what the converted model's
+:func:`~imperative_ptq.quant_layers.fake_quantize_symmetric` computes (same float operations),
+``clip(round(x / s), lo, L) * s`` with ``s = t / L``. Backward it is the straight-through
+estimator of Krishnamoorthi (arXiv 1806.08342) and, for a threshold that requires gradients,
+LSQ's step-size gradient (Esser et al., arXiv 1902.08153), both from one expression::
+
+    v = clip(x / s, lo, L)                  # gradient 1/s inside the range, 0 outside
+    y = (v + stop_gradient(round(v) - v)) * s
+
+``dy/dx`` is 1 inside ``[lo * s, L * s]`` and 0 outside; ``dy/ds`` is ``round(x/s) - x/s``
+inside and ``lo`` or ``L`` outside (LSQ).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import paddle
+
+from .quantizers.qparams import symmetric_levels
+
+__all__ = ["FUNCTIONAL_FORWARDS", "FakeQuantLayer", "fake_quantize_ste"]
+
+
+def _scale_gradient(value: paddle.Tensor, factor: float) -> paddle.Tensor:
+    """``value`` forward; its gradient multiplied by ``factor`` backward."""
+    scaled = value * factor
+    return scaled + (value - scaled).detach()
+
+
+def fake_quantize_ste(
+    x: paddle.Tensor,
+    threshold: paddle.Tensor,
+    bits: int,
+    axis: int | None = None,
+    unsigned: bool = False,
+    gradient_scale: float = 1.0,
+) -> paddle.Tensor:
+    """Symmetric fake quantization with a straight-through gradient (see module docstring).
+
+    Args:
+        x: Float tensor.
+        threshold: Shape [1], or [C] for per-channel thresholds along ``axis``.
+        bits: Bit width (codes ``-L..L``, ``L = 2**(bits-1) - 1``).
+        axis: Channel axis of per-channel thresholds.
+        unsigned: Codes ``0..L`` only (an input the x86 targets run as u8).
+        gradient_scale: Multiplies the threshold's gradient (LSQ: ``1 / sqrt(n * L)``).
+    """
+    levels = float(symmetric_levels(bits))
+    if gradient_scale != 1.0 and not threshold.stop_gradient:
+        threshold = _scale_gradient(threshold, gradient_scale)
+    if axis is not None and threshold.shape[0] > 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        threshold = threshold.reshape(shape)
+    scale = threshold / levels
+    clipped = paddle.clip(x / scale, 0.0 if unsigned else -levels, levels)
+    rounded = clipped + (paddle.round(clipped) - clipped).detach()
+    return rounded * scale
+
+
+def _linear(layer: paddle.nn.Linear, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+    return paddle.nn.functional.linear(x, weight, layer.bias)
+
+
+def _conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+    if layer._padding_mode != "zeros":
+        raise ValueError(
+            f"QAT supports Conv2D with padding_mode='zeros' only, got {layer._padding_mode!r}"
+        )
+    return paddle.nn.functional.conv2d(
+        x, weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups,
+        layer._data_format,
+    )
+
+
+#: Layer type -> its forward with a given weight (the fake-quantized one).
+FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv2D: _conv2d}
+
+
+class FakeQuantLayer(paddle.nn.Layer):
+    """A Linear/Conv2D whose input and weight are fake-quantized while it trains.
+
+    Args:
+        layer: The layer (owned by the QAT model; its weight keeps training in fp32).
+        input_threshold: Threshold of the first input.
+        weight_thresholds: One per output channel (on ``weight_axis``) or one.
+        weight_axis: Output-channel axis of the weight.
+        activation_bits: Bit width of the input.
+        weight_bits: Bit width of the weight.
+        input_unsigned: Quantize the input on ``0..L`` (as the converted model will).
+        learnable: Train the thresholds too (LSQ gradients); otherwise they are fixed.
+
+    Raises:
+        ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
+    """
+
+    def __init__(
+        self,
+        layer: paddle.nn.Layer,
+        input_threshold: float,
+        weight_thresholds: Sequence[float],
+        weight_axis: int,
+        activation_bits: int,
+        weight_bits: int,
+        input_unsigned: bool,
+        learnable: bool,
+    ) -> None:
+        super().__init__()
+        forward = FUNCTIONAL_FORWARDS.get(type(layer))
+        if forward is None:
+            raise ValueError(
+                f"QAT cannot fake-quantize {type(layer).__name__} layers (supported: "
+                f"{', '.join(t.__name__ for t in FUNCTIONAL_FORWARDS)}); mark it skip_quant"
+            )
+        self._functional = forward
+        self.layer = layer
+        self.weight_axis = int(weight_axis)
+        self.activation_bits = int(activation_bits)
+        self.weight_bits = int(weight_bits)
+        self.input_unsigned = bool(input_unsigned)
+        self.learnable = bool(learnable)
+        weight_thresholds = np.asarray(weight_thresholds, np.float32).reshape(-1)
+        self.input_threshold = self._threshold([float(input_threshold)], "input_threshold")
+        self.weight_thresholds = self._threshold(weight_thresholds, "weight_thresholds")
+        levels = symmetric_levels(self.weight_bits)
+        per_threshold = int(np.prod(layer.weight.shape)) // weight_thresholds.size
+        self._weight_gradient_scale = 1.0 / math.sqrt(per_threshold * levels)
+        self._input_gradient_scale: float | None = None  # set from the first input's size
+        #: Called with the weight gradient of every backward pass (set by the QAT session).
+        self.on_backward = None
+
+    def _threshold(self, values, name: str) -> paddle.Tensor:
+        values = np.asarray(values, np.float32)
+        if self.learnable:
+            parameter = self.create_parameter(
+                list(values.shape), dtype="float32",
+                default_initializer=paddle.nn.initializer.Assign(values),
+            )
+            self.add_parameter(name, parameter)
+            return parameter
+        self.register_buffer(name, paddle.to_tensor(values))
+        return getattr(self, name)
+
+    def thresholds(self) -> tuple[float, list[float]]:
+        """The current input threshold and weight thresholds."""
+        return float(self.input_threshold.numpy()[0]), [
+            float(t) for t in self.weight_thresholds.numpy()
+        ]
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self._input_gradient_scale is None:
+            levels = symmetric_levels(self.activation_bits)
+            self._input_gradient_scale = 1.0 / math.sqrt(max(int(np.prod(x.shape[1:])), 1) * levels)
+        # A learned threshold must stay positive (a step of zero divides by zero).
+        input_threshold = paddle.clip(self.input_threshold, min=1e-8)
+        weight_thresholds = paddle.clip(self.weight_thresholds, min=1e-8)
+        x = fake_quantize_ste(
+            x, input_threshold, self.activation_bits, unsigned=self.input_unsigned,
+            gradient_scale=self._input_gradient_scale,
+        )
+        weight = fake_quantize_ste(
+            self.layer.weight, weight_thresholds, self.weight_bits, self.weight_axis,
+            gradient_scale=self._weight_gradient_scale,
+        )
+        if self.on_backward is not None and not weight.stop_gradient:
+            weight.register_hook(self.on_backward)
+        return self._functional(self.layer, x, weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.activation_bits}/{self.weight_bits}, learnable={self.learnable}"
+            f"{', unsigned input' if self.input_unsigned else ''}"
+        )

@@ -1,0 +1,286 @@
+"""Quantization-aware fine-tuning that starts from a PTQ result.
+
+When PTQ loses too much (4-bit weights, 4-bit activations), a short fine-tuning with the
+quantization simulated in the forward pass recovers most of it (Krishnamoorthi, arXiv
+1806.08342)::
+
+    ptq = ImperativePTQ(PTQConfig(...))
+    calibrated = ptq.quantize(model); ptq.calibrate(calibrated, data)
+    qat = ImperativeQAT(ptq, learnable_scales=True)
+    train_model = qat.quantize(calibrated)      # fp32 copy, fake-quant on PTQ's layers
+    for x, y in loader:                          # the user's own loop
+        loss = loss_fn(train_model(x), y); loss.backward(); opt.step(); opt.clear_grad()
+    converted = qat.convert(train_model)         # what ptq.convert returns: export, analyze
+
+Every layer that PTQ's ``convert`` turns into an int8 simulation gets a
+:class:`~imperative_ptq.fake_quant.FakeQuantLayer` with PTQ's input and weight thresholds
+(fixed, or learned with LSQ gradients), the input on the same signed or unsigned grid; the
+forward computes what the converted model computes, the backward is the straight-through
+estimator. BatchNorm layers use batch statistics for ``freeze_bn_after`` training steps and
+are frozen (running statistics, no updates) afterwards. ``convert`` hands the fine-tuned
+weights and thresholds to PTQ's own convert through a calibration table, so the result is an
+ordinary converted model and its exported table records the fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import paddle
+
+from .calibration_table import CalibrationTable, TableFile, apply_table, write_table
+from .converted import converted_minima, converted_table, mark_fine_tuned
+from .fake_quant import FakeQuantLayer
+from .ptq import ImperativePTQ
+from .quant_layers import QuantizedLayer, replace_sublayer
+from .session import calibrating_session
+
+__all__ = ["ImperativeQAT"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+#: Attribute of a QAT model holding its :class:`_QATState` (only this module reads it).
+_STATE_ATTR = "_qat_state"
+
+
+class _QATState:
+    """What a QAT model carries: the PTQ table it started from and its training progress."""
+
+    def __init__(self, table: CalibrationTable, minima: dict[str, float], freeze_bn_after: int):
+        self.table = table
+        self.minima = minima
+        self.freeze_bn_after = freeze_bn_after
+        self.training_steps = 0
+        self.backward_passes = 0
+        self.batch_norms: list[tuple[str, paddle.nn.Layer]] = []
+        self.hook: Any = None
+
+    def count_backward(self, gradient: paddle.Tensor) -> None:
+        self.backward_passes += 1
+
+    def before_forward(self, model: paddle.nn.Layer, inputs: Any) -> None:
+        """Counts training steps (forwards with gradients enabled) and freezes BatchNorm."""
+        if not paddle.is_grad_enabled():
+            return
+        if self.training_steps < self.freeze_bn_after:
+            for name, norm in self.batch_norms:
+                if not norm.training:
+                    raise ValueError(
+                        f"{name} ({type(norm).__name__}) is in eval mode during a training "
+                        f"step: its statistics would not be fine-tuned for the first "
+                        f"{self.freeze_bn_after} steps (freeze_bn_after). Call model.train() "
+                        f"before training, or pass freeze_bn_after=0 to keep them frozen."
+                    )
+        else:
+            for _, norm in self.batch_norms:
+                norm.eval()
+        self.training_steps += 1
+
+
+class ImperativeQAT:
+    """Quantization-aware fine-tuning of a model calibrated by :class:`ImperativePTQ`.
+
+    Args:
+        ptq: The PTQ object that calibrated the model (its config and target are kept).
+        learnable_scales: Learn input and weight thresholds (LSQ step-size gradients, scaled
+            by ``1/sqrt(n * L)``); otherwise PTQ's thresholds stay fixed and only the weights
+            (and BatchNorm) train.
+        freeze_bn_after: Training steps during which BatchNorm layers normalize with batch
+            statistics and update their running statistics; afterwards they are frozen.
+            0 (default) freezes them from the start, right for a short fine-tuning of a
+            converged model.
+
+    Raises:
+        TypeError: ``ptq`` is not an :class:`ImperativePTQ`, or an argument has the wrong type.
+        ValueError: ``freeze_bn_after`` is negative.
+    """
+
+    def __init__(
+        self, ptq: ImperativePTQ, learnable_scales: bool = False, freeze_bn_after: int = 0
+    ) -> None:
+        if not isinstance(ptq, ImperativePTQ):
+            raise TypeError(
+                f"ptq must be the ImperativePTQ that calibrated the model, got "
+                f"{type(ptq).__name__}"
+            )
+        if not isinstance(learnable_scales, bool):
+            raise TypeError(f"learnable_scales must be a bool, got {type(learnable_scales).__name__}")
+        if isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int):
+            raise TypeError(f"freeze_bn_after must be an int, got {type(freeze_bn_after).__name__}")
+        if freeze_bn_after < 0:
+            raise ValueError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
+        self._ptq = ptq
+        self.learnable_scales = learnable_scales
+        self.freeze_bn_after = freeze_bn_after
+
+    # ------------------------------------------------------------------------------ quantize
+    def quantize(self, calibrated: paddle.nn.Layer) -> paddle.nn.Layer:
+        """A trainable copy of a calibrated model, fake-quantized where PTQ would quantize.
+
+        Args:
+            calibrated: A model returned by ``ptq.quantize`` that has seen calibration data
+                (not converted). Its hooks are removed (statistics kept); nothing else of it
+                changes.
+
+        Returns:
+            The model to fine-tune, in train mode (BatchNorm frozen per ``freeze_bn_after``).
+
+        Raises:
+            TypeError: ``calibrated`` is not a Layer.
+            ValueError: ``calibrated`` is not a calibrating PTQ model, uses affine
+                (``symmetric=False``) quantizers, or a layer to quantize has no QAT form
+                (named).
+            CalibrationError: No calibration batch was run.
+        """
+        if not isinstance(calibrated, paddle.nn.Layer):
+            raise TypeError(f"model must be a paddle.nn.Layer, got {type(calibrated).__name__}")
+        session = calibrating_session(calibrated)
+        if session is None:
+            raise ValueError(
+                "model must be the calibrated model returned by ImperativePTQ.quantize (not "
+                "the fp32 model, nor a converted one): QAT starts from PTQ's thresholds"
+            )
+        self._ptq.remove_hooks(calibrated)
+        # What PTQ's convert makes of it: which layers run int8, on which grid, with what.
+        config = self._ptq.quant_config
+        dry_run = self._ptq.convert(copy.deepcopy(calibrated))
+        table, minima = converted_table(dry_run), converted_minima(dry_run)
+        simulated = {
+            name: layer for name, layer in dry_run.named_sublayers()
+            if isinstance(layer, QuantizedLayer)
+        }
+        if not simulated:
+            raise ValueError(
+                f"{type(calibrated).__name__}: PTQ's convert quantizes none of its layers "
+                f"(target {config.target!r}), so there is nothing to fine-tune"
+            )
+        for name, layer in simulated.items():
+            if layer.input_zero_point is not None or layer.weight_scales is not None:
+                raise ValueError(
+                    f"layer {name!r} was calibrated with an affine (symmetric=False) quantizer; "
+                    f"QAT fine-tunes symmetric thresholds only"
+                )
+
+        model = copy.deepcopy(calibrated)
+        calibrating_session(model).uninstall()  # a plain fp32 model again
+        layers = dict(model.named_sublayers())
+        for name, converted in simulated.items():
+            entry = table[name]
+            wrapper = FakeQuantLayer(
+                layers[name], entry["input"][0], entry["weight"], converted.weight_axis,
+                config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
+                converted.input_unsigned, self.learnable_scales,
+            )
+            replace_sublayer(model, layers[name], wrapper)
+        state = _QATState(table, dict(minima or {}), self.freeze_bn_after)
+        state.batch_norms = [
+            (name, layer) for name, layer in model.named_sublayers()
+            if isinstance(layer, _BATCH_NORM_TYPES)
+        ]
+        for _, layer in model.named_sublayers():
+            if isinstance(layer, FakeQuantLayer):
+                layer.on_backward = state.count_backward
+        state.hook = model.register_forward_pre_hook(state.before_forward)
+        setattr(model, _STATE_ATTR, state)
+        model.train()
+        if self.freeze_bn_after == 0:
+            for _, norm in state.batch_norms:
+                norm.eval()
+        logger.info(
+            "QAT: %d layers fake-quantized (%s thresholds), %d BatchNorm layers frozen after "
+            "%d steps", len(simulated), "learnable" if self.learnable_scales else "fixed",
+            len(state.batch_norms), self.freeze_bn_after,
+        )
+        return model
+
+    # ---------------------------------------------------------------------------- thresholds
+    def calibration_table(self, model: paddle.nn.Layer) -> CalibrationTable:
+        """PTQ's table, with the learned input and weight thresholds (``learnable_scales``)."""
+        state = self._state(model)
+        table = {
+            name: {role: list(values) for role, values in entry.items()}
+            for name, entry in state.table.items()
+        }
+        for name, layer in model.named_sublayers():
+            if isinstance(layer, FakeQuantLayer) and layer.learnable:
+                input_threshold, weight_thresholds = layer.thresholds()
+                table[name]["input"] = [input_threshold]
+                table[name]["weight"] = weight_thresholds
+        return table
+
+    def fine_tuning(self, model: paddle.nn.Layer) -> dict[str, Any]:
+        """How ``model`` was fine-tuned (recorded in the tables and exports of the result)."""
+        state = self._state(model)
+        return {
+            "steps": state.training_steps,
+            "learnable_scales": self.learnable_scales,
+            "freeze_bn_after": self.freeze_bn_after,
+        }
+
+    def save_calibration_table(self, model: paddle.nn.Layer, path: str | os.PathLike) -> None:
+        """Writes :meth:`calibration_table` (atomically); its config records the fine-tuning.
+        ``ptq.load_calibration_table`` loads it into a PTQ model of the fine-tuned weights."""
+        state = self._state(model)
+        config = {**self._ptq.quant_config.to_dict(), "fine_tuned": self.fine_tuning(model)}
+        write_table(path, self.calibration_table(model), config, state.minima)
+
+    # ------------------------------------------------------------------------------- convert
+    def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        """The converted int8 simulation of the fine-tuned model (a new model; ``model`` can
+        keep training).
+
+        The fine-tuned weights go through ``ptq.quantize`` and PTQ's convert with
+        :meth:`calibration_table`, so the result is what ``ptq.convert`` returns:
+        ``save_quantized_model``, ``export_onnx`` and ``analyze`` take it as they are.
+
+        Raises:
+            ValueError: ``model`` was not returned by :meth:`quantize`, or it ran training
+                steps but backward never reached its quantized layers.
+        """
+        state = self._state(model)
+        if state.training_steps and not state.backward_passes:
+            raise ValueError(
+                f"the QAT model ran {state.training_steps} training forwards but backward "
+                f"never reached its quantized layers: call loss.backward() and "
+                f"optimizer.step() in the training loop"
+            )
+        if not state.training_steps:
+            logger.warning("converting a QAT model that never trained: thresholds are PTQ's")
+        table = self.calibration_table(model)
+        calibrating = self._ptq.quantize(self.float_model(model), inplace=True)
+        session = calibrating_session(calibrating)
+        session.detach()
+        apply_table(session.layers, TableFile(table, {}, state.minima), "the fine-tuned table")
+        converted = self._ptq.convert(calibrating)
+        mark_fine_tuned(converted, self.fine_tuning(model))
+        return converted
+
+    def float_model(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        """The fine-tuned fp32 model (a copy without fake quantization, in eval mode): the
+        fp32 reference to pass to ``analyze`` with the converted model."""
+        state = self._state(model)
+        state.hook.remove()  # so the copy carries no QAT hook
+        try:
+            plain = copy.deepcopy(model)
+        finally:
+            state.hook = model.register_forward_pre_hook(state.before_forward)
+        delattr(plain, _STATE_ATTR)
+        for _, layer in list(plain.named_sublayers()):
+            if isinstance(layer, FakeQuantLayer):
+                replace_sublayer(plain, layer, layer.layer)
+        plain.eval()
+        return plain
+
+    # ------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _state(model: Any) -> _QATState:
+        if not isinstance(model, paddle.nn.Layer):
+            raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+        state = getattr(model, _STATE_ATTR, None)
+        if state is None:
+            raise ValueError("model was not prepared by ImperativeQAT.quantize()")
+        return state

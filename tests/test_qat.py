@@ -1,0 +1,213 @@
+"""Quantization-aware fine-tuning: the straight-through gradient against a reference, lr 0
+leaves PTQ's model bit-identical, BatchNorm freezing, the exports of the result, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+from imperative_ptq import (
+    AbsmaxQuantizer,
+    ImperativePTQ,
+    ImperativeQAT,
+    KLQuantizer,
+    MinMaxQuantizer,
+    PerChannelAbsmaxQuantizer,
+    PTQConfig,
+)
+from imperative_ptq.export import export_onnx
+from imperative_ptq.fake_quant import fake_quantize_ste
+from imperative_ptq.models import LeNet
+from imperative_ptq.quant_layers import QuantizedLayer, fake_quantize_symmetric
+from models import mlp
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_ste_gradient_equals_reference(unsigned) -> None:
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=[4, 50]).astype(np.float32) * 2
+    upstream = rng.normal(size=x_np.shape).astype(np.float32)
+    threshold, bits = 1.5, 4
+    x = paddle.to_tensor(x_np, stop_gradient=False)
+    t = paddle.to_tensor([threshold], stop_gradient=False)
+    y = fake_quantize_ste(x, t, bits, unsigned=unsigned)
+    (y * paddle.to_tensor(upstream)).sum().backward()
+
+    levels = 2 ** (bits - 1) - 1
+    step = threshold / levels
+    low = 0.0 if unsigned else -threshold
+    inside = (x_np >= low) & (x_np <= threshold)
+    # Input: identity inside the range, zero outside.
+    np.testing.assert_allclose(x.grad.numpy(), np.where(inside, upstream, 0), rtol=1e-6, atol=1e-7)
+    # Threshold (LSQ): (round(x/s) - x/s) / L inside; the clipped code / L outside.
+    codes = x_np / step
+    dy_dt = np.where(inside, (np.round(codes) - codes) / levels, np.clip(codes, low / step, levels) / levels)
+    np.testing.assert_allclose(t.grad.numpy(), [(upstream * dy_dt).sum()], rtol=1e-4)
+    # Forward: the converted model's fake quantization, bit for bit.
+    np.testing.assert_array_equal(
+        y.numpy(),
+        fake_quantize_symmetric(paddle.to_tensor(x_np), paddle.to_tensor([threshold]), bits, unsigned=unsigned).numpy(),
+    )
+
+
+def test_per_channel_weight_gradient() -> None:
+    rng = np.random.default_rng(1)
+    w_np = rng.normal(size=[6, 3]).astype(np.float32)
+    thresholds = np.array([0.5, 1.0, 2.0], np.float32)
+    w = paddle.to_tensor(w_np, stop_gradient=False)
+    fake_quantize_ste(w, paddle.to_tensor(thresholds), 8, axis=1).sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), (np.abs(w_np) <= thresholds).astype(np.float32))
+
+
+def _calibrated(model, batches, config=None):
+    model.eval()
+    ptq = ImperativePTQ(config or PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    calibrated = ptq.quantize(model)
+    ptq.calibrate(calibrated, batches, progress=False)
+    return ptq, calibrated
+
+
+def _train(model, batches, learning_rate, steps):
+    optimizer = paddle.optimizer.Adam(learning_rate, parameters=model.parameters())
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        loss = paddle.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+
+@pytest.fixture()
+def lenet_data():
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    return [
+        (paddle.to_tensor(rng.random([8, 1, 28, 28], np.float32)), paddle.to_tensor(rng.integers(0, 10, [8])))
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_learning_rate_zero_leaves_ptq_model_bit_identical(lenet_data, learnable) -> None:
+    model = LeNet()
+    images = [x for x, _ in lenet_data]
+    ptq, calibrated = _calibrated(model, images)
+    qat = ImperativeQAT(ptq, learnable_scales=learnable)
+    trainable = qat.quantize(calibrated)
+    _train(trainable, lenet_data, 0.0, 3)
+    fine_tuned = qat.convert(trainable)
+    reference = ptq.convert(calibrated)
+    for x in images:
+        np.testing.assert_array_equal(fine_tuned(x).numpy(), reference(x).numpy())
+    assert ptq.calibration_table  # the PTQ path still works on its own model
+    assert sum(isinstance(layer, QuantizedLayer) for layer in fine_tuned.sublayers()) == 4
+
+
+def test_fine_tuning_trains_and_converted_model_matches_training_forward(lenet_data) -> None:
+    """On the arm target (no fc weight re-derivation) the converted model computes what the
+    QAT model computed in its last forward."""
+    model = LeNet()
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    config = PTQConfig(KLQuantizer(quant_bits=4), PerChannelAbsmaxQuantizer(quant_bits=4), target="arm")
+    ptq, calibrated = _calibrated(model, [x for x, _ in lenet_data], config)
+    qat = ImperativeQAT(ptq, learnable_scales=True)
+    trainable = qat.quantize(calibrated)
+    _train(trainable, lenet_data, 1e-2, 6)
+    table = qat.calibration_table(trainable)
+    assert table["fc1"]["input"] != ptq.calibration_table(calibrated)["fc1"]["input"]
+    converted = qat.convert(trainable)
+    trainable.eval()
+    x = lenet_data[0][0]
+    with paddle.no_grad():
+        np.testing.assert_allclose(converted(x).numpy(), trainable(x).numpy(), rtol=1e-4, atol=1e-4)
+    # The user's fp32 model is untouched.
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), before[key])
+
+
+def test_batch_norm_statistics_freeze_after_n_steps(lenet_data) -> None:
+    ptq, calibrated = _calibrated(LeNet(), [x for x, _ in lenet_data])
+    trainable = ImperativeQAT(ptq, freeze_bn_after=2).quantize(calibrated)
+    means = []
+    for step in range(4):
+        _train(trainable, lenet_data[step % 3 : step % 3 + 1], 1e-3, 1)
+        means.append(trainable.bn1._mean.numpy().copy())
+        trainable.train()  # a user loop switching to train mode does not unfreeze them
+    assert not np.array_equal(means[0], means[1])  # steps 1, 2: batch statistics update
+    np.testing.assert_array_equal(means[1], means[2])  # then frozen
+    np.testing.assert_array_equal(means[2], means[3])
+
+
+def test_exports_and_table_record_the_fine_tuning(lenet_data, tmp_path) -> None:
+    ptq, calibrated = _calibrated(LeNet(), [x for x, _ in lenet_data])
+    qat = ImperativeQAT(ptq, learnable_scales=True)
+    trainable = qat.quantize(calibrated)
+    _train(trainable, lenet_data, 1e-3, 2)
+    converted = qat.convert(trainable)
+    spec = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
+    ptq.save_quantized_model(converted, tmp_path / "lenet", spec)
+    with open(tmp_path / "lenet.calibration.json") as file:
+        config = json.load(file)["config"]
+    assert config["fine_tuned"] == {"steps": 2, "learnable_scales": True, "freeze_bn_after": 0}
+    assert export_onnx(converted, tmp_path / "lenet.onnx", spec).endswith(".onnx")
+    qat.save_calibration_table(trainable, tmp_path / "table.json")
+    with open(tmp_path / "table.json") as file:
+        assert json.load(file)["config"]["fine_tuned"]["steps"] == 2
+    fp32 = qat.float_model(trainable)  # the fine-tuned fp32 weights
+    report = ptq.analyze(fp32, converted, [x for x, _ in lenet_data], max_batches=1)
+    assert len(report.rows) == 4
+
+
+def test_bad_input(lenet_data) -> None:
+    model = LeNet()
+    images = [x for x, _ in lenet_data]
+    ptq, calibrated = _calibrated(model, images)
+    with pytest.raises(TypeError, match="ptq must be the ImperativePTQ"):
+        ImperativeQAT(PTQConfig(KLQuantizer(), AbsmaxQuantizer()))
+    with pytest.raises(ValueError, match="freeze_bn_after must be >= 0"):
+        ImperativeQAT(ptq, freeze_bn_after=-1)
+    qat = ImperativeQAT(ptq, freeze_bn_after=5)
+    with pytest.raises(ValueError, match="calibrated model returned by ImperativePTQ.quantize"):
+        qat.quantize(model)
+    # Training in eval mode while BatchNorm statistics should still be learned.
+    trainable = qat.quantize(calibrated)
+    trainable.eval()
+    with pytest.raises(ValueError, match=r"bn1 \(BatchNorm2D\) is in eval mode during a training step"):
+        trainable(images[0])
+    # A loop that never calls backward.
+    trainable.train()
+    for x in images:
+        trainable(x)
+    with pytest.raises(ValueError, match="backward never reached"):
+        qat.convert(trainable)
+    with pytest.raises(ValueError, match="not prepared by ImperativeQAT"):
+        qat.convert(model)
+    # Affine quantizers.
+    ptq_affine, affine = _calibrated(
+        mlp(8, 4), [paddle.rand([4, 8])],
+        PTQConfig(MinMaxQuantizer(symmetric=False), AbsmaxQuantizer(), target="arm"),
+    )
+    with pytest.raises(ValueError, match="layer '0' was calibrated with an affine"):
+        ImperativeQAT(ptq_affine).quantize(affine)
+    # Nothing PTQ quantizes (x86 keeps a Linear with a signed input fp32).
+    ptq_signed, signed = _calibrated(mlp(8, 4), [paddle.randn([4, 8])])
+    with pytest.raises(ValueError, match="quantizes none of its layers"):
+        ImperativeQAT(ptq_signed).quantize(signed)
+    # A layer type without a QAT form.
+    conv1d = paddle.nn.Sequential(paddle.nn.Conv1D(2, 2, 3))
+    ptq_1d, calibrated_1d = _calibrated(conv1d, [paddle.rand([2, 2, 8])])
+    with pytest.raises(ValueError, match="cannot fake-quantize Conv1D"):
+        ImperativeQAT(ptq_1d).quantize(calibrated_1d)
+
+
+def test_benchmark_runs_as_a_script() -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "qat_dynamic.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-1000:]
