@@ -28,6 +28,18 @@ class _SharedLinear(paddle.nn.Layer):
         return self.out(self.relu(self.fc(self.relu(self.fc(x)))))
 
 
+class _Untraceable(paddle.nn.Layer):
+    """Calls ``paddle.tril``: PIR-only in Paddle 3.3.1, and its legacy op has another name
+    (``tril_triu``), so the legacy trace cannot record it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.tril(self.fc(x))
+
+
 class _Branch(paddle.nn.Layer):
     """``b`` runs only on inputs whose mean is positive."""
 
@@ -92,17 +104,8 @@ def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
 
 
 def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None:
-    class _Softplus(paddle.nn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = paddle.nn.Linear(8, 4)
-            self.act = paddle.nn.Softplus()  # PIR-only in Paddle 3.3, not mapped to a legacy op
-
-        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-            return self.act(self.fc(x))
-
     paddle.seed(0)
-    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = _converted(_Untraceable(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError, match="legacy-IR kernel"):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
@@ -112,7 +115,10 @@ def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None
 
 @pytest.mark.parametrize(
     "activation",
-    [paddle.nn.Sigmoid, paddle.nn.Tanh, paddle.nn.GELU, paddle.nn.Silu, paddle.nn.Hardsigmoid],
+    [
+        paddle.nn.Sigmoid, paddle.nn.Tanh, paddle.nn.GELU, paddle.nn.Silu, paddle.nn.Hardsigmoid,
+        paddle.nn.Softplus, paddle.nn.Hardswish, paddle.nn.Mish,
+    ],
     ids=lambda layer: layer.__name__,
 )
 def test_pir_only_activations_trace_to_legacy_ops(activation, tmp_path) -> None:
@@ -144,15 +150,7 @@ def test_failed_trace_leaves_no_recorded_parameters(tmp_path) -> None:
     program reusing the ``id`` would inherit them and ``jit.save`` would raise ``KeyError``."""
     from paddle.jit.dy2static.program_translator import ProgramTranslator
 
-    class _Softplus(paddle.nn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.act = paddle.nn.Linear(8, 4), paddle.nn.Softplus()
-
-        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-            return self.act(self.fc(x))
-
-    qmodel = _converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = _converted(_Untraceable(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]

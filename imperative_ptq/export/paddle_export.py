@@ -19,7 +19,7 @@ from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .tracing import (
     LayerRecord,
-    legacy_activation_ops,
+    legacy_trace,
     normalize_input_spec,
     trace_to_legacy_program,
 )
@@ -226,7 +226,7 @@ def save_fp32_model(
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
     with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
-        with paddle.pir_utils.DygraphOldIrGuard(), legacy_activation_ops():
+        with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
