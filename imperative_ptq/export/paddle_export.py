@@ -79,34 +79,35 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
     return chosen
 
 
-def _log_runtime_report(
-    path: str, records: Sequence[LayerRecord], int8_weights: set[str], target: Target
-) -> None:
-    """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line,
-    and a warning for layers simulated in int8 that run in fp32 (``int8_weights``: the weights
-    the program stores as int8), and for int8 ops reading a signed input on the ``x86``
-    target. A failure to build the report is logged, never raised: the export
-    itself is done."""
+def _log_runtime_report(path: str, written: program_lib.ProgramScales, target: Target) -> None:
+    """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
+    naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
+    fp32 although the program writes them int8 (``written``: what the program stores; layers
+    it stores fp32 were warned about when writing it), and one for int8 ops reading a signed
+    input on the ``x86`` target. A failure to build the report is logged, never raised: the
+    export itself is done."""
     try:
         report = int8_report(path)
     except Exception as error:  # noqa: BLE001 - the report is advice; the files are written
         logger.warning("could not read back what Paddle Inference runs in int8: %s", error)
         return
-    logger.info("%s: %s", path, report.summary())
-    names = {record.weight_name: record.name for record in records if record.simulated}
-    # Simulated in int8, but fp32 in the program (no int8 form written: a Conv1D, a
-    # transposed conv) or in what Paddle's passes made of it.
-    kept = sorted(
-        {name for weight, name in names.items() if weight not in int8_weights}
-        | {names[weight] for weight in report.fp32_weights if weight in names}
+    # Written int8, but fp32 in what Paddle's passes made of it (e.g. a residual conv whose
+    # residual has no scale).
+    demoted = sorted(
+        {written.weight_layers[weight] for weight in report.fp32_weights if weight in written.weight_layers}
+        - set(written.fp32_layers)
     )
-    if kept:
+    fp32_layers = sorted(set(written.fp32_layers) | set(demoted))
+    summary = report.summary()
+    if fp32_layers:
+        summary += f"; calibrated layers running fp32: {', '.join(fp32_layers)}"
+    logger.info("%s: %s", path, summary)
+    if demoted:
         # The simulation quantizes them: say so, the runtime computes something else there.
         logger.warning(
             "%d layers simulated in int8 run fp32 in Paddle Inference (its int8 passes found "
-            "no int8 form for them, e.g. a residual conv whose residual has no scale, or a "
-            "Conv1D/Conv3D): %s",
-            len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""),
+            "no int8 form for them, e.g. a residual conv whose residual has no scale): %s",
+            len(demoted), ", ".join(demoted[:10]) + (" ..." if len(demoted) > 10 else ""),
         )
     if report.signed_inputs and not target.signed_inputs_int8:
         logger.warning(
@@ -201,7 +202,7 @@ def save_quantized_model(
             {**(quant_config or {}), "target": target_spec.name}, input_minima,
         )
     if target_spec.onednn:
-        _log_runtime_report(path, traced.records, set(written.weights), target_spec)
+        _log_runtime_report(path, written, target_spec)
 
 
 def save_fp32_model(

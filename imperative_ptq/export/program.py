@@ -49,6 +49,17 @@ INT8_WEIGHT_OPS: dict[str, tuple[str, str, str]] = {
     "mul": ("Y", "X", "Out"),
 }
 
+#: Ops with a weight that Paddle Inference's oneDNN int8 pipeline has no int8 kernel for: the
+#: layers behind them stay fp32 in the program (a warning names them), and their inputs get
+#: no scale (measured: an int8 ReLU output feeding conv2d_transpose made the predictor fail
+#: with "could not construct a memory descriptor using strides").
+FP32_WEIGHT_OPS: dict[str, tuple[str, str]] = {
+    "conv2d_transpose": ("Filter", "Input"),
+    "depthwise_conv2d_transpose": ("Filter", "Input"),
+    "conv3d": ("Filter", "Input"),
+    "conv3d_transpose": ("Filter", "Input"),
+}
+
 #: Layer types whose output thresholds are NOT written to the program. oneDNN folds BatchNorm
 #: into the preceding conv, so a scale on the BN output becomes the conv's int8 output scale
 #: on a signed pre-activation tensor; measured: logit cosine 0.998 -> 0.979 on
@@ -69,11 +80,21 @@ class LegacyProgram:
 
 @dataclasses.dataclass
 class ProgramScales:
-    """What :func:`quantize_program` wrote (for the calibration file and the tests)."""
+    """What :func:`quantize_program` wrote (for the calibration file and the tests).
+
+    Attributes:
+        weights: Int8 weights by program variable: their thresholds.
+        inputs: Activation thresholds of the quantize/dequantize pairs, by variable.
+        outputs: ``out_threshold`` attributes written, by variable.
+        fp32_layers: Calibrated layers the program keeps fp32 (no int8 kernel): name -> type.
+        weight_layers: Program weight variable -> calibrated layer name.
+    """
 
     weights: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     inputs: dict[str, float] = dataclasses.field(default_factory=dict)
     outputs: dict[str, float] = dataclasses.field(default_factory=dict)
+    fp32_layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    weight_layers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -223,6 +244,7 @@ def quantize_program(
             for name in op.input(slot):
                 consumers.setdefault(name, []).append(op.type)
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
+    materialize_conv1d_weights(loaded, weights)
     written = ProgramScales()
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
@@ -294,6 +316,15 @@ def quantize_program(
 
     _align_pooled_scales(block, rectified, outputs)
     kept = unscale_fp32_layer_inputs(block, outputs)
+    written.fp32_layers = _fp32_layers(weights, written)
+    written.weight_layers = {name: record.name for name, record in weights.items()}
+    if written.fp32_layers:
+        logger.warning(
+            "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "
+            "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
+            "%s", len(written.fp32_layers),
+            ", ".join(f"{name} ({kind})" for name, kind in written.fp32_layers.items()),
+        )
     writers = producers(block)
     for name, threshold in outputs.items():
         op = writers.get(name)
@@ -351,6 +382,10 @@ def unscale_fp32_layer_inputs(
     writers, reading = producers(block), readers(block)
     pending, kept = [], 0
     for op in block.ops:
+        if op.type in FP32_WEIGHT_OPS:
+            kept += 1
+            pending.extend(op.input(FP32_WEIGHT_OPS[op.type][1]))
+            continue
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or not op.input(slots[0]):
             continue
@@ -405,6 +440,65 @@ def _align_pooled_scales(
                 break
         if name in outputs and len(reading.get(name, [])) == 1:
             outputs[name] = threshold
+
+
+#: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
+_CONV1D_WEIGHT_PATH = frozenset({"assign", "unsqueeze2"})
+
+
+def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRecord]) -> int:
+    """Gives each conv2d that a Conv1D traced into its own 4-D weight, so it runs int8.
+
+    Paddle traces ``F.conv1d`` as ``assign -> unsqueeze2`` of the 3-D weight feeding a conv2d
+    (and the same on the input): the conv2d's filter is no parameter, so no record matched it
+    and the layer stayed fp32. The unsqueezed weight ``[out, in, 1, k]`` is stored as a new
+    parameter read by the conv2d directly, mapped in ``weights`` to the layer's record (the
+    channel axis stays 0); the weight path ops are removed.
+
+    Returns:
+        How many conv2d ops were given a weight.
+    """
+    block = loaded.program.global_block()
+    writers, reading = producers(block), readers(block)
+    dead: list = []
+    done = 0
+    for op in list(block.ops):
+        if op.type != "conv2d":
+            continue
+        filter_name = op.input("Filter")[0]
+        path, name = [], filter_name
+        while name in writers and writers[name].type in _CONV1D_WEIGHT_PATH:
+            path.append(writers[name])
+            name = writers[name].input("X")[0]
+        record = weights.get(name)
+        if not path or record is None or any(
+            len(reading.get(out, [])) != 1 for step in path for out in step.output("Out")
+        ):
+            continue
+        value = get_tensor(loaded, name)
+        for step in reversed(path):
+            if step.type == "unsqueeze2":
+                for axis in step.attr("axes"):
+                    value = np.expand_dims(value, axis)
+        new_name = new_persistable(loaded, f"{name}.conv2d", np.ascontiguousarray(value))
+        op._rename_input(filter_name, new_name)
+        weights[new_name] = record
+        dead.extend(path)
+        done += 1
+    for op in dead:
+        block._remove_op(list(block.ops).index(op))
+    if dead:
+        loaded.program._sync_with_cpp()
+    return done
+
+
+def _fp32_layers(weights: Mapping[str, LayerRecord], written: ProgramScales) -> dict[str, str]:
+    """Calibrated layers whose weight the program does not store as int8: name -> type."""
+    int8_layers = {weights[name].name for name in written.weights if name in weights}
+    return {
+        record.name: record.layer_type for record in weights.values()
+        if record.name not in int8_layers
+    }
 
 
 def _reads_int8_weight(op, slots: tuple[str, str, str], writers: Mapping) -> bool:
