@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -210,7 +211,7 @@ def save_fp32_model(
 ) -> None:
     """Writes the fp32 ``model`` as ``path.pdmodel`` / ``path.pdiparams``, the baseline to
     compare an int8 export with: the same legacy-IR format and the same conv-bias folding, so
-    oneDNN fuses it as well as the int8 program.
+    oneDNN fuses it as well as the int8 program. A copy of ``model`` is traced, in eval mode.
 
     Args:
         model: An fp32 model (not a quantized one).
@@ -226,9 +227,14 @@ def save_fp32_model(
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
+    # A copy: tracing must not touch the user's model, and Paddle cannot trace an
+    # uninitialized buffer (LSTM/GRU's ``_dropout_state``: "Unknown place type:
+    # Place(undefined:0)"), which a deep copy turns into an empty CPU tensor.
+    traced_model = copy.deepcopy(model)
+    traced_model.eval()
     with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
         with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
-            paddle.jit.save(model, staging + ".raw", input_spec=specs)
+            paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
             program_lib.fold_conv_bias(loaded)
