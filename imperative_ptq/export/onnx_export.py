@@ -35,10 +35,11 @@ __all__ = ["export_onnx"]
 logger = logging.getLogger(__name__)
 
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
-_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid"})
-_SIGN_PRESERVING_OPS = frozenset(
-    {"pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle"}
-)
+_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
+_SIGN_PRESERVING_OPS = frozenset({
+    "pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle",
+    "squeeze2", "unsqueeze2", "split",
+})
 
 
 def _require_onnx():
@@ -60,6 +61,7 @@ class _Converter:
         records: Sequence[LayerRecord],
         specs,
         unsigned_inputs: bool = True,
+        weights: dict[str, LayerRecord] | None = None,
     ):
         self.onnx = _require_onnx()
         self.helper = self.onnx.helper
@@ -82,7 +84,9 @@ class _Converter:
             for slot in op.output_names:
                 for name in op.output(slot):
                     self.producer[name] = op
-        self.weights = {r.weight_name: r for r in records if r.simulated}
+        #: program weight -> its layer (``weights``: as :func:`.program.materialize_conv1d_weights`
+        #: extended it; default: from the records)
+        self.weights = weights if weights is not None else {r.weight_name: r for r in records if r.simulated}
         #: program var -> calibrated affine (scale, uint8 zero point) of int8-op inputs
         self.affine: dict[str, tuple[float, int]] = {}
         #: x86 targets: int8-op inputs calibrated non-negative -> threshold; quantized on
@@ -171,7 +175,10 @@ class _Converter:
         return op.output(slot)[0]
 
     def _in(self, op, slot: str = "X") -> str:
-        name = op.input(slot)[0]
+        return self._tensor(op, op.input(slot)[0])
+
+    def _tensor(self, op, name: str) -> str:
+        """The ONNX tensor of program variable ``name``, an input of ``op``."""
         if name not in self.names:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
         return self.names[name]
@@ -379,13 +386,88 @@ class _Converter:
         folded = self._const("shape", np.array([0, channels * r * r, height // r, width // r], np.int64))
         return self._node("Reshape", [moved, folded], out)
 
+    def _concat(self, op) -> None:
+        if op.input("AxisTensor"):
+            raise NotImplementedError("concat with a tensor axis is not exported")
+        out = self._out(op)
+        inputs = [self._tensor(op, name) for name in op.input("X")]
+        self._bind(out, self._node("Concat", inputs, out, axis=int(op.attr("axis"))))
+
+    def _split(self, op) -> None:
+        if op.input("AxisTensor") or op.input("SectionsTensorList"):
+            raise NotImplementedError("split with tensor sections or axis is not exported")
+        source = op.input("X")[0]
+        axis = int(op.attr("axis"))
+        shape = self.block._find_var_recursive(source).shape
+        sections = list(op.attr("sections"))
+        outputs = op.output("Out")
+        if not sections:
+            if shape[axis] < 0:
+                raise NotImplementedError("split of a dynamic axis is not exported")
+            sections = [shape[axis] // len(outputs)] * len(outputs)
+        if any(size < 0 for size in sections):
+            raise NotImplementedError("split with an inferred (-1) section is not exported")
+        names = [self._unique(out) for out in outputs]
+        self.nodes.append(self.helper.make_node(
+            "Split", [self._in(op), self._const("split", np.array(sections, np.int64))], names, axis=axis,
+        ))
+        for out, name in zip(outputs, names):
+            if source in self.unsigned:
+                self.unsigned.add(out)
+            self._bind(out, name)
+
+    def _squeeze(self, op) -> None:
+        out = self._out(op)
+        self._keep_input_scale(op, out)
+        kind = "Squeeze" if op.type == "squeeze2" else "Unsqueeze"
+        axes = [int(a) for a in op.attr("axes")]
+        if kind == "Unsqueeze" and (op.input("AxesTensor") or op.input("AxesTensorList")):
+            raise NotImplementedError("unsqueeze2 with tensor axes is not exported")
+        inputs = [self._in(op)] + ([self._const("axes", np.array(axes, np.int64))] if axes else [])
+        self._bind(out, self._node(kind, inputs, out))
+
+    def _gated_activation(self, op) -> None:
+        """hard_sigmoid, and the activations that multiply their input by a gate: hard_swish
+        (``x * min(max(x + offset, 0), threshold) / scale``), swish (``x * sigmoid(beta x)``)."""
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "hard_sigmoid":
+            node = self._node(
+                "HardSigmoid", [x], out, alpha=float(op.attr("slope")), beta=float(op.attr("offset"))
+            )
+        elif op.type == "hard_swish":
+            threshold, scale, offset = (float(op.attr(a)) for a in ("threshold", "scale", "offset"))
+            if not np.isclose(threshold, scale):
+                raise NotImplementedError("hard_swish is exported only with threshold == scale")
+            gate = self._node("HardSigmoid", [x], out + ".gate", alpha=1.0 / scale, beta=offset / scale)
+            node = self._node("Mul", [x, gate], out)
+        else:  # swish
+            beta = float(op.attr("beta")) if op.has_attr("beta") else 1.0
+            scaled = self._node("Mul", [x, self._const("beta", np.array(beta, np.float32))], out + ".scaled")
+            node = self._node("Mul", [x, self._node("Sigmoid", [scaled], out + ".gate")], out)
+        self._bind(out, node)
+
+    def _batch_norm(self, op) -> None:
+        """A BatchNorm that no conv absorbed (e.g. DenseNet's, after a concat): in float."""
+        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+            raise NotImplementedError("batch_norm is exported only for NCHW")
+        out = self._out(op, "Y")
+        inputs = [self._in(op)] + [
+            self._const(op.input(slot)[0], self._param(op.input(slot)[0]).astype(np.float32))
+            for slot in ("Scale", "Bias", "Mean", "Variance")
+        ]
+        self._bind(out, self._node("BatchNormalization", inputs, out, epsilon=float(op.attr("epsilon"))))
+
     # ------------------------------------------------------------------------------- driver
     def convert(self, opset: int):
         onnx = self.onnx
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
-            "elementwise_sub": self._elementwise, "pool2d": self._pool,
+            "elementwise_sub": self._elementwise, "pool2d": self._pool, "concat": self._concat,
+            "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
+            "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
+            "swish": self._gated_activation, "batch_norm": self._batch_norm,
         }
         for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
                      "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
@@ -402,6 +484,8 @@ class _Converter:
             if op.type in _NON_NEGATIVE_OPS:
                 self.unsigned.add(self._out(op))
             elif op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned:
+                self.unsigned.add(self._out(op))
+            elif op.type == "concat" and all(name in self.unsigned for name in op.input("X")):
                 self.unsigned.add(self._out(op))
             convert = dispatch.get(op.type)
             if convert is None:
@@ -461,8 +545,10 @@ def export_onnx(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)
+            weights = {r.weight_name: r for r in traced.records if r.simulated}
+            program_lib.materialize_conv1d_weights(loaded, weights)
             onnx_model = _Converter(
-                loaded, traced.records, specs, converted_target(model).unsigned_inputs
+                loaded, traced.records, specs, converted_target(model).unsigned_inputs, weights
             ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())

@@ -24,7 +24,9 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import paddle
 
-from .graph import get_tensor, new_persistable, producers, readers, set_tensor, transposed_matmul
+from .graph import (
+    get_tensor, is_persistable, new_persistable, producers, readers, set_tensor, transposed_matmul,
+)
 from .tracing import LayerRecord
 from .unsigned import (
     FusedReluClips,
@@ -452,7 +454,8 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
     Paddle traces ``F.conv1d`` as ``assign -> unsqueeze2`` of the 3-D weight feeding a conv2d
     (and the same on the input): the conv2d's filter is no parameter, so no record matched it
     and the layer stayed fp32. The unsqueezed weight ``[out, in, 1, k]`` is stored as a new
-    parameter read by the conv2d directly, mapped in ``weights`` to the layer's record (the
+    parameter read by the conv2d directly (for every Conv1D, calibrated or not, so exporters
+    see a plain conv2d), mapped in ``weights`` to the layer's record if it has one (the
     channel axis stays 0); the weight path ops are removed.
 
     Returns:
@@ -471,7 +474,7 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
             path.append(writers[name])
             name = writers[name].input("X")[0]
         record = weights.get(name)
-        if not path or record is None or any(
+        if not path or not is_persistable(block, name) or any(
             len(reading.get(out, [])) != 1 for step in path for out in step.output("Out")
         ):
             continue
@@ -482,7 +485,8 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
                     value = np.expand_dims(value, axis)
         new_name = new_persistable(loaded, f"{name}.conv2d", np.ascontiguousarray(value))
         op._rename_input(filter_name, new_name)
-        weights[new_name] = record
+        if record is not None:
+            weights[new_name] = record
         dead.extend(path)
         done += 1
     for op in dead:
