@@ -317,6 +317,7 @@ def quantize_program(
         index += inserted + 1
 
     _align_pooled_scales(block, rectified, outputs)
+    _isolate_fp32_weight_op_outputs(loaded)
     kept = unscale_fp32_layer_inputs(block, outputs)
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
@@ -494,6 +495,57 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
     if dead:
         loaded.program._sync_with_cpp()
     return done
+
+
+def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
+    """Puts an ``assign`` between a transposed/3-D conv's output and the quantize op reading it.
+
+    Paddle Inference fails on conv2d_transpose (+ bias, ReLU) -> quantize -> int8 conv2d for a
+    batch > 1 ("could not construct a memory descriptor using strides", measured at batch 4;
+    batch 1 runs): the quantize op reads the fp32 oneDNN conv-transpose output in a layout it
+    cannot describe. An ``assign`` in between hands it a plain tensor (measured: runs, the
+    conv2d int8, cosine 0.9985 to the same program with that conv fp32).
+
+    Returns:
+        How many ``assign`` ops were inserted.
+    """
+    block = loaded.program.global_block()
+    writers = producers(block)
+    inserted = 0
+    index = 0
+    while index < len(block.ops):
+        op = block.ops[index]
+        index += 1
+        if op.type != "quantize_linear":
+            continue
+        source = op.input("X")[0]
+        name, steps = source, 0
+        while name in writers and writers[name].type not in FP32_WEIGHT_OPS and steps < 8:
+            writer = writers[name]
+            inputs = [n for slot in writer.input_names for n in writer.input(slot)
+                      if not _is_constant(block, n, writers)]
+            if len(inputs) != 1 or writer.type in INT8_WEIGHT_OPS:
+                break
+            name, steps = inputs[0], steps + 1
+        if name not in writers or writers[name].type not in FP32_WEIGHT_OPS:
+            continue
+        var = block.var(source)
+        plain = block.create_var(name=f"{source}.plain{inserted}", shape=var.shape, dtype=var.dtype)
+        block._insert_op(index - 1, type="assign", inputs={"X": [source]}, outputs={"Out": [plain.name]})
+        op._rename_input(source, plain.name)
+        inserted += 1
+        index += 1
+    return inserted
+
+
+def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """A parameter, or computed from parameters only (a conv bias reshaped for its add)."""
+    if is_persistable(block, name):
+        return True
+    writer = writers.get(name)
+    return writer is not None and all(
+        is_persistable(block, n) for slot in writer.input_names for n in writer.input(slot)
+    )
 
 
 def _fp32_layers(weights: Mapping[str, LayerRecord], written: ProgramScales) -> dict[str, str]:
