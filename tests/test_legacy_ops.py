@@ -31,6 +31,8 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "concat": lambda x: paddle.concat([x, F.sigmoid(x)], axis=-1),
     "split": lambda x: paddle.split(x, 2, axis=-1)[1],
     "bmm": lambda x: paddle.bmm(x, x.transpose([0, 2, 1])),
+    "tril": lambda x: paddle.tril(x, diagonal=1),
+    "triu": paddle.triu,
 }
 
 

@@ -29,15 +29,15 @@ class _SharedLinear(paddle.nn.Layer):
 
 
 class _Untraceable(paddle.nn.Layer):
-    """Calls ``paddle.tril``: PIR-only in Paddle 3.3.1, and its legacy op has another name
-    (``tril_triu``), so the legacy trace cannot record it."""
+    """Calls ``Tensor.unfold``, which Paddle 3.3.1 supports in dynamic graph mode only, so no
+    trace can record it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc = paddle.nn.Linear(8, 4)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.tril(self.fc(x))
+        return self.fc(x).unfold(1, 2, 2).sum(-1)
 
 
 class _Branch(paddle.nn.Layer):

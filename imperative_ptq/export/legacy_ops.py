@@ -14,8 +14,8 @@ attributes matched by name. PIR constants that feed an op (``full_int_array`` sh
 axes) become the legacy op's attribute of that name.
 
 Limits: an op whose legacy form names an argument differently from PIR beyond the renames in
-:data:`_ATTRIBUTE_ALIASES`, takes a PIR constant as a tensor input, or has no legacy op at all
-raises :class:`LegacyTranslationError` naming the API and the op; control flow (``if``/``while``
+:data:`_ATTRIBUTE_ALIASES` (and the op names of :data:`_LEGACY_TYPES`), takes a PIR constant as
+a tensor input, or has no legacy op at all raises :class:`LegacyTranslationError` naming the API and the op; control flow (``if``/``while``
 on tensors) is not replayed.
 """
 
@@ -49,7 +49,11 @@ _ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 #: PIR op -> legacy op where Paddle registers no PHI kernel name for the legacy op.
-_LEGACY_TYPES = {"reshape": "reshape2", "hardswish": "hard_swish"}
+_LEGACY_TYPES = {"reshape": "reshape2", "hardswish": "hard_swish", "tril": "tril_triu", "triu": "tril_triu"}
+
+#: PIR op -> attributes its legacy op needs besides the PIR op's own (one legacy op serving
+#: two PIR ops).
+_EXTRA_ATTRIBUTES: dict[str, dict[str, Any]] = {"tril": {"lower": True}, "triu": {"lower": False}}
 
 #: PIR ops whose results are constants folded into the reading op's attributes.
 _CONSTANT_OPS = frozenset({"pd_op.full_int_array", "pd_op.full"})
@@ -247,7 +251,7 @@ def _append_legacy_op(api: str, op: _ReplayedOp, resolve: Callable[[_Operand], A
     input_slots = [slot.name for slot in proto.inputs]
     attr_types = {attr.name: attr.type for attr in proto.attrs}
     inputs: dict[str, list] = {}
-    attrs: dict[str, Any] = {}
+    attrs: dict[str, Any] = dict(_EXTRA_ATTRIBUTES.get(op.name.split(".", 1)[-1], {}))
     for name, value in op.attributes.items():
         legacy = _match(name, list(attr_types))
         if legacy is None:
