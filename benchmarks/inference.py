@@ -4,8 +4,8 @@ Engines are interleaved round by round and medians reported, so a noisy neighbou
 machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
 weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's MnistConvNet and
 a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
-weights, random token ids; its output is the pooled embedding, and ONNX columns are left empty
-while the ONNX export does not translate transformers). Logit cosine is against
+weights, random token ids; its output is the pooled embedding). ONNX Runtime columns are left
+empty for a model the ONNX export does not translate. Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
 per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
 names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), including any

@@ -81,8 +81,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Layer], tuple[list[int], str], bool]] = 
     "conv1d": (_conv1d, ([4, 16], "float32"), True),
     "lstm": (lambda: _Recurrent("LSTM"), ([10, 8], "float32"), False),
     "gru": (lambda: _Recurrent("GRU"), ([10, 8], "float32"), False),
-    "transformer_encoder": (lambda: _Transformer(False), ([16], "int64"), False),
-    "transformer_decoder": (lambda: _Transformer(True), ([16], "int64"), False),
+    "transformer_encoder": (lambda: _Transformer(False), ([16], "int64"), True),
+    "transformer_decoder": (lambda: _Transformer(True), ([16], "int64"), True),
 }
 
 

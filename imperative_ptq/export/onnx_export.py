@@ -178,7 +178,10 @@ class _Converter:
         return self._tensor(op, op.input(slot)[0])
 
     def _tensor(self, op, name: str) -> str:
-        """The ONNX tensor of program variable ``name``, an input of ``op``."""
+        """The ONNX tensor of program variable ``name``, an input of ``op`` (a persistable
+        variable, e.g. a registered buffer, becomes an initializer)."""
+        if name not in self.names and self._is_param(name):
+            self.names[name] = self._const(name, self._param(name))
         if name not in self.names:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
         return self.names[name]
@@ -255,8 +258,11 @@ class _Converter:
         self.skip.update(id(a) for a in absorbed)
 
     def _matmul(self, op) -> None:
-        if op.attr("trans_x") or op.attr("trans_y") or not self._is_param(op.input("Y")[0]):
-            raise NotImplementedError("matmul_v2 is exported only as x @ W with a [in, out] weight")
+        if not self._is_param(op.input("Y")[0]):
+            self._activation_matmul(op)
+            return
+        if op.attr("trans_x") or op.attr("trans_y"):
+            raise NotImplementedError("matmul_v2 with a weight is exported only as x @ W ([in, out])")
         weight_name = op.input("Y")[0]
         weight = self._param(weight_name).astype(np.float32)
         record = self.weights.get(weight_name)
@@ -279,6 +285,94 @@ class _Converter:
             w = self._const(weight_name, weight)
         out = self._out(op)
         self._bind(out, self._node("MatMul", [self._in(op), w], out))
+
+    def _activation_matmul(self, op) -> None:
+        """A matmul of two activations (attention scores, attention x values), in float."""
+        operands = []
+        for slot, flag in (("X", "trans_x"), ("Y", "trans_y")):
+            tensor = self._in(op, slot)
+            if op.attr(flag):
+                rank = len(self.block._find_var_recursive(op.input(slot)[0]).shape)
+                if rank < 2:
+                    raise NotImplementedError("matmul_v2 transposing a vector is not exported")
+                perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+                tensor = self._node("Transpose", [tensor], op.input(slot)[0] + ".t", perm=perm)
+            operands.append(tensor)
+        out = self._out(op)
+        self._bind(out, self._node("MatMul", operands, out))
+
+    def _embedding(self, op) -> None:
+        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
+        table = self._const(op.input("W")[0], self._param(op.input("W")[0]).astype(np.float32))
+        out = self._out(op)
+        self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
+
+    def _layer_norm(self, op) -> None:
+        """Normalizes over the axes from ``begin_norm_axis`` on (ONNX opset 13 has no
+        LayerNormalization: mean, variance, scale and shift spelled out)."""
+        x_var = op.input("X")[0]
+        rank = len(self.block._find_var_recursive(x_var).shape)
+        begin = int(op.attr("begin_norm_axis"))
+        axes = list(range(begin, rank))
+        out = self._out(op, "Y")
+        x = self._in(op)
+        mean = self._node("ReduceMean", [x], out + ".mean", axes=axes, keepdims=1)
+        centred = self._node("Sub", [x, mean], out + ".centred")
+        variance = self._node(
+            "ReduceMean", [self._node("Mul", [centred, centred], out + ".square")], out + ".variance",
+            axes=axes, keepdims=1,
+        )
+        epsilon = self._const("epsilon", np.array(op.attr("epsilon"), np.float32))
+        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".eps")], out + ".std")
+        y = self._node("Div", [centred, deviation], out + ".normalized")
+        normalized_shape = list(self.block._find_var_recursive(x_var).shape[begin:])
+        for slot, kind in (("Scale", "Mul"), ("Bias", "Add")):
+            if op.input(slot):
+                value = self._param(op.input(slot)[0]).astype(np.float32).reshape(normalized_shape)
+                y = self._node(kind, [y, self._const(op.input(slot)[0], value)], out + "." + slot.lower())
+        self._bind(out, self._node("Identity", [y], out))
+
+    def _gelu(self, op) -> None:
+        out = self._out(op)
+        x = self._in(op)
+        half = self._const("half", np.array(0.5, np.float32))
+        one = self._const("one", np.array(1.0, np.float32))
+        if op.attr("approximate"):
+            # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = self._node("Mul", [x, self._node("Mul", [x, x], out + ".sq")], out + ".cube")
+            inner = self._node("Add", [x, self._node(
+                "Mul", [cube, self._const("c", np.array(0.044715, np.float32))], out + ".c3")], out + ".in")
+            scaled = self._node("Mul", [inner, self._const("k", np.array(np.sqrt(2 / np.pi), np.float32))], out + ".k")
+            gate = self._node("Tanh", [scaled], out + ".tanh")
+        else:  # 0.5 x (1 + erf(x / sqrt(2)))
+            scaled = self._node("Div", [x, self._const("sqrt2", np.array(np.sqrt(2.0), np.float32))], out + ".s")
+            gate = self._node("Erf", [scaled], out + ".erf")
+        y = self._node("Mul", [self._node("Mul", [x, half], out + ".half"),
+                               self._node("Add", [gate, one], out + ".one")], out)
+        self._bind(out, y)
+
+    def _reduce_mean(self, op) -> None:
+        out = self._out(op)
+        attrs = {"keepdims": int(op.attr("keep_dim"))}
+        if not op.attr("reduce_all"):
+            attrs["axes"] = [int(a) for a in op.attr("dim")]
+        self._bind(out, self._node("ReduceMean", [self._in(op)], out, **attrs))
+
+    def _slice(self, op) -> None:
+        if any(op.input(slot) for slot in ("StartsTensor", "EndsTensor", "StartsTensorList", "EndsTensorList")):
+            raise NotImplementedError("slice with tensor bounds is not exported")
+        out = self._out(op)
+        axes = [int(a) for a in op.attr("axes")]
+        starts = [int(a) for a in op.attr("starts")]
+        ends = [int(a) for a in op.attr("ends")]
+        sliced = self._node("Slice", [
+            self._in(op, "Input"), self._const("starts", np.array(starts, np.int64)),
+            self._const("ends", np.array(ends, np.int64)), self._const("axes", np.array(axes, np.int64)),
+        ], out + ".slice")
+        decrease = [int(a) for a in op.attr("decrease_axis")]
+        if decrease:
+            sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
+        self._bind(out, sliced)
 
     def _elementwise(self, op) -> None:
         kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
@@ -337,6 +431,8 @@ class _Converter:
                                        self._const("max", np.array(6, np.float32))], out)
         elif op.type == "sigmoid":
             node = self._node("Sigmoid", [x], out)
+        elif op.type == "tanh":
+            node = self._node("Tanh", [x], out)
         elif op.type == "softmax":
             node = self._node("Softmax", [x], out, axis=int(op.attr("axis")))
         elif op.type == "flatten_contiguous_range":
@@ -468,15 +564,20 @@ class _Converter:
             "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
             "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
             "swish": self._gated_activation, "batch_norm": self._batch_norm,
+            "lookup_table_v2": self._embedding, "layer_norm": self._layer_norm, "gelu": self._gelu,
+            "reduce_mean": self._reduce_mean, "slice": self._slice,
         }
-        for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
+        for kind in ("relu", "relu6", "sigmoid", "tanh", "softmax", "flatten_contiguous_range",
                      "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
         self.skip: set[int] = set()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
             shape = ["batch" if d is None or d == -1 else int(d) for d in spec.shape]
-            inputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            dtype = self.helper.np_dtype_to_tensor_dtype(
+                np.dtype(paddle.base.data_feeder.convert_dtype(spec.dtype))
+            )
+            inputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
             self._bind(name, name)
         for op in self.ops:
             if id(op) in self.skip:
