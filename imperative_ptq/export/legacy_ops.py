@@ -44,8 +44,6 @@ _ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
     "axis": ("dim", "axes"),
     "keepdim": ("keep_dim",),
     "dtype": ("out_dtype",),
-    "num": ("num",),
-    "sections": ("sections",),
 }
 
 #: PIR op -> legacy op where Paddle registers no PHI kernel name for the legacy op.
@@ -58,6 +56,8 @@ _EXTRA_ATTRIBUTES: dict[str, dict[str, Any]] = {"tril": {"lower": True}, "triu":
 #: PIR ops whose results are constants folded into the reading op's attributes.
 _CONSTANT_OPS = frozenset({"pd_op.full_int_array", "pd_op.full"})
 
+#: ``framework.proto`` AttrType values of the legacy attributes whose Python type differs from
+#: PIR's (a float ``full`` value read as an int axis, ...).
 _ATTR_INT, _ATTR_FLOAT, _ATTR_INTS, _ATTR_FLOATS, _ATTR_BOOLEAN, _ATTR_LONG, _ATTR_LONGS = (
     0, 1, 3, 4, 6, 9, 11,
 )
