@@ -80,8 +80,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Layer], tuple[list[int], str], bool]] = 
     "densenet121": (_vision("densenet121"), ([3, 64, 64], "float32"), True),
     "inception_v3": (_vision("inception_v3"), ([3, 75, 75], "float32"), True),
     "conv1d": (_conv1d, ([4, 16], "float32"), True),
-    "lstm": (lambda: _Recurrent("LSTM"), ([10, 8], "float32"), False),
-    "gru": (lambda: _Recurrent("GRU"), ([10, 8], "float32"), False),
+    "lstm": (lambda: _Recurrent("LSTM"), ([10, 8], "float32"), True),
+    "gru": (lambda: _Recurrent("GRU"), ([10, 8], "float32"), True),
+    "simple_rnn": (lambda: _Recurrent("SimpleRNN"), ([10, 8], "float32"), True),
     "transformer_encoder": (lambda: _Transformer(False), ([16], "int64"), True),
     "transformer_decoder": (lambda: _Transformer(True), ([16], "int64"), True),
 }

@@ -374,6 +374,76 @@ class _Converter:
             sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
         self._bind(out, sliced)
 
+    #: Paddle's rnn mode -> (ONNX op, gate permutation from Paddle's row blocks to ONNX's, attrs).
+    #: LSTM rows are i, f, c, o (ONNX: i, o, f, c); GRU rows r, z, c (ONNX: z, r, h, with the
+    #: reset gate applied after the recurrent matmul, as Paddle does).
+    _RNN_MODES = {
+        "LSTM": ("LSTM", (0, 3, 1, 2), {}),
+        "GRU": ("GRU", (1, 0, 2), {"linear_before_reset": 1}),
+        "RNN_TANH": ("RNN", (0,), {"activations": ["Tanh"]}),
+        "RNN_RELU": ("RNN", (0,), {"activations": ["Relu"]}),
+    }
+
+    def _rnn(self, op) -> None:
+        """A one-layer, one-direction LSTM/GRU/SimpleRNN, in float, from zero states."""
+        mode = op.attr("mode")
+        if mode not in self._RNN_MODES:
+            raise NotImplementedError(f"rnn mode {mode!r} is not exported")
+        if op.attr("num_layers") != 1 or op.attr("is_bidirec") or op.input("SequenceLength"):
+            raise NotImplementedError(
+                "rnn is exported only with one layer, one direction and no sequence lengths"
+            )
+        if any(name not in self.zero_states for name in op.input("PreState")):
+            raise NotImplementedError("rnn is exported only from zero initial states")
+        kind, order, attrs = self._RNN_MODES[mode]
+        hidden = int(op.attr("hidden_size"))
+        w_ih, w_hh, b_ih, b_hh = (self._param(name).astype(np.float32) for name in op.input("WeightList"))
+
+        def gates(value: np.ndarray) -> np.ndarray:
+            blocks = value.reshape(len(order), hidden, *value.shape[1:])
+            return blocks[list(order)].reshape(value.shape)[None]
+
+        inputs = [
+            self._in(op, "Input"),
+            self._const("W", gates(w_ih)),
+            self._const("R", gates(w_hh)),
+            self._const("B", np.concatenate([gates(b_ih), gates(b_hh)], axis=1)),
+        ]
+        out = op.output("Out")[0]
+        states = op.output("State")
+        names = [self._unique(out), *(self._unique(state) for state in states)]
+        self.nodes.append(self.helper.make_node(kind, inputs, names, hidden_size=hidden, **attrs))
+        # Y is [seq, directions, batch, hidden]; Paddle's Out [seq, batch, hidden].
+        self._bind(out, self._node("Squeeze", [names[0], self._const("axes", np.array([1], np.int64))], out))
+        for state, name in zip(states, names[1:]):
+            self._bind(state, name)
+
+    def _zero_states(self) -> tuple[set[str], set[int]]:
+        """The rnn initial states that are zeros built from the batch size (``shape`` ->
+        ``slice`` -> ``fill_constant``), and the ops building them (skipped: ONNX's recurrent
+        ops start from zeros)."""
+        states, ops = set(), set()
+        for op in self.ops:
+            if op.type != "rnn":
+                continue
+            for name in op.input("PreState"):
+                writer = self.producer.get(name)
+                if writer is None or writer.type != "fill_constant" or writer.attr("value") != 0.0:
+                    continue
+                if any(reader.type != "rnn" for reader in self.readers.get(name, [])):
+                    continue
+                states.add(name)
+                pending = [writer]
+                while pending:
+                    builder = pending.pop()
+                    ops.add(id(builder))
+                    for slot in builder.input_names:
+                        for source in builder.input(slot):
+                            feeder = self.producer.get(source)
+                            if feeder is not None and feeder.type in ("fill_constant", "slice", "shape"):
+                                pending.append(feeder)
+        return states, ops
+
     def _elementwise(self, op) -> None:
         kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
         y_var = op.input("Y")[0]
@@ -565,12 +635,12 @@ class _Converter:
             "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
             "swish": self._gated_activation, "batch_norm": self._batch_norm,
             "lookup_table_v2": self._embedding, "layer_norm": self._layer_norm, "gelu": self._gelu,
-            "reduce_mean": self._reduce_mean, "slice": self._slice,
+            "reduce_mean": self._reduce_mean, "slice": self._slice, "rnn": self._rnn,
         }
         for kind in ("relu", "relu6", "sigmoid", "tanh", "softmax", "flatten_contiguous_range",
                      "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
-        self.skip: set[int] = set()
+        self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
             shape = ["batch" if d is None or d == -1 else int(d) for d in spec.shape]
