@@ -73,6 +73,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Layer], tuple[list[int], str], bool]] = 
     "mobilenet_v1": (_vision("mobilenet_v1"), ([3, 64, 64], "float32"), True),
     "mobilenet_v2": (_vision("mobilenet_v2"), ([3, 64, 64], "float32"), True),
     "mobilenet_v3_small": (_vision("mobilenet_v3_small"), IMAGE, True),
+    "mobilenet_v3_large": (_vision("mobilenet_v3_large"), IMAGE, True),
     "shufflenet_v2_x0_25": (_vision("shufflenet_v2_x0_25"), IMAGE, True),
     "shufflenet_v2_swish": (_vision("shufflenet_v2_swish"), IMAGE, True),
     "squeezenet1_0": (_vision("squeezenet1_0"), IMAGE, True),
