@@ -2,8 +2,10 @@
 
 Engines are interleaved round by round and medians reported, so a noisy neighbour on the shared
 machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
-weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet and the demo's MnistConvNet.
-Logit cosine is against
+weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's MnistConvNet and
+a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
+weights, random token ids; its output is the pooled embedding). ONNX Runtime columns are left
+empty for a model the ONNX export does not translate. Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
 per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
 names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), including any
@@ -52,13 +54,49 @@ def _mlp() -> paddle.nn.Layer:
     )
 
 
+class BertEncoder(paddle.nn.Layer):
+    """A BERT-shaped sentence encoder: token + position embeddings, LayerNorm, post-norm
+    TransformerEncoder layers with GELU, and BERT's pooler (tanh of a Linear of the first
+    token), which is the output."""
+
+    def __init__(
+        self, vocabulary: int = 8192, hidden: int = 384, layers: int = 6, heads: int = 12,
+        length: int = 128,
+    ) -> None:
+        super().__init__()
+        self.tokens = paddle.nn.Embedding(vocabulary, hidden)
+        self.positions = paddle.nn.Embedding(length, hidden)
+        self.norm = paddle.nn.LayerNorm(hidden)
+        layer = paddle.nn.TransformerEncoderLayer(
+            hidden, heads, 4 * hidden, dropout=0.0, activation="gelu"
+        )
+        self.encoder = paddle.nn.TransformerEncoder(layer, layers)
+        self.pooler = paddle.nn.Linear(hidden, hidden)
+        self.register_buffer("position_ids", paddle.arange(length, dtype="int64").unsqueeze(0))
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        hidden = self.norm(self.tokens(ids) + self.positions(self.position_ids))
+        hidden = self.encoder(hidden)
+        return paddle.tanh(self.pooler(hidden[:, 0]))
+
+
+#: name -> (factory, input shape without batch, batch sizes, input dtype)
 MODELS = {
-    "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8)),
-    "mobilenet_v2": (lambda: paddle.vision.models.mobilenet_v2(), [3, 224, 224], (1, 8)),
-    "mlp": (_mlp, [784], (1, 64)),
-    "lenet": (_lenet, [1, 28, 28], (1, 64)),
-    "convnet": (MnistConvNet, [1, 28, 28], (1, 64)),
+    "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8), "float32"),
+    "mobilenet_v2": (lambda: paddle.vision.models.mobilenet_v2(), [3, 224, 224], (1, 8), "float32"),
+    "mlp": (_mlp, [784], (1, 64), "float32"),
+    "lenet": (_lenet, [1, 28, 28], (1, 64), "float32"),
+    "convnet": (MnistConvNet, [1, 28, 28], (1, 64), "float32"),
+    "bert_encoder": (BertEncoder, [128], (1, 8), "int64"),
 }
+
+
+def model_input(shape: list[int], dtype: str, batch: int, seed: int) -> np.ndarray:
+    """A random batch: uniform [0, 1) floats, or token ids below the BERT encoder's vocabulary."""
+    rng = np.random.default_rng(seed)
+    if dtype == "int64":
+        return rng.integers(0, 8192, [batch, *shape]).astype(np.int64)
+    return rng.random([batch, *shape], dtype=np.float32)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,16 +120,16 @@ def bench_model(
     name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET
 ) -> list[dict]:
     """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it."""
-    factory, shape, batches = MODELS[name]
+    factory, shape, batches, dtype = MODELS[name]
     paddle.seed(0)
     model = factory()
     model.eval()
     # The default algorithms (KL activations, per-channel absmax weights), for ``target``.
     ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
     qmodel = ptq.quantize(model)
-    for _ in range(8):
-        qmodel(paddle.rand([4, *shape]))
-    spec = [paddle.static.InputSpec([None, *shape], "float32", "x")]
+    for step in range(8):
+        qmodel(paddle.to_tensor(model_input(shape, dtype, 4, seed=100 + step)))
+    spec = [paddle.static.InputSpec([None, *shape], dtype, "x")]
     int8_prefix = os.path.join(workdir, name, "int8")
     ptq.save_quantized_model(qmodel, int8_prefix, spec)
     fp32_prefix = os.path.join(workdir, name, "fp32")
@@ -101,14 +139,13 @@ def bench_model(
         "paddle fp32": create_predictor(fp32_prefix, int8=False),
         "paddle int8": create_predictor(int8_prefix, int8=True),
     }
-    onnx_int8 = export_onnx(qmodel, os.path.join(workdir, name, "int8.onnx"), spec)
     sizes = {
         "pdiparams fp32 MB": _size(fp32_prefix + ".pdiparams") / 2**20,
         "pdiparams int8 MB": _size(int8_prefix + ".pdiparams") / 2**20,
-        "onnx int8 MB": _size(onnx_int8) / 2**20,
     }
-    options = None
     try:
+        onnx_int8 = export_onnx(qmodel, os.path.join(workdir, name, "int8.onnx"), spec)
+        sizes["onnx int8 MB"] = _size(onnx_int8) / 2**20
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -121,10 +158,12 @@ def bench_model(
         engines["ort fp32"] = ort.InferenceSession(fp32_path, options, providers=["CPUExecutionProvider"])
     except ImportError:
         logger.warning("onnxruntime missing: ONNX Runtime columns skipped")
+    except NotImplementedError as error:
+        logger.warning("%s: no ONNX export (%s): ONNX Runtime columns skipped", name, error)
 
     rows = []
     for batch in batches:
-        x = np.random.default_rng(batch).random([batch, *shape], dtype=np.float32)
+        x = model_input(shape, dtype, batch, seed=batch)
         with paddle.no_grad():
             reference = model(paddle.to_tensor(x)).numpy()
         runs = {}

@@ -587,3 +587,31 @@ def test_module_level_export_writes_the_same_table(tmp_path) -> None:
     direct = json.loads((tmp_path / "direct.json").read_text())
     assert exported["layers"] == direct["layers"] and "input_zero_point" in exported["layers"]["0"]
     assert exported["input_minima"] == direct["input_minima"]
+
+
+class _RecurrentClassifier(paddle.nn.Layer):
+    def __init__(self, cell: str) -> None:
+        super().__init__()
+        self.rnn = getattr(paddle.nn, cell)(8, 16)
+        self.fc = paddle.nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_save_fp32_model_of_recurrent_models(cell, tmp_path) -> None:
+    """LSTM/GRU hold an uninitialized ``_dropout_state`` buffer that Paddle cannot trace;
+    the export traces a copy, and leaves the user's model as it was."""
+    from imperative_ptq.export.paddle_export import save_fp32_model
+
+    paddle.seed(0)
+    model = _RecurrentClassifier(cell)
+    model.eval()
+    prefix = str(tmp_path / "m")
+    save_fp32_model(model, prefix, [paddle.static.InputSpec([None, 10, 8], "float32", "x")])
+    assert not model.rnn._dropout_state._is_initialized()
+    x = np.random.default_rng(0).standard_normal((2, 10, 8)).astype("float32")
+    ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)

@@ -298,13 +298,13 @@ def test_fc_activation_outputs_run_as_u8_clipped(activation, tmp_path) -> None:
 
 
 def test_export_warns_about_simulated_layers_that_run_fp32(tmp_path, caplog) -> None:
-    """A Conv1D is simulated in int8 but Paddle Inference runs it fp32: the export says so."""
+    """A Conv3D is simulated in int8 but Paddle Inference has no int8 conv3d: the export says so."""
 
     class Net(paddle.nn.Layer):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = paddle.nn.Conv1D(4, 8, 3)
-            self.fc = paddle.nn.Linear(8 * 14, 4)
+            self.conv = paddle.nn.Conv3D(4, 8, 3)
+            self.fc = paddle.nn.Linear(8 * 2 * 2 * 2, 4)
 
         def forward(self, x: paddle.Tensor) -> paddle.Tensor:
             return self.fc(paddle.nn.functional.relu(self.conv(x)).flatten(1))
@@ -312,11 +312,11 @@ def test_export_warns_about_simulated_layers_that_run_fp32(tmp_path, caplog) -> 
     paddle.seed(0)
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
     qmodel = ptq.quantize(Net())
-    qmodel(paddle.rand([8, 4, 16]))
+    qmodel(paddle.rand([8, 4, 4, 4, 4]))
     ptq.convert(qmodel)
     assert isinstance(qmodel.conv, ip.QuantizedLayer)
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.paddle_export"):
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export"):
         ptq.save_quantized_model(
-            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 4, 16], "float32", "x")]
+            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 4, 4, 4, 4], "float32", "x")]
         )
-    assert "simulated in int8 run fp32 in Paddle Inference" in caplog.text and "conv" in caplog.text
+    assert "simulated in int8 are exported fp32" in caplog.text and "conv (Conv3D)" in caplog.text

@@ -27,6 +27,18 @@ class _SharedLinear(paddle.nn.Layer):
         return self.out(self.relu(self.fc(self.relu(self.fc(x)))))
 
 
+class _Untraceable(paddle.nn.Layer):
+    """Calls ``Tensor.unfold``, which Paddle 3.3.1 supports in dynamic graph mode only, so no
+    trace can record it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(x).unfold(1, 2, 2).sum(-1)
+
+
 def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
     paddle.seed(0)
     # Non-negative inputs: on the default x86 target a Linear reading a signed input stays fp32.
@@ -49,17 +61,8 @@ def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
 
 
 def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None:
-    class _Softplus(paddle.nn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = paddle.nn.Linear(8, 4)
-            self.act = paddle.nn.Softplus()  # PIR-only in Paddle 3.3, not mapped to a legacy op
-
-        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-            return self.act(self.fc(x))
-
     paddle.seed(0)
-    qmodel = converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = converted(_Untraceable(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError, match="legacy-IR kernel"):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]
@@ -69,7 +72,10 @@ def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None
 
 @pytest.mark.parametrize(
     "activation",
-    [paddle.nn.Sigmoid, paddle.nn.Tanh, paddle.nn.GELU, paddle.nn.Silu, paddle.nn.Hardsigmoid],
+    [
+        paddle.nn.Sigmoid, paddle.nn.Tanh, paddle.nn.GELU, paddle.nn.Silu, paddle.nn.Hardsigmoid,
+        paddle.nn.Softplus, paddle.nn.Hardswish, paddle.nn.Mish,
+    ],
     ids=lambda layer: layer.__name__,
 )
 def test_pir_only_activations_trace_to_legacy_ops(activation, tmp_path) -> None:
@@ -101,15 +107,7 @@ def test_failed_trace_leaves_no_recorded_parameters(tmp_path) -> None:
     program reusing the ``id`` would inherit them and ``jit.save`` would raise ``KeyError``."""
     from paddle.jit.dy2static.program_translator import ProgramTranslator
 
-    class _Softplus(paddle.nn.Layer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.act = paddle.nn.Linear(8, 4), paddle.nn.Softplus()
-
-        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-            return self.act(self.fc(x))
-
-    qmodel = converted(_Softplus(), [paddle.randn([4, 8])])
+    qmodel = converted(_Untraceable(), [paddle.randn([4, 8])])
     with pytest.raises(ValueError):
         save_quantized_model(
             qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")]

@@ -30,7 +30,7 @@ from ..quant_layers import replace_sublayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import new_persistable, set_tensor
-from .tracing import legacy_activation_ops, normalize_input_spec
+from .tracing import legacy_trace, normalize_input_spec
 
 __all__ = [
     "DynamicWeight", "check_dynamic_model", "is_dynamic_model", "save_dynamic_model",
@@ -106,7 +106,7 @@ def trace_dynamic_model(
             name, layer.weight_integers.numpy(), layer.weight_scales.numpy(), layer.weight_bits
         )
     try:
-        with paddle.pir_utils.DygraphOldIrGuard(), legacy_activation_ops():
+        with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(export_model, path_prefix, input_spec=list(input_spec))
     except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)

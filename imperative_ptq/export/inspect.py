@@ -24,7 +24,10 @@ from .tracing import main_thread_only
 __all__ = ["Int8Report", "int8_report"]
 
 #: Op types of Paddle's optimized int8 programs that multiply an input by a weight.
-GEMM_OPS = frozenset({"fused_conv2d", "conv2d", "depthwise_conv2d", "fc", "fused_matmul", "matmul_v2", "mul"})
+GEMM_OPS = frozenset({
+    "fused_conv2d", "conv2d", "depthwise_conv2d", "fc", "fused_matmul", "matmul_v2", "mul",
+    "conv2d_transpose", "depthwise_conv2d_transpose", "conv3d", "conv3d_transpose",
+})
 #: Int8 ops that pass their input's type through (walked back to find a GEMM input's type).
 _TYPE_PRESERVING_OPS = frozenset(
     {"pool2d", "reshape2", "transpose2", "fused_transpose", "slice", "split", "requantize",

@@ -41,10 +41,11 @@ __all__ = ["export_onnx"]
 logger = logging.getLogger(__name__)
 
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
-_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid"})
-_SIGN_PRESERVING_OPS = frozenset(
-    {"pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle"}
-)
+_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
+_SIGN_PRESERVING_OPS = frozenset({
+    "pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle",
+    "squeeze2", "unsqueeze2", "split",
+})
 
 
 def _require_onnx():
@@ -66,6 +67,7 @@ class _Converter:
         records: Sequence[LayerRecord],
         specs,
         unsigned_inputs: bool = True,
+        weights: dict[str, LayerRecord] | None = None,
         dynamic_weights: Mapping[str, DynamicWeight] | None = None,
     ):
         self.onnx = _require_onnx()
@@ -91,7 +93,9 @@ class _Converter:
             for slot in op.output_names:
                 for name in op.output(slot):
                     self.producer[name] = op
-        self.weights = {r.weight_name: r for r in records if r.simulated}
+        #: program weight -> its layer (``weights``: as :func:`.program.materialize_conv1d_weights`
+        #: extended it; default: from the records)
+        self.weights = weights if weights is not None else {r.weight_name: r for r in records if r.simulated}
         #: program var -> calibrated affine (scale, uint8 zero point) of int8-op inputs
         self.affine: dict[str, tuple[float, int]] = {}
         #: x86 targets: int8-op inputs calibrated non-negative -> threshold; quantized on
@@ -180,7 +184,13 @@ class _Converter:
         return op.output(slot)[0]
 
     def _in(self, op, slot: str = "X") -> str:
-        name = op.input(slot)[0]
+        return self._tensor(op, op.input(slot)[0])
+
+    def _tensor(self, op, name: str) -> str:
+        """The ONNX tensor of program variable ``name``, an input of ``op`` (a persistable
+        variable, e.g. a registered buffer, becomes an initializer)."""
+        if name not in self.names and self._is_param(name):
+            self.names[name] = self._const(name, self._param(name))
         if name not in self.names:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
         return self.names[name]
@@ -261,7 +271,7 @@ class _Converter:
             self._activation_matmul(op)
             return
         if op.attr("trans_x") or op.attr("trans_y"):
-            raise NotImplementedError("matmul_v2 is exported only as x @ W with a [in, out] weight")
+            raise NotImplementedError("matmul_v2 with a weight is exported only as x @ W ([in, out])")
         weight_name = op.input("Y")[0]
         if weight_name in self.dynamic_weights:
             self._dynamic_matmul(op, self.dynamic_weights[weight_name])
@@ -289,12 +299,14 @@ class _Converter:
         self._bind(out, self._node("MatMul", [self._in(op), w], out))
 
     def _activation_matmul(self, op) -> None:
-        """``x @ y`` of two activations (attention scores), in float."""
+        """A matmul of two activations (attention scores, attention x values), in float."""
         operands = []
-        for slot, transposed in (("X", op.attr("trans_x")), ("Y", op.attr("trans_y"))):
+        for slot, flag in (("X", "trans_x"), ("Y", "trans_y")):
             tensor = self._in(op, slot)
-            if transposed:
+            if op.attr(flag):
                 rank = len(self.block._find_var_recursive(op.input(slot)[0]).shape)
+                if rank < 2:
+                    raise NotImplementedError("matmul_v2 transposing a vector is not exported")
                 perm = list(range(rank - 2)) + [rank - 1, rank - 2]
                 tensor = self._node("Transpose", [tensor], op.input(slot)[0] + ".t", perm=perm)
             operands.append(tensor)
@@ -318,47 +330,157 @@ class _Converter:
         )
         self._bind(out, self._node("Mul", [floats, multiplier], out))
 
-    def _reduce_mean(self, x: str, axes: list[int], keepdims: bool, stem: str) -> str:
-        if self.opset >= 18:  # axes became an input in opset 18
+    def _reduce_mean_node(self, x: str, axes: list[int] | None, keepdims: bool, stem: str) -> str:
+        """A ``ReduceMean`` over ``axes`` (all axes if ``None``) in the form of the opset:
+        the axes are an attribute up to opset 17 and an input from opset 18 on."""
+        if axes is None:
+            return self._node("ReduceMean", [x], stem, keepdims=int(keepdims))
+        if self.opset >= 18:
             return self._node(
                 "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], stem,
                 keepdims=int(keepdims),
             )
         return self._node("ReduceMean", [x], stem, axes=axes, keepdims=int(keepdims))
 
-    def _mean(self, op) -> None:
-        rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
-        axes = list(range(rank)) if op.attr("reduce_all") else [
-            int(a) % rank for a in op.attr("dim")
-        ]
+    def _embedding(self, op) -> None:
+        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
+        table = self._const(op.input("W")[0], self._param(op.input("W")[0]).astype(np.float32))
         out = self._out(op)
-        self._bind(out, self._reduce_mean(self._in(op), axes, bool(op.attr("keep_dim")), out))
+        self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
 
     def _layer_norm(self, op) -> None:
-        """Paddle's ``layer_norm`` over the axes from ``begin_norm_axis`` on, written out
-        (ReduceMean, Sub, Mul, Sqrt, Div) so it runs at every opset >= 13."""
+        """Normalizes over the axes from ``begin_norm_axis`` on (ONNX opset 13 has no
+        LayerNormalization: mean, variance, scale and shift spelled out)."""
         x_var = op.input("X")[0]
-        shape = list(self.block._find_var_recursive(x_var).shape)
+        rank = len(self.block._find_var_recursive(x_var).shape)
         begin = int(op.attr("begin_norm_axis"))
-        normalized = shape[begin:]
-        if any(d is None or d < 0 for d in normalized):
-            raise NotImplementedError("layer_norm is exported only over axes of static size")
-        axes = list(range(begin, len(shape)))
-        x, out = self._in(op), self._out(op, "Y")
-        centered = self._node("Sub", [x, self._reduce_mean(x, axes, True, out + ".mean")], out + ".centered")
-        variance = self._reduce_mean(
-            self._node("Mul", [centered, centered], out + ".squared"), axes, True, out + ".var"
+        axes = list(range(begin, rank))
+        out = self._out(op, "Y")
+        x = self._in(op)
+        mean = self._reduce_mean_node(x, axes, True, out + ".mean")
+        centred = self._node("Sub", [x, mean], out + ".centred")
+        variance = self._reduce_mean_node(
+            self._node("Mul", [centred, centred], out + ".square"), axes, True, out + ".variance"
         )
         epsilon = self._const("epsilon", np.array(op.attr("epsilon"), np.float32))
-        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".veps")], out + ".std")
-        y = self._node("Div", [centered, deviation], out + ".normed")
-        if op.input("Scale"):
-            gamma = self._param(op.input("Scale")[0]).astype(np.float32).reshape(normalized)
-            y = self._node("Mul", [y, self._const("gamma", gamma)], out + ".scaled")
-        if op.input("Bias"):
-            beta = self._param(op.input("Bias")[0]).astype(np.float32).reshape(normalized)
-            y = self._node("Add", [y, self._const("beta", beta)], out + ".shifted")
+        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".eps")], out + ".std")
+        y = self._node("Div", [centred, deviation], out + ".normalized")
+        normalized_shape = list(self.block._find_var_recursive(x_var).shape[begin:])
+        for slot, kind in (("Scale", "Mul"), ("Bias", "Add")):
+            if op.input(slot):
+                value = self._param(op.input(slot)[0]).astype(np.float32).reshape(normalized_shape)
+                y = self._node(kind, [y, self._const(op.input(slot)[0], value)], out + "." + slot.lower())
+        self._bind(out, self._node("Identity", [y], out))
+
+    def _gelu(self, op) -> None:
+        out = self._out(op)
+        x = self._in(op)
+        half = self._const("half", np.array(0.5, np.float32))
+        one = self._const("one", np.array(1.0, np.float32))
+        if op.attr("approximate"):
+            # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = self._node("Mul", [x, self._node("Mul", [x, x], out + ".sq")], out + ".cube")
+            inner = self._node("Add", [x, self._node(
+                "Mul", [cube, self._const("c", np.array(0.044715, np.float32))], out + ".c3")], out + ".in")
+            scaled = self._node("Mul", [inner, self._const("k", np.array(np.sqrt(2 / np.pi), np.float32))], out + ".k")
+            gate = self._node("Tanh", [scaled], out + ".tanh")
+        else:  # 0.5 x (1 + erf(x / sqrt(2)))
+            scaled = self._node("Div", [x, self._const("sqrt2", np.array(np.sqrt(2.0), np.float32))], out + ".s")
+            gate = self._node("Erf", [scaled], out + ".erf")
+        y = self._node("Mul", [self._node("Mul", [x, half], out + ".half"),
+                               self._node("Add", [gate, one], out + ".one")], out)
         self._bind(out, y)
+
+    def _reduce_mean(self, op) -> None:
+        out = self._out(op)
+        axes = None if op.attr("reduce_all") else [int(a) for a in op.attr("dim")]
+        self._bind(out, self._reduce_mean_node(self._in(op), axes, bool(op.attr("keep_dim")), out))
+
+    def _slice(self, op) -> None:
+        if any(op.input(slot) for slot in ("StartsTensor", "EndsTensor", "StartsTensorList", "EndsTensorList")):
+            raise NotImplementedError("slice with tensor bounds is not exported")
+        out = self._out(op)
+        axes = [int(a) for a in op.attr("axes")]
+        starts = [int(a) for a in op.attr("starts")]
+        ends = [int(a) for a in op.attr("ends")]
+        sliced = self._node("Slice", [
+            self._in(op, "Input"), self._const("starts", np.array(starts, np.int64)),
+            self._const("ends", np.array(ends, np.int64)), self._const("axes", np.array(axes, np.int64)),
+        ], out + ".slice")
+        decrease = [int(a) for a in op.attr("decrease_axis")]
+        if decrease:
+            sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
+        self._bind(out, sliced)
+
+    #: Paddle's rnn mode -> (ONNX op, gate permutation from Paddle's row blocks to ONNX's, attrs).
+    #: LSTM rows are i, f, c, o (ONNX: i, o, f, c); GRU rows r, z, c (ONNX: z, r, h, with the
+    #: reset gate applied after the recurrent matmul, as Paddle does).
+    _RNN_MODES = {
+        "LSTM": ("LSTM", (0, 3, 1, 2), {}),
+        "GRU": ("GRU", (1, 0, 2), {"linear_before_reset": 1}),
+        "RNN_TANH": ("RNN", (0,), {"activations": ["Tanh"]}),
+        "RNN_RELU": ("RNN", (0,), {"activations": ["Relu"]}),
+    }
+
+    def _rnn(self, op) -> None:
+        """A one-layer, one-direction LSTM/GRU/SimpleRNN, in float, from zero states."""
+        mode = op.attr("mode")
+        if mode not in self._RNN_MODES:
+            raise NotImplementedError(f"rnn mode {mode!r} is not exported")
+        if op.attr("num_layers") != 1 or op.attr("is_bidirec") or op.input("SequenceLength"):
+            raise NotImplementedError(
+                "rnn is exported only with one layer, one direction and no sequence lengths"
+            )
+        if any(name not in self.zero_states for name in op.input("PreState")):
+            raise NotImplementedError("rnn is exported only from zero initial states")
+        kind, order, attrs = self._RNN_MODES[mode]
+        hidden = int(op.attr("hidden_size"))
+        w_ih, w_hh, b_ih, b_hh = (self._param(name).astype(np.float32) for name in op.input("WeightList"))
+
+        def gates(value: np.ndarray) -> np.ndarray:
+            blocks = value.reshape(len(order), hidden, *value.shape[1:])
+            return blocks[list(order)].reshape(value.shape)[None]
+
+        inputs = [
+            self._in(op, "Input"),
+            self._const("W", gates(w_ih)),
+            self._const("R", gates(w_hh)),
+            self._const("B", np.concatenate([gates(b_ih), gates(b_hh)], axis=1)),
+        ]
+        out = op.output("Out")[0]
+        states = op.output("State")
+        names = [self._unique(out), *(self._unique(state) for state in states)]
+        self.nodes.append(self.helper.make_node(kind, inputs, names, hidden_size=hidden, **attrs))
+        # Y is [seq, directions, batch, hidden]; Paddle's Out [seq, batch, hidden].
+        self._bind(out, self._node("Squeeze", [names[0], self._const("axes", np.array([1], np.int64))], out))
+        for state, name in zip(states, names[1:]):
+            self._bind(state, name)
+
+    def _zero_states(self) -> tuple[set[str], set[int]]:
+        """The rnn initial states that are zeros built from the batch size (``shape`` ->
+        ``slice`` -> ``fill_constant``), and the ops building them (skipped: ONNX's recurrent
+        ops start from zeros)."""
+        states, ops = set(), set()
+        for op in self.ops:
+            if op.type != "rnn":
+                continue
+            for name in op.input("PreState"):
+                writer = self.producer.get(name)
+                if writer is None or writer.type != "fill_constant" or writer.attr("value") != 0.0:
+                    continue
+                if any(reader.type != "rnn" for reader in self.readers.get(name, [])):
+                    continue
+                states.add(name)
+                pending = [writer]
+                while pending:
+                    builder = pending.pop()
+                    ops.add(id(builder))
+                    for slot in builder.input_names:
+                        for source in builder.input(slot):
+                            feeder = self.producer.get(source)
+                            if feeder is not None and feeder.type in ("fill_constant", "slice", "shape"):
+                                pending.append(feeder)
+        return states, ops
 
     def _elementwise(self, op) -> None:
         kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
@@ -417,6 +539,8 @@ class _Converter:
                                        self._const("max", np.array(6, np.float32))], out)
         elif op.type == "sigmoid":
             node = self._node("Sigmoid", [x], out)
+        elif op.type == "tanh":
+            node = self._node("Tanh", [x], out)
         elif op.type == "softmax":
             node = self._node("Softmax", [x], out, axis=int(op.attr("axis")))
         elif op.type == "flatten_contiguous_range":
@@ -466,24 +590,103 @@ class _Converter:
         folded = self._const("shape", np.array([0, channels * r * r, height // r, width // r], np.int64))
         return self._node("Reshape", [moved, folded], out)
 
+    def _concat(self, op) -> None:
+        if op.input("AxisTensor"):
+            raise NotImplementedError("concat with a tensor axis is not exported")
+        out = self._out(op)
+        inputs = [self._tensor(op, name) for name in op.input("X")]
+        self._bind(out, self._node("Concat", inputs, out, axis=int(op.attr("axis"))))
+
+    def _split(self, op) -> None:
+        if op.input("AxisTensor") or op.input("SectionsTensorList"):
+            raise NotImplementedError("split with tensor sections or axis is not exported")
+        source = op.input("X")[0]
+        axis = int(op.attr("axis"))
+        shape = self.block._find_var_recursive(source).shape
+        sections = list(op.attr("sections"))
+        outputs = op.output("Out")
+        if not sections:
+            if shape[axis] < 0:
+                raise NotImplementedError("split of a dynamic axis is not exported")
+            sections = [shape[axis] // len(outputs)] * len(outputs)
+        if any(size < 0 for size in sections):
+            raise NotImplementedError("split with an inferred (-1) section is not exported")
+        names = [self._unique(out) for out in outputs]
+        self.nodes.append(self.helper.make_node(
+            "Split", [self._in(op), self._const("split", np.array(sections, np.int64))], names, axis=axis,
+        ))
+        for out, name in zip(outputs, names):
+            if source in self.unsigned:
+                self.unsigned.add(out)
+            self._bind(out, name)
+
+    def _squeeze(self, op) -> None:
+        out = self._out(op)
+        self._keep_input_scale(op, out)
+        kind = "Squeeze" if op.type == "squeeze2" else "Unsqueeze"
+        axes = [int(a) for a in op.attr("axes")]
+        if kind == "Unsqueeze" and (op.input("AxesTensor") or op.input("AxesTensorList")):
+            raise NotImplementedError("unsqueeze2 with tensor axes is not exported")
+        inputs = [self._in(op)] + ([self._const("axes", np.array(axes, np.int64))] if axes else [])
+        self._bind(out, self._node(kind, inputs, out))
+
+    def _gated_activation(self, op) -> None:
+        """hard_sigmoid, and the activations that multiply their input by a gate: hard_swish
+        (``x * min(max(x + offset, 0), threshold) / scale``), swish (``x * sigmoid(beta x)``)."""
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "hard_sigmoid":
+            node = self._node(
+                "HardSigmoid", [x], out, alpha=float(op.attr("slope")), beta=float(op.attr("offset"))
+            )
+        elif op.type == "hard_swish":
+            threshold, scale, offset = (float(op.attr(a)) for a in ("threshold", "scale", "offset"))
+            if not np.isclose(threshold, scale):
+                raise NotImplementedError("hard_swish is exported only with threshold == scale")
+            gate = self._node("HardSigmoid", [x], out + ".gate", alpha=1.0 / scale, beta=offset / scale)
+            node = self._node("Mul", [x, gate], out)
+        else:  # swish
+            beta = float(op.attr("beta")) if op.has_attr("beta") else 1.0
+            scaled = self._node("Mul", [x, self._const("beta", np.array(beta, np.float32))], out + ".scaled")
+            node = self._node("Mul", [x, self._node("Sigmoid", [scaled], out + ".gate")], out)
+        self._bind(out, node)
+
+    def _batch_norm(self, op) -> None:
+        """A BatchNorm that no conv absorbed (e.g. DenseNet's, after a concat): in float."""
+        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+            raise NotImplementedError("batch_norm is exported only for NCHW")
+        out = self._out(op, "Y")
+        inputs = [self._in(op)] + [
+            self._const(op.input(slot)[0], self._param(op.input(slot)[0]).astype(np.float32))
+            for slot in ("Scale", "Bias", "Mean", "Variance")
+        ]
+        self._bind(out, self._node("BatchNormalization", inputs, out, epsilon=float(op.attr("epsilon"))))
+
     # ------------------------------------------------------------------------------- driver
     def convert(self, opset: int):
         onnx = self.onnx
+        self.opset = opset
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
-            "elementwise_sub": self._elementwise, "pool2d": self._pool,
-            "layer_norm": self._layer_norm, "reduce_mean": self._mean,
+            "elementwise_sub": self._elementwise, "pool2d": self._pool, "concat": self._concat,
+            "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
+            "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
+            "swish": self._gated_activation, "batch_norm": self._batch_norm,
+            "lookup_table_v2": self._embedding, "layer_norm": self._layer_norm, "gelu": self._gelu,
+            "reduce_mean": self._reduce_mean, "slice": self._slice, "rnn": self._rnn,
         }
-        self.opset = opset
-        for kind in ("relu", "relu6", "sigmoid", "softmax", "flatten_contiguous_range",
+        for kind in ("relu", "relu6", "sigmoid", "tanh", "softmax", "flatten_contiguous_range",
                      "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
             dispatch[kind] = self._simple
-        self.skip: set[int] = set()
+        self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
             shape = ["batch" if d is None or d == -1 else int(d) for d in spec.shape]
-            inputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            dtype = self.helper.np_dtype_to_tensor_dtype(
+                np.dtype(paddle.base.data_feeder.convert_dtype(spec.dtype))
+            )
+            inputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
             self._bind(name, name)
         for op in self.ops:
             if id(op) in self.skip:
@@ -491,6 +694,8 @@ class _Converter:
             if op.type in _NON_NEGATIVE_OPS:
                 self.unsigned.add(self._out(op))
             elif op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned:
+                self.unsigned.add(self._out(op))
+            elif op.type == "concat" and all(name in self.unsigned for name in op.input("X")):
                 self.unsigned.add(self._out(op))
             convert = dispatch.get(op.type)
             if convert is None:
@@ -564,8 +769,10 @@ def export_onnx(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)
+            weights = {r.weight_name: r for r in records if r.simulated}
+            program_lib.materialize_conv1d_weights(loaded, weights)
             onnx_model = _Converter(
-                loaded, records, specs, unsigned_inputs, dynamic_weights
+                loaded, records, specs, unsigned_inputs, weights, dynamic_weights
             ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())

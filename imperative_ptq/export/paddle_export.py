@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -27,7 +28,7 @@ from .atomic import export_directory, staged_export
 from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
     LayerRecord,
-    legacy_activation_ops,
+    legacy_trace,
     main_thread_only,
     normalize_input_spec,
     trace_to_legacy_program,
@@ -88,34 +89,35 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
     return chosen
 
 
-def _log_runtime_report(
-    path: str, records: Sequence[LayerRecord], int8_weights: set[str], target: Target
-) -> None:
-    """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line,
-    and a warning for layers simulated in int8 that run in fp32 (``int8_weights``: the weights
-    the program stores as int8), and for int8 ops reading a signed input on the ``x86``
-    target. A failure to build the report is logged, never raised: the export
-    itself is done."""
+def _log_runtime_report(path: str, written: program_lib.ProgramScales, target: Target) -> None:
+    """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
+    naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
+    fp32 although the program writes them int8 (``written``: what the program stores; layers
+    it stores fp32 were warned about when writing it), and one for int8 ops reading a signed
+    input on the ``x86`` target. A failure to build the report is logged, never raised: the
+    export itself is done."""
     try:
         report = int8_report(path)
     except Exception as error:  # noqa: BLE001 - the report is advice; the files are written
         logger.warning("could not read back what Paddle Inference runs in int8: %s", error)
         return
-    logger.info("%s: %s", path, report.summary())
-    names = {record.weight_name: record.name for record in records if record.simulated}
-    # Simulated in int8, but fp32 in the program (no int8 form written: a Conv1D, a
-    # transposed conv) or in what Paddle's passes made of it.
-    kept = sorted(
-        {name for weight, name in names.items() if weight not in int8_weights}
-        | {names[weight] for weight in report.fp32_weights if weight in names}
+    # Written int8, but fp32 in what Paddle's passes made of it (e.g. a residual conv whose
+    # residual has no scale).
+    demoted = sorted(
+        {written.weight_layers[weight] for weight in report.fp32_weights if weight in written.weight_layers}
+        - set(written.fp32_layers)
     )
-    if kept:
+    fp32_layers = sorted(set(written.fp32_layers) | set(demoted))
+    summary = report.summary()
+    if fp32_layers:
+        summary += f"; calibrated layers running fp32: {', '.join(fp32_layers)}"
+    logger.info("%s: %s", path, summary)
+    if demoted:
         # The simulation quantizes them: say so, the runtime computes something else there.
         logger.warning(
             "%d layers simulated in int8 run fp32 in Paddle Inference (its int8 passes found "
-            "no int8 form for them, e.g. a residual conv whose residual has no scale, or a "
-            "Conv1D/Conv3D): %s",
-            len(kept), ", ".join(kept[:10]) + (" ..." if len(kept) > 10 else ""),
+            "no int8 form for them, e.g. a residual conv whose residual has no scale): %s",
+            len(demoted), ", ".join(demoted[:10]) + (" ..." if len(demoted) > 10 else ""),
         )
     if report.signed_inputs and not target.signed_inputs_int8:
         logger.warning(
@@ -220,7 +222,7 @@ def save_quantized_model(
             converted_measured_on(model),
         )
     if target_spec.onednn:
-        _log_runtime_report(path, traced.records, set(written.weights), target_spec)
+        _log_runtime_report(path, written, target_spec)
 
 
 @main_thread_only
@@ -229,7 +231,7 @@ def save_fp32_model(
 ) -> None:
     """Writes the fp32 ``model`` as ``path.pdmodel`` / ``path.pdiparams``, the baseline to
     compare an int8 export with: the same legacy-IR format and the same conv-bias folding, so
-    oneDNN fuses it as well as the int8 program.
+    oneDNN fuses it as well as the int8 program. A copy of ``model`` is traced, in eval mode.
 
     Args:
         model: An fp32 model (not a quantized one).
@@ -245,9 +247,14 @@ def save_fp32_model(
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
+    # A copy: tracing must not touch the user's model, and Paddle cannot trace an
+    # uninitialized buffer (LSTM/GRU's ``_dropout_state``: "Unknown place type:
+    # Place(undefined:0)"), which a deep copy turns into an empty CPU tensor.
+    traced_model = copy.deepcopy(model)
+    traced_model.eval()
     with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
-        with paddle.pir_utils.DygraphOldIrGuard(), legacy_activation_ops():
-            paddle.jit.save(model, staging + ".raw", input_spec=specs)
+        with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
+            paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
             program_lib.fold_conv_bias(loaded)

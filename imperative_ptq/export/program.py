@@ -24,7 +24,9 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import paddle
 
-from .graph import get_tensor, new_persistable, producers, readers, set_tensor, transposed_matmul
+from .graph import (
+    get_tensor, is_persistable, new_persistable, producers, readers, set_tensor, transposed_matmul,
+)
 from .tracing import LayerRecord
 from .unsigned import (
     FusedReluClips,
@@ -49,6 +51,17 @@ INT8_WEIGHT_OPS: dict[str, tuple[str, str, str]] = {
     "mul": ("Y", "X", "Out"),
 }
 
+#: Ops with a weight that Paddle Inference's oneDNN int8 pipeline has no int8 kernel for: the
+#: layers behind them stay fp32 in the program (a warning names them), and their inputs get
+#: no scale (measured: an int8 ReLU output feeding conv2d_transpose made the predictor fail
+#: with "could not construct a memory descriptor using strides").
+FP32_WEIGHT_OPS: dict[str, tuple[str, str]] = {
+    "conv2d_transpose": ("Filter", "Input"),
+    "depthwise_conv2d_transpose": ("Filter", "Input"),
+    "conv3d": ("Filter", "Input"),
+    "conv3d_transpose": ("Filter", "Input"),
+}
+
 #: Layer types whose output thresholds are NOT written to the program. oneDNN folds BatchNorm
 #: into the preceding conv, so a scale on the BN output becomes the conv's int8 output scale
 #: on a signed pre-activation tensor; measured: logit cosine 0.998 -> 0.979 on
@@ -69,11 +82,21 @@ class LegacyProgram:
 
 @dataclasses.dataclass
 class ProgramScales:
-    """What :func:`quantize_program` wrote (for the calibration file and the tests)."""
+    """What :func:`quantize_program` wrote (for the calibration file and the tests).
+
+    Attributes:
+        weights: Int8 weights by program variable: their thresholds.
+        inputs: Activation thresholds of the quantize/dequantize pairs, by variable.
+        outputs: ``out_threshold`` attributes written, by variable.
+        fp32_layers: Calibrated layers the program keeps fp32 (no int8 kernel): name -> type.
+        weight_layers: Program weight variable -> calibrated layer name.
+    """
 
     weights: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     inputs: dict[str, float] = dataclasses.field(default_factory=dict)
     outputs: dict[str, float] = dataclasses.field(default_factory=dict)
+    fp32_layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    weight_layers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -223,6 +246,7 @@ def quantize_program(
             for name in op.input(slot):
                 consumers.setdefault(name, []).append(op.type)
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
+    materialize_conv1d_weights(loaded, weights)
     written = ProgramScales()
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
@@ -293,7 +317,18 @@ def quantize_program(
         index += inserted + 1
 
     _align_pooled_scales(block, rectified, outputs)
+    _keep_padded_average_pools_fp32(block, outputs)
+    _isolate_fp32_weight_op_outputs(loaded)
     kept = unscale_fp32_layer_inputs(block, outputs)
+    written.fp32_layers = _fp32_layers(weights, written)
+    written.weight_layers = {name: record.name for name, record in weights.items()}
+    if written.fp32_layers:
+        logger.warning(
+            "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "
+            "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
+            "%s", len(written.fp32_layers),
+            ", ".join(f"{name} ({kind})" for name, kind in written.fp32_layers.items()),
+        )
     writers = producers(block)
     for name, threshold in outputs.items():
         op = writers.get(name)
@@ -351,6 +386,10 @@ def unscale_fp32_layer_inputs(
     writers, reading = producers(block), readers(block)
     pending, kept = [], 0
     for op in block.ops:
+        if op.type in FP32_WEIGHT_OPS:
+            kept += 1
+            pending.extend(op.input(FP32_WEIGHT_OPS[op.type][1]))
+            continue
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or not op.input(slots[0]):
             continue
@@ -405,6 +444,147 @@ def _align_pooled_scales(
                 break
         if name in outputs and len(reading.get(name, [])) == 1:
             outputs[name] = threshold
+
+
+#: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
+_CONV1D_WEIGHT_PATH = frozenset({"assign", "unsqueeze2"})
+
+
+def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRecord]) -> int:
+    """Gives each conv2d that a Conv1D traced into its own 4-D weight, so it runs int8.
+
+    Paddle traces ``F.conv1d`` as ``assign -> unsqueeze2`` of the 3-D weight feeding a conv2d
+    (and the same on the input): the conv2d's filter is no parameter, so no record matched it
+    and the layer stayed fp32. The unsqueezed weight ``[out, in, 1, k]`` is stored as a new
+    parameter read by the conv2d directly (for every Conv1D, calibrated or not, so exporters
+    see a plain conv2d), mapped in ``weights`` to the layer's record if it has one (the
+    channel axis stays 0); the weight path ops are removed.
+
+    Returns:
+        How many conv2d ops were given a weight.
+    """
+    block = loaded.program.global_block()
+    writers, reading = producers(block), readers(block)
+    dead: list = []
+    done = 0
+    for op in list(block.ops):
+        if op.type != "conv2d":
+            continue
+        filter_name = op.input("Filter")[0]
+        path, name = [], filter_name
+        while name in writers and writers[name].type in _CONV1D_WEIGHT_PATH:
+            path.append(writers[name])
+            name = writers[name].input("X")[0]
+        record = weights.get(name)
+        if not path or not is_persistable(block, name) or any(
+            len(reading.get(out, [])) != 1 for step in path for out in step.output("Out")
+        ):
+            continue
+        value = get_tensor(loaded, name)
+        for step in reversed(path):
+            if step.type == "unsqueeze2":
+                for axis in step.attr("axes"):
+                    value = np.expand_dims(value, axis)
+        new_name = new_persistable(loaded, f"{name}.conv2d", np.ascontiguousarray(value))
+        op._rename_input(filter_name, new_name)
+        if record is not None:
+            weights[new_name] = record
+        dead.extend(path)
+        done += 1
+    for op in dead:
+        block._remove_op(list(block.ops).index(op))
+    if dead:
+        loaded.program._sync_with_cpp()
+    return done
+
+
+def _keep_padded_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, float]) -> int:
+    """Drops the scales around average pools that count their padding (``exclusive=False``).
+
+    Paddle Inference runs a pool2d whose input and output have scales in int8, and its int8
+    average pool gets padded windows wrong when the padding counts (measured: Inception's
+    ``AvgPool2D(3, 1, 1, exclusive=False)`` on a 1x1 map, logit cosine to the fp32 run of the
+    same program 0.68; InceptionV3 at 75x75 0.886 to the simulation). Without scales the pool
+    runs fp32 (0.99993).
+
+    Returns:
+        How many pools are kept fp32.
+    """
+    kept = 0
+    for op in block.ops:
+        if (
+            op.type != "pool2d"
+            or op.attr("pooling_type") != "avg"
+            or op.attr("exclusive")
+            or op.attr("global_pooling")
+            or op.attr("adaptive")
+            or not (any(op.attr("paddings")) or op.attr("padding_algorithm") == "SAME")
+        ):
+            continue
+        for name in op.input("X") + op.output("Out"):
+            outputs.pop(name, None)
+        kept += 1
+    return kept
+
+
+def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
+    """Puts an ``assign`` between a transposed/3-D conv's output and the quantize op reading it.
+
+    Paddle Inference fails on conv2d_transpose (+ bias, ReLU) -> quantize -> int8 conv2d for a
+    batch > 1 ("could not construct a memory descriptor using strides", measured at batch 4;
+    batch 1 runs): the quantize op reads the fp32 oneDNN conv-transpose output in a layout it
+    cannot describe. An ``assign`` in between hands it a plain tensor (measured: runs, the
+    conv2d int8, cosine 0.9985 to the same program with that conv fp32).
+
+    Returns:
+        How many ``assign`` ops were inserted.
+    """
+    block = loaded.program.global_block()
+    writers = producers(block)
+    inserted = 0
+    index = 0
+    while index < len(block.ops):
+        op = block.ops[index]
+        index += 1
+        if op.type != "quantize_linear":
+            continue
+        source = op.input("X")[0]
+        name, steps = source, 0
+        while name in writers and writers[name].type not in FP32_WEIGHT_OPS and steps < 8:
+            writer = writers[name]
+            inputs = [n for slot in writer.input_names for n in writer.input(slot)
+                      if not _is_constant(block, n, writers)]
+            if len(inputs) != 1 or writer.type in INT8_WEIGHT_OPS:
+                break
+            name, steps = inputs[0], steps + 1
+        if name not in writers or writers[name].type not in FP32_WEIGHT_OPS:
+            continue
+        var = block.var(source)
+        plain = block.create_var(name=f"{source}.plain{inserted}", shape=var.shape, dtype=var.dtype)
+        block._insert_op(index - 1, type="assign", inputs={"X": [source]}, outputs={"Out": [plain.name]})
+        op._rename_input(source, plain.name)
+        inserted += 1
+        index += 1
+    return inserted
+
+
+def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """A parameter, or computed from parameters only (a conv bias reshaped for its add)."""
+    if is_persistable(block, name):
+        return True
+    writer = writers.get(name)
+    return writer is not None and all(
+        is_persistable(block, n) for slot in writer.input_names for n in writer.input(slot)
+    )
+
+
+def _fp32_layers(weights: Mapping[str, LayerRecord], written: ProgramScales) -> dict[str, str]:
+    """Calibrated layers whose weight the program does not store as int8: name -> type."""
+    int8_layers = {weights[name].name for name in written.weights if name in weights}
+    return {
+        record.name: record.layer_type for record in weights.values()
+        if record.name not in int8_layers
+    }
 
 
 def _reads_int8_weight(op, slots: tuple[str, str, str], writers: Mapping) -> bool:

@@ -26,10 +26,12 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, replace_sublayer
+from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
 __all__ = [
-    "LayerRecord", "TraceResult", "main_thread_only", "normalize_input_spec", "trace_to_legacy_program",
+    "LayerRecord", "TraceResult", "legacy_trace", "main_thread_only", "normalize_input_spec",
+    "trace_to_legacy_program",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,71 +212,6 @@ def _thresholds(record: LayerRecord) -> dict[str, list[float]]:
     return roles
 
 
-def _legacy_op(op_type: str, original: Callable, attributes: Callable[..., dict]) -> Callable:
-    """``original``, but appending a legacy ``op_type`` op when traced into a legacy program.
-
-    In Paddle 3.3.1 ``F.sigmoid``, ``F.tanh`` and ``F.gelu`` call the PIR-only ``_C_ops``
-    unconditionally, so tracing them under ``DygraphOldIrGuard`` fails ("must be Value, but got
-    Variable") although Paddle Inference has kernels for the legacy ops.
-    """
-
-    def traced(x: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(x, paddle.base.framework.Variable) or paddle.in_dynamic_mode():
-            return original(x, *args, **kwargs)
-        helper = paddle.base.layer_helper.LayerHelper(op_type)
-        out = helper.create_variable_for_type_inference(x.dtype)
-        helper.append_op(
-            type=op_type, inputs={"X": [x]}, outputs={"Out": [out]},
-            attrs=attributes(*args, **kwargs),
-        )
-        return out
-
-    return traced
-
-
-def _no_attributes(*args: Any, **kwargs: Any) -> dict:
-    return {}
-
-
-def _gelu_attributes(approximate: bool = False, name: str | None = None) -> dict:
-    return {"approximate": bool(approximate)}
-
-
-def _leaky_relu_attributes(negative_slope: float = 0.01, name: str | None = None) -> dict:
-    return {"alpha": float(negative_slope)}
-
-
-def _elu_attributes(alpha: float = 1.0, name: str | None = None) -> dict:
-    return {"alpha": float(alpha)}
-
-
-def _hardsigmoid_attributes(
-    slope: float = 0.1666667, offset: float = 0.5, name: str | None = None
-) -> dict:
-    return {"slope": float(slope), "offset": float(offset)}
-
-
-#: (namespace, function, legacy op, attributes): functions that Paddle 3.3.1 implements with
-#: PIR-only ``_C_ops`` calls, and the legacy op each becomes while tracing.
-_LEGACY_OPS: tuple[tuple[Any, str, str, Callable[..., dict]], ...] = (
-    (paddle.nn.functional, "sigmoid", "sigmoid", _no_attributes),
-    (paddle.nn.functional, "tanh", "tanh", _no_attributes),
-    (paddle, "tanh", "tanh", _no_attributes),
-    (paddle.nn.functional, "silu", "silu", _no_attributes),
-    (paddle.nn.functional, "gelu", "gelu", _gelu_attributes),
-    (paddle.nn.functional, "leaky_relu", "leaky_relu", _leaky_relu_attributes),
-    (paddle.nn.functional, "elu", "elu", _elu_attributes),
-    (paddle.nn.functional, "hardsigmoid", "hard_sigmoid", _hardsigmoid_attributes),
-    (paddle, "exp", "exp", _no_attributes),
-    (paddle, "sqrt", "sqrt", _no_attributes),
-    (paddle, "rsqrt", "rsqrt", _no_attributes),
-    (paddle, "erf", "erf", _no_attributes),
-    (paddle, "abs", "abs", _no_attributes),
-    (paddle, "log", "log", _no_attributes),
-    (paddle, "square", "square", _no_attributes),
-)
-
-
 def _forget_failed_traces() -> None:
     """Drops the parameters Paddle recorded for programs whose tracing never finished.
 
@@ -296,18 +233,14 @@ def _forget_failed_traces() -> None:
 
 
 @contextlib.contextmanager
-def legacy_activation_ops() -> Iterator[None]:
-    """Lets the functions of :data:`_LEGACY_OPS` trace into legacy programs (and leaves no
-    state of a failed trace behind)."""
-    originals = [(namespace, name, getattr(namespace, name)) for namespace, name, _, _ in _LEGACY_OPS]
+def legacy_trace() -> Iterator[None]:
+    """Lets PIR-only Paddle APIs trace into legacy programs (:func:`.legacy_ops.legacy_ir_fallback`)
+    and leaves no state of a failed trace behind."""
     _forget_failed_traces()
     try:
-        for (namespace, name, op_type, attributes), (_, _, original) in zip(_LEGACY_OPS, originals):
-            setattr(namespace, name, _legacy_op(op_type, original, attributes))
-        yield
+        with legacy_ir_fallback():
+            yield
     finally:
-        for namespace, name, original in originals:
-            setattr(namespace, name, original)
         _forget_failed_traces()
 
 
@@ -350,9 +283,9 @@ def trace_to_legacy_program(
         if id(layer) in by_layer
     ]
     try:
-        with paddle.pir_utils.DygraphOldIrGuard(), legacy_activation_ops():
+        with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(export_model, path_prefix, input_spec=list(input_spec))
-    except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
         raise ValueError(
             f"tracing the model with input_spec [{shapes}] failed (wrong rank or shape, or an "

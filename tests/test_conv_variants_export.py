@@ -1,0 +1,98 @@
+"""Conv1D runs int8 in Paddle Inference (Paddle traces it into a conv2d); Conv3D and
+transposed convs, which Paddle's int8 program form has no int8 kernel for, are exported fp32
+with a warning naming each, and the export summary lists them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, int8_report, predict
+
+nn = paddle.nn
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _export(model: nn.Layer, shape: list[int], prefix: str) -> tuple[nn.Layer, np.ndarray]:
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(np.abs(rng.standard_normal([4, *shape])).astype("float32")))
+    ptq.convert(qmodel)
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, *shape], "float32", "x")])
+    x = np.abs(rng.standard_normal([4, *shape])).astype("float32")
+    return qmodel, x
+
+
+def test_conv1d_runs_int8_in_paddle_inference(tmp_path) -> None:
+    paddle.seed(0)
+    model = nn.Sequential(
+        nn.Conv1D(4, 8, 3), nn.ReLU(), nn.Conv1D(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(96, 4)
+    )
+    prefix = str(tmp_path / "m")
+    qmodel, x = _export(model, [4, 16], prefix)
+    report = int8_report(prefix)
+    assert report.int8.get("fused_conv2d", 0) + report.int8.get("conv2d", 0) == 2, report
+    assert not report.fp32, report
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    # Measured 1.0000.
+    assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.99
+
+
+@pytest.mark.parametrize(
+    "model, shape, fp32_layers, fp32_op",
+    [
+        (lambda: nn.Sequential(nn.Conv3D(3, 8, 3), nn.ReLU(), nn.Conv3D(8, 8, 3), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(512, 4)),
+         [3, 8, 8, 8], {"0": "Conv3D", "2": "Conv3D"}, "conv3d"),
+        (lambda: nn.Sequential(nn.Conv2D(3, 8, 3), nn.ReLU(), nn.Conv2DTranspose(8, 8, 3), nn.ReLU()),
+         [3, 8, 8], {"2": "Conv2DTranspose"}, "conv2d_transpose"),
+    ],
+    ids=["conv3d", "conv2d_transpose"],
+)
+def test_layers_without_int8_kernel_are_named_at_export(
+    model, shape, fp32_layers, fp32_op, tmp_path, caplog
+) -> None:
+    paddle.seed(0)
+    prefix = str(tmp_path / "m")
+    with caplog.at_level(logging.INFO, logger="imperative_ptq"):
+        qmodel, x = _export(model(), shape, prefix)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    named = [text for text in warnings if "exported fp32" in text]
+    assert len(named) == 1, warnings
+    for name, kind in fp32_layers.items():
+        assert f"{name} ({kind})" in named[0]
+    summary = next(r.getMessage() for r in caplog.records if "Paddle Inference runs" in r.getMessage())
+    assert f"calibrated layers running fp32: {', '.join(sorted(fp32_layers))}" in summary
+    assert int8_report(prefix).fp32.get(fp32_op, 0) == len(fp32_layers)
+    # The program still runs: the fp32 layers' inputs carry no int8 scale.
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    assert np.isfinite(ran).all() and ran.shape == tuple(qmodel(paddle.to_tensor(x)).shape)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_int8_conv_after_a_transposed_conv_runs_at_batch_4(bias, tmp_path) -> None:
+    """Paddle Inference failed on conv2d_transpose -> ReLU -> quantize -> int8 conv2d for
+    batches > 1 ("could not construct a memory descriptor using strides")."""
+    paddle.seed(0)
+    model = nn.Sequential(
+        nn.Conv2DTranspose(3, 8, 3, bias_attr=None if bias else False), nn.ReLU(), nn.Conv2D(8, 8, 3)
+    )
+    prefix = str(tmp_path / "m")
+    qmodel, x = _export(model, [3, 8, 8], prefix)
+    assert x.shape[0] == 4
+    report = int8_report(prefix)
+    assert report.int8.get("fused_conv2d", 0) + report.int8.get("conv2d", 0) == 1, report
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    # Measured 0.99987 (the simulation also quantizes the transposed conv, which runs fp32).
+    assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.99

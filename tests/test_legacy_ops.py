@@ -1,0 +1,65 @@
+"""PIR-only Paddle APIs trace into legacy programs (``export/legacy_ops.py``): Paddle
+Inference runs the exported fp32 program and computes what dygraph does."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import paddle
+import pytest
+
+from imperative_ptq.export import create_predictor, predict
+from imperative_ptq.export.legacy_ops import legacy_op_type
+from imperative_ptq.export.paddle_export import save_fp32_model
+
+F = paddle.nn.functional
+
+#: APIs that in Paddle 3.3.1 call ``paddle._C_ops`` functions accepting PIR values only,
+#: with the argument shapes a model uses (attributes renamed between PIR and legacy ops,
+#: constant shapes/axes, lists of tensors, several outputs).
+APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
+    "matmul_transpose_y": lambda x: paddle.matmul(x, x, transpose_y=True),
+    "matmul_operator": lambda x: x @ x.transpose([0, 2, 1]),
+    "softmax": lambda x: F.softmax(x, axis=-1),
+    "softplus": F.softplus,
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "logsumexp": lambda x: paddle.logsumexp(x, axis=-1),
+    "cumsum": lambda x: paddle.cumsum(x, axis=1),
+    "topk": lambda x: paddle.topk(x, 3)[0],
+    "concat": lambda x: paddle.concat([x, F.sigmoid(x)], axis=-1),
+    "split": lambda x: paddle.split(x, 2, axis=-1)[1],
+    "bmm": lambda x: paddle.bmm(x, x.transpose([0, 2, 1])),
+    "tril": lambda x: paddle.tril(x, diagonal=1),
+    "triu": paddle.triu,
+}
+
+
+class _Net(paddle.nn.Layer):
+    def __init__(self, api: Callable[[paddle.Tensor], paddle.Tensor]) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 8)
+        self.api = api
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.api(self.fc(x))
+
+
+@pytest.mark.parametrize("name", sorted(APIS))
+def test_pir_only_api_exports_what_dygraph_computes(name, tmp_path) -> None:
+    paddle.seed(0)
+    model = _Net(APIS[name])
+    model.eval()
+    prefix = str(tmp_path / "m")
+    save_fp32_model(model, prefix, [paddle.static.InputSpec([None, 4, 8], "float32", "x")])
+    x = np.random.default_rng(0).standard_normal((2, 4, 8)).astype("float32")
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_op_type_is_the_newest_op_of_the_kernel() -> None:
+    assert legacy_op_type("pd_op.matmul") == "matmul_v2"
+    assert legacy_op_type("pd_op.transpose") == "transpose2"
+    assert legacy_op_type("pd_op.softmax") == "softmax"
+    assert legacy_op_type("pd_op.no_such_op") is None
