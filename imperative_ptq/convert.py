@@ -52,13 +52,19 @@ def convert_layers(
         weight_bits: Bit width of weights.
 
     Returns:
-        The names of the simulated layers left fp32 because the target cannot run their input
-        in int8.
+        The names of the simulated layers left fp32: the target cannot run their input in
+        int8, or no runtime has an int8 kernel for them (``LayerInfo.int8_runtime``).
     """
     kept_fp32: list[str] = []
+    no_int8_kernel: list[str] = []
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
+            continue
+        info = PTQRegistry.layer_info(layer)
+        if state.weight_quantizer is not None and not info.int8_runtime:
+            # Plain fp32 like the runtime runs it; no output scale either (see below).
+            no_int8_kernel.append(f"{state.name} ({type(layer).__name__})")
             continue
         if state.weight_quantizer is not None and "input" in entry:
             minimum = input_minimum(state)
@@ -78,7 +84,7 @@ def convert_layers(
                 entry["input"],
                 entry["weight"],
                 entry.get("output", []),
-                PTQRegistry.layer_info(layer).weight_channel_axis,
+                info.weight_channel_axis,
                 activation_bits,
                 weight_bits,
                 **affine_layer_params(entry),
@@ -88,14 +94,23 @@ def convert_layers(
             replace_sublayer(model, layer, wrapped)
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
+    if no_int8_kernel:
+        logger.warning(
+            "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
+            "kernel for their ops (conv3d, conv2d_transpose, ...), so the simulation keeps them "
+            "fp32 as the runtime runs them: %s", len(no_int8_kernel), _first(no_int8_kernel),
+        )
     if kept_fp32:
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
             "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
             "quantizes them for VNNI/AMX CPUs only.",
-            target.name, len(kept_fp32),
-            ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
+            target.name, len(kept_fp32), _first(kept_fp32),
         )
     mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
-    return kept_fp32
+    return [name.split(" (")[0] for name in no_int8_kernel] + kept_fp32
+
+
+def _first(names: list[str], count: int = 10) -> str:
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")

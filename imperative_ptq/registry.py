@@ -30,6 +30,10 @@ class LayerInfo:
             ``None`` for layers without weights.
         simulated: Whether the layer is a simulated-quant layer (its input and weights are
             quantized, as for Conv2D and Linear).
+        int8_runtime: Whether the runtimes the package exports to run the layer's op in int8.
+            A simulated layer without (Conv3D, transposed convs: Paddle Inference's int8 program
+            form has no kernel for them) is calibrated but stays fp32 at ``convert``, so the
+            simulation computes what the runtime does.
     """
 
     layer: type
@@ -38,6 +42,7 @@ class LayerInfo:
     output_names: tuple[str, ...]
     weight_channel_axis: int | None = None
     simulated: bool = False
+    int8_runtime: bool = True
 
 
 class PTQRegistry:
@@ -54,6 +59,7 @@ class PTQRegistry:
         weight_names: tuple[str, ...] = (),
         weight_channel_axis: int | None = None,
         simulated: bool = False,
+        int8_runtime: bool = True,
     ) -> LayerInfo:
         """Registers (or re-registers) a layer type.
 
@@ -64,6 +70,8 @@ class PTQRegistry:
             weight_names: Weight names; simulated layers quantize the first (``layer.weight``).
             weight_channel_axis: Output-channel axis of the weight (per-channel quantization).
             simulated: Quantize the layer's input and weight, not only its output.
+            int8_runtime: The exported runtimes run the layer's op in int8 (see
+                :class:`LayerInfo`); ``False`` keeps a simulated layer fp32 at ``convert``.
 
         Raises:
             TypeError: ``layer`` is not a Layer subclass.
@@ -80,6 +88,7 @@ class PTQRegistry:
             tuple(output_names),
             weight_channel_axis,
             simulated,
+            bool(int8_runtime),
         )
         cls._layers[layer] = info
         return info
@@ -145,10 +154,17 @@ def _register_defaults() -> None:
     nn = paddle.nn
     for conv in (nn.Conv1D, nn.Conv2D, nn.Conv3D):
         # Weight [out, in/groups, *k]: grouped and depthwise convolutions are covered too.
-        PTQRegistry.register(conv, ("Input",), ("Output",), ("Filter",), 0, simulated=True)
+        # Conv1D traces into a conv2d, which runs int8; conv3d has no int8 kernel.
+        PTQRegistry.register(
+            conv, ("Input",), ("Output",), ("Filter",), 0, simulated=True,
+            int8_runtime=conv is not nn.Conv3D,
+        )
     for conv_transpose in (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose):
-        # Weight [in, out/groups, *k].
-        PTQRegistry.register(conv_transpose, ("Input",), ("Output",), ("Filter",), 1, simulated=True)
+        # Weight [in, out/groups, *k]; no int8 kernel for conv2d_transpose / conv3d_transpose.
+        PTQRegistry.register(
+            conv_transpose, ("Input",), ("Output",), ("Filter",), 1, simulated=True,
+            int8_runtime=False,
+        )
     # Weight [in, out].
     PTQRegistry.register(nn.Linear, ("X",), ("Out",), ("Y",), 1, simulated=True)
     PTQRegistry.register(nn.BatchNorm2D, ("X",), ("Y",))

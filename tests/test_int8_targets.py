@@ -19,7 +19,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.cpu import CpuInfo, cpu_info
-from imperative_ptq.export import create_predictor, save_quantized_model
+from imperative_ptq.export import create_predictor, int8_report, save_quantized_model
 from imperative_ptq.export import predictor as predictor_module
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -297,8 +297,9 @@ def test_fc_activation_outputs_run_as_u8_clipped(activation, tmp_path) -> None:
     assert _relative_error(ran, simulated) < 1e-3  # 8% without the clip after the relu
 
 
-def test_export_warns_about_simulated_layers_that_run_fp32(tmp_path, caplog) -> None:
-    """A Conv3D is simulated in int8 but Paddle Inference has no int8 conv3d: the export says so."""
+def test_layers_without_an_int8_kernel_stay_fp32_at_convert(tmp_path, caplog) -> None:
+    """Paddle Inference has no int8 conv3d: ``convert`` keeps the Conv3D fp32 (it was simulated
+    in int8 and only the export said it ran fp32), so the simulation is what runs."""
 
     class Net(paddle.nn.Layer):
         def __init__(self) -> None:
@@ -313,10 +314,14 @@ def test_export_warns_about_simulated_layers_that_run_fp32(tmp_path, caplog) -> 
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
     qmodel = ptq.quantize(Net())
     qmodel(paddle.rand([8, 4, 4, 4, 4]))
-    ptq.convert(qmodel)
-    assert isinstance(qmodel.conv, ip.QuantizedLayer)
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export"):
-        ptq.save_quantized_model(
-            qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 4, 4, 4, 4], "float32", "x")]
-        )
-    assert "simulated in int8 are exported fp32" in caplog.text and "conv (Conv3D)" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert not isinstance(qmodel.conv, ip.QuantizedLayer)
+    assert isinstance(qmodel.fc, ip.QuantizedLayer)
+    assert "no int8 kernel" in caplog.text and "conv (Conv3D)" in caplog.text
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(
+        qmodel, prefix, [paddle.static.InputSpec([None, 4, 4, 4, 4], "float32", "x")]
+    )
+    report = int8_report(prefix)
+    assert report.fp32 == {"conv3d": 1} and sum(report.int8.values()) == 1, report

@@ -528,28 +528,27 @@ def _keep_padded_average_pools_fp32(block: "paddle.static.Block", outputs: dict[
 
 
 def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
-    """Puts an ``assign`` between a transposed/3-D conv's output and the quantize op reading it.
+    """Puts an ``assign`` right after a transposed/3-D conv whose output reaches a quantize op.
 
     Paddle Inference fails on conv2d_transpose (+ bias, ReLU) -> quantize -> int8 conv2d for a
     batch > 1 ("could not construct a memory descriptor using strides", measured at batch 4;
     batch 1 runs): the quantize op reads the fp32 oneDNN conv-transpose output in a layout it
-    cannot describe. An ``assign`` in between hands it a plain tensor (measured: runs, the
-    conv2d int8, cosine 0.9985 to the same program with that conv fp32).
+    cannot describe. An ``assign`` on the conv's output hands the ops after it a plain tensor
+    (measured: runs, the conv2d int8, cosine 0.9985 to the same program with that conv fp32).
+    It goes right after the conv, not in front of the quantize op: a quantize op must read a
+    ``relu`` output directly for Paddle to run its tensor as u8 (an ``assign`` in between made
+    a fc read s8, which saturates without VNNI).
 
     Returns:
         How many ``assign`` ops were inserted.
     """
     block = loaded.program.global_block()
     writers = producers(block)
-    inserted = 0
-    index = 0
-    while index < len(block.ops):
-        op = block.ops[index]
-        index += 1
+    conv_outputs: list[str] = []
+    for op in block.ops:
         if op.type != "quantize_linear":
             continue
-        source = op.input("X")[0]
-        name, steps = source, 0
+        name, steps = op.input("X")[0], 0
         while name in writers and writers[name].type not in FP32_WEIGHT_OPS and steps < 8:
             writer = writers[name]
             inputs = [n for slot in writer.input_names for n in writer.input(slot)
@@ -557,15 +556,19 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
             if len(inputs) != 1 or writer.type in INT8_WEIGHT_OPS:
                 break
             name, steps = inputs[0], steps + 1
-        if name not in writers or writers[name].type not in FP32_WEIGHT_OPS:
-            continue
-        var = block.var(source)
-        plain = block.create_var(name=f"{source}.plain{inserted}", shape=var.shape, dtype=var.dtype)
-        block._insert_op(index - 1, type="assign", inputs={"X": [source]}, outputs={"Out": [plain.name]})
-        op._rename_input(source, plain.name)
-        inserted += 1
-        index += 1
-    return inserted
+        if name in writers and writers[name].type in FP32_WEIGHT_OPS and name not in conv_outputs:
+            conv_outputs.append(name)
+    for number, name in enumerate(conv_outputs):
+        writer_index = next(i for i, op in enumerate(block.ops) if op is writers[name])
+        var = block.var(name)
+        plain = block.create_var(name=f"{name}.plain{number}", shape=var.shape, dtype=var.dtype)
+        for op in block.ops[writer_index + 1:]:
+            if name in op.input_arg_names:
+                op._rename_input(name, plain.name)
+        block._insert_op(
+            writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
+        )
+    return len(conv_outputs)
 
 
 def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
