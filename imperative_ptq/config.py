@@ -21,10 +21,13 @@ class PTQConfig:
         target: The deployment whose int8 arithmetic ``convert`` simulates and the export
             writes for (:data:`imperative_ptq.targets.TARGETS`): ``"x86"`` (default, right on
             every x86 CPU with AVX2), ``"x86-vnni"`` or ``"arm"``.
+        equalization: Cross-layer equalization with bias absorption before calibration, on
+            the Conv2D/Linear chains of ``nn.Sequential`` containers
+            (:func:`imperative_ptq.algorithms.equalize`; data-free).
 
     Raises:
-        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role, or
-            ``target`` is not a string.
+        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role,
+            ``target`` is not a string, or a flag is not a bool.
         ValueError: ``target`` is not a known target.
     """
 
@@ -33,12 +36,15 @@ class PTQConfig:
         activation_quantizer: BaseQuantizer,
         weight_quantizer: BaseQuantizer,
         target: str = DEFAULT_TARGET,
+        *,
+        equalization: bool = False,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
         self.activation_quantizer = activation_quantizer.clone()
         self.weight_quantizer = weight_quantizer.clone()
         self.target = get_target(target).name
+        self.equalization = _check_flag("equalization", equalization)
 
     def new_activation_quantizer(self) -> BaseQuantizer:
         """A fresh activation quantizer for one role of one layer."""
@@ -50,8 +56,10 @@ class PTQConfig:
 
     def to_dict(self) -> dict[str, object]:
         """The algorithms, their arguments and the target, for calibration tables and logs."""
+        algorithms = {"equalization": True} if self.equalization else {}
         return {
             "target": self.target,
+            **algorithms,
             "activation_quantizer": {
                 "type": type(self.activation_quantizer).__name__,
                 **self.activation_quantizer.config(),
@@ -65,8 +73,14 @@ class PTQConfig:
     def __repr__(self) -> str:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
-            f"target={self.target!r})"
+            f"target={self.target!r}{', equalization=True' if self.equalization else ''})"
         )
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:

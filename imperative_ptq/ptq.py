@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
+from .algorithms import equalize
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
@@ -137,6 +138,8 @@ class ImperativePTQ:
         model.eval()
         if fuse:
             fuse_layers(model, fuse_list)
+        if self._quant_config.equalization:
+            equalize(model, inplace=True)  # ``model`` is the copy unless ``inplace``
 
         session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
