@@ -24,6 +24,9 @@ class PTQConfig:
         equalization: Cross-layer equalization with bias absorption before calibration, on
             the Conv2D/Linear chains of ``nn.Sequential`` containers
             (:func:`imperative_ptq.algorithms.equalize`; data-free).
+        bias_correction: In ``convert``, put each quantized layer's mean output back where
+            the fp32 model has it on the calibration batches
+            (:func:`imperative_ptq.algorithms.correct_bias`).
 
     Raises:
         TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role,
@@ -38,6 +41,7 @@ class PTQConfig:
         target: str = DEFAULT_TARGET,
         *,
         equalization: bool = False,
+        bias_correction: bool = False,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
@@ -45,6 +49,12 @@ class PTQConfig:
         self.weight_quantizer = weight_quantizer.clone()
         self.target = get_target(target).name
         self.equalization = _check_flag("equalization", equalization)
+        self.bias_correction = _check_flag("bias_correction", bias_correction)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether ``convert`` runs an algorithm on the calibration batches."""
+        return self.bias_correction
 
     def new_activation_quantizer(self) -> BaseQuantizer:
         """A fresh activation quantizer for one role of one layer."""
@@ -56,7 +66,12 @@ class PTQConfig:
 
     def to_dict(self) -> dict[str, object]:
         """The algorithms, their arguments and the target, for calibration tables and logs."""
-        algorithms = {"equalization": True} if self.equalization else {}
+        algorithms: dict[str, object] = {}
+        if self.equalization:
+            algorithms["equalization"] = True
+        if self.bias_correction:
+            algorithms["bias_correction"] = True
+
         return {
             "target": self.target,
             **algorithms,
@@ -73,7 +88,8 @@ class PTQConfig:
     def __repr__(self) -> str:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
-            f"target={self.target!r}{', equalization=True' if self.equalization else ''})"
+            f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
+            f"{', bias_correction=True' if self.bias_correction else ''})"
         )
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .algorithms import equalize
+from .algorithms import correct_bias, equalize
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
@@ -42,7 +42,13 @@ from .quant_layers import QuantizedLayer, replace_sublayer
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
-from .session import SESSION_ATTR, STATE_ATTR, CalibrationSession, LayerState
+from .session import (
+    MAX_CACHED_BATCHES,
+    SESSION_ATTR,
+    STATE_ATTR,
+    CalibrationSession,
+    LayerState,
+)
 from .targets import get_target
 
 __all__ = ["ImperativePTQ"]
@@ -68,6 +74,19 @@ def _input_minima(states: Sequence[tuple[paddle.nn.Layer, LayerState]]) -> dict[
 def _input_minimum(state: LayerState) -> float | None:
     """The smallest input value calibration saw (``None``: unknown, read as signed)."""
     return None if state.input_quantizer is None else state.input_quantizer.minimum
+
+
+class _Sized:
+    """An iterator that keeps its source's length (for the progress bar's total)."""
+
+    def __init__(self, iterator: Iterator[Any], length: int) -> None:
+        self._iterator, self._length = iterator, length
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterator
+
+    def __len__(self) -> int:
+        return self._length
 
 
 class ImperativePTQ:
@@ -143,6 +162,8 @@ class ImperativePTQ:
 
         session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
+        if config.needs_data:
+            session.reference = copy.deepcopy(model)  # the fp32 model convert compares with
         for name, layer in model.named_sublayers():
             if (
                 layer.sublayers()
@@ -241,6 +262,12 @@ class ImperativePTQ:
                 raise TypeError(f"time_budget must be seconds, got {type(time_budget).__name__}")
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
+        session = self._session(model)
+        if session.reference is not None and hasattr(data, "__len__"):
+            total = len(data) if max_batches is None else min(len(data), max_batches)
+            data = _Sized(session.keep_batches(data), total)
+        elif session.reference is not None:
+            data = session.keep_batches(data)
         with self.calibrating(model):
             count = run_batches(model, data, max_batches, progress, "calibrating", time_budget)
         if not count:
@@ -425,24 +452,36 @@ class ImperativePTQ:
                 _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
 
     # ------------------------------------------------------------------------------- convert
-    def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+    def convert(
+        self, model: paddle.nn.Layer, data: Iterable[Any] | None = None, progress: bool = True
+    ) -> paddle.nn.Layer:
         """Removes the hooks and freezes the thresholds into the layers.
 
         Simulated-quant layers become :class:`QuantizedLayer` (int8 simulation in dygraph);
         other hooked layers keep their output thresholds (:func:`.converted.output_thresholds`).
+        Then the config's data algorithms run (bias correction).
         Converting an already converted model does nothing.
+
+        Args:
+            model: Model returned by :meth:`quantize` and calibrated.
+            data: Batches for bias correction; default: the batches
+                :meth:`calibrate` ran (the first 64 are kept). Ignored without them.
+            progress: Show tqdm bars for the algorithms.
 
         Returns:
             ``model`` (converted in place).
 
         Raises:
             CalibrationError: No calibration batch has been run.
+            ValueError: The config asks for bias correction and there are no
+                batches for it (nothing is changed).
         """
         if is_marked_converted(model):
             logger.warning("model is already converted; nothing to do")
             return model
-        table = self.calibration_table(model)
         session = self._session(model)
+        batches = self._algorithm_batches(session, data)
+        table = self.calibration_table(model)
         states = self._states(model)
         session.detach()
         activation_bits = self._quant_config.activation_quantizer.quant_bits
@@ -479,6 +518,7 @@ class ImperativePTQ:
                     **_affine_layer_params(entry),
                     input_unsigned=unsigned,
                     paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
+                    onednn_weights=target.onednn,
                 )
                 replace_sublayer(model, layer, wrapped)
             elif "output" in entry:
@@ -492,9 +532,30 @@ class ImperativePTQ:
                 target.name, len(kept_fp32),
                 ", ".join(kept_fp32[:10]) + (" ..." if len(kept_fp32) > 10 else ""),
             )
+        if batches:
+            config = self._quant_config
+            if config.bias_correction:
+                correct_bias(model, session.reference, batches, progress)
+        session.reference, session.cached_batches = None, []
         delattr(model, SESSION_ATTR)
         mark_converted(model, target, _every_layer(table, states), _input_minima(states))
         return model
+
+    def _algorithm_batches(
+        self, session: CalibrationSession, data: Iterable[Any] | None
+    ) -> list[Any]:
+        """The batches ``convert``'s algorithms run on (empty when the config has none)."""
+        config = self._quant_config
+        if not config.needs_data:
+            return []
+        batches = list(data) if data is not None else list(session.cached_batches)
+        if not batches or session.reference is None:
+            wanted = "bias correction"
+            raise ValueError(
+                f"{wanted} need calibration batches: calibrate with ImperativePTQ.calibrate "
+                f"(it keeps the first {MAX_CACHED_BATCHES}) or pass convert(model, data=...)"
+            )
+        return batches
 
     # -------------------------------------------------------------------------------- export
     def save_quantized_model(
