@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from .algorithms import AdaRound
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
 from .targets import DEFAULT_TARGET, get_target
 
@@ -27,6 +30,9 @@ class PTQConfig:
         bias_correction: In ``convert``, put each quantized layer's mean output back where
             the fp32 model has it on the calibration batches
             (:func:`imperative_ptq.algorithms.correct_bias`).
+        adaround: In ``convert``, learn each Conv2D/Linear weight's rounding on the
+            calibration batches (:class:`imperative_ptq.algorithms.AdaRound` settings;
+            ``None``: nearest rounding). Runs before bias correction.
 
     Raises:
         TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role,
@@ -42,6 +48,7 @@ class PTQConfig:
         *,
         equalization: bool = False,
         bias_correction: bool = False,
+        adaround: AdaRound | None = None,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
@@ -50,11 +57,17 @@ class PTQConfig:
         self.target = get_target(target).name
         self.equalization = _check_flag("equalization", equalization)
         self.bias_correction = _check_flag("bias_correction", bias_correction)
+        if adaround is not None and not isinstance(adaround, AdaRound):
+            raise TypeError(
+                f"adaround must be an imperative_ptq.algorithms.AdaRound or None, got "
+                f"{type(adaround).__name__}"
+            )
+        self.adaround = adaround
 
     @property
     def needs_data(self) -> bool:
         """Whether ``convert`` runs an algorithm on the calibration batches."""
-        return self.bias_correction
+        return self.bias_correction or self.adaround is not None
 
     def new_activation_quantizer(self) -> BaseQuantizer:
         """A fresh activation quantizer for one role of one layer."""
@@ -71,7 +84,8 @@ class PTQConfig:
             algorithms["equalization"] = True
         if self.bias_correction:
             algorithms["bias_correction"] = True
-
+        if self.adaround is not None:
+            algorithms["adaround"] = dataclasses.asdict(self.adaround)
         return {
             "target": self.target,
             **algorithms,
@@ -89,7 +103,8 @@ class PTQConfig:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
             f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
-            f"{', bias_correction=True' if self.bias_correction else ''})"
+            f"{', bias_correction=True' if self.bias_correction else ''}"
+            f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''})"
         )
 
 

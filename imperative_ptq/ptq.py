@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .algorithms import correct_bias, equalize
+from .algorithms import adaround, correct_bias, equalize
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
@@ -459,12 +459,12 @@ class ImperativePTQ:
 
         Simulated-quant layers become :class:`QuantizedLayer` (int8 simulation in dygraph);
         other hooked layers keep their output thresholds (:func:`.converted.output_thresholds`).
-        Then the config's data algorithms run (bias correction).
+        Then the config's data algorithms run: AdaRound, then bias correction.
         Converting an already converted model does nothing.
 
         Args:
             model: Model returned by :meth:`quantize` and calibrated.
-            data: Batches for bias correction; default: the batches
+            data: Batches for AdaRound / bias correction; default: the batches
                 :meth:`calibrate` ran (the first 64 are kept). Ignored without them.
             progress: Show tqdm bars for the algorithms.
 
@@ -473,7 +473,7 @@ class ImperativePTQ:
 
         Raises:
             CalibrationError: No calibration batch has been run.
-            ValueError: The config asks for bias correction and there are no
+            ValueError: The config asks for AdaRound or bias correction and there are no
                 batches for it (nothing is changed).
         """
         if is_marked_converted(model):
@@ -534,6 +534,8 @@ class ImperativePTQ:
             )
         if batches:
             config = self._quant_config
+            if config.adaround is not None:
+                adaround(model, session.reference, batches, config.adaround, progress)
             if config.bias_correction:
                 correct_bias(model, session.reference, batches, progress)
         session.reference, session.cached_batches = None, []
@@ -550,7 +552,10 @@ class ImperativePTQ:
             return []
         batches = list(data) if data is not None else list(session.cached_batches)
         if not batches or session.reference is None:
-            wanted = "bias correction"
+            wanted = " and ".join(
+                name for name, on in (("AdaRound", config.adaround is not None),
+                                      ("bias correction", config.bias_correction)) if on
+            )
             raise ValueError(
                 f"{wanted} need calibration batches: calibrate with ImperativePTQ.calibrate "
                 f"(it keeps the first {MAX_CACHED_BATCHES}) or pass convert(model, data=...)"

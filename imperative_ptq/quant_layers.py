@@ -237,7 +237,7 @@ class QuantizedLayer(paddle.nn.Layer):
 
     def set_weight_integers(self, integers: np.ndarray, thresholds: np.ndarray | None = None) -> None:
         """Sets the weight to ``integers * t / L`` on the symmetric grid of ``thresholds``
-        (default: :attr:`grid_thresholds`), as a rounding algorithm chooses them.
+        (default: :attr:`grid_thresholds`), as a rounding algorithm (AdaRound) chooses them.
 
         Raises:
             ValueError: The layer has affine weights, or ``integers`` is off the grid.

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 STATE_ATTR = "_ptq_state"
 #: Attribute of a model being calibrated holding its :class:`CalibrationSession`.
 SESSION_ATTR = "_ptq_session"
-#: Calibration batches kept for bias correction.
+#: Calibration batches kept for bias correction and AdaRound.
 MAX_CACHED_BATCHES = 64
 _NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
 _DROPOUT_TYPES = tuple(
@@ -74,7 +74,7 @@ class CalibrationSession:
         ]
         self.root_hooks: list[Any] = []
         #: The fp32 model the quantized one was made from, kept when an algorithm in
-        #: ``convert`` compares the two (bias correction); else ``None``.
+        #: ``convert`` compares the two (bias correction, AdaRound); else ``None``.
         self.reference: paddle.nn.Layer | None = None
         #: Batches ``ImperativePTQ.calibrate`` ran, kept (up to :data:`MAX_CACHED_BATCHES`)
         #: for those algorithms while ``reference`` is set.

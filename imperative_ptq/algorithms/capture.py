@@ -1,5 +1,5 @@
 """What one layer of a model reads and writes on a list of batches (for the algorithms that
-need data, such as bias correction).
+need data: bias correction, AdaRound).
 
 Each capture runs the model only up to the layer: a hook records the tensor and stops the
 forward, so capturing layer ``k`` costs the layers before it.
