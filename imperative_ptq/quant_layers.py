@@ -158,6 +158,8 @@ class QuantizedLayer(paddle.nn.Layer):
         program_weight: With ``paddle_fc_scales``, the fp32 weight the Paddle program stores
             (whose fc then computes with this layer's weight); else ``None``.
         program_weight_thresholds: Its thresholds.
+        bias_correction: What bias correction added to the layer's bias, per channel
+            (``None``: nothing), so the fp32 layer it came from is still recognized.
     """
 
     def __init__(
@@ -180,6 +182,8 @@ class QuantizedLayer(paddle.nn.Layer):
         super().__init__()
         self.input_unsigned = bool(input_unsigned)
         self.program_weight: np.ndarray | None = None
+        #: What bias correction added to the layer's bias (``None``: nothing).
+        self.bias_correction: np.ndarray | None = None
         self.program_weight_thresholds: np.ndarray | None = None
         self.input_scale = input_scale
         self.input_zero_point = input_zero_point

@@ -116,3 +116,14 @@ def test_bias_correction_flag_must_be_bool() -> None:
     with pytest.raises(TypeError, match="bias_correction must be a bool"):
         _config(bias_correction=1)
     assert _config(bias_correction=True).to_dict()["bias_correction"] is True
+
+
+def test_analysis_recognizes_the_fp32_layers_of_a_corrected_model() -> None:
+    model, batches = _convnet(), _batches()
+    corrected = _converted(model, batches, bias_correction=True)
+    assert corrected[0].bias_correction is not None
+    report = ip.analyze(model, corrected, batches[:2])
+    assert sorted(report.names) == ["0", "3", "7"]
+    restored = ip.keep_fp32(corrected, ["7"], model)
+    assert isinstance(restored[7], nn.Linear)  # the fp32 layer, with its own bias
+    np.testing.assert_array_equal(restored[7].bias.numpy(), model[7].bias.numpy())

@@ -209,3 +209,15 @@ def test_ptq_config_equalizes_the_copy_only() -> None:
     ptq.convert(qmodel)
     with pytest.raises(TypeError, match="equalization must be a bool"):
         PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization="yes")
+
+
+def test_batch_norm_after_the_last_layer_of_a_chain_is_folded_too() -> None:
+    model = _randomize_norms(
+        nn.Sequential(nn.Conv2D(3, 4, 1), nn.BatchNorm2D(4), nn.ReLU(), nn.Conv2D(4, 4, 1),
+                      nn.BatchNorm2D(4)),
+        np.random.default_rng(5),
+    )
+    x = paddle.randn([2, 3, 5, 5])
+    equalized, _ = equalize(model, absorb_bias=False)
+    assert isinstance(equalized[1], nn.Identity) and isinstance(equalized[4], nn.Identity)
+    assert _relative_error(model(x).numpy(), equalized(x).numpy()) < 1e-5

@@ -86,6 +86,8 @@ def correct_bias(
         axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
         shift = channel_means(fp32_outputs, axis) - channel_means(quantized_outputs, axis)
         add_to_bias(layer.layer, shift)
+        previous = layer.bias_correction
+        layer.bias_correction = shift if previous is None else previous + shift
         corrections[name] = shift
     logger.info("bias correction: %d layers corrected", len(corrections))
     return corrections

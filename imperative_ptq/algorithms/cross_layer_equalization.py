@@ -186,7 +186,9 @@ def equalize(
     for links in parsed:  # check every pair before changing anything
         for link in links:
             _check_pair(link, layers)
-    norms = {link.norm: link.first for links in parsed for link in links if link.norm}
+    # Every BatchNorm of a chain is folded, the one after its last layer too, so an
+    # equalized model has no BatchNorm left where its chains run.
+    norms = {norm: first for chain in chains for first, norm in _chain_norms(chain, layers)}
     folded_norms = _norm_statistics(layers, norms)
     fuse_layers(model, [[first, norm] for norm, first in norms.items()])
     pairs: list[EqualizedPair] = []
@@ -239,6 +241,18 @@ def _parse_chain(chain: Sequence[str], layers: dict[str, paddle.nn.Layer]) -> li
                 f"Conv2D/Linear layers, BatchNorms, ReLU/ReLU6 and Identity only"
             )
     return links
+
+
+def _chain_norms(chain: Sequence[str], layers: dict[str, paddle.nn.Layer]) -> list[tuple[str, str]]:
+    """``(weighted layer, BatchNorm after it)`` pairs of a (parsed, valid) chain."""
+    found, previous = [], None
+    for name in chain:
+        layer = layers[name]
+        if isinstance(layer, _WEIGHTED):
+            previous = name
+        elif isinstance(layer, _NORMS):
+            found.append((previous, name))
+    return found
 
 
 def _fits(first: paddle.nn.Layer, second: paddle.nn.Layer) -> bool:
