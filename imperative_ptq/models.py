@@ -7,7 +7,7 @@ import paddle
 from tqdm import tqdm
 from paddle import nn
 
-__all__ = ["LeNet", "MnistConvNet", "Reshape", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
+__all__ = ["LeNet", "MnistConvNet", "MnistMobileNet", "Reshape", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
 
 
 class VerySimpleNet(nn.Layer):
@@ -133,6 +133,49 @@ class MnistConvNet(nn.Sequential):
             *_conv_bn_relu(wide, wide),
             nn.MaxPool2D(2),  # [N, wide, 3, 3]
             nn.Conv2D(wide, num_classes, 3),  # a Linear over the 3x3 map: [N, classes, 1, 1]
+            Reshape([-1, num_classes]),
+        )
+
+
+def _inverted_residual(
+    in_channels: int, out_channels: int, expansion: int, stride: int
+) -> list[nn.Layer]:
+    """MobileNetV2's block without its residual add: 1x1 expand, 3x3 depthwise, 1x1 linear
+    projection, each with a BatchNorm."""
+    hidden = in_channels * expansion
+    return [
+        nn.Conv2D(in_channels, hidden, 1, bias_attr=False), nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.Conv2D(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias_attr=False),
+        nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.Conv2D(hidden, out_channels, 1, bias_attr=False), nn.BatchNorm2D(out_channels),
+    ]
+
+
+class MnistMobileNet(nn.Sequential):
+    """A MobileNetV2-style depthwise-separable CNN for MNIST, small enough to train in minutes.
+
+    A strided stem, three inverted-residual blocks (expand, depthwise, linear projection; no
+    residual adds, so the whole body is one ``nn.Sequential`` chain that cross-layer
+    equalization finds), global average pooling and a 1x1 conv classifier. ReLU instead of
+    MobileNetV2's ReLU6, which does not commute with equalization's scaling.
+
+    Args:
+        num_classes: Number of outputs.
+        width: Channels of the stem; the blocks use ``width * 1.5`` and ``width * 2``.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
+            raise ValueError(f"width must be an even int >= 2, got {width!r}")
+        middle, wide = width * 3 // 2, width * 2
+        super().__init__(
+            nn.Conv2D(1, width, 3, stride=2, padding=1, bias_attr=False),  # [N, width, 14, 14]
+            nn.BatchNorm2D(width), nn.ReLU(),
+            *_inverted_residual(width, middle, 4, 1),
+            *_inverted_residual(middle, wide, 4, 2),  # [N, wide, 7, 7]
+            *_inverted_residual(wide, wide, 4, 1),
+            nn.AdaptiveAvgPool2D(1),
+            nn.Conv2D(wide, num_classes, 1),
             Reshape([-1, num_classes]),
         )
 
