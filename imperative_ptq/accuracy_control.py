@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import paddle
 
-from .algorithms import AdaRound, equalize
+from .algorithms import AdaRound, equalize, smooth_quant
 from .analysis import SensitivityReport, analyze, search_skip_set
 from .batches import eval_mode
 from .config import PTQConfig, default_ptq_config
@@ -94,6 +94,7 @@ def default_candidates(config: PTQConfig) -> list[Candidate]:
             equalization=config.equalization,
             bias_correction=config.bias_correction,
             adaround=config.adaround,
+            smooth_quant=config.smooth_quant,
         )
         arguments.update(changes)
         return PTQConfig(**arguments)
@@ -186,7 +187,7 @@ def quantize_with_accuracy_control(
     report = None
     metric = chosen.metric
     if metric < floor:
-        reference = _fp32_reference(model, chosen.config, fuse_list)
+        reference = _fp32_reference(model, chosen.config, fuse_list, batches)
         report = analyze(reference, quantized, batches)
         search = search_skip_set(reference, quantized, evaluate, max_drop, report)
         quantized, skip, metric = search.model, search.skip, search.metric
@@ -206,14 +207,18 @@ def quantize_with_accuracy_control(
 
 
 def _fp32_reference(
-    model: paddle.nn.Layer, config: PTQConfig, fuse_list: Sequence[Sequence[str]] | None
+    model: paddle.nn.Layer, config: PTQConfig, fuse_list: Sequence[Sequence[str]] | None,
+    batches: list[Any],
 ) -> paddle.nn.Layer:
-    """The fp32 model the quantized one was made from: ``model`` fused and equalized as
-    ``ImperativePTQ.quantize`` does (deterministic, so the weights are the same)."""
+    """The fp32 model the quantized one was made from: ``model`` fused, equalized and
+    smoothed (on the same batches) as ``ImperativePTQ`` does; deterministic, so the weights
+    are the same."""
     reference = copy.deepcopy(model)
     reference.eval()
     if fuse_list is not None:
         fuse_layers(reference, fuse_list)
     if config.equalization:
         equalize(reference, inplace=True)
+    if config.smooth_quant is not None:
+        smooth_quant(reference, batches, config.smooth_quant, inplace=True)
     return reference

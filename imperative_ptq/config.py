@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .algorithms import AdaRound
+from .algorithms.smooth_quant import SmoothQuant
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
 from .targets import DEFAULT_TARGET, get_target
 
@@ -33,6 +34,9 @@ class PTQConfig:
         adaround: In ``convert``, learn each Conv2D/Linear weight's rounding on the
             calibration batches (:class:`imperative_ptq.algorithms.AdaRound` settings;
             ``None``: nearest rounding). Runs before bias correction.
+        smooth_quant: Before the first batch ``calibrate`` observes, move activation
+            outliers of Linear inputs into their weights, folded into the producing
+            LayerNorm/Linear (:class:`imperative_ptq.algorithms.SmoothQuant` settings).
 
     Raises:
         TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role,
@@ -49,6 +53,7 @@ class PTQConfig:
         equalization: bool = False,
         bias_correction: bool = False,
         adaround: AdaRound | None = None,
+        smooth_quant: SmoothQuant | None = None,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
@@ -63,6 +68,15 @@ class PTQConfig:
                 f"{type(adaround).__name__}"
             )
         self.adaround = adaround
+        if smooth_quant is not None and not isinstance(smooth_quant, SmoothQuant):
+            raise TypeError(
+                f"smooth_quant must be an imperative_ptq.algorithms.SmoothQuant or None, got "
+                f"{type(smooth_quant).__name__}"
+            )
+        # The search simulates the weight arithmetic of the config's target.
+        self.smooth_quant = (
+            None if smooth_quant is None else dataclasses.replace(smooth_quant, target=self.target)
+        )
 
     @property
     def needs_data(self) -> bool:
@@ -86,6 +100,8 @@ class PTQConfig:
             algorithms["bias_correction"] = True
         if self.adaround is not None:
             algorithms["adaround"] = dataclasses.asdict(self.adaround)
+        if self.smooth_quant is not None:
+            algorithms["smooth_quant"] = dataclasses.asdict(self.smooth_quant)
         return {
             "target": self.target,
             **algorithms,
@@ -104,7 +120,8 @@ class PTQConfig:
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
             f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
             f"{', bias_correction=True' if self.bias_correction else ''}"
-            f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''})"
+            f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''}"
+            f"{f', smooth_quant={self.smooth_quant!r}' if self.smooth_quant is not None else ''})"
         )
 
 

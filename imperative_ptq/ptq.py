@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import os
 from typing import Any, Iterable, Iterator, Sequence
@@ -24,7 +25,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .algorithms import adaround, correct_bias, equalize
+from .algorithms import adaround, correct_bias, equalize, smooth_quant
+from .algorithms.smooth_quant import apply_smoothing
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import CalibrationTable, read_table_file, write_table
@@ -164,6 +166,7 @@ class ImperativePTQ:
         config = self._quant_config
         if config.needs_data:
             session.reference = copy.deepcopy(model)  # the fp32 model convert compares with
+        session.smoothing = config.smooth_quant
         for name, layer in model.named_sublayers():
             if (
                 layer.sublayers()
@@ -263,6 +266,8 @@ class ImperativePTQ:
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
         session = self._session(model)
+        if session.smoothing is not None:
+            data = self._smooth(model, session, data, max_batches)
         if session.reference is not None and hasattr(data, "__len__"):
             total = len(data) if max_batches is None else min(len(data), max_batches)
             data = _Sized(session.keep_batches(data), total)
@@ -480,6 +485,11 @@ class ImperativePTQ:
             logger.warning("model is already converted; nothing to do")
             return model
         session = self._session(model)
+        if session.smoothing is not None:
+            raise ValueError(
+                "PTQConfig(smooth_quant=...) smooths the model on the batches of "
+                "ImperativePTQ.calibrate, which was not called"
+            )
         batches = self._algorithm_batches(session, data)
         table = self.calibration_table(model)
         states = self._states(model)
@@ -542,6 +552,27 @@ class ImperativePTQ:
         delattr(model, SESSION_ATTR)
         mark_converted(model, target, _every_layer(table, states), _input_minima(states))
         return model
+
+    def _smooth(
+        self, model: paddle.nn.Layer, session: CalibrationSession, data: Iterable[Any],
+        max_batches: int | None,
+    ) -> list[Any]:
+        """Applies the config's SmoothQuant to the model (and its fp32 reference) on ``data``
+        before any statistics are gathered; returns the batches, listed."""
+        session.flush()  # batches run by hand may still be on the worker thread
+        if any(q.is_calibrated for q in session.quantizers().values()):
+            raise ValueError(
+                "PTQConfig(smooth_quant=...) must see the data before any batch is observed: "
+                "batches already ran through the model's hooks; quantize again and calibrate "
+                "with ImperativePTQ.calibrate only"
+            )
+        batches = list(data if max_batches is None else itertools.islice(data, max_batches))
+        session.detach()
+        _, groups = smooth_quant(model, batches, session.smoothing, inplace=True)
+        if session.reference is not None:
+            apply_smoothing(session.reference, groups)
+        session.smoothing = None
+        return batches
 
     def _algorithm_batches(
         self, session: CalibrationSession, data: Iterable[Any] | None

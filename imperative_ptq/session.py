@@ -79,6 +79,8 @@ class CalibrationSession:
         #: Batches ``ImperativePTQ.calibrate`` ran, kept (up to :data:`MAX_CACHED_BATCHES`)
         #: for those algorithms while ``reference`` is set.
         self.cached_batches: list[Any] = []
+        #: SmoothQuant settings still to apply before the first batch is observed.
+        self.smoothing: Any = None
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""

@@ -1,6 +1,7 @@
 """Algorithms that change a model's weights or biases to keep accuracy under quantization.
 
-One algorithm per module: cross-layer equalization (data-free, before calibration), AdaRound
+One algorithm per module: cross-layer equalization (data-free, before calibration), SmoothQuant
+(on the first calibration batches, before any is observed), AdaRound
 and bias correction (on the calibration data, in ``convert``). ``capture`` records what one
 layer reads and writes, for the last two.
 """
@@ -8,8 +9,9 @@ layer reads and writes, for the last two.
 from .adaround import AdaRound, AdaRoundResult, adaround
 from .bias_correction import correct_bias
 from .cross_layer_equalization import EqualizedPair, equalize, find_chains
+from .smooth_quant import SmoothQuant, SmoothedGroup, smooth_quant
 
 __all__ = [
-    "AdaRound", "AdaRoundResult", "EqualizedPair", "adaround", "correct_bias", "equalize",
-    "find_chains",
+    "AdaRound", "AdaRoundResult", "EqualizedPair", "SmoothQuant", "SmoothedGroup", "adaround",
+    "correct_bias", "equalize", "find_chains", "smooth_quant",
 ]
