@@ -10,7 +10,7 @@ Two tables:
   trained here on first use and cached next to the demo's) with per-channel and per-tensor
   8-bit weights, and 5-bit per-tensor weights (where one range must serve channels of very
   different widths): plain, bias correction, cross-layer equalization (CLE), CLE + bias
-  correction.
+  correction (empirical, and the one-pass analytical variant).
 
 BatchNorms are folded into their convs in every configuration (CLE folds the ones it
 equalizes; the others are folded through ``quantize(fuse=True)``), as Paddle Inference does.
@@ -168,6 +168,8 @@ def depthwise_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
             ("bias correction", {"bias_correction": True}),
             ("CLE", {"equalization": True}),
             ("CLE + bias correction", {"equalization": True, "bias_correction": True}),
+            ("CLE + analytical bias correction",
+             {"equalization": True, "bias_correction": "analytical"}),
         ):
             config = PTQConfig(MSEQuantizer(), quantizer, **algorithms)
             simulated, ran = quantized_accuracy(

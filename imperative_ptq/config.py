@@ -29,8 +29,10 @@ class PTQConfig:
             the Conv2D/Linear chains of ``nn.Sequential`` containers
             (:func:`imperative_ptq.algorithms.equalize`; data-free).
         bias_correction: In ``convert``, put each quantized layer's mean output back where
-            the fp32 model has it on the calibration batches
-            (:func:`imperative_ptq.algorithms.correct_bias`).
+            the fp32 model has it on the calibration batches: ``True`` (or ``"empirical"``)
+            measures it layer by layer (:func:`imperative_ptq.algorithms.correct_bias`),
+            ``"analytical"`` computes ``(W - W_q) E[x]`` from one pass
+            (:func:`~imperative_ptq.algorithms.correct_bias_analytically`).
         adaround: In ``convert``, learn each Conv2D/Linear weight's rounding on the
             calibration batches (:class:`imperative_ptq.algorithms.AdaRound` settings;
             ``None``: nearest rounding). Runs before bias correction.
@@ -51,7 +53,7 @@ class PTQConfig:
         target: str = DEFAULT_TARGET,
         *,
         equalization: bool = False,
-        bias_correction: bool = False,
+        bias_correction: bool | str = False,
         adaround: AdaRound | None = None,
         smooth_quant: SmoothQuant | None = None,
     ) -> None:
@@ -61,7 +63,17 @@ class PTQConfig:
         self.weight_quantizer = weight_quantizer.clone()
         self.target = get_target(target).name
         self.equalization = _check_flag("equalization", equalization)
-        self.bias_correction = _check_flag("bias_correction", bias_correction)
+        if bias_correction not in (True, False, "empirical", "analytical") or isinstance(
+            bias_correction, (int, float)
+        ) and not isinstance(bias_correction, bool):
+            raise TypeError(
+                f"bias_correction must be a bool, 'empirical' or 'analytical', got "
+                f"{bias_correction!r}"
+            )
+        #: ``False``, ``True`` (empirical) or ``"analytical"``.
+        self.bias_correction: bool | str = (
+            True if bias_correction == "empirical" else bias_correction
+        )
         if adaround is not None and not isinstance(adaround, AdaRound):
             raise TypeError(
                 f"adaround must be an imperative_ptq.algorithms.AdaRound or None, got "
@@ -97,7 +109,7 @@ class PTQConfig:
         if self.equalization:
             algorithms["equalization"] = True
         if self.bias_correction:
-            algorithms["bias_correction"] = True
+            algorithms["bias_correction"] = self.bias_correction
         if self.adaround is not None:
             algorithms["adaround"] = dataclasses.asdict(self.adaround)
         if self.smooth_quant is not None:
@@ -119,7 +131,7 @@ class PTQConfig:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
             f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
-            f"{', bias_correction=True' if self.bias_correction else ''}"
+            f"{f', bias_correction={self.bias_correction!r}' if self.bias_correction else ''}"
             f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''}"
             f"{f', smooth_quant={self.smooth_quant!r}' if self.smooth_quant is not None else ''})"
         )

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .algorithms import adaround, correct_bias, equalize, smooth_quant
+from .algorithms import adaround, correct_bias, correct_bias_analytically, equalize, smooth_quant
 from .algorithms.smooth_quant import apply_smoothing
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
@@ -546,7 +546,9 @@ class ImperativePTQ:
             config = self._quant_config
             if config.adaround is not None:
                 adaround(model, session.reference, batches, config.adaround, progress)
-            if config.bias_correction:
+            if config.bias_correction == "analytical":
+                correct_bias_analytically(model, session.reference, batches)
+            elif config.bias_correction:
                 correct_bias(model, session.reference, batches, progress)
         session.reference, session.cached_batches = None, []
         delattr(model, SESSION_ATTR)

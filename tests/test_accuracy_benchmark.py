@@ -61,7 +61,8 @@ def test_depthwise_rows_run_every_configuration(tmp_path) -> None:
     assert [(row.weights, row.algorithms) for row in rows] == [
         (weights, label)
         for weights in ("8-bit per-channel", "8-bit per-tensor", "5-bit per-tensor")
-        for label in ("plain", "bias correction", "CLE", "CLE + bias correction")
+        for label in ("plain", "bias correction", "CLE", "CLE + bias correction",
+                      "CLE + analytical bias correction")
     ]
     assert all(row.inference is None for row in rows)
 

@@ -127,3 +127,28 @@ def test_analysis_recognizes_the_fp32_layers_of_a_corrected_model() -> None:
     restored = ip.keep_fp32(corrected, ["7"], model)
     assert isinstance(restored[7], nn.Linear)  # the fp32 layer, with its own bias
     np.testing.assert_array_equal(restored[7].bias.numpy(), model[7].bias.numpy())
+
+
+def test_analytical_correction_keeps_each_layer_mean_on_fp32_inputs() -> None:
+    """``b += (W - W_q) E[x]``: with fp32 inputs, each corrected layer's mean output equals the
+    fp32 layer's (exact for a Linear and a 1x1 conv: every output reads every input position)."""
+    model = nn.Sequential(
+        nn.Conv2D(3, 8, 1), nn.ReLU(), nn.Conv2D(8, 8, 1, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    ).eval()
+    batches = _batches()
+    corrected = _converted(model, batches, bias_correction="analytical")
+    plain = _converted(model, batches)
+    for index in (0, 2, 5):
+        inputs = [paddle.to_tensor(b) for b in batches]
+        if index:
+            inputs = [paddle.to_tensor(o) for o in _layer_outputs(model, batches, index - 1)]
+        with paddle.no_grad():
+            fp32 = _means([model[index](x).numpy() for x in inputs])
+            fixed = _means([corrected[index].layer(x).numpy() for x in inputs])
+            shifted = _means([plain[index].layer(x).numpy() for x in inputs])
+        assert np.abs(fixed - fp32).max() < 1e-5 * max(1.0, np.abs(fp32).max()), index
+        assert np.abs(shifted - fp32).max() > 100 * np.abs(fixed - fp32).max(), index
+    assert _config(bias_correction="analytical").to_dict()["bias_correction"] == "analytical"
+    with pytest.raises(TypeError, match="'empirical' or 'analytical'"):
+        _config(bias_correction="fast")

@@ -7,11 +7,11 @@ layer reads and writes, for the last two.
 """
 
 from .adaround import AdaRound, AdaRoundResult, adaround
-from .bias_correction import correct_bias
+from .bias_correction import correct_bias, correct_bias_analytically
 from .cross_layer_equalization import EqualizedPair, equalize, find_chains
 from .smooth_quant import SmoothQuant, SmoothedGroup, smooth_quant
 
 __all__ = [
     "AdaRound", "AdaRoundResult", "EqualizedPair", "SmoothQuant", "SmoothedGroup", "adaround",
-    "correct_bias", "equalize", "find_chains", "smooth_quant",
+    "correct_bias", "correct_bias_analytically", "equalize", "find_chains", "smooth_quant",
 ]

@@ -38,7 +38,7 @@ import paddle
 
 from ..fuse import fuse_layers
 
-__all__ = ["EqualizedPair", "equalize", "find_chains"]
+__all__ = ["EqualizedPair", "equalize", "find_chains", "input_channel_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def output_channel_ranges(layer: paddle.nn.Layer) -> np.ndarray:
     return weight.max(axis=tuple(a for a in range(weight.ndim) if a != axis))
 
 
-def _input_index(layer: paddle.nn.Layer, channels: int) -> np.ndarray:
+def input_channel_index(layer: paddle.nn.Layer, channels: int) -> np.ndarray:
     """For a Conv2D weight ``[out, in/groups, ...]``: the input channel each ``[out, in/groups]``
     entry reads (grouped and depthwise convs included)."""
     out, per_group = layer.weight.shape[0], layer.weight.shape[1]
@@ -356,7 +356,7 @@ def input_channel_ranges(layer: paddle.nn.Layer, channels: int) -> np.ndarray:
         return weight.max(axis=1)
     per_entry = weight.reshape(weight.shape[0], weight.shape[1], -1).max(axis=2)
     ranges = np.zeros(channels)
-    np.maximum.at(ranges, _input_index(layer, channels), per_entry)
+    np.maximum.at(ranges, input_channel_index(layer, channels), per_entry)
     return ranges
 
 
@@ -377,7 +377,7 @@ def _scale_input_channels(layer: paddle.nn.Layer, factors: np.ndarray) -> None:
     if isinstance(layer, paddle.nn.Linear):
         scaled = weight * factors[:, None]
     else:
-        index = _input_index(layer, factors.size)
+        index = input_channel_index(layer, factors.size)
         scaled = weight * factors[index].reshape(*index.shape, *([1] * (weight.ndim - 2)))
     layer.weight.set_value(scaled.astype(weight.dtype))
 
@@ -440,7 +440,7 @@ def _absorb(
         if isinstance(second, paddle.nn.Linear):
             shift = absorbed @ weight
         else:
-            index = _input_index(second, absorbed.size)
+            index = input_channel_index(second, absorbed.size)
             shift = (weight.reshape(*index.shape) * absorbed[index]).sum(axis=1)
         if second.bias is None:
             second.bias = second.create_parameter(
