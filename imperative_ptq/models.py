@@ -7,7 +7,7 @@ import paddle
 from tqdm import tqdm
 from paddle import nn
 
-__all__ = ["LeNet", "MnistConvNet", "MnistMobileNet", "Reshape", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
+__all__ = ["EncoderBlock", "LeNet", "MnistConvNet", "MnistMobileNet", "MnistSequenceEncoder", "Reshape", "SpaceToDepth", "VerySimpleNet", "train_classifier"]
 
 
 class VerySimpleNet(nn.Layer):
@@ -178,6 +178,78 @@ class MnistMobileNet(nn.Sequential):
             nn.Conv2D(wide, num_classes, 1),
             Reshape([-1, num_classes]),
         )
+
+
+class EncoderBlock(nn.Layer):
+    """A pre-norm transformer encoder block: LayerNorm -> q, k, v -> attention -> projection,
+    LayerNorm -> Linear -> ReLU -> Linear, each with a residual add."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        batch, tokens, width = x.shape
+        h = self.norm1(x)
+
+        def split(t: paddle.Tensor) -> paddle.Tensor:
+            return t.reshape([-1, tokens, self.heads, width // self.heads]).transpose([0, 2, 1, 3])
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        attention = paddle.nn.functional.softmax(
+            paddle.matmul(q, k, transpose_y=True) / float(np.sqrt(width // self.heads)), axis=-1
+        )
+        mixed = paddle.matmul(attention, v).transpose([0, 2, 1, 3]).reshape([-1, tokens, width])
+        x = x + self.proj(mixed)
+        return x + self.fc2(self.relu(self.fc1(self.norm2(x))))
+
+    def smoothing_groups(self, prefix: str) -> list[list[str]]:
+        """SmoothQuant groups: each LayerNorm with the Linears reading it."""
+        return [
+            [f"{prefix}norm1", f"{prefix}q", f"{prefix}k", f"{prefix}v"],
+            [f"{prefix}norm2", f"{prefix}fc1"],
+        ]
+
+
+class MnistSequenceEncoder(nn.Layer):
+    """A small transformer encoder reading an MNIST image as a sequence of 28 rows.
+
+    Args:
+        num_classes: Number of outputs.
+        width: Token width.
+        depth: Encoder blocks.
+        heads: Attention heads.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, width)
+        self.position = self.create_parameter(
+            [1, 28, width], default_initializer=nn.initializer.Normal(std=0.02)
+        )
+        self.blocks = nn.LayerList([EncoderBlock(width, heads, 2 * width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.embed(x.reshape([-1, 28, 28])) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(axis=1))
+
+    def smoothing_groups(self) -> list[list[str]]:
+        """SmoothQuant groups of every block (and the final LayerNorm with the head)."""
+        groups = [g for i, b in enumerate(self.blocks) for g in b.smoothing_groups(f"blocks.{i}.")]
+        return groups
 
 
 def train_classifier(

@@ -77,6 +77,22 @@ def test_mobilenet_body_is_one_equalizable_chain() -> None:
         MnistMobileNet(width=7)
 
 
+def test_injected_outliers_keep_the_encoder_function() -> None:
+    from imperative_ptq.models import MnistSequenceEncoder
+
+    model = MnistSequenceEncoder(width=16, depth=1, heads=2).eval()
+    x = paddle.to_tensor(np.random.default_rng(0).random((4, 1, 28, 28)).astype("float32"))
+    expected = model(x).numpy()
+    groups = model.smoothing_groups()
+    assert groups == [["blocks.0.norm1", "blocks.0.q", "blocks.0.k", "blocks.0.v"],
+                      ["blocks.0.norm2", "blocks.0.fc1"]]
+    accuracy.inject_outliers(model, groups, (1, 7), 30.0)
+    np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert model.blocks[0].norm1.weight.numpy()[7] == pytest.approx(
+        30.0 * MnistSequenceEncoder(width=16, depth=1, heads=2).blocks[0].norm1.weight.numpy()[7]
+    )
+
+
 def test_script_help_runs() -> None:
     result = subprocess.run(
         [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120,
