@@ -17,6 +17,8 @@ Two tables:
   outlier channels injected into its LayerNorm outputs without changing its function (the
   way LLM.int8 / SmoothQuant describe them): int8 with and without SmoothQuant, per target,
   in the simulation.
+* **Budget**: ``quantize_with_accuracy_control`` on the depthwise net with 5-bit per-tensor
+  weights and the MLP with 4-bit weights, choosing on validation images.
 
 BatchNorms are folded into their convs in every configuration (CLE folds the ones it
 equalizes; the others are folded through ``quantize(fuse=True)``), as Paddle Inference does.
@@ -46,6 +48,7 @@ import mnist_ptq as demo  # noqa: E402
 
 from imperative_ptq import (  # noqa: E402
     AbsmaxQuantizer,
+    quantize_with_accuracy_control,
     ImperativePTQ,
     MSEQuantizer,
     PerChannelAbsmaxQuantizer,
@@ -62,7 +65,7 @@ from imperative_ptq.models import (  # noqa: E402
     train_classifier,
 )
 
-TABLES = ("w4a8", "depthwise", "transformer")
+TABLES = ("w4a8", "depthwise", "transformer", "budget")
 #: The depthwise net's training recipe (about 3 minutes on 2 cores).
 MOBILENET = demo.Recipe(lambda: MnistMobileNet(width=8), epochs=3, batch_size=128)
 #: The transformer's training recipe (about 2.5 minutes on 2 cores).
@@ -260,6 +263,43 @@ def transformer_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def budget_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
+    """``quantize_with_accuracy_control`` on the configurations plain PTQ handles worst: it
+    chooses on 2000 validation images, the row reports the test accuracy of its choice."""
+    calibration = _calibration(data, args.calibration_size)
+    val_images = paddle.to_tensor(data.val_images[:2000])
+    val_labels = data.val_labels[:2000]
+
+    def evaluate(model: paddle.nn.Layer) -> float:
+        with paddle.no_grad():
+            return float((model(val_images).numpy().argmax(1) == val_labels).mean() * 100)
+
+    rows = []
+    for name, model, weights, quantizer, max_drop in (
+        ("depthwise", trained_mobilenet(args.cache_dir), "5-bit per-tensor", AbsmaxQuantizer(5),
+         0.3),
+        ("mlp", demo.trained_model("mlp", args.cache_dir), "4-bit per-channel",
+         PerChannelAbsmaxQuantizer(4), 0.1),
+    ):
+        pairs = norm_pairs(model)
+        result = quantize_with_accuracy_control(
+            model, calibration, evaluate, max_drop, PTQConfig(MSEQuantizer(), quantizer),
+            fuse_list=pairs or None,
+        )
+        logging.info("%s accuracy control:\n%s", name, result.summary())
+        images, labels = data.test_images[: args.test_size], data.test_labels[: args.test_size]
+        tried = ", ".join(f"{c.name} {c.metric:.2f}" for c in result.candidates if c.metric is not None)
+        rows.append(Row(
+            "budget", name, weights,
+            f"max_drop {max_drop} on validation: tried {tried}; chose {result.chosen.name}, "
+            f"{len(result.skip)} layers fp32",
+            demo.accuracy(demo.dygraph_predictor(result.model), images, labels), None,
+            demo.accuracy(demo.dygraph_predictor(model), images, labels),
+        ))
+        logging.info("%s", rows[-1])
+    return rows
+
+
 def _calibration(data: MNIST, size: int, batch_size: int = 64) -> list[np.ndarray]:
     images = data.train_images[:size]
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
@@ -314,6 +354,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += depthwise_rows(data, args)
     if "transformer" in args.tables:
         rows += transformer_rows(data, args)
+    if "budget" in args.tables:
+        rows += budget_rows(data, args)
     return rows
 
 

@@ -5,7 +5,8 @@ keeps the fewest layers in fp32 needed to stay within ``max_drop``, reports and 
     print(result.summary())
 
 The candidates are tried from cheapest to dearest (by default: the config as given, then with
-bias correction, then, for weights below 8 bits, with AdaRound and bias correction); the first
+bias correction, then with cross-layer equalization and bias correction, then, for weights
+below 8 bits, with AdaRound and bias correction); the first
 within the budget with every layer quantized wins. If none is, the best one goes to
 :func:`imperative_ptq.analysis.search_skip_set`, which ranks its layers by sensitivity
 (:func:`~imperative_ptq.analysis.analyze`) and puts the fewest it can back in fp32.
@@ -84,8 +85,8 @@ class AccuracyControlResult:
 
 
 def default_candidates(config: PTQConfig) -> list[Candidate]:
-    """``config``; with bias correction; and, for weights below 8 bits, with AdaRound and bias
-    correction (cheapest first)."""
+    """``config``; with bias correction; with cross-layer equalization and bias correction;
+    and, for weights below 8 bits, with AdaRound and bias correction (cheapest first)."""
     def variant(**changes: Any) -> PTQConfig:
         arguments = dict(
             activation_quantizer=config.activation_quantizer,
@@ -102,6 +103,10 @@ def default_candidates(config: PTQConfig) -> list[Candidate]:
     candidates = [Candidate("as configured", config)]
     if not config.bias_correction:
         candidates.append(Candidate("bias correction", variant(bias_correction=True)))
+    if not config.equalization:
+        candidates.append(Candidate(
+            "CLE + bias correction", variant(equalization=True, bias_correction=True)
+        ))
     if config.adaround is None and config.weight_quantizer.quant_bits < 8:
         candidates.append(Candidate(
             "AdaRound + bias correction", variant(adaround=AdaRound(), bias_correction=True)

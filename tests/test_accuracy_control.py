@@ -50,7 +50,7 @@ def test_generous_budget_takes_the_first_configuration(mlp_and_data, tmp_path) -
         model, calibration, evaluate, 5.0, _config(8), path=tmp_path / "m", input_spec=spec
     )
     assert result.chosen.name == "as configured" and result.skip == [] and result.within_budget
-    assert [c.metric is not None for c in result.candidates] == [True, False]
+    assert [c.metric is not None for c in result.candidates] == [True, False, False]
     assert result.metric == pytest.approx(evaluate(result.model))
     assert result.fp32_metric - result.metric <= 5.0
     assert os.path.exists(tmp_path / "m.pdmodel")
@@ -71,10 +71,15 @@ def test_zero_budget_keeps_layers_in_fp32_ranked_by_analyze(mlp_and_data) -> Non
 
 
 def test_default_candidates_add_algorithms_for_low_bit_weights() -> None:
-    assert [c.name for c in default_candidates(_config(8))] == ["as configured", "bias correction"]
+    assert [c.name for c in default_candidates(_config(8))] == [
+        "as configured", "bias correction", "CLE + bias correction"
+    ]
     names = [c.name for c in default_candidates(_config(4))]
-    assert names == ["as configured", "bias correction", "AdaRound + bias correction"]
-    assert default_candidates(_config(4))[2].config.adaround is not None
+    assert names == [
+        "as configured", "bias correction", "CLE + bias correction", "AdaRound + bias correction"
+    ]
+    assert default_candidates(_config(4))[3].config.adaround is not None
+    assert default_candidates(_config(4))[2].config.equalization
 
 
 def test_unreachable_budget_warns_and_bad_input_is_refused(mlp_and_data, caplog) -> None:
