@@ -6,6 +6,7 @@ calibrates fast, and exports int8 models.
 
 import logging
 
+from .accuracy_control import AccuracyControlResult, quantize_with_accuracy_control
 from .analysis import SensitivityReport, analyze, keep_fp32, search_skip_set
 from .calibration_table import FORMAT_VERSION as CALIBRATION_TABLE_VERSION
 from .collector import CalibrationError
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AbsmaxQuantizer",
+    "AccuracyControlResult",
     "BaseHistQuantizer",
     "BaseQuantizer",
     "CALIBRATION_TABLE_VERSION",
@@ -81,6 +83,7 @@ __all__ = [
     "quantize_per_channel",
     "quantize_dynamic",
     "quantize_per_tensor",
+    "quantize_with_accuracy_control",
     "register_layer",
     "search_skip_set",
 ]

@@ -245,12 +245,20 @@ def _check_pair(name: str, fp32: paddle.nn.Layer, quantized: QuantizedLayer) -> 
     if list(fp32.weight.shape) != list(inner.weight.shape):
         raise ValueError(f"layer {name!r}: weight shapes differ between fp32 and quantized model")
     fp32_bias, q_bias = getattr(fp32, "bias", None), getattr(inner, "bias", None)
-    if (fp32_bias is None) != (q_bias is None) or (
-        fp32_bias is not None and not np.array_equal(fp32_bias.numpy(), q_bias.numpy())
-    ):
+    correction = quantized.bias_correction
+    if correction is not None and q_bias is not None:
+        # Bias correction added ``correction`` (to a zero bias it created, if none).
+        expected = correction if fp32_bias is None else fp32_bias.numpy() + correction
+        same = np.allclose(q_bias.numpy(), expected, rtol=1e-5, atol=1e-6)
+    else:
+        same = (fp32_bias is None) == (q_bias is None) and (
+            fp32_bias is None or np.array_equal(fp32_bias.numpy(), q_bias.numpy())
+        )
+    if not same:
         raise ValueError(
             f"layer {name!r}: the bias differs between the fp32 and quantized model (was it "
-            f"quantized with fuse=True? then pass the fused fp32 model)"
+            f"quantized with fuse=True or PTQConfig(equalization=True)? then pass the fp32 "
+            f"model fused or equalized the same way)"
         )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from .algorithms import AdaRound
+from .algorithms.smooth_quant import SmoothQuant
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
 from .targets import DEFAULT_TARGET, get_target
 
@@ -21,10 +25,24 @@ class PTQConfig:
         target: The deployment whose int8 arithmetic ``convert`` simulates and the export
             writes for (:data:`imperative_ptq.targets.TARGETS`): ``"x86"`` (default, right on
             every x86 CPU with AVX2), ``"x86-vnni"`` or ``"arm"``.
+        equalization: Cross-layer equalization with bias absorption before calibration, on
+            the Conv2D/Linear chains of ``nn.Sequential`` containers
+            (:func:`imperative_ptq.algorithms.equalize`; data-free).
+        bias_correction: In ``convert``, put each quantized layer's mean output back where
+            the fp32 model has it on the calibration batches: ``True`` (or ``"empirical"``)
+            measures it layer by layer (:func:`imperative_ptq.algorithms.correct_bias`),
+            ``"analytical"`` computes ``(W - W_q) E[x]`` from one pass
+            (:func:`~imperative_ptq.algorithms.correct_bias_analytically`).
+        adaround: In ``convert``, learn each Conv2D/Linear weight's rounding on the
+            calibration batches (:class:`imperative_ptq.algorithms.AdaRound` settings;
+            ``None``: nearest rounding). Runs before bias correction.
+        smooth_quant: Before the first batch ``calibrate`` observes, move activation
+            outliers of Linear inputs into their weights, folded into the producing
+            LayerNorm/Linear (:class:`imperative_ptq.algorithms.SmoothQuant` settings).
 
     Raises:
-        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role, or
-            ``target`` is not a string.
+        TypeError: A quantizer is not a ``BaseQuantizer`` or does not fit its role,
+            ``target`` is not a string, or a flag is not a bool.
         ValueError: ``target`` is not a known target.
     """
 
@@ -33,12 +51,49 @@ class PTQConfig:
         activation_quantizer: BaseQuantizer,
         weight_quantizer: BaseQuantizer,
         target: str = DEFAULT_TARGET,
+        *,
+        equalization: bool = False,
+        bias_correction: bool | str = False,
+        adaround: AdaRound | None = None,
+        smooth_quant: SmoothQuant | None = None,
     ) -> None:
         _check_quantizer("activation_quantizer", activation_quantizer, "for_activations")
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
         self.activation_quantizer = activation_quantizer.clone()
         self.weight_quantizer = weight_quantizer.clone()
         self.target = get_target(target).name
+        self.equalization = _check_flag("equalization", equalization)
+        if bias_correction not in (True, False, "empirical", "analytical") or isinstance(
+            bias_correction, (int, float)
+        ) and not isinstance(bias_correction, bool):
+            raise TypeError(
+                f"bias_correction must be a bool, 'empirical' or 'analytical', got "
+                f"{bias_correction!r}"
+            )
+        #: ``False``, ``True`` (empirical) or ``"analytical"``.
+        self.bias_correction: bool | str = (
+            True if bias_correction == "empirical" else bias_correction
+        )
+        if adaround is not None and not isinstance(adaround, AdaRound):
+            raise TypeError(
+                f"adaround must be an imperative_ptq.algorithms.AdaRound or None, got "
+                f"{type(adaround).__name__}"
+            )
+        self.adaround = adaround
+        if smooth_quant is not None and not isinstance(smooth_quant, SmoothQuant):
+            raise TypeError(
+                f"smooth_quant must be an imperative_ptq.algorithms.SmoothQuant or None, got "
+                f"{type(smooth_quant).__name__}"
+            )
+        # The search simulates the weight arithmetic of the config's target.
+        self.smooth_quant = (
+            None if smooth_quant is None else dataclasses.replace(smooth_quant, target=self.target)
+        )
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether ``convert`` runs an algorithm on the calibration batches."""
+        return self.bias_correction or self.adaround is not None
 
     def new_activation_quantizer(self) -> BaseQuantizer:
         """A fresh activation quantizer for one role of one layer."""
@@ -50,8 +105,18 @@ class PTQConfig:
 
     def to_dict(self) -> dict[str, object]:
         """The algorithms, their arguments and the target, for calibration tables and logs."""
+        algorithms: dict[str, object] = {}
+        if self.equalization:
+            algorithms["equalization"] = True
+        if self.bias_correction:
+            algorithms["bias_correction"] = self.bias_correction
+        if self.adaround is not None:
+            algorithms["adaround"] = dataclasses.asdict(self.adaround)
+        if self.smooth_quant is not None:
+            algorithms["smooth_quant"] = dataclasses.asdict(self.smooth_quant)
         return {
             "target": self.target,
+            **algorithms,
             "activation_quantizer": {
                 "type": type(self.activation_quantizer).__name__,
                 **self.activation_quantizer.config(),
@@ -65,8 +130,17 @@ class PTQConfig:
     def __repr__(self) -> str:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
-            f"target={self.target!r})"
+            f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
+            f"{f', bias_correction={self.bias_correction!r}' if self.bias_correction else ''}"
+            f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''}"
+            f"{f', smooth_quant={self.smooth_quant!r}' if self.smooth_quant is not None else ''})"
         )
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:

@@ -90,6 +90,7 @@ def convert_layers(
                 **affine_layer_params(entry),
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
+                onednn_weights=target.onednn,
             )
             replace_sublayer(model, layer, wrapped)
         elif "output" in entry:

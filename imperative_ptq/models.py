@@ -8,8 +8,8 @@ from tqdm import tqdm
 from paddle import nn
 
 __all__ = [
-    "LeNet", "MnistConvNet", "Reshape", "RowTransformer", "SpaceToDepth", "VerySimpleNet",
-    "train_classifier",
+    "EncoderBlock", "LeNet", "MnistConvNet", "MnistMobileNet", "MnistSequenceEncoder", "Reshape",
+    "RowTransformer", "SpaceToDepth", "VerySimpleNet", "train_classifier",
 ]
 
 
@@ -218,6 +218,121 @@ class RowTransformer(nn.Layer):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x).mean(axis=1))
+
+
+def _inverted_residual(
+    in_channels: int, out_channels: int, expansion: int, stride: int
+) -> list[nn.Layer]:
+    """MobileNetV2's block without its residual add: 1x1 expand, 3x3 depthwise, 1x1 linear
+    projection, each with a BatchNorm."""
+    hidden = in_channels * expansion
+    return [
+        nn.Conv2D(in_channels, hidden, 1, bias_attr=False), nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.Conv2D(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias_attr=False),
+        nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.Conv2D(hidden, out_channels, 1, bias_attr=False), nn.BatchNorm2D(out_channels),
+    ]
+
+
+class MnistMobileNet(nn.Sequential):
+    """A MobileNetV2-style depthwise-separable CNN for MNIST, small enough to train in minutes.
+
+    A strided stem, three inverted-residual blocks (expand, depthwise, linear projection; no
+    residual adds, so the whole body is one ``nn.Sequential`` chain that cross-layer
+    equalization finds), global average pooling and a 1x1 conv classifier. ReLU instead of
+    MobileNetV2's ReLU6, which does not commute with equalization's scaling.
+
+    Args:
+        num_classes: Number of outputs.
+        width: Channels of the stem; the blocks use ``width * 1.5`` and ``width * 2``.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
+            raise ValueError(f"width must be an even int >= 2, got {width!r}")
+        middle, wide = width * 3 // 2, width * 2
+        super().__init__(
+            nn.Conv2D(1, width, 3, stride=2, padding=1, bias_attr=False),  # [N, width, 14, 14]
+            nn.BatchNorm2D(width), nn.ReLU(),
+            *_inverted_residual(width, middle, 4, 1),
+            *_inverted_residual(middle, wide, 4, 2),  # [N, wide, 7, 7]
+            *_inverted_residual(wide, wide, 4, 1),
+            nn.AdaptiveAvgPool2D(1),
+            nn.Conv2D(wide, num_classes, 1),
+            Reshape([-1, num_classes]),
+        )
+
+
+class EncoderBlock(nn.Layer):
+    """A pre-norm transformer encoder block: LayerNorm -> q, k, v -> attention -> projection,
+    LayerNorm -> Linear -> ReLU -> Linear, each with a residual add."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        batch, tokens, width = x.shape
+        h = self.norm1(x)
+
+        def split(t: paddle.Tensor) -> paddle.Tensor:
+            return t.reshape([-1, tokens, self.heads, width // self.heads]).transpose([0, 2, 1, 3])
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        attention = paddle.nn.functional.softmax(
+            paddle.matmul(q, k, transpose_y=True) / float(np.sqrt(width // self.heads)), axis=-1
+        )
+        mixed = paddle.matmul(attention, v).transpose([0, 2, 1, 3]).reshape([-1, tokens, width])
+        x = x + self.proj(mixed)
+        return x + self.fc2(self.relu(self.fc1(self.norm2(x))))
+
+    def smoothing_groups(self, prefix: str) -> list[list[str]]:
+        """SmoothQuant groups: each LayerNorm with the Linears reading it."""
+        return [
+            [f"{prefix}norm1", f"{prefix}q", f"{prefix}k", f"{prefix}v"],
+            [f"{prefix}norm2", f"{prefix}fc1"],
+        ]
+
+
+class MnistSequenceEncoder(nn.Layer):
+    """A small transformer encoder reading an MNIST image as a sequence of 28 rows.
+
+    Args:
+        num_classes: Number of outputs.
+        width: Token width.
+        depth: Encoder blocks.
+        heads: Attention heads.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, depth: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, width)
+        self.position = self.create_parameter(
+            [1, 28, width], default_initializer=nn.initializer.Normal(std=0.02)
+        )
+        self.blocks = nn.LayerList([EncoderBlock(width, heads, 2 * width) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.embed(x.reshape([-1, 28, 28])) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(axis=1))
+
+    def smoothing_groups(self) -> list[list[str]]:
+        """SmoothQuant groups of every block (and the final LayerNorm with the head)."""
+        groups = [g for i, b in enumerate(self.blocks) for g in b.smoothing_groups(f"blocks.{i}.")]
+        return groups
 
 
 def train_classifier(

@@ -72,6 +72,28 @@ def quantize_weight(
     return integers.astype(np.int8 if bits <= 8 else np.int16)
 
 
+def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 weight Paddle Inference's oneDNN conv runs for a dequantized conv weight.
+
+    Like the fc (:func:`paddle_fc_weight`), the conv's weight scales are recomputed from the
+    dequantized weight: per output channel (``axis``) abs-max, ``w * 127 / max`` rounded half
+    to even. A no-op for 8-bit weights (the abs-max is the threshold); weights on a narrower
+    grid (``bits < 8``) run as this 8-bit rounding of their values.
+
+    Returns:
+        ``(integers, thresholds)`` with ``integers * thresholds / 127`` the weight that runs.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    reduce = tuple(a for a in range(weight.ndim) if a != axis)
+    thresholds = np.abs(weight).max(axis=reduce)
+    safe = np.where(thresholds > 0, thresholds, np.float32(1))
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    multipliers = (np.float32(127) * (np.float32(1) / safe)).reshape(shape)
+    integers = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
+    return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
+
+
 def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN fc really runs for a ``[in, out]`` weight.
 
@@ -127,12 +149,18 @@ class QuantizedLayer(paddle.nn.Layer):
             computes with the weight that fc derives from the exported one
             (:func:`paddle_fc_weight`); :attr:`program_weight` and
             :attr:`program_weight_thresholds` keep what the Paddle program stores.
+        onednn_weights: The layer runs in Paddle Inference's oneDNN int8 pipeline: a conv
+            with weights narrower than 8 bits, or with one threshold for all channels, computes
+            with their per-channel 8-bit requantization (:func:`onednn_conv_weight`);
+            :attr:`program_weight` keeps the stored one.
 
     Attributes:
         weight_thresholds: Thresholds of the weight the layer computes with.
         program_weight: With ``paddle_fc_scales``, the fp32 weight the Paddle program stores
             (whose fc then computes with this layer's weight); else ``None``.
         program_weight_thresholds: Its thresholds.
+        bias_correction: What bias correction added to the layer's bias, per channel
+            (``None``: nothing), so the fp32 layer it came from is still recognized.
     """
 
     def __init__(
@@ -150,10 +178,13 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_zero_points: Sequence[int] | None = None,
         input_unsigned: bool = False,
         paddle_fc_scales: bool = False,
+        onednn_weights: bool = False,
     ) -> None:
         super().__init__()
         self.input_unsigned = bool(input_unsigned)
         self.program_weight: np.ndarray | None = None
+        #: What bias correction added to the layer's bias (``None``: nothing).
+        self.bias_correction: np.ndarray | None = None
         self.program_weight_thresholds: np.ndarray | None = None
         self.input_scale = input_scale
         self.input_zero_point = input_zero_point
@@ -173,20 +204,23 @@ class QuantizedLayer(paddle.nn.Layer):
         if paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1:
             # The export stores square weights per tensor (see export.program._int8_weight).
             weight_thresholds = np.full_like(weight_thresholds, weight_thresholds.max())
+        self.paddle_fc_scales = paddle_fc_scales
+        # Paddle requantizes a conv's weight per output channel from its largest value: an
+        # identity for per-channel 8-bit codes reaching +-127, not for narrower grids nor for
+        # one threshold shared by all channels (measured: 1.9% relative output error on a
+        # small conv net with per-tensor 8-bit weights before it was simulated).
+        self.requantized_conv = (
+            bool(onednn_weights) and weight.ndim > 2
+            and (weight_bits < 8 or weight_thresholds.size == 1)
+        )
+        self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():
             original = weight.numpy()
             if self.weight_scales is None:
-                integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
-                scales = _weight_scales(weight_thresholds, weight_bits, weight_axis, weight.ndim)
-                quantized = (integers.astype(np.float32) * scales).astype(np.float32)
-                if paddle_fc_scales:
-                    self.program_weight = quantized
-                    self.program_weight_thresholds = weight_thresholds
-                    integers, weight_thresholds = paddle_fc_weight(quantized)
-                    quantized = (
-                        integers.astype(np.float32) * (weight_thresholds / np.float32(127))
-                    ).astype(np.float32)
-                weight.set_value(quantized)
+                self.set_weight_integers(
+                    quantize_weight(original, weight_thresholds, weight_bits, weight_axis),
+                    weight_thresholds,
+                )
             else:
                 # Affine weights (symmetric=False weight calibration).
                 per_channel = len(self.weight_scales) > 1
@@ -200,10 +234,75 @@ class QuantizedLayer(paddle.nn.Layer):
                         axis=weight_axis if per_channel else None,
                     )
                 )
-        self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         self.register_buffer(
             "input_threshold",
             paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
+        )
+
+    @property
+    def grid_thresholds(self) -> np.ndarray:
+        """Thresholds of the symmetric weight grid the layer's integers live on (those the
+        program stores, before a Paddle fc re-derives its own)."""
+        if self.program_weight_thresholds is not None:
+            return np.asarray(self.program_weight_thresholds, dtype=np.float32)
+        return self.weight_thresholds.numpy().astype(np.float32)
+
+    def set_weight_integers(self, integers: np.ndarray, thresholds: np.ndarray | None = None) -> None:
+        """Sets the weight to ``integers * t / L`` on the symmetric grid of ``thresholds``
+        (default: :attr:`grid_thresholds`), as a rounding algorithm (AdaRound) chooses them.
+
+        Raises:
+            ValueError: The layer has affine weights, or ``integers`` is off the grid.
+        """
+        if self.weight_scales is not None:
+            raise ValueError("set_weight_integers needs symmetric weights; this layer is affine")
+        thresholds = self.grid_thresholds if thresholds is None else np.asarray(thresholds)
+        thresholds = thresholds.astype(np.float32).reshape(-1)
+        levels = symmetric_levels(self.weight_bits)
+        weight = self.layer.weight
+        if tuple(integers.shape) != tuple(weight.shape) or np.abs(integers).max() > levels:
+            raise ValueError(
+                f"weight integers must have shape {list(weight.shape)} and lie in "
+                f"-{levels}..{levels}"
+            )
+        scales = _weight_scales(thresholds, self.weight_bits, self.weight_axis, weight.ndim)
+        quantized = (integers.astype(np.float32) * scales).astype(np.float32)
+        if self.paddle_fc_scales or self.requantized_conv:
+            self.program_weight = quantized
+            self.program_weight_thresholds = thresholds
+            # Paddle dequantizes the stored codes with the stored scale (export.program writes
+            # t * 127 / L) in double, then requantizes: its rounding ties (a code k = m / 2 of
+            # a channel whose largest code m is even) go the way those float32 values send
+            # them (measured on 16 such conv channels: all 16 agree only this way).
+            stored = (thresholds * np.float32(127 / levels)).astype(np.float64)
+            dequantized = (
+                integers.astype(np.float64) * stored.reshape(scales.shape) / 127
+            ).astype(np.float32)
+            if self.paddle_fc_scales:
+                runtime_integers, thresholds = paddle_fc_weight(dequantized)
+                quantized = (
+                    runtime_integers.astype(np.float32) * (thresholds / np.float32(127))
+                ).astype(np.float32)
+            else:
+                runtime_integers, thresholds = onednn_conv_weight(dequantized, self.weight_axis)
+                shape = [1] * quantized.ndim
+                shape[self.weight_axis] = -1
+                quantized = (
+                    runtime_integers.astype(np.float32)
+                    * (thresholds / np.float32(127)).reshape(shape)
+                ).astype(np.float32)
+        with paddle.no_grad():
+            weight.set_value(quantized)
+        self.register_buffer("weight_thresholds", paddle.to_tensor(thresholds))
+
+    def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The fake-quantized first input, as :meth:`forward` feeds it to the layer."""
+        if self.input_zero_point is not None:
+            return fake_quantize(
+                x, self.input_scale, self.input_zero_point, 0, affine_levels(self.activation_bits)
+            )
+        return fake_quantize_symmetric(
+            x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned
         )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
@@ -218,16 +317,7 @@ class QuantizedLayer(paddle.nn.Layer):
                     f"{type(self.layer).__name__} (quantized) input {position} expects a "
                     f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...)"
                 )
-        if self.input_zero_point is not None:
-            first = fake_quantize(
-                inputs[0], self.input_scale, self.input_zero_point, 0,
-                affine_levels(self.activation_bits),
-            )
-        else:
-            first = fake_quantize_symmetric(
-                inputs[0], self.input_threshold, self.activation_bits, unsigned=self.input_unsigned
-            )
-        return self.layer(first, *inputs[1:], **kwargs)
+        return self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
 
     def extra_repr(self) -> str:
         return (

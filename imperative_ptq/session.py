@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import paddle
@@ -20,7 +20,7 @@ from .quant_layers import first_input
 from .quantizers import BaseQuantizer
 
 __all__ = [
-    "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
+    "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
     "hooked_states",
 ]
 
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 STATE_ATTR = "_ptq_state"
 #: Attribute of a model being calibrated holding its :class:`CalibrationSession`.
 SESSION_ATTR = "_ptq_session"
+#: Calibration batches kept for bias correction and AdaRound.
+MAX_CACHED_BATCHES = 64
 _NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
 _DROPOUT_TYPES = tuple(
     getattr(paddle.nn, name)
@@ -71,6 +73,21 @@ class CalibrationSession:
             if isinstance(layer, _DROPOUT_TYPES)
         ]
         self.root_hooks: list[Any] = []
+        #: The fp32 model the quantized one was made from, kept when an algorithm in
+        #: ``convert`` compares the two (bias correction, AdaRound); else ``None``.
+        self.reference: paddle.nn.Layer | None = None
+        #: Batches ``ImperativePTQ.calibrate`` ran, kept (up to :data:`MAX_CACHED_BATCHES`)
+        #: for those algorithms while ``reference`` is set.
+        self.cached_batches: list[Any] = []
+        #: SmoothQuant settings still to apply before the first batch is observed.
+        self.smoothing: Any = None
+
+    def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
+        """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
+        for batch in data:
+            if self.reference is not None and len(self.cached_batches) < MAX_CACHED_BATCHES:
+                self.cached_batches.append(batch)
+            yield batch
 
     @property
     def attached(self) -> bool:

@@ -26,6 +26,7 @@ def _seed() -> None:
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "slow: exports real architectures or re-runs tests on oneDNN's AVX2 kernels in a "
-        "subprocess (seconds each); deselect with -m 'not slow'",
+        "slow: exports real architectures, re-runs tests on oneDNN's AVX2 kernels in a "
+        "subprocess, or runs every accuracy-benchmark configuration (seconds each); deselect "
+        "with -m 'not slow'",
     )

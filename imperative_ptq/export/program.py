@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import paddle
 
+from ..quantizers.qparams import symmetric_levels
 from .graph import (
     get_tensor, is_persistable, new_persistable, producers, readers, set_tensor, transposed_matmul,
 )
@@ -629,8 +630,15 @@ def _int8_weight(
         thresholds = np.full_like(thresholds, thresholds.max())
     if thresholds.size == 1:
         thresholds = np.full([weight.shape[axis]], thresholds[0], dtype=np.float32)
-    # The layer's weight already is integers * t / 127, so this round trip is exact.
+    # The layer's weight already is integers * t / L, so this round trip is exact.
     integers = quantize_weight(weight, thresholds, record.weight_bits, axis)
+    bit_length = record.weight_bits
+    if bit_length < 8:
+        # Codes -L..L of a narrower grid, stored as int8 on the 8-bit grid of threshold
+        # t * 127 / L, which dequantizes to the same integers * t / L (Paddle Inference's
+        # oneDNN pass turns a dequantize_linear with bit_length 4 into NaN, measured).
+        thresholds = thresholds * np.float32(127 / symmetric_levels(bit_length))
+        bit_length = 8
     set_tensor(loaded, weight_name, integers)
     block.var(weight_name).desc.set_dtype(paddle.base.core.VarDesc.VarType.INT8)
     scale = new_persistable(loaded, weight_name + ".scale", thresholds)
@@ -644,7 +652,7 @@ def _int8_weight(
         type="dequantize_linear",
         inputs={"X": [weight_name], "Scale": [scale], "ZeroPoint": [zero]},
         outputs={"Y": [out]},
-        attrs={"quant_axis": axis, "bit_length": record.weight_bits},
+        attrs={"quant_axis": axis, "bit_length": bit_length},
     )
     written.weights[weight_name] = [float(t) for t in thresholds]
     return out

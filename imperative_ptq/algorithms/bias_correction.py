@@ -1,0 +1,203 @@
+"""Empirical bias correction: after the weights are quantized, each layer's mean output is put
+back where the fp32 model has it.
+
+Quantizing ``W`` to ``W_q`` shifts a layer's output by ``(W_q - W) x``, whose mean over the data,
+``E[(W_q - W) x]``, is a per-channel constant that the next layers treat as signal (Nagel et
+al. 2019, section 4.2; Finkelstein et al. 2019). Measured on the calibration batches, with the
+quantized model running all earlier layers quantized (and already corrected):
+
+    b_c  +=  E[y_fp32,c] - E[y_quant,c]        (mean over batch and spatial positions)
+
+Layers are corrected one at a time in execution order, so each correction sees the corrected
+predecessors. A layer without a bias gets one.
+
+The **analytical** variant (``bias_correction="analytical"``) needs one pass instead of two per
+layer: with ``E[x]`` each layer's per-channel input mean in the fp32 model,
+
+    b  +=  (W - W_q) E[x]          (a conv's kernel summed over its window; padding ignored)
+
+the expected shift of the weights alone, each layer independently (input quantization and the
+errors of earlier layers are not seen). Exact on the fp32 inputs for a Linear and a 1x1 conv;
+for larger kernels the positions near the border, which fewer windows read, make it an
+approximation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from ..batches import batch_to_call, eval_mode
+from ..quant_layers import QuantizedLayer
+from .capture import capture_outputs, execution_order
+from .cross_layer_equalization import input_channel_index
+
+__all__ = [
+    "add_to_bias", "channel_means", "correct_bias", "correct_bias_analytically",
+    "output_channel_axis", "weight_shift",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def output_channel_axis(layer: paddle.nn.Layer, ndim: int) -> int:
+    """The channel axis of ``layer``'s output: 1 for a channels-first conv, else the last."""
+    data_format = getattr(layer, "_data_format", None)
+    if isinstance(data_format, str) and data_format.startswith("NC") and ndim > 2:
+        return 1
+    return ndim - 1
+
+
+def channel_means(outputs: Sequence[paddle.Tensor], axis: int) -> np.ndarray:
+    """Mean of each channel on ``axis`` over every other axis of every tensor (float64)."""
+    total, count = None, 0
+    for output in outputs:
+        values = output.numpy().astype(np.float64)
+        moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+        total = moved.sum(axis=1) if total is None else total + moved.sum(axis=1)
+        count += moved.shape[1]
+    return total / count
+
+
+def correct_bias(
+    quantized_model: paddle.nn.Layer,
+    reference: paddle.nn.Layer,
+    batches: Sequence[Any],
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Corrects the bias of every :class:`QuantizedLayer` of ``quantized_model`` in place.
+
+    Args:
+        quantized_model: A converted model.
+        reference: The fp32 model it was quantized from (same sublayer names).
+        batches: Calibration batches.
+        progress: Show a tqdm bar over the layers.
+
+    Returns:
+        The correction added to each layer's bias, by layer name.
+
+    Raises:
+        ValueError: ``batches`` is empty or a layer has no fp32 counterpart in ``reference``.
+    """
+    if not batches:
+        raise ValueError("bias correction needs calibration batches, got none")
+    names = {id(layer): name for name, layer in quantized_model.named_sublayers()
+             if isinstance(layer, QuantizedLayer)}
+    references = dict(reference.named_sublayers())
+    layers = [layer for layer in quantized_model.sublayers() if id(layer) in names]
+    corrections: dict[str, np.ndarray] = {}
+    ordered = execution_order(quantized_model, layers, batches[0])
+    for layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
+        name = names[id(layer)]
+        fp32_layer = references.get(name)
+        if fp32_layer is None:
+            raise ValueError(f"bias correction: layer {name!r} has no fp32 counterpart")
+        fp32_outputs = capture_outputs(reference, fp32_layer, batches)
+        quantized_outputs = capture_outputs(quantized_model, layer, batches)
+        axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
+        shift = channel_means(fp32_outputs, axis) - channel_means(quantized_outputs, axis)
+        add_to_bias(layer.layer, shift)
+        previous = layer.bias_correction
+        layer.bias_correction = shift if previous is None else previous + shift
+        corrections[name] = shift
+    logger.info("bias correction: %d layers corrected", len(corrections))
+    return corrections
+
+
+def weight_shift(
+    layer: paddle.nn.Layer, difference: np.ndarray, input_mean: np.ndarray
+) -> np.ndarray:
+    """``(W - W_q) E[x]`` per output channel for a Linear (``[in, out]``) or a conv
+    (``[out, in / groups, *kernel]``, the kernel summed over its window, as if every window
+    saw the input's mean)."""
+    if isinstance(layer, paddle.nn.Linear):
+        return input_mean @ difference
+    summed = difference.reshape(difference.shape[0], difference.shape[1], -1).sum(axis=2)
+    return (summed * input_mean[input_channel_index(layer, input_mean.size)]).sum(axis=1)
+
+
+def correct_bias_analytically(
+    quantized_model: paddle.nn.Layer,
+    reference: paddle.nn.Layer,
+    batches: Sequence[Any],
+) -> dict[str, np.ndarray]:
+    """The analytical variant: ``b += (W - W_q) E[x]`` for every Conv2D/Linear
+    :class:`QuantizedLayer`, with ``E[x]`` from one pass of the fp32 ``reference`` over
+    ``batches``. Other layer types are left alone (with a warning naming them).
+
+    Returns:
+        The correction added to each layer's bias, by layer name.
+
+    Raises:
+        ValueError: ``batches`` is empty or a layer has no fp32 counterpart in ``reference``.
+    """
+    if not batches:
+        raise ValueError("bias correction needs calibration batches, got none")
+    references = dict(reference.named_sublayers())
+    targets: dict[str, tuple[QuantizedLayer, paddle.nn.Layer]] = {}
+    for name, layer in quantized_model.named_sublayers():
+        if not isinstance(layer, QuantizedLayer):
+            continue
+        if not isinstance(layer.layer, (paddle.nn.Conv2D, paddle.nn.Linear)):
+            logger.warning(
+                "analytical bias correction leaves %r alone: a %s is not a Conv2D or Linear",
+                name, type(layer.layer).__name__,
+            )
+            continue
+        if name not in references:
+            raise ValueError(f"bias correction: layer {name!r} has no fp32 counterpart")
+        targets[name] = (layer, references[name])
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str, fp32_layer: paddle.nn.Layer):
+        def hook(layer: paddle.nn.Layer, inputs: tuple) -> None:
+            x = inputs[0].numpy().astype(np.float64)
+            axis = output_channel_axis(fp32_layer, x.ndim)
+            moved = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+            sums[name] = sums.get(name, 0.0) + moved.sum(axis=1)
+            counts[name] = counts.get(name, 0) + moved.shape[1]
+        return hook
+
+    handles = [fp32.register_forward_pre_hook(hook_for(name, fp32))
+               for name, (_, fp32) in targets.items()]
+    try:
+        with eval_mode(reference), paddle.no_grad():
+            to_call = batch_to_call(reference)
+            for batch in batches:
+                args, kwargs = to_call(batch)
+                reference(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    corrections: dict[str, np.ndarray] = {}
+    for name, (layer, fp32_layer) in targets.items():
+        if name not in sums:
+            continue  # never ran on the data
+        difference = (
+            fp32_layer.weight.numpy().astype(np.float64)
+            - layer.layer.weight.numpy().astype(np.float64)
+        )
+        shift = weight_shift(fp32_layer, difference, sums[name] / counts[name])
+        add_to_bias(layer.layer, shift)
+        previous = layer.bias_correction
+        layer.bias_correction = shift if previous is None else previous + shift
+        corrections[name] = shift
+    logger.info("analytical bias correction: %d layers corrected", len(corrections))
+    return corrections
+
+
+def add_to_bias(layer: paddle.nn.Layer, shift: np.ndarray) -> None:
+    """``layer.bias += shift`` (a zero bias is created first if the layer has none)."""
+    with paddle.no_grad():
+        if layer.bias is None:
+            layer.bias = layer.create_parameter(
+                shape=[shift.size], dtype=layer.weight.dtype, is_bias=True
+            )
+            layer.bias.set_value(np.zeros(shift.size, dtype=np.float32))
+        bias = layer.bias.numpy()
+        layer.bias.set_value((bias + shift.reshape(bias.shape)).astype(bias.dtype))
