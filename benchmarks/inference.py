@@ -12,7 +12,7 @@ names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), inc
 ``ONEDNN_MAX_CPU_ISA`` cap.
 
 Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
-                                      [--target x86|x86-vnni|arm]
+                                      [--target x86|x86-vnni|arm] [--verbose]
 """
 
 from __future__ import annotations
@@ -240,8 +240,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS),
                         help="deployment target of the int8 export (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log the export's INFO lines, among them how many conv/fc ops "
+                             "Paddle Inference runs int8")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        logging.getLogger("imperative_ptq.export").setLevel(logging.INFO)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
