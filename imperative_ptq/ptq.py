@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import os
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,8 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import paddle
 
-from .algorithms import adaround, correct_bias, correct_bias_analytically, equalize, smooth_quant
-from .algorithms.smooth_quant import apply_smoothing
+from .algorithms import schedule
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_table import (
@@ -46,25 +44,12 @@ from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .registry import PTQRegistry
 from .rollback import restored_on_failure
-from .session import MAX_CACHED_BATCHES, CalibrationSession, LayerState, calibrating_session
+from .session import CalibrationSession, LayerState, calibrating_session
 from .targets import get_target
 
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Sized:
-    """An iterator that keeps its source's length (for the progress bar's total)."""
-
-    def __init__(self, iterator: Iterator[Any], length: int) -> None:
-        self._iterator, self._length = iterator, length
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iterator
-
-    def __len__(self) -> int:
-        return self._length
 
 
 class ImperativePTQ:
@@ -135,14 +120,10 @@ class ImperativePTQ:
         model.eval()
         if fuse:
             fuse_layers(model, fuse_list)
-        if self._quant_config.equalization:
-            equalize(model, inplace=True)  # ``model`` is the copy unless ``inplace``
 
         session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
-        if config.needs_data:
-            session.reference = copy.deepcopy(model)  # the fp32 model convert compares with
-        session.smoothing = config.smooth_quant
+        schedule.prepare(model, session, config)
         for name, layer in model.named_sublayers():
             if (
                 layer.sublayers()
@@ -240,14 +221,7 @@ class ImperativePTQ:
                 raise TypeError(f"time_budget must be seconds, got {type(time_budget).__name__}")
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
-        session = self._session(model)
-        if session.smoothing is not None:
-            data = self._smooth(model, session, data, max_batches)
-        if session.reference is not None and hasattr(data, "__len__"):
-            total = len(data) if max_batches is None else min(len(data), max_batches)
-            data = _Sized(session.keep_batches(data), total)
-        elif session.reference is not None:
-            data = session.keep_batches(data)
+        data = schedule.before_calibration(model, self._session(model), data, max_batches)
         with self.calibrating(model):
             count = run_batches(model, data, max_batches, progress, "calibrating", time_budget)
         if not count:
@@ -400,73 +374,22 @@ class ImperativePTQ:
             logger.warning("model is already converted; nothing to do")
             return model
         session = self._session(model)
-        if session.smoothing is not None:
-            raise ValueError(
-                "PTQConfig(smooth_quant=...) smooths the model on the batches of "
-                "ImperativePTQ.calibrate, which was not called"
-            )
-        batches = self._algorithm_batches(session, data)
+        config = self._quant_config
+        schedule.check_convertible(session)
+        batches = schedule.algorithm_batches(session, config, data)
         table = self.calibration_table(model)
         check_finite_parameters(model, "convert")
         check_finite_thresholds(table, "convert")
         measured_on = layer_signatures(session.layers)  # before the layers are wrapped
         session.detach()
-        config = self._quant_config
         convert_layers(
             model, session.layers, table, get_target(config.target),
             config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
         )
-        if batches:
-            if config.adaround is not None:
-                adaround(model, session.reference, batches, config.adaround, progress)
-            if config.bias_correction == "analytical":
-                correct_bias_analytically(model, session.reference, batches)
-            elif config.bias_correction:
-                correct_bias(model, session.reference, batches, progress)
-        session.reference, session.cached_batches = None, []
+        schedule.after_convert(model, session, config, batches, progress)
         record_measured_on(model, measured_on)
         session.uninstall()
         return model
-
-    def _smooth(
-        self, model: paddle.nn.Layer, session: CalibrationSession, data: Iterable[Any],
-        max_batches: int | None,
-    ) -> list[Any]:
-        """Applies the config's SmoothQuant to the model (and its fp32 reference) on ``data``
-        before any statistics are gathered; returns the batches, listed."""
-        session.flush()  # batches run by hand may still be on the worker thread
-        if any(q.is_calibrated for q in session.quantizers().values()):
-            raise ValueError(
-                "PTQConfig(smooth_quant=...) must see the data before any batch is observed: "
-                "batches already ran through the model's hooks; quantize again and calibrate "
-                "with ImperativePTQ.calibrate only"
-            )
-        batches = list(data if max_batches is None else itertools.islice(data, max_batches))
-        session.detach()
-        _, groups = smooth_quant(model, batches, session.smoothing, inplace=True)
-        if session.reference is not None:
-            apply_smoothing(session.reference, groups)
-        session.smoothing = None
-        return batches
-
-    def _algorithm_batches(
-        self, session: CalibrationSession, data: Iterable[Any] | None
-    ) -> list[Any]:
-        """The batches ``convert``'s algorithms run on (empty when the config has none)."""
-        config = self._quant_config
-        if not config.needs_data:
-            return []
-        batches = list(data) if data is not None else list(session.cached_batches)
-        if not batches or session.reference is None:
-            wanted = " and ".join(
-                name for name, on in (("AdaRound", config.adaround is not None),
-                                      ("bias correction", config.bias_correction)) if on
-            )
-            raise ValueError(
-                f"{wanted} need calibration batches: calibrate with ImperativePTQ.calibrate "
-                f"(it keeps the first {MAX_CACHED_BATCHES}) or pass convert(model, data=...)"
-            )
-        return batches
 
     # -------------------------------------------------------------------------------- export
     def save_quantized_model(
