@@ -615,3 +615,50 @@ def test_save_fp32_model_of_recurrent_models(cell, tmp_path) -> None:
     x = np.random.default_rng(0).standard_normal((2, 10, 8)).astype("float32")
     ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
     np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_concat_of_int8_and_fp32_conv_outputs_runs_in_paddle_inference(tmp_path) -> None:
+    """GoogLeNet's inception block: a concat of conv outputs, then a ReLU (which Paddle fuses
+    into the convs) and a max-pool. On x86 a conv reading a signed 1x1-conv output stays fp32;
+    Paddle then quantized its output s8 beside u8 int8-conv outputs and oneDNN failed to build
+    the concat ("could not create a primitive descriptor for a concat primitive")."""
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import create_predictor, int8_report, predict
+
+    class Inception(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = paddle.nn.Conv2D(3, 8, 3, padding=1, bias_attr=False)
+            self.stem_relu = paddle.nn.ReLU()
+            self.direct = paddle.nn.Conv2D(8, 8, 1, bias_attr=False)  # int8 (u8 input)
+            self.reduce = paddle.nn.Conv2D(8, 4, 1, bias_attr=False)  # int8, signed output
+            self.spatial = paddle.nn.Conv2D(4, 8, 3, padding=1, bias_attr=False)  # fp32 on x86
+            self.relu = paddle.nn.ReLU()
+            self.pool = paddle.nn.MaxPool2D(2)
+            self.head = paddle.nn.Conv2D(16, 4, 1)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            x = self.stem_relu(self.stem(x))
+            merged = paddle.concat([self.direct(x), self.spatial(self.reduce(x))], axis=1)
+            return self.head(self.pool(self.relu(merged)))
+
+    paddle.seed(0)
+    model = Inception()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.random([4, 3, 16, 16], dtype=np.float32)))
+    ptq.convert(qmodel)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(
+        qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    )
+    report = int8_report(prefix)
+    assert report.fp32.get("fused_conv2d", 0) + report.fp32.get("conv2d", 0) == 1, report
+    x = rng.random([4, 3, 16, 16], dtype=np.float32)
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]  # was: RuntimeError
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    cosine = float((ran * simulated).sum() / np.linalg.norm(ran) / np.linalg.norm(simulated))
+    assert cosine > 0.999, cosine

@@ -386,10 +386,12 @@ def unscale_fp32_layer_inputs(
     """
     writers, reading = producers(block), readers(block)
     pending, kept = [], 0
+    fp32_ops: list = []
     for op in block.ops:
         if op.type in FP32_WEIGHT_OPS:
             kept += 1
             pending.extend(op.input(FP32_WEIGHT_OPS[op.type][1]))
+            fp32_ops.append(op)
             continue
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or not op.input(slots[0]):
@@ -398,6 +400,8 @@ def unscale_fp32_layer_inputs(
             continue
         kept += 1
         pending.extend(op.input(slots[1]))
+        fp32_ops.append(op)
+    pending.extend(_concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading))
     seen: set[str] = set()
     while pending:
         name = pending.pop()
@@ -411,6 +415,54 @@ def unscale_fp32_layer_inputs(
                 pending.extend(n for slot in op.input_names for n in op.input(slot))
                 pending.extend(n for slot in op.output_names for n in op.output(slot))
     return kept
+
+
+#: Ops between a conv/fc and a concat that oneDNN fuses into the conv (its bias, activation).
+_FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "relu", "relu6", "hard_swish", "swish", "leaky_relu"})
+
+
+def _concat_inputs_beside_fp32_layers(
+    block, fp32_ops: list, writers: Mapping, reading: Mapping
+) -> list[str]:
+    """The tensors between the convs/fcs feeding a concat and the concat, for every concat
+    that reads a conv/fc kept fp32 (through the bias add and activation oneDNN fuses into it).
+
+    Paddle's int8 pipeline would quantize that fp32 conv's output as s8 (a relu fused into an
+    fp32 conv no longer marks it unsigned) next to the u8 outputs of int8 convs, and oneDNN
+    then fails to build the concat ("could not create a primitive descriptor for a concat
+    primitive", measured on paddle.vision's GoogLeNet). Without scales on its inputs the
+    concat stays fp32.
+    """
+    fp32_ids = {id(op) for op in fp32_ops}
+    names: list[str] = []
+    for op in block.ops:
+        if op.type != "concat":
+            continue
+        chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
+        if any(producer is not None and id(producer) in fp32_ids for producer, _ in chains):
+            names.extend(name for _, chain in chains for name in chain)
+            # A ReLU after the concat is fused into the convs before it
+            # (conv_concat_relu_mkldnn_fuse_pass): its output is the concat's.
+            out = op.output("Out")[0]
+            after = reading.get(out, [])
+            if len(after) == 1 and after[0].type in ("relu", "relu6"):
+                names.extend(after[0].output("Out"))
+    return names
+
+
+def _chain_to_producer(name: str, block, writers: Mapping) -> tuple[object | None, list[str]]:
+    """Walks back from ``name`` through the ops oneDNN fuses into a conv/fc (bias add,
+    activation): the op it reaches and the tensors on the way (``name`` included)."""
+    chain = [name]
+    op = writers.get(name)
+    while op is not None and op.type in _FUSED_INTO_CONV_OPS:
+        inputs = [n for slot in op.input_names for n in op.input(slot)
+                  if not _is_constant(block, n, writers)]
+        if len(inputs) != 1:
+            return None, chain
+        chain.append(inputs[0])
+        op = writers.get(inputs[0])
+    return op, chain
 
 
 #: Ops whose output holds some of their input's values (quantizing commutes with them).
