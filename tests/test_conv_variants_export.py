@@ -98,3 +98,40 @@ def test_int8_conv_after_a_transposed_conv_runs_at_batch_4(bias, tmp_path) -> No
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     # The transposed conv is fp32 in the simulation too.
     assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.999
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_unet_skip_concat_with_a_transposed_conv_runs(target, tmp_path) -> None:
+    """A U-Net decoder step: concat(transposed conv (fp32), ReLU of an int8 conv), read by an
+    int8 conv. On x86-vnni that conv's input scale spread back through the concat, Paddle
+    quantized the fp32 transposed conv's output s8 beside the u8 ReLU output and oneDNN failed
+    to build the concat ("could not create a primitive descriptor for a concat primitive")."""
+
+    class UNetStep(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encode = nn.Conv2D(3, 8, 3, padding=1)
+            self.down = nn.Conv2D(8, 8, 3, stride=2, padding=1)
+            self.up = nn.Conv2DTranspose(8, 8, 2, stride=2)
+            self.decode = nn.Conv2D(16, 4, 3, padding=1)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            skip = nn.functional.relu(self.encode(x))
+            up = self.up(nn.functional.relu(self.down(skip)))
+            return self.decode(paddle.concat([up, skip], axis=1))
+
+    paddle.seed(0)
+    model = UNetStep()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.random([4, 3, 16, 16], dtype=np.float32)))
+    ptq.convert(qmodel)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.random([4, 3, 16, 16], dtype=np.float32)
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]  # was: RuntimeError on x86-vnni
+    assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.999
+    assert int8_report(prefix).fp32.get("conv2d_transpose", 0) == 1

@@ -320,7 +320,7 @@ def quantize_program(
     _align_pooled_scales(block, rectified, outputs)
     _keep_padded_average_pools_fp32(block, outputs)
     _isolate_fp32_weight_op_outputs(loaded)
-    kept = unscale_fp32_layer_inputs(block, outputs)
+    kept = unscale_fp32_layer_inputs(block, outputs, isolate_concats=True)
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
     if written.fp32_layers:
@@ -366,6 +366,7 @@ def unscale_fp32_layer_inputs(
     block: "paddle.static.Block",
     outputs: dict[str, float],
     is_int8: "Callable[[paddle.base.framework.Operator], bool] | None" = None,
+    isolate_concats: bool = False,
 ) -> int:
     """Drops the output thresholds that would reach the input of a conv/fc kept fp32.
 
@@ -380,6 +381,10 @@ def unscale_fp32_layer_inputs(
         outputs: Thresholds by variable; updated.
         is_int8: Whether a conv/fc op is an int8 layer (default: its weight comes from a
             ``dequantize_linear``, as :func:`quantize_program` writes it).
+        isolate_concats: Also put an identity ``clip`` after each concat that reads a conv/fc
+            kept fp32, so that a scale on the concat's output (an int8 reader's quantize op)
+            cannot reach its inputs (Paddle Inference programs; see
+            :func:`_concat_inputs_beside_fp32_layers`).
 
     Returns:
         How many conv/fc ops are kept fp32.
@@ -401,7 +406,10 @@ def unscale_fp32_layer_inputs(
         kept += 1
         pending.extend(op.input(slots[1]))
         fp32_ops.append(op)
-    pending.extend(_concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading))
+    mixed = _concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading, isolate_concats)
+    if isolate_concats and mixed:
+        writers, reading = producers(block), readers(block)
+    pending.extend(mixed)
     seen: set[str] = set()
     while pending:
         name = pending.pop()
@@ -422,7 +430,7 @@ _FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "relu", "relu6", "hard_swis
 
 
 def _concat_inputs_beside_fp32_layers(
-    block, fp32_ops: list, writers: Mapping, reading: Mapping
+    block, fp32_ops: list, writers: Mapping, reading: Mapping, isolate: bool = False
 ) -> list[str]:
     """The tensors between the convs/fcs feeding a concat and the concat, for every concat
     that reads a conv/fc kept fp32 (through the bias add and activation oneDNN fuses into it).
@@ -431,7 +439,10 @@ def _concat_inputs_beside_fp32_layers(
     fp32 conv no longer marks it unsigned) next to the u8 outputs of int8 convs, and oneDNN
     then fails to build the concat ("could not create a primitive descriptor for a concat
     primitive", measured on paddle.vision's GoogLeNet). Without scales on its inputs the
-    concat stays fp32.
+    concat stays fp32. With ``isolate``, an identity ``clip`` after the concat keeps a scale
+    on its output (the quantize op of an int8 layer reading it, as in a U-Net's decoder on
+    ``x86-vnni``) from spreading back to its inputs: Paddle's scale propagation crosses a
+    concat but not a clip.
     """
     fp32_ids = {id(op) for op in fp32_ops}
     names: list[str] = []
@@ -447,7 +458,23 @@ def _concat_inputs_beside_fp32_layers(
             after = reading.get(out, [])
             if len(after) == 1 and after[0].type in ("relu", "relu6"):
                 names.extend(after[0].output("Out"))
+            elif isolate and after:
+                _insert_identity_clip(block, op, out, after)
     return names
+
+
+def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
+    """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``."""
+    var = block.var(name)
+    isolated = block.create_var(name=f"{name}.isolated", shape=var.shape, dtype=var.dtype)
+    for consumer in consumers:
+        consumer._rename_input(name, isolated.name)
+    index = next(i for i, op in enumerate(block.ops) if op is writer)
+    limit = float(np.finfo(np.float32).max)
+    block._insert_op(
+        index + 1, type="clip", inputs={"X": [name]}, outputs={"Out": [isolated.name]},
+        attrs={"min": -limit, "max": limit},
+    )
 
 
 def _chain_to_producer(name: str, block, writers: Mapping) -> tuple[object | None, list[str]]:
