@@ -662,3 +662,53 @@ def test_concat_of_int8_and_fp32_conv_outputs_runs_in_paddle_inference(tmp_path)
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     cosine = float((ran * simulated).sum() / np.linalg.norm(ran) / np.linalg.norm(simulated))
     assert cosine > 0.999, cosine
+
+
+@pytest.mark.parametrize(
+    "kind", ["nearest", "bilinear", "bilinear_align_corners", "nearest_size", "conv_transpose"]
+)
+def test_onnx_export_of_resize_and_transposed_conv_equals_the_simulation(kind, tmp_path) -> None:
+    """``F.interpolate`` (nearest/bilinear, scale or size, align_corners) becomes ``Resize``
+    with Paddle's coordinate mapping, a transposed conv a float ``ConvTranspose`` (it stays
+    fp32 from ``convert`` on): ONNX Runtime equals the simulation to float rounding."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import export_onnx
+
+    functional = paddle.nn.functional
+
+    class Upsampler(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+            self.up = paddle.nn.Conv2DTranspose(8, 4, 3, stride=2, padding=1, output_padding=1)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            y = self.conv(x)
+            if kind == "conv_transpose":
+                return self.up(y)
+            if kind == "nearest_size":
+                return functional.interpolate(y, size=[20, 24], mode="nearest")
+            if kind == "bilinear_align_corners":
+                return functional.interpolate(y, size=[20, 24], mode="bilinear", align_corners=True)
+            return functional.interpolate(y, scale_factor=2, mode=kind)
+
+    paddle.seed(0)
+    model = Upsampler()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.to_tensor(rng.random([2, 3, 16, 16], dtype=np.float32)))
+    ptq.convert(qmodel)
+    path = export_onnx(
+        qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    )
+    session = ort.InferenceSession(path)
+    x = rng.random([2, 3, 16, 16], dtype=np.float32)
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert ran.shape == simulated.shape
+    np.testing.assert_allclose(ran, simulated, atol=1e-4 * np.abs(simulated).max())

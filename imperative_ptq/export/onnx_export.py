@@ -266,6 +266,72 @@ class _Converter:
         self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
         self.skip.update(id(a) for a in absorbed)
 
+    def _conv_transpose(self, op) -> None:
+        """A transposed conv, in float (no runtime has an int8 kernel for it; ``convert``
+        keeps it fp32). Paddle's weight layout ``[in, out / groups, kh, kw]`` is ONNX's."""
+        if op.attr("output_size") or (op.has_attr("data_format") and op.attr("data_format") == "NHWC"):
+            raise NotImplementedError("conv2d_transpose with output_size or NHWC is not exported")
+        if op.input("Bias"):
+            raise NotImplementedError("conv2d_transpose with a Bias input is not exported")
+        weight = self._param(op.input("Filter")[0]).astype(np.float32)
+        paddings = list(op.attr("paddings"))
+        pads = paddings + paddings if len(paddings) == 2 else [
+            paddings[0], paddings[2], paddings[1], paddings[3]
+        ]
+        algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
+        attrs = dict(
+            strides=list(op.attr("strides")), dilations=list(op.attr("dilations")),
+            group=int(op.attr("groups")), kernel_shape=list(weight.shape[2:]),
+        )
+        if list(op.attr("output_padding")):
+            attrs["output_padding"] = list(op.attr("output_padding"))
+        if algorithm == "SAME":
+            attrs["auto_pad"] = "SAME_UPPER"
+        elif algorithm != "VALID":
+            attrs["pads"] = pads
+        out = self._out(op, "Output")
+        w = self._const(op.input("Filter")[0], weight)
+        self._bind(out, self._node("ConvTranspose", [self._in(op, "Input"), w], out, **attrs))
+
+    def _interpolate(self, op) -> None:
+        """nearest/bilinear_interp_v2 with a constant scale or output size as ``Resize``, with
+        Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
+        if any(op.input(slot) for slot in ("OutSize", "SizeTensor", "Scale") if slot in op.input_names):
+            raise NotImplementedError(f"{op.type} with a tensor size or scale is not exported")
+        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+            raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
+        nearest = op.type == "nearest_interp_v2"
+        if op.attr("align_corners"):
+            mode = "align_corners"
+        elif nearest or op.attr("align_mode") == 1:
+            mode = "asymmetric"
+        else:
+            mode = "half_pixel"
+        attrs: dict = dict(mode="nearest" if nearest else "linear", coordinate_transformation_mode=mode)
+        if nearest:
+            attrs["nearest_mode"] = "round_prefer_ceil" if op.attr("align_corners") else "floor"
+        x = self._in(op)
+        out = self._out(op)
+        empty = self._const("roi", np.zeros([0], np.float32))
+        scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
+        if scale and all(v > 0 for v in scale):
+            scales = self._const("scales", np.array([1.0, 1.0, *scale[-2:]] if len(scale) >= 2 else [1.0, 1.0, scale[0], scale[0]], np.float32))
+            node = self._node("Resize", [x, empty, scales], out, **attrs)
+        elif op.attr("out_h") > 0 and op.attr("out_w") > 0:
+            shape = self._node("Shape", [x], out + ".shape")
+            batch_channels = self._node(
+                "Slice", [shape, self._const("start", np.array([0], np.int64)),
+                          self._const("end", np.array([2], np.int64))], out + ".nc",
+            )
+            size = self._node(
+                "Concat", [batch_channels, self._const("hw", np.array([op.attr("out_h"), op.attr("out_w")], np.int64))],
+                out + ".size", axis=0,
+            )
+            node = self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs)
+        else:
+            raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
+        self._bind(out, node)
+
     def _matmul(self, op) -> None:
         if not self._is_param(op.input("Y")[0]):
             self._activation_matmul(op)
@@ -670,6 +736,8 @@ class _Converter:
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
             "elementwise_sub": self._elementwise, "pool2d": self._pool, "concat": self._concat,
+            "conv2d_transpose": self._conv_transpose, "nearest_interp_v2": self._interpolate,
+            "bilinear_interp_v2": self._interpolate,
             "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
             "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
             "swish": self._gated_activation, "batch_norm": self._batch_norm,
