@@ -24,7 +24,7 @@ from .collector import CalibrationError
 from .config import PTQConfig
 from .ptq import ImperativePTQ
 from .quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
-from .targets import DEFAULT_TARGET, TARGETS
+from .targets import DEFAULT_TARGET, NATIVE_TARGET, TARGETS
 
 __all__ = ["CliError", "build_parser", "load_factory", "main", "npy_batches", "image_batches"]
 
@@ -142,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight quantization (default: per_channel)")
     quant.add_argument("--bits", type=int, choices=range(2, 17), default=8, metavar="BITS",
                        help="bit width of activations and weights, 2..16 (default: 8)")
-    quant.add_argument("--target", choices=sorted(TARGETS), default=DEFAULT_TARGET,
+    quant.add_argument("--target", choices=sorted(TARGETS) + [NATIVE_TARGET], default=DEFAULT_TARGET,
                        help="deployment whose int8 arithmetic is simulated and exported: x86 "
                             "(any x86 CPU with AVX2; layers reading a signed input stay fp32), "
-                            "x86-vnni (VNNI/AMX CPUs only), arm (Paddle Lite) (default: x86)")
+                            "x86-vnni (VNNI/AMX CPUs only), arm (Paddle Lite), native (x86-vnni "
+                            "if this CPU has VNNI/AMX, else x86) (default: x86)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", required=True, metavar="PREFIX",
                         help="path prefix of the written files: PREFIX.calibration.json, and "
@@ -574,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
         input_spec = [paddle.static.InputSpec(shape, dtype, "x")]
         ptq.save_quantized_model(qmodel, prefix, input_spec=input_spec)
         written = sorted([table_path, prefix + ".pdiparams", prefix + ".pdmodel"])
-        if TARGETS[args.target].onednn:  # what Paddle Inference's int8 passes made of it
+        if TARGETS[config.target].onednn:  # what Paddle Inference's int8 passes made of it
             from .export import int8_report
 
             print(int8_report(prefix).summary())

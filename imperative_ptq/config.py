@@ -7,7 +7,7 @@ import dataclasses
 from .algorithms import AdaRound
 from .algorithms.smooth_quant import SmoothQuant
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
-from .targets import DEFAULT_TARGET, get_target
+from .targets import DEFAULT_TARGET, resolve_target
 
 __all__ = ["PTQConfig", "default_ptq_config"]
 
@@ -24,7 +24,9 @@ class PTQConfig:
             ``PerChannelAbsmaxQuantizer()`` or ``AbsmaxQuantizer()``.
         target: The deployment whose int8 arithmetic ``convert`` simulates and the export
             writes for (:data:`imperative_ptq.targets.TARGETS`): ``"x86"`` (default, right on
-            every x86 CPU with AVX2), ``"x86-vnni"`` or ``"arm"``.
+            every x86 CPU with AVX2), ``"x86-vnni"`` or ``"arm"``; ``"native"`` picks
+            ``"x86-vnni"`` if this CPU has VNNI/AMX, else ``"x86"`` (for deployment on the
+            kind of CPU the model is converted on).
         equalization: Cross-layer equalization with bias absorption before calibration, on
             the Conv2D/Linear chains of ``nn.Sequential`` containers
             (:func:`imperative_ptq.algorithms.equalize`; data-free).
@@ -61,7 +63,7 @@ class PTQConfig:
         _check_quantizer("weight_quantizer", weight_quantizer, "for_weights")
         self.activation_quantizer = activation_quantizer.clone()
         self.weight_quantizer = weight_quantizer.clone()
-        self.target = get_target(target).name
+        self.target = resolve_target(target)
         self.equalization = _check_flag("equalization", equalization)
         if bias_correction not in (True, False, "empirical", "analytical") or isinstance(
             bias_correction, (int, float)

@@ -132,6 +132,7 @@ def register_layer(
     weight_names: tuple[str, ...] = (),
     weight_channel_axis: int | None = None,
     simulated: bool = False,
+    int8_runtime: bool = True,
 ) -> Callable[[LayerT], LayerT]:
     """Class decorator registering a user layer type with :class:`PTQRegistry`.
 
@@ -143,7 +144,8 @@ def register_layer(
 
     def decorate(layer: LayerT) -> LayerT:
         PTQRegistry.register(
-            layer, input_names, output_names, weight_names, weight_channel_axis, simulated
+            layer, input_names, output_names, weight_names, weight_channel_axis, simulated,
+            int8_runtime,
         )
         return layer
 

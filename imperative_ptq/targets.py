@@ -27,8 +27,11 @@ target keeps the plain symmetric 8-bit simulation (not measured here: no ARM CPU
 from __future__ import annotations
 
 import dataclasses
+import logging
 
-__all__ = ["DEFAULT_TARGET", "TARGETS", "Target", "get_target"]
+__all__ = ["DEFAULT_TARGET", "NATIVE_TARGET", "TARGETS", "Target", "get_target", "resolve_target"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,32 @@ TARGETS: dict[str, Target] = {
 
 #: Correct on every x86 CPU (chosen by measurement: see the module docstring).
 DEFAULT_TARGET = "x86"
+#: Not a target but a choice made on the machine that converts: ``"x86-vnni"`` when this CPU
+#: has VNNI or AMX (oneDNN dispatches those kernels here), else ``"x86"``. For models deployed
+#: on the machine (or the kind of machine) they are converted on.
+NATIVE_TARGET = "native"
+
+
+def resolve_target(name: object) -> str:
+    """``name``, with :data:`NATIVE_TARGET` replaced by the x86 target this CPU runs exactly
+    and fastest (:func:`imperative_ptq.cpu.cpu_info`, which honours ``ONEDNN_MAX_CPU_ISA``).
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is not a known target or ``"native"``.
+    """
+    if name != NATIVE_TARGET:
+        if isinstance(name, str) and name not in TARGETS:
+            raise ValueError(
+                f"unknown target {name!r}: choose one of {sorted(TARGETS)} or {NATIVE_TARGET!r}"
+            )
+        return get_target(name).name
+    from .cpu import cpu_info  # reads /proc/cpuinfo: only when asked
+
+    info = cpu_info()
+    chosen = "x86-vnni" if info.vnni else "x86"
+    logger.info("target 'native' on %s: %r", info.describe(), chosen)
+    return chosen
 
 
 def get_target(name: object) -> Target:

@@ -325,3 +325,19 @@ def test_layers_without_an_int8_kernel_stay_fp32_at_convert(tmp_path, caplog) ->
     )
     report = int8_report(prefix)
     assert report.fp32 == {"conv3d": 1} and sum(report.int8.values()) == 1, report
+
+
+@pytest.mark.parametrize("vnni, expected", [(True, "x86-vnni"), (False, "x86")])
+def test_native_target_picks_the_x86_target_this_cpu_runs(vnni, expected, monkeypatch) -> None:
+    """``target="native"`` is x86-vnni on a CPU with VNNI/AMX (as oneDNN dispatches them,
+    ``ONEDNN_MAX_CPU_ISA`` included), x86 elsewhere; the config records the resolved target."""
+    from imperative_ptq import cpu as cpu_module
+
+    flags = ("avx2", "avx512f", "avx512_vnni") if vnni else ("avx2",)
+    monkeypatch.setattr(
+        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
+    )
+    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="native")
+    assert config.target == expected and config.to_dict()["target"] == expected
+    with pytest.raises(ValueError, match="unknown target"):
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="nativ")
