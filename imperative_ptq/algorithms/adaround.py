@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..quant_layers import QuantizedLayer
 from ..quantizers.qparams import symmetric_levels
 from .bias_correction import output_channel_axis
-from .capture import capture_inputs, capture_outputs, execution_order
+from .capture import capture_inputs, capture_outputs, quantized_layers_in_order
 
 __all__ = ["AdaRound", "AdaRoundResult", "adaround"]
 
@@ -257,14 +257,10 @@ def adaround(
     """
     if not batches:
         raise ValueError("AdaRound needs calibration batches, got none")
-    names = {id(layer): name for name, layer in quantized_model.named_sublayers()
-             if isinstance(layer, QuantizedLayer)}
     references = dict(reference.named_sublayers())
-    layers = [layer for layer in quantized_model.sublayers() if id(layer) in names]
     results = []
-    ordered = execution_order(quantized_model, layers, batches[0])
-    for layer in tqdm(ordered, desc="AdaRound", unit="layer", disable=not progress):
-        name = names[id(layer)]
+    ordered = quantized_layers_in_order(quantized_model, batches[0])
+    for name, layer in tqdm(ordered, desc="AdaRound", unit="layer", disable=not progress):
         reason = _supported(layer)
         if reason is not None:
             logger.warning("AdaRound leaves layer %r on nearest rounding: %s", name, reason)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..batches import batch_to_call, eval_mode
 from ..quant_layers import QuantizedLayer
-from .capture import capture_outputs, execution_order
+from .capture import capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
 
 __all__ = [
@@ -85,14 +85,10 @@ def correct_bias(
     """
     if not batches:
         raise ValueError("bias correction needs calibration batches, got none")
-    names = {id(layer): name for name, layer in quantized_model.named_sublayers()
-             if isinstance(layer, QuantizedLayer)}
     references = dict(reference.named_sublayers())
-    layers = [layer for layer in quantized_model.sublayers() if id(layer) in names]
     corrections: dict[str, np.ndarray] = {}
-    ordered = execution_order(quantized_model, layers, batches[0])
-    for layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
-        name = names[id(layer)]
+    ordered = quantized_layers_in_order(quantized_model, batches[0])
+    for name, layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
         fp32_layer = references.get(name)
         if fp32_layer is None:
             raise ValueError(f"bias correction: layer {name!r} has no fp32 counterpart")

@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import paddle
 
 from ..batches import batch_to_call, eval_mode
-from ..quant_layers import first_input
+from ..quant_layers import QuantizedLayer, first_input
 
-__all__ = ["capture_inputs", "capture_outputs", "execution_order"]
+__all__ = ["capture_inputs", "capture_outputs", "execution_order", "quantized_layers_in_order"]
 
 
 class _Captured(Exception):
@@ -98,3 +98,15 @@ def execution_order(
         for handle in handles:
             handle.remove()
     return order
+
+
+def quantized_layers_in_order(
+    quantized_model: paddle.nn.Layer, batch: Any
+) -> list[tuple[str, QuantizedLayer]]:
+    """The :class:`QuantizedLayer` s of ``quantized_model``, named, in the order a forward of
+    ``batch`` first calls them (the order in which a layer sees its predecessors' corrected
+    outputs)."""
+    names = {id(layer): name for name, layer in quantized_model.named_sublayers()
+             if isinstance(layer, QuantizedLayer)}
+    layers = [layer for layer in quantized_model.sublayers() if id(layer) in names]
+    return [(names[id(layer)], layer) for layer in execution_order(quantized_model, layers, batch)]
