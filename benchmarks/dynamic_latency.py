@@ -1,6 +1,6 @@
 """Latency of dynamic quantization: fp32 vs dynamic int8, one process.
 
-The ``RowTransformer`` of ``imperative_ptq.models`` (random weights: latency does not depend on
+The ``MnistSequenceEncoder`` of ``imperative_ptq.models`` (random weights: latency does not depend on
 them) is quantized with ``quantize_dynamic`` and run in
 
 * ONNX Runtime: the dynamic export (``DynamicQuantizeLinear`` + ``MatMulInteger``) against the
@@ -37,7 +37,7 @@ import imperative_ptq as ip
 from imperative_ptq.export import (
     create_predictor, export_onnx, predict, save_fp32_model, save_quantized_model,
 )
-from imperative_ptq.models import RowTransformer
+from imperative_ptq.models import MnistSequenceEncoder
 
 SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
 
@@ -161,20 +161,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (medians)")
     parser.add_argument("--iters", type=int, default=20, help="calls per engine and round")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--dim", type=int, default=64, help="RowTransformer token width")
-    parser.add_argument("--depth", type=int, default=2, help="RowTransformer encoder blocks")
-    parser.add_argument("--heads", type=int, default=4, help="RowTransformer attention heads")
+    parser.add_argument("--dim", type=int, default=64, help="MnistSequenceEncoder token width")
+    parser.add_argument("--depth", type=int, default=2, help="MnistSequenceEncoder encoder blocks")
+    parser.add_argument("--heads", type=int, default=4, help="MnistSequenceEncoder attention heads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     paddle.seed(0)
-    model = RowTransformer(dim=args.dim, heads=args.heads, depth=args.depth)
+    model = MnistSequenceEncoder(width=args.dim, depth=args.depth, heads=args.heads)
     model.eval()
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
         rows = measure(model, batches, args.rounds, args.iters, workdir)
     print(f"# {datetime.date.today()} {ip.cpu_info().describe()} "
           f"cpus={len(os.sched_getaffinity(0))} paddle={paddle.__version__} "
-          f"RowTransformer dim={args.dim} depth={args.depth} heads={args.heads} "
+          f"MnistSequenceEncoder dim={args.dim} depth={args.depth} heads={args.heads} "
           f"rounds={args.rounds} iters={args.iters}")
     print("| batch | ORT fp32 ms | ORT dynamic int8 ms | ORT speed-up | Paddle fp32 ms "
           "| Paddle weight-only int8 ms | Paddle speed-up | cos ORT int8 | cos Paddle int8 |")

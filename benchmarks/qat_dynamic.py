@@ -4,7 +4,7 @@
   target, 1000 calibration images) at W8A8, W4A8 and W4A4, then ``ImperativeQAT`` fine-tuning
   (learnable thresholds, Adam, cosine decay, at most one epoch) from each PTQ result. Accuracy
   of the converted int8 simulations on the 10000 test images.
-* Dynamic: ``RowTransformer`` (rows as tokens) trained in fp32, ``quantize_dynamic``: top-1
+* Dynamic: ``MnistSequenceEncoder`` (rows as tokens) trained in fp32, ``quantize_dynamic``: top-1
   agreement with fp32 and accuracy in dygraph, in ONNX Runtime (``DynamicQuantizeLinear`` +
   ``MatMulInteger``) and in Paddle Inference (weight-only int8 program), and Linear weight
   bytes; a row-by-row LSTM (``RowLSTM``) quantized dynamically, in dygraph. No latency: this
@@ -26,7 +26,7 @@ import paddle
 import imperative_ptq as ip
 from imperative_ptq.datasets import load_mnist
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
-from imperative_ptq.models import LeNet, RowTransformer, train_classifier
+from imperative_ptq.models import LeNet, MnistSequenceEncoder, train_classifier
 
 #: (setting, activation algorithm): the package's default algorithms (KL activations,
 #: per-channel abs-max weights) at three bit widths, and MSE activations at W4A4.
@@ -162,7 +162,7 @@ def dynamic_rows(data, quick: bool) -> list[tuple[str, ...]]:
     paddle.seed(0)
     started = time.perf_counter()
     model = train_classifier(
-        RowTransformer(), data.train_images, data.train_labels, epochs=1 if quick else 3,
+        MnistSequenceEncoder(), data.train_images, data.train_labels, epochs=1 if quick else 3,
         learning_rate=1e-3,
     )
     trained = time.perf_counter() - started
@@ -183,11 +183,11 @@ def dynamic_rows(data, quick: bool) -> list[tuple[str, ...]]:
     def row(name: str, values: np.ndarray, note: str = "") -> tuple[str, ...]:
         correct = float((values.argmax(1) == labels).mean())
         agreement = float((values.argmax(1) == reference.argmax(1)).mean())
-        return ("RowTransformer", name, f"{100 * correct:.2f}", f"{100 * (correct - fp32):+.2f}",
+        return ("MnistSequenceEncoder", name, f"{100 * correct:.2f}", f"{100 * (correct - fp32):+.2f}",
                 f"{100 * agreement:.2f}%", note)
 
     rows = [
-        ("RowTransformer", "fp32", f"{100 * fp32:.2f}", "", "",
+        ("MnistSequenceEncoder", "fp32", f"{100 * fp32:.2f}", "", "",
          f"trained {1 if quick else 3} epochs in {trained:.0f} s; Linear weights "
          f"{fp32_bytes / 1024:.0f} KiB"),
         row("dynamic, dygraph", logits(dynamic, images),

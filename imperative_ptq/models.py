@@ -9,7 +9,7 @@ from paddle import nn
 
 __all__ = [
     "EncoderBlock", "LeNet", "MnistConvNet", "MnistMobileNet", "MnistSequenceEncoder", "Reshape",
-    "RowTransformer", "SpaceToDepth", "VerySimpleNet", "train_classifier",
+    "SpaceToDepth", "VerySimpleNet", "train_classifier",
 ]
 
 
@@ -138,86 +138,6 @@ class MnistConvNet(nn.Sequential):
             nn.Conv2D(wide, num_classes, 3),  # a Linear over the 3x3 map: [N, classes, 1, 1]
             Reshape([-1, num_classes]),
         )
-
-
-def _matmul(x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
-    """``x @ y`` (batched). Written with ``F.linear``, which traces into a legacy program as
-    ``matmul_v2``; ``paddle.matmul`` does not (Paddle 3.3.1 calls a PIR-only kernel there)."""
-    return nn.functional.linear(x, y)
-
-
-class _EncoderBlock(nn.Layer):
-    """Pre-norm self-attention and feed-forward block over ``[N, T, D]`` tokens."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
-        self.value = nn.Linear(dim, dim)
-        self.attention_out = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.hidden = nn.Linear(dim, 2 * dim)
-        self.relu = nn.ReLU()
-        self.ffn_out = nn.Linear(2 * dim, dim)
-
-    def _split_heads(self, x: paddle.Tensor) -> paddle.Tensor:
-        # [N, T, D] -> [N, H, T, D / H]; 0 copies the (dynamic) batch size.
-        tokens, dim = x.shape[1], x.shape[2]
-        return x.reshape([0, tokens, self.heads, dim // self.heads]).transpose([0, 2, 1, 3])
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        tokens, dim = x.shape[1], x.shape[2]
-        normed = self.norm1(x)
-        query = self._split_heads(self.query(normed))
-        key = self._split_heads(self.key(normed))
-        value = self._split_heads(self.value(normed))
-        scores = _matmul(query, key.transpose([0, 1, 3, 2])) * float((dim // self.heads) ** -0.5)
-        mixed = _matmul(nn.functional.softmax(scores, axis=-1), value)
-        mixed = mixed.transpose([0, 2, 1, 3]).reshape([0, tokens, dim])
-        x = x + self.attention_out(mixed)
-        return x + self.ffn_out(self.relu(self.hidden(self.norm2(x))))
-
-
-class RowTransformer(nn.Layer):
-    """A small transformer classifier reading an image's rows as tokens.
-
-    ``[N, 1, 28, 28]`` -> 28 tokens of 28 pixels -> Linear embedding + learned positions ->
-    ``depth`` encoder blocks -> LayerNorm -> mean over tokens -> Linear. Every weight matrix
-    is a Linear (what dynamic quantization quantizes); the ops are those every runtime has
-    (matmul, softmax, layer_norm, reshape, transpose, mean).
-
-    Args:
-        num_classes: Number of outputs.
-        dim: Token width.
-        heads: Attention heads (``dim`` divisible by it).
-        depth: Encoder blocks.
-        rows: Tokens per image (image height).
-        row_width: Features per token (image width).
-    """
-
-    def __init__(
-        self, num_classes: int = 10, dim: int = 64, heads: int = 4, depth: int = 2,
-        rows: int = 28, row_width: int = 28,
-    ) -> None:
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
-        super().__init__()
-        self.rows, self.row_width = rows, row_width
-        self.embed = nn.Linear(row_width, dim)
-        self.position = self.create_parameter(
-            [1, rows, dim], default_initializer=nn.initializer.Normal(std=0.02)
-        )
-        self.blocks = nn.LayerList([_EncoderBlock(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.embed(x.reshape([0, self.rows, self.row_width])) + self.position
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x).mean(axis=1))
 
 
 def _inverted_residual(

@@ -12,7 +12,7 @@ import pytest
 
 from imperative_ptq import DynamicQuantizedLinear, DynamicQuantizedRNN, quantize_dynamic
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
-from imperative_ptq.models import RowTransformer
+from imperative_ptq.models import MnistSequenceEncoder
 from models import mlp
 
 
@@ -125,7 +125,7 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def transformer():
     paddle.seed(3)
-    model = RowTransformer(dim=32, heads=4, depth=1)
+    model = MnistSequenceEncoder(width=32, depth=1, heads=4)
     model.eval()
     return model, quantize_dynamic(model)
 
@@ -177,7 +177,7 @@ def test_paddle_weight_only_export(transformer, tmp_path) -> None:
     got = predict(create_predictor(tmp_path / "dynamic", int8=False), x)[0]
     # Paddle Inference computes in fp32 with the int8 weights dequantized: the fp32 model
     # holding the dynamic model's weights, exactly.
-    weight_only = RowTransformer(dim=32, heads=4, depth=1)
+    weight_only = MnistSequenceEncoder(width=32, depth=1, heads=4)
     weight_only.set_state_dict(model.state_dict())
     weight_only.eval()
     for (_, plain), (_, dynamic) in zip(
