@@ -106,11 +106,21 @@ def convert_layers(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
             "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
-            "quantizes them for VNNI/AMX CPUs only.",
-            target.name, len(kept_fp32), _first(kept_fp32),
+            "quantizes them for VNNI/AMX CPUs only%s.",
+            target.name, len(kept_fp32), _first(kept_fp32), _native_hint(),
         )
     mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
     return [name.split(" (")[0] for name in no_int8_kernel] + kept_fp32
+
+
+def _native_hint() -> str:
+    """Says so when this CPU could run those layers int8 (deploying on its kind)."""
+    from .cpu import cpu_info  # reads /proc/cpuinfo: only when there is something to say
+
+    info = cpu_info()
+    if not info.vnni:
+        return ""
+    return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
 
 
 def _first(names: list[str], count: int = 10) -> str:

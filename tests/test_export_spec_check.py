@@ -98,3 +98,19 @@ def test_contradicting_input_spec_fails_at_onnx_export_too(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit the model"):
         export_onnx(qmodel, path, _spec(None, 5, 8, 8))
     assert _files(tmp_path) == before
+
+
+def test_contradicting_input_spec_fails_at_fp32_export_too(tmp_path) -> None:
+    """``save_fp32_model`` checks the spec too: a wrong channel count kept the previous fp32
+    baseline from being replaced by a program that cannot run."""
+    from imperative_ptq.export import save_fp32_model
+
+    paddle.seed(1)
+    model = _Net()
+    model.eval()
+    prefix = tmp_path / "fp32"
+    save_fp32_model(model, prefix, _spec(None, 3, 8, 8))
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match=r"does not fit the model"):
+        save_fp32_model(model, prefix, _spec(None, 5, 8, 8))
+    assert _files(tmp_path) == before

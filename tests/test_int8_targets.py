@@ -341,3 +341,23 @@ def test_native_target_picks_the_x86_target_this_cpu_runs(vnni, expected, monkey
     assert config.target == expected and config.to_dict()["target"] == expected
     with pytest.raises(ValueError, match="unknown target"):
         ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="nativ")
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_signed_input_warning_points_to_native_on_a_vnni_cpu(vnni, monkeypatch, caplog) -> None:
+    from imperative_ptq import cpu as cpu_module
+
+    flags = ("avx2", "avx512f", "avx512_vnni") if vnni else ("avx2",)
+    monkeypatch.setattr(
+        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
+    )
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 4))
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.randn([4, 8]))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert "read a signed input and stay fp32" in caplog.text
+    assert ("target='native' picks x86-vnni here" in caplog.text) == vnni

@@ -25,6 +25,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
     LayerRecord,
@@ -240,6 +241,8 @@ def save_fp32_model(
 
     Raises:
         TypeError: Bad ``model`` or ``input_spec``.
+        ValueError: ``model`` does not run on ``input_spec`` (checked before anything is
+            written, :func:`.spec_check.check_input_spec_runs`).
         OSError: The target directory cannot be created or written.
     """
     if not isinstance(model, paddle.nn.Layer):
@@ -252,6 +255,7 @@ def save_fp32_model(
     # Place(undefined:0)"), which a deep copy turns into an empty CPU tensor.
     traced_model = copy.deepcopy(model)
     traced_model.eval()
+    check_input_spec_runs(traced_model, specs)
     with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
         with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
