@@ -31,7 +31,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ..batches import batch_to_call, eval_mode
+from ..batches import eval_mode, run_batches
 from ..quant_layers import QuantizedLayer
 from .capture import capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
@@ -162,11 +162,8 @@ def correct_bias_analytically(
     handles = [fp32.register_forward_pre_hook(hook_for(name, fp32))
                for name, (_, fp32) in targets.items()]
     try:
-        with eval_mode(reference), paddle.no_grad():
-            to_call = batch_to_call(reference)
-            for batch in batches:
-                args, kwargs = to_call(batch)
-                reference(*args, **kwargs)
+        with eval_mode(reference):
+            run_batches(reference, batches)
     finally:
         for handle in handles:
             handle.remove()

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import paddle
 
-from ..batches import batch_to_call, eval_mode
+from ..batches import batch_to_call, eval_mode, run_batches
 from ..quant_layers import QuantizedLayer, first_input
 
 __all__ = ["capture_inputs", "capture_outputs", "execution_order", "quantized_layers_in_order"]
@@ -91,9 +91,8 @@ def execution_order(
 
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
-        args, kwargs = batch_to_call(model)(batch)
-        with eval_mode(model), paddle.no_grad():
-            model(*args, **kwargs)
+        with eval_mode(model):
+            run_batches(model, [batch])
     finally:
         for handle in handles:
             handle.remove()

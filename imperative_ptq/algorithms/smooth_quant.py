@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import paddle
 
-from ..batches import batch_to_call, eval_mode
+from ..batches import eval_mode, run_batches
 from ..quant_layers import paddle_fc_weight
 from ..quantizers.qparams import symmetric_levels
 from ..targets import DEFAULT_TARGET, get_target
@@ -177,12 +177,9 @@ def _input_statistics(
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    to_call = batch_to_call(model)
     try:
-        with eval_mode(model), paddle.no_grad():
-            for batch in batches:
-                args, kwargs = to_call(batch)
-                model(*args, **kwargs)
+        with eval_mode(model):
+            run_batches(model, batches)
     finally:
         for handle in handles:
             handle.remove()
