@@ -62,7 +62,6 @@ from imperative_ptq.algorithms import SmoothQuant  # noqa: E402
 from imperative_ptq.models import (  # noqa: E402
     MnistMobileNet,
     MnistSequenceEncoder,
-    train_classifier,
 )
 
 TABLES = ("w4a8", "depthwise", "transformer", "budget")
@@ -94,29 +93,12 @@ class Row:
 
 def trained_mobilenet(cache_dir: str) -> paddle.nn.Layer:
     """The depthwise net, trained with a fixed seed on first use and cached afterwards."""
-    return _trained(MOBILENET, "mobilenet", cache_dir)
+    return demo.trained(MOBILENET, "mobilenet", cache_dir)
 
 
 def trained_encoder(cache_dir: str) -> paddle.nn.Layer:
     """The MNIST-rows transformer, trained with a fixed seed on first use and cached."""
-    return _trained(ENCODER, "encoder", cache_dir)
-
-
-def _trained(recipe: demo.Recipe, name: str, cache_dir: str) -> paddle.nn.Layer:
-    paddle.seed(0)
-    model = recipe.build()
-    path = os.path.join(cache_dir, f"{name}.pdparams")
-    if os.path.exists(path):
-        model.set_state_dict(paddle.load(path))
-    else:
-        data = load_mnist()
-        logging.info("training %s for %d epochs (cached in %s)", name, recipe.epochs, path)
-        os.environ.setdefault("MKL_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-        train_classifier(model, data.train_images, data.train_labels, epochs=recipe.epochs,
-                         batch_size=recipe.batch_size, progress=True)
-        os.makedirs(cache_dir, exist_ok=True)
-        paddle.save(model.state_dict(), path)
-    return model.eval()
+    return demo.trained(ENCODER, "encoder", cache_dir)
 
 
 def inject_outliers(

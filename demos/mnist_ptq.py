@@ -88,7 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def trained_model(name: str, cache_dir: str) -> paddle.nn.Layer:
     """The fp32 model, trained with a fixed seed on first use and cached afterwards."""
-    recipe = MODELS[name]
+    return trained(MODELS[name], name, cache_dir)
+
+
+def trained(recipe: Recipe, name: str, cache_dir: str) -> paddle.nn.Layer:
+    """``recipe``'s model, trained with a fixed seed on first use and cached afterwards as
+    ``cache_dir/name.pdparams``."""
     paddle.seed(0)
     model = recipe.build()
     path = os.path.join(cache_dir, f"{name}.pdparams")
