@@ -45,7 +45,7 @@ from .registry import PTQRegistry
 from .session import LayerState
 
 __all__ = [
-    "FORMAT_VERSION", "CalibrationTable", "TableFile", "apply_table", "build_table",
+    "FORMAT_VERSION", "CalibrationTable", "TableFile", "apply_table", "build_table", "first_names",
     "input_minima", "read_table", "read_table_file", "table_of_every_layer", "write_table",
 ]
 
@@ -111,12 +111,12 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
     if missing:
         logger.warning(
             "%d hooked layers never ran during calibration and stay in fp32: %s",
-            len(missing), _first_names(missing),
+            len(missing), first_names(missing),
         )
     if no_input:
         logger.warning(
             "%d layers never got a floating-point input: only their outputs are calibrated: "
-            "%s", len(no_input), _first_names(no_input),
+            "%s", len(no_input), first_names(no_input),
         )
     return table
 
@@ -256,7 +256,8 @@ def _load_affine_params(
     quantizer.set_quant_params(params)
 
 
-def _first_names(names: Sequence[str], count: int = 10) -> str:
+def first_names(names: Sequence[str], count: int = 10) -> str:
+    """The first ``count`` of ``names`` for a log line, ``...`` if there are more."""
     return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
 
 

@@ -16,6 +16,7 @@ from .calibration_table import (
     CalibrationTable,
     HookedLayers,
     affine_layer_params,
+    first_names,
     input_minima,
     input_minimum,
     table_of_every_layer,
@@ -56,7 +57,7 @@ def convert_layers(
         int8, or no runtime has an int8 kernel for them (``LayerInfo.int8_runtime``).
     """
     kept_fp32: list[str] = []
-    no_int8_kernel: list[str] = []
+    no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -64,7 +65,7 @@ def convert_layers(
         info = PTQRegistry.layer_info(layer)
         if state.weight_quantizer is not None and not info.int8_runtime:
             # Plain fp32 like the runtime runs it; no output scale either (see below).
-            no_int8_kernel.append(f"{state.name} ({type(layer).__name__})")
+            no_int8_kernel.append((state.name, type(layer).__name__))
             continue
         if state.weight_quantizer is not None and "input" in entry:
             minimum = input_minimum(state)
@@ -99,7 +100,8 @@ def convert_layers(
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
             "kernel for their ops (conv3d, conv2d_transpose, ...), so the simulation keeps them "
-            "fp32 as the runtime runs them: %s", len(no_int8_kernel), _first(no_int8_kernel),
+            "fp32 as the runtime runs them: %s", len(no_int8_kernel),
+            first_names([f"{name} ({kind})" for name, kind in no_int8_kernel]),
         )
     if kept_fp32:
         logger.warning(
@@ -107,10 +109,10 @@ def convert_layers(
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
             "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
             "quantizes them for VNNI/AMX CPUs only%s.",
-            target.name, len(kept_fp32), _first(kept_fp32), _native_hint(),
+            target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),
         )
     mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
-    return [name.split(" (")[0] for name in no_int8_kernel] + kept_fp32
+    return [name for name, _ in no_int8_kernel] + kept_fp32
 
 
 def _native_hint() -> str:
@@ -121,7 +123,3 @@ def _native_hint() -> str:
     if not info.vnni:
         return ""
     return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
-
-
-def _first(names: list[str], count: int = 10) -> str:
-    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
