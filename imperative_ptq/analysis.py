@@ -30,6 +30,7 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call, eval_mode
+from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, replace_sublayer
 
 __all__ = [
@@ -381,6 +382,7 @@ def analyze(
         ValueError: ``quantized_model`` is not converted, does not match ``model``, or
             ``data`` is empty.
     """
+    model = with_matmul_sites(model, quantized_model)
     pairs = _pairs(model, quantized_model)
     layer_stats = {name: _ErrorStats() for name, _, _ in pairs}
     output_stats = {name: _ErrorStats() for name, _, _ in pairs}
@@ -470,6 +472,7 @@ def keep_fp32(
     """
     if model is quantized_model:
         raise ValueError("model and quantized_model are the same object")
+    model = with_matmul_sites(model, quantized_model)
     names = [names] if isinstance(names, str) else list(names)
     replacements = []
     for name in names:  # check everything before changing anything
@@ -550,6 +553,7 @@ def search_skip_set(
     """
     if not budget >= 0:
         raise ValueError(f"budget must be >= 0, got {budget!r}")
+    model = with_matmul_sites(model, quantized_model)
     if report is None:
         if data is None:
             raise ValueError("give a SensitivityReport or data to compute one")

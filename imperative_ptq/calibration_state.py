@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .files import atomic_file
+from .functional_matmul import missing_site_hint
 from .quantizers import BaseQuantizer
 
 __all__ = ["FORMAT_VERSION", "read_state", "write_state", "check_compatible"]
@@ -128,7 +129,10 @@ def check_compatible(
             raise ValueError(f"{path}: the model's {key!r} has no statistics in the file")
     for key in stored:
         if key not in quantizers:
-            raise ValueError(f"{path}: {key!r} in the file is not a quantizer of the model")
+            raise ValueError(
+                f"{path}: {key!r} in the file is not a quantizer of the model"
+                f"{missing_site_hint(key.split('/')[0])}"
+            )
     for key, quantizer in quantizers.items():
         entry = stored[key]
         found = entry.get("type") if isinstance(entry, dict) else entry

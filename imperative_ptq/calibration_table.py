@@ -39,6 +39,7 @@ import paddle
 
 from .collector import CalibrationError
 from .files import atomic_file
+from .functional_matmul import missing_site_hint
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry
@@ -155,7 +156,10 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
     known = {state.name for _, state in hooked}
     extra = [name for name in layers if name not in known]
     if extra:
-        raise ValueError(f"{path}: layer {extra[0]!r} is not a quantized layer of the model")
+        raise ValueError(
+            f"{path}: layer {extra[0]!r} is not a quantized layer of the model"
+            f"{missing_site_hint(extra[0])}"
+        )
     for layer, state in hooked:
         entry = layers.get(state.name)
         if entry is None:

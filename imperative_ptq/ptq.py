@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 from typing import Any, Iterable, Iterator, Sequence
@@ -40,6 +41,8 @@ from .config import PTQConfig, default_ptq_config
 from .convert import convert_layers
 from .converted import converted_minima, converted_table, is_marked_converted, record_measured_on
 from .finite import check_finite_parameters, check_finite_thresholds
+from .functional_matmul import has_own_matrices
+from .functional_matmul import install as install_matmul_routing
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .registry import PTQRegistry
@@ -50,6 +53,17 @@ from .targets import get_target
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
+
+
+def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerState:
+    """A hooked layer's quantizers, as ``config`` makes them."""
+    simulated = PTQRegistry.is_simulated_quant_layer(layer)
+    return LayerState(
+        name=name,
+        output_quantizer=config.new_activation_quantizer(),
+        input_quantizer=config.new_activation_quantizer() if simulated else None,
+        weight_quantizer=config.new_weight_quantizer() if simulated else None,
+    )
 
 
 class ImperativePTQ:
@@ -89,6 +103,10 @@ class ImperativePTQ:
     ) -> paddle.nn.Layer:
         """Hooks every supported leaf layer for calibration.
 
+        A functional ``paddle.matmul(x, self.weight)`` in a layer's ``forward`` is calibrated
+        as a Linear layer found at the first calibration batch
+        (:mod:`imperative_ptq.functional_matmul`).
+
         Args:
             model: The fp32 model. Untouched unless ``inplace``.
             inplace: Hook ``model`` itself instead of a deep copy.
@@ -121,8 +139,8 @@ class ImperativePTQ:
         if fuse:
             fuse_layers(model, fuse_list)
 
-        session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
+        session = CalibrationSession(model, self._asynchronous, functools.partial(_new_state, config))
         schedule.prepare(model, session, config)
         for name, layer in model.named_sublayers():
             if (
@@ -131,19 +149,14 @@ class ImperativePTQ:
                 or not PTQRegistry.is_supported_layer(layer)
             ):
                 continue
-            simulated = PTQRegistry.is_simulated_quant_layer(layer)
-            state = LayerState(
-                name=name,
-                output_quantizer=config.new_activation_quantizer(),
-                input_quantizer=config.new_activation_quantizer() if simulated else None,
-                weight_quantizer=config.new_weight_quantizer() if simulated else None,
-            )
-            session.add_layer(layer, state)
-        if not session.layers:
+            session.add_layer(layer, _new_state(config, name, layer))
+        if not session.layers and not has_own_matrices(model):
             raise ValueError(
-                f"{type(model).__name__} has no leaf layer supported by PTQRegistry; "
-                f"supported: {', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
+                f"{type(model).__name__} has no leaf layer supported by PTQRegistry and no 2-D "
+                f"parameter a functional paddle.matmul could use; supported: "
+                f"{', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
+        install_matmul_routing()
         session.attach()
         session.install()
         logger.info(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Iterable, Iterator
+import weakref
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import paddle
@@ -21,7 +22,7 @@ from .quantizers import BaseQuantizer
 
 __all__ = [
     "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
-    "hooked_states",
+    "discovering_session", "hooked_states",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,27 @@ class CalibrationSession:
 
     Hooks can be detached (statistics are kept, so thresholds can still be computed and the
     model converted) and attached again.
+
+    Args:
+        model: The model being calibrated.
+        asynchronous: Reduce statistics on a worker thread.
+        new_state: Makes the :class:`LayerState` of a layer found during calibration (a
+            functional matmul: see :mod:`imperative_ptq.functional_matmul`) from its name and
+            the layer; ``None``: no layer is added after ``quantize``.
     """
 
-    def __init__(self, model: paddle.nn.Layer, asynchronous: bool) -> None:
+    def __init__(
+        self,
+        model: paddle.nn.Layer,
+        asynchronous: bool,
+        new_state: Callable[[str, paddle.nn.Layer], LayerState] | None = None,
+    ) -> None:
         self.model = model
         self.asynchronous = asynchronous
+        self.new_state = new_state
+        #: Sublayer names by ``id`` while the hooks are attached (layers found then).
+        self._names: dict[int, str] = {}
+        self._refused: set[str] = set()
         self.collector: CalibrationCollector | None = None
         self.layers: list[tuple[paddle.nn.Layer, LayerState]] = []
         self.norm_layers = [
@@ -98,6 +115,30 @@ class CalibrationSession:
         setattr(layer, STATE_ATTR, state)
         self.layers.append((layer, state))
 
+    def add_discovered_layer(self, name: str, layer: paddle.nn.Layer) -> None:
+        """Puts a layer found during calibration under calibration, hooked at once.
+
+        Raises:
+            RuntimeError: The session takes no layers after ``quantize``.
+        """
+        if self.new_state is None:
+            raise RuntimeError("this calibration session takes no layers after quantize")
+        state = self.new_state(name, layer)
+        self.add_layer(layer, state)
+        self._names[id(layer)] = name
+        if self.attached:
+            state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
+
+    def sublayer_name(self, layer: paddle.nn.Layer) -> str | None:
+        """``layer``'s name in the model (``""``: the model) while the hooks are attached."""
+        return self._names.get(id(layer))
+
+    def note_refused(self, what: str) -> bool:
+        """Records that ``what`` cannot be calibrated; ``True`` the first time (warn then)."""
+        first = what not in self._refused
+        self._refused.add(what)
+        return first
+
     def install(self) -> None:
         """Attaches the session to its model (:func:`calibrating_session` finds it there)."""
         setattr(self.model, SESSION_ATTR, self)
@@ -125,6 +166,11 @@ class CalibrationSession:
             self.model.register_forward_pre_hook(self._before_forward),
             self.model.register_forward_post_hook(self._after_forward),
         ]
+        if self.new_state is not None:
+            self._names = {
+                id(layer): name for name, layer in self.model.named_sublayers(include_self=True)
+            }
+            _DISCOVERING.add(self)
 
     def flush(self) -> None:
         """Waits until every observed batch is in the statistics."""
@@ -133,6 +179,8 @@ class CalibrationSession:
 
     def detach(self) -> None:
         """Removes every hook and stops the worker; statistics are kept."""
+        _DISCOVERING.discard(self)
+        self._names = {}
         for handle in self.root_hooks:
             handle.remove()
         self.root_hooks = []
@@ -228,6 +276,19 @@ def _describe(value: Any) -> str:
     if isinstance(value, paddle.Tensor):
         return f"a {value.dtype} tensor"
     return f"a {type(value).__name__}"
+
+
+#: Sessions whose hooks are attached and that take layers found during calibration.
+_DISCOVERING: "weakref.WeakSet[CalibrationSession]" = weakref.WeakSet()
+
+
+def discovering_session(layer: paddle.nn.Layer) -> CalibrationSession | None:
+    """The attached session whose model contains ``layer`` and takes layers found during
+    calibration, else ``None``."""
+    for session in list(_DISCOVERING):
+        if session.sublayer_name(layer) is not None:
+            return session
+    return None
 
 
 def calibrating_session(model: paddle.nn.Layer) -> CalibrationSession | None:

@@ -1,0 +1,276 @@
+"""Functional ``paddle.matmul(x, weight)`` calls, calibrated and quantized as Linear layers.
+
+Models converted with x2paddle (and many hand-written ones) multiply by a parameter with
+``paddle.matmul(x, self.weight)`` instead of calling an ``nn.Linear``, so no forward hook sees
+the model's largest GEMMs. :func:`install` puts :func:`route_matmul` in place of
+``paddle.matmul``; it passes every call through unchanged except one whose ``y`` is a
+parameter of the calling layer (the ``self`` of the ``forward`` that made the call):
+
+* while the model is being calibrated, the first such call adds a :class:`MatmulSite` to the
+  calling layer: a bias-free ``nn.Linear`` holding a copy of the weight (transposed for
+  ``transpose_y=True``), named ``<parameter>_matmul``, put under calibration like any other
+  layer (and mirrored into the fp32 reference the accuracy algorithms compare with);
+* from then on every call with that parameter runs the site instead, so calibration, the
+  table, ``convert`` (which wraps the site like any Linear), ``analyze`` and the export's
+  trace all see an ordinary Linear layer (an fc in Paddle Inference's int8 pipeline).
+
+Limits: only calls made directly in a layer's ``forward`` (or a function it calls, a few frames
+deep) on one of that layer's own parameters are seen; a 2-D float32 weight; ``transpose_x``
+and other matmuls stay fp32 (with a warning when a parameter is involved). Sites appear at
+the first calibration forward, so a table or statistics file is loaded after one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import paddle
+
+from .quant_layers import QuantizedLayer
+from .registry import PTQRegistry
+from .session import discovering_session
+
+__all__ = [
+    "MatmulSite", "has_own_matrices", "install", "matmul_sites", "mirror_sites",
+    "missing_site_hint", "route_matmul", "with_matmul_sites",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Frames above ``paddle.matmul`` searched for the calling layer's ``self``.
+_MAX_FRAMES = 4
+#: Ends the name of a site's sublayer.
+_SITE_SUFFIX = "_matmul"
+#: Modules whose ``matmul`` attribute :func:`install` replaces.
+_MODULES = ("paddle", "paddle.tensor")
+
+
+def _signature(x: Any, y: Any, transpose_x: bool = False, transpose_y: bool = False,
+               name: str | None = None) -> None:
+    """``paddle.matmul``'s arguments."""
+
+
+_ARGUMENTS = inspect.signature(_signature)
+_original_matmul: Callable[..., Any] | None = None
+
+
+class MatmulSite(paddle.nn.Linear):
+    """A functional ``paddle.matmul(x, parameter)`` call as a bias-free Linear layer.
+
+    Args:
+        weight: The ``[in, out]`` weight (the parameter, transposed for ``transpose_y``).
+        parameter_path: The parameter's name relative to the calling layer.
+        transpose_y: Whether the call passed ``transpose_y=True``.
+    """
+
+    def __init__(self, weight: np.ndarray, parameter_path: str, transpose_y: bool) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], bias_attr=False)
+        with paddle.no_grad():
+            self.weight.set_value(weight)
+        self.parameter_path = parameter_path
+        self.transpose_y = transpose_y
+
+    def extra_repr(self) -> str:
+        flags = ", transpose_y=True" if self.transpose_y else ""
+        return f"matmul(x, {self.parameter_path}{flags}), {super().extra_repr()}"
+
+
+def install() -> None:
+    """Puts :func:`route_matmul` in place of ``paddle.matmul`` (idempotent).
+
+    The replacement calls the original for every call it does not route, so models without
+    sites run as before.
+    """
+    global _original_matmul
+    if _original_matmul is not None:
+        return
+    _original_matmul = paddle.matmul
+    for module_name in _MODULES:
+        module = sys.modules[module_name]
+        if getattr(module, "matmul", None) is _original_matmul:
+            module.matmul = route_matmul
+
+
+@paddle.jit.not_to_static
+def route_matmul(*args: Any, **kwargs: Any) -> Any:
+    """``paddle.matmul``, running a call on a parameter of the calling layer through its
+    :class:`MatmulSite` (added while the model is calibrated)."""
+    original = _original_matmul
+    try:
+        bound = _ARGUMENTS.bind(*args, **kwargs)
+    except TypeError:
+        return original(*args, **kwargs)
+    y = bound.arguments["y"]
+    if getattr(y, "persistable", False) is not True:  # parameters only
+        return original(*args, **kwargs)
+    caller = _calling_layer()
+    if caller is None:
+        return original(*args, **kwargs)
+    x = bound.arguments["x"]
+    transpose_x = bool(bound.arguments.get("transpose_x", False))
+    transpose_y = bool(bound.arguments.get("transpose_y", False))
+    site = _site_for(caller, y, transpose_y)
+    if site is None and not transpose_x:
+        site = _discover(caller, x, y, transpose_y)
+    if site is None or transpose_x:
+        return original(*args, **kwargs)
+    return site(x)
+
+
+def missing_site_hint(layer_name: str) -> str:
+    """What to do when a file names ``layer_name`` and the model lacks it: ``""`` unless it
+    looks like a site (found only at the first calibration forward)."""
+    if not layer_name.endswith(_SITE_SUFFIX):
+        return ""
+    return (
+        f" (a functional paddle.matmul becomes a layer named '<parameter>{_SITE_SUFFIX}' at "
+        f"the first calibration forward: run one batch through the model, then load)"
+    )
+
+
+def has_own_matrices(model: paddle.nn.Layer) -> bool:
+    """Whether a layer of ``model`` that PTQ does not hook owns a 2-D float32 parameter (which
+    a functional ``paddle.matmul`` in its ``forward`` may use)."""
+    return any(
+        parameter is not None and parameter.dtype == paddle.float32 and len(parameter.shape) == 2
+        for layer in model.sublayers(include_self=True)
+        if not PTQRegistry.is_supported_layer(layer)
+        for parameter in layer._parameters.values()
+    )
+
+
+def matmul_sites(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:
+    """``(attribute, sublayer)`` of each site of ``layer`` (the sublayer is the site or the
+    :class:`QuantizedLayer` ``convert`` wrapped it in)."""
+    return [
+        (attribute, child) for attribute, child in layer._sub_layers.items()
+        if isinstance(_inner(child), MatmulSite)
+    ]
+
+
+def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
+    return layer.layer if isinstance(layer, QuantizedLayer) else layer
+
+
+def _calling_layer() -> paddle.nn.Layer | None:
+    """The ``self`` of the nearest ``forward``-like frame above ``paddle.matmul``."""
+    frame = sys._getframe(2)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, paddle.nn.Layer) and not isinstance(candidate, MatmulSite):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _resolve(layer: paddle.nn.Layer, path: str) -> Any:
+    value: Any = layer
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _site_for(caller: paddle.nn.Layer, y: Any, transpose_y: bool) -> paddle.nn.Layer | None:
+    for _, child in matmul_sites(caller):
+        site = _inner(child)
+        if site.transpose_y == transpose_y and _resolve(caller, site.parameter_path) is y:
+            return child
+    return None
+
+
+def _parameter_path(caller: paddle.nn.Layer, y: Any) -> str | None:
+    for path, parameter in caller.named_parameters():
+        if parameter is y:
+            return path
+    return None
+
+
+def _discover(
+    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool
+) -> paddle.nn.Layer | None:
+    """Adds a site for ``matmul(x, y)`` to ``caller`` if its model is being calibrated."""
+    session = discovering_session(caller)
+    if session is None:
+        return None
+    path = _parameter_path(caller, y)
+    if path is None:
+        return None
+    caller_name = session.sublayer_name(caller)
+    where = f"paddle.matmul(x, {caller_name + '.' if caller_name else ''}{path})"
+    reason = _unsupported(x, y)
+    if reason is not None:
+        if session.note_refused(where):
+            logger.warning("%s stays fp32: %s", where, reason)
+        return None
+    weight = y.numpy()
+    if transpose_y:
+        weight = np.ascontiguousarray(weight.T)
+    attribute = _free_attribute(caller, path.replace(".", "_") + _SITE_SUFFIX)
+    site = MatmulSite(weight, path, transpose_y)
+    caller.add_sublayer(attribute, site)
+    if session.reference is not None:
+        mirror_sites(session.model, session.reference)
+    name = f"{caller_name}.{attribute}" if caller_name else attribute
+    session.add_discovered_layer(name, site)
+    logger.info("%s is calibrated as the Linear layer %r", where, name)
+    return site
+
+
+def _unsupported(x: Any, y: Any) -> str | None:
+    if y.dtype != paddle.float32 or len(y.shape) != 2:
+        return f"only 2-D float32 weights are quantized (got {list(y.shape)} {y.dtype})"
+    if not isinstance(x, paddle.Tensor) or x.dtype != paddle.float32 or len(x.shape) < 2:
+        return "only float32 inputs of rank >= 2 are quantized"
+    return None
+
+
+def _free_attribute(layer: paddle.nn.Layer, attribute: str) -> str:
+    candidate, count = attribute, 1
+    while hasattr(layer, candidate):
+        count += 1
+        candidate = f"{attribute}_{count}"
+    return candidate
+
+
+def mirror_sites(source: paddle.nn.Layer, target: paddle.nn.Layer) -> int:
+    """Gives ``target`` (an fp32 model ``source`` was made from) the sites ``source`` has, as
+    fp32 :class:`MatmulSite` s built from ``target``'s own parameters, so layer names match.
+
+    Returns:
+        How many sites were added.
+    """
+    callers = dict(target.named_sublayers(include_self=True))
+    added = 0
+    for name, layer in source.named_sublayers(include_self=True):
+        caller = callers.get(name)
+        if caller is None:
+            continue
+        for attribute, child in matmul_sites(layer):
+            site = _inner(child)
+            parameter = _resolve(caller, site.parameter_path)
+            if attribute in caller._sub_layers or not isinstance(parameter, paddle.Tensor):
+                continue
+            weight = parameter.numpy()
+            weight = np.ascontiguousarray(weight.T) if site.transpose_y else weight
+            caller.add_sublayer(attribute, MatmulSite(weight, site.parameter_path, site.transpose_y))
+            added += 1
+    return added
+
+
+def with_matmul_sites(model: paddle.nn.Layer, quantized_model: paddle.nn.Layer) -> paddle.nn.Layer:
+    """``model``, or a copy of it with the sites ``quantized_model`` has (``model`` itself is
+    never changed), so the two have the same layer names."""
+    if not any(matmul_sites(layer) for layer in quantized_model.sublayers(include_self=True)):
+        return model
+    copied = copy.deepcopy(model)
+    mirror_sites(quantized_model, copied)
+    return copied

@@ -1,0 +1,342 @@
+"""Functional ``paddle.matmul(x, self.weight)`` calls (the form x2paddle writes) are calibrated,
+simulated and exported as Linear layers: the same model written with ``nn.Linear`` is the
+reference, and Paddle Inference and ONNX Runtime compute what the simulation does."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.algorithms import AdaRound
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+
+WIDTH, HIDDEN, CLASSES, LENGTH = 16, 32, 5, 6
+
+
+class FunctionalBlock(paddle.nn.Layer):
+    """A residual MLP block written the way x2paddle writes one: parameters and
+    ``paddle.matmul`` (the second weight stored ``[out, in]`` and used with ``transpose_y``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = self.create_parameter([WIDTH, HIDDEN])
+        self.b_in = self.create_parameter([HIDDEN], is_bias=True)
+        self.w_out = self.create_parameter([WIDTH, HIDDEN])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(paddle.matmul(x, self.w_in) + self.b_in)
+        return x + paddle.matmul(hidden, self.w_out, transpose_y=True)
+
+
+class LinearBlock(paddle.nn.Layer):
+    """:class:`FunctionalBlock` written with ``nn.Linear`` layers (the reference)."""
+
+    def __init__(self, functional: FunctionalBlock) -> None:
+        super().__init__()
+        self.w_in_matmul = paddle.nn.Linear(WIDTH, HIDDEN, bias_attr=False)
+        self.w_in_matmul.weight.set_value(functional.w_in.numpy())
+        self.b_in = self.create_parameter([HIDDEN], is_bias=True)
+        self.b_in.set_value(functional.b_in.numpy())
+        self.w_out_matmul = paddle.nn.Linear(HIDDEN, WIDTH, bias_attr=False)
+        self.w_out_matmul.weight.set_value(functional.w_out.numpy().T)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(self.w_in_matmul(x) + self.b_in)
+        return x + self.w_out_matmul(hidden)
+
+
+class Net(paddle.nn.Layer):
+    """Two blocks and a functional head on a parameter of the model itself."""
+
+    def __init__(self, blocks: list[paddle.nn.Layer] | None = None) -> None:
+        super().__init__()
+        self.blocks = paddle.nn.LayerList(blocks or [FunctionalBlock(), FunctionalBlock()])
+        self.head = self.create_parameter([WIDTH, CLASSES])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return paddle.matmul(x.mean(axis=1), self.head)
+
+
+def _functional_net() -> Net:
+    paddle.seed(0)
+    model = Net()
+    model.eval()
+    return model
+
+
+class LinearNet(paddle.nn.Layer):
+    """``Net`` with ``nn.Linear`` layers under the names the sites get."""
+
+    def __init__(self, functional: Net) -> None:
+        super().__init__()
+        self.blocks = paddle.nn.LayerList([LinearBlock(block) for block in functional.blocks])
+        self.head_matmul = paddle.nn.Linear(WIDTH, CLASSES, bias_attr=False)
+        self.head_matmul.weight.set_value(functional.head.numpy())
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head_matmul(x.mean(axis=1))
+
+
+def _batches(count: int = 4, seed: int = 0, shift: float | None = None) -> list[np.ndarray]:
+    """Standard normal batches, or uniform ones on ``[shift, shift + 1)``."""
+    rng = np.random.default_rng(seed)
+    shape = (4, LENGTH, WIDTH)
+    return [
+        (rng.standard_normal(shape) if shift is None else rng.random(shape) + shift).astype(np.float32)
+        for _ in range(count)
+    ]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _ptq(target: str = "x86", **options) -> ip.ImperativePTQ:
+    return ip.ImperativePTQ(
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target, **options)
+    )
+
+
+def _converted(model: paddle.nn.Layer, target: str = "x86", shift: float | None = None, **options):
+    ptq = _ptq(target, **options)
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _batches(shift=shift), progress=False)
+    table = ptq.calibration_table(quantized)
+    ptq.convert(quantized)
+    return ptq, quantized, table
+
+
+def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_function() -> None:
+    model = _functional_net()
+    before = [name for name, _ in model.named_sublayers()]
+    x = paddle.to_tensor(_batches(1, seed=5)[0])
+    expected = model(x).numpy()
+    ptq = _ptq()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _batches(), progress=False)
+    assert sorted(ptq.calibration_table(quantized)) == [
+        "blocks.0.w_in_matmul", "blocks.0.w_out_matmul", "blocks.1.w_in_matmul",
+        "blocks.1.w_out_matmul", "head_matmul",
+    ]
+    ptq.remove_hooks(quantized)
+    np.testing.assert_allclose(quantized(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The user's model is untouched, and paddle.matmul still works outside quantized models.
+    assert [name for name, _ in model.named_sublayers()] == before
+    np.testing.assert_array_equal(model(x).numpy(), expected)
+    a, b = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy(), a @ b)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_simulation_equals_the_same_model_written_with_linear_layers(target) -> None:
+    functional = _functional_net()
+    reference = LinearNet(functional)
+    reference.eval()
+    _, quantized, table = _converted(functional, target, shift=1.0)
+    _, reference_quantized, reference_table = _converted(reference, target, shift=1.0)
+    assert table == reference_table
+    x = paddle.to_tensor(_batches(1, seed=7, shift=1.0)[0])
+    np.testing.assert_allclose(
+        quantized(x).numpy(), reference_quantized(x).numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_path, tag: str):
+    """Calibrates, converts and exports ``model``; returns the simulation, Paddle Inference
+    and ONNX Runtime outputs on one batch, the int8 report and the simulated int8 layers."""
+    ptq, quantized, _ = _converted(model, target, shift=shift)
+    x = _batches(1, seed=9, shift=shift)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    prefix = str(tmp_path / tag)
+    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
+    export_onnx(quantized, prefix + ".onnx", input_spec=spec)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
+    return (
+        simulated,
+        predict(create_predictor(prefix), x)[0],
+        session.run(None, {session.get_inputs()[0].name: x})[0],
+        int8_report(prefix),
+        sum(isinstance(layer, ip.QuantizedLayer) for layer in quantized.sublayers()),
+    )
+
+
+@pytest.mark.parametrize("target, shift", [("x86", 0.0), ("x86-vnni", None)], ids=["x86", "vnni"])
+def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, tmp_path) -> None:
+    if target == "x86-vnni" and not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    functional = _functional_net()
+    reference = LinearNet(functional)
+    reference.eval()
+    simulated, inference, onnx_out, report, int8_layers = _run_exports(
+        functional, target, shift, tmp_path, "functional"
+    )
+    # Every matmul the simulation runs int8 runs int8 (x86 keeps those reading signed values
+    # fp32: the ones behind a residual add).
+    assert int8_layers >= (5 if target == "x86-vnni" else 2)
+    assert report.int8.get("fc", 0) == int8_layers, report
+    assert _cosine(inference, simulated) > 0.999
+    assert _cosine(onnx_out, simulated) > 0.99
+    # Both runtimes compute what they compute for the same model written with nn.Linear.
+    *linear_outputs, linear_report, _ = _run_exports(reference, target, shift, tmp_path, "linear")
+    assert linear_report.int8 == report.int8
+    for ours, theirs in zip((simulated, inference, onnx_out), linear_outputs):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+class Unsupported(paddle.nn.Layer):
+    """Matmuls on parameters that stay fp32 (a parameter as ``x``, a 3-D weight), then a
+    Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = self.create_parameter([WIDTH, WIDTH])
+        self.w3 = self.create_parameter([2, WIDTH, WIDTH])
+        self.linear = paddle.nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = paddle.matmul(self.w, x, transpose_x=True, transpose_y=True)  # w.T @ x.T
+        return self.linear(paddle.matmul(x, self.w3).sum(axis=0) + y.T)
+
+
+def test_matmuls_that_are_not_quantized_stay_fp32_with_a_warning(caplog) -> None:
+    paddle.seed(0)
+    model = Unsupported()
+    model.eval()
+    x = paddle.randn([3, WIDTH])
+    expected = model(x).numpy()
+    ptq = _ptq()
+    quantized = ptq.quantize(model)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.functional_matmul"):
+        ptq.calibrate(quantized, [x.numpy(), x.numpy()], progress=False)
+    assert list(ptq.calibration_table(quantized)) == ["linear"]
+    warnings = [r.getMessage() for r in caplog.records if "stays fp32" in r.getMessage()]
+    assert len(warnings) == 1 and "paddle.matmul(x, w3)" in warnings[0], warnings
+    ptq.remove_hooks(quantized)
+    np.testing.assert_array_equal(quantized(x).numpy(), expected)
+
+
+def test_a_model_of_parameters_only_is_accepted() -> None:
+    paddle.seed(0)
+    block = FunctionalBlock()
+    block.eval()
+    ptq = _ptq()
+    quantized = ptq.quantize(block)
+    ptq.calibrate(quantized, _batches(2, shift=0.0), progress=False)
+    assert sorted(ptq.calibration_table(quantized)) == ["w_in_matmul", "w_out_matmul"]
+
+
+def test_a_model_without_any_matrix_is_still_refused() -> None:
+    with pytest.raises(ValueError, match="no leaf layer supported by PTQRegistry"):
+        _ptq().quantize(paddle.nn.Sequential(paddle.nn.Flatten()))
+
+
+def test_table_loads_after_the_first_batch_and_explains_before(tmp_path) -> None:
+    ptq, _, table = _converted(_functional_net(), shift=1.0)
+    path = tmp_path / "table.json"
+    source = _ptq()
+    calibrated = source.quantize(_functional_net())
+    source.calibrate(calibrated, _batches(shift=1.0), progress=False)
+    source.save_calibration_table(calibrated, path)
+
+    fresh = _ptq()
+    model = fresh.quantize(_functional_net())
+    with pytest.raises(ValueError, match="run one batch"):
+        fresh.load_calibration_table(model, path)
+    with fresh.calibrating(model):
+        model(paddle.to_tensor(_batches(1, seed=3)[0]))
+    fresh.load_calibration_table(model, path)
+    assert fresh.calibration_table(model) == table
+
+
+def test_bias_correction_and_adaround_see_the_matmuls() -> None:
+    x = paddle.to_tensor(_batches(1, seed=11, shift=1.0)[0])
+    fp32 = _functional_net()(x).numpy()
+    _, plain, _ = _converted(_functional_net(), shift=1.0)
+    _, corrected, _ = _converted(
+        _functional_net(), shift=1.0, bias_correction=True,
+        adaround=AdaRound(iterations=20),
+    )
+    assert [name for name, _ in corrected.named_sublayers() if name.endswith("_matmul")] == [
+        name for name, _ in plain.named_sublayers() if name.endswith("_matmul")
+    ]
+    assert _cosine(corrected(x).numpy(), fp32) > 0.99
+
+
+def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path) -> None:
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(WIDTH, HIDDEN), paddle.nn.ReLU(),
+        paddle.nn.Linear(HIDDEN, CLASSES, bias_attr=False),
+    )
+    model.eval()
+    ptq = _ptq()
+    quantized = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    ptq.calibrate(quantized, [rng.random((8, WIDTH), np.float32) for _ in range(4)], progress=False)
+    ptq.convert(quantized)
+    x = rng.random((8, WIDTH), np.float32)
+    prefix = str(tmp_path / "model")
+    ptq.save_quantized_model(
+        quantized, prefix, input_spec=[paddle.static.InputSpec([None, WIDTH], "float32", "x")]
+    )
+    assert int8_report(prefix).int8.get("fc", 0) == 2
+    assert _cosine(predict(create_predictor(prefix), x)[0], quantized(paddle.to_tensor(x)).numpy()) > 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_functional_matmuls_on_avx2_kernels() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "paddle_inference_and_onnx or bias_free"],
+        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
+        capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 passed, 1 skipped" in done.stdout.splitlines()[-1]
+
+
+def test_analyze_and_keep_fp32_pair_the_matmuls_with_the_fp32_model() -> None:
+    ptq, quantized, _ = _converted(_functional_net(), shift=0.0)
+    model = _functional_net()
+    before = [name for name, _ in model.named_sublayers()]
+    report = ptq.analyze(model, quantized, _batches(2, seed=4, shift=0.0))
+    simulated = sorted(
+        name for name, layer in quantized.named_sublayers() if isinstance(layer, ip.QuantizedLayer)
+    )
+    assert sorted(row.name for row in report.rows) == simulated
+    ptq.keep_fp32(quantized, simulated, model)
+    assert [name for name, _ in model.named_sublayers()] == before  # the fp32 model unchanged
+    x = paddle.to_tensor(_batches(1, seed=6, shift=0.0)[0])
+    np.testing.assert_allclose(quantized(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_file_loads_after_the_first_batch_and_explains_before(tmp_path) -> None:
+    source = _ptq()
+    calibrated = source.quantize(_functional_net())
+    source.calibrate(calibrated, _batches(), progress=False)
+    source.save_state(calibrated, tmp_path / "state.npz")
+    fresh = _ptq()
+    model = fresh.quantize(_functional_net())
+    with pytest.raises(ValueError, match="run one batch"):
+        fresh.load_state(model, tmp_path / "state.npz")
+    with fresh.calibrating(model):
+        model(paddle.to_tensor(_batches(1, seed=3)[0]))
+    fresh.load_state(model, tmp_path / "state.npz")
+    assert fresh.calibration_table(model) == source.calibration_table(calibrated)
