@@ -101,12 +101,12 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
     """``paddle.matmul``, running a call on a parameter of the calling layer through its
     :class:`MatmulSite` (added while the model is calibrated)."""
     original = _original_matmul
+    y = args[1] if len(args) > 1 else kwargs.get("y")
+    if getattr(y, "persistable", False) is not True:  # parameters only
+        return original(*args, **kwargs)
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:
-        return original(*args, **kwargs)
-    y = bound.arguments["y"]
-    if getattr(y, "persistable", False) is not True:  # parameters only
         return original(*args, **kwargs)
     caller = _calling_layer()
     if caller is None:
