@@ -19,8 +19,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # torch is only a reference implementation for the primitives' tests.
-        "test": ["pytest", "hypothesis", "torch==2.13.0", "onnx", "onnxruntime", "matplotlib"],
+        # torch is only a reference implementation for the primitives' tests. x2paddle
+        # converts an ONNX model for the model-zoo test; 1.6.0 (the newest) imports
+        # onnx.mapping, which onnx removed in 1.19, and imports requests without declaring it.
+        "test": [
+            "pytest", "hypothesis", "torch==2.13.0", "onnx==1.18.0", "onnxruntime", "matplotlib",
+            "x2paddle==1.6.0", "requests",
+        ],
         # QDQ ONNX export (imperative_ptq.export.export_onnx) and running it.
         "export": ["onnx", "onnxruntime"],
         # PNG plots of SensitivityReport.save (imperative_ptq.analysis).
