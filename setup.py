@@ -30,6 +30,13 @@ setup(
         "export": ["onnx", "onnxruntime"],
         # PNG plots of SensitivityReport.save (imperative_ptq.analysis).
         "report": ["matplotlib"],
+        # benchmarks/accuracy.py --tables ocr: PaddleOCR's PP-OCRv4 recognizer as the ONNX
+        # file and dictionary rapidocr_onnxruntime ships, converted with x2paddle (onnx and
+        # requests pinned/added as in "test"); Pillow renders the text lines.
+        "bench": [
+            "rapidocr_onnxruntime==1.4.4", "x2paddle==1.6.0", "onnx==1.18.0", "onnxruntime",
+            "requests", "Pillow",
+        ],
     },
     entry_points={"console_scripts": ["imperative-ptq=imperative_ptq.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering"],
