@@ -19,12 +19,24 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # torch is only a reference implementation for the primitives' tests.
-        "test": ["pytest", "hypothesis", "torch==2.13.0", "onnx", "onnxruntime", "matplotlib"],
+        # torch is only a reference implementation for the primitives' tests. x2paddle
+        # converts an ONNX model for the model-zoo test; 1.6.0 (the newest) imports
+        # onnx.mapping, which onnx removed in 1.19, and imports requests without declaring it.
+        "test": [
+            "pytest", "hypothesis", "torch==2.13.0", "onnx==1.18.0", "onnxruntime", "matplotlib",
+            "x2paddle==1.6.0", "requests",
+        ],
         # QDQ ONNX export (imperative_ptq.export.export_onnx) and running it.
         "export": ["onnx", "onnxruntime"],
         # PNG plots of SensitivityReport.save (imperative_ptq.analysis).
         "report": ["matplotlib"],
+        # benchmarks/accuracy.py --tables ocr: PaddleOCR's PP-OCRv4 recognizer as the ONNX
+        # file and dictionary rapidocr_onnxruntime ships, converted with x2paddle (onnx and
+        # requests pinned/added as in "test"); Pillow renders the text lines.
+        "bench": [
+            "rapidocr_onnxruntime==1.4.4", "x2paddle==1.6.0", "onnx==1.18.0", "onnxruntime",
+            "requests", "Pillow",
+        ],
     },
     entry_points={"console_scripts": ["imperative-ptq=imperative_ptq.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering"],

@@ -712,3 +712,51 @@ def test_onnx_export_of_resize_and_transposed_conv_equals_the_simulation(kind, t
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     assert ran.shape == simulated.shape
     np.testing.assert_allclose(ran, simulated, atol=1e-4 * np.abs(simulated).max())
+
+
+def test_onnx_export_of_a_transposed_weight_matmul_and_a_softmax_output(tmp_path) -> None:
+    """``paddle.matmul(x, W, transpose_y=True)`` with a parameter (how x2paddle writes an ONNX
+    ``Gemm`` with ``transB=1``) is exported as a float MatMul, and a model output written by
+    a calibrated Softmax keeps its value (no Q/DQ after it: the simulation returns it
+    unquantized): ONNX Runtime equals the simulation to float rounding."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import export_onnx
+
+    class Classifier(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+            self.softmax = paddle.nn.Softmax(axis=1)
+            self.weight = self.create_parameter([4, 8])  # [out, in], as ONNX Gemm transB=1
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            pooled = paddle.nn.functional.relu(self.conv(x)).mean(axis=[2, 3])
+            return self.softmax(paddle.matmul(pooled, self.weight, transpose_y=True) * 8.0)
+
+    paddle.seed(0)
+    model = Classifier()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for _ in range(2):
+        qmodel(paddle.to_tensor(rng.random([4, 3, 8, 8], dtype=np.float32)))
+    ptq.convert(qmodel)
+    path = export_onnx(
+        qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    )  # was: NotImplementedError (transposed weight)
+    graph = onnx.load(path).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    last = producers[graph.output[0].name]
+    while last.op_type == "Identity":
+        last = producers[last.input[0]]
+    assert last.op_type == "Softmax"  # was: DequantizeLinear (clipped at a KL threshold)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = rng.random([4, 3, 8, 8], dtype=np.float32)
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5)

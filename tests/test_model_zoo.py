@@ -6,6 +6,7 @@ re-runs on oneDNN's AVX2 kernels in a subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -17,7 +18,7 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
 
 nn = paddle.nn
 
@@ -160,3 +161,106 @@ def test_model_zoo_on_avx2_kernels() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"{len(MODELS)} passed" in done.stdout.splitlines()[-1]
+
+
+def _onnx_classifier(path: pathlib.Path) -> None:
+    """Writes the graph an exported torch image classifier has: Conv -> Relu -> Flatten ->
+    MatMul + Add (a weight initializer) -> Relu -> Gemm (``transB=1``) -> Softmax, with the
+    logits as a second output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "conv_w": [8, 3, 3, 3], "conv_b": [8], "fc1_w": [128, 32], "fc1_b": [32],
+        "fc2_w": [10, 32], "fc2_b": [10],
+    }
+    initializers = [
+        numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]) if len(shape) > 1 else 4))
+            .astype("float32"), name,
+        )
+        for name, shape in weights.items()
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("Flatten", ["relu"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "fc1_w"], ["fc1"]),
+        helper.make_node("Add", ["fc1", "fc1_b"], ["fc1_biased"]),
+        helper.make_node("Relu", ["fc1_biased"], ["hidden"]),
+        helper.make_node("Gemm", ["hidden", "fc2_w", "fc2_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 10]) for name in ("logits", "probs")],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _x2paddle_model(onnx_path: pathlib.Path, directory: pathlib.Path) -> nn.Layer:
+    """The dygraph model x2paddle writes for ``onnx_path`` (its generated code and weights)."""
+    from x2paddle.convert import onnx2paddle
+
+    # x2paddle names its parameters after the ONNX initializers, and dygraph refuses a
+    # parameter name used before in the process outside a fresh unique_name scope.
+    with paddle.utils.unique_name.guard():
+        onnx2paddle(str(onnx_path), str(directory), disable_feedback=True)  # feedback = network
+    spec = importlib.util.spec_from_file_location("x2paddle_code", directory / "x2paddle_code.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    with paddle.utils.unique_name.guard():
+        model = code.ONNXModel()
+    model.set_dict(paddle.load(str(directory / "model.pdparams")))
+    model.eval()
+    return model
+
+
+def test_onnx_classifier_converted_by_x2paddle_exports_and_runs_what_the_simulation_computes(
+    tmp_path,
+) -> None:
+    """A classifier converted from ONNX by x2paddle (layers for Conv/Relu/Softmax, functional
+    ``paddle.matmul``/``paddle.add`` on parameters for MatMul/Gemm) quantizes what the layer
+    hooks see, exports to Paddle Inference int8 and to ONNX, and both runtimes compute what
+    its simulation does."""
+    pytest.importorskip("x2paddle", reason="x2paddle not installed (extra 'test')")
+    import onnxruntime
+
+    _onnx_classifier(tmp_path / "classifier.onnx")
+    model = _x2paddle_model(tmp_path / "classifier.onnx", tmp_path / "x2paddle")
+    rng = np.random.default_rng(0)
+    # Pixels in [0, 1]: the first conv reads a non-negative input, int8 on target 'x86'.
+    x = rng.random([4, 3, 8, 8], dtype=np.float32)
+    original = onnxruntime.InferenceSession(str(tmp_path / "classifier.onnx"))
+    for ran, converted in zip(original.run(None, {"x": x}), model(paddle.to_tensor(x))):
+        np.testing.assert_allclose(converted.numpy(), ran, atol=1e-5)
+
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for _ in range(2):
+        qmodel(paddle.to_tensor(rng.random([4, 3, 8, 8], dtype=np.float32)))
+    ptq.convert(qmodel)
+    simulated = [t.numpy() for t in qmodel(paddle.to_tensor(x))]
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+
+    prefix = str(tmp_path / "int8" / "m")
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    report = int8_report(prefix)
+    assert report.int8.get("fused_conv2d", 0) + report.int8.get("conv2d", 0) == 1, report.summary()
+    ran = predict(create_predictor(prefix, num_threads=1), x)
+    assert len(ran) == 2
+    for name, out, expected in zip(("logits", "probs"), ran, simulated):
+        assert _cosine(out, expected) >= 0.99, f"Paddle Inference {name}"
+
+    path = export_onnx(qmodel, str(tmp_path / "int8.onnx"), spec)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {session.get_inputs()[0].name: x})
+    assert len(ran) == 2
+    for name, out, expected in zip(("logits", "probs"), ran, simulated):
+        assert _cosine(out, expected) >= 0.99, f"ONNX Runtime {name}"
