@@ -226,9 +226,9 @@ def test_onnx_classifier_converted_by_x2paddle_exports_and_runs_what_the_simulat
     tmp_path,
 ) -> None:
     """A classifier converted from ONNX by x2paddle (layers for Conv/Relu/Softmax, functional
-    ``paddle.matmul``/``paddle.add`` on parameters for MatMul/Gemm) quantizes what the layer
-    hooks see, exports to Paddle Inference int8 and to ONNX, and both runtimes compute what
-    its simulation does."""
+    ``paddle.matmul``/``paddle.add`` on parameters for MatMul/Gemm) quantizes its conv and its
+    functional matmuls, exports to Paddle Inference int8 and to ONNX, and both runtimes compute
+    what its simulation does."""
     pytest.importorskip("x2paddle", reason="x2paddle not installed (extra 'test')")
     import onnxruntime
 
@@ -253,6 +253,9 @@ def test_onnx_classifier_converted_by_x2paddle_exports_and_runs_what_the_simulat
     ptq.save_quantized_model(qmodel, prefix, spec)
     report = int8_report(prefix)
     assert report.int8.get("fused_conv2d", 0) + report.int8.get("conv2d", 0) == 1, report.summary()
+    # x2paddle's MatMul and Gemm are functional paddle.matmul calls on parameters, calibrated
+    # as Linear layers (functional_matmul.py): both read ReLU outputs and run as int8 fc.
+    assert report.int8.get("fc", 0) == 2, report.summary()
     ran = predict(create_predictor(prefix, num_threads=1), x)
     assert len(ran) == 2
     for name, out, expected in zip(("logits", "probs"), ran, simulated):
