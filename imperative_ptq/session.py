@@ -53,6 +53,8 @@ class LayerState:
     output_skipped: bool = False
     #: The second input's quantizer, for a layer multiplying two activations.
     second_input_quantizer: BaseQuantizer | None = None
+    #: The largest rank of the first input seen (0: none seen).
+    input_rank: int = 0
 
 
 class CalibrationSession:
@@ -231,6 +233,7 @@ class CalibrationSession:
         if inputs_quantizer is not None:
             first = first_input(layer, inputs, kwargs)
             if _is_float_tensor(first):
+                state.input_rank = max(state.input_rank, first.ndim)
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
                 collector.submit(inputs_quantizer, [sample], state.name)
                 if first.size:
