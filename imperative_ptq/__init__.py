@@ -23,7 +23,7 @@ from .primitives import (
 )
 from .ptq import ImperativePTQ
 from .qat import ImperativeQAT
-from .quant_layers import QuantizedLayer
+from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quantizers import (
     AbsmaxQuantizer,
     BaseHistQuantizer,
@@ -68,6 +68,7 @@ __all__ = [
     "PerChannelMinMaxQuantizer",
     "QuantParams",
     "QuantizedLayer",
+    "QuantizedMatmul",
     "SensitivityReport",
     "TARGETS",
     "Target",

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "imperative_ptq.calibration_table"
 FORMAT_VERSION = 1
-ROLES = ("input", "output", "weight")
+ROLES = ("input", "second_input", "output", "weight")
 #: Optional affine parameters of each role.
 AFFINE_KEYS = tuple(f"{role}_{kind}" for role in ROLES for kind in ("scale", "zero_point"))
 #: Top-level section: layer name -> smallest input value seen in calibration.
@@ -74,7 +74,7 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
     Returns:
         ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
         ``weight`` for simulated-quant layers (``input`` only if the first input was a float
-        tensor), ``weight`` one value per output channel for per-channel quantizers; affine
+        tensor), ``input`` and ``second_input`` for a matmul of two activations, ``weight`` one value per output channel for per-channel quantizers; affine
         quantizers add ``<role>_scale`` and ``<role>_zero_point``. Layers that never ran are
         left out (with a warning).
 
@@ -97,6 +97,9 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
             _add_affine_params(entry, "input", state.input_quantizer)
         elif state.input_quantizer is not None:
             no_input.append(state.name)
+        second = state.second_input_quantizer
+        if second is not None and second.is_calibrated:
+            entry["second_input"] = _activation_thresholds(second)
         if state.output_quantizer.is_calibrated:
             entry["output"] = _activation_thresholds(state.output_quantizer)
             _add_affine_params(entry, "output", state.output_quantizer)
@@ -166,6 +169,8 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
             raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
         if not entry:  # the layer saw no data when the table was written: it stays fp32
             continue
+        if state.second_input_quantizer is not None and "second_input" in entry:
+            state.second_input_quantizer.set_thresholds(entry["second_input"])
         roles = {"output": state.output_quantizer, "input": state.input_quantizer}
         for role, quantizer in roles.items():
             if quantizer is None:

@@ -26,17 +26,19 @@ import copy
 import inspect
 import logging
 import sys
+import weakref
 from typing import Any, Callable
 
 import numpy as np
 import paddle
 
-from .quant_layers import QuantizedLayer
+from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .registry import PTQRegistry
-from .session import discovering_session
+from .session import any_discovering, discovering_session
 
 __all__ = [
-    "MatmulSite", "has_own_matrices", "install", "matmul_sites", "mirror_sites",
+    "ActivationMatmul", "MatmulSite", "activation_sites", "has_own_matrices", "install",
+    "matmul_sites", "mirror_sites",
     "missing_site_hint", "route_matmul", "with_matmul_sites",
 ]
 
@@ -47,7 +49,7 @@ _MAX_FRAMES = 4
 #: Ends the name of a site's sublayer.
 _SITE_SUFFIX = "_matmul"
 #: Modules whose ``matmul`` attribute :func:`install` replaces.
-_MODULES = ("paddle", "paddle.tensor")
+_MODULES = ("paddle", "paddle.tensor", "paddle.tensor.linalg")
 
 
 def _signature(x: Any, y: Any, transpose_x: bool = False, transpose_y: bool = False,
@@ -57,6 +59,10 @@ def _signature(x: Any, y: Any, transpose_x: bool = False, transpose_y: bool = Fa
 
 _ARGUMENTS = inspect.signature(_signature)
 _original_matmul: Callable[..., Any] | None = None
+#: Layers with :class:`ActivationMatmul` sites (each adds itself when its forward starts).
+_ACTIVATION_CALLERS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
+#: Matmuls of two activations each such layer made in its current forward.
+_ACTIVATION_CALLS: "weakref.WeakKeyDictionary[paddle.nn.Layer, int]" = weakref.WeakKeyDictionary()
 
 
 class MatmulSite(paddle.nn.Linear):
@@ -80,19 +86,46 @@ class MatmulSite(paddle.nn.Linear):
         return f"matmul(x, {self.parameter_path}{flags}), {super().extra_repr()}"
 
 
+class ActivationMatmul(paddle.nn.Layer):
+    """A functional ``paddle.matmul(x, y)`` of two activations (attention's ``q @ k``) as a
+    layer: the ``ordinal``-th such call in its calling layer's ``forward``.
+
+    Args:
+        ordinal: Position of the call among the calling layer's matmuls of two activations.
+        transpose_x: Whether the call passed ``transpose_x=True``.
+        transpose_y: Whether the call passed ``transpose_y=True``.
+    """
+
+    def __init__(self, ordinal: int, transpose_x: bool, transpose_y: bool) -> None:
+        super().__init__()
+        self.ordinal = ordinal
+        self.transpose_x = transpose_x
+        self.transpose_y = transpose_y
+
+    def forward(self, x: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
+        return _original_matmul(x, y, transpose_x=self.transpose_x, transpose_y=self.transpose_y)
+
+    def extra_repr(self) -> str:
+        return f"ordinal={self.ordinal}, transpose_x={self.transpose_x}, transpose_y={self.transpose_y}"
+
+
+PTQRegistry.register(ActivationMatmul, ("X", "Y"), ("Out",), multiplies_inputs=True)
+
+
 def install() -> None:
     """Puts :func:`route_matmul` in place of ``paddle.matmul`` (idempotent).
 
-    The replacement calls the original for every call it does not route, so models without
-    sites run as before.
+    ``paddle.matmul`` and ``paddle.tensor.matmul`` (which ``nn.MultiHeadAttention`` calls)
+    both run ``_C_ops.matmul``; the replacement calls it for every call it does not route, so
+    models without sites run as before.
     """
     global _original_matmul
     if _original_matmul is not None:
         return
     _original_matmul = paddle.matmul
     for module_name in _MODULES:
-        module = sys.modules[module_name]
-        if getattr(module, "matmul", None) is _original_matmul:
+        module = sys.modules.get(module_name)
+        if module is not None and callable(getattr(module, "matmul", None)):
             module.matmul = route_matmul
 
 
@@ -102,8 +135,10 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
     :class:`MatmulSite` (added while the model is calibrated)."""
     original = _original_matmul
     y = args[1] if len(args) > 1 else kwargs.get("y")
-    if getattr(y, "persistable", False) is not True:  # parameters only
-        return original(*args, **kwargs)
+    if getattr(y, "persistable", False) is not True:  # not on a parameter
+        if not _ACTIVATION_CALLERS and not any_discovering():
+            return original(*args, **kwargs)
+        return _route_activation_matmul(args, kwargs)
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:
@@ -120,6 +155,78 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
     if site is None or transpose_x:
         return original(*args, **kwargs)
     return site(x)
+
+
+def _route_activation_matmul(args: tuple, kwargs: dict) -> Any:
+    """A matmul of two activations: through the calling layer's :class:`ActivationMatmul` of
+    the same position, added while its model is calibrated."""
+    original = _original_matmul
+    try:
+        bound = _ARGUMENTS.bind(*args, **kwargs)
+    except TypeError:
+        return original(*args, **kwargs)
+    x, y = bound.arguments["x"], bound.arguments["y"]
+    if not (_is_float32(x) and _is_float32(y)) or getattr(x, "persistable", False) is True:
+        return original(*args, **kwargs)
+    caller = _calling_layer()
+    if caller is None:
+        return original(*args, **kwargs)
+    transpose_x = bool(bound.arguments.get("transpose_x", False))
+    transpose_y = bool(bound.arguments.get("transpose_y", False))
+    sites = activation_sites(caller)
+    session = None if sites else discovering_session(caller)
+    if not sites and session is None:
+        return original(*args, **kwargs)
+    count = _ACTIVATION_CALLS.get(caller, 0) if sites else 0
+    _ACTIVATION_CALLS[caller] = count + 1
+    if count < len(sites):
+        site = sites[count]
+    else:
+        session = session or discovering_session(caller)
+        if session is not None and count == len(sites):
+            site = _discover_activation(caller, session, count, transpose_x, transpose_y)
+        else:
+            site = sites[count % len(sites)]
+    inner = _inner(site)
+    if (inner.transpose_x, inner.transpose_y) != (transpose_x, transpose_y):
+        return original(*args, **kwargs)  # another call order than calibration saw
+    return site(x, y)
+
+
+def activation_sites(layer: paddle.nn.Layer) -> list[paddle.nn.Layer]:
+    """The :class:`ActivationMatmul` sites of ``layer`` (or the layers ``convert`` wrapped
+    them in), in call order."""
+    found = [
+        child for child in layer._sub_layers.values() if isinstance(_inner(child), ActivationMatmul)
+    ]
+    return sorted(found, key=lambda child: _inner(child).ordinal)
+
+
+def _enter_caller(layer: paddle.nn.Layer, inputs: Any) -> None:
+    """Forward-pre hook of a layer with activation sites: its calls are counted from 0."""
+    _ACTIVATION_CALLERS.add(layer)
+    _ACTIVATION_CALLS[layer] = 0
+
+
+def _discover_activation(
+    caller: paddle.nn.Layer, session: Any, ordinal: int, transpose_x: bool, transpose_y: bool
+) -> paddle.nn.Layer:
+    attribute = _free_attribute(caller, f"activation_matmul_{ordinal}")
+    site = ActivationMatmul(ordinal, transpose_x, transpose_y)
+    caller.add_sublayer(attribute, site)
+    if ordinal == 0:
+        caller.register_forward_pre_hook(_enter_caller)
+        _ACTIVATION_CALLERS.add(caller)
+    caller_name = session.sublayer_name(caller)
+    name = f"{caller_name}.{attribute}" if caller_name else attribute
+    session.add_discovered_layer(name, site)
+    logger.info("a matmul of two activations is calibrated as the layer %r", name)
+    return site
+
+
+def _is_float32(value: Any) -> bool:
+    """A float32 tensor, or a float32 variable of the program the export traces."""
+    return isinstance(value, (paddle.Tensor, paddle.static.Variable)) and value.dtype == paddle.float32
 
 
 def missing_site_hint(layer_name: str) -> str:
@@ -154,7 +261,7 @@ def matmul_sites(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:
 
 
 def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
-    return layer.layer if isinstance(layer, QuantizedLayer) else layer
+    return layer.layer if isinstance(layer, (QuantizedLayer, QuantizedMatmul)) else layer
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
@@ -164,7 +271,9 @@ def _calling_layer() -> paddle.nn.Layer | None:
         if frame is None:
             return None
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, paddle.nn.Layer) and not isinstance(candidate, MatmulSite):
+        if isinstance(candidate, paddle.nn.Layer) and not isinstance(
+            candidate, (MatmulSite, ActivationMatmul, QuantizedMatmul, QuantizedLayer)
+        ):
             return candidate
         frame = frame.f_back
     return None

@@ -57,12 +57,15 @@ logger = logging.getLogger(__name__)
 
 def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerState:
     """A hooked layer's quantizers, as ``config`` makes them."""
-    simulated = PTQRegistry.is_simulated_quant_layer(layer)
+    info = PTQRegistry.layer_info(layer)
+    simulated = info is not None and info.simulated
+    operands = info is not None and info.multiplies_inputs
     return LayerState(
         name=name,
         output_quantizer=config.new_activation_quantizer(),
-        input_quantizer=config.new_activation_quantizer() if simulated else None,
+        input_quantizer=config.new_activation_quantizer() if simulated or operands else None,
         weight_quantizer=config.new_weight_quantizer() if simulated else None,
+        second_input_quantizer=config.new_activation_quantizer() if operands else None,
     )
 
 

@@ -34,6 +34,8 @@ class LayerInfo:
             A simulated layer without (Conv3D, transposed convs: Paddle Inference's int8 program
             form has no kernel for them) is calibrated but stays fp32 at ``convert``, so the
             simulation computes what the runtime does.
+        multiplies_inputs: The layer multiplies its first two inputs (a matmul of two
+            activations): both are calibrated and quantized; it has no weight.
     """
 
     layer: type
@@ -43,6 +45,7 @@ class LayerInfo:
     weight_channel_axis: int | None = None
     simulated: bool = False
     int8_runtime: bool = True
+    multiplies_inputs: bool = False
 
 
 class PTQRegistry:
@@ -60,6 +63,7 @@ class PTQRegistry:
         weight_channel_axis: int | None = None,
         simulated: bool = False,
         int8_runtime: bool = True,
+        multiplies_inputs: bool = False,
     ) -> LayerInfo:
         """Registers (or re-registers) a layer type.
 
@@ -72,6 +76,8 @@ class PTQRegistry:
             simulated: Quantize the layer's input and weight, not only its output.
             int8_runtime: The exported runtimes run the layer's op in int8 (see
                 :class:`LayerInfo`); ``False`` keeps a simulated layer fp32 at ``convert``.
+            multiplies_inputs: The layer multiplies its first two inputs (see
+                :class:`LayerInfo`).
 
         Raises:
             TypeError: ``layer`` is not a Layer subclass.
@@ -89,6 +95,7 @@ class PTQRegistry:
             weight_channel_axis,
             simulated,
             bool(int8_runtime),
+            bool(multiplies_inputs),
         )
         cls._layers[layer] = info
         return info

@@ -22,7 +22,7 @@ from .quantizers import BaseQuantizer
 
 __all__ = [
     "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
-    "discovering_session", "hooked_states",
+    "any_discovering", "discovering_session", "hooked_states",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class LayerState:
     weight_quantizer: BaseQuantizer | None
     hook: Any = None
     output_skipped: bool = False
+    #: The second input's quantizer, for a layer multiplying two activations.
+    second_input_quantizer: BaseQuantizer | None = None
+    #: The largest rank of the first input seen (0: none seen).
+    input_rank: int = 0
 
 
 class CalibrationSession:
@@ -229,12 +233,17 @@ class CalibrationSession:
         if inputs_quantizer is not None:
             first = first_input(layer, inputs, kwargs)
             if _is_float_tensor(first):
+                state.input_rank = max(state.input_rank, first.ndim)
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
                 collector.submit(inputs_quantizer, [sample], state.name)
                 if first.size:
                     # The sign decides how x86 runs the input (u8 or s8): see targets.py.
                     with paddle.no_grad():
                         inputs_quantizer.observe_minimum(float(paddle.min(first)))
+        second = state.second_input_quantizer
+        if second is not None and len(inputs) > 1 and _is_float_tensor(inputs[1]):
+            sample = collector.sample(inputs[1], second.uses_signed_values)
+            collector.submit(second, [sample], state.name)
         if _is_float_tensor(outputs):
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
             collector.submit(state.output_quantizer, [sample], state.name)
@@ -264,6 +273,8 @@ class CalibrationSession:
         for _, state in self.layers:
             if state.input_quantizer is not None:
                 found[f"{state.name}/input"] = state.input_quantizer
+            if state.second_input_quantizer is not None:
+                found[f"{state.name}/second_input"] = state.second_input_quantizer
             found[f"{state.name}/output"] = state.output_quantizer
         return found
 
@@ -280,6 +291,11 @@ def _describe(value: Any) -> str:
 
 #: Sessions whose hooks are attached and that take layers found during calibration.
 _DISCOVERING: "weakref.WeakSet[CalibrationSession]" = weakref.WeakSet()
+
+
+def any_discovering() -> bool:
+    """Whether some attached session takes layers found during calibration."""
+    return bool(_DISCOVERING)
 
 
 def discovering_session(layer: paddle.nn.Layer) -> CalibrationSession | None:

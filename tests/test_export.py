@@ -760,3 +760,30 @@ def test_onnx_export_of_a_transposed_weight_matmul_and_a_softmax_output(tmp_path
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(ran, simulated, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_linear_on_a_rank_4_input_stays_fp32_as_paddle_runs_it(rank, tmp_path, caplog) -> None:
+    """Paddle Inference runs a fc on a rank-4 input in fp32: convert keeps such a Linear fp32
+    (with a warning), so the simulation computes what the runtime does."""
+    from imperative_ptq.export import int8_report
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(16, 32), paddle.nn.ReLU(), paddle.nn.Linear(32, 8))
+    model.eval()
+    shape = [2, 3, 5, 16][4 - rank:]
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [rng.random(shape, np.float32) for _ in range(3)], progress=False)
+    with caplog.at_level("WARNING", logger="imperative_ptq.convert"):
+        ptq.convert(qmodel)
+    assert ("rank-4 input" in caplog.text) == (rank == 4)
+    x = rng.random(shape, np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(
+        qmodel, prefix, input_spec=[paddle.static.InputSpec([None, *shape[1:]], "float32", "x")]
+    )
+    assert int8_report(prefix).int8.get("fc", 0) == (2 if rank == 3 else 0)
+    np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)

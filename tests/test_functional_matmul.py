@@ -304,12 +304,12 @@ def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path) -> None:
 def test_functional_matmuls_on_avx2_kernels() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "paddle_inference_and_onnx or bias_free"],
+         "-k", "paddle_inference_and_onnx or bias_free or two_activations_run"],
         env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
         capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
     )
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "2 passed, 1 skipped" in done.stdout.splitlines()[-1]
+    assert "3 passed, 2 skipped" in done.stdout.splitlines()[-1]
 
 
 def test_analyze_and_keep_fp32_pair_the_matmuls_with_the_fp32_model() -> None:
@@ -340,3 +340,97 @@ def test_statistics_file_loads_after_the_first_batch_and_explains_before(tmp_pat
         model(paddle.to_tensor(_batches(1, seed=3)[0]))
     fresh.load_state(model, tmp_path / "state.npz")
     assert fresh.calibration_table(model) == source.calibration_table(calibrated)
+
+
+HEADS, SEQUENCE, HEAD_WIDTH = 2, 8, 8
+
+
+class Attention(paddle.nn.Layer):
+    """Scaled dot-product attention of given q, k, v (functional matmuls of two activations,
+    the first on ``q * d**-0.5`` as ``nn.MultiHeadAttention`` writes it), heads merged, then a
+    Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = paddle.nn.Linear(HEADS * HEAD_WIDTH, WIDTH)
+
+    def forward(self, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
+        scores = paddle.matmul(q * HEAD_WIDTH**-0.5, k, transpose_y=True)
+        attended = paddle.matmul(paddle.nn.functional.softmax(scores), v)
+        return self.proj(_merge_heads(attended))
+
+
+def _merge_heads(x: paddle.Tensor) -> paddle.Tensor:
+    return x.transpose([0, 2, 1, 3]).reshape([0, 0, HEADS * HEAD_WIDTH])
+
+
+def _attention_batches(count: int, seed: int) -> list[tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(seed)
+    shape = (2, HEADS, SEQUENCE, HEAD_WIDTH)
+    return [
+        tuple(rng.standard_normal(shape).astype(np.float32) for _ in range(3)) for _ in range(count)
+    ]
+
+
+def _fake_quantize(x: np.ndarray, threshold: float) -> np.ndarray:
+    step = np.float32(threshold) / np.float32(127)
+    return np.clip(np.round(x / step), -127, 127) * step
+
+
+def _attention(target: str):
+    paddle.seed(0)
+    model = Attention()
+    model.eval()
+    ptq = _ptq(target)
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _attention_batches(4, seed=0), progress=False)
+    table = ptq.calibration_table(quantized)
+    ptq.convert(quantized)
+    return ptq, model, quantized, table
+
+
+def test_matmuls_of_two_activations_are_simulated_as_int8_on_both_inputs() -> None:
+    _, model, quantized, table = _attention("x86-vnni")
+    assert sorted(name for name in table if "activation" in name) == [
+        "activation_matmul_0", "activation_matmul_1",
+    ]
+    scores, weighted = table["activation_matmul_0"], table["activation_matmul_1"]
+    q, k, v = _attention_batches(1, seed=5)[0]
+    # Slow reference: numpy fake quantization of each matmul's inputs, in float64.
+    logits = _fake_quantize(q * HEAD_WIDTH**-0.5, scores["input"][0]).astype(np.float64) @ np.swapaxes(
+        _fake_quantize(k, scores["second_input"][0]), -1, -2
+    )
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    attended = _fake_quantize(probabilities, weighted["input"][0]) @ _fake_quantize(
+        v, weighted["second_input"][0]
+    )
+    expected = quantized.proj(_merge_heads(paddle.to_tensor(attended.astype(np.float32)))).numpy()
+    ran = quantized(*map(paddle.to_tensor, (q, k, v))).numpy()
+    np.testing.assert_allclose(ran, expected, rtol=1e-4, atol=1e-5)
+    fp32 = model(*map(paddle.to_tensor, (q, k, v))).numpy()
+    assert not np.allclose(ran, fp32, atol=1e-5) and _cosine(ran, fp32) > 0.99
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp_path) -> None:
+    if target == "x86-vnni" and not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    ptq, _, quantized, _ = _attention(target)
+    simulated_int8 = sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers())
+    # x86 keeps them fp32: both inputs are signed (measured on AVX2 kernels: max error 0.49).
+    assert simulated_int8 == (2 if target == "x86-vnni" else 0)
+    q, k, v = _attention_batches(1, seed=9)[0]
+    simulated = quantized(*map(paddle.to_tensor, (q, k, v))).numpy()
+    spec = [paddle.static.InputSpec([None, HEADS, SEQUENCE, HEAD_WIDTH], "float32", n) for n in "qkv"]
+    prefix = str(tmp_path / "attention")
+    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
+    report = int8_report(prefix)
+    assert report.int8.get("fused_matmul", 0) == simulated_int8, report
+    assert _cosine(predict(create_predictor(prefix), q, k, v)[0], simulated) > 0.9999
+    export_onnx(quantized, prefix + ".onnx", input_spec=spec)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
+    feeds = {i.name: value for i, value in zip(session.get_inputs(), (q, k, v))}
+    assert _cosine(session.run(None, feeds)[0], simulated) > 0.999

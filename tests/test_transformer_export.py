@@ -86,7 +86,8 @@ def test_transformer_x86_export_runs_what_the_simulation_computes(decoder, tmp_p
     report = int8_report(prefix)
     # linear2 of each encoder/decoder layer reads the ReLU of linear1.
     assert report.int8.get("fc", 0) == (4 if decoder else 2), report
-    assert not report.signed_inputs, report
+    # Attention's matmuls of two (signed) activations stay fp32 on x86 as well.
+    assert not report.int8.get("fused_matmul") and not report.signed_inputs, report
     # Measured 1.0000 natively and on AVX2 kernels.
     assert _runtime_cosine(qmodel, prefix) >= 0.99
 
@@ -94,12 +95,17 @@ def test_transformer_x86_export_runs_what_the_simulation_computes(decoder, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="target x86-vnni needs a VNNI CPU")
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "encoder-decoder"])
-def test_transformer_vnni_export_runs_every_linear_int8(decoder, tmp_path) -> None:
+def test_transformer_vnni_export_runs_every_linear_and_attention_matmul_int8(decoder, tmp_path) -> None:
     prefix = str(tmp_path / "m")
     qmodel, linears = _export(decoder, "x86-vnni", prefix)
     report = int8_report(prefix)
     assert report.int8.get("fc", 0) == linears and not report.fp32.get("fc"), report
-    # Measured 0.99996 (encoder), 0.99991 (encoder-decoder).
+    # q @ k and softmax @ v of every attention: 2 encoder layers; 2 decoder layers with self-
+    # and cross-attention.
+    attention_matmuls = 2 * 2 + (2 * 2 * 2 if decoder else 0)
+    assert report.int8.get("fused_matmul", 0) == attention_matmuls, report
+    assert not report.fp32.get("fused_matmul"), report
+    # Measured 0.99998 (encoder), 0.99991 (encoder-decoder), attention matmuls int8 too.
     assert _runtime_cosine(qmodel, prefix) >= 0.99
 
 

@@ -130,6 +130,14 @@ class _Converter:
                     self.affine[op.input(slots[1])[0]] = (
                         float(record.input_scale), int(record.input_zero_point)
                     )
+        # Both inputs of a matmul of two activations, signed as in the simulation.
+        for record in records:
+            if record.multiplies_inputs:
+                for inputs, _ in record.calls:
+                    pairs = zip(inputs[:2], (record.input_threshold, record.second_input_threshold))
+                    for name, threshold in pairs:
+                        thresholds[name] = float(threshold)
+                        self.u8_inputs.pop(name, None)
         return thresholds
 
     def _unique(self, stem: str) -> str:
@@ -375,8 +383,9 @@ class _Converter:
         self._bind(out, self._node("MatMul", [self._in(op), w], out))
 
     def _activation_matmul(self, op) -> None:
-        """A matmul in float: of two activations (attention scores, attention x values), or
-        of an unquantized weight read transposed."""
+        """A matmul in float: of two activations (attention scores, attention x values; on
+        quantize/dequantize pairs where the simulation quantizes its inputs), or of an
+        unquantized weight read transposed."""
         operands = []
         for slot, flag in (("X", "trans_x"), ("Y", "trans_y")):
             tensor = self._in(op, slot)

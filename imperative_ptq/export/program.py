@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -243,7 +243,7 @@ def collect_scales(
         # from the op itself, e.g. quantizing a network's logits with one per-tensor scale
         # (measured: logit cosine 0.47 on a single Linear). Their consumers' input scales and
         # the fused activation's output scale cover what int8 chaining needs.
-        if not record.output_thresholds or record.simulated:
+        if not record.output_thresholds or record.simulated or record.multiplies_inputs:
             continue
         for _, output in record.calls:
             if output is None:
@@ -364,6 +364,7 @@ def quantize_program(
         op._rename_input(activation, qdq)
         index += inserted + 1
 
+    _quantize_activation_matmuls(loaded, records, written, dequantized_inputs)
     _align_pooled_scales(block, rectified, outputs)
     _keep_padded_average_pools_fp32(block, outputs)
     _isolate_fp32_weight_op_outputs(loaded)
@@ -804,6 +805,92 @@ def _copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, seria
         attrs={"quant_axis": source.attr("quant_axis"), "bit_length": source.attr("bit_length")},
     )
     return out
+
+
+def _quantize_activation_matmuls(
+    loaded: LegacyProgram,
+    records: Sequence[LayerRecord],
+    written: ProgramScales,
+    dequantized_inputs: dict[tuple[str, float], str],
+) -> int:
+    """Quantizes both inputs of each matmul of two activations a record describes (s8, as the
+    simulation computes it; oneDNN runs a ``fused_matmul`` int8 when both inputs come from
+    quantize/dequantize pairs of the same signedness).
+
+    Returns:
+        How many matmuls got quantized inputs.
+    """
+    block = loaded.program.global_block()
+    count = 0
+    for record in records:
+        if not record.multiplies_inputs:
+            continue
+        thresholds = (record.input_threshold, record.second_input_threshold)
+        for inputs, output in record.calls:
+            index, op = next(
+                ((i, op) for i, op in enumerate(block.ops)
+                 if op.type == "matmul_v2" and output in op.output("Out")),
+                (None, None),
+            )
+            if op is None or [op.input("X")[0], op.input("Y")[0]] != inputs[:2]:
+                logger.warning(
+                    "layer %r: no matmul_v2 reads %s in the traced program; it stays fp32",
+                    record.name, inputs[:2],
+                )
+                continue
+            index, thresholds = _scale_after_matmul(block, index, op, thresholds)
+            for slot, threshold in zip(("X", "Y"), thresholds):
+                name = op.input(slot)[0]
+                key = (name, float(threshold))
+                qdq = dequantized_inputs.get(key)
+                if qdq is None:
+                    qdq = _activation_qdq(
+                        loaded, index, name, float(threshold), record.activation_bits,
+                        len(dequantized_inputs),
+                    )
+                    dequantized_inputs[key] = qdq
+                    written.inputs[name] = float(threshold)
+                    index += 2
+                op._rename_input(name, qdq)
+            count += 1
+    return count
+
+
+def _scale_after_matmul(
+    block: "paddle.static.Block", index: int, op, thresholds: tuple[float, float]
+) -> tuple[int, tuple[float, float]]:
+    """Moves a ``scale`` op feeding only the matmul's X (attention's ``q * d**-0.5``) after
+    the matmul, X's threshold divided by the factor (``fq(a*q, t) = a*fq(q, t/|a|)``).
+
+    Paddle Inference ran the matmul as an int8 ``fused_matmul`` that disagreed with the
+    simulation with the scale between the quantize op and the matmul (measured: logit cosine
+    0.993 on a 2-layer ``nn.TransformerEncoder``).
+
+    Returns:
+        The matmul's index and the thresholds of its inputs.
+    """
+    x = op.input("X")[0]
+    writers, reading = producers(block), readers(block)
+    scale = writers.get(x)
+    if (
+        scale is None or scale.type != "scale" or scale.attr("bias") != 0.0
+        or scale.attr("scale") == 0.0 or scale.input("ScaleTensor") or len(reading.get(x, [])) != 1
+    ):
+        return index, thresholds
+    factor = float(scale.attr("scale"))
+    source, out = scale.input("X")[0], op.output("Out")[0]
+    var = block.var(out)
+    unscaled = block.create_var(name=f"{out}.unscaled", shape=var.shape, dtype=var.dtype)
+    op._rename_input(x, source)
+    op._rename_output(out, unscaled.name)
+    scale_index = next(i for i, candidate in enumerate(block.ops) if candidate is scale)
+    block._remove_op(scale_index)
+    index -= 1
+    block._insert_op(
+        index + 1, type="scale", inputs={"X": [unscaled.name]}, outputs={"Out": [out]},
+        attrs={"scale": factor, "bias": 0.0, "bias_after_scale": True},
+    )
+    return index, (thresholds[0] / abs(factor), thresholds[1])
 
 
 def _activation_qdq(

@@ -25,7 +25,7 @@ import paddle
 
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
-from ..quant_layers import QuantizedLayer, replace_sublayer
+from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
@@ -78,6 +78,8 @@ class LayerRecord:
         input_zero_point: The zero point that goes with ``input_scale``.
         input_unsigned: The input was calibrated non-negative and runs as u8 (x86 targets).
         output_thresholds: Output thresholds (may be empty).
+        second_input_threshold: For a matmul of two activations (:class:`QuantizedMatmul`),
+            the second input's threshold (``input_threshold`` is the first's); else ``None``.
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
     """
@@ -95,11 +97,17 @@ class LayerRecord:
     activation_bits: int = 8
     output_thresholds: list[float] = dataclasses.field(default_factory=list)
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
+    second_input_threshold: float | None = None
 
     @property
     def simulated(self) -> bool:
         """Whether the layer's input and weight are quantized."""
         return self.weight_name is not None
+
+    @property
+    def multiplies_inputs(self) -> bool:
+        """Whether the layer is a matmul of two quantized activations."""
+        return self.second_input_threshold is not None
 
 
 @dataclasses.dataclass
@@ -190,6 +198,18 @@ def _collect_records(
             replace_sublayer(export_model, layer, inner)
             by_layer[id(inner)] = record
             records.append(record)
+        elif isinstance(layer, QuantizedMatmul):
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer.layer).__name__,
+                input_threshold=layer.input_thresholds[0],
+                second_input_threshold=layer.input_thresholds[1],
+                activation_bits=layer.activation_bits,
+                output_thresholds=list(layer.output_thresholds),
+            )
+            replace_sublayer(export_model, layer, layer.layer)
+            by_layer[id(layer.layer)] = record
+            records.append(record)
         elif output_thresholds(layer):
             record = LayerRecord(
                 name=name,
@@ -204,6 +224,9 @@ def _collect_records(
 def _thresholds(record: LayerRecord) -> dict[str, list[float]]:
     """The thresholds (and affine input scale) a record carries, by role."""
     roles = {"output": list(record.output_thresholds)}
+    if record.multiplies_inputs:
+        roles["input"] = [record.input_threshold]
+        roles["second_input"] = [record.second_input_threshold]
     if record.simulated:
         roles["input"] = [record.input_threshold]
         roles["weight"] = np.asarray(record.weight_thresholds).reshape(-1).tolist()
