@@ -470,40 +470,54 @@ def _dequantized_weights(model: paddle.nn.Layer) -> list[bytes]:
     return found
 
 
-@pytest.mark.parametrize("name", ["mlp", "bidirectional lstm"])
-def test_weight_only_weights_are_dequantized_once_when_loaded(name, tmp_path) -> None:
-    """Paddle Inference's constant folding turns the int8 weights into float32 ones when the
-    predictor is created (no op left rebuilding them per call), equal to the dygraph model's
-    dequantized weights bit for bit."""
-    from paddle.inference import Config, create_predictor as paddle_predictor
+def _optimized_program(prefix, directory) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The op types of the program create_predictor(prefix, int8=False) runs, and its
+    float32 weights built by the weight-only export (``*.dequantized``)."""
+    from paddle.inference import create_predictor as paddle_predictor
 
     from imperative_ptq.export.graph import get_tensor
+    from imperative_ptq.export.predictor import predictor_config
     from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 
-    if name == "mlp":
-        paddle.seed(16)
-        dynamic = quantize_dynamic(mlp(24, 32, 8))
-        spec = [paddle.static.InputSpec([None, 24], "float32")]
-    else:
-        _, dynamic, _, spec, _ = _recurrent("LSTM", 2, "bidirect", True)
-    save_quantized_model(dynamic, tmp_path / "dynamic", spec)
-    config = Config(str(tmp_path / "dynamic.pdmodel"), str(tmp_path / "dynamic.pdiparams"))
-    config.enable_mkldnn()  # as create_predictor(int8=False)
-    config.set_optim_cache_dir(str(tmp_path / "optimized"))
+    config = predictor_config(prefix, int8=False)
+    config.set_optim_cache_dir(str(directory))
     config.enable_save_optim_model(True)
     paddle_predictor(config)
     with legacy_static_mode():
-        loaded = load_legacy_program(str(tmp_path / "optimized" / "_optimized"))
+        loaded = load_legacy_program(str(directory / "_optimized"))
         block = loaded.program.global_block()
-        types = [op.type for op in block.ops]
-        folded = [
-            get_tensor(loaded, var.name) for var in block.vars.values()
+        folded = {
+            var.name: get_tensor(loaded, var.name) for var in block.vars.values()
             if var.persistable and var.name.endswith(".dequantized")
-        ]
+        }
+        return [op.type for op in block.ops], folded
+
+
+@pytest.mark.parametrize("name", ["mlp", "bidirectional lstm"])
+def test_weight_only_weights_are_dequantized_once_when_loaded(name, tmp_path) -> None:
+    """Paddle Inference's constant folding turns the int8 weights into float32 ones when the
+    predictor is created, before the fusion passes: no op left rebuilding them per call, the
+    same fused ops as the fp32 program, and weights equal to the dygraph model's dequantized
+    ones bit for bit."""
+    from imperative_ptq.export import save_fp32_model
+
+    if name == "mlp":
+        paddle.seed(16)
+        model = mlp(24, 32, 8)
+        model.eval()
+        dynamic = quantize_dynamic(model)
+        spec = [paddle.static.InputSpec([None, 24], "float32")]
+    else:
+        model, dynamic, _, spec, _ = _recurrent("LSTM", 2, "bidirect", True)
+    save_quantized_model(dynamic, tmp_path / "dynamic", spec)
+    save_fp32_model(model, tmp_path / "fp32", spec)
+    types, folded = _optimized_program(tmp_path / "dynamic", tmp_path / "optimized")
+    fp32_types, _ = _optimized_program(tmp_path / "fp32", tmp_path / "optimized_fp32")
     assert not {"cast", "elementwise_mul", "dequantize_linear"} & set(types), types
+    assert types == fp32_types
     expected = _dequantized_weights(dynamic)
     assert len(folded) == len(expected)
-    assert all(weight.dtype == np.float32 and weight.tobytes() in expected for weight in folded)
+    assert all(weight.dtype == np.float32 and weight.tobytes() in expected for weight in folded.values())
 
 
 def test_onnx_opset_18_layer_norm_and_mean(transformer, tmp_path) -> None:
