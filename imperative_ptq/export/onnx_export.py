@@ -489,8 +489,9 @@ class _Converter:
     }
 
     def _rnn(self, op) -> None:
-        """An LSTM/GRU/SimpleRNN from zero states: one ONNX recurrent node per layer (two
-        directions in one node), the layers chained.
+        """An LSTM/GRU/SimpleRNN: one ONNX recurrent node per layer (two directions in one
+        node), the layers chained; given initial states are sliced per layer, zero ones left
+        out (ONNX's recurrent ops start from zeros).
 
         The weights of a dynamically quantized LSTM run as ``com.microsoft.DynamicQuantizeLSTM``
         (int8 weights, uint8 inputs and hidden states quantized at run time). ONNX Runtime
@@ -505,11 +506,6 @@ class _Converter:
             raise NotImplementedError(f"{label}: rnn mode {mode!r} is not exported")
         if op.input("SequenceLength"):
             raise NotImplementedError(f"{label}: rnn with sequence lengths is not exported")
-        if any(name not in self.zero_states for name in op.input("PreState")):
-            raise NotImplementedError(
-                f"{label}: rnn is exported only from zero initial states (ONNX's recurrent ops "
-                f"start from zeros; pass no initial_states)"
-            )
         kind, order, attrs = self._RNN_MODES[mode]
         hidden = int(op.attr("hidden_size"))
         directions = 2 if op.attr("is_bidirec") else 1
@@ -540,16 +536,21 @@ class _Converter:
                 for c in own
             ])
             stem = f"{op.output('Out')[0]}.l{layer}"
+            # No sequence_lens; initial_h (and initial_c): this layer's rows of Paddle's
+            # [layers * directions, batch, hidden] states.
+            states = ["", *(self._layer_states(op, name, own, stem) for name in op.input("PreState"))]
             if integer_lstm:
                 (w, *w_quantization), (r, *r_quantization) = (
                     self._integer_lstm_weight(matrices, own, k, gates) for k in (0, 1)
                 )
-                # No sequence_lens, initial_h, initial_c, P.
-                inputs = [x, w, r, self._const("B", bias), "", "", "", "", *w_quantization, *r_quantization]
+                states += [""] * (3 - len(states))
+                inputs = [x, w, r, self._const("B", bias), *states, "", *w_quantization, *r_quantization]
                 node_type, domain = "DynamicQuantizeLSTM", "com.microsoft"
             else:
                 inputs = [x, *(self._rnn_weight(matrices, own, k, gates, stem) for k in (0, 1)),
-                          self._const("B", bias)]
+                          self._const("B", bias), *states]
+                while inputs[-1] == "":  # trailing optional inputs left out
+                    inputs.pop()
                 node_type, domain = kind, ""
             outputs = [self._unique(stem + suffix) for suffix in (".y", ".h", ".c")[: 1 + len(final_states)]]
             self.nodes.append(self.helper.make_node(
@@ -594,6 +595,16 @@ class _Converter:
         )
         shape = np.array([len(cells), -1, integers.shape[1]], np.int64)
         return self._node("Reshape", [dequantized, self._const("shape", shape)], stem + (".W" if k == 0 else ".R"))
+
+    def _layer_states(self, op, name: str, cells: range, stem: str) -> str:
+        """One layer's rows ``cells`` of the initial state ``name``, or "" for zero states."""
+        if name in self.zero_states:
+            return ""
+        bounds = [self._const(stem, np.array([value], np.int64)) for value in (cells[0], cells[-1] + 1)]
+        return self._node(
+            "Slice", [self._tensor(op, name), *bounds, self._const("axes", np.array([0], np.int64))],
+            stem + ".state",
+        )
 
     def _integer_lstm_weight(self, matrices: list[str], cells: range, k: int, gates) -> tuple[str, str, str]:
         """``DynamicQuantizeLSTM``'s W (``k`` 0) or R (``k`` 1) of one layer: int8 codes
@@ -907,7 +918,7 @@ def export_onnx(
         ImportError: ``onnx`` is not installed.
         TypeError / ValueError: As for ``save_quantized_model``.
         NotImplementedError: The program contains an op without a converter (named), or an
-            LSTM/GRU called with initial states or sequence lengths (the layer named).
+            LSTM/GRU called with sequence lengths (the layer named).
     """
     from .paddle_export import check_exportable
 
