@@ -7,8 +7,8 @@
 * Dynamic: ``MnistSequenceEncoder`` (rows as tokens) trained in fp32, ``quantize_dynamic``: top-1
   agreement with fp32 and accuracy in dygraph, in ONNX Runtime (``DynamicQuantizeLinear`` +
   ``MatMulInteger``) and in Paddle Inference (weight-only int8 program), and Linear weight
-  bytes; a row-by-row LSTM (``RowLSTM``) quantized dynamically, in dygraph. No latency: this
-  measures accuracy only.
+  bytes; row-by-row LSTM and GRU models (``RowRNN``) quantized dynamically, the same ways. No
+  latency: this measures accuracy only.
 
 Usage: ``python benchmarks/qat_dynamic.py [--quick]``.
 """
@@ -115,29 +115,32 @@ def _ort_logits(session, images: np.ndarray) -> np.ndarray:
     ])
 
 
-class RowLSTM(paddle.nn.Layer):
-    """An LSTM reading an image's 28 rows as time steps; a Linear on the last hidden state."""
+class RowRNN(paddle.nn.Layer):
+    """An LSTM or GRU reading an image's 28 rows as time steps; a Linear on the last hidden
+    state."""
 
-    def __init__(self, hidden_size: int = 128) -> None:
+    def __init__(self, cell: str = "LSTM", hidden_size: int = 128) -> None:
         super().__init__()
-        self.lstm = paddle.nn.LSTM(28, hidden_size)
+        self.rnn = getattr(paddle.nn, cell)(28, hidden_size)
         self.head = paddle.nn.Linear(hidden_size, 10)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        outputs, _ = self.lstm(x.reshape([0, 28, 28]))
+        outputs, _ = self.rnn(x.reshape([0, 28, 28]))
         return self.head(outputs[:, -1])
 
 
-def lstm_rows(data, quick: bool) -> list[tuple[str, ...]]:
+def recurrent_rows(data, quick: bool, cell: str) -> list[tuple[str, ...]]:
+    """RowLSTM / RowGRU: fp32, dynamic in dygraph, in ONNX Runtime (``DynamicQuantizeLSTM``;
+    a GRU as int8 weights computed in fp32) and as a weight-only Paddle Inference program."""
     paddle.seed(0)
     started = time.perf_counter()
     model = train_classifier(
-        RowLSTM(), data.train_images, data.train_labels, epochs=1 if quick else 2
+        RowRNN(cell), data.train_images, data.train_labels, epochs=1 if quick else 2
     )
     trained = time.perf_counter() - started
     images, labels = data.test_images, data.test_labels
     reference = logits(model, images)
-    dynamic = ip.quantize_dynamic(model, layer_types=(paddle.nn.Linear, paddle.nn.LSTM))
+    dynamic = ip.quantize_dynamic(model, layer_types=(paddle.nn.Linear, getattr(paddle.nn, cell)))
     fp32_bytes = sum(
         int(np.prod(p.shape)) * 4 for name, p in model.named_parameters() if "weight" in name
     )
@@ -145,17 +148,34 @@ def lstm_rows(data, quick: bool) -> list[tuple[str, ...]]:
         int(np.prod(b.shape)) for name, b in dynamic.named_buffers() if name.endswith("weight_integers")
     )
     fp32 = float((reference.argmax(1) == labels).mean())
-    values = logits(dynamic, images)
-    correct = float((values.argmax(1) == labels).mean())
-    agreement = float((values.argmax(1) == reference.argmax(1)).mean())
-    return [
-        ("RowLSTM", "fp32", f"{100 * fp32:.2f}", "", "",
+    name = f"Row{cell}"
+
+    def row(mode: str, values: np.ndarray, note: str) -> tuple[str, ...]:
+        correct = float((values.argmax(1) == labels).mean())
+        agreement = float((values.argmax(1) == reference.argmax(1)).mean())
+        return (name, mode, f"{100 * correct:.2f}", f"{100 * (correct - fp32):+.2f}",
+                f"{100 * agreement:.2f}%", note)
+
+    rows = [
+        (name, "fp32", f"{100 * fp32:.2f}", "", "",
          f"trained {1 if quick else 2} epochs in {trained:.0f} s; weights {fp32_bytes / 1024:.0f} KiB"),
-        ("RowLSTM", "dynamic (LSTM + Linear), dygraph", f"{100 * correct:.2f}",
-         f"{100 * (correct - fp32):+.2f}", f"{100 * agreement:.2f}%",
-         f"int8 weights {int8_bytes / 1024:.0f} KiB ({fp32_bytes / int8_bytes:.2f}x smaller); "
-         f"no export (Paddle 3.3.1 traces no LSTM)"),
+        row(f"dynamic ({cell} + Linear), dygraph", logits(dynamic, images),
+            f"int8 weights {int8_bytes / 1024:.0f} KiB ({fp32_bytes / int8_bytes:.2f}x smaller)"),
     ]
+    with tempfile.TemporaryDirectory() as directory:
+        onnx_path = export_onnx(dynamic, os.path.join(directory, "dynamic.onnx"), SPEC)
+        kernel = "DynamicQuantizeLSTM" if cell == "LSTM" else "int8 weights, fp32 GRU"
+        rows.append(row(f"dynamic, ONNX Runtime ({kernel})", _ort_logits(_ort_session(onnx_path), images),
+                        f"{os.path.getsize(onnx_path) / 1024:.0f} KiB .onnx"))
+        prefix = os.path.join(directory, "dynamic")
+        save_quantized_model(dynamic, prefix, SPEC)
+        predictor = create_predictor(prefix, int8=False)
+        paddle_logits = np.concatenate([
+            predict(predictor, images[i : i + 1000])[0] for i in range(0, len(images), 1000)
+        ])
+        rows.append(row("weight-only int8, Paddle Inference", paddle_logits,
+                        f"{os.path.getsize(prefix + '.pdiparams') / 1024:.0f} KiB .pdiparams"))
+    return rows
 
 
 def dynamic_rows(data, quick: bool) -> list[tuple[str, ...]]:
@@ -222,7 +242,9 @@ def main() -> None:
     args = parser.parse_args()
     data = load_mnist()
     print(f"CPU: {ip.cpu_info().describe()}")
-    rows = qat_rows(data, args.quick) + dynamic_rows(data, args.quick) + lstm_rows(data, args.quick)
+    rows = qat_rows(data, args.quick) + dynamic_rows(data, args.quick)
+    for cell in ("LSTM", "GRU"):
+        rows += recurrent_rows(data, args.quick, cell)
     print_table(rows)
 
 

@@ -6,7 +6,8 @@ arithmetic is described there), LSTM and GRU layers
 :class:`~imperative_ptq.dynamic_rnn.DynamicQuantizedRNN`. Good for models whose activation
 ranges change from input to input (LSTMs, transformers);
 :func:`imperative_ptq.export.export_onnx` writes the integer form ONNX Runtime runs (Linear
-layers), :func:`imperative_ptq.export.save_quantized_model` a weight-only int8 Paddle program.
+and LSTM layers; a GRU as int8 weights computed in fp32),
+:func:`imperative_ptq.export.save_quantized_model` a weight-only int8 Paddle program.
 """
 
 from __future__ import annotations

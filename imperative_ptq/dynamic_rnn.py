@@ -5,6 +5,10 @@ Each of the recurrence's matrix products (``x_t @ W_ih^T`` and ``h_{t-1} @ W_hh^
 layer and direction) is a :class:`~imperative_ptq.dynamic_linear.DynamicQuantizedLinear`, so
 its operand is quantized with the range of that step's batch (as PyTorch's dynamic LSTM does);
 the gates follow Paddle's ``LSTMCell`` / ``GRUCell`` in fp32.
+
+Exported to ONNX, an LSTM runs as ONNX Runtime's ``DynamicQuantizeLSTM``, which quantizes each
+layer's input once with the range of the whole sequence (the hidden state per step, as here):
+its outputs differ from these by about the quantization error itself.
 """
 
 from __future__ import annotations
@@ -62,6 +66,25 @@ class DynamicQuantizedRNN(paddle.nn.Layer):
                 if bias is not None:
                     linear.bias.set_value(bias.numpy())
                 self.products[f"{kind}{suffix}"] = DynamicQuantizedLinear(linear, self.weight_bits)
+
+    def dequantized_rnn(self) -> paddle.nn.Layer:
+        """A new fp32 ``paddle.nn.LSTM`` / ``GRU`` of the same shape holding the weights the
+        int8 codes stand for (what a weight-only export computes with), in eval mode."""
+        rnn_type = paddle.nn.LSTM if self.mode == "LSTM" else paddle.nn.GRU
+        rnn = rnn_type(
+            self.input_size, self.hidden_size, num_layers=self.num_layers,
+            direction="bidirect" if self.num_directions == 2 else "forward",
+            time_major=self.time_major, dropout=self.dropout,
+        )
+        parameters = dict(rnn.named_parameters())
+        for name, product in self.products.items():
+            parameters[f"weight_{name}"].set_value(product.dequantized_weight().T)
+            bias = np.zeros([product.out_features], np.float32)
+            if product.bias is not None:
+                bias = product.bias.numpy()
+            parameters[f"bias_{name}"].set_value(bias)
+        rnn.eval()
+        return rnn
 
     def rnn_weights(self) -> dict[str, DynamicQuantizedLinear]:
         """The product of each ``paddle.nn`` RNN parameter name (``weight_ih_l0``, ...)."""

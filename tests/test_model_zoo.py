@@ -33,10 +33,10 @@ def _vision(name: str) -> Callable[[], nn.Layer]:
 
 
 class _Recurrent(nn.Layer):
-    def __init__(self, cell: str) -> None:
+    def __init__(self, cell: str, num_layers: int = 1, direction: str = "forward") -> None:
         super().__init__()
-        self.rnn = getattr(nn, cell)(8, 16)
-        self.fc = nn.Linear(16, 4)
+        self.rnn = getattr(nn, cell)(8, 16, num_layers=num_layers, direction=direction)
+        self.fc = nn.Linear(16 * (2 if direction == "bidirect" else 1), 4)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         out, _ = self.rnn(x)
@@ -84,6 +84,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Layer], tuple[list[int], str], bool]] = 
     "conv1d": (_conv1d, ([4, 16], "float32"), True),
     "lstm": (lambda: _Recurrent("LSTM"), ([10, 8], "float32"), True),
     "gru": (lambda: _Recurrent("GRU"), ([10, 8], "float32"), True),
+    "lstm_2_layers_bidirectional": (lambda: _Recurrent("LSTM", 2, "bidirect"), ([10, 8], "float32"), True),
+    "gru_2_layers_bidirectional": (lambda: _Recurrent("GRU", 2, "bidirect"), ([10, 8], "float32"), True),
     "simple_rnn": (lambda: _Recurrent("SimpleRNN"), ([10, 8], "float32"), True),
     "transformer_encoder": (lambda: _Transformer(False), ([16], "int64"), True),
     "transformer_decoder": (lambda: _Transformer(True), ([16], "int64"), True),

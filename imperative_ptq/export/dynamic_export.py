@@ -1,17 +1,22 @@
 """Exports of dynamically quantized models (:func:`imperative_ptq.quantize_dynamic`).
 
-Both exports start from one legacy fp32 program traced with every
-:class:`~imperative_ptq.dynamic.DynamicQuantizedLinear` put back as a plain Linear holding its
-dequantized weight (:func:`trace_dynamic_model`). Dynamically quantized LSTM/GRU layers run in
-dygraph only: Paddle 3.3.1 traces no LSTM/GRU into a legacy program.
+Both exports start from one legacy fp32 program traced with every dynamic layer put back as
+the plain layer holding its dequantized weights (:func:`trace_dynamic_model`): a
+:class:`~imperative_ptq.dynamic.DynamicQuantizedLinear` as a Linear, a
+:class:`~imperative_ptq.dynamic.DynamicQuantizedRNN` as a ``paddle.nn.LSTM`` / ``GRU`` (one
+``rnn`` op for all its layers and directions).
 
 * Paddle Inference (:func:`save_dynamic_model`): a **weight-only** int8 program. Each dynamic
-  weight is stored as int8 and followed by a ``dequantize_linear`` op, so the files are ~4x
-  smaller and the predictor computes in fp32 with the dequantized weights. Paddle Inference
-  has no CPU kernel that quantizes activations at run time (its int8 pipeline needs
-  calibrated activation scales), so fp32 compute is what it can do with such a model.
+  weight is stored as int8 and turned back into float32 by ``cast`` + ``elementwise_mul``,
+  which Paddle Inference's constant folding runs once, when the predictor is created: the
+  files are ~4x smaller and the predictor computes in fp32 with exactly the dygraph model's
+  dequantized weights. Paddle Inference has no CPU kernel that quantizes activations at run
+  time (its int8 pipeline needs calibrated activation scales; ``weight_only_linear`` has no
+  CPU kernel in 3.3.1), so fp32 compute is what it can do with such a model.
 * ONNX Runtime: :func:`imperative_ptq.export.export_onnx` writes ``DynamicQuantizeLinear`` +
-  ``MatMulInteger`` for each dynamic layer, ONNX Runtime's own dynamic-quantization form.
+  ``MatMulInteger`` for each dynamic Linear and ``com.microsoft.DynamicQuantizeLSTM`` for a
+  dynamic LSTM, ONNX Runtime's own dynamic-quantization forms; a dynamic GRU, for which it has
+  no integer kernel, as int8 weights dequantized into a float ``GRU``.
 """
 
 from __future__ import annotations
@@ -49,15 +54,18 @@ class DynamicWeight:
 
     Attributes:
         layer_name: Sublayer name in the dynamic model.
-        integers: int8 ``[in, out]``.
-        scales: float32 ``[out]``: the weight is ``integers * scales``.
+        integers: int8, in the layout of the program's weight: ``[in, out]`` for a Linear,
+            ``[out, in]`` for an LSTM/GRU weight.
+        scales: float32 ``[out]``: the weight is ``integers * scales`` along ``axis``.
         bits: Weight bit width.
+        axis: The output-channel axis of ``integers`` (1 for a Linear, 0 for an RNN weight).
     """
 
     layer_name: str
     integers: np.ndarray
     scales: np.ndarray
     bits: int
+    axis: int = 1
 
 
 def check_dynamic_model(model: Any) -> None:
@@ -74,27 +82,34 @@ def check_dynamic_model(model: Any) -> None:
 def trace_dynamic_model(
     model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], path_prefix: str
 ) -> dict[str, DynamicWeight]:
-    """Saves ``model`` as an fp32 legacy program with its dynamic weights dequantized.
+    """Saves ``model`` as an fp32 legacy program with its dynamic weights dequantized: a
+    :class:`DynamicQuantizedLinear` as a plain Linear, a :class:`DynamicQuantizedRNN` as the
+    ``paddle.nn.LSTM`` / ``GRU`` of :meth:`DynamicQuantizedRNN.dequantized_rnn` (one ``rnn``
+    op in the program, every layer and direction).
 
     Returns:
         The int8 form of every dynamic weight, keyed by its program variable name.
 
     Raises:
         ValueError: Tracing with ``input_spec`` failed.
-        NotImplementedError: The model holds a dynamically quantized LSTM/GRU.
     """
     export_model = copy.deepcopy(model)
     export_model.eval()
     weights: dict[str, DynamicWeight] = {}
     for name, layer in dynamic_layers(export_model):
         if isinstance(layer, DynamicQuantizedRNN):
-            # Paddle 3.3.1 cannot trace paddle.nn.LSTM/GRU into a legacy program at all
-            # (measured: "Unknown place type" even for the fp32 layer).
-            raise NotImplementedError(
-                f"dynamically quantized {layer.mode} layer {name!r} cannot be exported: Paddle "
-                f"{paddle.__version__} traces no LSTM/GRU into a legacy program (fp32 included), "
-                f"and the ONNX export has no recurrent form; it runs in dygraph only"
-            )
+            # A copy: a new LSTM/GRU holds an uninitialized ``_dropout_state`` buffer that
+            # Paddle cannot trace ("Unknown place type"); a deep copy makes it an empty tensor.
+            rnn = copy.deepcopy(layer.dequantized_rnn())
+            replace_sublayer(export_model, layer, rnn)
+            parameters = dict(rnn.named_parameters())
+            for parameter_name, product in layer.rnn_weights().items():
+                # Paddle's RNN weights are [out, in]: the transposed Linear codes.
+                weights[parameters[parameter_name].name] = DynamicWeight(
+                    f"{name}.{parameter_name}", np.ascontiguousarray(product.weight_integers.numpy().T),
+                    product.weight_scales.numpy(), product.weight_bits, axis=0,
+                )
+            continue
         plain = paddle.nn.Linear(
             layer.in_features, layer.out_features, bias_attr=None if layer.bias is not None else False
         )
@@ -118,31 +133,41 @@ def trace_dynamic_model(
 def _store_int8_weight(
     loaded: program_lib.LegacyProgram, weight_name: str, weight: DynamicWeight
 ) -> None:
-    """Makes ``weight_name`` an int8 tensor read through a ``dequantize_linear`` op by every
-    op that read the fp32 one."""
+    """Makes ``weight_name`` an int8 tensor, turned back into the dynamic layer's float32
+    weight by ``cast`` + ``elementwise_mul`` (by the per-channel scales) for every op that
+    read the fp32 one.
+
+    Not ``dequantize_linear``: Paddle Inference's ``constant_folding_pass`` skips that op, so
+    it rebuilt every weight on every call; ``cast`` and ``elementwise_mul`` of persistable
+    inputs it folds into one persistable float32 weight when the predictor is created. The
+    product is the one :meth:`DynamicQuantizedLinear.dequantized_weight` computes
+    (``float32(q) * scale``, one rounding), so the weights are the dygraph ones bit for bit.
+    """
     block = loaded.program.global_block()
-    levels = 2 ** (weight.bits - 1) - 1
     set_tensor(loaded, weight_name, weight.integers)
     block.var(weight_name).desc.set_dtype(paddle.base.core.VarDesc.VarType.INT8)
-    # dequantize_linear computes q * scale / levels: its "scale" is the threshold.
-    thresholds = (weight.scales * np.float32(levels)).astype(np.float32)
-    scale = new_persistable(loaded, weight_name + ".scale", thresholds)
-    zero = new_persistable(
-        loaded, weight_name + ".zero_point", np.zeros(thresholds.shape, dtype=np.int32)
+    # Scales shaped to broadcast along the weight's channel axis.
+    shape = [1] * weight.integers.ndim
+    shape[weight.axis] = weight.scales.size
+    scale = new_persistable(
+        loaded, weight_name + ".scale", weight.scales.astype(np.float32).reshape(shape)
     )
-    out = weight_name + ".dequantized"
-    block.create_var(
-        name=out, shape=list(weight.integers.shape), dtype="float32", persistable=False
-    )
+    floats, out = weight_name + ".float", weight_name + ".dequantized"
+    for name in (floats, out):
+        block.create_var(
+            name=name, shape=list(weight.integers.shape), dtype="float32", persistable=False
+        )
     readers = [index for index, op in enumerate(block.ops) if weight_name in op.input_arg_names]
     for index in readers:
         block.ops[index]._rename_input(weight_name, out)
     block._insert_op(
-        readers[0],
-        type="dequantize_linear",
-        inputs={"X": [weight_name], "Scale": [scale], "ZeroPoint": [zero]},
-        outputs={"Y": [out]},
-        attrs={"quant_axis": 1, "bit_length": weight.bits},
+        readers[0], type="elementwise_mul", inputs={"X": [floats], "Y": [scale]},
+        outputs={"Out": [out]}, attrs={"axis": -1},
+    )
+    block._insert_op(
+        readers[0], type="cast", inputs={"X": [weight_name]}, outputs={"Out": [floats]},
+        attrs={"in_dtype": int(paddle.base.core.VarDesc.VarType.INT8),
+               "out_dtype": int(paddle.base.core.VarDesc.VarType.FP32)},
     )
 
 
@@ -151,10 +176,11 @@ def save_dynamic_model(
 ) -> None:
     """Writes ``path.pdmodel`` / ``path.pdiparams``: a weight-only int8 Paddle program.
 
-    Every dynamic weight is stored as int8 with one float32 scale per output channel and
-    dequantized by a ``dequantize_linear`` op in the program; Paddle Inference computes in
-    fp32 with exactly the weights the dynamic model holds (its activations are not
-    quantized: Paddle Inference has no run-time activation quantization on CPU).
+    Every dynamic weight (Linear, LSTM, GRU) is stored as int8 with one float32 scale per
+    output channel and turned into float32 by ``cast`` + ``elementwise_mul``, folded when the
+    predictor is created; Paddle Inference computes in fp32 with exactly the weights the
+    dynamic model stands for (its activations are not quantized: Paddle Inference has no
+    run-time activation quantization on CPU).
 
     Args:
         model: A model returned by ``quantize_dynamic``.

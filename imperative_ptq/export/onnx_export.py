@@ -509,38 +509,144 @@ class _Converter:
     }
 
     def _rnn(self, op) -> None:
-        """A one-layer, one-direction LSTM/GRU/SimpleRNN, in float, from zero states."""
+        """An LSTM/GRU/SimpleRNN: one ONNX recurrent node per layer (two directions in one
+        node), the layers chained; given initial states are sliced per layer, zero ones left
+        out (ONNX's recurrent ops start from zeros).
+
+        The weights of a dynamically quantized LSTM run as ``com.microsoft.DynamicQuantizeLSTM``
+        (int8 weights, uint8 inputs and hidden states quantized at run time). ONNX Runtime
+        has no integer GRU, so a dynamic GRU's weights are stored as int8 initializers and
+        turned into the float weights of an ONNX ``GRU`` by ``Cast`` + ``Mul``, which ONNX
+        Runtime folds into float initializers when the session is created (it does not fold
+        ``DequantizeLinear``, which then ran on every call): a ~4x smaller file, fp32 compute.
+        """
         mode = op.attr("mode")
+        label = self._rnn_label(op)
         if mode not in self._RNN_MODES:
-            raise NotImplementedError(f"rnn mode {mode!r} is not exported")
-        if op.attr("num_layers") != 1 or op.attr("is_bidirec") or op.input("SequenceLength"):
-            raise NotImplementedError(
-                "rnn is exported only with one layer, one direction and no sequence lengths"
-            )
-        if any(name not in self.zero_states for name in op.input("PreState")):
-            raise NotImplementedError("rnn is exported only from zero initial states")
+            raise NotImplementedError(f"{label}: rnn mode {mode!r} is not exported")
+        if op.input("SequenceLength"):
+            raise NotImplementedError(f"{label}: rnn with sequence lengths is not exported")
         kind, order, attrs = self._RNN_MODES[mode]
         hidden = int(op.attr("hidden_size"))
-        w_ih, w_hh, b_ih, b_hh = (self._param(name).astype(np.float32) for name in op.input("WeightList"))
+        directions = 2 if op.attr("is_bidirec") else 1
+        if "activations" in attrs:  # one list per direction
+            attrs = {**attrs, "activations": attrs["activations"] * directions}
+        layers = int(op.attr("num_layers"))
+        names = op.input("WeightList")
+        cells = layers * directions
+        # WeightList: [W_ih, W_hh] per (layer, direction), then [b_ih, b_hh] in the same order.
+        matrices, biases = names[: 2 * cells], names[2 * cells:]
+        dynamic = [name in self.dynamic_weights for name in matrices]
+        if any(dynamic) and not all(dynamic):
+            raise NotImplementedError(f"{label}: rnn with only some weights int8 is not exported")
+        integer_lstm = all(dynamic) and kind == "LSTM"
 
         def gates(value: np.ndarray) -> np.ndarray:
+            """Paddle's gate blocks (rows) in ONNX's order."""
             blocks = value.reshape(len(order), hidden, *value.shape[1:])
-            return blocks[list(order)].reshape(value.shape)[None]
+            return blocks[list(order)].reshape(value.shape)
 
-        inputs = [
-            self._in(op, "Input"),
-            self._const("W", gates(w_ih)),
-            self._const("R", gates(w_hh)),
-            self._const("B", np.concatenate([gates(b_ih), gates(b_hh)], axis=1)),
-        ]
-        out = op.output("Out")[0]
-        states = op.output("State")
-        names = [self._unique(out), *(self._unique(state) for state in states)]
-        self.nodes.append(self.helper.make_node(kind, inputs, names, hidden_size=hidden, **attrs))
-        # Y is [seq, directions, batch, hidden]; Paddle's Out [seq, batch, hidden].
-        self._bind(out, self._node("Squeeze", [names[0], self._const("axes", np.array([1], np.int64))], out))
-        for state, name in zip(states, names[1:]):
-            self._bind(state, name)
+        x = self._in(op, "Input")
+        final_states: list[list[str]] = [[] for _ in op.output("State")]
+        for layer in range(layers):
+            first = layer * directions
+            own = range(first, first + directions)
+            bias = np.stack([
+                np.concatenate([gates(self._param(biases[2 * c + k]).astype(np.float32)) for k in (0, 1)])
+                for c in own
+            ])
+            stem = f"{op.output('Out')[0]}.l{layer}"
+            # No sequence_lens; initial_h (and initial_c): this layer's rows of Paddle's
+            # [layers * directions, batch, hidden] states.
+            states = ["", *(self._layer_states(op, name, own, stem) for name in op.input("PreState"))]
+            if integer_lstm:
+                (w, *w_quantization), (r, *r_quantization) = (
+                    self._integer_lstm_weight(matrices, own, k, gates) for k in (0, 1)
+                )
+                states += [""] * (3 - len(states))
+                inputs = [x, w, r, self._const("B", bias), *states, "", *w_quantization, *r_quantization]
+                node_type, domain = "DynamicQuantizeLSTM", "com.microsoft"
+            else:
+                inputs = [x, *(self._rnn_weight(matrices, own, k, gates, stem) for k in (0, 1)),
+                          self._const("B", bias), *states]
+                while inputs[-1] == "":  # trailing optional inputs left out
+                    inputs.pop()
+                node_type, domain = kind, ""
+            outputs = [self._unique(stem + suffix) for suffix in (".y", ".h", ".c")[: 1 + len(final_states)]]
+            self.nodes.append(self.helper.make_node(
+                node_type, inputs, outputs, hidden_size=hidden, domain=domain,
+                direction="bidirectional" if directions == 2 else "forward", **attrs,
+            ))
+            for states, name in zip(final_states, outputs[1:]):
+                states.append(name)
+            # Y is [seq, directions, batch, hidden]; Paddle's Out [seq, batch, directions * hidden].
+            if directions == 1:
+                x = self._node("Squeeze", [outputs[0], self._const("axes", np.array([1], np.int64))], stem + ".out")
+            else:
+                moved = self._node("Transpose", [outputs[0]], stem + ".moved", perm=[0, 2, 1, 3])
+                x = self._node("Reshape", [moved, self._const("shape", np.array([0, 0, -1], np.int64))], stem + ".out")
+        self._bind(op.output("Out")[0], x)
+        fetched = {var.name for var in self.loaded.fetch_vars}
+        for state, parts in zip(op.output("State"), final_states):
+            if state not in self.readers and state not in fetched:
+                continue  # unused: no Concat to run
+            # Paddle's states are [layers * directions, batch, hidden], layer by layer.
+            self._bind(state, parts[0] if len(parts) == 1 else self._node("Concat", parts, state, axis=0))
+
+    def _rnn_weight(self, matrices: list[str], cells: range, k: int, gates, stem: str) -> str:
+        """The ``[directions, rows, columns]`` W (``k`` 0) or R (``k`` 1) of one layer in ONNX's
+        gate order: float32, or for a dynamic RNN int8 codes times their row scales (the
+        weights :meth:`DynamicQuantizedRNN.dequantized_rnn` holds)."""
+        if matrices[2 * cells[0] + k] not in self.dynamic_weights:
+            value = np.stack([gates(self._param(matrices[2 * c + k]).astype(np.float32)) for c in cells])
+            return self._const("W" if k == 0 else "R", value)
+        weights = [self.dynamic_weights[matrices[2 * c + k]] for c in cells]
+        integers = np.concatenate([gates(w.integers) for w in weights]).astype(np.int8)
+        scales = np.concatenate([gates(w.scales) for w in weights]).astype(np.float32)
+        # One scale per row of every direction: scale [directions * rows, columns] by rows,
+        # then shape it [directions, rows, columns].
+        floats = self._node(
+            "Cast", [self._const("W_int8" if k == 0 else "R_int8", integers)],
+            stem + (".w" if k == 0 else ".r"), to=self.onnx.TensorProto.FLOAT,
+        )
+        dequantized = self._node(
+            "Mul", [floats, self._const("w_scale", scales.reshape(-1, 1))],
+            stem + (".w_scaled" if k == 0 else ".r_scaled"),
+        )
+        shape = np.array([len(cells), -1, integers.shape[1]], np.int64)
+        return self._node("Reshape", [dequantized, self._const("shape", shape)], stem + (".W" if k == 0 else ".R"))
+
+    def _layer_states(self, op, name: str, cells: range, stem: str) -> str:
+        """One layer's rows ``cells`` of the initial state ``name``, or "" for zero states."""
+        if name in self.zero_states:
+            return ""
+        bounds = [self._const(stem, np.array([value], np.int64)) for value in (cells[0], cells[-1] + 1)]
+        return self._node(
+            "Slice", [self._tensor(op, name), *bounds, self._const("axes", np.array([0], np.int64))],
+            stem + ".state",
+        )
+
+    def _integer_lstm_weight(self, matrices: list[str], cells: range, k: int, gates) -> tuple[str, str, str]:
+        """``DynamicQuantizeLSTM``'s W (``k`` 0) or R (``k`` 1) of one layer: int8 codes
+        ``[directions, columns, 4 * hidden]`` (the program's ``[rows, columns]`` transposed),
+        and per-row scales and zero points ``[directions, 4 * hidden]``."""
+        weights = [self.dynamic_weights[matrices[2 * c + k]] for c in cells]
+        integers = np.stack([gates(w.integers).T for w in weights]).astype(np.int8)
+        scales = np.stack([gates(w.scales) for w in weights]).astype(np.float32)
+        role = "W" if k == 0 else "R"
+        return (
+            self._const(role, np.ascontiguousarray(integers)),
+            self._const(f"{role}_scale", scales),
+            self._const(f"{role}_zero", np.zeros(scales.shape, np.int8)),
+        )
+
+    def _rnn_label(self, op) -> str:
+        """How errors name an rnn op: by its dynamically quantized layer when it is one."""
+        for name in op.input("WeightList"):
+            if name in self.dynamic_weights:
+                layer = self.dynamic_weights[name].layer_name.rsplit(".", 1)[0]
+                return f"dynamically quantized {op.attr('mode')} layer {layer!r}"
+        return f"rnn op ({op.attr('mode')})"
 
     def _zero_states(self) -> tuple[set[str], set[int]]:
         """The rnn initial states that are zeros built from the batch size (``shape`` ->
@@ -799,9 +905,10 @@ class _Converter:
             shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
             outputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
-        model = self.helper.make_model(
-            graph, opset_imports=[self.helper.make_opsetid("", opset)], producer_name="imperative_ptq"
-        )
+        opsets = [self.helper.make_opsetid("", opset)]
+        if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
+            opsets.append(self.helper.make_opsetid("com.microsoft", 1))
+        model = self.helper.make_model(graph, opset_imports=opsets, producer_name="imperative_ptq")
         model.ir_version = min(model.ir_version, 8)
         onnx.checker.check_model(model)
         return model
@@ -814,7 +921,9 @@ def export_onnx(
     """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
 
     A model made by :func:`imperative_ptq.quantize_dynamic` is written in ONNX Runtime's
-    dynamic form instead: ``DynamicQuantizeLinear`` + ``MatMulInteger`` per dynamic layer.
+    dynamic form instead: ``DynamicQuantizeLinear`` + ``MatMulInteger`` per dynamic Linear,
+    ``com.microsoft.DynamicQuantizeLSTM`` per dynamic LSTM, int8 weights computed in fp32 by
+    an ONNX ``GRU`` per dynamic GRU.
 
     Args:
         model: A model converted by ``ImperativePTQ.convert``, or made by ``quantize_dynamic``.
@@ -828,7 +937,8 @@ def export_onnx(
     Raises:
         ImportError: ``onnx`` is not installed.
         TypeError / ValueError: As for ``save_quantized_model``.
-        NotImplementedError: The program contains an op without a converter (named).
+        NotImplementedError: The program contains an op without a converter (named), or an
+            LSTM/GRU called with sequence lengths (the layer named).
     """
     from .paddle_export import check_exportable
 

@@ -17,7 +17,9 @@ from ..cpu import cpu_info
 from ..targets import TARGETS
 from .atomic import recover_export
 
-__all__ = ["create_predictor", "exported_target", "predict", "program_input_dtypes"]
+__all__ = [
+    "create_predictor", "exported_target", "predict", "predictor_config", "program_input_dtypes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +96,13 @@ def _warn_if_target_needs_vnni(path_prefix: str) -> None:
         )
 
 
-def create_predictor(
+def predictor_config(
     path_prefix: str | os.PathLike, int8: bool = True, num_threads: int | None = None
-) -> "paddle_infer.Predictor":
-    """A oneDNN predictor for ``path_prefix.pdmodel`` / ``.pdiparams``.
+) -> "paddle_infer.Config":
+    """The oneDNN ``paddle.inference.Config`` :func:`create_predictor` builds its predictor
+    from (for callers that add options of their own, e.g. ``enable_save_optim_model``).
 
-    Args:
-        path_prefix: Prefix written by ``save_quantized_model`` (or any legacy program).
-        int8: Run the oneDNN int8 pipeline (``enable_mkldnn_int8``); False runs fp32 oneDNN.
-        num_threads: CPU math threads; default all CPUs this process may use.
-
-    Raises:
-        TypeError: ``num_threads`` is not a positive int.
-        FileNotFoundError: The model or parameter file is missing.
+    Args and Raises: as :func:`create_predictor`.
     """
     path_prefix = os.fspath(path_prefix)
     if num_threads is None:
@@ -129,16 +125,75 @@ def create_predictor(
         config.enable_mkldnn_int8()
         for name in INT8_DELETED_PASSES:
             config.delete_pass(name)
+    program = _program_desc(model_file)
+    if program is not None and _casts_int8_parameters(program):
+        # A weight-only program (save_dynamic_model): constant_folding_pass turns its int8
+        # weights into float32 ones, but in Paddle's list it runs after fc_fuse_pass, which
+        # fuses a matmul into fc only when the weight is already a parameter. Folded first,
+        # the program fuses like its fp32 original (measured on a 6-block transformer: 38 fc,
+        # as fp32, instead of 50 fused_matmul; 0.87x -> 0.98x fp32 speed, rough).
+        config.pass_builder().insert_pass(0, "constant_folding_pass")
     config.set_cpu_math_library_num_threads(num_threads)
     config.disable_glog_info()
     logger.debug("predictor for %s: int8=%s threads=%d", path_prefix, int8, num_threads)
+    return config
+
+
+def create_predictor(
+    path_prefix: str | os.PathLike, int8: bool = True, num_threads: int | None = None
+) -> "paddle_infer.Predictor":
+    """A oneDNN predictor for ``path_prefix.pdmodel`` / ``.pdiparams``.
+
+    Args:
+        path_prefix: Prefix written by ``save_quantized_model`` (or any legacy program).
+        int8: Run the oneDNN int8 pipeline (``enable_mkldnn_int8``); False runs fp32 oneDNN.
+        num_threads: CPU math threads; default all CPUs this process may use.
+
+    Raises:
+        TypeError: ``num_threads`` is not a positive int.
+        FileNotFoundError: The model or parameter file is missing.
+    """
+    config = predictor_config(path_prefix, int8, num_threads)
     with quiet_native_output():
         predictor = paddle_infer.create_predictor(config)
         # The int8 passes run (and print) on the first call.
         for name in predictor.get_input_names():
             predictor.get_input_handle(name)
-    _INPUT_DTYPES[predictor] = program_input_dtypes(model_file)
+    _INPUT_DTYPES[predictor] = program_input_dtypes(os.fspath(path_prefix) + ".pdmodel")
     return predictor
+
+
+def _program_desc(model_file: str | os.PathLike) -> Any:
+    """The ``ProgramDesc`` protobuf of a legacy ``.pdmodel`` file, or ``None`` if it is not
+    one (or holds no block)."""
+    from paddle.base.proto import framework_pb2
+
+    program = framework_pb2.ProgramDesc()
+    try:
+        with open(model_file, "rb") as file:
+            program.ParseFromString(file.read())
+    except Exception as error:  # protobuf's DecodeError, or an unreadable file
+        logger.debug("cannot read %s as a legacy program: %s", model_file, error)
+        return None
+    return program if program.blocks else None
+
+
+def _casts_int8_parameters(program: Any) -> bool:
+    """Whether a ``cast`` op of ``program`` reads an int8 parameter (the weight-only int8
+    programs of :func:`.dynamic_export.save_dynamic_model`)."""
+    from paddle.base.proto import framework_pb2
+
+    block = program.blocks[0]
+    int8 = framework_pb2.VarType.Type.Value("INT8")
+    parameters = {
+        var.name for var in block.vars
+        if var.persistable and var.type.HasField("dense_tensor")
+        and var.type.dense_tensor.tensor.data_type == int8
+    }
+    return any(
+        op.type == "cast" and any(name in parameters for slot in op.inputs for name in slot.arguments)
+        for op in block.ops
+    )
 
 
 def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
@@ -153,14 +208,8 @@ def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
     """
     from paddle.base.proto import framework_pb2
 
-    program = framework_pb2.ProgramDesc()
-    try:
-        with open(model_file, "rb") as file:
-            program.ParseFromString(file.read())
-    except Exception as error:  # protobuf's DecodeError, or an unreadable file
-        logger.debug("cannot read the input dtypes of %s: %s", model_file, error)
-        return {}
-    if not program.blocks:
+    program = _program_desc(model_file)
+    if program is None:
         return {}
     block = program.blocks[0]
     types = {var.name: var.type for var in block.vars}
