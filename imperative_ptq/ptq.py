@@ -124,13 +124,18 @@ class ImperativePTQ:
         session = CalibrationSession(model, self._asynchronous)
         config = self._quant_config
         schedule.prepare(model, session, config)
+        hooked_composites: list[paddle.nn.Layer] = []
         for name, layer in model.named_sublayers():
+            info = PTQRegistry.layer_info(layer)
             if (
-                layer.sublayers()
+                info is None
+                or (layer.sublayers() and not info.composite)
                 or getattr(layer, "skip_quant", False) is True
-                or not PTQRegistry.is_supported_layer(layer)
+                or any(layer in composite.sublayers() for composite in hooked_composites)
             ):
                 continue
+            if info.composite:
+                hooked_composites.append(layer)
             simulated = PTQRegistry.is_simulated_quant_layer(layer)
             state = LayerState(
                 name=name,

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 import paddle
 
-__all__ = ["LayerInfo", "PTQRegistry", "register_layer"]
+__all__ = ["LayerInfo", "PTQRegistry", "layer_weight", "register_layer"]
 
 LayerT = TypeVar("LayerT", bound=type)
 
@@ -34,6 +34,12 @@ class LayerInfo:
             A simulated layer without (Conv3D, transposed convs: Paddle Inference's int8 program
             form has no kernel for them) is calibrated but stays fp32 at ``convert``, so the
             simulation computes what the runtime does.
+        weight_attribute: The attribute holding the quantized weight (``layer.weight``; an
+            LSTM's input weight is ``weight_ih_l0``).
+        output_index: The layer returns a tuple whose element at this index is the output
+            calibrated (an RNN's output sequence); ``None``: the layer returns a tensor.
+        composite: Hooked as a whole although it has sublayers (an RNN keeps its cells as
+            sublayers); other layers are hooked only as leaves.
     """
 
     layer: type
@@ -43,6 +49,9 @@ class LayerInfo:
     weight_channel_axis: int | None = None
     simulated: bool = False
     int8_runtime: bool = True
+    weight_attribute: str = "weight"
+    output_index: int | None = None
+    composite: bool = False
 
 
 class PTQRegistry:
@@ -60,6 +69,9 @@ class PTQRegistry:
         weight_channel_axis: int | None = None,
         simulated: bool = False,
         int8_runtime: bool = True,
+        weight_attribute: str = "weight",
+        output_index: int | None = None,
+        composite: bool = False,
     ) -> LayerInfo:
         """Registers (or re-registers) a layer type.
 
@@ -72,6 +84,9 @@ class PTQRegistry:
             simulated: Quantize the layer's input and weight, not only its output.
             int8_runtime: The exported runtimes run the layer's op in int8 (see
                 :class:`LayerInfo`); ``False`` keeps a simulated layer fp32 at ``convert``.
+            weight_attribute: Attribute of the quantized weight (default ``weight``).
+            output_index: Position of the calibrated output in a returned tuple.
+            composite: Hook the layer although it has sublayers.
 
         Raises:
             TypeError: ``layer`` is not a Layer subclass.
@@ -89,6 +104,9 @@ class PTQRegistry:
             weight_channel_axis,
             simulated,
             bool(int8_runtime),
+            weight_attribute,
+            output_index,
+            bool(composite),
         )
         cls._layers[layer] = info
         return info
@@ -124,6 +142,18 @@ class PTQRegistry:
     def supported_layers(cls) -> tuple[type, ...]:
         """All registered layer types."""
         return tuple(cls._layers)
+
+
+def layer_weight(layer: paddle.nn.Layer) -> paddle.Tensor:
+    """The weight a simulated layer quantizes (:attr:`LayerInfo.weight_attribute`).
+
+    Raises:
+        ValueError: The layer is not a registered simulated layer.
+    """
+    info = PTQRegistry.layer_info(layer)
+    if info is None or not info.simulated:
+        raise ValueError(f"{type(layer).__name__} is not a simulated layer of PTQRegistry")
+    return getattr(layer, info.weight_attribute)
 
 
 def register_layer(
@@ -169,6 +199,12 @@ def _register_defaults() -> None:
         )
     # Weight [in, out].
     PTQRegistry.register(nn.Linear, ("X",), ("Out",), ("Y",), 1, simulated=True)
+    # Input weight [4 * hidden, input], one channel per gate unit; Paddle Inference runs a
+    # one-layer, one-direction LSTM int8 as oneDNN's fusion_lstm (see quant_rnn.py).
+    PTQRegistry.register(
+        nn.LSTM, ("Input",), ("Out",), ("WeightList",), 0, simulated=True,
+        weight_attribute="weight_ih_l0", output_index=0, composite=True,
+    )
     PTQRegistry.register(nn.BatchNorm2D, ("X",), ("Y",))
     for layer in (
         nn.AdaptiveMaxPool2D,
