@@ -52,8 +52,8 @@ def _batch(rng: np.random.Generator, size: int, time_major: bool) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 0, 2)) if time_major else x
 
 
-def _spec(time_major: bool) -> list[paddle.static.InputSpec]:
-    del time_major  # [T, B, F] or [B, T, F]: both dynamic
+def _spec() -> list[paddle.static.InputSpec]:
+    """[T, B, F] or [B, T, F], batch and length dynamic."""
     return [paddle.static.InputSpec([None, None, FEATURES], "float32", "x")]
 
 
@@ -152,7 +152,7 @@ def test_fusion_lstm_rewrite_computes_the_rnn_op(time_major, final_hidden, tmp_p
     model = _Classifier(time_major, final_hidden)
     quantized = _converted(model, time_major)
     traced = trace_to_legacy_program(
-        quantized, _spec(time_major), str(tmp_path / "traced"), program_weights=False
+        quantized, _spec(), str(tmp_path / "traced"), program_weights=False
     )
     with legacy_static_mode():
         loaded = load_legacy_program(str(tmp_path / "traced"))
@@ -186,7 +186,7 @@ def test_int8_lstm_runs_what_the_simulation_computes(
     assert isinstance(quantized.lstm, QuantizedLSTM)
     prefix = str(tmp_path / "m")
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        save_quantized_model(quantized, prefix, _spec(time_major))
+        save_quantized_model(quantized, prefix, _spec())
     assert not any("LSTM" in r.getMessage() or "signed (s8)" in r.getMessage() for r in caplog.records), caplog.text
     report = int8_report(prefix)
     assert report.int8.get("fusion_lstm") == 1 and "rnn" not in report.fp32, report
@@ -255,7 +255,7 @@ def test_lstm_whose_final_cell_is_read_is_exported_fp32_with_a_warning(caplog, t
     quantized = _converted(_ReadsCell(), time_major=False)
     prefix = str(tmp_path / "m")
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        save_quantized_model(quantized, prefix, _spec(False))
+        save_quantized_model(quantized, prefix, _spec())
     named = [r.getMessage() for r in caplog.records if "LSTM layers simulated in int8 are exported fp32" in r.getMessage()]
     assert len(named) == 1 and "lstm (its final cell state is read)" in named[0], caplog.text
     report = int8_report(prefix)
@@ -270,5 +270,31 @@ def test_keep_fp32_puts_the_lstm_back(tmp_path) -> None:
     ip.ImperativePTQ().keep_fp32(quantized, ["lstm"], model)
     assert isinstance(quantized.lstm, nn.LSTM)
     np.testing.assert_array_equal(quantized.lstm(x)[0].numpy(), model.lstm(x)[0].numpy())
-    save_quantized_model(quantized, str(tmp_path / "m"), _spec(False))
+    save_quantized_model(quantized, str(tmp_path / "m"), _spec())
     assert int8_report(str(tmp_path / "m")).fp32.get("rnn") == 1
+
+
+def test_lstm_thresholds_round_trip_through_the_calibration_table(tmp_path) -> None:
+    paddle.seed(0)
+    model = _Classifier(False, False)
+    model.eval()
+    rng = np.random.default_rng(5)
+    batches = [paddle.to_tensor(_batch(rng, 4, False)) for _ in range(3)]
+    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86")
+    ptq = ip.ImperativePTQ(config)
+    calibrated = ptq.quantize(model)
+    for batch in batches:
+        calibrated(batch)
+    table = ptq.calibration_table(calibrated)
+    assert len(table["lstm"]["weight"]) == 4 * HIDDEN  # one per gate unit of weight_ih_l0
+    assert table["lstm"]["output"][0] <= 1.0  # the hidden sequence, |h| < 1
+    ptq.save_calibration_table(calibrated, tmp_path / "table.json")
+    ptq.convert(calibrated)
+
+    loading = ip.ImperativePTQ(config)
+    loaded = loading.quantize(model)
+    loading.load_calibration_table(loaded, tmp_path / "table.json")
+    loading.convert(loaded)
+    assert loaded.lstm.data_threshold == calibrated.lstm.data_threshold
+    assert calibrated.lstm.data_threshold == max(table["lstm"]["input"][0], table["lstm"]["output"][0])
+    np.testing.assert_array_equal(loaded(batches[0]).numpy(), calibrated(batches[0]).numpy())
