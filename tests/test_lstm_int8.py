@@ -250,14 +250,31 @@ class _ReadsCell(nn.Layer):
         return self.fc(cell[0])
 
 
-def test_lstm_whose_final_cell_is_read_is_exported_fp32_with_a_warning(caplog, tmp_path) -> None:
+class _StartsFromStates(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(FEATURES, HIDDEN)
+        self.fc = nn.Linear(HIDDEN, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        start = paddle.full([1, x.shape[0], HIDDEN], 0.5)
+        sequence, _ = self.lstm(x, (start, start))
+        return self.fc(sequence)
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [(_ReadsCell, "its final cell state is read"), (_StartsFromStates, "initial states that are not zeros")],
+    ids=["final-cell", "initial-states"],
+)
+def test_lstm_fusion_lstm_cannot_compute_is_exported_fp32_with_a_warning(model, reason, caplog, tmp_path) -> None:
     paddle.seed(0)
-    quantized = _converted(_ReadsCell(), time_major=False)
+    quantized = _converted(model(), time_major=False)
     prefix = str(tmp_path / "m")
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
         save_quantized_model(quantized, prefix, _spec())
     named = [r.getMessage() for r in caplog.records if "LSTM layers simulated in int8 are exported fp32" in r.getMessage()]
-    assert len(named) == 1 and "lstm (its final cell state is read)" in named[0], caplog.text
+    assert len(named) == 1 and f"lstm ({reason})" in named[0], caplog.text
     report = int8_report(prefix)
     assert report.fp32.get("rnn") == 1 and "fusion_lstm" not in report.int8, report
 
