@@ -32,6 +32,7 @@ import paddle
 from .batches import batch_to_call, eval_mode
 from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, replace_sublayer
+from .quant_rnn import QuantizedLSTM
 
 __all__ = [
     "LayerSensitivity",
@@ -461,7 +462,8 @@ def keep_fp32(
 
     Args:
         quantized_model: The converted model.
-        names: Names of its :class:`QuantizedLayer` sublayers.
+        names: Names of its :class:`QuantizedLayer` (or
+            :class:`~imperative_ptq.quant_rnn.QuantizedLSTM`) sublayers.
         model: The fp32 model it was made from.
 
     Returns:
@@ -481,6 +483,11 @@ def keep_fp32(
             fp32 = _get(model, name)
         except AttributeError:
             raise ValueError(f"no layer {name!r} in both models") from None
+        if isinstance(quantized, QuantizedLSTM):  # holds its fp32 LSTM unchanged
+            if type(fp32) is not type(quantized.layer):
+                raise ValueError(f"layer {name!r} is a {type(fp32).__name__} in the fp32 model, not an LSTM")
+            replacements.append((name, quantized.layer))
+            continue
         if not isinstance(quantized, QuantizedLayer):
             raise ValueError(
                 f"layer {name!r} is a {type(quantized).__name__}, not a QuantizedLayer"

@@ -42,7 +42,7 @@ from .files import atomic_file
 from .functional_matmul import missing_site_hint
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
-from .registry import PTQRegistry
+from .registry import PTQRegistry, layer_weight
 from .session import LayerState
 
 __all__ = [
@@ -218,7 +218,7 @@ def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list
     """One threshold per output channel (or one per tensor); the weight is sampled here, once,
     unless a table already set the thresholds."""
     if not quantizer.is_calibrated:
-        quantizer.sample_data(layer, (layer.weight,))
+        quantizer.sample_data(layer, (layer_weight(layer),))
     quantizer.cal_thresholds()
     (value,) = quantizer.thresholds
     return [float(t) for t in value] if isinstance(value, list) else [float(value)]
@@ -226,7 +226,7 @@ def _weight_thresholds(layer: paddle.nn.Layer, quantizer: BaseQuantizer) -> list
 
 def _weight_channels(layer: paddle.nn.Layer) -> int:
     axis = PTQRegistry.layer_info(layer).weight_channel_axis
-    return int(layer.weight.shape[axis])
+    return int(layer_weight(layer).shape[axis])
 
 
 def _add_affine_params(entry: dict[str, list], role: str, quantizer: BaseQuantizer) -> None:

@@ -23,6 +23,7 @@ from .calibration_table import (
 )
 from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
+from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
 from .targets import Target
 
@@ -61,6 +62,7 @@ def convert_layers(
     """
     kept_fp32: list[str] = []
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
+    rnn_fp32: list[str] = []  # "name (reason)"
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -90,6 +92,22 @@ def convert_layers(
                 activation_bits,
             )
             replace_sublayer(model, layer, wrapped)
+            continue
+        if isinstance(layer, paddle.nn.layer.rnn.RNNBase) and state.weight_quantizer is not None:
+            if "input" not in entry:
+                continue
+            refusal = lstm_int8_refusal(layer, activation_bits, weight_bits)
+            if refusal is None and not target.onednn:
+                refusal = f"target {target.name!r} has no int8 LSTM (Paddle Inference's oneDNN has)"
+            if refusal is not None:
+                rnn_fp32.append(f"{state.name} ({refusal})")
+                continue
+            # Without VNNI, 7-bit weight codes keep oneDNN's int16 pair sums exact (quant_rnn.py).
+            headroom = 1.0 if target.signed_inputs_int8 else 2.0
+            replace_sublayer(
+                model, layer,
+                QuantizedLSTM(layer, entry["input"], entry.get("output", []), headroom),
+            )
             continue
         if state.weight_quantizer is not None and "input" in entry:
             minimum = input_minimum(state)
@@ -127,6 +145,14 @@ def convert_layers(
             "the simulation keeps them fp32 as the runtime runs them: %s", len(no_int8_kernel),
             first_names([f"{name} ({kind})" for name, kind in no_int8_kernel]),
         )
+    rnn_fp32.extend(_unhooked_recurrent_layers(model, hooked))
+    if rnn_fp32:
+        logger.warning(
+            "%d recurrent layers stay fp32: Paddle Inference's oneDNN int8 kernels run only "
+            "one-layer, one-direction 8-bit LSTMs (its fusion_gru computes the GRU variant "
+            "that resets the hidden state before the recurrent matmul, not paddle.nn.GRU's): %s",
+            len(rnn_fp32), first_names(rnn_fp32),
+        )
     if kept_fp32:
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
@@ -137,6 +163,23 @@ def convert_layers(
         )
     mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
     return [name for name, _ in no_int8_kernel] + kept_fp32
+
+
+def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:
+    """``"name (type)"`` of the model's outermost RNN layers that calibration never hooked
+    (GRU, SimpleRNN, ... have no int8 kernel, so the registry does not list them)."""
+    hooked_layers = {id(layer) for layer, _ in hooked}
+    found: list[str] = []
+    outer: list[str] = []  # names of the recurrent layers seen (their cells are inside)
+    for name, layer in model.named_sublayers():
+        if not isinstance(layer, (paddle.nn.layer.rnn.RNNBase, paddle.nn.RNN, paddle.nn.BiRNN)):
+            continue
+        if any(name.startswith(prefix + ".") for prefix in outer):
+            continue
+        outer.append(name)
+        if id(layer) not in hooked_layers:
+            found.append(f"{name} ({type(layer).__name__})")
+    return found
 
 
 def _native_hint() -> str:

@@ -39,9 +39,9 @@ def layer_signatures(states: Sequence[tuple[paddle.nn.Layer, LayerState]]) -> La
 
 
 def _signature(layer: paddle.nn.Layer, state: LayerState) -> dict[str, Any]:
-    weight = getattr(layer, "weight", None)
-    weight_shape = list(weight.shape) if isinstance(weight, paddle.Tensor) else None
     info = PTQRegistry.layer_info(layer)
+    weight = getattr(layer, "weight" if info is None else info.weight_attribute, None)
+    weight_shape = list(weight.shape) if isinstance(weight, paddle.Tensor) else None
     axis = None if info is None else info.weight_channel_axis
     channels = None if weight_shape is None or axis is None else int(weight_shape[axis])
     roles = {

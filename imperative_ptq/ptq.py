@@ -145,13 +145,18 @@ class ImperativePTQ:
         config = self._quant_config
         session = CalibrationSession(model, self._asynchronous, functools.partial(_new_state, config))
         schedule.prepare(model, session, config)
+        hooked_composites: list[paddle.nn.Layer] = []
         for name, layer in model.named_sublayers():
+            info = PTQRegistry.layer_info(layer)
             if (
-                layer.sublayers()
+                info is None
+                or (layer.sublayers() and not info.composite)
                 or getattr(layer, "skip_quant", False) is True
-                or not PTQRegistry.is_supported_layer(layer)
+                or any(layer in composite.sublayers() for composite in hooked_composites)
             ):
                 continue
+            if info.composite:
+                hooked_composites.append(layer)
             session.add_layer(layer, _new_state(config, name, layer))
         if not session.layers and not has_own_matrices(model):
             raise ValueError(

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 import paddle
 
-__all__ = ["LayerInfo", "PTQRegistry", "register_layer"]
+__all__ = ["LayerInfo", "PTQRegistry", "layer_weight", "register_layer"]
 
 LayerT = TypeVar("LayerT", bound=type)
 
@@ -36,6 +36,12 @@ class LayerInfo:
             simulation computes what the runtime does.
         multiplies_inputs: The layer multiplies its first two inputs (a matmul of two
             activations): both are calibrated and quantized; it has no weight.
+        weight_attribute: The attribute holding the quantized weight (``layer.weight``; an
+            LSTM's input weight is ``weight_ih_l0``).
+        output_index: The layer returns a tuple whose element at this index is the output
+            calibrated (an RNN's output sequence); ``None``: the layer returns a tensor.
+        composite: Hooked as a whole although it has sublayers (an RNN keeps its cells as
+            sublayers); other layers are hooked only as leaves.
     """
 
     layer: type
@@ -46,6 +52,9 @@ class LayerInfo:
     simulated: bool = False
     int8_runtime: bool = True
     multiplies_inputs: bool = False
+    weight_attribute: str = "weight"
+    output_index: int | None = None
+    composite: bool = False
 
 
 class PTQRegistry:
@@ -64,6 +73,9 @@ class PTQRegistry:
         simulated: bool = False,
         int8_runtime: bool = True,
         multiplies_inputs: bool = False,
+        weight_attribute: str = "weight",
+        output_index: int | None = None,
+        composite: bool = False,
     ) -> LayerInfo:
         """Registers (or re-registers) a layer type.
 
@@ -78,6 +90,9 @@ class PTQRegistry:
                 :class:`LayerInfo`); ``False`` keeps a simulated layer fp32 at ``convert``.
             multiplies_inputs: The layer multiplies its first two inputs (see
                 :class:`LayerInfo`).
+            weight_attribute: Attribute of the quantized weight (default ``weight``).
+            output_index: Position of the calibrated output in a returned tuple.
+            composite: Hook the layer although it has sublayers.
 
         Raises:
             TypeError: ``layer`` is not a Layer subclass.
@@ -96,6 +111,9 @@ class PTQRegistry:
             simulated,
             bool(int8_runtime),
             bool(multiplies_inputs),
+            weight_attribute,
+            output_index,
+            bool(composite),
         )
         cls._layers[layer] = info
         return info
@@ -131,6 +149,18 @@ class PTQRegistry:
     def supported_layers(cls) -> tuple[type, ...]:
         """All registered layer types."""
         return tuple(cls._layers)
+
+
+def layer_weight(layer: paddle.nn.Layer) -> paddle.Tensor:
+    """The weight a simulated layer quantizes (:attr:`LayerInfo.weight_attribute`).
+
+    Raises:
+        ValueError: The layer is not a registered simulated layer.
+    """
+    info = PTQRegistry.layer_info(layer)
+    if info is None or not info.simulated:
+        raise ValueError(f"{type(layer).__name__} is not a simulated layer of PTQRegistry")
+    return getattr(layer, info.weight_attribute)
 
 
 def register_layer(
@@ -176,6 +206,12 @@ def _register_defaults() -> None:
         )
     # Weight [in, out].
     PTQRegistry.register(nn.Linear, ("X",), ("Out",), ("Y",), 1, simulated=True)
+    # Input weight [4 * hidden, input], one channel per gate unit; Paddle Inference runs a
+    # one-layer, one-direction LSTM int8 as oneDNN's fusion_lstm (see quant_rnn.py).
+    PTQRegistry.register(
+        nn.LSTM, ("Input",), ("Out",), ("WeightList",), 0, simulated=True,
+        weight_attribute="weight_ih_l0", output_index=0, composite=True,
+    )
     PTQRegistry.register(nn.BatchNorm2D, ("X",), ("Y",))
     for layer in (
         nn.AdaptiveMaxPool2D,

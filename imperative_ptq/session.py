@@ -19,6 +19,7 @@ import paddle
 from .collector import CalibrationCollector, CalibrationError
 from .quant_layers import first_input
 from .quantizers import BaseQuantizer
+from .registry import PTQRegistry
 
 __all__ = [
     "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
@@ -240,6 +241,10 @@ class CalibrationSession:
                     # The sign decides how x86 runs the input (u8 or s8): see targets.py.
                     with paddle.no_grad():
                         inputs_quantizer.observe_minimum(float(paddle.min(first)))
+        info = PTQRegistry.layer_info(layer)
+        output_index = None if info is None else info.output_index
+        if output_index is not None and isinstance(outputs, (tuple, list)) and len(outputs) > output_index:
+            outputs = outputs[output_index]  # an RNN's output sequence, beside its final states
         second = state.second_input_quantizer
         if second is not None and len(inputs) > 1 and _is_float_tensor(inputs[1]):
             sample = collector.sample(inputs[1], second.uses_signed_values)

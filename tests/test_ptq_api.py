@@ -531,18 +531,19 @@ def test_tuple_or_int_output_skipped_with_one_warning(caplog) -> None:
 # ------------------------------------------------------------------------------- registry
 def test_registry_queries_for_classes_and_instances() -> None:
     nn = paddle.nn
-    for layer in (nn.Conv2D, nn.Conv2D(2, 2, 1), nn.Linear, nn.Linear(2, 3)):
+    for layer in (nn.Conv2D, nn.Conv2D(2, 2, 1), nn.Linear, nn.Linear(2, 3), nn.LSTM(2, 2)):
         assert PTQRegistry.is_supported_layer(layer)
         assert PTQRegistry.is_simulated_quant_layer(layer)
     for layer in (nn.ReLU, nn.ReLU(), nn.BatchNorm2D(3), nn.MaxPool2D(2)):
         assert PTQRegistry.is_supported_layer(layer)
         assert not PTQRegistry.is_simulated_quant_layer(layer)
-    for layer in (nn.Flatten, nn.Flatten(), nn.LSTM(2, 2), nn.Dropout):
+    for layer in (nn.Flatten, nn.Flatten(), nn.GRU(2, 2), nn.Dropout):
         assert not PTQRegistry.is_supported_layer(layer)
         assert not PTQRegistry.is_simulated_quant_layer(layer)
         assert PTQRegistry.layer_info(layer) is None
     assert PTQRegistry.layer_info(nn.Linear(2, 3)).weight_channel_axis == 1
     assert PTQRegistry.layer_info(nn.Conv2D).weight_channel_axis == 0
+    assert PTQRegistry.layer_info(nn.LSTM).weight_attribute == "weight_ih_l0"
     assert PTQRegistry.layer_info(nn.quant.add).input_names == ("X", "Y")
 
 

@@ -27,6 +27,7 @@ __all__ = ["Int8Report", "int8_report"]
 GEMM_OPS = frozenset({
     "fused_conv2d", "conv2d", "depthwise_conv2d", "fc", "fused_matmul", "matmul_v2", "mul",
     "conv2d_transpose", "depthwise_conv2d_transpose", "conv3d", "conv3d_transpose",
+    "fusion_lstm", "fusion_gru", "multi_gru", "rnn",
 })
 #: Int8 ops that pass their input's type through (walked back to find a GEMM input's type).
 _TYPE_PRESERVING_OPS = frozenset(
@@ -107,12 +108,15 @@ def _report(block) -> Int8Report:
         if not _runs_int8(op):
             fp32[op.type] += 1
             fp32_weights.extend(
-                op.input(slot)[0] for slot in ("Filter", "W", "Y") if slot in op.input_names and op.input(slot)
+                op.input(slot)[0] for slot in ("Filter", "W", "Y", "WeightX", "WeightList")
+                if slot in op.input_names and op.input(slot)
             )
             continue
         int8[op.type] += 1
         source = op.input("Input" if "Input" in op.input_names else "X")[0]
-        if _is_signed(source, writers):
+        # fusion_lstm always reads its input shifted into u8; whether its int16 pair sums
+        # saturate is decided by the weight scales the export gives it (quant_rnn.py).
+        if op.type != "fusion_lstm" and _is_signed(source, writers):
             signed.append(f"{op.type} {source}")
     return Int8Report(dict(int8), dict(fp32), signed, fp32_weights)
 

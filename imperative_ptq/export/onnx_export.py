@@ -969,6 +969,14 @@ def export_onnx(
             program_lib.fold_conv_bias(loaded)
             weights = {r.weight_name: r for r in records if r.simulated}
             program_lib.materialize_conv1d_weights(loaded, weights)
+            # The simulation runs these LSTMs as Paddle Inference's int8 fusion_lstm; ONNX gets
+            # the fp32 LSTM.
+            int8_lstms = [r.name for r in records if r.simulated and r.layer_type == "LSTM"]
+            if int8_lstms:
+                logger.warning(
+                    "%d LSTM layers simulated in int8 (Paddle Inference's fusion_lstm) are "
+                    "exported to ONNX in fp32: %s", len(int8_lstms), ", ".join(int8_lstms),
+                )
             onnx_model = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights
             ).convert(opset)

@@ -28,6 +28,7 @@ from ..quantizers.qparams import symmetric_levels
 from .graph import (
     get_tensor, is_persistable, new_persistable, producers, readers, set_tensor, transposed_matmul,
 )
+from .rnn_fusion import fuse_lstm_ops
 from .tracing import LayerRecord
 from .unsigned import (
     FusedReluClips,
@@ -295,7 +296,28 @@ def quantize_program(
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
+    fused_lstms, unfused_lstms = fuse_lstm_ops(loaded, weights)
     written = ProgramScales()
+    for fused in fused_lstms:
+        # fusion_lstm: fp32 weights (Paddle derives their scales), a Q/DQ pair on its input.
+        op = next(op for op in block.ops if op.type == "fusion_lstm" and op.input("WeightX") == [fused.weight_x])
+        activation = op.input("X")[0]
+        threshold = fused.record.input_threshold
+        qdq = _activation_qdq(
+            loaded, list(block.ops).index(op), activation, threshold, 8, len(written.inputs)
+        )
+        op._rename_input(activation, qdq)
+        written.inputs[activation] = threshold
+        written.weights[fused.record.weight_name] = [
+            float(t) for t in np.asarray(fused.record.weight_thresholds).reshape(-1)
+        ]
+        weights[fused.weight_x] = fused.record
+    if unfused_lstms:
+        logger.warning(
+            "%d LSTM layers simulated in int8 are exported fp32 (Paddle Inference's int8 "
+            "fusion_lstm does not compute them): %s", len(unfused_lstms),
+            ", ".join(f"{name} ({reason})" for name, reason in unfused_lstms.items()),
+        )
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
     clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()
@@ -371,12 +393,12 @@ def quantize_program(
     kept = unscale_fp32_layer_inputs(block, outputs, isolate_concats=True)
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
-    if written.fp32_layers:
+    no_kernel = {name: kind for name, kind in written.fp32_layers.items() if name not in unfused_lstms}
+    if no_kernel:
         logger.warning(
             "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "
             "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
-            "%s", len(written.fp32_layers),
-            ", ".join(f"{name} ({kind})" for name, kind in written.fp32_layers.items()),
+            "%s", len(no_kernel), ", ".join(f"{name} ({kind})" for name, kind in no_kernel.items()),
         )
     writers = producers(block)
     for name, threshold in outputs.items():

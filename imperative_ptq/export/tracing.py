@@ -26,6 +26,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
+from ..quant_rnn import QuantizedLSTM
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
@@ -209,6 +210,22 @@ def _collect_records(
             )
             replace_sublayer(export_model, layer, layer.layer)
             by_layer[id(layer.layer)] = record
+            records.append(record)
+        elif isinstance(layer, QuantizedLSTM):
+            # The program keeps the fp32 weights: Paddle quantizes them itself (quant_rnn.py);
+            # .rnn_fusion rewrites the traced rnn op into an int8 fusion_lstm.
+            inner = layer.layer
+            record = LayerRecord(
+                name=name,
+                layer_type=type(inner).__name__,
+                weight_name=inner.weight_ih_l0.name,
+                weight_thresholds=np.asarray(layer.weight_thresholds, np.float32),
+                weight_axis=0,
+                input_threshold=float(layer.data_threshold),
+                output_thresholds=list(layer.output_thresholds),
+            )
+            replace_sublayer(export_model, layer, inner)
+            by_layer[id(inner)] = record
             records.append(record)
         elif output_thresholds(layer):
             record = LayerRecord(

@@ -1,0 +1,317 @@
+"""LSTM int8: a one-layer, one-direction ``paddle.nn.LSTM`` runs as Paddle Inference's int8
+``fusion_lstm`` on the ``x86-vnni`` target, its simulation computes what that kernel does, the
+``rnn`` -> ``fusion_lstm`` rewrite computes the ``rnn`` op in fp32, and every recurrent layer
+left fp32 is named in a warning."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.cpu import cpu_info
+from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
+from imperative_ptq.export.program import legacy_static_mode, load_legacy_program, save_legacy_program
+from imperative_ptq.export.rnn_fusion import fuse_lstm_ops
+from imperative_ptq.export.tracing import trace_to_legacy_program
+from imperative_ptq.quant_rnn import QuantizedLSTM
+
+nn = paddle.nn
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS, FEATURES, HIDDEN = 6, 8, 16
+
+
+class _Classifier(nn.Layer):
+    """LSTM + Linear reading the output sequence or the final hidden state."""
+
+    def __init__(self, time_major: bool, final_hidden: bool, lstm: nn.Layer | None = None) -> None:
+        super().__init__()
+        self.lstm = lstm or nn.LSTM(FEATURES, HIDDEN, time_major=time_major)
+        self.fc = nn.Linear(HIDDEN, 4)
+        self.final_hidden = final_hidden
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        sequence, (hidden, _) = self.lstm(x)
+        return self.fc(hidden[0] if self.final_hidden else sequence)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _batch(rng: np.random.Generator, size: int, time_major: bool) -> np.ndarray:
+    x = rng.standard_normal([size, STEPS, FEATURES]).astype("float32")
+    return np.ascontiguousarray(x.transpose(1, 0, 2)) if time_major else x
+
+
+def _spec() -> list[paddle.static.InputSpec]:
+    """[T, B, F] or [B, T, F], batch and length dynamic."""
+    return [paddle.static.InputSpec([None, None, FEATURES], "float32", "x")]
+
+
+def _converted(model: nn.Layer, time_major: bool, target: str = "x86-vnni") -> nn.Layer:
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(_batch(rng, 4, time_major)))
+    ptq.convert(quantized)
+    return quantized
+
+
+# --------------------------------------------------------------------- slow reference
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-v))
+
+
+def _reference_fusion_lstm_int8(
+    lstm: nn.LSTM, x: np.ndarray, threshold: float, headroom: float
+) -> np.ndarray:
+    """oneDNN's int8 LSTM as Paddle 3.3.1 sets it up, step by step from its documented parts:
+    fusion_lstm weights in Paddle's gate order c, i, f, o; per-column scales from the abs-max
+    of WeightX and WeightH; the kernel reorders the weights to oneDNN's i, f, c, o but passes
+    the scales unreordered; data (input and hidden state) as u8 ``round(v * 127 / t) + 128``.
+    The export's zero feature has, per gate column, ``headroom`` times the largest weight of
+    the gate that borrows the column and of the column itself."""
+    hidden = lstm.hidden_size
+    w_ih, w_hh = lstm.weight_ih_l0.numpy(), lstm.weight_hh_l0.numpy()
+    bias = lstm.bias_ih_l0.numpy() + lstm.bias_hh_l0.numpy()
+
+    def paddle_order(rows: np.ndarray) -> list[np.ndarray]:  # nn i, f, c, o -> c, i, f, o
+        i, f, c, o = np.split(rows, 4)
+        return [c, i, f, o]
+
+    weight_x = np.concatenate(paddle_order(w_ih)).T  # [in, 4H], columns c, i, f, o
+    weight_h = np.concatenate(paddle_order(w_hh)).T
+    own = np.maximum(np.abs(weight_x).max(0), np.abs(weight_h).max(0)).reshape(4, hidden)
+    borrower = {0: 1, 1: 2, 2: 0, 3: 3}  # column block c is used by oneDNN's gate i, ...
+    zero_feature_row = np.concatenate([
+        headroom * np.maximum(own[block], own[borrower[block]]) for block in range(4)
+    ])
+    scales = np.maximum(own.reshape(-1), zero_feature_row)  # per column, what Paddle computes
+    # The kernel's weights: oneDNN order i, f, c, o; the scales keep Paddle's column order.
+    onednn_x = np.concatenate([np.split(weight_x, 4, axis=1)[k] for k in (1, 2, 0, 3)], axis=1)
+    onednn_h = np.concatenate([np.split(weight_h, 4, axis=1)[k] for k in (1, 2, 0, 3)], axis=1)
+    onednn_bias = np.concatenate([np.split(np.concatenate(paddle_order(bias)), 4)[k] for k in (1, 2, 0, 3)])
+
+    def quantize_weight(weight: np.ndarray) -> np.ndarray:
+        out = np.empty_like(weight)
+        for column in range(weight.shape[1]):
+            codes = np.clip(np.rint(weight[:, column] * (127 / scales[column])), -128, 127)
+            out[:, column] = codes * scales[column] / 127
+        return out
+
+    def quantize_data(v: np.ndarray) -> np.ndarray:
+        codes = np.clip(np.round(v * 127 / threshold) + 128, 0, 255)
+        return (codes - 128) * threshold / 127
+
+    wx, wh = quantize_weight(onednn_x), quantize_weight(onednn_h)
+    sequence = x if lstm.time_major else x.transpose(1, 0, 2)
+    h = np.zeros([sequence.shape[1], hidden])
+    c = np.zeros_like(h)
+    outputs = []
+    for t in range(sequence.shape[0]):
+        gates = quantize_data(sequence[t]) @ wx + h @ wh + onednn_bias
+        i, f, g, o = np.split(gates, 4, axis=1)
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = quantize_data(_sigmoid(o) * np.tanh(c))
+        outputs.append(h)
+    out = np.stack(outputs)
+    return out if lstm.time_major else out.transpose(1, 0, 2)
+
+
+@pytest.mark.parametrize("headroom", [1.0, 2.0])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
+def test_simulation_matches_a_step_by_step_reference(time_major, headroom) -> None:
+    paddle.seed(1)
+    lstm = nn.LSTM(FEATURES, HIDDEN, time_major=time_major)
+    lstm.eval()
+    simulated = QuantizedLSTM(lstm, [2.5], [0.7], headroom)  # data threshold: the larger, 2.5
+    x = _batch(np.random.default_rng(1), 3, time_major)
+    out, (final_hidden, _) = simulated(paddle.to_tensor(x))
+    expected = _reference_fusion_lstm_int8(lstm, x.astype(np.float64), 2.5, headroom)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    last = out.numpy()[-1] if time_major else out.numpy()[:, -1]
+    np.testing.assert_array_equal(final_hidden.numpy()[0], last)
+
+
+# --------------------------------------------------------------------- rewrite, fp32
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
+@pytest.mark.parametrize("final_hidden", [False, True], ids=["sequence", "final-hidden"])
+def test_fusion_lstm_rewrite_computes_the_rnn_op(time_major, final_hidden, tmp_path) -> None:
+    paddle.seed(0)
+    model = _Classifier(time_major, final_hidden)
+    quantized = _converted(model, time_major)
+    traced = trace_to_legacy_program(
+        quantized, _spec(), str(tmp_path / "traced"), program_weights=False
+    )
+    with legacy_static_mode():
+        loaded = load_legacy_program(str(tmp_path / "traced"))
+        weights = {r.weight_name: r for r in traced.records if r.layer_type == "LSTM"}
+        fused, refused = fuse_lstm_ops(loaded, weights)
+        assert len(fused) == 1 and not refused
+        assert not any(op.type == "rnn" for op in loaded.program.global_block().ops)
+        save_legacy_program(loaded, str(tmp_path / "fused"))
+    x = _batch(np.random.default_rng(2), 3, time_major)
+    ran = predict(create_predictor(str(tmp_path / "fused"), int8=False, num_threads=1), x)[0]
+    # The traced program holds the fp32 LSTM and the Linear's fake-quantized weight.
+    fp32_lstm = _Classifier(time_major, final_hidden, lstm=model.lstm)
+    fp32_lstm.fc = quantized.fc.layer
+    fp32_lstm.eval()
+    expected = fp32_lstm(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(ran, expected, atol=1e-5)  # measured 1e-7
+
+
+# --------------------------------------------------------------------- int8 runtime
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
+@pytest.mark.parametrize("final_hidden", [False, True], ids=["sequence", "final-hidden"])
+def test_int8_lstm_runs_what_the_simulation_computes(
+    target, time_major, final_hidden, tmp_path, caplog
+) -> None:
+    if target == "x86-vnni" and not cpu_info().vnni:
+        pytest.skip("x86-vnni's 8-bit weights are exact only with VNNI")
+    paddle.seed(0)
+    model = _Classifier(time_major, final_hidden)
+    quantized = _converted(model, time_major, target)
+    assert isinstance(quantized.lstm, QuantizedLSTM)
+    prefix = str(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        save_quantized_model(quantized, prefix, _spec())
+    assert not any("LSTM" in r.getMessage() or "signed (s8)" in r.getMessage() for r in caplog.records), caplog.text
+    report = int8_report(prefix)
+    assert report.int8.get("fusion_lstm") == 1 and "rnn" not in report.fp32, report
+    assert not any(name.startswith("fusion_lstm") for name in report.signed_inputs), report
+    x = _batch(np.random.default_rng(3), 3, time_major)
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    # Measured 1.0000 (AMX; x86 also on AVX2 kernels); int8 vs fp32 about 0.998.
+    assert _cosine(ran, quantized(paddle.to_tensor(x)).numpy()) >= 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_int8_lstm_agrees_with_the_simulation_on_avx2_kernels() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)),
+         "-k", "int8_lstm_runs_what and not x86-vnni"],
+        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "4 passed" in done.stdout.splitlines()[-1]
+
+
+# --------------------------------------------------------------------- layers left fp32
+class _Stack(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(FEATURES, HIDDEN)
+        self.simple = nn.SimpleRNN(HIDDEN, HIDDEN)
+        self.two_layers = nn.LSTM(HIDDEN, HIDDEN, num_layers=2)
+        self.bidirectional = nn.LSTM(HIDDEN, HIDDEN, direction="bidirect")
+        self.fc = nn.Linear(2 * HIDDEN, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x, _ = self.gru(x)
+        x, _ = self.simple(x)
+        x, _ = self.two_layers(x)
+        x, _ = self.bidirectional(x)
+        return self.fc(x)
+
+
+def test_recurrent_layers_without_an_int8_kernel_are_named(caplog) -> None:
+    paddle.seed(0)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        quantized = _converted(_Stack(), time_major=False)
+    warnings = [r.getMessage() for r in caplog.records if "recurrent layers stay fp32" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    for named in ("gru (GRU)", "simple (SimpleRNN)", "two_layers (2 layers", "bidirectional (bidirectional"):
+        assert named in warnings[0], warnings[0]
+    assert not any(isinstance(layer, QuantizedLSTM) for layer in quantized.sublayers())
+
+
+class _ReadsCell(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(FEATURES, HIDDEN)
+        self.fc = nn.Linear(HIDDEN, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        _, (_, cell) = self.lstm(x)
+        return self.fc(cell[0])
+
+
+class _StartsFromStates(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(FEATURES, HIDDEN)
+        self.fc = nn.Linear(HIDDEN, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        start = paddle.full([1, x.shape[0], HIDDEN], 0.5)
+        sequence, _ = self.lstm(x, (start, start))
+        return self.fc(sequence)
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [(_ReadsCell, "its final cell state is read"), (_StartsFromStates, "initial states that are not zeros")],
+    ids=["final-cell", "initial-states"],
+)
+def test_lstm_fusion_lstm_cannot_compute_is_exported_fp32_with_a_warning(model, reason, caplog, tmp_path) -> None:
+    paddle.seed(0)
+    quantized = _converted(model(), time_major=False)
+    prefix = str(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        save_quantized_model(quantized, prefix, _spec())
+    named = [r.getMessage() for r in caplog.records if "LSTM layers simulated in int8 are exported fp32" in r.getMessage()]
+    assert len(named) == 1 and f"lstm ({reason})" in named[0], caplog.text
+    report = int8_report(prefix)
+    assert report.fp32.get("rnn") == 1 and "fusion_lstm" not in report.int8, report
+
+
+def test_keep_fp32_puts_the_lstm_back(tmp_path) -> None:
+    paddle.seed(0)
+    model = _Classifier(False, False)
+    quantized = _converted(model, time_major=False)
+    x = paddle.to_tensor(_batch(np.random.default_rng(4), 2, False))
+    ip.ImperativePTQ().keep_fp32(quantized, ["lstm"], model)
+    assert isinstance(quantized.lstm, nn.LSTM)
+    np.testing.assert_array_equal(quantized.lstm(x)[0].numpy(), model.lstm(x)[0].numpy())
+    save_quantized_model(quantized, str(tmp_path / "m"), _spec())
+    assert int8_report(str(tmp_path / "m")).fp32.get("rnn") == 1
+
+
+def test_lstm_thresholds_round_trip_through_the_calibration_table(tmp_path) -> None:
+    paddle.seed(0)
+    model = _Classifier(False, False)
+    model.eval()
+    rng = np.random.default_rng(5)
+    batches = [paddle.to_tensor(_batch(rng, 4, False)) for _ in range(3)]
+    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86")
+    ptq = ip.ImperativePTQ(config)
+    calibrated = ptq.quantize(model)
+    for batch in batches:
+        calibrated(batch)
+    table = ptq.calibration_table(calibrated)
+    assert len(table["lstm"]["weight"]) == 4 * HIDDEN  # one per gate unit of weight_ih_l0
+    assert table["lstm"]["output"][0] <= 1.0  # the hidden sequence, |h| < 1
+    ptq.save_calibration_table(calibrated, tmp_path / "table.json")
+    ptq.convert(calibrated)
+
+    loading = ip.ImperativePTQ(config)
+    loaded = loading.quantize(model)
+    loading.load_calibration_table(loaded, tmp_path / "table.json")
+    loading.convert(loaded)
+    assert loaded.lstm.data_threshold == calibrated.lstm.data_threshold
+    assert calibrated.lstm.data_threshold == max(table["lstm"]["input"][0], table["lstm"]["output"][0])
+    np.testing.assert_array_equal(loaded(batches[0]).numpy(), calibrated(batches[0]).numpy())
