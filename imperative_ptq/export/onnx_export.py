@@ -586,7 +586,10 @@ class _Converter:
         return states, ops
 
     def _elementwise(self, op) -> None:
-        kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
+        kind = {
+            "elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub",
+            "elementwise_min": "Min", "elementwise_max": "Max",
+        }[op.type]
         y_var = op.input("Y")[0]
         x = self._in(op)
         if self._is_param(y_var):
@@ -772,7 +775,8 @@ class _Converter:
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
-            "elementwise_sub": self._elementwise, "pool2d": self._pool, "concat": self._concat,
+            "elementwise_sub": self._elementwise, "elementwise_min": self._elementwise,
+            "elementwise_max": self._elementwise, "pool2d": self._pool, "concat": self._concat,
             "conv2d_transpose": self._conv_transpose, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate,
             "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
@@ -801,6 +805,10 @@ class _Converter:
             elif op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned:
                 self.unsigned.add(self._out(op))
             elif op.type == "concat" and all(name in self.unsigned for name in op.input("X")):
+                self.unsigned.add(self._out(op))
+            elif op.type == "elementwise_min" and op.input("X")[0] in self.unsigned and (
+                self._is_param(op.input("Y")[0]) and self._param(op.input("Y")[0]).min() >= 0
+            ):  # a ReLU output under non-negative bounds (cross-layer equalization's ReLU6)
                 self.unsigned.add(self._out(op))
             convert = dispatch.get(op.type)
             if convert is None:
