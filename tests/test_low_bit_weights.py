@@ -325,3 +325,33 @@ def test_onnx_int4_bad_input(tmp_path) -> None:
         export_onnx(dynamic, tmp_path / "m.onnx", [paddle.static.InputSpec([None, 8], "float32", "x")],
                     opset=21, int4_weights=True)
     assert os.listdir(tmp_path) == []
+
+
+def test_onnx_int4_conv1d_holds_the_layers_codes(tmp_path) -> None:
+    """A Conv1D traces as a conv2d of its unsqueezed weight; on x86 (whose simulation runs
+    Paddle's requantization) the INT4 initializer still holds the layer's own 4-bit codes."""
+    onnx = pytest.importorskip("onnx")
+    from imperative_ptq.export import export_onnx
+
+    model = nn.Sequential(nn.Conv1D(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 5))
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(4)))
+    qmodel = ptq.quantize(model.eval())
+    ptq.calibrate(qmodel, [rng.random((8, 4, 16), dtype=np.float32) for _ in range(3)], progress=False)
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, 4, 16], "float32", "x")]
+    path = export_onnx(qmodel, tmp_path / "m.onnx", spec, opset=21)
+    (node, tensor), _ = _weight_dequantizers(onnx.load(path).graph)
+    layer = qmodel[0]
+    assert layer.program_weight is not None  # the simulation computes the requantized weight
+    codes = np.round(layer.program_weight / (layer.grid_thresholds / 7).reshape(-1, 1, 1))
+    assert tensor.data_type == onnx.TensorProto.INT4 and list(tensor.dims) == [8, 4, 1, 3]
+    np.testing.assert_array_equal(
+        _unpack_int4(tensor.raw_data, codes.size), codes.astype(np.int64).reshape(-1)
+    )
+    x = rng.random((8, 4, 16), dtype=np.float32)
+    ran = _onnx_run(path, x)
+    with paddle.no_grad():
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+    cosine = float((ran * simulated).sum() / np.linalg.norm(ran) / np.linalg.norm(simulated))
+    assert cosine > 0.9995, cosine  # measured 0.99994
