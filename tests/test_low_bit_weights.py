@@ -1,7 +1,8 @@
 """Weights below 8 bits (``PerChannelAbsmaxQuantizer(quant_bits=2..7)``): codes on the narrow
 grid in the simulation, through the calibration table, and in the Paddle Inference export
 (stored as int8 on the 8-bit grid, so the int8 kernels run them), which agrees with the
-simulation exactly."""
+simulation exactly; in the ONNX export as INT4 from opset 21 (checked against an unpacking
+written here) or as int8 holding the codes, run by ONNX Runtime."""
 
 from __future__ import annotations
 
