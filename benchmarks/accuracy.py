@@ -28,6 +28,7 @@ equalizes; the others are folded through ``quantize(fuse=True)``), as Paddle Inf
 Prints a markdown table with the CPU it ran on.
 
     python benchmarks/accuracy.py                      # every table, ~15 min on 2 cores
+    python benchmarks/accuracy.py --tables relu6       # ~4 min, plus ~4 to train its net once
     python benchmarks/accuracy.py --tables w4a8 --models mlp --adaround-iterations 200
 """
 
