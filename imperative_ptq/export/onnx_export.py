@@ -45,8 +45,7 @@ __all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
-#: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte) and takes a
-#: ``block_size``.
+#: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
 INT4_OPSET = 21
 
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
@@ -187,6 +186,7 @@ class _Converter:
         scale = scale.astype(np.float32)
         integers = np.round(values * factor.reshape(shape) / scale.reshape(shape))
         if not int4:
+            # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
             stored = self._const(weight_name, np.clip(integers, -128, 127).astype(np.int8))
             zero = self._const("w_zero", np.zeros_like(scale, dtype=np.int8))
             inputs = [stored, self._const("w_scale", scale), zero]
