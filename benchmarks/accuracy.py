@@ -11,6 +11,9 @@ Tables:
   8-bit weights, and 5-bit per-tensor weights (where one range must serve channels of very
   different widths): plain, bias correction, cross-layer equalization (CLE), CLE + bias
   correction (empirical, and the one-pass analytical variant).
+* **ReLU6 depthwise**: the same net with MobileNetV2's ReLU6 (``relu6=True``): plain, CLE
+  (which skips every pair with a ReLU6 between), CLE through per-channel clips
+  (``equalization="clip"``, the fp32 function kept), and that + bias correction.
 
 * **Transformer**: a small encoder reading MNIST rows as a 28-token sequence
   (:class:`imperative_ptq.models.MnistSequenceEncoder`, trained here on first use), with
@@ -29,7 +32,8 @@ BatchNorms are folded into their convs in every configuration (CLE folds the one
 equalizes; the others are folded through ``quantize(fuse=True)``), as Paddle Inference does.
 Prints a markdown table with the CPU it ran on.
 
-    python benchmarks/accuracy.py                      # every table, ~22 min on 2 cores
+    python benchmarks/accuracy.py                      # every table, ~26 min on 2 cores
+    python benchmarks/accuracy.py --tables relu6       # ~4 min, plus ~4 to train its net once
     python benchmarks/accuracy.py --tables w4a8 --models mlp --adaround-iterations 200
     python benchmarks/accuracy.py --tables ocr         # ~7 min on 2 cores
 """
@@ -74,11 +78,13 @@ from imperative_ptq.models import (  # noqa: E402
     MnistSequenceEncoder,
 )
 
-TABLES = ("w4a8", "depthwise", "transformer", "budget", "ocr")
+TABLES = ("w4a8", "depthwise", "relu6", "transformer", "budget", "ocr")
 #: Tables measured on MNIST (the others bring their own data).
-MNIST_TABLES = ("w4a8", "depthwise", "transformer", "budget")
+MNIST_TABLES = ("w4a8", "depthwise", "relu6", "transformer", "budget")
 #: The depthwise net's training recipe (about 3 minutes on 2 cores).
 MOBILENET = demo.Recipe(lambda: MnistMobileNet(width=8), epochs=3, batch_size=128)
+#: The same with ReLU6 activations.
+MOBILENET_RELU6 = demo.Recipe(lambda: MnistMobileNet(width=8, relu6=True), epochs=3, batch_size=128)
 #: The transformer's training recipe (about 2.5 minutes on 2 cores).
 ENCODER = demo.Recipe(MnistSequenceEncoder, epochs=3, batch_size=128)
 #: LayerNorm channels made outliers, and by how much (LLM.int8 / SmoothQuant describe a few
@@ -106,6 +112,11 @@ class Row:
 def trained_mobilenet(cache_dir: str) -> paddle.nn.Layer:
     """The depthwise net, trained with a fixed seed on first use and cached afterwards."""
     return demo.trained(MOBILENET, "mobilenet", cache_dir)
+
+
+def trained_mobilenet_relu6(cache_dir: str) -> paddle.nn.Layer:
+    """The ReLU6 depthwise net, trained with a fixed seed on first use and cached afterwards."""
+    return demo.trained(MOBILENET_RELU6, "mobilenet_relu6", cache_dir)
 
 
 def trained_encoder(cache_dir: str) -> paddle.nn.Layer:
@@ -221,6 +232,33 @@ def depthwise_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
                 model, config, data, calibration, args.test_size, args.inference
             )
             rows.append(Row("int8", "depthwise", weights, label, simulated, ran, fp32))
+            logging.info("%s", rows[-1])
+    return rows
+
+
+def relu6_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
+    calibration = _calibration(data, args.calibration_size)
+    model = trained_mobilenet_relu6(args.cache_dir)
+    fp32 = demo.accuracy(demo.dygraph_predictor(model), data.test_images[: args.test_size],
+                         data.test_labels[: args.test_size])
+    rows = []
+    for weights, quantizer in (
+        ("8-bit per-channel", PerChannelAbsmaxQuantizer()),
+        ("8-bit per-tensor", AbsmaxQuantizer()),
+        ("5-bit per-tensor", AbsmaxQuantizer(5)),
+    ):
+        for label, algorithms in (
+            ("plain", {}),
+            ("CLE (ReLU6 pairs skipped)", {"equalization": True}),
+            ("CLE through clips", {"equalization": "clip"}),
+            ("CLE through clips + bias correction",
+             {"equalization": "clip", "bias_correction": True}),
+        ):
+            config = PTQConfig(MSEQuantizer(), quantizer, **algorithms)
+            simulated, ran = quantized_accuracy(
+                model, config, data, calibration, args.test_size, args.inference
+            )
+            rows.append(Row("int8", "depthwise ReLU6", weights, label, simulated, ran, fp32))
             logging.info("%s", rows[-1])
     return rows
 
@@ -408,6 +446,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows += w4a8_rows(data, args.models, args)
     if "depthwise" in args.tables:
         rows += depthwise_rows(data, args)
+    if "relu6" in args.tables:
+        rows += relu6_rows(data, args)
     if "transformer" in args.tables:
         rows += transformer_rows(data, args)
     if "budget" in args.tables:

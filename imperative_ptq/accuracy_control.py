@@ -223,7 +223,7 @@ def _fp32_reference(
     if fuse_list is not None:
         fuse_layers(reference, fuse_list)
     if config.equalization:
-        equalize(reference, inplace=True)
+        equalize(reference, inplace=True, relu6=config.relu6_equalization)
     if config.smooth_quant is not None:
         smooth_quant(reference, batches, config.smooth_quant, inplace=True)
     return reference

@@ -29,7 +29,9 @@ class PTQConfig:
             kind of CPU the model is converted on).
         equalization: Cross-layer equalization with bias absorption before calibration, on
             the Conv2D/Linear chains of ``nn.Sequential`` containers
-            (:func:`imperative_ptq.algorithms.equalize`; data-free).
+            (:func:`imperative_ptq.algorithms.equalize`; data-free). ``True`` skips pairs
+            with a ReLU6 between them; ``"clip"`` equalizes those too, through a per-channel
+            clip that keeps the fp32 function (``equalize(..., relu6="clip")``).
         bias_correction: In ``convert``, put each quantized layer's mean output back where
             the fp32 model has it on the calibration batches: ``True`` (or ``"empirical"``)
             measures it layer by layer (:func:`imperative_ptq.algorithms.correct_bias`),
@@ -54,7 +56,7 @@ class PTQConfig:
         weight_quantizer: BaseQuantizer,
         target: str = DEFAULT_TARGET,
         *,
-        equalization: bool = False,
+        equalization: bool | str = False,
         bias_correction: bool | str = False,
         adaround: AdaRound | None = None,
         smooth_quant: SmoothQuant | None = None,
@@ -64,7 +66,13 @@ class PTQConfig:
         self.activation_quantizer = activation_quantizer.clone()
         self.weight_quantizer = weight_quantizer.clone()
         self.target = resolve_target(target)
-        self.equalization = _check_flag("equalization", equalization)
+        if not isinstance(equalization, bool) and equalization != "clip":
+            raise TypeError(
+                f"equalization must be a bool or 'clip' (ReLU6 pairs equalized through a "
+                f"per-channel clip), got {equalization!r}"
+            )
+        #: ``False``, ``True`` (ReLU6 pairs skipped) or ``"clip"``.
+        self.equalization: bool | str = equalization
         if bias_correction not in (True, False, "empirical", "analytical") or isinstance(
             bias_correction, (int, float)
         ) and not isinstance(bias_correction, bool):
@@ -93,6 +101,11 @@ class PTQConfig:
         )
 
     @property
+    def relu6_equalization(self) -> str:
+        """What equalization does with a ReLU6 between two layers (``equalize``'s ``relu6``)."""
+        return "clip" if self.equalization == "clip" else "skip"
+
+    @property
     def needs_data(self) -> bool:
         """Whether ``convert`` runs an algorithm on the calibration batches."""
         return self.bias_correction or self.adaround is not None
@@ -109,7 +122,7 @@ class PTQConfig:
         """The algorithms, their arguments and the target, for calibration tables and logs."""
         algorithms: dict[str, object] = {}
         if self.equalization:
-            algorithms["equalization"] = True
+            algorithms["equalization"] = self.equalization
         if self.bias_correction:
             algorithms["bias_correction"] = self.bias_correction
         if self.adaround is not None:
@@ -132,17 +145,12 @@ class PTQConfig:
     def __repr__(self) -> str:
         return (
             f"PTQConfig({self.activation_quantizer!r}, {self.weight_quantizer!r}, "
-            f"target={self.target!r}{', equalization=True' if self.equalization else ''}"
+            f"target={self.target!r}"
+            f"{f', equalization={self.equalization!r}' if self.equalization else ''}"
             f"{f', bias_correction={self.bias_correction!r}' if self.bias_correction else ''}"
             f"{f', adaround={self.adaround!r}' if self.adaround is not None else ''}"
             f"{f', smooth_quant={self.smooth_quant!r}' if self.smooth_quant is not None else ''})"
         )
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:

@@ -141,15 +141,16 @@ class MnistConvNet(nn.Sequential):
 
 
 def _inverted_residual(
-    in_channels: int, out_channels: int, expansion: int, stride: int
+    in_channels: int, out_channels: int, expansion: int, stride: int,
+    activation: type[nn.Layer] = nn.ReLU,
 ) -> list[nn.Layer]:
     """MobileNetV2's block without its residual add: 1x1 expand, 3x3 depthwise, 1x1 linear
     projection, each with a BatchNorm."""
     hidden = in_channels * expansion
     return [
-        nn.Conv2D(in_channels, hidden, 1, bias_attr=False), nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.Conv2D(in_channels, hidden, 1, bias_attr=False), nn.BatchNorm2D(hidden), activation(),
         nn.Conv2D(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias_attr=False),
-        nn.BatchNorm2D(hidden), nn.ReLU(),
+        nn.BatchNorm2D(hidden), activation(),
         nn.Conv2D(hidden, out_channels, 1, bias_attr=False), nn.BatchNorm2D(out_channels),
     ]
 
@@ -159,24 +160,27 @@ class MnistMobileNet(nn.Sequential):
 
     A strided stem, three inverted-residual blocks (expand, depthwise, linear projection; no
     residual adds, so the whole body is one ``nn.Sequential`` chain that cross-layer
-    equalization finds), global average pooling and a 1x1 conv classifier. ReLU instead of
-    MobileNetV2's ReLU6, which does not commute with equalization's scaling.
+    equalization finds), global average pooling and a 1x1 conv classifier. ReLU by default;
+    ``relu6=True`` uses MobileNetV2's ReLU6, which equalization crosses only with
+    ``relu6="clip"``.
 
     Args:
         num_classes: Number of outputs.
         width: Channels of the stem; the blocks use ``width * 1.5`` and ``width * 2``.
+        relu6: ReLU6 activations instead of ReLU.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16, relu6: bool = False) -> None:
         if isinstance(width, bool) or not isinstance(width, int) or width < 2 or width % 2:
             raise ValueError(f"width must be an even int >= 2, got {width!r}")
         middle, wide = width * 3 // 2, width * 2
+        activation = nn.ReLU6 if relu6 else nn.ReLU
         super().__init__(
             nn.Conv2D(1, width, 3, stride=2, padding=1, bias_attr=False),  # [N, width, 14, 14]
-            nn.BatchNorm2D(width), nn.ReLU(),
-            *_inverted_residual(width, middle, 4, 1),
-            *_inverted_residual(middle, wide, 4, 2),  # [N, wide, 7, 7]
-            *_inverted_residual(wide, wide, 4, 1),
+            nn.BatchNorm2D(width), activation(),
+            *_inverted_residual(width, middle, 4, 1, activation),
+            *_inverted_residual(middle, wide, 4, 2, activation),  # [N, wide, 7, 7]
+            *_inverted_residual(wide, wide, 4, 1, activation),
             nn.AdaptiveAvgPool2D(1),
             nn.Conv2D(wide, num_classes, 1),
             Reshape([-1, num_classes]),

@@ -67,6 +67,25 @@ def test_depthwise_rows_run_every_configuration(tmp_path) -> None:
     assert all(row.inference is None for row in rows)
 
 
+@pytest.mark.slow
+def test_relu6_rows_run_every_configuration(tmp_path) -> None:
+    paddle.seed(0)
+    untrained = accuracy.MOBILENET_RELU6.build()
+    paddle.save(untrained.state_dict(), str(tmp_path / "mobilenet_relu6.pdparams"))
+    args = accuracy.parse_args([
+        "--tables", "relu6", "--test-size", "200", "--calibration-size", "64",
+        "--no-inference", "--cache-dir", str(tmp_path),
+    ])
+    rows = accuracy.run(args)
+    assert [(row.weights, row.algorithms) for row in rows] == [
+        (weights, label)
+        for weights in ("8-bit per-channel", "8-bit per-tensor", "5-bit per-tensor")
+        for label in ("plain", "CLE (ReLU6 pairs skipped)", "CLE through clips",
+                      "CLE through clips + bias correction")
+    ]
+    assert sum(isinstance(layer, paddle.nn.ReLU6) for layer in untrained.sublayers()) == 7
+
+
 def test_mobilenet_body_is_one_equalizable_chain() -> None:
     model = MnistMobileNet(width=8).eval()
     (chain,) = find_chains(model)

@@ -4,6 +4,7 @@ says (checked against a per-channel loop), the user's model is untouched, bad ch
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from paddle import nn
 
 from imperative_ptq import ImperativePTQ, PTQConfig, KLQuantizer, PerChannelAbsmaxQuantizer
-from imperative_ptq.algorithms import equalize, find_chains
+from imperative_ptq.algorithms import ChannelClip, equalize, find_chains
 from imperative_ptq.models import VerySimpleNet
 
 
@@ -165,9 +166,141 @@ def test_relu6_pair_is_skipped_with_a_warning(caplog: pytest.LogCaptureFixture) 
     assert pairs == []
     assert any("ReLU6 '1'" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(equalized[0].weight.numpy(), model[0].weight.numpy())
-    replaced, pairs = equalize(model, relu6_to_relu=True)
+    replaced, pairs = equalize(model, relu6="relu")
     assert len(pairs) == 1 and isinstance(replaced[1], nn.ReLU)
     assert isinstance(model[1], nn.ReLU6)
+
+
+def _relu6_net(rng: np.random.Generator) -> nn.Sequential:
+    """conv -> depthwise -> pointwise with ReLU6s whose inputs often exceed 6 (BatchNorm
+    shifts up to ~8), so where each ReLU6 clips matters."""
+    model = nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU6(),
+        nn.Conv2D(8, 8, 3, padding=1, groups=8), nn.BatchNorm2D(8), nn.ReLU6(),
+        nn.Conv2D(8, 12, 1), nn.BatchNorm2D(12), nn.ReLU6(), nn.Conv2D(12, 5, 1),
+    )
+    _randomize_norms(model, rng)
+    for norm in (model[1], model[4], model[7]):
+        channels = norm._mean.shape[0]
+        norm.bias.set_value(rng.uniform(0, 8, channels).astype("float32"))
+    return model
+
+
+def _reference_clip(model: nn.Sequential, x: paddle.Tensor, bounds: dict[int, np.ndarray]) -> np.ndarray:
+    """Slow: the chain run layer by layer, each activation clipped channel by channel."""
+    for index, layer in enumerate(model):
+        if index in bounds:
+            y = x.numpy()
+            for channel, bound in enumerate(bounds[index]):
+                y[:, channel] = np.minimum(np.maximum(y[:, channel], 0), bound)
+            x = paddle.to_tensor(y)
+        else:
+            x = layer(x)
+    return x.numpy()
+
+
+def test_relu6_clip_keeps_the_function() -> None:
+    """relu6='clip': each ReLU6 becomes a per-channel clip at 6 / s, and the fp32 function is
+    unchanged although activations exceed 6; relu6='relu' (AIMET's choice) changes it."""
+    model = _relu6_net(np.random.default_rng(6))
+    x = paddle.rand([4, 3, 10, 10])
+    expected = model(x).numpy()
+    prefix = nn.Sequential(*list(model.children())[:2])
+    assert (prefix(x).numpy() > 6).mean() > 0.1  # the first ReLU6 clips
+    equalized, pairs = equalize(model, absorb_bias=False)
+    assert pairs == [] and isinstance(equalized[2], nn.ReLU6)  # default: skipped
+    equalized, pairs = equalize(model, relu6="clip", absorb_bias=False)
+    assert [(p.first, p.second) for p in pairs] == [("0", "3"), ("3", "6"), ("6", "9")]
+    assert all(np.ptp(np.log(p.scales)) > 0.1 for p in pairs)
+    bounds = {}
+    for index, pair in zip((2, 5, 8), pairs):
+        assert isinstance(equalized[index], ChannelClip)
+        np.testing.assert_allclose(equalized[index].bounds, 6 / pair.scales, rtol=1e-5)
+        bounds[index] = 6 / pair.scales
+    assert _relative_error(expected, equalized(x).numpy()) < 1e-5
+    assert _relative_error(expected, _reference_clip(equalized, x, bounds)) < 1e-5
+    assert all(isinstance(model[index], nn.ReLU6) for index in (2, 5, 8))  # user's model
+    relu, _ = equalize(model, relu6="relu", absorb_bias=False)
+    assert _relative_error(expected, relu(x).numpy()) > 0.05
+
+
+def test_relu6_clip_absorbs_bias_below_its_bound() -> None:
+    """Absorbing ``c`` through a clip lowers its bound too: clip(z - c, 0, u - c) + c =
+    clip(z, 0, u) wherever z >= c."""
+    model = nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU6(), nn.Conv2D(8, 5, 1)
+    )
+    _randomize_norms(model, np.random.default_rng(7))
+    beta = np.linspace(-2, 12, 8).astype("float32")
+    gamma = np.linspace(0.5, 2, 8).astype("float32")
+    model[1].bias.set_value(beta)
+    model[1].weight.set_value(gamma)
+    model[1]._mean.set_value(model[0].bias.numpy())  # a small input gives z ~ beta >= c
+    without, _ = equalize(model, relu6="clip", absorb_bias=False)
+    with_absorption, (pair,) = equalize(model, relu6="clip")
+    upper = 6 / pair.scales
+    expected = np.minimum(np.maximum(0, (beta - 3 * gamma) / pair.scales), upper)
+    np.testing.assert_allclose(pair.absorbed, expected, rtol=1e-5)
+    np.testing.assert_allclose(with_absorption[2].bounds, upper - expected, rtol=1e-5, atol=1e-6)
+    assert np.any(expected > 0) and np.any(expected == upper)  # some channels always clip
+    x = paddle.randn([4, 3, 8, 8]) * 1e-2
+    prefix = nn.Sequential(without[0], without[1])
+    assert np.all((prefix(x).numpy() >= expected[None, :, None, None]) | (expected[None, :, None, None] == 0))
+    assert _relative_error(without(x).numpy(), with_absorption(x).numpy()) < 1e-5
+    assert _relative_error(model(x).numpy(), with_absorption(x).numpy()) < 1e-5
+
+
+def test_relu6_clip_keeps_mobilenet_v2() -> None:
+    """paddle.vision's MobileNetV2 (random weights, BatchNorms far from identity): every
+    expand -> depthwise pair has a ReLU6; with relu6='clip' they are equalized too (33 pairs
+    instead of the 0 the default finds) and the logits stay the same."""
+    from paddle.vision.models import mobilenet_v2
+
+    model = _randomize_norms(mobilenet_v2(scale=0.25, num_classes=10), np.random.default_rng(8))
+    x = paddle.rand([2, 3, 32, 32])
+    expected = model(x).numpy()
+    _, skipped = equalize(model, absorb_bias=False)
+    equalized, pairs = equalize(model, relu6="clip", absorb_bias=False)
+    assert len(skipped) == 0 and len(pairs) == 33
+    assert _relative_error(expected, equalized(x).numpy()) < 1e-5
+
+
+def test_relu6_clip_exports_as_simulated(tmp_path) -> None:
+    """A ChannelClip traces as relu + elementwise_min: Paddle Inference and ONNX Runtime run
+    the equalized model about as close to the simulation as the ReLU6 original."""
+    from imperative_ptq import AbsmaxQuantizer
+    from imperative_ptq.export import create_predictor, export_onnx, predict
+
+    rng = np.random.default_rng(9)
+    model = _relu6_net(rng)
+    equalized, _ = equalize(model, relu6="clip")
+    batches = [rng.random((8, 3, 10, 10), dtype=np.float32) for _ in range(3)]
+    x = rng.random((8, 3, 10, 10), dtype=np.float32)
+    spec = [paddle.static.InputSpec([None, 3, 10, 10], "float32", "x")]
+    errors = {}
+    for name, candidate in (("relu6", model), ("clip", equalized)):
+        ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+        qmodel = ptq.quantize(candidate)
+        ptq.calibrate(qmodel, batches, progress=False)
+        ptq.convert(qmodel)
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+        prefix = str(tmp_path / name)
+        ptq.save_quantized_model(qmodel, prefix, spec)
+        ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+        outputs = [ran]
+        if importlib.util.find_spec("onnxruntime"):
+            import onnxruntime as ort
+
+            path = export_onnx(qmodel, prefix + ".onnx", spec)
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            outputs.append(session.run(None, {"x": x})[0])
+        errors[name] = [
+            float(np.linalg.norm(out - simulated) / np.linalg.norm(simulated)) for out in outputs
+        ]
+    # Measured relative errors: Paddle Inference 1.1e-7 (ReLU6) and 6.1e-8 (clip); ONNX
+    # Runtime 3.6e-4 and 3.7e-4.
+    for clip_error, relu6_error in zip(errors["clip"], errors["relu6"]):
+        assert clip_error < 2 * relu6_error + 1e-6, errors
 
 
 def test_bad_chains_name_the_layer() -> None:
@@ -209,6 +342,27 @@ def test_ptq_config_equalizes_the_copy_only() -> None:
     ptq.convert(qmodel)
     with pytest.raises(TypeError, match="equalization must be a bool"):
         PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization="yes")
+
+
+def test_ptq_config_equalization_clip_equalizes_relu6_pairs() -> None:
+    model = _relu6_net(np.random.default_rng(10))
+    reference = copy.deepcopy(model)
+    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization="clip")
+    assert config.to_dict()["equalization"] == "clip" and "equalization='clip'" in repr(config)
+    qmodel = ImperativePTQ(config).quantize(model)
+    assert all(isinstance(qmodel[index], ChannelClip) for index in (2, 5, 8))
+    assert all(isinstance(model[index], nn.ReLU6) for index in (2, 5, 8))
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), reference.state_dict()[key].numpy())
+    plain = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True))
+    assert isinstance(plain.quantize(model)[2], nn.ReLU6)
+    equalized, _ = equalize(model, relu6="clip")
+    np.testing.assert_array_equal(qmodel[0].weight.numpy(), equalized[0].weight.numpy())
+    np.testing.assert_array_equal(qmodel[5].bounds, equalized[5].bounds)
+    with pytest.raises(TypeError, match="equalization must be a bool or 'clip'"):
+        PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization="relu")
+    with pytest.raises(ValueError, match="relu6 must be one of"):
+        equalize(model, relu6="keep")
 
 
 def test_batch_norm_after_the_last_layer_of_a_chain_is_folded_too() -> None:

@@ -8,10 +8,10 @@ layer reads and writes, for the last two.
 
 from .adaround import AdaRound, AdaRoundResult, adaround
 from .bias_correction import correct_bias, correct_bias_analytically
-from .cross_layer_equalization import EqualizedPair, equalize, find_chains
+from .cross_layer_equalization import ChannelClip, EqualizedPair, equalize, find_chains
 from .smooth_quant import SmoothQuant, SmoothedGroup, smooth_quant
 
 __all__ = [
-    "AdaRound", "AdaRoundResult", "EqualizedPair", "SmoothQuant", "SmoothedGroup", "adaround",
+    "AdaRound", "AdaRoundResult", "ChannelClip", "EqualizedPair", "SmoothQuant", "SmoothedGroup", "adaround",
     "correct_bias", "correct_bias_analytically", "equalize", "find_chains", "smooth_quant",
 ]

@@ -21,9 +21,16 @@ gamma_i)``; ``c_i = max(0, beta_i - 3 |gamma_i|)`` is almost always below it, so
 without padding.
 
 Works on ``Conv2D`` (any groups, depthwise included) and ``Linear`` pairs, with a BatchNorm
-(folded here) and a ReLU (or Identity) between them. ``ReLU6`` does not commute with scaling:
-such a pair is skipped with a warning, unless ``relu6_to_relu=True`` replaces the ReLU6 by a
-ReLU (which changes the function where activations exceed 6, as AIMET does).
+(folded here) and a ReLU (or Identity) between them.
+
+**ReLU6** does not commute with scaling: ``ReLU6(z / s) != ReLU6(z) / s``. Three choices
+(``relu6=``): ``"skip"`` the pair (with a warning); ``"clip"`` replaces the ReLU6 by a
+:class:`ChannelClip` whose upper bound follows each channel's scale, ``clip(z / s, 0, 6 / s) =
+ReLU6(z) / s``, so the fp32 function is unchanged (the exported graph then has ``relu`` +
+``elementwise_min`` where ``relu6`` was); ``"relu"`` replaces it by a ReLU, as AIMET does,
+which changes the function wherever an activation exceeds 6. Bias absorption through a
+:class:`ChannelClip` lowers its bound by the absorbed ``c`` as well: ``clip(z - c, 0, u - c)
++ c = clip(z, 0, u)`` for ``z >= c``, with ``c <= u``.
 """
 
 from __future__ import annotations
@@ -38,13 +45,49 @@ import paddle
 
 from ..fuse import fuse_layers
 
-__all__ = ["EqualizedPair", "equalize", "find_chains", "input_channel_index"]
+__all__ = ["ChannelClip", "EqualizedPair", "RELU6_MODES", "equalize", "find_chains", "input_channel_index"]
 
 logger = logging.getLogger(__name__)
 
+#: What :func:`equalize` does with a ReLU6 between two layers (see the module docstring).
+RELU6_MODES = ("skip", "clip", "relu")
+
+
+class ChannelClip(paddle.nn.Layer):
+    """``min(max(x, 0), upper[c])`` per channel: a ReLU6 whose bound 6 became ``6 / s_c``.
+
+    Traces as ``relu`` + ``elementwise_min`` with a constant, which every exporter runs.
+
+    Args:
+        upper: One non-negative bound per channel.
+        spatial_dims: Axes after the channel axis (2 after a Conv2D's NCHW output, 0 after a
+            Linear): the bound is stored as ``[C, 1, ...]`` to broadcast over them.
+    """
+
+    def __init__(self, upper: np.ndarray, spatial_dims: int = 2) -> None:
+        super().__init__()
+        upper = np.asarray(upper, np.float32).reshape([-1] + [1] * int(spatial_dims))
+        self.register_buffer("upper", paddle.to_tensor(upper))
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """The bound of each channel."""
+        return self.upper.numpy().reshape(-1)
+
+    def set_bounds(self, bounds: np.ndarray) -> None:
+        """Sets the bound of each channel."""
+        self.upper.set_value(np.asarray(bounds, np.float32).reshape(self.upper.shape))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.minimum(paddle.nn.functional.relu(x), self.upper)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.shape[0]}"
+
+
 _WEIGHTED = (paddle.nn.Conv2D, paddle.nn.Linear)
 _NORMS = (paddle.nn.BatchNorm2D, paddle.nn.BatchNorm, paddle.nn.BatchNorm1D)
-_ACTIVATIONS = (paddle.nn.ReLU, paddle.nn.ReLU6)
+_ACTIVATIONS = (paddle.nn.ReLU, paddle.nn.ReLU6, ChannelClip)
 #: Number of standard deviations below the mean kept under a channel's absorbed bias.
 _ABSORB_SIGMAS = 3.0
 
@@ -142,7 +185,7 @@ def equalize(
     *,
     inplace: bool = False,
     absorb_bias: bool = True,
-    relu6_to_relu: bool = False,
+    relu6: str = "skip",
     max_rounds: int = 50,
     tolerance: float = 1e-6,
 ) -> tuple[paddle.nn.Layer, list[EqualizedPair]]:
@@ -156,9 +199,10 @@ def equalize(
         inplace: Change ``model`` itself; otherwise a deep copy (``model`` is untouched).
         absorb_bias: Move the part of each ReLU's input that is almost always positive into
             the next layer's bias (see the module docstring).
-        relu6_to_relu: Replace a ReLU6 between two layers by a ReLU, so the pair can be
-            equalized (changes the function where activations exceed 6); otherwise such
-            pairs are skipped with a warning.
+        relu6: A ReLU6 between two layers: ``"skip"`` the pair with a warning, ``"clip"``
+            replace it by a :class:`ChannelClip` following the scales (the function is
+            unchanged), or ``"relu"`` replace it by a ReLU (changes the function wherever an
+            activation exceeds 6).
         max_rounds: Passes over a chain of three or more layers.
         tolerance: Stop once no scale of a pass differs from 1 by more than this.
 
@@ -168,11 +212,13 @@ def equalize(
 
     Raises:
         TypeError: ``model`` is not a Layer or ``chains`` is not a list of name lists.
-        ValueError: A chain names no sublayer, holds a layer that is neither weighted,
+        ValueError: ``relu6`` is not one of :data:`RELU6_MODES`, a chain names no sublayer, holds a layer that is neither weighted,
             BatchNorm nor ReLU/ReLU6/Identity, or pairs layers whose channels differ.
     """
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+    if not isinstance(relu6, str) or relu6 not in RELU6_MODES:
+        raise ValueError(f"relu6 must be one of {RELU6_MODES}, got {relu6!r}")
     if not inplace:
         model = copy.deepcopy(model)
     if chains is None:
@@ -193,7 +239,7 @@ def equalize(
     fuse_layers(model, [[first, norm] for norm, first in norms.items()])
     pairs: list[EqualizedPair] = []
     for links in parsed:
-        links = [link for link in links if _usable(link, model, layers, relu6_to_relu)]
+        links = [link for link in links if _usable(link, model, layers, relu6)]
         pairs.extend(_equalize_links(links, layers, max_rounds, tolerance))
     if absorb_bias:
         by_first = {pair.first: pair for pair in pairs}
@@ -287,30 +333,38 @@ def _out_channels(layer: paddle.nn.Layer) -> int:
 
 
 def _usable(
-    link: _Link, model: paddle.nn.Layer, layers: dict[str, paddle.nn.Layer], relu6_to_relu: bool
+    link: _Link, model: paddle.nn.Layer, layers: dict[str, paddle.nn.Layer], relu6: str
 ) -> bool:
-    """Whether the activation between the pair commutes with scaling (ReLU6 replaced by a
-    ReLU when allowed)."""
+    """Whether the pair can be equalized: its activation commutes with scaling, or is a
+    ReLU6 that ``relu6`` replaces (by a :class:`ChannelClip` or a ReLU)."""
     if link.activation is None or not isinstance(layers[link.activation], paddle.nn.ReLU6):
         return True
-    if not relu6_to_relu:
+    if relu6 == "skip":
         logger.warning(
             "cross-layer equalization skips %s -> %s: the ReLU6 %r between them does not "
-            "commute with scaling (equalize(..., relu6_to_relu=True) replaces it by a ReLU)",
+            "commute with scaling (equalize(..., relu6='clip') equalizes it and keeps the "
+            "function; relu6='relu' replaces it by a ReLU)",
             link.first, link.second, link.activation,
         )
         return False
+    if relu6 == "clip":
+        first = layers[link.first]
+        replacement: paddle.nn.Layer = ChannelClip(
+            np.full([_out_channels(first)], 6.0, np.float32),
+            spatial_dims=0 if isinstance(first, paddle.nn.Linear) else 2,
+        )
+    else:
+        replacement = paddle.nn.ReLU()
+        logger.warning(
+            "cross-layer equalization replaced the ReLU6 %r by a ReLU (activations above 6 "
+            "are no longer clipped: the fp32 function changes)", link.activation,
+        )
     *path, leaf = link.activation.split(".")
     parent = model
     for part in path:
         parent = getattr(parent, part)
-    relu = paddle.nn.ReLU()
-    setattr(parent, leaf, relu)
-    layers[link.activation] = relu
-    logger.warning(
-        "cross-layer equalization replaced the ReLU6 %r by a ReLU (activations above 6 are "
-        "no longer clipped)", link.activation,
-    )
+    setattr(parent, leaf, replacement)
+    layers[link.activation] = replacement
     return True
 
 
@@ -397,7 +451,7 @@ def _equalize_links(
     with paddle.no_grad():
         for _ in range(max(1, max_rounds)):
             largest_change = 0.0
-            for pair in pairs:
+            for link, pair in zip(links, pairs):
                 first, second = layers[pair.first], layers[pair.second]
                 r1 = output_channel_ranges(first)
                 r2 = input_channel_ranges(second, r1.size)
@@ -405,6 +459,9 @@ def _equalize_links(
                 scales = np.where(usable, np.sqrt(r1 / np.where(usable, r2, 1.0)), 1.0)
                 _scale_output_channels(first, 1.0 / scales)
                 _scale_input_channels(second, scales)
+                clip = layers[link.activation] if link.activation else None
+                if isinstance(clip, ChannelClip):  # clip(z / s, 0, u / s) = clip(z, 0, u) / s
+                    clip.set_bounds(clip.bounds / scales)
                 pair.scales = pair.scales * scales
                 largest_change = max(largest_change, float(np.max(np.abs(scales - 1.0))))
             if len(pairs) == 1 or largest_change <= tolerance:
@@ -422,7 +479,8 @@ def _absorb(
     into the second's; returns ``c`` (zeros where nothing was absorbed)."""
     first, second = layers[link.first], layers[link.second]
     none = np.zeros(scales.size)
-    if link.activation is None or not isinstance(layers[link.activation], paddle.nn.ReLU):
+    activation = layers[link.activation] if link.activation else None
+    if not isinstance(activation, (paddle.nn.ReLU, ChannelClip)):
         return none
     if isinstance(second, paddle.nn.Conv2D) and (
         list(second.weight.shape[2:]) != [1, 1]
@@ -431,9 +489,15 @@ def _absorb(
         return none  # W2 c is exact only where every output reads no padding
     beta, spread = statistics
     absorbed = np.maximum(0.0, (beta - _ABSORB_SIGMAS * spread) / scales)
+    if isinstance(activation, ChannelClip):
+        # clip(z - c, 0, u - c) + c = clip(z, 0, u) for z >= c, if c <= u.
+        upper = activation.bounds.astype(np.float64)
+        absorbed = np.minimum(absorbed, upper)
     if not np.any(absorbed > 0):
         return none
     with paddle.no_grad():
+        if isinstance(activation, ChannelClip):
+            activation.set_bounds(upper - absorbed)
         bias = first.bias.numpy()
         first.bias.set_value((bias - absorbed).astype(bias.dtype))
         weight = second.weight.numpy().astype(np.float64)

@@ -45,7 +45,8 @@ def prepare(model: paddle.nn.Layer, session: CalibrationSession, config: PTQConf
     the fp32 reference that AdaRound and bias correction compare with, and records the
     SmoothQuant still to apply."""
     if config.equalization:
-        equalize(model, inplace=True)  # ``model`` is the copy unless ``inplace``
+        # ``model`` is the copy unless ``inplace``
+        equalize(model, inplace=True, relu6=config.relu6_equalization)
     if config.needs_data:
         session.reference = copy.deepcopy(model)
     session.smoothing = config.smooth_quant

@@ -6,7 +6,10 @@ translated op by op (a small converter for the CNN/MLP ops PTQ models use) with
 * BatchNorm folded into the preceding conv; per-channel thresholds scale with the BN factor, so
   the folded int8 weights equal the dygraph ones (up to sign) exactly;
 * per-channel int8 weights (``DequantizeLinear`` with ``axis``) and int32 conv biases with
-  scale ``s_input * s_weight[c]``;
+  scale ``s_input * s_weight[c]``; weights of at most 4 bits as INT4 from opset 21 (two codes a
+  byte: half the bytes; ONNX Runtime 1.32 dequantizes them and runs a float Conv/Gemm, having
+  no int4 conv kernel and fusing ``MatMulNBits`` only behind an unquantized input), else as
+  int8 holding the same codes;
 * uint8 activations, zero point 0 for tensors known to be non-negative (after ReLU) and 128 for
   signed ones. ONNX Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations;
   symmetric int8 activations leave convs in float. On the x86 targets every int8 layer's input
@@ -34,11 +37,16 @@ from .dynamic_export import (
 )
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
+from ..quant_layers import QuantizedLayer
+from ..quantizers.qparams import symmetric_levels
 from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
 
-__all__ = ["export_onnx"]
+__all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
+
+#: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
+INT4_OPSET = 21
 
 #: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
 _NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
@@ -69,8 +77,11 @@ class _Converter:
         unsigned_inputs: bool = True,
         weights: dict[str, LayerRecord] | None = None,
         dynamic_weights: Mapping[str, DynamicWeight] | None = None,
+        int4_weights: bool = False,
     ):
         self.onnx = _require_onnx()
+        #: store weights of at most 4 bits as INT4 (opset >= INT4_OPSET)
+        self.int4_weights = int4_weights
         #: program weight -> its int8 form, for layers quantized dynamically (quantize_dynamic)
         self.dynamic_weights = dict(dynamic_weights or {})
         self.helper = self.onnx.helper
@@ -148,6 +159,55 @@ class _Converter:
         name = self._unique(stem)
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def _quantized_weight(
+        self,
+        weight_name: str,
+        weight: np.ndarray,
+        record: LayerRecord,
+        axis: int,
+        factor: np.ndarray | None = None,
+    ) -> tuple[str, np.ndarray]:
+        """The ``DequantizeLinear`` of a calibrated layer's weight, and its per-channel scales.
+
+        ``weight`` is the traced one (what the simulation computes with), ``axis`` its channel
+        axis (conv 0, matmul ``[in, out]`` 1); ``factor`` multiplies a conv's channels (a folded
+        BatchNorm), values and thresholds alike, so the integers stay the layer's up to sign.
+
+        With INT4 storage on (``self.int4_weights``) a layer of at most 4 bits stores its own
+        codes ``-L..L`` at scale ``t / L``, packed two per byte. Else int8: the codes of the
+        traced weight on its grid (on the x86 targets the 8-bit requantization Paddle computes
+        and the simulation follows; otherwise the layer's own codes, ``-L..L`` below 8 bits).
+        """
+        channels = weight.shape[axis]
+        factor = np.ones([channels], np.float32) if factor is None else factor
+        int4 = self.int4_weights and record.weight_bits <= 4
+        if int4 and record.grid_weight is not None:
+            # Conv1D: the traced conv2d weight is the unsqueezed [out, in, 1, k].
+            values = np.reshape(record.grid_weight, weight.shape)
+            thresholds, bits = record.grid_thresholds, record.weight_bits
+        else:
+            values, thresholds, bits = weight, record.weight_thresholds, record.traced_weight_bits
+        thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+        if thresholds.size == 1:
+            thresholds = np.full([channels], thresholds[0], np.float32)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale = (np.maximum(thresholds * np.abs(factor), 1e-12) / np.float32(symmetric_levels(bits)))
+        scale = scale.astype(np.float32)
+        integers = np.round(values * factor.reshape(shape) / scale.reshape(shape))
+        if not int4:
+            # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
+            stored = self._const(weight_name, np.clip(integers, -128, 127).astype(np.int8))
+            zero = self._const("w_zero", np.zeros_like(scale, dtype=np.int8))
+            inputs = [stored, self._const("w_scale", scale), zero]
+            return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
+        import ml_dtypes  # an onnx dependency: numpy_helper packs its int4 arrays two per byte
+
+        # No zero point: symmetric codes, and the DequantizeLinear output is float either way.
+        stored = self._const(weight_name, np.clip(integers, -8, 7).astype(ml_dtypes.int4))
+        inputs = [stored, self._const("w_scale", scale)]
+        return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
 
     def _param(self, name: str) -> np.ndarray:
         return np.array(self.loaded.scope.find_var(name).get_tensor())
@@ -231,23 +291,11 @@ class _Converter:
             factor, bias = batch_norm_factor_and_bias(bias, mean, var, gamma, beta, bn.attr("epsilon"))
             absorbed.append(bn)
             out = self._out(bn, "Y")
-        weight = weight * factor.reshape(-1, 1, 1, 1)
         record = self.weights.get(weight_name)
         x_var = op.input("Input")[0]
         x = self._in(op, "Input")
         if record is not None and x_var in self.scales:
-            thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
-            if thresholds.size == 1:
-                thresholds = np.full([weight.shape[0]], thresholds[0], np.float32)
-            w_scale = np.maximum(thresholds * np.abs(factor), 1e-12).astype(np.float32) / 127.0
-            integers = np.clip(np.round(weight / w_scale.reshape(-1, 1, 1, 1)), -127, 127)
-            w = self._node(
-                "DequantizeLinear",
-                [self._const(weight_name, integers.astype(np.int8)),
-                 self._const("w_scale", w_scale),
-                 self._const("w_zero", np.zeros_like(w_scale, dtype=np.int8))],
-                weight_name + ".dq", axis=0,
-            )
+            w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor)
             b_scale = (self.scales[x_var][0] * w_scale).astype(np.float32)
             b = self._node(
                 "DequantizeLinear",
@@ -257,6 +305,7 @@ class _Converter:
                 "bias.dq", axis=0,
             )
         else:
+            weight = weight * factor.reshape(-1, 1, 1, 1)
             w, b = self._const(weight_name, weight), self._const("bias", bias.astype(np.float32))
         paddings = list(op.attr("paddings"))
         if len(paddings) == 2:
@@ -364,19 +413,7 @@ class _Converter:
         record = self.weights.get(weight_name)
         x_var = op.input("X")[0]
         if record is not None and x_var in self.scales:
-            thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
-            if thresholds.size == 1:
-                thresholds = np.full([weight.shape[1]], thresholds[0], np.float32)
-            w_scale = np.maximum(thresholds, 1e-12) / 127.0
-            # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
-            integers = np.clip(np.round(weight / w_scale.reshape(1, -1)), -128, 127)
-            w = self._node(
-                "DequantizeLinear",
-                [self._const(weight_name, integers.astype(np.int8)),
-                 self._const("w_scale", w_scale.astype(np.float32)),
-                 self._const("w_zero", np.zeros_like(w_scale, dtype=np.int8))],
-                weight_name + ".dq", axis=1,
-            )
+            w, _ = self._quantized_weight(weight_name, weight, record, 1)
         else:
             w = self._const(weight_name, weight)
         out = self._out(op)
@@ -675,7 +712,10 @@ class _Converter:
         return states, ops
 
     def _elementwise(self, op) -> None:
-        kind = {"elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub"}[op.type]
+        kind = {
+            "elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub",
+            "elementwise_min": "Min", "elementwise_max": "Max",
+        }[op.type]
         y_var = op.input("Y")[0]
         x = self._in(op)
         if self._is_param(y_var):
@@ -861,7 +901,8 @@ class _Converter:
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
-            "elementwise_sub": self._elementwise, "pool2d": self._pool, "concat": self._concat,
+            "elementwise_sub": self._elementwise, "elementwise_min": self._elementwise,
+            "elementwise_max": self._elementwise, "pool2d": self._pool, "concat": self._concat,
             "conv2d_transpose": self._conv_transpose, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate,
             "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
@@ -891,6 +932,10 @@ class _Converter:
                 self.unsigned.add(self._out(op))
             elif op.type == "concat" and all(name in self.unsigned for name in op.input("X")):
                 self.unsigned.add(self._out(op))
+            elif op.type == "elementwise_min" and op.input("X")[0] in self.unsigned and (
+                self._is_param(op.input("Y")[0]) and self._param(op.input("Y")[0]).min() >= 0
+            ):  # a ReLU output under non-negative bounds (cross-layer equalization's ReLU6)
+                self.unsigned.add(self._out(op))
             convert = dispatch.get(op.type)
             if convert is None:
                 raise NotImplementedError(
@@ -909,14 +954,58 @@ class _Converter:
         if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
             opsets.append(self.helper.make_opsetid("com.microsoft", 1))
         model = self.helper.make_model(graph, opset_imports=opsets, producer_name="imperative_ptq")
-        model.ir_version = min(model.ir_version, 8)
+        # IR 10 is the first with INT4 and opset 21; 8 otherwise (older runtimes read it).
+        model.ir_version = 10 if opset >= INT4_OPSET else min(model.ir_version, 8)
         onnx.checker.check_model(model)
         return model
 
 
+def _int4_storage(
+    model: paddle.nn.Layer, opset: int, int4_weights: bool | None, dynamic: bool
+) -> bool:
+    """Whether weights of at most 4 bits are stored as INT4: ``int4_weights`` checked
+    against the opset and the model (see :func:`export_onnx`)."""
+    if dynamic:
+        if int4_weights:
+            raise ValueError(
+                "int4_weights=True: a quantize_dynamic model's weights feed MatMulInteger, which "
+                "takes 8-bit weights only; export it with int4_weights=None or False"
+            )
+        return False
+    if int4_weights is False:
+        return False
+    narrow = [
+        name for name, layer in model.named_sublayers()
+        if isinstance(layer, QuantizedLayer) and layer.weight_bits <= 4
+    ]
+    if int4_weights and opset < INT4_OPSET:
+        raise ValueError(
+            f"int4_weights=True needs opset >= {INT4_OPSET} (the first whose DequantizeLinear "
+            f"reads INT4), got opset={opset}; pass opset={INT4_OPSET}"
+        )
+    if int4_weights and not narrow:
+        raise ValueError(
+            "int4_weights=True, but no layer has weights of 4 bits or fewer: calibrate with "
+            "PerChannelAbsmaxQuantizer(quant_bits=4) (or 2, 3)"
+        )
+    if narrow and opset < INT4_OPSET:
+        logger.warning(
+            "%d layers with weights of <= 4 bits (%s) stored as int8 holding their values: "
+            "opset %d has no INT4; pass opset=%d to store them packed two per byte",
+            len(narrow), ", ".join(narrow[:5]) + (", ..." if len(narrow) > 5 else ""),
+            opset, INT4_OPSET,
+        )
+        return False
+    return bool(narrow)
+
+
 @main_thread_only
 def export_onnx(
-    model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None, opset: int = 13
+    model: paddle.nn.Layer,
+    path: str | os.PathLike,
+    input_spec: Any = None,
+    opset: int = 13,
+    int4_weights: bool | None = None,
 ) -> str:
     """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
 
@@ -925,31 +1014,44 @@ def export_onnx(
     ``com.microsoft.DynamicQuantizeLSTM`` per dynamic LSTM, int8 weights computed in fp32 by
     an ONNX ``GRU`` per dynamic GRU.
 
+    Weights of at most 4 bits are stored as INT4 (two per byte) when ``int4_weights`` allows
+    it and ``opset >= 21`` (the first whose ``DequantizeLinear`` reads INT4); other weights,
+    and all of them below opset 21, as int8 holding the same values. ONNX Runtime 1.32 runs
+    an INT4 matmul weight as ``MatMulNBits`` and an INT4 conv weight as a float ``Conv`` of
+    the dequantized weight; int8 weights run in ``QLinearConv``/``QLinearMatMul``.
+
     Args:
         model: A model converted by ``ImperativePTQ.convert``, or made by ``quantize_dynamic``.
         path: Target file (``.onnx`` is appended if missing); directories are created.
         input_spec: ``paddle.static.InputSpec`` list; ``None`` dimensions stay dynamic.
-        opset: ONNX opset (>= 13 for per-channel QDQ).
+        opset: ONNX opset (>= 13 for per-channel QDQ, >= 21 for INT4 weights).
+        int4_weights: ``None``: INT4 for weights of at most 4 bits where the opset has it (a
+            warning names the layers stored as int8 instead below opset 21); ``True``: INT4
+            required (``ValueError`` below opset 21 or without such a layer); ``False``: int8.
 
     Returns:
         The path written.
 
     Raises:
         ImportError: ``onnx`` is not installed.
-        TypeError / ValueError: As for ``save_quantized_model``.
+        TypeError / ValueError: As for ``save_quantized_model``; ``int4_weights`` not a bool
+            or ``None``, or ``True`` where it cannot be honoured.
         NotImplementedError: The program contains an op without a converter (named), or an
             LSTM/GRU called with sequence lengths (the layer named).
     """
     from .paddle_export import check_exportable
 
     _require_onnx()
-    if not isinstance(opset, int) or opset < 13:
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
+    if int4_weights is not None and not isinstance(int4_weights, bool):
+        raise TypeError(f"int4_weights must be True, False or None, got {int4_weights!r}")
     dynamic = is_dynamic_model(model)
     if dynamic:
         check_dynamic_model(model)
     else:
         check_exportable(model)
+    int4 = _int4_storage(model, opset, int4_weights, dynamic)
     specs = normalize_input_spec(input_spec)
     path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
     if isinstance(path, str) and not path.endswith(".onnx"):
@@ -978,7 +1080,7 @@ def export_onnx(
                     "exported to ONNX in fp32: %s", len(int8_lstms), ", ".join(int8_lstms),
                 )
             onnx_model = _Converter(
-                loaded, records, specs, unsigned_inputs, weights, dynamic_weights
+                loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4
             ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())

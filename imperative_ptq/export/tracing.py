@@ -73,6 +73,11 @@ class LayerRecord:
         weight_thresholds: Per-channel (or single) weight thresholds.
         weight_axis: Output-channel axis of the weight.
         weight_bits: Weight bit width.
+        grid_weight: The layer's weight on its own ``weight_bits`` grid (codes ``-L..L`` times
+            ``grid_thresholds / L``) when the traced weight is not that one but what a runtime
+            computes from it (Paddle's 8-bit requantization, traced with
+            ``program_weights=False``); ``None`` when the traced weight is on that grid.
+        grid_thresholds: The thresholds of ``grid_weight``.
         input_threshold: Threshold of the first input (simulated layers only).
         input_scale: Affine (uint8) scale of the first input when it was calibrated with
             ``symmetric=False``; ``None`` for symmetric inputs.
@@ -91,6 +96,8 @@ class LayerRecord:
     weight_thresholds: np.ndarray | None = None
     weight_axis: int | None = None
     weight_bits: int = 8
+    grid_weight: np.ndarray | None = None
+    grid_thresholds: np.ndarray | None = None
     input_threshold: float | None = None
     input_scale: float | None = None
     input_zero_point: int | None = None
@@ -109,6 +116,12 @@ class LayerRecord:
     def multiplies_inputs(self) -> bool:
         """Whether the layer is a matmul of two quantized activations."""
         return self.second_input_threshold is not None
+
+    @property
+    def traced_weight_bits(self) -> int:
+        """Bit width of the grid the traced weight lies on (with ``weight_thresholds``): 8 for
+        a runtime's requantization (``grid_weight`` set), else ``weight_bits``."""
+        return self.weight_bits if self.grid_weight is None else 8
 
 
 @dataclasses.dataclass
@@ -174,9 +187,14 @@ def _collect_records(
         if isinstance(layer, QuantizedLayer):
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
-            if program_weights and layer.program_weight is not None:
-                inner.weight.set_value(layer.program_weight)
-                weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
+            grid_weight = grid_thresholds = None
+            if layer.program_weight is not None:
+                if program_weights:
+                    inner.weight.set_value(layer.program_weight)
+                    weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
+                else:
+                    grid_weight = np.asarray(layer.program_weight, np.float32)
+                    grid_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
             record = LayerRecord(
                 name=name,
                 layer_type=type(inner).__name__,
@@ -184,6 +202,8 @@ def _collect_records(
                 weight_thresholds=weight_thresholds,
                 weight_axis=layer.weight_axis,
                 weight_bits=layer.weight_bits,
+                grid_weight=grid_weight,
+                grid_thresholds=grid_thresholds,
                 input_threshold=float(layer.input_thresholds[0]),
                 input_scale=None if layer.input_scale is None else float(layer.input_scale),
                 input_zero_point=(
