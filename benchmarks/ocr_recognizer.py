@@ -36,8 +36,8 @@ HEIGHT, WIDTH = 48, 320
 #: Characters of the rendered lines: letters and digits without the pairs Pillow's font draws
 #: alike (I/l, O/0), which no recognizer can tell apart out of context.
 ALPHABET = "".join(c for c in string.ascii_letters + string.digits if c not in "IlO0")
-#: Seeds of the rendered calibration and test lines (different lines).
-CALIBRATION_SEED, TEST_SEED = 1, 2
+#: Seeds of the rendered calibration, test and validation lines (different lines).
+CALIBRATION_SEED, TEST_SEED, VALIDATION_SEED = 1, 2, 3
 #: The recognizer inside the rapidocr_onnxruntime package.
 ONNX_FILE = os.path.join("models", "ch_PP-OCRv4_rec_infer.onnx")
 

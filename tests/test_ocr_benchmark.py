@@ -154,15 +154,20 @@ def test_ocr_row_on_a_tiny_converted_recognizer(tmp_path, monkeypatch) -> None:
     # The cached conversion is reused: converting again would fail.
     monkeypatch.setattr(ocr, "_convert", lambda *args: pytest.fail("converted twice"))
     rows = accuracy.run(args)
-    assert [row.model for row in rows] == ["tiny_rec (x86)", "tiny_rec (x86-vnni)"]
+    assert [row.model for row in rows] == [
+        "tiny_rec (x86)", "tiny_rec (x86-vnni)", "tiny_rec (x86-vnni, budget)",
+    ]
     test_images, test_labels = ocr.rendered_lines(10, ocr.TEST_SEED)
     fp32 = ocr.score(
         ocr.recognize(ocr.dygraph_runner(model), test_images, ocr.characters(onnx_path)),
         test_labels,
     )
-    for row in rows:
+    for row in rows[:2]:
         assert row.fp32 == pytest.approx(100 * fp32.exact_match)
         assert row.inference is not None and 0 <= row.simulated <= 100
         assert f"CER fp32 {fp32.cer:.3f}" in row.algorithms
+    budget = rows[2]
+    assert budget.fp32 == pytest.approx(100 * fp32.exact_match) and 0 <= budget.simulated <= 100
+    assert "max_drop 2.0 on validation lines" in budget.algorithms and "chose" in budget.algorithms
     with paddle.no_grad():
         assert model(paddle.to_tensor(images)).shape == [5, 40, len(ocr.ALPHABET) + 2]
