@@ -160,6 +160,20 @@ class _Converter:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    def _int4_const(self, stem: str, codes: np.ndarray) -> str:
+        """An INT4 initializer of ``codes`` (in -8..7), packed two per byte, the first of each
+        pair in the low nibble, as ONNX stores INT4 (written as raw bytes, which every onnx
+        release with INT4 reads, whatever its numpy helpers support)."""
+        name = self._unique(stem)
+        nibbles = (codes.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        self.initializers.append(self.helper.make_tensor(
+            name, self.onnx.TensorProto.INT4, list(codes.shape), packed.tobytes(), raw=True
+        ))
+        return name
+
     def _quantized_weight(
         self,
         weight_name: str,
@@ -202,10 +216,8 @@ class _Converter:
             zero = self._const("w_zero", np.zeros_like(scale, dtype=np.int8))
             inputs = [stored, self._const("w_scale", scale), zero]
             return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
-        import ml_dtypes  # an onnx dependency: numpy_helper packs its int4 arrays two per byte
-
         # No zero point: symmetric codes, and the DequantizeLinear output is float either way.
-        stored = self._const(weight_name, np.clip(integers, -8, 7).astype(ml_dtypes.int4))
+        stored = self._int4_const(weight_name, np.clip(integers, -8, 7).astype(np.int8))
         inputs = [stored, self._const("w_scale", scale)]
         return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
 
