@@ -44,7 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Frames above ``paddle.matmul`` searched for the calling layer's ``self``.
+#: Frames above the matmul call searched for the calling layer's ``self``.
 _MAX_FRAMES = 4
 #: Ends the name of a site's sublayer.
 _SITE_SUFFIX = "_matmul"
@@ -113,11 +113,13 @@ PTQRegistry.register(ActivationMatmul, ("X", "Y"), ("Out",), multiplies_inputs=T
 
 
 def install() -> None:
-    """Puts :func:`route_matmul` in place of ``paddle.matmul`` (idempotent).
+    """Puts :func:`route_matmul` in place of ``paddle.matmul`` and of the ``@`` operator
+    (idempotent).
 
     ``paddle.matmul`` and ``paddle.tensor.matmul`` (which ``nn.MultiHeadAttention`` calls)
-    both run ``_C_ops.matmul``; the replacement calls it for every call it does not route, so
-    models without sites run as before.
+    both run ``_C_ops.matmul``; ``Tensor.__matmul__`` (and the legacy static ``Variable``'s, which
+    the export traces) keep their own implementation. Every call not routed goes to the
+    original, so models without sites run as before.
     """
     global _original_matmul
     if _original_matmul is not None:
@@ -127,18 +129,35 @@ def install() -> None:
         module = sys.modules.get(module_name)
         if module is not None and callable(getattr(module, "matmul", None)):
             module.matmul = route_matmul
+    for tensor_type in (paddle.Tensor, paddle.static.Variable):
+        tensor_type.__matmul__ = _routed_operator(tensor_type.__matmul__)
+
+
+def _routed_operator(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``x @ y`` routed like ``paddle.matmul(x, y)``, else ``original``."""
+
+    @paddle.jit.not_to_static
+    def matmul_operator(x: Any, y: Any) -> Any:
+        return _route(original, (x, y), {})
+
+    return matmul_operator
 
 
 @paddle.jit.not_to_static
 def route_matmul(*args: Any, **kwargs: Any) -> Any:
     """``paddle.matmul``, running a call on a parameter of the calling layer through its
-    :class:`MatmulSite` (added while the model is calibrated)."""
-    original = _original_matmul
+    :class:`MatmulSite` and a matmul of two activations through its
+    :class:`ActivationMatmul` (both added while the model is calibrated)."""
+    return _route(_original_matmul, args, kwargs)
+
+
+def _route(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A matmul through its site, else ``original(*args, **kwargs)``."""
     y = args[1] if len(args) > 1 else kwargs.get("y")
     if getattr(y, "persistable", False) is not True:  # not on a parameter
         if not _ACTIVATION_CALLERS and not any_discovering():
             return original(*args, **kwargs)
-        return _route_activation_matmul(args, kwargs)
+        return _route_activation_matmul(original, args, kwargs)
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:
@@ -157,10 +176,9 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
     return site(x)
 
 
-def _route_activation_matmul(args: tuple, kwargs: dict) -> Any:
+def _route_activation_matmul(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """A matmul of two activations: through the calling layer's :class:`ActivationMatmul` of
-    the same position, added while its model is calibrated."""
-    original = _original_matmul
+    the same position, added while its model is calibrated; else ``original``."""
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:
@@ -265,8 +283,10 @@ def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
-    """The ``self`` of the nearest ``forward``-like frame above ``paddle.matmul``."""
-    frame = sys._getframe(2)
+    """The ``self`` of the nearest ``forward``-like frame above this module's functions."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals is globals():
+        frame = frame.f_back
     for _ in range(_MAX_FRAMES):
         if frame is None:
             return None

@@ -434,3 +434,32 @@ def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp
     session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
     feeds = {i.name: value for i, value in zip(session.get_inputs(), (q, k, v))}
     assert _cosine(session.run(None, feeds)[0], simulated) > 0.999
+
+
+class OperatorBlock(FunctionalBlock):
+    """:class:`FunctionalBlock` written with the ``@`` operator."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(x @ self.w_in + self.b_in)
+        return x + hidden @ self.w_out.T
+
+
+def test_the_matmul_operator_is_routed_like_paddle_matmul(tmp_path) -> None:
+    paddle.seed(0)
+    functional = FunctionalBlock()
+    functional.eval()
+    operator = OperatorBlock()
+    operator.set_state_dict(functional.state_dict())
+    operator.eval()
+    ptq_f, quantized_f, table_f = _converted(functional, shift=0.0)
+    ptq_o, quantized_o, table_o = _converted(operator, shift=0.0)
+    # ``w_out.T`` is no parameter: that product is a matmul of two activations (fp32 on x86).
+    assert table_o["w_in_matmul"] == table_f["w_in_matmul"]
+    assert "activation_matmul_0" in table_o
+    x = _batches(1, seed=2, shift=0.0)[0]
+    simulated = quantized_o(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    prefix = str(tmp_path / "operator")
+    ptq_o.save_quantized_model(quantized_o, prefix, input_spec=spec)
+    assert int8_report(prefix).int8.get("fc", 0) == 1
+    np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
