@@ -380,18 +380,26 @@ def _ocr_budget_row(
         texts = ocr.recognize(ocr.dygraph_runner(candidate), validation, classes)
         return 100 * ocr.score(texts, validation_labels).exact_match
 
+    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-vnni")
     result = quantize_with_accuracy_control(
         model, [calibration[i : i + 8] for i in range(0, len(calibration), 8)], exact_match,
-        OCR_MAX_DROP, PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-vnni"),
+        OCR_MAX_DROP, config,
     )
     logging.info("%s accuracy control:\n%s", name, result.summary())
     chosen = ocr.score(ocr.recognize(ocr.dygraph_runner(result.model), images, classes), labels)
+    ran = (
+        _ocr_in_paddle_inference(ImperativePTQ(config), result.model, images, labels, classes)
+        if args.inference else None
+    )
     tried = ", ".join(f"{c.name} {c.metric:.1f}" for c in result.candidates if c.metric is not None)
+    kept = f" ({', '.join(result.skip)})" if result.skip else ""
+    cer = f"CER simulation {chosen.cer:.3f}" + ("" if ran is None else f", Paddle Inference {ran.cer:.3f}")
     return Row(
         "ocr", f"{name} (x86-vnni, budget)", "8-bit per-channel",
         f"max_drop {OCR_MAX_DROP} on validation lines: tried {tried}; chose "
-        f"{result.chosen.name}, {len(result.skip)} layers fp32; CER {chosen.cer:.3f}",
-        100 * chosen.exact_match, None, 100 * fp32.exact_match,
+        f"{result.chosen.name}, {len(result.skip)} layers fp32{kept}; {cer}",
+        100 * chosen.exact_match, None if ran is None else 100 * ran.exact_match,
+        100 * fp32.exact_match,
     )
 
 

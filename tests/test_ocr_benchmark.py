@@ -168,6 +168,7 @@ def test_ocr_row_on_a_tiny_converted_recognizer(tmp_path, monkeypatch) -> None:
         assert f"CER fp32 {fp32.cer:.3f}" in row.algorithms
     budget = rows[2]
     assert budget.fp32 == pytest.approx(100 * fp32.exact_match) and 0 <= budget.simulated <= 100
+    assert budget.inference is not None
     assert "max_drop 2.0 on validation lines" in budget.algorithms and "chose" in budget.algorithms
     with paddle.no_grad():
         assert model(paddle.to_tensor(images)).shape == [5, 40, len(ocr.ALPHABET) + 2]
