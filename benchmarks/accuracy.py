@@ -210,57 +210,52 @@ def w4a8_rows(data: MNIST, models: Sequence[str], args: argparse.Namespace) -> l
     return rows
 
 
+#: Weight schemes of the depthwise tables.
+DEPTHWISE_WEIGHTS = (
+    ("8-bit per-channel", PerChannelAbsmaxQuantizer()),
+    ("8-bit per-tensor", AbsmaxQuantizer()),
+    ("5-bit per-tensor", AbsmaxQuantizer(5)),
+)
+
+
 def depthwise_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
-    calibration = _calibration(data, args.calibration_size)
-    model = trained_mobilenet(args.cache_dir)
-    fp32 = demo.accuracy(demo.dygraph_predictor(model), data.test_images[: args.test_size],
-                         data.test_labels[: args.test_size])
-    rows = []
-    for weights, quantizer in (
-        ("8-bit per-channel", PerChannelAbsmaxQuantizer()),
-        ("8-bit per-tensor", AbsmaxQuantizer()),
-        ("5-bit per-tensor", AbsmaxQuantizer(5)),
-    ):
-        for label, algorithms in (
-            ("plain", {}),
-            ("bias correction", {"bias_correction": True}),
-            ("CLE", {"equalization": True}),
-            ("CLE + bias correction", {"equalization": True, "bias_correction": True}),
-            ("CLE + analytical bias correction",
-             {"equalization": True, "bias_correction": "analytical"}),
-        ):
-            config = PTQConfig(MSEQuantizer(), quantizer, **algorithms)
-            simulated, ran = quantized_accuracy(
-                model, config, data, calibration, args.test_size, args.inference
-            )
-            rows.append(Row("int8", "depthwise", weights, label, simulated, ran, fp32))
-            logging.info("%s", rows[-1])
-    return rows
+    return _algorithm_rows(data, args, trained_mobilenet(args.cache_dir), "depthwise", (
+        ("plain", {}),
+        ("bias correction", {"bias_correction": True}),
+        ("CLE", {"equalization": True}),
+        ("CLE + bias correction", {"equalization": True, "bias_correction": True}),
+        ("CLE + analytical bias correction",
+         {"equalization": True, "bias_correction": "analytical"}),
+    ))
 
 
 def relu6_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
+    return _algorithm_rows(data, args, trained_mobilenet_relu6(args.cache_dir), "depthwise ReLU6", (
+        ("plain", {}),
+        ("CLE (ReLU6 pairs skipped)", {"equalization": True}),
+        ("CLE through clips", {"equalization": "clip"}),
+        ("CLE through clips + bias correction",
+         {"equalization": "clip", "bias_correction": True}),
+    ))
+
+
+def _algorithm_rows(
+    data: MNIST, args: argparse.Namespace, model: paddle.nn.Layer, name: str,
+    variants: Sequence[tuple[str, dict]],
+) -> list[Row]:
+    """One row per weight scheme of :data:`DEPTHWISE_WEIGHTS` and algorithm variant (MSE
+    activations)."""
     calibration = _calibration(data, args.calibration_size)
-    model = trained_mobilenet_relu6(args.cache_dir)
     fp32 = demo.accuracy(demo.dygraph_predictor(model), data.test_images[: args.test_size],
                          data.test_labels[: args.test_size])
     rows = []
-    for weights, quantizer in (
-        ("8-bit per-channel", PerChannelAbsmaxQuantizer()),
-        ("8-bit per-tensor", AbsmaxQuantizer()),
-        ("5-bit per-tensor", AbsmaxQuantizer(5)),
-    ):
-        for label, algorithms in (
-            ("plain", {}),
-            ("CLE (ReLU6 pairs skipped)", {"equalization": True}),
-            ("CLE through clips", {"equalization": "clip"}),
-            ("CLE through clips + bias correction",
-             {"equalization": "clip", "bias_correction": True}),
-        ):
+    for weights, quantizer in DEPTHWISE_WEIGHTS:
+        for label, algorithms in variants:
             config = PTQConfig(MSEQuantizer(), quantizer, **algorithms)
             simulated, ran = quantized_accuracy(
                 model, config, data, calibration, args.test_size, args.inference
             )
-            rows.append(Row("int8", "depthwise ReLU6", weights, label, simulated, ran, fp32))
+            rows.append(Row("int8", name, weights, label, simulated, ran, fp32))
             logging.info("%s", rows[-1])
     return rows
 

@@ -167,15 +167,23 @@ def recurrent_rows(data, quick: bool, cell: str) -> list[tuple[str, ...]]:
         kernel = "DynamicQuantizeLSTM" if cell == "LSTM" else "int8 weights, fp32 GRU"
         rows.append(row(f"dynamic, ONNX Runtime ({kernel})", _ort_logits(_ort_session(onnx_path), images),
                         f"{os.path.getsize(onnx_path) / 1024:.0f} KiB .onnx"))
-        prefix = os.path.join(directory, "dynamic")
-        save_quantized_model(dynamic, prefix, SPEC)
-        predictor = create_predictor(prefix, int8=False)
-        paddle_logits = np.concatenate([
-            predict(predictor, images[i : i + 1000])[0] for i in range(0, len(images), 1000)
-        ])
-        rows.append(row("weight-only int8, Paddle Inference", paddle_logits,
-                        f"{os.path.getsize(prefix + '.pdiparams') / 1024:.0f} KiB .pdiparams"))
+        rows.append(row("weight-only int8, Paddle Inference",
+                        *_weight_only_logits(dynamic, images, directory)))
     return rows
+
+
+def _weight_only_logits(
+    dynamic: paddle.nn.Layer, images: np.ndarray, directory: str
+) -> tuple[np.ndarray, str]:
+    """The logits of ``dynamic``'s weight-only int8 Paddle program (saved in ``directory``) on
+    ``images``, and the size of its weights file."""
+    prefix = os.path.join(directory, "dynamic")
+    save_quantized_model(dynamic, prefix, SPEC)
+    predictor = create_predictor(prefix, int8=False)
+    values = np.concatenate([
+        predict(predictor, images[i : i + 1000])[0] for i in range(0, len(images), 1000)
+    ])
+    return values, f"{os.path.getsize(prefix + '.pdiparams') / 1024:.0f} KiB .pdiparams"
 
 
 def dynamic_rows(data, quick: bool) -> list[tuple[str, ...]]:
@@ -218,14 +226,8 @@ def dynamic_rows(data, quick: bool) -> list[tuple[str, ...]]:
         session = _ort_session(onnx_path)
         rows.append(row("dynamic, ONNX Runtime", _ort_logits(session, images),
                         f"{os.path.getsize(onnx_path) / 1024:.0f} KiB .onnx"))
-        prefix = os.path.join(directory, "dynamic")
-        save_quantized_model(dynamic, prefix, SPEC)
-        predictor = create_predictor(prefix, int8=False)
-        paddle_logits = np.concatenate([
-            predict(predictor, images[i : i + 1000])[0] for i in range(0, len(images), 1000)
-        ])
-        rows.append(row("weight-only int8, Paddle Inference", paddle_logits,
-                        f"{os.path.getsize(prefix + '.pdiparams') / 1024:.0f} KiB .pdiparams"))
+        rows.append(row("weight-only int8, Paddle Inference",
+                        *_weight_only_logits(dynamic, images, directory)))
     return rows
 
 
