@@ -787,3 +787,37 @@ def test_linear_on_a_rank_4_input_stays_fp32_as_paddle_runs_it(rank, tmp_path, c
     )
     assert int8_report(prefix).int8.get("fc", 0) == (2 if rank == 3 else 0)
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
+    """Paddle Inference moved the quantize op of the conv after an average pool in front of
+    the pool and averaged int8 codes (one more rounding than the simulation); the export keeps
+    average pools fp32, so the runtime computes what the simulation does."""
+    from imperative_ptq import KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import int8_report
+
+    if target == "x86-vnni" and not cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 16, 3, padding=1), paddle.nn.ReLU(), paddle.nn.AvgPool2D(3, 3),
+        paddle.nn.Conv2D(16, 16, 3, padding=1), paddle.nn.ReLU(), paddle.nn.AdaptiveAvgPool2D(1),
+        paddle.nn.Flatten(), paddle.nn.Linear(16, 10),
+    )
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [rng.random((8, 3, 24, 24), np.float32) for _ in range(4)], progress=False)
+    ptq.convert(qmodel)
+    x = rng.random((8, 3, 24, 24), np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(
+        qmodel, prefix, input_spec=[paddle.static.InputSpec([None, 3, 24, 24], "float32", "x")]
+    )
+    report = int8_report(prefix)
+    assert sum(report.int8.values()) == 3 and not report.fp32, report
+    ran = predict(create_predictor(prefix), x)[0]
+    np.testing.assert_allclose(ran, simulated, rtol=1e-4, atol=1e-4 * np.abs(simulated).max())
