@@ -81,6 +81,12 @@ class MatmulSite(paddle.nn.Linear):
         self.parameter_path = parameter_path
         self.transpose_y = transpose_y
 
+    @classmethod
+    def from_parameter(cls, parameter: paddle.Tensor, path: str, transpose_y: bool) -> "MatmulSite":
+        """The site of ``matmul(x, parameter, transpose_y=transpose_y)``."""
+        weight = parameter.numpy()
+        return cls(np.ascontiguousarray(weight.T) if transpose_y else weight, path, transpose_y)
+
     def extra_repr(self) -> str:
         flags = ", transpose_y=True" if self.transpose_y else ""
         return f"matmul(x, {self.parameter_path}{flags}), {super().extra_repr()}"
@@ -154,47 +160,49 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
 def _route(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """A matmul through its site, else ``original(*args, **kwargs)``."""
     y = args[1] if len(args) > 1 else kwargs.get("y")
-    if getattr(y, "persistable", False) is not True:  # not on a parameter
-        if not _ACTIVATION_CALLERS and not any_discovering():
-            return original(*args, **kwargs)
-        return _route_activation_matmul(original, args, kwargs)
+    on_parameter = getattr(y, "persistable", False) is True
+    if not on_parameter and not _ACTIVATION_CALLERS and not any_discovering():
+        return original(*args, **kwargs)
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:
-        return original(*args, **kwargs)
-    caller = _calling_layer()
-    if caller is None:
         return original(*args, **kwargs)
     x = bound.arguments["x"]
     transpose_x = bool(bound.arguments.get("transpose_x", False))
     transpose_y = bool(bound.arguments.get("transpose_y", False))
-    site = _site_for(caller, y, transpose_y)
-    if site is None and not transpose_x:
-        site = _discover(caller, x, y, transpose_y)
-    if site is None or transpose_x:
-        return original(*args, **kwargs)
-    return site(x)
-
-
-def _route_activation_matmul(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """A matmul of two activations: through the calling layer's :class:`ActivationMatmul` of
-    the same position, added while its model is calibrated; else ``original``."""
-    try:
-        bound = _ARGUMENTS.bind(*args, **kwargs)
-    except TypeError:
-        return original(*args, **kwargs)
-    x, y = bound.arguments["x"], bound.arguments["y"]
-    if not (_is_float32(x) and _is_float32(y)) or getattr(x, "persistable", False) is True:
-        return original(*args, **kwargs)
     caller = _calling_layer()
     if caller is None:
         return original(*args, **kwargs)
-    transpose_x = bool(bound.arguments.get("transpose_x", False))
-    transpose_y = bool(bound.arguments.get("transpose_y", False))
+    if on_parameter:
+        site = None if transpose_x else _parameter_site(caller, x, y, transpose_y)
+        return original(*args, **kwargs) if site is None else site(x)
+    site = _activation_site(caller, x, y, transpose_x, transpose_y)
+    return original(*args, **kwargs) if site is None else site(x, y)
+
+
+def _parameter_site(
+    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool
+) -> paddle.nn.Layer | None:
+    """The caller's :class:`MatmulSite` for ``matmul(x, y)``, added if its model is being
+    calibrated; ``None``: the call runs as it is."""
+    for _, child in matmul_sites(caller):
+        site = _inner(child)
+        if site.transpose_y == transpose_y and _resolve(caller, site.parameter_path) is y:
+            return child
+    return _discover(caller, x, y, transpose_y)
+
+
+def _activation_site(
+    caller: paddle.nn.Layer, x: Any, y: Any, transpose_x: bool, transpose_y: bool
+) -> paddle.nn.Layer | None:
+    """The caller's :class:`ActivationMatmul` of this call's position among its matmuls of two
+    activations, added if its model is being calibrated; ``None``: the call runs as it is."""
+    if not (_is_float32(x) and _is_float32(y)) or getattr(x, "persistable", False) is True:
+        return None
     sites = activation_sites(caller)
     session = None if sites else discovering_session(caller)
     if not sites and session is None:
-        return original(*args, **kwargs)
+        return None
     count = _ACTIVATION_CALLS.get(caller, 0) if sites else 0
     _ACTIVATION_CALLS[caller] = count + 1
     if count < len(sites):
@@ -207,8 +215,8 @@ def _route_activation_matmul(original: Callable[..., Any], args: tuple, kwargs: 
             site = sites[count % len(sites)]
     inner = _inner(site)
     if (inner.transpose_x, inner.transpose_y) != (transpose_x, transpose_y):
-        return original(*args, **kwargs)  # another call order than calibration saw
-    return site(x, y)
+        return None  # another call order than calibration saw
+    return site
 
 
 def activation_sites(layer: paddle.nn.Layer) -> list[paddle.nn.Layer]:
@@ -235,8 +243,7 @@ def _discover_activation(
     if ordinal == 0:
         caller.register_forward_pre_hook(_enter_caller)
         _ACTIVATION_CALLERS.add(caller)
-    caller_name = session.sublayer_name(caller)
-    name = f"{caller_name}.{attribute}" if caller_name else attribute
+    name = _qualified(session.sublayer_name(caller), attribute)
     session.add_discovered_layer(name, site)
     logger.info("a matmul of two activations is calibrated as the layer %r", name)
     return site
@@ -308,14 +315,6 @@ def _resolve(layer: paddle.nn.Layer, path: str) -> Any:
     return value
 
 
-def _site_for(caller: paddle.nn.Layer, y: Any, transpose_y: bool) -> paddle.nn.Layer | None:
-    for _, child in matmul_sites(caller):
-        site = _inner(child)
-        if site.transpose_y == transpose_y and _resolve(caller, site.parameter_path) is y:
-            return child
-    return None
-
-
 def _parameter_path(caller: paddle.nn.Layer, y: Any) -> str | None:
     for path, parameter in caller.named_parameters():
         if parameter is y:
@@ -340,15 +339,14 @@ def _discover(
         if session.note_refused(where):
             logger.warning("%s stays fp32: %s", where, reason)
         return None
-    weight = y.numpy()
-    if transpose_y:
-        weight = np.ascontiguousarray(weight.T)
     attribute = _free_attribute(caller, path.replace(".", "_") + _SITE_SUFFIX)
-    site = MatmulSite(weight, path, transpose_y)
+    site = MatmulSite.from_parameter(y, path, transpose_y)
     caller.add_sublayer(attribute, site)
     if session.reference is not None:
-        mirror_sites(session.model, session.reference)
-    name = f"{caller_name}.{attribute}" if caller_name else attribute
+        reference_caller = dict(session.reference.named_sublayers(include_self=True)).get(caller_name)
+        if reference_caller is not None:
+            _mirror_site(reference_caller, attribute, site)
+    name = _qualified(caller_name, attribute)
     session.add_discovered_layer(name, site)
     logger.info("%s is calibrated as the Linear layer %r", where, name)
     return site
@@ -360,6 +358,11 @@ def _unsupported(x: Any, y: Any) -> str | None:
     if not isinstance(x, paddle.Tensor) or x.dtype != paddle.float32 or len(x.shape) < 2:
         return "only float32 inputs of rank >= 2 are quantized"
     return None
+
+
+def _qualified(caller_name: str, attribute: str) -> str:
+    """The model-level name of ``caller``'s sublayer ``attribute``."""
+    return f"{caller_name}.{attribute}" if caller_name else attribute
 
 
 def _free_attribute(layer: paddle.nn.Layer, attribute: str) -> str:
@@ -384,15 +387,20 @@ def mirror_sites(source: paddle.nn.Layer, target: paddle.nn.Layer) -> int:
         if caller is None:
             continue
         for attribute, child in matmul_sites(layer):
-            site = _inner(child)
-            parameter = _resolve(caller, site.parameter_path)
-            if attribute in caller._sub_layers or not isinstance(parameter, paddle.Tensor):
-                continue
-            weight = parameter.numpy()
-            weight = np.ascontiguousarray(weight.T) if site.transpose_y else weight
-            caller.add_sublayer(attribute, MatmulSite(weight, site.parameter_path, site.transpose_y))
-            added += 1
+            added += _mirror_site(caller, attribute, _inner(child))
     return added
+
+
+def _mirror_site(caller: paddle.nn.Layer, attribute: str, site: MatmulSite) -> bool:
+    """Adds to ``caller`` (of an fp32 model) an fp32 copy of ``site`` built from its own
+    parameter, unless it has one; whether it was added."""
+    parameter = _resolve(caller, site.parameter_path)
+    if attribute in caller._sub_layers or not isinstance(parameter, paddle.Tensor):
+        return False
+    caller.add_sublayer(
+        attribute, MatmulSite.from_parameter(parameter, site.parameter_path, site.transpose_y)
+    )
+    return True
 
 
 def with_matmul_sites(model: paddle.nn.Layer, quantized_model: paddle.nn.Layer) -> paddle.nn.Layer:
