@@ -56,11 +56,18 @@ def channel_means(outputs: Sequence[paddle.Tensor], axis: int) -> np.ndarray:
     """Mean of each channel on ``axis`` over every other axis of every tensor (float64)."""
     total, count = None, 0
     for output in outputs:
-        values = output.numpy().astype(np.float64)
-        moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-        total = moved.sum(axis=1) if total is None else total + moved.sum(axis=1)
-        count += moved.shape[1]
+        sums, values = _channel_sums(output, axis)
+        total = sums if total is None else total + sums
+        count += values
     return total / count
+
+
+def _channel_sums(tensor: paddle.Tensor, axis: int) -> tuple[np.ndarray, int]:
+    """Sum of each channel on ``axis`` over every other axis (float64), and how many values
+    each sum has."""
+    values = tensor.numpy().astype(np.float64)
+    moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    return moved.sum(axis=1), moved.shape[1]
 
 
 def correct_bias(
@@ -96,10 +103,7 @@ def correct_bias(
         quantized_outputs = capture_outputs(quantized_model, layer, batches)
         axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
         shift = channel_means(fp32_outputs, axis) - channel_means(quantized_outputs, axis)
-        add_to_bias(layer.layer, shift)
-        previous = layer.bias_correction
-        layer.bias_correction = shift if previous is None else previous + shift
-        corrections[name] = shift
+        corrections[name] = _correct(layer, shift)
     logger.info("bias correction: %d layers corrected", len(corrections))
     return corrections
 
@@ -152,11 +156,10 @@ def correct_bias_analytically(
 
     def hook_for(name: str, fp32_layer: paddle.nn.Layer):
         def hook(layer: paddle.nn.Layer, inputs: tuple) -> None:
-            x = inputs[0].numpy().astype(np.float64)
-            axis = output_channel_axis(fp32_layer, x.ndim)
-            moved = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-            sums[name] = sums.get(name, 0.0) + moved.sum(axis=1)
-            counts[name] = counts.get(name, 0) + moved.shape[1]
+            x = inputs[0]
+            channel_sums, values = _channel_sums(x, output_channel_axis(fp32_layer, x.ndim))
+            sums[name] = sums.get(name, 0.0) + channel_sums
+            counts[name] = counts.get(name, 0) + values
         return hook
 
     handles = [fp32.register_forward_pre_hook(hook_for(name, fp32))
@@ -175,13 +178,19 @@ def correct_bias_analytically(
             fp32_layer.weight.numpy().astype(np.float64)
             - layer.layer.weight.numpy().astype(np.float64)
         )
-        shift = weight_shift(fp32_layer, difference, sums[name] / counts[name])
-        add_to_bias(layer.layer, shift)
-        previous = layer.bias_correction
-        layer.bias_correction = shift if previous is None else previous + shift
-        corrections[name] = shift
+        corrections[name] = _correct(
+            layer, weight_shift(fp32_layer, difference, sums[name] / counts[name])
+        )
     logger.info("analytical bias correction: %d layers corrected", len(corrections))
     return corrections
+
+
+def _correct(layer: QuantizedLayer, shift: np.ndarray) -> np.ndarray:
+    """Adds ``shift`` to the layer's bias and to what bias correction recorded on it."""
+    add_to_bias(layer.layer, shift)
+    previous = layer.bias_correction
+    layer.bias_correction = shift if previous is None else previous + shift
+    return shift
 
 
 def add_to_bias(layer: paddle.nn.Layer, shift: np.ndarray) -> None:
