@@ -25,6 +25,7 @@ from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 from imperative_ptq.models import MnistConvNet, SpaceToDepth
+from models import converted
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
 EVAL_IMAGES = 2000
@@ -773,18 +774,13 @@ def test_linear_on_a_rank_4_input_stays_fp32_as_paddle_runs_it(rank, tmp_path, c
     model.eval()
     shape = [2, 3, 5, 16][4 - rank:]
     rng = np.random.default_rng(0)
-    ptq = ImperativePTQ()
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.random(shape, np.float32) for _ in range(3)], progress=False)
     with caplog.at_level("WARNING", logger="imperative_ptq.convert"):
-        ptq.convert(qmodel)
+        qmodel = converted(model, [paddle.to_tensor(rng.random(shape, np.float32)) for _ in range(3)])
     assert ("rank-4 input" in caplog.text) == (rank == 4)
     x = rng.random(shape, np.float32)
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(
-        qmodel, prefix, input_spec=[paddle.static.InputSpec([None, *shape[1:]], "float32", "x")]
-    )
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
     assert int8_report(prefix).int8.get("fc", 0) == (2 if rank == 3 else 0)
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
 
@@ -795,7 +791,6 @@ def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
     the pool and averaged int8 codes (one more rounding than the simulation); the export keeps
     average pools fp32 (a global pool feeding a classifier head excepted), so the runtime
     computes what the simulation does."""
-    from imperative_ptq import KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
     from imperative_ptq.export import int8_report
 
     if target == "x86-vnni" and not cpu_info().vnni:
@@ -806,18 +801,13 @@ def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
         paddle.nn.Conv2D(16, 16, 3, padding=1), paddle.nn.ReLU(),
         paddle.nn.Flatten(), paddle.nn.Linear(16 * 64, 10),
     )
-    model.eval()
     rng = np.random.default_rng(0)
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.random((8, 3, 24, 24), np.float32) for _ in range(4)], progress=False)
-    ptq.convert(qmodel)
+    batches = [paddle.to_tensor(rng.random((8, 3, 24, 24), np.float32)) for _ in range(4)]
+    qmodel = converted(model, batches, target)
     x = rng.random((8, 3, 24, 24), np.float32)
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(
-        qmodel, prefix, input_spec=[paddle.static.InputSpec([None, 3, 24, 24], "float32", "x")]
-    )
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 24, 24], "float32", "x")])
     report = int8_report(prefix)
     assert sum(report.int8.values()) == 3 and not report.fp32, report
     ran = predict(create_predictor(prefix), x)[0]
