@@ -63,12 +63,7 @@ def test_paddle_inference_runs_what_the_simulation_computes(bits: int, tmp_path)
     ptq, qmodel = _calibrated(model, bits)
     ptq.convert(qmodel)
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 8, 8], "float32")])
-    x = np.concatenate(_data(5, 2))
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    with paddle.no_grad():
-        simulated = qmodel(paddle.to_tensor(x)).numpy()
-    assert np.linalg.norm(ran - simulated) / np.linalg.norm(simulated) < 1e-5
+    assert _runtime_error(ptq, qmodel, prefix) < 1e-5
     levels = symmetric_levels(bits)
     with legacy_static_mode():
         loaded = load_legacy_program(prefix)
@@ -126,15 +121,21 @@ def test_per_tensor_eight_bit_weights_run_as_simulated(seed: int, tmp_path) -> N
     ptq.calibrate(qmodel, _data(0), progress=False)
     ptq.convert(qmodel)
     prefix = str(tmp_path / "m")
+    assert _runtime_error(ptq, qmodel, prefix) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- ONNX
+def _runtime_error(ptq: ip.ImperativePTQ, qmodel: nn.Layer, prefix: str) -> float:
+    """Exports the converted ``qmodel`` to ``prefix`` and returns the relative error of Paddle
+    Inference against the simulation on held-out data."""
     ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 8, 8], "float32")])
     x = np.concatenate(_data(5, 2))
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     with paddle.no_grad():
         simulated = qmodel(paddle.to_tensor(x)).numpy()
-    assert np.linalg.norm(ran - simulated) / np.linalg.norm(simulated) < 1e-5
+    return float(np.linalg.norm(ran - simulated) / np.linalg.norm(simulated))
 
 
-# ------------------------------------------------------------------------------------- ONNX
 def _bn_model(seed: int) -> nn.Sequential:
     """Conv + BatchNorm (negative scales: the folded codes change sign) + depthwise conv +
     two Linear layers."""
