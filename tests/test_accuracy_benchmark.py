@@ -48,16 +48,22 @@ def test_w4a8_rows_on_the_mlp_agree_with_paddle_inference() -> None:
     assert table.count("\n") == 4 and "| mlp | 4-bit per-channel | AdaRound |" in table
 
 
-@pytest.mark.slow
-def test_depthwise_rows_run_every_configuration(tmp_path) -> None:
+def _rows_of_an_untrained_net(tmp_path, table: str, recipe, cache_name: str):
+    """``table``'s rows (200 test images, no Paddle Inference) on an untrained net of
+    ``recipe`` put in the cache as ``cache_name``; and that net."""
     paddle.seed(0)
-    untrained = accuracy.MOBILENET.build()
-    paddle.save(untrained.state_dict(), str(tmp_path / "mobilenet.pdparams"))
+    untrained = recipe.build()
+    paddle.save(untrained.state_dict(), str(tmp_path / f"{cache_name}.pdparams"))
     args = accuracy.parse_args([
-        "--tables", "depthwise", "--test-size", "200", "--calibration-size", "64",
+        "--tables", table, "--test-size", "200", "--calibration-size", "64",
         "--no-inference", "--cache-dir", str(tmp_path),
     ])
-    rows = accuracy.run(args)
+    return accuracy.run(args), untrained
+
+
+@pytest.mark.slow
+def test_depthwise_rows_run_every_configuration(tmp_path) -> None:
+    rows, _ = _rows_of_an_untrained_net(tmp_path, "depthwise", accuracy.MOBILENET, "mobilenet")
     assert [(row.weights, row.algorithms) for row in rows] == [
         (weights, label)
         for weights in ("8-bit per-channel", "8-bit per-tensor", "5-bit per-tensor")
@@ -69,14 +75,9 @@ def test_depthwise_rows_run_every_configuration(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_relu6_rows_run_every_configuration(tmp_path) -> None:
-    paddle.seed(0)
-    untrained = accuracy.MOBILENET_RELU6.build()
-    paddle.save(untrained.state_dict(), str(tmp_path / "mobilenet_relu6.pdparams"))
-    args = accuracy.parse_args([
-        "--tables", "relu6", "--test-size", "200", "--calibration-size", "64",
-        "--no-inference", "--cache-dir", str(tmp_path),
-    ])
-    rows = accuracy.run(args)
+    rows, untrained = _rows_of_an_untrained_net(
+        tmp_path, "relu6", accuracy.MOBILENET_RELU6, "mobilenet_relu6"
+    )
     assert [(row.weights, row.algorithms) for row in rows] == [
         (weights, label)
         for weights in ("8-bit per-channel", "8-bit per-tensor", "5-bit per-tensor")

@@ -128,16 +128,23 @@ def test_linear_chain_given_by_name() -> None:
     ))
 
 
-def test_bias_absorption_follows_the_three_sigma_rule() -> None:
+def _absorption_model(activation: nn.Layer, seed: int) -> tuple[nn.Sequential, np.ndarray, np.ndarray]:
+    """Conv -> BatchNorm -> ``activation`` -> 1x1 conv whose BatchNorm has shift ``beta`` and
+    scale ``gamma`` (returned), so bias absorption has channels to absorb."""
     model = nn.Sequential(
-        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU(), nn.Conv2D(8, 5, 1)
+        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), activation, nn.Conv2D(8, 5, 1)
     )
-    _randomize_norms(model, np.random.default_rng(3))
+    _randomize_norms(model, np.random.default_rng(seed))
     beta = np.linspace(-2, 12, 8).astype("float32")
     gamma = np.linspace(0.5, 2, 8).astype("float32")
     model[1].bias.set_value(beta)
     model[1].weight.set_value(gamma)
     model[1]._mean.set_value(model[0].bias.numpy())  # a small input gives z ~ beta >= c
+    return model, beta, gamma
+
+
+def test_bias_absorption_follows_the_three_sigma_rule() -> None:
+    model, beta, gamma = _absorption_model(nn.ReLU(), seed=3)
     without, _ = equalize(model, absorb_bias=False)
     with_absorption, (pair,) = equalize(model)
     expected = np.maximum(0, (beta - 3 * gamma) / pair.scales)
@@ -227,15 +234,7 @@ def test_relu6_clip_keeps_the_function() -> None:
 def test_relu6_clip_absorbs_bias_below_its_bound() -> None:
     """Absorbing ``c`` through a clip lowers its bound too: clip(z - c, 0, u - c) + c =
     clip(z, 0, u) wherever z >= c."""
-    model = nn.Sequential(
-        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU6(), nn.Conv2D(8, 5, 1)
-    )
-    _randomize_norms(model, np.random.default_rng(7))
-    beta = np.linspace(-2, 12, 8).astype("float32")
-    gamma = np.linspace(0.5, 2, 8).astype("float32")
-    model[1].bias.set_value(beta)
-    model[1].weight.set_value(gamma)
-    model[1]._mean.set_value(model[0].bias.numpy())  # a small input gives z ~ beta >= c
+    model, beta, gamma = _absorption_model(nn.ReLU6(), seed=7)
     without, _ = equalize(model, relu6="clip", absorb_bias=False)
     with_absorption, (pair,) = equalize(model, relu6="clip")
     upper = 6 / pair.scales
