@@ -5,10 +5,6 @@ reference, and Paddle Inference and ONNX Runtime compute what the simulation doe
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -17,6 +13,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.algorithms import AdaRound
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+from avx2_kernels import pytest_on_avx2_kernels
 
 WIDTH, HIDDEN, CLASSES, LENGTH = 16, 32, 5, 6
 
@@ -302,14 +299,10 @@ def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_functional_matmuls_on_avx2_kernels() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "paddle_inference_and_onnx or bias_free or two_activations_run"],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
+    summary = pytest_on_avx2_kernels(
+        __file__, "paddle_inference_and_onnx or bias_free or two_activations_run"
     )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "3 passed, 2 skipped" in done.stdout.splitlines()[-1]
+    assert "3 passed, 2 skipped" in summary
 
 
 def test_analyze_and_keep_fp32_pair_the_matmuls_with_the_fp32_model() -> None:

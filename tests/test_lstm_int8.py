@@ -6,10 +6,6 @@ left fp32 is named in a warning."""
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -22,9 +18,9 @@ from imperative_ptq.export.program import legacy_static_mode, load_legacy_progra
 from imperative_ptq.export.rnn_fusion import fuse_lstm_ops
 from imperative_ptq.export.tracing import trace_to_legacy_program
 from imperative_ptq.quant_rnn import QuantizedLSTM
+from avx2_kernels import pytest_on_avx2_kernels
 
 nn = paddle.nn
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS, FEATURES, HIDDEN = 6, 8, 16
 
 
@@ -200,14 +196,7 @@ def test_int8_lstm_runs_what_the_simulation_computes(
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_int8_lstm_agrees_with_the_simulation_on_avx2_kernels() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)),
-         "-k", "int8_lstm_runs_what and not x86-vnni"],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "4 passed" in done.stdout.splitlines()[-1]
+    assert "4 passed" in pytest_on_avx2_kernels(__file__, "int8_lstm_runs_what and not x86-vnni")
 
 
 # --------------------------------------------------------------------- layers left fp32

@@ -7,10 +7,7 @@ re-runs on oneDNN's AVX2 kernels in a subprocess."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 from typing import Callable
 
 import numpy as np
@@ -19,6 +16,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+from avx2_kernels import pytest_on_avx2_kernels
 
 nn = paddle.nn
 
@@ -155,14 +153,8 @@ def test_padded_average_pool_runs_what_the_simulation_computes(tmp_path) -> None
 @pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_model_zoo_on_avx2_kernels() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "model_zoo_exports_and_runs"],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=900, cwd=pathlib.Path(__file__).parent.parent,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert f"{len(MODELS)} passed" in done.stdout.splitlines()[-1]
+    summary = pytest_on_avx2_kernels(__file__, "model_zoo_exports_and_runs", timeout=900)
+    assert f"{len(MODELS)} passed" in summary
 
 
 def _onnx_classifier(path: pathlib.Path) -> None:

@@ -5,10 +5,6 @@ does, on this CPU's kernels and on oneDNN's AVX2 kernels."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -16,6 +12,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, int8_report, predict
+from avx2_kernels import pytest_on_avx2_kernels
 
 VOCABULARY, LENGTH, WIDTH = 100, 16, 64
 
@@ -112,11 +109,6 @@ def test_transformer_vnni_export_runs_every_linear_and_attention_matmul_int8(dec
 @pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_transformer_export_on_avx2_kernels() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "x86_export_runs_what_the_simulation_computes"],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
+    assert "2 passed" in pytest_on_avx2_kernels(
+        __file__, "x86_export_runs_what_the_simulation_computes"
     )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "2 passed" in done.stdout.splitlines()[-1]

@@ -4,10 +4,6 @@ simulation does, on this CPU's kernels and on oneDNN's AVX2 kernels."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -15,6 +11,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, int8_report, predict
+from avx2_kernels import pytest_on_avx2_kernels
 
 MODELS = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_25", "squeezenet1_0"]
 SIZE = 64
@@ -54,11 +51,5 @@ def test_x86_export_runs_what_the_simulation_computes(name, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_x86_model_zoo_on_avx2_kernels() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "runs_what_the_simulation_computes"],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=600, cwd=pathlib.Path(__file__).parent.parent,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert f"{len(MODELS)} passed" in done.stdout.splitlines()[-1]
+    summary = pytest_on_avx2_kernels(__file__, "runs_what_the_simulation_computes")
+    assert f"{len(MODELS)} passed" in summary
