@@ -333,7 +333,7 @@ def _discover(
     if path is None:
         return None
     caller_name = session.sublayer_name(caller)
-    where = f"paddle.matmul(x, {caller_name + '.' if caller_name else ''}{path})"
+    where = f"paddle.matmul(x, {_qualified(caller_name, path)})"
     reason = _unsupported(x, y)
     if reason is not None:
         if session.note_refused(where):
