@@ -456,3 +456,43 @@ def test_the_matmul_operator_is_routed_like_paddle_matmul(tmp_path) -> None:
     ptq_o.save_quantized_model(quantized_o, prefix, input_spec=spec)
     assert int8_report(prefix).int8.get("fc", 0) == 1
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
+
+
+def test_an_attention_called_twice_runs_what_the_simulation_computes(tmp_path) -> None:
+    """Each call of a shared attention layer gets quantize ops on the moved ``q * d**-0.5``
+    with the same threshold (the second call's was divided by the factor twice)."""
+    if not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+
+    class Twice(paddle.nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = paddle.nn.MultiHeadAttention(WIDTH, 2)
+            self.head = paddle.nn.Linear(WIDTH, CLASSES)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.head(self.attention(self.attention(x)).mean(axis=1))
+
+    paddle.seed(0)
+    ptq, quantized, _ = _converted(Twice(), "x86-vnni")
+    x = _batches(1, seed=9)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "twice")
+    ptq.save_quantized_model(
+        quantized, prefix, input_spec=[paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    )
+    assert int8_report(prefix).int8.get("fused_matmul", 0) == 4
+    assert _cosine(predict(create_predictor(prefix), x)[0], simulated) > 0.9999
+    # Both calls' q @ k read q on the same grid.
+    from imperative_ptq.export.graph import get_tensor, producers
+    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+    with legacy_static_mode():
+        loaded = load_legacy_program(prefix)
+        block = loaded.program.global_block()
+        writers = producers(block)
+        scores = [op for op in block.ops if op.type == "matmul_v2" and op.attr("trans_y")]
+        q_scales = [
+            float(get_tensor(loaded, writers[op.input("X")[0]].input("Scale")[0])[0]) for op in scores
+        ]
+    assert len(q_scales) == 2 and q_scales[0] == q_scales[1], q_scales

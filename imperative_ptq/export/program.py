@@ -877,8 +877,8 @@ def _quantize_activation_matmuls(
                     record.name, inputs[:2],
                 )
                 continue
-            index, thresholds = _scale_after_matmul(block, index, op, thresholds)
-            for slot, threshold in zip(("X", "Y"), thresholds):
+            index, call_thresholds = _scale_after_matmul(block, index, op, thresholds)
+            for slot, threshold in zip(("X", "Y"), call_thresholds):
                 name = op.input(slot)[0]
                 key = (name, float(threshold))
                 qdq = dequantized_inputs.get(key)
