@@ -61,6 +61,8 @@ _ARGUMENTS = inspect.signature(_signature)
 _original_matmul: Callable[..., Any] | None = None
 #: Layers with :class:`ActivationMatmul` sites (each adds itself when its forward starts).
 _ACTIVATION_CALLERS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
+#: Whether a :class:`MatmulSite` was made in this process (its copies need one made first).
+_SITES_MADE = False
 #: Matmuls of two activations each such layer made in its current forward.
 _ACTIVATION_CALLS: "weakref.WeakKeyDictionary[paddle.nn.Layer, int]" = weakref.WeakKeyDictionary()
 
@@ -75,6 +77,8 @@ class MatmulSite(paddle.nn.Linear):
     """
 
     def __init__(self, weight: np.ndarray, parameter_path: str, transpose_y: bool) -> None:
+        global _SITES_MADE
+        _SITES_MADE = True
         super().__init__(weight.shape[0], weight.shape[1], bias_attr=False)
         with paddle.no_grad():
             self.weight.set_value(weight)
@@ -161,8 +165,8 @@ def _route(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """A matmul through its site, else ``original(*args, **kwargs)``."""
     y = args[1] if len(args) > 1 else kwargs.get("y")
     on_parameter = getattr(y, "persistable", False) is True
-    if not on_parameter and not _ACTIVATION_CALLERS and not any_discovering():
-        return original(*args, **kwargs)
+    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS) and not any_discovering():
+        return original(*args, **kwargs)  # no site can exist for it
     try:
         bound = _ARGUMENTS.bind(*args, **kwargs)
     except TypeError:

@@ -1,0 +1,87 @@
+"""What the ``paddle.matmul`` router of :mod:`imperative_ptq.functional_matmul` costs a model
+that has no sites: the fp32 forward of an ``nn.TransformerEncoder`` (whose attention calls
+``paddle.tensor.matmul``) and of an x2paddle-style block (``paddle.matmul`` on parameters,
+which the router inspects before passing them on), with Paddle's own functions and with the
+router installed, interleaved round by round in one process; medians in ms per forward.
+
+Usage: python benchmarks/matmul_routing.py [--rounds 8] [--iters 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from typing import Callable
+
+import paddle
+
+from imperative_ptq import cpu_info
+from imperative_ptq import functional_matmul
+
+_MODULES = ("paddle", "paddle.tensor", "paddle.tensor.linalg")
+
+
+class ParameterBlock(paddle.nn.Layer):
+    """Two matmuls on parameters, as x2paddle writes a converted MLP."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.w1 = self.create_parameter([width, 4 * width])
+        self.w2 = self.create_parameter([4 * width, width])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(paddle.nn.functional.relu(paddle.matmul(x, self.w1)), self.w2)
+
+
+def _timed(forward: Callable[[], object], iters: int) -> float:
+    forward()
+    started = time.perf_counter()
+    with paddle.no_grad():
+        for _ in range(iters):
+            forward()
+    return (time.perf_counter() - started) / iters * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args(argv)
+    paddle.seed(0)
+    encoder = paddle.nn.TransformerEncoder(
+        paddle.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0), 2
+    )
+    block = ParameterBlock()
+    models = {
+        "TransformerEncoder 2x64, batch 8 x 32": (encoder, paddle.randn([8, 32, 64])),
+        "parameter matmuls 256-1024-256, batch 64": (block, paddle.randn([64, 256])),
+    }
+    for model, _ in models.values():
+        model.eval()
+    originals = {name: sys.modules[name].matmul for name in _MODULES}
+    functional_matmul.install()
+    routed = {name: sys.modules[name].matmul for name in _MODULES}
+    times: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(args.rounds):
+        order = ("paddle", "routed") if round_ % 2 else ("routed", "paddle")
+        for engine in order:
+            for name, function in (originals if engine == "paddle" else routed).items():
+                sys.modules[name].matmul = function
+            for label, (model, x) in models.items():
+                times.setdefault((label, engine), []).append(_timed(lambda: model(x), args.iters))
+    for name, function in routed.items():
+        sys.modules[name].matmul = function
+    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__}")
+    print("| model | Paddle's matmul ms | routed ms | routed / Paddle |")
+    print("|---|---:|---:|---:|")
+    for label in models:
+        plain = statistics.median(times[(label, "paddle")])
+        through = statistics.median(times[(label, "routed")])
+        print(f"| {label} | {plain:.3f} | {through:.3f} | {through / plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
