@@ -106,7 +106,9 @@ def convert_layers(
             headroom = 1.0 if target.signed_inputs_int8 else 2.0
             replace_sublayer(
                 model, layer,
-                QuantizedLSTM(layer, entry["input"], entry.get("output", []), headroom),
+                QuantizedLSTM(
+                    layer, entry["input"], entry.get("output", []), headroom, name=state.name
+                ),
             )
             continue
         if state.weight_quantizer is not None and "input" in entry:

@@ -36,7 +36,10 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
-__all__ = ["QuantizedLSTM", "fusion_lstm_weight_thresholds", "lstm_int8_refusal"]
+__all__ = [
+    "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "lstm_int8_refusal",
+    "quantize_gate_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,20 @@ def lstm_int8_refusal(layer: paddle.nn.Layer, activation_bits: int, weight_bits:
         return f"{activation_bits}/{weight_bits}-bit (oneDNN's int8 LSTM is 8/8-bit)"
     if np.any(_joint_abs_max(*_gate_weights(layer)) == 0):
         return "a gate unit with all-zero weights (Paddle would divide by its zero scale)"
+    return None
+
+
+def fp32_call_reason(initial_states: Any, sequence_length: Any) -> str | None:
+    """Why a call of a :class:`QuantizedLSTM` with these arguments runs fp32, or ``None``.
+
+    Paddle Inference's oneDNN ``fusion_lstm`` caches its initial states with its weights (the
+    first run's states would serve later runs of the same shape) and reads no sequence
+    lengths; the export asks this too, of each traced call, so both run such a call fp32.
+    """
+    if initial_states is not None:
+        return "called with initial states"
+    if sequence_length is not None:
+        return "called with sequence lengths"
     return None
 
 
@@ -88,8 +105,9 @@ def fusion_lstm_weight_thresholds(layer: paddle.nn.LSTM, headroom: float) -> np.
     return (thresholds * np.float32(headroom)).astype(np.float32)
 
 
-def _quantize_weight_rows(weight: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """``rint(w / t * 127)`` saturated to s8, dequantized; one threshold per row."""
+def quantize_gate_rows(weight: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The weights oneDNN's int8 LSTM multiplies with: ``rint(w / t * 127)`` saturated to s8,
+    dequantized; one threshold per gate unit (a row of ``weight_ih_l0``/``weight_hh_l0``)."""
     multipliers = (np.float32(127) / thresholds).astype(np.float32)[:, None]
     codes = np.clip(np.rint(weight * multipliers), -128, 127)
     return (codes * (thresholds / np.float32(127))[:, None]).astype(np.float32)
@@ -105,6 +123,7 @@ class QuantizedLSTM(paddle.nn.Layer):
         output_thresholds: The calibrated output (hidden sequence) threshold, or empty.
         weight_headroom: 2 for 7-bit weight codes, exact without VNNI; 1 for 8-bit codes
             (module docstring).
+        name: The layer's name in the model, for the warning of a call that runs fp32.
 
     Attributes:
         data_threshold: The threshold of the input and hidden-state codes.
@@ -117,9 +136,11 @@ class QuantizedLSTM(paddle.nn.Layer):
         input_thresholds: Sequence[float],
         output_thresholds: Sequence[float],
         weight_headroom: float = 2.0,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.layer = layer
+        self.layer_name = name
         self.input_thresholds = [float(t) for t in input_thresholds]
         self.output_thresholds = [float(t) for t in output_thresholds]
         self.data_threshold = max(self.input_thresholds[:1] + self.output_thresholds[:1])
@@ -127,10 +148,10 @@ class QuantizedLSTM(paddle.nn.Layer):
         self.weight_thresholds = fusion_lstm_weight_thresholds(layer, self.weight_headroom)
         weight_ih, weight_hh = _gate_weights(layer)
         self.register_buffer(
-            "_weight_ih", paddle.to_tensor(_quantize_weight_rows(weight_ih, self.weight_thresholds).T)
+            "_weight_ih", paddle.to_tensor(quantize_gate_rows(weight_ih, self.weight_thresholds).T)
         )
         self.register_buffer(
-            "_weight_hh", paddle.to_tensor(_quantize_weight_rows(weight_hh, self.weight_thresholds).T)
+            "_weight_hh", paddle.to_tensor(quantize_gate_rows(weight_hh, self.weight_thresholds).T)
         )
         bias = np.zeros([4 * layer.hidden_size], np.float32)
         for name in ("bias_ih_l0", "bias_hh_l0"):
@@ -148,13 +169,13 @@ class QuantizedLSTM(paddle.nn.Layer):
     def forward(
         self, inputs: paddle.Tensor, initial_states: Any = None, sequence_length: Any = None
     ) -> tuple[paddle.Tensor, tuple[paddle.Tensor, paddle.Tensor]]:
-        if initial_states is not None or sequence_length is not None:
-            # The export fuses only LSTMs started from zero states over full sequences.
+        reason = fp32_call_reason(initial_states, sequence_length)
+        if reason is not None:
             if not self._warned_fp32:
                 logger.warning(
-                    "LSTM called with initial states or sequence lengths: it runs fp32 "
-                    "(Paddle Inference's int8 fusion_lstm is exported only from zero states "
-                    "over whole sequences)"
+                    "LSTM %s %s: it runs fp32, here and in the export (Paddle Inference's int8 "
+                    "fusion_lstm runs from zero states over whole sequences)",
+                    self.layer_name or "(unnamed)", reason,
                 )
                 self._warned_fp32 = True
             return self.layer(inputs, initial_states, sequence_length)

@@ -106,7 +106,7 @@ def _log_runtime_report(path: str, written: program_lib.ProgramScales, target: T
     # residual has no scale).
     demoted = sorted(
         {written.weight_layers[weight] for weight in report.fp32_weights if weight in written.weight_layers}
-        - set(written.fp32_layers)
+        - set(written.fp32_layers) - set(written.fp32_calls)
     )
     fp32_layers = sorted(set(written.fp32_layers) | set(demoted))
     summary = report.summary()

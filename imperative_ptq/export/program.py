@@ -92,6 +92,8 @@ class ProgramScales:
         outputs: ``out_threshold`` attributes written, by variable.
         fp32_layers: Calibrated layers the program keeps fp32 (no int8 kernel): name -> type.
         weight_layers: Program weight variable -> calibrated layer name.
+        fp32_calls: Layers with a call that the simulation runs fp32 and the program keeps fp32
+            (an LSTM called with initial states): name -> why.
     """
 
     weights: dict[str, list[float]] = dataclasses.field(default_factory=dict)
@@ -99,6 +101,7 @@ class ProgramScales:
     outputs: dict[str, float] = dataclasses.field(default_factory=dict)
     fp32_layers: dict[str, str] = dataclasses.field(default_factory=dict)
     weight_layers: dict[str, str] = dataclasses.field(default_factory=dict)
+    fp32_calls: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -296,9 +299,9 @@ def quantize_program(
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
-    fused_lstms, unfused_lstms = fuse_lstm_ops(loaded, weights)
-    written = ProgramScales()
-    for fused in fused_lstms:
+    lstms = fuse_lstm_ops(loaded, weights)
+    written = ProgramScales(fp32_calls=dict(lstms.simulated_fp32))
+    for fused in lstms.fused:
         # fusion_lstm: fp32 weights (Paddle derives their scales), a Q/DQ pair on its input.
         op = next(op for op in block.ops if op.type == "fusion_lstm" and op.input("WeightX") == [fused.weight_x])
         activation = op.input("X")[0]
@@ -312,11 +315,17 @@ def quantize_program(
             float(t) for t in np.asarray(fused.record.weight_thresholds).reshape(-1)
         ]
         weights[fused.weight_x] = fused.record
-    if unfused_lstms:
+    if lstms.simulated_fp32:
+        logger.warning(
+            "%d LSTM layers are exported fp32, as their simulation runs them: %s",
+            len(lstms.simulated_fp32),
+            ", ".join(f"{name} ({reason})" for name, reason in lstms.simulated_fp32.items()),
+        )
+    if lstms.refused:
         logger.warning(
             "%d LSTM layers simulated in int8 are exported fp32 (Paddle Inference's int8 "
-            "fusion_lstm does not compute them): %s", len(unfused_lstms),
-            ", ".join(f"{name} ({reason})" for name, reason in unfused_lstms.items()),
+            "fusion_lstm does not compute them): %s", len(lstms.refused),
+            ", ".join(f"{name} ({reason})" for name, reason in lstms.refused.items()),
         )
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
@@ -393,7 +402,10 @@ def quantize_program(
     kept = unscale_fp32_layer_inputs(block, outputs, isolate_concats=True)
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
-    no_kernel = {name: kind for name, kind in written.fp32_layers.items() if name not in unfused_lstms}
+    no_kernel = {
+        name: kind for name, kind in written.fp32_layers.items()
+        if name not in lstms.refused and name not in lstms.simulated_fp32
+    }
     if no_kernel:
         logger.warning(
             "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "

@@ -17,23 +17,28 @@ compute what the ``rnn`` op does in fp32 (largest difference 1e-7, batch-first a
   gate's threshold, i's the forget gate's, f's the candidate gate's, o's its own (the kernel
   hands the scales of Paddle's gate order to oneDNN's i, f, c, o);
 * its hidden sequence ``[B * T, H]`` is reshaped and transposed back into the ``rnn`` output
-  ``[T, B, H]``; a final hidden state that is read is sliced from it.
+  ``[T, B, H]``; a final hidden state that is read is sliced from it;
+* its oneDNN kernel does not compute the ``Cell`` output, so a final cell state that is read
+  is computed beside it in fp32 from the int8 kernel's hidden sequence
+  (:func:`_final_cell_ops`).
 
-Only what ``fusion_lstm`` computes is rewritten: one layer, one direction, zero initial
-states, no sequence lengths, and a final cell state nobody reads. The others keep the ``rnn``
-op (fp32); the caller warns.
+Only what ``fusion_lstm`` computes is rewritten: one layer, one direction, zero initial states,
+no sequence lengths. A call that the simulation runs fp32 (``quant_rnn.fp32_call_reason``)
+keeps its ``rnn`` op, as do the others; the caller warns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
+from ..quant_rnn import quantize_gate_rows
 from .graph import get_tensor, new_persistable, producers, readers
 from .tracing import LayerRecord
 
-__all__ = ["FusedLSTM", "fuse_lstm_ops"]
+__all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops"]
 
 #: Paddle's VarType code of int32 (``fill_constant``'s ``dtype`` attribute).
 _INT32 = 2
@@ -56,36 +61,53 @@ class FusedLSTM:
     weight_x: str
 
 
-def fuse_lstm_ops(
-    loaded, weights: dict[str, LayerRecord]
-) -> tuple[list[FusedLSTM], dict[str, str]]:
+@dataclasses.dataclass
+class LSTMFusion:
+    """What :func:`fuse_lstm_ops` did with the calibrated LSTMs of a program.
+
+    Attributes:
+        fused: The ``rnn`` ops rewritten into ``fusion_lstm``.
+        simulated_fp32: Layer name -> why its simulation runs a call fp32 (which the export
+            keeps as an fp32 ``rnn`` op too).
+        refused: Layer name -> why ``fusion_lstm`` cannot compute a call that the simulation
+            runs int8 (exported fp32: the two disagree).
+    """
+
+    fused: list[FusedLSTM] = dataclasses.field(default_factory=list)
+    simulated_fp32: dict[str, str] = dataclasses.field(default_factory=dict)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
     """Rewrites every ``rnn`` op of a calibrated LSTM (its input weight in ``weights``) that
-    ``fusion_lstm`` computes; leaves the others.
+    its simulation runs int8 and ``fusion_lstm`` computes; leaves the others.
 
     Args:
         loaded: The :class:`.program.LegacyProgram` (rewritten in place).
         weights: Weight variable -> calibrated layer.
-
-    Returns:
-        The rewritten LSTMs, and why each other calibrated LSTM was left as it is (layer name
-        -> reason).
     """
     block = loaded.program.global_block()
-    fused: list[FusedLSTM] = []
-    refused: dict[str, str] = {}
+    done = LSTMFusion()
+    calls: dict[str, int] = {}  # layer name -> rnn ops of it seen so far
     for op in [op for op in block.ops if op.type == "rnn"]:
         weight_list = op.input("WeightList")
         record = weights.get(weight_list[0]) if weight_list else None
         if record is None:
             continue
+        call = calls.get(record.name, 0)
+        calls[record.name] = call + 1
+        simulated_fp32 = record.fp32_calls[call] if call < len(record.fp32_calls) else None
+        if simulated_fp32 is not None:
+            done.simulated_fp32[record.name] = simulated_fp32
+            continue
         reason = _refusal(block, op)
         if reason is not None:
-            refused[record.name] = reason
+            done.refused[record.name] = reason
             continue
-        fused.append(_rewrite(loaded, op, record))
-    if fused:
+        done.fused.append(_rewrite(loaded, op, record))
+    if done.fused:
         loaded.program._sync_with_cpp()
-    return fused, refused
+    return done
 
 
 def _refusal(block, op) -> str | None:
@@ -98,16 +120,13 @@ def _refusal(block, op) -> str | None:
         return "sequence lengths"
     if len(op.input("WeightList")) != 4:
         return "no bias"
-    writers, reading = producers(block), readers(block)
+    writers = producers(block)
     for state in op.input("PreState"):
         writer = writers.get(state)
         if writer is None or writer.type != "fill_constant" or float(writer.attr("value")) != 0.0 or (
             writer.attr("str_value") not in ("", None) and float(writer.attr("str_value")) != 0.0
         ):
             return "initial states that are not zeros"
-    states = op.output("State")
-    if len(states) > 1 and reading.get(states[1]):
-        return "its final cell state is read"
     return None
 
 
@@ -121,7 +140,9 @@ def _rewrite(loaded, op, record: LayerRecord) -> FusedLSTM:
     block = loaded.program.global_block()
     weight_ih, weight_hh, bias_ih, bias_hh = (get_tensor(loaded, n) for n in op.input("WeightList"))
     hidden_size, input_size = weight_hh.shape[1], weight_ih.shape[1]
-    stem = op.input("WeightList")[0]
+    # One stem per call: a layer called twice has two rnn ops, each with its own variables and
+    # its own weight copies.
+    stem = f"{op.input('WeightList')[0]}.{op.output('Out')[0]}"
     # Column c of the zero feature's row holds gate i's threshold, and so on: the record's
     # thresholds in paddle.nn.LSTM's order i, f, c, o are that row in fusion order c, i, f, o.
     scale_row = np.asarray(record.weight_thresholds, np.float32).reshape(1, 4 * hidden_size)
@@ -209,6 +230,12 @@ def _rewrite(loaded, op, record: LayerRecord) -> FusedLSTM:
             ("slice", {"Input": [out]}, {"Out": [final_hidden]},
              {"axes": [0], "starts": [-1], "ends": [_TO_END], "decrease_axis": [], "infer_flags": [1]})
         )
+    states = op.output("State")
+    if len(states) > 1 and readers(block).get(states[1]):
+        new_ops.extend(_final_cell_ops(
+            loaded, record, (weight_ih, weight_hh, bias_ih + bias_hh), sequence, out, states[1],
+            f"{stem}.final_cell", var,
+        ))
     index = list(block.ops).index(op)
     block._remove_op(index)
     fusion = None
@@ -217,3 +244,76 @@ def _rewrite(loaded, op, record: LayerRecord) -> FusedLSTM:
         if kind == "fusion_lstm":
             fusion = inserted
     return FusedLSTM(record, fusion, weight_x)
+
+
+def _final_cell_ops(
+    loaded, record: LayerRecord, weights: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sequence: str, hidden: str, final_cell: str, stem: str, var: Callable[..., str],
+) -> list[tuple]:
+    """Ops computing the LSTM's final cell state ``[1, B, H]`` beside ``fusion_lstm``, whose
+    oneDNN kernel does not output it.
+
+    Every step's gates are what the int8 kernel computes: the input on its data grid times the
+    s8 weights, plus the previous step's hidden state (the kernel's dequantized output, which
+    is what it fed back) times the recurrent s8 weights, so all steps run as two fp32 GEMMs.
+    The cell recurrence ``c_t = f_t c_(t-1) + i_t g_t`` from zero is then the sum
+    ``c_T = sum_t exp(sum_(s>t) log f_s) i_t g_t`` (a reverse exclusive cumsum of
+    ``log sigmoid``), which needs no loop over the dynamic sequence length.
+    """
+    weight_ih, weight_hh, bias = weights  # paddle.nn.LSTM's gate order i, f, c, o
+    hidden_size, input_size = weight_hh.shape[1], weight_ih.shape[1]
+    thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
+    weight_x = new_persistable(
+        loaded, f"{stem}.weight_x", np.ascontiguousarray(quantize_gate_rows(weight_ih, thresholds).T)
+    )
+    weight_h = new_persistable(
+        loaded, f"{stem}.weight_h", np.ascontiguousarray(quantize_gate_rows(weight_hh, thresholds).T)
+    )
+    bias = new_persistable(loaded, f"{stem}.bias", bias.astype(np.float32))
+    data_threshold = float(record.input_threshold)
+
+    def tensor(suffix: str, width: int) -> str:
+        return var(f"final_cell.{suffix}", [-1, -1, width])
+
+    codes, rounded, clipped = tensor("codes", input_size), tensor("rounded", input_size), tensor("clipped", input_size)
+    on_grid, first, zeros = tensor("x", input_size), tensor("first", hidden_size), tensor("h0", hidden_size)
+    shifted, previous = tensor("shifted", hidden_size), tensor("previous", hidden_size)
+    from_x, from_h = tensor("from_x", 4 * hidden_size), tensor("from_h", 4 * hidden_size)
+    summed, gates = tensor("summed", 4 * hidden_size), tensor("gates", 4 * hidden_size)
+    input_gate, forget, candidate, output = (tensor(g, hidden_size) for g in ("i", "f", "g", "o"))
+    log_forget, decay_log, decay = tensor("log_f", hidden_size), tensor("decay_log", hidden_size), tensor("decay", hidden_size)
+    opened, proposed, written, contribution = (
+        tensor(n, hidden_size) for n in ("sigmoid_i", "tanh_g", "written", "contribution")
+    )
+    return [
+        # The input on the kernel's data grid (quant_rnn.QuantizedLSTM.quantize_data).
+        ("scale", {"X": [sequence]}, {"Out": [codes]},
+         {"scale": 127.0 / data_threshold, "bias": 0.0, "bias_after_scale": True}),
+        ("round", {"X": [codes]}, {"Out": [rounded]}, {}),
+        ("clip", {"X": [rounded]}, {"Out": [clipped]}, {"min": -128.0, "max": 127.0}),
+        ("scale", {"X": [clipped]}, {"Out": [on_grid]},
+         {"scale": data_threshold / 127.0, "bias": 0.0, "bias_after_scale": True}),
+        ("matmul_v2", {"X": [on_grid], "Y": [weight_x]}, {"Out": [from_x]}, {"trans_x": False, "trans_y": False}),
+        # h_(t-1): zeros, then the hidden sequence without its last step.
+        ("slice", {"Input": [hidden]}, {"Out": [first]},
+         {"axes": [0], "starts": [0], "ends": [1], "decrease_axis": [], "infer_flags": [1]}),
+        ("fill_any_like", {"X": [first]}, {"Out": [zeros]}, {"value": 0.0, "dtype": -1}),
+        ("concat", {"X": [zeros, hidden]}, {"Out": [shifted]}, {"axis": 0}),
+        ("slice", {"Input": [shifted]}, {"Out": [previous]},
+         {"axes": [0], "starts": [0], "ends": [-1], "decrease_axis": [], "infer_flags": [1]}),
+        ("matmul_v2", {"X": [previous], "Y": [weight_h]}, {"Out": [from_h]}, {"trans_x": False, "trans_y": False}),
+        ("elementwise_add", {"X": [from_x], "Y": [from_h]}, {"Out": [summed]}, {"axis": -1}),
+        ("elementwise_add", {"X": [summed], "Y": [bias]}, {"Out": [gates]}, {"axis": -1}),
+        ("split", {"X": [gates]}, {"Out": [input_gate, forget, candidate, output]},
+         {"axis": 2, "num": 4, "sections": []}),
+        ("logsigmoid", {"X": [forget]}, {"Out": [log_forget]}, {}),
+        ("cumsum", {"X": [log_forget]}, {"Out": [decay_log]},
+         {"axis": 0, "flatten": False, "exclusive": True, "reverse": True}),
+        ("exp", {"X": [decay_log]}, {"Out": [decay]}, {}),
+        ("sigmoid", {"X": [input_gate]}, {"Out": [opened]}, {}),
+        ("tanh", {"X": [candidate]}, {"Out": [proposed]}, {}),
+        ("elementwise_mul", {"X": [opened], "Y": [proposed]}, {"Out": [written]}, {"axis": -1}),
+        ("elementwise_mul", {"X": [decay], "Y": [written]}, {"Out": [contribution]}, {"axis": -1}),
+        ("reduce_sum", {"X": [contribution]}, {"Out": [final_cell]},
+         {"dim": [0], "keep_dim": True, "reduce_all": False}),
+    ]

@@ -26,7 +26,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
-from ..quant_rnn import QuantizedLSTM
+from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
@@ -86,6 +86,8 @@ class LayerRecord:
         output_thresholds: Output thresholds (may be empty).
         second_input_threshold: For a matmul of two activations (:class:`QuantizedMatmul`),
             the second input's threshold (``input_threshold`` is the first's); else ``None``.
+        fp32_calls: For a :class:`QuantizedLSTM`, per traced call in program order, why its
+            simulation runs that call fp32 (``quant_rnn.fp32_call_reason``), ``None`` if int8.
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
     """
@@ -106,6 +108,7 @@ class LayerRecord:
     output_thresholds: list[float] = dataclasses.field(default_factory=list)
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
     second_input_threshold: float | None = None
+    fp32_calls: list[str | None] = dataclasses.field(default_factory=list)
 
     @property
     def simulated(self) -> bool:
@@ -337,10 +340,23 @@ def trace_to_legacy_program(
         names = [getattr(value, "name", None) for value in inputs]
         record.calls.append((names, getattr(outputs, "name", None)))
 
+    def record_lstm_call(layer: paddle.nn.Layer, inputs: tuple, kwargs: dict) -> None:
+        # paddle.nn.LSTM.forward(inputs, initial_states=None, sequence_length=None)
+        arguments = dict(zip(("inputs", "initial_states", "sequence_length"), inputs), **kwargs)
+        by_layer[id(layer)].fp32_calls.append(
+            fp32_call_reason(arguments.get("initial_states"), arguments.get("sequence_length"))
+        )
+
     handles = [
         layer.register_forward_post_hook(record_call)
         for layer in export_model.sublayers()
         if id(layer) in by_layer
+    ]
+    handles += [
+        layer.register_forward_pre_hook(record_lstm_call, with_kwargs=True)
+        for layer in export_model.sublayers()
+        if id(layer) in by_layer and isinstance(layer, paddle.nn.LSTM)
+        and by_layer[id(layer)].weight_name is not None
     ]
     try:
         with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
