@@ -1,8 +1,10 @@
-"""What the ``paddle.matmul`` router of :mod:`imperative_ptq.functional_matmul` costs a model
-that has no sites: the fp32 forward of an ``nn.TransformerEncoder`` (whose attention calls
-``paddle.tensor.matmul``) and of an x2paddle-style block (``paddle.matmul`` on parameters,
-which the router inspects before passing them on), with Paddle's own functions and with the
-router installed, interleaved round by round in one process; medians in ms per forward.
+"""What the ``paddle.matmul`` / ``F.linear`` routers of :mod:`imperative_ptq.functional_matmul`
+cost a model that has no sites: the fp32 forward of an ``nn.TransformerEncoder`` (whose
+attention calls ``paddle.tensor.matmul`` and whose ``nn.Linear`` layers call ``F.linear``) and
+of an x2paddle-style block (``paddle.matmul`` on parameters, which the router inspects before
+passing them on), with Paddle's own functions and with the routers installed (every binding
+``install`` replaced: ``functional_matmul.routed_bindings``), interleaved round by round in
+one process; medians in ms per forward.
 
 Usage: python benchmarks/matmul_routing.py [--rounds 8] [--iters 50]
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -20,8 +21,6 @@ import paddle
 
 from imperative_ptq import cpu_info
 from imperative_ptq import functional_matmul
-
-_MODULES = ("paddle", "paddle.tensor", "paddle.tensor.linalg")
 
 
 class ParameterBlock(paddle.nn.Layer):
@@ -61,19 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     for model, _ in models.values():
         model.eval()
-    originals = {name: sys.modules[name].matmul for name in _MODULES}
     functional_matmul.install()
-    routed = {name: sys.modules[name].matmul for name in _MODULES}
+    bindings = functional_matmul.routed_bindings()
     times: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
         order = ("paddle", "routed") if round_ % 2 else ("routed", "paddle")
         for engine in order:
-            for name, function in (originals if engine == "paddle" else routed).items():
-                sys.modules[name].matmul = function
+            for owner, attribute, original, router in bindings:
+                setattr(owner, attribute, original if engine == "paddle" else router)
             for label, (model, x) in models.items():
                 times.setdefault((label, engine), []).append(_timed(lambda: model(x), args.iters))
-    for name, function in routed.items():
-        sys.modules[name].matmul = function
+    for owner, attribute, _, router in bindings:
+        setattr(owner, attribute, router)
     print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__}")
     print("| model | Paddle's matmul ms | routed ms | routed / Paddle |")
     print("|---|---:|---:|---:|")

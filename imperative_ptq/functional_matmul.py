@@ -1,23 +1,31 @@
-"""Functional ``paddle.matmul(x, weight)`` calls, calibrated and quantized as Linear layers.
+"""Functional ``paddle.matmul(x, weight)`` and ``F.linear(x, weight, bias)`` calls, calibrated
+and quantized as Linear layers.
 
 Models converted with x2paddle (and many hand-written ones) multiply by a parameter with
-``paddle.matmul(x, self.weight)`` instead of calling an ``nn.Linear``, so no forward hook sees
-the model's largest GEMMs. :func:`install` puts :func:`route_matmul` in place of
-``paddle.matmul``; it passes every call through unchanged except one whose ``y`` is a
-parameter of the calling layer (the ``self`` of the ``forward`` that made the call):
+``paddle.matmul(x, self.weight)``, ``x.matmul(self.weight)``, ``x @ self.weight`` or
+``F.linear(x, self.weight, self.bias)`` instead of calling an ``nn.Linear``, so no forward hook
+sees the model's largest GEMMs. :func:`install` puts :func:`route_matmul` in place of
+``paddle.matmul`` (and of the ``Tensor.matmul`` method and the ``@`` operator) and
+:func:`route_linear` in place of ``F.linear``; they pass every call through unchanged except
+one whose weight is a parameter of the calling layer (the ``self`` of the ``forward`` that made
+the call, unless that layer is one the hooks calibrate, such as the ``nn.Linear`` whose
+``forward`` calls ``F.linear``):
 
 * while the model is being calibrated, the first such call adds a :class:`MatmulSite` to the
-  calling layer: a bias-free ``nn.Linear`` holding a copy of the weight (transposed for
-  ``transpose_y=True``), named ``<parameter>_matmul``, put under calibration like any other
-  layer (and mirrored into the fp32 reference the accuracy algorithms compare with);
-* from then on every call with that parameter runs the site instead, so calibration, the
-  table, ``convert`` (which wraps the site like any Linear), ``analyze`` and the export's
-  trace all see an ordinary Linear layer (an fc in Paddle Inference's int8 pipeline).
+  calling layer: an ``nn.Linear`` holding a copy of the weight (transposed for
+  ``transpose_y=True``) and of ``F.linear``'s bias when that is a parameter of the layer too
+  (else the bias is added after the site), named ``<parameter>_matmul``, put under calibration
+  like any other layer (and mirrored into the fp32 reference the accuracy algorithms compare
+  with);
+* from then on every such call runs the site instead, so calibration, the table, ``convert``
+  (which wraps the site like any Linear), ``analyze`` and the export's trace all see an
+  ordinary Linear layer (an fc in Paddle Inference's int8 pipeline).
 
 Limits: only calls made directly in a layer's ``forward`` (or a function it calls, a few frames
 deep) on one of that layer's own parameters are seen; a 2-D float32 weight; ``transpose_x``
-and other matmuls stay fp32 (with a warning when a parameter is involved). Sites appear at
-the first calibration forward, so a table or statistics file is loaded after one batch.
+and other matmuls stay fp32 (with a warning when a parameter is involved); ``F.linear`` of
+two activations is not routed. Sites appear at the first calibration forward, so a table or
+statistics file is loaded after one batch.
 """
 
 from __future__ import annotations
@@ -33,13 +41,14 @@ import numpy as np
 import paddle
 
 from .quant_layers import QuantizedLayer, QuantizedMatmul
+from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
 
 __all__ = [
     "ActivationMatmul", "MatmulSite", "activation_sites", "has_own_matrices", "install",
-    "matmul_sites", "mirror_sites",
-    "missing_site_hint", "route_matmul", "with_matmul_sites",
+    "matmul_sites", "mirror_sites", "missing_site_hint", "route_linear", "route_matmul",
+    "routed_bindings", "with_matmul_sites",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,15 +59,26 @@ _MAX_FRAMES = 4
 _SITE_SUFFIX = "_matmul"
 #: Modules whose ``matmul`` attribute :func:`install` replaces.
 _MODULES = ("paddle", "paddle.tensor", "paddle.tensor.linalg")
+#: Modules whose ``linear`` attribute :func:`install` replaces (``nn.Linear`` calls it as
+#: ``F.linear``).
+_LINEAR_MODULES = ("paddle.nn.functional", "paddle.nn.functional.common")
 
 
-def _signature(x: Any, y: Any, transpose_x: bool = False, transpose_y: bool = False,
-               name: str | None = None) -> None:
+def _matmul_signature(x: Any, y: Any, transpose_x: bool = False, transpose_y: bool = False,
+                      name: str | None = None) -> None:
     """``paddle.matmul``'s arguments."""
 
 
-_ARGUMENTS = inspect.signature(_signature)
+def _linear_signature(x: Any, weight: Any, bias: Any = None, name: str | None = None) -> None:
+    """``F.linear``'s arguments."""
+
+
+_MATMUL_ARGUMENTS = inspect.signature(_matmul_signature)
+_LINEAR_ARGUMENTS = inspect.signature(_linear_signature)
 _original_matmul: Callable[..., Any] | None = None
+_original_linear: Callable[..., Any] | None = None
+#: ``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install` made.
+_BINDINGS: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
 #: Layers with :class:`ActivationMatmul` sites (each adds itself when its forward starts).
 _ACTIVATION_CALLERS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
 #: Whether a :class:`MatmulSite` was made in this process (its copies need one made first).
@@ -68,32 +88,65 @@ _ACTIVATION_CALLS: "weakref.WeakKeyDictionary[paddle.nn.Layer, int]" = weakref.W
 
 
 class MatmulSite(paddle.nn.Linear):
-    """A functional ``paddle.matmul(x, parameter)`` call as a bias-free Linear layer.
+    """A functional ``paddle.matmul(x, parameter)`` or ``F.linear(x, parameter, bias)`` call
+    as a Linear layer.
 
     Args:
         weight: The ``[in, out]`` weight (the parameter, transposed for ``transpose_y``).
         parameter_path: The parameter's name relative to the calling layer.
         transpose_y: Whether the call passed ``transpose_y=True``.
+        bias: ``F.linear``'s bias when it is a parameter of the calling layer, else ``None``
+            (a bias-free Linear).
+        bias_path: That bias parameter's name relative to the calling layer.
     """
 
-    def __init__(self, weight: np.ndarray, parameter_path: str, transpose_y: bool) -> None:
+    def __init__(
+        self, weight: np.ndarray, parameter_path: str, transpose_y: bool,
+        bias: np.ndarray | None = None, bias_path: str | None = None,
+    ) -> None:
         global _SITES_MADE
         _SITES_MADE = True
-        super().__init__(weight.shape[0], weight.shape[1], bias_attr=False)
+        super().__init__(weight.shape[0], weight.shape[1], bias_attr=None if bias is not None else False)
         with paddle.no_grad():
             self.weight.set_value(weight)
+            if bias is not None:
+                self.bias.set_value(bias)
         self.parameter_path = parameter_path
         self.transpose_y = transpose_y
+        self.bias_path = bias_path
 
     @classmethod
-    def from_parameter(cls, parameter: paddle.Tensor, path: str, transpose_y: bool) -> "MatmulSite":
-        """The site of ``matmul(x, parameter, transpose_y=transpose_y)``."""
+    def from_caller(
+        cls, caller: paddle.nn.Layer, path: str, transpose_y: bool, bias_path: str | None = None
+    ) -> "MatmulSite | None":
+        """The site of ``caller``'s ``matmul(x, <path>, transpose_y=...)`` (``F.linear(x,
+        <path>, <bias_path>)``), built from its parameters; ``None`` if it lacks them."""
+        parameter = _resolve(caller, path)
+        bias = None if bias_path is None else _resolve(caller, bias_path)
+        if not isinstance(parameter, paddle.Tensor) or (bias_path is not None and not isinstance(bias, paddle.Tensor)):
+            return None
         weight = parameter.numpy()
-        return cls(np.ascontiguousarray(weight.T) if transpose_y else weight, path, transpose_y)
+        return cls(
+            np.ascontiguousarray(weight.T) if transpose_y else weight, path, transpose_y,
+            None if bias is None else bias.numpy(), bias_path,
+        )
+
+    def runs(self, caller: paddle.nn.Layer, y: Any, transpose_y: bool, bias: Any) -> bool:
+        """Whether this site of ``caller`` computes ``matmul(x, y, transpose_y=...)``, or
+        ``F.linear(x, y, bias)`` with ``bias`` a parameter (else ``None``)."""
+        if self.transpose_y != transpose_y or _resolve(caller, self.parameter_path) is not y:
+            return False
+        if self.bias_path is None:
+            return bias is None
+        return _resolve(caller, self.bias_path) is bias
 
     def extra_repr(self) -> str:
         flags = ", transpose_y=True" if self.transpose_y else ""
-        return f"matmul(x, {self.parameter_path}{flags}), {super().extra_repr()}"
+        call = (
+            f"matmul(x, {self.parameter_path}{flags})" if self.bias_path is None
+            else f"linear(x, {self.parameter_path}, {self.bias_path})"
+        )
+        return f"{call}, {super().extra_repr()}"
 
 
 class ActivationMatmul(paddle.nn.Layer):
@@ -123,24 +176,39 @@ PTQRegistry.register(ActivationMatmul, ("X", "Y"), ("Out",), multiplies_inputs=T
 
 
 def install() -> None:
-    """Puts :func:`route_matmul` in place of ``paddle.matmul`` and of the ``@`` operator
-    (idempotent).
+    """Puts :func:`route_matmul` in place of ``paddle.matmul``, the ``Tensor.matmul`` method and
+    the ``@`` operator, and :func:`route_linear` in place of ``F.linear`` (idempotent).
 
-    ``paddle.matmul`` and ``paddle.tensor.matmul`` (which ``nn.MultiHeadAttention`` calls)
-    both run ``_C_ops.matmul``; ``Tensor.__matmul__`` (and the legacy static ``Variable``'s, which
-    the export traces) keep their own implementation. Every call not routed goes to the
-    original, so models without sites run as before.
+    ``paddle.matmul``, ``paddle.tensor.matmul`` (which ``nn.MultiHeadAttention`` calls) and
+    ``Tensor.matmul`` are one function; ``Tensor.__matmul__`` (and the legacy static
+    ``Variable``'s, which the export traces) keep their own implementation, and the legacy
+    ``Variable.matmul`` becomes ``paddle.matmul`` (Paddle 3.3.1 binds it to a PIR-only
+    function). Every call not routed goes to the original, so models without sites run as
+    before.
     """
-    global _original_matmul
+    global _original_matmul, _original_linear
     if _original_matmul is not None:
         return
     _original_matmul = paddle.matmul
-    for module_name in _MODULES:
-        module = sys.modules.get(module_name)
-        if module is not None and callable(getattr(module, "matmul", None)):
-            module.matmul = route_matmul
+    _original_linear = paddle.nn.functional.linear
+    bindings = [
+        *((sys.modules.get(name), "matmul", route_matmul) for name in _MODULES),
+        *((sys.modules.get(name), "linear", route_linear) for name in _LINEAR_MODULES),
+    ]
     for tensor_type in (paddle.Tensor, paddle.static.Variable):
-        tensor_type.__matmul__ = _routed_operator(tensor_type.__matmul__)
+        bindings.append((tensor_type, "matmul", route_matmul))
+        bindings.append((tensor_type, "__matmul__", _routed_operator(tensor_type.__matmul__)))
+    for owner, attribute, router in bindings:
+        original = getattr(owner, attribute, None)
+        if callable(original):
+            _BINDINGS.append((owner, attribute, original, router))
+            setattr(owner, attribute, router)
+
+
+def routed_bindings() -> list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]]:
+    """``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install`
+    replaced (empty before it ran): what a comparison with Paddle's own functions swaps."""
+    return list(_BINDINGS)
 
 
 def _routed_operator(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -155,45 +223,61 @@ def _routed_operator(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any]
 
 @paddle.jit.not_to_static
 def route_matmul(*args: Any, **kwargs: Any) -> Any:
-    """``paddle.matmul``, running a call on a parameter of the calling layer through its
-    :class:`MatmulSite` and a matmul of two activations through its
+    """``paddle.matmul`` (and ``x.matmul(y)``), running a call on a parameter of the calling
+    layer through its :class:`MatmulSite` and a matmul of two activations through its
     :class:`ActivationMatmul` (both added while the model is calibrated)."""
     return _route(_original_matmul, args, kwargs)
 
 
-def _route(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """A matmul through its site, else ``original(*args, **kwargs)``."""
-    y = args[1] if len(args) > 1 else kwargs.get("y")
+@paddle.jit.not_to_static
+def route_linear(*args: Any, **kwargs: Any) -> Any:
+    """``F.linear``, running a call on a parameter of the calling layer through its
+    :class:`MatmulSite` (added while the model is calibrated)."""
+    return _route(_original_linear, args, kwargs, _LINEAR_ARGUMENTS)
+
+
+def _route(
+    original: Callable[..., Any], args: tuple, kwargs: dict,
+    signature: inspect.Signature = _MATMUL_ARGUMENTS,
+) -> Any:
+    """A matmul (or ``F.linear``: ``signature``) through its site, else
+    ``original(*args, **kwargs)``."""
+    linear = signature is _LINEAR_ARGUMENTS
+    y = args[1] if len(args) > 1 else kwargs.get("weight" if linear else "y")
     on_parameter = getattr(y, "persistable", False) is True
-    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS) and not any_discovering():
+    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS and not linear) and not any_discovering():
         return original(*args, **kwargs)  # no site can exist for it
+    caller = _calling_layer()
+    if caller is None or not (on_parameter or not linear):
+        return original(*args, **kwargs)
     try:
-        bound = _ARGUMENTS.bind(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
     except TypeError:
         return original(*args, **kwargs)
-    x = bound.arguments["x"]
-    transpose_x = bool(bound.arguments.get("transpose_x", False))
-    transpose_y = bool(bound.arguments.get("transpose_y", False))
-    caller = _calling_layer()
-    if caller is None:
-        return original(*args, **kwargs)
+    x = arguments["x"]
+    transpose_x = bool(arguments.get("transpose_x", False))
+    transpose_y = bool(arguments.get("transpose_y", False))
     if on_parameter:
-        site = None if transpose_x else _parameter_site(caller, x, y, transpose_y)
-        return original(*args, **kwargs) if site is None else site(x)
+        bias = arguments.get("bias")
+        own_bias = bias if getattr(bias, "persistable", False) is True else None
+        site = None if transpose_x else _parameter_site(caller, x, y, transpose_y, own_bias)
+        if site is None:
+            return original(*args, **kwargs)
+        return site(x) if bias is None or own_bias is not None else site(x) + bias
     site = _activation_site(caller, x, y, transpose_x, transpose_y)
     return original(*args, **kwargs) if site is None else site(x, y)
 
 
 def _parameter_site(
-    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool
+    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool, bias: Any
 ) -> paddle.nn.Layer | None:
-    """The caller's :class:`MatmulSite` for ``matmul(x, y)``, added if its model is being
-    calibrated; ``None``: the call runs as it is."""
+    """The caller's :class:`MatmulSite` for ``matmul(x, y)`` (``F.linear(x, y, bias)``, the
+    bias a parameter or ``None``), added if its model is being calibrated; ``None``: the call
+    runs as it is."""
     for _, child in matmul_sites(caller):
-        site = _inner(child)
-        if site.transpose_y == transpose_y and _resolve(caller, site.parameter_path) is y:
+        if _inner(child).runs(caller, y, transpose_y, bias):
             return child
-    return _discover(caller, x, y, transpose_y)
+    return _discover(caller, x, y, transpose_y, bias)
 
 
 def _activation_site(
@@ -264,8 +348,9 @@ def missing_site_hint(layer_name: str) -> str:
     if not layer_name.endswith(_SITE_SUFFIX):
         return ""
     return (
-        f" (a functional paddle.matmul becomes a layer named '<parameter>{_SITE_SUFFIX}' at "
-        f"the first calibration forward: run one batch through the model, then load)"
+        f" (a functional paddle.matmul or F.linear becomes a layer named "
+        f"'<parameter>{_SITE_SUFFIX}' at the first calibration forward: run one batch through "
+        f"the model, then load)"
     )
 
 
@@ -294,7 +379,10 @@ def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
-    """The ``self`` of the nearest ``forward``-like frame above this module's functions."""
+    """The ``self`` of the nearest ``forward``-like frame above this module's functions;
+    ``None`` when there is none or it is a layer the hooks calibrate themselves (an
+    ``nn.Linear`` calling ``F.linear``, a site, a simulated layer): their calls are their
+    own implementation."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_globals is globals():
         frame = frame.f_back
@@ -302,9 +390,11 @@ def _calling_layer() -> paddle.nn.Layer | None:
         if frame is None:
             return None
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, paddle.nn.Layer) and not isinstance(
-            candidate, (MatmulSite, ActivationMatmul, QuantizedMatmul, QuantizedLayer)
-        ):
+        if isinstance(candidate, paddle.nn.Layer):
+            if isinstance(
+                candidate, (ActivationMatmul, QuantizedMatmul, QuantizedLayer, QuantizedLSTM)
+            ) or PTQRegistry.is_simulated_quant_layer(candidate):
+                return None
             return candidate
         frame = frame.f_back
     return None
@@ -327,24 +417,29 @@ def _parameter_path(caller: paddle.nn.Layer, y: Any) -> str | None:
 
 
 def _discover(
-    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool
+    caller: paddle.nn.Layer, x: Any, y: Any, transpose_y: bool, bias: Any
 ) -> paddle.nn.Layer | None:
-    """Adds a site for ``matmul(x, y)`` to ``caller`` if its model is being calibrated."""
+    """Adds a site for ``matmul(x, y)`` (``F.linear(x, y, bias)``, the bias a parameter or
+    ``None``) to ``caller`` if its model is being calibrated."""
     session = discovering_session(caller)
     if session is None:
         return None
     path = _parameter_path(caller, y)
-    if path is None:
+    bias_path = None if bias is None else _parameter_path(caller, bias)
+    if path is None or (bias is not None and bias_path is None):
         return None
     caller_name = session.sublayer_name(caller)
-    where = f"paddle.matmul(x, {_qualified(caller_name, path)})"
-    reason = _unsupported(x, y)
+    where = (
+        f"paddle.matmul(x, {_qualified(caller_name, path)})" if bias is None
+        else f"F.linear(x, {_qualified(caller_name, path)}, {_qualified(caller_name, bias_path)})"
+    )
+    reason = _unsupported(x, y, bias)
     if reason is not None:
         if session.note_refused(where):
             logger.warning("%s stays fp32: %s", where, reason)
         return None
     attribute = _free_attribute(caller, path.replace(".", "_") + _SITE_SUFFIX)
-    site = MatmulSite.from_parameter(y, path, transpose_y)
+    site = MatmulSite.from_caller(caller, path, transpose_y, bias_path)
     caller.add_sublayer(attribute, site)
     if session.reference is not None:
         reference_caller = dict(session.reference.named_sublayers(include_self=True)).get(caller_name)
@@ -356,11 +451,13 @@ def _discover(
     return site
 
 
-def _unsupported(x: Any, y: Any) -> str | None:
+def _unsupported(x: Any, y: Any, bias: Any = None) -> str | None:
     if y.dtype != paddle.float32 or len(y.shape) != 2:
         return f"only 2-D float32 weights are quantized (got {list(y.shape)} {y.dtype})"
     if not isinstance(x, paddle.Tensor) or x.dtype != paddle.float32 or len(x.shape) < 2:
         return "only float32 inputs of rank >= 2 are quantized"
+    if bias is not None and (bias.dtype != paddle.float32 or list(bias.shape) != [y.shape[1]]):
+        return f"only a float32 bias of shape [{y.shape[1]}] is kept (got {list(bias.shape)} {bias.dtype})"
     return None
 
 
@@ -397,13 +494,13 @@ def mirror_sites(source: paddle.nn.Layer, target: paddle.nn.Layer) -> int:
 
 def _mirror_site(caller: paddle.nn.Layer, attribute: str, site: MatmulSite) -> bool:
     """Adds to ``caller`` (of an fp32 model) an fp32 copy of ``site`` built from its own
-    parameter, unless it has one; whether it was added."""
-    parameter = _resolve(caller, site.parameter_path)
-    if attribute in caller._sub_layers or not isinstance(parameter, paddle.Tensor):
+    parameters, unless it has one; whether it was added."""
+    if attribute in caller._sub_layers:
         return False
-    caller.add_sublayer(
-        attribute, MatmulSite.from_parameter(parameter, site.parameter_path, site.transpose_y)
-    )
+    mirrored = MatmulSite.from_caller(caller, site.parameter_path, site.transpose_y, site.bias_path)
+    if mirrored is None:
+        return False
+    caller.add_sublayer(attribute, mirrored)
     return True
 
 

@@ -1,9 +1,11 @@
-"""Functional ``paddle.matmul(x, self.weight)`` calls (the form x2paddle writes) are calibrated,
-simulated and exported as Linear layers: the same model written with ``nn.Linear`` is the
-reference, and Paddle Inference and ONNX Runtime compute what the simulation does."""
+"""Functional ``paddle.matmul(x, self.weight)`` calls (the form x2paddle writes), and the same
+products written ``x.matmul(self.weight)`` or ``F.linear(x, self.weight, self.bias)``, are
+calibrated, simulated and exported as Linear layers: the same model written with ``nn.Linear``
+is the reference, and Paddle Inference and ONNX Runtime compute what the simulation does."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -28,25 +30,70 @@ class FunctionalBlock(paddle.nn.Layer):
         self.b_in = self.create_parameter([HIDDEN], is_bias=True)
         self.w_out = self.create_parameter([WIDTH, HIDDEN])
 
+    #: Whether the first product's site holds ``b_in`` (``F.linear``'s bias).
+    bias_inside = False
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         hidden = paddle.nn.functional.relu(paddle.matmul(x, self.w_in) + self.b_in)
         return x + paddle.matmul(hidden, self.w_out, transpose_y=True)
 
+    @staticmethod
+    def product(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+        """``x`` times a parameter, written the way this block writes it."""
+        return paddle.matmul(x, weight)
+
+
+class MethodBlock(FunctionalBlock):
+    """:class:`FunctionalBlock` written with the ``Tensor.matmul`` method."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(x.matmul(self.w_in) + self.b_in)
+        return x + hidden.matmul(self.w_out, transpose_y=True)
+
+    @staticmethod
+    def product(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+        return x.matmul(weight)
+
+
+class LinearFunctionBlock(FunctionalBlock):
+    """:class:`FunctionalBlock` with ``F.linear`` where it can be: its first product with the
+    bias (which the site then holds), the head without one."""
+
+    bias_inside = True
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(paddle.nn.functional.linear(x, self.w_in, self.b_in))
+        return x + paddle.matmul(hidden, self.w_out, transpose_y=True)
+
+    @staticmethod
+    def product(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.linear(x, weight)
+
+
+#: How a block multiplies by its parameters -> the block.
+STYLES = {"paddle.matmul": FunctionalBlock, "Tensor.matmul": MethodBlock, "F.linear": LinearFunctionBlock}
+
 
 class LinearBlock(paddle.nn.Layer):
-    """:class:`FunctionalBlock` written with ``nn.Linear`` layers (the reference)."""
+    """:class:`FunctionalBlock` (or a subclass) written with ``nn.Linear`` layers (the
+    reference)."""
 
     def __init__(self, functional: FunctionalBlock) -> None:
         super().__init__()
-        self.w_in_matmul = paddle.nn.Linear(WIDTH, HIDDEN, bias_attr=False)
+        self.bias_inside = functional.bias_inside
+        self.w_in_matmul = paddle.nn.Linear(WIDTH, HIDDEN, bias_attr=None if self.bias_inside else False)
         self.w_in_matmul.weight.set_value(functional.w_in.numpy())
-        self.b_in = self.create_parameter([HIDDEN], is_bias=True)
-        self.b_in.set_value(functional.b_in.numpy())
+        if self.bias_inside:
+            self.w_in_matmul.bias.set_value(functional.b_in.numpy())
+        else:
+            self.b_in = self.create_parameter([HIDDEN], is_bias=True)
+            self.b_in.set_value(functional.b_in.numpy())
         self.w_out_matmul = paddle.nn.Linear(HIDDEN, WIDTH, bias_attr=False)
         self.w_out_matmul.weight.set_value(functional.w_out.numpy().T)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        hidden = paddle.nn.functional.relu(self.w_in_matmul(x) + self.b_in)
+        product = self.w_in_matmul(x)
+        hidden = paddle.nn.functional.relu(product if self.bias_inside else product + self.b_in)
         return x + self.w_out_matmul(hidden)
 
 
@@ -61,12 +108,12 @@ class Net(paddle.nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         for block in self.blocks:
             x = block(x)
-        return paddle.matmul(x.mean(axis=1), self.head)
+        return self.blocks[0].product(x.mean(axis=1), self.head)
 
 
-def _functional_net() -> Net:
+def _functional_net(style: str = "paddle.matmul") -> Net:
     paddle.seed(0)
-    model = Net()
+    model = Net([STYLES[style](), STYLES[style]()])
     model.eval()
     return model
 
@@ -116,8 +163,9 @@ def _converted(model: paddle.nn.Layer, target: str = "x86", shift: float | None 
     return ptq, quantized, table
 
 
-def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_function() -> None:
-    model = _functional_net()
+@pytest.mark.parametrize("style", STYLES)
+def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_function(style) -> None:
+    model = _functional_net(style)
     before = [name for name, _ in model.named_sublayers()]
     x = paddle.to_tensor(_batches(1, seed=5)[0])
     expected = model(x).numpy()
@@ -137,9 +185,10 @@ def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_functi
     np.testing.assert_array_equal(paddle.matmul(paddle.to_tensor(a), paddle.to_tensor(b)).numpy(), a @ b)
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
-def test_simulation_equals_the_same_model_written_with_linear_layers(target) -> None:
-    functional = _functional_net()
+def test_simulation_equals_the_same_model_written_with_linear_layers(target, style) -> None:
+    functional = _functional_net(style)
     reference = LinearNet(functional)
     reference.eval()
     _, quantized, table = _converted(functional, target, shift=1.0)
@@ -173,11 +222,12 @@ def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_p
     )
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target, shift", [("x86", 0.0), ("x86-vnni", None)], ids=["x86", "vnni"])
-def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, tmp_path) -> None:
+def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, style, tmp_path) -> None:
     if target == "x86-vnni" and not ip.cpu_info().vnni:
         pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
-    functional = _functional_net()
+    functional = _functional_net(style)
     reference = LinearNet(functional)
     reference.eval()
     simulated, inference, onnx_out, report, int8_layers = _run_exports(
@@ -302,7 +352,7 @@ def test_functional_matmuls_on_avx2_kernels() -> None:
     summary = pytest_on_avx2_kernels(
         __file__, "paddle_inference_and_onnx or bias_free or two_activations_run"
     )
-    assert "3 passed, 2 skipped" in summary
+    assert "5 passed, 4 skipped" in summary
 
 
 def test_analyze_and_keep_fp32_pair_the_matmuls_with_the_fp32_model() -> None:
@@ -496,3 +546,97 @@ def test_an_attention_called_twice_runs_what_the_simulation_computes(tmp_path) -
             float(get_tensor(loaded, writers[op.input("X")[0]].input("Scale")[0])[0]) for op in scores
         ]
     assert len(q_scales) == 2 and q_scales[0] == q_scales[1], q_scales
+
+
+class ComputedBias(paddle.nn.Layer):
+    """``F.linear`` whose bias is computed, not a parameter: the site is bias-free and the bias
+    is added after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = self.create_parameter([WIDTH, CLASSES])
+        self.b = self.create_parameter([CLASSES], is_bias=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.linear(x, self.w, self.b * 2.0)
+
+
+class ComputedBiasReference(paddle.nn.Layer):
+    def __init__(self, functional: ComputedBias) -> None:
+        super().__init__()
+        self.w_matmul = paddle.nn.Linear(WIDTH, CLASSES, bias_attr=False)
+        self.w_matmul.weight.set_value(functional.w.numpy())
+        self.b = self.create_parameter([CLASSES], is_bias=True)
+        self.b.set_value(functional.b.numpy())
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.w_matmul(x) + self.b * 2.0
+
+
+def test_f_linear_with_a_computed_bias_adds_it_after_the_site() -> None:
+    paddle.seed(0)
+    functional = ComputedBias()
+    functional.b.set_value(np.linspace(-1, 1, CLASSES).astype(np.float32))
+    functional.eval()
+    reference = ComputedBiasReference(functional)
+    reference.eval()
+    x = paddle.to_tensor(_batches(1, seed=3, shift=0.0)[0])
+    expected = functional(x).numpy()
+    _, quantized, table = _converted(functional, shift=0.0)
+    _, reference_quantized, reference_table = _converted(reference, shift=0.0)
+    assert list(table) == ["w_matmul"] and table == reference_table
+    np.testing.assert_allclose(quantized(x).numpy(), reference_quantized(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert _cosine(quantized(x).numpy(), expected) > 0.99
+
+
+class EveryForm(paddle.nn.Layer):
+    """Every form the routers see, in a model that is not being calibrated: an ``nn.Linear``
+    (which calls ``F.linear``), ``F.linear`` with and without a bias, ``paddle.matmul``,
+    ``Tensor.matmul``, ``@``, and matmuls of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = paddle.nn.Linear(WIDTH, HIDDEN)
+        self.w = self.create_parameter([HIDDEN, HIDDEN])
+        self.b = self.create_parameter([HIDDEN], is_bias=True)
+        self.w_out = self.create_parameter([HIDDEN, WIDTH])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = self.linear(x)
+        h = (
+            paddle.nn.functional.linear(h, self.w, self.b) + paddle.matmul(h, self.w)
+            + h.matmul(self.w, transpose_y=True) + h @ self.w
+        )
+        scores = paddle.matmul(h, h, transpose_y=True)
+        return paddle.nn.functional.linear(scores.matmul(h), self.w_out)
+
+
+@pytest.mark.parametrize("mode", ["dygraph", "to_static"])
+def test_calls_that_are_not_routed_are_bit_exact(mode) -> None:
+    """With sites made in the process (so the routers look at every call on a parameter), a
+    model without sites computes exactly what it computes with Paddle's own functions."""
+    from imperative_ptq.functional_matmul import routed_bindings, route_linear, route_matmul
+
+    _converted(_functional_net("F.linear"), shift=0.0)
+    assert paddle.matmul is route_matmul and paddle.nn.functional.linear is route_linear
+    assert paddle.Tensor.matmul is route_matmul
+    paddle.seed(1)
+    model = EveryForm()
+    model.eval()
+    x = paddle.to_tensor(_batches(1, seed=4)[0])
+
+    def run() -> np.ndarray:
+        copied = copy.deepcopy(model)
+        return (paddle.jit.to_static(copied) if mode == "to_static" else copied)(x).numpy()
+
+    routed = run()
+    bindings = routed_bindings()
+    for owner, attribute, original, _ in bindings:
+        setattr(owner, attribute, original)
+    try:
+        plain = run()
+    finally:
+        for owner, attribute, _, router in bindings:
+            setattr(owner, attribute, router)
+    np.testing.assert_array_equal(routed, plain)
+    assert not any(name.endswith("_matmul") for name, _ in model.named_sublayers())
