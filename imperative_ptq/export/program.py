@@ -32,6 +32,7 @@ from .rnn_fusion import fuse_lstm_ops
 from .tracing import LayerRecord
 from .unsigned import (
     FusedReluClips,
+    gemm_output,
     clip_fused_relus,
     insert_clip_relu,
     relu_after_residual_conv,
@@ -388,7 +389,7 @@ def quantize_program(
 
     _quantize_activation_matmuls(loaded, records, written, dequantized_inputs)
     _align_pooled_scales(block, rectified, outputs)
-    _keep_average_pools_fp32(block, outputs)
+    _keep_average_pools_fp32(block, outputs, records)
     _isolate_fp32_weight_op_outputs(loaded)
     kept = unscale_fp32_layer_inputs(block, outputs, isolate_concats=True)
     written.fp32_layers = _fp32_layers(weights, written)
@@ -648,10 +649,12 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
     return done
 
 
-def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, float]) -> int:
+def _keep_average_pools_fp32(
+    block: "paddle.static.Block", outputs: dict[str, float], records: Sequence[LayerRecord]
+) -> int:
     """Runs average pools in fp32: drops the scales around each and puts an identity ``clip``
-    between it and its readers. A global pool feeding a classifier head (flatten -> fc) is
-    left as Paddle runs it.
+    between it and its readers. The global pools the simulation runs in int8 (a record with
+    ``pooled_input_threshold``, see :mod:`imperative_ptq.quant_pool`) stay int8 instead.
 
     An average pool computes ``mean(x)`` and the int8 op after it quantizes that, as the
     simulation does; but Paddle Inference moves such a quantize op in front of a pool (its
@@ -664,15 +667,32 @@ def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, fl
     Returns:
         How many pools are kept fp32.
     """
-    reading = readers(block)
+    int8_pools = _int8_pools(records)
+    reading, writers = readers(block), producers(block)
     kept = 0
     for op in list(block.ops):
         if op.type != "pool2d" or op.attr("pooling_type") != "avg":
             continue
         out = op.output("Out")[0]
-        if _global_pool(op) and any(reader.type in _HEAD_OPS for reader in reading.get(out, [])):
-            # fp32 there made ResNet-18 1.5x slower (18.0 vs 12.0 ms at batch 8, measured in
-            # one run) for the same cosine to the simulation (0.9984).
+        threshold = int8_pools.get(out)
+        if threshold is not None and _global_pool(op):
+            # Keeping it fp32 made ResNet-18 1.5x slower (18.0 vs 12.0 ms at batch 8, measured
+            # in one run): the pool averages the u8 codes of the ReLU before it, with the
+            # threshold the simulation used; its output keeps the same grid.
+            source = op.input("X")[0]
+            if not _writes_u8(block, source, writers):
+                # oneDNN has no s8 -> u8 pool (the predictor failed to build it). The s8
+                # tensor clips at the threshold (codes 0..127 where the simulation keeps
+                # 0..255); without a scale the residual conv runs fp32 (measured on a block
+                # with a downsample branch before the pool: 2.5% and 2.0% relative error).
+                logger.warning(
+                    "pool %s reads a ReLU output that Paddle Inference writes as s8 (a residual "
+                    "add of two conv outputs before it): it averages codes clipped at the "
+                    "threshold, where the simulation keeps codes up to 255", out,
+                )
+                source = _rectify_input(block, op, source)
+            outputs[source] = threshold
+            outputs[out] = threshold
             continue
         for name in op.input("X") + op.output("Out"):
             outputs.pop(name, None)
@@ -683,8 +703,42 @@ def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, fl
     return kept
 
 
-#: Ops that turn a globally pooled map into a classifier head's features.
-_HEAD_OPS = frozenset({"flatten_contiguous_range", "flatten2", "reshape2", "squeeze2"})
+def _writes_u8(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """Whether Paddle Inference surely writes ``name`` (a ReLU output) as u8.
+
+    A ReLU after a residual add is fused into one of the convs before the add, which then
+    writes its output in the type of the other operand: s8 unless that is a ReLU output
+    (measured: ``src:s8`` into the pool after a block with a downsample branch, where both
+    operands are conv outputs, and oneDNN refused a pool from s8 to u8).
+    """
+    if not runs_unsigned(block, name, writers) or not relu_after_residual_conv(block, name, writers):
+        return runs_unsigned(block, name, writers)
+    add = writers[writers[name].input("X")[0]]
+    operands = [add.input(slot)[0] for slot in ("X", "Y")]
+    convs = [operand for operand in operands if gemm_output(writers, operand)]
+    return len(convs) == 1 and all(
+        runs_unsigned(block, operand, writers) for operand in operands if operand not in convs
+    )
+
+
+def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
+    """Puts a ``relu`` (an identity on a ReLU output) between ``name`` and ``pool``, whose
+    output Paddle Inference runs as u8; returns it."""
+    var = block.var(name)
+    rectified = block.create_var(name=f"{name}.u8_pool", shape=var.shape, dtype=var.dtype)
+    pool._rename_input(name, rectified.name)
+    index = next(i for i, op in enumerate(block.ops) if op is pool)
+    block._insert_op(index, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
+    return rectified.name
+
+
+def _int8_pools(records: Sequence[LayerRecord]) -> dict[str, float]:
+    """Output variable -> input threshold of every pool call the simulation runs int8."""
+    return {
+        output: record.pooled_input_threshold
+        for record in records if record.pooled_input_threshold is not None
+        for _, output in record.calls if output is not None
+    }
 
 
 def _global_pool(op) -> bool:

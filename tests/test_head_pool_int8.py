@@ -1,0 +1,176 @@
+"""The global average pool in front of a classifier head: the simulation averages u8 codes and
+rounds the mean half to even, as Paddle Inference's oneDNN int8 pool does, so the exported
+program (which keeps that pool int8) computes what the simulation does, natively and on AVX2
+kernels; every other average pool runs fp32 in both."""
+
+from __future__ import annotations
+
+import fractions
+
+import numpy as np
+import paddle
+import pytest
+from paddle.vision.models.resnet import BasicBlock
+
+from imperative_ptq.cpu import cpu_info
+from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
+from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
+from avx2_kernels import pytest_on_avx2_kernels
+from models import converted
+
+nn = paddle.nn
+TARGETS = ["x86", "x86-vnni"]
+SIZE = 12
+
+
+def _int8_pool_reference(x: np.ndarray, threshold: float) -> np.ndarray:
+    """oneDNN's u8 global average pool, one value at a time: codes ``round(x / t * 127)``
+    within 0..255, their mean as an exact fraction rounded half to even (Python's ``round``),
+    back on the grid ``t / 127``."""
+    step = np.float32(threshold / 127)
+    batch, channels = x.shape[:2]
+    out = np.zeros([batch, channels, 1, 1], np.float32)
+    for n in range(batch):
+        for c in range(channels):
+            codes = [min(max(int(np.floor(v / step + 0.5)), 0), 255) for v in x[n, c].ravel()]
+            out[n, c, 0, 0] = round(fractions.Fraction(sum(codes), len(codes))) * step
+    return out
+
+
+def test_simulated_pool_equals_the_reference_ties_included() -> None:
+    rng = np.random.default_rng(0)
+    threshold = 1.5
+    step = np.float32(threshold / 127)
+    # Codes off the rounding midpoints; the first sample's maps average to k + 1/2 (ties),
+    # the others have codes below 0 and above the u8 range.
+    codes = rng.integers(-20, 300, size=[3, 5, 4, 4]).astype(np.float32)
+    codes[0] = rng.integers(0, 240, size=[5, 4, 4])
+    codes[0, :, 0, 0] += (8 - codes[0].sum(axis=(1, 2)) % 16) % 16
+    assert (codes[0].sum(axis=(1, 2)) % 16 == 8).all() and codes[0].max() <= 255
+    x = (codes + rng.uniform(-0.3, 0.3, codes.shape).astype(np.float32)) * step
+    pool = QuantizedGlobalAveragePool(nn.AdaptiveAvgPool2D(1), threshold)
+    expected = _int8_pool_reference(x, threshold)
+    np.testing.assert_allclose(pool(paddle.to_tensor(x)).numpy(), expected, rtol=1e-6, atol=0)
+
+
+class _ConvHead(nn.Layer):
+    """conv -> ReLU -> AdaptiveAvgPool2D(1) -> Flatten -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2D(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
+class _ResNetStyle(nn.Layer):
+    """paddle.vision's ResNet layout at a small width: stem, two BasicBlocks (a shared ReLU,
+    the ReLU after the residual add), ``nn.AdaptiveAvgPool2D((1, 1))``, ``paddle.flatten`` and
+    the fc. No downsample branch: after one, Paddle Inference writes the block outputs s8,
+    clipped at their threshold, which the simulation does not model (an open gap that has
+    nothing to do with the pool)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(3, 16, 3, padding=1, bias_attr=False)
+        self.bn1 = nn.BatchNorm2D(16)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.avgpool = nn.AdaptiveAvgPool2D((1, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(paddle.flatten(self.avgpool(x), 1))
+
+
+MODELS = {"conv_head": _ConvHead}
+
+
+def _exported(model_name: str, target: str, tmp_path) -> tuple[paddle.nn.Layer, str, np.ndarray]:
+    paddle.seed(0)
+    model = MODELS[model_name]()
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
+    qmodel = converted(model, batches, target)
+    prefix = str(tmp_path / "m")
+    save_quantized_model(
+        qmodel, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    )
+    return qmodel, prefix, rng.random((16, 3, SIZE, SIZE), np.float32)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
+    """Before the simulation averaged codes: 2.7% (conv_head) off Paddle Inference."""
+    qmodel, prefix, x = _exported(model_name, target, tmp_path)
+    pools = [layer for layer in qmodel.sublayers() if isinstance(layer, QuantizedGlobalAveragePool)]
+    assert len(pools) == 1
+    report = int8_report(prefix)
+    assert report.int8.get("fc") == 1 and not report.fp32, report
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    # Measured 2.5e-7 (conv_head) and ... relative to the largest logit, VNNI and AVX2 kernels.
+    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+
+
+def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
+    """oneDNN's verbose log: the pool reads and writes u8 (the grid the simulation averages)."""
+    import os
+    import subprocess
+    import sys
+
+    _, prefix, x = _exported("conv_head", "x86", tmp_path)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
+        f"predict(create_predictor({prefix!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pools = [line for line in done.stdout.splitlines() if ",exec," in line and ",pooling," in line]
+    assert pools and all("src:u8" in line and "dst:u8" in line for line in pools), pools
+
+
+class _FunctionalHead(nn.Layer):
+    """The same head with the pool and ReLU called functionally (no layer to simulate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(nn.functional.relu(self.conv(x)), 1)
+        return self.fc(paddle.flatten(pooled, 1))
+
+
+def test_a_functional_head_pool_runs_fp32_in_both(tmp_path) -> None:
+    """No layer to simulate it int8: the export keeps that pool fp32 too."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
+    qmodel = converted(_FunctionalHead(), batches, "x86")
+    assert not any(isinstance(layer, QuantizedGlobalAveragePool) for layer in qmodel.sublayers())
+    prefix = str(tmp_path / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+    x = rng.random((16, 3, SIZE, SIZE), np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_head_pool_on_avx2_kernels() -> None:
+    summary = pytest_on_avx2_kernels(__file__, "head_pool_runs_int8 and x86 and not vnni")
+    assert f"{len(MODELS)} passed" in summary, summary
