@@ -64,7 +64,7 @@ def convert_layers(
     kept_fp32: list[str] = []
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
-    int8_linears: list[str] = []
+    int8_layers: list[str] = []
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -138,12 +138,11 @@ def convert_layers(
                 onednn_weights=target.onednn,
             )
             replace_sublayer(model, layer, wrapped)
-            if isinstance(layer, paddle.nn.Linear):
-                int8_linears.append(state.name)
+            int8_layers.append(state.name)
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
     if target.onednn:
-        _simulate_int8_head_pools(model, hooked, table, int8_linears, activation_bits)
+        _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -175,7 +174,7 @@ def _simulate_int8_head_pools(
     model: paddle.nn.Layer,
     hooked: HookedLayers,
     table: CalibrationTable,
-    int8_linears: list[str],
+    int8_layers: list[str],
     activation_bits: int,
 ) -> None:
     """Swaps each global average pool that Paddle Inference runs int8 in front of a classifier
@@ -183,7 +182,7 @@ def _simulate_int8_head_pools(
     pools = int8_head_pools(
         [(state.name, layer, state.input_sources) for layer, state in hooked],
         {name: entry["output"] for name, entry in table.items() if entry.get("output")},
-        int8_linears,
+        int8_layers,
     )
     for layer, state in hooked:
         if state.name in pools:

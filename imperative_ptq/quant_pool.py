@@ -99,7 +99,7 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
 def int8_head_pools(
     layers: Iterable[tuple[str, paddle.nn.Layer, set[str]]],
     output_thresholds: Mapping[str, Sequence[float]],
-    int8_linears: Iterable[str],
+    int8_layers: Iterable[str],
 ) -> dict[str, float]:
     """The global average pools that run int8 in front of a classifier head, and the
     threshold of their input.
@@ -108,8 +108,9 @@ def int8_head_pools(
     :class:`QuantizedGlobalAveragePool`, so this rule is the only one: a pool whose
     calibration saw
 
-    * its input come straight from one ``nn.ReLU`` layer with an output threshold (Paddle runs
-      a ``relu`` output as u8 with that threshold), and
+    * its input come straight from a layer that Paddle runs as u8 with its output threshold:
+      an ``nn.ReLU``, or an ``nn.ReLU6`` right after an int8 conv (through its BatchNorm),
+      into which oneDNN fuses it (:data:`imperative_ptq.export.unsigned.RELU6_U8_PRODUCERS`),
     * its output (flattened, or through a dropout) read by a Linear that runs int8.
 
     Any other average pool runs fp32 in the export (a functional pool, a pool read by a conv,
@@ -119,22 +120,41 @@ def int8_head_pools(
         layers: ``(name, layer, names of the calibrated layers whose output it read as its
             first input)`` for every calibrated layer.
         output_thresholds: Layer name -> its output thresholds, where it has them.
-        int8_linears: Names of the Linear layers converted to int8.
+        int8_layers: Names of the layers converted to int8 (conv, Linear).
 
     Returns:
         Pool name -> the threshold its input is quantized with.
     """
     layers = list(layers)
+    int8 = set(int8_layers)
     by_name = {name: layer for name, layer, _ in layers}
+    sources = {name: inputs for name, _, inputs in layers}
     read_by_linear = {
-        source for name, _, sources in layers if name in set(int8_linears) for source in sources
+        source for name, layer, inputs in layers
+        if name in int8 and isinstance(layer, paddle.nn.Linear) for source in inputs
     }
+
+    def only_source(name: str) -> str | None:
+        found = sources.get(name, set())
+        return next(iter(found)) if len(found) == 1 else None
+
+    def runs_u8(name: str) -> bool:
+        layer = by_name.get(name)
+        if isinstance(layer, paddle.nn.ReLU):
+            return True
+        if not isinstance(layer, paddle.nn.ReLU6):
+            return False
+        producer = only_source(name)
+        if isinstance(by_name.get(producer), paddle.nn.layer.norm._BatchNormBase):
+            producer = only_source(producer)
+        return producer in int8 and isinstance(by_name.get(producer), paddle.nn.Conv2D)
+
     chosen: dict[str, float] = {}
-    for name, layer, sources in layers:
-        if not is_global_average_pool(layer) or name not in read_by_linear or len(sources) != 1:
+    for name, layer, _ in layers:
+        source = only_source(name)
+        if not is_global_average_pool(layer) or name not in read_by_linear or source is None:
             continue
-        source = next(iter(sources))
         thresholds = list(output_thresholds.get(source, ()))
-        if isinstance(by_name.get(source), paddle.nn.ReLU) and thresholds and thresholds[0] > 0:
+        if runs_u8(source) and thresholds and thresholds[0] > 0:
             chosen[name] = float(thresholds[0])
     return chosen

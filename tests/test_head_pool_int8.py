@@ -68,19 +68,33 @@ class _ConvHead(nn.Layer):
         return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
 
 
+class _ReLU6Head(nn.Layer):
+    """MobileNetV2's head: conv -> BatchNorm -> ReLU6 (fused into the conv, u8) -> pool ->
+    ``paddle.flatten`` -> Dropout -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 16, 3, padding=1, bias_attr=False)
+        self.bn = nn.BatchNorm2D(16)
+        self.relu6 = nn.ReLU6()
+        self.pool = nn.AdaptiveAvgPool2D(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 10))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.classifier(paddle.flatten(self.pool(self.relu6(self.bn(self.conv(x)))), 1))
+
+
 class _ResNetStyle(nn.Layer):
-    """paddle.vision's ResNet layout at a small width: stem, two BasicBlocks (a shared ReLU,
-    the ReLU after the residual add), ``nn.AdaptiveAvgPool2D((1, 1))``, ``paddle.flatten`` and
-    the fc. No downsample branch: after one, Paddle Inference writes the block outputs s8,
-    clipped at their threshold, which the simulation does not model (an open gap that has
-    nothing to do with the pool)."""
+    """paddle.vision's ResNet layout at a small width: stem, a BasicBlock (a shared ReLU, the
+    ReLU after the residual add), ``nn.AdaptiveAvgPool2D((1, 1))``, ``paddle.flatten`` and the
+    fc."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2D(3, 16, 3, padding=1, bias_attr=False)
         self.bn1 = nn.BatchNorm2D(16)
         self.relu = nn.ReLU()
-        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer1 = nn.Sequential(BasicBlock(16, 16))
         self.avgpool = nn.AdaptiveAvgPool2D((1, 1))
         self.fc = nn.Linear(16, 10)
 
@@ -89,7 +103,7 @@ class _ResNetStyle(nn.Layer):
         return self.fc(paddle.flatten(self.avgpool(x), 1))
 
 
-MODELS = {"conv_head": _ConvHead}
+MODELS = {"conv_head": _ConvHead, "relu6_head": _ReLU6Head, "resnet_style": _ResNetStyle}
 
 
 def _exported(model_name: str, target: str, tmp_path) -> tuple[paddle.nn.Layer, str, np.ndarray]:
@@ -105,19 +119,71 @@ def _exported(model_name: str, target: str, tmp_path) -> tuple[paddle.nn.Layer, 
     return qmodel, prefix, rng.random((16, 3, SIZE, SIZE), np.float32)
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS))
+def _outputs_of(qmodel: paddle.nn.Layer, x: np.ndarray, layers: dict) -> dict[str, np.ndarray]:
+    """The outputs (or, for ``"in:"`` names, the inputs) of ``layers`` in one forward."""
+    seen: dict[str, np.ndarray] = {}
+    handles = []
+    for key, layer in layers.items():
+        if key.startswith("in:"):
+            handles.append(layer.register_forward_pre_hook(
+                lambda _, inputs, key=key: seen.update({key: inputs[0].numpy()})))
+        else:
+            handles.append(layer.register_forward_post_hook(
+                lambda _, __, out, key=key: seen.update({key: out.numpy()})))
+    qmodel(paddle.to_tensor(x))
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _fc(qmodel: paddle.nn.Layer, pooled: np.ndarray) -> np.ndarray:
+    return qmodel.fc(paddle.to_tensor(pooled.reshape(pooled.shape[0], -1))).numpy()
+
+
+@pytest.mark.parametrize("model_name", ["conv_head", "relu6_head"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
     """Before the simulation averaged codes: 2.7% (conv_head) off Paddle Inference."""
+    if target == "x86-vnni" and not cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     qmodel, prefix, x = _exported(model_name, target, tmp_path)
-    pools = [layer for layer in qmodel.sublayers() if isinstance(layer, QuantizedGlobalAveragePool)]
-    assert len(pools) == 1
+    assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
     report = int8_report(prefix)
     assert report.int8.get("fc") == 1 and not report.fp32, report
     simulated = qmodel(paddle.to_tensor(x)).numpy()
+    # The pool of the simulation is the reference's, on the simulation's own pool input.
+    features = _outputs_of(qmodel, x, {"in:pool": qmodel.pool})["in:pool"]
+    pooled = _int8_pool_reference(features, qmodel.pool.input_threshold)
+    fc = qmodel.fc if model_name == "conv_head" else qmodel.classifier
+    expected = fc(paddle.to_tensor(pooled.reshape(pooled.shape[0], -1))).numpy()
+    np.testing.assert_allclose(simulated, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    # Measured 2.5e-7 (conv_head) and ... relative to the largest logit, VNNI and AVX2 kernels.
+    # Measured 2.5e-7 relative to the largest logit, VNNI and AVX2 kernels.
     assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path) -> None:
+    """The ReLU after a residual conv (ResNet's block output, u8 codes up to 255) into the
+    int8 pool. The block itself adds a difference the simulation does not model: the fused
+    residual conv reads its residual as the u8 codes of the stem ReLU's threshold (a float add
+    in the simulation; 0.9% on the logits). So the runtime is checked against the simulation's
+    tensors with that residual quantized and this file's int8 pool (measured 2.3e-7; 1.6%
+    with the pool averaged in float)."""
+    from imperative_ptq.converted import output_thresholds
+
+    if target == "x86-vnni" and not cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    qmodel, prefix, x = _exported("resnet_style", target, tmp_path)
+    assert isinstance(qmodel.avgpool, QuantizedGlobalAveragePool)
+    block = qmodel.layer1[0]
+    seen = _outputs_of(qmodel, x, {"stem": qmodel.relu, "branch": block.bn2})
+    step = np.float32(output_thresholds(qmodel.relu)[0] / 127)
+    residual = np.clip(np.floor(seen["stem"] / step + 0.5), 0, 255) * step
+    block_output = np.maximum(seen["branch"] + residual, 0)
+    expected = _fc(qmodel, _int8_pool_reference(block_output, qmodel.avgpool.input_threshold))
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    assert np.abs(ran - expected).max() <= 2e-6 * np.abs(expected).max()
 
 
 def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
@@ -172,5 +238,5 @@ def test_a_functional_head_pool_runs_fp32_in_both(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_head_pool_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(__file__, "head_pool_runs_int8 and x86 and not vnni")
-    assert f"{len(MODELS)} passed" in summary, summary
+    summary = pytest_on_avx2_kernels(__file__, "head_pool_runs_int8 and not vnni")
+    assert "3 passed" in summary, summary

@@ -31,6 +31,7 @@ from .graph import (
 from .rnn_fusion import fuse_lstm_ops
 from .tracing import LayerRecord
 from .unsigned import (
+    RELU6_U8_PRODUCERS,
     FusedReluClips,
     gemm_output,
     clip_fused_relus,
@@ -680,7 +681,8 @@ def _keep_average_pools_fp32(
             # in one run): the pool averages the u8 codes of the ReLU before it, with the
             # threshold the simulation used; its output keeps the same grid.
             source = op.input("X")[0]
-            if not _writes_u8(block, source, writers):
+            written = _u8_pool_input_threshold(block, source, writers, threshold)
+            if written is None:
                 # oneDNN has no s8 -> u8 pool (the predictor failed to build it). The s8
                 # tensor clips at the threshold (codes 0..127 where the simulation keeps
                 # 0..255); without a scale the residual conv runs fp32 (measured on a block
@@ -690,8 +692,8 @@ def _keep_average_pools_fp32(
                     "add of two conv outputs before it): it averages codes clipped at the "
                     "threshold, where the simulation keeps codes up to 255", out,
                 )
-                source = _rectify_input(block, op, source)
-            outputs[source] = threshold
+                source, written = _rectify_input(block, op, source), threshold
+            outputs[source] = written
             outputs[out] = threshold
             continue
         for name in op.input("X") + op.output("Out"):
@@ -703,27 +705,44 @@ def _keep_average_pools_fp32(
     return kept
 
 
-def _writes_u8(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
-    """Whether Paddle Inference surely writes ``name`` (a ReLU output) as u8.
+def _u8_pool_input_threshold(
+    block: "paddle.static.Block", name: str, writers: Mapping, threshold: float
+) -> float | None:
+    """The output threshold to give ``name`` (a ReLU/ReLU6 output) so that Paddle Inference
+    writes it as u8 codes ``round(x / threshold * 127)`` up to 255 (the final scale pass
+    turns a ``relu`` output's ``threshold`` into ``threshold * 255 / 127`` itself); ``None``
+    when Paddle writes it s8.
 
     A ReLU after a residual add is fused into one of the convs before the add, which then
     writes its output in the type of the other operand: s8 unless that is a ReLU output
     (measured: ``src:s8`` into the pool after a block with a downsample branch, where both
-    operands are conv outputs, and oneDNN refused a pool from s8 to u8).
+    operands are conv outputs). A ReLU6 is fused into the conv before it (through a BatchNorm
+    or bias add), which writes u8.
     """
-    if not runs_unsigned(block, name, writers) or not relu_after_residual_conv(block, name, writers):
-        return runs_unsigned(block, name, writers)
-    add = writers[writers[name].input("X")[0]]
+    op = writers.get(name)
+    if op is not None and op.type == "relu6":
+        source = writers.get(op.input("X")[0])
+        while source is not None and source.type in ("batch_norm", "elementwise_add"):
+            if source.type == "elementwise_add" and not is_persistable(block, source.input("Y")[0]):
+                return None
+            source = writers.get(source.input("X")[0])
+        if source is None or source.type not in RELU6_U8_PRODUCERS:
+            return None
+        return unsigned_threshold(threshold, 8)
+    if op is None or op.type != "relu":
+        return None
+    if not relu_after_residual_conv(block, name, writers):
+        return threshold
+    add = writers[op.input("X")[0]]
     operands = [add.input(slot)[0] for slot in ("X", "Y")]
     convs = [operand for operand in operands if gemm_output(writers, operand)]
-    return len(convs) == 1 and all(
-        runs_unsigned(block, operand, writers) for operand in operands if operand not in convs
-    )
+    unsigned = all(runs_unsigned(block, operand, writers) for operand in operands if operand not in convs)
+    return threshold if len(convs) == 1 and unsigned else None
 
 
 def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
     """Puts a ``relu`` (an identity on a ReLU output) between ``name`` and ``pool``, whose
-    output Paddle Inference runs as u8; returns it."""
+    output Paddle Inference runs as u8; returns that output."""
     var = block.var(name)
     rectified = block.create_var(name=f"{name}.u8_pool", shape=var.shape, dtype=var.dtype)
     pool._rename_input(name, rectified.name)
