@@ -23,6 +23,7 @@ from .calibration_table import (
 )
 from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
+from .quant_pool import QuantizedGlobalAveragePool, int8_head_pools
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
 from .targets import Target
@@ -63,6 +64,7 @@ def convert_layers(
     kept_fp32: list[str] = []
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
+    int8_layers: list[str] = []
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -138,8 +140,11 @@ def convert_layers(
                 onednn_weights=target.onednn,
             )
             replace_sublayer(model, layer, wrapped)
+            int8_layers.append(state.name)
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
+    if target.onednn:
+        _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -165,6 +170,36 @@ def convert_layers(
         )
     mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
     return [name for name, _ in no_int8_kernel] + kept_fp32
+
+
+def _simulate_int8_head_pools(
+    model: paddle.nn.Layer,
+    hooked: HookedLayers,
+    table: CalibrationTable,
+    int8_layers: list[str],
+    activation_bits: int,
+) -> None:
+    """Swaps each global average pool that Paddle Inference runs int8 in front of a classifier
+    head (:func:`~imperative_ptq.quant_pool.int8_head_pools`) for its int8 simulation."""
+    pools = int8_head_pools(
+        [(state.name, layer, state.input_sources) for layer, state in hooked],
+        {name: entry["output"] for name, entry in table.items() if entry.get("output")},
+        int8_layers,
+    )
+    for layer, state in hooked:
+        if state.name in pools:
+            replace_sublayer(
+                model, layer,
+                QuantizedGlobalAveragePool(
+                    layer, pools[state.name], table.get(state.name, {}).get("output", []),
+                    activation_bits,
+                ),
+            )
+    if pools:
+        logger.info(
+            "%d global average pools in front of an int8 Linear simulate oneDNN's int8 pool: %s",
+            len(pools), first_names(list(pools)),
+        )
 
 
 def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:

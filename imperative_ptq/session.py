@@ -56,6 +56,9 @@ class LayerState:
     second_input_quantizer: BaseQuantizer | None = None
     #: The largest rank of the first input seen (0: none seen).
     input_rank: int = 0
+    #: Names of the hooked layers whose output this layer read as its first input: the same
+    #: tensor, or a global pool's output flattened (:meth:`CalibrationSession.source_of`).
+    input_sources: set[str] = dataclasses.field(default_factory=set)
 
 
 class CalibrationSession:
@@ -103,6 +106,10 @@ class CalibrationSession:
         self.cached_batches: list[Any] = []
         #: SmoothQuant settings still to apply before the first batch is observed.
         self.smoothing: Any = None
+        #: Outputs of the hooked layers in the current forward: ``id`` -> (weak reference,
+        #: layer name); and the [N, C, 1, 1] ones (global pools), kept alive until it ends.
+        self._outputs: dict[int, tuple[Any, str]] = {}
+        self._pooled: list[tuple[paddle.Tensor, str]] = []
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -222,17 +229,43 @@ class CalibrationSession:
                     f"before calibrating."
                 )
         self.collector.raise_pending_error()
+        self._outputs, self._pooled = {}, []
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        self._outputs, self._pooled = {}, []
         self.collector.end_forward()
+
+    def source_of(self, value: paddle.Tensor) -> str | None:
+        """The hooked layer of the current forward whose output ``value`` is: the same tensor,
+        or (for a rank-2 ``value``) the same values as a global pool's ``[N, C, 1, 1]`` output,
+        which ``flatten``, ``reshape`` and an inference-mode dropout pass on."""
+        entry = self._outputs.get(id(value))
+        if entry is not None and entry[0]() is value:
+            return entry[1]
+        if value.ndim == 2:
+            for pooled, name in reversed(self._pooled):
+                if list(pooled.shape[:2]) == list(value.shape) and bool(
+                    paddle.equal_all(pooled.reshape(value.shape), value)
+                ):
+                    return name
+        return None
+
+    def _note_output(self, name: str, value: paddle.Tensor) -> None:
+        self._outputs[id(value)] = (weakref.ref(value), name)
+        if value.ndim == 4 and value.shape[2] == 1 and value.shape[3] == 1:
+            self._pooled.append((value, name))
 
     def hook(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict, outputs: Any) -> None:
         """Forward-post hook of every quantized layer."""
         state: LayerState = getattr(layer, STATE_ATTR)
         collector = self.collector
         inputs_quantizer = state.input_quantizer
+        first = first_input(layer, inputs, kwargs)
+        if _is_float_tensor(first):
+            source = self.source_of(first)
+            if source is not None:
+                state.input_sources.add(source)
         if inputs_quantizer is not None:
-            first = first_input(layer, inputs, kwargs)
             if _is_float_tensor(first):
                 state.input_rank = max(state.input_rank, first.ndim)
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
@@ -250,6 +283,7 @@ class CalibrationSession:
             sample = collector.sample(inputs[1], second.uses_signed_values)
             collector.submit(second, [sample], state.name)
         if _is_float_tensor(outputs):
+            self._note_output(state.name, outputs)
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
             collector.submit(state.output_quantizer, [sample], state.name)
         elif not state.output_skipped:

@@ -31,7 +31,9 @@ from .graph import (
 from .rnn_fusion import fuse_lstm_ops
 from .tracing import LayerRecord
 from .unsigned import (
+    RELU6_U8_PRODUCERS,
     FusedReluClips,
+    gemm_output,
     clip_fused_relus,
     insert_clip_relu,
     relu_after_residual_conv,
@@ -397,7 +399,7 @@ def quantize_program(
 
     _quantize_activation_matmuls(loaded, records, written, dequantized_inputs)
     _align_pooled_scales(block, rectified, outputs)
-    _keep_average_pools_fp32(block, outputs)
+    _keep_average_pools_fp32(block, outputs, records)
     _isolate_fp32_weight_op_outputs(loaded)
     kept = unscale_fp32_layer_inputs(block, outputs, isolate_concats=True)
     written.fp32_layers = _fp32_layers(weights, written)
@@ -660,10 +662,12 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
     return done
 
 
-def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, float]) -> int:
+def _keep_average_pools_fp32(
+    block: "paddle.static.Block", outputs: dict[str, float], records: Sequence[LayerRecord]
+) -> int:
     """Runs average pools in fp32: drops the scales around each and puts an identity ``clip``
-    between it and its readers. A global pool feeding a classifier head (flatten -> fc) is
-    left as Paddle runs it.
+    between it and its readers. The global pools the simulation runs in int8 (a record with
+    ``pooled_input_threshold``, see :mod:`imperative_ptq.quant_pool`) stay int8 instead.
 
     An average pool computes ``mean(x)`` and the int8 op after it quantizes that, as the
     simulation does; but Paddle Inference moves such a quantize op in front of a pool (its
@@ -676,15 +680,34 @@ def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, fl
     Returns:
         How many pools are kept fp32.
     """
-    reading = readers(block)
+    int8_pools = _int8_pools(records)
+    reading, writers = readers(block), producers(block)
     kept = 0
     for op in list(block.ops):
         if op.type != "pool2d" or op.attr("pooling_type") != "avg":
             continue
         out = op.output("Out")[0]
-        if _global_pool(op) and any(reader.type in _HEAD_OPS for reader in reading.get(out, [])):
-            # fp32 there made ResNet-18 1.5x slower (18.0 vs 12.0 ms at batch 8, measured in
-            # one run) for the same cosine to the simulation (0.9984).
+        threshold = int8_pools.get(out)
+        if threshold is not None and _global_pool(op):
+            # Keeping it fp32 made ResNet-18 1.5x slower (18.0 vs 12.0 ms at batch 8, measured
+            # in one run): the pool averages the u8 codes of the ReLU before it, with the
+            # threshold the simulation used; its output keeps the same grid.
+            source = op.input("X")[0]
+            written = _u8_pool_input_threshold(block, source, writers, threshold)
+            if written is None:
+                # oneDNN has no s8 -> u8 pool (the predictor failed to build it). The s8
+                # tensor clips at the threshold (codes 0..127 where the simulation keeps
+                # 0..255; measured 3.8% relative error on the logits of a downsample block
+                # before the pool); without a scale the residual conv runs fp32 (2.0% on
+                # another such net).
+                logger.warning(
+                    "pool %s reads a ReLU output that Paddle Inference writes as s8 (a residual "
+                    "add of two conv outputs before it): it averages codes clipped at the "
+                    "threshold, where the simulation keeps codes up to 255", out,
+                )
+                source, written = _rectify_input(block, op, source), threshold
+            outputs[source] = written
+            outputs[out] = threshold
             continue
         for name in op.input("X") + op.output("Out"):
             outputs.pop(name, None)
@@ -695,8 +718,59 @@ def _keep_average_pools_fp32(block: "paddle.static.Block", outputs: dict[str, fl
     return kept
 
 
-#: Ops that turn a globally pooled map into a classifier head's features.
-_HEAD_OPS = frozenset({"flatten_contiguous_range", "flatten2", "reshape2", "squeeze2"})
+def _u8_pool_input_threshold(
+    block: "paddle.static.Block", name: str, writers: Mapping, threshold: float
+) -> float | None:
+    """The output threshold to give ``name`` (a ReLU/ReLU6 output) so that Paddle Inference
+    writes it as u8 codes ``round(x / threshold * 127)`` up to 255 (the final scale pass
+    turns a ``relu`` output's ``threshold`` into ``threshold * 255 / 127`` itself); ``None``
+    when Paddle writes it s8.
+
+    A ReLU after a residual add is fused into one of the convs before the add, which then
+    writes its output in the type of the other operand: s8 unless that is a ReLU output
+    (measured: ``src:s8`` into the pool after a block with a downsample branch, where both
+    operands are conv outputs). A ReLU6 is fused into the conv before it (through a BatchNorm
+    or bias add), which writes u8.
+    """
+    op = writers.get(name)
+    if op is not None and op.type == "relu6":
+        source = writers.get(op.input("X")[0])
+        while source is not None and source.type in ("batch_norm", "elementwise_add"):
+            if source.type == "elementwise_add" and not is_persistable(block, source.input("Y")[0]):
+                return None
+            source = writers.get(source.input("X")[0])
+        if source is None or source.type not in RELU6_U8_PRODUCERS:
+            return None
+        return unsigned_threshold(threshold, 8)
+    if op is None or op.type != "relu":
+        return None
+    if not relu_after_residual_conv(block, name, writers):
+        return threshold
+    add = writers[op.input("X")[0]]
+    operands = [add.input(slot)[0] for slot in ("X", "Y")]
+    convs = [operand for operand in operands if gemm_output(writers, operand)]
+    unsigned = all(runs_unsigned(block, operand, writers) for operand in operands if operand not in convs)
+    return threshold if len(convs) == 1 and unsigned else None
+
+
+def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
+    """Puts a ``relu`` (an identity on a ReLU output) between ``name`` and ``pool``, whose
+    output Paddle Inference runs as u8; returns that output."""
+    var = block.var(name)
+    rectified = block.create_var(name=f"{name}.u8_pool", shape=var.shape, dtype=var.dtype)
+    pool._rename_input(name, rectified.name)
+    index = next(i for i, op in enumerate(block.ops) if op is pool)
+    block._insert_op(index, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
+    return rectified.name
+
+
+def _int8_pools(records: Sequence[LayerRecord]) -> dict[str, float]:
+    """Output variable -> input threshold of every pool call the simulation runs int8."""
+    return {
+        output: record.pooled_input_threshold
+        for record in records if record.pooled_input_threshold is not None
+        for _, output in record.calls if output is not None
+    }
 
 
 def _global_pool(op) -> bool:

@@ -26,6 +26,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
+from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
@@ -90,6 +91,9 @@ class LayerRecord:
             simulation runs that call fp32 (``quant_rnn.fp32_call_reason``), ``None`` if int8.
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
+        pooled_input_threshold: For a global average pool the simulation runs int8
+            (:class:`~imperative_ptq.quant_pool.QuantizedGlobalAveragePool`), the threshold
+            of the u8 codes it averages; else ``None``.
     """
 
     name: str
@@ -109,6 +113,7 @@ class LayerRecord:
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
     second_input_threshold: float | None = None
     fp32_calls: list[str | None] = dataclasses.field(default_factory=list)
+    pooled_input_threshold: float | None = None
 
     @property
     def simulated(self) -> bool:
@@ -187,6 +192,8 @@ def _collect_records(
     records: list[LayerRecord] = []
     by_layer: dict[int, LayerRecord] = {}
     for name, layer in list(export_model.named_sublayers()):
+        if id(layer) in by_layer:
+            continue  # the inner layer of a wrapper recorded above
         if isinstance(layer, QuantizedLayer):
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
@@ -249,6 +256,19 @@ def _collect_records(
             )
             replace_sublayer(export_model, layer, inner)
             by_layer[id(inner)] = record
+            records.append(record)
+        elif isinstance(layer, QuantizedGlobalAveragePool):
+            # Traced as the plain pool: the export keeps its pool2d int8, on u8 codes of
+            # the threshold recorded here (.program).
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer.layer).__name__,
+                output_thresholds=list(layer.output_thresholds),
+                pooled_input_threshold=layer.input_threshold,
+                activation_bits=layer.activation_bits,
+            )
+            replace_sublayer(export_model, layer, layer.layer)
+            by_layer[id(layer.layer)] = record
             records.append(record)
         elif output_thresholds(layer):
             record = LayerRecord(

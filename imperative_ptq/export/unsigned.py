@@ -40,7 +40,8 @@ from .tracing import LayerRecord
 
 __all__ = [
     "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_fused_relus",
-    "fusable_relu_source", "insert_clip_relu", "relu_after_residual_conv", "runs_unsigned",
+    "fusable_relu_source", "gemm_output", "insert_clip_relu", "relu_after_residual_conv",
+    "runs_unsigned",
     "unsigned_threshold",
 ]
 
@@ -74,7 +75,7 @@ def unsigned_threshold(threshold: float, bits: int) -> float:
     return float(threshold) * 255.0 / symmetric_levels(bits)
 
 
-def _gemm_output(writers: Mapping, name: str, through_activations: bool = False) -> bool:
+def gemm_output(writers: Mapping, name: str, through_activations: bool = False) -> bool:
     """Whether ``name`` is a conv/fc output (after its bias add or BatchNorm, if any, and with
     ``through_activations`` after a ReLU/ReLU6 fused into it); ``writers``: variable -> op."""
     passed = _FUSED_INTO_PRODUCER + (("relu", "relu6") if through_activations else ())
@@ -95,7 +96,7 @@ def relu_after_residual_conv(block, name: str, writers: Mapping) -> bool:
     if add is None or add.type != "elementwise_add" or is_persistable(block, add.input("Y")[0]):
         return False
     return any(
-        _gemm_output(writers, operand) for slot in ("X", "Y") for operand in add.input(slot)
+        gemm_output(writers, operand) for slot in ("X", "Y") for operand in add.input(slot)
     )
 
 
@@ -131,7 +132,7 @@ def insert_clip_relu(loaded, index: int, name: str, threshold: float, writers: M
     stem = f"{name}.u8_{len(block.ops)}"
     clipped = block.create_var(name=stem + ".clipped", shape=var.shape, dtype=var.dtype)
     out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
-    if _gemm_output(writers, name, through_activations=True):
+    if gemm_output(writers, name, through_activations=True):
         bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
         block._insert_op(
             index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
