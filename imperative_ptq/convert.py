@@ -26,6 +26,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import QuantizedGlobalAveragePool, int8_head_pools
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
+from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
 __all__ = ["convert_layers"]
@@ -121,11 +122,18 @@ def convert_layers(
                 and minimum is not None
                 and minimum >= 0
             )
+            shifted = {}
             if not unsigned and not target.signed_inputs_int8:
-                # Plain fp32, output included: a scale on a conv/fc output would make the
-                # runtime emit int8 from it (see export.program.collect_scales).
-                kept_fp32.append(state.name)
-                continue
+                grid = None
+                if target.shifted_signed_inputs and "input_zero_point" not in entry and shiftable(layer):
+                    grid = shifted_grid(entry["input"][0], minimum, activation_bits)
+                if grid is None:
+                    # Plain fp32, output included: a scale on a conv/fc output would make the
+                    # runtime emit int8 from it (see export.program.collect_scales).
+                    kept_fp32.append(state.name)
+                    continue
+                scale, zero_point = grid
+                shifted = dict(input_scale=scale, input_zero_point=zero_point, input_shifted=True)
             wrapped = QuantizedLayer(
                 layer,
                 entry["input"],
@@ -134,7 +142,7 @@ def convert_layers(
                 info.weight_channel_axis,
                 activation_bits,
                 weight_bits,
-                **affine_layer_params(entry),
+                **{**affine_layer_params(entry), **shifted},
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
                 onednn_weights=target.onednn,
@@ -164,7 +172,8 @@ def convert_layers(
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
-            "saturate and a conv's weights are halved. PTQConfig(target='x86-vnni') "
+            "saturate and a conv's weights are halved (fc and 1x1 unpadded convs take the "
+            "shift into their bias instead; a padded conv cannot). PTQConfig(target='x86-vnni') "
             "quantizes them for VNNI/AMX CPUs only%s.",
             target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),
         )

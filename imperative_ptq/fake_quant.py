@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from .quantizers.qparams import symmetric_levels
+from .shifted_input import shifted_grid, shifted_levels
 
 __all__ = ["FUNCTIONAL_FORWARDS", "FakeQuantLayer", "fake_quantize_ste"]
 
@@ -39,6 +40,7 @@ def fake_quantize_ste(
     axis: int | None = None,
     unsigned: bool = False,
     gradient_scale: float = 1.0,
+    code_range: tuple[int, int] | None = None,
 ) -> paddle.Tensor:
     """Symmetric fake quantization with a straight-through gradient (see module docstring).
 
@@ -49,8 +51,14 @@ def fake_quantize_ste(
         axis: Channel axis of per-channel thresholds.
         unsigned: Codes ``0..L`` only (an input the x86 targets run as u8).
         gradient_scale: Multiplies the threshold's gradient (LSQ: ``1 / sqrt(n * L)``).
+        code_range: ``(lo, hi)`` codes relative to zero instead of ``-L..L`` (or ``0..L``),
+            with the step ``t / hi``: a shifted input's grid ``-z..M-z``
+            (:mod:`imperative_ptq.shifted_input`).
     """
     levels = float(symmetric_levels(bits))
+    lowest = 0.0 if unsigned else -levels
+    if code_range is not None:
+        lowest, levels = float(code_range[0]), float(code_range[1])
     if gradient_scale != 1.0 and not threshold.stop_gradient:
         threshold = _scale_gradient(threshold, gradient_scale)
     if axis is not None and threshold.shape[0] > 1:
@@ -58,7 +66,7 @@ def fake_quantize_ste(
         shape[axis] = -1
         threshold = threshold.reshape(shape)
     scale = threshold / levels
-    clipped = paddle.clip(x / scale, 0.0 if unsigned else -levels, levels)
+    clipped = paddle.clip(x / scale, lowest, levels)
     rounded = clipped + (paddle.round(clipped) - clipped).detach()
     return rounded * scale
 
@@ -94,6 +102,10 @@ class FakeQuantLayer(paddle.nn.Layer):
         weight_bits: Bit width of the weight.
         input_unsigned: Quantize the input on ``0..L`` (as the converted model will).
         learnable: Train the thresholds too (LSQ gradients); otherwise they are fixed.
+        input_shifted: Quantize the input on the shifted grid the converted model will use
+            for it (:func:`~imperative_ptq.shifted_input.shifted_grid` of the current
+            threshold and ``input_minimum``).
+        input_minimum: The smallest input value calibration saw.
 
     Raises:
         ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
@@ -109,6 +121,8 @@ class FakeQuantLayer(paddle.nn.Layer):
         weight_bits: int,
         input_unsigned: bool,
         learnable: bool,
+        input_shifted: bool = False,
+        input_minimum: float | None = None,
     ) -> None:
         super().__init__()
         forward = FUNCTIONAL_FORWARDS.get(type(layer))
@@ -123,6 +137,8 @@ class FakeQuantLayer(paddle.nn.Layer):
         self.activation_bits = int(activation_bits)
         self.weight_bits = int(weight_bits)
         self.input_unsigned = bool(input_unsigned)
+        self.input_shifted = bool(input_shifted)
+        self.input_minimum = input_minimum
         self.learnable = bool(learnable)
         weight_thresholds = np.asarray(weight_thresholds, np.float32).reshape(-1)
         self.input_threshold = self._threshold([float(input_threshold)], "input_threshold")
@@ -159,9 +175,16 @@ class FakeQuantLayer(paddle.nn.Layer):
         # A learned threshold must stay positive (a step of zero divides by zero).
         input_threshold = paddle.clip(self.input_threshold, min=1e-8)
         weight_thresholds = paddle.clip(self.weight_thresholds, min=1e-8)
+        code_range = None
+        if self.input_shifted:
+            grid = shifted_grid(
+                float(input_threshold.numpy()[0]), self.input_minimum, self.activation_bits
+            )
+            if grid is not None:
+                code_range = (-grid[1], shifted_levels(self.activation_bits) - grid[1])
         x = fake_quantize_ste(
             x, input_threshold, self.activation_bits, unsigned=self.input_unsigned,
-            gradient_scale=self._input_gradient_scale,
+            gradient_scale=self._input_gradient_scale, code_range=code_range,
         )
         weight = fake_quantize_ste(
             self.layer.weight, weight_thresholds, self.weight_bits, self.weight_axis,
@@ -175,4 +198,5 @@ class FakeQuantLayer(paddle.nn.Layer):
         return (
             f"bits={self.activation_bits}/{self.weight_bits}, learnable={self.learnable}"
             f"{', unsigned input' if self.input_unsigned else ''}"
+            f"{', shifted input' if self.input_shifted else ''}"
         )

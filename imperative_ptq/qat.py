@@ -14,7 +14,7 @@ quantization simulated in the forward pass recovers most of it (Krishnamoorthi, 
 
 Every layer that PTQ's ``convert`` turns into an int8 simulation gets a
 :class:`~imperative_ptq.fake_quant.FakeQuantLayer` with PTQ's input and weight thresholds
-(fixed, or learned with LSQ gradients), the input on the same signed or unsigned grid; the
+(fixed, or learned with LSQ gradients), the input on the same signed, unsigned or shifted grid; the
 forward computes what the converted model computes, the backward is the straight-through
 estimator. BatchNorm layers use batch statistics for ``freeze_bn_after`` training steps and
 are frozen (running statistics, no updates) afterwards. ``convert`` hands the fine-tuned
@@ -159,7 +159,8 @@ class ImperativeQAT:
                 f"(target {config.target!r}), so there is nothing to fine-tune"
             )
         for name, layer in simulated.items():
-            if layer.input_zero_point is not None or layer.weight_scales is not None:
+            affine_input = layer.input_zero_point is not None and not layer.input_shifted
+            if affine_input or layer.weight_scales is not None:
                 raise ValueError(
                     f"layer {name!r} was calibrated with an affine (symmetric=False) quantizer; "
                     f"QAT fine-tunes symmetric thresholds only"
@@ -174,6 +175,7 @@ class ImperativeQAT:
                 layers[name], entry["input"][0], entry["weight"], converted.weight_axis,
                 config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
                 converted.input_unsigned, self.learnable_scales,
+                input_shifted=converted.input_shifted, input_minimum=(minima or {}).get(name),
             )
             replace_sublayer(model, layers[name], wrapper)
         state = _QATState(table, dict(minima or {}), self.freeze_bn_after)

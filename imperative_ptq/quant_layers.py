@@ -17,6 +17,7 @@ import paddle
 
 from .primitives import fake_quantize
 from .quantizers.qparams import affine_levels, symmetric_levels
+from .shifted_input import shift_response, shifted_levels
 
 __all__ = [
     "QuantizedLayer",
@@ -146,6 +147,9 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_zero_points: Zero points that go with ``weight_scales``.
         input_unsigned: The input is non-negative and runs as u8 in the deployment target
             (:mod:`imperative_ptq.targets`): it is quantized on ``0..L`` only.
+        input_shifted: The input is signed and runs as u8 after a shift
+            (:mod:`imperative_ptq.shifted_input`): ``input_scale`` and ``input_zero_point``
+            describe its affine grid on ``0..M`` (``M = 127`` for 8 bits).
         paddle_fc_scales: The layer is a Linear that runs as Paddle Inference's oneDNN fc: it
             computes with the weight that fc derives from the exported one
             (:func:`paddle_fc_weight`); :attr:`program_weight` and
@@ -180,9 +184,13 @@ class QuantizedLayer(paddle.nn.Layer):
         input_unsigned: bool = False,
         paddle_fc_scales: bool = False,
         onednn_weights: bool = False,
+        input_shifted: bool = False,
     ) -> None:
         super().__init__()
+        if input_shifted and (input_scale is None or input_zero_point is None):
+            raise ValueError("input_shifted needs input_scale and input_zero_point")
         self.input_unsigned = bool(input_unsigned)
+        self.input_shifted = bool(input_shifted)
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
@@ -296,12 +304,22 @@ class QuantizedLayer(paddle.nn.Layer):
             weight.set_value(quantized)
         self.register_buffer("weight_thresholds", paddle.to_tensor(thresholds))
 
+    def input_shift_response(self) -> np.ndarray | None:
+        """For a shifted input, what the shift ``z * s`` adds to each output channel through
+        the weight the layer computes with (the bias the export subtracts); else ``None``."""
+        if not self.input_shifted:
+            return None
+        shift = float(self.input_zero_point) * float(self.input_scale)
+        return shift_response(self.layer.weight.numpy(), self.weight_axis, shift)
+
     def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
         """The fake-quantized first input, as :meth:`forward` feeds it to the layer."""
         if self.input_zero_point is not None:
-            return fake_quantize(
-                x, self.input_scale, self.input_zero_point, 0, affine_levels(self.activation_bits)
+            levels = (
+                shifted_levels(self.activation_bits) if self.input_shifted
+                else affine_levels(self.activation_bits)
             )
+            return fake_quantize(x, self.input_scale, self.input_zero_point, 0, levels)
         return fake_quantize_symmetric(
             x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned
         )
@@ -325,6 +343,7 @@ class QuantizedLayer(paddle.nn.Layer):
             f"input_threshold={self.input_thresholds[0]:.6g}, "
             f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
             f"{self.weight_bits}{', unsigned input' if self.input_unsigned else ''}"
+            f"{f', shifted input (zero point {self.input_zero_point})' if self.input_shifted else ''}"
         )
 
 

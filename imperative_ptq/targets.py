@@ -16,8 +16,13 @@ so it has to model the target's integer kernels, not an ideal int8 machine. Meas
 * u8 inputs kept within 0..127 can never saturate (2 * 127 * 127 < 32767) and are exact
   on every x86 CPU: that is what the x86 targets export for every non-negative input (except
   the values above the threshold of a ReLU after a residual conv, see
-  :mod:`imperative_ptq.export.unsigned`). The ``x86`` target keeps layers with a signed input
-  in fp32, the one form that computes the same on every x86 CPU; ``x86-vnni`` runs them int8
+  :mod:`imperative_ptq.export.unsigned`).
+* A signed input of a fc or a 1x1 unpadded conv becomes such a u8 input by a shift: the
+  ``x86`` target simulates it on a 7-bit affine grid (codes 0..127, zero point ``z``) and the
+  export adds ``z * scale`` to the input and subtracts the weight's response to it from the
+  bias (:mod:`imperative_ptq.export.shifted`), exact on every x86 CPU. Other layers with a
+  signed input (a padded conv, whose border would see the shift) stay fp32 on ``x86``, the
+  one form that computes the same on every x86 CPU; ``x86-vnni`` runs them all int8 on s8
   (exact with VNNI only).
 
 Paddle Lite's ARM int8 kernels take s8 activations with symmetric thresholds, so the ``arm``
@@ -46,6 +51,8 @@ class Target:
         signed_inputs_int8: Whether a conv/fc reading a signed input runs int8 exactly on
             every CPU of the target; where not, such a layer stays fp32, in the simulation and
             the export.
+        shifted_signed_inputs: Where ``signed_inputs_int8`` is off, a fc or 1x1 unpadded conv
+            reading a signed input runs int8 on a shifted 7-bit u8 input instead of fp32.
         requires_vnni: The target's int8 kernels are only exact on CPUs with VNNI.
         onednn: The target runs in Paddle Inference's oneDNN int8 pipeline (x86): the export
             reads back what that pipeline runs (:func:`imperative_ptq.export.int8_report`).
@@ -58,6 +65,7 @@ class Target:
     description: str
     unsigned_inputs: bool
     signed_inputs_int8: bool
+    shifted_signed_inputs: bool
     requires_vnni: bool
     onednn: bool
     paddle_fc_weights: bool
@@ -69,9 +77,11 @@ TARGETS: dict[str, Target] = {
         Target(
             "x86",
             "any x86-64 CPU with AVX2 (Paddle Inference / oneDNN, ONNX Runtime): u8 inputs "
-            "within 0..127; layers with a signed input kept fp32",
+            "within 0..127 (signed inputs of fc and 1x1 convs shifted into them); other "
+            "layers with a signed input kept fp32",
             unsigned_inputs=True,
             signed_inputs_int8=False,
+            shifted_signed_inputs=True,
             requires_vnni=False,
             onednn=True,
             paddle_fc_weights=True,
@@ -82,6 +92,7 @@ TARGETS: dict[str, Target] = {
             "exact int32 accumulation",
             unsigned_inputs=True,
             signed_inputs_int8=True,
+            shifted_signed_inputs=False,
             requires_vnni=True,
             onednn=True,
             paddle_fc_weights=True,
@@ -91,6 +102,7 @@ TARGETS: dict[str, Target] = {
             "ARM CPUs through Paddle Lite: symmetric s8 activations and weights",
             unsigned_inputs=False,
             signed_inputs_int8=True,
+            shifted_signed_inputs=False,
             requires_vnni=False,
             onednn=False,
             paddle_fc_weights=False,

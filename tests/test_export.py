@@ -174,12 +174,15 @@ def test_int8_report_names_signed_inputs_and_fp32_layers(tmp_path, caplog) -> No
     from imperative_ptq.export import int8_report
 
     paddle.seed(0)
+    # A padded conv reading a signed input: int8 on x86-vnni only (a Linear's signed input
+    # would be shifted into u8 on x86).
     model = paddle.nn.Sequential(
-        paddle.nn.Linear(16, 32), paddle.nn.ReLU(), paddle.nn.Linear(32, 8)
+        paddle.nn.Conv2D(2, 4, 3, padding=1), paddle.nn.ReLU(), paddle.nn.Flatten(),
+        paddle.nn.Linear(4 * 4 * 4, 8),
     )
     model.eval()
-    x = paddle.randn([16, 16])  # signed: int8 on x86-vnni only
-    spec = [paddle.static.InputSpec([None, 16], "float32", "x")]
+    x = paddle.randn([16, 2, 4, 4])
+    spec = [paddle.static.InputSpec([None, 2, 4, 4], "float32", "x")]
     reports = {}
     for target in ("x86", "x86-vnni"):
         ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
@@ -188,10 +191,11 @@ def test_int8_report_names_signed_inputs_and_fp32_layers(tmp_path, caplog) -> No
         with caplog.at_level("INFO", logger="imperative_ptq.export.paddle_export"):
             ptq.save_quantized_model(qmodel, str(tmp_path / target / "m"), spec)
         reports[target] = int8_report(tmp_path / target / "m")
-    assert reports["x86"].int8 == {"fc": 1} and reports["x86"].fp32 == {"fc": 1}
+    assert reports["x86"].int8 == {"fc": 1} and reports["x86"].fp32 == {"fused_conv2d": 1}
     assert not reports["x86"].signed_inputs
-    assert reports["x86-vnni"].int8 == {"fc": 2} and len(reports["x86-vnni"].signed_inputs) == 1
-    assert "runs 1 conv/fc ops int8 (1 fc) and 1 in fp32 (1 fc)" in caplog.text
+    assert reports["x86-vnni"].int8 == {"fused_conv2d": 1, "fc": 1}
+    assert len(reports["x86-vnni"].signed_inputs) == 1
+    assert "runs 1 conv/fc ops int8 (1 fc) and 1 in fp32 (1 fused_conv2d)" in caplog.text
     with pytest.raises(FileNotFoundError):
         int8_report(tmp_path / "missing")
 

@@ -139,17 +139,19 @@ def _converted(target: str, x: paddle.Tensor) -> tuple[ip.ImperativePTQ, paddle.
     return ptq, qmodel
 
 
-def test_default_target_keeps_signed_input_layers_fp32(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
-        _, qmodel = _converted("x86", paddle.randn([32, 8]))
-    assert type(qmodel.fc1) is paddle.nn.Linear  # reads a signed input
+def test_default_target_shifts_a_signed_fc_input_into_u8() -> None:
+    _, qmodel = _converted("x86", paddle.randn([32, 8]))
+    # Reads a signed input: u8 codes 0..127 after a shift (tests/test_shifted_inputs.py).
+    assert isinstance(qmodel.fc1, ip.QuantizedLayer) and qmodel.fc1.input_shifted
+    assert not qmodel.fc1.input_unsigned
     assert isinstance(qmodel.fc2, ip.QuantizedLayer) and qmodel.fc2.input_unsigned
-    assert "fc1" in caplog.text and "signed input" in caplog.text and "x86-vnni" in caplog.text
+    assert not qmodel.fc2.input_shifted
 
 
 def test_vnni_target_quantizes_signed_inputs() -> None:
     _, qmodel = _converted("x86-vnni", paddle.randn([32, 8]))
     assert isinstance(qmodel.fc1, ip.QuantizedLayer) and not qmodel.fc1.input_unsigned
+    assert not qmodel.fc1.input_shifted  # s8, exact with VNNI
     assert qmodel.fc2.input_unsigned
 
 
@@ -182,7 +184,9 @@ def test_input_minima_round_trip_through_table_and_state(tmp_path) -> None:
     ptq.save_state(shard, state_path)
     ptq.load_state(qmodel, state_path, merge=True)
     ptq.convert(qmodel)
-    assert type(qmodel.fc1) is paddle.nn.Linear  # fp32 on x86 now
+    # Signed on x86 now: a shifted grid covering the shard's negative values.
+    assert qmodel.fc1.input_shifted and not qmodel.fc1.input_unsigned
+    assert qmodel.fc1.input_zero_point > 0
     document["input_minima"] = {"fc1": "low"}
     table_path.write_text(json.dumps(document))
     with pytest.raises(ValueError, match="input_minima"):
@@ -352,11 +356,14 @@ def test_signed_input_warning_points_to_native_on_a_vnni_cpu(vnni, monkeypatch, 
         cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
     )
     paddle.seed(0)
-    model = paddle.nn.Sequential(paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 4))
+    # Padded convs: a signed input there cannot be shifted (a Linear's would be).
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(2, 2, 3, padding=1), paddle.nn.Conv2D(2, 2, 3, padding=1)
+    )
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
     qmodel = ptq.quantize(model)
-    qmodel(paddle.randn([4, 8]))
+    qmodel(paddle.randn([4, 2, 5, 5]))
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
         ptq.convert(qmodel)
     assert "read a signed input and stay fp32" in caplog.text

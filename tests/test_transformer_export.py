@@ -76,16 +76,16 @@ def _runtime_cosine(qmodel: paddle.nn.Layer, prefix: str) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "encoder-decoder"])
 def test_transformer_x86_export_runs_what_the_simulation_computes(decoder, tmp_path) -> None:
-    """target='x86' (every x86 CPU): the Linear layers reading a ReLU run int8, those reading
-    a LayerNorm output (signed) stay fp32 by the target's rule."""
+    """target='x86' (every x86 CPU): every Linear runs int8, those reading a ReLU on u8, those
+    reading a LayerNorm or attention output (signed) on a shifted u8 input."""
     prefix = str(tmp_path / "m")
-    qmodel, _ = _export(decoder, "x86", prefix)
+    qmodel, linears = _export(decoder, "x86", prefix)
     report = int8_report(prefix)
-    # linear2 of each encoder/decoder layer reads the ReLU of linear1.
-    assert report.int8.get("fc", 0) == (4 if decoder else 2), report
-    # Attention's matmuls of two (signed) activations stay fp32 on x86 as well.
+    assert report.int8.get("fc", 0) == linears and not report.fp32.get("fc"), report
+    # Attention's matmuls of two (signed) activations stay fp32 on x86: s8 x s8.
     assert not report.int8.get("fused_matmul") and not report.signed_inputs, report
-    # Measured 1.0000 natively and on AVX2 kernels.
+    # Measured 0.99998 (encoder) and 0.99984 (encoder-decoder), natively and on AVX2 kernels:
+    # rounding ties of the 7-bit shifted grids flipped by float differences (x86-vnni: 0.99991).
     assert _runtime_cosine(qmodel, prefix) >= 0.99
 
 

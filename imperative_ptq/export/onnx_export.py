@@ -39,6 +39,7 @@ from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer
 from ..quantizers.qparams import symmetric_levels
+from ..shifted_input import shifted_levels
 from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
 
 __all__ = ["INT4_OPSET", "export_onnx"]
@@ -112,6 +113,10 @@ class _Converter:
         #: x86 targets: int8-op inputs calibrated non-negative -> threshold; quantized on
         #: codes 0..127 up to it, where no int16 pair sum can saturate.
         self.u8_inputs: dict[str, float] = {}
+        #: x86: signed int8-op inputs on a shifted grid (:mod:`imperative_ptq.shifted_input`)
+        #: -> (scale, uint8 zero point, lowest, highest value); quantized per reader.
+        self.shifted: dict[str, tuple[float, int, float, float]] = {}
+        self._shifted_tensors: dict[str, str] = {}
         self.unsigned_inputs = unsigned_inputs
         self.thresholds = self._activation_thresholds(records)
 
@@ -123,16 +128,27 @@ class _Converter:
         # it: measured, a KL threshold on a classifier's final Softmax clipped its largest
         # probability from 0.222 to 0.196.
         thresholds = {name: value for name, value in outputs.items() if name in self.readers}
-        # A layer kept fp32 reads its input unquantized, as in the simulation.
+        # A shifted input is quantized for its int8 reader alone (:meth:`_layer_input`).
+        for op in self.ops:
+            slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
+            record = self.weights.get(op.input(slots[0])[0]) if slots else None
+            if record is not None and record.input_shift_response is not None:
+                scale, zero = float(record.input_scale), int(record.input_zero_point)
+                top = shifted_levels(record.activation_bits)
+                self.shifted[op.input(slots[1])[0]] = (scale, zero, -zero * scale, (top - zero) * scale)
+        # A layer kept fp32 reads its input unquantized, as in the simulation; so does a shift.
         program_lib.unscale_fp32_layer_inputs(
             self.block, thresholds,
             lambda op: op.input(program_lib.INT8_WEIGHT_OPS[op.type][0])[0] in self.weights,
+            fp32_inputs=list(self.shifted),
         )
         # Inputs of int8 ops: the layer's own input threshold wins, as in the dygraph model.
         for op in self.ops:
             slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
             if slots and op.input(slots[0])[0] in self.weights:
                 record = self.weights[op.input(slots[0])[0]]
+                if record.input_shift_response is not None:
+                    continue
                 thresholds[op.input(slots[1])[0]] = float(record.input_threshold)
                 if self.unsigned_inputs and record.input_unsigned:
                     self.u8_inputs[op.input(slots[1])[0]] = float(record.input_threshold)
@@ -278,6 +294,27 @@ class _Converter:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
         return self.names[name]
 
+    def _layer_input(self, op, slot: str) -> tuple[str, tuple[float, int] | None]:
+        """The input tensor of an int8-capable conv/matmul and its (scale, zero point) when it
+        is quantized: a shifted input gets its own Clip / Q / DQ here, which the tensor's
+        other readers do not see (in the simulation only this layer quantizes it)."""
+        var = op.input(slot)[0]
+        tensor = self._tensor(op, var)
+        weight_slot = program_lib.INT8_WEIGHT_OPS[op.type][0]
+        record = self.weights.get(op.input(weight_slot)[0])
+        if var not in self.shifted or record is None or record.input_shift_response is None:
+            return tensor, self.scales.get(var)  # e.g. a padded conv kept fp32 beside it
+        scale, zero, lowest, highest = self.shifted[var]
+        if var not in self._shifted_tensors:
+            bounds = [self._const(stem, np.array(value, np.float32))
+                      for stem, value in (("min", lowest), ("max", highest))]
+            clipped = self._node("Clip", [tensor, *bounds], var + ".clip")
+            s = self._const("scale", np.array(scale, dtype=np.float32))
+            z = self._const("zero_point", np.array(zero, dtype=np.uint8))
+            q = self._node("QuantizeLinear", [clipped, s, z], var + ".q")
+            self._shifted_tensors[var] = self._node("DequantizeLinear", [q, s, z], var + ".dq")
+        return self._shifted_tensors[var], (scale, zero)
+
     # --------------------------------------------------------------------------- converters
     def _conv(self, op) -> None:
         weight_name = op.input("Filter")[0]
@@ -304,11 +341,10 @@ class _Converter:
             absorbed.append(bn)
             out = self._out(bn, "Y")
         record = self.weights.get(weight_name)
-        x_var = op.input("Input")[0]
-        x = self._in(op, "Input")
-        if record is not None and x_var in self.scales:
+        x, x_scale = self._layer_input(op, "Input")
+        if record is not None and x_scale is not None:
             w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor)
-            b_scale = (self.scales[x_var][0] * w_scale).astype(np.float32)
+            b_scale = (x_scale[0] * w_scale).astype(np.float32)
             b = self._node(
                 "DequantizeLinear",
                 [self._const("bias", np.round(bias / b_scale).astype(np.int32)),
@@ -423,13 +459,13 @@ class _Converter:
             return
         weight = self._param(weight_name).astype(np.float32)
         record = self.weights.get(weight_name)
-        x_var = op.input("X")[0]
-        if record is not None and x_var in self.scales:
+        x, x_scale = self._layer_input(op, "X")
+        if record is not None and x_scale is not None:
             w, _ = self._quantized_weight(weight_name, weight, record, 1)
         else:
             w = self._const(weight_name, weight)
         out = self._out(op)
-        self._bind(out, self._node("MatMul", [self._in(op), w], out))
+        self._bind(out, self._node("MatMul", [x, w], out))
 
     def _activation_matmul(self, op) -> None:
         """A matmul in float: of two activations (attention scores, attention x values; on

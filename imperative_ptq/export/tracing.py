@@ -84,6 +84,9 @@ class LayerRecord:
             ``symmetric=False``; ``None`` for symmetric inputs.
         input_zero_point: The zero point that goes with ``input_scale``.
         input_unsigned: The input was calibrated non-negative and runs as u8 (x86 targets).
+        input_shift_response: For a signed input run as u8 after a shift
+            (:mod:`imperative_ptq.shifted_input`; ``input_scale`` and ``input_zero_point`` are
+            its grid), what the shift adds to each output channel; else ``None``.
         output_thresholds: Output thresholds (may be empty).
         second_input_threshold: For a matmul of two activations (:class:`QuantizedMatmul`),
             the second input's threshold (``input_threshold`` is the first's); else ``None``.
@@ -108,6 +111,7 @@ class LayerRecord:
     input_scale: float | None = None
     input_zero_point: int | None = None
     input_unsigned: bool = False
+    input_shift_response: np.ndarray | None = None
     activation_bits: int = 8
     output_thresholds: list[float] = dataclasses.field(default_factory=list)
     calls: list[tuple[list[str], str | None]] = dataclasses.field(default_factory=list)
@@ -197,6 +201,7 @@ def _collect_records(
         if isinstance(layer, QuantizedLayer):
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
+            shift_response = layer.input_shift_response()  # of the weight that runs
             grid_weight = grid_thresholds = None
             if layer.program_weight is not None:
                 if program_weights:
@@ -220,6 +225,7 @@ def _collect_records(
                     None if layer.input_zero_point is None else int(layer.input_zero_point)
                 ),
                 input_unsigned=layer.input_unsigned,
+                input_shift_response=shift_response,
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
             )

@@ -1,0 +1,139 @@
+"""Shifted inputs in the program: a signed input of a fc or 1x1 conv run as u8 codes 0..127.
+
+The simulation quantizes such an input on the affine grid ``(q - z) * s``, ``q`` in ``0..M``
+(:mod:`imperative_ptq.shifted_input`). Paddle Inference's oneDNN pipeline has no zero points
+(a ``quantize_linear`` zero point is ignored), so the program computes the same thing in two
+steps, both exact up to float rounding:
+
+* in front of the layer, ``relu(clip(x + z * s, 0, M * s))``: non-negative, clipped where the
+  simulation's grid ends, and a ``relu`` output, which Paddle runs as u8 with the threshold
+  ``255 * s`` (codes ``round((x + z s) / s)`` = the simulation's ``q``, at most 127: no int16
+  pair of ``vpmaddubsw`` can saturate);
+* behind it, the bias minus the layer's response to the shift, ``W z s`` per output channel,
+  computed from the weight the runtime multiplies with (a BatchNorm right after a conv takes
+  it into its mean instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .graph import get_tensor, is_persistable, new_persistable, readers, set_tensor
+from .tracing import LayerRecord
+
+__all__ = ["absorb_shift", "insert_shift", "shift_threshold", "shifted_u8_threshold"]
+
+Operator = Any  # paddle.base.framework.Operator
+
+
+def shift_threshold(record: LayerRecord, levels: int) -> float:
+    """The top of the shifted tensor's range, ``M * s``: its u8 threshold in the simulation's
+    terms (the program writes it as :func:`.unsigned.unsigned_threshold` of it)."""
+    return float(record.input_scale) * levels
+
+
+def shifted_u8_threshold(record: LayerRecord) -> float:
+    """The threshold ``S`` to write for the shifted tensor: Paddle quantizes a u8 tensor as
+    ``round(x * 255 / S)`` (see :func:`.unsigned.unsigned_threshold`), so ``S = 255 * s``
+    gives the simulation's codes ``round(x / s)`` whatever the activation bit width."""
+    return 255.0 * float(record.input_scale)
+
+
+def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels: int) -> str:
+    """Inserts ``relu(clip(name + z * s, 0, M * s))`` at ``index`` (three ops); returns the
+    output variable. ``record`` holds the grid (``input_scale``, ``input_zero_point``)."""
+    block = loaded.program.global_block()
+    var = block.var(name)
+    stem = f"{name}.shifted_{len(block.ops)}"
+    outputs = [
+        block.create_var(name=f"{stem}.{part}", shape=var.shape, dtype=var.dtype).name
+        for part in ("added", "clipped", "rectified")
+    ]
+    shift = float(record.input_zero_point) * float(record.input_scale)
+    block._insert_op(
+        index, type="scale", inputs={"X": [name]}, outputs={"Out": [outputs[0]]},
+        attrs={"scale": 1.0, "bias": shift, "bias_after_scale": True},
+    )
+    block._insert_op(
+        index + 1, type="clip", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]},
+        attrs={"min": 0.0, "max": shift_threshold(record, levels)},
+    )
+    block._insert_op(
+        index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
+    )
+    return outputs[2]
+
+
+def absorb_shift(
+    loaded: Any, op: Operator, output_slot: str, record: LayerRecord, factor: float,
+    absorbed: set[str],
+) -> None:
+    """Takes the shift's response out of what follows ``op``, the layer's conv/matmul.
+
+    Subtracts ``factor * record.input_shift_response`` from the persistable bias added right
+    after ``op``, or adds the response to the mean of a BatchNorm right after it; with
+    neither, a bias holding minus the response is added. ``factor`` is what the layer's
+    weight was multiplied by in the program (:class:`.unsigned.FusedReluClips`); a bias add
+    was multiplied by it too, a BatchNorm's mean was not.
+
+    Args:
+        loaded: The program (a :class:`.program.LegacyProgram`).
+        op: The layer's conv2d / matmul_v2 / mul op.
+        output_slot: Its output slot.
+        record: The layer's record (``input_shift_response`` set).
+        factor: The layer's weight factor.
+        absorbed: Bias / mean variables already adjusted (a layer called twice shares them);
+            updated.
+
+    Raises:
+        ValueError: The op's output is read by something else than one bias add or BatchNorm
+            and the op has no place for the bias (should not happen for traced layers).
+    """
+    block = loaded.program.global_block()
+    response = np.asarray(record.input_shift_response, dtype=np.float64)
+    out = op.output(output_slot)[0]
+    following = readers(block).get(out, [])
+    if len(following) == 1 and following[0].type == "batch_norm":
+        target, delta = following[0].input("Mean")[0], response
+    else:
+        biases = [
+            add.input("Y")[0] for add in following
+            if add.type == "elementwise_add" and add.input("X") == [out]
+            and is_persistable(block, add.input("Y")[0])
+        ]
+        if biases:
+            target, delta = biases[0], -factor * response
+        else:
+            target = _add_bias(loaded, op, output_slot, response.size)
+            delta = -factor * response
+    if target in absorbed:
+        return
+    absorbed.add(target)
+    value = get_tensor(loaded, target)
+    if value.size != delta.size:
+        raise ValueError(
+            f"{record.name}: the bias {target!r} after {op.type} has {value.size} values for "
+            f"{delta.size} output channels"
+        )
+    adjusted = value.astype(np.float64) + delta.reshape(value.shape)
+    set_tensor(loaded, target, adjusted.astype(value.dtype))
+
+
+def _add_bias(loaded: Any, op: Operator, output_slot: str, channels: int) -> str:
+    """Puts a zero bias add right after ``op`` (writing ``op``'s output variable, so its
+    readers are unchanged); returns the bias variable."""
+    block = loaded.program.global_block()
+    out = op.output(output_slot)[0]
+    bias = new_persistable(loaded, f"{out}.shift_bias", np.zeros([channels], np.float32))
+    var = block.var(out)
+    unbiased = block.create_var(name=f"{out}.unshifted", shape=var.shape, dtype=var.dtype)
+    op._rename_output(out, unbiased.name)
+    index = list(block.ops).index(op)
+    axis = 1 if op.type in ("conv2d", "depthwise_conv2d") else -1
+    block._insert_op(
+        index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
+        outputs={"Out": [out]}, attrs={"axis": axis},
+    )
+    return bias

@@ -1,0 +1,89 @@
+"""Shifted inputs: a signed input run as u8 codes 0..127, exact on every x86 CPU.
+
+Without VNNI, oneDNN multiplies u8 x s8 byte pairs into int16 sums that saturate unless the
+u8 codes stay within 0..127 (2 * 127 * 127 < 32767); a signed (s8) input is shifted by +128
+into u8 and saturates a fc (see :mod:`imperative_ptq.targets`). A layer that is linear in its
+input can take the shift itself: with ``c = z * s``,
+
+    W x + b = W (x + c) + (b - W c),
+
+so the input ``x + c`` is non-negative, runs as u8 on codes ``0..M`` (``M = 127`` for 8 bits)
+and the bias absorbs the shift. The simulation quantizes ``x`` on the affine grid
+``clip(rint(x / s) + z, 0, M) - z`` (scaled by ``s``), which is exactly what the int8 layer
+then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv whose kernel
+reads no padding (1x1, unpadded); a padded conv's border would see zeros where the shift
+expects ``c``. The export side is :mod:`imperative_ptq.export.shifted`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import paddle
+
+from .quantizers.qparams import affine_levels
+
+__all__ = ["MAX_EXACT_U8_CODE", "shiftable", "shift_response", "shifted_grid", "shifted_levels"]
+
+#: The largest u8 code whose byte pairs cannot saturate ``vpmaddubsw`` (2 * 127 * 127 < 32767).
+MAX_EXACT_U8_CODE = 127
+
+
+def shifted_levels(bits: int) -> int:
+    """Highest code of the shifted grid of a ``bits``-bit input: ``2**bits - 1``, at most 127."""
+    return min(affine_levels(bits), MAX_EXACT_U8_CODE)
+
+
+def shifted_grid(threshold: float, minimum: float | None, bits: int) -> tuple[float, int] | None:
+    """Scale and zero point of the shifted grid of a signed input.
+
+    The grid ``(q - z) * s`` for ``q`` in ``0..M`` reaches ``threshold`` at the top and at
+    least ``max(minimum, -threshold)`` at the bottom (``minimum`` unknown: ``-threshold``):
+    a LayerNorm output gets ``z = 64`` (7 bits on each side), a GELU output whose smallest
+    value is -0.17 at threshold 5 gets ``z = 5`` (almost the whole grid for its positive side).
+
+    Args:
+        threshold: The input's calibrated (symmetric) threshold.
+        minimum: The smallest input value calibration saw.
+        bits: Activation bit width.
+
+    Returns:
+        ``(scale, zero_point)``, or ``None`` when the threshold is not a positive finite number.
+    """
+    if not (math.isfinite(threshold) and threshold > 0):
+        return None
+    levels = shifted_levels(bits)
+    lowest = -threshold if minimum is None or not math.isfinite(minimum) else max(minimum, -threshold)
+    lowest = min(lowest, 0.0)
+    needed = -lowest / ((threshold - lowest) / levels)  # zero point reaching ``lowest``
+    zero_point = min(max(math.ceil(needed * (1 - 1e-9)), 0), levels - 1)  # float noise
+    return threshold / (levels - zero_point), zero_point
+
+
+def shiftable(layer: paddle.nn.Layer) -> bool:
+    """Whether ``layer`` computes ``W x + b`` with every output reading only ``x`` (a Linear,
+    or a 2-D conv with a 1x1 kernel and no padding), so that a shift of ``x`` is a bias."""
+    if isinstance(layer, paddle.nn.Linear):
+        return True
+    if isinstance(layer, paddle.nn.Conv2D):
+        return (
+            list(layer._kernel_size) == [1, 1]
+            and all(int(p) == 0 for p in np.ravel(layer._updated_padding))
+            and layer._padding_algorithm != "SAME"
+        )
+    return False
+
+
+def shift_response(weight: np.ndarray, weight_axis: int, shift: float) -> np.ndarray:
+    """``W c`` per output channel for a shift ``c`` of every input: ``c`` times the sum of each
+    output channel's weights (summed in float64, as the float32 result is then subtracted).
+
+    Args:
+        weight: The weight the layer computes with (Linear ``[in, out]``, conv ``[out, in, 1, 1]``).
+        weight_axis: Its output-channel axis.
+        shift: ``c = z * s``.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    reduced = tuple(axis for axis in range(weight.ndim) if axis != weight_axis)
+    return (weight.sum(axis=reduced) * float(shift)).astype(np.float32)

@@ -1,0 +1,242 @@
+"""Signed inputs on the ``x86`` target: a fc or 1x1 unpadded conv reading a signed input runs
+int8 on a shifted u8 input (codes 0..127), which no x86 CPU can saturate, and Paddle Inference
+and ONNX Runtime compute what the simulation computes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+from imperative_ptq.shifted_input import shiftable, shifted_grid
+from avx2_kernels import pytest_on_avx2_kernels
+
+nn = paddle.nn
+
+
+# ------------------------------------------------------------------------------- the grid
+def _grid_by_search(threshold: float, minimum: float | None, levels: int = 127) -> tuple[float, int]:
+    """The smallest zero point whose grid ``(q - z) * t / (M - z)`` reaches down to the
+    minimum (or ``-threshold``), tried one by one."""
+    lowest = -threshold if minimum is None else min(max(minimum, -threshold), 0.0)
+    for zero_point in range(levels):
+        scale = threshold / (levels - zero_point)
+        if zero_point * scale >= -lowest * (1 - 1e-9):
+            return scale, zero_point
+    raise AssertionError("no grid")
+
+
+@pytest.mark.parametrize("threshold, minimum", [
+    (1.0, -1.0), (3.0, None), (5.0, -0.17), (2.0, -7.0), (0.5, -1e-9), (4.0, -2.5), (1e-3, -1e-3),
+])
+def test_shifted_grid_is_the_smallest_zero_point_covering_the_minimum(threshold, minimum) -> None:
+    scale, zero_point = shifted_grid(threshold, minimum, 8)
+    expected_scale, expected_zero = _grid_by_search(threshold, minimum)
+    assert zero_point == expected_zero
+    assert scale == pytest.approx(expected_scale, rel=1e-12)
+    assert (127 - zero_point) * scale == pytest.approx(threshold)  # the top is the threshold
+
+
+def test_shifted_grid_of_narrow_activations_uses_all_their_codes() -> None:
+    scale, zero_point = shifted_grid(1.0, -1.0, 4)  # codes 0..15
+    assert zero_point == 8 and scale == pytest.approx(1.0 / 7)
+    assert shifted_grid(0.0, -1.0, 8) is None and shifted_grid(math.nan, -1.0, 8) is None
+
+
+def test_only_layers_linear_in_every_input_value_are_shiftable() -> None:
+    assert shiftable(nn.Linear(4, 4)) and shiftable(nn.Conv2D(4, 4, 1, stride=2, groups=2))
+    assert not shiftable(nn.Conv2D(4, 4, 3, padding=1))  # the border would see the shift
+    assert not shiftable(nn.Conv2D(4, 4, 1, padding=1))
+    assert not shiftable(nn.Conv2D(4, 4, 3))  # unpadded, but kept simple: 1x1 only
+
+
+# --------------------------------------------------------------------------- the models
+class _Encoderish(nn.Layer):
+    """LayerNorm -> Linear -> Linear (reads a signed fc output) -> GELU -> Linear: every
+    Linear reads a signed input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.fc1 = nn.Linear(32, 48)
+        self.fc2 = nn.Linear(48, 24, bias_attr=False)
+        self.act = nn.GELU()
+        self.fc3 = nn.Linear(24, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc3(self.act(self.fc2(self.fc1(self.norm(x)))))
+
+
+class _ConvBlock(nn.Layer):
+    """A padded conv + BatchNorm (signed output) read by 1x1 convs (with a bias, with a
+    BatchNorm, with neither), a ReLU6 and a 3x3 conv, a residual add, and a Linear on the
+    pooled (signed) result."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.stem = nn.Conv2D(3, 8, 3, padding=1)
+        self.stem_norm = nn.BatchNorm2D(8)
+        self.expand = nn.Conv2D(8, 16, 1, bias_attr=variant == "bias")
+        self.expand_norm = nn.BatchNorm2D(16)
+        self.act = nn.ReLU6()
+        self.project = nn.Conv2D(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.stem_norm(self.stem(x))
+        z = self.expand(y)
+        if self.variant != "plain":
+            z = self.expand_norm(z)
+        z = self.project(self.act(z))
+        if self.variant == "residual":
+            z = z + y  # y has no scale of its own: read through the shift only
+        return self.head(z.mean(axis=[2, 3]))
+
+
+def _randomize_batch_norms(model: nn.Layer) -> None:
+    for layer in model.sublayers():
+        if isinstance(layer, nn.BatchNorm2D):
+            channels = layer._mean.shape
+            layer._mean.set_value(paddle.randn(channels) * 0.3)
+            layer._variance.set_value(paddle.rand(channels) + 0.5)
+            layer.weight.set_value(paddle.rand(channels) + 0.5)
+            layer.bias.set_value(paddle.randn(channels) * 0.3)
+
+
+def _convert(model: nn.Layer, batches: list[paddle.Tensor], target: str = "x86"):
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    for batch in batches:
+        qmodel(batch)
+    ptq.convert(qmodel)
+    return ptq, qmodel
+
+
+def _max_relative_error(ran: np.ndarray, simulated: np.ndarray) -> float:
+    return float(np.abs(ran - simulated).max() / np.abs(simulated).max())
+
+
+# ------------------------------------------------------------------------ the simulation
+def test_shifted_layer_simulates_the_affine_grid_of_its_input() -> None:
+    paddle.seed(0)
+    batches = [paddle.randn([16, 8, 32]) * 3 + 1 for _ in range(3)]
+    model = _Encoderish()
+    _, qmodel = _convert(model, batches)
+    for name in ("fc1", "fc2", "fc3"):
+        layer = getattr(qmodel, name)
+        assert isinstance(layer, ip.QuantizedLayer) and layer.input_shifted, name
+    assert 56 <= qmodel.fc1.input_zero_point <= 64  # a LayerNorm output: both sides alike
+    assert qmodel.fc3.input_zero_point < 16  # a GELU output: almost all codes for x > 0
+
+    # Reference: codes clip(rint(x / s) + z, 0, 127), the layer on (q - z) * s.
+    layer = qmodel.fc1
+    x = model.norm(batches[0]).numpy().astype(np.float64)
+    scale, zero = layer.input_scale, layer.input_zero_point
+    codes = np.clip(np.rint(x / scale) + zero, 0, 127)
+    expected = (codes - zero) * scale @ layer.layer.weight.numpy() + layer.layer.bias.numpy()
+    got = layer(paddle.to_tensor(x.astype(np.float32))).numpy()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_padded_conv_on_a_signed_input_stays_fp32_with_a_warning(caplog) -> None:
+    paddle.seed(0)
+    model = _ConvBlock("bias")
+    _randomize_batch_norms(model)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        _, qmodel = _convert(model, [paddle.randn([4, 3, 16, 16]) for _ in range(2)])
+    assert type(qmodel.stem) is nn.Conv2D  # 3x3 padded, signed input (the image)
+    assert qmodel.expand.input_shifted and qmodel.head.input_shifted
+    assert qmodel.project.input_unsigned  # a ReLU6 output
+    warning = next(r.getMessage() for r in caplog.records if "signed input" in r.getMessage())
+    assert "stem" in warning and "expand" not in warning and "a padded conv cannot" in warning
+    assert "x86-vnni" in warning
+
+
+# ----------------------------------------------------------------------- the runtimes
+def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path) -> None:
+    paddle.seed(0)
+    batches = [paddle.randn([16, 8, 32]) * 3 + 1 for _ in range(3)]
+    ptq, qmodel = _convert(_Encoderish(), batches)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 8, 32], "float32")])
+    report = int8_report(prefix)
+    # All three fc int8 (before: all fp32 on x86), none reading s8.
+    assert report.int8 == {"fc": 3} and not report.fp32 and not report.signed_inputs, report
+    x = paddle.randn([16, 8, 32]) * 3 + 1
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    # Measured 2.8e-7 natively and on AVX2 kernels (x86-vnni's s8 input there: 0.33).
+    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["plain", "bias", "batch_norm", "residual"])
+def test_paddle_inference_runs_shifted_1x1_convs_int8_as_simulated(variant, tmp_path) -> None:
+    paddle.seed(0)
+    model = _ConvBlock(variant)
+    _randomize_batch_norms(model)
+    batches = [paddle.randn([4, 3, 16, 16]) for _ in range(3)]
+    ptq, qmodel = _convert(model, batches)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32")])
+    report = int8_report(prefix)
+    # expand (shifted), project (u8) and the head (shifted) int8; the stem fp32. With the
+    # residual add, project runs int8 on its own (the add's other operand has no scale: fused,
+    # it ran fp32 on its unquantized input, 1% off the simulation).
+    assert report.int8 == {"fused_conv2d": 2, "fc": 1}, report
+    assert report.fp32 == {"fused_conv2d": 1} and not report.signed_inputs, report
+    x = batches[0]
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    # Measured 1.4e-7 .. 3.1e-7 natively and on AVX2 kernels.
+    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
+
+
+def test_onnx_runtime_runs_the_shifted_grid_as_simulated(tmp_path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    paddle.seed(0)
+    batches = [paddle.randn([16, 8, 32]) * 3 + 1 for _ in range(3)]
+    _, qmodel = _convert(_Encoderish(), batches)
+    path = str(tmp_path / "m.onnx")
+    export_onnx(qmodel, path, input_spec=[paddle.static.InputSpec([None, 8, 32], "float32")])
+    zero_points = {
+        int(onnx.numpy_helper.to_array(t)) for t in onnx.load(path).graph.initializer
+        if t.name.startswith("zero_point")
+    }
+    assert {qmodel.fc1.input_zero_point, qmodel.fc3.input_zero_point} <= zero_points  # uint8 zero points, no bias trick
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = batches[1]
+    ran = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5  # measured 2.1e-7
+
+
+def test_qat_fine_tunes_a_shifted_layer_on_its_shifted_grid() -> None:
+    """A 1x1 conv (whose per-channel 8-bit weights Paddle runs as they are, unlike a fc's)
+    reading a signed input: the fine-tuning forward is the converted forward."""
+    paddle.seed(0)
+    batches = [paddle.randn([4, 6, 5, 5]) * 2 + 0.5 for _ in range(3)]
+    model = nn.Sequential(nn.Conv2D(6, 8, 1))
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    calibrated = ptq.quantize(model)
+    for batch in batches:
+        calibrated(batch)
+    trained = ip.ImperativeQAT(ptq).quantize(calibrated)  # detaches the calibration hooks
+    converted = ptq.convert(copy.deepcopy(calibrated))
+    assert converted[0].input_shifted and "shifted input" in repr(trained[0])
+    trained.eval()
+    x = batches[0]
+    # Fixed thresholds, no step taken: the same grid, the same codes.
+    assert _max_relative_error(trained(x).numpy(), converted(x).numpy()) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_shifted_inputs_on_avx2_kernels() -> None:
+    assert "5 passed" in pytest_on_avx2_kernels(__file__, "paddle_inference_runs_shifted")
