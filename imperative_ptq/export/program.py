@@ -43,7 +43,10 @@ from .unsigned import (
     unsigned_threshold,
 )
 
-__all__ = ["INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "load_legacy_program", "quantize_program"]
+__all__ = [
+    "INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "int8_pool_outputs", "load_legacy_program",
+    "quantize_program",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -777,7 +780,7 @@ def _keep_average_pools_fp32(
     Returns:
         How many pools are kept fp32.
     """
-    int8_pools = _int8_pools(records)
+    int8_pools = int8_pool_outputs(records)
     reading, writers = readers(block), producers(block)
     kept = 0
     for op in list(block.ops):
@@ -861,7 +864,7 @@ def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
     return rectified.name
 
 
-def _int8_pools(records: Sequence[LayerRecord]) -> dict[str, float]:
+def int8_pool_outputs(records: Sequence[LayerRecord]) -> dict[str, float]:
     """Output variable -> input threshold of every pool call the simulation runs int8."""
     return {
         output: record.pooled_input_threshold
