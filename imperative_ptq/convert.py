@@ -92,7 +92,7 @@ def convert_layers(
                 continue
             wrapped = QuantizedMatmul(
                 layer, entry["input"][0], entry["second_input"][0], entry.get("output", []),
-                activation_bits,
+                activation_bits, onednn=target.onednn,
             )
             replace_sublayer(model, layer, wrapped)
             continue

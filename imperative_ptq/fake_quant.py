@@ -106,6 +106,8 @@ class FakeQuantLayer(paddle.nn.Layer):
             for it (:func:`~imperative_ptq.shifted_input.shifted_grid` of the current
             threshold and ``input_minimum``).
         input_minimum: The smallest input value calibration saw.
+        input_floor: The lowest code of a signed input when not ``-L`` (the converted layer's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_floor`).
 
     Raises:
         ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
@@ -123,6 +125,7 @@ class FakeQuantLayer(paddle.nn.Layer):
         learnable: bool,
         input_shifted: bool = False,
         input_minimum: float | None = None,
+        input_floor: int | None = None,
     ) -> None:
         super().__init__()
         forward = FUNCTIONAL_FORWARDS.get(type(layer))
@@ -139,6 +142,7 @@ class FakeQuantLayer(paddle.nn.Layer):
         self.input_unsigned = bool(input_unsigned)
         self.input_shifted = bool(input_shifted)
         self.input_minimum = input_minimum
+        self.input_floor = input_floor
         self.learnable = bool(learnable)
         weight_thresholds = np.asarray(weight_thresholds, np.float32).reshape(-1)
         self.input_threshold = self._threshold([float(input_threshold)], "input_threshold")
@@ -176,6 +180,8 @@ class FakeQuantLayer(paddle.nn.Layer):
         input_threshold = paddle.clip(self.input_threshold, min=1e-8)
         weight_thresholds = paddle.clip(self.weight_thresholds, min=1e-8)
         code_range = None
+        if self.input_floor is not None and not self.input_unsigned:
+            code_range = (self.input_floor, symmetric_levels(self.activation_bits))
         if self.input_shifted:
             grid = shifted_grid(
                 float(input_threshold.numpy()[0]), self.input_minimum, self.activation_bits

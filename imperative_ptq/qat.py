@@ -176,6 +176,7 @@ class ImperativeQAT:
                 config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
                 converted.input_unsigned, self.learnable_scales,
                 input_shifted=converted.input_shifted, input_minimum=(minima or {}).get(name),
+                input_floor=converted.input_floor,
             )
             replace_sublayer(model, layers[name], wrapper)
         state = _QATState(table, dict(minima or {}), self.freeze_bn_after)

@@ -24,6 +24,7 @@ __all__ = [
     "QuantizedMatmul",
     "fake_quantize_symmetric",
     "first_input",
+    "signed_input_floor",
     "quantize_weight",
     "replace_sublayer",
 ]
@@ -35,6 +36,7 @@ def fake_quantize_symmetric(
     bits: int,
     axis: int | None = None,
     unsigned: bool = False,
+    lowest_code: int | None = None,
 ) -> paddle.Tensor:
     """Quantize-dequantize ``x`` with symmetric thresholds (per tensor, or per channel on ``axis``).
 
@@ -45,6 +47,8 @@ def fake_quantize_symmetric(
         axis: Channel axis for per-channel thresholds.
         unsigned: Keep only the non-negative half of the grid (``0..L``), as an x86 runtime
             does with an input it runs as u8: negative values become 0.
+        lowest_code: The code a signed value below ``-t`` saturates to, when not ``-L``: an
+            s8 tensor in oneDNN or ONNX Runtime reaches -128 (:func:`signed_input_floor`).
     """
     levels = float(symmetric_levels(bits))
     if axis is not None and threshold.shape[0] > 1:
@@ -52,7 +56,18 @@ def fake_quantize_symmetric(
         shape[axis] = -1
         threshold = threshold.reshape(shape)
     scale = threshold / levels
-    return paddle.clip(paddle.round(x / scale), 0.0 if unsigned else -levels, levels) * scale
+    lowest = 0.0 if unsigned else (-levels if lowest_code is None else float(lowest_code))
+    return paddle.clip(paddle.round(x / scale), lowest, levels) * scale
+
+
+def signed_input_floor(bits: int, onednn: bool) -> int | None:
+    """The lowest code of a signed 8-bit activation in the target's runtime, where it is not
+    the symmetric grid's ``-127``: oneDNN's s8 quantize (and ONNX Runtime's, whose uint8 zero
+    point 128 is the same s8) saturates at -128 (measured on ``x86-vnni``: a Linear reading
+    values below ``-t`` was 0.041 off Paddle Inference and ONNX Runtime with -127, 1e-6 with
+    -128; attention's score matmul 0.39 and 1e-6). ``None`` elsewhere (Paddle Lite's ARM
+    kernels take Paddle's symmetric ``-127..127``; activations below 8 bits)."""
+    return -symmetric_levels(bits) - 1 if onednn and bits == 8 else None
 
 
 def _weight_scales(thresholds: np.ndarray, bits: int, axis: int, ndim: int) -> np.ndarray:
@@ -191,6 +206,8 @@ class QuantizedLayer(paddle.nn.Layer):
             raise ValueError("input_shifted needs input_scale and input_zero_point")
         self.input_unsigned = bool(input_unsigned)
         self.input_shifted = bool(input_shifted)
+        #: The lowest code of the (signed) input in the runtime (``None``: ``-L``).
+        self.input_floor = signed_input_floor(activation_bits, onednn_weights)
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
@@ -321,7 +338,8 @@ class QuantizedLayer(paddle.nn.Layer):
             )
             return fake_quantize(x, self.input_scale, self.input_zero_point, 0, levels)
         return fake_quantize_symmetric(
-            x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned
+            x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned,
+            lowest_code=self.input_floor,
         )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
@@ -359,6 +377,8 @@ class QuantizedMatmul(paddle.nn.Layer):
         second_input_threshold: Threshold of the second input.
         output_thresholds: Output thresholds (kept for the table).
         activation_bits: Bit width of both inputs.
+        onednn: The matmul runs in Paddle Inference's oneDNN pipeline (or ONNX Runtime), whose
+            s8 inputs saturate at -128 (:func:`signed_input_floor`).
     """
 
     def __init__(
@@ -368,10 +388,12 @@ class QuantizedMatmul(paddle.nn.Layer):
         second_input_threshold: float,
         output_thresholds: Sequence[float] = (),
         activation_bits: int = 8,
+        onednn: bool = False,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.activation_bits = activation_bits
+        self.input_floor = signed_input_floor(activation_bits, onednn)
         self.input_thresholds = [float(input_threshold), float(second_input_threshold)]
         self.output_thresholds = [float(t) for t in output_thresholds]
         for name, value in zip(("input_threshold", "second_input_threshold"), self.input_thresholds):
@@ -380,8 +402,10 @@ class QuantizedMatmul(paddle.nn.Layer):
     def forward(self, x: paddle.Tensor, y: paddle.Tensor, *args: Any, **kwargs: Any) -> paddle.Tensor:
         bits = self.activation_bits
         return self.layer(
-            fake_quantize_symmetric(x, self.input_threshold, bits),
-            fake_quantize_symmetric(y, self.second_input_threshold, bits),
+            fake_quantize_symmetric(x, self.input_threshold, bits, lowest_code=self.input_floor),
+            fake_quantize_symmetric(
+                y, self.second_input_threshold, bits, lowest_code=self.input_floor
+            ),
             *args, **kwargs,
         )
 
