@@ -305,10 +305,18 @@ class _Converter:
             if producer is not None and producer.type in ("relu", "relu6"):
                 # A Clip between a conv and its Q stops ONNX Runtime from fusing QLinearConv
                 # (measured: 1 of 3 convs fused). So the conv's output is quantized on the
-                # same grid first (codes up to 255, fused into QLinearConv) and clipped
-                # after its DequantizeLinear, before the Q/DQ the readers see.
-                tensor = self._qdq(tensor, scale, zero, var + ".unclipped")
-                tensor = self._clip(tensor, 0.0, threshold, var)
+                # grid first (codes up to 255, fused into QLinearConv) and its uint8 codes
+                # clipped at 127, one pass over bytes (a float DequantizeLinear -> Clip ->
+                # QuantizeLinear made ONNX Runtime's MobileNetV2 1.8x slower).
+                s = self._const("scale", np.array(scale, dtype=np.float32))
+                z = self._const("zero_point", np.array(zero, dtype=np.uint8))
+                codes = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
+                bounds = [self._const(name, np.array(value, np.uint8))
+                          for name, value in (("min", 0), ("max", 127))]
+                codes = self._node("Clip", [codes, *bounds], var + ".clip")
+                self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
+                self.scales[var] = (scale, zero)
+                return
             elif not (
                 producer is not None and producer.type in _LAYOUT_OPS
                 and self.u8_inputs.get(producer.input("X")[0]) == threshold
