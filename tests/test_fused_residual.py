@@ -52,6 +52,27 @@ class _OneBlock(nn.Layer):
         return self.fc(paddle.flatten(self.avgpool(x), 1))
 
 
+def test_find_residual_add_picks_the_operand_paddle_reads_as_codes() -> None:
+    from imperative_ptq.quant_residual import find_residual_add
+
+    rng = np.random.default_rng(0)
+    shortcut, other, branch = (paddle.to_tensor(rng.normal(size=[2, 4, 3, 3]).astype(np.float32))
+                               for _ in range(3))
+    outputs = [(shortcut, "relu"), (other, "bn1"), (branch, "bn2")]  # computed in this order
+    # The identity shortcut: the operand a conv read before the add, whatever the order.
+    found = find_residual_add(branch + shortcut, outputs, {id(shortcut): ("conv1",)})
+    assert (found.fused, found.residual, found.residual_readers, found.residual_top) == (
+        "bn2", "relu", ("conv1",), 255)
+    # Two outputs read only by the add: the one computed last (the downsample branch).
+    found = find_residual_add(shortcut + branch, outputs, {}, frozenset({id(branch)}))
+    assert (found.fused, found.residual, found.residual_top) == ("relu", "bn2", 127)
+    # Not a sum of two of them, or both read elsewhere (no conv output to fuse into).
+    assert find_residual_add(branch + shortcut + 1e-3, outputs, {}) is None
+    assert find_residual_add(
+        branch + shortcut, outputs, {id(shortcut): ("a",), id(branch): ("b",)}
+    ) is None
+
+
 def _exported(downsample: bool, target: str, tmp_path) -> tuple[nn.Layer, str, np.ndarray]:
     paddle.seed(0)
     rng = np.random.default_rng(0)
