@@ -23,7 +23,9 @@ from .calibration_table import (
 )
 from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
-from .quant_pool import QuantizedGlobalAveragePool, int8_head_pools
+from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
+from .quantizers.qparams import symmetric_levels
+from .quant_residual import QuantizedResidualOutput
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
 from .shifted_input import shiftable, shifted_grid
@@ -66,6 +68,7 @@ def convert_layers(
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
     int8_layers: list[str] = []
+    quantized: dict[str, QuantizedLayer] = {}
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -147,12 +150,17 @@ def convert_layers(
                 paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
                 onednn_weights=target.onednn,
             )
+            if unsigned and state.wide_input and target.onednn and activation_bits == 8:
+                # A ReLU after a residual conv, unclipped in Paddle (export.unsigned).
+                wrapped.input_top_code = U8_MAX
             replace_sublayer(model, layer, wrapped)
             int8_layers.append(state.name)
+            quantized[state.name] = wrapped
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
     if target.onednn:
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
+        _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -201,13 +209,79 @@ def _simulate_int8_head_pools(
                 model, layer,
                 QuantizedGlobalAveragePool(
                     layer, pools[state.name], table.get(state.name, {}).get("output", []),
-                    activation_bits,
+                    activation_bits, top=symmetric_levels(8) if state.signed_input else U8_MAX,
                 ),
             )
     if pools:
         logger.info(
             "%d global average pools in front of an int8 Linear simulate oneDNN's int8 pool: %s",
             len(pools), first_names(list(pools)),
+        )
+
+
+def _simulate_fused_residuals(
+    model: paddle.nn.Layer,
+    hooked: HookedLayers,
+    table: CalibrationTable,
+    quantized: dict[str, QuantizedLayer],
+    activation_bits: int,
+) -> None:
+    """Makes the simulation read each residual that Paddle Inference's fused int8 conv reads
+    as codes on those codes (:mod:`~imperative_ptq.quant_residual`), from the adds calibration
+    saw: an identity shortcut (a ReLU output its readers' convs quantize as u8 on one
+    threshold) through the first of those convs, a downsample shortcut (a BatchNorm output
+    read only by the add) through a :class:`QuantizedResidualOutput`. Only where the add's
+    other operand comes from an int8 conv, which Paddle fuses the add into."""
+    if activation_bits != 8:
+        return  # Paddle's int8 passes write 8-bit scales only
+    by_name = {state.name: (layer, state) for layer, state in hooked}
+
+    def int8_conv_output(name: str) -> bool:
+        layer, state = by_name.get(name, (None, None))
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            sources = state.input_sources
+            name = next(iter(sources)) if len(sources) == 1 else ""
+        found = quantized.get(name)
+        return found is not None and isinstance(found.layer, paddle.nn.Conv2D)
+
+    def runs_u8(layer: paddle.nn.Layer, state) -> bool:
+        """An ``nn.ReLU``, or a max pool of one (Paddle pools its u8 codes)."""
+        while isinstance(layer, paddle.nn.MaxPool2D) and len(state.input_sources) == 1:
+            layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
+        return isinstance(layer, paddle.nn.ReLU)
+
+    identity, downsample = [], []
+    for layer, state in hooked:
+        for add in sorted(state.residual_adds, key=lambda add: add.fused):
+            if not int8_conv_output(add.fused):
+                continue
+            if runs_u8(layer, state) and add.residual_readers:
+                readers = [quantized.get(name) for name in add.residual_readers]
+                if any(reader is None or not reader.input_unsigned for reader in readers):
+                    continue
+                if len({reader.input_thresholds[0] for reader in readers}) != 1:
+                    continue
+                readers[0].residual_codes = add.residual_top
+                identity.append(add.residual_readers[0])
+            elif (
+                isinstance(layer, paddle.nn.layer.norm._BatchNormBase)
+                and not add.residual_readers
+                and int8_conv_output(state.name)
+                and table.get(state.name, {}).get("output")
+                and state.name not in downsample
+            ):
+                replace_sublayer(
+                    model, layer,
+                    QuantizedResidualOutput(
+                        layer, table[state.name]["output"], activation_bits, fused_with=add.fused
+                    ),
+                )
+                downsample.append(state.name)
+    if identity or downsample:
+        logger.info(
+            "fused int8 residual convs read their residual as codes: %d identity shortcuts "
+            "(u8, quantized by %s), %d downsample shortcuts (s8: %s)", len(identity),
+            first_names(identity), len(downsample), first_names(downsample),
         )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 
 from .primitives import fake_quantize
+from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import affine_levels, symmetric_levels
 from .shifted_input import shift_response, shifted_levels
 
@@ -181,6 +182,14 @@ class QuantizedLayer(paddle.nn.Layer):
         program_weight_thresholds: Its thresholds.
         bias_correction: What bias correction added to the layer's bias, per channel
             (``None``: nothing), so the fp32 layer it came from is still recognized.
+        input_top_code: With ``input_unsigned``, the largest code of the input: ``L``, or 255
+            for a ReLU output after a residual conv, which Paddle Inference leaves unclipped
+            (:mod:`imperative_ptq.export.unsigned`). Set by ``convert``.
+        residual_codes: ``0``, or the largest code of this layer's u8 input as the residual
+            of a fused int8 conv after it reads it (an identity shortcut,
+            :mod:`imperative_ptq.quant_residual`): :meth:`forward` first replaces that
+            tensor's values, in place, by its codes up to this one, which the add reads later.
+            Set by ``convert``.
     """
 
     def __init__(
@@ -208,6 +217,8 @@ class QuantizedLayer(paddle.nn.Layer):
         self.input_shifted = bool(input_shifted)
         #: The lowest code of the (signed) input in the runtime (``None``: ``-L``).
         self.input_floor = signed_input_floor(activation_bits, onednn_weights)
+        self.residual_codes = 0
+        self.input_top_code = symmetric_levels(activation_bits)
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
@@ -337,6 +348,9 @@ class QuantizedLayer(paddle.nn.Layer):
                 else affine_levels(self.activation_bits)
             )
             return fake_quantize(x, self.input_scale, self.input_zero_point, 0, levels)
+        if self.input_unsigned and self.input_top_code != symmetric_levels(self.activation_bits):
+            step = self.input_threshold / float(symmetric_levels(self.activation_bits))
+            return paddle.clip(paddle.round(x / step), 0.0, float(self.input_top_code)) * step
         return fake_quantize_symmetric(
             x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             lowest_code=self.input_floor,
@@ -354,6 +368,10 @@ class QuantizedLayer(paddle.nn.Layer):
                     f"{type(self.layer).__name__} (quantized) input {position} expects a "
                     f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...)"
                 )
+        if self.residual_codes:
+            quantize_residual_in_place(
+                inputs[0], self.input_thresholds[0], self.activation_bits, self.residual_codes
+            )
         return self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
 
     def extra_repr(self) -> str:
@@ -362,6 +380,8 @@ class QuantizedLayer(paddle.nn.Layer):
             f"weight_channels={self.weight_thresholds.shape[0]}, bits={self.activation_bits}/"
             f"{self.weight_bits}{', unsigned input' if self.input_unsigned else ''}"
             f"{f', shifted input (zero point {self.input_zero_point})' if self.input_shifted else ''}"
+            f"{', input read as a fused residual' if self.residual_codes else ''}"
+            f"{f', input codes up to {self.input_top_code}' if self.input_top_code > symmetric_levels(self.activation_bits) else ''}"
         )
 
 

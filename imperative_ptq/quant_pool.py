@@ -61,6 +61,8 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         input_threshold: ``t``: the threshold of the ReLU whose output the pool reads.
         output_thresholds: The pool's calibrated output thresholds (kept for the table).
         activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+        top: The largest code: 255, or 127 when Paddle writes the ReLU output as s8 (after a
+            conv fused with an s8 residual, :mod:`imperative_ptq.quant_residual`).
 
     Raises:
         ValueError: ``layer`` is not a global average pool, or the threshold is not positive.
@@ -72,6 +74,7 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         input_threshold: float,
         output_thresholds: Sequence[float] = (),
         activation_bits: int = 8,
+        top: int = U8_MAX,
     ) -> None:
         super().__init__()
         if not is_global_average_pool(layer):
@@ -84,16 +87,20 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         self.input_threshold = float(input_threshold)
         self.output_thresholds = [float(t) for t in output_thresholds]
         self.activation_bits = activation_bits
+        self.top = int(top)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         step = np.float32(self.input_threshold / symmetric_levels(self.activation_bits))
-        codes = paddle.clip(paddle.round(x / step), 0.0, float(U8_MAX))
+        codes = paddle.clip(paddle.round(x / step), 0.0, float(self.top))
         # Integer sums are exact in float32 (up to 65793 positions of 255).
         mean = codes.sum(axis=[2, 3], keepdim=True) / float(x.shape[2] * x.shape[3])
         return round_half_to_even(mean) * step
 
     def extra_repr(self) -> str:
-        return f"input_threshold={self.input_threshold:.6g}, u8 codes, mean rounded half to even"
+        return (
+            f"input_threshold={self.input_threshold:.6g}, codes 0..{self.top}, mean rounded "
+            "half to even"
+        )
 
 
 def int8_head_pools(

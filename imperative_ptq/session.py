@@ -18,6 +18,7 @@ import paddle
 
 from .collector import CalibrationCollector, CalibrationError
 from .quant_layers import first_input
+from .quant_residual import ResidualAdd, find_residual_add
 from .quantizers import BaseQuantizer
 from .registry import PTQRegistry
 
@@ -59,6 +60,15 @@ class LayerState:
     #: Names of the hooked layers whose output this layer read as its first input: the same
     #: tensor, or a global pool's output flattened (:meth:`CalibrationSession.source_of`).
     input_sources: set[str] = dataclasses.field(default_factory=set)
+    #: The adds whose residual operand (read by a fused int8 conv as codes) was this layer's
+    #: output (:func:`imperative_ptq.quant_residual.find_residual_add`).
+    residual_adds: set[ResidualAdd] = dataclasses.field(default_factory=set)
+    #: Its first input was a ReLU output that Paddle writes as s8 codes (after a conv fused
+    #: with an s8 residual): saturated at code 127 of the tensor's u8 step.
+    signed_input: bool = False
+    #: Its first input was a ReLU output after a fused residual conv with a u8 residual, which
+    #: Paddle leaves unclipped: u8 codes up to 255 (:mod:`imperative_ptq.export.unsigned`).
+    wide_input: bool = False
 
 
 class CalibrationSession:
@@ -110,6 +120,13 @@ class CalibrationSession:
         #: layer name); and the [N, C, 1, 1] ones (global pools), kept alive until it ends.
         self._outputs: dict[int, tuple[Any, str]] = {}
         self._pooled: list[tuple[paddle.Tensor, str]] = []
+        #: Tensors hooked layers read in the current forward: ``id`` -> (weak reference,
+        #: names of the layers that read it).
+        self._read: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        #: Outputs of the current forward that Paddle writes as s8 (``id`` -> weak reference).
+        self._signed: dict[int, Any] = {}
+        #: Outputs of the current forward that Paddle writes as u8 up to 255 after a residual.
+        self._wide: dict[int, Any] = {}
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -229,10 +246,10 @@ class CalibrationSession:
                     f"before calibrating."
                 )
         self.collector.raise_pending_error()
-        self._outputs, self._pooled = {}, []
+        self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-        self._outputs, self._pooled = {}, []
+        self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
         self.collector.end_forward()
 
     def source_of(self, value: paddle.Tensor) -> str | None:
@@ -250,7 +267,33 @@ class CalibrationSession:
                     return name
         return None
 
+    def _note_read(self, value: paddle.Tensor, name: str) -> None:
+        entry = self._read.get(id(value))
+        names = entry[1] if entry is not None and entry[0]() is value else ()
+        self._read[id(value)] = (weakref.ref(value), names + (name,))
+
+    def _note_residual_add(self, value: paddle.Tensor) -> ResidualAdd | None:
+        """Records the residual add ``value`` is the sum of, if any, on the state of the layer
+        whose output is its residual operand, and returns it."""
+        outputs = [(entry[0](), entry[1]) for entry in self._outputs.values()]
+        outputs = [(tensor, name) for tensor, name in outputs if tensor is not None]
+        readers = {
+            key: names for key, (ref, names) in self._read.items() if ref() is not None
+        }
+        signed = frozenset(key for key, ref in self._signed.items() if ref() is not None)
+        with paddle.no_grad():
+            found = find_residual_add(value, outputs, readers, signed)
+        if found is None:
+            return None
+        for layer, state in self.layers:
+            if state.name == found.residual:
+                state.residual_adds.add(found)
+        return found
+
     def _note_output(self, name: str, value: paddle.Tensor) -> None:
+        # Moved to the end: the order of ``_outputs`` is the order the outputs were computed
+        # in, even where a freed tensor's ``id`` is reused.
+        self._outputs.pop(id(value), None)
         self._outputs[id(value)] = (weakref.ref(value), name)
         if value.ndim == 4 and value.shape[2] == 1 and value.shape[3] == 1:
             self._pooled.append((value, name))
@@ -265,6 +308,19 @@ class CalibrationSession:
             source = self.source_of(first)
             if source is not None:
                 state.input_sources.add(source)
+            else:
+                found = self._note_residual_add(first)
+                if found is not None and isinstance(layer, paddle.nn.ReLU) and _is_float_tensor(outputs):
+                    # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual,
+                    # else u8 up to 255.
+                    kind = self._wide if found.residual_readers else self._signed
+                    kind[id(outputs)] = weakref.ref(outputs)
+            signed, wide = self._signed.get(id(first)), self._wide.get(id(first))
+            if signed is not None and signed() is first:
+                state.signed_input = True
+            if wide is not None and wide() is first:
+                state.wide_input = True
+            self._note_read(first, state.name)
         if inputs_quantizer is not None:
             if _is_float_tensor(first):
                 state.input_rank = max(state.input_rank, first.ndim)

@@ -15,8 +15,9 @@ so it has to model the target's integer kernels, not an ideal int8 machine. Meas
   ties rounded by float noise: 1.6% relative error against the 8-bit simulation).
 * u8 inputs kept within 0..127 can never saturate (2 * 127 * 127 < 32767) and are exact
   on every x86 CPU: that is what the x86 targets export for every non-negative input (except
-  the values above the threshold of a ReLU after a residual conv, see
-  :mod:`imperative_ptq.export.unsigned`).
+  the values above the threshold of a ReLU after a residual conv, codes up to 255, which the
+  simulation reads too where calibration saw the add: see :mod:`imperative_ptq.export.unsigned`
+  and :mod:`imperative_ptq.quant_residual`).
 * A signed input of a fc or a 1x1 unpadded conv becomes such a u8 input by a shift: the
   ``x86`` target simulates it on a 7-bit affine grid (codes 0..127, zero point ``z``) and the
   export adds ``z * scale`` to the input and subtracts the weight's response to it from the

@@ -38,6 +38,7 @@ from .dynamic_export import (
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer
+from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
 from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
@@ -126,12 +127,37 @@ class _Converter:
         self.unsigned_inputs = unsigned_inputs
         #: Global pools the simulation runs on u8 codes: output variable -> input threshold.
         self.int8_pools = program_lib.int8_pool_outputs(records)
+        #: Their largest input code (127 where Paddle writes the pool's input s8).
+        self.int8_pool_tops = {
+            output: record.pooled_input_top for record in records
+            if record.pooled_input_threshold is not None for _, output in record.calls
+        }
+        #: ReLU outputs the simulation stores as u8 codes up to 255 for a residual add
+        #: (``LayerRecord.residual_codes``), and their unclipped DequantizeLinear once bound.
+        self.residuals = {
+            inputs[0] for record in records if record.residual_codes == U8_MAX
+            for inputs, _ in record.calls if inputs
+        }
+        self.unclipped: dict[str, str] = {}
+        #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.input_top_code``).
+        self.wide = {
+            inputs[0] for record in records
+            if record.simulated and record.input_unsigned and record.input_top_code == U8_MAX
+            for inputs, _ in record.calls if inputs
+        }
         self.thresholds = self._activation_thresholds(records)
 
     # ------------------------------------------------------------------------------ helpers
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
         consumers = {name: [op.type for op in ops] for name, ops in self.readers.items()}
         _, outputs = program_lib.collect_scales(list(records), consumers)
+        # The add's operand fused into a conv is not quantized in the simulation (Paddle's
+        # program gives it a scale only so that it fuses: see program.collect_scales).
+        fused = {record.residual_fused_with for record in records if record.residual_output}
+        for record in records:
+            if record.name in fused:
+                for _, output in record.calls:
+                    outputs.pop(output, None)
         # A tensor no op reads (a model output) keeps its value, as the simulation returns
         # it: measured, a KL threshold on a classifier's final Softmax clipped its largest
         # probability from 0.222 to 0.196.
@@ -311,11 +337,19 @@ class _Converter:
                 s = self._const("scale", np.array(scale, dtype=np.float32))
                 z = self._const("zero_point", np.array(zero, dtype=np.uint8))
                 codes = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
+                self.scales[var] = (scale, zero)
+                if var in self.residuals or var in self.wide:
+                    unclipped = self._node("DequantizeLinear", [codes, s, z], var + ".unclipped.dq")
+                    self.unclipped[var] = unclipped
+                    if var in self.wide:
+                        # A ReLU after a residual conv: its readers read codes up to 255, as
+                        # in Paddle Inference and the simulation.
+                        self.names[var] = unclipped
+                        return
                 bounds = [self._const(name, np.array(value, np.uint8))
                           for name, value in (("min", 0), ("max", 127))]
                 codes = self._node("Clip", [codes, *bounds], var + ".clip")
                 self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
-                self.scales[var] = (scale, zero)
                 return
             elif not (
                 producer is not None and producer.type in _LAYOUT_OPS
@@ -828,6 +862,8 @@ class _Converter:
         }[op.type]
         y_var = op.input("Y")[0]
         x = self._in(op)
+        if kind == "Add" and op.input("X")[0] in self.residuals:
+            x = self.unclipped.get(op.input("X")[0], x)
         if self._is_param(y_var):
             value = self._param(y_var).astype(np.float32)
             axis = op.attr("axis")
@@ -837,6 +873,10 @@ class _Converter:
             y = self._const(y_var, value)
         else:
             y = self._in(op, "Y")
+            if kind == "Add" and y_var in self.residuals:
+                # An identity-shortcut residual: read on its u8 codes up to 255, as the
+                # simulation stores it (imperative_ptq.quant_residual), not clipped at 127.
+                y = self.unclipped.get(y_var, y)
         out = self._out(op)
         self._bind(out, self._node(kind, [x, y], out))
 
@@ -850,7 +890,11 @@ class _Converter:
                 # clipped), rounded half to even like QuantizeLinear, on the same grid
                 # (imperative_ptq.quant_pool); the reader quantizes it with its own threshold.
                 scale = self.int8_pools[out] / symmetric_levels(8)
-                codes = self._qdq(self._in(op), scale, 0, out + ".codes")
+                pooled = self._in(op)
+                top = self.int8_pool_tops.get(out, U8_MAX)
+                if top < U8_MAX:
+                    pooled = self._clip(pooled, 0.0, scale * top, out)
+                codes = self._qdq(pooled, scale, 0, out + ".codes")
                 mean = self._node("GlobalAveragePool", [codes], out + ".mean")
                 self.names[out] = self._qdq(mean, scale, 0, out)
                 return

@@ -172,9 +172,11 @@ def save_quantized_model(
         target: The deployment target (:mod:`imperative_ptq.targets`); default, and the only
             value accepted, the one the model was converted for
             (``PTQConfig(target=...)``), since the simulation models that target's arithmetic.
-        **config: ``quantize_residuals`` (bool, default True): give BatchNorm outputs that feed
-            only residual adds a scale, so the fused residual convs run in int8 too (faster,
-            slightly less accurate).
+        **config: ``quantize_residuals`` (bool, default True): give the BatchNorm outputs that
+            the simulation reads as the s8 residual of a fused conv
+            (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`) a scale, so those
+            residual convs run in int8 as simulated; False keeps them fp32 (unfused, a float
+            add: then the runtime differs from the simulation by the residual's rounding).
 
     Raises:
         TypeError: Bad ``model``/``input_spec``/option/``target``.

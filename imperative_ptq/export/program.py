@@ -245,10 +245,24 @@ def collect_scales(
         records: Calibrated layers.
         consumers: Variable name -> types of the ops reading it.
         extra_outputs: Further thresholds by variable name (never override the layers').
-        quantize_residuals: Keep BN output scales of tensors read only by residual adds.
+        quantize_residuals: Give a scale to the BatchNorm outputs that the simulation
+            quantizes as the residual of a fused int8 conv (``LayerRecord.residual_output``).
     """
     weights = {record.weight_name: record for record in records if record.simulated}
     outputs: dict[str, float] = {}
+    unscaled_residuals = [
+        record.name for record in records if record.residual_output and not quantize_residuals
+    ]
+    if unscaled_residuals:
+        logger.warning(
+            "quantize_residuals=False: %d residual BatchNorm outputs that the simulation reads "
+            "as s8 codes get no scale, so Paddle Inference runs their residual convs fp32 and "
+            "adds them in float, not as simulated: %s", len(unscaled_residuals),
+            ", ".join(unscaled_residuals),
+        )
+    # The other operand of those adds, fused into its conv, needs a scale too (see
+    # quant_residual.QuantizedResidualOutput's ``fused_with``).
+    fused_branches = {record.residual_fused_with for record in records if record.residual_output}
     for record in records:
         # Conv/Linear outputs get no scale of their own: a scale there makes oneDNN emit int8
         # from the op itself, e.g. quantizing a network's logits with one per-tensor scale
@@ -259,14 +273,11 @@ def collect_scales(
         for _, output in record.calls:
             if output is None:
                 continue
-            readers = consumers.get(output, [])
-            # A BN output read only by residual adds (ResNet's downsample branch) is the
-            # residual input of the fused conv of the next block, which oneDNN only runs in
-            # int8 when the residual has a scale; elsewhere the BN output scale hurts.
+            # A BN output the simulation quantizes as a residual (ResNet's downsample branch)
+            # is the residual input of a fused conv, which oneDNN only runs in int8 when the
+            # residual has a scale; elsewhere the BN output scale hurts.
             if record.layer_type in SKIP_OUTPUT_SCALE_LAYERS and not (
-                quantize_residuals
-                and readers
-                and all(kind == "elementwise_add" for kind in readers)
+                quantize_residuals and (record.residual_output or record.name in fused_branches)
             ):
                 continue
             # A layer reached twice (a shared ReLU) has one threshold for both calls.
@@ -443,6 +454,14 @@ def quantize_program(
             "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
             "%s", len(no_kernel), ", ".join(f"{name} ({kind})" for name, kind in no_kernel.items()),
         )
+    for record in records:
+        if record.residual_codes:
+            # The simulation stores this input as u8 codes of the layer's input threshold
+            # (read by a fused residual conv too): that is its scale, whatever its producer's
+            # own output threshold.
+            for inputs, _ in record.calls:
+                if inputs:
+                    outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
     for name, threshold in outputs.items():
         op = writers.get(name)

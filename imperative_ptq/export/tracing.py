@@ -27,6 +27,7 @@ from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from ..quant_pool import QuantizedGlobalAveragePool
+from ..quant_residual import QuantizedResidualOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
@@ -94,6 +95,19 @@ class LayerRecord:
             simulation runs that call fp32 (``quant_rnn.fp32_call_reason``), ``None`` if int8.
         calls: ``(input variable names, output variable name)`` per traced call; a layer object
             used twice in ``forward`` (ResNet's shared ReLU) has two.
+        input_top_code: The largest code of an unsigned first input (``L``, or 255 for a ReLU
+            output after a residual conv, :attr:`QuantizedLayer.input_top_code`).
+        pooled_input_top: For such a pool, the largest of those codes (127 where Paddle
+            writes the pool's input s8).
+        residual_codes: ``0``, or the largest code of this layer's first input, which the
+            simulation stores as codes of its input threshold because a fused int8 residual
+            conv reads that tensor too (:mod:`imperative_ptq.quant_residual`): the export gives
+            it that scale.
+        residual_output: The simulation writes this layer's output as s8 codes of its output
+            threshold, the residual a fused int8 conv reads
+            (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`).
+        residual_fused_with: For such a layer, the layer whose output is the add's other
+            operand (fused into its conv), which gets a scale too; else ``""``.
         pooled_input_threshold: For a global average pool the simulation runs int8
             (:class:`~imperative_ptq.quant_pool.QuantizedGlobalAveragePool`), the threshold
             of the u8 codes it averages; else ``None``.
@@ -118,6 +132,11 @@ class LayerRecord:
     second_input_threshold: float | None = None
     fp32_calls: list[str | None] = dataclasses.field(default_factory=list)
     pooled_input_threshold: float | None = None
+    residual_codes: int = 0
+    input_top_code: int = 127
+    pooled_input_top: int = 255
+    residual_output: bool = False
+    residual_fused_with: str = ""
 
     @property
     def simulated(self) -> bool:
@@ -225,6 +244,8 @@ def _collect_records(
                     None if layer.input_zero_point is None else int(layer.input_zero_point)
                 ),
                 input_unsigned=layer.input_unsigned,
+                residual_codes=layer.residual_codes,
+                input_top_code=layer.input_top_code,
                 input_shift_response=shift_response,
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
@@ -271,7 +292,20 @@ def _collect_records(
                 layer_type=type(layer.layer).__name__,
                 output_thresholds=list(layer.output_thresholds),
                 pooled_input_threshold=layer.input_threshold,
+                pooled_input_top=layer.top,
                 activation_bits=layer.activation_bits,
+            )
+            replace_sublayer(export_model, layer, layer.layer)
+            by_layer[id(layer.layer)] = record
+            records.append(record)
+        elif isinstance(layer, QuantizedResidualOutput):
+            # Traced as the plain layer; .program gives its output the threshold's scale.
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer.layer).__name__,
+                output_thresholds=list(layer.output_thresholds),
+                residual_output=True,
+                residual_fused_with=layer.fused_with,
             )
             replace_sublayer(export_model, layer, layer.layer)
             by_layer[id(layer.layer)] = record

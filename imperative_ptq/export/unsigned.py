@@ -18,9 +18,10 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
   run the result as u8. After a fc this is an fp32 round trip between two int8 fcs: exactness
   first (a fc -> ReLU -> fc with KL thresholds is 8% off the simulation without it).
 * The one exception: a ReLU after a conv's residual add (:func:`relu_after_residual_conv`,
-  ResNet's block outputs) keeps its ReLU: values up to ``t`` land on codes 0..127 as
-  simulated, values above ``t`` on codes 128..255 (up to ``2 t``) where the simulation clips
-  at 127. A clip there halves the int8 speed-up (measured: ResNet-18 int8 at batch 8 2.5x fp32
+  ResNet's block outputs) keeps its ReLU: values up to ``t`` land on codes 0..127, values
+  above ``t`` on codes 128..255 (up to ``2 t``), which the simulation's readers read too where
+  calibration saw the residual add (:mod:`imperative_ptq.quant_residual`; elsewhere it clips
+  at 127). A clip there halves the int8 speed-up (measured: ResNet-18 int8 at batch 8 2.5x fp32
   instead of 5.0x on this project's AMX CPU); without VNNI two such values in one pair can
   saturate (measured logit cosine to the simulation on random-weight ResNet-18: 0.9992, AVX2
   kernels and VNNI alike).
