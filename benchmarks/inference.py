@@ -204,7 +204,11 @@ def _fp32_onnx(qmodel: paddle.nn.Layer, path: str, spec) -> str:
     kept = []
     for node in model.graph.node:
         inputs = [rename.get(i, i) for i in node.input]
-        if node.op_type == "QuantizeLinear":
+        if node.op_type == "QuantizeLinear" or (
+            node.op_type == "Clip" and any(
+                name in inits and inits[name].dtype == np.uint8 for name in inputs[1:]
+            )
+        ):  # (a Clip of uint8 codes goes with its QuantizeLinear)
             rename[node.output[0]] = inputs[0]
             continue
         if node.op_type == "DequantizeLinear":

@@ -164,6 +164,7 @@ def test_fused_residual_runs_as_simulated(downsample, target, tmp_path) -> None:
 @pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
 def test_onnx_runtime_reads_the_residual_as_simulated(downsample, tmp_path) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
     from imperative_ptq.export import export_onnx
 
     qmodel, _, x = _exported(downsample, "x86", tmp_path)
@@ -171,13 +172,18 @@ def test_onnx_runtime_reads_the_residual_as_simulated(downsample, tmp_path) -> N
         qmodel, str(tmp_path / "m.onnx"),
         [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")],
     )
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated = qmodel(paddle.to_tensor(x)).numpy()
-    # Measured 0.56% (identity) and 0.46% (downsample) of the largest logit; 1.45% and 1.83%
-    # with the residual added in float. What is left are one-code rounding ties of ONNX
-    # Runtime's requantization (15 of 36864 codes of the identity residual differ, by one).
-    assert np.abs(ran - simulated).max() <= 8e-3 * np.abs(simulated).max()
+    # The conv operand of the add is quantized on its BatchNorm's output threshold, which the
+    # simulation does not do: left float, ONNX Runtime runs that conv and the add in float (ResNet-18 1.43x slower, its cosine to the simulation the same
+    # 0.99994). Measured 0.60% (identity) and 1.38% (downsample) of the largest logit; 1.45%
+    # and 1.83% with the residual added in float; 0.46% for downsample with its conv float.
+    kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "Conv" not in kinds and "FusedConv" not in kinds, kinds  # every conv QLinearConv
+    assert np.abs(ran - simulated).max() <= (1.5e-2 if downsample else 8e-3) * np.abs(simulated).max()
 
 
 class _ThreeBlocks(_OneBlock):
