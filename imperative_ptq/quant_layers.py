@@ -38,6 +38,7 @@ def fake_quantize_symmetric(
     axis: int | None = None,
     unsigned: bool = False,
     lowest_code: int | None = None,
+    highest_code: int | None = None,
 ) -> paddle.Tensor:
     """Quantize-dequantize ``x`` with symmetric thresholds (per tensor, or per channel on ``axis``).
 
@@ -50,6 +51,8 @@ def fake_quantize_symmetric(
             does with an input it runs as u8: negative values become 0.
         lowest_code: The code a signed value below ``-t`` saturates to, when not ``-L``: an
             s8 tensor in oneDNN or ONNX Runtime reaches -128 (:func:`signed_input_floor`).
+        highest_code: The code a value above ``t`` saturates to, when not ``L``: a u8 block
+            output Paddle leaves unclipped reaches 255 (:attr:`QuantizedLayer.input_top_code`).
     """
     levels = float(symmetric_levels(bits))
     if axis is not None and threshold.shape[0] > 1:
@@ -58,7 +61,8 @@ def fake_quantize_symmetric(
         threshold = threshold.reshape(shape)
     scale = threshold / levels
     lowest = 0.0 if unsigned else (-levels if lowest_code is None else float(lowest_code))
-    return paddle.clip(paddle.round(x / scale), lowest, levels) * scale
+    highest = levels if highest_code is None else float(highest_code)
+    return paddle.clip(paddle.round(x / scale), lowest, highest) * scale
 
 
 def signed_input_floor(bits: int, onednn: bool) -> int | None:
@@ -348,12 +352,10 @@ class QuantizedLayer(paddle.nn.Layer):
                 else affine_levels(self.activation_bits)
             )
             return fake_quantize(x, self.input_scale, self.input_zero_point, 0, levels)
-        if self.input_unsigned and self.input_top_code != symmetric_levels(self.activation_bits):
-            step = self.input_threshold / float(symmetric_levels(self.activation_bits))
-            return paddle.clip(paddle.round(x / step), 0.0, float(self.input_top_code)) * step
         return fake_quantize_symmetric(
             x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             lowest_code=self.input_floor,
+            highest_code=self.input_top_code if self.input_unsigned else None,
         )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
