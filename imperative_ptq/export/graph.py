@@ -9,8 +9,8 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "get_tensor", "is_persistable", "new_persistable", "producers", "readers", "set_tensor",
-    "transposed_matmul",
+    "bias_of", "get_tensor", "insert_zero_bias", "is_persistable", "new_persistable", "producers",
+    "readers", "set_tensor", "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -58,3 +58,34 @@ def new_persistable(loaded: Any, name: str, value: np.ndarray) -> str:
     block.create_var(name=name, shape=list(value.shape), dtype=str(value.dtype), persistable=True)
     set_tensor(loaded, name, value)
     return name
+
+
+def bias_of(block: "paddle.static.Block", name: str, reading: dict[str, list[Operator]]) -> str | None:
+    """The persistable bias added to ``name`` right after its producer (an ``elementwise_add``
+    reading ``name`` as X and a parameter as Y), or ``None``; ``reading``: :func:`readers`."""
+    for add in reading.get(name, []):
+        if add.type == "elementwise_add" and add.input("X") == [name] and is_persistable(
+            block, add.input("Y")[0]
+        ):
+            return add.input("Y")[0]
+    return None
+
+
+def insert_zero_bias(
+    loaded: Any, index: int, op: Operator, output_slot: str, bias_name: str, channels: int,
+    axis: int,
+) -> str:
+    """Puts a zero bias add right after ``op`` (at ``index`` in the block): ``op`` now writes
+    ``<output>.unbiased`` and the add writes ``op``'s old output, so its readers, fetch
+    targets and recorded layer outputs keep their names. Returns the bias variable."""
+    block = loaded.program.global_block()
+    out = op.output(output_slot)[0]
+    bias = new_persistable(loaded, bias_name, np.zeros([channels], np.float32))
+    var = block.var(out)
+    unbiased = block.create_var(name=f"{out}.unbiased", shape=var.shape, dtype=var.dtype)
+    op._rename_output(out, unbiased.name)
+    block._insert_op(
+        index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
+        outputs={"Out": [out]}, attrs={"axis": axis},
+    )
+    return bias

@@ -26,7 +26,8 @@ import paddle
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import (
-    get_tensor, is_persistable, new_persistable, producers, readers, set_tensor, transposed_matmul,
+    bias_of, get_tensor, insert_zero_bias, is_persistable, new_persistable, producers, readers,
+    set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
@@ -209,24 +210,10 @@ def add_zero_biases(loaded: LegacyProgram, weights: Mapping[str, LayerRecord]) -
         weight = op.input(weight_slot)[0]
         if weight not in weights or len(block.var(weight).shape) != 2:
             continue
-        out = op.output(output_slot)[0]
-        if any(
-            add.type == "elementwise_add" and add.input("X") == [out]
-            and is_persistable(block, add.input("Y")[0])
-            for add in reading.get(out, [])
-        ):
+        if bias_of(block, op.output(output_slot)[0], reading) is not None:
             continue
         columns = int(block.var(weight).shape[1])
-        bias = new_persistable(loaded, f"{weight}.zero_bias", np.zeros([columns], np.float32))
-        # The matmul writes a new variable and the add writes ``out``, so readers, fetch
-        # targets and recorded layer outputs keep their names.
-        var = block.var(out)
-        unbiased = block.create_var(name=f"{out}.unbiased", shape=var.shape, dtype=var.dtype)
-        op._rename_output(out, unbiased.name)
-        block._insert_op(
-            index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
-            outputs={"Out": [out]}, attrs={"axis": -1},
-        )
+        insert_zero_bias(loaded, index, op, output_slot, f"{weight}.zero_bias", columns, -1)
         added += 1
     if added:
         loaded.program._sync_with_cpp()

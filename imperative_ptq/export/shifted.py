@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import get_tensor, is_persistable, new_persistable, readers, set_tensor
+from .graph import bias_of, get_tensor, insert_zero_bias, readers, set_tensor
 from .tracing import LayerRecord
 
 __all__ = ["absorb_shift", "insert_shift", "shift_threshold", "shifted_u8_threshold"]
@@ -94,20 +94,18 @@ def absorb_shift(
     block = loaded.program.global_block()
     response = np.asarray(record.input_shift_response, dtype=np.float64)
     out = op.output(output_slot)[0]
-    following = readers(block).get(out, [])
+    reading = readers(block)
+    following = reading.get(out, [])
     if len(following) == 1 and following[0].type == "batch_norm":
         target, delta = following[0].input("Mean")[0], response
     else:
-        biases = [
-            add.input("Y")[0] for add in following
-            if add.type == "elementwise_add" and add.input("X") == [out]
-            and is_persistable(block, add.input("Y")[0])
-        ]
-        if biases:
-            target, delta = biases[0], -factor * response
-        else:
-            target = _add_bias(loaded, op, output_slot, response.size)
-            delta = -factor * response
+        target, delta = bias_of(block, out, reading), -factor * response
+        if target is None:
+            axis = 1 if op.type in ("conv2d", "depthwise_conv2d") else -1
+            target = insert_zero_bias(
+                loaded, list(block.ops).index(op), op, output_slot, f"{out}.shift_bias",
+                response.size, axis,
+            )
     if target in absorbed:
         return
     absorbed.add(target)
@@ -120,20 +118,3 @@ def absorb_shift(
     adjusted = value.astype(np.float64) + delta.reshape(value.shape)
     set_tensor(loaded, target, adjusted.astype(value.dtype))
 
-
-def _add_bias(loaded: Any, op: Operator, output_slot: str, channels: int) -> str:
-    """Puts a zero bias add right after ``op`` (writing ``op``'s output variable, so its
-    readers are unchanged); returns the bias variable."""
-    block = loaded.program.global_block()
-    out = op.output(output_slot)[0]
-    bias = new_persistable(loaded, f"{out}.shift_bias", np.zeros([channels], np.float32))
-    var = block.var(out)
-    unbiased = block.create_var(name=f"{out}.unshifted", shape=var.shape, dtype=var.dtype)
-    op._rename_output(out, unbiased.name)
-    index = list(block.ops).index(op)
-    axis = 1 if op.type in ("conv2d", "depthwise_conv2d") else -1
-    block._insert_op(
-        index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
-        outputs={"Out": [out]}, attrs={"axis": axis},
-    )
-    return bias
