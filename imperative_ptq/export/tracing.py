@@ -214,6 +214,14 @@ def _collect_records(
     export_model.eval()
     records: list[LayerRecord] = []
     by_layer: dict[int, LayerRecord] = {}
+
+    def keep(wrapper: paddle.nn.Layer, inner: paddle.nn.Layer, record: LayerRecord) -> None:
+        """Records ``record`` for ``inner``, which the trace runs where ``wrapper`` was."""
+        if wrapper is not inner:
+            replace_sublayer(export_model, wrapper, inner)
+        by_layer[id(inner)] = record
+        records.append(record)
+
     for name, layer in list(export_model.named_sublayers()):
         if id(layer) in by_layer:
             continue  # the inner layer of a wrapper recorded above
@@ -253,9 +261,7 @@ def _collect_records(
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
             # quantization, which .program adds as quantize/dequantize ops).
-            replace_sublayer(export_model, layer, inner)
-            by_layer[id(inner)] = record
-            records.append(record)
+            keep(layer, inner, record)
         elif isinstance(layer, QuantizedMatmul):
             record = LayerRecord(
                 name=name,
@@ -265,9 +271,7 @@ def _collect_records(
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(layer.output_thresholds),
             )
-            replace_sublayer(export_model, layer, layer.layer)
-            by_layer[id(layer.layer)] = record
-            records.append(record)
+            keep(layer, layer.layer, record)
         elif isinstance(layer, QuantizedLSTM):
             # The program keeps the fp32 weights: Paddle quantizes them itself (quant_rnn.py);
             # .rnn_fusion rewrites the traced rnn op into an int8 fusion_lstm.
@@ -281,9 +285,7 @@ def _collect_records(
                 input_threshold=float(layer.data_threshold),
                 output_thresholds=list(layer.output_thresholds),
             )
-            replace_sublayer(export_model, layer, inner)
-            by_layer[id(inner)] = record
-            records.append(record)
+            keep(layer, inner, record)
         elif isinstance(layer, QuantizedGlobalAveragePool):
             # Traced as the plain pool: the export keeps its pool2d int8, on u8 codes of
             # the threshold recorded here (.program).
@@ -295,9 +297,7 @@ def _collect_records(
                 pooled_input_top=layer.top,
                 activation_bits=layer.activation_bits,
             )
-            replace_sublayer(export_model, layer, layer.layer)
-            by_layer[id(layer.layer)] = record
-            records.append(record)
+            keep(layer, layer.layer, record)
         elif isinstance(layer, QuantizedResidualOutput):
             # Traced as the plain layer; .program gives its output the threshold's scale.
             record = LayerRecord(
@@ -307,17 +307,14 @@ def _collect_records(
                 residual_output=True,
                 residual_fused_with=layer.fused_with,
             )
-            replace_sublayer(export_model, layer, layer.layer)
-            by_layer[id(layer.layer)] = record
-            records.append(record)
+            keep(layer, layer.layer, record)
         elif output_thresholds(layer):
             record = LayerRecord(
                 name=name,
                 layer_type=type(layer).__name__,
                 output_thresholds=output_thresholds(layer),
             )
-            by_layer[id(layer)] = record
-            records.append(record)
+            keep(layer, layer, record)
     return export_model, records, by_layer
 
 
