@@ -240,3 +240,8 @@ def test_qat_fine_tunes_a_shifted_layer_on_its_shifted_grid() -> None:
 @pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_shifted_inputs_on_avx2_kernels() -> None:
     assert "5 passed" in pytest_on_avx2_kernels(__file__, "paddle_inference_runs_shifted")
+
+
+def test_a_shifted_input_without_its_grid_is_refused() -> None:
+    with pytest.raises(ValueError, match="input_shifted needs input_scale and input_zero_point"):
+        ip.QuantizedLayer(nn.Linear(4, 2), [1.0], [1.0, 1.0], [], 1, input_shifted=True)
