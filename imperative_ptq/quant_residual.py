@@ -32,18 +32,20 @@ block's ReLU) reading a tensor that no hooked layer wrote, equal to the sum of t
 same forward. Which operand is the residual follows Paddle's fusion: the one some hooked layer
 read before the add (the identity shortcut; the other one, a conv/BatchNorm output read only by
 the add, is fused into its conv), else, both being conv/BatchNorm outputs read only by the add,
-the one computed last (``out += self.downsample(x)``: Paddle fuses the add's ``X`` operand,
-the block's own branch, and reads ``Y``). ``convert`` decides from these observations
+the projection: Paddle fuses the add into the conv whose input depends on the other conv's
+input, and reads the other one (the downsample conv, reading the block's input) as codes, in
+whichever order the two branches run or the add names them. Calibration tells them apart by
+when each branch's conv input was first seen in the forward (``branch_inputs``): the earlier
+one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
 (:mod:`imperative_ptq.export.program`). Limits: the add must be read by a hooked layer (an
-``nn.ReLU``, as in ``paddle.vision``; not ``F.relu``), and an add written ``identity + out``
-with a downsample makes the simulation quantize the wrong operand.
+``nn.ReLU``, as in ``paddle.vision``; not ``F.relu``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -86,6 +88,7 @@ def find_residual_add(
     outputs: Sequence[tuple[paddle.Tensor, str]],
     readers: dict[int, tuple[str, ...]],
     signed: frozenset[int] = frozenset(),
+    branch_inputs: Mapping[int, int] | None = None,
 ) -> ResidualAdd | None:
     """The add of two outputs of this forward that ``value`` is, if any.
 
@@ -96,6 +99,9 @@ def find_residual_add(
         readers: ``id`` of a tensor -> the hooked layers that read it so far in this forward.
         signed: ``id`` of the outputs of this forward that Paddle writes as s8 (a ReLU after
             a fused conv whose residual is s8).
+        branch_inputs: ``id`` of an output -> when (in the order tensors were first seen in
+            this forward) the conv producing it (directly or through a BatchNorm) read its
+            input; tells the projection from the branch when neither operand is read.
 
     Returns:
         The add, with the residual chosen as Paddle's fusion chooses it (module docstring),
@@ -119,10 +125,27 @@ def find_residual_add(
         read_earlier = readers.get(id(earlier[0]), ())
         if read_later and read_earlier:
             return None  # neither is a conv output Paddle could fuse the add into
-        residual, fused = (earlier, later) if read_earlier else (later, earlier)
+        if read_earlier or read_later:
+            residual, fused = (earlier, later) if read_earlier else (later, earlier)
+        else:
+            residual, fused = _projection_first(later, earlier, branch_inputs or {})
         top = symmetric_levels(8) if id(residual[0]) in signed else U8_MAX
         return ResidualAdd(fused[1], residual[1], tuple(readers.get(id(residual[0]), ())), top)
     return None
+
+
+def _projection_first(
+    later: tuple[paddle.Tensor, str],
+    earlier: tuple[paddle.Tensor, str],
+    branch_inputs: Mapping[int, int],
+) -> tuple[tuple[paddle.Tensor, str], tuple[paddle.Tensor, str]]:
+    """Two conv/BatchNorm outputs read only by the add, as ``(residual, fused)``: the residual
+    is the projection, whose conv read the older input (the block's input, from which the other
+    branch is computed); with the same or unknown inputs, the one computed last."""
+    born_later, born_earlier = branch_inputs.get(id(later[0])), branch_inputs.get(id(earlier[0]))
+    if born_later is not None and born_earlier is not None and born_earlier < born_later:
+        return earlier, later
+    return later, earlier
 
 
 def quantize_residual_in_place(x: paddle.Tensor, threshold: float, bits: int, top: int) -> None:

@@ -127,6 +127,12 @@ class CalibrationSession:
         self._signed: dict[int, Any] = {}
         #: Outputs of the current forward that Paddle writes as u8 up to 255 after a residual.
         self._wide: dict[int, Any] = {}
+        #: Tensors hooked layers read or wrote in the current forward: ``id`` -> (weak
+        #: reference, the order in which it was first seen).
+        self._seen: dict[int, tuple[Any, int]] = {}
+        #: Outputs of the current forward: ``id`` -> (weak reference, when the conv producing
+        #: it, directly or through a BatchNorm, read its input; see ``_seen``).
+        self._branch_inputs: dict[int, tuple[Any, int]] = {}
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -247,9 +253,11 @@ class CalibrationSession:
                 )
         self.collector.raise_pending_error()
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
+        self._seen, self._branch_inputs = {}, {}
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
+        self._seen, self._branch_inputs = {}, {}
         self.collector.end_forward()
 
     def source_of(self, value: paddle.Tensor) -> str | None:
@@ -272,6 +280,26 @@ class CalibrationSession:
         names = entry[1] if entry is not None and entry[0]() is value else ()
         self._read[id(value)] = (weakref.ref(value), names + (name,))
 
+    def _first_seen(self, value: paddle.Tensor) -> int:
+        """When ``value`` was first seen by a hook in the current forward (now, if never)."""
+        entry = self._seen.get(id(value))
+        if entry is not None and entry[0]() is value:
+            return entry[1]
+        order = len(self._seen)
+        self._seen[id(value)] = (weakref.ref(value), order)
+        return order
+
+    def _note_branch_input(self, layer: paddle.nn.Layer, first: paddle.Tensor, output: paddle.Tensor) -> None:
+        """Records when the conv producing ``output`` read its input: a BatchNorm passes on
+        its conv's (``find_residual_add`` tells a residual block's projection by it)."""
+        entry = self._branch_inputs.get(id(first))
+        if isinstance(layer, _NORM_TYPES) and entry is not None and entry[0]() is first:
+            order = entry[1]
+        else:
+            order = self._first_seen(first)
+        self._first_seen(output)
+        self._branch_inputs[id(output)] = (weakref.ref(output), order)
+
     def _note_residual_add(self, value: paddle.Tensor) -> ResidualAdd | None:
         """Records the residual add ``value`` is the sum of, if any, on the state of the layer
         whose output is its residual operand, and returns it."""
@@ -281,8 +309,11 @@ class CalibrationSession:
             key: names for key, (ref, names) in self._read.items() if ref() is not None
         }
         signed = frozenset(key for key, ref in self._signed.items() if ref() is not None)
+        branch_inputs = {
+            key: order for key, (ref, order) in self._branch_inputs.items() if ref() is not None
+        }
         with paddle.no_grad():
-            found = find_residual_add(value, outputs, readers, signed)
+            found = find_residual_add(value, outputs, readers, signed, branch_inputs)
         if found is None:
             return None
         for layer, state in self.layers:
@@ -305,6 +336,7 @@ class CalibrationSession:
         inputs_quantizer = state.input_quantizer
         first = first_input(layer, inputs, kwargs)
         if _is_float_tensor(first):
+            self._first_seen(first)
             source = self.source_of(first)
             if source is not None:
                 state.input_sources.add(source)
@@ -340,6 +372,8 @@ class CalibrationSession:
             collector.submit(second, [sample], state.name)
         if _is_float_tensor(outputs):
             self._note_output(state.name, outputs)
+            if _is_float_tensor(first):
+                self._note_branch_input(layer, first, outputs)
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)
             collector.submit(state.output_quantizer, [sample], state.name)
         elif not state.output_skipped:
