@@ -203,7 +203,7 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
                 )
             state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
             _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
-    if table.structure is not None:
+    if table.structure is not None:  # last: a failed entry above leaves it as it was
         apply_structure((state for _, state in hooked), table.structure)
 
 

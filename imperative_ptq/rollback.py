@@ -1,4 +1,4 @@
-"""Loading a file into a model's calibration state all or nothing.
+"""Loading a file into a model's quantizers all or nothing.
 
 ``load_calibration_table`` and ``load_state`` check each layer's entry as they apply it, so a
 file whose tenth layer is wrong would otherwise leave nine layers loaded: the model would then
@@ -11,15 +11,14 @@ import contextlib
 import copy
 from typing import Iterator, Sequence
 
-from .session import OBSERVED_FIELDS, LayerState
+from .session import LayerState
 
 __all__ = ["restored_on_failure"]
 
 
 @contextlib.contextmanager
 def restored_on_failure(states: Sequence[LayerState]) -> Iterator[None]:
-    """Restores every quantizer of ``states``, and what their calibration observed of the
-    graph (:data:`~imperative_ptq.session.OBSERVED_FIELDS`), as it was if the block raises."""
+    """Restores every quantizer of ``states`` as it was if the block raises."""
     quantizers = [
         quantizer
         for state in states
@@ -30,14 +29,10 @@ def restored_on_failure(states: Sequence[LayerState]) -> Iterator[None]:
         if quantizer is not None
     ]
     saved = [copy.deepcopy(vars(quantizer)) for quantizer in quantizers]
-    observed = [copy.deepcopy({field: getattr(state, field) for field in OBSERVED_FIELDS}) for state in states]
     try:
         yield
     except BaseException:
         for quantizer, attributes in zip(quantizers, saved):
             vars(quantizer).clear()
             vars(quantizer).update(attributes)
-        for state, fields in zip(states, observed):
-            for field, value in fields.items():
-                setattr(state, field, value)
         raise

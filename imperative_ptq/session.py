@@ -23,8 +23,7 @@ from .quantizers import BaseQuantizer
 from .registry import PTQRegistry
 
 __all__ = [
-    "MAX_CACHED_BATCHES", "OBSERVED_FIELDS", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession",
-    "LayerState", "calibrating_session",
+    "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
     "any_discovering", "discovering_session", "hooked_states",
 ]
 
@@ -70,11 +69,6 @@ class LayerState:
     #: Its first input was a ReLU output after a fused residual conv with a u8 residual, which
     #: Paddle leaves unclipped: u8 codes up to 255 (:mod:`imperative_ptq.export.unsigned`).
     wide_input: bool = False
-
-
-#: The :class:`LayerState` fields the hook fills in beyond the quantizers' statistics: what
-#: ``convert`` reads of the model's graph (a table's structure section records them).
-OBSERVED_FIELDS = ("input_sources", "input_rank", "signed_input", "wide_input", "residual_adds")
 
 
 class CalibrationSession:
