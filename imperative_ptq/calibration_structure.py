@@ -1,8 +1,8 @@
 """What calibration saw of a model's graph beside its statistics: the calibration table's
 optional ``"structure"`` section.
 
-``convert`` decides more than thresholds from the calibration forwards (:mod:`imperative_ptq.convert`):
-which layer each layer read its input from (a classifier head's int8 pool, a downsample
+``convert`` (:mod:`imperative_ptq.convert`) decides more than thresholds from the calibration
+forwards: which layer each layer read its input from (a classifier head's int8 pool, a downsample
 BatchNorm's conv), the residual adds Paddle Inference fuses into an int8 conv
 (:mod:`imperative_ptq.quant_residual`), inputs that Paddle writes as s8 or as u8 codes up to 255
 after such a conv, and the largest input rank (a Linear on a rank > 3 input runs fp32). A
@@ -89,7 +89,9 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.signed_input = bool(entry.get("signed_input", False))
         state.wide_input = bool(entry.get("wide_input", False))
         state.residual_adds = {
-            ResidualAdd(add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"])
+            ResidualAdd(
+                add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"]
+            )
             for add in entry.get("residual_adds", ())
         }
 

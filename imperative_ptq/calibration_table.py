@@ -384,7 +384,7 @@ def read_table_file(path: str | os.PathLike) -> TableFile:
     ):
         raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
     structure = document.get(STRUCTURE)
-    if structure is not None:
+    if STRUCTURE in document:  # null too is malformed: absent means "not recorded"
         check_structure(path, structure, layers)
     return TableFile(
         layers, document.get("config") or {}, {name: float(v) for name, v in minima.items()},

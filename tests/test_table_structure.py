@@ -70,7 +70,8 @@ def test_a_table_loaded_resnet_simulates_and_exports_as_the_calibrated_one(resne
     model, ptq, calibrated, path, x = resnet
     structure = json.loads(path.read_text())["structure"]
     kinds = {key for entry in structure.values() for key in entry}
-    tops = {add["residual_top"] for entry in structure.values() for add in entry.get("residual_adds", [])}
+    adds = [add for entry in structure.values() for add in entry.get("residual_adds", [])]
+    tops = {add["residual_top"] for add in adds}
     # ResNet-18 has all of them: u8 (255) and s8-stored (127) identity shortcuts, downsample
     # shortcuts, inputs written s8 or as wide u8 codes, a head pool read by the fc.
     assert kinds == {"input_sources", "input_rank", "residual_adds", "signed_input", "wide_input"}
@@ -235,6 +236,7 @@ MALFORMED = {
         [{"fused": "layer1.0.bn2", "residual_readers": [], "residual_top": 256}], "'maxpool'",
     ),
     "section-a-list": (("structure",), [], "'structure'"),
+    "section-null": (("structure",), None, "'structure'"),
 }
 
 
@@ -272,7 +274,8 @@ def test_a_failed_load_restores_the_second_input_thresholds_of_an_activation_mat
     with fresh.calibrating(model):
         model(_batch(3, seed=7) * 5)
     before = fresh.calibration_table(model)
-    assert before["activation_matmul_0"]["second_input"] != document["layers"]["activation_matmul_0"]["second_input"]
+    loaded = document["layers"]["activation_matmul_0"]["second_input"]
+    assert before["activation_matmul_0"]["second_input"] != loaded
     with pytest.raises(ValueError, match="weight_matmul"):
         fresh.load_calibration_table(model, broken)
     assert fresh.calibration_table(model) == before
