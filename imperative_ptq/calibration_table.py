@@ -23,6 +23,13 @@ An optional top-level ``"measured_on": {"conv1": {...}, ...}`` records what each
 calibrated on (layer type, weight shape, channel count, quantizers:
 :mod:`imperative_ptq.layer_signature`); a table is refused by a model whose layers differ.
 Tables written before it was recorded load unchecked.
+
+An optional top-level ``"structure": {"layer1.0.relu": {...}, ...}`` records what calibration
+saw of the model's graph beside the thresholds (each layer's input sources and rank, the
+residual adds Paddle Inference fuses into an int8 conv, inputs written s8 or as wide u8 codes:
+:mod:`imperative_ptq.calibration_structure`), so a model that loads the table converts and
+exports exactly as the calibrated one. Tables written before it was recorded load as before:
+the model keeps what its own calibration batches (if any) observed.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import paddle
 
+from .calibration_structure import STRUCTURE, apply_structure, check_structure
 from .collector import CalibrationError
 from .files import atomic_file
 from .functional_matmul import missing_site_hint
@@ -144,7 +152,8 @@ def input_minimum(state: LayerState) -> float | None:
 
 # ------------------------------------------------------------------------ table -> session
 def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike) -> None:
-    """Sets every hooked layer's thresholds (and input minimum) from a table file.
+    """Sets every hooked layer's thresholds (and input minimum, and the structure calibration
+    observed when the file records it) from a table file.
 
     Args:
         hooked: The model's hooked layers.
@@ -194,6 +203,8 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
                 )
             state.weight_quantizer.set_thresholds([weight if len(weight) > 1 else weight[0]])
             _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
+    if table.structure is not None:  # last: a failed entry above leaves it as it was
+        apply_structure((state for _, state in hooked), table.structure)
 
 
 def affine_layer_params(entry: Mapping[str, list]) -> dict[str, Any]:
@@ -279,10 +290,12 @@ def write_table(
     config: Any,
     input_minima: Mapping[str, float] | None = None,
     measured_on: Mapping[str, Any] | None = None,
+    structure: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes ``layers`` (and the config that produced them, the smallest input value of
-    each simulated layer when known, and what each layer was measured on) to ``path``
-    atomically."""
+    each simulated layer when known, what each layer was measured on, and the structure
+    calibration observed: :func:`~imperative_ptq.calibration_structure.structure_of`) to
+    ``path`` atomically."""
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -293,6 +306,8 @@ def write_table(
         document[INPUT_MINIMA] = {name: float(value) for name, value in input_minima.items()}
     if measured_on:
         document[MEASURED_ON] = dict(measured_on)
+    if structure is not None:
+        document[STRUCTURE] = dict(structure)
     with atomic_file(path) as file:
         json.dump(document, file, indent=1)
 
@@ -301,12 +316,14 @@ def write_table(
 class TableFile:
     """A calibration table file: its layers, the config that produced them, the smallest
     input value of each simulated layer (empty for tables written before it was recorded) and
-    what each layer was measured on (``None`` for tables written before it was recorded)."""
+    what each layer was measured on and the structure calibration observed (each ``None`` for
+    tables written before it was recorded)."""
 
     layers: CalibrationTable
     config: dict[str, Any]
     input_minima: dict[str, float]
     measured_on: dict[str, Any] | None = None
+    structure: dict[str, Any] | None = None
 
 
 def read_table(path: str | os.PathLike) -> tuple[CalibrationTable, dict[str, Any]]:
@@ -329,8 +346,8 @@ def read_table_file(path: str | os.PathLike) -> TableFile:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: The file is not a calibration table, has an unknown format version, holds
-            a threshold that is not a finite positive number, or input minima that are not
-            finite numbers.
+            a threshold that is not a finite positive number, input minima that are not
+            finite numbers, or a malformed structure section (the layer is named).
     """
     with open(path, encoding="utf-8") as file:
         try:
@@ -366,9 +383,12 @@ def read_table_file(path: str | os.PathLike) -> TableFile:
         for v in minima.values()
     ):
         raise ValueError(f"{path}: {INPUT_MINIMA!r} must map layer names to finite numbers")
+    structure = document.get(STRUCTURE)
+    if STRUCTURE in document:  # null too is malformed: absent means "not recorded"
+        check_structure(path, structure, layers)
     return TableFile(
         layers, document.get("config") or {}, {name: float(v) for name, v in minima.items()},
-        document.get(MEASURED_ON),
+        document.get(MEASURED_ON), structure,
     )
 
 

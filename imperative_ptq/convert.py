@@ -21,6 +21,7 @@ from .calibration_table import (
     input_minimum,
     table_of_every_layer,
 )
+from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
@@ -185,7 +186,10 @@ def convert_layers(
             "quantizes them for VNNI/AMX CPUs only%s.",
             target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),
         )
-    mark_converted(model, target, table_of_every_layer(table, hooked), input_minima(hooked))
+    mark_converted(
+        model, target, table_of_every_layer(table, hooked), input_minima(hooked),
+        structure_of(state for _, state in hooked),
+    )
     return [name for name, _ in no_int8_kernel] + kept_fp32
 
 

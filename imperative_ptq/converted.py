@@ -1,7 +1,7 @@
 """What a converted model carries: the one module that knows the attributes holding it.
 
 ``ImperativePTQ.convert`` marks the model converted with the target its simulation models, the
-calibration table and input minima a table file of it would hold, and gives each hooked layer
+calibration table, input minima and structure a table file of it would hold, and gives each hooked layer
 that stayed fp32 its output thresholds; the exporters read them back through these functions.
 """
 
@@ -14,7 +14,8 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_table",
+    "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_structure",
+    "converted_table",
     "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
     "output_thresholds", "record_measured_on",
     "set_output_thresholds",
@@ -23,6 +24,7 @@ __all__ = [
 _CONVERTED = "_ptq_converted"
 _TABLE = "_ptq_calibration_table"
 _MINIMA = "_ptq_input_minima"
+_STRUCTURE = "_ptq_structure"
 _TARGET = "_ptq_target"
 _MEASURED_ON = "_ptq_measured_on"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
@@ -34,13 +36,15 @@ def mark_converted(
     target: Target,
     table: Mapping[str, Mapping[str, list[float]]],
     input_minima: Mapping[str, float],
+    structure: Mapping[str, Any] | None = None,
 ) -> None:
-    """Records that ``model`` was converted for ``target``, with the table (layers, and input
-    minima) that ``save_calibration_table`` would have written for it."""
+    """Records that ``model`` was converted for ``target``, with the table (layers, input
+    minima and structure) that ``save_calibration_table`` would have written for it."""
     setattr(model, _CONVERTED, True)
     setattr(model, _TARGET, target.name)
     setattr(model, _TABLE, dict(table))
     setattr(model, _MINIMA, dict(input_minima))
+    setattr(model, _STRUCTURE, None if structure is None else dict(structure))
 
 
 def record_measured_on(model: paddle.nn.Layer, measured_on: Mapping[str, Any]) -> None:
@@ -68,6 +72,12 @@ def converted_table(model: paddle.nn.Layer) -> dict[str, Any] | None:
 def converted_minima(model: paddle.nn.Layer) -> dict[str, float] | None:
     """The input minima of a converted model's table (``None`` if it has none)."""
     return getattr(model, _MINIMA, None)
+
+
+def converted_structure(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """The structure section of a converted model's table (``None`` if it has none), see
+    :mod:`imperative_ptq.calibration_structure`."""
+    return getattr(model, _STRUCTURE, None)
 
 
 def converted_measured_on(model: paddle.nn.Layer) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ import paddle
 from .algorithms import schedule
 from .batches import run_batches
 from .calibration_state import check_compatible, read_state, write_state
+from .calibration_structure import structure_of
 from .calibration_table import (
     CalibrationTable,
     apply_table,
@@ -335,7 +336,9 @@ class ImperativePTQ:
         """Writes :meth:`calibration_table` to ``path`` as versioned JSON (atomically).
 
         Hooked layers that saw no data get an empty entry, so the table still names every
-        hooked layer and loads back into the same model.
+        hooked layer and loads back into the same model. The file also records the structure
+        calibration observed (:mod:`imperative_ptq.calibration_structure`), so a model loading
+        it converts and exports exactly as this one.
 
         Returns:
             The table, as :meth:`calibration_table` returns it (so callers need not compute
@@ -346,6 +349,7 @@ class ImperativePTQ:
         write_table(
             path, table_of_every_layer(table, hooked), self._quant_config.to_dict(),
             input_minima(hooked), layer_signatures(hooked),
+            structure_of(state for _, state in hooked),
         )
         return table
 
@@ -353,6 +357,8 @@ class ImperativePTQ:
         """Sets thresholds from a table written by :meth:`save_calibration_table`.
 
         The table must describe exactly the model's hooked layers; no data needs to be run.
+        The structure the table records replaces what batches run before observed; a table
+        written without it leaves that as it is.
 
         Raises:
             ValueError: The file is not a valid table, or does not match the model (the first

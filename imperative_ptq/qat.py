@@ -32,7 +32,7 @@ from typing import Any
 import paddle
 
 from .calibration_table import CalibrationTable, TableFile, apply_table, write_table
-from .converted import converted_minima, converted_table, mark_fine_tuned
+from .converted import converted_minima, converted_structure, converted_table, mark_fine_tuned
 from .fake_quant import FakeQuantLayer
 from .ptq import ImperativePTQ
 from .quant_layers import QuantizedLayer, replace_sublayer
@@ -48,11 +48,19 @@ _STATE_ATTR = "_qat_state"
 
 
 class _QATState:
-    """What a QAT model carries: the PTQ table it started from and its training progress."""
+    """What a QAT model carries: the PTQ table it started from (thresholds, input minima, the
+    structure calibration observed) and its training progress."""
 
-    def __init__(self, table: CalibrationTable, minima: dict[str, float], freeze_bn_after: int):
+    def __init__(
+        self,
+        table: CalibrationTable,
+        minima: dict[str, float],
+        freeze_bn_after: int,
+        structure: dict[str, Any] | None = None,
+    ):
         self.table = table
         self.minima = minima
+        self.structure = structure
         self.freeze_bn_after = freeze_bn_after
         self.training_steps = 0
         self.backward_passes = 0
@@ -179,7 +187,9 @@ class ImperativeQAT:
                 input_floor=converted.input_floor,
             )
             replace_sublayer(model, layers[name], wrapper)
-        state = _QATState(table, dict(minima or {}), self.freeze_bn_after)
+        state = _QATState(
+            table, dict(minima or {}), self.freeze_bn_after, converted_structure(dry_run)
+        )
         state.batch_norms = [
             (name, layer) for name, layer in model.named_sublayers()
             if isinstance(layer, _BATCH_NORM_TYPES)
@@ -229,7 +239,9 @@ class ImperativeQAT:
         ``ptq.load_calibration_table`` loads it into a PTQ model of the fine-tuned weights."""
         state = self._state(model)
         config = {**self._ptq.quant_config.to_dict(), "fine_tuned": self.fine_tuning(model)}
-        write_table(path, self.calibration_table(model), config, state.minima)
+        write_table(
+            path, self.calibration_table(model), config, state.minima, structure=state.structure
+        )
 
     # ------------------------------------------------------------------------------- convert
     def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
@@ -257,7 +269,10 @@ class ImperativeQAT:
         calibrating = self._ptq.quantize(self.float_model(model), inplace=True)
         session = calibrating_session(calibrating)
         session.detach()
-        apply_table(session.layers, TableFile(table, {}, state.minima), "the fine-tuned table")
+        apply_table(
+            session.layers, TableFile(table, {}, state.minima, structure=state.structure),
+            "the fine-tuned table",
+        )
         converted = self._ptq.convert(calibrating)
         mark_fine_tuned(converted, self.fine_tuning(model))
         return converted

@@ -121,7 +121,8 @@ def int8_head_pools(
     * its output (flattened, or through a dropout) read by a Linear that runs int8.
 
     Any other average pool runs fp32 in the export (a functional pool, a pool read by a conv,
-    a pool after another op, a model converted from a table without calibration batches).
+    a pool after another op, a model converted from a table without its structure section
+    and without calibration batches).
 
     Args:
         layers: ``(name, layer, names of the calibrated layers whose output it read as its

@@ -22,7 +22,10 @@ def restored_on_failure(states: Sequence[LayerState]) -> Iterator[None]:
     quantizers = [
         quantizer
         for state in states
-        for quantizer in (state.input_quantizer, state.output_quantizer, state.weight_quantizer)
+        for quantizer in (
+            state.input_quantizer, state.second_input_quantizer, state.output_quantizer,
+            state.weight_quantizer,
+        )
         if quantizer is not None
     ]
     saved = [copy.deepcopy(vars(quantizer)) for quantizer in quantizers]

@@ -6,6 +6,7 @@ kernels; every other average pool runs fp32 in both."""
 from __future__ import annotations
 
 import fractions
+import json
 
 import numpy as np
 import paddle
@@ -243,8 +244,10 @@ def test_head_pool_on_avx2_kernels() -> None:
 
 
 def test_a_model_converted_from_a_table_alone_keeps_the_pool_fp32(tmp_path) -> None:
-    """A table holds thresholds, not which layer reads which: without a calibration batch
-    convert cannot tell a head pool, so the export keeps it fp32 and still agrees."""
+    """A table without its structure section (the format before it was recorded) holds
+    thresholds, not which layer reads which: without a calibration batch convert cannot tell a
+    head pool, so the export keeps it fp32 and still agrees (tests/test_table_structure.py
+    loads a table that has it)."""
     from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
 
     paddle.seed(0)
@@ -258,6 +261,11 @@ def test_a_model_converted_from_a_table_alone_keeps_the_pool_fp32(tmp_path) -> N
         qmodel(paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)))
     table = str(tmp_path / "table.json")
     calibrated.save_calibration_table(qmodel, table)
+    with open(table, encoding="utf-8") as file:
+        document = json.load(file)
+    del document["structure"]
+    with open(table, "w", encoding="utf-8") as file:
+        json.dump(document, file)
     loading = ImperativePTQ(config)
     loaded = loading.quantize(model)
     loading.load_calibration_table(loaded, table)

@@ -16,6 +16,7 @@ from ..converted import (
     converted_measured_on,
     converted_fine_tuning,
     converted_minima,
+    converted_structure,
     converted_table,
     converted_target,
     is_marked_converted,
@@ -217,12 +218,14 @@ def save_quantized_model(
             calibration_table = converted_table(model)
             input_minima = converted_minima(model) if input_minima is None else input_minima
         layers = _table(traced.records) if calibration_table is None else calibration_table
+        # The structure convert observed names that table's layers: written beside it only.
+        structure = converted_structure(model) if layers == converted_table(model) else None
         table_config = {**(quant_config or {}), "target": target_spec.name}
         if converted_fine_tuning(model) is not None:  # thresholds from ImperativeQAT
             table_config["fine_tuned"] = converted_fine_tuning(model)
         write_table(
             staging + ".calibration.json", layers, table_config, input_minima,
-            converted_measured_on(model),
+            converted_measured_on(model), structure,
         )
     if target_spec.onednn:
         _log_runtime_report(path, written, target_spec)

@@ -1,0 +1,159 @@
+"""What calibration saw of a model's graph beside its statistics: the calibration table's
+optional ``"structure"`` section.
+
+``convert`` (:mod:`imperative_ptq.convert`) decides more than thresholds from the calibration
+forwards: which layer each layer read its input from (a classifier head's int8 pool, a downsample
+BatchNorm's conv), the residual adds Paddle Inference fuses into an int8 conv
+(:mod:`imperative_ptq.quant_residual`), inputs that Paddle writes as s8 or as u8 codes up to 255
+after such a conv, and the largest input rank (a Linear on a rank > 3 input runs fp32). A
+table without them converts, and exports, a different model than the calibrated one; with them,
+a model that loads the table converts to the same simulation and the same program.
+
+Format, one entry per layer that has an observation (those left out have none)::
+
+    "structure": {
+      "layer1.0.relu": {"input_sources": ["maxpool"], "input_rank": 4,
+                        "residual_adds": [{"fused": "layer1.0.bn2",
+                                           "residual_readers": ["layer1.0.conv1"],
+                                           "residual_top": 255}]},
+      "layer2.0.conv1": {"input_sources": ["layer1.1.relu"], "input_rank": 4,
+                         "wide_input": true}, ...}
+
+``input_sources``: hooked layers whose output the layer read as its first input;
+``input_rank``: the largest rank of that input (0 or absent: none seen); ``signed_input`` /
+``wide_input``: that input was written s8 / u8 up to code 255 by a fused residual conv;
+``residual_adds``: the adds whose residual operand was the layer's output
+(:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself).
+Every name must be a layer of the table's ``layers``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+from .quant_residual import ResidualAdd
+from .session import LayerState
+
+__all__ = ["STRUCTURE", "apply_structure", "check_structure", "structure_of"]
+
+#: Top-level key of the section in a table file.
+STRUCTURE = "structure"
+#: Largest tensor rank Paddle supports.
+_MAX_RANK = 9
+#: Largest code a residual is read up to (a u8 tensor).
+_MAX_TOP = 255
+_FLAGS = ("signed_input", "wide_input")
+_ADD_KEYS = ("fused", "residual_readers", "residual_top")
+_KEYS = ("input_sources", "input_rank", *_FLAGS, "residual_adds")
+
+#: A layer's entry in the section (JSON-ready).
+LayerStructure = dict[str, Any]
+
+
+def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
+    """The section for ``states``: each layer's observations, those at their default left out."""
+    section: dict[str, LayerStructure] = {}
+    for state in states:
+        entry: LayerStructure = {}
+        if state.input_sources:
+            entry["input_sources"] = sorted(state.input_sources)
+        if state.input_rank:
+            entry["input_rank"] = int(state.input_rank)
+        for flag in _FLAGS:
+            if getattr(state, flag):
+                entry[flag] = True
+        if state.residual_adds:
+            adds = sorted(state.residual_adds, key=lambda add: (add.fused, add.residual_readers))
+            entry["residual_adds"] = [
+                {
+                    "fused": add.fused,
+                    "residual_readers": list(add.residual_readers),
+                    "residual_top": int(add.residual_top),
+                }
+                for add in adds
+            ]
+        if entry:
+            section[state.name] = entry
+    return section
+
+
+def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStructure]) -> None:
+    """Sets every state's observations to those of a validated section (:func:`check_structure`),
+    replacing what calibration batches run before may have recorded; a layer the section leaves
+    out has none."""
+    for state in states:
+        entry = section.get(state.name, {})
+        state.input_sources = set(entry.get("input_sources", ()))
+        state.input_rank = int(entry.get("input_rank", 0))
+        state.signed_input = bool(entry.get("signed_input", False))
+        state.wide_input = bool(entry.get("wide_input", False))
+        state.residual_adds = {
+            ResidualAdd(
+                add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"]
+            )
+            for add in entry.get("residual_adds", ())
+        }
+
+
+def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable[str]) -> None:
+    """Validates a table file's section.
+
+    Args:
+        path: The file, for error messages.
+        section: The section as read from JSON.
+        layer_names: The layers of the table (every name in the section must be one).
+
+    Raises:
+        ValueError: Naming the file and the layer: a layer or referenced name the table lacks,
+            an unknown key, or a value of the wrong type or range.
+    """
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: {STRUCTURE!r} must map layer names to objects, got {section!r}")
+    names = set(layer_names)
+    for name, entry in section.items():
+        where = f"{path}: {STRUCTURE!r} of layer {name!r}"
+        if name not in names:
+            raise ValueError(f"{path}: {STRUCTURE!r} names layer {name!r}, which 'layers' lacks")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object, got {entry!r}")
+        unknown = sorted(set(entry) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}; known: {list(_KEYS)}")
+        _check_names(where, "input_sources", entry.get("input_sources", []), names)
+        rank = entry.get("input_rank", 0)
+        if not _is_int(rank) or not 0 <= rank <= _MAX_RANK:
+            raise ValueError(f"{where}: input_rank must be an integer 0..{_MAX_RANK}, got {rank!r}")
+        for flag in _FLAGS:
+            if not isinstance(entry.get(flag, False), bool):
+                raise ValueError(f"{where}: {flag} must be true or false, got {entry[flag]!r}")
+        adds = entry.get("residual_adds", [])
+        if not isinstance(adds, list):
+            raise ValueError(f"{where}: residual_adds must be a list, got {adds!r}")
+        for add in adds:
+            if not isinstance(add, dict) or set(add) != set(_ADD_KEYS):
+                raise ValueError(
+                    f"{where}: each residual add must be an object with exactly the keys "
+                    f"{list(_ADD_KEYS)}, got {add!r}"
+                )
+            _check_names(where, "residual add 'fused'", [add["fused"]], names)
+            _check_names(where, "residual_readers", add["residual_readers"], names)
+            top = add["residual_top"]
+            if not _is_int(top) or not 0 < top <= _MAX_TOP:
+                raise ValueError(
+                    f"{where}: residual_top must be an integer 1..{_MAX_TOP}, got {top!r}"
+                )
+
+
+def _check_names(where: str, key: str, values: Any, names: set[str]) -> None:
+    """``values`` must be a list of layer names of the table."""
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        raise ValueError(f"{where}: {key} must be a list of layer names, got {values!r}")
+    for value in values:
+        if value not in names:
+            raise ValueError(f"{where}: {key} names layer {value!r}, which 'layers' lacks")
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a JSON integer (booleans are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
