@@ -23,7 +23,9 @@ Format, one entry per layer that has an observation (those left out have none)::
 ``input_rank``: the largest rank of that input (0 or absent: none seen); ``signed_input`` /
 ``wide_input``: that input was written s8 / u8 up to code 255 by a fused residual conv;
 ``residual_adds``: the adds whose residual operand was the layer's output
-(:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself).
+(:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
+or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
+``F.relu`` output, the layer being its first reader).
 Every name must be a layer of the table's ``layers``.
 """
 
@@ -45,6 +47,7 @@ _MAX_RANK = 9
 _MAX_TOP = 255
 _FLAGS = ("signed_input", "wide_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
+_ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input"}
 _KEYS = ("input_sources", "input_rank", *_FLAGS, "residual_adds")
 
 #: A layer's entry in the section (JSON-ready).
@@ -70,6 +73,7 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
                     "fused": add.fused,
                     "residual_readers": list(add.residual_readers),
                     "residual_top": int(add.residual_top),
+                    **({"residual_is_input": True} if add.residual_is_input else {}),
                 }
                 for add in adds
             ]
@@ -90,7 +94,8 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.wide_input = bool(entry.get("wide_input", False))
         state.residual_adds = {
             ResidualAdd(
-                add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"]
+                add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"],
+                add.get("residual_is_input", False),
             )
             for add in entry.get("residual_adds", ())
         }
@@ -131,10 +136,15 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
         if not isinstance(adds, list):
             raise ValueError(f"{where}: residual_adds must be a list, got {adds!r}")
         for add in adds:
-            if not isinstance(add, dict) or set(add) != set(_ADD_KEYS):
+            if not isinstance(add, dict) or not set(_ADD_KEYS) <= set(add) <= _ADD_KEYS_OPTIONAL:
                 raise ValueError(
-                    f"{where}: each residual add must be an object with exactly the keys "
-                    f"{list(_ADD_KEYS)}, got {add!r}"
+                    f"{where}: each residual add must be an object with the keys "
+                    f"{list(_ADD_KEYS)} (and optionally 'residual_is_input'), got {add!r}"
+                )
+            if not isinstance(add.get("residual_is_input", False), bool):
+                raise ValueError(
+                    f"{where}: residual_is_input must be true or false, "
+                    f"got {add['residual_is_input']!r}"
                 )
             _check_names(where, "residual add 'fused'", [add["fused"]], names)
             _check_names(where, "residual_readers", add["residual_readers"], names)

@@ -259,7 +259,8 @@ def _simulate_fused_residuals(
         for add in sorted(state.residual_adds, key=lambda add: add.fused):
             if not int8_conv_output(add.fused):
                 continue
-            if runs_u8(layer, state) and add.residual_readers:
+            # An unhooked residual (an F.relu output) read by u8 convs: a ReLU output too.
+            if (add.residual_is_input or runs_u8(layer, state)) and add.residual_readers:
                 readers = [quantized.get(name) for name in add.residual_readers]
                 if any(reader is None or not reader.input_unsigned for reader in readers):
                     continue

@@ -28,8 +28,10 @@ int8 speed-up, :mod:`imperative_ptq.export.unsigned`): its readers run on u8 cod
 ResNet-18: logit cosine to Paddle Inference 0.99899 with the residuals alone, 0.99985 with it).
 
 Calibration sees the add without hooking it (:func:`find_residual_add`): a hooked layer (the
-block's ReLU) reading a tensor that no hooked layer wrote, equal to the sum of two outputs of the
-same forward. Which operand is the residual follows Paddle's fusion: the one some hooked layer
+block's ReLU) reading a tensor that no hooked layer wrote, equal to the sum of two tensors of the
+same forward, or (blocks written ``F.relu(paddle.add(x=short, y=y))``, the next conv reading it)
+to the ReLU of that sum; the identity shortcut may be a tensor no hooked layer wrote (an
+``F.relu`` output), found among the tensors hooked layers read. Which operand is the residual follows Paddle's fusion: the one some hooked layer
 read before the add (the identity shortcut; the other one, a conv/BatchNorm output read only by
 the add, is fused into its conv), else, both being conv/BatchNorm outputs read only by the add,
 the projection: Paddle fuses the add into the conv whose input depends on the other conv's
@@ -38,8 +40,12 @@ whichever order the two branches run or the add names them. Calibration tells th
 when each branch's conv input was first seen in the forward (``branch_inputs``): the earlier
 one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
-(:mod:`imperative_ptq.export.program`). Limits: the add must be read by a hooked layer (an
-``nn.ReLU``, as in ``paddle.vision``; not ``F.relu``).
+(:mod:`imperative_ptq.export.program`). Limits: the sum, or its ReLU, must be read by a hooked
+layer (a sum only a functional op reads, or that the network returns, is simulated in float,
+where Paddle reads its shortcut as codes); a sum read only by a layer that gives it no scale (a
+network's last ``F.relu`` sum, read by a global pool) runs in float in Paddle, which the export
+enforces (:func:`imperative_ptq.export.program.quantize_program`) and the simulation follows
+for a downsample shortcut.
 """
 
 from __future__ import annotations
@@ -75,12 +81,18 @@ class ResidualAdd:
         residual_top: The residual's largest code: 255 for a u8 tensor, 127 for the output
             of a ReLU after a fused conv whose own residual was s8 (oneDNN keeps the sum s8,
             on the u8 tensor's step, so it saturates there).
+        residual_is_input: The residual is no hooked layer's output but the first input of
+            ``residual`` (its first reader): a tensor such as an ``F.relu`` output.
+        after_relu: The tensor the add was found from is the sum's ReLU (``F.relu(a + b)``
+            read by a conv), not the sum itself; what the forward saw, not compared or stored.
     """
 
     fused: str
     residual: str
     residual_readers: tuple[str, ...]
     residual_top: int = U8_MAX
+    residual_is_input: bool = False
+    after_relu: bool = dataclasses.field(default=False, compare=False)
 
 
 def find_residual_add(
@@ -89,8 +101,9 @@ def find_residual_add(
     readers: dict[int, tuple[str, ...]],
     signed: frozenset[int] = frozenset(),
     branch_inputs: Mapping[int, int] | None = None,
+    inputs: Sequence[paddle.Tensor] = (),
 ) -> ResidualAdd | None:
-    """The add of two outputs of this forward that ``value`` is, if any.
+    """The add of two tensors of this forward that ``value`` is (or the ReLU of), if any.
 
     Args:
         value: A tensor a hooked layer read that no hooked layer wrote.
@@ -102,24 +115,29 @@ def find_residual_add(
         branch_inputs: ``id`` of an output -> when (in the order tensors were first seen in
             this forward) the conv producing it (directly or through a BatchNorm) read its
             input; tells the projection from the branch when neither operand is read.
+        inputs: Tensors hooked layers read that no hooked layer wrote (an ``F.relu`` output
+            read by a block's first conv): candidate identity shortcuts.
 
     Returns:
         The add, with the residual chosen as Paddle's fusion chooses it (module docstring),
         or ``None`` when ``value`` is no such sum.
     """
-    shape = list(value.shape)
-    same = [(t, name) for t, name in outputs if list(t.shape) == shape and t.dtype == value.dtype]
-    if len(same) < 2:
+    def fits(t: paddle.Tensor) -> bool:
+        return list(t.shape) == list(value.shape) and t.dtype == value.dtype
+
+    same = [(t, name) for t, name in outputs if fits(t)]
+    if not same:
         return None
-    flat = value.flatten()[:_PREFIX]
     # One operand is the latest output of its shape (the branch ends right before the add):
-    # a linear scan, not a search over all pairs.
+    # a linear scan over the other, not a search over all pairs.
     later = same[-1]
-    head = later[0].flatten()[:_PREFIX]
-    for earlier in reversed(same[:-1]):
-        if not bool(paddle.equal_all(head + earlier[0].flatten()[:_PREFIX], flat)):
-            continue
-        if not bool(paddle.equal_all(later[0] + earlier[0], value)):
+    hooked = {id(t) for t, _ in same}
+    candidates = list(reversed(same[:-1])) + [
+        (t, "") for t in inputs if fits(t) and id(t) not in hooked and t is not value
+    ]
+    for earlier in candidates:
+        after_relu = _sum_of(value, later[0], earlier[0])
+        if after_relu is None:
             continue
         read_later = readers.get(id(later[0]), ())
         read_earlier = readers.get(id(earlier[0]), ())
@@ -130,7 +148,24 @@ def find_residual_add(
         else:
             residual, fused = _projection_first(later, earlier, branch_inputs or {})
         top = symmetric_levels(8) if id(residual[0]) in signed else U8_MAX
-        return ResidualAdd(fused[1], residual[1], tuple(readers.get(id(residual[0]), ())), top)
+        residual_readers = tuple(readers.get(id(residual[0]), ()))
+        if residual[1]:
+            return ResidualAdd(fused[1], residual[1], residual_readers, top, after_relu=after_relu)
+        return ResidualAdd(fused[1], residual_readers[0], residual_readers, top, True, after_relu)
+    return None
+
+
+def _sum_of(value: paddle.Tensor, a: paddle.Tensor, b: paddle.Tensor) -> bool | None:
+    """``False`` if ``value`` is ``a + b``, ``True`` if it is ``relu(a + b)`` (and not the sum
+    itself), else ``None``; a prefix is compared first, as most pairs differ at once."""
+    flat = value.flatten()[:_PREFIX]
+    head = a.flatten()[:_PREFIX] + b.flatten()[:_PREFIX]
+    for after_relu in (False, True):
+        candidate = paddle.nn.functional.relu(head) if after_relu else head
+        if bool(paddle.equal_all(candidate, flat)):
+            total = a + b
+            if bool(paddle.equal_all(paddle.nn.functional.relu(total) if after_relu else total, value)):
+                return after_relu
     return None
 
 

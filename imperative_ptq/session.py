@@ -300,9 +300,17 @@ class CalibrationSession:
         self._first_seen(output)
         self._branch_inputs[id(output)] = (weakref.ref(output), order)
 
-    def _note_residual_add(self, value: paddle.Tensor) -> ResidualAdd | None:
-        """Records the residual add ``value`` is the sum of, if any, on the state of the layer
-        whose output is its residual operand, and returns it."""
+    def _note_residual_add(self, value: paddle.Tensor, gives_scale: bool) -> ResidualAdd | None:
+        """Records the residual add ``value`` is the sum (or the sum's ReLU) of, if any, on the
+        state of the layer whose output is its residual operand, and returns it.
+
+        ``gives_scale``: the reader gives the sum a scale (it quantizes its input, or it is an
+        ``nn.ReLU``, whose output threshold the conv's fused ReLU writes). Paddle runs the fused
+        conv int8 only with one; without (a network's last ``F.relu(x + y)``, read only by a
+        global pool) the export keeps the convs out of the add, so a downsample shortcut stays
+        float and is not recorded. An identity shortcut is recorded either way: its int8
+        producer wrote it as codes, which the add reads, fused or not.
+        """
         outputs = [(entry[0](), entry[1]) for entry in self._outputs.values()]
         outputs = [(tensor, name) for tensor, name in outputs if tensor is not None]
         readers = {
@@ -312,9 +320,14 @@ class CalibrationSession:
         branch_inputs = {
             key: order for key, (ref, order) in self._branch_inputs.items() if ref() is not None
         }
+        written = {id(tensor) for tensor, _ in outputs}
+        inputs = [
+            tensor for tensor in (ref() for ref, _ in self._read.values())
+            if tensor is not None and id(tensor) not in written
+        ]
         with paddle.no_grad():
-            found = find_residual_add(value, outputs, readers, signed, branch_inputs)
-        if found is None:
+            found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs)
+        if found is None or (not gives_scale and not found.residual_readers):
             return None
         for layer, state in self.layers:
             if state.name == found.residual:
@@ -341,12 +354,20 @@ class CalibrationSession:
             if source is not None:
                 state.input_sources.add(source)
             else:
-                found = self._note_residual_add(first)
-                if found is not None and isinstance(layer, paddle.nn.ReLU) and _is_float_tensor(outputs):
-                    # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual,
-                    # else u8 up to 255.
+                found = self._note_residual_add(
+                    first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU)
+                )
+                # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual,
+                # else u8 up to 255. It is this layer's output (an nn.ReLU reading the sum),
+                # or its input (a conv reading F.relu of the sum).
+                after = None
+                if found is not None and found.after_relu:
+                    after = first
+                elif found is not None and isinstance(layer, paddle.nn.ReLU) and _is_float_tensor(outputs):
+                    after = outputs
+                if after is not None:
                     kind = self._wide if found.residual_readers else self._signed
-                    kind[id(outputs)] = weakref.ref(outputs)
+                    kind[id(after)] = weakref.ref(after)
             signed, wide = self._signed.get(id(first)), self._wide.get(id(first))
             if signed is not None and signed() is first:
                 state.signed_input = True

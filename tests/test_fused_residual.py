@@ -73,6 +73,17 @@ def test_find_residual_add_picks_the_operand_paddle_reads_as_codes() -> None:
     outputs = [(shortcut, "relu"), (branch, "downsample.1"), (other, "bn2")]
     found = find_residual_add(branch + other, outputs, {}, frozenset(), {id(branch): 0, id(other): 5})
     assert (found.fused, found.residual) == ("bn2", "downsample.1")
+    # A shortcut no hooked layer wrote (an F.relu output that conv1 read), the sum read after
+    # an F.relu: the residual is conv1's input.
+    unhooked = paddle.nn.functional.relu(shortcut)
+    outputs = [(other, "bn1"), (branch, "bn2")]
+    found = find_residual_add(
+        paddle.nn.functional.relu(branch + unhooked), outputs, {id(unhooked): ("conv1",)},
+        inputs=[unhooked],
+    )
+    assert (found.fused, found.residual, found.residual_readers, found.residual_is_input) == (
+        "bn2", "conv1", ("conv1",), True)
+    assert found.after_relu
     # Not a sum of two of them, or both read elsewhere (no conv output to fuse into).
     assert find_residual_add(branch + shortcut + 1e-3, outputs, {}) is None
     assert find_residual_add(
@@ -325,8 +336,81 @@ def test_downsample_computed_before_the_branch_runs_as_simulated(shortcut_left, 
     assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
 
 
+class _ConvBN(nn.Layer):
+    """A conv, its BatchNorm and an optional ``F.relu``: the layout of PaddleClas-style blocks."""
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int = 1, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(inputs, outputs, kernel, stride, (kernel - 1) // 2, bias_attr=False)
+        self.bn = nn.BatchNorm2D(outputs)
+        self.act = act
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.bn(self.conv(x))
+        return nn.functional.relu(y) if self.act else y
+
+
+class _FunctionalBlock(nn.Layer):
+    """``F.relu(paddle.add(x=short, y=branch))``: the shortcut an ``F.relu`` output (identity)
+    or a conv + BatchNorm (downsample), the sum's ReLU functional too."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = _ConvBN(inputs, outputs, 3, stride), _ConvBN(outputs, outputs, 3, act=False)
+        self.short = None if stride == 1 else _ConvBN(inputs, outputs, 1, stride, act=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        branch = self.conv1(self.conv0(x))
+        short = x if self.short is None else self.short(x)
+        return nn.functional.relu(paddle.add(x=short, y=branch))
+
+
+class _FunctionalResNet(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ConvBN(3, WIDTH, 3)
+        self.blocks = nn.Sequential(
+            _FunctionalBlock(WIDTH, WIDTH, 1), _FunctionalBlock(WIDTH, 2 * WIDTH, 2),
+            _FunctionalBlock(2 * WIDTH, 2 * WIDTH, 1),
+        )
+        self.pool, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(2 * WIDTH, 10)
+        rng = np.random.default_rng(1)
+        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
+            channels = norm.weight.shape[0]
+            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
+            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(paddle.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_functional_residual_blocks_run_as_simulated(target, tmp_path) -> None:
+    """Blocks written with ``F.relu`` and ``paddle.add`` (no hooked ReLU reads the sum): the
+    adds are found from the ReLU of the sum a conv or the pool reads, the identity shortcut
+    being an unhooked tensor. Before, the simulation added in float what Paddle adds on codes
+    (measured: 4.6% of the largest logit off Paddle Inference on these blocks, both targets).
+    The last sum, read only by the pool, has no scale: that add runs in float, its conv alone
+    in int8, the downsample shortcut before it unquantized."""
+    if target == "x86-vnni" and not cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, 32, 32), np.float32)) for _ in range(3)]
+    qmodel = converted(_FunctionalResNet(), batches, target)
+    assert isinstance(qmodel.blocks[1].short.bn, QuantizedResidualOutput)
+    assert qmodel.blocks[0].conv0.conv.residual_codes == 255
+    prefix = str(tmp_path / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x")])
+    assert not int8_report(prefix).fp32
+    x = rng.random((8, 3, 32, 32), np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_fused_residual_on_avx2_kernels() -> None:
     summary = pytest_on_avx2_kernels(__file__, "as_simulated and not vnni and not onnx")
-    assert "5 passed" in summary, summary
+    assert "6 passed" in summary, summary

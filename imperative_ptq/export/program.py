@@ -608,7 +608,8 @@ def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
 
 
 def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: ProgramScales) -> int:
-    """Keeps each int8 conv/fc out of a residual add whose other operand has no scale.
+    """Keeps each int8 conv/fc out of a residual add whose other operand, or whose sum (after
+    the ReLU oneDNN fuses too), has no scale.
 
     oneDNN fuses a conv (or fc) and the add of another tensor after it (its bias add or
     BatchNorm in between) into one op, which Paddle runs int8 only when that residual has a
@@ -617,7 +618,9 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
     ReLU6 -> conv + residual; MobileNetV2's residual block outputs, which are functional adds,
     and a transformer's residual LayerNorm outputs read through a shift have no scale). An
     identity ``scale`` op between the conv and the add stops the fusion: the conv runs int8
-    on its own with an fp32 output and the add in fp32, as simulated.
+    on its own with an fp32 output and the add in fp32, as simulated. The fused op's output
+    needs a scale too: a network's last ``F.relu(x + y)``, read only by a global pool, has none
+    (there the simulation's residual codes are what the int8 conv before the add wrote).
 
     Returns:
         How many conv/fc outputs were isolated.
@@ -632,9 +635,15 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
         operands = add.input("X") + add.input("Y")
         if len(operands) != 2 or any(is_persistable(block, name) for name in operands):
             continue
+        total = add.output("Out")[0]
+        after = reading.get(total, [])
+        if len(after) == 1 and after[0].type in ("relu", "relu6"):
+            total = after[0].output("Out")[0]
         for position, name in enumerate(operands):
             other = operands[1 - position]
-            if other in scaled or not _int8_weight_op_output(block, name, writers, written):
+            if (other in scaled and total in scaled) or not _int8_weight_op_output(
+                block, name, writers, written
+            ):
                 continue
             if len(reading.get(name, [])) != 1:
                 continue  # read elsewhere too: oneDNN does not fuse the add
