@@ -66,6 +66,10 @@ class _Around(nn.Layer):
         return self.head(y) if self.head is not None else y
 
 
+def REVERSED_CHANNELS() -> paddle.Tensor:  # noqa: N802 - reads as a constant in CASES
+    return paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0])
+
+
 #: name -> (the op after a conv, whether a 1x1 conv reads its output); the name is the legacy
 #: op the Paddle API traces to (checked in the exported program by test_cases_trace_to_their_op).
 CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
@@ -108,7 +112,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
         True,
     ),
     "tile": (lambda: _Function(lambda y: paddle.tile(y, [1, 1, 2, 1])), True),
-    "gather": (lambda: _Function(lambda y: paddle.gather(y, paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0]), axis=1)), True),
+    "gather": (lambda: _Function(lambda y: paddle.gather(y, REVERSED_CHANNELS(), axis=1)), True),
     "bmm": (lambda: _Function(lambda y: paddle.bmm(y.reshape([-1, 8, SIZE * SIZE]), y.reshape([-1, SIZE * SIZE, 8]))), False),
     "stack": (lambda: _Function(lambda y: paddle.stack([y, y * 2.0], axis=1)), False),
     "reduce_sum": (lambda: _Function(lambda y: paddle.sum(y, axis=[2, 3])), False),
@@ -117,6 +121,35 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "reduce_mean": (lambda: _Function(paddle.mean), False),
     "p_norm": (lambda: _Function(lambda y: paddle.linalg.norm(y, p=2, axis=1)), False),
     "arg_max": (lambda: _Function(lambda y: paddle.argmax(y, axis=1)), False),
+    "erf": (lambda: _Function(paddle.erf), True),
+    "floor": (lambda: _Function(lambda y: paddle.floor(y * 4.0)), True),
+    "ceil": (lambda: _Function(lambda y: paddle.ceil(y * 4.0)), True),
+    "sign": (lambda: _Function(lambda y: y * paddle.sign(y - 0.1)), True),
+    "sin": (lambda: _Function(paddle.sin), True),
+    "cos": (lambda: _Function(paddle.cos), True),
+    "reciprocal": (lambda: _Function(lambda y: paddle.reciprocal(paddle.abs(y) + 1.0)), True),
+    "softsign": (lambda: nn.Softsign(), True),
+    "hard_shrink": (lambda: nn.Hardshrink(0.3), True),
+    "softshrink": (lambda: nn.Softshrink(0.3), True),
+    "tanh_shrink": (lambda: nn.Tanhshrink(), True),
+    "thresholded_relu": (lambda: nn.ThresholdedReLU(0.2), True),
+    "logsigmoid": (lambda: nn.LogSigmoid(), True),
+    "where": (lambda: _Function(lambda y: paddle.where(y > 0, y, y * 0.1)), True),
+    "fill_any_like": (lambda: _Function(lambda y: y + paddle.full_like(y, 0.5)), True),
+    "greater_equal": (lambda: _Function(lambda y: y * paddle.cast(y >= 0.1, "float32")), True),
+    "less_than": (lambda: _Function(lambda y: y * paddle.cast(y < 0.1, "float32")), True),
+    "not_equal": (lambda: _Function(lambda y: paddle.cast(paddle.floor(y * 4.0) != 0.0, "float32")), True),
+    "logical_and": (
+        lambda: _Function(lambda y: y * paddle.cast(paddle.logical_and(y > -0.5, y < 0.5), "float32")),
+        True,
+    ),
+    "logical_not": (lambda: _Function(lambda y: y * paddle.cast(paddle.logical_not(y > 0), "float32")), True),
+    "cumsum": (lambda: _Function(lambda y: paddle.cumsum(y, axis=1)), True),
+    "index_select": (lambda: _Function(lambda y: paddle.index_select(y, REVERSED_CHANNELS(), axis=1)), True),
+    "pixel_shuffle": (lambda: nn.PixelShuffle(2), False),
+    "reduce_prod": (lambda: _Function(lambda y: paddle.prod(y, axis=1)), False),
+    "reduce_amax": (lambda: _Function(lambda y: paddle.amax(y, axis=[2, 3])), False),
+    "logsumexp": (lambda: _Function(lambda y: paddle.logsumexp(y, axis=1)), False),
 }
 
 
@@ -291,31 +324,55 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _CumulativeSum(nn.Layer):
+class _Roll(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.cumsum(x, axis=1)
+        return paddle.roll(x, 1, axis=1)
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """cumsum (which the export does not translate) after a conv: the error names the op, the
+    """roll (which the export does not translate) after a conv: the error names the op, the
     tensor it writes and the layer it reads, and the Paddle Inference export still works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.cumsum(y, axis=1)), True), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.roll(y, 1, axis=1)), True), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'cumsum' has no ONNX converter (writing 'cumsum"), message
+    assert message.startswith("op 'roll' has no ONNX converter (writing 'roll"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_CumulativeSum)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_Roll)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_CumulativeSum(), True), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_Roll(), True), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_CumulativeSum)
-    with pytest.raises(NotImplementedError, match="op 'cumsum' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_Roll)
+    with pytest.raises(NotImplementedError, match="op 'roll' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+
+
+@pytest.mark.parametrize("name, non_negative", [
+    ("abs", True), ("exp", True), ("square", True), ("sqrt", True), ("rsqrt", True),
+    ("softplus", True), ("leaky_relu", False), ("prelu/channel", False), ("elu", False),
+    ("mish", False), ("silu", False), ("pow", False), ("sin", False), ("log_softmax", False),
+])
+def test_zero_point_follows_the_sign_of_the_op_output(name: str, non_negative: bool, tmp_path) -> None:
+    """On arm (no u8 rule of its own) the 1x1 conv's input is quantized with zero point 0 only
+    after an op whose output cannot be negative."""
+    factory, _ = CASES[name]
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(_Around(factory(), True), shape, "arm")
+    ran, simulated, path = _runs(qmodel, shape, tmp_path)
+    # Measured 2026-12-01: 1.0 after the signed ops, 0.99992 (square) to 0.999998 after the
+    # non-negative ones (arm: 255 levels in ONNX, 127 in the simulation).
+    assert _cosine(ran, simulated) >= 0.999
+    graph = onnx.load(path).graph
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    zero_points = [
+        int(initializers[node.input[2]]) for node in graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] != "x"  # not the network input
+    ]
+    assert zero_points == [0 if non_negative else 128], zero_points

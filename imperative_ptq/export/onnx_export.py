@@ -65,7 +65,10 @@ _SIGN_PRESERVING_OPS = frozenset({
     "pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle",
     "squeeze2", "unsqueeze2", "split", "max_pool2d_with_index", "leaky_relu", "prelu", "elu",
     "selu", "celu", "silu", "mish", "assign", "cast", "tile", "expand_v2", "expand_as_v2",
-    "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean",
+    "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean", "reduce_amax",
+    "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
+    "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
+    "tanh_shrink",
 })
 
 #: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).
@@ -863,7 +866,7 @@ class _Converter(FloatOpConverters):
 
     def _simple(self, op) -> None:
         out = self._out(op)
-        if op.type in ("flatten_contiguous_range", "reshape2", "transpose2", "pixel_unshuffle"):
+        if op.type in ("flatten_contiguous_range", "reshape2", "transpose2", "pixel_unshuffle", "pixel_shuffle"):
             self._keep_input_scale(op, out)
         x = self._in(op)
         if op.type == "relu6":
@@ -883,6 +886,11 @@ class _Converter(FloatOpConverters):
             node = self._node("Transpose", [x], out, perm=[int(a) for a in op.attr("axis")])
         elif op.type == "pixel_unshuffle":
             node = self._pixel_unshuffle(op, x, out)
+        elif op.type == "pixel_shuffle":
+            if op.attr("data_format") != "NCHW":
+                raise NotImplementedError("pixel_shuffle is exported only for NCHW")
+            # Paddle's out[c, h r + i, w r + j] = in[c r r + i r + j, h, w]: ONNX's CRD order.
+            node = self._node("DepthToSpace", [x], out, blocksize=int(op.attr("upscale_factor")), mode="CRD")
         elif op.type == "dropout":
             if op.attr("dropout_implementation") == "downgrade_in_infer":
                 factor = self._const("keep", np.array(1.0 - op.attr("dropout_prob"), np.float32))
@@ -983,6 +991,10 @@ class _Converter(FloatOpConverters):
             value = float(op.attr("pad_value" if op.type == "pad" else "value"))
             constant = op.type == "pad" or op.attr("mode") == "constant"
             return op.input("X")[0] in self.unsigned and (value >= 0 or not constant)
+        if op.type == "thresholded_relu":
+            return op.input("X")[0] in self.unsigned and float(op.attr("value")) >= 0
+        if op.type == "fill_any_like":
+            return float(op.attr("value")) >= 0
         if op.type in ("concat", "stack"):
             return all(name in self.unsigned for name in op.input("X"))
         if op.type == "elementwise_min":  # a ReLU output under non-negative bounds
@@ -1017,7 +1029,7 @@ class _Converter(FloatOpConverters):
             "squeeze2": self._squeeze, "unsqueeze2": self._squeeze, "rnn": self._rnn,
             **dict.fromkeys(_ELEMENTWISE_OPS, self._elementwise),
             **dict.fromkeys(("relu6", "flatten_contiguous_range", "reshape2", "transpose2",
-                             "dropout", "scale", "pixel_unshuffle"), self._simple),
+                             "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
         dispatch.update(self.float_dispatch())
         self.zero_states, self.skip = self._zero_states()

@@ -38,12 +38,33 @@ UNARY_OPS: dict[str, tuple[str, dict[str, str]]] = {
     "elu": ("Elu", {"alpha": "alpha"}),
     "celu": ("Celu", {"alpha": "alpha"}),
     "selu": ("Selu", {"alpha": "alpha", "gamma": "scale"}),
+    "erf": ("Erf", {}),
+    "floor": ("Floor", {}),
+    "ceil": ("Ceil", {}),
+    "sign": ("Sign", {}),
+    "sin": ("Sin", {}),
+    "cos": ("Cos", {}),
+    "reciprocal": ("Reciprocal", {}),
+    "softsign": ("Softsign", {}),
+    "logical_not": ("Not", {}),
+    # ONNX Shrink: x - bias above lambd, x + bias below -lambd, else 0.
+    "hard_shrink": ("Shrink", {"lambd": "threshold"}),
+    "softshrink": ("Shrink", {"lambd": "lambda", "bias": "lambda"}),
+}
+
+#: Paddle's comparison and logical ops of two inputs -> ONNX's (numpy broadcasting; Paddle's
+#: ``axis`` is -1 for every Python operator). ``not_equal`` is ``Not(Equal)``.
+_LOGIC_OPS = {
+    "greater_than": "Greater", "greater_equal": "GreaterOrEqual", "less_than": "Less",
+    "less_equal": "LessOrEqual", "equal": "Equal", "not_equal": "Equal",
+    "logical_and": "And", "logical_or": "Or", "logical_xor": "Xor",
 }
 
 #: Paddle's reduce ops -> ONNX's.
 _REDUCE_OPS = {
     "reduce_mean": "ReduceMean", "reduce_sum": "ReduceSum", "reduce_max": "ReduceMax",
-    "reduce_min": "ReduceMin",
+    "reduce_min": "ReduceMin", "reduce_prod": "ReduceProd", "reduce_amax": "ReduceMax",
+    "reduce_amin": "ReduceMin", "logsumexp": "ReduceLogSumExp",
 }
 
 #: pad3d modes -> ONNX Pad modes (``circular`` needs ONNX's ``wrap``, opset 19: not exported).
@@ -68,6 +89,7 @@ class FloatOpConverters:
         """Op type -> converter, for every op this mixin translates."""
         dispatch: dict[str, Callable[[Any], None]] = {kind: self._unary for kind in UNARY_OPS}
         dispatch.update({kind: self._reduce for kind in _REDUCE_OPS})
+        dispatch.update({kind: self._logic for kind in _LOGIC_OPS})
         for kinds, converter in (
             (("hard_swish", "hard_sigmoid", "swish", "silu", "mish"), self._gated_activation),
             (("clip", "brelu"), self._clamp),
@@ -75,6 +97,7 @@ class FloatOpConverters:
             (("fill_constant", "assign_value"), self._constant),
             (("pad", "pad3d"), self._pad),
             (("expand_v2", "expand_as_v2"), self._expand),
+            (("tanh_shrink", "logsigmoid", "thresholded_relu"), self._shifted_activation),
         ):
             dispatch.update(dict.fromkeys(kinds, converter))
         dispatch.update({
@@ -84,7 +107,9 @@ class FloatOpConverters:
             "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack,
             "gather": self._gather, "arg_max": self._arg_max, "p_norm": self._p_norm,
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
-            "bilinear_interp_v2": self._interpolate,
+            "bilinear_interp_v2": self._interpolate, "where": self._where,
+            "fill_any_like": self._fill_like, "index_select": self._gather,
+            "cumsum": self._cumsum,
         })
         return dispatch
 
@@ -198,6 +223,22 @@ class FloatOpConverters:
         linear = self._node("Greater", [scaled, self._scalar("threshold", threshold)], out + ".linear")
         self._bind(out, self._node("Where", [linear, x, soft], out))
 
+    def _shifted_activation(self, op) -> None:
+        """tanh_shrink (``x - tanh(x)``), logsigmoid (``-softplus(-x)``), thresholded_relu
+        (``x`` above ``threshold``, else ``value``)."""
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "tanh_shrink":
+            node = self._node("Sub", [x, self._node("Tanh", [x], out + ".tanh")], out)
+        elif op.type == "logsigmoid":
+            negated = self._node("Neg", [x], out + ".neg")
+            node = self._node("Neg", [self._node("Softplus", [negated], out + ".softplus")], out)
+        else:
+            above = self._node("Greater", [x, self._scalar("threshold", float(op.attr("threshold")))], out + ".above")
+            value = float(op.attr("value")) if op.has_attr("value") else 0.0
+            node = self._node("Where", [above, x, self._scalar("value", value)], out)
+        self._bind(out, node)
+
     def _gelu(self, op) -> None:
         out = self._out(op)
         x = self._in(op)
@@ -250,6 +291,39 @@ class FloatOpConverters:
         to = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(op.attr("out_dtype")))
         self._bind(out, self._node("Cast", [self._in(op)], out, to=to))
 
+    def _logic(self, op) -> None:
+        """Comparisons and logical ops of ``X`` and ``Y``, broadcasting as numpy does."""
+        if op.has_attr("axis") and int(op.attr("axis")) != -1:
+            raise NotImplementedError(f"{op.type} with axis {op.attr('axis')} is not exported")
+        out = self._out(op)
+        node = self._node(_LOGIC_OPS[op.type], [self._in(op), self._in(op, "Y")], out + ".logic")
+        if op.type == "not_equal":
+            node = self._node("Not", [node], out)
+        self._bind(out, node)
+
+    def _where(self, op) -> None:
+        out = self._out(op)
+        inputs = [self._in(op, "Condition"), self._in(op), self._in(op, "Y")]
+        self._bind(out, self._node("Where", inputs, out))
+
+    def _fill_like(self, op) -> None:
+        """fill_any_like (``zeros_like``, ``full_like``): ``value`` in the shape of ``X``, of
+        ``dtype`` (-1: ``X``'s)."""
+        out = self._out(op)
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        value = self.helper.make_tensor("value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [dtype.type(op.attr("value")).item()])
+        shape = self._node("Shape", [self._in(op)], out + ".shape")
+        self._bind(out, self._node("ConstantOfShape", [shape], out, value=value))
+
+    def _cumsum(self, op) -> None:
+        """cumsum along ``axis`` (of the flattened input with ``flatten``)."""
+        out = self._out(op)
+        x, axis = self._in(op), int(op.attr("axis"))
+        if op.attr("flatten"):
+            x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
+        attrs = dict(exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
+        self._bind(out, self._node("CumSum", [x, self._const("axis", np.array(axis, np.int64))], out, **attrs))
+
     def _constant(self, op) -> None:
         """fill_constant / assign_value of a constant shape: an initializer."""
         self._reject_tensor_inputs(op, *op.input_names)
@@ -266,11 +340,13 @@ class FloatOpConverters:
         self._bind(out, self._const(out, value))
 
     def _reduce(self, op) -> None:
-        """reduce_mean/sum/max/min over ``dim`` (all axes with ``reduce_all`` or no ``dim``)."""
+        """reduce_mean/sum/max/min/prod/amax/amin and logsumexp over ``dim`` (logsumexp:
+        ``axis``); all axes with ``reduce_all`` or none given."""
         out = self._out(op)
-        axes = None if op.attr("reduce_all") or not list(op.attr("dim")) else [int(a) for a in op.attr("dim")]
+        dim, keep = ("dim", "keep_dim") if op.has_attr("dim") else ("axis", "keepdim")
+        axes = None if op.attr("reduce_all") or not list(op.attr(dim)) else [int(a) for a in op.attr(dim)]
         x = self._cast_to_output(op, self._in(op), out, out)
-        self._bind(out, self._reduce_node(_REDUCE_OPS[op.type], x, axes, bool(op.attr("keep_dim")), out))
+        self._bind(out, self._reduce_node(_REDUCE_OPS[op.type], x, axes, bool(op.attr(keep)), out))
 
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
@@ -447,9 +523,10 @@ class FloatOpConverters:
         self._bind(out, self._node("Concat", parts, out, axis=axis))
 
     def _gather(self, op) -> None:
-        """gather along ``axis`` (an attribute, or a constant ``Axis`` tensor)."""
-        axis = int(op.attr("axis"))
-        if op.input("Axis"):
+        """gather along ``axis`` (an attribute, or a constant ``Axis`` tensor); index_select
+        along ``dim``."""
+        axis = int(op.attr("axis" if op.type == "gather" else "dim"))
+        if op.type == "gather" and op.input("Axis"):
             value = self.constants.get(op.input("Axis")[0])
             if value is None:
                 raise NotImplementedError("gather with a computed Axis tensor is not exported")
