@@ -1,7 +1,10 @@
 """QDQ ONNX export that ONNX Runtime runs with QLinear (int8) kernels.
 
 The model is traced like the Paddle export (:mod:`.tracing`), and the legacy fp32 program is
-translated op by op (a small converter for the CNN/MLP ops PTQ models use) with
+translated op by op: here the ops that carry or move scales (convs, matmuls, pools, adds,
+layout ops), in :mod:`.onnx_float_ops` those that run in float between a dequantize and a
+quantize op (activations, math, normalizations, padding, reductions). An op without a
+translation raises ``NotImplementedError`` naming it and where it is. The graph has
 
 * BatchNorm folded into the preceding conv; per-channel thresholds scale with the BN factor, so
   the folded int8 weights equal the dygraph ones (up to sign) exactly;
@@ -35,6 +38,7 @@ from .dynamic_export import (
     is_dynamic_model,
     trace_dynamic_model,
 )
+from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer
@@ -50,12 +54,35 @@ logger = logging.getLogger(__name__)
 #: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
 INT4_OPSET = 21
 
-#: Ops after which a tensor is non-negative, and ops that keep the sign of their input.
-_NON_NEGATIVE_OPS = frozenset({"relu", "relu6", "sigmoid", "hard_sigmoid"})
+#: Ops after which a tensor is non-negative, and ops whose output is non-negative where their
+#: input ``X`` is (leaky_relu, prelu and the ELUs are not non-negative, but keep ``x >= 0``).
+#: Conditional cases (pow, clip, pad, concat, ...) are in ``_Converter._output_unsigned``.
+_NON_NEGATIVE_OPS = frozenset({
+    "relu", "relu6", "sigmoid", "hard_sigmoid", "abs", "exp", "square", "sqrt", "rsqrt",
+    "softplus", "p_norm",
+})
 _SIGN_PRESERVING_OPS = frozenset({
     "pool2d", "flatten_contiguous_range", "reshape2", "transpose2", "dropout", "pixel_unshuffle",
-    "squeeze2", "unsqueeze2", "split",
+    "squeeze2", "unsqueeze2", "split", "max_pool2d_with_index", "leaky_relu", "prelu", "elu",
+    "selu", "celu", "silu", "mish", "assign", "cast", "tile", "expand_v2", "expand_as_v2",
+    "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean", "reduce_amax",
+    "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
+    "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
+    "tanh_shrink",
 })
+
+#: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).
+_ELEMENTWISE_OPS = {
+    "elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub",
+    "elementwise_div": "Div", "elementwise_pow": "Pow", "elementwise_min": "Min",
+    "elementwise_max": "Max",
+}
+
+#: How a failed ONNX export ends its message.
+_PADDLE_EXPORT_WORKS = (
+    "the Paddle Inference export (ImperativePTQ.save_quantized_model) does not go through "
+    "this translation and still works for this model"
+)
 
 
 def _require_onnx():
@@ -72,10 +99,12 @@ def _require_onnx():
 #: Ops whose output holds some of their input's values, in another layout.
 _LAYOUT_OPS = frozenset({
     "flatten_contiguous_range", "reshape2", "transpose2", "squeeze2", "unsqueeze2", "pool2d",
+    "max_pool2d_with_index",
 })
 
-class _Converter:
-    """Translates one legacy program into an ONNX QDQ graph."""
+class _Converter(FloatOpConverters):
+    """Translates one legacy program into an ONNX QDQ graph (the ops that run in float come
+    from :class:`.onnx_float_ops.FloatOpConverters`)."""
 
     def __init__(
         self,
@@ -148,6 +177,9 @@ class _Converter:
         #: Inputs of int8 layers, quantized on the simulation's grid of their threshold.
         self.layer_inputs: set[str] = set()
         self.thresholds = self._activation_thresholds(records)
+        #: program var -> the calibrated layer that writes it (for errors)
+        self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
+        self.constants = {}
 
     # ------------------------------------------------------------------------------ helpers
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
@@ -353,6 +385,10 @@ class _Converter:
         var = self.block._find_var_recursive(name)
         return var is not None and var.persistable
 
+    def _shape(self, name: str) -> list[int]:
+        """The traced shape of program variable ``name`` (-1 for dynamic dimensions)."""
+        return [int(d) for d in self.block._find_var_recursive(name).shape]
+
     def _node(self, op_type: str, inputs: list[str], stem: str, **attrs) -> str:
         out = self._unique(stem)
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
@@ -546,45 +582,6 @@ class _Converter:
         w = self._const(op.input("Filter")[0], weight)
         self._bind(out, self._node("ConvTranspose", [self._in(op, "Input"), w], out, **attrs))
 
-    def _interpolate(self, op) -> None:
-        """nearest/bilinear_interp_v2 with a constant scale or output size as ``Resize``, with
-        Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
-        if any(op.input(slot) for slot in ("OutSize", "SizeTensor", "Scale") if slot in op.input_names):
-            raise NotImplementedError(f"{op.type} with a tensor size or scale is not exported")
-        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
-            raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
-        nearest = op.type == "nearest_interp_v2"
-        if op.attr("align_corners"):
-            mode = "align_corners"
-        elif nearest or op.attr("align_mode") == 1:
-            mode = "asymmetric"
-        else:
-            mode = "half_pixel"
-        attrs: dict = dict(mode="nearest" if nearest else "linear", coordinate_transformation_mode=mode)
-        if nearest:
-            attrs["nearest_mode"] = "round_prefer_ceil" if op.attr("align_corners") else "floor"
-        x = self._in(op)
-        out = self._out(op)
-        empty = self._const("roi", np.zeros([0], np.float32))
-        scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
-        if scale and all(v > 0 for v in scale):
-            scales = self._const("scales", np.array([1.0, 1.0, *scale[-2:]] if len(scale) >= 2 else [1.0, 1.0, scale[0], scale[0]], np.float32))
-            node = self._node("Resize", [x, empty, scales], out, **attrs)
-        elif op.attr("out_h") > 0 and op.attr("out_w") > 0:
-            shape = self._node("Shape", [x], out + ".shape")
-            batch_channels = self._node(
-                "Slice", [shape, self._const("start", np.array([0], np.int64)),
-                          self._const("end", np.array([2], np.int64))], out + ".nc",
-            )
-            size = self._node(
-                "Concat", [batch_channels, self._const("hw", np.array([op.attr("out_h"), op.attr("out_w")], np.int64))],
-                out + ".size", axis=0,
-            )
-            node = self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs)
-        else:
-            raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
-        self._bind(out, node)
-
     def _matmul(self, op) -> None:
         if not self._is_param(op.input("Y")[0]):
             self._activation_matmul(op)
@@ -614,12 +611,12 @@ class _Converter:
 
     def _activation_matmul(self, op) -> None:
         """A matmul in float: of two activations (attention scores, attention x values; on
-        quantize/dequantize pairs where the simulation quantizes its inputs), or of an
-        unquantized weight read transposed."""
+        quantize/dequantize pairs where the simulation quantizes its inputs; ``bmm`` too), or
+        of an unquantized weight read transposed."""
         operands = []
         for slot, flag in (("X", "trans_x"), ("Y", "trans_y")):
             tensor = self._in(op, slot)
-            if op.attr(flag):
+            if op.has_attr(flag) and op.attr(flag):
                 rank = len(self.block._find_var_recursive(op.input(slot)[0]).shape)
                 if rank < 2:
                     raise NotImplementedError("matmul_v2 transposing a vector is not exported")
@@ -645,88 +642,6 @@ class _Converter:
             "Mul", [scale, self._const("w_scale", weight.scales.astype(np.float32))], out + ".scale"
         )
         self._bind(out, self._node("Mul", [floats, multiplier], out))
-
-    def _reduce_mean_node(self, x: str, axes: list[int] | None, keepdims: bool, stem: str) -> str:
-        """A ``ReduceMean`` over ``axes`` (all axes if ``None``) in the form of the opset:
-        the axes are an attribute up to opset 17 and an input from opset 18 on."""
-        if axes is None:
-            return self._node("ReduceMean", [x], stem, keepdims=int(keepdims))
-        if self.opset >= 18:
-            return self._node(
-                "ReduceMean", [x, self._const("axes", np.array(axes, np.int64))], stem,
-                keepdims=int(keepdims),
-            )
-        return self._node("ReduceMean", [x], stem, axes=axes, keepdims=int(keepdims))
-
-    def _embedding(self, op) -> None:
-        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
-        table = self._const(op.input("W")[0], self._param(op.input("W")[0]).astype(np.float32))
-        out = self._out(op)
-        self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
-
-    def _layer_norm(self, op) -> None:
-        """Normalizes over the axes from ``begin_norm_axis`` on (ONNX opset 13 has no
-        LayerNormalization: mean, variance, scale and shift spelled out)."""
-        x_var = op.input("X")[0]
-        rank = len(self.block._find_var_recursive(x_var).shape)
-        begin = int(op.attr("begin_norm_axis"))
-        axes = list(range(begin, rank))
-        out = self._out(op, "Y")
-        x = self._in(op)
-        mean = self._reduce_mean_node(x, axes, True, out + ".mean")
-        centred = self._node("Sub", [x, mean], out + ".centred")
-        variance = self._reduce_mean_node(
-            self._node("Mul", [centred, centred], out + ".square"), axes, True, out + ".variance"
-        )
-        epsilon = self._const("epsilon", np.array(op.attr("epsilon"), np.float32))
-        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".eps")], out + ".std")
-        y = self._node("Div", [centred, deviation], out + ".normalized")
-        normalized_shape = list(self.block._find_var_recursive(x_var).shape[begin:])
-        for slot, kind in (("Scale", "Mul"), ("Bias", "Add")):
-            if op.input(slot):
-                value = self._param(op.input(slot)[0]).astype(np.float32).reshape(normalized_shape)
-                y = self._node(kind, [y, self._const(op.input(slot)[0], value)], out + "." + slot.lower())
-        self._bind(out, self._node("Identity", [y], out))
-
-    def _gelu(self, op) -> None:
-        out = self._out(op)
-        x = self._in(op)
-        half = self._const("half", np.array(0.5, np.float32))
-        one = self._const("one", np.array(1.0, np.float32))
-        if op.attr("approximate"):
-            # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-            cube = self._node("Mul", [x, self._node("Mul", [x, x], out + ".sq")], out + ".cube")
-            inner = self._node("Add", [x, self._node(
-                "Mul", [cube, self._const("c", np.array(0.044715, np.float32))], out + ".c3")], out + ".in")
-            scaled = self._node("Mul", [inner, self._const("k", np.array(np.sqrt(2 / np.pi), np.float32))], out + ".k")
-            gate = self._node("Tanh", [scaled], out + ".tanh")
-        else:  # 0.5 x (1 + erf(x / sqrt(2)))
-            scaled = self._node("Div", [x, self._const("sqrt2", np.array(np.sqrt(2.0), np.float32))], out + ".s")
-            gate = self._node("Erf", [scaled], out + ".erf")
-        y = self._node("Mul", [self._node("Mul", [x, half], out + ".half"),
-                               self._node("Add", [gate, one], out + ".one")], out)
-        self._bind(out, y)
-
-    def _reduce_mean(self, op) -> None:
-        out = self._out(op)
-        axes = None if op.attr("reduce_all") else [int(a) for a in op.attr("dim")]
-        self._bind(out, self._reduce_mean_node(self._in(op), axes, bool(op.attr("keep_dim")), out))
-
-    def _slice(self, op) -> None:
-        if any(op.input(slot) for slot in ("StartsTensor", "EndsTensor", "StartsTensorList", "EndsTensorList")):
-            raise NotImplementedError("slice with tensor bounds is not exported")
-        out = self._out(op)
-        axes = [int(a) for a in op.attr("axes")]
-        starts = [int(a) for a in op.attr("starts")]
-        ends = [int(a) for a in op.attr("ends")]
-        sliced = self._node("Slice", [
-            self._in(op, "Input"), self._const("starts", np.array(starts, np.int64)),
-            self._const("ends", np.array(ends, np.int64)), self._const("axes", np.array(axes, np.int64)),
-        ], out + ".slice")
-        decrease = [int(a) for a in op.attr("decrease_axis")]
-        if decrease:
-            sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
-        self._bind(out, sliced)
 
     #: Paddle's rnn mode -> (ONNX op, gate permutation from Paddle's row blocks to ONNX's, attrs).
     #: LSTM rows are i, f, c, o (ONNX: i, o, f, c); GRU rows r, z, c (ONNX: z, r, h, with the
@@ -905,10 +820,7 @@ class _Converter:
         return states, ops
 
     def _elementwise(self, op) -> None:
-        kind = {
-            "elementwise_add": "Add", "elementwise_mul": "Mul", "elementwise_sub": "Sub",
-            "elementwise_min": "Min", "elementwise_max": "Max",
-        }[op.type]
+        kind = _ELEMENTWISE_OPS[op.type]
         y_var = op.input("Y")[0]
         x = self._in(op)
         if kind == "Add" and op.input("X")[0] in self.residuals:
@@ -930,7 +842,11 @@ class _Converter:
         self._bind(out, self._node(kind, [x, y], out))
 
     def _pool(self, op) -> None:
-        kind = op.attr("pooling_type")
+        """pool2d, and max_pool2d_with_index (``nn.AdaptiveMaxPool2D``, ``return_mask``) whose
+        mask nothing reads: global, adaptive (:meth:`_adaptive_window`) or windowed."""
+        kind = "max" if op.type == "max_pool2d_with_index" else op.attr("pooling_type")
+        if op.type == "max_pool2d_with_index" and self.readers.get(op.output("Mask")[0]):
+            raise NotImplementedError("max_pool2d_with_index whose Mask is read is not exported")
         ksize = list(op.attr("ksize"))
         out = self._out(op)
         if op.attr("global_pooling") or (op.attr("adaptive") and ksize == [1, 1]):
@@ -949,7 +865,11 @@ class _Converter:
                 return
             node = self._node("GlobalMaxPool" if kind == "max" else "GlobalAveragePool", [self._in(op)], out)
         elif op.attr("adaptive"):
-            raise NotImplementedError(f"adaptive pool2d to {ksize} is not exported")
+            window = self._adaptive_window(op, ksize)
+            attrs = dict(kernel_shape=window, strides=window, pads=[0, 0, 0, 0])
+            if kind == "max":
+                self._keep_input_scale(op, out)
+            node = self._node("MaxPool" if kind == "max" else "AveragePool", [self._in(op)], out, **attrs)
         else:
             paddings = list(op.attr("paddings"))
             pads = paddings + paddings if len(paddings) == 2 else [paddings[0], paddings[2], paddings[1], paddings[3]]
@@ -963,6 +883,20 @@ class _Converter:
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
         self._bind(out, node)
 
+    def _adaptive_window(self, op, sizes: list[int]) -> list[int]:
+        """The kernel (equal to the stride) of an adaptive pool from the traced input size to
+        ``sizes``: Paddle's bin ``i`` spans ``floor(i * in / out) .. ceil((i + 1) * in / out)``,
+        which for an input size divisible by the output size is a window of ``in / out`` at
+        stride ``in / out``; other sizes have bins of unequal length (not exported)."""
+        spatial = self._shape(op.input("X")[0])[2:]
+        if len(spatial) != len(sizes) or min(spatial) < 0 or any(i % o for i, o in zip(spatial, sizes)):
+            raise NotImplementedError(
+                f"adaptive {op.type} from {spatial} to {list(sizes)} is not exported: only input "
+                f"sizes (known when traced) divisible by the output size are (kernel = stride = "
+                f"input / output)"
+            )
+        return [i // o for i, o in zip(spatial, sizes)]
+
     def _keep_input_scale(self, op, out: str) -> None:
         """A max-pool or a reshape outputs some of its input's values: quantized with the
         input's parameters, the DQ -> op -> Q around it cancel and ONNX Runtime runs the op
@@ -973,20 +907,12 @@ class _Converter:
 
     def _simple(self, op) -> None:
         out = self._out(op)
-        if op.type in ("flatten_contiguous_range", "reshape2", "transpose2", "pixel_unshuffle"):
+        if op.type in ("flatten_contiguous_range", "reshape2", "transpose2", "pixel_unshuffle", "pixel_shuffle"):
             self._keep_input_scale(op, out)
         x = self._in(op)
-        if op.type == "relu":
-            node = self._node("Relu", [x], out)
-        elif op.type == "relu6":
+        if op.type == "relu6":
             node = self._node("Clip", [x, self._const("min", np.array(0, np.float32)),
                                        self._const("max", np.array(6, np.float32))], out)
-        elif op.type == "sigmoid":
-            node = self._node("Sigmoid", [x], out)
-        elif op.type == "tanh":
-            node = self._node("Tanh", [x], out)
-        elif op.type == "softmax":
-            node = self._node("Softmax", [x], out, axis=int(op.attr("axis")))
         elif op.type == "flatten_contiguous_range":
             start, stop = op.attr("start_axis"), op.attr("stop_axis")
             rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
@@ -1001,6 +927,11 @@ class _Converter:
             node = self._node("Transpose", [x], out, perm=[int(a) for a in op.attr("axis")])
         elif op.type == "pixel_unshuffle":
             node = self._pixel_unshuffle(op, x, out)
+        elif op.type == "pixel_shuffle":
+            if op.attr("data_format") != "NCHW":
+                raise NotImplementedError("pixel_shuffle is exported only for NCHW")
+            # Paddle's out[c, h r + i, w r + j] = in[c r r + i r + j, h, w]: ONNX's CRD order.
+            node = self._node("DepthToSpace", [x], out, blocksize=int(op.attr("upscale_factor")), mode="CRD")
         elif op.type == "dropout":
             if op.attr("dropout_implementation") == "downgrade_in_infer":
                 factor = self._const("keep", np.array(1.0 - op.attr("dropout_prob"), np.float32))
@@ -1074,37 +1005,58 @@ class _Converter:
         inputs = [self._in(op)] + ([self._const("axes", np.array(axes, np.int64))] if axes else [])
         self._bind(out, self._node(kind, inputs, out))
 
-    def _gated_activation(self, op) -> None:
-        """hard_sigmoid, and the activations that multiply their input by a gate: hard_swish
-        (``x * min(max(x + offset, 0), threshold) / scale``), swish (``x * sigmoid(beta x)``)."""
-        out = self._out(op)
-        x = self._in(op)
-        if op.type == "hard_sigmoid":
-            node = self._node(
-                "HardSigmoid", [x], out, alpha=float(op.attr("slope")), beta=float(op.attr("offset"))
-            )
-        elif op.type == "hard_swish":
-            threshold, scale, offset = (float(op.attr(a)) for a in ("threshold", "scale", "offset"))
-            if not np.isclose(threshold, scale):
-                raise NotImplementedError("hard_swish is exported only with threshold == scale")
-            gate = self._node("HardSigmoid", [x], out + ".gate", alpha=1.0 / scale, beta=offset / scale)
-            node = self._node("Mul", [x, gate], out)
-        else:  # swish
-            beta = float(op.attr("beta")) if op.has_attr("beta") else 1.0
-            scaled = self._node("Mul", [x, self._const("beta", np.array(beta, np.float32))], out + ".scaled")
-            node = self._node("Mul", [x, self._node("Sigmoid", [scaled], out + ".gate")], out)
-        self._bind(out, node)
+    def _main_output(self, op) -> str:
+        """The output variable of ``op`` (``Out``, or ``Y``/``Output`` for ops naming it so)."""
+        for slot in ("Out", "Y", "Output"):
+            if slot in op.output_names and op.output(slot):
+                return op.output(slot)[0]
+        return op.output(op.output_names[0])[0]
 
-    def _batch_norm(self, op) -> None:
-        """A BatchNorm that no conv absorbed (e.g. DenseNet's, after a concat): in float."""
-        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
-            raise NotImplementedError("batch_norm is exported only for NCHW")
-        out = self._out(op, "Y")
-        inputs = [self._in(op)] + [
-            self._const(op.input(slot)[0], self._param(op.input(slot)[0]).astype(np.float32))
-            for slot in ("Scale", "Bias", "Mean", "Variance")
-        ]
-        self._bind(out, self._node("BatchNormalization", inputs, out, epsilon=float(op.attr("epsilon"))))
+    def _output_unsigned(self, op) -> bool:
+        """Whether ``op``'s output is known non-negative (quantized with zero point 0): after
+        a non-negative op, or a sign-preserving one of non-negative inputs."""
+        if op.type in _NON_NEGATIVE_OPS:
+            return True
+        if op.type == "pow":  # an even power; any power of a non-negative input
+            factor = float(op.attr("factor"))
+            return (factor.is_integer() and factor % 2 == 0) or op.input("X")[0] in self.unsigned
+        if op.type in ("clip", "brelu"):
+            low, high = (
+                (float(op.attr("t_min")), float(op.attr("t_max"))) if op.type == "brelu"
+                else (self._clip_bound(op, "Min", "min"), self._clip_bound(op, "Max", "max"))
+            )
+            return (low is not None and low >= 0) or (
+                op.input("X")[0] in self.unsigned and high is not None and high >= 0
+            )
+        if op.type in ("pad", "pad3d"):  # reflect/replicate copy values; constant adds one
+            value = float(op.attr("pad_value" if op.type == "pad" else "value"))
+            constant = op.type == "pad" or op.attr("mode") == "constant"
+            return op.input("X")[0] in self.unsigned and (value >= 0 or not constant)
+        if op.type == "thresholded_relu":
+            return op.input("X")[0] in self.unsigned and float(op.attr("value")) >= 0
+        if op.type == "fill_any_like":
+            return float(op.attr("value")) >= 0
+        if op.type in ("concat", "stack"):
+            return all(name in self.unsigned for name in op.input("X"))
+        if op.type == "elementwise_min":  # a ReLU output under non-negative bounds
+            y = op.input("Y")[0]  # (cross-layer equalization's ReLU6)
+            return op.input("X")[0] in self.unsigned and self._is_param(y) and self._param(y).min() >= 0
+        return op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned
+
+    def _location(self, op) -> str:
+        """Where ``op`` is, for errors: the calibrated layer writing its output (else that
+        output variable) and what it reads."""
+        outputs = [name for slot in op.output_names for name in op.output(slot)]
+        owner = next((self.layer_of[name] for name in outputs if name in self.layer_of), None)
+        where = f"in layer {owner!r}" if owner else f"writing {outputs[0]!r}" if outputs else "no output"
+        inputs = [name for slot in op.input_names for name in op.input(slot) if not self._is_param(name)]
+        if inputs:
+            source = inputs[0]
+            where += (
+                f", reading the output of layer {self.layer_of[source]!r}" if source in self.layer_of
+                else f", reading {source!r}"
+            )
+        return where
 
     # ------------------------------------------------------------------------------- driver
     def convert(self, opset: int):
@@ -1112,20 +1064,15 @@ class _Converter:
         self.opset = opset
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
-            "elementwise_add": self._elementwise, "elementwise_mul": self._elementwise,
-            "elementwise_sub": self._elementwise, "elementwise_min": self._elementwise,
-            "elementwise_max": self._elementwise, "pool2d": self._pool, "concat": self._concat,
-            "conv2d_transpose": self._conv_transpose, "nearest_interp_v2": self._interpolate,
-            "bilinear_interp_v2": self._interpolate,
-            "split": self._split, "squeeze2": self._squeeze, "unsqueeze2": self._squeeze,
-            "hard_swish": self._gated_activation, "hard_sigmoid": self._gated_activation,
-            "swish": self._gated_activation, "batch_norm": self._batch_norm,
-            "lookup_table_v2": self._embedding, "layer_norm": self._layer_norm, "gelu": self._gelu,
-            "reduce_mean": self._reduce_mean, "slice": self._slice, "rnn": self._rnn,
+            "bmm": self._activation_matmul, "pool2d": self._pool,
+            "max_pool2d_with_index": self._pool, "concat": self._concat,
+            "conv2d_transpose": self._conv_transpose, "split": self._split,
+            "squeeze2": self._squeeze, "unsqueeze2": self._squeeze, "rnn": self._rnn,
+            **dict.fromkeys(_ELEMENTWISE_OPS, self._elementwise),
+            **dict.fromkeys(("relu6", "flatten_contiguous_range", "reshape2", "transpose2",
+                             "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
-        for kind in ("relu", "relu6", "sigmoid", "tanh", "softmax", "flatten_contiguous_range",
-                     "reshape2", "transpose2", "dropout", "scale", "pixel_unshuffle"):
-            dispatch[kind] = self._simple
+        dispatch.update(self.float_dispatch())
         self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
@@ -1138,29 +1085,28 @@ class _Converter:
         for op in self.ops:
             if id(op) in self.skip:
                 continue
-            if op.type in _NON_NEGATIVE_OPS:
-                self.unsigned.add(self._out(op))
-            elif op.type in _SIGN_PRESERVING_OPS and op.input("X")[0] in self.unsigned:
-                self.unsigned.add(self._out(op))
-            elif op.type == "concat" and all(name in self.unsigned for name in op.input("X")):
-                self.unsigned.add(self._out(op))
-            elif op.type == "elementwise_min" and op.input("X")[0] in self.unsigned and (
-                self._is_param(op.input("Y")[0]) and self._param(op.input("Y")[0]).min() >= 0
-            ):  # a ReLU output under non-negative bounds (cross-layer equalization's ReLU6)
-                self.unsigned.add(self._out(op))
+            if self._output_unsigned(op):
+                self.unsigned.add(self._main_output(op))
             convert = dispatch.get(op.type)
             if convert is None:
                 raise NotImplementedError(
-                    f"op {op.type!r} has no ONNX converter; supported: {sorted(dispatch)}"
+                    f"op {op.type!r} has no ONNX converter ({self._location(op)}); "
+                    f"{_PADDLE_EXPORT_WORKS}. Ops translated: {', '.join(sorted(dispatch))}"
                 )
-            convert(op)
+            try:
+                convert(op)
+            except NotImplementedError as error:
+                raise NotImplementedError(
+                    f"{error} ({self._location(op)}); {_PADDLE_EXPORT_WORKS}"
+                ) from error
         outputs = []
         for var in self.loaded.fetch_vars:
             tensor = self.names[var.name]
             name = var.name.replace(".", "_") + "_out"
             self.nodes.append(self.helper.make_node("Identity", [tensor], [name]))
             shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
-            outputs.append(self.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            dtype = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(var.dtype))  # arg_max: int
+            outputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", opset)]
         if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
@@ -1248,8 +1194,11 @@ def export_onnx(
         ImportError: ``onnx`` is not installed.
         TypeError / ValueError: As for ``save_quantized_model``; ``int4_weights`` not a bool
             or ``None``, or ``True`` where it cannot be honoured.
-        NotImplementedError: The program contains an op without a converter (named), or an
-            LSTM/GRU called with sequence lengths (the layer named).
+        NotImplementedError: The program contains an op without a converter, or one in a
+            form not exported (an adaptive pool to a size that does not divide its input, an
+            LSTM/GRU called with sequence lengths, ...): the message names the op, the tensor
+            it writes or its calibrated layer, and what it reads. ``save_quantized_model``
+            (Paddle Inference) still exports such a model.
     """
     from .paddle_export import check_exportable
 

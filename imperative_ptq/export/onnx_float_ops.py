@@ -1,0 +1,594 @@
+"""ONNX translations of the Paddle ops a quantized model runs in float.
+
+Activations, elementwise math, normalizations, padding, broadcasting, gathering, reductions and
+constants touch no scale: where the simulation quantizes their input or output, the QDQ
+export (:mod:`.onnx_export`) puts a ``DequantizeLinear`` before them and a ``QuantizeLinear``
+after them, and they compute in float in between, as in the simulation.
+
+:class:`FloatOpConverters` is a mixin of the export's converter: each method translates one
+legacy op with the converter's graph helpers (``_node``, ``_const``, ``_in``, ``_out``,
+``_bind``, ``_shape``, ``_param``, ``_is_param``), and :meth:`FloatOpConverters.float_dispatch`
+names them by op type. Ops that are one ONNX op of one input are a row of :data:`UNARY_OPS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import paddle
+
+__all__ = ["FloatOpConverters", "UNARY_OPS", "numpy_dtype"]
+
+#: Paddle op -> (ONNX op, {ONNX attribute: Paddle attribute}) for ops that are one ONNX op of
+#: their input ``X`` (same formula and attribute meaning; Paddle's ``softmax``/``log_softmax``
+#: take one axis, like ONNX's from opset 13).
+UNARY_OPS: dict[str, tuple[str, dict[str, str]]] = {
+    "relu": ("Relu", {}),
+    "sigmoid": ("Sigmoid", {}),
+    "tanh": ("Tanh", {}),
+    "exp": ("Exp", {}),
+    "log": ("Log", {}),
+    "sqrt": ("Sqrt", {}),
+    "abs": ("Abs", {}),
+    "assign": ("Identity", {}),
+    "softmax": ("Softmax", {"axis": "axis"}),
+    "log_softmax": ("LogSoftmax", {"axis": "axis"}),
+    "leaky_relu": ("LeakyRelu", {"alpha": "alpha"}),
+    "elu": ("Elu", {"alpha": "alpha"}),
+    "celu": ("Celu", {"alpha": "alpha"}),
+    "selu": ("Selu", {"alpha": "alpha", "gamma": "scale"}),
+    "erf": ("Erf", {}),
+    "floor": ("Floor", {}),
+    "ceil": ("Ceil", {}),
+    "sign": ("Sign", {}),
+    "sin": ("Sin", {}),
+    "cos": ("Cos", {}),
+    "reciprocal": ("Reciprocal", {}),
+    "softsign": ("Softsign", {}),
+    "logical_not": ("Not", {}),
+    # ONNX Shrink: x - bias above lambd, x + bias below -lambd, else 0.
+    "hard_shrink": ("Shrink", {"lambd": "threshold"}),
+    "softshrink": ("Shrink", {"lambd": "lambda", "bias": "lambda"}),
+}
+
+#: Paddle's comparison and logical ops of two inputs -> ONNX's (numpy broadcasting; Paddle's
+#: ``axis`` is -1 for every Python operator). ``not_equal`` is ``Not(Equal)``.
+_LOGIC_OPS = {
+    "greater_than": "Greater", "greater_equal": "GreaterOrEqual", "less_than": "Less",
+    "less_equal": "LessOrEqual", "equal": "Equal", "not_equal": "Equal",
+    "logical_and": "And", "logical_or": "Or", "logical_xor": "Xor",
+}
+
+#: Paddle's reduce ops -> ONNX's.
+_REDUCE_OPS = {
+    "reduce_mean": "ReduceMean", "reduce_sum": "ReduceSum", "reduce_max": "ReduceMax",
+    "reduce_min": "ReduceMin", "reduce_prod": "ReduceProd", "reduce_amax": "ReduceMax",
+    "reduce_amin": "ReduceMin", "logsumexp": "ReduceLogSumExp",
+}
+
+#: pad3d modes -> ONNX Pad modes (``circular`` needs ONNX's ``wrap``, opset 19: not exported).
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
+def numpy_dtype(var_type: Any) -> np.dtype:
+    """The numpy dtype of a Paddle ``VarType`` (or its integer value in an op attribute)."""
+    if isinstance(var_type, int):
+        var_type = paddle.base.core.VarDesc.VarType(var_type)
+    return np.dtype(paddle.base.data_feeder.convert_dtype(var_type))
+
+
+class FloatOpConverters:
+    """Converters of the ops that run in float (a mixin of the ONNX export's converter)."""
+
+    #: op output -> its value, for the constants (``fill_constant``, ``assign_value``) that
+    #: later ops read as attributes (clip bounds, a gather axis).
+    constants: dict[str, np.ndarray]
+
+    def float_dispatch(self) -> dict[str, Callable[[Any], None]]:
+        """Op type -> converter, for every op this mixin translates."""
+        dispatch: dict[str, Callable[[Any], None]] = {kind: self._unary for kind in UNARY_OPS}
+        dispatch.update({kind: self._reduce for kind in _REDUCE_OPS})
+        dispatch.update({kind: self._logic for kind in _LOGIC_OPS})
+        for kinds, converter in (
+            (("hard_swish", "hard_sigmoid", "swish", "silu", "mish"), self._gated_activation),
+            (("clip", "brelu"), self._clamp),
+            (("pow", "square", "rsqrt"), self._power),
+            (("fill_constant", "assign_value"), self._constant),
+            (("pad", "pad3d"), self._pad),
+            (("expand_v2", "expand_as_v2"), self._expand),
+            (("tanh_shrink", "logsigmoid", "thresholded_relu"), self._shifted_activation),
+        ):
+            dispatch.update(dict.fromkeys(kinds, converter))
+        dispatch.update({
+            "prelu": self._prelu, "softplus": self._softplus, "gelu": self._gelu,
+            "cast": self._cast, "batch_norm": self._batch_norm, "layer_norm": self._layer_norm,
+            "instance_norm": self._instance_norm, "group_norm": self._group_norm,
+            "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack,
+            "gather": self._gather, "arg_max": self._arg_max, "p_norm": self._p_norm,
+            "slice": self._slice, "nearest_interp_v2": self._interpolate,
+            "bilinear_interp_v2": self._interpolate, "where": self._where,
+            "fill_any_like": self._fill_like, "index_select": self._gather,
+            "cumsum": self._cumsum,
+        })
+        return dispatch
+
+    # ------------------------------------------------------------------------------ helpers
+    def _scalar(self, stem: str, value: float) -> str:
+        return self._const(stem, np.array(value, np.float32))
+
+    def _reject_tensor_inputs(self, op, *slots: str) -> None:
+        """Raises ``NotImplementedError`` when ``op`` reads one of ``slots`` (a shape, size or
+        factor given as a tensor, which the export does not evaluate)."""
+        for slot in slots:
+            if slot in op.input_names and op.input(slot):
+                raise NotImplementedError(f"{op.type} with a tensor {slot} is not exported")
+
+    def _reduce_node(self, kind: str, x: str, axes: list[int] | None, keepdims: bool, stem: str) -> str:
+        """An ONNX reduce over ``axes`` (all axes if ``None``) in the form of the opset: the
+        axes are an input of ``ReduceSum`` from opset 13 and of the others from opset 18, an
+        attribute before."""
+        if axes is None:
+            return self._node(kind, [x], stem, keepdims=int(keepdims))
+        if self.opset >= (13 if kind == "ReduceSum" else 18):
+            return self._node(kind, [x, self._const("axes", np.array(axes, np.int64))], stem, keepdims=int(keepdims))
+        return self._node(kind, [x], stem, axes=axes, keepdims=int(keepdims))
+
+    def _cast_to_output(self, op, tensor: str, output: str, stem: str) -> str:
+        """``tensor`` cast to the dtype of program variable ``output`` when the op changes it
+        (a ``reduce_sum`` of a bool mask is int64)."""
+        wanted = numpy_dtype(self.block._find_var_recursive(output).dtype)
+        given = numpy_dtype(self.block._find_var_recursive(op.input("X")[0]).dtype)
+        if wanted == given:
+            return tensor
+        return self._node("Cast", [tensor], stem + ".cast", to=self.helper.np_dtype_to_tensor_dtype(wanted))
+
+    def _clip_bound(self, op, slot: str, attribute: str) -> float | None:
+        """A clip bound: the constant tensor in ``slot`` if the op reads one (``None`` when it
+        is not a constant), else the attribute."""
+        if slot in op.input_names and op.input(slot):
+            value = self.constants.get(op.input(slot)[0])
+            return None if value is None else float(np.reshape(value, -1)[0])
+        return float(op.attr(attribute))
+
+    # ------------------------------------------------------------------------------ activations
+    def _unary(self, op) -> None:
+        onnx_type, attributes = UNARY_OPS[op.type]
+        out = self._out(op)
+        attrs = {name: op.attr(paddle_name) for name, paddle_name in attributes.items()}
+        self._bind(out, self._node(onnx_type, [self._in(op)], out, **attrs))
+
+    def _gated_activation(self, op) -> None:
+        """hard_sigmoid, and the activations that multiply their input by a gate: hard_swish
+        (``x * min(max(x + offset, 0), threshold) / scale``), swish (``x * sigmoid(beta x)``),
+        silu (swish with beta 1), mish (``x * tanh(softplus(x))``; Paddle's softplus returns
+        ``x`` above ``threshold``, 20, where ``tanh`` of either is 1 in float32)."""
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "hard_sigmoid":
+            node = self._node(
+                "HardSigmoid", [x], out, alpha=float(op.attr("slope")), beta=float(op.attr("offset"))
+            )
+        elif op.type == "hard_swish":
+            threshold, scale, offset = (float(op.attr(a)) for a in ("threshold", "scale", "offset"))
+            if not np.isclose(threshold, scale):
+                raise NotImplementedError("hard_swish is exported only with threshold == scale")
+            gate = self._node("HardSigmoid", [x], out + ".gate", alpha=1.0 / scale, beta=offset / scale)
+            node = self._node("Mul", [x, gate], out)
+        elif op.type == "mish":
+            gate = self._node("Tanh", [self._node("Softplus", [x], out + ".softplus")], out + ".gate")
+            node = self._node("Mul", [x, gate], out)
+        else:  # swish, silu
+            beta = float(op.attr("beta")) if op.has_attr("beta") else 1.0
+            scaled = self._node("Mul", [x, self._scalar("beta", beta)], out + ".scaled") if beta != 1.0 else x
+            node = self._node("Mul", [x, self._node("Sigmoid", [scaled], out + ".gate")], out)
+        self._bind(out, node)
+
+    def _prelu(self, op) -> None:
+        """``x`` where positive, else ``alpha * x``: one alpha (mode ``all``), one per channel
+        (``channel``, the channel axis from ``data_format``) or one per element of a sample
+        (``element``), shaped to broadcast against ``x`` as ONNX ``PRelu`` does."""
+        x_var = op.input("X")[0]
+        rank = len(self._shape(x_var))
+        alpha_var = op.input("Alpha")[0]
+        alpha = self._param(alpha_var).astype(np.float32) if self._is_param(alpha_var) else None
+        mode = op.attr("mode")
+        channels_last = op.attr("data_format") in ("NHWC", "NLC", "NDHWC")
+        if mode == "all":
+            shape = [1]
+        elif mode == "channel":
+            shape = [-1] if channels_last or rank < 3 else [-1] + [1] * (rank - 2)
+        elif mode == "element":  # alpha holds one value per element of a sample, in memory order
+            shape = self._shape(x_var)[1:]
+            if min(shape) < 0:
+                raise NotImplementedError("prelu in mode 'element' of a dynamic shape is not exported")
+        else:
+            raise NotImplementedError(f"prelu mode {mode!r} is not exported")
+        out = self._out(op)
+        if alpha is not None:
+            slope = self._const(alpha_var, alpha.reshape(shape))
+        else:
+            slope = self._node("Reshape", [self._in(op, "Alpha"), self._const("shape", np.array(shape, np.int64))], out + ".alpha")
+        self._bind(out, self._node("PRelu", [self._in(op), slope], out))
+
+    def _softplus(self, op) -> None:
+        """``log(1 + exp(beta x)) / beta``, and ``x`` where ``beta x > threshold`` (Paddle's)."""
+        beta, threshold = float(op.attr("beta")), float(op.attr("threshold"))
+        out = self._out(op)
+        x = self._in(op)
+        scaled = self._node("Mul", [x, self._scalar("beta", beta)], out + ".scaled") if beta != 1.0 else x
+        soft = self._node("Softplus", [scaled], out + ".soft")
+        if beta != 1.0:
+            soft = self._node("Div", [soft, self._scalar("beta", beta)], out + ".unscaled")
+        linear = self._node("Greater", [scaled, self._scalar("threshold", threshold)], out + ".linear")
+        self._bind(out, self._node("Where", [linear, x, soft], out))
+
+    def _shifted_activation(self, op) -> None:
+        """tanh_shrink (``x - tanh(x)``), logsigmoid (``-softplus(-x)``), thresholded_relu
+        (``x`` above ``threshold``, else ``value``)."""
+        out = self._out(op)
+        x = self._in(op)
+        if op.type == "tanh_shrink":
+            node = self._node("Sub", [x, self._node("Tanh", [x], out + ".tanh")], out)
+        elif op.type == "logsigmoid":
+            negated = self._node("Neg", [x], out + ".neg")
+            node = self._node("Neg", [self._node("Softplus", [negated], out + ".softplus")], out)
+        else:
+            above = self._node("Greater", [x, self._scalar("threshold", float(op.attr("threshold")))], out + ".above")
+            value = float(op.attr("value")) if op.has_attr("value") else 0.0
+            node = self._node("Where", [above, x, self._scalar("value", value)], out)
+        self._bind(out, node)
+
+    def _gelu(self, op) -> None:
+        out = self._out(op)
+        x = self._in(op)
+        half = self._scalar("half", 0.5)
+        one = self._scalar("one", 1.0)
+        if op.attr("approximate"):
+            # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = self._node("Mul", [x, self._node("Mul", [x, x], out + ".sq")], out + ".cube")
+            inner = self._node("Add", [x, self._node(
+                "Mul", [cube, self._scalar("c", 0.044715)], out + ".c3")], out + ".in")
+            scaled = self._node("Mul", [inner, self._scalar("k", np.sqrt(2 / np.pi))], out + ".k")
+            gate = self._node("Tanh", [scaled], out + ".tanh")
+        else:  # 0.5 x (1 + erf(x / sqrt(2)))
+            scaled = self._node("Div", [x, self._scalar("sqrt2", np.sqrt(2.0))], out + ".s")
+            gate = self._node("Erf", [scaled], out + ".erf")
+        y = self._node("Mul", [self._node("Mul", [x, half], out + ".half"),
+                               self._node("Add", [gate, one], out + ".one")], out)
+        self._bind(out, y)
+
+    def _clamp(self, op) -> None:
+        """clip (bounds as attributes or as tensors ``Min``/``Max``) and brelu (``F.hardtanh``)."""
+        out = self._out(op)
+        bounds = []
+        if op.type == "brelu":
+            bounds = [self._scalar("min", float(op.attr("t_min"))), self._scalar("max", float(op.attr("t_max")))]
+        else:
+            for slot in ("Min", "Max"):
+                if op.input(slot):  # Paddle takes a [1] or [] tensor; ONNX a scalar
+                    empty = self._const("shape", np.zeros([0], np.int64))
+                    bounds.append(self._node("Reshape", [self._in(op, slot), empty], out + "." + slot.lower()))
+                else:
+                    bounds.append(self._scalar(slot.lower(), float(op.attr(slot.lower()))))
+        self._bind(out, self._node("Clip", [self._in(op), *bounds], out))
+
+    # ------------------------------------------------------------------------------ math
+    def _power(self, op) -> None:
+        """pow (a constant exponent ``factor``), square, rsqrt."""
+        x, out = self._in(op), self._out(op)
+        if op.type == "square":
+            node = self._node("Mul", [x, x], out)
+        elif op.type == "rsqrt":
+            node = self._node("Reciprocal", [self._node("Sqrt", [x], out + ".sqrt")], out)
+        else:
+            self._reject_tensor_inputs(op, "FactorTensor")
+            node = self._node("Pow", [x, self._scalar("factor", float(op.attr("factor")))], out)
+        self._bind(out, node)
+
+    def _cast(self, op) -> None:
+        out = self._out(op)
+        to = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(op.attr("out_dtype")))
+        self._bind(out, self._node("Cast", [self._in(op)], out, to=to))
+
+    def _logic(self, op) -> None:
+        """Comparisons and logical ops of ``X`` and ``Y``, broadcasting as numpy does."""
+        if op.has_attr("axis") and int(op.attr("axis")) != -1:
+            raise NotImplementedError(f"{op.type} with axis {op.attr('axis')} is not exported")
+        out = self._out(op)
+        node = self._node(_LOGIC_OPS[op.type], [self._in(op), self._in(op, "Y")], out + ".logic")
+        if op.type == "not_equal":
+            node = self._node("Not", [node], out)
+        self._bind(out, node)
+
+    def _where(self, op) -> None:
+        out = self._out(op)
+        inputs = [self._in(op, "Condition"), self._in(op), self._in(op, "Y")]
+        self._bind(out, self._node("Where", inputs, out))
+
+    def _fill_like(self, op) -> None:
+        """fill_any_like (``zeros_like``, ``full_like``): ``value`` in the shape of ``X``, of
+        ``dtype`` (-1: ``X``'s)."""
+        out = self._out(op)
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        value = self.helper.make_tensor("value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [dtype.type(op.attr("value")).item()])
+        shape = self._node("Shape", [self._in(op)], out + ".shape")
+        self._bind(out, self._node("ConstantOfShape", [shape], out, value=value))
+
+    def _cumsum(self, op) -> None:
+        """cumsum along ``axis`` (of the flattened input with ``flatten``)."""
+        out = self._out(op)
+        x, axis = self._in(op), int(op.attr("axis"))
+        if op.attr("flatten"):
+            x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
+        attrs = dict(exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
+        self._bind(out, self._node("CumSum", [x, self._const("axis", np.array(axis, np.int64))], out, **attrs))
+
+    def _constant(self, op) -> None:
+        """fill_constant / assign_value of a constant shape: an initializer."""
+        self._reject_tensor_inputs(op, *op.input_names)
+        dtype = numpy_dtype(op.attr("dtype"))
+        shape = [int(d) for d in op.attr("shape")]
+        if op.type == "fill_constant":
+            # str_value is the value as written (exact for int64 beyond float precision).
+            text = op.attr("str_value") if op.has_attr("str_value") else ""
+            value = np.full(shape, float(text) if text else op.attr("value")).astype(dtype)
+        else:
+            value = np.array([item.value() for item in op.attr("values")]).astype(dtype).reshape(shape)
+        out = self._out(op)
+        self.constants[out] = value
+        self._bind(out, self._const(out, value))
+
+    def _reduce(self, op) -> None:
+        """reduce_mean/sum/max/min/prod/amax/amin and logsumexp over ``dim`` (logsumexp:
+        ``axis``); all axes with ``reduce_all`` or none given."""
+        out = self._out(op)
+        dim, keep = ("dim", "keep_dim") if op.has_attr("dim") else ("axis", "keepdim")
+        axes = None if op.attr("reduce_all") or not list(op.attr(dim)) else [int(a) for a in op.attr(dim)]
+        x = self._cast_to_output(op, self._in(op), out, out)
+        self._bind(out, self._reduce_node(_REDUCE_OPS[op.type], x, axes, bool(op.attr(keep)), out))
+
+    def _p_norm(self, op) -> None:
+        """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
+        ``ReduceL2``, the largest or smallest ``|x|`` for +-inf, else ``sum(|x|^p)^(1/p)``."""
+        p = float(op.attr("porder"))
+        out = self._out(op)
+        axes = None if op.attr("asvector") else [int(op.attr("axis"))]
+        keep = bool(op.attr("keepdim"))
+        x = self._in(op)
+        if p in (1.0, 2.0):
+            node = self._reduce_node("ReduceL1" if p == 1.0 else "ReduceL2", x, axes, keep, out)
+        elif np.isinf(p):
+            node = self._reduce_node("ReduceMax" if p > 0 else "ReduceMin", self._node("Abs", [x], out + ".abs"), axes, keep, out)
+        elif p == 0.0:
+            raise NotImplementedError("p_norm with porder 0 (a count of non-zeros) is not exported")
+        else:
+            powered = self._node("Pow", [self._node("Abs", [x], out + ".abs"), self._scalar("p", p)], out + ".pow")
+            total = self._reduce_node("ReduceSum", powered, axes, keep, out + ".sum")
+            node = self._node("Pow", [total, self._scalar("inverse_p", 1.0 / p)], out)
+        self._bind(out, node)
+
+    def _arg_max(self, op) -> None:
+        out = self._out(op)
+        x, axis = self._in(op), int(op.attr("axis"))
+        if op.attr("flatten"):
+            x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
+        node = self._node("ArgMax", [x], out + ".int64", axis=axis, keepdims=int(op.attr("keepdims")))
+        dtype = numpy_dtype(op.attr("dtype"))
+        if dtype != np.int64:
+            node = self._node("Cast", [node], out, to=self.helper.np_dtype_to_tensor_dtype(dtype))
+        self._bind(out, node)
+
+    # ------------------------------------------------------------------------------ normalization
+    def _batch_norm(self, op) -> None:
+        """A BatchNorm that no conv absorbed (e.g. DenseNet's, after a concat): in float."""
+        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+            raise NotImplementedError("batch_norm is exported only for NCHW")
+        out = self._out(op, "Y")
+        inputs = [self._in(op)] + [
+            self._const(op.input(slot)[0], self._param(op.input(slot)[0]).astype(np.float32))
+            for slot in ("Scale", "Bias", "Mean", "Variance")
+        ]
+        self._bind(out, self._node("BatchNormalization", inputs, out, epsilon=float(op.attr("epsilon"))))
+
+    def _layer_norm(self, op) -> None:
+        """Normalizes over the axes from ``begin_norm_axis`` on (ONNX opset 13 has no
+        LayerNormalization: mean, variance, scale and shift spelled out)."""
+        x_var = op.input("X")[0]
+        rank = len(self._shape(x_var))
+        begin = int(op.attr("begin_norm_axis"))
+        axes = list(range(begin, rank))
+        out = self._out(op, "Y")
+        x = self._in(op)
+        mean = self._reduce_node("ReduceMean", x, axes, True, out + ".mean")
+        centred = self._node("Sub", [x, mean], out + ".centred")
+        variance = self._reduce_node(
+            "ReduceMean", self._node("Mul", [centred, centred], out + ".square"), axes, True, out + ".variance"
+        )
+        epsilon = self._scalar("epsilon", op.attr("epsilon"))
+        deviation = self._node("Sqrt", [self._node("Add", [variance, epsilon], out + ".eps")], out + ".std")
+        y = self._node("Div", [centred, deviation], out + ".normalized")
+        normalized_shape = self._shape(x_var)[begin:]
+        for slot, kind in (("Scale", "Mul"), ("Bias", "Add")):
+            if op.input(slot):
+                value = self._param(op.input(slot)[0]).astype(np.float32).reshape(normalized_shape)
+                y = self._node(kind, [y, self._const(op.input(slot)[0], value)], out + "." + slot.lower())
+        self._bind(out, self._node("Identity", [y], out))
+
+    def _affine_parameters(self, op, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """A norm's ``Scale`` and ``Bias`` (ones and zeros where the layer has none)."""
+        scale, bias = np.ones([channels], np.float32), np.zeros([channels], np.float32)
+        if op.input("Scale"):
+            scale = self._param(op.input("Scale")[0]).astype(np.float32).reshape(-1)
+        if op.input("Bias"):
+            bias = self._param(op.input("Bias")[0]).astype(np.float32).reshape(-1)
+        return scale, bias
+
+    def _channels(self, op) -> int:
+        channels = self._shape(op.input("X")[0])[1]
+        if channels < 0:
+            raise NotImplementedError(f"{op.type} over a dynamic channel count is not exported")
+        return channels
+
+    def _instance_norm(self, op) -> None:
+        channels = self._channels(op)
+        scale, bias = self._affine_parameters(op, channels)
+        out = self._out(op, "Y")
+        inputs = [self._in(op), self._const("scale", scale), self._const("bias", bias)]
+        self._bind(out, self._node("InstanceNormalization", inputs, out, epsilon=float(op.attr("epsilon"))))
+
+    def _group_norm(self, op) -> None:
+        """``InstanceNormalization`` of ``x`` reshaped to ``[N, groups, -1]`` (each group's
+        mean and variance), reshaped back, then the per-channel scale and bias (opset 13 has
+        no GroupNormalization)."""
+        if op.attr("data_layout") != "NCHW":
+            raise NotImplementedError("group_norm is exported only for NCHW")
+        channels, groups = self._channels(op), int(op.attr("groups"))
+        rank = len(self._shape(op.input("X")[0]))
+        out = self._out(op, "Y")
+        x = self._in(op)
+        grouped = self._node("Reshape", [x, self._const("shape", np.array([0, groups, -1], np.int64))], out + ".groups")
+        normalized = self._node(
+            "InstanceNormalization",
+            [grouped, self._const("ones", np.ones([groups], np.float32)), self._const("zeros", np.zeros([groups], np.float32))],
+            out + ".normalized", epsilon=float(op.attr("epsilon")),
+        )
+        y = self._node("Reshape", [normalized, self._node("Shape", [x], out + ".shape")], out + ".restored")
+        scale, bias = self._affine_parameters(op, channels)
+        per_channel = [channels] + [1] * (rank - 2)
+        y = self._node("Mul", [y, self._const("scale", scale.reshape(per_channel))], out + ".scale")
+        self._bind(out, self._node("Add", [y, self._const("bias", bias.reshape(per_channel))], out))
+
+    # ------------------------------------------------------------------------------ shapes
+    def _pad(self, op) -> None:
+        """pad (constant, every axis: ``[before, after]`` per axis) and pad3d (``F.pad`` of a
+        3-5-D tensor, unsqueezed to 5-D: ``[left, right, top, bottom, front, back]`` of the
+        W, H, D axes of ``NCDHW`` or ``NDHWC``) as ONNX ``Pad``."""
+        rank = len(self._shape(op.input("X")[0]))
+        if op.type == "pad":
+            paddings = [int(p) for p in op.attr("paddings")]
+            begins, ends = paddings[0::2], paddings[1::2]
+            mode, value = "constant", float(op.attr("pad_value"))
+        else:
+            self._reject_tensor_inputs(op, "Paddings")
+            mode = op.attr("mode")
+            if mode not in _PAD_MODES:
+                raise NotImplementedError(f"pad3d in mode {mode!r} is not exported")
+            left, right, top, bottom, front, back = (int(p) for p in op.attr("paddings"))
+            first = 2 if op.attr("data_format") == "NCDHW" else 1  # the D axis
+            begins, ends = [0] * rank, [0] * rank
+            begins[first: first + 3], ends[first: first + 3] = [front, top, left], [back, bottom, right]
+            value = float(op.attr("value"))
+        out = self._out(op)
+        inputs = [self._in(op), self._const("pads", np.array(begins + ends, np.int64))]
+        if mode == "constant":
+            inputs.append(self._scalar("value", value))
+        self._bind(out, self._node("Pad", inputs, out, mode=_PAD_MODES[mode]))
+
+    def _expand(self, op) -> None:
+        """expand_v2 to a constant shape (``-1`` keeps a dimension, which ONNX's broadcasting
+        ``Expand`` does with 1) and expand_as_v2 (to the shape of ``Y``)."""
+        out = self._out(op)
+        if op.type == "expand_as_v2" and op.input("Y"):
+            shape = self._node("Shape", [self._in(op, "Y")], out + ".shape")
+        elif op.type == "expand_as_v2":
+            shape = self._const("shape", np.array([max(int(d), 1) for d in op.attr("target_shape")], np.int64))
+        else:
+            self._reject_tensor_inputs(op, "Shape", "expand_shapes_tensor")
+            shape = self._const("shape", np.array([1 if int(d) == -1 else int(d) for d in op.attr("shape")], np.int64))
+        self._bind(out, self._node("Expand", [self._in(op), shape], out))
+
+    def _tile(self, op) -> None:
+        """tile by constant ``repeat_times`` (fewer than the rank: the leading axes once;
+        more: ``x`` gets leading axes of size 1 first, as Paddle does)."""
+        self._reject_tensor_inputs(op, "RepeatTimes", "repeat_times_tensor")
+        repeats = [int(r) for r in op.attr("repeat_times")]
+        rank = len(self._shape(op.input("X")[0]))
+        out = self._out(op)
+        x = self._in(op)
+        if len(repeats) > rank:
+            axes = self._const("axes", np.arange(len(repeats) - rank, dtype=np.int64))
+            x = self._node("Unsqueeze", [x, axes], out + ".unsqueezed")
+        repeats = [1] * (rank - len(repeats)) + repeats
+        self._bind(out, self._node("Tile", [x, self._const("repeats", np.array(repeats, np.int64))], out))
+
+    def _stack(self, op) -> None:
+        names = op.input("X")
+        axis = int(op.attr("axis"))
+        if axis < 0:
+            axis += len(self._shape(names[0])) + 1
+        out = self._out(op, "Y")
+        axes = self._const("axes", np.array([axis], np.int64))
+        parts = [self._node("Unsqueeze", [self._tensor(op, name), axes], out + ".part") for name in names]
+        self._bind(out, self._node("Concat", parts, out, axis=axis))
+
+    def _gather(self, op) -> None:
+        """gather along ``axis`` (an attribute, or a constant ``Axis`` tensor); index_select
+        along ``dim``."""
+        axis = int(op.attr("axis" if op.type == "gather" else "dim"))
+        if op.type == "gather" and op.input("Axis"):
+            value = self.constants.get(op.input("Axis")[0])
+            if value is None:
+                raise NotImplementedError("gather with a computed Axis tensor is not exported")
+            axis = int(np.reshape(value, -1)[0])
+        out = self._out(op)
+        self._bind(out, self._node("Gather", [self._in(op), self._in(op, "Index")], out, axis=axis))
+
+    def _embedding(self, op) -> None:
+        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
+        table = self._const(op.input("W")[0], self._param(op.input("W")[0]).astype(np.float32))
+        out = self._out(op)
+        self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
+
+    def _slice(self, op) -> None:
+        self._reject_tensor_inputs(op, "StartsTensor", "EndsTensor", "StartsTensorList", "EndsTensorList")
+        out = self._out(op)
+        axes = [int(a) for a in op.attr("axes")]
+        starts = [int(a) for a in op.attr("starts")]
+        ends = [int(a) for a in op.attr("ends")]
+        sliced = self._node("Slice", [
+            self._in(op, "Input"), self._const("starts", np.array(starts, np.int64)),
+            self._const("ends", np.array(ends, np.int64)), self._const("axes", np.array(axes, np.int64)),
+        ], out + ".slice")
+        decrease = [int(a) for a in op.attr("decrease_axis")]
+        if decrease:
+            sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
+        self._bind(out, sliced)
+
+    def _interpolate(self, op) -> None:
+        """nearest/bilinear_interp_v2 with a constant scale or output size as ``Resize``, with
+        Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
+        self._reject_tensor_inputs(op, "OutSize", "SizeTensor", "Scale")
+        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+            raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
+        nearest = op.type == "nearest_interp_v2"
+        if op.attr("align_corners"):
+            mode = "align_corners"
+        elif nearest or op.attr("align_mode") == 1:
+            mode = "asymmetric"
+        else:
+            mode = "half_pixel"
+        attrs: dict = dict(mode="nearest" if nearest else "linear", coordinate_transformation_mode=mode)
+        if nearest:
+            attrs["nearest_mode"] = "round_prefer_ceil" if op.attr("align_corners") else "floor"
+        x = self._in(op)
+        out = self._out(op)
+        empty = self._const("roi", np.zeros([0], np.float32))
+        scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
+        if scale and all(v > 0 for v in scale):
+            scales = self._const("scales", np.array([1.0, 1.0, *scale[-2:]] if len(scale) >= 2 else [1.0, 1.0, scale[0], scale[0]], np.float32))
+            node = self._node("Resize", [x, empty, scales], out, **attrs)
+        elif op.attr("out_h") > 0 and op.attr("out_w") > 0:
+            shape = self._node("Shape", [x], out + ".shape")
+            batch_channels = self._node(
+                "Slice", [shape, self._const("start", np.array([0], np.int64)),
+                          self._const("end", np.array([2], np.int64))], out + ".nc",
+            )
+            size = self._node(
+                "Concat", [batch_channels, self._const("hw", np.array([op.attr("out_h"), op.attr("out_w")], np.int64))],
+                out + ".size", axis=0,
+            )
+            node = self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs)
+        else:
+            raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
+        self._bind(out, node)
