@@ -33,6 +33,9 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "bmm": lambda x: paddle.bmm(x, x.transpose([0, 2, 1])),
     "tril": lambda x: paddle.tril(x, diagonal=1),
     "triu": paddle.triu,
+    # Its legacy-IR branch fails in Paddle itself (UnboundLocalError): traced as its dygraph one.
+    "normalize": lambda x: F.normalize(x, axis=-1),
+    "normalize_p1_axis1": lambda x: F.normalize(x, p=1, axis=1),
 }
 
 

@@ -354,6 +354,29 @@ def _namespaces() -> list[types.ModuleType]:
     return modules
 
 
+def _normalize(original: Callable) -> Callable:
+    """``F.normalize`` for a legacy trace: Paddle 3.3.1's legacy-IR branch of it fails
+    (``UnboundLocalError: ... 'ret'``), so a traced call computes its dygraph branch, whose
+    ``_C_ops`` calls :func:`legacy_ir_fallback` records as legacy ops."""
+
+    @functools.wraps(original)
+    def call(x: Any, p: float = 2, axis: int = 1, epsilon: float = 1e-12, name: str | None = None) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x):
+            return original(x, p=p, axis=axis, epsilon=epsilon, name=name)
+        eps = paddle.full(shape=[1], fill_value=epsilon, dtype=x.dtype)
+        norm = paddle._C_ops.p_norm(x, float(p), axis, epsilon, True, False)
+        return paddle.divide(x, paddle._C_ops.maximum(norm, eps))
+
+    return call
+
+
+#: Paddle APIs whose own legacy-IR branch fails in Paddle 3.3.1: ``(module, name) -> shim``.
+_BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] = {
+    ("paddle.nn.functional", "normalize"): _normalize,
+    ("paddle.nn.functional.norm", "normalize"): _normalize,
+}
+
+
 @contextlib.contextmanager
 def legacy_ir_fallback() -> Iterator[None]:
     """Lets every PIR-only Paddle API be traced into a legacy program (see module docstring)."""
@@ -375,6 +398,11 @@ def legacy_ir_fallback() -> Iterator[None]:
                     wrapper = wrappers[key] = _fallback(f"paddle._C_ops.{c_ops[key]}", value)
                 patched.append((module, name, value))
                 setattr(module, name, wrapper)
+        for (module_name, name), shim in _BROKEN_LEGACY_BRANCHES.items():
+            module = sys.modules.get(module_name)
+            if module is not None and callable(getattr(module, name, None)):
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, shim(getattr(module, name)))
         yield
     finally:
         for module, name, value in reversed(patched):
