@@ -236,12 +236,23 @@ class _Converter(FloatOpConverters):
                     )
         self._align_through_layout_ops(thresholds)
         self._align_concat_inputs(thresholds)
-        # An int8 pool quantizes its input itself, on the grid of its input threshold.
+        # An int8 pool quantizes its input itself, on the grid of its input threshold; any
+        # other average pool averages floats, as simulated: a ReLU's own threshold in front
+        # of it rounded twice (measured: adaptive pool of a 14x14 map to 7x7, logit cosine to
+        # the simulation 0.99973).
         for op in self.ops:
-            if op.type == "pool2d" and op.output("Out")[0] in self.int8_pools:
+            if op.type == "pool2d" and op.attr("pooling_type") == "avg":
                 source = op.input("X")[0]
-                if len(self.readers.get(source, [])) == 1:
+                readers = self.readers.get(source, [])
+                if op.output("Out")[0] in self.int8_pools:
+                    if len(readers) == 1:
+                        thresholds.pop(source, None)
+                elif source not in self.layer_inputs and all(
+                    reader.type == "pool2d" and reader.attr("pooling_type") == "avg"
+                    and reader.output("Out")[0] not in self.int8_pools for reader in readers
+                ):
                     thresholds.pop(source, None)
+                    self.u8_inputs.pop(source, None)
         # Both inputs of a matmul of two activations, signed as in the simulation.
         for record in records:
             if record.multiplies_inputs:
