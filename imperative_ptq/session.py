@@ -23,7 +23,7 @@ from .quantizers import BaseQuantizer
 from .registry import PTQRegistry
 
 __all__ = [
-    "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
+    "GRAPH_FIELDS", "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
     "any_discovering", "discovering_session", "hooked_states",
 ]
 
@@ -69,6 +69,11 @@ class LayerState:
     #: Its first input was a ReLU output after a fused residual conv with a u8 residual, which
     #: Paddle leaves unclipped: u8 codes up to 255 (:mod:`imperative_ptq.export.unsigned`).
     wide_input: bool = False
+
+
+#: The :class:`LayerState` fields recording the model's graph as calibration forwards saw it
+#: (not statistics): the same for any weights of the same layers.
+GRAPH_FIELDS = ("input_rank", "input_sources", "residual_adds", "signed_input", "wide_input")
 
 
 class CalibrationSession:
@@ -361,6 +366,23 @@ class CalibrationSession:
         memo[id(self)] = copied
         copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return copied
+
+    def observed_graph(self) -> dict[str, dict[str, Any]]:
+        """Layer name -> what calibration saw of its place in the graph (:data:`GRAPH_FIELDS`:
+        input sources, residual adds, ...), for a session of the same layers that runs no
+        calibration forward (QAT's convert of fine-tuned weights)."""
+        return {
+            state.name: {field: copy.deepcopy(getattr(state, field)) for field in GRAPH_FIELDS}
+            for _, state in self.layers
+        }
+
+    def restore_observed_graph(self, observed: dict[str, dict[str, Any]]) -> None:
+        """Sets :meth:`observed_graph` of another session on the layers of the same names."""
+        for _, state in self.layers:
+            for field, value in observed.get(state.name, {}).items():
+                if field not in GRAPH_FIELDS:
+                    raise ValueError(f"{field!r} is not an observed graph field ({GRAPH_FIELDS})")
+                setattr(state, field, copy.deepcopy(value))
 
     def quantizers(self) -> dict[str, BaseQuantizer]:
         """Activation quantizers keyed ``"<layer>/<role>"`` (weights are re-sampled, not kept)."""
