@@ -8,7 +8,7 @@ estimator of Krishnamoorthi (arXiv 1806.08342) and, for a threshold that require
 LSQ's step-size gradient (Esser et al., arXiv 1902.08153), both from one expression::
 
     v = clip(x / s, lo, L)                  # gradient 1/s inside the range, 0 outside
-    y = (v + stop_gradient(round(v) - v)) * s
+    y = (stop_gradient(round(v)) + v - stop_gradient(v)) * s
 
 ``dy/dx`` is 1 inside ``[lo * s, L * s]`` and 0 outside; ``dy/ds`` is ``round(x/s) - x/s``
 inside and ``lo`` or ``L`` outside (LSQ).
