@@ -33,7 +33,14 @@ from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes, straight_through
 from .shifted_input import shifted_grid, shifted_levels
 
-__all__ = ["FUNCTIONAL_FORWARDS", "FakeQuantLayer", "FakeQuantResidualSource", "fake_quantize_ste"]
+__all__ = [
+    "FUNCTIONAL_FORWARDS", "MIN_THRESHOLD", "FakeQuantLayer", "FakeQuantResidualSource",
+    "fake_quantize_ste",
+]
+
+#: The smallest threshold the forward uses: a learned one must stay positive (a step of zero
+#: divides by zero), so one that a large learning rate pushes below it is read as this.
+MIN_THRESHOLD = 1e-8
 
 
 def _scale_gradient(value: paddle.Tensor, factor: float) -> paddle.Tensor:
@@ -206,9 +213,10 @@ class FakeQuantLayer(paddle.nn.Layer):
         return getattr(self, name)
 
     def thresholds(self) -> tuple[float, list[float]]:
-        """The current input threshold and weight thresholds."""
-        return float(self.input_threshold.numpy()[0]), [
-            float(t) for t in self.weight_thresholds.numpy()
+        """The current input threshold and weight thresholds, as the forward uses them (a
+        learned one that crossed zero is :data:`MIN_THRESHOLD`)."""
+        return max(float(self.input_threshold.numpy()[0]), MIN_THRESHOLD), [
+            max(float(t), MIN_THRESHOLD) for t in self.weight_thresholds.numpy()
         ]
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -216,8 +224,8 @@ class FakeQuantLayer(paddle.nn.Layer):
             levels = symmetric_levels(self.activation_bits)
             self._input_gradient_scale = 1.0 / math.sqrt(max(int(np.prod(x.shape[1:])), 1) * levels)
         # A learned threshold must stay positive (a step of zero divides by zero).
-        input_threshold = paddle.clip(self.input_threshold, min=1e-8)
-        weight_thresholds = paddle.clip(self.weight_thresholds, min=1e-8)
+        input_threshold = paddle.clip(self.input_threshold, min=MIN_THRESHOLD)
+        weight_thresholds = paddle.clip(self.weight_thresholds, min=MIN_THRESHOLD)
         if self.residual_codes:
             quantize_residual_in_place(
                 x, input_threshold.detach() if self.learnable else self._initial_input_threshold,
