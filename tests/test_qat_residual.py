@@ -201,3 +201,12 @@ def test_agreement_benchmark_runs_as_a_script() -> None:
     script = os.path.join(root, "benchmarks", "qat_agreement.py")
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--learnable" in done.stdout, done.stderr[-1000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_qat_exports_on_avx2_kernels() -> None:
+    from avx2_kernels import pytest_on_avx2_kernels
+
+    summary = pytest_on_avx2_kernels(__file__, "(runs_what_qat_computed or below) and not vnni")
+    assert "3 passed" in summary, summary
