@@ -267,6 +267,7 @@ def _simulate_fused_residuals(
                 if len({reader.input_thresholds[0] for reader in readers}) != 1:
                     continue
                 readers[0].residual_codes = add.residual_top
+                readers[0].residual_source = state.name
                 identity.append(add.residual_readers[0])
             elif (
                 isinstance(layer, paddle.nn.layer.norm._BatchNormBase)

@@ -1,13 +1,14 @@
-"""Trainable fake quantization: the straight-through estimator and the layer wrapper QAT uses.
+"""Trainable fake quantization: the straight-through estimator and the layer wrappers QAT uses.
 
-Forward, :func:`fake_quantize_ste` computes exactly what the converted model's
-:func:`~imperative_ptq.quant_layers.fake_quantize_symmetric` computes (same float operations),
-``clip(round(x / s), lo, L) * s`` with ``s = t / L``. Backward it is the straight-through
+Forward, :func:`fake_quantize_ste` is the converted model's
+:func:`~imperative_ptq.quant_layers.fake_quantize_symmetric` (the same function, on
+:func:`~imperative_ptq.rounding.grid_codes`), ``clip(round(x / s), lo, L) * s`` with
+``s = t / L``. Backward it is the straight-through
 estimator of Krishnamoorthi (arXiv 1806.08342) and, for a threshold that requires gradients,
 LSQ's step-size gradient (Esser et al., arXiv 1902.08153), both from one expression::
 
     v = clip(x / s, lo, L)                  # gradient 1/s inside the range, 0 outside
-    y = (v + stop_gradient(round(v) - v)) * s
+    y = (stop_gradient(round(v)) + v - stop_gradient(v)) * s
 
 ``dy/dx`` is 1 inside ``[lo * s, L * s]`` and 0 outside; ``dy/ds`` is ``round(x/s) - x/s``
 inside and ``lo`` or ``L`` outside (LSQ).
@@ -21,10 +22,25 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from .quant_layers import (
+    fake_quantize_symmetric,
+    onednn_requantizes_conv,
+    quantize_weight,
+    runtime_weight,
+)
+from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import symmetric_levels
+from .rounding import grid_codes, straight_through
 from .shifted_input import shifted_grid, shifted_levels
 
-__all__ = ["FUNCTIONAL_FORWARDS", "FakeQuantLayer", "fake_quantize_ste"]
+__all__ = [
+    "FUNCTIONAL_FORWARDS", "MIN_THRESHOLD", "FakeQuantLayer", "FakeQuantResidualSource",
+    "fake_quantize_ste",
+]
+
+#: The smallest threshold the forward uses: a learned one must stay positive (a step of zero
+#: divides by zero), so one that a large learning rate pushes below it is read as this.
+MIN_THRESHOLD = 1e-8
 
 
 def _scale_gradient(value: paddle.Tensor, factor: float) -> paddle.Tensor:
@@ -41,6 +57,8 @@ def fake_quantize_ste(
     unsigned: bool = False,
     gradient_scale: float = 1.0,
     code_range: tuple[int, int] | None = None,
+    lowest_code: int | None = None,
+    highest_code: int | None = None,
 ) -> paddle.Tensor:
     """Symmetric fake quantization with a straight-through gradient (see module docstring).
 
@@ -54,21 +72,20 @@ def fake_quantize_ste(
         code_range: ``(lo, hi)`` codes relative to zero instead of ``-L..L`` (or ``0..L``),
             with the step ``t / hi``: a shifted input's grid ``-z..M-z``
             (:mod:`imperative_ptq.shifted_input`).
+        lowest_code: The lowest code of a signed input when not ``-L`` (-128 on oneDNN).
+        highest_code: The largest code when not ``L`` (255: a u8 block output after a fused
+            residual conv, :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_top_code`).
     """
-    levels = float(symmetric_levels(bits))
-    lowest = 0.0 if unsigned else -levels
-    if code_range is not None:
-        lowest, levels = float(code_range[0]), float(code_range[1])
     if gradient_scale != 1.0 and not threshold.stop_gradient:
         threshold = _scale_gradient(threshold, gradient_scale)
-    if axis is not None and threshold.shape[0] > 1:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        threshold = threshold.reshape(shape)
-    scale = threshold / levels
-    clipped = paddle.clip(x / scale, lowest, levels)
-    rounded = clipped + (paddle.round(clipped) - clipped).detach()
-    return rounded * scale
+    if code_range is None:
+        return fake_quantize_symmetric(
+            x, threshold, bits, axis, unsigned, lowest_code, highest_code
+        )
+    # The shifted grid: step t / hi, not t / L.
+    lowest, levels = float(code_range[0]), float(code_range[1])
+    step = threshold / levels
+    return grid_codes(x, step, lowest, levels) * step
 
 
 def _linear(layer: paddle.nn.Linear, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
@@ -108,6 +125,23 @@ class FakeQuantLayer(paddle.nn.Layer):
         input_minimum: The smallest input value calibration saw.
         input_floor: The lowest code of a signed input when not ``-L`` (the converted layer's
             :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_floor`).
+        input_top_code: The largest code of an unsigned input (the converted layer's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_top_code`; ``None``: ``L``).
+        residual_codes: ``0``, or the largest code of the input as the residual of a fused
+            int8 conv after this one (the converted layer's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_codes`): the input is
+            put on those codes in place before it is read, as there (its writer is wrapped in
+            a :class:`FakeQuantResidualSource`). Straight-through for the add: the in-place
+            step is no autograd op, so it passes no gradient to the threshold.
+        paddle_fc_scales: A Linear computes with the weight Paddle Inference's oneDNN fc
+            derives from the quantized one (the converted layer's ``paddle_fc_scales``,
+            :func:`~imperative_ptq.quant_layers.runtime_weight`), with the quantized weight's
+            straight-through gradient. Computed in numpy every forward.
+        onednn_weights: A conv computes with the weight oneDNN requantizes where that changes
+            it (:func:`~imperative_ptq.quant_layers.onednn_requantizes_conv`, decided every
+            forward, as ``convert`` decides it from the weights it is given).
+        shared_weight_threshold: Quantize the weight on the largest of its thresholds, as the
+            converted layer does (a square fc weight, stored per tensor).
 
     Raises:
         ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
@@ -126,6 +160,11 @@ class FakeQuantLayer(paddle.nn.Layer):
         input_shifted: bool = False,
         input_minimum: float | None = None,
         input_floor: int | None = None,
+        input_top_code: int | None = None,
+        residual_codes: int = 0,
+        paddle_fc_scales: bool = False,
+        onednn_weights: bool = False,
+        shared_weight_threshold: bool = False,
     ) -> None:
         super().__init__()
         forward = FUNCTIONAL_FORWARDS.get(type(layer))
@@ -143,6 +182,13 @@ class FakeQuantLayer(paddle.nn.Layer):
         self.input_shifted = bool(input_shifted)
         self.input_minimum = input_minimum
         self.input_floor = input_floor
+        self.input_top_code = input_top_code
+        self.residual_codes = int(residual_codes)
+        self.paddle_fc_scales = bool(paddle_fc_scales)
+        self.onednn_weights = bool(onednn_weights)
+        self.shared_weight_threshold = bool(shared_weight_threshold)
+        #: The input threshold as given (a table's float): the converted layer's residual step.
+        self._initial_input_threshold = float(input_threshold)
         self.learnable = bool(learnable)
         weight_thresholds = np.asarray(weight_thresholds, np.float32).reshape(-1)
         self.input_threshold = self._threshold([float(input_threshold)], "input_threshold")
@@ -167,9 +213,10 @@ class FakeQuantLayer(paddle.nn.Layer):
         return getattr(self, name)
 
     def thresholds(self) -> tuple[float, list[float]]:
-        """The current input threshold and weight thresholds."""
-        return float(self.input_threshold.numpy()[0]), [
-            float(t) for t in self.weight_thresholds.numpy()
+        """The current input threshold and weight thresholds, as the forward uses them (a
+        learned one that crossed zero is :data:`MIN_THRESHOLD`)."""
+        return max(float(self.input_threshold.numpy()[0]), MIN_THRESHOLD), [
+            max(float(t), MIN_THRESHOLD) for t in self.weight_thresholds.numpy()
         ]
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -177,11 +224,14 @@ class FakeQuantLayer(paddle.nn.Layer):
             levels = symmetric_levels(self.activation_bits)
             self._input_gradient_scale = 1.0 / math.sqrt(max(int(np.prod(x.shape[1:])), 1) * levels)
         # A learned threshold must stay positive (a step of zero divides by zero).
-        input_threshold = paddle.clip(self.input_threshold, min=1e-8)
-        weight_thresholds = paddle.clip(self.weight_thresholds, min=1e-8)
+        input_threshold = paddle.clip(self.input_threshold, min=MIN_THRESHOLD)
+        weight_thresholds = paddle.clip(self.weight_thresholds, min=MIN_THRESHOLD)
+        if self.residual_codes:
+            quantize_residual_in_place(
+                x, input_threshold.detach() if self.learnable else self._initial_input_threshold,
+                self.activation_bits, self.residual_codes,
+            )
         code_range = None
-        if self.input_floor is not None and not self.input_unsigned:
-            code_range = (self.input_floor, symmetric_levels(self.activation_bits))
         if self.input_shifted:
             grid = shifted_grid(
                 float(input_threshold.numpy()[0]), self.input_minimum, self.activation_bits
@@ -191,18 +241,64 @@ class FakeQuantLayer(paddle.nn.Layer):
         x = fake_quantize_ste(
             x, input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             gradient_scale=self._input_gradient_scale, code_range=code_range,
+            lowest_code=None if self.input_unsigned else self.input_floor,
+            highest_code=self.input_top_code if self.input_unsigned else None,
         )
+        if self.shared_weight_threshold:
+            weight_thresholds = paddle.max(weight_thresholds).expand(weight_thresholds.shape)
         weight = fake_quantize_ste(
             self.layer.weight, weight_thresholds, self.weight_bits, self.weight_axis,
             gradient_scale=self._weight_gradient_scale,
         )
+        if self.paddle_fc_scales or self.onednn_weights:
+            weight = self._runtime_weight(weight, weight_thresholds)
         if self.on_backward is not None and not weight.stop_gradient:
             weight.register_hook(self.on_backward)
         return self._functional(self.layer, x, weight)
+
+    def _runtime_weight(
+        self, quantized: paddle.Tensor, thresholds: paddle.Tensor
+    ) -> paddle.Tensor:
+        """The weight the runtime computes with, as the converted layer does; ``quantized``'s
+        gradient."""
+        thresholds = thresholds.numpy().astype(np.float32)
+        original = self.layer.weight.numpy()
+        bits, axis = self.weight_bits, self.weight_axis
+        if not self.paddle_fc_scales and not onednn_requantizes_conv(original, thresholds, bits, axis):
+            return quantized
+        integers = quantize_weight(original, thresholds, bits, axis)
+        runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
+        return straight_through(quantized, paddle.to_tensor(runs))
 
     def extra_repr(self) -> str:
         return (
             f"bits={self.activation_bits}/{self.weight_bits}, learnable={self.learnable}"
             f"{', unsigned input' if self.input_unsigned else ''}"
             f"{', shifted input' if self.input_shifted else ''}"
+            f"{f', input codes up to {self.input_top_code}' if self.input_top_code else ''}"
         )
+
+
+class FakeQuantResidualSource(paddle.nn.Layer):
+    """The layer writing an identity shortcut that a fused int8 conv reads as u8 codes
+    (:mod:`imperative_ptq.quant_residual`), returning a copy of its output.
+
+    The converted model puts that tensor on its codes in place, in the conv that reads it
+    first, so the add after it reads the codes; the :class:`FakeQuantLayer` of that conv does
+    the same (``residual_codes``). The copy keeps the tensor the layer's own backward saved
+    (a ReLU's or a max pool's output) unchanged, which autograd requires; it is not always
+    the residual (``paddle.vision``'s blocks call one ReLU twice), and the copy changes no value.
+
+    Args:
+        layer: The layer writing the residual (a ReLU or a max pool of one).
+    """
+
+    def __init__(self, layer: paddle.nn.Layer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
+        return self.layer(*inputs, **kwargs).clone()
+
+    def extra_repr(self) -> str:
+        return "writes a fused residual"

@@ -33,9 +33,11 @@ import paddle
 
 from .calibration_table import CalibrationTable, TableFile, apply_table, write_table
 from .converted import converted_minima, converted_structure, converted_table, mark_fine_tuned
-from .fake_quant import FakeQuantLayer
+from .fake_quant import FakeQuantLayer, FakeQuantResidualSource
 from .ptq import ImperativePTQ
 from .quant_layers import QuantizedLayer, replace_sublayer
+from .quant_pool import QuantizedGlobalAveragePool
+from .quant_residual import QuantizedResidualOutput
 from .session import calibrating_session
 
 __all__ = ["ImperativeQAT"]
@@ -45,6 +47,10 @@ logger = logging.getLogger(__name__)
 _BATCH_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
 #: Attribute of a QAT model holding its :class:`_QATState` (only this module reads it).
 _STATE_ATTR = "_qat_state"
+#: The layers QAT wraps around the fp32 model's (each keeps it as ``.layer``).
+_WRAPPERS = (
+    FakeQuantLayer, FakeQuantResidualSource, QuantizedResidualOutput, QuantizedGlobalAveragePool
+)
 
 
 class _QATState:
@@ -176,17 +182,7 @@ class ImperativeQAT:
 
         model = copy.deepcopy(calibrated)
         calibrating_session(model).uninstall()  # a plain fp32 model again
-        layers = dict(model.named_sublayers())
-        for name, converted in simulated.items():
-            entry = table[name]
-            wrapper = FakeQuantLayer(
-                layers[name], entry["input"][0], entry["weight"], converted.weight_axis,
-                config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
-                converted.input_unsigned, self.learnable_scales,
-                input_shifted=converted.input_shifted, input_minimum=(minima or {}).get(name),
-                input_floor=converted.input_floor,
-            )
-            replace_sublayer(model, layers[name], wrapper)
+        self._wrap_like_converted(model, dry_run, table, minima or {})
         state = _QATState(
             table, dict(minima or {}), self.freeze_bn_after, converted_structure(dry_run)
         )
@@ -209,6 +205,62 @@ class ImperativeQAT:
             len(state.batch_norms), self.freeze_bn_after,
         )
         return model
+
+    def _wrap_like_converted(
+        self,
+        model: paddle.nn.Layer,
+        converted: paddle.nn.Layer,
+        table: CalibrationTable,
+        minima: dict[str, float],
+    ) -> None:
+        """Wraps the layers of the fp32 ``model`` so its forward computes what ``converted``
+        (PTQ's convert of the same calibration) computes: a :class:`FakeQuantLayer` for each
+        int8 conv/Linear, and the same layers as the converted model around fused residuals
+        (:mod:`~imperative_ptq.quant_residual`) and int8 head pools
+        (:mod:`~imperative_ptq.quant_pool`), whose rounding passes gradients straight through.
+        """
+        config = self._ptq.quant_config
+        layers = dict(model.named_sublayers())
+        for name, simulated in converted.named_sublayers():
+            if not isinstance(simulated, QuantizedLayer):
+                continue
+            entry = table[name]
+            unsigned = simulated.input_unsigned
+            wrapper = FakeQuantLayer(
+                layers[name], entry["input"][0], entry["weight"], simulated.weight_axis,
+                config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
+                unsigned, self.learnable_scales,
+                input_shifted=simulated.input_shifted, input_minimum=minima.get(name),
+                input_floor=simulated.input_floor,
+                input_top_code=simulated.input_top_code if unsigned else None,
+                residual_codes=simulated.residual_codes,
+                paddle_fc_scales=simulated.paddle_fc_scales,
+                onednn_weights=simulated.onednn_weights and simulated.weight_scales is None,
+                shared_weight_threshold=simulated.shared_weight_threshold,
+            )
+            replace_sublayer(model, layers[name], wrapper)
+        for name, simulated in converted.named_sublayers():
+            layer = layers.get(name)
+            if isinstance(simulated, QuantizedLayer) and simulated.residual_codes:
+                source = layers[simulated.residual_source]
+                if not isinstance(source, FakeQuantResidualSource):
+                    replace_sublayer(model, source, FakeQuantResidualSource(source))
+            elif isinstance(simulated, QuantizedResidualOutput):
+                replace_sublayer(
+                    model, layer,
+                    QuantizedResidualOutput(
+                        layer, simulated.output_thresholds, simulated.activation_bits,
+                        fused_with=simulated.fused_with,
+                    ),
+                )
+            elif isinstance(simulated, QuantizedGlobalAveragePool):
+                replace_sublayer(
+                    model, layer,
+                    QuantizedGlobalAveragePool(
+                        layer, simulated.input_threshold, simulated.output_thresholds,
+                        simulated.activation_bits, top=simulated.top,
+                    ),
+                )
 
     # ---------------------------------------------------------------------------- thresholds
     def calibration_table(self, model: paddle.nn.Layer) -> CalibrationTable:
@@ -288,7 +340,7 @@ class ImperativeQAT:
             state.hook = model.register_forward_pre_hook(state.before_forward)
         delattr(plain, _STATE_ATTR)
         for _, layer in list(plain.named_sublayers()):
-            if isinstance(layer, FakeQuantLayer):
+            if isinstance(layer, _WRAPPERS):
                 replace_sublayer(plain, layer, layer.layer)
         plain.eval()
         return plain

@@ -18,6 +18,7 @@ import paddle
 from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import affine_levels, symmetric_levels
+from .rounding import grid_codes
 from .shifted_input import shift_response, shifted_levels
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "signed_input_floor",
     "quantize_weight",
     "replace_sublayer",
+    "onednn_requantizes_conv",
+    "runtime_weight",
 ]
 
 
@@ -41,6 +44,9 @@ def fake_quantize_symmetric(
     highest_code: int | None = None,
 ) -> paddle.Tensor:
     """Quantize-dequantize ``x`` with symmetric thresholds (per tensor, or per channel on ``axis``).
+
+    Backward, the straight-through gradient (:func:`~imperative_ptq.rounding.grid_codes`), so
+    QAT's fake quantization (:func:`~imperative_ptq.fake_quant.fake_quantize_ste`) is this.
 
     Args:
         x: Float tensor.
@@ -62,7 +68,7 @@ def fake_quantize_symmetric(
     scale = threshold / levels
     lowest = 0.0 if unsigned else (-levels if lowest_code is None else float(lowest_code))
     highest = levels if highest_code is None else float(highest_code)
-    return paddle.clip(paddle.round(x / scale), lowest, highest) * scale
+    return grid_codes(x, scale, lowest, highest) * scale
 
 
 def signed_input_floor(bits: int, onednn: bool) -> int | None:
@@ -94,6 +100,22 @@ def quantize_weight(
     return integers.astype(np.int8 if bits <= 8 else np.int16)
 
 
+def onednn_requantizes_conv(
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
+) -> bool:
+    """Whether oneDNN's per-channel requantization of a conv weight (:func:`onednn_conv_weight`)
+    changes its symmetric codes: narrower than 8 bits, one threshold for every channel, or a
+    non-zero channel whose largest code stays below ``L``."""
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    if weight.ndim <= 2:
+        return False
+    if bits < 8 or thresholds.size == 1:
+        return True
+    codes = np.abs(quantize_weight(weight, thresholds, bits, axis)).astype(np.int32)
+    largest = codes.max(axis=tuple(a for a in range(codes.ndim) if a != axis))
+    return bool(np.any((largest > 0) & (largest < symmetric_levels(bits))))
+
+
 def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN conv runs for a dequantized conv weight.
 
@@ -114,6 +136,37 @@ def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.nd
     multipliers = (np.float32(127) * (np.float32(1) / safe)).reshape(shape)
     integers = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
     return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
+
+
+def runtime_weight(
+    integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weight Paddle Inference's oneDNN kernels run for weight codes stored on the grid of
+    ``thresholds`` (a fc's, :func:`paddle_fc_weight`, or a conv's, :func:`onednn_conv_weight`).
+
+    Returns:
+        ``(weight, thresholds)``: the float32 weight that runs and its 8-bit thresholds.
+    """
+    levels = symmetric_levels(bits)
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    scales = _weight_scales(thresholds, bits, axis, integers.ndim)
+    # Paddle dequantizes the stored codes with the stored scale (export.program writes
+    # t * 127 / L) in double, then requantizes: its rounding ties (a code k = m / 2 of
+    # a channel whose largest code m is even) go the way those float32 values send
+    # them (measured on 16 such conv channels: all 16 agree only this way).
+    stored = (thresholds * np.float32(127 / levels)).astype(np.float64)
+    dequantized = (
+        integers.astype(np.float64) * stored.reshape(scales.shape) / 127
+    ).astype(np.float32)
+    if fc:
+        runtime_integers, thresholds = paddle_fc_weight(dequantized)
+        weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127))
+        return weight.astype(np.float32), thresholds
+    runtime_integers, thresholds = onednn_conv_weight(dequantized, axis)
+    shape = [1] * dequantized.ndim
+    shape[axis] = -1
+    weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127)).reshape(shape)
+    return weight.astype(np.float32), thresholds
 
 
 def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +247,8 @@ class QuantizedLayer(paddle.nn.Layer):
             :mod:`imperative_ptq.quant_residual`): :meth:`forward` first replaces that
             tensor's values, in place, by its codes up to this one, which the add reads later.
             Set by ``convert``.
+        residual_source: With ``residual_codes``, the name of the layer that wrote that
+            tensor (QAT quantizes its output instead). Set by ``convert``.
     """
 
     def __init__(
@@ -222,6 +277,7 @@ class QuantizedLayer(paddle.nn.Layer):
         #: The lowest code of the (signed) input in the runtime (``None``: ``-L``).
         self.input_floor = signed_input_floor(activation_bits, onednn_weights)
         self.residual_codes = 0
+        self.residual_source = ""
         self.input_top_code = symmetric_levels(activation_bits)
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
@@ -242,17 +298,24 @@ class QuantizedLayer(paddle.nn.Layer):
         weight_thresholds = np.asarray(weight_thresholds, dtype=np.float32).reshape(-1)
         weight = layer.weight
         paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
-        if paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1:
+        #: The weight runs on one threshold, the largest of its calibrated ones.
+        self.shared_weight_threshold = bool(
+            paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
+        )
+        if self.shared_weight_threshold:
             # The export stores square weights per tensor (see export.program._int8_weight).
             weight_thresholds = np.full_like(weight_thresholds, weight_thresholds.max())
         self.paddle_fc_scales = paddle_fc_scales
         # Paddle requantizes a conv's weight per output channel from its largest value: an
         # identity for per-channel 8-bit codes reaching +-127, not for narrower grids nor for
         # one threshold shared by all channels (measured: 1.9% relative output error on a
-        # small conv net with per-tensor 8-bit weights before it was simulated).
+        # small conv net with per-tensor 8-bit weights before it was simulated), nor for a
+        # channel whose weights shrank below its threshold (a table applied to other weights,
+        # QAT's fine-tuned ones).
+        self.onednn_weights = bool(onednn_weights)
         self.requantized_conv = (
-            bool(onednn_weights) and weight.ndim > 2
-            and (weight_bits < 8 or weight_thresholds.size == 1)
+            self.onednn_weights and weight_scales is None
+            and onednn_requantizes_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
         )
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():
@@ -311,27 +374,9 @@ class QuantizedLayer(paddle.nn.Layer):
         if self.paddle_fc_scales or self.requantized_conv:
             self.program_weight = quantized
             self.program_weight_thresholds = thresholds
-            # Paddle dequantizes the stored codes with the stored scale (export.program writes
-            # t * 127 / L) in double, then requantizes: its rounding ties (a code k = m / 2 of
-            # a channel whose largest code m is even) go the way those float32 values send
-            # them (measured on 16 such conv channels: all 16 agree only this way).
-            stored = (thresholds * np.float32(127 / levels)).astype(np.float64)
-            dequantized = (
-                integers.astype(np.float64) * stored.reshape(scales.shape) / 127
-            ).astype(np.float32)
-            if self.paddle_fc_scales:
-                runtime_integers, thresholds = paddle_fc_weight(dequantized)
-                quantized = (
-                    runtime_integers.astype(np.float32) * (thresholds / np.float32(127))
-                ).astype(np.float32)
-            else:
-                runtime_integers, thresholds = onednn_conv_weight(dequantized, self.weight_axis)
-                shape = [1] * quantized.ndim
-                shape[self.weight_axis] = -1
-                quantized = (
-                    runtime_integers.astype(np.float32)
-                    * (thresholds / np.float32(127)).reshape(shape)
-                ).astype(np.float32)
+            quantized, thresholds = runtime_weight(
+                integers, thresholds, self.weight_bits, self.weight_axis, fc=self.paddle_fc_scales
+            )
         with paddle.no_grad():
             weight.set_value(quantized)
         self.register_buffer("weight_thresholds", paddle.to_tensor(thresholds))

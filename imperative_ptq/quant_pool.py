@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 
 from .quantizers.qparams import symmetric_levels
+from .rounding import grid_codes, round_half_to_even, straight_through
 
 __all__ = ["U8_MAX", "QuantizedGlobalAveragePool", "int8_head_pools", "is_global_average_pool"]
 
@@ -38,16 +39,6 @@ def is_global_average_pool(layer: paddle.nn.Layer) -> bool:
     size = layer._output_size
     sizes = list(size) if isinstance(size, (list, tuple)) else [size, size]
     return sizes == [1, 1] and layer._data_format == "NCHW"
-
-
-def round_half_to_even(x: paddle.Tensor) -> paddle.Tensor:
-    """``x`` rounded to the nearest integer, ties to even (``paddle.round`` takes ties away
-    from zero)."""
-    floor = paddle.floor(x)
-    fraction = x - floor
-    odd = paddle.remainder(floor, paddle.full([], 2.0, x.dtype)) == 1
-    up = (fraction > 0.5) | ((fraction == 0.5) & odd)
-    return floor + up.astype(x.dtype)
 
 
 class QuantizedGlobalAveragePool(paddle.nn.Layer):
@@ -91,10 +82,10 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         step = np.float32(self.input_threshold / symmetric_levels(self.activation_bits))
-        codes = paddle.clip(paddle.round(x / step), 0.0, float(self.top))
+        codes = grid_codes(x, step, 0, self.top)
         # Integer sums are exact in float32 (up to 65793 positions of 255).
         mean = codes.sum(axis=[2, 3], keepdim=True) / float(x.shape[2] * x.shape[3])
-        return round_half_to_even(mean) * step
+        return straight_through(mean, round_half_to_even(mean)) * step
 
     def extra_repr(self) -> str:
         return (

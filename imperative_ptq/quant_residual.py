@@ -56,12 +56,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import paddle
 
-from .quant_pool import U8_MAX, round_half_to_even
+from .quant_pool import U8_MAX
 from .quantizers.qparams import symmetric_levels
+from .rounding import grid_codes
 
 __all__ = [
     "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "find_residual_add",
-    "quantize_residual_in_place",
+    "quantize_residual_in_place", "residual_on_codes",
 ]
 
 #: Smallest code of an s8 tensor a oneDNN conv writes (it saturates there, not at ``-L``).
@@ -183,13 +184,30 @@ def _projection_first(
     return later, earlier
 
 
+def residual_on_codes(
+    x: paddle.Tensor, threshold: paddle.Tensor | float, bits: int, top: int
+) -> paddle.Tensor:
+    """``x`` on its codes ``clip(round_half_even(x / t * L), 0, top)`` (times the step): the
+    identity-shortcut residual as Paddle Inference stores it (module docstring). Backward,
+    the straight-through gradient (:func:`~imperative_ptq.rounding.grid_codes`).
+
+    Args:
+        x: The residual tensor (a ReLU or max-pool output).
+        threshold: ``t``, the input threshold of the conv reading ``x`` (a float, or a
+            one-element tensor that QAT learns).
+        bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+        top: The largest code (255, or 127 for a tensor Paddle writes s8).
+    """
+    levels = symmetric_levels(bits)
+    step = threshold / levels if isinstance(threshold, paddle.Tensor) else np.float32(threshold / levels)
+    return grid_codes(x, step, 0, top, half_to_even=True) * step
+
+
 def quantize_residual_in_place(x: paddle.Tensor, threshold: float, bits: int, top: int) -> None:
-    """Replaces ``x``'s values by its codes ``clip(round(x / t * L), 0, top)`` (times the
-    step): the identity-shortcut residual as Paddle Inference stores it (module docstring)."""
-    step = np.float32(threshold / symmetric_levels(bits))
+    """Replaces ``x``'s values by :func:`residual_on_codes`: the converted model's conv reading
+    the residual first does this, so the add that runs after it reads the codes too."""
     with paddle.no_grad():
-        codes = paddle.clip(round_half_to_even(x / step), 0.0, float(top))
-        paddle.assign(codes * step, output=x)
+        paddle.assign(residual_on_codes(x, threshold, bits, top), output=x)
 
 
 class QuantizedResidualOutput(paddle.nn.Layer):
@@ -197,7 +215,8 @@ class QuantizedResidualOutput(paddle.nn.Layer):
     its output on the s8 codes the conv it is fused into writes.
 
     ``forward(x)`` returns ``clip(round_half_even(y / t * L), -128, 127) * t / L`` with
-    ``y = layer(x)``.
+    ``y = layer(x)``; backward, the straight-through gradient (QAT wraps the BatchNorm of its
+    fp32 model in this layer too).
 
     Args:
         layer: The fp32 layer (the export traces it).
@@ -235,7 +254,7 @@ class QuantizedResidualOutput(paddle.nn.Layer):
         levels = symmetric_levels(self.activation_bits)
         step = np.float32(self.output_thresholds[0] / levels)
         # oneDNN saturates the conv's s8 output at -128, below the symmetric grid's -L.
-        return paddle.clip(round_half_to_even(y / step), float(S8_MIN), float(levels)) * step
+        return grid_codes(y, step, S8_MIN, levels, half_to_even=True) * step
 
     def extra_repr(self) -> str:
         return f"output_threshold={self.output_thresholds[0]:.6g}, s8 codes (fused residual)"

@@ -71,6 +71,8 @@ class LayerState:
     wide_input: bool = False
 
 
+
+
 class CalibrationSession:
     """Per-model calibration state: the collector, the hooked layers and the hooks.
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import paddle
+from paddle.vision.models.resnet import BasicBlock
 
 from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
 
@@ -32,6 +34,67 @@ class Branch(paddle.nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.a(x)
         return self.b(x) if float(x.mean()) > 0 else x
+
+
+#: Channels of the stem of :class:`OneBlockResNet` and :class:`ThreeBlockResNet`.
+RESNET_WIDTH = 16
+
+
+class OneBlockResNet(paddle.nn.Layer):
+    """paddle.vision's ResNet layout, one BasicBlock: stem conv -> BN -> ReLU, the block
+    (identity shortcut, or a strided one with a downsample conv + BN), global pool, fc."""
+
+    def __init__(self, downsample: bool) -> None:
+        super().__init__()
+        self.conv1 = paddle.nn.Conv2D(3, RESNET_WIDTH, 3, padding=1, bias_attr=False)
+        self.bn1 = paddle.nn.BatchNorm2D(RESNET_WIDTH)
+        self.relu = paddle.nn.ReLU()
+        out = 2 * RESNET_WIDTH if downsample else RESNET_WIDTH
+        shortcut = paddle.nn.Sequential(
+            paddle.nn.Conv2D(RESNET_WIDTH, out, 1, stride=2, bias_attr=False),
+            paddle.nn.BatchNorm2D(out),
+        ) if downsample else None
+        self.block = BasicBlock(RESNET_WIDTH, out, stride=2 if downsample else 1, downsample=shortcut)
+        self.avgpool = paddle.nn.AdaptiveAvgPool2D((1, 1))
+        self.fc = paddle.nn.Linear(out, 10)
+        rng = np.random.default_rng(1)
+        norms = (layer for layer in self.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D))
+        for norm in norms:
+            channels = norm.weight.shape[0]
+            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
+            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.block(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(paddle.flatten(self.avgpool(x), 1))
+
+
+class ThreeBlockResNet(OneBlockResNet):
+    """Stem, an identity block, a downsample block, an identity block, pool, fc: the second
+    and third blocks read a block output Paddle leaves unclipped (u8 codes up to 255), the
+    third's residual is the second's output, written s8 after its s8 residual."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+        wide = 2 * RESNET_WIDTH
+        shortcut = paddle.nn.Sequential(
+            paddle.nn.Conv2D(RESNET_WIDTH, wide, 1, stride=2, bias_attr=False),
+            paddle.nn.BatchNorm2D(wide),
+        )
+        self.block = paddle.nn.Sequential(
+            BasicBlock(RESNET_WIDTH, RESNET_WIDTH),
+            BasicBlock(RESNET_WIDTH, wide, stride=2, downsample=shortcut),
+            BasicBlock(wide, wide),
+        )
+        self.fc = paddle.nn.Linear(wide, 10)
+        rng = np.random.default_rng(2)
+        norms = (
+            layer for layer in self.block.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D)
+        )
+        for norm in norms:
+            channels = norm.weight.shape[0]
+            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
+            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
 
 
 def converted(

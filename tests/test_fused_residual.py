@@ -10,7 +10,6 @@ import json
 import numpy as np
 import paddle
 import pytest
-from paddle.vision.models.resnet import BasicBlock
 
 from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
@@ -18,39 +17,11 @@ from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from avx2_kernels import pytest_on_avx2_kernels
-from models import converted
+from models import RESNET_WIDTH as WIDTH, OneBlockResNet, ThreeBlockResNet, converted
 
 nn = paddle.nn
 TARGETS = ["x86", "x86-vnni"]
 SIZE = 12
-WIDTH = 16
-
-
-class _OneBlock(nn.Layer):
-    """paddle.vision's ResNet layout, one BasicBlock: stem conv -> BN -> ReLU, the block
-    (identity shortcut, or a strided one with a downsample conv + BN), global pool, fc."""
-
-    def __init__(self, downsample: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2D(3, WIDTH, 3, padding=1, bias_attr=False)
-        self.bn1 = nn.BatchNorm2D(WIDTH)
-        self.relu = nn.ReLU()
-        out = 2 * WIDTH if downsample else WIDTH
-        shortcut = nn.Sequential(
-            nn.Conv2D(WIDTH, out, 1, stride=2, bias_attr=False), nn.BatchNorm2D(out)
-        ) if downsample else None
-        self.block = BasicBlock(WIDTH, out, stride=2 if downsample else 1, downsample=shortcut)
-        self.avgpool = nn.AdaptiveAvgPool2D((1, 1))
-        self.fc = nn.Linear(out, 10)
-        rng = np.random.default_rng(1)
-        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.block(self.relu(self.bn1(self.conv1(x))))
-        return self.fc(paddle.flatten(self.avgpool(x), 1))
 
 
 def test_find_residual_add_picks_the_operand_paddle_reads_as_codes() -> None:
@@ -95,7 +66,7 @@ def _exported(downsample: bool, target: str, tmp_path) -> tuple[nn.Layer, str, n
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
-    qmodel = converted(_OneBlock(downsample), batches, target)
+    qmodel = converted(OneBlockResNet(downsample), batches, target)
     prefix = str(tmp_path / "m")
     save_quantized_model(
         qmodel, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
@@ -204,27 +175,6 @@ def test_onnx_runtime_reads_the_residual_as_simulated(downsample, tmp_path) -> N
     assert np.abs(ran - simulated).max() <= (1.5e-2 if downsample else 8e-3) * np.abs(simulated).max()
 
 
-class _ThreeBlocks(_OneBlock):
-    """Stem, an identity block, a downsample block, an identity block, pool, fc: the second
-    and third blocks read a block output Paddle leaves unclipped (u8 codes up to 255), the
-    third's residual is the second's output, written s8 after its s8 residual."""
-
-    def __init__(self) -> None:
-        super().__init__(False)
-        wide = 2 * WIDTH
-        shortcut = nn.Sequential(nn.Conv2D(WIDTH, wide, 1, stride=2, bias_attr=False), nn.BatchNorm2D(wide))
-        self.block = nn.Sequential(
-            BasicBlock(WIDTH, WIDTH), BasicBlock(WIDTH, wide, stride=2, downsample=shortcut),
-            BasicBlock(wide, wide),
-        )
-        self.fc = nn.Linear(wide, 10)
-        rng = np.random.default_rng(2)
-        for norm in (layer for layer in self.block.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
-
-
 @pytest.mark.parametrize("target", TARGETS)
 def test_three_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     """Measured 2.9e-7 of the largest logit (3.5% before: residuals added in float, the
@@ -234,7 +184,7 @@ def test_three_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((8, 3, 16, 16), np.float32)) for _ in range(4)]
-    qmodel = converted(_ThreeBlocks(), batches, target)
+    qmodel = converted(ThreeBlockResNet(), batches, target)
     first, second, third = qmodel.block
     assert first.conv1.residual_codes == 255 and third.conv1.residual_codes == 127
     assert second.conv1.input_top_code == 255 and second.downsample[0].input_top_code == 255
@@ -268,7 +218,7 @@ def test_a_residual_read_by_nothing_else_is_left_in_float_without_calibration_ba
 
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = _OneBlock(True)
+    model = OneBlockResNet(True)
     model.eval()
     config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86")
     calibrated = ImperativePTQ(config)

@@ -212,3 +212,28 @@ def test_benchmark_runs_as_a_script() -> None:
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "qat_dynamic.py")
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-1000:]
+
+
+def test_a_learned_threshold_that_crossed_zero_converts_as_the_forward_reads_it(lenet_data) -> None:
+    """A large learning rate can push an LSQ threshold below zero; the forward reads it as
+    MIN_THRESHOLD, and so does the table convert uses (before: convert raised "thresholds must
+    be finite and positive")."""
+    from imperative_ptq.fake_quant import MIN_THRESHOLD, FakeQuantLayer
+
+    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="arm")
+    ptq, calibrated = _calibrated(LeNet(), [x for x, _ in lenet_data], config)
+    qat = ImperativeQAT(ptq, learnable_scales=True)
+    trainable = qat.quantize(calibrated)
+    _train(trainable, lenet_data, 1e-3, 1)
+    fc = trainable.fc1
+    assert isinstance(fc, FakeQuantLayer)
+    thresholds = fc.weight_thresholds.numpy()
+    thresholds[:3] = -0.1
+    fc.weight_thresholds.set_value(thresholds)
+    assert qat.calibration_table(trainable)["fc1"]["weight"][:3] == [MIN_THRESHOLD] * 3
+    converted = qat.convert(trainable)
+    trainable.eval()
+    x = lenet_data[0][0]
+    with paddle.no_grad():
+        # Measured bit-identical.
+        np.testing.assert_array_equal(converted(x).numpy(), trainable(x).numpy())

@@ -998,8 +998,8 @@ def _int8_weight(
     if thresholds.size == 1:
         thresholds = np.full([weight.shape[axis]], thresholds[0], dtype=np.float32)
     # The layer's weight already is integers * t / L, so this round trip is exact.
-    integers = quantize_weight(weight, thresholds, record.weight_bits, axis)
-    bit_length = record.weight_bits
+    integers = quantize_weight(weight, thresholds, record.traced_weight_bits, axis)
+    bit_length = record.traced_weight_bits
     if bit_length < 8:
         # Codes -L..L of a narrower grid, stored as int8 on the 8-bit grid of threshold
         # t * 127 / L, which dequantizes to the same integers * t / L (Paddle Inference's

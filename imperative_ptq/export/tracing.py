@@ -77,7 +77,7 @@ class LayerRecord:
         weight_bits: Weight bit width.
         grid_weight: The layer's weight on its own ``weight_bits`` grid (codes ``-L..L`` times
             ``grid_thresholds / L``) when the traced weight is not that one but what a runtime
-            computes from it (Paddle's 8-bit requantization, traced with
+            computes from it (Paddle's 8-bit requantization of a conv, or of a fc traced with
             ``program_weights=False``); ``None`` when the traced weight is on that grid.
         grid_thresholds: The thresholds of ``grid_weight``.
         input_threshold: Threshold of the first input (simulated layers only).
@@ -231,10 +231,16 @@ def _collect_records(
             shift_response = layer.input_shift_response()  # of the weight that runs
             grid_weight = grid_thresholds = None
             if layer.program_weight is not None:
-                if program_weights:
+                if program_weights and (layer.paddle_fc_scales or layer.weight_bits < 8):
                     inner.weight.set_value(layer.program_weight)
                     weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
                 else:
+                    # An 8-bit conv (and anything for ONNX) is traced with the weight it runs,
+                    # whose codes reach 127 in every channel: Paddle's requantization of it is
+                    # an identity whatever float32 values BatchNorm folding gives it. Stored
+                    # on its own grid, a channel with codes below 127 holds rounding ties the
+                    # folding decides (measured: 3.7% of the largest logit, fine-tuned
+                    # residual net). Narrower weights keep their own codes in the file.
                     grid_weight = np.asarray(layer.program_weight, np.float32)
                     grid_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
             record = LayerRecord(
