@@ -267,7 +267,8 @@ def _simulate_fused_residuals(
                 if len({reader.input_thresholds[0] for reader in readers}) != 1:
                     continue
                 readers[0].residual_codes = add.residual_top
-                readers[0].residual_source = state.name
+                # An unhooked residual (an F.relu output) has no layer that wrote it.
+                readers[0].residual_source = "" if add.residual_is_input else state.name
                 identity.append(add.residual_readers[0])
             elif (
                 isinstance(layer, paddle.nn.layer.norm._BatchNormBase)

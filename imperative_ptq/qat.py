@@ -221,9 +221,12 @@ class ImperativeQAT:
         """
         config = self._ptq.quant_config
         layers = dict(model.named_sublayers())
+        float_shortcuts = []
         for name, simulated in converted.named_sublayers():
             if not isinstance(simulated, QuantizedLayer):
                 continue
+            if simulated.residual_codes and not simulated.residual_source:
+                float_shortcuts.append(name)
             entry = table[name]
             unsigned = simulated.input_unsigned
             wrapper = FakeQuantLayer(
@@ -233,15 +236,24 @@ class ImperativeQAT:
                 input_shifted=simulated.input_shifted, input_minimum=minima.get(name),
                 input_floor=simulated.input_floor,
                 input_top_code=simulated.input_top_code if unsigned else None,
-                residual_codes=simulated.residual_codes,
+                # A shortcut no layer wrote (an F.relu output) cannot be copied before it is
+                # put on its codes in place, which autograd refuses (F.relu saved it).
+                residual_codes=simulated.residual_codes if simulated.residual_source else 0,
                 paddle_fc_scales=simulated.paddle_fc_scales,
                 onednn_weights=simulated.onednn_weights and simulated.weight_scales is None,
                 shared_weight_threshold=simulated.shared_weight_threshold,
             )
             replace_sublayer(model, layers[name], wrapper)
+        if float_shortcuts:
+            logger.warning(
+                "%d identity shortcuts are functional-op outputs (F.relu): fine-tuning adds them "
+                "in float, where the converted model and Paddle Inference add their u8 codes "
+                "(read first by %s); write the block's ReLU as an nn.ReLU layer to fine-tune on "
+                "the codes", len(float_shortcuts), ", ".join(float_shortcuts),
+            )
         for name, simulated in converted.named_sublayers():
             layer = layers.get(name)
-            if isinstance(simulated, QuantizedLayer) and simulated.residual_codes:
+            if isinstance(simulated, QuantizedLayer) and simulated.residual_source:
                 source = layers[simulated.residual_source]
                 if not isinstance(source, FakeQuantResidualSource):
                     replace_sublayer(model, source, FakeQuantResidualSource(source))

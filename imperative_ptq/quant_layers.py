@@ -248,7 +248,8 @@ class QuantizedLayer(paddle.nn.Layer):
             tensor's values, in place, by its codes up to this one, which the add reads later.
             Set by ``convert``.
         residual_source: With ``residual_codes``, the name of the layer that wrote that
-            tensor (QAT quantizes its output instead). Set by ``convert``.
+            tensor (QAT quantizes its output instead); ``""`` for a tensor no hooked layer
+            wrote (an ``F.relu`` output). Set by ``convert``.
     """
 
     def __init__(

@@ -210,3 +210,34 @@ def test_qat_exports_on_avx2_kernels() -> None:
 
     summary = pytest_on_avx2_kernels(__file__, "(runs_what_qat_computed or below) and not vnni")
     assert "3 passed" in summary, summary
+
+
+def test_functional_identity_shortcuts_fine_tune_in_float_with_a_warning(caplog) -> None:
+    """An identity shortcut that is an ``F.relu`` output has no layer QAT can copy it from, and
+    putting it on its codes in place breaks F.relu's backward ("modified by an inplace
+    operation"): fine-tuning adds it in float, says so, and still trains and converts."""
+    from test_fused_residual import _FunctionalResNet
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((8, 3, 32, 32), np.float32)) for _ in range(3)]
+    model = _FunctionalResNet()
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    calibrated = ptq.quantize(model)
+    ptq.calibrate(calibrated, batches, progress=False)
+    qat = ImperativeQAT(ptq)
+    with caplog.at_level("WARNING", logger="imperative_ptq.qat"):
+        trainable = qat.quantize(calibrated)
+    assert "identity shortcuts are functional-op outputs" in caplog.text
+    assert "blocks.0.conv0.conv" in caplog.text
+    optimizer = paddle.optimizer.SGD(1e-2, parameters=trainable.parameters())
+    for batch in batches:
+        labels = paddle.to_tensor(rng.integers(0, 10, [8]))
+        loss = paddle.nn.functional.cross_entropy(trainable(batch), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        assert np.isfinite(float(loss))
+    converted = qat.convert(trainable)
+    assert converted.blocks[0].conv0.conv.residual_codes == 255  # the converted model reads codes
