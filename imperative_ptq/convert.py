@@ -284,6 +284,19 @@ def _simulate_fused_residuals(
                     ),
                 )
                 downsample.append(state.name)
+    # A ReLU output after a fused residual conv is written as codes for every reader, float
+    # ones too: an add calibration did not see (its sum read only by a functional op, or
+    # returned by the network) reads the codes in Paddle. Where that ReLU is functional
+    # (F.relu: the tensor's readers are not all known), its int8 readers put it on them in
+    # place, as an identity shortcut's first reader does (readers of one tensor share its
+    # threshold, so a second one changes nothing).
+    for layer, state in hooked:
+        reader = quantized.get(state.name)
+        if reader is None or reader.residual_codes or not reader.input_unsigned:
+            continue
+        if (state.wide_input or state.signed_input) and not state.input_sources:
+            reader.residual_codes = U8_MAX if state.wide_input else symmetric_levels(8)
+            reader.residual_source = ""
     if identity or downsample:
         logger.info(
             "fused int8 residual convs read their residual as codes: %d identity shortcuts "

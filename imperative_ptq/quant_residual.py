@@ -41,8 +41,10 @@ when each branch's conv input was first seen in the forward (``branch_inputs``):
 one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
 (:mod:`imperative_ptq.export.program`). Limits: the sum, or its ReLU, must be read by a hooked
-layer (a sum only a functional op reads, or that the network returns, is simulated in float,
-where Paddle reads its shortcut as codes); a sum read only by a layer that gives it no scale (a
+layer (a sum only a functional op reads, or that the network returns, is simulated in float;
+its shortcut is still read as the codes Paddle wrote where that is an ``F.relu`` output after
+another fused conv, which ``convert`` puts on them in its int8 readers); a sum read only by a
+layer that gives it no scale (a
 network's last ``F.relu`` sum, read by a global pool) runs in float in Paddle, which the export
 enforces (:func:`imperative_ptq.export.program.quantize_program`) and the simulation follows
 for a downsample shortcut.
