@@ -116,25 +116,37 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def bench_model(
-    name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET
-) -> list[dict]:
-    """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it."""
-    factory, shape, batches, dtype = MODELS[name]
+def export_model(name: str, workdir: str, target: str = DEFAULT_TARGET):
+    """``name`` calibrated (KL activations, per-channel absmax weights, 8 random batches of 4)
+    for ``target`` and exported to ``workdir/int8`` and ``workdir/fp32``.
+
+    Returns:
+        ``(model, converted model, input spec, fp32 prefix, int8 prefix)``.
+    """
+    factory, shape, _, dtype = MODELS[name]
     paddle.seed(0)
     model = factory()
     model.eval()
-    # The default algorithms (KL activations, per-channel absmax weights), for ``target``.
     ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
     qmodel = ptq.quantize(model)
     for step in range(8):
         qmodel(paddle.to_tensor(model_input(shape, dtype, 4, seed=100 + step)))
     spec = [paddle.static.InputSpec([None, *shape], dtype, "x")]
-    int8_prefix = os.path.join(workdir, name, "int8")
+    int8_prefix, fp32_prefix = os.path.join(workdir, "int8"), os.path.join(workdir, "fp32")
     ptq.save_quantized_model(qmodel, int8_prefix, spec)
-    fp32_prefix = os.path.join(workdir, name, "fp32")
     # Same format and bias folding as the int8 export, so fp32 is not handicapped.
     save_fp32_model(model, fp32_prefix, spec)
+    return model, qmodel, spec, fp32_prefix, int8_prefix
+
+
+def bench_model(
+    name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET
+) -> list[dict]:
+    """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it."""
+    _, shape, batches, dtype = MODELS[name]
+    model, qmodel, spec, fp32_prefix, int8_prefix = export_model(
+        name, os.path.join(workdir, name), target
+    )
     engines = {
         "paddle fp32": create_predictor(fp32_prefix, int8=False),
         "paddle int8": create_predictor(int8_prefix, int8=True),

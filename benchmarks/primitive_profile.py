@@ -31,33 +31,15 @@ import paddle
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from inference import MODELS, model_input  # noqa: E402
+from inference import MODELS, export_model, model_input  # noqa: E402
 
 from imperative_ptq import (  # noqa: E402
-    DEFAULT_TARGET, TARGETS, ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig,
-    cpu_info,
+    DEFAULT_TARGET, TARGETS, cpu_info,
 )
-from imperative_ptq.export import create_predictor, predict, save_fp32_model  # noqa: E402
+from imperative_ptq.export import create_predictor, predict  # noqa: E402
 
 #: Printed by the child around the profiled forwards, so warm-up lines are left out.
 _START, _END = "=====profile start", "=====profile end"
-
-
-def export(name: str, workdir: str, target: str) -> tuple[str, str]:
-    """The fp32 and int8 prefixes of ``name``, calibrated as ``benchmarks/inference.py`` does."""
-    factory, shape, _, dtype = MODELS[name]
-    paddle.seed(0)
-    model = factory()
-    model.eval()
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    for step in range(8):
-        qmodel(paddle.to_tensor(model_input(shape, dtype, 4, seed=100 + step)))
-    spec = [paddle.static.InputSpec([None, *shape], dtype, "x")]
-    int8_prefix, fp32_prefix = os.path.join(workdir, "int8"), os.path.join(workdir, "fp32")
-    ptq.save_quantized_model(qmodel, int8_prefix, spec)
-    save_fp32_model(model, fp32_prefix, spec)
-    return fp32_prefix, int8_prefix
 
 
 def run_child(prefix: str, int8: bool, name: str, batch: int, runs: int) -> None:
@@ -121,7 +103,7 @@ def main() -> None:
         run_child(args.child, args.int8, args.model, args.batch, args.runs)
         return
     with tempfile.TemporaryDirectory() as workdir:
-        fp32_prefix, int8_prefix = export(args.model, workdir, args.target)
+        *_, fp32_prefix, int8_prefix = export_model(args.model, workdir, args.target)
         samples: dict[bool, list[dict[str, tuple[float, int]]]] = {False: [], True: []}
         for _ in range(args.repeats):  # the two engines alternate: noise hits both alike
             samples[False].append(profile(fp32_prefix, False, args))
@@ -139,11 +121,11 @@ def main() -> None:
     total_int8 = sum(t for t, _ in int8.values())
     gemm_fp32 = sum(t for k, (t, _) in fp32.items() if k.startswith(("inner_product", "convolution")))
     gemm_int8 = sum(t for k, (t, _) in int8.items() if k.startswith(("inner_product", "convolution")))
-    print(f"\noneDNN total: fp32 {total_fp32:.1f} ms, int8 {total_int8:.1f} ms "
+    print(f"\noneDNN total: fp32 {total_fp32:.2f} ms, int8 {total_int8:.2f} ms "
           f"({total_fp32 / total_int8:.2f}x)")
-    print(f"inner products and convolutions: fp32 {gemm_fp32:.1f} ms, int8 {gemm_int8:.1f} ms "
+    print(f"inner products and convolutions: fp32 {gemm_fp32:.2f} ms, int8 {gemm_int8:.2f} ms "
           f"({gemm_fp32 / max(gemm_int8, 1e-9):.2f}x); int8's other primitives "
-          f"{total_int8 - gemm_int8:.1f} ms")
+          f"{total_int8 - gemm_int8:.2f} ms")
     print(f"bound if every other int8 primitive were free: {total_fp32 / max(gemm_int8, 1e-9):.2f}x")
 
 
