@@ -167,7 +167,9 @@ def _sum_of(value: paddle.Tensor, a: paddle.Tensor, b: paddle.Tensor) -> bool | 
         candidate = paddle.nn.functional.relu(head) if after_relu else head
         if bool(paddle.equal_all(candidate, flat)):
             total = a + b
-            if bool(paddle.equal_all(paddle.nn.functional.relu(total) if after_relu else total, value)):
+            if after_relu:
+                total = paddle.nn.functional.relu(total)
+            if bool(paddle.equal_all(total, value)):
                 return after_relu
     return None
 

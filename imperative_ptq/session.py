@@ -71,8 +71,6 @@ class LayerState:
     wide_input: bool = False
 
 
-
-
 class CalibrationSession:
     """Per-model calibration state: the collector, the hooked layers and the hooks.
 
@@ -291,7 +289,9 @@ class CalibrationSession:
         self._seen[id(value)] = (weakref.ref(value), order)
         return order
 
-    def _note_branch_input(self, layer: paddle.nn.Layer, first: paddle.Tensor, output: paddle.Tensor) -> None:
+    def _note_branch_input(
+        self, layer: paddle.nn.Layer, first: paddle.Tensor, output: paddle.Tensor
+    ) -> None:
         """Records when the conv producing ``output`` read its input: a BatchNorm passes on
         its conv's (``find_residual_add`` tells a residual block's projection by it)."""
         entry = self._branch_inputs.get(id(first))
@@ -365,8 +365,8 @@ class CalibrationSession:
                 after = None
                 if found is not None and found.after_relu:
                     after = first
-                elif found is not None and isinstance(layer, paddle.nn.ReLU) and _is_float_tensor(outputs):
-                    after = outputs
+                elif found is not None and isinstance(layer, paddle.nn.ReLU):
+                    after = outputs if _is_float_tensor(outputs) else None
                 if after is not None:
                     kind = self._wide if found.residual_readers else self._signed
                     kind[id(after)] = weakref.ref(after)
