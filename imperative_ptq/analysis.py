@@ -458,7 +458,10 @@ def keep_fp32(
     """Puts layers of a converted model back in fp32, in place.
 
     A :class:`QuantizedLayer` only holds fake-quantized weights, so each named layer is
-    replaced by a deep copy of the layer of the same name in the fp32 ``model``.
+    replaced by a deep copy of the layer of the same name in the fp32 ``model``. A layer a fused
+    int8 residual block depends on (:func:`residual_layers`) is kept with a warning: the
+    simulation keeps modelling that block's residual arithmetic, which Paddle Inference may no
+    longer run.
 
     Args:
         quantized_model: The converted model.
@@ -494,13 +497,52 @@ def keep_fp32(
             )
         _check_pair(name, fp32, quantized)
         replacements.append((name, fp32))
+    residual = residual_layers(quantized_model)
     for name, fp32 in replacements:
         restored = copy.deepcopy(fp32)
         restored.eval()
         _replace(quantized_model, name, restored)
     if replacements:
         logger.info("kept %d layers in fp32: %s", len(replacements), ", ".join(names))
+    touched = [name for name in names if name in residual]
+    if touched:
+        logger.warning(
+            "kept in fp32 inside a fused int8 residual block: %s. The simulation keeps "
+            "modelling the block's int8 residual arithmetic around them, which Paddle Inference "
+            "may no longer run with an fp32 conv there: it can differ from the simulation by the "
+            "residual's rounding (measured up to 1%% of the largest output on a small ResNet).",
+            ", ".join(touched),
+        )
     return quantized_model
+
+
+def residual_layers(quantized_model: paddle.nn.Layer) -> set[str]:
+    """Names of the quantized layers whose int8 form a fused residual block depends on
+    (:mod:`imperative_ptq.quant_residual`): the conv whose output the add is fused into, the
+    convs reading a block output as codes up to 255, the downsample conv. (A conv reading an
+    identity shortcut is not one: kept fp32, the shortcut loses its scale and the add runs in
+    float in both.)"""
+    from .converted import converted_structure
+    from .quant_residual import QuantizedResidualOutput
+
+    found: set[str] = set()
+    structure = converted_structure(quantized_model) or {}
+    for name, layer in quantized_model.named_sublayers():
+        if isinstance(layer, QuantizedLayer) and layer.input_unsigned and layer.input_top_code > 127:
+            found.add(name)
+        elif isinstance(layer, QuantizedResidualOutput):
+            found.update(structure.get(name, {}).get("input_sources", []))
+            found.update(_producing_conv(structure, layer.fused_with))
+    for entry in structure.values():
+        for add in entry.get("residual_adds", []):
+            found.update(_producing_conv(structure, add["fused"]))
+    return found
+
+
+def _producing_conv(structure: dict[str, Any], name: str) -> list[str]:
+    """``name`` itself, or, for a BatchNorm, the conv it read (from the structure section)."""
+    sources = structure.get(name, {}).get("input_sources", [])
+    return list(sources) if sources else [name]
 
 
 @dataclasses.dataclass
