@@ -46,6 +46,8 @@ from typing import Sequence, Union
 import numpy as np
 import paddle
 
+from .rounding import round_half_to_even
+
 __all__ = [
     "quantize_per_tensor",
     "quantize_per_channel",
@@ -266,13 +268,6 @@ def _channel_shape(ndim: int, axis: int, n: int) -> list[int]:
     return shape
 
 
-def _round_half_even(v: paddle.Tensor) -> paddle.Tensor:
-    """``nearbyint`` (ties to even), whatever tie rule ``paddle.round`` uses."""
-    r = paddle.round(v)
-    tie = paddle.abs(v - r) == 0.5
-    return paddle.where(tie, paddle.round(v * 0.5) * 2.0, r)
-
-
 def _fma_f32(x: paddle.Tensor, inv: np.float32, zp: int) -> paddle.Tensor:
     """Returns fl32(x * inv + zp) rounded once, i.e. a float32 fused multiply-add.
 
@@ -344,7 +339,7 @@ def quantize_per_tensor(
         v = xt * _const(inv, "float32", xt) + _const(np.float32(zp), "float32", xt)
     else:
         v = _fma_f32(xt, inv, zp)
-    return _clamp(_round_half_even(v), qmin, qmax).astype(_PADDLE_DTYPES[key])
+    return _clamp(round_half_to_even(v), qmin, qmax).astype(_PADDLE_DTYPES[key])
 
 
 @paddle.no_grad()
@@ -389,7 +384,7 @@ def quantize_per_channel(
     v = xt * _const(inv, "float32", xt) + _const(
         zps.astype(np.float32).reshape(shape), "float32", xt
     )
-    return _clamp(_round_half_even(v), qmin, qmax).astype(_PADDLE_DTYPES[key])
+    return _clamp(round_half_to_even(v), qmin, qmax).astype(_PADDLE_DTYPES[key])
 
 
 @paddle.no_grad()
@@ -475,7 +470,7 @@ def fake_quantize(
         shape = _channel_shape(xt.ndim, ax, n)
     inv = (np.float32(1.0) / s32).reshape(shape)
     zp32 = _const(zps.astype(np.float32).reshape(shape), "float32", xt)
-    v = _round_half_even(xt * _const(inv, "float32", xt)) + zp32
+    v = round_half_to_even(xt * _const(inv, "float32", xt)) + zp32
     q = _clamp(v, qmin, qmax)
     diff = q - _const(zps.astype(np.float64).reshape(shape), "float64", xt)
     return (diff * _const(s32.astype(np.float64).reshape(shape), "float64", xt)).astype("float32")
