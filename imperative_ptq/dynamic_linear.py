@@ -23,18 +23,9 @@ import paddle
 
 from .quant_layers import MIN_WEIGHT_THRESHOLD, quantize_weight
 from .quantizers.qparams import symmetric_levels
+from .rounding import round_half_to_even
 
 __all__ = ["DynamicQuantizedLinear", "dynamic_quantize_activation"]
-
-#: Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
-#: integer, ties to even (``paddle.round`` rounds ties away from zero; ONNX rounds to even).
-_ROUND_MAGIC = np.float32(1.5 * 2**23)
-
-
-def _round_half_even(values: paddle.Tensor) -> paddle.Tensor:
-    magic = paddle.to_tensor(_ROUND_MAGIC, dtype=values.dtype)
-    return (values + magic) - magic
-
 
 def dynamic_quantize_activation(
     x: paddle.Tensor,
@@ -52,8 +43,8 @@ def dynamic_quantize_activation(
     high = paddle.maximum(paddle.max(x), paddle.zeros([], x.dtype))
     spread = high - low
     scale = paddle.where(spread > 0, spread / 255.0, paddle.ones([], x.dtype))
-    zero_point = paddle.clip(_round_half_even(-low / scale), 0.0, 255.0)
-    codes = paddle.clip(_round_half_even(x / scale) + zero_point, 0.0, 255.0)
+    zero_point = paddle.clip(round_half_to_even(-low / scale), 0.0, 255.0)
+    codes = paddle.clip(round_half_to_even(x / scale) + zero_point, 0.0, 255.0)
     return codes, scale, zero_point
 
 
