@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Iterable
 
 import numpy as np
 import paddle
+import pytest
 from paddle.vision.models.resnet import BasicBlock
 
 from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+from imperative_ptq.cpu import cpu_info
+from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
+
+#: The x86 targets, ``x86-vnni`` skipped on a CPU without VNNI or AMX (its signed int8 inputs
+#: saturate there, and its 8-bit LSTM weights are exact only with VNNI). Test ids stay ``x86``
+#: and ``x86-vnni``.
+X86_TARGETS = [
+    "x86",
+    pytest.param("x86-vnni", marks=pytest.mark.skipif(
+        not cpu_info().vnni, reason="x86-vnni is exact only on CPUs with VNNI or AMX"
+    )),
+]
 
 
 def mlp(*features: int) -> paddle.nn.Sequential:
@@ -109,3 +124,48 @@ def converted(
         qmodel(batch)
     ptq.convert(qmodel)
     return qmodel
+
+
+def without_structure(path: str | pathlib.Path, to: str | pathlib.Path) -> pathlib.Path:
+    """Writes the calibration table ``path`` to ``to`` without its ``structure`` section, as
+    tables were written before it was recorded; returns ``to``."""
+    document = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    del document["structure"]
+    to = pathlib.Path(to)
+    to.write_text(json.dumps(document), encoding="utf-8")
+    return to
+
+
+def converted_from_old_table(
+    model: paddle.nn.Layer, batches: Iterable[paddle.Tensor], directory: pathlib.Path,
+    target: str = "x86",
+) -> paddle.nn.Layer:
+    """``model`` calibrated on ``batches`` (KL + per-channel, ``target``), its table saved
+    without the structure section, loaded into a fresh quantized copy and converted."""
+    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target)
+    calibrated = ImperativePTQ(config)
+    qmodel = calibrated.quantize(model)
+    for batch in batches:
+        qmodel(batch)
+    table = directory / "table.json"
+    calibrated.save_calibration_table(qmodel, table)
+    loading = ImperativePTQ(config)
+    loaded = loading.quantize(model)
+    loading.load_calibration_table(loaded, without_structure(table, table))
+    loading.convert(loaded)
+    return loaded
+
+
+def largest_error_in_paddle_inference(
+    qmodel: paddle.nn.Layer, x: np.ndarray, directory: pathlib.Path
+) -> float:
+    """Exports ``qmodel`` (input spec from ``x``'s shape, any batch), checks that Paddle
+    Inference runs fp32 only the layers kept fp32, runs ``x`` and returns the largest
+    difference to the simulation, relative to the simulation's largest output."""
+    prefix = str(directory / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, *x.shape[1:]], "float32", "x")])
+    report = int8_report(prefix)
+    assert sum(report.fp32.values()) == len(report.fp32_weights), report  # only layers kept fp32
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    return float(np.abs(ran - simulated).max() / np.abs(simulated).max())

@@ -25,7 +25,7 @@ from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 from imperative_ptq.models import MnistConvNet, SpaceToDepth
-from models import converted
+from models import X86_TARGETS, converted
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
 EVAL_IMAGES = 2000
@@ -800,7 +800,7 @@ def test_linear_on_a_rank_4_input_stays_fp32_as_paddle_runs_it(rank, tmp_path, c
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
     """Paddle Inference moved the quantize op of the conv after an average pool in front of
     the pool and averaged int8 codes (one more rounding than the simulation); the export keeps
@@ -808,8 +808,6 @@ def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
     computes what the simulation does."""
     from imperative_ptq.export import int8_report
 
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     paddle.seed(0)
     model = paddle.nn.Sequential(
         paddle.nn.Conv2D(3, 16, 3, padding=1), paddle.nn.ReLU(), paddle.nn.AvgPool2D(3, 3),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import fractions
-import json
 
 import numpy as np
 import paddle
@@ -18,10 +17,10 @@ from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from avx2_kernels import pytest_on_avx2_kernels
-from models import RESNET_WIDTH as WIDTH, OneBlockResNet, ThreeBlockResNet, converted
+from models import RESNET_WIDTH as WIDTH, X86_TARGETS, OneBlockResNet, ThreeBlockResNet, converted
+from models import converted_from_old_table, largest_error_in_paddle_inference
 
 nn = paddle.nn
-TARGETS = ["x86", "x86-vnni"]
 SIZE = 12
 
 
@@ -129,12 +128,10 @@ def _reference(qmodel: nn.Layer, x: np.ndarray, downsample: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_fused_residual_runs_as_simulated(downsample, target, tmp_path) -> None:
     """Before the simulation read the residual as codes it added it in float: 0.98%
     (identity) and 1.1% (downsample) of the largest logit off Paddle Inference."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     qmodel, prefix, x = _exported(downsample, target, tmp_path)
     block = qmodel.block
     if downsample:
@@ -176,12 +173,10 @@ def test_onnx_runtime_reads_the_residual_as_simulated(downsample, tmp_path) -> N
     assert np.abs(ran - simulated).max() <= (1.5e-2 if downsample else 8e-3) * np.abs(simulated).max()
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_three_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     """Measured 2.9e-7 of the largest logit (3.5% before: residuals added in float, the
     readers of the block outputs clipped at code 127)."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((8, 3, 16, 16), np.float32)) for _ in range(4)]
@@ -215,48 +210,14 @@ def test_a_residual_read_by_nothing_else_is_left_in_float_without_calibration_ba
     """Nothing seen, nothing simulated: a table without its structure section (the format
     before it was recorded) cannot tell a residual add (tests/test_table_structure.py loads
     one that has it)."""
-    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
-
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = OneBlockResNet(True)
-    model.eval()
-    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86")
-    calibrated = ImperativePTQ(config)
-    qmodel = calibrated.quantize(model)
-    for _ in range(2):
-        qmodel(paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)))
-    table = str(tmp_path / "table.json")
-    calibrated.save_calibration_table(qmodel, table)
-    with open(table, encoding="utf-8") as file:
-        document = json.load(file)
-    del document["structure"]
-    with open(table, "w", encoding="utf-8") as file:
-        json.dump(document, file)
-    fresh = ImperativePTQ(config)
-    other = fresh.quantize(model)
-    fresh.load_calibration_table(other, table)
-    fresh.convert(other)
+    batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(2)]
+    other = converted_from_old_table(OneBlockResNet(True).eval(), batches, tmp_path)
     assert not any(isinstance(layer, QuantizedResidualOutput) for layer in other.sublayers())
     assert other.block.conv1.residual_codes == 0
-    prefix = str(tmp_path / "m")
-    save_quantized_model(other, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
     x = rng.random((16, 3, SIZE, SIZE), np.float32)
-    simulated = other(paddle.to_tensor(x)).numpy()
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
-
-
-def _largest_error_in_paddle_inference(qmodel: nn.Layer, x: np.ndarray, tmp_path) -> float:
-    """Exports ``qmodel`` (inputs ``[N, 3, 32, 32]``), runs ``x`` in Paddle Inference and returns
-    its largest difference to the simulation, relative to the simulation's largest output."""
-    prefix = str(tmp_path / "m")
-    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x")])
-    report = int8_report(prefix)
-    assert sum(report.fp32.values()) == len(report.fp32_weights), report  # only layers kept fp32
-    simulated = qmodel(paddle.to_tensor(x)).numpy()
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    return float(np.abs(ran - simulated).max() / np.abs(simulated).max())
+    assert largest_error_in_paddle_inference(other, x, tmp_path) <= 2e-6
 
 
 class _DownsampleFirst(nn.Layer):
@@ -292,7 +253,7 @@ def test_downsample_computed_before_the_branch_runs_as_simulated(shortcut_left, 
     assert isinstance(qmodel.downsample[1], QuantizedResidualOutput)
     assert not isinstance(qmodel.bn2, QuantizedResidualOutput)
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
-    assert _largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
 
 class _ConvBN(nn.Layer):
@@ -343,7 +304,7 @@ class _FunctionalResNet(nn.Layer):
         return self.fc(paddle.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_functional_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     """Blocks written with ``F.relu`` and ``paddle.add`` (no hooked ReLU reads the sum): the
     adds are found from the ReLU of the sum a conv or the pool reads, the identity shortcut
@@ -351,8 +312,6 @@ def test_functional_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     (measured: 4.6% of the largest logit off Paddle Inference on these blocks, both targets).
     The last sum, read only by the pool, has no scale: that add runs in float, its conv alone
     in int8, the downsample shortcut before it unquantized."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((4, 3, 32, 32), np.float32)) for _ in range(3)]
@@ -360,7 +319,7 @@ def test_functional_residual_blocks_run_as_simulated(target, tmp_path) -> None:
     assert isinstance(qmodel.blocks[1].short.bn, QuantizedResidualOutput)
     assert qmodel.blocks[0].conv0.conv.residual_codes == 255
     x = rng.random((8, 3, 32, 32), np.float32)
-    assert _largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
 
 class _MeanHead(nn.Layer):
@@ -381,20 +340,18 @@ class _MeanHead(nn.Layer):
         return self.head(x.mean([2, 3]))
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_shortcut_of_an_unseen_add_is_read_as_codes(target, tmp_path) -> None:
     """The downsample block's ReLU output is written as s8 codes for every reader, the unseen
     add too: its first conv puts it on them in place (measured: 1.5% / 2.0% of the largest
     output off Paddle Inference on x86 / x86-vnni before, <= 2e-6 now)."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.standard_normal((4, 3, 32, 32)).astype(np.float32)) for _ in range(3)]
     qmodel = converted(_MeanHead(), batches, target)
     assert qmodel.conv.residual_codes == 127 and qmodel.conv.residual_source == ""
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
-    assert _largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ kernels; every other average pool runs fp32 in both."""
 from __future__ import annotations
 
 import fractions
-import json
 
 import numpy as np
 import paddle
@@ -17,10 +16,9 @@ from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from avx2_kernels import pytest_on_avx2_kernels
-from models import converted
+from models import X86_TARGETS, converted, converted_from_old_table, largest_error_in_paddle_inference
 
 nn = paddle.nn
-TARGETS = ["x86", "x86-vnni"]
 SIZE = 12
 
 
@@ -142,11 +140,9 @@ def _fc(qmodel: paddle.nn.Layer, pooled: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_name", ["conv_head", "relu6_head"])
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
     """Before the simulation averaged codes: 2.7% (conv_head) off Paddle Inference."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     qmodel, prefix, x = _exported(model_name, target, tmp_path)
     assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
     report = int8_report(prefix)
@@ -163,7 +159,7 @@ def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
     assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", X86_TARGETS)
 def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path) -> None:
     """The ReLU after a residual conv (ResNet's block output, u8 codes up to 255) into the
     int8 pool. The block itself adds a difference the simulation does not model: the fused
@@ -173,8 +169,6 @@ def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path) -> None:
     with the pool averaged in float)."""
     from imperative_ptq.converted import output_thresholds
 
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     qmodel, prefix, x = _exported("resnet_style", target, tmp_path)
     assert isinstance(qmodel.avgpool, QuantizedGlobalAveragePool)
     block = qmodel.layer1[0]
@@ -228,12 +222,8 @@ def test_a_functional_head_pool_runs_fp32_in_both(tmp_path) -> None:
     batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
     qmodel = converted(_FunctionalHead(), batches, "x86")
     assert not any(isinstance(layer, QuantizedGlobalAveragePool) for layer in qmodel.sublayers())
-    prefix = str(tmp_path / "m")
-    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
     x = rng.random((16, 3, SIZE, SIZE), np.float32)
-    simulated = qmodel(paddle.to_tensor(x)).numpy()
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
 
 @pytest.mark.slow
@@ -248,35 +238,13 @@ def test_a_model_converted_from_a_table_alone_keeps_the_pool_fp32(tmp_path) -> N
     thresholds, not which layer reads which: without a calibration batch convert cannot tell a
     head pool, so the export keeps it fp32 and still agrees (tests/test_table_structure.py
     loads a table that has it)."""
-    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
-
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = _ConvHead()
-    model.eval()
-    config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86")
-    calibrated = ImperativePTQ(config)
-    qmodel = calibrated.quantize(model)
-    for _ in range(4):
-        qmodel(paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)))
-    table = str(tmp_path / "table.json")
-    calibrated.save_calibration_table(qmodel, table)
-    with open(table, encoding="utf-8") as file:
-        document = json.load(file)
-    del document["structure"]
-    with open(table, "w", encoding="utf-8") as file:
-        json.dump(document, file)
-    loading = ImperativePTQ(config)
-    loaded = loading.quantize(model)
-    loading.load_calibration_table(loaded, table)
-    loading.convert(loaded)
+    batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
+    loaded = converted_from_old_table(_ConvHead().eval(), batches, tmp_path)
     assert not isinstance(loaded.pool, QuantizedGlobalAveragePool)
-    prefix = str(tmp_path / "m")
-    save_quantized_model(loaded, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
     x = rng.random((16, 3, SIZE, SIZE), np.float32)
-    simulated = loaded(paddle.to_tensor(x)).numpy()
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+    assert largest_error_in_paddle_inference(loaded, x, tmp_path) <= 2e-6
 
 
 class _DownsampledLast(nn.Layer):

@@ -19,6 +19,7 @@ from imperative_ptq.export.rnn_fusion import fuse_lstm_ops
 from imperative_ptq.export.tracing import trace_to_legacy_program
 from imperative_ptq.quant_rnn import QuantizedLSTM
 from avx2_kernels import pytest_on_avx2_kernels
+from models import X86_TARGETS
 
 nn = paddle.nn
 STEPS, FEATURES, HIDDEN = 6, 8, 16
@@ -170,7 +171,7 @@ def test_fusion_lstm_rewrite_computes_the_rnn_op(time_major, reads, tmp_path) ->
 
 
 # --------------------------------------------------------------------- int8 runtime
-@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.parametrize("target", X86_TARGETS)
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
 @pytest.mark.parametrize("reads", ["sequence", "final-hidden", "final-cell"])
 def test_int8_lstm_runs_what_the_simulation_computes(
@@ -179,8 +180,6 @@ def test_int8_lstm_runs_what_the_simulation_computes(
     """Also a read final cell state, which oneDNN's fusion_lstm does not output: the export
     computes it beside the kernel (it used to keep such an LSTM fp32 while the simulation ran
     it int8)."""
-    if target == "x86-vnni" and not cpu_info().vnni:
-        pytest.skip("x86-vnni's 8-bit weights are exact only with VNNI")
     paddle.seed(0)
     model = _Classifier(time_major, reads)
     quantized = _converted(model, time_major, target)

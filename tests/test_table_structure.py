@@ -17,6 +17,7 @@ from imperative_ptq.calibration_structure import structure_of
 from imperative_ptq.export import create_predictor, int8_report, predict
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.session import hooked_states
+from models import without_structure
 
 nn = paddle.nn
 SIZE = 32
@@ -169,10 +170,7 @@ def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_pat
 
     # A table written before the structure was recorded: the model keeps its own observations
     # (rank 3 here, so its Linear is simulated int8, unlike the calibrated model's).
-    document = json.loads(path.read_text())
-    del document["structure"]
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps(document))
+    old = without_structure(path, tmp_path / "old.json")
     fresh, model = fresh_with_a_rank_3_batch()
     observed = _observed(model)
     fresh.load_calibration_table(model, old)
@@ -194,10 +192,8 @@ def _thresholds_after_loading(path, model: nn.Layer) -> dict:
 
 def test_an_old_table_loads_into_a_fresh_model_without_observations(resnet, tmp_path) -> None:
     model, _, _, path, x = resnet
-    document = json.loads(path.read_text())
-    del document["structure"]
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps(document))
+    old = without_structure(path, tmp_path / "old.json")
+    document = json.loads(old.read_text())
     ptq = _ptq()
     loaded = ptq.quantize(model)
     ptq.load_calibration_table(loaded, old)
