@@ -214,6 +214,16 @@ def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
         assert ops["clip"].input("Min") and ops["clip"].input("Max")
 
 
+def _quantize_zero_points(path: str, reads: Callable[[str], bool]) -> list[int]:
+    """The zero points of the graph's QuantizeLinear nodes whose input name ``reads`` takes."""
+    graph = onnx.load(path).graph
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    return [
+        int(initializers[node.input[2]]) for node in graph.node
+        if node.op_type == "QuantizeLinear" and reads(node.input[0])
+    ]
+
+
 class _LeakyChain(nn.Layer):
     """conv -> ReLU -> leaky_relu (non-negative) -> 1x1 conv -> leaky_relu (signed) -> 1x1 conv:
     the second conv reads a u8 input, the third a signed one."""
@@ -235,16 +245,11 @@ def test_leaky_relu_keeps_negative_values_and_reads_non_negative_ones_as_u8(targ
     shape = [4, 3, SIZE, SIZE]
     qmodel = _quantized(_LeakyChain(), shape, target)
     ran, simulated, path = _runs(qmodel, shape, tmp_path)
-    # Measured 2026-12-01: x86 0.99991, arm 0.99989 (arm's non-negative tensors get 255
-    # levels in ONNX, 127 in the simulation); with leaky_relu taken as non-negative (zero
-    # point 0 for its signed output) arm fell to 0.942.
+    # Measured 2026-12-01: x86 0.99995, arm 0.99991 (0.99991 / 0.99989 while arm's
+    # non-negative int8-layer inputs got 255 levels in ONNX); with leaky_relu taken as
+    # non-negative (zero point 0 for its signed output) arm fell to 0.942.
     assert _cosine(ran, simulated) >= 0.999
-    graph = onnx.load(path).graph
-    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-    zero_points = [
-        int(initializers[node.input[2]]) for node in graph.node
-        if node.op_type == "QuantizeLinear" and node.input[0].startswith("leaky_relu")
-    ]
+    zero_points = _quantize_zero_points(path, lambda name: name.startswith("leaky_relu"))
     # The non-negative leaky_relu output is quantized with zero point 0 (u8), the signed one
     # not (x86: its shifted grid's zero point; arm: 128).
     assert len(zero_points) == 2 and zero_points[0] == 0 and zero_points[1] > 0, zero_points
@@ -365,13 +370,8 @@ def test_zero_point_follows_the_sign_of_the_op_output(name: str, non_negative: b
     shape = [4, 3, SIZE, SIZE]
     qmodel = _quantized(_Around(factory(), True), shape, "arm")
     ran, simulated, path = _runs(qmodel, shape, tmp_path)
-    # Measured 2026-12-01: 1.0 after the signed ops, 0.99992 (square) to 0.999998 after the
-    # non-negative ones (arm: 255 levels in ONNX, 127 in the simulation).
+    # Measured 2026-12-01: 0.999998 (pow) to 1.0 (0.99992 after square while arm's
+    # non-negative int8-layer inputs got 255 levels in ONNX where the simulation has 127).
     assert _cosine(ran, simulated) >= 0.999
-    graph = onnx.load(path).graph
-    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-    zero_points = [
-        int(initializers[node.input[2]]) for node in graph.node
-        if node.op_type == "QuantizeLinear" and node.input[0] != "x"  # not the network input
-    ]
+    zero_points = _quantize_zero_points(path, lambda name: name != "x")  # not the network input
     assert zero_points == [0 if non_negative else 128], zero_points
