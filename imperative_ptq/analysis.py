@@ -30,8 +30,10 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call, eval_mode
+from .converted import converted_structure
 from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, replace_sublayer
+from .quant_residual import QuantizedResidualOutput
 from .quant_rnn import QuantizedLSTM
 
 __all__ = [
@@ -522,9 +524,6 @@ def residual_layers(quantized_model: paddle.nn.Layer) -> set[str]:
     convs reading a block output as codes up to 255, the downsample conv. (A conv reading an
     identity shortcut is not one: kept fp32, the shortcut loses its scale and the add runs in
     float in both.)"""
-    from .converted import converted_structure
-    from .quant_residual import QuantizedResidualOutput
-
     found: set[str] = set()
     structure = converted_structure(quantized_model) or {}
     for name, layer in quantized_model.named_sublayers():
