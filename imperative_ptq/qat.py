@@ -33,7 +33,7 @@ import paddle
 
 from .calibration_table import CalibrationTable, TableFile, apply_table, write_table
 from .converted import converted_minima, converted_structure, converted_table, mark_fine_tuned
-from .fake_quant import FakeQuantLayer, FakeQuantResidualSource
+from .fake_quant import MIN_THRESHOLD, FakeQuantLayer, FakeQuantResidualSource
 from .ptq import ImperativePTQ
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_pool import QuantizedGlobalAveragePool
@@ -282,11 +282,21 @@ class ImperativeQAT:
             name: {role: list(values) for role, values in entry.items()}
             for name, entry in state.table.items()
         }
+        collapsed = []
         for name, layer in model.named_sublayers():
             if isinstance(layer, FakeQuantLayer) and layer.learnable:
                 input_threshold, weight_thresholds = layer.thresholds()
                 table[name]["input"] = [input_threshold]
                 table[name]["weight"] = weight_thresholds
+                floored = sum(t <= MIN_THRESHOLD for t in [input_threshold, *weight_thresholds])
+                if floored:
+                    collapsed.append(f"{name} ({floored} of {1 + len(weight_thresholds)})")
+        if collapsed:
+            logger.warning(
+                "learned thresholds crossed zero and are read as %g, so what they quantize "
+                "is (almost) zero: %s. Lower the learning rate of the scales.",
+                MIN_THRESHOLD, ", ".join(collapsed),
+            )
         return table
 
     def fine_tuning(self, model: paddle.nn.Layer) -> dict[str, Any]:

@@ -4,6 +4,7 @@ leaves PTQ's model bit-identical, BatchNorm freezing, the exports of the result,
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import paddle
@@ -214,7 +215,9 @@ def test_benchmark_runs_as_a_script() -> None:
     assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-1000:]
 
 
-def test_a_learned_threshold_that_crossed_zero_converts_as_the_forward_reads_it(lenet_data) -> None:
+def test_a_learned_threshold_that_crossed_zero_converts_as_the_forward_reads_it(
+    lenet_data, caplog
+) -> None:
     """A large learning rate can push an LSQ threshold below zero; the forward reads it as
     MIN_THRESHOLD, and so does the table convert uses (before: convert raised "thresholds must
     be finite and positive")."""
@@ -230,7 +233,10 @@ def test_a_learned_threshold_that_crossed_zero_converts_as_the_forward_reads_it(
     thresholds = fc.weight_thresholds.numpy()
     thresholds[:3] = -0.1
     fc.weight_thresholds.set_value(thresholds)
-    assert qat.calibration_table(trainable)["fc1"]["weight"][:3] == [MIN_THRESHOLD] * 3
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.qat"):
+        assert qat.calibration_table(trainable)["fc1"]["weight"][:3] == [MIN_THRESHOLD] * 3
+    # Not silent: the warning names the layer and how many of its thresholds collapsed.
+    assert "crossed zero" in caplog.text and f"fc1 (3 of {1 + len(thresholds)})" in caplog.text
     converted = qat.convert(trainable)
     trainable.eval()
     x = lenet_data[0][0]
