@@ -66,6 +66,18 @@ class _Around(nn.Layer):
         return self.head(y) if self.head is not None else y
 
 
+class _ClassToken(nn.Layer):
+    """A ViT's class token: a parameter expanded to the batch size read from the input's shape
+    (in a method, so that dy2static makes ``y.shape[0]`` a ``shape`` op; a lambda sees -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = self.create_parameter([1, 8, 1, 1], default_initializer=nn.initializer.Constant(0.5))
+
+    def forward(self, y: paddle.Tensor) -> paddle.Tensor:
+        return y + self.token.expand([y.shape[0], 8, SIZE, SIZE])
+
+
 def REVERSED_CHANNELS() -> paddle.Tensor:  # noqa: N802 - reads as a constant in CASES
     return paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0])
 
@@ -150,6 +162,12 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "reduce_prod": (lambda: _Function(lambda y: paddle.prod(y, axis=1)), False),
     "reduce_amax": (lambda: _Function(lambda y: paddle.amax(y, axis=[2, 3])), False),
     "logsumexp": (lambda: _Function(lambda y: paddle.logsumexp(y, axis=1)), False),
+    # A ViT's patch tokens: flatten(2) keeps batch and channels (ONNX's Flatten would not).
+    "flatten_contiguous_range/2": (lambda: _Function(lambda y: y.flatten(2).transpose([0, 2, 1])), False),
+    "flatten_contiguous_range/1-2": (lambda: _Function(lambda y: y.flatten(1, 2)), False),
+    # A ViT's class token: expanded to the batch size read from the input's shape.
+    "shape": (lambda: _ClassToken(), True),
+    "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
 }
 
 

@@ -925,11 +925,7 @@ class _Converter(FloatOpConverters):
             node = self._node("Clip", [x, self._const("min", np.array(0, np.float32)),
                                        self._const("max", np.array(6, np.float32))], out)
         elif op.type == "flatten_contiguous_range":
-            start, stop = op.attr("start_axis"), op.attr("stop_axis")
-            rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
-            if stop not in (-1, rank - 1):
-                raise NotImplementedError("flatten is exported only up to the last axis")
-            node = self._node("Flatten", [x], out, axis=int(start))
+            node = self._flatten(op, x, out)
         elif op.type == "reshape2":
             if op.input("Shape") or op.input("ShapeTensor"):
                 raise NotImplementedError("reshape2 with a tensor shape is not exported")
@@ -959,6 +955,22 @@ class _Converter(FloatOpConverters):
         else:  # pragma: no cover - guarded by the dispatch table
             raise NotImplementedError(op.type)
         self._bind(out, node)
+
+    def _flatten(self, op, x: str, out: str) -> str:
+        """flatten_contiguous_range as a ``Reshape``: the axes before ``start_axis`` kept
+        (``0``), the range merged (``-1``), the axes after ``stop_axis`` at their traced sizes.
+        (ONNX's ``Flatten`` always makes a matrix: right only for ``start_axis=1`` up to the
+        last axis, wrong for a ViT's ``flatten(2)``.)"""
+        shape = self._shape(op.input("X")[0])
+        rank = len(shape)
+        start, stop = (int(a) % rank if rank else 0 for a in (op.attr("start_axis"), op.attr("stop_axis")))
+        after = shape[stop + 1:]
+        if any(d < 0 for d in after):
+            raise NotImplementedError(
+                "flatten is exported only when the axes after stop_axis have traced sizes"
+            )
+        target = np.array([0] * start + [-1] + after, np.int64)
+        return self._node("Reshape", [x, self._const("shape", target)], out)
 
     def _pixel_unshuffle(self, op, x: str, out: str) -> str:
         """Paddle's channel order is ``c * r * r + i * r + j`` (ONNX ``SpaceToDepth`` puts the

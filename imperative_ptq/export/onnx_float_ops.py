@@ -109,7 +109,7 @@ class FloatOpConverters:
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate, "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
-            "cumsum": self._cumsum,
+            "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
         })
         return dispatch
 
@@ -487,16 +487,44 @@ class FloatOpConverters:
 
     def _expand(self, op) -> None:
         """expand_v2 to a constant shape (``-1`` keeps a dimension, which ONNX's broadcasting
-        ``Expand`` does with 1) and expand_as_v2 (to the shape of ``Y``)."""
+        ``Expand`` does with 1) or to one computed in the graph, and expand_as_v2 (to the shape
+        of ``Y``)."""
         out = self._out(op)
         if op.type == "expand_as_v2" and op.input("Y"):
             shape = self._node("Shape", [self._in(op, "Y")], out + ".shape")
         elif op.type == "expand_as_v2":
             shape = self._const("shape", np.array([max(int(d), 1) for d in op.attr("target_shape")], np.int64))
+        elif op.input("Shape") or op.input("expand_shapes_tensor"):
+            shape = self._shape_tensor(op, "Shape", "expand_shapes_tensor", out)
         else:
-            self._reject_tensor_inputs(op, "Shape", "expand_shapes_tensor")
             shape = self._const("shape", np.array([1 if int(d) == -1 else int(d) for d in op.attr("shape")], np.int64))
         self._bind(out, self._node("Expand", [self._in(op), shape], out))
+
+    def _shape_tensor(self, op, tensor_slot: str, list_slot: str, stem: str) -> str:
+        """A shape computed in the graph as an int64 ONNX tensor: the 1-D tensor in
+        ``tensor_slot``, or the one-element tensors in ``list_slot`` concatenated (a ViT's
+        ``cls.expand([x.shape[0], 1, d])``)."""
+        int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+        if op.input(tensor_slot):
+            return self._node("Cast", [self._in(op, tensor_slot)], stem + ".shape", to=int64)
+        flat = self._const("shape", np.array([1], np.int64))
+        parts = [
+            self._node("Cast", [self._node("Reshape", [self._tensor(op, name), flat], stem + ".dim")],
+                       stem + ".dim64", to=int64)
+            for name in op.input(list_slot)
+        ]
+        return self._node("Concat", parts, stem + ".shape", axis=0)
+
+    def _shape_of(self, op) -> None:
+        """shape (an int32 tensor in Paddle, so cast from ONNX's int64) and size (int64)."""
+        out = self._out(op)
+        x = self._in(op, "Input")
+        if op.type == "size":
+            self._bind(out, self._node("Size", [x], out))
+            return
+        shape = self._node("Shape", [x], out + ".int64")
+        to = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(self.block._find_var_recursive(out).dtype))
+        self._bind(out, self._node("Cast", [shape], out, to=to))
 
     def _tile(self, op) -> None:
         """tile by constant ``repeat_times`` (fewer than the rank: the leading axes once;
