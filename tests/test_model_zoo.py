@@ -59,6 +59,26 @@ class _Transformer(nn.Layer):
         return self.head(hidden.mean(axis=1))
 
 
+class _ViT(nn.Layer):
+    """A ViT: conv patch embedding, ``flatten(2)``, a class token expanded to the batch size,
+    position embeddings, pre-norm encoder layers, the head on the class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2D(3, 32, 8, stride=8)
+        self.cls_token = self.create_parameter([1, 1, 32], default_initializer=nn.initializer.Normal(std=0.02))
+        self.position = self.create_parameter([1, 17, 32], default_initializer=nn.initializer.Normal(std=0.02))
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", normalize_before=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        tokens = self.patch(x).flatten(2).transpose([0, 2, 1])
+        tokens = paddle.concat([self.cls_token.expand([x.shape[0], 1, 32]), tokens], axis=1)
+        return self.head(self.norm(self.encoder(tokens + self.position))[:, 0])
+
+
 def _conv1d() -> nn.Layer:
     return nn.Sequential(
         nn.Conv1D(4, 8, 3), nn.ReLU(), nn.Conv1D(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(96, 4)
@@ -87,6 +107,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Layer], tuple[list[int], str], bool]] = 
     "simple_rnn": (lambda: _Recurrent("SimpleRNN"), ([10, 8], "float32"), True),
     "transformer_encoder": (lambda: _Transformer(False), ([16], "int64"), True),
     "transformer_decoder": (lambda: _Transformer(True), ([16], "int64"), True),
+    "vit": (_ViT, IMAGE, True),
 }
 
 
