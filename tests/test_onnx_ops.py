@@ -78,6 +78,14 @@ class _ClassToken(nn.Layer):
         return y + self.token.expand([y.shape[0], 8, SIZE, SIZE])
 
 
+class _BatchReshape(nn.Layer):
+    """A reshape to a shape holding the batch size read from the input (timm-style attention's
+    ``qkv.reshape([B, N, 3, heads, d])``): a reshape2 with a ShapeTensor list."""
+
+    def forward(self, y: paddle.Tensor) -> paddle.Tensor:
+        return y.reshape([y.shape[0], 8, -1])
+
+
 def REVERSED_CHANNELS() -> paddle.Tensor:  # noqa: N802 - reads as a constant in CASES
     return paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0])
 
@@ -167,6 +175,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "flatten_contiguous_range/1-2": (lambda: _Function(lambda y: y.flatten(1, 2)), False),
     # A ViT's class token: expanded to the batch size read from the input's shape.
     "shape": (lambda: _ClassToken(), True),
+    "reshape2": (lambda: _BatchReshape(), False),
     "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
 }
 
@@ -230,6 +239,8 @@ def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
         assert ops[op_type].attr("mode") == variant
     if name == "clip/tensors":
         assert ops["clip"].input("Min") and ops["clip"].input("Max")
+    if name == "reshape2":
+        assert ops["reshape2"].input("ShapeTensor")
 
 
 def _quantize_zero_points(path: str, reads: Callable[[str], bool]) -> list[int]:

@@ -927,9 +927,11 @@ class _Converter(FloatOpConverters):
         elif op.type == "flatten_contiguous_range":
             node = self._flatten(op, x, out)
         elif op.type == "reshape2":
-            if op.input("Shape") or op.input("ShapeTensor"):
-                raise NotImplementedError("reshape2 with a tensor shape is not exported")
-            node = self._node("Reshape", [x, self._const("shape", np.array(op.attr("shape"), np.int64))], out)
+            if op.input("Shape") or op.input("ShapeTensor"):  # e.g. [x.shape[0], n, -1]
+                shape = self._shape_tensor(op, "Shape", "ShapeTensor", out)
+            else:
+                shape = self._const("shape", np.array(op.attr("shape"), np.int64))
+            node = self._node("Reshape", [x, shape], out)
         elif op.type == "transpose2":
             node = self._node("Transpose", [x], out, perm=[int(a) for a in op.attr("axis")])
         elif op.type == "pixel_unshuffle":
