@@ -86,6 +86,18 @@ class _BatchReshape(nn.Layer):
         return y.reshape([y.shape[0], 8, -1])
 
 
+class _SliceToShape(nn.Layer):
+    """A parameter cut to a size read from the input (a position embedding cut to the sequence
+    length, ``pos[:, :paddle.shape(x)[1]]``): a slice with an EndsTensorList."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = self.create_parameter([1, 8, 2 * SIZE, SIZE], default_initializer=nn.initializer.Normal())
+
+    def forward(self, y: paddle.Tensor) -> paddle.Tensor:
+        return y + self.position[:, :, : paddle.shape(y)[2]]
+
+
 def REVERSED_CHANNELS() -> paddle.Tensor:  # noqa: N802 - reads as a constant in CASES
     return paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0])
 
@@ -176,6 +188,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     # A ViT's class token: expanded to the batch size read from the input's shape.
     "shape": (lambda: _ClassToken(), True),
     "reshape2": (lambda: _BatchReshape(), False),
+    "slice": (lambda: _SliceToShape(), True),
     "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
 }
 
@@ -241,6 +254,8 @@ def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
         assert ops["clip"].input("Min") and ops["clip"].input("Max")
     if name == "reshape2":
         assert ops["reshape2"].input("ShapeTensor")
+    if name == "slice":
+        assert ops["slice"].input("EndsTensorList")
 
 
 def _quantize_zero_points(path: str, reads: Callable[[str], bool]) -> list[int]:

@@ -501,9 +501,9 @@ class FloatOpConverters:
         self._bind(out, self._node("Expand", [self._in(op), shape], out))
 
     def _shape_tensor(self, op, tensor_slot: str, list_slot: str, stem: str) -> str:
-        """A shape computed in the graph as an int64 ONNX tensor: the 1-D tensor in
-        ``tensor_slot``, or the one-element tensors in ``list_slot`` concatenated (a ViT's
-        ``cls.expand([x.shape[0], 1, d])``)."""
+        """A shape (or slice bounds) computed in the graph as an int64 ONNX tensor: the 1-D
+        tensor in ``tensor_slot``, or the one-element tensors in ``list_slot`` concatenated (a
+        ViT's ``cls.expand([x.shape[0], 1, d])``)."""
         int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
         if op.input(tensor_slot):
             return self._node("Cast", [self._in(op, tensor_slot)], stem + ".shape", to=int64)
@@ -569,14 +569,19 @@ class FloatOpConverters:
         self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
 
     def _slice(self, op) -> None:
-        self._reject_tensor_inputs(op, "StartsTensor", "EndsTensor", "StartsTensorList", "EndsTensorList")
+        """slice with bounds as attributes or computed in the graph (a position embedding
+        cut to the sequence length, ``pos[:, :x.shape[1]]``)."""
         out = self._out(op)
         axes = [int(a) for a in op.attr("axes")]
-        starts = [int(a) for a in op.attr("starts")]
-        ends = [int(a) for a in op.attr("ends")]
+        bounds = []
+        for kind in ("starts", "ends"):
+            slot = kind.capitalize() + "Tensor"
+            if op.input(slot) or op.input(slot + "List"):
+                bounds.append(self._shape_tensor(op, slot, slot + "List", out + "." + kind))
+            else:
+                bounds.append(self._const(kind, np.array([int(a) for a in op.attr(kind)], np.int64)))
         sliced = self._node("Slice", [
-            self._in(op, "Input"), self._const("starts", np.array(starts, np.int64)),
-            self._const("ends", np.array(ends, np.int64)), self._const("axes", np.array(axes, np.int64)),
+            self._in(op, "Input"), *bounds, self._const("axes", np.array(axes, np.int64)),
         ], out + ".slice")
         decrease = [int(a) for a in op.attr("decrease_axis")]
         if decrease:
