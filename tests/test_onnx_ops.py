@@ -188,6 +188,10 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     # A ViT's class token: expanded to the batch size read from the input's shape.
     "shape": (lambda: _ClassToken(), True),
     "reshape2": (lambda: _BatchReshape(), False),
+    "roll": (lambda: _Function(lambda y: paddle.roll(y, shifts=[3, -2], axis=[2, 3])), True),
+    "flip": (lambda: _Function(lambda y: paddle.flip(y, axis=[1, 3])), True),
+    "round": (lambda: _Function(lambda y: paddle.round(y * 4.0)), True),
+    "top_k_v2": (lambda: _Function(lambda y: paddle.topk(y, 3, axis=1)[0]), False),
     "slice": (lambda: _SliceToShape(), True),
     "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
 }
@@ -372,33 +376,34 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _Roll(nn.Layer):
+class _Sort(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.roll(x, 1, axis=1)
+        return paddle.sort(x, axis=1)
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """roll (which the export does not translate) after a conv: the error names the op, the
-    tensor it writes and the layer it reads, and the Paddle Inference export still works."""
+    """sort (argsort, which the export does not translate) after a conv: the error names the
+    op, the tensor it writes and the layer it reads, and the Paddle Inference export still
+    works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.roll(y, 1, axis=1)), True), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.sort(y, axis=1)), True), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'roll' has no ONNX converter (writing 'roll"), message
+    assert message.startswith("op 'argsort' has no ONNX converter (writing 'sort_0"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_Roll)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_Sort)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_Roll(), True), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_Sort(), True), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_Roll)
-    with pytest.raises(NotImplementedError, match="op 'roll' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_Sort)
+    with pytest.raises(NotImplementedError, match="op 'argsort' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
 
 

@@ -110,6 +110,7 @@ class FloatOpConverters:
             "bilinear_interp_v2": self._interpolate, "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
+            "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
         })
         return dispatch
 
@@ -378,6 +379,71 @@ class FloatOpConverters:
         if dtype != np.int64:
             node = self._node("Cast", [node], out, to=self.helper.np_dtype_to_tensor_dtype(dtype))
         self._bind(out, node)
+
+    def _roll(self, op) -> None:
+        """roll (Swin's shifted windows) along axes of traced sizes: two slices swapped; no
+        axis rolls the flattened tensor."""
+        self._reject_tensor_inputs(op, "ShiftsTensor")
+        out = self._out(op)
+        x = self._in(op)
+        shape = self._shape(op.input("X")[0])
+        axes, shifts = [int(a) for a in op.attr("axis")], [int(s) for s in op.attr("shifts")]
+        if not axes:
+            if any(d < 0 for d in shape):
+                raise NotImplementedError("roll without axis is exported only for a traced shape")
+            x = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat")
+            axes, shape = [0], [int(np.prod(shape))]
+        for axis, shift in zip(axes, shifts):
+            size = shape[axis]
+            if size < 0:
+                raise NotImplementedError("roll is exported only along axes of a traced size")
+            cut = (size - shift % size) % size  # out = x[cut:] then x[:cut]
+            if cut == 0:
+                continue
+            part = [
+                self._node("Slice", [x, self._const("starts", np.array([start], np.int64)),
+                                     self._const("ends", np.array([end], np.int64)),
+                                     self._const("axes", np.array([axis], np.int64))], out + ".part")
+                for start, end in ((cut, size), (0, cut))
+            ]
+            x = self._node("Concat", part, out + ".rolled", axis=axis)
+        if not op.attr("axis"):
+            x = self._node("Reshape", [x, self._node("Shape", [self._in(op)], out + ".shape")], out + ".unflat")
+        self._bind(out, self._node("Identity", [x], out))
+
+    def _flip(self, op) -> None:
+        """flip: a slice with step -1 along each axis."""
+        out = self._out(op)
+        axes = [int(a) for a in op.attr("axis")]
+        lowest = np.iinfo(np.int64).min
+        self._bind(out, self._node("Slice", [
+            self._in(op), self._const("starts", np.full(len(axes), -1, np.int64)),
+            self._const("ends", np.full(len(axes), lowest, np.int64)),
+            self._const("axes", np.array(axes, np.int64)), self._const("steps", np.full(len(axes), -1, np.int64)),
+        ], out))
+
+    def _round(self, op) -> None:
+        """round half away from zero, as Paddle does (ONNX's ``Round`` rounds half to even):
+        ``sign(x) * floor(|x| + 0.5)``."""
+        out = self._out(op)
+        x = self._in(op)
+        floor = self._node("Floor", [self._node("Add", [self._node("Abs", [x], out + ".abs"), self._scalar("half", 0.5)], out + ".half")], out + ".floor")
+        self._bind(out, self._node("Mul", [self._node("Sign", [x], out + ".sign"), floor], out))
+
+    def _top_k(self, op) -> None:
+        """top_k_v2 (a constant ``k``): ONNX's ``TopK``, indices cast to Paddle's dtype."""
+        self._reject_tensor_inputs(op, "K")
+        values, indices = op.output("Out")[0], op.output("Indices")[0]
+        k = self._const("k", np.array([int(op.attr("k"))], np.int64))
+        found = [self._unique(values), self._unique(indices + ".int64")]
+        self.nodes.append(self.helper.make_node(
+            "TopK", [self._in(op), k], found, axis=int(op.attr("axis")),
+            largest=int(op.attr("largest")), sorted=int(op.attr("sorted")),
+        ))
+        self._bind(values, found[0])
+        dtype = numpy_dtype(self.block._find_var_recursive(indices).dtype)
+        self._bind(indices, found[1] if dtype == np.int64 else self._node(
+            "Cast", [found[1]], indices, to=self.helper.np_dtype_to_tensor_dtype(dtype)))
 
     # ------------------------------------------------------------------------------ normalization
     def _batch_norm(self, op) -> None:
