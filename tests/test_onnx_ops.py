@@ -188,6 +188,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     # A ViT's class token: expanded to the batch size read from the input's shape.
     "shape": (lambda: _ClassToken(), True),
     "reshape2": (lambda: _BatchReshape(), False),
+    "strided_slice": (lambda: _Function(lambda y: y[:, 1:, ::2, 1::3]), False),
     "roll": (lambda: _Function(lambda y: paddle.roll(y, shifts=[3, -2], axis=[2, 3])), True),
     "flip": (lambda: _Function(lambda y: paddle.flip(y, axis=[1, 3])), True),
     "round": (lambda: _Function(lambda y: paddle.round(y * 4.0)), True),

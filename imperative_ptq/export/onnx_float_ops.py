@@ -111,6 +111,7 @@ class FloatOpConverters:
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
+            "strided_slice": self._slice,
         })
         return dispatch
 
@@ -635,20 +636,23 @@ class FloatOpConverters:
         self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
 
     def _slice(self, op) -> None:
-        """slice with bounds as attributes or computed in the graph (a position embedding
-        cut to the sequence length, ``pos[:, :x.shape[1]]``)."""
+        """slice and strided_slice (YOLOv5's Focus ``x[..., ::2, ::2]``) with bounds as
+        attributes or computed in the graph (a position embedding cut to the sequence length,
+        ``pos[:, :paddle.shape(x)[1]]``)."""
         out = self._out(op)
         axes = [int(a) for a in op.attr("axes")]
+        kinds = ("starts", "ends", "strides") if op.type == "strided_slice" else ("starts", "ends")
         bounds = []
-        for kind in ("starts", "ends"):
+        for kind in kinds:
             slot = kind.capitalize() + "Tensor"
             if op.input(slot) or op.input(slot + "List"):
                 bounds.append(self._shape_tensor(op, slot, slot + "List", out + "." + kind))
             else:
                 bounds.append(self._const(kind, np.array([int(a) for a in op.attr(kind)], np.int64)))
-        sliced = self._node("Slice", [
-            self._in(op, "Input"), *bounds, self._const("axes", np.array(axes, np.int64)),
-        ], out + ".slice")
+        axes_tensor = self._const("axes", np.array(axes, np.int64))
+        sliced = self._node(
+            "Slice", [self._in(op, "Input"), *bounds[:2], axes_tensor, *bounds[2:]], out + ".slice"
+        )
         decrease = [int(a) for a in op.attr("decrease_axis")]
         if decrease:
             sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
