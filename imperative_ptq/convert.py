@@ -26,7 +26,7 @@ from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
-from .quant_residual import QuantizedResidualOutput
+from .quant_residual import QuantizedResidualOutput, ResidualSumOutput
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
 from .shifted_input import shiftable, shifted_grid
@@ -254,6 +254,37 @@ def _simulate_fused_residuals(
             layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
         return isinstance(layer, paddle.nn.ReLU)
 
+    def conv_of(name: str) -> QuantizedLayer | None:
+        layer, state = by_name.get(name, (None, None))
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase) and len(state.input_sources) == 1:
+            name = next(iter(state.input_sources))
+        return quantized.get(name)
+
+    sums: dict[str, ResidualSumOutput] = {}
+
+    def codes_at_sum(add) -> None:
+        """The fused conv writes the sum's ReLU (an ``nn.ReLU``) as codes for every reader."""
+        relu, _ = by_name.get(add.sum_reader, (None, None))
+        conv = conv_of(add.fused)
+        if not isinstance(relu, paddle.nn.ReLU) or conv is None or add.sum_reader in sums:
+            return
+        readers = [
+            quantized[state.name] for _, state in hooked
+            if add.sum_reader in state.input_sources and (state.wide_input or state.signed_input)
+            and state.name in quantized and quantized[state.name].input_unsigned
+        ]
+        thresholds = {reader.input_thresholds[0] for reader in readers}
+        if len(thresholds) > 1:
+            return
+        own = table.get(add.sum_reader, {}).get("output")
+        threshold = thresholds.pop() if thresholds else (own[0] if own else None)
+        if threshold is None:
+            return
+        top = U8_MAX if add.residual_readers else symmetric_levels(8)
+        sums[add.sum_reader] = ResidualSumOutput(relu, threshold, top, activation_bits)
+        replace_sublayer(model, relu, sums[add.sum_reader])
+        conv.sum_outputs.append(sums[add.sum_reader])
+
     identity, downsample = [], []
     for layer, state in hooked:
         for add in sorted(state.residual_adds, key=lambda add: add.fused):
@@ -270,6 +301,7 @@ def _simulate_fused_residuals(
                 # An unhooked residual (an F.relu output) has no layer that wrote it.
                 readers[0].residual_source = "" if add.residual_is_input else state.name
                 identity.append(add.residual_readers[0])
+                codes_at_sum(add)
             elif (
                 isinstance(layer, paddle.nn.layer.norm._BatchNormBase)
                 and not add.residual_readers
@@ -284,6 +316,7 @@ def _simulate_fused_residuals(
                     ),
                 )
                 downsample.append(state.name)
+                codes_at_sum(add)
     # A ReLU output after a fused residual conv is written as codes for every reader, float
     # ones too: an add calibration did not see (its sum read only by a functional op, or
     # returned by the network) reads the codes in Paddle. Where that ReLU is functional
