@@ -46,7 +46,7 @@ from .unsigned import (
 
 __all__ = [
     "INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "int8_pool_outputs", "load_legacy_program",
-    "quantize_program",
+    "quantize_program", "returned_only_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ def quantize_program(
                 if inputs:
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
-    returned = _returned_only_outputs(block, outputs, writers)
+    returned = returned_only_outputs(block, outputs, writers)
     if returned:
         logger.info(
             "%d tensors only the network returns (through pools and reshapes) keep no scale, so "
@@ -616,7 +616,7 @@ def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
     )
 
 
-def _returned_only_outputs(
+def returned_only_outputs(
     block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping
 ) -> set[str]:
     """The scaled tensors that only reach the network's outputs: a ReLU after a conv, the
