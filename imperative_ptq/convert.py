@@ -162,6 +162,7 @@ def convert_layers(
     if target.onednn:
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
+        _simulate_pooled_codes(model, hooked, quantized, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -336,6 +337,57 @@ def _simulate_fused_residuals(
             "(u8, quantized by %s), %d downsample shortcuts (s8: %s)", len(identity),
             first_names(identity), len(downsample), first_names(downsample),
         )
+
+
+def _simulate_pooled_codes(
+    model: paddle.nn.Layer,
+    hooked: HookedLayers,
+    quantized: dict[str, QuantizedLayer],
+    activation_bits: int,
+) -> None:
+    """Puts on its codes an ``nn.ReLU`` output that an int8 conv writes for an int8 max-pool.
+
+    Paddle Inference runs a max-pool after a conv + ReLU in int8 when its readers are int8
+    convs; the conv then writes the ReLU output as u8 codes (up to 255) on the scale the export
+    aligns with the pool's readers (``export.program``), and every reader reads them, the
+    caller included when the network returns the pool (measured: 3.5e-3 of the largest value
+    off Paddle Inference when the simulation returned floats). The ReLU must be read only by
+    max-pools; the conv marks its next call (:class:`ResidualSumOutput`), so a ReLU shared
+    with other calls is put on codes only there.
+    """
+    if activation_bits != 8:
+        return
+    by_name = {state.name: (layer, state) for layer, state in hooked}
+    for layer, state in hooked:
+        if type(layer) is not paddle.nn.ReLU or len(state.input_sources) != 1:
+            continue
+        source = next(iter(state.input_sources))
+        source_layer, source_state = by_name.get(source, (None, None))
+        if isinstance(source_layer, paddle.nn.layer.norm._BatchNormBase):
+            sources = source_state.input_sources
+            source = next(iter(sources)) if len(sources) == 1 else ""
+        conv = quantized.get(source)
+        if conv is None or not isinstance(conv.layer, paddle.nn.Conv2D):
+            continue
+        readers = [(by_name[name][0], by_name[name][1]) for name in by_name
+                   if state.name in by_name[name][1].input_sources]
+        if not readers or not all(isinstance(reader, paddle.nn.MaxPool2D) for reader, _ in readers):
+            continue
+        pools = {reader_state.name for _, reader_state in readers}
+        pool_readers = [
+            quantized.get(other.name) for _, other in hooked if other.input_sources & pools
+        ]
+        if not pool_readers or any(
+            reader is None or not reader.input_unsigned for reader in pool_readers
+        ):
+            continue
+        thresholds = {reader.input_thresholds[0] for reader in pool_readers}
+        if len(thresholds) != 1:
+            continue
+        wrapped = ResidualSumOutput(layer, thresholds.pop(), U8_MAX, activation_bits)
+        replace_sublayer(model, layer, wrapped)
+        conv.sum_outputs.append(wrapped)
+        logger.info("%s: its int8 conv writes it as u8 codes for the max-pool after it", state.name)
 
 
 def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:
