@@ -31,7 +31,7 @@ import paddle
 from .converted import converted_structure
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool
-from .quant_residual import QuantizedResidualOutput, ResidualCodesInput
+from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from .quantizers.qparams import symmetric_levels
 
 __all__ = ["refit_fused_residuals"]
@@ -149,6 +149,22 @@ def refit_fused_residuals(
         )
         if (read_as_residual or read_by_int8) and written_by_int8_conv(sources[0]):
             replace(name, ResidualCodesInput(layers[name], float(old.input_thresholds[0]), top))
+    # A ReLU put on codes for an int8 max-pool (convert's pooled codes) whose pool is now read
+    # by an fp32 conv: the export drops the scales through the pool, and the conv writes floats.
+    sum_readers = {add.get("sum_reader", "") for _, add in adds}
+    for name, layer in list(layers.items()):
+        if not isinstance(layer, ResidualSumOutput) or name in sum_readers:
+            continue
+        pools = {other for other, entry in structure.items() if name in entry.get("input_sources", [])}
+        if all(
+            isinstance(layers.get(other), QuantizedLayer)
+            for other, entry in structure.items() if pools & set(entry.get("input_sources", []))
+        ):
+            continue
+        replace(name, layer.layer)
+        for conv in layers.values():
+            if isinstance(conv, QuantizedLayer) and layer in conv.sum_outputs:
+                conv.sum_outputs.remove(layer)
     # A downsample conv kept fp32: its shortcut is quantized by Paddle from the conv's float
     # output (measured 0.5% of the largest output off the simulation, cause not found).
     for producer, add in adds:
