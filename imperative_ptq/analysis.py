@@ -31,6 +31,7 @@ import paddle
 
 from .batches import batch_to_call, eval_mode
 from .converted import converted_structure
+from .fp32_residuals import refit_fused_residuals
 from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_residual import QuantizedResidualOutput
@@ -227,11 +228,18 @@ def _replace(model: paddle.nn.Layer, name: str, layer: paddle.nn.Layer) -> paddl
 
 @contextlib.contextmanager
 def _swapped(model: paddle.nn.Layer, name: str, layer: paddle.nn.Layer) -> Iterator[None]:
+    # A fused residual conv marks the ReLU reading its sum in the converted model
+    # (QuantizedLayer.sum_outputs); run inside the fp32 model, it must not mark that one.
+    sum_outputs = layer.sum_outputs if isinstance(layer, QuantizedLayer) else []
+    if sum_outputs:
+        layer.sum_outputs = []
     old = _replace(model, name, layer)
     try:
         yield
     finally:
         _replace(model, name, old)
+        if sum_outputs:
+            layer.sum_outputs = sum_outputs
 
 
 def _check_pair(name: str, fp32: paddle.nn.Layer, quantized: QuantizedLayer) -> None:
@@ -460,8 +468,11 @@ def keep_fp32(
     """Puts layers of a converted model back in fp32, in place.
 
     A :class:`QuantizedLayer` only holds fake-quantized weights, so each named layer is
-    replaced by a deep copy of the layer of the same name in the fp32 ``model``. A layer a fused
-    int8 residual block depends on (:func:`residual_layers`) is kept with a warning: the
+    replaced by a deep copy of the layer of the same name in the fp32 ``model``, and the fused
+    int8 residual blocks are re-decided with those layers fp32
+    (:func:`~imperative_ptq.fp32_residuals.refit_fused_residuals`). A layer a fused int8
+    residual block depends on (:func:`residual_layers`) whose block could not be re-decided (a
+    downsample conv, a block written with functional ops) is kept with a warning: the
     simulation keeps modelling that block's residual arithmetic, which Paddle Inference may no
     longer run.
 
@@ -500,13 +511,16 @@ def keep_fp32(
         _check_pair(name, fp32, quantized)
         replacements.append((name, fp32))
     residual = residual_layers(quantized_model)
+    simulated = {}
     for name, fp32 in replacements:
+        simulated[name] = _get(quantized_model, name)
         restored = copy.deepcopy(fp32)
         restored.eval()
         _replace(quantized_model, name, restored)
     if replacements:
         logger.info("kept %d layers in fp32: %s", len(replacements), ", ".join(names))
-    touched = [name for name in names if name in residual]
+    unresolved = set(refit_fused_residuals(quantized_model, simulated))
+    touched = [name for name in names if name in residual and name in unresolved]
     if touched:
         logger.warning(
             "kept in fp32 inside a fused int8 residual block: %s. The simulation keeps "
@@ -608,37 +622,41 @@ def search_skip_set(
         report = analyze(model, quantized_model, data)
     pairs = {name: (fp32, quantized) for name, fp32, quantized in _pairs(model, quantized_model)}
     order = [name for name in report.names if name in pairs]
-    work = copy.deepcopy(quantized_model)
     history: list[tuple[tuple[str, ...], float]] = []
 
-    def score(skip: Sequence[str]) -> float:
-        with eval_mode(work):
-            value = float(evaluate(work))
+    def with_fp32(skip: Sequence[str]) -> paddle.nn.Layer:
+        """A copy of ``quantized_model`` with ``skip`` in fp32 through :func:`keep_fp32`, so
+        fused residual blocks are re-decided as the user's own ``keep_fp32`` call will."""
+        built = copy.deepcopy(quantized_model)
+        if skip:
+            keep_fp32(built, skip, model)
+        return built
+
+    def score(skip: Sequence[str]) -> tuple[float, paddle.nn.Layer]:
+        built = with_fp32(skip)
+        with eval_mode(built):
+            value = float(evaluate(built))
         history.append((tuple(skip), value))
         logger.info("fp32 layers %s: metric %.6g", list(skip) or "none", value)
-        return value
+        return value, built
 
     with eval_mode(model):
         fp32_metric = float(evaluate(model))
     floor = fp32_metric - budget
     skip: list[str] = []
-    current = score(skip)
+    current, work = score(skip)
     for name in order:
         if current >= floor:
             break
-        _replace(work, name, copy.deepcopy(pairs[name][0]))
         skip.append(name)
-        current = score(skip)
+        current, work = score(skip)
     if prune and current >= floor:
         for name in reversed(list(skip[:-1])):
             # The last one added was needed: without it the budget was missed.
-            kept = _replace(work, name, copy.deepcopy(pairs[name][1]))
             trial = [n for n in skip if n != name]
-            value = score(trial)
+            value, built = score(trial)
             if value >= floor:
-                skip, current = trial, value
-            else:
-                _replace(work, name, kept)
+                skip, current, work = trial, value, built
     within = current >= floor
     if not within:
         logger.warning(

@@ -26,7 +26,7 @@ from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
-from .quant_residual import QuantizedResidualOutput
+from .quant_residual import QuantizedResidualOutput, ResidualSumOutput
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import PTQRegistry
 from .shifted_input import shiftable, shifted_grid
@@ -162,6 +162,7 @@ def convert_layers(
     if target.onednn:
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
+        _simulate_pooled_codes(model, hooked, quantized, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -254,6 +255,37 @@ def _simulate_fused_residuals(
             layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
         return isinstance(layer, paddle.nn.ReLU)
 
+    def conv_of(name: str) -> QuantizedLayer | None:
+        layer, state = by_name.get(name, (None, None))
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase) and len(state.input_sources) == 1:
+            name = next(iter(state.input_sources))
+        return quantized.get(name)
+
+    sums: dict[str, ResidualSumOutput] = {}
+
+    def codes_at_sum(add) -> None:
+        """The fused conv writes the sum's ReLU (an ``nn.ReLU``) as codes for every reader."""
+        relu, _ = by_name.get(add.sum_reader, (None, None))
+        conv = conv_of(add.fused)
+        if not isinstance(relu, paddle.nn.ReLU) or conv is None or add.sum_reader in sums:
+            return
+        readers = [
+            quantized[state.name] for _, state in hooked
+            if add.sum_reader in state.input_sources and (state.wide_input or state.signed_input)
+            and state.name in quantized and quantized[state.name].input_unsigned
+        ]
+        thresholds = {reader.input_thresholds[0] for reader in readers}
+        if len(thresholds) > 1:
+            return
+        own = table.get(add.sum_reader, {}).get("output")
+        threshold = thresholds.pop() if thresholds else (own[0] if own else None)
+        if threshold is None:
+            return
+        top = U8_MAX if add.residual_readers else symmetric_levels(8)
+        sums[add.sum_reader] = ResidualSumOutput(relu, threshold, top, activation_bits)
+        replace_sublayer(model, relu, sums[add.sum_reader])
+        conv.sum_outputs.append(sums[add.sum_reader])
+
     identity, downsample = [], []
     for layer, state in hooked:
         for add in sorted(state.residual_adds, key=lambda add: add.fused):
@@ -270,6 +302,7 @@ def _simulate_fused_residuals(
                 # An unhooked residual (an F.relu output) has no layer that wrote it.
                 readers[0].residual_source = "" if add.residual_is_input else state.name
                 identity.append(add.residual_readers[0])
+                codes_at_sum(add)
             elif (
                 isinstance(layer, paddle.nn.layer.norm._BatchNormBase)
                 and not add.residual_readers
@@ -284,6 +317,7 @@ def _simulate_fused_residuals(
                     ),
                 )
                 downsample.append(state.name)
+                codes_at_sum(add)
     # A ReLU output after a fused residual conv is written as codes for every reader, float
     # ones too: an add calibration did not see (its sum read only by a functional op, or
     # returned by the network) reads the codes in Paddle. Where that ReLU is functional
@@ -303,6 +337,57 @@ def _simulate_fused_residuals(
             "(u8, quantized by %s), %d downsample shortcuts (s8: %s)", len(identity),
             first_names(identity), len(downsample), first_names(downsample),
         )
+
+
+def _simulate_pooled_codes(
+    model: paddle.nn.Layer,
+    hooked: HookedLayers,
+    quantized: dict[str, QuantizedLayer],
+    activation_bits: int,
+) -> None:
+    """Puts on its codes an ``nn.ReLU`` output that an int8 conv writes for an int8 max-pool.
+
+    Paddle Inference runs a max-pool after a conv + ReLU in int8 when its readers are int8
+    convs; the conv then writes the ReLU output as u8 codes (up to 255) on the scale the export
+    aligns with the pool's readers (``export.program``), and every reader reads them, the
+    caller included when the network returns the pool (measured: 3.5e-3 of the largest value
+    off Paddle Inference when the simulation returned floats). The ReLU must be read only by
+    max-pools; the conv marks its next call (:class:`ResidualSumOutput`), so a ReLU shared
+    with other calls is put on codes only there.
+    """
+    if activation_bits != 8:
+        return
+    by_name = {state.name: (layer, state) for layer, state in hooked}
+    for layer, state in hooked:
+        if type(layer) is not paddle.nn.ReLU or len(state.input_sources) != 1:
+            continue
+        source = next(iter(state.input_sources))
+        source_layer, source_state = by_name.get(source, (None, None))
+        if isinstance(source_layer, paddle.nn.layer.norm._BatchNormBase):
+            sources = source_state.input_sources
+            source = next(iter(sources)) if len(sources) == 1 else ""
+        conv = quantized.get(source)
+        if conv is None or not isinstance(conv.layer, paddle.nn.Conv2D):
+            continue
+        readers = [(by_name[name][0], by_name[name][1]) for name in by_name
+                   if state.name in by_name[name][1].input_sources]
+        if not readers or not all(isinstance(reader, paddle.nn.MaxPool2D) for reader, _ in readers):
+            continue
+        pools = {reader_state.name for _, reader_state in readers}
+        pool_readers = [
+            quantized.get(other.name) for _, other in hooked if other.input_sources & pools
+        ]
+        if not pool_readers or any(
+            reader is None or not reader.input_unsigned for reader in pool_readers
+        ):
+            continue
+        thresholds = {reader.input_thresholds[0] for reader in pool_readers}
+        if len(thresholds) != 1:
+            continue
+        wrapped = ResidualSumOutput(layer, thresholds.pop(), U8_MAX, activation_bits)
+        replace_sublayer(model, layer, wrapped)
+        conv.sum_outputs.append(wrapped)
+        logger.info("%s: its int8 conv writes it as u8 codes for the max-pool after it", state.name)
 
 
 def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:

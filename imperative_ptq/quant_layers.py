@@ -279,6 +279,9 @@ class QuantizedLayer(paddle.nn.Layer):
         self.input_floor = signed_input_floor(activation_bits, onednn_weights)
         self.residual_codes = 0
         self.residual_source = ""
+        #: ReLUs reading the residual sum fused into this conv (ResidualSumOutput): a plain
+        #: list, not sublayers, so they stay where the model holds them.
+        self.sum_outputs: list = []
         self.input_top_code = symmetric_levels(activation_bits)
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
@@ -420,6 +423,8 @@ class QuantizedLayer(paddle.nn.Layer):
             quantize_residual_in_place(
                 inputs[0], self.input_thresholds[0], self.activation_bits, self.residual_codes
             )
+        for sum_output in self.sum_outputs:
+            sum_output.expect_sum()
         return self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
 
     def extra_repr(self) -> str:

@@ -40,8 +40,11 @@ whichever order the two branches run or the add names them. Calibration tells th
 when each branch's conv input was first seen in the forward (``branch_inputs``): the earlier
 one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
-(:mod:`imperative_ptq.export.program`). Limits: the sum, or its ReLU, must be read by a hooked
-layer (a sum only a functional op reads, or that the network returns, is simulated in float;
+(:mod:`imperative_ptq.export.program`). The ``nn.ReLU`` reading a sum fused into an int8 conv
+returns that call's output on the codes the conv writes (:class:`ResidualSumOutput`), for every
+reader: the next block, and the caller of a backbone returning feature maps. Limits: the sum,
+or its ReLU, must be read by a hooked layer (a sum only a functional op reads, or that the
+network returns, is simulated in float;
 its shortcut is still read as the codes Paddle wrote where that is an ``F.relu`` output after
 another fused conv, which ``convert`` puts on them in its int8 readers); a sum read only by a
 layer that gives it no scale (a
@@ -63,7 +66,8 @@ from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes
 
 __all__ = [
-    "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "find_residual_add",
+    "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "ResidualCodesInput", "ResidualSumOutput",
+    "find_residual_add",
     "quantize_residual_in_place", "residual_on_codes",
 ]
 
@@ -88,6 +92,9 @@ class ResidualAdd:
             ``residual`` (its first reader): a tensor such as an ``F.relu`` output.
         after_relu: The tensor the add was found from is the sum's ReLU (``F.relu(a + b)``
             read by a conv), not the sum itself; what the forward saw, not compared or stored.
+        sum_reader: The hooked layer that read the sum (an ``nn.ReLU``, whose output is the
+            block's output) or its ReLU; ``""`` when unknown (a table written before it was
+            recorded). Not compared: one add, whichever layer saw it.
     """
 
     fused: str
@@ -96,6 +103,7 @@ class ResidualAdd:
     residual_top: int = U8_MAX
     residual_is_input: bool = False
     after_relu: bool = dataclasses.field(default=False, compare=False)
+    sum_reader: str = dataclasses.field(default="", compare=False)
 
 
 def find_residual_add(
@@ -262,3 +270,95 @@ class QuantizedResidualOutput(paddle.nn.Layer):
 
     def extra_repr(self) -> str:
         return f"output_threshold={self.output_thresholds[0]:.6g}, s8 codes (fused residual)"
+
+
+class ResidualCodesInput(paddle.nn.Layer):
+    """A layer kept fp32 that reads a tensor Paddle Inference writes as int8 codes: its first
+    input on those codes, then the layer.
+
+    An int8 conv whose output an int8 op reads directly (a fused residual conv reading it as
+    its residual, or an int8 conv reading a block output Paddle leaves unclipped) writes it as
+    codes, and every reader, fp32 ones included, reads their dequantized values. ``forward``
+    replaces its first input's values by :func:`residual_on_codes`, in place, so that readers
+    running after it read the codes too (as :attr:`QuantizedLayer.residual_codes
+    <imperative_ptq.quant_layers.QuantizedLayer>` does for an int8 reader); the export gives that
+    tensor the threshold's scale.
+
+    Args:
+        layer: The fp32 layer (the export traces it).
+        threshold: The tensor's threshold ``t`` (its int8 readers' input threshold).
+        top: The largest code (255 for a u8 tensor, 127 for one Paddle writes s8).
+        activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+
+    Raises:
+        ValueError: The threshold is not a positive number or ``top`` is not 1..255.
+    """
+
+    def __init__(
+        self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
+    ) -> None:
+        super().__init__()
+        if not np.isfinite(threshold) or threshold <= 0:
+            raise ValueError(f"ResidualCodesInput needs a positive threshold, got {threshold!r}")
+        if not 0 < int(top) <= U8_MAX:
+            raise ValueError(f"ResidualCodesInput: top must be 1..{U8_MAX}, got {top!r}")
+        self.layer = layer
+        self.threshold = float(threshold)
+        self.top = int(top)
+        self.activation_bits = activation_bits
+
+    def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
+        quantize_residual_in_place(inputs[0], self.threshold, self.activation_bits, self.top)
+        return self.layer(*inputs, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"input on int8 codes 0..{self.top} of threshold {self.threshold:.6g} (fp32 layer)"
+
+
+class ResidualSumOutput(paddle.nn.Layer):
+    """The ``nn.ReLU`` reading a residual sum that Paddle Inference fuses into an int8 conv (or
+    after an int8 conv whose output an int8 max-pool reads, ``convert``'s
+    ``_simulate_pooled_codes``): that call's output on the codes the conv writes.
+
+    A fused int8 residual conv always writes its output as codes (oneDNN cannot give it an
+    fp32 output), so every reader of the block's output reads them: the next block's convs
+    and add, and the caller when the network returns it (a backbone's feature maps; measured
+    3e-3 of the largest value off Paddle Inference when the simulation returned floats). The
+    ReLU may also serve calls that are no such sum (``paddle.vision``'s blocks call one ReLU
+    twice), so the fused conv's :class:`~imperative_ptq.quant_layers.QuantizedLayer` marks the
+    next call (:meth:`expect_sum`); with that conv fp32 (``keep_fp32``) the add runs in float
+    and nothing is marked.
+
+    Args:
+        layer: The ReLU (the export traces it).
+        threshold: ``t`` of the codes: the threshold the block output's int8 readers quantize
+            it with, else the ReLU's output threshold (what the export writes).
+        top: The largest code: 255, or 127 after a downsample (s8) residual.
+        activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+    """
+
+    def __init__(
+        self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
+    ) -> None:
+        super().__init__()
+        if not np.isfinite(threshold) or threshold <= 0:
+            raise ValueError(f"ResidualSumOutput needs a positive threshold, got {threshold!r}")
+        self.layer = layer
+        self.threshold = float(threshold)
+        self.top = int(top)
+        self.activation_bits = activation_bits
+        self.sum_pending = False
+
+    def expect_sum(self) -> None:
+        """The fused conv ran: the next call reads the sum."""
+        self.sum_pending = True
+
+    def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
+        output = self.layer(*inputs, **kwargs)
+        if not self.sum_pending:
+            return output
+        self.sum_pending = False
+        return residual_on_codes(output, self.threshold, self.activation_bits, self.top)
+
+    def extra_repr(self) -> str:
+        return f"residual sum's output on codes 0..{self.top} of threshold {self.threshold:.6g}"

@@ -173,6 +173,12 @@ class _Converter(FloatOpConverters):
             inputs[0] for record in records
             if record.simulated and record.input_unsigned and record.input_top_code == U8_MAX
             for inputs, _ in record.calls if inputs
+        } | {
+            # An fp32 layer reading a tensor the simulation puts on u8 codes up to 255
+            # (quant_residual.ResidualCodesInput) reads them unclipped too.
+            inputs[0] for record in records
+            if not record.simulated and record.residual_codes == U8_MAX
+            for inputs, _ in record.calls if inputs
         }
         #: Inputs of int8 layers, quantized on the simulation's grid of their threshold.
         self.layer_inputs: set[str] = set()
@@ -204,6 +210,11 @@ class _Converter(FloatOpConverters):
         # it: measured, a KL threshold on a classifier's final Softmax clipped its largest
         # probability from 0.222 to 0.196.
         thresholds = {name: value for name, value in outputs.items() if name in self.readers}
+        # Nor does one only the network returns through max-pools (quantized for the pool, it
+        # was clipped at its threshold: measured 29% of the largest value off the simulation
+        # on conv -> ReLU -> max-pool).
+        for name in program_lib.returned_only_outputs(self.block, thresholds, self.producer):
+            thresholds.pop(name, None)
         # A shifted input is quantized for its int8 reader alone (:meth:`_layer_input`).
         for op in self.ops:
             slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
@@ -234,6 +245,15 @@ class _Converter(FloatOpConverters):
                     self.affine[op.input(slots[1])[0]] = (
                         float(record.input_scale), int(record.input_zero_point)
                     )
+        # A tensor an fp32 layer reads on its codes (quant_residual.ResidualCodesInput): u8 on
+        # the grid of that layer's threshold, as for an int8 reader.
+        for record in records:
+            if record.simulated or not record.residual_codes:
+                continue
+            for inputs, _ in record.calls:
+                if inputs and inputs[0] not in self.u8_inputs:
+                    thresholds[inputs[0]] = float(record.input_threshold)
+                    self.u8_inputs[inputs[0]] = float(record.input_threshold)
         self._align_through_layout_ops(thresholds)
         self._align_concat_inputs(thresholds)
         # An int8 pool quantizes its input itself, on the grid of its input threshold; any

@@ -46,7 +46,7 @@ from .unsigned import (
 
 __all__ = [
     "INT8_WEIGHT_OPS", "ProgramScales", "LegacyProgram", "int8_pool_outputs", "load_legacy_program",
-    "quantize_program",
+    "quantize_program", "returned_only_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -450,7 +450,16 @@ def quantize_program(
                 if inputs:
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
+    returned = returned_only_outputs(block, outputs, writers)
+    if returned:
+        logger.info(
+            "%d tensors only the network returns (through pools and reshapes) keep no scale, so "
+            "Paddle Inference returns them in float as the simulation does: %s", len(returned),
+            ", ".join(sorted(returned)),
+        )
     for name, threshold in outputs.items():
+        if name in returned:
+            continue
         op = writers.get(name)
         if op is None or op.type in ("quantize_linear", "dequantize_linear"):
             continue
@@ -605,6 +614,45 @@ def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
         index + 1, type="clip", inputs={"X": [name]}, outputs={"Out": [isolated.name]},
         attrs={"min": -limit, "max": limit},
     )
+
+
+def returned_only_outputs(
+    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping
+) -> set[str]:
+    """The scaled tensors that only reach the network's outputs: a ReLU after a conv, the
+    max-pools after it, whose only other reader is a ``fetch`` (a VGG prefix ending in a pool).
+
+    With a scale the conv writes them as int8 codes for the int8 pool, and Paddle Inference
+    returns the dequantized codes where the simulation returns floats (measured: 2.6e-3 of
+    the largest value on a conv -> ReLU -> max-pool network). Without one they run fp32, which
+    costs no int8 reader anything. A block output after a fused residual conv keeps its scale
+    (the fused conv needs it; the simulation writes it as codes, quant_residual.py).
+    """
+    reading = readers(block)
+    returned: set[str] = set()
+    for name in outputs:
+        if name in returned or relu_after_residual_conv(block, name, writers):
+            continue
+        group, pending, only_returned = set(), [name], True
+        while pending and only_returned:
+            tensor = pending.pop()
+            if tensor in group:
+                continue
+            group.add(tensor)
+            for op in reading.get(tensor, []):
+                if op.type == "fetch":
+                    continue
+                if op.type in _VALUE_PRESERVING_OPS or (
+                    op.type == "pool2d" and op.attr("pooling_type") == "max"
+                ):
+                    pending.extend(op.output(op.output_names[0]))
+                else:
+                    only_returned = False
+        if only_returned and any(
+            op.type == "fetch" for tensor in group for op in reading.get(tensor, [])
+        ):
+            returned |= group & set(outputs)
+    return returned
 
 
 def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: ProgramScales) -> int:

@@ -27,7 +27,7 @@ from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from ..quant_pool import QuantizedGlobalAveragePool
-from ..quant_residual import QuantizedResidualOutput
+from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
@@ -312,6 +312,26 @@ def _collect_records(
                 output_thresholds=list(layer.output_thresholds),
                 residual_output=True,
                 residual_fused_with=layer.fused_with,
+            )
+            keep(layer, layer.layer, record)
+        elif isinstance(layer, ResidualSumOutput):
+            # Traced as the ReLU: .program writes its output with the scale the codes are on
+            # (its int8 readers' input threshold, else the ReLU's output threshold).
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer.layer).__name__,
+                output_thresholds=output_thresholds(layer.layer),
+            )
+            keep(layer, layer.layer, record)
+        elif isinstance(layer, ResidualCodesInput):
+            # An fp32 layer reading a tensor the simulation puts on int8 codes: .program gives
+            # that tensor the threshold's scale, as for an int8 reader's ``residual_codes``.
+            record = LayerRecord(
+                name=name,
+                layer_type=type(layer.layer).__name__,
+                input_threshold=layer.threshold,
+                residual_codes=layer.top,
+                activation_bits=layer.activation_bits,
             )
             keep(layer, layer.layer, record)
         elif output_thresholds(layer):
