@@ -111,6 +111,12 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
         lambda: _Function(lambda y: paddle.expand(paddle.mean(y, axis=1, keepdim=True), [-1, 8, -1, -1])),
         True,
     ),
+    "shape": (  # expand to a computed batch size: shape -> slice -> expand_v2 of tensors
+        lambda: _Function(lambda y: y + paddle.expand(paddle.mean(y, axis=0, keepdim=True), [paddle.shape(y)[0], -1, -1, -1])),
+        True,
+    ),
+    "flatten_contiguous_range/trailing": (lambda: _Function(lambda y: paddle.flatten(y, 2).transpose([0, 2, 1])), False),
+    "flatten_contiguous_range/inner": (lambda: _Function(lambda y: paddle.flatten(y, 1, 2)), False),
     "tile": (lambda: _Function(lambda y: paddle.tile(y, [1, 1, 2, 1])), True),
     "gather": (lambda: _Function(lambda y: paddle.gather(y, REVERSED_CHANNELS(), axis=1)), True),
     "bmm": (lambda: _Function(lambda y: paddle.bmm(y.reshape([-1, 8, SIZE * SIZE]), y.reshape([-1, SIZE * SIZE, 8]))), False),

@@ -925,11 +925,7 @@ class _Converter(FloatOpConverters):
             node = self._node("Clip", [x, self._const("min", np.array(0, np.float32)),
                                        self._const("max", np.array(6, np.float32))], out)
         elif op.type == "flatten_contiguous_range":
-            start, stop = op.attr("start_axis"), op.attr("stop_axis")
-            rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
-            if stop not in (-1, rank - 1):
-                raise NotImplementedError("flatten is exported only up to the last axis")
-            node = self._node("Flatten", [x], out, axis=int(start))
+            node = self._node("Reshape", [x, self._const("shape", self._flattened_shape(op))], out)
         elif op.type == "reshape2":
             if op.input("Shape") or op.input("ShapeTensor"):
                 raise NotImplementedError("reshape2 with a tensor shape is not exported")
@@ -959,6 +955,18 @@ class _Converter(FloatOpConverters):
         else:  # pragma: no cover - guarded by the dispatch table
             raise NotImplementedError(op.type)
         self._bind(out, node)
+
+    def _flattened_shape(self, op) -> np.ndarray:
+        """The ``Reshape`` shape of flatten_contiguous_range: 0 (ONNX: keep the input's
+        dimension) before ``start_axis``, -1 for the flattened run, the traced dimensions after
+        ``stop_axis``. ONNX's ``Flatten`` would do only for ``start_axis == 1`` up to the last
+        axis: it always makes a matrix, so ``x.flatten(2)`` of a rank-4 tensor would lose its
+        batch axis."""
+        start = int(op.attr("start_axis")) % max(len(self._shape(op.input("X")[0])), 1)
+        trailing = self._shape(op.output("Out")[0])[start + 1:]
+        if any(d < 0 for d in trailing):
+            raise NotImplementedError("flatten before a dynamic dimension is not exported")
+        return np.array([0] * start + [-1] + trailing, np.int64)
 
     def _pixel_unshuffle(self, op, x: str, out: str) -> str:
         """Paddle's channel order is ``c * r * r + i * r + j`` (ONNX ``SpaceToDepth`` puts the

@@ -109,7 +109,7 @@ class FloatOpConverters:
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate, "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
-            "cumsum": self._cumsum,
+            "cumsum": self._cumsum, "shape": self._shape_of,
         })
         return dispatch
 
@@ -486,17 +486,35 @@ class FloatOpConverters:
         self._bind(out, self._node("Pad", inputs, out, mode=_PAD_MODES[mode]))
 
     def _expand(self, op) -> None:
-        """expand_v2 to a constant shape (``-1`` keeps a dimension, which ONNX's broadcasting
-        ``Expand`` does with 1) and expand_as_v2 (to the shape of ``Y``)."""
+        """expand_v2 to a constant or computed shape (``-1`` keeps a dimension, which ONNX's
+        broadcasting ``Expand`` does with 1) and expand_as_v2 (to the shape of ``Y``)."""
         out = self._out(op)
         if op.type == "expand_as_v2" and op.input("Y"):
             shape = self._node("Shape", [self._in(op, "Y")], out + ".shape")
         elif op.type == "expand_as_v2":
             shape = self._const("shape", np.array([max(int(d), 1) for d in op.attr("target_shape")], np.int64))
+        elif op.input("Shape") or op.input("expand_shapes_tensor"):
+            shape = self._computed_shape(op, op.input("Shape") or op.input("expand_shapes_tensor"), out)
         else:
-            self._reject_tensor_inputs(op, "Shape", "expand_shapes_tensor")
             shape = self._const("shape", np.array([1 if int(d) == -1 else int(d) for d in op.attr("shape")], np.int64))
         self._bind(out, self._node("Expand", [self._in(op), shape], out))
+
+    def _computed_shape(self, op, names: list[str], stem: str) -> str:
+        """The int64 target shape of an expand given as tensors (``x.shape[0]`` in
+        ``expand([x.shape[0], -1, -1])``): one 1-D tensor, or one tensor per dimension,
+        concatenated; ``-1`` (keep the dimension) becomes 1, which ``Expand`` broadcasts."""
+        one_dimensional = self._const("one_dimensional", np.array([-1], np.int64))
+        parts = [self._node("Reshape", [self._tensor(op, name), one_dimensional], stem + ".dim") for name in names]
+        shape = parts[0] if len(parts) == 1 else self._node("Concat", parts, stem + ".dims", axis=0)
+        shape = self._node("Cast", [shape], stem + ".int64", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        return self._node("Max", [shape, self._const("one", np.array([1], np.int64))], stem + ".shape")
+
+    def _shape_of(self, op) -> None:
+        """shape: ``Shape`` (int64 in ONNX) cast to the program's dtype (int32)."""
+        out = self._out(op)
+        shape = self._node("Shape", [self._in(op, "Input")], out + ".int64")
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        self._bind(out, self._node("Cast", [shape], out, to=self.helper.np_dtype_to_tensor_dtype(dtype)))
 
     def _tile(self, op) -> None:
         """tile by constant ``repeat_times`` (fewer than the rank: the leading axes once;
