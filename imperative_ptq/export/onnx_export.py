@@ -167,7 +167,14 @@ class _Converter(FloatOpConverters):
             inputs[0] for record in records if record.residual_codes == U8_MAX
             for inputs, _ in record.calls if inputs
         }
+        #: Every input the simulation stores as codes for a residual add (up to 127 or 255).
+        self.coded_residuals = {
+            inputs[0] for record in records if record.residual_codes
+            for inputs, _ in record.calls if inputs
+        }
         self.unclipped: dict[str, str] = {}
+        #: program var -> its ONNX tensor before the Q/DQ ``_bind`` gave it.
+        self.unquantized: dict[str, str] = {}
         #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.input_top_code``).
         self.wide = {
             inputs[0] for record in records
@@ -411,6 +418,7 @@ class _Converter(FloatOpConverters):
         if threshold is None or threshold <= 0:
             self.names[var] = tensor
             return
+        self.unquantized[var] = tensor
         if var in self.unsigned and var in self.layer_inputs and var not in self.affine:
             # A non-negative int8-layer input on a signed target (arm): the simulation's codes
             # 0..127 of ``t / 127`` are those of the u8 form below.
@@ -830,12 +838,26 @@ class _Converter(FloatOpConverters):
                                 pending.append(feeder)
         return states, ops
 
+    def _elementwise_operand(self, op, slot: str) -> str:
+        """What an elementwise op reads of its input ``slot`` in the simulation. An int8
+        layer's input is quantized for that layer alone, so an add or multiply that also reads
+        it reads the float value (a residual block whose sum no calibrated layer reads, such as
+        an inverted-residual block's, or a squeeze-excite gate; measured: an expand -> depthwise
+        -> project block with its identity add, largest error 31% of the output with the
+        clipped codes); an identity shortcut the simulation stores as codes
+        (:mod:`imperative_ptq.quant_residual`) is read on those codes (up to 255 unclipped)."""
+        var = op.input(slot)[0]
+        tensor = self._in(op, slot)
+        if op.type == "elementwise_add" and var in self.residuals:
+            return self.unclipped.get(var, tensor)
+        if var in self.layer_inputs and var not in self.coded_residuals:
+            return self.unquantized.get(var, tensor)
+        return tensor
+
     def _elementwise(self, op) -> None:
         kind = _ELEMENTWISE_OPS[op.type]
         y_var = op.input("Y")[0]
-        x = self._in(op)
-        if kind == "Add" and op.input("X")[0] in self.residuals:
-            x = self.unclipped.get(op.input("X")[0], x)
+        x = self._elementwise_operand(op, "X")
         if self._is_param(y_var):
             value = self._param(y_var).astype(np.float32)
             axis = op.attr("axis")
@@ -844,11 +866,7 @@ class _Converter(FloatOpConverters):
                 value = value.reshape(list(value.shape) + [1] * (x_rank - axis - value.ndim))
             y = self._const(y_var, value)
         else:
-            y = self._in(op, "Y")
-            if kind == "Add" and y_var in self.residuals:
-                # An identity-shortcut residual: read on its u8 codes up to 255, as the
-                # simulation stores it (imperative_ptq.quant_residual), not clipped at 127.
-                y = self.unclipped.get(y_var, y)
+            y = self._elementwise_operand(op, "Y")
         out = self._out(op)
         self._bind(out, self._node(kind, [x, y], out))
 
