@@ -47,7 +47,7 @@ _MAX_RANK = 9
 _MAX_TOP = 255
 _FLAGS = ("signed_input", "wide_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
-_ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input"}
+_ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = ("input_sources", "input_rank", *_FLAGS, "residual_adds")
 
 #: A layer's entry in the section (JSON-ready).
@@ -74,6 +74,7 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
                     "residual_readers": list(add.residual_readers),
                     "residual_top": int(add.residual_top),
                     **({"residual_is_input": True} if add.residual_is_input else {}),
+                    **({"sum_reader": add.sum_reader} if add.sum_reader else {}),
                 }
                 for add in adds
             ]
@@ -95,7 +96,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.residual_adds = {
             ResidualAdd(
                 add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"],
-                add.get("residual_is_input", False),
+                add.get("residual_is_input", False), sum_reader=add.get("sum_reader", ""),
             )
             for add in entry.get("residual_adds", ())
         }
@@ -139,7 +140,8 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
             if not isinstance(add, dict) or not set(_ADD_KEYS) <= set(add) <= _ADD_KEYS_OPTIONAL:
                 raise ValueError(
                     f"{where}: each residual add must be an object with the keys "
-                    f"{list(_ADD_KEYS)} (and optionally 'residual_is_input'), got {add!r}"
+                    f"{list(_ADD_KEYS)} (and optionally 'residual_is_input', 'sum_reader'), "
+                    f"got {add!r}"
                 )
             if not isinstance(add.get("residual_is_input", False), bool):
                 raise ValueError(
@@ -148,6 +150,8 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
                 )
             _check_names(where, "residual add 'fused'", [add["fused"]], names)
             _check_names(where, "residual_readers", add["residual_readers"], names)
+            if "sum_reader" in add:
+                _check_names(where, "residual add 'sum_reader'", [add["sum_reader"]], names)
             top = add["residual_top"]
             if not _is_int(top) or not 0 < top <= _MAX_TOP:
                 raise ValueError(

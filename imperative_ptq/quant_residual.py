@@ -47,7 +47,8 @@ another fused conv, which ``convert`` puts on them in its int8 readers); a sum r
 layer that gives it no scale (a
 network's last ``F.relu`` sum, read by a global pool) runs in float in Paddle, which the export
 enforces (:func:`imperative_ptq.export.program.quantize_program`) and the simulation follows
-for a downsample shortcut.
+for a downsample shortcut; so does a sum read by a conv/Linear kept fp32 or reading it shifted
+(a signed sum on ``x86``), for either shortcut (``ResidualAdd.sum_reader``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class ResidualAdd:
             ``residual`` (its first reader): a tensor such as an ``F.relu`` output.
         after_relu: The tensor the add was found from is the sum's ReLU (``F.relu(a + b)``
             read by a conv), not the sum itself; what the forward saw, not compared or stored.
+        sum_reader: The hooked layer the add was found from (it read the sum or its ReLU);
+            ``""`` where not recorded (tables written before it was). Not compared.
     """
 
     fused: str
@@ -96,6 +99,7 @@ class ResidualAdd:
     residual_top: int = U8_MAX
     residual_is_input: bool = False
     after_relu: bool = dataclasses.field(default=False, compare=False)
+    sum_reader: str = dataclasses.field(default="", compare=False)
 
 
 def find_residual_add(

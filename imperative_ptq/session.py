@@ -302,10 +302,13 @@ class CalibrationSession:
         self._first_seen(output)
         self._branch_inputs[id(output)] = (weakref.ref(output), order)
 
-    def _note_residual_add(self, value: paddle.Tensor, gives_scale: bool) -> ResidualAdd | None:
+    def _note_residual_add(
+        self, value: paddle.Tensor, gives_scale: bool, reader: str
+    ) -> ResidualAdd | None:
         """Records the residual add ``value`` is the sum (or the sum's ReLU) of, if any, on the
         state of the layer whose output is its residual operand, and returns it.
 
+        ``reader``: the hooked layer reading ``value`` (``ResidualAdd.sum_reader``).
         ``gives_scale``: the reader gives the sum a scale (it quantizes its input, or it is an
         ``nn.ReLU``, whose output threshold the conv's fused ReLU writes). Paddle runs the fused
         conv int8 only with one; without (a network's last ``F.relu(x + y)``, read only by a
@@ -331,6 +334,7 @@ class CalibrationSession:
             found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs)
         if found is None or (not gives_scale and not found.residual_readers):
             return None
+        found = dataclasses.replace(found, sum_reader=reader)
         for layer, state in self.layers:
             if state.name == found.residual:
                 state.residual_adds.add(found)
@@ -357,7 +361,8 @@ class CalibrationSession:
                 state.input_sources.add(source)
             else:
                 found = self._note_residual_add(
-                    first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU)
+                    first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU),
+                    state.name,
                 )
                 # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual,
                 # else u8 up to 255. It is this layer's output (an nn.ReLU reading the sum),
