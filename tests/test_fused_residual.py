@@ -411,3 +411,53 @@ def test_a_sum_read_through_a_shift_is_added_in_float(tmp_path) -> None:
     x = rng.standard_normal((3, 3, size, size)).astype(np.float32)
     # Measured 2.4e-7 (1.1% with the shortcut read as codes, which Paddle does not).
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+
+
+class _RepVGGBlock(nn.Layer):
+    """A RepVGG training-time block after a conv stem: ReLU(BN(3x3 conv(x)) + BN(1x1 conv(x))
+    [+ BN(x)]) read by a 1x1 conv. Both branch convs read the same input, so Paddle fuses the
+    adds into neither; its ReLU output is then read as Paddle quantizes it, clipped at the
+    reader's threshold like any other input."""
+
+    def __init__(self, identity: bool) -> None:
+        super().__init__()
+        self.stem, self.relu = nn.Conv2D(3, 8, 3, padding=1), nn.ReLU()
+        self.conv3, self.norm3 = nn.Conv2D(8, 8, 3, padding=1), nn.BatchNorm2D(8)
+        self.conv1, self.norm1 = nn.Conv2D(8, 8, 1), nn.BatchNorm2D(8)
+        self.identity = nn.BatchNorm2D(8) if identity else None
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.relu(self.stem(x))
+        y = self.norm3(self.conv3(x)) + self.norm1(self.conv1(x))
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.head(nn.functional.relu(y))
+
+
+class _NormOfIdentity(_RepVGGBlock):
+    """The 3x3 branch plus a BatchNorm of the block input (no conv of its own to fuse into)."""
+
+    def __init__(self) -> None:
+        super().__init__(identity=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.relu(self.stem(x))
+        return self.head(nn.functional.relu(self.norm3(self.conv3(x)) + self.identity(x)))
+
+
+@pytest.mark.parametrize(
+    "block", [lambda: _RepVGGBlock(False), lambda: _RepVGGBlock(True), _NormOfIdentity],
+    ids=["two_branches", "three_branches", "norm_of_identity"],
+)
+def test_multi_branch_blocks_paddle_does_not_fuse_run_as_simulated(block, tmp_path) -> None:
+    """Measured 19-30% of the largest output off Paddle Inference before: calibration took
+    the adds for fused residual convs (the ReLU read on s8 codes, the 1x1 branch as s8 codes)
+    and the export left the ReLU unclipped, though Paddle adds in float."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
+    qmodel = converted(block(), batches)
+    assert not any(isinstance(layer, QuantizedResidualOutput) for layer in qmodel.sublayers())
+    x = rng.random((3, 3, SIZE, SIZE), np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5

@@ -374,13 +374,16 @@ def quantize_program(
         quantized, threshold = activation, record.input_threshold
         if unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
-            if activation not in clips.thresholds and not relu_after_residual_conv(
-                block, activation, writers
+            if activation not in clips.thresholds and not (
+                relu_after_residual_conv(block, activation, writers)
+                and (record.input_top_code > symmetric_levels(8) or record.residual_codes)
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
                 # alone would be s8, which a fc shifts by +128 into u8 before the saturating
-                # pair sums) within 0..127. A ReLU after a residual conv is left as it is: a
-                # clip there would halve ResNet's int8 speed-up (see unsigned.py).
+                # pair sums) within 0..127. A ReLU after a residual conv is left as it is where
+                # the simulation reads what the fused conv writes (codes up to 255, or its s8
+                # codes): a clip there would halve ResNet's int8 speed-up (see unsigned.py).
+                # Where it clips at 127 (an add calibration did not find fused), so does this.
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
                     quantized = insert_clip_relu(
