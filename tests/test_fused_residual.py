@@ -357,8 +357,10 @@ def test_shortcut_of_an_unseen_add_is_read_as_codes(target, tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
 def test_fused_residual_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(__file__, "as_simulated and not vnni and not onnx")
-    assert "6 passed" in summary, summary
+    summary = pytest_on_avx2_kernels(
+        __file__, "(as_simulated or added_in_float) and not vnni and not onnx"
+    )
+    assert "10 passed" in summary, summary  # 6 fused-residual nets, 4 adds Paddle runs in float
 
 
 @pytest.mark.parametrize(
