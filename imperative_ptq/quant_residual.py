@@ -50,7 +50,8 @@ another fused conv, which ``convert`` puts on them in its int8 readers); a sum r
 layer that gives it no scale (a
 network's last ``F.relu`` sum, read by a global pool) runs in float in Paddle, which the export
 enforces (:func:`imperative_ptq.export.program.quantize_program`) and the simulation follows
-for a downsample shortcut.
+for a downsample shortcut; so does a sum read by a conv/Linear kept fp32 or reading it shifted
+(a signed sum on ``x86``), for either shortcut (``ResidualAdd.sum_reader``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,12 @@ def find_residual_add(
         if read_earlier or read_later:
             residual, fused = (earlier, later) if read_earlier else (later, earlier)
         else:
+            born = [(branch_inputs or {}).get(id(t)) for t in (later[0], earlier[0])]
+            if born[0] is not None and born[0] == born[1]:
+                # Two convs of one input (a RepVGG block's 3x3 and 1x1 branches): Paddle
+                # fuses the add into neither (measured: no sum post-op in oneDNN's verbose
+                # log), so it adds in float; simulated as fused, 21% of the largest output off.
+                return None
             residual, fused = _projection_first(later, earlier, branch_inputs or {})
         top = symmetric_levels(8) if id(residual[0]) in signed else U8_MAX
         residual_readers = tuple(readers.get(id(residual[0]), ()))
@@ -189,7 +196,7 @@ def _projection_first(
 ) -> tuple[tuple[paddle.Tensor, str], tuple[paddle.Tensor, str]]:
     """Two conv/BatchNorm outputs read only by the add, as ``(residual, fused)``: the residual
     is the projection, whose conv read the older input (the block's input, from which the other
-    branch is computed); with the same or unknown inputs, the one computed last."""
+    branch is computed); with unknown inputs, the one computed last."""
     born_later, born_earlier = branch_inputs.get(id(later[0])), branch_inputs.get(id(earlier[0]))
     if born_later is not None and born_earlier is not None and born_earlier < born_later:
         return earlier, later

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import weakref
 from typing import Any, Callable, Iterable, Iterator
@@ -130,6 +131,9 @@ class CalibrationSession:
         #: Tensors hooked layers read or wrote in the current forward: ``id`` -> (weak
         #: reference, the order in which it was first seen).
         self._seen: dict[int, tuple[Any, int]] = {}
+        #: The next order number (not ``len(_seen)``: a freed tensor's ``id`` is reused, and
+        #: the tensor then taking it is newer than every one seen).
+        self._seen_order = itertools.count()
         #: Outputs of the current forward: ``id`` -> (weak reference, when the conv producing
         #: it, directly or through a BatchNorm, read its input; see ``_seen``).
         self._branch_inputs: dict[int, tuple[Any, int]] = {}
@@ -253,11 +257,11 @@ class CalibrationSession:
                 )
         self.collector.raise_pending_error()
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
-        self._seen, self._branch_inputs = {}, {}
+        self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
-        self._seen, self._branch_inputs = {}, {}
+        self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
 
     def source_of(self, value: paddle.Tensor) -> str | None:
@@ -285,7 +289,7 @@ class CalibrationSession:
         entry = self._seen.get(id(value))
         if entry is not None and entry[0]() is value:
             return entry[1]
-        order = len(self._seen)
+        order = next(self._seen_order)
         self._seen[id(value)] = (weakref.ref(value), order)
         return order
 
@@ -308,6 +312,7 @@ class CalibrationSession:
         """Records the residual add ``value`` is the sum (or the sum's ReLU) of, if any, on the
         state of the layer whose output is its residual operand, and returns it.
 
+        ``reader``: the hooked layer reading ``value`` (``ResidualAdd.sum_reader``).
         ``gives_scale``: the reader gives the sum a scale (it quantizes its input, or it is an
         ``nn.ReLU``, whose output threshold the conv's fused ReLU writes); ``reader``, its name
         (:attr:`ResidualAdd.sum_reader`). Paddle runs the fused

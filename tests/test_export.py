@@ -825,3 +825,34 @@ def test_average_pools_run_fp32_between_int8_convs(target, tmp_path) -> None:
     assert sum(report.int8.values()) == 3 and not report.fp32, report
     ran = predict(create_predictor(prefix), x)[0]
     np.testing.assert_allclose(ran, simulated, rtol=1e-4, atol=1e-4 * np.abs(simulated).max())
+
+
+class _UpsampledConcat(paddle.nn.Layer):
+    """A YOLO-style top-down merge: conv + BN + ReLU at stride 2, upsampled (nearest) and
+    concatenated with the finer map (which that conv also reads), read by a 3x3 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.fine = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU())
+        self.coarse = nn.Sequential(nn.Conv2D(8, 8, 3, 2, 1), nn.BatchNorm2D(8), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.merge = nn.Conv2D(16, 4, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        fine = self.fine(x)
+        return self.merge(paddle.concat([self.up(self.coarse(fine)), fine], axis=1))
+
+
+def test_a_relu_reaching_an_int8_reader_through_upsample_and_concat_is_rounded_once(tmp_path) -> None:
+    """The ReLU's own output scale made Paddle round (and clip) it before the upsample and the
+    concat, where the simulation rounds once, at the reader (0.9% of the largest output off);
+    it now carries the reader's threshold, on whose grid the upsample and concat commute."""
+    from models import converted, largest_error_in_paddle_inference
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(4)]
+    qmodel = converted(_UpsampledConcat(), batches)
+    x = rng.random((3, 3, 16, 16), np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5

@@ -51,3 +51,37 @@ def test_onnx_runtime_clips_relu_codes_and_pools_codes_as_simulated(tmp_path) ->
     # The clip goes after the conv's own quantize op: the convs still fuse into QLinearConv.
     kinds = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
     assert kinds.count("QLinearConv") == 3, kinds
+
+
+class _ReadAlsoByElementwiseOps(nn.Layer):
+    """A ReLU output that a 1x1 conv reads and that an add and a multiply read too, as an
+    inverted-residual block's identity add or a gate does (no calibrated layer reads the sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.project = nn.Conv2D(8, 8, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = nn.functional.relu(self.conv(x))
+        return (h + self.project(h)) * h
+
+
+def test_elementwise_ops_read_the_float_value_of_an_int8_layer_input(tmp_path) -> None:
+    paddle.seed(0)
+    model = _ReadAlsoByElementwiseOps()
+    model.eval()
+    rng = np.random.default_rng(0)
+    # KL clips the ReLU output's tail, which the conv reads clipped and the add and multiply
+    # read whole in the simulation.
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.random((4, 3, 16, 16)).astype("float32")))
+    ptq.convert(qmodel)
+    x = rng.random((4, 3, 16, 16)).astype("float32")
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    error = np.abs(ran - simulated).max() / np.abs(simulated).max()
+    assert error <= 1e-5, error

@@ -167,7 +167,14 @@ class _Converter(FloatOpConverters):
             inputs[0] for record in records if record.residual_codes == U8_MAX
             for inputs, _ in record.calls if inputs
         }
+        #: Every input the simulation stores as codes for a residual add (up to 127 or 255).
+        self.coded_residuals = {
+            inputs[0] for record in records if record.residual_codes
+            for inputs, _ in record.calls if inputs
+        }
         self.unclipped: dict[str, str] = {}
+        #: program var -> its ONNX tensor before the Q/DQ ``_bind`` gave it.
+        self.unquantized: dict[str, str] = {}
         #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.input_top_code``).
         self.wide = {
             inputs[0] for record in records
@@ -191,6 +198,19 @@ class _Converter(FloatOpConverters):
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
         consumers = {name: [op.type for op in ops] for name, ops in self.readers.items()}
         _, outputs = program_lib.collect_scales(list(records), consumers)
+        # Of the output thresholds, only those of the tensors the simulation quantizes: the
+        # residual outputs of fused int8 convs and their fused branches (int8 layers' inputs
+        # are added below). An activation's output threshold that only float ops read (a
+        # pool that is not int8, a squeeze-excite multiply) the simulation never applies
+        # (measured: Hardswish -> global pool + gate multiply -> 1x1 conv, largest error
+        # 2.5% of the output with it, 0 without).
+        fused_branches = {record.residual_fused_with for record in records if record.residual_output}
+        residuals = {
+            output for record in records
+            if record.residual_output or record.name in fused_branches
+            for _, output in record.calls if output
+        }
+        outputs = {name: value for name, value in outputs.items() if name in residuals}
         # A BatchNorm output read only by adds (a residual block's last conv) keeps its output
         # threshold, though the simulation does not quantize it: without a QuantizeLinear
         # after it ONNX Runtime runs that conv and the add in float (measured on ResNet-18: 8
@@ -431,6 +451,7 @@ class _Converter(FloatOpConverters):
         if threshold is None or threshold <= 0:
             self.names[var] = tensor
             return
+        self.unquantized[var] = tensor
         if var in self.unsigned and var in self.layer_inputs and var not in self.affine:
             # A non-negative int8-layer input on a signed target (arm): the simulation's codes
             # 0..127 of ``t / 127`` are those of the u8 form below.
@@ -850,12 +871,26 @@ class _Converter(FloatOpConverters):
                                 pending.append(feeder)
         return states, ops
 
+    def _elementwise_operand(self, op, slot: str) -> str:
+        """What an elementwise op reads of its input ``slot`` in the simulation. An int8
+        layer's input is quantized for that layer alone, so an add or multiply that also reads
+        it reads the float value (a residual block whose sum no calibrated layer reads, such as
+        an inverted-residual block's, or a squeeze-excite gate; measured: an expand -> depthwise
+        -> project block with its identity add, largest error 31% of the output with the
+        clipped codes); an identity shortcut the simulation stores as codes
+        (:mod:`imperative_ptq.quant_residual`) is read on those codes (up to 255 unclipped)."""
+        var = op.input(slot)[0]
+        tensor = self._in(op, slot)
+        if op.type == "elementwise_add" and var in self.residuals:
+            return self.unclipped.get(var, tensor)
+        if var in self.layer_inputs and var not in self.coded_residuals:
+            return self.unquantized.get(var, tensor)
+        return tensor
+
     def _elementwise(self, op) -> None:
         kind = _ELEMENTWISE_OPS[op.type]
         y_var = op.input("Y")[0]
-        x = self._in(op)
-        if kind == "Add" and op.input("X")[0] in self.residuals:
-            x = self.unclipped.get(op.input("X")[0], x)
+        x = self._elementwise_operand(op, "X")
         if self._is_param(y_var):
             value = self._param(y_var).astype(np.float32)
             axis = op.attr("axis")
@@ -864,11 +899,7 @@ class _Converter(FloatOpConverters):
                 value = value.reshape(list(value.shape) + [1] * (x_rank - axis - value.ndim))
             y = self._const(y_var, value)
         else:
-            y = self._in(op, "Y")
-            if kind == "Add" and y_var in self.residuals:
-                # An identity-shortcut residual: read on its u8 codes up to 255, as the
-                # simulation stores it (imperative_ptq.quant_residual), not clipped at 127.
-                y = self.unclipped.get(y_var, y)
+            y = self._elementwise_operand(op, "Y")
         out = self._out(op)
         self._bind(out, self._node(kind, [x, y], out))
 
@@ -1014,8 +1045,23 @@ class _Converter(FloatOpConverters):
         if op.input("AxisTensor"):
             raise NotImplementedError("concat with a tensor axis is not exported")
         out = self._out(op)
-        inputs = [self._tensor(op, name) for name in op.input("X")]
+        inputs = [self._concat_operand(op, name, out) for name in op.input("X")]
         self._bind(out, self._node("Concat", inputs, out, axis=int(op.attr("axis"))))
+
+    def _concat_operand(self, op, name: str, out: str) -> str:
+        """What a concat reads of its input ``name`` in the simulation: the float value where
+        the tensor is quantized for another int8 layer reading it (its own threshold, not the
+        concat's grid; measured: a ReLU output read by a 1x1 conv and by a concat that a conv
+        reads, largest error 14% of the output with the conv's clipped codes); the tensor as
+        bound where it is on the concat's own grid (:meth:`_align_concat_inputs`) or stored
+        as residual codes."""
+        tensor = self._tensor(op, name)
+        if (
+            name in self.layer_inputs and name not in self.coded_residuals
+            and self.thresholds.get(name) != self.thresholds.get(out)
+        ):
+            return self.unquantized.get(name, tensor)
+        return tensor
 
     def _split(self, op) -> None:
         if op.input("AxisTensor") or op.input("SectionsTensorList"):

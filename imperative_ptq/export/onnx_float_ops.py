@@ -562,7 +562,11 @@ class FloatOpConverters:
         elif op.type == "expand_as_v2":
             shape = self._const("shape", np.array([max(int(d), 1) for d in op.attr("target_shape")], np.int64))
         elif op.input("Shape") or op.input("expand_shapes_tensor"):
-            shape = self._shape_tensor(op, "Shape", "expand_shapes_tensor", out)
+            # -1 keeps a dimension (``expand([x.shape[0], -1, -1])``): 1, which Expand broadcasts.
+            shape = self._node("Max", [
+                self._shape_tensor(op, "Shape", "expand_shapes_tensor", out),
+                self._const("one", np.array([1], np.int64)),
+            ], out + ".kept")
         else:
             shape = self._const("shape", np.array([1 if int(d) == -1 else int(d) for d in op.attr("shape")], np.int64))
         self._bind(out, self._node("Expand", [self._in(op), shape], out))

@@ -374,13 +374,16 @@ def quantize_program(
         quantized, threshold = activation, record.input_threshold
         if unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
-            if activation not in clips.thresholds and not relu_after_residual_conv(
-                block, activation, writers
+            if activation not in clips.thresholds and not (
+                relu_after_residual_conv(block, activation, writers)
+                and (record.input_top_code > symmetric_levels(8) or record.residual_codes)
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
                 # alone would be s8, which a fc shifts by +128 into u8 before the saturating
-                # pair sums) within 0..127. A ReLU after a residual conv is left as it is: a
-                # clip there would halve ResNet's int8 speed-up (see unsigned.py).
+                # pair sums) within 0..127. A ReLU after a residual conv is left as it is where
+                # the simulation reads what the fused conv writes (codes up to 255, or its s8
+                # codes): a clip there would halve ResNet's int8 speed-up (see unsigned.py).
+                # Where it clips at 127 (an add calibration did not find fused), so does this.
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
                     quantized = insert_clip_relu(
@@ -739,38 +742,46 @@ def _chain_to_producer(name: str, block, writers: Mapping) -> tuple[object | Non
     return op, chain
 
 
-#: Ops whose output holds some of their input's values (quantizing commutes with them).
-_VALUE_PRESERVING_OPS = frozenset({"reshape2", "transpose2", "flatten_contiguous_range"})
+#: Ops whose output holds some of their input's values (quantizing on one grid commutes with
+#: them; a concat's inputs, each read by the concat alone, share its output's grid).
+_VALUE_PRESERVING_OPS = frozenset({
+    "reshape2", "transpose2", "flatten_contiguous_range", "concat", "nearest_interp_v2",
+})
 
 
 def _align_pooled_scales(
     block: "paddle.static.Block", rectified: Mapping[tuple[str, float], str], outputs: dict[str, float]
 ) -> None:
-    """Gives the tensors between a max-pool's input and a clipped u8 input the clip's threshold.
+    """Gives the tensors between a max-pool's (or a nearest upsample's, or a concat's) input
+    and a clipped u8 input the clip's threshold.
 
     Paddle runs a max-pool between two calibrated tensors in int8, quantizing its input and
     output with their own scales; the simulation pools in float and quantizes once, with the
     reader's threshold ``t``. Quantizing commutes with a max-pool (and a reshape) on one grid,
     so with ``t`` on both sides the int8 pool computes what the simulation does (measured on
     conv -> ReLU -> max-pool -> conv with KL thresholds: 0.9% relative error before, 1e-7
-    after).
+    after). Likewise a ReLU output reaching the clip through a nearest upsample and a concat
+    (a YOLO-style merge), which Paddle otherwise rounded and clipped on the ReLU's own
+    threshold before the concat (0.9% off on one merge, 4e-7 after).
     """
     writers, reading = producers(block), readers(block)
-    for (name, threshold) in rectified:
-        while True:
+    for (start, threshold) in rectified:
+        pending = [start]
+        while pending:
+            name = pending.pop()
             op = writers.get(name)
             if op is None or not (
                 op.type in _VALUE_PRESERVING_OPS
                 or op.type == "pool2d" and op.attr("pooling_type") == "max"
             ):
-                break
+                if name in outputs and len(reading.get(name, [])) == 1:
+                    outputs[name] = threshold
+                continue
             if name in outputs:
                 outputs[name] = threshold
-            name = op.input("X")[0]
-            if len(reading.get(name, [])) != 1:
-                break
-        if name in outputs and len(reading.get(name, [])) == 1:
-            outputs[name] = threshold
+            pending.extend(
+                source for source in op.input("X") if len(reading.get(source, [])) == 1
+            )
 
 
 #: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
