@@ -197,6 +197,8 @@ class _Converter(FloatOpConverters):
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
         self.constants = {}
+        #: Op types converted by :class:`.onnx_float_ops.FloatOpConverters` (set by ``convert``).
+        self.float_op_types: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------------------ helpers
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
@@ -548,6 +550,15 @@ class _Converter(FloatOpConverters):
             self.names[name] = self._const(name, self._param(name))
         if name not in self.names:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
+        if (
+            op.type in self.float_op_types and name in self.layer_inputs
+            and name not in self.coded_residuals
+        ):
+            # An int8 layer's input is quantized for that layer alone: an op computing in
+            # float beside it (an upsample, an activation) reads the float value, as in the
+            # simulation (measured, target arm: an FPN's laterals upsampled from the codes
+            # of the 3x3 output convs' inputs, 2.6% of the largest output off).
+            return self.unquantized.get(name, self.names[name])
         return self.names[name]
 
     def _layer_input(self, op, slot: str) -> tuple[str, tuple[float, int] | None]:
@@ -1181,7 +1192,9 @@ class _Converter(FloatOpConverters):
             **dict.fromkeys(("relu6", "flatten_contiguous_range", "reshape2", "transpose2",
                              "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
-        dispatch.update(self.float_dispatch())
+        float_dispatch = self.float_dispatch()
+        self.float_op_types = frozenset(float_dispatch)
+        dispatch.update(float_dispatch)
         self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
