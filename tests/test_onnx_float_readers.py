@@ -1,5 +1,6 @@
 """An int8 layer's input is quantized for that layer alone: an op computing in float beside it
-(an upsample, an activation) reads the float value in the simulation, and in ONNX Runtime."""
+(an upsample, an activation, a residual add) reads the float value in the simulation, and in
+ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -33,11 +34,25 @@ class _LateralTwoReaders(paddle.nn.Layer):
         return self.output(lateral) + beside
 
 
+class _TransposedBlockInput(paddle.nn.Layer):
+    """A ConvNeXt-style block input: a channels-last LayerNorm transposed to channels-first,
+    read by a padded depthwise conv (int8 on a signed input) and by the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = paddle.nn.LayerNorm(8)
+        self.depthwise = paddle.nn.Conv2D(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        block_input = self.norm(x).transpose([0, 3, 1, 2])
+        return block_input + self.depthwise(block_input)
+
+
 @pytest.mark.parametrize("target", ["arm", "x86-vnni"])
-@pytest.mark.parametrize("reader", ["upsample", "hardswish"])
+@pytest.mark.parametrize("reader", ["upsample", "hardswish", "residual add through a transpose"])
 def test_float_op_reads_the_float_value_of_an_int8_layer_input(reader, target, tmp_path) -> None:
     paddle.seed(0)
-    model = _LateralTwoReaders(reader)
+    model = _TransposedBlockInput() if reader.startswith("residual") else _LateralTwoReaders(reader)
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
     qmodel = ptq.quantize(model)
@@ -52,6 +67,6 @@ def test_float_op_reads_the_float_value_of_an_int8_layer_input(reader, target, t
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     ran = session.run(None, {"x": x})[0]
     error = float(np.abs(ran - simulated).max() / np.abs(simulated).max())
-    # Measured 1.4e-7 / 1.7e-7 (reading the output conv's input codes: 0.29% / 0.46% of the
-    # largest output, upsample / hardswish).
+    # Measured 1.4e-7 / 1.7e-7 / 1.2e-7 (reading the conv's input codes: 0.29% / 0.46% / 0.51% of
+    # the largest output; upsample / hardswish / residual add).
     assert error <= 1e-5, error

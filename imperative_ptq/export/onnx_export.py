@@ -193,12 +193,12 @@ class _Converter(FloatOpConverters):
         }
         #: Inputs of int8 layers, quantized on the simulation's grid of their threshold.
         self.layer_inputs: set[str] = set()
+        #: Op types converted by :class:`.onnx_float_ops.FloatOpConverters`.
+        self.float_op_types = frozenset(self.float_dispatch())
         self.thresholds = self._activation_thresholds(records)
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
         self.constants = {}
-        #: Op types converted by :class:`.onnx_float_ops.FloatOpConverters` (set by ``convert``).
-        self.float_op_types: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------------------ helpers
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
@@ -317,6 +317,16 @@ class _Converter(FloatOpConverters):
         flatten -> Linear 4.3% off with KL thresholds, 0.9% with abs-max)."""
         for name in list(self.u8_inputs) + [n for n in thresholds if n not in self.u8_inputs]:
             if name not in self.u8_inputs and name in self.affine:
+                continue
+            if name in self.layer_inputs and name not in self.coded_residuals and any(
+                reader.type in _ELEMENTWISE_OPS or reader.type in self.float_op_types
+                for reader in self.readers.get(name, [])
+            ):
+                # Another reader computes with its float value (:meth:`_elementwise_operand`,
+                # :meth:`_tensor`), which codes in front of the layout op would take from it
+                # (measured, target arm: a ConvNeXt block's input transposed from a LayerNorm
+                # for its depthwise conv and read by its residual add, 0.98% of the largest
+                # output off).
                 continue
             source = name
             while True:
@@ -1192,9 +1202,7 @@ class _Converter(FloatOpConverters):
             **dict.fromkeys(("relu6", "flatten_contiguous_range", "reshape2", "transpose2",
                              "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
-        float_dispatch = self.float_dispatch()
-        self.float_op_types = frozenset(float_dispatch)
-        dispatch.update(float_dispatch)
+        dispatch.update(self.float_dispatch())
         self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
