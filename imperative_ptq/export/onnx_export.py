@@ -14,8 +14,9 @@ translation raises ``NotImplementedError`` naming it and where it is. The graph 
   no int4 conv kernel and fusing ``MatMulNBits`` only behind an unquantized input), else as
   int8 holding the same codes;
 * uint8 activations, zero point 0 for tensors known to be non-negative (after ReLU) and 128 for
-  signed ones (on ``arm`` clipped to codes 1..255: Paddle Lite's symmetric -127..127). ONNX Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations;
-  symmetric int8 activations leave convs in float. On the x86 targets every int8 layer's input
+  signed ones (on ``arm`` clipped to codes 1..255: Paddle Lite's symmetric -127..127). ONNX
+  Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations; symmetric int8
+  activations leave convs in float. On the x86 targets every int8 layer's input
   is non-negative and quantized on codes 0..127 up to its threshold, the simulation's grid,
   where ONNX Runtime's AVX2 u8 x s8 kernels cannot saturate (:mod:`imperative_ptq.targets`);
   only ReLU outputs above the threshold (clipped by the simulation) reach higher codes.
