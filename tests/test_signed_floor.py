@@ -1,5 +1,6 @@
 """A signed 8-bit activation below ``-t`` saturates at code -128 in oneDNN and ONNX Runtime,
-not at Paddle's symmetric -127: the x86 simulation follows the runtimes."""
+not at Paddle's symmetric -127: the x86 simulation follows the runtimes. The ``arm`` target
+(Paddle Lite) keeps -127, and its ONNX export clips there too."""
 
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ class _Attention(paddle.nn.Layer):
         return paddle.matmul(self.q(x), self.k(x), transpose_y=True)
 
 
-def _run(model: paddle.nn.Layer, shape: list[int], tmp_path, runtime: str) -> float:
+def _run(
+    model: paddle.nn.Layer, shape: list[int], tmp_path, runtime: str, target: str = "x86-vnni"
+) -> float:
     """Largest |runtime - simulation| on inputs three times wider than calibration's, relative
     to the largest output."""
     paddle.seed(0)
     model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-vnni"))
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
     qmodel = ptq.quantize(model)
     qmodel(paddle.randn(shape))
     ptq.convert(qmodel)
@@ -66,4 +69,15 @@ def test_x86_vnni_runtimes_saturate_signed_inputs_as_simulated(kind, runtime, tm
     else:
         error = _run(_Attention(), [8, 4, 16], tmp_path, runtime)
     # Measured <= 1e-7 (with -127: 0.3-0.4% on the Linear, 1.3% on the attention scores).
+    assert error <= 1e-5, error
+
+
+@pytest.mark.parametrize("kind", ["linear", "attention"])
+def test_arm_onnx_export_keeps_signed_inputs_on_the_symmetric_grid(kind, tmp_path) -> None:
+    if kind == "linear":
+        error = _run(paddle.nn.Sequential(paddle.nn.Linear(16, 8)), [32, 16], tmp_path, "onnxruntime", "arm")
+    else:
+        error = _run(_Attention(), [8, 4, 16], tmp_path, "onnxruntime", "arm")
+    # Measured 0 / 1.6e-7 (with uint8 zero point 128's code -128: 0.44% of the largest
+    # output on the Linear, 1.3% on the attention scores).
     assert error <= 1e-5, error

@@ -1,0 +1,72 @@
+"""An int8 layer's input is quantized for that layer alone: an op computing in float beside it
+(an upsample, an activation, a residual add) reads the float value in the simulation, and in
+ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import export_onnx
+
+onnxruntime = pytest.importorskip("onnxruntime")
+F = paddle.nn.functional
+
+
+class _LateralTwoReaders(paddle.nn.Layer):
+    """An FPN level: a 1x1 lateral read by a padded 3x3 output conv (int8 on a signed input)
+    and by a float op."""
+
+    def __init__(self, reader: str) -> None:
+        super().__init__()
+        self.lateral = paddle.nn.Conv2D(3, 8, 1)
+        self.output = paddle.nn.Conv2D(8, 8, 3, padding=1)
+        self.reader = reader
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        lateral = self.lateral(x)
+        if self.reader == "upsample":
+            beside = F.interpolate(lateral, scale_factor=2, mode="nearest")[:, :, ::2, ::2]
+        else:
+            beside = F.hardswish(lateral)
+        return self.output(lateral) + beside
+
+
+class _TransposedBlockInput(paddle.nn.Layer):
+    """A ConvNeXt-style block input: a channels-last LayerNorm transposed to channels-first,
+    read by a padded depthwise conv (int8 on a signed input) and by the residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = paddle.nn.LayerNorm(8)
+        self.depthwise = paddle.nn.Conv2D(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        block_input = self.norm(x).transpose([0, 3, 1, 2])
+        return block_input + self.depthwise(block_input)
+
+
+@pytest.mark.parametrize("target", ["arm", "x86-vnni"])
+@pytest.mark.parametrize("reader", ["upsample", "hardswish", "residual add through a transpose"])
+def test_float_op_reads_the_float_value_of_an_int8_layer_input(reader, target, tmp_path) -> None:
+    paddle.seed(0)
+    model = _TransposedBlockInput() if reader.startswith("residual") else _LateralTwoReaders(reader)
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        qmodel(paddle.to_tensor(rng.standard_normal([4, 3, 8, 8]).astype("float32")))
+    ptq.convert(qmodel)
+    x = rng.standard_normal([3, 3, 8, 8]).astype("float32")
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {"x": x})[0]
+    error = float(np.abs(ran - simulated).max() / np.abs(simulated).max())
+    # Measured 1.4e-7 / 1.7e-7 / 1.2e-7 (reading the conv's input codes: 0.29% / 0.46% / 0.51% of
+    # the largest output; upsample / hardswish / residual add).
+    assert error <= 1e-5, error
