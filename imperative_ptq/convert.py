@@ -163,6 +163,7 @@ def convert_layers(
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
         _simulate_pooled_codes(model, hooked, quantized, activation_bits)
+        _pool_block_output_codes(model, hooked)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -222,6 +223,23 @@ def _simulate_int8_head_pools(
             "%d global average pools in front of an int8 Linear simulate oneDNN's int8 pool: %s",
             len(pools), first_names(list(pools)),
         )
+
+
+def _pool_block_output_codes(model: paddle.nn.Layer, hooked: HookedLayers) -> None:
+    """An int8 head pool reading a block output that a fused conv writes as codes
+    (:class:`ResidualSumOutput`) quantizes on those codes' threshold: Paddle writes the tensor
+    once, on the threshold of its int8 conv readers when it has some, and the pool reads it
+    (measured on a ResNet whose last block output also feeds an auxiliary 1x1 conv head:
+    0.24-1% of the largest logit off Paddle Inference with the ReLU's own output threshold,
+    2e-7 with the readers')."""
+    layers = dict(model.named_sublayers())
+    for _, state in hooked:
+        pool = layers.get(state.name)
+        if not isinstance(pool, QuantizedGlobalAveragePool) or len(state.input_sources) != 1:
+            continue
+        codes = layers.get(next(iter(state.input_sources)))
+        if isinstance(codes, ResidualSumOutput) and codes.threshold != pool.input_threshold:
+            pool.input_threshold = codes.threshold
 
 
 def _simulate_fused_residuals(
