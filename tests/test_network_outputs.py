@@ -197,28 +197,6 @@ def _onednn_stem_values(x: np.ndarray, weight: np.ndarray, bias: np.ndarray,
     return (np.maximum(values, 0) * (f32(1) / (f32(1) / scale_out))).astype(f32)
 
 
-class _ResNet18Blocks(nn.Layer):
-    """paddle.vision's ResNet-18 as a backbone returning its stem's max-pool and every block
-    output (C3/C4/C5 are the outputs of blocks 3, 5 and 7)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = resnet18()
-
-    def blocks(self) -> list[nn.Layer]:
-        net = self.net
-        return [block for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer]
-
-    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
-        net = self.net
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        outputs = [x]
-        for block in self.blocks():
-            x = block(x)
-            outputs.append(x)
-        return outputs
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("target", X86_TARGETS)
 def test_resnet18_blocks_run_as_simulated_up_to_float32_ties(target, tmp_path) -> None:
