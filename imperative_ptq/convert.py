@@ -160,10 +160,9 @@ def convert_layers(
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
     if target.onednn:
-        _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
         _simulate_pooled_codes(model, hooked, quantized, activation_bits)
-        _pool_block_output_codes(model, hooked)
+        _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
@@ -203,18 +202,28 @@ def _simulate_int8_head_pools(
     activation_bits: int,
 ) -> None:
     """Swaps each global average pool that Paddle Inference runs int8 in front of a classifier
-    head (:func:`~imperative_ptq.quant_pool.int8_head_pools`) for its int8 simulation."""
+    head (:func:`~imperative_ptq.quant_pool.int8_head_pools`) for its int8 simulation.
+
+    A pool reading a block output that a fused conv writes as codes (:class:`ResidualSumOutput`,
+    decided before this) quantizes on those codes' threshold: Paddle writes the tensor once, on
+    its int8 conv readers' threshold when it has some, and the pool reads it (measured on a
+    ResNet whose last block output also feeds an auxiliary 1x1 conv head: 0.24-1% of the
+    largest logit off Paddle Inference with the ReLU's own output threshold, 2e-7 with the
+    readers')."""
     pools = int8_head_pools(
         [(state.name, layer, state.input_sources) for layer, state in hooked],
         {name: entry["output"] for name, entry in table.items() if entry.get("output")},
         int8_layers,
     )
+    layers = dict(model.named_sublayers())
     for layer, state in hooked:
         if state.name in pools:
+            source = layers.get(next(iter(state.input_sources))) if len(state.input_sources) == 1 else None
+            threshold = source.threshold if isinstance(source, ResidualSumOutput) else pools[state.name]
             replace_sublayer(
                 model, layer,
                 QuantizedGlobalAveragePool(
-                    layer, pools[state.name], table.get(state.name, {}).get("output", []),
+                    layer, threshold, table.get(state.name, {}).get("output", []),
                     activation_bits, top=symmetric_levels(8) if state.signed_input else U8_MAX,
                 ),
             )
@@ -223,23 +232,6 @@ def _simulate_int8_head_pools(
             "%d global average pools in front of an int8 Linear simulate oneDNN's int8 pool: %s",
             len(pools), first_names(list(pools)),
         )
-
-
-def _pool_block_output_codes(model: paddle.nn.Layer, hooked: HookedLayers) -> None:
-    """An int8 head pool reading a block output that a fused conv writes as codes
-    (:class:`ResidualSumOutput`) quantizes on those codes' threshold: Paddle writes the tensor
-    once, on the threshold of its int8 conv readers when it has some, and the pool reads it
-    (measured on a ResNet whose last block output also feeds an auxiliary 1x1 conv head:
-    0.24-1% of the largest logit off Paddle Inference with the ReLU's own output threshold,
-    2e-7 with the readers')."""
-    layers = dict(model.named_sublayers())
-    for _, state in hooked:
-        pool = layers.get(state.name)
-        if not isinstance(pool, QuantizedGlobalAveragePool) or len(state.input_sources) != 1:
-            continue
-        codes = layers.get(next(iter(state.input_sources)))
-        if isinstance(codes, ResidualSumOutput) and codes.threshold != pool.input_threshold:
-            pool.input_threshold = codes.threshold
 
 
 def _simulate_fused_residuals(
