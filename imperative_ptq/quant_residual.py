@@ -279,7 +279,30 @@ class QuantizedResidualOutput(paddle.nn.Layer):
         return f"output_threshold={self.output_thresholds[0]:.6g}, s8 codes (fused residual)"
 
 
-class ResidualCodesInput(paddle.nn.Layer):
+class _OnCodes(paddle.nn.Layer):
+    """A wrapped layer and the int8 codes ``0..top`` of threshold ``t`` that one of its
+    tensors is put on (:class:`ResidualCodesInput`, :class:`ResidualSumOutput`).
+
+    Raises:
+        ValueError: The threshold is not a positive number or ``top`` is not 1..255.
+    """
+
+    def __init__(
+        self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not np.isfinite(threshold) or threshold <= 0:
+            raise ValueError(f"{name} needs a positive threshold, got {threshold!r}")
+        if not 0 < int(top) <= U8_MAX:
+            raise ValueError(f"{name}: top must be 1..{U8_MAX}, got {top!r}")
+        self.layer = layer
+        self.threshold = float(threshold)
+        self.top = int(top)
+        self.activation_bits = activation_bits
+
+
+class ResidualCodesInput(_OnCodes):
     """A layer kept fp32 that reads a tensor Paddle Inference writes as int8 codes: its first
     input on those codes, then the layer.
 
@@ -301,19 +324,6 @@ class ResidualCodesInput(paddle.nn.Layer):
         ValueError: The threshold is not a positive number or ``top`` is not 1..255.
     """
 
-    def __init__(
-        self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
-    ) -> None:
-        super().__init__()
-        if not np.isfinite(threshold) or threshold <= 0:
-            raise ValueError(f"ResidualCodesInput needs a positive threshold, got {threshold!r}")
-        if not 0 < int(top) <= U8_MAX:
-            raise ValueError(f"ResidualCodesInput: top must be 1..{U8_MAX}, got {top!r}")
-        self.layer = layer
-        self.threshold = float(threshold)
-        self.top = int(top)
-        self.activation_bits = activation_bits
-
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
         quantize_residual_in_place(inputs[0], self.threshold, self.activation_bits, self.top)
         return self.layer(*inputs, **kwargs)
@@ -322,7 +332,7 @@ class ResidualCodesInput(paddle.nn.Layer):
         return f"input on int8 codes 0..{self.top} of threshold {self.threshold:.6g} (fp32 layer)"
 
 
-class ResidualSumOutput(paddle.nn.Layer):
+class ResidualSumOutput(_OnCodes):
     """The ``nn.ReLU`` reading a residual sum that Paddle Inference fuses into an int8 conv (or
     after an int8 conv whose output an int8 max-pool reads, ``convert``'s
     ``_simulate_pooled_codes``): that call's output on the codes the conv writes.
@@ -342,18 +352,15 @@ class ResidualSumOutput(paddle.nn.Layer):
             it with, else the ReLU's output threshold (what the export writes).
         top: The largest code: 255, or 127 after a downsample (s8) residual.
         activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+
+    Raises:
+        ValueError: The threshold is not a positive number or ``top`` is not 1..255.
     """
 
     def __init__(
         self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
     ) -> None:
-        super().__init__()
-        if not np.isfinite(threshold) or threshold <= 0:
-            raise ValueError(f"ResidualSumOutput needs a positive threshold, got {threshold!r}")
-        self.layer = layer
-        self.threshold = float(threshold)
-        self.top = int(top)
-        self.activation_bits = activation_bits
+        super().__init__(layer, threshold, top, activation_bits)
         self.sum_pending = False
 
     def expect_sum(self) -> None:

@@ -364,6 +364,19 @@ def test_fused_residual_on_avx2_kernels() -> None:
     assert "17 passed" in summary, summary
 
 
+def _three_blocks(
+    target: str = "x86",
+) -> tuple[nn.Layer, nn.Layer, np.random.Generator, list[paddle.Tensor]]:
+    """ThreeBlockResNet (fp32), its copy converted for ``target`` on three batches in [0, 1),
+    the generator the batches came from (it draws the test input next) and the batches."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = ThreeBlockResNet()
+    model.eval()
+    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
+    return model, converted(copy.deepcopy(model), batches, target), rng, batches
+
+
 @pytest.mark.parametrize(
     "name, warned",
     [("block.0.conv1", False), ("block.0.conv2", False), ("block.1.conv1", False),
@@ -375,13 +388,7 @@ def test_keep_fp32_inside_a_fused_residual_block_warns(name, warned, caplog) -> 
     test_keep_fp32_in_a_residual_block_runs_as_simulated)."""
     from imperative_ptq.analysis import keep_fp32
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = ThreeBlockResNet()
-    model.eval()
-    qmodel = converted(
-        copy.deepcopy(model), [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
-    )
+    model, qmodel, _, _ = _three_blocks()
     with caplog.at_level("WARNING", logger="imperative_ptq.analysis"):
         keep_fp32(qmodel, [name], model)
     assert ("inside a fused int8 residual block: " + name in caplog.text) == warned, caplog.text
@@ -402,12 +409,7 @@ def test_keep_fp32_in_a_residual_block_runs_as_simulated(names, target, tmp_path
     block's fused conv), 1.07% (s8 identity reader); <= 3.3e-7 after."""
     from imperative_ptq.analysis import keep_fp32
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = ThreeBlockResNet()
-    model.eval()
-    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
-    qmodel = converted(copy.deepcopy(model), batches, target)
+    model, qmodel, rng, _ = _three_blocks(target)
     with caplog.at_level("WARNING", logger="imperative_ptq.analysis"):
         keep_fp32(qmodel, names, model)
     assert "inside a fused int8 residual block" not in caplog.text
@@ -426,12 +428,7 @@ def test_keep_fp32_in_a_residual_block_in_onnx_runtime(name, tmp_path) -> None:
     from imperative_ptq.analysis import keep_fp32
     from imperative_ptq.export import export_onnx
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = ThreeBlockResNet()
-    model.eval()
-    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
-    qmodel = converted(copy.deepcopy(model), batches)
+    model, qmodel, rng, _ = _three_blocks()
     keep_fp32(qmodel, [name], model)
     spec = [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
     session = onnxruntime.InferenceSession(
@@ -450,12 +447,7 @@ def test_search_skip_set_result_runs_as_simulated(tmp_path) -> None:
     from imperative_ptq.analysis import search_skip_set
     from imperative_ptq.quant_layers import QuantizedLayer as Simulated
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = ThreeBlockResNet()
-    model.eval()
-    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
-    qmodel = converted(copy.deepcopy(model), batches)
+    model, qmodel, rng, batches = _three_blocks()
 
     def fused_conv_in_fp32(candidate: nn.Layer) -> float:
         return 0.0 if isinstance(candidate.block[1].conv2, Simulated) else 1.0
@@ -543,3 +535,12 @@ def test_multi_branch_blocks_paddle_does_not_fuse_run_as_simulated(block, tmp_pa
     assert not any(isinstance(layer, QuantizedResidualOutput) for layer in qmodel.sublayers())
     x = rng.random((3, 3, SIZE, SIZE), np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["ResidualCodesInput", "ResidualSumOutput"])
+@pytest.mark.parametrize("threshold, top", [(0.0, 255), (float("nan"), 255), (1.0, 0), (1.0, 256)])
+def test_codes_wrappers_refuse_a_bad_grid(kind, threshold, top) -> None:
+    from imperative_ptq import quant_residual
+
+    with pytest.raises(ValueError, match=kind):
+        getattr(quant_residual, kind)(nn.ReLU(), threshold, top)
