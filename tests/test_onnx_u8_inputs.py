@@ -10,6 +10,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import export_onnx
+from models import converted
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -69,16 +70,13 @@ class _ReadAlsoByElementwiseOps(nn.Layer):
 
 def test_elementwise_ops_read_the_float_value_of_an_int8_layer_input(tmp_path) -> None:
     paddle.seed(0)
-    model = _ReadAlsoByElementwiseOps()
-    model.eval()
     rng = np.random.default_rng(0)
     # KL clips the ReLU output's tail, which the conv reads clipped and the add and multiply
     # read whole in the simulation.
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
-    for _ in range(3):
-        qmodel(paddle.to_tensor(rng.random((4, 3, 16, 16)).astype("float32")))
-    ptq.convert(qmodel)
+    qmodel = converted(
+        _ReadAlsoByElementwiseOps(),
+        [paddle.to_tensor(rng.random((4, 3, 16, 16)).astype("float32")) for _ in range(3)],
+    )
     x = rng.random((4, 3, 16, 16)).astype("float32")
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
