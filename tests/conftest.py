@@ -23,6 +23,21 @@ def _seed() -> None:
     np.random.seed(2024)
 
 
+@pytest.fixture(scope="session")
+def avx2_runner():
+    """An :class:`avx2_kernels.Avx2Runner` on a CPU with VNNI, where oneDNN's AVX2 kernels
+    compute differently from the native ones; ``None`` where the native kernels are AVX2."""
+    import imperative_ptq as ip
+    from avx2_kernels import Avx2Runner
+
+    if not ip.cpu_info().vnni:
+        yield None
+        return
+    runner = Avx2Runner()
+    yield runner
+    runner.close()
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",

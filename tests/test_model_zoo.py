@@ -16,7 +16,6 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
-from avx2_kernels import pytest_on_avx2_kernels
 
 nn = paddle.nn
 
@@ -119,7 +118,7 @@ def _batch(rng: np.random.Generator, shape: list[int], dtype: str, size: int) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_model_zoo_exports_and_runs_what_the_simulation_computes(name, tmp_path) -> None:
+def test_model_zoo_exports_and_runs_what_the_simulation_computes(name, tmp_path, avx2_runner) -> None:
     factory, (shape, dtype), to_onnx = MODELS[name]
     paddle.seed(0)
     model = factory()
@@ -138,6 +137,9 @@ def test_model_zoo_exports_and_runs_what_the_simulation_computes(name, tmp_path)
     ptq.save_quantized_model(qmodel, prefix, spec)
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     assert _cosine(ran, simulated) >= 0.99, "Paddle Inference"
+    if avx2_runner is not None:
+        ran = avx2_runner.predict(prefix, x)[0]
+        assert _cosine(ran, simulated) >= 0.99, "Paddle Inference on AVX2 kernels"
 
     if to_onnx:
         import onnxruntime
@@ -169,13 +171,6 @@ def test_padded_average_pool_runs_what_the_simulation_computes(tmp_path) -> None
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     # Measured 1.0000 (0.72 with the pool int8).
     assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.99
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_model_zoo_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(__file__, "model_zoo_exports_and_runs", timeout=900)
-    assert f"{len(MODELS)} passed" in summary
 
 
 def _onnx_classifier(path: pathlib.Path) -> None:
