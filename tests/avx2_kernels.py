@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Sequence
 
 import numpy as np
 
@@ -72,3 +73,18 @@ class Avx2Runner:
         """Ends the worker (it exits when its input closes)."""
         self._process.stdin.close()
         self._process.wait(self._timeout)
+
+
+def paddle_inference_outputs(
+    path_prefix: str | os.PathLike, inputs: Sequence[np.ndarray], avx2_runner: Avx2Runner | None,
+    on_avx2: bool = True,
+) -> dict[str, list[np.ndarray]]:
+    """Paddle Inference's outputs (one thread) on this CPU's kernels (``"native"``) and, when
+    ``avx2_runner`` is given and ``on_avx2`` (False for exports meant for VNNI only), on
+    oneDNN's AVX2 kernels (``"AVX2 kernels"``)."""
+    from imperative_ptq.export import create_predictor, predict
+
+    outputs = {"native": predict(create_predictor(path_prefix, num_threads=1), *inputs)}
+    if avx2_runner is not None and on_avx2:
+        outputs["AVX2 kernels"] = avx2_runner.predict(path_prefix, *inputs)
+    return outputs

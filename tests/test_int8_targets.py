@@ -104,20 +104,6 @@ def test_plain_form_saturates_on_avx2_kernels(tmp_path) -> None:
     _assert_plain_form_truth(_probe_on_avx2("arm", str(tmp_path)), vnni=False)
 
 
-@pytest.mark.slow
-@needs_vnni_host
-def test_mnist_exports_agree_with_the_simulation_on_avx2_kernels() -> None:
-    """The export tests that compare Paddle Inference / ONNX Runtime with the simulation, again
-    on oneDNN's AVX2 kernels (ONNX Runtime is not capped by the variable)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(ROOT / "tests" / "test_export.py"), "-k", "agrees_with_dygraph"],
-        env=AVX2, capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout.splitlines()[-1]
-
-
 # ------------------------------------------------------------------------------- the API
 class _Net(paddle.nn.Layer):
     def __init__(self) -> None:

@@ -5,14 +5,15 @@ does, on this CPU's kernels and on oneDNN's AVX2 kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, int8_report, predict
-from avx2_kernels import pytest_on_avx2_kernels
+from imperative_ptq.export import int8_report
+from avx2_kernels import paddle_inference_outputs
 
 VOCABULARY, LENGTH, WIDTH = 100, 16, 64
 
@@ -67,26 +68,33 @@ def _export(decoder: bool, target: str, prefix: str) -> tuple[paddle.nn.Layer, i
     return qmodel, linears
 
 
-def _runtime_cosine(qmodel: paddle.nn.Layer, prefix: str) -> float:
+def _runtime_cosines(qmodel: paddle.nn.Layer, prefix: str, avx2_runner=None) -> dict[str, float]:
+    """Paddle Inference's logit cosine to the simulation, per kernels (see avx2_kernels)."""
     ids = np.random.default_rng(1).integers(0, VOCABULARY, (8, LENGTH)).astype("int64")
-    ran = predict(create_predictor(prefix, num_threads=1), ids)[0]
-    return _cosine(ran, qmodel(paddle.to_tensor(ids)).numpy())
+    simulated = qmodel(paddle.to_tensor(ids)).numpy()
+    outputs = paddle_inference_outputs(prefix, [ids], avx2_runner)
+    return {kernels: _cosine(ran[0], simulated) for kernels, ran in outputs.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "encoder-decoder"])
-def test_transformer_x86_export_runs_what_the_simulation_computes(decoder, tmp_path) -> None:
+def test_transformer_x86_export_runs_what_the_simulation_computes(decoder, tmp_path, avx2_runner) -> None:
     """target='x86' (every x86 CPU): every Linear runs int8, those reading a ReLU on u8, those
-    reading a LayerNorm or attention output (signed) on a shifted u8 input."""
+    reading a LayerNorm or attention output (signed) on a shifted u8 input; natively and on
+    AVX2 kernels."""
     prefix = str(tmp_path / "m")
     qmodel, linears = _export(decoder, "x86", prefix)
-    report = int8_report(prefix)
-    assert report.int8.get("fc", 0) == linears and not report.fp32.get("fc"), report
-    # Attention's matmuls of two (signed) activations stay fp32 on x86: s8 x s8.
-    assert not report.int8.get("fused_matmul") and not report.signed_inputs, report
+    reports = {"native": dataclasses.asdict(int8_report(prefix))}
+    if avx2_runner is not None:
+        reports["AVX2 kernels"] = avx2_runner.report(prefix)
+    for kernels, report in reports.items():
+        assert report["int8"].get("fc", 0) == linears and not report["fp32"].get("fc"), (kernels, report)
+        # Attention's matmuls of two (signed) activations stay fp32 on x86: s8 x s8.
+        assert not report["int8"].get("fused_matmul") and not report["signed_inputs"], (kernels, report)
     # Measured 0.99998 (encoder) and 0.99984 (encoder-decoder), natively and on AVX2 kernels:
     # rounding ties of the 7-bit shifted grids flipped by float differences (x86-vnni: 0.99991).
-    assert _runtime_cosine(qmodel, prefix) >= 0.99
+    for kernels, cosine in _runtime_cosines(qmodel, prefix, avx2_runner).items():
+        assert cosine >= 0.99, (kernels, cosine)
 
 
 @pytest.mark.slow
@@ -103,12 +111,4 @@ def test_transformer_vnni_export_runs_every_linear_and_attention_matmul_int8(dec
     assert report.int8.get("fused_matmul", 0) == attention_matmuls, report
     assert not report.fp32.get("fused_matmul"), report
     # Measured 0.99998 (encoder), 0.99991 (encoder-decoder), attention matmuls int8 too.
-    assert _runtime_cosine(qmodel, prefix) >= 0.99
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_transformer_export_on_avx2_kernels() -> None:
-    assert "2 passed" in pytest_on_avx2_kernels(
-        __file__, "x86_export_runs_what_the_simulation_computes"
-    )
+    assert _runtime_cosines(qmodel, prefix)["native"] >= 0.99
