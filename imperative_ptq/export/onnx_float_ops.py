@@ -111,7 +111,7 @@ class FloatOpConverters:
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
-            "strided_slice": self._slice,
+            "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
 
@@ -432,14 +432,31 @@ class FloatOpConverters:
         self._bind(out, self._node("Mul", [self._node("Sign", [x], out + ".sign"), floor], out))
 
     def _top_k(self, op) -> None:
-        """top_k_v2 (a constant ``k``): ONNX's ``TopK``, indices cast to Paddle's dtype."""
+        """top_k_v2 (a constant ``k``): ONNX's ``TopK``."""
         self._reject_tensor_inputs(op, "K")
-        values, indices = op.output("Out")[0], op.output("Indices")[0]
         k = self._const("k", np.array([int(op.attr("k"))], np.int64))
+        self._top_k_node(op, k, int(op.attr("axis")), bool(op.attr("largest")), bool(op.attr("sorted")))
+
+    def _argsort(self, op) -> None:
+        """argsort (``paddle.sort``, ``paddle.argsort``): ``TopK`` of every element along
+        ``axis`` (``k`` the axis length, read at run time), the largest first when
+        ``descending``. ``TopK`` orders equal values by their index, as Paddle's stable sort
+        does; without ``stable`` Paddle leaves their order unspecified (the values are the
+        same, the indices of ties may differ)."""
+        x, axis = self._in(op), int(op.attr("axis"))
+        stem = op.output("Out")[0]
+        length = self._node("Gather", [
+            self._node("Shape", [x], stem + ".shape"), self._const("axis", np.array([axis], np.int64)),
+        ], stem + ".length")
+        self._top_k_node(op, length, axis, bool(op.attr("descending")), True)
+
+    def _top_k_node(self, op, k: str, axis: int, largest: bool, ordered: bool) -> None:
+        """ONNX's ``TopK`` of ``op``'s ``X`` bound to its ``Out`` and ``Indices`` (cast from
+        int64 to Paddle's index dtype)."""
+        values, indices = op.output("Out")[0], op.output("Indices")[0]
         found = [self._unique(values), self._unique(indices + ".int64")]
         self.nodes.append(self.helper.make_node(
-            "TopK", [self._in(op), k], found, axis=int(op.attr("axis")),
-            largest=int(op.attr("largest")), sorted=int(op.attr("sorted")),
+            "TopK", [self._in(op), k], found, axis=axis, largest=int(largest), sorted=int(ordered),
         ))
         self._bind(values, found[0])
         dtype = numpy_dtype(self.block._find_var_recursive(indices).dtype)
