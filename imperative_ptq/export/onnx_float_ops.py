@@ -382,30 +382,37 @@ class FloatOpConverters:
         self._bind(out, node)
 
     def _roll(self, op) -> None:
-        """roll (Swin's shifted windows) along axes of traced sizes: two slices swapped; no
-        axis rolls the flattened tensor."""
+        """roll (Swin's shifted windows): along each axis two slices swapped; no axis rolls
+        the flattened tensor. An axis whose size is known only at run time (the flattened
+        tensor of a dynamic batch) is cut where the graph computes it (``-shift mod size``)."""
         self._reject_tensor_inputs(op, "ShiftsTensor")
         out = self._out(op)
         x = self._in(op)
         shape = self._shape(op.input("X")[0])
         axes, shifts = [int(a) for a in op.attr("axis")], [int(s) for s in op.attr("shifts")]
         if not axes:
-            if any(d < 0 for d in shape):
-                raise NotImplementedError("roll without axis is exported only for a traced shape")
             x = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat")
-            axes, shape = [0], [int(np.prod(shape))]
+            axes, shape = [0], [int(np.prod(shape)) if min(shape, default=0) >= 0 else -1]
         for axis, shift in zip(axes, shifts):
             size = shape[axis]
-            if size < 0:
-                raise NotImplementedError("roll is exported only along axes of a traced size")
-            cut = (size - shift % size) % size  # out = x[cut:] then x[:cut]
-            if cut == 0:
-                continue
+            if size >= 0:
+                cut = (size - shift % size) % size  # out = x[cut:] then x[:cut]
+                if cut == 0:
+                    continue
+                cut_at = self._const("cut", np.array([cut], np.int64))
+            else:
+                length = self._node("Gather", [
+                    self._node("Shape", [x], out + ".shape"), self._const("axis", np.array([axis], np.int64)),
+                ], out + ".length")
+                # Mod with fmod=0 takes the divisor's sign: the cut is in 0..size-1.
+                cut_at = self._node("Mod", [self._const("shift", np.array([-shift], np.int64)), length], out + ".cut", fmod=0)
+            along = self._const("axes", np.array([axis], np.int64))
             part = [
-                self._node("Slice", [x, self._const("starts", np.array([start], np.int64)),
-                                     self._const("ends", np.array([end], np.int64)),
-                                     self._const("axes", np.array([axis], np.int64))], out + ".part")
-                for start, end in ((cut, size), (0, cut))
+                self._node("Slice", [x, start, end, along], out + ".part")
+                for start, end in (
+                    (cut_at, self._const("end", np.array([np.iinfo(np.int64).max], np.int64))),
+                    (self._const("start", np.array([0], np.int64)), cut_at),
+                )
             ]
             x = self._node("Concat", part, out + ".rolled", axis=axis)
         if not op.attr("axis"):
