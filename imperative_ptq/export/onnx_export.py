@@ -40,6 +40,7 @@ from .dynamic_export import (
     trace_dynamic_model,
 )
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
+from .onnx_lstm import SimulatedLSTMConverter
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -104,9 +105,10 @@ _LAYOUT_OPS = frozenset({
     "max_pool2d_with_index",
 })
 
-class _Converter(FloatOpConverters):
+class _Converter(FloatOpConverters, SimulatedLSTMConverter):
     """Translates one legacy program into an ONNX QDQ graph (the ops that run in float come
-    from :class:`.onnx_float_ops.FloatOpConverters`)."""
+    from :class:`.onnx_float_ops.FloatOpConverters`, the LSTMs simulated int8 from
+    :class:`.onnx_lstm.SimulatedLSTMConverter`)."""
 
     def __init__(
         self,
@@ -215,6 +217,7 @@ class _Converter(FloatOpConverters):
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
         self.constants = {}
+        self.lstm_calls = {}
 
     # ------------------------------------------------------------------------------ helpers
     def _coded_tensors(self, records: Sequence[LayerRecord]) -> dict[str, tuple[float, int]]:
@@ -841,6 +844,10 @@ class _Converter(FloatOpConverters):
         Runtime folds into float initializers when the session is created (it does not fold
         ``DequantizeLinear``, which then ran on every call): a ~4x smaller file, fp32 compute.
         """
+        record = self._simulated_lstm_record(op)
+        if record is not None:
+            self._simulated_lstm(op, record)
+            return
         mode = op.attr("mode")
         label = self._rnn_label(op)
         if mode not in self._RNN_MODES:
@@ -1449,14 +1456,6 @@ def export_onnx(
             program_lib.fold_conv_bias(loaded)
             weights = {r.weight_name: r for r in records if r.simulated}
             program_lib.materialize_conv1d_weights(loaded, weights)
-            # The simulation runs these LSTMs as Paddle Inference's int8 fusion_lstm; ONNX gets
-            # the fp32 LSTM.
-            int8_lstms = [r.name for r in records if r.simulated and r.layer_type == "LSTM"]
-            if int8_lstms:
-                logger.warning(
-                    "%d LSTM layers simulated in int8 (Paddle Inference's fusion_lstm) are "
-                    "exported to ONNX in fp32: %s", len(int8_lstms), ", ".join(int8_lstms),
-                )
             onnx_model = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
                 symmetric_signed,

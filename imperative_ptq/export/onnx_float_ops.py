@@ -327,17 +327,31 @@ class FloatOpConverters:
         self._bind(out, self._node("CumSum", [x, self._const("axis", np.array(axis, np.int64))], out, **attrs))
 
     def _constant(self, op) -> None:
-        """fill_constant / assign_value of a constant shape: an initializer."""
-        self._reject_tensor_inputs(op, *op.input_names)
+        """fill_constant / assign_value of a constant shape: an initializer; fill_constant of
+        a shape computed in the graph (``paddle.full([x.shape[0], ...], v)``, an LSTM's
+        initial states): ``ConstantOfShape``."""
         dtype = numpy_dtype(op.attr("dtype"))
-        shape = [int(d) for d in op.attr("shape")]
+        out = self._out(op)
+        dynamic = op.type == "fill_constant" and any(
+            slot in op.input_names and op.input(slot) for slot in ("ShapeTensor", "ShapeTensorList")
+        )
+        self._reject_tensor_inputs(op, *(
+            slot for slot in op.input_names if not (dynamic and slot in ("ShapeTensor", "ShapeTensorList"))
+        ))
+        shape = [] if dynamic else [int(d) for d in op.attr("shape")]
         if op.type == "fill_constant":
             # str_value is the value as written (exact for int64 beyond float precision).
             text = op.attr("str_value") if op.has_attr("str_value") else ""
             value = np.full(shape, float(text) if text else op.attr("value")).astype(dtype)
         else:
             value = np.array([item.value() for item in op.attr("values")]).astype(dtype).reshape(shape)
-        out = self._out(op)
+        if dynamic:
+            filler = self.helper.make_tensor(
+                "value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [value.item()]
+            )
+            shape_tensor = self._shape_tensor(op, "ShapeTensor", "ShapeTensorList", out)
+            self._bind(out, self._node("ConstantOfShape", [shape_tensor], out, value=filler))
+            return
         self.constants[out] = value
         self._bind(out, self._const(out, value))
 
@@ -600,7 +614,7 @@ class FloatOpConverters:
         tensor in ``tensor_slot``, or the one-element tensors in ``list_slot`` concatenated (a
         ViT's ``cls.expand([x.shape[0], 1, d])``)."""
         int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
-        if op.input(tensor_slot):
+        if tensor_slot in op.input_names and op.input(tensor_slot):
             return self._node("Cast", [self._in(op, tensor_slot)], stem + ".shape", to=int64)
         flat = self._const("shape", np.array([1], np.int64))
         parts = [
