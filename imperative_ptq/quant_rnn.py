@@ -37,8 +37,8 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "lstm_int8_refusal",
-    "quantize_gate_rows",
+    "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "gate_row_codes",
+    "lstm_int8_refusal", "quantize_gate_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,19 @@ def fusion_lstm_weight_thresholds(layer: paddle.nn.LSTM, headroom: float) -> np.
     return (thresholds * np.float32(headroom)).astype(np.float32)
 
 
-def quantize_gate_rows(weight: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """The weights oneDNN's int8 LSTM multiplies with: ``rint(w / t * 127)`` saturated to s8,
-    dequantized; one threshold per gate unit (a row of ``weight_ih_l0``/``weight_hh_l0``)."""
+def gate_row_codes(weight: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 codes oneDNN's int8 LSTM multiplies with, ``rint(w / t * 127)`` saturated to
+    s8, and their scales ``t / 127``: one threshold per gate unit (a row of
+    ``weight_ih_l0``/``weight_hh_l0``)."""
     multipliers = (np.float32(127) / thresholds).astype(np.float32)[:, None]
-    codes = np.clip(np.rint(weight * multipliers), -128, 127)
-    return (codes * (thresholds / np.float32(127))[:, None]).astype(np.float32)
+    codes = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
+    return codes, (thresholds / np.float32(127)).astype(np.float32)
+
+
+def quantize_gate_rows(weight: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """The weights oneDNN's int8 LSTM multiplies with (:func:`gate_row_codes`), dequantized."""
+    codes, scales = gate_row_codes(weight, thresholds)
+    return (codes.astype(np.float32) * scales[:, None]).astype(np.float32)
 
 
 class QuantizedLSTM(paddle.nn.Layer):

@@ -196,6 +196,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "flip": (lambda: _Function(lambda y: paddle.flip(y, axis=[1, 3])), True),
     "round": (lambda: _Function(lambda y: paddle.round(y * 4.0)), True),
     "top_k_v2": (lambda: _Function(lambda y: paddle.topk(y, 3, axis=1)[0]), False),
+    "argsort": (lambda: _Function(lambda y: paddle.sort(y, axis=1)), True),
+    "argsort/descending": (lambda: _Function(lambda y: paddle.sort(y, axis=-1, descending=True)), True),
     "slice": (lambda: _SliceToShape(), True),
     "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
 }
@@ -380,35 +382,98 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _Sort(nn.Layer):
+class _KthValue(nn.Layer):
+    """An op the export does not translate (kthvalue)."""
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.sort(x, axis=1)
+        return paddle.kthvalue(x, 2, axis=1, keepdim=True)[0]
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """sort (argsort, which the export does not translate) after a conv: the error names the
-    op, the tensor it writes and the layer it reads, and the Paddle Inference export still
-    works."""
+    """kthvalue (which the export does not translate) after a conv: the error names the op,
+    the tensor it writes and the layer it reads, and the Paddle Inference export still works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.sort(y, axis=1)), True), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.kthvalue(y, 2, axis=1)[0]), False), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'argsort' has no ONNX converter (writing 'sort_0"), message
+    assert message.startswith("op 'kthvalue' has no ONNX converter (writing 'kthvalue_0"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_Sort)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_KthValue)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_Sort(), True), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_KthValue(), False), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_Sort)
-    with pytest.raises(NotImplementedError, match="op 'argsort' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_KthValue)
+    with pytest.raises(NotImplementedError, match="op 'kthvalue' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+
+
+class _Sorts(nn.Layer):
+    """The input sorted along its last axis and its argsort along the channels (beside an int8
+    conv, so that the model converts)."""
+
+    def __init__(self, descending: bool, stable: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 4, 3)
+        self.descending, self.stable = descending, stable
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        order = dict(descending=self.descending, stable=self.stable)
+        return [paddle.sort(x, axis=-1, **order), paddle.argsort(x, axis=1, **order), self.conv(x)]
+
+
+def _stable_order(x: np.ndarray, axis: int, descending: bool) -> np.ndarray:
+    """Reference: the indices sorting ``x`` along ``axis``, ties by index (numpy's stable sort
+    of ``-x`` keeps equal values in index order when descending)."""
+    return np.argsort(-x if descending else x, axis=axis, kind="stable")
+
+
+@pytest.mark.parametrize("stable", [True, False])
+@pytest.mark.parametrize("descending", [False, True])
+def test_sort_and_argsort_run_in_onnx_runtime_as_paddle(descending: bool, stable: bool, tmp_path) -> None:
+    """TopK of the whole axis, its length read at run time: on random values and on values with
+    many ties (4 distinct values), at a batch size other than the calibration's. ONNX Runtime's
+    TopK orders ties by index (measured, both directions), as Paddle's stable sort does;
+    Paddle's unstable sort orders them otherwise (measured: 300 values of 4 distinct ones), so
+    there only the values and what the indices select are compared."""
+    qmodel = _quantized(_Sorts(descending, stable), [2, 3, SIZE, SIZE])
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for x in (rng.random((5, 3, SIZE, SIZE), np.float32), np.floor(rng.random((5, 3, SIZE, SIZE)) * 4).astype(np.float32)):
+        values, indices, _ = session.run(None, {"x": x})
+        paddle_values, paddle_indices, _ = (t.numpy() for t in qmodel(paddle.to_tensor(x)))
+        assert indices.dtype == paddle_indices.dtype == np.int64
+        assert np.array_equal(values, paddle_values)
+        assert np.array_equal(values, np.take_along_axis(x, _stable_order(x, -1, descending), -1))
+        assert np.array_equal(indices, _stable_order(x, 1, descending))
+        if stable:
+            assert np.array_equal(indices, paddle_indices)
+        else:
+            assert np.array_equal(np.take_along_axis(x, indices, 1), np.take_along_axis(x, paddle_indices, 1))
+
+
+@pytest.mark.parametrize("shift", [37, -2053])  # -2053: more than a sample of 8 x 16 x 16
+def test_roll_of_a_flattened_dynamic_batch_runs_as_simulated(shift: int, tmp_path) -> None:
+    """roll without axis rolls the flattened tensor, whose size the batch decides at run time:
+    the cut is computed in the graph, so batches of other sizes than the trace's roll right."""
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.roll(y, shifts=shift)), True), [4, 3, SIZE, SIZE])
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for batch in (1, 3):
+        x = rng.random((batch, 3, SIZE, SIZE), np.float32)
+        ran = session.run(None, {"x": x})[0]
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+        # Measured: 0 (batch 1 and 3, both shifts).
+        assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+    assert "Mod" in {node.op_type for node in onnx.load(path).graph.node}  # the cut, at run time
 
 
 @pytest.mark.parametrize("name, non_negative", [

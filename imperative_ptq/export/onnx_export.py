@@ -40,6 +40,7 @@ from .dynamic_export import (
     trace_dynamic_model,
 )
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
+from .onnx_lstm import SimulatedLSTMConverter
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -47,6 +48,7 @@ from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
 from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
+from .unsigned import relu_after_residual_conv
 
 __all__ = ["INT4_OPSET", "export_onnx"]
 
@@ -69,7 +71,7 @@ _SIGN_PRESERVING_OPS = frozenset({
     "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean", "reduce_amax",
     "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
     "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
-    "tanh_shrink", "roll", "flip", "round", "top_k_v2",
+    "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort",
 })
 
 #: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).
@@ -103,9 +105,10 @@ _LAYOUT_OPS = frozenset({
     "max_pool2d_with_index",
 })
 
-class _Converter(FloatOpConverters):
+class _Converter(FloatOpConverters, SimulatedLSTMConverter):
     """Translates one legacy program into an ONNX QDQ graph (the ops that run in float come
-    from :class:`.onnx_float_ops.FloatOpConverters`)."""
+    from :class:`.onnx_float_ops.FloatOpConverters`, the LSTMs simulated int8 from
+    :class:`.onnx_lstm.SimulatedLSTMConverter`)."""
 
     def __init__(
         self,
@@ -180,6 +183,20 @@ class _Converter(FloatOpConverters):
         self.unclipped: dict[str, str] = {}
         #: program var -> its ONNX tensor before the Q/DQ ``_bind`` gave it.
         self.unquantized: dict[str, str] = {}
+        #: The network's outputs.
+        self.fetched = {var.name for var in loaded.fetch_vars}
+        #: Tensors the simulation holds as u8 codes for every reader, the caller included ->
+        #: (threshold, largest code): an identity shortcut its conv quantizes in place
+        #: (``LayerRecord.residual_codes``) and the ReLU call a fused int8 conv writes
+        #: (``LayerRecord.sum_codes_top``).
+        self.coded = self._coded_tensors(records)
+        #: program var in ``coded`` -> its ONNX tensor on those codes (what the caller gets).
+        self.coded_values: dict[str, str] = {}
+        #: Outputs the simulation writes as s8 codes (``LayerRecord.residual_output``).
+        self.coded_outputs = {
+            output for record in records if record.residual_output
+            for _, output in record.calls if output
+        }
         #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.input_top_code``).
         self.wide = {
             inputs[0] for record in records
@@ -200,8 +217,33 @@ class _Converter(FloatOpConverters):
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
         self.constants = {}
+        self.lstm_calls = {}
 
     # ------------------------------------------------------------------------------ helpers
+    def _coded_tensors(self, records: Sequence[LayerRecord]) -> dict[str, tuple[float, int]]:
+        """The tensors the simulation puts on u8 codes for every reader (see ``coded``).
+
+        A :class:`~imperative_ptq.quant_residual.ResidualSumOutput` ReLU serves other calls
+        too (``paddle.vision``'s blocks call one ReLU twice): only a call after a residual
+        add, or read only by max-pools, is the one its fused conv marks.
+        """
+        coded = {
+            inputs[0]: (float(record.input_threshold), int(record.residual_codes))
+            for record in records if record.residual_codes
+            for inputs, _ in record.calls if inputs
+        }
+        for record in records:
+            if record.sum_codes_threshold is None:
+                continue
+            for _, output in record.calls:
+                readers = self.readers.get(output, [])
+                pooled = bool(readers) and all(
+                    op.type == "pool2d" and op.attr("pooling_type") == "max" for op in readers
+                )
+                if output and (pooled or relu_after_residual_conv(self.block, output, self.producer)):
+                    coded[output] = (float(record.sum_codes_threshold), int(record.sum_codes_top))
+        return coded
+
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:
         consumers = {name: [op.type for op in ops] for name, ops in self.readers.items()}
         _, outputs = program_lib.collect_scales(list(records), consumers)
@@ -319,6 +361,12 @@ class _Converter(FloatOpConverters):
         for name in list(self.u8_inputs) + [n for n in thresholds if n not in self.u8_inputs]:
             if name not in self.u8_inputs and name in self.affine:
                 continue
+            if name in self.fetched:
+                # The network returns it unquantized (:meth:`_returned`): quantized in front
+                # of the layout op, the returned value would be too (measured: conv -> ReLU ->
+                # max-pool, the pool returned and read by an int8 conv, 10.6% of the largest
+                # value off the simulation).
+                continue
             if name in self.layer_inputs and name not in self.coded_residuals and any(
                 reader.type in _ELEMENTWISE_OPS or reader.type in self.float_op_types
                 for reader in self.readers.get(name, [])
@@ -337,7 +385,10 @@ class _Converter(FloatOpConverters):
                 ):
                     break
                 source = op.input("X")[0]
-                if len(self.readers.get(source, [])) != 1 or source in self.shifted:
+                if (
+                    len(self.readers.get(source, [])) != 1 or source in self.shifted
+                    or source in self.fetched
+                ):
                     break
                 thresholds[source] = thresholds[name]
                 self.affine.pop(source, None)
@@ -362,9 +413,10 @@ class _Converter(FloatOpConverters):
                 if (
                     source not in thresholds or source in self.layer_inputs
                     or len(self.readers.get(source, [])) != 1 or source in self.shifted
+                    or source in self.fetched
                 ):
                     continue
-                if out in thresholds and out not in self.affine:
+                if out in thresholds and out not in self.affine and out not in self.fetched:
                     thresholds[source] = thresholds[out]
                     if out in self.u8_inputs:
                         self.u8_inputs[source] = self.u8_inputs[out]
@@ -463,8 +515,18 @@ class _Converter(FloatOpConverters):
         return out
 
     def _bind(self, var: str, tensor: str) -> None:
-        """Maps a program variable to its ONNX tensor, adding Q/DQ when it has a threshold."""
+        """Maps a program variable to its ONNX tensor, adding Q/DQ when it has a threshold
+        (and first putting a tensor the simulation holds on codes on them)."""
         threshold = self.thresholds.get(var)
+        producer = self.producer.get(var)
+        codes = self.coded.get(var)
+        if codes is not None and not (
+            producer is not None and producer.type in ("relu", "relu6")
+            and self.u8_inputs.get(var) == codes[0] and threshold
+        ):
+            # (A ReLU quantized on the codes' grid gets them below, from its own QuantizeLinear.)
+            tensor = self._on_codes(tensor, *codes, var)
+            self.coded_values[var] = tensor
         if threshold is None or threshold <= 0:
             self.names[var] = tensor
             return
@@ -478,7 +540,6 @@ class _Converter(FloatOpConverters):
             # above 127 could also saturate u8 x s8 pair sums on a CPU without VNNI).
             threshold = self.u8_inputs[var]
             scale, zero = threshold / 127.0, 0
-            producer = self.producer.get(var)
             if producer is not None and producer.type in ("relu", "relu6"):
                 # A Clip between a conv and its Q stops ONNX Runtime from fusing QLinearConv
                 # (measured: 1 of 3 convs fused). So the conv's output is quantized on the
@@ -489,9 +550,12 @@ class _Converter(FloatOpConverters):
                 z = self._const("zero_point", np.array(zero, dtype=np.uint8))
                 codes = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
                 self.scales[var] = (scale, zero)
-                if var in self.residuals or var in self.wide:
+                top = self.coded.get(var, (threshold, 0))[1]
+                if var in self.residuals or var in self.wide or top == U8_MAX:
                     unclipped = self._node("DequantizeLinear", [codes, s, z], var + ".unclipped.dq")
                     self.unclipped[var] = unclipped
+                    if top == U8_MAX:
+                        self.coded_values[var] = unclipped
                     if var in self.wide:
                         # A ReLU after a residual conv: its readers read codes up to 255, as
                         # in Paddle Inference and the simulation.
@@ -501,6 +565,8 @@ class _Converter(FloatOpConverters):
                           for name, value in (("min", 0), ("max", 127))]
                 codes = self._node("Clip", [codes, *bounds], var + ".clip")
                 self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
+                if var in self.coded and top != U8_MAX:
+                    self.coded_values[var] = self.names[var]
                 return
             elif not (
                 producer is not None and producer.type in _LAYOUT_OPS
@@ -534,6 +600,27 @@ class _Converter(FloatOpConverters):
                 return
         self.names[var] = self._qdq(tensor, scale, zero, var)
         self.scales[var] = (scale, zero)
+
+    def _on_codes(self, tensor: str, threshold: float, top: int, stem: str) -> str:
+        """``tensor`` on the u8 codes ``0..top`` of ``threshold`` (scale ``t / 127``), as the
+        simulation holds it (:func:`imperative_ptq.quant_residual.residual_on_codes`)."""
+        s = self._const("scale", np.array(threshold / symmetric_levels(8), dtype=np.float32))
+        z = self._const("zero_point", np.array(0, dtype=np.uint8))
+        codes = self._node("QuantizeLinear", [tensor, s, z], stem + ".codes.q")
+        if top < U8_MAX:
+            bounds = [self._const(name, np.array(value, np.uint8)) for name, value in (("min", 0), ("max", top))]
+            codes = self._node("Clip", [codes, *bounds], stem + ".codes.clip")
+        return self._node("DequantizeLinear", [codes, s, z], stem + ".codes.dq")
+
+    def _returned(self, var: str) -> str:
+        """The ONNX tensor of network output ``var``: what the simulation returns, its codes
+        where it holds them, else its float value (a tensor quantized for an int8 reader is
+        returned unquantized: that reader reads the Q/DQ branch alone)."""
+        if var in self.coded_values:
+            return self.coded_values[var]
+        if var in self.coded_outputs:
+            return self.names[var]
+        return self.unquantized.get(var, self.names[var])
 
     def _clip(self, tensor: str, low: float, high: float, stem: str) -> str:
         """``Clip(tensor, low, high)``."""
@@ -757,6 +844,10 @@ class _Converter(FloatOpConverters):
         Runtime folds into float initializers when the session is created (it does not fold
         ``DequantizeLinear``, which then ran on every call): a ~4x smaller file, fp32 compute.
         """
+        record = self._simulated_lstm_record(op)
+        if record is not None:
+            self._simulated_lstm(op, record)
+            return
         mode = op.attr("mode")
         label = self._rnn_label(op)
         if mode not in self._RNN_MODES:
@@ -1232,7 +1323,7 @@ class _Converter(FloatOpConverters):
                 ) from error
         outputs = []
         for var in self.loaded.fetch_vars:
-            tensor = self.names[var.name]
+            tensor = self._returned(var.name)
             name = var.name.replace(".", "_") + "_out"
             self.nodes.append(self.helper.make_node("Identity", [tensor], [name]))
             shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
@@ -1365,14 +1456,6 @@ def export_onnx(
             program_lib.fold_conv_bias(loaded)
             weights = {r.weight_name: r for r in records if r.simulated}
             program_lib.materialize_conv1d_weights(loaded, weights)
-            # The simulation runs these LSTMs as Paddle Inference's int8 fusion_lstm; ONNX gets
-            # the fp32 LSTM.
-            int8_lstms = [r.name for r in records if r.simulated and r.layer_type == "LSTM"]
-            if int8_lstms:
-                logger.warning(
-                    "%d LSTM layers simulated in int8 (Paddle Inference's fusion_lstm) are "
-                    "exported to ONNX in fp32: %s", len(int8_lstms), ", ".join(int8_lstms),
-                )
             onnx_model = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
                 symmetric_signed,

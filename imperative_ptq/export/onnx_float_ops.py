@@ -111,7 +111,7 @@ class FloatOpConverters:
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
-            "strided_slice": self._slice,
+            "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
 
@@ -327,17 +327,31 @@ class FloatOpConverters:
         self._bind(out, self._node("CumSum", [x, self._const("axis", np.array(axis, np.int64))], out, **attrs))
 
     def _constant(self, op) -> None:
-        """fill_constant / assign_value of a constant shape: an initializer."""
-        self._reject_tensor_inputs(op, *op.input_names)
+        """fill_constant / assign_value of a constant shape: an initializer; fill_constant of
+        a shape computed in the graph (``paddle.full([x.shape[0], ...], v)``, an LSTM's
+        initial states): ``ConstantOfShape``."""
         dtype = numpy_dtype(op.attr("dtype"))
-        shape = [int(d) for d in op.attr("shape")]
+        out = self._out(op)
+        dynamic = op.type == "fill_constant" and any(
+            slot in op.input_names and op.input(slot) for slot in ("ShapeTensor", "ShapeTensorList")
+        )
+        self._reject_tensor_inputs(op, *(
+            slot for slot in op.input_names if not (dynamic and slot in ("ShapeTensor", "ShapeTensorList"))
+        ))
+        shape = [] if dynamic else [int(d) for d in op.attr("shape")]
         if op.type == "fill_constant":
             # str_value is the value as written (exact for int64 beyond float precision).
             text = op.attr("str_value") if op.has_attr("str_value") else ""
             value = np.full(shape, float(text) if text else op.attr("value")).astype(dtype)
         else:
             value = np.array([item.value() for item in op.attr("values")]).astype(dtype).reshape(shape)
-        out = self._out(op)
+        if dynamic:
+            filler = self.helper.make_tensor(
+                "value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [value.item()]
+            )
+            shape_tensor = self._shape_tensor(op, "ShapeTensor", "ShapeTensorList", out)
+            self._bind(out, self._node("ConstantOfShape", [shape_tensor], out, value=filler))
+            return
         self.constants[out] = value
         self._bind(out, self._const(out, value))
 
@@ -382,30 +396,37 @@ class FloatOpConverters:
         self._bind(out, node)
 
     def _roll(self, op) -> None:
-        """roll (Swin's shifted windows) along axes of traced sizes: two slices swapped; no
-        axis rolls the flattened tensor."""
+        """roll (Swin's shifted windows): along each axis two slices swapped; no axis rolls
+        the flattened tensor. An axis whose size is known only at run time (the flattened
+        tensor of a dynamic batch) is cut where the graph computes it (``-shift mod size``)."""
         self._reject_tensor_inputs(op, "ShiftsTensor")
         out = self._out(op)
         x = self._in(op)
         shape = self._shape(op.input("X")[0])
         axes, shifts = [int(a) for a in op.attr("axis")], [int(s) for s in op.attr("shifts")]
         if not axes:
-            if any(d < 0 for d in shape):
-                raise NotImplementedError("roll without axis is exported only for a traced shape")
             x = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat")
-            axes, shape = [0], [int(np.prod(shape))]
+            axes, shape = [0], [int(np.prod(shape)) if min(shape, default=0) >= 0 else -1]
         for axis, shift in zip(axes, shifts):
             size = shape[axis]
-            if size < 0:
-                raise NotImplementedError("roll is exported only along axes of a traced size")
-            cut = (size - shift % size) % size  # out = x[cut:] then x[:cut]
-            if cut == 0:
-                continue
+            if size >= 0:
+                cut = (size - shift % size) % size  # out = x[cut:] then x[:cut]
+                if cut == 0:
+                    continue
+                cut_at = self._const("cut", np.array([cut], np.int64))
+            else:
+                length = self._node("Gather", [
+                    self._node("Shape", [x], out + ".shape"), self._const("axis", np.array([axis], np.int64)),
+                ], out + ".length")
+                # Mod with fmod=0 takes the divisor's sign: the cut is in 0..size-1.
+                cut_at = self._node("Mod", [self._const("shift", np.array([-shift], np.int64)), length], out + ".cut", fmod=0)
+            along = self._const("axes", np.array([axis], np.int64))
             part = [
-                self._node("Slice", [x, self._const("starts", np.array([start], np.int64)),
-                                     self._const("ends", np.array([end], np.int64)),
-                                     self._const("axes", np.array([axis], np.int64))], out + ".part")
-                for start, end in ((cut, size), (0, cut))
+                self._node("Slice", [x, start, end, along], out + ".part")
+                for start, end in (
+                    (cut_at, self._const("end", np.array([np.iinfo(np.int64).max], np.int64))),
+                    (self._const("start", np.array([0], np.int64)), cut_at),
+                )
             ]
             x = self._node("Concat", part, out + ".rolled", axis=axis)
         if not op.attr("axis"):
@@ -432,14 +453,31 @@ class FloatOpConverters:
         self._bind(out, self._node("Mul", [self._node("Sign", [x], out + ".sign"), floor], out))
 
     def _top_k(self, op) -> None:
-        """top_k_v2 (a constant ``k``): ONNX's ``TopK``, indices cast to Paddle's dtype."""
+        """top_k_v2 (a constant ``k``): ONNX's ``TopK``."""
         self._reject_tensor_inputs(op, "K")
-        values, indices = op.output("Out")[0], op.output("Indices")[0]
         k = self._const("k", np.array([int(op.attr("k"))], np.int64))
+        self._top_k_node(op, k, int(op.attr("axis")), bool(op.attr("largest")), bool(op.attr("sorted")))
+
+    def _argsort(self, op) -> None:
+        """argsort (``paddle.sort``, ``paddle.argsort``): ``TopK`` of every element along
+        ``axis`` (``k`` the axis length, read at run time), the largest first when
+        ``descending``. ``TopK`` orders equal values by their index, as Paddle's stable sort
+        does; without ``stable`` Paddle leaves their order unspecified (the values are the
+        same, the indices of ties may differ)."""
+        x, axis = self._in(op), int(op.attr("axis"))
+        stem = op.output("Out")[0]
+        length = self._node("Gather", [
+            self._node("Shape", [x], stem + ".shape"), self._const("axis", np.array([axis], np.int64)),
+        ], stem + ".length")
+        self._top_k_node(op, length, axis, bool(op.attr("descending")), True)
+
+    def _top_k_node(self, op, k: str, axis: int, largest: bool, ordered: bool) -> None:
+        """ONNX's ``TopK`` of ``op``'s ``X`` bound to its ``Out`` and ``Indices`` (cast from
+        int64 to Paddle's index dtype)."""
+        values, indices = op.output("Out")[0], op.output("Indices")[0]
         found = [self._unique(values), self._unique(indices + ".int64")]
         self.nodes.append(self.helper.make_node(
-            "TopK", [self._in(op), k], found, axis=int(op.attr("axis")),
-            largest=int(op.attr("largest")), sorted=int(op.attr("sorted")),
+            "TopK", [self._in(op), k], found, axis=axis, largest=int(largest), sorted=int(ordered),
         ))
         self._bind(values, found[0])
         dtype = numpy_dtype(self.block._find_var_recursive(indices).dtype)
@@ -576,7 +614,7 @@ class FloatOpConverters:
         tensor in ``tensor_slot``, or the one-element tensors in ``list_slot`` concatenated (a
         ViT's ``cls.expand([x.shape[0], 1, d])``)."""
         int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
-        if op.input(tensor_slot):
+        if tensor_slot in op.input_names and op.input(tensor_slot):
             return self._node("Cast", [self._in(op, tensor_slot)], stem + ".shape", to=int64)
         flat = self._const("shape", np.array([1], np.int64))
         parts = [

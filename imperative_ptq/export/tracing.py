@@ -111,6 +111,10 @@ class LayerRecord:
         pooled_input_threshold: For a global average pool the simulation runs int8
             (:class:`~imperative_ptq.quant_pool.QuantizedGlobalAveragePool`), the threshold
             of the u8 codes it averages; else ``None``.
+        sum_codes_threshold: For a ReLU the simulation puts on the u8 codes a fused int8 conv
+            writes (:class:`~imperative_ptq.quant_residual.ResidualSumOutput`), the threshold
+            of those codes; else ``None``.
+        sum_codes_top: With ``sum_codes_threshold``, the largest of those codes.
     """
 
     name: str
@@ -137,6 +141,8 @@ class LayerRecord:
     pooled_input_top: int = 255
     residual_output: bool = False
     residual_fused_with: str = ""
+    sum_codes_threshold: float | None = None
+    sum_codes_top: int = 0
 
     @property
     def simulated(self) -> bool:
@@ -321,6 +327,8 @@ def _collect_records(
                 name=name,
                 layer_type=type(layer.layer).__name__,
                 output_thresholds=output_thresholds(layer.layer),
+                sum_codes_threshold=layer.threshold,
+                sum_codes_top=layer.top,
             )
             keep(layer, layer.layer, record)
         elif isinstance(layer, ResidualCodesInput):
