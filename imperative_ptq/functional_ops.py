@@ -150,9 +150,10 @@ def _routed_operator(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any]
 
     @paddle.jit.not_to_static
     def multiply_operator(x: Any, y: Any) -> Any:
-        if not _routable():
+        if not (_routable() and _is_activation(x) and _is_activation(y)):
             return original(x, y)
-        return _route_multiply(original, (x, y), {})
+        site = _site(_calling_layer(), "multiply")
+        return original(x, y) if site is None else site(x, y)
 
     return multiply_operator
 
@@ -189,10 +190,6 @@ def route_multiply(*args: Any, **kwargs: Any) -> Any:
     original = _original["multiply"]
     if not _routable():
         return original(*args, **kwargs)
-    return _route_multiply(original, args, kwargs)
-
-
-def _route_multiply(original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     try:
         arguments = _MULTIPLY_ARGUMENTS.bind(*args, **kwargs).arguments
     except TypeError:

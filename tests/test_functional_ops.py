@@ -11,6 +11,8 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
+from avx2_kernels import pytest_on_avx2_kernels
+from imperative_ptq.cpu import cpu_info
 
 nn = paddle.nn
 F = paddle.nn.functional
@@ -151,10 +153,10 @@ def test_analyze_lists_sites_as_observed_fp32() -> None:
 @pytest.mark.parametrize("model", [_Fire, _SqueezeExcite], ids=["concat", "multiply"])
 def test_sites_stay_fp32_in_the_simulation_and_paddle_inference(model, tmp_path) -> None:
     """The sites compute Paddle's op in fp32 and give the export no scale: Paddle Inference
-    runs the concat / elementwise_mul in fp32, as the simulation does."""
+    and ONNX Runtime run the concat / multiply in fp32, as the simulation does."""
     from models import largest_error_in_paddle_inference
 
-    from imperative_ptq.export import save_quantized_model
+    from imperative_ptq.export import export_onnx, save_quantized_model
     from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 
     ptq, qmodel = _calibrated(model())
@@ -168,6 +170,18 @@ def test_sites_stay_fp32_in_the_simulation_and_paddle_inference(model, tmp_path)
         kinds = {"concat", "elementwise_mul"}
         assert not [op.type for op in ops if op.type in kinds and op.has_attr("out_threshold")]
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 6, 6], "float32", "x")])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_sites_stay_fp32_on_avx2_kernels() -> None:
+    assert "2 passed" in pytest_on_avx2_kernels(__file__, "stay_fp32_in_the_simulation")
 
 
 class _LinearOnActivation(nn.Layer):
