@@ -68,9 +68,11 @@ class LayerSensitivity:
         metric: ``metric(model)`` with only this layer quantized, if a metric was given.
         metric_drop: fp32 metric minus :attr:`metric` (positive: worse), if a metric was given.
         input_threshold: The layer's calibrated input threshold.
-        int8: Whether the converted model runs the layer in int8; ``False`` for a functional
-            concat or multiply, observed in calibration but run in fp32
-            (:mod:`imperative_ptq.functional_ops`): its row holds its thresholds, NaN figures.
+        int8: Whether the layer is a quantized layer of the converted model; ``False`` for a
+            functional concat or multiply, observed in calibration and computed in float by
+            the simulation (:mod:`imperative_ptq.functional_ops`; an int8 concat in Paddle
+            Inference only copies its readers' codes): its row holds its thresholds, NaN
+            figures.
         output_threshold: The layer's calibrated output threshold (rows of observed layers).
     """
 
@@ -158,7 +160,7 @@ class SensitivityReport:
                 _fmt(row.output_cosine, ".6f"), _fmt(row.input_threshold, ".4g"),
             ]
             if observed:
-                cells += [_fmt(row.output_threshold, ".4g"), "int8" if row.int8 else "fp32 (observed)"]
+                cells += [_fmt(row.output_threshold, ".4g"), "int8" if row.int8 else "observed"]
             if has_metric:
                 cells += [_fmt(row.metric, ".4f"), _fmt(row.metric_drop, "+.4f")]
             lines.append("| " + " | ".join(cells) + " |")

@@ -16,10 +16,12 @@ named ``<caller>.concat_<k>`` / ``<caller>.multiply_<k>``), which computes exact
 The sites are hooked like any layer (``CalibrationSession.add_discovered_layer``), so the
 calibration table holds their thresholds (a concat's output; a multiply's two inputs and its
 output: the scales Paddle would need), and ``analyze`` lists them. They are *observed only*
-(``LayerInfo.observed_only``): the simulation, the Paddle Inference export and the ONNX export
-keep them fp32, as the runtimes run them today, and calibration records nothing of the graph
-around them, so every other layer converts and exports as it did without them. Why they stay
-fp32 (measured in Paddle Inference 3.3.1) is in ``docs/deployment.md``.
+(``LayerInfo.observed_only``): the simulation computes them in float, the exports write none of
+their thresholds, and calibration records nothing of the graph around them, so every other
+layer converts and exports as it did without them. Paddle Inference runs multiplies fp32; the
+export runs a concat int8 only where it copies its reader's codes
+(:func:`imperative_ptq.export.unsigned.clip_concat_inputs`), which the simulation's rounding at
+the reader computes. The measurements are in ``docs/deployment.md``.
 
 Limits: calls made directly in a layer's ``forward`` (or a function it calls, a few frames deep)
 whose layer the hooks do not calibrate themselves; a multiply of a tensor by a scalar or a

@@ -42,10 +42,10 @@ class LayerInfo:
             calibrated (an RNN's output sequence); ``None``: the layer returns a tensor.
         composite: Hooked as a whole although it has sublayers (an RNN keeps its cells as
             sublayers); other layers are hooked only as leaves.
-        observed_only: Calibrated for the table and ``analyze`` but run in fp32 by the
-            simulation and the runtimes (a functional concat or multiply,
-            :mod:`imperative_ptq.functional_ops`): ``convert`` leaves it as it is, the export
-            writes none of its thresholds, and calibration records nothing of the graph around it.
+        observed_only: Calibrated for the table and ``analyze`` but computed in float by the
+            simulation (a functional concat or multiply, :mod:`imperative_ptq.functional_ops`):
+            ``convert`` leaves it as it is, the exports write none of its thresholds, and
+            calibration records nothing of the graph around it.
     """
 
     layer: type
