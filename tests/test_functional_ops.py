@@ -136,7 +136,7 @@ def test_sites_round_trip_through_the_table_and_old_tables_still_load(tmp_path) 
     np.testing.assert_array_equal(calibrated_first(x).numpy(), fresh(x).numpy())
 
 
-def test_analyze_lists_sites_as_observed_fp32() -> None:
+def test_analyze_lists_sites_as_observed_fp32(tmp_path) -> None:
     model = _Fire()
     ptq, qmodel = _calibrated(model)
     table = ptq.calibration_table(qmodel)
@@ -148,6 +148,9 @@ def test_analyze_lists_sites_as_observed_fp32() -> None:
     assert all(r.int8 for r in report.rows if r.name != "concat_0")
     assert report.rows[-1].name == "concat_0"
     assert "| observed |" in report.to_markdown()
+    pytest.importorskip("matplotlib")
+    written = report.save(tmp_path, model=model, data=_batches(1))  # plots skip the site
+    assert "concat_0" in open(written, encoding="utf-8").read()
 
 
 @pytest.mark.parametrize("model", [_Fire, _SqueezeExcite], ids=["concat", "multiply"])
