@@ -30,12 +30,13 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call, eval_mode
-from .converted import converted_structure
+from .converted import converted_structure, converted_table
 from .fp32_residuals import refit_fused_residuals
 from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_residual import QuantizedResidualOutput
 from .quant_rnn import QuantizedLSTM
+from .registry import PTQRegistry
 
 __all__ = [
     "LayerSensitivity",
@@ -67,6 +68,12 @@ class LayerSensitivity:
         metric: ``metric(model)`` with only this layer quantized, if a metric was given.
         metric_drop: fp32 metric minus :attr:`metric` (positive: worse), if a metric was given.
         input_threshold: The layer's calibrated input threshold.
+        int8: Whether the layer is a quantized layer of the converted model; ``False`` for a
+            functional concat or multiply, observed in calibration and computed in float by
+            the simulation (:mod:`imperative_ptq.functional_ops`; an int8 concat in Paddle
+            Inference only copies its readers' codes): its row holds its thresholds, NaN
+            figures.
+        output_threshold: The layer's calibrated output threshold (rows of observed layers).
     """
 
     name: str
@@ -78,6 +85,8 @@ class LayerSensitivity:
     metric: float | None = None
     metric_drop: float | None = None
     input_threshold: float | None = None
+    int8: bool = True
+    output_threshold: float | None = None
 
 
 @dataclasses.dataclass
@@ -135,8 +144,11 @@ class SensitivityReport:
                 f"fp32 metric: {self.fp32_metric:.4f}; fully quantized: "
                 f"{_fmt(self.quantized_metric, '.4f')}\n"
             )
+        observed = any(not row.int8 for row in self.rows)
         header = ["rank", "layer", "type", "SQNR (dB)", "cosine", "output SQNR (dB)",
                   "output cosine", "input threshold"]
+        if observed:
+            header += ["output threshold", "runs"]
         if has_metric:
             header += ["metric", "drop"]
         lines.append("| " + " | ".join(header) + " |")
@@ -147,6 +159,8 @@ class SensitivityReport:
                 _fmt(row.cosine, ".6f"), _fmt(row.output_sqnr_db, ".2f"),
                 _fmt(row.output_cosine, ".6f"), _fmt(row.input_threshold, ".4g"),
             ]
+            if observed:
+                cells += [_fmt(row.output_threshold, ".4g"), "int8" if row.int8 else "observed"]
             if has_metric:
                 cells += [_fmt(row.metric, ".4f"), _fmt(row.metric_drop, "+.4f")]
             lines.append("| " + " | ".join(cells) + " |")
@@ -453,12 +467,33 @@ def analyze(
             metric_drop=None if value is None else fp32_metric - value,
             input_threshold=quantized.input_thresholds[0] if quantized.input_thresholds else None,
         ))
+    rows.extend(_observed_rows(quantized_model))
     # NaN (unmeasured) compares false both ways and would scramble the order: rank it last.
     rows.sort(key=lambda r: (
         -(r.metric_drop or 0.0), math.isnan(r.output_sqnr_db), r.output_sqnr_db, r.sqnr_db
     ))
     logger.info("analyzed %d quantized layers on %d batches", len(rows), num_batches)
     return SensitivityReport(rows, fp32_metric, quantized_metric, num_batches)
+
+
+def _observed_rows(quantized_model: paddle.nn.Layer) -> list[LayerSensitivity]:
+    """Rows of the observed-only layers (functional concats and multiplies): their
+    thresholds from the converted model's table; they run fp32, so nothing is measured."""
+    table = converted_table(quantized_model) or {}
+    rows = []
+    for name, layer in quantized_model.named_sublayers():
+        info = PTQRegistry.layer_info(layer)
+        if info is None or not info.observed_only:
+            continue
+        entry = table.get(name, {})
+        first = {role: (entry.get(role) or [None])[0] for role in ("input", "output")}
+        nan = float("nan")
+        rows.append(LayerSensitivity(
+            name=name, layer_type=type(layer).__name__, sqnr_db=nan, cosine=nan,
+            output_sqnr_db=nan, output_cosine=nan, input_threshold=first["input"], int8=False,
+            output_threshold=first["output"],
+        ))
+    return rows
 
 
 # ---------------------------------------------------------------------------- fp32 layers

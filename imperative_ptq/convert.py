@@ -75,6 +75,10 @@ def convert_layers(
         if entry is None:
             continue
         info = PTQRegistry.layer_info(layer)
+        if info.observed_only:
+            # A functional concat or multiply: fp32 in Paddle Inference and ONNX Runtime
+            # (functional_ops.py), so no output threshold for the export either.
+            continue
         if state.weight_quantizer is not None and not info.int8_runtime:
             # Plain fp32 like the runtime runs it; no output scale either (see below).
             no_int8_kernel.append((state.name, type(layer).__name__))

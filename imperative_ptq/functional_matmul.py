@@ -23,9 +23,10 @@ the call, unless that layer is one the hooks calibrate, such as the ``nn.Linear`
 
 Limits: only calls made directly in a layer's ``forward`` (or a function it calls, a few frames
 deep) on one of that layer's own parameters are seen; a 2-D float32 weight; ``transpose_x``
-and other matmuls stay fp32 (with a warning when a parameter is involved); ``F.linear`` of
-two activations is not routed. Sites appear at the first calibration forward, so a table or
-statistics file is loaded after one batch.
+and other matmuls stay fp32 (with a warning when a parameter is involved). ``F.linear(x, w,
+b)`` with an activation ``w`` (no parameter) is routed like ``paddle.matmul(x, w)`` of two
+activations (an :class:`ActivationMatmul`), its bias added after the site. Sites appear at the
+first calibration forward, so a table or statistics file is loaded after one batch.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ def route_matmul(*args: Any, **kwargs: Any) -> Any:
 @paddle.jit.not_to_static
 def route_linear(*args: Any, **kwargs: Any) -> Any:
     """``F.linear``, running a call on a parameter of the calling layer through its
-    :class:`MatmulSite` (added while the model is calibrated)."""
+    :class:`MatmulSite` and a call on an activation weight through its :class:`ActivationMatmul`
+    (both added while the model is calibrated)."""
     return _route(_original_linear, args, kwargs, _LINEAR_ARGUMENTS)
 
 
@@ -245,10 +247,10 @@ def _route(
     linear = signature is _LINEAR_ARGUMENTS
     y = args[1] if len(args) > 1 else kwargs.get("weight" if linear else "y")
     on_parameter = getattr(y, "persistable", False) is True
-    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS and not linear) and not any_discovering():
+    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS) and not any_discovering():
         return original(*args, **kwargs)  # no site can exist for it
     caller = _calling_layer()
-    if caller is None or not (on_parameter or not linear):
+    if caller is None:
         return original(*args, **kwargs)
     try:
         arguments = signature.bind(*args, **kwargs).arguments
@@ -265,7 +267,11 @@ def _route(
             return original(*args, **kwargs)
         return site(x) if bias is None or own_bias is not None else site(x) + bias
     site = _activation_site(caller, x, y, transpose_x, transpose_y)
-    return original(*args, **kwargs) if site is None else site(x, y)
+    if site is None:
+        return original(*args, **kwargs)
+    bias = arguments.get("bias") if linear else None
+    # F.linear(x, w, b) of an activation w: the matmul of two activations, then the bias.
+    return site(x, y) if bias is None else site(x, y) + bias
 
 
 def _parameter_site(

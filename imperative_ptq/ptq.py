@@ -44,6 +44,8 @@ from .converted import converted_minima, converted_table, is_marked_converted, r
 from .finite import check_finite_parameters, check_finite_thresholds
 from .functional_matmul import has_own_matrices
 from .functional_matmul import install as install_matmul_routing
+from .functional_ops import install as install_functional_op_routing
+from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .registry import PTQRegistry
@@ -166,6 +168,7 @@ class ImperativePTQ:
                 f"{', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
         install_matmul_routing()
+        install_functional_op_routing()
         session.attach()
         session.install()
         logger.info(
@@ -278,8 +281,9 @@ class ImperativePTQ:
         """
         session = self._session(model)
         session.flush()
-        quantizers = session.quantizers()
         header, states = read_state(path)
+        restore_sites(model, sorted({key.split("/")[0] for key in states}))
+        quantizers = session.quantizers()
         check_compatible(os.fspath(path), header, quantizers)
         check_signatures(path, header.get("measured_on"), layer_signatures(session.layers))
         with restored_on_failure([state for _, state in session.layers]):
@@ -367,6 +371,7 @@ class ImperativePTQ:
         table_file = read_table_file(path)
         session = self._session(model)
         session.flush()  # a worker error from earlier batches surfaces here
+        restore_sites(model, list(table_file.layers))
         check_signatures(path, table_file.measured_on, layer_signatures(session.layers))
         with restored_on_failure([state for _, state in session.layers]):
             apply_table(session.layers, table_file, path)

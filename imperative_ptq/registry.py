@@ -42,6 +42,10 @@ class LayerInfo:
             calibrated (an RNN's output sequence); ``None``: the layer returns a tensor.
         composite: Hooked as a whole although it has sublayers (an RNN keeps its cells as
             sublayers); other layers are hooked only as leaves.
+        observed_only: Calibrated for the table and ``analyze`` but computed in float by the
+            simulation (a functional concat or multiply, :mod:`imperative_ptq.functional_ops`):
+            ``convert`` leaves it as it is, the exports write none of its thresholds, and
+            calibration records nothing of the graph around it.
     """
 
     layer: type
@@ -55,6 +59,7 @@ class LayerInfo:
     weight_attribute: str = "weight"
     output_index: int | None = None
     composite: bool = False
+    observed_only: bool = False
 
 
 class PTQRegistry:
@@ -76,6 +81,7 @@ class PTQRegistry:
         weight_attribute: str = "weight",
         output_index: int | None = None,
         composite: bool = False,
+        observed_only: bool = False,
     ) -> LayerInfo:
         """Registers (or re-registers) a layer type.
 
@@ -93,6 +99,7 @@ class PTQRegistry:
             weight_attribute: Attribute of the quantized weight (default ``weight``).
             output_index: Position of the calibrated output in a returned tuple.
             composite: Hook the layer although it has sublayers.
+            observed_only: Calibrate it, but keep it fp32 everywhere (see :class:`LayerInfo`).
 
         Raises:
             TypeError: ``layer`` is not a Layer subclass.
@@ -114,6 +121,7 @@ class PTQRegistry:
             weight_attribute,
             output_index,
             bool(composite),
+            bool(observed_only),
         )
         cls._layers[layer] = info
         return info

@@ -284,9 +284,11 @@ def write_report(
         if hooked_states(model):
             histograms = calibration_histograms(model)
         elif data is not None:
-            thresholds = {row.name: row.input_threshold for row in report.rows}
+            # Observed rows (functional concats and multiplies) are sites the fp32 model lacks.
+            rows = [row for row in report.rows if row.int8]
+            thresholds = {row.name: row.input_threshold for row in rows}
             histograms = collect_histograms(
-                model, data, report.names, thresholds, max_batches=max_batches
+                model, data, [row.name for row in rows], thresholds, max_batches=max_batches
             )
         else:
             raise ValueError("to plot histograms of an fp32 model, pass data too")

@@ -357,6 +357,10 @@ class CalibrationSession:
         """Forward-post hook of every quantized layer."""
         state: LayerState = getattr(layer, STATE_ATTR)
         collector = self.collector
+        info = PTQRegistry.layer_info(layer)
+        if info is not None and info.observed_only:
+            self._observe_only(state, inputs, outputs)
+            return
         inputs_quantizer = state.input_quantizer
         first = first_input(layer, inputs, kwargs)
         if _is_float_tensor(first):
@@ -395,7 +399,6 @@ class CalibrationSession:
                     # The sign decides how x86 runs the input (u8 or s8): see targets.py.
                     with paddle.no_grad():
                         inputs_quantizer.observe_minimum(float(paddle.min(first)))
-        info = PTQRegistry.layer_info(layer)
         output_index = None if info is None else info.output_index
         if output_index is not None and isinstance(outputs, (tuple, list)) and len(outputs) > output_index:
             outputs = outputs[output_index]  # an RNN's output sequence, beside its final states
@@ -415,6 +418,23 @@ class CalibrationSession:
                 "layer %r (%s) returned %s, not a floating-point tensor: its output is not "
                 "calibrated", state.name, type(layer).__name__, _describe(outputs),
             )
+
+    def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any) -> None:
+        """Statistics of an observed-only layer (``LayerInfo.observed_only``): its first two
+        inputs where it has quantizers for them, and its output; nothing of the graph is
+        recorded, so the layers around it calibrate as without it."""
+        collector = self.collector
+        roles = [(state.input_quantizer, inputs[0] if inputs else None),
+                 (state.second_input_quantizer, inputs[1] if len(inputs) > 1 else None),
+                 (state.output_quantizer, outputs)]
+        for quantizer, value in roles:
+            if quantizer is not None and _is_float_tensor(value):
+                sample = collector.sample(value, quantizer.uses_signed_values)
+                collector.submit(quantizer, [sample], state.name)
+        first = inputs[0] if inputs else None
+        if state.input_quantizer is not None and _is_float_tensor(first) and first.size:
+            with paddle.no_grad():  # the sign: whether Paddle would read it u8 or s8
+                state.input_quantizer.observe_minimum(float(paddle.min(first)))
 
     def __deepcopy__(self, memo: dict) -> "CalibrationSession":
         # Paddle's hook handles hold weak references to the original model's hook dicts, so a

@@ -46,12 +46,15 @@ class Int8Report:
         signed_inputs: ``"<op type> <input variable>"`` of each int8 op whose input is s8.
         fp32_weights: Weight variables of the conv/fc ops that run in float (the exported
             program's weight names, to tell which calibrated layers Paddle kept fp32).
+        int8_other: Op type -> how many ops without a weight run int8 (concat, pool2d,
+            elementwise ops, ...).
     """
 
     int8: dict[str, int]
     fp32: dict[str, int]
     signed_inputs: list[str]
     fp32_weights: list[str] = dataclasses.field(default_factory=list)
+    int8_other: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: counts of int8 and fp32 conv/fc ops, and the s8-input ones."""
@@ -102,8 +105,11 @@ def _report(block) -> Int8Report:
     int8: collections.Counter = collections.Counter()
     fp32: collections.Counter = collections.Counter()
     signed, fp32_weights = [], []
+    int8_other: collections.Counter = collections.Counter()
     for op in block.ops:
         if op.type not in GEMM_OPS:
+            if _runs_int8(op):
+                int8_other[op.type] += 1
             continue
         if not _runs_int8(op):
             fp32[op.type] += 1
@@ -118,7 +124,7 @@ def _report(block) -> Int8Report:
         # saturate is decided by the weight scales the export gives it (quant_rnn.py).
         if op.type != "fusion_lstm" and _is_signed(source, writers):
             signed.append(f"{op.type} {source}")
-    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights)
+    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights, dict(int8_other))
 
 
 def _runs_int8(op) -> bool:

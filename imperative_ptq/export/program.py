@@ -39,6 +39,7 @@ from .unsigned import (
     RELU6_U8_PRODUCERS,
     FusedReluClips,
     gemm_output,
+    clip_concat_inputs,
     clip_fused_relus,
     insert_clip_relu,
     relu_after_residual_conv,
@@ -337,6 +338,8 @@ def quantize_program(
     dequantized_weights: dict[str, str] = {}
     dequantized_inputs: dict[tuple[str, float], str] = {}
     clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()
+    if unsigned_inputs:
+        clip_concat_inputs(loaded, weights, outputs, clips)
     rectified: dict[tuple[str, float], str] = {}
     # (input, scale, zero point, conv padding) -> u8
     shifted_inputs: dict[tuple[str, float, int, tuple[int, ...] | None], str] = {}

@@ -40,7 +40,7 @@ from .graph import transposed_matmul
 from .tracing import LayerRecord
 
 __all__ = [
-    "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_fused_relus",
+    "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_concat_inputs", "clip_fused_relus",
     "fusable_relu_source", "gemm_output", "insert_clip_relu", "relu_after_residual_conv",
     "runs_unsigned",
     "unsigned_threshold",
@@ -244,28 +244,133 @@ def clip_fused_relus(
     return result
 
 
-def _scale_producer(loaded, reading, found, factor: float, result: FusedReluClips) -> bool:
-    """Multiplies the fused producer's output by ``factor``: through the BatchNorm's scale and
-    bias when there is one, else through the conv/fc weight and bias. False (nothing changed)
-    when a tensor to scale is shared with another op."""
+def clip_concat_inputs(
+    loaded, weights: Mapping[str, LayerRecord], outputs: dict[str, float], result: FusedReluClips
+) -> int:
+    """Runs int8 each concat of fused conv ReLUs read only by u8 int8 layers of one threshold
+    ``t`` (SqueezeNet's fire modules, ShuffleNet's and Inception's branch joins).
+
+    Paddle's ``cpu_quantize_pass`` runs a concat int8 when its output has a scale, quantizing
+    every input on that scale; the convs writing them then write int8 directly. Each input's
+    ReLU becomes a ``relu6`` on a tensor scaled by ``k = 6 / t``, as :func:`clip_fused_relus`
+    does for one reader, so the convs write codes ``0..127`` of ``t``, exactly the simulation's
+    reader input ``clip(round(x / t * 127), 0, 127)`` (it rounds the concat there, once). A
+    ``relu`` after the concat makes the readers read it as u8 (Paddle marks no concat output
+    unsigned); it is the identity on those codes. Rewrites ``loaded``, ``outputs`` and
+    ``result`` in place.
+
+    Returns:
+        How many concats were rewritten.
+    """
+    block = loaded.program.global_block()
+    count = 0
+    for concat in [op for op in block.ops if op.type == "concat"]:
+        reading, writers = readers(block), producers(block)
+        out = concat.output("Out")[0]
+        inputs = concat.input("X")
+        consumers = reading.get(out, [])
+        thresholds, reader_weights = set(), []
+        for reader in consumers:
+            slots = FUSING_OPS.get(reader.type)
+            record = None if slots is None else weights.get(reader.input(slots[0])[0])
+            if (
+                record is None or not record.input_unsigned or reader.input(slots[1]) != [out]
+                or transposed_matmul(reader) or record.activation_bits != 8
+            ):
+                break
+            weight_name = reader.input(slots[0])[0]
+            if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
+                break
+            thresholds.add(record.input_threshold)
+            reader_weights.append(weight_name)
+        else:
+            if len(thresholds) != 1 or len(set(inputs)) != len(inputs) or not inputs:
+                continue
+            threshold = next(iter(thresholds))
+            sources = []
+            for name in inputs:
+                relu = writers.get(name)
+                found = None
+                if relu is not None and relu.type in ("relu", "relu6") and len(reading.get(name, [])) == 1:
+                    found = fusable_relu_source(block, relu, writers)
+                if (
+                    found is None or found[0].type not in RELU6_U8_PRODUCERS
+                    or found[0].input(FUSING_OPS[found[0].type][0])[0] not in weights
+                    or (relu.type == "relu6" and threshold > RELU6_CLIP)
+                    or _producer_tensors(reading, found, result, compose=True) is None
+                ):
+                    break
+                sources.append((name, relu, found))
+            else:
+                factor = RELU6_CLIP / threshold
+                # Written as they are: u8 (an int8 concat of u8 inputs is u8) on codes 0..127.
+                scale = unsigned_threshold(RELU6_CLIP, 8)
+                for name, relu, found in sources:
+                    _scale_producer(loaded, reading, found, factor, result, compose=True)
+                    relu.desc.set_type("relu6")
+                    result.thresholds[name] = RELU6_CLIP
+                    outputs[name] = scale
+                for weight_name in reader_weights:
+                    _scale_tensor(loaded, weight_name, 1.0 / factor)
+                    result.weight_factors[weight_name] = 1.0 / factor
+                rectified = _relu_after(block, concat, out, consumers)
+                result.thresholds[rectified] = RELU6_CLIP
+                outputs[out] = scale
+                count += 1
+    if count:
+        loaded.program._sync_with_cpp()
+    return count
+
+
+def _relu_after(block, writer, name: str, consumers: list) -> str:
+    """Makes ``consumers`` read ``relu(name)``, inserted right after ``writer``."""
+    var = block.var(name)
+    rectified = block.create_var(name=f"{name}.u8", shape=var.shape, dtype=var.dtype)
+    for consumer in consumers:
+        consumer._rename_input(name, rectified.name)
+    index = next(i for i, op in enumerate(block.ops) if op is writer)
+    block._insert_op(index + 1, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
+    return rectified.name
+
+
+def _producer_tensors(
+    reading, found, result: FusedReluClips, compose: bool = False
+) -> list[str] | None:
+    """The tensors whose scaling scales the fused producer's output (the BatchNorm's scale and
+    bias when there is one, else the conv/fc weight and bias); ``None`` when one is shared
+    with another op, or (unless ``compose``) the weight was scaled already."""
     producer, chain = found
     if any(op.type == "batch_norm" for op in chain[1:]):
-        return False  # a bias add after the BatchNorm would need scaling too: keep it simple
+        return None  # a bias add after the BatchNorm would need scaling too: keep it simple
     norms = chain[:1] if chain and chain[0].type == "batch_norm" else []
     if norms:
         # The op right before the ReLU: scaling its affine part scales the output.
         tensors = [norms[0].input("Scale")[0], norms[0].input("Bias")[0]]
     else:
         weight = producer.input(FUSING_OPS[producer.type][0])[0]
-        if weight in result.weight_factors:
-            return False
+        if weight in result.weight_factors and not compose:
+            return None
         tensors = [weight] + [op.input("Y")[0] for op in chain if op.type == "elementwise_add"]
     if any(len(reading.get(name, [])) != 1 for name in tensors):
+        return None
+    return tensors
+
+
+def _scale_producer(
+    loaded, reading, found, factor: float, result: FusedReluClips, compose: bool = False
+) -> bool:
+    """Multiplies the fused producer's output by ``factor`` (:func:`_producer_tensors`). False
+    (nothing changed) when a tensor to scale is shared with another op. With ``compose``, a
+    weight scaled already as a reader (:func:`clip_fused_relus`) is scaled again, the factors
+    multiplied."""
+    tensors = _producer_tensors(reading, found, result, compose)
+    if tensors is None:
         return False
+    norms = found[1][:1] if found[1] and found[1][0].type == "batch_norm" else []
     for name in tensors:
         _scale_tensor(loaded, name, factor)
     if not norms:
-        result.weight_factors[tensors[0]] = factor
+        result.weight_factors[tensors[0]] = result.weight_factors.get(tensors[0], 1.0) * factor
     return True
 
 
