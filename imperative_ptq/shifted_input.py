@@ -10,10 +10,9 @@ input can take the shift itself: with ``c = z * s``,
 so the input ``x + c`` is non-negative, runs as u8 on codes ``0..M`` (``M = 127`` for 8 bits)
 and the bias absorbs the shift. The simulation quantizes ``x`` on the affine grid
 ``clip(rint(x / s) + z, 0, M) - z`` (scaled by ``s``), which is exactly what the int8 layer
-then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv whose border
-reads ``c`` too (a conv pads with zeros where the shift expects ``c``, so the export pads the
-input before shifting it and runs the conv unpadded). The export side is
-:mod:`imperative_ptq.export.shifted`.
+then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv whose kernel
+reads no padding (1x1, unpadded); a padded conv's border would see zeros where the shift
+expects ``c``. The export side is :mod:`imperative_ptq.export.shifted`.
 """
 
 from __future__ import annotations
@@ -63,13 +62,16 @@ def shifted_grid(threshold: float, minimum: float | None, bits: int) -> tuple[fl
 
 
 def shiftable(layer: paddle.nn.Layer) -> bool:
-    """Whether a shift of ``layer``'s input is a bias: a Linear, or a 2-D NCHW conv with
-    explicit padding (the export pads its input in front of the shift, so that every output
-    reads the whole shift; ``padding='SAME'`` depends on the input size and is left out)."""
+    """Whether ``layer`` computes ``W x + b`` with every output reading only ``x`` (a Linear,
+    or a 2-D conv with a 1x1 kernel and no padding), so that a shift of ``x`` is a bias."""
     if isinstance(layer, paddle.nn.Linear):
         return True
     if isinstance(layer, paddle.nn.Conv2D):
-        return layer._data_format == "NCHW" and layer._padding_algorithm != "SAME"
+        return (
+            list(layer._kernel_size) == [1, 1]
+            and all(int(p) == 0 for p in np.ravel(layer._updated_padding))
+            and layer._padding_algorithm != "SAME"
+        )
     return False
 
 

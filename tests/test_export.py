@@ -178,10 +178,10 @@ def test_int8_report_names_signed_inputs_and_fp32_layers(tmp_path, caplog) -> No
     from imperative_ptq.export import int8_report
 
     paddle.seed(0)
-    # A 'SAME'-padded conv reading a signed input: int8 on x86-vnni only (a Linear's or an
-    # explicitly padded conv's signed input would be shifted into u8 on x86).
+    # A padded conv reading a signed input: int8 on x86-vnni only (a Linear's signed input
+    # would be shifted into u8 on x86).
     model = paddle.nn.Sequential(
-        paddle.nn.Conv2D(2, 4, 3, padding="SAME"), paddle.nn.ReLU(), paddle.nn.Flatten(),
+        paddle.nn.Conv2D(2, 4, 3, padding=1), paddle.nn.ReLU(), paddle.nn.Flatten(),
         paddle.nn.Linear(4 * 4 * 4, 8),
     )
     model.eval()
@@ -639,8 +639,7 @@ def test_save_fp32_model_of_recurrent_models(cell, tmp_path) -> None:
 
 def test_concat_of_int8_and_fp32_conv_outputs_runs_in_paddle_inference(tmp_path) -> None:
     """GoogLeNet's inception block: a concat of conv outputs, then a ReLU (which Paddle fuses
-    into the convs) and a max-pool. On x86 a 'SAME'-padded conv reading a signed 1x1-conv
-    output stays fp32;
+    into the convs) and a max-pool. On x86 a conv reading a signed 1x1-conv output stays fp32;
     Paddle then quantized its output s8 beside u8 int8-conv outputs and oneDNN failed to build
     the concat ("could not create a primitive descriptor for a concat primitive")."""
     from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
@@ -653,7 +652,7 @@ def test_concat_of_int8_and_fp32_conv_outputs_runs_in_paddle_inference(tmp_path)
             self.stem_relu = paddle.nn.ReLU()
             self.direct = paddle.nn.Conv2D(8, 8, 1, bias_attr=False)  # int8 (u8 input)
             self.reduce = paddle.nn.Conv2D(8, 4, 1, bias_attr=False)  # int8, signed output
-            self.spatial = paddle.nn.Conv2D(4, 8, 3, padding="SAME", bias_attr=False)  # fp32 on x86
+            self.spatial = paddle.nn.Conv2D(4, 8, 3, padding=1, bias_attr=False)  # fp32 on x86
             self.relu = paddle.nn.ReLU()
             self.pool = paddle.nn.MaxPool2D(2)
             self.head = paddle.nn.Conv2D(16, 4, 1)

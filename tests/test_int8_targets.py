@@ -342,9 +342,9 @@ def test_signed_input_warning_points_to_native_on_a_vnni_cpu(vnni, monkeypatch, 
         cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
     )
     paddle.seed(0)
-    # 'SAME'-padded convs: a signed input there is not shifted (a Linear's would be).
+    # Padded convs: a signed input there cannot be shifted (a Linear's would be).
     model = paddle.nn.Sequential(
-        paddle.nn.Conv2D(2, 2, 3, padding="SAME"), paddle.nn.Conv2D(2, 2, 3, padding="SAME")
+        paddle.nn.Conv2D(2, 2, 3, padding=1), paddle.nn.Conv2D(2, 2, 3, padding=1)
     )
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))

@@ -193,8 +193,8 @@ def test_bad_input(lenet_data) -> None:
     )
     with pytest.raises(ValueError, match="layer '0' was calibrated with an affine"):
         ImperativeQAT(ptq_affine).quantize(affine)
-    # Nothing PTQ quantizes (x86 keeps a 'SAME'-padded conv reading a signed input fp32).
-    padded = paddle.nn.Sequential(paddle.nn.Conv2D(2, 2, 3, padding="SAME"))
+    # Nothing PTQ quantizes (x86 keeps a padded conv reading a signed input fp32).
+    padded = paddle.nn.Sequential(paddle.nn.Conv2D(2, 2, 3, padding=1))
     ptq_signed, signed = _calibrated(padded, [paddle.randn([4, 2, 5, 5])])
     with pytest.raises(ValueError, match="quantizes none of its layers"):
         ImperativeQAT(ptq_signed).quantize(signed)

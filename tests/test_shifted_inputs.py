@@ -13,9 +13,9 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import export_onnx, int8_report
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
 from imperative_ptq.shifted_input import shiftable, shifted_grid
-from avx2_kernels import paddle_inference_outputs
+from avx2_kernels import pytest_on_avx2_kernels
 
 nn = paddle.nn
 
@@ -51,13 +51,9 @@ def test_shifted_grid_of_narrow_activations_uses_all_their_codes() -> None:
 
 def test_only_layers_linear_in_every_input_value_are_shiftable() -> None:
     assert shiftable(nn.Linear(4, 4)) and shiftable(nn.Conv2D(4, 4, 1, stride=2, groups=2))
-    assert shiftable(nn.Conv2D(4, 4, 3))
-    # Padded: the export pads the input before the shift, so the border reads it too.
-    assert shiftable(nn.Conv2D(4, 4, 3, padding=1)) and shiftable(nn.Conv2D(4, 4, 1, padding=1))
-    assert shiftable(nn.Conv2D(4, 4, 3, padding=[1, 0, 2, 1], groups=4, dilation=2))
-    assert not shiftable(nn.Conv2D(4, 4, 3, padding="SAME"))  # padding set by the input size
-    assert not shiftable(nn.Conv2D(4, 4, 3, padding=1, data_format="NHWC"))
-    assert not shiftable(nn.Conv1D(4, 4, 3, padding=1))
+    assert not shiftable(nn.Conv2D(4, 4, 3, padding=1))  # the border would see the shift
+    assert not shiftable(nn.Conv2D(4, 4, 1, padding=1))
+    assert not shiftable(nn.Conv2D(4, 4, 3))  # unpadded, but kept simple: 1x1 only
 
 
 # --------------------------------------------------------------------------- the models
@@ -82,10 +78,10 @@ class _ConvBlock(nn.Layer):
     BatchNorm, with neither), a ReLU6 and a 3x3 conv, a residual add, and a Linear on the
     pooled (signed) result."""
 
-    def __init__(self, variant: str, stem_padding: int | str = 1) -> None:
+    def __init__(self, variant: str) -> None:
         super().__init__()
         self.variant = variant
-        self.stem = nn.Conv2D(3, 8, 3, padding=stem_padding)
+        self.stem = nn.Conv2D(3, 8, 3, padding=1)
         self.stem_norm = nn.BatchNorm2D(8)
         self.expand = nn.Conv2D(8, 16, 1, bias_attr=variant == "bias")
         self.expand_norm = nn.BatchNorm2D(16)
@@ -150,32 +146,22 @@ def test_shifted_layer_simulates_the_affine_grid_of_its_input() -> None:
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_same_padded_conv_on_a_signed_input_stays_fp32_with_a_warning(caplog) -> None:
-    paddle.seed(0)
-    model = _ConvBlock("bias", stem_padding="SAME")
-    _randomize_batch_norms(model)
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        _, qmodel = _convert(model, [paddle.randn([4, 3, 16, 16]) for _ in range(2)])
-    assert type(qmodel.stem) is nn.Conv2D  # 3x3 'SAME', signed input (the image)
-    assert qmodel.expand.input_shifted and qmodel.head.input_shifted
-    assert qmodel.project.input_unsigned  # a ReLU6 output
-    warning = next(r.getMessage() for r in caplog.records if "signed input" in r.getMessage())
-    assert "stem" in warning and "expand" not in warning and "'SAME' padding" in warning
-    assert "x86-vnni" in warning
-
-
-def test_padded_conv_on_a_signed_input_is_shifted_without_a_warning(caplog) -> None:
+def test_padded_conv_on_a_signed_input_stays_fp32_with_a_warning(caplog) -> None:
     paddle.seed(0)
     model = _ConvBlock("bias")
     _randomize_batch_norms(model)
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
         _, qmodel = _convert(model, [paddle.randn([4, 3, 16, 16]) for _ in range(2)])
-    assert qmodel.stem.input_shifted and qmodel.expand.input_shifted
-    assert not any("signed input" in r.getMessage() for r in caplog.records)
+    assert type(qmodel.stem) is nn.Conv2D  # 3x3 padded, signed input (the image)
+    assert qmodel.expand.input_shifted and qmodel.head.input_shifted
+    assert qmodel.project.input_unsigned  # a ReLU6 output
+    warning = next(r.getMessage() for r in caplog.records if "signed input" in r.getMessage())
+    assert "stem" in warning and "expand" not in warning and "a padded conv cannot" in warning
+    assert "x86-vnni" in warning
 
 
 # ----------------------------------------------------------------------- the runtimes
-def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path, avx2_runner) -> None:
+def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path) -> None:
     paddle.seed(0)
     batches = [paddle.randn([16, 8, 32]) * 3 + 1 for _ in range(3)]
     ptq, qmodel = _convert(_Encoderish(), batches)
@@ -185,14 +171,13 @@ def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path, avx2_runne
     # All three fc int8 (before: all fp32 on x86), none reading s8.
     assert report.int8 == {"fc": 3} and not report.fp32 and not report.signed_inputs, report
     x = paddle.randn([16, 8, 32]) * 3 + 1
-    simulated = qmodel(x).numpy()
-    for kernels, ran in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).items():
-        # Measured 2.8e-7 natively and on AVX2 kernels (x86-vnni's s8 input there: 0.33).
-        assert _max_relative_error(ran[0], simulated) <= 1e-5, kernels
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    # Measured 2.8e-7 natively and on AVX2 kernels (x86-vnni's s8 input there: 0.33).
+    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["plain", "bias", "batch_norm", "residual"])
-def test_paddle_inference_runs_shifted_convs_int8_as_simulated(variant, tmp_path, avx2_runner) -> None:
+def test_paddle_inference_runs_shifted_1x1_convs_int8_as_simulated(variant, tmp_path) -> None:
     paddle.seed(0)
     model = _ConvBlock(variant)
     _randomize_batch_norms(model)
@@ -201,49 +186,15 @@ def test_paddle_inference_runs_shifted_convs_int8_as_simulated(variant, tmp_path
     prefix = str(tmp_path / "m")
     ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32")])
     report = int8_report(prefix)
-    # The stem (padded, shifted), expand (shifted), project (u8) and the head (shifted) int8
-    # (the stem padding shifted codes with 0 instead of the zero point: 0.13-0.54 off).
-    # With the residual add, project runs int8 on its own (the add's other operand has no
-    # scale: fused, it ran fp32 on its unquantized input, 1% off the simulation).
-    assert report.int8 == {"fused_conv2d": 3, "fc": 1}, report
-    assert not report.fp32 and not report.signed_inputs, report
+    # expand (shifted), project (u8) and the head (shifted) int8; the stem fp32. With the
+    # residual add, project runs int8 on its own (the add's other operand has no scale: fused,
+    # it ran fp32 on its unquantized input, 1% off the simulation).
+    assert report.int8 == {"fused_conv2d": 2, "fc": 1}, report
+    assert report.fp32 == {"fused_conv2d": 1} and not report.signed_inputs, report
     x = batches[0]
-    simulated = qmodel(x).numpy()
-    for kernels, ran in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).items():
-        # Measured 1.4e-7 .. 3.1e-7 natively and on AVX2 kernels.
-        assert _max_relative_error(ran[0], simulated) <= 1e-5, kernels
-
-
-@pytest.mark.parametrize("padding", [1, [1, 0, 2, 1]], ids=["symmetric", "asymmetric"])
-def test_padded_depthwise_strided_dilated_conv_runs_shifted_as_simulated(
-    padding, tmp_path, avx2_runner
-) -> None:
-    """A signed input read through padding by a depthwise, strided, dilated conv: Paddle
-    Inference and ONNX Runtime compute the simulation's affine grid, border included (a conv
-    padding the shifted codes with 0 instead of the zero point: 0.74 (symmetric) and 0.95
-    (asymmetric) of the largest output off, measured)."""
-    paddle.seed(0)
-    model = nn.Sequential(
-        nn.Conv2D(8, 8, 3, padding=padding, groups=8, stride=2, dilation=2), nn.ReLU(),
-        nn.Conv2D(8, 4, 1),
-    )
-    batches = [paddle.randn([4, 8, 12, 12]) * 2 + 0.5 for _ in range(3)]
-    ptq, qmodel = _convert(model, batches)
-    assert qmodel[0].input_shifted
-    spec = [paddle.static.InputSpec([None, 8, 12, 12], "float32")]
-    prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, spec)
-    report = int8_report(prefix)
-    assert report.int8 == {"fused_conv2d": 2} and not report.signed_inputs, report
-    x = paddle.randn([4, 8, 12, 12]) * 2 + 0.5
-    simulated = qmodel(x).numpy()
-    for kernels, ran in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).items():
-        assert _max_relative_error(ran[0], simulated) <= 1e-5, kernels
-    onnxruntime = pytest.importorskip("onnxruntime")
-    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), input_spec=spec)
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    ran = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    assert _max_relative_error(ran, simulated) <= 1e-5
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    # Measured 1.4e-7 .. 3.1e-7 natively and on AVX2 kernels.
+    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
 
 
 def test_onnx_runtime_runs_the_shifted_grid_as_simulated(tmp_path) -> None:
@@ -283,6 +234,12 @@ def test_qat_fine_tunes_a_shifted_layer_on_its_shifted_grid() -> None:
     x = batches[0]
     # Fixed thresholds, no step taken: the same grid, the same codes.
     assert _max_relative_error(trained(x).numpy(), converted(x).numpy()) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
+def test_shifted_inputs_on_avx2_kernels() -> None:
+    assert "5 passed" in pytest_on_avx2_kernels(__file__, "paddle_inference_runs_shifted")
 
 
 def test_a_shifted_input_without_its_grid_is_refused() -> None:

@@ -31,9 +31,7 @@ from .graph import (
 )
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
-from .shifted import (
-    absorb_shift, conv_padding, insert_padding, insert_shift, shifted_u8_threshold, unpad_conv,
-)
+from .shifted import absorb_shift, insert_shift, shifted_u8_threshold
 from .tracing import LayerRecord
 from .unsigned import (
     RELU6_U8_PRODUCERS,
@@ -341,8 +339,7 @@ def quantize_program(
     if unsigned_inputs:
         clip_concat_inputs(loaded, weights, outputs, clips)
     rectified: dict[tuple[str, float], str] = {}
-    # (input, scale, zero point, conv padding) -> u8
-    shifted_inputs: dict[tuple[str, float, int, tuple[int, ...] | None], str] = {}
+    shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
     shifted_biases: set[str] = set()
     writers = producers(block)
 
@@ -400,24 +397,16 @@ def quantize_program(
             threshold = unsigned_threshold(threshold, record.activation_bits)
         elif unsigned_inputs and record.input_shift_response is not None:
             # A signed input on u8 codes 0..127: shifted in front, the bias takes it back.
-            # A padded conv reads its input padded in front of the shift (see shifted.py).
             threshold = shifted_u8_threshold(record)
-            padding = conv_padding(op)
-            grid = (activation, record.input_scale, record.input_zero_point, padding)
+            grid = (activation, record.input_scale, record.input_zero_point)
             quantized = shifted_inputs.get(grid)
             if quantized is None:
-                source = activation
-                if padding is not None:
-                    source = insert_padding(loaded, index + inserted, activation, padding)
-                    inserted += 3
                 quantized = insert_shift(
-                    loaded, index + inserted, source, record,
+                    loaded, index + inserted, activation, record,
                     shifted_levels(record.activation_bits),
                 )
                 shifted_inputs[grid] = quantized
                 inserted += 3
-            if padding is not None:
-                unpad_conv(op)
             absorb_shift(
                 loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
                 shifted_biases,
@@ -444,7 +433,7 @@ def quantize_program(
     # a Dropout in between).
     kept = unscale_fp32_layer_inputs(
         block, outputs, isolate_concats=True,
-        fp32_inputs=[grid[0] for grid in shifted_inputs],
+        fp32_inputs=[name for name, _, _ in shifted_inputs],
     )
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}

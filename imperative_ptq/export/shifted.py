@@ -12,11 +12,6 @@ steps, both exact up to float rounding:
 * behind it, the bias minus the layer's response to the shift, ``W z s`` per output channel,
   computed from the weight the runtime multiplies with (a BatchNorm right after a conv takes
   it into its mean instead).
-
-A padded conv would pad the shifted tensor with code 0, where its border must read ``z`` (the
-zero of the input), and its border outputs would miss part of ``W z s``: the program pads the
-input itself in front of the shift (zeros, which the shift turns into ``z``)
-and the conv runs unpadded, so every output sees the whole shift.
 """
 
 from __future__ import annotations
@@ -28,10 +23,7 @@ import numpy as np
 from .graph import bias_of, get_tensor, insert_zero_bias, readers, set_tensor
 from .tracing import LayerRecord
 
-__all__ = [
-    "absorb_shift", "conv_padding", "insert_padding", "insert_shift", "shift_threshold",
-    "shifted_u8_threshold", "unpad_conv",
-]
+__all__ = ["absorb_shift", "insert_shift", "shift_threshold", "shifted_u8_threshold"]
 
 Operator = Any  # paddle.base.framework.Operator
 
@@ -72,60 +64,6 @@ def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels
         index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
     )
     return outputs[2]
-
-
-def conv_padding(op: Operator) -> tuple[int, int, int, int] | None:
-    """``(top, bottom, left, right)`` of a conv op with explicit padding, ``None`` for other ops
-    and unpadded convs."""
-    if op.type not in ("conv2d", "depthwise_conv2d") or op.attr("padding_algorithm") == "VALID":
-        return None
-    paddings = [int(p) for p in op.attr("paddings")]
-    if len(paddings) == 2:
-        paddings = [paddings[0], paddings[0], paddings[1], paddings[1]]
-    return tuple(paddings) if any(paddings) else None
-
-
-def insert_padding(loaded: Any, index: int, name: str, padding: tuple[int, int, int, int]) -> str:
-    """Inserts a zero padding of the NCHW tensor ``name`` by ``(top, bottom, left, right)`` at
-    ``index`` (three ops: Paddle's oneDNN kernel of the 4-D ``pad`` op corrupts memory in
-    3.3.1, so the tensor is padded as Paddle's ``F.pad`` does it, by ``pad3d`` between an
-    ``unsqueeze2`` and a ``squeeze2``); returns the padded variable."""
-    block = loaded.program.global_block()
-    var = block.var(name)
-    shape = list(var.shape)
-    for axis, before, after in ((2, padding[0], padding[1]), (3, padding[2], padding[3])):
-        if shape[axis] >= 0:
-            shape[axis] += before + after
-    stem = f"{name}.padded_{len(block.ops)}"
-
-    def create(part: str, part_shape: list[int]) -> str:
-        return block.create_var(name=f"{stem}.{part}", shape=part_shape, dtype=var.dtype).name
-
-    five_d = create("5d", [shape[0], shape[1], 1, *var.shape[2:]])
-    padded_5d = create("padded_5d", [shape[0], shape[1], 1, *shape[2:]])
-    padded = create("out", shape)
-    top, bottom, left, right = padding
-    block._insert_op(
-        index, type="unsqueeze2", inputs={"X": [name]},
-        outputs={"Out": [five_d], "XShape": [create("xshape_in", [0, *var.shape])]},
-        attrs={"axes": [2]},
-    )
-    block._insert_op(
-        index + 1, type="pad3d", inputs={"X": [five_d]}, outputs={"Out": [padded_5d]},
-        attrs={"paddings": [left, right, top, bottom, 0, 0], "mode": "constant", "value": 0.0,
-               "data_format": "NCDHW"},
-    )
-    block._insert_op(
-        index + 2, type="squeeze2", inputs={"X": [padded_5d]},
-        outputs={"Out": [padded], "XShape": [create("xshape_out", [0, shape[0], shape[1], 1, *shape[2:]])]},
-        attrs={"axes": [2]},
-    )
-    return padded
-
-
-def unpad_conv(op: Operator) -> None:
-    """Sets a conv op's padding to zero (its input was padded in front of it)."""
-    op._set_attr("paddings", [0] * len(op.attr("paddings")))
 
 
 def absorb_shift(
