@@ -45,6 +45,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
+from .site_scope import inside_site_owner, watch
 
 __all__ = [
     "ActivationMatmul", "MatmulSite", "activation_sites", "has_own_matrices", "install",
@@ -82,8 +83,6 @@ _original_linear: Callable[..., Any] | None = None
 _BINDINGS: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
 #: Layers with :class:`ActivationMatmul` sites (each adds itself when its forward starts).
 _ACTIVATION_CALLERS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
-#: Whether a :class:`MatmulSite` was made in this process (its copies need one made first).
-_SITES_MADE = False
 #: Matmuls of two activations each such layer made in its current forward.
 _ACTIVATION_CALLS: "weakref.WeakKeyDictionary[paddle.nn.Layer, int]" = weakref.WeakKeyDictionary()
 
@@ -105,8 +104,6 @@ class MatmulSite(paddle.nn.Linear):
         self, weight: np.ndarray, parameter_path: str, transpose_y: bool,
         bias: np.ndarray | None = None, bias_path: str | None = None,
     ) -> None:
-        global _SITES_MADE
-        _SITES_MADE = True
         super().__init__(weight.shape[0], weight.shape[1], bias_attr=None if bias is not None else False)
         with paddle.no_grad():
             self.weight.set_value(weight)
@@ -247,8 +244,8 @@ def _route(
     linear = signature is _LINEAR_ARGUMENTS
     y = args[1] if len(args) > 1 else kwargs.get("weight" if linear else "y")
     on_parameter = getattr(y, "persistable", False) is True
-    if not (_SITES_MADE if on_parameter else _ACTIVATION_CALLERS) and not any_discovering():
-        return original(*args, **kwargs)  # no site can exist for it
+    if not (inside_site_owner() or any_discovering()):
+        return original(*args, **kwargs)  # no site can be reached from here
     caller = _calling_layer()
     if caller is None:
         return original(*args, **kwargs)
@@ -334,6 +331,7 @@ def _discover_activation(
     attribute = _free_attribute(caller, f"activation_matmul_{ordinal}")
     site = ActivationMatmul(ordinal, transpose_x, transpose_y)
     caller.add_sublayer(attribute, site)
+    watch(caller)
     if ordinal == 0:
         caller.register_forward_pre_hook(_enter_caller)
         _ACTIVATION_CALLERS.add(caller)
@@ -447,6 +445,7 @@ def _discover(
     attribute = _free_attribute(caller, path.replace(".", "_") + _SITE_SUFFIX)
     site = MatmulSite.from_caller(caller, path, transpose_y, bias_path)
     caller.add_sublayer(attribute, site)
+    watch(caller)
     if session.reference is not None:
         reference_caller = dict(session.reference.named_sublayers(include_self=True)).get(caller_name)
         if reference_caller is not None:
@@ -507,6 +506,7 @@ def _mirror_site(caller: paddle.nn.Layer, attribute: str, site: MatmulSite) -> b
     if mirrored is None:
         return False
     caller.add_sublayer(attribute, mirrored)
+    watch(caller)
     return True
 
 

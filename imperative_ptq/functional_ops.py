@@ -43,6 +43,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
+from .site_scope import inside_site_owner, watch
 
 __all__ = [
     "FunctionalConcat", "FunctionalMultiply", "install", "observed_sites", "restore_sites",
@@ -161,8 +162,9 @@ def _routed_operator(original: Callable[[Any, Any], Any]) -> Callable[[Any, Any]
 
 
 def _routable() -> bool:
-    """Whether any site exists or any model is being calibrated (else nothing is routed)."""
-    return bool(_CALLERS) or any_discovering()
+    """Whether a forward of a layer with sites is running or a model is being calibrated (else
+    no site can be reached: nothing is routed)."""
+    return inside_site_owner() or any_discovering()
 
 
 @paddle.jit.not_to_static
@@ -250,6 +252,7 @@ def _add_site(
     attribute = f"{kind}_{ordinal}"
     site = _KINDS[kind](ordinal)
     caller.add_sublayer(attribute, site)
+    watch(caller)
     if caller not in _CALLERS:
         caller.register_forward_pre_hook(_enter_caller)
         _CALLERS.add(caller)
