@@ -1,7 +1,7 @@
 """fp32 vs int8 latency in Paddle Inference (oneDNN) and ONNX Runtime, one process.
 
 Engines are interleaved round by round and medians reported, so a noisy neighbour on the shared
-machine hits every engine alike. Models: ResNet-18 and MobileNetV2 (paddle.vision, random
+machine hits every engine alike. Models: ResNet-18, MobileNetV2 and MobileNetV3-small (paddle.vision, random
 weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's MnistConvNet and
 a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
 weights, random token ids; its output is the pooled embedding). ONNX Runtime columns are left
@@ -84,6 +84,7 @@ class BertEncoder(paddle.nn.Layer):
 MODELS = {
     "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8), "float32"),
     "mobilenet_v2": (lambda: paddle.vision.models.mobilenet_v2(), [3, 224, 224], (1, 8), "float32"),
+    "mobilenet_v3_small": (lambda: paddle.vision.models.mobilenet_v3_small(), [3, 224, 224], (1, 8), "float32"),
     "mlp": (_mlp, [784], (1, 64), "float32"),
     "lenet": (_lenet, [1, 28, 28], (1, 64), "float32"),
     "convnet": (MnistConvNet, [1, 28, 28], (1, 64), "float32"),

@@ -9,12 +9,14 @@ call, measured). So the routers walk the stack only while a model is being calib
 in, a forward-post hook out; copies of the layer copy the hooks), and every other call costs one
 check.
 
-A forward that raises leaves its layer counted in: the routers then keep taking the slow path in
-that thread, which is slower but computes the same.
+A forward that raises never reaches its post hook: its layer stays counted in (the routers take
+the slow path, which is slower but computes the same) until the next forward of a watched layer
+drops the forwards whose frames are no longer on the stack.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -27,25 +29,41 @@ _WATCHED = "_imperative_ptq_site_owner"
 _running = threading.local()
 
 
-def _counts() -> dict[int, int]:
-    counts = getattr(_running, "counts", None)
-    if counts is None:
-        counts = _running.counts = {}
-    return counts
+def _frames() -> dict[int, list[Any]]:
+    """This thread's running forwards of watched layers: layer id -> the frames that called
+    them, innermost last (frame objects, not ids: a new call reuses a finished frame's id)."""
+    frames = getattr(_running, "frames", None)
+    if frames is None:
+        frames = _running.frames = {}
+    return frames
 
 
 def _enter(layer: paddle.nn.Layer, inputs: Any) -> None:
-    counts = _counts()
-    counts[id(layer)] = counts.get(id(layer), 0) + 1
+    frames = _frames()
+    caller = sys._getframe(1)
+    if frames:
+        # A forward that raised never reached its post hook: drop what is no longer running.
+        live = set()
+        frame = caller
+        while frame is not None:
+            live.add(id(frame))
+            frame = frame.f_back
+        for key in list(frames):
+            kept = [f for f in frames[key] if id(f) in live]
+            if kept:
+                frames[key] = kept
+            else:
+                del frames[key]
+    frames.setdefault(id(layer), []).append(caller)
 
 
 def _leave(layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-    counts = _counts()
-    remaining = counts.get(id(layer), 0) - 1
-    if remaining > 0:
-        counts[id(layer)] = remaining
-    else:
-        counts.pop(id(layer), None)
+    frames = _frames()
+    running = frames.get(id(layer))
+    if running:
+        running.pop()
+        if not running:
+            del frames[id(layer)]
 
 
 def watch(layer: paddle.nn.Layer) -> None:
@@ -58,5 +76,6 @@ def watch(layer: paddle.nn.Layer) -> None:
 
 
 def inside_site_owner() -> bool:
-    """Whether this thread is inside the forward of a :func:`watch` ed layer."""
-    return bool(getattr(_running, "counts", None))
+    """Whether this thread is inside the forward of a :func:`watch` ed layer, or tracing a
+    program (an export calls the model's own ``forward`` without its hooks)."""
+    return bool(getattr(_running, "frames", None)) or not paddle.in_dynamic_mode()

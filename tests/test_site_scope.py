@@ -62,7 +62,7 @@ def _converted() -> tuple[paddle.nn.Layer, paddle.nn.Layer]:
 
 
 def test_calls_outside_a_site_owner_are_not_routed(stack_walks) -> None:
-    _, quantized = _converted()
+    _, quantized = _converted()  # its forwards drop what earlier tests' raised forwards left
     a, b = paddle.randn([4, 8]), paddle.randn([8, 8])
     walks_before = dict(stack_walks)
     expected = (a.numpy() @ b.numpy()) * a.numpy()[:, :8]
@@ -93,3 +93,12 @@ def test_a_forward_that_raises_leaves_later_calls_correct() -> None:
     np.testing.assert_array_equal(quantized(x).numpy(), simulated)
     a = paddle.randn([3, 3])
     np.testing.assert_allclose((a * a).numpy(), a.numpy() ** 2, rtol=1e-6)
+
+
+def test_a_raised_forward_stops_routing_once_a_site_owner_runs_again(stack_walks) -> None:
+    _, quantized = _converted()
+    with pytest.raises(ValueError, match="width 8"):
+        quantized(paddle.randn([4, 6]))
+    assert inside_site_owner()  # its post hook never ran
+    quantized(paddle.randn([4, 8]))
+    assert not inside_site_owner()
