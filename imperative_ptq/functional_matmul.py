@@ -45,7 +45,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
-from .site_scope import inside_site_owner, watch
+from .site_scope import calling_layer, inside_site_owner, watch
 
 __all__ = [
     "ActivationMatmul", "MatmulSite", "activation_sites", "has_own_matrices", "install",
@@ -383,25 +383,16 @@ def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
-    """The ``self`` of the nearest ``forward``-like frame above this module's functions;
-    ``None`` when there is none or it is a layer the hooks calibrate themselves (an
-    ``nn.Linear`` calling ``F.linear``, a site, a simulated layer): their calls are their
-    own implementation."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_globals is globals():
-        frame = frame.f_back
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, paddle.nn.Layer):
-            if isinstance(
-                candidate, (ActivationMatmul, QuantizedMatmul, QuantizedLayer, QuantizedLSTM)
-            ) or PTQRegistry.is_simulated_quant_layer(candidate):
-                return None
-            return candidate
-        frame = frame.f_back
-    return None
+    """The layer whose ``forward`` made the call; ``None`` when there is none or it is a layer
+    the hooks calibrate themselves (an ``nn.Linear`` calling ``F.linear``, a site, a simulated
+    layer): their calls are their own implementation."""
+    return calling_layer(globals(), _calibrated_itself, _MAX_FRAMES)
+
+
+def _calibrated_itself(layer: paddle.nn.Layer) -> bool:
+    return isinstance(
+        layer, (ActivationMatmul, QuantizedMatmul, QuantizedLayer, QuantizedLSTM)
+    ) or PTQRegistry.is_simulated_quant_layer(layer)
 
 
 def _resolve(layer: paddle.nn.Layer, path: str) -> Any:

@@ -43,7 +43,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
-from .site_scope import inside_site_owner, watch
+from .site_scope import calling_layer, inside_site_owner, watch
 
 __all__ = [
     "FunctionalConcat", "FunctionalMultiply", "install", "observed_sites", "restore_sites",
@@ -298,21 +298,12 @@ def restore_sites(model: paddle.nn.Layer, names: Sequence[str]) -> list[str]:
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
-    """The ``self`` of the nearest ``forward``-like frame above this module's functions;
-    ``None`` when there is none or it is a layer the hooks calibrate themselves (its calls are
-    its own implementation)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_globals is globals():
-        frame = frame.f_back
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, paddle.nn.Layer):
-            if isinstance(
-                candidate, (QuantizedLayer, QuantizedMatmul, QuantizedLSTM)
-            ) or PTQRegistry.is_supported_layer(candidate):
-                return None
-            return candidate
-        frame = frame.f_back
-    return None
+    """The layer whose ``forward`` made the call; ``None`` when there is none or it is a layer
+    the hooks calibrate themselves (its calls are its own implementation)."""
+    return calling_layer(globals(), _calibrated_itself, _MAX_FRAMES)
+
+
+def _calibrated_itself(layer: paddle.nn.Layer) -> bool:
+    return isinstance(
+        layer, (QuantizedLayer, QuantizedMatmul, QuantizedLSTM)
+    ) or PTQRegistry.is_supported_layer(layer)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import paddle
 
-__all__ = ["inside_site_owner", "watch"]
+__all__ = ["calling_layer", "inside_site_owner", "watch"]
 
 #: Attribute marking a layer whose hooks :func:`watch` registered.
 _WATCHED = "_imperative_ptq_site_owner"
@@ -79,3 +79,24 @@ def inside_site_owner() -> bool:
     """Whether this thread is inside the forward of a :func:`watch` ed layer, or tracing a
     program (an export calls the model's own ``forward`` without its hooks)."""
     return bool(getattr(_running, "frames", None)) or not paddle.in_dynamic_mode()
+
+
+def calling_layer(
+    router_globals: dict[str, Any], calibrated_itself: Callable[[paddle.nn.Layer], bool],
+    max_frames: int = 4,
+) -> paddle.nn.Layer | None:
+    """The layer whose ``forward`` made a routed call: the ``self`` of the nearest of the
+    ``max_frames`` frames above the router's module (``router_globals``), or ``None`` when
+    there is none or ``calibrated_itself`` says its calls are its own implementation (a layer
+    the hooks calibrate, a site, a simulated layer)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals is router_globals:
+        frame = frame.f_back
+    for _ in range(max_frames):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, paddle.nn.Layer):
+            return None if calibrated_itself(candidate) else candidate
+        frame = frame.f_back
+    return None

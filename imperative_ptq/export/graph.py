@@ -9,8 +9,8 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "bias_of", "get_tensor", "insert_zero_bias", "is_persistable", "new_persistable", "producers",
-    "readers", "set_tensor", "transposed_matmul",
+    "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias", "is_persistable",
+    "new_persistable", "producers", "readers", "set_tensor", "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -89,3 +89,21 @@ def insert_zero_bias(
         outputs={"Out": [out]}, attrs={"axis": axis},
     )
     return bias
+
+
+def insert_reader_op(
+    block: "paddle.static.Block", writer: Operator, name: str, consumers: list[Operator],
+    op_type: str, suffix: str, attrs: dict[str, Any] | None = None,
+) -> str:
+    """Makes ``consumers`` read ``op_type(name)``, a one-input op inserted right after
+    ``writer``; returns its output variable ``<name>.<suffix>``."""
+    var = block.var(name)
+    output = block.create_var(name=f"{name}.{suffix}", shape=var.shape, dtype=var.dtype)
+    for consumer in consumers:
+        consumer._rename_input(name, output.name)
+    index = next(i for i, op in enumerate(block.ops) if op is writer)
+    block._insert_op(
+        index + 1, type=op_type, inputs={"X": [name]}, outputs={"Out": [output.name]},
+        attrs=attrs or {},
+    )
+    return output.name

@@ -26,8 +26,8 @@ import paddle
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import (
-    bias_of, get_tensor, insert_zero_bias, is_persistable, new_persistable, producers, readers,
-    set_tensor, transposed_matmul,
+    bias_of, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
+    producers, readers, set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
@@ -610,16 +610,8 @@ def _concat_inputs_beside_fp32_layers(
 
 def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
     """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``."""
-    var = block.var(name)
-    isolated = block.create_var(name=f"{name}.isolated", shape=var.shape, dtype=var.dtype)
-    for consumer in consumers:
-        consumer._rename_input(name, isolated.name)
-    index = next(i for i, op in enumerate(block.ops) if op is writer)
     limit = float(np.finfo(np.float32).max)
-    block._insert_op(
-        index + 1, type="clip", inputs={"X": [name]}, outputs={"Out": [isolated.name]},
-        attrs={"min": -limit, "max": limit},
-    )
+    insert_reader_op(block, writer, name, consumers, "clip", "isolated", {"min": -limit, "max": limit})
 
 
 def returned_only_outputs(

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import get_tensor, is_persistable, new_persistable, producers, readers, set_tensor
-from .graph import transposed_matmul
+from .graph import insert_reader_op, transposed_matmul
 from .tracing import LayerRecord
 
 __all__ = [
@@ -324,13 +324,7 @@ def clip_concat_inputs(
 
 def _relu_after(block, writer, name: str, consumers: list) -> str:
     """Makes ``consumers`` read ``relu(name)``, inserted right after ``writer``."""
-    var = block.var(name)
-    rectified = block.create_var(name=f"{name}.u8", shape=var.shape, dtype=var.dtype)
-    for consumer in consumers:
-        consumer._rename_input(name, rectified.name)
-    index = next(i for i, op in enumerate(block.ops) if op is writer)
-    block._insert_op(index + 1, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
-    return rectified.name
+    return insert_reader_op(block, writer, name, consumers, "relu", "u8")
 
 
 def _producer_tensors(
