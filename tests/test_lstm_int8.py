@@ -197,6 +197,39 @@ def test_int8_lstm_runs_what_the_simulation_computes(
     assert _cosine(ran, quantized(paddle.to_tensor(x)).numpy()) >= 0.9999
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: Paddle Inference's int8 fusion_lstm leaves the simulation by one hidden code at "
+    "about one element per step for most LSTMs wider than 8->16 (here one code, 5% of the "
+    "largest hidden value, natively and on AVX2 kernels; 2.2-5.2% of the logits of classifiers "
+    "16->32 to 8->128); ONNX Runtime's Scan matches. Remove this marker once the simulation "
+    "models it."
+))
+def test_a_wider_int8_lstm_runs_what_the_simulation_computes(tmp_path) -> None:
+    class Sequence(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(16, 32)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return self.lstm(x)[0]
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = Sequence()
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86"))
+    quantized = ptq.quantize(model)
+    for _ in range(8):
+        quantized(paddle.to_tensor(rng.standard_normal((4, 6, 16)).astype("float32")))
+    ptq.convert(quantized)
+    prefix = str(tmp_path / "m")
+    save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 6, 16], "float32", "x")])
+    x = rng.standard_normal((8, 6, 16)).astype("float32")
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
 class _CalledTwice(nn.Layer):
     def __init__(self) -> None:
         super().__init__()
