@@ -61,8 +61,13 @@ def _converted() -> tuple[paddle.nn.Layer, paddle.nn.Layer]:
     return model, quantized
 
 
-def test_calls_outside_a_site_owner_are_not_routed(stack_walks) -> None:
+def test_calls_outside_a_site_owner_are_not_routed(stack_walks, monkeypatch) -> None:
     _, quantized = _converted()  # its forwards drop what earlier tests' raised forwards left
+    # A model still being calibrated anywhere in the process routes every call (its sites are
+    # found by walking the stack): earlier tests may leave one until the garbage collector
+    # runs, so this test takes calibration out of the picture.
+    for module in (functional_matmul, functional_ops):
+        monkeypatch.setattr(module, "any_discovering", lambda: False)
     a, b = paddle.randn([4, 8]), paddle.randn([8, 8])
     walks_before = dict(stack_walks)
     expected = (a.numpy() @ b.numpy()) * a.numpy()[:, :8]
