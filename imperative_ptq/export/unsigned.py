@@ -206,39 +206,25 @@ def clip_fused_relus(
     for name, relu in list(writers.items()):
         if relu.type not in ("relu", "relu6"):
             continue
-        thresholds = set()
-        weight_names = []
-        for reader in reading.get(name, []):
-            slots = FUSING_OPS.get(reader.type)
-            record = None if slots is None else weights.get(reader.input(slots[0])[0])
-            if record is None or not record.input_unsigned or reader.input(slots[1]) != [name]:
-                break
-            if transposed_matmul(reader):
-                break
-            weight_name = reader.input(slots[0])[0]
-            if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
-                break
-            thresholds.add(record.input_threshold)
-            weight_names.append(weight_name)
-        else:
-            if len(thresholds) != 1:
-                continue
-            found = fusable_relu_source(block, relu, writers)
-            if found is None or found[0].type not in RELU6_U8_PRODUCERS:
-                continue
-            threshold = next(iter(thresholds))
-            if relu.type == "relu6" and threshold > RELU6_CLIP:
-                continue  # a relu6 already clips below the threshold; scaling would lift it
-            factor = RELU6_CLIP / threshold
-            if not _scale_producer(loaded, reading, found, factor, result):
-                continue
-            for weight_name in weight_names:
-                _scale_tensor(loaded, weight_name, 1.0 / factor)
-                result.weight_factors[weight_name] = 1.0 / factor
-            relu.desc.set_type("relu6")
-            result.thresholds[name] = RELU6_CLIP
-            if name in outputs:
-                outputs[name] = outputs[name] * factor
+        readers_found = _u8_readers(name, reading, weights, result)
+        if readers_found is None:
+            continue
+        threshold, weight_names = readers_found
+        found = fusable_relu_source(block, relu, writers)
+        if found is None or found[0].type not in RELU6_U8_PRODUCERS:
+            continue
+        if relu.type == "relu6" and threshold > RELU6_CLIP:
+            continue  # a relu6 already clips below the threshold; scaling would lift it
+        factor = RELU6_CLIP / threshold
+        if not _scale_producer(loaded, reading, found, factor, result):
+            continue
+        for weight_name in weight_names:
+            _scale_tensor(loaded, weight_name, 1.0 / factor)
+            result.weight_factors[weight_name] = 1.0 / factor
+        relu.desc.set_type("relu6")
+        result.thresholds[name] = RELU6_CLIP
+        if name in outputs:
+            outputs[name] = outputs[name] * factor
     if result.thresholds:
         loaded.program._sync_with_cpp()
     return result
@@ -264,62 +250,73 @@ def clip_concat_inputs(
     """
     block = loaded.program.global_block()
     count = 0
+    reading, writers = readers(block), producers(block)
     for concat in [op for op in block.ops if op.type == "concat"]:
-        reading, writers = readers(block), producers(block)
         out = concat.output("Out")[0]
         inputs = concat.input("X")
         consumers = reading.get(out, [])
-        thresholds, reader_weights = set(), []
-        for reader in consumers:
-            slots = FUSING_OPS.get(reader.type)
-            record = None if slots is None else weights.get(reader.input(slots[0])[0])
+        readers_found = _u8_readers(out, reading, weights, result, eight_bit_only=True)
+        if readers_found is None or len(set(inputs)) != len(inputs) or not inputs:
+            continue
+        threshold, reader_weights = readers_found
+        sources = []
+        for name in inputs:
+            relu = writers.get(name)
+            found = None
+            if relu is not None and relu.type in ("relu", "relu6") and len(reading.get(name, [])) == 1:
+                found = fusable_relu_source(block, relu, writers)
             if (
-                record is None or not record.input_unsigned or reader.input(slots[1]) != [out]
-                or transposed_matmul(reader) or record.activation_bits != 8
+                found is None or found[0].type not in RELU6_U8_PRODUCERS
+                or found[0].input(FUSING_OPS[found[0].type][0])[0] not in weights
+                or (relu.type == "relu6" and threshold > RELU6_CLIP)
+                or _producer_tensors(reading, found, result, compose=True) is None
             ):
                 break
-            weight_name = reader.input(slots[0])[0]
-            if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
-                break
-            thresholds.add(record.input_threshold)
-            reader_weights.append(weight_name)
+            sources.append((name, relu, found))
         else:
-            if len(thresholds) != 1 or len(set(inputs)) != len(inputs) or not inputs:
-                continue
-            threshold = next(iter(thresholds))
-            sources = []
-            for name in inputs:
-                relu = writers.get(name)
-                found = None
-                if relu is not None and relu.type in ("relu", "relu6") and len(reading.get(name, [])) == 1:
-                    found = fusable_relu_source(block, relu, writers)
-                if (
-                    found is None or found[0].type not in RELU6_U8_PRODUCERS
-                    or found[0].input(FUSING_OPS[found[0].type][0])[0] not in weights
-                    or (relu.type == "relu6" and threshold > RELU6_CLIP)
-                    or _producer_tensors(reading, found, result, compose=True) is None
-                ):
-                    break
-                sources.append((name, relu, found))
-            else:
-                factor = RELU6_CLIP / threshold
-                # Written as they are: u8 (an int8 concat of u8 inputs is u8) on codes 0..127.
-                scale = unsigned_threshold(RELU6_CLIP, 8)
-                for name, relu, found in sources:
-                    _scale_producer(loaded, reading, found, factor, result, compose=True)
-                    relu.desc.set_type("relu6")
-                    result.thresholds[name] = RELU6_CLIP
-                    outputs[name] = scale
-                for weight_name in reader_weights:
-                    _scale_tensor(loaded, weight_name, 1.0 / factor)
-                    result.weight_factors[weight_name] = 1.0 / factor
-                rectified = _relu_after(block, concat, out, consumers)
-                result.thresholds[rectified] = RELU6_CLIP
-                outputs[out] = scale
-                count += 1
+            factor = RELU6_CLIP / threshold
+            # Written as they are: u8 (an int8 concat of u8 inputs is u8) on codes 0..127.
+            scale = unsigned_threshold(RELU6_CLIP, 8)
+            for name, relu, found in sources:
+                _scale_producer(loaded, reading, found, factor, result, compose=True)
+                relu.desc.set_type("relu6")
+                result.thresholds[name] = RELU6_CLIP
+                outputs[name] = scale
+            for weight_name in reader_weights:
+                _scale_tensor(loaded, weight_name, 1.0 / factor)
+                result.weight_factors[weight_name] = 1.0 / factor
+            rectified = _relu_after(block, concat, out, consumers)
+            result.thresholds[rectified] = RELU6_CLIP
+            outputs[out] = scale
+            count += 1
+            reading, writers = readers(block), producers(block)  # the relu just inserted
     if count:
         loaded.program._sync_with_cpp()
     return count
+
+
+def _u8_readers(
+    name: str, reading, weights: Mapping[str, LayerRecord], result: FusedReluClips,
+    eight_bit_only: bool = False,
+) -> tuple[float, list[str]] | None:
+    """``(t, weight names)`` when every reader of ``name`` is an int8 conv/fc reading it alone
+    as u8 input of one threshold ``t`` (8-bit only, if asked), with a weight no other op reads
+    and no clip has scaled yet; else ``None`` (also when nothing reads it)."""
+    thresholds, weight_names = set(), []
+    for reader in reading.get(name, []):
+        slots = FUSING_OPS.get(reader.type)
+        record = None if slots is None else weights.get(reader.input(slots[0])[0])
+        if (
+            record is None or not record.input_unsigned or reader.input(slots[1]) != [name]
+            or transposed_matmul(reader) or (eight_bit_only and record.activation_bits != 8)
+        ):
+            return None
+        weight_name = reader.input(slots[0])[0]
+        if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
+            return None
+        thresholds.add(record.input_threshold)
+        weight_names.append(weight_name)
+    return (next(iter(thresholds)), weight_names) if len(thresholds) == 1 else None
 
 
 def _relu_after(block, writer, name: str, consumers: list) -> str:
