@@ -482,8 +482,7 @@ def _observed_rows(quantized_model: paddle.nn.Layer) -> list[LayerSensitivity]:
     table = converted_table(quantized_model) or {}
     rows = []
     for name, layer in quantized_model.named_sublayers():
-        info = PTQRegistry.layer_info(layer)
-        if info is None or not info.observed_only:
+        if not PTQRegistry.is_observed_only(layer):
             continue
         entry = table.get(name, {})
         first = {role: (entry.get(role) or [None])[0] for role in ("input", "output")}

@@ -174,7 +174,7 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
         )
     for layer, state in hooked:
         entry = layers.get(state.name)
-        if entry is None and _observed_only(layer):
+        if entry is None and PTQRegistry.is_observed_only(layer):
             continue  # a functional concat/multiply, which tables written before them lack
         if entry is None:
             raise ValueError(f"{path}: quantized layer {state.name!r} is missing from the table")
@@ -207,11 +207,6 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
             _load_affine_params(entry, "weight", state.weight_quantizer, per_channel=True)
     if table.structure is not None:  # last: a failed entry above leaves it as it was
         apply_structure((state for _, state in hooked), table.structure)
-
-
-def _observed_only(layer: paddle.nn.Layer) -> bool:
-    info = PTQRegistry.layer_info(layer)
-    return info is not None and info.observed_only
 
 
 def affine_layer_params(entry: Mapping[str, list]) -> dict[str, Any]:

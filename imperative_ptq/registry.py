@@ -154,6 +154,13 @@ class PTQRegistry:
         return info is not None and info.simulated
 
     @classmethod
+    def is_observed_only(cls, layer: paddle.nn.Layer | type) -> bool:
+        """Whether the layer is calibrated but computed in float everywhere
+        (:attr:`LayerInfo.observed_only`: a functional concat or multiply)."""
+        info = cls.layer_info(layer)
+        return info is not None and info.observed_only
+
+    @classmethod
     def supported_layers(cls) -> tuple[type, ...]:
         """All registered layer types."""
         return tuple(cls._layers)
