@@ -589,13 +589,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 # clipped on the uint8 codes, which keeps the Q/DQ pair fused into QLinear
                 # kernels (measured: a Linear reading values below -t, 0.5% of the largest
                 # output off the simulation with -128).
-                s = self._const("scale", np.array(scale, dtype=np.float32))
-                z = self._const("zero_point", np.array(zero, dtype=np.uint8))
-                codes = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
-                bounds = [self._const(name, np.array(value, np.uint8))
-                          for name, value in (("min", 1), ("max", 255))]
-                codes = self._node("Clip", [codes, *bounds], var + ".clip")
-                self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
+                self.names[var] = self._qdq(tensor, scale, zero, var, codes=(1, 255))
                 self.scales[var] = (scale, zero)
                 return
         self.names[var] = self._qdq(tensor, scale, zero, var)
@@ -604,13 +598,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
     def _on_codes(self, tensor: str, threshold: float, top: int, stem: str) -> str:
         """``tensor`` on the u8 codes ``0..top`` of ``threshold`` (scale ``t / 127``), as the
         simulation holds it (:func:`imperative_ptq.quant_residual.residual_on_codes`)."""
-        s = self._const("scale", np.array(threshold / symmetric_levels(8), dtype=np.float32))
-        z = self._const("zero_point", np.array(0, dtype=np.uint8))
-        codes = self._node("QuantizeLinear", [tensor, s, z], stem + ".codes.q")
-        if top < U8_MAX:
-            bounds = [self._const(name, np.array(value, np.uint8)) for name, value in (("min", 0), ("max", top))]
-            codes = self._node("Clip", [codes, *bounds], stem + ".codes.clip")
-        return self._node("DequantizeLinear", [codes, s, z], stem + ".codes.dq")
+        return self._qdq(
+            tensor, threshold / symmetric_levels(8), 0, stem + ".codes",
+            codes=(0, top) if top < U8_MAX else None,
+        )
 
     def _returned(self, var: str) -> str:
         """The ONNX tensor of network output ``var``: what the simulation returns, its codes
@@ -628,11 +619,18 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                   for name, value in (("min", low), ("max", high))]
         return self._node("Clip", [tensor, *bounds], stem + ".clip")
 
-    def _qdq(self, tensor: str, scale: float, zero: int, stem: str) -> str:
-        """``DequantizeLinear(QuantizeLinear(tensor))`` with a uint8 zero point."""
+    def _qdq(
+        self, tensor: str, scale: float, zero: int, stem: str,
+        codes: tuple[int, int] | None = None,
+    ) -> str:
+        """``DequantizeLinear(QuantizeLinear(tensor))`` with a uint8 zero point, the uint8
+        codes first clipped to ``codes`` (low, high) when given."""
         s = self._const("scale", np.array(scale, dtype=np.float32))
         z = self._const("zero_point", np.array(zero, dtype=np.uint8))
         q = self._node("QuantizeLinear", [tensor, s, z], stem + ".q")
+        if codes is not None:
+            bounds = [self._const(name, np.array(value, np.uint8)) for name, value in zip(("min", "max"), codes)]
+            q = self._node("Clip", [q, *bounds], stem + ".clip")
         return self._node("DequantizeLinear", [q, s, z], stem + ".dq")
 
     def _out(self, op, slot: str = "Out") -> str:
