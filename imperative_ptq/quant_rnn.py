@@ -38,7 +38,7 @@ import paddle
 
 __all__ = [
     "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "gate_row_codes",
-    "lstm_int8_refusal", "quantize_gate_rows",
+    "lstm_int8_refusal", "quantize_gate_rows", "weight_multipliers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,13 +105,23 @@ def fusion_lstm_weight_thresholds(layer: paddle.nn.LSTM, headroom: float) -> np.
     return (thresholds * np.float32(headroom)).astype(np.float32)
 
 
+def weight_multipliers(thresholds: np.ndarray) -> np.ndarray:
+    """The per gate-unit factors oneDNN's int8 LSTM quantizes the weights with, as Paddle 3.3.1
+    computes them from thresholds ``t``: its pass stores ``1 / t`` in float32 and multiplies it by
+    127 in float64 before narrowing to float32. That differs from ``float32(127 / t)`` in the
+    last bit for about a quarter of the units, which moves a weight lying on a rounding tie by
+    one code (with a headroom of 2, each gate's largest weight lies exactly on 63.5)."""
+    inverse = (np.float32(1) / np.asarray(thresholds, np.float32)).astype(np.float32)
+    return (inverse.astype(np.float64) * 127.0).astype(np.float32)
+
+
 def gate_row_codes(weight: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The int8 codes oneDNN's int8 LSTM multiplies with, ``rint(w / t * 127)`` saturated to
-    s8, and their scales ``t / 127``: one threshold per gate unit (a row of
-    ``weight_ih_l0``/``weight_hh_l0``)."""
-    multipliers = (np.float32(127) / thresholds).astype(np.float32)[:, None]
-    codes = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
-    return codes, (thresholds / np.float32(127)).astype(np.float32)
+    """The int8 codes oneDNN's int8 LSTM multiplies with, ``rint(w * m)`` saturated to s8 for
+    the :func:`weight_multipliers` ``m`` of the thresholds, and their scales ``1 / m``: one
+    threshold per gate unit (a row of ``weight_ih_l0``/``weight_hh_l0``)."""
+    multipliers = weight_multipliers(thresholds)
+    codes = np.clip(np.rint(weight.astype(np.float32) * multipliers[:, None]), -128, 127)
+    return codes.astype(np.int8), (np.float32(1) / multipliers).astype(np.float32)
 
 
 def quantize_gate_rows(weight: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
