@@ -68,6 +68,7 @@ def convert_layers(
     kept_fp32: list[str] = []
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
+    constant_operands: list[str] = []
     int8_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
     for layer, state in hooked:
@@ -93,9 +94,14 @@ def convert_layers(
         if info.multiplies_inputs:
             if "input" not in entry or "second_input" not in entry:
                 continue
+            if state.constant_operand:
+                constant_operands.append(state.name)
+                continue
             if not target.signed_inputs_int8:
                 # Both operands run s8, which saturates without VNNI (measured: max error
-                # 0.49 on a 16x16 attention score matmul on AVX2 kernels).
+                # 0.49 on a 16x16 attention score matmul on AVX2 kernels). Second-input codes
+                # within -64..64 would be exact, but BERT ran slower with them (see
+                # docs/results.md): the clip and quantize passes cost more than int8 saves.
                 kept_fp32.append(state.name)
                 continue
             wrapped = QuantizedMatmul(
@@ -182,6 +188,15 @@ def convert_layers(
             "that resets the hidden state before the recurrent matmul, not paddle.nn.GRU's): %s",
             len(rnn_fp32), first_names(rnn_fp32),
         )
+    if constant_operands:
+        logger.warning(
+            "%d matmuls multiply by an operand that stayed the same in every calibration call "
+            "(a parameter transformed in forward, such as x @ self.weight.T) and stay fp32: "
+            "Paddle Inference folds that operand into a constant and runs the matmul as an "
+            "fp32 mul. Multiply by the parameter itself (paddle.matmul(x, self.weight, "
+            "transpose_y=True)) to run it as an int8 fc: %s",
+            len(constant_operands), first_names(constant_operands),
+        )
     if kept_fp32:
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
@@ -195,7 +210,7 @@ def convert_layers(
         model, target, table_of_every_layer(table, hooked), input_minima(hooked),
         structure_of(state for _, state in hooked),
     )
-    return [name for name, _ in no_int8_kernel] + kept_fp32
+    return [name for name, _ in no_int8_kernel] + kept_fp32 + constant_operands
 
 
 def _simulate_int8_head_pools(

@@ -70,6 +70,13 @@ class LayerState:
     #: Its first input was a ReLU output after a fused residual conv with a u8 residual, which
     #: Paddle leaves unclipped: u8 codes up to 255 (:mod:`imperative_ptq.export.unsigned`).
     wide_input: bool = False
+    #: A layer multiplying two activations read one operand unchanged in every call while the
+    #: other changed (``x @ self.w.T``: a parameter transformed in ``forward``), which Paddle
+    #: Inference folds into a constant and runs as an fp32 ``mul``.
+    constant_operand: bool = False
+    #: Per operand of such a layer, its (shape, sum) while every call gave the same, else
+    #: ``None``; empty before the first call.
+    operand_fingerprints: list = dataclasses.field(default_factory=list)
 
 
 class CalibrationSession:
@@ -406,6 +413,8 @@ class CalibrationSession:
         if second is not None and len(inputs) > 1 and _is_float_tensor(inputs[1]):
             sample = collector.sample(inputs[1], second.uses_signed_values)
             collector.submit(second, [sample], state.name)
+            if _is_float_tensor(first):
+                _note_operands(state, (first, inputs[1]))
         if _is_float_tensor(outputs):
             self._note_output(state.name, outputs)
             if _is_float_tensor(first):
@@ -459,6 +468,17 @@ class CalibrationSession:
                 found[f"{state.name}/second_input"] = state.second_input_quantizer
             found[f"{state.name}/output"] = state.output_quantizer
         return found
+
+
+def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tensor]) -> None:
+    """Updates ``state.constant_operand`` from one call's two operands: set once one operand
+    kept its fingerprint (shape and float64 sum) over every call while the other changed."""
+    with paddle.no_grad():
+        prints = [(tuple(v.shape), float(paddle.sum(v.astype("float64")))) for v in operands]
+    if state.operand_fingerprints:
+        prints = [new if new == old else None for new, old in zip(prints, state.operand_fingerprints)]
+    state.operand_fingerprints = prints
+    state.constant_operand = sum(p is None for p in prints) == 1
 
 
 def _is_float_tensor(value: Any) -> bool:

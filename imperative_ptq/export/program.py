@@ -1132,6 +1132,17 @@ def _quantize_activation_matmuls(
                     record.name, inputs[:2],
                 )
                 continue
+            writers = producers(block)
+            constant = [op.input(slot)[0] for slot in ("X", "Y") if _is_constant(block, op.input(slot)[0], writers)]
+            if constant:
+                # convert keeps such a matmul fp32 once calibration saw the operand unchanged
+                # over several calls (LayerState.constant_operand); one call cannot show it.
+                logger.warning(
+                    "layer %r multiplies by %s, computed from parameters only: Paddle Inference "
+                    "folds it into a constant and runs this matmul as an fp32 mul, not the int8 "
+                    "matmul the simulation computes. Calibrate with two or more different "
+                    "batches, so that convert keeps it fp32 too.", record.name, constant[0],
+                )
             index, call_thresholds = _scale_after_matmul(block, index, op, thresholds)
             for slot, threshold in zip(("X", "Y"), call_thresholds):
                 name = op.input(slot)[0]
