@@ -161,9 +161,11 @@ def convert_layers(
                 paddle_fc_scales=target.paddle_fc_weights and isinstance(layer, paddle.nn.Linear),
                 onednn_weights=target.onednn,
             )
-            if unsigned and state.wide_input and target.onednn and activation_bits == 8:
-                # A ReLU after a residual conv, unclipped in Paddle (export.unsigned).
-                wrapped.input_top_code = U8_MAX
+            if unsigned and (state.wide_input or state.signed_input) and target.onednn:
+                # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
+                # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than
+                # the grid's L below 8 bits.
+                wrapped.input_top_code = U8_MAX if state.wide_input else symmetric_levels(8)
             replace_sublayer(model, layer, wrapped)
             int8_layers.append(state.name)
             quantized[state.name] = wrapped
@@ -266,8 +268,6 @@ def _simulate_fused_residuals(
     threshold) through the first of those convs, a downsample shortcut (a BatchNorm output
     read only by the add) through a :class:`QuantizedResidualOutput`. Only where the add's
     other operand comes from an int8 conv, which Paddle fuses the add into."""
-    if activation_bits != 8:
-        return  # Paddle's int8 passes write 8-bit scales only
     by_name = {state.name: (layer, state) for layer, state in hooked}
 
     def int8_conv_output(name: str) -> bool:
@@ -409,8 +409,6 @@ def _simulate_pooled_codes(
     max-pools; the conv marks its next call (:class:`ResidualSumOutput`), so a ReLU shared
     with other calls is put on codes only there.
     """
-    if activation_bits != 8:
-        return
     by_name = {state.name: (layer, state) for layer, state in hooked}
     for layer, state in hooked:
         if type(layer) is not paddle.nn.ReLU or len(state.input_sources) != 1:

@@ -127,8 +127,6 @@ def refit_fused_residuals(
         if not isinstance(old, QuantizedLayer) or not old.input_unsigned:
             continue
         entry = structure.get(name, {})
-        if old.activation_bits != 8:
-            continue
         top = old.residual_codes or (old.input_top_code if old.input_top_code > levels else 0)
         if not top and entry.get("signed_input"):
             top = levels
@@ -148,7 +146,9 @@ def refit_fused_residuals(
             for other, other_entry in structure.items()
         )
         if (read_as_residual or read_by_int8) and written_by_int8_conv(sources[0]):
-            replace(name, ResidualCodesInput(layers[name], float(old.input_thresholds[0]), top))
+            replace(name, ResidualCodesInput(
+                layers[name], float(old.input_thresholds[0]), top, old.activation_bits
+            ))
     # A ReLU put on codes for an int8 max-pool (convert's pooled codes) whose pool is now read
     # by an fp32 conv: the export drops the scales through the pool, and the conv writes floats.
     sum_readers = {add.get("sum_reader", "") for _, add in adds}

@@ -74,6 +74,8 @@ __all__ = [
 
 #: Smallest code of an s8 tensor a oneDNN conv writes (it saturates there, not at ``-L``).
 S8_MIN = -128
+#: The largest code of an s8 tensor (above the symmetric grid's L below 8 bits).
+S8_MAX = 127
 #: Elements compared before a whole sum is (most candidate pairs differ at once).
 _PREFIX = 64
 
@@ -272,8 +274,9 @@ class QuantizedResidualOutput(paddle.nn.Layer):
         y = self.layer(*inputs, **kwargs)
         levels = symmetric_levels(self.activation_bits)
         step = np.float32(self.output_thresholds[0] / levels)
-        # oneDNN saturates the conv's s8 output at -128, below the symmetric grid's -L.
-        return grid_codes(y, step, S8_MIN, levels, half_to_even=True) * step
+        # oneDNN saturates the conv's s8 output at -128 and 127, beyond the grid's -L..L
+        # (below -L at 8 bits; on both sides below 8 bits).
+        return grid_codes(y, step, S8_MIN, S8_MAX, half_to_even=True) * step
 
     def extra_repr(self) -> str:
         return f"output_threshold={self.output_thresholds[0]:.6g}, s8 codes (fused residual)"

@@ -122,6 +122,12 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         symmetric_signed: bool = False,
     ):
         self.onnx = _require_onnx()
+        #: ``L`` of the activation grid, codes ``0..L`` (u8) or ``-L..L`` of ``t / L``: one
+        #: activation width per model (PTQConfig has one activation quantizer); the records of
+        #: layers with no quantized input keep the default 8 bits.
+        self.levels = symmetric_levels(
+            min((record.activation_bits for record in records if record.simulated), default=8)
+        )
         #: signed activations keep the symmetric codes -127..127 (Paddle Lite's kernels, the
         #: ``arm`` simulation) rather than uint8 zero point 128's -128..127 (oneDNN's s8)
         self.symmetric_signed = symmetric_signed
@@ -387,8 +393,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 source = op.input("X")[0]
                 if (
                     len(self.readers.get(source, [])) != 1 or source in self.shifted
-                    or source in self.fetched
+                    or source in self.fetched or source in self.int8_pools
                 ):
+                    # (An int8 head pool's output keeps its own grid (:meth:`_pool`): the
+                    # reader's clip stays after the layout op.)
                     break
                 thresholds[source] = thresholds[name]
                 self.affine.pop(source, None)
@@ -531,15 +539,16 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             self.names[var] = tensor
             return
         self.unquantized[var] = tensor
+        levels = self.levels
         if var in self.unsigned and var in self.layer_inputs and var not in self.affine:
             # A non-negative int8-layer input on a signed target (arm): the simulation's codes
-            # 0..127 of ``t / 127`` are those of the u8 form below.
+            # 0..L of ``t / L`` are those of the u8 form below.
             self.u8_inputs.setdefault(var, threshold)
         if var in self.u8_inputs:
-            # Codes 0..127 up to the threshold, clipped there as the simulation does (codes
+            # Codes 0..L up to the threshold, clipped there as the simulation does (codes
             # above 127 could also saturate u8 x s8 pair sums on a CPU without VNNI).
             threshold = self.u8_inputs[var]
-            scale, zero = threshold / 127.0, 0
+            scale, zero = threshold / levels, 0
             if producer is not None and producer.type in ("relu", "relu6"):
                 # A Clip between a conv and its Q stops ONNX Runtime from fusing QLinearConv
                 # (measured: 1 of 3 convs fused). So the conv's output is quantized on the
@@ -562,7 +571,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                         self.names[var] = unclipped
                         return
                 bounds = [self._const(name, np.array(value, np.uint8))
-                          for name, value in (("min", 0), ("max", 127))]
+                          for name, value in (("min", 0), ("max", levels))]
                 codes = self._node("Clip", [codes, *bounds], var + ".clip")
                 self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
                 if var in self.coded and top != U8_MAX:
@@ -583,23 +592,24 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         elif var in self.unsigned:
             scale, zero = threshold / 255.0, 0
         else:
-            scale, zero = threshold / 127.0, 128
-            if self.symmetric_signed:
+            scale, zero = threshold / levels, 128
+            if self.symmetric_signed or levels < 127:
                 # Code -128 (uint8 0) is off the symmetric grid the simulation rounds to:
                 # clipped on the uint8 codes, which keeps the Q/DQ pair fused into QLinear
                 # kernels (measured: a Linear reading values below -t, 0.5% of the largest
-                # output off the simulation with -128).
-                self.names[var] = self._qdq(tensor, scale, zero, var, codes=(1, 255))
+                # output off the simulation with -128). So is every code beyond -L..L of a
+                # grid below 8 bits, on every target.
+                self.names[var] = self._qdq(tensor, scale, zero, var, codes=(zero - levels, zero + levels))
                 self.scales[var] = (scale, zero)
                 return
         self.names[var] = self._qdq(tensor, scale, zero, var)
         self.scales[var] = (scale, zero)
 
     def _on_codes(self, tensor: str, threshold: float, top: int, stem: str) -> str:
-        """``tensor`` on the u8 codes ``0..top`` of ``threshold`` (scale ``t / 127``), as the
+        """``tensor`` on the u8 codes ``0..top`` of ``threshold`` (scale ``t / L``), as the
         simulation holds it (:func:`imperative_ptq.quant_residual.residual_on_codes`)."""
         return self._qdq(
-            tensor, threshold / symmetric_levels(8), 0, stem + ".codes",
+            tensor, threshold / self.levels, 0, stem + ".codes",
             codes=(0, top) if top < U8_MAX else None,
         )
 
@@ -1055,7 +1065,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 # The mean of u8 codes on the input threshold's grid (codes up to 255, not
                 # clipped), rounded half to even like QuantizeLinear, on the same grid
                 # (imperative_ptq.quant_pool); the reader quantizes it with its own threshold.
-                scale = self.int8_pools[out] / symmetric_levels(8)
+                scale = self.int8_pools[out] / self.levels
                 pooled = self._in(op)
                 top = self.int8_pool_tops.get(out, U8_MAX)
                 if top < U8_MAX:

@@ -341,6 +341,7 @@ def quantize_program(
     rectified: dict[tuple[str, float], str] = {}
     shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
     shifted_biases: set[str] = set()
+    narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
     writers = producers(block)
 
     index = 0
@@ -379,7 +380,10 @@ def quantize_program(
             threshold = clips.thresholds.get(activation, threshold)
             if activation not in clips.thresholds and not (
                 relu_after_residual_conv(block, activation, writers)
-                and (record.input_top_code > symmetric_levels(8) or record.residual_codes)
+                and (
+                    record.input_top_code > symmetric_levels(record.activation_bits)
+                    or record.residual_codes
+                )
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
                 # alone would be s8, which a fc shifts by +128 into u8 before the saturating
@@ -411,12 +415,26 @@ def quantize_program(
                 loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
                 shifted_biases,
             )
+        bits = record.activation_bits
+        if unsigned_inputs:
+            # oneDNN's pipeline reads 8-bit quantize ops only: the u8 and shifted thresholds
+            # above already put a narrower grid on 8-bit codes; a signed one is clipped here.
+            signed = not (record.input_unsigned or record.input_shift_response is not None)
+            if signed and bits < 8:
+                narrowed = narrow_inputs.get((activation, threshold))
+                if narrowed is None:
+                    narrowed = _narrow_signed_input(
+                        loaded, index + inserted, activation, threshold, bits, writers
+                    )
+                    narrow_inputs[(activation, threshold)] = narrowed
+                    inserted += narrowed[2]
+                quantized, threshold = narrowed[0], narrowed[1]
+            bits = 8
         key = (quantized, threshold)
         qdq = dequantized_inputs.get(key)
         if qdq is None:
             qdq = _activation_qdq(
-                loaded, index + inserted, quantized, threshold,
-                record.activation_bits, len(dequantized_inputs),
+                loaded, index + inserted, quantized, threshold, bits, len(dequantized_inputs),
             )
             dequantized_inputs[key] = qdq
             written.inputs[quantized] = threshold
@@ -456,6 +474,11 @@ def quantize_program(
                 if inputs:
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
+    # One activation width per model (PTQConfig has one activation quantizer); the records
+    # of layers with no quantized input keep the default 8.
+    activation_bits = min(
+        (record.activation_bits for record in records if record.simulated), default=8
+    )
     returned = returned_only_outputs(block, outputs, writers)
     if returned:
         logger.info(
@@ -474,7 +497,11 @@ def quantize_program(
             # whichever it collects first), which the u8 clip above also assumes.
             threshold = written.inputs[name]
         elif unsigned_inputs and runs_unsigned(block, name, writers):
-            threshold = unsigned_threshold(threshold, 8)  # Paddle's int8 passes take 8 bits only
+            # u8 codes of the simulation's grid (t / L), in the 8-bit form Paddle reads.
+            threshold = unsigned_threshold(threshold, activation_bits)
+        elif unsigned_inputs:
+            # s8 codes of that grid (a downsample residual), in 8-bit form too.
+            threshold = threshold * symmetric_levels(8) / symmetric_levels(activation_bits)
         op._set_attr("out_threshold", float(threshold))
         written.outputs[name] = float(threshold)
     isolated = _isolate_unscaled_residual_adds(block, written)
@@ -1196,6 +1223,42 @@ def _scale_after_matmul(
         attrs={"scale": factor, "bias": 0.0, "bias_after_scale": True},
     )
     return index, (thresholds[0] / abs(factor), thresholds[1])
+
+
+def _narrow_signed_input(
+    loaded: LegacyProgram, index: int, name: str, threshold: float, bits: int, writers: Mapping
+) -> tuple[str, float, int]:
+    """A signed input on a grid narrower than 8 bits, for oneDNN's 8-bit quantize op: clipped
+    at ``+-threshold`` (so its codes stay within ``-L..L``) and given the 8-bit threshold
+    ``t * 127 / L``. Returns the clipped variable, that threshold and how many ops were
+    inserted at ``index``. Right after a conv/fc the clip is an ``elementwise_min`` and an
+    ``elementwise_max``: Paddle 3.3.1 fuses a ``clip`` op there as a plain ReLU
+    (:func:`.unsigned.insert_clip_relu`)."""
+    block = loaded.program.global_block()
+    var = block.var(name)
+    stem = f"{name}.clipped_{len(block.ops)}"
+    out = block.create_var(name=stem, shape=var.shape, dtype=var.dtype)
+    written = float(threshold) * symmetric_levels(8) / symmetric_levels(bits)
+    if not gemm_output(writers, name, through_activations=True):
+        block._insert_op(
+            index, type="clip", inputs={"X": [name]}, outputs={"Out": [out.name]},
+            attrs={"min": -float(threshold), "max": float(threshold)},
+        )
+        return out.name, written, 1
+    bounds = [
+        new_persistable(loaded, f"{stem}.{side}", np.array([value], dtype=np.float32))
+        for side, value in (("max", threshold), ("min", -threshold))
+    ]
+    below = block.create_var(name=stem + ".below", shape=var.shape, dtype=var.dtype)
+    block._insert_op(
+        index, type="elementwise_min", inputs={"X": [name], "Y": [bounds[0]]},
+        outputs={"Out": [below.name]}, attrs={"axis": -1},
+    )
+    block._insert_op(
+        index + 1, type="elementwise_max", inputs={"X": [below.name], "Y": [bounds[1]]},
+        outputs={"Out": [out.name]}, attrs={"axis": -1},
+    )
+    return out.name, written, 2
 
 
 def _activation_qdq(
