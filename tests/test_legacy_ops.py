@@ -36,6 +36,10 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     # Its legacy-IR branch fails in Paddle itself (UnboundLocalError): traced as its dygraph one.
     "normalize": lambda x: F.normalize(x, axis=-1),
     "normalize_p1_axis1": lambda x: F.normalize(x, p=1, axis=1),
+    # Its legacy-IR branch drops keepdim in Paddle itself (a squeezed result): traced as the
+    # dygraph one.
+    "kthvalue_keepdim": lambda x: paddle.kthvalue(x, 2, axis=1, keepdim=True)[0] * x,
+    "kthvalue": lambda x: paddle.kthvalue(x, 3, axis=-1)[0],
 }
 
 

@@ -382,35 +382,35 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _KthValue(nn.Layer):
-    """An op the export does not translate (kthvalue)."""
+class _Mode(nn.Layer):
+    """An op the export does not translate (mode)."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.kthvalue(x, 2, axis=1, keepdim=True)[0]
+        return paddle.mode(x, axis=1, keepdim=True)[0]
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """kthvalue (which the export does not translate) after a conv: the error names the op,
-    the tensor it writes and the layer it reads, and the Paddle Inference export still works."""
+    """mode (which the export does not translate) after a conv: the error names the op, the
+    tensor it writes and the layer it reads, and the Paddle Inference export still works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.kthvalue(y, 2, axis=1)[0]), False), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.mode(y, axis=1)[0]), False), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'kthvalue' has no ONNX converter (writing 'kthvalue_0"), message
+    assert message.startswith("op 'mode' has no ONNX converter (writing 'mode_0"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_KthValue)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_Mode)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_KthValue(), False), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_Mode(), False), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_KthValue)
-    with pytest.raises(NotImplementedError, match="op 'kthvalue' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_Mode)
+    with pytest.raises(NotImplementedError, match="op 'mode' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
 
 
@@ -521,3 +521,34 @@ def test_an_activation_threshold_only_float_ops_read_is_not_applied(target: str,
     qmodel = _quantized(_GatedHardswish(), shape, target)
     ran, simulated, _ = _runs(qmodel, shape, tmp_path)
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+class _KthValues(nn.Layer):
+    """The k-th smallest along the channels (kept) and along the width (squeezed), beside an
+    int8 conv so that the model converts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 4, 3)
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        values, indices = paddle.kthvalue(x, 2, axis=1, keepdim=True)
+        return [values, indices, paddle.kthvalue(x, 3, axis=-1)[0], self.conv(x)]
+
+
+def test_kthvalue_runs_in_onnx_runtime_as_paddle(tmp_path) -> None:
+    """TopK of the k smallest, the last kept: values equal to a numpy reference and to Paddle's
+    (with and without keepdim), indices selecting them."""
+    qmodel = _quantized(_KthValues(), [2, 3, SIZE, SIZE])
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).random((5, 3, SIZE, SIZE), np.float32)
+    values, indices, widths, _ = session.run(None, {"x": x})
+    paddle_values, paddle_indices, paddle_widths, _ = (t.numpy() for t in qmodel(paddle.to_tensor(x)))
+    np.testing.assert_array_equal(values, np.sort(x, axis=1)[:, 1:2])
+    np.testing.assert_array_equal(widths, np.sort(x, axis=-1)[..., 2])
+    np.testing.assert_array_equal(values, paddle_values)
+    np.testing.assert_array_equal(widths, paddle_widths)
+    assert indices.dtype == paddle_indices.dtype == np.int64
+    np.testing.assert_array_equal(np.take_along_axis(x, indices, 1), values)
+    np.testing.assert_array_equal(indices, paddle_indices)  # distinct random values: no ties

@@ -370,10 +370,29 @@ def _normalize(original: Callable) -> Callable:
     return call
 
 
-#: Paddle APIs whose own legacy-IR branch fails in Paddle 3.3.1: ``(module, name) -> shim``.
+def _kthvalue(original: Callable) -> Callable:
+    """``paddle.kthvalue`` for a legacy trace: Paddle 3.3.1's legacy-IR branch of it drops
+    ``keepdim`` (the traced op returns the squeezed result where dygraph keeps the axis), so a
+    traced call makes the dygraph branch's ``_C_ops`` call, which :func:`legacy_ir_fallback`
+    records with every attribute."""
+
+    @functools.wraps(original)
+    def call(x: Any, k: int, axis: int | None = None, keepdim: bool = False, name: str | None = None) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x):
+            return original(x, k, axis=axis, keepdim=keepdim, name=name)
+        return paddle._C_ops.kthvalue(x, k, -1 if axis is None else axis, keepdim)
+
+    return call
+
+
+#: Paddle APIs whose own legacy-IR branch fails or computes something else in Paddle 3.3.1:
+#: ``(module, name) -> shim``.
 _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] = {
     ("paddle.nn.functional", "normalize"): _normalize,
     ("paddle.nn.functional.norm", "normalize"): _normalize,
+    ("paddle", "kthvalue"): _kthvalue,
+    ("paddle.tensor", "kthvalue"): _kthvalue,
+    ("paddle.tensor.search", "kthvalue"): _kthvalue,
 }
 
 

@@ -71,7 +71,7 @@ _SIGN_PRESERVING_OPS = frozenset({
     "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean", "reduce_amax",
     "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
     "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
-    "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort",
+    "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort", "kthvalue",
 })
 
 #: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).

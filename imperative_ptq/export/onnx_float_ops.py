@@ -111,6 +111,7 @@ class FloatOpConverters:
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
+            "kthvalue": self._kthvalue,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -470,6 +471,28 @@ class FloatOpConverters:
             self._node("Shape", [x], stem + ".shape"), self._const("axis", np.array([axis], np.int64)),
         ], stem + ".length")
         self._top_k_node(op, length, axis, bool(op.attr("descending")), True)
+
+    def _kthvalue(self, op) -> None:
+        """kthvalue (the ``k``-th smallest along ``axis``): the last of ONNX's ``TopK`` of the
+        ``k`` smallest, squeezed unless ``keepdim``. Of equal values ``TopK`` takes the first
+        index; Paddle's choice among them is unspecified (the value is the same)."""
+        x, axis, k = self._in(op), int(op.attr("axis")), int(op.attr("k"))
+        values, indices = op.output("Out")[0], op.output("Indices")[0]
+        smallest = [self._unique(values + ".smallest"), self._unique(indices + ".smallest")]
+        self.nodes.append(self.helper.make_node(
+            "TopK", [x, self._const("k", np.array([k], np.int64))], smallest,
+            axis=axis, largest=0, sorted=1,
+        ))
+        last = [self._const("start", np.array([k - 1], np.int64)), self._const("end", np.array([k], np.int64)),
+                self._const("axes", np.array([axis], np.int64))]
+        picked = [self._node("Slice", [found, *last], name + ".kth") for found, name in zip(smallest, (values, indices))]
+        if not op.attr("keepdim"):
+            axes = self._const("squeezed", np.array([axis], np.int64))
+            picked = [self._node("Squeeze", [found, axes], name + ".squeezed") for found, name in zip(picked, (values, indices))]
+        self._bind(values, picked[0])
+        dtype = numpy_dtype(self.block._find_var_recursive(indices).dtype)
+        self._bind(indices, picked[1] if dtype == np.int64 else self._node(
+            "Cast", [picked[1]], indices, to=self.helper.np_dtype_to_tensor_dtype(dtype)))
 
     def _top_k_node(self, op, k: str, axis: int, largest: bool, ordered: bool) -> None:
         """ONNX's ``TopK`` of ``op``'s ``X`` bound to its ``Out`` and ``Indices`` (cast from
