@@ -40,6 +40,17 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     # dygraph one.
     "kthvalue_keepdim": lambda x: paddle.kthvalue(x, 2, axis=1, keepdim=True)[0] * x,
     "kthvalue": lambda x: paddle.kthvalue(x, 3, axis=-1)[0],
+    # Tensor methods Paddle binds straight to PIR-only C ops (with positional Python args).
+    "method_sum": lambda x: x.sum(-1),
+    "method_sum_keepdim": lambda x: x.sum(axis=1, keepdim=True) * x,
+    "method_exp_sigmoid": lambda x: x.exp().sigmoid(),
+    "method_argmax": lambda x: x.argmax(-1).astype("float32"),
+    "method_maximum": lambda x: x.maximum(x * 0.5),
+    "method_logsumexp": lambda x: x.logsumexp(axis=-1),
+    "method_any": lambda x: (x > 1).any(axis=-1).astype("float32"),
+    "method_diagonal": lambda x: x[:, :, :4].diagonal(axis1=1, axis2=2),
+    # Its legacy branch reads Tensor.is_cuda, which the legacy Variable lacks.
+    "lerp": lambda x: paddle.lerp(x, x * 2, 0.3),
 }
 
 

@@ -44,6 +44,7 @@ _ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
     "axis": ("dim", "axes"),
     "keepdim": ("keep_dim",),
     "dtype": ("out_dtype",),
+    "x": ("input",),  # diagonal's Input
 }
 
 #: PIR op -> legacy op where Paddle registers no PHI kernel name for the legacy op.
@@ -404,8 +405,10 @@ def legacy_ir_fallback() -> Iterator[None]:
         if not name.startswith("_") and callable(function) and not isinstance(function, type)
         and not isinstance(function, types.ModuleType)
     }
-    patched: list[tuple[types.ModuleType, str, Any]] = []
+    patched: list[tuple[Any, str, Any]] = []
     wrappers: dict[int, Callable] = {}
+    variable = paddle.static.Variable
+    added: list[str] = []
     try:
         for module in _namespaces():
             for name, value in list(vars(module).items()):
@@ -422,7 +425,23 @@ def legacy_ir_fallback() -> Iterator[None]:
             if module is not None and callable(getattr(module, name, None)):
                 patched.append((module, name, getattr(module, name)))
                 setattr(module, name, shim(getattr(module, name)))
+        # Methods of the legacy Variable that Paddle 3.3.1 binds straight to a PIR-only C op
+        # (``x.sum(-1)``, ``x.exp()``, ``x.sigmoid()``: 53 of them) take PIR values only, and
+        # positional Python arguments (an int axis) where the C op wants tensors: the public
+        # API of the same name (``paddle.sum``, ...) converts those, and its C op is wrapped above.
+        for name, value in list(vars(variable).items()):
+            api = getattr(paddle.tensor, name, None)
+            if id(value) in c_ops and callable(api):
+                patched.append((variable, name, value))
+                setattr(variable, name, api)
+        # ``paddle.lerp`` reads ``x.is_cuda`` before it checks the mode; the legacy Variable
+        # has no such attribute (AttributeError in Paddle 3.3.1).
+        if not hasattr(variable, "is_cuda"):
+            variable.is_cuda = property(lambda self: False)
+            added.append("is_cuda")
         yield
     finally:
+        for name in added:
+            delattr(variable, name)
         for module, name, value in reversed(patched):
             setattr(module, name, value)
