@@ -159,6 +159,13 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "reduce_mean": (lambda: _Function(paddle.mean), False),
     "p_norm": (lambda: _Function(lambda y: paddle.linalg.norm(y, p=2, axis=1)), False),
     "arg_max": (lambda: _Function(lambda y: paddle.argmax(y, axis=1)), False),
+    "arg_min": (lambda: _Function(lambda y: paddle.argmin(y, axis=1)), False),
+    "reduce_any": (lambda: _Function(lambda y: y * paddle.cast(paddle.any(y > 0.5, axis=1, keepdim=True), "float32")), True),
+    "reduce_all": (lambda: _Function(lambda y: y * paddle.cast(paddle.all(y > -0.2, axis=[2, 3], keepdim=True), "float32")), True),
+    "isnan_v2": (lambda: _Function(lambda y: y + paddle.cast(paddle.isnan(paddle.sqrt(y)), "float32")), True),
+    "elementwise_floordiv": (lambda: _Function(lambda y: paddle.floor_divide(y * 4.0, paddle.full_like(y, 0.7))), True),
+    "elementwise_mod": (lambda: _Function(lambda y: paddle.remainder(y * 4.0, paddle.full_like(y, -0.7))), True),
+    "one_hot_v2": (lambda: _Function(lambda y: y * F.one_hot(paddle.argmax(y, axis=1), 8).transpose([0, 3, 1, 2])), True),
     "erf": (lambda: _Function(paddle.erf), True),
     "floor": (lambda: _Function(lambda y: paddle.floor(y * 4.0)), True),
     "ceil": (lambda: _Function(lambda y: paddle.ceil(y * 4.0)), True),
@@ -232,8 +239,8 @@ def test_op_runs_in_onnx_runtime_as_simulated(name: str, tmp_path) -> None:
     qmodel = _quantized(_Around(factory(), head), shape)
     ran, simulated, path = _runs(qmodel, shape, tmp_path)
     assert ran.shape == simulated.shape and ran.dtype == simulated.dtype
-    if name == "arg_max":
-        # Indices of the largest of 8 channels, computed from the same float values.
+    if name in ("arg_max", "arg_min"):
+        # Indices of the largest (smallest) of 8 channels, computed from the same float values.
         assert np.array_equal(ran, simulated)
     else:
         # Measured 2026-12-01: 1.00000 (to 6 digits) for every op here.
@@ -552,3 +559,17 @@ def test_kthvalue_runs_in_onnx_runtime_as_paddle(tmp_path) -> None:
     assert indices.dtype == paddle_indices.dtype == np.int64
     np.testing.assert_array_equal(np.take_along_axis(x, indices, 1), values)
     np.testing.assert_array_equal(indices, paddle_indices)  # distinct random values: no ties
+
+
+def test_tril_and_triu_run_in_onnx_runtime_from_opset_14(tmp_path) -> None:
+    """Trilu (opset 14 on); at the default opset 13 the error names the op and the opset."""
+    model = _Around(_Function(lambda y: paddle.tril(y, diagonal=1) + paddle.triu(y, diagonal=-2)), True)
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(model, shape)
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    x = np.random.default_rng(1).random(shape).astype("float32")
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec, opset=14)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert _cosine(session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()) >= 0.9999
+    with pytest.raises(NotImplementedError, match="tril_triu needs ONNX opset 14"):
+        export_onnx(qmodel, str(tmp_path / "m13.onnx"), spec)

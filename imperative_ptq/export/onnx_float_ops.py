@@ -25,6 +25,7 @@ __all__ = ["FloatOpConverters", "UNARY_OPS", "numpy_dtype"]
 #: take one axis, like ONNX's from opset 13).
 UNARY_OPS: dict[str, tuple[str, dict[str, str]]] = {
     "relu": ("Relu", {}),
+    "isnan_v2": ("IsNaN", {}),
     "sigmoid": ("Sigmoid", {}),
     "tanh": ("Tanh", {}),
     "exp": ("Exp", {}),
@@ -111,7 +112,10 @@ class FloatOpConverters:
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
-            "kthvalue": self._kthvalue,
+            "kthvalue": self._kthvalue, "arg_min": self._arg_max,
+            "reduce_any": self._reduce_logical, "reduce_all": self._reduce_logical,
+            "elementwise_floordiv": self._floor_divide, "elementwise_mod": self._floor_divide,
+            "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -365,6 +369,48 @@ class FloatOpConverters:
         x = self._cast_to_output(op, self._in(op), out, out)
         self._bind(out, self._reduce_node(_REDUCE_OPS[op.type], x, axes, bool(op.attr(keep)), out))
 
+    def _reduce_logical(self, op) -> None:
+        """reduce_any / reduce_all of a bool tensor: the largest / smallest of it as int32."""
+        out = self._out(op)
+        axes = None if op.attr("reduce_all") or not list(op.attr("dim")) else [int(a) for a in op.attr("dim")]
+        as_int = self._node("Cast", [self._in(op)], out + ".int", to=self.onnx.TensorProto.INT32)
+        kind = "ReduceMax" if op.type == "reduce_any" else "ReduceMin"
+        reduced = self._reduce_node(kind, as_int, axes, bool(op.attr("keep_dim")), out + ".reduced")
+        self._bind(out, self._node("Cast", [reduced], out, to=self.onnx.TensorProto.BOOL))
+
+    def _floor_divide(self, op) -> None:
+        """elementwise_floordiv / elementwise_mod of floats: ``floor(x / y)`` and Paddle's
+        remainder with the divisor's sign, ``x - floor(x / y) * y``. Integers (whose ``Div``
+        truncates in ONNX) are not exported."""
+        if op.has_attr("axis") and int(op.attr("axis")) != -1:
+            raise NotImplementedError(f"{op.type} with axis {op.attr('axis')} is not exported")
+        out = self._out(op)
+        if not np.issubdtype(numpy_dtype(self.block._find_var_recursive(out).dtype), np.floating):
+            raise NotImplementedError(f"{op.type} of integers is not exported")
+        x, y = self._in(op), self._in(op, "Y")
+        quotient = self._node("Floor", [self._node("Div", [x, y], out + ".div")], out + ".floor")
+        if op.type == "elementwise_floordiv":
+            self._bind(out, quotient)
+            return
+        self._bind(out, self._node("Sub", [x, self._node("Mul", [quotient, y], out + ".mul")], out))
+
+    def _tril_triu(self, op) -> None:
+        """tril / triu: ONNX's ``Trilu`` (opset 14 on)."""
+        if self.opset < 14:
+            raise NotImplementedError(f"tril_triu needs ONNX opset 14 (Trilu), got opset {self.opset}")
+        out = self._out(op)
+        k = self._const("k", np.array(int(op.attr("diagonal")), np.int64))
+        self._bind(out, self._node("Trilu", [self._in(op), k], out, upper=int(not op.attr("lower"))))
+
+    def _one_hot(self, op) -> None:
+        """one_hot_v2 (a constant ``depth``): ONNX's ``OneHot`` of the indices, float32 0/1."""
+        self._reject_tensor_inputs(op, "depth_tensor")
+        out = self._out(op)
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        depth = self._const("depth", np.array(int(op.attr("depth")), np.int64))
+        values = self._const("values", np.array([0, 1], dtype))
+        self._bind(out, self._node("OneHot", [self._in(op), depth, values], out, axis=-1))
+
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
         ``ReduceL2``, the largest or smallest ``|x|`` for +-inf, else ``sum(|x|^p)^(1/p)``."""
@@ -386,11 +432,14 @@ class FloatOpConverters:
         self._bind(out, node)
 
     def _arg_max(self, op) -> None:
+        """arg_max / arg_min: ONNX's ``ArgMax`` / ``ArgMin`` (the first of equal values, as
+        Paddle)."""
         out = self._out(op)
         x, axis = self._in(op), int(op.attr("axis"))
         if op.attr("flatten"):
             x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
-        node = self._node("ArgMax", [x], out + ".int64", axis=axis, keepdims=int(op.attr("keepdims")))
+        kind = "ArgMax" if op.type == "arg_max" else "ArgMin"
+        node = self._node(kind, [x], out + ".int64", axis=axis, keepdims=int(op.attr("keepdims")))
         dtype = numpy_dtype(op.attr("dtype"))
         if dtype != np.int64:
             node = self._node("Cast", [node], out, to=self.helper.np_dtype_to_tensor_dtype(dtype))
