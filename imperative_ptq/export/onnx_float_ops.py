@@ -116,6 +116,9 @@ class FloatOpConverters:
             "reduce_any": self._reduce_logical, "reduce_all": self._reduce_logical,
             "elementwise_floordiv": self._floor_divide, "elementwise_mod": self._floor_divide,
             "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
+            "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
+            "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
+            "median": self._median, "logcumsumexp": self._logcumsumexp,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -410,6 +413,98 @@ class FloatOpConverters:
         depth = self._const("depth", np.array(int(op.attr("depth")), np.int64))
         values = self._const("values", np.array([0, 1], dtype))
         self._bind(out, self._node("OneHot", [self._in(op), depth, values], out, axis=-1))
+
+    def _masked_fill(self, op) -> None:
+        """masked_fill: ``Where(mask, value, x)``."""
+        out = op.output("out")[0]
+        inputs = [self._in(op, "mask"), self._in(op, "value"), self._in(op, "x")]
+        self._bind(out, self._node("Where", inputs, out))
+
+    def _lerp(self, op) -> None:
+        """lerp: ``x + weight * (y - x)``."""
+        out = self._out(op)
+        x = self._in(op)
+        step = self._node("Sub", [self._in(op, "Y"), x], out + ".step")
+        self._bind(out, self._node("Add", [x, self._node("Mul", [self._in(op, "Weight"), step], out + ".scaled")], out))
+
+    def _einsum(self, op) -> None:
+        """einsum: ONNX's ``Einsum`` (opset 12 on) of the same equation."""
+        out = self._out(op)
+        operands = [self._tensor(op, name) for name in op.input("Operands")]
+        self._bind(out, self._node("Einsum", operands, out, equation=str(op.attr("equation"))))
+
+    def _unbind(self, op) -> None:
+        """unbind: a ``Split`` into slices of one along ``axis``, each squeezed."""
+        outputs, axis = op.output("Out"), int(op.attr("axis"))
+        parts = [self._unique(name + ".slice") for name in outputs]
+        self.nodes.append(self.helper.make_node(
+            "Split", [self._in(op), self._const("split", np.ones(len(outputs), np.int64))], parts, axis=axis,
+        ))
+        axes = self._const("axes", np.array([axis], np.int64))
+        for name, part in zip(outputs, parts):
+            self._bind(name, self._node("Squeeze", [part, axes], name))
+
+    def _repeat_interleave(self, op) -> None:
+        """repeat_interleave by a constant count along ``dim``: each element repeated in place
+        (``Unsqueeze`` after ``dim``, ``Tile`` there, the two axes merged back)."""
+        self._reject_tensor_inputs(op, "RepeatsTensor")
+        out = self._out(op)
+        source = op.input("X")[0]
+        rank = len(self._shape(source))
+        dim = int(op.attr("dim")) % rank
+        repeats = int(op.attr("Repeats"))
+        x = self._in(op)
+        spread = self._node("Unsqueeze", [x, self._const("axes", np.array([dim + 1], np.int64))], out + ".spread")
+        counts = np.ones(rank + 1, np.int64)
+        counts[dim + 1] = repeats
+        tiled = self._node("Tile", [spread, self._const("repeats", counts)], out + ".tiled")
+        shape = self._node("Shape", [x], out + ".shape")
+        before = self._node("Slice", [shape, self._const("start", np.array([0], np.int64)), self._const("end", np.array([dim], np.int64))], out + ".before")
+        after = self._node("Slice", [shape, self._const("start", np.array([dim + 1], np.int64)), self._const("end", np.array([rank], np.int64))], out + ".after")
+        merged = self._node("Concat", [before, self._const("merged", np.array([-1], np.int64)), after], out + ".merged", axis=0)
+        self._bind(out, self._node("Reshape", [tiled, merged], out))
+
+    def _median(self, op) -> None:
+        """median along one axis of known length (``mode`` 'avg': the mean of the two middle
+        values of an even count; 'min': the lower one): the last one or two of ``TopK``'s
+        smallest half. Its index output is not exported."""
+        if any(self.readers.get(name) for name in op.output("medians")):
+            raise NotImplementedError("median's index output (medians) is not exported")
+        axes = [int(a) for a in op.attr("axis")]
+        source = op.input("x")[0]
+        shape = self._shape(source)
+        if len(axes) != 1 or shape[axes[0]] < 0:
+            raise NotImplementedError("median over several axes or a dynamic axis is not exported")
+        axis, length = axes[0] % len(shape), shape[axes[0]]
+        out = op.output("out")[0]
+        count = length // 2 + 1
+        smallest = [self._unique(out + ".smallest"), self._unique(out + ".indices")]
+        self.nodes.append(self.helper.make_node(
+            "TopK", [self._in(op, "x"), self._const("k", np.array([count], np.int64))], smallest,
+            axis=axis, largest=0, sorted=1,
+        ))
+        if length % 2:
+            first, last = count - 1, count  # the middle value
+        else:
+            first, last = count - 2, count if op.attr("mode") == "avg" else count - 1
+        picked = self._node("Slice", [
+            smallest[0], self._const("start", np.array([first], np.int64)),
+            self._const("end", np.array([last], np.int64)), self._const("axes", np.array([axis], np.int64)),
+        ], out + ".middle")
+        self._bind(out, self._reduce_node("ReduceMean", picked, [axis], bool(op.attr("keepdim")), out))
+
+    def _logcumsumexp(self, op) -> None:
+        """logcumsumexp: ``log(cumsum(exp(x - m))) + m`` with ``m`` the largest value along
+        the axis (``reverse``/``exclusive`` as ``CumSum``'s; ``flatten`` over all values)."""
+        out = self._out(op)
+        x, axis = self._in(op), int(op.attr("axis"))
+        if op.attr("flatten"):
+            x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
+        top = self._reduce_node("ReduceMax", x, [axis], True, out + ".max")
+        shifted = self._node("Exp", [self._node("Sub", [x, top], out + ".shifted")], out + ".exp")
+        summed = self._node("CumSum", [shifted, self._const("axis", np.array(axis, np.int64))], out + ".cumsum",
+                            exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
+        self._bind(out, self._node("Add", [self._node("Log", [summed], out + ".log"), top], out))
 
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
