@@ -40,6 +40,7 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     # dygraph one.
     "kthvalue_keepdim": lambda x: paddle.kthvalue(x, 2, axis=1, keepdim=True)[0] * x,
     "kthvalue": lambda x: paddle.kthvalue(x, 3, axis=-1)[0],
+    "method_kthvalue_keepdim": lambda x: x.kthvalue(2, axis=1, keepdim=True)[0] * x,
     # Tensor methods Paddle binds straight to PIR-only C ops (with positional Python args).
     "method_sum": lambda x: x.sum(-1),
     "method_sum_keepdim": lambda x: x.sum(axis=1, keepdim=True) * x,

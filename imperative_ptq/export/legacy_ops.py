@@ -423,8 +423,12 @@ def legacy_ir_fallback() -> Iterator[None]:
         for (module_name, name), shim in _BROKEN_LEGACY_BRANCHES.items():
             module = sys.modules.get(module_name)
             if module is not None and callable(getattr(module, name, None)):
-                patched.append((module, name, getattr(module, name)))
-                setattr(module, name, shim(getattr(module, name)))
+                original = getattr(module, name)
+                patched.append((module, name, original))
+                setattr(module, name, shim(original))
+                if vars(variable).get(name) is original:  # the method form, x.kthvalue(...)
+                    patched.append((variable, name, original))
+                    setattr(variable, name, shim(original))
         # Methods of the legacy Variable that Paddle 3.3.1 binds straight to a PIR-only C op
         # (``x.sum(-1)``, ``x.exp()``, ``x.sigmoid()``: 53 of them) take PIR values only, and
         # positional Python arguments (an int axis) where the C op wants tensors: the public
