@@ -76,7 +76,7 @@ class LayerState:
     constant_operand: bool = False
     #: Per operand of such a layer, its (shape, sum) while every call gave the same, else
     #: ``None``; empty before the first call.
-    operand_fingerprints: list = dataclasses.field(default_factory=list)
+    operand_fingerprints: list[tuple[tuple[int, ...], float] | None] = dataclasses.field(default_factory=list)
 
 
 class CalibrationSession:
