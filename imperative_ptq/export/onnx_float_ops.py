@@ -108,7 +108,8 @@ class FloatOpConverters:
             "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack,
             "gather": self._gather, "arg_max": self._arg_max, "p_norm": self._p_norm,
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
-            "bilinear_interp_v2": self._interpolate, "where": self._where,
+            "bilinear_interp_v2": self._interpolate, "linear_interp_v2": self._interpolate,
+            "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
@@ -868,8 +869,9 @@ class FloatOpConverters:
         self._bind(out, sliced)
 
     def _interpolate(self, op) -> None:
-        """nearest/bilinear_interp_v2 with a constant scale or output size as ``Resize``, with
-        Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
+        """nearest/bilinear_interp_v2 (and linear_interp_v2 over the last axis of an NCW
+        tensor) with a constant scale or output size as ``Resize``, with Paddle's coordinate
+        mapping (``align_corners``, ``align_mode``)."""
         self._reject_tensor_inputs(op, "OutSize", "SizeTensor", "Scale")
         if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
             raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
@@ -887,6 +889,20 @@ class FloatOpConverters:
         out = self._out(op)
         empty = self._const("roi", np.zeros([0], np.float32))
         scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
+        if op.type == "linear_interp_v2":
+            if scale and all(v > 0 for v in scale):
+                scales = self._const("scales", np.array([1.0, 1.0, scale[-1]], np.float32))
+                self._bind(out, self._node("Resize", [x, empty, scales], out, **attrs))
+                return
+            if op.attr("out_w") <= 0:
+                raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
+            shape = self._node("Shape", [x], out + ".shape")
+            batch_channels = self._node("Slice", [
+                shape, self._const("start", np.array([0], np.int64)), self._const("end", np.array([2], np.int64)),
+            ], out + ".nc")
+            size = self._node("Concat", [batch_channels, self._const("w", np.array([op.attr("out_w")], np.int64))], out + ".size", axis=0)
+            self._bind(out, self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs))
+            return
         if scale and all(v > 0 for v in scale):
             scales = self._const("scales", np.array([1.0, 1.0, *scale[-2:]] if len(scale) >= 2 else [1.0, 1.0, scale[0], scale[0]], np.float32))
             node = self._node("Resize", [x, empty, scales], out, **attrs)
