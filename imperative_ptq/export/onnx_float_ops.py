@@ -119,7 +119,7 @@ class FloatOpConverters:
             "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
-            "median": self._median, "logcumsumexp": self._logcumsumexp,
+            "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -506,6 +506,27 @@ class FloatOpConverters:
         summed = self._node("CumSum", [shifted, self._const("axis", np.array(axis, np.int64))], out + ".cumsum",
                             exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
         self._bind(out, self._node("Add", [self._node("Log", [summed], out + ".log"), top], out))
+
+    def _unfold(self, op) -> None:
+        """unfold (im2col) as a grouped ``Conv`` whose kernels each pick one position of the
+        window (one weight 1, the rest 0: the copy is exact), its output flattened to
+        ``[N, C * kh * kw, L]`` in Paddle's order (channel, then window row and column)."""
+        source = op.input("X")[0]
+        channels = self._shape(source)[1]
+        if channels < 0:
+            raise NotImplementedError("unfold of a dynamic channel count is not exported")
+        kh, kw = (int(k) for k in op.attr("kernel_sizes"))
+        picks = np.zeros([channels * kh * kw, 1, kh, kw], np.float32)
+        for position in range(kh * kw):  # the window's positions (kh * kw), not the data
+            picks[position::kh * kw, 0, position // kw, position % kw] = 1.0
+        out = op.output("Y")[0]
+        conv = self._node(
+            "Conv", [self._in(op), self._const("picks", picks)], out + ".windows",
+            group=channels, kernel_shape=[kh, kw], strides=[int(v) for v in op.attr("strides")],
+            pads=[int(v) for v in op.attr("paddings")], dilations=[int(v) for v in op.attr("dilations")],
+        )
+        shape = self._const("shape", np.array([0, channels * kh * kw, -1], np.int64))
+        self._bind(out, self._node("Reshape", [conv, shape], out))
 
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
