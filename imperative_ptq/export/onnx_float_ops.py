@@ -120,6 +120,7 @@ class FloatOpConverters:
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
+            "diagonal": self._diagonal,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -507,6 +508,31 @@ class FloatOpConverters:
                             exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
         self._bind(out, self._node("Add", [self._node("Log", [summed], out + ".log"), top], out))
 
+    def _diagonal(self, op) -> None:
+        """diagonal of two axes of known size: those axes moved last and flattened, the
+        diagonal's positions gathered there (the new last axis, as Paddle puts it)."""
+        source = op.input("Input")[0]
+        shape = self._shape(source)
+        rank = len(shape)
+        first, second = int(op.attr("axis1")) % rank, int(op.attr("axis2")) % rank
+        rows, columns, offset = shape[first], shape[second], int(op.attr("offset"))
+        if rows < 0 or columns < 0:
+            raise NotImplementedError("diagonal of axes of dynamic size is not exported")
+        out = self._out(op)
+        kept = [axis for axis in range(rank) if axis not in (first, second)]
+        moved = self._node("Transpose", [self._in(op, "Input")], out + ".moved", perm=kept + [first, second])
+        flat_shape = self._node("Concat", [
+            self._node("Slice", [
+                self._node("Shape", [moved], out + ".shape"), self._const("start", np.array([0], np.int64)),
+                self._const("end", np.array([rank - 2], np.int64)),
+            ], out + ".leading"),
+            self._const("flat", np.array([rows * columns], np.int64)),
+        ], out + ".flat_shape", axis=0)
+        flat = self._node("Reshape", [moved, flat_shape], out + ".flat")
+        diagonal_rows = np.arange(max(0, -offset), min(rows, columns - offset), dtype=np.int64)
+        positions = diagonal_rows * columns + diagonal_rows + offset
+        self._bind(out, self._node("Gather", [flat, self._const("positions", positions)], out, axis=rank - 2))
+
     def _unfold(self, op) -> None:
         """unfold (im2col) as a grouped ``Conv`` whose kernels each pick one position of the
         window (one weight 1, the rest 0: the copy is exact), its output flattened to
@@ -516,9 +542,8 @@ class FloatOpConverters:
         if channels < 0:
             raise NotImplementedError("unfold of a dynamic channel count is not exported")
         kh, kw = (int(k) for k in op.attr("kernel_sizes"))
-        picks = np.zeros([channels * kh * kw, 1, kh, kw], np.float32)
-        for position in range(kh * kw):  # the window's positions (kh * kw), not the data
-            picks[position::kh * kw, 0, position // kw, position % kw] = 1.0
+        window = np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw)
+        picks = np.tile(window, (channels, 1, 1, 1))
         out = op.output("Y")[0]
         conv = self._node(
             "Conv", [self._in(op), self._const("picks", picks)], out + ".windows",
