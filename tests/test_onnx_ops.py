@@ -175,6 +175,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "median/odd_min": (lambda: _Function(lambda y: y - paddle.median(y[:, :7], axis=1, keepdim=True, mode="min")[0]), True),
     "median/even_min": (lambda: _Function(lambda y: y - paddle.median(y, axis=-1, keepdim=True, mode="min")[0]), True),
     "logcumsumexp": (lambda: _Function(lambda y: paddle.logcumsumexp(y, axis=1)), True),
+    "cumprod": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 3.0) * 0.5 + 0.25, dim=1)), True),
+    "cumprod/with_zeros": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 2.0) * 0.5, dim=-1)), True),
     "diagonal": (lambda: _Function(lambda y: paddle.diagonal(y[:, :, :, :12], offset=2, axis1=3, axis2=1)), False),
     "diagonal/negative_offset": (lambda: _Function(lambda y: paddle.diagonal(y, offset=-3, axis1=2, axis2=3)), False),
     "unfold": (lambda: _Function(lambda y: F.unfold(y, [2, 3], strides=[1, 2], paddings=[1, 0, 1, 2], dilations=[1, 2])), False),

@@ -120,7 +120,7 @@ class FloatOpConverters:
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
-            "diagonal": self._diagonal,
+            "diagonal": self._diagonal, "cumprod": self._cumprod,
             "strided_slice": self._slice, "argsort": self._argsort,
         })
         return dispatch
@@ -507,6 +507,30 @@ class FloatOpConverters:
         summed = self._node("CumSum", [shifted, self._const("axis", np.array(axis, np.int64))], out + ".cumsum",
                             exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
         self._bind(out, self._node("Add", [self._node("Log", [summed], out + ".log"), top], out))
+
+    def _cumprod(self, op) -> None:
+        """cumprod (``reverse``/``exclusive`` as ``CumSum``'s): ONNX has no cumulative product,
+        so its magnitude is ``exp(cumsum(log|x|))``, its sign ``-1`` to the count of negative
+        factors so far, and it is 0 from the first zero factor on (relative error about 1e-6
+        of float32 ``exp``/``log`` on top of the product's own)."""
+        out = self._out(op)
+        x = self._in(op)
+        axis = self._const("axis", np.array(int(op.attr("dim")), np.int64))
+        flags = dict(exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
+
+        def running_sum(tensor: str, stem: str) -> str:
+            return self._node("CumSum", [tensor, axis], out + stem, **flags)
+
+        zero, one = self._scalar("zero", 0.0), self._scalar("one", 1.0)
+        is_zero = self._node("Equal", [x, zero], out + ".is_zero")
+        magnitude = self._node("Where", [is_zero, one, self._node("Abs", [x], out + ".abs")], out + ".magnitude")
+        product = self._node("Exp", [running_sum(self._node("Log", [magnitude], out + ".log"), ".log_sum")], out + ".product")
+        negatives = running_sum(self._node("Cast", [self._node("Less", [x, zero], out + ".negative")], out + ".negative_f", to=self.onnx.TensorProto.FLOAT), ".negatives")
+        parity = self._node("Mod", [negatives, self._scalar("two", 2.0)], out + ".parity", fmod=1)
+        sign = self._node("Sub", [one, self._node("Mul", [parity, self._scalar("two", 2.0)], out + ".twice")], out + ".sign")
+        zeros = running_sum(self._node("Cast", [is_zero], out + ".zero_f", to=self.onnx.TensorProto.FLOAT), ".zeros")
+        signed = self._node("Mul", [product, sign], out + ".signed")
+        self._bind(out, self._node("Where", [self._node("Greater", [zeros, zero], out + ".zeroed"), zero, signed], out))
 
     def _diagonal(self, op) -> None:
         """diagonal of two axes of known size: those axes moved last and flattened, the
