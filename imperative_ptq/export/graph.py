@@ -9,8 +9,9 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias", "is_persistable",
-    "new_persistable", "producers", "readers", "set_tensor", "transposed_matmul",
+    "FUSABLE_ACTIVATIONS", "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias",
+    "is_persistable", "new_persistable", "producers", "readers", "separate_chained_activations",
+    "set_tensor", "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -107,3 +108,36 @@ def insert_reader_op(
         attrs=attrs or {},
     )
     return output.name
+
+
+#: Activations Paddle Inference's oneDNN passes fuse into the conv/fc (or elementwise op) before
+#: them.
+FUSABLE_ACTIVATIONS = frozenset({
+    "relu", "relu6", "leaky_relu", "sigmoid", "tanh", "swish", "silu", "hard_swish",
+    "hard_sigmoid", "gelu", "mish", "abs", "sqrt", "clip", "elu", "exp", "square", "softplus",
+})
+
+
+def separate_chained_activations(block: "paddle.static.Block") -> int:
+    """Puts an identity ``scale`` between two activations in a row (``relu`` then ``sigmoid``).
+
+    Paddle 3.3.1's oneDNN passes fuse the first into the conv/fc before it and then the second
+    into the same op, replacing the first (measured, fp32: conv -> ReLU -> sigmoid computed as
+    conv -> sigmoid, 50% of the largest output off; fc -> GELU -> tanh 82%; fc -> abs -> sqrt
+    NaN). With the ``scale`` between them the second runs on its own.
+
+    Returns:
+        How many separators were inserted.
+    """
+    reading = readers(block)
+    inserted = 0
+    for op in list(block.ops):
+        if op.type not in FUSABLE_ACTIVATIONS:
+            continue
+        out = op.output("Out")[0]
+        followers = [reader for reader in reading.get(out, []) if reader.type in FUSABLE_ACTIVATIONS]
+        if not followers:
+            continue
+        insert_reader_op(block, op, out, followers, "scale", "unfused", {"scale": 1.0, "bias": 0.0})
+        inserted += 1
+    return inserted

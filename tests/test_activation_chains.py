@@ -1,0 +1,83 @@
+"""Two activations in a row after a conv or Linear (``relu`` then ``sigmoid``): Paddle 3.3.1's
+oneDNN passes fuse both into the conv/fc, the second replacing the first, unless the export
+separates them (``export.graph.separate_chained_activations``). Checked in Paddle Inference
+against dygraph (fp32 export) and against the simulation (int8 export)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, predict
+from imperative_ptq.export.paddle_export import save_fp32_model
+from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+F = paddle.nn.functional
+
+#: Measured before the separation (fp32, natively): conv relu > sigmoid 50% of the largest
+#: output off, fc gelu > tanh 82%, fc abs > sqrt NaN.
+CHAINS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
+    "relu>sigmoid": lambda y: F.sigmoid(F.relu(y)),
+    "gelu>tanh": lambda y: paddle.tanh(F.gelu(y)),
+    "abs>sqrt": lambda y: paddle.sqrt(paddle.abs(y)),
+    "leaky_relu>tanh": lambda y: paddle.tanh(F.leaky_relu(y, 0.2)),
+    "relu6>sigmoid>tanh": lambda y: paddle.tanh(F.sigmoid(F.relu6(y))),
+}
+
+
+class _Chain(paddle.nn.Layer):
+    def __init__(self, chain: Callable, conv: bool) -> None:
+        super().__init__()
+        self.layer = paddle.nn.Conv2D(4, 8, 1) if conv else paddle.nn.Linear(8, 8)
+        self.chain = chain
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.chain(self.layer(x))
+
+
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_the_fp32_export_runs_both_activations(name, conv, tmp_path) -> None:
+    paddle.seed(0)
+    model = _Chain(CHAINS[name], conv)
+    model.eval()
+    shape = [None, 4, 4, 8] if conv else [None, 4, 8]
+    prefix = str(tmp_path / "m")
+    save_fp32_model(model, prefix, [paddle.static.InputSpec(shape, "float32", "x")])
+    x = np.random.default_rng(0).standard_normal([2, *shape[1:]]).astype("float32")
+    ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
+    with legacy_static_mode():
+        types = [op.type for op in load_legacy_program(prefix).program.global_block().ops]
+    assert types.count("scale") == name.count(">"), types
+
+
+class _Int8Chain(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.conv2 = paddle.nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.conv2(F.sigmoid(F.relu(self.conv1(x))))
+
+
+def test_the_int8_export_runs_both_activations(tmp_path, avx2_runner) -> None:
+    from avx2_kernels import paddle_inference_outputs
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_Int8Chain())
+    ptq.calibrate(qmodel, [rng.random((2, 3, 8, 8)).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(qmodel)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    x = rng.random((4, 3, 8, 8)).astype("float32")
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    for kernels, (ran,) in paddle_inference_outputs(prefix, [x], avx2_runner).items():
+        assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max(), kernels
