@@ -26,6 +26,8 @@ CHAINS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "abs>sqrt": lambda y: paddle.sqrt(paddle.abs(y)),
     "leaky_relu>tanh": lambda y: paddle.tanh(F.leaky_relu(y, 0.2)),
     "relu6>sigmoid>tanh": lambda y: paddle.tanh(F.sigmoid(F.relu6(y))),
+    # Paddle Inference removes the dropout (measured 50% off on a conv before).
+    "relu>dropout>sigmoid": lambda y: F.sigmoid(F.dropout(F.relu(y), 0.1, training=False)),
 }
 
 
@@ -53,7 +55,7 @@ def test_the_fp32_export_runs_both_activations(name, conv, tmp_path) -> None:
     np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
     with legacy_static_mode():
         types = [op.type for op in load_legacy_program(prefix).program.global_block().ops]
-    assert types.count("scale") == name.count(">"), types
+    assert types.count("scale") == name.replace(">dropout", "").count(">"), types
 
 
 class _Int8Chain(paddle.nn.Layer):

@@ -124,18 +124,28 @@ def separate_chained_activations(block: "paddle.static.Block") -> int:
     Paddle 3.3.1's oneDNN passes fuse the first into the conv/fc before it and then the second
     into the same op, replacing the first (measured, fp32: conv -> ReLU -> sigmoid computed as
     conv -> sigmoid, 50% of the largest output off; fc -> GELU -> tanh 82%; fc -> abs -> sqrt
-    NaN). With the ``scale`` between them the second runs on its own.
+    NaN). With the ``scale`` between them the second runs on its own. An inference ``dropout``
+    between them (which Paddle removes) does not separate them.
 
     Returns:
         How many separators were inserted.
     """
     reading = readers(block)
+
+    def activation_follows(reader: Operator) -> bool:
+        if reader.type in FUSABLE_ACTIVATIONS:
+            return True
+        # An inference dropout: Paddle removes it, joining what is on either side.
+        return reader.type == "dropout" and any(
+            activation_follows(after) for after in reading.get(reader.output("Out")[0], [])
+        )
+
     inserted = 0
     for op in list(block.ops):
         if op.type not in FUSABLE_ACTIVATIONS:
             continue
         out = op.output("Out")[0]
-        followers = [reader for reader in reading.get(out, []) if reader.type in FUSABLE_ACTIVATIONS]
+        followers = [reader for reader in reading.get(out, []) if activation_follows(reader)]
         if not followers:
             continue
         insert_reader_op(block, op, out, followers, "scale", "unfused", {"scale": 1.0, "bias": 0.0})
