@@ -47,7 +47,9 @@ from ..quant_layers import QuantizedLayer, signed_input_floor
 from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
-from .tracing import LayerRecord, main_thread_only, normalize_input_spec, trace_to_legacy_program
+from .tracing import (
+    LayerRecord, main_thread_only, model_activation_bits, normalize_input_spec, trace_to_legacy_program,
+)
 from .unsigned import relu_after_residual_conv
 
 __all__ = ["INT4_OPSET", "export_onnx"]
@@ -122,12 +124,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         symmetric_signed: bool = False,
     ):
         self.onnx = _require_onnx()
-        #: ``L`` of the activation grid, codes ``0..L`` (u8) or ``-L..L`` of ``t / L``: one
-        #: activation width per model (PTQConfig has one activation quantizer); the records of
-        #: layers with no quantized input keep the default 8 bits.
-        self.levels = symmetric_levels(
-            min((record.activation_bits for record in records if record.simulated), default=8)
-        )
+        #: ``L`` of the activation grid, codes ``0..L`` (u8) or ``-L..L`` of ``t / L``.
+        self.levels = symmetric_levels(model_activation_bits(records))
         #: signed activations keep the symmetric codes -127..127 (Paddle Lite's kernels, the
         #: ``arm`` simulation) rather than uint8 zero point 128's -128..127 (oneDNN's s8)
         self.symmetric_signed = symmetric_signed

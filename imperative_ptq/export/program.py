@@ -32,7 +32,7 @@ from .graph import (
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
 from .shifted import absorb_shift, insert_shift, shifted_u8_threshold
-from .tracing import LayerRecord
+from .tracing import LayerRecord, model_activation_bits
 from .unsigned import (
     RELU6_U8_PRODUCERS,
     FusedReluClips,
@@ -415,21 +415,19 @@ def quantize_program(
                 loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
                 shifted_biases,
             )
-        bits = record.activation_bits
-        if unsigned_inputs:
-            # oneDNN's pipeline reads 8-bit quantize ops only: the u8 and shifted thresholds
-            # above already put a narrower grid on 8-bit codes; a signed one is clipped here.
-            signed = not (record.input_unsigned or record.input_shift_response is not None)
-            if signed and bits < 8:
-                narrowed = narrow_inputs.get((activation, threshold))
-                if narrowed is None:
-                    narrowed = _narrow_signed_input(
-                        loaded, index + inserted, activation, threshold, bits, writers
-                    )
-                    narrow_inputs[(activation, threshold)] = narrowed
-                    inserted += narrowed[2]
-                quantized, threshold = narrowed[0], narrowed[1]
-            bits = 8
+        elif unsigned_inputs and record.activation_bits < 8:
+            # A signed input on a narrower grid, clipped to its codes.
+            narrowed = narrow_inputs.get((activation, threshold))
+            if narrowed is None:
+                narrowed = _narrow_signed_input(
+                    loaded, index + inserted, activation, threshold, record.activation_bits, writers
+                )
+                narrow_inputs[(activation, threshold)] = narrowed
+                inserted += narrowed[2]
+            quantized, threshold = narrowed[0], narrowed[1]
+        # oneDNN's pipeline reads 8-bit quantize ops only: every threshold above puts a
+        # narrower grid on 8-bit codes.
+        bits = 8 if unsigned_inputs else record.activation_bits
         key = (quantized, threshold)
         qdq = dequantized_inputs.get(key)
         if qdq is None:
@@ -474,11 +472,7 @@ def quantize_program(
                 if inputs:
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
-    # One activation width per model (PTQConfig has one activation quantizer); the records
-    # of layers with no quantized input keep the default 8.
-    activation_bits = min(
-        (record.activation_bits for record in records if record.simulated), default=8
-    )
+    activation_bits = model_activation_bits(records)
     returned = returned_only_outputs(block, outputs, writers)
     if returned:
         logger.info(
@@ -1142,6 +1136,7 @@ def _quantize_activation_matmuls(
         How many matmuls got quantized inputs.
     """
     block = loaded.program.global_block()
+    writers = producers(block)  # of the traced operands, which the inserted ops leave alone
     count = 0
     for record in records:
         if not record.multiplies_inputs:
@@ -1159,7 +1154,6 @@ def _quantize_activation_matmuls(
                     record.name, inputs[:2],
                 )
                 continue
-            writers = producers(block)
             constant = [op.input(slot)[0] for slot in ("X", "Y") if _is_constant(block, op.input(slot)[0], writers)]
             if constant:
                 # convert keeps such a matmul fp32 once calibration saw the operand unchanged

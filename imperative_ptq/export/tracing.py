@@ -33,8 +33,8 @@ from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
 __all__ = [
-    "LayerRecord", "TraceResult", "legacy_trace", "main_thread_only", "normalize_input_spec",
-    "trace_to_legacy_program",
+    "LayerRecord", "TraceResult", "legacy_trace", "main_thread_only", "model_activation_bits",
+    "normalize_input_spec", "trace_to_legacy_program",
 ]
 
 logger = logging.getLogger(__name__)
@@ -350,6 +350,12 @@ def _collect_records(
             )
             keep(layer, layer, record)
     return export_model, records, by_layer
+
+
+def model_activation_bits(records: Sequence[LayerRecord]) -> int:
+    """The model's activation width: one per model (``PTQConfig`` has one activation
+    quantizer), read from its quantized layers (the records of the others keep the default 8)."""
+    return min((record.activation_bits for record in records if record.simulated), default=8)
 
 
 def _thresholds(record: LayerRecord) -> dict[str, list[float]]:
