@@ -480,11 +480,7 @@ class FloatOpConverters:
         axis, length = axes[0] % len(shape), shape[axes[0]]
         out = op.output("out")[0]
         count = length // 2 + 1
-        smallest = [self._unique(out + ".smallest"), self._unique(out + ".indices")]
-        self.nodes.append(self.helper.make_node(
-            "TopK", [self._in(op, "x"), self._const("k", np.array([count], np.int64))], smallest,
-            axis=axis, largest=0, sorted=1,
-        ))
+        smallest = self._k_smallest(self._in(op, "x"), count, axis, out, out)
         if length % 2:
             first, last = count - 1, count  # the middle value
         else:
@@ -687,17 +683,22 @@ class FloatOpConverters:
         ], stem + ".length")
         self._top_k_node(op, length, axis, bool(op.attr("descending")), True)
 
+    def _k_smallest(self, x: str, k: int, axis: int, values: str, indices: str) -> list[str]:
+        """ONNX's ``TopK`` of the ``k`` smallest of ``x`` along ``axis``, ascending: its values
+        and int64 indices (named after ``values`` and ``indices``)."""
+        found = [self._unique(values + ".smallest"), self._unique(indices + ".smallest")]
+        self.nodes.append(self.helper.make_node(
+            "TopK", [x, self._const("k", np.array([k], np.int64))], found, axis=axis, largest=0, sorted=1,
+        ))
+        return found
+
     def _kthvalue(self, op) -> None:
         """kthvalue (the ``k``-th smallest along ``axis``): the last of ONNX's ``TopK`` of the
         ``k`` smallest, squeezed unless ``keepdim``. Of equal values ``TopK`` takes the first
         index; Paddle's choice among them is unspecified (the value is the same)."""
         x, axis, k = self._in(op), int(op.attr("axis")), int(op.attr("k"))
         values, indices = op.output("Out")[0], op.output("Indices")[0]
-        smallest = [self._unique(values + ".smallest"), self._unique(indices + ".smallest")]
-        self.nodes.append(self.helper.make_node(
-            "TopK", [x, self._const("k", np.array([k], np.int64))], smallest,
-            axis=axis, largest=0, sorted=1,
-        ))
+        smallest = self._k_smallest(x, k, axis, values, indices)
         last = [self._const("start", np.array([k - 1], np.int64)), self._const("end", np.array([k], np.int64)),
                 self._const("axes", np.array([axis], np.int64))]
         picked = [self._node("Slice", [found, *last], name + ".kth") for found, name in zip(smallest, (values, indices))]
@@ -959,31 +960,21 @@ class FloatOpConverters:
         out = self._out(op)
         empty = self._const("roi", np.zeros([0], np.float32))
         scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
-        if op.type == "linear_interp_v2":
-            if scale and all(v > 0 for v in scale):
-                scales = self._const("scales", np.array([1.0, 1.0, scale[-1]], np.float32))
-                self._bind(out, self._node("Resize", [x, empty, scales], out, **attrs))
-                return
-            if op.attr("out_w") <= 0:
-                raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
-            shape = self._node("Shape", [x], out + ".shape")
-            batch_channels = self._node("Slice", [
-                shape, self._const("start", np.array([0], np.int64)), self._const("end", np.array([2], np.int64)),
-            ], out + ".nc")
-            size = self._node("Concat", [batch_channels, self._const("w", np.array([op.attr("out_w")], np.int64))], out + ".size", axis=0)
-            self._bind(out, self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs))
-            return
+        # The spatial axes resized: the width of an NCW tensor, else height and width.
+        spatial = 1 if op.type == "linear_interp_v2" else 2
+        sizes = [op.attr("out_w")] if spatial == 1 else [op.attr("out_h"), op.attr("out_w")]
         if scale and all(v > 0 for v in scale):
-            scales = self._const("scales", np.array([1.0, 1.0, *scale[-2:]] if len(scale) >= 2 else [1.0, 1.0, scale[0], scale[0]], np.float32))
+            factors = scale[-spatial:] if len(scale) >= spatial else scale[:1] * spatial
+            scales = self._const("scales", np.array([1.0, 1.0, *factors], np.float32))
             node = self._node("Resize", [x, empty, scales], out, **attrs)
-        elif op.attr("out_h") > 0 and op.attr("out_w") > 0:
+        elif all(size > 0 for size in sizes):
             shape = self._node("Shape", [x], out + ".shape")
             batch_channels = self._node(
                 "Slice", [shape, self._const("start", np.array([0], np.int64)),
                           self._const("end", np.array([2], np.int64))], out + ".nc",
             )
             size = self._node(
-                "Concat", [batch_channels, self._const("hw", np.array([op.attr("out_h"), op.attr("out_w")], np.int64))],
+                "Concat", [batch_channels, self._const("hw", np.array(sizes, np.int64))],
                 out + ".size", axis=0,
             )
             node = self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs)
