@@ -590,3 +590,14 @@ def test_tril_and_triu_run_in_onnx_runtime_from_opset_14(tmp_path) -> None:
     assert _cosine(session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()) >= 0.9999
     with pytest.raises(NotImplementedError, match="tril_triu needs ONNX opset 14"):
         export_onnx(qmodel, str(tmp_path / "m13.onnx"), spec)
+
+
+@pytest.mark.parametrize("function, message", [
+    (lambda y: paddle.cast(paddle.floor_divide(paddle.cast(y * 4.0, "int32"), paddle.full_like(paddle.cast(y, "int32"), 3)), "float32"), "elementwise_floordiv of integers"),
+    (lambda y: y - paddle.median(y, axis=0, keepdim=True), "median over several axes or a dynamic axis"),
+    (lambda y: paddle.cumsum(paddle.repeat_interleave(y, paddle.to_tensor([1, 2, 1, 1, 1, 1, 1, 1]), axis=1), axis=1)[:, :8], "repeat_interleave with a tensor RepeatsTensor"),
+], ids=["floordiv-int", "median-batch-axis", "repeat-tensor"])
+def test_an_unsupported_form_of_a_translated_op_names_it(function, message, tmp_path) -> None:
+    qmodel = _quantized(_Around(_Function(function), True), [2, 3, SIZE, SIZE])
+    with pytest.raises(NotImplementedError, match=message):
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
