@@ -175,6 +175,15 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "median/odd_min": (lambda: _Function(lambda y: y - paddle.median(y[:, :7], axis=1, keepdim=True, mode="min")[0]), True),
     "median/even_min": (lambda: _Function(lambda y: y - paddle.median(y, axis=-1, keepdim=True, mode="min")[0]), True),
     "logcumsumexp": (lambda: _Function(lambda y: paddle.logcumsumexp(y, axis=1)), True),
+    # Floored so that values repeat: ties between equally frequent values and repeated ones.
+    "mode": (lambda: _Function(lambda y: y - paddle.mode(paddle.floor(y * 2.0), axis=1, keepdim=True)[0]), True),
+    "mode/indices": (lambda: _Function(lambda y: y * paddle.cast(paddle.mode(paddle.floor(y * 3.0), axis=-1)[1], "float32").unsqueeze(-1) * 0.1), True),
+    "kron": (lambda: _Function(lambda y: paddle.kron(y[:, :, :4, :4], paddle.to_tensor([[1.0, -0.5], [0.25, 2.0]]))), False),
+    "trunc": (lambda: _Function(lambda y: paddle.trunc(y * 4.0)), True),
+    "logit": (lambda: _Function(lambda y: paddle.logit(F.sigmoid(y))), True),
+    "logit/eps": (lambda: _Function(lambda y: paddle.logit(F.sigmoid(y * 3.0), eps=0.4)), True),
+    "atan2": (lambda: _Function(lambda y: paddle.atan2(y, paddle.flip(y, [1]) - 0.2)), True),
+    "atan2/on_axis": (lambda: _Function(lambda y: paddle.atan2(y, paddle.floor(y * 2.0))), True),
     "cumprod": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 3.0) * 0.5 + 0.25, dim=1)), True),
     "cumprod/with_zeros": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 2.0) * 0.5, dim=-1)), True),
     "diagonal": (lambda: _Function(lambda y: paddle.diagonal(y[:, :, :, :12], offset=2, axis1=3, axis2=1)), False),
@@ -406,35 +415,35 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _Mode(nn.Layer):
-    """An op the export does not translate (mode)."""
+class _CumMax(nn.Layer):
+    """An op the export does not translate (cummax)."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.mode(x, axis=1, keepdim=True)[0]
+        return paddle.cummax(x, axis=1)[0]
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """mode (which the export does not translate) after a conv: the error names the op, the
+    """cummax (which the export does not translate) after a conv: the error names the op, the
     tensor it writes and the layer it reads, and the Paddle Inference export still works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.mode(y, axis=1)[0]), False), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.cummax(y, axis=1)[0]), False), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'mode' has no ONNX converter (writing 'mode_0"), message
+    assert message.startswith("op 'cummax' has no ONNX converter (writing 'cummax_0"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_Mode)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_CumMax)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_Mode(), False), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_CumMax(), False), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_Mode)
-    with pytest.raises(NotImplementedError, match="op 'mode' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_CumMax)
+    with pytest.raises(NotImplementedError, match="op 'cummax' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
 
 

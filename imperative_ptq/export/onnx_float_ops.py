@@ -122,6 +122,8 @@ class FloatOpConverters:
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
             "diagonal": self._diagonal, "cumprod": self._cumprod,
             "strided_slice": self._slice, "argsort": self._argsort,
+            "mode": self._mode, "kron": self._kron, "trunc": self._trunc, "logit": self._logit,
+            "atan2": self._atan2,
         })
         return dispatch
 
@@ -465,6 +467,105 @@ class FloatOpConverters:
         after = self._node("Slice", [shape, self._const("start", np.array([dim + 1], np.int64)), self._const("end", np.array([rank], np.int64))], out + ".after")
         merged = self._node("Concat", [before, self._const("merged", np.array([-1], np.int64)), after], out + ".merged", axis=0)
         self._bind(out, self._node("Reshape", [tiled, merged], out))
+
+    def _mode(self, op) -> None:
+        """mode along ``axis``: each value's count of equal values along the axis (an
+        ``Equal`` of the axis against itself, summed), the smallest of the most frequent values
+        (Paddle's choice among ties), and the last position holding it (Paddle's index). The
+        comparison is ``length x length`` per slice along the axis."""
+        source = op.input("X")[0]
+        rank = len(self._shape(source))
+        axis = int(op.attr("axis")) % rank
+        values, indices = op.output("Out")[0], op.output("Indices")[0]
+        x = self._in(op)
+        equal = self._node("Equal", [
+            self._node("Unsqueeze", [x, self._const("axes", np.array([axis + 1], np.int64))], values + ".rows"),
+            self._node("Unsqueeze", [x, self._const("axes", np.array([axis], np.int64))], values + ".columns"),
+        ], values + ".equal")
+        counts = self._reduce_node("ReduceSum", self._node("Cast", [equal], values + ".ones", to=self.onnx.TensorProto.FLOAT),
+                                   [axis + 1], False, values + ".counts")
+        most = self._node("Equal", [counts, self._reduce_node("ReduceMax", counts, [axis], True, values + ".most")],
+                          values + ".is_most")
+        dtype = numpy_dtype(self.block._find_var_recursive(values).dtype)
+        largest = np.array(np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max, dtype)
+        candidates = self._node("Where", [most, x, self._const("largest", largest)], values + ".candidates")
+        value = self._reduce_node("ReduceMin", candidates, [axis], True, values + ".kept")
+        length = self._node("Gather", [self._node("Shape", [x], indices + ".shape"),
+                                       self._const("axis", np.array(axis, np.int64))], indices + ".length")
+        positions = self._node("Range", [self._const("start", np.array(0, np.int64)), length,
+                                         self._const("delta", np.array(1, np.int64))], indices + ".positions")
+        if rank - axis - 1:
+            trailing = np.arange(1, rank - axis, dtype=np.int64)
+            positions = self._node("Unsqueeze", [positions, self._const("axes", trailing)], indices + ".aligned")
+        held = self._node("Where", [self._node("Equal", [x, value], indices + ".holds"), positions,
+                                    self._const("none", np.array(-1, np.int64))], indices + ".held")
+        index = self._reduce_node("ReduceMax", held, [axis], True, indices + ".last")
+        if not op.attr("keepdim"):
+            axes = self._const("squeezed", np.array([axis], np.int64))
+            value = self._node("Squeeze", [value, axes], values + ".squeezed")
+            index = self._node("Squeeze", [index, axes], indices + ".squeezed")
+        self._bind(values, value)
+        index_dtype = numpy_dtype(self.block._find_var_recursive(indices).dtype)
+        self._bind(indices, index if index_dtype == np.int64 else self._node(
+            "Cast", [index], indices, to=self.helper.np_dtype_to_tensor_dtype(index_dtype)))
+
+    def _kron(self, op) -> None:
+        """kron (the Kronecker product): ``X`` with a unit axis after each of its axes times
+        ``Y`` with one before each of its, then each pair of axes merged (``Shape(X) *
+        Shape(Y)``); the lower-rank operand gets leading unit axes first, as in Paddle."""
+        out = self._out(op)
+        operands = [self._in(op), self._in(op, "Y")]
+        ranks = [len(self._shape(op.input(slot)[0])) for slot in ("X", "Y")]
+        rank = max(ranks)
+        for i, own in enumerate(ranks):
+            if own < rank:
+                leading = self._const("axes", np.arange(rank - own, dtype=np.int64))
+                operands[i] = self._node("Unsqueeze", [operands[i], leading], out + ".ranked")
+        spread_x = self._node("Unsqueeze", [operands[0], self._const("axes", np.arange(1, 2 * rank, 2, dtype=np.int64))], out + ".x")
+        spread_y = self._node("Unsqueeze", [operands[1], self._const("axes", np.arange(0, 2 * rank, 2, dtype=np.int64))], out + ".y")
+        product = self._node("Mul", [spread_x, spread_y], out + ".outer")
+        shape = self._node("Mul", [self._node("Shape", [operands[0]], out + ".shape_x"),
+                                   self._node("Shape", [operands[1]], out + ".shape_y")], out + ".shape")
+        self._bind(out, self._node("Reshape", [product, shape], out))
+
+    def _trunc(self, op) -> None:
+        """trunc (toward zero): ``Floor`` of a non-negative value, ``Ceil`` of a negative one;
+        integers are unchanged."""
+        out = self._out(op)
+        x = self._in(op)
+        if not np.issubdtype(numpy_dtype(self.block._find_var_recursive(out).dtype), np.floating):
+            self._bind(out, self._node("Identity", [x], out))
+            return
+        negative = self._node("Less", [x, self._scalar("zero", 0.0)], out + ".negative")
+        self._bind(out, self._node("Where", [
+            negative, self._node("Ceil", [x], out + ".ceil"), self._node("Floor", [x], out + ".floor"),
+        ], out))
+
+    def _logit(self, op) -> None:
+        """logit: ``log(x / (1 - x))``, ``x`` first clipped to ``[eps, 1 - eps]`` when ``eps``
+        is not 0 (as Paddle's kernel does)."""
+        out = self._out(op)
+        x = self._in(op)
+        eps = float(op.attr("eps"))
+        if eps:
+            x = self._node("Clip", [x, self._scalar("low", eps), self._scalar("high", 1.0 - eps)], out + ".clipped")
+        odds = self._node("Div", [x, self._node("Sub", [self._scalar("one", 1.0), x], out + ".rest")], out + ".odds")
+        self._bind(out, self._node("Log", [odds], out))
+
+    def _atan2(self, op) -> None:
+        """atan2(X1, X2): ``atan(X1 / X2)``, plus pi when X2 < 0 and X1 >= 0, minus pi when
+        X2 < 0 and X1 < 0; where X2 is 0, pi/2 times the sign of X1 (0 for 0 / 0)."""
+        out = self._out(op)
+        y, x = self._in(op, "X1"), self._in(op, "X2")
+        zero = self._scalar("zero", 0.0)
+        base = self._node("Atan", [self._node("Div", [y, x], out + ".ratio")], out + ".atan")
+        turn = self._node("Where", [
+            self._node("Less", [y, zero], out + ".below"), self._scalar("minus_pi", -np.pi), self._scalar("pi", np.pi),
+        ], out + ".turn")
+        left = self._node("Less", [x, zero], out + ".left")
+        shifted = self._node("Where", [left, self._node("Add", [base, turn], out + ".turned"), base], out + ".shifted")
+        vertical = self._node("Mul", [self._node("Sign", [y], out + ".sign"), self._scalar("half_pi", np.pi / 2)], out + ".vertical")
+        self._bind(out, self._node("Where", [self._node("Equal", [x, zero], out + ".on_axis"), vertical, shifted], out))
 
     def _median(self, op) -> None:
         """median along one axis of known length (``mode`` 'avg': the mean of the two middle
