@@ -123,7 +123,7 @@ class FloatOpConverters:
             "diagonal": self._diagonal, "cumprod": self._cumprod,
             "strided_slice": self._slice, "argsort": self._argsort,
             "mode": self._mode, "kron": self._kron, "trunc": self._trunc, "logit": self._logit,
-            "atan2": self._atan2,
+            "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
         })
         return dispatch
 
@@ -366,6 +366,37 @@ class FloatOpConverters:
             return
         self.constants[out] = value
         self._bind(out, self._const(out, value))
+
+    def _scalar_of(self, op, slot: str, stem: str) -> str:
+        """``op``'s one-element input ``slot`` as the 0-d tensor ONNX's ``Range`` reads."""
+        return self._node("Reshape", [self._in(op, slot), self._const("scalar", np.zeros(0, np.int64))], stem)
+
+    def _range(self, op) -> None:
+        """range (``paddle.arange``, e.g. a transformer's position ids from the input's
+        length): ONNX's ``Range`` of the same start, end and step."""
+        out = self._out(op)
+        bounds = [self._scalar_of(op, slot, out + "." + slot.lower()) for slot in ("Start", "End", "Step")]
+        self._bind(out, self._node("Range", bounds, out))
+
+    def _linspace(self, op) -> None:
+        """linspace: ``start + i * (stop - start) / (num - 1)`` for ``i`` in ``Range(num)``
+        (only ``start`` when ``num`` is 1), computed in the output's dtype."""
+        out = self._out(op)
+        to = self.helper.np_dtype_to_tensor_dtype(dtype := numpy_dtype(op.attr("dtype")))
+        start, stop = (
+            self._node("Cast", [self._scalar_of(op, slot, f"{out}.{slot.lower()}")], f"{out}.{slot.lower()}_cast", to=to)
+            for slot in ("Start", "Stop")
+        )
+        count = self._scalar_of(op, "Num", out + ".num")
+        count_dtype = numpy_dtype(self.block._find_var_recursive(op.input("Num")[0]).dtype)
+        index = self._node("Range", [self._const("zero", np.array(0, count_dtype)), count,
+                                     self._const("one", np.array(1, count_dtype))], out + ".index")
+        one = self._const("one", np.array(1, dtype))
+        gaps = self._node("Sub", [self._node("Cast", [count], out + ".count", to=to), one], out + ".gaps")
+        span = self._node("Sub", [stop, start], out + ".span")
+        stride = self._node("Div", [span, self._node("Max", [gaps, one], out + ".intervals")], out + ".stride")
+        offsets = self._node("Mul", [self._node("Cast", [index], out + ".steps", to=to), stride], out + ".offsets")
+        self._bind(out, self._node("Add", [start, offsets], out))
 
     def _reduce(self, op) -> None:
         """reduce_mean/sum/max/min/prod/amax/amin and logsumexp over ``dim`` (logsumexp:
