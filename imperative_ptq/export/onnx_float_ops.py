@@ -433,12 +433,27 @@ class FloatOpConverters:
         self._bind(out, self._node("Sub", [x, self._node("Mul", [quotient, y], out + ".mul")], out))
 
     def _tril_triu(self, op) -> None:
-        """tril / triu: ONNX's ``Trilu`` (opset 14 on)."""
-        if self.opset < 14:
-            raise NotImplementedError(f"tril_triu needs ONNX opset 14 (Trilu), got opset {self.opset}")
+        """tril / triu (e.g. a causal attention mask): ONNX's ``Trilu`` from opset 14 on;
+        before, a ``Where`` keeping the entries whose column minus row is at most (tril) or
+        at least (triu) the diagonal offset, the rest 0."""
         out = self._out(op)
-        k = self._const("k", np.array(int(op.attr("diagonal")), np.int64))
-        self._bind(out, self._node("Trilu", [self._in(op), k], out, upper=int(not op.attr("lower"))))
+        x, diagonal, lower = self._in(op), int(op.attr("diagonal")), bool(op.attr("lower"))
+        if self.opset >= 14:
+            k = self._const("k", np.array(diagonal, np.int64))
+            self._bind(out, self._node("Trilu", [x, k], out, upper=int(not lower)))
+            return
+        shape = self._node("Shape", [x], out + ".shape")
+
+        def positions(axis: int, stem: str) -> str:
+            length = self._node("Gather", [shape, self._const("axis", np.array(axis, np.int64))], out + stem + "_length")
+            return self._node("Range", [self._const("zero", np.array(0, np.int64)), length,
+                                        self._const("one", np.array(1, np.int64))], out + stem)
+
+        rows = self._node("Unsqueeze", [positions(-2, ".rows"), self._const("axes", np.array([1], np.int64))], out + ".column_of_rows")
+        offsets = self._node("Sub", [positions(-1, ".columns"), rows], out + ".offsets")
+        outside = self._node("Greater" if lower else "Less", [offsets, self._const("k", np.array(diagonal, np.int64))], out + ".outside")
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        self._bind(out, self._node("Where", [outside, self._const("zero", np.zeros((), dtype)), x], out))
 
     def _one_hot(self, op) -> None:
         """one_hot_v2 (a constant ``depth``): ONNX's ``OneHot`` of the indices, float32 0/1."""
