@@ -10,8 +10,8 @@ import paddle
 
 __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias",
-    "is_persistable", "new_persistable", "producers", "readers", "separate_chained_activations",
-    "set_tensor", "transposed_matmul",
+    "complete_matmul_widths", "channels_last_to_first", "is_persistable", "new_persistable", "producers", "readers",
+    "separate_chained_activations", "set_tensor", "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -151,3 +151,97 @@ def separate_chained_activations(block: "paddle.static.Block") -> int:
         insert_reader_op(block, op, out, followers, "scale", "unfused", {"scale": 1.0, "bias": 0.0})
         inserted += 1
     return inserted
+
+
+def complete_matmul_widths(block: "paddle.static.Block") -> int:
+    """Writes the known last dimension into the shapes of matmuls on a weight where the trace
+    left it unknown (-1).
+
+    A reshape to a shape computed in the graph (``x.reshape([B, L, -1])`` with ``B, L`` from
+    ``paddle.shape``, as attention written by hand merges its heads) traces to an output of
+    shape ``[-1, -1, -1]``. Paddle 3.3.1 maps a ``matmul_v2`` to the ``mul``/``fc`` that runs
+    int8 only when its input's last dimension equals the weight's first, so the Linear after
+    such a reshape stayed an fp32 ``fused_matmul`` in Paddle Inference (measured: a Linear
+    the simulation ran int8, 2-8% of the largest output off). The input's last dimension is
+    the weight's first (else the matmul would not run), and the output's is the weight's
+    second.
+
+    Returns:
+        How many matmuls had a dimension written.
+    """
+    completed = 0
+    for op in block.ops:
+        if op.type != "matmul_v2" or transposed_matmul(op):
+            continue
+        weight = block._find_var_recursive(op.input("Y")[0])
+        if weight is None or not weight.persistable or len(weight.shape) != 2 or min(weight.shape) < 1:
+            continue
+        changed = False
+        for name, width in ((op.input("X")[0], weight.shape[0]), (op.output("Out")[0], weight.shape[1])):
+            var = block._find_var_recursive(name)
+            shape = list(var.shape)
+            if len(shape) >= 2 and shape[-1] == -1:
+                var.desc.set_shape(shape[:-1] + [int(width)])
+                changed = True
+        completed += changed
+    return completed
+
+
+#: Channels-last ops Paddle 3.3.1's oneDNN kernels get wrong -> (input slot, output slot,
+#: layout attribute).
+_CHANNELS_LAST_OPS = {
+    "conv2d": ("Input", "Output", "data_format"),
+    "depthwise_conv2d": ("Input", "Output", "data_format"),
+    "conv2d_transpose": ("Input", "Output", "data_format"),
+    "batch_norm": ("X", "Y", "data_layout"),
+    "pool2d": ("X", "Out", "data_format"),
+}
+
+
+def channels_last_to_first(block: "paddle.static.Block") -> int:
+    """Runs each channels-last (``NHWC``) convolution, batch norm and pool on ``NCHW``,
+    between two ``transpose2``.
+
+    Paddle 3.3.1's oneDNN passes compute an NHWC conv's output in NCHW and then add its bias
+    along the wrong axis: a plain ``paddle.jit.save`` program of ``Conv2D(data_format="NHWC")``
+    fails in Paddle Inference with oneDNN ("Broadcast dimension mismatch ... X = [4, 8, 16,
+    16] and Y = [1, 1, 1, 8]"), and so did this package's fp32 and int8 exports; an NHWC
+    batch norm reads its height as channels ("the shape of scale must equal to [16] ... is
+    [8]"), and an NHWC pool pools the wrong axes. The rewritten op's input and output keep their names and layouts, so everything
+    around it is unchanged.
+
+    Returns:
+        How many ops were rewritten.
+    """
+    rewritten = 0
+    for op in list(block.ops):
+        slots = _CHANNELS_LAST_OPS.get(op.type)
+        if slots is None or op.attr(slots[2]) != "NHWC":
+            continue
+        source, result = op.input(slots[0])[0], op.output(slots[1])[0]
+        first = _transposed_var(block, source, (0, 3, 1, 2), f"{source}.nchw_{rewritten}")
+        last = _transposed_var(block, result, (0, 3, 1, 2), f"{result}.nchw")
+        index = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+        _insert_transpose(block, index + 1, last, result, (0, 2, 3, 1))
+        _insert_transpose(block, index, source, first, (0, 3, 1, 2))
+        op._rename_input(source, first)
+        op._rename_output(result, last)
+        op._set_attr(slots[2], "NCHW")
+        rewritten += 1
+    return rewritten
+
+
+def _transposed_var(block: "paddle.static.Block", name: str, order: tuple[int, ...], new_name: str) -> str:
+    var = block.var(name)
+    shape = list(var.shape)
+    block.create_var(name=new_name, shape=[shape[axis] for axis in order], dtype=var.dtype)
+    return new_name
+
+
+def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out: str, order: tuple[int, ...]) -> None:
+    shape = list(block.var(source).shape)
+    xshape = block.create_var(name=f"{out}.xshape", shape=[0, *shape], dtype=block.var(source).dtype)
+    block._insert_op(
+        index, type="transpose2", inputs={"X": [source]},
+        outputs={"Out": [out], "XShape": [xshape.name]}, attrs={"axis": list(order)},
+    )

@@ -26,7 +26,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .graph import separate_chained_activations
+from .graph import complete_matmul_widths, channels_last_to_first, separate_chained_activations
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
@@ -209,6 +209,8 @@ def save_quantized_model(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(fp32_prefix)
             separate_chained_activations(loaded.program.global_block())
+            complete_matmul_widths(loaded.program.global_block())
+            channels_last_to_first(loaded.program.global_block())
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
@@ -270,4 +272,6 @@ def save_fp32_model(
             loaded = program_lib.load_legacy_program(staging + ".raw")
             program_lib.fold_conv_bias(loaded)
             separate_chained_activations(loaded.program.global_block())
+            complete_matmul_widths(loaded.program.global_block())
+            channels_last_to_first(loaded.program.global_block())
             program_lib.save_legacy_program(loaded, staging)

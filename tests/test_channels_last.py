@@ -1,0 +1,68 @@
+"""Channels-last (``data_format="NHWC"``) models run in Paddle Inference: Paddle 3.3.1's oneDNN
+kernels get NHWC convs, batch norms and pools wrong (a plain ``paddle.jit.save`` program of an
+NHWC conv fails there), so both exports run them on NCHW between transposes
+(``graph.channels_last_to_first``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, int8_report, predict, save_fp32_model
+
+SIZE = 16
+SPEC = [paddle.static.InputSpec([None, SIZE, SIZE, 3], "float32", "x")]
+
+
+class ChannelsLast(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.stem = nn.Conv2D(3, 8, 3, padding=1, data_format="NHWC")
+        self.norm = nn.BatchNorm2D(8, data_format="NHWC")
+        self.max_pool = nn.MaxPool2D(2, data_format="NHWC")
+        self.pointwise = nn.Conv2D(8, 8, 1, data_format="NHWC")
+        self.average_pool = nn.AvgPool2D(2, data_format="NHWC")
+        self.depthwise = nn.Conv2D(8, 8, 3, padding=1, groups=8, data_format="NHWC")
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.max_pool(F.relu(self.norm(self.stem(x))))
+        y = self.average_pool(F.relu(self.pointwise(y)))
+        y = F.relu(self.depthwise(y))
+        return self.head(F.adaptive_avg_pool2d(y, 1, data_format="NHWC").flatten(1))
+
+
+def _model_and_batch() -> tuple[paddle.nn.Layer, np.ndarray]:
+    paddle.seed(0)
+    model = ChannelsLast()
+    model.eval()
+    return model, np.random.default_rng(0).random([4, SIZE, SIZE, 3], dtype=np.float32)
+
+
+def test_fp32_export_runs_in_paddle_inference(tmp_path) -> None:
+    model, x = _model_and_batch()
+    prefix = str(tmp_path / "fp32")
+    save_fp32_model(model, prefix, SPEC)
+    ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
+
+
+def test_int8_export_runs_int8_as_simulated(tmp_path, avx2_runner) -> None:
+    model, x = _model_and_batch()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(model)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.random([4, SIZE, SIZE, 3], dtype=np.float32)))
+    ptq.convert(quantized)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(quantized, prefix, SPEC)
+    assert int8_report(prefix).int8 == {"fc": 1, "fused_conv2d": 3}
+    bound = 1e-5 * np.abs(simulated).max()
+    np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)
+    if avx2_runner is not None:
+        np.testing.assert_allclose(avx2_runner.predict(prefix, x)[0], simulated, atol=bound)
