@@ -3,14 +3,17 @@ and the parameter tensors in its scope. ``loaded`` is a :class:`.program.LegacyP
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import paddle
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias",
-    "complete_matmul_widths", "channels_last_to_first", "is_persistable", "new_persistable", "producers", "readers",
+    "complete_matmul_widths", "channels_last_to_first", "exact_nearest_resizes", "is_persistable", "new_persistable", "producers", "readers",
     "separate_chained_activations", "set_tensor", "transposed_matmul",
 ]
 
@@ -245,3 +248,83 @@ def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out
         index, type="transpose2", inputs={"X": [source]},
         outputs={"Out": [out], "XShape": [xshape.name]}, attrs={"axis": list(order)},
     )
+
+
+def nearest_sources(size: int, resized: int, scale: float, align_corners: bool) -> np.ndarray:
+    """The source index of each output position of Paddle's CPU nearest resize along one axis
+    (its float32 arithmetic: ``int(ratio * k)``, ``ratio`` being ``1 / scale`` when a scale
+    is given, else ``size / resized``; ``int(ratio * k + 0.5)`` with ``align_corners``)."""
+    ratio = np.float32(0.0)
+    if resized > 1:
+        step = np.float32(1.0 / scale) if scale > 0 else np.float32(size) / np.float32(resized)
+        ratio = np.float32(size - 1) / np.float32(resized - 1) if align_corners else step
+    positions = ratio * np.arange(resized, dtype=np.float32)
+    if align_corners:
+        positions = positions + np.float32(0.5)
+    return np.minimum(positions.astype(np.int64), size - 1)
+
+
+def exact_nearest_resizes(loaded: Any) -> int:
+    """Replaces each nearest resize that is not a whole-number upscale by two ``index_select``
+    of the source rows and columns Paddle's CPU kernel reads.
+
+    oneDNN's nearest resize picks the source around each output pixel's centre; Paddle's CPU
+    kernel (what dygraph and the simulation compute) rounds the scaled index down. They agree
+    on whole-number upscales only: an 8x8 map resized to 20x20 (or by 1.5) was 0.70 (0.55)
+    cosine off in Paddle Inference with oneDNN, in the fp32 export as in the int8 one. A
+    resize whose input or output size is not fixed by the input spec is left as is, with a
+    warning.
+
+    Returns:
+        How many resizes were replaced.
+    """
+    block = loaded.program.global_block()
+    replaced = 0
+    for op in list(block.ops):
+        if op.type != "nearest_interp_v2":
+            continue
+        axes = (2, 3) if op.attr("data_layout") == "NCHW" else (1, 2)
+        source, out = op.input("X")[0], op.output("Out")[0]
+        sizes = [int(block.var(source).shape[axis]) for axis in axes]
+        resized = [int(block.var(out).shape[axis]) for axis in axes]
+        scales = [float(value) for value in op.attr("scale")] if op.attr("scale") else []
+        if len(scales) != 2 or min(scales) <= 0:
+            scales = [-1.0, -1.0]
+        sized_by_tensor = any(
+            op.input(slot) for slot in ("OutSize", "SizeTensor", "Scale") if slot in op.input_names
+        )
+        dynamic = sized_by_tensor or min(sizes + resized) < 1
+        if dynamic:
+            whole_upscale = not sized_by_tensor and all(scale >= 1 and scale.is_integer() for scale in scales)
+        else:
+            whole_upscale = all(
+                new % old == 0 and (scale <= 0 or scale == new // old)
+                for old, new, scale in zip(sizes, resized, scales)
+            )
+        if (sizes == resized and not dynamic) or (whole_upscale and not op.attr("align_corners")):
+            continue
+        if dynamic:
+            logger.warning(
+                "nearest resize %s -> %s: its size is not fixed by the input spec, and Paddle "
+                "Inference's oneDNN kernel rounds differently from Paddle's CPU kernel unless it "
+                "upscales by a whole number; give the input spec fixed height and width to have "
+                "it exported exactly", source, out,
+            )
+            continue
+        current = source
+        for step, (axis, old, new, scale) in enumerate(zip(axes, sizes, resized, scales)):
+            index = new_persistable(loaded, f"{out}.nearest_sources_{step}",
+                                    nearest_sources(old, new, scale, bool(op.attr("align_corners"))))
+            if step == len(axes) - 1:
+                gathered = out
+            else:
+                shape = list(block.var(source).shape)
+                shape[axis] = new
+                gathered = block.create_var(name=f"{out}.nearest_rows", shape=shape, dtype=block.var(source).dtype).name
+            position = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+            block._insert_op(position, type="index_select", inputs={"X": [current], "Index": [index]},
+                             outputs={"Out": [gathered]}, attrs={"dim": axis})
+            current = gathered
+        block._remove_op(next(i for i, candidate in enumerate(block.ops) if candidate is op))
+        replaced += 1
+    return replaced

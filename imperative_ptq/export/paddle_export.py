@@ -26,7 +26,9 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .graph import complete_matmul_widths, channels_last_to_first, separate_chained_activations
+from .graph import (
+    channels_last_to_first, complete_matmul_widths, exact_nearest_resizes, separate_chained_activations,
+)
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
 from .tracing import (
@@ -211,6 +213,7 @@ def save_quantized_model(
             separate_chained_activations(loaded.program.global_block())
             complete_matmul_widths(loaded.program.global_block())
             channels_last_to_first(loaded.program.global_block())
+            exact_nearest_resizes(loaded)
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
@@ -274,4 +277,5 @@ def save_fp32_model(
             separate_chained_activations(loaded.program.global_block())
             complete_matmul_widths(loaded.program.global_block())
             channels_last_to_first(loaded.program.global_block())
+            exact_nearest_resizes(loaded)
             program_lib.save_legacy_program(loaded, staging)

@@ -1,0 +1,106 @@
+"""Nearest resizes run in Paddle Inference as Paddle's CPU kernel computes them: oneDNN's
+kernel picks other source pixels unless it upscales by a whole number, so both exports read
+the source rows and columns with ``index_select`` (``graph.exact_nearest_resizes``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export.graph import nearest_sources
+
+SIZE = 8
+
+
+class Resized(paddle.nn.Layer):
+    """conv -> ReLU -> nearest resize -> conv."""
+
+    def __init__(self, **resize) -> None:
+        super().__init__()
+        self.resize = resize
+        self.first = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.second = paddle.nn.Conv2D(8, 2, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.second(F.interpolate(F.relu(self.first(x)), mode="nearest", **self.resize))
+
+
+RESIZES = {
+    "size_20": {"size": [20, 20]},
+    "scale_1.5": {"scale_factor": 1.5},
+    "size_5": {"size": [5, 5]},
+    "scale_0.5": {"scale_factor": 0.5},
+    "height_kept": {"size": [SIZE, 13]},
+    "scale_2_3": {"scale_factor": [2, 3]},  # whole-number upscales: oneDNN's kernel agrees
+}
+
+
+def _reference_sources(size: int, resized: int, scale: float | None) -> np.ndarray:
+    """The rows Paddle's own nearest resize reads, found by resizing a ramp of row numbers
+    (the width changes too, so that a kept height is not copied through)."""
+    rows = paddle.arange(size, dtype="float32").reshape([1, 1, size, 1]).tile([1, 1, 1, 2])
+    if scale is None:
+        out = F.interpolate(rows, size=[resized, 3], mode="nearest")
+    else:
+        out = F.interpolate(rows, scale_factor=[scale, 1.5], mode="nearest")
+    return out.numpy()[0, 0, :, 0].astype(np.int64)
+
+
+def test_sources_are_the_rows_paddle_reads() -> None:
+    for size in range(1, 17):
+        for resized in range(1, 33):
+            np.testing.assert_array_equal(nearest_sources(size, resized, -1.0, False), _reference_sources(size, resized, None))
+        for scale in (0.3, 0.5, 0.75, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0):
+            expected = _reference_sources(size, int(size * scale), scale) if int(size * scale) > 0 else None
+            if expected is not None:
+                np.testing.assert_array_equal(nearest_sources(size, len(expected), scale, False), expected)
+
+
+@pytest.mark.parametrize("name", RESIZES)
+def test_fp32_and_int8_exports_resize_as_paddle_does(name, tmp_path, avx2_runner) -> None:
+    paddle.seed(0)
+    model = Resized(**RESIZES[name])
+    model.eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal([2, 3, SIZE, SIZE]).astype("float32")
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    save_fp32_model(model, str(tmp_path / "fp32"), spec)
+    ran = predict(create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
+
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.standard_normal([2, 3, SIZE, SIZE]).astype("float32")))
+    ptq.convert(quantized)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(quantized, prefix, spec)
+    bound = 1e-5 * np.abs(simulated).max()
+    np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)
+    if avx2_runner is not None:
+        np.testing.assert_allclose(avx2_runner.predict(prefix, x)[0], simulated, atol=bound)
+
+
+@pytest.mark.parametrize("resize, warned", [({"size": [20, 20]}, True), ({"scale_factor": 2}, False)])
+def test_a_resize_of_unknown_size_is_named_in_a_warning(resize, warned, tmp_path, caplog) -> None:
+    """An input of any size: a resize to a fixed size cannot be written exactly (a warning);
+    a whole-number upscale needs no rewrite, and runs right at any size."""
+    paddle.seed(0)
+    model = Resized(**resize)
+    model.eval()
+    spec = [paddle.static.InputSpec([None, 3, None, None], "float32", "x")]
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        save_fp32_model(model, str(tmp_path / "fp32"), spec)
+    messages = [record.message for record in caplog.records if "nearest resize" in record.message]
+    assert bool(messages) == warned and all("not fixed by the input spec" in message for message in messages)
+    x = np.random.default_rng(0).standard_normal([2, 3, 11, 7]).astype("float32")
+    ran = predict(create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1), x)[0]
+    if not warned:
+        np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
