@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import weakref
@@ -473,6 +474,19 @@ class CalibrationSession:
 #: Values of an operand summed into its fingerprint (:func:`_note_operands`).
 _FINGERPRINT_VALUES = 256
 
+#: Step between sampled positions, modulo the operand's size: a prime (Knuth's multiplicative
+#: hash constant), so the positions fall on every row and column of any shape. A stride of
+#: ``size / 256`` had fallen on one token of every sequence (MNIST rows as tokens: ``size /
+#: 256 = 28 * 16``), whose first token is blank in every image, and took a changing attention
+#: operand for a constant.
+_FINGERPRINT_STEP = 2654435761
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(size: int) -> paddle.Tensor:
+    """The positions of an operand of ``size`` values that its fingerprint sums."""
+    count = min(size, _FINGERPRINT_VALUES)
+    return paddle.to_tensor(np.arange(count, dtype=np.int64) * _FINGERPRINT_STEP % size)
+
 
 def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tensor]) -> None:
     """Updates ``state.constant_operand`` from one call's two operands: set once one operand
@@ -486,10 +500,10 @@ def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tens
             if old is None:
                 prints.append(None)
                 continue
-            # About 256 values spread over the whole tensor: a constant keeps them, a batch of
+            # 256 values spread over the whole tensor: a constant keeps them, a batch of
             # other inputs changes them (a shared first token would not change a prefix).
             flat = paddle.flatten(value)
-            sample = flat[:: max(1, int(flat.shape[0]) // _FINGERPRINT_VALUES)]
+            sample = paddle.gather(flat, _sample_positions(int(flat.shape[0])))
             prints.append((tuple(value.shape), float(paddle.sum(sample))))
     if state.operand_fingerprints:
         prints = [new if new == old else None for new, old in zip(prints, previous)]

@@ -541,6 +541,27 @@ def test_a_constant_operand_is_found_only_when_the_other_operand_changes(tmp_pat
     assert not isinstance(model.activation_matmul_0, ip.QuantizedMatmul)
 
 
+def test_an_operand_with_a_shared_first_token_is_not_taken_for_a_constant() -> None:
+    """Sequences whose first token is the same in every batch (a blank first row of an image
+    read as tokens): a fingerprint sampled with the stride ``size / 256`` fell on that token
+    only (here 128 x 2 heads of 8 tokens of width 8: a stride of one sequence) and kept the
+    weighted sum's ``v`` fp32 as a constant."""
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(3):
+        q, k, v = (rng.standard_normal((128, HEADS, SEQUENCE, HEAD_WIDTH)).astype(np.float32) for _ in range(3))
+        for tensor in (q, k, v):
+            tensor[:, :, 0, :] = 0.5
+        batches.append((q, k, v))
+    paddle.seed(0)
+    ptq = _ptq("arm")
+    quantized = ptq.quantize(Attention())
+    ptq.calibrate(quantized, batches, progress=False)
+    ptq.convert(quantized)
+    assert isinstance(quantized.activation_matmul_0, ip.QuantizedMatmul)
+    assert isinstance(quantized.activation_matmul_1, ip.QuantizedMatmul)
+
+
 def test_the_export_warns_of_a_constant_operand_convert_could_not_see(tmp_path, caplog) -> None:
     paddle.seed(0)
     ptq = _ptq("arm")
