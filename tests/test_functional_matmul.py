@@ -541,6 +541,52 @@ def test_a_constant_operand_is_found_only_when_the_other_operand_changes(tmp_pat
     assert not isinstance(model.activation_matmul_0, ip.QuantizedMatmul)
 
 
+class FunctionalConv(paddle.nn.Layer):
+    """A conv written ``F.conv2d(x, self.weight)``, which no layer hook sees, before an
+    ``F.linear`` on a parameter, which the matmul routing calibrates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_weight = self.create_parameter([8, 3, 3, 3])
+        self.linear_weight = self.create_parameter([8 * 16, 10])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(paddle.nn.functional.conv2d(x, self.conv_weight, stride=2, padding=1))
+        return paddle.nn.functional.linear(paddle.nn.functional.max_pool2d(hidden, 2).flatten(1), self.linear_weight)
+
+
+def test_a_functional_conv_running_fp32_is_named_in_a_warning(tmp_path, caplog) -> None:
+    """The conv stays fp32 (nothing calibrates it) and the export says so, naming its weight;
+    a layer kept fp32 on purpose (``keep_fp32``) is not warned about."""
+    from imperative_ptq.analysis import keep_fp32
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq = _ptq("x86")
+    model = FunctionalConv()
+    model.eval()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [rng.random([4, 3, 16, 16], dtype=np.float32) for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    spec = [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.save_quantized_model(quantized, str(tmp_path / "functional"), input_spec=spec)
+    warned = [record.message for record in caplog.records if "were not calibrated" in record.message]
+    assert len(warned) == 1 and warned[0].startswith("1 conv/matmul ops on parameters were not calibrated")
+
+    caplog.clear()
+    lenet = paddle.vision.models.LeNet()
+    lenet.eval()
+    ptq = _ptq("x86")
+    quantized = ptq.quantize(lenet)
+    ptq.calibrate(quantized, [rng.random([4, 1, 28, 28], dtype=np.float32) for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    kept = keep_fp32(quantized, ["features.0", "fc.2"], lenet)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.save_quantized_model(kept, str(tmp_path / "lenet"), input_spec=[paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")])
+    assert not [record for record in caplog.records if "were not calibrated" in record.message]
+
+
 def test_an_operand_with_a_shared_first_token_is_not_taken_for_a_constant() -> None:
     """Sequences whose first token is the same in every batch (a blank first row of an image
     read as tokens): a fingerprint sampled with the stride ``size / 256`` fell on that token

@@ -94,13 +94,16 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
     return chosen
 
 
-def _log_runtime_report(path: str, written: program_lib.ProgramScales, target: Target) -> None:
+def _log_runtime_report(
+    path: str, written: program_lib.ProgramScales, target: Target, layer_parameters: frozenset[str]
+) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
     naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
     fp32 although the program writes them int8 (``written``: what the program stores; layers
-    it stores fp32 were warned about when writing it), and one for int8 ops reading a signed
-    input on the ``x86`` target. A failure to build the report is logged, never raised: the
-    export itself is done."""
+    it stores fp32 were warned about when writing it), one for convs/matmuls on parameters of
+    the model's own layers that nothing calibrated (``layer_parameters``: those Paddle's layers
+    hold, fp32 on purpose), and one for int8 ops reading a signed input on the ``x86`` target.
+    A failure to build the report is logged, never raised: the export itself is done."""
     try:
         report = int8_report(path)
     except Exception as error:  # noqa: BLE001 - the report is advice; the files are written
@@ -123,6 +126,18 @@ def _log_runtime_report(path: str, written: program_lib.ProgramScales, target: T
             "%d layers simulated in int8 run fp32 in Paddle Inference (its int8 passes found "
             "no int8 form for them, e.g. a residual conv whose residual has no scale): %s",
             len(demoted), ", ".join(demoted[:10]) + (" ..." if len(demoted) > 10 else ""),
+        )
+    uncalibrated = sorted(
+        set(report.fp32_weights) - set(written.weight_layers) - set(written.weights) - layer_parameters
+    )
+    if uncalibrated:
+        # A conv or matmul on a parameter that no calibrated layer holds: a functional call
+        # (F.conv2d(x, self.weight)) that neither a layer hook nor the matmul routing sees.
+        logger.warning(
+            "%d conv/matmul ops on parameters were not calibrated and run fp32 (a functional "
+            "call such as F.conv2d(x, self.weight), which no layer hook sees; an nn.Conv2D or "
+            "nn.Linear layer holding the weight is calibrated and runs int8): weights %s",
+            len(uncalibrated), ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else ""),
         )
     if report.signed_inputs and not target.signed_inputs_int8:
         logger.warning(
@@ -235,7 +250,7 @@ def save_quantized_model(
             converted_measured_on(model), structure,
         )
     if target_spec.onednn:
-        _log_runtime_report(path, written, target_spec)
+        _log_runtime_report(path, written, target_spec, traced.layer_parameters)
 
 
 @main_thread_only
