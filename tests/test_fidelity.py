@@ -131,6 +131,56 @@ def test_kl_matches_paddle_other_bits_and_bins() -> None:
 
 
 # ---------------------------------------------------------------- where we differ on purpose
+def _pixel_batches(seed: int = 0) -> list[paddle.Tensor]:
+    """Batches like MNIST images in [0, 1]: 80% background zeros, 5% saturated ones, the rest
+    spread over (0, 1)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(4):
+        kind = rng.random((16, 1, 28, 28))
+        x = np.where(kind < 0.8, 0.0, np.where(kind < 0.85, 1.0, rng.random(kind.shape)))
+        out.append(paddle.to_tensor(x.astype(np.float32)))
+    return out
+
+
+def test_kl_keeps_the_maximum_where_paddle_clips_most_of_the_data() -> None:
+    """Paddle's KL clips such pixels at about 0.6; ours keeps the maximum (1.0) once
+    the clip would cut more than a quarter of the non-zero values, and with
+    ``max_clipped_share=None`` is Paddle's threshold again."""
+    batches = _pixel_batches()
+    (theirs,) = _run(paddle_q.KLQuantizer(), batches)
+    (unbounded,) = _run(KLQuantizer(max_clipped_share=None), batches)
+    (ours,) = _run(KLQuantizer(), batches)
+    assert unbounded == theirs
+    data = np.concatenate([batch.numpy().ravel() for batch in batches])
+    # Slow reference: the share of the non-zero values above Paddle's threshold.
+    nonzero = data[data > 1.0 / 1024]
+    assert (nonzero > theirs).mean() > 0.25 and theirs < 0.65
+    assert ours == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("share", [0.01, 0.5])
+def test_kl_bound_leaves_long_tailed_activations_to_paddles_threshold(share: float) -> None:
+    """The bound only acts on data dense up to its maximum: on the long-tailed batches above
+    Paddle's KL clips far less than 1% of the values."""
+    batches = _batches(4)
+    (theirs,) = _run(paddle_q.KLQuantizer(), batches)
+    (ours,) = _run(KLQuantizer(max_clipped_share=share), batches)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("share, error", [(0.0, ValueError), (1.5, ValueError), ("0.2", TypeError), (True, TypeError)])
+def test_kl_bound_rejects_bad_shares(share, error) -> None:
+    with pytest.raises(error, match="max_clipped_share"):
+        KLQuantizer(max_clipped_share=share)
+
+
+def test_kl_bound_is_listed_in_the_config_only_when_not_the_default() -> None:
+    assert "max_clipped_share" not in KLQuantizer().config()
+    assert KLQuantizer(max_clipped_share=None).config()["max_clipped_share"] is None
+    assert KLQuantizer(max_clipped_share=0.5).clone().max_clipped_share == 0.5
+
+
 def test_hist_first_bin_percentile_paddle_negative_ours_positive() -> None:
     # 70% zeros: bin 0 already holds the 50th percentile.
     x = np.zeros(1000, dtype=np.float32)

@@ -15,15 +15,23 @@ histogram the same threshold comes out.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import numpy as np
 
 from .histogram import BaseHistQuantizer
 from .level_groups import GroupedCandidates
 from .qparams import affine_levels, symmetric_levels
 
-__all__ = ["KLQuantizer", "paddle_kl_threshold"]
+__all__ = ["DEFAULT_MAX_CLIPPED_SHARE", "KLQuantizer", "paddle_kl_threshold"]
+
+logger = logging.getLogger(__name__)
 
 _f32 = np.float32
+
+#: :class:`KLQuantizer`'s default ``max_clipped_share``.
+DEFAULT_MAX_CLIPPED_SHARE = 0.25
 
 
 def _sequential_tail_sums(counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -102,6 +110,13 @@ class KLQuantizer(BaseHistQuantizer):
     Searches clips from half the histogram range upwards and merges into
     ``2**(quant_bits-1) - 1`` levels. See :class:`TensorRTKLQuantizer` for the TensorRT variant.
 
+    KL clips outliers; on data bounded and dense up to its maximum it clips the data itself.
+    On MNIST pixels in ``[0, 1]`` Paddle's search returns 0.50, clipping 69% of the non-zero
+    pixels (measured, real data: a first-layer input clipped there cost a ResNet-style net 9
+    points of accuracy and a MobileNet-style one 44). Where the KL threshold would clip more
+    than ``max_clipped_share`` of the non-zero values, the histogram's maximum is kept instead
+    (hidden activations of trained and random-weight models clip at most 9%).
+
     Args:
         quant_bits: Bit width, 1..16.
         bins: Number of histogram bins; needs ``bins >= 2**quant_bits - 1`` (the search
@@ -110,10 +125,42 @@ class KLQuantizer(BaseHistQuantizer):
         exact_binning: Bin like ``np.histogram``, as Paddle does (see :class:`BaseHistQuantizer`).
         symmetric: ``False``: affine, a KL search per side with its share of ``2**bits - 1``
             levels; needs ``bins >= 2**(bits+1) - 1``.
+        max_clipped_share: The largest share of the non-zero values (those above the first
+            bin) a KL threshold may clip, in (0, 1]; ``None`` returns Paddle's threshold
+            always.
 
     Raises:
-        ValueError: ``bins`` is too small to merge into the quantization levels.
+        ValueError: ``bins`` is too small to merge into the quantization levels, or
+            ``max_clipped_share`` is out of range.
+        TypeError: ``max_clipped_share`` is not a float or ``None``.
     """
+
+    def __init__(
+        self,
+        quant_bits: int = 8,
+        bins: int = 1024,
+        upsample_bins: int = 64,
+        exact_binning: bool = True,
+        symmetric: bool = True,
+        max_clipped_share: float | None = DEFAULT_MAX_CLIPPED_SHARE,
+    ) -> None:
+        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
+        if max_clipped_share is not None:
+            if isinstance(max_clipped_share, bool) or not isinstance(max_clipped_share, (int, float, np.floating)):
+                raise TypeError(
+                    f"max_clipped_share must be a float or None, got {type(max_clipped_share).__name__}"
+                )
+            if not 0.0 < float(max_clipped_share) <= 1.0:
+                raise ValueError(f"max_clipped_share must be in (0, 1], got {max_clipped_share}")
+            max_clipped_share = float(max_clipped_share)
+        self.max_clipped_share = max_clipped_share
+
+    def config(self) -> dict[str, Any]:
+        # Listed only when not the default, so tables written before the option stay the same.
+        config = super().config()
+        if config.get("max_clipped_share") == DEFAULT_MAX_CLIPPED_SHARE:
+            del config["max_clipped_share"]
+        return config
 
     def _check_bins(self) -> None:
         levels = symmetric_levels(self.quant_bits) if self.symmetric else affine_levels(self.quant_bits)
@@ -124,7 +171,24 @@ class KLQuantizer(BaseHistQuantizer):
             )
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
-        return paddle_kl_threshold(counts, bin_width, self.quant_bits)
+        return self._bounded(counts, bin_width, paddle_kl_threshold(counts, bin_width, self.quant_bits))
 
     def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
-        return paddle_kl_threshold(counts, bin_width, self.quant_bits, levels)
+        return self._bounded(counts, bin_width, paddle_kl_threshold(counts, bin_width, self.quant_bits, levels))
+
+    def _bounded(self, counts: np.ndarray, bin_width: float, threshold: float) -> float:
+        """``threshold``, or the histogram's maximum where it clips too much of the data."""
+        if self.max_clipped_share is None:
+            return threshold
+        counts = np.asarray(counts, dtype=np.float64)
+        nonzero = float(counts[1:].sum())
+        clipped = float(counts[int(threshold / bin_width) + 1:].sum())
+        if nonzero <= 0.0 or clipped <= self.max_clipped_share * nonzero:
+            return threshold
+        maximum = (int(np.flatnonzero(counts)[-1]) + 1) * bin_width
+        logger.info(
+            "KL threshold %.6g would clip %.0f%% of the non-zero values (more than "
+            "max_clipped_share=%g): the maximum %.6g is kept", threshold, 100 * clipped / nonzero,
+            self.max_clipped_share, maximum,
+        )
+        return maximum
