@@ -979,17 +979,31 @@ def _global_pool(op) -> bool:
     )
 
 
-def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
-    """Gives a quantize op its own copy (an ``assign``) of a signed tensor that fp32 ops read
-    too.
+#: Ops that lay values out anew (their data input's slot): Paddle runs them int8 once a tensor
+#: after them has a scale, moving the quantize op in front of them.
+_LAYOUT_OPS = {
+    "transpose2": "X", "reshape2": "X", "flatten_contiguous_range": "X", "squeeze2": "X",
+    "unsqueeze2": "X", "slice": "Input", "split": "X", "nearest_interp_v2": "X",
+}
 
-    Paddle Inference moves a tensor's scale to whatever writes it: a transpose or reshape then
-    runs int8 on the quantized input, a conv/fc writes int8 codes, and every reader gets the
-    dequantized codes, so the fp32 readers lost the float values the simulation gives them
-    (measured on ``x86-vnni``: attention pooling reading ``h = x.transpose(...)`` or ``h =
-    tanh(fc(x))`` both through a Linear and in float, 0.46% of the largest output off on every
-    output; 2e-7 after). A u8 tensor (a ReLU output) is left alone: Paddle runs a quantized
-    tensor as u8 only when a ``relu`` writes it.
+
+def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
+    """Gives a quantize op its own copy (an ``assign``) of a signed tensor whose scale Paddle
+    Inference would otherwise move onto a tensor that other readers share.
+
+    Paddle moves a tensor's scale to whatever writes it: a transpose, reshape or slice then
+    runs int8 on its quantized input, a conv/fc writes int8 codes. Two cases went wrong:
+
+    * fp32 ops read the tensor too: they got the dequantized codes instead of the float values
+      the simulation gives them (measured on ``x86-vnni``: attention pooling reading ``h =
+      x.transpose(...)`` or ``h = tanh(fc(x))`` both through a Linear and in float, 0.46% of
+      the largest output off on every output; 2e-7 after);
+    * the tensor comes through layout ops from one that other readers share (Swin's ``q, k,
+      v`` sliced from one ``qkv`` projection): Paddle gave all of them one scale, where the
+      simulation quantizes each with its own threshold (2.2% off on one window attention).
+
+    A u8 tensor (a ReLU output, also through layout ops) is left alone: Paddle runs a
+    quantized tensor as u8 only when a ``relu`` writes it.
 
     Returns:
         How many copies were inserted.
@@ -1000,9 +1014,14 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         if op.type != "quantize_linear":
             continue
         name = op.input("X")[0]
-        if name not in writers or runs_unsigned(block, name, writers):
+        if name not in writers:
             continue
-        if all(reader.type == "quantize_linear" for reader in reading.get(name, [])):
+        shared = any(reader.type != "quantize_linear" for reader in reading.get(name, []))
+        source, branched = name, False
+        while source in writers and writers[source].type in _LAYOUT_OPS:
+            source = writers[source].input(_LAYOUT_OPS[writers[source].type])[0]
+            branched = branched or len(reading.get(source, [])) > 1
+        if not (shared or branched) or runs_unsigned(block, name, writers) or runs_unsigned(block, source, writers):
             continue
         var = block.var(name)
         copy = block.create_var(name=f"{name}.quantized_copy_{inserted}", shape=var.shape, dtype=var.dtype)
