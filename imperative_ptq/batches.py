@@ -29,15 +29,30 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def _tensor(value: Any) -> Any:
-    return value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
+def _tensor(value: Any, float_dtype: np.dtype) -> Any:
+    """``value`` as a tensor; an array (or list) of floats in ``float_dtype``, the model's (a
+    float64 ``np.random.rand`` batch for a float32 model failed inside Paddle)."""
+    if isinstance(value, paddle.Tensor):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind == "f" and array.dtype != float_dtype:
+        array = array.astype(float_dtype)
+    return paddle.to_tensor(array)
+
+
+def _float_dtype(model: paddle.nn.Layer) -> np.dtype:
+    """The dtype of the model's first floating-point parameter (float32 without one)."""
+    for parameter in model.parameters():
+        if paddle.is_floating_point(parameter):
+            return np.dtype(paddle.base.data_feeder.convert_dtype(parameter.dtype))
+    return np.dtype(np.float32)
 
 
 def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
     """A function mapping one batch to ``(args, kwargs)`` for ``model(*args, **kwargs)``.
 
-    Positional items and dict values that are arrays become tensors; other dict values (flags,
-    strings) are passed as they are.
+    Positional items and dict values that are arrays become tensors (float arrays in the dtype
+    of the model's parameters); other dict values (flags, strings) are passed as they are.
 
     Raises (from the returned function):
         TypeError: A dict batch lacks a required input of ``model.forward``.
@@ -58,11 +73,12 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
         p.name for p in parameters or []
         if p.kind in _KEYWORD and p.default is inspect.Parameter.empty
     ]
+    float_dtype = _float_dtype(model)
 
     def to_call(batch: Any) -> ModelCall:
         if isinstance(batch, dict):
             kwargs = {
-                key: _tensor(value) if isinstance(value, (np.ndarray, paddle.Tensor)) else value
+                key: _tensor(value, float_dtype) if isinstance(value, (np.ndarray, paddle.Tensor)) else value
                 for key, value in batch.items()
                 if keywords is None or key in keywords
             }
@@ -76,7 +92,7 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
         items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if arity is not None and len(items) > arity:
             items = items[:arity]  # (inputs, labels) from a classification loader
-        return tuple(_tensor(item) for item in items), {}
+        return tuple(_tensor(item, float_dtype) for item in items), {}
 
     return to_call
 

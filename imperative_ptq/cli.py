@@ -127,12 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibrate on at most N batches (default: all)")
     data.add_argument("--image-size", type=_image_size, default=(224, 224), metavar="H[,W]",
                       help="resize images to this size (default: 224)")
-    data.add_argument("--mean", type=_floats, default=[0.485, 0.456, 0.406], metavar="M,M,M",
+    data.add_argument("--mean", type=_floats, default=None, metavar="M,M,M",
                       help="per-channel mean subtracted from images scaled to [0, 1] "
-                           "(default: ImageNet 0.485,0.456,0.406)")
-    data.add_argument("--std", type=_floats, default=[0.229, 0.224, 0.225], metavar="S,S,S",
+                           "(default: ImageNet 0.485,0.456,0.406; with --grayscale their "
+                           "average, 0.449)")
+    data.add_argument("--std", type=_floats, default=None, metavar="S,S,S",
                       help="per-channel std images are divided by (default: ImageNet "
-                           "0.229,0.224,0.225)")
+                           "0.229,0.224,0.225; with --grayscale their average, 0.226)")
     data.add_argument("--grayscale", action="store_true",
                       help="load images as one channel (default: RGB)")
     quant = parser.add_argument_group("quantization")
@@ -422,6 +423,24 @@ def image_batches(
         yield np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
+#: ImageNet's per-channel mean and std, the defaults of ``--mean`` / ``--std``.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resolve_normalization(args: argparse.Namespace) -> None:
+    """Fills ``--mean`` / ``--std`` left unset (ImageNet's, averaged for ``--grayscale``)
+    and checks their counts against the channels, before anything runs.
+
+    Raises:
+        CliError: A count fits neither 1 nor the number of channels.
+    """
+    channels = 1 if args.grayscale else 3
+    for option, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        if getattr(args, option) is None:
+            setattr(args, option, [float(np.mean(default))] if channels == 1 else list(default))
+        _per_channel(getattr(args, option), channels, f"--{option}")
+
+
 def _per_channel(values: Sequence[float], channels: int, option: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float32)
     if array.size == 1:
@@ -594,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        resolve_normalization(args)
         return run(args)
     except (CliError, CalibrationError, OSError, ValueError, TypeError) as error:
         if args.debug:

@@ -14,10 +14,10 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_structure",
+    "converted_config", "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_structure",
     "converted_table",
     "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
-    "output_thresholds", "record_measured_on",
+    "output_thresholds", "record_config", "record_measured_on",
     "set_output_thresholds",
 ]
 
@@ -29,6 +29,7 @@ _TARGET = "_ptq_target"
 _MEASURED_ON = "_ptq_measured_on"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
 _FINE_TUNING = "_ptq_fine_tuning"
+_CONFIG = "_ptq_config"
 
 
 def mark_converted(
@@ -51,6 +52,17 @@ def record_measured_on(model: paddle.nn.Layer, measured_on: Mapping[str, Any]) -
     """Records what each layer of a converted model's table was measured on (the table file's
     ``measured_on``, see :mod:`imperative_ptq.layer_signature`)."""
     setattr(model, _MEASURED_ON, dict(measured_on))
+
+
+def record_config(model: paddle.nn.Layer, config: Mapping[str, Any]) -> None:
+    """Records the ``PTQConfig.to_dict()`` a converted model was calibrated and converted with
+    (an export's table file names it, whichever ``ImperativePTQ`` exports the model)."""
+    setattr(model, _CONFIG, dict(config))
+
+
+def converted_config(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """What :func:`record_config` recorded (``None`` if nothing)."""
+    return getattr(model, _CONFIG, None)
 
 
 def is_marked_converted(model: paddle.nn.Layer) -> bool:

@@ -40,7 +40,10 @@ from .calibration_table import (
 )
 from .config import PTQConfig, default_ptq_config
 from .convert import convert_layers
-from .converted import converted_minima, converted_table, is_marked_converted, record_measured_on
+from .converted import (
+    converted_config, converted_measured_on, converted_minima, converted_structure,
+    converted_table, is_marked_converted, record_config, record_measured_on,
+)
 from .finite import check_finite_parameters, check_finite_thresholds
 from .functional_matmul import has_own_matrices
 from .functional_matmul import install as install_matmul_routing
@@ -70,6 +73,19 @@ def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerSta
         weight_quantizer=config.new_weight_quantizer() if simulated else None,
         second_input_quantizer=config.new_activation_quantizer() if operands else None,
     )
+
+
+def _check_float32_parameters(model: paddle.nn.Layer) -> None:
+    """Raises ``TypeError`` naming the first floating-point parameter that is not float32:
+    the int8 simulation and the exports compute in float32, as the int8 runtimes do."""
+    for name, parameter in model.named_parameters():
+        if paddle.is_floating_point(parameter) and parameter.dtype != paddle.float32:
+            raise TypeError(
+                f"convert: parameter {name!r} is {str(parameter.dtype).replace('paddle.', '')}; the "
+                f"int8 simulation and its exports compute in float32. Call "
+                f"model.to(dtype='float32') on the calibrated model, then convert (the "
+                f"calibration statistics are kept)"
+            )
 
 
 class ImperativePTQ:
@@ -147,6 +163,7 @@ class ImperativePTQ:
 
         config = self._quant_config
         session = CalibrationSession(model, self._asynchronous, functools.partial(_new_state, config))
+        session.config = config
         schedule.prepare(model, session, config)
         hooked_composites: list[paddle.nn.Layer] = []
         for name, layer in model.named_sublayers():
@@ -317,7 +334,8 @@ class ImperativePTQ:
 
     # ---------------------------------------------------------------------------- thresholds
     def calibration_table(self, model: paddle.nn.Layer) -> CalibrationTable:
-        """Thresholds from the statistics gathered so far, keyed by sublayer name.
+        """Thresholds from the statistics gathered so far, keyed by sublayer name (of a
+        converted model: the table frozen at ``convert``).
 
         Returns:
             ``{name: {"output": [...], "input": [...], "weight": [...]}}``; ``input`` and
@@ -330,6 +348,8 @@ class ImperativePTQ:
             ValueError: ``model`` was not returned by :meth:`quantize`.
             CalibrationError: No calibration batch has been run yet.
         """
+        if is_marked_converted(model) and converted_table(model) is not None:
+            return copy.deepcopy(converted_table(model))  # frozen at convert
         session = self._session(model)
         session.flush()
         return build_table(session.layers)
@@ -349,6 +369,12 @@ class ImperativePTQ:
             it a second time).
         """
         table = self.calibration_table(model)
+        if is_marked_converted(model) and converted_table(model) is not None:
+            write_table(
+                path, table, converted_config(model) or self._quant_config.to_dict(),
+                converted_minima(model), converted_measured_on(model), converted_structure(model),
+            )
+            return table
         hooked = self._session(model).layers
         write_table(
             path, table_of_every_layer(table, hooked), self._quant_config.to_dict(),
@@ -401,6 +427,8 @@ class ImperativePTQ:
             ValueError: A parameter or threshold holds NaN/Inf (the layer is named; the model
                 is left calibrating), or the config asks for AdaRound or bias correction and
                 there are no batches for it (nothing is changed).
+            TypeError: A floating-point parameter is not float32 (e.g. a float64 model; the
+                parameter is named, the model is left calibrating).
         """
         if is_marked_converted(model):
             logger.warning("model is already converted; nothing to do")
@@ -408,6 +436,7 @@ class ImperativePTQ:
         session = self._session(model)
         config = self._quant_config
         schedule.check_convertible(session)
+        _check_float32_parameters(model)
         batches = schedule.algorithm_batches(session, config, data)
         table = self.calibration_table(model)
         check_finite_parameters(model, "convert")
@@ -420,6 +449,7 @@ class ImperativePTQ:
         )
         schedule.after_convert(model, session, config, batches, progress)
         record_measured_on(model, measured_on)
+        record_config(model, config.to_dict())
         session.uninstall()
         return model
 
@@ -444,12 +474,28 @@ class ImperativePTQ:
             CalibrationError: No calibration batch has been run.
             OSError: The target cannot be written (nothing is left half-written).
         """
-        from .export.paddle_export import save_quantized_model
+        from .export.atomic import export_directory
+        from .export.paddle_export import check_export_options, save_quantized_model
+        from .export.spec_check import check_input_spec_runs
+        from .export.tracing import normalize_input_spec
 
-        if calibrating_session(model) is not None:
+        session = calibrating_session(model)
+        if session is not None:
+            # A bad argument is refused before convert freezes the thresholds: a failed call
+            # leaves the model calibrating.
+            check_export_options(config)
+            specs = normalize_input_spec(input_spec)
+            export_directory(path)
+            attached = session.attached
+            session.detach()  # the check's zeros must not reach the statistics
+            try:
+                check_input_spec_runs(model, specs)
+            finally:
+                if attached:
+                    session.attach()
             self.convert(model)
         save_quantized_model(
-            model, path, input_spec, quant_config=self._quant_config.to_dict(),
+            model, path, input_spec, quant_config=converted_config(model) or self._quant_config.to_dict(),
             calibration_table=converted_table(model),
             input_minima=converted_minima(model), **config,
         )
@@ -489,4 +535,12 @@ class ImperativePTQ:
             if is_marked_converted(model):
                 raise ValueError("model is already converted; its thresholds are frozen")
             raise ValueError("model was not prepared by ImperativePTQ.quantize()")
+        if session.config is not None and session.config is not self._quant_config and (
+            session.config.to_dict() != self._quant_config.to_dict()
+        ):
+            raise ValueError(
+                f"model was quantized by another ImperativePTQ, with {session.config.to_dict()}; "
+                f"its statistics follow that config, not this one ({self._quant_config.to_dict()}): "
+                f"calibrate, convert and export it with the ImperativePTQ that quantized it"
+            )
         return session

@@ -103,6 +103,8 @@ class CalibrationSession:
         self.model = model
         self.asynchronous = asynchronous
         self.new_state = new_state
+        #: The ``PTQConfig`` of the ``ImperativePTQ`` that made this session (set by it).
+        self.config: Any = None
         #: Sublayer names by ``id`` while the hooks are attached (layers found then).
         self._names: dict[int, str] = {}
         self._refused: set[str] = set()

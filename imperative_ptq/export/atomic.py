@@ -61,13 +61,18 @@ def export_directory(path_prefix: str | os.PathLike) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def staged_export(path_prefix: str, suffixes: Sequence[str]) -> Iterator[str]:
+def staged_export(
+    path_prefix: str, suffixes: Sequence[str], stale: Sequence[str] = ()
+) -> Iterator[str]:
     """Yields a staging prefix; on success moves ``staging + suffix`` to ``path_prefix + suffix``.
 
     Args:
         path_prefix: Final prefix (its directory must exist, see :func:`export_directory`).
         suffixes: The files that make up the export, in the order they are moved (put the file a
             loader opens first last, so a reader never pairs a new one with an old partner).
+        stale: Files another kind of export writes beside these (an int8 export's
+            ``.calibration.json``), removed before the new files are moved in, so they never
+            describe the new program.
 
     Raises:
         OSError: The directory is not writable (message naming it).
@@ -97,6 +102,9 @@ def staged_export(path_prefix: str, suffixes: Sequence[str]) -> Iterator[str]:
                  "suffixes": list(suffixes)}, file,
             )
         journal_written = True
+        for suffix in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path_prefix + suffix)
         _move_staged(staging_dir, path_prefix, suffixes)
         os.unlink(journal)
         journal_written = False

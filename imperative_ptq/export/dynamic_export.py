@@ -196,7 +196,7 @@ def save_dynamic_model(
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
-    with staged_export(path, DYNAMIC_EXPORT_SUFFIXES) as staging:
+    with staged_export(path, DYNAMIC_EXPORT_SUFFIXES, stale=(".calibration.json",)) as staging:
         weights = trace_dynamic_model(model, specs, staging + ".fp32")
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")

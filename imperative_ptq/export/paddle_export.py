@@ -206,14 +206,8 @@ def save_quantized_model(
     if is_dynamic_model(model):  # quantize_dynamic: a weight-only int8 program
         save_dynamic_model(model, path, input_spec)
         return
-    unknown = set(config) - _OPTIONS
-    if unknown:
-        raise TypeError(
-            f"unknown export option(s) {sorted(unknown)}; supported: {sorted(_OPTIONS)}"
-        )
+    check_export_options(config)
     quantize_residuals = config.get("quantize_residuals", True)
-    if not isinstance(quantize_residuals, bool):
-        raise TypeError(f"quantize_residuals must be a bool, got {type(quantize_residuals).__name__}")
     check_exportable(model)
     target_spec = _export_target(model, target)
     specs = normalize_input_spec(input_spec)
@@ -253,6 +247,19 @@ def save_quantized_model(
         _log_runtime_report(path, written, target_spec, traced.layer_parameters)
 
 
+def check_export_options(config: Mapping[str, Any]) -> None:
+    """Raises ``TypeError`` for an option :func:`save_quantized_model` does not take or a
+    ``quantize_residuals`` that is not a bool."""
+    unknown = set(config) - _OPTIONS
+    if unknown:
+        raise TypeError(
+            f"unknown export option(s) {sorted(unknown)}; supported: {sorted(_OPTIONS)}"
+        )
+    quantize_residuals = config.get("quantize_residuals", True)
+    if not isinstance(quantize_residuals, bool):
+        raise TypeError(f"quantize_residuals must be a bool, got {type(quantize_residuals).__name__}")
+
+
 @main_thread_only
 def save_fp32_model(
     model: paddle.nn.Layer, path: str | os.PathLike, input_spec: Any = None
@@ -283,7 +290,7 @@ def save_fp32_model(
     traced_model = copy.deepcopy(model)
     traced_model.eval()
     check_input_spec_runs(traced_model, specs)
-    with staged_export(path, (".pdiparams", ".pdmodel")) as staging:
+    with staged_export(path, (".pdiparams", ".pdmodel"), stale=(".calibration.json",)) as staging:
         with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():

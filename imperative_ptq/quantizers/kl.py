@@ -162,6 +162,11 @@ class KLQuantizer(BaseHistQuantizer):
             del config["max_clipped_share"]
         return config
 
+    def __repr__(self) -> str:
+        # Every argument, the bound included (config() leaves it out at its default).
+        args = {**self.config(), "max_clipped_share": self.max_clipped_share}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+
     def _check_bins(self) -> None:
         levels = symmetric_levels(self.quant_bits) if self.symmetric else affine_levels(self.quant_bits)
         if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:

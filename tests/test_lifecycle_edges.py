@@ -1,0 +1,175 @@
+"""Where a user's reasonable step went wrong: a float64 model, float64 calibration arrays, a
+failed export call, two ``ImperativePTQ`` instances on one model, tables of a converted model,
+an export written over another kind, a registered custom layer, and the command line's
+normalization of grayscale images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.cli import IMAGENET_MEAN, resolve_normalization
+from imperative_ptq.export import create_predictor, predict, save_fp32_model
+
+SPEC = [paddle.static.InputSpec([None, 8], "float32", "x")]
+
+
+def _net() -> paddle.nn.Layer:
+    paddle.seed(0)
+    net = paddle.nn.Sequential(paddle.nn.Linear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 3))
+    net.eval()
+    return net
+
+
+def _calibrated(ptq: ip.ImperativePTQ | None = None) -> tuple[ip.ImperativePTQ, paddle.nn.Layer]:
+    ptq = ptq or ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(_net())
+    rng = np.random.default_rng(0)
+    ptq.calibrate(quantized, [rng.standard_normal((4, 8)).astype("float32") for _ in range(3)], progress=False)
+    return ptq, quantized
+
+
+def test_a_float64_model_is_refused_at_convert_with_the_fix() -> None:
+    """Calibration runs; convert names the float64 parameter and how to go on (the int8
+    simulation computes in float32); after ``to(dtype='float32')`` it converts."""
+    model = _net()
+    model.to(dtype="float64")
+    ptq = ip.ImperativePTQ()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [np.random.default_rng(0).random((4, 8)) for _ in range(2)], progress=False)
+    with pytest.raises(TypeError, match=r"parameter '0\.weight' is float64.*model\.to\(dtype='float32'\)"):
+        ptq.convert(quantized)
+    assert ptq.calibration_table(quantized)  # still calibrating
+    quantized.to(dtype="float32")
+    ptq.convert(quantized)
+    assert quantized(paddle.rand([2, 8])).dtype == paddle.float32
+    assert model.parameters()[0].dtype == paddle.float64  # the user's model is untouched
+
+
+def test_float64_arrays_calibrate_a_float32_model() -> None:
+    """``np.random.rand`` batches (float64) and lists of floats are read in the model's dtype
+    (they failed inside Paddle's kernels)."""
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(_net())
+    data = np.random.default_rng(1).random((4, 8))
+    assert ptq.calibrate(quantized, [data, data.tolist()], progress=False) == 2
+    assert ptq.calibration_table(quantized)["0"]["input"][0] == pytest.approx(float(data.max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("input_spec, path, error", [
+    (None, "m", TypeError),
+    ("[None, 8]", "m", TypeError),
+    ([paddle.static.InputSpec([None, 7], "float32", "x")], "m", ValueError),
+    (SPEC, "/proc/no_such_directory/m", OSError),
+], ids=["no-spec", "string-spec", "spec-does-not-fit", "unwritable-path"])
+def test_a_failed_export_leaves_the_model_calibrating(input_spec, path, error, tmp_path) -> None:
+    ptq, quantized = _calibrated()
+    before = ptq.calibration_table(quantized)
+    target = path if path.startswith("/") else str(tmp_path / path)
+    with pytest.raises(error):
+        ptq.save_quantized_model(quantized, target, input_spec=input_spec)
+    assert isinstance(quantized[0], paddle.nn.Linear)  # not converted
+    quantized(paddle.rand([2, 8]))  # and still calibrating, its statistics unchanged by the check
+    assert ptq.calibration_table(quantized)["0"]["input"] >= before["0"]["input"]
+    ptq.save_quantized_model(quantized, str(tmp_path / "ok"), input_spec=SPEC)
+
+
+def test_another_ptq_instance_cannot_convert_a_model_calibrated_with_another_config(tmp_path) -> None:
+    first = ip.ImperativePTQ(ip.PTQConfig(ip.HistQuantizer(hist_percent=0.9), ip.PerChannelAbsmaxQuantizer()))
+    _, quantized = _calibrated(first)
+    other = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.AbsmaxQuantizer(), target="arm"))
+    with pytest.raises(ValueError, match="quantized by another ImperativePTQ"):
+        other.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=SPEC)
+    assert ip.ImperativePTQ(first._quant_config).calibration_table(quantized)  # same config: fine
+    first.convert(quantized)
+    # Converted, the model carries its config: whoever exports it, the table names that one.
+    other.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=SPEC)
+    written = json.loads((tmp_path / "m.calibration.json").read_text())
+    assert written["config"]["activation_quantizer"]["type"] == "HistQuantizer"
+    assert written["config"]["target"] == "x86"
+
+
+def test_tables_of_a_converted_model_are_the_frozen_ones(tmp_path) -> None:
+    ptq, quantized = _calibrated()
+    before = ptq.calibration_table(quantized)
+    ptq.convert(quantized)
+    assert ptq.calibration_table(quantized) == before
+    ptq.save_calibration_table(quantized, tmp_path / "table.json")
+    fresh = ip.ImperativePTQ(ptq._quant_config)
+    model = fresh.quantize(_net())
+    fresh.load_calibration_table(model, tmp_path / "table.json")
+    assert fresh.calibration_table(model) == before
+
+
+@pytest.mark.parametrize("kind", ["fp32", "dynamic"])
+def test_another_export_over_an_int8_one_removes_its_calibration_file(kind, tmp_path) -> None:
+    ptq, quantized = _calibrated()
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(quantized, prefix, input_spec=SPEC)
+    assert (tmp_path / "m.calibration.json").exists()
+    if kind == "fp32":
+        save_fp32_model(_net(), prefix, SPEC)
+    else:
+        ip.export.save_quantized_model(ip.quantize_dynamic(_net()), prefix, SPEC)
+    assert not (tmp_path / "m.calibration.json").exists()
+    assert (tmp_path / "m.pdmodel").exists() and (tmp_path / "m.pdiparams").exists()
+
+
+class MatmulLinear(paddle.nn.Layer):
+    """A Linear written by hand, registered as simulated."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = self.create_parameter([inputs, outputs])
+        self.bias = self.create_parameter([outputs], is_bias=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, self.weight) + self.bias
+
+
+def test_a_registered_matmul_layer_runs_in_paddle_inference_as_simulated(tmp_path) -> None:
+    """Paddle runs it as an fc and recomputes its weight scales like an ``nn.Linear``'s; the
+    simulation now models that too (it was 2.3% off the simulation)."""
+    ip.PTQRegistry.register(MatmulLinear, input_names=("X",), weight_names=("Y",), output_names=("Out",),
+                            weight_channel_axis=1, simulated=True)
+    try:
+        paddle.seed(0)
+        net = paddle.nn.Sequential(MatmulLinear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 2))
+        net.eval()
+        ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+        quantized = ptq.quantize(net)
+        ptq.calibrate(quantized, [paddle.rand([64, 8]) for _ in range(4)], progress=False)
+        ptq.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=SPEC)
+    finally:
+        ip.PTQRegistry.unregister(MatmulLinear)
+    x = np.random.default_rng(0).random((256, 8), dtype=np.float32)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(str(tmp_path / "m"), num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+
+
+@pytest.mark.parametrize("grayscale, mean, expected", [
+    (True, None, [float(np.mean(IMAGENET_MEAN))]),
+    (False, None, list(IMAGENET_MEAN)),
+    (True, [0.5], [0.5]),
+])
+def test_cli_normalization_defaults_fit_the_channels(grayscale, mean, expected) -> None:
+    args = argparse.Namespace(grayscale=grayscale, mean=mean, std=None)
+    resolve_normalization(args)
+    assert args.mean == pytest.approx(expected) and len(args.std) == len(expected)
+
+
+def test_cli_normalization_of_the_wrong_length_is_refused_before_anything_runs() -> None:
+    from imperative_ptq.cli import CliError
+
+    with pytest.raises(CliError, match="--mean needs 1 or 1 values, got 3"):
+        resolve_normalization(argparse.Namespace(grayscale=True, mean=list(IMAGENET_MEAN), std=None))
+
+
+def test_kl_repr_shows_the_clip_bound() -> None:
+    assert "max_clipped_share=0.25" in repr(ip.KLQuantizer())
