@@ -586,6 +586,19 @@ def test_a_functional_conv_running_fp32_is_named_in_a_warning(tmp_path, caplog) 
         ptq.save_quantized_model(kept, str(tmp_path / "lenet"), input_spec=[paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")])
     assert not [record for record in caplog.records if "were not calibrated" in record.message]
 
+    # Attention's matmuls of two activations stay fp32 on x86 on purpose: their second
+    # operands are no parameters.
+    caplog.clear()
+    attention = paddle.nn.MultiHeadAttention(WIDTH, 2)
+    attention.eval()
+    ptq = _ptq("x86")
+    quantized = ptq.quantize(attention)
+    ptq.calibrate(quantized, [rng.standard_normal([2, LENGTH, WIDTH]).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.save_quantized_model(quantized, str(tmp_path / "attention"), input_spec=[paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")])
+    assert not [record for record in caplog.records if "were not calibrated" in record.message]
+
 
 def test_an_operand_with_a_shared_first_token_is_not_taken_for_a_constant() -> None:
     """Sequences whose first token is the same in every batch (a blank first row of an image

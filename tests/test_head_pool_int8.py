@@ -312,3 +312,42 @@ def test_a_pool_after_an_s8_block_output_runs_with_a_warning(tmp_path, caplog) -
     assert report.int8.get("fc") == 1 and not report.fp32, report
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     assert ran.shape == (16, 10) and np.isfinite(ran).all()
+
+
+class _MaxThenAveragePool(nn.Layer):
+    """A VGG/CRNN head: conv -> BN -> ``nn.ReLU`` -> max pool -> functional adaptive average
+    pool -> Linear (the average pool is no layer, so it runs fp32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 16, 3, padding=1)
+        self.norm = nn.BatchNorm2D(16)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        pooled = paddle.nn.functional.max_pool2d(self.relu(self.norm(self.conv(x))), 2, 2)
+        return self.fc(paddle.nn.functional.adaptive_avg_pool2d(pooled, 1).flatten(1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_max_pool_before_an_fp32_average_pool_runs_fp32_as_simulated(seed, tmp_path) -> None:
+    """The ReLU output reaches only the fp32 average pool (through the max pool): it keeps no
+    scale, so Paddle runs the max pool fp32 too (with one it averaged u8 codes: 1.4% of the
+    largest logit off on every logit)."""
+    paddle.seed(seed)
+    rng = np.random.default_rng(seed)
+    model = _MaxThenAveragePool()
+    model.eval()
+    from imperative_ptq import ImperativePTQ
+
+    ptq = ImperativePTQ()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [rng.random((4, 3, 16, 16), dtype=np.float32) for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    prefix = str(tmp_path / "head")
+    save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.random((4, 3, 16, 16), dtype=np.float32)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())

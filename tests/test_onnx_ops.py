@@ -590,6 +590,40 @@ def test_kthvalue_runs_in_onnx_runtime_as_paddle(tmp_path) -> None:
     np.testing.assert_array_equal(indices, paddle_indices)  # distinct random values: no ties
 
 
+class _ResizedToInput(nn.Layer):
+    """An FPN/DeepLab merge: a strided conv's output resized back to a size read from a
+    tensor's shape (``F.interpolate(x, size=y.shape[2:])``), dynamic with the input spec."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.first = nn.Conv2D(3, 8, 3, 2, padding=1)
+        self.second = nn.Conv2D(8, 8, 3, 2, padding=1)
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        lateral = F.relu(self.first(x))
+        deep = F.relu(self.second(lateral))
+        target = lateral if self.mode == "nearest" else x
+        return self.head(F.interpolate(deep, size=target.shape[2:], mode=self.mode))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_resize_to_a_computed_size_runs_in_onnx_runtime_at_any_size(mode, tmp_path) -> None:
+    """SizeTensor (a size computed in the graph) becomes Resize's sizes input: the export
+    runs at input sizes other than the calibration's (it raised NotImplementedError)."""
+    qmodel = _quantized(_ResizedToInput(mode), [2, 3, SIZE, SIZE])
+    spec = [paddle.static.InputSpec([None, 3, None, None], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for shape in ([1, 3, 24, 32], [3, 3, 16, 40]):
+        x = np.random.default_rng(2).random(shape).astype("float32")
+        ran = session.run(None, {"x": x})[0]
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+        assert ran.shape == simulated.shape
+        assert _cosine(ran, simulated) >= 0.9999
+
+
 @pytest.mark.parametrize("opset", [13, 14])
 def test_tril_and_triu_run_in_onnx_runtime_at_every_opset(opset: int, tmp_path) -> None:
     """Trilu from opset 14 on; at the default opset 13 (no Trilu) a mask of column minus row.

@@ -1086,11 +1086,23 @@ class FloatOpConverters:
             sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
         self._bind(out, sliced)
 
+    def _resize_to(self, x: str, spatial_sizes: str, out: str, attrs: dict) -> str:
+        """ONNX ``Resize`` of NC... tensor ``x`` to the int64 ``spatial_sizes`` (its batch and
+        channels kept)."""
+        shape = self._node("Shape", [x], out + ".shape")
+        batch_channels = self._node(
+            "Slice", [shape, self._const("start", np.array([0], np.int64)),
+                      self._const("end", np.array([2], np.int64))], out + ".nc",
+        )
+        size = self._node("Concat", [batch_channels, spatial_sizes], out + ".size", axis=0)
+        inputs = [x, self._const("roi", np.zeros([0], np.float32)), self._const("no_scales", np.zeros([0], np.float32)), size]
+        return self._node("Resize", inputs, out, **attrs)
+
     def _interpolate(self, op) -> None:
         """nearest/bilinear_interp_v2 (and linear_interp_v2 over the last axis of an NCW
-        tensor) with a constant scale or output size as ``Resize``, with Paddle's coordinate
-        mapping (``align_corners``, ``align_mode``)."""
-        self._reject_tensor_inputs(op, "OutSize", "SizeTensor", "Scale")
+        tensor) with a constant scale, a constant output size or one computed in the graph as
+        ``Resize``, with Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
+        self._reject_tensor_inputs(op, "Scale")
         if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
             raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
         nearest = op.type == "nearest_interp_v2"
@@ -1105,26 +1117,25 @@ class FloatOpConverters:
             attrs["nearest_mode"] = "round_prefer_ceil" if op.attr("align_corners") else "floor"
         x = self._in(op)
         out = self._out(op)
-        empty = self._const("roi", np.zeros([0], np.float32))
         scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
         # The spatial axes resized: the width of an NCW tensor, else height and width.
         spatial = 1 if op.type == "linear_interp_v2" else 2
         sizes = [op.attr("out_w")] if spatial == 1 else [op.attr("out_h"), op.attr("out_w")]
-        if scale and all(v > 0 for v in scale):
+        computed = [slot for slot in ("SizeTensor", "OutSize") if slot in op.input_names and op.input(slot)]
+        if computed:
+            # A size computed in the graph (F.interpolate(x, size=y.shape[2:]) with a dynamic
+            # input spec): Paddle reads SizeTensor first, then OutSize, over any scale.
+            if computed[0] == "SizeTensor":
+                hw = self._shape_tensor(op, "", "SizeTensor", out)
+            else:
+                hw = self._shape_tensor(op, "OutSize", "", out)
+            node = self._resize_to(x, hw, out, attrs)
+        elif scale and all(v > 0 for v in scale):
             factors = scale[-spatial:] if len(scale) >= spatial else scale[:1] * spatial
             scales = self._const("scales", np.array([1.0, 1.0, *factors], np.float32))
-            node = self._node("Resize", [x, empty, scales], out, **attrs)
+            node = self._node("Resize", [x, self._const("roi", np.zeros([0], np.float32)), scales], out, **attrs)
         elif all(size > 0 for size in sizes):
-            shape = self._node("Shape", [x], out + ".shape")
-            batch_channels = self._node(
-                "Slice", [shape, self._const("start", np.array([0], np.int64)),
-                          self._const("end", np.array([2], np.int64))], out + ".nc",
-            )
-            size = self._node(
-                "Concat", [batch_channels, self._const("hw", np.array(sizes, np.int64))],
-                out + ".size", axis=0,
-            )
-            node = self._node("Resize", [x, empty, self._const("no_scales", np.zeros([0], np.float32)), size], out, **attrs)
+            node = self._resize_to(x, self._const("hw", np.array(sizes, np.int64)), out, attrs)
         else:
             raise NotImplementedError(f"{op.type} without a constant scale or size is not exported")
         self._bind(out, node)

@@ -95,14 +95,15 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
 
 
 def _log_runtime_report(
-    path: str, written: program_lib.ProgramScales, target: Target, layer_parameters: frozenset[str]
+    path: str, written: program_lib.ProgramScales, target: Target, own_parameters: frozenset[str]
 ) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
     naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
     fp32 although the program writes them int8 (``written``: what the program stores; layers
     it stores fp32 were warned about when writing it), one for convs/matmuls on parameters of
-    the model's own layers that nothing calibrated (``layer_parameters``: those Paddle's layers
-    hold, fp32 on purpose), and one for int8 ops reading a signed input on the ``x86`` target.
+    the model's own layer classes that nothing calibrated (``own_parameters``; a parameter of
+    Paddle's layers runs fp32 on purpose, an activation operand is no parameter), and one for
+    int8 ops reading a signed input on the ``x86`` target.
     A failure to build the report is logged, never raised: the export itself is done."""
     try:
         report = int8_report(path)
@@ -128,7 +129,7 @@ def _log_runtime_report(
             len(demoted), ", ".join(demoted[:10]) + (" ..." if len(demoted) > 10 else ""),
         )
     uncalibrated = sorted(
-        set(report.fp32_weights) - set(written.weight_layers) - set(written.weights) - layer_parameters
+        (set(report.fp32_weights) & own_parameters) - set(written.weight_layers) - set(written.weights)
     )
     if uncalibrated:
         # A conv or matmul on a parameter that no calibrated layer holds: a functional call
@@ -244,7 +245,7 @@ def save_quantized_model(
             converted_measured_on(model), structure,
         )
     if target_spec.onednn:
-        _log_runtime_report(path, written, target_spec, traced.layer_parameters)
+        _log_runtime_report(path, written, target_spec, traced.own_parameters)
 
 
 def check_export_options(config: Mapping[str, Any]) -> None:

@@ -474,7 +474,7 @@ def quantize_program(
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
     activation_bits = model_activation_bits(records)
-    returned = returned_only_outputs(block, outputs, writers)
+    returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records))
     if returned:
         logger.info(
             "%d tensors only the network returns (through pools and reshapes) keep no scale, so "
@@ -637,23 +637,31 @@ def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
 
 
 def returned_only_outputs(
-    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping
+    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
+    int8_pools: Mapping[str, float] | None = None,
 ) -> set[str]:
-    """The scaled tensors that only reach the network's outputs: a ReLU after a conv, the
-    max-pools after it, whose only other reader is a ``fetch`` (a VGG prefix ending in a pool).
+    """The scaled tensors that only reach the network's outputs or average pools that run
+    fp32: a ReLU after a conv and the max-pools after it, whose only other reader is a
+    ``fetch`` (a VGG prefix ending in a pool) or an average pool (a VGG or CRNN head: max pool,
+    then an adaptive average pool, then a Linear).
 
     With a scale the conv writes them as int8 codes for the int8 pool, and Paddle Inference
-    returns the dequantized codes where the simulation returns floats (measured: 2.6e-3 of
-    the largest value on a conv -> ReLU -> max-pool network). Without one they run fp32, which
-    costs no int8 reader anything. A block output after a fused residual conv keeps its scale
-    (the fused conv needs it; the simulation writes it as codes, quant_residual.py).
+    returns (or averages) the dequantized codes where the simulation has floats (measured:
+    2.6e-3 of the largest value on a conv -> ReLU -> max-pool network; 1.4% of the largest
+    logit through a max pool and an average pool). Without one they run fp32, which costs no
+    int8 reader anything. A block output after a fused residual conv keeps its scale (the
+    fused conv needs it; the simulation writes it as codes, quant_residual.py).
+
+    ``int8_pools``: the outputs of the global average pools the simulation runs int8
+    (:func:`int8_pool_outputs`), whose input needs its scale.
     """
+    int8_pools = int8_pools or {}
     reading = readers(block)
     returned: set[str] = set()
     for name in outputs:
         if name in returned or relu_after_residual_conv(block, name, writers):
             continue
-        group, pending, only_returned = set(), [name], True
+        group, pending, only_returned, ends_in_fp32 = set(), [name], True, False
         while pending and only_returned:
             tensor = pending.pop()
             if tensor in group:
@@ -662,15 +670,18 @@ def returned_only_outputs(
             for op in reading.get(tensor, []):
                 if op.type == "fetch":
                     continue
+                if op.type == "pool2d" and op.attr("pooling_type") == "avg" and op.output("Out")[0] not in int8_pools:
+                    ends_in_fp32 = True  # _keep_average_pools_fp32 runs it fp32
+                    continue
                 if op.type in _VALUE_PRESERVING_OPS or (
                     op.type == "pool2d" and op.attr("pooling_type") == "max"
                 ):
                     pending.extend(op.output(op.output_names[0]))
                 else:
                     only_returned = False
-        if only_returned and any(
+        if only_returned and (ends_in_fp32 or any(
             op.type == "fetch" for tensor in group for op in reading.get(tensor, [])
-        ):
+        )):
             returned |= group & set(outputs)
     return returned
 

@@ -167,9 +167,9 @@ class TraceResult:
 
     path_prefix: str
     records: list[LayerRecord]
-    #: Parameters held by Paddle's own layers (``nn.Conv2D``, ``nn.Linear``, ...): a conv or
-    #: matmul on any other parameter is a functional call of the model's own code.
-    layer_parameters: frozenset[str] = frozenset()
+    #: Parameters held by the model's own layer classes, not Paddle's (``nn.Conv2D``,
+    #: ``nn.Linear``, ...): a conv or matmul on one is a functional call of the model's code.
+    own_parameters: frozenset[str] = frozenset()
 
 
 def normalize_input_spec(input_spec: Any) -> list[paddle.static.InputSpec]:
@@ -476,10 +476,10 @@ def trace_to_legacy_program(
             f"paddle.jit.save wrote no legacy program at {path_prefix}.pdmodel; this Paddle "
             f"version ({paddle.__version__}) is not supported for int8 export"
         )
-    layer_parameters = frozenset(
+    own_parameters = frozenset(
         parameter.name
         for layer in export_model.sublayers(include_self=True)
-        if type(layer).__module__.startswith("paddle.")
+        if not type(layer).__module__.startswith("paddle.")
         for parameter in layer.parameters(include_sublayers=False)
     )
-    return TraceResult(path_prefix, records, layer_parameters)
+    return TraceResult(path_prefix, records, own_parameters)
