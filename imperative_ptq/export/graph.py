@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias",
-    "complete_matmul_widths", "channels_last_to_first", "exact_nearest_resizes", "is_persistable", "new_persistable", "producers", "readers",
+    "complete_matmul_widths", "channels_last_to_first", "exact_nearest_resizes", "is_persistable",
+    "reduce_open_adaptive_pools", "new_persistable", "producers", "readers",
     "separate_chained_activations", "set_tensor", "transposed_matmul",
 ]
 
@@ -326,5 +327,50 @@ def exact_nearest_resizes(loaded: Any) -> int:
                              outputs={"Out": [gathered]}, attrs={"dim": axis})
             current = gathered
         block._remove_op(next(i for i, candidate in enumerate(block.ops) if candidate is op))
+        replaced += 1
+    return replaced
+
+
+def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
+    """Replaces each adaptive pool to one row or one column that keeps the other axis open
+    (``nn.AdaptiveAvgPool2D((1, None))``, a CRNN's height pooling) by a ``reduce_mean`` /
+    ``reduce_max`` over the pooled axis.
+
+    Paddle traces it as ``pool2d(ksize=[1, -1], adaptive=True)``; where the open axis is
+    dynamic in the input spec, Paddle Inference 3.3.1 fails on it at run time ("could not
+    construct a memory descriptor using a format tag"; a plain ``paddle.jit.save`` program
+    too). The mean or maximum over the pooled axis is the same value. ``AdaptiveMaxPool2D``'s
+    index output must be unread.
+
+    Returns:
+        How many pools were replaced.
+    """
+    reading = readers(block)
+    replaced = 0
+    for op in list(block.ops):
+        if op.type not in ("pool2d", "max_pool2d_with_index") or not op.attr("adaptive"):
+            continue
+        if op.type == "pool2d" and op.attr("data_format") not in ("NCHW", "AnyLayout"):
+            continue
+        if op.type == "max_pool2d_with_index" and reading.get(op.output("Mask")[0]):
+            continue
+        ksize = [int(size) for size in op.attr("ksize")]
+        if sorted(ksize) != [-1, 1]:
+            if -1 in ksize:
+                logger.warning(
+                    "adaptive pool %s to %s keeps an axis open: Paddle Inference 3.3.1 fails on "
+                    "it where that axis is dynamic in the input spec (pooling to 1 there, or a "
+                    "mean over the axis, exports)", op.output("Out")[0], ksize,
+                )
+            continue
+        pooled_axis = 2 + ksize.index(1)
+        maximum = op.type == "max_pool2d_with_index" or op.attr("pooling_type") == "max"
+        source, out = op.input("X")[0], op.output("Out")[0]
+        index = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+        block._remove_op(index)
+        block._insert_op(
+            index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
+            outputs={"Out": [out]}, attrs={"dim": [pooled_axis], "keep_dim": True, "reduce_all": False},
+        )
         replaced += 1
     return replaced

@@ -27,7 +27,8 @@ from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import (
-    channels_last_to_first, complete_matmul_widths, exact_nearest_resizes, separate_chained_activations,
+    channels_last_to_first, complete_matmul_widths, exact_nearest_resizes, reduce_open_adaptive_pools,
+    separate_chained_activations,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -224,6 +225,7 @@ def save_quantized_model(
             complete_matmul_widths(loaded.program.global_block())
             channels_last_to_first(loaded.program.global_block())
             exact_nearest_resizes(loaded)
+            reduce_open_adaptive_pools(loaded.program.global_block())
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
@@ -301,4 +303,5 @@ def save_fp32_model(
             complete_matmul_widths(loaded.program.global_block())
             channels_last_to_first(loaded.program.global_block())
             exact_nearest_resizes(loaded)
+            reduce_open_adaptive_pools(loaded.program.global_block())
             program_lib.save_legacy_program(loaded, staging)
