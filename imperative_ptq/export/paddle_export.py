@@ -222,10 +222,8 @@ def save_quantized_model(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(fp32_prefix)
             separate_chained_activations(loaded.program.global_block())
-            complete_matmul_widths(loaded.program.global_block())
-            channels_last_to_first(loaded.program.global_block())
-            exact_nearest_resizes(loaded)
-            reduce_open_adaptive_pools(loaded.program.global_block())
+            if target_spec.onednn:
+                work_around_onednn_passes(loaded)
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
@@ -248,6 +246,20 @@ def save_quantized_model(
         )
     if target_spec.onednn:
         _log_runtime_report(path, written, target_spec, traced.own_parameters)
+
+
+def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
+    """Rewrites ``loaded`` (a traced program, before quantization) around what Paddle 3.3.1's
+    oneDNN passes and kernels get wrong, each rewrite computing the same values
+    (:mod:`.graph`): matmul widths left unknown by a reshape, channels-last convs/norms/pools,
+    nearest resizes that are not whole-number upscales, and adaptive pools that keep an axis
+    open. Programs for Paddle Lite are left as traced (two activations in a row are separated
+    for every runtime)."""
+    block = loaded.program.global_block()
+    complete_matmul_widths(block)
+    channels_last_to_first(block)
+    exact_nearest_resizes(loaded)
+    reduce_open_adaptive_pools(block)
 
 
 def check_export_options(config: Mapping[str, Any]) -> None:
@@ -300,8 +312,5 @@ def save_fp32_model(
             loaded = program_lib.load_legacy_program(staging + ".raw")
             program_lib.fold_conv_bias(loaded)
             separate_chained_activations(loaded.program.global_block())
-            complete_matmul_widths(loaded.program.global_block())
-            channels_last_to_first(loaded.program.global_block())
-            exact_nearest_resizes(loaded)
-            reduce_open_adaptive_pools(loaded.program.global_block())
+            work_around_onednn_passes(loaded)
             program_lib.save_legacy_program(loaded, staging)
