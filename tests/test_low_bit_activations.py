@@ -151,3 +151,45 @@ def test_residual_codes_beyond_the_narrow_grid_are_what_paddle_inference_writes(
     ptq.save_quantized_model(qmodel, prefix, SPEC)
     for kernels, (ran,) in paddle_inference_outputs(prefix, [x], avx2_runner).items():
         _assert_computes_the_simulation(ran, simulated, kernels)
+
+
+class _Attention(nn.Layer):
+    """Self-attention written with ``paddle.matmul`` (its two matmuls of activations run int8
+    on ``x86-vnni``) between two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        q, k, v = paddle.split(self.qkv(x), 3, axis=-1)
+        weights = nn.functional.softmax(paddle.matmul(q, k, transpose_y=True) * 0.25, axis=-1)
+        return self.out(paddle.matmul(weights, v).mean(1))
+
+
+@pytest.mark.skipif(not ip.cpu_info().vnni, reason="x86-vnni runs signed int8 inputs, which saturate without VNNI")
+@pytest.mark.parametrize("bits", [7, 6])
+def test_attention_matmuls_below_8_bits_export_on_vnni(bits, tmp_path) -> None:
+    """Their inputs are written as 8-bit codes of the narrower grid like every other input (a
+    7-bit quantize op made Paddle Inference refuse the program)."""
+    paddle.seed(0)
+    model = _Attention()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(quant_bits=bits), ip.PerChannelAbsmaxQuantizer(), target="x86-vnni"))
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.standard_normal((4, 6, 16)).astype("float32")))
+    ptq.convert(quantized)
+    # Both int8: the softmax weights change from batch to batch although each row sums to 1
+    # (a plain-sum fingerprint took them for a constant operand and kept that matmul fp32).
+    assert sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers()) == 2
+    x = rng.standard_normal((4, 6, 16)).astype("float32")
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "attention")
+    ptq.save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 6, 16], "float32", "x")])
+    from imperative_ptq.export import create_predictor, predict
+
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())

@@ -440,7 +440,7 @@ def quantize_program(
         op._rename_input(activation, qdq)
         index += inserted + 1
 
-    _quantize_activation_matmuls(loaded, records, written, dequantized_inputs)
+    _quantize_activation_matmuls(loaded, records, written, dequantized_inputs, narrow_below_8_bits=unsigned_inputs)
     _isolate_quantized_shared_outputs(block)
     _align_pooled_scales(block, rectified, outputs)
     _keep_average_pools_fp32(block, outputs, records)
@@ -1200,16 +1200,23 @@ def _quantize_activation_matmuls(
     records: Sequence[LayerRecord],
     written: ProgramScales,
     dequantized_inputs: dict[tuple[str, float], str],
+    narrow_below_8_bits: bool = False,
 ) -> int:
     """Quantizes both inputs of each matmul of two activations a record describes (s8, as the
     simulation computes it; oneDNN runs a ``fused_matmul`` int8 when both inputs come from
     quantize/dequantize pairs of the same signedness).
+
+    ``narrow_below_8_bits`` (oneDNN targets, whose pipeline reads 8-bit quantize ops only): an
+    input grid narrower than 8 bits is written as 8-bit codes of that grid, clipped to it
+    (:func:`_narrow_signed_input`); a 7-bit quantize op made Paddle Inference refuse the whole
+    program ("Unsupported number quantization bits: 7").
 
     Returns:
         How many matmuls got quantized inputs.
     """
     block = loaded.program.global_block()
     writers = producers(block)  # of the traced operands, which the inserted ops leave alone
+    narrowed_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
     count = 0
     for record in records:
         if not record.multiplies_inputs:
@@ -1240,15 +1247,20 @@ def _quantize_activation_matmuls(
             index, call_thresholds = _scale_after_matmul(block, index, op, thresholds)
             for slot, threshold in zip(("X", "Y"), call_thresholds):
                 name = op.input(slot)[0]
-                key = (name, float(threshold))
+                source, threshold, bits = name, float(threshold), record.activation_bits
+                if narrow_below_8_bits and bits < 8:
+                    narrowed = narrowed_inputs.get((name, threshold))
+                    if narrowed is None:
+                        narrowed = _narrow_signed_input(loaded, index, name, threshold, bits, writers)
+                        narrowed_inputs[(name, threshold)] = narrowed
+                        index += narrowed[2]
+                    source, threshold, bits = narrowed[0], narrowed[1], 8
+                key = (source, threshold)
                 qdq = dequantized_inputs.get(key)
                 if qdq is None:
-                    qdq = _activation_qdq(
-                        loaded, index, name, float(threshold), record.activation_bits,
-                        len(dequantized_inputs),
-                    )
+                    qdq = _activation_qdq(loaded, index, source, threshold, bits, len(dequantized_inputs))
                     dequantized_inputs[key] = qdq
-                    written.inputs[name] = float(threshold)
+                    written.inputs[source] = threshold
                     index += 2
                 op._rename_input(name, qdq)
             _separate_added_output(block, op)
