@@ -28,6 +28,7 @@ from .quant_layers import (
     quantize_weight,
     runtime_weight,
 )
+from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes, straight_through
@@ -231,19 +232,26 @@ class FakeQuantLayer(paddle.nn.Layer):
                 x, input_threshold.detach() if self.learnable else self._initial_input_threshold,
                 self.activation_bits, self.residual_codes,
             )
-        code_range = None
+        code_range = grid = None
         if self.input_shifted:
             grid = shifted_grid(
                 float(input_threshold.numpy()[0]), self.input_minimum, self.activation_bits
             )
             if grid is not None:
                 code_range = (-grid[1], shifted_levels(self.activation_bits) - grid[1])
-        x = fake_quantize_ste(
+        quantized = fake_quantize_ste(
             x, input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             gradient_scale=self._input_gradient_scale, code_range=code_range,
             lowest_code=None if self.input_unsigned else self.input_floor,
             highest_code=self.input_top_code if self.input_unsigned else None,
         )
+        if grid is not None:
+            # The values of the converted layer's shifted quantize (rint(x * (1 / s)) + z, as
+            # the runtimes round it; x / s rounded half away from zero differed on a tie:
+            # -47.499996 -> -47 against -48), the gradients of the grid above.
+            exact = fake_quantize(x, grid[0], grid[1], 0, shifted_levels(self.activation_bits))
+            quantized = quantized + (exact - quantized).detach()
+        x = quantized
         if self.shared_weight_threshold:
             weight_thresholds = paddle.max(weight_thresholds).expand(weight_thresholds.shape)
         weight = fake_quantize_ste(

@@ -243,3 +243,27 @@ def test_a_learned_threshold_that_crossed_zero_converts_as_the_forward_reads_it(
     with paddle.no_grad():
         # Measured bit-identical.
         np.testing.assert_array_equal(converted(x).numpy(), trainable(x).numpy())
+
+
+def test_a_shifted_input_on_rounding_ties_is_quantized_as_the_converted_layer(lenet_data) -> None:
+    """A Linear reading a signed input on x86 (a shifted u8 grid): QAT's forward gives the
+    converted layer's values bit for bit on inputs placed on and next to the grid's rounding
+    ties (QAT divided by the step and rounded half away from zero, the converted layer and
+    the runtimes multiply by its reciprocal and round half to even: one code apart)."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(16, 8), paddle.nn.Tanh(), paddle.nn.Linear(8, 4))
+    rng = np.random.default_rng(3)
+    batches = [paddle.to_tensor(rng.standard_normal((32, 16)).astype(np.float32)) for _ in range(3)]
+    ptq, calibrated = _calibrated(model, batches)
+    qat = ImperativeQAT(ptq)
+    trainable = qat.quantize(calibrated)
+    trainable.eval()
+    reference = ptq.convert(calibrated)
+    shifted = reference[2]
+    assert shifted.input_shifted
+    step = float(shifted.input_scale)
+    ties = (np.arange(-60, 60, dtype=np.float32) + 0.5) * np.float32(step)
+    near = np.concatenate([ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))])
+    hidden = paddle.to_tensor(np.resize(near, (near.size // 8, 8)).astype(np.float32))
+    with paddle.no_grad():
+        np.testing.assert_array_equal(trainable[2](hidden).numpy(), shifted(hidden).numpy())
