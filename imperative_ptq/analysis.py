@@ -33,7 +33,7 @@ from .batches import batch_to_call, eval_mode
 from .converted import converted_structure, converted_table
 from .fp32_residuals import refit_fused_residuals
 from .functional_matmul import with_matmul_sites
-from .quant_layers import QuantizedLayer, replace_sublayer
+from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_residual import QuantizedResidualOutput
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
@@ -513,7 +513,8 @@ def keep_fp32(
     Args:
         quantized_model: The converted model.
         names: Names of its :class:`QuantizedLayer` (or
-            :class:`~imperative_ptq.quant_rnn.QuantizedLSTM`) sublayers.
+            :class:`~imperative_ptq.quant_rnn.QuantizedLSTM`, or
+            :class:`~imperative_ptq.quant_layers.QuantizedMatmul`) sublayers.
         model: The fp32 model it was made from.
 
     Returns:
@@ -533,9 +534,12 @@ def keep_fp32(
             fp32 = _get(model, name)
         except AttributeError:
             raise ValueError(f"no layer {name!r} in both models") from None
-        if isinstance(quantized, QuantizedLSTM):  # holds its fp32 LSTM unchanged
+        if isinstance(quantized, (QuantizedLSTM, QuantizedMatmul)):  # hold their fp32 layer
             if type(fp32) is not type(quantized.layer):
-                raise ValueError(f"layer {name!r} is a {type(fp32).__name__} in the fp32 model, not an LSTM")
+                raise ValueError(
+                    f"layer {name!r} is a {type(fp32).__name__} in the fp32 model, not a "
+                    f"{type(quantized.layer).__name__}"
+                )
             replacements.append((name, quantized.layer))
             continue
         if not isinstance(quantized, QuantizedLayer):

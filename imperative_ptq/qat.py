@@ -35,8 +35,10 @@ from .calibration_table import CalibrationTable, TableFile, apply_table, write_t
 from .converted import converted_minima, converted_structure, converted_table, mark_fine_tuned
 from .fake_quant import MIN_THRESHOLD, FakeQuantLayer, FakeQuantResidualSource
 from .ptq import ImperativePTQ
-from .quant_layers import QuantizedLayer, replace_sublayer
+from .analysis import keep_fp32
+from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import QuantizedGlobalAveragePool
+from .quant_rnn import QuantizedLSTM
 from .quant_residual import QuantizedResidualOutput
 from .session import calibrating_session
 
@@ -72,6 +74,9 @@ class _QATState:
         self.backward_passes = 0
         self.batch_norms: list[tuple[str, paddle.nn.Layer]] = []
         self.hook: Any = None
+        #: Layers PTQ's convert runs int8 that QAT has no form for (LSTMs, matmuls of two
+        #: activations): fp32 in the QAT forward, so kept fp32 by :meth:`ImperativeQAT.convert`.
+        self.fp32_layers: list[str] = []
 
     def count_backward(self, gradient: paddle.Tensor) -> None:
         self.backward_passes += 1
@@ -180,12 +185,24 @@ class ImperativeQAT:
                     f"QAT fine-tunes symmetric thresholds only"
                 )
 
+        without_form = [
+            name for name, layer in dry_run.named_sublayers()
+            if isinstance(layer, (QuantizedLSTM, QuantizedMatmul))
+        ]
+        if without_form:
+            logger.warning(
+                "QAT: %d layers that PTQ's convert runs int8 have no fake-quantized training "
+                "form (LSTMs, matmuls of two activations) and stay fp32 in the fine-tuned model, "
+                "in its training forward and in its convert alike: %s", len(without_form),
+                ", ".join(without_form),
+            )
         model = copy.deepcopy(calibrated)
         calibrating_session(model).uninstall()  # a plain fp32 model again
         self._wrap_like_converted(model, dry_run, table, minima or {})
         state = _QATState(
             table, dict(minima or {}), self.freeze_bn_after, converted_structure(dry_run)
         )
+        state.fp32_layers = without_form
         state.batch_norms = [
             (name, layer) for name, layer in model.named_sublayers()
             if isinstance(layer, _BATCH_NORM_TYPES)
@@ -348,6 +365,9 @@ class ImperativeQAT:
             "the fine-tuned table",
         )
         converted = self._ptq.convert(calibrating)
+        if state.fp32_layers:
+            # As the training forward computed them (see quantize).
+            keep_fp32(converted, state.fp32_layers, self.float_model(model))
         mark_fine_tuned(converted, self.fine_tuning(model))
         return converted
 
