@@ -241,11 +241,13 @@ def _simulate_int8_head_pools(
         if state.name in pools:
             source = layers.get(next(iter(state.input_sources))) if len(state.input_sources) == 1 else None
             threshold = source.threshold if isinstance(source, ResidualSumOutput) else pools[state.name]
+            readers = [other.name for _, other in hooked if state.name in other.input_sources and other.name in int8_layers]
             replace_sublayer(
                 model, layer,
                 QuantizedGlobalAveragePool(
                     layer, threshold, table.get(state.name, {}).get("output", []),
                     activation_bits, top=symmetric_levels(8) if state.signed_input else U8_MAX,
+                    readers=readers,
                 ),
             )
     if pools:

@@ -54,6 +54,7 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
         top: The largest code: 255, or 127 when Paddle writes the ReLU output as s8 (after a
             conv fused with an s8 residual, :mod:`imperative_ptq.quant_residual`).
+        readers: Names of the int8 Linear layers that read the pool.
 
     Raises:
         ValueError: ``layer`` is not a global average pool, or the threshold is not positive.
@@ -66,6 +67,7 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         output_thresholds: Sequence[float] = (),
         activation_bits: int = 8,
         top: int = U8_MAX,
+        readers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not is_global_average_pool(layer):
@@ -79,6 +81,9 @@ class QuantizedGlobalAveragePool(paddle.nn.Layer):
         self.output_thresholds = [float(t) for t in output_thresholds]
         self.activation_bits = activation_bits
         self.top = int(top)
+        #: The int8 Linear layers reading the pool (the reason it runs int8): with all of them
+        #: kept fp32 (``analysis.keep_fp32``) it runs fp32 again.
+        self.readers = tuple(readers)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         step = np.float32(self.input_threshold / symmetric_levels(self.activation_bits))
