@@ -53,3 +53,27 @@ def test_pool_on_a_shared_input_runs_as_simulated(quantizer, tmp_path, avx2_runn
     np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)
     if avx2_runner is not None:
         np.testing.assert_allclose(avx2_runner.predict(prefix, x)[0], simulated, atol=bound)
+
+
+@pytest.mark.parametrize("quantizer", [ip.KLQuantizer, ip.HistQuantizer])
+def test_an_inference_dropout_between_a_relu_and_a_linear_keeps_the_clip(quantizer, tmp_path) -> None:
+    """A VGG-style classifier: fc -> ReLU -> Dropout -> fc. Paddle removes the dropout and
+    fused the next fc's u8 clip into the first fc as a plain ReLU, dropping its bound: codes up
+    to 255 where the simulation clips at 127 (16% of the largest output off with KL)."""
+    nn = paddle.nn
+    paddle.seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 10))
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(quantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.random([2, 256], dtype=np.float32)))
+    ptq.convert(quantized)
+    x = rng.random([2, 256], dtype=np.float32)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "classifier")
+    ptq.save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 256], "float32", "x")])
+    np.testing.assert_allclose(
+        predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=1e-5 * np.abs(simulated).max()
+    )

@@ -81,9 +81,16 @@ def gemm_output(writers: Mapping, name: str, through_activations: bool = False) 
     ``through_activations`` after a ReLU/ReLU6 fused into it); ``writers``: variable -> op."""
     passed = _FUSED_INTO_PRODUCER + (("relu", "relu6") if through_activations else ())
     source = writers.get(name)
-    while source is not None and source.type in passed:
+    while source is not None and (source.type in passed or _removed_dropout(source)):
         source = writers.get(source.input("X")[0])
     return source is not None and source.type in FUSING_OPS
+
+
+def _removed_dropout(op) -> bool:
+    """An inference dropout, which Paddle Inference removes (the identity at inference): what
+    follows it is fused into what precedes it (measured: fc -> ReLU -> Dropout -> clip ran as
+    fc + plain ReLU, the clip's bound dropped, 16% of the largest output off)."""
+    return op.type == "dropout" and op.attr("dropout_implementation") == "upscale_in_train"
 
 
 def relu_after_residual_conv(block, name: str, writers: Mapping) -> bool:
