@@ -66,6 +66,10 @@ class PTQRegistry:
     """Registry of the layer types PTQ supports (Paddle's ``PTQRegistry`` API)."""
 
     _layers: dict[type, LayerInfo] = {}
+    #: Paddle's names for the same registry (layer type -> :class:`LayerInfo`): Paddle keeps
+    #: two maps; every layer hooked here is both supported and registered.
+    supported_layers_map = _layers
+    registered_layers_map = _layers
 
     @classmethod
     def register(
@@ -146,6 +150,12 @@ class PTQRegistry:
     def is_supported_layer(cls, layer: paddle.nn.Layer | type) -> bool:
         """Whether PTQ hooks this layer class or instance."""
         return cls.layer_info(layer) is not None
+
+    @classmethod
+    def is_registered_layer(cls, layer: paddle.nn.Layer | type) -> bool:
+        """Paddle's name for :meth:`is_supported_layer` (every layer hooked here has a
+        :class:`LayerInfo`)."""
+        return cls.is_supported_layer(layer)
 
     @classmethod
     def is_simulated_quant_layer(cls, layer: paddle.nn.Layer | type) -> bool:

@@ -543,6 +543,21 @@ def test_registry_queries_for_classes_and_instances() -> None:
         assert PTQRegistry.layer_info(layer) is None
     assert PTQRegistry.layer_info(nn.Linear(2, 3)).weight_channel_axis == 1
     assert PTQRegistry.layer_info(nn.Conv2D).weight_channel_axis == 0
+
+
+def test_registry_has_paddles_names_for_its_queries_and_maps() -> None:
+    """Paddle's ``is_registered_layer`` and its two maps answer as Paddle's registry does
+    for the layers both hook (checked against Paddle's own registry)."""
+    from paddle.quantization.imperative.ptq_registry import PTQRegistry as PaddleRegistry
+
+    nn = paddle.nn
+    for layer in (nn.Conv2D, nn.Linear(2, 3), nn.ReLU(), nn.BatchNorm2D(3), nn.MaxPool2D(2)):
+        assert PTQRegistry.is_registered_layer(layer) == PaddleRegistry.is_registered_layer(layer) is True
+    assert not PTQRegistry.is_registered_layer(nn.Flatten())
+    PaddleRegistry._init()
+    for layer_type in PaddleRegistry.supported_layers_map:
+        assert PTQRegistry.supported_layers_map[layer_type].layer is layer_type
+    assert PTQRegistry.registered_layers_map is PTQRegistry.supported_layers_map
     assert PTQRegistry.layer_info(nn.LSTM).weight_attribute == "weight_ih_l0"
     assert PTQRegistry.layer_info(nn.quant.add).input_names == ("X", "Y")
 
