@@ -354,3 +354,47 @@ def test_signed_input_warning_points_to_native_on_a_vnni_cpu(vnni, monkeypatch, 
         ptq.convert(qmodel)
     assert "read a signed input and stay fp32" in caplog.text
     assert ("target='native' picks x86-vnni here" in caplog.text) == vnni
+
+
+class _NormedLinear(paddle.nn.Layer):
+    """A square Linear reading a LayerNorm output (signed: a shifted input on x86), or its
+    ReLU (u8), then a head."""
+
+    def __init__(self, signed: bool) -> None:
+        super().__init__()
+        self.signed = signed
+        self.norm = paddle.nn.LayerNorm(32)
+        self.fc = paddle.nn.Linear(32, 32)
+        self.head = paddle.nn.Linear(32, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = self.norm(x) if self.signed else paddle.nn.functional.relu(self.norm(x))
+        return self.head(paddle.nn.functional.relu(self.fc(hidden)))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["shifted", "u8"])
+@pytest.mark.parametrize("bits", [6, 7])
+def test_per_tensor_weights_below_8_bits_run_as_simulated(signed, bits, tmp_path) -> None:
+    """Paddle dequantizes stored weight codes as ``float32(float32(code / 127) * scale)`` before
+    its fc re-derives their scales; at the re-derivation's rounding ties (a code half its
+    channel's largest) that float32 value decides the side. Simulated as one float64 product,
+    a 6-bit per-tensor square Linear was 0.4-0.8% off Paddle Inference."""
+    import imperative_ptq as ip
+    from imperative_ptq.export import create_predictor, predict
+
+    paddle.seed(0)
+    model = _NormedLinear(signed)
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.AbsmaxQuantizer(bits)))
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.standard_normal((16, 32)).astype("float32")))
+    ptq.convert(quantized)
+    x = rng.standard_normal((64, 32)).astype("float32")
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "normed")
+    ptq.save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 32], "float32", "x")])
+    np.testing.assert_allclose(
+        predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=1e-5 * np.abs(simulated).max()
+    )
