@@ -12,10 +12,11 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "get_tensor", "insert_reader_op", "insert_zero_bias",
-    "complete_matmul_widths", "channels_last_to_first", "exact_nearest_resizes", "is_persistable",
-    "reduce_open_adaptive_pools", "new_persistable", "producers", "readers",
-    "separate_chained_activations", "set_tensor", "transposed_matmul",
+    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths",
+    "exact_nearest_resizes", "get_tensor", "insert_reader_op", "insert_zero_bias",
+    "is_persistable", "nearest_sources", "new_persistable", "op_index", "producers", "readers",
+    "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
+    "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -34,6 +35,11 @@ def readers(block: "paddle.static.Block") -> dict[str, list[Operator]]:
             for name in op.input(slot):
                 found.setdefault(name, []).append(op)
     return found
+
+
+def op_index(block: "paddle.static.Block", op: Operator) -> int:
+    """The position of ``op`` in ``block.ops`` (by identity)."""
+    return next(i for i, candidate in enumerate(block.ops) if candidate is op)
 
 
 def is_persistable(block: "paddle.static.Block", name: str) -> bool:
@@ -106,7 +112,7 @@ def insert_reader_op(
     output = block.create_var(name=f"{name}.{suffix}", shape=var.shape, dtype=var.dtype)
     for consumer in consumers:
         consumer._rename_input(name, output.name)
-    index = next(i for i, op in enumerate(block.ops) if op is writer)
+    index = op_index(block, writer)
     block._insert_op(
         index + 1, type=op_type, inputs={"X": [name]}, outputs={"Out": [output.name]},
         attrs=attrs or {},
@@ -211,8 +217,8 @@ def channels_last_to_first(block: "paddle.static.Block") -> int:
     fails in Paddle Inference with oneDNN ("Broadcast dimension mismatch ... X = [4, 8, 16,
     16] and Y = [1, 1, 1, 8]"), and so did this package's fp32 and int8 exports; an NHWC
     batch norm reads its height as channels ("the shape of scale must equal to [16] ... is
-    [8]"), and an NHWC pool pools the wrong axes. The rewritten op's input and output keep their names and layouts, so everything
-    around it is unchanged.
+    [8]"), and an NHWC pool pools the wrong axes. The rewritten op's input and output keep
+    their names and layouts, so everything around it is unchanged.
 
     Returns:
         How many ops were rewritten.
@@ -225,7 +231,7 @@ def channels_last_to_first(block: "paddle.static.Block") -> int:
         source, result = op.input(slots[0])[0], op.output(slots[1])[0]
         first = _transposed_var(block, source, (0, 3, 1, 2), f"{source}.nchw_{rewritten}")
         last = _transposed_var(block, result, (0, 3, 1, 2), f"{result}.nchw")
-        index = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+        index = op_index(block, op)
         _insert_transpose(block, index + 1, last, result, (0, 2, 3, 1))
         _insert_transpose(block, index, source, first, (0, 3, 1, 2))
         op._rename_input(source, first)
@@ -322,11 +328,11 @@ def exact_nearest_resizes(loaded: Any) -> int:
                 shape = list(block.var(source).shape)
                 shape[axis] = new
                 gathered = block.create_var(name=f"{out}.nearest_rows", shape=shape, dtype=block.var(source).dtype).name
-            position = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+            position = op_index(block, op)
             block._insert_op(position, type="index_select", inputs={"X": [current], "Index": [index]},
                              outputs={"Out": [gathered]}, attrs={"dim": axis})
             current = gathered
-        block._remove_op(next(i for i, candidate in enumerate(block.ops) if candidate is op))
+        block._remove_op(op_index(block, op))
         replaced += 1
     return replaced
 
@@ -366,7 +372,7 @@ def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
         pooled_axis = 2 + ksize.index(1)
         maximum = op.type == "max_pool2d_with_index" or op.attr("pooling_type") == "max"
         source, out = op.input("X")[0], op.output("Out")[0]
-        index = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+        index = op_index(block, op)
         block._remove_op(index)
         block._insert_op(
             index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},

@@ -27,7 +27,7 @@ import paddle
 from ..quantizers.qparams import symmetric_levels
 from .graph import (
     bias_of, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
-    producers, readers, set_tensor, transposed_matmul,
+    op_index, producers, readers, set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
@@ -41,6 +41,7 @@ from .unsigned import (
     clip_fused_relus,
     insert_clip_relu,
     relu_after_residual_conv,
+    removed_dropout,
     runs_unsigned,
     unsigned_threshold,
 )
@@ -417,14 +418,11 @@ def quantize_program(
             )
         elif unsigned_inputs and record.activation_bits < 8:
             # A signed input on a narrower grid, clipped to its codes.
-            narrowed = narrow_inputs.get((activation, threshold))
-            if narrowed is None:
-                narrowed = _narrow_signed_input(
-                    loaded, index + inserted, activation, threshold, record.activation_bits, writers
-                )
-                narrow_inputs[(activation, threshold)] = narrowed
-                inserted += narrowed[2]
-            quantized, threshold = narrowed[0], narrowed[1]
+            quantized, threshold, added = _narrowed_once(
+                narrow_inputs, loaded, index + inserted, activation, threshold,
+                record.activation_bits, writers,
+            )
+            inserted += added
         # oneDNN's pipeline reads 8-bit quantize ops only: every threshold above puts a
         # narrower grid on 8-bit codes.
         bits = 8 if unsigned_inputs else record.activation_bits
@@ -727,7 +725,7 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
             var = block.var(name)
             plain = block.create_var(name=f"{name}.unfused", shape=var.shape, dtype=var.dtype)
             add._rename_input(name, plain.name)
-            index = next(i for i, op in enumerate(block.ops) if op is writers[name])
+            index = op_index(block, writers[name])
             block._insert_op(
                 index + 1, type="scale", inputs={"X": [name]}, outputs={"Out": [plain.name]},
                 attrs={"scale": 1.0, "bias": 0.0, "bias_after_scale": True},
@@ -778,14 +776,12 @@ _VALUE_PRESERVING_OPS = frozenset({
 
 def _passes_values(op) -> bool:
     """Whether ``op`` hands on its input's values: a value-preserving op, a max pool, or an
-    inference dropout that Paddle removes (``upscale_in_train``: the identity at inference;
-    measured: fc -> ReLU -> Dropout -> fc was 16% of the largest output off Paddle Inference
-    with the ReLU and the dropout on two thresholds, 3e-7 on the reader's)."""
+    inference dropout that Paddle removes (:func:`.unsigned.removed_dropout`)."""
     if op.type in _VALUE_PRESERVING_OPS:
         return True
     if op.type == "pool2d":
         return op.attr("pooling_type") == "max"
-    return op.type == "dropout" and op.attr("dropout_implementation") == "upscale_in_train"
+    return removed_dropout(op)
 
 
 def _align_pooled_scales(
@@ -976,7 +972,7 @@ def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
     var = block.var(name)
     rectified = block.create_var(name=f"{name}.u8_pool", shape=var.shape, dtype=var.dtype)
     pool._rename_input(name, rectified.name)
-    index = next(i for i, op in enumerate(block.ops) if op is pool)
+    index = op_index(block, pool)
     block._insert_op(index, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
     return rectified.name
 
@@ -1043,7 +1039,7 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
             continue
         var = block.var(name)
         copy = block.create_var(name=f"{name}.quantized_copy_{inserted}", shape=var.shape, dtype=var.dtype)
-        index = next(i for i, candidate in enumerate(block.ops) if candidate is op)
+        index = op_index(block, op)
         block._insert_op(index, type="assign", inputs={"X": [name]}, outputs={"Out": [copy.name]})
         op._rename_input(name, copy.name)
         inserted += 1
@@ -1082,7 +1078,7 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
         if name in writers and writers[name].type in FP32_WEIGHT_OPS and name not in conv_outputs:
             conv_outputs.append(name)
     for number, name in enumerate(conv_outputs):
-        writer_index = next(i for i, op in enumerate(block.ops) if op is writers[name])
+        writer_index = op_index(block, writers[name])
         var = block.var(name)
         plain = block.create_var(name=f"{name}.plain{number}", shape=var.shape, dtype=var.dtype)
         for op in block.ops[writer_index + 1:]:
@@ -1256,12 +1252,10 @@ def _quantize_activation_matmuls(
                 name = op.input(slot)[0]
                 source, threshold, bits = name, float(threshold), record.activation_bits
                 if narrow_below_8_bits and bits < 8:
-                    narrowed = narrowed_inputs.get((name, threshold))
-                    if narrowed is None:
-                        narrowed = _narrow_signed_input(loaded, index, name, threshold, bits, writers)
-                        narrowed_inputs[(name, threshold)] = narrowed
-                        index += narrowed[2]
-                    source, threshold, bits = narrowed[0], narrowed[1], 8
+                    source, threshold, added = _narrowed_once(
+                        narrowed_inputs, loaded, index, name, threshold, bits, writers
+                    )
+                    index, bits = index + added, 8
                 key = (source, threshold)
                 qdq = dequantized_inputs.get(key)
                 if qdq is None:
@@ -1324,7 +1318,7 @@ def _scale_after_matmul(
     unscaled = block.create_var(name=f"{out}.unscaled", shape=var.shape, dtype=var.dtype)
     op._rename_input(x, source)
     op._rename_output(out, unscaled.name)
-    scale_index = next(i for i, candidate in enumerate(block.ops) if candidate is scale)
+    scale_index = op_index(block, scale)
     block._remove_op(scale_index)
     index -= 1
     block._insert_op(
@@ -1332,6 +1326,19 @@ def _scale_after_matmul(
         attrs={"scale": factor, "bias": 0.0, "bias_after_scale": True},
     )
     return index, (thresholds[0] / abs(factor), thresholds[1])
+
+
+def _narrowed_once(
+    narrowed: dict[tuple[str, float], tuple[str, float, int]], loaded: LegacyProgram, index: int,
+    name: str, threshold: float, bits: int, writers: Mapping,
+) -> tuple[str, float, int]:
+    """:func:`_narrow_signed_input` of ``(name, threshold)``, inserted once per ``narrowed``
+    cache: the clipped variable, its 8-bit threshold and how many ops were inserted now."""
+    found = narrowed.get((name, threshold))
+    if found is not None:
+        return found[0], found[1], 0
+    found = narrowed[(name, threshold)] = _narrow_signed_input(loaded, index, name, threshold, bits, writers)
+    return found
 
 
 def _narrow_signed_input(

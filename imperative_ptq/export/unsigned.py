@@ -42,7 +42,7 @@ from .tracing import LayerRecord
 __all__ = [
     "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_concat_inputs", "clip_fused_relus",
     "fusable_relu_source", "gemm_output", "insert_clip_relu", "relu_after_residual_conv",
-    "runs_unsigned",
+    "removed_dropout", "runs_unsigned",
     "unsigned_threshold",
 ]
 
@@ -81,15 +81,16 @@ def gemm_output(writers: Mapping, name: str, through_activations: bool = False) 
     ``through_activations`` after a ReLU/ReLU6 fused into it); ``writers``: variable -> op."""
     passed = _FUSED_INTO_PRODUCER + (("relu", "relu6") if through_activations else ())
     source = writers.get(name)
-    while source is not None and (source.type in passed or _removed_dropout(source)):
+    while source is not None and (source.type in passed or removed_dropout(source)):
         source = writers.get(source.input("X")[0])
     return source is not None and source.type in FUSING_OPS
 
 
-def _removed_dropout(op) -> bool:
-    """An inference dropout, which Paddle Inference removes (the identity at inference): what
-    follows it is fused into what precedes it (measured: fc -> ReLU -> Dropout -> clip ran as
-    fc + plain ReLU, the clip's bound dropped, 16% of the largest output off)."""
+def removed_dropout(op) -> bool:
+    """An inference dropout, which Paddle Inference removes (``upscale_in_train``: the identity
+    at inference): what follows it is fused into what precedes it (measured: fc -> ReLU ->
+    Dropout -> clip ran as fc + plain ReLU, the clip's bound dropped, 16% of the largest
+    output off)."""
     return op.type == "dropout" and op.attr("dropout_implementation") == "upscale_in_train"
 
 
