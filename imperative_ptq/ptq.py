@@ -75,6 +75,11 @@ def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerSta
     )
 
 
+def _frozen_table(model: paddle.nn.Layer) -> dict[str, Any] | None:
+    """The table a converted model froze at ``convert`` (``None`` for a calibrating model)."""
+    return converted_table(model) if is_marked_converted(model) else None
+
+
 def _check_float32_parameters(model: paddle.nn.Layer) -> None:
     """Raises ``TypeError`` naming the first floating-point parameter that is not float32:
     the int8 simulation and the exports compute in float32, as the int8 runtimes do."""
@@ -348,8 +353,9 @@ class ImperativePTQ:
             ValueError: ``model`` was not returned by :meth:`quantize`.
             CalibrationError: No calibration batch has been run yet.
         """
-        if is_marked_converted(model) and converted_table(model) is not None:
-            return copy.deepcopy(converted_table(model))  # frozen at convert
+        frozen = _frozen_table(model)
+        if frozen is not None:
+            return copy.deepcopy(frozen)
         session = self._session(model)
         session.flush()
         return build_table(session.layers)
@@ -369,7 +375,7 @@ class ImperativePTQ:
             it a second time).
         """
         table = self.calibration_table(model)
-        if is_marked_converted(model) and converted_table(model) is not None:
+        if _frozen_table(model) is not None:
             write_table(
                 path, table, converted_config(model) or self._quant_config.to_dict(),
                 converted_minima(model), converted_measured_on(model), converted_structure(model),
