@@ -9,8 +9,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, int8_report, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, int8_report, predict, save_fp32_model, save_quantized_model
+from models import converted
 
 SIZE = 16
 SPEC = [paddle.static.InputSpec([None, SIZE, SIZE, 3], "float32", "x")]
@@ -52,15 +52,11 @@ def test_fp32_export_runs_in_paddle_inference(tmp_path) -> None:
 
 def test_int8_export_runs_int8_as_simulated(tmp_path, avx2_runner) -> None:
     model, x = _model_and_batch()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    quantized = ptq.quantize(model)
     rng = np.random.default_rng(1)
-    for _ in range(3):
-        quantized(paddle.to_tensor(rng.random([4, SIZE, SIZE, 3], dtype=np.float32)))
-    ptq.convert(quantized)
+    quantized = converted(model, [paddle.to_tensor(rng.random([4, SIZE, SIZE, 3], dtype=np.float32)) for _ in range(3)])
     simulated = quantized(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "int8")
-    ptq.save_quantized_model(quantized, prefix, SPEC)
+    save_quantized_model(quantized, prefix, SPEC)
     assert int8_report(prefix).int8 == {"fc": 1, "fused_conv2d": 3}
     bound = 1e-5 * np.abs(simulated).max()
     np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)

@@ -11,9 +11,9 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, predict, save_fp32_model, save_quantized_model
 from imperative_ptq.export.graph import nearest_sources
+from models import converted
 
 SIZE = 8
 
@@ -74,14 +74,11 @@ def test_fp32_and_int8_exports_resize_as_paddle_does(name, tmp_path, avx2_runner
     ran = predict(create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1), x)[0]
     np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
 
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    quantized = ptq.quantize(model)
-    for _ in range(3):
-        quantized(paddle.to_tensor(rng.standard_normal([2, 3, SIZE, SIZE]).astype("float32")))
-    ptq.convert(quantized)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 3, SIZE, SIZE]).astype("float32")) for _ in range(3)]
+    quantized = converted(model, batches)
     simulated = quantized(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "int8")
-    ptq.save_quantized_model(quantized, prefix, spec)
+    save_quantized_model(quantized, prefix, spec)
     bound = 1e-5 * np.abs(simulated).max()
     np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)
     if avx2_runner is not None:

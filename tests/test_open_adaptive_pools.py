@@ -11,8 +11,8 @@ import numpy as np
 import paddle
 import pytest
 
-import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, predict, save_fp32_model, save_quantized_model
+from models import converted
 
 HEIGHT = 8
 SPEC = [paddle.static.InputSpec([None, 3, HEIGHT, None], "float32", "x")]
@@ -45,12 +45,8 @@ def test_fp32_and_int8_exports_run_at_any_width(kind, tmp_path) -> None:
     model.eval()
     rng = np.random.default_rng(0)
     save_fp32_model(model, str(tmp_path / "fp32"), SPEC)
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    quantized = ptq.quantize(model)
-    for width in (24, 32, 40):
-        quantized(paddle.to_tensor(rng.random((2, 3, HEIGHT, width), dtype=np.float32)))
-    ptq.convert(quantized)
-    ptq.save_quantized_model(quantized, str(tmp_path / "int8"), SPEC)
+    quantized = converted(model, [paddle.to_tensor(rng.random((2, 3, HEIGHT, width), dtype=np.float32)) for width in (24, 32, 40)])
+    save_quantized_model(quantized, str(tmp_path / "int8"), SPEC)
     fp32 = create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1)
     int8 = create_predictor(str(tmp_path / "int8"), num_threads=1)
     for width in (20, 44):
