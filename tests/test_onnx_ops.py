@@ -375,14 +375,63 @@ def test_adaptive_pool_to_7x7_runs_as_simulated(kind: type, size: int, tmp_path)
     assert list(kernel) == [size // 2 // 7] * 2
 
 
-def test_adaptive_pool_of_an_indivisible_size_names_the_layer_and_sizes(tmp_path) -> None:
-    shape = [2, 3, 20, 20]  # 10x10 features to 7x7: bins of 1 and 2 rows
+class _PooledHead(nn.Layer):
+    """An adaptive pool of the input, returned and read by an int8 Linear."""
+
+    def __init__(self, pool: nn.Layer) -> None:
+        super().__init__()
+        self.pool = pool
+        self.head = nn.Linear(3 * 3 * 5, 4)
+
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        pooled = self.pool(x)
+        return pooled, self.head(paddle.flatten(pooled, 1))
+
+
+def _adaptive_pool_reference(x: np.ndarray, sizes: tuple[int, int], reduce: Callable) -> np.ndarray:
+    """Paddle's adaptive pool, bin by bin: bin ``i`` of an axis spans ``floor(i * in / out)``
+    up to ``ceil((i + 1) * in / out)``."""
+    height, width = x.shape[2:]
+    out = np.empty(x.shape[:2] + sizes, np.float64)
+    for i in range(sizes[0]):
+        rows = slice(i * height // sizes[0], -(-(i + 1) * height // sizes[0]))
+        for j in range(sizes[1]):
+            columns = slice(j * width // sizes[1], -(-(j + 1) * width // sizes[1]))
+            out[:, :, i, j] = reduce(x[:, :, rows, columns], axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("pool, reduce", [
+    (nn.AdaptiveAvgPool2D((3, 5)), np.mean), (nn.AdaptiveMaxPool2D((3, 5)), np.max),
+])
+def test_adaptive_pool_of_unequal_bins_runs_in_onnx_runtime_as_paddle(pool, reduce, tmp_path) -> None:
+    x = np.random.default_rng(0).normal(size=[2, 3, 7, 11]).astype(np.float32)
+    expected = _adaptive_pool_reference(x.astype(np.float64), (3, 5), reduce)
+    np.testing.assert_allclose(pool(paddle.to_tensor(x)).numpy(), expected, rtol=1e-6, atol=1e-6)
+    qmodel = _quantized(_PooledHead(pool), list(x.shape))
+    spec = [paddle.static.InputSpec([None, 3, 7, 11], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    pooled, logits = session.run(None, {"x": x})
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
+    assert _cosine(logits, qmodel(paddle.to_tensor(x))[1].numpy()) >= 0.99999
+
+
+@pytest.mark.parametrize("kind", [nn.AdaptiveAvgPool2D, nn.AdaptiveMaxPool2D])
+def test_adaptive_pool_of_an_indivisible_size_runs_as_simulated(kind: type, tmp_path) -> None:
+    shape = [4, 3, 20, 20]  # 10x10 features to 7x7: bins of 2 and 3 rows
+    ran, simulated, _ = _runs(_quantized(_VGGStyle(kind((7, 7))), shape), shape, tmp_path)
+    assert _cosine(ran, simulated) >= 0.99999
+
+
+def test_adaptive_pool_of_a_dynamic_size_names_the_layer(tmp_path) -> None:
+    shape = [2, 3, 14, 14]
     qmodel = _quantized(_VGGStyle(nn.AdaptiveAvgPool2D((7, 7))), shape)
-    spec = [paddle.static.InputSpec([None, 3, 20, 20], "float32", "x")]
+    spec = [paddle.static.InputSpec([None, 3, None, None], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert "[10, 10] to [7, 7]" in message and "layer 'pool'" in message, message
+    assert "[-1, -1] to [7, 7]" in message and "layer 'pool'" in message, message
     assert "save_quantized_model" in message
     assert not list(tmp_path.iterdir())  # nothing written
 

@@ -90,6 +90,14 @@ _PADDLE_EXPORT_WORKS = (
 )
 
 
+def adaptive_bins(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bins of an adaptive pool from ``length`` to ``size`` positions, as Paddle computes
+    them: bin ``i`` spans ``floor(i * length / size)`` up to ``ceil((i + 1) * length / size)``
+    (exclusive). Returns the ``[size]`` arrays of starts and ends."""
+    bins = np.arange(size, dtype=np.int64)
+    return bins * length // size, -((-(bins + 1) * length) // size)
+
+
 def _require_onnx():
     try:
         import onnx
@@ -1042,7 +1050,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
 
     def _pool(self, op) -> None:
         """pool2d, and max_pool2d_with_index (``nn.AdaptiveMaxPool2D``, ``return_mask``) whose
-        mask nothing reads: global, adaptive (:meth:`_adaptive_window`) or windowed."""
+        mask nothing reads: global, adaptive (windows when the input size divides by the output
+        size, else :meth:`_uneven_adaptive_pool`) or windowed."""
         kind = "max" if op.type == "max_pool2d_with_index" else op.attr("pooling_type")
         if op.type == "max_pool2d_with_index" and self.readers.get(op.output("Mask")[0]):
             raise NotImplementedError("max_pool2d_with_index whose Mask is read is not exported")
@@ -1074,11 +1083,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 return
             node = self._node("GlobalMaxPool" if kind == "max" else "GlobalAveragePool", [source], out)
         elif op.attr("adaptive"):
-            window = self._adaptive_window(op, ksize)
-            attrs = dict(kernel_shape=window, strides=window, pads=[0, 0, 0, 0])
+            spatial = self._adaptive_input_size(op, ksize)
             if kind == "max":
                 self._keep_input_scale(op, out)
-            node = self._node("MaxPool" if kind == "max" else "AveragePool", [source], out, **attrs)
+            if any(i % o for i, o in zip(spatial, ksize)):
+                node = self._uneven_adaptive_pool(kind, source, spatial, ksize, out)
+            else:
+                window = [i // o for i, o in zip(spatial, ksize)]
+                attrs = dict(kernel_shape=window, strides=window, pads=[0, 0, 0, 0])
+                node = self._node("MaxPool" if kind == "max" else "AveragePool", [source], out, **attrs)
         else:
             paddings = list(op.attr("paddings"))
             pads = paddings + paddings if len(paddings) == 2 else [paddings[0], paddings[2], paddings[1], paddings[3]]
@@ -1092,19 +1105,51 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
         self._bind(out, node)
 
-    def _adaptive_window(self, op, sizes: list[int]) -> list[int]:
-        """The kernel (equal to the stride) of an adaptive pool from the traced input size to
-        ``sizes``: Paddle's bin ``i`` spans ``floor(i * in / out) .. ceil((i + 1) * in / out)``,
-        which for an input size divisible by the output size is a window of ``in / out`` at
-        stride ``in / out``; other sizes have bins of unequal length (not exported)."""
+    def _adaptive_input_size(self, op, sizes: list[int]) -> list[int]:
+        """The spatial size an adaptive pool reads, known when traced (else not exported)."""
         spatial = self._shape(op.input("X")[0])[2:]
-        if len(spatial) != len(sizes) or min(spatial) < 0 or any(i % o for i, o in zip(spatial, sizes)):
+        if len(spatial) != len(sizes) or min(spatial) < 0:
             raise NotImplementedError(
-                f"adaptive {op.type} from {spatial} to {list(sizes)} is not exported: only input "
-                f"sizes (known when traced) divisible by the output size are (kernel = stride = "
-                f"input / output)"
+                f"adaptive {op.type} from {spatial} to {list(sizes)} is not exported: its input "
+                f"size must be known when traced (give the input_spec static spatial dimensions)"
             )
-        return [i // o for i, o in zip(spatial, sizes)]
+        return spatial
+
+    def _uneven_adaptive_pool(
+        self, kind: str, x: str, spatial: list[int], sizes: list[int], stem: str
+    ) -> str:
+        """An adaptive pool whose bins differ in length, one spatial axis after the other.
+
+        Paddle's bin ``i`` of an axis spans ``floor(i * in / out) .. ceil((i + 1) * in / out)``
+        (:func:`adaptive_bins`). A window's maximum is the maximum of its rows' maxima: per
+        axis, a ``Gather`` of each bin's positions (short bins repeat their last one) and a
+        ``ReduceMax``. A window's mean is the mean of its rows' means: per axis, a ``MatMul``
+        with the ``[out, in]`` matrix of ``1 / length`` over each bin.
+        """
+        if len(spatial) != 2:
+            raise NotImplementedError(f"adaptive pool over {len(spatial)} axes of unequal bins")
+        pooled = x
+        rank = 4
+        for offset, (length, size) in enumerate(zip(spatial, sizes)):
+            axis = 2 + offset
+            starts, ends = adaptive_bins(length, size)
+            positions = np.arange(length)
+            if kind == "max":
+                window = starts[:, None] + np.arange(int((ends - starts).max()))[None, :]
+                indices = np.minimum(window, ends[:, None] - 1).astype(np.int64)
+                gathered = self._node(
+                    "Gather", [pooled, self._const("bins", indices)], f"{stem}.bins{axis}", axis=axis
+                )
+                pooled = self._reduce_node("ReduceMax", gathered, [axis + 1], False, f"{stem}.max{axis}")
+                continue
+            inside = (positions[None, :] >= starts[:, None]) & (positions[None, :] < ends[:, None])
+            means = (inside / (ends - starts)[:, None]).astype(np.float32)  # [out, in]
+            if axis == rank - 1:  # [..., in] @ [in, out]
+                operands = [pooled, self._const("means", means.T)]
+            else:  # [out, in] @ [..., in, W] (pool2d's height)
+                operands = [self._const("means", means), pooled]
+            pooled = self._node("MatMul", operands, f"{stem}.mean{axis}")
+        return pooled
 
     def _keep_input_scale(self, op, out: str) -> None:
         """A max-pool or a reshape outputs some of its input's values: quantized with the
@@ -1433,7 +1478,7 @@ def export_onnx(
         TypeError / ValueError: As for ``save_quantized_model``; ``int4_weights`` not a bool
             or ``None``, or ``True`` where it cannot be honoured.
         NotImplementedError: The program contains an op without a converter, or one in a
-            form not exported (an adaptive pool to a size that does not divide its input, an
+            form not exported (an adaptive pool of an input size unknown when traced, an
             LSTM/GRU called with sequence lengths, ...): the message names the op, the tensor
             it writes or its calibrated layer, and what it reads. ``save_quantized_model``
             (Paddle Inference) still exports such a model.
