@@ -26,8 +26,10 @@ from imperative_ptq import (
     KLQuantizer,
     PerChannelAbsmaxQuantizer,
     PTQConfig,
+    TensorRTKLQuantizer,
 )
 from imperative_ptq.quantizers import MIN_THRESHOLD
+from imperative_ptq.quantizers.kl_tensorrt import tensorrt_kl_threshold
 
 logging.getLogger("paddle").setLevel(logging.ERROR)
 
@@ -169,16 +171,34 @@ def test_kl_bound_leaves_long_tailed_activations_to_paddles_threshold(share: flo
     assert ours == theirs
 
 
+@pytest.mark.parametrize("quantizer", [KLQuantizer, TensorRTKLQuantizer])
 @pytest.mark.parametrize("share, error", [(0.0, ValueError), (1.5, ValueError), ("0.2", TypeError), (True, TypeError)])
-def test_kl_bound_rejects_bad_shares(share, error) -> None:
+def test_kl_bound_rejects_bad_shares(quantizer: type, share, error) -> None:
     with pytest.raises(error, match="max_clipped_share"):
-        KLQuantizer(max_clipped_share=share)
+        quantizer(max_clipped_share=share)
 
 
-def test_kl_bound_is_listed_in_the_config_only_when_not_the_default() -> None:
-    assert "max_clipped_share" not in KLQuantizer().config()
-    assert KLQuantizer(max_clipped_share=None).config()["max_clipped_share"] is None
-    assert KLQuantizer(max_clipped_share=0.5).clone().max_clipped_share == 0.5
+@pytest.mark.parametrize("quantizer", [KLQuantizer, TensorRTKLQuantizer])
+def test_kl_bound_is_listed_in_the_config_only_when_not_the_default(quantizer: type) -> None:
+    assert "max_clipped_share" not in quantizer().config()
+    assert quantizer(max_clipped_share=None).config()["max_clipped_share"] is None
+    assert quantizer(max_clipped_share=0.5).clone().max_clipped_share == 0.5
+    assert "max_clipped_share=0.25" in repr(quantizer())
+
+
+def test_tensorrt_kl_keeps_the_maximum_where_its_search_clips_most_of_the_data() -> None:
+    """TensorRT's search clips such pixels at about half their range too; with the bound the
+    maximum (1.0) is kept, without it the threshold is TensorRT's on the same histogram."""
+    batches = _pixel_batches()
+    data = np.concatenate([batch.numpy().ravel() for batch in batches])
+    (unbounded,) = _run(TensorRTKLQuantizer(max_clipped_share=None), batches)
+    (ours,) = _run(TensorRTKLQuantizer(), batches)
+    counts, _ = np.histogram(data, bins=1024, range=(0.0, 1.0))  # the pixels' maximum is 1.0
+    assert unbounded == pytest.approx(tensorrt_kl_threshold(counts, 1.0 / 1024, 8), rel=1e-12)
+    # Slow reference: the share of the non-zero values above TensorRT's threshold.
+    nonzero = data[data > 1.0 / 1024]
+    assert (nonzero > unbounded).mean() > 0.25 and unbounded < 0.65
+    assert ours == pytest.approx(1.0, abs=1e-6)
 
 
 def test_hist_first_bin_percentile_paddle_negative_ours_positive() -> None:

@@ -15,24 +15,15 @@ histogram the same threshold comes out.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import numpy as np
 
-from .histogram import BaseHistQuantizer
+from .clip_bound import DEFAULT_MAX_CLIPPED_SHARE, ClipBoundedHistQuantizer
 from .level_groups import GroupedCandidates
 from .qparams import affine_levels, symmetric_levels
 
 __all__ = ["DEFAULT_MAX_CLIPPED_SHARE", "KLQuantizer", "paddle_kl_threshold"]
 
-logger = logging.getLogger(__name__)
-
 _f32 = np.float32
-
-#: :class:`KLQuantizer`'s default ``max_clipped_share``.
-DEFAULT_MAX_CLIPPED_SHARE = 0.25
-
 
 def _sequential_tail_sums(counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """``sum(counts[s:])`` for each ``s``, accumulated left to right in float32 as Python's
@@ -104,7 +95,7 @@ def paddle_kl_threshold(
     return (best + 0.5) * bin_width
 
 
-class KLQuantizer(BaseHistQuantizer):
+class KLQuantizer(ClipBoundedHistQuantizer):
     """KL-divergence threshold, Paddle's variant (Paddle's ``KLQuantizer``).
 
     Searches clips from half the histogram range upwards and merges into
@@ -135,38 +126,6 @@ class KLQuantizer(BaseHistQuantizer):
         TypeError: ``max_clipped_share`` is not a float or ``None``.
     """
 
-    def __init__(
-        self,
-        quant_bits: int = 8,
-        bins: int = 1024,
-        upsample_bins: int = 64,
-        exact_binning: bool = True,
-        symmetric: bool = True,
-        max_clipped_share: float | None = DEFAULT_MAX_CLIPPED_SHARE,
-    ) -> None:
-        super().__init__(quant_bits, bins, upsample_bins, exact_binning, symmetric)
-        if max_clipped_share is not None:
-            if isinstance(max_clipped_share, bool) or not isinstance(max_clipped_share, (int, float, np.floating)):
-                raise TypeError(
-                    f"max_clipped_share must be a float or None, got {type(max_clipped_share).__name__}"
-                )
-            if not 0.0 < float(max_clipped_share) <= 1.0:
-                raise ValueError(f"max_clipped_share must be in (0, 1], got {max_clipped_share}")
-            max_clipped_share = float(max_clipped_share)
-        self.max_clipped_share = max_clipped_share
-
-    def config(self) -> dict[str, Any]:
-        # Listed only when not the default, so tables written before the option stay the same.
-        config = super().config()
-        if config.get("max_clipped_share") == DEFAULT_MAX_CLIPPED_SHARE:
-            del config["max_clipped_share"]
-        return config
-
-    def __repr__(self) -> str:
-        # Every argument, the bound included (config() leaves it out at its default).
-        args = {**self.config(), "max_clipped_share": self.max_clipped_share}
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
-
     def _check_bins(self) -> None:
         levels = symmetric_levels(self.quant_bits) if self.symmetric else affine_levels(self.quant_bits)
         if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:
@@ -180,20 +139,3 @@ class KLQuantizer(BaseHistQuantizer):
 
     def threshold_for_levels(self, counts: np.ndarray, bin_width: float, levels: int) -> float:
         return self._bounded(counts, bin_width, paddle_kl_threshold(counts, bin_width, self.quant_bits, levels))
-
-    def _bounded(self, counts: np.ndarray, bin_width: float, threshold: float) -> float:
-        """``threshold``, or the histogram's maximum where it clips too much of the data."""
-        if self.max_clipped_share is None:
-            return threshold
-        counts = np.asarray(counts, dtype=np.float64)
-        nonzero = float(counts[1:].sum())
-        clipped = float(counts[int(threshold / bin_width) + 1:].sum())
-        if nonzero <= 0.0 or clipped <= self.max_clipped_share * nonzero:
-            return threshold
-        maximum = (int(np.flatnonzero(counts)[-1]) + 1) * bin_width
-        logger.info(
-            "KL threshold %.6g would clip %.0f%% of the non-zero values (more than "
-            "max_clipped_share=%g): the maximum %.6g is kept", threshold, 100 * clipped / nonzero,
-            self.max_clipped_share, maximum,
-        )
-        return maximum
