@@ -71,9 +71,23 @@ def is_marked_converted(model: paddle.nn.Layer) -> bool:
 
 
 def converted_target(model: paddle.nn.Layer) -> Target:
-    """The target ``model`` was converted for (the default for models converted before targets
-    existed)."""
-    return get_target(getattr(model, _TARGET, DEFAULT_TARGET))
+    """The target ``model`` was converted for: its own, else that of the converted models it
+    wraps (a converted model put in a ``Sequential`` with a softmax, say), else the default
+    (models converted before targets existed).
+
+    Raises:
+        ValueError: ``model`` wraps models converted for different targets.
+    """
+    own = getattr(model, _TARGET, None)
+    if own is not None:
+        return get_target(own)
+    wrapped = sorted({getattr(layer, _TARGET) for layer in model.sublayers() if hasattr(layer, _TARGET)})
+    if len(wrapped) > 1:
+        raise ValueError(
+            f"{type(model).__name__} wraps models converted for different targets {wrapped}: "
+            f"one export runs one target's arithmetic; convert them all for the same target"
+        )
+    return get_target(wrapped[0] if wrapped else DEFAULT_TARGET)
 
 
 def converted_table(model: paddle.nn.Layer) -> dict[str, Any] | None:

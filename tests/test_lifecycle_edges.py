@@ -15,6 +15,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.cli import IMAGENET_MEAN, resolve_normalization
 from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 
 SPEC = [paddle.static.InputSpec([None, 8], "float32", "x")]
 
@@ -173,3 +174,43 @@ def test_cli_normalization_of_the_wrong_length_is_refused_before_anything_runs()
 
 def test_kl_repr_shows_the_clip_bound() -> None:
     assert "max_clipped_share=0.25" in repr(ip.KLQuantizer())
+
+
+def _converted_for(target: str) -> paddle.nn.Layer:
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    quantized = ptq.quantize(_net())
+    rng = np.random.default_rng(0)
+    ptq.calibrate(quantized, [rng.standard_normal((4, 8)).astype("float32") for _ in range(3)], progress=False)
+    return ptq.convert(quantized)
+
+
+def _op_types(prefix: str) -> list[str]:
+    with legacy_static_mode():
+        return [op.type for op in load_legacy_program(prefix).program.global_block().ops]
+
+
+def test_a_wrapped_converted_model_exports_for_the_target_it_was_converted_for(tmp_path) -> None:
+    """A converted model put in a Sequential with a softmax exports with its own target's
+    arithmetic: it was exported for the default ``x86`` (its signed input shifted in front of
+    an fc the simulation runs on s8 codes) and refused ``target='x86-vnni'``."""
+    inner = _converted_for("x86-vnni")
+    wrapper = paddle.nn.Sequential(inner, paddle.nn.Softmax())
+    ip.export.save_quantized_model(inner, str(tmp_path / "inner"), SPEC)
+    ip.export.save_quantized_model(wrapper, str(tmp_path / "wrapped"), SPEC, target="x86-vnni")
+    table = json.loads((tmp_path / "wrapped.calibration.json").read_text())
+    assert table["config"]["target"] == "x86-vnni"
+    assert _op_types(str(tmp_path / "wrapped")) == [
+        *[t for t in _op_types(str(tmp_path / "inner")) if t != "fetch"], "softmax", "fetch"
+    ]
+    x = np.random.default_rng(2).standard_normal((5, 8)).astype("float32")
+    expected = wrapper(paddle.to_tensor(x)).numpy()
+    if ip.cpu_info().vnni:  # the runtime check needs the target's kernels
+        ran = predict(create_predictor(str(tmp_path / "wrapped")), x)[0]
+        np.testing.assert_allclose(ran, expected, atol=1e-5)
+
+
+def test_a_model_wrapping_two_targets_is_refused(tmp_path) -> None:
+    wrapper = paddle.nn.Sequential(_converted_for("x86"), paddle.nn.Linear(3, 8), _converted_for("arm"))
+    with pytest.raises(ValueError, match=r"Sequential wraps models converted for different targets \['arm', 'x86'\]"):
+        ip.export.save_quantized_model(wrapper, str(tmp_path / "m"), SPEC)
+    assert not list(tmp_path.iterdir())
