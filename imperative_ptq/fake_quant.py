@@ -28,11 +28,10 @@ from .quant_layers import (
     quantize_weight,
     runtime_weight,
 )
-from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes, straight_through
-from .shifted_input import shifted_grid, shifted_levels
+from .shifted_input import dequantize_codes, shifted_codes, shifted_grid, shifted_levels
 
 __all__ = [
     "FUNCTIONAL_FORWARDS", "MIN_THRESHOLD", "FakeQuantLayer", "FakeQuantResidualSource",
@@ -246,11 +245,12 @@ class FakeQuantLayer(paddle.nn.Layer):
             highest_code=self.input_top_code if self.input_unsigned else None,
         )
         if grid is not None:
-            # The values of the converted layer's shifted quantize (rint(x * (1 / s)) + z, as
-            # the runtimes round it; x / s rounded half away from zero differed on a tie:
-            # -47.499996 -> -47 against -48), the gradients of the grid above.
-            exact = fake_quantize(x, grid[0], grid[1], 0, shifted_levels(self.activation_bits))
-            quantized = quantized + (exact - quantized).detach()
+            # The values of the converted layer's shifted quantize (computed as Paddle Inference
+            # rounds it; x / s rounded half away from zero differed on a tie: -47.499996 -> -47
+            # against -48), the gradients of the grid above.
+            codes = shifted_codes(x, grid[0], grid[1], shifted_levels(self.activation_bits))
+            exact = dequantize_codes(codes, grid[0], grid[1])
+            quantized = straight_through(quantized, exact)
         x = quantized
         if self.shared_weight_threshold:
             weight_thresholds = paddle.max(weight_thresholds).expand(weight_thresholds.shape)

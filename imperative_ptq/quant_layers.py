@@ -19,7 +19,7 @@ from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place
 from .quantizers.qparams import affine_levels, symmetric_levels
 from .rounding import grid_codes
-from .shifted_input import shift_response, shifted_levels
+from .shifted_input import dequantize_codes, shift_response, shifted_codes, shifted_levels
 
 __all__ = [
     "QuantizedLayer",
@@ -396,11 +396,11 @@ class QuantizedLayer(paddle.nn.Layer):
 
     def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
         """The fake-quantized first input, as :meth:`forward` feeds it to the layer."""
+        if self.input_shifted:
+            codes = shifted_codes(x, self.input_scale, self.input_zero_point, shifted_levels(self.activation_bits))
+            return dequantize_codes(codes, self.input_scale, self.input_zero_point)
         if self.input_zero_point is not None:
-            levels = (
-                shifted_levels(self.activation_bits) if self.input_shifted
-                else affine_levels(self.activation_bits)
-            )
+            levels = affine_levels(self.activation_bits)
             return fake_quantize(x, self.input_scale, self.input_zero_point, 0, levels)
         return fake_quantize_symmetric(
             x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned,

@@ -13,6 +13,12 @@ and the bias absorbs the shift. The simulation quantizes ``x`` on the affine gri
 then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv whose kernel
 reads no padding (1x1, unpadded); a padded conv's border would see zeros where the shift
 expects ``c``. The export side is :mod:`imperative_ptq.export.shifted`.
+
+The codes are computed as Paddle Inference computes them, rounding included
+(:func:`shifted_codes`): ``c`` is added in float32 and the sum multiplied by the u8 quantize
+op's float32 multiplier ``k ~ 1 / s``. ``rint(x / s) + z`` or ``rint(x * (1 / s)) + z`` give
+other codes near ties (3 of 1.8 million on a transformer's LayerNorm outputs, each moving an
+output by a step of a grid made coarse by outlier channels: 7% of the largest output).
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ import numpy as np
 import paddle
 
 from .quantizers.qparams import affine_levels
+from .rounding import round_half_to_even
 
-__all__ = ["MAX_EXACT_U8_CODE", "shiftable", "shift_response", "shifted_grid", "shifted_levels"]
+__all__ = [
+    "MAX_EXACT_U8_CODE", "dequantize_codes", "shift_value", "shiftable", "shift_response", "shifted_codes", "shifted_grid",
+    "shifted_levels", "shifted_multiplier",
+]
 
 #: The largest u8 code whose byte pairs cannot saturate ``vpmaddubsw`` (2 * 127 * 127 < 32767).
 MAX_EXACT_U8_CODE = 127
@@ -87,3 +97,42 @@ def shift_response(weight: np.ndarray, weight_axis: int, shift: float) -> np.nda
     weight = np.asarray(weight, dtype=np.float64)
     reduced = tuple(axis for axis in range(weight.ndim) if axis != weight_axis)
     return (weight.sum(axis=reduced) * float(shift)).astype(np.float32)
+
+
+def shift_value(scale: float, zero_point: int) -> np.float32:
+    """The shift ``c = z * s`` as the program holds it (a float32 attribute)."""
+    return np.float32(float(zero_point) * float(scale))
+
+
+def shifted_multiplier(scale: float) -> np.float32:
+    """The multiplier of Paddle Inference's u8 quantize op for a shifted input of step ``s``.
+
+    The program writes the threshold ``S = 255 * s`` in float32; Paddle's oneDNN passes take
+    ``float32(1 / S)`` and multiply it by 255 in float32, and the quantize op multiplies its
+    input by that.
+    """
+    threshold = np.float32(255.0 * float(scale))
+    return np.float32(np.float32(1.0 / float(threshold)) * np.float32(255.0))
+
+
+def shifted_codes(x: paddle.Tensor, scale: float, zero_point: int, levels: int) -> paddle.Tensor:
+    """The u8 codes ``clip(rint(float32(x + c) * k), 0, levels)`` of a shifted input, as Paddle
+    Inference computes them (:func:`shift_value`, :func:`shifted_multiplier`; ties to even).
+
+    Args:
+        x: The float32 input.
+        scale: The grid's step ``s``.
+        zero_point: Its zero point ``z``.
+        levels: The highest code ``M``.
+    """
+    shift = paddle.full([], shift_value(scale, zero_point), x.dtype)
+    multiplier = paddle.full([], shifted_multiplier(scale), x.dtype)
+    codes = round_half_to_even((x + shift) * multiplier)
+    return paddle.clip(codes, 0.0, float(levels))
+
+
+def dequantize_codes(codes: paddle.Tensor, scale: float, zero_point: int) -> paddle.Tensor:
+    """``(codes - z) * s`` in float64 with ``s`` in float32, returned as float32 (as
+    :func:`imperative_ptq.primitives.fake_quantize` dequantizes)."""
+    step = float(np.float32(scale))
+    return ((codes.astype("float64") - float(zero_point)) * step).astype("float32")

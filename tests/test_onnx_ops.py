@@ -305,13 +305,21 @@ def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
 
 
 def _quantize_zero_points(path: str, reads: Callable[[str], bool]) -> list[int]:
-    """The zero points of the graph's QuantizeLinear nodes whose input name ``reads`` takes."""
+    """The zero points the codes of the graph's QuantizeLinear nodes whose input name ``reads``
+    takes are dequantized with (the DequantizeLinear reading them, through a Clip of the
+    codes: a shifted input's QuantizeLinear has scale 1 and zero point 0)."""
     graph = onnx.load(path).graph
     initializers = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
-    return [
-        int(initializers[node.input[2]]) for node in graph.node
-        if node.op_type == "QuantizeLinear" and reads(node.input[0])
-    ]
+    consumer = {name: node for node in graph.node for name in node.input}
+    points = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and reads(node.input[0]):
+            reader = consumer[node.output[0]]
+            if reader.op_type == "Clip":
+                reader = consumer[reader.output[0]]
+            assert reader.op_type == "DequantizeLinear", reader.op_type
+            points.append(int(initializers[reader.input[2]]))
+    return points
 
 
 class _LeakyChain(nn.Layer):

@@ -46,7 +46,7 @@ from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
 from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
-from ..shifted_input import shifted_levels
+from ..shifted_input import shift_value, shifted_levels, shifted_multiplier
 from .tracing import (
     LayerRecord, main_thread_only, model_activation_bits, normalize_input_spec, trace_to_legacy_program,
 )
@@ -683,11 +683,26 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         record = self.weights.get(op.input(weight_slot)[0])
         if var not in self.shifted or record is None or record.input_shift_response is None:
             return tensor, self.scales.get(var)  # e.g. a padded conv kept fp32 beside it
-        scale, zero, lowest, highest = self.shifted[var]
+        scale, zero, _, _ = self.shifted[var]
         if var not in self._shifted_tensors:
-            clipped = self._clip(tensor, lowest, highest, var)
-            self._shifted_tensors[var] = self._qdq(clipped, scale, zero, var)
+            self._shifted_tensors[var] = self._shifted_qdq(tensor, scale, zero, shifted_levels(record.activation_bits), var)
         return self._shifted_tensors[var], (scale, zero)
+
+    def _shifted_qdq(self, tensor: str, scale: float, zero: int, levels: int, stem: str) -> str:
+        """The shifted input's codes as Paddle Inference and the simulation compute them,
+        ``clip(rint(float32(x + c) * k), 0, M)`` (:func:`imperative_ptq.shifted_input.shifted_codes`):
+        an ``Add`` and a ``Mul`` in float32, a ``QuantizeLinear`` of scale 1 (which rounds
+        ``x / 1`` exactly; ``QuantizeLinear(x, s, z)`` rounds ``x / s``, other codes near
+        ties), the codes clipped to ``0..M``, and a ``DequantizeLinear`` on the grid."""
+        shifted = self._node("Add", [tensor, self._const("shift", np.array(shift_value(scale, zero)))], stem + ".shift")
+        scaled = self._node("Mul", [shifted, self._const("multiplier", np.array(shifted_multiplier(scale)))],
+                            stem + ".multiplied")
+        unit = self._const("unit_scale", np.array(1.0, np.float32))
+        codes = self._node("QuantizeLinear", [scaled, unit, self._const("zero_point", np.array(0, np.uint8))], stem + ".q")
+        bounds = [self._const(name, np.array(value, np.uint8)) for name, value in (("min", 0), ("max", levels))]
+        codes = self._node("Clip", [codes, *bounds], stem + ".clip")
+        grid = [self._const("scale", np.array(scale, np.float32)), self._const("zero_point", np.array(zero, np.uint8))]
+        return self._node("DequantizeLinear", [codes, *grid], stem + ".dq")
 
     # --------------------------------------------------------------------------- converters
     def _conv(self, op) -> None:
