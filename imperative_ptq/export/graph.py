@@ -12,7 +12,7 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths",
+    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "get_tensor", "insert_reader_op", "insert_zero_bias",
     "is_persistable", "nearest_sources", "new_persistable", "op_index", "producers", "readers",
     "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
@@ -255,6 +255,65 @@ def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out
         index, type="transpose2", inputs={"X": [source]},
         outputs={"Out": [out], "XShape": [xshape.name]}, attrs={"axis": list(order)},
     )
+
+
+def _constant_scalar(loaded: Any, making: dict[str, Operator], name: str) -> float | None:
+    """The value of ``name`` when it is one constant number: a one-element ``fill_constant``
+    or ``assign_value``, or a one-element persistable variable; else ``None``."""
+    block = loaded.program.global_block()
+    if is_persistable(block, name):
+        value = get_tensor(loaded, name)
+        return float(value.reshape(-1)[0]) if value.size == 1 else None
+    producer = making.get(name)
+    if producer is None or int(np.prod([max(int(d), 0) for d in block.var(name).shape] or [1])) != 1:
+        return None
+    if producer.type == "fill_constant":
+        text = producer.attr("str_value") if producer.has_attr("str_value") else ""
+        return float(text) if text else float(producer.attr("value"))
+    if producer.type == "assign_value":
+        for attr in ("fp32_values", "values"):
+            if producer.has_attr(attr) and len(producer.attr(attr)) == 1:
+                return float(producer.attr(attr)[0])
+    return None
+
+
+def constant_clip_bounds(loaded: Any) -> int:
+    """Writes a clip's constant tensor bounds into its ``min`` / ``max`` attributes.
+
+    ``paddle.clip(x, min=t, max=u)`` with tensors (x2paddle writes every ONNX ``Clip``, e.g. a
+    ReLU6, so) traces to a clip whose attributes are +-FLT_MAX beside its ``Min`` / ``Max``
+    inputs; Paddle 3.3.1's oneDNN passes fuse it into the conv or fc before it by its
+    attributes, and the clip vanishes (measured, fp32 and int8 alike: a ReLU6 after a conv
+    gave values in [-1.9, 2.9]). A bound computed in the graph keeps its input, and the clip
+    is separated from what it reads by an identity ``scale`` so that it runs on its own (the
+    oneDNN clip kernel reads the tensors).
+
+    Returns:
+        How many clips were rewritten.
+    """
+    block = loaded.program.global_block()
+    making = producers(block)
+    rewritten = 0
+    for op in list(block.ops):
+        if op.type != "clip":
+            continue
+        computed = False
+        for slot, attr in (("Min", "min"), ("Max", "max")):
+            names = op.input(slot) if slot in op.input_names else []
+            if not names:
+                continue
+            value = _constant_scalar(loaded, making, names[0])
+            if value is None:
+                computed = True
+                continue
+            op._set_attr(attr, value)
+            op.desc.set_input(slot, [])
+            rewritten += 1
+        source = op.input("X")[0]
+        if computed and source in making:
+            insert_reader_op(block, making[source], source, [op], "scale", f"unfused_clip{op_index(block, op)}",
+                             {"scale": 1.0, "bias": 0.0})
+    return rewritten
 
 
 def nearest_sources(size: int, resized: int, scale: float, align_corners: bool) -> np.ndarray:

@@ -27,8 +27,8 @@ from ..quant_layers import QuantizedLayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import (
-    channels_last_to_first, complete_matmul_widths, exact_nearest_resizes, reduce_open_adaptive_pools,
-    separate_chained_activations,
+    channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
+    reduce_open_adaptive_pools, separate_chained_activations,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -253,9 +253,10 @@ def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
     oneDNN passes and kernels get wrong, each rewrite computing the same values
     (:mod:`.graph`): matmul widths left unknown by a reshape, channels-last convs/norms/pools,
     nearest resizes that are not whole-number upscales, and adaptive pools that keep an axis
-    open. Programs for Paddle Lite are left as traced (two activations in a row are separated
-    for every runtime)."""
+    open, clips with tensor bounds. Programs for Paddle Lite are left as traced (two
+    activations in a row are separated for every runtime)."""
     block = loaded.program.global_block()
+    constant_clip_bounds(loaded)
     complete_matmul_widths(block)
     channels_last_to_first(block)
     exact_nearest_resizes(loaded)
