@@ -28,7 +28,7 @@ from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualSumOutput
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
-from .registry import PTQRegistry
+from .registry import BATCH_NORM_TYPES, PTQRegistry
 from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
@@ -274,7 +274,7 @@ def _simulate_fused_residuals(
 
     def int8_conv_output(name: str) -> bool:
         layer, state = by_name.get(name, (None, None))
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+        if isinstance(layer, BATCH_NORM_TYPES):
             sources = state.input_sources
             name = next(iter(sources)) if len(sources) == 1 else ""
         found = quantized.get(name)
@@ -288,7 +288,7 @@ def _simulate_fused_residuals(
 
     def conv_of(name: str) -> QuantizedLayer | None:
         layer, state = by_name.get(name, (None, None))
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase) and len(state.input_sources) == 1:
+        if isinstance(layer, BATCH_NORM_TYPES) and len(state.input_sources) == 1:
             name = next(iter(state.input_sources))
         return quantized.get(name)
 
@@ -352,7 +352,7 @@ def _simulate_fused_residuals(
                 codes_at_sum(add)
                 fused_sums.add(add.sum_reader)
             elif (
-                isinstance(layer, paddle.nn.layer.norm._BatchNormBase)
+                isinstance(layer, BATCH_NORM_TYPES)
                 and not add.residual_readers
                 and int8_conv_output(state.name)
                 and table.get(state.name, {}).get("output")
@@ -417,7 +417,7 @@ def _simulate_pooled_codes(
             continue
         source = next(iter(state.input_sources))
         source_layer, source_state = by_name.get(source, (None, None))
-        if isinstance(source_layer, paddle.nn.layer.norm._BatchNormBase):
+        if isinstance(source_layer, BATCH_NORM_TYPES):
             sources = source_state.input_sources
             source = next(iter(sources)) if len(sources) == 1 else ""
         conv = quantized.get(source)

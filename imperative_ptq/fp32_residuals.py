@@ -33,12 +33,13 @@ from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool
 from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from .quantizers.qparams import symmetric_levels
+from .registry import BATCH_NORM_TYPES
 
 __all__ = ["refit_fused_residuals"]
 
 logger = logging.getLogger(__name__)
 
-_NORMS = (paddle.nn.layer.norm._BatchNormBase, QuantizedResidualOutput)
+_NORMS = (*BATCH_NORM_TYPES, QuantizedResidualOutput)
 
 
 def refit_fused_residuals(

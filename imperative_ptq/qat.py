@@ -40,13 +40,14 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import QuantizedGlobalAveragePool
 from .quant_rnn import QuantizedLSTM
 from .quant_residual import QuantizedResidualOutput
+from .registry import BATCH_NORM_TYPES
 from .session import calibrating_session
 
 __all__ = ["ImperativeQAT"]
 
 logger = logging.getLogger(__name__)
 
-_BATCH_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+_BATCH_NORM_TYPES = BATCH_NORM_TYPES
 #: Attribute of a QAT model holding its :class:`_QATState` (only this module reads it).
 _STATE_ATTR = "_qat_state"
 #: The layers QAT wraps around the fp32 model's (each keeps it as ``.layer``).

@@ -24,6 +24,7 @@ import numpy as np
 import paddle
 
 from .quantizers.qparams import symmetric_levels
+from .registry import BATCH_NORM_TYPES
 from .rounding import grid_codes, round_half_to_even, straight_through
 
 __all__ = ["U8_MAX", "QuantizedGlobalAveragePool", "int8_head_pools", "is_global_average_pool"]
@@ -149,7 +150,7 @@ def int8_head_pools(
         if not isinstance(layer, paddle.nn.ReLU6):
             return False
         producer = only_source(name)
-        if isinstance(by_name.get(producer), paddle.nn.layer.norm._BatchNormBase):
+        if isinstance(by_name.get(producer), BATCH_NORM_TYPES):
             producer = only_source(producer)
         return producer in int8 and isinstance(by_name.get(producer), paddle.nn.Conv2D)
 

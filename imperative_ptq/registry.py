@@ -12,7 +12,11 @@ from typing import Callable, TypeVar
 
 import paddle
 
-__all__ = ["LayerInfo", "PTQRegistry", "layer_weight", "register_layer"]
+#: The batch-norm layer classes: the ``nn.BatchNorm1D/2D/3D`` family and the legacy
+#: ``nn.BatchNorm`` (x2paddle's), which is not a subclass of the family's base.
+BATCH_NORM_TYPES: tuple[type, ...] = (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm)
+
+__all__ = ["BATCH_NORM_TYPES", "LayerInfo", "PTQRegistry", "layer_weight", "register_layer"]
 
 LayerT = TypeVar("LayerT", bound=type)
 
@@ -238,6 +242,9 @@ def _register_defaults() -> None:
         weight_attribute="weight_ih_l0", output_index=0, composite=True,
     )
     PTQRegistry.register(nn.BatchNorm2D, ("X",), ("Y",))
+    # The legacy class (x2paddle writes every ONNX BatchNormalization as it): traced to the
+    # same batch_norm op, which Paddle fuses into the conv before it.
+    PTQRegistry.register(nn.BatchNorm, ("X",), ("Y",))
     for layer in (
         nn.AdaptiveMaxPool2D,
         nn.AdaptiveAvgPool2D,

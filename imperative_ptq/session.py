@@ -22,7 +22,7 @@ from .collector import CalibrationCollector, CalibrationError
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add
 from .quantizers import BaseQuantizer
-from .registry import PTQRegistry
+from .registry import BATCH_NORM_TYPES, PTQRegistry
 
 __all__ = [
     "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
@@ -37,7 +37,7 @@ STATE_ATTR = "_ptq_state"
 SESSION_ATTR = "_ptq_session"
 #: Calibration batches kept for bias correction and AdaRound.
 MAX_CACHED_BATCHES = 64
-_NORM_TYPES = (paddle.nn.layer.norm._BatchNormBase,)
+_NORM_TYPES = BATCH_NORM_TYPES
 _DROPOUT_TYPES = tuple(
     getattr(paddle.nn, name)
     for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
