@@ -28,7 +28,7 @@ from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
-    reduce_open_adaptive_pools, separate_chained_activations,
+    multiply_instead_of_scaling, reduce_open_adaptive_pools, separate_chained_activations,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -228,6 +228,8 @@ def save_quantized_model(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
             )
+            if target_spec.onednn:
+                multiply_instead_of_scaling(loaded)
             program_lib.save_legacy_program(loaded, staging)
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
         # (what save_calibration_table writes), else one rebuilt from the traced layers.
