@@ -145,8 +145,9 @@ class CalibrationSession:
         #: the tensor then taking it is newer than every one seen).
         self._seen_order = itertools.count()
         #: Outputs of the current forward: ``id`` -> (weak reference, when the conv producing
-        #: it, directly or through a BatchNorm, read its input; see ``_seen``).
-        self._branch_inputs: dict[int, tuple[Any, int]] = {}
+        #: it, directly or through a BatchNorm, read its input (see ``_seen``), that input's
+        #: ``id``).
+        self._branch_inputs: dict[int, tuple[Any, int, int]] = {}
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -310,11 +311,11 @@ class CalibrationSession:
         its conv's (``find_residual_add`` tells a residual block's projection by it)."""
         entry = self._branch_inputs.get(id(first))
         if isinstance(layer, _NORM_TYPES) and entry is not None and entry[0]() is first:
-            order = entry[1]
+            order, source = entry[1], entry[2]
         else:
-            order = self._first_seen(first)
+            order, source = self._first_seen(first), id(first)
         self._first_seen(output)
-        self._branch_inputs[id(output)] = (weakref.ref(output), order)
+        self._branch_inputs[id(output)] = (weakref.ref(output), order, source)
 
     def _note_residual_add(
         self, value: paddle.Tensor, gives_scale: bool, reader: str
@@ -337,16 +338,16 @@ class CalibrationSession:
             key: names for key, (ref, names) in self._read.items() if ref() is not None
         }
         signed = frozenset(key for key, ref in self._signed.items() if ref() is not None)
-        branch_inputs = {
-            key: order for key, (ref, order) in self._branch_inputs.items() if ref() is not None
-        }
+        live = [(key, entry) for key, entry in self._branch_inputs.items() if entry[0]() is not None]
+        branch_inputs = {key: entry[1] for key, entry in live}
+        branch_sources = {key: entry[2] for key, entry in live}
         written = {id(tensor) for tensor, _ in outputs}
         inputs = [
             tensor for tensor in (ref() for ref, _ in self._read.values())
             if tensor is not None and id(tensor) not in written
         ]
         with paddle.no_grad():
-            found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs)
+            found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs, branch_sources)
         if found is None or (not gives_scale and not found.residual_readers):
             return None
         found = dataclasses.replace(found, sum_reader=reader)
