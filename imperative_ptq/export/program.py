@@ -440,6 +440,7 @@ def quantize_program(
 
     _quantize_activation_matmuls(loaded, records, written, dequantized_inputs, narrow_below_8_bits=unsigned_inputs)
     _isolate_quantized_shared_outputs(block)
+    pieces = _isolate_sliced_pieces(loaded)
     _align_pooled_scales(block, rectified, outputs)
     _keep_average_pools_fp32(block, outputs, records)
     _isolate_fp32_weight_op_outputs(loaded)
@@ -448,7 +449,7 @@ def quantize_program(
     # a Dropout in between).
     kept = unscale_fp32_layer_inputs(
         block, outputs, isolate_concats=True,
-        fp32_inputs=[name for name, _, _ in shifted_inputs],
+        fp32_inputs=[name for name, _, _ in shifted_inputs] + pieces,
     )
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
@@ -1013,8 +1014,9 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
       x.transpose(...)`` or ``h = tanh(fc(x))`` both through a Linear and in float, 0.46% of
       the largest output off on every output; 2e-7 after);
     * the tensor comes through layout ops from one that other readers share (Swin's ``q, k,
-      v`` sliced from one ``qkv`` projection): Paddle gave all of them one scale, where the
-      simulation quantizes each with its own threshold (2.2% off on one window attention).
+      v`` sliced from one ``qkv`` projection, or split from it by one ``split`` op): Paddle
+      gave all of them one scale, where the simulation quantizes each with its own threshold
+      (2.2% off on one window attention; split, 3-6% on a LeViT-style one).
 
     A u8 tensor (a ReLU output, also through layout ops) is left alone: Paddle runs a
     quantized tensor as u8 only when a ``relu`` writes it.
@@ -1033,7 +1035,9 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         shared = any(reader.type != "quantize_linear" for reader in reading.get(name, []))
         source, branched = name, False
         while source in writers and writers[source].type in _LAYOUT_OPS:
-            source = writers[source].input(_LAYOUT_OPS[writers[source].type])[0]
+            writer = writers[source]
+            branched = branched or (writer.type == "split" and len(writer.output("Out")) > 1)
+            source = writer.input(_LAYOUT_OPS[writer.type])[0]
             branched = branched or len(reading.get(source, [])) > 1
         if not (shared or branched) or runs_unsigned(block, name, writers) or runs_unsigned(block, source, writers):
             continue
@@ -1044,6 +1048,53 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         op._rename_input(name, copy.name)
         inserted += 1
     return inserted
+
+
+def _isolate_sliced_pieces(loaded: LegacyProgram) -> list[str]:
+    """Quantizes each piece of a split or sliced non-negative tensor on its own, where the
+    pieces' readers quantize them with different thresholds (Res2Net's, CSP blocks' and
+    GhostNet's channel splits of a ReLU output).
+
+    Paddle moves a piece's scale onto the tensor it was cut from, has its producer write that
+    tensor int8 on one scale, runs the split int8 and requantizes each piece: two roundings,
+    where the simulation rounds each piece once with its reader's threshold (measured: 72% of
+    a Res2Net-style block's outputs off, 1.0% of the largest). A ``relu`` in front of each
+    such quantize op (the identity there; it keeps the piece u8; on ``x86`` the clip and relu
+    of :func:`.unsigned.insert_clip_relu` are there already) stops the scale at the piece; the
+    returned pieces are to be read in fp32, so that no output scale reaches them either.
+
+    Returns:
+        The pieces.
+    """
+    block = loaded.program.global_block()
+    writers, reading = producers(block), readers(block)
+    groups: dict[str, list] = {}
+    for op in block.ops:
+        if op.type != "quantize_linear":
+            continue
+        name = op.input("X")[0]
+        piece = name  # x86: behind the clip and relu in front of the quantize op
+        while piece in writers and writers[piece].type in ("relu", "clip", "elementwise_min"):
+            piece = writers[piece].input("X")[0]
+        source, cut = piece, False
+        while source in writers and writers[source].type in _LAYOUT_OPS:
+            cut = cut or writers[source].type in ("slice", "split")
+            source = writers[source].input(_LAYOUT_OPS[writers[source].type])[0]
+        if cut and runs_unsigned(block, source, writers):
+            groups.setdefault(source, []).append((op, piece))
+    pieces: list[str] = []
+    for quantized in groups.values():
+        thresholds = {float(get_tensor(loaded, op.input("Scale")[0]).reshape(-1)[0]) for op, _ in quantized}
+        if len(thresholds) < 2:
+            continue
+        for op, piece in quantized:
+            if piece in pieces:
+                continue
+            pieces.append(piece)
+            if op.input("X")[0] == piece:
+                readers_of = [reader for reader in reading.get(piece, []) if reader.type == "quantize_linear"]
+                insert_reader_op(block, writers[piece], piece, readers_of, "relu", "piece")
+    return pieces
 
 
 def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
