@@ -446,10 +446,12 @@ def quantize_program(
     _isolate_fp32_weight_op_outputs(loaded)
     # A shift reads its input in fp32 too: a scale there would make the producer emit s8 on
     # a grid the simulation never uses (measured: 1.2% off after a fc + Hardswish, 1.9% with
-    # a Dropout in between).
+    # a Dropout in between). So does an LSTM left fp32 (an ``rnn`` op; measured: a fc + ReLU
+    # before it wrote int8 codes it read, 1.1% off).
+    fp32_rnn_inputs = [op.input("Input")[0] for op in block.ops if op.type == "rnn"]
     kept = unscale_fp32_layer_inputs(
         block, outputs, isolate_concats=True,
-        fp32_inputs=[name for name, _, _ in shifted_inputs] + pieces,
+        fp32_inputs=[name for name, _, _ in shifted_inputs] + pieces + fp32_rnn_inputs,
     )
     written.fp32_layers = _fp32_layers(weights, written)
     written.weight_layers = {name: record.name for name, record in weights.items()}
