@@ -705,3 +705,34 @@ def test_an_unsupported_form_of_a_translated_op_names_it(function, message, tmp_
     qmodel = _quantized(_Around(_Function(function), True), [2, 3, SIZE, SIZE])
     with pytest.raises(NotImplementedError, match=message):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+
+
+class _MaskedByTensorAxes(nn.Layer):
+    """A mask unsqueezed by axes held in an int64 parameter (x2paddle's ONNX Unsqueeze from
+    opset 13 on, e.g. a BERT's attention mask), added to a Linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.axes = self.create_parameter([2], dtype="int64", default_initializer=nn.initializer.Constant(0.0))
+        self.axes.set_value(paddle.to_tensor(np.array([1, 2], "int64")))
+
+    def forward(self, x: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(x) + paddle.unsqueeze(mask, axis=self.axes).squeeze(1)
+
+
+def test_unsqueeze_by_axes_in_a_parameter_runs_in_onnx_runtime_as_simulated(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    model = _MaskedByTensorAxes()
+    model.eval()
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    for _ in range(2):
+        qmodel(paddle.to_tensor(rng.normal(size=(4, 8, 8)).astype("float32")), paddle.to_tensor(rng.random((4, 8)).astype("float32")))
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, 8, 8], "float32", "x"), paddle.static.InputSpec([None, 8], "float32", "mask")]
+    x, mask = rng.normal(size=(4, 8, 8)).astype("float32"), rng.random((4, 8)).astype("float32")
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)  # raised NotImplementedError
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "mask": mask})[0]
+    simulated = qmodel(paddle.to_tensor(x), paddle.to_tensor(mask)).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())

@@ -1298,8 +1298,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self._keep_input_scale(op, out)
         kind = "Squeeze" if op.type == "squeeze2" else "Unsqueeze"
         axes = [int(a) for a in op.attr("axes")]
-        if kind == "Unsqueeze" and (op.input("AxesTensor") or op.input("AxesTensorList")):
-            raise NotImplementedError("unsqueeze2 with tensor axes is not exported")
+        tensors = [name for slot in ("AxesTensor", "AxesTensorList") if slot in op.input_names
+                   for name in op.input(slot)]
+        if kind == "Unsqueeze" and tensors:
+            # Axes in a parameter or a constant (x2paddle writes ONNX's Unsqueeze so from
+            # opset 13 on, e.g. every BERT's attention mask).
+            values = [self._param(name) if self._is_param(name) else self.constants.get(name) for name in tensors]
+            if any(value is None for value in values):
+                raise NotImplementedError("unsqueeze2 with axes computed in the graph is not exported")
+            axes = [int(axis) for value in values for axis in np.ravel(value)]
         inputs = [self._in(op)] + ([self._const("axes", np.array(axes, np.int64))] if axes else [])
         self._bind(out, self._node(kind, inputs, out))
 
