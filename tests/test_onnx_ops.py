@@ -5,6 +5,7 @@ with where it is."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -12,7 +13,7 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import export_onnx
+from imperative_ptq.export import export_onnx, save_quantized_model
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -736,3 +737,30 @@ def test_unsqueeze_by_axes_in_a_parameter_runs_in_onnx_runtime_as_simulated(tmp_
     ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x, "mask": mask})[0]
     simulated = qmodel(paddle.to_tensor(x), paddle.to_tensor(mask)).numpy()
     np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+
+
+class _StandardizedConv(nn.Layer):
+    """conv -> ReLU -> ``F.conv2d`` on a weight standardized in the forward -> ReLU -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.relu0, self.relu1 = nn.Conv2D(3, 8, 3, padding=1), nn.ReLU(), nn.ReLU()
+        self.weight = self.create_parameter([8, 8, 3, 3])
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        centred = self.weight - self.weight.mean(axis=[1, 2, 3], keepdim=True)
+        weight = centred / paddle.sqrt((centred * centred).mean(axis=[1, 2, 3], keepdim=True) + 1e-5)
+        return self.head(self.relu1(F.conv2d(self.relu0(self.conv0(x)), weight, padding=1)))
+
+
+def test_a_conv_on_a_computed_weight_runs_in_float_with_a_warning(tmp_path, caplog) -> None:
+    """ONNX: a float Conv reading the computed weight (an AttributeError before); Paddle
+    Inference: fp32, now named in a warning."""
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(_StandardizedConv(), shape)
+    ran, simulated, _ = _runs(qmodel, shape, tmp_path)
+    assert _cosine(ran, simulated) >= 0.99999
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
+    assert "1 convs on weights computed in the graph run fp32" in caplog.text

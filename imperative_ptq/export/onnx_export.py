@@ -707,6 +707,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
     # --------------------------------------------------------------------------- converters
     def _conv(self, op) -> None:
         weight_name = op.input("Filter")[0]
+        if not self._is_param(weight_name):
+            # A weight computed in the graph (F.conv2d on a standardized weight; x2paddle
+            # writes such a Conv so): a float Conv on it, as Paddle Inference runs it.
+            attrs = self._conv_attributes(op, self._shape(weight_name)[2:])
+            out = self._out(op, "Output")
+            inputs = [self._in(op, "Input"), self._tensor(op, weight_name)]
+            self._bind(out, self._node("Conv", inputs, out, **attrs))
+            return
         weight = self._param(weight_name).astype(np.float32)
         out = self._out(op, "Output")
         bias = np.zeros([weight.shape[0]], dtype=np.float32)
@@ -744,15 +752,22 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         else:
             weight = weight * factor.reshape(-1, 1, 1, 1)
             w, b = self._const(weight_name, weight), self._const("bias", bias.astype(np.float32))
+        attrs = self._conv_attributes(op, list(weight.shape[2:]))
+        self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
+        self.skip.update(id(a) for a in absorbed)
+
+    @staticmethod
+    def _conv_attributes(op, kernel: list[int]) -> dict[str, Any]:
+        """ONNX ``Conv`` attributes of a conv2d / depthwise_conv2d op with ``kernel``'s size."""
         paddings = list(op.attr("paddings"))
         if len(paddings) == 2:
             pads = paddings + paddings
         else:  # [top, bottom, left, right]
             pads = [paddings[0], paddings[2], paddings[1], paddings[3]]
         algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
-        attrs = dict(
+        attrs: dict[str, Any] = dict(
             strides=list(op.attr("strides")), dilations=list(op.attr("dilations")),
-            group=int(op.attr("groups")), kernel_shape=list(weight.shape[2:]),
+            group=int(op.attr("groups")), kernel_shape=[int(k) for k in kernel],
         )
         if algorithm == "SAME":
             attrs["auto_pad"] = "SAME_UPPER"
@@ -760,8 +775,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             attrs["pads"] = [0, 0, 0, 0]
         else:
             attrs["pads"] = pads
-        self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
-        self.skip.update(id(a) for a in absorbed)
+        return attrs
 
     def _conv_transpose(self, op) -> None:
         """A transposed conv, in float (no runtime has an int8 kernel for it; ``convert``

@@ -28,7 +28,8 @@ from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
-    multiply_instead_of_scaling, reduce_open_adaptive_pools, separate_chained_activations,
+    is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
+    separate_chained_activations,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -230,6 +231,7 @@ def save_quantized_model(
             )
             if target_spec.onednn:
                 multiply_instead_of_scaling(loaded)
+            _warn_computed_weight_convs(loaded)
             program_lib.save_legacy_program(loaded, staging)
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
         # (what save_calibration_table writes), else one rebuilt from the traced layers.
@@ -248,6 +250,28 @@ def save_quantized_model(
         )
     if target_spec.onednn:
         _log_runtime_report(path, written, target_spec, traced.own_parameters)
+
+
+def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
+    """Warns about convs whose weight is computed in the graph (``F.conv2d`` on a
+    standardized weight; x2paddle writes such Conv nodes so): no layer holds such a weight, so
+    nothing calibrated it and it runs fp32."""
+    block = loaded.program.global_block()
+    writers = producers(block)
+    computed = []
+    for op in block.ops:
+        if op.type not in ("conv2d", "depthwise_conv2d"):
+            continue
+        weight = op.input("Filter")[0]
+        writer = writers.get(weight)
+        if not is_persistable(block, weight) and (writer is None or writer.type != "dequantize_linear"):
+            computed.append(weight)
+    if computed:
+        logger.warning(
+            "%d convs on weights computed in the graph run fp32 (no layer holds the weight, so "
+            "nothing calibrated it; an nn.Conv2D holding it is calibrated and runs int8): %s",
+            len(computed), ", ".join(computed[:10]) + (" ..." if len(computed) > 10 else ""),
+        )
 
 
 def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
