@@ -90,12 +90,15 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
         CalibrationError: No layer saw a calibration batch.
     """
     table: CalibrationTable = {}
-    missing, no_input = [], []
+    missing, unobserved, no_input = [], [], []
     for layer, state in hooked:
         if not state.output_quantizer.is_calibrated and not (
             state.input_quantizer is not None and state.input_quantizer.is_calibrated
         ):
-            missing.append(state.name)
+            # A layer with a weight would have been quantized; an observed one (a pool, an
+            # activation a model holds for another mode, e.g. PaddleClas' unused AvgPool2D)
+            # only loses an output threshold nothing reads.
+            (missing if state.weight_quantizer is not None else unobserved).append(state.name)
             continue
         entry: dict[str, list] = {}
         # A layer whose first input was never a float tensor keeps only its output
@@ -124,6 +127,11 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
         logger.warning(
             "%d hooked layers never ran during calibration and stay in fp32: %s",
             len(missing), first_names(missing),
+        )
+    if unobserved:
+        logger.info(
+            "%d observed layers (no weight) never ran during calibration: %s",
+            len(unobserved), first_names(unobserved),
         )
     if no_input:
         logger.warning(

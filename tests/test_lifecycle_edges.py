@@ -214,3 +214,33 @@ def test_a_model_wrapping_two_targets_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"Sequential wraps models converted for different targets \['arm', 'x86'\]"):
         ip.export.save_quantized_model(wrapper, str(tmp_path / "m"), SPEC)
     assert not list(tmp_path.iterdir())
+
+
+class _UnusedParts(paddle.nn.Layer):
+    """A calibrated conv whose output nothing uses (DLA's tree; ``jit.save`` prunes it) and an
+    AvgPool2D the model holds for another mode (PaddleClas' ResNet-vd layers), never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.project = paddle.nn.Conv2D(8, 8, 1)
+        self.unused_pool = paddle.nn.AvgPool2D(2, 2)
+        self.head = paddle.nn.Conv2D(8, 4, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = paddle.nn.functional.relu(self.conv(x))
+        self.project(x)  # computed, never used
+        return self.head(x)
+
+
+def test_layers_outside_the_exported_program_get_no_fp32_warning(tmp_path, caplog) -> None:
+    """Before: the pruned conv was "exported fp32 (no int8 kernel, e.g. conv3d)", the pool
+    "never ran ... stays in fp32"."""
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(_UnusedParts())
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING", logger="imperative_ptq"):
+        ptq.calibrate(quantized, [rng.random((2, 3, 8, 8)).astype("float32") for _ in range(2)], progress=False)
+        ptq.convert(quantized)
+        ptq.save_quantized_model(quantized, str(tmp_path / "m"), [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.text

@@ -453,7 +453,7 @@ def quantize_program(
         block, outputs, isolate_concats=True,
         fp32_inputs=[name for name, _, _ in shifted_inputs] + pieces + fp32_rnn_inputs,
     )
-    written.fp32_layers = _fp32_layers(weights, written)
+    written.fp32_layers = _fp32_layers(weights, written, block)
     written.weight_layers = {name: record.name for name, record in weights.items()}
     no_kernel = {
         name: kind for name, kind in written.fp32_layers.items()
@@ -1153,12 +1153,17 @@ def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> b
     )
 
 
-def _fp32_layers(weights: Mapping[str, LayerRecord], written: ProgramScales) -> dict[str, str]:
-    """Calibrated layers whose weight the program does not store as int8: name -> type."""
+def _fp32_layers(
+    weights: Mapping[str, LayerRecord], written: ProgramScales, block: "paddle.static.Block"
+) -> dict[str, str]:
+    """Calibrated layers whose weight the program reads but does not store as int8: name ->
+    type (a layer whose output nothing uses is not in the program at all: ``jit.save`` prunes
+    it)."""
     int8_layers = {weights[name].name for name in written.weights if name in weights}
+    read = {name for op in block.ops for name in op.input_arg_names}
     return {
-        record.name: record.layer_type for record in weights.values()
-        if record.name not in int8_layers
+        record.name: record.layer_type for name, record in weights.items()
+        if record.name not in int8_layers and name in read
     }
 
 
