@@ -65,6 +65,9 @@ def convert_layers(
         The names of the simulated layers left fp32: the target cannot run their input in
         int8, or no runtime has an int8 kernel for them (``LayerInfo.int8_runtime``).
     """
+    # The runtime's own code ranges (fused residuals and head pools on u8 codes up to 255):
+    # 8-bit activations only, the only ones a runtime runs (wider ones are refused at export).
+    runtime_codes = target.onednn and activation_bits <= 8
     kept_fp32: list[str] = []
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
@@ -161,7 +164,7 @@ def convert_layers(
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
             )
-            if unsigned and (state.wide_input or state.signed_input) and target.onednn:
+            if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
                 # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
                 # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than
                 # the grid's L below 8 bits.
@@ -171,7 +174,7 @@ def convert_layers(
             quantized[state.name] = wrapped
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
-    if target.onednn:
+    if runtime_codes:
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
         _simulate_pooled_codes(model, hooked, quantized, activation_bits)
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)

@@ -23,7 +23,7 @@ from ..converted import (
 )
 from ..targets import Target, get_target
 from .inspect import int8_report
-from ..quant_layers import QuantizedLayer
+from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .graph import (
@@ -70,6 +70,19 @@ def check_exportable(model: paddle.nn.Layer) -> None:
         raise ValueError(
             "model is not quantized: quantize it with ImperativePTQ.quantize, run calibration "
             "batches and convert it before exporting"
+        )
+    wide = [
+        f"{name} ({layer.activation_bits}/{getattr(layer, 'weight_bits', layer.activation_bits)} bits)"
+        for name, layer in model.named_sublayers()
+        if isinstance(layer, (QuantizedLayer, QuantizedMatmul))
+        and max(layer.activation_bits, getattr(layer, "weight_bits", 0)) > 8
+    ]
+    if wide:
+        raise ValueError(
+            f"{len(wide)} layers are quantized wider than 8 bits, which no runtime runs (Paddle "
+            f"Inference, Paddle Lite and ONNX QDQ int8 take 8-bit activations and weights; the "
+            f"simulation alone computes them): {', '.join(wide[:10])}; use quant_bits <= 8 to "
+            f"export"
         )
 
 
