@@ -37,7 +37,7 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "gate_row_codes",
+    "CALLED_WITH_STATES", "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "gate_row_codes",
     "lstm_int8_refusal", "quantize_gate_rows", "weight_multipliers",
 ]
 
@@ -64,18 +64,37 @@ def lstm_int8_refusal(layer: paddle.nn.Layer, activation_bits: int, weight_bits:
     return None
 
 
+#: :func:`fp32_call_reason` of a call with initial states that are not known to be zeros.
+CALLED_WITH_STATES = "called with initial states"
+
+
 def fp32_call_reason(initial_states: Any, sequence_length: Any) -> str | None:
     """Why a call of a :class:`QuantizedLSTM` with these arguments runs fp32, or ``None``.
 
     Paddle Inference's oneDNN ``fusion_lstm`` caches its initial states with its weights (the
     first run's states would serve later runs of the same shape) and reads no sequence
     lengths; the export asks this too, of each traced call, so both run such a call fp32.
+    Initial states that are all zeros (what x2paddle passes for every converted PyTorch LSTM)
+    are those it starts from anyway: such a call runs int8. A traced call's states are not
+    known here (:data:`CALLED_WITH_STATES`); the export runs it int8 where the program builds
+    them as zeros (:func:`imperative_ptq.export.rnn_fusion.zero_initial_states`).
     """
-    if initial_states is not None:
-        return "called with initial states"
     if sequence_length is not None:
         return "called with sequence lengths"
+    if initial_states is not None and not _all_zeros(initial_states):
+        return CALLED_WITH_STATES
     return None
+
+
+def _all_zeros(states: Any) -> bool:
+    """Whether ``states`` (a tensor, or nested tuples/lists of them) are dygraph tensors of
+    zeros (a traced call's static variables are not known)."""
+    if isinstance(states, (tuple, list)):
+        return all(_all_zeros(state) for state in states)
+    return (
+        isinstance(states, paddle.Tensor) and paddle.in_dynamic_mode()
+        and not bool(paddle.any(states != 0))
+    )
 
 
 def _gate_weights(layer: paddle.nn.LSTM) -> tuple[np.ndarray, np.ndarray]:

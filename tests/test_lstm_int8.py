@@ -310,9 +310,8 @@ class _StartsFromStates(nn.Layer):
 
 @pytest.mark.parametrize(
     "start, reason",
-    [(0.0, "called with initial states"), (0.5, "called with initial states"),
-     (None, "called with sequence lengths")],
-    ids=["zero-states", "states", "sequence-lengths"],
+    [(0.5, "called with initial states"), (None, "called with sequence lengths")],
+    ids=["states", "sequence-lengths"],
 )
 def test_an_lstm_call_with_states_runs_fp32_in_the_simulation_and_the_export(
     start, reason, caplog, tmp_path
@@ -338,8 +337,7 @@ def test_an_lstm_call_with_states_runs_fp32_in_the_simulation_and_the_export(
 
 
 class _FedFromStates(nn.Layer):
-    """Linear -> ReLU -> an LSTM called with zero initial states (how x2paddle converts every
-    torch LSTM) -> Linear."""
+    """Linear -> ReLU -> an LSTM called with initial states (fp32) -> Linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -348,14 +346,15 @@ class _FedFromStates(nn.Layer):
         self.fc1 = nn.Linear(HIDDEN, 4)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        state = paddle.zeros([1, paddle.shape(x)[0], HIDDEN])
+        state = paddle.full([1, paddle.shape(x)[0], HIDDEN], 0.5)
         sequence, _ = self.lstm(self.relu(self.fc0(x)), (state, state))
         return self.fc1(sequence)
 
 
 def test_an_lstm_left_fp32_reads_its_input_in_float(tmp_path) -> None:
-    """The int8 fc before an LSTM kept fp32 writes no codes for it (measured before: the fc's
-    ReLU output written int8 for the rnn op, 1.1% of the largest output off)."""
+    """The int8 fc before an LSTM kept fp32 writes no codes for it (measured before, with the
+    zero states x2paddle passes: the fc's ReLU output written int8 for the rnn op, 1.1% of
+    the largest output off)."""
     paddle.seed(0)
     quantized = _converted(_FedFromStates(), time_major=False, target="x86")
     x = _batch(np.random.default_rng(7), 3, False)
@@ -364,6 +363,27 @@ def test_an_lstm_left_fp32_reads_its_input_in_float(tmp_path) -> None:
     assert report.fp32.get("rnn") == 1 and report.int8.get("fc") == 2, report
     ran = predict(create_predictor(str(tmp_path / "m"), num_threads=1), x)[0]
     _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
+
+
+@pytest.mark.parametrize("runtime", ["paddle", "onnx"])
+def test_an_lstm_called_with_zero_states_runs_int8(runtime: str, tmp_path, caplog) -> None:
+    """Zero initial states (x2paddle passes them for every converted PyTorch LSTM) are where
+    fusion_lstm starts anyway: the simulation and both exports run both calls int8 (they
+    ran the first one fp32, as for any initial states)."""
+    paddle.seed(0)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        quantized = _converted(_StartsFromStates(0.0), time_major=False, target="x86")
+        x = _batch(np.random.default_rng(6), 3, False)
+        simulated = quantized(paddle.to_tensor(x)).numpy()
+        if runtime == "paddle":
+            save_quantized_model(quantized, str(tmp_path / "m"), _spec())
+            report = int8_report(str(tmp_path / "m"))
+            assert report.int8.get("fusion_lstm") == 2 and "rnn" not in report.fp32, report
+            ran = predict(create_predictor(str(tmp_path / "m"), num_threads=1), x)[0]
+        else:
+            ran = _onnx_runtime_output(quantized, x, str(tmp_path / "m.onnx"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    _assert_same_up_to_rounding(ran, simulated)
 
 
 def _onnx_runtime_output(quantized: nn.Layer, x: np.ndarray, path: str) -> np.ndarray:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quant_rnn import gate_row_codes
+from ..quant_rnn import CALLED_WITH_STATES, gate_row_codes
 from ..quantizers.qparams import symmetric_levels
+from .rnn_fusion import zero_initial_states
 from .tracing import LayerRecord
 
 __all__ = ["SimulatedLSTMConverter"]
@@ -39,6 +40,8 @@ class SimulatedLSTMConverter:
     weights: dict[str, LayerRecord]
     #: calibrated LSTM name -> its rnn calls translated so far (program order)
     lstm_calls: dict[str, int]
+    #: program variable -> the op writing it
+    producer: dict
 
     def _simulated_lstm_record(self, op) -> LayerRecord | None:
         """The calibrated LSTM whose int8 simulation computes this ``rnn`` call, or ``None``
@@ -49,9 +52,10 @@ class SimulatedLSTMConverter:
             return None
         call = self.lstm_calls.get(record.name, 0)
         self.lstm_calls[record.name] = call + 1
-        if call < len(record.fp32_calls) and record.fp32_calls[call] is not None:
-            return None
-        return record
+        reason = record.fp32_calls[call] if call < len(record.fp32_calls) else None
+        if reason == CALLED_WITH_STATES and zero_initial_states(self.producer, op):
+            reason = None  # zeros: the simulation runs the call int8
+        return None if reason is not None else record
 
     def _gate_weight(self, name: str, thresholds: np.ndarray, stem: str) -> str:
         """``DequantizeLinear`` of a gate weight's int8 codes, transposed to ``[columns, 4H]``

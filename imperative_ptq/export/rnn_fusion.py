@@ -34,11 +34,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..quant_rnn import quantize_gate_rows
+from ..quant_rnn import CALLED_WITH_STATES, quantize_gate_rows
 from .graph import get_tensor, new_persistable, producers, readers
 from .tracing import LayerRecord
 
-__all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops"]
+__all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops", "zero_initial_states"]
 
 #: Paddle's VarType code of int32 (``fill_constant``'s ``dtype`` attribute).
 _INT32 = 2
@@ -97,6 +97,8 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
         call = calls.get(record.name, 0)
         calls[record.name] = call + 1
         simulated_fp32 = record.fp32_calls[call] if call < len(record.fp32_calls) else None
+        if simulated_fp32 == CALLED_WITH_STATES and zero_initial_states(producers(block), op):
+            simulated_fp32 = None  # zeros: the simulation ran it int8, and so does fusion_lstm
         if simulated_fp32 is not None:
             done.simulated_fp32[record.name] = simulated_fp32
             continue
@@ -120,14 +122,21 @@ def _refusal(block, op) -> str | None:
         return "sequence lengths"
     if len(op.input("WeightList")) != 4:
         return "no bias"
-    writers = producers(block)
+    if not zero_initial_states(producers(block), op):
+        return "initial states that are not zeros"
+    return None
+
+
+def zero_initial_states(writers: dict, op) -> bool:
+    """Whether every initial state of the ``rnn`` op ``op`` (if any) is a ``fill_constant``
+    of zeros, of a fixed shape or of one computed from the batch size."""
     for state in op.input("PreState"):
         writer = writers.get(state)
         if writer is None or writer.type != "fill_constant" or float(writer.attr("value")) != 0.0 or (
             writer.attr("str_value") not in ("", None) and float(writer.attr("str_value")) != 0.0
         ):
-            return "initial states that are not zeros"
-    return None
+            return False
+    return True
 
 
 def _gates_c_i_f_o(value: np.ndarray) -> np.ndarray:
