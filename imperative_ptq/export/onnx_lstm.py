@@ -53,7 +53,9 @@ class SimulatedLSTMConverter:
         call = self.lstm_calls.get(record.name, 0)
         self.lstm_calls[record.name] = call + 1
         reason = record.fp32_calls[call] if call < len(record.fp32_calls) else None
-        if reason == CALLED_WITH_STATES and zero_initial_states(self.producer, op):
+        if reason == CALLED_WITH_STATES and zero_initial_states(
+            self.producer, op, lambda name: self._param(name) if self._is_param(name) else None
+        ):
             reason = None  # zeros: the simulation runs the call int8
         return None if reason is not None else record
 

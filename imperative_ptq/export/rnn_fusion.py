@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from ..quant_rnn import CALLED_WITH_STATES, quantize_gate_rows
-from .graph import get_tensor, new_persistable, producers, readers
+from .graph import get_tensor, is_persistable, new_persistable, producers, readers
 from .tracing import LayerRecord
 
 __all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops", "zero_initial_states"]
@@ -87,6 +87,10 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
         weights: Weight variable -> calibrated layer.
     """
     block = loaded.program.global_block()
+
+    def parameter(name: str) -> "np.ndarray | None":
+        return get_tensor(loaded, name) if is_persistable(block, name) else None
+
     done = LSTMFusion()
     calls: dict[str, int] = {}  # layer name -> rnn ops of it seen so far
     for op in [op for op in block.ops if op.type == "rnn"]:
@@ -97,12 +101,12 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
         call = calls.get(record.name, 0)
         calls[record.name] = call + 1
         simulated_fp32 = record.fp32_calls[call] if call < len(record.fp32_calls) else None
-        if simulated_fp32 == CALLED_WITH_STATES and zero_initial_states(producers(block), op):
+        if simulated_fp32 == CALLED_WITH_STATES and zero_initial_states(producers(block), op, parameter):
             simulated_fp32 = None  # zeros: the simulation ran it int8, and so does fusion_lstm
         if simulated_fp32 is not None:
             done.simulated_fp32[record.name] = simulated_fp32
             continue
-        reason = _refusal(block, op)
+        reason = _refusal(block, op, parameter)
         if reason is not None:
             done.refused[record.name] = reason
             continue
@@ -112,7 +116,7 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
     return done
 
 
-def _refusal(block, op) -> str | None:
+def _refusal(block, op, parameter: Callable) -> str | None:
     """Why ``fusion_lstm`` cannot compute this ``rnn`` op, or ``None``."""
     if op.attr("mode") != "LSTM":
         return f"rnn mode {op.attr('mode')}"
@@ -122,21 +126,46 @@ def _refusal(block, op) -> str | None:
         return "sequence lengths"
     if len(op.input("WeightList")) != 4:
         return "no bias"
-    if not zero_initial_states(producers(block), op):
+    if not zero_initial_states(producers(block), op, parameter):
         return "initial states that are not zeros"
     return None
 
 
-def zero_initial_states(writers: dict, op) -> bool:
-    """Whether every initial state of the ``rnn`` op ``op`` (if any) is a ``fill_constant``
-    of zeros, of a fixed shape or of one computed from the batch size."""
-    for state in op.input("PreState"):
-        writer = writers.get(state)
-        if writer is None or writer.type != "fill_constant" or float(writer.attr("value")) != 0.0 or (
-            writer.attr("str_value") not in ("", None) and float(writer.attr("str_value")) != 0.0
-        ):
-            return False
-    return True
+#: Ops whose output is zero wherever their (first) input is.
+_ZERO_PRESERVING_OPS = frozenset({
+    "reshape2", "squeeze2", "unsqueeze2", "transpose2", "expand_v2", "expand_as_v2", "cast",
+    "assign", "flatten_contiguous_range", "tile",
+})
+
+
+def zero_initial_states(
+    writers: dict, op, parameter: Callable[[str], "np.ndarray | None"] = lambda name: None
+) -> bool:
+    """Whether every initial state of the ``rnn`` op ``op`` (if any) is zeros by construction:
+    a ``fill_constant`` of 0 (of a fixed shape or one computed from the batch size), a
+    parameter of zeros (``parameter`` returns a persistable variable's value, else ``None``),
+    a product with either (x2paddle writes ``full(shape, 1) * zeros``), or a reshape, expand
+    or cast of one."""
+    return all(_constant_zero(state, writers, parameter, 0) for state in op.input("PreState"))
+
+
+def _constant_zero(name: str, writers: dict, parameter: Callable, depth: int) -> bool:
+    value = parameter(name)
+    if value is not None:
+        return not np.any(value)
+    writer = writers.get(name)
+    if writer is None or depth > 32:
+        return False
+    if writer.type == "fill_constant":
+        text = writer.attr("str_value") if writer.has_attr("str_value") else ""
+        return float(text if text else writer.attr("value")) == 0.0
+    if writer.type == "scale" and writer.attr("bias") == 0.0 and not writer.input("ScaleTensor"):
+        return _constant_zero(writer.input("X")[0], writers, parameter, depth + 1)
+    if writer.type in _ZERO_PRESERVING_OPS:
+        return _constant_zero(writer.input("X")[0], writers, parameter, depth + 1)
+    if writer.type == "elementwise_mul":
+        return any(_constant_zero(writer.input(slot)[0], writers, parameter, depth + 1) for slot in ("X", "Y"))
+    return False
 
 
 def _gates_c_i_f_o(value: np.ndarray) -> np.ndarray:
