@@ -705,7 +705,9 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
     """
     writers = producers(block)
     reading = readers(block)
-    scaled = set(written.inputs) | set(written.outputs)
+    # What the program quantizes (a signed tensor whose quantize op reads a copy of it, see
+    # _isolate_quantized_shared_outputs, has no scale itself) and the outputs given one.
+    scaled = {op.input("X")[0] for op in block.ops if op.type == "quantize_linear"} | set(written.outputs)
     isolated = 0
     for add in list(block.ops):
         if add.type != "elementwise_add":
