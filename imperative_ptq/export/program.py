@@ -719,8 +719,11 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
         after = reading.get(total, [])
         if len(after) == 1 and after[0].type in ("relu", "relu6"):
             total = after[0].output("Out")[0]
+        projection = _projection_operand(block, operands, writers, written)
         for position, name in enumerate(operands):
             other = operands[1 - position]
+            if name == projection:
+                continue  # Paddle fuses the add into the other conv, reading this one
             if (other in scaled and total in scaled) or not _int8_weight_op_output(
                 block, name, writers, written
             ):
@@ -737,6 +740,42 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
             )
             isolated += 1
     return isolated
+
+
+def _projection_operand(block, operands: list[str], writers: Mapping, written: ProgramScales) -> str | None:
+    """Of a residual add of two int8 conv/fc outputs, the one Paddle reads as the residual of
+    the other's fused conv (its projection fusion's rule: the conv whose input is an ancestor
+    of the other conv's output is the projection); ``None`` if not both are such outputs or
+    neither input is such an ancestor."""
+    if not all(_int8_weight_op_output(block, name, writers, written) for name in operands):
+        return None
+
+    def conv_input(name: str) -> str:
+        op = writers.get(name)
+        while op is not None and op.type not in INT8_WEIGHT_OPS:
+            op = writers.get(op.input("X")[0])
+        return op.input(INT8_WEIGHT_OPS[op.type][1])[0]
+
+    def ancestors(name: str) -> set[str]:
+        seen, pending = set(), [name]
+        while pending:
+            current = pending.pop()
+            op = writers.get(current)
+            if op is None:
+                continue
+            for slot in op.input_names:
+                for source in op.input(slot):
+                    if source not in seen:
+                        seen.add(source)
+                        pending.append(source)
+        return seen
+
+    first, second = operands
+    if conv_input(first) in ancestors(second):
+        return first
+    if conv_input(second) in ancestors(first):
+        return second
+    return None
 
 
 def _int8_weight_op_output(
