@@ -500,7 +500,13 @@ def quantize_program(
             threshold = threshold * symmetric_levels(8) / symmetric_levels(activation_bits)
         op._set_attr("out_threshold", float(threshold))
         written.outputs[name] = float(threshold)
-    isolated = _isolate_unscaled_residual_adds(block, written)
+    simulated_residuals = {out for record in records if record.residual_output for _, out in record.calls if out}
+    # Tensors the simulation reads as a fused conv's residual codes: those outputs, and the
+    # identity shortcuts its int8 readers put on codes.
+    coded_residuals = simulated_residuals | {
+        inputs[0] for record in records if record.residual_codes for inputs, _ in record.calls if inputs
+    }
+    isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
     loaded.program._sync_with_cpp()
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
@@ -685,7 +691,10 @@ def returned_only_outputs(
     return returned
 
 
-def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: ProgramScales) -> int:
+def _isolate_unscaled_residual_adds(
+    block: "paddle.static.Block", written: ProgramScales, simulated_residuals: set[str] = frozenset(),
+    coded_residuals: set[str] | None = None,
+) -> int:
     """Keeps each int8 conv/fc out of a residual add whose other operand, or whose sum (after
     the ReLU oneDNN fuses too), has no scale.
 
@@ -699,6 +708,16 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
     on its own with an fp32 output and the add in fp32, as simulated. The fused op's output
     needs a scale too: a network's last ``F.relu(x + y)``, read only by a global pool, has none
     (there the simulation's residual codes are what the int8 conv before the add wrote).
+
+    ``simulated_residuals``: the outputs the simulation writes as the residual a fused conv
+    reads (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`); where one is the
+    projection Paddle fuses into the other conv, that conv keeps the add whatever its own
+    output's scale. ``coded_residuals``: every tensor the simulation reads as such codes
+    (those, and identity shortcuts on u8 codes); a conv whose add's other operand is a signed
+    activation (no ReLU or conv output) that is not one is kept out of the add too (``None``:
+    not checked). Paddle would read that operand on its scale's codes where the simulation
+    adds it in float (measured on ``x86-vnni``: a Hardswish output as the identity of a 1x1
+    conv + BatchNorm, 3-10% off).
 
     Returns:
         How many conv/fc outputs were isolated.
@@ -722,9 +741,15 @@ def _isolate_unscaled_residual_adds(block: "paddle.static.Block", written: Progr
         projection = _projection_operand(block, operands, writers, written)
         for position, name in enumerate(operands):
             other = operands[1 - position]
-            if name == projection:
+            if name == projection and name in simulated_residuals:
                 continue  # Paddle fuses the add into the other conv, reading this one
-            if (other in scaled and total in scaled) or not _int8_weight_op_output(
+            # A signed activation as the residual (an identity shortcut that is no ReLU or conv
+            # output) is read on codes only where the simulation puts it on them.
+            coded = (
+                coded_residuals is None or other in coded_residuals
+                or runs_unsigned(block, other, writers) or _int8_weight_op_output(block, other, writers, written)
+            )
+            if (other in scaled and total in scaled and coded) or not _int8_weight_op_output(
                 block, name, writers, written
             ):
                 continue
