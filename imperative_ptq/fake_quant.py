@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 
 from .quant_layers import (
+    WrappedParameters,
     fake_quantize_symmetric,
     onednn_requantizes_conv,
     quantize_weight,
@@ -107,7 +108,7 @@ def _conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) ->
 FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv2D: _conv2d}
 
 
-class FakeQuantLayer(paddle.nn.Layer):
+class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
     """A Linear/Conv2D whose input and weight are fake-quantized while it trains.
 
     Args:

@@ -24,6 +24,7 @@ from .shifted_input import dequantize_codes, shift_response, shifted_codes, shif
 __all__ = [
     "QuantizedLayer",
     "QuantizedMatmul",
+    "WrappedParameters",
     "fake_quantize_symmetric",
     "first_input",
     "signed_input_floor",
@@ -200,7 +201,23 @@ def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 MIN_WEIGHT_THRESHOLD = 1e-30
 
 
-class QuantizedLayer(paddle.nn.Layer):
+class WrappedParameters:
+    """``weight`` and ``bias`` of the wrapped layer (``self.layer``), as Paddle's own quantized
+    layers expose them: models read them in their forward (PaddleNLP's BERT and ERNIE cast
+    their attention mask to ``self.pooler.dense.weight.dtype``)."""
+
+    layer: paddle.nn.Layer
+
+    @property
+    def weight(self) -> paddle.Tensor | None:
+        return getattr(self.layer, "weight", None)
+
+    @property
+    def bias(self) -> paddle.Tensor | None:
+        return getattr(self.layer, "bias", None)
+
+
+class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
     """A simulated-quant layer with frozen thresholds.
 
     Args:

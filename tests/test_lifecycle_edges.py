@@ -244,3 +244,35 @@ def test_layers_outside_the_exported_program_get_no_fp32_warning(tmp_path, caplo
         ptq.convert(quantized)
         ptq.save_quantized_model(quantized, str(tmp_path / "m"), [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
     assert not [r for r in caplog.records if r.levelno >= 30], caplog.text
+
+
+class _ReadsItsWeight(paddle.nn.Layer):
+    """Casts its input to its Linear's weight dtype in forward (PaddleNLP's BERT and ERNIE
+    cast their attention mask to ``self.pooler.dense.weight.dtype``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(x.astype(self.fc.weight.dtype)) + self.fc.bias.sum()
+
+
+def test_a_forward_reading_a_layers_weight_runs_after_convert_and_in_qat(tmp_path) -> None:
+    """``weight`` and ``bias`` of a quantized layer are its wrapped layer's, as with Paddle's
+    quantized layers (an AttributeError after convert before)."""
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(_ReadsItsWeight())
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, 8)).astype("float32") for _ in range(3)]
+    ptq.calibrate(quantized, batches, progress=False)
+    trainable = ip.ImperativeQAT(ptq).quantize(quantized)
+    trainable.eval()
+    assert trainable.fc.weight is trainable.fc.layer.weight
+    converted = ptq.convert(quantized)
+    assert converted.fc.weight is converted.fc.layer.weight and converted.fc.bias is converted.fc.layer.bias
+    x = paddle.to_tensor(batches[0])
+    np.testing.assert_allclose(trainable(x).numpy(), converted(x).numpy(), atol=1e-5)
+    ptq.save_quantized_model(converted, str(tmp_path / "m"), SPEC)
+    ran = predict(create_predictor(str(tmp_path / "m")), batches[0])[0]
+    np.testing.assert_allclose(ran, converted(x).numpy(), atol=1e-5)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import bias_of, get_tensor, insert_zero_bias, readers, set_tensor
+from .graph import bias_of, get_tensor, insert_zero_bias, new_persistable, readers, set_tensor
 from .tracing import LayerRecord
 
 __all__ = ["absorb_shift", "insert_shift", "shift_threshold", "shifted_u8_threshold"]
@@ -110,6 +110,14 @@ def absorb_shift(
         return
     absorbed.add(target)
     value = get_tensor(loaded, target)
+    users = reading.get(target, [])
+    if len(users) > 1:
+        # The bias is read elsewhere too (the model uses the parameter in its forward): the
+        # add gets its own adjusted copy, the other readers keep the parameter.
+        adding = next((op for op in following if target in op.input_arg_names), users[0])
+        copy = new_persistable(loaded, f"{target}.shift_absorbed_{len(absorbed)}", value)
+        adding._rename_input(target, copy)
+        target = copy
     if value.size != delta.size:
         raise ValueError(
             f"{record.name}: the bias {target!r} after {op.type} has {value.size} values for "
