@@ -764,3 +764,30 @@ def test_a_conv_on_a_computed_weight_runs_in_float_with_a_warning(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
         save_quantized_model(qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
     assert "1 convs on weights computed in the graph run fp32" in caplog.text
+
+
+class _TaskTypeIds(nn.Layer):
+    """ERNIE 3.0's task type ids: ``paddle.ones(shape, "int64") * task_id`` (a ``scale`` op on
+    int64), embedded and added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.fc = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        task = paddle.ones(ids.shape, dtype="int64") * 3
+        return self.fc(self.embedding(ids) + self.embedding(task))
+
+
+def test_a_scale_of_an_integer_tensor_stays_integer_in_onnx(tmp_path) -> None:
+    """It was a Mul of int64 by a float32 constant, a graph ONNX Runtime refused to load."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 10, (2, 6)).astype("int64") for _ in range(3)]
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_TaskTypeIds())
+    ptq.calibrate(qmodel, ids, progress=False)
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 6], "int64", "ids")])
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
+    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())

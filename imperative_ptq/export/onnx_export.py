@@ -1220,8 +1220,13 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             else:
                 node = self._node("Identity", [x], out)
         elif op.type == "scale":
-            scale = self._const("scale", np.array(op.attr("scale"), np.float32))
-            bias = self._const("bias", np.array(op.attr("bias"), np.float32))
+            # In the input's dtype: Paddle casts the factors to an integer input's type
+            # (``paddle.ones(shape, "int64") * task_id`` in ERNIE 3.0; a float Mul on int64 is
+            # no valid ONNX).
+            dtype = numpy_dtype(self.block._find_var_recursive(op.input("X")[0]).dtype)
+            dtype = dtype if np.issubdtype(dtype, np.integer) else np.float32
+            scale = self._const("scale", np.array(op.attr("scale")).astype(dtype))
+            bias = self._const("bias", np.array(op.attr("bias")).astype(dtype))
             if op.attr("bias_after_scale"):
                 node = self._node("Add", [self._node("Mul", [x, scale], out + ".mul"), bias], out)
             else:
