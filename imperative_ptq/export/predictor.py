@@ -126,6 +126,8 @@ def predictor_config(
         for name in INT8_DELETED_PASSES:
             config.delete_pass(name)
     program = _program_desc(model_file)
+    if int8 and program is not None:
+        _warn_if_amx_patch_convs(path_prefix, program)
     if program is not None and _casts_int8_parameters(program):
         # A weight-only program (save_dynamic_model): constant_folding_pass turns its int8
         # weights into float32 ones, but in Paddle's list it runs after fc_fuse_pass, which
@@ -176,6 +178,59 @@ def _program_desc(model_file: str | os.PathLike) -> Any:
         logger.debug("cannot read %s as a legacy program: %s", model_file, error)
         return None
     return program if program.blocks else None
+
+
+def _attribute(op: Any, name: str) -> Any:
+    """The value of attribute ``name`` of a protobuf ``OpDesc`` (ints, a string, ...)."""
+    for attr in op.attrs:
+        if attr.name == name:
+            return list(attr.ints) if attr.ints else (attr.s if attr.HasField("s") else attr.i)
+    return None
+
+
+def patch_convs(program: Any) -> list[str]:
+    """The int8 convs of ``program`` whose kernel equals their stride and that read no
+    padding (patch embeddings, SegFormer's spatial reduction): their outputs."""
+    block = program.blocks[0]
+    dims = {var.name: list(var.type.dense_tensor.tensor.dims) for var in block.vars if var.type.HasField("dense_tensor")}
+    dequantized = {
+        name for op in block.ops if op.type == "dequantize_linear"
+        for slot in op.outputs for name in slot.arguments
+    }
+    found = []
+    for op in block.ops:
+        if op.type not in ("conv2d", "depthwise_conv2d"):
+            continue
+        slots = {slot.parameter: list(slot.arguments) for slot in op.inputs}
+        outputs = {slot.parameter: list(slot.arguments) for slot in op.outputs}
+        weight = (slots.get("Filter") or [""])[0]
+        kernel = dims.get(weight, [])[2:]
+        padding = _attribute(op, "padding_algorithm")
+        if (
+            weight in dequantized and kernel and kernel == _attribute(op, "strides")
+            and not any(_attribute(op, "paddings") or []) and padding != "SAME"
+        ):
+            found.extend(outputs.get("Output", []))
+    return found
+
+
+def _warn_if_amx_patch_convs(path_prefix: str, program: Any) -> None:
+    """Warns on an AMX CPU about int8 convs whose kernel equals their stride, unpadded:
+    oneDNN's AMX kernel for them returned wrong values (measured with Paddle 3.3.1's oneDNN:
+    ``Conv2D(32, 32, 4, stride=4)`` at logit cosine 0.09 to exact int8 arithmetic, 32 and 48
+    input channels at kernels 4 and 8 wrong, 16 and 64 right; its AVX-512 VNNI kernels exact)."""
+    cpu = cpu_info()
+    if cpu.isa != "amx":
+        return
+    found = patch_convs(program)
+    if found:
+        logger.warning(
+            "%s: %d int8 convs have a kernel equal to their stride and no padding (%s), which "
+            "oneDNN's AMX int8 kernels have computed wrongly on this CPU (%s) for some channel "
+            "counts: set ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI in the environment before "
+            "importing paddle to run them on VNNI kernels, which are exact",
+            path_prefix, len(found), ", ".join(found[:5]), cpu.describe(),
+        )
 
 
 def _casts_int8_parameters(program: Any) -> bool:
