@@ -183,6 +183,12 @@ class ImperativePTQ:
             if info.composite:
                 hooked_composites.append(layer)
             session.add_layer(layer, _new_state(config, name, layer))
+        if not session.layers and PTQRegistry.layer_info(model) is not None and not model.sublayers():
+            raise ValueError(
+                f"the model is a bare {type(model).__name__}: quantize converts the layers a "
+                f"model holds, in place of themselves; wrap it, e.g. "
+                f"paddle.nn.Sequential(model)"
+            )
         if not session.layers and not has_own_matrices(model):
             raise ValueError(
                 f"{type(model).__name__} has no leaf layer supported by PTQRegistry and no 2-D "

@@ -398,3 +398,10 @@ def test_activations_wider_than_8_bits_are_simulated_but_not_exported(tmp_path) 
         with pytest.raises(ValueError, match=r"quantized wider than 8 bits.*stem \(16/8 bits\)"):
             export()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("layer", [paddle.nn.Conv2D(3, 4, 3), paddle.nn.Linear(8, 4)], ids=["Conv2D", "Linear"])
+def test_a_bare_supported_layer_is_refused_with_the_fix(layer) -> None:
+    """It was refused as having "no leaf layer supported by PTQRegistry", though it is one."""
+    with pytest.raises(ValueError, match=rf"bare {type(layer).__name__}.*paddle\.nn\.Sequential\(model\)"):
+        ImperativePTQ().quantize(layer)
