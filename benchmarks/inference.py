@@ -215,6 +215,10 @@ def _fp32_onnx(qmodel: paddle.nn.Layer, path: str, spec) -> str:
     rename: dict[str, str] = {}
     new_inits = {}
     kept = []
+    # Outputs of a QuantizeLinear of scale 1 (and of the Clip of its codes): a shifted input's
+    # codes, computed in float by the Add and Mul in front (see export/onnx_export.py); the
+    # DequantizeLinear reading them keeps its arithmetic, (codes - zero point) * scale.
+    unit_codes: set[str] = set()
     for node in model.graph.node:
         inputs = [rename.get(i, i) for i in node.input]
         if node.op_type == "QuantizeLinear" or (
@@ -222,7 +226,19 @@ def _fp32_onnx(qmodel: paddle.nn.Layer, path: str, spec) -> str:
                 name in inits and inits[name].dtype == np.uint8 for name in inputs[1:]
             )
         ):  # (a Clip of uint8 codes goes with its QuantizeLinear)
+            unit = node.op_type == "QuantizeLinear" and float(inits[node.input[1]]) == 1.0
+            if unit or node.input[0] in unit_codes:
+                unit_codes.add(node.output[0])
             rename[node.output[0]] = inputs[0]
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in unit_codes:
+            zero = np.array(float(inits[node.input[2]]), np.float32)
+            scale = np.array(float(inits[node.input[1]]), np.float32)
+            new_inits[node.output[0] + ".zero"] = zero
+            new_inits[node.output[0] + ".scale"] = scale
+            centred = onnx.helper.make_node("Sub", [inputs[0], node.output[0] + ".zero"], [node.output[0] + ".centred"])
+            kept.append(centred)
+            kept.append(onnx.helper.make_node("Mul", [node.output[0] + ".centred", node.output[0] + ".scale"], [node.output[0]]))
             continue
         if node.op_type == "DequantizeLinear":
             if inputs[0] in inits:

@@ -115,7 +115,8 @@ def int8_head_pools(
     * its input come straight from a layer that Paddle runs as u8 with its output threshold:
       an ``nn.ReLU``, or an ``nn.ReLU6`` right after an int8 conv (through its BatchNorm),
       into which oneDNN fuses it (:data:`imperative_ptq.export.unsigned.RELU6_U8_PRODUCERS`),
-    * its output (flattened, or through a dropout) read by a Linear that runs int8.
+    * its output (flattened, or through a dropout) read by a Linear that runs int8,
+    * and no layer but int8 ones reading its input besides it.
 
     Any other average pool runs fp32 in the export (a functional pool, a pool read by a conv,
     a pool after another op, a model converted from a table without its structure section
@@ -154,10 +155,20 @@ def int8_head_pools(
             producer = only_source(producer)
         return producer in int8 and isinstance(by_name.get(producer), paddle.nn.Conv2D)
 
+    readers: dict[str, set[str]] = {}
+    for name, _, inputs in layers:
+        for source in inputs:
+            readers.setdefault(source, set()).add(name)
+
     chosen: dict[str, float] = {}
     for name, layer, _ in layers:
         source = only_source(name)
         if not is_global_average_pool(layer) or name not in read_by_linear or source is None:
+            continue
+        if any(reader not in int8 for reader in readers.get(source, set()) - {name}):
+            # A layer reading it in float too (an attention-pooling head's multiply): Paddle
+            # would write it as the pool's u8 codes for that reader as well (measured: 0.75% of
+            # the largest output off on half of them).
             continue
         thresholds = list(output_thresholds.get(source, ()))
         if runs_u8(source) and thresholds and thresholds[0] > 0:

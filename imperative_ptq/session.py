@@ -434,8 +434,9 @@ class CalibrationSession:
 
     def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any) -> None:
         """Statistics of an observed-only layer (``LayerInfo.observed_only``): its first two
-        inputs where it has quantizers for them, and its output; nothing of the graph is
-        recorded, so the layers around it calibrate as without it."""
+        inputs where it has quantizers for them, and its output; of the graph only the layer
+        whose output it reads is recorded (its own ``input_sources``), so the layers around it
+        calibrate as without it."""
         collector = self.collector
         roles = [(state.input_quantizer, inputs[0] if inputs else None),
                  (state.second_input_quantizer, inputs[1] if len(inputs) > 1 else None),
@@ -445,6 +446,12 @@ class CalibrationSession:
                 sample = collector.sample(value, quantizer.uses_signed_values)
                 collector.submit(quantizer, [sample], state.name)
         first = inputs[0] if inputs else None
+        if _is_float_tensor(first):
+            # Which layer's output it reads in float (an int8 head pool of the same tensor
+            # would make Paddle give it codes, quant_pool.int8_head_pools).
+            source = self.source_of(first)
+            if source is not None:
+                state.input_sources.add(source)
         if state.input_quantizer is not None and _is_float_tensor(first) and first.size:
             with paddle.no_grad():  # the sign: whether Paddle would read it u8 or s8
                 state.input_quantizer.observe_minimum(float(paddle.min(first)))
