@@ -55,6 +55,16 @@ class Branch(paddle.nn.Layer):
 RESNET_WIDTH = 16
 
 
+def randomize_batch_norm_statistics(layer: paddle.nn.Layer, seed: int, mean_spread: float = 0.3) -> None:
+    """Gives every ``BatchNorm2D`` in ``layer`` (in sublayer order) running means drawn from
+    ``N(0, mean_spread)`` and variances from ``U(0.5, 2)``, so that folding them matters."""
+    rng = np.random.default_rng(seed)
+    for norm in (sub for sub in layer.sublayers() if isinstance(sub, paddle.nn.BatchNorm2D)):
+        channels = norm.weight.shape[0]
+        norm._mean.set_value(rng.normal(0, mean_spread, channels).astype(np.float32))
+        norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+
+
 class OneBlockResNet(paddle.nn.Layer):
     """paddle.vision's ResNet layout, one BasicBlock: stem conv -> BN -> ReLU, the block
     (identity shortcut, or a strided one with a downsample conv + BN), global pool, fc."""
@@ -72,12 +82,7 @@ class OneBlockResNet(paddle.nn.Layer):
         self.block = BasicBlock(RESNET_WIDTH, out, stride=2 if downsample else 1, downsample=shortcut)
         self.avgpool = paddle.nn.AdaptiveAvgPool2D((1, 1))
         self.fc = paddle.nn.Linear(out, 10)
-        rng = np.random.default_rng(1)
-        norms = (layer for layer in self.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D))
-        for norm in norms:
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self, seed=1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.block(self.relu(self.bn1(self.conv1(x))))
@@ -102,14 +107,7 @@ class ThreeBlockResNet(OneBlockResNet):
             BasicBlock(wide, wide),
         )
         self.fc = paddle.nn.Linear(wide, 10)
-        rng = np.random.default_rng(2)
-        norms = (
-            layer for layer in self.block.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D)
-        )
-        for norm in norms:
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self.block, seed=2)
 
 
 def converted(

@@ -18,7 +18,7 @@ from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from avx2_kernels import pytest_on_avx2_kernels
 from models import RESNET_WIDTH as WIDTH, X86_TARGETS, OneBlockResNet, ThreeBlockResNet, converted
-from models import converted_from_old_table, largest_error_in_paddle_inference
+from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 
 nn = paddle.nn
 SIZE = 12
@@ -219,11 +219,7 @@ class _PooledShortcutBlock(nn.Layer):
         self.short = _ConvBN(WIDTH, 2 * WIDTH, 1, 1 if self.pool is not None else 2, act=False)
         self.conv0, self.conv1 = _ConvBN(WIDTH, 2 * WIDTH, 3, 2), _ConvBN(2 * WIDTH, 2 * WIDTH, 3, act=False)
         self.act1, self.head = nn.ReLU(), nn.Conv2D(2 * WIDTH, 4, 3, padding=1)
-        rng = np.random.default_rng(1)
-        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self, seed=1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.act0(self.stem(x))
@@ -289,11 +285,7 @@ class _SignedIdentity(nn.Layer):
         self.stem = nn.Sequential(nn.Conv2D(3, 16, 3, 2, 1, bias_attr=False), nn.BatchNorm2D(16), nn.Hardswish())
         self.linear = nn.Sequential(nn.Conv2D(16, 16, 1, bias_attr=False), nn.BatchNorm2D(16))
         self.reader = nn.Sequential(nn.Conv2D(16, 32, 1, bias_attr=False), nn.BatchNorm2D(32), nn.ReLU())
-        rng = np.random.default_rng(1)
-        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.1, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self, seed=1, mean_spread=0.1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         h = self.stem(x)
@@ -465,11 +457,7 @@ class _FunctionalResNet(nn.Layer):
             _FunctionalBlock(2 * WIDTH, 2 * WIDTH, 1),
         )
         self.pool, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(2 * WIDTH, 10)
-        rng = np.random.default_rng(1)
-        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self, seed=1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.fc(paddle.flatten(self.pool(self.blocks(self.stem(x))), 1))

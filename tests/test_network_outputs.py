@@ -25,7 +25,7 @@ from imperative_ptq.export.predictor import INT8_DELETED_PASSES, quiet_native_ou
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 from imperative_ptq.quant_residual import ResidualSumOutput
 from avx2_kernels import pytest_on_avx2_kernels
-from models import RESNET_WIDTH as WIDTH, X86_TARGETS, converted
+from models import RESNET_WIDTH as WIDTH, X86_TARGETS, converted, randomize_batch_norm_statistics
 
 nn = paddle.nn
 SIZE = 16
@@ -41,11 +41,7 @@ class _Backbone(nn.Layer):
             nn.Conv2D(3, WIDTH, 3, padding=1, bias_attr=False), nn.BatchNorm2D(WIDTH), nn.ReLU()
         )
         self.blocks = nn.Sequential(BasicBlock(WIDTH, WIDTH), BasicBlock(WIDTH, WIDTH))
-        rng = np.random.default_rng(3)
-        for norm in (layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)):
-            channels = norm.weight.shape[0]
-            norm._mean.set_value(rng.normal(0, 0.3, channels).astype(np.float32))
-            norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
+        randomize_batch_norm_statistics(self, seed=3)
 
     def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
         first = self.blocks[0](self.stem(x))
