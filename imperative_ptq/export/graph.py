@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
-    "exact_nearest_resizes", "get_tensor", "insert_reader_op", "insert_zero_bias",
+    "exact_nearest_resizes", "fill_constant_value", "get_tensor", "insert_reader_op", "insert_zero_bias",
     "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "producers", "readers",
     "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
@@ -258,6 +258,13 @@ def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out
     )
 
 
+def fill_constant_value(op: Operator) -> float:
+    """The value a ``fill_constant`` op fills with: its ``str_value`` where set (the value as
+    written, exact for int64 beyond float precision), else its ``value``."""
+    text = op.attr("str_value") if op.has_attr("str_value") else ""
+    return float(text) if text else float(op.attr("value"))
+
+
 def _constant_scalar(loaded: Any, making: dict[str, Operator], name: str) -> float | None:
     """The value of ``name`` when it is one constant number: a one-element ``fill_constant``
     or ``assign_value``, or a one-element persistable variable; else ``None``."""
@@ -269,8 +276,7 @@ def _constant_scalar(loaded: Any, making: dict[str, Operator], name: str) -> flo
     if producer is None or int(np.prod([max(int(d), 0) for d in block.var(name).shape] or [1])) != 1:
         return None
     if producer.type == "fill_constant":
-        text = producer.attr("str_value") if producer.has_attr("str_value") else ""
-        return float(text) if text else float(producer.attr("value"))
+        return fill_constant_value(producer)
     if producer.type == "assign_value":
         for attr in ("fp32_values", "values"):
             if producer.has_attr(attr) and len(producer.attr(attr)) == 1:

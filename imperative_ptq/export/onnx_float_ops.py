@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
+from .graph import fill_constant_value
+
 __all__ = ["FloatOpConverters", "UNARY_OPS", "numpy_dtype"]
 
 #: Paddle op -> (ONNX op, {ONNX attribute: Paddle attribute}) for ops that are one ONNX op of
@@ -352,9 +354,7 @@ class FloatOpConverters:
         ))
         shape = [] if dynamic else [int(d) for d in op.attr("shape")]
         if op.type == "fill_constant":
-            # str_value is the value as written (exact for int64 beyond float precision).
-            text = op.attr("str_value") if op.has_attr("str_value") else ""
-            value = np.full(shape, float(text) if text else op.attr("value")).astype(dtype)
+            value = np.full(shape, fill_constant_value(op)).astype(dtype)
         else:
             value = np.array([item.value() for item in op.attr("values")]).astype(dtype).reshape(shape)
         if dynamic:

@@ -692,8 +692,8 @@ def returned_only_outputs(
 
 
 def _isolate_unscaled_residual_adds(
-    block: "paddle.static.Block", written: ProgramScales, simulated_residuals: set[str] = frozenset(),
-    coded_residuals: set[str] | None = None,
+    block: "paddle.static.Block", written: ProgramScales, simulated_residuals: set[str],
+    coded_residuals: set[str],
 ) -> int:
     """Keeps each int8 conv/fc out of a residual add whose other operand, or whose sum (after
     the ReLU oneDNN fuses too), has no scale.
@@ -714,10 +714,10 @@ def _isolate_unscaled_residual_adds(
     projection Paddle fuses into the other conv, that conv keeps the add whatever its own
     output's scale. ``coded_residuals``: every tensor the simulation reads as such codes
     (those, and identity shortcuts on u8 codes); a conv whose add's other operand is a signed
-    activation (no ReLU or conv output) that is not one is kept out of the add too (``None``:
-    not checked). Paddle would read that operand on its scale's codes where the simulation
-    adds it in float (measured on ``x86-vnni``: a Hardswish output as the identity of a 1x1
-    conv + BatchNorm, 3-10% off).
+    activation (no ReLU or conv output) that is not one is kept out of the add too. Paddle
+    would read that operand on its scale's codes where the simulation adds it in float
+    (measured on ``x86-vnni``: a Hardswish output as the identity of a 1x1 conv + BatchNorm,
+    3-10% off).
 
     Returns:
         How many conv/fc outputs were isolated.
@@ -738,20 +738,16 @@ def _isolate_unscaled_residual_adds(
         after = reading.get(total, [])
         if len(after) == 1 and after[0].type in ("relu", "relu6"):
             total = after[0].output("Out")[0]
-        projection = _projection_operand(block, operands, writers, written)
+        int8_output = {name: _int8_weight_op_output(block, name, writers, written) for name in operands}
+        projection = _projection_operand(operands, writers, int8_output)
         for position, name in enumerate(operands):
             other = operands[1 - position]
-            if name == projection and name in simulated_residuals:
-                continue  # Paddle fuses the add into the other conv, reading this one
+            if not int8_output[name] or (name == projection and name in simulated_residuals):
+                continue  # no int8 conv; or Paddle fuses the add into the other conv, reading this one
             # A signed activation as the residual (an identity shortcut that is no ReLU or conv
             # output) is read on codes only where the simulation puts it on them.
-            coded = (
-                coded_residuals is None or other in coded_residuals
-                or runs_unsigned(block, other, writers) or _int8_weight_op_output(block, other, writers, written)
-            )
-            if (other in scaled and total in scaled and coded) or not _int8_weight_op_output(
-                block, name, writers, written
-            ):
+            coded = other in coded_residuals or runs_unsigned(block, other, writers) or int8_output[other]
+            if other in scaled and total in scaled and coded:
                 continue
             if len(reading.get(name, [])) != 1:
                 continue  # read elsewhere too: oneDNN does not fuse the add
@@ -767,12 +763,12 @@ def _isolate_unscaled_residual_adds(
     return isolated
 
 
-def _projection_operand(block, operands: list[str], writers: Mapping, written: ProgramScales) -> str | None:
-    """Of a residual add of two int8 conv/fc outputs, the one Paddle reads as the residual of
-    the other's fused conv (its projection fusion's rule: the conv whose input is an ancestor
-    of the other conv's output is the projection); ``None`` if not both are such outputs or
-    neither input is such an ancestor."""
-    if not all(_int8_weight_op_output(block, name, writers, written) for name in operands):
+def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapping[str, bool]) -> str | None:
+    """Of a residual add of two int8 conv/fc outputs (``int8_output``: which operands are),
+    the one Paddle reads as the residual of the other's fused conv (its projection fusion's
+    rule: the conv whose input is an ancestor of the other conv's output is the projection);
+    ``None`` if not both are such outputs or neither input is such an ancestor."""
+    if not all(int8_output[name] for name in operands):
         return None
 
     def conv_input(name: str) -> str:
@@ -1070,6 +1066,17 @@ _LAYOUT_OPS = {
 }
 
 
+def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
+    """The tensor ``name`` is laid out from through :data:`_LAYOUT_OPS` (itself if none), and
+    those ops, nearest first."""
+    walked = []
+    while name in writers and writers[name].type in _LAYOUT_OPS:
+        op = writers[name]
+        walked.append(op)
+        name = op.input(_LAYOUT_OPS[op.type])[0]
+    return name, walked
+
+
 def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
     """Gives a quantize op its own copy (an ``assign``) of a signed tensor whose scale Paddle
     Inference would otherwise move onto a tensor that other readers share.
@@ -1101,12 +1108,12 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         if name not in writers:
             continue
         shared = any(reader.type != "quantize_linear" for reader in reading.get(name, []))
-        source, branched = name, False
-        while source in writers and writers[source].type in _LAYOUT_OPS:
-            writer = writers[source]
-            branched = branched or (writer.type == "split" and len(writer.output("Out")) > 1)
-            source = writer.input(_LAYOUT_OPS[writer.type])[0]
-            branched = branched or len(reading.get(source, [])) > 1
+        source, walked = _behind_layout_ops(name, writers)
+        branched = any(
+            (op.type == "split" and len(op.output("Out")) > 1)
+            or len(reading.get(op.input(_LAYOUT_OPS[op.type])[0], [])) > 1
+            for op in walked
+        )
         if not (shared or branched) or runs_unsigned(block, name, writers) or runs_unsigned(block, source, writers):
             continue
         var = block.var(name)
@@ -1144,11 +1151,8 @@ def _isolate_sliced_pieces(loaded: LegacyProgram) -> list[str]:
         piece = name  # x86: behind the clip and relu in front of the quantize op
         while piece in writers and writers[piece].type in ("relu", "clip", "elementwise_min"):
             piece = writers[piece].input("X")[0]
-        source, cut = piece, False
-        while source in writers and writers[source].type in _LAYOUT_OPS:
-            cut = cut or writers[source].type in ("slice", "split")
-            source = writers[source].input(_LAYOUT_OPS[writers[source].type])[0]
-        if cut and runs_unsigned(block, source, writers):
+        source, walked = _behind_layout_ops(piece, writers)
+        if any(op.type in ("slice", "split") for op in walked) and runs_unsigned(block, source, writers):
             groups.setdefault(source, []).append((op, piece))
     pieces: list[str] = []
     for quantized in groups.values():

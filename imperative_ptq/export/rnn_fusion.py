@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from ..quant_rnn import CALLED_WITH_STATES, quantize_gate_rows
-from .graph import get_tensor, is_persistable, new_persistable, producers, readers
+from .graph import fill_constant_value, get_tensor, is_persistable, new_persistable, producers, readers
 from .tracing import LayerRecord
 
 __all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops", "zero_initial_states"]
@@ -101,12 +101,13 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
         call = calls.get(record.name, 0)
         calls[record.name] = call + 1
         simulated_fp32 = record.fp32_calls[call] if call < len(record.fp32_calls) else None
-        if simulated_fp32 == CALLED_WITH_STATES and zero_initial_states(producers(block), op, parameter):
+        zero_states = zero_initial_states(producers(block), op, parameter)
+        if simulated_fp32 == CALLED_WITH_STATES and zero_states:
             simulated_fp32 = None  # zeros: the simulation ran it int8, and so does fusion_lstm
         if simulated_fp32 is not None:
             done.simulated_fp32[record.name] = simulated_fp32
             continue
-        reason = _refusal(block, op, parameter)
+        reason = _refusal(op, zero_states)
         if reason is not None:
             done.refused[record.name] = reason
             continue
@@ -116,8 +117,9 @@ def fuse_lstm_ops(loaded, weights: dict[str, LayerRecord]) -> LSTMFusion:
     return done
 
 
-def _refusal(block, op, parameter: Callable) -> str | None:
-    """Why ``fusion_lstm`` cannot compute this ``rnn`` op, or ``None``."""
+def _refusal(op, zero_states: bool) -> str | None:
+    """Why ``fusion_lstm`` cannot compute this ``rnn`` op, or ``None`` (``zero_states``: its
+    initial states, if any, are zeros, :func:`zero_initial_states`)."""
     if op.attr("mode") != "LSTM":
         return f"rnn mode {op.attr('mode')}"
     if op.attr("num_layers") != 1 or op.attr("is_bidirec"):
@@ -126,7 +128,7 @@ def _refusal(block, op, parameter: Callable) -> str | None:
         return "sequence lengths"
     if len(op.input("WeightList")) != 4:
         return "no bias"
-    if not zero_initial_states(producers(block), op, parameter):
+    if not zero_states:
         return "initial states that are not zeros"
     return None
 
@@ -138,9 +140,7 @@ _ZERO_PRESERVING_OPS = frozenset({
 })
 
 
-def zero_initial_states(
-    writers: dict, op, parameter: Callable[[str], "np.ndarray | None"] = lambda name: None
-) -> bool:
+def zero_initial_states(writers: dict, op, parameter: Callable[[str], "np.ndarray | None"]) -> bool:
     """Whether every initial state of the ``rnn`` op ``op`` (if any) is zeros by construction:
     a ``fill_constant`` of 0 (of a fixed shape or one computed from the batch size), a
     parameter of zeros (``parameter`` returns a persistable variable's value, else ``None``),
@@ -157,8 +157,7 @@ def _constant_zero(name: str, writers: dict, parameter: Callable, depth: int) ->
     if writer is None or depth > 32:
         return False
     if writer.type == "fill_constant":
-        text = writer.attr("str_value") if writer.has_attr("str_value") else ""
-        return float(text if text else writer.attr("value")) == 0.0
+        return fill_constant_value(writer) == 0.0
     if writer.type == "scale" and writer.attr("bias") == 0.0 and not writer.input("ScaleTensor"):
         return _constant_zero(writer.input("X")[0], writers, parameter, depth + 1)
     if writer.type in _ZERO_PRESERVING_OPS:
