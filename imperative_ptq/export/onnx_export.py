@@ -12,7 +12,9 @@ translation raises ``NotImplementedError`` naming it and where it is. The graph 
   scale ``s_input * s_weight[c]``; weights of at most 4 bits as INT4 from opset 21 (two codes a
   byte: half the bytes; ONNX Runtime 1.32 dequantizes them and runs a float Conv/Gemm, having
   no int4 conv kernel and fusing ``MatMulNBits`` only behind an unquantized input), else as
-  int8 holding the same codes;
+  int8 holding the same codes; as uint8 about zero point 128 where the layer's input codes can
+  pass 127 and its weight codes pass 64 (ONNX Runtime's u8 x s8 kernels without VNNI sum
+  product pairs in int16, which then saturates; u8 x u8 is exact on every x86 CPU);
 * uint8 activations, zero point 0 for tensors known to be non-negative (after ReLU) and 128 for
   signed ones (on ``arm`` clipped to codes 1..255: Paddle Lite's symmetric -127..127). ONNX
   Runtime only fuses QDQ into ``QLinearConv`` with uint8 activations; symmetric int8
@@ -58,6 +60,32 @@ logger = logging.getLogger(__name__)
 
 #: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
 INT4_OPSET = 21
+
+#: The zero point of uint8 weight codes (``int8 code + 128``). ONNX Runtime's x86 kernels
+#: multiply u8 activations by u8 weights exactly on every CPU; by s8 weights they use
+#: ``vpmaddubsw`` without VNNI, whose int16 pair sums saturate once activation codes pass 127.
+U8_WEIGHT_ZERO_POINT = 128
+
+
+def pair_sums_can_saturate(codes: np.ndarray) -> bool:
+    """Whether ``vpmaddubsw`` pair sums of u8 codes (up to 255) and these int8 weight codes
+    can pass int16: not for weights of at most 7 bits (2 * 255 * 63 < 32767)."""
+    return 2 * 255 * int(np.abs(codes.astype(np.int16)).max(initial=0)) > np.iinfo(np.int16).max
+
+
+def unsigned_weight_codes(codes: np.ndarray) -> np.ndarray:
+    """Signed weight codes as uint8 about :data:`U8_WEIGHT_ZERO_POINT` (the same values)."""
+    return (codes.astype(np.int16) + U8_WEIGHT_ZERO_POINT).astype(np.uint8)
+
+
+def weight_codes_and_zero(codes: np.ndarray, zero_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer weight storage for an integer kernel fed u8 codes up to 255: the int8 codes
+    with zero points 0 (``zero_shape``), or the uint8 codes about zero point 128 where
+    :func:`pair_sums_can_saturate`."""
+    if pair_sums_can_saturate(codes):
+        return unsigned_weight_codes(codes), np.full(zero_shape, U8_WEIGHT_ZERO_POINT, np.uint8)
+    return codes.astype(np.int8), np.zeros(zero_shape, np.int8)
+
 
 #: Ops after which a tensor is non-negative, and ops whose output is non-negative where their
 #: input ``X`` is (leaky_relu, prelu and the ELUs are not non-negative, but keep ``x >= 0``).
@@ -472,6 +500,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         record: LayerRecord,
         axis: int,
         factor: np.ndarray | None = None,
+        unsigned: bool = False,
     ) -> tuple[str, np.ndarray]:
         """The ``DequantizeLinear`` of a calibrated layer's weight, and its per-channel scales.
 
@@ -482,7 +511,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         With INT4 storage on (``self.int4_weights``) a layer of at most 4 bits stores its own
         codes ``-L..L`` at scale ``t / L``, packed two per byte. Else int8: the codes of the
         traced weight on its grid (on the x86 targets the 8-bit requantization Paddle computes
-        and the simulation follows; otherwise the layer's own codes, ``-L..L`` below 8 bits).
+        and the simulation follows; otherwise the layer's own codes, ``-L..L`` below 8 bits),
+        stored as uint8 about zero point 128 where ``unsigned`` (an input whose codes pass 127:
+        :meth:`_input_codes_pass_127`) and they are large enough to saturate.
         """
         channels = weight.shape[axis]
         factor = np.ones([channels], np.float32) if factor is None else factor
@@ -503,8 +534,12 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         integers = np.round(values * factor.reshape(shape) / scale.reshape(shape))
         if not int4:
             # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
-            stored = self._const(weight_name, np.clip(integers, -128, 127).astype(np.int8))
-            zero = self._const("w_zero", np.zeros_like(scale, dtype=np.int8))
+            codes = np.clip(integers, -128, 127).astype(np.int8)
+            if unsigned:
+                codes, zeros = weight_codes_and_zero(codes, scale.shape)
+            else:
+                zeros = np.zeros(scale.shape, np.int8)
+            stored, zero = self._const(weight_name, codes), self._const("w_zero", zeros)
             inputs = [stored, self._const("w_scale", scale), zero]
             return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
         # No zero point: symmetric codes, and the DequantizeLinear output is float either way.
@@ -673,6 +708,18 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return self.unquantized.get(name, self.names[name])
         return self.names[name]
 
+    def _input_codes_pass_127(self, var: str, scale: tuple[float, int]) -> bool:
+        """Whether the uint8 codes of int8-layer input ``var`` (on ``scale``) can pass 127.
+
+        ONNX Runtime's x86 kernels without VNNI multiply u8 codes by s8 weights with
+        ``vpmaddubsw``, whose int16 pair sums saturate past 2 * 128 * 127: such a layer's
+        weights are written as uint8 instead (:func:`unsigned_weight_codes`), which every
+        x86 kernel multiplies exactly. Inputs clipped to codes 0..127 (the x86 targets' u8 and
+        shifted grids) keep int8 weights, fused into the faster u8 x s8 kernels."""
+        if var in self.shifted:
+            return False  # codes 0..127 (shifted_levels)
+        return scale[1] != 0 or var not in self.u8_inputs or var in self.wide
+
     def _layer_input(self, op, slot: str) -> tuple[str, tuple[float, int] | None]:
         """The input tensor of an int8-capable conv/matmul and its (scale, zero point) when it
         is quantized: a shifted input gets its own Clip / Q / DQ here, which the tensor's
@@ -740,7 +787,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         record = self.weights.get(weight_name)
         x, x_scale = self._layer_input(op, "Input")
         if record is not None and x_scale is not None:
-            w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor)
+            unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
+            w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
             b_scale = (x_scale[0] * w_scale).astype(np.float32)
             b = self._node(
                 "DequantizeLinear",
@@ -825,7 +873,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         record = self.weights.get(weight_name)
         x, x_scale = self._layer_input(op, "X")
         if record is not None and x_scale is not None:
-            w, _ = self._quantized_weight(weight_name, weight, record, 1)
+            unsigned = self._input_codes_pass_127(op.input("X")[0], x_scale)
+            w, _ = self._quantized_weight(weight_name, weight, record, 1, unsigned=unsigned)
         else:
             w = self._const(weight_name, weight)
         out = self._out(op)
@@ -857,8 +906,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self.nodes.append(
             self.helper.make_node("DynamicQuantizeLinear", [x], [quantized, scale, zero])
         )
-        integers = self._const(op.input("Y")[0] + ".int8", weight.integers.astype(np.int8))
-        accumulated = self._node("MatMulInteger", [quantized, integers, zero], out + ".int32")
+        # (DynamicQuantizeLinear's codes reach 255: uint8 weights where u8 x s8 saturates.)
+        codes, zeros = weight_codes_and_zero(weight.integers, [])
+        integers = self._const(op.input("Y")[0] + ".codes", codes)
+        weight_zero = self._const("w_zero", zeros)
+        accumulated = self._node("MatMulInteger", [quantized, integers, zero, weight_zero], out + ".int32")
         floats = self._node("Cast", [accumulated], out + ".float", to=self.onnx.TensorProto.FLOAT)
         multiplier = self._node(
             "Mul", [scale, self._const("w_scale", weight.scales.astype(np.float32))], out + ".scale"
@@ -998,18 +1050,16 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         )
 
     def _integer_lstm_weight(self, matrices: list[str], cells: range, k: int, gates) -> tuple[str, str, str]:
-        """``DynamicQuantizeLSTM``'s W (``k`` 0) or R (``k`` 1) of one layer: int8 codes
+        """``DynamicQuantizeLSTM``'s W (``k`` 0) or R (``k`` 1) of one layer: integer codes
         ``[directions, columns, 4 * hidden]`` (the program's ``[rows, columns]`` transposed),
         and per-row scales and zero points ``[directions, 4 * hidden]``."""
         weights = [self.dynamic_weights[matrices[2 * c + k]] for c in cells]
-        integers = np.stack([gates(w.integers).T for w in weights]).astype(np.int8)
+        integers = np.stack([gates(w.integers).T for w in weights])
         scales = np.stack([gates(w.scales) for w in weights]).astype(np.float32)
         role = "W" if k == 0 else "R"
-        return (
-            self._const(role, np.ascontiguousarray(integers)),
-            self._const(f"{role}_scale", scales),
-            self._const(f"{role}_zero", np.zeros(scales.shape, np.int8)),
-        )
+        # (uint8 where u8 x s8 would saturate on AVX2, as for MatMulInteger)
+        codes, zeros = weight_codes_and_zero(np.ascontiguousarray(integers), scales.shape)
+        return self._const(role, codes), self._const(f"{role}_scale", scales), self._const(f"{role}_zero", zeros)
 
     def _rnn_label(self, op) -> str:
         """How errors name an rnn op: by its dynamically quantized layer when it is one."""

@@ -1,0 +1,97 @@
+"""ONNX weights are stored so that ONNX Runtime's integer kernels compute them exactly on
+every x86 CPU: without VNNI its u8 x s8 kernels sum pairs of products in int16
+(``vpmaddubsw``), which saturates once activation codes pass 127 and weight codes pass 64.
+Layers whose uint8 input codes can pass 127 (the arm and x86-vnni grids, dynamic
+quantization) get uint8 weights about zero point 128 where their codes are that large; the
+x86 target's inputs (codes 0..127) keep int8 weights and the faster u8 x s8 kernels.
+
+The exported graphs are checked here on any CPU; the ONNX Runtime runs of the same exports
+against the simulation are in test_signed_floor.py, test_low_bit_activations.py,
+test_onnx_concat.py and test_dynamic.py (on an AVX2 CPU they fail with int8 weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq import quantize_dynamic
+from imperative_ptq.export import export_onnx
+from imperative_ptq.export.onnx_export import pair_sums_can_saturate, weight_codes_and_zero
+
+onnx = pytest.importorskip("onnx")
+
+
+def _int16_pair_sums(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``inputs @ weights`` as ``vpmaddubsw`` + ``vpmaddwd`` compute it, slowly: each pair of
+    u8 x s8 products summed and saturated to int16, the pairs then summed in int32."""
+    rows, depth = inputs.shape
+    out = np.zeros([rows, weights.shape[1]], np.int64)
+    for row in range(rows):
+        for column in range(weights.shape[1]):
+            for k in range(0, depth, 2):
+                pair = sum(int(inputs[row, j]) * int(weights[j, column]) for j in range(k, min(k + 2, depth)))
+                out[row, column] += min(max(pair, -32768), 32767)
+    return out
+
+
+def test_the_saturation_rule_matches_the_kernel_arithmetic() -> None:
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, 256, [4, 32]).astype(np.uint8)
+    for top in (63, 64, 65, 127):
+        weights = rng.integers(-top, top + 1, [32, 6]).astype(np.int8)
+        weights[0, 0] = weights[1, 0] = top  # the largest codes in one pair, reached at 255
+        inputs[0, :2] = 255
+        exact = inputs.astype(np.int64) @ weights.astype(np.int64)
+        saturates = bool((_int16_pair_sums(inputs, weights) != exact).any())
+        assert saturates == pair_sums_can_saturate(weights) == (top >= 65), top
+    codes = np.array([[-128, 127], [5, -64]], np.int8)
+    stored, zero = weight_codes_and_zero(codes, [2])
+    assert stored.dtype == np.uint8 and zero.dtype == np.uint8
+    np.testing.assert_array_equal(stored.astype(np.int16) - zero.astype(np.int16), codes)
+    stored, zero = weight_codes_and_zero(np.array([[-63, 63]], np.int8), [2])
+    assert stored.dtype == np.int8 and not zero.any()
+
+
+def _weight_types(path: str) -> list[tuple[int, int]]:
+    """(data type, zero-point data type) of each integer weight initializer of rank >= 2."""
+    graph = onnx.load(path).graph
+    initializers = {t.name: t for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        slots = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3)}.get(node.op_type)
+        if slots is None or node.input[slots[0]] not in initializers:
+            continue
+        weight = initializers[node.input[slots[0]]]
+        if len(weight.dims) >= 2:
+            found.append((weight.data_type, initializers[node.input[slots[1]]].data_type))
+    return found
+
+
+UINT8, INT8 = onnx.TensorProto.UINT8, onnx.TensorProto.INT8
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("x86", INT8),  # inputs on codes 0..127 (the shifted grid for the signed input)
+    ("x86-vnni", UINT8),  # signed inputs about zero point 128
+    ("arm", UINT8),
+])
+def test_static_weights_are_unsigned_where_input_codes_pass_127(target: str, expected: int, tmp_path) -> None:
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(16, 16), paddle.nn.Linear(16, 8))
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.randn([32, 16]))
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", [paddle.static.InputSpec([None, 16], "float32", "x")])
+    assert _weight_types(path) == [(expected, expected)] * 2
+
+
+@pytest.mark.parametrize("bits, expected", [(8, UINT8), (7, INT8)])
+def test_dynamic_weights_are_unsigned_unless_too_narrow_to_saturate(bits: int, expected: int, tmp_path) -> None:
+    paddle.seed(0)
+    quantized = quantize_dynamic(paddle.nn.Sequential(paddle.nn.Linear(64, 32)), weight_bits=bits)
+    path = export_onnx(quantized, tmp_path / "d.onnx", [paddle.static.InputSpec([None, 64], "float32")])
+    assert _weight_types(path) == [(expected, expected)]
