@@ -18,6 +18,7 @@ from imperative_ptq.export import create_predictor, int8_report, predict
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.session import hooked_states
 from models import without_structure
+from ties import simulation_up_to_ties
 
 nn = paddle.nn
 SIZE = 32
@@ -94,9 +95,11 @@ def test_a_table_loaded_resnet_simulates_and_exports_as_the_calibrated_one(resne
         report = int8_report(prefix)
         assert not report.fp32, (name, report)
         ran[name] = predict(create_predictor(prefix, num_threads=1), x)[0]
-        # Measured cosine 1 - 4e-14, max abs 5.2e-6 of logits up to 13.4, for both.
-        assert _cosine(ran[name], simulated) >= 0.9999, name
-        assert np.abs(ran[name] - simulated).max() <= 1e-5 * np.abs(simulated).max(), name
+        # Measured cosine 1 - 4e-14, max abs 5.2e-6 of logits up to 13.4, for both (up to
+        # rounding ties: two codes of layer1.0.conv2's input on an AVX2 EPYC).
+        tied, _ = simulation_up_to_ties(lambda: converted(paddle.to_tensor(x)).numpy(), ran[name], 1e-5)
+        assert _cosine(ran[name], tied) >= 0.9999, name
+        assert np.abs(ran[name] - tied).max() <= 1e-5 * np.abs(tied).max(), name
     np.testing.assert_array_equal(ran["loaded"], ran["calibrated"])
 
     # The export's table records the same structure, and reproduces the simulation too.

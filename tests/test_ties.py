@@ -1,0 +1,52 @@
+"""The tie-aware comparison of tests/ties.py explains a rounding tie decided the other way, and
+nothing else: a wrong scale stays an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+import imperative_ptq as ip
+from models import mlp
+from ties import TIE_DISTANCE, _recorded, _Rounding, relative_error, simulation_up_to_ties
+
+
+def _converted() -> tuple[paddle.nn.Layer, np.ndarray]:
+    """A converted Linear and a batch whose row 1 holds an input exactly on a half code."""
+    paddle.seed(0)
+    model = mlp(16, 4)  # one Linear: a flipped input code moves its outputs
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    qmodel(paddle.to_tensor(rng.random([8, 16], np.float32)))
+    ptq.convert(qmodel)
+    x = rng.random([3, 16], np.float32) * 0.9
+    step = np.float32(qmodel[0].input_thresholds[0]) / np.float32(127)
+    x[1, 5] = np.float32(40.5) * step
+    return qmodel, x
+
+
+def test_a_tie_decided_the_other_way_is_explained() -> None:
+    qmodel, x = _converted()
+    simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
+    recorded = _Rounding(3, frozenset())
+    with _recorded(recorded), paddle.no_grad():
+        plain = simulate()
+    tie = next(site for site in recorded.sites if site.call == 0 and site.element == 16 + 5)
+    assert tie.distance <= TIE_DISTANCE and tie.row == 1
+    # A "runtime" that rounds that one input the other way.
+    other_way = _Rounding(3, frozenset([(tie.call, tie.element)]))
+    with _recorded(other_way), paddle.no_grad():
+        ran = simulate()
+    assert relative_error(ran, plain) > 1e-3
+    explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
+    assert flipped == [tie] and relative_error(ran, explained) == 0.0
+
+
+def test_a_wrong_scale_is_not_explained() -> None:
+    qmodel, x = _converted()
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = simulated * np.float32(1.01)  # every output 1% off, as a wrong output scale makes it
+    explained, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 1e-5)
+    assert relative_error(ran, explained) > 5e-3
