@@ -109,7 +109,10 @@ def trained(recipe: Recipe, name: str, cache_dir: str) -> paddle.nn.Layer:
         train_classifier(model, data.train_images, data.train_labels, epochs=recipe.epochs,
                          batch_size=recipe.batch_size, progress=True)
         os.makedirs(cache_dir, exist_ok=True)
-        paddle.save(model.state_dict(), path)
+        # Written whole, then renamed: a concurrent reader (two test workers) never loads half.
+        partial = f"{path}.{os.getpid()}.partial"
+        paddle.save(model.state_dict(), partial)
+        os.replace(partial, path)
     model.eval()
     return model
 
