@@ -114,9 +114,10 @@ def simulation_up_to_ties(
 ) -> tuple[np.ndarray, list[TieSite]]:
     """The simulation's output, with the ties the runtime decided the other way flipped.
 
-    Each batch row whose output is off by more than ``bound`` gets the combination of at most
-    ``max_flips`` of its ``candidates`` tie sites closest to a half code that brings the row
-    closest to ``ran`` (rows are independent: a rounding in one moves only its own outputs).
+    Each batch row whose output is off by more than ``bound`` gets a combination of at most
+    ``max_flips`` of its ``candidates`` tie sites closest to a half code: the first found that
+    brings the row within ``bound`` of ``ran``, else the one that brings it closest (rows are
+    independent: a rounding in one moves only its own outputs).
 
     Args:
         simulate: Runs the simulation (a converted model's forward) and returns its output.
@@ -149,10 +150,15 @@ def simulation_up_to_ties(
         sites = sorted((site for site in rounding.sites if site.row == row), key=lambda site: site.distance)
         best, best_error = (), errors[row]
         for size in range(1, max_flips + 1):
-            for subset in itertools.combinations(sites[:candidates], size):
+            # Combinations holding the best smaller one first: with it, one more flip is
+            # usually what is left.
+            subsets = sorted(itertools.combinations(sites[:candidates], size), key=lambda s: not set(best) <= set(s))
+            for subset in subsets:
                 error = row_errors(run(subset)[0])[row]
                 if error < best_error:
                     best, best_error = subset, error
+                    if best_error <= bound:
+                        break
             if best_error <= bound:
                 break
         flipped.extend(best)
