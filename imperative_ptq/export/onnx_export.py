@@ -712,9 +712,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         """Whether the uint8 codes of int8-layer input ``var`` (on ``scale``) can pass 127.
 
         ONNX Runtime's x86 kernels without VNNI multiply u8 codes by s8 weights with
-        ``vpmaddubsw``, whose int16 pair sums saturate past 2 * 128 * 127: such a layer's
-        weights are written as uint8 instead (:func:`unsigned_weight_codes`), which every
-        x86 kernel multiplies exactly. Inputs clipped to codes 0..127 (the x86 targets' u8 and
+        ``vpmaddubsw``, whose int16 pair sums can saturate once codes pass 127: such a layer's
+        weights are written as uint8 instead where they can (:func:`weight_codes_and_zero`),
+        which every x86 kernel multiplies exactly. Inputs clipped to codes 0..127 (the x86 targets' u8 and
         shifted grids) keep int8 weights, fused into the faster u8 x s8 kernels."""
         if var in self.shifted:
             return False  # codes 0..127 (shifted_levels)
