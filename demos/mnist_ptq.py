@@ -15,6 +15,7 @@ under a line naming the CPU and its int8 flags (``imperative_ptq.cpu_info().desc
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import statistics
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from imperative_ptq import ImperativePTQ, PTQConfig, cpu_info
 from imperative_ptq.datasets import load_mnist
 from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.files import atomic_file
 from imperative_ptq.models import LeNet, MnistConvNet, VerySimpleNet, train_classifier
 from imperative_ptq.quantizers import ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS
 
@@ -108,11 +110,12 @@ def trained(recipe: Recipe, name: str, cache_dir: str) -> paddle.nn.Layer:
         os.environ.setdefault("MKL_NUM_THREADS", str(cores or 1))
         train_classifier(model, data.train_images, data.train_labels, epochs=recipe.epochs,
                          batch_size=recipe.batch_size, progress=True)
-        os.makedirs(cache_dir, exist_ok=True)
-        # Written whole, then renamed: a concurrent reader (two test workers) never loads half.
-        partial = f"{path}.{os.getpid()}.partial"
-        paddle.save(model.state_dict(), partial)
-        os.replace(partial, path)
+        # Written whole, then renamed (atomic_file): a concurrent reader (two test workers)
+        # never loads half. paddle.save writes to a path or a BytesIO, not to an open file.
+        buffer = io.BytesIO()
+        paddle.save(model.state_dict(), buffer)
+        with atomic_file(path, "wb") as file:
+            file.write(buffer.getvalue())
     model.eval()
     return model
 
