@@ -48,22 +48,28 @@ class TieSite:
 class _Rounding:
     """Wraps the simulation's rounding functions to record the ties and flip chosen ones."""
 
-    def __init__(self, batch: int, flips: frozenset[tuple[int, int]]) -> None:
+    def __init__(self, batch: int, flips: frozenset[tuple[int, int]] = frozenset()) -> None:
+        """Records the tie sites of a run without ``flips``; a run with flips only flips."""
         self.batch, self.flips = batch, flips
         self.calls = 0
         self.sites: list[TieSite] = []
 
-    def visit(self, values: paddle.Tensor, rounded: paddle.Tensor, lowest: float, highest: float) -> paddle.Tensor:
+    def visit(
+        self, values: Callable[[], paddle.Tensor], rounded: paddle.Tensor, lowest: float, highest: float
+    ) -> paddle.Tensor:
+        """``rounded``, the rounding of ``values()``, with this call's chosen elements flipped."""
         call = self.calls
         self.calls += 1
-        exact = values.numpy()
-        distance = np.abs(exact - np.floor(exact) - 0.5)
-        per_row = exact.size // self.batch if exact.ndim and exact.shape[0] == self.batch else None
-        for element in np.flatnonzero(distance <= TIE_DISTANCE):
-            row = None if per_row is None else int(element // per_row)
-            self.sites.append(TieSite(call, int(element), float(distance.flat[element]), row))
         chosen = [element for flip_call, element in self.flips if flip_call == call]
-        if not chosen:
+        if self.flips and not chosen:
+            return rounded
+        exact = values().numpy()
+        if not self.flips:
+            distance = np.abs(exact - np.floor(exact) - 0.5)
+            per_row = exact.size // self.batch if exact.ndim and exact.shape[0] == self.batch else None
+            for element in np.flatnonzero(distance <= TIE_DISTANCE):
+                row = None if per_row is None else int(element // per_row)
+                self.sites.append(TieSite(call, int(element), float(distance.flat[element]), row))
             return rounded
         codes = rounded.numpy().copy()
         for element in chosen:
@@ -80,13 +86,13 @@ def _recorded(rounding: _Rounding) -> Iterator[None]:
 
     def wrap_grid_codes(original):
         def grid_codes(x, step, lowest, highest, half_to_even=False):
-            values = paddle.clip(x / step, float(lowest), float(highest))
-            return rounding.visit(values, original(x, step, lowest, highest, half_to_even), lowest, highest)
+            rounded = original(x, step, lowest, highest, half_to_even)
+            return rounding.visit(lambda: paddle.clip(x / step, float(lowest), float(highest)), rounded, lowest, highest)
         return grid_codes
 
     def wrap_round(original):
         def round_half_to_even(x):
-            return rounding.visit(x, original(x), -np.inf, np.inf)
+            return rounding.visit(lambda: x, original(x), -np.inf, np.inf)
         return round_half_to_even
 
     for module, name, wrap in (
