@@ -29,7 +29,7 @@ from .quant_layers import (
     quantize_weight,
     runtime_weight,
 )
-from .quant_residual import quantize_residual_in_place
+from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes, straight_through
 from .shifted_input import dequantize_codes, shifted_codes, shifted_grid, shifted_levels
@@ -143,6 +143,10 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             forward, as ``convert`` decides it from the weights it is given).
         shared_weight_threshold: Quantize the weight on the largest of its thresholds, as the
             converted layer does (a square fc weight, stored per tensor).
+        residual_output_threshold: Put the output on the s8 codes of this threshold, as the
+            converted layer does (its
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_output_threshold`);
+            ``None``: the output stays float.
 
     Raises:
         ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
@@ -166,6 +170,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         paddle_fc_scales: bool = False,
         onednn_weights: bool = False,
         shared_weight_threshold: bool = False,
+        residual_output_threshold: float | None = None,
     ) -> None:
         super().__init__()
         forward = FUNCTIONAL_FORWARDS.get(type(layer))
@@ -188,6 +193,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         self.paddle_fc_scales = bool(paddle_fc_scales)
         self.onednn_weights = bool(onednn_weights)
         self.shared_weight_threshold = bool(shared_weight_threshold)
+        self.residual_output_threshold = residual_output_threshold
         #: The input threshold as given (a table's float): the converted layer's residual step.
         self._initial_input_threshold = float(input_threshold)
         self.learnable = bool(learnable)
@@ -263,7 +269,10 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             weight = self._runtime_weight(weight, weight_thresholds)
         if self.on_backward is not None and not weight.stop_gradient:
             weight.register_hook(self.on_backward)
-        return self._functional(self.layer, x, weight)
+        output = self._functional(self.layer, x, weight)
+        if self.residual_output_threshold is not None:
+            output = residual_output_codes(output, self.residual_output_threshold, self.activation_bits)
+        return output
 
     def _runtime_weight(
         self, quantized: paddle.Tensor, thresholds: paddle.Tensor

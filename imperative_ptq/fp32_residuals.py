@@ -17,7 +17,7 @@ residual (:mod:`imperative_ptq.quant_residual`). With some layers fp32
 Measured on the test zoo's three-block ResNet (Paddle Inference vs simulation, largest output):
 0.9-5.5% before, float noise after, for the fused convs, the convs reading a block output and
 the first conv of an identity block. Not re-decided (left to a warning): a downsample conv kept
-fp32, and blocks whose structure lacks the layer reading the sum (tables written before it was
+fp32 (with or without a BatchNorm after it), and blocks whose structure lacks the layer reading the sum (tables written before it was
 recorded, functional ``F.relu`` sums).
 """
 
@@ -89,8 +89,12 @@ def refit_fused_residuals(
             continue
         involved = {name for name in kept if name in (add["fused"], *structure.get(add["fused"], {}).get("input_sources", []))}
         shortcut = layers.get(producer)
-        if isinstance(shortcut, QuantizedResidualOutput):
-            replace(producer, shortcut.layer)
+        folded = isinstance(shortcut, QuantizedLayer) and shortcut.residual_output_threshold is not None
+        if isinstance(shortcut, QuantizedResidualOutput) or folded:
+            if folded:  # a projection conv with its BatchNorm folded: it writes floats again
+                shortcut.residual_output_threshold, shortcut.residual_fused_with = None, ""
+            else:
+                replace(producer, shortcut.layer)
             reader = add.get("sum_reader", "")
             if not reader:
                 unresolved |= involved
@@ -174,4 +178,7 @@ def refit_fused_residuals(
                 source for source in structure.get(producer, {}).get("input_sources", [])
                 if source in kept
             )
+        simulated = kept.get(producer)
+        if isinstance(simulated, QuantizedLayer) and simulated.residual_output_threshold is not None:
+            unresolved.add(producer)  # the same, with its BatchNorm folded into it
     return sorted(unresolved)

@@ -260,6 +260,7 @@ class ImperativeQAT:
                 paddle_fc_scales=simulated.paddle_fc_scales,
                 onednn_weights=simulated.onednn_weights and simulated.weight_scales is None,
                 shared_weight_threshold=simulated.shared_weight_threshold,
+                residual_output_threshold=simulated.residual_output_threshold,
             )
             replace_sublayer(model, layers[name], wrapper)
         if float_shortcuts:

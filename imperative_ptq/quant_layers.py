@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 
 from .primitives import fake_quantize
-from .quant_residual import quantize_residual_in_place
+from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import affine_levels, symmetric_levels
 from .rounding import grid_codes
 from .shifted_input import dequantize_codes, shift_response, shifted_codes, shifted_levels
@@ -268,6 +268,14 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         residual_source: With ``residual_codes``, the name of the layer that wrote that
             tensor (QAT quantizes its output instead); ``""`` for a tensor no hooked layer
             wrote (an ``F.relu`` output). Set by ``convert``.
+        residual_output_threshold: ``None``, or the threshold of the s8 codes this conv writes
+            its output on because the output is read only as the residual of a fused int8
+            conv (a projection shortcut with its BatchNorm folded into the conv, as in models
+            converted from ONNX; :func:`~imperative_ptq.quant_residual.residual_output_codes`).
+            Set by ``convert``.
+        residual_fused_with: With ``residual_output_threshold``, the name of the layer whose
+            output is the add's other operand (see
+            :class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`).
     """
 
     def __init__(
@@ -297,6 +305,8 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.input_floor = signed_input_floor(activation_bits, onednn_weights)
         self.residual_codes = 0
         self.residual_source = ""
+        self.residual_output_threshold: float | None = None
+        self.residual_fused_with = ""
         #: ReLUs reading the residual sum fused into this conv (ResidualSumOutput): a plain
         #: list, not sublayers, so they stay where the model holds them.
         self.sum_outputs: list = []
@@ -443,7 +453,10 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             )
         for sum_output in self.sum_outputs:
             sum_output.expect_sum()
-        return self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
+        output = self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
+        if self.residual_output_threshold is not None:
+            output = residual_output_codes(output, self.residual_output_threshold, self.activation_bits)
+        return output
 
     def extra_repr(self) -> str:
         return (
@@ -452,6 +465,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             f"{self.weight_bits}{', unsigned input' if self.input_unsigned else ''}"
             f"{f', shifted input (zero point {self.input_zero_point})' if self.input_shifted else ''}"
             f"{', input read as a fused residual' if self.residual_codes else ''}"
+            f"{', output written as s8 residual codes' if self.residual_output_threshold is not None else ''}"
             f"{f', input codes up to {self.input_top_code}' if self.input_top_code > symmetric_levels(self.activation_bits) else ''}"
         )
 

@@ -70,8 +70,7 @@ from .rounding import grid_codes
 
 __all__ = [
     "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "ResidualCodesInput", "ResidualSumOutput",
-    "find_residual_add",
-    "quantize_residual_in_place", "residual_on_codes",
+    "find_residual_add", "quantize_residual_in_place", "residual_on_codes", "residual_output_codes",
 ]
 
 #: Smallest code of an s8 tensor a oneDNN conv writes (it saturates there, not at ``-L``).
@@ -243,9 +242,20 @@ def quantize_residual_in_place(x: paddle.Tensor, threshold: float, bits: int, to
         paddle.assign(residual_on_codes(x, threshold, bits, top), output=x)
 
 
+def residual_output_codes(y: paddle.Tensor, threshold: float, activation_bits: int) -> paddle.Tensor:
+    """``y`` on the s8 codes an int8 conv writes for the fused conv that reads it as its
+    residual: ``clip(round_half_even(y / t * L), -128, 127) * t / L``, straight-through
+    backward. oneDNN saturates the s8 output at -128 and 127, beyond the grid's ``-L..L``
+    (below ``-L`` at 8 bits; on both sides below 8 bits)."""
+    step = np.float32(threshold / symmetric_levels(activation_bits))
+    return grid_codes(y, step, S8_MIN, S8_MAX, half_to_even=True) * step
+
+
 class QuantizedResidualOutput(paddle.nn.Layer):
     """A BatchNorm (or conv) whose output is read only as the residual of a fused int8 conv:
-    its output on the s8 codes the conv it is fused into writes.
+    its output on the s8 codes the conv it is fused into writes. (An int8 conv with no
+    BatchNorm after it, e.g. a projection shortcut with BatchNorm folded into it, writes those
+    codes itself: :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_output_threshold`.)
 
     ``forward(x)`` returns ``clip(round_half_even(y / t * L), -128, 127) * t / L`` with
     ``y = layer(x)``; backward, the straight-through gradient (QAT wraps the BatchNorm of its
@@ -283,12 +293,9 @@ class QuantizedResidualOutput(paddle.nn.Layer):
         self.fused_with = fused_with
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
-        y = self.layer(*inputs, **kwargs)
-        levels = symmetric_levels(self.activation_bits)
-        step = np.float32(self.output_thresholds[0] / levels)
-        # oneDNN saturates the conv's s8 output at -128 and 127, beyond the grid's -L..L
-        # (below -L at 8 bits; on both sides below 8 bits).
-        return grid_codes(y, step, S8_MIN, S8_MAX, half_to_even=True) * step
+        return residual_output_codes(
+            self.layer(*inputs, **kwargs), self.output_thresholds[0], self.activation_bits
+        )
 
     def extra_repr(self) -> str:
         return f"output_threshold={self.output_thresholds[0]:.6g}, s8 codes (fused residual)"

@@ -293,11 +293,13 @@ class _DownsampledLast(nn.Layer):
         return self.fc(paddle.flatten(self.avgpool(self.block(self.stem(x))), 1))
 
 
-def test_a_pool_after_an_s8_block_output_runs_with_a_warning(tmp_path, caplog) -> None:
+def test_a_pool_after_an_s8_block_output_runs_as_simulated(tmp_path, caplog) -> None:
     """oneDNN has no s8 -> u8 pool: the predictor failed to run this export ("could not
     create a descriptor for a pooling forward propagation primitive") before the export put
-    a relu in front of the pool; it warns that the runtime clips that input at the threshold
-    (measured 3.8% off the simulation on this model's logits: an open gap)."""
+    a relu in front of the pool. The runtime then averages codes clipped at the threshold,
+    which the simulation models (codes up to 127 after an s8 residual), so the export no
+    longer warns that it does not (measured 2.4e-7 of the largest logit off with that warning
+    still given)."""
     import logging
 
     MODELS["downsampled_last"] = _DownsampledLast
@@ -306,12 +308,13 @@ def test_a_pool_after_an_s8_block_output_runs_with_a_warning(tmp_path, caplog) -
             qmodel, prefix, x = _exported("downsampled_last", "x86", tmp_path)
     finally:
         del MODELS["downsampled_last"]
-    assert isinstance(qmodel.avgpool, QuantizedGlobalAveragePool)
-    assert any("writes as s8" in record.getMessage() for record in caplog.records), caplog.text
+    assert isinstance(qmodel.avgpool, QuantizedGlobalAveragePool) and qmodel.avgpool.top == 127
+    assert not any("writes as s8" in record.getMessage() for record in caplog.records), caplog.text
     report = int8_report(prefix)
     assert report.int8.get("fc") == 1 and not report.fp32, report
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert ran.shape == (16, 10) and np.isfinite(ran).all()
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
 
 
 class _MaxThenAveragePool(nn.Layer):

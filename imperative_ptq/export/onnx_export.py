@@ -296,7 +296,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         fused_branches = {record.residual_fused_with for record in records if record.residual_output}
         residuals = {
             output for record in records
-            if record.residual_output or record.name in fused_branches
+            if record.residual_output or (record.name in fused_branches and not record.simulated)
             for _, output in record.calls if output
         }
         outputs = {name: value for name, value in outputs.items() if name in residuals}

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import paddle
 
+from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from .graph import (
     bias_of, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
@@ -257,17 +258,19 @@ def collect_scales(
         # from the op itself, e.g. quantizing a network's logits with one per-tensor scale
         # (measured: logit cosine 0.47 on a single Linear). Their consumers' input scales and
         # the fused activation's output scale cover what int8 chaining needs.
-        if not record.output_thresholds or record.simulated or record.multiplies_inputs:
-            continue
+        residual_role = quantize_residuals and (record.residual_output or record.name in fused_branches)
+        if (
+            not record.output_thresholds or record.multiplies_inputs
+            or (record.simulated and not residual_role)
+        ):
+            continue  # (an int8 conv with no BatchNorm after it can be either operand)
         for _, output in record.calls:
             if output is None:
                 continue
             # A BN output the simulation quantizes as a residual (ResNet's downsample branch)
             # is the residual input of a fused conv, which oneDNN only runs in int8 when the
             # residual has a scale; elsewhere the BN output scale hurts.
-            if record.layer_type in SKIP_OUTPUT_SCALE_LAYERS and not (
-                quantize_residuals and (record.residual_output or record.name in fused_branches)
-            ):
+            if record.layer_type in SKIP_OUTPUT_SCALE_LAYERS and not residual_role:
                 continue
             # A layer reached twice (a shared ReLU) has one threshold for both calls.
             outputs[output] = max(outputs.get(output, 0.0), record.output_thresholds[0])
@@ -959,6 +962,12 @@ def _keep_average_pools_fp32(
         How many pools are kept fp32.
     """
     int8_pools = int8_pool_outputs(records)
+    # The largest code each such pool averages in the simulation (127 where it models the
+    # s8 tensor Paddle writes after an s8 residual).
+    pooled_tops = {
+        output: record.pooled_input_top for record in records
+        if record.pooled_input_threshold is not None for _, output in record.calls if output
+    }
     reading, writers = readers(block), producers(block)
     kept = 0
     for op in list(block.ops):
@@ -974,15 +983,16 @@ def _keep_average_pools_fp32(
             written = _u8_pool_input_threshold(block, source, writers, threshold)
             if written is None:
                 # oneDNN has no s8 -> u8 pool (the predictor failed to build it). The s8
-                # tensor clips at the threshold (codes 0..127 where the simulation keeps
-                # 0..255; measured 3.8% relative error on the logits of a downsample block
-                # before the pool); without a scale the residual conv runs fp32 (2.0% on
-                # another such net).
-                logger.warning(
-                    "pool %s reads a ReLU output that Paddle Inference writes as s8 (a residual "
-                    "add of two conv outputs before it): it averages codes clipped at the "
-                    "threshold, where the simulation keeps codes up to 255", out,
-                )
+                # tensor clips at the threshold: codes 0..127, which the simulation models
+                # where its residual is a fused downsample shortcut; elsewhere it keeps 0..255
+                # (measured 3.8% relative error on the logits of a downsample block before the
+                # pool). Without a scale the residual conv runs fp32 (2.0% on another such net).
+                if pooled_tops.get(out, U8_MAX) > symmetric_levels(8):
+                    logger.warning(
+                        "pool %s reads a ReLU output that Paddle Inference writes as s8 (a "
+                        "residual add of two conv outputs before it): it averages codes clipped "
+                        "at the threshold, where the simulation keeps codes up to 255", out,
+                    )
                 source, written = _rectify_input(block, op, source), threshold
             outputs[source] = written
             outputs[out] = threshold

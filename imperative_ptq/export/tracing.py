@@ -105,7 +105,8 @@ class LayerRecord:
             it that scale.
         residual_output: The simulation writes this layer's output as s8 codes of its output
             threshold, the residual a fused int8 conv reads
-            (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`).
+            (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`, or an int8 conv's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_output_threshold`).
         residual_fused_with: For such a layer, the layer whose output is the add's other
             operand (fused into its conv), which gets a scale too; else ``""``.
         pooled_input_threshold: For a global average pool the simulation runs int8
@@ -271,7 +272,12 @@ def _collect_records(
                 input_top_code=layer.input_top_code,
                 input_shift_response=shift_response,
                 activation_bits=layer.activation_bits,
-                output_thresholds=list(layer.output_thresholds),
+                output_thresholds=list(
+                    layer.output_thresholds if layer.residual_output_threshold is None
+                    else [layer.residual_output_threshold]
+                ),
+                residual_output=layer.residual_output_threshold is not None,
+                residual_fused_with=layer.residual_fused_with,
             )
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
