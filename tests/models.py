@@ -111,6 +111,42 @@ class ThreeBlockResNet(OneBlockResNet):
         randomize_batch_norm_statistics(self.block, seed=2)
 
 
+class FoldedBlock(paddle.nn.Layer):
+    """A BasicBlock with each BatchNorm folded into its conv (conv + bias), as a torchvision
+    ResNet exported to ONNX and converted with x2paddle has it: the projection shortcut is a
+    plain conv."""
+
+    def __init__(self, channels: int, out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.act1 = paddle.nn.Conv2D(channels, out, 3, stride, 1), paddle.nn.ReLU()
+        self.conv2, self.act2 = paddle.nn.Conv2D(out, out, 3, 1, 1), paddle.nn.ReLU()
+        self.shortcut = paddle.nn.Conv2D(channels, out, 1, stride) if stride != 1 or channels != out else None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        branch = self.conv2(self.act1(self.conv1(x)))
+        return self.act2(paddle.add(branch, x if self.shortcut is None else self.shortcut(x)))
+
+
+class FoldedResNet(paddle.nn.Layer):
+    """Stem, an identity block, a downsample block, an identity block and the head: a global
+    pool and a Linear (``pool``), or a flatten and a Linear; ``size``: the input's height and
+    width."""
+
+    def __init__(self, pool: bool, size: int) -> None:
+        super().__init__()
+        self.stem, self.act = paddle.nn.Conv2D(3, RESNET_WIDTH, 3, padding=1), paddle.nn.ReLU()
+        self.blocks = paddle.nn.Sequential(
+            FoldedBlock(RESNET_WIDTH, RESNET_WIDTH, 1), FoldedBlock(RESNET_WIDTH, 2 * RESNET_WIDTH, 2),
+            FoldedBlock(2 * RESNET_WIDTH, 2 * RESNET_WIDTH, 1),
+        )
+        self.pool = paddle.nn.AdaptiveAvgPool2D(1) if pool else None
+        self.fc = paddle.nn.Linear(2 * RESNET_WIDTH * (1 if pool else (size // 2) ** 2), 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.blocks(self.act(self.stem(x)))
+        return self.fc(paddle.flatten(x if self.pool is None else self.pool(x), 1))
+
+
 def converted(
     model: paddle.nn.Layer, batches: Iterable[paddle.Tensor], target: str = "x86"
 ) -> paddle.nn.Layer:

@@ -17,7 +17,7 @@ from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from avx2_kernels import pytest_on_avx2_kernels
-from models import RESNET_WIDTH as WIDTH, X86_TARGETS, OneBlockResNet, ThreeBlockResNet, converted
+from models import RESNET_WIDTH as WIDTH, X86_TARGETS, FoldedResNet, OneBlockResNet, ThreeBlockResNet, converted
 from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 
 nn = paddle.nn
@@ -208,46 +208,11 @@ def test_residual_blocks_of_legacy_batch_norms_run_as_simulated(tmp_path) -> Non
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
 
 
-class _FoldedBlock(nn.Layer):
-    """A BasicBlock with each BatchNorm folded into its conv (conv + bias), as a torchvision
-    ResNet exported to ONNX and converted with x2paddle has it: the projection shortcut is a
-    plain conv."""
-
-    def __init__(self, channels: int, out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1, self.act1 = nn.Conv2D(channels, out, 3, stride, 1), nn.ReLU()
-        self.conv2, self.act2 = nn.Conv2D(out, out, 3, 1, 1), nn.ReLU()
-        self.shortcut = nn.Conv2D(channels, out, 1, stride) if stride != 1 or channels != out else None
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        branch = self.conv2(self.act1(self.conv1(x)))
-        return self.act2(paddle.add(branch, x if self.shortcut is None else self.shortcut(x)))
-
-
-class _FoldedResNet(nn.Layer):
-    """Stem, an identity block, a downsample block, an identity block and the head: a global
-    pool and a Linear (``pool``), or a flatten and a Linear."""
-
-    def __init__(self, pool: bool) -> None:
-        super().__init__()
-        self.stem, self.act = nn.Conv2D(3, WIDTH, 3, padding=1), nn.ReLU()
-        self.blocks = nn.Sequential(
-            _FoldedBlock(WIDTH, WIDTH, 1), _FoldedBlock(WIDTH, 2 * WIDTH, 2),
-            _FoldedBlock(2 * WIDTH, 2 * WIDTH, 1),
-        )
-        self.pool = nn.AdaptiveAvgPool2D(1) if pool else None
-        self.fc = nn.Linear(2 * WIDTH * (1 if pool else (SIZE // 2) ** 2), 10)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.blocks(self.act(self.stem(x)))
-        return self.fc(paddle.flatten(x if self.pool is None else self.pool(x), 1))
-
-
 def _folded(pool: bool, target: str) -> tuple[nn.Layer, np.ndarray]:
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
-    return converted(_FoldedResNet(pool), batches, target), rng.random((16, 3, SIZE, SIZE), np.float32)
+    return converted(FoldedResNet(pool, SIZE), batches, target), rng.random((16, 3, SIZE, SIZE), np.float32)
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
@@ -674,7 +639,7 @@ def test_keep_fp32_in_a_folded_downsample_block(name, warned, tmp_path, caplog) 
 
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = _FoldedResNet(pool=True)
+    model = FoldedResNet(True, SIZE)
     model.eval()
     batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
     qmodel = converted(copy.deepcopy(model), batches)

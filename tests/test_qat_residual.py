@@ -15,17 +15,18 @@ from imperative_ptq.fake_quant import FakeQuantLayer, FakeQuantResidualSource
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from imperative_ptq.quant_residual import QuantizedResidualOutput
-from models import X86_TARGETS, ThreeBlockResNet
+from models import X86_TARGETS, FoldedResNet, ThreeBlockResNet
 
 SIZE = 16
 
 
-def _fine_tuned(target: str, learnable: bool, steps: int):
-    """ThreeBlockResNet calibrated for ``target``, QAT-prepared and trained ``steps`` SGD steps."""
+def _fine_tuned(target: str, learnable: bool, steps: int, folded: bool = False):
+    """ThreeBlockResNet (``folded``: its layout with each BatchNorm folded into its conv)
+    calibrated for ``target``, QAT-prepared and trained ``steps`` SGD steps."""
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((8, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
-    model = ThreeBlockResNet()
+    model = FoldedResNet(True, SIZE) if folded else ThreeBlockResNet()
     model.eval()
     ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
     calibrated = ptq.quantize(model)
@@ -58,6 +59,20 @@ def test_qat_forward_is_the_converted_simulation(learnable) -> None:
     first, second, third = trainable.block
     assert first.conv1.residual_codes == 255 and third.conv1.residual_codes == 127
     assert second.conv1.input_top_code == 255  # reads an unclipped block output
+    converted = qat.convert(trainable)
+    trainable.eval()
+    with paddle.no_grad():
+        fine_tuning = trainable(paddle.to_tensor(x)).numpy()
+        simulated = converted(paddle.to_tensor(x)).numpy()
+    np.testing.assert_array_equal(fine_tuning, simulated)
+
+
+def test_qat_forward_is_the_converted_simulation_with_batch_norms_folded() -> None:
+    """A projection conv with its BatchNorm folded writes s8 codes in QAT as after convert."""
+    _, _, qat, trainable, losses, x = _fine_tuned("x86", True, steps=3, folded=True)
+    assert all(np.isfinite(losses))
+    shortcut = trainable.blocks[1].shortcut
+    assert isinstance(shortcut, FakeQuantLayer) and shortcut.residual_output_threshold is not None
     converted = qat.convert(trainable)
     trainable.eval()
     with paddle.no_grad():
