@@ -356,6 +356,15 @@ class CalibrationSession:
                 state.residual_adds.add(found)
         return found
 
+    def _writes_u8(self, name: str) -> bool:
+        """Whether Paddle writes the output of hooked layer ``name`` as u8: an ``nn.ReLU``, or
+        a max pool of one (it pools the u8 codes)."""
+        by_name = {state.name: (layer, state) for layer, state in self.layers}
+        layer, state = by_name.get(name, (None, None))
+        while isinstance(layer, paddle.nn.MaxPool2D) and len(state.input_sources) == 1:
+            layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
+        return isinstance(layer, paddle.nn.ReLU)
+
     def _note_output(self, name: str, value: paddle.Tensor) -> None:
         # Moved to the end: the order of ``_outputs`` is the order the outputs were computed
         # in, even where a freed tensor's ``id`` is reused.
@@ -384,16 +393,20 @@ class CalibrationSession:
                     first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU),
                     state.name,
                 )
-                # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual,
-                # else u8 up to 255. It is this layer's output (an nn.ReLU reading the sum),
-                # or its input (a conv reading F.relu of the sum).
+                # The ReLU after a residual conv: Paddle writes it s8 after an s8 residual (a
+                # downsample shortcut), else u8 up to 255 (also after a u8 residual no layer
+                # quantizes, DLA's max-pool shortcut, which Paddle adds in float: measured
+                # 0.65% of the largest logit off on one such tree, read as s8 codes). It is this
+                # layer's output (an nn.ReLU reading the sum), or its input (a conv reading
+                # F.relu of the sum).
                 after = None
                 if found is not None and found.after_relu:
                     after = first
                 elif found is not None and isinstance(layer, paddle.nn.ReLU):
                     after = outputs if _is_float_tensor(outputs) else None
                 if after is not None:
-                    kind = self._wide if found.residual_readers else self._signed
+                    unsigned = found.residual_readers or self._writes_u8(found.residual)
+                    kind = self._wide if unsigned else self._signed
                     kind[id(after)] = weakref.ref(after)
             signed, wide = self._signed.get(id(first)), self._wide.get(id(first))
             if signed is not None and signed() is first:
