@@ -126,6 +126,7 @@ class FloatOpConverters:
             "strided_slice": self._slice, "argsort": self._argsort,
             "mode": self._mode, "kron": self._kron, "trunc": self._trunc, "logit": self._logit,
             "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
+            "set_value": self._set_value,
         })
         return dispatch
 
@@ -1085,6 +1086,64 @@ class FloatOpConverters:
         if decrease:
             sliced = self._node("Squeeze", [sliced, self._const("axes", np.array(decrease, np.int64))], out)
         self._bind(out, sliced)
+
+    def _set_value(self, op) -> None:
+        """set_value (``x[..., a:b] = v``: Swin's attention mask filled region by region in
+        ``forward``, a token written into a sequence) over slices of known bounds. On a
+        constant input written with constants (``paddle.zeros`` then scalars) the result is a
+        constant; otherwise ``Where`` of the slices' mask between the value, padded out to the
+        input's shape (unit steps), and the input."""
+        self._reject_tensor_inputs(op, "StartsTensorList", "EndsTensorList", "StepsTensorList")
+        if list(op.attr("none_axes")):
+            raise NotImplementedError("set_value with None (new) axes is not exported")
+        out, name = self._out(op), op.input("Input")[0]
+        shape = self._shape(name)
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        axes = [int(a) for a in op.attr("axes")]
+        index = [slice(None)] * len(shape)
+        for axis, start, end, step in zip(axes, op.attr("starts"), op.attr("ends"), op.attr("steps")):
+            if shape[axis] < 0:
+                raise NotImplementedError(
+                    f"set_value along axis {axis}, whose size is known only at run time, is not exported"
+                )
+            index[axis] = slice(*slice(int(start), int(end), int(step)).indices(shape[axis]))
+        value_tensor = bool(op.input("ValueTensor"))
+        values = None if value_tensor else np.array(
+            [item.value() for item in op.attr("values")]
+        ).astype(dtype).reshape([int(d) for d in op.attr("shape")])
+        constant = self.constants.get(name)
+        if constant is not None and values is not None:
+            folded = np.array(constant, dtype=dtype, copy=True)
+            folded[tuple(index)] = values
+            self.constants[out] = folded
+            self._bind(out, self._const(out, folded))
+            return
+        mask = np.zeros([shape[a] if a in axes else 1 for a in range(len(shape))], bool)
+        mask[tuple(index)] = True
+        if values is not None:
+            if values.size != 1:
+                raise NotImplementedError("set_value of several constants into a tensor is not exported")
+            written = self._const("value", values.reshape([]))
+        else:
+            sliced = index
+            if any(sliced[axis].step != 1 for axis in axes):
+                raise NotImplementedError("set_value of a tensor over a strided slice is not exported")
+            written = self._tensor(op, op.input("ValueTensor")[0])
+            decrease = [int(a) for a in op.attr("decrease_axes")]
+            if decrease:
+                written = self._node("Unsqueeze", [written, self._const("axes", np.array(decrease, np.int64))], out + ".value")
+            # The value broadcast to the slice's shape, then padded out to the input's.
+            region = self._node("Slice", [
+                self._in(op, "Input"),
+                self._const("starts", np.array([sliced[a].start for a in axes], np.int64)),
+                self._const("ends", np.array([sliced[a].stop for a in axes], np.int64)),
+                self._const("axes", np.array(axes, np.int64)),
+            ], out + ".region")
+            written = self._node("Expand", [written, self._node("Shape", [region], out + ".region_shape")], out + ".expanded")
+            before = [sliced[a].start if a in axes else 0 for a in range(len(shape))]
+            after = [shape[a] - sliced[a].stop if a in axes else 0 for a in range(len(shape))]
+            written = self._node("Pad", [written, self._const("pads", np.array(before + after, np.int64))], out + ".padded")
+        self._bind(out, self._node("Where", [self._const("mask", mask), written, self._in(op, "Input")], out))
 
     def _resize_to(self, x: str, spatial_sizes: str, out: str, attrs: dict) -> str:
         """ONNX ``Resize`` of NC... tensor ``x`` to the int64 ``spatial_sizes`` (its batch and
