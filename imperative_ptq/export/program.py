@@ -344,7 +344,7 @@ def quantize_program(
         clip_concat_inputs(loaded, weights, outputs, clips)
     rectified: dict[tuple[str, float], str] = {}
     shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
-    shifted_biases: set[str] = set()
+    shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
     narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
     writers = producers(block)
 
