@@ -45,6 +45,16 @@ def _fine_tuned(target: str, learnable: bool, steps: int, folded: bool = False):
     return ptq, calibrated, qat, trainable, losses, rng.random((16, 3, SIZE, SIZE), np.float32)
 
 
+def _assert_forward_is_the_converted_simulation(qat, trainable: paddle.nn.Layer, x: np.ndarray) -> None:
+    """The fine-tuned model's forward equals its QAT convert's, bit for bit."""
+    converted = qat.convert(trainable)
+    trainable.eval()
+    with paddle.no_grad():
+        fine_tuning = trainable(paddle.to_tensor(x)).numpy()
+        simulated = converted(paddle.to_tensor(x)).numpy()
+    np.testing.assert_array_equal(fine_tuning, simulated)
+
+
 @pytest.mark.parametrize("learnable", [False, True], ids=["fixed", "lsq"])
 def test_qat_forward_is_the_converted_simulation(learnable) -> None:
     """Before QAT modelled the residual arithmetic its forward was 1.9% of the largest logit
@@ -59,12 +69,7 @@ def test_qat_forward_is_the_converted_simulation(learnable) -> None:
     first, second, third = trainable.block
     assert first.conv1.residual_codes == 255 and third.conv1.residual_codes == 127
     assert second.conv1.input_top_code == 255  # reads an unclipped block output
-    converted = qat.convert(trainable)
-    trainable.eval()
-    with paddle.no_grad():
-        fine_tuning = trainable(paddle.to_tensor(x)).numpy()
-        simulated = converted(paddle.to_tensor(x)).numpy()
-    np.testing.assert_array_equal(fine_tuning, simulated)
+    _assert_forward_is_the_converted_simulation(qat, trainable, x)
 
 
 def test_qat_forward_is_the_converted_simulation_with_batch_norms_folded() -> None:
@@ -73,12 +78,7 @@ def test_qat_forward_is_the_converted_simulation_with_batch_norms_folded() -> No
     assert all(np.isfinite(losses))
     shortcut = trainable.blocks[1].shortcut
     assert isinstance(shortcut, FakeQuantLayer) and shortcut.residual_output_threshold is not None
-    converted = qat.convert(trainable)
-    trainable.eval()
-    with paddle.no_grad():
-        fine_tuning = trainable(paddle.to_tensor(x)).numpy()
-        simulated = converted(paddle.to_tensor(x)).numpy()
-    np.testing.assert_array_equal(fine_tuning, simulated)
+    _assert_forward_is_the_converted_simulation(qat, trainable, x)
 
 
 def test_qat_convert_keeps_the_residual_structure_calibration_saw() -> None:
