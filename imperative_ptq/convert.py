@@ -273,8 +273,8 @@ def _simulate_fused_residuals(
     threshold) through the first of those convs, a downsample shortcut (a BatchNorm output
     read only by the add) through a :class:`QuantizedResidualOutput`, and one with its
     BatchNorm folded into the conv (a conv output read only by the add) through that conv's
-    ``residual_output_threshold``. Only where the add's
-    other operand comes from an int8 conv, which Paddle fuses the add into."""
+    ``residual_output_threshold``. Only where the add's other operand comes from an int8 conv,
+    which Paddle fuses the add into."""
     by_name = {state.name: (layer, state) for layer, state in hooked}
 
     def int8_conv_output(name: str) -> bool:
@@ -461,8 +461,8 @@ def _simulate_pooled_codes(
         if direct:
             # Int8 convs read the ReLU too (DLA's max-pool shortcut: the pool's reader is an
             # add): the conv writes it on their threshold, and the pool passes those codes on
-            # to whatever reads it (measured: 0.65% of the largest logit off Paddle
-            # Inference on one DLA tree while the simulation pooled the float ReLU output).
+            # to whatever reads it (with the session's u8 sum, such a block went from 1.1% of
+            # the largest logit off Paddle Inference, the float ReLU output pooled, to 1.6e-7).
             pool_readers = [reader for reader in pool_readers if reader is not None] + direct
         elif not pool_readers or any(
             reader is None or not reader.input_unsigned for reader in pool_readers

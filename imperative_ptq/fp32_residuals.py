@@ -17,8 +17,8 @@ residual (:mod:`imperative_ptq.quant_residual`). With some layers fp32
 Measured on the test zoo's three-block ResNet (Paddle Inference vs simulation, largest output):
 0.9-5.5% before, float noise after, for the fused convs, the convs reading a block output and
 the first conv of an identity block. Not re-decided (left to a warning): a downsample conv kept
-fp32 (with or without a BatchNorm after it), and blocks whose structure lacks the layer reading the sum (tables written before it was
-recorded, functional ``F.relu`` sums).
+fp32 (with or without a BatchNorm after it), and blocks whose structure lacks the layer reading
+the sum (tables written before it was recorded, functional ``F.relu`` sums).
 """
 
 from __future__ import annotations
