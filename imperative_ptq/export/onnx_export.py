@@ -221,6 +221,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             for inputs, _ in record.calls if inputs
         }
         self.unclipped: dict[str, str] = {}
+        #: Max-pool outputs of codes up to 255 (their int8 readers still clip them).
+        self.pooled_unclipped: set[str] = set()
         #: program var -> its ONNX tensor before the Q/DQ ``_bind`` gave it.
         self.unquantized: dict[str, str] = {}
         #: The network's outputs.
@@ -265,7 +267,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
 
         A :class:`~imperative_ptq.quant_residual.ResidualSumOutput` ReLU serves other calls
         too (``paddle.vision``'s blocks call one ReLU twice): only a call after a residual
-        add, or read only by max-pools, is the one its fused conv marks.
+        add, or read by max-pools, is the one its fused conv marks.
         """
         coded = {
             inputs[0]: (float(record.input_threshold), int(record.residual_codes))
@@ -276,9 +278,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             if record.sum_codes_threshold is None:
                 continue
             for _, output in record.calls:
-                readers = self.readers.get(output, [])
-                pooled = bool(readers) and all(
-                    op.type == "pool2d" and op.attr("pooling_type") == "max" for op in readers
+                # (Read by max-pools, and perhaps by int8 convs: convert's pooled codes.)
+                pooled = any(
+                    op.type == "pool2d" and op.attr("pooling_type") == "max"
+                    for op in self.readers.get(output, [])
                 )
                 if output and (pooled or relu_after_residual_conv(self.block, output, self.producer)):
                     coded[output] = (float(record.sum_codes_threshold), int(record.sum_codes_top))
@@ -621,6 +624,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             elif not (
                 producer is not None and producer.type in _LAYOUT_OPS
                 and self.u8_inputs.get(producer.input("X")[0]) == threshold
+                and var not in self.pooled_unclipped
             ) and not (
                 producer is not None and producer.type == "concat"
                 and all(self.u8_inputs.get(name) == threshold for name in producer.input("X"))
@@ -1178,7 +1182,16 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                          ceil_mode=int(op.attr("ceil_mode")))
             if kind == "max":
                 self._keep_input_scale(op, out)
-                node = self._node("MaxPool", [self._in(op)], out, **attrs)
+                name = op.input("X")[0]
+                if name in self.unclipped and self.coded.get(name, (0.0, 0))[1] == U8_MAX:
+                    # A ReLU the simulation holds on codes up to 255, clipped at 127 for an
+                    # int8 conv reading it too: the pool reads the codes (DLA's max-pool
+                    # shortcut: 4.1% of the largest logit off while it read the clipped ones),
+                    # and its own int8 readers clip its output.
+                    node = self._node("MaxPool", [self.unclipped[name]], out, **attrs)
+                    self.pooled_unclipped.add(out)
+                else:
+                    node = self._node("MaxPool", [self._in(op)], out, **attrs)
             else:
                 node = self._node("AveragePool", [source], out,
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
