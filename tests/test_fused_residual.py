@@ -18,7 +18,7 @@ from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from avx2_kernels import pytest_on_avx2_kernels
-from models import RESNET_WIDTH as WIDTH, X86_TARGETS, FoldedResNet, OneBlockResNet, ThreeBlockResNet, converted
+from models import RESNET_WIDTH as WIDTH, X86_TARGETS, FoldedBlock, FoldedResNet, OneBlockResNet, ThreeBlockResNet, converted
 from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 
 nn = paddle.nn
@@ -207,6 +207,46 @@ def test_residual_blocks_of_legacy_batch_norms_run_as_simulated(tmp_path) -> Non
     simulated = qmodel(paddle.to_tensor(x)).numpy().ravel()
     assert simulated @ expected.ravel() / np.linalg.norm(simulated) / np.linalg.norm(expected) > 0.99
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+
+
+class _SignedStemPoolBlocks(nn.Layer):
+    """A stem conv kept fp32 (it reads a signed input on ``x86``), its ReLU, a max-pool, two
+    identity blocks with their BatchNorms folded, flatten and a Linear: the first block's
+    shortcut is the pool's output, on codes up to 255 of its first conv's threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act, self.pool = nn.Conv2D(3, WIDTH, 3, padding=1), nn.ReLU(), nn.MaxPool2D(2, 2)
+        self.blocks = nn.Sequential(FoldedBlock(WIDTH, WIDTH, 1), FoldedBlock(WIDTH, WIDTH, 1))
+        self.fc = nn.Linear(WIDTH * (SIZE // 2) ** 2, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(paddle.flatten(self.blocks(self.pool(self.act(self.stem(x)))), 1))
+
+
+def test_onnx_runtime_reads_a_pooled_identity_shortcut_on_its_codes(tmp_path) -> None:
+    """The pool's output is the identity shortcut, read on u8 codes up to 255: ONNX Runtime
+    clipped it at 127 with its first conv's input (the clip moved in front of the pool, and
+    the add read the clipped tensor): measured 2.1% of the largest logit off before (0.28% on
+    a deeper net)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_SignedStemPoolBlocks(), batches)
+    assert not isinstance(qmodel.stem, QuantizedLayer)  # kept fp32: a signed input, padded
+    assert qmodel.blocks[0].conv1.residual_codes == 255
+    x = rng.standard_normal((16, 3, SIZE, SIZE)).astype(np.float32)
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    session = onnxruntime.InferenceSession(
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), spec), providers=["CPUExecutionProvider"]
+    )
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
 
 def _folded(pool: bool, target: str) -> tuple[nn.Layer, np.ndarray]:
