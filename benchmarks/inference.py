@@ -251,7 +251,7 @@ def _fp32_onnx(qmodel: paddle.nn.Layer, path: str, spec) -> str:
                 shape = [1] * q.ndim
                 if scale.ndim:
                     shape[axis] = -1
-                dequantized = (q - np.reshape(zero, shape if np.ndim(zero) else [])) * scale.reshape(shape)
+                dequantized = (q - np.reshape(zero, shape)) * scale.reshape(shape)
                 new_inits[node.output[0]] = dequantized.astype(np.float32)
             else:
                 rename[node.output[0]] = inputs[0]

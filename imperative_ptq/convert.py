@@ -26,7 +26,7 @@ from .converted import mark_converted, set_output_thresholds
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
-from .quant_residual import QuantizedResidualOutput, ResidualSumOutput
+from .quant_residual import QuantizedResidualOutput, ResidualSumOutput, relu_or_its_max_pool
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 from .shifted_input import shiftable, shifted_grid
@@ -285,12 +285,6 @@ def _simulate_fused_residuals(
         found = quantized.get(name)
         return found is not None and isinstance(found.layer, paddle.nn.Conv2D)
 
-    def runs_u8(layer: paddle.nn.Layer, state) -> bool:
-        """An ``nn.ReLU``, or a max pool of one (Paddle pools its u8 codes)."""
-        while isinstance(layer, paddle.nn.MaxPool2D) and len(state.input_sources) == 1:
-            layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
-        return isinstance(layer, paddle.nn.ReLU)
-
     def conv_of(name: str) -> QuantizedLayer | None:
         layer, state = by_name.get(name, (None, None))
         if isinstance(layer, BATCH_NORM_TYPES) and len(state.input_sources) == 1:
@@ -344,7 +338,7 @@ def _simulate_fused_residuals(
             if not int8_conv_output(add.fused) or gives_no_scale(add.sum_reader):
                 continue
             # An unhooked residual (an F.relu output) read by u8 convs: a ReLU output too.
-            if (add.residual_is_input or runs_u8(layer, state)) and add.residual_readers:
+            if (add.residual_is_input or relu_or_its_max_pool(state.name, by_name)) and add.residual_readers:
                 readers = [quantized.get(name) for name in add.residual_readers]
                 if any(reader is None or not reader.input_unsigned for reader in readers):
                     continue
@@ -357,35 +351,26 @@ def _simulate_fused_residuals(
                 codes_at_sum(add)
                 fused_sums.add(add.sum_reader)
             elif (
-                isinstance(layer, BATCH_NORM_TYPES)
-                and not add.residual_readers
-                and int8_conv_output(state.name)
+                not add.residual_readers
                 and table.get(state.name, {}).get("output")
                 and state.name not in downsample
             ):
-                replace_sublayer(
-                    model, layer,
-                    QuantizedResidualOutput(
-                        layer, table[state.name]["output"], activation_bits, fused_with=add.fused
-                    ),
-                )
-                downsample.append(state.name)
-                codes_at_sum(add)
-                fused_sums.add(add.sum_reader)
-            elif (
-                state.name in quantized
-                and isinstance(quantized[state.name].layer, paddle.nn.Conv2D)
-                and not add.residual_readers
-                and table.get(state.name, {}).get("output")
-                and state.name not in downsample
-            ):
-                # A projection shortcut with its BatchNorm folded into the conv (torchvision
-                # ResNets converted from ONNX): the conv writes the s8 codes itself (measured
-                # on such a downsample block before an identity block: 6.2% of the largest
-                # output off Paddle Inference while they were added in float).
-                conv = quantized[state.name]
-                conv.residual_output_threshold = float(table[state.name]["output"][0])
-                conv.residual_fused_with = add.fused
+                calibrated = table[state.name]["output"]
+                if isinstance(layer, BATCH_NORM_TYPES) and int8_conv_output(state.name):
+                    replace_sublayer(
+                        model, layer,
+                        QuantizedResidualOutput(layer, calibrated, activation_bits, fused_with=add.fused),
+                    )
+                elif state.name in quantized and isinstance(quantized[state.name].layer, paddle.nn.Conv2D):
+                    # A projection shortcut with its BatchNorm folded into the conv (torchvision
+                    # ResNets converted from ONNX): the conv writes the s8 codes itself
+                    # (measured on such a downsample block before an identity block: 6.2% of
+                    # the largest output off Paddle Inference while they were added in float).
+                    conv = quantized[state.name]
+                    conv.residual_output_threshold = float(calibrated[0])
+                    conv.residual_fused_with = add.fused
+                else:
+                    continue
                 downsample.append(state.name)
                 codes_at_sum(add)
                 fused_sums.add(add.sum_reader)

@@ -59,7 +59,7 @@ for a downsample shortcut; so does a sum read by a conv/Linear kept fp32 or read
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -70,7 +70,8 @@ from .rounding import grid_codes
 
 __all__ = [
     "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "ResidualCodesInput", "ResidualSumOutput",
-    "find_residual_add", "quantize_residual_in_place", "residual_on_codes", "residual_output_codes",
+    "find_residual_add", "quantize_residual_in_place", "relu_or_its_max_pool", "residual_on_codes",
+    "residual_output_codes",
 ]
 
 #: Smallest code of an s8 tensor a oneDNN conv writes (it saturates there, not at ``-L``).
@@ -240,6 +241,21 @@ def quantize_residual_in_place(x: paddle.Tensor, threshold: float, bits: int, to
     the residual first does this, so the add that runs after it reads the codes too."""
     with paddle.no_grad():
         paddle.assign(residual_on_codes(x, threshold, bits, top), output=x)
+
+
+def relu_or_its_max_pool(name: str, by_name: Mapping[str, tuple[paddle.nn.Layer, Any]]) -> bool:
+    """Whether calibrated layer ``name`` is an ``nn.ReLU``, or a max pool of one (through
+    further max pools), whose output Paddle therefore holds as u8 codes (it pools the codes).
+
+    Args:
+        name: The layer's name.
+        by_name: Every calibrated layer's name -> ``(layer, state)``, ``state.input_sources``
+            naming the layers whose output it read.
+    """
+    layer, state = by_name.get(name, (None, None))
+    while isinstance(layer, paddle.nn.MaxPool2D) and len(state.input_sources) == 1:
+        layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
+    return isinstance(layer, paddle.nn.ReLU)
 
 
 def residual_output_codes(y: paddle.Tensor, threshold: float, activation_bits: int) -> paddle.Tensor:

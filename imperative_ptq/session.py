@@ -20,7 +20,7 @@ import paddle
 
 from .collector import CalibrationCollector, CalibrationError
 from .quant_layers import first_input
-from .quant_residual import ResidualAdd, find_residual_add
+from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
 from .quantizers import BaseQuantizer
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 
@@ -110,6 +110,8 @@ class CalibrationSession:
         self._refused: set[str] = set()
         self.collector: CalibrationCollector | None = None
         self.layers: list[tuple[paddle.nn.Layer, LayerState]] = []
+        #: The same, by layer name.
+        self._by_name: dict[str, tuple[paddle.nn.Layer, LayerState]] = {}
         self.norm_layers = [
             (name, layer) for name, layer in model.named_sublayers(include_self=True)
             if isinstance(layer, _NORM_TYPES)
@@ -164,6 +166,7 @@ class CalibrationSession:
         """Puts ``layer`` under calibration with ``state`` (hooked on the next :meth:`attach`)."""
         setattr(layer, STATE_ATTR, state)
         self.layers.append((layer, state))
+        self._by_name[state.name] = (layer, state)
 
     def add_discovered_layer(self, name: str, layer: paddle.nn.Layer) -> None:
         """Puts a layer found during calibration under calibration, hooked at once.
@@ -356,15 +359,6 @@ class CalibrationSession:
                 state.residual_adds.add(found)
         return found
 
-    def _writes_u8(self, name: str) -> bool:
-        """Whether Paddle writes the output of hooked layer ``name`` as u8: an ``nn.ReLU``, or
-        a max pool of one (it pools the u8 codes)."""
-        by_name = {state.name: (layer, state) for layer, state in self.layers}
-        layer, state = by_name.get(name, (None, None))
-        while isinstance(layer, paddle.nn.MaxPool2D) and len(state.input_sources) == 1:
-            layer, state = by_name.get(next(iter(state.input_sources)), (None, None))
-        return isinstance(layer, paddle.nn.ReLU)
-
     def _note_output(self, name: str, value: paddle.Tensor) -> None:
         # Moved to the end: the order of ``_outputs`` is the order the outputs were computed
         # in, even where a freed tensor's ``id`` is reused.
@@ -405,7 +399,7 @@ class CalibrationSession:
                 elif found is not None and isinstance(layer, paddle.nn.ReLU):
                     after = outputs if _is_float_tensor(outputs) else None
                 if after is not None:
-                    unsigned = found.residual_readers or self._writes_u8(found.residual)
+                    unsigned = found.residual_readers or relu_or_its_max_pool(found.residual, self._by_name)
                     kind = self._wide if unsigned else self._signed
                     kind[id(after)] = weakref.ref(after)
             signed, wide = self._signed.get(id(first)), self._wide.get(id(first))

@@ -262,6 +262,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self.lstm_calls = {}
 
     # ------------------------------------------------------------------------------ helpers
+    def _coded_up_to_255(self, var: str) -> bool:
+        """Whether the simulation holds ``var`` on u8 codes up to 255 for every reader."""
+        return self.coded.get(var, (0.0, 0))[1] == U8_MAX
+
     def _coded_tensors(self, records: Sequence[LayerRecord]) -> dict[str, tuple[float, int]]:
         """The tensors the simulation puts on u8 codes for every reader (see ``coded``).
 
@@ -404,7 +408,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         for name in list(self.u8_inputs) + [n for n in thresholds if n not in self.u8_inputs]:
             if name not in self.u8_inputs and name in self.affine:
                 continue
-            if name in self.u8_inputs and self.coded.get(name, (0.0, 0))[1] == U8_MAX:
+            if name in self.u8_inputs and self._coded_up_to_255(name):
                 # The simulation holds it on codes up to 255 (an identity shortcut read from a
                 # max-pool of an fp32 conv's ReLU): its int8 reader's clip at 127 stays after
                 # the pool (measured: 0.28-2.1% of the largest logit off with it in front).
@@ -1189,7 +1193,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             if kind == "max":
                 self._keep_input_scale(op, out)
                 name = op.input("X")[0]
-                if name in self.unclipped and self.coded.get(name, (0.0, 0))[1] == U8_MAX:
+                if name in self.unclipped and self._coded_up_to_255(name):
                     # A ReLU the simulation holds on codes up to 255, clipped at 127 for an
                     # int8 conv reading it too: the pool reads the codes (DLA's max-pool
                     # shortcut: 4.1% of the largest logit off while it read the clipped ones),

@@ -1125,8 +1125,7 @@ class FloatOpConverters:
                 raise NotImplementedError("set_value of several constants into a tensor is not exported")
             written = self._const("value", values.reshape([]))
         else:
-            sliced = index
-            if any(sliced[axis].step != 1 for axis in axes):
+            if any(index[axis].step != 1 for axis in axes):
                 raise NotImplementedError("set_value of a tensor over a strided slice is not exported")
             written = self._tensor(op, op.input("ValueTensor")[0])
             decrease = [int(a) for a in op.attr("decrease_axes")]
@@ -1135,13 +1134,13 @@ class FloatOpConverters:
             # The value broadcast to the slice's shape, then padded out to the input's.
             region = self._node("Slice", [
                 self._in(op, "Input"),
-                self._const("starts", np.array([sliced[a].start for a in axes], np.int64)),
-                self._const("ends", np.array([sliced[a].stop for a in axes], np.int64)),
+                self._const("starts", np.array([index[a].start for a in axes], np.int64)),
+                self._const("ends", np.array([index[a].stop for a in axes], np.int64)),
                 self._const("axes", np.array(axes, np.int64)),
             ], out + ".region")
             written = self._node("Expand", [written, self._node("Shape", [region], out + ".region_shape")], out + ".expanded")
-            before = [sliced[a].start if a in axes else 0 for a in range(len(shape))]
-            after = [shape[a] - sliced[a].stop if a in axes else 0 for a in range(len(shape))]
+            before = [index[a].start if a in axes else 0 for a in range(len(shape))]
+            after = [shape[a] - index[a].stop if a in axes else 0 for a in range(len(shape))]
             written = self._node("Pad", [written, self._const("pads", np.array(before + after, np.int64))], out + ".padded")
         self._bind(out, self._node("Where", [self._const("mask", mask), written, self._in(op, "Input")], out))
 
