@@ -23,6 +23,7 @@ from .calibration_table import (
 )
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
+from .functional_ops import FunctionalConcat
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
@@ -293,6 +294,26 @@ def _simulate_fused_residuals(
 
     sums: dict[str, ResidualSumOutput] = {}
 
+    def concat_readers(name: str) -> list[QuantizedLayer]:
+        """The int8 u8 readers of the concat that alone reads the sum ``name`` (DLA's tree
+        root), all of them: the export gives a concat's inputs its readers' scale, so Paddle
+        writes the fused conv's codes on that grid (measured on a DLA-shaped tree: 0.5% of the
+        largest logit off Paddle Inference with the sum's own threshold); else nothing."""
+        if by_name[name][1].residual_adds:
+            return []  # an add reads the sum too, where the export keeps its own scale
+        direct = [
+            state for _, state in hooked if name in state.input_sources
+            # An int8 conv reading no sum reads another call of a shared ReLU.
+            and not (state.name in quantized and not (state.wide_input or state.signed_input))
+        ]
+        if len(direct) != 1 or not isinstance(by_name[direct[0].name][0], FunctionalConcat):
+            return []
+        concat = direct[0].name
+        after = [quantized.get(state.name) for _, state in hooked if concat in state.site_sources]
+        if not after or any(reader is None or not reader.input_unsigned for reader in after):
+            return []
+        return after
+
     def codes_at_sum(add) -> None:
         """The fused conv writes the sum's ReLU (an ``nn.ReLU``) as codes for every reader."""
         relu, _ = by_name.get(add.sum_reader, (None, None))
@@ -304,6 +325,8 @@ def _simulate_fused_residuals(
             if add.sum_reader in state.input_sources and (state.wide_input or state.signed_input)
             and state.name in quantized and quantized[state.name].input_unsigned
         ]
+        if not readers:
+            readers = concat_readers(add.sum_reader)
         thresholds = {reader.input_thresholds[0] for reader in readers}
         if len(thresholds) > 1:
             return

@@ -62,6 +62,9 @@ class LayerState:
     #: Names of the hooked layers whose output this layer read as its first input: the same
     #: tensor, or a global pool's output flattened (:meth:`CalibrationSession.source_of`).
     input_sources: set[str] = dataclasses.field(default_factory=set)
+    #: Names of the observed-only sites (a functional concat) whose output this layer read as
+    #: its first input; kept apart from ``input_sources``, which sees through those sites.
+    site_sources: set[str] = dataclasses.field(default_factory=set)
     #: The adds whose residual operand (read by a fused int8 conv as codes) was this layer's
     #: output (:func:`imperative_ptq.quant_residual.find_residual_add`).
     residual_adds: set[ResidualAdd] = dataclasses.field(default_factory=set)
@@ -132,6 +135,8 @@ class CalibrationSession:
         #: Outputs of the hooked layers in the current forward: ``id`` -> (weak reference,
         #: layer name); and the [N, C, 1, 1] ones (global pools), kept alive until it ends.
         self._outputs: dict[int, tuple[Any, str]] = {}
+        #: Outputs of the observed-only sites in the current forward, likewise.
+        self._site_outputs: dict[int, tuple[Any, str]] = {}
         self._pooled: list[tuple[paddle.Tensor, str]] = []
         #: Tensors hooked layers read in the current forward: ``id`` -> (weak reference,
         #: names of the layers that read it).
@@ -271,10 +276,12 @@ class CalibrationSession:
                 )
         self.collector.raise_pending_error()
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
+        self._site_outputs = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
+        self._site_outputs = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
 
@@ -380,6 +387,9 @@ class CalibrationSession:
         if _is_float_tensor(first):
             self._first_seen(first)
             source = self.source_of(first)
+            site = self._site_outputs.get(id(first))
+            if site is not None and site[0]() is first:
+                state.site_sources.add(site[1])
             if source is not None:
                 state.input_sources.add(source)
             else:
@@ -459,6 +469,8 @@ class CalibrationSession:
             source = self.source_of(first)
             if source is not None:
                 state.input_sources.add(source)
+        if _is_float_tensor(outputs):
+            self._site_outputs[id(outputs)] = (weakref.ref(outputs), state.name)
         if state.input_quantizer is not None and _is_float_tensor(first) and first.size:
             with paddle.no_grad():  # the sign: whether Paddle would read it u8 or s8
                 state.input_quantizer.observe_minimum(float(paddle.min(first)))

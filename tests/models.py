@@ -147,6 +147,75 @@ class FoldedResNet(paddle.nn.Layer):
         return self.fc(paddle.flatten(x if self.pool is None else self.pool(x), 1))
 
 
+class _DLABlock(paddle.nn.Layer):
+    """DLA's BasicBlock: one ReLU called after both BatchNorms, the residual passed in (the
+    tree's pooled or projected input) or the block's own input."""
+
+    def __init__(self, channels: int, out: int, stride: int) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.conv1, self.bn1 = nn.Conv2D(channels, out, 3, stride, 1, bias_attr=False), nn.BatchNorm2D(out)
+        self.conv2, self.bn2 = nn.Conv2D(out, out, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(out)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: paddle.Tensor, residual: paddle.Tensor | None = None) -> paddle.Tensor:
+        residual = x if residual is None else residual
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += residual
+        return self.relu(out)
+
+
+class DLATree(paddle.nn.Layer):
+    """A level-1 tree of DLA (PaddleClas' DLA34 layout): the input max-pooled (``stride`` 2)
+    and, with more output channels, projected by a 1x1 conv + BatchNorm as the first block's
+    residual; the second block reads the first's output as its identity; the root (a 1x1 conv
+    + BatchNorm + ReLU) concatenates both block outputs and, for ``level_root``, the pooled
+    input."""
+
+    def __init__(self, channels: int, out: int, level_root: bool) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.tree1, self.tree2 = _DLABlock(channels, out, 2), _DLABlock(out, out, 1)
+        self.downsample = nn.MaxPool2D(2, 2)
+        self.project = (
+            nn.Sequential(nn.Conv2D(channels, out, 1, bias_attr=False), nn.BatchNorm2D(out))
+            if channels != out else None
+        )
+        self.level_root = level_root
+        self.root = nn.Conv2D(2 * out + (channels if level_root else 0), out, 1, bias_attr=False)
+        self.root_bn, self.root_relu = nn.BatchNorm2D(out), nn.ReLU()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        bottom = self.downsample(x)
+        x1 = self.tree1(x, bottom if self.project is None else self.project(bottom))
+        x2 = self.tree2(x1)
+        children = [x2, x1] + ([bottom] if self.level_root else [])
+        return self.root_relu(self.root_bn(self.root(paddle.concat(children, 1))))
+
+
+class DLANet(paddle.nn.Layer):
+    """A stem and ``trees`` DLA trees (channels doubling at every second one), a global pool
+    and a Linear."""
+
+    def __init__(self, trees: int, width: int) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.stem = nn.Sequential(
+            nn.Conv2D(3, width, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(width), nn.ReLU()
+        )
+        layers, channels = [], width
+        for index in range(trees):
+            out = 2 * channels if index % 2 else channels
+            layers.append(DLATree(channels, out, level_root=index > 0))
+            channels = out
+        self.trees = nn.Sequential(*layers)
+        self.head, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(channels, 10)
+        randomize_batch_norm_statistics(self, seed=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(paddle.flatten(self.head(self.trees(self.stem(x))), 1))
+
+
 def converted(
     model: paddle.nn.Layer, batches: Iterable[paddle.Tensor], target: str = "x86"
 ) -> paddle.nn.Layer:

@@ -17,7 +17,7 @@ __all__ = [
     "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "producers", "readers",
     "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
-    "transposed_matmul",
+    "transposed_matmul", "feeds_quantize",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -119,6 +119,21 @@ def insert_reader_op(
         attrs=attrs or {},
     )
     return output.name
+
+
+#: Ops between a tensor and the quantize op of its int8 reader (the u8 clip in front of it).
+_CLIP_OPS = frozenset({"elementwise_min", "clip", "relu"})
+
+
+def feeds_quantize(op: Operator, reading: dict[str, list[Operator]]) -> bool:
+    """Whether ``op`` is a ``quantize_linear``, or a u8 clip (``elementwise_min``/``clip`` ->
+    ``relu``) whose output only such an op reads: the way an int8 reader reads a tensor."""
+    while op.type in _CLIP_OPS:
+        after = reading.get(op.output("Out")[0], [])
+        if len(after) != 1:
+            return False
+        op = after[0]
+    return op.type == "quantize_linear"
 
 
 #: Activations Paddle Inference's oneDNN passes fuse into the conv/fc (or elementwise op) before

@@ -26,8 +26,9 @@ import paddle
 
 from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
+from .coded_identity import CodedIdentity, round_float_readers
 from .graph import (
-    bias_of, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
+    FUSABLE_ACTIVATIONS, bias_of, feeds_quantize, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
     op_index, producers, readers, set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
@@ -343,6 +344,12 @@ def quantize_program(
     if unsigned_inputs:
         clip_concat_inputs(loaded, weights, outputs, clips)
     rectified: dict[tuple[str, float], str] = {}
+    # ReLU outputs a fused int8 conv writes on codes up to 127 (after an s8 residual): their
+    # readers' codes stop there without a clip.
+    s8_sums = {
+        out for record in records if record.sum_codes_threshold is not None
+        and record.sum_codes_top <= symmetric_levels(8) for _, out in record.calls if out
+    }
     shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
     shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
     narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
@@ -386,7 +393,7 @@ def quantize_program(
                 relu_after_residual_conv(block, activation, writers)
                 and (
                     record.input_top_code > symmetric_levels(record.activation_bits)
-                    or record.residual_codes
+                    or (record.residual_codes and activation in s8_sums)
                 )
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
@@ -394,7 +401,9 @@ def quantize_program(
                 # pair sums) within 0..127. A ReLU after a residual conv is left as it is where
                 # the simulation reads what the fused conv writes (codes up to 255, or its s8
                 # codes): a clip there would halve ResNet's int8 speed-up (see unsigned.py).
-                # Where it clips at 127 (an add calibration did not find fused), so does this.
+                # Where it clips at 127 (an add calibration did not find fused, such as a
+                # pooled projection's, whose ReLU output the next block reads as its identity:
+                # measured 1.5% of the largest logit off on DLA-shaped trees), so does this.
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
                     quantized = insert_clip_relu(
@@ -510,6 +519,22 @@ def quantize_program(
         inputs[0] for record in records if record.residual_codes for inputs, _ in record.calls if inputs
     }
     isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
+    sum_codes = {out for record in records if record.sum_codes_threshold is not None
+                 for _, out in record.calls if out}
+    unscaled = _float_outputs_for_float_readers(block, written, coded_residuals | sum_codes)
+    if unscaled:
+        logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
+                    len(unscaled), ", ".join(unscaled))
+    identities = {
+        inputs[0]: CodedIdentity(record.input_threshold, record.residual_codes, record.activation_bits)
+        for record in records if record.residual_codes for inputs, _ in record.calls if inputs
+    }
+    writers = producers(block)
+    rounded = round_float_readers(
+        block, identities, lambda name: _int8_weight_op_output(block, name, writers, written)
+    )
+    if rounded:
+        logger.info("%d float ops read an identity shortcut on its codes, as simulated", rounded)
     loaded.program._sync_with_cpp()
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
@@ -766,6 +791,55 @@ def _isolate_unscaled_residual_adds(
     return isolated
 
 
+def _float_outputs_for_float_readers(
+    block: "paddle.static.Block", written: ProgramScales, coded: set[str]
+) -> list[str]:
+    """Removes the output scale of each int8 conv/fc output (after its fused bias, BatchNorm
+    and activation) that an op other than an int8 reader reads, where the simulation keeps the
+    tensor in float.
+
+    With an output scale, Paddle's int8 conv writes its output as codes on that scale and
+    dequantizes them for every fp32 reader, and an int8 reader on another grid re-quantizes
+    the codes; the simulation gives those readers the float tensor (measured on DLA-shaped
+    trees: the tree root's ReLU output max-pooled on the projection's grid and concatenated
+    by the next root, 0.8% of the largest logit off; 2.5e-7 without the scale). Without a
+    scale the conv writes float and each int8 reader quantizes it with its own threshold.
+    Kept: tensors the simulation holds on codes (``coded``), and those read only by int8
+    readers (a quantize op, perhaps behind its u8 clip), int8 concats and pools.
+
+    Returns:
+        The tensors whose scale was removed.
+    """
+    writers, reading = producers(block), readers(block)
+    removed = []
+    for name in list(written.outputs):
+        op = writers.get(name)
+        if name in coded or op is None or not op.has_attr("out_threshold"):
+            continue
+        consumers = reading.get(name, [])
+        if not consumers or all(
+            feeds_quantize(reader, reading)
+            or (reader.type in ("concat", "pool2d") and reader.has_attr("out_threshold"))
+            for reader in consumers
+        ):
+            continue
+        if not _int8_gemm_output(block, name, writers):
+            continue
+        op._remove_attr("out_threshold")
+        del written.outputs[name]
+        removed.append(name)
+    return removed
+
+
+def _int8_gemm_output(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """Whether ``name`` is an int8 conv/fc output after the ops oneDNN fuses into it (its bias
+    add, BatchNorm, one activation)."""
+    op = writers.get(name)
+    if op is not None and op.type in FUSABLE_ACTIVATIONS:
+        name = op.input("X")[0]
+    return _int8_weight_op_output(block, name, writers, ProgramScales())
+
+
 def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapping[str, bool]) -> str | None:
     """Of a residual add of two int8 conv/fc outputs (``int8_output``: which operands are),
     the one Paddle reads as the residual of the other's fused conv (its projection fusion's
@@ -889,6 +963,27 @@ def _align_pooled_scales(
                     # (measured: 1.9% of the largest output off, 99% of the outputs; 3e-7 after).
                     copy = insert_reader_op(block, writers[source], source, [op], "assign", f"pooled_{len(block.ops)}")
                     outputs[copy] = threshold
+                    _pool_in_float_for_float_readers(block, op, source)
+
+
+def _pool_in_float_for_float_readers(block: "paddle.static.Block", pool, source: str) -> None:
+    """Gives the readers of ``pool``'s output that read it in float (not through an int8
+    reader's quantize op: DLA's tree root concatenating the pooled block input beside the
+    projection conv reading it) an fp32 pool of ``source``: the int8 pool writes codes on its
+    int8 reader's grid, where the simulation pools in float (measured on DLA-shaped trees:
+    0.8% of the largest logit off)."""
+    out = pool.output("Out")[0]
+    reading = readers(block)
+    floats = [op for op in reading.get(out, []) if not feeds_quantize(op, reading)]
+    if not floats:
+        return
+    attrs = {name: pool.attr(name) for name in pool.attr_names if name != "out_threshold"}
+    var = block.var(out)
+    twin = block.create_var(name=f"{out}.fp32", shape=var.shape, dtype=var.dtype).name
+    block._insert_op(op_index(block, pool) + 1, type="pool2d", inputs={"X": [source]},
+                     outputs={"Out": [twin]}, attrs=attrs)
+    for reader in floats:
+        reader._rename_input(out, twin)
 
 
 #: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
