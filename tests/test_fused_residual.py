@@ -667,8 +667,8 @@ def test_fused_residual_on_avx2_kernels() -> None:
     # 7 fused-residual nets (one of legacy BatchNorms), 7 blocks re-decided after keep_fp32, 4
     # adds Paddle runs in float, 3 projection shortcuts (two of them pooled, added in float),
     # a linear bottleneck, a main branch without BatchNorm, a signed identity, a max-pool
-    # shortcut, two DLA-shaped nets.
-    assert "27 passed" in summary, summary
+    # shortcut, two DLA-shaped nets, a u8 identity of an unrectified sum.
+    assert "28 passed" in summary, summary
 
 
 def _three_blocks(
@@ -898,4 +898,40 @@ def test_dla_trees_run_as_simulated(trees, width, tmp_path) -> None:
     assert isinstance(first.tree2.relu, ResidualSumOutput)
     assert first.tree2.relu.threshold == first.root.input_thresholds[0]
     x = rng.random((8, 3, 32, 32), np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+
+
+class _UnrectifiedSum(nn.Layer):
+    """An identity shortcut (a ReLU output) added to a block's last BatchNorm with no ReLU
+    after the add, the sum read by a padded conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Sequential(nn.Conv2D(3, WIDTH, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(WIDTH)), nn.ReLU()
+        self.conv1, self.norm1 = nn.Conv2D(WIDTH, WIDTH, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(WIDTH)
+        self.conv2, self.norm2 = nn.Conv2D(WIDTH, WIDTH, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(WIDTH)
+        self.relu = nn.ReLU()
+        self.conv3, self.norm3 = nn.Conv2D(WIDTH, WIDTH, 3, 1, 1, bias_attr=False), nn.BatchNorm2D(WIDTH)
+        self.head, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(WIDTH, 10)
+        randomize_batch_norm_statistics(self, seed=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.act(self.stem(x))
+        out = self.norm2(self.conv2(self.relu(self.norm1(self.conv1(x))))) + x
+        out = self.relu(self.norm3(self.conv3(out)))
+        return self.fc(paddle.flatten(self.head(out), 1))
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_u8_identity_of_an_unrectified_sum_is_added_in_float(target, tmp_path) -> None:
+    """On ``x86-vnni`` the signed sum's reader runs int8, so Paddle would fuse the add into the
+    conv before it and write the sum s8, reading the u8 identity's codes as s8 (measured: 53%
+    of the largest logit off); the simulation and the export keep that add in float. (On
+    ``x86`` the padded conv reading the signed sum stays fp32, so the add was in float already.)"""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)) for _ in range(4)]
+    qmodel = converted(_UnrectifiedSum(), batches, target)
+    assert qmodel.conv1.residual_codes == 0  # the identity is read in float
+    x = rng.random((8, 3, SIZE, SIZE), np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6

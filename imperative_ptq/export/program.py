@@ -764,6 +764,9 @@ def _isolate_unscaled_residual_adds(
             continue
         total = add.output("Out")[0]
         after = reading.get(total, [])
+        # The sum read as s8 by an int8 op (its quantize op reading it directly, no ReLU or
+        # u8 clip in between).
+        signed_sum = any(reader.type == "quantize_linear" for reader in after)
         if len(after) == 1 and after[0].type in ("relu", "relu6"):
             total = after[0].output("Out")[0]
         int8_output = {name: _int8_weight_op_output(block, name, writers, written) for name in operands}
@@ -774,7 +777,12 @@ def _isolate_unscaled_residual_adds(
                 continue  # no int8 conv; or Paddle fuses the add into the other conv, reading this one
             # A signed activation as the residual (an identity shortcut that is no ReLU or conv
             # output) is read on codes only where the simulation puts it on them.
-            coded = other in coded_residuals or runs_unsigned(block, other, writers) or int8_output[other]
+            # A u8 residual (a ReLU output) of a signed sum: oneDNN would read its codes as s8
+            # (the simulation adds it in float, convert._simulate_fused_residuals).
+            coded = (
+                other in coded_residuals or (runs_unsigned(block, other, writers) and not signed_sum)
+                or int8_output[other]
+            )
             if other in scaled and total in scaled and coded:
                 continue
             if len(reading.get(name, [])) != 1:
