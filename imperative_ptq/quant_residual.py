@@ -53,7 +53,12 @@ layer that gives it no scale (a
 network's last ``F.relu`` sum, read by a global pool) runs in float in Paddle, which the export
 enforces (:func:`imperative_ptq.export.program.quantize_program`) and the simulation follows
 for a downsample shortcut; so does a sum read by a conv/Linear kept fp32 or reading it shifted
-(a signed sum on ``x86``), for either shortcut (``ResidualAdd.sum_reader``).
+(a signed sum on ``x86``), for either shortcut (``ResidualAdd.sum_reader``), and a u8 identity
+added to a sum no ReLU reads that an int8 layer reads signed (``x86-vnni``: Paddle's fused
+conv would write the sum s8 and read the u8 identity's codes as s8). A sum read only by a
+concat (DLA's tree root) is written on the codes of the int8 conv reading the concat, whose
+scale the export gives the concat's inputs; float readers of an identity on codes (that
+concat) read the codes too (:mod:`imperative_ptq.export.coded_identity`).
 """
 
 from __future__ import annotations
