@@ -374,9 +374,20 @@ def _simulate_fused_residuals(
             # An unhooked residual (an F.relu output) read by u8 convs: a ReLU output too.
             if (add.residual_is_input or relu_or_its_max_pool(state.name, by_name)) and add.residual_readers:
                 readers = [quantized.get(name) for name in add.residual_readers]
-                if any(reader is None or not reader.input_unsigned for reader in readers):
-                    continue
-                if len({reader.input_thresholds[0] for reader in readers}) != 1:
+                if any(reader is None or not reader.input_unsigned for reader in readers) or len(
+                    {reader.input_thresholds[0] for reader in readers}
+                ) != 1:
+                    if state.name in sums and any(
+                        add.sum_reader in other.input_sources and other.name in quantized for _, other in hooked
+                    ):
+                        # The residual is itself a fused conv's sum on the codes that conv
+                        # writes, read by a concat too (DLA's root adding its second block's
+                        # output): the add reads those codes as they are. Fused only where an
+                        # int8 layer reads the new sum, giving it a scale (not the last root's,
+                        # read by a global pool before a conv head: measured 0.6% of the
+                        # largest logit off, simulated fused); else Paddle adds in float.
+                        codes_at_sum(add)
+                        fused_sums.add(add.sum_reader)
                     continue
                 readers[0].residual_codes = add.residual_top
                 # An unhooked residual (an F.relu output) has no layer that wrote it.

@@ -380,7 +380,7 @@ class CalibrationSession:
         collector = self.collector
         info = PTQRegistry.layer_info(layer)
         if info is not None and info.observed_only:
-            self._observe_only(state, inputs, outputs)
+            self._observe_only(state, inputs, outputs, notes_reads=getattr(layer, "kind", "") == "concat")
             return
         inputs_quantizer = state.input_quantizer
         first = first_input(layer, inputs, kwargs)
@@ -449,10 +449,13 @@ class CalibrationSession:
                 "calibrated", state.name, type(layer).__name__, _describe(outputs),
             )
 
-    def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any) -> None:
+    def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any, notes_reads: bool = False) -> None:
         """Statistics of an observed-only layer (``LayerInfo.observed_only``): its first two
         inputs where it has quantizers for them, and its output; of the graph only the layer
-        whose output it reads is recorded (its own ``input_sources``), so the layers around it
+        whose output it reads is recorded (its own ``input_sources``) and, with
+        ``notes_reads`` (a concat), that it read each input, so that a residual add of one
+        of them later sees it read before the add (DLA's root adding its first child); the
+        layers around it
         calibrate as without it."""
         collector = self.collector
         roles = [(state.input_quantizer, inputs[0] if inputs else None),
@@ -469,6 +472,10 @@ class CalibrationSession:
             source = self.source_of(first)
             if source is not None:
                 state.input_sources.add(source)
+        if notes_reads:
+            for value in inputs:
+                if _is_float_tensor(value):
+                    self._note_read(value, state.name)
         if _is_float_tensor(outputs):
             self._site_outputs[id(outputs)] = (weakref.ref(outputs), state.name)
         if state.input_quantizer is not None and _is_float_tensor(first) and first.size:

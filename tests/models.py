@@ -170,9 +170,10 @@ class DLATree(paddle.nn.Layer):
     and, with more output channels, projected by a 1x1 conv + BatchNorm as the first block's
     residual; the second block reads the first's output as its identity; the root (a 1x1 conv
     + BatchNorm + ReLU) concatenates both block outputs and, for ``level_root``, the pooled
-    input."""
+    input; with ``residual_root`` (DLA102's, DLA169's) it adds the second block's output
+    before its ReLU."""
 
-    def __init__(self, channels: int, out: int, level_root: bool) -> None:
+    def __init__(self, channels: int, out: int, level_root: bool, residual_root: bool = False) -> None:
         super().__init__()
         nn = paddle.nn
         self.tree1, self.tree2 = _DLABlock(channels, out, 2), _DLABlock(out, out, 1)
@@ -181,7 +182,7 @@ class DLATree(paddle.nn.Layer):
             nn.Sequential(nn.Conv2D(channels, out, 1, bias_attr=False), nn.BatchNorm2D(out))
             if channels != out else None
         )
-        self.level_root = level_root
+        self.level_root, self.residual_root = level_root, residual_root
         self.root = nn.Conv2D(2 * out + (channels if level_root else 0), out, 1, bias_attr=False)
         self.root_bn, self.root_relu = nn.BatchNorm2D(out), nn.ReLU()
 
@@ -190,14 +191,17 @@ class DLATree(paddle.nn.Layer):
         x1 = self.tree1(x, bottom if self.project is None else self.project(bottom))
         x2 = self.tree2(x1)
         children = [x2, x1] + ([bottom] if self.level_root else [])
-        return self.root_relu(self.root_bn(self.root(paddle.concat(children, 1))))
+        root = self.root_bn(self.root(paddle.concat(children, 1)))
+        if self.residual_root:
+            root += x2
+        return self.root_relu(root)
 
 
 class DLANet(paddle.nn.Layer):
     """A stem and ``trees`` DLA trees (channels doubling at every second one), a global pool
-    and a Linear."""
+    and a Linear, or a 1x1 conv (``conv_head``, as PaddleClas' DLA has it)."""
 
-    def __init__(self, trees: int, width: int) -> None:
+    def __init__(self, trees: int, width: int, residual_root: bool = False, conv_head: bool = False) -> None:
         super().__init__()
         nn = paddle.nn
         self.stem = nn.Sequential(
@@ -206,14 +210,16 @@ class DLANet(paddle.nn.Layer):
         layers, channels = [], width
         for index in range(trees):
             out = 2 * channels if index % 2 else channels
-            layers.append(DLATree(channels, out, level_root=index > 0))
+            layers.append(DLATree(channels, out, level_root=index > 0, residual_root=residual_root))
             channels = out
         self.trees = nn.Sequential(*layers)
-        self.head, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(channels, 10)
+        self.head, self.conv_head = nn.AdaptiveAvgPool2D(1), conv_head
+        self.fc = nn.Conv2D(channels, 10, 1) if conv_head else nn.Linear(channels, 10)
         randomize_batch_norm_statistics(self, seed=1)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.fc(paddle.flatten(self.head(self.trees(self.stem(x))), 1))
+        pooled = self.head(self.trees(self.stem(x)))
+        return paddle.flatten(self.fc(pooled), 1) if self.conv_head else self.fc(paddle.flatten(pooled, 1))
 
 
 def converted(

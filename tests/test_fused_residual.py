@@ -667,8 +667,8 @@ def test_fused_residual_on_avx2_kernels() -> None:
     # 7 fused-residual nets (one of legacy BatchNorms), 7 blocks re-decided after keep_fp32, 4
     # adds Paddle runs in float, 3 projection shortcuts (two of them pooled, added in float),
     # a linear bottleneck, a main branch without BatchNorm, a signed identity, a max-pool
-    # shortcut, two DLA-shaped nets, a u8 identity of an unrectified sum.
-    assert "28 passed" in summary, summary
+    # shortcut, four DLA-shaped nets, a u8 identity of an unrectified sum.
+    assert "30 passed" in summary, summary
 
 
 def _three_blocks(
@@ -875,8 +875,11 @@ def test_codes_wrappers_refuse_a_bad_grid(kind, threshold, top) -> None:
         getattr(quant_residual, kind)(nn.ReLU(), threshold, top)
 
 
-@pytest.mark.parametrize("trees, width", [(4, 8), (2, 16)])
-def test_dla_trees_run_as_simulated(trees, width, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "trees, width, residual_root, conv_head",
+    [(4, 8, False, False), (2, 16, False, False), (4, 8, True, False), (2, 8, True, True)],
+)
+def test_dla_trees_run_as_simulated(trees, width, residual_root, conv_head, tmp_path) -> None:
     """DLA's trees: a max-pooled (and projected) shortcut added in float, the first block's
     output read as the second block's identity and, beside it, concatenated in float by the
     root; the pooled input concatenated too. Measured before, relative to the largest logit
@@ -886,17 +889,23 @@ def test_dla_trees_run_as_simulated(trees, width, tmp_path) -> None:
     second block's output on the root conv's grid (which the export passes back through the
     concat) where the simulation used the sum's own threshold, the pooled projection's sum
     was read unclipped where the simulation clipped it at 127, and the max-pool of a root's
-    ReLU output was run int8 on codes the simulation does not round."""
+    ReLU output was run int8 on codes the simulation does not round. With the root adding its
+    second block's output (``residual_root``): 1.5% off on one tree, the add unseen by
+    calibration (the concat read that output first), then 0.6% with a conv head, whose last
+    root Paddle adds in float (its sum, read by a float global pool, has no scale)."""
     from imperative_ptq.quant_residual import ResidualSumOutput
 
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((4, 3, 32, 32), np.float32)) for _ in range(4)]
-    qmodel = converted(DLANet(trees, width), batches)
-    # The second block's sum is written on the threshold of the root conv reading the concat.
+    qmodel = converted(DLANet(trees, width, residual_root, conv_head), batches)
+    # The second block's sum is written on the threshold of the root conv reading the concat
+    # (with the root's add reading it too, on its own: Paddle keeps that scale).
     first = qmodel.trees[0]
     assert isinstance(first.tree2.relu, ResidualSumOutput)
-    assert first.tree2.relu.threshold == first.root.input_thresholds[0]
+    assert (first.tree2.relu.threshold == first.root.input_thresholds[0]) == (not residual_root)
+    if residual_root:  # the first root's sum is fused (read by the next tree's int8 convs)
+        assert isinstance(first.root_relu, ResidualSumOutput)
     x = rng.random((8, 3, 32, 32), np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
 
