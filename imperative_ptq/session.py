@@ -275,13 +275,15 @@ class CalibrationSession:
                     f"before calibrating."
                 )
         self.collector.raise_pending_error()
-        self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
-        self._site_outputs = {}
+        self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
+            {}, {}, [], {}, {}, {}
+        )
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-        self._outputs, self._pooled, self._read, self._signed, self._wide = {}, [], {}, {}, {}
-        self._site_outputs = {}
+        self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
+            {}, {}, [], {}, {}, {}
+        )
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
 
@@ -455,8 +457,7 @@ class CalibrationSession:
         whose output it reads is recorded (its own ``input_sources``) and, with
         ``notes_reads`` (a concat), that it read each input, so that a residual add of one
         of them later sees it read before the add (DLA's root adding its first child); the
-        layers around it
-        calibrate as without it."""
+        layers around it calibrate as without it."""
         collector = self.collector
         roles = [(state.input_quantizer, inputs[0] if inputs else None),
                  (state.second_input_quantizer, inputs[1] if len(inputs) > 1 else None),

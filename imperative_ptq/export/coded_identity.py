@@ -32,7 +32,6 @@ __all__ = ["CodedIdentity", "round_float_readers"]
 logger = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CodedIdentity:
     """An identity shortcut on codes: ``clip(round(x / step), 0, top) * step``.

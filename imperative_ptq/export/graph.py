@@ -13,11 +13,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
-    "exact_nearest_resizes", "fill_constant_value", "get_tensor", "insert_reader_op", "insert_zero_bias",
+    "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_reader_op", "insert_zero_bias",
     "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "producers", "readers",
     "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
-    "transposed_matmul", "feeds_quantize",
+    "transposed_matmul",
 ]
 
 Operator = Any  # paddle.base.framework.Operator

@@ -344,11 +344,11 @@ def quantize_program(
     if unsigned_inputs:
         clip_concat_inputs(loaded, weights, outputs, clips)
     rectified: dict[tuple[str, float], str] = {}
-    # ReLU outputs a fused int8 conv writes on codes up to 127 (after an s8 residual): their
-    # readers' codes stop there without a clip.
-    s8_sums = {
-        out for record in records if record.sum_codes_threshold is not None
-        and record.sum_codes_top <= symmetric_levels(8) for _, out in record.calls if out
+    # ReLU outputs the simulation puts on a fused int8 conv's codes -> the largest code; those
+    # up to 127 (after an s8 residual) need no clip in front of their readers.
+    sum_code_tops = {
+        out: record.sum_codes_top for record in records if record.sum_codes_threshold is not None
+        for _, out in record.calls if out
     }
     shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
     shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
@@ -393,7 +393,7 @@ def quantize_program(
                 relu_after_residual_conv(block, activation, writers)
                 and (
                     record.input_top_code > symmetric_levels(record.activation_bits)
-                    or (record.residual_codes and activation in s8_sums)
+                    or (record.residual_codes and sum_code_tops.get(activation, U8_MAX) <= symmetric_levels(8))
                 )
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
@@ -515,23 +515,19 @@ def quantize_program(
     simulated_residuals = {out for record in records if record.residual_output for _, out in record.calls if out}
     # Tensors the simulation reads as a fused conv's residual codes: those outputs, and the
     # identity shortcuts its int8 readers put on codes.
-    coded_residuals = simulated_residuals | {
-        inputs[0] for record in records if record.residual_codes for inputs, _ in record.calls if inputs
-    }
-    isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
-    sum_codes = {out for record in records if record.sum_codes_threshold is not None
-                 for _, out in record.calls if out}
-    unscaled = _float_outputs_for_float_readers(block, written, coded_residuals | sum_codes)
-    if unscaled:
-        logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
-                    len(unscaled), ", ".join(unscaled))
     identities = {
         inputs[0]: CodedIdentity(record.input_threshold, record.residual_codes, record.activation_bits)
         for record in records if record.residual_codes for inputs, _ in record.calls if inputs
     }
+    coded_residuals = simulated_residuals | set(identities)
+    isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
+    unscaled = _float_outputs_for_float_readers(block, written, coded_residuals | set(sum_code_tops))
+    if unscaled:
+        logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
+                    len(unscaled), ", ".join(unscaled))
     writers = producers(block)
     rounded = round_float_readers(
-        block, identities, lambda name: _int8_weight_op_output(block, name, writers, written)
+        block, identities, lambda name: _int8_weight_op_output(block, name, writers)
     )
     if rounded:
         logger.info("%d float ops read an identity shortcut on its codes, as simulated", rounded)
@@ -769,7 +765,7 @@ def _isolate_unscaled_residual_adds(
         signed_sum = any(reader.type == "quantize_linear" for reader in after)
         if len(after) == 1 and after[0].type in ("relu", "relu6"):
             total = after[0].output("Out")[0]
-        int8_output = {name: _int8_weight_op_output(block, name, writers, written) for name in operands}
+        int8_output = {name: _int8_weight_op_output(block, name, writers) for name in operands}
         projection = _projection_operand(operands, writers, int8_output)
         for position, name in enumerate(operands):
             other = operands[1 - position]
@@ -845,7 +841,7 @@ def _int8_gemm_output(block: "paddle.static.Block", name: str, writers: Mapping)
     op = writers.get(name)
     if op is not None and op.type in FUSABLE_ACTIVATIONS:
         name = op.input("X")[0]
-    return _int8_weight_op_output(block, name, writers, ProgramScales())
+    return _int8_weight_op_output(block, name, writers)
 
 
 def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapping[str, bool]) -> str | None:
@@ -884,9 +880,7 @@ def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapp
     return None
 
 
-def _int8_weight_op_output(
-    block: "paddle.static.Block", name: str, writers: Mapping, written: ProgramScales
-) -> bool:
+def _int8_weight_op_output(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
     """Whether ``name`` is the output of an int8 conv/fc, after its bias add or BatchNorm."""
     op = writers.get(name)
     while op is not None and (
