@@ -12,7 +12,7 @@ names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), inc
 ``ONEDNN_MAX_CPU_ISA`` cap.
 
 Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
-                                      [--target x86|x86-vnni|arm] [--verbose]
+                                      [--target x86|x86-vnni|arm] [--float-branches] [--verbose]
 """
 
 from __future__ import annotations
@@ -141,9 +141,12 @@ def export_model(name: str, workdir: str, target: str = DEFAULT_TARGET):
 
 
 def bench_model(
-    name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET
+    name: str, rounds: int, iters: int, workdir: str, target: str = DEFAULT_TARGET,
+    float_branches: bool = False,
 ) -> list[dict]:
-    """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it."""
+    """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it
+    (``float_branches``: also ONNX Runtime on the export with
+    ``int8_residual_branches=False``)."""
     _, shape, batches, dtype = MODELS[name]
     model, qmodel, spec, fp32_prefix, int8_prefix = export_model(
         name, os.path.join(workdir, name), target
@@ -167,6 +170,12 @@ def bench_model(
         # timed next (inflating Paddle fp32 on small models by up to 5x): no spinning.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         engines["ort int8"] = ort.InferenceSession(onnx_int8, options, providers=["CPUExecutionProvider"])
+        if float_branches:
+            exact = export_onnx(qmodel, os.path.join(workdir, name, "int8_float_branches.onnx"), spec,
+                                int8_residual_branches=False)
+            engines["ort int8 float branches"] = ort.InferenceSession(
+                exact, options, providers=["CPUExecutionProvider"]
+            )
         fp32_path = _fp32_onnx(qmodel, os.path.join(workdir, name, "fp32.onnx"), spec)
         engines["ort fp32"] = ort.InferenceSession(fp32_path, options, providers=["CPUExecutionProvider"])
     except ImportError:
@@ -195,6 +204,8 @@ def bench_model(
         row["paddle speed-up"] = medians["paddle fp32"] / medians["paddle int8"]
         if "ort int8" in medians:
             row["ort speed-up"] = medians["ort fp32"] / medians["ort int8"]
+        if "ort int8 float branches" in medians:
+            row["ort float branches speed-up"] = medians["ort fp32"] / medians["ort int8 float branches"]
         row.update({f"cos {k}": v for k, v in cosines.items()})
         row.update(sizes)
         rows.append(row)
@@ -277,6 +288,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS),
                         help="deployment target of the int8 export (default %(default)s)")
+    parser.add_argument("--float-branches", action="store_true",
+                        help="also time ONNX Runtime on the export with the residual branches the "
+                             "simulation adds in float left float (int8_residual_branches=False)")
     parser.add_argument("--verbose", action="store_true",
                         help="log the export's INFO lines, among them how many conv/fc ops "
                              "Paddle Inference runs int8")
@@ -287,12 +301,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
-            rows.extend(bench_model(name, args.rounds, args.iters, workdir, args.target))
+            rows.extend(bench_model(name, args.rounds, args.iters, workdir, args.target, args.float_branches))
     print(f"# {datetime.date.today()} {cpu_info().describe()} "
           f"cpus={len(os.sched_getaffinity(0))} paddle={paddle.__version__} target={args.target}")
     header = ["model", "batch", "paddle fp32 ms", "paddle int8 ms", "paddle speed-up",
               "ort fp32 ms", "ort int8 ms", "ort speed-up", "cos paddle fp32", "cos paddle int8",
               "cos ort int8", "cos ort fp32", "pdiparams fp32 MB", "pdiparams int8 MB", "onnx int8 MB"]
+    if args.float_branches:
+        header[8:8] = ["ort int8 float branches ms", "ort float branches speed-up"]
+        header.append("cos ort int8 float branches")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

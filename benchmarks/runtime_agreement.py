@@ -6,7 +6,9 @@ converts, exports, and runs the export on 8 new random-normal images in Paddle I
 (oneDNN int8) and in ONNX Runtime (QDQ export). One row per (model, target): int8 layers
 (``QuantizedLayer`` sublayers) out of all conv/linear layers, and the logit cosine of Paddle
 Inference against the dygraph simulation (the converted model) and against the fp32 model,
-and of ONNX Runtime against the simulation ("n/a (...)" when an op has no ONNX converter).
+and of ONNX Runtime against the simulation ("n/a (...)" when an op has no ONNX converter), as
+exported by default and with the residual branches the simulation adds in float left float
+(``int8_residual_branches=False``).
 
 A cosine of 1.0000 against the simulation means the runtime's int8 kernels compute what
 ``convert`` simulated. The answer depends on the CPU (VNNI or not), so the header names it
@@ -57,14 +59,15 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ort_cosine(qmodel: paddle.nn.Layer, path: str, spec: list, x: np.ndarray,
-                simulated: np.ndarray) -> str:
-    """ONNX Runtime's logit cosine against the simulation, or why there is none."""
+                simulated: np.ndarray, int8_residual_branches: bool = True) -> str:
+    """ONNX Runtime's logit cosine against the simulation, or why there is none
+    (``int8_residual_branches``: as :func:`imperative_ptq.export.export_onnx` takes it)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return "n/a (no onnxruntime)"
     try:
-        onnx_path = export_onnx(qmodel, path, spec)
+        onnx_path = export_onnx(qmodel, path, spec, int8_residual_branches=int8_residual_branches)
     except NotImplementedError as error:
         # "op 'concat' has no ONNX converter; supported: [...]" -> "n/a (op 'concat')"
         op = re.match(r"op '[^']+'", str(error))
@@ -105,6 +108,9 @@ def agreement(name: str, target: str, workdir: str) -> dict[str, object]:
         "PI vs fp32": f"{_cosine(paddle_int8, reference):.5f}",
         "sim vs fp32": f"{_cosine(simulated, reference):.5f}",
         "ORT vs sim": _ort_cosine(qmodel, prefix + ".onnx", spec, x, simulated),
+        "ORT float branches vs sim": _ort_cosine(
+            qmodel, prefix + ".exact.onnx", spec, x, simulated, int8_residual_branches=False
+        ),
     }
     logger.info("%s", row)
     return row
@@ -123,7 +129,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
     header = ["model", "target", "int8 layers", "PI vs sim", "PI vs fp32", "sim vs fp32",
-              "ORT vs sim"]
+              "ORT vs sim", "ORT float branches vs sim"]
     rows = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
@@ -139,7 +145,8 @@ def main() -> None:
           f"paddle={paddle.__version__} imperative_ptq={getattr(imperative_ptq, '__version__', '?')} "
           f"({time.perf_counter() - start:.0f} s)")
     print("# logit cosine on 8 random-normal 3x224x224 images; PI = Paddle Inference int8 "
-          "(oneDNN), sim = dygraph simulation after convert, ORT = ONNX Runtime QDQ")
+          "(oneDNN), sim = dygraph simulation after convert, ORT = ONNX Runtime QDQ (float "
+          "branches: export_onnx(..., int8_residual_branches=False))")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

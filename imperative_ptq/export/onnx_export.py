@@ -158,8 +158,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         dynamic_weights: Mapping[str, DynamicWeight] | None = None,
         int4_weights: bool = False,
         symmetric_signed: bool = False,
+        int8_residual_branches: bool = True,
     ):
         self.onnx = _require_onnx()
+        #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
+        self.int8_residual_branches = int8_residual_branches
         #: ``L`` of the activation grid, codes ``0..L`` (u8) or ``-L..L`` of ``t / L``.
         self.levels = symmetric_levels(model_activation_bits(records))
         #: signed activations keep the symmetric codes -127..127 (Paddle Lite's kernels, the
@@ -301,6 +304,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         # (measured: Hardswish -> global pool + gate multiply -> 1x1 conv, largest error
         # 2.5% of the output with it, 0 without).
         fused_branches = {record.residual_fused_with for record in records if record.residual_output}
+        if not self.int8_residual_branches:
+            fused_branches = set()
         residuals = {
             output for record in records
             if record.residual_output or (record.name in fused_branches and not record.simulated)
@@ -311,12 +316,13 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         # threshold, though the simulation does not quantize it: without a QuantizeLinear
         # after it ONNX Runtime runs that conv and the add in float (measured on ResNet-18: 8
         # of 19 convs, int8 0.84x its fp32 at batch 8 instead of 2.3x). The price is a logit
-        # cosine to the simulation of 0.9995 instead of 0.9997.
+        # cosine to the simulation of 0.9995 instead of 0.9997. (int8_residual_branches=False
+        # leaves them float, and the fused branches above.)
         # (Left float as the simulation leaves it, the downsample blocks' fused convs alone:
         # 0.46% instead of 1.4% off on one block, ResNet-18's cosine the same 0.99994, and
         # ONNX Runtime 1.43x slower.)
         for record in records:
-            if record.layer_type not in program_lib.SKIP_OUTPUT_SCALE_LAYERS:
+            if not self.int8_residual_branches or record.layer_type not in program_lib.SKIP_OUTPUT_SCALE_LAYERS:
                 continue
             for _, output in record.calls:
                 reading = consumers.get(output, [])
@@ -1191,8 +1197,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             attrs = dict(kernel_shape=ksize, strides=list(op.attr("strides")), pads=pads,
                          ceil_mode=int(op.attr("ceil_mode")))
             if kind == "max":
-                self._keep_input_scale(op, out)
                 name = op.input("X")[0]
+                if not self._pools_float(name, out):
+                    self._keep_input_scale(op, out)
                 if name in self.unclipped and self._coded_up_to_255(name):
                     # A ReLU the simulation holds on codes up to 255, clipped at 127 for an
                     # int8 conv reading it too: the pool reads the codes (DLA's max-pool
@@ -1200,12 +1207,30 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                     # and its own int8 readers clip its output.
                     node = self._node("MaxPool", [self.unclipped[name]], out, **attrs)
                     self.pooled_unclipped.add(out)
+                elif self._pools_float(name, out):
+                    node = self._node("MaxPool", [self.unquantized[name]], out, **attrs)
                 else:
                     node = self._node("MaxPool", [self._in(op)], out, **attrs)
             else:
                 node = self._node("AveragePool", [source], out,
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
         self._bind(out, node)
+
+    def _pools_float(self, source: str, out: str) -> bool:
+        """Whether a max-pool of ``source`` reads its float value, not the codes an int8
+        layer beside it reads.
+
+        The simulation's pool reads the float value unless it holds ``source`` on codes for
+        every reader; quantizing commutes with a max only on one grid, so codes on another
+        layer's grid are right only when the pool's output is quantized on the same one
+        (measured: a DLA tree's max-pool shortcut to a projection conv, its input clipped
+        at the threshold of the block's first conv, 33% of the largest pooled value off the
+        simulation and 9.9% of the block's output)."""
+        return (
+            source in self.layer_inputs and source in self.unquantized
+            and source not in self.coded and source not in self.coded_residuals
+            and self.thresholds.get(out) != self.thresholds.get(source)
+        )
 
     def _adaptive_input_size(self, op, sizes: list[int]) -> list[int]:
         """The spatial size an adaptive pool reads, known when traced (else not exported)."""
@@ -1352,9 +1377,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         the tensor is quantized for another int8 layer reading it (its own threshold, not the
         concat's grid; measured: a ReLU output read by a 1x1 conv and by a concat that a conv
         reads, largest error 14% of the output with the conv's clipped codes); the tensor as
-        bound where it is on the concat's own grid (:meth:`_align_concat_inputs`) or stored
-        as residual codes."""
+        bound where it is on the concat's own grid (:meth:`_align_concat_inputs`); the codes
+        the simulation holds a tensor on for every reader (an identity shortcut, up to 255)
+        where it does (measured: DLA's tree root concatenating its first block's output,
+        the second block's identity, clipped at code 127 for that block's first conv: 15% of
+        the largest concatenated value off the simulation)."""
         tensor = self._tensor(op, name)
+        if name in self.coded_values:
+            return self.coded_values[name]
         if (
             name in self.layer_inputs and name not in self.coded_residuals
             and self.thresholds.get(name) != self.thresholds.get(out)
@@ -1561,6 +1591,7 @@ def export_onnx(
     input_spec: Any = None,
     opset: int = 13,
     int4_weights: bool | None = None,
+    int8_residual_branches: bool = True,
 ) -> str:
     """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
 
@@ -1583,6 +1614,15 @@ def export_onnx(
         int4_weights: ``None``: INT4 for weights of at most 4 bits where the opset has it (a
             warning names the layers stored as int8 instead below opset 21); ``True``: INT4
             required (``ValueError`` below opset 21 or without such a layer); ``False``: int8.
+        int8_residual_branches: Quantize the output of a residual branch's last conv (its
+            BatchNorm's, read only by the add) on its calibrated threshold, so that ONNX
+            Runtime runs that conv in ``QLinearConv``. The simulation (Paddle Inference's
+            fused int8 conv) adds it in float: ``False`` exports that, exact to the
+            simulation up to ONNX Runtime's int32 biases, with those convs in float
+            (measured on a Xeon at batch 8: ResNet-18 3.1x and MobileNetV2 1.2x slower in
+            ONNX Runtime, logit cosines to the simulation within 1e-4 of each other; block
+            outputs a ResNet-18 backbone returns 2.0-7.3% of their largest value off the
+            simulation with ``True``, 0.5-3.2% with ``False``).
 
     Returns:
         The path written.
@@ -1590,7 +1630,8 @@ def export_onnx(
     Raises:
         ImportError: ``onnx`` is not installed.
         TypeError / ValueError: As for ``save_quantized_model``; ``int4_weights`` not a bool
-            or ``None``, or ``True`` where it cannot be honoured.
+            or ``None``, or ``True`` where it cannot be honoured; ``int8_residual_branches``
+            not a bool.
         NotImplementedError: The program contains an op without a converter, or one in a
             form not exported (an adaptive pool of an input size unknown when traced, an
             LSTM/GRU called with sequence lengths, ...): the message names the op, the tensor
@@ -1604,6 +1645,8 @@ def export_onnx(
         raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
     if int4_weights is not None and not isinstance(int4_weights, bool):
         raise TypeError(f"int4_weights must be True, False or None, got {int4_weights!r}")
+    if not isinstance(int8_residual_branches, bool):
+        raise TypeError(f"int8_residual_branches must be True or False, got {int8_residual_branches!r}")
     dynamic = is_dynamic_model(model)
     if dynamic:
         check_dynamic_model(model)
@@ -1633,7 +1676,7 @@ def export_onnx(
             program_lib.materialize_conv1d_weights(loaded, weights)
             onnx_model = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
-                symmetric_signed,
+                symmetric_signed, int8_residual_branches,
             ).convert(opset)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
