@@ -864,3 +864,35 @@ def test_a_slice_write_of_a_tensor_over_a_strided_slice_is_named(tmp_path) -> No
     qmodel = _quantized(_Strided(), shape)
     with pytest.raises(NotImplementedError, match="set_value of a tensor over a strided slice"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
+
+
+class _UnexportedWrite(nn.Layer):
+    """A conv whose output gets a slice write the ONNX export does not translate."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.conv, self.kind = nn.Conv2D(3, 8, 3, padding=1), kind
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.conv(x)
+        if self.kind == "constants":
+            y[:, 0:2, 0, 0] = np.array([1.0, 2.0], "float32")
+        elif self.kind == "batch":
+            y[0:1] = 0.5
+        else:
+            y[:, None, 0] = 1.0
+        return y
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("constants", "set_value of several constants into a tensor is not exported"),
+    ("batch", "set_value along axis 0, whose size is known only at run time"),
+    ("new axis", r"set_value with None \(new\) axes is not exported"),
+])
+def test_an_unexported_slice_write_is_named_with_its_layer(kind, message, tmp_path) -> None:
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(_UnexportedWrite(kind), shape)
+    with pytest.raises(NotImplementedError, match=message) as raised:
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
+    assert "reading the output of layer 'conv'" in str(raised.value)
+    assert not list(tmp_path.iterdir())
