@@ -1198,7 +1198,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                          ceil_mode=int(op.attr("ceil_mode")))
             if kind == "max":
                 name = op.input("X")[0]
-                if not self._pools_float(name, out):
+                pools_float = self._pools_float(name, out)
+                if not pools_float:
                     self._keep_input_scale(op, out)
                 if name in self.unclipped and self._coded_up_to_255(name):
                     # A ReLU the simulation holds on codes up to 255, clipped at 127 for an
@@ -1207,7 +1208,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                     # and its own int8 readers clip its output.
                     node = self._node("MaxPool", [self.unclipped[name]], out, **attrs)
                     self.pooled_unclipped.add(out)
-                elif self._pools_float(name, out):
+                elif pools_float:
                     node = self._node("MaxPool", [self.unquantized[name]], out, **attrs)
                 else:
                     node = self._node("MaxPool", [self._in(op)], out, **attrs)
