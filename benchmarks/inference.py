@@ -308,7 +308,8 @@ def main() -> None:
               "ort fp32 ms", "ort int8 ms", "ort speed-up", "cos paddle fp32", "cos paddle int8",
               "cos ort int8", "cos ort fp32", "pdiparams fp32 MB", "pdiparams int8 MB", "onnx int8 MB"]
     if args.float_branches:
-        header[8:8] = ["ort int8 float branches ms", "ort float branches speed-up"]
+        after = header.index("ort speed-up") + 1
+        header[after:after] = ["ort int8 float branches ms", "ort float branches speed-up"]
         header.append("cos ort int8 float branches")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -303,9 +303,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         # pool that is not int8, a squeeze-excite multiply) the simulation never applies
         # (measured: Hardswish -> global pool + gate multiply -> 1x1 conv, largest error
         # 2.5% of the output with it, 0 without).
-        fused_branches = {record.residual_fused_with for record in records if record.residual_output}
-        if not self.int8_residual_branches:
-            fused_branches = set()
+        fused_branches = {
+            record.residual_fused_with for record in records if record.residual_output
+        } if self.int8_residual_branches else set()
         residuals = {
             output for record in records
             if record.residual_output or (record.name in fused_branches and not record.simulated)
@@ -321,9 +321,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         # (Left float as the simulation leaves it, the downsample blocks' fused convs alone:
         # 0.46% instead of 1.4% off on one block, ResNet-18's cosine the same 0.99994, and
         # ONNX Runtime 1.43x slower.)
-        for record in records:
-            if not self.int8_residual_branches or record.layer_type not in program_lib.SKIP_OUTPUT_SCALE_LAYERS:
-                continue
+        branch_norms = [
+            record for record in records if record.layer_type in program_lib.SKIP_OUTPUT_SCALE_LAYERS
+        ] if self.int8_residual_branches else []
+        for record in branch_norms:
             for _, output in record.calls:
                 reading = consumers.get(output, [])
                 if record.output_thresholds and reading and set(reading) == {"elementwise_add"}:
@@ -1158,10 +1159,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         out = self._out(op)
         source = self._in(op)
         name = op.input("X")[0]
-        if (
-            kind == "avg" and out not in self.int8_pools and name in self.layer_inputs
-            and name not in self.coded_residuals and name not in self.coded
-        ):
+        if kind == "avg" and out not in self.int8_pools and self._quantized_for_another_reader(name):
             # A float average pool reads its input in float, as in the simulation, though an
             # int8 reader beside it had it quantized (measured: a ReLU of an int8 conv read by
             # an int8 conv and a squeeze-excite pool, 1.9% of the largest output off).
@@ -1228,10 +1226,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         at the threshold of the block's first conv, 33% of the largest pooled value off the
         simulation and 9.9% of the block's output)."""
         return (
-            source in self.layer_inputs and source in self.unquantized
-            and source not in self.coded and source not in self.coded_residuals
+            self._quantized_for_another_reader(source) and source in self.unquantized
             and self.thresholds.get(out) != self.thresholds.get(source)
         )
+
+    def _quantized_for_another_reader(self, name: str) -> bool:
+        """Whether ``name`` is quantized for an int8 layer reading it, on codes the
+        simulation does not hold it on for its other readers (a pool beside that layer reads
+        the float value)."""
+        return name in self.layer_inputs and name not in self.coded_residuals and name not in self.coded
 
     def _adaptive_input_size(self, op, sizes: list[int]) -> list[int]:
         """The spatial size an adaptive pool reads, known when traced (else not exported)."""
