@@ -14,8 +14,7 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from checkout import ROOT, checkout_env
 
 
 def pytest_on_avx2_kernels(test_file: str | os.PathLike, selection: str, timeout: int = 600) -> str:
@@ -24,7 +23,7 @@ def pytest_on_avx2_kernels(test_file: str | os.PathLike, selection: str, timeout
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
          "-k", selection],
-        env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
+        env=checkout_env(ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout[-3000:]
@@ -40,7 +39,7 @@ class Avx2Runner:
         self._timeout = timeout
         self._process = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "avx2_worker.py")],
-            env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
+            env=checkout_env(ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, cwd=ROOT,
         )

@@ -15,6 +15,7 @@ import pytest
 from imperative_ptq.algorithms import find_chains
 from imperative_ptq.datasets import mnist_path
 from imperative_ptq.models import MnistMobileNet
+from checkout import checkout_env
 
 SCRIPT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "accuracy.py"
@@ -116,6 +117,6 @@ def test_injected_outliers_keep_the_encoder_function() -> None:
 def test_script_help_runs() -> None:
     result = subprocess.run(
         [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(SCRIPT))),
+        env=checkout_env(),
     )
     assert result.returncode == 0 and "--adaround-iterations" in result.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 
 from imperative_ptq import ImperativePTQ
 from imperative_ptq.cli import build_parser, image_batches, main, npy_batches
+from checkout import checkout_env
 
 MODEL_FILE = textwrap.dedent(
     """
@@ -193,7 +193,7 @@ def test_npy_single_samples_are_stacked(tmp_path) -> None:
 
 
 def test_python_m_entry_point_reports_errors_without_traceback(tmp_path) -> None:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = checkout_env(PYTHONWARNINGS="ignore")
     result = subprocess.run(
         [sys.executable, "-m", "imperative_ptq", "--model", str(tmp_path / "nope.py:f"),
          "--data", str(tmp_path), "--output", str(tmp_path / "o")],

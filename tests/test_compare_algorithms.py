@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from imperative_ptq.datasets import load_mnist, mnist_path
+from checkout import checkout_env
 
 SCRIPT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "compare_algorithms.py"
@@ -120,6 +121,7 @@ def test_torch_rebuild_of_mnist_convnet_matches_paddle() -> None:
 
 def test_runs_as_a_script() -> None:
     done = subprocess.run(
-        [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120,
+        env=checkout_env(),
     )
     assert done.returncode == 0 and "--models" in done.stdout, done.stderr[-1000:]

@@ -26,6 +26,7 @@ from imperative_ptq.export.paddle_export import EXPORT_SUFFIXES
 
 sys.path.insert(0, os.path.dirname(__file__))
 import crash_worker  # noqa: E402
+from checkout import checkout_env  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -36,9 +37,7 @@ class _Worker:
     """The fork server (see crash_worker.py)."""
 
     def __init__(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]
-        ))
+        env = checkout_env()
         self.process = subprocess.Popen(
             [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, env=env,

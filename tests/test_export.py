@@ -26,6 +26,7 @@ from imperative_ptq.export import create_predictor, predict, save_quantized_mode
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 from imperative_ptq.models import MnistConvNet, SpaceToDepth
 from models import X86_TARGETS, converted
+from checkout import checkout_env
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
 EVAL_IMAGES = 2000
@@ -228,7 +229,7 @@ def test_int8_kernels_really_run(exports, name, num_convs, num_fcs) -> None:
                 np.random.rand(2, 1, 28, 28).astype('float32'))
         """
     )
-    env = dict(os.environ, ONEDNN_VERBOSE="1", GLOG_minloglevel="2")
+    env = checkout_env(ONEDNN_VERBOSE="1", GLOG_minloglevel="2")
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )

@@ -16,6 +16,7 @@ from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from avx2_kernels import pytest_on_avx2_kernels
+from checkout import checkout_env
 from models import (
     X86_TARGETS, ThreeBlockResNet, converted, converted_from_old_table,
     largest_error_in_paddle_inference,
@@ -213,7 +214,6 @@ def test_head_pool_runs_int8_on_a_block_output_other_convs_read(target, tmp_path
 
 def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
     """oneDNN's verbose log: the pool reads and writes u8 (the grid the simulation averages)."""
-    import os
     import subprocess
     import sys
 
@@ -224,7 +224,7 @@ def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
         f"predict(create_predictor({prefix!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], env=dict(os.environ, ONEDNN_VERBOSE="1"),
+        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"),
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]

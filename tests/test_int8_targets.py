@@ -21,10 +21,11 @@ import imperative_ptq as ip
 from imperative_ptq.cpu import CpuInfo, cpu_info
 from imperative_ptq.export import create_predictor, int8_report, save_quantized_model
 from imperative_ptq.export import predictor as predictor_module
+from checkout import checkout_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROBE = ROOT / "benchmarks" / "int8_arithmetic_probe.py"
-AVX2 = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2")
+AVX2 = checkout_env(ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2")
 
 
 def _probe_module():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from checkout import checkout_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +19,7 @@ def test_profile_of_lenet_lists_its_primitives_and_totals() -> None:
     script = os.path.join(ROOT, "benchmarks", "primitive_profile.py")
     done = subprocess.run(
         [sys.executable, script, "--model", "lenet", "--batch", "2", "--repeats", "1", "--runs", "1"],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True, text=True, timeout=600, env=checkout_env(),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms |" not in line]

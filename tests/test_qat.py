@@ -24,6 +24,7 @@ from imperative_ptq.fake_quant import fake_quantize_ste
 from imperative_ptq.models import LeNet
 from imperative_ptq.quant_layers import QuantizedLayer, fake_quantize_symmetric
 from models import mlp
+from checkout import checkout_env
 
 
 @pytest.mark.parametrize("unsigned", [False, True])
@@ -211,7 +212,9 @@ def test_benchmark_runs_as_a_script() -> None:
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "qat_dynamic.py")
-    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120, env=checkout_env()
+    )
     assert done.returncode == 0 and "--quick" in done.stdout, done.stderr[-1000:]
 
 

@@ -16,6 +16,7 @@ from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from imperative_ptq.quant_residual import QuantizedResidualOutput
 from models import X86_TARGETS, FoldedResNet, ThreeBlockResNet
+from checkout import checkout_env
 
 SIZE = 16
 
@@ -211,7 +212,9 @@ def test_agreement_benchmark_runs_as_a_script() -> None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", "qat_agreement.py")
-    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=120, env=checkout_env()
+    )
     assert done.returncode == 0 and "--learnable" in done.stdout, done.stderr[-1000:]
 
 

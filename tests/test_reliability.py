@@ -24,6 +24,7 @@ from imperative_ptq.session import hooked_states
 
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_worker  # noqa: E402
+from checkout import checkout_env  # noqa: E402
 
 
 def _model() -> paddle.nn.Layer:
@@ -311,7 +312,8 @@ def test_a_script_failing_mid_calibration_exits_cleanly(tmp_path) -> None:
     )
     for _ in range(3):
         result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+            env=checkout_env(),
         )
         assert result.returncode == 1, result.stderr[-3000:]
         assert "the user's script fails here" in result.stderr

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from imperative_ptq import cpu_info
+from checkout import checkout_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ def test_trained_runtimes_benchmark_prints_its_table() -> None:
     done = subprocess.run(
         [sys.executable, script, "--models", "vit", "--algorithms", "kl", "--train-images", "256",
          "--test-images", "200"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, GLOG_minloglevel="2"),
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=checkout_env(GLOG_minloglevel="2"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
