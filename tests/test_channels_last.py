@@ -1,6 +1,7 @@
-"""Channels-last (``data_format="NHWC"``) models run in Paddle Inference: Paddle 3.3.1's oneDNN
-kernels get NHWC convs, batch norms and pools wrong (a plain ``paddle.jit.save`` program of an
-NHWC conv fails there), so both exports run them on NCHW between transposes
+"""Channels-last (``data_format="NHWC"``) models run in Paddle Inference and ONNX Runtime:
+Paddle 3.3.1's oneDNN kernels get NHWC convs, batch norms and pools wrong (a plain
+``paddle.jit.save`` program of an NHWC conv fails there), and ONNX's ``Conv`` and pools read
+NCHW only, so every export runs them on NCHW between transposes
 (``graph.channels_last_to_first``)."""
 
 from __future__ import annotations
@@ -8,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+import pytest
 
-from imperative_ptq.export import create_predictor, int8_report, predict, save_fp32_model, save_quantized_model
-from models import converted
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict, save_fp32_model, save_quantized_model
+from models import X86_TARGETS, converted
+from ties import relative_error, simulation_up_to_ties
 
 SIZE = 16
 SPEC = [paddle.static.InputSpec([None, SIZE, SIZE, 3], "float32", "x")]
@@ -26,13 +29,15 @@ class ChannelsLast(paddle.nn.Layer):
         self.pointwise = nn.Conv2D(8, 8, 1, data_format="NHWC")
         self.average_pool = nn.AvgPool2D(2, data_format="NHWC")
         self.depthwise = nn.Conv2D(8, 8, 3, padding=1, groups=8, data_format="NHWC")
-        self.head = nn.Linear(8, 4)
+        self.uneven_pool = nn.AdaptiveAvgPool2D(3, data_format="NHWC")  # 4 -> 3: bins of 1 and 2
+        self.head = nn.Linear(8 * 10, 4)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         y = self.max_pool(F.relu(self.norm(self.stem(x))))
         y = self.average_pool(F.relu(self.pointwise(y)))
         y = F.relu(self.depthwise(y))
-        return self.head(F.adaptive_avg_pool2d(y, 1, data_format="NHWC").flatten(1))
+        pooled = [F.adaptive_avg_pool2d(y, 1, data_format="NHWC").flatten(1), self.uneven_pool(y).flatten(1)]
+        return self.head(paddle.concat(pooled, axis=1))
 
 
 def _model_and_batch() -> tuple[paddle.nn.Layer, np.ndarray]:
@@ -62,3 +67,20 @@ def test_int8_export_runs_int8_as_simulated(tmp_path, avx2_runner) -> None:
     np.testing.assert_allclose(predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=bound)
     if avx2_runner is not None:
         np.testing.assert_allclose(avx2_runner.predict(prefix, x)[0], simulated, atol=bound)
+
+
+@pytest.mark.parametrize("target", [*X86_TARGETS, "arm"])
+def test_onnx_export_runs_as_simulated(tmp_path, target) -> None:
+    """Before the ONNX export ran NHWC ops on NCHW, its graph added an NHWC conv's bias along
+    NCHW's channel axis (ONNX Runtime refused to load it: "Incompatible dimensions") and its
+    pools read NHWC as NCHW."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, x = _model_and_batch()
+    rng = np.random.default_rng(1)
+    batches = [paddle.to_tensor(rng.standard_normal([4, SIZE, SIZE, 3]).astype(np.float32)) for _ in range(3)]
+    quantized = converted(model, batches, target)
+    path = export_onnx(quantized, str(tmp_path / "m.onnx"), SPEC)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
+    assert relative_error(ran, simulated) < 1e-5

@@ -35,6 +35,7 @@ import paddle
 
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .graph import channels_last_to_first
 from .dynamic_export import (
     DynamicWeight,
     check_dynamic_model,
@@ -1676,6 +1677,7 @@ def export_onnx(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
             program_lib.fold_conv_bias(loaded)
+            channels_last_to_first(loaded.program.global_block())
             weights = {r.weight_name: r for r in records if r.simulated}
             program_lib.materialize_conv1d_weights(loaded, weights)
             onnx_model = _Converter(

@@ -70,7 +70,8 @@ _REDUCE_OPS = {
     "reduce_amin": "ReduceMin", "logsumexp": "ReduceLogSumExp",
 }
 
-#: pad3d modes -> ONNX Pad modes (``circular`` needs ONNX's ``wrap``, opset 19: not exported).
+#: pad3d modes -> ONNX Pad modes (``circular``, ONNX's ``wrap`` from opset 19 on, is built
+#: from slices: :meth:`FloatOpConverters._circular_pad`).
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
@@ -964,7 +965,7 @@ class FloatOpConverters:
         else:
             self._reject_tensor_inputs(op, "Paddings")
             mode = op.attr("mode")
-            if mode not in _PAD_MODES:
+            if mode not in (*_PAD_MODES, "circular"):
                 raise NotImplementedError(f"pad3d in mode {mode!r} is not exported")
             left, right, top, bottom, front, back = (int(p) for p in op.attr("paddings"))
             first = 2 if op.attr("data_format") == "NCDHW" else 1  # the D axis
@@ -972,10 +973,34 @@ class FloatOpConverters:
             begins[first: first + 3], ends[first: first + 3] = [front, top, left], [back, bottom, right]
             value = float(op.attr("value"))
         out = self._out(op)
+        if mode == "circular":
+            self._bind(out, self._circular_pad(self._in(op), begins, ends, out))
+            return
         inputs = [self._in(op), self._const("pads", np.array(begins + ends, np.int64))]
         if mode == "constant":
             inputs.append(self._scalar("value", value))
         self._bind(out, self._node("Pad", inputs, out, mode=_PAD_MODES[mode]))
+
+    def _circular_pad(self, x: str, begins: list[int], ends: list[int], stem: str) -> str:
+        """Circular padding (``Conv2D(padding_mode="circular")``): along each padded axis, the
+        last ``before`` entries, the tensor, then the first ``after`` entries (Paddle allows
+        no more padding than the axis is long)."""
+        for axis, (before, after) in enumerate(zip(begins, ends)):
+            if not before and not after:
+                continue
+            pieces = [x]
+            if before:
+                pieces.insert(0, self._slice_node(x, axis, -before, np.iinfo(np.int64).max, f"{stem}.wrap{axis}"))
+            if after:
+                pieces.append(self._slice_node(x, axis, 0, after, f"{stem}.wrap{axis}"))
+            x = self._node("Concat", pieces, f"{stem}.wrapped{axis}", axis=axis)
+        return x
+
+    def _slice_node(self, x: str, axis: int, start: int, end: int, stem: str) -> str:
+        """``x[start:end]`` along ``axis`` (constant bounds)."""
+        bounds = [self._const(name, np.array([value], np.int64)) for name, value in
+                  (("starts", start), ("ends", end), ("axes", axis))]
+        return self._node("Slice", [x, *bounds], stem)
 
     def _expand(self, op) -> None:
         """expand_v2 to a constant shape (``-1`` keeps a dimension, which ONNX's broadcasting
