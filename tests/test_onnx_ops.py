@@ -79,6 +79,20 @@ class _ClassToken(nn.Layer):
         return y + self.token.expand([y.shape[0], 8, SIZE, SIZE])
 
 
+class _BilinearGate(nn.Layer):
+    """``nn.Bilinear`` of two pooled views of the feature map (float: not quantized), scaling
+    its channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bilinear = nn.Bilinear(8, 8, 8)
+
+    def forward(self, y: paddle.Tensor) -> paddle.Tensor:
+        pooled = y.mean([2, 3])
+        gate = self.bilinear(pooled, F.relu(pooled))
+        return y * F.sigmoid(gate).reshape([-1, 8, 1, 1])
+
+
 class _BatchReshape(nn.Layer):
     """A reshape to a shape holding the batch size read from the input (timm-style attention's
     ``qkv.reshape([B, N, 3, heads, d])``): a reshape2 with a ShapeTensor list."""
@@ -172,6 +186,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "one_hot_v2": (lambda: _Function(lambda y: y * F.one_hot(paddle.argmax(y, axis=1), 8).transpose([0, 3, 1, 2])), True),
     "masked_fill": (lambda: _Function(lambda y: paddle.masked_fill(y, y > 0.3, 0.25)), True),
     "lerp": (lambda: _Function(lambda y: paddle.lerp(y, y * y, 0.3)), True),
+    "bilinear_tensor_product": (_BilinearGate, True),
     "einsum": (lambda: _Function(lambda y: paddle.einsum("bcij,bcjk->bcik", y, y)), True),
     "unbind": (lambda: _Function(lambda y: paddle.stack(paddle.unbind(y, axis=1)[::-1], axis=1)), True),
     "repeat_interleave": (lambda: _Function(lambda y: paddle.repeat_interleave(y, 2, axis=1)[:, 3:11]), True),

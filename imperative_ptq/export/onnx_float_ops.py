@@ -121,6 +121,7 @@ class FloatOpConverters:
             "elementwise_floordiv": self._floor_divide, "elementwise_mod": self._floor_divide,
             "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
+            "bilinear_tensor_product": self._bilinear,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
             "diagonal": self._diagonal, "cumprod": self._cumprod,
@@ -484,6 +485,16 @@ class FloatOpConverters:
         out = self._out(op)
         operands = [self._tensor(op, name) for name in op.input("Operands")]
         self._bind(out, self._node("Einsum", operands, out, equation=str(op.attr("equation"))))
+
+    def _bilinear(self, op) -> None:
+        """bilinear_tensor_product (``nn.Bilinear``): ``out[b, k] = x[b] W[k] y[b] + bias[k]``
+        as an ``Einsum`` (in float: the layer is not quantized)."""
+        out = self._out(op)
+        operands = [self._in(op), self._tensor(op, op.input("Weight")[0]), self._in(op, "Y")]
+        product = self._node("Einsum", operands, out + ".product", equation="bi,kij,bj->bk")
+        if op.input("Bias"):
+            product = self._node("Add", [product, self._tensor(op, op.input("Bias")[0])], out + ".biased")
+        self._bind(out, product)
 
     def _unbind(self, op) -> None:
         """unbind: a ``Split`` into slices of one along ``axis``, each squeezed."""
