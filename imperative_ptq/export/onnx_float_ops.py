@@ -47,6 +47,16 @@ UNARY_OPS: dict[str, tuple[str, dict[str, str]]] = {
     "sign": ("Sign", {}),
     "sin": ("Sin", {}),
     "cos": ("Cos", {}),
+    "tan": ("Tan", {}),
+    "asin": ("Asin", {}),
+    "acos": ("Acos", {}),
+    "atan": ("Atan", {}),
+    "sinh": ("Sinh", {}),
+    "cosh": ("Cosh", {}),
+    "asinh": ("Asinh", {}),
+    "acosh": ("Acosh", {}),
+    "atanh": ("Atanh", {}),
+    "isinf_v2": ("IsInf", {}),
     "reciprocal": ("Reciprocal", {}),
     "softsign": ("Softsign", {}),
     "logical_not": ("Not", {}),
@@ -114,6 +124,7 @@ class FloatOpConverters:
             "bilinear_interp_v2": self._interpolate, "linear_interp_v2": self._interpolate,
             "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
+            "fill_constant_batch_size_like": self._fill_batch_size_like,
             "cumsum": self._cumsum, "shape": self._shape_of, "size": self._shape_of,
             "roll": self._roll, "flip": self._flip, "round": self._round, "top_k_v2": self._top_k,
             "kthvalue": self._kthvalue, "arg_min": self._arg_max,
@@ -122,6 +133,11 @@ class FloatOpConverters:
             "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "bilinear_tensor_product": self._bilinear,
+            "expm1": self._expm1_log1p, "log1p": self._expm1_log1p, "isfinite_v2": self._isfinite,
+            "rrelu": self._rrelu, "channel_shuffle": self._channel_shuffle, "maxout": self._maxout,
+            "meshgrid": self._meshgrid, "label_smooth": self._label_smooth,
+            "take_along_axis": self._take_along_axis, "lp_pool2d": self._lp_pool,
+            "bicubic_interp_v2": self._interpolate,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
             "diagonal": self._diagonal, "cumprod": self._cumprod,
@@ -334,6 +350,28 @@ class FloatOpConverters:
         shape = self._node("Shape", [self._in(op)], out + ".shape")
         self._bind(out, self._node("ConstantOfShape", [shape], out, value=value))
 
+    def _fill_batch_size_like(self, op) -> None:
+        """fill_constant_batch_size_like (what a scalar divided by a tensor, ``1.0 / x``,
+        traces to): ``value`` in the shape ``shape`` whose axis ``output_dim_idx`` is ``Input``'s
+        axis ``input_dim_idx`` (the batch size), as ``ConstantOfShape``."""
+        out = self._out(op)
+        dtype = numpy_dtype(op.attr("dtype"))
+        text = op.attr("str_value") if op.has_attr("str_value") else ""
+        number = dtype.type(float(text) if text else op.attr("value")).item()
+        value = self.helper.make_tensor("value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [number])
+        shape = [int(d) for d in op.attr("shape")]
+        at = int(op.attr("output_dim_idx"))
+        batch = self._node(
+            "Gather", [self._node("Shape", [self._in(op, "Input")], out + ".input_shape"),
+                       self._const("axis", np.array([int(op.attr("input_dim_idx"))], np.int64))],
+            out + ".batch", axis=0,
+        )
+        pieces = [self._const("shape", np.array(shape[:at], np.int64)), batch,
+                  self._const("shape", np.array(shape[at + 1:], np.int64))]
+        sizes = self._node("Concat", [piece for piece, part in zip(pieces, (shape[:at], [0], shape[at + 1:])) if part],
+                           out + ".sizes", axis=0)
+        self._bind(out, self._node("ConstantOfShape", [sizes], out, value=value))
+
     def _cumsum(self, op) -> None:
         """cumsum along ``axis`` (of the flattened input with ``flatten``)."""
         out = self._out(op)
@@ -485,6 +523,117 @@ class FloatOpConverters:
         out = self._out(op)
         operands = [self._tensor(op, name) for name in op.input("Operands")]
         self._bind(out, self._node("Einsum", operands, out, equation=str(op.attr("equation"))))
+
+    def _expm1_log1p(self, op) -> None:
+        """expm1 as ``exp(x) - 1``, log1p as ``log(1 + x)`` (ONNX has neither; within float32
+        rounding of Paddle's away from zero, a few ulps of 1 near it)."""
+        out = self._out(op)
+        one = self._scalar("one", 1.0)
+        if op.type == "expm1":
+            node = self._node("Sub", [self._node("Exp", [self._in(op)], out + ".exp"), one], out)
+        else:
+            node = self._node("Log", [self._node("Add", [self._in(op), one], out + ".shifted")], out)
+        self._bind(out, node)
+
+    def _isfinite(self, op) -> None:
+        """isfinite_v2: neither NaN nor infinite."""
+        out = self._out(op)
+        x = self._in(op)
+        special = self._node(
+            "Or", [self._node("IsNaN", [x], out + ".nan"), self._node("IsInf", [x], out + ".inf")], out + ".special"
+        )
+        self._bind(out, self._node("Not", [special], out))
+
+    def _rrelu(self, op) -> None:
+        """rrelu in eval mode (``is_test``): a leaky ReLU of slope ``(lower + upper) / 2``."""
+        if not op.attr("is_test"):
+            raise NotImplementedError("rrelu is exported only in eval mode (its slope is random in training)")
+        slope = (float(op.attr("lower")) + float(op.attr("upper"))) / 2.0
+        out = self._out(op)
+        self._bind(out, self._node("LeakyRelu", [self._in(op)], out, alpha=slope))
+
+    def _static_dims(self, op, name: str, first: int) -> list[int]:
+        """The traced sizes of ``name``'s axes from ``first`` on (only the batch may be open)."""
+        dims = self._shape(name)[first:]
+        if min(dims, default=0) < 0:
+            raise NotImplementedError(f"{op.type} is exported only when the axes after the batch have traced sizes")
+        return dims
+
+    def _channel_shuffle(self, op) -> None:
+        """channel_shuffle (NCHW): ``[N, g, C/g, H, W]`` transposed to ``[N, C/g, g, H, W]``."""
+        if op.attr("data_format") != "NCHW":
+            raise NotImplementedError("channel_shuffle is exported only for NCHW")
+        channels, height, width = self._static_dims(op, op.input("X")[0], 1)
+        groups = int(op.attr("groups"))
+        out = self._out(op)
+        split = self._const("shape", np.array([0, groups, channels // groups, height * width], np.int64))
+        grouped = self._node("Reshape", [self._in(op), split], out + ".groups")
+        swapped = self._node("Transpose", [grouped], out + ".swapped", perm=[0, 2, 1, 3])
+        back = self._const("shape", np.array([0, channels, height, width], np.int64))
+        self._bind(out, self._node("Reshape", [swapped, back], out))
+
+    def _maxout(self, op) -> None:
+        """maxout over the channel axis of NCHW: each output channel the largest of ``groups``
+        consecutive input channels."""
+        x_var = op.input("X")[0]
+        if int(op.attr("axis")) != 1:
+            raise NotImplementedError("maxout is exported only over axis 1 (NCHW)")
+        channels, *spatial = self._static_dims(op, x_var, 1)
+        groups = int(op.attr("groups"))
+        out = self._out(op)
+        split = self._const("shape", np.array([0, channels // groups, groups, -1], np.int64))
+        grouped = self._node("Reshape", [self._in(op), split], out + ".groups")
+        largest = self._reduce_node("ReduceMax", grouped, [2], False, out + ".max")
+        back = self._const("shape", np.array([0, channels // groups, *spatial], np.int64))
+        self._bind(out, self._node("Reshape", [largest, back], out))
+
+    def _meshgrid(self, op) -> None:
+        """meshgrid ("ij" indexing): input ``i`` reshaped to lie along axis ``i`` and expanded
+        to the sizes of all inputs."""
+        names = op.input("X")
+        stem = op.output("Out")[0]
+        sizes = self._node("Concat", [self._node("Shape", [self._tensor(op, n)], f"{stem}.size{i}") for i, n in enumerate(names)],
+                           stem + ".sizes", axis=0)
+        for i, (name, out) in enumerate(zip(names, op.output("Out"))):
+            shape = np.ones(len(names), np.int64)
+            shape[i] = -1
+            along = self._node("Reshape", [self._tensor(op, name), self._const("shape", shape)], out + ".along")
+            self._bind(out, self._node("Expand", [along, sizes], out))
+
+    def _label_smooth(self, op) -> None:
+        """label_smooth: ``(1 - epsilon) x + epsilon / K`` over the last axis of ``K`` classes
+        (or ``epsilon * prior`` with a ``PriorDist``)."""
+        epsilon = float(op.attr("epsilon"))
+        out = self._out(op)
+        kept = self._node("Mul", [self._in(op), self._scalar("keep", 1.0 - epsilon)], out + ".kept")
+        if op.input("PriorDist"):
+            spread = self._node("Mul", [self._in(op, "PriorDist"), self._scalar("epsilon", epsilon)], out + ".prior")
+        else:
+            (classes,) = self._static_dims(op, op.input("X")[0], -1)
+            spread = self._scalar("spread", epsilon / classes)
+        self._bind(out, self._node("Add", [kept, spread], out))
+
+    def _take_along_axis(self, op) -> None:
+        """take_along_axis: ``GatherElements`` (the program expands the index beforehand)."""
+        out = self._out(op, "Result")
+        inputs = [self._in(op, "Input"), self._in(op, "Index")]
+        self._bind(out, self._node("GatherElements", inputs, out, axis=int(op.attr("Axis"))))
+
+    def _lp_pool(self, op) -> None:
+        """lp_pool2d (``nn.LPPool2D``, NCHW, an integer norm): ONNX's ``LpPool``, the ``p``-th
+        root of the sum of ``|x|^p`` over each window."""
+        self._reject_tensor_inputs(op, "KernelSizeTensor", "KernelSizeTensorList")
+        norm = float(op.attr("norm_type"))
+        if op.attr("data_format") != "NCHW" or norm != int(norm) or op.attr("global_pooling") or op.attr("adaptive"):
+            raise NotImplementedError("lp_pool2d is exported only windowed, NCHW, with an integer norm_type")
+        kernel = [int(k) for k in op.attr("kernel_size")]
+        paddings = [int(p) for p in op.attr("paddings")]
+        if any(paddings) or op.attr("ceil_mode") or op.attr("padding_algorithm") not in ("EXPLICIT", ""):
+            raise NotImplementedError("lp_pool2d is exported only without padding or ceil_mode")
+        out = self._out(op, "out")
+        pooled = self._node("LpPool", [self._in(op, "x")], out, p=int(norm), kernel_shape=kernel,
+                            strides=[int(s) for s in op.attr("strides")])
+        self._bind(out, pooled)
 
     def _bilinear(self, op) -> None:
         """bilinear_tensor_product (``nn.Bilinear``): ``out[b, k] = x[b] W[k] y[b] + bias[k]``
@@ -1199,14 +1348,17 @@ class FloatOpConverters:
         self._reject_tensor_inputs(op, "Scale")
         if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
             raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
-        nearest = op.type == "nearest_interp_v2"
+        nearest, cubic = op.type == "nearest_interp_v2", op.type == "bicubic_interp_v2"
         if op.attr("align_corners"):
             mode = "align_corners"
-        elif nearest or op.attr("align_mode") == 1:
+        elif nearest or (op.attr("align_mode") == 1 and not cubic):  # Paddle's bicubic: half pixel
             mode = "asymmetric"
         else:
             mode = "half_pixel"
-        attrs: dict = dict(mode="nearest" if nearest else "linear", coordinate_transformation_mode=mode)
+        kind = "nearest" if nearest else "cubic" if cubic else "linear"
+        attrs: dict = dict(mode=kind, coordinate_transformation_mode=mode)
+        if cubic:
+            attrs["cubic_coeff_a"] = -0.75  # Paddle's bicubic kernel
         if nearest:
             attrs["nearest_mode"] = "round_prefer_ceil" if op.attr("align_corners") else "floor"
         x = self._in(op)
