@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import paddle
 
 from ..quantizers.qparams import symmetric_levels
-from .graph import Operator, feeds_quantize, op_index, producers, readers
+from .graph import Operator, feeds_quantize, insert_op, op_index, producers, readers
 
 __all__ = ["CodedIdentity", "round_float_readers"]
 
@@ -127,6 +127,6 @@ def _insert_codes(
     ]
     index = min(op_index(block, op) for op in consumers)
     for offset, (op_type, source, out, attrs) in enumerate(steps):
-        block._insert_op(index + offset, type=op_type, inputs={"X": [source]}, outputs={"Out": [out]}, attrs=attrs)
+        insert_op(block, index + offset, type=op_type, inputs={"X": [source]}, outputs={"Out": [out]}, attrs=attrs)
     for consumer in consumers:
         consumer._rename_input(name, names[3])

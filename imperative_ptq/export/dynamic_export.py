@@ -34,7 +34,7 @@ from ..dynamic import DynamicQuantizedLinear, DynamicQuantizedRNN, dynamic_layer
 from ..quant_layers import replace_sublayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .graph import new_persistable, set_tensor
+from .graph import insert_op, new_persistable, set_tensor
 from .tracing import legacy_trace, normalize_input_spec
 
 __all__ = [
@@ -160,11 +160,11 @@ def _store_int8_weight(
     readers = [index for index, op in enumerate(block.ops) if weight_name in op.input_arg_names]
     for index in readers:
         block.ops[index]._rename_input(weight_name, out)
-    block._insert_op(
+    insert_op(block, 
         readers[0], type="elementwise_mul", inputs={"X": [floats], "Y": [scale]},
         outputs={"Out": [out]}, attrs={"axis": -1},
     )
-    block._insert_op(
+    insert_op(block, 
         readers[0], type="cast", inputs={"X": [weight_name]}, outputs={"Out": [floats]},
         attrs={"in_dtype": int(paddle.base.core.VarDesc.VarType.INT8),
                "out_dtype": int(paddle.base.core.VarDesc.VarType.FP32)},

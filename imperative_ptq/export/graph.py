@@ -12,7 +12,7 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
+    "FUSABLE_ACTIVATIONS", "bias_of", "insert_op", "remove_op", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_reader_op", "insert_zero_bias",
     "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "producers", "readers",
@@ -36,6 +36,20 @@ def readers(block: "paddle.static.Block") -> dict[str, list[Operator]]:
             for name in op.input(slot):
                 found.setdefault(name, []).append(op)
     return found
+
+
+def insert_op(block: "paddle.static.Block", index: int, **op: Any) -> Operator:
+    """``block._insert_op`` without Paddle's re-reading of the whole block from its C++
+    description on every call (linear in the op count each time: exporting DenseNet-121,
+    about 500 insertions, spent 8.8 of its 18.6 s there). Every edit of the export goes
+    through Python's ``Block`` API (this, :func:`remove_op`, ``create_var``), which keeps
+    both sides in step; code that edits the description directly re-syncs itself."""
+    return block._insert_op_without_sync(index, **op)
+
+
+def remove_op(block: "paddle.static.Block", index: int) -> None:
+    """``block._remove_op`` without the re-sync (see :func:`insert_op`)."""
+    block._remove_op(index, sync=False)
 
 
 def op_index(block: "paddle.static.Block", op: Operator) -> int:
@@ -96,7 +110,7 @@ def insert_zero_bias(
     var = block.var(out)
     unbiased = block.create_var(name=f"{out}.unbiased", shape=var.shape, dtype=var.dtype)
     op._rename_output(out, unbiased.name)
-    block._insert_op(
+    insert_op(block, 
         index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
         outputs={"Out": [out]}, attrs={"axis": axis},
     )
@@ -114,7 +128,7 @@ def insert_reader_op(
     for consumer in consumers:
         consumer._rename_input(name, output.name)
     index = op_index(block, writer)
-    block._insert_op(
+    insert_op(block, 
         index + 1, type=op_type, inputs={"X": [name]}, outputs={"Out": [output.name]},
         attrs=attrs or {},
     )
@@ -267,7 +281,7 @@ def _transposed_var(block: "paddle.static.Block", name: str, order: tuple[int, .
 def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out: str, order: tuple[int, ...]) -> None:
     shape = list(block.var(source).shape)
     xshape = block.create_var(name=f"{out}.xshape", shape=[0, *shape], dtype=block.var(source).dtype)
-    block._insert_op(
+    insert_op(block, 
         index, type="transpose2", inputs={"X": [source]},
         outputs={"Out": [out], "XShape": [xshape.name]}, attrs={"axis": list(order)},
     )
@@ -392,8 +406,8 @@ def multiply_instead_of_scaling(loaded: Any) -> int:
             continue
         index = op_index(block, op)
         constant = new_persistable(loaded, f"{out}.factor", np.array([factor], np.float32))
-        block._remove_op(index)
-        block._insert_op(
+        remove_op(block, index)
+        insert_op(block, 
             index, type="elementwise_mul", inputs={"X": [source], "Y": [constant]},
             outputs={"Out": [out]}, attrs={"axis": -1},
         )
@@ -473,10 +487,10 @@ def exact_nearest_resizes(loaded: Any) -> int:
                 shape[axis] = new
                 gathered = block.create_var(name=f"{out}.nearest_rows", shape=shape, dtype=block.var(source).dtype).name
             position = op_index(block, op)
-            block._insert_op(position, type="index_select", inputs={"X": [current], "Index": [index]},
+            insert_op(block, position, type="index_select", inputs={"X": [current], "Index": [index]},
                              outputs={"Out": [gathered]}, attrs={"dim": axis})
             current = gathered
-        block._remove_op(op_index(block, op))
+        remove_op(block, op_index(block, op))
         replaced += 1
     return replaced
 
@@ -517,8 +531,8 @@ def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
         maximum = op.type == "max_pool2d_with_index" or op.attr("pooling_type") == "max"
         source, out = op.input("X")[0], op.output("Out")[0]
         index = op_index(block, op)
-        block._remove_op(index)
-        block._insert_op(
+        remove_op(block, index)
+        insert_op(block, 
             index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
             outputs={"Out": [out]}, attrs={"dim": [pooled_axis], "keep_dim": True, "reduce_all": False},
         )

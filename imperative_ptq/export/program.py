@@ -28,8 +28,8 @@ from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from .coded_identity import CodedIdentity, round_float_readers
 from .graph import (
-    FUSABLE_ACTIVATIONS, bias_of, feeds_quantize, get_tensor, insert_reader_op, insert_zero_bias, is_persistable, new_persistable,
-    op_index, producers, readers, set_tensor, transposed_matmul,
+    FUSABLE_ACTIVATIONS, bias_of, feeds_quantize, get_tensor, insert_op, insert_reader_op, insert_zero_bias, is_persistable,
+    new_persistable, op_index, producers, readers, remove_op, set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
 from .rnn_fusion import fuse_lstm_ops
@@ -186,7 +186,7 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
             add._set_attr("axis", 1)
         folded.append(op)
     for op in folded:
-        block._remove_op(list(block.ops).index(op))
+        remove_op(block, list(block.ops).index(op))
     if folded:
         loaded.program._sync_with_cpp()
     return len(folded)
@@ -791,7 +791,7 @@ def _isolate_unscaled_residual_adds(
             plain = block.create_var(name=f"{name}.unfused", shape=var.shape, dtype=var.dtype)
             add._rename_input(name, plain.name)
             index = op_index(block, writers[name])
-            block._insert_op(
+            insert_op(block, 
                 index + 1, type="scale", inputs={"X": [name]}, outputs={"Out": [plain.name]},
                 attrs={"scale": 1.0, "bias": 0.0, "bias_after_scale": True},
             )
@@ -1003,7 +1003,7 @@ def _pool_in_float_for_float_readers(
     attrs = {name: pool.attr(name) for name in pool.attr_names if name != "out_threshold"}
     var = block.var(out)
     twin = block.create_var(name=f"{out}.fp32", shape=var.shape, dtype=var.dtype).name
-    block._insert_op(op_index(block, pool) + 1, type="pool2d", inputs={"X": [source]},
+    insert_op(block, op_index(block, pool) + 1, type="pool2d", inputs={"X": [source]},
                      outputs={"Out": [twin]}, attrs=attrs)
     for reader in floats:
         reader._rename_input(out, twin)
@@ -1055,7 +1055,7 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
         dead.extend(path)
         done += 1
     for op in dead:
-        block._remove_op(list(block.ops).index(op))
+        remove_op(block, list(block.ops).index(op))
     if dead:
         loaded.program._sync_with_cpp()
     return done
@@ -1166,7 +1166,7 @@ def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:
     rectified = block.create_var(name=f"{name}.u8_pool", shape=var.shape, dtype=var.dtype)
     pool._rename_input(name, rectified.name)
     index = op_index(block, pool)
-    block._insert_op(index, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
+    insert_op(block, index, type="relu", inputs={"X": [name]}, outputs={"Out": [rectified.name]})
     return rectified.name
 
 
@@ -1247,7 +1247,7 @@ def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         var = block.var(name)
         copy = block.create_var(name=f"{name}.quantized_copy_{inserted}", shape=var.shape, dtype=var.dtype)
         index = op_index(block, op)
-        block._insert_op(index, type="assign", inputs={"X": [name]}, outputs={"Out": [copy.name]})
+        insert_op(block, index, type="assign", inputs={"X": [name]}, outputs={"Out": [copy.name]})
         op._rename_input(name, copy.name)
         inserted += 1
     return inserted
@@ -1335,7 +1335,7 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
         for op in block.ops[writer_index + 1:]:
             if name in op.input_arg_names:
                 op._rename_input(name, plain.name)
-        block._insert_op(
+        insert_op(block, 
             writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
         )
     return len(conv_outputs)
@@ -1421,7 +1421,7 @@ def _int8_weight(
     )
     out = weight_name + ".dequantized"
     block.create_var(name=out, shape=list(weight.shape), dtype="float32", persistable=False)
-    block._insert_op(
+    insert_op(block, 
         index,
         type="dequantize_linear",
         inputs={"X": [weight_name], "Scale": [scale], "ZeroPoint": [zero]},
@@ -1444,7 +1444,7 @@ def _copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, seria
     block.create_var(
         name=out, shape=list(block.var(dequantized).shape), dtype="float32", persistable=False
     )
-    block._insert_op(
+    insert_op(block, 
         index,
         type="dequantize_linear",
         inputs={"X": [copy], "Scale": source.input("Scale"), "ZeroPoint": source.input("ZeroPoint")},
@@ -1575,9 +1575,9 @@ def _scale_after_matmul(
     op._rename_input(x, source)
     op._rename_output(out, unscaled.name)
     scale_index = op_index(block, scale)
-    block._remove_op(scale_index)
+    remove_op(block, scale_index)
     index -= 1
-    block._insert_op(
+    insert_op(block, 
         index + 1, type="scale", inputs={"X": [unscaled.name]}, outputs={"Out": [out]},
         attrs={"scale": factor, "bias": 0.0, "bias_after_scale": True},
     )
@@ -1612,7 +1612,7 @@ def _narrow_signed_input(
     out = block.create_var(name=stem, shape=var.shape, dtype=var.dtype)
     written = float(threshold) * symmetric_levels(8) / symmetric_levels(bits)
     if not gemm_output(writers, name, through_activations=True):
-        block._insert_op(
+        insert_op(block, 
             index, type="clip", inputs={"X": [name]}, outputs={"Out": [out.name]},
             attrs={"min": -float(threshold), "max": float(threshold)},
         )
@@ -1622,11 +1622,11 @@ def _narrow_signed_input(
         for side, value in (("max", threshold), ("min", -threshold))
     ]
     below = block.create_var(name=stem + ".below", shape=var.shape, dtype=var.dtype)
-    block._insert_op(
+    insert_op(block, 
         index, type="elementwise_min", inputs={"X": [name], "Y": [bounds[0]]},
         outputs={"Out": [below.name]}, attrs={"axis": -1},
     )
-    block._insert_op(
+    insert_op(block, 
         index + 1, type="elementwise_max", inputs={"X": [below.name], "Y": [bounds[1]]},
         outputs={"Out": [out.name]}, attrs={"axis": -1},
     )
@@ -1645,14 +1645,14 @@ def _activation_qdq(
     quantized = block.create_var(name=stem + ".quantized", shape=var.shape, dtype=var.dtype)
     dequantized = block.create_var(name=stem + ".dequantized", shape=var.shape, dtype=var.dtype)
     attrs = {"quant_axis": -1, "bit_length": bits}
-    block._insert_op(
+    insert_op(block, 
         index,
         type="quantize_linear",
         inputs={"X": [name], "Scale": [scale], "ZeroPoint": [zero]},
         outputs={"Y": [quantized.name]},
         attrs=attrs,
     )
-    block._insert_op(
+    insert_op(block, 
         index + 1,
         type="dequantize_linear",
         inputs={"X": [quantized.name], "Scale": [scale], "ZeroPoint": [zero]},

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from ..quant_rnn import CALLED_WITH_STATES, quantize_gate_rows
-from .graph import fill_constant_value, get_tensor, is_persistable, new_persistable, producers, readers
+from .graph import fill_constant_value, get_tensor, insert_op, is_persistable, new_persistable, producers, readers, remove_op
 from .tracing import LayerRecord
 
 __all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops", "zero_initial_states"]
@@ -274,10 +274,10 @@ def _rewrite(loaded, op, record: LayerRecord) -> FusedLSTM:
             f"{stem}.final_cell", var,
         ))
     index = list(block.ops).index(op)
-    block._remove_op(index)
+    remove_op(block, index)
     fusion = None
     for offset, (kind, inputs, outputs, attrs) in enumerate(new_ops):
-        inserted = block._insert_op(index + offset, type=kind, inputs=inputs, outputs=outputs, attrs=attrs)
+        inserted = insert_op(block, index + offset, type=kind, inputs=inputs, outputs=outputs, attrs=attrs)
         if kind == "fusion_lstm":
             fusion = inserted
     return FusedLSTM(record, fusion, weight_x)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import bias_of, get_tensor, insert_zero_bias, new_persistable, readers, set_tensor
+from .graph import bias_of, get_tensor, insert_op, insert_zero_bias, new_persistable, readers, set_tensor
 from .tracing import LayerRecord
 
 __all__ = ["absorb_shift", "insert_shift", "shift_threshold", "shifted_u8_threshold"]
@@ -52,15 +52,15 @@ def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels
         for part in ("added", "clipped", "rectified")
     ]
     shift = float(record.input_zero_point) * float(record.input_scale)
-    block._insert_op(
+    insert_op(block, 
         index, type="scale", inputs={"X": [name]}, outputs={"Out": [outputs[0]]},
         attrs={"scale": 1.0, "bias": shift, "bias_after_scale": True},
     )
-    block._insert_op(
+    insert_op(block, 
         index + 1, type="clip", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]},
         attrs={"min": 0.0, "max": shift_threshold(record, levels)},
     )
-    block._insert_op(
+    insert_op(block, 
         index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
     )
     return outputs[2]

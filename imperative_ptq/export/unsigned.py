@@ -35,7 +35,7 @@ from typing import Mapping
 import numpy as np
 
 from ..quantizers.qparams import symmetric_levels
-from .graph import get_tensor, is_persistable, new_persistable, producers, readers, set_tensor
+from .graph import get_tensor, insert_op, is_persistable, new_persistable, producers, readers, set_tensor
 from .graph import insert_reader_op, transposed_matmul
 from .tracing import LayerRecord
 
@@ -143,16 +143,16 @@ def insert_clip_relu(loaded, index: int, name: str, threshold: float, writers: M
     out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
     if gemm_output(writers, name, through_activations=True):
         bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
-        block._insert_op(
+        insert_op(block, 
             index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
             outputs={"Out": [clipped.name]}, attrs={"axis": -1},
         )
     else:
-        block._insert_op(
+        insert_op(block, 
             index, type="clip", inputs={"X": [name]}, outputs={"Out": [clipped.name]},
             attrs={"min": 0.0, "max": float(threshold)},
         )
-    block._insert_op(
+    insert_op(block, 
         index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
     )
     return out.name
