@@ -93,6 +93,18 @@ class _BilinearGate(nn.Layer):
         return y * F.sigmoid(gate).reshape([-1, 8, 1, 1])
 
 
+class _TransposedToSize(nn.Layer):
+    """A transposed conv upsampling to a given size (ENet's decoder): Paddle's
+    ``output_size``, ONNX's ``output_padding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Conv2DTranspose(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, y: paddle.Tensor) -> paddle.Tensor:
+        return self.up(y, output_size=[2 * SIZE, 2 * SIZE])
+
+
 class _BatchReshape(nn.Layer):
     """A reshape to a shape holding the batch size read from the input (timm-style attention's
     ``qkv.reshape([B, N, 3, heads, d])``): a reshape2 with a ShapeTensor list."""
@@ -188,6 +200,10 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "lerp": (lambda: _Function(lambda y: paddle.lerp(y, y * y, 0.3)), True),
     "bilinear_tensor_product": (_BilinearGate, True),
     "channel_shuffle": (lambda: nn.ChannelShuffle(2), True),
+    # ENet/SegNet: a max-pool's mask read by a max-unpool (MaxPool's Indices -> MaxUnpool).
+    "unpool": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y, 2, 2, return_mask=True), 2, 2)), True),
+    "unpool/output_size": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y[:, :, :15, :15], 3, 2, padding=1, return_mask=True), 3, 2, padding=1, output_size=[15, 15])), True),
+    "conv2d_transpose/output_size": (_TransposedToSize, True),
     "maxout": (lambda: nn.Maxout(2), False),
     "lp_pool2d": (lambda: nn.LPPool2D(2, 2), True),
     "rrelu": (lambda: nn.RReLU(0.1, 0.3), True),

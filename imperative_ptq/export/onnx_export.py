@@ -102,7 +102,7 @@ _SIGN_PRESERVING_OPS = frozenset({
     "gather", "reduce_max", "reduce_min", "reduce_sum", "reduce_mean", "reduce_amax",
     "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
     "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
-    "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort", "kthvalue",
+    "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort", "kthvalue", "unpool",
 })
 
 #: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).
@@ -848,9 +848,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
 
     def _conv_transpose(self, op) -> None:
         """A transposed conv, in float (no runtime has an int8 kernel for it; ``convert``
-        keeps it fp32). Paddle's weight layout ``[in, out / groups, kh, kw]`` is ONNX's."""
-        if op.attr("output_size") or (op.has_attr("data_format") and op.attr("data_format") == "NHWC"):
-            raise NotImplementedError("conv2d_transpose with output_size or NHWC is not exported")
+        keeps it fp32). Paddle's weight layout ``[in, out / groups, kh, kw]`` is ONNX's. An
+        ``output_size`` (ENet's upsampling to its encoder's size) becomes the
+        ``output_padding`` that reaches it from the traced input size."""
+        if op.has_attr("data_format") and op.attr("data_format") == "NHWC":
+            raise NotImplementedError("conv2d_transpose in NHWC is not exported")
         if op.input("Bias"):
             raise NotImplementedError("conv2d_transpose with a Bias input is not exported")
         weight = self._param(op.input("Filter")[0]).astype(np.float32)
@@ -865,6 +867,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         )
         if list(op.attr("output_padding")):
             attrs["output_padding"] = list(op.attr("output_padding"))
+        if list(op.attr("output_size")):
+            if algorithm != "EXPLICIT":
+                raise NotImplementedError("conv2d_transpose with output_size is exported only with explicit padding")
+            attrs["output_padding"] = self._transposed_output_padding(op, list(weight.shape[2:]), pads)
         if algorithm == "SAME":
             attrs["auto_pad"] = "SAME_UPPER"
         elif algorithm != "VALID":
@@ -872,6 +878,24 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         out = self._out(op, "Output")
         w = self._const(op.input("Filter")[0], weight)
         self._bind(out, self._node("ConvTranspose", [self._in(op, "Input"), w], out, **attrs))
+
+    def _transposed_output_padding(self, op, kernel: list[int], pads: list[int]) -> list[int]:
+        """The ``output_padding`` by which a transposed conv's default output size,
+        ``(in - 1) * stride - pads + dilation * (kernel - 1) + 1``, reaches ``output_size``."""
+        spatial = self._shape(op.input("Input")[0])[2:]
+        if min(spatial, default=-1) < 0:
+            raise NotImplementedError(
+                "conv2d_transpose with output_size is exported only for an input size known when traced"
+            )
+        strides, dilations = list(op.attr("strides")), list(op.attr("dilations"))
+        wanted = [int(d) for d in op.attr("output_size")][-len(spatial):]
+        padding = []
+        for axis, (size, stride, dilation, k, target) in enumerate(zip(spatial, strides, dilations, kernel, wanted)):
+            default = (size - 1) * stride - pads[axis] - pads[axis + len(spatial)] + dilation * (k - 1) + 1
+            if not 0 <= target - default < max(stride, dilation):
+                raise NotImplementedError(f"conv2d_transpose to output_size {wanted} from {spatial} is not exported")
+            padding.append(target - default)
+        return padding
 
     def _matmul(self, op) -> None:
         if not self._is_param(op.input("Y")[0]):
@@ -1150,12 +1174,20 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self._bind(out, self._node(kind, [x, y], out))
 
     def _pool(self, op) -> None:
-        """pool2d, and max_pool2d_with_index (``nn.AdaptiveMaxPool2D``, ``return_mask``) whose
-        mask nothing reads: global, adaptive (windows when the input size divides by the output
-        size, else :meth:`_uneven_adaptive_pool`) or windowed."""
+        """pool2d, and max_pool2d_with_index (``nn.AdaptiveMaxPool2D``, ``return_mask``):
+        global, adaptive (windows when the input size divides by the output size, else
+        :meth:`_uneven_adaptive_pool`) or windowed. A mask read by max-unpools (ENet, SegNet)
+        becomes the ``Indices`` of a windowed ``MaxPool``, which ``MaxUnpool`` reads
+        (:meth:`_unpool`; both count positions their own way, consistently)."""
         kind = "max" if op.type == "max_pool2d_with_index" else op.attr("pooling_type")
-        if op.type == "max_pool2d_with_index" and self.readers.get(op.output("Mask")[0]):
-            raise NotImplementedError("max_pool2d_with_index whose Mask is read is not exported")
+        mask_readers = self.readers.get(op.output("Mask")[0], []) if op.type == "max_pool2d_with_index" else []
+        if mask_readers and (
+            any(reader.type != "unpool" for reader in mask_readers)
+            or op.attr("global_pooling") or op.attr("adaptive")
+        ):
+            raise NotImplementedError(
+                "max_pool2d_with_index whose Mask is read is exported only windowed and read by max-unpools"
+            )
         ksize = list(op.attr("ksize"))
         out = self._out(op)
         source = self._in(op)
@@ -1205,16 +1237,44 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                     # int8 conv reading it too: the pool reads the codes (DLA's max-pool
                     # shortcut: 4.1% of the largest logit off while it read the clipped ones),
                     # and its own int8 readers clip its output.
-                    node = self._node("MaxPool", [self.unclipped[name]], out, **attrs)
+                    pooled = self.unclipped[name]
                     self.pooled_unclipped.add(out)
                 elif pools_float:
-                    node = self._node("MaxPool", [self.unquantized[name]], out, **attrs)
+                    pooled = self.unquantized[name]
                 else:
-                    node = self._node("MaxPool", [self._in(op)], out, **attrs)
+                    pooled = self._in(op)
+                node = self._node("MaxPool", [pooled], out, **attrs)
+                if mask_readers:
+                    mask = op.output("Mask")[0]
+                    indices = [self._unique(mask + ".values"), self._unique(mask)]
+                    self.nodes.append(self.helper.make_node("MaxPool", [pooled], indices, **attrs))
+                    self.names[mask] = indices[1]
             else:
                 node = self._node("AveragePool", [source], out,
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
         self._bind(out, node)
+
+    def _unpool(self, op) -> None:
+        """unpool (``F.max_unpool2d``, NCHW): ``MaxUnpool`` of the values at the ``Indices``
+        of the max-pool that wrote them, to ``output_size`` where given, else to Paddle's
+        (and ONNX's) default ``(in - 1) * stride - 2 * pad + kernel``."""
+        if op.attr("unpooling_type") != "max" or op.attr("data_format") != "NCHW":
+            raise NotImplementedError("unpool is exported only as a max-unpool of NCHW")
+        paddings = [int(p) for p in op.attr("paddings")]
+        attrs = dict(kernel_shape=[int(k) for k in op.attr("ksize")], strides=[int(s) for s in op.attr("strides")],
+                     pads=paddings + paddings)
+        out = self._out(op)
+        inputs = [self._in(op), self._in(op, "Indices")]
+        size = [int(d) for d in op.attr("output_size")] if op.has_attr("output_size") else []
+        if size:
+            leading = self._node(
+                "Slice", [self._node("Shape", [inputs[0]], out + ".shape"),
+                          self._const("starts", np.array([0], np.int64)), self._const("ends", np.array([2], np.int64))],
+                out + ".leading",
+            )
+            shape = self._node("Concat", [leading, self._const("size", np.array(size[-2:], np.int64))], out + ".size", axis=0)
+            inputs.append(shape)
+        self._bind(out, self._node("MaxUnpool", inputs, out, **attrs))
 
     def _pools_float(self, source: str, out: str) -> bool:
         """Whether a max-pool of ``source`` reads its float value, not the codes an int8
@@ -1497,7 +1557,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         dispatch = {
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "bmm": self._activation_matmul, "pool2d": self._pool,
-            "max_pool2d_with_index": self._pool, "concat": self._concat,
+            "max_pool2d_with_index": self._pool, "unpool": self._unpool, "concat": self._concat,
             "conv2d_transpose": self._conv_transpose, "split": self._split,
             "squeeze2": self._squeeze, "unsqueeze2": self._squeeze, "rnn": self._rnn,
             **dict.fromkeys(_ELEMENTWISE_OPS, self._elementwise),
