@@ -211,6 +211,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "bicubic_interp_v2/align_corners": (lambda: _Function(lambda y: F.interpolate(y, scale_factor=1.5, mode="bicubic", align_corners=True)), True),
     "meshgrid": (lambda: _Function(lambda y: y + paddle.stack(paddle.meshgrid(paddle.arange(SIZE, dtype="float32"), paddle.linspace(0.0, 1.0, SIZE)), 0).sum(0)), True),
     "label_smooth": (lambda: _Function(lambda y: F.label_smooth(F.softmax(y, -1), epsilon=0.2)), True),
+    # Rows along axis 0 replaced (here the channels, moved to the front and back).
+    "scatter": (lambda: _Function(lambda y: paddle.scatter(y.transpose([1, 0, 2, 3]), paddle.to_tensor([5, 1, 2]), y.transpose([1, 0, 2, 3])[:3] * 2.0).transpose([1, 0, 2, 3])), True),
     "take_along_axis": (lambda: _Function(lambda y: paddle.take_along_axis(y, paddle.argsort(y, axis=1), axis=1)), True),
     "expm1": (lambda: _Function(lambda y: paddle.expm1(y * 0.5)), True),
     "log1p": (lambda: _Function(lambda y: paddle.log1p(paddle.abs(y))), True),

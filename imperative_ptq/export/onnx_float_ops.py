@@ -136,7 +136,7 @@ class FloatOpConverters:
             "expm1": self._expm1_log1p, "log1p": self._expm1_log1p, "isfinite_v2": self._isfinite,
             "rrelu": self._rrelu, "channel_shuffle": self._channel_shuffle, "maxout": self._maxout,
             "meshgrid": self._meshgrid, "label_smooth": self._label_smooth,
-            "take_along_axis": self._take_along_axis, "lp_pool2d": self._lp_pool,
+            "take_along_axis": self._take_along_axis, "lp_pool2d": self._lp_pool, "scatter": self._scatter,
             "bicubic_interp_v2": self._interpolate,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
@@ -618,6 +618,18 @@ class FloatOpConverters:
         out = self._out(op, "Result")
         inputs = [self._in(op, "Input"), self._in(op, "Index")]
         self._bind(out, self._node("GatherElements", inputs, out, axis=int(op.attr("Axis"))))
+
+    def _scatter(self, op) -> None:
+        """scatter with ``overwrite`` (``paddle.scatter``'s default): the rows of ``X`` at
+        ``Ids`` (along axis 0) replaced by those of ``Updates``, as ``ScatterND`` with the ids
+        as ``[K, 1]`` indices. (Repeated ids: ONNX leaves the order open, Paddle keeps the last
+        update.)"""
+        if not op.attr("overwrite"):
+            raise NotImplementedError("scatter with overwrite=False (accumulating) is not exported")
+        out = self._out(op)
+        ids = self._node("Cast", [self._in(op, "Ids")], out + ".ids", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        indices = self._node("Unsqueeze", [ids, self._const("axes", np.array([1], np.int64))], out + ".indices")
+        self._bind(out, self._node("ScatterND", [self._in(op), indices, self._in(op, "Updates")], out))
 
     def _lp_pool(self, op) -> None:
         """lp_pool2d (``nn.LPPool2D``, NCHW, an integer norm): ONNX's ``LpPool``, the ``p``-th
