@@ -28,6 +28,7 @@ def syncing_edits() -> Iterator[None]:
 
     plain_insert, plain_remove = graph.insert_op, graph.remove_op
     modules = _modules_using_graph_edits()
+
     def insert(block, index, **op):
         return block._insert_op(index, **op)
 

@@ -160,12 +160,12 @@ def _store_int8_weight(
     readers = [index for index, op in enumerate(block.ops) if weight_name in op.input_arg_names]
     for index in readers:
         block.ops[index]._rename_input(weight_name, out)
-    insert_op(block, 
-        readers[0], type="elementwise_mul", inputs={"X": [floats], "Y": [scale]},
+    insert_op(
+        block, readers[0], type="elementwise_mul", inputs={"X": [floats], "Y": [scale]},
         outputs={"Out": [out]}, attrs={"axis": -1},
     )
-    insert_op(block, 
-        readers[0], type="cast", inputs={"X": [weight_name]}, outputs={"Out": [floats]},
+    insert_op(
+        block, readers[0], type="cast", inputs={"X": [weight_name]}, outputs={"Out": [floats]},
         attrs={"in_dtype": int(paddle.base.core.VarDesc.VarType.INT8),
                "out_dtype": int(paddle.base.core.VarDesc.VarType.FP32)},
     )

@@ -12,11 +12,10 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "insert_op", "remove_op", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
-    "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_reader_op", "insert_zero_bias",
-    "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
-    "producers", "readers",
-    "reduce_open_adaptive_pools", "separate_chained_activations", "set_tensor",
+    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
+    "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
+    "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
+    "producers", "readers", "reduce_open_adaptive_pools", "remove_op", "separate_chained_activations", "set_tensor",
     "transposed_matmul",
 ]
 
@@ -110,8 +109,8 @@ def insert_zero_bias(
     var = block.var(out)
     unbiased = block.create_var(name=f"{out}.unbiased", shape=var.shape, dtype=var.dtype)
     op._rename_output(out, unbiased.name)
-    insert_op(block, 
-        index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
+    insert_op(
+        block, index + 1, type="elementwise_add", inputs={"X": [unbiased.name], "Y": [bias]},
         outputs={"Out": [out]}, attrs={"axis": axis},
     )
     return bias
@@ -128,8 +127,8 @@ def insert_reader_op(
     for consumer in consumers:
         consumer._rename_input(name, output.name)
     index = op_index(block, writer)
-    insert_op(block, 
-        index + 1, type=op_type, inputs={"X": [name]}, outputs={"Out": [output.name]},
+    insert_op(
+        block, index + 1, type=op_type, inputs={"X": [name]}, outputs={"Out": [output.name]},
         attrs=attrs or {},
     )
     return output.name
@@ -281,8 +280,8 @@ def _transposed_var(block: "paddle.static.Block", name: str, order: tuple[int, .
 def _insert_transpose(block: "paddle.static.Block", index: int, source: str, out: str, order: tuple[int, ...]) -> None:
     shape = list(block.var(source).shape)
     xshape = block.create_var(name=f"{out}.xshape", shape=[0, *shape], dtype=block.var(source).dtype)
-    insert_op(block, 
-        index, type="transpose2", inputs={"X": [source]},
+    insert_op(
+        block, index, type="transpose2", inputs={"X": [source]},
         outputs={"Out": [out], "XShape": [xshape.name]}, attrs={"axis": list(order)},
     )
 
@@ -407,8 +406,8 @@ def multiply_instead_of_scaling(loaded: Any) -> int:
         index = op_index(block, op)
         constant = new_persistable(loaded, f"{out}.factor", np.array([factor], np.float32))
         remove_op(block, index)
-        insert_op(block, 
-            index, type="elementwise_mul", inputs={"X": [source], "Y": [constant]},
+        insert_op(
+            block, index, type="elementwise_mul", inputs={"X": [source], "Y": [constant]},
             outputs={"Out": [out]}, attrs={"axis": -1},
         )
         rewritten += 1
@@ -488,7 +487,7 @@ def exact_nearest_resizes(loaded: Any) -> int:
                 gathered = block.create_var(name=f"{out}.nearest_rows", shape=shape, dtype=block.var(source).dtype).name
             position = op_index(block, op)
             insert_op(block, position, type="index_select", inputs={"X": [current], "Index": [index]},
-                             outputs={"Out": [gathered]}, attrs={"dim": axis})
+                      outputs={"Out": [gathered]}, attrs={"dim": axis})
             current = gathered
         remove_op(block, op_index(block, op))
         replaced += 1
@@ -532,8 +531,8 @@ def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
         source, out = op.input("X")[0], op.output("Out")[0]
         index = op_index(block, op)
         remove_op(block, index)
-        insert_op(block, 
-            index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
+        insert_op(
+            block, index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
             outputs={"Out": [out]}, attrs={"dim": [pooled_axis], "keep_dim": True, "reduce_all": False},
         )
         replaced += 1

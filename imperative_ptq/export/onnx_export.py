@@ -1243,12 +1243,12 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                     pooled = self.unquantized[name]
                 else:
                     pooled = self._in(op)
-                node = self._node("MaxPool", [pooled], out, **attrs)
-                if mask_readers:
+                if mask_readers:  # one MaxPool writing the values and their Indices
                     mask = op.output("Mask")[0]
-                    indices = [self._unique(mask + ".values"), self._unique(mask)]
-                    self.nodes.append(self.helper.make_node("MaxPool", [pooled], indices, **attrs))
-                    self.names[mask] = indices[1]
+                    node, self.names[mask] = self._unique(out), self._unique(mask)
+                    self.nodes.append(self.helper.make_node("MaxPool", [pooled], [node, self.names[mask]], **attrs))
+                else:
+                    node = self._node("MaxPool", [pooled], out, **attrs)
             else:
                 node = self._node("AveragePool", [source], out,
                                   count_include_pad=int(not op.attr("exclusive")), **attrs)
@@ -1267,11 +1267,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         inputs = [self._in(op), self._in(op, "Indices")]
         size = [int(d) for d in op.attr("output_size")] if op.has_attr("output_size") else []
         if size:
-            leading = self._node(
-                "Slice", [self._node("Shape", [inputs[0]], out + ".shape"),
-                          self._const("starts", np.array([0], np.int64)), self._const("ends", np.array([2], np.int64))],
-                out + ".leading",
-            )
+            leading = self._slice_node(self._node("Shape", [inputs[0]], out + ".shape"), 0, 0, 2, out + ".leading")
             shape = self._node("Concat", [leading, self._const("size", np.array(size[-2:], np.int64))], out + ".size", axis=0)
             inputs.append(shape)
         self._bind(out, self._node("MaxUnpool", inputs, out, **attrs))

@@ -356,8 +356,7 @@ class FloatOpConverters:
         axis ``input_dim_idx`` (the batch size), as ``ConstantOfShape``."""
         out = self._out(op)
         dtype = numpy_dtype(op.attr("dtype"))
-        text = op.attr("str_value") if op.has_attr("str_value") else ""
-        number = dtype.type(float(text) if text else op.attr("value")).item()
+        number = dtype.type(fill_constant_value(op)).item()
         value = self.helper.make_tensor("value", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [number])
         shape = [int(d) for d in op.attr("shape")]
         at = int(op.attr("output_dim_idx"))
@@ -366,10 +365,12 @@ class FloatOpConverters:
                        self._const("axis", np.array([int(op.attr("input_dim_idx"))], np.int64))],
             out + ".batch", axis=0,
         )
-        pieces = [self._const("shape", np.array(shape[:at], np.int64)), batch,
-                  self._const("shape", np.array(shape[at + 1:], np.int64))]
-        sizes = self._node("Concat", [piece for piece, part in zip(pieces, (shape[:at], [0], shape[at + 1:])) if part],
-                           out + ".sizes", axis=0)
+        pieces = [batch]
+        if shape[:at]:
+            pieces.insert(0, self._const("shape", np.array(shape[:at], np.int64)))
+        if shape[at + 1:]:
+            pieces.append(self._const("shape", np.array(shape[at + 1:], np.int64)))
+        sizes = self._node("Concat", pieces, out + ".sizes", axis=0)
         self._bind(out, self._node("ConstantOfShape", [sizes], out, value=value))
 
     def _cumsum(self, op) -> None:

@@ -791,8 +791,8 @@ def _isolate_unscaled_residual_adds(
             plain = block.create_var(name=f"{name}.unfused", shape=var.shape, dtype=var.dtype)
             add._rename_input(name, plain.name)
             index = op_index(block, writers[name])
-            insert_op(block, 
-                index + 1, type="scale", inputs={"X": [name]}, outputs={"Out": [plain.name]},
+            insert_op(
+                block, index + 1, type="scale", inputs={"X": [name]}, outputs={"Out": [plain.name]},
                 attrs={"scale": 1.0, "bias": 0.0, "bias_after_scale": True},
             )
             isolated += 1
@@ -990,8 +990,8 @@ def _pool_in_float_for_float_readers(
     back to the pool, such as a concat of two max-pools in front of a conv; empty for a
     source the simulation holds on codes) reads the int8 pool's codes, which equal the
     simulation's there; treated as a float reader, its fp32 pool of a ReLU with a threshold
-    of its own ran int8 on that threshold (measured on BiSeNetV2's stem: 0.7% of the largest output off on 60% of the
-    outputs; 3e-7 after)."""
+    of its own ran int8 on that threshold (measured on BiSeNetV2's stem: 0.7% of the largest
+    output off on 60% of the outputs; 3e-7 after)."""
     out = pool.output("Out")[0]
     reading = readers(block)
     floats = [
@@ -1004,7 +1004,7 @@ def _pool_in_float_for_float_readers(
     var = block.var(out)
     twin = block.create_var(name=f"{out}.fp32", shape=var.shape, dtype=var.dtype).name
     insert_op(block, op_index(block, pool) + 1, type="pool2d", inputs={"X": [source]},
-                     outputs={"Out": [twin]}, attrs=attrs)
+              outputs={"Out": [twin]}, attrs=attrs)
     for reader in floats:
         reader._rename_input(out, twin)
 
@@ -1335,8 +1335,8 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
         for op in block.ops[writer_index + 1:]:
             if name in op.input_arg_names:
                 op._rename_input(name, plain.name)
-        insert_op(block, 
-            writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
+        insert_op(
+            block, writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
         )
     return len(conv_outputs)
 
@@ -1421,8 +1421,8 @@ def _int8_weight(
     )
     out = weight_name + ".dequantized"
     block.create_var(name=out, shape=list(weight.shape), dtype="float32", persistable=False)
-    insert_op(block, 
-        index,
+    insert_op(
+        block, index,
         type="dequantize_linear",
         inputs={"X": [weight_name], "Scale": [scale], "ZeroPoint": [zero]},
         outputs={"Y": [out]},
@@ -1444,8 +1444,8 @@ def _copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, seria
     block.create_var(
         name=out, shape=list(block.var(dequantized).shape), dtype="float32", persistable=False
     )
-    insert_op(block, 
-        index,
+    insert_op(
+        block, index,
         type="dequantize_linear",
         inputs={"X": [copy], "Scale": source.input("Scale"), "ZeroPoint": source.input("ZeroPoint")},
         outputs={"Y": [out]},
@@ -1577,8 +1577,8 @@ def _scale_after_matmul(
     scale_index = op_index(block, scale)
     remove_op(block, scale_index)
     index -= 1
-    insert_op(block, 
-        index + 1, type="scale", inputs={"X": [unscaled.name]}, outputs={"Out": [out]},
+    insert_op(
+        block, index + 1, type="scale", inputs={"X": [unscaled.name]}, outputs={"Out": [out]},
         attrs={"scale": factor, "bias": 0.0, "bias_after_scale": True},
     )
     return index, (thresholds[0] / abs(factor), thresholds[1])
@@ -1612,8 +1612,8 @@ def _narrow_signed_input(
     out = block.create_var(name=stem, shape=var.shape, dtype=var.dtype)
     written = float(threshold) * symmetric_levels(8) / symmetric_levels(bits)
     if not gemm_output(writers, name, through_activations=True):
-        insert_op(block, 
-            index, type="clip", inputs={"X": [name]}, outputs={"Out": [out.name]},
+        insert_op(
+            block, index, type="clip", inputs={"X": [name]}, outputs={"Out": [out.name]},
             attrs={"min": -float(threshold), "max": float(threshold)},
         )
         return out.name, written, 1
@@ -1622,12 +1622,12 @@ def _narrow_signed_input(
         for side, value in (("max", threshold), ("min", -threshold))
     ]
     below = block.create_var(name=stem + ".below", shape=var.shape, dtype=var.dtype)
-    insert_op(block, 
-        index, type="elementwise_min", inputs={"X": [name], "Y": [bounds[0]]},
+    insert_op(
+        block, index, type="elementwise_min", inputs={"X": [name], "Y": [bounds[0]]},
         outputs={"Out": [below.name]}, attrs={"axis": -1},
     )
-    insert_op(block, 
-        index + 1, type="elementwise_max", inputs={"X": [below.name], "Y": [bounds[1]]},
+    insert_op(
+        block, index + 1, type="elementwise_max", inputs={"X": [below.name], "Y": [bounds[1]]},
         outputs={"Out": [out.name]}, attrs={"axis": -1},
     )
     return out.name, written, 2
@@ -1645,15 +1645,15 @@ def _activation_qdq(
     quantized = block.create_var(name=stem + ".quantized", shape=var.shape, dtype=var.dtype)
     dequantized = block.create_var(name=stem + ".dequantized", shape=var.shape, dtype=var.dtype)
     attrs = {"quant_axis": -1, "bit_length": bits}
-    insert_op(block, 
-        index,
+    insert_op(
+        block, index,
         type="quantize_linear",
         inputs={"X": [name], "Scale": [scale], "ZeroPoint": [zero]},
         outputs={"Y": [quantized.name]},
         attrs=attrs,
     )
-    insert_op(block, 
-        index + 1,
+    insert_op(
+        block, index + 1,
         type="dequantize_linear",
         inputs={"X": [quantized.name], "Scale": [scale], "ZeroPoint": [zero]},
         outputs={"Y": [dequantized.name]},

@@ -52,16 +52,16 @@ def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels
         for part in ("added", "clipped", "rectified")
     ]
     shift = float(record.input_zero_point) * float(record.input_scale)
-    insert_op(block, 
-        index, type="scale", inputs={"X": [name]}, outputs={"Out": [outputs[0]]},
+    insert_op(
+        block, index, type="scale", inputs={"X": [name]}, outputs={"Out": [outputs[0]]},
         attrs={"scale": 1.0, "bias": shift, "bias_after_scale": True},
     )
-    insert_op(block, 
-        index + 1, type="clip", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]},
+    insert_op(
+        block, index + 1, type="clip", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]},
         attrs={"min": 0.0, "max": shift_threshold(record, levels)},
     )
-    insert_op(block, 
-        index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
+    insert_op(
+        block, index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
     )
     return outputs[2]
 

@@ -143,17 +143,17 @@ def insert_clip_relu(loaded, index: int, name: str, threshold: float, writers: M
     out = block.create_var(name=stem + ".rectified", shape=var.shape, dtype=var.dtype)
     if gemm_output(writers, name, through_activations=True):
         bound = new_persistable(loaded, stem + ".max", np.array([threshold], dtype=np.float32))
-        insert_op(block, 
-            index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
+        insert_op(
+            block, index, type="elementwise_min", inputs={"X": [name], "Y": [bound]},
             outputs={"Out": [clipped.name]}, attrs={"axis": -1},
         )
     else:
-        insert_op(block, 
-            index, type="clip", inputs={"X": [name]}, outputs={"Out": [clipped.name]},
+        insert_op(
+            block, index, type="clip", inputs={"X": [name]}, outputs={"Out": [clipped.name]},
             attrs={"min": 0.0, "max": float(threshold)},
         )
-    insert_op(block, 
-        index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
+    insert_op(
+        block, index + 1, type="relu", inputs={"X": [clipped.name]}, outputs={"Out": [out.name]}
     )
     return out.name
 
