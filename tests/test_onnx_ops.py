@@ -956,3 +956,35 @@ def test_an_unexported_slice_write_is_named_with_its_layer(kind, message, tmp_pa
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
     assert "reading the output of layer 'conv'" in str(raised.value)
     assert not list(tmp_path.iterdir())
+
+
+#: Forms of this session's translated ops that stay refused, with the message naming them.
+UNEXPORTED_FORMS = {
+    "scatter/accumulating": (
+        lambda y: paddle.scatter(
+            y.transpose([1, 0, 2, 3]), paddle.to_tensor([1, 0]), y.transpose([1, 0, 2, 3])[:2], overwrite=False
+        ).transpose([1, 0, 2, 3]),
+        "scatter with overwrite=False",
+    ),
+    "maxout/channels_last": (lambda y: F.maxout(y.transpose([0, 2, 3, 1]), 2, axis=-1), "maxout is exported only over axis 1"),
+    "channel_shuffle/NHWC": (
+        lambda y: F.channel_shuffle(y.transpose([0, 2, 3, 1]), 2, data_format="NHWC"),
+        "channel_shuffle is exported only for NCHW",
+    ),
+    "lp_pool2d/padded": (lambda y: F.lp_pool2d(y, 2, 3, stride=2, padding=1), "lp_pool2d is exported only without padding"),
+    "unpool/mask_elsewhere": (
+        lambda y: y + paddle.cast(F.max_pool2d(y, 2, 2, return_mask=True)[1], "float32").sum() * 0.0,
+        "max_pool2d_with_index whose Mask is read is exported only windowed and read by max-unpools",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNEXPORTED_FORMS))
+def test_an_unexported_form_is_named_with_its_layer(name, tmp_path) -> None:
+    function, message = UNEXPORTED_FORMS[name]
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(_Around(_Function(function), False), shape)
+    with pytest.raises(NotImplementedError, match=message) as raised:
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
+    assert "(writing '" in str(raised.value)  # the tensor the op writes, and what it reads
+    assert not list(tmp_path.iterdir())
