@@ -1,6 +1,6 @@
-"""Re-running a test file's tests with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``):
-the arithmetic of a CPU without VNNI, on this one. The cap is read when oneDNN starts, so the
-tests run again in a subprocess, or send their exported files to one (:class:`Avx2Runner`)."""
+"""Paddle Inference with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``): the arithmetic
+of a CPU without VNNI, on this one. The cap is read when oneDNN starts, so tests send their
+exported files to a subprocess that started with it (:class:`Avx2Runner`)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,6 @@ from typing import Sequence
 
 import numpy as np
 from checkout import ROOT, checkout_env
-
-
-def pytest_on_avx2_kernels(test_file: str | os.PathLike, selection: str, timeout: int = 600) -> str:
-    """Runs the tests of ``test_file`` that ``-k selection`` picks on AVX2 kernels, asserts the
-    run passed, and returns pytest's summary line."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
-         "-k", selection],
-        env=checkout_env(ONEDNN_MAX_CPU_ISA="AVX2", GLOG_minloglevel="2"),
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    return done.stdout.splitlines()[-1]
 
 
 class Avx2Runner:
@@ -72,6 +59,12 @@ class Avx2Runner:
         """Ends the worker (it exits when its input closes)."""
         self._process.stdin.close()
         self._process.wait(self._timeout)
+
+
+def on_avx2(avx2_runner: Avx2Runner | None, target: str) -> Avx2Runner | None:
+    """The AVX2-kernel runner where ``target``'s export must be exact on AVX2 kernels too
+    (``x86``; ``x86-vnni`` saturates there by design)."""
+    return avx2_runner if target == "x86" else None
 
 
 def paddle_inference_outputs(

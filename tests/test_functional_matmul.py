@@ -15,7 +15,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.algorithms import AdaRound
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
-from avx2_kernels import pytest_on_avx2_kernels
+from avx2_kernels import on_avx2, paddle_inference_outputs
 
 WIDTH, HIDDEN, CLASSES, LENGTH = 16, 32, 5, 6
 
@@ -200,9 +200,10 @@ def test_simulation_equals_the_same_model_written_with_linear_layers(target, sty
     )
 
 
-def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_path, tag: str):
-    """Calibrates, converts and exports ``model``; returns the simulation, Paddle Inference
-    and ONNX Runtime outputs on one batch, the int8 report and the simulated int8 layers."""
+def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_path, tag: str, avx2_runner):
+    """Calibrates, converts and exports ``model``; returns the simulation's output on one
+    batch, Paddle Inference's (natively and, with ``avx2_runner``, on AVX2 kernels, by
+    kernels), ONNX Runtime's, the int8 report and the simulated int8 layers."""
     ptq, quantized, _ = _converted(model, target, shift=shift)
     x = _batches(1, seed=9, shift=shift)[0]
     simulated = quantized(paddle.to_tensor(x)).numpy()
@@ -215,7 +216,7 @@ def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_p
     session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
     return (
         simulated,
-        predict(create_predictor(prefix), x)[0],
+        {kernels: ran for kernels, (ran,) in paddle_inference_outputs(prefix, [x], avx2_runner).items()},
         session.run(None, {session.get_inputs()[0].name: x})[0],
         int8_report(prefix),
         sum(isinstance(layer, ip.QuantizedLayer) for layer in quantized.sublayers()),
@@ -224,25 +225,29 @@ def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_p
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target, shift", [("x86", 0.0), ("x86-vnni", None)], ids=["x86", "vnni"])
-def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, style, tmp_path) -> None:
+def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, style, tmp_path, avx2_runner) -> None:
     if target == "x86-vnni" and not ip.cpu_info().vnni:
         pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     functional = _functional_net(style)
     reference = LinearNet(functional)
     reference.eval()
+    avx2_runner = on_avx2(avx2_runner, target)
     simulated, inference, onnx_out, report, int8_layers = _run_exports(
-        functional, target, shift, tmp_path, "functional"
+        functional, target, shift, tmp_path, "functional", avx2_runner
     )
     # Every matmul the simulation runs int8 runs int8 (x86 keeps those reading signed values
     # fp32: the ones behind a residual add).
     assert int8_layers >= (5 if target == "x86-vnni" else 2)
     assert report.int8.get("fc", 0) == int8_layers, report
-    assert _cosine(inference, simulated) > 0.999
+    assert all(_cosine(ran, simulated) > 0.999 for ran in inference.values())
     assert _cosine(onnx_out, simulated) > 0.99
     # Both runtimes compute what they compute for the same model written with nn.Linear.
-    *linear_outputs, linear_report, _ = _run_exports(reference, target, shift, tmp_path, "linear")
+    *linear_outputs, linear_report, _ = _run_exports(reference, target, shift, tmp_path, "linear", avx2_runner)
     assert linear_report.int8 == report.int8
-    for ours, theirs in zip((simulated, inference, onnx_out), linear_outputs):
+    linear_simulated, linear_inference, linear_onnx = linear_outputs
+    pairs = [(simulated, linear_simulated), (onnx_out, linear_onnx)]
+    pairs += [(inference[kernels], linear_inference[kernels]) for kernels in inference]
+    for ours, theirs in pairs:
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
@@ -325,7 +330,7 @@ def test_bias_correction_and_adaround_see_the_matmuls() -> None:
     assert _cosine(corrected(x).numpy(), fp32) > 0.99
 
 
-def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path) -> None:
+def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path, avx2_runner) -> None:
     paddle.seed(0)
     model = paddle.nn.Sequential(
         paddle.nn.Linear(WIDTH, HIDDEN), paddle.nn.ReLU(),
@@ -343,16 +348,9 @@ def test_a_bias_free_linear_runs_int8_in_paddle_inference(tmp_path) -> None:
         quantized, prefix, input_spec=[paddle.static.InputSpec([None, WIDTH], "float32", "x")]
     )
     assert int8_report(prefix).int8.get("fc", 0) == 2
-    assert _cosine(predict(create_predictor(prefix), x)[0], quantized(paddle.to_tensor(x)).numpy()) > 0.9999
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_functional_matmuls_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(
-        __file__, "paddle_inference_and_onnx or bias_free or two_activations_run"
-    )
-    assert "5 passed, 4 skipped" in summary
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    for ran, in paddle_inference_outputs(prefix, [x], avx2_runner).values():
+        assert _cosine(ran, simulated) > 0.9999
 
 
 def test_analyze_and_keep_fp32_pair_the_matmuls_with_the_fp32_model() -> None:
@@ -457,7 +455,7 @@ def test_matmuls_of_two_activations_are_simulated_as_int8_on_both_inputs() -> No
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
-def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp_path) -> None:
+def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp_path, avx2_runner) -> None:
     if target == "x86-vnni" and not ip.cpu_info().vnni:
         pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
     ptq, _, quantized, _ = _attention(target)
@@ -471,7 +469,8 @@ def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp
     ptq.save_quantized_model(quantized, prefix, input_spec=spec)
     report = int8_report(prefix)
     assert report.int8.get("fused_matmul", 0) == simulated_int8, report
-    assert _cosine(predict(create_predictor(prefix), q, k, v)[0], simulated) > 0.9999
+    for ran, in paddle_inference_outputs(prefix, [q, k, v], on_avx2(avx2_runner, target)).values():
+        assert _cosine(ran, simulated) > 0.9999
     export_onnx(quantized, prefix + ".onnx", input_spec=spec)
     import onnxruntime
 

@@ -11,8 +11,6 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from avx2_kernels import pytest_on_avx2_kernels
-from imperative_ptq.cpu import cpu_info
 
 nn = paddle.nn
 F = paddle.nn.functional
@@ -154,7 +152,7 @@ def test_analyze_lists_sites_as_observed_fp32(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("model", [_Fire, _SqueezeExcite], ids=["concat", "multiply"])
-def test_sites_agree_with_paddle_inference_and_onnx_runtime(model, tmp_path) -> None:
+def test_sites_agree_with_paddle_inference_and_onnx_runtime(model, tmp_path, avx2_runner) -> None:
     """The sites compute Paddle's op in float; Paddle Inference and ONNX Runtime compute what
     the simulation does. A multiply gets no scale (Paddle runs it fp32); this concat runs int8
     in Paddle Inference (a copy of its reader's codes, see the next test)."""
@@ -172,7 +170,7 @@ def test_sites_agree_with_paddle_inference_and_onnx_runtime(model, tmp_path) -> 
     with legacy_static_mode():
         ops = load_legacy_program(prefix).program.global_block().ops
         assert not [op for op in ops if op.type == "elementwise_mul" and op.has_attr("out_threshold")]
-    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 1e-5
     onnxruntime = pytest.importorskip("onnxruntime")
     path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 6, 6], "float32", "x")])
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -181,7 +179,7 @@ def test_sites_agree_with_paddle_inference_and_onnx_runtime(model, tmp_path) -> 
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
 
 
-def test_a_fire_module_concat_runs_int8_in_paddle_inference(tmp_path) -> None:
+def test_a_fire_module_concat_runs_int8_in_paddle_inference(tmp_path, avx2_runner) -> None:
     """Its inputs are fused conv ReLUs read only by the concat, its reader an int8 u8 conv:
     the export clips the convs at the reader's threshold (relu6 on scaled tensors), so they
     write the reader's codes 0..127 into an int8 concat, which the simulation computes by
@@ -193,16 +191,8 @@ def test_a_fire_module_concat_runs_int8_in_paddle_inference(tmp_path) -> None:
     ptq, qmodel = _calibrated(_Fire())
     ptq.convert(qmodel)
     x = _batches(1, seed=3)[0].numpy()
-    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 1e-5
     assert int8_report(str(tmp_path / "m")).int8_other.get("concat") == 1
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_sites_agree_with_paddle_inference_on_avx2_kernels() -> None:
-    assert "3 passed" in pytest_on_avx2_kernels(
-        __file__, "agree_with_paddle_inference_and_onnx or fire_module_concat_runs_int8"
-    )
 
 
 class _LinearOnActivation(nn.Layer):

@@ -16,18 +16,12 @@ from imperative_ptq.export import int8_report, save_quantized_model
 from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
 from imperative_ptq.quant_residual import QuantizedResidualOutput
-from avx2_kernels import paddle_inference_outputs
+from avx2_kernels import on_avx2, paddle_inference_outputs
 from models import RESNET_WIDTH as WIDTH, X86_TARGETS, DLANet, FoldedBlock, FoldedResNet, OneBlockResNet, ThreeBlockResNet, converted
 from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 
 nn = paddle.nn
 SIZE = 12
-
-
-def on_avx2(avx2_runner, target: str):
-    """The AVX2-kernel runner where ``target``'s export must be exact on AVX2 kernels too
-    (``x86``; ``x86-vnni`` saturates there by design)."""
-    return avx2_runner if target == "x86" else None
 
 
 def test_find_residual_add_picks_the_operand_paddle_reads_as_codes() -> None:

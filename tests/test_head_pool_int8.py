@@ -12,10 +12,9 @@ import paddle
 import pytest
 from paddle.vision.models.resnet import BasicBlock
 
-from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
-from avx2_kernels import pytest_on_avx2_kernels
+from avx2_kernels import on_avx2, paddle_inference_outputs
 from checkout import checkout_env
 from models import (
     X86_TARGETS, ThreeBlockResNet, converted, converted_from_old_table,
@@ -145,7 +144,7 @@ def _fc(qmodel: paddle.nn.Layer, pooled: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("model_name", ["conv_head", "relu6_head"])
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
+def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path, avx2_runner) -> None:
     """Before the simulation averaged codes: 2.7% (conv_head) off Paddle Inference."""
     qmodel, prefix, x = _exported(model_name, target, tmp_path)
     assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
@@ -158,13 +157,13 @@ def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path) -> None:
     fc = qmodel.fc if model_name == "conv_head" else qmodel.classifier
     expected = fc(paddle.to_tensor(pooled.reshape(pooled.shape[0], -1))).numpy()
     np.testing.assert_allclose(simulated, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     # Measured 2.5e-7 relative to the largest logit, VNNI and AVX2 kernels.
-    assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
+    for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        assert np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path) -> None:
+def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path, avx2_runner) -> None:
     """The ReLU after a residual conv (ResNet's block output, u8 codes up to 255) into the
     int8 pool. The block itself adds a difference the simulation does not model: the fused
     residual conv reads its residual as the u8 codes of the stem ReLU's threshold (a float add
@@ -181,8 +180,8 @@ def test_head_pool_runs_int8_after_a_residual_block(target, tmp_path) -> None:
     residual = np.clip(np.floor(seen["stem"] / step + 0.5), 0, 255) * step
     block_output = np.maximum(seen["branch"] + residual, 0)
     expected = _fc(qmodel, _int8_pool_reference(block_output, qmodel.avgpool.input_threshold))
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert np.abs(ran - expected).max() <= 2e-6 * np.abs(expected).max()
+    for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        assert np.abs(ran - expected).max() <= 2e-6 * np.abs(expected).max()
 
 
 class _AuxiliaryHead(ThreeBlockResNet):
@@ -199,7 +198,7 @@ class _AuxiliaryHead(ThreeBlockResNet):
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_head_pool_runs_int8_on_a_block_output_other_convs_read(target, tmp_path) -> None:
+def test_head_pool_runs_int8_on_a_block_output_other_convs_read(target, tmp_path, avx2_runner) -> None:
     """Before, the pool quantized with the ReLU's own output threshold: 0.41% of the largest
     logit off Paddle Inference (measured 2.1e-7 after, VNNI and AVX2 kernels)."""
     paddle.seed(0)
@@ -209,7 +208,7 @@ def test_head_pool_runs_int8_on_a_block_output_other_convs_read(target, tmp_path
     assert isinstance(qmodel.avgpool, QuantizedGlobalAveragePool)
     assert qmodel.avgpool.input_threshold == qmodel.aux.input_thresholds[0]
     x = rng.standard_normal([4, 3, 16, 16]).astype("float32")
-    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=on_avx2(avx2_runner, target)) <= 2e-6
 
 
 def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
@@ -254,13 +253,6 @@ def test_a_functional_head_pool_runs_fp32_in_both(tmp_path) -> None:
     assert not any(isinstance(layer, QuantizedGlobalAveragePool) for layer in qmodel.sublayers())
     x = rng.random((16, 3, SIZE, SIZE), np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_head_pool_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(__file__, "head_pool_runs_int8 and not vnni")
-    assert "4 passed" in summary, summary
 
 
 def test_a_model_converted_from_a_table_alone_keeps_the_pool_fp32(tmp_path) -> None:

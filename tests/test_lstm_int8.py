@@ -12,13 +12,12 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program, save_legacy_program
 from imperative_ptq.export.rnn_fusion import fuse_lstm_ops
 from imperative_ptq.export.tracing import trace_to_legacy_program
 from imperative_ptq.quant_rnn import QuantizedLSTM
-from avx2_kernels import pytest_on_avx2_kernels
+from avx2_kernels import on_avx2, paddle_inference_outputs
 from models import X86_TARGETS
 
 nn = paddle.nn
@@ -179,7 +178,7 @@ def test_fusion_lstm_rewrite_computes_the_rnn_op(time_major, reads, tmp_path) ->
 @pytest.mark.parametrize("time_major", [False, True], ids=["batch-first", "time-major"])
 @pytest.mark.parametrize("reads", ["sequence", "final-hidden", "final-cell"])
 def test_int8_lstm_runs_what_the_simulation_computes(
-    target, time_major, reads, tmp_path, caplog
+    target, time_major, reads, tmp_path, caplog, avx2_runner
 ) -> None:
     """Also a read final cell state, which oneDNN's fusion_lstm does not output: the export
     computes it beside the kernel (it used to keep such an LSTM fp32 while the simulation ran
@@ -196,12 +195,12 @@ def test_int8_lstm_runs_what_the_simulation_computes(
     assert report.int8.get("fusion_lstm") == 1 and "rnn" not in report.fp32, report
     assert not any(name.startswith("fusion_lstm") for name in report.signed_inputs), report
     x = _batch(np.random.default_rng(3), 3, time_major)
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     # int8 vs fp32 about 0.998 in cosine; the runtime equals the simulation to float rounding.
-    _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
+    for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
 
 
-def test_a_wider_int8_lstm_runs_what_the_simulation_computes(tmp_path) -> None:
+def test_a_wider_int8_lstm_runs_what_the_simulation_computes(tmp_path, avx2_runner) -> None:
     class Sequence(nn.Layer):
         def __init__(self) -> None:
             super().__init__()
@@ -222,8 +221,8 @@ def test_a_wider_int8_lstm_runs_what_the_simulation_computes(tmp_path) -> None:
     prefix = str(tmp_path / "m")
     save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 6, 16], "float32", "x")])
     x = rng.standard_normal((8, 6, 16)).astype("float32")
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
+    for ran, in paddle_inference_outputs(prefix, [x], avx2_runner).values():
+        _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
 
 
 class _CalledTwice(nn.Layer):
@@ -238,7 +237,7 @@ class _CalledTwice(nn.Layer):
         return self.fc(first[:, -1] + cell[0])
 
 
-def test_int8_lstm_runs_what_the_simulation_computes_when_called_twice(tmp_path) -> None:
+def test_int8_lstm_runs_what_the_simulation_computes_when_called_twice(tmp_path, avx2_runner) -> None:
     """Each call becomes its own fusion_lstm (two calls used to fail the export on a variable
     created twice)."""
     paddle.seed(0)
@@ -248,14 +247,8 @@ def test_int8_lstm_runs_what_the_simulation_computes_when_called_twice(tmp_path)
     report = int8_report(prefix)
     assert report.int8.get("fusion_lstm") == 2 and "rnn" not in report.fp32, report
     x = _batch(np.random.default_rng(3), 3, False)
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_int8_lstm_agrees_with_the_simulation_on_avx2_kernels() -> None:
-    assert "8 passed" in pytest_on_avx2_kernels(__file__, "int8_lstm_runs_what and not x86-vnni")
+    for ran, in paddle_inference_outputs(prefix, [x], avx2_runner).values():
+        _assert_same_up_to_rounding(ran, quantized(paddle.to_tensor(x)).numpy())
 
 
 # --------------------------------------------------------------------- layers left fp32

@@ -1,8 +1,8 @@
 """Model zoo: each model quantizes, exports to Paddle Inference int8 and (where the ONNX
 export translates its ops) to QDQ ONNX, and both runtimes compute what its own simulation does.
 
-Kept fast: random weights, 32x32 or 64x64 inputs, two calibration batches of 2; the whole zoo
-re-runs on oneDNN's AVX2 kernels in a subprocess."""
+Kept fast: random weights, 32x32 or 64x64 inputs, two calibration batches of 2; on a CPU with
+VNNI every export also runs on oneDNN's AVX2 kernels (``avx2_kernels.Avx2Runner``)."""
 
 from __future__ import annotations
 

@@ -19,12 +19,11 @@ from paddle.vision.models import resnet18
 from paddle.vision.models.resnet import BasicBlock
 
 from imperative_ptq.analysis import keep_fp32
-from imperative_ptq.cpu import cpu_info
-from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
+from imperative_ptq.export import int8_report, save_quantized_model
 from imperative_ptq.export.predictor import INT8_DELETED_PASSES, quiet_native_output
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
 from imperative_ptq.quant_residual import ResidualSumOutput
-from avx2_kernels import pytest_on_avx2_kernels
+from avx2_kernels import on_avx2, paddle_inference_outputs
 from models import RESNET_WIDTH as WIDTH, X86_TARGETS, converted, randomize_batch_norm_statistics
 from ties import relative_error, simulation_up_to_ties
 
@@ -77,9 +76,12 @@ class _PoolReadAndReturned(nn.Layer):
         return [pooled, self.head(pooled)]
 
 
-def _largest_errors(model: nn.Layer, target: str, tmp_path, kept: Sequence[str] = ()) -> list[float]:
-    """Paddle Inference's outputs against the simulation's, each relative to its largest
-    (``kept``: layers put back in fp32 with ``keep_fp32`` first)."""
+def _largest_errors(
+    model: nn.Layer, target: str, tmp_path, avx2_runner, kept: Sequence[str] = ()
+) -> list[float]:
+    """Paddle Inference's outputs (natively and, for ``x86``, on oneDNN's AVX2 kernels through
+    ``avx2_runner``) against the simulation's, each relative to its largest (``kept``: layers
+    put back in fp32 with ``keep_fp32`` first)."""
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)) for _ in range(3)]
@@ -92,19 +94,21 @@ def _largest_errors(model: nn.Layer, target: str, tmp_path, kept: Sequence[str] 
     x = rng.random((8, 3, SIZE, SIZE), np.float32)
     simulated = qmodel(paddle.to_tensor(x))
     simulated = [simulated] if isinstance(simulated, paddle.Tensor) else simulated
-    ran = predict(create_predictor(prefix, num_threads=1), x)
-    assert len(ran) == len(simulated)
-    return [float(np.abs(r - s.numpy()).max() / np.abs(s.numpy()).max()) for r, s in zip(ran, simulated)]
+    errors = []
+    for ran in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        assert len(ran) == len(simulated)
+        errors += [float(np.abs(r - s.numpy()).max() / np.abs(s.numpy()).max()) for r, s in zip(ran, simulated)]
+    return errors
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_feature_maps_run_as_simulated(target, tmp_path) -> None:
+def test_feature_maps_run_as_simulated(target, tmp_path, avx2_runner) -> None:
     """Measured before (x86 and x86-vnni): 2.5e-3 of the largest value off Paddle
     Inference (returned as floats, written as u8 codes); 0 now."""
     paddle.seed(0)
     model = _Backbone()
     model.eval()
-    errors = _largest_errors(model, target, tmp_path)
+    errors = _largest_errors(model, target, tmp_path, avx2_runner)
     assert max(errors) <= 1e-5, errors
 
 
@@ -196,7 +200,7 @@ def _onednn_stem_values(x: np.ndarray, weight: np.ndarray, bias: np.ndarray,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_resnet18_blocks_run_as_simulated_up_to_float32_ties(target, tmp_path) -> None:
+def test_resnet18_blocks_run_as_simulated_up_to_float32_ties(target, tmp_path, avx2_runner) -> None:
     """ResNet-18's feature maps differ end to end (measured at 64x64, 4 calibration batches:
     C3/C4/C5 1.1% / 2.6% / 3.6% of the largest value off Paddle Inference, VNNI/AMX and AVX2
     kernels alike) though every rounding is modelled: the simulation's float32 values are
@@ -221,12 +225,13 @@ def test_resnet18_blocks_run_as_simulated_up_to_float32_ties(target, tmp_path) -
     report = int8_report(prefix)
     assert sum(report.int8.values()) == 20 and not report.fp32, report
     x = rng.random((4, 3, 64, 64), np.float32)
-    ran = predict(create_predictor(prefix, num_threads=1), x)
+    runs = paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target))
 
     weight, bias, scale_in, scale_out = _optimized_stem(prefix)
     reference = _onednn_stem_values(x, weight, bias, scale_in, scale_out)
     pooled = nn.functional.max_pool2d(paddle.to_tensor(np.rint(reference)), 3, 2, 1).numpy()
-    assert np.array_equal(pooled, np.rint(ran[0] * scale_out))
+    for ran in runs.values():
+        assert np.array_equal(pooled, np.rint(ran[0] * scale_out))
     stem = qmodel.net.relu
     captured = []
     hook = stem.layer.register_forward_post_hook(lambda layer, inputs, output: captured.append(output.numpy()))
@@ -238,34 +243,35 @@ def test_resnet18_blocks_run_as_simulated_up_to_float32_ties(target, tmp_path) -
     flipped = np.rint(simulated) != np.rint(reference)
     assert flipped.any() and np.all(np.abs(reference[flipped] % 1 - 0.5) <= noise)
 
-    for index, block in enumerate(qmodel.blocks()):
-        simulated, flipped = simulation_up_to_ties(
-            lambda: block(paddle.to_tensor(ran[index])).numpy(), ran[index + 1], 1e-5
-        )
-        assert relative_error(ran[index + 1], simulated) <= 1e-5, (index, flipped)
+    for kernels, ran in runs.items():
+        for index, block in enumerate(qmodel.blocks()):
+            simulated, flipped = simulation_up_to_ties(
+                lambda: block(paddle.to_tensor(ran[index])).numpy(), ran[index + 1], 1e-5
+            )
+            assert relative_error(ran[index + 1], simulated) <= 1e-5, (kernels, index, flipped)
 
 
 @pytest.mark.parametrize("network", [_PoolEnd, _PoolReadAndReturned], ids=["returned", "read-and-returned"])
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_max_pool_output_runs_as_simulated(network, target, tmp_path) -> None:
+def test_max_pool_output_runs_as_simulated(network, target, tmp_path, avx2_runner) -> None:
     """Measured before: 2.8e-3 (returned) and 3.5e-3 (read and returned) of the largest value
     off Paddle Inference (the int8 pool's dequantized codes against the simulation's floats).
     Only returned, the export keeps it fp32; also read by an int8 conv, the simulation puts the
     ReLU on its codes."""
     paddle.seed(0)
-    errors = _largest_errors(network(), target, tmp_path)
+    errors = _largest_errors(network(), target, tmp_path, avx2_runner)
     assert max(errors) <= 1e-5, errors
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-def test_max_pool_output_with_its_reader_kept_fp32_runs_as_simulated(target, tmp_path) -> None:
+def test_max_pool_output_with_its_reader_kept_fp32_runs_as_simulated(target, tmp_path, avx2_runner) -> None:
     """With the pool's int8 reader kept fp32 the export drops the scales through the pool and
     the conv writes floats: ``keep_fp32`` takes the ReLU off its codes too (measured 3.5e-3 of
     the pool's and 8.3e-3 of the fp32 conv's largest value off Paddle Inference when it did not)."""
     paddle.seed(0)
     model = _PoolReadAndReturned()
     model.eval()
-    errors = _largest_errors(model, target, tmp_path, kept=["head"])
+    errors = _largest_errors(model, target, tmp_path, avx2_runner, kept=["head"])
     assert max(errors) <= 1e-5, errors
 
 
@@ -374,10 +380,3 @@ def test_feature_maps_in_onnx_runtime_on_the_simulated_codes(target, tmp_path) -
             step = block.relu.threshold / 127
             codes = returned / step
             assert np.abs(codes - np.rint(codes)).max() <= 1e-3 and codes.max() > 127
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_network_outputs_on_avx2_kernels() -> None:
-    summary = pytest_on_avx2_kernels(__file__, "as_simulated and not vnni and not onnx")
-    assert "5 passed" in summary, summary

@@ -15,7 +15,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
 from imperative_ptq.shifted_input import shiftable, shifted_grid
-from avx2_kernels import pytest_on_avx2_kernels
+from avx2_kernels import paddle_inference_outputs
 
 nn = paddle.nn
 
@@ -161,7 +161,7 @@ def test_padded_conv_on_a_signed_input_stays_fp32_with_a_warning(caplog) -> None
 
 
 # ----------------------------------------------------------------------- the runtimes
-def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path) -> None:
+def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path, avx2_runner) -> None:
     paddle.seed(0)
     batches = [paddle.randn([16, 8, 32]) * 3 + 1 for _ in range(3)]
     ptq, qmodel = _convert(_Encoderish(), batches)
@@ -171,9 +171,9 @@ def test_paddle_inference_runs_shifted_fc_int8_as_simulated(tmp_path) -> None:
     # All three fc int8 (before: all fp32 on x86), none reading s8.
     assert report.int8 == {"fc": 3} and not report.fp32 and not report.signed_inputs, report
     x = paddle.randn([16, 8, 32]) * 3 + 1
-    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
     # Measured 2.8e-7 natively and on AVX2 kernels (x86-vnni's s8 input there: 0.33).
-    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
+    for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values():
+        assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
 
 
 class _SharedLinear(nn.Layer):
@@ -204,7 +204,7 @@ def test_a_linear_called_twice_on_a_shifted_input_runs_as_simulated(tmp_path) ->
 
 
 @pytest.mark.parametrize("variant", ["plain", "bias", "batch_norm", "residual"])
-def test_paddle_inference_runs_shifted_1x1_convs_int8_as_simulated(variant, tmp_path) -> None:
+def test_paddle_inference_runs_shifted_1x1_convs_int8_as_simulated(variant, tmp_path, avx2_runner) -> None:
     paddle.seed(0)
     model = _ConvBlock(variant)
     _randomize_batch_norms(model)
@@ -219,9 +219,9 @@ def test_paddle_inference_runs_shifted_1x1_convs_int8_as_simulated(variant, tmp_
     assert report.int8 == {"fused_conv2d": 2, "fc": 1}, report
     assert report.fp32 == {"fused_conv2d": 1} and not report.signed_inputs, report
     x = batches[0]
-    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
     # Measured 1.4e-7 .. 3.1e-7 natively and on AVX2 kernels.
-    assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
+    for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values():
+        assert _max_relative_error(ran, qmodel(x).numpy()) <= 1e-5
 
 
 def test_onnx_runtime_runs_the_shifted_grid_as_simulated(tmp_path) -> None:
@@ -304,12 +304,6 @@ def test_qat_fine_tunes_a_shifted_layer_on_its_shifted_grid() -> None:
     x = batches[0]
     # Fixed thresholds, no step taken: the same grid, the same codes.
     assert _max_relative_error(trained(x).numpy(), converted(x).numpy()) <= 1e-5
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ip.cpu_info().vnni, reason="this CPU runs AVX2 kernels natively")
-def test_shifted_inputs_on_avx2_kernels() -> None:
-    assert "5 passed" in pytest_on_avx2_kernels(__file__, "paddle_inference_runs_shifted")
 
 
 def test_a_shifted_input_without_its_grid_is_refused() -> None:
