@@ -992,8 +992,6 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         label = self._rnn_label(op)
         if mode not in self._RNN_MODES:
             raise NotImplementedError(f"{label}: rnn mode {mode!r} is not exported")
-        if op.input("SequenceLength"):
-            raise NotImplementedError(f"{label}: rnn with sequence lengths is not exported")
         kind, order, attrs = self._RNN_MODES[mode]
         hidden = int(op.attr("hidden_size"))
         directions = 2 if op.attr("is_bidirec") else 1
@@ -1015,6 +1013,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return blocks[list(order)].reshape(value.shape)
 
         x = self._in(op, "Input")
+        # Paddle's SequenceLength is ONNX's sequence_lens (int32): steps past a row's length
+        # give zero outputs and the final states are those of its last step, in both.
+        lengths = ""
+        if op.input("SequenceLength"):
+            lengths = self._node(
+                "Cast", [self._in(op, "SequenceLength")], f"{op.output('Out')[0]}.lengths",
+                to=self.onnx.TensorProto.INT32,
+            )
         final_states: list[list[str]] = [[] for _ in op.output("State")]
         for layer in range(layers):
             first = layer * directions
@@ -1024,9 +1030,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 for c in own
             ])
             stem = f"{op.output('Out')[0]}.l{layer}"
-            # No sequence_lens; initial_h (and initial_c): this layer's rows of Paddle's
+            # sequence_lens, then initial_h (and initial_c): this layer's rows of Paddle's
             # [layers * directions, batch, hidden] states.
-            states = ["", *(self._layer_states(op, name, own, stem) for name in op.input("PreState"))]
+            states = [lengths, *(self._layer_states(op, name, own, stem) for name in op.input("PreState"))]
             if integer_lstm:
                 (w, *w_quantization), (r, *r_quantization) = (
                     self._integer_lstm_weight(matrices, own, k, gates) for k in (0, 1)
