@@ -431,6 +431,50 @@ def _attention(target: str):
     return ptq, model, quantized, table
 
 
+class _ScaledDotProductAttention(paddle.nn.Layer):
+    """q, k and v projections into ``F.scaled_dot_product_attention`` ([batch, sequence,
+    heads, width]; Paddle's CPU path is two ``paddle.matmul`` of activations), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (paddle.nn.Linear(WIDTH, HEADS * HEAD_WIDTH) for _ in range(3))
+        self.proj = paddle.nn.Linear(HEADS * HEAD_WIDTH, CLASSES)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        q, k, v = (layer(x).reshape([0, 0, HEADS, HEAD_WIDTH]) for layer in (self.q, self.k, self.v))
+        attended = paddle.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(attended.reshape([0, 0, HEADS * HEAD_WIDTH]))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_scaled_dot_product_attention_exports_and_runs_as_simulated(target, tmp_path, avx2_runner) -> None:
+    """Its trace used to fail (Paddle's legacy-IR branch calls ``shape.numel()``); its two
+    matmuls are calibrated like any other and run int8 where the target allows. Measured
+    2e-7 .. 4e-7 of the largest output, both runtimes, both targets."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if target == "x86-vnni" and not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    paddle.seed(0)
+    model = _ScaledDotProductAttention()
+    model.eval()
+    ptq, quantized, _ = _converted(model, target)
+    int8_matmuls = sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers())
+    assert int8_matmuls == (2 if target == "x86-vnni" else 0)
+    x = _batches(1, seed=9)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
+    report = int8_report(prefix)
+    assert report.int8.get("fc") == 4 and report.int8.get("fused_matmul", 0) == int8_matmuls, report
+    largest = np.abs(simulated).max()
+    for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        assert np.abs(ran - simulated).max() <= 1e-5 * largest
+    session = onnxruntime.InferenceSession(export_onnx(quantized, prefix + ".onnx", spec),
+                                           providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * largest
+
+
 def test_matmuls_of_two_activations_are_simulated_as_int8_on_both_inputs() -> None:
     _, model, quantized, table = _attention("x86-vnni")
     assert sorted(name for name in table if "activation" in name) == [

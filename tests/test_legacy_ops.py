@@ -52,6 +52,11 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "method_diagonal": lambda x: x[:, :, :4].diagonal(axis1=1, axis2=2),
     # Its legacy branch reads Tensor.is_cuda, which the legacy Variable lacks.
     "lerp": lambda x: paddle.lerp(x, x * 2, 0.3),
+    # It calls query.shape.numel(), which the legacy Variable's tuple shape lacks.
+    "scaled_dot_product_attention": lambda x: F.scaled_dot_product_attention(
+        *[x.reshape([0, 0, 2, 4])] * 3).reshape([0, 0, 8]),
+    "scaled_dot_product_attention_causal": lambda x: F.scaled_dot_product_attention(
+        *[x.reshape([0, 0, 2, 4])] * 3, is_causal=True).reshape([0, 0, 8]),
 }
 
 

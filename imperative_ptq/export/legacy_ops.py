@@ -397,6 +397,18 @@ _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] =
 }
 
 
+class _LegacyShape(tuple):
+    """A legacy ``Variable``'s shape with the ``numel()`` of dygraph and PIR shapes
+    (``paddle.Size``), which ``F.scaled_dot_product_attention`` calls in Paddle 3.3.1
+    (AttributeError on the legacy tuple). Unknown (-1) dimensions give a negative count."""
+
+    def numel(self) -> int:
+        count = 1
+        for size in self:
+            count *= size
+        return count
+
+
 @contextlib.contextmanager
 def legacy_ir_fallback() -> Iterator[None]:
     """Lets every PIR-only Paddle API be traced into a legacy program (see module docstring)."""
@@ -443,6 +455,9 @@ def legacy_ir_fallback() -> Iterator[None]:
         if not hasattr(variable, "is_cuda"):
             variable.is_cuda = property(lambda self: False)
             added.append("is_cuda")
+        shape = vars(variable)["shape"]
+        patched.append((variable, "shape", shape))
+        variable.shape = property(lambda self: _LegacyShape(shape.fget(self)))
         yield
     finally:
         for name in added:
