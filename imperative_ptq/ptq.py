@@ -52,6 +52,7 @@ from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .registry import PTQRegistry
+from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
 from .rollback import restored_on_failure
 from .session import CalibrationSession, LayerState, calibrating_session
 from .targets import get_target
@@ -165,6 +166,8 @@ class ImperativePTQ:
         model.eval()
         if fuse:
             fuse_layers(model, fuse_list)
+        fold_weight_reparametrizations(model)
+        computed_weights = set(computed_weight_layers(model))
 
         config = self._quant_config
         session = CalibrationSession(model, self._asynchronous, functools.partial(_new_state, config))
@@ -179,6 +182,14 @@ class ImperativePTQ:
                 or getattr(layer, "skip_quant", False) is True
                 or any(layer in composite.sublayers() for composite in hooked_composites)
             ):
+                continue
+            if name in computed_weights:
+                logger.warning(
+                    "%s (%s) stays fp32: its weight is a tensor a forward-pre-hook computes, "
+                    "not a parameter, so there is no weight to quantize (weight_norm and "
+                    "spectral_norm are folded; fold other reparametrizations before quantize)",
+                    name, type(layer).__name__,
+                )
                 continue
             if info.composite:
                 hooked_composites.append(layer)
