@@ -32,6 +32,7 @@ from .graph import (
     new_persistable, op_index, producers, readers, remove_op, set_tensor, transposed_matmul,
 )
 from ..shifted_input import shifted_levels
+from .integer_weights import read_integer_weights_through_copies
 from .rnn_fusion import fuse_lstm_ops
 from .shifted import absorb_shift, insert_shift, shifted_u8_threshold
 from .tracing import LayerRecord, model_activation_bits
@@ -538,6 +539,7 @@ def quantize_program(
     loaded.program._sync_with_cpp()
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
+    read_integer_weights_through_copies(loaded)
     logger.info(
         "int8 program: %d int8 weights, %d activation QDQ pairs, %d output scales, %d conv/fc "
         "ops kept fp32",
