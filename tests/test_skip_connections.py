@@ -12,6 +12,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
+from avx2_kernels import paddle_inference_outputs
 from models import X86_TARGETS, converted, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 from ties import simulation_up_to_ties
 
@@ -97,6 +98,87 @@ def test_max_pools_into_a_concat_run_as_simulated(branch, target, tmp_path) -> N
     quantized = converted(model, batches, target)
     x = rng.standard_normal([2, 3, SIZE, SIZE]).astype("float32")
     assert largest_error_in_paddle_inference(quantized, x, tmp_path, bound=1e-5) < 1e-5  # measured 3e-7
+
+
+class _MixedSignConcat(paddle.nn.Layer):
+    """YOLOv3's FPN route: a ``activation`` branch (upsampled or not) concatenated with a ReLU
+    one, read by an int8 1x1 conv."""
+
+    def __init__(self, activation: str, upsample: bool) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.relu_branch = nn.Conv2D(8, 8, 1)
+        self.route = nn.Conv2D(8, 8, 3, stride=2 if upsample else 1, padding=1)
+        self.head = nn.Conv2D(16, 8, 1)
+        self.activation, self.upsample = getattr(nn.functional, activation), upsample
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        route = self.activation(self.route(x))
+        if self.upsample:
+            route = paddle.nn.functional.interpolate(route, scale_factor=2.0)
+        return self.head(paddle.concat([route, paddle.nn.functional.relu(self.relu_branch(x))], axis=1))
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "swish"])
+@pytest.mark.parametrize("upsample", [False, True], ids=["same-size", "upsampled"])
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_concat_of_signed_and_unsigned_branches_runs(activation, upsample, target, tmp_path, avx2_runner) -> None:
+    """oneDNN joins int8 inputs of one sign only: on x86-vnni, Paddle ran the concat int8 on
+    an s8 and a u8 input and failed to create the predictor ("could not create a primitive
+    descriptor for a concat primitive"); the concat now runs in float, as the simulation
+    computes it (measured 1.4e-7 .. 2.9e-7 of the largest output, both targets)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 8, 16, 16]).astype("float32")) for _ in range(2)]
+    quantized = converted(_MixedSignConcat(activation, upsample), batches, target)
+    x = rng.standard_normal([2, 8, 16, 16]).astype("float32")
+    runner = avx2_runner if target == "x86" else None
+    assert largest_error_in_paddle_inference(quantized, x, tmp_path, bound=1e-5, avx2_runner=runner) < 1e-5
+
+
+class _SharedSignedPool(paddle.nn.Layer):
+    """A max-pool of a Swish (a PP-YOLOE-style SPP route) read by a concat in front of an int8
+    conv and by an int8 conv of its own (``two_convs``: by two convs)."""
+
+    def __init__(self, two_convs: bool) -> None:
+        super().__init__()
+        nn = paddle.nn
+
+        def conv_bn_swish(channels_in: int, channels_out: int, kernel: int, stride: int = 1) -> nn.Layer:
+            return nn.Sequential(nn.Conv2D(channels_in, channels_out, kernel, stride, kernel // 2, bias_attr=False),
+                                 nn.BatchNorm2D(channels_out), nn.Swish())
+
+        self.two_convs = two_convs
+        self.pooled, self.other = conv_bn_swish(8, 16, 3), conv_bn_swish(8, 16, 3, 2)
+        self.first = conv_bn_swish(16 if two_convs else 32, 16, 1)
+        self.second = conv_bn_swish(16, 16, 1)
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        pooled = paddle.nn.functional.max_pool2d(self.pooled(x), 2)
+        first = pooled if self.two_convs else paddle.concat([self.other(x), pooled], axis=1)
+        return [self.first(first), self.second(pooled)]
+
+
+@pytest.mark.parametrize("two_convs", [False, True], ids=["concat-and-conv", "two-convs"])
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_signed_pool_with_several_readers_runs_as_simulated(two_convs, target, tmp_path, avx2_runner) -> None:
+    """Before, on x86-vnni, Paddle ran the pool int8 on the concat's scale (its propagation
+    crosses the pool) and the second conv read those codes, clipped at the concat reader's
+    threshold: 18% of that conv's largest output off; each reader now gets the float pool
+    through a clip of its own (measured 1.7e-7 .. 2.9e-7, both targets)."""
+    paddle.seed(0)
+    model = _SharedSignedPool(two_convs)
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 8, 16, 16]).astype("float32")) for _ in range(2)]
+    quantized = converted(model, batches, target)
+    x = rng.standard_normal([2, 8, 16, 16]).astype("float32")
+    simulated = [output.numpy() for output in quantized(paddle.to_tensor(x))]
+    prefix = str(tmp_path / "m")
+    ip.ImperativePTQ().save_quantized_model(quantized, prefix, [paddle.static.InputSpec([None, 8, 16, 16], "float32", "x")])
+    for ran in paddle_inference_outputs(prefix, [x], avx2_runner if target == "x86" else None).values():
+        for got, expected in zip(ran, simulated, strict=True):
+            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("quantizer", [ip.KLQuantizer, ip.HistQuantizer])

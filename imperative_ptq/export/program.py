@@ -452,6 +452,7 @@ def quantize_program(
         index += inserted + 1
 
     _quantize_activation_matmuls(loaded, records, written, dequantized_inputs, narrow_below_8_bits=unsigned_inputs)
+    _resample_signed_tensors_in_float(block)
     _isolate_quantized_shared_outputs(block)
     pieces = _isolate_sliced_pieces(loaded)
     on_codes = {
@@ -643,7 +644,8 @@ def _concat_inputs_beside_fp32_layers(
     fp32 conv no longer marks it unsigned) next to the u8 outputs of int8 convs, and oneDNN
     then fails to build the concat ("could not create a primitive descriptor for a concat
     primitive", measured on paddle.vision's GoogLeNet). Without scales on its inputs the
-    concat stays fp32. With ``isolate``, an identity ``clip`` after the concat keeps a scale
+    concat stays fp32. With ``isolate`` (Paddle Inference programs) the same holds for a
+    concat of int8 layers' outputs of both signs (:func:`_mixed_signs`). With ``isolate``, an identity ``clip`` after the concat keeps a scale
     on its output (the quantize op of an int8 layer reading it, as in a U-Net's decoder on
     ``x86-vnni``) from spreading back to its inputs: Paddle's scale propagation crosses a
     concat but not a clip.
@@ -654,7 +656,8 @@ def _concat_inputs_beside_fp32_layers(
         if op.type != "concat":
             continue
         chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
-        if any(producer is not None and id(producer) in fp32_ids for producer, _ in chains):
+        beside_fp32 = any(producer is not None and id(producer) in fp32_ids for producer, _ in chains)
+        if beside_fp32 or (isolate and _mixed_signs(block, op.input("X"), writers)):
             names.extend(name for _, chain in chains for name in chain)
             # A ReLU after the concat is fused into the convs before it
             # (conv_concat_relu_mkldnn_fuse_pass): its output is the concat's.
@@ -665,6 +668,25 @@ def _concat_inputs_beside_fp32_layers(
             elif isolate and after:
                 _insert_identity_clip(block, op, out, after)
     return names
+
+
+def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:
+    """Whether Paddle's int8 pipeline would hand a concat of ``names`` both u8 and s8 inputs,
+    which oneDNN cannot join ("could not create a primitive descriptor for a concat
+    primitive", measured on ``x86-vnni``: a leaky-ReLU or Swish branch, upsampled or not,
+    concatenated with a ReLU one, YOLOv3's FPN). A tensor is u8 where a ReLU wrote it
+    (:func:`.unsigned.runs_unsigned`), also behind ops that pass values on (a resize, a max
+    pool)."""
+
+    def unsigned(name: str) -> bool:
+        op = writers.get(name)
+        while op is not None and op.type != "concat" and _passes_values(op):
+            name = op.input("X")[0]
+            op = writers.get(name)
+        return runs_unsigned(block, name, writers)
+
+    signs = {unsigned(name) for name in names}
+    return len(signs) == 2
 
 
 def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
@@ -1205,6 +1227,43 @@ def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
         walked.append(op)
         name = op.input(_LAYOUT_OPS[op.type])[0]
     return name, walked
+
+
+#: Ops that resample a tensor's values, which Paddle runs int8 between two scaled tensors.
+_RESAMPLING_OPS = frozenset({"pool2d", "nearest_interp_v2"})
+
+
+def _resample_signed_tensors_in_float(block: "paddle.static.Block") -> int:
+    """Gives each reader of a max-pool's or nearest upsample's signed output (s8 in Paddle: a
+    Swish, LeakyReLU or BatchNorm output, not a ReLU's) read by several ops its own identity
+    ``clip`` of it.
+
+    Paddle's scale propagation crosses the resampling op and reaches its input, so the op ran
+    int8 on the scale of one reader's path and every other reader got those codes: a max-pool
+    of a Swish read by a concat (an int8 conv's input, threshold 4.8) and by a conv of its own
+    (threshold 6.3) clipped the second reader's values at 4.8 (measured on ``x86-vnni``: 18%
+    of that conv's largest output off, a PP-YOLOE-style SPP route). The simulation resamples in
+    float and each reader quantizes with its threshold; with a clip per reader (a clip stops
+    the propagation) the resampling runs in float and each clip's output carries its reader's
+    scale. A u8 source is left to :func:`_align_pooled_scales`.
+
+    Returns:
+        How many clips were inserted.
+    """
+    writers, reading = producers(block), readers(block)
+    inserted = 0
+    for op in list(block.ops):
+        if op.type not in _RESAMPLING_OPS or not _passes_values(op):
+            continue
+        out = op.output("Out")[0]
+        consumers = reading.get(out, [])
+        if len(consumers) < 2 or runs_unsigned(block, op.input("X")[0], writers):
+            continue
+        limit = float(np.finfo(np.float32).max)
+        for number, consumer in enumerate(consumers):
+            insert_reader_op(block, op, out, [consumer], "clip", f"resampled_{number}", {"min": -limit, "max": limit})
+            inserted += 1
+    return inserted
 
 
 def _isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
