@@ -190,7 +190,39 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
         remove_op(block, list(block.ops).index(op))
     if folded:
         loaded.program._sync_with_cpp()
+    _broadcast_deformable_conv_biases(loaded, writers)
     return len(folded)
+
+
+def _broadcast_deformable_conv_biases(loaded: LegacyProgram, writers: Mapping) -> int:
+    """Stores the bias of each ``deformable_conv`` (``paddle.vision.ops.DeformConv2D``, traced
+    as an ``elementwise_add`` of a [C] parameter on ``axis=1``) as [1, C, 1, 1], added on the
+    default axis.
+
+    Paddle Inference's oneDNN add broadcasts a [C] operand over the last axis whatever
+    ``axis`` says, and nothing fuses this bias into the deformable conv, so every program with
+    one failed at run time ("Broadcast dimension mismatch ... X = [2, 16, 8, 8] and the shape
+    of Y = [16]"), the fp32 export too.
+
+    Returns:
+        How many biases were rewritten.
+    """
+    block = loaded.program.global_block()
+    rewritten = 0
+    for add in block.ops:
+        if add.type != "elementwise_add" or add.attr("axis") != 1:
+            continue
+        writer = writers.get(add.input("X")[0])
+        bias = add.input("Y")[0]
+        if writer is None or writer.type not in ("deformable_conv", "deformable_conv_v1") or not is_persistable(block, bias):
+            continue
+        value = get_tensor(loaded, bias)
+        if value.ndim != 1:
+            continue
+        add._rename_input(bias, new_persistable(loaded, f"{bias}.nchw", value.reshape(1, -1, 1, 1)))
+        add._set_attr("axis", -1)
+        rewritten += 1
+    return rewritten
 
 
 def add_zero_biases(loaded: LegacyProgram, weights: Mapping[str, LayerRecord]) -> int:
