@@ -95,3 +95,40 @@ def test_dynamic_weights_are_unsigned_unless_too_narrow_to_saturate(bits: int, e
     quantized = quantize_dynamic(paddle.nn.Sequential(paddle.nn.Linear(64, 32)), weight_bits=bits)
     path = export_onnx(quantized, tmp_path / "d.onnx", [paddle.static.InputSpec([None, 64], "float32")])
     assert _weight_types(path) == [(expected, expected)]
+
+
+class _TinyInputLargeBias(paddle.nn.Layer):
+    """An untrained detection head: near-constant features (range ~1e-9) into a 1x1 conv with
+    a prior-probability bias of -4.6, then a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = paddle.nn.Conv2D(4, 8, 3, padding=1)
+        self.score = paddle.nn.Conv2D(8, 4, 1, bias_attr=paddle.ParamAttr(initializer=paddle.nn.initializer.Constant(-4.595)))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.sigmoid(self.score(paddle.nn.functional.relu(self.features(x)) * 1e-9))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni", "arm"])
+def test_a_bias_beyond_the_int32_grid_is_added_in_float(target, tmp_path) -> None:
+    """The bias on the int32 grid of the conv's input x weight scales (2.5e-15 here) would be
+    -1.9e15: stored as int32 it wrapped to -2**31 and ONNX Runtime gave every score 0.5 where
+    the simulation gives 0.01 (a PicoDet head, random weights); the conv now runs without it
+    and adds it in float."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    paddle.seed(0)
+    model = _TinyInputLargeBias()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [rng.random((2, 4, 6, 6), np.float32) for _ in range(2)], progress=False)
+    ptq.convert(quantized)
+    assert isinstance(quantized.score, ip.QuantizedLayer)
+    x = rng.random((2, 4, 6, 6), np.float32)
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    path = export_onnx(quantized, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 4, 6, 6], "float32", "x")])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], simulated, rtol=1e-5)
+    assert abs(float(simulated.mean()) - 0.01) < 1e-3

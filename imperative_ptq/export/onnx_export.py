@@ -811,9 +811,21 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
             w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
             b_scale = (x_scale[0] * w_scale).astype(np.float32)
+            codes = np.round(bias.astype(np.float64) / b_scale)
+            if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+                # The bias on the int32 grid of input x weight scales would overflow (a tiny
+                # input range, such as the near-constant features of an untrained head next
+                # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
+                # the conv runs without it and the bias is added in float after it.
+                attrs = self._conv_attributes(op, list(weight.shape[2:]))
+                sums = self._node("Conv", [x, w], out + ".unbiased", **attrs)
+                added = self._const("bias", bias.astype(np.float32).reshape(1, -1, 1, 1))
+                self._bind(out, self._node("Add", [sums, added], out))
+                self.skip.update(id(a) for a in absorbed)
+                return
             b = self._node(
                 "DequantizeLinear",
-                [self._const("bias", np.round(bias / b_scale).astype(np.int32)),
+                [self._const("bias", codes.astype(np.int32)),
                  self._const("b_scale", b_scale),
                  self._const("b_zero", np.zeros_like(b_scale, dtype=np.int32))],
                 "bias.dq", axis=0,
