@@ -204,6 +204,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "unpool": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y, 2, 2, return_mask=True), 2, 2)), True),
     "unpool/output_size": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y[:, :, :15, :15], 3, 2, padding=1, return_mask=True), 3, 2, padding=1, output_size=[15, 15])), True),
     "conv2d_transpose/output_size": (_TransposedToSize, True),
+    # CenterNet's DLA-up: a depthwise transposed conv upsampling by 2.
+    "depthwise_conv2d_transpose": (lambda: nn.Conv2DTranspose(8, 8, 4, stride=2, padding=1, groups=8), True),
     "maxout": (lambda: nn.Maxout(2), False),
     "lp_pool2d": (lambda: nn.LPPool2D(2, 2), True),
     "rrelu": (lambda: nn.RReLU(0.1, 0.3), True),
