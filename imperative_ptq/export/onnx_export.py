@@ -59,6 +59,11 @@ __all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
+#: Convs every export keeps fp32 (no int8 kernel in either runtime).
+_FLOAT_CONV_OPS = frozenset({
+    "conv2d_transpose", "depthwise_conv2d_transpose", "deformable_conv", "deformable_conv_v1",
+})
+
 #: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
 INT4_OPSET = 21
 
@@ -258,7 +263,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         #: Inputs of int8 layers, quantized on the simulation's grid of their threshold.
         self.layer_inputs: set[str] = set()
         #: Op types converted by :class:`.onnx_float_ops.FloatOpConverters`.
-        self.float_op_types = frozenset(self.float_dispatch())
+        # Ops computing in float that are not in the mixin: the transposed and deformable convs
+        # the simulation keeps fp32 read a tensor an int8 layer quantizes as floats too.
+        self.float_op_types = frozenset(self.float_dispatch()) | _FLOAT_CONV_OPS
         self.thresholds = self._activation_thresholds(records)
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
@@ -890,6 +897,32 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         out = self._out(op, "Output")
         w = self._const(op.input("Filter")[0], weight)
         self._bind(out, self._node("ConvTranspose", [self._in(op, "Input"), w], out, **attrs))
+
+    #: The first opset with ``DeformConv``.
+    _DEFORM_CONV_OPSET = 19
+
+    def _deformable_conv(self, op) -> None:
+        """``paddle.vision.ops.deform_conv2d`` (with a modulation mask: ``deformable_conv``;
+        without: ``deformable_conv_v1``) as ONNX's ``DeformConv``, in float (no int8 kernel in
+        either runtime): the offsets' layout, ``(dy, dx)`` per kernel point and offset group,
+        and the mask's are ONNX's. Its bias is the add after it."""
+        if self.opset < self._DEFORM_CONV_OPSET:
+            raise NotImplementedError(
+                f"{op.type} is ONNX's DeformConv from opset {self._DEFORM_CONV_OPSET} on: pass "
+                f"opset={self._DEFORM_CONV_OPSET} or higher to export_onnx"
+            )
+        weight = self._param(op.input("Filter")[0]).astype(np.float32)
+        paddings = list(op.attr("paddings"))
+        inputs = [self._in(op, "Input"), self._const(op.input("Filter")[0], weight), self._in(op, "Offset")]
+        if "Mask" in op.input_names and op.input("Mask"):
+            inputs += ["", self._in(op, "Mask")]
+        out = self._out(op, "Output")
+        self._bind(out, self._node(
+            "DeformConv", inputs, out, strides=list(op.attr("strides")),
+            dilations=list(op.attr("dilations")), pads=paddings + paddings,
+            group=int(op.attr("groups")), offset_group=int(op.attr("deformable_groups")),
+            kernel_shape=list(weight.shape[2:]),
+        ))
 
     def _transposed_output_padding(self, op, kernel: list[int], pads: list[int]) -> list[int]:
         """The ``output_padding`` by which a transposed conv's default output size,
@@ -1573,6 +1606,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             "bmm": self._activation_matmul, "pool2d": self._pool,
             "max_pool2d_with_index": self._pool, "unpool": self._unpool, "concat": self._concat,
             "conv2d_transpose": self._conv_transpose, "depthwise_conv2d_transpose": self._conv_transpose,
+            "deformable_conv": self._deformable_conv, "deformable_conv_v1": self._deformable_conv,
             "split": self._split,
             "squeeze2": self._squeeze, "unsqueeze2": self._squeeze, "rnn": self._rnn,
             **dict.fromkeys(_ELEMENTWISE_OPS, self._elementwise),
