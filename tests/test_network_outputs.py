@@ -380,3 +380,45 @@ def test_feature_maps_in_onnx_runtime_on_the_simulated_codes(target, tmp_path) -
             step = block.relu.threshold / 127
             codes = returned / step
             assert np.abs(codes - np.rint(codes)).max() <= 1e-3 and codes.max() > 127
+
+
+class _PreActivationReadTwice(nn.Layer):
+    """A conv (+ BatchNorm) whose output a ReLU -> int8 conv reads, and which the network also
+    returns and reads through a sigmoid."""
+
+    def __init__(self, batch_norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2D(8) if batch_norm else None
+        self.head = nn.Conv2D(8, 8, 3, padding=1)
+        if batch_norm:
+            randomize_batch_norm_statistics(self, seed=4)
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        y = self.conv(x)
+        if self.norm is not None:
+            y = self.norm(y)
+        return [self.head(nn.functional.relu(y)), y, nn.functional.sigmoid(y)]
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["conv", "conv-bn"])
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_pre_activation_read_beside_its_relu_runs_as_simulated(batch_norm, target, tmp_path, avx2_runner) -> None:
+    """The export scales a conv whose ReLU only int8 layers read (a relu6 on a scaled tensor
+    writes their codes); with the pre-activation read by other ops too, they read the scaled
+    values and oneDNN does not fuse the relu6 (measured before: the returned pre-activation
+    2.2x the simulation's largest value off, the sigmoid 0.26, the int8 reader 1.5e-2; 1e-7 ..
+    5e-7 now, up to a rounding tie of the int8 reader's input): such a conv is left unscaled."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)) for _ in range(3)]
+    qmodel = converted(_PreActivationReadTwice(batch_norm), batches, target)
+    prefix = str(tmp_path / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
+    x = rng.random((8, 3, SIZE, SIZE), np.float32)
+    for ran in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
+        for index, returned in enumerate(ran):
+            simulated, flipped = simulation_up_to_ties(
+                lambda: qmodel(paddle.to_tensor(x))[index].numpy(), returned, 1e-5
+            )
+            assert relative_error(returned, simulated) <= 1e-5, (index, flipped)
