@@ -459,15 +459,21 @@ class FloatOpConverters:
         self._bind(out, self._node("Cast", [reduced], out, to=self.onnx.TensorProto.BOOL))
 
     def _floor_divide(self, op) -> None:
-        """elementwise_floordiv / elementwise_mod of floats: ``floor(x / y)`` and Paddle's
-        remainder with the divisor's sign, ``x - floor(x / y) * y``. Integers (whose ``Div``
-        truncates in ONNX) are not exported."""
+        """elementwise_floordiv / elementwise_mod: of floats ``floor(x / y)`` and Paddle's
+        remainder with the divisor's sign, ``x - floor(x / y) * y``; of integers (whose ``Div``
+        truncates in ONNX; a sequence length over a stride) ONNX's ``Mod``, which takes the
+        divisor's sign too, and ``(x - x mod y) / y``, a division without remainder."""
         if op.has_attr("axis") and int(op.attr("axis")) != -1:
             raise NotImplementedError(f"{op.type} with axis {op.attr('axis')} is not exported")
         out = self._out(op)
-        if not np.issubdtype(numpy_dtype(self.block._find_var_recursive(out).dtype), np.floating):
-            raise NotImplementedError(f"{op.type} of integers is not exported")
         x, y = self._in(op), self._in(op, "Y")
+        if not np.issubdtype(numpy_dtype(self.block._find_var_recursive(out).dtype), np.floating):
+            remainder = self._node("Mod", [x, y], out + ".mod" if op.type == "elementwise_floordiv" else out, fmod=0)
+            if op.type == "elementwise_mod":
+                self._bind(out, remainder)
+                return
+            self._bind(out, self._node("Div", [self._node("Sub", [x, remainder], out + ".whole"), y], out))
+            return
         quotient = self._node("Floor", [self._node("Div", [x, y], out + ".div")], out + ".floor")
         if op.type == "elementwise_floordiv":
             self._bind(out, quotient)
