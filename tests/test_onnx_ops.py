@@ -183,6 +183,10 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "gather": (lambda: _Function(lambda y: paddle.gather(y, REVERSED_CHANNELS(), axis=1)), True),
     "bmm": (lambda: _Function(lambda y: paddle.bmm(y.reshape([-1, 8, SIZE * SIZE]), y.reshape([-1, SIZE * SIZE, 8]))), False),
     "stack": (lambda: _Function(lambda y: paddle.stack([y, y * 2.0], axis=1)), False),
+    # Picking (channel, row) pairs of every image: an index over the leading axes after a
+    # transpose, as a detector gathers its top-k anchors.
+    "gather_nd": (lambda: _Function(lambda y: paddle.gather_nd(
+        y.transpose([1, 2, 0, 3]), paddle.to_tensor([[0, 1], [3, 2], [7, 0]]))), False),
     "reduce_sum": (lambda: _Function(lambda y: paddle.sum(y, axis=[2, 3])), False),
     "reduce_max": (lambda: _Function(lambda y: paddle.max(y, axis=1, keepdim=True)), False),
     "reduce_min": (lambda: _Function(lambda y: paddle.min(y, axis=-1)), False),

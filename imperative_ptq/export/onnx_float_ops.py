@@ -119,7 +119,7 @@ class FloatOpConverters:
             "cast": self._cast, "batch_norm": self._batch_norm, "layer_norm": self._layer_norm,
             "instance_norm": self._instance_norm, "group_norm": self._group_norm,
             "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack,
-            "gather": self._gather, "arg_max": self._arg_max, "p_norm": self._p_norm,
+            "gather": self._gather, "gather_nd": self._gather_nd, "arg_max": self._arg_max, "p_norm": self._p_norm,
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate, "linear_interp_v2": self._interpolate,
             "where": self._where,
@@ -1261,6 +1261,13 @@ class FloatOpConverters:
             axis = int(np.reshape(value, -1)[0])
         out = self._out(op)
         self._bind(out, self._node("Gather", [self._in(op), self._in(op, "Index")], out, axis=axis))
+
+    def _gather_nd(self, op) -> None:
+        """gather_nd: ``index``'s last axis indexes ``x``'s leading axes, ONNX's ``GatherND``
+        (``batch_dims`` 0; int64 indices)."""
+        out = self._out(op)
+        index = self._node("Cast", [self._in(op, "Index")], out + ".index", to=self.onnx.TensorProto.INT64)
+        self._bind(out, self._node("GatherND", [self._in(op), index], out))
 
     def _embedding(self, op) -> None:
         """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
