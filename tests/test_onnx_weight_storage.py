@@ -132,3 +132,43 @@ def test_a_bias_beyond_the_int32_grid_is_added_in_float(target, tmp_path) -> Non
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], simulated, rtol=1e-5)
     assert abs(float(simulated.mean()) - 0.01) < 1e-3
+
+
+class _ConvNormActivation(paddle.nn.Layer):
+    def __init__(self, activation: str) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.conv, self.norm = nn.Conv2D(3, 16, 3, padding=1, bias_attr=False), nn.BatchNorm2D(16)
+        self.activation = getattr(nn.functional, activation)
+        self.head = nn.Conv2D(16, 4, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.activation(self.norm(self.conv(x))))
+
+
+@pytest.mark.parametrize("activation", ["swish", "hardswish", "leaky_relu"])
+@pytest.mark.parametrize("target", ["x86-vnni", "arm"])
+def test_a_conv_onnx_runtime_runs_in_float_keeps_a_float_bias(activation, target, tmp_path) -> None:
+    """Before a Swish, Hardswish or LeakyReLU ONNX Runtime runs the conv in float on the
+    dequantized input and weight (no QLinearConv), so the bias stays float there: as int32 on
+    the input x weight grid its rounding moved near-tie codes (measured: 3.4e-3 of the largest
+    output off the simulation on 3% of the outputs with a BatchNorm folded in; 2e-7 now)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from models import randomize_batch_norm_statistics
+
+    paddle.seed(0)
+    model = _ConvNormActivation(activation)
+    randomize_batch_norm_statistics(model, seed=2)
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [rng.standard_normal((4, 3, 16, 16)).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    x = rng.standard_normal((4, 3, 16, 16)).astype("float32")
+    path = export_onnx(quantized, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    convs = [node for node in onnx.load(path).graph.node if node.op_type == "Conv"]
+    assert not convs[0].input[2].startswith("bias.dq")  # float bias before the activation
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * np.abs(simulated).max()
