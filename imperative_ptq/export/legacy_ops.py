@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -403,10 +404,7 @@ class _LegacyShape(tuple):
     (AttributeError on the legacy tuple). Unknown (-1) dimensions give a negative count."""
 
     def numel(self) -> int:
-        count = 1
-        for size in self:
-            count *= size
-        return count
+        return math.prod(self)
 
 
 @contextlib.contextmanager

@@ -820,46 +820,42 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             out = self._out(bn, "Y")
         record = self.weights.get(weight_name)
         x, x_scale = self._layer_input(op, "Input")
-        if record is not None and x_scale is not None:
-            unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
-            w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
-            b_scale = (x_scale[0] * w_scale).astype(np.float32)
-            codes = np.round(bias.astype(np.float64) / b_scale)
-            after = self.readers.get(out, [])
-            if after and out not in self.thresholds and all(r.type in _UNFUSED_ACTIVATIONS for r in after):
-                # ONNX Runtime fuses a QLinearConv only where a QuantizeLinear (perhaps behind a
-                # Relu) follows the conv; before a Swish or Hardswish it runs a float Conv on the
-                # dequantized input and weight, where an int32 bias only adds its rounding
-                # (measured: conv + BatchNorm + Swish -> conv, 3.4e-3 of the largest output off
-                # the simulation on 3% of the outputs; exact with the bias in float).
-                attrs = self._conv_attributes(op, list(weight.shape[2:]))
-                self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
-                self.skip.update(id(a) for a in absorbed)
-                return
-            if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
-                # The bias on the int32 grid of input x weight scales would overflow (a tiny
-                # input range, such as the near-constant features of an untrained head next
-                # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
-                # the conv runs without it and the bias is added in float after it.
-                attrs = self._conv_attributes(op, list(weight.shape[2:]))
-                sums = self._node("Conv", [x, w], out + ".unbiased", **attrs)
-                added = self._const("bias", bias.astype(np.float32).reshape(1, -1, 1, 1))
-                self._bind(out, self._node("Add", [sums, added], out))
-                self.skip.update(id(a) for a in absorbed)
-                return
-            b = self._node(
-                "DequantizeLinear",
-                [self._const("bias", codes.astype(np.int32)),
-                 self._const("b_scale", b_scale),
-                 self._const("b_zero", np.zeros_like(b_scale, dtype=np.int32))],
-                "bias.dq", axis=0,
-            )
-        else:
-            weight = weight * factor.reshape(-1, 1, 1, 1)
-            w, b = self._const(weight_name, weight), self._const("bias", bias.astype(np.float32))
         attrs = self._conv_attributes(op, list(weight.shape[2:]))
-        self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
         self.skip.update(id(a) for a in absorbed)
+        if record is None or x_scale is None:
+            w = self._const(weight_name, weight * factor.reshape(-1, 1, 1, 1))
+            self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
+            return
+        unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
+        w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
+        after = self.readers.get(out, [])
+        if after and out not in self.thresholds and all(r.type in _UNFUSED_ACTIVATIONS for r in after):
+            # ONNX Runtime fuses a QLinearConv only where a QuantizeLinear (perhaps behind a
+            # Relu) follows the conv; before a Swish or Hardswish it runs a float Conv on the
+            # dequantized input and weight, where an int32 bias only adds its rounding
+            # (measured: conv + BatchNorm + Swish -> conv, 3.4e-3 of the largest output off
+            # the simulation on 3% of the outputs; exact with the bias in float).
+            self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
+            return
+        b_scale = (x_scale[0] * w_scale).astype(np.float32)
+        codes = np.round(bias.astype(np.float64) / b_scale)
+        if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+            # The bias on the int32 grid of input x weight scales would overflow (a tiny
+            # input range, such as the near-constant features of an untrained head next
+            # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
+            # the conv runs without it and the bias is added in float after it.
+            sums = self._node("Conv", [x, w], out + ".unbiased", **attrs)
+            added = self._const("bias", bias.astype(np.float32).reshape(1, -1, 1, 1))
+            self._bind(out, self._node("Add", [sums, added], out))
+            return
+        b = self._node(
+            "DequantizeLinear",
+            [self._const("bias", codes.astype(np.int32)),
+             self._const("b_scale", b_scale),
+             self._const("b_zero", np.zeros_like(b_scale, dtype=np.int32))],
+            "bias.dq", axis=0,
+        )
+        self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
 
     @staticmethod
     def _conv_attributes(op, kernel: list[int]) -> dict[str, Any]:

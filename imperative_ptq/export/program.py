@@ -711,21 +711,35 @@ def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:
     (:func:`.unsigned.runs_unsigned`), also behind ops that pass values on (a resize, a max
     pool)."""
 
-    def unsigned(name: str) -> bool:
-        op = writers.get(name)
-        while op is not None and op.type != "concat" and _passes_values(op):
-            name = op.input("X")[0]
-            op = writers.get(name)
-        return runs_unsigned(block, name, writers)
-
-    signs = {unsigned(name) for name in names}
+    signs = {runs_unsigned(block, _value_source(name, writers)[0], writers) for name in names}
     return len(signs) == 2
 
 
-def _insert_identity_clip(block, writer, name: str, consumers: list) -> None:
-    """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``."""
+def _value_source(name: str, writers: Mapping, reading: Mapping | None = None) -> tuple[str, list[str]]:
+    """Walks back from ``name`` through the ops that pass values on (:func:`_passes_values`),
+    concats excepted: the tensor reached and the tensors on the way (``name`` first, the one
+    reached not included). With ``reading``, stops at a tensor other ops read too."""
+    walked = []
+    op = writers.get(name)
+    while op is not None and op.type != "concat" and _passes_values(op):
+        walked.append(name)
+        name = op.input("X")[0]
+        if reading is not None and len(reading.get(name, [])) != 1:
+            break
+        op = writers.get(name)
+    return name, walked
+
+
+def _quantize_threshold(loaded: LegacyProgram, op) -> float:
+    """The threshold a ``quantize_linear`` op quantizes on (its ``Scale``)."""
+    return float(get_tensor(loaded, op.input("Scale")[0]).reshape(-1)[0])
+
+
+def _insert_identity_clip(block, writer, name: str, consumers: list, suffix: str = "isolated") -> None:
+    """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``
+    (its output ``<name>.<suffix>``)."""
     limit = float(np.finfo(np.float32).max)
-    insert_reader_op(block, writer, name, consumers, "clip", "isolated", {"min": -limit, "max": limit})
+    insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
 
 
 def returned_only_outputs(
@@ -1055,22 +1069,12 @@ def _align_signed_resampled_scales(loaded: LegacyProgram, outputs: dict[str, flo
     for op in block.ops:
         if op.type != "quantize_linear":
             continue
-        name = op.input("X")[0]
-        threshold = float(get_tensor(loaded, op.input("Scale")[0]).reshape(-1)[0])
-        writer = writers.get(name)
-        if writer is None or not _passes_values(writer) or writer.type == "concat":
-            continue
-        walked = []
-        while writer is not None and _passes_values(writer) and writer.type != "concat":
-            walked.append(name)
-            name = writer.input("X")[0]
-            if len(reading.get(name, [])) != 1:
-                break
-            writer = writers.get(name)
-        else:
-            walked.append(name)
-        if runs_unsigned(block, name, writers):
-            continue  # a u8 path: _align_pooled_scales
+        source, walked = _value_source(op.input("X")[0], writers, reading)
+        if not walked or runs_unsigned(block, source, writers):
+            continue  # not behind a pool or resize; or a u8 path: _align_pooled_scales
+        if len(reading.get(source, [])) == 1:
+            walked.append(source)  # the activation, read by the pool alone
+        threshold = _quantize_threshold(loaded, op)
         for tensor in walked:
             if tensor in outputs and outputs[tensor] != threshold:
                 outputs[tensor] = threshold
@@ -1339,7 +1343,7 @@ def _resample_signed_tensors_in_float(loaded: LegacyProgram) -> int:
         found: set[float] = set()
         for reader in reading.get(name, []):
             if reader.type == "quantize_linear":
-                found.add(float(get_tensor(loaded, reader.input("Scale")[0]).reshape(-1)[0]))
+                found.add(_quantize_threshold(loaded, reader))
             elif depth < 8 and (_passes_values(reader) or reader.type == "assign"):
                 found |= thresholds(reader.output("Out")[0], depth + 1)
         return found
@@ -1352,9 +1356,8 @@ def _resample_signed_tensors_in_float(loaded: LegacyProgram) -> int:
         consumers = reading.get(out, [])
         if len(consumers) < 2 or runs_unsigned(block, op.input("X")[0], writers) or len(thresholds(out)) < 2:
             continue
-        limit = float(np.finfo(np.float32).max)
         for number, consumer in enumerate(consumers):
-            insert_reader_op(block, op, out, [consumer], "clip", f"resampled_{number}", {"min": -limit, "max": limit})
+            _insert_identity_clip(block, op, out, [consumer], f"resampled_{number}")
             inserted += 1
     return inserted
 
@@ -1438,7 +1441,7 @@ def _isolate_sliced_pieces(loaded: LegacyProgram) -> list[str]:
             groups.setdefault(source, []).append((op, piece))
     pieces: list[str] = []
     for quantized in groups.values():
-        thresholds = {float(get_tensor(loaded, op.input("Scale")[0]).reshape(-1)[0]) for op, _ in quantized}
+        thresholds = {_quantize_threshold(loaded, op) for op, _ in quantized}
         if len(thresholds) < 2:
             continue
         for op, piece in quantized:
