@@ -265,3 +265,58 @@ def test_an_inference_dropout_between_a_relu_and_a_linear_keeps_the_clip(quantiz
     np.testing.assert_allclose(
         predict(create_predictor(prefix, num_threads=1), x)[0], simulated, atol=1e-5 * np.abs(simulated).max()
     )
+
+
+def _optimized_op_types(prefix: str, directory) -> list[str]:
+    """The op types of the int8 program Paddle Inference runs for ``prefix``."""
+    from paddle.inference import create_predictor as paddle_predictor
+
+    from imperative_ptq.export.predictor import predictor_config
+    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+
+    config = predictor_config(prefix, int8=True, num_threads=1)
+    config.set_optim_cache_dir(str(directory))
+    config.enable_save_optim_model(True)
+    paddle_predictor(config)
+    with legacy_static_mode():
+        return [op.type for op in load_legacy_program(str(directory / "_optimized")).program.global_block().ops]
+
+
+def _pooled_conv_net(readers: str) -> paddle.nn.Layer:
+    """conv -> BatchNorm -> ReLU -> max-pool(s) -> int8 conv(s) (``readers``: ``"one"``, two
+    pools in a row, or ``"two"`` convs reading the pool), on a non-negative input."""
+    nn = paddle.nn
+
+    class PooledConvs(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2D(3, 16, 3, padding=1), nn.BatchNorm2D(16), nn.ReLU())
+            self.pools = nn.Sequential(nn.MaxPool2D(2), *([nn.MaxPool2D(3, 2, 1)] if readers == "pools" else []))
+            self.head = nn.Conv2D(16, 8, 3, padding=1)
+            self.second = nn.Conv2D(16, 8, 1) if readers == "two" else None
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            pooled = self.pools(self.stem(x))
+            return self.head(pooled) + (self.second(pooled) if self.second is not None else 0)
+
+    model = PooledConvs()
+    randomize_batch_norm_statistics(model, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("readers", ["one", "pools", "two"])
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_relu_max_pooled_into_int8_convs_stays_int8(readers, target, tmp_path, avx2_runner) -> None:
+    """The ReLU becomes the conv's scaled relu6 (codes 0..127 of the readers' threshold) and
+    Paddle pools those codes in int8 straight into the convs: before, the pool's output was
+    dequantized, clipped, rectified and quantized again (four ops more than fp32 in the demo's
+    ConvNet; the clip and relu in front of the network's u8 input stay)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)) for _ in range(3)]
+    quantized = converted(_pooled_conv_net(readers), batches, target)
+    x = rng.random((4, 3, SIZE, SIZE), np.float32)
+    runner = avx2_runner if target == "x86" else None
+    assert largest_error_in_paddle_inference(quantized, x, tmp_path, bound=1e-5, avx2_runner=runner) < 1e-5
+    types = _optimized_op_types(str(tmp_path / "m"), tmp_path / "optimized")
+    assert "dequantize" not in types and types.count("clip") == 1, types

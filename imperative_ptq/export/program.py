@@ -491,7 +491,11 @@ def quantize_program(
         out for record in records if record.residual_output or record.sum_codes_threshold is not None
         for _, out in record.calls if out
     }
-    _align_pooled_scales(block, rectified, outputs, on_codes)
+    coded_thresholds = {
+        out: record.sum_codes_threshold for record in records if record.sum_codes_threshold is not None
+        for _, out in record.calls if out
+    }
+    _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds)
     _align_signed_resampled_scales(loaded, outputs)
     _keep_average_pools_fp32(block, outputs, records)
     _isolate_fp32_weight_op_outputs(loaded)
@@ -1005,7 +1009,7 @@ def _passes_values(op) -> bool:
 
 def _align_pooled_scales(
     block: "paddle.static.Block", rectified: Mapping[tuple[str, float], str], outputs: dict[str, float],
-    on_codes: set[str],
+    on_codes: set[str], coded_thresholds: Mapping[str, float],
 ) -> None:
     """Gives the tensors between a max-pool's (or a nearest upsample's, or a concat's) input
     and a clipped u8 input the clip's threshold.
@@ -1018,7 +1022,8 @@ def _align_pooled_scales(
     after). Likewise a ReLU output reaching the clip through a nearest upsample and a concat
     (a YOLO-style merge), which Paddle otherwise rounded and clipped on the ReLU's own
     threshold before the concat (0.9% off on one merge, 4e-7 after). ``on_codes``: the
-    tensors the simulation holds on codes (a ReLU an int8 conv writes for a max-pool).
+    tensors the simulation holds on codes (a ReLU an int8 conv writes for a max-pool);
+    ``coded_thresholds``: the thresholds of those ReLUs' codes.
     """
     writers, reading = producers(block), readers(block)
     for (start, threshold) in rectified:
@@ -1037,6 +1042,15 @@ def _align_pooled_scales(
                 if len(reading.get(source, [])) == 1:
                     pending.append(source)
                 elif op.type == "pool2d" and source in writers:
+                    if source in coded_thresholds:
+                        # The simulation holds the source on those codes for every reader,
+                        # the caller too where the network returns it: its conv writes them
+                        # (measured: a returned ReLU written on its own grid, 3e-3 of its
+                        # largest value off, where an int8 conv read its max-pool), and on the
+                        # reader's grid the pool reads them as they are.
+                        outputs[source] = coded_thresholds[source]
+                        if np.float32(coded_thresholds[source]) == np.float32(threshold):
+                            continue
                     # Other ops read the pool's input too (a U-Net's skip connection): the pool
                     # gets a copy of its own, on the reader's grid. Paddle quantized the shared
                     # input with its own scale, pooled the codes and quantized them again

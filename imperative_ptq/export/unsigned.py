@@ -11,7 +11,9 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
   the conv's output (its weights and bias, or the BatchNorm after it) is multiplied by
   ``k``, the readers' weights divided by it and their threshold becomes 6. Integer weights are
   unchanged; only float scales move. (Paddle 3.3.1's ``relu6`` has no threshold attribute:
-  oneDNN's fused clip is always at 6.)
+  oneDNN's fused clip is always at 6.) Max-pools between the ReLU and those layers are looked
+  through: Paddle pools the u8 codes in int8, and a maximum commutes with the scaling and the
+  clip, so the readers read the pool's codes with no fp32 round trip in between.
 * Any other non-negative input (a network input, a pooling, reshape or sigmoid output, a ReLU
   after a BatchNorm or a fc, whose fused relu6 Paddle runs as s8) gets ``relu(clip(x, 0, t))``
   in front of its quantize op (:func:`insert_clip_relu`); the ``relu`` is what makes Paddle
@@ -214,7 +216,8 @@ def clip_fused_relus(
     for name, relu in list(writers.items()):
         if relu.type not in ("relu", "relu6"):
             continue
-        readers_found = _u8_readers(name, reading, weights, result)
+        pooled: list[str] = []
+        readers_found = _u8_readers(name, reading, weights, result, pooled=pooled)
         if readers_found is None:
             continue
         threshold, weight_names = readers_found
@@ -231,7 +234,12 @@ def clip_fused_relus(
             result.weight_factors[weight_name] = 1.0 / factor
         relu.desc.set_type("relu6")
         result.thresholds[name] = RELU6_CLIP
-        if name in outputs:
+        if pooled:
+            # The pools hand the relu6's codes on: one grid, that of the readers (scaled).
+            for tensor in (name, *pooled):
+                outputs[tensor] = RELU6_CLIP
+                result.thresholds[tensor] = RELU6_CLIP
+        elif name in outputs:
             outputs[name] = outputs[name] * factor
     if result.thresholds:
         loaded.program._sync_with_cpp()
@@ -305,26 +313,46 @@ def clip_concat_inputs(
 
 def _u8_readers(
     name: str, reading, weights: Mapping[str, LayerRecord], result: FusedReluClips,
-    eight_bit_only: bool = False,
+    eight_bit_only: bool = False, pooled: list[str] | None = None,
 ) -> tuple[float, list[str]] | None:
     """``(t, weight names)`` when every reader of ``name`` is an int8 conv/fc reading it alone
     as u8 input of one threshold ``t`` (8-bit only, if asked), with a weight no other op reads
-    and no clip has scaled yet; else ``None`` (also when nothing reads it)."""
-    thresholds, weight_names = set(), []
-    for reader in reading.get(name, []):
-        slots = FUSING_OPS.get(reader.type)
-        record = None if slots is None else weights.get(reader.input(slots[0])[0])
-        if (
-            record is None or not record.input_unsigned or reader.input(slots[1]) != [name]
-            or transposed_matmul(reader) or (eight_bit_only and record.activation_bits != 8)
-        ):
+    and no clip has scaled yet; else ``None`` (also when nothing reads it). With ``pooled`` (a
+    list), a max-pool reading ``name`` counts by its own readers (8-bit only), and its output
+    is appended to ``pooled``."""
+    thresholds, weight_names, bits = set(), [], set()
+    pending = [name]
+    while pending:
+        tensor = pending.pop()
+        consumers = reading.get(tensor, [])
+        if not consumers:
             return None
-        weight_name = reader.input(slots[0])[0]
-        if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
-            return None
-        thresholds.add(record.input_threshold)
-        weight_names.append(weight_name)
+        for reader in consumers:
+            if pooled is not None and _is_max_pool(reader):
+                pooled.append(reader.output("Out")[0])
+                pending.append(pooled[-1])
+                continue
+            slots = FUSING_OPS.get(reader.type)
+            record = None if slots is None else weights.get(reader.input(slots[0])[0])
+            if (
+                record is None or not record.input_unsigned or reader.input(slots[1]) != [tensor]
+                or transposed_matmul(reader) or (eight_bit_only and record.activation_bits != 8)
+            ):
+                return None
+            weight_name = reader.input(slots[0])[0]
+            if len(reading.get(weight_name, [])) != 1 or weight_name in result.weight_factors:
+                return None
+            thresholds.add(record.input_threshold)
+            weight_names.append(weight_name)
+            bits.add(record.activation_bits)
+    if pooled and bits != {8}:
+        return None  # (narrower grids keep the clip after the pool, their tested form)
     return (next(iter(thresholds)), weight_names) if len(thresholds) == 1 else None
+
+
+def _is_max_pool(op) -> bool:
+    """A max-pool (its one input's values, int8 in Paddle on one grid)."""
+    return op.type == "pool2d" and op.attr("pooling_type") == "max"
 
 
 def _relu_after(block, writer, name: str, consumers: list) -> str:
