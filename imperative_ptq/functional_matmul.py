@@ -55,8 +55,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Frames above the matmul call searched for the calling layer's ``self``.
-_MAX_FRAMES = 4
+#: Frames above the call searched for the calling layer's ``self``: a helper function may sit
+#: in between, and tracing converts its if/else into nested functions (a Llama-shaped
+#: attention helper behind a flag is the fifth frame below its layer while traced).
+_MAX_FRAMES = 16
 #: Ends the name of a site's sublayer.
 _SITE_SUFFIX = "_matmul"
 #: Modules whose ``matmul`` attribute :func:`install` replaces.

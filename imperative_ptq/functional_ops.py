@@ -52,8 +52,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Frames above the call searched for the calling layer's ``self``.
-_MAX_FRAMES = 4
+#: Frames above the call searched for the calling layer's ``self``: a helper function may sit
+#: in between, and tracing converts its if/else into nested functions (a Llama-shaped
+#: attention helper behind a flag is the fifth frame below its layer while traced).
+_MAX_FRAMES = 16
 #: Modules whose ``concat`` / ``multiply`` attribute :func:`install` replaces.
 _CONCAT_MODULES = ("paddle", "paddle.tensor", "paddle.tensor.manipulation")
 _MULTIPLY_MODULES = ("paddle", "paddle.tensor")
