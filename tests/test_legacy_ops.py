@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 import paddle
 import pytest
+from paddle.incubate.nn.functional import swiglu  # bound by name, as PaddleNLP's Llama does
 
 from imperative_ptq.export import create_predictor, predict
 from imperative_ptq.export.legacy_ops import legacy_op_type
@@ -50,6 +51,9 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "method_logsumexp": lambda x: x.logsumexp(axis=-1),
     "method_any": lambda x: (x > 1).any(axis=-1).astype("float32"),
     "method_diagonal": lambda x: x[:, :, :4].diagonal(axis1=1, axis2=2),
+    # Computed in dygraph and PIR only (None in a legacy trace), imported by name or not.
+    "swiglu": lambda x: swiglu(x, x * 0.5),
+    "swiglu_halves": lambda x: F.swiglu(x),
     # Its legacy branch reads Tensor.is_cuda, which the legacy Variable lacks.
     "lerp": lambda x: paddle.lerp(x, x * 2, 0.3),
     # It calls query.shape.numel(), which the legacy Variable's tuple shape lacks.

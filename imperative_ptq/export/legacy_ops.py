@@ -387,14 +387,34 @@ def _kthvalue(original: Callable) -> Callable:
     return call
 
 
+def _swiglu(original: Callable) -> Callable:
+    """``swiglu`` for a legacy trace: Paddle 3.3.1's computes only in dygraph and PIR and
+    returns ``None`` otherwise (PaddleNLP's Llama MLP: the next Linear failed on ``None``), so
+    a traced call computes its definition, ``silu(x) * y`` (``x`` split in two halves on its
+    last axis without ``y``), whose ops :func:`legacy_ir_fallback` records."""
+
+    @functools.wraps(original)
+    def call(x: Any, y: Any = None, name: str | None = None) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x):
+            return original(x, y, name=name)
+        if y is None:
+            x, y = paddle.chunk(x, 2, axis=-1)
+        return paddle.multiply(paddle.nn.functional.silu(x), y)
+
+    return call
+
+
 #: Paddle APIs whose own legacy-IR branch fails or computes something else in Paddle 3.3.1:
-#: ``(module, name) -> shim``.
+#: ``(module, name) -> shim``. Every module binding the same function (``from
+#: paddle.incubate.nn.functional import swiglu`` in a model's code) gets the shim too.
 _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] = {
     ("paddle.nn.functional", "normalize"): _normalize,
     ("paddle.nn.functional.norm", "normalize"): _normalize,
     ("paddle", "kthvalue"): _kthvalue,
     ("paddle.tensor", "kthvalue"): _kthvalue,
     ("paddle.tensor.search", "kthvalue"): _kthvalue,
+    ("paddle.nn.functional", "swiglu"): _swiglu,
+    ("paddle.incubate.nn.functional", "swiglu"): _swiglu,
 }
 
 
@@ -430,15 +450,26 @@ def legacy_ir_fallback() -> Iterator[None]:
                     wrapper = wrappers[key] = _fallback(f"paddle._C_ops.{c_ops[key]}", value)
                 patched.append((module, name, value))
                 setattr(module, name, wrapper)
+        shims: dict[int, tuple[Any, Callable]] = {}  # id(original) -> (original, shimmed)
         for (module_name, name), shim in _BROKEN_LEGACY_BRANCHES.items():
             module = sys.modules.get(module_name)
-            if module is not None and callable(getattr(module, name, None)):
-                original = getattr(module, name)
-                patched.append((module, name, original))
-                setattr(module, name, shim(original))
-                if vars(variable).get(name) is original:  # the method form, x.kthvalue(...)
-                    patched.append((variable, name, original))
-                    setattr(variable, name, shim(original))
+            original = getattr(module, name, None) if module is not None else None
+            if callable(original) and id(original) not in shims:
+                shims[id(original)] = (original, shim(original))
+        if shims:
+            for module in list(sys.modules.values()):
+                if not isinstance(module, types.ModuleType):
+                    continue
+                for name, value in list(vars(module).items()):
+                    entry = shims.get(id(value))
+                    if entry is not None and entry[0] is value:
+                        patched.append((module, name, value))
+                        setattr(module, name, entry[1])
+            for name, value in list(vars(variable).items()):  # the method form, x.kthvalue(...)
+                entry = shims.get(id(value))
+                if entry is not None and entry[0] is value:
+                    patched.append((variable, name, value))
+                    setattr(variable, name, entry[1])
         # Methods of the legacy Variable that Paddle 3.3.1 binds straight to a PIR-only C op
         # (``x.sum(-1)``, ``x.exp()``, ``x.sigmoid()``: 53 of them) take PIR values only, and
         # positional Python arguments (an int axis) where the C op wants tensors: the public
