@@ -308,6 +308,14 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "argsort/descending": (lambda: _Function(lambda y: paddle.sort(y, axis=-1, descending=True)), True),
     "slice": (lambda: _SliceToShape(), True),
     "size": (lambda: _Function(lambda y: y * 1000.0 / paddle.cast(paddle.numel(y), "float32")), True),
+    # Integer clip (DeBERTa's relative positions): bounds in the input's type.
+    "clip/int64": (lambda: _Function(
+        lambda y: y * paddle.clip(paddle.arange(paddle.shape(y)[3]) - 3, 0, 5).astype("float32")), True),
+    # Repeats computed in the graph (DeBERTa-v2's tile by the batch size).
+    "tile/tensor": (lambda: _Function(lambda y: y * paddle.tile(y[:1], [paddle.shape(y)[0], 1, 1, 1])), True),
+    # Masks joined with & and negated with ~ (PaddleNLP decoders' causal and padding masks).
+    "bitwise_and": (lambda: _Function(lambda y: y * ((y > 0.2) & (y < 0.8)).astype("float32")), True),
+    "bitwise_not": (lambda: _Function(lambda y: y * (~(y > 0.5)).astype("float32")), True),
 }
 
 

@@ -104,6 +104,7 @@ class FloatOpConverters:
         dispatch: dict[str, Callable[[Any], None]] = {kind: self._unary for kind in UNARY_OPS}
         dispatch.update({kind: self._reduce for kind in _REDUCE_OPS})
         dispatch.update({kind: self._logic for kind in _LOGIC_OPS})
+        dispatch.update({f"bitwise_{kind}": self._bitwise for kind in ("and", "or", "xor", "not")})
         for kinds, converter in (
             (("hard_swish", "hard_sigmoid", "swish", "silu", "mish"), self._gated_activation),
             (("clip", "brelu"), self._clamp),
@@ -294,18 +295,28 @@ class FloatOpConverters:
         self._bind(out, y)
 
     def _clamp(self, op) -> None:
-        """clip (bounds as attributes or as tensors ``Min``/``Max``) and brelu (``F.hardtanh``)."""
+        """clip (bounds as attributes or as tensors ``Min``/``Max``) and brelu (``F.hardtanh``),
+        the bounds in the input's dtype (an int64 clip of relative positions, DeBERTa's: ONNX
+        Runtime refuses a Clip whose bounds' type differs from its input's)."""
         out = self._out(op)
-        bounds = []
+        dtype = numpy_dtype(self.block._find_var_recursive(op.input("X")[0]).dtype)
         if op.type == "brelu":
-            bounds = [self._scalar("min", float(op.attr("t_min"))), self._scalar("max", float(op.attr("t_max")))]
+            values = [float(op.attr("t_min")), float(op.attr("t_max"))]
         else:
-            for slot in ("Min", "Max"):
-                if op.input(slot):  # Paddle takes a [1] or [] tensor; ONNX a scalar
-                    empty = self._const("shape", np.zeros([0], np.int64))
-                    bounds.append(self._node("Reshape", [self._in(op, slot), empty], out + "." + slot.lower()))
-                else:
-                    bounds.append(self._scalar(slot.lower(), float(op.attr(slot.lower()))))
+            values = [None if op.input(slot) else float(op.attr(slot.lower())) for slot in ("Min", "Max")]
+        bounds = []
+        for slot, value in zip(("Min", "Max"), values):
+            stem = out + "." + slot.lower()
+            if value is not None:
+                bounds.append(self._const(stem, np.array(value).astype(dtype)))
+                continue
+            # Paddle takes a [1] or [] tensor; ONNX a scalar of the input's type.
+            empty = self._const("shape", np.zeros([0], np.int64))
+            bound = self._node("Reshape", [self._in(op, slot), empty], stem)
+            given = numpy_dtype(self.block._find_var_recursive(op.input(slot)[0]).dtype)
+            if given != dtype:
+                bound = self._node("Cast", [bound], stem + ".cast", to=self.helper.np_dtype_to_tensor_dtype(dtype))
+            bounds.append(bound)
         self._bind(out, self._node("Clip", [self._in(op), *bounds], out))
 
     # ------------------------------------------------------------------------------ math
@@ -334,6 +345,23 @@ class FloatOpConverters:
         node = self._node(_LOGIC_OPS[op.type], [self._in(op), self._in(op, "Y")], out + ".logic")
         if op.type == "not_equal":
             node = self._node("Not", [node], out)
+        self._bind(out, node)
+
+    def _bitwise(self, op) -> None:
+        """bitwise_and / or / xor / not (``&``, ``|``, ``^``, ``~`` on tensors; a causal mask
+        joined with a padding mask in PaddleNLP's decoders): ONNX's logical ops on bool
+        tensors, its ``Bitwise*`` ops (opset 18) on integers."""
+        out = self._out(op)
+        kind = op.type[len("bitwise_"):].capitalize()
+        inputs = [self._in(op)] + ([] if kind == "Not" else [self._in(op, "Y")])
+        if numpy_dtype(self.block._find_var_recursive(op.input("X")[0]).dtype) == np.bool_:
+            node = self._node(kind, inputs, out)
+        elif self.opset >= 18:
+            node = self._node("Bitwise" + kind, inputs, out)
+        else:
+            raise NotImplementedError(
+                f"{op.type} of integers needs ONNX opset 18 (Bitwise{kind}): export with opset=18"
+            )
         self._bind(out, node)
 
     def _where(self, op) -> None:
@@ -1227,18 +1255,40 @@ class FloatOpConverters:
         self._bind(out, self._node("Cast", [shape], out, to=to))
 
     def _tile(self, op) -> None:
-        """tile by constant ``repeat_times`` (fewer than the rank: the leading axes once;
-        more: ``x`` gets leading axes of size 1 first, as Paddle does)."""
-        self._reject_tensor_inputs(op, "RepeatTimes", "repeat_times_tensor")
-        repeats = [int(r) for r in op.attr("repeat_times")]
+        """tile by ``repeat_times`` (fewer than the rank: the leading axes once; more: ``x``
+        gets leading axes of size 1 first, as Paddle does), constant or computed in the graph
+        (a ``RepeatTimes`` tensor, or a ``repeat_times_tensor`` list of one-element tensors:
+        DeBERTa-v2's ``tile([x.shape[0] // heads, 1, 1])``)."""
         rank = len(self._shape(op.input("X")[0]))
         out = self._out(op)
         x = self._in(op)
-        if len(repeats) > rank:
-            axes = self._const("axes", np.arange(len(repeats) - rank, dtype=np.int64))
+        int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+        given = {slot: op.input(slot) for slot in ("RepeatTimes", "repeat_times_tensor") if slot in op.input_names}
+        if given.get("RepeatTimes"):
+            count = int(np.prod(self._shape(given["RepeatTimes"][0])))
+            parts = [self._node("Cast", [self._in(op, "RepeatTimes")], out + ".repeats", to=int64)]
+        elif given.get("repeat_times_tensor"):
+            names = given["repeat_times_tensor"]
+            count = len(names)
+            shape = self._const("shape", np.array([1], np.int64))
+            parts = [
+                self._node("Reshape", [self._node("Cast", [self._tensor(op, name)], f"{out}.repeat{i}", to=int64), shape],
+                           f"{out}.repeat{i}.flat")
+                for i, name in enumerate(names)
+            ]
+        else:
+            repeats = [int(r) for r in op.attr("repeat_times")]
+            count, parts = len(repeats), None
+        if count > rank:
+            axes = self._const("axes", np.arange(count - rank, dtype=np.int64))
             x = self._node("Unsqueeze", [x, axes], out + ".unsqueezed")
-        repeats = [1] * (rank - len(repeats)) + repeats
-        self._bind(out, self._node("Tile", [x, self._const("repeats", np.array(repeats, np.int64))], out))
+        if parts is None:
+            repeats = self._const("repeats", np.array([1] * (rank - count) + repeats, np.int64))
+        else:
+            if count < rank:
+                parts = [self._const("ones", np.ones(rank - count, np.int64)), *parts]
+            repeats = parts[0] if len(parts) == 1 else self._node("Concat", parts, out + ".repeats_all", axis=0)
+        self._bind(out, self._node("Tile", [x, repeats], out))
 
     def _stack(self, op) -> None:
         names = op.input("X")
