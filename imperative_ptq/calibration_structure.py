@@ -24,6 +24,8 @@ Format, one entry per layer that has an observation (those left out have none)::
 ``wide_input``: that input was written s8 / u8 up to code 255 by a fused residual conv;
 ``constant_operand``: a matmul of two activations read one of them unchanged in every call
 (a parameter transformed in ``forward``, which Paddle Inference folds into an fp32 ``mul``);
+``constant_input``: a layer with a weight read the same input in every call while the model's
+inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp32 constant);
 ``residual_adds``: the adds whose residual operand was the layer's output
 (:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
 or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
@@ -48,7 +50,7 @@ STRUCTURE = "structure"
 _MAX_RANK = 9
 #: Largest code a residual is read up to (a u8 tensor).
 _MAX_TOP = 255
-_FLAGS = ("signed_input", "wide_input", "constant_operand")
+_FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = ("input_sources", "input_rank", *_FLAGS, "residual_adds")
@@ -97,6 +99,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.signed_input = bool(entry.get("signed_input", False))
         state.wide_input = bool(entry.get("wide_input", False))
         state.constant_operand = bool(entry.get("constant_operand", False))
+        state.constant_input = bool(entry.get("constant_input", False))
         state.residual_adds = {
             ResidualAdd(
                 add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"],

@@ -81,6 +81,14 @@ class LayerState:
     #: Per operand of such a layer, its (shape, weighted sum of a spread sample) while every
     #: call gave the same, else ``None``; empty before the first call.
     operand_fingerprints: list[tuple[tuple[int, ...], float] | None] = dataclasses.field(default_factory=list)
+    #: A layer with a weight read the same first input in every call while the model's inputs
+    #: changed (a Linear of a parameter, DeBERTa's relative-position projection): Paddle
+    #: Inference folds it into a constant computed in fp32.
+    constant_input: bool = False
+    #: That input's fingerprint while every call gave the same (``None`` once it changed),
+    #: and how many calls gave it.
+    input_fingerprint: tuple[tuple[int, ...], float] | None = ()
+    input_calls: int = 0
 
 
 class CalibrationSession:
@@ -155,6 +163,10 @@ class CalibrationSession:
         #: it, directly or through a BatchNorm, read its input (see ``_seen``), that input's
         #: ``id``).
         self._branch_inputs: dict[int, tuple[Any, int, int]] = {}
+        #: The model's first input changed between two calibration calls (so a layer input
+        #: that did not is a constant: ``LayerState.constant_input``); its last fingerprint.
+        self.inputs_changed = False
+        self._inputs_fingerprint: tuple[tuple[int, ...], float] | tuple[()] = ()
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -279,6 +291,13 @@ class CalibrationSession:
             {}, {}, [], {}, {}, {}
         )
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
+        if not self.inputs_changed:
+            first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
+            if first is not None and first.size:
+                print_ = _fingerprint(first)
+                if self._inputs_fingerprint and print_ != self._inputs_fingerprint:
+                    self.inputs_changed = True
+                self._inputs_fingerprint = print_
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
@@ -423,6 +442,8 @@ class CalibrationSession:
         if inputs_quantizer is not None:
             if _is_float_tensor(first):
                 state.input_rank = max(state.input_rank, first.ndim)
+                if state.weight_quantizer is not None and state.second_input_quantizer is None:
+                    self._note_input_fingerprint(state, first)
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
                 collector.submit(inputs_quantizer, [sample], state.name)
                 if first.size:
@@ -450,6 +471,19 @@ class CalibrationSession:
                 "layer %r (%s) returned %s, not a floating-point tensor: its output is not "
                 "calibrated", state.name, type(layer).__name__, _describe(outputs),
             )
+
+    def _note_input_fingerprint(self, state: LayerState, first: paddle.Tensor) -> None:
+        """Updates ``state.constant_input`` from one call's first input (sampled until it
+        changes, as :func:`_note_operands` does)."""
+        if state.input_fingerprint is None:
+            return
+        print_ = _fingerprint(first)
+        if state.input_fingerprint and print_ != state.input_fingerprint:
+            state.input_fingerprint, state.constant_input = None, False
+            return
+        state.input_fingerprint = print_
+        state.input_calls += 1
+        state.constant_input = self.inputs_changed and state.input_calls > 1
 
     def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any, notes_reads: bool = False) -> None:
         """Statistics of an observed-only layer (``LayerInfo.observed_only``): its first two
@@ -520,13 +554,13 @@ _FINGERPRINT_STEP = 2654435761
 
 
 @functools.lru_cache(maxsize=64)
-def _sample_positions(size: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+def _sample_positions(size: int) -> tuple[paddle.Tensor, np.ndarray]:
     """The positions of an operand of ``size`` values that its fingerprint sums, and their
     weights ``1, 2, ...``: a weighted sum, since a plain one is the same for every batch of a
     softmax output (each row sums to 1) and took attention weights for a constant."""
     count = min(size, _FINGERPRINT_VALUES)
     positions = paddle.to_tensor(np.arange(count, dtype=np.int64) * _FINGERPRINT_STEP % size)
-    return positions, paddle.to_tensor(np.arange(1, count + 1, dtype=np.float32))
+    return positions, np.arange(1, count + 1, dtype=np.float32)
 
 
 def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tensor]) -> None:
@@ -535,22 +569,24 @@ def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tens
     the other changed. An operand seen to change is not sampled again (measured: summing both whole
     operands at every call cost 17% of a BERT encoder's calibration time)."""
     previous = state.operand_fingerprints or [(), ()]
-    prints = []
-    with paddle.no_grad():
-        for value, old in zip(operands, previous):
-            if old is None:
-                prints.append(None)
-                continue
-            # 256 values spread over the whole tensor: a constant keeps them, a batch of
-            # other inputs changes them (a shared first token would not change a prefix).
-            flat = paddle.flatten(value)
-            positions, weights = _sample_positions(int(flat.shape[0]))
-            sample = paddle.gather(flat, positions).astype("float32")
-            prints.append((tuple(value.shape), float(paddle.sum(sample * weights))))
+    prints = [None if old is None else _fingerprint(value) for value, old in zip(operands, previous)]
     if state.operand_fingerprints:
         prints = [new if new == old else None for new, old in zip(prints, previous)]
     state.operand_fingerprints = prints
     state.constant_operand = sum(p is None for p in prints) == 1
+
+
+def _fingerprint(value: paddle.Tensor) -> tuple[tuple[int, ...], float]:
+    """``value``'s shape and the weighted sum of 256 values spread over the whole tensor: a
+    constant keeps them, a batch of other inputs changes them (a shared first token would not
+    change a prefix)."""
+    with paddle.no_grad():
+        flat = paddle.flatten(value)
+        positions, weights = _sample_positions(int(flat.shape[0]))
+        sample = paddle.gather(flat, positions).astype("float32").numpy()
+    # In numpy: a paddle.multiply here would be taken for the calling layer's own (a
+    # functional multiply is calibrated where it is called, functional_ops.py).
+    return tuple(value.shape), float(np.dot(sample, weights))
 
 
 def _is_float_tensor(value: Any) -> bool:

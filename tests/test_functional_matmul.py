@@ -863,3 +863,60 @@ def test_matmuls_in_helpers_behind_a_flag_are_exported_as_calibrated(target, tmp
     largest = np.abs(simulated).max()
     for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
         assert np.abs(ran - simulated).max() <= 1e-5 * largest
+
+
+class _PositionProjection(paddle.nn.Layer):
+    """A Linear of an embedding table (DeBERTa's relative-position projection), added to a
+    Linear of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = paddle.nn.Embedding(LENGTH, WIDTH)
+        self.project = paddle.nn.Linear(WIDTH, HIDDEN)
+        self.fc = paddle.nn.Linear(WIDTH, HIDDEN)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(x) + self.project(self.positions.weight.unsqueeze(0))
+
+
+def test_a_layer_of_a_constant_input_stays_fp32_as_paddle_folds_it(tmp_path, caplog, avx2_runner) -> None:
+    """Paddle Inference folds a Linear of parameters into a constant computed in fp32: the
+    simulation ran it int8 (2.2e-2 of the largest output off, no warning); calibration now
+    sees its input unchanged while the model's inputs change and keeps it fp32, with a
+    warning, through a saved table too."""
+    paddle.seed(0)
+    model = _PositionProjection()
+    model.eval()
+    ptq = _ptq("x86")
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _batches(3), progress=False)
+    table_path = str(tmp_path / "table.json")
+    ptq.save_calibration_table(quantized, table_path)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
+        ptq.convert(quantized)
+    assert "project" in caplog.text and "stayed the same in every calibration call" in caplog.text
+    assert type(quantized.project) is paddle.nn.Linear and isinstance(quantized.fc, ip.QuantizedLayer)
+    x = _batches(1, seed=9)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
+    for ran, in paddle_inference_outputs(prefix, [x], avx2_runner).values():
+        assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+    reloaded = ptq.quantize(copy.deepcopy(model))
+    ptq.load_calibration_table(reloaded, table_path)
+    ptq.convert(reloaded)
+    assert type(reloaded.project) is paddle.nn.Linear
+
+
+def test_one_calibration_batch_cannot_show_a_constant_input_and_the_export_says_so(tmp_path, caplog) -> None:
+    paddle.seed(0)
+    ptq = _ptq("x86")
+    quantized = ptq.quantize(_PositionProjection())
+    ptq.calibrate(quantized, _batches(1) * 2, progress=False)  # the same batch twice
+    ptq.convert(quantized)
+    assert isinstance(quantized.project, ip.QuantizedLayer)
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.program"):
+        ptq.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=spec)
+    assert "'project'" in caplog.text and "computed from parameters only" in caplog.text

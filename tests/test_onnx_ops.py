@@ -761,11 +761,23 @@ def test_resize_to_a_computed_size_runs_in_onnx_runtime_at_any_size(mode, tmp_pa
         assert _cosine(ran, simulated) >= 0.9999
 
 
+def _causal_mask(y: paddle.Tensor) -> paddle.Tensor:
+    """A boolean causal mask of the input's size joined with a padding-style mask (PaddleNLP's
+    Llama), applied to the input."""
+    mask = paddle.tril(paddle.ones([paddle.shape(y)[2], paddle.shape(y)[3]], dtype="bool"))
+    return y * (mask & (y > 0.1)).astype("float32")
+
+
 @pytest.mark.parametrize("opset", [13, 14])
-def test_tril_and_triu_run_in_onnx_runtime_at_every_opset(opset: int, tmp_path) -> None:
-    """Trilu from opset 14 on; at the default opset 13 (no Trilu) a mask of column minus row.
-    The last two axes differ in length, so that rows and columns cannot be mixed up."""
-    model = _Around(_Function(lambda y: paddle.tril(y[..., 3:], diagonal=1) + paddle.triu(y[..., 3:], diagonal=-2)), True)
+@pytest.mark.parametrize("boolean", [False, True], ids=["float", "bool"])
+def test_tril_and_triu_run_in_onnx_runtime_at_every_opset(opset: int, boolean: bool, tmp_path) -> None:
+    """Trilu from opset 14 on; at the default opset 13 (no Trilu) a mask of column minus row
+    (``And`` for a boolean tensor: ONNX Runtime has no boolean ``Where``, measured on Llama's
+    causal mask). The last two axes differ in length, so that rows and columns cannot be
+    mixed up."""
+    function = _causal_mask if boolean else (
+        lambda y: paddle.tril(y[..., 3:], diagonal=1) + paddle.triu(y[..., 3:], diagonal=-2))
+    model = _Around(_Function(function), True)
     shape = [4, 3, SIZE, SIZE]
     qmodel = _quantized(model, shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]

@@ -511,7 +511,7 @@ class FloatOpConverters:
     def _tril_triu(self, op) -> None:
         """tril / triu (e.g. a causal attention mask): ONNX's ``Trilu`` from opset 14 on;
         before, a ``Where`` keeping the entries whose column minus row is at most (tril) or
-        at least (triu) the diagonal offset, the rest 0."""
+        at least (triu) the diagonal offset, the rest 0 (an ``And`` of a boolean mask)."""
         out = self._out(op)
         x, diagonal, lower = self._in(op), int(op.attr("diagonal")), bool(op.attr("lower"))
         if self.opset >= 14:
@@ -529,6 +529,9 @@ class FloatOpConverters:
         offsets = self._node("Sub", [positions(-1, ".columns"), rows], out + ".offsets")
         outside = self._node("Greater" if lower else "Less", [offsets, self._const("k", np.array(diagonal, np.int64))], out + ".outside")
         dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        if dtype == np.bool_:  # (ONNX Runtime has no boolean Where: a causal mask's tril)
+            self._bind(out, self._node("And", [x, self._node("Not", [outside], out + ".inside")], out))
+            return
         self._bind(out, self._node("Where", [outside, self._const("zero", np.zeros((), dtype)), x], out))
 
     def _one_hot(self, op) -> None:

@@ -419,6 +419,15 @@ def quantize_program(
         op._rename_input(weight_name, dequantized)
         # Activation: [relu ->] quantize_linear -> dequantize_linear -> op.
         activation = op.input(input_slot)[0]
+        if _is_constant(block, activation, writers):
+            # convert keeps such a layer fp32 once calibration saw its input unchanged while
+            # the model's inputs changed (LayerState.constant_input); one batch cannot show it.
+            logger.warning(
+                "layer %r reads %s, computed from parameters only: Paddle Inference folds it "
+                "into a constant computed in fp32, not the int8 layer the simulation computes. "
+                "Calibrate with two or more different batches, so that convert keeps it fp32 "
+                "too.", record.name, activation,
+            )
         quantized, threshold = activation, record.input_threshold
         if unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
@@ -1513,11 +1522,12 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
 
 
 def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
-    """A parameter, or computed from parameters only (a conv bias reshaped for its add)."""
+    """A parameter, or computed from parameters only (a conv bias reshaped for its add); not
+    a network input (its ``feed`` op reads the persistable feed list)."""
     if is_persistable(block, name):
         return True
     writer = writers.get(name)
-    return writer is not None and all(
+    return writer is not None and writer.type != "feed" and all(
         is_persistable(block, n) for slot in writer.input_names for n in writer.input(slot)
     )
 
