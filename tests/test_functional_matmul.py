@@ -920,3 +920,47 @@ def test_one_calibration_batch_cannot_show_a_constant_input_and_the_export_says_
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.program"):
         ptq.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=spec)
     assert "'project'" in caplog.text and "computed from parameters only" in caplog.text
+
+
+class _DisentangledScores(paddle.nn.Layer):
+    """Attention scores plus the query times a constant positional key (DeBERTa's
+    content-to-position term): one int8 matmul of two activations, one fp32 (its constant
+    operand), both reading the query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = paddle.nn.Linear(WIDTH, HEAD_WIDTH), paddle.nn.Linear(WIDTH, HEAD_WIDTH)
+        self.positions, self.key = paddle.nn.Embedding(LENGTH, WIDTH), paddle.nn.Linear(WIDTH, HEAD_WIDTH)
+        self.out = paddle.nn.Linear(LENGTH, CLASSES)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        q, k = self.q(x), self.k(x)
+        positional = self.key(self.positions.weight)
+        scores = paddle.matmul(q, k, transpose_y=True) + paddle.matmul(q, positional, transpose_y=True)
+        return self.out(paddle.nn.functional.softmax(scores, -1))
+
+
+def test_a_float_matmul_beside_an_int8_one_reads_their_shared_operand_in_float(tmp_path, avx2_runner) -> None:
+    """ONNX: the fp32 matmul took the query's scale off the int8 one (1.4e-2 of the largest
+    output off ONNX Runtime on x86-vnni, Paddle Inference exact); each now reads the query as
+    simulated."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    paddle.seed(0)
+    model = _DisentangledScores()
+    model.eval()
+    ptq, quantized, _ = _converted(model, "x86-vnni")
+    kinds = [type(layer).__name__ for layer in quantized.sublayers()]
+    assert kinds.count("QuantizedMatmul") == 1 and type(quantized.key) is paddle.nn.Linear
+    x = _batches(1, seed=9)[0]
+    simulated = quantized(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
+    largest = np.abs(simulated).max()
+    for ran, in paddle_inference_outputs(prefix, [x], None).values():
+        assert np.abs(ran - simulated).max() <= 1e-5 * largest
+    session = onnxruntime.InferenceSession(export_onnx(quantized, prefix + ".onnx", spec),
+                                           providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * largest

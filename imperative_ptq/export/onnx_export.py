@@ -240,6 +240,10 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self.pooled_unclipped: set[str] = set()
         #: program var -> its ONNX tensor before the Q/DQ ``_bind`` gave it.
         self.unquantized: dict[str, str] = {}
+        #: Outputs of the matmuls of two activations the simulation runs int8.
+        self.int8_matmul_outputs = {
+            output for record in records if record.multiplies_inputs for _, output in record.calls if output
+        }
         #: The network's outputs.
         self.fetched = {var.name for var in loaded.fetch_vars}
         #: Tensors the simulation holds as u8 codes for every reader, the caller included ->
@@ -361,9 +365,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 top = shifted_levels(record.activation_bits)
                 self.shifted[op.input(slots[1])[0]] = (scale, zero, -zero * scale, (top - zero) * scale)
         # A layer kept fp32 reads its input unquantized, as in the simulation; so does a shift.
+        # (A matmul of two activations reads its operands per op, :meth:`_activation_matmul`:
+        # one the simulation runs in float must not take the scale of an operand an int8
+        # matmul quantizes; measured: DeBERTa's query times a constant positional key took
+        # the query's Q/DQ off the int8 query x key matmul, 1.4e-2 of the largest output off.)
         program_lib.unscale_fp32_layer_inputs(
             self.block, thresholds,
-            lambda op: op.input(program_lib.INT8_WEIGHT_OPS[op.type][0])[0] in self.weights,
+            lambda op: op.input(program_lib.INT8_WEIGHT_OPS[op.type][0])[0] in self.weights
+            or (op.type == "matmul_v2" and not self._is_param(op.input("Y")[0])),
             fp32_inputs=list(self.shifted),
         )
         # Inputs of int8 ops: the layer's own input threshold wins, as in the dygraph model.
@@ -988,8 +997,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         quantize/dequantize pairs where the simulation quantizes its inputs; ``bmm`` too), or
         of an unquantized weight read transposed."""
         operands = []
+        int8 = op.output("Out")[0] in self.int8_matmul_outputs
         for slot, flag in (("X", "trans_x"), ("Y", "trans_y")):
             tensor = self._in(op, slot)
+            if not int8:  # in float, as simulated, whatever another reader quantizes
+                tensor = self.unquantized.get(op.input(slot)[0], tensor)
             if op.has_attr(flag) and op.attr(flag):
                 rank = len(self.block._find_var_recursive(op.input(slot)[0]).shape)
                 if rank < 2:
