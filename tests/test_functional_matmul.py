@@ -457,6 +457,17 @@ def test_scaled_dot_product_attention_exports_and_runs_as_simulated(target, tmp_
     paddle.seed(0)
     model = _ScaledDotProductAttention()
     model.eval()
+    quantized, prefix, spec, x, simulated = _attention_runs_as_simulated(model, target, tmp_path, avx2_runner)
+    session = onnxruntime.InferenceSession(export_onnx(quantized, prefix + ".onnx", spec),
+                                           providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+def _attention_runs_as_simulated(model: paddle.nn.Layer, target: str, tmp_path, avx2_runner):
+    """``model`` (four Linear layers and two attention matmuls) converted for ``target``: its
+    matmuls int8 where the target allows, the export running 4 int8 fc and as many int8
+    ``fused_matmul`` in Paddle Inference, which computes the simulation (also on AVX2 kernels
+    for ``x86``). Returns ``(converted model, prefix, input spec, input, simulated output)``."""
     ptq, quantized, _ = _converted(model, target)
     int8_matmuls = sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers())
     assert int8_matmuls == (2 if target == "x86-vnni" else 0)
@@ -467,12 +478,9 @@ def test_scaled_dot_product_attention_exports_and_runs_as_simulated(target, tmp_
     ptq.save_quantized_model(quantized, prefix, input_spec=spec)
     report = int8_report(prefix)
     assert report.int8.get("fc") == 4 and report.int8.get("fused_matmul", 0) == int8_matmuls, report
-    largest = np.abs(simulated).max()
     for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
-        assert np.abs(ran - simulated).max() <= 1e-5 * largest
-    session = onnxruntime.InferenceSession(export_onnx(quantized, prefix + ".onnx", spec),
-                                           providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * largest
+        assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+    return quantized, prefix, spec, x, simulated
 
 
 def test_matmuls_of_two_activations_are_simulated_as_int8_on_both_inputs() -> None:
@@ -664,17 +672,26 @@ def test_an_operand_with_a_shared_first_token_is_not_taken_for_a_constant() -> N
     assert isinstance(quantized.activation_matmul_1, ip.QuantizedMatmul)
 
 
-def test_the_export_warns_of_a_constant_operand_convert_could_not_see(tmp_path, caplog) -> None:
+@pytest.mark.parametrize("constant", ["operand", "input"])
+def test_the_export_warns_of_a_constant_convert_could_not_see(constant, tmp_path, caplog) -> None:
+    """One calibration batch (or the same one twice) cannot show that a matmul's operand, or a
+    Linear's input, is computed from parameters only: simulated int8, the layer is named in
+    the export's warning, as Paddle Inference folds it into an fp32 constant."""
     paddle.seed(0)
-    ptq = _ptq("arm")
-    quantized = ptq.quantize(OperatorBlock())
-    ptq.calibrate(quantized, _batches(1, shift=0.0), progress=False)
+    if constant == "operand":
+        ptq, model, batches = _ptq("arm"), OperatorBlock(), _batches(1, shift=0.0)
+        name, kind = "activation_matmul_0", ip.QuantizedMatmul
+    else:
+        ptq, model, batches = _ptq("x86"), _PositionProjection(), _batches(1) * 2
+        name, kind = "project", ip.QuantizedLayer
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, batches, progress=False)
     ptq.convert(quantized)
-    assert isinstance(quantized.activation_matmul_0, ip.QuantizedMatmul)
+    assert isinstance(getattr(quantized, name), kind)
     spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.program"):
         ptq.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=spec)
-    assert "activation_matmul_0" in caplog.text and "computed from parameters only" in caplog.text
+    assert f"'{name}'" in caplog.text and "computed from parameters only" in caplog.text
 
 
 def test_an_attention_called_twice_runs_what_the_simulation_computes(tmp_path) -> None:
@@ -850,19 +867,7 @@ def test_matmuls_in_helpers_behind_a_flag_are_exported_as_calibrated(target, tmp
     paddle.seed(0)
     model = _HelperAttention()
     model.eval()
-    ptq, quantized, _ = _converted(model, target)
-    int8_matmuls = sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers())
-    assert int8_matmuls == (2 if target == "x86-vnni" else 0)
-    x = _batches(1, seed=9)[0]
-    simulated = quantized(paddle.to_tensor(x)).numpy()
-    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
-    prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(quantized, prefix, input_spec=spec)
-    report = int8_report(prefix)
-    assert report.int8.get("fc") == 4 and report.int8.get("fused_matmul", 0) == int8_matmuls, report
-    largest = np.abs(simulated).max()
-    for ran, in paddle_inference_outputs(prefix, [x], on_avx2(avx2_runner, target)).values():
-        assert np.abs(ran - simulated).max() <= 1e-5 * largest
+    _attention_runs_as_simulated(model, target, tmp_path, avx2_runner)
 
 
 class _PositionProjection(paddle.nn.Layer):
@@ -907,19 +912,6 @@ def test_a_layer_of_a_constant_input_stays_fp32_as_paddle_folds_it(tmp_path, cap
     ptq.load_calibration_table(reloaded, table_path)
     ptq.convert(reloaded)
     assert type(reloaded.project) is paddle.nn.Linear
-
-
-def test_one_calibration_batch_cannot_show_a_constant_input_and_the_export_says_so(tmp_path, caplog) -> None:
-    paddle.seed(0)
-    ptq = _ptq("x86")
-    quantized = ptq.quantize(_PositionProjection())
-    ptq.calibrate(quantized, _batches(1) * 2, progress=False)  # the same batch twice
-    ptq.convert(quantized)
-    assert isinstance(quantized.project, ip.QuantizedLayer)
-    spec = [paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")]
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.program"):
-        ptq.save_quantized_model(quantized, str(tmp_path / "m"), input_spec=spec)
-    assert "'project'" in caplog.text and "computed from parameters only" in caplog.text
 
 
 class _DisentangledScores(paddle.nn.Layer):
