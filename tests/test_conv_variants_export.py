@@ -218,14 +218,12 @@ def test_a_transposed_conv_beside_an_int8_conv_reads_floats_in_onnx(target, tmp_
     onnxruntime = pytest.importorskip("onnxruntime")
     from imperative_ptq.export import export_onnx
 
+    from models import converted
+
     paddle.seed(0)
-    model = _TransposedBeside()
-    model.eval()
     rng = np.random.default_rng(0)
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.standard_normal([2, 8, 8, 8]).astype("float32") for _ in range(2)], progress=False)
-    ptq.convert(qmodel)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 8, 8, 8]).astype("float32")) for _ in range(2)]
+    qmodel = converted(_TransposedBeside(), batches, target)
     x = rng.standard_normal([2, 8, 8, 8]).astype("float32")
     spec = [paddle.static.InputSpec([None, 8, 8, 8], "float32", "x")]
     session = onnxruntime.InferenceSession(export_onnx(qmodel, str(tmp_path / "m.onnx"), spec),

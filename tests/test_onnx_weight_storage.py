@@ -19,6 +19,7 @@ import imperative_ptq as ip
 from imperative_ptq import quantize_dynamic
 from imperative_ptq.export import export_onnx
 from imperative_ptq.export.onnx_export import pair_sums_can_saturate, weight_codes_and_zero
+from models import converted, randomize_batch_norm_statistics
 
 onnx = pytest.importorskip("onnx")
 
@@ -118,13 +119,9 @@ def test_a_bias_beyond_the_int32_grid_is_added_in_float(target, tmp_path) -> Non
     and adds it in float."""
     onnxruntime = pytest.importorskip("onnxruntime")
     paddle.seed(0)
-    model = _TinyInputLargeBias()
-    model.eval()
     rng = np.random.default_rng(0)
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, [rng.random((2, 4, 6, 6), np.float32) for _ in range(2)], progress=False)
-    ptq.convert(quantized)
+    batches = [paddle.to_tensor(rng.random((2, 4, 6, 6), np.float32)) for _ in range(2)]
+    quantized = converted(_TinyInputLargeBias(), batches, target)
     assert isinstance(quantized.score, ip.QuantizedLayer)
     x = rng.random((2, 4, 6, 6), np.float32)
     simulated = quantized(paddle.to_tensor(x)).numpy()
@@ -154,17 +151,13 @@ def test_a_conv_onnx_runtime_runs_in_float_keeps_a_float_bias(activation, target
     the input x weight grid its rounding moved near-tie codes (measured: 3.4e-3 of the largest
     output off the simulation on 3% of the outputs with a BatchNorm folded in; 2e-7 now)."""
     onnxruntime = pytest.importorskip("onnxruntime")
-    from models import randomize_batch_norm_statistics
 
     paddle.seed(0)
     model = _ConvNormActivation(activation)
     randomize_batch_norm_statistics(model, seed=2)
-    model.eval()
     rng = np.random.default_rng(0)
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, [rng.standard_normal((4, 3, 16, 16)).astype("float32") for _ in range(3)], progress=False)
-    ptq.convert(quantized)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")) for _ in range(3)]
+    quantized = converted(model, batches, target)
     x = rng.standard_normal((4, 3, 16, 16)).astype("float32")
     path = export_onnx(quantized, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     convs = [node for node in onnx.load(path).graph.node if node.op_type == "Conv"]
