@@ -791,7 +791,8 @@ def test_tril_and_triu_run_in_onnx_runtime_at_every_opset(opset: int, boolean: b
 @pytest.mark.parametrize("function, message", [
     (lambda y: y - paddle.median(y, axis=0, keepdim=True), "median over several axes or a dynamic axis"),
     (lambda y: paddle.cumsum(paddle.repeat_interleave(y, paddle.to_tensor([1, 2, 1, 1, 1, 1, 1, 1]), axis=1), axis=1)[:, :8], "repeat_interleave with a tensor RepeatsTensor"),
-], ids=["median-batch-axis", "repeat-tensor"])
+    (lambda y: y * (paddle.arange(paddle.shape(y)[3]) & paddle.full([1], 3, "int64")).astype("float32"), "bitwise_and of integers needs ONNX opset 18"),
+], ids=["median-batch-axis", "repeat-tensor", "integer-bitwise-below-opset-18"])
 def test_an_unsupported_form_of_a_translated_op_names_it(function, message, tmp_path) -> None:
     qmodel = _quantized(_Around(_Function(function), True), [2, 3, SIZE, SIZE])
     with pytest.raises(NotImplementedError, match=message):
@@ -1018,3 +1019,19 @@ def test_an_unexported_form_is_named_with_its_layer(name, tmp_path) -> None:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
     assert "(writing '" in str(raised.value)  # the tensor the op writes, and what it reads
     assert not list(tmp_path.iterdir())
+
+
+def test_integer_bitwise_ops_run_in_onnx_runtime_from_opset_18(tmp_path) -> None:
+    """Below opset 18 they are refused (test_an_unsupported_form_of_a_translated_op_names_it)."""
+    three = lambda: paddle.full([1], 3, "int64")  # noqa: E731
+    model = _Around(_Function(lambda y: y * (
+        (paddle.arange(paddle.shape(y)[3]) & three()) | (paddle.arange(paddle.shape(y)[3]) ^ three())
+    ).astype("float32")), True)
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(model, shape)
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    x = np.random.default_rng(1).random(shape).astype("float32")
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec, opset=18)
+    assert {"BitwiseAnd", "BitwiseOr", "BitwiseXor"} <= {node.op_type for node in onnx.load(path).graph.node}
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert _cosine(session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()) >= 0.9999
