@@ -25,18 +25,18 @@ Tables:
 * **OCR**: a real PP-OCRv4 text recognizer converted from ONNX with x2paddle
   (``benchmarks/ocr_recognizer.py``; ``pip install -e ".[bench]"``), calibrated on 25
   rendered text lines and read on 200 others: exact match (percent, in the accuracy columns)
-  and character error rate, fp32 against default PTQ (KL + per-channel) per x86 target, in
-  the simulation and in Paddle Inference int8; and ``quantize_with_accuracy_control`` for
+  and character error rate, fp32 against default PTQ (KL + per-channel) and against it with
+  bias correction, per x86 target, in the simulation and in Paddle Inference int8; and ``quantize_with_accuracy_control`` for
   ``x86-vnni`` within 2 points, choosing on 100 further lines.
 
 BatchNorms are folded into their convs in every configuration (CLE folds the ones it
 equalizes; the others are folded through ``quantize(fuse=True)``), as Paddle Inference does.
 Prints a markdown table with the CPU it ran on.
 
-    python benchmarks/accuracy.py                      # every table, ~30 min on 2 cores
+    python benchmarks/accuracy.py                      # every table, ~75 min on 2 cores
     python benchmarks/accuracy.py --tables relu6       # ~4 min, plus ~4 to train its net once
     python benchmarks/accuracy.py --tables w4a8 --models mlp --adaround-iterations 200
-    python benchmarks/accuracy.py --tables ocr         # ~11 min on 2 cores
+    python benchmarks/accuracy.py --tables ocr         # ~45 min on 2 cores
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import logging
 import os
 import sys
@@ -332,8 +333,9 @@ def budget_rows(data: MNIST, args: argparse.Namespace) -> list[Row]:
 
 def ocr_rows(args: argparse.Namespace) -> list[Row]:
     """The PP-OCRv4 recognizer (converted with x2paddle, cached in ``--cache-dir``): exact
-    match in percent on rendered lines, fp32 against default PTQ (KL + per-channel weights)
-    per x86 target; the character error rates are in the algorithms column."""
+    match in percent on rendered lines, fp32 against default PTQ (KL + per-channel weights),
+    and the same with bias correction, per x86 target; the character error rates are in the
+    algorithms column."""
     onnx_path = args.ocr_model or ocr.recognizer_onnx()
     classes = ocr.characters(onnx_path)
     model = ocr.converted_recognizer(onnx_path, args.cache_dir)
@@ -343,8 +345,10 @@ def ocr_rows(args: argparse.Namespace) -> list[Row]:
     fp32 = ocr.score(ocr.recognize(ocr.dygraph_runner(model), images, classes), labels)
     logging.info("%s fp32: %s", name, fp32)
     rows = []
-    for target in ("x86", "x86-vnni"):
-        ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
+    for target, bias_correction in itertools.product(("x86", "x86-vnni"), (False, True)):
+        ptq = ImperativePTQ(PTQConfig(
+            KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target, bias_correction=bias_correction,
+        ))
         qmodel = ptq.quantize(model)
         ptq.calibrate(qmodel, [calibration[i : i + 8] for i in range(0, len(calibration), 8)],
                       progress=False)
@@ -354,8 +358,10 @@ def ocr_rows(args: argparse.Namespace) -> list[Row]:
         cer = f"CER fp32 {fp32.cer:.3f}, simulation {simulated.cer:.3f}"
         if ran is not None:
             cer += f", Paddle Inference {ran.cer:.3f}"
+        algorithms = "KL + bias correction" if bias_correction else "KL (default)"
         rows.append(Row(
-            "ocr", f"{name} ({target})", "8-bit per-channel", f"KL (default); {cer}",
+            "ocr", f"{name} ({target}{', bias correction' if bias_correction else ''})", "8-bit per-channel",
+            f"{algorithms}; {cer}",
             100 * simulated.exact_match, None if ran is None else 100 * ran.exact_match,
             100 * fp32.exact_match,
         ))
