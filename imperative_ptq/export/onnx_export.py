@@ -156,7 +156,9 @@ _LAYOUT_OPS = frozenset({
 })
 
 
-def _parallel_branches(block, norm_inputs: Mapping[str, str], writers: Mapping, readers: Mapping) -> set[str]:
+def _parallel_branches(
+    block: "paddle.static.Block", norm_inputs: Mapping[str, str], writers: Mapping, readers: Mapping
+) -> set[str]:
     """Of the BatchNorm outputs ``norm_inputs`` (output -> the BatchNorm's input) that adds
     read, those summed by one chain of adds with another of them whose branch reads the same
     tensor: a branch is a BatchNorm of a conv (and its bias add) or of the tensor itself."""
@@ -378,9 +380,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         # each quantized on its own threshold before the sum, measured on PP-OCRv4's
         # recognizer (random weights) the logit cosine to the simulation fell to 0.864; left
         # float as simulated 0.9986 (abs-max thresholds instead of KL: 0.9935).
-        summed_with_others = _parallel_branches(
-            self.block, {output: source for output, (source, _) in branch_outputs.items()}, self.producer, self.readers,
-        )
+        norm_inputs = {output: source for output, (source, _) in branch_outputs.items()}
+        summed_with_others = _parallel_branches(self.block, norm_inputs, self.producer, self.readers)
         for output, (_, threshold) in branch_outputs.items():
             if output not in summed_with_others:
                 outputs.setdefault(output, threshold)
