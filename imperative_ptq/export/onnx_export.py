@@ -59,12 +59,6 @@ __all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
-#: Activations after a conv that ONNX Runtime does not fuse into ``QLinearConv`` (it fuses a
-#: Relu or Clip before the output's QuantizeLinear): the conv runs in float there.
-_UNFUSED_ACTIVATIONS = frozenset({
-    "swish", "silu", "hard_swish", "sigmoid", "tanh", "gelu", "mish", "elu", "leaky_relu", "hard_sigmoid",
-})
-
 #: Convs every export keeps fp32 (no int8 kernel in either runtime).
 _FLOAT_CONV_OPS = frozenset({
     "conv2d_transpose", "depthwise_conv2d_transpose", "deformable_conv", "deformable_conv_v1",
@@ -875,13 +869,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return
         unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
         w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
-        after = self.readers.get(out, [])
-        if after and out not in self.thresholds and all(r.type in _UNFUSED_ACTIVATIONS for r in after):
+        if not self._quantized_after(out):
             # ONNX Runtime fuses a QLinearConv only where a QuantizeLinear (perhaps behind a
-            # Relu) follows the conv; before a Swish or Hardswish it runs a float Conv on the
-            # dequantized input and weight, where an int32 bias only adds its rounding
-            # (measured: conv + BatchNorm + Swish -> conv, 3.4e-3 of the largest output off
-            # the simulation on 3% of the outputs; exact with the bias in float).
+            # Relu) follows the conv; elsewhere (before a Swish or Hardswish, a float multiply,
+            # as the network's output) it runs a float Conv on the dequantized input and
+            # weight, where an int32 bias only adds its rounding (measured: conv + BatchNorm +
+            # Swish -> conv, 3.4e-3 of the largest output off the simulation on 3% of the
+            # outputs; PP-OCRv4's first depthwise conv as x2paddle writes it, read by a
+            # multiply, 2.8e-2; exact with the bias in float).
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         b_scale = (x_scale[0] * w_scale).astype(np.float32)
@@ -903,6 +898,17 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             "bias.dq", axis=0,
         )
         self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
+
+    def _quantized_after(self, var: str) -> bool:
+        """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU: where ONNX
+        Runtime can fuse the conv writing it into ``QLinearConv``."""
+        def quantized(name: str) -> bool:
+            return name in self.thresholds or name in self.coded
+
+        return quantized(var) or any(
+            reader.type in ("relu", "relu6") and quantized(reader.output("Out")[0])
+            for reader in self.readers.get(var, [])
+        )
 
     @staticmethod
     def _conv_attributes(op, kernel: list[int]) -> dict[str, Any]:
