@@ -87,7 +87,7 @@ class LayerState:
     constant_input: bool = False
     #: That input's fingerprint while every call gave the same (``None`` once it changed),
     #: and how many calls gave it.
-    input_fingerprint: tuple[tuple[int, ...], float] | None = ()
+    input_fingerprint: tuple[tuple[int, ...], float] | tuple[()] | None = ()
     input_calls: int = 0
 
 
@@ -294,10 +294,10 @@ class CalibrationSession:
         if not self.inputs_changed:
             first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
             if first is not None and first.size:
-                print_ = _fingerprint(first)
-                if self._inputs_fingerprint and print_ != self._inputs_fingerprint:
+                fingerprint = _fingerprint(first)
+                if self._inputs_fingerprint and fingerprint != self._inputs_fingerprint:
                     self.inputs_changed = True
-                self._inputs_fingerprint = print_
+                self._inputs_fingerprint = fingerprint
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
@@ -477,11 +477,11 @@ class CalibrationSession:
         changes, as :func:`_note_operands` does)."""
         if state.input_fingerprint is None:
             return
-        print_ = _fingerprint(first)
-        if state.input_fingerprint and print_ != state.input_fingerprint:
+        fingerprint = _fingerprint(first)
+        if state.input_fingerprint and fingerprint != state.input_fingerprint:
             state.input_fingerprint, state.constant_input = None, False
             return
-        state.input_fingerprint = print_
+        state.input_fingerprint = fingerprint
         state.input_calls += 1
         state.constant_input = self.inputs_changed and state.input_calls > 1
 

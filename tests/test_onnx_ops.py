@@ -313,6 +313,11 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
         lambda y: y * paddle.clip(paddle.arange(paddle.shape(y)[3]) - 3, 0, 5).astype("float32")), True),
     # Repeats computed in the graph (DeBERTa-v2's tile by the batch size).
     "tile/tensor": (lambda: _Function(lambda y: y * paddle.tile(y[:1], [paddle.shape(y)[0], 1, 1, 1])), True),
+    # Fewer computed repeats than axes (the leading axes once), and one tensor of repeats.
+    "tile/tensor_short": (lambda: _Function(
+        lambda y: y * paddle.tile(y[:1], [paddle.shape(y)[0], 1, 1]).mean(axis=1, keepdim=True)), True),
+    "tile/repeat_tensor": (lambda: _Function(lambda y: y * paddle.tile(
+        y[:1], paddle.concat([paddle.shape(y)[:1].astype("int32"), paddle.ones([3], "int32")]))), True),
     # Masks joined with & and negated with ~ (PaddleNLP decoders' causal and padding masks).
     "bitwise_and": (lambda: _Function(lambda y: y * ((y > 0.2) & (y < 0.8)).astype("float32")), True),
     "bitwise_not": (lambda: _Function(lambda y: y * (~(y > 0.5)).astype("float32")), True),

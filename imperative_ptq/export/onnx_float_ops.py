@@ -1265,32 +1265,21 @@ class FloatOpConverters:
         rank = len(self._shape(op.input("X")[0]))
         out = self._out(op)
         x = self._in(op)
-        int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
-        given = {slot: op.input(slot) for slot in ("RepeatTimes", "repeat_times_tensor") if slot in op.input_names}
-        if given.get("RepeatTimes"):
-            count = int(np.prod(self._shape(given["RepeatTimes"][0])))
-            parts = [self._node("Cast", [self._in(op, "RepeatTimes")], out + ".repeats", to=int64)]
-        elif given.get("repeat_times_tensor"):
-            names = given["repeat_times_tensor"]
-            count = len(names)
-            shape = self._const("shape", np.array([1], np.int64))
-            parts = [
-                self._node("Reshape", [self._node("Cast", [self._tensor(op, name)], f"{out}.repeat{i}", to=int64), shape],
-                           f"{out}.repeat{i}.flat")
-                for i, name in enumerate(names)
-            ]
+        tensor = "RepeatTimes" in op.input_names and op.input("RepeatTimes")
+        listed = "repeat_times_tensor" in op.input_names and op.input("repeat_times_tensor")
+        if tensor or listed:
+            count = int(np.prod(self._shape(tensor[0]))) if tensor else len(listed)
+            repeats = self._shape_tensor(op, "RepeatTimes", "repeat_times_tensor", out)
+            if count < rank:
+                ones = self._const("ones", np.ones(rank - count, np.int64))
+                repeats = self._node("Concat", [ones, repeats], out + ".repeats", axis=0)
         else:
-            repeats = [int(r) for r in op.attr("repeat_times")]
-            count, parts = len(repeats), None
+            values = [int(r) for r in op.attr("repeat_times")]
+            count = len(values)
+            repeats = self._const("repeats", np.array([1] * (rank - count) + values, np.int64))
         if count > rank:
             axes = self._const("axes", np.arange(count - rank, dtype=np.int64))
             x = self._node("Unsqueeze", [x, axes], out + ".unsqueezed")
-        if parts is None:
-            repeats = self._const("repeats", np.array([1] * (rank - count) + repeats, np.int64))
-        else:
-            if count < rank:
-                parts = [self._const("ones", np.ones(rank - count, np.int64)), *parts]
-            repeats = parts[0] if len(parts) == 1 else self._node("Concat", parts, out + ".repeats_all", axis=0)
         self._bind(out, self._node("Tile", [x, repeats], out))
 
     def _stack(self, op) -> None:
