@@ -5,6 +5,7 @@ transposed convs, which Paddle's int8 program form has no int8 kernel for, stay 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import numpy as np
 import paddle
@@ -230,3 +231,115 @@ def test_a_transposed_conv_beside_an_int8_conv_reads_floats_in_onnx(target, tmp_
                                            providers=["CPUExecutionProvider"])
     for ran, simulated in zip(session.run(None, {"x": x}), qmodel(paddle.to_tensor(x)), strict=True):
         assert np.abs(ran - simulated.numpy()).max() <= 1e-5 * np.abs(simulated.numpy()).max()
+
+
+class _Video(nn.Layer):
+    """A 3-d CNN (fp32 in both runtimes, as simulated) with an int8 Linear head: a conv with
+    per-axis padding and a BatchNorm3D, a grouped dilated conv with ``"SAME"`` padding,
+    a strided conv with a (begin, end) padding per axis, a transposed conv and ``pools``.
+    Returns the pooled features (float) and the logits."""
+
+    def __init__(self, pools: Sequence[nn.Layer]) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv3D(3, 8, 3, padding=[1, 0, 1]), nn.BatchNorm3D(8)
+        self.same = nn.Conv3D(8, 8, 3, padding="SAME", groups=2, dilation=[1, 2, 1])
+        self.strided = nn.Conv3D(8, 8, [1, 3, 3], stride=[1, 2, 1],
+                                 padding=[[0, 0], [0, 0], [0, 0], [1, 0], [0, 1]])
+        self.up = nn.Conv3DTranspose(8, 8, 2, stride=2)
+        self.first, *rest = pools
+        self.rest = nn.LayerList(rest)
+        self.head = nn.Linear(8 * 2 * 3 * 3, 4)
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        x = nn.functional.relu(self.norm(self.stem(x)))
+        x = self.first(nn.functional.relu(self.same(x)))
+        x = self.up(nn.functional.relu(self.strided(x)))
+        for pool in self.rest:
+            x = pool(x)
+        features = x.flatten(1)
+        return [features, self.head(features)]
+
+
+@pytest.mark.parametrize(
+    "pools",
+    [
+        lambda: [nn.MaxPool3D(3, 2, padding=1, ceil_mode=True),
+                 nn.AvgPool3D(2, 2, padding=[0, 1, 0], exclusive=False), nn.AdaptiveAvgPool3D([2, 3, 3])],
+        lambda: [nn.AvgPool3D(3, 1, 1), nn.AdaptiveMaxPool3D([2, 3, 3])],
+        lambda: [nn.MaxPool3D(2, 2), nn.AvgPool3D(3, 2, padding="SAME"), nn.AdaptiveAvgPool3D([2, 3, 3])],
+    ],
+    ids=["max-avg-adaptive", "avg-adaptive-max", "same-pool"],
+)
+def test_3d_convs_and_pools_export_to_onnx(pools, tmp_path) -> None:
+    """conv3d, conv3d_transpose, pool3d and max_pool3d_with_index had no ONNX translation
+    (the export failed naming conv3d); the Paddle Inference export of the same model runs."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    from models import converted
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    shape = [3, 8, 12, 12]
+    batches = [paddle.to_tensor(rng.standard_normal([2, *shape]).astype("float32")) for _ in range(2)]
+    qmodel = converted(_Video(pools()), batches, "x86")
+    assert isinstance(qmodel.head, ip.QuantizedLayer) and not isinstance(qmodel.stem, ip.QuantizedLayer)
+    spec = [paddle.static.InputSpec([None, *shape], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    import onnx
+
+    assert "QuantizeLinear" in {node.op_type for node in onnx.load(path).graph.node}  # the head's input
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal([2, *shape]).astype("float32")
+    for ran, simulated in zip(session.run(None, {"x": x}), qmodel(paddle.to_tensor(x)), strict=True):
+        assert np.abs(ran - simulated.numpy()).max() <= 1e-5 * np.abs(simulated.numpy()).max()
+    ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "m"), spec)
+    for ran, simulated in zip(predict(create_predictor(str(tmp_path / "m"), num_threads=1), x),
+                              qmodel(paddle.to_tensor(x)), strict=True):
+        assert np.abs(ran - simulated.numpy()).max() <= 1e-5 * np.abs(simulated.numpy()).max()
+
+
+class _SamePadded(nn.Layer):
+    """Paddle's ``"SAME"`` padding: a dilated conv (Paddle ignores the dilation there), a
+    strided transposed conv (whose output Paddle sizes ``(in - 1) * stride + kernel - pads``,
+    not ONNX's ``in * stride``) and ``pool``."""
+
+    def __init__(self, pool: nn.Layer) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding="SAME", dilation=2)
+        self.up = nn.Conv2DTranspose(8, 8, 3, stride=2, padding="SAME", dilation=2)
+        self.pool = pool
+        self.head = nn.Conv2D(8, 4, 3, padding="SAME", stride=2)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.pool(nn.functional.relu(self.up(nn.functional.relu(self.conv(x)))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("size", [9, 10])
+@pytest.mark.parametrize(
+    "pool",
+    [lambda: nn.MaxPool2D(3, 2, padding="SAME"), lambda: nn.AvgPool2D(3, 2, padding="SAME"),
+     lambda: nn.AvgPool2D(3, 2, padding="SAME", exclusive=False), lambda: nn.MaxPool2D(3, 2, padding="VALID")],
+    ids=["max", "avg", "avg-inclusive", "max-valid"],
+)
+def test_same_padding_exports_to_onnx_as_paddle_computes_it(pool, size, tmp_path) -> None:
+    """Measured before: ONNX Runtime refused the dilated ``SAME`` conv ("Dilation not supported
+    for AutoPadType::SAME_UPPER"); without it the pools ignored ``SAME`` (15-25% of the largest
+    output off) and the transposed conv's output was a row and column too large."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    from models import converted
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 3, size, size]).astype("float32")) for _ in range(2)]
+    qmodel = converted(_SamePadded(pool()), batches, "x86")
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "x")]
+    session = onnxruntime.InferenceSession(export_onnx(qmodel, str(tmp_path / "m.onnx"), spec),
+                                           providers=["CPUExecutionProvider"])
+    x = rng.standard_normal([2, 3, size, size]).astype("float32")
+    ran, simulated = session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()
+    assert ran.shape == simulated.shape
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()

@@ -217,6 +217,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "depthwise_conv2d_transpose": (lambda: nn.Conv2DTranspose(8, 8, 4, stride=2, padding=1, groups=8), True),
     "maxout": (lambda: nn.Maxout(2), False),
     "lp_pool2d": (lambda: nn.LPPool2D(2, 2), True),
+    # AlexNet-era LocalResponseNorm: an average pool3d over the channels of the squares.
+    "pool3d": (lambda: nn.LocalResponseNorm(5), True),
     "rrelu": (lambda: nn.RReLU(0.1, 0.3), True),
     "bicubic_interp_v2": (lambda: _Function(lambda y: F.interpolate(y, size=[23, 11], mode="bicubic")), True),
     "bicubic_interp_v2/align_corners": (lambda: _Function(lambda y: F.interpolate(y, scale_factor=1.5, mode="bicubic", align_corners=True)), True),

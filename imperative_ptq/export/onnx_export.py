@@ -44,6 +44,7 @@ from .dynamic_export import (
 )
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
+from .padded_pools import same_pads
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -59,9 +60,11 @@ __all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
-#: Convs every export keeps fp32 (no int8 kernel in either runtime).
+#: Convs and 3-d pools every export keeps fp32 (no int8 kernel in either runtime): they read
+#: their input's float value.
 _FLOAT_CONV_OPS = frozenset({
     "conv2d_transpose", "depthwise_conv2d_transpose", "deformable_conv", "deformable_conv_v1",
+    "conv3d", "conv3d_transpose", "pool3d", "max_pool3d_with_index",
 })
 
 #: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
@@ -108,6 +111,7 @@ _SIGN_PRESERVING_OPS = frozenset({
     "reduce_amin", "reduce_prod", "logsumexp", "cumsum", "index_select", "pixel_shuffle",
     "erf", "floor", "ceil", "sign", "reciprocal", "softsign", "hard_shrink", "softshrink",
     "tanh_shrink", "roll", "flip", "round", "top_k_v2", "argsort", "kthvalue", "unpool",
+    "pool3d", "max_pool3d_with_index",
 })
 
 #: Paddle's binary elementwise ops -> ONNX's (both broadcast numpy-style).
@@ -130,6 +134,17 @@ def adaptive_bins(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     (exclusive). Returns the ``[size]`` arrays of starts and ends."""
     bins = np.arange(size, dtype=np.int64)
     return bins * length // size, -((-(bins + 1) * length) // size)
+
+
+def onnx_pads(paddings: Sequence[int], spatial_rank: int) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) of a conv's or pool's Paddle ``paddings``:
+    one per spatial axis (both sides) or a ``(begin, end)`` pair per axis."""
+    paddings = [int(p) for p in paddings]
+    if len(paddings) == spatial_rank:
+        return paddings + paddings
+    if len(paddings) != 2 * spatial_rank:
+        raise NotImplementedError(f"paddings {paddings} of a {spatial_rank}-d op are not exported")
+    return paddings[0::2] + paddings[1::2]
 
 
 def _require_onnx():
@@ -860,11 +875,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             absorbed.append(bn)
             out = self._out(bn, "Y")
         record = self.weights.get(weight_name)
-        x, x_scale = self._layer_input(op, "Input")
+        if record is None:  # kept fp32 (conv3d always: no int8 kernel in either runtime)
+            x, x_scale = self._tensor(op, op.input("Input")[0]), None
+        else:
+            x, x_scale = self._layer_input(op, "Input")
         attrs = self._conv_attributes(op, list(weight.shape[2:]))
         self.skip.update(id(a) for a in absorbed)
-        if record is None or x_scale is None:
-            w = self._const(weight_name, weight * factor.reshape(-1, 1, 1, 1))
+        if x_scale is None:
+            w = self._const(weight_name, weight * factor.reshape([-1] + [1] * (weight.ndim - 1)))
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
@@ -887,7 +905,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
             # the conv runs without it and the bias is added in float after it.
             sums = self._node("Conv", [x, w], out + ".unbiased", **attrs)
-            added = self._const("bias", bias.astype(np.float32).reshape(1, -1, 1, 1))
+            added = self._const("bias", bias.astype(np.float32).reshape([1, -1] + [1] * (weight.ndim - 2)))
             self._bind(out, self._node("Add", [sums, added], out))
             return
         b = self._node(
@@ -912,39 +930,35 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
 
     @staticmethod
     def _conv_attributes(op, kernel: list[int]) -> dict[str, Any]:
-        """ONNX ``Conv`` attributes of a conv2d / depthwise_conv2d op with ``kernel``'s size."""
-        paddings = list(op.attr("paddings"))
-        if len(paddings) == 2:
-            pads = paddings + paddings
-        else:  # [top, bottom, left, right]
-            pads = [paddings[0], paddings[2], paddings[1], paddings[3]]
+        """ONNX ``Conv`` attributes of a conv2d / depthwise_conv2d / conv3d op with
+        ``kernel``'s size."""
+        if op.has_attr("data_format") and op.attr("data_format") in ("NHWC", "NDHWC"):
+            raise NotImplementedError(f"{op.type} in {op.attr('data_format')} is not exported")
+        pads = onnx_pads(op.attr("paddings"), len(kernel))
         algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
         attrs: dict[str, Any] = dict(
             strides=list(op.attr("strides")), dilations=list(op.attr("dilations")),
             group=int(op.attr("groups")), kernel_shape=[int(k) for k in kernel],
         )
-        if algorithm == "SAME":
-            attrs["auto_pad"] = "SAME_UPPER"
+        if algorithm == "SAME":  # Paddle's "SAME" ignores the dilation
+            attrs.update(auto_pad="SAME_UPPER", dilations=[1] * len(kernel))
         elif algorithm == "VALID":
-            attrs["pads"] = [0, 0, 0, 0]
+            attrs["pads"] = [0] * len(pads)
         else:
             attrs["pads"] = pads
         return attrs
 
     def _conv_transpose(self, op) -> None:
-        """A transposed conv, in float (no runtime has an int8 kernel for it; ``convert``
-        keeps it fp32). Paddle's weight layout ``[in, out / groups, kh, kw]`` is ONNX's. An
-        ``output_size`` (ENet's upsampling to its encoder's size) becomes the
+        """A transposed conv (2-d or 3-d), in float (no runtime has an int8 kernel for it;
+        ``convert`` keeps it fp32). Paddle's weight layout ``[in, out / groups, *kernel]`` is
+        ONNX's. An ``output_size`` (ENet's upsampling to its encoder's size) becomes the
         ``output_padding`` that reaches it from the traced input size."""
-        if op.has_attr("data_format") and op.attr("data_format") == "NHWC":
-            raise NotImplementedError("conv2d_transpose in NHWC is not exported")
-        if op.input("Bias"):
-            raise NotImplementedError("conv2d_transpose with a Bias input is not exported")
+        if op.has_attr("data_format") and op.attr("data_format") in ("NHWC", "NDHWC"):
+            raise NotImplementedError(f"{op.type} in {op.attr('data_format')} is not exported")
+        if "Bias" in op.input_names and op.input("Bias"):
+            raise NotImplementedError(f"{op.type} with a Bias input is not exported")
         weight = self._param(op.input("Filter")[0]).astype(np.float32)
-        paddings = list(op.attr("paddings"))
-        pads = paddings + paddings if len(paddings) == 2 else [
-            paddings[0], paddings[2], paddings[1], paddings[3]
-        ]
+        pads = onnx_pads(op.attr("paddings"), weight.ndim - 2)
         algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
         attrs = dict(
             strides=list(op.attr("strides")), dilations=list(op.attr("dilations")),
@@ -954,10 +968,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             attrs["output_padding"] = list(op.attr("output_padding"))
         if list(op.attr("output_size")):
             if algorithm != "EXPLICIT":
-                raise NotImplementedError("conv2d_transpose with output_size is exported only with explicit padding")
+                raise NotImplementedError(f"{op.type} with output_size is exported only with explicit padding")
             attrs["output_padding"] = self._transposed_output_padding(op, list(weight.shape[2:]), pads)
         if algorithm == "SAME":
-            attrs["auto_pad"] = "SAME_UPPER"
+            attrs.update(pads=self._transposed_same_pads(op, attrs["strides"], attrs["kernel_shape"]),
+                         dilations=[1] * (len(pads) // 2))
         elif algorithm != "VALID":
             attrs["pads"] = pads
         out = self._out(op, "Output")
@@ -990,13 +1005,24 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             kernel_shape=list(weight.shape[2:]),
         ))
 
+    def _transposed_same_pads(self, op, strides: list[int], kernel: list[int]) -> list[int]:
+        """The pads of a transposed conv with Paddle's ``"SAME"`` padding, which are those of
+        a forward conv over its input (:func:`same_pads`; dilation ignored), so its output is
+        ``(in - 1) * stride + kernel - total``, not ONNX's ``SAME_UPPER`` ``in * stride``."""
+        spatial = self._shape(op.input("Input")[0])[2:]
+        if min(spatial, default=-1) < 0:
+            raise NotImplementedError(
+                f"{op.type} with padding 'SAME' is exported only for an input size known when traced"
+            )
+        return same_pads(spatial, strides, kernel)
+
     def _transposed_output_padding(self, op, kernel: list[int], pads: list[int]) -> list[int]:
         """The ``output_padding`` by which a transposed conv's default output size,
         ``(in - 1) * stride - pads + dilation * (kernel - 1) + 1``, reaches ``output_size``."""
         spatial = self._shape(op.input("Input")[0])[2:]
         if min(spatial, default=-1) < 0:
             raise NotImplementedError(
-                "conv2d_transpose with output_size is exported only for an input size known when traced"
+                f"{op.type} with output_size is exported only for an input size known when traced"
             )
         strides, dilations = list(op.attr("strides")), list(op.attr("dilations"))
         wanted = [int(d) for d in op.attr("output_size")][-len(spatial):]
@@ -1004,7 +1030,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         for axis, (size, stride, dilation, k, target) in enumerate(zip(spatial, strides, dilations, kernel, wanted)):
             default = (size - 1) * stride - pads[axis] - pads[axis + len(spatial)] + dilation * (k - 1) + 1
             if not 0 <= target - default < max(stride, dilation):
-                raise NotImplementedError(f"conv2d_transpose to output_size {wanted} from {spatial} is not exported")
+                raise NotImplementedError(f"{op.type} to output_size {wanted} from {spatial} is not exported")
             padding.append(target - default)
         return padding
 
@@ -1294,19 +1320,22 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         self._bind(out, self._node(kind, [x, y], out))
 
     def _pool(self, op) -> None:
-        """pool2d, and max_pool2d_with_index (``nn.AdaptiveMaxPool2D``, ``return_mask``):
-        global, adaptive (windows when the input size divides by the output size, else
-        :meth:`_uneven_adaptive_pool`) or windowed. A mask read by max-unpools (ENet, SegNet)
-        becomes the ``Indices`` of a windowed ``MaxPool``, which ``MaxUnpool`` reads
-        (:meth:`_unpool`; both count positions their own way, consistently)."""
-        kind = "max" if op.type == "max_pool2d_with_index" else op.attr("pooling_type")
-        mask_readers = self.readers.get(op.output("Mask")[0], []) if op.type == "max_pool2d_with_index" else []
+        """pool2d / pool3d, and max_pool2d/3d_with_index (``nn.AdaptiveMaxPool2D``,
+        ``return_mask``): global, adaptive (windows when the input size divides by the output
+        size, else :meth:`_uneven_adaptive_pool`) or windowed. A mask read by max-unpools
+        (ENet, SegNet) becomes the ``Indices`` of a windowed ``MaxPool``, which ``MaxUnpool``
+        reads (:meth:`_unpool`; both count positions their own way, consistently)."""
+        with_index = op.type in ("max_pool2d_with_index", "max_pool3d_with_index")
+        kind = "max" if with_index else op.attr("pooling_type")
+        if op.has_attr("data_format") and op.attr("data_format") in ("NHWC", "NDHWC"):
+            raise NotImplementedError(f"{op.type} in {op.attr('data_format')} is not exported")
+        mask_readers = self.readers.get(op.output("Mask")[0], []) if with_index else []
         if mask_readers and (
             any(reader.type != "unpool" for reader in mask_readers)
             or op.attr("global_pooling") or op.attr("adaptive")
         ):
             raise NotImplementedError(
-                "max_pool2d_with_index whose Mask is read is exported only windowed and read by max-unpools"
+                f"{op.type} whose Mask is read is exported only windowed and read by max-unpools"
             )
         ksize = list(op.attr("ksize"))
         out = self._out(op)
@@ -1317,7 +1346,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             # int8 reader beside it had it quantized (measured: a ReLU of an int8 conv read by
             # an int8 conv and a squeeze-excite pool, 1.9% of the largest output off).
             source = self.unquantized.get(name, source)
-        if op.attr("global_pooling") or (op.attr("adaptive") and ksize == [1, 1]):
+        if op.attr("global_pooling") or (op.attr("adaptive") and all(k == 1 for k in ksize)):
             if kind == "avg" and out in self.int8_pools:
                 # The mean of u8 codes on the input threshold's grid (codes up to 255, not
                 # clipped), rounded half to even like QuantizeLinear, on the same grid
@@ -1340,13 +1369,17 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 node = self._uneven_adaptive_pool(kind, source, spatial, ksize, out)
             else:
                 window = [i // o for i, o in zip(spatial, ksize)]
-                attrs = dict(kernel_shape=window, strides=window, pads=[0, 0, 0, 0])
+                attrs = dict(kernel_shape=window, strides=window, pads=[0] * (2 * len(window)))
                 node = self._node("MaxPool" if kind == "max" else "AveragePool", [source], out, **attrs)
         else:
-            paddings = list(op.attr("paddings"))
-            pads = paddings + paddings if len(paddings) == 2 else [paddings[0], paddings[2], paddings[1], paddings[3]]
-            attrs = dict(kernel_shape=ksize, strides=list(op.attr("strides")), pads=pads,
-                         ceil_mode=int(op.attr("ceil_mode")))
+            attrs = dict(kernel_shape=ksize, strides=list(op.attr("strides")))
+            algorithm = op.attr("padding_algorithm") if op.has_attr("padding_algorithm") else "EXPLICIT"
+            if algorithm == "SAME":  # ceil(in / stride) positions, an odd padding at the end
+                attrs["auto_pad"] = "SAME_UPPER"
+            elif algorithm == "VALID":
+                attrs["pads"] = [0] * (2 * len(ksize))
+            else:
+                attrs.update(pads=onnx_pads(op.attr("paddings"), len(ksize)), ceil_mode=int(op.attr("ceil_mode")))
             if kind == "max":
                 name = op.input("X")[0]
                 pools_float = self._pools_float(name, out)
@@ -1370,9 +1403,41 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 else:
                     node = self._node("MaxPool", [pooled], out, **attrs)
             else:
-                node = self._node("AveragePool", [source], out,
-                                  count_include_pad=int(not op.attr("exclusive")), **attrs)
+                node = self._average_pool(op, source, out, attrs)
         self._bind(out, node)
+
+    def _average_pool(self, op, source: str, out: str, attrs: dict[str, Any]) -> str:
+        """A windowed average pool. Paddle's CPU kernel pads each axis by its begin padding on
+        both sides (the end padding only sizes the output): an inclusive pool
+        (``exclusive=False``) divides by a window's positions up to that, so where the end
+        padding is wider (``"SAME"`` with an odd total, ``[0, 1]``), the last window's extra
+        padding does not count (measured: 12% of the largest output off while it did). The
+        input gets the begin padding on both sides as zeros it counts, and the pool the rest
+        as padding it does not."""
+        if op.attr("exclusive"):
+            return self._node("AveragePool", [source], out, count_include_pad=0, **attrs)
+        rank = len(attrs["kernel_shape"])
+        if attrs.get("auto_pad") == "SAME_UPPER":
+            spatial = self._shape(op.input("X")[0])[2:]
+            if min(spatial, default=-1) < 0:
+                raise NotImplementedError(
+                    f"{op.type} averaging with exclusive=False and padding 'SAME' is exported only "
+                    "for an input size known when traced"
+                )
+            attrs = {key: value for key, value in attrs.items() if key != "auto_pad"}
+            attrs["pads"] = same_pads(spatial, attrs["strides"], attrs["kernel_shape"])
+        begins, ends = attrs["pads"][:rank], attrs["pads"][rank:]
+        if begins == ends:
+            return self._node("AveragePool", [source], out, count_include_pad=1, **attrs)
+        if any(end < begin for begin, end in zip(begins, ends)):
+            raise NotImplementedError(
+                f"{op.type} averaging with exclusive=False and paddings {op.attr('paddings')} "
+                "(an end padding narrower than the begin one) is not exported"
+            )
+        zeros = self._const("pads", np.array([0, 0, *begins, 0, 0, *begins], np.int64))
+        padded = self._node("Pad", [source, zeros], out + ".padded", mode="constant")
+        attrs = dict(attrs, pads=[0] * rank + [end - begin for begin, end in zip(begins, ends)])
+        return self._node("AveragePool", [padded], out, count_include_pad=0, **attrs)
 
     def _unpool(self, op) -> None:
         """unpool (``F.max_unpool2d``, NCHW): ``MaxUnpool`` of the values at the ``Indices``
@@ -1432,12 +1497,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         (:func:`adaptive_bins`). A window's maximum is the maximum of its rows' maxima: per
         axis, a ``Gather`` of each bin's positions (short bins repeat their last one) and a
         ``ReduceMax``. A window's mean is the mean of its rows' means: per axis, a ``MatMul``
-        with the ``[out, in]`` matrix of ``1 / length`` over each bin.
+        with the ``[out, in]`` matrix of ``1 / length`` over each bin (a 3-d pool's depth
+        axis is transposed last for it and back).
         """
-        if len(spatial) != 2:
-            raise NotImplementedError(f"adaptive pool over {len(spatial)} axes of unequal bins")
         pooled = x
-        rank = 4
+        rank = 2 + len(spatial)
         for offset, (length, size) in enumerate(zip(spatial, sizes)):
             axis = 2 + offset
             starts, ends = adaptive_bins(length, size)
@@ -1453,10 +1517,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             inside = (positions[None, :] >= starts[:, None]) & (positions[None, :] < ends[:, None])
             means = (inside / (ends - starts)[:, None]).astype(np.float32)  # [out, in]
             if axis == rank - 1:  # [..., in] @ [in, out]
-                operands = [pooled, self._const("means", means.T)]
-            else:  # [out, in] @ [..., in, W] (pool2d's height)
-                operands = [self._const("means", means), pooled]
-            pooled = self._node("MatMul", operands, f"{stem}.mean{axis}")
+                pooled = self._node("MatMul", [pooled, self._const("means", means.T)], f"{stem}.mean{axis}")
+            elif axis == rank - 2:  # [out, in] @ [..., in, W] (the height)
+                pooled = self._node("MatMul", [self._const("means", means), pooled], f"{stem}.mean{axis}")
+            else:  # the depth: swapped with the last axis, [..., in] @ [in, out], swapped back
+                perm = list(range(rank))
+                perm[axis], perm[-1] = perm[-1], perm[axis]
+                swapped = self._node("Transpose", [pooled], f"{stem}.swap{axis}", perm=perm)
+                pooled = self._node("MatMul", [swapped, self._const("means", means.T)], f"{stem}.mean{axis}")
+                pooled = self._node("Transpose", [pooled], f"{stem}.unswap{axis}", perm=perm)
         return pooled
 
     def _keep_input_scale(self, op, out: str) -> None:
@@ -1674,7 +1743,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             "conv2d": self._conv, "depthwise_conv2d": self._conv, "matmul_v2": self._matmul,
             "bmm": self._activation_matmul, "pool2d": self._pool,
             "max_pool2d_with_index": self._pool, "unpool": self._unpool, "concat": self._concat,
+            "conv3d": self._conv, "pool3d": self._pool, "max_pool3d_with_index": self._pool,
             "conv2d_transpose": self._conv_transpose, "depthwise_conv2d_transpose": self._conv_transpose,
+            "conv3d_transpose": self._conv_transpose,
             "deformable_conv": self._deformable_conv, "deformable_conv_v1": self._deformable_conv,
             "split": self._split,
             "squeeze2": self._squeeze, "unsqueeze2": self._squeeze, "rnn": self._rnn,
