@@ -26,6 +26,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .padded_pools import exact_padded_pools
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
     is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
@@ -291,14 +292,16 @@ def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
     """Rewrites ``loaded`` (a traced program, before quantization) around what Paddle 3.3.1's
     oneDNN passes and kernels get wrong, each rewrite computing the same values
     (:mod:`.graph`): matmul widths left unknown by a reshape, channels-last convs/norms/pools,
-    nearest resizes that are not whole-number upscales, and adaptive pools that keep an axis
-    open, clips with tensor bounds. Programs for Paddle Lite are left as traced (two
+    nearest resizes that are not whole-number upscales, windowed pools with unequal paddings
+    or ``ceil_mode`` (:mod:`.padded_pools`), adaptive pools that keep an axis open, clips with
+    tensor bounds. Programs for Paddle Lite are left as traced (two
     activations in a row are separated for every runtime)."""
     block = loaded.program.global_block()
     constant_clip_bounds(loaded)
     complete_matmul_widths(block)
     channels_last_to_first(block)
     exact_nearest_resizes(loaded)
+    exact_padded_pools(block)
     reduce_open_adaptive_pools(block)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -140,13 +141,17 @@ def load_legacy_program(path_prefix: str) -> LegacyProgram:
 
 
 def save_legacy_program(loaded: LegacyProgram, path_prefix: str) -> None:
-    """Writes ``path_prefix.pdmodel`` / ``.pdiparams`` (call inside :func:`legacy_static_mode`)."""
+    """Writes ``path_prefix.pdmodel`` / ``.pdiparams`` (call inside :func:`legacy_static_mode`);
+    a program without parameters (a model of pools and activations) gets an empty
+    ``.pdiparams``, which Paddle Inference loads as such (Paddle writes none)."""
     block = loaded.program.global_block()
     feed_vars = [block.var(name) for name in loaded.feed_names]
     with paddle.static.scope_guard(loaded.scope):
         paddle.static.save_inference_model(
             path_prefix, feed_vars, loaded.fetch_vars, loaded.executor, program=loaded.program
         )
+    if not os.path.exists(path_prefix + ".pdiparams"):
+        open(path_prefix + ".pdiparams", "wb").close()
 
 
 def fold_conv_bias(loaded: LegacyProgram) -> int:
@@ -190,19 +195,24 @@ def fold_conv_bias(loaded: LegacyProgram) -> int:
         remove_op(block, list(block.ops).index(op))
     if folded:
         loaded.program._sync_with_cpp()
-    _broadcast_deformable_conv_biases(loaded, writers)
+    _broadcast_unfused_conv_biases(loaded, writers)
     return len(folded)
 
 
-def _broadcast_deformable_conv_biases(loaded: LegacyProgram, writers: Mapping) -> int:
-    """Stores the bias of each ``deformable_conv`` (``paddle.vision.ops.DeformConv2D``, traced
-    as an ``elementwise_add`` of a [C] parameter on ``axis=1``) as [1, C, 1, 1], added on the
-    default axis.
+#: Convs whose bias add oneDNN fuses into nothing (traced as an ``elementwise_add`` of a [C]
+#: parameter on ``axis=1``).
+_UNFUSED_BIAS_CONVS = frozenset({"deformable_conv", "deformable_conv_v1", "conv3d_transpose"})
+
+
+def _broadcast_unfused_conv_biases(loaded: LegacyProgram, writers: Mapping) -> int:
+    """Stores the bias of each conv in :data:`_UNFUSED_BIAS_CONVS` (``DeformConv2D``,
+    ``Conv3DTranspose``) as [1, C, 1, ...] on the conv output's rank, added on the default
+    axis.
 
     Paddle Inference's oneDNN add broadcasts a [C] operand over the last axis whatever
-    ``axis`` says, and nothing fuses this bias into the deformable conv, so every program with
+    ``axis`` says, and nothing fuses these biases into their convs, so every program with
     one failed at run time ("Broadcast dimension mismatch ... X = [2, 16, 8, 8] and the shape
-    of Y = [16]"), the fp32 export too.
+    of Y = [16]"; X = [2, 4, 8, 12, 12] after a Conv3DTranspose), the fp32 export too.
 
     Returns:
         How many biases were rewritten.
@@ -214,12 +224,13 @@ def _broadcast_deformable_conv_biases(loaded: LegacyProgram, writers: Mapping) -
             continue
         writer = writers.get(add.input("X")[0])
         bias = add.input("Y")[0]
-        if writer is None or writer.type not in ("deformable_conv", "deformable_conv_v1") or not is_persistable(block, bias):
+        if writer is None or writer.type not in _UNFUSED_BIAS_CONVS or not is_persistable(block, bias):
             continue
         value = get_tensor(loaded, bias)
         if value.ndim != 1:
             continue
-        add._rename_input(bias, new_persistable(loaded, f"{bias}.nchw", value.reshape(1, -1, 1, 1)))
+        rank = len(block.var(add.input("X")[0]).shape)
+        add._rename_input(bias, new_persistable(loaded, f"{bias}.nchw", value.reshape([1, -1] + [1] * (rank - 2))))
         add._set_attr("axis", -1)
         rewritten += 1
     return rewritten
@@ -755,14 +766,43 @@ def _insert_identity_clip(block, writer, name: str, consumers: list, suffix: str
     insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
 
 
+#: Op types that Paddle 3.3.1's ``cpu_quantize_pass`` can run int8 on a scaled input (in the
+#: legacy form, before the oneDNN fuses rename them), and the quantize ops our export writes.
+_ONEDNN_INT8_READERS = frozenset({
+    "conv2d", "depthwise_conv2d", "pool2d", "concat", "prior_box", "fc", "mul", "matmul",
+    "matmul_v2", "reshape2", "transpose2", "slice", "nearest_interp", "nearest_interp_v2",
+    "split", "elementwise_add", "elementwise_mul", "elementwise_sub", "fusion_gru", "multi_gru",
+    "fusion_lstm", "quantize_linear", "dequantize_linear",
+})
+
+
+#: Ops a following activation can fuse into in Paddle's oneDNN passes (a conv or fc, its
+#: bias or residual add, its BatchNorm).
+_ACTIVATION_FUSING_WRITERS = frozenset({
+    "conv2d", "depthwise_conv2d", "conv2d_transpose", "matmul_v2", "mul", "fc", "elementwise_add",
+    "batch_norm",
+})
+
+
+def reads_in_float(op) -> bool:
+    """Whether Paddle Inference runs ``op`` in float on its input's dequantized value, with no
+    int8 kernel to hand a scale on to (a ``reduce_mean``, a ``softmax``; not an activation,
+    which a conv or fc before it may absorb, nor an op scales pass across)."""
+    return op.type not in _ONEDNN_INT8_READERS and op.type not in FUSABLE_ACTIVATIONS and (
+        op.type not in _SCALE_PROPAGATING_OPS and op.type not in ("fetch", "feed")
+    )
+
+
 def returned_only_outputs(
     block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
     int8_pools: Mapping[str, float] | None = None,
 ) -> set[str]:
-    """The scaled tensors that only reach the network's outputs or average pools that run
-    fp32: a ReLU after a conv and the max-pools after it, whose only other reader is a
-    ``fetch`` (a VGG prefix ending in a pool) or an average pool (a VGG or CRNN head: max pool,
-    then an adaptive average pool, then a Linear).
+    """The scaled tensors that only reach the network's outputs, average pools that run fp32
+    or ops that compute in float (:func:`reads_in_float`): a ReLU after a conv and the
+    max-pools after it, whose only other reader is a ``fetch`` (a VGG prefix ending in a
+    pool), an average pool (a VGG or CRNN head: max pool, then an adaptive average pool, then
+    a Linear) or a ``reduce_mean`` (the same head written as ``x.mean([2, 3])``: 0.5-1% of the
+    largest logit off while the pool ran int8; 0.4-0.6% through a sigmoid).
 
     With a scale the conv writes them as int8 codes for the int8 pool, and Paddle Inference
     returns (or averages) the dequantized codes where the simulation has floats (measured:
@@ -792,8 +832,16 @@ def returned_only_outputs(
                 if op.type == "pool2d" and op.attr("pooling_type") == "avg" and op.output("Out")[0] not in int8_pools:
                     ends_in_fp32 = True  # _keep_average_pools_fp32 runs it fp32
                     continue
-                if _passes_values(op):
+                writer = writers.get(tensor)
+                if _passes_values(op) or (
+                    op.type in FUSABLE_ACTIVATIONS and writer is not None
+                    and writer.type not in _ACTIVATION_FUSING_WRITERS
+                ):
+                    # An activation no conv or fc absorbs (a sigmoid of a max-pool) computes
+                    # in float: what matters is what reads its output.
                     pending.extend(op.output("Out"))
+                elif reads_in_float(op):
+                    ends_in_fp32 = True
                 else:
                     only_returned = False
         if only_returned and (ends_in_fp32 or any(
