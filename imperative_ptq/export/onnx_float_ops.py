@@ -145,7 +145,8 @@ class FloatOpConverters:
             "strided_slice": self._slice, "argsort": self._argsort,
             "mode": self._mode, "kron": self._kron, "trunc": self._trunc, "logit": self._logit,
             "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
-            "set_value": self._set_value,
+            "set_value": self._set_value, "renorm": self._renorm, "searchsorted": self._searchsorted,
+            "trace": self._trace,
         })
         return dispatch
 
@@ -657,17 +658,32 @@ class FloatOpConverters:
         inputs = [self._in(op, "Input"), self._in(op, "Index")]
         self._bind(out, self._node("GatherElements", inputs, out, axis=int(op.attr("Axis"))))
 
+    #: The first opset whose ``ScatterND`` adds (``reduction="add"``).
+    _SCATTER_ADD_OPSET = 16
+
     def _scatter(self, op) -> None:
-        """scatter with ``overwrite`` (``paddle.scatter``'s default): the rows of ``X`` at
+        """scatter: with ``overwrite`` (``paddle.scatter``'s default) the rows of ``X`` at
         ``Ids`` (along axis 0) replaced by those of ``Updates``, as ``ScatterND`` with the ids
-        as ``[K, 1]`` indices. (Repeated ids: ONNX leaves the order open, Paddle keeps the last
-        update.)"""
-        if not op.attr("overwrite"):
-            raise NotImplementedError("scatter with overwrite=False (accumulating) is not exported")
+        as ``[K, 1]`` indices (repeated ids: ONNX leaves the order open, Paddle keeps the last
+        update); without, those rows zeroed and the updates summed into them (a second
+        ``ScatterND`` adding, from opset 16)."""
         out = self._out(op)
+        if not op.attr("overwrite") and self.opset < self._SCATTER_ADD_OPSET:
+            raise NotImplementedError(
+                f"scatter with overwrite=False (accumulating) is ONNX's ScatterND adding from opset "
+                f"{self._SCATTER_ADD_OPSET} on: pass opset={self._SCATTER_ADD_OPSET} or higher to export_onnx"
+            )
         ids = self._node("Cast", [self._in(op, "Ids")], out + ".ids", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
         indices = self._node("Unsqueeze", [ids, self._const("axes", np.array([1], np.int64))], out + ".indices")
-        self._bind(out, self._node("ScatterND", [self._in(op), indices, self._in(op, "Updates")], out))
+        updates = self._in(op, "Updates")
+        if op.attr("overwrite"):
+            self._bind(out, self._node("ScatterND", [self._in(op), indices, updates], out))
+            return
+        dtype = numpy_dtype(self.block._find_var_recursive(op.input("Updates")[0]).dtype)
+        zero = self.helper.make_tensor("zero", self.helper.np_dtype_to_tensor_dtype(dtype), [1], [dtype.type(0).item()])
+        zeros = self._node("ConstantOfShape", [self._node("Shape", [updates], out + ".shape")], out + ".zeros", value=zero)
+        cleared = self._node("ScatterND", [self._in(op), indices, zeros], out + ".cleared")
+        self._bind(out, self._node("ScatterND", [cleared, indices, updates], out, reduction="add"))
 
     def _lp_pool(self, op) -> None:
         """lp_pool2d (``nn.LPPool2D``, NCHW, an integer norm): ONNX's ``LpPool``, the ``p``-th
@@ -890,14 +906,19 @@ class FloatOpConverters:
     def _diagonal(self, op) -> None:
         """diagonal of two axes of known size: those axes moved last and flattened, the
         diagonal's positions gathered there (the new last axis, as Paddle puts it)."""
+        out = self._out(op)
+        self._bind(out, self._diagonal_node(op, out))
+
+    def _diagonal_node(self, op, out: str) -> str:
+        """The diagonal a diagonal or trace op reads (``Input``, ``offset``, ``axis1``,
+        ``axis2``), on a new last axis."""
         source = op.input("Input")[0]
         shape = self._shape(source)
         rank = len(shape)
         first, second = int(op.attr("axis1")) % rank, int(op.attr("axis2")) % rank
         rows, columns, offset = shape[first], shape[second], int(op.attr("offset"))
         if rows < 0 or columns < 0:
-            raise NotImplementedError("diagonal of axes of dynamic size is not exported")
-        out = self._out(op)
+            raise NotImplementedError(f"{op.type} of axes of dynamic size is not exported")
         kept = [axis for axis in range(rank) if axis not in (first, second)]
         moved = self._node("Transpose", [self._in(op, "Input")], out + ".moved", perm=kept + [first, second])
         flat_shape = self._node("Concat", [
@@ -910,7 +931,7 @@ class FloatOpConverters:
         flat = self._node("Reshape", [moved, flat_shape], out + ".flat")
         diagonal_rows = np.arange(max(0, -offset), min(rows, columns - offset), dtype=np.int64)
         positions = diagonal_rows * columns + diagonal_rows + offset
-        self._bind(out, self._node("Gather", [flat, self._const("positions", positions)], out, axis=rank - 2))
+        return self._node("Gather", [flat, self._const("positions", positions)], out, axis=rank - 2)
 
     def _unfold(self, op) -> None:
         """unfold (im2col) as a grouped ``Conv`` whose kernels each pick one position of the
@@ -935,22 +956,56 @@ class FloatOpConverters:
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
         ``ReduceL2``, the largest or smallest ``|x|`` for +-inf, else ``sum(|x|^p)^(1/p)``."""
-        p = float(op.attr("porder"))
         out = self._out(op)
         axes = None if op.attr("asvector") else [int(op.attr("axis"))]
-        keep = bool(op.attr("keepdim"))
-        x = self._in(op)
+        self._bind(out, self._norm_node(op, self._in(op), float(op.attr("porder")), axes, bool(op.attr("keepdim")), out))
+
+    def _norm_node(self, op, x: str, p: float, axes: list[int] | None, keep: bool, stem: str) -> str:
+        """The ``p``-norm of ``x`` over ``axes`` (all with None)."""
         if p in (1.0, 2.0):
-            node = self._reduce_node("ReduceL1" if p == 1.0 else "ReduceL2", x, axes, keep, out)
-        elif np.isinf(p):
-            node = self._reduce_node("ReduceMax" if p > 0 else "ReduceMin", self._node("Abs", [x], out + ".abs"), axes, keep, out)
-        elif p == 0.0:
-            raise NotImplementedError("p_norm with porder 0 (a count of non-zeros) is not exported")
-        else:
-            powered = self._node("Pow", [self._node("Abs", [x], out + ".abs"), self._scalar("p", p)], out + ".pow")
-            total = self._reduce_node("ReduceSum", powered, axes, keep, out + ".sum")
-            node = self._node("Pow", [total, self._scalar("inverse_p", 1.0 / p)], out)
-        self._bind(out, node)
+            return self._reduce_node("ReduceL1" if p == 1.0 else "ReduceL2", x, axes, keep, stem)
+        if np.isinf(p):
+            return self._reduce_node("ReduceMax" if p > 0 else "ReduceMin", self._node("Abs", [x], stem + ".abs"), axes, keep, stem)
+        if p == 0.0:
+            raise NotImplementedError(f"{op.type} with order 0 (a count of non-zeros) is not exported")
+        powered = self._node("Pow", [self._node("Abs", [x], stem + ".abs"), self._scalar("p", p)], stem + ".pow")
+        total = self._reduce_node("ReduceSum", powered, axes, keep, stem + ".sum")
+        return self._node("Pow", [total, self._scalar("inverse_p", 1.0 / p)], stem)
+
+    def _renorm(self, op) -> None:
+        """renorm: each slice along ``axis`` whose ``p``-norm (over the other axes) passes
+        ``max_norm`` scaled by ``max_norm / (norm + 1e-7)``, as Paddle does."""
+        x, out = self._in(op), self._out(op)
+        rank = len(self._shape(op.input("X")[0]))
+        axis = int(op.attr("axis")) % rank
+        norms = self._norm_node(op, x, float(op.attr("p")), [a for a in range(rank) if a != axis], True, out + ".norm")
+        limit = self._scalar("max_norm", float(op.attr("max_norm")))
+        factor = self._node("Div", [limit, self._node("Add", [norms, self._scalar("eps", 1e-7)], out + ".eps")], out + ".factor")
+        factor = self._node("Where", [self._node("Greater", [norms, limit], out + ".over"), factor, self._scalar("one", 1.0)],
+                            out + ".scaled")
+        self._bind(out, self._node("Mul", [x, factor], out))
+
+    def _searchsorted(self, op) -> None:
+        """searchsorted (and ``paddle.bucketize``): per value, how many sequence entries lie
+        below it (``right``: at or below), a comparison of every value with every entry
+        (``[..., M, N]``) summed over the entries."""
+        out = self._out(op, "Out")
+        sequence, values = self._in(op, "SortedSequence"), self._in(op, "Values")
+        if len(self._shape(op.input("SortedSequence")[0])) > 1:
+            sequence = self._node("Unsqueeze", [sequence, self._const("axes", np.array([-2], np.int64))], out + ".rows")
+        values = self._node("Unsqueeze", [values, self._const("axes", np.array([-1], np.int64))], out + ".column")
+        below = self._node("LessOrEqual" if op.attr("right") else "Less", [sequence, values], out + ".below")
+        counts = self._node("Cast", [below], out + ".counts", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        total = self._reduce_node("ReduceSum", counts, [-1], False, out + ".total" if op.attr("out_int32") else out)
+        if op.attr("out_int32"):
+            total = self._node("Cast", [total], out, to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int32)))
+        self._bind(out, total)
+
+    def _trace(self, op) -> None:
+        """trace: the sum of :meth:`_diagonal`'s diagonal (over its new last axis)."""
+        out = self._out(op)
+        diagonal = self._diagonal_node(op, out + ".diagonal")
+        self._bind(out, self._reduce_node("ReduceSum", diagonal, [-1], False, out))
 
     def _arg_max(self, op) -> None:
         """arg_max / arg_min: ONNX's ``ArgMax`` / ``ArgMin`` (the first of equal values, as
