@@ -110,15 +110,18 @@ def exact_padded_pools(block: "paddle.static.Block") -> int:
         ksize, strides = [int(k) for k in op.attr("ksize")], [int(s) for s in op.attr("strides")]
         paddings = _paddings(op, spatial)
         ceil_mode = bool(op.attr("ceil_mode"))
-        if paddings is not None and paddings[0] == paddings[1] and not ceil_mode:
+        unequal = paddings is None or paddings[0] != paddings[1]
+        if not unequal and not ceil_mode:
             continue  # both kernels agree
+        inclusive = op.attr("pooling_type") == "avg" and not op.attr("exclusive")
         if paddings is None or min(spatial) < 1:
-            logger.warning(
-                "%s %s -> %s has unequal paddings or ceil_mode on an input size not fixed by the "
-                "input spec: left as is, though Paddle Inference's oneDNN kernel may pad (or count "
-                "padding in an average) where Paddle's CPU kernel does not",
-                op.type, source, op.output("Out")[0],
-            )
+            if inclusive or (ceil_mode and unequal):  # a maximum or exclusive average agrees otherwise
+                logger.warning(
+                    "%s %s -> %s has unequal paddings or ceil_mode on an input size not fixed by "
+                    "the input spec: left as is, though Paddle Inference's oneDNN kernel may count "
+                    "padding in an average (or fail) where Paddle's CPU kernel does not",
+                    op.type, source, op.output("Out")[0],
+                )
             continue
         begins, ends = paddings
         outputs = [
@@ -129,7 +132,6 @@ def exact_padded_pools(block: "paddle.static.Block") -> int:
             max((out - 1) * stride + k - size - begin, 0)
             for out, stride, k, size, begin in zip(outputs, strides, ksize, spatial, begins)
         ]
-        inclusive = op.attr("pooling_type") == "avg" and not op.attr("exclusive")
         if inclusive and any(end > begin for begin, end in zip(begins, reached)):
             op._rename_input(source, _zero_padded(block, op, source, begins))
             op._set_attr("exclusive", True)
