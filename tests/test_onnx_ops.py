@@ -265,6 +265,8 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "cumprod/with_zeros": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 2.0) * 0.5, dim=-1)), True),
     "diagonal": (lambda: _Function(lambda y: paddle.diagonal(y[:, :, :, :12], offset=2, axis1=3, axis2=1)), False),
     "diagonal/negative_offset": (lambda: _Function(lambda y: paddle.diagonal(y, offset=-3, axis1=2, axis2=3)), False),
+    "cummax": (lambda: _Function(lambda y: paddle.cummax(y, axis=2)[0] + paddle.cummax(paddle.floor(y * 2.0), axis=1)[1].astype("float32")), True),
+    "cummin": (lambda: _Function(lambda y: paddle.cummin(y, axis=-1)[0] * paddle.cummin(paddle.floor(y * 2.0), axis=1, dtype="int32")[1].astype("float32")), True),
     "trace": (lambda: _Function(lambda y: y + paddle.trace(y, offset=1, axis1=2, axis2=3).reshape([-1, 8, 1, 1]) * 0.1), True),
     "renorm": (lambda: _Function(lambda y: paddle.renorm(y, 2.0, 1, 3.0)), True),
     "renorm/p3_axis3": (lambda: _Function(lambda y: paddle.renorm(y, 3.0, 3, 1.5)), True),

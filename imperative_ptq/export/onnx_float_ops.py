@@ -146,7 +146,7 @@ class FloatOpConverters:
             "mode": self._mode, "kron": self._kron, "trunc": self._trunc, "logit": self._logit,
             "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
             "set_value": self._set_value, "renorm": self._renorm, "searchsorted": self._searchsorted,
-            "trace": self._trace,
+            "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
         })
         return dispatch
 
@@ -410,6 +410,46 @@ class FloatOpConverters:
             x, axis = self._node("Reshape", [x, self._const("shape", np.array([-1], np.int64))], out + ".flat"), 0
         attrs = dict(exclusive=int(op.attr("exclusive")), reverse=int(op.attr("reverse")))
         self._bind(out, self._node("CumSum", [x, self._const("axis", np.array(axis, np.int64))], out, **attrs))
+
+    def _cumulative_extreme(self, op) -> None:
+        """cummax / cummin along an axis of known length ``L``: per position ``i`` the
+        extreme of ``x[..j..]`` over ``j <= i`` (an ``[..., L, L]`` comparison of the axis
+        moved last, masked below its diagonal) and its index, the last ``j`` holding that
+        value (as Paddle picks it among equal ones)."""
+        source = op.input("x")[0]
+        shape = self._shape(source)
+        rank = len(shape)
+        axis = int(op.attr("axis")) % rank
+        length = shape[axis]
+        out, indices_out = op.output("out")[0], op.output("indices")[0]
+        if length < 0:
+            raise NotImplementedError(f"{op.type} along an axis of dynamic length is not exported")
+        perm = [a for a in range(rank) if a != axis] + [axis]
+        moved = self._tensor(op, source)
+        if axis != rank - 1:
+            moved = self._node("Transpose", [moved], out + ".moved", perm=perm)
+        row = self._node("Unsqueeze", [moved, self._const("axes", np.array([-2], np.int64))], out + ".row")  # [..., 1, L]
+        reached = self._const("reached", np.tril(np.ones([length, length], dtype=bool)))  # j <= i
+        largest = op.type == "cummax"
+        dtype = numpy_dtype(self.block._find_var_recursive(source).dtype)
+        bound = np.array(-np.inf if largest else np.inf, dtype) if dtype.kind == "f" else np.array(
+            np.iinfo(dtype).min if largest else np.iinfo(dtype).max, dtype)
+        masked = self._node("Where", [reached, row, self._const("bound", bound)], out + ".masked")
+        extremes = self._reduce_node("ReduceMax" if largest else "ReduceMin", masked, [-1], False, out + ".values")
+        column = self._node("Unsqueeze", [extremes, self._const("axes", np.array([-1], np.int64))], out + ".column")
+        holding = self._node("And", [self._node("Equal", [row, column], out + ".equal"), reached], out + ".holding")
+        positions = self._node("Where", [holding, self._const("positions", np.arange(length, dtype=np.int64)),
+                                         self._const("none", np.array(-1, np.int64))], out + ".positions")
+        indices = self._reduce_node("ReduceMax", positions, [-1], False, indices_out + ".last")
+        wanted = numpy_dtype(self.block._find_var_recursive(indices_out).dtype)
+        if wanted != np.int64:
+            indices = self._node("Cast", [indices], indices_out + ".cast", to=self.helper.np_dtype_to_tensor_dtype(wanted))
+        if axis != rank - 1:
+            back = [perm.index(a) for a in range(rank)]
+            extremes = self._node("Transpose", [extremes], out, perm=back)
+            indices = self._node("Transpose", [indices], indices_out, perm=back)
+        self._bind(out, extremes)
+        self._bind(indices_out, indices)
 
     def _constant(self, op) -> None:
         """fill_constant / assign_value of a constant shape: an initializer; fill_constant of
