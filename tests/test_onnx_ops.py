@@ -1025,6 +1025,16 @@ UNEXPORTED_FORMS = {
 }
 
 
+@pytest.mark.parametrize("function", [
+    lambda y: paddle.cummax(paddle.floor(y * 2.0), axis=1)[1].astype("float32"),
+    lambda y: paddle.cummin(paddle.floor(y * 2.0), axis=3, dtype="int32")[1].astype("float32"),
+], ids=["cummax", "cummin"])
+def test_cumulative_extreme_indices_equal_paddles_among_ties(function, tmp_path) -> None:
+    shape = [4, 3, SIZE, SIZE]
+    ran, simulated, _ = _runs(_quantized(_Around(_Function(function), False), shape), shape, tmp_path)
+    assert np.array_equal(ran, simulated)
+
+
 def test_accumulating_scatter_runs_in_onnx_runtime_from_opset_16(tmp_path) -> None:
     """``paddle.scatter(..., overwrite=False)``: rows at the ids zeroed, the updates summed in
     (a repeated id here); refused below opset 16 (test_an_unexported_form_is_named_with_its_layer)."""
