@@ -44,7 +44,10 @@ one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
 (:mod:`imperative_ptq.export.program`). The ``nn.ReLU`` reading a sum fused into an int8 conv
 returns that call's output on the codes the conv writes (:class:`ResidualSumOutput`), for every
-reader: the next block, and the caller of a backbone returning feature maps. Limits: the sum,
+reader: the next block, and the caller of a backbone returning feature maps, on the grid of its
+int8 conv readers, or of the int8 readers of the max-pools that alone read it, else its own;
+an average pool reading it (ResNet-vd's pooled shortcut, fp32 in Paddle) averages those codes,
+the export keeping the sum's scale and giving the pool a copy without one. Limits: the sum,
 or its ReLU, must be read by a hooked layer (a sum only a functional op reads, or that the
 network returns, is simulated in float;
 its shortcut is still read as the codes Paddle wrote where that is an ``F.relu`` output after
