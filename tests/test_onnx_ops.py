@@ -570,35 +570,35 @@ def test_model_mixing_the_ops_runs_as_simulated(tmp_path) -> None:
     assert _cosine(ran, simulated) >= 0.9999
 
 
-class _CumMax(nn.Layer):
-    """An op the export does not translate (cummax)."""
+class _NanMedian(nn.Layer):
+    """An op the export does not translate (nanmedian)."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.cummax(x, axis=1)[0]
+        return paddle.nanmedian(x, axis=1, keepdim=True)
 
 
 def test_op_without_translation_is_named_with_its_place(tmp_path) -> None:
-    """cummax (which the export does not translate) after a conv: the error names the op, the
+    """nanmedian (which the export does not translate) after a conv: the error names the op, the
     tensor it writes and the layer it reads, and the Paddle Inference export still works."""
     shape = [2, 3, SIZE, SIZE]
-    qmodel = _quantized(_Around(_Function(lambda y: paddle.cummax(y, axis=1)[0]), False), shape)
+    qmodel = _quantized(_Around(_Function(lambda y: paddle.nanmedian(y, axis=1, keepdim=True)), False), shape)
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     with pytest.raises(NotImplementedError) as error:
         export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
     message = str(error.value)
-    assert message.startswith("op 'cummax' has no ONNX converter (writing 'cummax_0"), message
+    assert message.startswith("op 'nanmedian' has no ONNX converter (writing 'nanmedian_0"), message
     assert "reading the output of layer 'conv'" in message and "save_quantized_model" in message
     ip.ImperativePTQ().save_quantized_model(qmodel, str(tmp_path / "paddle" / "m"), input_spec=spec)
     assert (tmp_path / "paddle" / "m.pdmodel").exists()
 
 
 def test_op_without_translation_is_named_by_its_calibrated_layer(tmp_path) -> None:
-    ip.PTQRegistry.register(_CumMax)  # calibrated: its output has a threshold
+    ip.PTQRegistry.register(_NanMedian)  # calibrated: its output has a threshold
     try:
-        qmodel = _quantized(_Around(_CumMax(), False), [2, 3, SIZE, SIZE])
+        qmodel = _quantized(_Around(_NanMedian(), False), [2, 3, SIZE, SIZE])
     finally:
-        ip.PTQRegistry.unregister(_CumMax)
-    with pytest.raises(NotImplementedError, match="op 'cummax' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
+        ip.PTQRegistry.unregister(_NanMedian)
+    with pytest.raises(NotImplementedError, match="op 'nanmedian' has no ONNX converter \\(in layer 'op', reading the output of layer 'conv'\\)"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")])
 
 
@@ -1033,6 +1033,27 @@ def test_cumulative_extreme_indices_equal_paddles_among_ties(function, tmp_path)
     shape = [4, 3, SIZE, SIZE]
     ran, simulated, _ = _runs(_quantized(_Around(_Function(function), False), shape), shape, tmp_path)
     assert np.array_equal(ran, simulated)
+
+
+@pytest.mark.parametrize("function", [
+    lambda y: F.fold(F.unfold(y, [2, 2], strides=2), [SIZE, SIZE], [2, 2], strides=2),
+    lambda y: F.fold(F.unfold(y, [3, 3], paddings=[1, 2], dilations=[1, 2]), [SIZE, SIZE], [3, 3],
+                     paddings=[1, 2], dilations=[1, 2]),
+], ids=["patches", "overlapping"])
+def test_fold_runs_in_onnx_runtime_from_opset_18(function, tmp_path) -> None:
+    """``F.fold`` (MobileViTV2 folds its patches back) as ``Col2Im``, overlapping windows
+    summed; refused below opset 18 naming it. (Paddle 3.3.1 traces ``F.fold`` only for a fixed
+    batch: "The number of elements must greater or equal than zero" with ``None``.)"""
+    model = _Around(_Function(function), True)
+    shape = [4, 3, SIZE, SIZE]
+    qmodel = _quantized(model, shape)
+    spec = [paddle.static.InputSpec(shape, "float32", "x")]
+    with pytest.raises(NotImplementedError, match="opset=18"):
+        export_onnx(qmodel, str(tmp_path / "m13.onnx"), spec)
+    x = np.random.default_rng(1).random(shape).astype("float32")
+    session = onnxruntime.InferenceSession(export_onnx(qmodel, str(tmp_path / "m.onnx"), spec, opset=18),
+                                           providers=["CPUExecutionProvider"])
+    assert _cosine(session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()) >= 0.9999
 
 
 def test_accumulating_scatter_runs_in_onnx_runtime_from_opset_16(tmp_path) -> None:

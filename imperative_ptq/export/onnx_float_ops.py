@@ -147,6 +147,7 @@ class FloatOpConverters:
             "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
             "set_value": self._set_value, "renorm": self._renorm, "searchsorted": self._searchsorted,
             "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
+            "fold": self._fold,
         })
         return dispatch
 
@@ -992,6 +993,29 @@ class FloatOpConverters:
         )
         shape = self._const("shape", np.array([0, channels * kh * kw, -1], np.int64))
         self._bind(out, self._node("Reshape", [conv, shape], out))
+
+    #: The first opset with ``Col2Im``.
+    _COL2IM_OPSET = 18
+
+    def _fold(self, op) -> None:
+        """fold (col2im, ``F.fold``: MobileViTV2's patches back to a map) as ONNX's ``Col2Im``,
+        which sums overlapping windows as Paddle does (opset 18 on; a clear error below)."""
+        if self.opset < self._COL2IM_OPSET:
+            raise NotImplementedError(
+                f"fold is ONNX's Col2Im from opset {self._COL2IM_OPSET} on: pass "
+                f"opset={self._COL2IM_OPSET} or higher to export_onnx"
+            )
+        paddings = [int(v) for v in op.attr("paddings")]
+        if paddings[:2] != paddings[2:]:
+            # Paddle 3.3.1 sizes such a fold by the first two alone (as symmetric paddings)
+            raise NotImplementedError(f"fold with unequal begin and end paddings {paddings} is not exported")
+        out = op.output("Y")[0]
+        sizes = [self._const(name, np.array([int(v) for v in op.attr(attribute)], np.int64))
+                 for name, attribute in (("image_shape", "output_sizes"), ("block_shape", "kernel_sizes"))]
+        self._bind(out, self._node(
+            "Col2Im", [self._in(op), *sizes], out, strides=[int(v) for v in op.attr("strides")],
+            pads=paddings, dilations=[int(v) for v in op.attr("dilations")],
+        ))
 
     def _p_norm(self, op) -> None:
         """The ``porder``-norm over ``axis`` (all elements with ``asvector``): ``ReduceL1``,
