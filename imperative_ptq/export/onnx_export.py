@@ -44,7 +44,7 @@ from .dynamic_export import (
 )
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
-from .padded_pools import same_pads
+from .padded_pools import onnx_pads, same_pads
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -134,17 +134,6 @@ def adaptive_bins(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     (exclusive). Returns the ``[size]`` arrays of starts and ends."""
     bins = np.arange(size, dtype=np.int64)
     return bins * length // size, -((-(bins + 1) * length) // size)
-
-
-def onnx_pads(paddings: Sequence[int], spatial_rank: int) -> list[int]:
-    """ONNX ``pads`` (all begins, then all ends) of a conv's or pool's Paddle ``paddings``:
-    one per spatial axis (both sides) or a ``(begin, end)`` pair per axis."""
-    paddings = [int(p) for p in paddings]
-    if len(paddings) == spatial_rank:
-        return paddings + paddings
-    if len(paddings) != 2 * spatial_rank:
-        raise NotImplementedError(f"paddings {paddings} of a {spatial_rank}-d op are not exported")
-    return paddings[0::2] + paddings[1::2]
 
 
 def _require_onnx():
@@ -975,7 +964,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                 raise NotImplementedError(f"{op.type} with output_size is exported only with explicit padding")
             attrs["output_padding"] = self._transposed_output_padding(op, list(weight.shape[2:]), pads)
         if algorithm == "SAME":
-            attrs.update(pads=self._transposed_same_pads(op, attrs["strides"], attrs["kernel_shape"]),
+            # A forward conv's pads over its input (dilation ignored): the output is
+            # ``(in - 1) * stride + kernel - pads``, not ONNX's ``SAME_UPPER`` ``in * stride``.
+            attrs.update(pads=self._traced_same_pads(op, "Input", attrs["strides"], attrs["kernel_shape"]),
                          dilations=[1] * (len(pads) // 2))
         elif algorithm != "VALID":
             attrs["pads"] = pads
@@ -991,11 +982,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         without: ``deformable_conv_v1``) as ONNX's ``DeformConv``, in float (no int8 kernel in
         either runtime): the offsets' layout, ``(dy, dx)`` per kernel point and offset group,
         and the mask's are ONNX's. Its bias is the add after it."""
-        if self.opset < self._DEFORM_CONV_OPSET:
-            raise NotImplementedError(
-                f"{op.type} is ONNX's DeformConv from opset {self._DEFORM_CONV_OPSET} on: pass "
-                f"opset={self._DEFORM_CONV_OPSET} or higher to export_onnx"
-            )
+        self._require_opset(self._DEFORM_CONV_OPSET, f"{op.type} is ONNX's DeformConv")
         weight = self._param(op.input("Filter")[0]).astype(np.float32)
         paddings = list(op.attr("paddings"))
         inputs = [self._in(op, "Input"), self._const(op.input("Filter")[0], weight), self._in(op, "Offset")]
@@ -1009,14 +996,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             kernel_shape=list(weight.shape[2:]),
         ))
 
-    def _transposed_same_pads(self, op, strides: list[int], kernel: list[int]) -> list[int]:
-        """The pads of a transposed conv with Paddle's ``"SAME"`` padding, which are those of
-        a forward conv over its input (:func:`same_pads`; dilation ignored), so its output is
-        ``(in - 1) * stride + kernel - total``, not ONNX's ``SAME_UPPER`` ``in * stride``."""
-        spatial = self._shape(op.input("Input")[0])[2:]
+    def _traced_same_pads(self, op, slot: str, strides: list[int], kernel: list[int]) -> list[int]:
+        """The explicit pads of Paddle's ``"SAME"`` padding (:func:`same_pads`) over the input
+        in ``slot``, whose spatial size must be known when traced."""
+        spatial = self._shape(op.input(slot)[0])[2:]
         if min(spatial, default=-1) < 0:
             raise NotImplementedError(
-                f"{op.type} with padding 'SAME' is exported only for an input size known when traced"
+                f"{op.type} with padding 'SAME' is exported only for an input size known when traced "
+                "(give the input_spec static spatial dimensions)"
             )
         return same_pads(spatial, strides, kernel)
 
@@ -1422,14 +1409,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return self._node("AveragePool", [source], out, count_include_pad=0, **attrs)
         rank = len(attrs["kernel_shape"])
         if attrs.get("auto_pad") == "SAME_UPPER":
-            spatial = self._shape(op.input("X")[0])[2:]
-            if min(spatial, default=-1) < 0:
-                raise NotImplementedError(
-                    f"{op.type} averaging with exclusive=False and padding 'SAME' is exported only "
-                    "for an input size known when traced"
-                )
             attrs = {key: value for key, value in attrs.items() if key != "auto_pad"}
-            attrs["pads"] = same_pads(spatial, attrs["strides"], attrs["kernel_shape"])
+            attrs["pads"] = self._traced_same_pads(op, "X", attrs["strides"], attrs["kernel_shape"])
         begins, ends = attrs["pads"][:rank], attrs["pads"][rank:]
         if begins == ends:
             return self._node("AveragePool", [source], out, count_include_pad=1, **attrs)

@@ -155,6 +155,12 @@ class FloatOpConverters:
     def _scalar(self, stem: str, value: float) -> str:
         return self._const(stem, np.array(value, np.float32))
 
+    def _require_opset(self, first: int, form: str) -> None:
+        """Raises ``NotImplementedError`` below opset ``first``, the first with the ONNX form
+        ``form`` names (e.g. "fold is ONNX's Col2Im"), telling which opset to pass."""
+        if self.opset < first:
+            raise NotImplementedError(f"{form} from opset {first} on: pass opset={first} or higher to export_onnx")
+
     def _reject_tensor_inputs(self, op, *slots: str) -> None:
         """Raises ``NotImplementedError`` when ``op`` reads one of ``slots`` (a shape, size or
         factor given as a tensor, which the export does not evaluate)."""
@@ -709,11 +715,8 @@ class FloatOpConverters:
         update); without, those rows zeroed and the updates summed into them (a second
         ``ScatterND`` adding, from opset 16)."""
         out = self._out(op)
-        if not op.attr("overwrite") and self.opset < self._SCATTER_ADD_OPSET:
-            raise NotImplementedError(
-                f"scatter with overwrite=False (accumulating) is ONNX's ScatterND adding from opset "
-                f"{self._SCATTER_ADD_OPSET} on: pass opset={self._SCATTER_ADD_OPSET} or higher to export_onnx"
-            )
+        if not op.attr("overwrite"):
+            self._require_opset(self._SCATTER_ADD_OPSET, "scatter with overwrite=False (accumulating) is ONNX's ScatterND adding")
         ids = self._node("Cast", [self._in(op, "Ids")], out + ".ids", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
         indices = self._node("Unsqueeze", [ids, self._const("axes", np.array([1], np.int64))], out + ".indices")
         updates = self._in(op, "Updates")
@@ -1000,11 +1003,7 @@ class FloatOpConverters:
     def _fold(self, op) -> None:
         """fold (col2im, ``F.fold``: MobileViTV2's patches back to a map) as ONNX's ``Col2Im``,
         which sums overlapping windows as Paddle does (opset 18 on; a clear error below)."""
-        if self.opset < self._COL2IM_OPSET:
-            raise NotImplementedError(
-                f"fold is ONNX's Col2Im from opset {self._COL2IM_OPSET} on: pass "
-                f"opset={self._COL2IM_OPSET} or higher to export_onnx"
-            )
+        self._require_opset(self._COL2IM_OPSET, "fold is ONNX's Col2Im")
         paddings = [int(v) for v in op.attr("paddings")]
         if paddings[:2] != paddings[2:]:
             # Paddle 3.3.1 sizes such a fold by the first two alone (as symmetric paddings)

@@ -13,7 +13,7 @@ primitive").
 Each such pool gets explicit paddings, the begin one and the end one its last window reaches,
 without ``ceil_mode`` (the same windows and output size for a maximum and an exclusive
 average); an inclusive average whose last window reaches past the begin padding reads its
-input padded on both sides by a ``pad`` op with zeros it counts, and excludes the rest.
+input padded on both sides by a ``pad3d`` with zeros it counts, and excludes the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import paddle
 
 from .graph import insert_op, op_index
 
-__all__ = ["exact_padded_pools", "same_pads"]
+__all__ = ["exact_padded_pools", "onnx_pads", "same_pads"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,17 @@ def same_pads(spatial: Sequence[int], strides: Sequence[int], kernel: Sequence[i
     0), the odd one at the end."""
     totals = [max((-(-size // stride) - 1) * stride + k - size, 0) for size, stride, k in zip(spatial, strides, kernel)]
     return [total // 2 for total in totals] + [total - total // 2 for total in totals]
+
+
+def onnx_pads(paddings: Sequence[int], spatial_rank: int) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) of a conv's or pool's Paddle ``paddings``:
+    one per spatial axis (both sides) or a ``(begin, end)`` pair per axis."""
+    paddings = [int(p) for p in paddings]
+    if len(paddings) == spatial_rank:
+        return paddings + paddings
+    if len(paddings) != 2 * spatial_rank:
+        raise NotImplementedError(f"paddings {paddings} of a {spatial_rank}-d op are not exported")
+    return paddings[0::2] + paddings[1::2]
 
 
 def _paddings(op, spatial: list[int]) -> tuple[list[int], list[int]] | None:
@@ -49,11 +60,9 @@ def _paddings(op, spatial: list[int]) -> tuple[list[int], list[int]] | None:
         if min(spatial) < 1:
             return None
         pads = same_pads(spatial, strides, ksize)
-        return pads[:len(ksize)], pads[len(ksize):]
-    paddings = [int(p) for p in op.attr("paddings")]
-    if len(paddings) == len(ksize):
-        return paddings, list(paddings)
-    return paddings[0::2], paddings[1::2]
+    else:
+        pads = onnx_pads(op.attr("paddings"), len(ksize))
+    return pads[:len(ksize)], pads[len(ksize):]
 
 
 def _zero_padded(block: "paddle.static.Block", pool, source: str, begins: list[int]) -> str:

@@ -38,6 +38,7 @@ from .rnn_fusion import fuse_lstm_ops
 from .shifted import absorb_shift, insert_shift, shifted_u8_threshold
 from .tracing import LayerRecord, model_activation_bits
 from .unsigned import (
+    FUSING_OPS,
     RELU6_U8_PRODUCERS,
     FusedReluClips,
     gemm_output,
@@ -517,7 +518,7 @@ def quantize_program(
     }
     _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds)
     _align_signed_resampled_scales(loaded, outputs)
-    _keep_average_pools_fp32(block, outputs, records)
+    _keep_average_pools_fp32(block, outputs, records, coded_thresholds)
     _isolate_fp32_weight_op_outputs(loaded)
     # A shift reads its input in fp32 too: a scale there would make the producer emit s8 on
     # a grid the simulation never uses (measured: 1.2% off after a fc + Hardswish, 1.9% with
@@ -778,10 +779,7 @@ _ONEDNN_INT8_READERS = frozenset({
 
 #: Ops a following activation can fuse into in Paddle's oneDNN passes (a conv or fc, its
 #: bias or residual add, its BatchNorm).
-_ACTIVATION_FUSING_WRITERS = frozenset({
-    "conv2d", "depthwise_conv2d", "conv2d_transpose", "matmul_v2", "mul", "fc", "elementwise_add",
-    "batch_norm",
-})
+_ACTIVATION_FUSING_WRITERS = frozenset(FUSING_OPS) | {"conv2d_transpose", "fc", "elementwise_add", "batch_norm"}
 
 
 def reads_in_float(op) -> bool:
@@ -1238,7 +1236,8 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
 
 
 def _keep_average_pools_fp32(
-    block: "paddle.static.Block", outputs: dict[str, float], records: Sequence[LayerRecord]
+    block: "paddle.static.Block", outputs: dict[str, float], records: Sequence[LayerRecord],
+    coded: Mapping[str, float],
 ) -> int:
     """Runs average pools in fp32: drops the scales around each and puts an identity ``clip``
     between it and its readers. The global pools the simulation runs in int8 (a record with
@@ -1251,14 +1250,13 @@ def _keep_average_pools_fp32(
     to the simulation for that conv alone, 0.952 for the whole model on ``x86-vnni``; with the
     clip 1.0). A padded pool that counts its padding (``exclusive=False``) was worse still
     (Inception's ``AvgPool2D(3, 1, 1, exclusive=False)``: logit cosine 0.886 at 75x75).
+    ``coded``: the ReLUs the simulation holds on a fused residual conv's codes (and their
+    thresholds), whose scale stays.
 
     Returns:
         How many pools are kept fp32.
     """
     int8_pools = int8_pool_outputs(records)
-    coded = {
-        out for record in records if record.sum_codes_threshold is not None for _, out in record.calls if out
-    }
     # The largest code each such pool averages in the simulation (127 where it models the
     # s8 tensor Paddle writes after an s8 residual).
     pooled_tops = {
