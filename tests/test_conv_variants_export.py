@@ -343,3 +343,24 @@ def test_same_padding_exports_to_onnx_as_paddle_computes_it(pool, size, tmp_path
     ran, simulated = session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()
     assert ran.shape == simulated.shape
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: nn.Conv2DTranspose(8, 8, 3, stride=2, padding="SAME"),
+     lambda: nn.AvgPool2D(3, 2, padding="SAME", exclusive=False)],
+    ids=["conv2d_transpose", "pool2d"],
+)
+def test_same_padding_on_an_open_input_size_is_refused_in_onnx(layer, tmp_path) -> None:
+    """Their SAME pads depend on the input size: refused, naming the op and the input spec."""
+    from imperative_ptq.export import export_onnx
+
+    from models import converted
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.ReLU(), layer(), nn.Conv2D(8, 4, 1))
+    qmodel = converted(model, [paddle.to_tensor(rng.random([2, 3, 10, 10], np.float32))], "x86")
+    with pytest.raises(NotImplementedError, match="padding 'SAME' is exported only for an input size known when traced"):
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, None, None], "float32", "x")])
+    assert not list(tmp_path.iterdir())

@@ -1018,6 +1018,11 @@ UNEXPORTED_FORMS = {
         "channel_shuffle is exported only for NCHW",
     ),
     "lp_pool2d/padded": (lambda y: F.lp_pool2d(y, 2, 3, stride=2, padding=1), "lp_pool2d is exported only without padding"),
+    "pool2d/inclusive_narrower_end": (
+        lambda y: F.avg_pool2d(y, 3, 2, padding=[1, 0, 1, 0], exclusive=False),
+        "pool2d averaging with exclusive=False and paddings .* narrower than the begin one",
+    ),
+    "cummax/batch_axis": (lambda y: paddle.cummax(y, axis=0)[0], "cummax along an axis of dynamic length"),
     "unpool/mask_elsewhere": (
         lambda y: y + paddle.cast(F.max_pool2d(y, 2, 2, return_mask=True)[1], "float32").sum() * 0.0,
         "max_pool2d_with_index whose Mask is read is exported only windowed and read by max-unpools",

@@ -1002,18 +1002,16 @@ class FloatOpConverters:
 
     def _fold(self, op) -> None:
         """fold (col2im, ``F.fold``: MobileViTV2's patches back to a map) as ONNX's ``Col2Im``,
-        which sums overlapping windows as Paddle does (opset 18 on; a clear error below)."""
+        which sums overlapping windows as Paddle does (opset 18 on; a clear error below). Its
+        paddings are ONNX's order; unequal begin and end ones do not run in Paddle 3.3.1
+        ("Output_height and padding(padding_up, padding_down) are inconsistent")."""
         self._require_opset(self._COL2IM_OPSET, "fold is ONNX's Col2Im")
-        paddings = [int(v) for v in op.attr("paddings")]
-        if paddings[:2] != paddings[2:]:
-            # Paddle 3.3.1 sizes such a fold by the first two alone (as symmetric paddings)
-            raise NotImplementedError(f"fold with unequal begin and end paddings {paddings} is not exported")
         out = op.output("Y")[0]
         sizes = [self._const(name, np.array([int(v) for v in op.attr(attribute)], np.int64))
                  for name, attribute in (("image_shape", "output_sizes"), ("block_shape", "kernel_sizes"))]
         self._bind(out, self._node(
             "Col2Im", [self._in(op), *sizes], out, strides=[int(v) for v in op.attr("strides")],
-            pads=paddings, dilations=[int(v) for v in op.attr("dilations")],
+            pads=[int(v) for v in op.attr("paddings")], dilations=[int(v) for v in op.attr("dilations")],
         ))
 
     def _p_norm(self, op) -> None:
