@@ -50,3 +50,28 @@ def test_a_wrong_scale_is_not_explained() -> None:
     ran = simulated * np.float32(1.01)  # every output 1% off, as a wrong output scale makes it
     explained, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 1e-5)
     assert relative_error(ran, explained) > 5e-3
+
+
+def test_a_conv_output_exactly_on_a_half_is_a_near_tie_first_in_line() -> None:
+    """float32 noise can put a layer's value exactly on a half code (measured on an AVX2
+    EPYC: a DLA stem conv's output at 123.5 in the simulation, code 123 in ONNX Runtime): such a
+    site is tried before the near-ties around it, not after them as the exact halves of a
+    global pool's integer mean are, even where a row holds more near-ties than candidates."""
+    qmodel, x = _converted()
+    step = np.float32(qmodel[0].input_thresholds[0]) / np.float32(127)
+    for column in range(9):  # nine near-ties besides the exact half in column 5
+        if column != 5:
+            x[1, column] = np.float32(20.5 + column + 3e-5) * step
+    x[1, 9] = np.float32(60.5 + 3e-5) * step
+    simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
+    recorded = _Rounding(3, frozenset())
+    with _recorded(recorded), paddle.no_grad():
+        simulate()
+    row_sites = [site for site in recorded.sites if site.row == 1]
+    tie = next(site for site in row_sites if site.element == 16 + 5)
+    assert tie.distance == 0.0 and not tie.exact and len(row_sites) > 8
+    other_way = _Rounding(3, frozenset([(tie.call, tie.element)]))
+    with _recorded(other_way), paddle.no_grad():
+        ran = simulate()
+    explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
+    assert flipped == [tie] and relative_error(ran, explained) == 0.0
