@@ -554,8 +554,9 @@ def quantize_program(
     returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records))
     if returned:
         logger.info(
-            "%d tensors only the network returns (through pools and reshapes) keep no scale, so "
-            "Paddle Inference returns them in float as the simulation does: %s", len(returned),
+            "%d tensors that no int8 op reads (the network returns them, or only fp32 pools and "
+            "float ops such as the clips in front of u8 inputs read them) keep no scale, so Paddle "
+            "Inference writes them in float as the simulation does: %s", len(returned),
             ", ".join(sorted(returned)),
         )
     for name, threshold in outputs.items():
