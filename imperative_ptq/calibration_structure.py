@@ -26,6 +26,9 @@ Format, one entry per layer that has an observation (those left out have none)::
 (a parameter transformed in ``forward``, which Paddle Inference folds into an fp32 ``mul``);
 ``constant_input``: a layer with a weight read the same input in every call while the model's
 inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp32 constant);
+``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
+:mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
+while its other calls read activations (a Linear called on the tokens and on a parameter);
 ``residual_adds``: the adds whose residual operand was the layer's output
 (:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
 or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
@@ -53,7 +56,7 @@ _MAX_TOP = 255
 _FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
-_KEYS = ("input_sources", "input_rank", *_FLAGS, "residual_adds")
+_KEYS = ("input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds")
 
 #: A layer's entry in the section (JSON-ready).
 LayerStructure = dict[str, Any]
@@ -71,6 +74,10 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
         for flag in _FLAGS:
             if getattr(state, flag):
                 entry[flag] = True
+        if state.constant_call_inputs:
+            entry["constant_call_inputs"] = [
+                [list(shape), float(value)] for shape, value in state.constant_call_inputs
+            ]
         if state.residual_adds:
             adds = sorted(state.residual_adds, key=lambda add: (add.fused, add.residual_readers))
             entry["residual_adds"] = [
@@ -100,6 +107,9 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.wide_input = bool(entry.get("wide_input", False))
         state.constant_operand = bool(entry.get("constant_operand", False))
         state.constant_input = bool(entry.get("constant_input", False))
+        state.constant_call_inputs = [
+            (tuple(shape), float(value)) for shape, value in entry.get("constant_call_inputs", ())
+        ]
         state.residual_adds = {
             ResidualAdd(
                 add["fused"], state.name, tuple(add["residual_readers"]), add["residual_top"],
@@ -140,6 +150,7 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
         for flag in _FLAGS:
             if not isinstance(entry.get(flag, False), bool):
                 raise ValueError(f"{where}: {flag} must be true or false, got {entry[flag]!r}")
+        _check_fingerprints(where, entry.get("constant_call_inputs", []))
         adds = entry.get("residual_adds", [])
         if not isinstance(adds, list):
             raise ValueError(f"{where}: residual_adds must be a list, got {adds!r}")
@@ -164,6 +175,20 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
                 raise ValueError(
                     f"{where}: residual_top must be an integer 1..{_MAX_TOP}, got {top!r}"
                 )
+
+
+def _check_fingerprints(where: str, values: Any) -> None:
+    """``values`` must be a list of ``[shape, number]`` fingerprints."""
+    for value in values if isinstance(values, list) else [None]:
+        if not (
+            isinstance(value, list) and len(value) == 2 and isinstance(value[0], list)
+            and all(_is_int(size) and size >= 0 for size in value[0])
+            and isinstance(value[1], (int, float)) and not isinstance(value[1], bool)
+        ):
+            raise ValueError(
+                f"{where}: constant_call_inputs must be a list of [shape, number] fingerprints "
+                f"(a shape being a list of sizes), got {values!r}"
+            )
 
 
 def _check_names(where: str, key: str, values: Any, names: set[str]) -> None:

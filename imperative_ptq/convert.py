@@ -74,6 +74,7 @@ def convert_layers(
     rnn_fp32: list[str] = []  # "name (reason)"
     constant_operands: list[str] = []
     constant_inputs: list[str] = []
+    constant_calls: list[str] = []
     int8_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
     for layer, state in hooked:
@@ -177,6 +178,12 @@ def convert_layers(
                 # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than
                 # the grid's L below 8 bits.
                 wrapped.input_top_code = U8_MAX if state.wide_input else symmetric_levels(8)
+            if state.constant_call_inputs and isinstance(layer, paddle.nn.Linear):
+                # Paddle Inference folds those calls into fp32 constants (measured: a Linear
+                # called on the tokens and on a parameter table, 2.4e-2 of the largest output
+                # off the simulation while it ran them int8).
+                wrapped.constant_inputs = list(state.constant_call_inputs)
+                constant_calls.append(state.name)
             replace_sublayer(model, layer, wrapped)
             int8_layers.append(state.name)
             quantized[state.name] = wrapped
@@ -217,6 +224,15 @@ def convert_layers(
             "a projection of a position-embedding table) and stay fp32: Paddle Inference folds "
             "them into constants computed in fp32: %s",
             len(constant_inputs), first_names(constant_inputs),
+        )
+    if constant_calls:
+        logger.warning(
+            "%d Linear layers are called both on activations and on an input that stayed the "
+            "same in every calibration call while the model's inputs changed (a parameter, such "
+            "as a relative-position table projected by the same Linear as the tokens): Paddle "
+            "Inference folds those calls into constants computed in fp32, and the simulation "
+            "runs them fp32 too (its other calls int8): %s",
+            len(constant_calls), first_names(constant_calls),
         )
     if kept_fp32:
         logger.warning(

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
+from .fingerprint import Fingerprint, fingerprint
 from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import affine_levels, symmetric_levels
@@ -311,6 +312,10 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         #: list, not sublayers, so they stay where the model holds them.
         self.sum_outputs: list = []
         self.input_top_code = symmetric_levels(activation_bits)
+        #: Fingerprints (:mod:`imperative_ptq.fingerprint`) of inputs computed from parameters
+        #: only, which calibration saw some calls read unchanged: the runtimes fold those calls
+        #: into fp32 constants, so this layer computes them unquantized. Set by ``convert``.
+        self.constant_inputs: list[Fingerprint] = []
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
@@ -447,6 +452,9 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
                     f"{type(self.layer).__name__} (quantized) input {position} expects a "
                     f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...)"
                 )
+        if self.constant_inputs and paddle.in_dynamic_mode() and fingerprint(inputs[0]) in self.constant_inputs:
+            # A call on a constant: fp32 input, the weight this layer computes with.
+            return self.layer(inputs[0], *inputs[1:], **kwargs)
         if self.residual_codes:
             quantize_residual_in_place(
                 inputs[0], self.input_thresholds[0], self.activation_bits, self.residual_codes

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import itertools
 import logging
 import weakref
@@ -19,6 +18,7 @@ import numpy as np
 import paddle
 
 from .collector import CalibrationCollector, CalibrationError
+from .fingerprint import Fingerprint, fingerprint
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
 from .quantizers import BaseQuantizer
@@ -85,10 +85,18 @@ class LayerState:
     #: changed (a Linear of a parameter, DeBERTa's relative-position projection): Paddle
     #: Inference folds it into a constant computed in fp32.
     constant_input: bool = False
-    #: That input's fingerprint while every call gave the same (``None`` once it changed),
-    #: and how many calls gave it.
-    input_fingerprint: tuple[tuple[int, ...], float] | tuple[()] | None = ()
-    input_calls: int = 0
+    #: The fingerprints of the inputs some calls of such a layer read unchanged while its
+    #: other calls read activations (a Linear called on the tokens and on a parameter): those
+    #: calls Paddle Inference folds into fp32 constants.
+    constant_call_inputs: list[Fingerprint] = dataclasses.field(default_factory=list)
+    #: Per call of the layer within a forward (first, second, ...): its input's fingerprint
+    #: while every forward gave the same (``None`` once it changed), and in how many forwards.
+    input_fingerprints: list[Fingerprint | None] = dataclasses.field(default_factory=list)
+    input_forwards: list[int] = dataclasses.field(default_factory=list)
+    #: The forward (``CalibrationSession.forwards``) the layer was last called in, and how
+    #: many times it was called in it.
+    last_forward: int = 0
+    forward_calls: int = 0
 
 
 class CalibrationSession:
@@ -166,7 +174,9 @@ class CalibrationSession:
         #: The model's first input changed between two calibration calls (so a layer input
         #: that did not is a constant: ``LayerState.constant_input``); its last fingerprint.
         self.inputs_changed = False
-        self._inputs_fingerprint: tuple[tuple[int, ...], float] | tuple[()] = ()
+        self._inputs_fingerprint: Fingerprint | tuple[()] = ()
+        #: Forwards of the model run so far (calibration or not).
+        self.forwards = 0
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -291,13 +301,14 @@ class CalibrationSession:
             {}, {}, [], {}, {}, {}
         )
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
+        self.forwards += 1
         if not self.inputs_changed:
             first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
             if first is not None and first.size:
-                fingerprint = _fingerprint(first)
-                if self._inputs_fingerprint and fingerprint != self._inputs_fingerprint:
+                inputs_print = fingerprint(first)
+                if self._inputs_fingerprint and inputs_print != self._inputs_fingerprint:
                     self.inputs_changed = True
-                self._inputs_fingerprint = fingerprint
+                self._inputs_fingerprint = inputs_print
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
@@ -473,17 +484,32 @@ class CalibrationSession:
             )
 
     def _note_input_fingerprint(self, state: LayerState, first: paddle.Tensor) -> None:
-        """Updates ``state.constant_input`` from one call's first input (sampled until it
-        changes, as :func:`_note_operands` does)."""
-        if state.input_fingerprint is None:
-            return
-        fingerprint = _fingerprint(first)
-        if state.input_fingerprint and fingerprint != state.input_fingerprint:
-            state.input_fingerprint, state.constant_input = None, False
-            return
-        state.input_fingerprint = fingerprint
-        state.input_calls += 1
-        state.constant_input = self.inputs_changed and state.input_calls > 1
+        """Updates ``state.constant_input`` and ``state.constant_call_inputs`` from one call's
+        first input. Each call of the layer within a forward (its first, second, ... call) is
+        followed on its own, and sampled until its input changes, as :func:`_note_operands`
+        does: a layer called on activations and on a parameter (DeBERTa-v2's projections
+        shared by the tokens and the relative positions) has one constant call."""
+        if state.last_forward != self.forwards:
+            state.last_forward, state.forward_calls = self.forwards, 0
+        call = state.forward_calls
+        state.forward_calls += 1
+        prints, seen = state.input_fingerprints, state.input_forwards
+        if call == len(prints):
+            prints.append(fingerprint(first))
+            seen.append(1)
+        elif prints[call] is not None:
+            if fingerprint(first) == prints[call]:
+                seen[call] += 1
+            else:
+                prints[call] = None
+        constant = [
+            self.inputs_changed and print_ is not None and count > 1
+            for print_, count in zip(prints, seen)
+        ]
+        state.constant_input = all(constant)
+        state.constant_call_inputs = (
+            [] if state.constant_input else [print_ for print_, is_constant in zip(prints, constant) if is_constant]
+        )
 
     def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any, notes_reads: bool = False) -> None:
         """Statistics of an observed-only layer (``LayerInfo.observed_only``): its first two
@@ -542,51 +568,17 @@ class CalibrationSession:
         return found
 
 
-#: Values of an operand summed into its fingerprint (:func:`_note_operands`).
-_FINGERPRINT_VALUES = 256
-
-#: Step between sampled positions, modulo the operand's size: a prime (Knuth's multiplicative
-#: hash constant), so the positions fall on every row and column of any shape. A stride of
-#: ``size / 256`` had fallen on one token of every sequence (MNIST rows as tokens: ``size /
-#: 256 = 28 * 16``), whose first token is blank in every image, and took a changing attention
-#: operand for a constant.
-_FINGERPRINT_STEP = 2654435761
-
-
-@functools.lru_cache(maxsize=64)
-def _sample_positions(size: int) -> tuple[paddle.Tensor, np.ndarray]:
-    """The positions of an operand of ``size`` values that its fingerprint sums, and their
-    weights ``1, 2, ...``: a weighted sum, since a plain one is the same for every batch of a
-    softmax output (each row sums to 1) and took attention weights for a constant."""
-    count = min(size, _FINGERPRINT_VALUES)
-    positions = paddle.to_tensor(np.arange(count, dtype=np.int64) * _FINGERPRINT_STEP % size)
-    return positions, np.arange(1, count + 1, dtype=np.float32)
-
-
 def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tensor]) -> None:
     """Updates ``state.constant_operand`` from one call's two operands: set once one operand
     kept its fingerprint (shape and a weighted sum of a spread sample) over every call while
     the other changed. An operand seen to change is not sampled again (measured: summing both whole
     operands at every call cost 17% of a BERT encoder's calibration time)."""
     previous = state.operand_fingerprints or [(), ()]
-    prints = [None if old is None else _fingerprint(value) for value, old in zip(operands, previous)]
+    prints = [None if old is None else fingerprint(value) for value, old in zip(operands, previous)]
     if state.operand_fingerprints:
         prints = [new if new == old else None for new, old in zip(prints, previous)]
     state.operand_fingerprints = prints
     state.constant_operand = sum(p is None for p in prints) == 1
-
-
-def _fingerprint(value: paddle.Tensor) -> tuple[tuple[int, ...], float]:
-    """``value``'s shape and the weighted sum of 256 values spread over the whole tensor: a
-    constant keeps them, a batch of other inputs changes them (a shared first token would not
-    change a prefix)."""
-    with paddle.no_grad():
-        flat = paddle.flatten(value)
-        positions, weights = _sample_positions(int(flat.shape[0]))
-        sample = paddle.gather(flat, positions).astype("float32").numpy()
-    # In numpy: a paddle.multiply here would be taken for the calling layer's own (a
-    # functional multiply is calibrated where it is called, functional_ops.py).
-    return tuple(value.shape), float(np.dot(sample, weights))
 
 
 def _is_float_tensor(value: Any) -> bool:

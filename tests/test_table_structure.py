@@ -234,6 +234,9 @@ MALFORMED = {
         ("structure", "maxpool", "residual_adds"),
         [{"fused": "layer1.0.bn2", "residual_readers": [], "residual_top": 256}], "'maxpool'",
     ),
+    "fingerprint-not-a-list": (("structure", "fc", "constant_call_inputs"), "x", "'fc'.*constant_call_inputs"),
+    "fingerprint-shape-a-number": (("structure", "fc", "constant_call_inputs"), [[6, 1.5]], "'fc'"),
+    "fingerprint-value-a-string": (("structure", "fc", "constant_call_inputs"), [[[6, 32], "1"]], "'fc'"),
     "section-a-list": (("structure",), [], "'structure'"),
     "section-null": (("structure",), None, "'structure'"),
 }

@@ -240,7 +240,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         #: x86: signed int8-op inputs on a shifted grid (:mod:`imperative_ptq.shifted_input`)
         #: -> (scale, uint8 zero point, lowest, highest value); quantized per reader.
         self.shifted: dict[str, tuple[float, int, float, float]] = {}
-        self._shifted_tensors: dict[str, str] = {}
+        self._shifted_tensors: dict[tuple[str, float, int], str] = {}
         self.unsigned_inputs = unsigned_inputs
         #: Global pools the simulation runs on u8 codes: output variable -> input threshold.
         self.int8_pools = program_lib.int8_pool_outputs(records)
@@ -813,10 +813,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         record = self.weights.get(op.input(weight_slot)[0])
         if var not in self.shifted or record is None or record.input_shift_response is None:
             return tensor, self.scales.get(var)  # e.g. a padded conv kept fp32 beside it
-        scale, zero, _, _ = self.shifted[var]
-        if var not in self._shifted_tensors:
-            self._shifted_tensors[var] = self._shifted_qdq(tensor, scale, zero, shifted_levels(record.activation_bits), var)
-        return self._shifted_tensors[var], (scale, zero)
+        # The layer's own grid: two layers shifting one tensor can have two (a Linear also
+        # called on a constant calibrated its input threshold on both inputs; measured: its
+        # activation call on the grid of another reader of that tensor, 6e-2 off).
+        scale, zero = float(record.input_scale), int(record.input_zero_point)
+        key = (var, scale, zero)
+        if key not in self._shifted_tensors:
+            self._shifted_tensors[key] = self._shifted_qdq(tensor, scale, zero, shifted_levels(record.activation_bits), var)
+        return self._shifted_tensors[key], (scale, zero)
 
     def _shifted_qdq(self, tensor: str, scale: float, zero: int, levels: int, stem: str) -> str:
         """The shifted input's codes as Paddle Inference and the simulation compute them,
@@ -1044,6 +1048,17 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return
         weight = self._param(weight_name).astype(np.float32)
         record = self.weights.get(weight_name)
+        x_name = op.input("X")[0]
+        if record is not None and record.constant_call_weight is not None and (
+            program_lib.computed_from_parameters(self.block, x_name, self.producer)
+        ):
+            # A call on a constant, which the simulation runs in float
+            # (QuantizedLayer.constant_inputs): so does ONNX Runtime, with that weight.
+            x = self.unquantized.get(x_name, self._tensor(op, x_name))
+            w = self._const(weight_name + ".constant_call", np.asarray(record.constant_call_weight, np.float32))
+            out = self._out(op)
+            self._bind(out, self._node("MatMul", [x, w], out))
+            return
         x, x_scale = self._layer_input(op, "X")
         if record is not None and x_scale is not None:
             unsigned = self._input_codes_pass_127(op.input("X")[0], x_scale)

@@ -413,6 +413,16 @@ def quantize_program(
         if record is None:
             index += 1
             continue
+        activation = op.input(input_slot)[0]
+        if record.constant_call_weight is not None and computed_from_parameters(block, activation, writers):
+            # A call on a constant, which convert runs in fp32 (QuantizedLayer.constant_inputs):
+            # the op reads that weight in float, and Paddle Inference folds the call.
+            op._rename_input(weight_name, new_persistable(
+                loaded, f"{weight_name}.constant_call_{index}",
+                np.asarray(record.constant_call_weight, np.float32),
+            ))
+            index += 1
+            continue
         inserted = 0
         # Weight: int8 tensor -> dequantize_linear -> op.
         dequantized = dequantized_weights.get(weight_name)
@@ -430,7 +440,6 @@ def quantize_program(
         inserted += 1
         op._rename_input(weight_name, dequantized)
         # Activation: [relu ->] quantize_linear -> dequantize_linear -> op.
-        activation = op.input(input_slot)[0]
         if _is_constant(block, activation, writers):
             # convert keeps such a layer fp32 once calibration saw its input unchanged while
             # the model's inputs changed (LayerState.constant_input); one batch cannot show it.
@@ -1578,6 +1587,24 @@ def _isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
             block, writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
         )
     return len(conv_outputs)
+
+
+def computed_from_parameters(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """Whether ``name`` is a parameter or computed from parameters only, through any number
+    of ops (what Paddle Inference's constant folding computes once, in fp32): a network input,
+    or an op without inputs, is not."""
+    pending, seen = [name], set()
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen or is_persistable(block, tensor):
+            continue
+        seen.add(tensor)
+        writer = writers.get(tensor)
+        inputs = [] if writer is None else [n for slot in writer.input_names for n in writer.input(slot)]
+        if writer is None or writer.type == "feed" or not inputs:
+            return False
+        pending.extend(inputs)
+    return True
 
 
 def _is_constant(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:

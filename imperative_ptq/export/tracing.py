@@ -116,6 +116,9 @@ class LayerRecord:
             writes (:class:`~imperative_ptq.quant_residual.ResidualSumOutput`), the threshold
             of those codes; else ``None``.
         sum_codes_top: With ``sum_codes_threshold``, the largest of those codes.
+        constant_call_weight: For a Linear whose calls on inputs computed from parameters only
+            the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
+            compute with; the exports give those calls it, in float; else ``None``.
     """
 
     name: str
@@ -144,6 +147,7 @@ class LayerRecord:
     residual_fused_with: str = ""
     sum_codes_threshold: float | None = None
     sum_codes_top: int = 0
+    constant_call_weight: np.ndarray | None = None
 
     @property
     def simulated(self) -> bool:
@@ -240,6 +244,9 @@ def _collect_records(
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
             shift_response = layer.input_shift_response()  # of the weight that runs
             grid_weight = grid_thresholds = None
+            # The weight its calls on constants compute with (QuantizedLayer.constant_inputs),
+            # before the program's own is traced in its place.
+            constant_call_weight = layer.weight.numpy().copy() if layer.constant_inputs else None
             if layer.program_weight is not None:
                 if program_weights and (layer.paddle_fc_scales or layer.weight_bits < 8):
                     inner.weight.set_value(layer.program_weight)
@@ -278,6 +285,7 @@ def _collect_records(
                 ),
                 residual_output=layer.residual_output_threshold is not None,
                 residual_fused_with=layer.residual_fused_with,
+                constant_call_weight=constant_call_weight,
             )
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
