@@ -180,8 +180,8 @@ def convert_layers(
                 wrapped.input_top_code = U8_MAX if state.wide_input else symmetric_levels(8)
             if state.constant_call_inputs and isinstance(layer, paddle.nn.Linear):
                 # Paddle Inference folds those calls into fp32 constants (measured: a Linear
-                # called on the tokens and on a parameter table, 2.4e-2 of the largest output
-                # off the simulation while it ran them int8).
+                # called on the tokens and on a parameter table, 2.4e-2 and 10.8% of the
+                # largest output off the simulation while it ran them int8).
                 wrapped.constant_inputs = list(state.constant_call_inputs)
                 constant_calls.append(state.name)
             replace_sublayer(model, layer, wrapped)

@@ -937,8 +937,8 @@ class _SharedProjection(paddle.nn.Layer):
 def test_a_linear_called_on_activations_and_on_a_parameter_runs_that_call_fp32(target, tmp_path, caplog, avx2_runner) -> None:
     """Paddle Inference folds the call on the parameter into a constant, in fp32, and ran it
     with the int8 program's quantize ops of its input folded in their native (not oneDNN) form:
-    2.4e-2 of the largest output off the simulation on x86 (ONNX Runtime, which ran it int8 as
-    simulated, 2.7e-2: the layer's activation call was shifted on the grid of the other Linear
+    10.8% of the largest output off the simulation on x86 (ONNX Runtime, which ran it int8 as
+    simulated, 2.7%: the layer's activation call was shifted on the grid of the other Linear
     reading that tensor, whose input threshold had not seen the table). Calibration now
     follows each call of a layer on its own and finds the second one's input unchanged while
     the model's inputs change; the simulation runs that call in float with the layer's
