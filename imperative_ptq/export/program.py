@@ -35,7 +35,7 @@ from .graph import (
 from ..shifted_input import shifted_levels
 from .integer_weights import read_integer_weights_through_copies
 from .rnn_fusion import fuse_lstm_ops
-from .shifted import absorb_shift, insert_shift, shifted_u8_threshold
+from .shifted import SHIFT_OPS, absorb_shift, insert_shift, shifted_u8_threshold
 from .tracing import LayerRecord, model_activation_bits
 from .unsigned import (
     FUSING_OPS,
@@ -486,7 +486,7 @@ def quantize_program(
                     shifted_levels(record.activation_bits),
                 )
                 shifted_inputs[grid] = quantized
-                inserted += 3
+                inserted += SHIFT_OPS
             absorb_shift(
                 loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
                 shifted_biases,

@@ -41,29 +41,38 @@ def shifted_u8_threshold(record: LayerRecord) -> float:
     return 255.0 * float(record.input_scale)
 
 
+#: Ops :func:`insert_shift` inserts.
+SHIFT_OPS = 2
+
+
 def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels: int) -> str:
-    """Inserts ``relu(clip(name + z * s, 0, M * s))`` at ``index`` (three ops); returns the
-    output variable. ``record`` holds the grid (``input_scale``, ``input_zero_point``)."""
+    """Inserts ``relu(clip(name + z * s, 0, M * s))`` at ``index`` (:data:`SHIFT_OPS` ops: a
+    ``fused_elementwise_add`` of the shift with the clip fused into it, which oneDNN runs as
+    one binary primitive with an eltwise post-op, and the ``relu`` that makes Paddle run the
+    result as u8); returns the output variable. ``record`` holds the grid (``input_scale``,
+    ``input_zero_point``)."""
     block = loaded.program.global_block()
     var = block.var(name)
     stem = f"{name}.shifted_{len(block.ops)}"
     outputs = [
         block.create_var(name=f"{stem}.{part}", shape=var.shape, dtype=var.dtype).name
-        for part in ("added", "clipped", "rectified")
+        for part in ("clipped", "rectified")
     ]
     shift = float(record.input_zero_point) * float(record.input_scale)
+    value = new_persistable(loaded, f"{stem}.shift", np.array([shift], np.float32))
     insert_op(
-        block, index, type="scale", inputs={"X": [name]}, outputs={"Out": [outputs[0]]},
-        attrs={"scale": 1.0, "bias": shift, "bias_after_scale": True},
+        block, index, type="fused_elementwise_add", inputs={"X": [name], "Y": [value]},
+        outputs={"Out": [outputs[0]]},
+        attrs={
+            "axis": -1, "fuse_activation": "clip", "fuse_alpha": 0.0,
+            "fuse_beta": shift_threshold(record, levels), "scale_x": 1.0, "scale_y": 1.0,
+            "scale_out": 1.0, "fused_output_scale": 1.0, "fused_unsqueeze2_axes": [],
+        },
     )
     insert_op(
-        block, index + 1, type="clip", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]},
-        attrs={"min": 0.0, "max": shift_threshold(record, levels)},
+        block, index + 1, type="relu", inputs={"X": [outputs[0]]}, outputs={"Out": [outputs[1]]}
     )
-    insert_op(
-        block, index + 2, type="relu", inputs={"X": [outputs[1]]}, outputs={"Out": [outputs[2]]}
-    )
-    return outputs[2]
+    return outputs[1]
 
 
 def absorb_shift(
