@@ -238,7 +238,7 @@ def convert_layers(
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
-            "saturate and a conv's weights are halved (fc and 1x1 unpadded convs take the "
+            "saturate and a conv's weights are halved (fc and unpadded convs take the "
             "shift into their bias instead; a padded conv cannot). PTQConfig(target='x86-vnni') "
             "quantizes them for VNNI/AMX CPUs only%s.",
             target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),

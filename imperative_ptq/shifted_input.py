@@ -10,8 +10,8 @@ input can take the shift itself: with ``c = z * s``,
 so the input ``x + c`` is non-negative, runs as u8 on codes ``0..M`` (``M = 127`` for 8 bits)
 and the bias absorbs the shift. The simulation quantizes ``x`` on the affine grid
 ``clip(rint(x / s) + z, 0, M) - z`` (scaled by ``s``), which is exactly what the int8 layer
-then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv whose kernel
-reads no padding (1x1, unpadded); a padded conv's border would see zeros where the shift
+then reads. Only layers whose every output sees ``W c`` qualify: a fc, and a conv that reads
+no padding (a 1x1 or a VALID conv); a padded conv's border would see zeros where the shift
 expects ``c``. The export side is :mod:`imperative_ptq.export.shifted`.
 
 The codes are computed as Paddle Inference computes them, rounding included
@@ -72,15 +72,25 @@ def shifted_grid(threshold: float, minimum: float | None, bits: int) -> tuple[fl
 
 
 def shiftable(layer: paddle.nn.Layer) -> bool:
-    """Whether ``layer`` computes ``W x + b`` with every output reading only ``x`` (a Linear,
-    or a 2-D conv with a 1x1 kernel and no padding), so that a shift of ``x`` is a bias."""
+    """Whether ``layer`` computes ``W x + b`` with every output reading only ``x``, so that a
+    shift of ``x`` is a bias, and runs right on every x86 CPU: a Linear, or a 2-D conv that pads
+    nothing (a 1x1 conv, a VALID conv). Not a patch embedding (kernel = stride > 1): oneDNN's
+    AMX int8 kernels compute some of those wrongly (``export.predictor``), so the default
+    target keeps them fp32. A padded conv's border would read zeros where the shift expects
+    ``c``; padding the input explicitly before the shift makes it exact, but Paddle Inference
+    runs that pad as native ops with layout conversions, which cost what the int8 conv gains
+    (measured on the Zen 3 EPYC at batch 8: ResNet-18's stem int8 this way, 1.99x fp32 either
+    way; MobileNetV3-small's padded depthwise convs, 0.77x -> 0.23x)."""
     if isinstance(layer, paddle.nn.Linear):
         return True
     if isinstance(layer, paddle.nn.Conv2D):
+        kernel = [int(size) for size in layer._kernel_size]
+        stride = [int(step) for step in np.ravel(layer._stride)]
+        patch = kernel != [1, 1] and kernel == (stride * 2 if len(stride) == 1 else stride)
         return (
-            list(layer._kernel_size) == [1, 1]
-            and all(int(p) == 0 for p in np.ravel(layer._updated_padding))
+            all(int(p) == 0 for p in np.ravel(layer._updated_padding))
             and layer._padding_algorithm != "SAME"
+            and not patch
         )
     return False
 

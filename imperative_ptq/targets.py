@@ -18,7 +18,7 @@ so it has to model the target's integer kernels, not an ideal int8 machine. Meas
   the values above the threshold of a ReLU after a residual conv, codes up to 255, which the
   simulation reads too where calibration saw the add: see :mod:`imperative_ptq.export.unsigned`
   and :mod:`imperative_ptq.quant_residual`).
-* A signed input of a fc or a 1x1 unpadded conv becomes such a u8 input by a shift: the
+* A signed input of a fc or an unpadded conv (not a patch embedding) becomes such a u8 input by a shift: the
   ``x86`` target simulates it on a 7-bit affine grid (codes 0..127, zero point ``z``) and the
   export adds ``z * scale`` to the input and subtracts the weight's response to it from the
   bias (:mod:`imperative_ptq.export.shifted`), exact on every x86 CPU. Other layers with a
@@ -52,7 +52,7 @@ class Target:
         signed_inputs_int8: Whether a conv/fc reading a signed input runs int8 exactly on
             every CPU of the target; where not, such a layer stays fp32, in the simulation and
             the export.
-        shifted_signed_inputs: Where ``signed_inputs_int8`` is off, a fc or 1x1 unpadded conv
+        shifted_signed_inputs: Where ``signed_inputs_int8`` is off, a fc or unpadded conv
             reading a signed input runs int8 on a shifted 7-bit u8 input instead of fp32.
         requires_vnni: The target's int8 kernels are only exact on CPUs with VNNI.
         onednn: The target runs in Paddle Inference's oneDNN int8 pipeline (x86): the export

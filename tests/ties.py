@@ -96,15 +96,19 @@ def _recorded(rounding: _Rounding) -> Iterator[None]:
             return rounding.visit(lambda: paddle.clip(x / step, float(lowest), float(highest)), rounded, lowest, highest)
         return grid_codes
 
-    def wrap_round(original):
-        def round_half_to_even(x):
-            return rounding.visit(lambda: x, original(x), -np.inf, np.inf, integer_means=True)
-        return round_half_to_even
+    def wrap_round(integer_means: bool):
+        def wrap(original):
+            def round_half_to_even(x):
+                return rounding.visit(lambda: x, original(x), -np.inf, np.inf, integer_means)
+            return round_half_to_even
+        return wrap
 
     for module, name, wrap in (
         (quant_layers, "grid_codes", wrap_grid_codes), (quant_pool, "grid_codes", wrap_grid_codes),
-        (quant_residual, "grid_codes", wrap_grid_codes), (quant_pool, "round_half_to_even", wrap_round),
-        (shifted_input, "round_half_to_even", wrap_round),
+        (quant_residual, "grid_codes", wrap_grid_codes),
+        # A global pool's mean of integer codes; a shifted input's float32 (x + c) * k.
+        (quant_pool, "round_half_to_even", wrap_round(True)),
+        (shifted_input, "round_half_to_even", wrap_round(False)),
     ):
         original = getattr(module, name)
         patched.append((module, name, original))

@@ -1,4 +1,4 @@
-"""Shifted inputs in the program: a signed input of a fc or 1x1 conv run as u8 codes 0..127.
+"""Shifted inputs in the program: a signed input of a fc or unpadded conv run as u8 codes 0..127.
 
 The simulation quantizes such an input on the affine grid ``(q - z) * s``, ``q`` in ``0..M``
 (:mod:`imperative_ptq.shifted_input`). Paddle Inference's oneDNN pipeline has no zero points
