@@ -258,6 +258,10 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         program_weight_thresholds: Its thresholds.
         bias_correction: What bias correction added to the layer's bias, per channel
             (``None``: nothing), so the fp32 layer it came from is still recognized.
+        constant_inputs: Fingerprints (:mod:`imperative_ptq.fingerprint`) of the inputs some
+            calls read unchanged in every calibration forward (a parameter, for a Linear also
+            called on activations): those calls run in float, as the runtimes fold them into
+            fp32 constants. Set by ``convert``.
         input_top_code: With ``input_unsigned``, the largest code of the input: ``L``, or 255
             for a ReLU output after a residual conv, which Paddle Inference leaves unclipped
             (:mod:`imperative_ptq.export.unsigned`). Set by ``convert``.
