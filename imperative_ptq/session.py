@@ -503,12 +503,11 @@ class CalibrationSession:
             else:
                 prints[call] = None
         constant = [
-            self.inputs_changed and print_ is not None and count > 1
-            for print_, count in zip(prints, seen)
+            self.inputs_changed and known is not None and count > 1 for known, count in zip(prints, seen)
         ]
         state.constant_input = all(constant)
         state.constant_call_inputs = (
-            [] if state.constant_input else [print_ for print_, is_constant in zip(prints, constant) if is_constant]
+            [] if state.constant_input else [known for known, is_constant in zip(prints, constant) if is_constant]
         )
 
     def _observe_only(self, state: LayerState, inputs: tuple, outputs: Any, notes_reads: bool = False) -> None:
