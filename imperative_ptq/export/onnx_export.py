@@ -237,9 +237,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         #: x86 targets: int8-op inputs calibrated non-negative -> threshold; quantized on
         #: codes 0..127 up to it, where no int16 pair sum can saturate.
         self.u8_inputs: dict[str, float] = {}
-        #: x86: signed int8-op inputs on a shifted grid (:mod:`imperative_ptq.shifted_input`)
-        #: -> (scale, uint8 zero point, lowest, highest value); quantized per reader.
-        self.shifted: dict[str, tuple[float, int, float, float]] = {}
+        #: x86: signed int8-op inputs on a shifted grid (:mod:`imperative_ptq.shifted_input`),
+        #: quantized per reader on its own grid: (input, scale, zero point) -> its Q/DQ.
+        self.shifted: set[str] = set()
         self._shifted_tensors: dict[tuple[str, float, int], str] = {}
         self.unsigned_inputs = unsigned_inputs
         #: Global pools the simulation runs on u8 codes: output variable -> input threshold.
@@ -397,9 +397,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
             record = self.weights.get(op.input(slots[0])[0]) if slots else None
             if record is not None and record.input_shift_response is not None:
-                scale, zero = float(record.input_scale), int(record.input_zero_point)
-                top = shifted_levels(record.activation_bits)
-                self.shifted[op.input(slots[1])[0]] = (scale, zero, -zero * scale, (top - zero) * scale)
+                self.shifted.add(op.input(slots[1])[0])
         # A layer kept fp32 reads its input unquantized, as in the simulation; so does a shift.
         # (A matmul of two activations reads its operands per op, :meth:`_activation_matmul`:
         # one the simulation runs in float must not take the scale of an operand an int8
@@ -1061,7 +1059,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             return
         x, x_scale = self._layer_input(op, "X")
         if record is not None and x_scale is not None:
-            unsigned = self._input_codes_pass_127(op.input("X")[0], x_scale)
+            unsigned = self._input_codes_pass_127(x_name, x_scale)
             w, _ = self._quantized_weight(weight_name, weight, record, 1, unsigned=unsigned)
         else:
             w = self._const(weight_name, weight)

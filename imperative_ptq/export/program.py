@@ -398,6 +398,7 @@ def quantize_program(
     shifted_inputs: dict[tuple[str, float, int], str] = {}  # (input, scale, zero point) -> u8
     shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
     narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
+    constant_call_weights: dict[str, str] = {}  # weight -> its fp32 copy for calls on constants
     writers = producers(block)
 
     index = 0
@@ -416,11 +417,13 @@ def quantize_program(
         activation = op.input(input_slot)[0]
         if record.constant_call_weight is not None and computed_from_parameters(block, activation, writers):
             # A call on a constant, which convert runs in fp32 (QuantizedLayer.constant_inputs):
-            # the op reads that weight in float, and Paddle Inference folds the call.
-            op._rename_input(weight_name, new_persistable(
-                loaded, f"{weight_name}.constant_call_{index}",
-                np.asarray(record.constant_call_weight, np.float32),
-            ))
+            # the op reads that weight in float (one copy for every such call: Paddle Inference
+            # folds them, and folding does not rescale it), and Paddle Inference folds the call.
+            if weight_name not in constant_call_weights:
+                constant_call_weights[weight_name] = new_persistable(
+                    loaded, f"{weight_name}.constant_call", np.asarray(record.constant_call_weight, np.float32),
+                )
+            op._rename_input(weight_name, constant_call_weights[weight_name])
             index += 1
             continue
         inserted = 0
