@@ -148,6 +148,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def _skip_where_it_saturates(target: str) -> None:
+    """Skips the test for ``x86-vnni`` on a CPU without VNNI, where its signed int8 inputs
+    saturate by design."""
+    if target == "x86-vnni" and not ip.cpu_info().vnni:
+        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+
+
 def _ptq(target: str = "x86", **options) -> ip.ImperativePTQ:
     return ip.ImperativePTQ(
         ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target, **options)
@@ -226,8 +233,7 @@ def _run_exports(model: paddle.nn.Layer, target: str, shift: float | None, tmp_p
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target, shift", [("x86", 0.0), ("x86-vnni", None)], ids=["x86", "vnni"])
 def test_paddle_inference_and_onnx_runtime_run_the_matmuls_int8(target, shift, style, tmp_path, avx2_runner) -> None:
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     functional = _functional_net(style)
     reference = LinearNet(functional)
     reference.eval()
@@ -452,8 +458,7 @@ def test_scaled_dot_product_attention_exports_and_runs_as_simulated(target, tmp_
     matmuls are calibrated like any other and run int8 where the target allows. Measured
     2e-7 .. 4e-7 of the largest output, both runtimes, both targets."""
     onnxruntime = pytest.importorskip("onnxruntime")
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     paddle.seed(0)
     model = _ScaledDotProductAttention()
     model.eval()
@@ -508,8 +513,7 @@ def test_matmuls_of_two_activations_are_simulated_as_int8_on_both_inputs() -> No
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
 def test_matmuls_of_two_activations_run_int8_where_the_target_allows(target, tmp_path, avx2_runner) -> None:
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     ptq, _, quantized, _ = _attention(target)
     simulated_int8 = sum(isinstance(layer, ip.QuantizedMatmul) for layer in quantized.sublayers())
     # x86 keeps them fp32: both inputs are signed (measured on AVX2 kernels: max error 0.49).
@@ -541,8 +545,7 @@ class OperatorBlock(FunctionalBlock):
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
 def test_the_matmul_operator_is_routed_like_paddle_matmul(target, tmp_path, caplog) -> None:
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     paddle.seed(0)
     functional = FunctionalBlock()
     functional.eval()
@@ -862,12 +865,29 @@ def test_matmuls_in_helpers_behind_a_flag_are_exported_as_calibrated(target, tmp
     layer calling the helper: the export found no site for them and wrote them fp32 while the
     simulation ran them int8 (a Llama-shaped net: PI and ORT 2.1e-2 and 5e-2 of the largest
     output off on x86-vnni, with no warning)."""
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     paddle.seed(0)
     model = _HelperAttention()
     model.eval()
     _attention_runs_as_simulated(model, target, tmp_path, avx2_runner)
+
+
+def _converted_after_saving_its_table(model: paddle.nn.Layer, target: str, tmp_path, caplog):
+    """``model`` (eval mode) calibrated on three batches, its table saved to
+    ``tmp_path/table.json``, then converted with ``caplog`` recording convert's warnings.
+
+    Returns:
+        ``(ptq, converted model, table path)``.
+    """
+    model.eval()
+    ptq = _ptq(target)
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _batches(3), progress=False)
+    table_path = str(tmp_path / "table.json")
+    ptq.save_calibration_table(quantized, table_path)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
+        ptq.convert(quantized)
+    return ptq, quantized, table_path
 
 
 class _PositionProjection(paddle.nn.Layer):
@@ -891,14 +911,7 @@ def test_a_layer_of_a_constant_input_stays_fp32_as_paddle_folds_it(tmp_path, cap
     warning, through a saved table too."""
     paddle.seed(0)
     model = _PositionProjection()
-    model.eval()
-    ptq = _ptq("x86")
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, _batches(3), progress=False)
-    table_path = str(tmp_path / "table.json")
-    ptq.save_calibration_table(quantized, table_path)
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
-        ptq.convert(quantized)
+    ptq, quantized, table_path = _converted_after_saving_its_table(model, "x86", tmp_path, caplog)
     assert "project" in caplog.text and "stayed the same in every calibration call" in caplog.text
     assert type(quantized.project) is paddle.nn.Linear and isinstance(quantized.fc, ip.QuantizedLayer)
     x = _batches(1, seed=9)[0]
@@ -945,18 +958,10 @@ def test_a_linear_called_on_activations_and_on_a_parameter_runs_that_call_fp32(t
     weight, both exports give it that weight in float, and ONNX Runtime shifts each layer's
     input on its own grid; through a saved table too."""
     onnxruntime = pytest.importorskip("onnxruntime")
-    if target == "x86-vnni" and not ip.cpu_info().vnni:
-        pytest.skip("x86-vnni runs signed int8 inputs, which saturate without VNNI")
+    _skip_where_it_saturates(target)
     paddle.seed(0)
     model = _SharedProjection()
-    model.eval()
-    ptq = _ptq(target)
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, _batches(3), progress=False)
-    table_path = str(tmp_path / "table.json")
-    ptq.save_calibration_table(quantized, table_path)
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
-        ptq.convert(quantized)
+    ptq, quantized, table_path = _converted_after_saving_its_table(model, target, tmp_path, caplog)
     assert "called both on activations and on an input that stayed the same" in caplog.text
     project = quantized.project
     assert isinstance(project, ip.QuantizedLayer) and len(project.constant_inputs) == 1
