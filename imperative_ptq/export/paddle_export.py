@@ -27,6 +27,7 @@ from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .padded_pools import exact_padded_pools
+from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
     is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
@@ -268,18 +269,20 @@ def save_quantized_model(
 
 def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
     """Warns about convs whose weight is computed in the graph (``F.conv2d`` on a
-    standardized weight; x2paddle writes such Conv nodes so): no layer holds such a weight, so
-    nothing calibrated it and it runs fp32."""
+    standardized weight, as x2paddle writes Conv nodes, or on a filter computed from the
+    input, :mod:`.dynamic_filters`): no layer holds such a weight, so nothing calibrated it
+    and it runs fp32."""
     block = loaded.program.global_block()
     writers = producers(block)
     computed = []
     for op in block.ops:
-        if op.type not in ("conv2d", "depthwise_conv2d"):
+        if op.type not in ("conv2d", "depthwise_conv2d", "conv3d"):
             continue
         weight = op.input("Filter")[0]
         writer = writers.get(weight)
         if not is_persistable(block, weight) and (writer is None or writer.type != "dequantize_linear"):
-            computed.append(weight)
+            # A 2-d filter unsqueezed for a conv3d of depth 1 is named as computed.
+            computed.append(writer.input("X")[0] if writer is not None and writer.type == "unsqueeze2" else weight)
     if computed:
         logger.warning(
             "%d convs on weights computed in the graph run fp32 (no layer holds the weight, so "
@@ -300,6 +303,7 @@ def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
     constant_clip_bounds(loaded)
     complete_matmul_widths(block)
     channels_last_to_first(block)
+    input_dependent_filter_convs_as_conv3d(block)
     exact_nearest_resizes(loaded)
     exact_padded_pools(block)
     reduce_open_adaptive_pools(block)
