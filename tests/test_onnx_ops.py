@@ -263,6 +263,11 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "atan2/on_axis": (lambda: _Function(lambda y: paddle.atan2(y, paddle.floor(y * 2.0))), True),
     "cumprod": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 3.0) * 0.5 + 0.25, dim=1)), True),
     "cumprod/with_zeros": (lambda: _Function(lambda y: paddle.cumprod(paddle.floor(y * 2.0) * 0.5, dim=-1)), True),
+    # CCNet's mask of its criss-cross attention's repeated centre: -inf on a diagonal, 0 elsewhere.
+    "diag_v2": (lambda: _Function(lambda y: y * paddle.exp(paddle.diag(paddle.full([SIZE], float("-inf"))))), True),
+    "diag_v2/offset_padding": (lambda: _Function(
+        lambda y: y + paddle.diag(y[0, 0, 0, : SIZE - 3], offset=-3, padding_value=0.5)), True),
+    "diag_v2/of_a_matrix": (lambda: _Function(lambda y: y[..., 1:] * paddle.diag(y[0, 0], offset=1)), True),
     "diagonal": (lambda: _Function(lambda y: paddle.diagonal(y[:, :, :, :12], offset=2, axis1=3, axis2=1)), False),
     "diagonal/negative_offset": (lambda: _Function(lambda y: paddle.diagonal(y, offset=-3, axis1=2, axis2=3)), False),
     "cummax": (lambda: _Function(lambda y: paddle.cummax(y, axis=2)[0] + paddle.cummax(paddle.floor(y * 2.0), axis=1)[1].astype("float32")), True),

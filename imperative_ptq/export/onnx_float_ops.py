@@ -131,7 +131,7 @@ class FloatOpConverters:
             "kthvalue": self._kthvalue, "arg_min": self._arg_max,
             "reduce_any": self._reduce_logical, "reduce_all": self._reduce_logical,
             "elementwise_floordiv": self._floor_divide, "elementwise_mod": self._floor_divide,
-            "tril_triu": self._tril_triu, "one_hot_v2": self._one_hot,
+            "tril_triu": self._tril_triu, "diag_v2": self._diag, "one_hot_v2": self._one_hot,
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "bilinear_tensor_product": self._bilinear,
             "expm1": self._expm1_log1p, "log1p": self._expm1_log1p, "isfinite_v2": self._isfinite,
@@ -581,6 +581,35 @@ class FloatOpConverters:
             self._bind(out, self._node("And", [x, self._node("Not", [outside], out + ".inside")], out))
             return
         self._bind(out, self._node("Where", [outside, self._const("zero", np.zeros((), dtype)), x], out))
+
+    def _diag(self, op) -> None:
+        """diag_v2 of an input of known size (CCNet's diagonal of -inf). A vector's square
+        matrix: the vector gathered at each diagonal position's index, ``padding_value``
+        elsewhere, by a ``Where`` on a constant mask (a multiply by an identity would turn the
+        -inf into NaN off the diagonal); a matrix's diagonal: its positions gathered from
+        the flattened matrix."""
+        source, out = op.input("X")[0], self._out(op)
+        shape, offset = self._shape(source), int(op.attr("offset"))
+        if not 1 <= len(shape) <= 2 or min(shape) < 0:
+            raise NotImplementedError(f"diag_v2 of a {len(shape)}-d input or of a dynamic size is not exported")
+        x = self._in(op)
+        if len(shape) == 2:
+            rows, columns = shape
+            diagonal_rows = np.arange(max(0, -offset), min(rows, columns - offset), dtype=np.int64)
+            flat = self._node("Reshape", [x, self._const("flat", np.array([-1], np.int64))], out + ".flat")
+            positions = self._const("positions", diagonal_rows * columns + diagonal_rows + offset)
+            self._bind(out, self._node("Gather", [flat, positions], out))
+            return
+        size = shape[0] + abs(offset)
+        rows, columns = np.indices((size, size))
+        on_diagonal = columns - rows == offset
+        # The vector's index of each position (the diagonal's row, or column for a negative
+        # offset); 0 off the diagonal, where the mask takes padding_value instead.
+        index = np.where(on_diagonal, np.minimum(rows, columns), 0).astype(np.int64)
+        gathered = self._node("Gather", [x, self._const("index", index)], out + ".gathered")
+        dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
+        padding = self._const("padding", np.array(op.attr("padding_value"), dtype))
+        self._bind(out, self._node("Where", [self._const("diagonal", on_diagonal), gathered, padding], out))
 
     def _one_hot(self, op) -> None:
         """one_hot_v2 (a constant ``depth``): ONNX's ``OneHot`` of the indices, float32 0/1."""
