@@ -267,6 +267,9 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "diag_v2": (lambda: _Function(lambda y: y * paddle.exp(paddle.diag(paddle.full([SIZE], float("-inf"))))), True),
     "diag_v2/offset_padding": (lambda: _Function(
         lambda y: y + paddle.diag(y[0, 0, 0, : SIZE - 3], offset=-3, padding_value=0.5)), True),
+    # (CCNet's as traced: the vector's length read from the input's shape, dynamic in the graph.)
+    "diag_v2/dynamic_length": (lambda: _Function(lambda y: y * paddle.exp(
+        paddle.diag(paddle.full([1], float("-inf")).tile([paddle.shape(y)[2]])))), True),
     "diag_v2/of_a_matrix": (lambda: _Function(lambda y: y[..., 1:] * paddle.diag(y[0, 0], offset=1)), True),
     "diagonal": (lambda: _Function(lambda y: paddle.diagonal(y[:, :, :, :12], offset=2, axis1=3, axis2=1)), False),
     "diagonal/negative_offset": (lambda: _Function(lambda y: paddle.diagonal(y, offset=-3, axis1=2, axis2=3)), False),

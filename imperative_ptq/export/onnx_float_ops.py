@@ -583,33 +583,39 @@ class FloatOpConverters:
         self._bind(out, self._node("Where", [outside, self._const("zero", np.zeros((), dtype)), x], out))
 
     def _diag(self, op) -> None:
-        """diag_v2 of an input of known size (CCNet's diagonal of -inf). A vector's square
-        matrix: the vector gathered at each diagonal position's index, ``padding_value``
-        elsewhere, by a ``Where`` on a constant mask (a multiply by an identity would turn the
-        -inf into NaN off the diagonal); a matrix's diagonal: its positions gathered from
-        the flattened matrix."""
+        """diag_v2 (CCNet's diagonal of -inf). A vector's square matrix, of any size: the
+        vector gathered at each diagonal position's index, ``padding_value`` elsewhere, by a
+        ``Where`` on the mask of column minus row equal to the offset (a multiply by an
+        identity would turn the -inf into NaN off the diagonal); a matrix of known size's
+        diagonal: its positions gathered from the flattened matrix."""
         source, out = op.input("X")[0], self._out(op)
         shape, offset = self._shape(source), int(op.attr("offset"))
-        if not 1 <= len(shape) <= 2 or min(shape) < 0:
-            raise NotImplementedError(f"diag_v2 of a {len(shape)}-d input or of a dynamic size is not exported")
         x = self._in(op)
-        if len(shape) == 2:
+        if len(shape) == 2 and min(shape) >= 0:
             rows, columns = shape
             diagonal_rows = np.arange(max(0, -offset), min(rows, columns - offset), dtype=np.int64)
             flat = self._node("Reshape", [x, self._const("flat", np.array([-1], np.int64))], out + ".flat")
             positions = self._const("positions", diagonal_rows * columns + diagonal_rows + offset)
             self._bind(out, self._node("Gather", [flat, positions], out))
             return
-        size = shape[0] + abs(offset)
-        rows, columns = np.indices((size, size))
-        on_diagonal = columns - rows == offset
-        # The vector's index of each position (the diagonal's row, or column for a negative
-        # offset); 0 off the diagonal, where the mask takes padding_value instead.
-        index = np.where(on_diagonal, np.minimum(rows, columns), 0).astype(np.int64)
-        gathered = self._node("Gather", [x, self._const("index", index)], out + ".gathered")
+        if len(shape) != 1:
+            raise NotImplementedError(f"diag_v2 of a {len(shape)}-d input of dynamic size is not exported")
+        length = self._node("Shape", [x], out + ".length")
+        size = self._node("Add", [length, self._const("offset", np.array([abs(offset)], np.int64))], out + ".size")
+        positions = self._node("Range", [self._const("zero", np.array(0, np.int64)),
+                                         self._node("Squeeze", [size, self._const("axes", np.array([0], np.int64))], out + ".n"),
+                                         self._const("one", np.array(1, np.int64))], out + ".positions")
+        rows = self._node("Unsqueeze", [positions, self._const("axes", np.array([1], np.int64))], out + ".rows")
+        on_diagonal = self._node("Equal", [self._node("Sub", [positions, rows], out + ".offsets"),
+                                           self._const("k", np.array(offset, np.int64))], out + ".on_diagonal")
+        # The vector's index of each position (its row, or column for a negative offset); 0
+        # off the diagonal, where the mask takes padding_value instead.
+        index = self._node("Where", [on_diagonal, self._node("Min", [rows, positions], out + ".nearer"),
+                                     self._const("zero", np.array(0, np.int64))], out + ".index")
+        gathered = self._node("Gather", [x, index], out + ".gathered")
         dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
         padding = self._const("padding", np.array(op.attr("padding_value"), dtype))
-        self._bind(out, self._node("Where", [self._const("diagonal", on_diagonal), gathered, padding], out))
+        self._bind(out, self._node("Where", [on_diagonal, gathered, padding], out))
 
     def _one_hot(self, op) -> None:
         """one_hot_v2 (a constant ``depth``): ONNX's ``OneHot`` of the indices, float32 0/1."""
