@@ -16,7 +16,7 @@ __all__ = [
     "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "producers", "readers", "reduce_open_adaptive_pools", "remove_op", "separate_chained_activations", "set_tensor",
-    "transposed_matmul",
+    "transposed_matmul", "unfused_feature_map_reshapes",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -189,6 +189,44 @@ def separate_chained_activations(block: "paddle.static.Block") -> int:
             continue
         insert_reader_op(block, op, out, followers, "scale", "unfused", {"scale": 1.0, "bias": 0.0})
         inserted += 1
+    return inserted
+
+
+#: Matmul ops Paddle's ``reshape_transpose_matmul_onednn_fuse_pass`` fuses a reshape and a
+#: transpose into.
+_MATMUL_OPS = frozenset({"matmul", "matmul_v2"})
+
+
+def unfused_feature_map_reshapes(block: "paddle.static.Block") -> int:
+    """Puts an ``assign`` between a reshape of a feature map (an input of rank 4 or more) and
+    the transpose a matmul reads.
+
+    Paddle 3.3.1's ``reshape_transpose_matmul_onednn_fuse_pass`` folds reshape -> transpose
+    into the matmul, which then reads a conv's output (oneDNN's blocked layout) wrongly:
+    measured in fp32, conv -> reshape ``[0, C, -1]`` -> transpose -> matmul, 114% of the
+    largest output off (any reshape shape; from the network input, a pool or an add, or the
+    matmul's other operand, right); PaddleSeg's ANN (non-local attention on conv features)
+    0.83 cosine to dygraph (exact without oneDNN). With the ``assign``
+    between them the reshape and transpose run on their own. A transformer's head split
+    reshapes a Linear's 3-d output and keeps the fusion.
+
+    Returns:
+        How many separators were inserted.
+    """
+    reading = readers(block)
+    inserted = 0
+    for op in list(block.ops):
+        if op.type != "reshape2" or len(block.var(op.input("X")[0]).shape) < 4:
+            continue
+        out = op.output("Out")[0]
+        transposes = [
+            reader for reader in reading.get(out, [])
+            if reader.type == "transpose2"
+            and any(after.type in _MATMUL_OPS for after in reading.get(reader.output("Out")[0], []))
+        ]
+        if transposes:
+            insert_reader_op(block, op, out, transposes, "assign", "unfused")
+            inserted += 1
     return inserted
 
 

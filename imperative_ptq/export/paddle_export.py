@@ -31,7 +31,7 @@ from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
     is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
-    separate_chained_activations,
+    separate_chained_activations, unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -302,6 +302,7 @@ def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
     block = loaded.program.global_block()
     constant_clip_bounds(loaded)
     complete_matmul_widths(block)
+    unfused_feature_map_reshapes(block)
     channels_last_to_first(block)
     input_dependent_filter_convs_as_conv3d(block)
     exact_nearest_resizes(loaded)
