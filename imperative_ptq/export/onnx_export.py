@@ -853,7 +853,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
             # reading that layer's codes).
             attrs = self._conv_attributes(op, self._shape(weight_name)[2:])
             out = self._out(op, "Output")
-            inputs = [self._tensor(op, op.input("Input")[0], float_reader=True), self._tensor(op, weight_name, float_reader=True)]
+            inputs = [self._tensor(op, name, float_reader=True) for name in (op.input("Input")[0], weight_name)]
             self._bind(out, self._node("Conv", inputs, out, **attrs))
             return
         weight = self._param(weight_name).astype(np.float32)

@@ -294,10 +294,11 @@ def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
 def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
     """Rewrites ``loaded`` (a traced program, before quantization) around what Paddle 3.3.1's
     oneDNN passes and kernels get wrong, each rewrite computing the same values
-    (:mod:`.graph`): matmul widths left unknown by a reshape, channels-last convs/norms/pools,
-    nearest resizes that are not whole-number upscales, windowed pools with unequal paddings
-    or ``ceil_mode`` (:mod:`.padded_pools`), adaptive pools that keep an axis open, clips with
-    tensor bounds. Programs for Paddle Lite are left as traced (two
+    (:mod:`.graph`): matmul widths left unknown by a reshape, feature maps reshaped and
+    transposed into a matmul, channels-last convs/norms/pools, convs on filters computed from
+    the input (:mod:`.dynamic_filters`), nearest resizes that are not whole-number upscales,
+    windowed pools with unequal paddings or ``ceil_mode`` (:mod:`.padded_pools`), adaptive
+    pools that keep an axis open, clips with tensor bounds. Programs for Paddle Lite are left as traced (two
     activations in a row are separated for every runtime)."""
     block = loaded.program.global_block()
     constant_clip_bounds(loaded)
