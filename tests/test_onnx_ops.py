@@ -907,6 +907,34 @@ def test_a_scale_of_an_integer_tensor_stays_integer_in_onnx(tmp_path) -> None:
     np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
 
 
+
+class _FieldOffsets(nn.Layer):
+    """A recommender's sparse features: one vocabulary per field, the ids offset into one
+    shared Embedding by an int64 buffer (DeepFM-style), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding, self.fc = nn.Embedding(4 * 10, 8), nn.Linear(4 * 8, 2)
+        self.register_buffer("offsets", paddle.arange(4, dtype="int64") * 10)
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(self.embedding(ids + self.offsets).flatten(1))
+
+
+def test_an_integer_buffer_added_to_ids_stays_integer_in_onnx(tmp_path) -> None:
+    """The buffer was written as a float32 initializer: an Add of int64 and float32, a graph
+    ONNX Runtime refused to load."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 10, (2, 4)).astype("int64") for _ in range(3)]
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_FieldOffsets())
+    ptq.calibrate(qmodel, ids, progress=False)
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 4], "int64", "ids")])
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
+    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+
 class _ShiftedWindowMask(nn.Layer):
     """A Swin block's attention mask built in ``forward`` (regions of a zero map numbered by
     slice writes, ``set_value``), added to a conv's output before a 1x1 conv."""

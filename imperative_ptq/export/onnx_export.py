@@ -1325,7 +1325,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         y_var = op.input("Y")[0]
         x = self._elementwise_operand(op, "X")
         if self._is_param(y_var):
-            value = self._param(y_var).astype(np.float32)
+            value = self._param(y_var)
+            if np.issubdtype(value.dtype, np.floating):
+                value = value.astype(np.float32)  # (an integer buffer keeps its type: index offsets)
             axis = op.attr("axis")
             x_rank = len(self.block._find_var_recursive(op.input("X")[0]).shape)
             if axis not in (-1, x_rank - value.ndim):
