@@ -114,3 +114,37 @@ def test_contradicting_input_spec_fails_at_fp32_export_too(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"does not fit the model"):
         save_fp32_model(model, prefix, _spec(None, 5, 8, 8))
     assert _files(tmp_path) == before
+
+
+class _FoldedFrames(paddle.nn.Layer):
+    """A video model that folds its frames into the batch (TSM, TSN): it averages the frames of
+    each clip, so it runs only on a batch that is a multiple of its frame count."""
+
+    def __init__(self, frames: int) -> None:
+        super().__init__()
+        self.frames = frames
+        self.conv, self.fc = paddle.nn.Conv2D(3, 4, 3, padding=1), paddle.nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = paddle.nn.functional.adaptive_avg_pool2d(paddle.nn.functional.relu(self.conv(x)), 1)
+        return self.fc(features.reshape([-1, self.frames, 4]).mean(1))
+
+
+@pytest.mark.parametrize("frames", [3, 8])
+def test_a_dynamic_batch_is_checked_at_a_batch_the_model_runs(frames, tmp_path) -> None:
+    """Refused before: the check ran batch 1 only ("does not fit the model: it fails on zeros
+    of that shape (batch 1)"), though Paddle saves and runs the model at any multiple of
+    ``frames``. The deployed model computes what the simulation does on two clips."""
+    paddle.seed(0)
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_FoldedFrames(frames))
+    qmodel(paddle.rand([2 * frames, 3, 8, 8]))
+    ptq.convert(qmodel)
+    ptq.save_quantized_model(qmodel, tmp_path / "model", _spec(None, 3, 8, 8))
+    x = paddle.rand([2 * frames, 3, 8, 8])
+    expected = qmodel(x).numpy()
+    deployed = predict(create_predictor(str(tmp_path / "model")), x.numpy())[0]
+    assert deployed.shape == expected.shape == (2, 2)
+    assert abs(deployed - expected).max() <= 1e-5 * abs(expected).max()
+    with pytest.raises(ValueError, match=r"does not fit the model: .*\(batch 1, 2, 3, 4, .*, 32\)"):
+        ptq.save_quantized_model(qmodel, tmp_path / "wrong", _spec(None, 5, 8, 8))

@@ -7,7 +7,9 @@ Running the model once in dygraph on zeros of the spec's shape finds the contrad
 
 Dynamic dimensions other than the batch have no size to check with: they are tried at a few
 sizes, and when the model runs at none of them the export goes on with a warning (a model may
-run at only one size the spec leaves open, which would otherwise be refused wrongly).
+run at only one size the spec leaves open, which would otherwise be refused wrongly). A
+dynamic batch is 1 first, then a few larger batches: a video model that folds its frames into
+the batch (TSM's ``reshape([-1, frames, c, h, w])``) runs only on a multiple of its frame count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["check_input_spec_runs", "DYNAMIC_SIZES"]
+__all__ = ["check_input_spec_runs", "DYNAMIC_BATCHES", "DYNAMIC_SIZES"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,46 +28,56 @@ logger = logging.getLogger(__name__)
 #: trained on ImageNet or MNIST images runs at that size only; 64 and 256: strided models.
 DYNAMIC_SIZES = (1, 28, 64, 224, 256)
 
+#: Batch sizes tried for a dynamic batch dimension, in order: 1, then multiples of the frame
+#: or clip counts of video and multi-view models (3, 4, 8, 16 segments ...).
+DYNAMIC_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
 
 def check_input_spec_runs(
     model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec]
 ) -> None:
     """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``.
 
-    A dynamic (``None``/``-1``) batch dimension becomes 1; other dynamic dimensions are tried
-    at each of :data:`DYNAMIC_SIZES`.
+    A dynamic (``None``/``-1``) batch dimension is tried at each of :data:`DYNAMIC_BATCHES`
+    (1 first), other dynamic dimensions at each of :data:`DYNAMIC_SIZES`; the first shape the
+    model runs on accepts the spec. The error quoted is that of batch 1.
 
     Raises:
         ValueError: The spec fixes every dimension but the batch and the model fails on it
-            (Paddle's error is quoted). With other dynamic dimensions a failure at every
-            tried size is a warning.
+            at every tried batch (Paddle's error is quoted). With other dynamic dimensions a
+            failure at every tried shape is a warning.
     """
     dynamic = any(_is_dynamic(dim) for spec in input_spec for dim in list(spec.shape)[1:])
+    dynamic_batch = any(_is_dynamic(list(spec.shape)[0]) for spec in input_spec if list(spec.shape))
     sizes = DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1]
+    batches = DYNAMIC_BATCHES if dynamic_batch else DYNAMIC_BATCHES[:1]
     error: Exception | None = None
-    for size in sizes:
-        inputs = [
-            paddle.zeros(_concrete_shape(spec.shape, size), dtype=spec.dtype) for spec in input_spec
-        ]
-        try:
-            with paddle.no_grad():
-                model(*inputs)
-            return
-        except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
-            error = failure
+    for batch in batches:
+        for size in sizes:
+            inputs = [
+                paddle.zeros(_concrete_shape(spec.shape, size, batch), dtype=spec.dtype)
+                for spec in input_spec
+            ]
+            try:
+                with paddle.no_grad():
+                    model(*inputs)
+                return
+            except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
+                error = error or failure
     shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
     message = str(error).strip().splitlines()
     reason = f"{type(error).__name__}: {message[-1].strip() if message else ''}"
+    tried = ", ".join(map(str, batches))
     if dynamic:
         logger.warning(
-            "could not check input_spec [%s] against the model: it fails on zeros with batch 1 "
-            "and the dynamic dimensions at %s (%s); exporting anyway. Fix those dimensions in "
-            "input_spec to have them checked.", shapes, ", ".join(map(str, sizes)), reason,
+            "could not check input_spec [%s] against the model: it fails on zeros with batch "
+            "%s and the dynamic dimensions at %s (%s); exporting anyway. Fix those dimensions "
+            "in input_spec to have them checked.", shapes, tried, ", ".join(map(str, sizes)), reason,
         )
         return
     raise ValueError(
         f"input_spec [{shapes}] does not fit the model: it fails on zeros of that shape "
-        f"(batch 1): {reason}. Nothing was written."
+        f"(batch {tried}): {reason}. Nothing was written."
     ) from error
 
 
@@ -73,9 +85,9 @@ def _is_dynamic(dim: int | None) -> bool:
     return dim is None or dim == -1
 
 
-def _concrete_shape(shape: Sequence[int | None], size: int) -> list[int]:
-    """``shape`` with a dynamic batch dimension as 1 and other dynamic ones as ``size``."""
+def _concrete_shape(shape: Sequence[int | None], size: int, batch: int = 1) -> list[int]:
+    """``shape`` with a dynamic batch dimension as ``batch`` and other dynamic ones as ``size``."""
     return [
-        (1 if position == 0 else size) if _is_dynamic(dim) else int(dim)
+        (batch if position == 0 else size) if _is_dynamic(dim) else int(dim)
         for position, dim in enumerate(shape)
     ]
