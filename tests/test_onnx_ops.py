@@ -129,6 +129,14 @@ def REVERSED_CHANNELS() -> paddle.Tensor:  # noqa: N802 - reads as a constant in
     return paddle.to_tensor([7, 6, 5, 4, 3, 2, 1, 0])
 
 
+
+def _halves_rotated(y: paddle.Tensor) -> paddle.Tensor:
+    """Rotary embeddings' rotate-half on a reshape that leaves the split axis open (``-1``
+    beside a batch read from the shape): the halves' size is known only at run time."""
+    z = y.reshape([paddle.shape(y)[0], 8, -1])
+    first, second = paddle.chunk(z, 2, axis=-1)
+    return paddle.concat([-second, first], -1).reshape(paddle.shape(y))
+
 #: name -> (the op after a conv, whether a 1x1 conv reads its output); the name is the legacy
 #: op the Paddle API traces to (checked in the exported program by test_cases_trace_to_their_op).
 CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
@@ -339,6 +347,9 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     # Masks joined with & and negated with ~ (PaddleNLP decoders' causal and padding masks).
     "bitwise_and": (lambda: _Function(lambda y: y * ((y > 0.2) & (y < 0.8)).astype("float32")), True),
     "bitwise_not": (lambda: _Function(lambda y: y * (~(y > 0.5)).astype("float32")), True),
+    "split/dynamic_axis": (lambda: _Function(_halves_rotated), True),
+    "split/inferred_section": (lambda: _Function(
+        lambda y: paddle.concat(paddle.split(y, [3, -1], axis=1)[::-1], axis=1)), True),
 }
 
 

@@ -1663,16 +1663,29 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         shape = self.block._find_var_recursive(source).shape
         sections = list(op.attr("sections"))
         outputs = op.output("Out")
-        if not sections:
-            if shape[axis] < 0:
-                raise NotImplementedError("split of a dynamic axis is not exported")
+        x = self._in(op)
+        if not sections and shape[axis] >= 0:
             sections = [shape[axis] // len(outputs)] * len(outputs)
-        if any(size < 0 for size in sections):
-            raise NotImplementedError("split with an inferred (-1) section is not exported")
+        if sections and all(size >= 0 for size in sections):
+            split = self._const("split", np.array(sections, np.int64))
+        else:
+            # An axis whose size the trace left open (a reshape to [b, t, heads, -1] on a
+            # dynamic batch: rotary embeddings' halves), or a -1 section: sizes read from
+            # the tensor's shape at run time.
+            stem = outputs[0] + ".split"
+            size = self._node("Gather", [self._node("Shape", [x], stem + ".shape"),
+                                         self._const("axis", np.array([axis], np.int64))], stem + ".size")
+            if not sections:
+                part = self._node("Div", [size, self._const("parts", np.array([len(outputs)], np.int64))], stem + ".part")
+                split = self._node("Concat", [part] * len(outputs), stem + ".sizes", axis=0)
+            else:
+                known = self._const("known", np.array([sum(v for v in sections if v >= 0)], np.int64))
+                rest = self._node("Sub", [size, known], stem + ".rest")
+                split = self._node("Concat", [
+                    rest if v < 0 else self._const("section", np.array([v], np.int64)) for v in sections
+                ], stem + ".sizes", axis=0)
         names = [self._unique(out) for out in outputs]
-        self.nodes.append(self.helper.make_node(
-            "Split", [self._in(op), self._const("split", np.array(sections, np.int64))], names, axis=axis,
-        ))
+        self.nodes.append(self.helper.make_node("Split", [x, split], names, axis=axis))
         for out, name in zip(outputs, names):
             if source in self.unsigned:
                 self.unsigned.add(out)
