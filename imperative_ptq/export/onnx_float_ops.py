@@ -147,7 +147,7 @@ class FloatOpConverters:
             "atan2": self._atan2, "range": self._range, "linspace": self._linspace,
             "set_value": self._set_value, "renorm": self._renorm, "searchsorted": self._searchsorted,
             "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
-            "fold": self._fold,
+            "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
         })
         return dispatch
 
@@ -1432,6 +1432,24 @@ class FloatOpConverters:
             axes = self._const("axes", np.arange(count - rank, dtype=np.int64))
             x = self._node("Unsqueeze", [x, axes], out + ".unsqueezed")
         self._bind(out, self._node("Tile", [x, repeats], out))
+
+    def _broadcast_tensors(self, op) -> None:
+        """broadcast_tensors: each input ``Expand``-ed to the inputs' common shape, the largest
+        of each dimension with the shapes aligned at the right (CLIP's pooled token,
+        ``x[paddle.arange(b), ids.argmax(-1)]``, broadcasts its two index tensors so)."""
+        names = op.input("X")
+        ranks = [len(self._shape(name)) for name in names]
+        stem = op.output("Out")[0]
+        shapes = []
+        for name, rank in zip(names, ranks):
+            shape = self._node("Shape", [self._tensor(op, name)], stem + ".shape")
+            if rank < max(ranks):
+                ones = self._const("ones", np.ones([max(ranks) - rank], np.int64))
+                shape = self._node("Concat", [ones, shape], stem + ".aligned", axis=0)
+            shapes.append(shape)
+        common = self._node("Max", shapes, stem + ".common") if len(shapes) > 1 else shapes[0]
+        for name, out in zip(names, op.output("Out")):
+            self._bind(out, self._node("Expand", [self._tensor(op, name), common], out))
 
     def _stack(self, op) -> None:
         names = op.input("X")
