@@ -1172,3 +1172,40 @@ def test_integer_bitwise_ops_run_in_onnx_runtime_from_opset_18(tmp_path) -> None
     assert {"BitwiseAnd", "BitwiseOr", "BitwiseXor"} <= {node.op_type for node in onnx.load(path).graph.node}
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     assert _cosine(session.run(None, {"x": x})[0], qmodel(paddle.to_tensor(x)).numpy()) >= 0.9999
+
+
+class _Noise(nn.Layer):
+    """Random tensors of a constant shape and of the input's shape beside a Linear (an NMF
+    head's random bases, a VAE's sampling noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, 8)
+
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        return (
+            self.fc(x), paddle.rand([64, 256]), paddle.uniform(paddle.shape(x), min=-1.0, max=3.0),
+            paddle.randn(paddle.shape(x)), paddle.normal(1.0, 2.0, [64, 256]),
+        )
+
+
+def test_random_ops_draw_from_their_distribution_in_onnx_runtime(tmp_path) -> None:
+    """uniform_random and gaussian_random had no converter (SegNeXt's NMF head was refused).
+    Their values are each runtime's own; their shapes and distributions are checked."""
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_Noise())
+    ptq.calibrate(qmodel, [rng.random((4, 256)).astype("float32") for _ in range(2)], progress=False)
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 256], "float32", "x")])
+    x = rng.random((96, 256)).astype("float32")
+    fc, uniform01, uniform, normal, shifted = onnxruntime.InferenceSession(
+        path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    simulated = qmodel(paddle.to_tensor(x))[0].numpy()
+    assert np.abs(fc - simulated).max() <= 1e-5 * np.abs(simulated).max()
+    assert uniform01.shape == shifted.shape == (64, 256) and uniform.shape == normal.shape == (96, 256)
+    # 16384 or 24576 draws: means within ~5 standard errors, bounds and spreads as asked.
+    assert 0 <= uniform01.min() and uniform01.max() < 1 and abs(uniform01.mean() - 0.5) < 0.012
+    assert -1 <= uniform.min() and uniform.max() < 3 and abs(uniform.mean() - 1.0) < 0.04
+    assert abs(normal.mean()) < 0.04 and abs(normal.std() - 1.0) < 0.03
+    assert abs(shifted.mean() - 1.0) < 0.08 and abs(shifted.std() - 2.0) < 0.06

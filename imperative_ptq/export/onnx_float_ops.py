@@ -148,6 +148,7 @@ class FloatOpConverters:
             "set_value": self._set_value, "renorm": self._renorm, "searchsorted": self._searchsorted,
             "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
             "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
+            "uniform_random": self._random, "gaussian_random": self._random,
         })
         return dispatch
 
@@ -1432,6 +1433,31 @@ class FloatOpConverters:
             axes = self._const("axes", np.arange(count - rank, dtype=np.int64))
             x = self._node("Unsqueeze", [x, axes], out + ".unsqueezed")
         self._bind(out, self._node("Tile", [x, repeats], out))
+
+    def _random(self, op) -> None:
+        """uniform_random / gaussian_random (``paddle.rand``, ``paddle.uniform``,
+        ``paddle.randn``, ``paddle.normal``): ONNX's ``RandomUniform`` / ``RandomNormal`` of a
+        constant shape, their ``...Like`` forms on zeros of a shape computed in the graph (an
+        NMF head's random bases, a VAE's noise). Each runtime draws its own numbers: the
+        distribution is the same, the values are not (nor are two Paddle runs')."""
+        if op.attr("dtype") != 5:  # paddle's FP32
+            raise NotImplementedError(f"{op.type} of dtype {op.attr('dtype')} is not exported (float32 only)")
+        out = self._out(op)
+        if op.type == "uniform_random":
+            kind, attrs = "RandomUniform", {"low": float(op.attr("min")), "high": float(op.attr("max"))}
+        else:
+            kind, attrs = "RandomNormal", {"mean": float(op.attr("mean")), "scale": float(op.attr("std"))}
+        if op.attr("seed"):
+            attrs["seed"] = float(op.attr("seed"))
+        float32 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
+        if any(slot in op.input_names and op.input(slot) for slot in ("ShapeTensor", "ShapeTensorList")):
+            shape = self._shape_tensor(op, "ShapeTensor", "ShapeTensorList", out)
+            zero = self.helper.make_tensor("zero", float32, [1], [0.0])
+            zeros = self._node("ConstantOfShape", [shape], out + ".zeros", value=zero)
+            self._bind(out, self._node(kind + "Like", [zeros], out, dtype=float32, **attrs))
+            return
+        shape = [int(d) for d in op.attr("shape")]
+        self._bind(out, self._node(kind, [], out, dtype=float32, shape=shape, **attrs))
 
     def _broadcast_tensors(self, op) -> None:
         """broadcast_tensors: each input ``Expand``-ed to the inputs' common shape, the largest
