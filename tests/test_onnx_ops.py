@@ -348,6 +348,9 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "bitwise_and": (lambda: _Function(lambda y: y * ((y > 0.2) & (y < 0.8)).astype("float32")), True),
     "bitwise_not": (lambda: _Function(lambda y: y * (~(y > 0.5)).astype("float32")), True),
     "split/dynamic_axis": (lambda: _Function(_halves_rotated), True),
+    # Per-row picking of the top scores (PaddleDetection's post-processing).
+    "index_sample": (lambda: _Function(
+        lambda y: paddle.index_sample(y.flatten(1), paddle.topk(y.flatten(1), 5, axis=1)[1])), False),
     # CLIP's pooled token: one position per row, picked by index tensors broadcast together.
     "broadcast_tensors": (lambda: _Function(
         lambda y: y[paddle.arange(paddle.shape(y)[0]), paddle.argmax(y.mean([2, 3]), -1)]), False),

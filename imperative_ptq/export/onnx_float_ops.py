@@ -149,6 +149,7 @@ class FloatOpConverters:
             "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
             "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
             "uniform_random": self._random, "gaussian_random": self._random,
+            "index_sample": self._index_sample,
         })
         return dispatch
 
@@ -740,6 +741,15 @@ class FloatOpConverters:
         out = self._out(op, "Result")
         inputs = [self._in(op, "Input"), self._in(op, "Index")]
         self._bind(out, self._node("GatherElements", inputs, out, axis=int(op.attr("Axis"))))
+
+    def _index_sample(self, op) -> None:
+        """index_sample (``paddle.index_sample``: ``out[i, j] = x[i, index[i, j]]``, the
+        per-row picking of PaddleDetection's post-processing): ``GatherElements`` on axis 1,
+        its index as int64."""
+        out = self._out(op)
+        index = self._node("Cast", [self._in(op, "Index")], out + ".index",
+                           to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        self._bind(out, self._node("GatherElements", [self._in(op), index], out, axis=1))
 
     #: The first opset whose ``ScatterND`` adds (``reduction="add"``).
     _SCATTER_ADD_OPSET = 16
