@@ -46,6 +46,7 @@ _ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
     "keepdim": ("keep_dim",),
     "dtype": ("out_dtype",),
     "x": ("input",),  # diagonal's Input
+    "out": ("output",),  # grid_sampler's Output
 }
 
 #: PIR op -> legacy op where Paddle registers no PHI kernel name for the legacy op.

@@ -149,7 +149,8 @@ class FloatOpConverters:
             "trace": self._trace, "cummax": self._cumulative_extreme, "cummin": self._cumulative_extreme,
             "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
             "uniform_random": self._random, "gaussian_random": self._random,
-            "index_sample": self._index_sample,
+            "index_sample": self._index_sample, "grid_sampler": self._grid_sample,
+            "affine_grid": self._affine_grid,
         })
         return dispatch
 
@@ -741,6 +742,47 @@ class FloatOpConverters:
         out = self._out(op, "Result")
         inputs = [self._in(op, "Input"), self._in(op, "Index")]
         self._bind(out, self._node("GatherElements", inputs, out, axis=int(op.attr("Axis"))))
+
+    #: The first opset with ``GridSample`` (4-D; its modes renamed linear/cubic from 20 on).
+    _GRID_SAMPLE_OPSET = 16
+
+    def _grid_sample(self, op) -> None:
+        """grid_sampler (``F.grid_sample`` of a 4-D input: spatial transformers, flow warps):
+        ONNX's ``GridSample``, the same modes, padding modes and corner convention."""
+        self._require_opset(self._GRID_SAMPLE_OPSET, "grid_sample is ONNX's GridSample")
+        if len(self._shape(op.input("X")[0])) != 4:
+            raise NotImplementedError("grid_sample of a 5-D input is not exported")
+        mode = op.attr("mode")
+        if self.opset >= 20:
+            mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+        out = self._out(op, "Output")
+        self._bind(out, self._node(
+            "GridSample", [self._in(op, "X"), self._in(op, "Grid")], out, mode=mode,
+            padding_mode=op.attr("padding_mode"), align_corners=int(op.attr("align_corners")),
+        ))
+
+    def _affine_grid(self, op) -> None:
+        """affine_grid to a constant output size: the pixel grid ``(x, y, 1)`` (``x`` along
+        the width; -1..1 through the corner pixels' centres with ``align_corners``, else
+        their edges) as a constant ``[H * W, 3]``, times each ``theta`` transposed."""
+        self._reject_tensor_inputs(op, "OutputShape")
+        shape = [int(d) for d in op.attr("output_shape")]
+        if len(shape) != 4 or min(shape[2:]) <= 0:
+            raise NotImplementedError(f"affine_grid to output_shape {shape} is not exported (a 4-D constant size)")
+        height, width = shape[2:]
+
+        def axis(size: int) -> np.ndarray:
+            points = np.linspace(-1.0, 1.0, size, dtype=np.float64)
+            return points if op.attr("align_corners") else points * (size - 1) / size
+
+        ys, xs = np.meshgrid(axis(height), axis(width), indexing="ij")
+        base = np.stack([xs, ys, np.ones_like(xs)], -1).reshape(1, height * width, 3).astype(np.float32)
+        out = self._out(op, "Output")
+        theta = self._node("Transpose", [self._in(op, "Theta")], out + ".theta", perm=[0, 2, 1])
+        points = self._node("MatMul", [self._const("base_grid", base), theta], out + ".points")
+        self._bind(out, self._node(
+            "Reshape", [points, self._const("shape", np.array([-1, height, width, 2], np.int64))], out,
+        ))
 
     def _index_sample(self, op) -> None:
         """index_sample (``paddle.index_sample``: ``out[i, j] = x[i, index[i, j]]``, the
