@@ -47,6 +47,7 @@ _ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
     "dtype": ("out_dtype",),
     "x": ("input",),  # diagonal's Input
     "out": ("output",),  # grid_sampler's Output
+    "y": ("other",),  # isclose's Other
 }
 
 #: PIR op -> legacy op where Paddle registers no PHI kernel name for the legacy op.
@@ -61,8 +62,8 @@ _CONSTANT_OPS = frozenset({"pd_op.full_int_array", "pd_op.full"})
 
 #: ``framework.proto`` AttrType values of the legacy attributes whose Python type differs from
 #: PIR's (a float ``full`` value read as an int axis, ...).
-_ATTR_INT, _ATTR_FLOAT, _ATTR_INTS, _ATTR_FLOATS, _ATTR_BOOLEAN, _ATTR_LONG, _ATTR_LONGS = (
-    0, 1, 3, 4, 6, 9, 11,
+_ATTR_INT, _ATTR_FLOAT, _ATTR_STRING, _ATTR_INTS, _ATTR_FLOATS, _ATTR_BOOLEAN, _ATTR_LONG, _ATTR_LONGS = (
+    0, 1, 2, 3, 4, 6, 9, 11,
 )
 
 
@@ -240,6 +241,8 @@ def _attribute_value(value: Any, attr_type: int) -> Any:
         return [float(item) for item in value]
     if attr_type == _ATTR_BOOLEAN:
         return bool(value)
+    if attr_type == _ATTR_STRING and not isinstance(value, str):
+        return str(value)  # isclose's rtol/atol: PIR doubles, legacy strings
     return value
 
 
