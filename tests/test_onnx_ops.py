@@ -348,6 +348,32 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "bitwise_and": (lambda: _Function(lambda y: y * ((y > 0.2) & (y < 0.8)).astype("float32")), True),
     "bitwise_not": (lambda: _Function(lambda y: y * (~(y > 0.5)).astype("float32")), True),
     "split/dynamic_axis": (lambda: _Function(_halves_rotated), True),
+    "log2": (lambda: _Function(lambda y: paddle.log2(y.abs() + 1)), True),
+    "log10": (lambda: _Function(lambda y: paddle.log10(y.abs() + 1)), True),
+    "stanh": (lambda: _Function(lambda y: paddle.stanh(y, 0.6, 1.5)), True),
+    # (Rounded: some values exactly 0, where heaviside takes the second input.)
+    "elementwise_heaviside": (lambda: _Function(
+        lambda y: paddle.heaviside(paddle.round(y * 2), paddle.full_like(y, 0.5))), True),
+    "elementwise_fmax": (lambda: _Function(lambda y: paddle.fmax(y, y.flip([1]))), True),
+    "elementwise_fmin": (lambda: _Function(lambda y: paddle.fmin(y, y.flip([1]))), True),
+    "unstack": (lambda: _Function(lambda y: paddle.unstack(y, axis=1)[2]), False),
+    "crop_tensor": (lambda: _Function(lambda y: paddle.crop(y, shape=[-1, 8, 10, 12], offsets=[0, 0, 3, 2])), True),
+    "cross": (lambda: _Function(lambda y: paddle.cross(y[:, :3], y[:, 3:6], axis=1)), False),
+    # Each row's largest value replaced (an index computed in the graph).
+    "put_along_axis": (lambda: _Function(lambda y: paddle.put_along_axis(y, y.argmax(3, keepdim=True), 0.0, axis=3)), True),
+    # Lengths computed from the features, a mask over the width.
+    "sequence_mask": (lambda: _Function(lambda y: y * F.sequence_mask(
+        paddle.cast(y.mean([1, 2, 3]).abs() * 40, "int64"), maxlen=SIZE).astype("float32").reshape([-1, 1, 1, SIZE])), True),
+    "frobenius_norm": (lambda: _Function(lambda y: paddle.linalg.norm(y, p="fro", axis=[2, 3])), False),
+    "dist": (lambda: _Function(lambda y: paddle.dist(y, y.flip([1]), p=3).reshape([1])), False),
+    "mv": (lambda: _Function(lambda y: paddle.mv(y[0, 0], y[0, 1, 0])), False),
+    "addmm": (lambda: _Function(lambda y: paddle.addmm(y[0, 0], y[0, 1], y[0, 2], beta=0.5, alpha=2.0)), False),
+    # TSM's shift: the batch of 4 as two clips of two frames.
+    "temporal_shift": (lambda: _Function(lambda y: F.temporal_shift(y, seg_num=2, shift_ratio=0.25)), True),
+    "isclose": (lambda: _Function(
+        lambda y: paddle.isclose(y, paddle.round(y * 4) / 4, rtol=0.01, atol=0.02).astype("float32") * y), True),
+    "repeat_interleave/tensor": (lambda: _Function(
+        lambda y: paddle.repeat_interleave(y, paddle.to_tensor([1, 2, 0, 1, 1, 3, 1, 1]), axis=1)), False),
     # Per-row picking of the top scores (PaddleDetection's post-processing).
     "index_sample": (lambda: _Function(
         lambda y: paddle.index_sample(y.flatten(1), paddle.topk(y.flatten(1), 5, axis=1)[1])), False),
@@ -830,9 +856,9 @@ def test_tril_and_triu_run_in_onnx_runtime_at_every_opset(opset: int, boolean: b
 
 @pytest.mark.parametrize("function, message", [
     (lambda y: y - paddle.median(y, axis=0, keepdim=True), "median over several axes or a dynamic axis"),
-    (lambda y: paddle.cumsum(paddle.repeat_interleave(y, paddle.to_tensor([1, 2, 1, 1, 1, 1, 1, 1]), axis=1), axis=1)[:, :8], "repeat_interleave with a tensor RepeatsTensor"),
+    (lambda y: F.temporal_shift(y.transpose([0, 2, 3, 1]), 2, data_format="NHWC").transpose([0, 3, 1, 2]), "temporal_shift in NHWC"),
     (lambda y: y * (paddle.arange(paddle.shape(y)[3]) & paddle.full([1], 3, "int64")).astype("float32"), "bitwise_and of integers needs ONNX opset 18"),
-], ids=["median-batch-axis", "repeat-tensor", "integer-bitwise-below-opset-18"])
+], ids=["median-batch-axis", "temporal-shift-nhwc", "integer-bitwise-below-opset-18"])
 def test_an_unsupported_form_of_a_translated_op_names_it(function, message, tmp_path) -> None:
     qmodel = _quantized(_Around(_Function(function), True), [2, 3, SIZE, SIZE])
     with pytest.raises(NotImplementedError, match=message):
@@ -1212,3 +1238,32 @@ def test_random_ops_draw_from_their_distribution_in_onnx_runtime(tmp_path) -> No
     assert -1 <= uniform.min() and uniform.max() < 3 and abs(uniform.mean() - 1.0) < 0.04
     assert abs(normal.mean()) < 0.04 and abs(normal.std() - 1.0) < 0.03
     assert abs(shifted.mean() - 1.0) < 0.08 and abs(shifted.std() - 2.0) < 0.06
+
+
+
+class _ScatterAdds(nn.Layer):
+    """index_add of two rows of the features, and put_along_axis adding at each row's
+    largest value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.conv(x)
+        added = paddle.index_add(y, paddle.to_tensor([5, 1]), 1, y[:, :2] * 0.5)
+        return paddle.put_along_axis(added, added.argmax(3, keepdim=True), 1.0, axis=3, reduce="add")
+
+
+def test_scatter_adds_run_in_onnx_runtime_from_opset_16(tmp_path) -> None:
+    """index_add and put_along_axis(reduce="add") had no converter; ScatterElements adds from
+    opset 16 on, and below it the error names the opset to pass."""
+    qmodel = _quantized(_ScatterAdds(), [4, 3, SIZE, SIZE])
+    x = np.random.default_rng(1).random([4, 3, SIZE, SIZE]).astype("float32")
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    with pytest.raises(NotImplementedError, match="from opset 16 on: pass opset=16"):
+        export_onnx(qmodel, str(tmp_path / "m13.onnx"), spec)
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec, opset=16)
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()

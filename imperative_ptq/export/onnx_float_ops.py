@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from .graph import fill_constant_value
+from .onnx_tensor_ops import TensorOpConverters
 
 __all__ = ["FloatOpConverters", "UNARY_OPS", "numpy_dtype"]
 
@@ -92,7 +93,7 @@ def numpy_dtype(var_type: Any) -> np.dtype:
     return np.dtype(paddle.base.data_feeder.convert_dtype(var_type))
 
 
-class FloatOpConverters:
+class FloatOpConverters(TensorOpConverters):
     """Converters of the ops that run in float (a mixin of the ONNX export's converter)."""
 
     #: op output -> its value, for the constants (``fill_constant``, ``assign_value``) that
@@ -102,6 +103,7 @@ class FloatOpConverters:
     def float_dispatch(self) -> dict[str, Callable[[Any], None]]:
         """Op type -> converter, for every op this mixin translates."""
         dispatch: dict[str, Callable[[Any], None]] = {kind: self._unary for kind in UNARY_OPS}
+        dispatch.update(self.tensor_dispatch())
         dispatch.update({kind: self._reduce for kind in _REDUCE_OPS})
         dispatch.update({kind: self._logic for kind in _LOGIC_OPS})
         dispatch.update({f"bitwise_{kind}": self._bitwise for kind in ("and", "or", "xor", "not")})
@@ -856,12 +858,28 @@ class FloatOpConverters:
 
     def _repeat_interleave(self, op) -> None:
         """repeat_interleave by a constant count along ``dim``: each element repeated in place
-        (``Unsqueeze`` after ``dim``, ``Tile`` there, the two axes merged back)."""
-        self._reject_tensor_inputs(op, "RepeatsTensor")
+        (``Unsqueeze`` after ``dim``, ``Tile`` there, the two axes merged back); by a tensor of
+        counts, a ``Gather`` of the source index of every output position (the number of
+        running totals of the counts at or below the position)."""
         out = self._out(op)
         source = op.input("X")[0]
         rank = len(self._shape(source))
         dim = int(op.attr("dim")) % rank
+        if "RepeatsTensor" in op.input_names and op.input("RepeatsTensor"):
+            int64 = self.onnx.TensorProto.INT64
+            counts = self._node("Cast", [self._in(op, "RepeatsTensor")], out + ".counts", to=int64)
+            ends = self._node("CumSum", [counts, self._const("axis", np.array(0, np.int64))], out + ".ends")
+            total = self._node("Gather", [ends, self._const("last", np.array(-1, np.int64))], out + ".total")
+            positions = self._node("Range", [self._const("start", np.array(0, np.int64)), total,
+                                             self._const("delta", np.array(1, np.int64))], out + ".positions")
+            passed = self._node("LessOrEqual", [
+                self._node("Unsqueeze", [ends, self._const("axes", np.array([0], np.int64))], out + ".row"),
+                self._node("Unsqueeze", [positions, self._const("axes", np.array([1], np.int64))], out + ".column"),
+            ], out + ".passed")
+            index = self._reduce_node("ReduceSum", self._node("Cast", [passed], out + ".passed64", to=int64),
+                                      [1], False, out + ".index")
+            self._bind(out, self._node("Gather", [self._in(op), index], out, axis=dim))
+            return
         repeats = int(op.attr("Repeats"))
         x = self._in(op)
         spread = self._node("Unsqueeze", [x, self._const("axes", np.array([dim + 1], np.int64))], out + ".spread")
