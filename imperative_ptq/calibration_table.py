@@ -76,7 +76,7 @@ HookedLayers = Sequence[tuple[paddle.nn.Layer, LayerState]]
 
 
 # ------------------------------------------------------------------------ session -> table
-def build_table(hooked: HookedLayers) -> CalibrationTable:
+def build_table(hooked: HookedLayers, allow_empty: bool = False) -> CalibrationTable:
     """Thresholds from the statistics gathered so far, keyed by sublayer name.
 
     Returns:
@@ -86,8 +86,14 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
         quantizers add ``<role>_scale`` and ``<role>_zero_point``. Layers that never ran are
         left out (with a warning).
 
+    Args:
+        hooked: The session's layers and their states.
+        allow_empty: Return an empty table rather than raise when no layer has statistics
+            (batches ran, but nothing in the model computes an op this package quantizes:
+            a model of ``paddle.nn.SimpleRNN`` layers, which run Paddle's fused rnn op).
+
     Raises:
-        CalibrationError: No layer saw a calibration batch.
+        CalibrationError: No layer saw a calibration batch (and not ``allow_empty``).
     """
     table: CalibrationTable = {}
     missing, unobserved, no_input = [], [], []
@@ -118,7 +124,7 @@ def build_table(hooked: HookedLayers) -> CalibrationTable:
             entry["weight"] = _weight_thresholds(layer, state.weight_quantizer)
             _add_affine_params(entry, "weight", state.weight_quantizer)
         table[state.name] = entry
-    if not table:
+    if not table and not allow_empty:
         raise CalibrationError(
             "no calibration data: run batches through the quantized model before asking "
             "for thresholds"

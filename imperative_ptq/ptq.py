@@ -375,7 +375,7 @@ class ImperativePTQ:
             return copy.deepcopy(frozen)
         session = self._session(model)
         session.flush()
-        return build_table(session.layers)
+        return build_table(session.layers, allow_empty=session.forwards > 0)
 
     def save_calibration_table(
         self, model: paddle.nn.Layer, path: str | os.PathLike

@@ -280,6 +280,35 @@ def test_recurrent_layers_without_an_int8_kernel_are_named(caplog) -> None:
     assert not any(isinstance(layer, QuantizedLSTM) for layer in quantized.sublayers())
 
 
+
+def test_a_model_of_recurrent_layers_without_an_int8_kernel_converts_and_exports_fp32(tmp_path, caplog) -> None:
+    """Nothing to quantize (a SimpleRNN runs Paddle's fused rnn op in dygraph: no hooked
+    layer, no functional matmul): convert refused the calibrated model ("no calibration data:
+    run batches through the quantized model"), though batches had run. It now converts with
+    the recurrent layer named and exports an fp32 program both runtimes run as dygraph does."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(0)
+    model = nn.Sequential(nn.SimpleRNN(FEATURES, HIDDEN))
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [rng.standard_normal((2, 5, FEATURES)).astype("float32") for _ in range(2)], progress=False)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert "0 (SimpleRNN)" in caplog.text
+    x = rng.standard_normal((2, 5, FEATURES)).astype("float32")
+    expected = model(paddle.to_tensor(x))[0].numpy()
+    np.testing.assert_array_equal(qmodel(paddle.to_tensor(x))[0].numpy(), expected)
+    spec = [paddle.static.InputSpec([None, 5, FEATURES], "float32", "x")]
+    ptq.save_quantized_model(qmodel, tmp_path / "m", spec)
+    np.testing.assert_allclose(predict(create_predictor(tmp_path / "m"), x)[0], expected, atol=1e-5)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", spec)
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ran, expected, atol=1e-5)
+
 class _StartsFromStates(nn.Layer):
     """An LSTM called with initial states (``start``: their value; ``None``: called with
     sequence lengths instead), then once more without."""
