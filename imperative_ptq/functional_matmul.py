@@ -26,7 +26,9 @@ deep) on one of that layer's own parameters are seen; a 2-D float32 weight; ``tr
 and other matmuls stay fp32 (with a warning when a parameter is involved). ``F.linear(x, w,
 b)`` with an activation ``w`` (no parameter) is routed like ``paddle.matmul(x, w)`` of two
 activations (an :class:`ActivationMatmul`), its bias added after the site. Sites appear at the
-first calibration forward, so a table or statistics file is loaded after one batch.
+first calibration forward, so a table or statistics file is loaded after one batch. A cell
+that ``paddle.nn.RNN``/``BiRNN`` steps through time gets no site: the export makes that loop a
+``while`` op, whose body Paddle Inference's int8 passes do not reach.
 """
 
 from __future__ import annotations
@@ -258,6 +260,8 @@ def _route(
     x = arguments["x"]
     transpose_x = bool(arguments.get("transpose_x", False))
     transpose_y = bool(arguments.get("transpose_y", False))
+    if on_parameter and _run_by_rnn_wrapper(caller):
+        return original(*args, **kwargs)
     if on_parameter:
         bias = arguments.get("bias")
         own_bias = bias if getattr(bias, "persistable", False) is True else None
@@ -271,6 +275,40 @@ def _route(
     bias = arguments.get("bias") if linear else None
     # F.linear(x, w, b) of an activation w: the matmul of two activations, then the bias.
     return site(x, y) if bias is None else site(x, y) + bias
+
+
+#: Cells found run by ``paddle.nn.RNN`` / ``BiRNN`` (their matmuls stay fp32), and cells found
+#: called otherwise (each cell's call stack is searched once).
+_WRAPPED_CELLS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
+_FREE_CELLS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
+
+
+def _run_by_rnn_wrapper(caller: paddle.nn.Layer) -> bool:
+    """Whether ``caller`` is a cell that ``paddle.nn.RNN`` or ``BiRNN`` steps through time.
+
+    Those wrappers trace to a ``while`` loop over arrays, and Paddle Inference's int8 passes
+    do not reach into its body: the cell's matmuls run fp32 there, so they stay fp32 in the
+    simulation too (measured: a ``BiRNN`` of ``GRUCell``s simulated int8, 6.7e-2 of the
+    largest output off Paddle Inference). A cell called in the model's own Python loop over a
+    fixed length traces unrolled and is quantized.
+    """
+    if caller in _WRAPPED_CELLS:
+        return True
+    if caller in _FREE_CELLS or not isinstance(caller, paddle.nn.RNNCellBase):
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), (paddle.nn.RNN, paddle.nn.BiRNN)):
+            _WRAPPED_CELLS.add(caller)
+            (logger.warning if any_discovering() else logger.debug)(
+                "a %s run by paddle.nn.RNN/BiRNN keeps its matmuls fp32: the export makes "
+                "that loop a while op, whose body Paddle Inference's int8 passes do not reach "
+                "(paddle.nn.LSTM/GRU run int8 where Paddle has a kernel)", type(caller).__name__,
+            )
+            return True
+        frame = frame.f_back
+    _FREE_CELLS.add(caller)
+    return False
 
 
 def _parameter_site(

@@ -1036,3 +1036,39 @@ def test_a_float_matmul_beside_an_int8_one_reads_their_shared_operand_in_float(t
     session = onnxruntime.InferenceSession(export_onnx(quantized, prefix + ".onnx", spec),
                                            providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"x": x})[0] - simulated).max() <= 1e-5 * largest
+
+
+class _BidirectionalCells(paddle.nn.Layer):
+    """A ``BiRNN`` of two ``GRUCell``s (their weights multiplied with ``paddle.matmul``), then a
+    Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = paddle.nn.BiRNN(paddle.nn.GRUCell(8, 8), paddle.nn.GRUCell(8, 8))
+        self.head = paddle.nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        outputs, _ = self.rnn(x)
+        return self.head(outputs)
+
+
+def test_cells_run_by_rnn_wrappers_keep_their_matmuls_fp32(tmp_path, caplog) -> None:
+    """``nn.RNN``/``nn.BiRNN`` trace to a while loop whose body Paddle Inference's int8
+    passes do not reach; the cells' matmuls were simulated int8 (6.7e-2 of the largest output
+    off Paddle Inference). Now they stay fp32, with a warning; the head is int8."""
+    from imperative_ptq.functional_matmul import matmul_sites
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_BidirectionalCells())
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.calibrate(qmodel, [rng.standard_normal((2, 6, 8)).astype("float32") for _ in range(3)], progress=False)
+    assert caplog.text.count("a GRUCell run by paddle.nn.RNN/BiRNN keeps its matmuls fp32") == 2
+    ptq.convert(qmodel)
+    assert isinstance(qmodel.head, ip.QuantizedLayer) and not list(matmul_sites(qmodel.rnn.cell_fw))
+    x = rng.standard_normal((2, 6, 8)).astype("float32")
+    ptq.save_quantized_model(qmodel, tmp_path / "m", [paddle.static.InputSpec([None, 6, 8], "float32", "x")])
+    ran = predict(create_predictor(tmp_path / "m"), x)[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
