@@ -364,3 +364,24 @@ def test_same_padding_on_an_open_input_size_is_refused_in_onnx(layer, tmp_path) 
     with pytest.raises(NotImplementedError, match="padding 'SAME' is exported only for an input size known when traced"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, None, None], "float32", "x")])
     assert not list(tmp_path.iterdir())
+
+
+def test_conv1d_transpose_exports_to_both_runtimes(tmp_path) -> None:
+    """A Conv1DTranspose traces to unsqueeze2 of its weight feeding a conv2d_transpose: the
+    ONNX export read that weight as a parameter and failed ("'NoneType' object has no
+    attribute 'get_tensor'"). It stays fp32 (no int8 kernel), beside an int8 Conv1D."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(0)
+    model = nn.Sequential(nn.Conv1D(4, 8, 3, padding=1), nn.ReLU(), nn.Conv1DTranspose(8, 4, 4, 2, 1))
+    prefix = str(tmp_path / "m")
+    qmodel, x = _export(model, [4, 16], prefix)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = {"Paddle Inference": predict(create_predictor(prefix, num_threads=1), x)[0]}
+    spec = [paddle.static.InputSpec([None, 4, 16], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    ran["ONNX Runtime"] = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for runtime, output in ran.items():
+        # Measured 1.3e-7 / 1.6e-7.
+        assert np.abs(output - simulated).max() <= 1e-5 * np.abs(simulated).max(), runtime

@@ -1200,8 +1200,14 @@ def _pool_in_float_for_float_readers(
 _CONV1D_WEIGHT_PATH = frozenset({"assign", "unsqueeze2"})
 
 
+#: The 2-D convs a 1-D one traces to (``Conv1DTranspose``: conv2d_transpose, whose ONNX
+#: export read its unsqueezed weight as a parameter and failed).
+_CONV1D_AS_2D_OPS = frozenset({"conv2d", "depthwise_conv2d", "conv2d_transpose", "depthwise_conv2d_transpose"})
+
+
 def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRecord]) -> int:
-    """Gives each conv2d that a Conv1D traced into its own 4-D weight, so it runs int8.
+    """Gives each conv2d (or transposed conv2d) that a Conv1D (``Conv1DTranspose``) traced
+    into its own 4-D weight, so it runs int8 (the transposed ones are exported in float).
 
     Paddle traces ``F.conv1d`` as ``assign -> unsqueeze2`` of the 3-D weight feeding a conv2d
     (and the same on the input): the conv2d's filter is no parameter, so no record matched it
@@ -1218,7 +1224,7 @@ def materialize_conv1d_weights(loaded: LegacyProgram, weights: dict[str, LayerRe
     dead: list = []
     done = 0
     for op in list(block.ops):
-        if op.type != "conv2d":
+        if op.type not in _CONV1D_AS_2D_OPS:
             continue
         filter_name = op.input("Filter")[0]
         path, name = [], filter_name
