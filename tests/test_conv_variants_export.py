@@ -385,3 +385,25 @@ def test_conv1d_transpose_exports_to_both_runtimes(tmp_path) -> None:
     for runtime, output in ran.items():
         # Measured 1.3e-7 / 1.6e-7.
         assert np.abs(output - simulated).max() <= 1e-5 * np.abs(simulated).max(), runtime
+
+
+@pytest.mark.parametrize("mode, align_corners, size", [
+    ("nearest", False, None), ("trilinear", False, None), ("trilinear", True, None), ("nearest", False, [5, 7, 9]),
+], ids=["nearest", "trilinear", "trilinear-corners", "nearest-to-size"])
+def test_3d_upsampling_exports_to_onnx(mode, align_corners, size, tmp_path) -> None:
+    """A 3-D U-Net's upsampling: ONNX Runtime refused the nearest one (its Resize got scales
+    for two spatial axes) and trilinear_interp_v2 had no converter."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(0)
+    upsample = nn.Upsample(size=size, scale_factor=None if size else 2, mode=mode,
+                           align_corners=align_corners, data_format="NCDHW")
+    model = nn.Sequential(nn.Conv3D(2, 4, 3, padding=1), nn.ReLU(), upsample, nn.Conv3D(4, 2, 1))
+    qmodel, x = _export(model, [2, 4, 4, 4], str(tmp_path / "m"))
+    spec = [paddle.static.InputSpec([None, 2, 4, 4, 4], "float32", "x")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert ran.shape == simulated.shape
+    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()

@@ -125,6 +125,7 @@ class FloatOpConverters(TensorOpConverters):
             "gather": self._gather, "gather_nd": self._gather_nd, "arg_max": self._arg_max, "p_norm": self._p_norm,
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate, "linear_interp_v2": self._interpolate,
+            "trilinear_interp_v2": self._interpolate,
             "where": self._where,
             "fill_any_like": self._fill_like, "index_select": self._gather,
             "fill_constant_batch_size_like": self._fill_batch_size_like,
@@ -1675,11 +1676,12 @@ class FloatOpConverters(TensorOpConverters):
         return self._node("Resize", inputs, out, **attrs)
 
     def _interpolate(self, op) -> None:
-        """nearest/bilinear_interp_v2 (and linear_interp_v2 over the last axis of an NCW
-        tensor) with a constant scale, a constant output size or one computed in the graph as
-        ``Resize``, with Paddle's coordinate mapping (``align_corners``, ``align_mode``)."""
+        """nearest/bilinear_interp_v2 (nearest and trilinear_interp_v2 of an NCDHW tensor,
+        linear_interp_v2 over the last axis of an NCW one) with a constant scale, a constant
+        output size or one computed in the graph as ``Resize``, with Paddle's coordinate
+        mapping (``align_corners``, ``align_mode``)."""
         self._reject_tensor_inputs(op, "Scale")
-        if op.attr("data_layout") not in ("NCHW", "AnyLayout"):
+        if op.attr("data_layout") not in ("NCHW", "NCDHW", "NCW", "AnyLayout"):
             raise NotImplementedError(f"{op.type} in {op.attr('data_layout')} is not exported")
         nearest, cubic = op.type == "nearest_interp_v2", op.type == "bicubic_interp_v2"
         if op.attr("align_corners"):
@@ -1697,9 +1699,11 @@ class FloatOpConverters(TensorOpConverters):
         x = self._in(op)
         out = self._out(op)
         scale = [float(v) for v in op.attr("scale")] if op.has_attr("scale") else []
-        # The spatial axes resized: the width of an NCW tensor, else height and width.
-        spatial = 1 if op.type == "linear_interp_v2" else 2
-        sizes = [op.attr("out_w")] if spatial == 1 else [op.attr("out_h"), op.attr("out_w")]
+        # The spatial axes resized: the width of an NCW tensor, height and width of an NCHW
+        # one, and depth too of an NCDHW one (a 3-D U-Net's upsampling, measured: ONNX Runtime
+        # refused the 4-entry scales it was given before).
+        spatial = len(self._shape(op.input("X")[0])) - 2
+        sizes = [op.attr(f"out_{axis}") for axis in "dhw"[3 - spatial:]]
         computed = [slot for slot in ("SizeTensor", "OutSize") if slot in op.input_names and op.input(slot)]
         if computed:
             # A size computed in the graph (F.interpolate(x, size=y.shape[2:]) with a dynamic
