@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import paddle
 
 from .graph import fill_constant_value
-from .onnx_tensor_ops import TensorOpConverters
+from .onnx_tensor_ops import TensorOpConverters, numpy_dtype
 
 __all__ = ["FloatOpConverters", "UNARY_OPS", "numpy_dtype"]
 
@@ -84,13 +83,6 @@ _REDUCE_OPS = {
 #: pad3d modes -> ONNX Pad modes (``circular``, ONNX's ``wrap`` from opset 19 on, is built
 #: from slices: :meth:`FloatOpConverters._circular_pad`).
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
-
-
-def numpy_dtype(var_type: Any) -> np.dtype:
-    """The numpy dtype of a Paddle ``VarType`` (or its integer value in an op attribute)."""
-    if isinstance(var_type, int):
-        var_type = paddle.base.core.VarDesc.VarType(var_type)
-    return np.dtype(paddle.base.data_feeder.convert_dtype(var_type))
 
 
 class FloatOpConverters(TensorOpConverters):

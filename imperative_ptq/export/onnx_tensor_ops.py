@@ -14,14 +14,22 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+import paddle
 
-__all__ = ["TensorOpConverters"]
+__all__ = ["TensorOpConverters", "numpy_dtype"]
 
 #: The first opset whose ``ScatterElements`` adds or multiplies (``reduction``).
 SCATTER_REDUCTION_OPSET = 16
 
 #: Paddle's ``cross`` ``dim`` when none is given: the first axis of size 3.
 _CROSS_FIRST_AXIS_OF_3 = 9
+
+
+def numpy_dtype(var_type: Any) -> np.dtype:
+    """The numpy dtype of a Paddle ``VarType`` (or its integer value in an op attribute)."""
+    if isinstance(var_type, int):
+        var_type = paddle.base.core.VarDesc.VarType(var_type)
+    return np.dtype(paddle.base.data_feeder.convert_dtype(var_type))
 
 
 class TensorOpConverters:
@@ -175,8 +183,6 @@ class TensorOpConverters:
                                          self._const("delta", np.array(1, np.int64))], out + ".positions")
         column = self._node("Unsqueeze", [lengths, self._int64([-1])], out + ".column")
         mask = self._node("Less", [positions, column], out + ".mask")
-        from .onnx_float_ops import numpy_dtype  # (a function of the module this mixes into)
-
         dtype = numpy_dtype(self.block._find_var_recursive(out).dtype)
         self._bind(out, self._node("Cast", [mask], out, to=self.helper.np_dtype_to_tensor_dtype(dtype)))
 
