@@ -42,6 +42,7 @@ from .dynamic_export import (
     is_dynamic_model,
     trace_dynamic_model,
 )
+from .onnx_control_flow import ControlFlowConverters
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
@@ -180,7 +181,7 @@ def _last_add_of_sum(name: str, readers: Mapping) -> str:
     return name
 
 
-class _Converter(FloatOpConverters, SimulatedLSTMConverter):
+class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverters):
     """Translates one legacy program into an ONNX QDQ graph (the ops that run in float come
     from :class:`.onnx_float_ops.FloatOpConverters`, the LSTMs simulated int8 from
     :class:`.onnx_lstm.SimulatedLSTMConverter`)."""
@@ -645,9 +646,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
         """The traced shape of program variable ``name`` (-1 for dynamic dimensions)."""
         return [int(d) for d in self.block._find_var_recursive(name).shape]
 
-    def _node(self, op_type: str, inputs: list[str], stem: str, **attrs) -> str:
+    def _node(self, op_type: str, inputs: list[str], stem: str, into: list | None = None, **attrs) -> str:
+        """Appends an ``op_type`` node (to ``into``, a subgraph's nodes, else the graph's);
+        returns its output."""
         out = self._unique(stem)
-        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
+        (self.nodes if into is None else into).append(self.helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
     def _bind(self, var: str, tensor: str) -> None:
@@ -1780,6 +1783,13 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter):
                              "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
         dispatch.update(self.float_dispatch())
+        dispatch.update({
+            "while": self._while, "conditional_block": self._conditional_block,
+            "select_input": self._select_input, "write_to_array": self._write_to_array,
+            "read_from_array": self._read_from_array, "lod_array_length": self._array_length,
+            "tensor_array_to_tensor": self._array_to_tensor, "increment": self._increment,
+        })
+        self.dispatch = dispatch
         self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
