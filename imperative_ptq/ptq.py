@@ -50,7 +50,6 @@ from .functional_matmul import install as install_matmul_routing
 from .functional_ops import install as install_functional_op_routing
 from .functional_ops import restore_sites
 from .fuse import fuse_layers
-from .integer_biases import round_conv_biases
 from .layer_signature import check_signatures, layer_signatures
 from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
@@ -472,8 +471,6 @@ class ImperativePTQ:
             config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
         )
         schedule.after_convert(model, session, config, batches, progress)
-        # (Last: after bias correction and the other algorithms that move biases.)
-        round_conv_biases(model, session.layers, config.activation_quantizer.quant_bits)
         record_measured_on(model, measured_on)
         record_config(model, config.to_dict())
         session.uninstall()

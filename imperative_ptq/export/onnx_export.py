@@ -1908,7 +1908,7 @@ def export_onnx(
             BatchNorm's, read only by the add) on its calibrated threshold, so that ONNX
             Runtime runs that conv in ``QLinearConv``. The simulation (Paddle Inference's
             fused int8 conv) adds it in float: ``False`` exports that, exact to the
-            simulation (up to rounding ties), with those convs in float
+            simulation up to ONNX Runtime's int32 biases, with those convs in float
             (measured on a Xeon at batch 8: ResNet-18 3.1x and MobileNetV2 1.2x slower in
             ONNX Runtime, logit cosines to the simulation within 1e-4 of each other; block
             outputs a ResNet-18 backbone returns 2.0-7.3% of their largest value off the
