@@ -63,6 +63,9 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
         *[x.reshape([0, 0, 2, 4])] * 3, is_causal=True).reshape([0, 0, 8]),
     # PIR's y is legacy isclose's Other; its rtol/atol, PIR doubles, are legacy strings.
     "isclose": lambda x: paddle.isclose(x, x.round(), rtol=0.1, atol=0.05).astype("float32") * x,
+    # Its legacy-IR branch fails in Paddle itself (UnboundLocalError): traced as its dygraph one.
+    "solve": lambda x: paddle.linalg.solve(x[:, :, :4] + paddle.eye(4) * 8, x[:, :, 4:]),
+    "solve_right": lambda x: paddle.linalg.solve(x[:, :, :4] + paddle.eye(4) * 8, x[:, :, 4:].transpose([0, 2, 1]), left=False),
     # PIR's out is legacy grid_sampler's Output (two channels of the features as the flow).
     "grid_sample": lambda x: F.grid_sample(
         x.reshape([0, 8, 2, 2]), paddle.tanh(x.reshape([0, 8, 2, 2])[:, :2].transpose([0, 2, 3, 1]))).reshape([0, 4, 8]),

@@ -374,6 +374,16 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
         lambda y: paddle.isclose(y, paddle.round(y * 4) / 4, rtol=0.01, atol=0.02).astype("float32") * y), True),
     "repeat_interleave/tensor": (lambda: _Function(
         lambda y: paddle.repeat_interleave(y, paddle.to_tensor([1, 2, 0, 1, 1, 3, 1, 1]), axis=1)), False),
+    "eye": (lambda: _Function(lambda y: y * paddle.eye(SIZE)), True),
+    # (Conditions that do not hang on float values, which the runtimes compute in their own
+    # order: the positions' count and the selection are exact.)
+    "where_index": (lambda: _Function(
+        lambda y: y * paddle.nonzero(paddle.arange(paddle.shape(y)[3]) % 3 == 0).astype("float32").sum()), True),
+    "masked_select": (lambda: _Function(lambda y: paddle.masked_select(y, paddle.tril(paddle.ones([SIZE, SIZE])) > 0)), False),
+    "triu_indices": (lambda: _Function(lambda y: y.flatten(2)[:, :, paddle.triu_indices(4, 4, 0)[1]]), False),
+    "copysign": (lambda: _Function(lambda y: paddle.copysign(y.abs(), y.flip([1]))), True),
+    "diag_embed": (lambda: _Function(lambda y: F.diag_embed(y[:, 0, 0])), False),
+    "determinant": (lambda: _Function(lambda y: paddle.linalg.det(y[:, :, :3, :3] + paddle.eye(3) * 4)), False),
     # Per-row picking of the top scores (PaddleDetection's post-processing).
     "index_sample": (lambda: _Function(
         lambda y: paddle.index_sample(y.flatten(1), paddle.topk(y.flatten(1), 5, axis=1)[1])), False),

@@ -408,6 +408,24 @@ def _swiglu(original: Callable) -> Callable:
     return call
 
 
+def _solve(original: Callable) -> Callable:
+    """``paddle.linalg.solve`` for a legacy trace: Paddle 3.3.1's legacy-IR branch of it
+    fails (``UnboundLocalError: ... 'ret'``: it names its result ``out``), so a traced call
+    makes the dygraph branch's ``_C_ops`` call (with ``left=False`` on the transposed
+    matrices, as that branch does), which :func:`legacy_ir_fallback` records."""
+
+    @functools.wraps(original)
+    def call(x: Any, y: Any, left: bool = True, name: str | None = None, **kwargs: Any) -> Any:
+        if paddle.in_dynamic_mode() or not (_is_variable(x) or _is_variable(y)) or kwargs:
+            return original(x, y, left=left, name=name, **kwargs)
+        if left:
+            return paddle._C_ops.solve(x, y)
+        swap = lambda t: paddle.transpose(t, [*range(len(t.shape) - 2), len(t.shape) - 1, len(t.shape) - 2])  # noqa: E731
+        return swap(paddle._C_ops.solve(swap(x), swap(y)))
+
+    return call
+
+
 #: Paddle APIs whose own legacy-IR branch fails or computes something else in Paddle 3.3.1:
 #: ``(module, name) -> shim``. Every module binding the same function (``from
 #: paddle.incubate.nn.functional import swiglu`` in a model's code) gets the shim too.
@@ -419,6 +437,8 @@ _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] =
     ("paddle.tensor.search", "kthvalue"): _kthvalue,
     ("paddle.nn.functional", "swiglu"): _swiglu,
     ("paddle.incubate.nn.functional", "swiglu"): _swiglu,
+    ("paddle.linalg", "solve"): _solve,
+    ("paddle.tensor.linalg", "solve"): _solve,
 }
 
 

@@ -46,6 +46,9 @@ class TensorOpConverters:
             "sequence_mask": self._sequence_mask, "frobenius_norm": self._frobenius_norm,
             "dist": self._dist, "mv": self._mv, "addmm": self._addmm,
             "temporal_shift": self._temporal_shift, "isclose": self._isclose,
+            "eye": self._eye, "triu_indices": self._triangle_indices, "tril_indices": self._triangle_indices,
+            "where_index": self._nonzero, "masked_select": self._masked_select,
+            "copysign": self._copysign, "diag_embed": self._diag_embed, "determinant": self._determinant,
         }
 
     def _int64(self, values) -> str:
@@ -273,3 +276,69 @@ class TensorOpConverters:
         else:
             close = self._node("And", [close, self._node("Not", [self._node("IsNaN", [gap], out + ".nan")], out + ".finite")], out + ".close_finite")
         self._bind(out, self._node("Identity", [close], out))
+
+    def _eye(self, op) -> None:
+        """eye (``paddle.eye``): a constant identity matrix of the op's type."""
+        rows, columns = int(op.attr("num_rows")), int(op.attr("num_columns"))
+        value = np.eye(rows, rows if columns < 0 else columns, dtype=numpy_dtype(op.attr("dtype")))
+        out = self._out(op)
+        self.constants[out] = value
+        self._bind(out, self._const(out, value))
+
+    def _triangle_indices(self, op) -> None:
+        """triu_indices / tril_indices: the constant ``[2, N]`` row and column indices."""
+        if op.type == "triu_indices":
+            rows, columns = int(op.attr("row")), int(op.attr("col"))
+            indices = np.triu_indices(rows, int(op.attr("offset")), columns)
+        else:
+            rows, columns = int(op.attr("rows")), int(op.attr("cols"))
+            indices = np.tril_indices(rows, int(op.attr("offset")), columns)
+        out = self._out(op, "out")
+        value = np.stack(indices).astype(numpy_dtype(op.attr("dtype")))
+        self.constants[out] = value
+        self._bind(out, self._const(out, value))
+
+    def _nonzero(self, op) -> None:
+        """where_index (``paddle.nonzero``, ``paddle.where(cond)``): the ``[N, rank]`` int64
+        positions where the condition holds (``NonZero`` gives them ``[rank, N]``)."""
+        out = self._out(op)
+        positions = self._node("NonZero", [self._in(op, "Condition")], out + ".positions")
+        self._bind(out, self._node("Transpose", [positions], out, perm=[1, 0]))
+
+    def _masked_select(self, op) -> None:
+        """masked_select (``x[mask]``): the elements where the mask (broadcast to ``x``)
+        holds, flattened, by ``Compress``."""
+        out = self._out(op, "Y")
+        x = self._in(op)
+        mask = self._node("Expand", [self._in(op, "Mask"), self._node("Shape", [x], out + ".shape")], out + ".mask")
+        flat = self._node("Reshape", [mask, self._int64([-1])], out + ".flat_mask")
+        self._bind(out, self._node("Compress", [x, flat], out))
+
+    def _copysign(self, op) -> None:
+        """copysign: ``|x|`` with the sign of ``y``, a negative zero's included (``1 / y < 0``)."""
+        out = self._out(op, "out")
+        x, y = self._in(op, "x"), self._in(op, "y")
+        zero = self._float(0.0)
+        negative_zero = self._node("And", [
+            self._node("Equal", [y, zero], out + ".zero"),
+            self._node("Less", [self._node("Div", [self._float(1.0), y], out + ".inverse"), zero], out + ".negative_inverse"),
+        ], out + ".negative_zero")
+        negative = self._node("Or", [self._node("Less", [y, zero], out + ".negative"), negative_zero], out + ".sign")
+        magnitude = self._node("Abs", [x], out + ".abs")
+        self._bind(out, self._node("Where", [negative, self._node("Neg", [magnitude], out + ".neg"), magnitude], out))
+
+    def _diag_embed(self, op) -> None:
+        """diag_embed onto the last two axes at offset 0: each vector times an identity
+        matrix (its length known)."""
+        out = self._out(op)
+        length = self._shape(op.input("Input")[0])[-1]
+        if int(op.attr("offset")) != 0 or (int(op.attr("dim1")), int(op.attr("dim2"))) != (-2, -1) or length <= 0:
+            raise NotImplementedError("diag_embed is exported at offset 0 onto the last two axes, of a known length")
+        column = self._node("Unsqueeze", [self._in(op, "Input"), self._int64([-1])], out + ".column")
+        identity = self._const("identity", np.eye(length, dtype=np.float32))
+        self._bind(out, self._node("Mul", [column, identity], out))
+
+    def _determinant(self, op) -> None:
+        """determinant (``paddle.linalg.det``): ONNX's ``Det`` over the last two axes."""
+        out = self._out(op)
+        self._bind(out, self._node("Det", [self._in(op, "Input")], out))
