@@ -44,8 +44,6 @@ class ControlFlowConverters:
         body_block = self.loaded.program.block(op.attr("sub_block").id)
         # The loop starts from the float values; a carried value's own quantization (for an
         # int8 reader after the loop) applies to the final value only.
-        # (Cast to the variable's type: dygraph-to-static starts a loop variable defined in the
-        # body, such as a for loop's index, from a placeholder constant of another type.)
         initial = [self._initial_value(op, name) for name in carried]
         start = self._scalar_condition(self._tensor(op, condition), condition + ".start")
         # Inside the body a carried name is the body's value: none of the outer graph's
@@ -71,6 +69,9 @@ class ControlFlowConverters:
                 getattr(self, table).update(entries)
             self.layer_inputs |= saved_inputs
         outputs[0] = self._scalar_condition(outputs[0], condition + ".next", body_nodes)
+        # (Each output its own tensor: two carried names may hold one value, or an input's.)
+        outputs[1:] = [self._node("Identity", [value], name + ".next", into=body_nodes)
+                       for value, name in zip(outputs[1:], carried)]
         body = self.helper.make_graph(
             body_nodes, self._unique("while_body"), inputs,
             [self.helper.make_tensor_value_info(outputs[0], self.onnx.TensorProto.BOOL, [])]
