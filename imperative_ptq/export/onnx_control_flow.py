@@ -69,8 +69,9 @@ class ControlFlowConverters:
                 getattr(self, table).update(entries)
             self.layer_inputs |= saved_inputs
         outputs[0] = self._scalar_condition(outputs[0], condition + ".next", body_nodes)
-        # (Each output its own tensor: two carried names may hold one value, or an input's.)
-        outputs[1:] = [self._node("Identity", [value], name + ".next", into=body_nodes)
+        # (Each output its own tensor: two carried names may hold one value, or an input's. An
+        # array's is the sequence an If wrote: Identity takes sequences only from opset 14.)
+        outputs[1:] = [value if self._is_array(name) else self._node("Identity", [value], name + ".next", into=body_nodes)
                        for value, name in zip(outputs[1:], carried)]
         body = self.helper.make_graph(
             body_nodes, self._unique("while_body"), inputs,
