@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -319,47 +318,3 @@ def test_a_script_failing_mid_calibration_exits_cleanly(tmp_path) -> None:
         assert result.returncode == 1, result.stderr[-3000:]
         assert "the user's script fails here" in result.stderr
         assert "FATAL" not in result.stderr
-
-
-class _LoopOverTensorSize(paddle.nn.Layer):
-    """A Linear applied once per feature, in a Python loop over a tensor's size: the trace
-    makes it a while op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.step, self.head = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 4)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        h = x
-        for _ in range(paddle.shape(x)[1]):
-            h = paddle.nn.functional.relu(self.step(h)) * 0.5 + h * 0.5
-        return self.head(h)
-
-
-def test_a_layer_called_in_a_loop_on_a_tensor_is_named_with_the_fix(tmp_path, caplog) -> None:
-    """Paddle Inference runs a while loop's body in fp32 (its int8 passes do not reach it):
-    the simulated int8 Linear in it was 31% of the largest output off, under a warning that
-    blamed a missing int8 kernel. The warning names the loop and keep_fp32, which makes the
-    simulation match the runtime."""
-    from imperative_ptq.export import create_predictor, predict
-
-    paddle.seed(0)
-    model = _LoopOverTensorSize()
-    model.eval()
-    rng = np.random.default_rng(0)
-    ptq = ImperativePTQ()
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.random((2, 8)).astype("float32") for _ in range(2)], progress=False)
-    ptq.convert(qmodel)
-    spec = [paddle.static.InputSpec([None, 8], "float32", "x")]
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        ptq.save_quantized_model(qmodel, tmp_path / "m", spec)
-    assert "called inside a loop or branch on a tensor" in caplog.text
-    assert "keep_fp32(qmodel, ['step'], model)" in caplog.text
-    assert "no int8 kernel" not in caplog.text
-    ptq.keep_fp32(qmodel, ["step"], model)
-    ptq.save_quantized_model(qmodel, tmp_path / "kept", spec)
-    x = rng.random((2, 8)).astype("float32")
-    ran = predict(create_predictor(tmp_path / "kept"), x)[0]
-    simulated = qmodel(paddle.to_tensor(x)).numpy()
-    assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
