@@ -49,6 +49,7 @@ class TensorOpConverters:
             "eye": self._eye, "triu_indices": self._triangle_indices, "tril_indices": self._triangle_indices,
             "where_index": self._nonzero, "masked_select": self._masked_select,
             "copysign": self._copysign, "diag_embed": self._diag_embed, "determinant": self._determinant,
+            "index_put": self._index_put,
         }
 
     def _int64(self, values) -> str:
@@ -342,3 +343,29 @@ class TensorOpConverters:
         """determinant (``paddle.linalg.det``): ONNX's ``Det`` over the last two axes."""
         out = self._out(op)
         self._bind(out, self._node("Det", [self._in(op, "Input")], out))
+
+    def _index_put(self, op) -> None:
+        """index_put (``x[rows] = value`` with integer index tensors, one per leading axis):
+        ``ScatterND`` of the value broadcast to each indexed slice; ``accumulate`` adds (opset
+        16). Boolean and multi-dimensional indices are not exported."""
+        out = self._out(op, "out")
+        names = op.input("indices")
+        if any(numpy_dtype(self.block._find_var_recursive(n).dtype) == np.bool_ or len(self._shape(n)) != 1 for n in names):
+            raise NotImplementedError("index_put with boolean or multi-dimensional indices is not exported")
+        attrs = {}
+        if op.attr("accumulate"):
+            self._require_opset(SCATTER_REDUCTION_OPSET, "index_put with accumulate=True is ScatterND's add")
+            attrs["reduction"] = "add"
+        x = self._in(op, "x")
+        columns = [
+            self._node("Unsqueeze", [self._node("Cast", [self._tensor(op, name)], out + ".index", to=self.onnx.TensorProto.INT64),
+                                     self._int64([-1])], out + ".column")
+            for name in names
+        ]
+        indices = self._node("Concat", columns, out + ".indices", axis=-1) if len(columns) > 1 else columns[0]
+        count = self._node("Slice", [self._node("Shape", [indices], out + ".count_shape"), self._int64([0]), self._int64([1])], out + ".count")
+        rest = self._node("Slice", [self._node("Shape", [x], out + ".shape"), self._int64([len(names)]),
+                                    self._int64([np.iinfo(np.int64).max])], out + ".rest")
+        target = self._node("Concat", [count, rest], out + ".target", axis=0)
+        updates = self._node("Expand", [self._in(op, "value"), target], out + ".updates")
+        self._bind(out, self._node("ScatterND", [x, indices, updates], out, **attrs))
