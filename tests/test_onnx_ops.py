@@ -384,8 +384,11 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "copysign": (lambda: _Function(lambda y: paddle.copysign(y.abs(), y.flip([1]))), True),
     "diag_embed": (lambda: _Function(lambda y: F.diag_embed(y[:, 0, 0])), False),
     "determinant": (lambda: _Function(lambda y: paddle.linalg.det(y[:, :, :3, :3] + paddle.eye(3) * 4)), False),
-    # Rows of the batch overwritten (x[rows] = value).
-    "index_put": (lambda: _Function(lambda y: paddle.index_put(y, (paddle.to_tensor([0, 2]),), y[:1] * 0.5)), True),
+    # Channels overwritten (x[:, channels] = value as index_put on the channels-first view;
+    # Paddle aborts the process on an index beyond the axis, so no batch index: the export's
+    # input_spec check runs batch 1).
+    "index_put": (lambda: _Function(lambda y: paddle.index_put(
+        y.transpose([1, 0, 2, 3]), (paddle.to_tensor([0, 2]),), paddle.full([SIZE], 0.5)).transpose([1, 0, 2, 3])), True),
     # Per-row picking of the top scores (PaddleDetection's post-processing).
     "index_sample": (lambda: _Function(
         lambda y: paddle.index_sample(y.flatten(1), paddle.topk(y.flatten(1), 5, axis=1)[1])), False),
