@@ -45,7 +45,7 @@ class ControlFlowConverters:
         # The loop starts from the float values; a carried value's own quantization (for an
         # int8 reader after the loop) applies to the final value only.
         initial = [self._initial_value(op, name) for name in carried]
-        start = self._scalar_condition(self._tensor(op, condition), condition + ".start")
+        start = self._as_scalar(self._tensor(op, condition), condition + ".start")
         # Inside the body a carried name is the body's value: none of the outer graph's
         # quantization of that name (nor its unquantized or coded forms) applies there.
         shadowed = carried + [condition]
@@ -68,7 +68,7 @@ class ControlFlowConverters:
             for table, entries in saved.items():
                 getattr(self, table).update(entries)
             self.layer_inputs |= saved_inputs
-        outputs[0] = self._scalar_condition(outputs[0], condition + ".next", body_nodes)
+        outputs[0] = self._as_scalar(outputs[0], condition + ".next", body_nodes)
         # (Each output its own tensor: two carried names may hold one value, or an input's. An
         # array's is the sequence an If wrote: Identity takes sequences only from opset 14.)
         outputs[1:] = [value if self._is_array(name) else self._node("Identity", [value], name + ".next", into=body_nodes)
@@ -107,7 +107,7 @@ class ControlFlowConverters:
     def _position(self, op, stem: str) -> str:
         """An array op's index ``I`` (Paddle's ``[1]`` int64) as the scalar sequence ops take."""
         index = self._node("Cast", [self._in(op, "I")], stem + ".index", to=self.onnx.TensorProto.INT64)
-        return self._scalar_condition(index, stem + ".position")
+        return self._as_scalar(index, stem + ".position")
 
     def _write_to_array(self, op) -> None:
         """write_to_array: the array with ``X`` at position ``I``, appended at its end or in
@@ -179,7 +179,7 @@ class ControlFlowConverters:
                 for out, name in zip(branch_outputs, outputs)
             ])
 
-        condition = self._scalar_condition(self._in(op, "Cond"), op.input("Cond")[0] + ".scalar")
+        condition = self._as_scalar(self._in(op, "Cond"), op.input("Cond")[0] + ".scalar")
         results = [self._unique(name) for name in outputs]
         self.nodes.append(self.helper.make_node(
             "If", [condition], results,
@@ -196,7 +196,7 @@ class ControlFlowConverters:
             raise NotImplementedError(f"select_input of {len(candidates)} inputs is not exported")
         out = self._out(op)
         chosen = self._node("Cast", [self._in(op, "Mask")], out + ".mask", to=self.onnx.TensorProto.BOOL)
-        condition = self._scalar_condition(chosen, out + ".condition")
+        condition = self._as_scalar(chosen, out + ".condition")
         branches = {}
         for kind, name in (("then", candidates[1]), ("else", candidates[0])):
             nodes: list = []
@@ -227,8 +227,8 @@ class ControlFlowConverters:
         finally:
             self.nodes, self.block, self.names = outer_nodes, outer_block, outer_names
 
-    def _scalar_condition(self, tensor: str, stem: str, into: list | None = None) -> str:
-        """A condition (Paddle's ``[1]`` bool) as the scalar ``Loop`` and ``If`` take."""
+    def _as_scalar(self, tensor: str, stem: str, into: list | None = None) -> str:
+        """A one-element tensor (a ``[1]`` condition, an array position) as the scalar ONNX takes."""
         return self._node("Reshape", [tensor, self._const("scalar", np.zeros([0], np.int64))], stem, into=into)
 
     def _elem_type(self, name: str) -> Any:
