@@ -407,3 +407,43 @@ def test_3d_upsampling_exports_to_onnx(mode, align_corners, size, tmp_path) -> N
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     assert ran.shape == simulated.shape
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+class _DilatedSeparable(nn.Layer):
+    """DeepLab's separable conv (Xception's exit flow): a dilated depthwise conv and its
+    BatchNorm on a signed input (``x86`` keeps that padded conv fp32), optionally a ReLU,
+    then an int8 pointwise conv."""
+
+    def __init__(self, dilation: int, stride: int, relu: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2D(3, 16, 1)
+        self.depthwise = nn.Conv2D(16, 16, 3, stride=stride, padding=dilation, dilation=dilation, groups=16)
+        self.norm = nn.BatchNorm2D(16)
+        self.relu = relu
+        self.pointwise = nn.Conv2D(16, 8, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.norm(self.depthwise(self.stem(x)))
+        return self.pointwise(nn.functional.relu(y) if self.relu else y)
+
+
+@pytest.mark.parametrize("dilation, stride, relu", [(2, 1, True), (2, 1, False), (3, 2, True), (1, 1, True)])
+def test_a_dilated_depthwise_conv_kept_fp32_feeds_an_int8_conv(dilation, stride, relu, tmp_path) -> None:
+    """oneDNN writes a dilated fp32 depthwise conv in a blocked layout that Paddle's int8
+    pipeline could not quantize: the predictor failed at run ("could not construct a memory
+    descriptor using strides"; Xception41_deeplab). Now as simulated, the conv fp32."""
+    from models import largest_error_in_paddle_inference, randomize_batch_norm_statistics
+
+    paddle.seed(0)
+    model = _DilatedSeparable(dilation, stride, relu)
+    randomize_batch_norm_statistics(model, 0)
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86"))
+    qmodel = ptq.quantize(model)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.standard_normal([2, 3, 12, 12]).astype("float32")))
+    ptq.convert(qmodel)
+    assert not isinstance(qmodel.depthwise, ip.QuantizedLayer)  # a padded conv on a signed input
+    x = rng.standard_normal([2, 3, 12, 12]).astype("float32")
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6

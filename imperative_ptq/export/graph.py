@@ -15,8 +15,8 @@ __all__ = [
     "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
-    "producers", "readers", "reduce_open_adaptive_pools", "remove_op", "separate_chained_activations", "set_tensor",
-    "transposed_matmul", "unfused_feature_map_reshapes",
+    "plain_fp32_dilated_depthwise_outputs", "producers", "readers", "reduce_open_adaptive_pools", "remove_op",
+    "separate_chained_activations", "set_tensor", "transposed_matmul", "unfused_feature_map_reshapes",
 ]
 
 Operator = Any  # paddle.base.framework.Operator
@@ -226,6 +226,52 @@ def unfused_feature_map_reshapes(block: "paddle.static.Block") -> int:
         ]
         if transposes:
             insert_reader_op(block, op, out, transposes, "assign", "unfused")
+            inserted += 1
+    return inserted
+
+
+def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weights: set[str]) -> int:
+    """Puts an ``assign`` after each fp32 dilated depthwise conv (with its bias add and
+    BatchNorm), in front of whatever reads it.
+
+    oneDNN runs a dilated depthwise conv in fp32 with its ``jit_dw`` kernel, which writes a
+    blocked layout (``aBcd8b`` on AVX2; undilated ones run ``brdgmm_dw``, channels-last), and
+    Paddle 3.3.1's int8 pipeline cannot quantize that layout for an int8 reader: the predictor
+    fails at run with "could not construct a memory descriptor using strides" (the dilated
+    exit flow of Xception's DeepLab variant: a separable conv on a signed input, which the
+    ``x86`` target keeps fp32). The ``assign`` runs as a plain CPU op and hands its readers a plain layout; it sits
+    before the activation, so a ReLU still runs as its own ``relu`` op (u8 to Paddle). Int8
+    depthwise convs (u8 inputs) are not affected.
+
+    Args:
+        block: The traced program's block, before quantization.
+        int8_weights: Weight variables of the layers quantized in the program.
+
+    Returns:
+        How many separators were inserted.
+    """
+    reading = readers(block)
+    inserted = 0
+    for op in list(block.ops):
+        if (
+            op.type != "depthwise_conv2d" or all(step == 1 for step in op.attr("dilations"))
+            or op.input("Filter")[0] in int8_weights
+        ):
+            continue
+        writer, name = op, op.output("Output")[0]
+        while len(reading.get(name, [])) == 1:
+            after = reading[name][0]
+            if after.type == "batch_norm" and after.input("X") == [name]:
+                writer, name = after, after.output("Y")[0]
+            elif after.type == "elementwise_add" and after.input("X") == [name] and is_persistable(
+                block, after.input("Y")[0]
+            ):
+                writer, name = after, after.output("Out")[0]
+            else:
+                break
+        consumers = reading.get(name, [])
+        if consumers:
+            insert_reader_op(block, writer, name, consumers, "assign", "plain")
             inserted += 1
     return inserted
 

@@ -31,7 +31,7 @@ from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
     is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
-    separate_chained_activations, unfused_feature_map_reshapes,
+    plain_fp32_dilated_depthwise_outputs, separate_chained_activations, unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -240,6 +240,10 @@ def save_quantized_model(
             separate_chained_activations(loaded.program.global_block())
             if target_spec.onednn:
                 work_around_onednn_passes(loaded)
+                plain_fp32_dilated_depthwise_outputs(
+                    loaded.program.global_block(),
+                    {record.weight_name for record in traced.records if record.weight_name},
+                )
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
