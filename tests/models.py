@@ -62,7 +62,7 @@ def randomize_batch_norm_statistics(layer: paddle.nn.Layer, seed: int, mean_spre
     ``N(0, mean_spread)`` and variances from ``U(0.5, 2)``, so that folding them matters."""
     rng = np.random.default_rng(seed)
     for norm in (sub for sub in layer.sublayers() if isinstance(sub, paddle.nn.BatchNorm2D)):
-        channels = norm.weight.shape[0]
+        channels = norm._mean.shape[0]  # BatchNorms without affine parameters too
         norm._mean.set_value(rng.normal(0, mean_spread, channels).astype(np.float32))
         norm._variance.set_value(rng.uniform(0.5, 2.0, channels).astype(np.float32))
 

@@ -34,7 +34,7 @@ from ..dynamic import DynamicQuantizedLinear, DynamicQuantizedRNN, dynamic_layer
 from ..quant_layers import replace_sublayer
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .graph import insert_op, new_persistable, set_tensor
+from .graph import complete_batch_norm_parameters, insert_op, new_persistable, set_tensor
 from .tracing import legacy_trace, normalize_input_spec
 
 __all__ = [
@@ -200,6 +200,7 @@ def save_dynamic_model(
         weights = trace_dynamic_model(model, specs, staging + ".fp32")
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
+            complete_batch_norm_parameters(loaded)
             block = loaded.program.global_block()
             for weight_name, weight in weights.items():
                 if block._find_var_recursive(weight_name) is None:

@@ -12,7 +12,8 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_matmul_widths", "constant_clip_bounds",
+    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_batch_norm_parameters",
+    "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "plain_fp32_dilated_depthwise_outputs", "producers", "readers", "reduce_open_adaptive_pools", "remove_op",
@@ -274,6 +275,35 @@ def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weig
             insert_reader_op(block, writer, name, consumers, "assign", "plain")
             inserted += 1
     return inserted
+
+
+def complete_batch_norm_parameters(loaded: Any) -> int:
+    """Gives each ``batch_norm`` without a scale or shift (``nn.BatchNorm1D(C,
+    weight_attr=False, bias_attr=False)``, the normalized face embedding of AdaFace's IR nets)
+    ones and zeros as parameters, which compute the same.
+
+    Paddle 3.3.1's oneDNN ``batch_norm`` kernel crashes the process without them (a
+    segmentation fault at the first run, a plain ``paddle.jit.save`` program too), and ONNX's
+    ``BatchNormalization`` requires both.
+
+    Returns:
+        How many batch norms were completed.
+    """
+    block = loaded.program.global_block()
+    completed = 0
+    for op in block.ops:
+        if op.type != "batch_norm":
+            continue
+        mean = op.input("Mean")[0]
+        channels = get_tensor(loaded, mean).shape
+        missing = [(slot, value) for slot, value in (("Scale", 1.0), ("Bias", 0.0)) if not op.input(slot)]
+        for slot, value in missing:
+            name = new_persistable(loaded, f"{mean}.{slot.lower()}", np.full(channels, value, np.float32))
+            op.desc.set_input(slot, [name])
+        completed += bool(missing)
+    if completed:
+        loaded.program._sync_with_cpp()
+    return completed
 
 
 def complete_matmul_widths(block: "paddle.static.Block") -> int:

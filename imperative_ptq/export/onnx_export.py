@@ -35,7 +35,7 @@ import paddle
 
 from . import program as program_lib
 from .atomic import export_directory, staged_export
-from .graph import channels_last_to_first, is_persistable
+from .graph import channels_last_to_first, complete_batch_norm_parameters, is_persistable
 from .dynamic_export import (
     DynamicWeight,
     check_dynamic_model,
@@ -1963,6 +1963,7 @@ def export_onnx(
             symmetric_signed = signed_input_floor(8, target.onednn) is None
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".fp32")
+            complete_batch_norm_parameters(loaded)
             program_lib.fold_conv_bias(loaded)
             channels_last_to_first(loaded.program.global_block())
             weights = {r.weight_name: r for r in records if r.simulated}

@@ -29,7 +29,7 @@ from .atomic import export_directory, staged_export
 from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
-    channels_last_to_first, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
+    channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
     is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
     plain_fp32_dilated_depthwise_outputs, separate_chained_activations, unfused_feature_map_reshapes,
 )
@@ -237,6 +237,7 @@ def save_quantized_model(
         traced = trace_to_legacy_program(model, specs, fp32_prefix)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(fp32_prefix)
+            complete_batch_norm_parameters(loaded)
             separate_chained_activations(loaded.program.global_block())
             if target_spec.onednn:
                 work_around_onednn_passes(loaded)
@@ -364,6 +365,7 @@ def save_fp32_model(
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
             program_lib.fold_conv_bias(loaded)
+            complete_batch_norm_parameters(loaded)
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
             program_lib.save_legacy_program(loaded, staging)
