@@ -320,3 +320,40 @@ def test_a_relu_max_pooled_into_int8_convs_stays_int8(readers, target, tmp_path,
     assert largest_error_in_paddle_inference(quantized, x, tmp_path, bound=1e-5, avx2_runner=runner) < 1e-5
     types = _optimized_op_types(str(tmp_path / "m"), tmp_path / "optimized")
     assert "dequantize" not in types and types.count("clip") == 1, types
+
+
+class _PooledIdentity(paddle.nn.Layer):
+    """AdaFace's IR block with stride 2 on unchanged channels: the identity shortcut is a
+    ``MaxPool2D(1, 2)`` of a PReLU output, added to the residual branch (BatchNorm, padded
+    convs on signed inputs, which ``x86`` keeps fp32); ``head`` adds an int8 1x1 conv after."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.stem = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.PReLU(8))
+        self.shortcut = nn.MaxPool2D(1, 2)
+        self.residual = nn.Sequential(
+            nn.BatchNorm2D(8), nn.Conv2D(8, 8, 3, padding=1), nn.BatchNorm2D(8), nn.PReLU(8),
+            nn.Conv2D(8, 8, 3, 2, 1), nn.BatchNorm2D(8),
+        )
+        self.head = nn.Conv2D(8, 4, 1) if head else None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stem(x)
+        y = self.residual(x) + self.shortcut(x)
+        return y if self.head is None else self.head(y)
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["block", "block-conv"])
+def test_a_pooled_identity_beside_an_fp32_branch_is_added_in_float(head, tmp_path, avx2_runner) -> None:
+    """The pool's calibrated output threshold reached the program, and Paddle ran the pool int8
+    on it although the add beside the fp32 conv computes in float, as simulated: 9% of the
+    largest output off on AdaFace's first block (0.27% / 3.7% here); 2e-7 now."""
+    paddle.seed(0)
+    model = _PooledIdentity(head)
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal([2, 3, 16, 16]).astype("float32")) for _ in range(3)]
+    quantized = converted(model, batches, "x86")
+    x = rng.standard_normal([2, 3, 16, 16]).astype("float32")
+    assert largest_error_in_paddle_inference(quantized, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6

@@ -581,7 +581,7 @@ def quantize_program(
                     outputs[inputs[0]] = record.input_threshold
     writers = producers(block)
     activation_bits = model_activation_bits(records)
-    returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records))
+    returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records), float_adds=True)
     if returned:
         logger.info(
             "%d tensors that no int8 op reads (the network returns them, or only fp32 pools and "
@@ -824,7 +824,7 @@ def reads_in_float(op) -> bool:
 
 def returned_only_outputs(
     block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
-    int8_pools: Mapping[str, float] | None = None,
+    int8_pools: Mapping[str, float] | None = None, float_adds: bool = False,
 ) -> set[str]:
     """The scaled tensors that only reach the network's outputs, average pools that run fp32
     or ops that compute in float (:func:`reads_in_float`): a ReLU after a conv and the
@@ -841,7 +841,9 @@ def returned_only_outputs(
     fused conv needs it; the simulation writes it as codes, quant_residual.py).
 
     ``int8_pools``: the outputs of the global average pools the simulation runs int8
-    (:func:`int8_pool_outputs`), whose input needs its scale.
+    (:func:`int8_pool_outputs`), whose input needs its scale. ``float_adds``: count the
+    elementwise ops Paddle Inference computes in float (:func:`_adds_in_float`) as float
+    readers (the program's int8 convs are known by their dequantized weights).
     """
     int8_pools = int8_pools or {}
     reading = readers(block)
@@ -861,6 +863,9 @@ def returned_only_outputs(
                 if op.type == "pool2d" and op.attr("pooling_type") == "avg" and op.output("Out")[0] not in int8_pools:
                     ends_in_fp32 = True  # _keep_average_pools_fp32 runs it fp32
                     continue
+                if float_adds and _adds_in_float(block, op, outputs, writers):
+                    ends_in_fp32 = True
+                    continue
                 writer = writers.get(tensor)
                 if _passes_values(op) or (
                     op.type in FUSABLE_ACTIVATIONS and writer is not None
@@ -878,6 +883,26 @@ def returned_only_outputs(
         )):
             returned |= group & set(outputs)
     return returned
+
+
+#: Elementwise ops Paddle's oneDNN pipeline runs int8 when both operands and the output have
+#: scales, or fuses into an int8 conv as its residual.
+_ELEMENTWISE_INT8_READERS = frozenset({"elementwise_add", "elementwise_sub", "elementwise_mul"})
+
+
+def _adds_in_float(block: "paddle.static.Block", op, outputs: Mapping[str, float], writers: Mapping) -> bool:
+    """Whether elementwise ``op`` computes in float in Paddle Inference: its operands and output
+    do not all have scales (so it is not quantized itself) and no operand is an int8 conv/fc
+    output (so it is no fused int8 conv's residual add). A scale on an operand then only makes
+    the op writing that operand run int8 (an identity shortcut's max-pool of a PReLU output,
+    AdaFace's IR blocks, beside an fp32 conv: 9% of the largest output off), where the
+    simulation computes in float."""
+    if op.type not in _ELEMENTWISE_INT8_READERS:
+        return False
+    operands = op.input("X") + op.input("Y")
+    if all(name in outputs for name in operands + op.output("Out")):
+        return False
+    return not any(_int8_gemm_output(block, name, writers) for name in operands)
 
 
 def _isolate_unscaled_residual_adds(
