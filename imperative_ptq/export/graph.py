@@ -240,9 +240,9 @@ def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weig
     Paddle 3.3.1's int8 pipeline cannot quantize that layout for an int8 reader: the predictor
     fails at run with "could not construct a memory descriptor using strides" (the dilated
     exit flow of Xception's DeepLab variant: a separable conv on a signed input, which the
-    ``x86`` target keeps fp32). The ``assign`` runs as a plain CPU op and hands its readers a plain layout; it sits
-    before the activation, so a ReLU still runs as its own ``relu`` op (u8 to Paddle). Int8
-    depthwise convs (u8 inputs) are not affected.
+    ``x86`` target keeps fp32). The ``assign`` runs as a plain CPU op and hands its readers a
+    plain layout; it sits before the activation, so a ReLU still runs as its own ``relu`` op
+    (u8 to Paddle). Int8 depthwise convs (u8 inputs) are not affected.
 
     Args:
         block: The traced program's block, before quantization.

@@ -29,9 +29,9 @@ from .atomic import export_directory, staged_export
 from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
-    channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds, exact_nearest_resizes,
-    is_persistable, multiply_instead_of_scaling, producers, reduce_open_adaptive_pools,
-    plain_fp32_dilated_depthwise_outputs, separate_chained_activations, unfused_feature_map_reshapes,
+    channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
+    exact_nearest_resizes, is_persistable, multiply_instead_of_scaling, plain_fp32_dilated_depthwise_outputs,
+    producers, reduce_open_adaptive_pools, separate_chained_activations, unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -364,8 +364,8 @@ def save_fp32_model(
             paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
         with program_lib.legacy_static_mode():
             loaded = program_lib.load_legacy_program(staging + ".raw")
-            program_lib.fold_conv_bias(loaded)
             complete_batch_norm_parameters(loaded)
+            program_lib.fold_conv_bias(loaded)
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
             program_lib.save_legacy_program(loaded, staging)
