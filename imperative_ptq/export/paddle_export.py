@@ -26,6 +26,7 @@ from .inspect import int8_report
 from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
+from .constant_folding import fold_parameter_subgraphs
 from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
@@ -251,6 +252,7 @@ def save_quantized_model(
             )
             if target_spec.onednn:
                 multiply_instead_of_scaling(loaded)
+                fold_parameter_subgraphs(loaded)
             _warn_computed_weight_convs(loaded)
             program_lib.save_legacy_program(loaded, staging)
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
@@ -368,4 +370,5 @@ def save_fp32_model(
             program_lib.fold_conv_bias(loaded)
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
+            fold_parameter_subgraphs(loaded)
             program_lib.save_legacy_program(loaded, staging)
