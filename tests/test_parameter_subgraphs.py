@@ -109,14 +109,20 @@ def _runs_as_dygraph(model: nn.Layer, loaded, tmp_path) -> None:
     assert np.abs(ran - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_only_the_parameter_chain_is_folded(tmp_path) -> None:
-    model = _model()
+def _folded(model: nn.Layer, tmp_path) -> tuple:
+    """The traced program of ``model`` folded, its op types before and after, and the count
+    :func:`fold_parameter_subgraphs` returned."""
     prefix = _traced(model, tmp_path)
     with legacy_static_mode():
         loaded = load_legacy_program(prefix)
         before = _ops(loaded)
         folded = fold_parameter_subgraphs(loaded)
-        after = _ops(loaded)
+    return loaded, before, folded, _ops(loaded)
+
+
+def test_only_the_parameter_chain_is_folded(tmp_path) -> None:
+    model = _model()
+    loaded, before, folded, after = _folded(model, tmp_path)
     assert {"slice", "bicubic_interp_v2", "concat"} <= set(before)
     assert not {"slice", "bicubic_interp_v2", "concat", "cast"} & set(after)
     assert folded == len(before) - len(after)
@@ -145,12 +151,7 @@ class _StandardizedFilter(nn.Layer):
 def test_a_computed_conv_weight_stays_computed_and_a_computed_gain_is_folded(tmp_path) -> None:
     paddle.seed(0)
     model = _StandardizedFilter().eval()
-    prefix = _traced(model, tmp_path)
-    with legacy_static_mode():
-        loaded = load_legacy_program(prefix)
-        before = _ops(loaded)
-        folded = fold_parameter_subgraphs(loaded)
-        after = _ops(loaded)
+    loaded, before, folded, after = _folded(model, tmp_path)
     assert "exp" in before and "exp" not in after
     assert folded == len(before) - len(after) == 2  # the gain's reshape2 and exp
     assert after.count("reduce_mean") == 1 and "conv2d" in after  # the filter's chain
