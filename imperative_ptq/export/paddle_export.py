@@ -278,7 +278,7 @@ def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
     """Warns about convs whose weight is computed in the graph (``F.conv2d`` on a
     standardized weight, as x2paddle writes Conv nodes, or on a filter computed from the
     input, :mod:`.dynamic_filters`): no layer holds such a weight, so nothing calibrated it
-    and it runs fp32."""
+    and it runs fp32. (A parameter read through a copy, :mod:`.integer_weights`, is none.)"""
     block = loaded.program.global_block()
     writers = producers(block)
     computed = []
@@ -287,14 +287,19 @@ def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
             continue
         weight = op.input("Filter")[0]
         writer = writers.get(weight)
-        if not is_persistable(block, weight) and (writer is None or writer.type != "dequantize_linear"):
-            # A 2-d filter unsqueezed for a conv3d of depth 1 is named as computed.
-            computed.append(writer.input("X")[0] if writer is not None and writer.type == "unsqueeze2" else weight)
+        if is_persistable(block, weight) or (writer is not None and (
+            writer.type == "dequantize_linear"
+            or (writer.type == "assign" and is_persistable(block, writer.input("X")[0]))
+        )):
+            continue
+        # A 2-d filter unsqueezed for a conv3d of depth 1 is named as computed.
+        computed.append(writer.input("X")[0] if writer is not None and writer.type == "unsqueeze2" else weight)
     if computed:
+        named = list(dict.fromkeys(computed))
         logger.warning(
             "%d convs on weights computed in the graph run fp32 (no layer holds the weight, so "
             "nothing calibrated it; an nn.Conv2D holding it is calibrated and runs int8): %s",
-            len(computed), ", ".join(computed[:10]) + (" ..." if len(computed) > 10 else ""),
+            len(computed), ", ".join(named[:10]) + (" ..." if len(named) > 10 else ""),
         )
 
 
