@@ -21,6 +21,7 @@ from models import RESNET_WIDTH as WIDTH, X86_TARGETS, DLANet, FoldedBlock, Fold
 from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
 
 nn = paddle.nn
+F = paddle.nn.functional
 SIZE = 12
 
 
@@ -354,12 +355,15 @@ def test_a_pooled_projection_shortcut_is_added_in_float_as_paddle_does(shortcut,
 class _PooledBlockOutput(nn.Layer):
     """An identity block (its sum's ReLU on the codes the fused conv writes) whose output a
     pool reads: a ResNet-vd downsample block (its 3x3 conv, and a 1x1 conv on an average pool
-    of it), or a 1x1 conv through an average or a max pool alone."""
+    of it), or a 1x1 conv through an average or a max pool alone. ``functional``: the sum's
+    ReLU is ``F.relu`` (PaddleDetection's ResNet blocks), no layer."""
 
-    def __init__(self, reader: str) -> None:
+    def __init__(self, reader: str, functional: bool = False) -> None:
         super().__init__()
         self.stem, self.act0 = _ConvBN(3, WIDTH, 3, act=False), nn.ReLU()
-        self.conv0, self.conv1, self.act1 = _ConvBN(WIDTH, WIDTH, 3), _ConvBN(WIDTH, WIDTH, 3, act=False), nn.ReLU()
+        self.conv0, self.conv1 = _ConvBN(WIDTH, WIDTH, 3), _ConvBN(WIDTH, WIDTH, 3, act=False)
+        self.act1 = F.relu if functional else nn.ReLU()
+        self.functional = functional
         self.reader = reader
         self.pool = nn.MaxPool2D(2, 2) if reader == "max_pool" else nn.AvgPool2D(2, 2, ceil_mode=True)
         self.short = _ConvBN(WIDTH, 2 * WIDTH, 1, act=False)
@@ -371,26 +375,30 @@ class _PooledBlockOutput(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.act0(self.stem(x))
         x = self.act1(paddle.add(x, self.conv1(self.conv0(x))))
-        short = self.short(self.pool(x))
         if self.reader != "vd":
-            return short
+            return self.short(self.pool(x))
+        if self.functional:  # PaddleDetection's order: the branch, then the shortcut
+            branch = self.conv3(self.conv2(x))
+            return self.act2(paddle.add(self.short(self.pool(x)), branch))
+        short = self.short(self.pool(x))
         return self.act2(paddle.add(short, self.conv3(self.conv2(x))))
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-@pytest.mark.parametrize("reader", ["vd", "avg_pool", "max_pool"])
+@pytest.mark.parametrize("reader", ["vd", "avg_pool", "max_pool", "vd, F.relu", "avg_pool, F.relu"])
 def test_a_pooled_block_output_runs_as_simulated(reader, target, tmp_path, avx2_runner) -> None:
     """The simulation holds the block output on the fused conv's codes; the export dropped its
     scale for the fp32 average pool (the fused conv then wrote floats) and put it on the max
     pool reader's grid where the simulation used its own (measured: random-weight PaddleClas
     ResNet18_vd 1.2% of the largest logit off Paddle Inference, 4e-7 now; these blocks
-    0.9-1.7%). ONNX Runtime is not checked here: its QLinearConv's int32 biases of these
-    randomized BatchNorms move codes near a half (0.56% off at the block output already,
-    docs/deployment.md)."""
+    0.9-1.7%). An ``F.relu`` sum (PaddleDetection's blocks) is put on codes by its first
+    int8 reader, in place: the vd block's branch runs first here, so its pool averages the
+    codes, as Paddle does. ONNX Runtime is not checked here: its QLinearConv's int32 biases of these randomized BatchNorms move codes near a half
+    (0.56% off at the block output already, docs/deployment.md)."""
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)) for _ in range(3)]
-    qmodel = converted(_PooledBlockOutput(reader), batches, target)
+    qmodel = converted(_PooledBlockOutput(reader.split(",")[0], reader.endswith("F.relu")), batches, target)
     x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=on_avx2(avx2_runner, target)) <= 1e-5
 
