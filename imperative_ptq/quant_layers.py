@@ -557,7 +557,11 @@ def first_input(layer: paddle.nn.Layer, args: tuple, kwargs: dict) -> Any:
 
 def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.nn.Layer) -> int:
     """Puts ``new`` wherever ``model`` holds ``old``: a layer shared under several names
-    (which ``named_sublayers`` lists once) is replaced under all of them.
+    (which ``named_sublayers`` lists once) is replaced under all of them, and so is every
+    reference to it in a plain list, tuple or dict attribute of a model's layer (not of this
+    package's wrappers), through which a forward may call it (PaddleDetection's FPN and heads register each conv with
+    ``add_sublayer`` and call it from a Python list: measured, an FPN lateral conv simulated
+    in fp32 while the export ran it int8, 0.77% of its largest output off).
 
     Returns:
         How many places were replaced.
@@ -569,4 +573,42 @@ def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.n
             if child is old:
                 parent._sub_layers[attr] = new
                 count += 1
+        if type(parent).__module__.split(".")[0] == __name__.split(".")[0]:
+            continue  # this package's wrappers keep their own references (``sum_outputs``)
+        for attr, value in list(vars(parent).items()):
+            if attr in _LAYER_REGISTRIES or not isinstance(value, (list, tuple, dict)):
+                continue
+            replaced, found = _replaced_in(value, old, new)
+            if found:
+                vars(parent)[attr] = replaced  # (a rebuilt tuple; lists and dicts in place)
+                count += found
     return count
+
+
+#: A layer's own registries, which :func:`replace_sublayer` handles (``_sub_layers``) or which
+#: hold no layers.
+_LAYER_REGISTRIES = frozenset({"_sub_layers", "_parameters", "_buffers"})
+
+
+def _replaced_in(value: Any, old: paddle.nn.Layer, new: paddle.nn.Layer, seen: set[int] | None = None) -> tuple[Any, int]:
+    """``value`` (a list, tuple or dict, nested) with ``old`` replaced by ``new``: lists and
+    dicts in place, tuples rebuilt; and how many references were replaced."""
+    if value is old:
+        return new, 1
+    seen = set() if seen is None else seen
+    if not isinstance(value, (list, tuple, dict)) or id(value) in seen:
+        return value, 0
+    seen.add(id(value))
+    if isinstance(value, (list, dict)):
+        found = 0
+        for key, item in list(enumerate(value) if isinstance(value, list) else value.items()):
+            replaced, hits = _replaced_in(item, old, new, seen)
+            if hits:
+                value[key] = replaced
+                found += hits
+        return value, found
+    if hasattr(value, "_fields"):  # a namedtuple: left as it is
+        return value, 0
+    items = [_replaced_in(item, old, new, seen) for item in value]
+    found = sum(hits for _, hits in items)
+    return (tuple(item for item, _ in items) if found else value), found
