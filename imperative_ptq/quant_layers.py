@@ -590,7 +590,9 @@ def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.n
 _LAYER_REGISTRIES = frozenset({"_sub_layers", "_parameters", "_buffers"})
 
 
-def _replaced_in(value: Any, old: paddle.nn.Layer, new: paddle.nn.Layer, seen: set[int] | None = None) -> tuple[Any, int]:
+def _replaced_in(
+    value: Any, old: paddle.nn.Layer, new: paddle.nn.Layer, seen: set[int] | None = None
+) -> tuple[Any, int]:
     """``value`` (a list, tuple or dict, nested) with ``old`` replaced by ``new``: lists and
     dicts in place, tuples rebuilt; and how many references were replaced."""
     if value is old:

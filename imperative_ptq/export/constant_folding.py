@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 #: Ops never folded (with every ``fake_*`` quantize op): what quantizes or dequantizes (the
 #: int8 weights), draws random numbers, writes state, or moves data in and out of the program.
 _UNFOLDABLE_OPS = frozenset({
-    "feed", "fetch", "quantize_linear", "dequantize_linear", "uniform_random", "gaussian_random", "truncated_gaussian_random", "randint", "randperm",
-    "bernoulli", "multinomial", "dropout", "seed", "set_value", "set_value_with_tensor",
+    "feed", "fetch", "quantize_linear", "dequantize_linear", "uniform_random", "gaussian_random",
+    "truncated_gaussian_random", "randint", "randperm", "bernoulli", "multinomial", "dropout", "seed", "set_value", "set_value_with_tensor",
     "share_data", "print", "assert", "while", "conditional_block", "select_input", "select_output",
 })
 
@@ -66,15 +66,15 @@ def _names(op: Operator, inputs: bool) -> list[str]:
 
 
 def _parameter_only_ops(block: "paddle.static.Block") -> list[Operator]:
-    """The ops of ``block`` whose inputs are parameters or outputs of such ops (at least one
-    a parameter, so that chains of literal constants stay as traced), in program order."""
+    """The ops of ``block`` with inputs, all of them parameters or outputs of such ops, in
+    program order (an op with no input, a ``fill_constant``, and what reads only such literals
+    stay as traced)."""
     constant: set[str] = set()
     folded: list[Operator] = []
     for op in block.ops:
         inputs = _names(op, True)
-        reads_parameter = any(name in constant or is_persistable(block, name) for name in inputs)
         if (
-            inputs and reads_parameter and _foldable(op)
+            inputs and _foldable(op)
             and all(name in constant or is_persistable(block, name) for name in inputs)
             and not any(is_persistable(block, name) for name in _names(op, False))
         ):
@@ -95,7 +95,7 @@ def _results(folded: list[Operator], reading: dict[str, list[Operator]], fetched
 def _without_weight_chains(folded: list[Operator], reading: dict[str, list[Operator]],
                            making: dict[str, Operator], fetched: set[str]) -> list[Operator]:
     """``folded`` without the ops of chains that end in a weight slot (:data:`_WEIGHT_SLOTS`)."""
-    inside = {id(op): op for op in folded}
+    inside = {id(op) for op in folded}
     kept: set[int] = set()
     pending = [
         name for name in _results(folded, reading, fetched)

@@ -626,10 +626,9 @@ def quantize_program(
         float_only = returned_only_outputs(
             block, written.outputs, writers, int8_pool_outputs(records), float_adds=True
         ) - coded_residuals - on_codes
-        for name in float_only:
-            if name in written.outputs and writers.get(name) is not None:
-                writers[name]._remove_attr("out_threshold")
-                written.outputs.pop(name)
+        for name in float_only:  # (each written on its writer's out_threshold above)
+            writers[name]._remove_attr("out_threshold")
+            written.outputs.pop(name)
     unscaled = _float_outputs_for_float_readers(block, written, coded_residuals | set(sum_code_tops))
     if unscaled:
         logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
