@@ -77,6 +77,7 @@ def convert_layers(
     constant_calls: list[str] = []
     int8_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
+    heads = _output_layers(hooked)
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -172,6 +173,7 @@ def convert_layers(
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
+                may_run_as_conv=state.name in heads,
             )
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
                 # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
@@ -578,6 +580,31 @@ def _native_hint() -> str:
     if not info.vnni:
         return ""
     return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
+
+
+def _output_layers(hooked: HookedLayers) -> set[str]:
+    """Names of the hooked layers whose output no hooked layer with a weight reads, directly
+    or through hooked layers without one (a classifier head, a CTC head before its softmax).
+    Empty for a table without its structure section (no input rank recorded), which does not
+    say who reads what."""
+    if not any(state.input_rank for _, state in hooked):
+        return set()
+    readers: dict[str, list] = {}
+    for _, state in hooked:
+        for source in state.input_sources:
+            readers.setdefault(source, []).append(state)
+
+    def feeds_a_weight(name: str, seen: set[str]) -> bool:
+        for reader in readers.get(name, ()):
+            if reader.weight_quantizer is not None:
+                return True
+            if reader.name not in seen:
+                seen.add(reader.name)
+                if feeds_a_weight(reader.name, seen):
+                    return True
+        return False
+
+    return {state.name for _, state in hooked if not feeds_a_weight(state.name, {state.name})}
 
 
 def _runs_as_fc(layer: paddle.nn.Layer, weight_channel_axis: int) -> bool:

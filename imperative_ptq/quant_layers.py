@@ -32,6 +32,7 @@ __all__ = [
     "quantize_weight",
     "replace_sublayer",
     "onednn_requantizes_conv",
+    "linear_runs_as_conv",
     "runtime_weight",
 ]
 
@@ -118,6 +119,16 @@ def onednn_requantizes_conv(
     return bool(np.any((largest > 0) & (largest < symmetric_levels(bits))))
 
 
+def _conv_view(
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, runs_as_conv: bool
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Arguments of :func:`onednn_requantizes_conv` for a weight, a Linear's ``[in, out]`` one
+    that runs as a 1x1 conv seen as its ``[out, in, 1, 1]`` filter."""
+    if runs_as_conv:
+        return weight.T[:, :, None, None], thresholds, bits, 0
+    return weight, thresholds, bits, axis
+
+
 def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN conv runs for a dequantized conv weight.
 
@@ -198,6 +209,52 @@ def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
 
 
+#: A Linear runs as a 1x1 conv in the oneDNN targets once Paddle's fc (:func:`paddle_fc_weight`)
+#: would make its weight's rounding error this many times that of its own per-channel scales
+#: (``float("inf")``: every Linear a fc) ...
+FC_WEIGHT_ERROR_LIMIT = 4.0
+#: ... and more than this fraction of the weight's L2 norm (below it, 8-bit activations add
+#: more error than the fc's weight: measured on Gaussian weights with ReLU inputs, output error
+#: 3-8% either way, ``benchmarks/linear_as_conv.py``).
+FC_WEIGHT_ERROR_FLOOR = 0.04
+
+
+def linear_runs_as_conv(weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> bool:
+    """Whether a Linear exported for Paddle Inference's oneDNN int8 pipeline runs as a 1x1 conv
+    rather than as its fc.
+
+    The fc derives the scales of a ``[in, out]`` weight from runs of consecutive elements
+    instead of its columns (:func:`paddle_fc_weight`) and, for a square weight, takes one
+    threshold for all channels; a 1x1 conv takes each output channel's own
+    (:func:`onednn_conv_weight`). The conv costs its two reshapes (measured on the Zen 3 EPYC,
+    one thread, ``benchmarks/linear_as_conv.py``: 1.1-1.5x the fc's time), so it is chosen only
+    where the fc's weight is more than :data:`FC_WEIGHT_ERROR_LIMIT` times further from the fp32
+    weight than the conv's and more than :data:`FC_WEIGHT_ERROR_FLOOR` of its norm away
+    (relative errors measured, fc / per-channel: a CTC-like head of 6625 classes with uneven
+    columns 0.125 / 6.4e-3; Gaussian weights 2.4e-2 / 7.3e-3 at 384 x 384 and 1.5e-2 / 8.1e-3
+    at 1536 x 384, which stay fc; 0.10 / 6.7e-3 at 64 x 10).
+
+    Args:
+        weight: The fp32 ``[in, out]`` weight.
+        thresholds: Its calibrated thresholds (one, or one per output channel).
+        bits: Weight bit width.
+        axis: The output-channel axis (1).
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if weight.ndim != 2 or not np.any(weight):
+        return False
+    conv_weight, _ = runtime_weight(quantize_weight(weight, thresholds, bits, axis), thresholds, bits, axis, fc=False)
+    if weight.shape[0] == weight.shape[1]:
+        thresholds = np.full_like(thresholds, thresholds.max())  # see QuantizedLayer
+    fc_weight, _ = runtime_weight(quantize_weight(weight, thresholds, bits, axis), thresholds, bits, axis, fc=True)
+    fc_error = float(np.linalg.norm(fc_weight - weight))
+    return (
+        fc_error > FC_WEIGHT_ERROR_LIMIT * float(np.linalg.norm(conv_weight - weight))
+        and fc_error > FC_WEIGHT_ERROR_FLOOR * float(np.linalg.norm(weight))
+    )
+
+
 #: Threshold of an all-zero channel (any positive value represents its zeros exactly).
 MIN_WEIGHT_THRESHOLD = 1e-30
 
@@ -250,12 +307,21 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             with weights narrower than 8 bits, or with one threshold for all channels, computes
             with their per-channel 8-bit requantization (:func:`onednn_conv_weight`);
             :attr:`program_weight` keeps the stored one.
+        may_run_as_conv: With ``paddle_fc_scales``, an ``nn.Linear`` whose output no int8
+            layer reads (a head: its weight's error reaches the model's output unmixed, and a
+            conv in the middle of a chain of small Linear layers costs more than the fc's
+            error; measured, a 784-100-100-10 MLP as three convs 1.6x slower at batch 64) runs
+            as a 1x1 conv where the fc would damage its weight (:attr:`runs_as_conv`).
 
     Attributes:
         weight_thresholds: Thresholds of the weight the layer computes with.
         program_weight: With ``paddle_fc_scales``, the fp32 weight the Paddle program stores
             (whose fc then computes with this layer's weight); else ``None``.
         program_weight_thresholds: Its thresholds.
+        runs_as_conv: With ``may_run_as_conv`` and ``paddle_fc_scales`` asked for, the fc's
+            weight would be far from the layer's own (:func:`linear_runs_as_conv`): the layer
+            computes with its per-channel weight and the Paddle export runs it as a 1x1 conv
+            (:mod:`imperative_ptq.export.linear_as_conv`).
         bias_correction: What bias correction added to the layer's bias, per channel
             (``None``: nothing), so the fp32 layer it came from is still recognized.
         constant_inputs: Fingerprints (:mod:`imperative_ptq.fingerprint`) of the inputs some
@@ -300,6 +366,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         paddle_fc_scales: bool = False,
         onednn_weights: bool = False,
         input_shifted: bool = False,
+        may_run_as_conv: bool = False,
     ) -> None:
         super().__init__()
         if input_shifted and (input_scale is None or input_zero_point is None):
@@ -339,6 +406,14 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         weight_thresholds = np.asarray(weight_thresholds, dtype=np.float32).reshape(-1)
         weight = layer.weight
         paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
+        self.runs_as_conv = bool(
+            # Exactly nn.Linear: a subclass may compute more than x W + b in its forward
+            # (functional_matmul's sites stand for functional calls).
+            may_run_as_conv and paddle_fc_scales and type(layer) is paddle.nn.Linear
+            and linear_runs_as_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+        )
+        if self.runs_as_conv:
+            paddle_fc_scales = False
         #: The weight runs on one threshold, the largest of its calibrated ones.
         self.shared_weight_threshold = bool(
             paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
@@ -356,7 +431,9 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.onednn_weights = bool(onednn_weights)
         self.requantized_conv = (
             self.onednn_weights and weight_scales is None
-            and onednn_requantizes_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+            and onednn_requantizes_conv(
+                *_conv_view(weight.numpy(), weight_thresholds, weight_bits, weight_axis, self.runs_as_conv)
+            )
         )
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():

@@ -45,3 +45,12 @@ def pytest_configure(config) -> None:
         "subprocess, or runs every accuracy-benchmark configuration (seconds each); deselect "
         "with -m 'not slow'",
     )
+
+
+@pytest.fixture
+def linear_layers_as_fc(monkeypatch) -> None:
+    """Every Linear runs as Paddle Inference's fc, none as a 1x1 conv
+    (``quant_layers.linear_runs_as_conv``): for tests of the fc path."""
+    from imperative_ptq import quant_layers
+
+    monkeypatch.setattr(quant_layers, "FC_WEIGHT_ERROR_LIMIT", float("inf"))

@@ -194,6 +194,7 @@ def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_functi
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.usefixtures("linear_layers_as_fc")  # sites stay fc: compared with nn.Linear as fc
 def test_simulation_equals_the_same_model_written_with_linear_layers(target, style) -> None:
     functional = _functional_net(style)
     reference = LinearNet(functional)
@@ -453,6 +454,7 @@ class _ScaledDotProductAttention(paddle.nn.Layer):
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_scaled_dot_product_attention_exports_and_runs_as_simulated(target, tmp_path, avx2_runner) -> None:
     """Its trace used to fail (Paddle's legacy-IR branch calls ``shape.numel()``); its two
     matmuls are calibrated like any other and run int8 where the target allows. Measured
@@ -762,6 +764,7 @@ class ComputedBiasReference(paddle.nn.Layer):
         return self.w_matmul(x) + self.b * 2.0
 
 
+@pytest.mark.usefixtures("linear_layers_as_fc")  # sites stay fc: compared with nn.Linear as fc
 def test_f_linear_with_a_computed_bias_adds_it_after_the_site() -> None:
     paddle.seed(0)
     functional = ComputedBias()

@@ -144,6 +144,7 @@ def _fc(qmodel: paddle.nn.Layer, pooled: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("model_name", ["conv_head", "relu6_head"])
 @pytest.mark.parametrize("target", X86_TARGETS)
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_head_pool_runs_int8_as_simulated(model_name, target, tmp_path, avx2_runner) -> None:
     """Before the simulation averaged codes: 2.7% (conv_head) off Paddle Inference."""
     qmodel, prefix, x = _exported(model_name, target, tmp_path)

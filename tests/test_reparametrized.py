@@ -75,6 +75,7 @@ def test_folded_weights_are_the_eval_weights_and_the_model_is_untouched() -> Non
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_reparametrized_layers_run_int8_as_simulated(target, tmp_path, avx2_runner) -> None:
     """Measured before (a weight-normed Conv1D, x86): Paddle Inference 3.7e-2 of the largest
     output off the simulation, which quantized the conv's input but ran the weight the hook
@@ -127,6 +128,7 @@ class _Custom(nn.Layer):
         return self.head(F.relu(self.fc(x)))
 
 
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_a_weight_computed_by_another_hook_stays_fp32_with_a_warning(tmp_path, caplog) -> None:
     paddle.seed(0)
     model = _Custom()

@@ -234,6 +234,7 @@ class _SharedLinear(nn.Layer):
         return self.head(nn.functional.relu(self.fc(x) + self.fc(x)[:, 3:4]))
 
 
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_a_linear_called_twice_on_a_shifted_input_runs_as_simulated(tmp_path) -> None:
     """Measured before: 57% of the largest output off Paddle Inference, the second call's
     bias add reading the parameter without the shift's response; 2.8e-7 after."""
