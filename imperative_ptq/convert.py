@@ -173,7 +173,7 @@ def convert_layers(
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
-                may_run_as_conv=state.name in heads,
+                may_run_as_conv=state.name in heads and _plain_linear(layer),
             )
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
                 # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
@@ -605,6 +605,14 @@ def _output_layers(hooked: HookedLayers) -> set[str]:
         return False
 
     return {state.name for _, state in hooked if not feeds_a_weight(state.name, {state.name})}
+
+
+def _plain_linear(layer: paddle.nn.Layer) -> bool:
+    """An ``nn.Linear`` or a functional matmul site (``x W + b`` on a parameter), not a
+    subclass whose forward may compute more."""
+    from .functional_matmul import MatmulSite
+
+    return type(layer) is paddle.nn.Linear or isinstance(layer, MatmulSite)
 
 
 def _runs_as_fc(layer: paddle.nn.Layer, weight_channel_axis: int) -> bool:

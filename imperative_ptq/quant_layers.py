@@ -307,11 +307,11 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             with weights narrower than 8 bits, or with one threshold for all channels, computes
             with their per-channel 8-bit requantization (:func:`onednn_conv_weight`);
             :attr:`program_weight` keeps the stored one.
-        may_run_as_conv: With ``paddle_fc_scales``, an ``nn.Linear`` whose output no int8
-            layer reads (a head: its weight's error reaches the model's output unmixed, and a
-            conv in the middle of a chain of small Linear layers costs more than the fc's
-            error; measured, a 784-100-100-10 MLP as three convs 1.6x slower at batch 64) runs
-            as a 1x1 conv where the fc would damage its weight (:attr:`runs_as_conv`).
+        may_run_as_conv: With ``paddle_fc_scales``, a Linear (or functional matmul site) whose
+            output no int8 layer reads (a head: its weight's error reaches the model's output
+            unmixed, and a conv in the middle of a chain of small Linear layers costs more than
+            the fc's error; measured, a 784-100-100-10 MLP as three convs 1.6x slower at batch
+            64) runs as a 1x1 conv where the fc would damage its weight (:attr:`runs_as_conv`).
 
     Attributes:
         weight_thresholds: Thresholds of the weight the layer computes with.
@@ -407,9 +407,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         weight = layer.weight
         paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
         self.runs_as_conv = bool(
-            # Exactly nn.Linear: a subclass may compute more than x W + b in its forward
-            # (functional_matmul's sites stand for functional calls).
-            may_run_as_conv and paddle_fc_scales and type(layer) is paddle.nn.Linear
+            may_run_as_conv and paddle_fc_scales and isinstance(layer, paddle.nn.Linear)
             and linear_runs_as_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
         )
         if self.runs_as_conv:

@@ -194,7 +194,7 @@ def test_functional_matmuls_are_calibrated_as_layers_without_changing_the_functi
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
-@pytest.mark.usefixtures("linear_layers_as_fc")  # sites stay fc: compared with nn.Linear as fc
+@pytest.mark.usefixtures("linear_layers_as_fc")  # the fc path
 def test_simulation_equals_the_same_model_written_with_linear_layers(target, style) -> None:
     functional = _functional_net(style)
     reference = LinearNet(functional)
@@ -764,7 +764,7 @@ class ComputedBiasReference(paddle.nn.Layer):
         return self.w_matmul(x) + self.b * 2.0
 
 
-@pytest.mark.usefixtures("linear_layers_as_fc")  # sites stay fc: compared with nn.Linear as fc
+@pytest.mark.usefixtures("linear_layers_as_fc")  # the fc path
 def test_f_linear_with_a_computed_bias_adds_it_after_the_site() -> None:
     paddle.seed(0)
     functional = ComputedBias()
@@ -863,6 +863,7 @@ class _HelperAttention(paddle.nn.Layer):
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+@pytest.mark.usefixtures("linear_layers_as_fc")  # counts the head as a fc
 def test_matmuls_in_helpers_behind_a_flag_are_exported_as_calibrated(target, tmp_path, avx2_runner) -> None:
     """Tracing converts the helpers' if/else, which puts frames between the matmul and the
     layer calling the helper: the export found no site for them and wrote them fp32 while the

@@ -34,6 +34,7 @@ from .graph import (
 )
 from ..shifted_input import shifted_levels
 from .integer_weights import read_integer_weights_through_copies
+from .linear_as_conv import matmuls_as_convs
 from .rnn_fusion import fuse_lstm_ops
 from .shifted import SHIFT_OPS, absorb_shift, insert_shift, shifted_u8_threshold
 from .tracing import LayerRecord, model_activation_bits
@@ -353,6 +354,7 @@ def quantize_program(
             for name in op.input(slot):
                 consumers.setdefault(name, []).append(op.type)
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
+    matmuls_as_convs(loaded, weights)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
     lstms = fuse_lstm_ops(loaded, weights)

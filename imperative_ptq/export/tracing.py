@@ -30,7 +30,6 @@ from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from .legacy_ops import legacy_ir_fallback
-from .linear_as_conv import LinearAsConv
 from .spec_check import check_input_spec_runs
 
 __all__ = [
@@ -120,6 +119,8 @@ class LayerRecord:
         constant_call_weight: For a Linear whose calls on inputs computed from parameters only
             the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
             compute with; the exports give those calls it, in float; else ``None``.
+        runs_as_conv: A Linear or functional matmul the Paddle export runs as a 1x1 conv
+            (``QuantizedLayer.runs_as_conv``, :mod:`.linear_as_conv`).
     """
 
     name: str
@@ -149,6 +150,7 @@ class LayerRecord:
     sum_codes_threshold: float | None = None
     sum_codes_top: int = 0
     constant_call_weight: np.ndarray | None = None
+    runs_as_conv: bool = False
 
     @property
     def simulated(self) -> bool:
@@ -288,18 +290,9 @@ def _collect_records(
                 residual_fused_with=layer.residual_fused_with,
                 constant_call_weight=constant_call_weight,
             )
-            if program_weights and layer.runs_as_conv and not layer.constant_inputs:
-                # Paddle's fc would derive other weight scales (.linear_as_conv).
-                as_conv = LinearAsConv(inner)
-                record.layer_type = "Conv2D"
-                record.weight_name = as_conv.conv.weight.name
-                record.weight_axis = 0
-                if record.grid_weight is not None:
-                    record.grid_weight = np.ascontiguousarray(record.grid_weight.T)[:, :, None, None]
-                replace_sublayer(export_model, layer, as_conv)
-                by_layer[id(as_conv.conv)] = record
-                records.append(record)
-                continue
+            # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
+            # (.linear_as_conv); ONNX Runtime takes the stored ones.
+            record.runs_as_conv = program_weights and layer.runs_as_conv and not layer.constant_inputs
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
             # quantization, which .program adds as quantize/dequantize ops).
