@@ -5,7 +5,7 @@ consecutive elements instead of its columns (``quant_layers.paddle_fc_weight``);
 (``export/linear_as_conv.py``) takes each output channel's own. For each shape, a ReLU ->
 Linear with Gaussian weights (columns scaled by ``exp(spread * N(0, 1))``) is converted twice
 for ``x86``, once forced to the fc (``FC_WEIGHT_ERROR_LIMIT = inf``) and once to the conv
-(limit and ``FC_WEIGHT_ERROR_FLOOR`` 0), exported, and timed in Paddle Inference (one thread, both predictors interleaved,
+(``-inf``), exported, and timed in Paddle Inference (one thread, both predictors interleaved,
 median of rounds). Printed: the two weights' relative L2 distance to the fp32 weight, the
 output's relative L2 distance to fp32 on the timed batch, and the times.
 
@@ -45,8 +45,8 @@ class _Head(paddle.nn.Layer):
 def _export(model: paddle.nn.Layer, batches: list, limit: float, directory: str) -> tuple:
     """Converts ``model`` with the fc/conv choice forced by ``limit``; returns the predictor,
     the converted layer's weight and the export's op counts."""
-    saved = quant_layers.FC_WEIGHT_ERROR_LIMIT, quant_layers.FC_WEIGHT_ERROR_FLOOR
-    quant_layers.FC_WEIGHT_ERROR_LIMIT, quant_layers.FC_WEIGHT_ERROR_FLOOR = limit, 0.0
+    saved = quant_layers.FC_WEIGHT_ERROR_LIMIT
+    quant_layers.FC_WEIGHT_ERROR_LIMIT = limit
     try:
         ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
         qmodel = ptq.quantize(model)
@@ -54,7 +54,7 @@ def _export(model: paddle.nn.Layer, batches: list, limit: float, directory: str)
             qmodel(batch)
         ptq.convert(qmodel)
     finally:
-        quant_layers.FC_WEIGHT_ERROR_LIMIT, quant_layers.FC_WEIGHT_ERROR_FLOOR = saved
+        quant_layers.FC_WEIGHT_ERROR_LIMIT = saved
     prefix = directory + "/m"
     spec = [paddle.static.InputSpec([None, model.linear.weight.shape[0]], "float32", "x")]
     ptq.save_quantized_model(qmodel, prefix, spec)
@@ -79,7 +79,7 @@ def main() -> None:
         x = rng.standard_normal((rows, inputs)).astype(np.float32)
         reference = model(paddle.to_tensor(x)).numpy()
         runs = {}
-        for engine, limit in (("fc", float("inf")), ("conv", 0.0)):
+        for engine, limit in (("fc", float("inf")), ("conv", -float("inf"))):
             with tempfile.TemporaryDirectory() as directory:
                 predictor, runs_weight, ops = _export(model, batches, limit, directory)
             output = predict(predictor, x)[0]

@@ -594,17 +594,18 @@ def _output_layers(hooked: HookedLayers) -> set[str]:
         for source in state.input_sources:
             readers.setdefault(source, []).append(state)
 
-    def feeds_a_weight(name: str, seen: set[str]) -> bool:
-        for reader in readers.get(name, ()):
-            if reader.weight_quantizer is not None:
-                return True
-            if reader.name not in seen:
-                seen.add(reader.name)
-                if feeds_a_weight(reader.name, seen):
+    def feeds_a_weight(name: str) -> bool:
+        pending, seen = [name], {name}
+        while pending:
+            for reader in readers.get(pending.pop(), ()):
+                if reader.weight_quantizer is not None:
                     return True
+                if reader.name not in seen:
+                    seen.add(reader.name)
+                    pending.append(reader.name)
         return False
 
-    return {state.name for _, state in hooked if not feeds_a_weight(state.name, {state.name})}
+    return {state.name for _, state in hooked if not feeds_a_weight(state.name)}
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:
