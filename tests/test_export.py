@@ -241,9 +241,9 @@ def test_int8_kernels_really_run(exports, name, num_convs, num_linears) -> None:
 
     convs = [line for line in executed if ",convolution," in line]
     fcs = [line for line in executed if ",inner_product," in line]
-    # A Linear whose weight Paddle's fc would put more than 4x further from fp32 than
-    # per-channel rounding runs as a 1x1 conv (quant_layers.linear_runs_as_conv); which of
-    # LeNet's do depends on its trained weights.
+    # A Linear head whose weight Paddle's fc would put further from fp32 than per-channel
+    # rounding by more than 4% of its norm runs as a 1x1 conv (quant_layers.linear_runs_as_conv);
+    # whether LeNet's does depends on its trained weights.
     as_convs = sum(kind == "conv2d" for kind, *_ in _load_program(exports[name].prefix)[0]) - num_convs
     num_convs, num_fcs = num_convs + as_convs, num_linears - as_convs
     # Every conv and fc runs an int8 kernel on a u8 input (x86 target: the image in [0, 1]
