@@ -289,3 +289,20 @@ def test_a_narrow_head_runs_as_a_conv_on_its_8_bit_requantization(bits, tmp_path
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     # Measured 1.9e-7 (4 bits), 3.0e-7 (6 bits).
     assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
+
+
+@pytest.mark.parametrize("model_name", ["conv_head", "relu6_head", "resnet_style"])
+def test_a_head_after_an_int8_global_pool_runs_as_a_conv_as_simulated(model_name, tmp_path, monkeypatch) -> None:
+    """The head pool's u8 codes reach the conv through a flatten and the conv's reshape."""
+    from imperative_ptq import quant_layers
+    from test_head_pool_int8 import _exported
+
+    monkeypatch.setattr(quant_layers, "FC_WEIGHT_ERROR_LIMIT", -float("inf"))  # every head a conv
+    qmodel, prefix, x = _exported(model_name, "x86", tmp_path)
+    assert [name for name, layer in qmodel.named_sublayers() if getattr(layer, "runs_as_conv", False)]
+    report = int8_report(prefix)
+    assert "fc" not in report.int8 and report.int8_other.get("pool2d") == 1 and not report.fp32, report
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    # Measured 2.3e-7 .. 2.4e-7.
+    assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
