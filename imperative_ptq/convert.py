@@ -583,29 +583,30 @@ def _native_hint() -> str:
 
 
 def _output_layers(hooked: HookedLayers) -> set[str]:
-    """Names of the hooked layers whose output no hooked layer with a weight reads, directly
-    or through hooked layers without one (a classifier head, a CTC head before its softmax).
-    Empty for a table without its structure section (no input rank recorded), which does not
-    say who reads what."""
+    """The model's last hooked layer with a weight (in calibration order: definition order,
+    then functional sites in call order), when no hooked layer with a weight reads its output,
+    directly or through hooked layers without one: a classifier head, a CTC head before its
+    softmax. Calibration sees who reads what only across hooked layers, so Linear layers joined
+    by functional ops (a transformer's) would all look unread; the last one is the head.
+    Empty for a table without its structure section (no input rank recorded)."""
     if not any(state.input_rank for _, state in hooked):
+        return set()
+    weighted = [state.name for _, state in hooked if state.weight_quantizer is not None]
+    if not weighted:
         return set()
     readers: dict[str, list] = {}
     for _, state in hooked:
         for source in state.input_sources:
             readers.setdefault(source, []).append(state)
-
-    def feeds_a_weight(name: str) -> bool:
-        pending, seen = [name], {name}
-        while pending:
-            for reader in readers.get(pending.pop(), ()):
-                if reader.weight_quantizer is not None:
-                    return True
-                if reader.name not in seen:
-                    seen.add(reader.name)
-                    pending.append(reader.name)
-        return False
-
-    return {state.name for _, state in hooked if not feeds_a_weight(state.name)}
+    pending, seen = [weighted[-1]], {weighted[-1]}
+    while pending:
+        for reader in readers.get(pending.pop(), ()):
+            if reader.weight_quantizer is not None:
+                return set()
+            if reader.name not in seen:
+                seen.add(reader.name)
+                pending.append(reader.name)
+    return {weighted[-1]}
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:
