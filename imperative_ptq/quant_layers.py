@@ -119,16 +119,6 @@ def onednn_requantizes_conv(
     return bool(np.any((largest > 0) & (largest < symmetric_levels(bits))))
 
 
-def _conv_view(
-    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, runs_as_conv: bool
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Arguments of :func:`onednn_requantizes_conv` for a weight, a Linear's ``[in, out]`` one
-    that runs as a 1x1 conv seen as its ``[out, in, 1, 1]`` filter."""
-    if runs_as_conv:
-        return weight.T[:, :, None, None], thresholds, bits, 0
-    return weight, thresholds, bits, axis
-
-
 def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN conv runs for a dequantized conv weight.
 
@@ -423,11 +413,13 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         # channel whose weights shrank below its threshold (a table applied to other weights,
         # QAT's fine-tuned ones).
         self.onednn_weights = bool(onednn_weights)
+        # A Linear that runs as a 1x1 conv, seen as its [out, in, 1, 1] filter.
+        filter_view, filter_axis = (
+            (weight.numpy().T[:, :, None, None], 0) if self.runs_as_conv else (weight.numpy(), weight_axis)
+        )
         self.requantized_conv = (
             self.onednn_weights and weight_scales is None
-            and onednn_requantizes_conv(
-                *_conv_view(weight.numpy(), weight_thresholds, weight_bits, weight_axis, self.runs_as_conv)
-            )
+            and onednn_requantizes_conv(filter_view, weight_thresholds, weight_bits, filter_axis)
         )
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():

@@ -22,7 +22,7 @@ from typing import Any, MutableMapping
 
 import numpy as np
 
-from .graph import get_tensor, insert_op, is_persistable, new_persistable, readers, remove_op, transposed_matmul
+from .graph import bias_of, get_tensor, insert_op, new_persistable, readers, remove_op, transposed_matmul
 
 __all__ = ["matmuls_as_convs"]
 
@@ -74,14 +74,11 @@ def _rewrite(loaded: Any, index: int, op: Any, filter_name: str) -> int:
     source, out = op.input("X")[0], op.output("Out")[0]
     channels_in, channels_out = (int(size) for size in block.var(filter_name).shape[1::-1])
     leading = [int(size) for size in block.var(out).shape[:-1]]
-    reading = readers(block).get(out, [])
-    bias_add = None
-    if (
-        len(reading) == 1 and reading[0].type == "elementwise_add" and reading[0].input("X") == [out]
-        and is_persistable(block, reading[0].input("Y")[0])
-        and list(block.var(reading[0].input("Y")[0]).shape) == [channels_out]
-    ):
-        bias_add = reading[0]
+    reading = readers(block)
+    bias = bias_of(block, out, reading)
+    # The bias add alone reads the matmul: it moves before the reshape, where Paddle fuses it.
+    alone = bias is not None and len(reading[out]) == 1 and list(block.var(bias).shape) == [channels_out]
+    bias_add = reading[out][0] if alone else None
     final = bias_add.output("Out")[0] if bias_add is not None else out
     dtype = block.var(out).dtype
     stem = f"{out}.as_conv"
@@ -116,31 +113,20 @@ def _rewrite(loaded: Any, index: int, op: Any, filter_name: str) -> int:
         whole = block.create_var(name=f"{stem}.source_shape", shape=[len(leading) + 1], dtype="int32").name
         ops.append(dict(type="shape", inputs={"Input": [source]}, outputs={"Out": [whole]}, attrs={}))
         dims = []
-        for axis, size in enumerate(leading):
-            if size >= 0:
-                continue
+        for axis, size in enumerate([*leading, channels_out]):
             dim = block.create_var(name=f"{stem}.dim{axis}", shape=[1], dtype="int32").name
-            ops.append(dict(
-                type="slice", inputs={"Input": [whole]}, outputs={"Out": [dim]},
-                attrs={"axes": [0], "starts": [axis], "ends": [axis + 1], "decrease_axis": [], "infer_flags": [1]},
-            ))
-            dims.append((axis, dim))
-        leading_names = []
-        for axis, size in enumerate(leading):
-            name = dict(dims).get(axis)
-            if name is None:
-                name = block.create_var(name=f"{stem}.dim{axis}", shape=[1], dtype="int32").name
+            if size < 0:
                 ops.append(dict(
-                    type="fill_constant", inputs={}, outputs={"Out": [name]},
+                    type="slice", inputs={"Input": [whole]}, outputs={"Out": [dim]},
+                    attrs={"axes": [0], "starts": [axis], "ends": [axis + 1], "decrease_axis": [], "infer_flags": [1]},
+                ))
+            else:  # int32 (VarType 2)
+                ops.append(dict(
+                    type="fill_constant", inputs={}, outputs={"Out": [dim]},
                     attrs={"shape": [1], "dtype": 2, "value": float(size)},
                 ))
-            leading_names.append(name)
-        last = block.create_var(name=f"{stem}.channels", shape=[1], dtype="int32").name
-        ops.append(dict(
-            type="fill_constant", inputs={}, outputs={"Out": [last]},
-            attrs={"shape": [1], "dtype": 2, "value": float(channels_out)},
-        ))
-        shape_inputs = {"ShapeTensor": [*leading_names, last]}
+            dims.append(dim)
+        shape_inputs = {"ShapeTensor": dims}
     ops.append(dict(
         type="reshape2", inputs={"X": [convolved], **shape_inputs},
         outputs={"Out": [final], "XShape": [variable("output_shape", [0, -1, channels_out, 1, 1])]},

@@ -289,10 +289,10 @@ def _collect_records(
                 residual_output=layer.residual_output_threshold is not None,
                 residual_fused_with=layer.residual_fused_with,
                 constant_call_weight=constant_call_weight,
+                # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
+                # (.linear_as_conv); ONNX Runtime takes the stored ones.
+                runs_as_conv=program_weights and layer.runs_as_conv and not layer.constant_inputs,
             )
-            # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
-            # (.linear_as_conv); ONNX Runtime takes the stored ones.
-            record.runs_as_conv = program_weights and layer.runs_as_conv and not layer.constant_inputs
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
             # quantization, which .program adds as quantize/dequantize ops).
