@@ -4,7 +4,8 @@ Engines are interleaved round by round and medians reported, so a noisy neighbou
 machine hits every engine alike. Models: ResNet-18, MobileNetV2 and MobileNetV3-small (paddle.vision, random
 weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's MnistConvNet and
 a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
-weights, random token ids; its output is the pooled embedding). ONNX Runtime columns are left
+weights, random token ids; its output is the pooled embedding) and ConvNeXt-T's layout (its
+pointwise Linear layers read channels-last rank-4 tensors, which the export runs as 1x1 convs). ONNX Runtime columns are left
 empty for a model the ONNX export does not translate. Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
 per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
@@ -80,6 +81,52 @@ class BertEncoder(paddle.nn.Layer):
         return paddle.tanh(self.pooler(hidden[:, 0]))
 
 
+class _ChannelsLastNorm(paddle.nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (ConvNeXt's stem and downsampling norm)."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return super().forward(x.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
+
+
+class ConvNeXtBlock(paddle.nn.Layer):
+    """7x7 depthwise conv, then LayerNorm, Linear, GELU, Linear on the channels-last tensor,
+    layer scale (0.5 here: a trained model's, not ConvNeXt's 1e-6 initial one, which would make
+    random-weight blocks identities) and the residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = paddle.nn.Conv2D(dim, dim, 7, padding=3, groups=dim)
+        self.norm = paddle.nn.LayerNorm(dim, epsilon=1e-6)
+        self.pwconv1 = paddle.nn.Linear(dim, 4 * dim)
+        self.act = paddle.nn.GELU()
+        self.pwconv2 = paddle.nn.Linear(4 * dim, dim)
+        self.gamma = self.create_parameter([dim], default_initializer=paddle.nn.initializer.Constant(0.5))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x).transpose([0, 2, 3, 1])))))
+        return x + (self.gamma * y).transpose([0, 3, 1, 2])
+
+
+class ConvNeXt(paddle.nn.Layer):
+    """ConvNeXt-T's layout (depths 3-3-9-3, widths 96-768): a 4x4 patch stem, stages of
+    ConvNeXt blocks joined by LayerNorm + 2x2 stride-2 convs, a pooled LayerNorm and the head."""
+
+    def __init__(self, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[paddle.nn.Layer] = [paddle.nn.Conv2D(3, dims[0], 4, stride=4), _ChannelsLastNorm(dims[0], epsilon=1e-6)]
+        for stage, (depth, dim) in enumerate(zip(depths, dims)):
+            if stage:
+                layers += [_ChannelsLastNorm(dims[stage - 1], epsilon=1e-6), paddle.nn.Conv2D(dims[stage - 1], dim, 2, stride=2)]
+            layers += [ConvNeXtBlock(dim) for _ in range(depth)]
+        self.features = paddle.nn.Sequential(*layers)
+        self.pool = paddle.nn.AdaptiveAvgPool2D(1)
+        self.norm = paddle.nn.LayerNorm(dims[-1], epsilon=1e-6)
+        self.head = paddle.nn.Linear(dims[-1], classes)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.norm(self.pool(self.features(x)).flatten(1)))
+
+
 #: name -> (factory, input shape without batch, batch sizes, input dtype)
 MODELS = {
     "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8), "float32"),
@@ -89,6 +136,7 @@ MODELS = {
     "lenet": (_lenet, [1, 28, 28], (1, 64), "float32"),
     "convnet": (MnistConvNet, [1, 28, 28], (1, 64), "float32"),
     "bert_encoder": (BertEncoder, [128], (1, 8), "int64"),
+    "convnext_tiny": (ConvNeXt, [3, 224, 224], (1, 8), "float32"),
 }
 
 

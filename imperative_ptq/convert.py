@@ -97,12 +97,15 @@ def convert_layers(
             # the largest output off the int8 simulation).
             constant_inputs.append(state.name)
             continue
-        if isinstance(layer, paddle.nn.Linear) and state.input_rank > MAX_FC_INPUT_RANK:
-            # Paddle Inference fuses it into an fc that runs fp32 (measured: an MLP on a
-            # rank-4 input ran both fc fp32, cosine 0.9996 to an int8 simulation).
-            no_int8_kernel.append(
-                (state.name, f"{type(layer).__name__} on a rank-{state.input_rank} input")
-            )
+        # Paddle Inference fuses a Linear on a rank-4 input into an fc that runs fp32
+        # (measured: an MLP on a rank-4 input ran both fc fp32, cosine 0.9996 to an int8
+        # simulation); the Paddle export runs a plain one as an int8 1x1 conv instead.
+        beyond_fc = isinstance(layer, paddle.nn.Linear) and state.input_rank > MAX_FC_INPUT_RANK
+        fc_refusal = (state.name, f"{type(layer).__name__} on a rank-{state.input_rank} input")
+        if beyond_fc and not (
+            target.paddle_fc_weights and _plain_linear(layer) and not state.constant_call_inputs
+        ):
+            no_int8_kernel.append(fc_refusal)
             continue
         if info.multiplies_inputs:
             if "input" not in entry or "second_input" not in entry:
@@ -174,7 +177,12 @@ def convert_layers(
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
                 may_run_as_conv=state.name in heads and _plain_linear(layer),
+                must_run_as_conv=beyond_fc,
             )
+            if beyond_fc and not wrapped.runs_as_conv:
+                # Affine (zero-point) weights have no conv route: fp32, as Paddle runs the fc.
+                no_int8_kernel.append(fc_refusal)
+                continue
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
                 # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
                 # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than
@@ -610,11 +618,13 @@ def _output_layers(hooked: HookedLayers) -> set[str]:
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:
-    """An ``nn.Linear`` or a functional matmul site (``x W + b`` on a parameter), not a
-    subclass whose forward may compute more."""
+    """An ``nn.Linear`` (or a subclass keeping its forward) or a functional matmul site
+    (``x W + b`` on a parameter), not a subclass whose forward may compute more."""
     from .functional_matmul import MatmulSite
 
-    return type(layer) is paddle.nn.Linear or isinstance(layer, MatmulSite)
+    return (
+        isinstance(layer, paddle.nn.Linear) and type(layer).forward is paddle.nn.Linear.forward
+    ) or isinstance(layer, MatmulSite)
 
 
 def _runs_as_fc(layer: paddle.nn.Layer, weight_channel_axis: int) -> bool:

@@ -298,14 +298,18 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             layers costs more than the fc's error; measured, a 784-100-100-10 MLP as three
             convs 1.6x slower at batch 64, a BERT-shaped encoder with all 37 as convs 1.2x)
             runs as a 1x1 conv where the fc would damage its weight (:attr:`runs_as_conv`).
+        must_run_as_conv: With ``paddle_fc_scales``, a Linear that Paddle Inference has no
+            int8 fc for (its input has rank > 3: ConvNeXt's channels-last pointwise layers)
+            runs as a 1x1 conv whatever the fc would do to its weight.
 
     Attributes:
         weight_thresholds: Thresholds of the weight the layer computes with.
         program_weight: With ``paddle_fc_scales``, the fp32 weight the Paddle program stores
             (whose fc then computes with this layer's weight); else ``None``.
         program_weight_thresholds: Its thresholds.
-        runs_as_conv: With ``may_run_as_conv`` and ``paddle_fc_scales`` asked for, the fc's
-            weight would be far from the layer's own (:func:`linear_runs_as_conv`): the layer
+        runs_as_conv: With ``paddle_fc_scales`` asked for, ``must_run_as_conv``, or
+            ``may_run_as_conv`` and the fc's weight would be far from the layer's own
+            (:func:`linear_runs_as_conv`): the layer
             computes with its per-channel weight and the Paddle export runs it as a 1x1 conv
             (:mod:`imperative_ptq.export.linear_as_conv`).
         bias_correction: What bias correction added to the layer's bias, per channel
@@ -353,6 +357,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         onednn_weights: bool = False,
         input_shifted: bool = False,
         may_run_as_conv: bool = False,
+        must_run_as_conv: bool = False,
     ) -> None:
         super().__init__()
         if input_shifted and (input_scale is None or input_zero_point is None):
@@ -393,8 +398,12 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         weight = layer.weight
         paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
         self.runs_as_conv = bool(
-            may_run_as_conv and paddle_fc_scales and isinstance(layer, paddle.nn.Linear)
-            and linear_runs_as_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+            paddle_fc_scales and isinstance(layer, paddle.nn.Linear)
+            and (
+                must_run_as_conv
+                or may_run_as_conv
+                and linear_runs_as_conv(weight.numpy(), weight_thresholds, weight_bits, weight_axis)
+            )
         )
         if self.runs_as_conv:
             paddle_fc_scales = False

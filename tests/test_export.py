@@ -19,7 +19,7 @@ import paddle
 import paddle.inference as paddle_infer
 import pytest
 
-from imperative_ptq import CalibrationError, ImperativePTQ
+from imperative_ptq import CalibrationError, ImperativePTQ, QuantizedLayer
 from imperative_ptq.calibration_table import read_table
 from imperative_ptq.cpu import cpu_info
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
@@ -789,25 +789,38 @@ def test_onnx_export_of_a_transposed_weight_matmul_and_a_softmax_output(tmp_path
     np.testing.assert_allclose(ran, simulated, atol=1e-5)
 
 
+class _LoggedLinear(paddle.nn.Linear):
+    """A Linear subclass whose forward computes more than ``x W + b`` may (here it does not)."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("rank", [3, 4])
-def test_linear_on_a_rank_4_input_stays_fp32_as_paddle_runs_it(rank, tmp_path, caplog) -> None:
-    """Paddle Inference runs a fc on a rank-4 input in fp32: convert keeps such a Linear fp32
-    (with a warning), so the simulation computes what the runtime does."""
+def test_linear_on_a_rank_4_input_runs_int8_as_a_conv(rank, tmp_path, caplog) -> None:
+    """Paddle Inference runs a fc on a rank-4 input in fp32: the export runs such a Linear as
+    an int8 1x1 conv (before, convert kept it fp32 with a warning); a subclass with a forward
+    of its own, which the conv rewrite cannot vouch for, still stays fp32 with the warning."""
     from imperative_ptq.export import int8_report
 
     paddle.seed(0)
-    model = paddle.nn.Sequential(paddle.nn.Linear(16, 32), paddle.nn.ReLU(), paddle.nn.Linear(32, 8))
+    model = paddle.nn.Sequential(paddle.nn.Linear(16, 32), paddle.nn.ReLU(), _LoggedLinear(32, 8))
     model.eval()
     shape = [2, 3, 5, 16][4 - rank:]
     rng = np.random.default_rng(0)
     with caplog.at_level("WARNING", logger="imperative_ptq.convert"):
         qmodel = converted(model, [paddle.to_tensor(rng.random(shape, np.float32)) for _ in range(3)])
-    assert ("rank-4 input" in caplog.text) == (rank == 4)
+    assert ("2 (_LoggedLinear on a rank-4 input)" in caplog.text) == (rank == 4), caplog.text
+    assert isinstance(qmodel[0], QuantizedLayer) and qmodel[0].runs_as_conv == (rank == 4)
+    assert isinstance(qmodel[2], QuantizedLayer) == (rank == 3) and not getattr(qmodel[2], "runs_as_conv", False)
     x = rng.random(shape, np.float32)
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "m")
     save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
-    assert int8_report(prefix).int8.get("fc", 0) == (2 if rank == 3 else 0)
+    report = int8_report(prefix)
+    assert report.int8 == ({"fc": 2} if rank == 3 else {"fused_conv2d": 1})
+    # The ReLU runs inside the first fc; a conv's output is reshaped before the ReLU reads it.
+    assert report.fused_activations == ({"relu": 1} if rank == 3 else {})
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
 
 

@@ -142,9 +142,9 @@ def _observed(model: nn.Layer) -> dict:
 
 
 def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_path) -> None:
-    """Calibrated on rank-4 inputs, the Linear and the matmul site run fp32 (Paddle Inference
-    runs no int8 fc on a rank > 3 input); a fresh model whose site-finding batch was rank 3
-    must take the table's rank, not its own."""
+    """Calibrated on rank-4 inputs, the Linear and the matmul site run as 1x1 convs (Paddle
+    Inference runs no int8 fc on a rank > 3 input); a fresh model whose site-finding batch was
+    rank 3 must take the table's rank, not its own."""
     ptq = _ptq()
     calibrated = ptq.quantize(_functional_net())
     ptq.calibrate(calibrated, [_batch(4, seed) for seed in range(3)], progress=False)
@@ -154,7 +154,7 @@ def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_pat
     assert recorded["weight_matmul"]["input_rank"] == 4
     assert recorded["relu"]["input_sources"] == ["fc"]
     ptq.convert(calibrated)
-    assert not isinstance(calibrated.fc, QuantizedLayer)
+    assert calibrated.fc.runs_as_conv
 
     def fresh_with_a_rank_3_batch() -> tuple[ImperativePTQ, nn.Layer]:
         fresh = _ptq()
@@ -172,7 +172,7 @@ def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_pat
     np.testing.assert_array_equal(model(x).numpy(), calibrated(x).numpy())
 
     # A table written before the structure was recorded: the model keeps its own observations
-    # (rank 3 here, so its Linear is simulated int8, unlike the calibrated model's).
+    # (rank 3 here, so its Linear is simulated as a fc, unlike the calibrated model's).
     old = without_structure(path, tmp_path / "old.json")
     fresh, model = fresh_with_a_rank_3_batch()
     observed = _observed(model)
@@ -180,7 +180,7 @@ def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_pat
     assert _observed(model) == observed
     assert fresh.calibration_table(model) == _thresholds_after_loading(path, _functional_net())
     fresh.convert(model)
-    assert isinstance(model.fc, QuantizedLayer)
+    assert isinstance(model.fc, QuantizedLayer) and not model.fc.runs_as_conv
 
 
 def _thresholds_after_loading(path, model: nn.Layer) -> dict:

@@ -48,6 +48,8 @@ class Int8Report:
             program's weight names, to tell which calibrated layers Paddle kept fp32).
         int8_other: Op type -> how many ops without a weight run int8 (concat, pool2d,
             elementwise ops, ...).
+        fused_activations: Activation -> how many int8 conv/fc ops compute it as part of
+            their kernel (``relu``, ``gelu``, ...).
     """
 
     int8: dict[str, int]
@@ -55,6 +57,7 @@ class Int8Report:
     signed_inputs: list[str]
     fp32_weights: list[str] = dataclasses.field(default_factory=list)
     int8_other: dict[str, int] = dataclasses.field(default_factory=dict)
+    fused_activations: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: counts of int8 and fp32 conv/fc ops, and the s8-input ones."""
@@ -106,6 +109,7 @@ def _report(block) -> Int8Report:
     fp32: collections.Counter = collections.Counter()
     signed, fp32_weights = [], []
     int8_other: collections.Counter = collections.Counter()
+    fused: collections.Counter = collections.Counter()
     for op in block.ops:
         if op.type not in GEMM_OPS:
             if _runs_int8(op):
@@ -119,12 +123,18 @@ def _report(block) -> Int8Report:
             )
             continue
         int8[op.type] += 1
+        activation = next(
+            (op.attr(name) for name in ("fuse_activation", "activation_type") if op.has_attr(name) and op.attr(name)),
+            "",
+        )
+        if activation:
+            fused[activation] += 1
         source = op.input("Input" if "Input" in op.input_names else "X")[0]
         # fusion_lstm always reads its input shifted into u8; whether its int16 pair sums
         # saturate is decided by the weight scales the export gives it (quant_rnn.py).
         if op.type != "fusion_lstm" and _is_signed(source, writers):
             signed.append(f"{op.type} {source}")
-    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights, dict(int8_other))
+    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights, dict(int8_other), dict(fused))
 
 
 def _runs_int8(op) -> bool:

@@ -3,8 +3,10 @@
 Paddle 3.3.1's oneDNN int8 pipeline recomputes a fc's per-channel weight scales from runs of
 consecutive elements of its ``[in, out]`` weight instead of its columns
 (:func:`imperative_ptq.quant_layers.paddle_fc_weight`), and a conv's from each output
-channel's own filter. ``convert`` marks the heads the fc would hurt most
-(:func:`imperative_ptq.quant_layers.linear_runs_as_conv`, ``QuantizedLayer.runs_as_conv``) and
+channel's own filter; it has no int8 fc at all for an input of rank 4 or more. ``convert``
+marks the heads the fc would hurt most
+(:func:`imperative_ptq.quant_layers.linear_runs_as_conv`) and the Linear layers on rank-4
+inputs (ConvNeXt's channels-last pointwise layers; ``QuantizedLayer.runs_as_conv``) and
 simulates them with their own per-channel weight; :func:`matmuls_as_convs` rewrites each of
 their traced ``matmul_v2 [-> bias add]`` (an ``nn.Linear`` or a functional matmul on a
 parameter, as x2paddle writes them) into
@@ -132,8 +134,12 @@ def _rewrite(loaded: Any, index: int, op: Any, filter_name: str) -> int:
         outputs={"Out": [final], "XShape": [variable("output_shape", [0, -1, channels_out, 1, 1])]},
         attrs={"shape": [] if shape_inputs else [*leading, channels_out]},
     ))
+    final_shape = list(block.var(final).shape)
     for offset, spec in enumerate(ops):
         insert_op(block, index + offset, **spec)
+    # Shape inference of a reshape to run-time dimensions leaves none; a rewrite of a layer
+    # reading this output reads them.
+    block.var(final).desc.set_shape(final_shape)
     index += len(ops)
     if bias_add is not None:
         position = next(i for i, candidate in enumerate(block.ops) if candidate is bias_add)
