@@ -24,7 +24,7 @@ from .calibration_table import (
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .functional_ops import FunctionalConcat
-from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
+from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualSumOutput, relu_or_its_max_pool
@@ -36,10 +36,6 @@ from .targets import Target
 __all__ = ["convert_layers"]
 
 logger = logging.getLogger(__name__)
-
-#: Largest input rank of a Linear that Paddle Inference runs as an int8 fc.
-MAX_FC_INPUT_RANK = 3
-
 
 def convert_layers(
     model: paddle.nn.Layer,

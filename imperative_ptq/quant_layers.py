@@ -206,6 +206,10 @@ def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 #: weights with ReLU inputs, output error 3-8% either way (``benchmarks/linear_as_conv.py``).
 FC_WEIGHT_ERROR_LIMIT = 0.04
 
+#: Largest input rank of a Linear that Paddle Inference runs as an int8 fc (beyond it the fc
+#: runs fp32, and the Paddle export runs the Linear as a 1x1 conv instead).
+MAX_FC_INPUT_RANK = 3
+
 
 def linear_runs_as_conv(weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> bool:
     """Whether a Linear exported for Paddle Inference's oneDNN int8 pipeline runs as a 1x1 conv

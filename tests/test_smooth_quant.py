@@ -112,6 +112,22 @@ def test_ptq_config_smooths_before_calibration_where_it_helps(target: str) -> No
         assert smoothed_error == pytest.approx(plain_error, rel=1e-6)
 
 
+def test_linear_layers_on_rank_4_inputs_are_smoothed_for_their_per_channel_convs() -> None:
+    """On a rank-4 input the Paddle export runs the Linear layers as 1x1 convs on their own
+    per-channel weights (ConvNeXt's channels-last layers), so the x86 search scores each alpha
+    as for true per-channel weights (arm's); on a rank-3 input it models Paddle's fc."""
+    model = _outlier_block()
+    rank_3 = _batches()
+    rank_4 = [batch.reshape(8, 1, 5, 16) for batch in rank_3]
+    errors = {}
+    for name, batches in (("rank 3", rank_3), ("rank 4", rank_4)):
+        for target in ("arm", "x86"):
+            _, (group,) = smooth_quant(model, batches, SmoothQuant(groups=GROUPS, target=target))
+            errors[name, target] = group.errors
+    assert errors["rank 4", "x86"] == errors["rank 4", "arm"] == errors["rank 3", "arm"]
+    assert errors["rank 3", "x86"] != errors["rank 3", "arm"]
+
+
 def test_smoothing_must_see_the_data_first() -> None:
     model, batches = _outlier_block(), _batches()
     config = ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(),

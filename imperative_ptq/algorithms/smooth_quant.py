@@ -34,7 +34,7 @@ import numpy as np
 import paddle
 
 from ..batches import eval_mode, run_batches
-from ..quant_layers import paddle_fc_weight
+from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight
 from ..quantizers.qparams import symmetric_levels
 from ..targets import DEFAULT_TARGET, get_target
 
@@ -160,15 +160,17 @@ def _check_groups(
 
 def _input_statistics(
     model: paddle.nn.Layer, layers: list[paddle.nn.Layer], batches: Sequence[Any]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per layer: the per-channel abs-max of its input over ``batches`` and up to
-    ``_SEARCH_ROWS`` of its input rows (channels last)."""
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """Per layer: the per-channel abs-max of its input over ``batches``, up to
+    ``_SEARCH_ROWS`` of its input rows (channels last) and the input's largest rank."""
     maxima: list[np.ndarray | None] = [None] * len(layers)
     rows: list[list[np.ndarray]] = [[] for _ in layers]
+    ranks = [0] * len(layers)
 
     def hook_for(index: int):
         def hook(layer: paddle.nn.Layer, inputs: tuple) -> None:
             x = inputs[0].numpy().astype(np.float32)
+            ranks[index] = max(ranks[index], x.ndim)
             flat = x.reshape(-1, x.shape[-1])
             current = np.abs(flat).max(axis=0)
             maxima[index] = current if maxima[index] is None else np.maximum(maxima[index], current)
@@ -186,7 +188,7 @@ def _input_statistics(
     for index, value in enumerate(maxima):
         if value is None:
             raise ValueError(f"SmoothQuant: layer {index} of a group never ran on the data")
-    return maxima, [np.concatenate(r)[:_SEARCH_ROWS] for r in rows]
+    return maxima, [np.concatenate(r)[:_SEARCH_ROWS] for r in rows], ranks
 
 
 def _fake_quantize(x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarray:
@@ -292,12 +294,14 @@ def smooth_quant(
         logger.warning("SmoothQuant found no LayerNorm/Linear -> Linear group to smooth")
         return model, []
     first_linears = [layers[group[1]] for group in groups]
-    maxima, rows = _input_statistics(model, first_linears, batches)
+    maxima, rows, ranks = _input_statistics(model, first_linears, batches)
     alphas = settings.alphas if settings.alpha is None else (settings.alpha,)
-    paddle_fc = get_target(settings.target).paddle_fc_weights
     smoothed = []
-    for group, activation_max, sample in zip(groups, maxima, rows):
+    for group, activation_max, sample, rank in zip(groups, maxima, rows, ranks):
         producer, *linears = group
+        # On a rank-4 input (ConvNeXt's channels-last layers) the Paddle export runs the
+        # Linear layers as 1x1 convs on their own per-channel weights, not as Paddle's fc.
+        paddle_fc = get_target(settings.target).paddle_fc_weights and rank <= MAX_FC_INPUT_RANK
         weights = [layers[name].weight.numpy().astype(np.float64) for name in linears]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         errors: dict[float | None, float] = {
