@@ -141,6 +141,9 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         onednn_weights: A conv computes with the weight oneDNN requantizes where that changes
             it (:func:`~imperative_ptq.quant_layers.onednn_requantizes_conv`, decided every
             forward, as ``convert`` decides it from the weights it is given).
+        runs_as_conv: A Linear the Paddle export runs as a 1x1 conv (the converted layer's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.runs_as_conv`): with
+            ``onednn_weights``, its weight is requantized as that conv's filter.
         shared_weight_threshold: Quantize the weight on the largest of its thresholds, as the
             converted layer does (a square fc weight, stored per tensor).
         residual_output_threshold: Put the output on the s8 codes of this threshold, as the
@@ -171,6 +174,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         onednn_weights: bool = False,
         shared_weight_threshold: bool = False,
         residual_output_threshold: float | None = None,
+        runs_as_conv: bool = False,
     ) -> None:
         super().__init__()
         forward = FUNCTIONAL_FORWARDS.get(type(layer))
@@ -192,6 +196,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         self.residual_codes = int(residual_codes)
         self.paddle_fc_scales = bool(paddle_fc_scales)
         self.onednn_weights = bool(onednn_weights)
+        self.runs_as_conv = bool(runs_as_conv)
         self.shared_weight_threshold = bool(shared_weight_threshold)
         self.residual_output_threshold = residual_output_threshold
         #: The input threshold as given (a table's float): the converted layer's residual step.
@@ -282,10 +287,14 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         thresholds = thresholds.numpy().astype(np.float32)
         original = self.layer.weight.numpy()
         bits, axis = self.weight_bits, self.weight_axis
+        if self.runs_as_conv:  # the [in, out] weight as the conv's [out, in, 1, 1] filter
+            original, axis = original.T[:, :, None, None], 0
         if not self.paddle_fc_scales and not onednn_requantizes_conv(original, thresholds, bits, axis):
             return quantized
         integers = quantize_weight(original, thresholds, bits, axis)
         runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
+        if self.runs_as_conv:
+            runs = np.ascontiguousarray(runs[:, :, 0, 0].T)
         return straight_through(quantized, paddle.to_tensor(runs))
 
     def extra_repr(self) -> str:

@@ -261,6 +261,7 @@ class ImperativeQAT:
                 onednn_weights=simulated.onednn_weights and simulated.weight_scales is None,
                 shared_weight_threshold=simulated.shared_weight_threshold,
                 residual_output_threshold=simulated.residual_output_threshold,
+                runs_as_conv=simulated.runs_as_conv,
             )
             replace_sublayer(model, layers[name], wrapper)
         if float_shortcuts:

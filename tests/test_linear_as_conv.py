@@ -505,3 +505,38 @@ def test_functional_matmuls_on_a_channels_last_input_run_as_convs(tmp_path) -> N
     assert np.abs(predict(create_predictor(prefix, num_threads=1), x)[0] - simulated).max() / scale < 2e-6
     session = ort.InferenceSession(str(export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {session.get_inputs()[0].name: x})[0] - simulated).max() / scale < 2e-6
+
+
+def test_fine_tuning_computes_a_conv_route_layer_as_converted(tmp_path) -> None:
+    """QAT with learned thresholds: Paddle requantizes a conv's weight per channel when the
+    fine-tuned codes no longer reach +-127, and the converted layer of a Linear run as a conv
+    follows it; the training forward did not (0.0045 of the output off the converted model)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(10)
+    model = _ChannelsLastBlock()
+    model.eval()
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")) for _ in range(3)]
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    calibrated = ptq.quantize(model)
+    for batch in batches:
+        calibrated(batch)
+    qat = ip.ImperativeQAT(ptq, learnable_scales=True)
+    trainable = qat.quantize(calibrated)
+    assert trainable.pwconv1.runs_as_conv and trainable.pwconv2.runs_as_conv
+    optimizer = paddle.optimizer.Adam(1e-3, parameters=trainable.parameters())
+    labels = paddle.to_tensor(rng.integers(0, 10, (4,)))
+    for batch in batches * 2:
+        paddle.nn.functional.cross_entropy(trainable(batch), labels).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    trainable.eval()
+    fine_tuned = qat.convert(trainable)
+    assert fine_tuned.pwconv1.runs_as_conv and fine_tuned.pwconv2.runs_as_conv
+    x = paddle.to_tensor(rng.standard_normal((2, 3, 16, 16)).astype("float32"))
+    simulated = fine_tuned(x).numpy()
+    np.testing.assert_array_equal(trainable(x).numpy(), simulated)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(fine_tuned, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    # Measured 8.0e-7.
+    assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
