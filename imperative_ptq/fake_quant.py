@@ -17,7 +17,7 @@ inside and ``lo`` or ``L`` outside (LSQ).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import paddle
@@ -108,6 +108,15 @@ def _conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) ->
 FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv2D: _conv2d}
 
 
+def functional_forward(layer: paddle.nn.Layer) -> Callable[..., paddle.Tensor] | None:
+    """The functional forward of ``layer``: its type's in :data:`FUNCTIONAL_FORWARDS`, or
+    that of the type it subclasses without a forward of its own (``None`` otherwise)."""
+    for kind, forward in FUNCTIONAL_FORWARDS.items():
+        if isinstance(layer, kind) and type(layer).forward is kind.forward:
+            return forward
+    return None
+
+
 class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
     """A Linear/Conv2D whose input and weight are fake-quantized while it trains.
 
@@ -152,7 +161,8 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             ``None``: the output stays float.
 
     Raises:
-        ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS`.
+        ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS` nor a subclass
+            keeping its forward.
     """
 
     def __init__(
@@ -177,7 +187,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         runs_as_conv: bool = False,
     ) -> None:
         super().__init__()
-        forward = FUNCTIONAL_FORWARDS.get(type(layer))
+        forward = functional_forward(layer)
         if forward is None:
             raise ValueError(
                 f"QAT cannot fake-quantize {type(layer).__name__} layers (supported: "

@@ -206,6 +206,32 @@ def test_bad_input(lenet_data) -> None:
         ImperativeQAT(ptq_1d).quantize(calibrated_1d)
 
 
+class _NamedLinear(paddle.nn.Linear):
+    """A Linear subclass keeping nn.Linear's forward (a name, nothing more)."""
+
+
+class _LoggedLinear(paddle.nn.Linear):
+    """A Linear subclass with a forward of its own."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return super().forward(x)
+
+
+def test_linear_subclasses_keeping_its_forward_fine_tune_like_linear_layers() -> None:
+    """PTQ runs such a subclass as a Linear; QAT refused it ("cannot fake-quantize")."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(_NamedLinear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 4))
+    ptq, calibrated = _calibrated(model, [paddle.rand([4, 8]) for _ in range(2)])
+    trainable = ImperativeQAT(ptq).quantize(calibrated)
+    x = paddle.rand([3, 8])
+    trainable.eval()
+    np.testing.assert_array_equal(trainable(x).numpy(), ptq.convert(calibrated)(x).numpy())
+    logged = paddle.nn.Sequential(_LoggedLinear(8, 4))
+    ptq_logged, calibrated_logged = _calibrated(logged, [paddle.rand([4, 8])])
+    with pytest.raises(ValueError, match="cannot fake-quantize _LoggedLinear"):
+        ImperativeQAT(ptq_logged).quantize(calibrated_logged)
+
+
 def test_benchmark_runs_as_a_script() -> None:
     import os
     import subprocess
