@@ -29,6 +29,7 @@ from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
+from ..registry import PTQRegistry
 from .legacy_ops import legacy_ir_fallback
 from .spec_check import check_input_spec_runs
 
@@ -176,7 +177,9 @@ class TraceResult:
     path_prefix: str
     records: list[LayerRecord]
     #: Parameters held by the model's own layer classes, not Paddle's (``nn.Conv2D``,
-    #: ``nn.Linear``, ...): a conv or matmul on one is a functional call of the model's code.
+    #: ``nn.Linear``, ...) nor subclasses of layers PTQ hooks (a Linear subclass that
+    #: ``convert`` kept fp32 was calibrated, and said so): a conv or matmul on one is a
+    #: functional call of the model's code.
     own_parameters: frozenset[str] = frozenset()
 
 
@@ -499,7 +502,7 @@ def trace_to_legacy_program(
     own_parameters = frozenset(
         parameter.name
         for layer in export_model.sublayers(include_self=True)
-        if not type(layer).__module__.startswith("paddle.")
+        if not type(layer).__module__.startswith("paddle.") and not PTQRegistry.is_supported_layer(layer)
         for parameter in layer.parameters(include_sublayers=False)
     )
     return TraceResult(path_prefix, records, own_parameters)
