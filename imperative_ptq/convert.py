@@ -24,7 +24,7 @@ from .calibration_table import (
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .functional_ops import FunctionalConcat
-from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, replace_sublayer
+from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualSumOutput, relu_or_its_max_pool
@@ -614,13 +614,9 @@ def _output_layers(hooked: HookedLayers) -> set[str]:
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:
-    """An ``nn.Linear`` (or a subclass keeping its forward) or a functional matmul site
-    (``x W + b`` on a parameter), not a subclass whose forward may compute more."""
-    from .functional_matmul import MatmulSite
-
-    return (
-        isinstance(layer, paddle.nn.Linear) and type(layer).forward is paddle.nn.Linear.forward
-    ) or isinstance(layer, MatmulSite)
+    """An ``nn.Linear`` computing ``x W + b``: the class itself, a subclass keeping its forward
+    or a functional matmul site; not a subclass whose forward may compute more."""
+    return keeps_forward(layer, paddle.nn.Linear)
 
 
 def _runs_as_fc(layer: paddle.nn.Layer, weight_channel_axis: int) -> bool:

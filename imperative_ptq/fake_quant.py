@@ -25,6 +25,7 @@ import paddle
 from .quant_layers import (
     WrappedParameters,
     fake_quantize_symmetric,
+    keeps_forward,
     onednn_requantizes_conv,
     quantize_weight,
     runtime_weight,
@@ -109,12 +110,9 @@ FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv2D: _conv2d}
 
 
 def functional_forward(layer: paddle.nn.Layer) -> Callable[..., paddle.Tensor] | None:
-    """The functional forward of ``layer``: its type's in :data:`FUNCTIONAL_FORWARDS`, or
-    that of the type it subclasses without a forward of its own (``None`` otherwise)."""
-    for kind, forward in FUNCTIONAL_FORWARDS.items():
-        if isinstance(layer, kind) and type(layer).forward is kind.forward:
-            return forward
-    return None
+    """The functional forward of ``layer``: that of the type in :data:`FUNCTIONAL_FORWARDS`
+    whose forward it keeps (:func:`~imperative_ptq.quant_layers.keeps_forward`), else ``None``."""
+    return next((forward for kind, forward in FUNCTIONAL_FORWARDS.items() if keeps_forward(layer, kind)), None)
 
 
 class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
@@ -297,14 +295,12 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         thresholds = thresholds.numpy().astype(np.float32)
         original = self.layer.weight.numpy()
         bits, axis = self.weight_bits, self.weight_axis
-        if self.runs_as_conv:  # the [in, out] weight as the conv's [out, in, 1, 1] filter
-            original, axis = original.T[:, :, None, None], 0
-        if not self.paddle_fc_scales and not onednn_requantizes_conv(original, thresholds, bits, axis):
+        if not self.paddle_fc_scales and not onednn_requantizes_conv(
+            original, thresholds, bits, axis, linear_as_conv=self.runs_as_conv
+        ):
             return quantized
         integers = quantize_weight(original, thresholds, bits, axis)
         runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
-        if self.runs_as_conv:
-            runs = np.ascontiguousarray(runs[:, :, 0, 0].T)
         return straight_through(quantized, paddle.to_tensor(runs))
 
     def extra_repr(self) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "replace_sublayer",
     "onednn_requantizes_conv",
     "linear_runs_as_conv",
+    "keeps_forward",
     "runtime_weight",
 ]
 
@@ -104,13 +105,15 @@ def quantize_weight(
 
 
 def onednn_requantizes_conv(
-    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, linear_as_conv: bool = False
 ) -> bool:
     """Whether oneDNN's per-channel requantization of a conv weight (:func:`onednn_conv_weight`)
     changes its symmetric codes: narrower than 8 bits, one threshold for every channel, or a
-    non-zero channel whose largest code stays below ``L``."""
+    non-zero channel whose largest code stays below ``L``. A 2-D weight is a Linear's, which
+    runs as a conv only with ``linear_as_conv`` (its output channels on ``axis``, as the 1x1
+    filter's)."""
     thresholds = np.asarray(thresholds, np.float32).reshape(-1)
-    if weight.ndim <= 2:
+    if weight.ndim <= 2 and not linear_as_conv:
         return False
     if bits < 8 or thresholds.size == 1:
         return True
@@ -426,13 +429,11 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         # channel whose weights shrank below its threshold (a table applied to other weights,
         # QAT's fine-tuned ones).
         self.onednn_weights = bool(onednn_weights)
-        # A Linear that runs as a 1x1 conv, seen as its [out, in, 1, 1] filter.
-        filter_view, filter_axis = (
-            (weight.numpy().T[:, :, None, None], 0) if self.runs_as_conv else (weight.numpy(), weight_axis)
-        )
         self.requantized_conv = (
             self.onednn_weights and weight_scales is None
-            and onednn_requantizes_conv(filter_view, weight_thresholds, weight_bits, filter_axis)
+            and onednn_requantizes_conv(
+                weight.numpy(), weight_thresholds, weight_bits, weight_axis, linear_as_conv=self.runs_as_conv
+            )
         )
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():
@@ -629,6 +630,12 @@ def first_input(layer: paddle.nn.Layer, args: tuple, kwargs: dict) -> Any:
         return args[0]
     name = _first_parameter(type(layer))
     return kwargs.get(name) if name is not None else None
+
+
+def keeps_forward(layer: paddle.nn.Layer, kind: type) -> bool:
+    """Whether ``layer`` is a ``kind`` whose class computes ``kind.forward`` (the class itself,
+    or a subclass that only names or configures it, such as a functional matmul site)."""
+    return isinstance(layer, kind) and type(layer).forward is kind.forward
 
 
 def replace_sublayer(model: paddle.nn.Layer, old: paddle.nn.Layer, new: paddle.nn.Layer) -> int:

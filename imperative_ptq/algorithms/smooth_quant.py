@@ -296,12 +296,13 @@ def smooth_quant(
     first_linears = [layers[group[1]] for group in groups]
     maxima, rows, ranks = _input_statistics(model, first_linears, batches)
     alphas = settings.alphas if settings.alpha is None else (settings.alpha,)
+    target_fc = get_target(settings.target).paddle_fc_weights
     smoothed = []
     for group, activation_max, sample, rank in zip(groups, maxima, rows, ranks):
         producer, *linears = group
         # On a rank-4 input (ConvNeXt's channels-last layers) the Paddle export runs the
         # Linear layers as 1x1 convs on their own per-channel weights, not as Paddle's fc.
-        paddle_fc = get_target(settings.target).paddle_fc_weights and rank <= MAX_FC_INPUT_RANK
+        paddle_fc = target_fc and rank <= MAX_FC_INPUT_RANK
         weights = [layers[name].weight.numpy().astype(np.float64) for name in linears]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         errors: dict[float | None, float] = {

@@ -54,19 +54,23 @@ def matmuls_as_convs(loaded: Any, weights: MutableMapping[str, Any]) -> int:
             index += 1
             continue
         if weight not in filters:
-            values = get_tensor(loaded, weight).astype(np.float32)
-            filters[weight] = new_persistable(loaded, f"{weight}.filter", np.ascontiguousarray(values.T)[:, :, None, None])
+            filters[weight] = new_persistable(loaded, f"{weight}.filter", _as_filter(get_tensor(loaded, weight)))
         index = _rewrite(loaded, index, op, filters[weight])
         rewritten += 1
     for weight, filter_name in filters.items():
         record = weights.pop(weight)
         record.weight_name, record.weight_axis, record.layer_type = filter_name, 0, "Conv2D"
         if record.grid_weight is not None:
-            record.grid_weight = np.ascontiguousarray(np.asarray(record.grid_weight).T)[:, :, None, None]
+            record.grid_weight = _as_filter(record.grid_weight)
         weights[filter_name] = record
     if rewritten:
         loaded.program._sync_with_cpp()
     return rewritten
+
+
+def _as_filter(weight: Any) -> np.ndarray:
+    """A Linear's ``[in, out]`` weight as the ``[out, in, 1, 1]`` filter of its 1x1 conv."""
+    return np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)[:, :, None, None]
 
 
 def _rewrite(loaded: Any, index: int, op: Any, filter_name: str) -> int:
