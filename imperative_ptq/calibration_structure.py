@@ -29,7 +29,9 @@ inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp
 ``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
 :mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
 while its other calls read activations (a Linear called on the tokens and on a parameter);
-``residual_adds``: the adds whose residual operand was the layer's output
+``earlier_readers``: where no hooked layer wrote the layer's first input, the hooked layers
+that read it before the layer in a forward (an ``F.relu`` output read by a pool, then by a
+conv); ``residual_adds``: the adds whose residual operand was the layer's output
 (:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
 or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
 ``F.relu`` output, the layer being its first reader); an add's optional ``"sum_reader"``: the
@@ -56,7 +58,7 @@ _MAX_TOP = 255
 _FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
-_KEYS = ("input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds")
+_KEYS = ("input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers")
 
 #: A layer's entry in the section (JSON-ready).
 LayerStructure = dict[str, Any]
@@ -71,6 +73,8 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
             entry["input_sources"] = sorted(state.input_sources)
         if state.input_rank:
             entry["input_rank"] = int(state.input_rank)
+        if state.earlier_readers:
+            entry["earlier_readers"] = sorted(state.earlier_readers)
         for flag in _FLAGS:
             if getattr(state, flag):
                 entry[flag] = True
@@ -103,6 +107,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         entry = section.get(state.name, {})
         state.input_sources = set(entry.get("input_sources", ()))
         state.input_rank = int(entry.get("input_rank", 0))
+        state.earlier_readers = set(entry.get("earlier_readers", ()))
         state.signed_input = bool(entry.get("signed_input", False))
         state.wide_input = bool(entry.get("wide_input", False))
         state.constant_operand = bool(entry.get("constant_operand", False))
@@ -144,6 +149,7 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
         if unknown:
             raise ValueError(f"{where} has unknown keys {unknown}; known: {list(_KEYS)}")
         _check_names(where, "input_sources", entry.get("input_sources", []), names)
+        _check_names(where, "earlier_readers", entry.get("earlier_readers", []), names)
         rank = entry.get("input_rank", 0)
         if not _is_int(rank) or not 0 <= rank <= _MAX_RANK:
             raise ValueError(f"{where}: input_rank must be an integer 0..{_MAX_RANK}, got {rank!r}")

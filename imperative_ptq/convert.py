@@ -27,7 +27,7 @@ from .functional_ops import FunctionalConcat
 from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
-from .quant_residual import QuantizedResidualOutput, ResidualSumOutput, relu_or_its_max_pool
+from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput, relu_or_its_max_pool
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 from .shifted_input import shiftable, shifted_grid
@@ -491,6 +491,17 @@ def _simulate_fused_residuals(
         if (state.wide_input or state.signed_input) and not state.input_sources:
             reader.residual_codes = U8_MAX if state.wide_input else symmetric_levels(8)
             reader.residual_source = ""
+            # An fp32 layer reading that tensor before this one (a ResNet-vd shortcut's pool
+            # run before its branch) reads the codes too, so it puts the tensor on them first
+            # (measured: 1.1% of the largest output off Paddle Inference while it pooled the
+            # float sum).
+            for name in sorted(state.earlier_readers - quantized.keys()):
+                earlier, _ = by_name.get(name, (None, None))
+                # Only a layer convert left as it was (not one it wrapped already).
+                if earlier is not None and dict(model.named_sublayers()).get(name) is earlier:
+                    replace_sublayer(model, earlier, ResidualCodesInput(
+                        earlier, float(reader.input_thresholds[0]), reader.residual_codes, activation_bits
+                    ))
     if identity or downsample:
         logger.info(
             "fused int8 residual convs read their residual as codes: %d identity shortcuts "

@@ -68,6 +68,10 @@ class LayerState:
     #: The adds whose residual operand (read by a fused int8 conv as codes) was this layer's
     #: output (:func:`imperative_ptq.quant_residual.find_residual_add`).
     residual_adds: set[ResidualAdd] = dataclasses.field(default_factory=set)
+    #: Hooked layers that read this layer's first input before it in a forward, where no
+    #: hooked layer wrote that input (an ``F.relu`` output read by a pool, then by a conv):
+    #: ``convert`` puts such a tensor on codes before the first of them reads it.
+    earlier_readers: set[str] = dataclasses.field(default_factory=set)
     #: Its first input was a ReLU output that Paddle writes as s8 codes (after a conv fused
     #: with an s8 residual): saturated at code 127 of the tensor's u8 step.
     signed_input: bool = False
@@ -425,6 +429,9 @@ class CalibrationSession:
             if source is not None:
                 state.input_sources.add(source)
             else:
+                read = self._read.get(id(first))
+                if read is not None and read[0]() is first:
+                    state.earlier_readers.update(name for name in read[1] if name != state.name)
                 found = self._note_residual_add(
                     first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU),
                     state.name,

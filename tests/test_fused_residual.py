@@ -15,7 +15,8 @@ from paddle.vision.models.resnet import BasicBlock
 from imperative_ptq.export import int8_report, save_quantized_model
 from imperative_ptq.converted import output_thresholds
 from imperative_ptq.quant_layers import QuantizedLayer
-from imperative_ptq.quant_residual import QuantizedResidualOutput
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+from imperative_ptq.quant_residual import QuantizedResidualOutput, ResidualCodesInput
 from avx2_kernels import on_avx2, paddle_inference_outputs
 from models import RESNET_WIDTH as WIDTH, X86_TARGETS, DLANet, FoldedBlock, FoldedResNet, OneBlockResNet, ThreeBlockResNet, converted
 from models import converted_from_old_table, largest_error_in_paddle_inference, randomize_batch_norm_statistics
@@ -356,14 +357,15 @@ class _PooledBlockOutput(nn.Layer):
     """An identity block (its sum's ReLU on the codes the fused conv writes) whose output a
     pool reads: a ResNet-vd downsample block (its 3x3 conv, and a 1x1 conv on an average pool
     of it), or a 1x1 conv through an average or a max pool alone. ``functional``: the sum's
-    ReLU is ``F.relu`` (PaddleDetection's ResNet blocks), no layer."""
+    ReLU is ``F.relu`` (PaddleDetection's ResNet blocks), no layer; ``pool_first``: the vd
+    block's pooled shortcut runs before its branch."""
 
-    def __init__(self, reader: str, functional: bool = False) -> None:
+    def __init__(self, reader: str, functional: bool = False, pool_first: bool = False) -> None:
         super().__init__()
         self.stem, self.act0 = _ConvBN(3, WIDTH, 3, act=False), nn.ReLU()
         self.conv0, self.conv1 = _ConvBN(WIDTH, WIDTH, 3), _ConvBN(WIDTH, WIDTH, 3, act=False)
         self.act1 = F.relu if functional else nn.ReLU()
-        self.functional = functional
+        self.functional, self.pool_first = functional, pool_first
         self.reader = reader
         self.pool = nn.MaxPool2D(2, 2) if reader == "max_pool" else nn.AvgPool2D(2, 2, ceil_mode=True)
         self.short = _ConvBN(WIDTH, 2 * WIDTH, 1, act=False)
@@ -377,7 +379,7 @@ class _PooledBlockOutput(nn.Layer):
         x = self.act1(paddle.add(x, self.conv1(self.conv0(x))))
         if self.reader != "vd":
             return self.short(self.pool(x))
-        if self.functional:  # PaddleDetection's order: the branch, then the shortcut
+        if self.functional and not self.pool_first:  # PaddleDetection's order: the branch, then the shortcut
             branch = self.conv3(self.conv2(x))
             return self.act2(paddle.add(self.short(self.pool(x)), branch))
         short = self.short(self.pool(x))
@@ -385,22 +387,50 @@ class _PooledBlockOutput(nn.Layer):
 
 
 @pytest.mark.parametrize("target", X86_TARGETS)
-@pytest.mark.parametrize("reader", ["vd", "avg_pool", "max_pool", "vd, F.relu", "avg_pool, F.relu"])
+@pytest.mark.parametrize(
+    "reader", ["vd", "avg_pool", "max_pool", "vd, F.relu", "avg_pool, F.relu", "vd pool first, F.relu"]
+)
 def test_a_pooled_block_output_runs_as_simulated(reader, target, tmp_path, avx2_runner) -> None:
     """The simulation holds the block output on the fused conv's codes; the export dropped its
     scale for the fp32 average pool (the fused conv then wrote floats) and put it on the max
     pool reader's grid where the simulation used its own (measured: random-weight PaddleClas
     ResNet18_vd 1.2% of the largest logit off Paddle Inference, 4e-7 now; these blocks
     0.9-1.7%). An ``F.relu`` sum (PaddleDetection's blocks) is put on codes by its first
-    int8 reader, in place: the vd block's branch runs first here, so its pool averages the
-    codes, as Paddle does. ONNX Runtime is not checked here: its QLinearConv's int32 biases of these randomized BatchNorms move codes near a half
+    int8 reader, in place; where the vd block's pool runs before its branch, the pool puts it
+    on them first (it averaged the float sum while Paddle ran it int8 on the codes, rounding
+    the average to a code: 1.1% off), and the export rounds the pool's input to the codes.
+    ONNX Runtime is not checked here: its QLinearConv's int32 biases of these randomized BatchNorms move codes near a half
     (0.56% off at the block output already, docs/deployment.md)."""
     paddle.seed(0)
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)) for _ in range(3)]
-    qmodel = converted(_PooledBlockOutput(reader.split(",")[0], reader.endswith("F.relu")), batches, target)
+    block = _PooledBlockOutput(reader.split(" ")[0].rstrip(","), reader.endswith("F.relu"), "pool first" in reader)
+    qmodel = converted(block, batches, target)
     x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=on_avx2(avx2_runner, target)) <= 1e-5
+
+
+def test_a_pool_reading_a_functional_sum_first_converts_alike_from_its_table(tmp_path) -> None:
+    """The pool that reads the sum before the branch's conv is recorded in the table's
+    structure (``earlier_readers``): a model loading the table simulates it on the codes too."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = _PooledBlockOutput("vd", functional=True, pool_first=True)
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    calibrated = ptq.quantize(model)
+    for _ in range(3):
+        calibrated(paddle.to_tensor(rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)))
+    ptq.save_calibration_table(calibrated, tmp_path / "table.json")
+    ptq.convert(calibrated)
+    assert isinstance(calibrated.pool, ResidualCodesInput)
+    fresh = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    loaded = fresh.quantize(model)
+    fresh.load_calibration_table(loaded, tmp_path / "table.json")
+    fresh.convert(loaded)
+    assert isinstance(loaded.pool, ResidualCodesInput)
+    x = paddle.to_tensor(rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32))
+    np.testing.assert_array_equal(loaded(x).numpy(), calibrated(x).numpy())
 
 
 class _BiasedMainBranch(nn.Layer):

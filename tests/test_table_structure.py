@@ -220,6 +220,7 @@ MALFORMED = {
     "unknown-key": (("structure", "layer1.0.conv1", "rank"), 4, "layer1.0.conv1"),
     "unknown-source": (("structure", "fc", "input_sources"), ["pool"], "'fc'.*'pool'"),
     "source-not-a-list": (("structure", "fc", "input_sources"), "avgpool", "'fc'"),
+    "unknown-earlier-reader": (("structure", "fc", "earlier_readers"), ["pool"], "'fc'.*'pool'"),
     "rank-a-string": (("structure", "fc", "input_rank"), "2", "'fc'"),
     "rank-too-large": (("structure", "fc", "input_rank"), 12, "'fc'"),
     "flag-a-number": (("structure", "avgpool", "wide_input"), 1, "'avgpool'"),

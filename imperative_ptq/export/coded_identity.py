@@ -12,7 +12,10 @@ off). :func:`round_float_readers` gives those readers the codes, computed in flo
 
 Ties (a value exactly half a step from two codes) round away from zero here and to even in the
 simulation; a float reader before the conv (in program order) keeps reading the float tensor,
-as in the simulation. Not covered: an identity the network also returns (Paddle returns the
+as in the simulation, unless the simulation puts the tensor on codes for it too (a float layer
+reading it first, :class:`~imperative_ptq.quant_residual.ResidualCodesInput`: a ResNet-vd
+shortcut's pool run before its branch's conv, which Paddle would otherwise run int8 on the
+codes, rounding the pooled codes). Not covered: an identity the network also returns (Paddle returns the
 float tensor, the simulation its codes).
 """
 
@@ -54,7 +57,7 @@ class CodedIdentity:
 
 def round_float_readers(
     block: "paddle.static.Block", identities: Mapping[str, CodedIdentity],
-    int8_output: Callable[[str], bool],
+    int8_output: Callable[[str], bool], coded_layer_outputs: frozenset[str] = frozenset(),
 ) -> int:
     """Makes the float readers of each identity read its codes, as the simulation does.
 
@@ -69,6 +72,8 @@ def round_float_readers(
         identities: Identity tensor name -> its codes.
         int8_output: Whether a tensor is an int8 conv/fc output (after its bias add or
             BatchNorm), into which Paddle fuses an add reading it.
+        coded_layer_outputs: Outputs of float layers that read an identity on its codes
+            wherever they run: their first op reads the codes, before the int8 readers too.
 
     Returns:
         How many readers now read the codes.
@@ -84,7 +89,8 @@ def round_float_readers(
         first = min(op_index(block, op) for op in int8_readers)
         floats = [
             op for op in consumers
-            if op_index(block, op) > first and not feeds_quantize(op, reading)
+            if (op_index(block, op) > first or _computes(op, coded_layer_outputs, reading))
+            and not feeds_quantize(op, reading)
             and op.type not in ("fetch", "fetch_v2") and not _fused_residual_add(op, name, int8_output)
         ]
         if floats:
@@ -93,6 +99,20 @@ def round_float_readers(
             logger.debug("%s: %d float readers read its codes (%s)", name, len(floats),
                          ", ".join(op.type for op in floats))
     return rounded
+
+
+def _computes(op: Operator, outputs: frozenset[str], reading: Mapping[str, list[Operator]], ops: int = 3) -> bool:
+    """Whether ``op`` begins a chain of at most ``ops`` ops, each the only reader of the one
+    before, that writes one of ``outputs`` (a layer's ops: a conv, its bias add, ...)."""
+    for _ in range(ops):
+        written = [name for slot in op.output_names for name in op.output(slot)]
+        if outputs.intersection(written):
+            return True
+        following = [reader for name in written for reader in reading.get(name, [])]
+        if len(following) != 1:
+            return False
+        op = following[0]
+    return False
 
 
 def _fused_residual_add(op: Operator, name: str, int8_output: Callable[[str], bool]) -> bool:

@@ -636,8 +636,13 @@ def quantize_program(
         logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
                     len(unscaled), ", ".join(unscaled))
     writers = producers(block)
+    # Float layers the simulation reads the codes with, wherever they run (ResidualCodesInput).
+    coded_layer_outputs = frozenset(
+        out for record in records if record.residual_codes and record.weight_name is None
+        for _, out in record.calls if out
+    )
     rounded = round_float_readers(
-        block, identities, lambda name: _int8_weight_op_output(block, name, writers)
+        block, identities, lambda name: _int8_weight_op_output(block, name, writers), coded_layer_outputs
     )
     if rounded:
         logger.info("%d float ops read an identity shortcut on its codes, as simulated", rounded)
