@@ -29,9 +29,9 @@ inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp
 ``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
 :mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
 while its other calls read activations (a Linear called on the tokens and on a parameter);
-``earlier_readers``: where no hooked layer wrote the layer's first input, the hooked layers
-that read it before the layer in a forward (an ``F.relu`` output read by a pool, then by a
-conv); ``residual_adds``: the adds whose residual operand was the layer's output
+``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
+conv writes it as codes, the hooked layers that read it before the layer in a forward (an
+``F.relu`` sum read by a pool, then by a conv); ``residual_adds``: the adds whose residual operand was the layer's output
 (:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
 or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
 ``F.relu`` output, the layer being its first reader); an add's optional ``"sum_reader"``: the

@@ -69,8 +69,9 @@ class LayerState:
     #: output (:func:`imperative_ptq.quant_residual.find_residual_add`).
     residual_adds: set[ResidualAdd] = dataclasses.field(default_factory=set)
     #: Hooked layers that read this layer's first input before it in a forward, where no
-    #: hooked layer wrote that input (an ``F.relu`` output read by a pool, then by a conv):
-    #: ``convert`` puts such a tensor on codes before the first of them reads it.
+    #: hooked layer wrote that input and a fused residual conv writes it as codes (an
+    #: ``F.relu`` sum read by a pool, then by a conv): ``convert`` puts it on the codes before
+    #: the first of them reads it.
     earlier_readers: set[str] = dataclasses.field(default_factory=set)
     #: Its first input was a ReLU output that Paddle writes as s8 codes (after a conv fused
     #: with an s8 residual): saturated at code 127 of the tensor's u8 step.
@@ -429,9 +430,6 @@ class CalibrationSession:
             if source is not None:
                 state.input_sources.add(source)
             else:
-                read = self._read.get(id(first))
-                if read is not None and read[0]() is first:
-                    state.earlier_readers.update(name for name in read[1] if name != state.name)
                 found = self._note_residual_add(
                     first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU),
                     state.name,
@@ -452,10 +450,14 @@ class CalibrationSession:
                     kind = self._wide if unsigned else self._signed
                     kind[id(after)] = weakref.ref(after)
             signed, wide = self._signed.get(id(first)), self._wide.get(id(first))
+            on_codes = False
             if signed is not None and signed() is first:
-                state.signed_input = True
+                state.signed_input = on_codes = True
             if wide is not None and wide() is first:
-                state.wide_input = True
+                state.wide_input = on_codes = True
+            read = self._read.get(id(first))
+            if source is None and on_codes and read is not None and read[0]() is first:
+                state.earlier_readers.update(name for name in read[1] if name != state.name)
             self._note_read(first, state.name)
         if inputs_quantizer is not None:
             if _is_float_tensor(first):
