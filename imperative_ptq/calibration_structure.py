@@ -31,7 +31,8 @@ inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp
 while its other calls read activations (a Linear called on the tokens and on a parameter);
 ``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
 conv writes it as codes, the hooked layers that read it before the layer in a forward (an
-``F.relu`` sum read by a pool, then by a conv); ``residual_adds``: the adds whose residual operand was the layer's output
+``F.relu`` sum read by a pool, then by a conv); ``residual_adds``: the adds whose residual
+operand was the layer's output
 (:class:`~imperative_ptq.quant_residual.ResidualAdd`, its ``residual`` being the layer itself),
 or, with ``"residual_is_input": true``, the layer's first input (an unhooked tensor such as an
 ``F.relu`` output, the layer being its first reader); an add's optional ``"sum_reader"``: the
@@ -58,7 +59,9 @@ _MAX_TOP = 255
 _FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
-_KEYS = ("input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers")
+_KEYS = (
+    "input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
+)
 
 #: A layer's entry in the section (JSON-ready).
 LayerStructure = dict[str, Any]

@@ -498,7 +498,7 @@ def _simulate_fused_residuals(
             for name in sorted(state.earlier_readers - quantized.keys()):
                 earlier, _ = by_name.get(name, (None, None))
                 # Only a layer convert left as it was (not one it wrapped already).
-                if earlier is not None and dict(model.named_sublayers()).get(name) is earlier:
+                if earlier is not None and _sublayer(model, name) is earlier:
                     replace_sublayer(model, earlier, ResidualCodesInput(
                         earlier, float(reader.input_thresholds[0]), reader.residual_codes, activation_bits
                     ))
@@ -595,6 +595,11 @@ def _native_hint() -> str:
     if not info.vnni:
         return ""
     return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
+
+
+def _sublayer(model: paddle.nn.Layer, name: str) -> paddle.nn.Layer | None:
+    """The model's sublayer at the dotted path ``name`` now, or ``None``."""
+    return dict(model.named_sublayers()).get(name)
 
 
 def _output_layers(hooked: HookedLayers) -> set[str]:

@@ -15,8 +15,8 @@ simulation; a float reader before the conv (in program order) keeps reading the 
 as in the simulation, unless the simulation puts the tensor on codes for it too (a float layer
 reading it first, :class:`~imperative_ptq.quant_residual.ResidualCodesInput`: a ResNet-vd
 shortcut's pool run before its branch's conv, which Paddle would otherwise run int8 on the
-codes, rounding the pooled codes). Not covered: an identity the network also returns (Paddle returns the
-float tensor, the simulation its codes).
+codes, rounding the pooled codes). Not covered: an identity the network also returns (Paddle
+returns the float tensor, the simulation its codes).
 """
 
 from __future__ import annotations
@@ -101,10 +101,12 @@ def round_float_readers(
     return rounded
 
 
-def _computes(op: Operator, outputs: frozenset[str], reading: Mapping[str, list[Operator]], ops: int = 3) -> bool:
-    """Whether ``op`` begins a chain of at most ``ops`` ops, each the only reader of the one
+def _computes(
+    op: Operator, outputs: frozenset[str], reading: Mapping[str, list[Operator]], depth: int = 3
+) -> bool:
+    """Whether ``op`` begins a chain of at most ``depth`` ops, each the only reader of the one
     before, that writes one of ``outputs`` (a layer's ops: a conv, its bias add, ...)."""
-    for _ in range(ops):
+    for _ in range(depth):
         written = [name for slot in op.output_names for name in op.output(slot)]
         if outputs.intersection(written):
             return True
