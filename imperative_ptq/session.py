@@ -7,6 +7,7 @@ holding them, and others ask through :func:`calibrating_session` and :func:`hook
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -162,6 +163,11 @@ class CalibrationSession:
         #: Tensors hooked layers read in the current forward: ``id`` -> (weak reference,
         #: names of the layers that read it).
         self._read: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        #: Calls of each hooked layer on a float input in the current forward, and the layers
+        #: called more than once in some forward: such a shared layer (one pool instance used
+        #: on several tensors) is no earlier reader to put on codes (``earlier_readers``).
+        self._calls: collections.Counter[str] = collections.Counter()
+        self._called_again: set[str] = set()
         #: Outputs of the current forward that Paddle writes as s8 (``id`` -> weak reference).
         self._signed: dict[int, Any] = {}
         #: Outputs of the current forward that Paddle writes as u8 up to 255 after a residual.
@@ -306,6 +312,7 @@ class CalibrationSession:
             {}, {}, [], {}, {}, {}
         )
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
+        self._calls.clear()
         self.forwards += 1
         if not self.inputs_changed:
             first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
@@ -316,6 +323,10 @@ class CalibrationSession:
                 self._inputs_fingerprint = inputs_print
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        self._called_again.update(name for name, calls in self._calls.items() if calls > 1)
+        for _, state in self.layers:
+            state.earlier_readers -= self._called_again
+        self._calls.clear()
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
@@ -457,7 +468,10 @@ class CalibrationSession:
                 state.wide_input = on_codes = True
             read = self._read.get(id(first))
             if source is None and on_codes and read is not None and read[0]() is first:
-                state.earlier_readers.update(name for name in read[1] if name != state.name)
+                state.earlier_readers.update(
+                    name for name in read[1] if name != state.name and name not in self._called_again
+                )
+            self._calls[state.name] += 1
             self._note_read(first, state.name)
         if inputs_quantizer is not None:
             if _is_float_tensor(first):

@@ -410,6 +410,27 @@ def test_a_pooled_block_output_runs_as_simulated(reader, target, tmp_path, avx2_
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=on_avx2(avx2_runner, target)) <= 1e-5
 
 
+class _SharedPoolBlock(_PooledBlockOutput):
+    """The pool-first vd block whose pool instance also pools the block's output."""
+
+    def __init__(self) -> None:
+        super().__init__("vd", functional=True, pool_first=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.pool(super().forward(x))
+
+
+def test_a_pool_called_on_other_tensors_too_is_not_put_on_the_sum_codes() -> None:
+    """Putting every input of a shared pool on the sum's codes would quantize its other inputs
+    on that grid too: a layer called more than once in a forward is no earlier reader."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(_SharedPoolBlock(), batches)
+    assert not isinstance(qmodel.pool, ResidualCodesInput)
+    assert isinstance(converted(_PooledBlockOutput("vd", True, True), batches).pool, ResidualCodesInput)
+
+
 def test_a_pool_reading_a_functional_sum_first_converts_alike_from_its_table(tmp_path) -> None:
     """The pool that reads the sum before the branch's conv is recorded in the table's
     structure (``earlier_readers``): a model loading the table simulates it on the codes too."""
