@@ -431,6 +431,39 @@ def test_a_pool_called_on_other_tensors_too_is_not_put_on_the_sum_codes() -> Non
     assert isinstance(converted(_PooledBlockOutput("vd", True, True), batches).pool, ResidualCodesInput)
 
 
+class _PooledIdentity(nn.Layer):
+    """Two identity blocks on ``F.relu`` sums; between them a side branch (a stride-1 average
+    pool and a 1x1 conv) reads the first sum before the second block's conv does, and is
+    added to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act0 = _ConvBN(3, WIDTH, 3, act=False), nn.ReLU()
+        self.conv0, self.conv1 = _ConvBN(WIDTH, WIDTH, 3), _ConvBN(WIDTH, WIDTH, 3, act=False)
+        self.pool, self.side = nn.AvgPool2D(3, 1, 1), _ConvBN(WIDTH, WIDTH, 1, act=False)
+        self.conv2, self.conv3 = _ConvBN(WIDTH, WIDTH, 3), _ConvBN(WIDTH, WIDTH, 3, act=False)
+        randomize_batch_norm_statistics(self, seed=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.act0(self.stem(x))
+        x = F.relu(paddle.add(x, self.conv1(self.conv0(x))))
+        side = self.side(self.pool(x))
+        return F.relu(paddle.add(x, self.conv3(self.conv2(x)))) + side
+
+
+def test_a_pool_reading_a_functional_identity_first_reads_its_codes(tmp_path, avx2_runner) -> None:
+    """Paddle's fused conv writes the first sum as codes for every reader; the simulation put
+    it on them at the second block's conv, after the pool had read the float sum (measured:
+    0.6% of the largest output off Paddle Inference)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.normal(0, 1, (4, 3, 16, 16)).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(_PooledIdentity(), batches)
+    assert isinstance(qmodel.pool, ResidualCodesInput)
+    x = rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 1e-5
+
+
 def test_a_pool_reading_a_functional_sum_first_converts_alike_from_its_table(tmp_path) -> None:
     """The pool that reads the sum before the branch's conv is recorded in the table's
     structure (``earlier_readers``): a model loading the table simulates it on the codes too."""
