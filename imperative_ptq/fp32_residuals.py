@@ -12,7 +12,9 @@ residual (:mod:`imperative_ptq.quant_residual`). With some layers fp32
   shortcut is read as codes only where an int8 op still reads it directly;
 * a tensor an int8 conv writes as codes (an int8 op reads it directly: a fused residual conv, or
   an int8 conv reading a block output) is read as those codes by every reader: a reader now fp32
-  becomes a :class:`~imperative_ptq.quant_residual.ResidualCodesInput`, which puts it on them.
+  becomes a :class:`~imperative_ptq.quant_residual.ResidualCodesInput`, which puts it on them;
+* an fp32 layer ``convert`` put on a sum's codes because a reader now fp32 read the sum after
+  it (``earlier_readers``) reads the float sum again, unless an int8 reader still puts it on them.
 
 Measured on the test zoo's three-block ResNet (Paddle Inference vs simulation, largest output):
 0.9-5.5% before, float noise after, for the fused convs, the convs reading a block output and
@@ -127,6 +129,19 @@ def refit_fused_residuals(
                     layer.residual_codes, layer.residual_source = 0, ""
                 elif isinstance(layer, ResidualCodesInput):
                     replace(name, layer.layer)
+    # Layers convert put on a sum's codes because a layer now fp32 read the sum after them
+    # (a ResNet-vd shortcut's pool run before its branch's conv): unless another int8 reader
+    # of the sum still does, they read the float sum again, as the same block written branch
+    # first does (measured: 0.95% of the largest output off Paddle Inference while kept).
+    still_coded = {
+        earlier for other, entry in structure.items()
+        if isinstance(layers.get(other), QuantizedLayer) and layers[other].residual_codes
+        for earlier in entry.get("earlier_readers", [])
+    }
+    for name in kept:
+        for earlier in structure.get(name, {}).get("earlier_readers", []):
+            if isinstance(layers.get(earlier), ResidualCodesInput) and earlier not in still_coded:
+                replace(earlier, layers[earlier].layer)
     # Readers now fp32 of a tensor an int8 conv still writes as codes.
     for name, old in kept.items():
         if not isinstance(old, QuantizedLayer) or not old.input_unsigned:
