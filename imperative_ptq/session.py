@@ -323,9 +323,11 @@ class CalibrationSession:
                 self._inputs_fingerprint = inputs_print
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-        self._called_again.update(name for name, calls in self._calls.items() if calls > 1)
-        for _, state in self.layers:
-            state.earlier_readers -= self._called_again
+        again = {name for name, calls in self._calls.items() if calls > 1} - self._called_again
+        if again:  # (rare: only then can a recorded earlier reader have become a shared one)
+            self._called_again |= again
+            for _, state in self.layers:
+                state.earlier_readers -= again
         self._calls.clear()
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
