@@ -29,7 +29,8 @@ inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp
 ``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
 :mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
 while its other calls read activations (a Linear called on the tokens and on a parameter);
-``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
+``model_output``: the model returned the layer's output (one of its heads when no layer with a
+weight reads it); ``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
 conv writes it as codes, the hooked layers that read it before the layer in a forward (an
 ``F.relu`` sum read by a pool, then by a conv); ``residual_adds``: the adds whose residual
 operand was the layer's output
@@ -56,7 +57,7 @@ STRUCTURE = "structure"
 _MAX_RANK = 9
 #: Largest code a residual is read up to (a u8 tensor).
 _MAX_TOP = 255
-_FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input")
+_FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input", "model_output")
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
@@ -115,6 +116,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.wide_input = bool(entry.get("wide_input", False))
         state.constant_operand = bool(entry.get("constant_operand", False))
         state.constant_input = bool(entry.get("constant_input", False))
+        state.model_output = bool(entry.get("model_output", False))
         state.constant_call_inputs = [
             (tuple(shape), float(value)) for shape, value in entry.get("constant_call_inputs", ())
         ]

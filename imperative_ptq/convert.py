@@ -30,6 +30,7 @@ from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput, relu_or_its_max_pool
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
+from .session import LayerState
 from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
@@ -603,30 +604,41 @@ def _sublayer(model: paddle.nn.Layer, name: str) -> paddle.nn.Layer | None:
 
 
 def _output_layers(hooked: HookedLayers) -> set[str]:
-    """The model's last hooked layer with a weight (in calibration order: definition order,
-    then functional sites in call order), when no hooked layer with a weight reads its output,
-    directly or through hooked layers without one: a classifier head, a CTC head before its
-    softmax. Calibration sees who reads what only across hooked layers, so Linear layers joined
-    by functional ops (a transformer's) would all look unread; the last one is the head.
-    Empty for a table without its structure section (no input rank recorded)."""
+    """The model's heads: hooked layers with a weight whose output no hooked layer with a
+    weight reads, directly or through hooked layers without one, among those the model
+    returned (a detector's class and box Linear layers, each head of a multi-task model) and
+    its last hooked layer with a weight (in calibration order: definition order, then
+    functional sites in call order; a CTC head before its softmax). Calibration sees who reads
+    what only across hooked layers, so Linear layers joined by functional ops (a
+    transformer's) would all look unread: of those, only what the model returned and the last
+    one count. Empty for a table without its structure section (no input rank recorded)."""
     if not any(state.input_rank for _, state in hooked):
         return set()
     weighted = [state.name for _, state in hooked if state.weight_quantizer is not None]
     if not weighted:
         return set()
-    readers: dict[str, list] = {}
+    readers: dict[str, list[LayerState]] = {}
     for _, state in hooked:
         for source in state.input_sources:
             readers.setdefault(source, []).append(state)
-    pending, seen = [weighted[-1]], {weighted[-1]}
+    returned = [
+        state.name for _, state in hooked if state.model_output and state.weight_quantizer is not None
+    ]
+    return {name for name in dict.fromkeys([*returned, weighted[-1]]) if not _read_by_weighted(name, readers)}
+
+
+def _read_by_weighted(name: str, readers: dict[str, list[LayerState]]) -> bool:
+    """Whether a hooked layer with a weight reads layer ``name``'s output, directly or through
+    hooked layers without one."""
+    pending, seen = [name], {name}
     while pending:
         for reader in readers.get(pending.pop(), ()):
             if reader.weight_quantizer is not None:
-                return set()
+                return True
             if reader.name not in seen:
                 seen.add(reader.name)
                 pending.append(reader.name)
-    return {weighted[-1]}
+    return False
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:

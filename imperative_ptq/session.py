@@ -74,6 +74,10 @@ class LayerState:
     #: ``F.relu`` sum read by a pool, then by a conv): ``convert`` puts it on the codes before
     #: the first of them reads it.
     earlier_readers: set[str] = dataclasses.field(default_factory=set)
+    #: Its output was returned by the model itself (a tensor of the forward's result, also
+    #: inside a tuple, list or dict): one of the model's heads when no hooked layer with a
+    #: weight reads it.
+    model_output: bool = False
     #: Its first input was a ReLU output that Paddle writes as s8 codes (after a conv fused
     #: with an s8 residual): saturated at code 127 of the tensor's u8 step.
     signed_input: bool = False
@@ -323,6 +327,10 @@ class CalibrationSession:
                 self._inputs_fingerprint = inputs_print
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        for value in _returned_tensors(outputs):
+            source = self.source_of(value)
+            if source is not None:
+                self._by_name[source][1].model_output = True
         again = {name for name, calls in self._calls.items() if calls > 1} - self._called_again
         if again:  # (rare: only then can a recorded earlier reader have become a shared one)
             self._called_again |= again
@@ -603,6 +611,18 @@ def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tens
         prints = [new if new == old else None for new, old in zip(prints, previous)]
     state.operand_fingerprints = prints
     state.constant_operand = sum(p is None for p in prints) == 1
+
+
+def _returned_tensors(outputs: Any) -> Iterator[paddle.Tensor]:
+    """The float tensors of a forward's result, in tuples, lists and dict values at any
+    depth."""
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        for value in outputs:
+            yield from _returned_tensors(value)
+    elif _is_float_tensor(outputs):
+        yield outputs
 
 
 def _is_float_tensor(value: Any) -> bool:

@@ -75,8 +75,10 @@ def test_a_table_loaded_resnet_simulates_and_exports_as_the_calibrated_one(resne
     adds = [add for entry in structure.values() for add in entry.get("residual_adds", [])]
     tops = {add["residual_top"] for add in adds}
     # ResNet-18 has all of them: u8 (255) and s8-stored (127) identity shortcuts, downsample
-    # shortcuts, inputs written s8 or as wide u8 codes, a head pool read by the fc.
-    assert kinds == {"input_sources", "input_rank", "residual_adds", "signed_input", "wide_input"}
+    # shortcuts, inputs written s8 or as wide u8 codes, a head pool read by the fc, the fc
+    # whose output the model returns.
+    assert kinds == {"input_sources", "input_rank", "residual_adds", "signed_input", "wide_input", "model_output"}
+    assert [name for name, entry in structure.items() if entry.get("model_output")] == ["fc"]
     assert tops == {127, 255}
 
     loading, loaded = _table_loaded(model, path)
@@ -224,6 +226,7 @@ MALFORMED = {
     "rank-a-string": (("structure", "fc", "input_rank"), "2", "'fc'"),
     "rank-too-large": (("structure", "fc", "input_rank"), 12, "'fc'"),
     "flag-a-number": (("structure", "avgpool", "wide_input"), 1, "'avgpool'"),
+    "model-output-a-string": (("structure", "fc", "model_output"), "yes", "'fc'.*model_output"),
     "add-missing-key": (
         ("structure", "maxpool", "residual_adds"), [{"fused": "layer1.0.bn2"}], "'maxpool'"
     ),
