@@ -153,18 +153,7 @@ def runtime_weight(
     Returns:
         ``(weight, thresholds)``: the float32 weight that runs and its 8-bit thresholds.
     """
-    levels = symmetric_levels(bits)
-    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
-    scales = _weight_scales(thresholds, bits, axis, integers.ndim)
-    # Paddle's quant_dequant pass dequantizes the stored codes as float32(code / 127.0)
-    # times the stored scale (export.program writes t * 127 / L) in float32, then
-    # requantizes: its rounding ties (a code k = m / 2 of a channel whose largest code m
-    # is even) go the way those float32 values send them (measured: a 6-bit per-tensor
-    # square Linear was 0.4-0.8% off with the product taken in float64 instead).
-    stored = (thresholds * np.float32(127 / levels)).astype(np.float32)
-    dequantized = (
-        (integers.astype(np.float64) / 127.0).astype(np.float32) * stored.reshape(scales.shape)
-    ).astype(np.float32)
+    dequantized = _stored_dequantized(integers, thresholds, bits, axis)
     if fc:
         runtime_integers, thresholds = paddle_fc_weight(dequantized)
         weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127))
@@ -174,6 +163,107 @@ def runtime_weight(
     shape[axis] = -1
     weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127)).reshape(shape)
     return weight.astype(np.float32), thresholds
+
+
+def stored_weight_thresholds(
+    thresholds: np.ndarray, shape: tuple[int, ...], axis: int, factor: float = 1.0
+) -> np.ndarray:
+    """The per-output-channel thresholds the Paddle export stores a weight of ``shape`` with,
+    its calibrated ``thresholds`` multiplied by ``factor`` in float32 (the u8 routes of
+    :mod:`imperative_ptq.export.unsigned` scale weights)."""
+    thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1) * np.float32(factor)
+    if len(shape) == 2 and shape[0] == shape[1] and np.ptp(thresholds) > 0:
+        # Paddle's quant_dequant_mkldnn_pass guesses the channel axis of a 2-D weight from the
+        # number of scales and, for a square [in, out] weight, applies them per input row
+        # (measured: logit cosine 0.49 on a 100x100 Linear). One per-tensor threshold is read
+        # the same way on every axis.
+        thresholds = np.full_like(thresholds, thresholds.max())
+    if thresholds.size == 1:
+        thresholds = np.full([shape[axis]], thresholds[0], dtype=np.float32)
+    return thresholds
+
+
+def _stored_dequantized(integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """The float32 weight Paddle's quant_dequant pass computes from stored weight codes."""
+    levels = symmetric_levels(bits)
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    scales = _weight_scales(thresholds, bits, axis, integers.ndim)
+    # Paddle's quant_dequant pass dequantizes the stored codes as float32(code / 127.0)
+    # times the stored scale (export.program writes t * 127 / L) in float32, then
+    # requantizes: its rounding ties (a code k = m / 2 of a channel whose largest code m
+    # is even) go the way those float32 values send them (measured: a 6-bit per-tensor
+    # square Linear was 0.4-0.8% off with the product taken in float64 instead).
+    stored = (thresholds * np.float32(127 / levels)).astype(np.float32)
+    return (
+        (integers.astype(np.float64) / 127.0).astype(np.float32) * stored.reshape(scales.shape)
+    ).astype(np.float32)
+
+
+def fc_runtime_integers(integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """The int8 codes Paddle Inference's oneDNN fc runs for ``[in, out]`` weight codes stored
+    with ``thresholds`` (:func:`paddle_fc_weight` of their dequantized values). Scaling the
+    stored thresholds by a factor scales the runtime weight by it only where these codes stay
+    the same: the float32 roundings of the recomputation can flip a value lying next to a half
+    code."""
+    return paddle_fc_weight(_stored_dequantized(integers, thresholds, bits, axis))[0]
+
+
+#: Values of a fc's weight recomputation farther than this from a half code keep their code
+#: under any scaling of the stored thresholds: float32 rounding moves them by at most ~5e-5
+#: (six float32 steps relative, on values up to 128).
+_TIE_MARGIN = np.float32(1e-3)
+#: Values of a run within this relative distance of its abs-max may become its abs-max under
+#: such a scaling (rounding moves them by ~4e-7, relative).
+_MAX_MARGIN = 1e-5
+
+
+class FcRecomputation:
+    """Whether scaling the stored thresholds of a fc's ``[in, out]`` weight codes keeps the int8
+    codes Paddle Inference derives from them (:func:`fc_runtime_integers`), checked where it
+    can change: only the values within :data:`_TIE_MARGIN` of a half code, and each run's
+    abs-max, differ by more than float32 rounding between two scalings (the recomputation
+    ``w * 127 / max`` is invariant to a common factor in exact arithmetic), so only those are
+    recomputed for each scaling.
+
+    Args:
+        integers: The stored ``[in, out]`` codes.
+        thresholds: Their per-output-channel thresholds as stored unscaled.
+        bits: The codes' bit width.
+        axis: The output-channel axis (1).
+    """
+
+    def __init__(self, integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> None:
+        self.integers, self.bits, self.axis = integers, bits, axis
+        dequantized = _stored_dequantized(integers, thresholds, bits, axis)
+        inputs, outputs = dequantized.shape
+        runs = np.abs(dequantized.reshape(outputs, inputs))
+        largest = runs.max(axis=1)
+        safe = np.where(largest > 0, largest, np.float32(1))
+        values = dequantized * (np.float32(127) * (np.float32(1) / safe))[None, :]
+        near = np.abs(values - np.floor(values) - np.float32(0.5)) < _TIE_MARGIN
+        self.rows, self.columns = np.nonzero(near)
+        self.kept = np.clip(np.rint(values[near]), -128, 127)
+        run, position = np.nonzero(runs >= largest[:, None] * np.float32(1 - _MAX_MARGIN))
+        flat = run * inputs + position
+        self.max_rows, self.max_columns, self.max_runs = flat // outputs, flat % outputs, run
+
+    def keeps_codes(self, scaled_thresholds: np.ndarray) -> bool:
+        """Whether the codes stored with ``scaled_thresholds`` recompute to the unscaled ones."""
+        if self.rows.size == 0:
+            return True
+        levels = symmetric_levels(self.bits)
+        stored = (np.asarray(scaled_thresholds, np.float32).reshape(-1) * np.float32(127 / levels)).astype(np.float32)
+
+        def dequantized(rows, columns):
+            codes = (self.integers[rows, columns].astype(np.float64) / 127.0).astype(np.float32)
+            return (codes * stored[columns]).astype(np.float32)
+
+        largest = np.zeros(self.integers.shape[1], np.float32)
+        np.maximum.at(largest, self.max_runs, np.abs(dequantized(self.max_rows, self.max_columns)))
+        safe = np.where(largest > 0, largest, np.float32(1))
+        multipliers = np.float32(127) * (np.float32(1) / safe)
+        values = dequantized(self.rows, self.columns) * multipliers[self.columns]
+        return bool(np.array_equal(np.clip(np.rint(values), -128, 127), self.kept))
 
 
 def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -823,8 +823,9 @@ def test_linear_on_a_rank_4_input_runs_int8_as_a_conv(rank, tmp_path, caplog) ->
     assert "were not calibrated" not in caplog.text, caplog.text
     report = int8_report(prefix)
     assert report.int8 == ({"fc": 2} if rank == 3 else {"fused_conv2d": 1})
-    # The ReLU runs inside the first fc; a conv's output is reshaped before the ReLU reads it.
-    assert report.fused_activations == ({"relu": 1} if rank == 3 else {})
+    # The ReLU runs inside the first fc, with the relu6 that clips the u8 codes it writes for
+    # the second (export.unsigned); a conv's output is reshaped before the ReLU reads it.
+    assert report.fused_activations == ({"relu6": 1} if rank == 3 else {})
     np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, rtol=1e-4, atol=1e-5)
 
 

@@ -1726,27 +1726,18 @@ def _int8_weight(
     ``factor``: the weight tensor was multiplied by it (:mod:`.unsigned`), so are the
     thresholds here; the integers stay those of the converted layer.
     """
-    from ..quant_layers import quantize_weight
+    from ..quant_layers import quantize_weight, stored_weight_thresholds
 
     block = loaded.program.global_block()
     weight = get_tensor(loaded, weight_name).astype(np.float32)
-    thresholds = np.asarray(record.weight_thresholds, dtype=np.float32).reshape(-1) * np.float32(
-        factor
-    )
     axis = int(record.weight_axis)
-    if weight.ndim == 2 and weight.shape[0] == weight.shape[1] and np.ptp(thresholds) > 0:
-        # Paddle's quant_dequant_mkldnn_pass guesses the channel axis of a 2-D weight from the
-        # number of scales and, for a square [in, out] weight, applies them per input row
-        # (measured: logit cosine 0.49 on a 100x100 Linear). One per-tensor threshold is read
-        # the same way on every axis.
+    if weight.ndim == 2 and weight.shape[0] == weight.shape[1] and np.ptp(record.weight_thresholds) > 0:
         logger.warning(
             "square weight %s %s: exported with one per-tensor threshold instead of %d "
             "per-channel ones (Paddle Inference misreads per-channel scales of square weights)",
-            weight_name, list(weight.shape), thresholds.size,
+            weight_name, list(weight.shape), np.size(record.weight_thresholds),
         )
-        thresholds = np.full_like(thresholds, thresholds.max())
-    if thresholds.size == 1:
-        thresholds = np.full([weight.shape[axis]], thresholds[0], dtype=np.float32)
+    thresholds = stored_weight_thresholds(record.weight_thresholds, weight.shape, axis, factor)
     # The layer's weight already is integers * t / L, so this round trip is exact.
     integers = quantize_weight(weight, thresholds, record.traced_weight_bits, axis)
     bit_length = record.traced_weight_bits

@@ -14,8 +14,15 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
   oneDNN's fused clip is always at 6.) Max-pools between the ReLU and those layers are looked
   through: Paddle pools the u8 codes in int8, and a maximum commutes with the scaling and the
   clip, so the readers read the pool's codes with no fp32 round trip in between.
+* A fc's ReLU read only by such layers keeps its ``relu`` (Paddle runs a fc's fused relu6 as
+  s8, a fused relu as u8) and gets a ``relu6`` after it, on the fc's output scaled the same
+  way; Paddle fuses both into the fc, which writes codes 0..127 straight into its readers.
+  Paddle's fc recomputes its int8 weight from the stored one, in float32, so the factor is
+  one near ``6 / t`` with which the scaled fcs keep the weight codes the simulation computes
+  with (:func:`_codes_keeping_factor`), and the readers' threshold is ``t`` times it; where
+  none does, the ReLU is clipped as below.
 * Any other non-negative input (a network input, a pooling, reshape or sigmoid output, a ReLU
-  after a BatchNorm or a fc, whose fused relu6 Paddle runs as s8) gets ``relu(clip(x, 0, t))``
+  after a BatchNorm, a ReLU6 after a fc) gets ``relu(clip(x, 0, t))``
   in front of its quantize op (:func:`insert_clip_relu`); the ``relu`` is what makes Paddle
   run the result as u8. After a fc this is an fp32 round trip between two int8 fcs: exactness
   first (a fc -> ReLU -> fc with KL thresholds is 8% off the simulation without it).
@@ -32,6 +39,7 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Mapping
 
 import numpy as np
@@ -40,6 +48,8 @@ from ..quantizers.qparams import symmetric_levels
 from .graph import get_tensor, insert_op, is_persistable, new_persistable, producers, readers, set_tensor
 from .graph import insert_reader_op, transposed_matmul
 from .tracing import LayerRecord
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RELU6_CLIP", "RELU6_U8_PRODUCERS", "FusedReluClips", "clip_concat_inputs", "clip_fused_relus",
@@ -61,6 +71,17 @@ FUSING_OPS: dict[str, tuple[str, str]] = {  # op type -> (weight slot, input slo
     "mul": ("Y", "X"),
 }
 
+
+#: Ops that Paddle Inference runs as its oneDNN ``fc``.
+FC_OPS = ("matmul_v2", "mul")
+
+#: How many factors the fc route tries for one that keeps the weight codes Paddle's fc
+#: recomputes (:func:`clip_fused_relus`): ``6 / t`` first, then others spread over
+#: :data:`FACTOR_WINDOW` either side.
+FACTOR_CANDIDATES = 128
+#: Largest relative distance of such a factor from ``6 / t``: the fused clip at 6 then lands
+#: within a quarter code of ``t`` (half a code keeps the codes 0..127 and their saturation).
+FACTOR_WINDOW = 0.25 / 127
 
 #: Producers whose fused ``relu6`` output Paddle runs as u8. A fc's is s8 (measured: Paddle
 #: 3.3.1 fuses the fc activation after deciding signedness, and only a ``relu`` op counts then).
@@ -122,6 +143,9 @@ def runs_unsigned(block, name: str, writers: Mapping) -> bool:
     if op is None or op.type not in ("relu", "relu6"):
         return False
     if op.type == "relu":
+        return True
+    before = writers.get(op.input("X")[0])
+    if before is not None and before.type == "relu":
         return True
     found = fusable_relu_source(block, op, writers)
     return found is not None and found[0].type in RELU6_U8_PRODUCERS
@@ -222,18 +246,32 @@ def clip_fused_relus(
             continue
         threshold, weight_names = readers_found
         found = fusable_relu_source(block, relu, writers)
-        if found is None or found[0].type not in RELU6_U8_PRODUCERS:
+        after_fc = found is not None and found[0].type in FC_OPS and relu.type == "relu"
+        if found is None or (found[0].type not in RELU6_U8_PRODUCERS and not after_fc):
             continue
         if relu.type == "relu6" and threshold > RELU6_CLIP:
             continue  # a relu6 already clips below the threshold; scaling would lift it
         factor = RELU6_CLIP / threshold
-        if not _scale_producer(loaded, reading, found, factor, result):
+        if after_fc:
+            if pooled:
+                continue
+            factor = _codes_keeping_factor(loaded, reading, weights, found, weight_names, result, factor)
+            if factor is None:
+                continue
+        # A fc that reads one such ReLU and writes the next is scaled as both (factors multiplied).
+        if not _scale_producer(loaded, reading, found, factor, result, compose=after_fc):
             continue
         for weight_name in weight_names:
             _scale_tensor(loaded, weight_name, 1.0 / factor)
             result.weight_factors[weight_name] = 1.0 / factor
-        relu.desc.set_type("relu6")
-        result.thresholds[name] = RELU6_CLIP
+        if after_fc:
+            _relu6_after(block, relu)
+            # The readers' grid is the simulation's (t, scaled by the factor): the clip at 6
+            # lands within half a code of t (FACTOR_WINDOW), where the codes saturate at 127.
+            result.thresholds[name] = threshold * factor
+        else:
+            relu.desc.set_type("relu6")
+            result.thresholds[name] = RELU6_CLIP
         if pooled:
             # The pools hand the relu6's codes on: one grid, that of the readers (scaled).
             for tensor in (name, *pooled):
@@ -244,6 +282,81 @@ def clip_fused_relus(
     if result.thresholds:
         loaded.program._sync_with_cpp()
     return result
+
+
+def _codes_keeping_factor(
+    loaded, reading, weights: Mapping[str, LayerRecord], found, reader_weights: list[str],
+    result: FusedReluClips, factor: float,
+) -> float | None:
+    """A factor near ``factor`` (``6 / t``) with which the fc writing a ReLU and its fc readers
+    keep the int8 weight codes Paddle Inference derives from their stored weights
+    (:class:`imperative_ptq.quant_layers.FcRecomputation`): the writer's thresholds are
+    multiplied by it, the readers' divided. ``None`` if none of :data:`FACTOR_CANDIDATES`
+    does, or the producer's tensors cannot be scaled.
+
+    The simulation computes with those codes as they are unscaled; with ``6 / t`` itself the
+    float32 roundings of Paddle's recomputation flip the few weight values lying within a few
+    float32 steps of a half code (measured on a trained 784 x 128 Linear: 10 of 100,352, and
+    45 of 2,000 images one code off after it). The factor only has to put the fused clip at 6
+    within half a code of ``t``; the readers' threshold is ``t`` times it.
+    """
+    from ..quant_layers import FcRecomputation, quantize_weight, stored_weight_thresholds
+
+    tensors = _producer_tensors(reading, found, result, compose=True)
+    producer = found[0]
+    if tensors is None or producer.input(FUSING_OPS[producer.type][0])[0] not in weights:
+        return None  # (an fp32 fc: Paddle ran its fused relu + relu6 off the simulation, measured)
+    scaled = [
+        (name, exponent)
+        for name, exponent in [(tensors[0], 1), *((name, -1) for name in reader_weights)]
+        if name in weights and name == _fc_weight(reading, name)
+    ]
+    if producer.input(FUSING_OPS[producer.type][0])[0] != tensors[0]:
+        scaled = [(name, exponent) for name, exponent in scaled if exponent < 0]  # a norm scales it
+    checks = []
+    for name, exponent in scaled:
+        record, before = weights[name], result.weight_factors.get(name, 1.0)
+        weight = get_tensor(loaded, name).astype(np.float32)  # scaled by ``before`` already
+        axis, bits = int(record.weight_axis), record.traced_weight_bits
+        integers = quantize_weight(
+            weight, stored_weight_thresholds(record.weight_thresholds, weight.shape, axis, before), bits, axis
+        )
+        unscaled = stored_weight_thresholds(record.weight_thresholds, weight.shape, axis)
+        checks.append((exponent, before, record.weight_thresholds, weight.shape,
+                       FcRecomputation(integers, unscaled, bits, axis)))
+    for step in range(FACTOR_CANDIDATES):
+        offset = (step + 1) // 2 * (1 if step % 2 else -1)
+        candidate = factor * (1.0 + offset * FACTOR_WINDOW / FACTOR_CANDIDATES)
+        if all(
+            check.keeps_codes(stored_weight_thresholds(
+                thresholds, shape, check.axis, before * (candidate if exponent > 0 else 1.0 / candidate)
+            ))
+            for exponent, before, thresholds, shape, check in checks
+        ):
+            return candidate
+    logger.debug("fc writing %s: no factor keeps its weight codes; it stays on the clip", producer.output("Out"))
+    return None
+
+
+def _fc_weight(reading, name: str) -> str | None:
+    """``name`` when a fc op (``matmul_v2``/``mul``) reads it as its weight, else ``None``."""
+    ops = reading.get(name, [])
+    if any(op.type in FC_OPS and op.input(FUSING_OPS[op.type][0]) == [name] for op in ops):
+        return name
+    return None
+
+
+def _relu6_after(block, relu) -> None:
+    """Puts a ``relu6`` after a fc's ``relu`` (which keeps the fc's output u8 in Paddle's
+    pipeline; oneDNN fuses both into the fc)."""
+    name = relu.output("Out")[0]
+    var = block.var(name)
+    unclipped = block.create_var(name=f"{name}.unclipped", shape=var.shape, dtype=var.dtype)
+    relu._rename_output(name, unclipped.name)
+    insert_op(
+        block, list(block.ops).index(relu) + 1, type="relu6", inputs={"X": [unclipped.name]},
+        outputs={"Out": [name]}, attrs={"threshold": RELU6_CLIP},
+    )
 
 
 def clip_concat_inputs(
