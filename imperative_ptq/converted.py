@@ -14,10 +14,10 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_config", "converted_fine_tuning", "converted_measured_on", "converted_minima", "converted_structure",
+    "converted_config", "converted_fine_tuning", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
     "converted_table",
     "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
-    "output_thresholds", "record_config", "record_measured_on",
+    "output_thresholds", "record_config", "record_input_signature", "record_measured_on",
     "set_output_thresholds",
 ]
 
@@ -30,6 +30,7 @@ _MEASURED_ON = "_ptq_measured_on"
 _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
 _FINE_TUNING = "_ptq_fine_tuning"
 _CONFIG = "_ptq_config"
+_INPUT_SIGNATURE = "_ptq_input_signature"
 
 
 def mark_converted(
@@ -58,6 +59,17 @@ def record_config(model: paddle.nn.Layer, config: Mapping[str, Any]) -> None:
     """Records the ``PTQConfig.to_dict()`` a converted model was calibrated and converted with
     (an export's table file names it, whichever ``ImperativePTQ`` exports the model)."""
     setattr(model, _CONFIG, dict(config))
+
+
+def record_input_signature(model: paddle.nn.Layer, signature: Sequence[tuple[list, str]] | None) -> None:
+    """Records the shapes and dtypes calibration saw the model's inputs with
+    (:attr:`imperative_ptq.session.CalibrationSession.input_signature`; ``None``: unknown)."""
+    setattr(model, _INPUT_SIGNATURE, None if signature is None else [(list(s), d) for s, d in signature])
+
+
+def converted_input_signature(model: paddle.nn.Layer) -> list[tuple[list, str]] | None:
+    """What :func:`record_input_signature` recorded, if anything."""
+    return getattr(model, _INPUT_SIGNATURE, None)
 
 
 def converted_config(model: paddle.nn.Layer) -> dict[str, Any] | None:

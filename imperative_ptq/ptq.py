@@ -42,7 +42,7 @@ from .config import PTQConfig, default_ptq_config
 from .convert import convert_layers
 from .converted import (
     converted_config, converted_measured_on, converted_minima, converted_structure,
-    converted_table, is_marked_converted, record_config, record_measured_on,
+    converted_table, is_marked_converted, record_config, record_input_signature, record_measured_on,
 )
 from .finite import check_finite_parameters, check_finite_thresholds
 from .functional_matmul import has_own_matrices
@@ -473,6 +473,7 @@ class ImperativePTQ:
         schedule.after_convert(model, session, config, batches, progress)
         record_measured_on(model, measured_on)
         record_config(model, config.to_dict())
+        record_input_signature(model, session.input_signature)
         session.uninstall()
         return model
 
@@ -507,7 +508,8 @@ class ImperativePTQ:
             # A bad argument is refused before convert freezes the thresholds: a failed call
             # leaves the model calibrating.
             check_export_options(config)
-            specs = normalize_input_spec(input_spec)
+            specs = normalize_input_spec(input_spec, model)
+            input_spec = specs
             export_directory(path)
             attached = session.attached
             session.detach()  # the check's zeros must not reach the statistics

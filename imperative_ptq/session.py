@@ -192,6 +192,12 @@ class CalibrationSession:
         self._inputs_fingerprint: Fingerprint | tuple[()] = ()
         #: Forwards of the model run so far (calibration or not).
         self.forwards = 0
+        #: The model's inputs seen so far: per positional input its shape (sizes that changed
+        #: between calls ``None``) and dtype; ``None`` before the first call, or once a call
+        #: passed something else than tensors, keyword tensors or another number of inputs
+        #: (:meth:`_note_signature`).
+        self.input_signature: list[tuple[list[int | None], str]] | None = None
+        self._signature_unknown = False
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
         """``data``, its batches kept for ``convert``'s algorithms while a reference is set."""
@@ -259,6 +265,7 @@ class CalibrationSession:
             state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
         self.root_hooks = [
             self.model.register_forward_pre_hook(self._before_forward),
+            self.model.register_forward_pre_hook(self._note_signature, with_kwargs=True),
             self.model.register_forward_post_hook(self._after_forward),
         ]
         if self.new_state is not None:
@@ -325,6 +332,28 @@ class CalibrationSession:
                 if self._inputs_fingerprint and inputs_print != self._inputs_fingerprint:
                     self.inputs_changed = True
                 self._inputs_fingerprint = inputs_print
+
+    def _note_signature(self, layer: paddle.nn.Layer, args: tuple, kwargs: dict) -> None:
+        """Forward-pre hook of the model: merges its inputs' shapes and dtypes into
+        :attr:`input_signature` (the input spec an export infers when given none)."""
+        if self._signature_unknown:
+            return
+        if not args or kwargs or not all(isinstance(value, paddle.Tensor) for value in args):
+            self._signature_unknown, self.input_signature = True, None
+            return
+        seen = [(list(value.shape), str(value.dtype).replace("paddle.", "")) for value in args]
+        if self.input_signature is None:
+            self.input_signature = seen
+            return
+        if [(len(shape), dtype) for shape, dtype in seen] != [
+            (len(shape), dtype) for shape, dtype in self.input_signature
+        ]:
+            self._signature_unknown, self.input_signature = True, None
+            return
+        self.input_signature = [
+            ([size if size == new else None for size, new in zip(shape, new_shape)], dtype)
+            for (shape, dtype), (new_shape, _) in zip(self.input_signature, seen)
+        ]
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         for value in _returned_tensors(outputs):

@@ -340,10 +340,21 @@ def _calibrated(mnist=None):
 SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
 
 
+def _calibrated_by_keyword():
+    """A model calibrated on a keyword input, from which no input spec can be inferred."""
+    model = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(784, 10))
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    qmodel(input=paddle.rand([2, 1, 28, 28]))
+    ptq.convert(qmodel)
+    return ptq, qmodel
+
+
 def test_input_spec_missing_or_wrong(tmp_path) -> None:
-    ptq, qmodel = _calibrated()
+    ptq, qmodel = _calibrated_by_keyword()
     with pytest.raises(TypeError, match="input_spec is required"):
         ptq.save_quantized_model(qmodel, str(tmp_path / "m"))
+    ptq, qmodel = _calibrated()
     with pytest.raises(TypeError, match="input_spec"):
         ptq.save_quantized_model(qmodel, str(tmp_path / "m"), ["not a spec"])
     with pytest.raises(ValueError, match="input_spec"):
@@ -481,9 +492,10 @@ def test_onnx_pixel_unshuffle_keeps_paddles_channel_order(tmp_path) -> None:
 def test_onnx_bad_input(tmp_path) -> None:
     from imperative_ptq.export import export_onnx
 
-    ptq, qmodel = _calibrated()
+    ptq, qmodel = _calibrated_by_keyword()
     with pytest.raises(TypeError, match="input_spec is required"):
         export_onnx(qmodel, str(tmp_path / "m"))
+    ptq, qmodel = _calibrated()
     with pytest.raises(ValueError, match="opset"):
         export_onnx(qmodel, str(tmp_path / "m"), SPEC, opset=11)
     with pytest.raises(ValueError, match="not quantized"):

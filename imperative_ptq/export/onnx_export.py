@@ -1945,7 +1945,7 @@ def export_onnx(
     else:
         check_exportable(model)
     int4 = _int4_storage(model, opset, int4_weights, dynamic)
-    specs = normalize_input_spec(input_spec)
+    specs = normalize_input_spec(input_spec, model)
     path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
     if isinstance(path, str) and not path.endswith(".onnx"):
         path += ".onnx"

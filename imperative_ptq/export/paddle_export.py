@@ -229,7 +229,7 @@ def save_quantized_model(
     quantize_residuals = config.get("quantize_residuals", True)
     check_exportable(model)
     target_spec = _export_target(model, target)
-    specs = normalize_input_spec(input_spec)
+    specs = normalize_input_spec(input_spec, model)
     directory, _ = export_directory(path)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
 

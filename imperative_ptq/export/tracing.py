@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -183,17 +184,22 @@ class TraceResult:
     own_parameters: frozenset[str] = frozenset()
 
 
-def normalize_input_spec(input_spec: Any) -> list[paddle.static.InputSpec]:
-    """Validates ``input_spec`` and turns tensors into :class:`InputSpec` s.
+def normalize_input_spec(input_spec: Any, model: paddle.nn.Layer | None = None) -> list[paddle.static.InputSpec]:
+    """Validates ``input_spec`` and turns tensors into :class:`InputSpec` s; without one, the
+    spec :func:`inferred_input_spec` gives for ``model``.
 
     Raises:
-        TypeError: ``input_spec`` is missing or holds something else than InputSpec/Tensor.
+        TypeError: ``input_spec`` is missing (and cannot be inferred) or holds something else
+            than InputSpec/Tensor.
         ValueError: A spec has rank 0 or a non-positive fixed dimension.
     """
     if input_spec is None:
+        input_spec = inferred_input_spec(model) if model is not None else None
+    if input_spec is None:
         raise TypeError(
             "input_spec is required to export: a list of paddle.static.InputSpec, e.g. "
-            "[InputSpec([None, 3, 224, 224], 'float32', 'x')] (None = dynamic batch)"
+            "[InputSpec([None, 3, 224, 224], 'float32', 'x')] (None = dynamic batch). It is "
+            "inferred only for a model calibrated in this process on positional tensor inputs."
         )
     if isinstance(input_spec, (paddle.static.InputSpec, paddle.Tensor)):
         input_spec = [input_spec]
@@ -218,6 +224,34 @@ def normalize_input_spec(input_spec: Any) -> list[paddle.static.InputSpec]:
             if dim is not None and dim != -1 and dim <= 0:
                 raise ValueError(f"input_spec[{position}] has an invalid dimension {dim} in {shape}")
         specs.append(spec)
+    return specs
+
+
+def inferred_input_spec(model: paddle.nn.Layer) -> list[paddle.static.InputSpec] | None:
+    """The input spec of a model calibrated (and converted) in this process, from the inputs
+    its calibration batches passed: one spec per positional tensor input, named after the
+    ``forward`` parameter it binds to, its batch dimension and every size that changed
+    between batches dynamic (``None``), its dtype as calibrated. ``None`` when calibration
+    passed anything else (keyword tensors, non-tensors, inputs whose rank or dtype changed),
+    or ran in another process (a model that loaded a calibration table)."""
+    from ..converted import converted_input_signature
+    from ..session import calibrating_session
+
+    session = calibrating_session(model)
+    signature = session.input_signature if session is not None else converted_input_signature(model)
+    if not signature or any(not shape for shape, _ in signature):
+        return None
+    names = [
+        parameter.name for parameter in inspect.signature(model.forward).parameters.values()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(names) < len(signature):
+        names = [f"x{position}" for position in range(len(signature))]
+    specs = [
+        paddle.static.InputSpec([None, *shape[1:]], dtype, name)
+        for (shape, dtype), name in zip(signature, names)
+    ]
+    logger.info("input_spec inferred from the calibration batches: %s", specs)
     return specs
 
 
