@@ -127,6 +127,31 @@ class ConvNeXt(paddle.nn.Layer):
         return self.head(self.norm(self.pool(self.features(x)).flatten(1)))
 
 
+class WaveNet(paddle.nn.Layer):
+    """A WaveNet-style stack on ``[N, 1, T]``: per layer a causal pad, dilated Conv1D filter and
+    gate multiplied as tanh x sigmoid, 1x1 Conv1D residual and skip outputs; every conv after
+    the first reads a signed input."""
+
+    def __init__(self, channels: int = 64, layers: int = 8) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.inp = nn.Conv1D(1, channels, 1)
+        self.filters = nn.LayerList([nn.Conv1D(channels, channels, 2, dilation=2 ** i) for i in range(layers)])
+        self.gates = nn.LayerList([nn.Conv1D(channels, channels, 2, dilation=2 ** i) for i in range(layers)])
+        self.residuals = nn.LayerList([nn.Conv1D(channels, channels, 1) for _ in range(layers)])
+        self.skips = nn.LayerList([nn.Conv1D(channels, channels, 1) for _ in range(layers)])
+        self.post, self.out = nn.Conv1D(channels, channels, 1), nn.Conv1D(channels, 16, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x, skips = self.inp(x), 0
+        for index, (filter_conv, gate_conv) in enumerate(zip(self.filters, self.gates)):
+            padded = paddle.nn.functional.pad(x, [2 ** index, 0], data_format="NCL")
+            z = paddle.tanh(filter_conv(padded)) * paddle.nn.functional.sigmoid(gate_conv(padded))
+            skips = skips + self.skips[index](z)
+            x = x + self.residuals[index](z)
+        return self.out(paddle.nn.functional.relu(self.post(paddle.nn.functional.relu(skips))))
+
+
 #: name -> (factory, input shape without batch, batch sizes, input dtype)
 MODELS = {
     "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8), "float32"),
@@ -137,6 +162,7 @@ MODELS = {
     "convnet": (MnistConvNet, [1, 28, 28], (1, 64), "float32"),
     "bert_encoder": (BertEncoder, [128], (1, 8), "int64"),
     "convnext_tiny": (ConvNeXt, [3, 224, 224], (1, 8), "float32"),
+    "wavenet": (WaveNet, [1, 1600], (1, 8), "float32"),
 }
 
 

@@ -73,8 +73,9 @@ def shifted_grid(threshold: float, minimum: float | None, bits: int) -> tuple[fl
 
 def shiftable(layer: paddle.nn.Layer) -> bool:
     """Whether ``layer`` computes ``W x + b`` with every output reading only ``x``, so that a
-    shift of ``x`` is a bias, and runs right on every x86 CPU: a Linear, or a 2-D conv that pads
-    nothing (a 1x1 conv, a VALID conv). Not a patch embedding (kernel = stride > 1): oneDNN's
+    shift of ``x`` is a bias, and runs right on every x86 CPU: a Linear, or a 1-D or 2-D conv
+    that pads nothing (a pointwise conv, a VALID conv, a dilated one after an explicit causal
+    pad). Not a patch embedding (kernel = stride > 1): oneDNN's
     AMX int8 kernels compute some of those wrongly (``export.predictor``), so the default
     target keeps them fp32. A padded conv's border would read zeros where the shift expects
     ``c``; padding the input explicitly before the shift makes it exact, but Paddle Inference
@@ -83,6 +84,14 @@ def shiftable(layer: paddle.nn.Layer) -> bool:
     way; MobileNetV3-small's padded depthwise convs, 0.77x -> 0.23x)."""
     if isinstance(layer, paddle.nn.Linear):
         return True
+    if isinstance(layer, paddle.nn.Conv1D):  # a conv2d on the unsqueezed input in the program
+        kernel, stride = int(np.ravel(layer._kernel_size)[0]), int(np.ravel(layer._stride)[0])
+        padding = layer._padding
+        unpadded = (
+            padding == "VALID" if isinstance(padding, str)
+            else all(int(p) == 0 for p in np.ravel(padding))
+        )
+        return unpadded and not (kernel > 1 and kernel == stride)
     if isinstance(layer, paddle.nn.Conv2D):
         kernel = [int(size) for size in layer._kernel_size]
         stride = [int(step) for step in np.ravel(layer._stride)]

@@ -59,6 +59,12 @@ def test_only_layers_linear_in_every_input_value_are_shiftable() -> None:
     assert shiftable(nn.Conv2D(4, 4, 3)) and shiftable(nn.Conv2D(4, 4, (3, 2), stride=(1, 2)))
     # Not a patch embedding (kernel = stride), which oneDNN's AMX int8 kernels can get wrong.
     assert not shiftable(nn.Conv2D(3, 8, 4, stride=4)) and not shiftable(nn.Conv2D(3, 8, (2, 4), stride=(2, 4)))
+    # 1-D convs alike (a conv2d on the unsqueezed input in the program).
+    assert shiftable(nn.Conv1D(4, 4, 1)) and shiftable(nn.Conv1D(4, 4, 2, dilation=4))
+    assert shiftable(nn.Conv1D(4, 4, 3, padding="VALID"))
+    assert not shiftable(nn.Conv1D(4, 4, 3, padding=1)) and not shiftable(nn.Conv1D(4, 4, 3, padding="SAME"))
+    assert not shiftable(nn.Conv1D(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert not shiftable(nn.Conv1D(3, 8, 4, stride=4))
 
 
 class _ValidStem(nn.Layer):
@@ -100,6 +106,50 @@ def test_an_unpadded_conv_on_a_signed_image_runs_int8_as_simulated(tmp_path, avx
         # Paddle's kernel) on a half code of the head's shifted grid, 9.5e-4 off, 2.6e-6 flipped.
         simulated, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 1e-5)
         assert _max_relative_error(ran, simulated) <= 1e-5
+
+
+class _GatedDilatedBlock(nn.Layer):
+    """WaveNet's residual block on ``[N, C, T]``: a causal pad, two dilated Conv1D (filter and
+    gate) multiplied as tanh x sigmoid, 1x1 Conv1D residual and skip outputs: every conv reads
+    a signed input and pads nothing itself."""
+
+    def __init__(self, channels: int = 8, dilation: int = 2) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.inp = nn.Conv1D(1, channels, 1)
+        self.filter = nn.Conv1D(channels, channels, 2, dilation=dilation)
+        self.gate = nn.Conv1D(channels, channels, 2, dilation=dilation)
+        self.residual, self.skip = nn.Conv1D(channels, channels, 1), nn.Conv1D(channels, 4, 1, bias_attr=False)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.inp(x)
+        padded = nn.functional.pad(x, [self.dilation, 0], data_format="NCL")
+        z = paddle.tanh(self.filter(padded)) * nn.functional.sigmoid(self.gate(padded))
+        return self.skip(z) + self.residual(z).mean(axis=1, keepdim=True)
+
+
+def test_unpadded_1d_convs_on_signed_inputs_run_int8_as_simulated(tmp_path, avx2_runner) -> None:
+    """Conv1D layers reading signed inputs stayed fp32 on ``x86`` (only Conv2D took the
+    shift): a WaveNet block ran its five convs fp32; all five int8 now, as simulated."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    paddle.seed(0)
+    batches = [paddle.randn([4, 1, 32]) for _ in range(3)]
+    ptq, qmodel = _convert(_GatedDilatedBlock(), batches)
+    assert all(isinstance(layer, ip.QuantizedLayer) and layer.input_shifted for layer in
+               (qmodel.inp, qmodel.filter, qmodel.gate, qmodel.residual, qmodel.skip))
+    spec = [paddle.static.InputSpec([None, 1, 32], "float32")]
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    report = int8_report(prefix)
+    assert report.int8 == {"fused_conv2d": 5} and not report.fp32, report
+    x = paddle.randn([4, 1, 32])
+    runs = [ran for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values()]
+    session = onnxruntime.InferenceSession(export_onnx(qmodel, prefix + ".onnx", spec),
+                                           providers=["CPUExecutionProvider"])
+    runs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    for ran in runs:
+        simulated, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 1e-5)
+        assert _max_relative_error(ran, simulated) <= 1e-5  # measured 1.4e-7 .. 2e-7
 
 
 # --------------------------------------------------------------------------- the models
