@@ -522,12 +522,28 @@ def keep_fp32(
         ``quantized_model``.
 
     Raises:
+        TypeError: An argument of the wrong kind (the arguments in another order: ``names``
+            a layer, ``model`` not one; a name that is not a string).
         ValueError: A name is not a quantized layer, or the fp32 layer does not match.
     """
+    if isinstance(names, paddle.nn.Layer) or not isinstance(names, (str, Iterable)):
+        raise TypeError(
+            f"keep_fp32(quantized_model, names, model): names must be a layer name or an "
+            f"iterable of them, got {type(names).__name__}"
+        )
+    for argument, value in (("quantized_model", quantized_model), ("model", model)):
+        if not isinstance(value, paddle.nn.Layer):
+            raise TypeError(
+                f"keep_fp32(quantized_model, names, model): {argument} must be a paddle.nn.Layer, "
+                f"got {type(value).__name__}"
+            )
     if model is quantized_model:
         raise ValueError("model and quantized_model are the same object")
     model = with_matmul_sites(model, quantized_model)
     names = [names] if isinstance(names, str) else list(names)
+    strays = [name for name in names if not isinstance(name, str)]
+    if strays:
+        raise TypeError(f"keep_fp32: names must be strings (layer names), got {strays[0]!r}")
     replacements = []
     for name in names:  # check everything before changing anything
         try:

@@ -198,6 +198,20 @@ def test_keep_fp32_restores_fp32_outputs_exactly(models) -> None:
         keep_fp32(qmodel, ["nope"], model)
 
 
+def test_keep_fp32_names_arguments_given_in_another_order(models) -> None:
+    """Before, ``keep_fp32(model, qmodel, ["fc1"])`` failed inside with "'Net' object is not
+    iterable"; nothing is changed by a refused call."""
+    model, qmodel = models
+    for arguments in ((model, qmodel, ["fc1"]), (qmodel, model, ["fc1"])):
+        with pytest.raises(TypeError, match="names must be a layer name"):
+            keep_fp32(*arguments)
+    with pytest.raises(TypeError, match="model must be a paddle.nn.Layer, got NoneType"):
+        keep_fp32(qmodel, ["fc1"], None)
+    with pytest.raises(TypeError, match="names must be strings"):
+        keep_fp32(qmodel, ["fc1", 2], model)
+    assert isinstance(qmodel.fc1, QuantizedLayer)
+
+
 def _penalty_metric(weights: dict[str, float]):
     """Synthetic metric: minus the summed weight of the layers still quantized."""
     def evaluate(m: nn.Layer) -> float:
