@@ -196,3 +196,27 @@ def test_a_batch_norm_after_the_fc_keeps_the_clip(tmp_path) -> None:
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
     assert relative_error(ran, simulated) < 2e-6  # measured 2.5e-7
+
+
+def test_a_relu6_after_the_fc_takes_the_route_too(tmp_path) -> None:
+    """Its threshold is at most 6, so it becomes the fc's relu with the scaled relu6 after it
+    clipping at the threshold (before: an fp32 round trip, as for a ReLU)."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(32, 64), paddle.nn.ReLU6(), paddle.nn.Linear(64, 48), paddle.nn.ReLU6(),
+        paddle.nn.Linear(48, 16),
+    )
+    model.eval()
+    x = (3 * np.abs(np.random.default_rng(0).standard_normal((256, 32)))).astype("float32")
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    for batch in np.split(x, 4):
+        qmodel(paddle.to_tensor(batch))
+    ptq.convert(qmodel)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 32], "float32", "x")])
+    report = int8_report(prefix)
+    assert report.int8 == {"fc": 3} and report.fused_activations == {"relu6": 2}, report
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
+    assert relative_error(ran, simulated) < 2e-6  # measured 1.9e-7

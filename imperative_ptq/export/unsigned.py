@@ -14,15 +14,17 @@ simulation's ``clip(round(x / t * 127), 0, 127)``: :func:`unsigned_threshold` wr
   oneDNN's fused clip is always at 6.) Max-pools between the ReLU and those layers are looked
   through: Paddle pools the u8 codes in int8, and a maximum commutes with the scaling and the
   clip, so the readers read the pool's codes with no fp32 round trip in between.
-* A fc's ReLU read only by such layers keeps its ``relu`` (Paddle runs a fc's fused relu6 as
-  s8, a fused relu as u8) and gets a ``relu6`` after it, on the fc's output scaled the same
-  way; Paddle fuses both into the fc, which writes codes 0..127 straight into its readers.
+* A fc's ReLU (or ReLU6, whose threshold is at most 6) read only by such layers, fused into
+  the fc (a bias add at most in between), becomes or stays a ``relu`` (Paddle runs a fc's
+  fused relu6 as s8, a fused relu as u8) and gets a ``relu6`` after it, on the fc's output
+  scaled the same way; Paddle fuses both into the fc, which writes codes 0..127 straight
+  into its readers.
   Paddle's fc recomputes its int8 weight from the stored one, in float32, so the factor is
   one near ``6 / t`` with which the scaled fcs keep the weight codes the simulation computes
   with (:func:`_codes_keeping_factor`), and the readers' threshold is ``t`` times it; where
   none does, the ReLU is clipped as below.
 * Any other non-negative input (a network input, a pooling, reshape or sigmoid output, a ReLU
-  after a BatchNorm, a ReLU6 after a fc) gets ``relu(clip(x, 0, t))``
+  after a BatchNorm, a fc's ReLU without such a factor) gets ``relu(clip(x, 0, t))``
   in front of its quantize op (:func:`insert_clip_relu`); the ``relu`` is what makes Paddle
   run the result as u8. After a fc this is an fp32 round trip between two int8 fcs: exactness
   first (a fc -> ReLU -> fc with KL thresholds is 8% off the simulation without it).
@@ -249,7 +251,7 @@ def clip_fused_relus(
         # (A BatchNorm between stays an op of its own: Paddle fuses neither it nor the relu6
         # into the fc then, and runs the relu6 output s8, measured 42% off.)
         after_fc = (
-            found is not None and found[0].type in FC_OPS and relu.type == "relu"
+            found is not None and found[0].type in FC_OPS
             and all(op.type == "elementwise_add" for op in found[1])
         )
         if found is None or (found[0].type not in RELU6_U8_PRODUCERS and not after_fc):
@@ -352,6 +354,8 @@ def _fc_weight(reading, name: str) -> str | None:
 def _relu6_after(block, relu) -> None:
     """Puts a ``relu6`` after a fc's ``relu`` (which keeps the fc's output u8 in Paddle's
     pipeline; oneDNN fuses both into the fc)."""
+    if relu.type == "relu6":  # (its clip at 6 lies above the threshold: the relu6 after clips)
+        relu.desc.set_type("relu")
     name = relu.output("Out")[0]
     var = block.var(name)
     unclipped = block.create_var(name=f"{name}.unclipped", shape=var.shape, dtype=var.dtype)
