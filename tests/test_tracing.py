@@ -70,6 +70,28 @@ def test_tracing_failure_message_does_not_only_blame_the_shape(tmp_path) -> None
     assert os.listdir(tmp_path) == []
 
 
+class _NotSelf(paddle.nn.Layer):
+    """A layer whose ``forward`` names its first parameter ``this``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(8, 4)
+
+    def forward(this, x: paddle.Tensor) -> paddle.Tensor:  # noqa: N805
+        return this.fc(x)
+
+
+def test_a_forward_without_self_is_named_in_the_tracing_failure(tmp_path) -> None:
+    """Paddle's jit.save takes a forward's first parameter for the layer only when it is named
+    ``self`` (else it asks for an input "x" the spec already is); the message said only "wrong
+    rank or shape, or an op without a legacy-IR kernel"."""
+    paddle.seed(0)
+    qmodel = converted(_NotSelf(), [paddle.rand([4, 8]) for _ in range(2)])
+    with pytest.raises(ValueError, match="_NotSelf.forward names its first parameter 'this'"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), [paddle.static.InputSpec([None, 8], "float32", "x")])
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "activation",
     [

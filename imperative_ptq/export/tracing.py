@@ -227,6 +227,22 @@ def normalize_input_spec(input_spec: Any, model: paddle.nn.Layer | None = None) 
     return specs
 
 
+def _self_hint(model: paddle.nn.Layer) -> str:
+    """A hint for a ``forward`` whose first parameter is not named ``self``: Paddle's
+    ``jit.save`` takes it for the layer only under that name, and then asks for one more
+    input than the spec gives ("forward() requires `x` arguments"); else ``""``."""
+    try:
+        parameters = list(inspect.signature(type(model).forward).parameters)
+    except (TypeError, ValueError):
+        return ""
+    if not parameters or parameters[0] == "self":
+        return ""
+    return (
+        f"{type(model).__name__}.forward names its first parameter {parameters[0]!r}, which "
+        f"Paddle's jit.save takes for the layer only when it is named 'self'; or "
+    )
+
+
 def inferred_input_spec(model: paddle.nn.Layer) -> list[paddle.static.InputSpec] | None:
     """The input spec of a model calibrated (and converted) in this process, from the inputs
     its calibration batches passed: one spec per positional tensor input, named after the
@@ -521,8 +537,8 @@ def trace_to_legacy_program(
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
         raise ValueError(
-            f"tracing the model with input_spec [{shapes}] failed (wrong rank or shape, or an "
-            f"op without a legacy-IR kernel in Paddle {paddle.__version__}?): "
+            f"tracing the model with input_spec [{shapes}] failed ({_self_hint(export_model)}wrong "
+            f"rank or shape, or an op without a legacy-IR kernel in Paddle {paddle.__version__}?): "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
         ) from error
     finally:
