@@ -78,7 +78,7 @@ TARGETS: dict[str, Target] = {
         Target(
             "x86",
             "any x86-64 CPU with AVX2 (Paddle Inference / oneDNN, ONNX Runtime): u8 inputs "
-            "within 0..127 (signed inputs of fc and 1x1 convs shifted into them); other "
+            "within 0..127 (signed inputs of fc and unpadded convs shifted into them); other "
             "layers with a signed input kept fp32",
             unsigned_inputs=True,
             signed_inputs_int8=False,
