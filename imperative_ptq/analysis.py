@@ -526,7 +526,7 @@ def keep_fp32(
             a layer, ``model`` not one; a name that is not a string).
         ValueError: A name is not a quantized layer, or the fp32 layer does not match.
     """
-    if isinstance(names, paddle.nn.Layer) or not isinstance(names, (str, Iterable)):
+    if isinstance(names, paddle.nn.Layer) or not isinstance(names, Iterable):
         raise TypeError(
             f"keep_fp32(quantized_model, names, model): names must be a layer name or an "
             f"iterable of them, got {type(names).__name__}"

@@ -136,10 +136,9 @@ def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.nd
     weight = np.asarray(weight, dtype=np.float32)
     reduce = tuple(a for a in range(weight.ndim) if a != axis)
     thresholds = np.abs(weight).max(axis=reduce)
-    safe = np.where(thresholds > 0, thresholds, np.float32(1))
     shape = [1] * weight.ndim
     shape[axis] = -1
-    multipliers = (np.float32(127) * (np.float32(1) / safe)).reshape(shape)
+    multipliers = _requantization_multipliers(thresholds).reshape(shape)
     integers = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
     return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
 
@@ -185,18 +184,29 @@ def stored_weight_thresholds(
 
 def _stored_dequantized(integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """The float32 weight Paddle's quant_dequant pass computes from stored weight codes."""
-    levels = symmetric_levels(bits)
     thresholds = np.asarray(thresholds, np.float32).reshape(-1)
     scales = _weight_scales(thresholds, bits, axis, integers.ndim)
-    # Paddle's quant_dequant pass dequantizes the stored codes as float32(code / 127.0)
-    # times the stored scale (export.program writes t * 127 / L) in float32, then
-    # requantizes: its rounding ties (a code k = m / 2 of a channel whose largest code m
-    # is even) go the way those float32 values send them (measured: a 6-bit per-tensor
-    # square Linear was 0.4-0.8% off with the product taken in float64 instead).
-    stored = (thresholds * np.float32(127 / levels)).astype(np.float32)
-    return (
-        (integers.astype(np.float64) / 127.0).astype(np.float32) * stored.reshape(scales.shape)
-    ).astype(np.float32)
+    return _dequantized(integers, _stored_scales(thresholds, bits).reshape(scales.shape))
+
+
+def _stored_scales(thresholds: np.ndarray, bits: int) -> np.ndarray:
+    """The scales the export stores for weight thresholds: ``t * 127 / L`` in float32."""
+    levels = symmetric_levels(bits)
+    return (np.asarray(thresholds, np.float32).reshape(-1) * np.float32(127 / levels)).astype(np.float32)
+
+
+def _dequantized(codes: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Paddle's quant_dequant pass on stored codes: float32(code / 127.0) times the stored
+    scale, in float32. Its requantization's rounding ties (a code k = m / 2 of a channel whose
+    largest code m is even) go the way those float32 values send them (measured: a 6-bit
+    per-tensor square Linear was 0.4-0.8% off with the product taken in float64 instead)."""
+    return ((codes.astype(np.float64) / 127.0).astype(np.float32) * stored).astype(np.float32)
+
+
+def _requantization_multipliers(largest: np.ndarray) -> np.ndarray:
+    """oneDNN's requantization multipliers ``127 * (1 / max)`` in float32 (1 / 1 for a zero
+    max), the order of operations its reorder takes."""
+    return np.float32(127) * (np.float32(1) / np.where(largest > 0, largest, np.float32(1)))
 
 
 def fc_runtime_integers(integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -238,8 +248,7 @@ class FcRecomputation:
         inputs, outputs = dequantized.shape
         runs = np.abs(dequantized.reshape(outputs, inputs))
         largest = runs.max(axis=1)
-        safe = np.where(largest > 0, largest, np.float32(1))
-        values = dequantized * (np.float32(127) * (np.float32(1) / safe))[None, :]
+        values = dequantized * _requantization_multipliers(largest)[None, :]
         near = np.abs(values - np.floor(values) - np.float32(0.5)) < _TIE_MARGIN
         self.rows, self.columns = np.nonzero(near)
         self.kept = np.clip(np.rint(values[near]), -128, 127)
@@ -251,18 +260,14 @@ class FcRecomputation:
         """Whether the codes stored with ``scaled_thresholds`` recompute to the unscaled ones."""
         if self.rows.size == 0:
             return True
-        levels = symmetric_levels(self.bits)
-        stored = (np.asarray(scaled_thresholds, np.float32).reshape(-1) * np.float32(127 / levels)).astype(np.float32)
-
-        def dequantized(rows, columns):
-            codes = (self.integers[rows, columns].astype(np.float64) / 127.0).astype(np.float32)
-            return (codes * stored[columns]).astype(np.float32)
-
+        stored = _stored_scales(scaled_thresholds, self.bits)
         largest = np.zeros(self.integers.shape[1], np.float32)
-        np.maximum.at(largest, self.max_runs, np.abs(dequantized(self.max_rows, self.max_columns)))
-        safe = np.where(largest > 0, largest, np.float32(1))
-        multipliers = np.float32(127) * (np.float32(1) / safe)
-        values = dequantized(self.rows, self.columns) * multipliers[self.columns]
+        maxima = _dequantized(self.integers[self.max_rows, self.max_columns], stored[self.max_columns])
+        np.maximum.at(largest, self.max_runs, np.abs(maxima))
+        values = (
+            _dequantized(self.integers[self.rows, self.columns], stored[self.columns])
+            * _requantization_multipliers(largest)[self.columns]
+        )
         return bool(np.array_equal(np.clip(np.rint(values), -128, 127), self.kept))
 
 
@@ -286,9 +291,7 @@ def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     weight = np.asarray(weight, dtype=np.float32)
     inputs, outputs = weight.shape
     thresholds = np.abs(weight.reshape(outputs, inputs)).max(axis=1)
-    safe = np.where(thresholds > 0, thresholds, np.float32(1))
-    multipliers = np.float32(127) * (np.float32(1) / safe)
-    integers = np.clip(np.rint(weight * multipliers[None, :]), -128, 127).astype(np.int8)
+    integers = np.clip(np.rint(weight * _requantization_multipliers(thresholds)[None, :]), -128, 127).astype(np.int8)
     return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
 
 

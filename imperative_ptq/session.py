@@ -264,8 +264,7 @@ class CalibrationSession:
             # the keyword arguments, so an input passed as layer(input=x) is seen too.
             state.hook = layer.register_forward_post_hook(self.hook, prepend=True, with_kwargs=True)
         self.root_hooks = [
-            self.model.register_forward_pre_hook(self._before_forward),
-            self.model.register_forward_pre_hook(self._note_signature, with_kwargs=True),
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_post_hook(self._after_forward),
         ]
         if self.new_state is not None:
@@ -294,10 +293,10 @@ class CalibrationSession:
         if collector is not None:
             collector.close()
 
-    def _before_forward(self, layer: paddle.nn.Layer, inputs: Any) -> None:
+    def _before_forward(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict) -> None:
         """Forward-pre hook of the model: refuses numpy inputs, and a batch-norm layer (it
         would update its statistics) or a dropout layer (calibration would see dropped
-        activations) in training mode, before anything runs."""
+        activations) in training mode, before anything runs; notes the inputs' signature."""
         for position, value in enumerate(inputs):
             if isinstance(value, np.ndarray):
                 raise TypeError(
@@ -332,10 +331,11 @@ class CalibrationSession:
                 if self._inputs_fingerprint and inputs_print != self._inputs_fingerprint:
                     self.inputs_changed = True
                 self._inputs_fingerprint = inputs_print
+        self._note_signature(inputs, kwargs)
 
-    def _note_signature(self, layer: paddle.nn.Layer, args: tuple, kwargs: dict) -> None:
-        """Forward-pre hook of the model: merges its inputs' shapes and dtypes into
-        :attr:`input_signature` (the input spec an export infers when given none)."""
+    def _note_signature(self, args: tuple, kwargs: dict) -> None:
+        """Merges the model's inputs' shapes and dtypes into :attr:`input_signature` (the input
+        spec an export infers when given none)."""
         if self._signature_unknown:
             return
         if not args or kwargs or not all(isinstance(value, paddle.Tensor) for value in args):

@@ -82,11 +82,23 @@ class _ValidStem(nn.Layer):
         return self.head(self.norm(positions)).mean(axis=1)
 
 
+def _runtime_outputs(qmodel, prefix: str, spec, x: paddle.Tensor, avx2_runner) -> list[np.ndarray]:
+    """The output for ``x`` of the Paddle Inference program at ``prefix`` (natively, and on
+    AVX2 kernels where ``avx2_runner`` runs them) and of ``qmodel`` exported to ONNX Runtime."""
+    import onnxruntime
+
+    runs = [ran for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values()]
+    session = onnxruntime.InferenceSession(export_onnx(qmodel, prefix + ".onnx", spec),
+                                           providers=["CPUExecutionProvider"])
+    runs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    return runs
+
+
 def test_an_unpadded_conv_on_a_signed_image_runs_int8_as_simulated(tmp_path, avx2_runner) -> None:
     """An unpadded conv reading a signed input was kept fp32 on ``x86`` (only 1x1 convs took
     the shift); every output reads a full kernel of the shifted input, so it takes the shift as
     a 1x1 conv does: int8 in both runtimes, as simulated."""
-    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     paddle.seed(0)
     batches = [paddle.randn([4, 3, 16, 16]) for _ in range(3)]
     ptq, qmodel = _convert(_ValidStem(), batches)
@@ -97,11 +109,7 @@ def test_an_unpadded_conv_on_a_signed_image_runs_int8_as_simulated(tmp_path, avx
     report = int8_report(prefix)
     assert report.int8 == {"fused_conv2d": 1, "fc": 1} and not report.fp32, report
     x = paddle.randn([4, 3, 16, 16])
-    runs = [ran for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values()]
-    session = onnxruntime.InferenceSession(export_onnx(qmodel, prefix + ".onnx", spec),
-                                           providers=["CPUExecutionProvider"])
-    runs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    for ran in runs:
+    for ran in _runtime_outputs(qmodel, prefix, spec, x, avx2_runner):
         # Up to ties: measured on the Zen 3 EPYC, one LayerNorm output (oneDNN's against
         # Paddle's kernel) on a half code of the head's shifted grid, 9.5e-4 off, 2.6e-6 flipped.
         simulated, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 1e-5)
@@ -131,7 +139,7 @@ class _GatedDilatedBlock(nn.Layer):
 def test_unpadded_1d_convs_on_signed_inputs_run_int8_as_simulated(tmp_path, avx2_runner) -> None:
     """Conv1D layers reading signed inputs stayed fp32 on ``x86`` (only Conv2D took the
     shift): a WaveNet block ran its five convs fp32; all five int8 now, as simulated."""
-    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     paddle.seed(0)
     batches = [paddle.randn([4, 1, 32]) for _ in range(3)]
     ptq, qmodel = _convert(_GatedDilatedBlock(), batches)
@@ -143,11 +151,7 @@ def test_unpadded_1d_convs_on_signed_inputs_run_int8_as_simulated(tmp_path, avx2
     report = int8_report(prefix)
     assert report.int8 == {"fused_conv2d": 5} and not report.fp32, report
     x = paddle.randn([4, 1, 32])
-    runs = [ran for ran, in paddle_inference_outputs(prefix, [x.numpy()], avx2_runner).values()]
-    session = onnxruntime.InferenceSession(export_onnx(qmodel, prefix + ".onnx", spec),
-                                           providers=["CPUExecutionProvider"])
-    runs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    for ran in runs:
+    for ran in _runtime_outputs(qmodel, prefix, spec, x, avx2_runner):
         simulated, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 1e-5)
         assert _max_relative_error(ran, simulated) <= 1e-5  # measured 1.4e-7 .. 2e-7
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import get_tensor, insert_op, is_persistable, new_persistable, producers, readers, set_tensor
-from .graph import insert_reader_op, transposed_matmul
+from .graph import insert_reader_op, op_index, transposed_matmul
 from .tracing import LayerRecord
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def _codes_keeping_factor(
     scaled = [
         (name, exponent)
         for name, exponent in [(tensors[0], 1), *((name, -1) for name in reader_weights)]
-        if name in weights and name == _fc_weight(reading, name)
+        if name in weights and _read_as_fc_weight(reading, name)
     ]
     checks = []
     for name, exponent in scaled:
@@ -343,12 +343,11 @@ def _codes_keeping_factor(
     return None
 
 
-def _fc_weight(reading, name: str) -> str | None:
-    """``name`` when a fc op (``matmul_v2``/``mul``) reads it as its weight, else ``None``."""
-    ops = reading.get(name, [])
-    if any(op.type in FC_OPS and op.input(FUSING_OPS[op.type][0]) == [name] for op in ops):
-        return name
-    return None
+def _read_as_fc_weight(reading, name: str) -> bool:
+    """Whether a fc op (``matmul_v2``/``mul``) reads ``name`` as its weight."""
+    return any(
+        op.type in FC_OPS and op.input(FUSING_OPS[op.type][0]) == [name] for op in reading.get(name, [])
+    )
 
 
 def _relu6_after(block, relu) -> None:
@@ -361,7 +360,7 @@ def _relu6_after(block, relu) -> None:
     unclipped = block.create_var(name=f"{name}.unclipped", shape=var.shape, dtype=var.dtype)
     relu._rename_output(name, unclipped.name)
     insert_op(
-        block, list(block.ops).index(relu) + 1, type="relu6", inputs={"X": [unclipped.name]},
+        block, op_index(block, relu) + 1, type="relu6", inputs={"X": [unclipped.name]},
         outputs={"Out": [name]}, attrs={"threshold": RELU6_CLIP},
     )
 
