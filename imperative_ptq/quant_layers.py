@@ -271,6 +271,48 @@ class FcRecomputation:
         return bool(np.array_equal(np.clip(np.rint(values), -128, 127), self.kept))
 
 
+def untied_fc_integers(
+    integers: np.ndarray, weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int
+) -> np.ndarray:
+    """``[in, out]`` fc weight codes stored on one threshold, with every code that Paddle's
+    recomputation (:func:`fc_runtime_integers`) puts exactly on a half code moved one code
+    towards ``weight``.
+
+    The fc takes output channel ``j``'s scale from the largest code ``m`` of the ``j``-th run
+    of ``in`` consecutive elements (:func:`paddle_fc_weight`); on one threshold (square
+    weights, per-tensor calibration) a code ``c`` of column ``j`` then recomputes to exactly
+    ``127 c / m``: a half code for ``c = m / 2`` of an even ``m``, whose side float32 noise
+    picks, and a scaling of the stored threshold (the u8 route of
+    :func:`imperative_ptq.export.unsigned.clip_fused_relus`) picks another. ``c +- 1`` lies
+    ``127 / m`` codes away from it, where no rounding reaches. Those codes are few (60 of
+    10,000 of a trained square 100 x 100 layer) and move by one step. Per-channel thresholds
+    give no exact half codes: their codes are returned as they are.
+
+    Args:
+        integers: The codes rounded from ``weight``.
+        weight: The fp32 weight.
+        thresholds: The thresholds the codes are stored with (one, or one per output channel).
+        bits: Weight bit width.
+        axis: The output-channel axis (1).
+
+    Returns:
+        The codes (the same array where none moves).
+    """
+    thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1)
+    if np.ptp(thresholds) > 0:
+        return integers
+    inputs, outputs = integers.shape
+    codes = integers.astype(np.int64)
+    largest = np.maximum(np.abs(codes.reshape(outputs, inputs)).max(axis=1), 1)[None, :]
+    doubled = 2 * 127 * np.abs(codes)  # 2 * 127 |c| / m is an odd integer: a half code
+    tied = (doubled % largest == 0) & ((doubled // largest) % 2 == 1)
+    if not tied.any():
+        return integers
+    steps = weight / _weight_scales(thresholds, bits, axis, weight.ndim)
+    direction = np.where(steps > codes, 1, -1)  # towards the fp32 value (down on it)
+    return (codes + np.where(tied, direction, 0)).astype(integers.dtype)
+
+
 def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN fc really runs for a ``[in, out]`` weight.
 
@@ -532,10 +574,12 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         with paddle.no_grad():
             original = weight.numpy()
             if self.weight_scales is None:
-                self.set_weight_integers(
-                    quantize_weight(original, weight_thresholds, weight_bits, weight_axis),
-                    weight_thresholds,
-                )
+                integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
+                if paddle_fc_scales:
+                    integers = untied_fc_integers(
+                        integers, original, weight_thresholds, weight_bits, weight_axis
+                    )
+                self.set_weight_integers(integers, weight_thresholds)
             else:
                 # Affine weights (symmetric=False weight calibration).
                 per_channel = len(self.weight_scales) > 1

@@ -10,6 +10,8 @@ computes with (``export.unsigned``)."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import paddle
 import pytest
@@ -17,8 +19,11 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, int8_report, predict
 from imperative_ptq.export import unsigned
+from imperative_ptq import quant_layers
 from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
-from imperative_ptq.quant_layers import FcRecomputation, fc_runtime_integers, quantize_weight, stored_weight_thresholds
+from imperative_ptq.quant_layers import (
+    FcRecomputation, fc_runtime_integers, quantize_weight, stored_weight_thresholds, untied_fc_integers,
+)
 from ties import relative_error, simulation_up_to_ties
 
 
@@ -74,6 +79,84 @@ def test_the_recomputation_check_agrees_with_the_whole_recomputation() -> None:
             assert check.keeps_codes(scaled) == whole, (shape, factor)
             found[whole] += 1
     assert found[True] and found[False], found  # both outcomes occur
+
+
+def _untied_by_loops(integers: np.ndarray, weight: np.ndarray, threshold: float) -> np.ndarray:
+    """Slow reference for codes stored on one threshold: output channel ``j``'s scale is the
+    largest code ``m`` of the ``j``-th run of ``in`` consecutive elements of the row-major
+    weight (Paddle's fc), so code ``c`` of column ``j`` recomputes to exactly ``127 c / m``;
+    where that is a half code, ``c`` moves one code towards ``weight / step`` (down when equal)."""
+    inputs, outputs = integers.shape
+    flat, steps = integers.reshape(-1), weight / np.float32(threshold / 127)
+    moved = integers.astype(np.int64).copy()
+    for column in range(outputs):
+        largest = max(abs(int(flat[i])) for i in range(column * inputs, (column + 1) * inputs))
+        for row in range(inputs):
+            code = int(integers[row, column])
+            exact = Fraction(127 * code, largest) if largest else Fraction(0)
+            if exact - (exact.numerator // exact.denominator) == Fraction(1, 2):
+                moved[row, column] += 1 if steps[row, column] > code else -1
+    return moved
+
+
+def _square_weight(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A square weight and the one threshold the export stores it with."""
+    rng = np.random.default_rng(seed)
+    weight = (0.1 * rng.standard_normal((size, size)) * np.exp(0.5 * rng.standard_normal(size))).astype(np.float32)
+    return weight, stored_weight_thresholds(np.abs(weight).max(axis=0), weight.shape, 1)
+
+
+def test_codes_on_half_codes_of_the_recomputation_move_as_the_slow_reference_says() -> None:
+    for seed in range(3):
+        weight, stored = _square_weight(seed)
+        integers = quantize_weight(weight, stored, 8, 1)
+        expected = _untied_by_loops(integers, weight, float(stored[0]))
+        assert (expected != integers).sum() > 0  # the case exists: c = m / 2 of an even m
+        np.testing.assert_array_equal(untied_fc_integers(integers, weight, stored, 8, 1), expected)
+    # Per-channel thresholds of a non-square weight: no exact half codes, nothing moves.
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((40, 24)).astype(np.float32)
+    thresholds = np.abs(weight).max(axis=0)
+    integers = quantize_weight(weight, thresholds, 8, 1)
+    assert untied_fc_integers(integers, weight, thresholds, 8, 1) is integers
+
+
+def test_untied_codes_keep_their_recomputation_under_any_scaling() -> None:
+    """Once no code recomputes to a half code, every scaling of the stored threshold keeps
+    the fc's runtime codes (the u8 route's factor is free); the rounded codes do not."""
+    weight, stored = _square_weight(0)
+    integers = quantize_weight(weight, stored, 8, 1)
+    untied = untied_fc_integers(integers, weight, stored, 8, 1)
+    factors = np.exp(np.random.default_rng(0).uniform(-2, 2, 200))
+    scalings = [stored_weight_thresholds(stored, weight.shape, 1, float(f)) for f in factors]
+    assert all(FcRecomputation(untied, stored, 8, 1).keeps_codes(s) for s in scalings)
+    assert not all(FcRecomputation(integers, stored, 8, 1).keeps_codes(s) for s in scalings)
+    # The moved codes are still the nearest codes but one: within 1.5 steps of the weight.
+    step = float(stored[0]) / 127
+    assert np.abs(untied * step - weight).max() <= 1.5 * step
+
+
+@pytest.mark.parametrize("untied", [True, False], ids=["codes moved", "codes rounded"])
+def test_a_square_hidden_layer_takes_the_route(untied, tmp_path, monkeypatch) -> None:
+    """The demo's MLP shape (784-100-100-10; 64-100-100-10 here): the square layer is stored on
+    one threshold, whose recomputation puts codes on half codes. Rounded, they left no factor
+    for one of the two ReLUs (which kept its clip: the demo's MLP had both); moved, both are
+    fused relu6 writers. Both exact up to rounding ties."""
+    if not untied:
+        monkeypatch.setattr(quant_layers, "untied_fc_integers", lambda integers, *_: integers)
+    paddle.seed(1)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(64, 100), paddle.nn.ReLU(), paddle.nn.Linear(100, 100), paddle.nn.ReLU(),
+        paddle.nn.Linear(100, 10),
+    )
+    model.eval()
+    rng = np.random.default_rng(1)
+    ptq, qmodel, _ = _converted(model, [_positive(rng, (64, 64)) for _ in range(4)])
+    assert qmodel[2].shared_weight_threshold
+    _, report, error = _export(ptq, qmodel, str(tmp_path / "m"), _positive(rng, (256, 64)))
+    assert report.int8 == {"fc": 3}, report
+    assert report.fused_activations == ({"relu6": 2} if untied else {"relu": 1, "relu6": 1}), report
+    assert error < 2e-6  # measured 3.5e-7 / 3.9e-7
 
 
 def _chain(seed: int) -> paddle.nn.Layer:
