@@ -136,29 +136,6 @@ def test_untied_codes_keep_their_recomputation_under_any_scaling() -> None:
     assert np.abs(untied * step - weight).max() <= 1.5 * step
 
 
-@pytest.mark.parametrize("untied", [True, False], ids=["codes moved", "codes rounded"])
-def test_a_square_hidden_layer_takes_the_route(untied, tmp_path, monkeypatch) -> None:
-    """The demo's MLP shape (784-100-100-10; 64-100-100-10 here): the square layer is stored on
-    one threshold, whose recomputation puts codes on half codes. Rounded, they left no factor
-    for one of the two ReLUs (which kept its clip: the demo's MLP had both); moved, both are
-    fused relu6 writers. Both exact up to rounding ties."""
-    if not untied:
-        monkeypatch.setattr(quant_layers, "untied_fc_integers", lambda integers, *_: integers)
-    paddle.seed(1)
-    model = paddle.nn.Sequential(
-        paddle.nn.Linear(64, 100), paddle.nn.ReLU(), paddle.nn.Linear(100, 100), paddle.nn.ReLU(),
-        paddle.nn.Linear(100, 10),
-    )
-    model.eval()
-    rng = np.random.default_rng(1)
-    ptq, qmodel, _ = _converted(model, [_positive(rng, (64, 64)) for _ in range(4)])
-    assert qmodel[2].shared_weight_threshold
-    _, report, error = _export(ptq, qmodel, str(tmp_path / "m"), _positive(rng, (256, 64)))
-    assert report.int8 == {"fc": 3}, report
-    assert report.fused_activations == ({"relu6": 2} if untied else {"relu": 1, "relu6": 1}), report
-    assert error < 2e-6  # measured 3.5e-7 / 3.9e-7
-
-
 def _chain(seed: int) -> paddle.nn.Layer:
     paddle.seed(seed)
     model = paddle.nn.Sequential(paddle.nn.Linear(256, 96), paddle.nn.ReLU(), paddle.nn.Linear(96, 32))
@@ -206,6 +183,21 @@ def _export(ptq, qmodel, prefix: str, x: np.ndarray):
     return ops, int8_report(prefix), relative_error(ran, simulated)
 
 
+def _exported_mlp(seed: int, sizes: tuple[int, int, int, int], prefix: str):
+    """A Linear-ReLU-Linear-ReLU-Linear MLP of ``sizes`` calibrated on positive data (seeded),
+    converted and exported: the converted model, the int8 report and the runtime's error."""
+    paddle.seed(seed)
+    model = paddle.nn.Sequential(
+        paddle.nn.Linear(*sizes[:2]), paddle.nn.ReLU(), paddle.nn.Linear(*sizes[1:3]), paddle.nn.ReLU(),
+        paddle.nn.Linear(*sizes[2:]),
+    )
+    model.eval()
+    rng = np.random.default_rng(seed)
+    ptq, qmodel, _ = _converted(model, [_positive(rng, (64, sizes[0])) for _ in range(4)])
+    _, report, error = _export(ptq, qmodel, prefix, _positive(rng, (256, sizes[0])))
+    return qmodel, report, error
+
+
 @pytest.mark.parametrize("candidates", [unsigned.FACTOR_CANDIDATES, 1], ids=["searched", "6/t only"])
 def test_the_fc_writes_u8_codes_with_a_factor_that_keeps_its_weight_codes(candidates, tmp_path, monkeypatch) -> None:
     """With ``6 / t`` itself 4 of the first fc's 24,576 runtime weight codes flip (before the
@@ -229,18 +221,25 @@ def test_the_fc_writes_u8_codes_with_a_factor_that_keeps_its_weight_codes(candid
     assert error < 2e-6  # measured 1e-7 .. 3e-7
 
 
+@pytest.mark.parametrize("untied", [True, False], ids=["codes moved", "codes rounded"])
+def test_a_square_hidden_layer_takes_the_route(untied, tmp_path, monkeypatch) -> None:
+    """The demo's MLP shape (784-100-100-10; 64-100-100-10 here): the square layer is stored on
+    one threshold, whose recomputation puts codes on half codes. Rounded, they left no factor
+    for one of the two ReLUs (which kept its clip: the demo's MLP had both); moved, both are
+    fused relu6 writers. Both exact up to rounding ties."""
+    if not untied:
+        monkeypatch.setattr(quant_layers, "untied_fc_integers", lambda integers, *_: integers)
+    qmodel, report, error = _exported_mlp(1, (64, 100, 100, 10), str(tmp_path / "m"))
+    assert qmodel[2].shared_weight_threshold
+    assert report.int8 == {"fc": 3}, report
+    assert report.fused_activations == ({"relu6": 2} if untied else {"relu": 1, "relu6": 1}), report
+    assert error < 2e-6  # measured 3.5e-7 / 3.9e-7
+
+
 def test_a_chain_of_fcs_runs_on_codes_from_end_to_end(tmp_path) -> None:
     """The middle fc reads one rescaled ReLU and writes the next (its factors multiplied):
     no fp32 tensor between the three fcs."""
-    paddle.seed(3)
-    model = paddle.nn.Sequential(
-        paddle.nn.Linear(64, 48), paddle.nn.ReLU(), paddle.nn.Linear(48, 40), paddle.nn.ReLU(),
-        paddle.nn.Linear(40, 16),
-    )
-    model.eval()
-    rng = np.random.default_rng(3)
-    ptq, qmodel, _ = _converted(model, [_positive(rng, (64, 64)) for _ in range(4)])
-    _, report, error = _export(ptq, qmodel, str(tmp_path / "m"), _positive(rng, (256, 64)))
+    _, report, error = _exported_mlp(3, (64, 48, 40, 16), str(tmp_path / "m"))
     assert report.int8 == {"fc": 3} and report.fused_activations == {"relu6": 2}, report
     assert error < 2e-6
 
