@@ -11,7 +11,8 @@ from paddle import nn
 
 import imperative_ptq as ip
 from imperative_ptq.algorithms import SmoothQuant, smooth_quant
-from imperative_ptq.algorithms.smooth_quant import find_smoothable
+from imperative_ptq.algorithms.smooth_quant import _quantized_input, find_smoothable
+from imperative_ptq.shifted_input import dequantize_codes, shifted_codes, shifted_grid
 
 
 class Block(nn.Layer):
@@ -124,8 +125,40 @@ def test_linear_layers_on_rank_4_inputs_are_smoothed_for_their_per_channel_convs
         for target in ("arm", "x86"):
             _, (group,) = smooth_quant(model, batches, SmoothQuant(groups=GROUPS, target=target))
             errors[name, target] = group.errors
-    assert errors["rank 4", "x86"] == errors["rank 4", "arm"] == errors["rank 3", "arm"]
-    assert errors["rank 3", "x86"] != errors["rank 3", "arm"]
+    assert errors["rank 4", "arm"] == errors["rank 3", "arm"]
+    # x86 reads the signed LayerNorm output on its shifted grid at either rank (below); the
+    # weights it scores differ: Paddle's fc at rank 3, the convs' per-channel ones at rank 4.
+    assert errors["rank 4", "x86"] != errors["rank 3", "x86"]
+
+
+def test_the_search_reads_a_signed_input_on_the_grid_its_target_runs() -> None:
+    """On x86 a signed input (a LayerNorm's) is read on the shifted 7-bit grid the simulation
+    and the export use (``shifted_input``: codes 0..127 about a zero point), a non-negative one
+    on codes 0..127; elsewhere on the symmetric grid. The unsmoothed score of an outlier block
+    then differs between x86 and x86-vnni, whose fc weights are the same."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((512, 16)) * np.where(np.arange(16) % 5 == 0, 8.0, 1.0)).astype(np.float64)
+    threshold = float(np.abs(x).max())
+    scale, zero_point = shifted_grid(threshold, float(x.min()), 8)
+    codes = shifted_codes(paddle.to_tensor(x.astype(np.float32)), scale, zero_point, 127)
+    simulated = dequantize_codes(codes, scale, zero_point).numpy()
+    searched = _quantized_input(x, 8, shifted=True)
+    np.testing.assert_allclose(searched, simulated, rtol=0, atol=1e-5 * scale)
+    positive = np.abs(x)
+    np.testing.assert_array_equal(
+        _quantized_input(positive, 8, shifted=True),
+        _quantized_input(positive, 8, shifted=False),
+    )
+    step = threshold / 127
+    np.testing.assert_allclose(
+        _quantized_input(x, 8, shifted=False), np.clip(np.round(x / step), -127, 127) * step
+    )
+    model, batches = _outlier_block(), _batches()
+    scores = {
+        target: smooth_quant(model, batches, SmoothQuant(groups=GROUPS, target=target))[1][0].errors[None]
+        for target in ("x86", "x86-vnni")
+    }
+    assert scores["x86"] != scores["x86-vnni"], scores
 
 
 def test_smoothing_must_see_the_data_first() -> None:

@@ -13,8 +13,9 @@ op. Several Linears reading the same tensor (attention's q, k, v) share one ``s`
 largest weight range among them.
 
 ``alpha`` is searched on the calibration data: for each candidate the group's Linears are
-quantized as the target computes them (per-tensor abs-max input; per-channel abs-max weight,
-and on x86 the weight Paddle Inference's fc re-derives from it) on the cached inputs, and the
+quantized as the target computes them (per-tensor abs-max input, on x86 a signed one on the
+shifted 7-bit grid; per-channel abs-max weight, and on x86 the weight Paddle Inference's fc
+re-derives from it) on the cached inputs, and the
 ``alpha`` with the smallest output mean squared error wins, if it beats not smoothing at all
 (otherwise the group is left alone). That comparison matters on x86: Paddle's fc takes its
 weight scales from runs of the row-major weight, not per output channel (a square weight gets
@@ -36,6 +37,7 @@ import paddle
 from ..batches import eval_mode, run_batches
 from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight
 from ..quantizers.qparams import symmetric_levels
+from ..shifted_input import shifted_grid, shifted_levels
 from ..targets import DEFAULT_TARGET, get_target
 
 __all__ = ["SmoothQuant", "SmoothedGroup", "apply_smoothing", "find_smoothable", "smooth_quant"]
@@ -57,7 +59,7 @@ class SmoothQuant:
         groups: ``[[producer, linear, ...], ...]`` by sublayer name; ``None``:
             :func:`find_smoothable`.
         quant_bits: Bit width the search simulates.
-        target: The deployment target whose weight arithmetic the search simulates
+        target: The deployment target whose arithmetic the search simulates
             (``PTQConfig`` passes its own).
 
     Raises:
@@ -210,12 +212,25 @@ def _runtime_weight(weight: np.ndarray, bits: int, paddle_fc: bool) -> np.ndarra
     return integers.astype(np.float64) * (fc_thresholds / 127.0)
 
 
+def _quantized_input(x: np.ndarray, bits: int, shifted: bool) -> np.ndarray:
+    """``x`` on the per-tensor abs-max grid the group's Linears read it on: symmetric, or, for
+    a signed input on a target that shifts it (``x86``), the shifted affine grid
+    (:func:`imperative_ptq.shifted_input.shifted_grid`: codes ``0..127``, zero point ``z``)."""
+    threshold = float(np.abs(x).max())
+    grid = shifted_grid(threshold, float(x.min()), bits) if shifted and x.min() < 0 else None
+    if grid is None:
+        return _fake_quantize(x, threshold, bits)
+    scale, zero_point = grid
+    return (np.clip(np.round(x / scale) + zero_point, 0, shifted_levels(bits)) - zero_point) * scale
+
+
 def _group_error(
-    rows: np.ndarray, weights: list[np.ndarray], scales: np.ndarray, bits: int, paddle_fc: bool
+    rows: np.ndarray, weights: list[np.ndarray], scales: np.ndarray, bits: int, paddle_fc: bool,
+    shifted: bool,
 ) -> float:
     """Output mean squared error of the group quantized after smoothing with ``scales``."""
     x = rows / scales
-    xq = _fake_quantize(x, np.abs(x).max(), bits)
+    xq = _quantized_input(x, bits, shifted)
     error = 0.0
     for weight in weights:
         wq = _runtime_weight(weight * scales[:, None], bits, paddle_fc)
@@ -296,7 +311,8 @@ def smooth_quant(
     first_linears = [layers[group[1]] for group in groups]
     maxima, rows, ranks = _input_statistics(model, first_linears, batches)
     alphas = settings.alphas if settings.alpha is None else (settings.alpha,)
-    target_fc = get_target(settings.target).paddle_fc_weights
+    target = get_target(settings.target)
+    target_fc, shifted = target.paddle_fc_weights, target.shifted_signed_inputs
     smoothed = []
     for group, activation_max, sample, rank in zip(groups, maxima, rows, ranks):
         producer, *linears = group
@@ -308,13 +324,13 @@ def smooth_quant(
         errors: dict[float | None, float] = {
             float(alpha): _group_error(
                 sample, weights, smoothing_scales(activation_max, weight_max, alpha),
-                settings.quant_bits, paddle_fc,
+                settings.quant_bits, paddle_fc, shifted,
             )
             for alpha in alphas
         }
         if settings.alpha is None:  # a searched alpha must beat leaving the group alone
             errors[None] = _group_error(
-                sample, weights, np.ones_like(activation_max), settings.quant_bits, paddle_fc
+                sample, weights, np.ones_like(activation_max), settings.quant_bits, paddle_fc, shifted
             )
         alpha = min(errors, key=errors.get)
         if alpha is None:
