@@ -284,9 +284,11 @@ def untied_fc_integers(
     ``127 c / m``: a half code for ``c = m / 2`` of an even ``m``, whose side float32 noise
     picks, and a scaling of the stored threshold (the u8 route of
     :func:`imperative_ptq.export.unsigned.clip_fused_relus`) picks another. ``c +- 1`` lies
-    ``127 / m`` codes away from it, where no rounding reaches. Those codes are few (60 of
-    10,000 of a trained square 100 x 100 layer) and move by one step. Per-channel thresholds
-    give no exact half codes: their codes are returned as they are.
+    ``127 / m`` codes away from it, where no rounding reaches; a moved code that is its own
+    run's largest changes another column's ``m``, so the test repeats until no code is tied.
+    Those codes are few (60 of 10,000 of a trained square 100 x 100 layer) and move by one
+    step. Per-channel thresholds give no exact half codes: their codes are returned as they
+    are.
 
     Args:
         integers: The codes rounded from ``weight``.
@@ -301,16 +303,32 @@ def untied_fc_integers(
     thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1)
     if np.ptp(thresholds) > 0:
         return integers
-    inputs, outputs = integers.shape
     codes = integers.astype(np.int64)
-    largest = np.maximum(np.abs(codes.reshape(outputs, inputs)).max(axis=1), 1)[None, :]
-    doubled = 2 * 127 * np.abs(codes)  # 2 * 127 |c| / m is an odd integer: a half code
-    tied = (doubled % largest == 0) & ((doubled // largest) % 2 == 1)
-    if not tied.any():
-        return integers
     steps = weight / _weight_scales(thresholds, bits, axis, weight.ndim)
     direction = np.where(steps > codes, 1, -1)  # towards the fp32 value (down on it)
-    return (codes + np.where(tied, direction, 0)).astype(integers.dtype)
+    moved = False
+    # A moved code can be its run's largest and so change another column's m: a few rounds.
+    for _ in range(_UNTIE_ROUNDS):
+        tied = _half_code_ties(codes)
+        if not tied.any():
+            break
+        codes = codes + np.where(tied, direction, 0)
+        moved = True
+    return codes.astype(integers.dtype) if moved else integers
+
+
+#: Rounds of :func:`untied_fc_integers` (measured on 80 square weights of 16 to 384 rows with
+#: e^N(0,1) column spreads: 2,422 ties, 22 left after one round, none after two).
+_UNTIE_ROUNDS = 4
+
+
+def _half_code_ties(codes: np.ndarray) -> np.ndarray:
+    """Which ``[in, out]`` codes on one threshold Paddle's fc recomputes to exactly a half code:
+    ``2 * 127 |c| / m`` an odd integer, ``m`` the largest code of the column's run."""
+    inputs, outputs = codes.shape
+    largest = np.maximum(np.abs(codes.reshape(outputs, inputs)).max(axis=1), 1)[None, :]
+    doubled = 2 * 127 * np.abs(codes)
+    return (doubled % largest == 0) & ((doubled // largest) % 2 == 1)
 
 
 def paddle_fc_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -85,18 +85,24 @@ def _untied_by_loops(integers: np.ndarray, weight: np.ndarray, threshold: float)
     """Slow reference for codes stored on one threshold: output channel ``j``'s scale is the
     largest code ``m`` of the ``j``-th run of ``in`` consecutive elements of the row-major
     weight (Paddle's fc), so code ``c`` of column ``j`` recomputes to exactly ``127 c / m``;
-    where that is a half code, ``c`` moves one code towards ``weight / step`` (down when equal)."""
+    where that is a half code, ``c`` moves one code towards ``weight / step`` (down when
+    equal), again until none is (a moved code may be its run's largest)."""
     inputs, outputs = integers.shape
-    flat, steps = integers.reshape(-1), weight / np.float32(threshold / 127)
+    steps = weight / np.float32(threshold / 127)
     moved = integers.astype(np.int64).copy()
-    for column in range(outputs):
-        largest = max(abs(int(flat[i])) for i in range(column * inputs, (column + 1) * inputs))
-        for row in range(inputs):
-            code = int(integers[row, column])
-            exact = Fraction(127 * code, largest) if largest else Fraction(0)
-            if exact - (exact.numerator // exact.denominator) == Fraction(1, 2):
-                moved[row, column] += 1 if steps[row, column] > code else -1
-    return moved
+    while True:
+        flat = moved.reshape(-1).copy()
+        tied = []
+        for column in range(outputs):
+            largest = max(abs(int(flat[i])) for i in range(column * inputs, (column + 1) * inputs))
+            for row in range(inputs):
+                exact = Fraction(127 * int(moved[row, column]), largest) if largest else Fraction(0)
+                if exact - (exact.numerator // exact.denominator) == Fraction(1, 2):
+                    tied.append((row, column))
+        if not tied:
+            return moved
+        for row, column in tied:
+            moved[row, column] += 1 if steps[row, column] > integers[row, column] else -1
 
 
 def _square_weight(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +113,7 @@ def _square_weight(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_codes_on_half_codes_of_the_recomputation_move_as_the_slow_reference_says() -> None:
-    for seed in range(3):
+    for seed in (0, 1, 28):  # seed 28 needs a second round
         weight, stored = _square_weight(seed)
         integers = quantize_weight(weight, stored, 8, 1)
         expected = _untied_by_loops(integers, weight, float(stored[0]))
