@@ -27,6 +27,7 @@ import paddle
 
 from .algorithms import schedule
 from .batches import run_batches
+from .bias_grid import put_conv_biases_on_grid
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_structure import structure_of
 from .calibration_table import (
@@ -427,20 +428,24 @@ class ImperativePTQ:
 
     # ------------------------------------------------------------------------------- convert
     def convert(
-        self, model: paddle.nn.Layer, data: Iterable[Any] | None = None, progress: bool = True
+        self, model: paddle.nn.Layer, data: Iterable[Any] | None = None, progress: bool = True,
+        *, bias_grid: bool = True,
     ) -> paddle.nn.Layer:
         """Removes the hooks and freezes the thresholds into the layers.
 
         Simulated-quant layers become :class:`QuantizedLayer` (int8 simulation in dygraph);
         other hooked layers keep their output thresholds (:func:`.converted.output_thresholds`).
-        Then the config's data algorithms run: AdaRound, then bias correction.
-        Converting an already converted model does nothing.
+        Then the config's data algorithms run: AdaRound, then bias correction; then each int8
+        conv's folded bias moves onto the int32 grid ONNX Runtime adds it on
+        (:mod:`imperative_ptq.bias_grid`). Converting an already converted model does nothing.
 
         Args:
             model: Model returned by :meth:`quantize` and calibrated.
             data: Batches for AdaRound / bias correction; default: the batches
                 :meth:`calibrate` ran (the first 64 are kept). Ignored without them.
             progress: Show tqdm bars for the algorithms.
+            bias_grid: Move the conv biases onto that grid (``ImperativeQAT.convert`` keeps
+                them where its training forward computed with them).
 
         Returns:
             ``model`` (converted in place).
@@ -471,6 +476,10 @@ class ImperativePTQ:
             config.activation_quantizer.quant_bits, config.weight_quantizer.quant_bits,
         )
         schedule.after_convert(model, session, config, batches, progress)
+        if bias_grid:
+            put_conv_biases_on_grid(
+                model, session.layers, get_target(config.target), config.activation_quantizer.quant_bits
+            )
         record_measured_on(model, measured_on)
         record_config(model, config.to_dict())
         record_input_signature(model, session.input_signature)

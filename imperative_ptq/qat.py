@@ -167,7 +167,7 @@ class ImperativeQAT:
         self._ptq.remove_hooks(calibrated)
         # What PTQ's convert makes of it: which layers run int8, on which grid, with what.
         config = self._ptq.quant_config
-        dry_run = self._ptq.convert(copy.deepcopy(calibrated))
+        dry_run = self._ptq.convert(copy.deepcopy(calibrated), bias_grid=False)
         table, minima = converted_table(dry_run), converted_minima(dry_run)
         simulated = {
             name: layer for name, layer in dry_run.named_sublayers()
@@ -367,7 +367,7 @@ class ImperativeQAT:
             session.layers, TableFile(table, {}, state.minima, structure=state.structure),
             "the fine-tuned table",
         )
-        converted = self._ptq.convert(calibrating)
+        converted = self._ptq.convert(calibrating, bias_grid=False)
         if state.fp32_layers:
             # As the training forward computed them (see quantize).
             keep_fp32(converted, state.fp32_layers, self.float_model(model))

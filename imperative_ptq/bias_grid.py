@@ -1,0 +1,116 @@
+"""Conv biases on the int32 grid ONNX Runtime adds them on, so that every runtime adds the same.
+
+ONNX Runtime's ``QLinearConv`` adds a conv's bias (a BatchNorm folded into it included) as an
+int32 on the grid ``g = input scale x weight scale`` (a float bias it quantizes itself where it
+fuses the conv), while Paddle Inference and the simulation add it in float. The rounding, at
+most ``g / 2`` per output channel, moves the conv's outputs by a constant per channel, which
+flips the few output codes near a half code and so every value downstream of them (measured:
+a PP-LiteSeg-style net 12% of the largest output off the simulation in ONNX Runtime, 2.4e-7
+with the biases on the grid). :func:`put_conv_biases_on_grid` moves each int8 conv's folded
+bias onto that grid at ``convert`` (its BatchNorm's beta, or its own bias without one): the
+simulation computes with the moved bias, Paddle Inference reads it from the program and ONNX
+Runtime's int32 holds it exactly.
+
+The grid is the one :mod:`imperative_ptq.export.onnx_export` writes: input scale ``t / L``
+(codes ``0..L`` of a u8 input) times the float32 weight scale ``max(t_w |f|, 1e-12) / 127``
+(``f`` the BatchNorm's factor). Convs on other inputs (shifted, signed, codes above ``L``,
+fused residuals) keep their bias.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Sequence
+
+import numpy as np
+import paddle
+
+from .fuse import batch_norm_factor_and_bias
+from .quant_layers import QuantizedLayer
+from .quantizers.qparams import symmetric_levels
+from .registry import BATCH_NORM_TYPES
+from .session import LayerState
+from .targets import Target
+
+__all__ = ["put_conv_biases_on_grid"]
+
+logger = logging.getLogger(__name__)
+
+#: ONNX Runtime's bias is an int32: a bias beyond it is added in float by the export.
+_INT32_LIMIT = float(np.iinfo(np.int32).max)
+
+
+def put_conv_biases_on_grid(
+    model: paddle.nn.Layer, hooked: Sequence[tuple[paddle.nn.Layer, LayerState]], target: Target,
+    activation_bits: int,
+) -> int:
+    """Moves each int8 conv's folded bias onto its int32 grid, in place (see the module
+    docstring). Returns how many convs moved."""
+    if not target.unsigned_inputs:
+        return 0  # (arm: u8 inputs run on codes 0..255, another grid)
+    layers = dict(model.named_sublayers())
+    readers: dict[str, list[LayerState]] = collections.defaultdict(list)
+    for _, state in hooked:
+        for source in state.input_sources:
+            readers[source].append(state)
+    moved = 0
+    for _, state in hooked:
+        layer = layers.get(state.name)
+        if not _on_u8_codes(layer, activation_bits):
+            continue
+        following = readers.get(state.name, [])
+        norm = layers.get(following[0].name) if len(following) == 1 else None
+        if not (isinstance(norm, BATCH_NORM_TYPES) and following[0].input_sources == {state.name}):
+            norm = None
+        moved += _move_bias(layer, norm, activation_bits)
+    if moved:
+        logger.info("%d conv biases moved onto their int32 grid of input x weight scale", moved)
+    return moved
+
+
+def _on_u8_codes(layer: object, activation_bits: int) -> bool:
+    """An int8 Conv2D reading u8 codes ``0..L`` on its input threshold, with 8-bit weights."""
+    return (
+        isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
+        and layer.input_unsigned and not layer.input_shifted and layer.weight_scales is None
+        and layer.input_scale is None and layer.weight_bits == 8
+        and layer.input_top_code <= symmetric_levels(activation_bits)
+        and not layer.residual_codes and layer.residual_output_threshold is None
+        and not layer.sum_outputs
+    )
+
+
+def _move_bias(layer: QuantizedLayer, norm: paddle.nn.Layer | None, activation_bits: int) -> int:
+    """Moves one conv's folded bias onto its grid; 1 if it moved, else 0."""
+    conv = layer.layer
+    channels = int(conv.weight.shape[0])
+    bias = np.zeros([channels], np.float32) if conv.bias is None else conv.bias.numpy()
+    if norm is None:
+        if conv.bias is None:
+            return 0  # no bias in either runtime
+        factor, folded = np.ones([channels], np.float32), bias
+    else:
+        gamma = norm.weight.numpy() if norm.weight is not None else np.ones([channels], np.float32)
+        beta = norm.bias.numpy() if norm.bias is not None else np.zeros([channels], np.float32)
+        if norm.bias is None:
+            return 0  # (no beta to move)
+        factor, folded = batch_norm_factor_and_bias(
+            bias, norm._mean.numpy(), norm._variance.numpy(), gamma, beta, norm._epsilon
+        )
+    thresholds = np.asarray(layer.weight_thresholds.numpy(), np.float32).reshape(-1)
+    if thresholds.size == 1:
+        thresholds = np.full([channels], thresholds[0], np.float32)
+    weight_scale = (np.maximum(thresholds * np.abs(factor), 1e-12) / np.float32(127)).astype(np.float32)
+    input_scale = float(layer.input_thresholds[0]) / symmetric_levels(activation_bits)
+    grid = (input_scale * weight_scale).astype(np.float32).astype(np.float64)
+    codes = np.round(folded.astype(np.float64) / grid)
+    if not np.all(np.isfinite(codes)) or np.abs(codes).max(initial=0) > _INT32_LIMIT:
+        return 0
+    delta = codes * grid - folded.astype(np.float64)
+    with paddle.no_grad():
+        if norm is None:
+            conv.bias.set_value((bias + delta).astype(bias.dtype))
+        else:
+            norm.bias.set_value((beta + delta).astype(beta.dtype))
+    return 1
