@@ -33,12 +33,25 @@ from .registry import BATCH_NORM_TYPES
 from .session import LayerState
 from .targets import Target
 
-__all__ = ["put_conv_biases_on_grid"]
+__all__ = ["bias_grid_steps", "folded_weight_scales", "put_conv_biases_on_grid"]
 
 logger = logging.getLogger(__name__)
 
 #: ONNX Runtime's bias is an int32: a bias beyond it is added in float by the export.
 _INT32_LIMIT = float(np.iinfo(np.int32).max)
+
+
+def folded_weight_scales(thresholds: np.ndarray, factor: np.ndarray, bits: int) -> np.ndarray:
+    """The float32 per-channel weight scales the ONNX export stores a conv with: its weight
+    ``thresholds`` times the ``|factor|`` of a BatchNorm folded into it, over ``L``."""
+    scale = np.maximum(thresholds * np.abs(factor), 1e-12) / np.float32(symmetric_levels(bits))
+    return scale.astype(np.float32)
+
+
+def bias_grid_steps(input_scale: float, weight_scales: np.ndarray) -> np.ndarray:
+    """The step of ONNX Runtime's int32 conv bias per output channel: input scale x weight
+    scale, in float32."""
+    return (input_scale * weight_scales).astype(np.float32)
 
 
 def put_conv_biases_on_grid(
@@ -101,9 +114,8 @@ def _move_bias(layer: QuantizedLayer, norm: paddle.nn.Layer | None, activation_b
     thresholds = np.asarray(layer.weight_thresholds.numpy(), np.float32).reshape(-1)
     if thresholds.size == 1:
         thresholds = np.full([channels], thresholds[0], np.float32)
-    weight_scale = (np.maximum(thresholds * np.abs(factor), 1e-12) / np.float32(127)).astype(np.float32)
     input_scale = float(layer.input_thresholds[0]) / symmetric_levels(activation_bits)
-    grid = (input_scale * weight_scale).astype(np.float32).astype(np.float64)
+    grid = bias_grid_steps(input_scale, folded_weight_scales(thresholds, factor, 8)).astype(np.float64)
     codes = np.round(folded.astype(np.float64) / grid)
     if not np.all(np.isfinite(codes)) or np.abs(codes).max(initial=0) > _INT32_LIMIT:
         return 0

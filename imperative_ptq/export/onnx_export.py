@@ -46,6 +46,7 @@ from .onnx_control_flow import ControlFlowConverters
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
+from ..bias_grid import bias_grid_steps, folded_weight_scales
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -617,8 +618,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             thresholds = np.full([channels], thresholds[0], np.float32)
         shape = [1] * weight.ndim
         shape[axis] = -1
-        scale = (np.maximum(thresholds * np.abs(factor), 1e-12) / np.float32(symmetric_levels(bits)))
-        scale = scale.astype(np.float32)
+        scale = folded_weight_scales(thresholds, factor, bits)
         integers = np.round(values * factor.reshape(shape) / scale.reshape(shape))
         if not int4:
             # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
@@ -908,7 +908,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             # multiply, 2.8e-2; exact with the bias in float).
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
-        b_scale = (x_scale[0] * w_scale).astype(np.float32)
+        b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = np.round(bias.astype(np.float64) / b_scale)
         if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
             # The bias on the int32 grid of input x weight scales would overflow (a tiny
