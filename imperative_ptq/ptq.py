@@ -456,8 +456,11 @@ class ImperativePTQ:
                 is left calibrating), or the config asks for AdaRound or bias correction and
                 there are no batches for it (nothing is changed).
             TypeError: A floating-point parameter is not float32 (e.g. a float64 model; the
-                parameter is named, the model is left calibrating).
+                parameter is named, the model is left calibrating), or ``bias_grid`` is not
+                a bool (nothing is changed).
         """
+        if not isinstance(bias_grid, bool):
+            raise TypeError(f"convert: bias_grid must be True or False, got {bias_grid!r}")
         if is_marked_converted(model):
             logger.warning("model is already converted; nothing to do")
             return model

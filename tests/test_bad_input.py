@@ -25,6 +25,7 @@ from imperative_ptq import (
     MSEQuantizer,
     PerChannelAbsmaxQuantizer,
     PTQConfig,
+    QuantizedLayer,
     TensorRTKLQuantizer,
 )
 from imperative_ptq.export import create_predictor, save_quantized_model
@@ -288,6 +289,15 @@ def test_integer_model_input_is_skipped_not_sampled() -> None:
     qmodel(paddle.to_tensor([[1, 2, 3]]))
     table = ptq.calibration_table(qmodel)
     assert set(table) == {"1"} and _finite_positive(table)
+
+
+@pytest.mark.parametrize("value", [None, 1, "no"])
+def test_convert_bias_grid_must_be_a_bool(value) -> None:
+    ptq, qmodel = _calibrated()
+    with pytest.raises(TypeError, match="bias_grid must be True or False"):
+        ptq.convert(qmodel, bias_grid=value)
+    ptq.convert(qmodel)  # still calibrating: converts as usual
+    assert any(isinstance(layer, QuantizedLayer) for layer in qmodel.sublayers())
 
 
 def test_convert_twice_is_a_no_op() -> None:
