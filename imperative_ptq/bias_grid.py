@@ -65,6 +65,8 @@ def put_conv_biases_on_grid(
     """Moves each int8 conv's folded bias onto its int32 grid, in place (see the module
     docstring). Returns how many convs moved."""
     layers = dict(model.named_sublayers())
+    names = {id(layer): name for name, layer in layers.items()}
+    states = {state.name: state for _, state in hooked}
     readers: dict[str, list[LayerState]] = collections.defaultdict(list)
     for _, state in hooked:
         for source in state.input_sources:
@@ -79,6 +81,14 @@ def put_conv_biases_on_grid(
         norm = layers.get(following[0].name) if len(following) == 1 else None
         if not (isinstance(norm, BATCH_NORM_TYPES) and following[0].input_sources == {state.name}):
             norm = None
+        writers = {state.name, following[0].name} if norm is not None else {state.name}
+        sum_readers = [states.get(names.get(id(output), "")) for output in layer.sum_outputs]
+        if any(reader is None or not reader.input_sources <= writers for reader in sum_readers):
+            # Fused with a residual add: runs in float in ONNX Runtime unless the export's
+            # ``int8_residual_branches`` quantizes its branch, on a grid of the branch's own
+            # that the simulation does not take. (Its ReLU written as codes for a max-pool
+            # reads the conv alone.)
+            continue
         moved += _move_bias(layer, norm, input_scale)
     if moved:
         logger.info("%d conv biases moved onto their int32 grid of input x weight scale", moved)
@@ -95,9 +105,6 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
     if not (
         isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
         and layer.weight_scales is None and layer.weight_bits == 8
-        # (A fused residual conv runs in float in ONNX Runtime unless ``int8_residual_branches``
-        # quantizes its branch, a step of the branch's own grid the simulation does not take.)
-        and not layer.sum_outputs
     ):
         return None
     levels = symmetric_levels(activation_bits)

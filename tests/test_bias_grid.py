@@ -37,8 +37,9 @@ class _ResidualBlock(nn.Layer):
 
 def _stem() -> nn.Layer:
     """Conv-BN-ReLU blocks as detection and segmentation backbones start, BatchNorm
-    statistics from warm-up batches (the first conv reads the signed image: fp32 on x86), then
-    a linear bottleneck's conv-BN whose signed output a 1x1 conv reads on the shifted grid
+    statistics from warm-up batches (the first conv reads the signed image: fp32 on x86; the
+    second writes its ReLU as codes for the max-pool after it on the x86 targets), then a
+    linear bottleneck's conv-BN whose signed output a 1x1 conv reads on the shifted grid
     (``imperative_ptq.shifted_input``), a residual block, and a conv with a bias and no
     BatchNorm reading the block's output."""
     def block(cin: int, cout: int, k: int, stride: int, relu: bool = True) -> nn.Sequential:
@@ -46,10 +47,10 @@ def _stem() -> nn.Layer:
                              nn.BatchNorm2D(cout, momentum=0.5), *([nn.ReLU()] if relu else []))
 
     paddle.seed(0)
-    model = nn.Sequential(block(3, 16, 3, 2), block(16, 32, 3, 2), block(32, 32, 3, 1, relu=False),
+    model = nn.Sequential(block(3, 16, 3, 2), block(16, 32, 3, 2), nn.MaxPool2D(2), block(32, 32, 3, 1, relu=False),
                           block(32, 32, 1, 1), _ResidualBlock(32), nn.Conv2D(32, 8, 3, padding=1))
     rng = np.random.default_rng(0)
-    model[5].bias.set_value((0.1 * rng.standard_normal(8)).astype("float32"))  # a bias, no BatchNorm
+    model[6].bias.set_value((0.1 * rng.standard_normal(8)).astype("float32"))  # a bias, no BatchNorm
     for norm in (layer for layer in model.sublayers() if isinstance(layer, nn.BatchNorm2D)):
         # (trained betas: the shifted conv reads a normalized input, whose mean alone would
         # fold to a bias of almost 0)
@@ -90,11 +91,12 @@ def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]
     terms it is the sum of on that grid (what the float32 roundings of the stored parameters
     scale with); the input step of an affine or shifted input is its grid's scale, else the
     input threshold over 127."""
-    layers = list(qmodel.sublayers())
+    named = list(qmodel.named_sublayers())
+    layers = [layer for _, layer in named]
     codes = []
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, QuantizedLayer) or layer.sum_outputs:
-            continue  # (a conv fused with a residual add keeps its bias)
+    for index, (name, layer) in enumerate(named):
+        if not isinstance(layer, QuantizedLayer) or (name.endswith(".conv2") and layer.sum_outputs):
+            continue  # (the conv fused with the residual add on x86 keeps its bias)
         conv, following = layer.layer, layers[index + 2] if index + 2 < len(layers) else None
         norm = following if isinstance(following, nn.BatchNorm2D) else None
         thresholds = layer.weight_thresholds.numpy()
@@ -125,6 +127,8 @@ def test_folded_biases_land_on_the_grid(setting: str, int8_convs: int) -> None:
     assert len(moved_codes) == int8_convs
     if setting == "x86":
         assert sum(isinstance(layer, QuantizedLayer) and layer.input_shifted for layer in moved.sublayers()) == 1
+    if setting != "arm affine":  # (the conv writing the max-pool's codes, and the fused one)
+        assert sum(bool(layer.sum_outputs) for layer in moved.sublayers() if isinstance(layer, QuantizedLayer)) == 2
     for (on_grid, sizes), (off_grid, _) in zip(moved_codes, kept_codes):
         # (float32 parameters: the folded value is an integer up to the float32 roundings of
         # the terms it sums)
