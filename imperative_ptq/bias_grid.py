@@ -100,8 +100,9 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
     as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of an affine or shifted
     input (the export's ``DequantizeLinear`` carries the zero point, and the bias is the
     layer's own: a shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
-    one (u8 codes ``0..L``, or ``-L..L`` about zero point 128 where the target runs signed
-    inputs int8). ``None`` for any other conv."""
+    one (u8 codes ``0..L``, up to 255 after a residual ReLU Paddle leaves unclipped, or
+    ``-L..L`` about zero point 128 where the target runs signed inputs int8). ``None`` for any
+    other conv (4-bit or affine weights, a signed input the target keeps fp32)."""
     if not (
         isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
         and layer.weight_scales is None and layer.weight_bits == 8
