@@ -37,13 +37,9 @@ from .registry import BATCH_NORM_TYPES
 from .session import LayerState
 from .targets import Target
 
-__all__ = ["bias_grid_steps", "folded_weight_scales", "put_conv_biases_on_grid"]
+__all__ = ["bias_grid_steps", "folded_weight_scales", "int32_bias_codes", "put_conv_biases_on_grid"]
 
 logger = logging.getLogger(__name__)
-
-#: ONNX Runtime's bias is an int32: a bias beyond it is added in float by the export.
-_INT32_LIMIT = float(np.iinfo(np.int32).max)
-
 
 def folded_weight_scales(thresholds: np.ndarray, factor: np.ndarray, bits: int) -> np.ndarray:
     """The float32 per-channel weight scales the ONNX export stores a conv with: its weight
@@ -56,6 +52,15 @@ def bias_grid_steps(input_scale: float, weight_scales: np.ndarray) -> np.ndarray
     """The step of ONNX Runtime's int32 conv bias per output channel: input scale x weight
     scale, in float32."""
     return (input_scale * weight_scales).astype(np.float32)
+
+
+def int32_bias_codes(bias: np.ndarray, steps: np.ndarray) -> np.ndarray | None:
+    """``bias`` in whole ``steps`` (float64 arithmetic), the int32 ONNX Runtime adds; ``None``
+    where a code is not finite or beyond int32 (the export then adds that bias in float)."""
+    codes = np.round(np.asarray(bias, np.float64) / np.asarray(steps, np.float64))
+    if not np.all(np.isfinite(codes)) or np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+        return None
+    return codes
 
 
 def put_conv_biases_on_grid(
@@ -128,19 +133,18 @@ def _move_bias(layer: QuantizedLayer, norm: paddle.nn.Layer | None, input_scale:
             return 0  # no bias in either runtime
         factor, folded = np.ones([channels], np.float32), bias
     else:
-        gamma = norm.weight.numpy() if norm.weight is not None else np.ones([channels], np.float32)
-        beta = norm.bias.numpy() if norm.bias is not None else np.zeros([channels], np.float32)
         if norm.bias is None:
             return 0  # (no beta to move)
+        gamma = norm.weight.numpy() if norm.weight is not None else np.ones([channels], np.float32)
+        beta = norm.bias.numpy()
         factor, folded = batch_norm_factor_and_bias(
             bias, norm._mean.numpy(), norm._variance.numpy(), gamma, beta, norm._epsilon
         )
+    # (a per-tensor threshold broadcasts against the per-channel factor)
     thresholds = np.asarray(layer.weight_thresholds.numpy(), np.float32).reshape(-1)
-    if thresholds.size == 1:
-        thresholds = np.full([channels], thresholds[0], np.float32)
     grid = bias_grid_steps(input_scale, folded_weight_scales(thresholds, factor, 8)).astype(np.float64)
-    codes = np.round(folded.astype(np.float64) / grid)
-    if not np.all(np.isfinite(codes)) or np.abs(codes).max(initial=0) > _INT32_LIMIT:
+    codes = int32_bias_codes(folded, grid)
+    if codes is None:
         return 0
     delta = codes * grid - folded.astype(np.float64)
     with paddle.no_grad():

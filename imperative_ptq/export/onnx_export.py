@@ -46,7 +46,7 @@ from .onnx_control_flow import ControlFlowConverters
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
-from ..bias_grid import bias_grid_steps, folded_weight_scales
+from ..bias_grid import bias_grid_steps, folded_weight_scales, int32_bias_codes
 from ..converted import converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
@@ -909,8 +909,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         b_scale = bias_grid_steps(x_scale[0], w_scale)
-        codes = np.round(bias.astype(np.float64) / b_scale)
-        if np.abs(codes).max(initial=0) > np.iinfo(np.int32).max:
+        codes = int32_bias_codes(bias, b_scale)
+        if codes is None:
             # The bias on the int32 grid of input x weight scales would overflow (a tiny
             # input range, such as the near-constant features of an untrained head next
             # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
