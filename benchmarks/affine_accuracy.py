@@ -1,10 +1,14 @@
-"""Symmetric int8 vs affine uint8 activations on MNIST: simulated accuracy and ReLU-output SQNR.
+"""Symmetric vs affine activation calibration on MNIST: simulated accuracy and ReLU-output SQNR.
 
 Trains the MLP (3 epochs) and LeNet (1 epoch), calibrates on 1000 training images with each
 algorithm in both schemes (weights always per-channel symmetric int8, as PyTorch x86 and Paddle
-Inference use), converts (dygraph fake-quant simulation) and evaluates on the 10000 test images.
-SQNR compares each ReLU output quantized with its own calibrated parameters, on 1000 test
-images. Usage: ``python benchmarks/affine_accuracy.py [--quick]``.
+Inference use), converts for the default ``x86`` target and evaluates the dygraph simulation on
+the 10000 test images. ``convert`` runs both calibrations as Paddle Inference reads them (on
+their thresholds, zero points ignored; a ReLU output on u8 codes ``0..255`` either way), so
+the accuracy columns differ only by the thresholds each search found; ``int8`` counts the
+layers simulated in int8. SQNR compares each ReLU output quantized with its own calibrated
+parameters (symmetric int8 ``[-127, 127]`` vs affine uint8 ``[0, 255]``), on 1000 test images.
+Usage: ``python benchmarks/affine_accuracy.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def run(name: str, model: paddle.nn.Layer, data, quick: bool) -> None:
     calibration = data.train_images[:1000]
     batches = [calibration[i : i + 100] for i in range(0, 1000, 100)]
     print(f"\n## {name}: fp32 test accuracy {accuracy(model, data.test_images, data.test_labels):.4f}")
-    print("| activations | symmetric int8 | affine uint8 | ReLU-output SQNR sym / affine (dB) |")
+    print("| activations | symmetric calibration | affine calibration | ReLU-output SQNR sym / affine (dB) |")
     print("|---|---|---|---|")
     relus = relu_outputs(model, data.test_images[:1000])
     for algorithm, (symmetric, affine) in ALGORITHMS.items():
@@ -78,7 +82,8 @@ def run(name: str, model: paddle.nn.Layer, data, quick: bool) -> None:
             ptq.calibrate(quantized, batches, progress=False)
             tables.append(ptq.calibration_table(quantized))
             ptq.convert(quantized)
-            results.append(accuracy(quantized, data.test_images, data.test_labels))
+            int8 = sum(isinstance(layer, ip.QuantizedLayer) for layer in quantized.sublayers())
+            results.append(f"{accuracy(quantized, data.test_images, data.test_labels):.4f} (int8 {int8})")
         noise = []
         for layer, values in relus.items():
             threshold = tables[0][layer]["output"][0]
@@ -88,7 +93,7 @@ def run(name: str, model: paddle.nn.Layer, data, quick: bool) -> None:
                 values, entry["output_scale"][0], entry["output_zero_point"][0], 0, 255
             ).numpy()
             noise.append(f"{layer} {sqnr(values, symmetric_q):.1f} / {sqnr(values, affine_q):.1f}")
-        print(f"| {algorithm} | {results[0]:.4f} | {results[1]:.4f} | {'; '.join(noise)} |")
+        print(f"| {algorithm} | {results[0]} | {results[1]} | {'; '.join(noise)} |")
 
 
 def main() -> None:

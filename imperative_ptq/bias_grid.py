@@ -13,8 +13,8 @@ Runtime's int32 holds it exactly.
 
 The grid is the one :mod:`imperative_ptq.export.onnx_export` writes: the input's scale (``t /
 L`` of symmetric codes: ``0..L`` of a u8 input, ``-L..L`` about zero point 128 of a signed one
-on a target that runs it int8; ``s`` of an affine input or of a signed input on its shifted
-grid, :mod:`imperative_ptq.shifted_input`) times the float32 weight scale ``max(t_w |f|,
+on a target that runs it int8; ``s`` of a signed input on its shifted grid,
+:mod:`imperative_ptq.shifted_input`) times the float32 weight scale ``max(t_w |f|,
 1e-12) / 127`` (``f`` the BatchNorm's factor). Measured on PP-OCR-style DB detectors with
 MobileNetV3 backbones, whose expand convs read shifted inputs: ONNX Runtime 8-10% of the
 largest output off the simulation with only the u8 inputs' biases moved, 2.7e-7 after rounding
@@ -102,12 +102,13 @@ def put_conv_biases_on_grid(
 
 def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> float | None:
     """The scale of the codes ONNX Runtime reads as an int8 Conv2D's input (8-bit weights),
-    as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of an affine or shifted
-    input (the export's ``DequantizeLinear`` carries the zero point, and the bias is the
+    as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of a shifted input (the
+    export's ``DequantizeLinear`` carries the zero point, and the bias is the
     layer's own: a shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
     one (u8 codes ``0..L``, up to 255 after a residual ReLU Paddle leaves unclipped, or
     ``-L..L`` about zero point 128 where the target runs signed inputs int8). ``None`` for any
-    other conv (4-bit or affine weights, a signed input the target keeps fp32)."""
+    other conv (4-bit weights, a signed input the target keeps fp32, a hand-built layer with
+    zero points, which ``convert`` never builds)."""
     if not (
         isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
         and layer.weight_scales is None and layer.weight_bits == 8
@@ -115,8 +116,7 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
         return None
     levels = symmetric_levels(activation_bits)
     if layer.input_scale is not None:
-        affine = layer.input_zero_point is not None and 0 <= layer.input_zero_point <= 255
-        return float(layer.input_scale) if layer.input_shifted or affine else None
+        return float(layer.input_scale) if layer.input_shifted else None
     if layer.input_unsigned or target.signed_inputs_int8:
         return float(layer.input_thresholds[0]) / levels
     return None

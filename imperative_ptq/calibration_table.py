@@ -223,19 +223,6 @@ def apply_table(hooked: HookedLayers, table: TableFile, path: str | os.PathLike)
         apply_structure((state for _, state in hooked), table.structure)
 
 
-def affine_layer_params(entry: Mapping[str, list]) -> dict[str, Any]:
-    """:class:`~imperative_ptq.quant_layers.QuantizedLayer` arguments for the affine parts of
-    a table entry."""
-    params: dict[str, Any] = {}
-    if "input_scale" in entry:
-        params["input_scale"] = entry["input_scale"][0]
-        params["input_zero_point"] = entry["input_zero_point"][0]
-    if "weight_scale" in entry:
-        params["weight_scales"] = entry["weight_scale"]
-        params["weight_zero_points"] = entry["weight_zero_point"]
-    return params
-
-
 def _activation_thresholds(quantizer: BaseQuantizer) -> list[float]:
     quantizer.cal_thresholds()
     return [float(t) for t in quantizer.thresholds]

@@ -15,7 +15,6 @@ import paddle
 from .calibration_table import (
     CalibrationTable,
     HookedLayers,
-    affine_layer_params,
     first_names,
     input_minima,
     input_minimum,
@@ -73,6 +72,7 @@ def convert_layers(
     constant_inputs: list[str] = []
     constant_calls: list[str] = []
     int8_layers: list[str] = []
+    affine_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
     heads = _output_layers(hooked)
     for layer, state in hooked:
@@ -143,16 +143,11 @@ def convert_layers(
             continue
         if state.weight_quantizer is not None and "input" in entry:
             minimum = input_minimum(state)
-            unsigned = (
-                target.unsigned_inputs
-                and "input_zero_point" not in entry
-                and minimum is not None
-                and minimum >= 0
-            )
+            unsigned = target.unsigned_inputs and minimum is not None and minimum >= 0
             shifted = {}
             if not unsigned and not target.signed_inputs_int8:
                 grid = None
-                if target.shifted_signed_inputs and "input_zero_point" not in entry and shiftable(layer):
+                if target.shifted_signed_inputs and shiftable(layer):
                     grid = shifted_grid(entry["input"][0], minimum, activation_bits)
                 if grid is None:
                     # Plain fp32, output included: a scale on a conv/fc output would make the
@@ -169,7 +164,7 @@ def convert_layers(
                 info.weight_channel_axis,
                 activation_bits,
                 weight_bits,
-                **{**affine_layer_params(entry), **shifted},
+                **shifted,
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
@@ -177,7 +172,7 @@ def convert_layers(
                 must_run_as_conv=beyond_fc,
             )
             if beyond_fc and not wrapped.runs_as_conv:
-                # Affine (zero-point) weights have no conv route: fp32, as Paddle runs the fc.
+                # No conv route for this weight: fp32, as Paddle runs the fc.
                 no_int8_kernel.append(fc_refusal)
                 continue
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
@@ -194,12 +189,23 @@ def convert_layers(
             replace_sublayer(model, layer, wrapped)
             int8_layers.append(state.name)
             quantized[state.name] = wrapped
+            if entry.get("weight_zero_point") or any(entry.get("input_zero_point", ())):
+                affine_layers.append(state.name)  # simulated on its thresholds (see below)
         elif "output" in entry:
             set_output_thresholds(layer, entry["output"])
     if runtime_codes:
         _simulate_fused_residuals(model, hooked, table, quantized, activation_bits)
         _simulate_pooled_codes(model, hooked, quantized, activation_bits)
         _simulate_int8_head_pools(model, hooked, table, int8_layers, activation_bits)
+    if affine_layers:
+        logger.warning(
+            "%d layers were calibrated with zero points (symmetric=False), which no int8 "
+            "runtime reads: Paddle Inference and Paddle Lite take thresholds and symmetric int8 "
+            "weights (zero points ignored), so target %r simulates and exports each on its "
+            "thresholds (max(-min, max) for its input, max(|min|, |max|) per weight channel); "
+            "the calibration table keeps the affine parameters: %s",
+            len(affine_layers), target.name, first_names(affine_layers),
+        )
     if no_int8_kernel:
         logger.warning(
             "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "

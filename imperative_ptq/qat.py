@@ -151,9 +151,8 @@ class ImperativeQAT:
 
         Raises:
             TypeError: ``calibrated`` is not a Layer.
-            ValueError: ``calibrated`` is not a calibrating PTQ model, uses affine
-                (``symmetric=False``) quantizers, or a layer to quantize has no QAT form
-                (named).
+            ValueError: ``calibrated`` is not a calibrating PTQ model, or a layer to
+                quantize has no QAT form (named).
             CalibrationError: No calibration batch was run.
         """
         if not isinstance(calibrated, paddle.nn.Layer):
@@ -178,13 +177,6 @@ class ImperativeQAT:
                 f"{type(calibrated).__name__}: PTQ's convert quantizes none of its layers "
                 f"(target {config.target!r}), so there is nothing to fine-tune"
             )
-        for name, layer in simulated.items():
-            affine_input = layer.input_zero_point is not None and not layer.input_shifted
-            if affine_input or layer.weight_scales is not None:
-                raise ValueError(
-                    f"layer {name!r} was calibrated with an affine (symmetric=False) quantizer; "
-                    f"QAT fine-tunes symmetric thresholds only"
-                )
 
         without_form = [
             name for name, layer in dry_run.named_sublayers()
@@ -258,7 +250,7 @@ class ImperativeQAT:
                 # put on its codes in place, which autograd refuses (F.relu saved it).
                 residual_codes=simulated.residual_codes if simulated.residual_source else 0,
                 paddle_fc_scales=simulated.paddle_fc_scales,
-                onednn_weights=simulated.onednn_weights and simulated.weight_scales is None,
+                onednn_weights=simulated.onednn_weights,
                 shared_weight_threshold=simulated.shared_weight_threshold,
                 residual_output_threshold=simulated.residual_output_threshold,
                 runs_as_conv=simulated.runs_as_conv,

@@ -348,17 +348,59 @@ def test_read_table_validates_affine_keys(tmp_path, bad, match) -> None:
     assert read_table(path)[0]["relu"]["output_zero_point"] == [0]
 
 
-def test_quantized_layer_fake_quantizes_affine_input() -> None:
-    # x86-vnni: fc1's input reaches -0.3, which the default x86 target keeps fp32.
-    ptq, model, quantized, data = _calibrated(
-        MinMaxQuantizer(symmetric=False), ip.PerChannelAbsmaxQuantizer(), target="x86-vnni"
-    )
+@pytest.mark.parametrize("target", ["x86", "x86-vnni", "arm"])
+def test_convert_simulates_affine_calibrations_on_their_thresholds(target, caplog) -> None:
+    """Affine parameters stay in the table; convert quantizes on the thresholds the runtimes
+    read: the model computes bit for bit what the symmetric calibration with the same
+    thresholds computes, and (``arm``, whose weights are not re-derived by a fc) each weight
+    per channel on ``max(|min|, |max|)``, by a loop written here."""
+    ptq, model, quantized, data = _calibrated(MinMaxQuantizer(), PerChannelMinMaxQuantizer(), target)
     table = ptq.calibration_table(quantized)
+    assert table["fc1"]["input_zero_point"][0] > 0  # inputs reach -0.3
+    with caplog.at_level("WARNING", logger="imperative_ptq.convert"):
+        ptq.convert(quantized)
+    assert "layers were calibrated with zero points" in caplog.text
+    ptq_symmetric, _, symmetric, _ = _calibrated(
+        MinMaxQuantizer(symmetric=True), PerChannelMinMaxQuantizer(symmetric=True), target
+    )
+    ptq_symmetric.convert(symmetric)
+    simulated = [layer for layer in quantized.sublayers() if isinstance(layer, ip.QuantizedLayer)]
+    assert len(simulated) == sum(isinstance(layer, ip.QuantizedLayer) for layer in symmetric.sublayers()) > 0
+    assert all(layer.input_zero_point is None or layer.input_shifted for layer in simulated)
+    for batch in data:
+        np.testing.assert_array_equal(quantized(batch).numpy(), symmetric(batch).numpy())
+    if target == "arm":
+        weight = model.fc1.weight.numpy()  # [in, out]: one channel per column
+        expected = np.empty_like(weight)
+        for channel in range(weight.shape[1]):
+            column = weight[:, channel]
+            step = max(abs(float(column.min())), abs(float(column.max()))) / 127
+            expected[:, channel] = np.clip(np.round(column / step), -127, 127) * step
+        np.testing.assert_allclose(quantized.fc1.layer.weight.numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_hand_built_zero_points_are_simulated_and_refused_by_the_exports(tmp_path) -> None:
+    """``QuantizedLayer`` still takes zero points by hand (convert never builds them): it
+    fake-quantizes its input on the affine grid; neither export writes such a layer (Paddle
+    Inference and Paddle Lite would ignore the zero point, no runtime runs affine weights),
+    and neither leaves a file behind."""
+    from imperative_ptq.export import export_onnx
+
+    ptq, model, quantized, data = _calibrated(KLQuantizer(), ip.PerChannelAbsmaxQuantizer())
     ptq.convert(quantized)
-    layer = quantized.fc1
-    scale, zero_point = table["fc1"]["input_scale"][0], table["fc1"]["input_zero_point"][0]
-    x = data[1].reshape([8, -1])
-    expected = layer.layer(fake_quantize(x, scale, zero_point, 0, 255))
-    np.testing.assert_array_equal(layer(x).numpy(), expected.numpy())
-    # The affine grid represents zero exactly and the input's range to within one step.
-    assert zero_point == round(0.3 / scale) or abs(zero_point - 0.3 / scale) <= 1
+    layer = quantized.fc2  # reads the ReLU output
+    layer.input_scale, layer.input_zero_point, layer.input_unsigned = 0.01, 3, False
+    x = paddle.nn.functional.relu(quantized.fc1(data[1].reshape([8, -1])))
+    np.testing.assert_array_equal(
+        layer(x).numpy(), layer.layer(fake_quantize(x, 0.01, 3, 0, 255)).numpy()
+    )
+    spec = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
+    for export in (ptq.save_quantized_model, export_onnx):
+        with pytest.raises(ValueError, match="layer 'fc2' quantizes its input on an affine grid"):
+            export(quantized, str(tmp_path / "m"), spec)
+    layer.input_scale = layer.input_zero_point = None
+    layer.weight_scales, layer.weight_zero_points = [0.01] * 100, [128] * 100
+    for export in (ptq.save_quantized_model, export_onnx):
+        with pytest.raises(ValueError, match="layer 'fc2' holds affine"):
+            export(quantized, str(tmp_path / "w"), spec)
+    assert not list(tmp_path.iterdir())

@@ -63,20 +63,19 @@ def _stem() -> nn.Layer:
     return model
 
 
-#: (target, symmetric activations): every input grid the ONNX export writes a conv's input on.
-#: On ``x86`` the convs reading the signed image or an affine input stay fp32.
+#: Every input grid the ONNX export writes a conv's input on. On ``x86`` the conv reading the
+#: signed image stays fp32.
 _SETTINGS = {
-    "x86": ("x86", True),  # u8 inputs and a shifted one
-    "x86-vnni": ("x86-vnni", True),  # signed inputs int8 too (about zero point 128)
-    "arm affine": ("arm", False),  # every input on its own scale and zero point
+    "x86": "u8 inputs and a shifted one",
+    "x86-vnni": "signed inputs int8 too (about zero point 128)",
+    "arm": "every input signed, about zero point 128",
 }
 
 
 def _converted(bias_grid: bool, setting: str = "x86"):
     model = _stem()
     rng = np.random.default_rng(1)
-    target, symmetric = _SETTINGS[setting]
-    config = ip.PTQConfig(ip.KLQuantizer(symmetric=symmetric), ip.PerChannelAbsmaxQuantizer(), target=target)
+    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=setting)
     ptq = ip.ImperativePTQ(config)
     qmodel = ptq.quantize(model)
     for _ in range(3):
@@ -89,7 +88,7 @@ def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]
     """Slow reference: per int8 conv and output channel, the BatchNorm-folded bias (or the
     conv's own) divided by float32(input step x float32 weight step), and the size of the
     terms it is the sum of on that grid (what the float32 roundings of the stored parameters
-    scale with); the input step of an affine or shifted input is its grid's scale, else the
+    scale with); the input step of a shifted input is its grid's scale, else the
     input threshold over 127."""
     named = list(qmodel.named_sublayers())
     layers = [layer for _, layer in named]
@@ -119,7 +118,7 @@ def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]
     return codes
 
 
-@pytest.mark.parametrize("setting, int8_convs", [("x86", 5), ("x86-vnni", 6), ("arm affine", 7)])
+@pytest.mark.parametrize("setting, int8_convs", [("x86", 5), ("x86-vnni", 6), ("arm", 7)])
 def test_folded_biases_land_on_the_grid(setting: str, int8_convs: int) -> None:
     _, moved = _converted(bias_grid=True, setting=setting)
     _, kept = _converted(bias_grid=False, setting=setting)
@@ -127,7 +126,7 @@ def test_folded_biases_land_on_the_grid(setting: str, int8_convs: int) -> None:
     assert len(moved_codes) == int8_convs
     if setting == "x86":
         assert sum(isinstance(layer, QuantizedLayer) and layer.input_shifted for layer in moved.sublayers()) == 1
-    if setting != "arm affine":  # (the conv writing the max-pool's codes, and the fused one)
+    if setting != "arm":  # (the conv writing the max-pool's codes, and the fused one)
         assert sum(bool(layer.sum_outputs) for layer in moved.sublayers() if isinstance(layer, QuantizedLayer)) == 2
     for (on_grid, sizes), (off_grid, _) in zip(moved_codes, kept_codes):
         # (float32 parameters: the folded value is an integer up to the float32 roundings of

@@ -429,11 +429,6 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
                 self.layer_inputs.add(op.input(slots[1])[0])
                 if self.unsigned_inputs and record.input_unsigned:
                     self.u8_inputs[op.input(slots[1])[0]] = float(record.input_threshold)
-                if record.input_zero_point is not None and 0 <= record.input_zero_point <= 255:
-                    # Calibrated with symmetric=False: keep its own uint8 parameters.
-                    self.affine[op.input(slots[1])[0]] = (
-                        float(record.input_scale), int(record.input_zero_point)
-                    )
         # A tensor an fp32 layer reads on its codes (quant_residual.ResidualCodesInput): u8 on
         # the grid of that layer's threshold, as for an int8 reader.
         for record in records:

@@ -271,6 +271,28 @@ def inferred_input_spec(model: paddle.nn.Layer) -> list[paddle.static.InputSpec]
     return specs
 
 
+def _refuse_zero_points(name: str, layer: QuantizedLayer) -> None:
+    """Raises for a hand-built layer with zero points (``convert`` never builds one): no
+    exported runtime would compute what it simulates.
+
+    Raises:
+        ValueError: Naming the layer.
+    """
+    if layer.weight_scales is not None:
+        raise ValueError(
+            f"layer {name!r} holds affine (zero-point) weights, which no int8 runtime runs "
+            f"(Paddle Inference, Paddle Lite and ONNX Runtime's QLinear kernels take symmetric "
+            f"int8 weights); build it with weight thresholds only, as convert does"
+        )
+    if layer.input_zero_point is not None and not layer.input_shifted:
+        raise ValueError(
+            f"layer {name!r} quantizes its input on an affine grid (zero point "
+            f"{layer.input_zero_point}), which Paddle Inference and Paddle Lite ignore (they "
+            f"read thresholds only); build it without input_scale / input_zero_point, as "
+            f"convert does"
+        )
+
+
 def _collect_records(
     model: paddle.nn.Layer, program_weights: bool
 ) -> tuple[paddle.nn.Layer, list[LayerRecord], dict]:
@@ -296,6 +318,7 @@ def _collect_records(
         if id(layer) in by_layer:
             continue  # the inner layer of a wrapper recorded above
         if isinstance(layer, QuantizedLayer):
+            _refuse_zero_points(name, layer)
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
             shift_response = layer.input_shift_response()  # of the weight that runs
