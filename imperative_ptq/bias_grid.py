@@ -15,7 +15,9 @@ The grid is the one :mod:`imperative_ptq.export.onnx_export` writes: the input's
 L`` of symmetric codes: ``0..L`` of a u8 input, ``-L..L`` about zero point 128 of a signed one
 on a target that runs it int8; ``s`` of a signed input on its shifted grid,
 :mod:`imperative_ptq.shifted_input`) times the float32 weight scale ``max(t_w |f|,
-1e-12) / 127`` (``f`` the BatchNorm's factor). Measured on PP-OCR-style DB detectors with
+1e-12) / L_w`` (``f`` the BatchNorm's factor; ``L_w = 127`` for 8-bit weights and for
+narrower ones that oneDNN requantizes to 8 bits on the ``x86`` targets, whose ``t_w`` are the
+requantized thresholds, else ``2**(bits-1) - 1``, the export's int8 storage of them). Measured on PP-OCR-style DB detectors with
 MobileNetV3 backbones, whose expand convs read shifted inputs: ONNX Runtime 8-10% of the
 largest output off the simulation with only the u8 inputs' biases moved, 2.7e-7 after rounding
 ties with these too. The convs fused with a residual add keep their bias.
@@ -101,17 +103,16 @@ def put_conv_biases_on_grid(
 
 
 def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> float | None:
-    """The scale of the codes ONNX Runtime reads as an int8 Conv2D's input (8-bit weights),
-    as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of a shifted input (the
+    """The scale of the codes ONNX Runtime reads as an int8 Conv2D's input, as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of a shifted input (the
     export's ``DequantizeLinear`` carries the zero point, and the bias is the
     layer's own: a shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
     one (u8 codes ``0..L``, up to 255 after a residual ReLU Paddle leaves unclipped, or
     ``-L..L`` about zero point 128 where the target runs signed inputs int8). ``None`` for any
-    other conv (4-bit weights, a signed input the target keeps fp32, a hand-built layer with
-    zero points, which ``convert`` never builds)."""
+    other conv (a signed input the target keeps fp32, a hand-built layer with zero points,
+    which ``convert`` never builds)."""
     if not (
         isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
-        and layer.weight_scales is None and layer.weight_bits == 8
+        and layer.weight_scales is None
     ):
         return None
     levels = symmetric_levels(activation_bits)
@@ -140,9 +141,12 @@ def _move_bias(layer: QuantizedLayer, norm: paddle.nn.Layer | None, input_scale:
         factor, folded = batch_norm_factor_and_bias(
             bias, norm._mean.numpy(), norm._variance.numpy(), gamma, beta, norm._epsilon
         )
-    # (a per-tensor threshold broadcasts against the per-channel factor)
+    # The grid of the weight it computes with: oneDNN's 8-bit requantization of a narrower
+    # weight where the target runs one (``program_weight`` keeps the layer's own), else its
+    # own; a per-tensor threshold broadcasts against the per-channel factor.
+    bits = 8 if layer.program_weight is not None else layer.weight_bits
     thresholds = np.asarray(layer.weight_thresholds.numpy(), np.float32).reshape(-1)
-    grid = bias_grid_steps(input_scale, folded_weight_scales(thresholds, factor, 8)).astype(np.float64)
+    grid = bias_grid_steps(input_scale, folded_weight_scales(thresholds, factor, bits)).astype(np.float64)
     codes = int32_bias_codes(folded, grid)
     if codes is None:
         return 0

@@ -72,10 +72,10 @@ _SETTINGS = {
 }
 
 
-def _converted(bias_grid: bool, setting: str = "x86"):
+def _converted(bias_grid: bool, setting: str = "x86", weight_bits: int = 8):
     model = _stem()
     rng = np.random.default_rng(1)
-    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=setting)
+    config = ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(quant_bits=weight_bits), target=setting)
     ptq = ip.ImperativePTQ(config)
     qmodel = ptq.quantize(model)
     for _ in range(3):
@@ -84,12 +84,14 @@ def _converted(bias_grid: bool, setting: str = "x86"):
     return ptq, qmodel
 
 
-def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]]:
+def _grid_codes_by_loops(qmodel: nn.Layer, weight_levels: int = 127) -> list[tuple[np.ndarray, np.ndarray]]:
     """Slow reference: per int8 conv and output channel, the BatchNorm-folded bias (or the
     conv's own) divided by float32(input step x float32 weight step), and the size of the
     terms it is the sum of on that grid (what the float32 roundings of the stored parameters
     scale with); the input step of a shifted input is its grid's scale, else the
-    input threshold over 127."""
+    input threshold over 127; the weight step the threshold of the weight the layer computes
+    with over ``weight_levels`` (oneDNN's 8-bit requantization of 4-bit weights on ``x86``:
+    127; ``arm`` computes with the 4-bit codes: 7)."""
     named = list(qmodel.named_sublayers())
     layers = [layer for _, layer in named]
     codes = []
@@ -110,7 +112,7 @@ def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]
                 beta, mean = float(norm.bias.numpy()[channel]), float(norm._mean.numpy()[channel])
                 bias = (bias - mean) * factor + beta
                 size = abs(size * factor) + abs(mean * factor) + abs(beta)
-            weight_step = np.float32(max(float(thresholds[channel]) * abs(factor), 1e-12) / 127)
+            weight_step = np.float32(max(float(thresholds[channel]) * abs(factor), 1e-12) / weight_levels)
             grid_step = float(np.float32(step * float(weight_step)))
             row.append(bias / grid_step)
             sizes.append(size / grid_step)
@@ -118,11 +120,15 @@ def _grid_codes_by_loops(qmodel: nn.Layer) -> list[tuple[np.ndarray, np.ndarray]
     return codes
 
 
-@pytest.mark.parametrize("setting, int8_convs", [("x86", 5), ("x86-vnni", 6), ("arm", 7)])
-def test_folded_biases_land_on_the_grid(setting: str, int8_convs: int) -> None:
-    _, moved = _converted(bias_grid=True, setting=setting)
-    _, kept = _converted(bias_grid=False, setting=setting)
-    moved_codes, kept_codes = _grid_codes_by_loops(moved), _grid_codes_by_loops(kept)
+@pytest.mark.parametrize(
+    "setting, weight_bits, int8_convs",
+    [("x86", 8, 5), ("x86-vnni", 8, 6), ("arm", 8, 7), ("x86", 4, 5), ("arm", 4, 7)],
+)
+def test_folded_biases_land_on_the_grid(setting: str, weight_bits: int, int8_convs: int) -> None:
+    _, moved = _converted(bias_grid=True, setting=setting, weight_bits=weight_bits)
+    _, kept = _converted(bias_grid=False, setting=setting, weight_bits=weight_bits)
+    levels = 7 if weight_bits == 4 and setting == "arm" else 127
+    moved_codes, kept_codes = _grid_codes_by_loops(moved, levels), _grid_codes_by_loops(kept, levels)
     assert len(moved_codes) == int8_convs
     if setting == "x86":
         assert sum(isinstance(layer, QuantizedLayer) and layer.input_shifted for layer in moved.sublayers()) == 1
@@ -136,15 +142,21 @@ def test_folded_biases_land_on_the_grid(setting: str, int8_convs: int) -> None:
         assert np.abs(on_grid - off_grid).max() <= 0.5 + 1e-3  # by at most half a step
 
 
-@pytest.mark.parametrize("setting", list(_SETTINGS))
+@pytest.mark.parametrize(
+    "setting, weight_bits", [(setting, 8) for setting in _SETTINGS] + [("x86", 4), ("arm", 4)]
+)
 @pytest.mark.parametrize("bias_grid", [True, False], ids=["on the grid", "float biases"])
-def test_onnx_runtime_adds_the_biases_the_simulation_adds(bias_grid: bool, setting: str, tmp_path) -> None:
+def test_onnx_runtime_adds_the_biases_the_simulation_adds(
+    bias_grid: bool, setting: str, weight_bits: int, tmp_path
+) -> None:
     """On the grid, ONNX Runtime computes the simulation up to rounding ties, as Paddle
     Inference does either way (checked for ``x86``: ``x86-vnni``'s signed int8 convs need VNNI
-    to be exact in Paddle Inference, ``arm`` is for Paddle Lite); with the float biases 0.7-1.7% of the largest output
-    off (measured), each conv's outputs moved by a constant per channel."""
+    to be exact in Paddle Inference, ``arm`` is for Paddle Lite), 4-bit weights included (on
+    ``x86`` the grid of oneDNN's 8-bit requantization, which the export stores); with the
+    float biases 0.7-1.7% of the largest output off (measured), each conv's outputs moved by
+    a constant per channel."""
     ort = pytest.importorskip("onnxruntime")
-    ptq, qmodel = _converted(bias_grid, setting)
+    ptq, qmodel = _converted(bias_grid, setting, weight_bits)
     spec = [paddle.static.InputSpec([None, 3, 64, 64], "float32", "x")]
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 64)).astype("float32")
     # (The residual branch as simulated: quantized on its own grid, ONNX Runtime departs.)
