@@ -12,6 +12,7 @@ from paddle import nn
 import imperative_ptq as ip
 from imperative_ptq.algorithms import SmoothQuant, smooth_quant
 from imperative_ptq.algorithms.smooth_quant import _quantized_input, find_smoothable
+from imperative_ptq.models import MnistSequenceEncoder
 from imperative_ptq.shifted_input import dequantize_codes, shifted_codes, shifted_grid
 
 
@@ -195,3 +196,52 @@ def test_unfoldable_producer_and_bad_groups_are_refused() -> None:
         ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), smooth_quant=0.5)
     sequential = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 4), nn.ReLU())
     assert find_smoothable(sequential) == [["0", "1"], ["1", "2"]]
+
+
+def _encoder(normalize_before: bool) -> nn.Layer:
+    paddle.seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, normalize_before=normalize_before)
+    return nn.TransformerEncoder(layer, 2).eval()
+
+
+def test_groups_found_from_the_data_flow_and_kept_only_where_folding_is_exact(caplog) -> None:
+    """With data, the groups are the Linears reading a LayerNorm's (or a Linear's) output
+    itself, across module boundaries (``nn.MultiHeadAttention``'s q, k, v): here as written by
+    hand. A post-norm block also adds each LayerNorm's output to a residual, which a fold would
+    scale: those candidates are dropped, named in the log. The model is left bit for bit as
+    it was."""
+    batches = _batches(2)
+    assert find_smoothable(Block().eval(), batches) == [["norm", "q", "k", "v"]]
+    pre_norm = _encoder(normalize_before=True)
+    before = {key: value.numpy().copy() for key, value in pre_norm.state_dict().items()}
+    expected = [
+        group for i in range(2) for group in (
+            [f"layers.{i}.norm1", *(f"layers.{i}.self_attn.{p}_proj" for p in "qkv")],
+            [f"layers.{i}.norm2", f"layers.{i}.linear1"],
+        )
+    ]
+    assert find_smoothable(pre_norm, batches) == expected
+    for key, value in pre_norm.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), before[key])
+    model = MnistSequenceEncoder().eval()
+    images = [np.random.default_rng(3).random((4, 1, 28, 28)).astype("float32")]
+    assert find_smoothable(model, images) == model.smoothing_groups()
+    with caplog.at_level("INFO", logger="imperative_ptq.algorithms.smooth_groups"):
+        assert find_smoothable(_encoder(normalize_before=False), batches) == []
+    assert "leaves 3 groups alone" in caplog.text
+    assert "['layers.0.norm1', 'layers.0.norm2', 'layers.1.norm1']" in caplog.text
+    assert find_smoothable(Block().eval()) == []  # without data: nn.Sequential neighbours only
+
+
+def test_ptq_config_smooths_the_groups_it_finds() -> None:
+    """``SmoothQuant()`` without groups smooths a pre-norm transformer's LayerNorm -> Linear
+    groups; the smoothed fp32 model computes what the original does."""
+    model = _encoder(normalize_before=True)
+    x = paddle.to_tensor(_batches(1, seed=5)[0])
+    expected = model(x).numpy()
+    smoothed, groups = smooth_quant(model, _batches(), SmoothQuant(alpha=0.5))
+    assert [group.producer for group in groups] == [
+        "layers.0.norm1", "layers.0.norm2", "layers.1.norm1", "layers.1.norm2"
+    ]
+    assert all(not np.allclose(group.scales, 1.0) for group in groups)
+    np.testing.assert_allclose(smoothed(x).numpy(), expected, rtol=1e-4, atol=1e-5)

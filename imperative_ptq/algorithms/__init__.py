@@ -3,7 +3,8 @@
 One algorithm per module: cross-layer equalization (data-free, before calibration), SmoothQuant
 (on the first calibration batches, before any is observed), AdaRound
 and bias correction (on the calibration data, in ``convert``). ``capture`` records what one
-layer reads and writes, for the last two.
+layer reads and writes, for the last two; ``smooth_groups`` finds the layers SmoothQuant
+smooths and folds its scales into them.
 """
 
 from .adaround import AdaRound, AdaRoundResult, adaround

@@ -39,6 +39,7 @@ from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_grid, shifted_levels
 from ..targets import DEFAULT_TARGET, get_target
+from .smooth_groups import SmoothedGroup, apply_smoothing, check_groups, find_smoothable
 
 __all__ = ["SmoothQuant", "SmoothedGroup", "apply_smoothing", "find_smoothable", "smooth_quant"]
 
@@ -77,87 +78,6 @@ class SmoothQuant:
         if not candidates or any(not 0 <= float(a) <= 1 for a in candidates):
             raise ValueError(f"SmoothQuant alphas must lie in [0, 1], got {candidates}")
         get_target(self.target)  # raises for an unknown target
-
-
-@dataclasses.dataclass
-class SmoothedGroup:
-    """One producer and the Linears reading its output, smoothed together.
-
-    Attributes:
-        producer: The LayerNorm or Linear the ``1 / scales`` were folded into.
-        linears: The Linears whose weight rows were multiplied by ``scales``.
-        alpha: The migration strength used (``None``: no alpha beat leaving the group alone,
-            and ``scales`` are ones).
-        scales: ``s`` per input channel.
-        errors: Output mean squared error of the quantized group per alpha tried (key
-            ``None``: unsmoothed).
-    """
-
-    producer: str
-    linears: list[str]
-    alpha: float | None
-    scales: np.ndarray
-    errors: dict[float | None, float]
-
-
-def find_smoothable(model: paddle.nn.Layer) -> list[list[str]]:
-    """``[producer, linear]`` pairs of consecutive children of ``nn.Sequential`` containers:
-    a LayerNorm (with a weight) or a Linear followed directly by a Linear. Other models (a
-    transformer block whose q, k, v read one LayerNorm): pass groups by name."""
-    groups = []
-    for prefix, layer in model.named_sublayers(include_self=True):
-        if not isinstance(layer, paddle.nn.Sequential):
-            continue
-        children = list(layer.named_children())
-        for (name, first), (next_name, second) in zip(children, children[1:]):
-            if isinstance(second, paddle.nn.Linear) and _foldable(first) is None:
-                join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
-                groups.append([join(name), join(next_name)])
-    return groups
-
-
-def _foldable(layer: paddle.nn.Layer) -> str | None:
-    """Why ``1 / s`` cannot be folded into ``layer`` (``None``: it can)."""
-    if isinstance(layer, paddle.nn.LayerNorm):
-        if layer.weight is None:
-            return "a LayerNorm without a weight (weight_attr=False)"
-        return None
-    if isinstance(layer, paddle.nn.Linear):
-        return None
-    return f"a {type(layer).__name__}, not a LayerNorm or Linear"
-
-
-def _width(layer: paddle.nn.Layer) -> int:
-    if isinstance(layer, paddle.nn.Linear):
-        return int(layer.weight.shape[1])
-    return int(layer.weight.shape[-1])
-
-
-def _check_groups(
-    groups: Sequence[Sequence[str]], layers: dict[str, paddle.nn.Layer]
-) -> None:
-    for group in groups:
-        if isinstance(group, str) or not isinstance(group, (list, tuple)) or len(group) < 2:
-            raise TypeError(f"SmoothQuant groups are [producer, linear, ...] name lists, got {group!r}")
-        for name in group:
-            if name not in layers:
-                raise ValueError(f"SmoothQuant group names {name!r}, which is not a sublayer")
-        producer, *linears = group
-        reason = _foldable(layers[producer])
-        if reason is not None:
-            raise ValueError(
-                f"SmoothQuant cannot smooth {linears}: their input comes from {producer!r}, "
-                f"{reason}, into which the scales cannot be folded"
-            )
-        for name in linears:
-            linear = layers[name]
-            if not isinstance(linear, paddle.nn.Linear):
-                raise ValueError(f"SmoothQuant smooths Linear layers; {name!r} is a {type(linear).__name__}")
-            if linear.weight.shape[0] != _width(layers[producer]):
-                raise ValueError(
-                    f"SmoothQuant: {name!r} reads {linear.weight.shape[0]} channels, "
-                    f"{producer!r} produces {_width(layers[producer])}"
-                )
 
 
 def _input_statistics(
@@ -248,30 +168,6 @@ def smoothing_scales(
     return np.where(usable, safe_x**alpha / safe_w ** (1 - alpha), 1.0)
 
 
-def apply_smoothing(model: paddle.nn.Layer, groups: Sequence[SmoothedGroup]) -> None:
-    """Folds each group's ``1 / s`` into its producer and ``s`` into its Linears, in place."""
-    layers = dict(model.named_sublayers())
-    with paddle.no_grad():
-        for group in groups:
-            producer = layers[group.producer]
-            inverse = (1.0 / group.scales).astype(np.float32)
-            if isinstance(producer, paddle.nn.Linear):
-                weight = producer.weight.numpy()
-                producer.weight.set_value((weight * inverse[None, :]).astype(weight.dtype))
-            else:
-                weight = producer.weight.numpy()
-                producer.weight.set_value((weight * inverse).astype(weight.dtype))
-            if producer.bias is not None:
-                bias = producer.bias.numpy()
-                producer.bias.set_value((bias * inverse).astype(bias.dtype))
-            for name in group.linears:
-                linear = layers[name]
-                weight = linear.weight.numpy()
-                linear.weight.set_value(
-                    (weight * group.scales.astype(np.float32)[:, None]).astype(weight.dtype)
-                )
-
-
 def smooth_quant(
     model: paddle.nn.Layer,
     data: Iterable[Any],
@@ -300,11 +196,14 @@ def smooth_quant(
     if not inplace:
         model = copy.deepcopy(model)
     layers = dict(model.named_sublayers())
-    groups = find_smoothable(model) if settings.groups is None else [list(g) for g in settings.groups]
-    _check_groups(groups, layers)
     batches = list(data)
     if not batches:
         raise ValueError("SmoothQuant needs calibration batches, got none")
+    if settings.groups is None:
+        groups = find_smoothable(model, batches)
+    else:
+        groups = [list(g) for g in settings.groups]
+        check_groups(groups, layers)
     if not groups:
         logger.warning("SmoothQuant found no LayerNorm/Linear -> Linear group to smooth")
         return model, []
