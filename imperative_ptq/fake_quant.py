@@ -105,8 +105,19 @@ def _conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) ->
     )
 
 
+def _conv1d(layer: paddle.nn.Conv1D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+    if layer._padding_mode != "zeros":
+        raise ValueError(
+            f"QAT supports Conv1D with padding_mode='zeros' only, got {layer._padding_mode!r}"
+        )
+    return paddle.nn.functional.conv1d(
+        x, weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups,
+        layer._data_format,
+    )
+
+
 #: Layer type -> its forward with a given weight (the fake-quantized one).
-FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv2D: _conv2d}
+FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv1D: _conv1d, paddle.nn.Conv2D: _conv2d}
 
 
 def functional_forward(layer: paddle.nn.Layer) -> Callable[..., paddle.Tensor] | None:

@@ -3,6 +3,7 @@ leaves PTQ's model bit-identical, BatchNorm freezing, the exports of the result,
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -20,7 +21,7 @@ from imperative_ptq import (
     PerChannelMinMaxQuantizer,
     PTQConfig,
 )
-from imperative_ptq.export import export_onnx
+from imperative_ptq.export import create_predictor, export_onnx, predict
 from imperative_ptq.fake_quant import fake_quantize_ste
 from imperative_ptq.models import LeNet
 from imperative_ptq.quant_layers import QuantizedLayer, fake_quantize_symmetric
@@ -196,11 +197,6 @@ def test_bad_input(lenet_data) -> None:
     ptq_signed, signed = _calibrated(padded, [paddle.randn([4, 2, 5, 5])])
     with pytest.raises(ValueError, match="quantizes none of its layers"):
         ImperativeQAT(ptq_signed).quantize(signed)
-    # A layer type without a QAT form.
-    conv1d = paddle.nn.Sequential(paddle.nn.Conv1D(2, 2, 3))
-    ptq_1d, calibrated_1d = _calibrated(conv1d, [paddle.rand([2, 2, 8])])
-    with pytest.raises(ValueError, match="cannot fake-quantize Conv1D"):
-        ImperativeQAT(ptq_1d).quantize(calibrated_1d)
 
 
 class _NamedLinear(paddle.nn.Linear):
@@ -340,3 +336,45 @@ def test_layers_without_a_training_form_stay_fp32_in_training_and_convert(make, 
         assert type(getattr(converted, name)).__name__ in ("LSTM", "ActivationMatmul")
     with paddle.no_grad():
         np.testing.assert_array_equal(trainable(batches[0]).numpy(), converted(batches[0]).numpy())
+
+
+def _conv1d_net() -> paddle.nn.Layer:
+    """Conv1D layers as audio and sequence models stack them (a dilated one), a Linear head."""
+    paddle.seed(0)
+    return paddle.nn.Sequential(
+        paddle.nn.Conv1D(4, 8, 3, padding=2, dilation=2), paddle.nn.ReLU(),
+        paddle.nn.Conv1D(8, 8, 3, padding=1), paddle.nn.ReLU(),
+        paddle.nn.Flatten(), paddle.nn.Linear(8 * 12, 5),
+    )
+
+
+def test_conv1d_layers_fine_tune_and_run_as_simulated(tmp_path) -> None:
+    """Conv1D fine-tunes like Conv2D (PTQ runs it int8: a conv2d underneath): with learning
+    rate 0 QAT's convert is PTQ's bit for bit; after training the converted model computes
+    the training forward and Paddle Inference runs what it simulates."""
+    rng = np.random.default_rng(0)
+    batches = [
+        (paddle.to_tensor(rng.random((8, 4, 12), np.float32)), paddle.to_tensor(rng.integers(0, 5, [8])))
+        for _ in range(3)
+    ]
+    images = [x for x, _ in batches]
+    ptq, calibrated = _calibrated(_conv1d_net(), images)
+    qat = ImperativeQAT(ptq)
+    trainable = qat.quantize(calibrated)
+    assert sum(type(layer).__name__ == "FakeQuantLayer" for layer in trainable.sublayers()) == 3
+    _train(trainable, batches, 0.0, 2)
+    reference = ptq.convert(copy.deepcopy(calibrated), bias_grid=False)
+    untrained = qat.convert(trainable)
+    for x in images:
+        np.testing.assert_array_equal(untrained(x).numpy(), reference(x).numpy())
+    _train(trainable, batches, 1e-2, 6)
+    converted = qat.convert(trainable)
+    trainable.eval()
+    with paddle.no_grad():
+        np.testing.assert_allclose(converted(images[0]).numpy(), trainable(images[0]).numpy(), rtol=1e-4, atol=1e-4)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(converted, prefix, [paddle.static.InputSpec([None, 4, 12], "float32", "x")])
+    x = rng.random((4, 4, 12), np.float32)
+    simulated = converted(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
