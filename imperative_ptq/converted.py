@@ -14,10 +14,10 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_config", "converted_fine_tuning", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
+    "converted_biases_on_grid", "converted_config", "converted_fine_tuning", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
     "converted_table",
     "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
-    "output_thresholds", "record_config", "record_input_signature", "record_measured_on",
+    "output_thresholds", "record_biases_on_grid", "record_config", "record_input_signature", "record_measured_on",
     "set_output_thresholds",
 ]
 
@@ -31,6 +31,7 @@ _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
 _FINE_TUNING = "_ptq_fine_tuning"
 _CONFIG = "_ptq_config"
 _INPUT_SIGNATURE = "_ptq_input_signature"
+_BIASES_ON_GRID = "_ptq_biases_on_grid"
 
 
 def mark_converted(
@@ -65,6 +66,18 @@ def record_input_signature(model: paddle.nn.Layer, signature: Sequence[tuple[lis
     """Records the shapes and dtypes calibration saw the model's inputs with
     (:attr:`imperative_ptq.session.CalibrationSession.input_signature`; ``None``: unknown)."""
     setattr(model, _INPUT_SIGNATURE, None if signature is None else [(list(s), d) for s, d in signature])
+
+
+def record_biases_on_grid(model: paddle.nn.Layer, on_grid: bool) -> None:
+    """Records whether convert put the int8 convs' biases on ONNX Runtime's int32 grid
+    (``convert(..., bias_grid=...)``)."""
+    setattr(model, _BIASES_ON_GRID, bool(on_grid))
+
+
+def converted_biases_on_grid(model: paddle.nn.Layer) -> bool:
+    """What :func:`record_biases_on_grid` recorded, on ``model`` or the converted models it
+    wraps (``True`` where nothing says otherwise)."""
+    return all(getattr(layer, _BIASES_ON_GRID, True) for layer in [model, *model.sublayers()])
 
 
 def converted_input_signature(model: paddle.nn.Layer) -> list[tuple[list, str]] | None:

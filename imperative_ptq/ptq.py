@@ -43,7 +43,8 @@ from .config import PTQConfig, default_ptq_config
 from .convert import convert_layers
 from .converted import (
     converted_config, converted_measured_on, converted_minima, converted_structure,
-    converted_table, is_marked_converted, record_config, record_input_signature, record_measured_on,
+    converted_table, is_marked_converted, record_biases_on_grid, record_config,
+    record_input_signature, record_measured_on,
 )
 from .finite import check_finite_parameters, check_finite_thresholds
 from .functional_matmul import has_own_matrices
@@ -483,6 +484,7 @@ class ImperativePTQ:
             put_conv_biases_on_grid(
                 model, session.layers, get_target(config.target), config.activation_quantizer.quant_bits
             )
+        record_biases_on_grid(model, bias_grid)
         record_measured_on(model, measured_on)
         record_config(model, config.to_dict())
         record_input_signature(model, session.input_signature)

@@ -330,7 +330,7 @@ class ImperativeQAT:
         )
 
     # ------------------------------------------------------------------------------- convert
-    def convert(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+    def convert(self, model: paddle.nn.Layer, *, bias_grid: bool = False) -> paddle.nn.Layer:
         """The converted int8 simulation of the fine-tuned model (a new model; ``model`` can
         keep training).
 
@@ -338,10 +338,22 @@ class ImperativeQAT:
         :meth:`calibration_table`, so the result is what ``ptq.convert`` returns:
         ``save_quantized_model``, ``export_onnx`` and ``analyze`` take it as they are.
 
+        Args:
+            model: The model :meth:`quantize` returned.
+            bias_grid: ``False`` (default): the trained biases, so that the converted model
+                computes the training forward bit for bit (Paddle Inference adds them in
+                float; ONNX Runtime rounds each int8 conv's to its int32 grid, and
+                ``export_onnx`` warns). ``True``: as ``ImperativePTQ.convert``'s, each int8
+                conv's folded bias moves onto that grid, by at most half a step, and ONNX
+                Runtime computes the simulation too.
+
         Raises:
+            TypeError: ``bias_grid`` is not a bool.
             ValueError: ``model`` was not returned by :meth:`quantize`, or it ran training
                 steps but backward never reached its quantized layers.
         """
+        if not isinstance(bias_grid, bool):
+            raise TypeError(f"bias_grid must be a bool, got {type(bias_grid).__name__}")
         state = self._state(model)
         if state.training_steps and not state.backward_passes:
             raise ValueError(
@@ -359,7 +371,7 @@ class ImperativeQAT:
             session.layers, TableFile(table, {}, state.minima, structure=state.structure),
             "the fine-tuned table",
         )
-        converted = self._ptq.convert(calibrating, bias_grid=False)
+        converted = self._ptq.convert(calibrating, bias_grid=bias_grid)
         if state.fp32_layers:
             # As the training forward computed them (see quantize).
             keep_fp32(converted, state.fp32_layers, self.float_model(model))

@@ -378,3 +378,53 @@ def test_conv1d_layers_fine_tune_and_run_as_simulated(tmp_path) -> None:
     simulated = converted(paddle.to_tensor(x)).numpy()
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
+
+
+def test_convert_with_the_bias_grid_for_onnx_runtime(tmp_path, caplog) -> None:
+    """QAT's convert keeps the trained biases by default (its forward is the training one bit
+    for bit), which ONNX Runtime rounds to its int32 grid: the export warns, naming the convs.
+    ``bias_grid=True`` moves them onto the grid, by at most half a step, and ONNX Runtime
+    computes the simulation up to rounding ties (1.3% of the largest output off before)."""
+    ort = pytest.importorskip("onnxruntime")
+    from ties import relative_error, simulation_up_to_ties
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 16, 3, padding=1, bias_attr=False), paddle.nn.BatchNorm2D(16), paddle.nn.ReLU(),
+        paddle.nn.Conv2D(16, 16, 3, padding=1, bias_attr=False), paddle.nn.BatchNorm2D(16), paddle.nn.ReLU(),
+        paddle.nn.Conv2D(16, 8, 1),
+    )
+    rng = np.random.default_rng(0)
+    for norm in (model[1], model[4]):
+        norm.bias.set_value((0.3 * rng.standard_normal(16)).astype("float32"))
+    images = [paddle.to_tensor(np.abs(rng.standard_normal((4, 3, 16, 16))).astype("float32")) for _ in range(3)]
+    ptq, calibrated = _calibrated(model, images)
+    qat = ImperativeQAT(ptq)
+    trainable = qat.quantize(calibrated)
+    optimizer = paddle.optimizer.SGD(1e-3, parameters=trainable.parameters())
+    for x in images:
+        (trainable(x) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    trainable.eval()
+    kept, on_grid = qat.convert(trainable), qat.convert(trainable, bias_grid=True)
+    x = np.abs(rng.standard_normal((2, 3, 16, 16))).astype("float32")
+    with paddle.no_grad():
+        np.testing.assert_array_equal(kept(paddle.to_tensor(x)).numpy(), trainable(paddle.to_tensor(x)).numpy())
+    spec = [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    errors = {}
+    for label, converted in (("kept", kept), ("on grid", on_grid)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imperative_ptq.export"):
+            path = export_onnx(converted, str(tmp_path / label.replace(" ", "_")), spec)
+        warned = "off ONNX Runtime's int32 grid" in caplog.text
+        assert warned == (label == "kept"), caplog.text
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        ran = session.run(None, {"x": x})[0]
+        simulated, _ = simulation_up_to_ties(
+            lambda converted=converted: converted(paddle.to_tensor(x)).numpy(), ran, 2e-6, candidates=16, max_flips=3
+        )
+        errors[label] = relative_error(ran, simulated)
+    assert errors["on grid"] < 2e-6 < 1e-4 < errors["kept"], errors
+    with pytest.raises(TypeError, match="bias_grid must be a bool"):
+        qat.convert(trainable, bias_grid=1)

@@ -47,7 +47,7 @@ from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
 from ..bias_grid import bias_grid_steps, folded_weight_scales, int32_bias_codes
-from ..converted import converted_target
+from ..converted import converted_biases_on_grid, converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
 from ..quant_pool import U8_MAX
@@ -68,6 +68,10 @@ _FLOAT_CONV_OPS = frozenset({
     "conv2d_transpose", "depthwise_conv2d_transpose", "deformable_conv", "deformable_conv_v1",
     "conv3d", "conv3d_transpose", "pool3d", "max_pool3d_with_index",
 })
+
+#: How far (in int32 codes) a conv bias may lie off its grid before the export counts it as
+#: rounded: a bias convert put on the grid is off it by float32 roundings of its terms only.
+_OFF_GRID = 1e-3
 
 #: The first opset whose ``DequantizeLinear`` reads INT4 (packed two per byte).
 INT4_OPSET = 21
@@ -202,6 +206,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         self.onnx = _require_onnx()
         #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
         self.int8_residual_branches = int8_residual_branches
+        #: conv outputs whose bias ONNX Runtime adds rounded to its int32 grid
+        self.rounded_biases: list[str] = []
         #: ``L`` of the activation grid, codes ``0..L`` (u8) or ``-L..L`` of ``t / L``.
         self.levels = symmetric_levels(model_activation_bits(records))
         #: signed activations keep the symmetric codes -127..127 (Paddle Lite's kernels, the
@@ -905,6 +911,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             return
         b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = int32_bias_codes(bias, b_scale)
+        if codes is not None and np.abs(codes - bias / b_scale.astype(np.float64)).max(initial=0.0) > _OFF_GRID:
+            self.rounded_biases.append(out)
         if codes is None:
             # The bias on the int32 grid of input x weight scales would overflow (a tiny
             # input range, such as the near-constant features of an untrained head next
@@ -1963,10 +1971,20 @@ def export_onnx(
             channels_last_to_first(loaded.program.global_block())
             weights = {r.weight_name: r for r in records if r.simulated}
             program_lib.materialize_conv1d_weights(loaded, weights)
-            onnx_model = _Converter(
+            converter = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
                 symmetric_signed, int8_residual_branches,
-            ).convert(opset)
+            )
+            onnx_model = converter.convert(opset)
+        if converter.rounded_biases and not converted_biases_on_grid(model):
+            logger.warning(
+                "%d int8 convs have biases off ONNX Runtime's int32 grid (the model was converted "
+                "with bias_grid=False, ImperativeQAT.convert's default): ONNX Runtime rounds each "
+                "by up to half a step of input x weight scale, so its outputs depart from the "
+                "simulation (Paddle Inference adds them in float); convert with bias_grid=True "
+                "to make them agree: %s", len(converter.rounded_biases),
+                ", ".join(converter.rounded_biases[:5]) + (", ..." if len(converter.rounded_biases) > 5 else ""),
+            )
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
     return path
