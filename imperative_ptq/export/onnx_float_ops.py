@@ -145,7 +145,7 @@ class FloatOpConverters(TensorOpConverters):
             "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
             "uniform_random": self._random, "gaussian_random": self._random,
             "index_sample": self._index_sample, "grid_sampler": self._grid_sample,
-            "affine_grid": self._affine_grid,
+            "affine_grid": self._affine_grid, "roi_align": self._roi_align,
         })
         return dispatch
 
@@ -755,6 +755,52 @@ class FloatOpConverters(TensorOpConverters):
             "GridSample", [self._in(op, "X"), self._in(op, "Grid")], out, mode=mode,
             padding_mode=op.attr("padding_mode"), align_corners=int(op.attr("align_corners")),
         ))
+
+    #: The first opset whose ``RoiAlign`` has ``coordinate_transformation_mode``.
+    _ROI_ALIGN_OPSET = 16
+
+    def _roi_align(self, op) -> None:
+        """roi_align (``paddle.vision.ops.roi_align``: two-stage detectors' box features):
+        ONNX's ``RoiAlign`` in ``avg`` mode, Paddle's ``aligned`` as ``half_pixel``
+        coordinates (opset 16; without it, ``output_half_pixel``), its adaptive sampling
+        (``sampling_ratio`` -1) as ONNX's 0. Each box's image index comes from ``RoisNum``
+        (``boxes_num``): the number of running box counts at or below the box's position."""
+        if not op.input("RoisNum"):
+            raise NotImplementedError("roi_align without boxes_num (a LoD box tensor) is not exported")
+        aligned = bool(op.attr("aligned"))
+        if aligned:
+            self._require_opset(self._ROI_ALIGN_OPSET, "roi_align with aligned=True is ONNX's half_pixel RoiAlign")
+        out = self._out(op)
+        int64 = self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+        boxes = self._in(op, "ROIs")
+        counts = self._node("Cast", [self._in(op, "RoisNum")], out + ".counts", to=int64)
+        ends = self._node("CumSum", [counts, self._const("axis", np.array(0, np.int64))], out + ".ends")
+        total = self._node(
+            "Gather", [self._node("Shape", [boxes], out + ".boxes_shape"), self._const("first", np.array(0, np.int64))],
+            out + ".total", axis=0,
+        )
+        positions = self._node(
+            "Range", [self._const("zero", np.array(0, np.int64)), total, self._const("one", np.array(1, np.int64))],
+            out + ".positions",
+        )
+        passed = self._node(
+            "GreaterOrEqual",
+            [self._node("Unsqueeze", [positions, self._const("axes", np.array([1], np.int64))], out + ".column"),
+             self._node("Unsqueeze", [ends, self._const("axes", np.array([0], np.int64))], out + ".row")],
+            out + ".passed",
+        )
+        images = self._node(
+            "ReduceSum", [self._node("Cast", [passed], out + ".passed_int", to=int64),
+                          self._const("axes", np.array([1], np.int64))],
+            out + ".images", keepdims=0,
+        )
+        attrs = dict(
+            mode="avg", output_height=int(op.attr("pooled_height")), output_width=int(op.attr("pooled_width")),
+            sampling_ratio=max(int(op.attr("sampling_ratio")), 0), spatial_scale=float(op.attr("spatial_scale")),
+        )
+        if self.opset >= self._ROI_ALIGN_OPSET:
+            attrs["coordinate_transformation_mode"] = "half_pixel" if aligned else "output_half_pixel"
+        self._bind(out, self._node("RoiAlign", [self._in(op), boxes, images], out, **attrs))
 
     def _affine_grid(self, op) -> None:
         """affine_grid to a constant output size: the pixel grid ``(x, y, 1)`` (``x`` along
