@@ -63,3 +63,48 @@ def test_roi_align_runs_as_simulated(aligned: bool, sampling_ratio: int, tmp_pat
     else:  # opset 10's RoiAlign is Paddle's aligned=False
         session = ort.InferenceSession(export_onnx(qmodel, str(tmp_path / "old"), spec), providers=["CPUExecutionProvider"])
         assert relative_error(session.run(None, {"x": x})[0], simulated) < 2e-6
+
+
+class _ExternalBoxes(paddle.nn.Layer):
+    """Boxes and per-image box counts given as inputs (a second stage exported on its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.head = paddle.nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: paddle.Tensor, boxes: paddle.Tensor, counts: paddle.Tensor) -> paddle.Tensor:
+        pooled = paddle.vision.ops.roi_align(F.relu(self.conv(x)), boxes, counts, 4, spatial_scale=0.5)
+        return self.head(pooled.flatten(1))
+
+
+def test_box_counts_given_as_inputs_export(tmp_path) -> None:
+    """The spec check runs the model on ones for integer inputs: on zeros, ``roi_align`` read
+    zero boxes per image beside a box tensor with rows, which Paddle's kernel does not check
+    (a segmentation fault, at random)."""
+    from imperative_ptq.export.spec_check import _probe
+
+    spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x"),
+            paddle.static.InputSpec([None, 4], "float32", "boxes"),
+            paddle.static.InputSpec([None], "int32", "counts")]
+    assert float(_probe(spec[2], 1, 2).sum()) == 2 and float(_probe(spec[0], 1, 2).abs().sum()) == 0
+    paddle.seed(0)
+    rng = np.random.default_rng(1)
+    model = _ExternalBoxes()
+    model.eval()
+
+    def inputs(images: int) -> list[np.ndarray]:
+        counts = rng.integers(1, 4, images).astype("int32")
+        corners = rng.uniform(0, 30, (int(counts.sum()), 2))
+        boxes = np.concatenate([corners, corners + rng.uniform(2, 30, corners.shape)], 1).astype("float32")
+        return [rng.random((images, 3, 32, 32)).astype("float32"), boxes, counts]
+
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [inputs(2) for _ in range(3)], progress=False)
+    ptq.convert(qmodel, progress=False)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    batch = inputs(3)
+    simulated = qmodel(*[paddle.to_tensor(value) for value in batch]).numpy()
+    assert relative_error(predict(create_predictor(prefix, num_threads=1), *batch)[0], simulated) < 2e-6

@@ -3,7 +3,8 @@
 ``paddle.jit.save`` traces a legacy program without checking that the shapes fit the weights:
 an ``InputSpec([None, 5, 8, 8])`` for a Conv2D that takes 3 channels (or a 1x1 image for a 3x3
 convolution without padding) gives a program that cannot run, and would replace a good export.
-Running the model once in dygraph on zeros of the spec's shape finds the contradiction first.
+Running the model once in dygraph on zeros of the spec's shape (ones for integer inputs)
+finds the contradiction first.
 
 Dynamic dimensions other than the batch have no size to check with: they are tried at a few
 sizes, and when the model runs at none of them the export goes on with a warning (a model may
@@ -36,7 +37,8 @@ DYNAMIC_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 def check_input_spec_runs(
     model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec]
 ) -> None:
-    """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``.
+    """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``
+    (ones for integer inputs).
 
     A dynamic (``None``/``-1``) batch dimension is tried at each of :data:`DYNAMIC_BATCHES`
     (1 first), other dynamic dimensions at each of :data:`DYNAMIC_SIZES`; the first shape the
@@ -54,10 +56,7 @@ def check_input_spec_runs(
     error: Exception | None = None
     for batch in batches:
         for size in sizes:
-            inputs = [
-                paddle.zeros(_concrete_shape(spec.shape, size, batch), dtype=spec.dtype)
-                for spec in input_spec
-            ]
+            inputs = [_probe(spec, size, batch) for spec in input_spec]
             try:
                 with paddle.no_grad():
                     model(*inputs)
@@ -79,6 +78,17 @@ def check_input_spec_runs(
         f"input_spec [{shapes}] does not fit the model: it fails on zeros of that shape "
         f"(batch {tried}): {reason}. Nothing was written."
     ) from error
+
+
+def _probe(spec: paddle.static.InputSpec, size: int, batch: int) -> paddle.Tensor:
+    """Zeros shaped like ``spec``; ones for an integer input. Counts and lengths of 0 can
+    contradict the other inputs, which some Paddle kernels do not check: ``roi_align`` reading
+    zero boxes per image from ``boxes_num`` beside a box tensor with rows crashed the process
+    (a segmentation fault); ids and indices of 1 are valid wherever 0 is, given two entries."""
+    shape = _concrete_shape(spec.shape, size, batch)
+    if paddle.is_integer(paddle.zeros([1], dtype=spec.dtype)):
+        return paddle.ones(shape, dtype=spec.dtype)
+    return paddle.zeros(shape, dtype=spec.dtype)
 
 
 def _is_dynamic(dim: int | None) -> bool:
