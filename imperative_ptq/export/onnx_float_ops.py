@@ -145,7 +145,7 @@ class FloatOpConverters(TensorOpConverters):
             "fold": self._fold, "broadcast_tensors": self._broadcast_tensors,
             "uniform_random": self._random, "gaussian_random": self._random,
             "index_sample": self._index_sample, "grid_sampler": self._grid_sample,
-            "affine_grid": self._affine_grid, "roi_align": self._roi_align,
+            "affine_grid": self._affine_grid, "roi_align": self._roi_align, "yolo_box": self._yolo_box,
         })
         return dispatch
 
@@ -801,6 +801,85 @@ class FloatOpConverters(TensorOpConverters):
         if self.opset >= self._ROI_ALIGN_OPSET:
             attrs["coordinate_transformation_mode"] = "half_pixel" if aligned else "output_half_pixel"
         self._bind(out, self._node("RoiAlign", [self._in(op), boxes, images], out, **attrs))
+
+    def _yolo_box(self, op) -> None:
+        """yolo_box (``paddle.vision.ops.yolo_box``: YOLOv3-style heads' decoding) as Paddle's
+        kernel computes it: per anchor and cell, the centre ``(col + sigmoid(t) * scale + bias)
+        * image size / grid size``, the size ``exp(t) * anchor * image size / input size``, the
+        corners (clipped to the image with ``clip_bbox``), scores ``conf * sigmoid(class)``
+        (``conf`` with ``iou_aware`` the weighted geometric mean with the IoU channel), zeros
+        where ``conf < conf_thresh``; outputs ``[N, anchors * H * W, 4]`` and ``[N, ..., C]``.
+        The grid size must be fixed by the input spec."""
+        height, width = self._shape(op.input("X")[0])[2:]
+        if height <= 0 or width <= 0:
+            raise NotImplementedError("yolo_box of a grid whose size the input spec leaves open is not exported")
+        anchors = np.asarray(op.attr("anchors"), np.float32).reshape(-1, 2)
+        count, classes = len(anchors), int(op.attr("class_num"))
+        scale = float(op.attr("scale_x_y"))
+        bias, ratio = -0.5 * (scale - 1.0), int(op.attr("downsample_ratio"))
+        out = self._out(op, "Boxes")
+        x = self._in(op)
+
+        def piece(tensor: str, start: int, end: int, axis: int, stem: str) -> str:
+            return self._node("Slice", [tensor, self._const("starts", np.array([start], np.int64)),
+                                        self._const("ends", np.array([end], np.int64)),
+                                        self._const("axes", np.array([axis], np.int64))], out + stem)
+
+        grid_shape = np.array([0, count, -1, height, width], np.int64)
+        iou = None
+        if op.attr("iou_aware"):
+            iou = self._node("Reshape", [piece(x, 0, count, 1, ".iou"), self._const("shape", grid_shape)], out + ".iou5")
+            x = piece(x, count, count * (6 + classes), 1, ".entries")
+        entries = self._node("Reshape", [x, self._const("shape", grid_shape)], out + ".grid")
+        tx, ty, tw, th = (piece(entries, k, k + 1, 2, f".t{k}") for k in range(4))
+        conf = self._node("Sigmoid", [piece(entries, 4, 5, 2, ".objectness")], out + ".conf")
+        if iou is not None:
+            factor = float(op.attr("iou_aware_factor"))
+            conf = self._node("Mul", [
+                self._node("Pow", [conf, self._scalar("keep", 1.0 - factor)], out + ".conf_part"),
+                self._node("Pow", [self._node("Sigmoid", [iou], out + ".iou_sigmoid"), self._scalar("factor", factor)], out + ".iou_part"),
+            ], out + ".conf_iou")
+        size = self._node("Cast", [self._in(op, "ImgSize")], out + ".size", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)))
+        size = self._node("Reshape", [size, self._const("shape", np.array([-1, 2, 1, 1, 1], np.int64))], out + ".size5")
+        image_h, image_w = piece(size, 0, 1, 1, ".image_h"), piece(size, 1, 2, 1, ".image_w")
+        rows, cols = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+
+        def centre(t: str, cells: np.ndarray, image: str, grid: int, stem: str) -> str:
+            offset = self._node("Add", [self._const("cells", cells.reshape(1, 1, 1, height, width)),
+                                        self._node("Mul", [self._node("Sigmoid", [t], out + stem + ".sigmoid"), self._scalar("scale", scale)], out + stem + ".scaled")],
+                                out + stem + ".cell")
+            offset = self._node("Add", [offset, self._scalar("bias", bias)], out + stem + ".biased")
+            return self._node("Div", [self._node("Mul", [offset, image], out + stem + ".image"), self._scalar("grid", float(grid))], out + stem)
+
+        def extent(t: str, anchor: np.ndarray, image: str, grid: int, stem: str) -> str:
+            anchored = self._node("Mul", [self._node("Exp", [t], out + stem + ".exp"), self._const("anchor", anchor.reshape(1, count, 1, 1, 1))], out + stem + ".anchored")
+            return self._node("Div", [self._node("Mul", [anchored, image], out + stem + ".image"), self._scalar("input", float(ratio * grid))], out + stem)
+
+        cx, cy = centre(tx, cols, image_w, width, ".cx"), centre(ty, rows, image_h, height, ".cy")
+        half_w = self._node("Div", [extent(tw, anchors[:, 0], image_w, width, ".w"), self._scalar("two", 2.0)], out + ".half_w")
+        half_h = self._node("Div", [extent(th, anchors[:, 1], image_h, height, ".h"), self._scalar("two", 2.0)], out + ".half_h")
+        corners = [self._node("Sub", [cx, half_w], out + ".x1"), self._node("Sub", [cy, half_h], out + ".y1"),
+                   self._node("Add", [cx, half_w], out + ".x2"), self._node("Add", [cy, half_h], out + ".y2")]
+        if op.attr("clip_bbox"):
+            zero = self._scalar("zero", 0.0)
+            corners[0] = self._node("Max", [corners[0], zero], out + ".x1_clipped")
+            corners[1] = self._node("Max", [corners[1], zero], out + ".y1_clipped")
+            one = self._scalar("one", 1.0)
+            corners[2] = self._node("Min", [corners[2], self._node("Sub", [image_w, one], out + ".last_x")], out + ".x2_clipped")
+            corners[3] = self._node("Min", [corners[3], self._node("Sub", [image_h, one], out + ".last_y")], out + ".y2_clipped")
+        kept = self._node("Not", [self._node("Less", [conf, self._scalar("threshold", float(op.attr("conf_thresh")))], out + ".below")], out + ".kept")
+        zero = self._scalar("zero", 0.0)
+
+        def flattened(values: str, stem: str, width_last: int) -> str:
+            masked = self._node("Where", [kept, values, zero], stem + ".masked")
+            moved = self._node("Transpose", [masked], stem + ".last", perm=[0, 1, 3, 4, 2])
+            return self._node("Reshape", [moved, self._const("shape", np.array([0, -1, width_last], np.int64))], stem)
+
+        boxes = self._node("Concat", corners, out + ".corners", axis=2)
+        self._bind(out, flattened(boxes, out, 4))
+        scores_out = self._out(op, "Scores")
+        scores = self._node("Mul", [conf, self._node("Sigmoid", [piece(entries, 5, 5 + classes, 2, ".classes")], out + ".class_sigmoid")], scores_out + ".raw")
+        self._bind(scores_out, flattened(scores, scores_out, classes))
 
     def _affine_grid(self, op) -> None:
         """affine_grid to a constant output size: the pixel grid ``(x, y, 1)`` (``x`` along
