@@ -94,30 +94,21 @@ def _linear(layer: paddle.nn.Linear, x: paddle.Tensor, weight: paddle.Tensor) ->
     return paddle.nn.functional.linear(x, weight, layer.bias)
 
 
-def _conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+def _conv(layer: paddle.nn.Conv1D | paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     if layer._padding_mode != "zeros":
         raise ValueError(
-            f"QAT supports Conv2D with padding_mode='zeros' only, got {layer._padding_mode!r}"
+            f"QAT supports {type(layer).__name__} with padding_mode='zeros' only, got "
+            f"{layer._padding_mode!r}"
         )
-    return paddle.nn.functional.conv2d(
-        x, weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups,
-        layer._data_format,
-    )
-
-
-def _conv1d(layer: paddle.nn.Conv1D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
-    if layer._padding_mode != "zeros":
-        raise ValueError(
-            f"QAT supports Conv1D with padding_mode='zeros' only, got {layer._padding_mode!r}"
-        )
-    return paddle.nn.functional.conv1d(
+    conv = paddle.nn.functional.conv1d if isinstance(layer, paddle.nn.Conv1D) else paddle.nn.functional.conv2d
+    return conv(
         x, weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups,
         layer._data_format,
     )
 
 
 #: Layer type -> its forward with a given weight (the fake-quantized one).
-FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv1D: _conv1d, paddle.nn.Conv2D: _conv2d}
+FUNCTIONAL_FORWARDS = {paddle.nn.Linear: _linear, paddle.nn.Conv1D: _conv, paddle.nn.Conv2D: _conv}
 
 
 def functional_forward(layer: paddle.nn.Layer) -> Callable[..., paddle.Tensor] | None:
