@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-__all__ = ["ModelCall", "batch_to_call", "eval_mode", "run_batches"]
+__all__ = ["ModelCall", "batch_to_call", "eval_mode", "run_batches", "run_hooked"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,3 +148,14 @@ def run_batches(
                 break
         bar.close()
     return count
+
+
+def run_hooked(model: paddle.nn.Layer, data: Iterable[Any], handles: Iterable[Any]) -> int:
+    """Runs ``data`` through ``model`` in eval mode (:func:`run_batches`) with hooks installed,
+    then removes their ``handles`` whatever happened; returns how many batches ran."""
+    try:
+        with eval_mode(model):
+            return run_batches(model, data)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -17,8 +17,9 @@ on a target that runs it int8; ``s`` of a signed input on its shifted grid,
 :mod:`imperative_ptq.shifted_input`) times the float32 weight scale ``max(t_w |f|,
 1e-12) / L_w`` (``f`` the BatchNorm's factor; ``L_w = 127`` for 8-bit weights and for
 narrower ones that oneDNN requantizes to 8 bits on the ``x86`` targets, whose ``t_w`` are the
-requantized thresholds, else ``2**(bits-1) - 1``, the export's int8 storage of them). Measured on PP-OCR-style DB detectors with
-MobileNetV3 backbones, whose expand convs read shifted inputs: ONNX Runtime 8-10% of the
+requantized thresholds, else ``2**(bits-1) - 1``, the export's int8 storage of them).
+Measured on PP-OCR-style DB detectors with MobileNetV3 backbones, whose expand convs read
+shifted inputs: ONNX Runtime 8-10% of the
 largest output off the simulation with only the u8 inputs' biases moved, 2.7e-7 after rounding
 ties with these too. The convs fused with a residual add keep their bias.
 """
@@ -103,9 +104,10 @@ def put_conv_biases_on_grid(
 
 
 def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> float | None:
-    """The scale of the codes ONNX Runtime reads as an int8 Conv2D's input, as :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of a shifted input (the
-    export's ``DequantizeLinear`` carries the zero point, and the bias is the
-    layer's own: a shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
+    """The scale of the codes ONNX Runtime reads as an int8 Conv2D's input, as
+    :mod:`imperative_ptq.export.onnx_export` writes them: ``s`` of a shifted input (the
+    export's ``DequantizeLinear`` carries the zero point, and the bias is the layer's own: a
+    shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
     one (u8 codes ``0..L``, up to 255 after a residual ReLU Paddle leaves unclipped, or
     ``-L..L`` about zero point 128 where the target runs signed inputs int8). ``None`` for any
     other conv (a signed input the target keeps fp32, a hand-built layer with zero points,

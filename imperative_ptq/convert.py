@@ -98,11 +98,10 @@ def convert_layers(
         # (measured: an MLP on a rank-4 input ran both fc fp32, cosine 0.9996 to an int8
         # simulation); the Paddle export runs a plain one as an int8 1x1 conv instead.
         beyond_fc = isinstance(layer, paddle.nn.Linear) and state.input_rank > MAX_FC_INPUT_RANK
-        fc_refusal = (state.name, f"{type(layer).__name__} on a rank-{state.input_rank} input")
         if beyond_fc and not (
             target.paddle_fc_weights and _plain_linear(layer) and not state.constant_call_inputs
         ):
-            no_int8_kernel.append(fc_refusal)
+            no_int8_kernel.append((state.name, f"{type(layer).__name__} on a rank-{state.input_rank} input"))
             continue
         if info.multiplies_inputs:
             if "input" not in entry or "second_input" not in entry:
@@ -171,10 +170,6 @@ def convert_layers(
                 may_run_as_conv=state.name in heads and _plain_linear(layer),
                 must_run_as_conv=beyond_fc,
             )
-            if beyond_fc and not wrapped.runs_as_conv:
-                # No conv route for this weight: fp32, as Paddle runs the fc.
-                no_int8_kernel.append(fc_refusal)
-                continue
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
                 # A ReLU after a residual conv, unclipped in Paddle (export.unsigned): its u8
                 # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than

@@ -8,7 +8,8 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict
+from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
+from models import converted
 from ties import relative_error
 
 F = paddle.nn.functional
@@ -43,17 +44,12 @@ def test_roi_align_runs_as_simulated(aligned: bool, sampling_ratio: int, tmp_pat
     ort = pytest.importorskip("onnxruntime")
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = _BoxHead(aligned, sampling_ratio)
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.random((2, 3, 32, 32)).astype("float32") for _ in range(3)], progress=False)
-    ptq.convert(qmodel, progress=False)
+    qmodel = converted(_BoxHead(aligned, sampling_ratio), [paddle.to_tensor(rng.random((2, 3, 32, 32)).astype("float32")) for _ in range(3)])
     spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x")]
     x = rng.random((3, 3, 32, 32)).astype("float32")
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, spec)
+    save_quantized_model(qmodel, prefix, spec)
     assert relative_error(predict(create_predictor(prefix, num_threads=1), x)[0], simulated) < 2e-6
     session = ort.InferenceSession(export_onnx(qmodel, prefix, spec, opset=16), providers=["CPUExecutionProvider"])
     assert relative_error(session.run(None, {"x": x})[0], simulated) < 2e-6

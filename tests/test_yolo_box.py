@@ -7,8 +7,8 @@ import numpy as np
 import paddle
 import pytest
 
-import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict
+from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
+from models import converted
 from ties import relative_error
 
 ANCHORS = [10, 13, 16, 30, 33, 23]
@@ -42,18 +42,13 @@ def test_yolo_box_runs_as_simulated(clip_bbox: bool, iou_aware: bool, scale_x_y:
     ort = pytest.importorskip("onnxruntime")
     paddle.seed(0)
     rng = np.random.default_rng(0)
-    model = _YoloHead(clip_bbox, iou_aware, scale_x_y)
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [rng.random((2, 3, 32, 32)).astype("float32") for _ in range(3)], progress=False)
-    ptq.convert(qmodel, progress=False)
+    qmodel = converted(_YoloHead(clip_bbox, iou_aware, scale_x_y), [paddle.to_tensor(rng.random((2, 3, 32, 32)).astype("float32")) for _ in range(3)])
     spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x")]
     x = rng.random((3, 3, 32, 32)).astype("float32")
     simulated = [t.numpy() for t in qmodel(paddle.to_tensor(x))]
     assert 0 < (simulated[1].max(axis=2) == 0).mean() < 1  # some cells under the threshold
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, spec)
+    save_quantized_model(qmodel, prefix, spec)
     session = ort.InferenceSession(export_onnx(qmodel, prefix, spec), providers=["CPUExecutionProvider"])
     runtimes = {"Paddle Inference": predict(create_predictor(prefix, num_threads=1), x),
                 "ONNX Runtime": session.run(None, {"x": x})}

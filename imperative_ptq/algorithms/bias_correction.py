@@ -31,7 +31,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ..batches import eval_mode, run_batches
+from ..batches import run_hooked
 from ..quant_layers import QuantizedLayer
 from .capture import capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
@@ -164,12 +164,7 @@ def correct_bias_analytically(
 
     handles = [fp32.register_forward_pre_hook(hook_for(name, fp32))
                for name, (_, fp32) in targets.items()]
-    try:
-        with eval_mode(reference):
-            run_batches(reference, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(reference, batches, handles)
     corrections: dict[str, np.ndarray] = {}
     for name, (layer, fp32_layer) in targets.items():
         if name not in sums:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
-from ..batches import eval_mode, run_batches
+from ..batches import run_hooked
 
 __all__ = ["SmoothedGroup", "apply_smoothing", "check_groups", "find_smoothable", "sequential_groups"]
 
@@ -62,9 +62,8 @@ def apply_smoothing(model: paddle.nn.Layer, groups: Sequence[SmoothedGroup]) -> 
             producer = layers[group.producer]
             inverse = (1.0 / group.scales).astype(np.float32)
             weight = producer.weight.numpy()
-            # A Linear's output channels are its weight's columns; a LayerNorm's weight is 1-D.
-            scaled = weight * (inverse[None, :] if isinstance(producer, paddle.nn.Linear) else inverse)
-            producer.weight.set_value(scaled.astype(weight.dtype))
+            # Output channels on the last axis: a Linear's columns, a LayerNorm's 1-D weight.
+            producer.weight.set_value((weight * inverse).astype(weight.dtype))
             if producer.bias is not None:
                 bias = producer.bias.numpy()
                 producer.bias.set_value((bias * inverse).astype(bias.dtype))
@@ -88,9 +87,8 @@ def foldable(layer: paddle.nn.Layer) -> str | None:
 
 
 def output_width(layer: paddle.nn.Layer) -> int:
-    """Channels of a producer's output (the last axis)."""
-    if isinstance(layer, paddle.nn.Linear):
-        return int(layer.weight.shape[1])
+    """Channels of a producer's output: the last axis of its weight (a Linear's ``[in, out]``,
+    a LayerNorm's ``[C]``)."""
     return int(layer.weight.shape[-1])
 
 
@@ -200,12 +198,7 @@ def _readers_of_producers(model: paddle.nn.Layer, batch: list[Any]) -> list[list
             handles.append(layer.register_forward_post_hook(record_output(name)))
         if isinstance(layer, paddle.nn.Linear):
             handles.append(layer.register_forward_pre_hook(record_input(name)))
-    try:
-        with eval_mode(model):
-            run_batches(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batch, handles)
     groups: dict[str, list[str]] = {}
     for linear, sources in read.items():
         (source,) = sources if len(sources) == 1 else (None,)
@@ -218,23 +211,9 @@ def _readers_of_producers(model: paddle.nn.Layer, batch: list[Any]) -> list[list
 def _outputs(model: paddle.nn.Layer, batch: list[Any]) -> list[np.ndarray]:
     """The model's output tensors for ``batch``, flattened in order."""
     results: list[Any] = []
-    handle = model.register_forward_post_hook(lambda layer, inputs, output: results.append(output))
-    try:
-        with eval_mode(model):
-            run_batches(model, batch)
-    finally:
-        handle.remove()
-    return [t.numpy() for t in _tensors(results)]
-
-
-def _tensors(value: Any) -> list[paddle.Tensor]:
-    if isinstance(value, paddle.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for key in sorted(value, key=str) for t in _tensors(value[key])]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    return []
+    keep = model.register_forward_post_hook(lambda layer, inputs, output: results.append(output))
+    run_hooked(model, batch, [keep])
+    return [t.numpy() for t in paddle.utils.flatten(results) if isinstance(t, paddle.Tensor)]
 
 
 def _unchanged_by_folding(

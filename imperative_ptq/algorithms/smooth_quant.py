@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import paddle
 
-from ..batches import eval_mode, run_batches
+from ..batches import run_hooked
 from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_grid, shifted_levels
@@ -101,12 +101,7 @@ def _input_statistics(
         return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        with eval_mode(model):
-            run_batches(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, batches, handles)
     for index, value in enumerate(maxima):
         if value is None:
             raise ValueError(f"SmoothQuant: layer {index} of a group never ran on the data")
