@@ -345,7 +345,7 @@ def ocr_rows(args: argparse.Namespace) -> list[Row]:
     fp32 = ocr.score(ocr.recognize(ocr.dygraph_runner(model), images, classes), labels)
     logging.info("%s fp32: %s", name, fp32)
     rows = []
-    for target, bias_correction in itertools.product(("x86", "x86-vnni"), (False, True)):
+    for target, bias_correction in itertools.product(("x86", "x86-avx2", "x86-vnni"), (False, True)):
         ptq = ImperativePTQ(PTQConfig(
             KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target, bias_correction=bias_correction,
         ))

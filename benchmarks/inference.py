@@ -5,7 +5,8 @@ machine hits every engine alike. Models: ResNet-18, MobileNetV2 and MobileNetV3-
 weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's MnistConvNet and
 a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
 weights, random token ids; its output is the pooled embedding) and ConvNeXt-T's layout (its
-pointwise Linear layers read channels-last rank-4 tensors, which the export runs as 1x1 convs). ONNX Runtime columns are left
+pointwise Linear layers read channels-last rank-4 tensors, which the export runs as 1x1 convs)
+and a YOLOv5-style SiLU backbone (``yolo_csp``, 320x320). ONNX Runtime columns are left
 empty for a model the ONNX export does not translate. Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
 per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
@@ -13,7 +14,7 @@ names the CPU and its int8 flags (``imperative_ptq.cpu_info().describe()``), inc
 ``ONEDNN_MAX_CPU_ISA`` cap.
 
 Usage: python benchmarks/inference.py [--rounds 5] [--iters 10] [--models resnet18,...]
-                                      [--target x86|x86-vnni|arm] [--float-branches] [--verbose]
+                                      [--target x86|x86-avx2|x86-vnni|arm] [--float-branches] [--verbose]
 """
 
 from __future__ import annotations
@@ -152,6 +153,50 @@ class WaveNet(paddle.nn.Layer):
         return self.out(paddle.nn.functional.relu(self.post(paddle.nn.functional.relu(skips))))
 
 
+class CspNet(paddle.nn.Layer):
+    """A YOLOv5-style backbone at width 32 (``yolo_csp``): conv -> BatchNorm -> SiLU blocks,
+    strided 3x3 downsampling, C3 stages of 1x1/3x3 bottlenecks with residual adds and a
+    concat, and an 85-channel 1x1 head. Every conv after the first reads a signed input
+    (SiLU outputs), the first a normalized image."""
+
+    class _Block(paddle.nn.Layer):
+        def __init__(self, ci: int, co: int, k: int = 1, stride: int = 1) -> None:
+            super().__init__()
+            self.conv = paddle.nn.Conv2D(ci, co, k, stride, k // 2, bias_attr=False)
+            self.norm = paddle.nn.BatchNorm2D(co)
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            return paddle.nn.functional.silu(self.norm(self.conv(x)))
+
+    class _C3(paddle.nn.Layer):
+        def __init__(self, ci: int, co: int, depth: int) -> None:
+            super().__init__()
+            block, half = CspNet._Block, co // 2
+            self.a, self.b, self.out = block(ci, half), block(ci, half), block(2 * half, co)
+            self.bottlenecks = paddle.nn.LayerList(
+                [paddle.nn.Sequential(block(half, half), block(half, half, 3)) for _ in range(depth)]
+            )
+
+        def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+            y = self.a(x)
+            for bottleneck in self.bottlenecks:
+                y = y + bottleneck(y)
+            return self.out(paddle.concat([y, self.b(x)], axis=1))
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        block, c3, w = CspNet._Block, CspNet._C3, width
+        self.body = paddle.nn.Sequential(
+            block(3, w, 3, 2), block(w, 2 * w, 3, 2), c3(2 * w, 2 * w, 1), block(2 * w, 4 * w, 3, 2),
+            c3(4 * w, 4 * w, 2), block(4 * w, 8 * w, 3, 2), c3(8 * w, 8 * w, 3), block(8 * w, 16 * w, 3, 2),
+            c3(16 * w, 16 * w, 1),
+        )
+        self.head = paddle.nn.Conv2D(16 * w, 85, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.body(x))
+
+
 #: name -> (factory, input shape without batch, batch sizes, input dtype)
 MODELS = {
     "resnet18": (lambda: paddle.vision.models.resnet18(), [3, 224, 224], (1, 8), "float32"),
@@ -163,6 +208,7 @@ MODELS = {
     "bert_encoder": (BertEncoder, [128], (1, 8), "int64"),
     "convnext_tiny": (ConvNeXt, [3, 224, 224], (1, 8), "float32"),
     "wavenet": (WaveNet, [1, 1600], (1, 8), "float32"),
+    "yolo_csp": (CspNet, [3, 320, 320], (1, 4), "float32"),
 }
 
 

@@ -109,7 +109,8 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
     export's ``DequantizeLinear`` carries the zero point, and the bias is the layer's own: a
     shift's ``W c`` is Paddle Inference's alone), ``t / L`` of a symmetric
     one (u8 codes ``0..L``, up to 255 after a residual ReLU Paddle leaves unclipped, or
-    ``-L..L`` about zero point 128 where the target runs signed inputs int8). ``None`` for any
+    ``-L..L`` about zero point 128 where the target runs signed inputs int8, or runs this
+    conv's signed input on halved weights). ``None`` for any
     other conv (a signed input the target keeps fp32, a hand-built layer with zero points,
     which ``convert`` never builds)."""
     if not (
@@ -120,7 +121,7 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
     levels = symmetric_levels(activation_bits)
     if layer.input_scale is not None:
         return float(layer.input_scale) if layer.input_shifted else None
-    if layer.input_unsigned or target.signed_inputs_int8:
+    if layer.input_unsigned or target.signed_inputs_int8 or layer.halved_weights:
         return float(layer.input_thresholds[0]) / levels
     return None
 

@@ -146,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--target", choices=sorted(TARGETS) + [NATIVE_TARGET], default=DEFAULT_TARGET,
                        help="deployment whose int8 arithmetic is simulated and exported: x86 "
                             "(any x86 CPU with AVX2; layers reading a signed input stay fp32), "
-                            "x86-vnni (VNNI/AMX CPUs only), arm (Paddle Lite), native (x86-vnni "
-                            "if this CPU has VNNI/AMX, else x86) (default: x86)")
+                            "x86-vnni (VNNI/AMX CPUs only), x86-avx2 (CPUs whose int8 kernels "
+                            "are AVX2 only: convs on signed inputs int8 too), arm (Paddle Lite), "
+                            "native (x86-vnni if this CPU has VNNI/AMX, x86-avx2 if AVX2 only, "
+                            "else x86) (default: x86)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", required=True, metavar="PREFIX",
                         help="path prefix of the written files: PREFIX.calibration.json, and "

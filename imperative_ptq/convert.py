@@ -30,6 +30,7 @@ from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, Residua
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 from .session import LayerState
+from .halved_convs import halved_convs
 from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
@@ -75,6 +76,7 @@ def convert_layers(
     affine_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
     heads = _output_layers(hooked)
+    halvable = halved_convs(model, hooked) if target.halved_signed_convs else {}
     for layer, state in hooked:
         entry = table.get(state.name)
         if entry is None:
@@ -144,7 +146,10 @@ def convert_layers(
             minimum = input_minimum(state)
             unsigned = target.unsigned_inputs and minimum is not None and minimum >= 0
             shifted = {}
-            if not unsigned and not target.signed_inputs_int8:
+            if not unsigned and not target.signed_inputs_int8 and state.name in halvable:
+                # s8 on AVX2 kernels, which halve the weight (halved_convs.py): no shift ops.
+                shifted = dict(halved_weights=True, norm_factor=halvable[state.name].factor)
+            elif not unsigned and not target.signed_inputs_int8:
                 grid = None
                 if target.shifted_signed_inputs and shiftable(layer):
                     grid = shifted_grid(entry["input"][0], minimum, activation_bits)
@@ -248,7 +253,8 @@ def convert_layers(
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
             "saturate and a conv's weights are halved (fc and unpadded convs take the "
             "shift into their bias instead; a padded conv cannot). PTQConfig(target='x86-vnni') "
-            "quantizes them for VNNI/AMX CPUs only%s.",
+            "quantizes them for VNNI/AMX CPUs only, target='x86-avx2' the convs for CPUs "
+            "whose int8 kernels are AVX2 only%s.",
             target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),
         )
     mark_converted(
@@ -594,9 +600,11 @@ def _native_hint() -> str:
     from .cpu import cpu_info  # reads /proc/cpuinfo: only when there is something to say
 
     info = cpu_info()
-    if not info.vnni:
-        return ""
-    return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
+    if info.vnni:
+        return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
+    if info.isa == "avx2":
+        return " (this CPU's int8 kernels are AVX2: target='native' picks x86-avx2 here)"
+    return ""
 
 
 def _sublayer(model: paddle.nn.Layer, name: str) -> paddle.nn.Layer | None:

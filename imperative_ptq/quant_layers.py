@@ -122,13 +122,20 @@ def onednn_requantizes_conv(
     return bool(np.any((largest > 0) & (largest < symmetric_levels(bits))))
 
 
-def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def onednn_conv_weight(weight: np.ndarray, axis: int, halved: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The int8 weight Paddle Inference's oneDNN conv runs for a dequantized conv weight.
 
     Like the fc (:func:`paddle_fc_weight`), the conv's weight scales are recomputed from the
     dequantized weight: per output channel (``axis``) abs-max, ``w * 127 / max`` rounded half
     to even. A no-op for 8-bit weights (the abs-max is the threshold); weights on a narrower
     grid (``bits < 8``) run as this 8-bit rounding of their values.
+
+    With ``halved``, the conv reads a signed (s8) input on a CPU without VNNI, where oneDNN's
+    AVX2 kernels multiply the weight's scale by 0.5 before rounding (:mod:`imperative_ptq.halved_convs`):
+    ``rint(0.5 * (w * 127 / max))`` in float32, codes ``-64..64`` on thresholds ``2 * max``.
+    Odd 8-bit codes (and every channel's largest value, ``63.5``) sit on half codes there, which
+    the float32 roundings of that product decide; computed here in the same order, measured
+    equal to Paddle Inference on a Zen 3 EPYC (dense, depthwise and grouped convs).
 
     Returns:
         ``(integers, thresholds)`` with ``integers * thresholds / 127`` the weight that runs.
@@ -139,29 +146,112 @@ def onednn_conv_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.nd
     shape = [1] * weight.ndim
     shape[axis] = -1
     multipliers = _requantization_multipliers(thresholds).reshape(shape)
-    integers = np.clip(np.rint(weight * multipliers), -128, 127).astype(np.int8)
+    scaled = (weight * multipliers).astype(np.float32)
+    if halved:
+        integers = np.rint(np.float32(0.5) * scaled).astype(np.int8)
+        thresholds = (np.float32(2) * thresholds).astype(np.float32)
+    else:
+        integers = np.clip(np.rint(scaled), -128, 127).astype(np.int8)
     return integers, np.where(thresholds > 0, thresholds, np.float32(MIN_WEIGHT_THRESHOLD))
 
 
+def halved_max_codes(thresholds: np.ndarray) -> np.ndarray:
+    """The halved code (63 or 64) that oneDNN's AVX2 kernels give each channel's abs-max when a
+    conv's stored thresholds are ``thresholds`` (the abs-max's code 127 dequantizes to the
+    threshold itself): :func:`onednn_conv_weight` with ``halved`` on that one value."""
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    return onednn_conv_weight(thresholds.reshape(-1, 1), 0, halved=True)[0].reshape(-1)
+
+
+#: float32 steps a halved conv's weight threshold moves at most (:func:`steered_thresholds`).
+STEERING_STEPS = 64
+
+
+def steered_thresholds(
+    thresholds: np.ndarray, target: np.ndarray, factor: np.ndarray | float = 1.0
+) -> np.ndarray | None:
+    """Per-channel ``thresholds`` moved by the fewest float32 steps (at most
+    :data:`STEERING_STEPS`, up or down) for which :func:`halved_max_codes` of
+    ``thresholds * factor`` (float32) is ``target``; ``None`` if a channel has none.
+
+    A halved conv's abs-max halves to ``rint(63.5 +- noise)`` (:func:`onednn_conv_weight`), the
+    noise of float32 arithmetic on its stored threshold: 64 for about 4 thresholds in 5. The
+    simulation takes its thresholds where it is 64, and the export, which scales them (the
+    relu6 route of :mod:`imperative_ptq.export.unsigned`), keeps it 64 the same way; a few
+    float32 steps move the weights by float32 noise only."""
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    factor = np.asarray(factor, np.float32)
+    target = np.broadcast_to(np.asarray(target), thresholds.shape)
+    steered = thresholds.copy()
+    pending = np.ones(thresholds.shape, bool)
+    up, down = thresholds.copy(), thresholds.copy()
+    for step in range(STEERING_STEPS + 1):
+        for candidate in ((up,) if step == 0 else (up, down)):
+            keeps = pending & (halved_max_codes((candidate * factor).astype(np.float32)) == target)
+            steered[keeps] = candidate[keeps]
+            pending &= ~keeps
+        if not pending.any():
+            return steered
+        up = np.nextafter(up, np.float32(np.inf)).astype(np.float32)
+        down = np.nextafter(down, np.float32(0)).astype(np.float32)
+    return None
+
+
+def halved_grid_integers(
+    integers: np.ndarray, weight: np.ndarray, thresholds: np.ndarray, axis: int
+) -> np.ndarray:
+    """8-bit weight codes whose halving (:func:`onednn_conv_weight` with ``halved``) is the
+    nearest 7-bit rounding of ``weight``: even codes ``2 * rint(w / (2 t / 127))`` up to
+    ``126``, and ``127`` kept where ``integers`` has it (each channel's abs-max, which makes
+    Paddle's recomputed scale the threshold's; its halving, ``63.5``, is a tie either way).
+    A channel without a code of 127 (its largest value below its threshold: Paddle rescales
+    it) keeps ``integers``. Rounding to 8 bits and then halving moved every odd code a whole
+    8-bit step the way float32 noise sends it: 1.3x the 7-bit rounding error on average."""
+    levels = symmetric_levels(8)
+    scales = _weight_scales(thresholds, 8, axis, weight.ndim)
+    even = (2 * np.clip(np.rint(weight / (2 * scales)), -(levels // 2), levels // 2)).astype(np.int16)
+    even = np.where(np.abs(integers) == levels, integers.astype(np.int16), even)
+    reduce = tuple(a for a in range(integers.ndim) if a != axis)
+    full = (np.abs(integers) == levels).any(axis=reduce, keepdims=True)
+    return np.where(full, even, integers).astype(integers.dtype)
+
+
 def runtime_weight(
-    integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool
+    integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool,
+    halved: bool = False, norm_factor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The weight Paddle Inference's oneDNN kernels run for weight codes stored on the grid of
-    ``thresholds`` (a fc's, :func:`paddle_fc_weight`, or a conv's, :func:`onednn_conv_weight`).
+    ``thresholds`` (a fc's, :func:`paddle_fc_weight`, or a conv's, :func:`onednn_conv_weight`,
+    ``halved`` for a signed input on AVX2 kernels).
+
+    ``norm_factor``: a BatchNorm's per-channel factor folded into a halved conv's stored weight
+    (the export stores codes ``integers * sign(f)`` on thresholds ``thresholds * |f|``,
+    :func:`imperative_ptq.halved_convs.folded_program_weight`); the weight returned is the
+    folded one that runs divided by ``f``, for the BatchNorm after it to multiply back.
 
     Returns:
-        ``(weight, thresholds)``: the float32 weight that runs and its 8-bit thresholds.
+        ``(weight, thresholds)``: the float32 weight that runs and its thresholds (its codes
+        ``weight / thresholds * 127`` are whole numbers, ``-64..64`` where ``halved``).
     """
+    if norm_factor is not None:
+        factor = np.asarray(norm_factor, np.float32).reshape(-1)
+        shape = [1] * integers.ndim
+        shape[axis] = -1
+        integers = (integers.astype(np.int16) * np.sign(factor).reshape(shape).astype(np.int16)).astype(integers.dtype)
+        thresholds = (np.asarray(thresholds, np.float32).reshape(-1) * np.abs(factor)).astype(np.float32)
     dequantized = _stored_dequantized(integers, thresholds, bits, axis)
     if fc:
         runtime_integers, thresholds = paddle_fc_weight(dequantized)
         weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127))
         return weight.astype(np.float32), thresholds
-    runtime_integers, thresholds = onednn_conv_weight(dequantized, axis)
+    runtime_integers, thresholds = onednn_conv_weight(dequantized, axis, halved=halved)
     shape = [1] * dequantized.ndim
     shape[axis] = -1
     weight = runtime_integers.astype(np.float32) * (thresholds / np.float32(127)).reshape(shape)
-    return weight.astype(np.float32), thresholds
+    if norm_factor is not None:
+        weight = weight / factor.reshape(shape)
+        thresholds = thresholds / np.abs(factor)
+    return weight.astype(np.float32), thresholds.astype(np.float32)
 
 
 def stored_weight_thresholds(
@@ -461,6 +551,12 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         must_run_as_conv: With ``paddle_fc_scales``, a Linear that Paddle Inference has no
             int8 fc for (its input has rank > 3: ConvNeXt's channels-last pointwise layers)
             runs as a 1x1 conv whatever the fc would do to its weight.
+        halved_weights: With ``onednn_weights``, a conv reading a signed (s8) input on AVX2
+            kernels, which halve its weight to 7 bits (:func:`onednn_conv_weight`,
+            :mod:`imperative_ptq.halved_convs`).
+        norm_factor: With ``halved_weights``, the per-channel factor of the BatchNorm after
+            the conv, which the export folds into the conv's stored weight (the halving then
+            rounds the folded values: :func:`runtime_weight`).
 
     Attributes:
         weight_thresholds: Thresholds of the weight the layer computes with.
@@ -518,6 +614,8 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         input_shifted: bool = False,
         may_run_as_conv: bool = False,
         must_run_as_conv: bool = False,
+        halved_weights: bool = False,
+        norm_factor: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         if input_shifted and (input_scale is None or input_zero_point is None):
@@ -582,17 +680,29 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         # channel whose weights shrank below its threshold (a table applied to other weights,
         # QAT's fine-tuned ones).
         self.onednn_weights = bool(onednn_weights)
+        self.halved_weights = bool(halved_weights and self.onednn_weights and weight_scales is None)
+        self.norm_factor = (
+            None if norm_factor is None or not self.halved_weights
+            else np.asarray(norm_factor, np.float32).reshape(-1)
+        )
         self.requantized_conv = (
             self.onednn_weights and weight_scales is None
-            and onednn_requantizes_conv(
-                weight.numpy(), weight_thresholds, weight_bits, weight_axis, linear_as_conv=self.runs_as_conv
+            and (
+                self.halved_weights
+                or onednn_requantizes_conv(
+                    weight.numpy(), weight_thresholds, weight_bits, weight_axis, linear_as_conv=self.runs_as_conv
+                )
             )
         )
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():
             original = weight.numpy()
             if self.weight_scales is None:
+                if self.halved_weights:
+                    weight_thresholds = self._steered(weight_thresholds, weight.shape[weight_axis])
                 integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
+                if self.halved_weights and weight_bits == 8:
+                    integers = halved_grid_integers(integers, original, weight_thresholds, weight_axis)
                 if paddle_fc_scales:
                     integers = untied_fc_integers(
                         integers, original, weight_thresholds, weight_bits, weight_axis
@@ -615,6 +725,15 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             "input_threshold",
             paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
         )
+
+    def _steered(self, thresholds: np.ndarray, channels: int) -> np.ndarray:
+        """Per-channel thresholds whose stored values (times a folded BatchNorm's factor)
+        halve each channel's abs-max to 64 (:func:`steered_thresholds`; unchanged where
+        some channel has no such value within reach)."""
+        per_channel = np.broadcast_to(np.asarray(thresholds, np.float32).reshape(-1), [channels]).copy()
+        factor = 1.0 if self.norm_factor is None else np.abs(self.norm_factor)
+        steered = steered_thresholds(per_channel, 64, factor)
+        return per_channel if steered is None else steered
 
     @property
     def grid_thresholds(self) -> np.ndarray:
@@ -648,7 +767,8 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             self.program_weight = quantized
             self.program_weight_thresholds = thresholds
             quantized, thresholds = runtime_weight(
-                integers, thresholds, self.weight_bits, self.weight_axis, fc=self.paddle_fc_scales
+                integers, thresholds, self.weight_bits, self.weight_axis, fc=self.paddle_fc_scales,
+                halved=self.halved_weights, norm_factor=self.norm_factor,
             )
         with paddle.no_grad():
             weight.set_value(quantized)
@@ -709,6 +829,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             f"{self.weight_bits}{', unsigned input' if self.input_unsigned else ''}"
             f"{f', shifted input (zero point {self.input_zero_point})' if self.input_shifted else ''}"
             f"{', input read as a fused residual' if self.residual_codes else ''}"
+            f"{', weights halved to 7 bits (s8 input on AVX2)' if self.halved_weights else ''}"
             f"{', output written as s8 residual codes' if self.residual_output_threshold is not None else ''}"
             f"{f', input codes up to {self.input_top_code}' if self.input_top_code > symmetric_levels(self.activation_bits) else ''}"
         )

@@ -24,7 +24,9 @@ so it has to model the target's integer kernels, not an ideal int8 machine. Meas
   bias (:mod:`imperative_ptq.export.shifted`), exact on every x86 CPU. Other layers with a
   signed input (a padded conv, whose border would see the shift) stay fp32 on ``x86``, the
   one form that computes the same on every x86 CPU; ``x86-vnni`` runs them all int8 on s8
-  (exact with VNNI only).
+  (exact with VNNI only); ``x86-avx2`` runs the convs int8 on s8 with the halved weights
+  oneDNN's AVX2 kernels compute with (:mod:`imperative_ptq.halved_convs`; exact on CPUs whose
+  int8 kernels are AVX2 only: no VNNI, no AVX-512).
 
 Paddle Lite's ARM int8 kernels take s8 activations with symmetric thresholds, so the ``arm``
 target keeps the plain symmetric 8-bit simulation (not measured here: no ARM CPU).
@@ -60,6 +62,9 @@ class Target:
         paddle_fc_weights: Linear layers run as Paddle Inference's oneDNN fc, which recomputes
             their weight scales its own way (:func:`imperative_ptq.quant_layers.paddle_fc_weight`):
             the simulation computes with that weight, and the ONNX export stores it.
+        halved_signed_convs: A conv reading a signed input runs int8 on s8 with the 7-bit
+            weights oneDNN's AVX2 kernels derive (:mod:`imperative_ptq.halved_convs`), before
+            ``shifted_signed_inputs`` is tried; exact only where the int8 kernels are AVX2.
     """
 
     name: str
@@ -70,6 +75,7 @@ class Target:
     requires_vnni: bool
     onednn: bool
     paddle_fc_weights: bool
+    halved_signed_convs: bool = False
 
 
 TARGETS: dict[str, Target] = {
@@ -99,6 +105,19 @@ TARGETS: dict[str, Target] = {
             paddle_fc_weights=True,
         ),
         Target(
+            "x86-avx2",
+            "x86-64 CPUs whose int8 kernels are AVX2 (no VNNI, no AVX-512) only: as 'x86', "
+            "and every conv reading a signed input int8 on s8, on the 7-bit weights those "
+            "kernels compute with",
+            unsigned_inputs=True,
+            signed_inputs_int8=False,
+            shifted_signed_inputs=True,
+            requires_vnni=False,
+            onednn=True,
+            paddle_fc_weights=True,
+            halved_signed_convs=True,
+        ),
+        Target(
             "arm",
             "ARM CPUs through Paddle Lite: symmetric s8 activations and weights",
             unsigned_inputs=False,
@@ -114,8 +133,9 @@ TARGETS: dict[str, Target] = {
 #: Correct on every x86 CPU (chosen by measurement: see the module docstring).
 DEFAULT_TARGET = "x86"
 #: Not a target but a choice made on the machine that converts: ``"x86-vnni"`` when this CPU
-#: has VNNI or AMX (oneDNN dispatches those kernels here), else ``"x86"``. For models deployed
-#: on the machine (or the kind of machine) they are converted on.
+#: has VNNI or AMX (oneDNN dispatches those kernels here), ``"x86-avx2"`` when its int8
+#: kernels are AVX2 (no AVX-512), else ``"x86"``. For models deployed on the machine (or the
+#: kind of machine) they are converted on.
 NATIVE_TARGET = "native"
 
 
@@ -136,7 +156,7 @@ def resolve_target(name: object) -> str:
     from .cpu import cpu_info  # reads /proc/cpuinfo: only when asked
 
     info = cpu_info()
-    chosen = "x86-vnni" if info.vnni else "x86"
+    chosen = "x86-vnni" if info.vnni else "x86-avx2" if info.isa == "avx2" else "x86"
     logger.info("target 'native' on %s: %r", info.describe(), chosen)
     return chosen
 

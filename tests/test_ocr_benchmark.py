@@ -155,7 +155,8 @@ def test_ocr_row_on_a_tiny_converted_recognizer(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(ocr, "_convert", lambda *args: pytest.fail("converted twice"))
     rows = accuracy.run(args)
     assert [row.model for row in rows] == [
-        "tiny_rec (x86)", "tiny_rec (x86, bias correction)", "tiny_rec (x86-vnni)",
+        "tiny_rec (x86)", "tiny_rec (x86, bias correction)", "tiny_rec (x86-avx2)",
+        "tiny_rec (x86-avx2, bias correction)", "tiny_rec (x86-vnni)",
         "tiny_rec (x86-vnni, bias correction)", "tiny_rec (x86-vnni, budget)",
     ]
     test_images, test_labels = ocr.rendered_lines(10, ocr.TEST_SEED)
@@ -163,12 +164,12 @@ def test_ocr_row_on_a_tiny_converted_recognizer(tmp_path, monkeypatch) -> None:
         ocr.recognize(ocr.dygraph_runner(model), test_images, ocr.characters(onnx_path)),
         test_labels,
     )
-    for row in rows[:4]:
+    for row in rows[:6]:
         assert row.fp32 == pytest.approx(100 * fp32.exact_match)
         assert row.inference is not None and 0 <= row.simulated <= 100
         assert f"CER fp32 {fp32.cer:.3f}" in row.algorithms
-    assert [row.algorithms.startswith("KL + bias correction;") for row in rows[:4]] == [False, True] * 2
-    budget = rows[4]
+    assert [row.algorithms.startswith("KL + bias correction;") for row in rows[:6]] == [False, True] * 3
+    budget = rows[6]
     assert budget.fp32 == pytest.approx(100 * fp32.exact_match) and 0 <= budget.simulated <= 100
     assert budget.inference is not None
     assert "max_drop 2.0 on validation lines" in budget.algorithms and "chose" in budget.algorithms

@@ -27,6 +27,7 @@ from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .constant_folding import fold_parameter_subgraphs
+from .folded_norms import fold_norms_into_halved_convs
 from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
@@ -109,11 +110,21 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
                 "saturate; target='x86' runs right on every x86 CPU",
                 chosen.name, cpu.describe(),
             )
+    if chosen.halved_signed_convs:
+        cpu = cpu_info()
+        if cpu.isa != "avx2":
+            logger.warning(
+                "exporting for target %r, whose convs on signed inputs compute as oneDNN's AVX2 "
+                "int8 kernels do, on a CPU whose int8 kernels are %s (%s): run it with "
+                "ONEDNN_MAX_CPU_ISA=AVX2 to check it here",
+                chosen.name, cpu.isa, cpu.describe(),
+            )
     return chosen
 
 
 def _log_runtime_report(
-    path: str, written: program_lib.ProgramScales, target: Target, own_parameters: frozenset[str]
+    path: str, written: program_lib.ProgramScales, target: Target, own_parameters: frozenset[str],
+    halved: int = 0,
 ) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
     naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
@@ -121,7 +132,8 @@ def _log_runtime_report(
     it stores fp32 were warned about when writing it), one for convs/matmuls on parameters of
     the model's own layer classes that nothing calibrated (``own_parameters``; a parameter of
     Paddle's layers runs fp32 on purpose, an activation operand is no parameter), and one for
-    int8 ops reading a signed input on the ``x86`` target.
+    int8 ops reading a signed input on the ``x86`` target (more than the ``halved`` convs that
+    read one on ``x86-avx2``).
     A failure to build the report is logged, never raised: the export itself is done."""
     try:
         report = int8_report(path)
@@ -158,7 +170,7 @@ def _log_runtime_report(
             "nn.Linear layer holding the weight is calibrated and runs int8): weights %s",
             len(uncalibrated), ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else ""),
         )
-    if report.signed_inputs and not target.signed_inputs_int8:
+    if len(report.signed_inputs) > halved and not target.signed_inputs_int8:
         logger.warning(
             "target %r: %d int8 ops read a signed (s8) input in Paddle Inference, which "
             "saturates on CPUs without VNNI: %s", target.name, len(report.signed_inputs),
@@ -246,6 +258,9 @@ def save_quantized_model(
                     loaded.program.global_block(),
                     {record.weight_name for record in traced.records if record.weight_name},
                 )
+            if target_spec.halved_signed_convs:
+                program_lib.fold_conv_bias(loaded)
+                fold_norms_into_halved_convs(loaded, traced.records)
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,
@@ -271,7 +286,8 @@ def save_quantized_model(
             converted_measured_on(model), structure,
         )
     if target_spec.onednn:
-        _log_runtime_report(path, written, target_spec, traced.own_parameters)
+        halved = sum(record.halved for record in traced.records)
+        _log_runtime_report(path, written, target_spec, traced.own_parameters, halved)
 
 
 def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:

@@ -84,7 +84,22 @@ def exported_target(path_prefix: str) -> str | None:
 
 def _warn_if_target_needs_vnni(path_prefix: str) -> None:
     name = exported_target(path_prefix)
-    if name not in TARGETS or not TARGETS[name].requires_vnni:
+    if name not in TARGETS:
+        return
+    if TARGETS[name].halved_signed_convs:
+        cpu = cpu_info()
+        if cpu.isa != "avx2":
+            logger.warning(
+                "%s was exported for target %r, whose convs reading signed inputs compute "
+                "with the 7-bit weights of oneDNN's AVX2 int8 kernels, but this CPU's int8 "
+                "kernels are %s (%s): those convs compute with other weights here than the "
+                "simulation's (their 8-bit ones where the CPU has VNNI). Export it with "
+                "PTQConfig(target='native') on this kind of CPU, or target='x86' to run the same "
+                "on every x86 CPU.",
+                path_prefix, name, cpu.isa, cpu.describe(),
+            )
+        return
+    if not TARGETS[name].requires_vnni:
         return
     cpu = cpu_info()
     if not cpu.vnni:

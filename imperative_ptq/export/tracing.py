@@ -123,6 +123,10 @@ class LayerRecord:
             compute with; the exports give those calls it, in float; else ``None``.
         runs_as_conv: A Linear or functional matmul the Paddle export runs as a 1x1 conv
             (``QuantizedLayer.runs_as_conv``, :mod:`.linear_as_conv`).
+        halved: A conv reading a signed input on AVX2 kernels, which halve its weight
+            (``QuantizedLayer.halved_weights``, :mod:`imperative_ptq.halved_convs`).
+        norm_factor: For such a conv, the factor of the BatchNorm the Paddle export folds
+            into it (:mod:`.folded_norms`); else ``None``.
     """
 
     name: str
@@ -153,6 +157,8 @@ class LayerRecord:
     sum_codes_top: int = 0
     constant_call_weight: np.ndarray | None = None
     runs_as_conv: bool = False
+    halved: bool = False
+    norm_factor: np.ndarray | None = None
 
     @property
     def simulated(self) -> bool:
@@ -327,7 +333,11 @@ def _collect_records(
             # before the program's own is traced in its place.
             constant_call_weight = layer.weight.numpy().copy() if layer.constant_inputs else None
             if layer.program_weight is not None:
-                if program_weights and (layer.paddle_fc_scales or layer.weight_bits < 8):
+                if program_weights and (
+                    layer.paddle_fc_scales or layer.weight_bits < 8 or layer.halved_weights
+                ):
+                    # Codes Paddle derives its own from (a halved conv's 8-bit ones, whose
+                    # halving the simulation follows: quant_layers.runtime_weight).
                     inner.weight.set_value(layer.program_weight)
                     weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
                 else:
@@ -368,6 +378,8 @@ def _collect_records(
                 # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
                 # (.linear_as_conv); ONNX Runtime takes the stored ones.
                 runs_as_conv=program_weights and layer.runs_as_conv and not layer.constant_inputs,
+                halved=layer.halved_weights,
+                norm_factor=layer.norm_factor if program_weights else None,
             )
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake

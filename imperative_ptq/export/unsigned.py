@@ -256,6 +256,10 @@ def clip_fused_relus(
         )
         if found is None or (found[0].type not in RELU6_U8_PRODUCERS and not after_fc):
             continue
+        if _halved_producer(found, weights) and not _steer_halved_ties(
+            loaded, weights, found, RELU6_CLIP / threshold
+        ):
+            continue
         if relu.type == "relu6" and threshold > RELU6_CLIP:
             continue  # a relu6 already clips below the threshold; scaling would lift it
         factor = RELU6_CLIP / threshold
@@ -289,6 +293,46 @@ def clip_fused_relus(
     if result.thresholds:
         loaded.program._sync_with_cpp()
     return result
+
+
+def _halved_producer(found, weights: Mapping[str, LayerRecord]) -> bool:
+    """Whether the fused producer is a conv on halved weights (:mod:`imperative_ptq.halved_convs`)."""
+    record = weights.get(found[0].input(FUSING_OPS[found[0].type][0])[0])
+    return record is not None and record.halved
+
+
+def _steer_halved_ties(loaded, weights: Mapping[str, LayerRecord], found, factor: float) -> bool:
+    """Lets the relu6 route scale a halved conv's stored thresholds by ``factor`` (True), or
+    says it cannot (False: the ReLU keeps the clip route; nothing changed).
+
+    Paddle halves each channel's abs-max (code 127) to ``rint(63.5 +- noise)``, the noise of
+    the float32 arithmetic on the stored threshold ``T`` (its every other code is even, whose
+    halving no noise moves: :func:`imperative_ptq.quant_layers.halved_grid_integers`).
+    Scaled to ``T * factor`` it can go the other way (measured: an EDSR-style net 1.2e-2 of
+    the largest output off the simulation). So each channel's threshold moves by a few float32
+    steps to one whose scaled value halves its abs-max as the simulation's does from ``T``
+    (:func:`imperative_ptq.quant_layers.steered_thresholds`; the weights it stores move by as
+    much: float32 noise). A channel without a code of 127, or with an odd code besides it, has
+    ties everywhere: refused.
+    """
+    from ..quant_layers import halved_max_codes, steered_thresholds
+
+    weight_name = found[0].input(FUSING_OPS[found[0].type][0])[0]
+    record = weights[weight_name]
+    thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
+    weight = get_tensor(loaded, weight_name).astype(np.float32)
+    levels = symmetric_levels(8)
+    if record.traced_weight_bits != 8 or thresholds.size != weight.shape[0]:
+        return False
+    codes = np.abs(np.rint(weight.reshape(weight.shape[0], -1) / (thresholds / np.float32(levels))[:, None]))
+    largest = codes == levels
+    if not np.all(largest.any(axis=1)) or np.any((codes % 2 == 1) & ~largest):
+        return False
+    steered = steered_thresholds(thresholds, halved_max_codes(thresholds), factor)
+    if steered is None:
+        return False
+    record.weight_thresholds = steered
+    return True
 
 
 def _codes_keeping_factor(
@@ -405,6 +449,9 @@ def clip_concat_inputs(
                 or found[0].input(FUSING_OPS[found[0].type][0])[0] not in weights
                 or (relu.type == "relu6" and threshold > RELU6_CLIP)
                 or _producer_tensors(reading, found, result, compose=True) is None
+                or _halved_producer(found, weights) and not _steer_halved_ties(
+                    loaded, weights, found, RELU6_CLIP / threshold
+                )
             ):
                 break
             sources.append((name, relu, found))

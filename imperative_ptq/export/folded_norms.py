@@ -1,0 +1,121 @@
+"""BatchNorms folded into the halved convs of an ``x86-avx2`` program by the export itself.
+
+Paddle Inference folds a BatchNorm that alone reads a conv into the conv's weight, in float32
+arithmetic of its own, before it derives the int8 weight; on a conv whose weight oneDNN's AVX2
+kernels halve (:mod:`imperative_ptq.halved_convs`) those float32 values decide the halving's
+ties. So the export folds the BatchNorm first, with the factor the simulation used: the conv's
+weight is multiplied by it (the quantization that follows stores the conv's 8-bit codes times
+the factor's sign on thresholds times its magnitude, which is what the simulation derives its
+halved weight from, :func:`imperative_ptq.quant_layers.runtime_weight`), its bias becomes
+``(bias - mean) * factor + beta`` and the ``batch_norm`` op goes. The simulation still runs
+the BatchNorm after the conv, in float: the two differ by float32 rounding only.
+
+The conv's output must reach the BatchNorm alone, as ``convert`` saw it; where the traced
+program disagrees (a reader calibration could not see, or a BatchNorm it did not see), the
+export raises instead of writing a program that computes something else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..fuse import batch_norm_factor_and_bias
+from .graph import get_tensor, insert_zero_bias, is_persistable, op_index, readers, remove_op, set_tensor
+from .tracing import LayerRecord
+
+__all__ = ["fold_norms_into_halved_convs"]
+
+_CONVS = ("conv2d", "depthwise_conv2d")
+
+
+def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
+    """Folds the BatchNorm of each halved conv (``record.norm_factor``) into it, in place (call
+    after :func:`imperative_ptq.export.program.fold_conv_bias`, before quantizing).
+
+    Returns:
+        How many BatchNorms were folded.
+
+    Raises:
+        ValueError: A halved conv's output does not reach its BatchNorm alone, or a halved
+            conv has a BatchNorm reading it alone that ``convert`` did not fold.
+    """
+    block = loaded.program.global_block()
+    halved = {record.weight_name: record for record in records if record.halved}
+    if not halved:
+        return 0
+    reading = readers(block)
+    folds = []  # found first: the edits remove ops
+    for conv in block.ops:
+        if conv.type not in _CONVS or conv.input("Filter")[0] not in halved:
+            continue
+        record = halved[conv.input("Filter")[0]]
+        output = conv.output("Output")[0]
+        after = reading.get(output, [])
+        add = None
+        if len(after) == 1 and _bias_add(block, after[0], output):
+            add = after[0]
+            output = add.output("Out")[0]
+            after = reading.get(output, [])
+        norm = after[0] if len(after) == 1 and after[0].type == "batch_norm" else None
+        if record.norm_factor is None:
+            if norm is not None:
+                raise ValueError(
+                    f"cannot export {record.name!r} for target 'x86-avx2': a batch_norm the "
+                    f"calibration did not see (no BatchNorm layer) alone reads its output, and "
+                    f"Paddle Inference would fold it into the conv's halved weight with float32 "
+                    f"arithmetic the simulation does not follow; use an nn.BatchNorm2D layer, "
+                    f"or target='x86'"
+                )
+            continue
+        if norm is None:
+            raise ValueError(
+                f"cannot export {record.name!r} for target 'x86-avx2': convert folded the "
+                f"BatchNorm after it into its halved weight, as the only layer it saw reading "
+                f"the conv's output, but the traced program reads that output with "
+                f"{', '.join(op.type for op in after) or 'nothing'}; convert it with "
+                f"target='x86'"
+            )
+        folds.append((conv, add, norm, record))
+    for conv, add, norm, record in folds:
+        _fold(loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32))
+        record.weight_thresholds = (
+            np.asarray(record.weight_thresholds, np.float32).reshape(-1) * np.abs(record.norm_factor)
+        ).astype(np.float32)
+    folded = len(folds)
+    if folded:
+        loaded.program._sync_with_cpp()
+    return folded
+
+
+def _bias_add(block, op, output: str) -> bool:
+    """Whether ``op`` adds a persistable [C] bias to the conv output ``output`` on axis 1."""
+    return (
+        op.type == "elementwise_add" and op.input("X") == [output]
+        and is_persistable(block, op.input("Y")[0]) and op.attr("axis") == 1
+    )
+
+
+def _fold(loaded, conv, add, norm, factor: np.ndarray) -> None:
+    """Multiplies ``conv``'s weight by ``factor``, puts the folded bias in its bias add (one
+    inserted if it has none) and removes ``norm``, whose output the add now writes."""
+    block = loaded.program.global_block()
+    weight = conv.input("Filter")[0]
+    value = get_tensor(loaded, weight)
+    shape = [-1] + [1] * (value.ndim - 1)
+    set_tensor(loaded, weight, (value * factor.reshape(shape)).astype(np.float32))
+    if add is None:
+        channels = int(value.shape[0])
+        insert_zero_bias(loaded, op_index(block, conv), conv, "Output", f"{weight}.folded_bias", channels, 1)
+        add = block.ops[op_index(block, conv) + 1]
+    bias_name = add.input("Y")[0]
+    mean = get_tensor(loaded, norm.input("Mean")[0]).astype(np.float32)
+    variance = get_tensor(loaded, norm.input("Variance")[0]).astype(np.float32)
+    gamma = get_tensor(loaded, norm.input("Scale")[0]).astype(np.float32)
+    beta = get_tensor(loaded, norm.input("Bias")[0]).astype(np.float32)
+    _, bias = batch_norm_factor_and_bias(
+        get_tensor(loaded, bias_name).astype(np.float32), mean, variance, gamma, beta,
+        float(norm.attr("epsilon")),
+    )
+    set_tensor(loaded, bias_name, np.asarray(bias, np.float32))
+    add._rename_output(add.output("Out")[0], norm.output("Y")[0])
+    remove_op(block, op_index(block, norm))

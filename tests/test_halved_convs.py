@@ -1,0 +1,271 @@
+"""The ``x86-avx2`` target: convs reading a signed input run int8 on s8, on the halved (7-bit)
+weights oneDNN's AVX2 kernels derive, and Paddle Inference (on AVX2 kernels) and ONNX Runtime
+compute what the simulation does (imperative_ptq/halved_convs.py). Measured on a Zen 3 EPYC
+(AVX2 only): 6e-8 .. 2e-7 of the largest output, where ``x86`` keeps the padded ones fp32."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.cpu import CpuInfo
+from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+from imperative_ptq.halved_convs import halves_signed_input
+from imperative_ptq.quant_layers import halved_grid_integers, onednn_conv_weight
+from ties import relative_error, simulation_up_to_ties
+
+
+def _reference_halving(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One element at a time, in float32: each output channel's abs-max ``m``, the multiplier
+    ``127 * (1 / m)``, ``rint(0.5 * (w * multiplier))`` (half to even) and thresholds ``2 m``."""
+    codes = np.zeros(weight.shape, np.int64)
+    thresholds = np.zeros([weight.shape[0]], np.float32)
+    for channel in range(weight.shape[0]):
+        largest = np.float32(0)
+        for value in weight[channel].ravel():
+            largest = max(largest, np.float32(abs(value)))
+        multiplier = np.float32(127) * (np.float32(1) / largest)
+        for index in np.ndindex(weight.shape[1:]):
+            scaled = np.float32(weight[(channel, *index)] * multiplier)
+            codes[(channel, *index)] = int(np.rint(np.float32(0.5) * scaled))
+        thresholds[channel] = np.float32(2) * largest
+    return codes, thresholds
+
+
+def test_halved_weight_matches_an_element_by_element_reference() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    # Values on odd 8-bit codes of their channel's grid: the halving's ties.
+    steps = np.abs(weight).max(axis=(1, 2, 3), keepdims=True) / np.float32(127)
+    weight[:, :2] = (rng.integers(-63, 64, (6, 2, 3, 3)) * 2 + 1).astype(np.float32) * steps
+    codes, thresholds = onednn_conv_weight(weight, 0, halved=True)
+    expected_codes, expected_thresholds = _reference_halving(weight)
+    np.testing.assert_array_equal(codes.astype(np.int64), expected_codes)
+    np.testing.assert_array_equal(thresholds, expected_thresholds)
+    assert np.abs(codes).max() <= 64
+
+
+def test_even_codes_halve_to_the_nearest_7_bit_code() -> None:
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    thresholds = np.abs(weight).max(axis=(1, 2, 3))
+    integers = np.clip(np.rint(weight / (thresholds / 127)[:, None, None, None]), -127, 127).astype(np.int8)
+    even = halved_grid_integers(integers, weight, thresholds, 0)
+    stored = (even.astype(np.float32) * (thresholds / np.float32(127))[:, None, None, None]).astype(np.float32)
+    halved, _ = onednn_conv_weight(stored, 0, halved=True)
+    nearest = np.rint(weight / (2 * thresholds / 127)[:, None, None, None])
+    maxima = np.abs(even) == 127  # each channel's abs-max: 63.5, a tie either way
+    np.testing.assert_array_equal(halved[~maxima], nearest[~maxima])
+    assert np.all(np.abs(halved[maxima]) >= 63)
+
+
+@pytest.mark.parametrize(
+    "layer, halves",
+    [
+        (nn.Conv2D(3, 16, 7, stride=2, padding=3), True),
+        (nn.Conv2D(16, 16, 3, padding=1, groups=16), True),  # depthwise
+        (nn.Conv2D(16, 32, 3, padding=1, groups=4), True),  # 4 and 8 channels per group
+        (nn.Conv1D(8, 8, 3, padding=1), True),
+        (nn.Conv2D(16, 16, 3, padding=1, groups=8), False),  # 2 per group: another kernel
+        (nn.Conv2D(16, 32, 3, padding=1, groups=16), False),  # depthwise, multiplier 2
+        (nn.Conv2D(8, 8, 3, padding=1, data_format="NHWC"), False),
+        (nn.Conv3D(4, 4, 3), False),
+        (nn.Linear(8, 8), False),
+    ],
+)
+def test_which_kernels_halve(layer: nn.Layer, halves: bool) -> None:
+    assert halves_signed_input(layer) == halves
+
+
+class _Block(nn.Layer):
+    """conv -> BatchNorm -> activation, the BatchNorm optional."""
+
+    def __init__(self, ci, co, k, stride=1, groups=1, act=F.silu, norm=True, dilation=1):
+        super().__init__()
+        self.conv = nn.Conv2D(ci, co, k, stride, dilation * (k // 2), dilation=dilation, groups=groups, bias_attr=not norm)
+        self.norm = nn.BatchNorm2D(co) if norm else None
+        self.act = act
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.conv(x)
+        return self.act(self.norm(x) if self.norm is not None else x)
+
+
+class _CspNet(nn.Layer):
+    """A YOLO-style stack: a 3x3 stem on the image, SiLU conv-BN blocks, a strided conv, a
+    residual bottleneck, a concat and a 1x1 head without BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _Block(3, 16, 3, stride=2)
+        self.a = _Block(16, 16, 1)
+        self.b = _Block(16, 16, 3)
+        self.side = _Block(16, 16, 1)
+        self.down = _Block(32, 32, 3, stride=2, act=lambda t: F.leaky_relu(t, 0.1))
+        self.head = nn.Conv2D(32, 6, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stem(x)
+        y = x + self.b(self.a(x))
+        return self.head(self.down(paddle.concat([y, self.side(x)], axis=1)))
+
+
+class _MobileNet(nn.Layer):
+    """Depthwise and grouped convs after Hardswish and tanh, one with 2 channels per group
+    (not halved: ``x86``'s route), a dilated one, and a Conv1D on the flattened map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _Block(3, 16, 3, act=F.hardswish)
+        self.depthwise = _Block(16, 16, 3, groups=16, act=F.hardswish)
+        self.grouped = _Block(16, 32, 3, groups=4, act=paddle.tanh)
+        self.pairs = _Block(32, 32, 3, groups=16, act=paddle.tanh, norm=False)
+        self.dilated = _Block(32, 16, 3, dilation=2, act=F.silu)
+        self.temporal = nn.Conv1D(16, 8, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.dilated(self.pairs(self.grouped(self.depthwise(self.stem(x)))))
+        return self.temporal(x.flatten(2))
+
+
+class _ReluNet(nn.Layer):
+    """Halved convs whose ReLU the export writes as a scaled relu6 fused into them (their
+    stored thresholds scaled: export/unsigned.py), max-pooled and not, with and without a
+    BatchNorm: a stem on the signed image, and a conv after a tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _Block(3, 16, 3, act=F.relu)
+        self.mixer = nn.Conv2D(16, 16, 3, padding=1)
+        self.after_tanh = _Block(16, 32, 3, act=F.relu, norm=False)
+        self.head = nn.Conv2D(32, 6, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = paddle.tanh(self.mixer(F.max_pool2d(self.stem(x), 2)))
+        return self.head(self.after_tanh(x))
+
+
+def _avx2_outputs(prefix: str, x: np.ndarray, avx2_runner) -> np.ndarray:
+    """Paddle Inference's output on oneDNN's AVX2 kernels: natively where the CPU's int8
+    kernels are AVX2, else in the ``ONEDNN_MAX_CPU_ISA=AVX2`` worker of a VNNI CPU."""
+    if ip.cpu_info().isa == "avx2":
+        return predict(create_predictor(prefix, num_threads=1), x)[0]
+    if avx2_runner is None:
+        pytest.skip("no AVX2 int8 kernels on this CPU (AVX-512 without VNNI)")
+    return avx2_runner.predict(prefix, x)[0]
+
+
+def _converted(model: nn.Layer, target: str, rng: np.random.Generator):
+    model.train()  # BatchNorm statistics of the data, as a trained model has
+    with paddle.no_grad():
+        for _ in range(3):
+            model(paddle.to_tensor(rng.standard_normal((4, 3, 16, 16)).astype("float32")))
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [rng.standard_normal((4, 3, 16, 16)).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(qmodel, progress=False)
+    return ptq, qmodel
+
+
+@pytest.mark.parametrize(
+    "model_class, halved, folded, x86_int8",
+    [(_CspNet, 6, 5, 3), (_MobileNet, 5, 4, 0), (_ReluNet, 2, 1, 2)],
+)
+def test_convs_on_signed_inputs_run_halved_as_simulated(
+    model_class, halved: int, folded: int, x86_int8: int, tmp_path, avx2_runner
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq, qmodel = _converted(model_class(), "x86-avx2", rng)
+    layers = [layer for layer in qmodel.sublayers() if isinstance(layer, ip.QuantizedLayer)]
+    assert sum(layer.halved_weights for layer in layers) == halved
+    assert sum(layer.norm_factor is not None for layer in layers) == folded
+    # The same model on x86: of its convs reading signed inputs, the unpadded (1x1) ones only.
+    paddle.seed(0)
+    _, on_x86 = _converted(model_class(), "x86", np.random.default_rng(0))
+    assert sum(isinstance(layer, ip.QuantizedLayer) for layer in on_x86.sublayers()) == x86_int8
+
+    spec = [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    report = int8_report(prefix)
+    assert len(report.signed_inputs) >= halved - 1  # a Conv1D reads a reshaped copy
+    assert sum(report.fp32.values()) == (1 if model_class is _MobileNet else 0), report
+    if model_class is _ReluNet:
+        # Both ReLUs on the relu6 route, their convs' thresholds steered (export/unsigned.py).
+        from imperative_ptq.export.predictor import _program_desc
+
+        ops = [op.type for op in _program_desc(prefix + ".pdmodel").blocks[0].ops]
+        assert ops.count("relu6") == 2 and "relu" not in ops, ops
+    x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
+    session = ort.InferenceSession(export_onnx(qmodel, prefix, spec), providers=["CPUExecutionProvider"])
+    runs = {
+        "Paddle Inference": _avx2_outputs(prefix, x, avx2_runner),
+        "ONNX Runtime": session.run(None, {session.get_inputs()[0].name: x})[0],
+    }
+
+    def simulate() -> np.ndarray:
+        return qmodel(paddle.to_tensor(x)).numpy()
+
+    for runtime, ran in runs.items():
+        simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
+        assert relative_error(ran, simulated) < 2e-6, (runtime, relative_error(ran, simulated))
+
+
+class _NormReadTwice(nn.Layer):
+    """A conv whose output a BatchNorm reads, and a functional mean too (no layer sees it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2D(8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.conv(x)
+        return self.norm(y) * y.mean(axis=[2, 3], keepdim=True)
+
+
+def test_export_refuses_a_fold_the_program_contradicts(tmp_path) -> None:
+    paddle.seed(0)
+    ptq, qmodel = _converted(_NormReadTwice(), "x86-avx2", np.random.default_rng(0))
+    assert qmodel.conv.norm_factor is not None  # convert saw the BatchNorm reading it alone
+    prefix = tmp_path / "int8"
+    with pytest.raises(ValueError, match="reads that output with batch_norm, reduce_mean"):
+        ptq.save_quantized_model(qmodel, str(prefix), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "flags, warned", [(("avx2",), False), (("avx2", "avx512f", "avx512_vnni"), True), (("avx2", "avx512f"), True)]
+)
+def test_predictor_warns_where_the_int8_kernels_are_not_avx2(flags, warned, tmp_path, monkeypatch, caplog) -> None:
+    paddle.seed(0)
+    ptq, qmodel = _converted(_Block(3, 8, 3), "x86-avx2", np.random.default_rng(0))
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    from imperative_ptq import cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags)))
+    monkeypatch.setattr("imperative_ptq.export.predictor.cpu_info", cpu_module.cpu_info)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        create_predictor(prefix)
+    assert ("7-bit weights of oneDNN's AVX2 int8 kernels" in caplog.text) == warned
+
+
+def test_qat_refuses_the_halved_target() -> None:
+    paddle.seed(0)
+    model = _Block(3, 8, 3)
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2"))
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.randn([2, 3, 16, 16]))
+    with pytest.raises(ValueError, match="QAT cannot fine-tune for target 'x86-avx2'"):
+        ip.ImperativeQAT(ptq).quantize(qmodel)
