@@ -260,8 +260,9 @@ def _swapped(model: paddle.nn.Layer, name: str, layer: paddle.nn.Layer) -> Itera
 def _check_pair(name: str, fp32: paddle.nn.Layer, quantized: QuantizedLayer) -> None:
     """Refuses an fp32 layer that is not the one ``quantized`` was made from.
 
-    Quantization only changes the weight, so a differing bias means the quantized model was
-    fused (``quantize(fuse=True)``) and the fp32 layer lacks the folded batch norm.
+    Quantization only changes the weight (and the bias by what bias correction and the bias
+    grid recorded adding), so a differing bias means the quantized model was fused
+    (``quantize(fuse=True)``) and the fp32 layer lacks the folded batch norm.
     """
     inner = quantized.layer
     if type(fp32) is not type(inner):
@@ -272,10 +273,11 @@ def _check_pair(name: str, fp32: paddle.nn.Layer, quantized: QuantizedLayer) -> 
     if list(fp32.weight.shape) != list(inner.weight.shape):
         raise ValueError(f"layer {name!r}: weight shapes differ between fp32 and quantized model")
     fp32_bias, q_bias = getattr(fp32, "bias", None), getattr(inner, "bias", None)
-    correction = quantized.bias_correction
-    if correction is not None and q_bias is not None:
-        # Bias correction added ``correction`` (to a zero bias it created, if none).
-        expected = correction if fp32_bias is None else fp32_bias.numpy() + correction
+    # Bias correction (to a zero bias it created, if none) and the int32 grid of bias_grid.py
+    # moved the bias by these.
+    added = [moved for moved in (quantized.bias_correction, quantized.bias_on_grid) if moved is not None]
+    if added and q_bias is not None:
+        expected = sum(added) if fp32_bias is None else fp32_bias.numpy() + sum(added)
         same = np.allclose(q_bias.numpy(), expected, rtol=1e-5, atol=1e-6)
     else:
         same = (fp32_bias is None) == (q_bias is None) and (

@@ -157,6 +157,8 @@ def _move_bias(layer: QuantizedLayer, norm: paddle.nn.Layer | None, input_scale:
     with paddle.no_grad():
         if norm is None:
             conv.bias.set_value((bias + delta).astype(bias.dtype))
+            moved = delta.astype(np.float32)
+            layer.bias_on_grid = moved if layer.bias_on_grid is None else layer.bias_on_grid + moved
         else:
             norm.bias.set_value((beta + delta).astype(beta.dtype))
     return 1

@@ -30,6 +30,7 @@ BatchNorm's factor, and the simulation computes with what Paddle derives from ex
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -72,6 +73,7 @@ def norm_factor(norm: paddle.nn.Layer) -> np.ndarray:
     return np.asarray(factor, np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
 class HalvedConv:
     """A conv that runs on halved weights, and the BatchNorm folded into it (if any).
 
@@ -80,9 +82,8 @@ class HalvedConv:
         factor: That BatchNorm's :func:`norm_factor`, or ``None``.
     """
 
-    def __init__(self, norm: str = "", factor: np.ndarray | None = None) -> None:
-        self.norm = norm
-        self.factor = factor
+    norm: str = ""
+    factor: np.ndarray | None = None
 
 
 def halved_convs(

@@ -639,6 +639,10 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
+        #: What ``convert`` added to the conv's own bias to put it on ONNX Runtime's int32 grid
+        #: (:mod:`imperative_ptq.bias_grid`; ``None``: nothing), so the fp32 layer it came
+        #: from is still recognized.
+        self.bias_on_grid: np.ndarray | None = None
         self.program_weight_thresholds: np.ndarray | None = None
         self.input_scale = input_scale
         self.input_zero_point = input_zero_point

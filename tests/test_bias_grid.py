@@ -68,6 +68,7 @@ def _stem() -> nn.Layer:
 _SETTINGS = {
     "x86": "u8 inputs and a shifted one",
     "x86-vnni": "signed inputs int8 too (about zero point 128)",
+    "x86-avx2": "signed inputs of convs int8 on halved weights (codes -64..64, thresholds 2 max)",
     "arm": "every input signed, about zero point 128",
 }
 
@@ -122,7 +123,7 @@ def _grid_codes_by_loops(qmodel: nn.Layer, weight_levels: int = 127) -> list[tup
 
 @pytest.mark.parametrize(
     "setting, weight_bits, int8_convs",
-    [("x86", 8, 5), ("x86-vnni", 8, 6), ("arm", 8, 7), ("x86", 4, 5), ("arm", 4, 7)],
+    [("x86", 8, 5), ("x86-vnni", 8, 6), ("x86-avx2", 8, 6), ("arm", 8, 7), ("x86", 4, 5), ("arm", 4, 7)],
 )
 def test_folded_biases_land_on_the_grid(setting: str, weight_bits: int, int8_convs: int) -> None:
     _, moved = _converted(bias_grid=True, setting=setting, weight_bits=weight_bits)
@@ -170,10 +171,26 @@ def test_onnx_runtime_adds_the_biases_the_simulation_adds(
         )
         return relative_error(runtime_output, simulated)
 
-    if setting == "x86":
+    if setting == "x86" or setting == "x86-avx2" and ip.cpu_info().isa == "avx2":
         ptq.save_quantized_model(qmodel, str(tmp_path / "m"), spec)
         assert up_to_ties(predict(create_predictor(str(tmp_path / "m"), num_threads=1), x)[0]) < 2e-6
     if bias_grid:
         assert up_to_ties(onnx_out) < 2e-6
     else:
         assert up_to_ties(onnx_out) > 1e-4
+
+
+@pytest.mark.parametrize("setting", ["x86", "x86-avx2"])
+def test_analysis_recognizes_the_layers_whose_bias_moved(setting: str) -> None:
+    """``analyze`` and ``keep_fp32`` pair each quantized layer with its fp32 layer by its
+    weight and bias; the grid moved the biases (by what each layer records), which they
+    refused as "another model" before."""
+    ptq, qmodel = _converted(bias_grid=True, setting=setting)
+    moved = [name for name, layer in qmodel.named_sublayers() if isinstance(layer, QuantizedLayer) and layer.bias_on_grid is not None]
+    assert moved == ["6"]  # the one conv with a bias of its own and no BatchNorm
+    model = _stem()
+    batches = [np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype("float32")]
+    report = ip.analyze(model, qmodel, batches)
+    assert "6" in [row.name for row in report.rows]
+    ip.keep_fp32(qmodel, ["6"], model)
+    assert not isinstance(qmodel[6], QuantizedLayer)
