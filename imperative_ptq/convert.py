@@ -186,6 +186,8 @@ def convert_layers(
                 # largest output off the simulation while it ran them int8).
                 wrapped.constant_inputs = list(state.constant_call_inputs)
                 constant_calls.append(state.name)
+            if wrapped.norm_factor is not None:
+                wrapped.folded_norm = halvable[state.name].norm
             replace_sublayer(model, layer, wrapped)
             int8_layers.append(state.name)
             quantized[state.name] = wrapped

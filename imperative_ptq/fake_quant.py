@@ -22,9 +22,11 @@ from typing import Callable, Sequence
 import numpy as np
 import paddle
 
+from .halved_convs import norm_factor
 from .quant_layers import (
     WrappedParameters,
     fake_quantize_symmetric,
+    halved_integers,
     keeps_forward,
     onednn_requantizes_conv,
     quantize_weight,
@@ -159,6 +161,11 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             converted layer does (its
             :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_output_threshold`);
             ``None``: the output stays float.
+        halved_weights: A conv reading a signed input on AVX2 kernels (``x86-avx2``): it
+            computes with the halved weight the converted layer derives
+            (:func:`~imperative_ptq.quant_layers.halved_integers`), every forward.
+        norm: With ``halved_weights``, the BatchNorm after the conv whose factor the export
+            folds into it (its running statistics, read every forward); ``None``: none.
 
     Raises:
         ValueError: ``layer`` is not a type of :data:`FUNCTIONAL_FORWARDS` nor a subclass
@@ -185,6 +192,8 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         shared_weight_threshold: bool = False,
         residual_output_threshold: float | None = None,
         runs_as_conv: bool = False,
+        halved_weights: bool = False,
+        norm: paddle.nn.Layer | None = None,
     ) -> None:
         super().__init__()
         forward = functional_forward(layer)
@@ -207,6 +216,9 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         self.paddle_fc_scales = bool(paddle_fc_scales)
         self.onednn_weights = bool(onednn_weights)
         self.runs_as_conv = bool(runs_as_conv)
+        self.halved_weights = bool(halved_weights)
+        #: Not a sublayer: the model holds it where it is.
+        self._norm = [norm] if norm is not None else []
         self.shared_weight_threshold = bool(shared_weight_threshold)
         self.residual_output_threshold = residual_output_threshold
         #: The input threshold as given (a table's float): the converted layer's residual step.
@@ -280,7 +292,9 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             self.layer.weight, weight_thresholds, self.weight_bits, self.weight_axis,
             gradient_scale=self._weight_gradient_scale,
         )
-        if self.paddle_fc_scales or self.onednn_weights:
+        if self.halved_weights:
+            weight = self._halved_weight(weight, weight_thresholds)
+        elif self.paddle_fc_scales or self.onednn_weights:
             weight = self._runtime_weight(weight, weight_thresholds)
         if self.on_backward is not None and not weight.stop_gradient:
             weight.register_hook(self.on_backward)
@@ -303,6 +317,17 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             return quantized
         integers = quantize_weight(original, thresholds, bits, axis)
         runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
+        return straight_through(quantized, paddle.to_tensor(runs))
+
+    def _halved_weight(self, quantized: paddle.Tensor, thresholds: paddle.Tensor) -> paddle.Tensor:
+        """The halved weight the converted layer computes with (its thresholds steered, its
+        codes even, the BatchNorm's current factor folded); ``quantized``'s gradient."""
+        factor = norm_factor(self._norm[0]) if self._norm else None
+        bits, axis = self.weight_bits, self.weight_axis
+        integers, steered = halved_integers(
+            self.layer.weight.numpy(), thresholds.numpy().astype(np.float32), bits, axis, factor
+        )
+        runs, _ = runtime_weight(integers, steered, bits, axis, fc=False, halved=True, norm_factor=factor)
         return straight_through(quantized, paddle.to_tensor(runs))
 
     def extra_repr(self) -> str:

@@ -42,7 +42,6 @@ from .quant_rnn import QuantizedLSTM
 from .quant_residual import QuantizedResidualOutput
 from .registry import BATCH_NORM_TYPES
 from .session import calibrating_session
-from .targets import get_target
 
 __all__ = ["ImperativeQAT"]
 
@@ -164,16 +163,9 @@ class ImperativeQAT:
                 "model must be the calibrated model returned by ImperativePTQ.quantize (not "
                 "the fp32 model, nor a converted one): QAT starts from PTQ's thresholds"
             )
-        config = self._ptq.quant_config
-        if get_target(config.target).halved_signed_convs:
-            raise ValueError(
-                f"QAT cannot fine-tune for target {config.target!r}: its convs reading signed "
-                f"inputs compute with the halved (7-bit) weights of AVX2 kernels, which QAT's "
-                f"fake quantization does not model; fine-tune with target='x86' (those convs "
-                f"stay fp32) or 'x86-vnni', or use PTQ for {config.target!r}"
-            )
         self._ptq.remove_hooks(calibrated)
         # What PTQ's convert makes of it: which layers run int8, on which grid, with what.
+        config = self._ptq.quant_config
         dry_run = self._ptq.convert(copy.deepcopy(calibrated), bias_grid=False)
         table, minima = converted_table(dry_run), converted_minima(dry_run)
         simulated = {
@@ -262,6 +254,8 @@ class ImperativeQAT:
                 shared_weight_threshold=simulated.shared_weight_threshold,
                 residual_output_threshold=simulated.residual_output_threshold,
                 runs_as_conv=simulated.runs_as_conv,
+                halved_weights=simulated.halved_weights,
+                norm=layers[simulated.folded_norm] if simulated.folded_norm else None,
             )
             replace_sublayer(model, layers[name], wrapper)
         if float_shortcuts:

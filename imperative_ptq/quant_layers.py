@@ -216,6 +216,26 @@ def halved_grid_integers(
     return np.where(full, even, integers).astype(integers.dtype)
 
 
+def halved_integers(
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, norm_factor: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A halved conv's weight codes and per-channel thresholds (:mod:`imperative_ptq.halved_convs`):
+    the thresholds steered so that each channel's abs-max halves to 64
+    (:func:`steered_thresholds`, with the folded BatchNorm's ``norm_factor``; unchanged where
+    some channel has no such value within reach), and 8-bit codes on them even
+    (:func:`halved_grid_integers`). What ``convert`` and QAT's training forward compute with
+    (through :func:`runtime_weight` with ``halved``)."""
+    channels = weight.shape[axis]
+    per_channel = np.broadcast_to(np.asarray(thresholds, np.float32).reshape(-1), [channels]).copy()
+    factor = 1.0 if norm_factor is None else np.abs(np.asarray(norm_factor, np.float32))
+    steered = steered_thresholds(per_channel, 64, factor)
+    thresholds = per_channel if steered is None else steered
+    integers = quantize_weight(weight, thresholds, bits, axis)
+    if bits == 8:
+        integers = halved_grid_integers(integers, weight, thresholds, axis)
+    return integers, thresholds
+
+
 def runtime_weight(
     integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool,
     halved: bool = False, norm_factor: np.ndarray | None = None,
@@ -639,6 +659,8 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.program_weight: np.ndarray | None = None
         #: What bias correction added to the layer's bias (``None``: nothing).
         self.bias_correction: np.ndarray | None = None
+        #: With ``norm_factor``, the name of the BatchNorm folded into the conv (``convert``).
+        self.folded_norm = ""
         #: What ``convert`` added to the conv's own bias to put it on ONNX Runtime's int32 grid
         #: (:mod:`imperative_ptq.bias_grid`; ``None``: nothing), so the fp32 layer it came
         #: from is still recognized.
@@ -701,12 +723,13 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.register_buffer("weight_thresholds", paddle.to_tensor(weight_thresholds))
         with paddle.no_grad():
             original = weight.numpy()
-            if self.weight_scales is None:
-                if self.halved_weights:
-                    weight_thresholds = self._steered(weight_thresholds, weight.shape[weight_axis])
+            if self.weight_scales is None and self.halved_weights:
+                integers, weight_thresholds = halved_integers(
+                    original, weight_thresholds, weight_bits, weight_axis, self.norm_factor
+                )
+                self.set_weight_integers(integers, weight_thresholds)
+            elif self.weight_scales is None:
                 integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
-                if self.halved_weights and weight_bits == 8:
-                    integers = halved_grid_integers(integers, original, weight_thresholds, weight_axis)
                 if paddle_fc_scales:
                     integers = untied_fc_integers(
                         integers, original, weight_thresholds, weight_bits, weight_axis
@@ -729,15 +752,6 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             "input_threshold",
             paddle.to_tensor(np.asarray(self.input_thresholds[:1], dtype=np.float32)),
         )
-
-    def _steered(self, thresholds: np.ndarray, channels: int) -> np.ndarray:
-        """Per-channel thresholds whose stored values (times a folded BatchNorm's factor)
-        halve each channel's abs-max to 64 (:func:`steered_thresholds`; unchanged where
-        some channel has no such value within reach)."""
-        per_channel = np.broadcast_to(np.asarray(thresholds, np.float32).reshape(-1), [channels]).copy()
-        factor = 1.0 if self.norm_factor is None else np.abs(self.norm_factor)
-        steered = steered_thresholds(per_channel, 64, factor)
-        return per_channel if steered is None else steered
 
     @property
     def grid_thresholds(self) -> np.ndarray:

@@ -260,12 +260,65 @@ def test_predictor_warns_where_the_int8_kernels_are_not_avx2(flags, warned, tmp_
     assert ("7-bit weights of oneDNN's AVX2 int8 kernels" in caplog.text) == warned
 
 
-def test_qat_refuses_the_halved_target() -> None:
+class _Classifier(nn.Layer):
+    """The YOLO-style stack with a pooled class head, for fine-tuning."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = _CspNet()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.trunk(x).mean(axis=[2, 3])
+
+
+def test_qat_fine_tunes_on_the_halved_weights(tmp_path, avx2_runner) -> None:
+    """QAT's training forward computes with the halved weights (thresholds steered, codes
+    even, the BatchNorms' current factors folded): with learning rate 0 its convert is PTQ's
+    bit for bit; after training the converted model computes the training forward, and Paddle
+    Inference (AVX2 kernels) what it simulates."""
     paddle.seed(0)
-    model = _Block(3, 8, 3)
+    rng = np.random.default_rng(0)
+    batches = [
+        (paddle.to_tensor(rng.standard_normal((8, 3, 16, 16)).astype("float32")), paddle.to_tensor(rng.integers(0, 6, [8])))
+        for _ in range(3)
+    ]
+    images = [x for x, _ in batches]
+    model = _Classifier()
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2"))
-    qmodel = ptq.quantize(model)
-    qmodel(paddle.randn([2, 3, 16, 16]))
-    with pytest.raises(ValueError, match="QAT cannot fine-tune for target 'x86-avx2'"):
-        ip.ImperativeQAT(ptq).quantize(qmodel)
+    calibrated = ptq.quantize(model)
+    ptq.calibrate(calibrated, images, progress=False)
+    qat = ip.ImperativeQAT(ptq)
+    trainable = qat.quantize(calibrated)
+    assert sum(getattr(layer, "halved_weights", False) for layer in trainable.sublayers()) == 6
+
+    def train(learning_rate: float, steps: int) -> None:
+        optimizer = paddle.optimizer.Adam(learning_rate, parameters=trainable.parameters())
+        for step in range(steps):
+            x, y = batches[step % len(batches)]
+            F.cross_entropy(trainable(x), y).backward()
+            optimizer.step()
+            optimizer.clear_grad()
+
+    train(0.0, 2)
+    import copy
+
+    reference = ptq.convert(copy.deepcopy(calibrated), bias_grid=False)
+    untrained = qat.convert(trainable)
+    for x in images:
+        np.testing.assert_array_equal(untrained(x).numpy(), reference(x).numpy())
+    train(1e-2, 6)
+    converted = qat.convert(trainable)
+    trainable.eval()
+    with paddle.no_grad():
+        np.testing.assert_allclose(converted(images[0]).numpy(), trainable(images[0]).numpy(), rtol=1e-4, atol=1e-4)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(converted, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.standard_normal((4, 3, 16, 16)).astype("float32")
+    ran = _avx2_outputs(prefix, x, avx2_runner)
+
+    def simulate() -> np.ndarray:
+        return converted(paddle.to_tensor(x)).numpy()
+
+    simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
+    assert relative_error(ran, simulated) < 2e-6
