@@ -3,19 +3,22 @@
 A single Linear (256 -> 64) and a single Conv2D (16 -> 32, 3x3) are calibrated (abs-max,
 per-channel weights), exported and run by ``create_predictor``. Their input is dense uniform
 data in [0, 1), passed through a ReLU (``relu``) or not (``dense``), so Paddle's pipeline runs
-it as u8 or as s8. Each output is compared, as a relative
+it as u8 or as s8, and for the conv on the targets that run a signed input on s8, standard
+normal data (``signed``). Each output is compared, as a relative
 L2 error, with integer references computed here in numpy:
 
 * ``exact``: the integer arithmetic the export describes, accumulated exactly in int64;
 * ``pair-saturating``: the same, with each pair of adjacent products summed in int16 with
   saturation (``vpmaddubsw``: what int8 kernels do without VNNI), a s8 input being shifted by
   +128 into u8 first;
+* ``halved weights`` (the conv): exact int32 sums with the weight oneDNN's AVX2 kernels use
+  for a signed input, rounded on half its scale (``imperative_ptq/halved_convs.py``);
 
 and with the dygraph simulation of the converted layer. ``--target arm`` exports the plain
 symmetric form (u8 codes up to 255, s8 inputs); the default ``x86`` target the form that is
 exact everywhere. Run it with ``ONEDNN_MAX_CPU_ISA=AVX2`` to see AVX2 kernels on a newer CPU.
 
-Usage: ``python benchmarks/int8_arithmetic_probe.py [--target arm|x86|x86-vnni]`` (~5 s).
+Usage: ``python benchmarks/int8_arithmetic_probe.py [--target arm|x86|x86-avx2|x86-vnni]`` (~5 s).
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ import paddle
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
+from imperative_ptq.quant_layers import runtime_weight
 
 LAYERS = ("linear", "conv")
-SOURCES = ("relu", "dense")
+SOURCES = ("relu", "dense", "signed")
+#: Targets that run a conv's signed input on s8 (``x86`` shifts it into u8 or keeps it fp32).
+_S8_TARGETS = ("arm", "x86-vnni", "x86-avx2")
 
 
 class _Probe(paddle.nn.Layer):
@@ -44,8 +50,10 @@ class _Probe(paddle.nn.Layer):
         return self.layer(self.relu(x) if self.relu is not None else x)
 
 
-def _data(layer: str, rng: np.random.Generator, batch: int) -> np.ndarray:
+def _data(layer: str, rng: np.random.Generator, batch: int, signed: bool = False) -> np.ndarray:
     shape = (batch, 256) if layer == "linear" else (batch, 16, 10, 10)
+    if signed:
+        return rng.standard_normal(shape).astype(np.float32)
     return rng.uniform(0.0, 1.0, shape).astype(np.float32)
 
 
@@ -77,12 +85,12 @@ def probe_case(layer: str, source: str, target: str, directory: str) -> dict[str
     ptq = ip.ImperativePTQ(config)
     qmodel = ptq.quantize(model)
     for _ in range(4):
-        qmodel(paddle.to_tensor(_data(layer, rng, 32)))
+        qmodel(paddle.to_tensor(_data(layer, rng, 32, source == "signed")))
     ptq.convert(qmodel)
     prefix = os.path.join(directory, f"{layer}-{source}-{target}", "model")
     shape = [None, 256] if layer == "linear" else [None, 16, 10, 10]
     ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec(shape, "float32", "x")])
-    x = _data(layer, rng, 16)
+    x = _data(layer, rng, 16, source == "signed")
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     simulated = qmodel(paddle.to_tensor(x)).numpy()
 
@@ -105,14 +113,26 @@ def probe_case(layer: str, source: str, target: str, directory: str) -> dict[str
     rows = _columns(codes.astype(np.int64), layer)
     weights = weights.astype(np.int64)
     shift = 0 if unsigned else 128
+    steps = thresholds / 127
     accumulators = {
-        "exact": rows @ weights,
-        "pair-saturating": _pair_saturating_dot(rows + shift, weights) - shift * weights.sum(0),
+        "exact": (rows @ weights, steps),
+        "pair-saturating": (_pair_saturating_dot(rows + shift, weights) - shift * weights.sum(0), steps),
     }
+    if layer == "conv":
+        # oneDNN's AVX2 kernels on a signed input: the weight rounded on half its scale
+        # (imperative_ptq/halved_convs.py), from the weight Paddle dequantizes.
+        halved, halved_thresholds = runtime_weight(
+            integers.astype(np.int8), thresholds.astype(np.float32), 8, 0, fc=False, halved=True
+        )
+        halved_steps = halved_thresholds.astype(np.float64) / 127
+        halved_codes = np.rint(halved / halved_steps[:, None, None, None]).astype(np.int64)
+        accumulators["halved weights"] = (
+            rows @ halved_codes.transpose(2, 3, 1, 0).reshape(-1, halved_codes.shape[0]), halved_steps
+        )
     bias = quantized.layer.bias.numpy().astype(np.float64)
-    errors = {}
-    for name, accumulator in accumulators.items():
-        out = accumulator * (threshold / levels) * (thresholds / 127)[None, :] + bias
+    errors = {"halved weights": float("nan")}
+    for name, (accumulator, weight_steps) in accumulators.items():
+        out = accumulator * (threshold / levels) * weight_steps[None, :] + bias
         if layer == "conv":
             out = out.reshape(x.shape[0], 8, 8, -1).transpose(0, 3, 1, 2)
         errors[name] = _relative_error(ran, out)
@@ -130,6 +150,8 @@ def probe(target: str, directory: str) -> dict[tuple[str, str], dict[str, float]
         (layer, source): probe_case(layer, source, target, directory)
         for layer in LAYERS
         for source in SOURCES
+        # A signed input: the conv on s8 (the fc's s8 input is shifted on the x86 targets).
+        if source != "signed" or (layer == "conv" and target in _S8_TARGETS)
     }
 
 
@@ -141,11 +163,11 @@ def main() -> None:
         results = probe(args.target, directory)
     print(f"CPU: {ip.cpu_info().describe()}; Paddle {paddle.__version__}; target {args.target}")
     print("relative L2 error of Paddle Inference int8 against each reference")
-    print(f"{'layer':8s} {'input':6s} {'exact':>10s} {'pair-saturating':>16s} {'simulation':>11s}")
+    print(f"{'layer':8s} {'input':6s} {'exact':>10s} {'pair-saturating':>16s} {'halved weights':>15s} {'simulation':>11s}")
     for (layer, source), errors in results.items():
         print(
             f"{layer:8s} {source:6s} {errors['exact']:10.2e} {errors['pair-saturating']:16.2e} "
-            f"{errors['simulation']:11.2e}"
+            f"{errors['halved weights']:15.2e} {errors['simulation']:11.2e}"
         )
 
 

@@ -105,6 +105,24 @@ def test_plain_form_saturates_on_avx2_kernels(tmp_path) -> None:
     _assert_plain_form_truth(_probe_on_avx2("arm", str(tmp_path)), vnni=False)
 
 
+def _probe_avx2_kernels(target: str, directory: str) -> dict[str, dict[str, float]]:
+    """The probe on oneDNN's AVX2 kernels: natively where they are this CPU's, else in a
+    subprocess capped at AVX2 (a VNNI CPU); skipped on AVX-512 without VNNI."""
+    if cpu_info().isa == "avx2":
+        return _probe_here(target, directory)
+    if not cpu_info().vnni:
+        pytest.skip("this CPU's int8 kernels are AVX-512 without VNNI")
+    return _probe_on_avx2(target, directory)
+
+
+def test_signed_conv_inputs_halve_the_weight_on_avx2_kernels(tmp_path) -> None:
+    """What x86-avx2 simulates: an s8-input conv (x86-vnni's export) computes with its weight
+    rounded on half its scale on AVX2 kernels, exactly; x86-avx2 runs it so, as simulated."""
+    conv = _probe_avx2_kernels("x86-vnni", str(tmp_path))["conv-signed"]
+    assert conv["halved weights"] < 1e-5 and conv["exact"] > 1e-3, conv
+    _assert_exact(_probe_avx2_kernels("x86-avx2", str(tmp_path)))
+
+
 # ------------------------------------------------------------------------------- the API
 class _Net(paddle.nn.Layer):
     def __init__(self) -> None:
