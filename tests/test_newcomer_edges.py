@@ -382,6 +382,18 @@ def test_predict_refuses_non_arrays(exports, value, message) -> None:
         predict(create_predictor(str(folder / "conv")), value(images))
 
 
+def test_predict_refuses_an_empty_batch(exports) -> None:
+    """oneDNN failed on it with "could not create a primitive descriptor for a reorder
+    primitive"; a kernel reading zero boxes crashed the process."""
+    from imperative_ptq.export import create_predictor, predict
+
+    folder, images, _ = exports
+    predictor = create_predictor(str(folder / "conv"))
+    with pytest.raises(ValueError, match=r"input 0 \('x'\) is empty \(shape \[0, 3, 8, 8\]\)"):
+        predict(predictor, images[:0])
+    assert predict(predictor, images[:1])[0].shape[0] == 1  # the predictor still runs
+
+
 # ------------------------------------------------------- 6. numpy into a quantized model
 def _mlp_with_dropout() -> paddle.nn.Layer:
     paddle.seed(11)

@@ -353,7 +353,7 @@ def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np
         Every output of the program, as numpy arrays.
 
     Raises:
-        ValueError: The number of inputs is not the program's.
+        ValueError: The number of inputs is not the program's, or an input has no elements.
         TypeError: An input is no numpy array (a ``paddle.Tensor``: pass ``.numpy()``), or
             its data cannot be converted without loss (float data for an int64 input); the
             message names the input's position, its dtype and the program's.
@@ -369,6 +369,15 @@ def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np
         _input_array(position, name, value, expected.get(name))
         for position, (name, value) in enumerate(zip(names, inputs))
     ]
+    for position, (name, array) in enumerate(zip(names, arrays)):
+        if array.ndim and array.size == 0:
+            # oneDNN's kernels fail on it ("could not create a primitive descriptor"), some
+            # (roi_align reading zero boxes) crash the process.
+            raise ValueError(
+                f"input {position} ({name!r}) is empty (shape {list(array.shape)}): Paddle "
+                f"Inference cannot run a tensor without elements; skip the call, or pass at "
+                f"least one row"
+            )
     for name, array in zip(names, arrays):
         predictor.get_input_handle(name).copy_from_cpu(array)
     predictor.run()
