@@ -23,6 +23,7 @@ from .calibration_table import (
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .functional_ops import FunctionalConcat
+from .halved_convs import halved_convs
 from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
@@ -30,7 +31,6 @@ from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, Residua
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 from .session import LayerState
-from .halved_convs import halved_convs
 from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
@@ -145,10 +145,11 @@ def convert_layers(
         if state.weight_quantizer is not None and "input" in entry:
             minimum = input_minimum(state)
             unsigned = target.unsigned_inputs and minimum is not None and minimum >= 0
-            shifted = {}
+            # How a signed input runs where the target has no plain s8 route: halved or shifted.
+            signed_route = {}
             if not unsigned and not target.signed_inputs_int8 and state.name in halvable:
                 # s8 on AVX2 kernels, which halve the weight (halved_convs.py): no shift ops.
-                shifted = dict(halved_weights=True, norm_factor=halvable[state.name].factor)
+                signed_route = dict(halved_weights=True, norm_factor=halvable[state.name].factor)
             elif not unsigned and not target.signed_inputs_int8:
                 grid = None
                 if target.shifted_signed_inputs and shiftable(layer):
@@ -159,7 +160,7 @@ def convert_layers(
                     kept_fp32.append(state.name)
                     continue
                 scale, zero_point = grid
-                shifted = dict(input_scale=scale, input_zero_point=zero_point, input_shifted=True)
+                signed_route = dict(input_scale=scale, input_zero_point=zero_point, input_shifted=True)
             wrapped = QuantizedLayer(
                 layer,
                 entry["input"],
@@ -168,7 +169,7 @@ def convert_layers(
                 info.weight_channel_axis,
                 activation_bits,
                 weight_bits,
-                **shifted,
+                **signed_route,
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
