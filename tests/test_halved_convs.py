@@ -220,6 +220,43 @@ def test_convs_on_signed_inputs_run_halved_as_simulated(
         assert relative_error(ran, simulated) < 2e-6, (runtime, relative_error(ran, simulated))
 
 
+class _PreActivationReturned(nn.Layer):
+    """A halved conv whose ReLU an int8 conv reads while the model also returns the conv's
+    output: the relu6 route cannot scale it (export/unsigned.py), so its thresholds must stay
+    as simulated (the route's tie steering had moved them anyway: 3e-3 .. 8e-3 off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2D(3, 64, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2D(64, 8, 1)
+
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        h = self.conv(x)
+        return self.head(self.relu(h)), h
+
+
+def test_a_halved_conv_the_relu6_route_cannot_scale_keeps_its_thresholds(tmp_path, avx2_runner) -> None:
+    paddle.seed(0)
+    ptq, qmodel = _converted(_PreActivationReturned(), "x86-avx2", np.random.default_rng(0))
+    assert qmodel.conv.halved_weights
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype("float32")
+    if ip.cpu_info().isa == "avx2":
+        outputs = predict(create_predictor(prefix, num_threads=1), x)
+    elif avx2_runner is not None:
+        outputs = avx2_runner.predict(prefix, x)
+    else:
+        pytest.skip("no AVX2 int8 kernels on this CPU (AVX-512 without VNNI)")
+    for index, ran in enumerate(outputs):
+        def simulate(index: int = index) -> np.ndarray:
+            return qmodel(paddle.to_tensor(x))[index].numpy()
+
+        simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
+        assert relative_error(ran, simulated) < 2e-6, (index, relative_error(ran, simulated))
+
+
 class _NormReadTwice(nn.Layer):
     """A conv whose output a BatchNorm reads, and a functional mean too (no layer sees it)."""
 

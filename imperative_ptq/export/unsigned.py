@@ -256,10 +256,6 @@ def clip_fused_relus(
         )
         if found is None or (found[0].type not in RELU6_U8_PRODUCERS and not after_fc):
             continue
-        if _halved_producer(found, weights) and not _steer_halved_ties(
-            loaded, weights, found, RELU6_CLIP / threshold
-        ):
-            continue
         if relu.type == "relu6" and threshold > RELU6_CLIP:
             continue  # a relu6 already clips below the threshold; scaling would lift it
         factor = RELU6_CLIP / threshold
@@ -269,9 +265,13 @@ def clip_fused_relus(
             factor = _codes_keeping_factor(loaded, reading, weights, found, weight_names, result, factor)
             if factor is None:
                 continue
+        steering = _halved_steering(loaded, weights, found, factor)
+        if steering is None:
+            continue
         # A fc that reads one such ReLU and writes the next is scaled as both (factors multiplied).
         if not _scale_producer(loaded, reading, found, factor, result, compose=after_fc):
             continue
+        _steer(weights, steering)
         for weight_name in weight_names:
             _scale_tensor(loaded, weight_name, 1.0 / factor)
             result.weight_factors[weight_name] = 1.0 / factor
@@ -295,15 +295,13 @@ def clip_fused_relus(
     return result
 
 
-def _halved_producer(found, weights: Mapping[str, LayerRecord]) -> bool:
-    """Whether the fused producer is a conv on halved weights (:mod:`imperative_ptq.halved_convs`)."""
-    record = weights.get(found[0].input(FUSING_OPS[found[0].type][0])[0])
-    return record is not None and record.halved
-
-
-def _steer_halved_ties(loaded, weights: Mapping[str, LayerRecord], found, factor: float) -> bool:
-    """Lets the relu6 route scale a halved conv's stored thresholds by ``factor`` (True), or
-    says it cannot (False: the ReLU keeps the clip route; nothing changed).
+def _halved_steering(
+    loaded, weights: Mapping[str, LayerRecord], found, factor: float
+) -> dict[str, np.ndarray] | None:
+    """The thresholds with which the relu6 route may scale a halved conv's stored thresholds
+    by ``factor`` (:mod:`imperative_ptq.halved_convs`), by weight variable: none for another
+    producer, ``None`` where it cannot (the ReLU keeps the clip route). Nothing is changed
+    here: :func:`_steer` sets them once the producer is scaled.
 
     Paddle halves each channel's abs-max (code 127) to ``rint(63.5 +- noise)``, the noise of
     the float32 arithmetic on the stored threshold ``T`` (its every other code is even, whose
@@ -318,21 +316,26 @@ def _steer_halved_ties(loaded, weights: Mapping[str, LayerRecord], found, factor
     from ..quant_layers import halved_max_codes, steered_thresholds
 
     weight_name = found[0].input(FUSING_OPS[found[0].type][0])[0]
-    record = weights[weight_name]
+    record = weights.get(weight_name)
+    if record is None or not record.halved:
+        return {}
     thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
     weight = get_tensor(loaded, weight_name).astype(np.float32)
     levels = symmetric_levels(8)
     if record.traced_weight_bits != 8 or thresholds.size != weight.shape[0]:
-        return False
+        return None
     codes = np.abs(np.rint(weight.reshape(weight.shape[0], -1) / (thresholds / np.float32(levels))[:, None]))
     largest = codes == levels
     if not np.all(largest.any(axis=1)) or np.any((codes % 2 == 1) & ~largest):
-        return False
+        return None
     steered = steered_thresholds(thresholds, halved_max_codes(thresholds), factor)
-    if steered is None:
-        return False
-    record.weight_thresholds = steered
-    return True
+    return None if steered is None else {weight_name: steered}
+
+
+def _steer(weights: Mapping[str, LayerRecord], steering: Mapping[str, np.ndarray]) -> None:
+    """Sets the thresholds :func:`_halved_steering` found, for the scaled producer."""
+    for weight_name, thresholds in steering.items():
+        weights[weight_name].weight_thresholds = thresholds
 
 
 def _codes_keeping_factor(
@@ -449,18 +452,19 @@ def clip_concat_inputs(
                 or found[0].input(FUSING_OPS[found[0].type][0])[0] not in weights
                 or (relu.type == "relu6" and threshold > RELU6_CLIP)
                 or _producer_tensors(reading, found, result, compose=True) is None
-                or _halved_producer(found, weights) and not _steer_halved_ties(
-                    loaded, weights, found, RELU6_CLIP / threshold
-                )
             ):
                 break
-            sources.append((name, relu, found))
+            steering = _halved_steering(loaded, weights, found, RELU6_CLIP / threshold)
+            if steering is None:
+                break
+            sources.append((name, relu, found, steering))
         else:
             factor = RELU6_CLIP / threshold
             # Written as they are: u8 (an int8 concat of u8 inputs is u8) on codes 0..127.
             scale = unsigned_threshold(RELU6_CLIP, 8)
-            for name, relu, found in sources:
+            for name, relu, found, steering in sources:
                 _scale_producer(loaded, reading, found, factor, result, compose=True)
+                _steer(weights, steering)
                 relu.desc.set_type("relu6")
                 result.thresholds[name] = RELU6_CLIP
                 outputs[name] = scale
