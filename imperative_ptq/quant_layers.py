@@ -236,6 +236,15 @@ def halved_integers(
     return integers, thresholds
 
 
+def folded_thresholds(thresholds: np.ndarray, norm_factor: np.ndarray) -> np.ndarray:
+    """The per-channel thresholds a halved conv's codes are stored on once a BatchNorm of
+    factor ``norm_factor`` is folded into it: ``t * |f|`` in float32, the one computation the
+    simulation (:func:`runtime_weight`) and the export (:mod:`imperative_ptq.export.folded_norms`)
+    must share bit for bit, since the halving's ties follow those values."""
+    factor = np.abs(np.asarray(norm_factor, np.float32).reshape(-1))
+    return (np.asarray(thresholds, np.float32).reshape(-1) * factor).astype(np.float32)
+
+
 def runtime_weight(
     integers: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool,
     halved: bool = False, norm_factor: np.ndarray | None = None,
@@ -245,9 +254,9 @@ def runtime_weight(
     ``halved`` for a signed input on AVX2 kernels).
 
     ``norm_factor``: a BatchNorm's per-channel factor folded into a halved conv's stored weight
-    (the export stores codes ``integers * sign(f)`` on thresholds ``thresholds * |f|``,
-    :func:`imperative_ptq.halved_convs.folded_program_weight`); the weight returned is the
-    folded one that runs divided by ``f``, for the BatchNorm after it to multiply back.
+    (the export stores codes ``integers * sign(f)`` on :func:`folded_thresholds`,
+    :mod:`imperative_ptq.export.folded_norms`); the weight returned is the folded one that
+    runs divided by ``f``, for the BatchNorm after it to multiply back.
 
     Returns:
         ``(weight, thresholds)``: the float32 weight that runs and its thresholds (its codes
@@ -258,7 +267,7 @@ def runtime_weight(
         shape = [1] * integers.ndim
         shape[axis] = -1
         integers = (integers.astype(np.int16) * np.sign(factor).reshape(shape).astype(np.int16)).astype(integers.dtype)
-        thresholds = (np.asarray(thresholds, np.float32).reshape(-1) * np.abs(factor)).astype(np.float32)
+        thresholds = folded_thresholds(thresholds, factor)
     dequantized = _stored_dequantized(integers, thresholds, bits, axis)
     if fc:
         runtime_integers, thresholds = paddle_fc_weight(dequantized)

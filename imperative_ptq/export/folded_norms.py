@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..fuse import batch_norm_factor_and_bias
+from ..quant_layers import folded_thresholds
 from .graph import get_tensor, insert_zero_bias, is_persistable, op_index, readers, remove_op, set_tensor
 from .tracing import LayerRecord
 
@@ -29,8 +30,9 @@ _CONVS = ("conv2d", "depthwise_conv2d")
 
 
 def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
-    """Folds the BatchNorm of each halved conv (``record.norm_factor``) into it, in place (call
-    after :func:`imperative_ptq.export.program.fold_conv_bias`, before quantizing).
+    """Folds the BatchNorm of each halved conv (``record.norm_factor``) into it, in place
+    (:func:`imperative_ptq.export.program.quantize_program` calls it once the conv biases are
+    folded, before quantizing).
 
     Returns:
         How many BatchNorms were folded.
@@ -78,9 +80,7 @@ def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
         folds.append((conv, add, norm, record))
     for conv, add, norm, record in folds:
         _fold(loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32))
-        record.weight_thresholds = (
-            np.asarray(record.weight_thresholds, np.float32).reshape(-1) * np.abs(record.norm_factor)
-        ).astype(np.float32)
+        record.weight_thresholds = folded_thresholds(record.weight_thresholds, record.norm_factor)
     folded = len(folds)
     if folded:
         loaded.program._sync_with_cpp()

@@ -27,7 +27,6 @@ from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
 from .atomic import export_directory, staged_export
 from .constant_folding import fold_parameter_subgraphs
-from .folded_norms import fold_norms_into_halved_convs
 from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
@@ -258,9 +257,6 @@ def save_quantized_model(
                     loaded.program.global_block(),
                     {record.weight_name for record in traced.records if record.weight_name},
                 )
-            if target_spec.halved_signed_convs:
-                program_lib.fold_conv_bias(loaded)
-                fold_norms_into_halved_convs(loaded, traced.records)
             written = program_lib.quantize_program(
                 loaded, traced.records, quantize_residuals=quantize_residuals,
                 unsigned_inputs=target_spec.unsigned_inputs,

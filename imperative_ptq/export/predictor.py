@@ -82,7 +82,7 @@ def exported_target(path_prefix: str) -> str | None:
     return target if isinstance(target, str) else None
 
 
-def _warn_if_target_needs_vnni(path_prefix: str) -> None:
+def _warn_if_this_cpu_computes_otherwise(path_prefix: str) -> None:
     name = exported_target(path_prefix)
     if name not in TARGETS:
         return
@@ -133,7 +133,7 @@ def predictor_config(
                 f"(e.g. 'out/model' for out/model.pdmodel)"
             )
     if int8:
-        _warn_if_target_needs_vnni(path_prefix)
+        _warn_if_this_cpu_computes_otherwise(path_prefix)
     config = paddle_infer.Config(model_file, params_file)
     config.enable_mkldnn()
     if int8:

@@ -28,6 +28,7 @@ import paddle
 from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from .coded_identity import CodedIdentity, round_float_readers
+from .folded_norms import fold_norms_into_halved_convs
 from .graph import (
     FUSABLE_ACTIVATIONS, bias_of, feeds_quantize, get_tensor, insert_op, insert_reader_op, insert_zero_bias, is_persistable,
     new_persistable, op_index, producers, readers, remove_op, set_tensor, transposed_matmul,
@@ -347,6 +348,7 @@ def quantize_program(
         The scales written.
     """
     fold_conv_bias(loaded)
+    fold_norms_into_halved_convs(loaded, records)  # (x86-avx2 only: its halved convs)
     block = loaded.program.global_block()
     consumers: dict[str, list[str]] = {}
     for op in block.ops:
