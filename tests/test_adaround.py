@@ -16,6 +16,7 @@ import imperative_ptq as ip
 from imperative_ptq.algorithms import AdaRound, adaround
 from imperative_ptq.export import create_predictor, predict
 from imperative_ptq.quantizers.qparams import symmetric_levels
+from ties import relative_error, simulation_up_to_ties
 
 SETTINGS = AdaRound(iterations=1000, batch_size=16)
 
@@ -125,3 +126,73 @@ def test_settings_are_checked() -> None:
         ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), adaround=True)
     with pytest.raises(ValueError, match="AdaRound needs calibration batches"):
         adaround(_mlp(), _mlp(), [])
+
+
+def _silu_convnet() -> nn.Sequential:
+    """Every conv reads a signed input (the image, SiLU outputs): on ``x86-avx2`` all three
+    run int8 with halved weights, the first with its BatchNorm folded by the export."""
+    return nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.Silu(),
+        nn.Conv2D(8, 8, 3, padding=1), nn.Silu(), nn.Conv2D(8, 6, 1),
+    ).eval()
+
+
+def _signed_batches(count: int = 4, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((16, 3, 6, 6)).astype("float32") for _ in range(count)]
+
+
+def test_halved_convs_round_on_the_7_bit_grid_they_run(tmp_path, avx2_runner) -> None:
+    paddle.seed(0)
+    model, batches = _silu_convnet(), _signed_batches()
+    config = ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2")
+    ptq = ip.ImperativePTQ(config)
+    nearest = ptq.quantize(model)
+    ptq.calibrate(nearest, batches, progress=False)
+    ptq.convert(nearest, progress=False)
+    rounded = copy.deepcopy(nearest)
+    results = adaround(rounded, model, batches, SETTINGS, progress=False)
+    layers = {name: layer for name, layer in rounded.named_sublayers() if isinstance(layer, ip.QuantizedLayer)}
+    assert [r.name for r in results] == list(layers) and all(layer.halved_weights for layer in layers.values())
+    for result in results:
+        assert result.final_loss < result.nearest_loss, result
+        assert result.soft_fraction == 0.0 and result.changed_fraction > 0, result
+    fp32_layers = dict(model.named_sublayers())
+    for name, layer in layers.items():
+        fp32 = fp32_layers[name].weight.numpy()
+        step = (layer.grid_thresholds / 127).reshape(-1, 1, 1, 1)
+        stored = layer.program_weight / step
+        codes = np.round(stored)
+        np.testing.assert_allclose(stored, codes, atol=1e-3)
+        edge = np.abs(codes) == 127
+        assert edge.any(axis=(1, 2, 3)).all(), name  # every channel keeps its abs-max code
+        # Slow reference: every other code even, its half floor(w / 2s) or floor(w / 2s) + 1,
+        # the 7-bit code oneDNN's AVX2 kernels run.
+        assert np.all(codes[~edge] % 2 == 0), name
+        low = np.floor(fp32 / (2 * step))[~edge]
+        half = codes[~edge] / 2
+        assert np.all((half == np.clip(low, -63, 63)) | (half == np.clip(low + 1, -63, 63))), name
+    assert _first_layer_error(rounded, model, batches) < _first_layer_error(nearest, model, batches)
+
+    # Through PTQConfig, exported: Paddle Inference on AVX2 kernels computes the simulation.
+    config = ip.PTQConfig(
+        ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2", adaround=SETTINGS,
+    )
+    ptq = ip.ImperativePTQ(config)
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, batches, progress=False)
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 6, 6], "float32")])
+    x = np.concatenate(_signed_batches(1, seed=3))
+    if ip.cpu_info().isa == "avx2":
+        ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    elif avx2_runner is not None:
+        ran = avx2_runner.predict(prefix, x)[0]
+    else:
+        pytest.skip("no AVX2 int8 kernels on this CPU (AVX-512 without VNNI)")
+
+    def simulate() -> np.ndarray:
+        return qmodel(paddle.to_tensor(x)).numpy()
+
+    simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
+    assert relative_error(ran, simulated) < 2e-6

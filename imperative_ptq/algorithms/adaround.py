@@ -16,6 +16,9 @@ rounded, so each layer makes up for its predecessors' error) and ``W x + b`` is 
 model's output. The regularizer is off for the first ``warmup`` of the iterations, then ``beta``
 is annealed from ``beta_start`` to ``beta_end``: it drives every ``h(V)`` to 0 or 1, and the
 final rounding is ``floor(W / s) + [h(V) >= 0.5]``.
+
+The grid is the one the layer runs on: a conv whose 8-bit weights oneDNN's AVX2 kernels
+halve (target ``x86-avx2``) rounds on the 7-bit grid of step ``2 t / 127``.
 """
 
 from __future__ import annotations
@@ -101,10 +104,11 @@ class AdaRoundResult:
         losses: Reconstruction loss ``||W~ x_q - W x||^2`` (summed over channels, mean over
             samples and positions) of the step's samples at every step (soft rounding: it
             starts near 0, from the unrounded weight, and rises as the rounding hardens).
-        nearest_loss: Reconstruction loss on all cached inputs with nearest rounding.
-        final_loss: The same with AdaRound's rounding.
+        nearest_loss: Reconstruction loss on all cached inputs of the weight the layer ran
+            before (nearest rounding).
+        final_loss: The same for the weight it runs with AdaRound's rounding.
         soft_fraction: Fraction of ``h(V)`` strictly between 0 and 1 at the end (0: every
-            rounding decided).
+            rounding decided), of the weights AdaRound rounds.
         changed_fraction: Fraction of weights rounded otherwise than to nearest.
     """
 
@@ -149,6 +153,56 @@ def _forward(inner: paddle.nn.Layer, x: paddle.Tensor, weight: paddle.Tensor) ->
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _RoundingGrid:
+    """The grid AdaRound rounds one layer's weight on, and how its codes are stored.
+
+    Attributes:
+        step: Per-channel step, broadcastable to the weight.
+        levels: Largest code magnitude a rounding may choose.
+        stored_per_code: Stored integer per grid code (2 on a halved conv's 7-bit grid).
+        stored_nearest: The layer's stored integers before AdaRound.
+        fixed: Weights AdaRound leaves as they are (each channel's abs-max code, which decides
+            the scale Paddle Inference derives; a halved channel without one).
+    """
+
+    step: np.ndarray
+    levels: int
+    stored_per_code: int
+    stored_nearest: np.ndarray
+    fixed: np.ndarray
+
+    def stored(self, codes: np.ndarray) -> np.ndarray:
+        """Stored integers for grid ``codes`` (the fixed weights keep theirs)."""
+        return np.where(self.fixed, self.stored_nearest, self.stored_per_code * codes).astype(np.int32)
+
+
+def _rounding_grid(layer: QuantizedLayer, fp32_weight: np.ndarray) -> _RoundingGrid:
+    """The grid of the weight that ``layer`` runs.
+
+    A conv that oneDNN's AVX2 kernels run on a signed input with halved weights
+    (``halved_weights``, 8-bit) computes with ``code / 2`` on the step ``2 t / 127``: its
+    8-bit codes are even (:func:`~imperative_ptq.quant_layers.halved_grid_integers`), so AdaRound
+    rounds on that 7-bit grid, where its choices are the ones that run (on the 8-bit grid an
+    odd code halves to either neighbour by float32 noise). Elsewhere the grid is
+    ``t / L`` with ``L`` the weight's largest code.
+    """
+    levels = symmetric_levels(layer.weight_bits)
+    thresholds = layer.grid_thresholds
+    shape = [1] * fp32_weight.ndim
+    if thresholds.size > 1:
+        shape[layer.weight_axis] = -1
+    step = (thresholds / np.float32(levels)).reshape(shape).astype(np.float32)
+    if layer.halved_weights and layer.weight_bits == 8:
+        stored = np.rint(layer.program_weight / step).astype(np.int32)
+        reduce = tuple(a for a in range(stored.ndim) if a != layer.weight_axis)
+        full = (np.abs(stored) == levels).any(axis=reduce, keepdims=True)
+        fixed = (np.abs(stored) == levels) | ~full
+        return _RoundingGrid(2 * step, levels // 2, 2, stored, fixed)
+    nearest = np.clip(np.round(fp32_weight.astype(np.float32) / step), -levels, levels)
+    return _RoundingGrid(step, levels, 1, nearest.astype(np.int32), np.abs(nearest) == levels)
+
+
 def _round_layer(
     name: str,
     layer: QuantizedLayer,
@@ -158,21 +212,19 @@ def _round_layer(
     settings: AdaRound,
     progress: bool,
 ) -> AdaRoundResult:
-    levels = symmetric_levels(layer.weight_bits)
-    thresholds = layer.grid_thresholds
-    shape = [1] * fp32_weight.ndim
-    if thresholds.size > 1:
-        shape[layer.weight_axis] = -1
-    step = (thresholds / np.float32(levels)).reshape(shape).astype(np.float32)
-    scaled = fp32_weight.astype(np.float32) / step
+    grid = _rounding_grid(layer, fp32_weight)
+    levels = grid.levels
+    scaled = fp32_weight.astype(np.float32) / grid.step
     floor = np.floor(scaled)
-    nearest = np.clip(np.round(scaled), -levels, levels)
+    # The fixed weights compute with what the layer runs for them throughout.
+    nearest_weight = layer.layer.weight.numpy()
     v = paddle.create_parameter(
         list(fp32_weight.shape), "float32",
         default_initializer=paddle.nn.initializer.Assign(_initial_v(scaled - floor)),
     )
     optimizer = paddle.optimizer.Adam(settings.learning_rate, parameters=[v])
-    floor_t, step_t = paddle.to_tensor(floor), paddle.to_tensor(step)
+    floor_t, step_t = paddle.to_tensor(floor), paddle.to_tensor(grid.step)
+    fixed_t, fixed_weight_t = paddle.to_tensor(grid.fixed), paddle.to_tensor(nearest_weight)
     axis = output_channel_axis(layer.layer, targets[0].ndim)
     rng = np.random.default_rng(settings.seed)
     warmup = int(settings.warmup * settings.iterations)
@@ -185,7 +237,7 @@ def _round_layer(
         pick = paddle.to_tensor(rng.choice(rows, min(settings.batch_size, rows), replace=False))
         x, target = paddle.gather(inputs[index], pick), paddle.gather(targets[index], pick)
         h = rectified_sigmoid(v)
-        weight = paddle.clip(floor_t + h, -levels, levels) * step_t
+        weight = paddle.where(fixed_t, fixed_weight_t, paddle.clip(floor_t + h, -levels, levels) * step_t)
         error = _forward(layer.layer, x, weight) - target
         reconstruction = (error * error).sum(axis=axis).mean()
         loss = reconstruction
@@ -201,19 +253,18 @@ def _round_layer(
     bar.close()
     with paddle.no_grad():
         h = rectified_sigmoid(v).numpy()
-    integers = np.clip(floor + (h >= 0.5), -levels, levels)
-    # Codes at the grid's edge keep nearest rounding, so each channel's largest code stays
-    # L: Paddle Inference requantizes a narrow-grid conv's weight from its largest value,
+    # Codes at the grid's edge keep nearest rounding (``fixed``), so each channel's largest
+    # code stays L: Paddle Inference requantizes a conv's weight from its largest value,
     # and L (odd) never makes a rounding tie there.
-    integers = np.where(np.abs(nearest) == levels, nearest, integers)
-    layer.set_weight_integers(integers.astype(np.int32), thresholds)
+    integers = grid.stored(np.clip(floor + (h >= 0.5), -levels, levels))
+    layer.set_weight_integers(integers, layer.grid_thresholds)
     return AdaRoundResult(
         name=name,
         losses=losses,
-        nearest_loss=_loss(layer.layer, inputs, targets, nearest * step, axis),
-        final_loss=_loss(layer.layer, inputs, targets, integers * step, axis),
-        soft_fraction=float(np.mean((h > 0) & (h < 1))),
-        changed_fraction=float(np.mean(integers != nearest)),
+        nearest_loss=_loss(layer.layer, inputs, targets, nearest_weight, axis),
+        final_loss=_loss(layer.layer, inputs, targets, layer.layer.weight.numpy(), axis),
+        soft_fraction=float(np.mean(((h > 0) & (h < 1))[~grid.fixed])),
+        changed_fraction=float(np.mean(integers != grid.stored_nearest)),
     )
 
 
