@@ -160,6 +160,17 @@ _LAYOUT_OPS = frozenset({
 })
 
 
+#: Ops that hand their input's values on (moved, selected or scaled): reading an int8 layer's
+#: input for readers on another grid, they read its float value, as in the simulation, where
+#: only that layer quantizes it (measured: a conv's ReLU output reshaped for a spatial-softmax
+#: matmul beside the int8 1x1 conv reading it, 11% of the largest output off while the reshape
+#: read the conv's clipped codes).
+_VALUE_PASSING_OPS = frozenset({
+    "flatten_contiguous_range", "reshape2", "transpose2", "squeeze2", "unsqueeze2", "split",
+    "scale", "dropout", "pixel_shuffle", "pixel_unshuffle",
+})
+
+
 def _parallel_branches(
     block: "paddle.static.Block", norm_inputs: Mapping[str, str], writers: Mapping, readers: Mapping
 ) -> set[str]:
@@ -791,7 +802,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         if name not in self.names:
             raise ValueError(f"{op.type}: input {name!r} is not produced by a converted op")
         if float_reader is None:
-            float_reader = op.type in self.float_op_types
+            float_reader = op.type in self.float_op_types or (
+                op.type in _VALUE_PASSING_OPS and self._passes_on_another_grid(op, name)
+            )
         if float_reader and name in self.layer_inputs and name not in self.coded_residuals:
             # An int8 layer's input is quantized for that layer alone: an op computing in
             # float beside it (an upsample, an activation) reads the float value, as in the
@@ -1489,6 +1502,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         return (
             self._quantized_for_another_reader(source) and source in self.unquantized
             and self.thresholds.get(out) != self.thresholds.get(source)
+        )
+
+    def _passes_on_another_grid(self, op, name: str) -> bool:
+        """Whether value-passing ``op`` hands ``name``'s values to readers that the simulation
+        does not quantize on ``name``'s grid (a float op, or an int8 layer of another
+        threshold), where ``name`` is held on codes for its int8 reader alone (not an int8
+        pool's output, which the simulation writes on codes)."""
+        return name not in self.int8_pools and name not in self.coded and any(
+            self.thresholds.get(out) != self.thresholds.get(name) for out in op.output("Out")
         )
 
     def _quantized_for_another_reader(self, name: str) -> bool:
