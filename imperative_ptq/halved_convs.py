@@ -91,8 +91,9 @@ def halved_convs(
 ) -> dict[str, HalvedConv]:
     """The hooked convs that may run on halved weights if their input is signed, by name.
 
-    A Conv2D whose output only a BatchNorm reads (and which reads only it) gets that
-    BatchNorm folded in, as Paddle Inference would fold it. Left out: a conv whose kernel does
+    A Conv2D whose output only a BatchNorm reads (and which reads only it; no residual add
+    calibration found) gets that BatchNorm folded in, as Paddle Inference would fold it. Left
+    out: a conv whose kernel does
     not halve (:func:`halves_signed_input`), a conv or its BatchNorm whose output a residual
     add reads that Paddle fuses into the conv (its sum is simulated on codes of its own, see
     :mod:`imperative_ptq.quant_residual`), and a conv whose BatchNorm has a zero or
@@ -110,7 +111,12 @@ def halved_convs(
         if not halves_signed_input(layer) or state.name in fused:
             continue
         following = readers.get(state.name, [])
-        norm = layers.get(following[0].name) if len(following) == 1 else None
+        # (A residual add reading the conv's output too, as in a pre-activation block
+        # ``h + conv(relu(bn(h)))``, is a second reader: Paddle folds nothing then.)
+        # (``residual_is_input``: the add reads this conv's input, of which it is the first reader.)
+        added = any(not add.residual_is_input for add in state.residual_adds)
+        alone = len(following) == 1 and not added
+        norm = layers.get(following[0].name) if alone else None
         if not (
             isinstance(norm, BATCH_NORM_TYPES) and following[0].input_sources == {state.name}
             and isinstance(layer, paddle.nn.Conv2D)  # a Conv1D's BatchNorm reads it squeezed

@@ -359,3 +359,33 @@ def test_qat_fine_tunes_on_the_halved_weights(tmp_path, avx2_runner) -> None:
 
     simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
     assert relative_error(ran, simulated) < 2e-6
+
+
+class _PreActivation(nn.Layer):
+    """A pre-activation block: the stem conv's output is read by the block's BatchNorm and by
+    the residual add (``h + conv(relu(bn(h)))``), so no BatchNorm folds into the stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.norm = nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8)
+        self.conv, self.head = nn.Conv2D(8, 8, 3, padding=1), nn.Conv2D(8, 2, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = self.stem(x)
+        return self.head(h + self.conv(F.relu(self.norm(h))))
+
+
+def test_a_conv_whose_output_a_residual_add_reads_too_is_not_folded(tmp_path, avx2_runner) -> None:
+    """Calibration sees the add: the stem halves without a folded BatchNorm (before, convert
+    folded it and the export refused the model: the traced program reads the conv's output
+    with the BatchNorm and the add)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq, qmodel = _converted(_PreActivation(), "x86-avx2", rng)
+    assert qmodel.stem.halved_weights and qmodel.stem.norm_factor is None
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
+    ran = _avx2_outputs(prefix, x, avx2_runner)
+    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6, candidates=16, max_flips=3)
+    assert relative_error(ran, simulated) < 2e-6
