@@ -1203,3 +1203,53 @@ def test_a_conv_adding_its_own_input_is_fused_as_simulated(shared, target, tmp_p
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=runner) <= 2e-6
     report = int8_report(str(tmp_path / "m"))
     assert report.int8["fused_conv2d"] >= 4, report
+
+
+class _InputShortcut(nn.Layer):
+    """An identity shortcut that is the network's (non-negative) input: ``relu(x + conv(x))``,
+    or a two-conv block on ``x``."""
+
+    def __init__(self, two_convs: bool) -> None:
+        super().__init__()
+        self.first = nn.Conv2D(3, 3, 3, padding=1) if two_convs else None
+        self.conv, self.head = nn.Conv2D(3, 3, 3, padding=1), nn.Conv2D(3, 2, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        branch = self.conv(F.relu(self.first(x)) if self.first is not None else x)
+        return self.head(F.relu(x + branch))
+
+
+class _FunctionalPoolShortcut(nn.Layer):
+    """An fp32 stem (padded, on a signed input), ``F.relu`` and ``F.max_pool2d``: the pool's
+    output is the identity shortcut of one conv (``p + conv(p)``) or of a two-conv block."""
+
+    def __init__(self, two_convs: bool) -> None:
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(8, 8, 3, padding=1), nn.Conv2D(8, 2, 1)
+        self.first = nn.Conv2D(8, 8, 3, padding=1) if two_convs else None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        pooled = F.max_pool2d(F.relu(self.stem(x)), 2)
+        branch = self.conv(F.relu(self.first(pooled)) if self.first is not None else pooled)
+        return self.head(F.relu(pooled + branch))
+
+
+@pytest.mark.parametrize("two_convs", [False, True])
+@pytest.mark.parametrize("model_class, signed", [(_InputShortcut, False), (_FunctionalPoolShortcut, True)])
+def test_unhooked_identity_shortcuts_run_as_simulated(model_class, signed, two_convs, tmp_path, avx2_runner) -> None:
+    """Two shortcuts the export gave no u8 scale: a network input (no op to carry one, so
+    Paddle ran the conv fp32 with the add fused: 1.7% / 0.9% of the largest output off with one
+    / two convs), and the ``F.relu`` output under a max-pool after an fp32 conv (Paddle
+    quantized it s8 from the pool's scale, so the shortcut saturated at code 127: 0.8% / 14%)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+
+    def batch(size: int) -> np.ndarray:
+        shape = (size, 3, SIZE, SIZE)
+        return (rng.standard_normal(shape) if signed else rng.random(shape)).astype(np.float32)
+
+    qmodel = converted(model_class(two_convs), [paddle.to_tensor(batch(4)) for _ in range(4)], "x86")
+    assert (qmodel.first if two_convs else qmodel.conv).residual_codes == 255  # its first reader's
+    assert largest_error_in_paddle_inference(qmodel, batch(3), tmp_path, avx2_runner=avx2_runner) <= 2e-6
+    report = int8_report(str(tmp_path / "m"))
+    assert report.int8["fused_conv2d"] == (3 if two_convs else 2), report

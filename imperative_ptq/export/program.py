@@ -583,6 +583,9 @@ def quantize_program(
             for inputs, _ in record.calls:
                 if inputs:
                     outputs[inputs[0]] = record.input_threshold
+    # A network input the simulation reads on those codes has no op to carry its scale: the
+    # adds fused into an int8 conv read a relu copy that does (:func:`_scaled_input_copies`).
+    input_copies = _scaled_input_copies(block, outputs, set(loaded.feed_names))
     writers = producers(block)
     activation_bits = model_activation_bits(records)
     returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records), float_adds=True)
@@ -618,6 +621,7 @@ def quantize_program(
         inputs[0]: CodedIdentity(record.input_threshold, record.residual_codes, record.activation_bits)
         for record in records if record.residual_codes for inputs, _ in record.calls if inputs
     }
+    identities.update({copy: identities[name] for name, copy in input_copies.items() if name in identities})
     coded_residuals = simulated_residuals | set(identities)
     isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
     _separate_self_residual_inputs(block)
@@ -1008,6 +1012,47 @@ def _isolate_unscaled_residual_adds(
     return isolated
 
 
+def _scaled_input_copies(
+    block: "paddle.static.Block", outputs: dict[str, float], feeds: set[str]
+) -> dict[str, str]:
+    """Gives each network input with a threshold in ``outputs`` that an add reads beside an
+    int8 conv's output (an identity shortcut on u8 codes, ``x + conv(x)`` on an image) a
+    ``relu`` copy for those adds, which carries the threshold: Paddle fuses such an add into
+    the conv only when the residual has a scale, and a feed variable has no op to write one
+    (measured: the conv ran fp32 with the add fused, 0.9-1.7% of the largest output off the
+    simulation), and only where the residual is an ancestor of the conv's output, so the u8
+    clips in front of int8 readers read the copy too. ``relu`` keeps the copy u8 and changes
+    no value the simulation reads there (its codes clip at 0 too). Updates ``outputs``;
+    returns input -> copy.
+    """
+    writers, reading = producers(block), readers(block)
+    copies: dict[str, str] = {}
+    for name in sorted(feeds & set(outputs)):
+        adds = [
+            op for op in reading.get(name, []) if op.type == "elementwise_add"
+            and any(
+                other != name and not is_persistable(block, other) and _int8_weight_op_output(block, other, writers)
+                for other in op.input("X") + op.input("Y")
+            )
+        ]
+        if not adds:
+            continue
+        var = block.var(name)
+        copy = block.create_var(name=f"{name}.scaled", shape=var.shape, dtype=var.dtype)
+        insert_op(
+            block, min(op_index(block, op) for op in reading[name]), type="relu",
+            inputs={"X": [name]}, outputs={"Out": [copy.name]},
+        )
+        # The u8 clips in front of int8 readers read the copy too: Paddle fuses the add only
+        # where the residual is an ancestor of the conv's output.
+        clips = [op for op in reading[name] if any(out.startswith(f"{name}.u8_") for out in op.output_arg_names)]
+        for op in adds + clips:
+            op._rename_input(name, copy.name)
+        outputs[copy.name] = outputs[name]
+        copies[name] = copy.name
+    return copies
+
+
 def _separate_self_residual_inputs(block: "paddle.static.Block") -> int:
     """Gives each int8 conv whose residual add reads the conv's own u8 input (``relu(x +
     conv(x))`` with ``x`` on codes, as a looped or single-conv residual block computes it) a
@@ -1223,7 +1268,13 @@ def _align_pooled_scales(
             walked.add(name)
             op = writers.get(name)
             if op is None or not _passes_values(op):
-                if name in outputs and len(reading.get(name, [])) == 1:
+                # (An ``F.relu`` output no calibrated layer wrote gets the threshold too, so that
+                # Paddle quantizes it u8: from the pool's scale alone it took it s8 and the pooled
+                # identity shortcut, read up to code 255, saturated at 127; measured after an fp32
+                # stem conv, 0.8-14% of the largest output off.)
+                if len(reading.get(name, [])) == 1 and (
+                    name in outputs or (op is not None and op.type == "relu")
+                ):
                     outputs[name] = threshold
                 continue
             if name in outputs:
