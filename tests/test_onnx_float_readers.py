@@ -240,3 +240,36 @@ def test_a_residual_branch_behind_an_fp32_conv_is_added_in_float(tmp_path) -> No
     ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # Measured 4.2e-7.
     assert np.abs(ran - simulated).max() / np.abs(simulated).max() <= 1e-5
+
+
+class _ReturnsConvOutput(paddle.nn.Layer):
+    """conv -> BatchNorm -> ReLU -> conv, and the first conv's output (before its BatchNorm)
+    returned too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.BatchNorm2D(8), paddle.nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor):
+        features = self.conv(x)
+        return self.head(F.relu(self.norm(features))), features
+
+
+@pytest.mark.parametrize("target", ["arm", "x86"])
+def test_a_returned_conv_output_is_not_absorbed_into_its_batch_norm(target, tmp_path) -> None:
+    """The ONNX converter folded the BatchNorm into the conv as its only reader and never
+    wrote the returned tensor: the export failed with a ``KeyError`` on it."""
+    paddle.seed(0)
+    model = _ReturnsConvOutput()
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    ptq.calibrate(qmodel, [rng.random([4, 3, 8, 8]).astype("float32") for _ in range(4)], progress=False)
+    ptq.convert(qmodel, progress=False)
+    x = rng.random([3, 3, 8, 8]).astype("float32")
+    simulated = [t.numpy() for t in qmodel(paddle.to_tensor(x))]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for got, expected in zip(ran, simulated):
+        assert float(np.abs(got - expected).max() / np.abs(expected).max()) <= 1e-5

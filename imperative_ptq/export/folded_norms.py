@@ -10,9 +10,11 @@ halved weight from, :func:`imperative_ptq.quant_layers.runtime_weight`), its bia
 ``(bias - mean) * factor + beta`` and the ``batch_norm`` op goes. The simulation still runs
 the BatchNorm after the conv, in float: the two differ by float32 rounding only.
 
-The conv's output must reach the BatchNorm alone, as ``convert`` saw it; where the traced
-program disagrees (a reader calibration could not see, or a BatchNorm it did not see), the
-export raises instead of writing a program that computes something else.
+The conv's output must reach the BatchNorm, as ``convert`` saw it; readers calibration could
+not see (the network returning the conv's output, a concat or a reduction of it) get it back
+from the folded output in float. Where the traced program disagrees otherwise (no BatchNorm,
+or a BatchNorm ``convert`` did not see), the export raises instead of writing a program that
+computes something else.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import folded_thresholds
-from .graph import get_tensor, insert_zero_bias, is_persistable, op_index, readers, remove_op, set_tensor
+from .graph import get_tensor, insert_op, insert_zero_bias, is_persistable, new_persistable, op_index, readers, remove_op, set_tensor
 from .tracing import LayerRecord
 
 __all__ = ["fold_norms_into_halved_convs"]
@@ -58,9 +60,10 @@ def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
             add = after[0]
             output = add.output("Out")[0]
             after = reading.get(output, [])
-        norm = after[0] if len(after) == 1 and after[0].type == "batch_norm" else None
+        norms = [op for op in after if op.type == "batch_norm"]
+        norm = norms[0] if len(norms) == 1 else None
         if record.norm_factor is None:
-            if norm is not None:
+            if norm is not None and len(after) == 1:
                 raise ValueError(
                     f"cannot export {record.name!r} for target 'x86-avx2': a batch_norm the "
                     f"calibration did not see (no BatchNorm layer) alone reads its output, and "
@@ -77,9 +80,9 @@ def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
                 f"{', '.join(op.type for op in after) or 'nothing'}; convert it with "
                 f"target='x86'"
             )
-        folds.append((conv, add, norm, record))
-    for conv, add, norm, record in folds:
-        _fold(loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32))
+        folds.append((conv, add, norm, record, len(after) > 1))
+    for conv, add, norm, record, read_elsewhere in folds:
+        _fold(loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32), read_elsewhere)
         record.weight_thresholds = folded_thresholds(record.weight_thresholds, record.norm_factor)
     folded = len(folds)
     if folded:
@@ -95,9 +98,15 @@ def _bias_add(block, op, output: str) -> bool:
     )
 
 
-def _fold(loaded, conv, add, norm, factor: np.ndarray) -> None:
+def _fold(loaded, conv, add, norm, factor: np.ndarray, read_elsewhere: bool = False) -> None:
     """Multiplies ``conv``'s weight by ``factor``, puts the folded bias in its bias add (one
-    inserted if it has none) and removes ``norm``, whose output the add now writes."""
+    inserted if it has none) and removes ``norm``, whose output the add now writes.
+
+    ``read_elsewhere``: ops calibration did not see read the conv's output too (the network
+    returns it, a concat or a reduction reads it); they get it back from the folded output,
+    ``(y - beta) / f + mean`` per channel, in float (the simulation's conv output up to
+    float32 rounding), where Paddle would not fold the BatchNorm and would halve the unfolded
+    weight instead."""
     block = loaded.program.global_block()
     weight = conv.input("Filter")[0]
     value = get_tensor(loaded, weight)
@@ -117,5 +126,30 @@ def _fold(loaded, conv, add, norm, factor: np.ndarray) -> None:
         float(norm.attr("epsilon")),
     )
     set_tensor(loaded, bias_name, np.asarray(bias, np.float32))
-    add._rename_output(add.output("Out")[0], norm.output("Y")[0])
+    unfolded = add.output("Out")[0]
+    add._rename_output(unfolded, norm.output("Y")[0])
     remove_op(block, op_index(block, norm))
+    if read_elsewhere:
+        _unfold_after(loaded, add, unfolded, factor, mean, beta)
+
+
+def _unfold_after(loaded, add, unfolded: str, factor: np.ndarray, mean: np.ndarray, beta: np.ndarray) -> None:
+    """Writes ``unfolded`` (the conv's output before the folded BatchNorm) back from the
+    folded output of ``add``: ``y * (1 / f) + (mean - beta / f)``, two per-channel ops."""
+    block = loaded.program.global_block()
+    folded = add.output("Out")[0]
+    var = block.var(folded)
+    scaled = block.create_var(name=f"{unfolded}.unfolding", shape=var.shape, dtype=var.dtype)
+    # [C, 1, 1]: oneDNN's elementwise kernels broadcast from the right, whatever ``axis`` says.
+    per_channel = [-1] + [1] * (len(var.shape) - 2)
+    inverse = new_persistable(
+        loaded, f"{unfolded}.inverse_factor", (1 / factor).astype(np.float32).reshape(per_channel)
+    )
+    shift = new_persistable(
+        loaded, f"{unfolded}.unfolded_shift", (mean - beta / factor).astype(np.float32).reshape(per_channel)
+    )
+    index = op_index(block, add) + 1
+    insert_op(block, index, type="elementwise_mul", inputs={"X": [folded], "Y": [inverse]},
+              outputs={"Out": [scaled.name]}, attrs={"axis": -1})
+    insert_op(block, index + 1, type="elementwise_add", inputs={"X": [scaled.name], "Y": [shift]},
+              outputs={"Out": [unfolded]}, attrs={"axis": -1})

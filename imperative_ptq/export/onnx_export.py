@@ -883,10 +883,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         weight = self._param(weight_name).astype(np.float32)
         out = self._out(op, "Output")
         bias = np.zeros([weight.shape[0]], dtype=np.float32)
-        # Absorb the bias add and a BatchNorm that reads nothing else.
+        # Absorb the bias add and a BatchNorm that reads nothing else (the network returning
+        # the conv's output reads it too: it was left unconverted, a failed export).
         readers = self.readers.get(out, [])
         absorbed = []
-        if len(readers) == 1 and readers[0].type == "elementwise_add" and self._is_param(
+        if len(readers) == 1 and out not in self.fetched and readers[0].type == "elementwise_add" and self._is_param(
             readers[0].input("Y")[0]
         ) and len(self._param(readers[0].input("Y")[0]).shape) == 1:
             add = readers[0]
@@ -895,7 +896,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             out = self._out(add)
             readers = self.readers.get(out, [])
         factor = np.ones_like(bias)
-        if len(readers) == 1 and readers[0].type == "batch_norm":
+        if len(readers) == 1 and out not in self.fetched and readers[0].type == "batch_norm":
             bn = readers[0]
             gamma, beta = self._param(bn.input("Scale")[0]), self._param(bn.input("Bias")[0])
             mean, var = self._param(bn.input("Mean")[0]), self._param(bn.input("Variance")[0])
