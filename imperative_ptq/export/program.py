@@ -532,7 +532,10 @@ def quantize_program(
         out: record.sum_codes_threshold for record in records if record.sum_codes_threshold is not None
         for _, out in record.calls if out
     }
-    _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds)
+    identity_inputs = {
+        inputs[0] for record in records if record.residual_codes for inputs, _ in record.calls if inputs
+    }
+    _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds, identity_inputs)
     _align_signed_resampled_scales(loaded, outputs)
     _keep_average_pools_fp32(block, outputs, records, coded_thresholds)
     _isolate_fp32_weight_op_outputs(loaded)
@@ -1244,7 +1247,7 @@ def _passes_values(op) -> bool:
 
 def _align_pooled_scales(
     block: "paddle.static.Block", rectified: Mapping[tuple[str, float], str], outputs: dict[str, float],
-    on_codes: set[str], coded_thresholds: Mapping[str, float],
+    on_codes: set[str], coded_thresholds: Mapping[str, float], identity_inputs: set[str] = frozenset(),
 ) -> None:
     """Gives the tensors between a max-pool's (or a nearest upsample's, or a concat's) input
     and a clipped u8 input the clip's threshold.
@@ -1258,7 +1261,12 @@ def _align_pooled_scales(
     (a YOLO-style merge), which Paddle otherwise rounded and clipped on the ReLU's own
     threshold before the concat (0.9% off on one merge, 4e-7 after). ``on_codes``: the
     tensors the simulation holds on codes (a ReLU an int8 conv writes for a max-pool);
-    ``coded_thresholds``: the thresholds of those ReLUs' codes.
+    ``coded_thresholds``: the thresholds of those ReLUs' codes; ``identity_inputs``: the
+    identity shortcuts it holds on codes. A pool on the way whose output float ops read too,
+    where the simulation does not hold it on codes, gives them an fp32 pool of its own
+    (:func:`_pool_in_float_for_float_readers`; measured: an ``nn.MaxPool2D`` of an ``F.relu``
+    after an fp32 conv, its output added in float beside the int8 conv reading it, 1.3% of the
+    largest output off while the add read the int8 pool's codes).
     """
     writers, reading = producers(block), readers(block)
     for (start, threshold) in rectified:
@@ -1268,12 +1276,13 @@ def _align_pooled_scales(
             walked.add(name)
             op = writers.get(name)
             if op is None or not _passes_values(op):
-                # (An ``F.relu`` output no calibrated layer wrote gets the threshold too, so that
-                # Paddle quantizes it u8: from the pool's scale alone it took it s8 and the pooled
-                # identity shortcut, read up to code 255, saturated at 127; measured after an fp32
-                # stem conv, 0.8-14% of the largest output off.)
+                # (Under an identity shortcut the simulation holds on codes, an ``F.relu`` output
+                # no calibrated layer wrote gets the threshold too, so that Paddle quantizes it
+                # u8: from the pool's scale alone it took it s8 and the shortcut, read up to code
+                # 255, saturated at 127; measured after an fp32 stem conv, 0.8-14% of the largest
+                # output off. Elsewhere s8 is right: its reader clips at the threshold.)
                 if len(reading.get(name, [])) == 1 and (
-                    name in outputs or (op is not None and op.type == "relu")
+                    name in outputs or (start in identity_inputs and op is not None and op.type == "relu")
                 ):
                     outputs[name] = threshold
                 continue
@@ -1301,6 +1310,19 @@ def _align_pooled_scales(
                     # A source on codes is pooled on them wherever it is read (the simulation's
                     # codes); a float one is pooled in float only where read in float.
                     _pool_in_float_for_float_readers(block, op, source, set() if source in on_codes else walked)
+                    continue
+                if (
+                    op.type == "pool2d" and name not in identity_inputs and source not in on_codes
+                    and source in writers and _float_pool_readers(op, reading, walked)
+                ):
+                    # Float ops read the pool's output too, where the simulation pools in float:
+                    # the int8 pool reads a copy with the scale (a scale on the source itself
+                    # would make their fp32 pool int8 too).
+                    copy = insert_reader_op(block, writers[source], source, [op], "assign", f"pooled_{len(block.ops)}")
+                    outputs[copy] = threshold
+                    outputs.pop(source, None)
+                    pending = [n for n in pending if n != source]
+                    _pool_in_float_for_float_readers(block, op, source, walked)
 
 
 def _align_signed_resampled_scales(loaded: LegacyProgram, outputs: dict[str, float]) -> int:
@@ -1352,12 +1374,9 @@ def _pool_in_float_for_float_readers(
     simulation's there; treated as a float reader, its fp32 pool of a ReLU with a threshold
     of its own ran int8 on that threshold (measured on BiSeNetV2's stem: 0.7% of the largest
     output off on 60% of the outputs; 3e-7 after)."""
-    out = pool.output("Out")[0]
     reading = readers(block)
-    floats = [
-        op for op in reading.get(out, [])
-        if not feeds_quantize(op, reading) and not walked.intersection(op.output_arg_names)
-    ]
+    out = pool.output("Out")[0]
+    floats = _float_pool_readers(pool, reading, walked)
     if not floats:
         return
     attrs = {name: pool.attr(name) for name in pool.attr_names if name != "out_threshold"}
@@ -1367,6 +1386,15 @@ def _pool_in_float_for_float_readers(
               outputs={"Out": [twin]}, attrs=attrs)
     for reader in floats:
         reader._rename_input(out, twin)
+
+
+def _float_pool_readers(pool, reading: Mapping, walked: set[str]) -> list:
+    """The readers of ``pool``'s output that read it in float: not through an int8 reader's
+    quantize op, and not on the way to it (``walked``, see :func:`_pool_in_float_for_float_readers`)."""
+    return [
+        op for op in reading.get(pool.output("Out")[0], [])
+        if not feeds_quantize(op, reading) and not walked.intersection(op.output_arg_names)
+    ]
 
 
 #: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
