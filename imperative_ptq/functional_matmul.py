@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import re
 import sys
 import weakref
 from typing import Any, Callable
@@ -389,6 +390,12 @@ def _is_float32(value: Any) -> bool:
 def missing_site_hint(layer_name: str) -> str:
     """What to do when a file names ``layer_name`` and the model lacks it: ``""`` unless it
     looks like a site (found only at the first calibration forward)."""
+    if re.search(r"(^|\.)activation_matmul_\d+$", layer_name):
+        return (
+            " (a functional paddle.matmul of two activations becomes a layer named "
+            "'activation_matmul_<k>' at the first calibration forward: run one batch through "
+            "the model, e.g. ptq.calibrate(model, data, max_batches=1), then load)"
+        )
     if not layer_name.endswith(_SITE_SUFFIX):
         return ""
     return (

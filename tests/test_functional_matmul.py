@@ -1076,3 +1076,23 @@ def test_cells_run_by_rnn_wrappers_keep_their_matmuls_fp32(tmp_path, caplog) -> 
     ran = predict(create_predictor(tmp_path / "m"), x)[0]
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+def test_a_table_with_activation_matmuls_loads_after_the_first_batch_and_explains_before(tmp_path) -> None:
+    """Matmuls of two activations become layers at the first calibration forward too: loading
+    a table into a model that has not run says so (it named the layer only), and loads after
+    one batch, thresholds and all."""
+    ptq, model, _, table = _attention("x86-vnni")
+    path = tmp_path / "table.json"
+    source = _ptq("x86-vnni")
+    calibrated = source.quantize(model)
+    source.calibrate(calibrated, _attention_batches(4, seed=0), progress=False)
+    source.save_calibration_table(calibrated, path)
+
+    fresh = _ptq("x86-vnni")
+    quantized = fresh.quantize(model)
+    with pytest.raises(ValueError, match="'activation_matmul_0'.*run one batch"):
+        fresh.load_calibration_table(quantized, path)
+    fresh.calibrate(quantized, _attention_batches(1, seed=5), max_batches=1, progress=False)
+    fresh.load_calibration_table(quantized, path)
+    assert fresh.calibration_table(quantized) == table
