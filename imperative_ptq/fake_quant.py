@@ -31,6 +31,7 @@ from .quant_layers import (
     onednn_requantizes_conv,
     quantize_weight,
     runtime_weight,
+    untied_fc_integers,
 )
 from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import symmetric_levels
@@ -97,14 +98,17 @@ def _linear(layer: paddle.nn.Linear, x: paddle.Tensor, weight: paddle.Tensor) ->
 
 
 def _conv(layer: paddle.nn.Conv1D | paddle.nn.Conv2D, x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
+    padding = layer._padding
     if layer._padding_mode != "zeros":
-        raise ValueError(
-            f"QAT supports {type(layer).__name__} with padding_mode='zeros' only, got "
-            f"{layer._padding_mode!r}"
+        # Reflect / replicate / circular: padded first, as the layer's own forward does.
+        x = paddle.nn.functional.pad(
+            x, layer._reversed_padding_repeated_twice, mode=layer._padding_mode,
+            data_format=layer._data_format,
         )
+        padding = 0
     conv = paddle.nn.functional.conv1d if isinstance(layer, paddle.nn.Conv1D) else paddle.nn.functional.conv2d
     return conv(
-        x, weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups,
+        x, weight, layer.bias, layer._stride, padding, layer._dilation, layer._groups,
         layer._data_format,
     )
 
@@ -267,9 +271,10 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             )
         code_range = grid = None
         if self.input_shifted:
-            grid = shifted_grid(
-                float(input_threshold.numpy()[0]), self.input_minimum, self.activation_bits
-            )
+            # (PTQ's own threshold where it is not learned: its float32 copy moved the grid's
+            # scale by an ulp, and every input value by one, off the converted layer's.)
+            threshold = float(input_threshold.numpy()[0]) if self.learnable else self._initial_input_threshold
+            grid = shifted_grid(threshold, self.input_minimum, self.activation_bits)
             if grid is not None:
                 code_range = (-grid[1], shifted_levels(self.activation_bits) - grid[1])
         quantized = fake_quantize_ste(
@@ -316,6 +321,9 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         ):
             return quantized
         integers = quantize_weight(original, thresholds, bits, axis)
+        if self.paddle_fc_scales:
+            # The codes convert stores (a square weight's ties moved: quant_layers.untied_fc_integers).
+            integers = untied_fc_integers(integers, original, thresholds, bits, axis)
         runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
         return straight_through(quantized, paddle.to_tensor(runs))
 
