@@ -66,6 +66,12 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     # Its legacy-IR branch fails in Paddle itself (UnboundLocalError): traced as its dygraph one.
     "solve": lambda x: paddle.linalg.solve(x[:, :, :4] + paddle.eye(4) * 8, x[:, :, 4:]),
     "solve_right": lambda x: paddle.linalg.solve(x[:, :, :4] + paddle.eye(4) * 8, x[:, :, 4:].transpose([0, 2, 1]), left=False),
+    # The transforms behind paddle.fft return a name their legacy branch never set
+    # (UnboundLocalError), and a legacy cast refuses complex types: traced as the dygraph ones
+    # (FNet's token mixing, a spectral filter, an explicit cast to complex).
+    "fft2_real": lambda x: paddle.real(paddle.fft.fft2(x)),
+    "fft_cast_complex": lambda x: paddle.imag(paddle.fft.fft(paddle.cast(x, "complex64"), axis=1)),
+    "rfft_irfft": lambda x: paddle.fft.irfft(paddle.fft.rfft(x, axis=-1) * 0.5, n=8, axis=-1),
     # PIR's out is legacy grid_sampler's Output (two channels of the features as the flow).
     "grid_sample": lambda x: F.grid_sample(
         x.reshape([0, 8, 2, 2]), paddle.tanh(x.reshape([0, 8, 2, 2])[:, :2].transpose([0, 2, 3, 1]))).reshape([0, 4, 8]),

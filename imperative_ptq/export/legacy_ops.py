@@ -426,6 +426,53 @@ def _solve(original: Callable) -> Callable:
     return call
 
 
+def _fft_transform(original: Callable) -> Callable:
+    """The transforms behind ``paddle.fft`` (``fftn_c2c``, ``fft_r2c``, ...) for a legacy
+    trace: Paddle 3.3.1's legacy-IR branch of each returns a name it never assigned
+    (``UnboundLocalError: ... 'ret'``), and casting a real input to complex fails its dtype
+    check there, so a traced call runs the dygraph branch, whose ``_C_ops`` calls (the cast,
+    ``fft_c2c`` / ``fft_r2c`` / ``fft_c2r``) :func:`legacy_ir_fallback` records as legacy ops."""
+    fft_module = sys.modules[original.__module__]
+
+    @functools.wraps(original)
+    def call(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x):
+            return original(x, *args, **kwargs)
+        branch = fft_module.in_dynamic_or_pir_mode
+        fft_module.in_dynamic_or_pir_mode = lambda: True
+        try:
+            return original(x, *args, **kwargs)
+        finally:
+            fft_module.in_dynamic_or_pir_mode = branch
+
+    return call
+
+
+def _cast(original: Callable) -> Callable:
+    """``paddle.cast`` for a legacy trace: Paddle 3.3.1's legacy-IR branch refuses complex
+    target types (its dtype check lists real ones only, though the ``cast`` kernel converts
+    to complex), so a traced cast to complex appends the legacy ``cast`` op itself."""
+
+    @functools.wraps(original)
+    def call(x: Any, dtype: Any) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x):
+            return original(x, dtype)
+        converted = paddle.base.framework.convert_np_dtype_to_dtype_(dtype) if not isinstance(
+            dtype, (paddle.base.core.VarDesc.VarType, paddle.base.core.DataType)
+        ) else dtype
+        if "complex" not in str(converted).lower():
+            return original(x, dtype)
+        helper = paddle.base.layer_helper.LayerHelper("cast")
+        out = helper.create_variable_for_type_inference(dtype=converted, stop_gradient=x.stop_gradient)
+        helper.append_op(
+            type="cast", inputs={"X": [x]}, outputs={"Out": [out]},
+            attrs={"in_dtype": x.dtype, "out_dtype": converted},
+        )
+        return out
+
+    return call
+
+
 #: Paddle APIs whose own legacy-IR branch fails or computes something else in Paddle 3.3.1:
 #: ``(module, name) -> shim``. Every module binding the same function (``from
 #: paddle.incubate.nn.functional import swiglu`` in a model's code) gets the shim too.
@@ -439,6 +486,12 @@ _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] =
     ("paddle.incubate.nn.functional", "swiglu"): _swiglu,
     ("paddle.linalg", "solve"): _solve,
     ("paddle.tensor.linalg", "solve"): _solve,
+    ("paddle", "cast"): _cast,
+    ("paddle.tensor", "cast"): _cast,
+    ("paddle.tensor.manipulation", "cast"): _cast,
+    **{("paddle.fft", name): _fft_transform for name in (
+        "fft_c2c", "fft_r2c", "fft_c2r", "fftn_c2c", "fftn_r2c", "fftn_c2r",
+    )},
 }
 
 
