@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -972,12 +972,7 @@ def _isolate_unscaled_residual_adds(
     # _isolate_quantized_shared_outputs, has no scale itself) and the outputs given one.
     scaled = {op.input("X")[0] for op in block.ops if op.type == "quantize_linear"} | set(written.outputs)
     isolated = 0
-    for add in list(block.ops):
-        if add.type != "elementwise_add":
-            continue
-        operands = add.input("X") + add.input("Y")
-        if len(operands) != 2 or any(is_persistable(block, name) for name in operands):
-            continue
+    for add, operands in _activation_adds(block):
         total = add.output("Out")[0]
         after = reading.get(total, [])
         # The sum read as s8 by an int8 op (its quantize op reading it directly, no ReLU or
@@ -1056,6 +1051,17 @@ def _scaled_input_copies(
     return copies
 
 
+def _activation_adds(block: "paddle.static.Block") -> Iterator[tuple[Any, list[str]]]:
+    """Each ``elementwise_add`` of two activations (no parameter operand) in ``block``, with
+    its two operands (a snapshot of the ops: callers insert ops as they go)."""
+    for add in list(block.ops):
+        if add.type != "elementwise_add":
+            continue
+        operands = add.input("X") + add.input("Y")
+        if len(operands) == 2 and not any(is_persistable(block, name) for name in operands):
+            yield add, operands
+
+
 def _separate_self_residual_inputs(block: "paddle.static.Block") -> int:
     """Gives each int8 conv whose residual add reads the conv's own u8 input (``relu(x +
     conv(x))`` with ``x`` on codes, as a looped or single-conv residual block computes it) a
@@ -1074,12 +1080,7 @@ def _separate_self_residual_inputs(block: "paddle.static.Block") -> int:
     """
     writers = producers(block)
     separated = 0
-    for add in list(block.ops):
-        if add.type != "elementwise_add":
-            continue
-        operands = add.input("X") + add.input("Y")
-        if len(operands) != 2 or any(is_persistable(block, name) for name in operands):
-            continue
+    for add, operands in _activation_adds(block):
         for position, name in enumerate(operands):
             residual = operands[1 - position]
             if not _int8_weight_op_output(block, name, writers):
