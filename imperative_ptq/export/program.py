@@ -1072,8 +1072,8 @@ def _separate_self_residual_inputs(block: "paddle.static.Block") -> int:
     nodes, so it skips an add whose residual is the conv's input itself and adds in float;
     where the export clips the input (a copy), it fuses. Measured on ``h = relu(h + conv(h))``
     three times: the second and third adds ran in float, 0.75-1.4% of the largest output off
-    the simulation, which fuses them. A
-    ``relu`` of a non-negative tensor changes no value and keeps the copy u8.
+    the simulation, which fuses them. A ``relu`` of a non-negative tensor changes no value and
+    keeps the copy u8.
 
     Returns:
         How many conv inputs were separated.
