@@ -532,10 +532,12 @@ def quantize_program(
         out: record.sum_codes_threshold for record in records if record.sum_codes_threshold is not None
         for _, out in record.calls if out
     }
-    identity_inputs = {
-        inputs[0] for record in records if record.residual_codes for inputs, _ in record.calls if inputs
+    # The identity shortcuts the simulation reads on codes (its int8 readers put them there).
+    identities = {
+        inputs[0]: CodedIdentity(record.input_threshold, record.residual_codes, record.activation_bits)
+        for record in records if record.residual_codes for inputs, _ in record.calls if inputs
     }
-    _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds, identity_inputs)
+    _align_pooled_scales(block, rectified, outputs, on_codes, coded_thresholds, set(identities))
     _align_signed_resampled_scales(loaded, outputs)
     _keep_average_pools_fp32(block, outputs, records, coded_thresholds)
     _isolate_fp32_weight_op_outputs(loaded)
@@ -619,11 +621,7 @@ def quantize_program(
         written.outputs[name] = float(threshold)
     simulated_residuals = {out for record in records if record.residual_output for _, out in record.calls if out}
     # Tensors the simulation reads as a fused conv's residual codes: those outputs, and the
-    # identity shortcuts its int8 readers put on codes.
-    identities = {
-        inputs[0]: CodedIdentity(record.input_threshold, record.residual_codes, record.activation_bits)
-        for record in records if record.residual_codes for inputs, _ in record.calls if inputs
-    }
+    # identity shortcuts (network inputs through the copies the adds read).
     identities.update({copy: identities[name] for name, copy in input_copies.items() if name in identities})
     coded_residuals = simulated_residuals | set(identities)
     isolated = _isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
@@ -1083,13 +1081,9 @@ def _separate_self_residual_inputs(block: "paddle.static.Block") -> int:
     for add, operands in _activation_adds(block):
         for position, name in enumerate(operands):
             residual = operands[1 - position]
-            if not _int8_weight_op_output(block, name, writers):
-                continue
-            op = writers[name]
-            while op.type not in INT8_WEIGHT_OPS:
-                op = writers[op.input("X")[0]]
-            if op.type not in ("conv2d", "depthwise_conv2d"):
-                continue  # Paddle fuses residual adds into convs only
+            op = _int8_weight_op_writing(block, name, writers)
+            if op is None or op.type not in ("conv2d", "depthwise_conv2d"):
+                continue  # Paddle fuses residual adds into int8 convs only
             dequantize = writers.get(op.input(INT8_WEIGHT_OPS[op.type][1])[0])
             quantize = None if dequantize is None else writers.get(dequantize.input("X")[0])
             if (
@@ -1200,6 +1194,11 @@ def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapp
 
 def _int8_weight_op_output(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
     """Whether ``name`` is the output of an int8 conv/fc, after its bias add or BatchNorm."""
+    return _int8_weight_op_writing(block, name, writers) is not None
+
+
+def _int8_weight_op_writing(block: "paddle.static.Block", name: str, writers: Mapping) -> Any | None:
+    """The int8 conv/fc whose output ``name`` is, after its bias add or BatchNorm; else ``None``."""
     op = writers.get(name)
     while op is not None and (
         op.type == "batch_norm"
@@ -1207,10 +1206,9 @@ def _int8_weight_op_output(block: "paddle.static.Block", name: str, writers: Map
     ):
         op = writers.get(op.input("X")[0])
     if op is None or op.type not in INT8_WEIGHT_OPS or transposed_matmul(op):
-        return False
-    weight = op.input(INT8_WEIGHT_OPS[op.type][0])[0]
-    writer = writers.get(weight)
-    return writer is not None and writer.type == "dequantize_linear"
+        return None
+    writer = writers.get(op.input(INT8_WEIGHT_OPS[op.type][0])[0])
+    return op if writer is not None and writer.type == "dequantize_linear" else None
 
 
 def _chain_to_producer(name: str, block, writers: Mapping) -> tuple[object | None, list[str]]:
@@ -1290,9 +1288,19 @@ def _align_pooled_scales(
             if name in outputs:
                 outputs[name] = threshold
             for source in op.input("X"):
+                pooled = op.type == "pool2d" and source in writers
                 if len(reading.get(source, [])) == 1:
-                    pending.append(source)
-                elif op.type == "pool2d" and source in writers:
+                    if not (
+                        pooled and name not in identity_inputs and source not in on_codes
+                        and _float_pool_readers(op, reading, walked)
+                    ):
+                        pending.append(source)
+                        continue
+                    # Float ops read the pool's output too, where the simulation pools in
+                    # float: the int8 pool reads a copy with the scale, as below (a scale on
+                    # the source itself would make their fp32 pool int8 too).
+                    outputs.pop(source, None)
+                elif pooled:
                     if source in coded_thresholds:
                         # The simulation holds the source on those codes for every reader,
                         # the caller too where the network returns it: its conv writes them
@@ -1302,28 +1310,17 @@ def _align_pooled_scales(
                         outputs[source] = coded_thresholds[source]
                         if np.float32(coded_thresholds[source]) == np.float32(threshold):
                             continue
-                    # Other ops read the pool's input too (a U-Net's skip connection): the pool
-                    # gets a copy of its own, on the reader's grid. Paddle quantized the shared
-                    # input with its own scale, pooled the codes and quantized them again
-                    # (measured: 1.9% of the largest output off, 99% of the outputs; 3e-7 after).
-                    copy = insert_reader_op(block, writers[source], source, [op], "assign", f"pooled_{len(block.ops)}")
-                    outputs[copy] = threshold
-                    # A source on codes is pooled on them wherever it is read (the simulation's
-                    # codes); a float one is pooled in float only where read in float.
-                    _pool_in_float_for_float_readers(block, op, source, set() if source in on_codes else walked)
+                else:
                     continue
-                if (
-                    op.type == "pool2d" and name not in identity_inputs and source not in on_codes
-                    and source in writers and _float_pool_readers(op, reading, walked)
-                ):
-                    # Float ops read the pool's output too, where the simulation pools in float:
-                    # the int8 pool reads a copy with the scale (a scale on the source itself
-                    # would make their fp32 pool int8 too).
-                    copy = insert_reader_op(block, writers[source], source, [op], "assign", f"pooled_{len(block.ops)}")
-                    outputs[copy] = threshold
-                    outputs.pop(source, None)
-                    pending = [n for n in pending if n != source]
-                    _pool_in_float_for_float_readers(block, op, source, walked)
+                # Other ops read the pool's input too (a U-Net's skip connection): the pool
+                # gets a copy of its own, on the reader's grid. Paddle quantized the shared
+                # input with its own scale, pooled the codes and quantized them again
+                # (measured: 1.9% of the largest output off, 99% of the outputs; 3e-7 after).
+                copy = insert_reader_op(block, writers[source], source, [op], "assign", f"pooled_{len(block.ops)}")
+                outputs[copy] = threshold
+                # A source on codes is pooled on them wherever it is read (the simulation's
+                # codes); a float one is pooled in float only where read in float.
+                _pool_in_float_for_float_readers(block, op, source, set() if source in on_codes else walked)
 
 
 def _align_signed_resampled_scales(loaded: LegacyProgram, outputs: dict[str, float]) -> int:
