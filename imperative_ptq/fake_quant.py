@@ -29,9 +29,8 @@ from .quant_layers import (
     halved_integers,
     keeps_forward,
     onednn_requantizes_conv,
-    quantize_weight,
     runtime_weight,
-    untied_fc_integers,
+    stored_weight_integers,
 )
 from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import symmetric_levels
@@ -320,10 +319,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             original, thresholds, bits, axis, linear_as_conv=self.runs_as_conv
         ):
             return quantized
-        integers = quantize_weight(original, thresholds, bits, axis)
-        if self.paddle_fc_scales:
-            # The codes convert stores (a square weight's ties moved: quant_layers.untied_fc_integers).
-            integers = untied_fc_integers(integers, original, thresholds, bits, axis)
+        integers = stored_weight_integers(original, thresholds, bits, axis, self.paddle_fc_scales)
         runs, _ = runtime_weight(integers, thresholds, bits, axis, fc=self.paddle_fc_scales)
         return straight_through(quantized, paddle.to_tensor(runs))
 

@@ -30,6 +30,7 @@ __all__ = [
     "first_input",
     "signed_input_floor",
     "quantize_weight",
+    "stored_weight_integers",
     "replace_sublayer",
     "onednn_requantizes_conv",
     "linear_runs_as_conv",
@@ -214,6 +215,16 @@ def halved_grid_integers(
     reduce = tuple(a for a in range(integers.ndim) if a != axis)
     full = (np.abs(integers) == levels).any(axis=reduce, keepdims=True)
     return np.where(full, even, integers).astype(integers.dtype)
+
+
+def stored_weight_integers(
+    weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int, fc: bool
+) -> np.ndarray:
+    """The symmetric weight codes ``convert`` stores (and QAT's training forward derives):
+    nearest rounding, and for a Paddle fc (``fc``) the tied codes moved
+    (:func:`untied_fc_integers`). A halved conv's are :func:`halved_integers`."""
+    integers = quantize_weight(weight, thresholds, bits, axis)
+    return untied_fc_integers(integers, weight, thresholds, bits, axis) if fc else integers
 
 
 def halved_integers(
@@ -738,11 +749,9 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
                 )
                 self.set_weight_integers(integers, weight_thresholds)
             elif self.weight_scales is None:
-                integers = quantize_weight(original, weight_thresholds, weight_bits, weight_axis)
-                if paddle_fc_scales:
-                    integers = untied_fc_integers(
-                        integers, original, weight_thresholds, weight_bits, weight_axis
-                    )
+                integers = stored_weight_integers(
+                    original, weight_thresholds, weight_bits, weight_axis, paddle_fc_scales
+                )
                 self.set_weight_integers(integers, weight_thresholds)
             else:
                 # Affine weights (symmetric=False weight calibration).
