@@ -78,21 +78,23 @@ class Target:
     halved_signed_convs: bool = False
 
 
+_X86 = Target(
+    "x86",
+    "any x86-64 CPU with AVX2 (Paddle Inference / oneDNN, ONNX Runtime): u8 inputs "
+    "within 0..127 (signed inputs of fc and unpadded convs shifted into them); other "
+    "layers with a signed input kept fp32",
+    unsigned_inputs=True,
+    signed_inputs_int8=False,
+    shifted_signed_inputs=True,
+    requires_vnni=False,
+    onednn=True,
+    paddle_fc_weights=True,
+)
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
-        Target(
-            "x86",
-            "any x86-64 CPU with AVX2 (Paddle Inference / oneDNN, ONNX Runtime): u8 inputs "
-            "within 0..127 (signed inputs of fc and unpadded convs shifted into them); other "
-            "layers with a signed input kept fp32",
-            unsigned_inputs=True,
-            signed_inputs_int8=False,
-            shifted_signed_inputs=True,
-            requires_vnni=False,
-            onednn=True,
-            paddle_fc_weights=True,
-        ),
+        _X86,
         Target(
             "x86-vnni",
             "x86-64 CPUs with AVX-512 VNNI, AVX-VNNI or AMX only: every conv/fc int8, "
@@ -104,17 +106,12 @@ TARGETS: dict[str, Target] = {
             onednn=True,
             paddle_fc_weights=True,
         ),
-        Target(
-            "x86-avx2",
-            "x86-64 CPUs whose int8 kernels are AVX2 (no VNNI, no AVX-512) only: as 'x86', "
-            "and every conv reading a signed input int8 on s8, on the 7-bit weights those "
+        dataclasses.replace(
+            _X86,
+            name="x86-avx2",
+            description="x86-64 CPUs whose int8 kernels are AVX2 (no VNNI, no AVX-512) only: as "
+            "'x86', and every conv reading a signed input int8 on s8, on the 7-bit weights those "
             "kernels compute with",
-            unsigned_inputs=True,
-            signed_inputs_int8=False,
-            shifted_signed_inputs=True,
-            requires_vnni=False,
-            onednn=True,
-            paddle_fc_weights=True,
             halved_signed_convs=True,
         ),
         Target(
