@@ -10,6 +10,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import export_onnx
+from models import converted
 
 onnxruntime = pytest.importorskip("onnxruntime")
 F = paddle.nn.functional
@@ -95,13 +96,8 @@ _READERS = {
 def test_float_op_reads_the_float_value_of_an_int8_layer_input(reader, target, tmp_path) -> None:
     paddle.seed(0)
     model = _READERS[reader]()
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        qmodel(paddle.to_tensor(rng.standard_normal([4, 3, 8, 8]).astype("float32")))
-    ptq.convert(qmodel)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal([4, 3, 8, 8]).astype("float32")) for _ in range(4)], target)
     x = rng.standard_normal([3, 3, 8, 8]).astype("float32")
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
@@ -140,14 +136,8 @@ def test_max_pool_beside_an_int8_conv_reads_the_float_value(target, tmp_path) ->
     from ties import relative_error, simulation_up_to_ties
 
     paddle.seed(0)
-    model = _PooledProjection()
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        qmodel(paddle.to_tensor(rng.random([4, 3, 16, 16], np.float32)))
-    ptq.convert(qmodel)
+    qmodel = converted(_PooledProjection(), [paddle.to_tensor(rng.random([4, 3, 16, 16], np.float32)) for _ in range(4)], target)
     strided, project = qmodel.strided.input_thresholds[0], qmodel.project.input_thresholds[0]
     assert project > 1.1 * strided  # the pool's maxima reach past the strided conv's clip
     x = rng.random([4, 3, 16, 16], np.float32)
@@ -260,13 +250,8 @@ def test_a_returned_conv_output_is_not_absorbed_into_its_batch_norm(target, tmp_
     """The ONNX converter folded the BatchNorm into the conv as its only reader and never
     wrote the returned tensor: the export failed with a ``KeyError`` on it."""
     paddle.seed(0)
-    model = _ReturnsConvOutput()
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
     rng = np.random.default_rng(0)
-    ptq.calibrate(qmodel, [rng.random([4, 3, 8, 8]).astype("float32") for _ in range(4)], progress=False)
-    ptq.convert(qmodel, progress=False)
+    qmodel = converted(_ReturnsConvOutput(), [paddle.to_tensor(rng.random([4, 3, 8, 8]).astype("float32")) for _ in range(4)], target)
     x = rng.random([3, 3, 8, 8]).astype("float32")
     simulated = [t.numpy() for t in qmodel(paddle.to_tensor(x))]
     path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
