@@ -421,3 +421,52 @@ def test_a_folded_conv_output_read_elsewhere_is_unfolded_for_those_readers(reade
 
             simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
             assert relative_error(ran, simulated) < 2e-6, (runtime, index, relative_error(ran, simulated))
+
+
+class _FunctionalNorm(nn.Layer):
+    """A conv whose BatchNorm is functional (``F.batch_norm`` on buffers): no layer for
+    calibration to see, a ``batch_norm`` op in the traced program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(8, 2, 1)
+        for name, value in (("mean", 0.1), ("variance", 2.0), ("gamma", 1.5), ("beta", 0.2)):
+            self.register_buffer(name, paddle.full([8], value))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = F.batch_norm(self.conv(x), self.mean, self.variance, self.gamma, self.beta, training=False)
+        return self.head(F.silu(y))
+
+
+class _NotANorm(nn.BatchNorm2D):
+    """A BatchNorm2D subclass whose forward computes something else (no ``batch_norm`` op)."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return x * 2.0
+
+
+class _FoldedIntoNothing(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2D(3, 8, 3, padding=1), _NotANorm(8), nn.Conv2D(8, 2, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(F.silu(self.norm(self.conv(x))))
+
+
+@pytest.mark.parametrize(
+    "model_class, message",
+    [
+        (_FunctionalNorm, "a batch_norm the calibration did not see"),
+        (_FoldedIntoNothing, "reads that output with scale;"),
+    ],
+)
+def test_export_refuses_a_fold_the_program_contradicts(model_class, message, tmp_path) -> None:
+    """Where the traced program has no BatchNorm after a conv convert folded one into, or has
+    one convert did not see, the export raises, naming the conv, and writes no file."""
+    paddle.seed(0)
+    ptq, qmodel = _converted(model_class(), "x86-avx2", np.random.default_rng(0))
+    assert qmodel.conv.halved_weights
+    with pytest.raises(ValueError, match=f"cannot export 'conv' for target 'x86-avx2': .*{message}"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "int8"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    assert not list(tmp_path.iterdir())
