@@ -373,6 +373,11 @@ def test_predict_keeps_int64_ids_and_refuses_float_data(exports) -> None:
     (lambda images: "images.npy", "must be a numpy array, got str"),
     (lambda images: np.array(["a", "b"]), "holds <U1 data, not numbers"),
     (lambda images: [[1.0, 2.0], [3.0]], "cannot make an array of the list"),
+    # The inputs as one list (numpy stacked it into a 5-d batch the conv refused).
+    (lambda images: [images], r"one array per program input as separate arguments: "
+                              r"predict\(predictor, \*arrays\), not a list of 1 arrays "
+                              r"\(the program takes 1: \['x'\]\)"),
+    (lambda images: (paddle.to_tensor(images),), "not a tuple of 1 arrays"),
 ])
 def test_predict_refuses_non_arrays(exports, value, message) -> None:
     from imperative_ptq.export import create_predictor, predict

@@ -298,6 +298,14 @@ def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
     return dtypes
 
 
+def _holds_arrays(value: Any) -> bool:
+    """Whether ``value`` is a list or tuple of arrays or tensors (inputs, not numbers)."""
+    return (
+        isinstance(value, (list, tuple)) and len(value) > 0
+        and all(isinstance(item, np.ndarray) or hasattr(item, "numpy") for item in value)
+    )
+
+
 def _input_array(position: int, name: str, value: Any, expected: np.dtype | None) -> np.ndarray:
     """``value`` as a contiguous array of the dtype the program's input takes.
 
@@ -354,11 +362,20 @@ def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np
 
     Raises:
         ValueError: The number of inputs is not the program's, or an input has no elements.
-        TypeError: An input is no numpy array (a ``paddle.Tensor``: pass ``.numpy()``), or
+        TypeError: The inputs come as one list of arrays (pass them as separate
+            arguments), an input is no numpy array (a ``paddle.Tensor``: pass ``.numpy()``), or
             its data cannot be converted without loss (float data for an int64 input); the
             message names the input's position, its dtype and the program's.
     """
     names: Sequence[str] = predictor.get_input_names()
+    if len(inputs) == 1 and _holds_arrays(inputs[0]):
+        # predict(predictor, [x]) as for Paddle's own run(inputs): numpy would stack the list
+        # into one array of another rank, which the program then refuses in its own words.
+        raise TypeError(
+            f"predict takes one array per program input as separate arguments: "
+            f"predict(predictor, *arrays), not a {type(inputs[0]).__name__} of "
+            f"{len(inputs[0])} arrays (the program takes {len(names)}: {names})"
+        )
     if len(inputs) != len(names):
         raise ValueError(f"the program takes {len(names)} inputs ({names}), got {len(inputs)}")
     try:
