@@ -167,6 +167,10 @@ class SensitivityReport:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
+    def __str__(self) -> str:
+        """The Markdown table (:meth:`to_markdown`), so ``print(report)`` reads as one."""
+        return self.to_markdown()
+
     def save(
         self,
         directory: str | os.PathLike,

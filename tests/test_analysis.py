@@ -152,6 +152,7 @@ def test_analyze_with_metric_and_helpers(models) -> None:
     assert report.row("fc1").name == "fc1"
     markdown = report.to_markdown()
     assert markdown.count("\n| ") == 1 + len(NAMES) and "drop" in markdown
+    assert str(report) == markdown  # print(report) shows the table, not the dataclass fields
 
 
 def test_analyze_restores_fp32_model_on_error(models) -> None:
