@@ -57,7 +57,7 @@ def _modules_using_graph_edits() -> list:
 
 
 def _program_ops(prefix: str) -> list[str]:
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     with legacy_static_mode():
         loaded = load_legacy_program(prefix)

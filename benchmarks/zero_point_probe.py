@@ -36,7 +36,7 @@ import paddle
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
-from imperative_ptq.export.program import (
+from imperative_ptq.export.legacy_program import (
     legacy_static_mode,
     load_legacy_program,
     save_legacy_program,
@@ -109,7 +109,7 @@ def _conv2_qdq(loaded) -> tuple[str, str]:
     dequant = producers[conv.input("Input")[0]]
     quant = producers[dequant.input("X")[0]]
     assert (dequant.type, quant.type) == ("dequantize_linear", "quantize_linear")
-    # The pair shares its Scale/ZeroPoint tensors (see program._activation_qdq).
+    # The pair shares its Scale/ZeroPoint tensors (see export.qdq.activation_qdq).
     assert dequant.input("Scale") == quant.input("Scale")
     assert dequant.input("ZeroPoint") == quant.input("ZeroPoint")
     return quant.input("Scale")[0], quant.input("ZeroPoint")[0]

@@ -716,7 +716,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
         )
         if self.shared_weight_threshold:
-            # The export stores square weights per tensor (see export.program._int8_weight).
+            # The export stores square weights per tensor (see export.weight_ops.int8_weight).
             weight_thresholds = np.full_like(weight_thresholds, weight_thresholds.max())
         self.paddle_fc_scales = paddle_fc_scales
         # Paddle requantizes a conv's weight per output channel from its largest value: an

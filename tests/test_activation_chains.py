@@ -14,7 +14,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
 from imperative_ptq.export.paddle_export import save_fp32_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
 F = paddle.nn.functional
 

@@ -487,7 +487,7 @@ def _optimized_program(prefix, directory) -> tuple[list[str], dict[str, np.ndarr
 
     from imperative_ptq.export.graph import get_tensor
     from imperative_ptq.export.predictor import predictor_config
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     config = predictor_config(prefix, int8=False)
     config.set_optim_cache_dir(str(directory))

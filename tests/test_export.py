@@ -22,7 +22,7 @@ import pytest
 from imperative_ptq import CalibrationError, ImperativePTQ, QuantizedLayer
 from imperative_ptq.calibration_table import read_table
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 from imperative_ptq.models import MnistConvNet, SpaceToDepth
 from models import X86_TARGETS, converted
 from checkout import checkout_env

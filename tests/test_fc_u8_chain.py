@@ -20,7 +20,7 @@ import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, int8_report, predict
 from imperative_ptq.export import unsigned
 from imperative_ptq import quant_layers
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 from imperative_ptq.quant_layers import (
     FcRecomputation, fc_runtime_integers, quantize_weight, stored_weight_thresholds, untied_fc_integers,
 )

@@ -726,7 +726,7 @@ def test_an_attention_called_twice_runs_what_the_simulation_computes(tmp_path) -
     assert _cosine(predict(create_predictor(prefix), x)[0], simulated) > 0.9999
     # Both calls' q @ k read q on the same grid.
     from imperative_ptq.export.graph import get_tensor, producers
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     with legacy_static_mode():
         loaded = load_legacy_program(prefix)

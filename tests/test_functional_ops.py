@@ -159,7 +159,7 @@ def test_sites_agree_with_paddle_inference_and_onnx_runtime(model, tmp_path, avx
     from models import largest_error_in_paddle_inference
 
     from imperative_ptq.export import export_onnx, save_quantized_model
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     ptq, qmodel = _calibrated(model())
     assert [name for name, _ in qmodel.named_sublayers() if name.startswith(("concat", "multiply"))]

@@ -10,7 +10,7 @@ Two export faults were found with it:
   is unknown, and Paddle 3.3.1 maps a matmul to the int8 ``fc`` only when that dimension
   matches the weight: the output projection ran fp32 (``graph.complete_matmul_widths``);
 * on ``x86-vnni``, Paddle fuses the mask's add into the int8 scores matmul and then runs it
-  fp32 on unquantized operands (``program._separate_added_output``).
+  fp32 on unquantized operands (``export.activation_matmuls._separate_added_output``).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def _export_kl(model: paddle.nn.Layer, x: np.ndarray, prefix: str):
     """KL thresholds (they clip), x86 target: (op types of the program, runtime output,
     simulated output, int8 report)."""
     from imperative_ptq.export import int8_report, predict
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))

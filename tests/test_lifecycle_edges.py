@@ -15,7 +15,7 @@ import pytest
 import imperative_ptq as ip
 from imperative_ptq.cli import IMAGENET_MEAN, resolve_normalization
 from imperative_ptq.export import create_predictor, predict, save_fp32_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
 SPEC = [paddle.static.InputSpec([None, 8], "float32", "x")]
 

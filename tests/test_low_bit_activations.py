@@ -18,7 +18,7 @@ import imperative_ptq as ip
 from avx2_kernels import paddle_inference_outputs
 from paddle.vision.models.resnet import BasicBlock
 from imperative_ptq.export import export_onnx
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
 
 class _Residual(nn.Layer):

@@ -15,7 +15,7 @@ from paddle import nn
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 from imperative_ptq.quantizers.qparams import symmetric_levels
 from ties import simulation_up_to_ties
 

@@ -13,7 +13,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program, save_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program, save_legacy_program
 from imperative_ptq.export.rnn_fusion import fuse_lstm_ops
 from imperative_ptq.export.tracing import trace_to_legacy_program
 from imperative_ptq.quant_rnn import QuantizedLSTM

@@ -21,7 +21,7 @@ from paddle.vision.models.resnet import BasicBlock
 from imperative_ptq.analysis import keep_fp32
 from imperative_ptq.export import int8_report, save_quantized_model
 from imperative_ptq.export.predictor import INT8_DELETED_PASSES, quiet_native_output
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 from imperative_ptq.quant_residual import ResidualSumOutput
 from avx2_kernels import on_avx2, paddle_inference_outputs
 from models import RESNET_WIDTH as WIDTH, X86_TARGETS, converted, randomize_batch_norm_statistics

@@ -442,7 +442,7 @@ def test_op_runs_in_onnx_runtime_as_simulated(name: str, tmp_path) -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
     """Each case exercises the converter it is named after: its API traces to that op."""
-    from imperative_ptq.export import program as program_lib
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
     from imperative_ptq.export.tracing import trace_to_legacy_program
 
     factory, head = CASES[name]
@@ -450,8 +450,8 @@ def test_cases_trace_to_their_op(name: str, tmp_path) -> None:
     model.eval()
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
     trace_to_legacy_program(model, spec, str(tmp_path / "fp32"), program_weights=False)
-    with program_lib.legacy_static_mode():
-        loaded = program_lib.load_legacy_program(str(tmp_path / "fp32"))
+    with legacy_static_mode():
+        loaded = load_legacy_program(str(tmp_path / "fp32"))
         ops = {op.type: op for op in loaded.program.global_block().ops}
     op_type, _, variant = name.partition("/")
     assert op_type in ops, sorted(ops)

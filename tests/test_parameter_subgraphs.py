@@ -14,7 +14,7 @@ import pytest
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
 from imperative_ptq.export.constant_folding import fold_parameter_subgraphs
 from imperative_ptq.export.paddle_export import save_fp32_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program, save_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program, save_legacy_program
 from imperative_ptq.export.tracing import trace_to_legacy_program
 from models import converted, largest_error_in_paddle_inference
 

@@ -3,7 +3,7 @@ one tensor: Paddle Inference moves its scale to whatever writes it (a transpose 
 int8, a fc writes int8 codes), so the fp32 readers got dequantized codes and the siblings one
 shared scale, where the simulation gives the fp32 readers float values and each sibling its
 own threshold. The export gives the quantize op a copy of its own
-(``program._isolate_quantized_shared_outputs``). On ``x86`` the shift in front of a signed
+(``export.shared_outputs.isolate_quantized_shared_outputs``). On ``x86`` the shift in front of a signed
 int8 input is such a copy already."""
 
 from __future__ import annotations

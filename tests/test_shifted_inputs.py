@@ -331,7 +331,7 @@ def test_a_shift_is_one_fused_add_and_clip_then_the_relu(tmp_path) -> None:
     fp32 pass fewer than ``scale``, ``clip`` and ``relu`` (measured on the Zen 3 EPYC, batch 8,
     bit-identical outputs: the BERT-shaped encoder 1.30x -> 1.36x fp32, MobileNetV2 1.25x ->
     1.42x)."""
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     paddle.seed(0)
     batches = [paddle.randn([4, 3, 16, 16]) for _ in range(3)]

@@ -2,7 +2,7 @@
 connection, a concat with the upsampled result. Paddle Inference quantized the shared ReLU
 output with its own scale, ran the pool on those codes and quantized its output again with
 the next conv's threshold; the simulation pools in float and quantizes once. The export gives
-the pool a copy of its input on the reader's grid (``program._align_pooled_scales``)."""
+the pool a copy of its input on the reader's grid (``export.pool_scales.align_pooled_scales``)."""
 
 from __future__ import annotations
 
@@ -272,7 +272,7 @@ def _optimized_op_types(prefix: str, directory) -> list[str]:
     from paddle.inference import create_predictor as paddle_predictor
 
     from imperative_ptq.export.predictor import predictor_config
-    from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+    from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
     config = predictor_config(prefix, int8=True, num_threads=1)
     config.set_optim_cache_dir(str(directory))

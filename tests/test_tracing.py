@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 from imperative_ptq.export import create_predictor, predict, save_quantized_model
-from imperative_ptq.export.program import legacy_static_mode, load_legacy_program
+from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 from models import converted
 
 

@@ -32,7 +32,9 @@ import paddle
 
 from ..dynamic import DynamicQuantizedLinear, DynamicQuantizedRNN, dynamic_layers
 from ..quant_layers import replace_sublayer
-from . import program as program_lib
+from .legacy_program import (
+    LegacyProgram, legacy_static_mode, load_legacy_program, save_legacy_program,
+)
 from .atomic import export_directory, staged_export
 from .graph import complete_batch_norm_parameters, insert_op, new_persistable, set_tensor
 from .tracing import legacy_trace, normalize_input_spec
@@ -131,7 +133,7 @@ def trace_dynamic_model(
 
 
 def _store_int8_weight(
-    loaded: program_lib.LegacyProgram, weight_name: str, weight: DynamicWeight
+    loaded: LegacyProgram, weight_name: str, weight: DynamicWeight
 ) -> None:
     """Makes ``weight_name`` an int8 tensor, turned back into the dynamic layer's float32
     weight by ``cast`` + ``elementwise_mul`` (by the per-channel scales) for every op that
@@ -198,8 +200,8 @@ def save_dynamic_model(
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
     with staged_export(path, DYNAMIC_EXPORT_SUFFIXES, stale=(".calibration.json",)) as staging:
         weights = trace_dynamic_model(model, specs, staging + ".fp32")
-        with program_lib.legacy_static_mode():
-            loaded = program_lib.load_legacy_program(staging + ".fp32")
+        with legacy_static_mode():
+            loaded = load_legacy_program(staging + ".fp32")
             complete_batch_norm_parameters(loaded)
             block = loaded.program.global_block()
             for weight_name, weight in weights.items():
@@ -209,7 +211,7 @@ def save_dynamic_model(
                     )
                     continue
                 _store_int8_weight(loaded, weight_name, weight)
-            program_lib.save_legacy_program(loaded, staging)
+            save_legacy_program(loaded, staging)
     logger.info(
         "%s: weight-only int8 program, %d int8 weights (fp32 compute in Paddle Inference)",
         path, len(weights),

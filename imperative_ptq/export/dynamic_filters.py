@@ -23,7 +23,7 @@ import logging
 import paddle
 
 from .graph import insert_op, op_index, producers, remove_op
-from .program import computed_from_parameters
+from .legacy_program import computed_from_parameters
 
 __all__ = ["input_dependent_filter_convs_as_conv3d"]
 

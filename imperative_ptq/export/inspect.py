@@ -18,7 +18,7 @@ import paddle
 import paddle.inference as paddle_infer
 
 from .predictor import INT8_DELETED_PASSES, quiet_native_output
-from .program import legacy_static_mode
+from .legacy_program import legacy_static_mode
 from .tracing import main_thread_only
 
 __all__ = ["Int8Report", "int8_report"]

@@ -34,6 +34,12 @@ import numpy as np
 import paddle
 
 from . import program as program_lib
+from .float_readers import returned_only_outputs, unscale_fp32_layer_inputs
+from .legacy_program import (
+    INT8_WEIGHT_OPS, LegacyProgram, computed_from_parameters, legacy_static_mode, load_legacy_program,
+)
+from .pool_scales import int8_pool_outputs
+from .weight_ops import fold_conv_bias, materialize_conv1d_weights
 from .atomic import export_directory, staged_export
 from .graph import channels_last_to_first, complete_batch_norm_parameters, is_persistable
 from .dynamic_export import (
@@ -183,7 +189,7 @@ def _parallel_branches(
         while op is not None and op.type == "elementwise_add" and is_persistable(block, op.input("Y")[0]):
             name = op.input("X")[0]  # a conv's bias add
             op = writers.get(name)
-        slots = program_lib.INT8_WEIGHT_OPS.get(op.type) if op is not None else None
+        slots = INT8_WEIGHT_OPS.get(op.type) if op is not None else None
         source = op.input(slots[1])[0] if slots else norm_inputs[output]
         groups.setdefault((source, _last_add_of_sum(output, readers)), []).append(output)
     return {output for group in groups.values() if len(group) > 1 for output in group}
@@ -204,7 +210,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
 
     def __init__(
         self,
-        loaded: program_lib.LegacyProgram,
+        loaded: LegacyProgram,
         records: Sequence[LayerRecord],
         specs,
         unsigned_inputs: bool = True,
@@ -262,7 +268,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         self._shifted_tensors: dict[tuple[str, float, int], str] = {}
         self.unsigned_inputs = unsigned_inputs
         #: Global pools the simulation runs on u8 codes: output variable -> input threshold.
-        self.int8_pools = program_lib.int8_pool_outputs(records)
+        self.int8_pools = int8_pool_outputs(records)
         #: Their largest input code (127 where Paddle writes the pool's input s8).
         self.int8_pool_tops = {
             output: record.pooled_input_top for record in records
@@ -416,11 +422,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         # Nor does one only the network returns through max-pools (quantized for the pool, it
         # was clipped at its threshold: measured 29% of the largest value off the simulation
         # on conv -> ReLU -> max-pool).
-        for name in program_lib.returned_only_outputs(self.block, thresholds, self.producer):
+        for name in returned_only_outputs(self.block, thresholds, self.producer):
             thresholds.pop(name, None)
         # A shifted input is quantized for its int8 reader alone (:meth:`_layer_input`).
         for op in self.ops:
-            slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
+            slots = INT8_WEIGHT_OPS.get(op.type)
             record = self.weights.get(op.input(slots[0])[0]) if slots else None
             if record is not None and record.input_shift_response is not None:
                 self.shifted.add(op.input(slots[1])[0])
@@ -429,15 +435,15 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         # one the simulation runs in float must not take the scale of an operand an int8
         # matmul quantizes; measured: DeBERTa's query times a constant positional key took
         # the query's Q/DQ off the int8 query x key matmul, 1.4e-2 of the largest output off.)
-        program_lib.unscale_fp32_layer_inputs(
+        unscale_fp32_layer_inputs(
             self.block, thresholds,
-            lambda op: op.input(program_lib.INT8_WEIGHT_OPS[op.type][0])[0] in self.weights
+            lambda op: op.input(INT8_WEIGHT_OPS[op.type][0])[0] in self.weights
             or (op.type == "matmul_v2" and not self._is_param(op.input("Y")[0])),
             fp32_inputs=list(self.shifted),
         )
         # Inputs of int8 ops: the layer's own input threshold wins, as in the dygraph model.
         for op in self.ops:
-            slots = program_lib.INT8_WEIGHT_OPS.get(op.type)
+            slots = INT8_WEIGHT_OPS.get(op.type)
             if slots and op.input(slots[0])[0] in self.weights:
                 record = self.weights[op.input(slots[0])[0]]
                 if record.input_shift_response is not None:
@@ -834,7 +840,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         conv on one ReLU, 27% of the largest output off on that conv's codes; two Linear
         layers, 0.3%)."""
         var = op.input(slot)[0]
-        slots = program_lib.INT8_WEIGHT_OPS.get(op.type)  # (none for conv3d)
+        slots = INT8_WEIGHT_OPS.get(op.type)  # (none for conv3d)
         record = self.weights.get(op.input(slots[0])[0]) if slots else None
         if record is None:
             return self._tensor(op, var, float_reader=True), None
@@ -1081,7 +1087,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         record = self.weights.get(weight_name)
         x_name = op.input("X")[0]
         if record is not None and record.constant_call_weight is not None and (
-            program_lib.computed_from_parameters(self.block, x_name, self.producer)
+            computed_from_parameters(self.block, x_name, self.producer)
         ):
             # A call on a constant, which the simulation runs in float
             # (QuantizedLayer.constant_inputs): so does ONNX Runtime, with that weight.
@@ -1987,13 +1993,13 @@ def export_onnx(
             target = converted_target(model)
             unsigned_inputs = target.unsigned_inputs
             symmetric_signed = signed_input_floor(8, target.onednn) is None
-        with program_lib.legacy_static_mode():
-            loaded = program_lib.load_legacy_program(staging + ".fp32")
+        with legacy_static_mode():
+            loaded = load_legacy_program(staging + ".fp32")
             complete_batch_norm_parameters(loaded)
-            program_lib.fold_conv_bias(loaded)
+            fold_conv_bias(loaded)
             channels_last_to_first(loaded.program.global_block())
             weights = {r.weight_name: r for r in records if r.simulated}
-            program_lib.materialize_conv1d_weights(loaded, weights)
+            materialize_conv1d_weights(loaded, weights)
             converter = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
                 symmetric_signed, int8_residual_branches,

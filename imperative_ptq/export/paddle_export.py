@@ -25,6 +25,10 @@ from ..targets import Target, get_target
 from .inspect import int8_report
 from ..quant_layers import QuantizedLayer, QuantizedMatmul
 from . import program as program_lib
+from .legacy_program import (
+    LegacyProgram, ProgramScales, legacy_static_mode, load_legacy_program, save_legacy_program,
+)
+from .weight_ops import fold_conv_bias
 from .atomic import export_directory, staged_export
 from .constant_folding import fold_parameter_subgraphs
 from .padded_pools import exact_padded_pools
@@ -122,7 +126,7 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
 
 
 def _log_runtime_report(
-    path: str, written: program_lib.ProgramScales, target: Target, own_parameters: frozenset[str],
+    path: str, written: ProgramScales, target: Target, own_parameters: frozenset[str],
     halved: int = 0,
 ) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
@@ -247,8 +251,8 @@ def save_quantized_model(
     with staged_export(path, EXPORT_SUFFIXES) as staging:
         fp32_prefix = staging + ".fp32"
         traced = trace_to_legacy_program(model, specs, fp32_prefix)
-        with program_lib.legacy_static_mode():
-            loaded = program_lib.load_legacy_program(fp32_prefix)
+        with legacy_static_mode():
+            loaded = load_legacy_program(fp32_prefix)
             complete_batch_norm_parameters(loaded)
             separate_chained_activations(loaded.program.global_block())
             if target_spec.onednn:
@@ -265,7 +269,7 @@ def save_quantized_model(
                 multiply_instead_of_scaling(loaded)
                 fold_parameter_subgraphs(loaded)
             _warn_computed_weight_convs(loaded)
-            program_lib.save_legacy_program(loaded, staging)
+            save_legacy_program(loaded, staging)
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
         # (what save_calibration_table writes), else one rebuilt from the traced layers.
         if calibration_table is None:
@@ -286,11 +290,12 @@ def save_quantized_model(
         _log_runtime_report(path, written, target_spec, traced.own_parameters, halved)
 
 
-def _warn_computed_weight_convs(loaded: program_lib.LegacyProgram) -> None:
+def _warn_computed_weight_convs(loaded: LegacyProgram) -> None:
     """Warns about convs whose weight is computed in the graph (``F.conv2d`` on a
     standardized weight, as x2paddle writes Conv nodes, or on a filter computed from the
-    input, :mod:`.dynamic_filters`): no layer holds such a weight, so nothing calibrated it
-    and it runs fp32. (A parameter read through a copy, :mod:`.integer_weights`, is none.)"""
+    input, :mod:`.dynamic_filters`; a layer whose forward transforms its weight, which
+    convert keeps fp32, :mod:`imperative_ptq.computed_weights`): no int8 weight exists for
+    them, so they run fp32. (A parameter read through a copy, :mod:`.integer_weights`, is none.)"""
     block = loaded.program.global_block()
     writers = producers(block)
     computed = []
@@ -381,11 +386,11 @@ def save_fp32_model(
     with staged_export(path, (".pdiparams", ".pdmodel"), stale=(".calibration.json",)) as staging:
         with paddle.pir_utils.DygraphOldIrGuard(), legacy_trace():
             paddle.jit.save(traced_model, staging + ".raw", input_spec=specs)
-        with program_lib.legacy_static_mode():
-            loaded = program_lib.load_legacy_program(staging + ".raw")
+        with legacy_static_mode():
+            loaded = load_legacy_program(staging + ".raw")
             complete_batch_norm_parameters(loaded)
-            program_lib.fold_conv_bias(loaded)
+            fold_conv_bias(loaded)
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
             fold_parameter_subgraphs(loaded)
-            program_lib.save_legacy_program(loaded, staging)
+            save_legacy_program(loaded, staging)

@@ -1,0 +1,380 @@
+"""Tensors read in float keep no scale.
+
+Paddle Inference's oneDNN pipeline quantizes whatever has a scale: a conv/fc whose input has
+one runs int8, an op writing a scaled tensor writes codes, and its other readers get the
+dequantized codes. Where the simulation computes in float, these passes drop the scale or give
+the float readers a tensor of their own: the inputs of conv/fc layers kept fp32
+(:func:`unscale_fp32_layer_inputs`), tensors only returned or read by ops that compute in
+float (:func:`returned_only_outputs`), int8 conv/fc outputs that fp32 ops read too
+(:func:`float_outputs_for_float_readers`), and transposed or 3-D conv outputs in front of a
+quantize op (:func:`isolate_fp32_weight_op_outputs`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import paddle
+
+from .graph import FUSABLE_ACTIVATIONS, feeds_quantize, insert_op, op_index, producers, readers
+from .legacy_program import (
+    FP32_WEIGHT_OPS,
+    INT8_WEIGHT_OPS,
+    LegacyProgram,
+    ProgramScales,
+    int8_gemm_output,
+    is_constant,
+    passes_values,
+    value_source,
+)
+from .qdq import insert_identity_clip
+from .unsigned import FUSING_OPS, relu_after_residual_conv, runs_unsigned
+
+__all__ = [
+    "float_outputs_for_float_readers", "isolate_fp32_weight_op_outputs", "reads_in_float",
+    "returned_only_outputs", "unscale_fp32_layer_inputs",
+]
+
+
+#: Ops that only lay values out anew: a tensor read in fp32 through them (a Flatten in front
+#: of a fp32 Linear) must not keep a scale on their input either (measured: a calibrated
+#: global pool -> flatten -> fp32 Linear ran the pool in int8, 3% off the simulation).
+_RESHAPING_OPS = frozenset({"flatten_contiguous_range", "flatten2", "squeeze2", "unsqueeze2"})
+
+#: Ops across which Paddle's ``compute_propagate_scales_onednn_pass`` copies a tensor scale, in
+#: either direction, and ops its inference passes remove (``dropout``, ``assign``), which join
+#: their input and output into one tensor (measured: a Linear kept fp32 behind a Hardswish and
+#: a Dropout ran ``gemm_s8s8s32``).
+_SCALE_PROPAGATING_OPS = frozenset({
+    "transpose2", "fused_transpose", "reshape2", "pool2d", "slice", "shape", "nearest_interp",
+    "nearest_interp_v2", "split", "concat", "scale", "dropout", "assign",
+})
+
+
+def unscale_fp32_layer_inputs(
+    block: "paddle.static.Block",
+    outputs: dict[str, float],
+    is_int8: "Callable[[paddle.base.framework.Operator], bool] | None" = None,
+    isolate_concats: bool = False,
+    fp32_inputs: Sequence[str] = (),
+) -> int:
+    """Drops the output thresholds that would reach the input of a conv/fc kept fp32.
+
+    Paddle's oneDNN pipeline quantizes every conv/fc whose input has a scale, with weight
+    scales it computes itself: a layer kept fp32 (a signed input on x86, ``keep_fp32``) would
+    otherwise run int8 anyway (measured: a Linear after a calibrated Tanh ran
+    ``gemm_s8s8s32``; a ``skip_quant`` attribute is lost when matmul_v2 becomes fc). Scales
+    spread across reshape/transpose/pool ops both ways, so the whole connected group goes.
+
+    Args:
+        block: The program block.
+        outputs: Thresholds by variable; updated.
+        is_int8: Whether a conv/fc op is an int8 layer (default: its weight comes from a
+            ``dequantize_linear``, as :func:`.program.quantize_program` writes it).
+        isolate_concats: Also put an identity ``clip`` after each concat that reads a conv/fc
+            kept fp32, so that a scale on the concat's output (an int8 reader's quantize op)
+            cannot reach its inputs (Paddle Inference programs; see
+            :func:`_concat_inputs_beside_fp32_layers`).
+        fp32_inputs: Further tensors read in fp32 by something else than a conv/fc (the
+            input of a shift, :mod:`.shifted`).
+
+    Returns:
+        How many conv/fc ops are kept fp32.
+    """
+    writers, reading = producers(block), readers(block)
+    pending, kept = list(fp32_inputs), 0
+    fp32_ops: list = []
+    for op in block.ops:
+        if op.type in FP32_WEIGHT_OPS:
+            kept += 1
+            pending.extend(op.input(FP32_WEIGHT_OPS[op.type][1]))
+            fp32_ops.append(op)
+            continue
+        slots = INT8_WEIGHT_OPS.get(op.type)
+        if slots is None or not op.input(slots[0]):
+            continue
+        if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, writers):
+            continue
+        kept += 1
+        pending.extend(op.input(slots[1]))
+        fp32_ops.append(op)
+    mixed = _concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading, isolate_concats)
+    if isolate_concats and mixed:
+        writers, reading = producers(block), readers(block)
+    pending.extend(mixed)
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        outputs.pop(name, None)
+        neighbours = [writers.get(name)] + reading.get(name, [])
+        for op in neighbours:
+            if op is not None and op.type in _SCALE_PROPAGATING_OPS | _RESHAPING_OPS:
+                pending.extend(n for slot in op.input_names for n in op.input(slot))
+                pending.extend(n for slot in op.output_names for n in op.output(slot))
+    return kept
+
+
+#: Ops between a conv/fc and a concat that oneDNN fuses into the conv (its bias, activation).
+_FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "relu", "relu6", "hard_swish", "swish", "leaky_relu"})
+
+
+def _concat_inputs_beside_fp32_layers(
+    block, fp32_ops: list, writers: Mapping, reading: Mapping, isolate: bool = False
+) -> list[str]:
+    """The tensors between the convs/fcs feeding a concat and the concat, for every concat
+    that reads a conv/fc kept fp32 (through the bias add and activation oneDNN fuses into it).
+
+    Paddle's int8 pipeline would quantize that fp32 conv's output as s8 (a relu fused into an
+    fp32 conv no longer marks it unsigned) next to the u8 outputs of int8 convs, and oneDNN
+    then fails to build the concat ("could not create a primitive descriptor for a concat
+    primitive", measured on paddle.vision's GoogLeNet). Without scales on its inputs the
+    concat stays fp32. With ``isolate`` (Paddle Inference programs) the same holds for a
+    concat of int8 layers' outputs of both signs (:func:`_mixed_signs`). With ``isolate``, an identity ``clip`` after the concat keeps a scale
+    on its output (the quantize op of an int8 layer reading it, as in a U-Net's decoder on
+    ``x86-vnni``) from spreading back to its inputs: Paddle's scale propagation crosses a
+    concat but not a clip.
+    """
+    fp32_ids = {id(op) for op in fp32_ops}
+    names: list[str] = []
+    for op in block.ops:
+        if op.type != "concat":
+            continue
+        chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
+        beside_fp32 = any(producer is not None and id(producer) in fp32_ids for producer, _ in chains)
+        if beside_fp32 or (isolate and _mixed_signs(block, op.input("X"), writers)):
+            names.extend(name for _, chain in chains for name in chain)
+            # A ReLU after the concat is fused into the convs before it
+            # (conv_concat_relu_mkldnn_fuse_pass): its output is the concat's.
+            out = op.output("Out")[0]
+            after = reading.get(out, [])
+            if len(after) == 1 and after[0].type in ("relu", "relu6"):
+                names.extend(after[0].output("Out"))
+            elif isolate and after:
+                insert_identity_clip(block, op, out, after)
+    return names
+
+
+def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:
+    """Whether Paddle's int8 pipeline would hand a concat of ``names`` both u8 and s8 inputs,
+    which oneDNN cannot join ("could not create a primitive descriptor for a concat
+    primitive", measured on ``x86-vnni``: a leaky-ReLU or Swish branch, upsampled or not,
+    concatenated with a ReLU one, YOLOv3's FPN). A tensor is u8 where a ReLU wrote it
+    (:func:`.unsigned.runs_unsigned`), also behind ops that pass values on (a resize, a max
+    pool)."""
+
+    signs = {runs_unsigned(block, value_source(name, writers)[0], writers) for name in names}
+    return len(signs) == 2
+
+
+#: Op types that Paddle 3.3.1's ``cpu_quantize_pass`` can run int8 on a scaled input (in the
+#: legacy form, before the oneDNN fuses rename them), and the quantize ops our export writes.
+_ONEDNN_INT8_READERS = frozenset({
+    "conv2d", "depthwise_conv2d", "pool2d", "concat", "prior_box", "fc", "mul", "matmul",
+    "matmul_v2", "reshape2", "transpose2", "slice", "nearest_interp", "nearest_interp_v2",
+    "split", "elementwise_add", "elementwise_mul", "elementwise_sub", "fusion_gru", "multi_gru",
+    "fusion_lstm", "quantize_linear", "dequantize_linear",
+})
+
+
+#: Ops a following activation can fuse into in Paddle's oneDNN passes (a conv or fc, its
+#: bias or residual add, its BatchNorm).
+_ACTIVATION_FUSING_WRITERS = frozenset(FUSING_OPS) | {"conv2d_transpose", "fc", "elementwise_add", "batch_norm"}
+
+
+def reads_in_float(op) -> bool:
+    """Whether Paddle Inference runs ``op`` in float on its input's dequantized value, with no
+    int8 kernel to hand a scale on to (a ``reduce_mean``, a ``softmax``; not an activation,
+    which a conv or fc before it may absorb, nor an op scales pass across)."""
+    return op.type not in _ONEDNN_INT8_READERS and op.type not in FUSABLE_ACTIVATIONS and (
+        op.type not in _SCALE_PROPAGATING_OPS and op.type not in ("fetch", "feed")
+    )
+
+
+def returned_only_outputs(
+    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
+    int8_pools: Mapping[str, float] | None = None, float_adds: bool = False,
+) -> set[str]:
+    """The scaled tensors that only reach the network's outputs, average pools that run fp32
+    or ops that compute in float (:func:`reads_in_float`): a ReLU after a conv and the
+    max-pools after it, whose only other reader is a ``fetch`` (a VGG prefix ending in a
+    pool), an average pool (a VGG or CRNN head: max pool, then an adaptive average pool, then
+    a Linear) or a ``reduce_mean`` (the same head written as ``x.mean([2, 3])``: 0.5-1% of the
+    largest logit off while the pool ran int8; 0.4-0.6% through a sigmoid).
+
+    With a scale the conv writes them as int8 codes for the int8 pool, and Paddle Inference
+    returns (or averages) the dequantized codes where the simulation has floats (measured:
+    2.6e-3 of the largest value on a conv -> ReLU -> max-pool network; 1.4% of the largest
+    logit through a max pool and an average pool). Without one they run fp32, which costs no
+    int8 reader anything. A block output after a fused residual conv keeps its scale (the
+    fused conv needs it; the simulation writes it as codes, quant_residual.py).
+
+    ``int8_pools``: the outputs of the global average pools the simulation runs int8
+    (:func:`.pool_scales.int8_pool_outputs`), whose input needs its scale. ``float_adds``: count the
+    elementwise ops Paddle Inference computes in float (:func:`_adds_in_float`) as float
+    readers (the program's int8 convs are known by their dequantized weights).
+    """
+    int8_pools = int8_pools or {}
+    reading = readers(block)
+    returned: set[str] = set()
+    for name in outputs:
+        if name in returned or relu_after_residual_conv(block, name, writers):
+            continue
+        group, pending, only_returned, ends_in_fp32 = set(), [name], True, False
+        while pending and only_returned:
+            tensor = pending.pop()
+            if tensor in group:
+                continue
+            group.add(tensor)
+            for op in reading.get(tensor, []):
+                if op.type == "fetch":
+                    continue
+                if op.type == "pool2d" and op.attr("pooling_type") == "avg" and op.output("Out")[0] not in int8_pools:
+                    ends_in_fp32 = True  # keep_average_pools_fp32 runs it fp32
+                    continue
+                if float_adds and _adds_in_float(block, op, outputs, writers):
+                    ends_in_fp32 = True
+                    continue
+                writer = writers.get(tensor)
+                if passes_values(op) or (
+                    op.type in FUSABLE_ACTIVATIONS and writer is not None
+                    and writer.type not in _ACTIVATION_FUSING_WRITERS
+                ):
+                    # An activation no conv or fc absorbs (a sigmoid of a max-pool) computes
+                    # in float: what matters is what reads its output.
+                    pending.extend(op.output("Out"))
+                elif reads_in_float(op):
+                    ends_in_fp32 = True
+                else:
+                    only_returned = False
+        if only_returned and (ends_in_fp32 or any(
+            op.type == "fetch" for tensor in group for op in reading.get(tensor, [])
+        )):
+            returned |= group & set(outputs)
+    return returned
+
+
+#: Elementwise ops Paddle's oneDNN pipeline runs int8 when both operands and the output have
+#: scales, or fuses into an int8 conv as its residual.
+_ELEMENTWISE_INT8_READERS = frozenset({"elementwise_add", "elementwise_sub", "elementwise_mul"})
+
+
+def _adds_in_float(block: "paddle.static.Block", op, outputs: Mapping[str, float], writers: Mapping) -> bool:
+    """Whether elementwise ``op`` computes in float in Paddle Inference: its operands and output
+    do not all have scales (so it is not quantized itself) and no operand is an int8 conv/fc
+    output (so it is no fused int8 conv's residual add). A scale on an operand then only makes
+    the op writing that operand run int8 (an identity shortcut's max-pool of a PReLU output,
+    AdaFace's IR blocks, beside an fp32 conv: 9% of the largest output off), where the
+    simulation computes in float."""
+    if op.type not in _ELEMENTWISE_INT8_READERS:
+        return False
+    operands = op.input("X") + op.input("Y")
+    if all(name in outputs for name in operands + op.output("Out")):
+        return False
+    return not any(int8_gemm_output(block, name, writers) for name in operands)
+
+
+def float_outputs_for_float_readers(
+    block: "paddle.static.Block", written: ProgramScales, coded: set[str]
+) -> list[str]:
+    """Removes the output scale of each int8 conv/fc output (after its fused bias, BatchNorm
+    and activation) that an op other than an int8 reader reads, where the simulation keeps the
+    tensor in float.
+
+    With an output scale, Paddle's int8 conv writes its output as codes on that scale and
+    dequantizes them for every fp32 reader, and an int8 reader on another grid re-quantizes
+    the codes; the simulation gives those readers the float tensor (measured on DLA-shaped
+    trees: the tree root's ReLU output max-pooled on the projection's grid and concatenated
+    by the next root, 0.8% of the largest logit off; 2.5e-7 without the scale). Without a
+    scale the conv writes float and each int8 reader quantizes it with its own threshold.
+    Kept: tensors the simulation holds on codes (``coded``), and those read only by int8
+    readers (a quantize op, perhaps behind its u8 clip), int8 concats and pools.
+
+    Returns:
+        The tensors whose scale was removed.
+    """
+    writers, reading = producers(block), readers(block)
+    removed = []
+    for name in list(written.outputs):
+        op = writers.get(name)
+        if name in coded or op is None or not op.has_attr("out_threshold"):
+            continue
+        consumers = reading.get(name, [])
+        if not consumers or all(
+            feeds_quantize(reader, reading)
+            or (reader.type in ("concat", "pool2d") and reader.has_attr("out_threshold"))
+            for reader in consumers
+        ):
+            continue
+        if not int8_gemm_output(block, name, writers):
+            continue
+        op._remove_attr("out_threshold")
+        del written.outputs[name]
+        removed.append(name)
+    return removed
+
+
+def _chain_to_producer(name: str, block, writers: Mapping) -> tuple[object | None, list[str]]:
+    """Walks back from ``name`` through the ops oneDNN fuses into a conv/fc (bias add,
+    activation): the op it reaches and the tensors on the way (``name`` included)."""
+    chain = [name]
+    op = writers.get(name)
+    while op is not None and op.type in _FUSED_INTO_CONV_OPS:
+        inputs = [n for slot in op.input_names for n in op.input(slot)
+                  if not is_constant(block, n, writers)]
+        if len(inputs) != 1:
+            return None, chain
+        chain.append(inputs[0])
+        op = writers.get(inputs[0])
+    return op, chain
+
+
+def isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
+    """Puts an ``assign`` right after a transposed/3-D conv whose output reaches a quantize op.
+
+    Paddle Inference fails on conv2d_transpose (+ bias, ReLU) -> quantize -> int8 conv2d for a
+    batch > 1 ("could not construct a memory descriptor using strides", measured at batch 4;
+    batch 1 runs): the quantize op reads the fp32 oneDNN conv-transpose output in a layout it
+    cannot describe. An ``assign`` on the conv's output hands the ops after it a plain tensor
+    (measured: runs, the conv2d int8, cosine 0.9985 to the same program with that conv fp32).
+    It goes right after the conv, not in front of the quantize op: a quantize op must read a
+    ``relu`` output directly for Paddle to run its tensor as u8 (an ``assign`` in between made
+    a fc read s8, which saturates without VNNI).
+
+    Returns:
+        How many ``assign`` ops were inserted.
+    """
+    block = loaded.program.global_block()
+    writers = producers(block)
+    conv_outputs: list[str] = []
+    for op in block.ops:
+        if op.type != "quantize_linear":
+            continue
+        name, steps = op.input("X")[0], 0
+        while name in writers and writers[name].type not in FP32_WEIGHT_OPS and steps < 8:
+            writer = writers[name]
+            inputs = [n for slot in writer.input_names for n in writer.input(slot)
+                      if not is_constant(block, n, writers)]
+            if len(inputs) != 1 or writer.type in INT8_WEIGHT_OPS:
+                break
+            name, steps = inputs[0], steps + 1
+        if name in writers and writers[name].type in FP32_WEIGHT_OPS and name not in conv_outputs:
+            conv_outputs.append(name)
+    for number, name in enumerate(conv_outputs):
+        writer_index = op_index(block, writers[name])
+        var = block.var(name)
+        plain = block.create_var(name=f"{name}.plain{number}", shape=var.shape, dtype=var.dtype)
+        for op in block.ops[writer_index + 1:]:
+            if name in op.input_arg_names:
+                op._rename_input(name, plain.name)
+        insert_op(
+            block, writer_index + 1, type="assign", inputs={"X": [name]}, outputs={"Out": [plain.name]}
+        )
+    return len(conv_outputs)
+
+
+def _reads_int8_weight(op, slots: tuple[str, str, str], writers: Mapping) -> bool:
+    weight = writers.get(op.input(slots[0])[0])
+    return weight is not None and weight.type == "dequantize_linear"

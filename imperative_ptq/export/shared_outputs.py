@@ -1,0 +1,131 @@
+"""One tensor read on several grids.
+
+Paddle Inference moves a tensor's scale onto the op that writes it: a transpose, reshape or
+slice then runs int8, a conv/fc writes codes, and every other reader of the tensor reads those
+codes. These passes give a quantize op its own copy of a signed tensor that other readers share
+(:func:`isolate_quantized_shared_outputs`) and quantize each piece of a split or sliced
+non-negative tensor on its own (:func:`isolate_sliced_pieces`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import paddle
+
+from .graph import insert_op, insert_reader_op, op_index, producers, readers
+from .legacy_program import LegacyProgram, quantize_threshold
+from .unsigned import runs_unsigned
+
+__all__ = ["isolate_quantized_shared_outputs", "isolate_sliced_pieces"]
+
+
+#: Ops that lay values out anew (their data input's slot): Paddle runs them int8 once a tensor
+#: after them has a scale, moving the quantize op in front of them.
+_LAYOUT_OPS = {
+    "transpose2": "X", "reshape2": "X", "flatten_contiguous_range": "X", "squeeze2": "X",
+    "unsqueeze2": "X", "slice": "Input", "split": "X", "nearest_interp_v2": "X",
+}
+
+
+def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
+    """The tensor ``name`` is laid out from through :data:`_LAYOUT_OPS` (itself if none), and
+    those ops, nearest first."""
+    walked = []
+    while name in writers and writers[name].type in _LAYOUT_OPS:
+        op = writers[name]
+        walked.append(op)
+        name = op.input(_LAYOUT_OPS[op.type])[0]
+    return name, walked
+
+
+def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
+    """Gives a quantize op its own copy (an ``assign``) of a signed tensor whose scale Paddle
+    Inference would otherwise move onto a tensor that other readers share.
+
+    Paddle moves a tensor's scale to whatever writes it: a transpose, reshape or slice then
+    runs int8 on its quantized input, a conv/fc writes int8 codes. Two cases went wrong:
+
+    * fp32 ops read the tensor too: they got the dequantized codes instead of the float values
+      the simulation gives them (measured on ``x86-vnni``: attention pooling reading ``h =
+      x.transpose(...)`` or ``h = tanh(fc(x))`` both through a Linear and in float, 0.46% of
+      the largest output off on every output; 2e-7 after);
+    * the tensor comes through layout ops from one that other readers share (Swin's ``q, k,
+      v`` sliced from one ``qkv`` projection, or split from it by one ``split`` op): Paddle
+      gave all of them one scale, where the simulation quantizes each with its own threshold
+      (2.2% off on one window attention; split, 3-6% on a LeViT-style one).
+
+    A u8 tensor (a ReLU output, also through layout ops) is left alone: Paddle runs a
+    quantized tensor as u8 only when a ``relu`` writes it.
+
+    Returns:
+        How many copies were inserted.
+    """
+    writers, reading = producers(block), readers(block)
+    inserted = 0
+    for op in list(block.ops):
+        if op.type != "quantize_linear":
+            continue
+        name = op.input("X")[0]
+        if name not in writers:
+            continue
+        shared = any(reader.type != "quantize_linear" for reader in reading.get(name, []))
+        source, walked = _behind_layout_ops(name, writers)
+        branched = any(
+            (op.type == "split" and len(op.output("Out")) > 1)
+            or len(reading.get(op.input(_LAYOUT_OPS[op.type])[0], [])) > 1
+            for op in walked
+        )
+        if not (shared or branched) or runs_unsigned(block, name, writers) or runs_unsigned(block, source, writers):
+            continue
+        var = block.var(name)
+        copy = block.create_var(name=f"{name}.quantized_copy_{inserted}", shape=var.shape, dtype=var.dtype)
+        index = op_index(block, op)
+        insert_op(block, index, type="assign", inputs={"X": [name]}, outputs={"Out": [copy.name]})
+        op._rename_input(name, copy.name)
+        inserted += 1
+    return inserted
+
+
+def isolate_sliced_pieces(loaded: LegacyProgram) -> list[str]:
+    """Quantizes each piece of a split or sliced non-negative tensor on its own, where the
+    pieces' readers quantize them with different thresholds (Res2Net's, CSP blocks' and
+    GhostNet's channel splits of a ReLU output).
+
+    Paddle moves a piece's scale onto the tensor it was cut from, has its producer write that
+    tensor int8 on one scale, runs the split int8 and requantizes each piece: two roundings,
+    where the simulation rounds each piece once with its reader's threshold (measured: 72% of
+    a Res2Net-style block's outputs off, 1.0% of the largest). A ``relu`` in front of each
+    such quantize op (the identity there; it keeps the piece u8; on ``x86`` the clip and relu
+    of :func:`.unsigned.insert_clip_relu` are there already) stops the scale at the piece; the
+    returned pieces are to be read in fp32, so that no output scale reaches them either.
+
+    Returns:
+        The pieces.
+    """
+    block = loaded.program.global_block()
+    writers, reading = producers(block), readers(block)
+    groups: dict[str, list] = {}
+    for op in block.ops:
+        if op.type != "quantize_linear":
+            continue
+        name = op.input("X")[0]
+        piece = name  # x86: behind the clip and relu in front of the quantize op
+        while piece in writers and writers[piece].type in ("relu", "clip", "elementwise_min"):
+            piece = writers[piece].input("X")[0]
+        source, walked = _behind_layout_ops(piece, writers)
+        if any(op.type in ("slice", "split") for op in walked) and runs_unsigned(block, source, writers):
+            groups.setdefault(source, []).append((op, piece))
+    pieces: list[str] = []
+    for quantized in groups.values():
+        thresholds = {quantize_threshold(loaded, op) for op, _ in quantized}
+        if len(thresholds) < 2:
+            continue
+        for op, piece in quantized:
+            if piece in pieces:
+                continue
+            pieces.append(piece)
+            if op.input("X")[0] == piece:
+                readers_of = [reader for reader in reading.get(piece, []) if reader.type == "quantize_linear"]
+                insert_reader_op(block, writers[piece], piece, readers_of, "relu", "piece")
+    return pieces
