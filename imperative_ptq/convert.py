@@ -67,6 +67,7 @@ def convert_layers(
     # 8-bit activations only, the only ones a runtime runs (wider ones are refused at export).
     runtime_codes = target.onednn and activation_bits <= 8
     kept_fp32: list[str] = []
+    fp32_matmuls: list[str] = []  # matmuls of two activations kept fp32 by the target
     no_int8_kernel: list[tuple[str, str]] = []  # (name, layer type)
     rnn_fp32: list[str] = []  # "name (reason)"
     constant_operands: list[str] = []
@@ -116,7 +117,7 @@ def convert_layers(
                 # 0.49 on a 16x16 attention score matmul on AVX2 kernels). Second-input codes
                 # within -64..64 would be exact, but BERT ran slower with them (see
                 # docs/results.md): the clip and quantize passes cost more than int8 saves.
-                kept_fp32.append(state.name)
+                fp32_matmuls.append(state.name)
                 continue
             wrapped = QuantizedMatmul(
                 layer, entry["input"][0], entry["second_input"][0], entry.get("output", []),
@@ -251,20 +252,30 @@ def convert_layers(
             len(constant_calls), first_names(constant_calls),
         )
     if kept_fp32:
+        alternatives = "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only"
+        if not target.halved_signed_convs:
+            alternatives += ", target='x86-avx2' the convs for CPUs whose int8 kernels are AVX2 only"
         logger.warning(
             "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
             "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
             "saturate and a conv's weights are halved (fc and unpadded convs take the "
-            "shift into their bias instead; a padded conv cannot). PTQConfig(target='x86-vnni') "
-            "quantizes them for VNNI/AMX CPUs only, target='x86-avx2' the convs for CPUs "
-            "whose int8 kernels are AVX2 only%s.",
-            target.name, len(kept_fp32), first_names(kept_fp32), _native_hint(),
+            "shift into their bias instead; a padded conv cannot). %s%s.",
+            target.name, len(kept_fp32), first_names(kept_fp32), alternatives,
+            _native_hint(target),
+        )
+    if fp32_matmuls:
+        logger.warning(
+            "target %r: %d matmuls of two activations stay fp32 (%s): oneDNN runs both "
+            "operands as s8, and without VNNI its int16 pair sums saturate. "
+            "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only%s.",
+            target.name, len(fp32_matmuls), first_names(fp32_matmuls),
+            _native_hint(target, vnni_only=True),
         )
     mark_converted(
         model, target, table_of_every_layer(table, hooked), input_minima(hooked),
         structure_of(state for _, state in hooked),
     )
-    return [name for name, _ in no_int8_kernel] + kept_fp32 + constant_operands + constant_inputs
+    return [name for name, _ in no_int8_kernel] + kept_fp32 + fp32_matmuls + constant_operands + constant_inputs
 
 
 def _simulate_int8_head_pools(
@@ -598,14 +609,15 @@ def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> 
     return found
 
 
-def _native_hint() -> str:
-    """Says so when this CPU could run those layers int8 (deploying on its kind)."""
+def _native_hint(target: Target, vnni_only: bool = False) -> str:
+    """Says so when this CPU could run those layers int8 on another target than ``target``
+    (deploying on its kind); ``vnni_only``: only VNNI runs them."""
     from .cpu import cpu_info  # reads /proc/cpuinfo: only when there is something to say
 
     info = cpu_info()
     if info.vnni:
         return f" (this CPU has them: {info.isa}; target='native' picks x86-vnni here)"
-    if info.isa == "avx2":
+    if info.isa == "avx2" and not vnni_only and not target.halved_signed_convs:
         return " (this CPU's int8 kernels are AVX2: target='native' picks x86-avx2 here)"
     return ""
 

@@ -397,6 +397,74 @@ def test_signed_input_warning_points_to_native(flags, hint, monkeypatch, caplog)
         assert hint in caplog.text
 
 
+
+class _ScoresOfTwoProjections(paddle.nn.Layer):
+    """Attention scores: a matmul of two activations, both signed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(self.query(x), self.key(x), transpose_y=True)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+@pytest.mark.parametrize(
+    "flags, hint",
+    [(("avx2", "avx512f", "avx512_vnni"), "target='native' picks x86-vnni here"), (("avx2",), None)],
+)
+def test_activation_matmul_warning_names_vnni_as_the_only_target(
+    target, flags, hint, monkeypatch, caplog
+) -> None:
+    """The warning of an activation matmul kept fp32 gave the conv/fc reasons and pointed an
+    x86-avx2 user to target='x86-avx2' (and to 'native', which picks it on AVX2), neither of
+    which runs it int8."""
+    from imperative_ptq import cpu as cpu_module
+
+    monkeypatch.setattr(
+        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
+    )
+    paddle.seed(0)
+    model = _ScoresOfTwoProjections()
+    model.eval()
+    ptq = ip.ImperativePTQ(
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target)
+    )
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.randn([4, 6, 8]))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert (f"target '{target}': 1 matmuls of two activations stay fp32 (activation_matmul_0): "
+            "oneDNN runs both operands as s8, and without VNNI its int16 pair sums saturate. "
+            "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only") in caplog.text
+    assert "target='x86-avx2'" not in caplog.text and "picks x86-avx2" not in caplog.text
+    assert "read a signed input" not in caplog.text  # the Linears are shifted
+    assert (hint in caplog.text) if hint else "target='native'" not in caplog.text
+
+
+def test_signed_input_warning_on_x86_avx2_points_to_vnni_only(monkeypatch, caplog) -> None:
+    """A layer x86-avx2 keeps fp32 (a grouped conv of 3 channels a group on a signed input:
+    oneDNN's AVX2 kernel for it does not halve its weights) was told to use target='x86-avx2'."""
+    from imperative_ptq import cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(("avx2",))))
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(6, 6, 3, padding=1, groups=2), paddle.nn.Conv2D(6, 6, 3, padding=1, groups=2)
+    )
+    model.eval()
+    ptq = ip.ImperativePTQ(
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2")
+    )
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.randn([4, 6, 5, 5]))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert "read a signed input and stay fp32" in caplog.text
+    assert "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only." in caplog.text
+    assert "target='x86-avx2'" not in caplog.text and "target='native'" not in caplog.text
+
 class _NormedLinear(paddle.nn.Layer):
     """A square Linear reading a LayerNorm output (signed: a shifted input on x86), or its
     ReLU (u8), then a head."""
