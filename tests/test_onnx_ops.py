@@ -382,6 +382,7 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "masked_select": (lambda: _Function(lambda y: paddle.masked_select(y, paddle.tril(paddle.ones([SIZE, SIZE])) > 0)), False),
     "triu_indices": (lambda: _Function(lambda y: y.flatten(2)[:, :, paddle.triu_indices(4, 4, 0)[1]]), False),
     "copysign": (lambda: _Function(lambda y: paddle.copysign(y.abs(), y.flip([1]))), True),
+    "sum": (lambda: _Function(lambda y: paddle.add_n([y, y.flip([1]) * 0.5, y.abs()])), True),
     "diag_embed": (lambda: _Function(lambda y: F.diag_embed(y[:, 0, 0])), False),
     "determinant": (lambda: _Function(lambda y: paddle.linalg.det(y[:, :, :3, :3] + paddle.eye(3) * 4)), False),
     # Channels overwritten (x[:, channels] = value as index_put on the channels-first view;

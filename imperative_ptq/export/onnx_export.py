@@ -1774,7 +1774,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             return op.input("X")[0] in self.unsigned and float(op.attr("value")) >= 0
         if op.type == "fill_any_like":
             return float(op.attr("value")) >= 0
-        if op.type in ("concat", "stack"):
+        if op.type in ("concat", "stack", "sum"):
             return all(name in self.unsigned for name in op.input("X"))
         if op.type == "elementwise_min":  # a ReLU output under non-negative bounds
             y = op.input("Y")[0]  # (cross-layer equalization's ReLU6)

@@ -113,7 +113,7 @@ class FloatOpConverters(TensorOpConverters):
             "prelu": self._prelu, "softplus": self._softplus, "gelu": self._gelu,
             "cast": self._cast, "batch_norm": self._batch_norm, "layer_norm": self._layer_norm,
             "instance_norm": self._instance_norm, "group_norm": self._group_norm,
-            "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack,
+            "lookup_table_v2": self._embedding, "tile": self._tile, "stack": self._stack, "sum": self._sum,
             "gather": self._gather, "gather_nd": self._gather_nd, "arg_max": self._arg_max, "p_norm": self._p_norm,
             "slice": self._slice, "nearest_interp_v2": self._interpolate,
             "bilinear_interp_v2": self._interpolate, "linear_interp_v2": self._interpolate,
@@ -1664,6 +1664,11 @@ class FloatOpConverters(TensorOpConverters):
         common = self._node("Max", shapes, stem + ".common") if len(shapes) > 1 else shapes[0]
         for name, out in zip(names, op.output("Out")):
             self._bind(out, self._node("Expand", [self._tensor(op, name), common], out))
+
+    def _sum(self, op) -> None:
+        """``paddle.add_n``: an ONNX ``Sum`` of its operands, in float as Paddle adds them."""
+        out = self._out(op)
+        self._bind(out, self._node("Sum", [self._tensor(op, name) for name in op.input("X")], out))
 
     def _stack(self, op) -> None:
         names = op.input("X")
