@@ -26,6 +26,8 @@ Format, one entry per layer that has an observation (those left out have none)::
 (a parameter transformed in ``forward``, which Paddle Inference folds into an fp32 ``mul``);
 ``constant_input``: a layer with a weight read the same input in every call while the model's
 inputs changed (a Linear of a parameter, which Paddle Inference folds into an fp32 constant);
+``computed_weight``: a layer whose ``forward`` multiplies by a tensor it computes from its
+weight (``self.weight * self.mask``), which runtimes fold into an fp32 constant;
 ``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
 :mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
 while its other calls read activations (a Linear called on the tokens and on a parameter);
@@ -57,7 +59,9 @@ STRUCTURE = "structure"
 _MAX_RANK = 9
 #: Largest code a residual is read up to (a u8 tensor).
 _MAX_TOP = 255
-_FLAGS = ("signed_input", "wide_input", "constant_operand", "constant_input", "model_output")
+_FLAGS = (
+    "signed_input", "wide_input", "constant_operand", "constant_input", "computed_weight", "model_output",
+)
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
@@ -116,6 +120,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.wide_input = bool(entry.get("wide_input", False))
         state.constant_operand = bool(entry.get("constant_operand", False))
         state.constant_input = bool(entry.get("constant_input", False))
+        state.computed_weight = bool(entry.get("computed_weight", False))
         state.model_output = bool(entry.get("model_output", False))
         state.constant_call_inputs = [
             (tuple(shape), float(value)) for shape, value in entry.get("constant_call_inputs", ())

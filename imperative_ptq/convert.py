@@ -72,6 +72,7 @@ def convert_layers(
     rnn_fp32: list[str] = []  # "name (reason)"
     constant_operands: list[str] = []
     constant_inputs: list[str] = []
+    computed_weights: list[str] = []
     constant_calls: list[str] = []
     int8_layers: list[str] = []
     affine_layers: list[str] = []
@@ -90,6 +91,10 @@ def convert_layers(
         if state.weight_quantizer is not None and not info.int8_runtime:
             # Plain fp32 like the runtime runs it; no output scale either (see below).
             no_int8_kernel.append((state.name, type(layer).__name__))
+            continue
+        if state.computed_weight and state.weight_quantizer is not None:
+            # The runtimes fold the weight it computes into an fp32 constant and run it fp32.
+            computed_weights.append(state.name)
             continue
         if state.constant_input and state.weight_quantizer is not None:
             # Paddle Inference's constant folding computes it once, in fp32 (measured: a
@@ -242,6 +247,14 @@ def convert_layers(
             "them into constants computed in fp32: %s",
             len(constant_inputs), first_names(constant_inputs),
         )
+    if computed_weights:
+        logger.warning(
+            "%d layers multiply by a weight their forward computes (such as self.weight * "
+            "self.mask, or a standardized weight), not by their weight parameter: Paddle "
+            "Inference and ONNX Runtime fold that weight into an fp32 constant and run the "
+            "layer fp32, so the simulation keeps them fp32 too: %s",
+            len(computed_weights), first_names(computed_weights),
+        )
     if constant_calls:
         logger.warning(
             "%d Linear layers are called both on activations and on an input that stayed the "
@@ -275,7 +288,10 @@ def convert_layers(
         model, target, table_of_every_layer(table, hooked), input_minima(hooked),
         structure_of(state for _, state in hooked),
     )
-    return [name for name, _ in no_int8_kernel] + kept_fp32 + fp32_matmuls + constant_operands + constant_inputs
+    return [
+        *(name for name, _ in no_int8_kernel), *kept_fp32, *fp32_matmuls, *constant_operands,
+        *constant_inputs, *computed_weights,
+    ]
 
 
 def _simulate_int8_head_pools(

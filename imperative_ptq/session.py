@@ -19,6 +19,7 @@ import numpy as np
 import paddle
 
 from .collector import CalibrationCollector, CalibrationError
+from .computed_weights import computes_its_weight, may_compute_its_weight
 from .fingerprint import Fingerprint, fingerprint
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
@@ -95,6 +96,10 @@ class LayerState:
     #: changed (a Linear of a parameter, DeBERTa's relative-position projection): Paddle
     #: Inference folds it into a constant computed in fp32.
     constant_input: bool = False
+    #: The layer's ``forward`` multiplies by a tensor it computes from its weight, not by the
+    #: weight itself (a masked or standardized weight), which runtimes fold into an fp32
+    #: constant (:mod:`imperative_ptq.computed_weights`).
+    computed_weight: bool = False
     #: The fingerprints of the inputs some calls of such a layer read unchanged while its
     #: other calls read activations (a Linear called on the tokens and on a parameter): those
     #: calls Paddle Inference folds into fp32 constants.
@@ -137,6 +142,10 @@ class CalibrationSession:
         #: Sublayer names by ``id`` while the hooks are attached (layers found then).
         self._names: dict[int, str] = {}
         self._refused: set[str] = set()
+        #: Layers whose weight operand was checked (:mod:`imperative_ptq.computed_weights`),
+        #: and whether such a check is running a forward (its hooks then record nothing).
+        self._weights_checked: set[str] = set()
+        self._rerunning = False
         self.collector: CalibrationCollector | None = None
         self.layers: list[tuple[paddle.nn.Layer, LayerState]] = []
         #: The same, by layer name.
@@ -463,7 +472,17 @@ class CalibrationSession:
 
     def hook(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict, outputs: Any) -> None:
         """Forward-post hook of every quantized layer."""
+        if self._rerunning:  # a layer's forward run again to see which weight it reads
+            return
         state: LayerState = getattr(layer, STATE_ATTR)
+        if state.weight_quantizer is not None and state.name not in self._weights_checked:
+            self._weights_checked.add(state.name)
+            if may_compute_its_weight(layer):
+                self._rerunning = True
+                try:
+                    state.computed_weight = computes_its_weight(layer, inputs, kwargs)
+                finally:
+                    self._rerunning = False
         collector = self.collector
         info = PTQRegistry.layer_info(layer)
         if info is not None and info.observed_only:

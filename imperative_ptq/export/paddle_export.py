@@ -314,13 +314,14 @@ def _warn_computed_weight_convs(loaded: LegacyProgram) -> None:
     if computed:
         named = list(dict.fromkeys(computed))
         logger.warning(
-            "%d convs on weights computed in the graph run fp32 (no layer holds the weight, so "
-            "nothing calibrated it; an nn.Conv2D holding it is calibrated and runs int8): %s",
+            "%d convs on weights computed in the graph run fp32 (a functional conv, or a layer "
+            "whose forward transforms its weight: no calibrated int8 weight exists for them; an "
+            "nn.Conv2D multiplying by its own weight is calibrated and runs int8): %s",
             len(computed), ", ".join(named[:10]) + (" ..." if len(named) > 10 else ""),
         )
 
 
-def work_around_onednn_passes(loaded: program_lib.LegacyProgram) -> None:
+def work_around_onednn_passes(loaded: LegacyProgram) -> None:
     """Rewrites ``loaded`` (a traced program, before quantization) around what Paddle 3.3.1's
     oneDNN passes and kernels get wrong, each rewrite computing the same values
     (:mod:`.graph`): matmul widths left unknown by a reshape, feature maps reshaped and
