@@ -24,7 +24,9 @@ from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .functional_ops import FunctionalConcat
 from .halved_convs import halved_convs
-from .quant_layers import MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer
+from .quant_layers import (
+    MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer, untie_shared_weights,
+)
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool, int8_head_pools
 from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput, relu_or_its_max_pool
@@ -78,6 +80,12 @@ def convert_layers(
     affine_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
     heads = _output_layers(hooked)
+    untied = untie_shared_weights(
+        model, [layer for layer, state in hooked if state.weight_quantizer is not None and state.name in table]
+    )
+    if untied:
+        logger.info("%d calibrated layers share their weight with other layers: each is quantized "
+                    "on a copy of its own", len(untied))
     halvable = halved_convs(model, hooked) if target.halved_signed_convs else {}
     for layer, state in hooked:
         entry = table.get(state.name)

@@ -1,0 +1,68 @@
+"""Layers sharing one weight parameter (``b.weight = a.weight``): each calibrated layer is
+quantized on a copy of its own. On the shared parameter the second layer quantized what the
+first had put there, and the export (which finds a layer's ops by its weight's name) applied
+one layer's record to both: 0.86 of the largest output off the simulation in Paddle
+Inference, 1.2e-2 once the export alone copied the weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
+from models import converted
+from ties import relative_error, simulation_up_to_ties
+
+
+class _TiedLayers(paddle.nn.Layer):
+    """Two Linear layers on one weight (the first reads a signed input, the second a ReLU
+    output), and two convs on one weight (a padded one reading the signed network input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = paddle.nn.Conv2D(4, 4, 3, padding=1)
+        self.conv_b = paddle.nn.Conv2D(4, 4, 3, padding=1)
+        self.conv_b.weight = self.conv_a.weight
+        self.a, self.b = paddle.nn.Linear(64, 64), paddle.nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+        self.head = paddle.nn.Linear(64, 5)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = self.conv_b(F.relu(self.conv_a(x))).flatten(1)
+        return self.head(F.relu(self.b(F.relu(self.a(h)))))
+
+
+def _batches(count: int, seed: int) -> list[paddle.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [paddle.to_tensor(rng.standard_normal((4, 4, 4, 4)).astype(np.float32)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_layers_sharing_a_weight_export_what_the_simulation_computes(target, tmp_path) -> None:
+    paddle.seed(4)
+    model = _TiedLayers()
+    model.eval()
+    qmodel = converted(model, _batches(4, 0), target)
+    assert model.b.weight is model.a.weight and model.conv_b.weight is model.conv_a.weight  # untouched
+    quantized = {name: layer for name, layer in qmodel.named_sublayers() if isinstance(layer, ip.QuantizedLayer)}
+    assert {"a", "b"} <= set(quantized)
+    assert quantized["a"].layer.weight is not quantized["b"].layer.weight
+    x = _batches(1, 7)[0]
+    simulated = qmodel(x).numpy()
+    reference = model(x).numpy().ravel()
+    assert simulated.ravel() @ reference / np.linalg.norm(simulated) / np.linalg.norm(reference) > 0.99
+    prefix = str(tmp_path / "tied")
+    spec = [paddle.static.InputSpec([None, 4, 4, 4], "float32", "x")]
+    save_quantized_model(qmodel, prefix, spec)
+    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
+    flipped, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 2e-6)
+    assert relative_error(ran, flipped) < 2e-6
+    onnxruntime = pytest.importorskip("onnxruntime")
+    export_onnx(qmodel, prefix + ".onnx", spec)
+    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
+    ran = session.run(None, {"x": x.numpy()})[0]
+    flipped, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 2e-6)
+    assert relative_error(ran, flipped) < 2e-6
