@@ -305,7 +305,8 @@ class CalibrationSession:
     def _before_forward(self, layer: paddle.nn.Layer, inputs: tuple, kwargs: dict) -> None:
         """Forward-pre hook of the model: refuses numpy inputs, and a batch-norm layer (it
         would update its statistics) or a dropout layer (calibration would see dropped
-        activations) in training mode, before anything runs; notes the inputs' signature."""
+        activations) in training mode, or a batch-norm layer normalizing with batch statistics
+        in eval mode, before anything runs; notes the inputs' signature."""
         for position, value in enumerate(inputs):
             if isinstance(value, np.ndarray):
                 raise TypeError(
@@ -318,6 +319,15 @@ class CalibrationSession:
                 raise CalibrationError(
                     f"{name or type(layer).__name__} is in training mode: calibration would "
                     f"update its batch-norm statistics. Call model.eval() before calibrating."
+                )
+        for name, norm in self.norm_layers:
+            if getattr(norm, "_use_global_stats", None) is False:
+                raise CalibrationError(
+                    f"{name or type(layer).__name__} normalizes each batch with its own "
+                    f"statistics in eval mode too (use_global_stats=False): calibration would "
+                    f"update its running statistics, and Paddle Inference and ONNX Runtime "
+                    f"normalize with the running statistics, so no export computes what the "
+                    f"model does. Build it with use_global_stats=None (the default) to quantize it."
                 )
         for name, dropout in self.dropout_layers:
             if dropout.training:

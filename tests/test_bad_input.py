@@ -127,6 +127,15 @@ def _training_mode_forward() -> None:
     qmodel(_batch())
 
 
+def _batch_statistics_in_eval_mode() -> None:
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4, use_global_stats=False), paddle.nn.ReLU()
+    )
+    model.eval()
+    ptq = ImperativePTQ()
+    ptq.quantize(model)(paddle.randn([2, 3, 8, 8]))
+
+
 def _wrong_input_shape() -> None:
     ptq = ImperativePTQ()
     qmodel = ptq.quantize(_model())
@@ -206,6 +215,10 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
         _calibrate_dict_batch_missing_input, TypeError, r"lacks input\(s\) \['input'\]"
     ),
     "forward-in-training-mode": (_training_mode_forward, CalibrationError, "training mode"),
+    "batch-statistics-in-eval-mode": (
+        _batch_statistics_in_eval_mode, CalibrationError,
+        r"^1 normalizes each batch with its own statistics in eval mode too \(use_global_stats=False\)",
+    ),
     "wrong-input-shape": (_wrong_input_shape, ValueError, "channel"),
 }
 FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
