@@ -57,6 +57,7 @@ from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
 from .rollback import restored_on_failure
 from .session import CalibrationSession, LayerState, calibrating_session
+from .static_forwards import undecorate_static_forwards
 from .targets import get_target
 
 __all__ = ["ImperativePTQ"]
@@ -170,6 +171,12 @@ class ImperativePTQ:
             fuse_layers(model, fuse_list)
         fold_weight_reparametrizations(model)
         computed_weights = set(computed_weight_layers(model))
+        undecorated = undecorate_static_forwards(model)
+        if undecorated:
+            logger.info(
+                "the quantized model runs the forward of %s undecorated (paddle.jit.to_static): "
+                "the export traces it with the input_spec", ", ".join(undecorated),
+            )
 
         config = self._quant_config
         session = CalibrationSession(model, self._asynchronous, functools.partial(_new_state, config))

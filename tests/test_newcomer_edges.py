@@ -462,3 +462,48 @@ def test_calibration_never_runs_with_dropout_active() -> None:
     qmodel.eval()
     ptq.calibrate(qmodel, [x], progress=False)
     assert ptq.calibration_table(qmodel) == table  # the refused forwards observed nothing
+
+
+# ---------------------------------------------------- 8. a forward decorated with to_static
+class _StaticForwardNet(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.Linear(8, 5)
+
+    @paddle.jit.to_static
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(paddle.nn.functional.relu(self.conv(x)).mean([2, 3]))
+
+
+def test_a_to_static_forward_exports_the_input_spec_program(tmp_path) -> None:
+    """The export's batch-1 spec check compiled the decorated forward, and paddle.jit.save
+    wrote that program: input '_jst.0.x.0', batch 1 (Paddle Inference refused a batch of 4,
+    ONNX Runtime could not be fed 'x')."""
+    from paddle.jit.dy2static.program_translator import StaticFunction
+
+    from imperative_ptq import ImperativePTQ
+    from imperative_ptq.export import create_predictor, export_onnx, predict
+    from ties import relative_error
+
+    paddle.seed(2)
+    model = _StaticForwardNet()
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    assert isinstance(model.forward, StaticFunction)  # the user's model keeps its decorator
+    rng = np.random.default_rng(2)
+    ptq.calibrate(qmodel, [rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(3)],
+                  progress=False)
+    ptq.convert(qmodel)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    prefix = str(tmp_path / "static")
+    ptq.save_quantized_model(qmodel, prefix, input_spec=spec)
+    predictor = create_predictor(prefix, num_threads=1)
+    assert predictor.get_input_names() == ["x"]
+    assert relative_error(predict(predictor, x)[0], simulated) < 2e-6
+    onnxruntime = pytest.importorskip("onnxruntime")
+    export_onnx(qmodel, prefix + ".onnx", spec)
+    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
+    assert relative_error(session.run(None, {"x": x})[0], simulated) < 2e-6
