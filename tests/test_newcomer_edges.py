@@ -507,3 +507,35 @@ def test_a_to_static_forward_exports_the_input_spec_program(tmp_path) -> None:
     export_onnx(qmodel, prefix + ".onnx", spec)
     session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
     assert relative_error(session.run(None, {"x": x})[0], simulated) < 2e-6
+
+
+# ------------------------------------------------- 9. a user's forward-pre hook on a layer
+def test_a_user_forward_pre_hook_runs_before_the_input_is_quantized(tmp_path) -> None:
+    """Calibration saw the input the hook made (halved); after convert the hook ran after
+    the quantization of the full input, which the halved threshold clipped: the simulation
+    was 0.16 of the largest output off the fp32 model, 0.11 off Paddle Inference."""
+    from imperative_ptq import ImperativePTQ, QuantizedLayer
+    from imperative_ptq.export import create_predictor, predict
+    from ties import relative_error
+
+    paddle.seed(6)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.ReLU(), paddle.nn.Conv2D(8, 8, 3, padding=1)
+    )
+    model[2].register_forward_pre_hook(lambda layer, inputs: (inputs[0] * 0.5,))
+    model[2].register_forward_pre_hook(
+        lambda layer, inputs, kwargs: ((inputs[0] + 0.25,), kwargs), with_kwargs=True
+    )
+    model.eval()
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(6)
+    ptq.calibrate(qmodel, [rng.random((4, 3, 8, 8)).astype(np.float32) for _ in range(3)], progress=False)
+    ptq.convert(qmodel)
+    assert isinstance(qmodel[2], QuantizedLayer)
+    x = rng.random((4, 3, 8, 8)).astype(np.float32)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    assert relative_error(simulated, model(paddle.to_tensor(x)).numpy()) < 0.08  # 0.16 before
+    prefix = str(tmp_path / "hooked")
+    ptq.save_quantized_model(qmodel, prefix, input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    assert relative_error(predict(create_predictor(prefix, num_threads=1), x)[0], simulated) < 2e-6
