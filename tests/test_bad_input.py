@@ -221,6 +221,27 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
     ),
     "wrong-input-shape": (_wrong_input_shape, ValueError, "channel"),
 }
+class _FoldsPatches(paddle.nn.Layer):
+    """Patches folded back with F.fold, which traces only with known sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 4, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.fold(paddle.nn.functional.unfold(self.conv(x), 2, 2), [8, 8], 2, 2)
+
+
+def _export_fold_with_dynamic_batch(tmp_path: pathlib.Path) -> None:
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_FoldsPatches())
+    qmodel(paddle.rand([2, 3, 8, 8]))
+    ptq.convert(qmodel)
+    ptq.save_quantized_model(
+        qmodel, str(tmp_path / "fold"), input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    )
+
+
 FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
     "table-missing-file": (_table_missing_file, FileNotFoundError, "missing.json"),
     "table-not-json": (_table_not_json, ValueError, "not a calibration table"),
@@ -233,6 +254,10 @@ FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
     "export-fp32-model": (_export_fp32_model, (TypeError, ValueError), "quantiz|convert"),
     "export-input-spec-string": (_export_wrong_spec_type, TypeError, "input_spec"),
     "predictor-missing-path": (_predictor_missing, FileNotFoundError, "nothing.pdmodel"),
+    "export-fold-dynamic-batch": (
+        _export_fold_with_dynamic_batch, ValueError, r"such as F.fold, trace only with known sizes: "
+                                                     r"try fixed sizes \(a fixed batch\) in the input_spec",
+    ),
 }
 
 

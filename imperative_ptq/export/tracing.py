@@ -571,10 +571,14 @@ def trace_to_legacy_program(
             paddle.jit.save(export_model, path_prefix, input_spec=list(input_spec))
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
+        dynamic = any(size is None or size == -1 for spec in input_spec for size in spec.shape)
         raise ValueError(
             f"tracing the model with input_spec [{shapes}] failed ({_self_hint(export_model)}wrong "
-            f"rank or shape, or an op without a legacy-IR kernel in Paddle {paddle.__version__}?): "
-            f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
+            f"rank or shape, or an op without a legacy-IR kernel in Paddle {paddle.__version__}?"
+            # (measured: F.fold asserts its input has a known size; plain paddle.jit.save too)
+            + ("; some Paddle APIs, such as F.fold, trace only with known sizes: try fixed "
+               "sizes (a fixed batch) in the input_spec" if dynamic else "")
+            + f"): {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
         ) from error
     finally:
         for handle in handles:
