@@ -40,6 +40,11 @@ SESSION_ATTR = "_ptq_session"
 #: Calibration batches kept for bias correction and AdaRound.
 MAX_CACHED_BATCHES = 64
 _NORM_TYPES = BATCH_NORM_TYPES
+#: Batch norms that normalize with each batch's statistics in eval mode when built with
+#: ``use_global_stats=False``.
+_BATCH_STATISTICS_NORMS = (
+    paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.BatchNorm3D, paddle.nn.SyncBatchNorm,
+)
 _DROPOUT_TYPES = tuple(
     getattr(paddle.nn, name)
     for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
@@ -321,7 +326,9 @@ class CalibrationSession:
                     f"update its batch-norm statistics. Call model.eval() before calibrating."
                 )
         for name, norm in self.norm_layers:
-            if getattr(norm, "_use_global_stats", None) is False:
+            # (The legacy paddle.nn.BatchNorm uses its running statistics in eval mode
+            # whatever its use_global_stats says.)
+            if isinstance(norm, _BATCH_STATISTICS_NORMS) and norm._use_global_stats is False:
                 raise CalibrationError(
                     f"{name or type(layer).__name__} normalizes each batch with its own "
                     f"statistics in eval mode too (use_global_stats=False): calibration would "
