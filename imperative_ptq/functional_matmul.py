@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
+from .fake_quant import FakeQuantLayer
 from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
@@ -426,7 +427,8 @@ def matmul_sites(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:
 
 
 def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
-    return layer.layer if isinstance(layer, (QuantizedLayer, QuantizedMatmul)) else layer
+    """The site a sublayer is or wraps (``convert``'s and ``ImperativeQAT``'s wrappers)."""
+    return layer.layer if isinstance(layer, (QuantizedLayer, QuantizedMatmul, FakeQuantLayer)) else layer
 
 
 def _calling_layer() -> paddle.nn.Layer | None:
