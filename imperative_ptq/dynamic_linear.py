@@ -84,6 +84,13 @@ class DynamicQuantizedLinear(paddle.nn.Layer):
             )
             self.bias.stop_gradient = True
 
+    @property
+    def weight(self) -> paddle.Tensor:
+        """The ``[in, out]`` weight the integers stand for, as a tensor: for a model whose
+        forward reads the Linear's weight too (a decoder tied to it, ``F.linear(h,
+        self.encoder.weight.T)``)."""
+        return self.weight_integers.astype("float32") * self.weight_scales.unsqueeze(0)
+
     def dequantized_weight(self) -> np.ndarray:
         """The ``[in, out]`` float32 weight the integers stand for."""
         return (

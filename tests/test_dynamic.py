@@ -541,3 +541,70 @@ def test_onnx_opset_18_layer_norm_and_mean(transformer, tmp_path) -> None:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+class _MaskedLinear(paddle.nn.Linear):
+    """MADE's masked Linear: a forward of its own."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__(inputs, outputs)
+        self.register_buffer("mask", paddle.tril(paddle.ones([inputs, outputs])))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class _ScaledLinear(paddle.nn.Linear):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return super().forward(x) * 2.0
+
+
+def test_subclasses_with_a_forward_of_their_own_stay_fp32(caplog) -> None:
+    """They were replaced by a plain int8 Linear, their forward dropped: a masked Linear 1.37
+    of the largest output off the fp32 model, a scaled one 0.5."""
+    paddle.seed(1)
+    model = paddle.nn.Sequential(_MaskedLinear(8, 16), paddle.nn.ReLU(), paddle.nn.Linear(16, 16),
+                                 paddle.nn.ReLU(), _ScaledLinear(16, 4))
+    model.eval()
+    with caplog.at_level("WARNING", logger="imperative_ptq"):
+        quantized = quantize_dynamic(model)
+    assert "2 layers stay fp32: their class overrides the forward" in caplog.text
+    assert "0 (_MaskedLinear), 4 (_ScaledLinear)" in caplog.text
+    assert [name for name, _ in dynamic_layers(quantized)] == ["2"]
+    assert type(quantized[0]) is _MaskedLinear and type(quantized[4]) is _ScaledLinear
+    x = paddle.randn([8, 8])
+    expected = model(x).numpy()
+    assert np.abs(quantized(x).numpy() - expected).max() < 0.02 * np.abs(expected).max()
+    with pytest.raises(ValueError, match=r"no layer of the types to quantize \(Linear\) whose forward "
+                                         r"it can replace \(overridden: 0\)"):
+        quantize_dynamic(paddle.nn.Sequential(_MaskedLinear(4, 4)))
+
+
+class _TiedAutoencoder(paddle.nn.Layer):
+    """A decoder multiplying by the encoder Linear's weight transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = paddle.nn.Linear(16, 8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        code = paddle.nn.functional.relu(self.encoder(x))
+        return paddle.nn.functional.linear(code, self.encoder.weight.T)
+
+
+def test_a_forward_reading_the_weight_of_a_dynamic_linear(tmp_path) -> None:
+    """It raised AttributeError: 'DynamicQuantizedLinear' object has no attribute 'weight'."""
+    paddle.seed(2)
+    model = _TiedAutoencoder()
+    model.eval()
+    quantized = quantize_dynamic(model)
+    np.testing.assert_array_equal(quantized.encoder.weight.numpy(), quantized.encoder.dequantized_weight())
+    x = paddle.randn([4, 16])
+    expected = model(x).numpy()
+    assert np.abs(quantized(x).numpy() - expected).max() < 0.03 * np.abs(expected).max()
+    save_quantized_model(quantized, tmp_path / "tied", [paddle.static.InputSpec([None, 16], "float32", "x")])
+    ran = predict(create_predictor(tmp_path / "tied", int8=False), x.numpy())[0]
+    # Weight-only: fp32 arithmetic on the dequantized weights, the decoder's transpose included.
+    weight = quantized.encoder.dequantized_weight()
+    code = np.maximum(x.numpy() @ weight + quantized.encoder.bias.numpy(), 0)
+    np.testing.assert_allclose(ran, code @ weight.T, rtol=1e-5, atol=1e-5)
