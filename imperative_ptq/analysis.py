@@ -30,7 +30,7 @@ import numpy as np
 import paddle
 
 from .batches import batch_to_call, eval_mode
-from .converted import converted_structure, converted_table
+from .converted import converted_structure, converted_table, is_marked_converted
 from .fp32_residuals import refit_fused_residuals
 from .functional_matmul import with_matmul_sites
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
@@ -304,6 +304,11 @@ def _pairs(
             "model is needed separately"
         )
     names = quantized_layer_names(quantized_model)
+    if not names and is_marked_converted(quantized_model):
+        raise ValueError(
+            "quantized_model is converted but has no QuantizedLayer: convert kept every "
+            "calibrated layer fp32 (its warnings say why), so there is nothing to analyze"
+        )
     if not names:
         raise ValueError("quantized_model has no QuantizedLayer: call ImperativePTQ.convert first")
     pairs = []

@@ -171,3 +171,14 @@ def test_calibration_table_keeps_the_computed_weights(tmp_path) -> None:
     loading.convert(loaded)
     assert not isinstance(loaded.conv, ip.QuantizedLayer) and not isinstance(loaded.masked, ip.QuantizedLayer)
     assert isinstance(loaded.plain, ip.QuantizedLayer)
+
+
+def test_analyze_of_a_model_convert_left_fp32_says_so() -> None:
+    """It said to call convert first, which had been called."""
+    paddle.seed(5)
+    model = paddle.nn.Sequential(MaskedLinear(8, 8), paddle.nn.ReLU(), MaskedLinear(8, 4))
+    model.eval()
+    batches = [paddle.randn([4, 8]) for _ in range(2)]
+    qmodel = converted(model, batches)
+    with pytest.raises(ValueError, match="converted but has no QuantizedLayer: convert kept every calibrated layer fp32"):
+        ip.analyze(model, qmodel, batches)
