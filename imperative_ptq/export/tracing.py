@@ -121,6 +121,10 @@ class LayerRecord:
         constant_call_weight: For a Linear whose calls on inputs computed from parameters only
             the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
             compute with; the exports give those calls it, in float; else ``None``.
+        simulated_weight: Where the program stores another weight than the layer computes
+            with (``QuantizedLayer.program_weight``, from which Paddle's fc derives it), the
+            one it computes with: for other ops reading the weight's variable (a decoder tied
+            to it through ``.T``); else ``None`` (the variable holds it).
         runs_as_conv: A Linear or functional matmul the Paddle export runs as a 1x1 conv
             (``QuantizedLayer.runs_as_conv``, :mod:`.linear_as_conv`).
         halved: A conv reading a signed input on AVX2 kernels, which halve its weight
@@ -156,6 +160,7 @@ class LayerRecord:
     sum_codes_threshold: float | None = None
     sum_codes_top: int = 0
     constant_call_weight: np.ndarray | None = None
+    simulated_weight: np.ndarray | None = None
     runs_as_conv: bool = False
     halved: bool = False
     norm_factor: np.ndarray | None = None
@@ -328,7 +333,7 @@ def _collect_records(
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
             shift_response = layer.input_shift_response()  # of the weight that runs
-            grid_weight = grid_thresholds = None
+            grid_weight = grid_thresholds = simulated_weight = None
             # The weight its calls on constants compute with (QuantizedLayer.constant_inputs),
             # before the program's own is traced in its place.
             constant_call_weight = layer.weight.numpy().copy() if layer.constant_inputs else None
@@ -338,6 +343,7 @@ def _collect_records(
                 ):
                     # Codes Paddle derives its own from (a halved conv's 8-bit ones, whose
                     # halving the simulation follows: quant_layers.runtime_weight).
+                    simulated_weight = inner.weight.numpy().copy()
                     inner.weight.set_value(layer.program_weight)
                     weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
                 else:
@@ -375,6 +381,7 @@ def _collect_records(
                 residual_output=layer.residual_output_threshold is not None,
                 residual_fused_with=layer.residual_fused_with,
                 constant_call_weight=constant_call_weight,
+                simulated_weight=simulated_weight,
                 # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
                 # (.linear_as_conv); ONNX Runtime takes the stored ones.
                 runs_as_conv=program_weights and layer.runs_as_conv and not layer.constant_inputs,

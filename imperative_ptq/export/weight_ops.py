@@ -246,6 +246,7 @@ def int8_weight(
         # oneDNN pass turns a dequantize_linear with bit_length 4 into NaN, measured).
         thresholds = thresholds * np.float32(127 / symmetric_levels(bit_length))
         bit_length = 8
+    _float_copy_for_other_readers(loaded, weight_name, record)
     set_tensor(loaded, weight_name, integers)
     block.var(weight_name).desc.set_dtype(paddle.base.core.VarDesc.VarType.INT8)
     scale = new_persistable(loaded, weight_name + ".scale", thresholds)
@@ -263,6 +264,28 @@ def int8_weight(
     )
     written.weights[weight_name] = [float(t) for t in thresholds]
     return out
+
+
+def _float_copy_for_other_readers(loaded: LegacyProgram, weight_name: str, record: LayerRecord) -> None:
+    """Gives the ops that read ``weight_name`` other than as a conv/fc weight (a decoder
+    multiplying by it transposed, ``F.linear(h, encoder.weight.T)``) a float copy holding the
+    weight the simulation computes with, before the variable becomes int8: Paddle Inference
+    read the int8 codes dequantized in place (measured: a tied autoencoder's decoder, 7.8e-2
+    of the largest output off the simulation; ``int8=False`` predictors refused the program)."""
+    block = loaded.program.global_block()
+    readers = [
+        op for op in block.ops
+        if weight_name in op.input_arg_names and not (
+            op.type in INT8_WEIGHT_OPS and not transposed_matmul(op)
+            and op.input(INT8_WEIGHT_OPS[op.type][0]) == [weight_name]
+        )
+    ]
+    if not readers:
+        return
+    values = record.simulated_weight if record.simulated_weight is not None else get_tensor(loaded, weight_name)
+    copy = new_persistable(loaded, weight_name + ".float", np.asarray(values, np.float32))
+    for op in readers:
+        op._rename_input(weight_name, copy)
 
 
 def copy_int8_weight(loaded: LegacyProgram, index: int, dequantized: str, serial: int) -> str:
