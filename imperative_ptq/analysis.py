@@ -402,6 +402,8 @@ def analyze(
     one layer swapped in (and restored afterwards, also on error), and compared to the plain
     fp32 run: the layer's own output (SQNR, cosine) and the model's output (SQNR, cosine), all
     accumulated over every element of every batch; plus ``metric`` of that model if given.
+    Observed-only layers (functional concats and multiplies, float in every runtime) get rows
+    with their output thresholds and no measurement.
 
     Args:
         model: The fp32 model ``quantized_model`` was made from (not fused separately).

@@ -151,8 +151,8 @@ class ImperativeQAT:
 
         Raises:
             TypeError: ``calibrated`` is not a Layer.
-            ValueError: ``calibrated`` is not a calibrating PTQ model, or a layer to
-                quantize has no QAT form (named).
+            ValueError: ``calibrated`` is not a calibrating PTQ model, or PTQ's convert
+                quantizes none of its layers.
             CalibrationError: No calibration batch was run.
         """
         if not isinstance(calibrated, paddle.nn.Layer):
