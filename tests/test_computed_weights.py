@@ -15,9 +15,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.computed_weights import computes_its_weight, may_compute_its_weight
-from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
-from models import converted
-from ties import relative_error
+from models import converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
 
 
 class MaskedLinear(paddle.nn.Linear):
@@ -143,15 +141,8 @@ def test_masked_layers_stay_fp32_and_the_runtimes_compute_the_simulation(
     simulated = qmodel(x).numpy()
     reference = model(x).numpy().ravel()
     assert simulated.ravel() @ reference / np.linalg.norm(simulated) / np.linalg.norm(reference) > 0.98
-    prefix = str(tmp_path / "made")
-    spec = [paddle.static.InputSpec([None, 2, 4, 4], "float32", "x")]
-    save_quantized_model(qmodel, prefix, spec)
-    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
-    assert relative_error(ran, simulated) < 2e-6
-    onnxruntime = pytest.importorskip("onnxruntime")
-    export_onnx(qmodel, prefix + ".onnx", spec)
-    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
-    assert relative_error(session.run(None, {"x": x.numpy()})[0], simulated) < 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x.numpy(), tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x.numpy(), tmp_path) < 2e-6
 
 
 def test_calibration_table_keeps_the_computed_weights(tmp_path) -> None:

@@ -12,9 +12,8 @@ import paddle.nn.functional as F
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict, save_quantized_model
-from models import converted
-from ties import relative_error, simulation_up_to_ties
+from imperative_ptq.export import create_predictor, predict
+from models import converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
 
 
 class _TiedLayers(paddle.nn.Layer):
@@ -54,18 +53,8 @@ def test_layers_sharing_a_weight_export_what_the_simulation_computes(target, tmp
     simulated = qmodel(x).numpy()
     reference = model(x).numpy().ravel()
     assert simulated.ravel() @ reference / np.linalg.norm(simulated) / np.linalg.norm(reference) > 0.99
-    prefix = str(tmp_path / "tied")
-    spec = [paddle.static.InputSpec([None, 4, 4, 4], "float32", "x")]
-    save_quantized_model(qmodel, prefix, spec)
-    ran = predict(create_predictor(prefix, num_threads=1), x.numpy())[0]
-    flipped, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 2e-6)
-    assert relative_error(ran, flipped) < 2e-6
-    onnxruntime = pytest.importorskip("onnxruntime")
-    export_onnx(qmodel, prefix + ".onnx", spec)
-    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
-    ran = session.run(None, {"x": x.numpy()})[0]
-    flipped, _ = simulation_up_to_ties(lambda: qmodel(x).numpy(), ran, 2e-6)
-    assert relative_error(ran, flipped) < 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x.numpy(), tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x.numpy(), tmp_path) < 2e-6
 
 
 class _TiedAutoencoder(paddle.nn.Layer):
@@ -94,13 +83,6 @@ def test_a_weight_read_transposed_beside_its_int8_layer(target, tmp_path) -> Non
     qmodel = converted(model, batches, target)
     assert isinstance(qmodel.encoder, ip.QuantizedLayer)
     x = rng.standard_normal((4, 20)).astype(np.float32)
-    simulated = qmodel(paddle.to_tensor(x)).numpy()
-    prefix = str(tmp_path / "tied_ae")
-    spec = [paddle.static.InputSpec([None, 20], "float32", "x")]
-    save_quantized_model(qmodel, prefix, spec)
-    assert relative_error(predict(create_predictor(prefix, num_threads=1), x)[0], simulated) < 2e-6
-    predict(create_predictor(prefix, int8=False), x)  # loads and runs
-    onnxruntime = pytest.importorskip("onnxruntime")
-    export_onnx(qmodel, prefix + ".onnx", spec)
-    session = onnxruntime.InferenceSession(prefix + ".onnx", providers=["CPUExecutionProvider"])
-    assert relative_error(session.run(None, {"x": x})[0], simulated) < 2e-6
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    predict(create_predictor(str(tmp_path / "m"), int8=False), x)  # loads and runs
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
