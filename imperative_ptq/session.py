@@ -498,6 +498,9 @@ class CalibrationSession:
                 self._rerunning = True
                 try:
                     state.computed_weight = computes_its_weight(layer, inputs, kwargs)
+                except Exception as error:  # a forward that cannot run twice: assume its weight
+                    logger.info("%s: could not check which weight its forward multiplies by "
+                                "(%s: %s); calibrated as its own", state.name, type(error).__name__, error)
                 finally:
                     self._rerunning = False
         collector = self.collector

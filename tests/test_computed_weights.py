@@ -173,3 +173,27 @@ def test_analyze_of_a_model_convert_left_fp32_says_so() -> None:
     qmodel = converted(model, batches)
     with pytest.raises(ValueError, match="converted but has no QuantizedLayer: convert kept every calibrated layer fp32"):
         ip.analyze(model, qmodel, batches)
+
+
+class _CalledOnce(paddle.nn.Linear):
+    """A subclass whose forward refuses a second call on the same input."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 4)
+        self.seen: set[int] = set()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if id(x) in self.seen:
+            raise RuntimeError("called twice")
+        self.seen.add(id(x))
+        return super().forward(x)
+
+
+def test_a_forward_that_cannot_run_twice_is_calibrated_as_its_own_weight(caplog) -> None:
+    paddle.seed(6)
+    model = paddle.nn.Sequential(_CalledOnce())
+    model.eval()
+    with caplog.at_level(logging.INFO, logger="imperative_ptq"):
+        qmodel = converted(model, [paddle.randn([4, 8]) for _ in range(2)])
+    assert "could not check which weight its forward multiplies by (RuntimeError: called twice)" in caplog.text
+    assert isinstance(qmodel[0], ip.QuantizedLayer)
