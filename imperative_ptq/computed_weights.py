@@ -5,10 +5,11 @@ matmul (PixelCNN's and MADE's masks, ``self.weight * self.mask``; BiT's weight
 standardization). The simulation quantizes the parameter and lets ``forward`` transform the
 quantized weight, while int8 runtimes see a kernel reading a tensor computed from parameters,
 which Paddle Inference and ONNX Runtime fold into an fp32 constant and run in fp32 (measured:
-a masked Conv2D 5.3e-3 of its largest output off the simulation, three of them 0.19, a
-weight-standardized one 0.11). Such a layer is found on its first calibration call by running
+a masked Conv2D 5.3e-3 of its largest output off the simulation, three of them 0.19, two
+weight-standardized ones 0.11). Such a layer is found on its first calibration call by running
 its ``forward`` again while recording the weight operands of Paddle's conv and matmul kernels,
-and ``convert`` keeps it fp32.
+and ``convert`` keeps it fp32. (A weight that a forward-pre hook computes, as
+``paddle.nn.utils.weight_norm`` does, is :mod:`imperative_ptq.reparametrized`'s.)
 """
 
 from __future__ import annotations
