@@ -364,6 +364,27 @@ def test_native_target_picks_the_x86_target_this_cpu_runs(flags, expected, monke
         ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="nativ")
 
 
+def _convert_warnings(
+    model: paddle.nn.Layer, batch: paddle.Tensor, target: str, flags: tuple[str, ...], monkeypatch, caplog
+) -> str:
+    """The warnings of calibrating ``model`` on ``batch`` and converting it for ``target`` on a
+    CPU reporting ``flags``."""
+    from imperative_ptq import cpu as cpu_module
+
+    monkeypatch.setattr(
+        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
+    )
+    model.eval()
+    ptq = ip.ImperativePTQ(
+        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target)
+    )
+    qmodel = ptq.quantize(model)
+    qmodel(batch)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    return caplog.text
+
+
 @pytest.mark.parametrize(
     "flags, hint",
     [
@@ -373,29 +394,18 @@ def test_native_target_picks_the_x86_target_this_cpu_runs(flags, expected, monke
     ],
 )
 def test_signed_input_warning_points_to_native(flags, hint, monkeypatch, caplog) -> None:
-    from imperative_ptq import cpu as cpu_module
-
-    monkeypatch.setattr(
-        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
-    )
     paddle.seed(0)
     # Padded convs: a signed input there cannot be shifted (a Linear's would be).
     model = paddle.nn.Sequential(
         paddle.nn.Conv2D(2, 2, 3, padding=1), paddle.nn.Conv2D(2, 2, 3, padding=1)
     )
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
-    qmodel(paddle.randn([4, 2, 5, 5]))
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        ptq.convert(qmodel)
-    assert "read a signed input and stay fp32" in caplog.text
-    assert "target='x86-avx2' the convs" in caplog.text
+    warnings = _convert_warnings(model, paddle.randn([4, 2, 5, 5]), "x86", flags, monkeypatch, caplog)
+    assert "read a signed input and stay fp32" in warnings
+    assert "target='x86-avx2' the convs" in warnings
     if hint is None:
-        assert "target='native' picks" not in caplog.text
+        assert "target='native' picks" not in warnings
     else:
-        assert hint in caplog.text
-
+        assert hint in warnings
 
 
 class _ScoresOfTwoProjections(paddle.nn.Layer):
@@ -420,50 +430,30 @@ def test_activation_matmul_warning_names_vnni_as_the_only_target(
     """The warning of an activation matmul kept fp32 gave the conv/fc reasons and pointed an
     x86-avx2 user to target='x86-avx2' (and to 'native', which picks it on AVX2), neither of
     which runs it int8."""
-    from imperative_ptq import cpu as cpu_module
-
-    monkeypatch.setattr(
-        cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(flags))
-    )
     paddle.seed(0)
-    model = _ScoresOfTwoProjections()
-    model.eval()
-    ptq = ip.ImperativePTQ(
-        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target)
+    warnings = _convert_warnings(
+        _ScoresOfTwoProjections(), paddle.randn([4, 6, 8]), target, flags, monkeypatch, caplog
     )
-    qmodel = ptq.quantize(model)
-    qmodel(paddle.randn([4, 6, 8]))
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        ptq.convert(qmodel)
     assert (f"target '{target}': 1 matmuls of two activations stay fp32 (activation_matmul_0): "
             "oneDNN runs both operands as s8, and without VNNI its int16 pair sums saturate. "
-            "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only") in caplog.text
-    assert "target='x86-avx2'" not in caplog.text and "picks x86-avx2" not in caplog.text
-    assert "read a signed input" not in caplog.text  # the Linears are shifted
-    assert (hint in caplog.text) if hint else "target='native'" not in caplog.text
+            "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only") in warnings
+    assert "target='x86-avx2'" not in warnings and "picks x86-avx2" not in warnings
+    assert "read a signed input" not in warnings  # the Linears are shifted
+    assert (hint in warnings) if hint else "target='native'" not in warnings
 
 
 def test_signed_input_warning_on_x86_avx2_points_to_vnni_only(monkeypatch, caplog) -> None:
     """A layer x86-avx2 keeps fp32 (a grouped conv of 3 channels a group on a signed input:
     oneDNN's AVX2 kernel for it does not halve its weights) was told to use target='x86-avx2'."""
-    from imperative_ptq import cpu as cpu_module
-
-    monkeypatch.setattr(cpu_module, "cpu_info", lambda: CpuInfo(model="probe", flags=frozenset(("avx2",))))
     paddle.seed(0)
     model = paddle.nn.Sequential(
         paddle.nn.Conv2D(6, 6, 3, padding=1, groups=2), paddle.nn.Conv2D(6, 6, 3, padding=1, groups=2)
     )
-    model.eval()
-    ptq = ip.ImperativePTQ(
-        ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target="x86-avx2")
-    )
-    qmodel = ptq.quantize(model)
-    qmodel(paddle.randn([4, 6, 5, 5]))
-    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        ptq.convert(qmodel)
-    assert "read a signed input and stay fp32" in caplog.text
-    assert "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only." in caplog.text
-    assert "target='x86-avx2'" not in caplog.text and "target='native'" not in caplog.text
+    warnings = _convert_warnings(model, paddle.randn([4, 6, 5, 5]), "x86-avx2", ("avx2",), monkeypatch, caplog)
+    assert "read a signed input and stay fp32" in warnings
+    assert "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only." in warnings
+    assert "target='x86-avx2'" not in warnings and "target='native'" not in warnings
+
 
 class _NormedLinear(paddle.nn.Layer):
     """A square Linear reading a LayerNorm output (signed: a shifted input on x86), or its
