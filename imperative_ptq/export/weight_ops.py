@@ -273,18 +273,19 @@ def _float_copy_for_other_readers(loaded: LegacyProgram, weight_name: str, recor
     read the int8 codes dequantized in place (measured: a tied autoencoder's decoder, 7.8e-2
     of the largest output off the simulation; ``int8=False`` predictors refused the program)."""
     block = loaded.program.global_block()
-    readers = [
+    # (One pass over the ops: a readers() map of the whole block per weight measured 3x slower.)
+    others = [
         op for op in block.ops
         if weight_name in op.input_arg_names and not (
             op.type in INT8_WEIGHT_OPS and not transposed_matmul(op)
             and op.input(INT8_WEIGHT_OPS[op.type][0]) == [weight_name]
         )
     ]
-    if not readers:
+    if not others:
         return
     values = record.simulated_weight if record.simulated_weight is not None else get_tensor(loaded, weight_name)
     copy = new_persistable(loaded, weight_name + ".float", np.asarray(values, np.float32))
-    for op in readers:
+    for op in others:
         op._rename_input(weight_name, copy)
 
 
