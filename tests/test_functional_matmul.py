@@ -629,6 +629,7 @@ def test_a_functional_conv_running_fp32_is_named_in_a_warning(tmp_path, caplog) 
         ptq.save_quantized_model(quantized, str(tmp_path / "functional"), input_spec=spec)
     warned = [record.message for record in caplog.records if "were not calibrated" in record.message]
     assert len(warned) == 1 and warned[0].startswith("1 conv/matmul ops on parameters were not calibrated")
+    assert warned[0].endswith("parameters conv_weight"), warned[0]  # its path in the model
 
     caplog.clear()
     lenet = paddle.vision.models.LeNet()

@@ -126,17 +126,18 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
 
 
 def _log_runtime_report(
-    path: str, written: ProgramScales, target: Target, own_parameters: frozenset[str],
+    path: str, written: ProgramScales, target: Target, own_parameters: Mapping[str, str],
     halved: int = 0,
 ) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
     naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
     fp32 although the program writes them int8 (``written``: what the program stores; layers
     it stores fp32 were warned about when writing it), one for convs/matmuls on parameters of
-    the model's own layer classes that nothing calibrated (``own_parameters``; a parameter of
-    Paddle's layers runs fp32 on purpose, an activation operand is no parameter), and one for
-    int8 ops reading a signed input on the ``x86`` target (more than the ``halved`` convs that
-    read one on ``x86-avx2``).
+    the model's own layer classes that nothing calibrated (``own_parameters``: program name ->
+    path in the model; a parameter of Paddle's layers runs fp32 on purpose, an activation
+    operand is no parameter), naming them by their paths, and one for int8 ops reading a
+    signed input on the ``x86`` target (more than the ``halved`` convs that read one on
+    ``x86-avx2``).
     A failure to build the report is logged, never raised: the export itself is done."""
     try:
         report = int8_report(path)
@@ -162,7 +163,9 @@ def _log_runtime_report(
             len(demoted), ", ".join(demoted[:10]) + (" ..." if len(demoted) > 10 else ""),
         )
     uncalibrated = sorted(
-        (set(report.fp32_weights) & own_parameters) - set(written.weight_layers) - set(written.weights)
+        own_parameters[weight]
+        for weight in (set(report.fp32_weights) & set(own_parameters))
+        - set(written.weight_layers) - set(written.weights)
     )
     if uncalibrated:
         # A conv or matmul on a parameter that no calibrated layer holds: a functional call
@@ -170,7 +173,7 @@ def _log_runtime_report(
         logger.warning(
             "%d conv/matmul ops on parameters were not calibrated and run fp32 (a functional "
             "call such as F.conv2d(x, self.weight), which no layer hook sees; an nn.Conv2D or "
-            "nn.Linear layer holding the weight is calibrated and runs int8): weights %s",
+            "nn.Linear layer holding the weight is calibrated and runs int8): parameters %s",
             len(uncalibrated), ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else ""),
         )
     if len(report.signed_inputs) > halved and not target.signed_inputs_int8:

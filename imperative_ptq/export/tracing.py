@@ -191,8 +191,9 @@ class TraceResult:
     #: Parameters held by the model's own layer classes, not Paddle's (``nn.Conv2D``,
     #: ``nn.Linear``, ...) nor subclasses of layers PTQ hooks (a Linear subclass that
     #: ``convert`` kept fp32 was calibrated, and said so): a conv or matmul on one is a
-    #: functional call of the model's code.
-    own_parameters: frozenset[str] = frozenset()
+    #: functional call of the model's code. Program name -> its path in the model (``w1``,
+    #: ``blocks.0.weight``).
+    own_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def normalize_input_spec(input_spec: Any, model: paddle.nn.Layer | None = None) -> list[paddle.static.InputSpec]:
@@ -595,10 +596,10 @@ def trace_to_legacy_program(
             f"paddle.jit.save wrote no legacy program at {path_prefix}.pdmodel; this Paddle "
             f"version ({paddle.__version__}) is not supported for int8 export"
         )
-    own_parameters = frozenset(
-        parameter.name
-        for layer in export_model.sublayers(include_self=True)
+    own_parameters = {
+        parameter.name: f"{prefix}.{attribute}" if prefix else attribute
+        for prefix, layer in export_model.named_sublayers(include_self=True)
         if not type(layer).__module__.startswith("paddle.") and not PTQRegistry.is_supported_layer(layer)
-        for parameter in layer.parameters(include_sublayers=False)
-    )
+        for attribute, parameter in layer._parameters.items() if parameter is not None
+    }
     return TraceResult(path_prefix, records, own_parameters)
