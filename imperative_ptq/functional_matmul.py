@@ -52,9 +52,11 @@ from .session import any_discovering, discovering_session
 from .site_scope import calling_layer, inside_site_owner, watch
 
 __all__ = [
-    "ActivationMatmul", "MatmulSite", "activation_sites", "has_own_matrices", "install",
-    "matmul_sites", "mirror_sites", "missing_site_hint", "route_linear", "route_matmul",
-    "routed_bindings", "with_matmul_sites",
+    "ActivationMatmul", "MatmulSite", "ParameterSite", "activation_sites", "add_parameter_site",
+    "free_attribute",
+    "has_own_matrices", "inner_site", "install", "matmul_sites", "mirror_site", "mirror_sites",
+    "missing_site_hint", "parameter_path", "parameter_sites", "qualified", "resolve",
+    "route_linear", "route_matmul", "routed_bindings", "with_matmul_sites",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,7 +95,39 @@ _ACTIVATION_CALLERS: "weakref.WeakSet[paddle.nn.Layer]" = weakref.WeakSet()
 _ACTIVATION_CALLS: "weakref.WeakKeyDictionary[paddle.nn.Layer, int]" = weakref.WeakKeyDictionary()
 
 
-class MatmulSite(paddle.nn.Linear):
+class ParameterSite:
+    """Mixin of a layer standing for a functional call on its calling layer's parameters
+    (:class:`MatmulSite`; :class:`~imperative_ptq.functional_conv.ConvSite`)."""
+
+    #: The layer class it stands in for, for messages.
+    layer_kind = ""
+
+    def rebuilt_for(self, caller: paddle.nn.Layer) -> paddle.nn.Layer | None:
+        """This site built afresh (fp32) from ``caller``'s own parameters, where ``caller`` is
+        the layer of the same name in another copy of the model; ``None`` if it lacks them."""
+        raise NotImplementedError
+
+    def load(self, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Sets the site's weight (and bias, where it has one) to copies of the arrays."""
+        with paddle.no_grad():
+            self.weight.set_value(weight)
+            if bias is not None:
+                self.bias.set_value(bias)
+
+    @staticmethod
+    def caller_arrays(
+        caller: paddle.nn.Layer, path: str, bias_path: str | None
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The values of ``caller``'s parameters at ``path`` and ``bias_path`` (``None`` for
+        no bias); ``None`` if it lacks them."""
+        weight = resolve(caller, path)
+        bias = None if bias_path is None else resolve(caller, bias_path)
+        if not isinstance(weight, paddle.Tensor) or (bias_path is not None and not isinstance(bias, paddle.Tensor)):
+            return None
+        return weight.numpy(), None if bias is None else bias.numpy()
+
+
+class MatmulSite(ParameterSite, paddle.nn.Linear):
     """A functional ``paddle.matmul(x, parameter)`` or ``F.linear(x, parameter, bias)`` call
     as a Linear layer.
 
@@ -106,15 +140,14 @@ class MatmulSite(paddle.nn.Linear):
         bias_path: That bias parameter's name relative to the calling layer.
     """
 
+    layer_kind = "Linear"
+
     def __init__(
         self, weight: np.ndarray, parameter_path: str, transpose_y: bool,
         bias: np.ndarray | None = None, bias_path: str | None = None,
     ) -> None:
         super().__init__(weight.shape[0], weight.shape[1], bias_attr=None if bias is not None else False)
-        with paddle.no_grad():
-            self.weight.set_value(weight)
-            if bias is not None:
-                self.bias.set_value(bias)
+        self.load(weight, bias)
         self.parameter_path = parameter_path
         self.transpose_y = transpose_y
         self.bias_path = bias_path
@@ -125,24 +158,23 @@ class MatmulSite(paddle.nn.Linear):
     ) -> "MatmulSite | None":
         """The site of ``caller``'s ``matmul(x, <path>, transpose_y=...)`` (``F.linear(x,
         <path>, <bias_path>)``), built from its parameters; ``None`` if it lacks them."""
-        parameter = _resolve(caller, path)
-        bias = None if bias_path is None else _resolve(caller, bias_path)
-        if not isinstance(parameter, paddle.Tensor) or (bias_path is not None and not isinstance(bias, paddle.Tensor)):
+        arrays = cls.caller_arrays(caller, path, bias_path)
+        if arrays is None:
             return None
-        weight = parameter.numpy()
-        return cls(
-            np.ascontiguousarray(weight.T) if transpose_y else weight, path, transpose_y,
-            None if bias is None else bias.numpy(), bias_path,
-        )
+        weight, bias = arrays
+        return cls(np.ascontiguousarray(weight.T) if transpose_y else weight, path, transpose_y, bias, bias_path)
+
+    def rebuilt_for(self, caller: paddle.nn.Layer) -> "MatmulSite | None":
+        return MatmulSite.from_caller(caller, self.parameter_path, self.transpose_y, self.bias_path)
 
     def runs(self, caller: paddle.nn.Layer, y: Any, transpose_y: bool, bias: Any) -> bool:
         """Whether this site of ``caller`` computes ``matmul(x, y, transpose_y=...)``, or
         ``F.linear(x, y, bias)`` with ``bias`` a parameter (else ``None``)."""
-        if self.transpose_y != transpose_y or _resolve(caller, self.parameter_path) is not y:
+        if self.transpose_y != transpose_y or resolve(caller, self.parameter_path) is not y:
             return False
         if self.bias_path is None:
             return bias is None
-        return _resolve(caller, self.bias_path) is bias
+        return resolve(caller, self.bias_path) is bias
 
     def extra_repr(self) -> str:
         flags = ", transpose_y=True" if self.transpose_y else ""
@@ -320,7 +352,7 @@ def _parameter_site(
     bias a parameter or ``None``), added if its model is being calibrated; ``None``: the call
     runs as it is."""
     for _, child in matmul_sites(caller):
-        if _inner(child).runs(caller, y, transpose_y, bias):
+        if inner_site(child).runs(caller, y, transpose_y, bias):
             return child
     return _discover(caller, x, y, transpose_y, bias)
 
@@ -346,7 +378,7 @@ def _activation_site(
             site = _discover_activation(caller, session, count, transpose_x, transpose_y)
         else:
             site = sites[count % len(sites)]
-    inner = _inner(site)
+    inner = inner_site(site)
     if (inner.transpose_x, inner.transpose_y) != (transpose_x, transpose_y):
         return None  # another call order than calibration saw
     return site
@@ -356,9 +388,9 @@ def activation_sites(layer: paddle.nn.Layer) -> list[paddle.nn.Layer]:
     """The :class:`ActivationMatmul` sites of ``layer`` (or the layers ``convert`` wrapped
     them in), in call order."""
     found = [
-        child for child in layer._sub_layers.values() if isinstance(_inner(child), ActivationMatmul)
+        child for child in layer._sub_layers.values() if isinstance(inner_site(child), ActivationMatmul)
     ]
-    return sorted(found, key=lambda child: _inner(child).ordinal)
+    return sorted(found, key=lambda child: inner_site(child).ordinal)
 
 
 def _enter_caller(layer: paddle.nn.Layer, inputs: Any) -> None:
@@ -370,14 +402,14 @@ def _enter_caller(layer: paddle.nn.Layer, inputs: Any) -> None:
 def _discover_activation(
     caller: paddle.nn.Layer, session: Any, ordinal: int, transpose_x: bool, transpose_y: bool
 ) -> paddle.nn.Layer:
-    attribute = _free_attribute(caller, f"activation_matmul_{ordinal}")
+    attribute = free_attribute(caller, f"activation_matmul_{ordinal}")
     site = ActivationMatmul(ordinal, transpose_x, transpose_y)
     caller.add_sublayer(attribute, site)
     watch(caller)
     if ordinal == 0:
         caller.register_forward_pre_hook(_enter_caller)
         _ACTIVATION_CALLERS.add(caller)
-    name = _qualified(session.sublayer_name(caller), attribute)
+    name = qualified(session.sublayer_name(caller), attribute)
     session.add_discovered_layer(name, site)
     logger.info("a matmul of two activations is calibrated as the layer %r", name)
     return site
@@ -396,6 +428,12 @@ def missing_site_hint(layer_name: str) -> str:
             " (a functional paddle.matmul of two activations becomes a layer named "
             "'activation_matmul_<k>' at the first calibration forward: run one batch through "
             "the model, e.g. ptq.calibrate(model, data, max_batches=1), then load)"
+        )
+    if layer_name.endswith("_conv"):
+        return (
+            " (if it is a functional F.conv2d/F.conv1d on a parameter, it becomes a layer named "
+            "'<parameter>_conv' at the first calibration forward: run one batch through the "
+            "model, then load)"
         )
     if not layer_name.endswith(_SITE_SUFFIX):
         return ""
@@ -422,11 +460,11 @@ def matmul_sites(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:
     :class:`QuantizedLayer` ``convert`` wrapped it in)."""
     return [
         (attribute, child) for attribute, child in layer._sub_layers.items()
-        if isinstance(_inner(child), MatmulSite)
+        if isinstance(inner_site(child), MatmulSite)
     ]
 
 
-def _inner(layer: paddle.nn.Layer) -> paddle.nn.Layer:
+def inner_site(layer: paddle.nn.Layer) -> paddle.nn.Layer:
     """The site a sublayer is or wraps (``convert``'s and ``ImperativeQAT``'s wrappers)."""
     return layer.layer if isinstance(layer, (QuantizedLayer, QuantizedMatmul, FakeQuantLayer)) else layer
 
@@ -444,7 +482,8 @@ def _calibrated_itself(layer: paddle.nn.Layer) -> bool:
     ) or PTQRegistry.is_simulated_quant_layer(layer)
 
 
-def _resolve(layer: paddle.nn.Layer, path: str) -> Any:
+def resolve(layer: paddle.nn.Layer, path: str) -> Any:
+    """``layer``'s attribute at the dotted ``path`` (``None`` if missing)."""
     value: Any = layer
     for part in path.split("."):
         value = getattr(value, part, None)
@@ -453,7 +492,8 @@ def _resolve(layer: paddle.nn.Layer, path: str) -> Any:
     return value
 
 
-def _parameter_path(caller: paddle.nn.Layer, y: Any) -> str | None:
+def parameter_path(caller: paddle.nn.Layer, y: Any) -> str | None:
+    """The dotted name of ``y`` among ``caller``'s parameters, ``None`` if it is none."""
     for path, parameter in caller.named_parameters():
         if parameter is y:
             return path
@@ -468,31 +508,41 @@ def _discover(
     session = discovering_session(caller)
     if session is None:
         return None
-    path = _parameter_path(caller, y)
-    bias_path = None if bias is None else _parameter_path(caller, bias)
+    path = parameter_path(caller, y)
+    bias_path = None if bias is None else parameter_path(caller, bias)
     if path is None or (bias is not None and bias_path is None):
         return None
     caller_name = session.sublayer_name(caller)
     where = (
-        f"paddle.matmul(x, {_qualified(caller_name, path)})" if bias is None
-        else f"F.linear(x, {_qualified(caller_name, path)}, {_qualified(caller_name, bias_path)})"
+        f"paddle.matmul(x, {qualified(caller_name, path)})" if bias is None
+        else f"F.linear(x, {qualified(caller_name, path)}, {qualified(caller_name, bias_path)})"
     )
     reason = _unsupported(x, y, bias)
     if reason is not None:
         if session.note_refused(where):
             logger.warning("%s stays fp32: %s", where, reason)
         return None
-    attribute = _free_attribute(caller, path.replace(".", "_") + _SITE_SUFFIX)
     site = MatmulSite.from_caller(caller, path, transpose_y, bias_path)
+    return add_parameter_site(caller, caller_name, path + _SITE_SUFFIX, site, session, where)
+
+
+def add_parameter_site(
+    caller: paddle.nn.Layer, caller_name: str, attribute: str, site: ParameterSite, session: Any,
+    where: str,
+) -> ParameterSite:
+    """Adds ``site`` to ``caller`` (under ``attribute``, dots replaced, or a free variant of
+    it), and a copy built from the fp32 reference's own parameters to its layer of the same
+    name, and puts it under calibration; ``where`` describes the call for the log."""
+    attribute = free_attribute(caller, attribute.replace(".", "_"))
     caller.add_sublayer(attribute, site)
     watch(caller)
     if session.reference is not None:
         reference_caller = dict(session.reference.named_sublayers(include_self=True)).get(caller_name)
         if reference_caller is not None:
-            _mirror_site(reference_caller, attribute, site)
-    name = _qualified(caller_name, attribute)
+            mirror_site(reference_caller, attribute, site)
+    name = qualified(caller_name, attribute)
     session.add_discovered_layer(name, site)
-    logger.info("%s is calibrated as the Linear layer %r", where, name)
+    logger.info("%s is calibrated as the %s layer %r", where, site.layer_kind, name)
     return site
 
 
@@ -506,12 +556,13 @@ def _unsupported(x: Any, y: Any, bias: Any = None) -> str | None:
     return None
 
 
-def _qualified(caller_name: str, attribute: str) -> str:
+def qualified(caller_name: str, attribute: str) -> str:
     """The model-level name of ``caller``'s sublayer ``attribute``."""
     return f"{caller_name}.{attribute}" if caller_name else attribute
 
 
-def _free_attribute(layer: paddle.nn.Layer, attribute: str) -> str:
+def free_attribute(layer: paddle.nn.Layer, attribute: str) -> str:
+    """``attribute``, or ``attribute_2``, ``_3``, ...: the first name ``layer`` lacks."""
     candidate, count = attribute, 1
     while hasattr(layer, candidate):
         count += 1
@@ -519,9 +570,18 @@ def _free_attribute(layer: paddle.nn.Layer, attribute: str) -> str:
     return candidate
 
 
+def parameter_sites(layer: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer]]:
+    """``(attribute, sublayer)`` of each :class:`ParameterSite` of ``layer``, matmul or conv
+    (the sublayer is the site or the layer ``convert`` wrapped it in)."""
+    return [
+        (attribute, child) for attribute, child in layer._sub_layers.items()
+        if isinstance(inner_site(child), ParameterSite)
+    ]
+
+
 def mirror_sites(source: paddle.nn.Layer, target: paddle.nn.Layer) -> int:
-    """Gives ``target`` (an fp32 model ``source`` was made from) the sites ``source`` has, as
-    fp32 :class:`MatmulSite` s built from ``target``'s own parameters, so layer names match.
+    """Gives ``target`` (an fp32 model ``source`` was made from) the parameter sites ``source``
+    has, as fp32 sites built from ``target``'s own parameters, so layer names match.
 
     Returns:
         How many sites were added.
@@ -532,17 +592,17 @@ def mirror_sites(source: paddle.nn.Layer, target: paddle.nn.Layer) -> int:
         caller = callers.get(name)
         if caller is None:
             continue
-        for attribute, child in matmul_sites(layer):
-            added += _mirror_site(caller, attribute, _inner(child))
+        for attribute, child in parameter_sites(layer):
+            added += mirror_site(caller, attribute, inner_site(child))
     return added
 
 
-def _mirror_site(caller: paddle.nn.Layer, attribute: str, site: MatmulSite) -> bool:
+def mirror_site(caller: paddle.nn.Layer, attribute: str, site: ParameterSite) -> bool:
     """Adds to ``caller`` (of an fp32 model) an fp32 copy of ``site`` built from its own
     parameters, unless it has one; whether it was added."""
     if attribute in caller._sub_layers:
         return False
-    mirrored = MatmulSite.from_caller(caller, site.parameter_path, site.transpose_y, site.bias_path)
+    mirrored = site.rebuilt_for(caller)
     if mirrored is None:
         return False
     caller.add_sublayer(attribute, mirrored)
@@ -553,7 +613,7 @@ def _mirror_site(caller: paddle.nn.Layer, attribute: str, site: MatmulSite) -> b
 def with_matmul_sites(model: paddle.nn.Layer, quantized_model: paddle.nn.Layer) -> paddle.nn.Layer:
     """``model``, or a copy of it with the sites ``quantized_model`` has (``model`` itself is
     never changed), so the two have the same layer names."""
-    if not any(matmul_sites(layer) for layer in quantized_model.sublayers(include_self=True)):
+    if not any(parameter_sites(layer) for layer in quantized_model.sublayers(include_self=True)):
         return model
     copied = copy.deepcopy(model)
     mirror_sites(quantized_model, copied)

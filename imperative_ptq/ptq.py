@@ -47,6 +47,8 @@ from .converted import (
     record_input_signature, record_measured_on,
 )
 from .finite import check_finite_parameters, check_finite_thresholds
+from .functional_conv import has_own_filters
+from .functional_conv import install as install_conv_routing
 from .functional_matmul import has_own_matrices
 from .functional_matmul import install as install_matmul_routing
 from .functional_ops import install as install_functional_op_routing
@@ -136,7 +138,8 @@ class ImperativePTQ:
 
         A functional ``paddle.matmul(x, self.weight)`` in a layer's ``forward`` is calibrated
         as a Linear layer found at the first calibration batch
-        (:mod:`imperative_ptq.functional_matmul`).
+        (:mod:`imperative_ptq.functional_matmul`), an ``F.conv2d(x, self.weight)`` as a Conv2D
+        layer (:mod:`imperative_ptq.functional_conv`).
 
         Args:
             model: The fp32 model. Untouched unless ``inplace``.
@@ -209,13 +212,14 @@ class ImperativePTQ:
                 f"model holds, in place of themselves; wrap it, e.g. "
                 f"paddle.nn.Sequential(model)"
             )
-        if not session.layers and not has_own_matrices(model):
+        if not session.layers and not (has_own_matrices(model) or has_own_filters(model)):
             raise ValueError(
-                f"{type(model).__name__} has no leaf layer supported by PTQRegistry and no 2-D "
-                f"parameter a functional paddle.matmul could use; supported: "
+                f"{type(model).__name__} has no leaf layer supported by PTQRegistry and no "
+                f"parameter a functional paddle.matmul or F.conv2d could use; supported: "
                 f"{', '.join(t.__name__ for t in PTQRegistry.supported_layers())}"
             )
         install_matmul_routing()
+        install_conv_routing()
         install_functional_op_routing()
         session.attach()
         session.install()

@@ -598,8 +598,9 @@ def test_a_constant_operand_is_found_only_when_the_other_operand_changes(tmp_pat
 
 
 class FunctionalConv(paddle.nn.Layer):
-    """A conv written ``F.conv2d(x, self.weight)``, which no layer hook sees, before an
-    ``F.linear`` on a parameter, which the matmul routing calibrates."""
+    """A conv written ``F.conv2d(x, self.weight)`` on channels-last data, which neither a layer
+    hook nor the conv routing (channels-first only) calibrates, before an ``F.linear`` on a
+    parameter, which the matmul routing calibrates."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -607,7 +608,10 @@ class FunctionalConv(paddle.nn.Layer):
         self.linear_weight = self.create_parameter([8 * 16, 10])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        hidden = paddle.nn.functional.relu(paddle.nn.functional.conv2d(x, self.conv_weight, stride=2, padding=1))
+        channels_last = paddle.nn.functional.conv2d(
+            x.transpose([0, 2, 3, 1]), self.conv_weight, stride=2, padding=1, data_format="NHWC"
+        )
+        hidden = paddle.nn.functional.relu(channels_last.transpose([0, 3, 1, 2]))
         return paddle.nn.functional.linear(paddle.nn.functional.max_pool2d(hidden, 2).flatten(1), self.linear_weight)
 
 

@@ -460,6 +460,20 @@ class _FunctionalLinears(paddle.nn.Layer):
         return paddle.nn.functional.linear(paddle.nn.functional.relu(paddle.nn.functional.linear(x, self.w1, self.b1)), self.w2)
 
 
+class _FunctionalConvs(paddle.nn.Layer):
+    """Filters convolved with F.conv2d: functional sites, fine-tuned as Conv2D layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = self.create_parameter([8, 3, 3, 3])
+        self.b1 = self.create_parameter([8], is_bias=True)
+        self.w2 = self.create_parameter([4, 8, 3, 3])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = paddle.nn.functional.relu(paddle.nn.functional.conv2d(x, self.w1, self.b1, padding=1))
+        return paddle.nn.functional.conv2d(hidden, self.w2, stride=2, padding=1)
+
+
 def _pre_hooked_convs() -> paddle.nn.Layer:
     """A user's forward-pre hook halving a conv's input."""
     model = paddle.nn.Sequential(
@@ -471,7 +485,7 @@ def _pre_hooked_convs() -> paddle.nn.Layer:
 
 @pytest.mark.parametrize("make, shape", [
     (_signed_square_mlp, (12,)), (_padding_modes_net, (3, 8, 8)), (_FunctionalLinears, (12,)),
-    (_pre_hooked_convs, (3, 8, 8)),
+    (_pre_hooked_convs, (3, 8, 8)), (_FunctionalConvs, (3, 8, 8)),
 ])
 def test_the_training_forward_is_the_converted_model_bit_for_bit(make, shape) -> None:
     """Before: a shifted input's grid came from the float32 copy of PTQ's threshold (its scale
@@ -479,7 +493,7 @@ def test_the_training_forward_is_the_converted_model_bit_for_bit(make, shape) ->
     codes lacked convert's untying (0.0055 off on one weight), together 0.018 off on outputs
     of about 0.4 in the MLP; convs padding other than with zeros could not fine-tune; the
     functional F.linear sites trained in fp32 (the router did not see through the training
-    wrapper) and convert then said backward never reached them; and a user's forward-pre hook
+    wrapper; F.conv2d sites are checked alike) and convert then said backward never reached them; and a user's forward-pre hook
     was skipped by the training forward (0.4 of the largest output off the converted model)."""
     paddle.seed(0)
     rng = np.random.default_rng(0)
