@@ -36,7 +36,8 @@ from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
     exact_nearest_resizes, is_persistable, multiply_instead_of_scaling, plain_fp32_dilated_depthwise_outputs,
-    producers, reduce_open_adaptive_pools, separate_chained_activations, unfused_feature_map_reshapes,
+    producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
+    unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -257,6 +258,7 @@ def save_quantized_model(
         with legacy_static_mode():
             loaded = load_legacy_program(fp32_prefix)
             complete_batch_norm_parameters(loaded)
+            remove_inference_dropouts(loaded, traced.records)
             separate_chained_activations(loaded.program.global_block())
             if target_spec.onednn:
                 work_around_onednn_passes(loaded)
