@@ -373,6 +373,11 @@ class ImperativeQAT:
             session.layers, TableFile(table, {}, state.minima, structure=state.structure),
             "the fine-tuned table",
         )
+        # Each Linear keeps the route it trained on, whatever the fine-tuned weight would pick.
+        trained = {name: layer for name, layer in model.named_sublayers() if isinstance(layer, FakeQuantLayer)}
+        for _, layer_state in session.layers:
+            if layer_state.name in trained:
+                layer_state.runs_as_conv = trained[layer_state.name].runs_as_conv
         converted = self._ptq.convert(calibrating, bias_grid=bias_grid)
         if state.fp32_layers:
             # As the training forward computed them (see quantize).

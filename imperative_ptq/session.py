@@ -113,6 +113,10 @@ class LayerState:
     #: while every forward gave the same (``None`` once it changed), and in how many forwards.
     input_fingerprints: list[Fingerprint | None] = dataclasses.field(default_factory=list)
     input_forwards: list[int] = dataclasses.field(default_factory=list)
+    #: Whether a Linear runs as a 1x1 conv in the Paddle export, decided earlier (by the
+    #: training forward ``ImperativeQAT`` fine-tuned, whose converted model must compute it);
+    #: ``None``: ``convert`` decides from the weight (``quant_layers.linear_runs_as_conv``).
+    runs_as_conv: bool | None = None
     #: The forward (``CalibrationSession.forwards``) the layer was last called in, and how
     #: many times it was called in it.
     last_forward: int = 0
