@@ -520,6 +520,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
                 # for its depthwise conv and read by its residual add, 0.98% of the largest
                 # output off).
                 continue
+            if name not in self.coded_residuals and not all(
+                self._quantizes_on_its_grid(reader, name) for reader in self.readers.get(name, [])
+            ):
+                # Another reader takes its values as they are (a max-pool branch beside the
+                # conv, both reading a stem's max-pool: Inception's pool projection), which codes
+                # in front of the layout op would reach too (measured: clipped at the conv's
+                # threshold below the branch's, 4.2% of the largest output off).
+                continue
             source = name
             while True:
                 op = self.producer.get(source)
@@ -547,6 +555,11 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
                     self.u8_inputs[source] = self.u8_inputs[name]
                 else:
                     self.u8_inputs.pop(source, None)
+
+    def _quantizes_on_its_grid(self, reader: Any, name: str) -> bool:
+        """Whether ``reader`` is an int8 conv/fc reading ``name`` as its quantized input."""
+        slots = INT8_WEIGHT_OPS.get(reader.type)
+        return bool(slots) and reader.input(slots[0])[0] in self.weights and reader.input(slots[1]) == [name]
 
     def _align_concat_inputs(self, thresholds: dict[str, float]) -> None:
         """Quantizes a concat's inputs only as the simulation does: on the grid of the concat's

@@ -125,6 +125,11 @@ def align_pooled_scales(
                 # A source on codes is pooled on them wherever it is read (the simulation's
                 # codes); a float one is pooled in float only where read in float.
                 _pool_in_float_for_float_readers(block, op, source, set() if source in on_codes else walked)
+                # The next walks see those ops: a pool added for other readers that another
+                # clip reaches gets a copy of its own too (measured: an Inception pool branch
+                # beside a conv, both reading a stem max-pool, read the int8 stem conv's
+                # output on the branch's grid, 1.2e-2 of the largest output off).
+                writers, reading = producers(block), readers(block)
 
 
 def align_signed_resampled_scales(loaded: LegacyProgram, outputs: dict[str, float]) -> int:

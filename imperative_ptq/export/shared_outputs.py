@@ -15,7 +15,7 @@ import paddle
 
 from .graph import insert_op, insert_reader_op, op_index, producers, readers
 from .legacy_program import LegacyProgram, quantize_threshold
-from .unsigned import runs_unsigned
+from .unsigned import RELU6_U8_PRODUCERS, runs_unsigned
 
 __all__ = ["isolate_quantized_shared_outputs", "isolate_sliced_pieces"]
 
@@ -39,6 +39,35 @@ def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
     return name, walked
 
 
+def _pooled_unsigned(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
+    """Whether Paddle runs ``name`` as u8: a u8 tensor (:func:`.unsigned.runs_unsigned`) or a
+    max-pool of one, which Paddle's int8 pool writes in its input's type (a copy of it for a
+    quantize op made Paddle read it s8, which saturates without VNNI: an Inception pool branch
+    beside a 1x1 conv reading one stem max-pool, 1.5e-2 of the largest output off)."""
+    while not (runs_unsigned(block, name, writers) or _relu6_of_int8_conv(name, writers)):
+        op = writers.get(name)
+        if op is None or op.type != "pool2d" or op.attr("pooling_type") != "max":
+            return False
+        name = op.input("X")[0]
+    return True
+
+
+def _relu6_of_int8_conv(name: str, writers: Mapping) -> bool:
+    """Whether ``name`` is a relu6 output that oneDNN fuses into an int8 conv (its filter a
+    ``dequantize_linear`` output by now), which the conv writes u8 (an fp32 conv's is
+    :func:`.unsigned.runs_unsigned`'s)."""
+    op = writers.get(name)
+    if op is None or op.type != "relu6":
+        return False
+    source = writers.get(op.input("X")[0])
+    while source is not None and source.type in ("elementwise_add", "batch_norm"):
+        source = writers.get(source.input("X")[0])
+    if source is None or source.type not in RELU6_U8_PRODUCERS:
+        return False
+    filter_writer = writers.get(source.input("Filter")[0])
+    return filter_writer is not None and filter_writer.type == "dequantize_linear"
+
+
 def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
     """Gives a quantize op its own copy (an ``assign``) of a signed tensor whose scale Paddle
     Inference would otherwise move onto a tensor that other readers share.
@@ -55,8 +84,9 @@ def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
       gave all of them one scale, where the simulation quantizes each with its own threshold
       (2.2% off on one window attention; split, 3-6% on a LeViT-style one).
 
-    A u8 tensor (a ReLU output, also through layout ops) is left alone: Paddle runs a
-    quantized tensor as u8 only when a ``relu`` writes it.
+    A u8 tensor (a ReLU output or a max-pool of one, also through layout ops) is left alone:
+    Paddle runs a quantized tensor as u8 only when a ``relu`` writes it (or an int8 max-pool of
+    its output).
 
     Returns:
         How many copies were inserted.
@@ -76,7 +106,7 @@ def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
             or len(reading.get(op.input(_LAYOUT_OPS[op.type])[0], [])) > 1
             for op in walked
         )
-        if not (shared or branched) or runs_unsigned(block, name, writers) or runs_unsigned(block, source, writers):
+        if not (shared or branched) or _pooled_unsigned(block, name, writers) or _pooled_unsigned(block, source, writers):
             continue
         var = block.var(name)
         copy = block.create_var(name=f"{name}.quantized_copy_{inserted}", shape=var.shape, dtype=var.dtype)
