@@ -4,6 +4,8 @@ runs a model over them (calibration, histograms) in eval mode.
 A batch is a tensor or array (one input), a tuple/list (positional inputs; items beyond the
 number ``forward`` takes are dropped, so ``(images, labels)`` pairs work), or a dict (keyword
 inputs; keys ``forward`` does not take are dropped, so ``{"image": ..., "label": ...}`` works).
+A positional input may itself be a dict or a list of tensors (``({"a": xa, "b": xb},)``,
+``([xa, xb],)``): it is passed as that structure.
 """
 
 from __future__ import annotations
@@ -31,13 +33,27 @@ _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_O
 
 def _tensor(value: Any, float_dtype: np.dtype) -> Any:
     """``value`` as a tensor; an array (or list) of floats in ``float_dtype``, the model's (a
-    float64 ``np.random.rand`` batch for a float32 model failed inside Paddle)."""
+    float64 ``np.random.rand`` batch for a float32 model failed inside Paddle). A dict, or a
+    list/tuple holding tensors, arrays or dicts (one input that is a structure: ``forward(self,
+    inputs)`` reading ``inputs["image"]`` or ``inputs[0]``), keeps its structure, each array
+    made a tensor (it was stacked into one array, or refused)."""
     if isinstance(value, paddle.Tensor):
         return value
+    if isinstance(value, dict):
+        return {key: _tensor(item, float_dtype) if _array_like(item) else item for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and value and any(
+        isinstance(item, (paddle.Tensor, np.ndarray, dict, list, tuple)) for item in value
+    ):
+        return type(value)(_tensor(item, float_dtype) for item in value)
     array = np.asarray(value)
     if array.dtype.kind == "f" and array.dtype != float_dtype:
         array = array.astype(float_dtype)
     return paddle.to_tensor(array)
+
+
+def _array_like(value: Any) -> bool:
+    """A tensor, an array, or a structure of them (a dict or list value to convert)."""
+    return isinstance(value, (paddle.Tensor, np.ndarray, dict, list, tuple))
 
 
 def _float_dtype(model: paddle.nn.Layer) -> np.dtype:
@@ -74,6 +90,7 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
         if p.kind in _KEYWORD and p.default is inspect.Parameter.empty
     ]
     float_dtype = _float_dtype(model)
+    warned: list[bool] = []
 
     def to_call(batch: Any) -> ModelCall:
         if isinstance(batch, dict):
@@ -91,10 +108,29 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
             return (), kwargs
         items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if arity is not None and len(items) > arity:
-            items = items[:arity]  # (inputs, labels) from a classification loader
+            dropped, items = items[arity:], items[:arity]  # (inputs, labels) from a loader
+            if not warned and _looks_like_inputs(items, dropped):
+                warned.append(True)
+                logger.warning(
+                    "%s.forward takes %d positional input(s) but batches hold %d items shaped "
+                    "like inputs: the extra ones are dropped as labels. If forward takes them "
+                    "as one list, give each batch as a 1-tuple: ([x1, x2],)",
+                    type(model).__name__, arity, arity + len(dropped),
+                )
         return tuple(_tensor(item, float_dtype) for item in items), {}
 
     return to_call
+
+
+def _looks_like_inputs(kept: list[Any], dropped: list[Any]) -> bool:
+    """Whether a dropped batch item is a float tensor or array shaped like a kept one (a list
+    of inputs read as positional inputs, not a label)."""
+    shapes = {tuple(item.shape) for item in kept if isinstance(item, (paddle.Tensor, np.ndarray))}
+    return any(
+        isinstance(item, (paddle.Tensor, np.ndarray)) and tuple(item.shape) in shapes
+        and (paddle.is_floating_point(item) if isinstance(item, paddle.Tensor) else item.dtype.kind == "f")
+        for item in dropped
+    )
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import paddle
 
 from .dynamic_linear import DynamicQuantizedLinear, dynamic_quantize_activation
 from .dynamic_rnn import RNN_TYPES, DynamicQuantizedRNN
-from .quant_layers import keeps_forward, replace_sublayer
+from .quant_layers import check_quantizable, keeps_forward, replace_sublayer
 
 __all__ = [
     "DYNAMIC_LAYER_TYPES",
@@ -100,6 +100,7 @@ def quantize_dynamic(
         raise ValueError(f"weight_bits must be in 2..8 (int8 storage), got {weight_bits}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_quantizable(model)
     if dynamic_layers(model):
         raise ValueError(
             f"{type(model).__name__} is already dynamically quantized; pass the fp32 model"

@@ -55,6 +55,7 @@ from .functional_ops import install as install_functional_op_routing
 from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
+from .quant_layers import check_quantizable
 from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
 from .rollback import restored_on_failure
@@ -65,6 +66,7 @@ from .targets import get_target
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
+
 
 
 def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerState:
@@ -151,7 +153,9 @@ class ImperativePTQ:
             The model to calibrate, in eval mode.
 
         Raises:
-            TypeError: ``model`` is not a Layer, or ``fuse_list`` is malformed.
+            TypeError: ``model`` is not a Layer, a ``paddle.DataParallel`` (quantize
+                ``model._layers``) or a ``TranslatedLayer`` from ``paddle.jit.load``, or
+                ``fuse_list`` is malformed.
             ValueError: ``model`` is already quantized, has no supported layer, or a
                 ``fuse_list`` pair names no sublayer or cannot be folded.
         """
@@ -165,6 +169,7 @@ class ImperativePTQ:
             )
         if fuse and fuse_list is None:
             raise TypeError("fuse_list must be given when fuse=True")
+        check_quantizable(model)
         if not inplace:
             model = copy.deepcopy(model)
         if model.training:
@@ -231,11 +236,14 @@ class ImperativePTQ:
     # --------------------------------------------------------------------------- calibration
     @contextlib.contextmanager
     def calibrating(self, model: paddle.nn.Layer) -> Iterator[paddle.nn.Layer]:
-        """Context in which ``model``'s calibration hooks are active; always cleans up.
+        """Context in which ``model``'s calibration hooks are active.
 
-        On leaving, normally or through an exception (``KeyboardInterrupt`` included), every
-        hook is removed and the worker stopped. Statistics gathered so far are kept, so
-        thresholds can still be computed, saved or converted; entering again resumes.
+        On a normal exit the hooks are as they were on entering: a model fresh from
+        :meth:`quantize` (hooks on) keeps calibrating on its own forwards afterwards (after
+        :meth:`calibrate` too); one whose hooks :meth:`remove_hooks` removed has them removed
+        again. Through an exception (``KeyboardInterrupt`` included) every hook is removed
+        and the worker stopped. Statistics gathered so far are kept either way, so thresholds
+        can still be computed, saved or converted; entering again resumes.
 
         Example::
 
@@ -246,14 +254,19 @@ class ImperativePTQ:
             ptq.convert(qmodel)
         """
         session = self._session(model)
+        attached = session.attached
         session.attach()
         try:
             yield model
+        except BaseException:
+            attached = False
+            raise
         finally:
             try:
                 session.flush()
             finally:
-                session.detach()
+                if not attached:
+                    session.detach()
 
     def remove_hooks(self, model: paddle.nn.Layer) -> None:
         """Removes every calibration hook (statistics are kept; ``convert`` still works)."""

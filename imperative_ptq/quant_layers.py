@@ -35,6 +35,7 @@ __all__ = [
     "stored_weight_integers",
     "replace_sublayer",
     "onednn_requantizes_conv",
+    "check_quantizable",
     "linear_runs_as_conv",
     "keeps_forward",
     "runtime_weight",
@@ -1078,3 +1079,26 @@ def _replaced_in(
     items = [_replaced_in(item, old, new, seen) for item in value]
     found = sum(hits for _, hits in items)
     return (tuple(item for item, _ in items) if found else value), found
+
+def check_quantizable(model: paddle.nn.Layer) -> None:
+    """Refuses the wrappers that hide a model's Python layers from PTQ.
+
+    Raises:
+        TypeError: ``model`` is a ``paddle.DataParallel`` (whose inner model is the one to
+            quantize) or a ``TranslatedLayer`` from ``paddle.jit.load`` (a saved static
+            program: no Python layers to hook; its copy failed inside Paddle, in place it
+            calibrated nothing).
+    """
+    if isinstance(model, paddle.DataParallel):
+        raise TypeError(
+            "model is a paddle.DataParallel: quantize the model it wraps (model._layers); "
+            "calibration and export run the plain model"
+        )
+    from paddle.jit.pir_translated_layer import PirTranslatedLayer
+
+    if isinstance(model, (paddle.jit.TranslatedLayer, PirTranslatedLayer)):
+        raise TypeError(
+            "model is a TranslatedLayer from paddle.jit.load: it runs a saved static program, "
+            "whose layers no forward hook sees. Build the model from its Python class and load "
+            "its weights (model.set_state_dict(paddle.load(...))), then quantize that"
+        )

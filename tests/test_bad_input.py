@@ -96,6 +96,15 @@ def _quantize_twice() -> None:
     ptq.quantize(ptq.quantize(_model()))
 
 
+def _quantize_data_parallel() -> None:
+    ImperativePTQ().quantize(paddle.DataParallel(_model()))
+
+
+def _quantize_translated_layer(tmp_path: pathlib.Path) -> None:
+    paddle.jit.save(_model(), str(tmp_path / "saved"), input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32")])
+    ImperativePTQ().quantize(paddle.jit.load(str(tmp_path / "saved")), inplace=True)
+
+
 def _table_before_data() -> None:
     ptq = ImperativePTQ()
     ptq.calibration_table(ptq.quantize(_model()))
@@ -207,6 +216,7 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
     "bins-negative": (_bins_negative, ValueError, "bins"),
     "hist-percent-one": (_percent_one, ValueError, "hist_percent"),
     "quantize-twice": (_quantize_twice, ValueError, "already quantized"),
+    "quantize-data-parallel": (_quantize_data_parallel, TypeError, r"quantize the model it wraps \(model._layers\)"),
     "table-before-data": (_table_before_data, CalibrationError, "no calibration data"),
     "convert-without-data": (_convert_without_data, CalibrationError, "no calibration data"),
     "table-of-fp32-model": (_table_of_fp32_model, ValueError, "not prepared"),
@@ -243,6 +253,9 @@ def _export_fold_with_dynamic_batch(tmp_path: pathlib.Path) -> None:
 
 
 FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
+    "quantize-translated-layer": (
+        _quantize_translated_layer, TypeError, "TranslatedLayer from paddle.jit.load: .* Build the model from its Python class"
+    ),
     "table-missing-file": (_table_missing_file, FileNotFoundError, "missing.json"),
     "table-not-json": (_table_not_json, ValueError, "not a calibration table"),
     "table-negative-threshold": (_table_negative_threshold, ValueError, "finite positive"),

@@ -539,3 +539,50 @@ def test_a_user_forward_pre_hook_runs_before_the_input_is_quantized(tmp_path) ->
     prefix = str(tmp_path / "hooked")
     ptq.save_quantized_model(qmodel, prefix, input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
     assert relative_error(predict(create_predictor(prefix, num_threads=1), x)[0], simulated) < 2e-6
+
+
+# ------------------------------------------ 10. one forward argument that is a dict or a list
+class _DictInputs(paddle.nn.Layer):
+    """A multi-input model taking one dict, as recommenders and multi-modal models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fb = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 8)
+
+    def forward(self, inputs):
+        return self.fa(inputs["a"]) + self.fb(inputs["b"])
+
+
+class _ListInputs(_DictInputs):
+    def forward(self, xs):
+        return self.fa(xs[0]) + self.fb(xs[1])
+
+
+@pytest.mark.parametrize("model_type", [_DictInputs, _ListInputs])
+def test_a_structured_input_calibrates_as_called_by_hand(model_type, caplog) -> None:
+    """A 1-tuple batch holding the structure crashed in calibrate (a dict: Paddle's
+    "incompatible array data type"; a list of differently shaped tensors: numpy's
+    "inhomogeneous shape"); a bare list batch for a list argument silently calibrated on its
+    first tensor alone (fb's input threshold 1.9 where its input reaches 22.6): it now warns."""
+    from imperative_ptq import AbsmaxQuantizer, ImperativePTQ, PerChannelAbsmaxQuantizer, PTQConfig
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    xa, xb = rng.standard_normal((4, 8)).astype(np.float32), 10 * rng.standard_normal((4, 8)).astype(np.float32)
+    structure = {"a": xa, "b": xb} if model_type is _DictInputs else [xa, xb]
+    model = model_type()
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    by_hand = ptq.quantize(model)
+    if isinstance(structure, dict):
+        by_hand({key: paddle.to_tensor(value) for key, value in structure.items()})
+    else:
+        by_hand([paddle.to_tensor(value) for value in structure])
+    calibrated = ptq.quantize(model)
+    assert ptq.calibrate(calibrated, [(structure,)], progress=False) == 1
+    assert ptq.calibration_table(calibrated) == ptq.calibration_table(by_hand)
+    assert ptq.calibration_table(calibrated)["fb"]["input"] == [float(np.abs(xb).max())]
+    if model_type is _ListInputs:
+        with caplog.at_level("WARNING", logger="imperative_ptq"):
+            ptq.calibrate(ptq.quantize(model), [[xa, xb]], progress=False)
+        assert "give each batch as a 1-tuple: ([x1, x2],)" in caplog.text

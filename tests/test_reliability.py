@@ -184,6 +184,21 @@ def test_calibrating_context_always_removes_hooks(interrupt: BaseException) -> N
     assert _all_hooks(qmodel) == baseline
 
 
+def test_calibrate_leaves_the_hooks_as_it_found_them() -> None:
+    """A model fresh from quantize keeps calibrating on its own forwards after calibrate (its
+    forwards were silently left out: a batch of 100s after calibrate on ones kept the input
+    threshold at 1); after remove_hooks, calibrate removes them again."""
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_model())
+    ptq.calibrate(qmodel, [paddle.ones([2, 3, 8, 8])], progress=False)
+    qmodel(paddle.full([2, 3, 8, 8], 100.0))
+    first = next(iter(ptq.calibration_table(qmodel).values()))
+    assert first["input"] == [100.0]
+    ptq.remove_hooks(qmodel)
+    ptq.calibrate(qmodel, [paddle.ones([2, 3, 8, 8])], progress=False)
+    assert _all_hooks(qmodel) == _all_hooks(_model())
+
+
 def test_remove_hooks_keeps_statistics() -> None:
     ptq = ImperativePTQ(CONFIGS["abs_max"])
     qmodel = ptq.quantize(_model())
@@ -198,9 +213,10 @@ def test_remove_hooks_keeps_statistics() -> None:
 def test_calibrate_drives_the_loop_with_limits() -> None:
     ptq = ImperativePTQ(CONFIGS["abs_max"])
     qmodel = ptq.quantize(_model())
+    hooked = _all_hooks(qmodel)
     batches = [(x.numpy(), np.zeros(4, dtype=np.int64)) for x in _batches(5)]
     assert ptq.calibrate(qmodel, batches, max_batches=2, progress=False) == 2
-    assert _all_hooks(qmodel) == 0
+    assert _all_hooks(qmodel) == hooked  # as quantize left them
     assert ptq.calibrate(qmodel, iter(batches), progress=False) == 5
     assert ptq.calibrate(qmodel, batches, time_budget=1e-9, progress=False) == 1
     with pytest.raises(ValueError, match="max_batches"):
