@@ -34,7 +34,7 @@ import numpy as np
 import paddle
 
 from .fuse import batch_norm_factor_and_bias
-from .quant_layers import QuantizedLayer
+from .quant_layers import QuantizedLayer, keeps_forward
 from .quantizers.qparams import symmetric_levels
 from .registry import BATCH_NORM_TYPES
 from .session import LayerState
@@ -114,7 +114,7 @@ def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> f
     other conv (a signed input the target keeps fp32, a hand-built layer with zero points,
     which ``convert`` never builds)."""
     if not (
-        isinstance(layer, QuantizedLayer) and type(layer.layer) is paddle.nn.Conv2D
+        isinstance(layer, QuantizedLayer) and keeps_forward(layer.layer, paddle.nn.Conv2D)
         and layer.weight_scales is None
     ):
         return None

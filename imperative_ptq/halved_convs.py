@@ -37,6 +37,7 @@ import numpy as np
 import paddle
 
 from .fuse import batch_norm_factor_and_bias
+from .quant_layers import keeps_forward
 from .registry import BATCH_NORM_TYPES
 from .session import LayerState
 
@@ -50,7 +51,8 @@ _GROUP_CHANNELS = 4
 def halves_signed_input(layer: paddle.nn.Layer) -> bool:
     """Whether oneDNN's AVX2 int8 kernel for ``layer`` (a Conv2D or Conv1D, channels first)
     reading a signed input halves its weight (see the module docstring)."""
-    if type(layer) not in (paddle.nn.Conv2D, paddle.nn.Conv1D):
+    # (The classes themselves, or a subclass computing their forward: a functional conv site.)
+    if not (keeps_forward(layer, paddle.nn.Conv2D) or keeps_forward(layer, paddle.nn.Conv1D)):
         return False
     if layer._data_format not in ("NCHW", "NCL"):
         return False

@@ -454,19 +454,43 @@ class _FoldedIntoNothing(nn.Layer):
         return self.head(F.silu(self.norm(self.conv(x))))
 
 
-@pytest.mark.parametrize(
-    "model_class, message",
-    [
-        (_FunctionalNorm, "a batch_norm the calibration did not see"),
-        (_FoldedIntoNothing, "reads that output with scale;"),
-    ],
-)
-def test_export_refuses_a_fold_the_program_contradicts(model_class, message, tmp_path) -> None:
-    """Where the traced program has no BatchNorm after a conv convert folded one into, or has
-    one convert did not see, the export raises, naming the conv, and writes no file."""
+class _DroppedNorm(nn.Layer):
+    """A BatchNorm2D layer reading an inference dropout of the conv's output: calibration sees
+    it read another tensor; the export removes the dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.drop, self.norm = nn.Conv2D(3, 8, 3, padding=1), nn.Dropout(0.2), nn.BatchNorm2D(8)
+        self.head = nn.Conv2D(8, 2, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(F.silu(self.norm(self.drop(self.conv(x)))))
+
+
+@pytest.mark.parametrize("model_class", [_FunctionalNorm, _DroppedNorm])
+def test_a_batch_norm_convert_did_not_fold_runs_in_float_after_the_halved_conv(model_class, tmp_path, avx2_runner) -> None:
+    """The export refused these ("a batch_norm the calibration did not see"): Paddle would
+    fold the BatchNorm into the halved weight, which the simulation halves unfolded. An
+    identity scale keeps it apart, run in float as simulated."""
     paddle.seed(0)
-    ptq, qmodel = _converted(model_class(), "x86-avx2", np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    ptq, qmodel = _converted(model_class(), "x86-avx2", rng)
+    assert qmodel.conv.halved_weights and qmodel.conv.norm_factor is None
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
+    ran = _avx2_outputs(prefix, x, avx2_runner)
+    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
+    assert relative_error(ran, simulated) < 2e-6
+
+
+def test_export_refuses_a_fold_the_program_contradicts(tmp_path) -> None:
+    """Where the traced program has no BatchNorm after a conv convert folded one into, the
+    export raises, naming the conv, and writes no file."""
+    paddle.seed(0)
+    ptq, qmodel = _converted(_FoldedIntoNothing(), "x86-avx2", np.random.default_rng(0))
     assert qmodel.conv.halved_weights
+    message = "reads that output with scale;"
     with pytest.raises(ValueError, match=f"cannot export 'conv' for target 'x86-avx2': .*{message}"):
         ptq.save_quantized_model(qmodel, str(tmp_path / "int8"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     assert not list(tmp_path.iterdir())
