@@ -240,13 +240,23 @@ def test_every_linear_the_fc_would_damage_runs_as_conv(tmp_path) -> None:
     costs its reshapes), and the first layer here computed with the fc's damaged weight; the
     choice needs no structure from the table, so a table without that section converts the
     same."""
-    from models import converted, converted_from_old_table
+    from models import converted_from_old_table
 
-    rng = np.random.default_rng(3)
-    batches = [paddle.to_tensor(rng.standard_normal((8, 48)).astype("float32")) for _ in range(4)]
     for weight in (_Chain().first.weight.numpy(), _Chain().second.weight.numpy()):
         assert linear_runs_as_conv(weight, np.abs(weight).max(axis=0), 8, 1)
-    qmodel = converted(_Chain(), batches)
+    batches = _two_convs_run_as_simulated(_Chain(), 3, tmp_path)
+    loaded = converted_from_old_table(_Chain(), batches, tmp_path)
+    assert loaded.first.runs_as_conv and loaded.second.runs_as_conv
+
+
+def _two_convs_run_as_simulated(model: paddle.nn.Layer, seed: int, tmp_path) -> list[paddle.Tensor]:
+    """Converts ``model`` (two damaged Linear layers, ``first`` and ``second``, on 48 inputs),
+    checks that both run as 1x1 convs in Paddle Inference as simulated; returns the batches."""
+    from models import converted
+
+    rng = np.random.default_rng(seed)
+    batches = [paddle.to_tensor(rng.standard_normal((8, 48)).astype("float32")) for _ in range(4)]
+    qmodel = converted(model, batches)
     assert qmodel.first.runs_as_conv and qmodel.second.runs_as_conv
     x = rng.standard_normal((5, 48)).astype("float32")
     prefix = str(tmp_path / "m")
@@ -255,8 +265,7 @@ def test_every_linear_the_fc_would_damage_runs_as_conv(tmp_path) -> None:
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
-    loaded = converted_from_old_table(_Chain(), batches, tmp_path)
-    assert loaded.first.runs_as_conv and loaded.second.runs_as_conv
+    return batches
 
 
 class _TabularMLP(paddle.nn.Layer):
@@ -461,19 +470,7 @@ class _FunctionalChain(paddle.nn.Layer):
 
 def test_a_linear_read_through_a_functional_op_runs_as_a_conv_as_simulated(tmp_path) -> None:
     """The GELU between the two convs runs after the first conv's output reshape."""
-    from models import converted
-
-    rng = np.random.default_rng(5)
-    batches = [paddle.to_tensor(rng.standard_normal((8, 48)).astype("float32")) for _ in range(4)]
-    qmodel = converted(_FunctionalChain(), batches)
-    assert qmodel.first.runs_as_conv and qmodel.second.runs_as_conv
-    x = rng.standard_normal((5, 48)).astype("float32")
-    prefix = str(tmp_path / "m")
-    ip.ImperativePTQ().save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 48], "float32", "x")])
-    assert int8_report(prefix).int8 == {"fused_conv2d": 2}
-    simulated = qmodel(paddle.to_tensor(x)).numpy()
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 2e-6
+    _two_convs_run_as_simulated(_FunctionalChain(), 5, tmp_path)
 
 
 class _ChannelsLastBlock(paddle.nn.Layer):

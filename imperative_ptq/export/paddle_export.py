@@ -170,11 +170,13 @@ def _log_runtime_report(
     )
     if uncalibrated:
         # A conv or matmul on a parameter that no calibrated layer holds: a functional call
-        # (F.conv2d(x, self.weight)) that neither a layer hook nor the matmul routing sees.
+        # the routing did not take (functional_conv.py, functional_matmul.py).
         logger.warning(
             "%d conv/matmul ops on parameters were not calibrated and run fp32 (a functional "
-            "call such as F.conv2d(x, self.weight), which no layer hook sees; an nn.Conv2D or "
-            "nn.Linear layer holding the weight is calibrated and runs int8): parameters %s",
+            "call the routing does not take: channels-last data, a weight passed in from "
+            "another layer, a call outside its layer's forward, F.conv2d bound by name before "
+            "quantize; an nn.Conv2D or nn.Linear layer holding the weight is calibrated and "
+            "runs int8): parameters %s",
             len(uncalibrated), ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else ""),
         )
     if len(report.signed_inputs) > halved and not target.signed_inputs_int8:
