@@ -41,7 +41,7 @@ from .functional_matmul import (
 from .quant_layers import QuantizedLayer
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
-from .site_scope import calling_layer, inside_site_owner
+from .site_scope import calling_layer, inside_site_owner, outside_forward_reason
 
 __all__ = ["ConvSite", "conv_sites", "has_own_filters", "install", "route_conv1d", "route_conv2d"]
 
@@ -246,7 +246,7 @@ def _site(
         return None
     caller_name = session.sublayer_name(caller)
     where = f"F.{function_name}(x, {qualified(caller_name, path)})"
-    reason = _unsupported(x, weight, bias, bias_path)
+    reason = _unsupported(x, weight, bias, bias_path) or outside_forward_reason(caller)
     if reason is not None:
         if session.note_refused(where):
             logger.warning("%s stays fp32: %s", where, reason)

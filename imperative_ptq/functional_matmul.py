@@ -49,7 +49,7 @@ from .quant_layers import QuantizedLayer, QuantizedMatmul
 from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
-from .site_scope import calling_layer, inside_site_owner, watch
+from .site_scope import calling_layer, inside_site_owner, outside_forward_reason, watch
 
 __all__ = [
     "ActivationMatmul", "MatmulSite", "ParameterSite", "activation_sites", "add_parameter_site",
@@ -368,6 +368,11 @@ def _activation_site(
     session = None if sites else discovering_session(caller)
     if not sites and session is None:
         return None
+    if not sites and (reason := outside_forward_reason(caller)) is not None:
+        where = f"a matmul of two activations in {session.sublayer_name(caller) or type(caller).__name__}"
+        if session.note_refused(where):
+            logger.warning("%s stays fp32: %s", where, reason)
+        return None
     count = _ACTIVATION_CALLS.get(caller, 0) if sites else 0
     _ACTIVATION_CALLS[caller] = count + 1
     if count < len(sites):
@@ -517,7 +522,7 @@ def _discover(
         f"paddle.matmul(x, {qualified(caller_name, path)})" if bias is None
         else f"F.linear(x, {qualified(caller_name, path)}, {qualified(caller_name, bias_path)})"
     )
-    reason = _unsupported(x, y, bias)
+    reason = _unsupported(x, y, bias) or outside_forward_reason(caller)
     if reason is not None:
         if session.note_refused(where):
             logger.warning("%s stays fp32: %s", where, reason)
