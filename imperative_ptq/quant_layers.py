@@ -1089,16 +1089,19 @@ def check_quantizable(model: paddle.nn.Layer) -> None:
             program: no Python layers to hook; its copy failed inside Paddle, in place it
             calibrated nothing).
     """
-    if isinstance(model, paddle.DataParallel):
-        raise TypeError(
-            "model is a paddle.DataParallel: quantize the model it wraps (model._layers); "
-            "calibration and export run the plain model"
-        )
     from paddle.jit.pir_translated_layer import PirTranslatedLayer
 
-    if isinstance(model, (paddle.jit.TranslatedLayer, PirTranslatedLayer)):
-        raise TypeError(
-            "model is a TranslatedLayer from paddle.jit.load: it runs a saved static program, "
-            "whose layers no forward hook sees. Build the model from its Python class and load "
-            "its weights (model.set_state_dict(paddle.load(...))), then quantize that"
-        )
+    for name, layer in model.named_sublayers(include_self=True):
+        what = f"sublayer {name!r}" if name else "model"
+        if isinstance(layer, paddle.DataParallel):
+            raise TypeError(
+                f"{what} is a paddle.DataParallel: quantize the model it wraps (its _layers); "
+                f"calibration and export run the plain model"
+            )
+        if isinstance(layer, (paddle.jit.TranslatedLayer, PirTranslatedLayer)):
+            raise TypeError(
+                f"{what} is a TranslatedLayer from paddle.jit.load: it runs a saved static "
+                f"program, whose layers no forward hook sees (and which PTQ cannot copy). Build "
+                f"it from its Python class and load its weights (set_state_dict(paddle.load(...))), "
+                f"then quantize that"
+            )

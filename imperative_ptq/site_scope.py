@@ -113,7 +113,8 @@ def in_own_forward(layer: paddle.nn.Layer) -> bool:
     forward = getattr(type(layer).forward, "__code__", None)
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_locals.get("self") is layer and (frame.f_code is forward or frame.f_code.co_name == "forward"):
+        # (Its class's forward, whatever its first parameter is named; or a forward of it.)
+        if frame.f_code is forward or (frame.f_code.co_name == "forward" and frame.f_locals.get("self") is layer):
             return True
         frame = frame.f_back
     return False

@@ -102,7 +102,8 @@ def _quantize_data_parallel() -> None:
 
 def _quantize_translated_layer(tmp_path: pathlib.Path) -> None:
     paddle.jit.save(_model(), str(tmp_path / "saved"), input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32")])
-    ImperativePTQ().quantize(paddle.jit.load(str(tmp_path / "saved")), inplace=True)
+    loaded = paddle.jit.load(str(tmp_path / "saved"))
+    ImperativePTQ().quantize(paddle.nn.Sequential(paddle.nn.Conv2D(3, 3, 1), loaded), inplace=True)
 
 
 def _table_before_data() -> None:
@@ -216,7 +217,7 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
     "bins-negative": (_bins_negative, ValueError, "bins"),
     "hist-percent-one": (_percent_one, ValueError, "hist_percent"),
     "quantize-twice": (_quantize_twice, ValueError, "already quantized"),
-    "quantize-data-parallel": (_quantize_data_parallel, TypeError, r"quantize the model it wraps \(model._layers\)"),
+    "quantize-data-parallel": (_quantize_data_parallel, TypeError, r"^model is a paddle.DataParallel: quantize the model it wraps \(its _layers\)"),
     "table-before-data": (_table_before_data, CalibrationError, "no calibration data"),
     "convert-without-data": (_convert_without_data, CalibrationError, "no calibration data"),
     "table-of-fp32-model": (_table_of_fp32_model, ValueError, "not prepared"),
@@ -254,7 +255,7 @@ def _export_fold_with_dynamic_batch(tmp_path: pathlib.Path) -> None:
 
 FILE_ERRORS: dict[str, tuple[Callable, type, str]] = {
     "quantize-translated-layer": (
-        _quantize_translated_layer, TypeError, "TranslatedLayer from paddle.jit.load: .* Build the model from its Python class"
+        _quantize_translated_layer, TypeError, "^sublayer '1' is a TranslatedLayer from paddle.jit.load: .* Build it from its Python class"
     ),
     "table-missing-file": (_table_missing_file, FileNotFoundError, "missing.json"),
     "table-not-json": (_table_not_json, ValueError, "not a calibration table"),

@@ -194,3 +194,45 @@ def test_analysis_recognizes_the_layers_whose_bias_moved(setting: str) -> None:
     assert "6" in [row.name for row in report.rows]
     ip.keep_fp32(qmodel, ["6"], model)
     assert not isinstance(qmodel[6], QuantizedLayer)
+
+
+class _TabularMLP(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(8, 64), nn.Linear(64, 32), nn.Linear(32, 3)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.l3(nn.functional.relu(self.l2(nn.functional.relu(self.l1(x)))))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_linear_biases_land_on_the_grid_onnx_runtime_adds(target, tmp_path) -> None:
+    """ONNX Runtime fuses a rank-2 MatMul and its bias Add into a Gemm whose bias it rounds to
+    int32 on the grid of input scale x weight scale (QGemm); only conv biases were moved there
+    (measured on this MLP with analytical bias correction: 1.1e-2 of the largest output off
+    the simulation). The Linear layers (one run as a 1x1 conv) move theirs too; Paddle
+    Inference, which adds them in float, still computes the simulation."""
+    ort = pytest.importorskip("onnxruntime")
+    paddle.seed(0)
+    model = _TabularMLP()
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(
+        ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target, bias_correction="analytical"
+    ))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [np.random.default_rng(100 + i).random((4, 8)).astype("float32") for i in range(6)], progress=False)
+    ptq.convert(qmodel)
+    for name in ("l1", "l2", "l3"):
+        layer = getattr(qmodel, name)
+        steps = float(layer.input_thresholds[0]) / 127 * np.maximum(layer.weight_thresholds.numpy(), 1e-12) / 127
+        codes = layer.layer.bias.numpy().astype(np.float64) / steps.astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3, err_msg=name)
+    x = np.random.default_rng(7).random((4, 8)).astype("float32")
+    spec = [paddle.static.InputSpec([None, 8], "float32", "x")]
+    session = ort.InferenceSession(export_onnx(qmodel, str(tmp_path / "m.onnx"), spec), providers=["CPUExecutionProvider"])
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, spec)
+    runs = [session.run(None, {session.get_inputs()[0].name: x})[0], predict(create_predictor(prefix, num_threads=1), x)[0]]
+    for ran in runs:
+        simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
+        assert relative_error(ran, simulated) < 2e-6

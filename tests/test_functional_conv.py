@@ -290,3 +290,22 @@ def test_calls_from_a_method_other_than_forward_stay_fp32_with_a_warning(caplog)
     assert warned == ["F.conv2d(x, child.filters)", "paddle.matmul(x, child.matrix)"]
     x = _batches(1, seed=3)[0]
     np.testing.assert_array_equal(quantized(paddle.to_tensor(x)).numpy(), model(paddle.to_tensor(x)).numpy())
+
+
+class _ForwardOfThis(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters = self.create_parameter([4, 3, 3, 3])
+
+    def forward(this, x: paddle.Tensor) -> paddle.Tensor:  # noqa: N805 - a user's naming
+        return F.conv2d(x, this.filters, padding=1)
+
+
+def test_a_forward_whose_first_parameter_is_not_self_gets_its_site() -> None:
+    """Its call was taken for one from another method (no site, a wrong warning)."""
+    model = _ForwardOfThis()
+    model.eval()
+    ptq = _ptq()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, _batches(2), progress=False)
+    assert list(ptq.calibration_table(quantized)) == ["filters_conv"]
