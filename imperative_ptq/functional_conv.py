@@ -64,9 +64,8 @@ def _conv_signature(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padd
 
 
 _CONV_ARGUMENTS = inspect.signature(_conv_signature)
+#: Paddle's ``conv2d`` / ``conv1d`` functions, once :func:`install` replaced them.
 _original: dict[str, Callable[..., Any]] = {}
-#: ``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install` made.
-_BINDINGS: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
 
 
 def _attributes(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -166,14 +165,7 @@ def install() -> None:
         for module_name in _MODULES:
             module = sys.modules.get(module_name)
             if getattr(module, function_name, None) is original:
-                _BINDINGS.append((module, function_name, original, router))
                 setattr(module, function_name, router)
-
-
-def routed_bindings() -> list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]]:
-    """``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install`
-    replaced (empty before it ran)."""
-    return list(_BINDINGS)
 
 
 @paddle.jit.not_to_static
@@ -191,6 +183,7 @@ def route_conv1d(*args: Any, **kwargs: Any) -> Any:
 
 
 def _route(rank: int, args: tuple, kwargs: dict) -> Any:
+    """A conv of spatial ``rank`` through its site, else Paddle's function."""
     function_name, layout = _RANKS[rank]
     original = _original[function_name]
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
