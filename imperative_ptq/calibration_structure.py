@@ -31,7 +31,8 @@ weight (``self.weight * self.mask``), which runtimes fold into an fp32 constant;
 ``constant_call_inputs``: the fingerprints (``[shape, weighted sample sum]``,
 :mod:`imperative_ptq.fingerprint`) of the inputs that some calls of such a layer read unchanged
 while its other calls read activations (a Linear called on the tokens and on a parameter);
-``model_output``: the model returned the layer's output; ``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
+``model_output``: the model returned the layer's output (one of its heads when no layer with a
+weight reads it); ``earlier_readers``: where no hooked layer wrote the layer's first input and a fused residual
 conv writes it as codes, the hooked layers that read it before the layer in a forward (an
 ``F.relu`` sum read by a pool, then by a conv); ``residual_adds``: the adds whose residual
 operand was the layer's output

@@ -32,6 +32,7 @@ from .quantizers.qparams import symmetric_levels
 from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput, relu_or_its_max_pool
 from .quant_rnn import QuantizedLSTM, lstm_int8_refusal
 from .registry import BATCH_NORM_TYPES, PTQRegistry
+from .session import LayerState
 from .shifted_input import shiftable, shifted_grid
 from .targets import Target
 
@@ -78,6 +79,7 @@ def convert_layers(
     int8_layers: list[str] = []
     affine_layers: list[str] = []
     quantized: dict[str, QuantizedLayer] = {}
+    heads = _output_layers(hooked)
     untied = untie_shared_weights(
         model, [layer for layer, state in hooked if state.weight_quantizer is not None and state.name in table]
     )
@@ -185,7 +187,8 @@ def convert_layers(
                 input_unsigned=unsigned,
                 paddle_fc_scales=target.paddle_fc_weights and _runs_as_fc(layer, info.weight_channel_axis),
                 onednn_weights=target.onednn,
-                may_run_as_conv=_plain_linear(layer) and state.runs_as_conv is not False,
+                # (A route QAT trained on stays: LayerState.runs_as_conv.)
+                may_run_as_conv=state.name in heads and _plain_linear(layer) and state.runs_as_conv is not False,
                 must_run_as_conv=beyond_fc or bool(state.runs_as_conv),
             )
             if unsigned and (state.wide_input or state.signed_input) and runtime_codes:
@@ -647,6 +650,44 @@ def _native_hint(target: Target, vnni_only: bool = False) -> str:
 def _sublayer(model: paddle.nn.Layer, name: str) -> paddle.nn.Layer | None:
     """The model's sublayer at the dotted path ``name`` now, or ``None``."""
     return dict(model.named_sublayers()).get(name)
+
+
+def _output_layers(hooked: HookedLayers) -> set[str]:
+    """The model's heads: hooked layers with a weight whose output no hooked layer with a
+    weight reads, directly or through hooked layers without one, among those the model
+    returned (a detector's class and box Linear layers, each head of a multi-task model) and
+    its last hooked layer with a weight (in calibration order: definition order, then
+    functional sites in call order; a CTC head before its softmax). Calibration sees who reads
+    what only across hooked layers, so Linear layers joined by functional ops (a
+    transformer's) would all look unread: of those, only what the model returned and the last
+    one count. Empty for a table without its structure section (no input rank recorded)."""
+    if not any(state.input_rank for _, state in hooked):
+        return set()
+    weighted = [state.name for _, state in hooked if state.weight_quantizer is not None]
+    if not weighted:
+        return set()
+    readers: dict[str, list[LayerState]] = {}
+    for _, state in hooked:
+        for source in state.input_sources:
+            readers.setdefault(source, []).append(state)
+    returned = [
+        state.name for _, state in hooked if state.model_output and state.weight_quantizer is not None
+    ]
+    return {name for name in dict.fromkeys([*returned, weighted[-1]]) if not _read_by_weighted(name, readers)}
+
+
+def _read_by_weighted(name: str, readers: dict[str, list[LayerState]]) -> bool:
+    """Whether a hooked layer with a weight reads layer ``name``'s output, directly or through
+    hooked layers without one."""
+    pending, seen = [name], {name}
+    while pending:
+        for reader in readers.get(pending.pop(), ()):
+            if reader.weight_quantizer is not None:
+                return True
+            if reader.name not in seen:
+                seen.add(reader.name)
+                pending.append(reader.name)
+    return False
 
 
 def _plain_linear(layer: paddle.nn.Layer) -> bool:

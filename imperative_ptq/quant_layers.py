@@ -585,13 +585,12 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             with weights narrower than 8 bits, or with one threshold for all channels, computes
             with their per-channel 8-bit requantization (:func:`onednn_conv_weight`);
             :attr:`program_weight` keeps the stored one.
-        may_run_as_conv: With ``paddle_fc_scales``, a plain Linear (or functional matmul
-            site) that runs as a 1x1 conv where the fc would damage its weight
-            (:attr:`runs_as_conv`). Only such layers pay the conv's reshapes (measured: every
-            layer of a 784-100-100-10 MLP as a conv 1.6x slower at batch 64, a BERT-shaped
-            encoder with all 37 as convs 1.2x; where the check picks them, the first layer of
-            a tabular 8-64-64-4 MLP, 1.4-1.6x for a model whose output is then 3.1% instead of
-            9.2% off fp32).
+        may_run_as_conv: With ``paddle_fc_scales``, the model's head (a Linear or functional
+            matmul site, the last layer with a weight, whose output no int8 layer reads: its
+            weight's error reaches the output unmixed, and a conv inside a chain of Linear
+            layers costs more than the fc's error; measured, a 784-100-100-10 MLP as three
+            convs 1.6x slower at batch 64, a BERT-shaped encoder with all 37 as convs 1.2x)
+            runs as a 1x1 conv where the fc would damage its weight (:attr:`runs_as_conv`).
         must_run_as_conv: With ``paddle_fc_scales``, a Linear that Paddle Inference has no
             int8 fc for (its input has rank > 3: ConvNeXt's channels-last pointwise layers)
             runs as a 1x1 conv whatever the fc would do to its weight.

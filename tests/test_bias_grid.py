@@ -210,8 +210,8 @@ def test_linear_biases_land_on_the_grid_onnx_runtime_adds(target, tmp_path) -> N
     """ONNX Runtime fuses a rank-2 MatMul and its bias Add into a Gemm whose bias it rounds to
     int32 on the grid of input scale x weight scale (QGemm); only conv biases were moved there
     (measured on this MLP with analytical bias correction: 1.1e-2 of the largest output off
-    the simulation). The Linear layers (one run as a 1x1 conv) move theirs too; Paddle
-    Inference, which adds them in float, still computes the simulation."""
+    the simulation). The Linear layers move theirs too; Paddle Inference, which adds them in
+    float, still computes the simulation."""
     ort = pytest.importorskip("onnxruntime")
     paddle.seed(0)
     model = _TabularMLP()

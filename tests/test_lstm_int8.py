@@ -373,7 +373,6 @@ class _FedFromStates(nn.Layer):
         return self.fc1(sequence)
 
 
-@pytest.mark.usefixtures("linear_layers_as_fc")  # counts both Linear layers as fc
 def test_an_lstm_left_fp32_reads_its_input_in_float(tmp_path) -> None:
     """The int8 fc before an LSTM kept fp32 writes no codes for it (measured before, with the
     zero states x2paddle passes: the fc's ReLU output written int8 for the rnn op, 1.1% of

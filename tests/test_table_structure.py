@@ -143,7 +143,6 @@ def _observed(model: nn.Layer) -> dict:
     return structure_of(hooked_states(model))
 
 
-@pytest.mark.usefixtures("linear_layers_as_fc")  # a rank-3 Linear is a fc, not a conv by its weight
 def test_a_functional_site_gets_its_calibrated_input_rank_from_the_table(tmp_path) -> None:
     """Calibrated on rank-4 inputs, the Linear and the matmul site run as 1x1 convs (Paddle
     Inference runs no int8 fc on a rank > 3 input); a fresh model whose site-finding batch was

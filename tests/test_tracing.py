@@ -49,11 +49,7 @@ def test_layer_called_twice_exports_a_weight_per_call(tmp_path) -> None:
     save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 8], "float32", "x")])
     with legacy_static_mode():
         block = load_legacy_program(prefix).program.global_block()
-        # (The 8 x 8 Linear runs as a 1x1 conv: Paddle's fc would damage its weight.)
-        weights = [
-            op.input("Y" if op.type == "matmul_v2" else "Filter")[0]
-            for op in block.ops if op.type in ("matmul_v2", "conv2d")
-        ]
+        weights = [op.input("Y")[0] for op in block.ops if op.type == "matmul_v2"]
         sources = {
             op.output("Y")[0]: op.input("X")[0] for op in block.ops if op.type == "dequantize_linear"
         }

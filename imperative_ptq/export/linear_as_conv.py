@@ -4,7 +4,7 @@ Paddle 3.3.1's oneDNN int8 pipeline recomputes a fc's per-channel weight scales 
 consecutive elements of its ``[in, out]`` weight instead of its columns
 (:func:`imperative_ptq.quant_layers.paddle_fc_weight`), and a conv's from each output
 channel's own filter; it has no int8 fc at all for an input of rank 4 or more. ``convert``
-marks the Linear layers whose weight the fc would damage
+marks the heads the fc would hurt most
 (:func:`imperative_ptq.quant_layers.linear_runs_as_conv`) and the Linear layers on rank-4
 inputs (ConvNeXt's channels-last pointwise layers; ``QuantizedLayer.runs_as_conv``) and
 simulates them with their own per-channel weight; :func:`matmuls_as_convs` rewrites each of
