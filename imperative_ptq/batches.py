@@ -41,9 +41,7 @@ def _tensor(value: Any, float_dtype: np.dtype) -> Any:
         return value
     if isinstance(value, dict):
         return {key: _tensor(item, float_dtype) if _array_like(item) else item for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and value and any(
-        isinstance(item, (paddle.Tensor, np.ndarray, dict, list, tuple)) for item in value
-    ):
+    if isinstance(value, (list, tuple)) and any(_array_like(item) for item in value):
         return type(value)(_tensor(item, float_dtype) for item in value)
     array = np.asarray(value)
     if array.dtype.kind == "f" and array.dtype != float_dtype:

@@ -28,7 +28,6 @@ loaded after one batch.
 from __future__ import annotations
 
 import inspect
-import logging
 import sys
 from typing import Any, Callable
 
@@ -36,16 +35,14 @@ import numpy as np
 import paddle
 
 from .functional_matmul import (
-    ParameterSite, add_parameter_site, inner_site, parameter_path, qualified, resolve,
+    ParameterSite, add_parameter_site, inner_site, parameter_path, qualified, refuse, resolve,
 )
 from .quant_layers import QuantizedLayer
 from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
 from .site_scope import calling_layer, inside_site_owner, outside_forward_reason
 
-__all__ = ["ConvSite", "conv_sites", "has_own_filters", "install", "route_conv1d", "route_conv2d"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["ConvSite", "conv_sites", "install", "route_conv1d", "route_conv2d"]
 
 #: Frames above the call searched for the calling layer's ``self`` (as for matmuls).
 _MAX_FRAMES = 16
@@ -241,8 +238,7 @@ def _site(
     where = f"F.{function_name}(x, {qualified(caller_name, path)})"
     reason = _unsupported(x, weight, bias, bias_path) or outside_forward_reason(caller)
     if reason is not None:
-        if session.note_refused(where):
-            logger.warning("%s stays fp32: %s", where, reason)
+        refuse(session, where, reason)
         return None
     site = ConvSite.from_caller(caller, path, attributes, bias_path)
     return add_parameter_site(caller, caller_name, path + SITE_SUFFIX, site, session, where)
@@ -258,14 +254,3 @@ def _unsupported(x: Any, weight: Any, bias: Any, bias_path: str | None) -> str |
     if bias is not None and (bias.dtype != paddle.float32 or list(bias.shape) != [weight.shape[0]]):
         return f"only a float32 bias of shape [{weight.shape[0]}] is kept (got {list(bias.shape)} {bias.dtype})"
     return None
-
-
-def has_own_filters(model: paddle.nn.Layer) -> bool:
-    """Whether a layer of ``model`` that PTQ does not hook owns a float32 parameter shaped like
-    a conv filter (rank 3 or 4), which a functional conv in its ``forward`` may use."""
-    return any(
-        parameter is not None and parameter.dtype == paddle.float32 and len(parameter.shape) in (3, 4)
-        for layer in model.sublayers(include_self=True)
-        if not PTQRegistry.is_supported_layer(layer)
-        for parameter in layer._parameters.values()
-    )

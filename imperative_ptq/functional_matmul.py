@@ -53,10 +53,9 @@ from .site_scope import calling_layer, inside_site_owner, outside_forward_reason
 
 __all__ = [
     "ActivationMatmul", "MatmulSite", "ParameterSite", "activation_sites", "add_parameter_site",
-    "free_attribute",
-    "has_own_matrices", "inner_site", "install", "matmul_sites", "mirror_site", "mirror_sites",
-    "missing_site_hint", "parameter_path", "parameter_sites", "qualified", "resolve",
-    "route_linear", "route_matmul", "routed_bindings", "with_matmul_sites",
+    "free_attribute", "has_own_parameters", "inner_site", "install", "matmul_sites", "mirror_site",
+    "mirror_sites", "missing_site_hint", "parameter_path", "parameter_sites", "qualified", "refuse",
+    "resolve", "route_linear", "route_matmul", "routed_bindings", "with_matmul_sites",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,9 +368,8 @@ def _activation_site(
     if not sites and session is None:
         return None
     if not sites and (reason := outside_forward_reason(caller)) is not None:
-        where = f"a matmul of two activations in {session.sublayer_name(caller) or type(caller).__name__}"
-        if session.note_refused(where):
-            logger.warning("%s stays fp32: %s", where, reason)
+        owner = session.sublayer_name(caller) or type(caller).__name__
+        refuse(session, f"a matmul of two activations in {owner}", reason)
         return None
     count = _ACTIVATION_CALLS.get(caller, 0) if sites else 0
     _ACTIVATION_CALLS[caller] = count + 1
@@ -449,11 +447,12 @@ def missing_site_hint(layer_name: str) -> str:
     )
 
 
-def has_own_matrices(model: paddle.nn.Layer) -> bool:
-    """Whether a layer of ``model`` that PTQ does not hook owns a 2-D float32 parameter (which
-    a functional ``paddle.matmul`` in its ``forward`` may use)."""
+def has_own_parameters(model: paddle.nn.Layer, ranks: tuple[int, ...]) -> bool:
+    """Whether a layer of ``model`` that PTQ does not hook owns a float32 parameter of one of
+    the ``ranks`` (2: a matrix a functional ``paddle.matmul`` may use; 3 and 4: a filter for
+    ``F.conv1d`` / ``F.conv2d``)."""
     return any(
-        parameter is not None and parameter.dtype == paddle.float32 and len(parameter.shape) == 2
+        parameter is not None and parameter.dtype == paddle.float32 and len(parameter.shape) in ranks
         for layer in model.sublayers(include_self=True)
         if not PTQRegistry.is_supported_layer(layer)
         for parameter in layer._parameters.values()
@@ -524,11 +523,16 @@ def _discover(
     )
     reason = _unsupported(x, y, bias) or outside_forward_reason(caller)
     if reason is not None:
-        if session.note_refused(where):
-            logger.warning("%s stays fp32: %s", where, reason)
+        refuse(session, where, reason)
         return None
     site = MatmulSite.from_caller(caller, path, transpose_y, bias_path)
     return add_parameter_site(caller, caller_name, path + _SITE_SUFFIX, site, session, where)
+
+
+def refuse(session: Any, where: str, reason: str) -> None:
+    """Warns, once per calibration session, that the call ``where`` stays fp32 and why."""
+    if session.note_refused(where):
+        logger.warning("%s stays fp32: %s", where, reason)
 
 
 def add_parameter_site(

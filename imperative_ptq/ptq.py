@@ -47,9 +47,8 @@ from .converted import (
     record_input_signature, record_measured_on,
 )
 from .finite import check_finite_parameters, check_finite_thresholds
-from .functional_conv import has_own_filters
 from .functional_conv import install as install_conv_routing
-from .functional_matmul import has_own_matrices
+from .functional_matmul import has_own_parameters
 from .functional_matmul import install as install_matmul_routing
 from .functional_ops import install as install_functional_op_routing
 from .functional_ops import restore_sites
@@ -66,7 +65,6 @@ from .targets import get_target
 __all__ = ["ImperativePTQ"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def _new_state(config: PTQConfig, name: str, layer: paddle.nn.Layer) -> LayerState:
@@ -217,7 +215,7 @@ class ImperativePTQ:
                 f"model holds, in place of themselves; wrap it, e.g. "
                 f"paddle.nn.Sequential(model)"
             )
-        if not session.layers and not (has_own_matrices(model) or has_own_filters(model)):
+        if not session.layers and not has_own_parameters(model, (2, 3, 4)):
             raise ValueError(
                 f"{type(model).__name__} has no leaf layer supported by PTQRegistry and no "
                 f"parameter a functional paddle.matmul or F.conv2d could use; supported: "

@@ -151,6 +151,17 @@ class _ReluNet(nn.Layer):
         return self.head(self.after_tanh(x))
 
 
+def _error_on_avx2(ptq, qmodel: nn.Layer, x: np.ndarray, tmp_path, avx2_runner, **tie_search) -> float:
+    """Exports ``qmodel`` (``[N, 3, 16, 16]`` input), runs ``x`` on oneDNN's AVX2 kernels and
+    returns the largest difference to the simulation up to rounding ties, relative to its
+    largest output."""
+    prefix = str(tmp_path / "int8")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    ran = _avx2_outputs(prefix, x, avx2_runner)
+    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6, **tie_search)
+    return relative_error(ran, simulated)
+
+
 def _avx2_outputs(prefix: str, x: np.ndarray, avx2_runner) -> np.ndarray:
     """Paddle Inference's output on oneDNN's AVX2 kernels: natively where the CPU's int8
     kernels are AVX2, else in the ``ONEDNN_MAX_CPU_ISA=AVX2`` worker of a VNNI CPU."""
@@ -326,16 +337,8 @@ def test_qat_fine_tunes_on_the_halved_weights(tmp_path, avx2_runner) -> None:
     trainable.eval()
     with paddle.no_grad():
         np.testing.assert_allclose(converted(images[0]).numpy(), trainable(images[0]).numpy(), rtol=1e-4, atol=1e-4)
-    prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(converted, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     x = rng.standard_normal((4, 3, 16, 16)).astype("float32")
-    ran = _avx2_outputs(prefix, x, avx2_runner)
-
-    def simulate() -> np.ndarray:
-        return converted(paddle.to_tensor(x)).numpy()
-
-    simulated, _ = simulation_up_to_ties(simulate, ran, 2e-6, candidates=16, max_flips=3)
-    assert relative_error(ran, simulated) < 2e-6
+    assert _error_on_avx2(ptq, converted, x, tmp_path, avx2_runner, candidates=16, max_flips=3) < 2e-6
 
 
 class _PreActivation(nn.Layer):
@@ -360,12 +363,8 @@ def test_a_conv_whose_output_a_residual_add_reads_too_is_not_folded(tmp_path, av
     rng = np.random.default_rng(0)
     ptq, qmodel = _converted(_PreActivation(), "x86-avx2", rng)
     assert qmodel.stem.halved_weights and qmodel.stem.norm_factor is None
-    prefix = str(tmp_path / "int8")
-    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
-    ran = _avx2_outputs(prefix, x, avx2_runner)
-    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6, candidates=16, max_flips=3)
-    assert relative_error(ran, simulated) < 2e-6
+    assert _error_on_avx2(ptq, qmodel, x, tmp_path, avx2_runner, candidates=16, max_flips=3) < 2e-6
 
 
 class _PreNormReadElsewhere(nn.Layer):
@@ -476,12 +475,8 @@ def test_a_batch_norm_convert_did_not_fold_runs_in_float_after_the_halved_conv(m
     rng = np.random.default_rng(0)
     ptq, qmodel = _converted(model_class(), "x86-avx2", rng)
     assert qmodel.conv.halved_weights and qmodel.conv.norm_factor is None
-    prefix = str(tmp_path / "int8")
-    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
-    ran = _avx2_outputs(prefix, x, avx2_runner)
-    simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
-    assert relative_error(ran, simulated) < 2e-6
+    assert _error_on_avx2(ptq, qmodel, x, tmp_path, avx2_runner) < 2e-6
 
 
 def test_export_refuses_a_fold_the_program_contradicts(tmp_path) -> None:

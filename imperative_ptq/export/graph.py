@@ -176,6 +176,7 @@ def remove_inference_dropouts(loaded: Any, records: Sequence[Any]) -> int:
     """
     block = loaded.program.global_block()
     fetched = {var.name for var in loaded.fetch_vars}
+    reading = readers(block)
     aliases: dict[str, str] = {}
     for index in reversed(range(len(block.ops))):
         op = block.ops[index]
@@ -183,8 +184,11 @@ def remove_inference_dropouts(loaded: Any, records: Sequence[Any]) -> int:
         if not inference_identity or op.output("Out")[0] in fetched:
             continue
         source, out = op.input("X")[0], op.output("Out")[0]
-        for reader in readers(block).get(out, []):
+        moved = reading.pop(out, [])
+        for reader in moved:
             reader._rename_input(out, source)
+        # (Last to first: a dropout of a dropout finds the readers it now has.)
+        reading[source] = [reader for reader in reading.get(source, []) if reader is not op] + moved
         remove_op(block, index)
         aliases[out] = source
     if not aliases:

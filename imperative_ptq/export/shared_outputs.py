@@ -15,7 +15,7 @@ import paddle
 
 from .graph import insert_op, insert_reader_op, op_index, producers, readers
 from .legacy_program import LegacyProgram, quantize_threshold
-from .unsigned import RELU6_U8_PRODUCERS, runs_unsigned
+from .unsigned import runs_unsigned
 
 __all__ = ["isolate_quantized_shared_outputs", "isolate_sliced_pieces"]
 
@@ -40,32 +40,17 @@ def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
 
 
 def _pooled_unsigned(block: "paddle.static.Block", name: str, writers: Mapping) -> bool:
-    """Whether Paddle runs ``name`` as u8: a u8 tensor (:func:`.unsigned.runs_unsigned`) or a
-    max-pool of one, which Paddle's int8 pool writes in its input's type (a copy of it for a
-    quantize op made Paddle read it s8, which saturates without VNNI: an Inception pool branch
-    beside a 1x1 conv reading one stem max-pool, 1.5e-2 of the largest output off)."""
-    while not (runs_unsigned(block, name, writers) or _relu6_of_int8_conv(name, writers)):
+    """Whether Paddle runs ``name`` as u8: a u8 tensor (:func:`.unsigned.runs_unsigned`, its
+    weights int8 by now) or a max-pool of one, which Paddle's int8 pool writes in its input's
+    type (a copy of it for a quantize op made Paddle read it s8, which saturates without VNNI:
+    an Inception pool branch beside a 1x1 conv reading one stem max-pool, 1.5e-2 of the
+    largest output off)."""
+    while not runs_unsigned(block, name, writers, int8_weights=True):
         op = writers.get(name)
         if op is None or op.type != "pool2d" or op.attr("pooling_type") != "max":
             return False
         name = op.input("X")[0]
     return True
-
-
-def _relu6_of_int8_conv(name: str, writers: Mapping) -> bool:
-    """Whether ``name`` is a relu6 output that oneDNN fuses into an int8 conv (its filter a
-    ``dequantize_linear`` output by now), which the conv writes u8 (an fp32 conv's is
-    :func:`.unsigned.runs_unsigned`'s)."""
-    op = writers.get(name)
-    if op is None or op.type != "relu6":
-        return False
-    source = writers.get(op.input("X")[0])
-    while source is not None and source.type in ("elementwise_add", "batch_norm"):
-        source = writers.get(source.input("X")[0])
-    if source is None or source.type not in RELU6_U8_PRODUCERS:
-        return False
-    filter_writer = writers.get(source.input("Filter")[0])
-    return filter_writer is not None and filter_writer.type == "dequantize_linear"
 
 
 def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:

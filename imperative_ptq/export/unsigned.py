@@ -134,12 +134,13 @@ def relu_after_residual_conv(block, name: str, writers: Mapping) -> bool:
     )
 
 
-def runs_unsigned(block, name: str, writers: Mapping) -> bool:
+def runs_unsigned(block, name: str, writers: Mapping, int8_weights: bool = False) -> bool:
     """Whether Paddle's oneDNN int8 pipeline runs variable ``name`` as u8.
 
     Its ``compute_propagate_scales_onednn_pass`` marks unsigned only the outputs of ``relu``
     ops and of convs with a fused ``relu6`` (:data:`RELU6_U8_PRODUCERS`); every other tensor
-    with its own scale is s8, whatever its values.
+    with its own scale is s8, whatever its values. ``int8_weights``: see
+    :func:`fusable_relu_source` (once the program's weights are quantized).
     """
     op = writers.get(name)
     if op is None or op.type not in ("relu", "relu6"):
@@ -149,7 +150,7 @@ def runs_unsigned(block, name: str, writers: Mapping) -> bool:
     before = writers.get(op.input("X")[0])
     if before is not None and before.type == "relu":
         return True
-    found = fusable_relu_source(block, op, writers)
+    found = fusable_relu_source(block, op, writers, int8_weights)
     return found is not None and found[0].type in RELU6_U8_PRODUCERS
 
 
@@ -201,9 +202,11 @@ class FusedReluClips:
     weight_factors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def fusable_relu_source(block, op, writers: Mapping) -> tuple[object, list] | None:
+def fusable_relu_source(block, op, writers: Mapping, int8_weights: bool = False) -> tuple[object, list] | None:
     """For an activation ``op``, the conv/fc oneDNN fuses it into and the ops between
-    (``writers``: variable -> the op writing it, :func:`.graph.producers`).
+    (``writers``: variable -> the op writing it, :func:`.graph.producers`). ``int8_weights``:
+    a weight the program already stores int8 (read through its ``dequantize_linear``) counts
+    as the parameter it is.
 
     Returns:
         ``(producer, chain)`` with ``chain`` the batch_norm / bias-add ops in between (nearest
@@ -218,7 +221,11 @@ def fusable_relu_source(block, op, writers: Mapping) -> tuple[object, list] | No
         source = writers.get(source.input("X")[0])
     if source is None or source.type not in FUSING_OPS or transposed_matmul(source):
         return None
-    if not is_persistable(block, source.input(FUSING_OPS[source.type][0])[0]):
+    weight = source.input(FUSING_OPS[source.type][0])[0]
+    dequantize = writers.get(weight) if int8_weights else None
+    if dequantize is not None and dequantize.type == "dequantize_linear":
+        weight = dequantize.input("X")[0]
+    if not is_persistable(block, weight):
         return None
     return source, chain
 
