@@ -261,7 +261,10 @@ class ImperativePTQ:
             raise
         finally:
             try:
-                session.flush()
+                session.flush()  # (raises a worker's error that the forwards did not)
+            except BaseException:
+                attached = False
+                raise
             finally:
                 if not attached:
                     session.detach()
