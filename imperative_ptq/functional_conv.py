@@ -42,7 +42,7 @@ from .registry import PTQRegistry
 from .session import any_discovering, discovering_session
 from .site_scope import calling_layer, inside_site_owner, outside_forward_reason
 
-__all__ = ["ConvSite", "conv_sites", "install", "route_conv1d", "route_conv2d"]
+__all__ = ["ConvSite", "conv_sites", "install", "route_conv1d", "route_conv2d", "routed_bindings"]
 
 #: Frames above the call searched for the calling layer's ``self`` (as for matmuls).
 _MAX_FRAMES = 16
@@ -63,6 +63,8 @@ def _conv_signature(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padd
 _CONV_ARGUMENTS = inspect.signature(_conv_signature)
 #: Paddle's ``conv2d`` / ``conv1d`` functions, once :func:`install` replaced them.
 _original: dict[str, Callable[..., Any]] = {}
+#: ``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install` made.
+_BINDINGS: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
 
 
 def _attributes(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +164,15 @@ def install() -> None:
         for module_name in _MODULES:
             module = sys.modules.get(module_name)
             if getattr(module, function_name, None) is original:
+                _BINDINGS.append((module, function_name, original, router))
                 setattr(module, function_name, router)
+
+
+def routed_bindings() -> list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]]:
+    """``(owner, attribute, Paddle's function, its router)`` of every binding :func:`install`
+    replaced (empty before it ran): what a comparison with Paddle's own functions swaps
+    (``benchmarks/matmul_routing.py``; ``nn.Conv1D`` itself calls ``F.conv1d``)."""
+    return list(_BINDINGS)
 
 
 @paddle.jit.not_to_static
