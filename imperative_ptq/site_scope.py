@@ -113,8 +113,11 @@ def in_own_forward(layer: paddle.nn.Layer) -> bool:
     forward = getattr(type(layer).forward, "__code__", None)
     frame = sys._getframe(1)
     while frame is not None:
-        # (Its class's forward, whatever its first parameter is named; or a forward of it.)
-        if frame.f_code is forward or (frame.f_code.co_name == "forward" and frame.f_locals.get("self") is layer):
+        code = frame.f_code
+        # A forward (its class's, whatever its first parameter is named) called on this layer,
+        # not on another instance of the class (a parent of the same class).
+        if (code is forward or code.co_name == "forward") and code.co_argcount and \
+                frame.f_locals.get(code.co_varnames[0]) is layer:
             return True
         frame = frame.f_back
     return False

@@ -309,3 +309,32 @@ def test_a_forward_whose_first_parameter_is_not_self_gets_its_site() -> None:
     quantized = ptq.quantize(model)
     ptq.calibrate(quantized, _batches(2), progress=False)
     assert list(ptq.calibration_table(quantized)) == ["filters_conv"]
+
+
+class _Nested(paddle.nn.Layer):
+    """A layer of one class holding another of it, whose filters the outer forward applies
+    through a method: the outer forward of the same class is no forward of the inner layer."""
+
+    def __init__(self, inner: bool = True) -> None:
+        super().__init__()
+        self.filters = self.create_parameter([3, 3, 3, 3])
+        self.inner = _Nested(inner=False) if inner else None
+
+    def apply(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.conv2d(x, self.filters, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.inner.apply(F.relu(F.conv2d(x, self.filters, padding=1)))
+
+
+def test_a_method_called_from_a_forward_of_another_instance_of_its_class_stays_fp32(caplog) -> None:
+    """The outer forward's frame, of the same code, was taken for the inner layer's own
+    forward: the inner call got a site the converted model never reaches."""
+    model = _Nested()
+    model.eval()
+    ptq = _ptq()
+    quantized = ptq.quantize(model)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.calibrate(quantized, _batches(2), progress=False)
+    assert list(ptq.calibration_table(quantized)) == ["filters_conv"]
+    assert "F.conv2d(x, inner.filters) stays fp32: called from a method of _Nested other than its forward" in caplog.text
