@@ -93,11 +93,18 @@ class CpuInfo:
         flags: The :data:`INT8_FLAGS` the CPU has.
         onednn_max_isa: The upper-cased ``ONEDNN_MAX_CPU_ISA`` (else ``DNNL_MAX_CPU_ISA``)
             value, or ``None`` if neither is set.
+        family: The ``cpu family`` number, or ``None`` if not reported. Virtual machines
+            often name every AMD server CPU just "AMD EPYC": family and model number tell
+            a Zen 1 (family 23, model 1) from a Zen 3 (family 25, model 1), whose int8
+            kernels run at very different speeds relative to fp32.
+        model_number: The ``model`` number, or ``None`` if not reported.
     """
 
     model: str
     flags: frozenset[str]
     onednn_max_isa: str | None = None
+    family: int | None = None
+    model_number: int | None = None
 
     def _allows(self, flag: str, caps: frozenset[str]) -> bool:
         cap = _effective_cap(self.onednn_max_isa)
@@ -132,10 +139,14 @@ class CpuInfo:
     def describe(self) -> str:
         """One line for benchmark tables and warnings.
 
-        Example: ``"Intel(R) Xeon(R) Processor (avx2 avx512f avx512_vnni amx_int8; oneDNN
-        capped at AVX2)"``; the cap part appears only when a cap is set.
+        Example: ``"Intel(R) Xeon(R) Processor (family 6 model 143; avx2 avx512f avx512_vnni
+        amx_int8; oneDNN capped at AVX2)"``; the family part appears only when
+        ``/proc/cpuinfo`` reports it, the cap part only when a cap is set.
         """
         parts = [" ".join(f for f in INT8_FLAGS if f in self.flags) or "no int8 ISA flags"]
+        if self.family is not None:
+            number = "" if self.model_number is None else f" model {self.model_number}"
+            parts.insert(0, f"family {self.family}{number}")
         if self.onednn_max_isa is not None:
             note = "" if self.onednn_max_isa in _CAPS else " (unrecognised, ignored)"
             parts.append(f"oneDNN capped at {self.onednn_max_isa}{note}")
@@ -154,6 +165,11 @@ def _first_block(text: str) -> dict[str, str]:
         if sep:
             fields.setdefault(key.strip(), value.strip())
     return fields
+
+
+def _decimal(value: str | None) -> int | None:
+    """A ``/proc/cpuinfo`` number field as an int; ``None`` when absent or not a number."""
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def cpu_info(
@@ -185,8 +201,16 @@ def cpu_info(
     model = " ".join(fields.get("model name", "").split()) or "unknown"
     present = set(fields.get("flags", "").split())
     flags = frozenset(f for f in INT8_FLAGS if f in present)
+    family = _decimal(fields.get("cpu family"))
+    model_number = _decimal(fields.get("model"))
 
     # oneDNN reads ONEDNN_* first and falls back to the legacy DNNL_* name.
     raw = environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or ""
     cap = raw.strip().upper() or None
-    return CpuInfo(model=model, flags=flags, onednn_max_isa=cap)
+    return CpuInfo(
+        model=model,
+        flags=flags,
+        onednn_max_isa=cap,
+        family=family,
+        model_number=model_number,
+    )

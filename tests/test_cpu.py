@@ -45,15 +45,22 @@ ALDER_LAKE_FLAGS = (
 WESTMERE_FLAGS = f"{_BASE} dca arch_perfmon pebs bts nonstop_tsc aperfmperf dtherm ida arat"
 
 
-def cpuinfo_text(model: str, flags: str, processors: int = 2) -> str:
+def cpuinfo_text(
+    model: str,
+    flags: str,
+    processors: int = 2,
+    vendor: str = "GenuineIntel",
+    family: int = 6,
+    model_number: int = 143,
+) -> str:
     """A /proc/cpuinfo with ``processors`` identical blocks, as Linux writes it."""
     blocks = []
     for i in range(processors):
         blocks.append(
             f"processor\t: {i}\n"
-            "vendor_id\t: GenuineIntel\n"
-            "cpu family\t: 6\n"
-            "model\t\t: 143\n"
+            f"vendor_id\t: {vendor}\n"
+            f"cpu family\t: {family}\n"
+            f"model\t\t: {model_number}\n"
             f"model name\t: {model}\n"
             "stepping\t: 8\n"
             "cpu MHz\t\t: 2000.000\n"
@@ -67,7 +74,9 @@ def cpuinfo_text(model: str, flags: str, processors: int = 2) -> str:
     return "\n".join(blocks)
 
 
-EPYC = cpuinfo_text("AMD EPYC 7763 64-Core Processor", EPYC_FLAGS)
+EPYC = cpuinfo_text(
+    "AMD EPYC 7763 64-Core Processor", EPYC_FLAGS, vendor="AuthenticAMD", family=25, model_number=1
+)
 CASCADE_LAKE = cpuinfo_text("Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", CASCADE_LAKE_FLAGS)
 SAPPHIRE_RAPIDS = cpuinfo_text("Intel(R) Xeon(R) Platinum 8480+", SAPPHIRE_RAPIDS_FLAGS)
 ALDER_LAKE = cpuinfo_text("12th Gen Intel(R) Core(TM) i7-12700K", ALDER_LAKE_FLAGS)
@@ -81,7 +90,17 @@ def test_avx2_only_epyc() -> None:
     assert info.onednn_max_isa is None
     assert not info.vnni
     assert info.isa == "avx2"
-    assert info.describe() == "AMD EPYC 7763 64-Core Processor (avx2)"
+    assert (info.family, info.model_number) == (25, 1)
+    assert info.describe() == "AMD EPYC 7763 64-Core Processor (family 25 model 1; avx2)"
+
+
+def test_family_and_model_tell_apart_cpus_a_vm_names_alike() -> None:
+    # Cloud VMs report Zen 1 and Zen 3 servers both as "AMD EPYC"; their int8-to-fp32 speed
+    # ratios differ widely, so a benchmark line must say which one it ran on.
+    zen1 = cpu_info(cpuinfo_text("AMD EPYC", EPYC_FLAGS, family=23, model_number=1), environ={})
+    zen3 = cpu_info(cpuinfo_text("AMD EPYC", EPYC_FLAGS, family=25, model_number=1), environ={})
+    assert zen1.describe() == "AMD EPYC (family 23 model 1; avx2)"
+    assert zen3.describe() == "AMD EPYC (family 25 model 1; avx2)"
 
 
 def test_avx512_vnni_xeon() -> None:
@@ -97,7 +116,8 @@ def test_amx_xeon() -> None:
     assert info.vnni
     assert info.isa == "amx"
     assert info.describe() == (
-        "Intel(R) Xeon(R) Platinum 8480+ (avx2 avx512f avx512_vnni avx_vnni amx_int8)"
+        "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143; avx2 avx512f avx512_vnni avx_vnni "
+        "amx_int8)"
     )
 
 
@@ -168,7 +188,9 @@ def test_cpu_without_avx2() -> None:
     assert info.flags == frozenset()
     assert not info.vnni
     assert info.isa == "other"
-    assert info.describe() == "Intel(R) Xeon(R) CPU X5650 @ 2.67GHz (no int8 ISA flags)"
+    assert info.describe() == (
+        "Intel(R) Xeon(R) CPU X5650 @ 2.67GHz (family 6 model 143; no int8 ISA flags)"
+    )
 
 
 def test_unknown_cap_warns_once_and_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
@@ -190,7 +212,15 @@ def test_empty_text() -> None:
     assert info.model == "unknown"
     assert info.flags == frozenset()
     assert info.isa == "other"
+    assert (info.family, info.model_number) == (None, None)
     assert info.describe() == "unknown (no int8 ISA flags)"
+
+
+def test_family_without_model_number() -> None:
+    text = "processor\t: 0\ncpu family\t: 23\nmodel\t\t: ?\nmodel name\t: AMD EPYC\n"
+    info = cpu_info(text, environ={})
+    assert (info.family, info.model_number) == (23, None)
+    assert info.describe() == "AMD EPYC (family 23; no int8 ISA flags)"
 
 
 def test_empty_cap_is_no_cap() -> None:
