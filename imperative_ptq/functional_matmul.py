@@ -622,7 +622,12 @@ def mirror_site(caller: paddle.nn.Layer, attribute: str, site: ParameterSite) ->
 def with_matmul_sites(model: paddle.nn.Layer, quantized_model: paddle.nn.Layer) -> paddle.nn.Layer:
     """``model``, or a copy of it with the sites ``quantized_model`` has (``model`` itself is
     never changed), so the two have the same layer names."""
-    if not any(parameter_sites(layer) for layer in quantized_model.sublayers(include_self=True)):
+    sites = {
+        qualified(name, attribute)
+        for name, layer in quantized_model.named_sublayers(include_self=True)
+        for attribute, _ in parameter_sites(layer)
+    }
+    if sites <= {name for name, _ in model.named_sublayers()}:
         return model
     copied = copy.deepcopy(model)
     mirror_sites(quantized_model, copied)

@@ -231,6 +231,32 @@ def test_analyze_and_keep_fp32_pair_the_convs_with_the_fp32_model() -> None:
     np.testing.assert_allclose(quantized(x).numpy(), functional(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("algorithm", ["adaround", "correct_bias", "correct_bias_analytically"])
+def test_algorithms_called_directly_pair_the_convs_with_the_users_fp32_model(algorithm) -> None:
+    """The sites exist only in the quantized model; an algorithm given the user's own fp32
+    model matches them on a copy (the user's model keeps its layers) and does what it does
+    for the same model written with conv layers."""
+    from imperative_ptq import algorithms
+
+    functional, reference = _models()
+    batches = [paddle.to_tensor(b) for b in _batches(2, seed=3)]
+    before = {k: v.numpy().copy() for k, v in functional.state_dict().items()}
+    run = getattr(algorithms, algorithm)
+    kwargs = {"settings": algorithms.AdaRound(iterations=20), "progress": False} if algorithm == "adaround" else {}
+    outputs = []
+    for model in (functional, reference):
+        ptq = _ptq()
+        quantized = ptq.quantize(model)
+        ptq.calibrate(quantized, _batches(), progress=False)
+        ptq.convert(quantized)
+        paddle.seed(1)  # AdaRound's initial rounding variables are random
+        run(quantized, model, batches, **kwargs)
+        outputs.append(quantized(batches[0]).numpy())
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    assert [name for name, _ in functional.named_sublayers()] == ["head"]
+    assert all(np.array_equal(v.numpy(), before[k]) for k, v in functional.state_dict().items())
+
+
 def test_a_table_with_conv_sites_loads_after_the_first_batch_and_explains_before(tmp_path) -> None:
     functional, _ = _models()
     source = _ptq()

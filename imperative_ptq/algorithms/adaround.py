@@ -32,6 +32,7 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
+from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
 from ..quantizers.qparams import symmetric_levels
 from .bias_correction import output_channel_axis
@@ -295,7 +296,8 @@ def adaround(
 
     Args:
         quantized_model: A converted model.
-        reference: The fp32 model it was quantized from (same sublayer names).
+        reference: The fp32 model it was quantized from (left unchanged: the layers that
+            functional matmuls and convs became are matched on a copy).
         batches: Calibration batches (their layer inputs are cached one layer at a time).
         settings: Iterations, regularizer and schedule.
         progress: Show tqdm bars (layers, and steps within a layer).
@@ -308,6 +310,7 @@ def adaround(
     """
     if not batches:
         raise ValueError("AdaRound needs calibration batches, got none")
+    reference = with_matmul_sites(reference, quantized_model)
     references = dict(reference.named_sublayers())
     results = []
     ordered = quantized_layers_in_order(quantized_model, batches[0])
@@ -318,7 +321,10 @@ def adaround(
             continue
         fp32_layer = references.get(name)
         if fp32_layer is None:
-            raise ValueError(f"AdaRound: layer {name!r} has no fp32 counterpart")
+            raise ValueError(
+                f"AdaRound: layer {name!r} has no fp32 counterpart in the reference "
+                "model: pass the fp32 model the quantized model was made from"
+            )
         inputs = [layer.quantize_input(x) for x in capture_inputs(quantized_model, layer, batches)]
         targets = capture_outputs(reference, fp32_layer, batches)
         results.append(_round_layer(

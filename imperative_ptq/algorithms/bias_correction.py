@@ -32,6 +32,7 @@ import paddle
 from tqdm import tqdm
 
 from ..batches import run_hooked
+from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
 from .capture import capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
@@ -80,7 +81,8 @@ def correct_bias(
 
     Args:
         quantized_model: A converted model.
-        reference: The fp32 model it was quantized from (same sublayer names).
+        reference: The fp32 model it was quantized from (left unchanged: the layers that
+            functional matmuls and convs became are matched on a copy).
         batches: Calibration batches.
         progress: Show a tqdm bar over the layers.
 
@@ -92,13 +94,17 @@ def correct_bias(
     """
     if not batches:
         raise ValueError("bias correction needs calibration batches, got none")
+    reference = with_matmul_sites(reference, quantized_model)
     references = dict(reference.named_sublayers())
     corrections: dict[str, np.ndarray] = {}
     ordered = quantized_layers_in_order(quantized_model, batches[0])
     for name, layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
         fp32_layer = references.get(name)
         if fp32_layer is None:
-            raise ValueError(f"bias correction: layer {name!r} has no fp32 counterpart")
+            raise ValueError(
+                f"bias correction: layer {name!r} has no fp32 counterpart in the reference "
+                "model: pass the fp32 model the quantized model was made from"
+            )
         fp32_outputs = capture_outputs(reference, fp32_layer, batches)
         quantized_outputs = capture_outputs(quantized_model, layer, batches)
         axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
@@ -137,6 +143,7 @@ def correct_bias_analytically(
     """
     if not batches:
         raise ValueError("bias correction needs calibration batches, got none")
+    reference = with_matmul_sites(reference, quantized_model)
     references = dict(reference.named_sublayers())
     targets: dict[str, tuple[QuantizedLayer, paddle.nn.Layer]] = {}
     for name, layer in quantized_model.named_sublayers():
@@ -149,7 +156,10 @@ def correct_bias_analytically(
             )
             continue
         if name not in references:
-            raise ValueError(f"bias correction: layer {name!r} has no fp32 counterpart")
+            raise ValueError(
+                f"bias correction: layer {name!r} has no fp32 counterpart in the reference "
+                "model: pass the fp32 model the quantized model was made from"
+            )
         targets[name] = (layer, references[name])
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
