@@ -86,3 +86,76 @@ def test_a_weight_read_transposed_beside_its_int8_layer(target, tmp_path) -> Non
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     predict(create_predictor(str(tmp_path / "m"), int8=False), x)  # loads and runs
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
+
+
+def _norm(channels: int) -> paddle.nn.BatchNorm2D:
+    """A BatchNorm with statistics and an affine part far from the identity."""
+    norm = paddle.nn.BatchNorm2D(channels)
+    norm._mean.set_value(paddle.uniform([channels], min=-0.5, max=0.5))
+    norm._variance.set_value(paddle.uniform([channels], min=0.5, max=2.0))
+    norm.weight.set_value(paddle.uniform([channels], min=-1.5, max=1.5))
+    return norm
+
+
+class _ConvCalledTwice(paddle.nn.Layer):
+    """One padded conv on two halves of a signed input, followed by the same BatchNorm on
+    both calls (``"same"``: a siamese encoder), by one BatchNorm per call (``"each"``: a
+    detection head shared by the pyramid levels), or by a BatchNorm on the first call only
+    (``"first"``)."""
+
+    def __init__(self, norms: str, groups: int = 1) -> None:
+        super().__init__()
+        self.norms = norms
+        self.conv = paddle.nn.Conv2D(4, 4, 3, padding=1, groups=groups)
+        self.norm_a = _norm(4)
+        self.norm_b = self.norm_a if norms == "same" else _norm(4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a, b = self.conv(x[:, :4]), self.conv(x[:, 4:])
+        a = self.norm_a(a)
+        b = b if self.norms == "first" else self.norm_b(b)
+        return F.relu(a).mean([2, 3]) - F.relu(b).mean([2, 3])
+
+
+def _two_halves(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((4, 8, 6, 6)).astype(np.float32) for _ in range(count)]
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+@pytest.mark.parametrize("norms, groups", [("same", 1), ("each", 1), ("each", 4), ("first", 1)])
+def test_a_conv_called_twice_before_batch_norms_exports_what_it_simulates(
+    norms, groups, target, tmp_path
+) -> None:
+    """Paddle Inference's conv + BatchNorm fuse passes fold into the filter the conv op reads,
+    in place: on a filter shared by two calls (the conv kept fp32 on ``x86``: a padded conv
+    on a signed input) the second fold landed on the first (1.4, 0.69 depthwise, 0.99 with
+    the BatchNorm on one call only, of the largest output off the simulation); on
+    ``x86-avx2`` the export's own fold of the halved conv's BatchNorm ran once per call (2.4
+    off). Each call now gets a filter of its own, and the export folds once."""
+    paddle.seed(3)
+    model = _ConvCalledTwice(norms, groups)
+    model.eval()
+    qmodel = converted(model, [paddle.to_tensor(b) for b in _two_halves(4, 0)], target)
+    x = _two_halves(1, 9)[0]
+    if norms == "first" and target == "x86-avx2":
+        # The BatchNorm convert folded into the halved weight reads one call only: refused
+        # (the x86 export runs it as simulated, the case above).
+        with pytest.raises(ValueError, match=r"cannot export 'conv' for target 'x86-avx2'.*target='x86'"):
+            largest_error_in_paddle_inference(qmodel, x, tmp_path)
+        return
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
+
+
+def test_the_fp32_export_of_a_conv_with_a_batch_norm_per_call_runs_as_the_model(tmp_path) -> None:
+    from imperative_ptq.export import save_fp32_model
+
+    paddle.seed(3)
+    model = _ConvCalledTwice("each")
+    model.eval()
+    x = _two_halves(1, 9)[0]
+    save_fp32_model(model, str(tmp_path / "fp32"), [paddle.static.InputSpec([None, 8, 6, 6], "float32")])
+    ran = predict(create_predictor(str(tmp_path / "fp32")), x)[0]
+    expected = model(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(ran, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))

@@ -85,13 +85,39 @@ def fold_norms_into_halved_convs(loaded, records: list[LayerRecord]) -> int:
                 f"target='x86'"
             )
         folds.append((conv, add, norm, record, len(after) > 1))
+    # A conv layer called more than once writes a conv op per call, all reading its weight
+    # (and bias): each is folded once, however many calls read it (measured: a siamese
+    # encoder's conv + BatchNorm called twice, folded per call, 2.4 of the largest output off).
+    _check_one_norm_per_weight(folds)
+    folded_weights: set[str] = set()
+    folded_biases: set[str] = set()
     for conv, add, norm, record, read_elsewhere in folds:
-        _fold(loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32), read_elsewhere)
-        record.weight_thresholds = folded_thresholds(record.weight_thresholds, record.norm_factor)
+        weight = conv.input("Filter")[0]
+        _fold(
+            loaded, conv, add, norm, np.asarray(record.norm_factor, np.float32), read_elsewhere,
+            fold_weight=weight not in folded_weights, folded_biases=folded_biases,
+        )
+        if weight not in folded_weights:
+            record.weight_thresholds = folded_thresholds(record.weight_thresholds, record.norm_factor)
+            folded_weights.add(weight)
     folded = len(folds)
     if folded:
         loaded.program._sync_with_cpp()
     return folded
+
+
+def _check_one_norm_per_weight(folds: list) -> None:
+    """Raises unless every conv op sharing a weight is followed by the same BatchNorm (the one
+    ``convert`` folded): a weight holds one fold."""
+    norms: dict[str, tuple[str, str]] = {}
+    for conv, _, norm, record, _ in folds:
+        statistics = (norm.input("Mean")[0], norm.input("Scale")[0])
+        if norms.setdefault(conv.input("Filter")[0], statistics) != statistics:
+            raise ValueError(
+                f"cannot export {record.name!r} for target 'x86-avx2': its calls are followed "
+                f"by different BatchNorms, and its halved weight can hold one fold; convert it "
+                f"with target='x86'"
+            )
 
 
 def _bias_add(block, op, output: str) -> bool:
@@ -102,9 +128,14 @@ def _bias_add(block, op, output: str) -> bool:
     )
 
 
-def _fold(loaded, conv, add, norm, factor: np.ndarray, read_elsewhere: bool = False) -> None:
-    """Multiplies ``conv``'s weight by ``factor``, puts the folded bias in its bias add (one
-    inserted if it has none) and removes ``norm``, whose output the add now writes.
+def _fold(
+    loaded, conv, add, norm, factor: np.ndarray, read_elsewhere: bool = False,
+    fold_weight: bool = True, folded_biases: set[str] | None = None,
+) -> None:
+    """Multiplies ``conv``'s weight by ``factor`` (unless ``fold_weight`` is False: another
+    call of the layer folded it), puts the folded bias in its bias add (one inserted if it has
+    none; a bias already in ``folded_biases`` is left as it is, and the one folded is added
+    to it) and removes ``norm``, whose output the add now writes.
 
     ``read_elsewhere``: ops calibration did not see read the conv's output too (the network
     returns it, a concat or a reduction reads it); they get it back from the folded output,
@@ -113,23 +144,28 @@ def _fold(loaded, conv, add, norm, factor: np.ndarray, read_elsewhere: bool = Fa
     weight instead."""
     block = loaded.program.global_block()
     weight = conv.input("Filter")[0]
+    folded_biases = set() if folded_biases is None else folded_biases
     value = get_tensor(loaded, weight)
-    shape = [-1] + [1] * (value.ndim - 1)
-    set_tensor(loaded, weight, (value * factor.reshape(shape)).astype(np.float32))
+    if fold_weight:
+        shape = [-1] + [1] * (value.ndim - 1)
+        set_tensor(loaded, weight, (value * factor.reshape(shape)).astype(np.float32))
     if add is None:
         channels = int(value.shape[0])
-        insert_zero_bias(loaded, op_index(block, conv), conv, "Output", f"{weight}.folded_bias", channels, 1)
+        name = f"{conv.output('Output')[0]}.folded_bias"
+        insert_zero_bias(loaded, op_index(block, conv), conv, "Output", name, channels, 1)
         add = block.ops[op_index(block, conv) + 1]
     bias_name = add.input("Y")[0]
     mean = get_tensor(loaded, norm.input("Mean")[0]).astype(np.float32)
     variance = get_tensor(loaded, norm.input("Variance")[0]).astype(np.float32)
     gamma = get_tensor(loaded, norm.input("Scale")[0]).astype(np.float32)
     beta = get_tensor(loaded, norm.input("Bias")[0]).astype(np.float32)
-    _, bias = batch_norm_factor_and_bias(
-        get_tensor(loaded, bias_name).astype(np.float32), mean, variance, gamma, beta,
-        float(norm.attr("epsilon")),
-    )
-    set_tensor(loaded, bias_name, np.asarray(bias, np.float32))
+    if bias_name not in folded_biases:
+        _, bias = batch_norm_factor_and_bias(
+            get_tensor(loaded, bias_name).astype(np.float32), mean, variance, gamma, beta,
+            float(norm.attr("epsilon")),
+        )
+        set_tensor(loaded, bias_name, np.asarray(bias, np.float32))
+        folded_biases.add(bias_name)
     unfolded = add.output("Out")[0]
     add._rename_output(unfolded, norm.output("Y")[0])
     remove_op(block, op_index(block, norm))

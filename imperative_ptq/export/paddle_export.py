@@ -35,8 +35,8 @@ from .padded_pools import exact_padded_pools
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
-    exact_nearest_resizes, is_persistable, multiply_instead_of_scaling, plain_fp32_dilated_depthwise_outputs,
-    producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
+    exact_nearest_resizes, filters_of_their_own, is_persistable, multiply_instead_of_scaling,
+    plain_fp32_dilated_depthwise_outputs, producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
     unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
@@ -276,6 +276,7 @@ def save_quantized_model(
                 multiply_instead_of_scaling(loaded)
                 fold_parameter_subgraphs(loaded)
             _warn_computed_weight_convs(loaded)
+            filters_of_their_own(loaded)
             save_legacy_program(loaded, staging)
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
         # (what save_calibration_table writes), else one rebuilt from the traced layers.
@@ -401,4 +402,5 @@ def save_fp32_model(
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
             fold_parameter_subgraphs(loaded)
+            filters_of_their_own(loaded)
             save_legacy_program(loaded, staging)
