@@ -10,7 +10,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import export_onnx
-from models import converted
+from models import converted, largest_error_in_onnx_runtime
 
 onnxruntime = pytest.importorskip("onnxruntime")
 F = paddle.nn.functional
@@ -258,3 +258,41 @@ def test_a_returned_conv_output_is_not_absorbed_into_its_batch_norm(target, tmp_
     ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for got, expected in zip(ran, simulated):
         assert float(np.abs(got - expected).max() / np.abs(expected).max()) <= 1e-5
+
+
+class _SharedLinearOnScaledInput(paddle.nn.Layer):
+    """One Linear called on ``a`` and on ``a`` scaled (``scale``: ``2 * a``, ``10 * a`` of the
+    signed input, ``a + 1``, ``-a``, or an inference ``Dropout(mode="downscale_in_infer")``)."""
+
+    def __init__(self, scaling: str) -> None:
+        super().__init__()
+        self.scaling = scaling
+        self.fc = paddle.nn.Linear(6, 6)
+        self.drop = paddle.nn.Dropout(0.5, mode="downscale_in_infer")
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a = x if self.scaling == "times 10 signed" else F.relu(x)
+        scaled = {
+            "times 2": lambda: a * 2, "times 10 signed": lambda: 10 * a, "plus 1": lambda: a + 1,
+            "negated": lambda: -a, "dropout": lambda: self.drop(a),
+        }[self.scaling]()
+        return self.fc(a) + 0.5 * self.fc(scaled)
+
+
+@pytest.mark.parametrize("scaling, target", [
+    ("times 2", "x86"), ("plus 1", "x86"), ("dropout", "x86"), ("negated", "x86"),
+    ("times 10 signed", "arm"), ("times 10 signed", "x86-vnni"),
+])
+def test_a_scale_beside_an_int8_layer_reads_the_float_value(scaling, target, tmp_path) -> None:
+    """The scale (or the dropout) read the codes its input was quantized on for the Linear's
+    first call, both calls having one threshold: ONNX Runtime computed ``Q(Q(a) * k)`` where
+    the simulation computes ``Q(a * k)`` (8e-3 .. 8e-2 of the largest output off). A sign
+    flip keeps codes on their grid either way."""
+    paddle.seed(0)
+    model = _SharedLinearOnScaledInput(scaling)
+    model.eval()
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((4, 6)).astype(np.float32)) for _ in range(4)], target)
+    assert isinstance(qmodel.fc, ip.QuantizedLayer)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6

@@ -177,6 +177,19 @@ _VALUE_PASSING_OPS = frozenset({
 })
 
 
+def _changes_values(op) -> bool:
+    """Whether value-passing ``op`` hands on other values than it reads (a ``scale`` other
+    than a sign flip, a shift, an inference dropout that scales down): codes it read would
+    leave their grid, so it reads the float value, as in the simulation (measured: a Linear
+    called on ``a`` and on ``2 * a``, the scale reading the codes quantized for the first
+    call, 8e-3 .. 8e-2 of the largest output off)."""
+    if op.type == "scale":
+        return bool(op.input("ScaleTensor")) or abs(op.attr("scale")) != 1.0 or op.attr("bias") != 0.0
+    if op.type == "dropout":
+        return op.attr("dropout_implementation") == "downgrade_in_infer" and op.attr("dropout_prob") != 0.0
+    return False
+
+
 def _parallel_branches(
     block: "paddle.static.Block", norm_inputs: Mapping[str, str], writers: Mapping, readers: Mapping
 ) -> set[str]:
@@ -1529,8 +1542,9 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         does not quantize on ``name``'s grid (a float op, or an int8 layer of another
         threshold), where ``name`` is held on codes for its int8 reader alone (not an int8
         pool's output, which the simulation writes on codes)."""
-        return name not in self.int8_pools and name not in self.coded and any(
-            self.thresholds.get(out) != self.thresholds.get(name) for out in op.output("Out")
+        return name not in self.int8_pools and name not in self.coded and (
+            _changes_values(op)
+            or any(self.thresholds.get(out) != self.thresholds.get(name) for out in op.output("Out"))
         )
 
     def _quantized_for_another_reader(self, name: str) -> bool:
