@@ -100,11 +100,11 @@ def quantize_dynamic(
         raise ValueError(f"weight_bits must be in 2..8 (int8 storage), got {weight_bits}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    check_quantizable(model)
     if dynamic_layers(model):
         raise ValueError(
             f"{type(model).__name__} is already dynamically quantized; pass the fp32 model"
         )
+    check_quantizable(model)
     targets = [
         (name, layer) for name, layer in model.named_sublayers()
         if isinstance(layer, layer_types) and getattr(layer, "skip_quant", False) is not True
