@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "paddlepaddle>=3.0",
         "numpy",
-        "tqdm",
+        "tqdm>=4.54",  # tqdm(delay=...)
     ],
     extras_require={
         # torch is only a reference implementation for the primitives' tests. x2paddle

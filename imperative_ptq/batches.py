@@ -21,7 +21,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-__all__ = ["ModelCall", "batch_to_call", "eval_mode", "run_batches", "run_hooked"]
+__all__ = ["ModelCall", "batch_to_call", "check_iterable_of_batches", "eval_mode", "run_batches", "run_hooked"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,24 @@ def eval_mode(*models: paddle.nn.Layer) -> Iterator[None]:
                 model.train()
 
 
+def check_iterable_of_batches(data: Any) -> None:
+    """Refuses a single array or tensor where an iterable of batches belongs.
+
+    Iterating it would run its rows one by one, each a batch one rank short of the model's
+    input (measured: a [32, 8] array gave 32 rank-1 "batches", and the export that takes its
+    input_spec from them a rank-1 program).
+
+    Raises:
+        TypeError: ``data`` is a numpy array or a paddle Tensor.
+    """
+    if isinstance(data, (np.ndarray, paddle.Tensor)):
+        raise TypeError(
+            f"data is a single {type(data).__module__.split('.')[0]}.{type(data).__name__} of "
+            f"shape {list(data.shape)}, not an iterable of batches: pass [data] to run it as one "
+            f"batch, or a list of batches (np.array_split(data, n), a DataLoader)"
+        )
+
+
 def run_batches(
     model: paddle.nn.Layer,
     data: Iterable[Any],
@@ -163,7 +181,11 @@ def run_batches(
         progress: Show a tqdm bar.
         description: The bar's label.
         time_budget: Stop once this many seconds have passed (after the running batch).
+
+    Raises:
+        TypeError: ``data`` is a single array or tensor.
     """
+    check_iterable_of_batches(data)
     total = max_batches
     if total is None and hasattr(data, "__len__"):
         total = len(data)  # type: ignore[arg-type]
@@ -172,7 +194,10 @@ def run_batches(
     to_call = batch_to_call(model)
     count = 0
     with paddle.no_grad():
-        bar = tqdm(batches, total=total, desc=description, unit="batch", disable=not progress)
+        # (delay: a bar only for loops that last; a few batches finish before it would show.)
+        bar = tqdm(
+            batches, total=total, desc=description, unit="batch", disable=not progress, delay=1.0
+        )
         for batch in bar:
             args, kwargs = to_call(batch)
             model(*args, **kwargs)

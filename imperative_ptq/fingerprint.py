@@ -49,4 +49,11 @@ def fingerprint(value: paddle.Tensor) -> Fingerprint:
         sample = paddle.gather(flat, positions).astype("float32").numpy()
     # In numpy: a paddle.multiply here would be taken for the calling layer's own (a
     # functional multiply is calibrated where it is called, functional_ops.py).
+    if not np.isfinite(sample).all():
+        # Large finite stand-ins, summed in float64: a NaN sum differs from itself, which
+        # took a repeated batch holding a NaN for a changing model input (and numpy warned
+        # "invalid value encountered in dot"). (Finite samples keep the float32 sum that
+        # calibration tables store.)
+        finite = np.nan_to_num(sample.astype(np.float64), nan=3e38, posinf=2e38, neginf=-2e38)
+        return tuple(value.shape), float(np.dot(finite, weights))
     return tuple(value.shape), float(np.dot(sample, weights))

@@ -26,7 +26,7 @@ import numpy as np
 import paddle
 
 from .algorithms import schedule
-from .batches import run_batches
+from .batches import check_iterable_of_batches, run_batches
 from .bias_grid import put_conv_biases_on_grid
 from .calibration_state import check_compatible, read_state, write_state
 from .calibration_structure import structure_of
@@ -34,6 +34,7 @@ from .calibration_table import (
     CalibrationTable,
     apply_table,
     build_table,
+    first_names,
     input_minima,
     read_table_file,
     table_of_every_layer,
@@ -55,6 +56,7 @@ from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
 from .quant_layers import check_quantizable
+from .quantizers.base import MIN_THRESHOLD
 from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
 from .rollback import restored_on_failure
@@ -297,8 +299,9 @@ class ImperativePTQ:
             The number of batches run.
 
         Raises:
-            TypeError: ``max_batches`` is not an int or ``time_budget`` not a number, or a
-                dict batch lacks an input of ``model.forward``.
+            TypeError: ``max_batches`` is not an int or ``time_budget`` not a number, a
+                dict batch lacks an input of ``model.forward``, or ``data`` is a single
+                array or tensor (not an iterable of batches: ``[x]`` is one batch).
             ValueError: ``max_batches`` or ``time_budget`` is not positive, or ``data`` was
                 empty.
         """
@@ -312,6 +315,7 @@ class ImperativePTQ:
                 raise TypeError(f"time_budget must be seconds, got {type(time_budget).__name__}")
             if not time_budget > 0:
                 raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
+        check_iterable_of_batches(data)
         data = schedule.before_calibration(model, self._session(model), data, max_batches)
         with self.calibrating(model):
             count = run_batches(model, data, max_batches, progress, "calibrating", time_budget)
@@ -498,6 +502,7 @@ class ImperativePTQ:
         table = self.calibration_table(model)
         check_finite_parameters(model, "convert")
         check_finite_thresholds(table, "convert")
+        _warn_zero_ranges(table)
         measured_on = layer_signatures(session.layers)  # before the layers are wrapped
         session.detach()
         convert_layers(
@@ -608,3 +613,26 @@ class ImperativePTQ:
                 f"calibrate, convert and export it with the ImperativePTQ that quantized it"
             )
         return session
+
+
+def _warn_zero_ranges(table: CalibrationTable) -> None:
+    """Warns about the layers whose every activation threshold is the floor: calibration saw
+    only zeros (or only NaN/Inf, which quantizers skip) there, so their int8 form maps any real
+    input to zero (measured: calibration batches of zeros, a loader bug, gave every layer a
+    1e-31 threshold and a converted model returning about 1e-32 for inputs fp32 maps to 0.3)."""
+    floor = [
+        name for name, entry in table.items()
+        if any(key in entry for key in _ACTIVATION_KEYS) and all(
+            float(np.max(threshold)) <= MIN_THRESHOLD
+            for key in _ACTIVATION_KEYS for threshold in entry.get(key, [])
+        )
+    ]
+    if floor:
+        logger.warning(
+            "%d layers saw only zeros (or only NaN/Inf) in calibration: their int8 form maps "
+            "every real input to 0. Check the calibration data (all-zero or unloaded batches?): "
+            "%s", len(floor), first_names(floor),
+        )
+
+
+_ACTIVATION_KEYS = ("input", "second_input", "output")

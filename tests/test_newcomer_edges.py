@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
 
@@ -462,6 +463,218 @@ def test_calibration_never_runs_with_dropout_active() -> None:
     qmodel.eval()
     ptq.calibrate(qmodel, [x], progress=False)
     assert ptq.calibration_table(qmodel) == table  # the refused forwards observed nothing
+
+
+def _paddle_hooked(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    import paddle.quantization as paddle_quantization
+
+    return paddle_quantization.ImperativePTQ().quantize(model, inplace=True)
+
+
+def _paddle_quant_aware(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    import paddle.quantization as paddle_quantization
+
+    paddle_quantization.ImperativeQuantAware().quantize(model)  # in place
+    return model
+
+
+def _paddle_converted(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    from paddle.quantization import PTQ, QuantConfig
+    from paddle.quantization.observers import AbsmaxObserver
+
+    config = QuantConfig(activation=AbsmaxObserver(quant_bits=8), weight=AbsmaxObserver(quant_bits=8))
+    observed = PTQ(config).quantize(model, inplace=False)
+    observed(paddle.rand([2, 8]))
+    return PTQ(config).convert(observed, inplace=False)
+
+
+def _converted_backbone(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    from imperative_ptq import ImperativePTQ
+
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [paddle.rand([4, 8])], progress=False)
+    ptq.convert(qmodel)
+    return paddle.nn.Sequential(qmodel, paddle.nn.ReLU(), paddle.nn.Linear(4, 2))
+
+
+def _calibrating_backbone(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    from imperative_ptq import ImperativePTQ
+
+    return paddle.nn.Sequential(ImperativePTQ().quantize(model), paddle.nn.Linear(4, 2))
+
+
+def _fine_tuning(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    from imperative_ptq import ImperativePTQ, ImperativeQAT
+
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [paddle.rand([4, 8])], progress=False)
+    return ImperativeQAT(ptq).quantize(qmodel)
+
+
+def _dynamic(model: paddle.nn.Layer) -> paddle.nn.Layer:
+    from imperative_ptq import quantize_dynamic
+
+    return paddle.nn.Sequential(quantize_dynamic(model), paddle.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("prepare, message", [
+    (_paddle_hooked, r"sublayer '0' carries the calibration hooks of Paddle's own paddle.quantization.ImperativePTQ"),
+    (_paddle_quant_aware, r"sublayer '0' is a paddle.nn.quant.quant_layers.\w+, a layer of Paddle's own quantization"),
+    (_paddle_converted, r"sublayer '0' is a paddle.nn.quant.qat.linear.QuantedLinear, a layer of Paddle's own quantization"),
+    (_converted_backbone, r"sublayer '0' \(Sequential\) was already quantized by imperative_ptq"),
+    (_calibrating_backbone, r"sublayer '0' \(Sequential\) was already quantized by imperative_ptq"),
+    (_fine_tuning, r"sublayer '0' \(FakeQuantLayer\) was already quantized by imperative_ptq"),
+    (_dynamic, r"sublayer '0.0' \(DynamicQuantizedLinear\) was already quantized by imperative_ptq"),
+])
+def test_a_model_with_layers_quantized_already_is_refused(prepare, message) -> None:
+    """A user switching from Paddle's quantization APIs (whose ImperativePTQ converts the
+    model in place before its export fails on Paddle 3.x), or quantizing a model that holds a
+    quantized one: those layers were quantized a second time, and the export computed
+    something else (0.9 / 0.6 of the largest output off the simulation for Paddle-quantized
+    models, 3.9e-2 for a converted backbone under a new head)."""
+    from imperative_ptq import ImperativePTQ, quantize_dynamic
+
+    paddle.seed(0)
+    model = prepare(_mlp_with_dropout().eval())
+    with pytest.raises(ValueError, match=message):
+        ImperativePTQ().quantize(model)
+    if prepare is _dynamic:
+        message = "is already dynamically quantized"
+    with pytest.raises(ValueError, match=message):
+        quantize_dynamic(model)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_single_array_given_as_calibration_data_is_a_type_error(as_tensor) -> None:
+    """Its rows ran as 32 rank-1 batches, and an export without input_spec took a rank-1
+    input from them."""
+    from imperative_ptq import CalibrationError, ImperativePTQ
+
+    data = np.random.default_rng(0).random((32, 8)).astype(np.float32)
+    data = paddle.to_tensor(data) if as_tensor else data
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_mlp_with_dropout())
+    kind = "paddle.Tensor" if as_tensor else "numpy.ndarray"
+    with pytest.raises(TypeError, match=rf"data is a single {kind} of shape \[32, 8\], not an "
+                                        r"iterable of batches: pass \[data\]"):
+        ptq.calibrate(qmodel, data, progress=False)
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        ptq.calibration_table(qmodel)  # nothing observed
+    assert ptq.calibrate(qmodel, [data], progress=False) == 1
+
+
+@pytest.mark.parametrize("fill", [0.0, np.nan, np.inf])
+def test_calibration_that_saw_only_zeros_or_non_finite_values_is_named_at_convert(fill, caplog) -> None:
+    """A loader returning zeros (or NaN) gave every layer the floor threshold, 1e-31, and a
+    converted model mapping every real input to about 0, without a word."""
+    import logging
+
+    from imperative_ptq import AbsmaxQuantizer, ImperativePTQ, PerChannelAbsmaxQuantizer, PTQConfig
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 16, bias_attr=False), paddle.nn.ReLU(), paddle.nn.Linear(16, 4))
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [np.full((4, 8), fill, np.float32)] * 2, progress=False)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
+        ptq.convert(qmodel)
+    assert re.search(r"3 layers saw only zeros \(or only NaN/Inf\) in calibration: .*: 0, 1, 2$", caplog.text, re.M), caplog.text
+
+
+def test_real_calibration_data_is_not_named_at_convert(caplog) -> None:
+    import logging
+
+    from imperative_ptq import ImperativePTQ
+
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_mlp_with_dropout())
+    ptq.calibrate(qmodel, [np.random.default_rng(0).random((4, 8), dtype=np.float32)], progress=False)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
+        ptq.convert(qmodel)
+    assert "saw only zeros" not in caplog.text
+
+
+def test_a_repeated_batch_holding_a_nan_is_not_taken_for_a_constant(caplog) -> None:
+    """The fingerprint of the model's input was NaN, which differs from itself: the input
+    looked changing while the last Linear's input stayed the same, and that Linear was kept
+    fp32 as reading a constant (numpy warning "invalid value encountered in dot")."""
+    import logging
+    import warnings
+
+    from imperative_ptq import ImperativePTQ, QuantizedLayer
+
+    x = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    x[0, 0] = np.nan
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_mlp_with_dropout())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ptq.calibrate(qmodel, [x] * 3, progress=False)
+    with caplog.at_level(logging.WARNING):
+        ptq.convert(qmodel)
+    assert "stayed the same" not in caplog.text
+    assert isinstance(qmodel[3], QuantizedLayer) and qmodel[3].constant_inputs == []
+
+
+class _FunctionalDropoutNet(paddle.nn.Layer):
+    """``F.dropout(h, 0.5)``: ``training`` defaults to True, so it drops in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = paddle.nn.Linear(8, 16)
+        self.fc2 = paddle.nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = paddle.nn.functional.relu(self.fc1(x))
+        return self.fc2(paddle.nn.functional.dropout(h, 0.5))
+
+
+def test_a_functional_dropout_left_in_training_mode_is_named_at_export(tmp_path, caplog) -> None:
+    """Nothing refuses it in dygraph (no layer is in training mode), but the runtimes run it
+    as the identity while the model it was calibrated as drops at random: both exports say
+    so, naming the dropped tensor."""
+    import logging
+
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import export_onnx, save_quantized_model
+
+    paddle.seed(0)
+    model = _FunctionalDropoutNet()
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [paddle.rand([8, 8]) for _ in range(2)], progress=False)
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, 8], "float32")]
+    expected = (
+        r"_FunctionalDropoutNet: 1 F.dropout call\(s\) run in training mode although the model "
+        r"is in eval mode .*training=self.training.*called at .*test_newcomer_edges.py:\d+ \(forward\)$"
+    )
+    for export in (save_quantized_model, export_onnx):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.spec_check"):
+            export(qmodel, str(tmp_path / export.__name__ / "model"), spec)
+        warned = [r.getMessage() for r in caplog.records if "F.dropout call" in r.getMessage()]
+        assert len(warned) == 1 and re.search(expected, warned[0]), warned
+
+
+def test_an_eval_mode_dropout_is_not_named_at_export(tmp_path, caplog) -> None:
+    import logging
+
+    from imperative_ptq import AbsmaxQuantizer, ImperativePTQ, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import save_quantized_model
+
+    model = _mlp_with_dropout()
+    ptq = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [paddle.rand([4, 8])], progress=False)
+    ptq.convert(qmodel)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.spec_check"):
+        save_quantized_model(qmodel, str(tmp_path / "model"), [paddle.static.InputSpec([None, 8], "float32")])
+    assert "F.dropout call" not in caplog.text
+    assert paddle.nn.functional.dropout.__module__ == "paddle.nn.functional.common"  # put back
 
 
 # ---------------------------------------------------- 8. a forward decorated with to_static
