@@ -1283,3 +1283,24 @@ def test_scatter_adds_run_in_onnx_runtime_from_opset_16(tmp_path) -> None:
     ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     assert np.abs(ran - simulated).max() <= 1e-5 * np.abs(simulated).max()
+
+
+def test_dynamic_dimensions_other_than_the_batch_get_names_of_their_own(tmp_path) -> None:
+    """Every dynamic dimension was named "batch": ONNX Runtime's symbolic shape inference then
+    took height = width = batch."""
+    from models import converted
+    from ties import simulation_up_to_ties
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(1, 4, 3, padding=1), paddle.nn.ReLU(), paddle.nn.Conv2D(4, 2, 1))
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.random((2, 1, 8, 8), dtype=np.float32)) for _ in range(2)])
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 1, None, None], "float32", "x")])
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 1, "x_dim2", "x_dim3"]
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for shape in ((1, 1, 6, 10), (3, 1, 12, 7)):
+        x = rng.random(shape, dtype=np.float32)
+        ran = session.run(None, {"x": x})[0]
+        simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, 2e-6)
+        assert ran.shape == simulated.shape and np.abs(ran - simulated).max() <= 2e-6 * np.abs(simulated).max()

@@ -1852,7 +1852,12 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         self.zero_states, self.skip = self._zero_states()
         inputs = []
         for name, spec in zip(self.loaded.feed_names, self.specs):
-            shape = ["batch" if d is None or d == -1 else int(d) for d in spec.shape]
+            # The batch is one symbol for every input; each other dynamic dimension a symbol
+            # of its own (one name for all told shape inference that height = width = batch).
+            shape = [
+                int(d) if d is not None and d != -1 else "batch" if i == 0 else f"{name}_dim{i}"
+                for i, d in enumerate(spec.shape)
+            ]
             dtype = self.helper.np_dtype_to_tensor_dtype(
                 np.dtype(paddle.base.data_feeder.convert_dtype(spec.dtype))
             )
