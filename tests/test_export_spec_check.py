@@ -53,7 +53,9 @@ def _files(directory: pathlib.Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     "shape, match",
     [
-        ((None, 5, 8, 8), r"input_spec \[\[-1, 5, 8, 8\].*does not fit the model.*input_channels:5"),
+        # Paddle's "(InvalidArgument) ..." line, not its last, generic "[Hint: Expected ...]".
+        ((None, 5, 8, 8), r"input_spec \[\[-1, 5, 8, 8\].*does not fit the model.*\(InvalidArgument\) "
+                          r"The number of input's channels .* the input's channels is 5"),
         ((4, 3, 8), r"input_spec \[\[4, 3, 8\].*does not fit the model"),  # one rank short
     ],
 )
@@ -148,3 +150,20 @@ def test_a_dynamic_batch_is_checked_at_a_batch_the_model_runs(frames, tmp_path) 
     assert abs(deployed - expected).max() <= 1e-5 * abs(expected).max()
     with pytest.raises(ValueError, match=r"does not fit the model: .*\(batch 1, 2, 3, 4, .*, 32\)"):
         ptq.save_quantized_model(qmodel, tmp_path / "wrong", _spec(None, 5, 8, 8))
+
+
+def test_the_error_quoted_is_the_line_that_says_what_went_wrong() -> None:
+    from imperative_ptq.export.spec_check import error_summary
+
+    paddle_error = ValueError(
+        "(InvalidArgument) The input of Op(Conv) should be a 4-D or 5-D Tensor. But received: "
+        "input's dimension is 3.\n  [Hint: Expected in_dims.size() == 4 == true, but received "
+        "0 != 1.] (at /paddle/paddle/phi/infermeta/binary.cc:1)\n  [operator < conv2d > error]"
+    )
+    assert error_summary(paddle_error) == (
+        "(InvalidArgument) The input of Op(Conv) should be a 4-D or 5-D Tensor. But received: "
+        "input's dimension is 3"
+    )
+    assert error_summary(TypeError("first\nlast line")) == "last line"
+    assert error_summary(KeyError()) == "KeyError"
+

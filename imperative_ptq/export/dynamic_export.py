@@ -38,6 +38,7 @@ from .legacy_program import (
 from .atomic import export_directory, staged_export
 from .graph import complete_batch_norm_parameters, insert_op, new_persistable, set_tensor
 from .tracing import legacy_trace, normalize_input_spec
+from .spec_check import error_summary
 
 __all__ = [
     "DynamicWeight", "check_dynamic_model", "is_dynamic_model", "save_dynamic_model",
@@ -127,8 +128,9 @@ def trace_dynamic_model(
             paddle.jit.save(export_model, path_prefix, input_spec=list(input_spec))
     except (TypeError, ValueError, RuntimeError, IndexError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
-        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise ValueError(f"tracing the model with input_spec [{shapes}] failed: {last}") from error
+        raise ValueError(
+            f"tracing the model with input_spec [{shapes}] failed: {error_summary(error)}"
+        ) from error
     return weights
 
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from typing import Any, Iterator, Sequence
 
 import paddle
 import paddle.nn.functional as F
 
-__all__ = ["check_input_spec_runs", "DYNAMIC_BATCHES", "DYNAMIC_SIZES"]
+__all__ = ["check_input_spec_runs", "DYNAMIC_BATCHES", "DYNAMIC_SIZES", "error_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ def check_input_spec_runs(
             except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
                 error = error or failure
     shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
-    message = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {message[-1].strip() if message else ''}"
+    reason = f"{type(error).__name__}: {error_summary(error)}"
     tried = ", ".join(map(str, batches))
     if dynamic:
         logger.warning(
@@ -87,6 +87,20 @@ def check_input_spec_runs(
         f"input_spec [{shapes}] does not fit the model: it fails on zeros of that shape "
         f"(batch {tried}): {reason}. Nothing was written."
     ) from error
+
+
+#: The first line of a Paddle C++ error: ``(InvalidArgument) The input of Op(Conv) should ...``.
+_PADDLE_SUMMARY = re.compile(r"^\s*\((?:[A-Z][A-Za-z]+)\) \S")
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of ``error``'s message that says what went wrong: a Paddle C++ error's
+    ``(InvalidArgument) ...`` line (its last lines are a generic ``[Hint: Expected ...]`` and
+    ``[operator < conv2d > error]``: "kernel_iter == iter->second.end()" for a wrong dtype),
+    else the last line; the error's type name for an empty message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    summary = next((line for line in lines if _PADDLE_SUMMARY.match(line)), None)
+    return (summary or (lines[-1] if lines else type(error).__name__)).rstrip(".")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, Residu
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
 from ..registry import PTQRegistry
 from .legacy_ops import legacy_ir_fallback
-from .spec_check import check_input_spec_runs
+from .spec_check import check_input_spec_runs, error_summary
 
 __all__ = [
     "LayerRecord", "TraceResult", "legacy_trace", "main_thread_only", "model_activation_bits",
@@ -586,7 +586,7 @@ def trace_to_legacy_program(
             # (measured: F.fold asserts its input has a known size; plain paddle.jit.save too)
             + ("; some Paddle APIs, such as F.fold, trace only with known sizes: try fixed "
                "sizes (a fixed batch) in the input_spec" if dynamic else "")
-            + f"): {str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}"
+            + f"): {error_summary(error)}"
         ) from error
     finally:
         for handle in handles:
