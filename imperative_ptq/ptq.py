@@ -542,7 +542,7 @@ class ImperativePTQ:
             CalibrationError: No calibration batch has been run.
             OSError: The target cannot be written (nothing is left half-written).
         """
-        from .export.atomic import export_directory
+        from .export.atomic import export_directory, remove_created_directories
         from .export.paddle_export import check_export_options, save_quantized_model
         from .export.spec_check import check_input_spec_runs
         from .export.tracing import normalize_input_spec
@@ -559,6 +559,9 @@ class ImperativePTQ:
             session.detach()  # the check's zeros must not reach the statistics
             try:
                 check_input_spec_runs(model, specs)
+            except BaseException:
+                remove_created_directories(path)
+                raise
             finally:
                 if attached:
                     session.attach()

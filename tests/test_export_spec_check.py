@@ -167,3 +167,22 @@ def test_the_error_quoted_is_the_line_that_says_what_went_wrong() -> None:
     assert error_summary(TypeError("first\nlast line")) == "last line"
     assert error_summary(KeyError()) == "KeyError"
 
+
+
+@pytest.mark.parametrize("export", ["ptq.save_quantized_model, calibrating", "save_quantized_model", "export_onnx"])
+def test_a_refused_export_leaves_no_directory_it_created(export, tmp_path) -> None:
+    """"Nothing was written", yet the missing directories of the path stayed behind, empty;
+    directories that existed before stay, even empty."""
+    from imperative_ptq.export import export_onnx, save_quantized_model
+
+    (tmp_path / "existing").mkdir()
+    ptq, qmodel = _converted()
+    if export.endswith("calibrating"):
+        qmodel = ptq.quantize(_Net())
+        qmodel(paddle.rand([2, 3, 8, 8]))
+    run = {"export_onnx": export_onnx, "save_quantized_model": save_quantized_model}.get(export, ptq.save_quantized_model)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        run(qmodel, str(tmp_path / "existing" / "a" / "b" / "model"), _spec(None, 5, 8, 8))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
+    run(qmodel, str(tmp_path / "existing" / "a" / "b" / "model"), _spec(None, 3, 8, 8))
+    assert (tmp_path / "existing" / "a" / "b").is_dir()

@@ -28,9 +28,14 @@ from typing import Any, Iterator, Sequence
 
 from ..files import atomic_file, process_alive, remove_stale, temporary_prefix
 
-__all__ = ["export_directory", "recover_export", "staged_export"]
+__all__ = ["export_directory", "recover_export", "remove_created_directories", "staged_export"]
 
 logger = logging.getLogger(__name__)
+
+#: Directories :func:`export_directory` created for an export, deepest first, by the export's
+#: directory: :func:`staged_export` removes them again when the export fails, so a refused
+#: export ("Nothing was written") leaves no new empty directories either.
+_created_for: dict[str, list[str]] = {}
 
 
 def export_directory(path_prefix: str | os.PathLike) -> tuple[str, str]:
@@ -51,12 +56,18 @@ def export_directory(path_prefix: str | os.PathLike) -> tuple[str, str]:
             f"got the directory {path_prefix!r}"
         )
     directory = os.path.dirname(os.path.abspath(path_prefix))
+    missing, parent = [], directory
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
         raise type(error)(
             error.errno, f"cannot create the export directory {directory!r}: {error.strerror}"
         ) from error
+    if missing:
+        _created_for[directory] = missing
     return directory, stem
 
 
@@ -79,17 +90,20 @@ def staged_export(
         FileNotFoundError: A promised file was not produced.
     """
     directory, stem = os.path.split(os.path.abspath(path_prefix))
+    created = _created_for.pop(directory, [])
     recover_export(path_prefix)
     try:
         staging_dir = tempfile.mkdtemp(
             prefix=temporary_prefix(f".{stem}.export-"), dir=directory
         )
     except OSError as error:
+        _remove_empty(created)
         raise type(error)(
             error.errno, f"cannot write the export to {directory!r}: {error.strerror}"
         ) from error
     journal = _journal_path(directory, stem)
     journal_written = False
+    written = False
     try:
         staging = os.path.join(staging_dir, stem)
         yield staging
@@ -109,9 +123,27 @@ def staged_export(
         os.unlink(journal)
         journal_written = False
         logger.info("wrote %s{%s}", path_prefix, ",".join(suffixes))
+        written = True
     finally:
         if not journal_written:  # else the journal needs the staged files: see recover_export
             shutil.rmtree(staging_dir, ignore_errors=True)
+            if not written:
+                _remove_empty(created)
+
+
+def remove_created_directories(path_prefix: str | os.PathLike) -> None:
+    """Removes the directories :func:`export_directory` created for ``path_prefix`` while
+    they are empty: for a caller refusing the export before :func:`staged_export` runs."""
+    _remove_empty(_created_for.pop(os.path.dirname(os.path.abspath(os.fspath(path_prefix))), []))
+
+
+def _remove_empty(directories: Sequence[str]) -> None:
+    """Removes ``directories`` (deepest first) while they are empty."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def recover_export(path_prefix: str | os.PathLike) -> bool:
