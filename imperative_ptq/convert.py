@@ -23,7 +23,7 @@ from .calibration_table import (
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
 from .functional_ops import FunctionalConcat
-from .halved_convs import halved_convs
+from .halved_convs import halved_convs, halving_refusal
 from .quant_layers import (
     MAX_FC_INPUT_RANK, QuantizedLayer, QuantizedMatmul, keeps_forward, replace_sublayer, untie_shared_weights,
 )
@@ -171,7 +171,8 @@ def convert_layers(
                 if grid is None:
                     # Plain fp32, output included: a scale on a conv/fc output would make the
                     # runtime emit int8 from it (see export.program.collect_scales).
-                    kept_fp32.append(state.name)
+                    reason = halving_refusal(layer) if target.halved_signed_convs else None
+                    kept_fp32.append(state.name if reason is None else f"{state.name}: {reason}")
                     continue
                 scale, zero_point = grid
                 signed_route = dict(input_scale=scale, input_zero_point=zero_point, input_shifted=True)
@@ -277,12 +278,18 @@ def convert_layers(
         alternatives = "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only"
         if not target.halved_signed_convs:
             alternatives += ", target='x86-avx2' the convs for CPUs whose int8 kernels are AVX2 only"
+        why = (
+            "this target runs a conv on a signed input on the weights oneDNN's AVX2 kernels halve, "
+            "which these have no kernel for, and a padded conv cannot take the input's shift "
+            "into its bias as fc and unpadded convs do"
+            if target.halved_signed_convs else
+            "without VNNI, oneDNN shifts a signed int8 input into u8, where a fc's int16 pair "
+            "sums saturate and a conv's weights are halved (fc and unpadded convs take the "
+            "shift into their bias instead; a padded conv cannot)"
+        )
         logger.warning(
-            "target %r: %d layers read a signed input and stay fp32 (%s): without VNNI, "
-            "oneDNN shifts a signed int8 input into u8, where a fc's int16 pair sums "
-            "saturate and a conv's weights are halved (fc and unpadded convs take the "
-            "shift into their bias instead; a padded conv cannot). %s%s.",
-            target.name, len(kept_fp32), first_names(kept_fp32), alternatives,
+            "target %r: %d layers read a signed input and stay fp32 (%s): %s. %s%s.",
+            target.name, len(kept_fp32), first_names(kept_fp32), why, alternatives,
             _native_hint(target),
         )
     if fp32_matmuls:

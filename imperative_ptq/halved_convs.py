@@ -41,7 +41,7 @@ from .quant_layers import keeps_forward
 from .registry import BATCH_NORM_TYPES
 from .session import LayerState
 
-__all__ = ["HalvedConv", "halved_convs", "halves_signed_input", "norm_factor"]
+__all__ = ["HalvedConv", "halved_convs", "halves_signed_input", "halving_refusal", "norm_factor"]
 
 #: Input and output channels per group, a multiple of which a grouped conv needs for the
 #: halving kernel (measured: 4 and 8 halve; 2, 3, 5, 6 and 7 do not).
@@ -51,16 +51,27 @@ _GROUP_CHANNELS = 4
 def halves_signed_input(layer: paddle.nn.Layer) -> bool:
     """Whether oneDNN's AVX2 int8 kernel for ``layer`` (a Conv2D or Conv1D, channels first)
     reading a signed input halves its weight (see the module docstring)."""
+    return halving_refusal(layer) is None
+
+
+def halving_refusal(layer: paddle.nn.Layer) -> str | None:
+    """Why ``layer`` reading a signed input has no halving int8 kernel (a user-facing reason),
+    or ``None`` when it has one."""
     # (The classes themselves, or a subclass computing their forward: a functional conv site.)
     if not (keeps_forward(layer, paddle.nn.Conv2D) or keeps_forward(layer, paddle.nn.Conv1D)):
-        return False
+        return f"a {type(layer).__name__}, not a Conv2D or Conv1D"
     if layer._data_format not in ("NCHW", "NCL"):
-        return False
+        return f"channels-last ({layer._data_format}): only channels-first convs are measured to halve"
     groups = int(layer._groups)
     inputs, outputs = int(layer._in_channels), int(layer._out_channels)
     if groups == 1 or groups == inputs == outputs:
-        return True
-    return (inputs // groups) % _GROUP_CHANNELS == 0 and (outputs // groups) % _GROUP_CHANNELS == 0
+        return None
+    if (inputs // groups) % _GROUP_CHANNELS == 0 and (outputs // groups) % _GROUP_CHANNELS == 0:
+        return None
+    return (
+        f"groups={groups} with {inputs // groups} input and {outputs // groups} output channels "
+        f"per group: the halving kernel needs multiples of {_GROUP_CHANNELS}"
+    )
 
 
 def norm_factor(norm: paddle.nn.Layer) -> np.ndarray:

@@ -83,6 +83,42 @@ def test_which_kernels_halve(layer: nn.Layer, halves: bool) -> None:
     assert halves_signed_input(layer) == halves
 
 
+class _UnhalvedConvs(nn.Layer):
+    """Padded convs on a signed input that no halving kernel takes: channels-last, and 2
+    channels per group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_last = nn.Conv2D(4, 8, 3, padding=1, data_format="NHWC")
+        self.two_per_group = nn.Conv2D(8, 8, 3, padding=1, groups=4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = self.channels_last(x.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
+        return self.two_per_group(h)
+
+
+def test_convs_left_fp32_on_x86_avx2_are_named_with_the_reason(caplog) -> None:
+    """The warning gave the x86 target's reason ("a padded conv cannot") for convs the
+    x86-avx2 target documents as int8."""
+    import logging
+
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
+    qmodel = ptq.quantize(_UnhalvedConvs())
+    ptq.calibrate(qmodel, [paddle.randn([2, 4, 6, 6]) for _ in range(2)], progress=False)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
+        ptq.convert(qmodel)
+    assert (
+        "target 'x86-avx2': 2 layers read a signed input and stay fp32 (channels_last: "
+        "channels-last (NHWC): only channels-first convs are measured to halve, two_per_group: "
+        "groups=4 with 2 input and 2 output channels per group: the halving kernel needs "
+        "multiples of 4): this target runs a conv on a signed input on the weights oneDNN's "
+        "AVX2 kernels halve"
+    ) in caplog.text
+    assert type(qmodel.channels_last) is nn.Conv2D and type(qmodel.two_per_group) is nn.Conv2D
+
+
 class _Block(nn.Layer):
     """conv -> BatchNorm -> activation, the BatchNorm optional."""
 
