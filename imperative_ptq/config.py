@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 
 from .algorithms import AdaRound
 from .algorithms.smooth_quant import SmoothQuant
+from . import quantizers
 from .quantizers import BaseQuantizer, KLQuantizer, PerChannelAbsmaxQuantizer
 from .targets import DEFAULT_TARGET, resolve_target
 
-__all__ = ["PTQConfig", "default_ptq_config"]
+__all__ = ["PTQConfig", "default_ptq_config", "from_paddle_config"]
+
+logger = logging.getLogger(__name__)
 
 
 class PTQConfig:
@@ -167,3 +172,37 @@ def _check_quantizer(name: str, quantizer: object, role_flag: str) -> None:
 
 
 default_ptq_config = PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer())
+
+
+#: Paddle's ``paddle.quantization`` quantizers this package has under the same name, and the
+#: constructor arguments both take.
+_PADDLE_QUANTIZERS = {
+    "AbsmaxQuantizer": ("quant_bits",),
+    "PerChannelAbsmaxQuantizer": ("quant_bits",),
+    "KLQuantizer": ("quant_bits", "bins", "upsample_bins"),
+    "HistQuantizer": ("quant_bits", "bins", "upsample_bins", "hist_percent"),
+}
+
+
+def from_paddle_config(config: Any) -> PTQConfig | None:
+    """The :class:`PTQConfig` of Paddle's own ``paddle.quantization.PTQConfig`` (the same
+    quantizers with the same arguments), or ``None`` if ``config`` is not one.
+
+    Raises:
+        TypeError: It holds a quantizer this package has no counterpart of.
+    """
+    if type(config).__name__ != "PTQConfig" or not type(config).__module__.startswith("paddle.quantization"):
+        return None
+    translated = []
+    for role, quantizer in (("activation", config.in_act_quantizer), ("weight", config.wt_quantizer)):
+        name = type(quantizer).__name__
+        if name not in _PADDLE_QUANTIZERS or not type(quantizer).__module__.startswith("paddle."):
+            raise TypeError(
+                f"Paddle's PTQConfig holds a {role} quantizer {type(quantizer).__module__}.{name}, "
+                f"which imperative_ptq has no counterpart of; known: {', '.join(_PADDLE_QUANTIZERS)}"
+            )
+        arguments = {key: getattr(quantizer, key) for key in _PADDLE_QUANTIZERS[name]}
+        translated.append(getattr(quantizers, name)(**arguments))
+    result = PTQConfig(*translated)
+    logger.info("Paddle's paddle.quantization.PTQConfig taken as %r", result)
+    return result

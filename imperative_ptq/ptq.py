@@ -40,7 +40,7 @@ from .calibration_table import (
     table_of_every_layer,
     write_table,
 )
-from .config import PTQConfig, default_ptq_config
+from .config import PTQConfig, default_ptq_config, from_paddle_config
 from .convert import convert_layers
 from .converted import (
     converted_config, converted_measured_on, converted_minima, converted_structure,
@@ -109,17 +109,26 @@ class ImperativePTQ:
         asynchronous: Reduce statistics on a worker thread while the forward runs (faster on
             multi-core machines; results are identical either way).
 
+    ``quant_config`` may also be Paddle's own ``paddle.quantization.PTQConfig`` of Paddle's
+    Absmax/PerChannelAbsmax/KL/Hist quantizers: it is taken as the :class:`PTQConfig` of this
+    package's quantizers of the same names and arguments.
+
     Raises:
-        TypeError: ``quant_config`` is not a :class:`PTQConfig`.
+        TypeError: ``quant_config`` is neither, or holds a quantizer with no counterpart here.
     """
 
     def __init__(
         self, quant_config: PTQConfig = default_ptq_config, *, asynchronous: bool = True
     ) -> None:
         if not isinstance(quant_config, PTQConfig):
-            raise TypeError(
-                f"quant_config must be an imperative_ptq.PTQConfig, got {type(quant_config).__name__}"
-            )
+            translated = from_paddle_config(quant_config)  # a drop-in takes Paddle's too
+            if translated is None:
+                raise TypeError(
+                    f"quant_config must be an imperative_ptq.PTQConfig (or Paddle's "
+                    f"paddle.quantization.PTQConfig), got {type(quant_config).__module__}."
+                    f"{type(quant_config).__name__}"
+                )
+            quant_config = translated
         self._quant_config = quant_config
         self._asynchronous = bool(asynchronous)
 

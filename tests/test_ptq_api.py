@@ -621,3 +621,34 @@ def test_register_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="weight_channel_axis"):
         PTQRegistry.register(paddle.nn.Identity, simulated=True)
     assert not PTQRegistry.is_supported_layer(paddle.nn.Identity)
+
+
+def test_paddles_own_ptq_config_is_taken_as_the_same_quantizers() -> None:
+    """A drop-in: ``ImperativePTQ(paddle.quantization.PTQConfig(...))`` was a TypeError
+    ("got PTQConfig", which read as a contradiction)."""
+    import paddle.quantization as paddle_quantization
+
+    from imperative_ptq import AbsmaxQuantizer, HistQuantizer
+
+    paddles = paddle_quantization.PTQConfig(
+        paddle_quantization.HistQuantizer(quant_bits=7, bins=512, hist_percent=0.999),
+        paddle_quantization.AbsmaxQuantizer(),
+    )
+    taken = ImperativePTQ(paddles).quant_config
+    ours = PTQConfig(HistQuantizer(quant_bits=7, bins=512, hist_percent=0.999), AbsmaxQuantizer())
+    assert taken.to_dict() == ours.to_dict()
+    tables = []
+    for config in (paddles, ours):
+        ptq = ImperativePTQ(config)
+        paddle.seed(0)
+        qmodel = ptq.quantize(_net())
+        tables.append(_calibrate(ptq, qmodel))
+    assert tables[0] == tables[1]
+
+    class _Custom(paddle_quantization.AbsmaxQuantizer):
+        pass
+
+    with pytest.raises(TypeError, match=r"activation quantizer .*_Custom, which imperative_ptq has no counterpart of"):
+        ImperativePTQ(paddle_quantization.PTQConfig(_Custom(), paddle_quantization.AbsmaxQuantizer()))
+    with pytest.raises(TypeError, match=r"quant_config must be an imperative_ptq.PTQConfig .*got builtins.int"):
+        ImperativePTQ(3)
