@@ -87,6 +87,10 @@ def _bins_negative() -> None:
     HistQuantizer(bins=-4)
 
 
+def _kl_one_bit() -> None:
+    KLQuantizer(quant_bits=1)
+
+
 def _percent_one() -> None:
     HistQuantizer(hist_percent=1.0)
 
@@ -215,6 +219,8 @@ ERRORS: dict[str, tuple[Callable, type, str]] = {
     "quant-bits-zero": (_bits_zero, ValueError, "quant_bits"),
     "quant-bits-float": (_bits_float, TypeError, "quant_bits"),
     "bins-negative": (_bins_negative, ValueError, "bins"),
+    # (It said "needs quant_bits >= 2 and bins >= 3 for quant_bits=1, got bins=1024".)
+    "kl-one-bit": (_kl_one_bit, ValueError, r"^KLQuantizer needs quant_bits >= 2, got quant_bits=1$"),
     "hist-percent-one": (_percent_one, ValueError, "hist_percent"),
     "quantize-twice": (_quantize_twice, ValueError, "already quantized"),
     "quantize-data-parallel": (_quantize_data_parallel, TypeError, r"^model is a paddle.DataParallel: quantize the model it wraps \(its _layers\)"),

@@ -128,10 +128,12 @@ class KLQuantizer(ClipBoundedHistQuantizer):
 
     def _check_bins(self) -> None:
         levels = symmetric_levels(self.quant_bits) if self.symmetric else affine_levels(self.quant_bits)
-        if self.quant_bits < 2 or int((self.bins - 1) * 0.5) < levels:
+        if self.quant_bits < 2:
+            raise ValueError(f"KLQuantizer needs quant_bits >= 2, got quant_bits={self.quant_bits}")
+        if int((self.bins - 1) * 0.5) < levels:
             raise ValueError(
-                f"KLQuantizer needs quant_bits >= 2 and bins >= {2 * levels + 1} for "
-                f"quant_bits={self.quant_bits}, got bins={self.bins}"
+                f"KLQuantizer needs bins >= {2 * levels + 1} for quant_bits={self.quant_bits}, "
+                f"got bins={self.bins}"
             )
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:

@@ -91,10 +91,12 @@ class TensorRTKLQuantizer(ClipBoundedHistQuantizer):
 
     def _check_bins(self) -> None:
         levels = 2 ** (self.quant_bits - 1) if self.symmetric else affine_levels(self.quant_bits)
-        if self.quant_bits < 2 or self.bins < levels:
+        if self.quant_bits < 2:
+            raise ValueError(f"TensorRTKLQuantizer needs quant_bits >= 2, got quant_bits={self.quant_bits}")
+        if self.bins < levels:
             raise ValueError(
-                f"TensorRTKLQuantizer needs quant_bits >= 2 and bins >= "
-                f"{levels}, got quant_bits={self.quant_bits}, bins={self.bins}"
+                f"TensorRTKLQuantizer needs bins >= {levels} for quant_bits={self.quant_bits}, "
+                f"got bins={self.bins}"
             )
 
     def threshold_from_histogram(self, counts: np.ndarray, bin_width: float) -> float:
