@@ -105,3 +105,37 @@ def test_legacy_op_type_is_the_newest_op_of_the_kernel() -> None:
     assert legacy_op_type("pd_op.transpose") == "transpose2"
     assert legacy_op_type("pd_op.softmax") == "softmax"
     assert legacy_op_type("pd_op.no_such_op") is None
+
+
+class _KeywordSpotter(paddle.nn.Layer):
+    """``paddle.audio``'s log-mel front end (its STFT window is a dygraph tensor bound into a
+    ``functools.partial``, which the trace does not turn into a variable), a conv and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = paddle.audio.features.LogMelSpectrogram(sr=16000, n_fft=256, hop_length=128, n_mels=32)
+        self.conv = paddle.nn.Conv2D(1, 8, 3, padding=1)
+        self.head = paddle.nn.Linear(8, 4)
+
+    def forward(self, waveform: paddle.Tensor) -> paddle.Tensor:
+        h = paddle.nn.functional.relu(self.conv(self.features(waveform).unsqueeze(1)))
+        return self.head(h.mean([2, 3]))
+
+
+def test_a_captured_dygraph_tensor_is_traced_as_a_constant(tmp_path) -> None:
+    """It failed both exports: "multiply(): argument (position 2) must be Value, but got
+    Tensor" (plain paddle.jit.save saves the model)."""
+    from models import largest_error_in_paddle_inference, converted
+
+    paddle.seed(0)
+    model = _KeywordSpotter()
+    model.eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4000)).astype(np.float32)
+    spec = [paddle.static.InputSpec([None, 4000], "float32", "x")]
+    save_fp32_model(model, str(tmp_path / "fp32"), spec)
+    np.testing.assert_allclose(
+        predict(create_predictor(str(tmp_path / "fp32")), x)[0], model(paddle.to_tensor(x)).numpy(), rtol=1e-4, atol=1e-4
+    )
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((2, 4000)).astype(np.float32)) for _ in range(2)])
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6

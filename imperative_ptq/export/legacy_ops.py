@@ -304,8 +304,22 @@ def _append_legacy_op(api: str, op: _ReplayedOp, resolve: Callable[[_Operand], A
     return produced
 
 
+def _as_legacy_constant(value: Any) -> Any:
+    """``value``, with each dygraph tensor in it (a tensor a layer captured outside its
+    attributes, which the trace does not turn into a variable: ``paddle.audio``'s
+    spectrogram window, bound into a ``functools.partial`` of ``paddle.signal.stft``)
+    written into the traced program as a constant."""
+    if isinstance(value, paddle.Tensor) and not _is_variable(value):
+        return paddle.assign(value.numpy())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_legacy_constant(item) for item in value)
+    return value
+
+
 def _record(api: str, original: Callable, args: tuple, kwargs: dict) -> Any:
     """Appends legacy ops computing ``original(*args, **kwargs)``; returns their outputs."""
+    args = tuple(_as_legacy_constant(arg) for arg in args)
+    kwargs = {key: _as_legacy_constant(value) for key, value in kwargs.items()}
     ops, structure, variables = _replay(original, args, kwargs)
     values: dict[int, Any] = {}
 
