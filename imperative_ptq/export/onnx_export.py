@@ -50,6 +50,7 @@ from .dynamic_export import (
 )
 from .onnx_control_flow import ControlFlowConverters
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
+from .onnx_spectral_ops import SpectralOpConverters
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
 from ..bias_grid import bias_grid_steps, folded_weight_scales, int32_bias_codes
@@ -216,7 +217,7 @@ def _last_add_of_sum(name: str, readers: Mapping) -> str:
     return name
 
 
-class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverters):
+class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter, ControlFlowConverters):
     """Translates one legacy program into an ONNX QDQ graph (the ops that run in float come
     from :class:`.onnx_float_ops.FloatOpConverters`, the LSTMs simulated int8 from
     :class:`.onnx_lstm.SimulatedLSTMConverter`)."""
@@ -338,7 +339,8 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
         #: Op types converted by :class:`.onnx_float_ops.FloatOpConverters`.
         # Ops computing in float that are not in the mixin: the transposed and deformable convs
         # the simulation keeps fp32 read a tensor an int8 layer quantizes as floats too.
-        self.float_op_types = frozenset(self.float_dispatch()) | _FLOAT_CONV_OPS
+        self.float_op_types = frozenset(self.float_dispatch()) | frozenset(self.spectral_dispatch()) | _FLOAT_CONV_OPS
+        self.complex_parts: dict[str, tuple[str, str]] = {}
         self.thresholds = self._activation_thresholds(records)
         #: program var -> the calibrated layer that writes it (for errors)
         self.layer_of = {output: r.name for r in records for _, output in r.calls if output}
@@ -1842,6 +1844,7 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
                              "dropout", "scale", "pixel_unshuffle", "pixel_shuffle"), self._simple),
         }
         dispatch.update(self.float_dispatch())
+        dispatch.update(self.spectral_dispatch())
         dispatch.update({
             "while": self._while, "conditional_block": self._conditional_block,
             "select_input": self._select_input, "write_to_array": self._write_to_array,
@@ -1869,12 +1872,14 @@ class _Converter(FloatOpConverters, SimulatedLSTMConverter, ControlFlowConverter
             if self._output_unsigned(op):
                 self.unsigned.add(self._main_output(op))
             convert = dispatch.get(op.type)
-            if convert is None:
+            if convert is None and not self.handles_complex(op):
                 raise NotImplementedError(
                     f"op {op.type!r} has no ONNX converter ({self._location(op)}); "
                     f"{_PADDLE_EXPORT_WORKS}. Ops translated: {', '.join(sorted(dispatch))}"
                 )
             try:
+                if self.handles_complex(op):
+                    convert = self.complex_converter(op)
                 convert(op)
             except NotImplementedError as error:
                 raise NotImplementedError(

@@ -130,6 +130,7 @@ class FloatOpConverters(TensorOpConverters):
             "masked_fill": self._masked_fill, "lerp": self._lerp, "einsum": self._einsum,
             "bilinear_tensor_product": self._bilinear,
             "expm1": self._expm1_log1p, "log1p": self._expm1_log1p, "isfinite_v2": self._isfinite,
+            "log10": self._log_base, "log2": self._log_base,
             "rrelu": self._rrelu, "channel_shuffle": self._channel_shuffle, "maxout": self._maxout,
             "meshgrid": self._meshgrid, "label_smooth": self._label_smooth,
             "take_along_axis": self._take_along_axis, "lp_pool2d": self._lp_pool, "scatter": self._scatter,
@@ -653,6 +654,13 @@ class FloatOpConverters(TensorOpConverters):
         else:
             node = self._node("Log", [self._node("Add", [self._in(op), one], out + ".shifted")], out)
         self._bind(out, node)
+
+    def _log_base(self, op) -> None:
+        """log10 / log2: ``Log(x) / ln(base)`` (a spectrogram in decibels: ``10 log10``)."""
+        out = self._out(op)
+        base = 10.0 if op.type == "log10" else 2.0
+        natural = self._node("Log", [self._in(op)], out + ".ln")
+        self._bind(out, self._node("Mul", [natural, self._scalar("inverse_ln_base", 1.0 / np.log(base))], out))
 
     def _isfinite(self, op) -> None:
         """isfinite_v2: neither NaN nor infinite."""
