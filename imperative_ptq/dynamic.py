@@ -21,7 +21,8 @@ import paddle
 
 from .dynamic_linear import DynamicQuantizedLinear, dynamic_quantize_activation
 from .dynamic_rnn import RNN_TYPES, DynamicQuantizedRNN
-from .quant_layers import check_quantizable, keeps_forward, replace_sublayer
+from .quant_layers import keeps_forward, replace_sublayer
+from .quantizable import check_quantizable
 
 __all__ = [
     "DYNAMIC_LAYER_TYPES",

@@ -55,7 +55,7 @@ from .functional_ops import install as install_functional_op_routing
 from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
-from .quant_layers import check_quantizable
+from .quantizable import check_quantizable
 from .quantizers.base import MIN_THRESHOLD
 from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations

@@ -35,7 +35,6 @@ __all__ = [
     "stored_weight_integers",
     "replace_sublayer",
     "onednn_requantizes_conv",
-    "check_quantizable",
     "linear_runs_as_conv",
     "keeps_forward",
     "runtime_weight",
@@ -1078,99 +1077,3 @@ def _replaced_in(
     items = [_replaced_in(item, old, new, seen) for item in value]
     found = sum(hits for _, hits in items)
     return (tuple(item for item, _ in items) if found else value), found
-
-def check_quantizable(model: paddle.nn.Layer) -> None:
-    """Refuses the wrappers that hide a model's Python layers from PTQ, and models whose
-    layers are quantized already.
-
-    Raises:
-        TypeError: ``model`` is a ``paddle.DataParallel`` (whose inner model is the one to
-            quantize) or a ``TranslatedLayer`` from ``paddle.jit.load`` (a saved static
-            program: no Python layers to hook; its copy failed inside Paddle, in place it
-            calibrated nothing).
-        ValueError: A sublayer was quantized by this package (a converted, calibrating,
-            fine-tuning or dynamically quantized model used inside a new one), or by
-            Paddle's own quantization (whose ``ImperativePTQ`` converts the model in place
-            before its export fails on Paddle 3.x): quantizing those layers again wraps
-            fake-quantized layers, and the export computed something else (measured: 0.9 of
-            the largest output off the simulation for a Paddle-converted model, 3.9e-2 for
-            a converted backbone under a new head).
-    """
-    from paddle.jit.pir_translated_layer import PirTranslatedLayer
-
-    paddle_quantized = _paddle_quantization_types()
-    quantized_here = _quantized_layer_types()
-    from .converted import is_marked_converted
-    from .session import calibrating_session
-
-    for name, layer in model.named_sublayers(include_self=True):
-        what = f"sublayer {name!r}" if name else "model"
-        if type(getattr(layer, "_quant_config", None)).__module__.startswith("paddle.quantization"):
-            raise ValueError(
-                f"{what} carries the calibration hooks of Paddle's own "
-                f"paddle.quantization.ImperativePTQ (its _quant_config); quantize a fresh fp32 "
-                f"model (build it again and load its weights)"
-            )
-        if isinstance(layer, paddle_quantized):
-            raise ValueError(
-                f"{what} is a {type(layer).__module__}.{type(layer).__name__}, a layer of "
-                f"Paddle's own quantization: quantize the fp32 model (Paddle's ImperativePTQ "
-                f"converts a model in place: build it again and load its fp32 weights)"
-            )
-        if name and (
-            isinstance(layer, quantized_here) or is_marked_converted(layer)
-            or calibrating_session(layer) is not None
-        ):
-            raise ValueError(
-                f"{what} ({type(layer).__name__}) was already quantized by imperative_ptq; "
-                f"quantize the original fp32 model"
-            )
-        if isinstance(layer, paddle.DataParallel):
-            raise TypeError(
-                f"{what} is a paddle.DataParallel: quantize the model it wraps (its _layers); "
-                f"calibration and export run the plain model"
-            )
-        if isinstance(layer, (paddle.jit.TranslatedLayer, PirTranslatedLayer)):
-            raise TypeError(
-                f"{what} is a TranslatedLayer from paddle.jit.load: it runs a saved static "
-                f"program, whose layers no forward hook sees (and which PTQ cannot copy). Build "
-                f"it from its Python class and load its weights (set_state_dict(paddle.load(...))), "
-                f"then quantize that"
-            )
-
-
-def _quantized_layer_types() -> tuple[type, ...]:
-    """The layer types this package puts in a model it quantizes (converted, fine-tuning and
-    dynamically quantized layers)."""
-    from .dynamic_linear import DynamicQuantizedLinear
-    from .dynamic_rnn import DynamicQuantizedRNN
-    from .fake_quant import FakeQuantLayer, FakeQuantResidualSource
-    from .quant_pool import QuantizedGlobalAveragePool
-    from .quant_residual import QuantizedResidualOutput
-
-    return (
-        QuantizedLayer, QuantizedMatmul, QuantizedGlobalAveragePool, QuantizedResidualOutput,
-        FakeQuantLayer, FakeQuantResidualSource, DynamicQuantizedLinear, DynamicQuantizedRNN,
-    )
-
-
-def _paddle_quantization_types() -> tuple[type, ...]:
-    """The layer types Paddle's own quantization APIs put in a model (fake-quantized,
-    converted and observed layers); not the markers a float model may hold
-    (``paddle.nn.quant.Stub``, the ``FloatFunctionalLayer`` ops)."""
-    import inspect
-
-    from paddle.nn.quant import format as quant_format
-    from paddle.nn.quant import qat, quant_layers, stub
-    from paddle.quantization import base_observer, base_quanter, wrapper
-
-    found: list[type] = [
-        qat.QuantedConv2D, qat.QuantedLinear, stub.QuanterStub, wrapper.ObserveWrapper,
-        base_observer.BaseObserver, base_quanter.BaseQuanter,
-    ]
-    for module in (quant_layers, quant_format):
-        found += [
-            cls for _, cls in inspect.getmembers(module, inspect.isclass)
-            if issubclass(cls, paddle.nn.Layer) and cls.__module__ == module.__name__
-        ]
-    return tuple(found)
