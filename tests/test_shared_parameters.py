@@ -159,3 +159,75 @@ def test_the_fp32_export_of_a_conv_with_a_batch_norm_per_call_runs_as_the_model(
     ran = predict(create_predictor(str(tmp_path / "fp32")), x)[0]
     expected = model(paddle.to_tensor(x)).numpy()
     np.testing.assert_allclose(ran, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+class _HeadOnTwoLevels(paddle.nn.Layer):
+    """A head conv shared by two pyramid levels, the first also read by a strided conv: the
+    head calibrates one threshold on both levels, the strided conv another on the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = paddle.nn.Conv2D(4, 4, 3, stride=2, padding=1)
+        self.head = paddle.nn.Conv2D(4, 2, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a = F.relu(x)
+        b = F.relu(self.down(a))
+        return self.head(a).mean([2, 3]) + self.head(b).mean([2, 3])
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2", "arm"])
+def test_two_int8_readers_of_one_tensor_on_two_thresholds(target, tmp_path) -> None:
+    """ONNX held the tensor on one Q/DQ, the last reader's grid: the head ran on the strided
+    conv's (3e-2 of the largest output off the simulation)."""
+    paddle.seed(0)
+    model = _HeadOnTwoLevels()
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((4, 4, 8, 8)).astype(np.float32)) for _ in range(4)], target)
+    assert qmodel.down.input_thresholds[0] != qmodel.head.input_thresholds[0]
+    x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    if target != "arm":  # (Paddle Lite's kernels are not these)
+        assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
+
+
+class _ConvPerLevelNorms(paddle.nn.Layer):
+    """A conv shared by two inputs, a BatchNorm per call (EfficientDet's heads), or one
+    BatchNorm without affine parameters (``bias_attr=False`` on both) read by an int8 conv."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        plain = dict(weight_attr=False, bias_attr=False) if kind.startswith("affine-free") else {}
+        self.conv = paddle.nn.Conv2D(8, 8, 3, padding=1, bias_attr=None if kind == "affine-free, conv bias" else False if kind.startswith("affine-free") else None)
+        self.norm_a = paddle.nn.BatchNorm2D(8, **plain)
+        self.norm_b = paddle.nn.BatchNorm2D(8, **plain) if kind == "per call" else self.norm_a
+        for norm in {id(n): n for n in (self.norm_a, self.norm_b)}.values():
+            norm._mean.set_value(paddle.uniform([8], min=-0.5, max=0.5))
+            norm._variance.set_value(paddle.uniform([8], min=0.5, max=2.0))
+            if norm.weight is not None:
+                norm.weight.set_value(paddle.uniform([8], min=0.5, max=1.5))
+                norm.bias.set_value(paddle.uniform([8], min=-0.3, max=0.3))
+        self.point_a, self.point_b = paddle.nn.Conv2D(8, 2, 1), paddle.nn.Conv2D(8, 2, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a = F.relu(self.norm_a(self.conv(F.relu(x[:, :8]))))
+        b = F.relu(self.norm_b(self.conv(F.relu(x[:, 8:]))))
+        return paddle.concat([self.point_a(a).flatten(1), self.point_b(b).flatten(1)], 1)
+
+
+@pytest.mark.parametrize("target", ["x86", "arm"])
+@pytest.mark.parametrize("kind", ["per call", "affine-free", "affine-free, conv bias"])
+def test_folded_biases_of_per_call_and_affine_free_norms_are_on_the_grid(kind, target, tmp_path) -> None:
+    """ONNX Runtime folds each BatchNorm into its call and adds the folded bias as an int32:
+    convert moved only a conv's bias with one BatchNorm reader (two BatchNorms: 9.5e-3 of the
+    largest output off the simulation), and none without a beta (4.5e-3). Now each BatchNorm's
+    beta moves, or the conv's bias, and a bias nothing can move is added in float."""
+    paddle.seed(0)
+    model = _ConvPerLevelNorms(kind)
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((4, 16, 16, 16)).astype(np.float32)) for _ in range(4)], target)
+    x = rng.standard_normal((4, 16, 16, 16)).astype(np.float32)
+    if target != "arm":
+        assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6

@@ -233,8 +233,14 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         int4_weights: bool = False,
         symmetric_signed: bool = False,
         int8_residual_branches: bool = True,
+        biases_on_grid: bool = False,
     ):
         self.onnx = _require_onnx()
+        #: convert moved the biases onto ONNX Runtime's int32 grid (bias_grid=True): a conv
+        #: bias still off it runs in float rather than rounded
+        self.biases_on_grid = biases_on_grid
+        #: conv outputs whose off-grid bias is added in float (a float conv in ONNX Runtime)
+        self.float_biases: list[str] = []
         #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
         self.int8_residual_branches = int8_residual_branches
         #: conv outputs whose bias ONNX Runtime adds rounded to its int32 grid
@@ -874,6 +880,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             return self._tensor(op, var, float_reader=True), None
         tensor = self._tensor(op, var)
         if var not in self.shifted or record.input_shift_response is None:
+            own = self._own_grid(var, record)
+            if own is not None:
+                return own
             return tensor, self.scales.get(var)  # e.g. a padded conv kept fp32 beside it
         # The layer's own grid: two layers shifting one tensor can have two (a Linear also
         # called on a constant calibrated its input threshold on both inputs; measured: its
@@ -882,6 +891,31 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         key = (var, scale, zero)
         if key not in self._shifted_tensors:
             self._shifted_tensors[key] = self._shifted_qdq(tensor, scale, zero, shifted_levels(record.activation_bits), var)
+        return self._shifted_tensors[key], (scale, zero)
+
+    def _own_grid(self, var: str, record: LayerRecord) -> tuple[str, tuple[float, int]] | None:
+        """The Q/DQ of ``var`` on ``record``'s input threshold, where the tensor's Q/DQ is on
+        another int8 reader's: a layer called on several tensors calibrates one threshold
+        on them all (measured: a detection head shared by two pyramid levels, the first also
+        read by a strided conv of another threshold; ONNX Runtime ran the head on the conv's
+        grid, 3e-2 of the largest output off). ``None`` where the tensor's grid is the
+        layer's, or the tensor is held on codes of its own (a residual, an int8 pool's)."""
+        threshold = float(record.input_threshold)
+        if (
+            var not in self.layer_inputs or self.thresholds.get(var) == threshold
+            or var in self.coded or var in self.affine or var in self.wide
+            or var in self.coded_residuals or var not in self.unquantized
+        ):
+            return None
+        levels = self.levels
+        if var in self.u8_inputs or (self.unsigned_inputs and record.input_unsigned):
+            scale, zero, codes = threshold / levels, 0, (0, levels)
+        else:
+            scale, zero = threshold / levels, 128
+            codes = (zero - levels, zero + levels) if self.symmetric_signed or levels < 127 else None
+        key = (var, scale, zero)
+        if key not in self._shifted_tensors:
+            self._shifted_tensors[key] = self._qdq(self.unquantized[var], scale, zero, var + ".own", codes=codes)
         return self._shifted_tensors[key], (scale, zero)
 
     def _shifted_qdq(self, tensor: str, scale: float, zero: int, levels: int, stem: str) -> str:
@@ -960,7 +994,15 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = int32_bias_codes(bias, b_scale)
         if codes is not None and np.abs(codes - bias / b_scale.astype(np.float64)).max(initial=0.0) > _OFF_GRID:
-            self.rounded_biases.append(out)
+            if self.biases_on_grid:
+                # A bias convert could not move (a BatchNorm with neither beta nor a conv bias
+                # to move instead, bias_attr=False on both): added in float after the conv,
+                # as the simulation adds it, rather than rounded (measured: 4.5e-3 of the
+                # largest output off the simulation); ONNX Runtime runs this conv in float.
+                self.float_biases.append(out)
+                codes = None
+            else:
+                self.rounded_biases.append(out)
         if codes is None:
             # The bias on the int32 grid of input x weight scales would overflow (a tiny
             # input range, such as the near-constant features of an untrained head next
@@ -2039,9 +2081,15 @@ def export_onnx(
             materialize_conv1d_weights(loaded, weights)
             converter = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
-                symmetric_signed, int8_residual_branches,
+                symmetric_signed, int8_residual_branches, biases_on_grid=bool(converted_biases_on_grid(model)),
             )
             onnx_model = converter.convert(opset)
+        if converter.float_biases:
+            logger.info(
+                "%d int8 convs add a bias off ONNX Runtime's int32 grid in float, as simulated "
+                "(ONNX Runtime runs them as float convs): %s", len(converter.float_biases),
+                ", ".join(converter.float_biases[:5]) + (", ..." if len(converter.float_biases) > 5 else ""),
+            )
         if converter.rounded_biases and not converted_biases_on_grid(model):
             logger.warning(
                 "%d int8 convs have biases off ONNX Runtime's int32 grid (the model was converted "
