@@ -525,3 +525,27 @@ def test_export_refuses_a_fold_the_program_contradicts(tmp_path) -> None:
     with pytest.raises(ValueError, match=f"cannot export 'conv' for target 'x86-avx2': .*{message}"):
         ptq.save_quantized_model(qmodel, str(tmp_path / "int8"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
     assert not list(tmp_path.iterdir())
+
+
+class _ConvOnItsOwnRelu(nn.Layer):
+    """One conv called on the signed input and again on its own output's ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 3, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        first = self.conv(x)
+        return paddle.concat([first, self.conv(F.relu(first))], 1)
+
+
+def test_a_halved_conv_called_on_a_relu_output_reads_it_as_s8(tmp_path, avx2_runner) -> None:
+    """The layer runs on halved weights in both calls (it calibrated a signed input); Paddle
+    ran the call on the ReLU's output as u8 with the full 8-bit weights (7.3e-2 of the largest
+    output off the simulation)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq, qmodel = _converted(_ConvOnItsOwnRelu(), "x86-avx2", rng)
+    assert qmodel.conv.halved_weights
+    x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
+    assert _error_on_avx2(ptq, qmodel, x, tmp_path, avx2_runner) < 2e-6

@@ -48,6 +48,7 @@ from .tracing import (
     normalize_input_spec,
     trace_to_legacy_program,
 )
+from .unsigned import signed_inputs_of_halved_convs
 
 __all__ = ["EXPORT_SUFFIXES", "check_exportable", "save_fp32_model", "save_quantized_model"]
 
@@ -263,6 +264,7 @@ def save_quantized_model(
             remove_inference_dropouts(loaded, traced.records)
             separate_chained_activations(loaded.program.global_block())
             if target_spec.onednn:
+                signed_inputs_of_halved_convs(loaded, traced.records)
                 work_around_onednn_passes(loaded)
                 plain_fp32_dilated_depthwise_outputs(
                     loaded.program.global_block(),

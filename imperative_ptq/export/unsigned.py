@@ -154,6 +154,47 @@ def runs_unsigned(block, name: str, writers: Mapping, int8_weights: bool = False
     return found is not None and found[0].type in RELU6_U8_PRODUCERS
 
 
+def signed_inputs_of_halved_convs(loaded, records: list[LayerRecord]) -> int:
+    """Puts an identity ``scale`` between a ReLU and each conv op of a halved layer reading it.
+
+    A conv layer whose calibration saw a signed input runs on halved weights in every call
+    (:mod:`imperative_ptq.halved_convs`), but oneDNN halves only where it reads s8: a call on
+    a ReLU's output, which Paddle runs as u8 (:func:`runs_unsigned`), got the full 8-bit
+    weights (measured: ``conv(relu(conv(x)))`` with one conv, the second call 7.3e-2 of the
+    largest output off the simulation). Behind the scale the input is s8, on the codes
+    ``0..127`` of the layer's threshold either way.
+
+    Returns:
+        How many calls were given the scale.
+    """
+    block = loaded.program.global_block()
+    halved = {record.weight_name: record for record in records if record.halved}
+    if not halved:
+        return 0
+    writers = producers(block)
+    reading = readers(block)
+    steered = 0
+    for name in list(reading):
+        convs = [
+            op for op in reading[name]
+            if op.type in ("conv2d", "depthwise_conv2d") and op.input("Filter")[0] in halved
+            and op.input("Input") == [name]
+        ]
+        if not convs or not runs_unsigned(block, name, writers):
+            continue
+        signed = insert_reader_op(block, writers[name], name, convs, "scale", "s8", {"scale": 1.0, "bias": 0.0})
+        for record in {id(halved[op.input("Filter")[0]]): halved[op.input("Filter")[0]] for op in convs}.values():
+            record.calls = [
+                ([signed if item == name else item for item in inputs], output)
+                for inputs, output in record.calls
+            ]
+        steered += len(convs)
+    if steered:
+        loaded.program._sync_with_cpp()
+        logger.info("%d calls of halved convs on ReLU outputs read them through an s8 scale", steered)
+    return steered
+
+
 def insert_clip_relu(loaded, index: int, name: str, threshold: float, writers: Mapping) -> str:
     """Inserts ``relu(clip(name, 0, threshold))`` at ``index``; returns its output variable.
 
