@@ -223,6 +223,23 @@ class DLANet(paddle.nn.Layer):
         return paddle.flatten(self.fc(pooled), 1) if self.conv_head else self.fc(paddle.flatten(pooled, 1))
 
 
+class KeywordSpotter(paddle.nn.Layer):
+    """``paddle.audio``'s log-mel spectrogram (reflect padding, frames, a windowed one-sided
+    real transform, magnitudes, mel filters, decibels; its STFT window is a dygraph tensor
+    bound into a ``functools.partial``, which the trace does not turn into a variable), a
+    conv and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = paddle.audio.features.LogMelSpectrogram(sr=16000, n_fft=256, hop_length=128, n_mels=32)
+        self.conv = paddle.nn.Conv2D(1, 8, 3, padding=1)
+        self.head = paddle.nn.Linear(8, 4)
+
+    def forward(self, waveform: paddle.Tensor) -> paddle.Tensor:
+        h = paddle.nn.functional.relu(self.conv(self.features(waveform).unsqueeze(1)))
+        return self.head(h.mean([2, 3]))
+
+
 def converted(
     model: paddle.nn.Layer, batches: Iterable[paddle.Tensor], target: str = "x86"
 ) -> paddle.nn.Layer:

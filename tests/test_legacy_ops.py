@@ -107,28 +107,13 @@ def test_legacy_op_type_is_the_newest_op_of_the_kernel() -> None:
     assert legacy_op_type("pd_op.no_such_op") is None
 
 
-class _KeywordSpotter(paddle.nn.Layer):
-    """``paddle.audio``'s log-mel front end (its STFT window is a dygraph tensor bound into a
-    ``functools.partial``, which the trace does not turn into a variable), a conv and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = paddle.audio.features.LogMelSpectrogram(sr=16000, n_fft=256, hop_length=128, n_mels=32)
-        self.conv = paddle.nn.Conv2D(1, 8, 3, padding=1)
-        self.head = paddle.nn.Linear(8, 4)
-
-    def forward(self, waveform: paddle.Tensor) -> paddle.Tensor:
-        h = paddle.nn.functional.relu(self.conv(self.features(waveform).unsqueeze(1)))
-        return self.head(h.mean([2, 3]))
-
-
 def test_a_captured_dygraph_tensor_is_traced_as_a_constant(tmp_path) -> None:
     """It failed both exports: "multiply(): argument (position 2) must be Value, but got
     Tensor" (plain paddle.jit.save saves the model)."""
-    from models import largest_error_in_paddle_inference, converted
+    from models import KeywordSpotter, converted, largest_error_in_paddle_inference
 
     paddle.seed(0)
-    model = _KeywordSpotter()
+    model = KeywordSpotter()
     model.eval()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4000)).astype(np.float32)

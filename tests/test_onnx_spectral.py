@@ -9,25 +9,10 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from models import converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
+from models import KeywordSpotter, converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
 from ties import simulation_up_to_ties
 
 onnxruntime = pytest.importorskip("onnxruntime")
-
-
-class _KeywordSpotter(paddle.nn.Layer):
-    """``paddle.audio``'s log-mel spectrogram (reflect padding, frames, a windowed one-sided
-    real transform, magnitudes, mel filters, decibels), a conv and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = paddle.audio.features.LogMelSpectrogram(sr=16000, n_fft=256, hop_length=128, n_mels=32)
-        self.conv = paddle.nn.Conv2D(1, 8, 3, padding=1)
-        self.head = paddle.nn.Linear(8, 4)
-
-    def forward(self, waveform: paddle.Tensor) -> paddle.Tensor:
-        h = F.relu(self.conv(self.features(waveform).unsqueeze(1)))
-        return self.head(h.mean([2, 3]))
 
 
 class _FNet(paddle.nn.Layer):
@@ -69,7 +54,7 @@ class _ComplexCast(paddle.nn.Layer):
 
 
 @pytest.mark.parametrize("build, shape", [
-    (_KeywordSpotter, [4000]), (_FNet, [8, 16]), (_RoundTrip, [16]), (_ComplexCast, [16]),
+    (KeywordSpotter, [4000]), (_FNet, [8, 16]), (_RoundTrip, [16]), (_ComplexCast, [16]),
 ])
 def test_signal_ops_run_as_simulated(build, shape, tmp_path) -> None:
     """The ONNX export had no ``frame`` or ``fft_*`` converter and no complex tensors; Paddle
@@ -89,7 +74,7 @@ def test_a_spectrogram_of_any_length_runs_in_onnx_runtime(tmp_path) -> None:
     from imperative_ptq.export import export_onnx
 
     paddle.seed(0)
-    model = _KeywordSpotter()
+    model = KeywordSpotter()
     model.eval()
     rng = np.random.default_rng(1)
     qmodel = converted(model, [paddle.to_tensor(rng.standard_normal([2, 4000]).astype(np.float32)) for _ in range(2)])
