@@ -99,8 +99,12 @@ def test_non_layer_model_raises_type_error(model) -> None:
 
 
 def test_quant_config_type_checked() -> None:
-    with pytest.raises(TypeError, match="quant_config"):
-        ImperativePTQ(PaddlePTQConfig(paddle_q.KLQuantizer(), paddle_q.AbsmaxQuantizer()))
+    # (Paddle's own PTQConfig is taken as this package's: test_paddles_own_ptq_config_...)
+    with pytest.raises(TypeError, match="quant_config must be an imperative_ptq.PTQConfig"):
+        ImperativePTQ({"activation_quantizer": KLQuantizer()})
+    assert ImperativePTQ(PaddlePTQConfig(paddle_q.KLQuantizer(), paddle_q.AbsmaxQuantizer())).quant_config.to_dict() == (
+        PTQConfig(KLQuantizer(), AbsmaxQuantizer()).to_dict()
+    )
 
 
 @pytest.mark.parametrize(

@@ -964,8 +964,10 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             out = self._out(add)
             readers = self.readers.get(out, [])
         factor = np.ones_like(bias)
+        beta_completed = False  # a BatchNorm without beta, given zeros by the export
         if len(readers) == 1 and out not in self.fetched and readers[0].type == "batch_norm":
             bn = readers[0]
+            beta_completed = bn.input("Bias")[0] == f"{bn.input('Mean')[0]}.bias"
             gamma, beta = self._param(bn.input("Scale")[0]), self._param(bn.input("Bias")[0])
             mean, var = self._param(bn.input("Mean")[0]), self._param(bn.input("Variance")[0])
             factor, bias = batch_norm_factor_and_bias(bias, mean, var, gamma, beta, bn.attr("epsilon"))
@@ -994,7 +996,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = int32_bias_codes(bias, b_scale)
         if codes is not None and np.abs(codes - bias / b_scale.astype(np.float64)).max(initial=0.0) > _OFF_GRID:
-            if self.biases_on_grid:
+            if self.biases_on_grid and beta_completed:
                 # A bias convert could not move (a BatchNorm with neither beta nor a conv bias
                 # to move instead, bias_attr=False on both): added in float after the conv,
                 # as the simulation adds it, rather than rounded (measured: 4.5e-3 of the
