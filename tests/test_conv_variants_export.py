@@ -101,6 +101,26 @@ def test_int8_conv_after_a_transposed_conv_runs_at_batch_4(bias, tmp_path) -> No
     assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.999
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_int8_conv1d_after_a_transposed_conv1d_runs(bias, tmp_path) -> None:
+    """A HiFi-GAN-style upsampler: Paddle Inference failed to build the Conv1DTranspose's
+    [C] bias add behind the assign that keeps its output plain ("could not create a
+    primitive descriptor for a binary operation primitive"), at any batch."""
+    from models import largest_error_in_paddle_inference, converted
+
+    paddle.seed(0)
+    model = nn.Sequential(
+        nn.Conv1DTranspose(8, 8, 4, stride=2, padding=1, bias_attr=None if bias else False), nn.ReLU(),
+        nn.Conv1D(8, 8, 3, padding=1),
+    )
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((4, 8, 16)).astype(np.float32)) for _ in range(4)])
+    assert isinstance(qmodel[2], ip.QuantizedLayer)
+    for batch in (1, 4):
+        x = rng.standard_normal((batch, 8, 16)).astype(np.float32)
+        assert largest_error_in_paddle_inference(qmodel, x, tmp_path / str(batch)) < 2e-6
+
+
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
 def test_unet_skip_concat_with_a_transposed_conv_runs(target, tmp_path) -> None:
     """A U-Net decoder step: concat(transposed conv (fp32), ReLU of an int8 conv), read by an

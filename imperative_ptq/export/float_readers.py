@@ -362,7 +362,19 @@ def isolate_fp32_weight_op_outputs(loaded: LegacyProgram) -> int:
             name, steps = inputs[0], steps + 1
         if name in writers and writers[name].type in FP32_WEIGHT_OPS and name not in conv_outputs:
             conv_outputs.append(name)
+    reading = readers(block)
     for number, name in enumerate(conv_outputs):
+        # Past the [C] bias add (axis 1) of a Conv1DTranspose's conv2d_transpose: an assign
+        # in front of that add left oneDNN unable to build it ("could not create a primitive
+        # descriptor for a binary operation primitive", a HiFi-GAN-style upsampler before an
+        # int8 Conv1D; Conv2DTranspose's bias is added as [1, C, 1, 1]).
+        after = reading.get(name, [])
+        if (
+            len(after) == 1 and after[0].type == "elementwise_add" and after[0].input("X") == [name]
+            and after[0].attr("axis") == 1 and is_constant(block, after[0].input("Y")[0], writers)
+            and len(block.var(after[0].input("Y")[0]).shape) == 1
+        ):
+            name = after[0].output("Out")[0]
         writer_index = op_index(block, writers[name])
         var = block.var(name)
         plain = block.create_var(name=f"{name}.plain{number}", shape=var.shape, dtype=var.dtype)

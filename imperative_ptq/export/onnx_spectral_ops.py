@@ -139,9 +139,10 @@ class SpectralOpConverters:
         n = int(op.attr("last_dim_size")) or 2 * (half - 1)
         k, t = np.arange(half)[:, None], np.arange(n)[None, :]
         weights = np.where((k == 0) | ((n % 2 == 0) & (k == n // 2)), 1.0, 2.0) * _scale(n, normalization, forward)
-        angle = 2 * np.pi * ((k * t) % n) / n * (-1 if forward else 1)
-        cos = self._const("cos", (weights * np.cos(angle)).astype(np.float32))
-        sin = self._const("sin", (-weights * np.sin(angle)).astype(np.float32))
+        unit_cos, unit_sin = _unit_circle((k * t) % n, n)
+        unit_sin = -unit_sin if forward else unit_sin
+        cos = self._const("cos", (weights * unit_cos).astype(np.float32))
+        sin = self._const("sin", (-weights * unit_sin).astype(np.float32))
         re = self._node("MatMul", [self._to_last(parts[0], axes[-1], rank, out + ".re_in"), cos], out + ".re")
         im = self._node("MatMul", [self._to_last(parts[1], axes[-1], rank, out + ".im_in"), sin], out + ".im")
         self._bind(out, self._from_last(self._node("Add", [re, im], out + ".sum"), axes[-1], rank, out))
@@ -235,5 +236,19 @@ def _tables(n: int, kept: int, forward: bool, scale: float) -> tuple[np.ndarray,
     """``[n, kept]`` tables: ``X_k = sum_t x_t (cos + i sin)(-+2 pi k t / n)`` as ``x @ cos +
     i x @ sin`` (minus in the exponent for a forward transform), times ``scale``."""
     t, k = np.arange(n)[:, None], np.arange(kept)[None, :]
-    angle = 2 * np.pi * ((t * k) % n) / n * (-1 if forward else 1)
-    return (scale * np.cos(angle)).astype(np.float32), (scale * np.sin(angle)).astype(np.float32)
+    cos, sin = _unit_circle((t * k) % n, n)
+    return (scale * cos).astype(np.float32), (scale * (-sin if forward else sin)).astype(np.float32)
+
+
+def _unit_circle(steps: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cos`` and ``sin`` of ``2 pi steps / n``, exactly 0 and +-1 at the quarter turns: the
+    imaginary part of a real signal's DC and Nyquist bins is then exactly 0, as Paddle's FFT
+    gives it (``sin(pi)`` in floating point is 1.2e-16, whose sign flipped the phase
+    ``atan2(imag, real)`` of Nyquist bins with a negative real part by 2 pi)."""
+    angle = 2 * np.pi * steps / n
+    cos, sin = np.cos(angle), np.sin(angle)
+    quarter = (4 * steps) % n == 0
+    turns = (4 * steps) // n % 4  # 0, 1, 2, 3 quarter turns where ``quarter``
+    cos = np.where(quarter, np.choose(turns % 4, [1.0, 0.0, -1.0, 0.0]), cos)
+    sin = np.where(quarter, np.choose(turns % 4, [0.0, 1.0, 0.0, -1.0]), sin)
+    return cos, sin
