@@ -137,7 +137,7 @@ _ELEMENTWISE_OPS = {
 #: How a failed ONNX export ends its message.
 _PADDLE_EXPORT_WORKS = (
     "the Paddle Inference export (ImperativePTQ.save_quantized_model) does not go through "
-    "this translation and still works for this model"
+    "this translation"
 )
 
 
