@@ -46,13 +46,17 @@ DYNAMIC_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 def check_input_spec_runs(
     model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec]
-) -> None:
+) -> bool:
     """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``
     (ones for integer inputs).
 
     A dynamic (``None``/``-1``) batch dimension is tried at each of :data:`DYNAMIC_BATCHES`
     (1 first), other dynamic dimensions at each of :data:`DYNAMIC_SIZES`; the first shape the
     model runs on accepts the spec. The error quoted is that of batch 1.
+
+    Returns:
+        Whether the model ran on a shape of the spec (False: it failed at every tried shape
+        of a spec with dynamic dimensions besides the batch, which is a warning).
 
     Raises:
         ValueError: The spec fixes every dimension but the batch and the model fails on it
@@ -70,7 +74,7 @@ def check_input_spec_runs(
             try:
                 with paddle.no_grad(), _training_dropouts_named(model):
                     model(*inputs)
-                return
+                return True
             except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
                 error = error or failure
     shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
@@ -82,7 +86,7 @@ def check_input_spec_runs(
             "%s and the dynamic dimensions at %s (%s); exporting anyway. Fix those dimensions "
             "in input_spec to have them checked.", shapes, tried, ", ".join(map(str, sizes)), reason,
         )
-        return
+        return False
     raise ValueError(
         f"input_spec [{shapes}] does not fit the model: it fails on zeros of that shape "
         f"(batch {tried}): {reason}. Nothing was written."

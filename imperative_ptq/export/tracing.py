@@ -542,7 +542,7 @@ def trace_to_legacy_program(
     export_model, records, by_layer = _collect_records(model, program_weights)
     check_finite_parameters(export_model, "export")
     check_finite_thresholds({record.name: _thresholds(record) for record in records}, "export")
-    check_input_spec_runs(export_model, input_spec)
+    runs_on_spec = check_input_spec_runs(export_model, input_spec)
     if not records:
         logger.warning(
             "no layer of the model runs int8 (every calibrated layer stayed fp32): the export "
@@ -580,9 +580,17 @@ def trace_to_legacy_program(
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AssertionError) as error:
         shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
         dynamic = any(size is None or size == -1 for spec in input_spec for size in spec.shape)
+        # A model that ran on the spec in dygraph has the right shapes: what failed is
+        # Paddle's trace (a window read from self in paddle.signal.stft, measured; plain
+        # paddle.jit.save fails there too).
+        cause = (
+            "the model runs on it in dygraph, so an op without a legacy-IR kernel in Paddle "
+            f"{paddle.__version__}, or a Paddle API its trace does not take?"
+            if runs_on_spec else
+            f"wrong rank or shape, or an op without a legacy-IR kernel in Paddle {paddle.__version__}?"
+        )
         raise ValueError(
-            f"tracing the model with input_spec [{shapes}] failed ({_self_hint(export_model)}wrong "
-            f"rank or shape, or an op without a legacy-IR kernel in Paddle {paddle.__version__}?"
+            f"tracing the model with input_spec [{shapes}] failed ({_self_hint(export_model)}{cause}"
             # (measured: F.fold asserts its input has a known size; plain paddle.jit.save too)
             + ("; some Paddle APIs, such as F.fold, trace only with known sizes: try fixed "
                "sizes (a fixed batch) in the input_spec" if dynamic else "")
