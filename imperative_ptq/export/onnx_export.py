@@ -286,6 +286,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         #: quantized per reader on its own grid: (input, scale, zero point) -> its Q/DQ.
         self.shifted: set[str] = set()
         self._shifted_tensors: dict[tuple[str, float, int], str] = {}
+        #: (var, scale, zero point) -> the Q/DQ of an int8 reader on a grid of its own (_own_grid)
+        self._own_grids: dict[tuple[str, float, int], str] = {}
         self.unsigned_inputs = unsigned_inputs
         #: Global pools the simulation runs on u8 codes: output variable -> input threshold.
         self.int8_pools = int8_pool_outputs(records)
@@ -914,9 +916,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             scale, zero = threshold / levels, 128
             codes = (zero - levels, zero + levels) if self.symmetric_signed or levels < 127 else None
         key = (var, scale, zero)
-        if key not in self._shifted_tensors:
-            self._shifted_tensors[key] = self._qdq(self.unquantized[var], scale, zero, var + ".own", codes=codes)
-        return self._shifted_tensors[key], (scale, zero)
+        if key not in self._own_grids:
+            self._own_grids[key] = self._qdq(self.unquantized[var], scale, zero, var + ".own", codes=codes)
+        return self._own_grids[key], (scale, zero)
 
     def _shifted_qdq(self, tensor: str, scale: float, zero: int, levels: int, stem: str) -> str:
         """The shifted input's codes as Paddle Inference and the simulation compute them,
@@ -1915,16 +1917,15 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 continue
             if self._output_unsigned(op):
                 self.unsigned.add(self._main_output(op))
+            complex_values = self.handles_complex(op)
             convert = dispatch.get(op.type)
-            if convert is None and not self.handles_complex(op):
+            if convert is None and not complex_values:
                 raise NotImplementedError(
                     f"op {op.type!r} has no ONNX converter ({self._location(op)}); "
                     f"{_PADDLE_EXPORT_WORKS}. Ops translated: {', '.join(sorted(dispatch))}"
                 )
             try:
-                if self.handles_complex(op):
-                    convert = self.complex_converter(op)
-                convert(op)
+                (self.complex_converter(op) if complex_values else convert)(op)
             except NotImplementedError as error:
                 raise NotImplementedError(
                     f"{error} ({self._location(op)}); {_PADDLE_EXPORT_WORKS}"
