@@ -45,10 +45,11 @@ DYNAMIC_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def check_input_spec_runs(
-    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec]
+    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], name_dropouts: bool = True
 ) -> bool:
     """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``
-    (ones for integer inputs).
+    (ones for integer inputs), naming the ``F.dropout`` calls in training mode unless
+    ``name_dropouts`` is False (a check the export repeats).
 
     A dynamic (``None``/``-1``) batch dimension is tried at each of :data:`DYNAMIC_BATCHES`
     (1 first), other dynamic dimensions at each of :data:`DYNAMIC_SIZES`; the first shape the
@@ -72,7 +73,8 @@ def check_input_spec_runs(
         for size in sizes:
             inputs = [_probe(spec, size, batch) for spec in input_spec]
             try:
-                with paddle.no_grad(), _training_dropouts_named(model):
+                watching = _training_dropouts_named(model) if name_dropouts else contextlib.nullcontext()
+                with paddle.no_grad(), watching:
                     model(*inputs)
                 return True
             except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
