@@ -208,13 +208,6 @@ class OnlyFilters(paddle.nn.Layer):
         return F.conv2d(x, self.filters, padding=1)
 
 
-def test_a_model_of_filter_parameters_only_is_accepted() -> None:
-    model = OnlyFilters()
-    model.eval()
-    ptq = _ptq()
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, _batches(2), progress=False)
-    assert list(ptq.calibration_table(quantized)) == ["filters_conv"]
 
 
 def test_analyze_and_keep_fp32_pair_the_convs_with_the_fp32_model() -> None:
@@ -327,9 +320,12 @@ class _ForwardOfThis(paddle.nn.Layer):
         return F.conv2d(x, this.filters, padding=1)
 
 
-def test_a_forward_whose_first_parameter_is_not_self_gets_its_site() -> None:
-    """Its call was taken for one from another method (no site, a wrong warning)."""
-    model = _ForwardOfThis()
+@pytest.mark.parametrize("build", [OnlyFilters, _ForwardOfThis], ids=["filters-only", "forward-of-this"])
+def test_a_model_of_filter_parameters_only_gets_its_site(build) -> None:
+    """A model without any layer PTQ hooks is accepted; a forward whose first parameter is
+    not named ``self`` gets its site too (its call was taken for one from another method:
+    no site, a wrong warning)."""
+    model = build()
     model.eval()
     ptq = _ptq()
     quantized = ptq.quantize(model)
