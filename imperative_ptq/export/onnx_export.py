@@ -135,7 +135,7 @@ _ELEMENTWISE_OPS = {
 }
 
 #: How a failed ONNX export ends its message.
-_PADDLE_EXPORT_WORKS = (
+_PADDLE_EXPORT_ELSEWHERE = (
     "the Paddle Inference export (ImperativePTQ.save_quantized_model) does not go through "
     "this translation"
 )
@@ -1922,13 +1922,13 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             if convert is None and not complex_values:
                 raise NotImplementedError(
                     f"op {op.type!r} has no ONNX converter ({self._location(op)}); "
-                    f"{_PADDLE_EXPORT_WORKS}. Ops translated: {', '.join(sorted(dispatch))}"
+                    f"{_PADDLE_EXPORT_ELSEWHERE}. Ops translated: {', '.join(sorted(dispatch))}"
                 )
             try:
                 (self.complex_converter(op) if complex_values else convert)(op)
             except NotImplementedError as error:
                 raise NotImplementedError(
-                    f"{error} ({self._location(op)}); {_PADDLE_EXPORT_WORKS}"
+                    f"{error} ({self._location(op)}); {_PADDLE_EXPORT_ELSEWHERE}"
                 ) from error
         outputs = []
         for var in self.loaded.fetch_vars:
