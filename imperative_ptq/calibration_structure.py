@@ -20,8 +20,16 @@ Format, one entry per layer that has an observation (those left out have none)::
                          "wide_input": true}, ...}
 
 ``input_sources``: hooked layers whose output the layer read as its first input;
+``input_source_calls``: ``[source, call]`` pairs naming which call within a forward (the first
+is 0) of each source wrote what was read, kept for sources with ``sum_calls``;
 ``input_rank``: the largest rank of that input (0 or absent: none seen); ``signed_input`` /
 ``wide_input``: that input was written s8 / u8 up to code 255 by a fused residual conv;
+``calls_per_forward``: how many times a forward called a layer with per-call observations;
+``sum_calls``: of an ``nn.ReLU`` that read more than one residual sum in a forward (a residual
+block applied more than once), the calls that read one;
+``plain_input_calls``: of such a layer with a ``signed_input`` / ``wide_input``, the calls (the
+first is 0) whose input was on no such codes (a conv of a residual block called again on the
+block's output);
 ``constant_operand``: a matmul of two activations read one of them unchanged in every call
 (a parameter transformed in ``forward``, which Paddle Inference folds into an fp32 ``mul``);
 ``constant_input``: a layer with a weight read the same input in every call while the model's
@@ -66,6 +74,7 @@ _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
     "input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
+    "plain_input_calls", "calls_per_forward", "input_source_calls", "sum_calls",
 )
 
 #: A layer's entry in the section (JSON-ready).
@@ -74,11 +83,18 @@ LayerStructure = dict[str, Any]
 
 def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
     """The section for ``states``: each layer's observations, those at their default left out."""
+    states = list(states)
+    # Per-call observations are kept where convert reads them: a ReLU reading several sums in
+    # a forward (a residual block applied more than once) and the layers reading it.
+    summing_again = {state.name for state in states if state.calls_per_forward > 1 and len(state.sum_calls) > 1}
     section: dict[str, LayerStructure] = {}
     for state in states:
         entry: LayerStructure = {}
         if state.input_sources:
             entry["input_sources"] = sorted(state.input_sources)
+        source_calls = sorted(pair for pair in state.input_source_calls if pair[0] in summing_again)
+        if source_calls:
+            entry["input_source_calls"] = [[source, int(call)] for source, call in source_calls]
         if state.input_rank:
             entry["input_rank"] = int(state.input_rank)
         if state.earlier_readers:
@@ -86,6 +102,13 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
         for flag in _FLAGS:
             if getattr(state, flag):
                 entry[flag] = True
+        plain_calls = state.plain_calls()
+        if plain_calls or state.name in summing_again:
+            entry["calls_per_forward"] = int(state.calls_per_forward)
+        if state.name in summing_again:
+            entry["sum_calls"] = sorted(int(call) for call in state.sum_calls)
+        if plain_calls:
+            entry["plain_input_calls"] = sorted(plain_calls)
         if state.constant_call_inputs:
             entry["constant_call_inputs"] = [
                 [list(shape), float(value)] for shape, value in state.constant_call_inputs
@@ -114,10 +137,15 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
     for state in states:
         entry = section.get(state.name, {})
         state.input_sources = set(entry.get("input_sources", ()))
+        state.input_source_calls = {(source, int(call)) for source, call in entry.get("input_source_calls", ())}
         state.input_rank = int(entry.get("input_rank", 0))
         state.earlier_readers = set(entry.get("earlier_readers", ()))
         state.signed_input = bool(entry.get("signed_input", False))
         state.wide_input = bool(entry.get("wide_input", False))
+        state.plain_input_calls = set(entry.get("plain_input_calls", ()))
+        state.coded_input_calls = set()
+        state.calls_per_forward = int(entry.get("calls_per_forward", 0))
+        state.sum_calls = set(entry.get("sum_calls", ()))
         state.constant_operand = bool(entry.get("constant_operand", False))
         state.constant_input = bool(entry.get("constant_input", False))
         state.computed_weight = bool(entry.get("computed_weight", False))
@@ -167,6 +195,8 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
             if not isinstance(entry.get(flag, False), bool):
                 raise ValueError(f"{where}: {flag} must be true or false, got {entry[flag]!r}")
         _check_fingerprints(where, entry.get("constant_call_inputs", []))
+        _check_calls(where, entry)
+        _check_source_calls(where, entry.get("input_source_calls", []), names)
         adds = entry.get("residual_adds", [])
         if not isinstance(adds, list):
             raise ValueError(f"{where}: residual_adds must be a list, got {adds!r}")
@@ -191,6 +221,44 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
                 raise ValueError(
                     f"{where}: residual_top must be an integer 1..{_MAX_TOP}, got {top!r}"
                 )
+
+
+def _check_calls(where: str, entry: Mapping[str, Any]) -> None:
+    """``calls_per_forward`` must be an integer of at least 2; ``sum_calls`` and
+    ``plain_input_calls`` call indices below it, the latter given with ``signed_input`` or
+    ``wide_input``."""
+    if not {"plain_input_calls", "calls_per_forward", "sum_calls"} & set(entry):
+        return
+    calls, count = entry.get("plain_input_calls"), entry.get("calls_per_forward")
+    if not _is_int(count) or count < 2:
+        raise ValueError(f"{where}: calls_per_forward must be an integer of at least 2, got {count!r}")
+    sums = entry.get("sum_calls", [])
+    if not isinstance(sums, list) or not all(_is_int(call) and 0 <= call < count for call in sums):
+        raise ValueError(f"{where}: sum_calls must list calls 0..{count - 1}, got {sums!r}")
+    if calls is None:
+        return
+    if not (
+        isinstance(calls, list) and calls and all(_is_int(call) and 0 <= call < count for call in calls)
+        and len(set(calls)) < count
+    ):
+        raise ValueError(
+            f"{where}: plain_input_calls must list some but not all calls 0..{count - 1}, got {calls!r}"
+        )
+    if not (entry.get("signed_input") or entry.get("wide_input")):
+        raise ValueError(f"{where}: plain_input_calls needs signed_input or wide_input")
+
+
+def _check_source_calls(where: str, values: Any, names: set[str]) -> None:
+    """``values`` must be a list of ``[layer name, call index]`` pairs."""
+    if not isinstance(values, list) or not all(
+        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+        and _is_int(value[1]) and value[1] >= 0
+        for value in values
+    ):
+        raise ValueError(
+            f"{where}: input_source_calls must be a list of [layer name, call index] pairs, got {values!r}"
+        )
+    _check_names(where, "input_source_calls", [value[0] for value in values], names)
 
 
 def _check_fingerprints(where: str, values: Any) -> None:

@@ -22,6 +22,7 @@ from .calibration_table import (
 )
 from .calibration_structure import structure_of
 from .converted import mark_converted, set_output_thresholds
+from .forward_calls import PerCallTopCodes, count_forwards
 from .functional_ops import FunctionalConcat
 from .halved_convs import halved_convs, halving_refusal
 from .quant_layers import (
@@ -197,6 +198,15 @@ def convert_layers(
                 # codes reach 255, its s8 ones (after an s8 residual) 127, which is more than
                 # the grid's L below 8 bits.
                 wrapped.input_top_code = U8_MAX if state.wide_input else symmetric_levels(8)
+                plain_calls = state.plain_calls()
+                if plain_calls:
+                    # A conv of a residual block called again on the block's output: the
+                    # block's input is clipped at L (forward_calls).
+                    wrapped.input_call_tops = PerCallTopCodes([
+                        symmetric_levels(activation_bits) if call in plain_calls else wrapped.input_top_code
+                        for call in range(state.calls_per_forward)
+                    ])
+                    count_forwards(model)
             if state.constant_call_inputs and isinstance(layer, paddle.nn.Linear):
                 # Paddle Inference folds those calls into fp32 constants (measured: a Linear
                 # called on the tokens and on a parameter table, 2.4e-2 and 10.8% of the
@@ -426,11 +436,12 @@ def _simulate_fused_residuals(
         conv = conv_of(add.fused)
         if not isinstance(relu, paddle.nn.ReLU) or conv is None or add.sum_reader in sums:
             return
-        readers = [
-            quantized[state.name] for _, state in hooked
+        coded_readers = [
+            state for _, state in hooked
             if add.sum_reader in state.input_sources and (state.wide_input or state.signed_input)
             and state.name in quantized and quantized[state.name].input_unsigned
         ]
+        readers = [quantized[state.name] for state in coded_readers]
         if not readers:
             readers = concat_readers(add.sum_reader) or pooled_readers(add.sum_reader)
         thresholds = {reader.input_thresholds[0] for reader in readers}
@@ -441,7 +452,10 @@ def _simulate_fused_residuals(
         if threshold is None:
             return
         top = U8_MAX if add.residual_readers else symmetric_levels(8)
-        sums[add.sum_reader] = ResidualSumOutput(relu, threshold, top, activation_bits)
+        sums[add.sum_reader] = ResidualSumOutput(
+            relu, threshold, top, activation_bits,
+            call_thresholds=_sum_call_thresholds(by_name[add.sum_reader][1], coded_readers, quantized, own),
+        )
         replace_sublayer(model, relu, sums[add.sum_reader])
         conv.sum_outputs.append(sums[add.sum_reader])
 
@@ -622,6 +636,33 @@ def _simulate_pooled_codes(
         replace_sublayer(model, layer, wrapped)
         conv.sum_outputs.append(wrapped)
         logger.info("%s: its int8 conv writes it as u8 codes for the max-pool after it", state.name)
+
+
+def _sum_call_thresholds(
+    relu: LayerState,
+    coded_readers: list[LayerState],
+    quantized: dict[str, QuantizedLayer],
+    own: list[float] | None,
+) -> list[float] | None:
+    """Per call of a residual sum's ReLU called more than once in a forward (a residual
+    block applied twice), the threshold of the codes the fused conv writes that call's output
+    on: its int8 readers' input threshold, else the ReLU's own (the export gives each call's
+    output its readers' scale: measured 0.2 of the largest output off Paddle Inference with
+    the first call's for both). ``None`` where one threshold serves every call."""
+    if relu.calls_per_forward < 2 or len(relu.sum_calls) < 2 or not own:
+        return None
+    by_call: dict[int, set[float]] = {}
+    for reader in coded_readers:
+        for source, call in reader.input_source_calls:
+            if source == relu.name:
+                by_call.setdefault(call, set()).add(quantized[reader.name].input_thresholds[0])
+    if any(len(thresholds) > 1 for thresholds in by_call.values()):
+        return None
+    per_sum = {call: next(iter(by_call[call])) if call in by_call else own[0] for call in relu.sum_calls}
+    if len(set(per_sum.values())) < 2:
+        return None
+    # (The ReLU's other calls read no sum: their threshold is never used.)
+    return [per_sum.get(call, own[0]) for call in range(relu.calls_per_forward)]
 
 
 def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:

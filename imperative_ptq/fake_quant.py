@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import paddle
 
+from .forward_calls import PerCallTopCodes
 from .halved_convs import norm_factor
 from .quant_layers import (
     WrappedParameters,
@@ -143,6 +144,8 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_floor`).
         input_top_code: The largest code of an unsigned input (the converted layer's
             :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_top_code`; ``None``: ``L``).
+        input_call_tops: That code per call within a forward (the converted layer's
+            :attr:`~imperative_ptq.quant_layers.QuantizedLayer.input_call_tops`), or ``None``.
         residual_codes: ``0``, or the largest code of the input as the residual of a fused
             int8 conv after this one (the converted layer's
             :attr:`~imperative_ptq.quant_layers.QuantizedLayer.residual_codes`): the input is
@@ -190,6 +193,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         input_minimum: float | None = None,
         input_floor: int | None = None,
         input_top_code: int | None = None,
+        input_call_tops: PerCallTopCodes | None = None,
         residual_codes: int = 0,
         paddle_fc_scales: bool = False,
         onednn_weights: bool = False,
@@ -216,6 +220,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         self.input_minimum = input_minimum
         self.input_floor = input_floor
         self.input_top_code = input_top_code
+        self.input_call_tops = None if input_call_tops is None else PerCallTopCodes(input_call_tops.tops)
         self.residual_codes = int(residual_codes)
         self.paddle_fc_scales = bool(paddle_fc_scales)
         self.onednn_weights = bool(onednn_weights)
@@ -275,6 +280,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
                 self.activation_bits, self.residual_codes,
             )
         code_range = grid = None
+        top_code = self.input_top_code if self.input_call_tops is None else self.input_call_tops.next_top()
         if self.input_shifted:
             # (PTQ's own threshold where it is not learned: its float32 copy moved the grid's
             # scale by an ulp, and every input value by one, off the converted layer's.)
@@ -286,7 +292,7 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
             x, input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             gradient_scale=self._input_gradient_scale, code_range=code_range,
             lowest_code=None if self.input_unsigned else self.input_floor,
-            highest_code=self.input_top_code if self.input_unsigned else None,
+            highest_code=top_code if self.input_unsigned else None,
         )
         if grid is not None:
             # The values of the converted layer's shifted quantize (computed as Paddle Inference

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import paddle
 
 from .converted import converted_structure
+from .forward_calls import PerCallTopCodes
 from .quant_layers import QuantizedLayer, replace_sublayer
 from .quant_pool import U8_MAX, QuantizedGlobalAveragePool
 from .quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
@@ -109,6 +110,12 @@ def refit_fused_residuals(
                 layer = layers.get(name)
                 if isinstance(layer, QuantizedLayer) and layer.input_unsigned:
                     layer.input_top_code = U8_MAX
+                    if layer.input_call_tops is not None:
+                        plain = set(entry.get("plain_input_calls", ()))
+                        layer.input_call_tops = PerCallTopCodes([
+                            top if call in plain else U8_MAX
+                            for call, top in enumerate(layer.input_call_tops.tops)
+                        ])
                     if layer.residual_codes:
                         layer.residual_codes = U8_MAX
                 elif isinstance(layer, QuantizedGlobalAveragePool):

@@ -34,6 +34,7 @@ import paddle
 from .calibration_table import CalibrationTable, TableFile, apply_table, write_table
 from .converted import converted_minima, converted_structure, converted_table, mark_fine_tuned
 from .fake_quant import MIN_THRESHOLD, FakeQuantLayer, FakeQuantResidualSource
+from .forward_calls import count_forwards
 from .ptq import ImperativePTQ
 from .analysis import keep_fp32
 from .quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
@@ -246,6 +247,7 @@ class ImperativeQAT:
                 input_shifted=simulated.input_shifted, input_minimum=minima.get(name),
                 input_floor=simulated.input_floor,
                 input_top_code=simulated.input_top_code if unsigned else None,
+                input_call_tops=simulated.input_call_tops if unsigned else None,
                 # A shortcut no layer wrote (an F.relu output) cannot be copied before it is
                 # put on its codes in place, which autograd refuses (F.relu saved it).
                 residual_codes=simulated.residual_codes if simulated.residual_source else 0,
@@ -258,6 +260,8 @@ class ImperativeQAT:
                 norm=layers[simulated.folded_norm] if simulated.folded_norm else None,
             )
             replace_sublayer(model, layers[name], wrapper)
+            if wrapper.input_call_tops is not None:
+                count_forwards(model)
         if float_shortcuts:
             logger.warning(
                 "%d identity shortcuts are functional-op outputs (F.relu): fine-tuning adds them "

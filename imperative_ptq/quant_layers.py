@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from .fingerprint import Fingerprint, fingerprint
+from .forward_calls import PerCallTopCodes
 from .primitives import fake_quantize
 from .quant_residual import quantize_residual_in_place, residual_output_codes
 from .quantizers.qparams import affine_levels, symmetric_levels
@@ -619,6 +620,11 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         input_top_code: With ``input_unsigned``, the largest code of the input: ``L``, or 255
             for a ReLU output after a residual conv, which Paddle Inference leaves unclipped
             (:mod:`imperative_ptq.export.unsigned`). Set by ``convert``.
+        input_call_tops: ``None``, or that code per call of a layer called more than once in
+            a forward whose calls read different inputs (a conv of a residual block called
+            again on the block's output: ``L`` for the block's input, 255 for its output;
+            :mod:`imperative_ptq.forward_calls`); :attr:`input_top_code` is then the largest.
+            Set by ``convert``.
         residual_codes: ``0``, or the largest code of this layer's u8 input as the residual
             of a fused int8 conv after it reads it (an identity shortcut,
             :mod:`imperative_ptq.quant_residual`): :meth:`forward` first replaces that
@@ -674,6 +680,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         #: list, not sublayers, so they stay where the model holds them.
         self.sum_outputs: list = []
         self.input_top_code = symmetric_levels(activation_bits)
+        self.input_call_tops: PerCallTopCodes | None = None
         #: Fingerprints (:mod:`imperative_ptq.fingerprint`) of inputs computed from parameters
         #: only, which calibration saw some calls read unchanged: the runtimes fold those calls
         #: into fp32 constants, so this layer computes them unquantized. Set by ``convert``.
@@ -820,8 +827,14 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         shift = float(self.input_zero_point) * float(self.input_scale)
         return shift_response(self.layer.weight.numpy(), self.weight_axis, shift)
 
-    def quantize_input(self, x: paddle.Tensor) -> paddle.Tensor:
-        """The fake-quantized first input, as :meth:`forward` feeds it to the layer."""
+    def quantize_input(self, x: paddle.Tensor, top_code: int | None = None) -> paddle.Tensor:
+        """The fake-quantized first input, as :meth:`forward` feeds it to the layer.
+
+        Args:
+            x: The input.
+            top_code: The largest code of an unsigned input in this call (``None``:
+                :attr:`input_top_code`; see :attr:`input_call_tops`).
+        """
         if self.input_shifted:
             codes = shifted_codes(x, self.input_scale, self.input_zero_point, shifted_levels(self.activation_bits))
             return dequantize_codes(codes, self.input_scale, self.input_zero_point)
@@ -831,7 +844,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         return fake_quantize_symmetric(
             x, self.input_threshold, self.activation_bits, unsigned=self.input_unsigned,
             lowest_code=self.input_floor,
-            highest_code=self.input_top_code if self.input_unsigned else None,
+            highest_code=(self.input_top_code if top_code is None else top_code) if self.input_unsigned else None,
         )
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
@@ -865,7 +878,8 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             )
         for sum_output in self.sum_outputs:
             sum_output.expect_sum()
-        output = self.layer(self.quantize_input(inputs[0]), *inputs[1:], **kwargs)
+        top_code = None if self.input_call_tops is None else self.input_call_tops.next_top()
+        output = self.layer(self.quantize_input(inputs[0], top_code), *inputs[1:], **kwargs)
         if self.residual_output_threshold is not None:
             output = residual_output_codes(output, self.residual_output_threshold, self.activation_bits)
         return output
@@ -880,6 +894,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
             f"{', weights halved to 7 bits (s8 input on AVX2)' if self.halved_weights else ''}"
             f"{', output written as s8 residual codes' if self.residual_output_threshold is not None else ''}"
             f"{f', input codes up to {self.input_top_code}' if self.input_top_code > symmetric_levels(self.activation_bits) else ''}"
+            f"{f', per call up to {list(self.input_call_tops.tops)}' if self.input_call_tops is not None else ''}"
         )
 
 

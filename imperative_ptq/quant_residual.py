@@ -72,6 +72,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import paddle
 
+from .forward_calls import CallCounter
 from .quant_pool import U8_MAX
 from .quantizers.qparams import symmetric_levels
 from .rounding import grid_codes
@@ -398,16 +399,34 @@ class ResidualSumOutput(_OnCodes):
             it with, else the ReLU's output threshold (what the export writes).
         top: The largest code: 255, or 127 after a downsample (s8) residual.
         activation_bits: Bit width of activations (``L = 2**(bits-1) - 1``).
+        call_thresholds: ``None``, or ``t`` per call of the ReLU within a forward (its calls on
+            other tensors included) where the sums' readers differ: a residual block applied
+            twice writes its first output on the codes of the convs reading it, its last on
+            the ReLU's own threshold (:mod:`imperative_ptq.forward_calls`).
 
     Raises:
-        ValueError: The threshold is not a positive number or ``top`` is not 1..255.
+        ValueError: A threshold is not a positive number or ``top`` is not 1..255.
     """
 
     def __init__(
-        self, layer: paddle.nn.Layer, threshold: float, top: int, activation_bits: int = 8
+        self,
+        layer: paddle.nn.Layer,
+        threshold: float,
+        top: int,
+        activation_bits: int = 8,
+        call_thresholds: Sequence[float] | None = None,
     ) -> None:
         super().__init__(layer, threshold, top, activation_bits)
         self.sum_pending = False
+        self.call_thresholds: tuple[float, ...] = ()
+        self._calls: CallCounter | None = None
+        if call_thresholds is not None:
+            self.call_thresholds = tuple(float(t) for t in call_thresholds)
+            if not self.call_thresholds or not all(np.isfinite(t) and t > 0 for t in self.call_thresholds):
+                raise ValueError(
+                    f"ResidualSumOutput needs positive call thresholds, got {list(call_thresholds)!r}"
+                )
+            self._calls = CallCounter(len(self.call_thresholds))
 
     def expect_sum(self) -> None:
         """The fused conv ran: the next call reads the sum."""
@@ -415,10 +434,13 @@ class ResidualSumOutput(_OnCodes):
 
     def forward(self, *inputs: paddle.Tensor, **kwargs) -> paddle.Tensor:
         output = self.layer(*inputs, **kwargs)
+        call = None if self._calls is None else self._calls.next_call()
         if not self.sum_pending:
             return output
         self.sum_pending = False
-        return residual_on_codes(output, self.threshold, self.activation_bits, self.top)
+        threshold = self.threshold if call is None else self.call_thresholds[call]
+        return residual_on_codes(output, threshold, self.activation_bits, self.top)
 
     def extra_repr(self) -> str:
-        return f"residual sum's output on codes 0..{self.top} of threshold {self.threshold:.6g}"
+        per_call = f", per call {[f'{t:.6g}' for t in self.call_thresholds]}" if self.call_thresholds else ""
+        return f"residual sum's output on codes 0..{self.top} of threshold {self.threshold:.6g}{per_call}"

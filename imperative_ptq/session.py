@@ -69,6 +69,10 @@ class LayerState:
     #: Names of the hooked layers whose output this layer read as its first input: the same
     #: tensor, or a global pool's output flattened (:meth:`CalibrationSession.source_of`).
     input_sources: set[str] = dataclasses.field(default_factory=set)
+    #: ``(source, call)`` for each of those reads: which call within a forward (the first is 0)
+    #: of the source layer wrote the tensor read (a ReLU called once per residual block
+    #: applied twice has a reader per call).
+    input_source_calls: set[tuple[str, int]] = dataclasses.field(default_factory=set)
     #: Names of the observed-only sites (a functional concat) whose output this layer read as
     #: its first input; kept apart from ``input_sources``, which sees through those sites.
     site_sources: set[str] = dataclasses.field(default_factory=set)
@@ -90,6 +94,15 @@ class LayerState:
     #: Its first input was a ReLU output after a fused residual conv with a u8 residual, which
     #: Paddle leaves unclipped: u8 codes up to 255 (:mod:`imperative_ptq.export.unsigned`).
     wide_input: bool = False
+    #: Calls within a forward (the first is 0) whose first input was on no fused conv's codes,
+    #: and those whose input was (s8, or u8 up to 255): a conv of a residual block also called
+    #: on the block's output reads that output up to code 255 and the block's input up to ``L``.
+    plain_input_calls: set[int] = dataclasses.field(default_factory=set)
+    coded_input_calls: set[int] = dataclasses.field(default_factory=set)
+    #: The most calls of the layer on a float input in one forward.
+    calls_per_forward: int = 0
+    #: Of an ``nn.ReLU`` reading a residual sum, the calls within a forward that read one.
+    sum_calls: set[int] = dataclasses.field(default_factory=set)
     #: A layer multiplying two activations read one operand unchanged in every call while the
     #: other changed (``x @ self.w.T``: a parameter transformed in ``forward``), which Paddle
     #: Inference folds into a constant and runs as an fp32 ``mul``.
@@ -121,6 +134,14 @@ class LayerState:
     #: many times it was called in it.
     last_forward: int = 0
     forward_calls: int = 0
+
+    def plain_calls(self) -> frozenset[int]:
+        """The calls within a forward whose input was on no fused conv's codes, of a layer
+        some of whose calls' input was (:attr:`signed_input`, :attr:`wide_input`): empty when
+        every call's was, or none's; a call seen both ways counts as on codes."""
+        if not (self.signed_input or self.wide_input):
+            return frozenset()
+        return frozenset(self.plain_input_calls - self.coded_input_calls)
 
 
 class CalibrationSession:
@@ -182,6 +203,8 @@ class CalibrationSession:
         #: Outputs of the observed-only sites in the current forward, likewise.
         self._site_outputs: dict[int, tuple[Any, str]] = {}
         self._pooled: list[tuple[paddle.Tensor, str]] = []
+        #: ``id`` of an output in ``_outputs`` -> which call of its layer in the forward wrote it.
+        self._output_calls: dict[int, int] = {}
         #: Tensors hooked layers read in the current forward: ``id`` -> (weak reference,
         #: names of the layers that read it).
         self._read: dict[int, tuple[Any, tuple[str, ...]]] = {}
@@ -351,6 +374,7 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
+        self._output_calls = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self._calls.clear()
         self.forwards += 1
@@ -399,6 +423,7 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
+        self._output_calls = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
 
@@ -487,6 +512,7 @@ class CalibrationSession:
         # Moved to the end: the order of ``_outputs`` is the order the outputs were computed
         # in, even where a freed tensor's ``id`` is reused.
         self._outputs.pop(id(value), None)
+        self._output_calls.pop(id(value), None)
         self._outputs[id(value)] = (weakref.ref(value), name)
         if value.ndim == 4 and value.shape[2] == 1 and value.shape[3] == 1:
             self._pooled.append((value, name))
@@ -522,6 +548,10 @@ class CalibrationSession:
                 state.site_sources.add(site[1])
             if source is not None:
                 state.input_sources.add(source)
+                entry = self._outputs.get(id(first))
+                source_call = self._output_calls.get(id(first)) if entry and entry[0]() is first else None
+                if source_call is not None:
+                    state.input_source_calls.add((source, source_call))
             else:
                 found = self._note_residual_add(
                     first, inputs_quantizer is not None or isinstance(layer, paddle.nn.ReLU),
@@ -538,6 +568,7 @@ class CalibrationSession:
                     after = first
                 elif found is not None and isinstance(layer, paddle.nn.ReLU):
                     after = outputs if _is_float_tensor(outputs) else None
+                    state.sum_calls.add(self._calls[state.name])
                 if after is not None:
                     unsigned = found.residual_readers or relu_or_its_max_pool(found.residual, self._by_name)
                     kind = self._wide if unsigned else self._signed
@@ -553,6 +584,9 @@ class CalibrationSession:
                 state.earlier_readers.update(
                     name for name in read[1] if name != state.name and name not in self._called_again
                 )
+            call = self._calls[state.name]
+            (state.coded_input_calls if on_codes else state.plain_input_calls).add(call)
+            state.calls_per_forward = max(state.calls_per_forward, call + 1)
             self._calls[state.name] += 1
             self._note_read(first, state.name)
         if inputs_quantizer is not None:
@@ -577,6 +611,8 @@ class CalibrationSession:
                 _note_operands(state, (first, inputs[1]))
         if _is_float_tensor(outputs):
             self._note_output(state.name, outputs)
+            if _is_float_tensor(first):
+                self._output_calls[id(outputs)] = self._calls[state.name] - 1
             if _is_float_tensor(first):
                 self._note_branch_input(layer, first, outputs)
             sample = collector.sample(outputs, state.output_quantizer.uses_signed_values)

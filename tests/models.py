@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import paddle
@@ -305,15 +305,17 @@ def largest_error_in_paddle_inference(
 
 
 def largest_error_in_onnx_runtime(
-    qmodel: paddle.nn.Layer, x: np.ndarray, directory: pathlib.Path, bound: float = 2e-6
+    qmodel: paddle.nn.Layer, x: np.ndarray, directory: pathlib.Path, bound: float = 2e-6, **options: Any
 ) -> float:
-    """Exports ``qmodel`` to ONNX (input spec from ``x``'s shape, any batch), runs ``x`` in
-    ONNX Runtime and returns the largest difference to the simulation up to rounding ties,
-    relative to the simulation's largest output (as :func:`largest_error_in_paddle_inference`)."""
+    """Exports ``qmodel`` to ONNX (input spec from ``x``'s shape, any batch; ``options`` for
+    ``export_onnx``), runs ``x`` in ONNX Runtime and returns the largest difference to the
+    simulation up to rounding ties, relative to the simulation's largest output (as
+    :func:`largest_error_in_paddle_inference`)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     from imperative_ptq.export import export_onnx
 
-    path = export_onnx(qmodel, str(directory / "m.onnx"), [paddle.static.InputSpec([None, *x.shape[1:]], "float32", "x")])
+    spec = [paddle.static.InputSpec([None, *x.shape[1:]], "float32", "x")]
+    path = export_onnx(qmodel, str(directory / "m.onnx"), spec, **options)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x)).numpy(), ran, bound)

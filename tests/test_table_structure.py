@@ -241,6 +241,11 @@ MALFORMED = {
     "fingerprint-not-a-list": (("structure", "fc", "constant_call_inputs"), "x", "'fc'.*constant_call_inputs"),
     "fingerprint-shape-a-number": (("structure", "fc", "constant_call_inputs"), [[6, 1.5]], "'fc'"),
     "fingerprint-value-a-string": (("structure", "fc", "constant_call_inputs"), [[[6, 32], "1"]], "'fc'"),
+    "calls-per-forward-one": (("structure", "fc", "calls_per_forward"), 1, "'fc'.*calls_per_forward"),
+    "plain-calls-without-count": (("structure", "fc", "plain_input_calls"), [0], "'fc'.*calls_per_forward"),
+    "sum-calls-without-count": (("structure", "fc", "sum_calls"), [1], "'fc'.*calls_per_forward"),
+    "source-calls-unknown-layer": (("structure", "fc", "input_source_calls"), [["pool", 1]], "'fc'.*'pool'"),
+    "source-calls-not-pairs": (("structure", "fc", "input_source_calls"), [["avgpool"]], "'fc'.*input_source_calls"),
     "section-a-list": (("structure",), [], "'structure'"),
     "section-null": (("structure",), None, "'structure'"),
 }

@@ -330,11 +330,11 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             output for record in records if record.residual_output
             for _, output in record.calls if output
         }
-        #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.input_top_code``).
+        #: ReLU outputs whose int8 readers read codes up to 255 (``LayerRecord.top_code``).
         self.wide = {
             inputs[0] for record in records
-            if record.simulated and record.input_unsigned and record.input_top_code == U8_MAX
-            for inputs, _ in record.calls if inputs
+            if record.simulated and record.input_unsigned
+            for inputs, _ in record.calls if inputs and record.top_code(inputs[0]) == U8_MAX
         } | {
             # An fp32 layer reading a tensor the simulation puts on u8 codes up to 255
             # (quant_residual.ResidualCodesInput) reads them unclipped too.
@@ -373,16 +373,14 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             for inputs, _ in record.calls if inputs
         }
         for record in records:
-            if record.sum_codes_threshold is None:
-                continue
-            for _, output in record.calls:
+            for output, threshold in record.sum_codes_thresholds().items():
                 # (Read by max-pools, and perhaps by int8 convs: convert's pooled codes.)
                 pooled = any(
                     op.type == "pool2d" and op.attr("pooling_type") == "max"
                     for op in self.readers.get(output, [])
                 )
-                if output and (pooled or relu_after_residual_conv(self.block, output, self.producer)):
-                    coded[output] = (float(record.sum_codes_threshold), int(record.sum_codes_top))
+                if pooled or relu_after_residual_conv(self.block, output, self.producer):
+                    coded[output] = (threshold, int(record.sum_codes_top))
         return coded
 
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:

@@ -210,8 +210,7 @@ def quantize_program(
         for _, out in record.calls if out
     }
     coded_thresholds = {
-        out: record.sum_codes_threshold for record in records if record.sum_codes_threshold is not None
-        for _, out in record.calls if out
+        out: threshold for record in records for out, threshold in record.sum_codes_thresholds().items()
     }
     # The identity shortcuts the simulation reads on codes (its int8 readers put them there).
     identities = {
@@ -493,7 +492,7 @@ def _quantize_weight_ops(
             if activation not in clips.thresholds and not (
                 relu_after_residual_conv(block, activation, writers)
                 and (
-                    record.input_top_code > symmetric_levels(record.activation_bits)
+                    record.top_code(activation) > symmetric_levels(record.activation_bits)
                     or (record.residual_codes and sum_code_tops.get(activation, U8_MAX) <= symmetric_levels(8))
                 )
             ):

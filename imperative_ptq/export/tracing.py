@@ -99,6 +99,8 @@ class LayerRecord:
             used twice in ``forward`` (ResNet's shared ReLU) has two.
         input_top_code: The largest code of an unsigned first input (``L``, or 255 for a ReLU
             output after a residual conv, :attr:`QuantizedLayer.input_top_code`).
+        input_call_tops: That code per call in a forward where the calls differ
+            (:attr:`QuantizedLayer.input_call_tops`), else empty: see :meth:`top_code`.
         pooled_input_top: For such a pool, the largest of those codes (127 where Paddle
             writes the pool's input s8).
         residual_codes: ``0``, or the largest code of this layer's first input, which the
@@ -118,6 +120,9 @@ class LayerRecord:
             writes (:class:`~imperative_ptq.quant_residual.ResidualSumOutput`), the threshold
             of those codes; else ``None``.
         sum_codes_top: With ``sum_codes_threshold``, the largest of those codes.
+        sum_codes_call_thresholds: With it, that threshold per traced call where the calls
+            differ (:attr:`ResidualSumOutput.call_thresholds`), else empty: see
+            :meth:`sum_codes_thresholds`.
         constant_call_weight: For a Linear whose calls on inputs computed from parameters only
             the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
             compute with; the exports give those calls it, in float; else ``None``.
@@ -154,11 +159,13 @@ class LayerRecord:
     pooled_input_threshold: float | None = None
     residual_codes: int = 0
     input_top_code: int = 127
+    input_call_tops: tuple[int, ...] = ()
     pooled_input_top: int = 255
     residual_output: bool = False
     residual_fused_with: str = ""
     sum_codes_threshold: float | None = None
     sum_codes_top: int = 0
+    sum_codes_call_thresholds: tuple[float, ...] = ()
     constant_call_weight: np.ndarray | None = None
     simulated_weight: np.ndarray | None = None
     runs_as_conv: bool = False
@@ -169,6 +176,25 @@ class LayerRecord:
     def simulated(self) -> bool:
         """Whether the layer's input and weight are quantized."""
         return self.weight_name is not None
+
+    def sum_codes_thresholds(self) -> dict[str, float]:
+        """Output variable of each traced call -> the threshold of the codes the simulation
+        puts it on (with ``sum_codes_threshold``; empty without)."""
+        if self.sum_codes_threshold is None:
+            return {}
+        per_call = self.sum_codes_call_thresholds
+        return {
+            output: float(per_call[call % len(per_call)] if per_call else self.sum_codes_threshold)
+            for call, (_, output) in enumerate(self.calls) if output
+        }
+
+    def top_code(self, input_name: str) -> int:
+        """The largest code of the unsigned first input ``input_name`` of a traced call."""
+        if self.input_call_tops:
+            for call, (inputs, _) in enumerate(self.calls):
+                if inputs and inputs[0] == input_name:
+                    return self.input_call_tops[call % len(self.input_call_tops)]
+        return self.input_top_code
 
     @property
     def multiplies_inputs(self) -> bool:
@@ -373,6 +399,7 @@ def _collect_records(
                 input_unsigned=layer.input_unsigned,
                 residual_codes=layer.residual_codes,
                 input_top_code=layer.input_top_code,
+                input_call_tops=() if layer.input_call_tops is None else layer.input_call_tops.tops,
                 input_shift_response=shift_response,
                 activation_bits=layer.activation_bits,
                 output_thresholds=list(
@@ -448,6 +475,7 @@ def _collect_records(
                 output_thresholds=output_thresholds(layer.layer),
                 sum_codes_threshold=layer.threshold,
                 sum_codes_top=layer.top,
+                sum_codes_call_thresholds=layer.call_thresholds,
             )
             keep(layer, layer.layer, record)
         elif isinstance(layer, ResidualCodesInput):
