@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import paddle
 
-from .graph import FUSABLE_ACTIVATIONS, feeds_quantize, insert_op, op_index, producers, readers
+from .graph import FUSABLE_ACTIVATIONS, feeds_quantize, insert_op, insert_reader_op, op_index, producers, readers
 from .legacy_program import (
     FP32_WEIGHT_OPS,
     INT8_WEIGHT_OPS,
@@ -27,7 +27,6 @@ from .legacy_program import (
     passes_values,
     value_source,
 )
-from .qdq import insert_identity_clip
 from .unsigned import FUSING_OPS, relu_after_residual_conv, runs_unsigned
 
 __all__ = [
@@ -132,10 +131,11 @@ def _concat_inputs_beside_fp32_layers(
     then fails to build the concat ("could not create a primitive descriptor for a concat
     primitive", measured on paddle.vision's GoogLeNet). Without scales on its inputs the
     concat stays fp32. With ``isolate`` (Paddle Inference programs) the same holds for a
-    concat of int8 layers' outputs of both signs (:func:`_mixed_signs`). With ``isolate``, an identity ``clip`` after the concat keeps a scale
+    concat of int8 layers' outputs of both signs (:func:`_mixed_signs`) and for one whose
+    inputs other ops read too (:func:`_read_beside_concat`). With ``isolate``, an ``assign`` after the concat keeps a scale
     on its output (the quantize op of an int8 layer reading it, as in a U-Net's decoder on
     ``x86-vnni``) from spreading back to its inputs: Paddle's scale propagation crosses a
-    concat but not a clip.
+    concat but not an assign.
     """
     fp32_ids = {id(op) for op in fp32_ops}
     names: list[str] = []
@@ -144,7 +144,9 @@ def _concat_inputs_beside_fp32_layers(
             continue
         chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
         beside_fp32 = any(producer is not None and id(producer) in fp32_ids for producer, _ in chains)
-        if beside_fp32 or (isolate and _mixed_signs(block, op.input("X"), writers)):
+        if beside_fp32 or (
+            isolate and (_mixed_signs(block, op.input("X"), writers) or _read_beside_concat(block, op, writers, reading))
+        ):
             names.extend(name for _, chain in chains for name in chain)
             # A ReLU after the concat is fused into the convs before it
             # (conv_concat_relu_mkldnn_fuse_pass): its output is the concat's.
@@ -153,8 +155,48 @@ def _concat_inputs_beside_fp32_layers(
             if len(after) == 1 and after[0].type in ("relu", "relu6"):
                 names.extend(after[0].output("Out"))
             elif isolate and after:
-                insert_identity_clip(block, op, out, after)
+                # An assign, not an identity clip: Paddle fuses a clip after a concat of conv
+                # outputs into those convs, and the concat's scale came back with it.
+                insert_reader_op(block, op, out, after, "assign", "isolated")
     return names
+
+
+#: Ops between a concat's input and the conv/fc writing it that Paddle runs int8 once the concat
+#: does (their data input's slot): the layout ops, and what oneDNN fuses into the conv.
+_WALKED_TO_CONCAT = {
+    "split": "X", "slice": "Input", "reshape2": "X", "transpose2": "X", "nearest_interp_v2": "X",
+    "pool2d": "X", "elementwise_add": "X", **{op: "X" for op in _FUSED_INTO_CONV_OPS - {"elementwise_add"}},
+}
+
+
+def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping) -> bool:
+    """Whether another op reads one of ``concat``'s inputs, or a tensor it is computed from
+    by ops Paddle runs int8 with the concat (a conv's fused bias and activation, a split,
+    slice or resize), or another piece of such a split.
+
+    Paddle runs a concat int8 once its output has a scale: the convs writing its inputs then
+    write codes on the concat's scale, and their other readers read those codes, quantized
+    again on their own threshold, where the simulation quantizes the float values once
+    (measured on ``x86-avx2``: a DenseNet-style ``concat([y, conv(y)])`` 1.75e-2 of the
+    largest output off, a YOLOv8 C2f block's split halves 2.2e-2 to 4.6e-2; after a ReLU,
+    oneDNN refused the concat of the u8 half and the s8 conv output). It stays fp32 instead.
+    """
+    for name in concat.input("X"):
+        consumer = concat
+        while True:
+            if any(reader is not consumer and reader is not concat for reader in reading.get(name, [])):
+                return True
+            op = writers.get(name)
+            slot = _WALKED_TO_CONCAT.get(op.type) if op is not None else None
+            if slot is None or not op.input(slot):
+                break
+            if op.type == "elementwise_add" and is_constant(block, op.input("X")[0], writers):
+                break  # (a bias add reads the conv output as X)
+            for other in (n for out_slot in op.output_names for n in op.output(out_slot) if n != name):
+                if any(reader is not concat for reader in reading.get(other, [])):
+                    return True  # another piece of a split, read elsewhere
+            consumer, name = op, op.input(slot)[0]
+    return False
 
 
 def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:

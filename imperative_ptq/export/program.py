@@ -203,7 +203,7 @@ def quantize_program(
 
     quantize_activation_matmuls(loaded, records, written, inserted.dequantized, narrow_below_8_bits=unsigned_inputs)
     resample_signed_tensors_in_float(loaded)
-    isolate_quantized_shared_outputs(block)
+    isolate_quantized_shared_outputs(loaded)
     pieces = isolate_sliced_pieces(loaded)
     on_codes = {
         out for record in records if record.residual_output or record.sum_codes_threshold is not None

@@ -53,7 +53,7 @@ def _pooled_unsigned(block: "paddle.static.Block", name: str, writers: Mapping) 
     return True
 
 
-def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
+def isolate_quantized_shared_outputs(loaded: LegacyProgram) -> int:
     """Gives a quantize op its own copy (an ``assign``) of a signed tensor whose scale Paddle
     Inference would otherwise move onto a tensor that other readers share.
 
@@ -67,7 +67,11 @@ def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
     * the tensor comes through layout ops from one that other readers share (Swin's ``q, k,
       v`` sliced from one ``qkv`` projection, or split from it by one ``split`` op): Paddle
       gave all of them one scale, where the simulation quantizes each with its own threshold
-      (2.2% off on one window attention; split, 3-6% on a LeViT-style one).
+      (2.2% off on one window attention; split, 3-6% on a LeViT-style one);
+    * quantize ops of different thresholds read it (an int8 conv's output read by another
+      conv and by a head shared by pyramid levels, whose threshold covers every level): its
+      int8 writer wrote codes on one scale for both (measured on ``x86-avx2``, a YOLO-style
+      head: 7.5e-2 of one output's largest value off).
 
     A u8 tensor (a ReLU output or a max-pool of one, also through layout ops) is left alone:
     Paddle runs a quantized tensor as u8 only when a ``relu`` writes it (or an int8 max-pool of
@@ -76,6 +80,7 @@ def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
     Returns:
         How many copies were inserted.
     """
+    block = loaded.program.global_block()
     writers, reading = producers(block), readers(block)
     inserted = 0
     for op in list(block.ops):
@@ -84,7 +89,10 @@ def isolate_quantized_shared_outputs(block: "paddle.static.Block") -> int:
         name = op.input("X")[0]
         if name not in writers:
             continue
-        shared = any(reader.type != "quantize_linear" for reader in reading.get(name, []))
+        quantizing = [reader for reader in reading.get(name, []) if reader.type == "quantize_linear"]
+        shared = len(quantizing) < len(reading.get(name, [])) or len(
+            {quantize_threshold(loaded, reader) for reader in quantizing}
+        ) > 1
         source, walked = _behind_layout_ops(name, writers)
         branched = any(
             (op.type == "split" and len(op.output("Out")) > 1)
