@@ -14,7 +14,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.cli import IMAGENET_MEAN, resolve_normalization
-from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, predict, save_fp32_model, save_quantized_model
 from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
 
 SPEC = [paddle.static.InputSpec([None, 8], "float32", "x")]
@@ -279,3 +279,55 @@ def test_a_forward_reading_a_layers_weight_runs_after_convert_and_in_qat(tmp_pat
     ptq.save_quantized_model(converted, str(tmp_path / "m"), SPEC)
     ran = predict(create_predictor(str(tmp_path / "m")), batches[0])[0]
     np.testing.assert_allclose(ran, converted(x).numpy(), atol=1e-5)
+
+
+class _ConvNormNet(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 8, 3, padding=1)
+        self.norm = paddle.nn.BatchNorm2D(8)
+        self.head = paddle.nn.Conv2D(8, 4, 3, padding=1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(paddle.nn.functional.relu(self.norm(self.conv(x)))).flatten(1)
+
+
+def _converted_conv_norm_net(seed: int, target: str = "x86") -> paddle.nn.Layer:
+    paddle.seed(seed)
+    model = _ConvNormNet()
+    model.eval()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [paddle.randn([4, 3, 8, 8]) for _ in range(3)], progress=False)
+    ptq.convert(qmodel)
+    return qmodel
+
+
+SPEC = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+
+
+def test_a_state_dict_of_another_converted_model_is_refused_at_export(tmp_path) -> None:
+    """The loaded thresholds simulate that model, while the export follows what convert
+    decided (measured before: 0.20 of the largest output off in Paddle Inference and ONNX
+    Runtime, silently)."""
+    original, fresh = _converted_conv_norm_net(0), _converted_conv_norm_net(1)
+    fresh.set_state_dict(original.state_dict())
+    with pytest.raises(ValueError, match="'head'.*input_threshold buffer.*load_calibration_table"):
+        save_quantized_model(fresh, str(tmp_path / "m"), SPEC)
+    assert not (tmp_path / "m.pdmodel").exists()
+    # Its own state loaded back exports as before.
+    own = _converted_conv_norm_net(0)
+    own.set_state_dict(original.state_dict())
+    save_quantized_model(own, str(tmp_path / "own"), SPEC)
+
+
+def test_a_batch_norm_folded_into_halved_weights_and_changed_after_convert_is_refused(tmp_path) -> None:
+    """x86-avx2 halves the conv's weights with its BatchNorm folded in at convert; a forward in
+    training mode moved the statistics (measured before: Paddle Inference 0.47 of the largest
+    output off, silently)."""
+    qmodel = _converted_conv_norm_net(0, "x86-avx2")
+    qmodel.train()
+    qmodel(paddle.randn([4, 3, 8, 8]) * 3 + 1)
+    qmodel.eval()
+    with pytest.raises(ValueError, match="'conv'.*BatchNorm 'norm'.*changed after convert"):
+        save_quantized_model(qmodel, str(tmp_path / "m"), SPEC)

@@ -26,6 +26,7 @@ import paddle
 
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
+from ..halved_convs import norm_factor
 from ..quant_layers import QuantizedLayer, QuantizedMatmul, replace_sublayer
 from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
@@ -309,6 +310,40 @@ def inferred_input_spec(model: paddle.nn.Layer) -> list[paddle.static.InputSpec]
     return specs
 
 
+def _refuse_state_changed_after_convert(
+    name: str, layer: QuantizedLayer | QuantizedMatmul, layers: dict[str, paddle.nn.Layer]
+) -> None:
+    """Raises where the converted model's state was changed after ``convert`` in a way the
+    export cannot follow: it exports what ``convert`` decided from the calibration (the fc
+    and halved-conv weights it derived, the residual and pool codes, the table it writes
+    beside the program), not what a state dict loaded later holds (measured: a converted
+    model given another converted model's ``set_state_dict`` simulated that model exactly,
+    while Paddle Inference and ONNX Runtime ran 0.20 of the largest output off it).
+
+    Raises:
+        ValueError: Naming the layer and what changed.
+    """
+    buffers = ["input_threshold"] + (["second_input_threshold"] if isinstance(layer, QuantizedMatmul) else [])
+    for buffer, kept in zip(buffers, layer.input_thresholds):
+        held = float(getattr(layer, buffer).numpy().reshape(-1)[0])
+        if held != float(np.float32(kept)):
+            raise ValueError(
+                f"layer {name!r}: its {buffer} buffer holds {held:.6g}, not the {kept:.6g} convert "
+                f"gave it: the converted model's state was replaced after convert (set_state_dict "
+                f"of another model's state?), which the export cannot follow. To restore a "
+                f"calibration, save it with save_calibration_table and load it with "
+                f"load_calibration_table into a freshly quantized model, then convert"
+            )
+    norm = layers.get(getattr(layer, "folded_norm", "") or "")
+    if norm is not None and layer.norm_factor is not None and not np.array_equal(norm_factor(norm), layer.norm_factor):
+        raise ValueError(
+            f"layer {name!r}: the BatchNorm {layer.folded_norm!r} after it changed after convert "
+            f"(a forward in training mode updates its running statistics), and the halved weights "
+            f"convert derived from it no longer hold. Keep the converted model in eval mode, and "
+            f"convert the calibrated model again"
+        )
+
+
 def _refuse_zero_points(name: str, layer: QuantizedLayer) -> None:
     """Raises for a hand-built layer with zero points (``convert`` never builds one): no
     exported runtime would compute what it simulates.
@@ -352,11 +387,13 @@ def _collect_records(
         by_layer[id(inner)] = record
         records.append(record)
 
-    for name, layer in list(export_model.named_sublayers()):
+    layers = dict(export_model.named_sublayers())
+    for name, layer in list(layers.items()):
         if id(layer) in by_layer:
             continue  # the inner layer of a wrapper recorded above
         if isinstance(layer, QuantizedLayer):
             _refuse_zero_points(name, layer)
+            _refuse_state_changed_after_convert(name, layer, layers)
             inner = layer.layer
             weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
             shift_response = layer.input_shift_response()  # of the weight that runs
@@ -421,6 +458,7 @@ def _collect_records(
             # quantization, which .program adds as quantize/dequantize ops).
             keep(layer, inner, record)
         elif isinstance(layer, QuantizedMatmul):
+            _refuse_state_changed_after_convert(name, layer, layers)
             record = LayerRecord(
                 name=name,
                 layer_type=type(layer.layer).__name__,
