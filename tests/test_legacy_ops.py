@@ -51,6 +51,12 @@ APIS: dict[str, Callable[[paddle.Tensor], paddle.Tensor]] = {
     "method_logsumexp": lambda x: x.logsumexp(axis=-1),
     "method_any": lambda x: (x > 1).any(axis=-1).astype("float32"),
     "method_diagonal": lambda x: x[:, :, :4].diagonal(axis1=1, axis2=2),
+    # The PyTorch-style Tensor.softmax(dim) (YOLOv8's distribution focal loss head) has no
+    # legacy branch (None in a legacy trace); Tensor.gt raises NotImplementedError there.
+    "method_softmax": lambda x: x.softmax(1),
+    "method_softmax_default_dim": lambda x: x.softmax(),
+    "method_gt": lambda x: x.gt(x * 0.5).astype("float32") * x,
+    "method_greater": lambda x: x.greater(x.mean()).astype("float32"),
     # Computed in dygraph and PIR only (None in a legacy trace), imported by name or not.
     "swiglu": lambda x: swiglu(x, x * 0.5),
     "swiglu_halves": lambda x: F.swiglu(x),

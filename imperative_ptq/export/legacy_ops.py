@@ -487,6 +487,35 @@ def _cast(original: Callable) -> Callable:
     return call
 
 
+def _compat_softmax(original: Callable) -> Callable:
+    """``Tensor.softmax(dim)`` (the PyTorch-style ``paddle.compat`` softmax, YOLOv8's
+    distribution focal loss head) for a legacy trace: Paddle 3.3.1's has no legacy branch and
+    returns ``None`` there, so ``paddle.nn.functional.softmax`` computes it."""
+
+    @functools.wraps(original)
+    def call(input: Any, dim: int | None = None, dtype: Any = None, *, out: Any = None) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(input) or out is not None:
+            return original(input, dim, dtype=dtype, out=out)
+        if dim is None:  # its default, as the original picks it
+            dim = 0 if len(input.shape) in (0, 1, 3) else 1
+        return paddle.nn.functional.softmax(input, axis=dim, dtype=dtype)
+
+    return call
+
+
+def _greater_than(original: Callable) -> Callable:
+    """``paddle.gt`` / ``Tensor.gt`` / ``Tensor.greater`` for a legacy trace: Paddle 3.3.1
+    raises ``NotImplementedError`` there; ``paddle.greater_than`` is the same op."""
+
+    @functools.wraps(original)
+    def call(x: Any, y: Any, name: Any = None, *, out: Any = None) -> Any:
+        if paddle.in_dynamic_mode() or not _is_variable(x) or out is not None:
+            return original(x, y, name, out=out)
+        return paddle.greater_than(x, y)
+
+    return call
+
+
 #: Paddle APIs whose own legacy-IR branch fails or computes something else in Paddle 3.3.1:
 #: ``(module, name) -> shim``. Every module binding the same function (``from
 #: paddle.incubate.nn.functional import swiglu`` in a model's code) gets the shim too.
@@ -500,6 +529,8 @@ _BROKEN_LEGACY_BRANCHES: dict[tuple[str, str], Callable[[Callable], Callable]] =
     ("paddle.incubate.nn.functional", "swiglu"): _swiglu,
     ("paddle.linalg", "solve"): _solve,
     ("paddle.tensor.linalg", "solve"): _solve,
+    ("paddle.tensor.compat_softmax", "softmax"): _compat_softmax,
+    ("paddle.tensor.logic", "gt"): _greater_than,
     ("paddle", "cast"): _cast,
     ("paddle.tensor", "cast"): _cast,
     ("paddle.tensor.manipulation", "cast"): _cast,
