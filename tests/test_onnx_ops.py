@@ -994,6 +994,36 @@ def test_an_integer_buffer_added_to_ids_stays_integer_in_onnx(tmp_path) -> None:
     simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
     np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
 
+class _ComputedTable(nn.Layer):
+    """An input embedding tied to the output head, ``F.embedding(ids, head.weight.T)`` (the
+    table computed in the graph, not a parameter), with or without a padding row."""
+
+    def __init__(self, padding_idx: int | None) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 10, bias_attr=False)
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        return self.head(F.embedding(ids, self.head.weight.T * 2.0, padding_idx=self.padding_idx))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_an_embedding_of_a_computed_table_exports_to_onnx(padding_idx, tmp_path) -> None:
+    """It failed: AttributeError: 'NoneType' object has no attribute 'get_tensor' (the table
+    was taken for a parameter)."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(0, 10, (2, 6)).astype("int64") for _ in range(3)]
+    ids[0][:, 0] = 0  # a padding id
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_ComputedTable(padding_idx))
+    ptq.calibrate(qmodel, ids, progress=False)
+    ptq.convert(qmodel)
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 6], "int64", "ids")])
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
+    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+
+
 class _ShiftedWindowMask(nn.Layer):
     """A Swin block's attention mask built in ``forward`` (regions of a zero map numbered by
     slice writes, ``set_value``), added to a conv's output before a 1x1 conv."""

@@ -1708,10 +1708,26 @@ class FloatOpConverters(TensorOpConverters):
         self._bind(out, self._node("GatherND", [self._in(op), index], out))
 
     def _embedding(self, op) -> None:
-        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table)."""
-        table = self._const(op.input("W")[0], self._param(op.input("W")[0]).astype(np.float32))
+        """lookup_table_v2: rows of the table (``padding_idx`` rows are zeros in the table), a
+        parameter or a table the graph computes (``F.embedding(ids, head.weight.T)``, an input
+        embedding tied to the output head)."""
+        name = op.input("W")[0]
+        computed = not self._is_param(name)
+        table = self._in(op, "W") if computed else self._const(name, self._param(name).astype(np.float32))
         out = self._out(op)
-        self._bind(out, self._node("Gather", [table, self._in(op, "Ids")], out, axis=0))
+        ids = self._in(op, "Ids")
+        padding = int(op.attr("padding_idx")) if op.has_attr("padding_idx") else -1
+        if not computed or padding < 0:
+            self._bind(out, self._node("Gather", [table, ids], out, axis=0))
+            return
+        # A computed table's padding row is no zeros: Paddle's kernel writes zeros there.
+        rows = self._node("Gather", [table, ids], out + ".rows", axis=0)
+        wide_ids = self._node("Cast", [ids], out + ".ids", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        at_padding = self._node("Equal", [wide_ids, self._const("padding", np.array(padding, np.int64))], out + ".padding")
+        kept = self._node("Not", [at_padding], out + ".kept")
+        kept = self._node("Cast", [kept], out + ".kept_float", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)))
+        kept = self._node("Unsqueeze", [kept, self._const("axes", np.array([-1], np.int64))], out + ".kept_rows")
+        self._bind(out, self._node("Mul", [rows, kept], out))
 
     def _slice(self, op) -> None:
         """slice and strided_slice (YOLOv5's Focus ``x[..., ::2, ::2]``) with bounds as
