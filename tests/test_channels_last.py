@@ -12,7 +12,7 @@ import paddle.nn.functional as F
 import pytest
 
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict, save_fp32_model, save_quantized_model
-from models import X86_TARGETS, converted
+from models import X86_TARGETS, converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
 from ties import relative_error, simulation_up_to_ties
 
 SIZE = 16
@@ -84,3 +84,38 @@ def test_onnx_export_runs_as_simulated(tmp_path, target) -> None:
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
     assert relative_error(ran, simulated) < 1e-5
+
+
+class _ChannelsLastResizes(paddle.nn.Layer):
+    """An NHWC feature pyramid's resizes: nearest and bilinear upsampling between NHWC convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = paddle.nn
+        self.down = nn.Conv2D(3, 8, 3, stride=2, padding=1, data_format="NHWC")
+        self.nearest = nn.Upsample(scale_factor=2, mode="nearest", data_format="NHWC")
+        self.bilinear = nn.Upsample(scale_factor=2, mode="bilinear", data_format="NHWC")
+        self.head = nn.Conv2D(16, 4, 1, data_format="NHWC")
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = F.relu(self.down(x))
+        return self.head(paddle.concat([self.nearest(y), self.bilinear(y)], axis=-1))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_channels_last_resizes_run_in_both_runtimes(target, tmp_path) -> None:
+    """Paddle Inference ran the NHWC resize as NCHW and handed the next conv its width as
+    channels ("The number of input's channels should be equal to filter's channels *
+    groups"), the fp32 export too; ONNX refused it."""
+    paddle.seed(0)
+    model = _ChannelsLastResizes()
+    model.eval()
+    x = np.random.default_rng(0).random([2, SIZE, SIZE, 3], dtype=np.float32)
+    prefix = str(tmp_path / "fp32")
+    save_fp32_model(model, prefix, SPEC)
+    ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
+    rng = np.random.default_rng(1)
+    quantized = converted(model, [paddle.to_tensor(rng.random([4, SIZE, SIZE, 3], dtype=np.float32)) for _ in range(3)], target)
+    assert largest_error_in_paddle_inference(quantized, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(quantized, x, tmp_path) < 2e-6

@@ -488,19 +488,24 @@ _CHANNELS_LAST_OPS = {
     "conv2d_transpose": ("Input", "Output", "data_format"),
     "batch_norm": ("X", "Y", "data_layout"),
     "pool2d": ("X", "Out", "data_format"),
+    "nearest_interp_v2": ("X", "Out", "data_layout"),
+    "bilinear_interp_v2": ("X", "Out", "data_layout"),
+    "bicubic_interp_v2": ("X", "Out", "data_layout"),
 }
 
 
 def channels_last_to_first(block: "paddle.static.Block") -> int:
-    """Runs each channels-last (``NHWC``) convolution, batch norm and pool on ``NCHW``,
-    between two ``transpose2``.
+    """Runs each channels-last (``NHWC``) convolution, batch norm, pool and 2-d resize on
+    ``NCHW``, between two ``transpose2``.
 
     Paddle 3.3.1's oneDNN passes compute an NHWC conv's output in NCHW and then add its bias
     along the wrong axis: a plain ``paddle.jit.save`` program of ``Conv2D(data_format="NHWC")``
     fails in Paddle Inference with oneDNN ("Broadcast dimension mismatch ... X = [4, 8, 16,
     16] and Y = [1, 1, 1, 8]"), and so did this package's fp32 and int8 exports; an NHWC
     batch norm reads its height as channels ("the shape of scale must equal to [16] ... is
-    [8]"), and an NHWC pool pools the wrong axes. The rewritten op's input and output keep
+    [8]"), an NHWC pool pools the wrong axes, and an NHWC resize, which oneDNN runs as NCHW,
+    handed the next conv its width as channels ("The number of input's channels should be
+    equal to filter's channels * groups"). The rewritten op's input and output keep
     their names and layouts, so everything around it is unchanged.
 
     Returns:
