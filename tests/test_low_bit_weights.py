@@ -6,6 +6,7 @@ written here) or as int8 holding the codes, run by ONNX Runtime."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -200,14 +201,14 @@ def _weight_dequantizers(graph) -> list:
 
 @pytest.mark.parametrize("target", ["x86", "arm"])
 def test_onnx_int4_initializers_hold_the_simulations_codes(target: str, tmp_path) -> None:
-    """At opset 21 every 4-bit weight is an INT4 initializer, two codes a byte, holding the
-    codes the converted layer lies on (a BatchNorm folded into the conv flips the sign of the
-    channels whose scale is negative), with per-channel scales t / 7."""
+    """At opset 21, asked for, every 4-bit weight is an INT4 initializer, two codes a byte,
+    holding the codes the converted layer lies on (a BatchNorm folded into the conv flips the
+    sign of the channels whose scale is negative), with per-channel scales t / 7."""
     onnx = pytest.importorskip("onnx")
     from imperative_ptq.export import export_onnx
 
     _, qmodel = _w4a8(target)
-    path = export_onnx(qmodel, tmp_path / "m.onnx", ONNX_SPEC, opset=21)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", ONNX_SPEC, opset=21, int4_weights=True)
     graph = onnx.load(path).graph
     dequantizers = _weight_dequantizers(graph)
     layers = [layer for layer in qmodel.sublayers() if isinstance(layer, ip.QuantizedLayer)]
@@ -265,6 +266,33 @@ def test_onnx_runtime_runs_int4_weights_as_the_simulation(target: str, tmp_path)
     assert cosine > (0.9995 if target == "arm" else 0.998), cosine
     if target == "arm":
         np.testing.assert_array_equal(int4, int8)
+
+
+@pytest.mark.parametrize("target", ["x86", "arm"])
+def test_onnx_int4_by_default_only_where_it_holds_the_simulations_weight(target: str, tmp_path, caplog) -> None:
+    """At opset 21 the default stores INT4 where it holds the weight the simulation computes
+    with (arm: the 4-bit codes) and int8 where it cannot (x86: Paddle's 8-bit requantization
+    of them; INT4 was the default there too, silently 3.2e-3 of a Linear's largest output off
+    the simulation in ONNX Runtime); asked for, INT4 is stored with a warning naming them."""
+    onnx = pytest.importorskip("onnx")
+    from imperative_ptq.export import export_onnx
+
+    _, qmodel = _w4a8(target)
+    x = np.concatenate(_data(7, 2))
+    with caplog.at_level(logging.INFO, logger="imperative_ptq"):
+        default = export_onnx(qmodel, tmp_path / "default.onnx", ONNX_SPEC, opset=21)
+    kinds = {t.data_type for t in onnx.load(default).graph.initializer if len(t.dims) > 1}
+    reference = export_onnx(qmodel, tmp_path / "reference.onnx", ONNX_SPEC, opset=21, int4_weights=target == "arm")
+    np.testing.assert_array_equal(_onnx_run(default, x), _onnx_run(reference, x))
+    if target == "arm":
+        assert kinds == {onnx.TensorProto.INT4}
+        return
+    assert onnx.TensorProto.INT4 not in kinds
+    assert "stored as int8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        export_onnx(qmodel, tmp_path / "int4.onnx", ONNX_SPEC, opset=21, int4_weights=True)
+    assert "int4_weights=True: 4 layers stored as INT4" in caplog.text
 
 
 def test_onnx_int4_file_is_smaller(tmp_path) -> None:
@@ -331,7 +359,8 @@ def test_onnx_int4_bad_input(tmp_path) -> None:
 
 def test_onnx_int4_conv1d_holds_the_layers_codes(tmp_path) -> None:
     """A Conv1D traces as a conv2d of its unsqueezed weight; on x86 (whose simulation runs
-    Paddle's requantization) the INT4 initializer still holds the layer's own 4-bit codes."""
+    Paddle's requantization) the INT4 initializer, asked for, still holds the layer's own
+    4-bit codes."""
     onnx = pytest.importorskip("onnx")
     from imperative_ptq.export import export_onnx
 
@@ -342,7 +371,7 @@ def test_onnx_int4_conv1d_holds_the_layers_codes(tmp_path) -> None:
     ptq.calibrate(qmodel, [rng.random((8, 4, 16), dtype=np.float32) for _ in range(3)], progress=False)
     ptq.convert(qmodel)
     spec = [paddle.static.InputSpec([None, 4, 16], "float32", "x")]
-    path = export_onnx(qmodel, tmp_path / "m.onnx", spec, opset=21)
+    path = export_onnx(qmodel, tmp_path / "m.onnx", spec, opset=21, int4_weights=True)
     (node, tensor), _ = _weight_dequantizers(onnx.load(path).graph)
     layer = qmodel[0]
     assert layer.program_weight is not None  # the simulation computes the requantized weight
