@@ -16,6 +16,7 @@ import imperative_ptq as ip
 from imperative_ptq.algorithms import AdaRound
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
 from avx2_kernels import on_avx2, paddle_inference_outputs
+from models import converted, largest_error_in_paddle_inference
 
 WIDTH, HIDDEN, CLASSES, LENGTH = 16, 32, 5, 6
 
@@ -1101,3 +1102,40 @@ def test_a_table_with_activation_matmuls_loads_after_the_first_batch_and_explain
     fresh.calibrate(quantized, _attention_batches(1, seed=5), max_batches=1, progress=False)
     fresh.load_calibration_table(quantized, path)
     assert fresh.calibration_table(quantized) == table
+
+
+class _FloatProduct(paddle.nn.Layer):
+    """A layer's own weight multiplied by einsum, addmm or bmm (an MoE's experts, an x2paddle
+    Einsum), which Paddle runs in float only, before an int8 Linear."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = self.create_parameter([8, 12])
+        self.out = paddle.nn.Linear(12, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.how == "einsum":
+            y = paddle.einsum("bld,de->ble", x, self.w)
+        elif self.how == "addmm":
+            y = paddle.addmm(paddle.zeros([1, 12]), x.reshape([-1, 8]), self.w).reshape([-1, 3, 12])
+        else:
+            y = paddle.bmm(x, self.w.unsqueeze(0).expand([x.shape[0], -1, -1]))
+        return self.out(paddle.nn.functional.relu(y))
+
+
+@pytest.mark.parametrize("how", ["einsum", "addmm", "bmm"])
+def test_a_weight_multiplied_by_a_product_without_int8_kernel_is_named(how, tmp_path, caplog) -> None:
+    """Paddle has no int8 einsum, addmm or bmm: the weight runs fp32, as simulated; the export
+    said nothing (int8_report listed no fp32 op)."""
+    paddle.seed(0)
+    model = _FloatProduct(how)
+    model.eval()
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, 8)).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(model, batches)
+    x = rng.standard_normal((4, 3, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert "multiplied by einsum, bmm or addmm" in caplog.text
+    assert ("unsqueeze" if how == "bmm" else ": w") in caplog.text.split("multiplied by einsum")[1]

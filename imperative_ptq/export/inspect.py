@@ -29,6 +29,8 @@ GEMM_OPS = frozenset({
     "conv2d_transpose", "depthwise_conv2d_transpose", "conv3d", "conv3d_transpose",
     "fusion_lstm", "fusion_gru", "multi_gru", "rnn",
 })
+#: Products of tensors that Paddle Inference runs in float only (no int8 kernel), by input slot.
+FLOAT_PRODUCT_OPS = {"einsum": ("Operands",), "bmm": ("X", "Y"), "addmm": ("X", "Y")}
 #: Int8 ops that pass their input's type through (walked back to find a GEMM input's type).
 _TYPE_PRESERVING_OPS = frozenset(
     {"pool2d", "reshape2", "transpose2", "fused_transpose", "slice", "split", "requantize",
@@ -50,6 +52,10 @@ class Int8Report:
             elementwise ops, ...).
         fused_activations: Activation -> how many int8 conv/fc ops compute it as part of
             their kernel (``relu``, ``gelu``, ...).
+        float_product_weights: Persistable inputs (also through unsqueeze, expand, reshape
+            or transpose ops) of the products Paddle has no int8 kernel for
+            (:data:`FLOAT_PRODUCT_OPS`: ``einsum``, ``bmm``, ``addmm``), which always run in
+            float: weights no calibrated layer quantizes.
     """
 
     int8: dict[str, int]
@@ -58,6 +64,7 @@ class Int8Report:
     fp32_weights: list[str] = dataclasses.field(default_factory=list)
     int8_other: dict[str, int] = dataclasses.field(default_factory=dict)
     fused_activations: dict[str, int] = dataclasses.field(default_factory=dict)
+    float_product_weights: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         """One line: counts of int8 and fp32 conv/fc ops, and the s8-input ones."""
@@ -110,7 +117,14 @@ def _report(block) -> Int8Report:
     signed, fp32_weights = [], []
     int8_other: collections.Counter = collections.Counter()
     fused: collections.Counter = collections.Counter()
+    others: list[str] = []
     for op in block.ops:
+        if op.type in FLOAT_PRODUCT_OPS:
+            for slot in FLOAT_PRODUCT_OPS[op.type]:
+                for name in op.input(slot) if slot in op.input_names else ():
+                    source = block._find_var_recursive(_laid_out_from(name, writers))
+                    if source is not None and source.persistable and len(source.shape) >= 2:
+                        others.append(source.name)
         if op.type not in GEMM_OPS:
             if _runs_int8(op):
                 int8_other[op.type] += 1
@@ -134,7 +148,18 @@ def _report(block) -> Int8Report:
         # saturate is decided by the weight scales the export gives it (quant_rnn.py).
         if op.type != "fusion_lstm" and _is_signed(source, writers):
             signed.append(f"{op.type} {source}")
-    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights, dict(int8_other), dict(fused))
+    return Int8Report(dict(int8), dict(fp32), signed, fp32_weights, dict(int8_other), dict(fused), others)
+
+
+#: Ops that lay a tensor out anew (a parameter unsqueezed and expanded to a batch for ``bmm``).
+_LAYOUT_OPS = frozenset({"unsqueeze2", "squeeze2", "expand_v2", "expand_as_v2", "tile", "reshape2", "transpose2"})
+
+
+def _laid_out_from(name: str, writers: dict) -> str:
+    """The tensor ``name`` is laid out from through :data:`_LAYOUT_OPS` (itself if none)."""
+    while name in writers and writers[name].type in _LAYOUT_OPS:
+        name = writers[name].input("X")[0]
+    return name
 
 
 def _runs_int8(op) -> bool:

@@ -169,6 +169,17 @@ def _log_runtime_report(
         for weight in (set(report.fp32_weights) & set(own_parameters))
         - set(written.weight_layers) - set(written.weights)
     )
+    # Products Paddle has no int8 kernel for, on a parameter (paddle.einsum, bmm or addmm of a
+    # layer's own weight: an MoE's experts, an x2paddle Einsum): fp32 however calibrated.
+    float_products = sorted({
+        own_parameters.get(name, f"{name} (computed from parameters)") for name in report.float_product_weights
+    })
+    if float_products:
+        logger.warning(
+            "%d weights are multiplied by einsum, bmm or addmm, which have no int8 kernel "
+            "and run fp32 (write them as paddle.matmul or an nn.Linear to quantize them): %s",
+            len(float_products), ", ".join(float_products[:10]) + (" ..." if len(float_products) > 10 else ""),
+        )
     if uncalibrated:
         # A conv or matmul on a parameter that no calibrated layer holds: a functional call
         # the routing did not take (functional_conv.py, functional_matmul.py).
