@@ -42,7 +42,7 @@ def grid_codes(
     highest: float,
     half_to_even: bool = False,
 ) -> paddle.Tensor:
-    """The codes ``clip(round(x / step), lowest, highest)``, straight-through backward.
+    """The codes ``clip(round(x / step), lowest, highest)`` (NaN: 0), straight-through backward.
 
     Args:
         x: Float tensor.
@@ -53,7 +53,9 @@ def grid_codes(
             zero, as Paddle's quantize ops do.
     """
     # round(clip(v)) == clip(round(v)) for integer bounds; clipping first stops the gradient
-    # outside the grid.
-    codes = paddle.clip(x / step, float(lowest), float(highest))
+    # outside the grid. NaN becomes code 0, as oneDNN's and ONNX Runtime's quantize make it
+    # (measured: a fully masked attention row, NaN after its softmax, gave the next Linear's
+    # bias in both runtimes and NaN in the simulation).
+    codes = paddle.nan_to_num(paddle.clip(x / step, float(lowest), float(highest)), nan=0.0)
     rounded = round_half_to_even(codes) if half_to_even else paddle.round(codes)
     return straight_through(codes, rounded)

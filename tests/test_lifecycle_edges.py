@@ -331,3 +331,39 @@ def test_a_batch_norm_folded_into_halved_weights_and_changed_after_convert_is_re
     qmodel.eval()
     with pytest.raises(ValueError, match="'conv'.*BatchNorm 'norm'.*changed after convert"):
         save_quantized_model(qmodel, str(tmp_path / "m"), SPEC)
+
+
+class _MaskedSoftmax(paddle.nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = paddle.nn.Linear(12, 4)
+
+    def forward(self, scores: paddle.Tensor) -> paddle.Tensor:
+        return self.fc(paddle.nn.functional.softmax(scores, -1))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_a_nan_row_is_quantized_to_code_zero_as_the_runtimes_do(target, tmp_path) -> None:
+    """A fully masked attention row (softmax of all -inf: NaN) before an int8 Linear: both
+    runtimes quantize NaN to code 0 and return the bias there; the simulation returned NaN."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from imperative_ptq.export import export_onnx
+
+    paddle.seed(0)
+    model = _MaskedSoftmax()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [rng.standard_normal((4, 12)).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(qmodel)
+    x = rng.standard_normal((3, 12)).astype("float32")
+    x[1] = -np.inf
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(simulated[1], model.fc.bias.numpy(), atol=1e-5)
+    prefix = str(tmp_path / "m")
+    spec = [paddle.static.InputSpec([None, 12], "float32", "scores")]
+    save_quantized_model(qmodel, prefix, spec)
+    np.testing.assert_allclose(predict(create_predictor(prefix), x)[0], simulated, atol=1e-6)
+    session = onnxruntime.InferenceSession(export_onnx(qmodel, prefix + ".onnx", spec), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"scores": x})[0], simulated, atol=1e-6)
