@@ -55,10 +55,16 @@ def _check_layer_types(layer_types: object) -> tuple[type, ...]:
             )
         if not issubclass(layer_type, DYNAMIC_LAYER_TYPES):
             supported = ", ".join(f"paddle.nn.{t.__name__}" for t in DYNAMIC_LAYER_TYPES)
+            if issubclass(layer_type, paddle.nn.layer.conv._ConvNd):
+                hint = "convolutions are better served by ImperativePTQ's static thresholds"
+            else:
+                hint = (
+                    "the supported layers inside any other layer, MultiHeadAttention's "
+                    "projections included, are quantized by listing their types"
+                )
             raise ValueError(
                 f"quantize_dynamic cannot quantize {layer_type.__module__}.{layer_type.__name__}: "
-                f"supported layer types are {supported} (convolutions are better served by "
-                f"ImperativePTQ's static thresholds)"
+                f"supported layer types are {supported} ({hint})"
             )
         checked.append(layer_type)
     return tuple(checked)

@@ -93,6 +93,10 @@ def test_bad_input() -> None:
         quantize_dynamic(convs)
     with pytest.raises(ValueError, match="cannot quantize paddle.nn.layer.rnn.SimpleRNN"):
         quantize_dynamic(mlp(4, 4), layer_types=(paddle.nn.Linear, paddle.nn.SimpleRNN))
+    with pytest.raises(ValueError, match="MultiHeadAttention.*projections included, are quantized by listing"):
+        quantize_dynamic(mlp(4, 4), layer_types=(paddle.nn.MultiHeadAttention,))
+    with pytest.raises(ValueError, match="Conv2D.*convolutions are better served by ImperativePTQ"):
+        quantize_dynamic(mlp(4, 4), layer_types=(paddle.nn.Conv2D,))
     projected = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.LSTM(4, 8, proj_size=2))
     with pytest.raises(ValueError, match="layer '1'.*proj_size"):
         quantize_dynamic(projected, layer_types=(paddle.nn.Linear, paddle.nn.LSTM), inplace=True)
