@@ -103,6 +103,9 @@ class LayerState:
     calls_per_forward: int = 0
     #: Of an ``nn.ReLU`` reading a residual sum, the calls within a forward that read one.
     sum_calls: set[int] = dataclasses.field(default_factory=set)
+    #: Of a layer called more than once in a forward, the largest ``|value|`` of each call's
+    #: first input over the calibration forwards (one threshold serves every call).
+    call_ranges: dict[int, float] = dataclasses.field(default_factory=dict)
     #: A layer multiplying two activations read one operand unchanged in every call while the
     #: other changed (``x @ self.w.T``: a parameter transformed in ``forward``), which Paddle
     #: Inference folds into a constant and runs as an fp32 ``mul``.
@@ -597,9 +600,16 @@ class CalibrationSession:
                 sample = collector.sample(first, inputs_quantizer.uses_signed_values)
                 collector.submit(inputs_quantizer, [sample], state.name)
                 if first.size:
-                    # The sign decides how x86 runs the input (u8 or s8): see targets.py.
+                    # The sign decides how x86 runs the input (u8 or s8): see targets.py. A
+                    # layer called more than once also notes each call's range (one sync).
+                    call = self._calls[state.name] - 1
                     with paddle.no_grad():
-                        inputs_quantizer.observe_minimum(float(paddle.min(first)))
+                        if call > 0 or state.calls_per_forward > 1 or self.forwards == 1:
+                            minimum, largest = paddle.stack([paddle.min(first), paddle.max(paddle.abs(first))]).numpy().tolist()
+                            state.call_ranges[call] = max(state.call_ranges.get(call, 0.0), largest)
+                        else:
+                            minimum = float(paddle.min(first))
+                        inputs_quantizer.observe_minimum(minimum)
         output_index = None if info is None else info.output_index
         if output_index is not None and isinstance(outputs, (tuple, list)) and len(outputs) > output_index:
             outputs = outputs[output_index]  # an RNN's output sequence, beside its final states

@@ -204,3 +204,30 @@ def test_a_malformed_call_structure_is_a_value_error_naming_the_layer(entries, m
     loading, model, path = _table_with(tmp_path, entries)
     with pytest.raises(ValueError, match=f"'block.conv1'.*{message}"):
         loading.load_calibration_table(model, path)
+
+
+class _SharedOnTwoRanges(nn.Layer):
+    """ALBERT-style sharing: one Linear called on inputs of ranges 20x apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(16, 16)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.concat([self.shared(x * 0.05), self.shared(x)], axis=-1)
+
+
+def test_a_layer_called_on_very_different_ranges_is_named_at_convert(caplog) -> None:
+    """One threshold serves both calls: the small call kept about 2 of its 8 bits (measured
+    2.8e-1 of its largest output off fp32, 1.8e-2 for a copy of the layer per call), silently."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((8, 16)).astype(np.float32)) for _ in range(3)]
+    with caplog.at_level("WARNING", logger="imperative_ptq"):
+        converted(_SharedOnTwoRanges(), batches)
+    assert "1 int8 layers are called more than once in a forward on inputs whose ranges differ" in caplog.text
+    assert "shared (" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="imperative_ptq"):
+        converted(_BlockApplied(2, True), _batches(2, 3, 0))  # similar ranges per call
+    assert "called more than once" not in caplog.text
