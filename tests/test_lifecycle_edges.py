@@ -303,7 +303,7 @@ def _converted_conv_norm_net(seed: int, target: str = "x86") -> paddle.nn.Layer:
     return qmodel
 
 
-SPEC = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+_CONV_SPEC = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
 
 
 def test_a_state_dict_of_another_converted_model_is_refused_at_export(tmp_path) -> None:
@@ -313,12 +313,12 @@ def test_a_state_dict_of_another_converted_model_is_refused_at_export(tmp_path) 
     original, fresh = _converted_conv_norm_net(0), _converted_conv_norm_net(1)
     fresh.set_state_dict(original.state_dict())
     with pytest.raises(ValueError, match="'head'.*input_threshold buffer.*load_calibration_table"):
-        save_quantized_model(fresh, str(tmp_path / "m"), SPEC)
+        save_quantized_model(fresh, str(tmp_path / "m"), _CONV_SPEC)
     assert not (tmp_path / "m.pdmodel").exists()
     # Its own state loaded back exports as before.
     own = _converted_conv_norm_net(0)
     own.set_state_dict(original.state_dict())
-    save_quantized_model(own, str(tmp_path / "own"), SPEC)
+    save_quantized_model(own, str(tmp_path / "own"), _CONV_SPEC)
 
 
 def test_a_batch_norm_folded_into_halved_weights_and_changed_after_convert_is_refused(tmp_path) -> None:
@@ -330,7 +330,7 @@ def test_a_batch_norm_folded_into_halved_weights_and_changed_after_convert_is_re
     qmodel(paddle.randn([4, 3, 8, 8]) * 3 + 1)
     qmodel.eval()
     with pytest.raises(ValueError, match="'conv'.*BatchNorm 'norm'.*changed after convert"):
-        save_quantized_model(qmodel, str(tmp_path / "m"), SPEC)
+        save_quantized_model(qmodel, str(tmp_path / "m"), _CONV_SPEC)
 
 
 class _MaskedSoftmax(paddle.nn.Layer):

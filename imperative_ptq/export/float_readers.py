@@ -12,7 +12,7 @@ quantize op (:func:`isolate_fp32_weight_op_outputs`).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import paddle
 
@@ -56,6 +56,7 @@ def unscale_fp32_layer_inputs(
     is_int8: "Callable[[paddle.base.framework.Operator], bool] | None" = None,
     isolate_concats: bool = False,
     fp32_inputs: Sequence[str] = (),
+    coded: Collection[str] = (),
 ) -> int:
     """Drops the output thresholds that would reach the input of a conv/fc kept fp32.
 
@@ -76,6 +77,9 @@ def unscale_fp32_layer_inputs(
             :func:`_concat_inputs_beside_fp32_layers`).
         fp32_inputs: Further tensors read in fp32 by something else than a conv/fc (the
             input of a shift, :mod:`.shifted`).
+        coded: Tensors the simulation holds on int8 codes for every reader (a fused
+            residual conv's sum, an identity shortcut): a concat may read them int8 beside
+            other readers (:func:`_read_beside_concat`).
 
     Returns:
         How many conv/fc ops are kept fp32.
@@ -97,7 +101,7 @@ def unscale_fp32_layer_inputs(
         kept += 1
         pending.extend(op.input(slots[1]))
         fp32_ops.append(op)
-    mixed = _concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading, isolate_concats)
+    mixed = _concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading, isolate_concats, coded)
     if isolate_concats and mixed:
         writers, reading = producers(block), readers(block)
     pending.extend(mixed)
@@ -121,7 +125,8 @@ _FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "relu", "relu6", "hard_swis
 
 
 def _concat_inputs_beside_fp32_layers(
-    block, fp32_ops: list, writers: Mapping, reading: Mapping, isolate: bool = False
+    block, fp32_ops: list, writers: Mapping, reading: Mapping, isolate: bool = False,
+    coded: Collection[str] = (),
 ) -> list[str]:
     """The tensors between the convs/fcs feeding a concat and the concat, for every concat
     that reads a conv/fc kept fp32 (through the bias add and activation oneDNN fuses into it).
@@ -145,7 +150,7 @@ def _concat_inputs_beside_fp32_layers(
         chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
         beside_fp32 = any(producer is not None and id(producer) in fp32_ids for producer, _ in chains)
         if beside_fp32 or (
-            isolate and (_mixed_signs(block, op.input("X"), writers) or _read_beside_concat(block, op, writers, reading))
+            isolate and (_mixed_signs(block, op.input("X"), writers) or _read_beside_concat(block, op, writers, reading, coded))
         ):
             names.extend(name for _, chain in chains for name in chain)
             # A ReLU after the concat is fused into the convs before it
@@ -169,10 +174,45 @@ _WALKED_TO_CONCAT = {
 }
 
 
-def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping) -> bool:
-    """Whether another op reads one of ``concat``'s inputs, or a tensor it is computed from
-    by ops Paddle runs int8 with the concat (a conv's fused bias and activation, a split,
-    slice or resize), or another piece of such a split.
+#: Readers that quantize a concat's input on another grid: a quantize op (or the ``assign`` copy
+#: :func:`.shared_outputs.isolate_quantized_shared_outputs` gives one) or another concat. Float
+#: readers are left to the simulation's codes (:mod:`.coded_identity`; measured exact: DLA's tree
+#: root concatenating a pooled input that a float add and an x86 u8 clip also read).
+_REQUANTIZING_READERS = frozenset({"quantize_linear", "assign", "concat"})
+#: The clip in front of an x86 u8 quantize op (:func:`.unsigned.insert_clip_relu`).
+_U8_CLIPS = frozenset({"clip", "elementwise_min"})
+
+
+#: Ops through which Paddle carries a scale to the tensor they read (run int8 on it).
+_SCALE_CARRYING_OPS = frozenset({
+    "nearest_interp_v2", "pool2d", "reshape2", "transpose2", "slice", "split", "squeeze2", "unsqueeze2",
+    "flatten_contiguous_range",
+})
+
+
+def _requantizes(reader, reading: Mapping, concat) -> bool:
+    """Whether ``reader`` quantizes its input (:data:`_REQUANTIZING_READERS`) or passes it,
+    through ops carrying a scale back (a resize, a max-pool, a reshape), to one that does (a
+    PAN neck's upsampled copy of a tensor beside its concat)."""
+    pending, seen = [reader], set()
+    while pending:
+        op = pending.pop()
+        if id(op) in seen or op is concat:
+            continue
+        seen.add(id(op))
+        if op.type in _REQUANTIZING_READERS:
+            return True
+        if op.type in _SCALE_CARRYING_OPS:
+            pending.extend(
+                after for slot in op.output_names for name in op.output(slot) for after in reading.get(name, [])
+            )
+    return False
+
+
+def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping, coded: Collection[str] = ()) -> bool:
+    """Whether another op quantizes one of ``concat``'s inputs (:data:`_REQUANTIZING_READERS`),
+    or a tensor it is computed from by ops Paddle runs int8 with the concat (a conv's fused
+    bias and activation, a split, slice or resize), or another piece of such a split.
 
     Paddle runs a concat int8 once its output has a scale: the convs writing its inputs then
     write codes on the concat's scale, and their other readers read those codes, quantized
@@ -180,11 +220,16 @@ def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping) -> bo
     (measured on ``x86-avx2``: a DenseNet-style ``concat([y, conv(y)])`` 1.75e-2 of the
     largest output off, a YOLOv8 C2f block's split halves 2.2e-2 to 4.6e-2; after a ReLU,
     oneDNN refused the concat of the u8 half and the s8 conv output). It stays fp32 instead.
+    An input in ``coded`` is read on the same codes by every reader, as simulated (DLA's tree
+    root joining fused residual sums that the next tree adds too).
     """
     for name in concat.input("X"):
         consumer = concat
-        while True:
-            if any(reader is not consumer and reader is not concat for reader in reading.get(name, [])):
+        while name not in coded:
+            if any(
+                reader is not consumer and reader is not concat and _requantizes(reader, reading, concat)
+                for reader in reading.get(name, [])
+            ):
                 return True
             op = writers.get(name)
             slot = _WALKED_TO_CONCAT.get(op.type) if op is not None else None
@@ -193,8 +238,13 @@ def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping) -> bo
             if op.type == "elementwise_add" and is_constant(block, op.input("X")[0], writers):
                 break  # (a bias add reads the conv output as X)
             for other in (n for out_slot in op.output_names for n in op.output(out_slot) if n != name):
-                if any(reader is not concat for reader in reading.get(other, [])):
-                    return True  # another piece of a split, read elsewhere
+                if any(
+                    reader is not concat and (reader.type in _U8_CLIPS or _requantizes(reader, reading, concat))
+                    for reader in reading.get(other, [])
+                ):
+                    # Another piece of the split, quantized elsewhere (also through an x86 u8
+                    # clip: a ReLU C2f's second half read by its bottleneck conv).
+                    return True
             consumer, name = op, op.input(slot)[0]
     return False
 

@@ -229,6 +229,7 @@ def quantize_program(
     kept = unscale_fp32_layer_inputs(
         block, outputs, isolate_concats=True,
         fp32_inputs=[name for name, _, _ in inserted.shifted] + pieces + fp32_rnn_inputs,
+        coded=on_codes | set(identities),
     )
     written.fp32_layers = _fp32_layers(weights, written, block)
     written.weight_layers = {name: record.name for name, record in weights.items()}
