@@ -85,6 +85,34 @@ class _UpsampledBeside(nn.Layer):
         return paddle.concat([here.flatten(1), above.flatten(1)], 1)
 
 
+class _SignedConcatBehind(nn.Layer):
+    """Two convs on the signed input concatenated, then max-pooled, upsampled or sliced before
+    a conv: the concat's scale reaches it from behind."""
+
+    def __init__(self, after) -> None:
+        super().__init__()
+        self.p, self.q, self.head = nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(16, 8, 1)
+        self.after = after
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.after(paddle.concat([self.p(x), self.q(x)], 1)))
+
+
+class _PooledBeside(nn.Layer):
+    """A conv output max-pooled into one conv and read by another (``split``: one half each)."""
+
+    def __init__(self, split: bool) -> None:
+        super().__init__()
+        self.split = split
+        self.a = nn.Conv2D(3, 16 if split else 8, 3, padding=1)
+        self.b, self.c = nn.Conv2D(8, 8, 1), nn.Conv2D(8, 8, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.a(x)
+        pooled, other = paddle.split(y, 2, 1) if self.split else (y, y)
+        return paddle.concat([self.b(F.max_pool2d(pooled, 2)).flatten(1), self.c(other).flatten(1)], 1)
+
+
 MODELS = {
     # Measured before, Paddle Inference vs the simulation on x86-avx2 (largest output):
     "reused": _Reused,  # 1.75e-2
@@ -94,6 +122,13 @@ MODELS = {
     "split halves, relu": lambda: _SplitHalves(F.relu),  # refused: "could not create a primitive descriptor for a concat primitive"
     "shared head": _SharedHead,  # 7.5e-2
     "upsampled beside": _UpsampledBeside,  # (an RT-DETR-style neck: 2.3e-2)
+    # Paddle ran the concat unsigned, its scale copied back from the conv's quantize op:
+    "signed concat pooled": lambda: _SignedConcatBehind(lambda y: F.max_pool2d(y, 2, 2)),  # 0.11
+    "signed concat upsampled": lambda: _SignedConcatBehind(lambda y: F.interpolate(y, scale_factor=2)),  # 0.97
+    "signed concat sliced": lambda: _SignedConcatBehind(lambda y: y[:, :, 1:7, 1:7]),  # 0.86
+    # The pooled reader's scale carried back to the conv, which wrote codes on it for both:
+    "pooled beside": lambda: _PooledBeside(False),  # 1.5e-2
+    "pooled half": lambda: _PooledBeside(True),  # 1.1e-2
 }
 
 

@@ -150,7 +150,11 @@ def _concat_inputs_beside_fp32_layers(
         chains = [_chain_to_producer(name, block, writers) for name in op.input("X")]
         beside_fp32 = any(producer is not None and id(producer) in fp32_ids for producer, _ in chains)
         if beside_fp32 or (
-            isolate and (_mixed_signs(block, op.input("X"), writers) or _read_beside_concat(block, op, writers, reading, coded))
+            isolate and (
+                _mixed_signs(block, op.input("X"), writers)
+                or _read_beside_concat(block, op, writers, reading, coded)
+                or _signed_scale_from_behind(block, op, writers, reading)
+            )
         ):
             names.extend(name for _, chain in chains for name in chain)
             # A ReLU after the concat is fused into the convs before it
@@ -247,6 +251,18 @@ def _read_beside_concat(block, concat, writers: Mapping, reading: Mapping, coded
                     return True
             consumer, name = op, op.input(slot)[0]
     return False
+
+
+def _signed_scale_from_behind(block, concat, writers: Mapping, reading: Mapping) -> bool:
+    """Whether ``concat`` joins signed tensors and its output reaches an int8 reader only
+    through ops that carry a scale back (a max-pool, resize or slice): Paddle then gives the
+    concat a scale its inputs lack, and its int8 concat, seeing no signed input, runs unsigned
+    (measured on ``x86-avx2``, two int8 convs on a signed input concatenated then max-pooled,
+    upsampled or sliced before a conv: negatives zeroed, 0.11 .. 0.97 of the largest output off)."""
+    if any(runs_unsigned(block, value_source(name, writers)[0], writers) for name in concat.input("X")):
+        return False
+    after = reading.get(concat.output("Out")[0], [])
+    return any(reader.type in _SCALE_CARRYING_OPS and _requantizes(reader, reading, concat) for reader in after)
 
 
 def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:
