@@ -939,6 +939,20 @@ def test_a_conv_on_a_computed_weight_runs_in_float_with_a_warning(tmp_path, capl
     assert "1 convs on weights computed in the graph run fp32" in caplog.text
 
 
+def _assert_ids_model_runs_as_simulated(model: nn.Layer, ids: list[np.ndarray], tmp_path) -> None:
+    """Calibrates ``model`` on the token-id batches ``ids``, exports it to ONNX and checks ONNX
+    Runtime against the simulation on the first batch."""
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, ids, progress=False)
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, ids[0].shape[1]], "int64", "ids")]
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), spec)
+    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
+    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
+    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+
+
 class _TaskTypeIds(nn.Layer):
     """ERNIE 3.0's task type ids: ``paddle.ones(shape, "int64") * task_id`` (a ``scale`` op on
     int64), embedded and added."""
@@ -956,14 +970,7 @@ def test_a_scale_of_an_integer_tensor_stays_integer_in_onnx(tmp_path) -> None:
     """It was a Mul of int64 by a float32 constant, a graph ONNX Runtime refused to load."""
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 10, (2, 6)).astype("int64") for _ in range(3)]
-    ptq = ip.ImperativePTQ()
-    qmodel = ptq.quantize(_TaskTypeIds())
-    ptq.calibrate(qmodel, ids, progress=False)
-    ptq.convert(qmodel)
-    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 6], "int64", "ids")])
-    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
-    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
-    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+    _assert_ids_model_runs_as_simulated(_TaskTypeIds(), ids, tmp_path)
 
 
 
@@ -985,14 +992,7 @@ def test_an_integer_buffer_added_to_ids_stays_integer_in_onnx(tmp_path) -> None:
     ONNX Runtime refused to load."""
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 10, (2, 4)).astype("int64") for _ in range(3)]
-    ptq = ip.ImperativePTQ()
-    qmodel = ptq.quantize(_FieldOffsets())
-    ptq.calibrate(qmodel, ids, progress=False)
-    ptq.convert(qmodel)
-    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 4], "int64", "ids")])
-    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
-    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
-    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+    _assert_ids_model_runs_as_simulated(_FieldOffsets(), ids, tmp_path)
 
 class _ComputedTable(nn.Layer):
     """An input embedding tied to the output head, ``F.embedding(ids, head.weight.T)`` (the
@@ -1014,14 +1014,7 @@ def test_an_embedding_of_a_computed_table_exports_to_onnx(padding_idx, tmp_path)
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 10, (2, 6)).astype("int64") for _ in range(3)]
     ids[0][:, 0] = 0  # a padding id
-    ptq = ip.ImperativePTQ()
-    qmodel = ptq.quantize(_ComputedTable(padding_idx))
-    ptq.calibrate(qmodel, ids, progress=False)
-    ptq.convert(qmodel)
-    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 6], "int64", "ids")])
-    ran = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[0]})[0]
-    simulated = qmodel(paddle.to_tensor(ids[0])).numpy()
-    np.testing.assert_allclose(ran, simulated, atol=1e-5 * np.abs(simulated).max())
+    _assert_ids_model_runs_as_simulated(_ComputedTable(padding_idx), ids, tmp_path)
 
 
 class _ShiftedWindowMask(nn.Layer):
