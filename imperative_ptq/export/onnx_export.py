@@ -661,13 +661,17 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         stored as uint8 about zero point 128 where ``unsigned`` (an input whose codes pass 127:
         :meth:`_input_codes_pass_127`) and they are large enough to saturate.
         """
-        channels = weight.shape[axis]
-        factor = np.ones([channels], np.float32) if factor is None else factor
+        factor = np.ones([weight.shape[axis]], np.float32) if factor is None else factor
         int4 = self.int4_weights and record.weight_bits <= 4
         shape = [1] * weight.ndim
         shape[axis] = -1
         if int4:
-            scale, integers = self._int4_codes(record, weight, factor, shape)
+            if record.grid_weight is not None:
+                # Conv1D: the traced conv2d weight is the unsqueezed [out, in, 1, k].
+                values = np.reshape(record.grid_weight, weight.shape)
+                scale, integers = _grid_codes(values, record.grid_thresholds, record.weight_bits, factor, shape)
+            else:
+                scale, integers = _grid_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
             if not np.allclose(
                 np.clip(integers, -8, 7) * scale.reshape(shape), weight * factor.reshape(shape),
                 rtol=0, atol=1e-6 * max(float(np.abs(weight * factor.reshape(shape)).max()), 1e-30),
@@ -677,43 +681,21 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 # in INT4, 1.7e-7 stored as int8); the int8 codes hold it exactly.
                 self.int4_inexact.append(record.name)
                 int4 = self.int4_required
-        if not int4:
-            thresholds = np.asarray(record.weight_thresholds, np.float32).reshape(-1)
-            if thresholds.size == 1:
-                thresholds = np.full([channels], thresholds[0], np.float32)
-            scale = folded_weight_scales(thresholds, factor, record.traced_weight_bits)
-            integers = np.round(weight * factor.reshape(shape) / scale.reshape(shape))
-        if not int4:
-            # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
-            codes = np.clip(integers, -128, 127).astype(np.int8)
-            if unsigned:
-                codes, zeros = weight_codes_and_zero(codes, scale.shape)
-            else:
-                zeros = np.zeros(scale.shape, np.int8)
-            stored, zero = self._const(weight_name, codes), self._const("w_zero", zeros)
-            inputs = [stored, self._const("w_scale", scale), zero]
+        if int4:
+            # No zero point: symmetric codes, and the DequantizeLinear output is float either way.
+            stored = self._int4_const(weight_name, np.clip(integers, -8, 7).astype(np.int8))
+            inputs = [stored, self._const("w_scale", scale)]
             return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
-        # No zero point: symmetric codes, and the DequantizeLinear output is float either way.
-        stored = self._int4_const(weight_name, np.clip(integers, -8, 7).astype(np.int8))
-        inputs = [stored, self._const("w_scale", scale)]
-        return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
-
-    def _int4_codes(
-        self, record: LayerRecord, weight: np.ndarray, factor: np.ndarray, shape: list[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """A layer's own codes ``-L..L`` (rounded, unclipped) and per-channel scales ``t / L``
-        of its weight, ``factor`` folded in (see :meth:`_weight`)."""
-        if record.grid_weight is not None:
-            # Conv1D: the traced conv2d weight is the unsqueezed [out, in, 1, k].
-            values = np.reshape(record.grid_weight, weight.shape)
-            thresholds, bits = record.grid_thresholds, record.weight_bits
+        scale, integers = _grid_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
+        # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
+        codes = np.clip(integers, -128, 127).astype(np.int8)
+        if unsigned:
+            codes, zeros = weight_codes_and_zero(codes, scale.shape)
         else:
-            values, thresholds, bits = weight, record.weight_thresholds, record.traced_weight_bits
-        thresholds = np.asarray(thresholds, np.float32).reshape(-1)
-        if thresholds.size == 1:
-            thresholds = np.full([factor.size], thresholds[0], np.float32)
-        scale = folded_weight_scales(thresholds, factor, bits)
-        return scale, np.round(values * factor.reshape(shape) / scale.reshape(shape))
+            zeros = np.zeros(scale.shape, np.int8)
+        stored, zero = self._const(weight_name, codes), self._const("w_zero", zeros)
+        inputs = [stored, self._const("w_scale", scale), zero]
+        return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
 
     def _param(self, name: str) -> np.ndarray:
         return np.array(self.loaded.scope.find_var(name).get_tensor())
@@ -1973,6 +1955,19 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         model.ir_version = 10 if opset >= INT4_OPSET else min(model.ir_version, 8)
         onnx.checker.check_model(model)
         return model
+
+
+def _grid_codes(
+    values: np.ndarray, thresholds: Any, bits: int, factor: np.ndarray, shape: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel scales ``t / L`` of ``bits``-bit ``thresholds`` (one for every channel, or
+    one each) with ``factor`` folded in, and ``values`` (factor folded in too) rounded to them,
+    unclipped; ``shape`` broadcasts a channel vector over ``values``."""
+    thresholds = np.asarray(thresholds, np.float32).reshape(-1)
+    if thresholds.size == 1:
+        thresholds = np.full([factor.size], thresholds[0], np.float32)
+    scale = folded_weight_scales(thresholds, factor, bits)
+    return scale, np.round(values * factor.reshape(shape) / scale.reshape(shape))
 
 
 def _int4_storage(
