@@ -16,10 +16,19 @@ from typing import Callable, Collection, Mapping, Sequence
 
 import paddle
 
-from .graph import FUSABLE_ACTIVATIONS, feeds_quantize, insert_op, insert_reader_op, op_index, producers, readers
+from .graph import (
+    FUSABLE_ACTIVATIONS,
+    feeds_quantize,
+    insert_op,
+    insert_reader_op,
+    op_index,
+    producers,
+    readers,
+)
 from .legacy_program import (
     FP32_WEIGHT_OPS,
     INT8_WEIGHT_OPS,
+    SCALE_CARRYING_OPS,
     LegacyProgram,
     ProgramScales,
     int8_gemm_output,
@@ -172,10 +181,7 @@ def _concat_inputs_beside_fp32_layers(
 
 #: Ops between a concat's input and the conv/fc writing it that Paddle runs int8 once the concat
 #: does (their data input's slot): the layout ops, and what oneDNN fuses into the conv.
-_WALKED_TO_CONCAT = {
-    "split": "X", "slice": "Input", "reshape2": "X", "transpose2": "X", "nearest_interp_v2": "X",
-    "pool2d": "X", "elementwise_add": "X", **{op: "X" for op in _FUSED_INTO_CONV_OPS - {"elementwise_add"}},
-}
+_WALKED_TO_CONCAT = {**SCALE_CARRYING_OPS, **{op: "X" for op in _FUSED_INTO_CONV_OPS}}
 
 
 #: Readers that quantize a concat's input on another grid: a quantize op (or the ``assign`` copy
@@ -185,13 +191,6 @@ _WALKED_TO_CONCAT = {
 _REQUANTIZING_READERS = frozenset({"quantize_linear", "assign", "concat"})
 #: The clip in front of an x86 u8 quantize op (:func:`.unsigned.insert_clip_relu`).
 _U8_CLIPS = frozenset({"clip", "elementwise_min"})
-
-
-#: Ops through which Paddle carries a scale to the tensor they read (run int8 on it).
-_SCALE_CARRYING_OPS = frozenset({
-    "nearest_interp_v2", "pool2d", "reshape2", "transpose2", "slice", "split", "squeeze2", "unsqueeze2",
-    "flatten_contiguous_range",
-})
 
 
 def _requantizes(reader, reading: Mapping, concat) -> bool:
@@ -206,7 +205,7 @@ def _requantizes(reader, reading: Mapping, concat) -> bool:
         seen.add(id(op))
         if op.type in _REQUANTIZING_READERS:
             return True
-        if op.type in _SCALE_CARRYING_OPS:
+        if op.type in SCALE_CARRYING_OPS:
             pending.extend(
                 after for slot in op.output_names for name in op.output(slot) for after in reading.get(name, [])
             )
@@ -262,7 +261,7 @@ def _signed_scale_from_behind(block, concat, writers: Mapping, reading: Mapping)
     if any(runs_unsigned(block, value_source(name, writers)[0], writers) for name in concat.input("X")):
         return False
     after = reading.get(concat.output("Out")[0], [])
-    return any(reader.type in _SCALE_CARRYING_OPS and _requantizes(reader, reading, concat) for reader in after)
+    return any(reader.type in SCALE_CARRYING_OPS and _requantizes(reader, reading, concat) for reader in after)
 
 
 def _mixed_signs(block, names: Sequence[str], writers: Mapping) -> bool:

@@ -22,11 +22,23 @@ from .graph import FUSABLE_ACTIVATIONS, get_tensor, is_persistable, transposed_m
 from .unsigned import removed_dropout
 
 __all__ = [
-    "FP32_WEIGHT_OPS", "INT8_WEIGHT_OPS", "LegacyProgram", "ProgramScales",
+    "FP32_WEIGHT_OPS", "INT8_WEIGHT_OPS", "SCALE_CARRYING_OPS", "LegacyProgram", "ProgramScales",
     "computed_from_parameters", "int8_gemm_output", "int8_weight_op_output",
     "int8_weight_op_writing", "is_constant", "legacy_static_mode", "load_legacy_program",
     "passes_values", "quantize_threshold", "save_legacy_program", "value_source",
 ]
+
+#: Ops that lay values out anew and that Paddle Inference runs int8 once a tensor after them
+#: has a scale, moving that scale onto the tensor they read (op type -> that input's slot):
+#: whoever writes it then writes codes, for every reader.
+SCALE_CARRYING_OPS = {
+    "transpose2": "X", "reshape2": "X", "flatten_contiguous_range": "X", "squeeze2": "X",
+    "unsqueeze2": "X", "slice": "Input", "split": "X", "nearest_interp_v2": "X",
+    # (measured on x86-avx2: an int8 conv's output max-pooled into one conv and read by
+    # another, or split with one half pooled, wrote codes on the pooled reader's threshold for
+    # both: 1.1e-2 .. 1.5e-2 of the largest output off)
+    "pool2d": "X",
+}
 
 #: Op type -> (weight slot, activation slot, output slot) of the ops whose weights go int8. Other
 #: ops keep float (fake-quantized) weights: the oneDNN pass only dequantizes weights of these

@@ -14,32 +14,20 @@ from typing import Mapping
 import paddle
 
 from .graph import insert_op, insert_reader_op, op_index, producers, readers
-from .legacy_program import LegacyProgram, quantize_threshold
+from .legacy_program import SCALE_CARRYING_OPS, LegacyProgram, quantize_threshold
 from .unsigned import runs_unsigned
 
 __all__ = ["isolate_quantized_shared_outputs", "isolate_sliced_pieces"]
 
 
-#: Ops that lay values out anew (their data input's slot): Paddle runs them int8 once a tensor
-#: after them has a scale, moving the quantize op in front of them.
-_LAYOUT_OPS = {
-    "transpose2": "X", "reshape2": "X", "flatten_contiguous_range": "X", "squeeze2": "X",
-    "unsqueeze2": "X", "slice": "Input", "split": "X", "nearest_interp_v2": "X",
-    # A pool too (measured on x86-avx2: an int8 conv's output max-pooled into one conv and read
-    # by another, or split with one half pooled, wrote codes on the pooled reader's threshold
-    # for both: 1.1e-2 .. 1.5e-2 of the largest output off).
-    "pool2d": "X",
-}
-
-
 def _behind_layout_ops(name: str, writers: Mapping) -> tuple[str, list]:
-    """The tensor ``name`` is laid out from through :data:`_LAYOUT_OPS` (itself if none), and
-    those ops, nearest first."""
+    """The tensor ``name`` is laid out from through
+    :data:`~.legacy_program.SCALE_CARRYING_OPS` (itself if none), and those ops, nearest first."""
     walked = []
-    while name in writers and writers[name].type in _LAYOUT_OPS:
+    while name in writers and writers[name].type in SCALE_CARRYING_OPS:
         op = writers[name]
         walked.append(op)
-        name = op.input(_LAYOUT_OPS[op.type])[0]
+        name = op.input(SCALE_CARRYING_OPS[op.type])[0]
     return name, walked
 
 
@@ -100,7 +88,7 @@ def isolate_quantized_shared_outputs(loaded: LegacyProgram) -> int:
         source, walked = _behind_layout_ops(name, writers)
         branched = any(
             (op.type == "split" and len(op.output("Out")) > 1)
-            or len(reading.get(op.input(_LAYOUT_OPS[op.type])[0], [])) > 1
+            or len(reading.get(op.input(SCALE_CARRYING_OPS[op.type])[0], [])) > 1
             for op in walked
         )
         if not (shared or branched) or _pooled_unsigned(block, name, writers) or _pooled_unsigned(block, source, writers):
