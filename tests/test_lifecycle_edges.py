@@ -16,6 +16,7 @@ import imperative_ptq as ip
 from imperative_ptq.cli import IMAGENET_MEAN, resolve_normalization
 from imperative_ptq.export import create_predictor, predict, save_fp32_model, save_quantized_model
 from imperative_ptq.export.legacy_program import legacy_static_mode, load_legacy_program
+from models import converted
 
 SPEC = [paddle.static.InputSpec([None, 8], "float32", "x")]
 
@@ -294,13 +295,7 @@ class _ConvNormNet(paddle.nn.Layer):
 
 def _converted_conv_norm_net(seed: int, target: str = "x86") -> paddle.nn.Layer:
     paddle.seed(seed)
-    model = _ConvNormNet()
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [paddle.randn([4, 3, 8, 8]) for _ in range(3)], progress=False)
-    ptq.convert(qmodel)
-    return qmodel
+    return converted(_ConvNormNet(), [paddle.randn([4, 3, 8, 8]) for _ in range(3)], target)
 
 
 _CONV_SPEC = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
