@@ -669,9 +669,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             if record.grid_weight is not None:
                 # Conv1D: the traced conv2d weight is the unsqueezed [out, in, 1, k].
                 values = np.reshape(record.grid_weight, weight.shape)
-                scale, integers = _grid_codes(values, record.grid_thresholds, record.weight_bits, factor, shape)
+                scale, integers = _weight_codes(values, record.grid_thresholds, record.weight_bits, factor, shape)
             else:
-                scale, integers = _grid_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
+                scale, integers = _weight_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
             if not np.allclose(
                 np.clip(integers, -8, 7) * scale.reshape(shape), weight * factor.reshape(shape),
                 rtol=0, atol=1e-6 * max(float(np.abs(weight * factor.reshape(shape)).max()), 1e-30),
@@ -686,7 +686,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             stored = self._int4_const(weight_name, np.clip(integers, -8, 7).astype(np.int8))
             inputs = [stored, self._const("w_scale", scale)]
             return self._node("DequantizeLinear", inputs, weight_name + ".dq", axis=axis), scale
-        scale, integers = _grid_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
+        scale, integers = _weight_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
         # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
         codes = np.clip(integers, -128, 127).astype(np.int8)
         if unsigned:
@@ -1957,7 +1957,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         return model
 
 
-def _grid_codes(
+def _weight_codes(
     values: np.ndarray, thresholds: Any, bits: int, factor: np.ndarray, shape: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel scales ``t / L`` of ``bits``-bit ``thresholds`` (one for every channel, or
