@@ -21,6 +21,7 @@ import paddle
 from .collector import CalibrationCollector, CalibrationError
 from .computed_weights import computes_its_weight, may_compute_its_weight
 from .fingerprint import Fingerprint, fingerprint
+from .forward_graph import ForwardGraph, node_of
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
 from .quantizers import BaseQuantizer
@@ -221,8 +222,9 @@ class CalibrationSession:
         #: Outputs of the current forward that Paddle writes as u8 up to 255 after a residual.
         self._wide: dict[int, Any] = {}
         #: Tensors hooked layers read or wrote in the current forward: ``id`` -> (weak
-        #: reference, the order in which it was first seen).
-        self._seen: dict[int, tuple[Any, int]] = {}
+        #: reference, the order in which it was first seen, its grad node while the forward's
+        #: graph is recorded (:func:`~imperative_ptq.forward_graph.node_of`), else ``None``).
+        self._seen: dict[int, tuple[Any, int, int | None]] = {}
         #: The next order number (not ``len(_seen)``: a freed tensor's ``id`` is reused, and
         #: the tensor then taking it is newer than every one seen).
         self._seen_order = itertools.count()
@@ -230,6 +232,12 @@ class CalibrationSession:
         #: it, directly or through a BatchNorm, read its input (see ``_seen``), that input's
         #: ``id``).
         self._branch_inputs: dict[int, tuple[Any, int, int]] = {}
+        #: The autograd graph of the first calibration forward that completes (which tensor is
+        #: an ancestor of which: Paddle fuses a residual add only into a conv the residual is
+        #: an ancestor of), and the adds it found unfused, as ``(fused, residual)`` layer names.
+        self._graph = ForwardGraph()
+        self._graph_recorded = False
+        self._not_fused: set[tuple[str, str]] = set()
         #: The model's first input changed between two calibration calls (so a layer input
         #: that did not is a constant: ``LayerState.constant_input``); its last fingerprint.
         self.inputs_changed = False
@@ -326,6 +334,7 @@ class CalibrationSession:
         """Removes every hook and stops the worker; statistics are kept."""
         _DISCOVERING.discard(self)
         self._names = {}
+        self._graph.end()
         for handle in self.root_hooks:
             handle.remove()
         self.root_hooks = []
@@ -381,6 +390,8 @@ class CalibrationSession:
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self._calls.clear()
         self.forwards += 1
+        if not self._graph_recorded:
+            self._graph.begin(layer)
         if not self.inputs_changed:
             first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
             if first is not None and first.size:
@@ -413,6 +424,9 @@ class CalibrationSession:
         ]
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        if self._graph.recording:
+            self._graph.end()
+            self._graph_recorded = True
         for value in _returned_tensors(outputs):
             source = self.source_of(value)
             if source is not None:
@@ -456,8 +470,17 @@ class CalibrationSession:
         if entry is not None and entry[0]() is value:
             return entry[1]
         order = next(self._seen_order)
-        self._seen[id(value)] = (weakref.ref(value), order)
+        node = node_of(value) if self._graph.recording else None
+        self._seen[id(value)] = (weakref.ref(value), order, node)
         return order
+
+    def _is_ancestor(self, source: int, tensor: paddle.Tensor) -> bool | None:
+        """Whether the tensor of ``id`` ``source`` seen in this forward is an ancestor of
+        ``tensor``; ``None`` when unknown (the forward's graph is not recorded)."""
+        entry = self._seen.get(source)
+        if not self._graph.recording or entry is None or entry[0]() is None:
+            return None
+        return self._graph.reaches(entry[2], tensor)
 
     def _note_branch_input(
         self, layer: paddle.nn.Layer, first: paddle.Tensor, output: paddle.Tensor
@@ -502,7 +525,10 @@ class CalibrationSession:
             if tensor is not None and id(tensor) not in written
         ]
         with paddle.no_grad():
-            found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs, branch_sources)
+            found = find_residual_add(
+                value, outputs, readers, signed, branch_inputs, inputs, branch_sources,
+                self._is_ancestor, self._not_fused,
+            )
         if found is None or (not gives_scale and not found.residual_readers):
             return None
         found = dataclasses.replace(found, sum_reader=reader)
