@@ -1268,3 +1268,32 @@ def test_a_hooked_pool_of_an_unhooked_relu_is_added_in_float_as_simulated(tmp_pa
     qmodel = converted(_FunctionalPoolShortcut(False, pool_layer=True), batches, "x86")
     x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
+
+
+class _SumBesideAConvInAConcat(nn.Layer):
+    """``concat([ReLU(y + b(y)), c(y)])`` returned: the block's sum joined with another conv's
+    signed output, which keeps the concat fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2D(3 if i == 0 else 8, 8, 3, padding=1) for i in range(3))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = F.relu(self.a(x))
+        return paddle.concat([self.relu(y + self.b(y)), self.c(y)], 1)
+
+
+@pytest.mark.parametrize("target", [*X86_TARGETS, "x86-avx2"])
+def test_a_sum_joined_with_a_signed_output_keeps_its_fused_conv(target, tmp_path, avx2_runner) -> None:
+    """The concat stays fp32 without dropping the sum's scale, which the fused conv needs to
+    write the sum on codes as simulated (before: the conv and add ran apart, in float, 2.8e-3 of
+    the largest output off)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_SumBesideAConvInAConcat(), batches, target)
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
+    report = int8_report(str(tmp_path / "m"))
+    assert "fused_elementwise_add" not in report.fp32, report  # the add runs inside the conv
