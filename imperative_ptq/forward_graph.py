@@ -18,11 +18,13 @@ A tensor no op with a grad node wrote (a network input, anything computed under
 then answers ``None`` (unknown), and callers keep their other rules. Outputs of one multi-output
 op (``split``) share a node, so each is an ancestor wherever one of them is.
 
-The recording switches two pieces of Paddle's global state for the forward: grad on, and a pair
-of saved-tensor hooks. Paddle keeps one pair at a time: while a caller's own pair is in place,
-nothing is recorded. A forward that raises leaves grad on (a ``paddle.no_grad`` block around it
-turns it off again as it ends) and the hooks until the next op outside that forward saves a
-tensor: they keep that tensor and remove themselves, so a backward pass elsewhere still works.
+A forward run under ``paddle.no_grad`` (as calibration usually is) is recorded by switching two
+pieces of Paddle's global state for it: grad on, and a pair of saved-tensor hooks. Paddle keeps
+one pair at a time: while a caller's own pair is in place, such a forward is not recorded. A
+forward that raises leaves grad on (the ``no_grad`` block turns it off again as it ends) and the
+hooks until the next op outside that forward saves a tensor: they keep that tensor and remove
+themselves, so a backward pass elsewhere still works. A forward run with grad on is recorded
+as it runs, with its saved tensors.
 """
 
 from __future__ import annotations
@@ -48,20 +50,29 @@ def node_of(tensor: paddle.Tensor) -> int | None:
 
 
 class ForwardGraph:
-    """Records the autograd graph of one forward, without keeping tensors for a backward.
+    """Records the autograd graph of one forward.
 
     Use :meth:`begin` from the model's forward-pre hook and :meth:`end` from its forward-post
-    hook; :meth:`reaches` answers ancestry questions while the forward's tensors live.
+    hook; :meth:`reaches` answers ancestry questions while the forward's tensors live. A
+    forward run with grad on builds its graph anyway and is recorded as it is. One run under
+    ``paddle.no_grad`` is recorded with grad switched on and without the tensors a backward
+    pass would need; its outputs are then handed back detached (:attr:`switched_grad_on`),
+    as ``no_grad`` would have made them.
     """
 
     def __init__(self) -> None:
         self._forward_frame: FrameType | None = None
         self._hooks: saved_tensors_hooks | None = None
-        self._grad_was_enabled = True
+        self._recording = False
 
     @property
     def recording(self) -> bool:
         """Whether a forward is being recorded."""
+        return self._recording
+
+    @property
+    def switched_grad_on(self) -> bool:
+        """Whether the forward being recorded runs with grad switched on by :meth:`begin`."""
         return self._hooks is not None
 
     def begin(self, model: paddle.nn.Layer) -> bool:
@@ -69,12 +80,15 @@ class ForwardGraph:
         forward-pre hook, so ``Layer.__call__``'s frame is on the stack).
 
         Returns:
-            Whether it records (``False`` when the calling forward's frame is not found or
-            other saved-tensor hooks are in place).
+            Whether it records (``False`` under ``no_grad`` when the calling forward's frame
+            is not found or other saved-tensor hooks are in place).
         """
         global _recording
         if _recording is not None:
             _recording.end()  # a forward that raised, of this or another model
+        if paddle.is_grad_enabled():
+            self._recording, _recording = True, self
+            return True
         frame = _calling_frame(model)
         if frame is None:
             return False
@@ -83,26 +97,26 @@ class ForwardGraph:
             hooks.__enter__()
         except ValueError:  # the caller's own pair: Paddle takes one at a time
             return False
-        self._hooks, self._forward_frame, _recording = hooks, frame, self
-        self._grad_was_enabled = paddle.is_grad_enabled()
         paddle.set_grad_enabled(True)
+        self._hooks, self._forward_frame, self._recording, _recording = hooks, frame, True, self
         return True
 
     def end(self, restore_grad: bool = True) -> None:
         """Stops recording (idempotent); the recorded nodes stay reachable from the tensors.
 
         Args:
-            restore_grad: Set grad back as :meth:`begin` found it.
+            restore_grad: Switch grad back off if :meth:`begin` switched it on.
         """
         global _recording
+        if _recording is self:
+            _recording = None
+        self._recording = False
         if self._hooks is None:
             return
         self._hooks.__exit__(None, None, None)
         self._hooks, self._forward_frame = None, None
-        if _recording is self:
-            _recording = None
         if restore_grad:
-            paddle.set_grad_enabled(self._grad_was_enabled)
+            paddle.set_grad_enabled(False)
 
     @staticmethod
     def reaches(source: int | None, tensor: paddle.Tensor) -> bool | None:
@@ -139,6 +153,12 @@ class ForwardGraph:
 
 
 def _unpack(packed: Any) -> Any:
+    if packed is None:  # (only reachable through a tensor taken from the forward's internals)
+        raise RuntimeError(
+            "a backward pass through the first calibration forward of a model that "
+            "ImperativePTQ.quantize returned, run under paddle.no_grad: that forward records "
+            "its graph without the tensors a backward pass needs"
+        )
     return packed
 
 

@@ -423,8 +423,13 @@ class CalibrationSession:
             for (shape, dtype), (new_shape, _) in zip(self.input_signature, seen)
         ]
 
-    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> Any:
+        detached = None
         if self._graph.recording:
+            if self._graph.switched_grad_on:  # (under no_grad: hand back what it would)
+                detached = paddle.utils.map_structure(
+                    lambda value: value.detach() if isinstance(value, paddle.Tensor) else value, outputs
+                )
             self._graph.end()
             self._graph_recorded = True
         for value in _returned_tensors(outputs):
@@ -443,6 +448,7 @@ class CalibrationSession:
         self._output_calls = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
+        return detached
 
     def source_of(self, value: paddle.Tensor) -> str | None:
         """The hooked layer of the current forward whose output ``value`` is: the same tensor,

@@ -160,3 +160,20 @@ def test_a_callers_own_saved_tensor_hooks_stay_in_place() -> None:
         paddle.tanh(weight).sum().backward()
     assert packed  # still the caller's hooks
     ptq.convert(qmodel)
+
+
+def test_the_recorded_forward_returns_what_the_grad_mode_asks_for() -> None:
+    """Under ``no_grad`` the recorded forward's outputs stop gradients as ``no_grad`` makes
+    them; with grad on (nothing switched) a backward pass through it works as before."""
+    paddle.seed(0)
+    model = _ReadElsewhereFirst()
+    model.eval()
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    with paddle.no_grad():
+        assert qmodel(_batches(1)[0]).stop_gradient
+    model = _ReadElsewhereFirst()
+    model.eval()
+    qmodel = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer())).quantize(model)
+    qmodel(_batches(1)[0]).sum().backward()
+    assert qmodel.b.weight.grad is not None
