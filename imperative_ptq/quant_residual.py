@@ -133,7 +133,7 @@ def find_residual_add(
     inputs: Sequence[paddle.Tensor] = (),
     branch_sources: Mapping[int, int] | None = None,
     ancestry: Callable[[int, paddle.Tensor], bool | None] | None = None,
-    not_fused: set[tuple[str, str]] | None = None,
+    decided: dict[tuple[str, str], str | None] | None = None,
 ) -> ResidualAdd | None:
     """The add of two tensors of this forward that ``value`` is (or the ReLU of), if any.
 
@@ -156,8 +156,10 @@ def find_residual_add(
             (:class:`~imperative_ptq.forward_graph.ForwardGraph`). Paddle fuses the add into
             a conv only where the residual (a projection: its conv's input) is an ancestor of
             that conv's output; without an answer the rules of the module docstring stand in.
-        not_fused: ``(fused, residual)`` layer names of adds an earlier forward's ancestry
-            found unfused; a new one is added to it (later forwards, unrecorded, follow it).
+        decided: What ``ancestry`` decided in an earlier forward: the add's two operands
+            (sorted layer names; a tensor no layer wrote by its first reader) -> the one
+            Paddle fuses the add into, ``None`` for none. Updated with each decision;
+            forwards without ``ancestry`` follow it.
 
     Returns:
         The add, with the residual chosen as Paddle's fusion chooses it (module docstring),
@@ -182,6 +184,9 @@ def find_residual_add(
             continue
         read_later = readers.get(id(later[0]), ())
         read_earlier = readers.get(id(earlier[0]), ())
+        pair = tuple(sorted(
+            (name or (readers.get(id(tensor)) or ("",))[0]) for tensor, name in (later, earlier)
+        ))
         if read_later and read_earlier:
             return None  # neither is a conv output Paddle could fuse the add into
         if read_earlier or read_later:
@@ -198,22 +203,30 @@ def find_residual_add(
                 later, earlier, branch_inputs or {}, branch_sources or {}, ancestry
             )
             source = (branch_sources or {}).get(id(residual[0]))
-            if verdict is None and source is not None and len(readers.get(source, ())) < 2:
+            if (
+                verdict is None and pair not in (decided or {})
+                and source is not None and len(readers.get(source, ())) < 2
+            ):
                 # Paddle fuses the add into the other conv only if the projection's input is
                 # an ancestor of that conv's output; without the graph: only if the other
                 # branch reads it too. A projection of a pooled copy of the block input
                 # (ResNet-vd, DLA) is added in float (measured, simulated as fused: 1.6% of
                 # the largest output off).
                 return None
-        residual_readers = tuple(readers.get(id(residual[0]), ()))
-        key = (fused[1], residual[1] or residual_readers[0])
-        if verdict is False and not_fused is not None:
-            not_fused.add(key)
-        if verdict is False or (verdict is None and key in (not_fused or ())):
+        if verdict is not None and decided is not None:
+            decided[pair] = fused[1] if verdict else None
+        elif verdict is None and pair in (decided or {}):
+            if decided[pair] is None:
+                return None
+            if decided[pair] != fused[1]:
+                residual, fused = fused, residual
+            verdict = True
+        if verdict is False:
             # An identity from another branch (an HRNet fuse layer's ``x1 + conv_bn(x0)``):
             # no ancestor of the conv's output, so Paddle adds it in float (measured,
             # simulated as fused: 7.6e-3 of the largest output off).
             return None
+        residual_readers = tuple(readers.get(id(residual[0]), ()))
         top = symmetric_levels(8) if id(residual[0]) in signed else U8_MAX
         if residual[1]:
             return ResidualAdd(fused[1], residual[1], residual_readers, top, after_relu=after_relu)

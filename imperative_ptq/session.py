@@ -234,10 +234,10 @@ class CalibrationSession:
         self._branch_inputs: dict[int, tuple[Any, int, int]] = {}
         #: The autograd graph of the first calibration forward that completes (which tensor is
         #: an ancestor of which: Paddle fuses a residual add only into a conv the residual is
-        #: an ancestor of), and the adds it found unfused, as ``(fused, residual)`` layer names.
+        #: an ancestor of), and what it decided of each add (``find_residual_add``'s ``decided``).
         self._graph = ForwardGraph()
         self._graph_recorded = False
-        self._not_fused: set[tuple[str, str]] = set()
+        self._fusions: dict[tuple[str, str], str | None] = {}
         #: The model's first input changed between two calibration calls (so a layer input
         #: that did not is a constant: ``LayerState.constant_input``); its last fingerprint.
         self.inputs_changed = False
@@ -533,7 +533,7 @@ class CalibrationSession:
         with paddle.no_grad():
             found = find_residual_add(
                 value, outputs, readers, signed, branch_inputs, inputs, branch_sources,
-                self._is_ancestor, self._not_fused,
+                self._is_ancestor, self._fusions,
             )
         if found is None or (not gives_scale and not found.residual_readers):
             return None
