@@ -38,13 +38,13 @@ the projection: Paddle fuses the add into the conv whose input depends on the ot
 input, and reads the other one (the downsample conv, reading the block's input) as codes, in
 whichever order the two branches run or the add names them. A projection whose input the other
 branch does not read (ResNet-vd's and DLA's pooled copy of the block input) is no ancestor of
-the other conv's output: Paddle fuses nothing, and the add is simulated in float. Paddle fuses an
-identity shortcut likewise only where it is an ancestor of the conv's output (an HRNet fuse
-layer's ``x1 + conv_bn(x0)``, ``x1`` read by another conv first, is added in float).
-Calibration answers these from the autograd graph of its first forward
-(:mod:`imperative_ptq.forward_graph`); without one (a forward under frozen parameters) it tells
-the projection by when each branch's conv input was first seen in the forward
-(``branch_inputs``: the earlier one is the block input) and an identity by its readers. ``convert`` decides from these observations
+the other conv's output: Paddle fuses nothing, and the add is simulated in float. An identity
+shortcut that is no ancestor of the conv's output (an HRNet fuse layer's ``x1 + conv_bn(x0)``,
+``x1`` read by another conv first) is not fused either; it is simulated as one, and the export
+computes those codes, and the sum's, in float (:mod:`imperative_ptq.export.coded_identity`).
+Calibration tells them apart by
+when each branch's conv input was first seen in the forward (``branch_inputs``): the earlier
+one is the block input. ``convert`` decides from these observations
 (:func:`residual_reads`) and the export follows the layers it finds
 (:mod:`imperative_ptq.export.program`). The ``nn.ReLU`` reading a sum fused into an int8 conv
 returns that call's output on the codes the conv writes (:class:`ResidualSumOutput`), for every
@@ -71,7 +71,7 @@ concat) read the codes too (:mod:`imperative_ptq.export.coded_identity`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -132,8 +132,6 @@ def find_residual_add(
     branch_inputs: Mapping[int, int] | None = None,
     inputs: Sequence[paddle.Tensor] = (),
     branch_sources: Mapping[int, int] | None = None,
-    ancestry: Callable[[int, paddle.Tensor], bool | None] | None = None,
-    decided: dict[tuple[str, str], str | None] | None = None,
 ) -> ResidualAdd | None:
     """The add of two tensors of this forward that ``value`` is (or the ReLU of), if any.
 
@@ -151,15 +149,6 @@ def find_residual_add(
             read by a block's first conv): candidate identity shortcuts.
         branch_sources: ``id`` of an output -> ``id`` of the input of the conv producing it
             (directly or through a BatchNorm).
-        ancestry: ``ancestry(id(a), b)``: whether tensor ``a`` (seen in this forward) is an
-            ancestor of tensor ``b``, ``None`` when unknown
-            (:class:`~imperative_ptq.forward_graph.ForwardGraph`). Paddle fuses the add into
-            a conv only where the residual (a projection: its conv's input) is an ancestor of
-            that conv's output; without an answer the rules of the module docstring stand in.
-        decided: What ``ancestry`` decided in an earlier forward: the add's two operands
-            (sorted layer names; a tensor no layer wrote by its first reader) -> the one
-            Paddle fuses the add into, ``None`` for none. Updated with each decision;
-            forwards without ``ancestry`` follow it.
 
     Returns:
         The add, with the residual chosen as Paddle's fusion chooses it (module docstring),
@@ -184,14 +173,10 @@ def find_residual_add(
             continue
         read_later = readers.get(id(later[0]), ())
         read_earlier = readers.get(id(earlier[0]), ())
-        pair = tuple(sorted(
-            (name or (readers.get(id(tensor)) or ("",))[0]) for tensor, name in (later, earlier)
-        ))
         if read_later and read_earlier:
             return None  # neither is a conv output Paddle could fuse the add into
         if read_earlier or read_later:
             residual, fused = (earlier, later) if read_earlier else (later, earlier)
-            verdict = ancestry(id(residual[0]), fused[0]) if ancestry is not None else None
         else:
             born = [(branch_inputs or {}).get(id(t)) for t in (later[0], earlier[0])]
             if born[0] is not None and born[0] == born[1]:
@@ -199,35 +184,16 @@ def find_residual_add(
                 # fuses the add into neither (measured: no sum post-op in oneDNN's verbose
                 # log), so it adds in float; simulated as fused, 21% of the largest output off.
                 return None
-            residual, fused, verdict = _projection_first(
-                later, earlier, branch_inputs or {}, branch_sources or {}, ancestry
-            )
+            residual, fused = _projection_first(later, earlier, branch_inputs or {})
             source = (branch_sources or {}).get(id(residual[0]))
-            if (
-                verdict is None and pair not in (decided or {})
-                and source is not None and len(readers.get(source, ())) < 2
-            ):
+            if source is not None and len(readers.get(source, ())) < 2:
                 # Paddle fuses the add into the other conv only if the projection's input is
-                # an ancestor of that conv's output; without the graph: only if the other
-                # branch reads it too. A projection of a pooled copy of the block input
-                # (ResNet-vd, DLA) is added in float (measured, simulated as fused: 1.6% of
-                # the largest output off).
+                # an ancestor of that conv's output, i.e. the other branch reads it too; a
+                # projection of a pooled copy of the block input (ResNet-vd, DLA) is added in
+                # float (measured, simulated as fused: 1.6% of the largest output off).
                 return None
-        if verdict is not None and decided is not None:
-            decided[pair] = fused[1] if verdict else None
-        elif verdict is None and pair in (decided or {}):
-            if decided[pair] is None:
-                return None
-            if decided[pair] != fused[1]:
-                residual, fused = fused, residual
-            verdict = True
-        if verdict is False:
-            # An identity from another branch (an HRNet fuse layer's ``x1 + conv_bn(x0)``):
-            # no ancestor of the conv's output, so Paddle adds it in float (measured,
-            # simulated as fused: 7.6e-3 of the largest output off).
-            return None
-        residual_readers = tuple(readers.get(id(residual[0]), ()))
         top = symmetric_levels(8) if id(residual[0]) in signed else U8_MAX
+        residual_readers = tuple(readers.get(id(residual[0]), ()))
         if residual[1]:
             return ResidualAdd(fused[1], residual[1], residual_readers, top, after_relu=after_relu)
         return ResidualAdd(fused[1], residual_readers[0], residual_readers, top, True, after_relu)
@@ -254,31 +220,14 @@ def _projection_first(
     later: tuple[paddle.Tensor, str],
     earlier: tuple[paddle.Tensor, str],
     branch_inputs: Mapping[int, int],
-    branch_sources: Mapping[int, int],
-    ancestry: Callable[[int, paddle.Tensor], bool | None] | None,
-) -> tuple[tuple[paddle.Tensor, str], tuple[paddle.Tensor, str], bool | None]:
-    """Two conv/BatchNorm outputs read only by the add, as ``(residual, fused, fused by
-    Paddle)``: the residual is the projection, whose conv's input is an ancestor of the other
-    conv's output (``False``: neither is; ``None``: unknown). Without the graph, the projection
-    is the conv that read the older input (the block's input, from which the other branch is
-    computed); with unknown inputs, the one computed last."""
-    if ancestry is not None:
-        verdicts = [
-            None if source is None else ancestry(source, other[0])
-            for source, other in (
-                (branch_sources.get(id(earlier[0])), later), (branch_sources.get(id(later[0])), earlier),
-            )
-        ]
-        if verdicts[0] is True:
-            return earlier, later, True
-        if verdicts[1] is True:
-            return later, earlier, True
-        if verdicts == [False, False]:
-            return later, earlier, False
+) -> tuple[tuple[paddle.Tensor, str], tuple[paddle.Tensor, str]]:
+    """Two conv/BatchNorm outputs read only by the add, as ``(residual, fused)``: the residual
+    is the projection, whose conv read the older input (the block's input, from which the other
+    branch is computed); with unknown inputs, the one computed last."""
     born_later, born_earlier = branch_inputs.get(id(later[0])), branch_inputs.get(id(earlier[0]))
     if born_later is not None and born_earlier is not None and born_earlier < born_later:
-        return earlier, later, None
-    return later, earlier, None
+        return earlier, later
+    return later, earlier
 
 
 def residual_on_codes(

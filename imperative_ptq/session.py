@@ -21,7 +21,6 @@ import paddle
 from .collector import CalibrationCollector, CalibrationError
 from .computed_weights import computes_its_weight, may_compute_its_weight
 from .fingerprint import Fingerprint, fingerprint
-from .forward_graph import ForwardGraph, node_of
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
 from .quantizers import BaseQuantizer
@@ -222,9 +221,8 @@ class CalibrationSession:
         #: Outputs of the current forward that Paddle writes as u8 up to 255 after a residual.
         self._wide: dict[int, Any] = {}
         #: Tensors hooked layers read or wrote in the current forward: ``id`` -> (weak
-        #: reference, the order in which it was first seen, its grad node while the forward's
-        #: graph is recorded (:func:`~imperative_ptq.forward_graph.node_of`), else ``None``).
-        self._seen: dict[int, tuple[Any, int, int | None]] = {}
+        #: reference, the order in which it was first seen).
+        self._seen: dict[int, tuple[Any, int]] = {}
         #: The next order number (not ``len(_seen)``: a freed tensor's ``id`` is reused, and
         #: the tensor then taking it is newer than every one seen).
         self._seen_order = itertools.count()
@@ -232,12 +230,6 @@ class CalibrationSession:
         #: it, directly or through a BatchNorm, read its input (see ``_seen``), that input's
         #: ``id``).
         self._branch_inputs: dict[int, tuple[Any, int, int]] = {}
-        #: The autograd graph of the first calibration forward that completes (which tensor is
-        #: an ancestor of which: Paddle fuses a residual add only into a conv the residual is
-        #: an ancestor of), and what it decided of each add (``find_residual_add``'s ``decided``).
-        self._graph = ForwardGraph()
-        self._graph_recorded = False
-        self._fusions: dict[tuple[str, str], str | None] = {}
         #: The model's first input changed between two calibration calls (so a layer input
         #: that did not is a constant: ``LayerState.constant_input``); its last fingerprint.
         self.inputs_changed = False
@@ -334,7 +326,6 @@ class CalibrationSession:
         """Removes every hook and stops the worker; statistics are kept."""
         _DISCOVERING.discard(self)
         self._names = {}
-        self._graph.end()
         for handle in self.root_hooks:
             handle.remove()
         self.root_hooks = []
@@ -390,8 +381,6 @@ class CalibrationSession:
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self._calls.clear()
         self.forwards += 1
-        if not self._graph_recorded:
-            self._graph.begin(layer)
         if not self.inputs_changed:
             first = next((value for value in inputs if isinstance(value, paddle.Tensor)), None)
             if first is not None and first.size:
@@ -423,15 +412,7 @@ class CalibrationSession:
             for (shape, dtype), (new_shape, _) in zip(self.input_signature, seen)
         ]
 
-    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> Any:
-        detached = None
-        if self._graph.recording:
-            if self._graph.switched_grad_on:  # (under no_grad: hand back what it would)
-                detached = paddle.utils.map_structure(
-                    lambda value: value.detach() if isinstance(value, paddle.Tensor) else value, outputs
-                )
-            self._graph.end()
-            self._graph_recorded = True
+    def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
         for value in _returned_tensors(outputs):
             source = self.source_of(value)
             if source is not None:
@@ -448,7 +429,6 @@ class CalibrationSession:
         self._output_calls = {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
-        return detached
 
     def source_of(self, value: paddle.Tensor) -> str | None:
         """The hooked layer of the current forward whose output ``value`` is: the same tensor,
@@ -476,17 +456,8 @@ class CalibrationSession:
         if entry is not None and entry[0]() is value:
             return entry[1]
         order = next(self._seen_order)
-        node = node_of(value) if self._graph.recording else None
-        self._seen[id(value)] = (weakref.ref(value), order, node)
+        self._seen[id(value)] = (weakref.ref(value), order)
         return order
-
-    def _is_ancestor(self, source: int, tensor: paddle.Tensor) -> bool | None:
-        """Whether the tensor of ``id`` ``source`` seen in this forward is an ancestor of
-        ``tensor``; ``None`` when unknown (the forward's graph is not recorded)."""
-        entry = self._seen.get(source)
-        if not self._graph.recording or entry is None or entry[0]() is None:
-            return None
-        return self._graph.reaches(entry[2], tensor)
 
     def _note_branch_input(
         self, layer: paddle.nn.Layer, first: paddle.Tensor, output: paddle.Tensor
@@ -531,10 +502,7 @@ class CalibrationSession:
             if tensor is not None and id(tensor) not in written
         ]
         with paddle.no_grad():
-            found = find_residual_add(
-                value, outputs, readers, signed, branch_inputs, inputs, branch_sources,
-                self._is_ancestor, self._fusions,
-            )
+            found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs, branch_sources)
         if found is None or (not gives_scale and not found.residual_readers):
             return None
         found = dataclasses.replace(found, sum_reader=reader)

@@ -64,40 +64,6 @@ def test_find_residual_add_picks_the_operand_paddle_reads_as_codes() -> None:
     ) is None
 
 
-def test_find_residual_add_follows_the_ancestry_of_an_earlier_forward() -> None:
-    """With the graph (``ancestry``): a residual that is no ancestor of the other operand's
-    conv output is added in float, and a projection is the conv whose input is such an ancestor,
-    whatever the order; a forward without the graph follows those decisions."""
-    from imperative_ptq.quant_residual import find_residual_add
-
-    rng = np.random.default_rng(0)
-    shortcut, branch, block_input = (
-        paddle.to_tensor(rng.normal(size=[2, 4, 3, 3]).astype(np.float32)) for _ in range(3)
-    )
-    outputs = [(shortcut, "relu"), (branch, "bn2")]
-    reads = {id(shortcut): ("conv1",)}
-    decided: dict = {}
-    never = lambda source, tensor: False  # noqa: E731
-    assert find_residual_add(branch + shortcut, outputs, reads, ancestry=never, decided=decided) is None
-    assert decided == {("bn2", "relu"): None}
-    assert find_residual_add(branch + shortcut, outputs, reads, decided=decided) is None
-    assert find_residual_add(branch + shortcut, outputs, reads) is not None  # (the reader rule)
-    # Two conv outputs read only by the add: without the graph the later one is the projection,
-    # whose input no other layer reads, so nothing is fused; the graph says the earlier one's
-    # conv input is an ancestor of the later one's output.
-    outputs = [(shortcut, "downsample.1"), (branch, "bn2")]
-    sources = {id(shortcut): id(block_input), id(branch): id(shortcut)}
-    reads = {id(block_input): ("downsample.0", "conv1")}
-    ancestor = lambda source, tensor: source == id(block_input) and tensor is branch  # noqa: E731
-    found = find_residual_add(
-        shortcut + branch, outputs, reads, branch_sources=sources, ancestry=ancestor, decided=decided
-    )
-    assert (found.fused, found.residual) == ("bn2", "downsample.1")
-    assert find_residual_add(shortcut + branch, outputs, reads, branch_sources=sources) is None
-    found = find_residual_add(shortcut + branch, outputs, reads, branch_sources=sources, decided=decided)
-    assert (found.fused, found.residual) == ("bn2", "downsample.1")
-
-
 def _exported(downsample: bool, target: str, tmp_path) -> tuple[nn.Layer, str, np.ndarray]:
     paddle.seed(0)
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import paddle
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "bias_of", "channels_last_to_first", "complete_batch_norm_parameters",
+    "FUSABLE_ACTIVATIONS", "ancestors", "bias_of", "channels_last_to_first", "complete_batch_norm_parameters",
     "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "filters_of_their_own", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
@@ -37,6 +37,24 @@ def readers(block: "paddle.static.Block") -> dict[str, list[Operator]]:
             for name in op.input(slot):
                 found.setdefault(name, []).append(op)
     return found
+
+
+def ancestors(name: str, writers: dict[str, Operator]) -> set[str]:
+    """Every variable ``name`` is computed from (through any op, parameters included).
+    Paddle's oneDNN passes fuse a residual add into a conv only where the residual is one of
+    the conv output's ancestors."""
+    seen: set[str] = set()
+    pending = [name]
+    while pending:
+        op = writers.get(pending.pop())
+        if op is None:
+            continue
+        for slot in op.input_names:
+            for source in op.input(slot):
+                if source not in seen:
+                    seen.add(source)
+                    pending.append(source)
+    return seen
 
 
 def insert_op(block: "paddle.static.Block", index: int, **op: Any) -> Operator:

@@ -36,7 +36,7 @@ from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
 from .activation_matmuls import quantize_activation_matmuls
-from .coded_identity import CodedIdentity, round_float_readers
+from .coded_identity import CodedIdentity, round_float_readers, round_unfused_sums
 from .float_readers import (
     float_outputs_for_float_readers,
     isolate_fp32_weight_op_outputs,
@@ -335,6 +335,17 @@ def quantize_program(
     )
     if rounded:
         logger.info("%d float ops read an identity shortcut on its codes, as simulated", rounded)
+    # The sums the simulation puts on a fused conv's codes whose add Paddle does not fuse.
+    sums = {
+        out: CodedIdentity(coded_thresholds[out], top, activation_bits)
+        for out, top in sum_code_tops.items() if out in coded_thresholds
+    }
+    rounded = round_unfused_sums(
+        block, sums, set(identities), lambda name: int8_weight_op_output(block, name, producers(block))
+    )
+    if rounded:
+        logger.info("%d residual sums Paddle adds in float are put on the codes the simulation "
+                    "reads them on", rounded)
     loaded.program._sync_with_cpp()
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import paddle
 
-from .graph import insert_op, is_persistable, op_index, producers, readers
+from .graph import ancestors, insert_op, is_persistable, op_index, producers, readers
 from .legacy_program import (
     INT8_WEIGHT_OPS,
     ProgramScales,
@@ -217,23 +217,9 @@ def _projection_operand(operands: list[str], writers: Mapping, int8_output: Mapp
             op = writers.get(op.input("X")[0])
         return op.input(INT8_WEIGHT_OPS[op.type][1])[0]
 
-    def ancestors(name: str) -> set[str]:
-        seen, pending = set(), [name]
-        while pending:
-            current = pending.pop()
-            op = writers.get(current)
-            if op is None:
-                continue
-            for slot in op.input_names:
-                for source in op.input(slot):
-                    if source not in seen:
-                        seen.add(source)
-                        pending.append(source)
-        return seen
-
     first, second = operands
-    if conv_input(first) in ancestors(second):
+    if conv_input(first) in ancestors(second, writers):
         return first
-    if conv_input(second) in ancestors(first):
+    if conv_input(second) in ancestors(first, writers):
         return second
     return None
