@@ -38,6 +38,9 @@ def _tensor(value: Any, float_dtype: np.dtype) -> Any:
     inputs)`` reading ``inputs["image"]`` or ``inputs[0]``), keeps its structure, each array
     made a tensor (it was stacked into one array, or refused)."""
     if isinstance(value, paddle.Tensor):
+        convert_dtype = paddle.base.data_feeder.convert_dtype
+        if paddle.is_floating_point(value) and convert_dtype(value.dtype) != convert_dtype(float_dtype):
+            return value.astype(str(float_dtype))  # (a float64 DataLoader batch, as for arrays)
         return value
     if isinstance(value, dict):
         return {key: _tensor(item, float_dtype) if _array_like(item) else item for key, item in value.items()}
@@ -104,6 +107,8 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
                     f"(batch keys: {sorted(map(str, batch))})"
                 )
             return (), kwargs
+        if isinstance(batch, list) and _nested_numbers(batch):
+            batch = np.asarray(batch)  # one input written as a nested list (``x.tolist()``)
         items = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if arity is not None and len(items) > arity:
             dropped, items = items[arity:], items[:arity]  # (inputs, labels) from a loader
@@ -118,6 +123,18 @@ def batch_to_call(model: paddle.nn.Layer) -> Callable[[Any], ModelCall]:
         return tuple(_tensor(item, float_dtype) for item in items), {}
 
     return to_call
+
+
+def _nested_numbers(value: list) -> bool:
+    """Whether ``value`` is a nested list of numbers of at least two levels (one array),
+    not a list of inputs."""
+    if not value or not isinstance(value[0], list):
+        return False
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return False
+    return array.ndim >= 2 and array.dtype.kind in "fiub"
 
 
 def _looks_like_inputs(kept: list[Any], dropped: list[Any]) -> bool:

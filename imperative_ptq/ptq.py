@@ -552,7 +552,7 @@ class ImperativePTQ:
             OSError: The target cannot be written (nothing is left half-written).
         """
         from .export.atomic import export_directory, remove_created_directories
-        from .export.paddle_export import check_export_options, save_quantized_model
+        from .export.paddle_export import EXPORT_SUFFIXES, check_export_options, save_quantized_model
         from .export.spec_check import check_input_spec_runs
         from .export.tracing import normalize_input_spec
 
@@ -563,7 +563,7 @@ class ImperativePTQ:
             check_export_options(config)
             specs = normalize_input_spec(input_spec, model)
             input_spec = specs
-            export_directory(path)
+            export_directory(path, EXPORT_SUFFIXES)
             attached = session.attached
             session.detach()  # the check's zeros must not reach the statistics
             try:

@@ -349,6 +349,14 @@ class CalibrationSession:
                     f"paddle.Tensor, got numpy.ndarray: wrap it with paddle.to_tensor(...) "
                     f"(ImperativePTQ.calibrate converts arrays itself)"
                 )
+        tensors = [value for value in [*inputs, *kwargs.values()] if isinstance(value, paddle.Tensor)]
+        if tensors and all(value.size == 0 for value in tensors):
+            # (Its layers would see no value, and convert would map every input to 0.)
+            raise ValueError(
+                f"{type(layer).__name__} (being calibrated) got an empty batch (input shapes "
+                f"{[list(value.shape) for value in tensors]}): it calibrates nothing. Check the "
+                f"data loader (a batch size of 0, a slice past the end of the data)"
+            )
         for name, norm in self.norm_layers:
             if norm.training:
                 raise CalibrationError(

@@ -800,3 +800,69 @@ def test_a_structured_input_calibrates_as_called_by_hand(model_type, caplog) -> 
         with caplog.at_level("WARNING", logger="imperative_ptq"):
             ptq.calibrate(ptq.quantize(model), [[xa, xb]], progress=False)
         assert "give each batch as a 1-tuple: ([x1, x2],)" in caplog.text
+
+
+def _small_cnn() -> paddle.nn.Layer:
+    nn = paddle.nn
+    model = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4))
+    model.eval()
+    return model
+
+
+def test_calibrate_reads_float64_tensors_and_nested_lists_as_float32() -> None:
+    """A float64 DataLoader batch and a batch written as ``x.tolist()`` calibrate as the same
+    float64 array does (before: Paddle's dtype error; ``'list' object has no attribute
+    'is_dist'``)."""
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    x = np.random.default_rng(0).random((4, 3, 8, 8))
+    tables = []
+    for batch in (x, paddle.to_tensor(x), x.tolist()):
+        paddle.seed(0)
+        ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+        qmodel = ptq.quantize(_small_cnn())
+        assert ptq.calibrate(qmodel, [batch], progress=False) == 1
+        tables.append(ptq.calibration_table(qmodel))
+    assert tables[1] == tables[0] and tables[2] == tables[0]
+
+
+def test_an_empty_calibration_batch_is_refused() -> None:
+    """A zero-size batch calibrated nothing, yet counted: convert then mapped every input to 0."""
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_small_cnn())
+    with pytest.raises(ValueError, match=r"empty batch \(input shapes \[\[0, 3, 8, 8\]\]\)"):
+        qmodel(paddle.rand([0, 3, 8, 8]))
+    qmodel(paddle.rand([2, 3, 8, 8]))  # still calibrating
+    ptq.convert(qmodel)
+
+
+def test_an_export_prefix_with_the_files_suffix_is_refused(tmp_path) -> None:
+    """``out/m.pdmodel`` silently wrote ``out/m.pdmodel.pdmodel``."""
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_small_cnn())
+    qmodel(paddle.rand([2, 3, 8, 8]))
+    spec = [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")]
+    with pytest.raises(ValueError, match=r"pass '.*m'"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m.pdmodel"), input_spec=spec)
+    assert not os.listdir(tmp_path)
+    ptq.save_quantized_model(qmodel, str(tmp_path / "m"), input_spec=spec)  # still calibrating before
+    assert sorted(os.listdir(tmp_path)) == ["m.calibration.json", "m.pdiparams", "m.pdmodel"]
+
+
+def test_predict_names_an_input_of_another_shape_than_traced(tmp_path) -> None:
+    from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+    from imperative_ptq.export import create_predictor, predict
+
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(_small_cnn())
+    qmodel(paddle.rand([2, 3, 8, 8]))
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, input_spec=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    predictor = create_predictor(prefix)
+    with pytest.raises(ValueError, match=r"has shape \[2, 3, 16, 16\], the program was traced for \[None, 3, 8, 8\]"):
+        predict(predictor, np.zeros((2, 3, 16, 16), np.float32))
+    assert predict(predictor, np.zeros((2, 3, 8, 8), np.float32))[0].shape == (2, 4)

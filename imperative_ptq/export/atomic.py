@@ -38,18 +38,30 @@ logger = logging.getLogger(__name__)
 _created_for: dict[str, list[str]] = {}
 
 
-def export_directory(path_prefix: str | os.PathLike) -> tuple[str, str]:
+def export_directory(path_prefix: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> tuple[str, str]:
     """Splits ``path_prefix`` into (existing-or-created directory, file stem).
+
+    Args:
+        path_prefix: The export's file prefix.
+        suffixes: The suffixes the export appends to it (refused at its end).
 
     Raises:
         TypeError: ``path_prefix`` is not a path.
-        ValueError: ``path_prefix`` names a directory, not a file prefix.
+        ValueError: ``path_prefix`` names a directory, not a file prefix, or ends with one of
+            ``suffixes`` (``out/m.pdmodel`` would write ``out/m.pdmodel.pdmodel``).
         OSError: The directory cannot be created (same errno, message naming it).
     """
     if not isinstance(path_prefix, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path_prefix).__name__}")
     path_prefix = os.fspath(path_prefix)
     stem = os.path.basename(path_prefix)
+    ending = next((suffix for suffix in suffixes if stem.endswith(suffix) and stem != suffix), None)
+    if ending is not None:
+        raise ValueError(
+            f"path is a file prefix, to which the export appends {', '.join(suffixes)}: "
+            f"{path_prefix!r} would write {path_prefix + suffixes[-1]!r}; pass "
+            f"{path_prefix[:-len(ending)]!r}"
+        )
     if not stem or os.path.isdir(path_prefix):
         raise ValueError(
             f"path must be a file prefix such as 'out/model' (files out/model.pdmodel, ...), "

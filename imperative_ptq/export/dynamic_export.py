@@ -198,7 +198,7 @@ def save_dynamic_model(
     """
     check_dynamic_model(model)
     specs = normalize_input_spec(input_spec)
-    directory, _ = export_directory(path)
+    directory, _ = export_directory(path, DYNAMIC_EXPORT_SUFFIXES)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
     with staged_export(path, DYNAMIC_EXPORT_SUFFIXES, stale=(".calibration.json",)) as staging:
         weights = trace_dynamic_model(model, specs, staging + ".fp32")

@@ -263,7 +263,7 @@ def save_quantized_model(
     check_exportable(model)
     target_spec = _export_target(model, target)
     specs = normalize_input_spec(input_spec, model)
-    directory, _ = export_directory(path)
+    directory, _ = export_directory(path, EXPORT_SUFFIXES)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
 
     with staged_export(path, EXPORT_SUFFIXES) as staging:
@@ -397,7 +397,7 @@ def save_fp32_model(
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
     specs = normalize_input_spec(input_spec)
-    directory, _ = export_directory(path)
+    directory, _ = export_directory(path, EXPORT_SUFFIXES)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
     # A copy: tracing must not touch the user's model, and Paddle cannot trace an
     # uninitialized buffer (LSTM/GRU's ``_dropout_state``: "Unknown place type:

@@ -37,6 +37,8 @@ _PADDLE_DTYPES = {
 #: The program input dtypes of the predictors made by :func:`create_predictor` (Paddle's input
 #: handles report float32 until data is copied in, whatever the program takes).
 _INPUT_DTYPES: "weakref.WeakKeyDictionary[Any, dict[str, np.dtype]]" = weakref.WeakKeyDictionary()
+#: Their input shapes (``-1``: any size), likewise.
+_INPUT_SHAPES: "weakref.WeakKeyDictionary[Any, dict[str, list[int]]]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -177,6 +179,7 @@ def create_predictor(
         for name in predictor.get_input_names():
             predictor.get_input_handle(name)
     _INPUT_DTYPES[predictor] = program_input_dtypes(os.fspath(path_prefix) + ".pdmodel")
+    _INPUT_SHAPES[predictor] = program_input_shapes(os.fspath(path_prefix) + ".pdmodel")
     return predictor
 
 
@@ -264,6 +267,44 @@ def _casts_int8_parameters(program: Any) -> bool:
         op.type == "cast" and any(name in parameters for slot in op.inputs for name in slot.arguments)
         for op in block.ops
     )
+
+
+def _shape_mismatch(predictor: Any, names: Sequence[str], arrays: Sequence[np.ndarray]) -> str | None:
+    """The first input whose shape is not one the program was traced with, described, or
+    ``None`` (also for a predictor :func:`create_predictor` did not make)."""
+    try:
+        shapes = _INPUT_SHAPES.get(predictor, {})
+    except TypeError:
+        return None
+    for position, (name, array) in enumerate(zip(names, arrays)):
+        shape = shapes.get(name)
+        if shape is not None and (
+            len(shape) != array.ndim or any(size >= 0 and size != got for size, got in zip(shape, array.shape))
+        ):
+            return (
+                f"input {position} ({name!r}) has shape {list(array.shape)}, the program was traced "
+                f"for {[None if size < 0 else size for size in shape]} (None: any size; export with "
+                f"None in the input_spec for a size that varies)"
+            )
+    return None
+
+
+def program_input_shapes(model_file: str | os.PathLike) -> dict[str, list[int]]:
+    """The shapes of a legacy program's inputs (its feed variables) by name, ``-1`` for a size
+    the program takes any of; empty when the file is not a legacy program."""
+    program = _program_desc(model_file)
+    if program is None:
+        return {}
+    block = program.blocks[0]
+    types = {var.name: var.type for var in block.vars}
+    shapes: dict[str, list[int]] = {}
+    for op in block.ops:
+        for slot in op.outputs if op.type == "feed" else ():
+            for name in slot.arguments:
+                var_type = types.get(name)
+                if var_type is not None and var_type.HasField("dense_tensor"):
+                    shapes[name] = [int(size) for size in var_type.dense_tensor.tensor.dims]
+    return shapes
 
 
 def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
@@ -361,7 +402,9 @@ def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np
         Every output of the program, as numpy arrays.
 
     Raises:
-        ValueError: The number of inputs is not the program's, or an input has no elements.
+        ValueError: The number of inputs is not the program's, an input has no elements, or
+            the program fails on an input of another shape than it was traced for (predictors
+            made by :func:`create_predictor`; the message names it).
         TypeError: The inputs come as one list of arrays (pass them as separate
             arguments), an input is no numpy array (a ``paddle.Tensor``: pass ``.numpy()``), or
             its data cannot be converted without loss (float data for an int64 input); the
@@ -397,5 +440,13 @@ def predict(predictor: "paddle_infer.Predictor", *inputs: np.ndarray) -> list[np
             )
     for name, array in zip(names, arrays):
         predictor.get_input_handle(name).copy_from_cpu(array)
-    predictor.run()
+    try:
+        predictor.run()
+    except Exception as error:
+        # Paddle's message names a kernel's operands ("2048 vs 512" from a matmul); a program
+        # traced for other sizes (a fully convolutional one runs any) is named here.
+        mismatch = _shape_mismatch(predictor, names, arrays)
+        if mismatch is None:
+            raise
+        raise ValueError(f"{mismatch}; Paddle Inference failed: {str(error).strip().splitlines()[0]}") from error
     return [predictor.get_output_handle(name).copy_to_cpu() for name in predictor.get_output_names()]
