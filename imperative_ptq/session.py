@@ -208,6 +208,11 @@ class CalibrationSession:
         self._pooled: list[tuple[paddle.Tensor, str]] = []
         #: ``id`` of an output in ``_outputs`` -> which call of its layer in the forward wrote it.
         self._output_calls: dict[int, int] = {}
+        #: ``id`` of an output in ``_outputs`` -> its inplace version when its layer wrote it (a
+        #: reader seeing another changed it in place: ``y.add_(x)``, ``F.relu_(y)``), and the
+        #: layers warned of reading such a tensor.
+        self._output_versions: dict[int, int] = {}
+        self._warned_in_place: set[str] = set()
         #: Tensors hooked layers read in the current forward: ``id`` -> (weak reference,
         #: names of the layers that read it).
         self._read: dict[int, tuple[Any, tuple[str, ...]]] = {}
@@ -385,7 +390,7 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
-        self._output_calls = {}
+        self._output_calls, self._output_versions = {}, {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self._calls.clear()
         self.forwards += 1
@@ -434,7 +439,7 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
-        self._output_calls = {}
+        self._output_calls, self._output_versions = {}, {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
 
@@ -452,6 +457,19 @@ class CalibrationSession:
                 ):
                     return name
         return None
+
+    def _warn_in_place(self, reader: str, source: str) -> None:
+        """Warns (once per layer) that ``reader`` reads ``source``'s output changed in place."""
+        if reader in self._warned_in_place:
+            return
+        self._warned_in_place.add(reader)
+        logger.warning(
+            "layer %r reads the output of %r after an in-place op changed it (e.g. y.add_(x), "
+            "F.relu_(y), paddle.assign(..., output=y), y[...] = v): calibration cannot see that "
+            "op, so the int8 simulation and the exports may compute different things there "
+            "(measured up to 0.63 of the largest output apart). Write it out of place "
+            "(y = F.relu(y + x)) before quantizing", reader, source,
+        )
 
     def _note_read(self, value: paddle.Tensor, name: str) -> None:
         entry = self._read.get(id(value))
@@ -513,6 +531,12 @@ class CalibrationSession:
             found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs, branch_sources)
         if found is None or (not gives_scale and not found.residual_readers):
             return None
+        changed = [
+            name for tensor, name in outputs if name in (found.fused, found.residual)
+            and self._output_versions.get(id(tensor), 0) != tensor._inplace_version()
+        ]
+        if changed:
+            self._warn_in_place(reader, changed[0])
         found = dataclasses.replace(found, sum_reader=reader)
         for layer, state in self.layers:
             if state.name == found.residual:
@@ -524,6 +548,7 @@ class CalibrationSession:
         # in, even where a freed tensor's ``id`` is reused.
         self._outputs.pop(id(value), None)
         self._output_calls.pop(id(value), None)
+        self._output_versions[id(value)] = value._inplace_version()
         self._outputs[id(value)] = (weakref.ref(value), name)
         if value.ndim == 4 and value.shape[2] == 1 and value.shape[3] == 1:
             self._pooled.append((value, name))
@@ -554,6 +579,8 @@ class CalibrationSession:
         if _is_float_tensor(first):
             self._first_seen(first)
             source = self.source_of(first)
+            if source is not None and self._output_versions.get(id(first), 0) != first._inplace_version():
+                self._warn_in_place(state.name, source)
             site = self._site_outputs.get(id(first))
             if site is not None and site[0]() is first:
                 state.site_sources.add(site[1])
