@@ -1297,3 +1297,31 @@ def test_a_sum_joined_with_a_signed_output_keeps_its_fused_conv(target, tmp_path
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
     report = int8_report(str(tmp_path / "m"))
     assert "fused_elementwise_add" not in report.fp32, report  # the add runs inside the conv
+
+
+class _SignedProjection(nn.Layer):
+    """A block on the network's signed input, its projection shortcut (1x1 conv + BatchNorm)
+    reading that input too: on ``x86-avx2`` both convs run on halved weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2D(8, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8))
+        self.shortcut = nn.Sequential(nn.Conv2D(3, 8, 1, bias_attr=False), nn.BatchNorm2D(8))
+        self.head = nn.Conv2D(8, 4, 1)
+        randomize_batch_norm_statistics(self, seed=3)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(F.relu(self.conv2(self.conv1(x)) + self.shortcut(x)))
+
+
+def test_a_halved_projection_exports_as_simulated(tmp_path, avx2_runner) -> None:
+    """``x86-avx2``: the export's check of a halved conv's folded BatchNorm failed on the
+    projection's (``AttributeError: 'QuantizedResidualOutput' object has no attribute '_mean'``)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_SignedProjection(), batches, "x86-avx2")
+    assert isinstance(qmodel.shortcut[1], QuantizedResidualOutput)
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
