@@ -1300,14 +1300,15 @@ def test_a_sum_joined_with_a_signed_output_keeps_its_fused_conv(target, tmp_path
 
 
 class _SignedProjection(nn.Layer):
-    """A block on the network's signed input, its projection shortcut (1x1 conv + BatchNorm)
-    reading that input too: on ``x86-avx2`` both convs run on halved weights."""
+    """A block on the network's signed input, its projection shortcut (1x1 conv + BatchNorm, or
+    a 1x1 conv alone) reading that input too: on ``x86-avx2`` both convs run on halved weights,
+    on ``x86`` the unpadded shortcut on its input shifted into u8."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU())
         self.conv2 = nn.Sequential(nn.Conv2D(8, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8))
-        self.shortcut = nn.Sequential(nn.Conv2D(3, 8, 1, bias_attr=False), nn.BatchNorm2D(8))
+        self.shortcut = nn.Sequential(nn.Conv2D(3, 8, 1, bias_attr=not norm), *([nn.BatchNorm2D(8)] if norm else []))
         self.head = nn.Conv2D(8, 4, 1)
         randomize_batch_norm_statistics(self, seed=3)
 
@@ -1323,5 +1324,19 @@ def test_a_halved_projection_exports_as_simulated(tmp_path, avx2_runner) -> None
     batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
     qmodel = converted(_SignedProjection(), batches, "x86-avx2")
     assert isinstance(qmodel.shortcut[1], QuantizedResidualOutput)
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_shifted_projection_is_added_in_float_as_exported(norm, tmp_path, avx2_runner) -> None:
+    """``x86``: a projection shortcut reading the signed input through a shift writes its output
+    in float in the export, which adds it in float; the simulation wrote it as s8 residual codes
+    (1.9% of the largest output off Paddle Inference)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_SignedProjection(norm), batches, "x86")
+    assert qmodel.shortcut[0].input_shifted
     x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
