@@ -1382,3 +1382,35 @@ def test_block_outputs_concatenated_are_written_on_the_readers_codes(target, tmp
     assert qmodel.second[2].threshold == qmodel.head.input_thresholds[0] == qmodel.first[2].threshold
     x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
+
+
+class _BlockOutputReadInFloatToo(nn.Layer):
+    """A block output (``nn.ReLU`` after the add) read by an int8 conv and by a sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2D(8, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2D(8, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8))
+        self.relu, self.up, self.head = nn.ReLU(), nn.Conv2D(8, 8, 1), nn.Conv2D(16, 4, 1)
+        randomize_batch_norm_statistics(self, seed=7)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.stem(x)
+        total = self.relu(self.conv2(self.conv1(x)) + x)
+        return self.head(paddle.concat([self.up(total), F.sigmoid(total)], 1))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_onnx_runtime_gives_a_float_reader_of_a_block_output_its_codes(target, tmp_path) -> None:
+    """The sigmoid reads the codes the fused conv writes, as in the simulation and Paddle
+    Inference (the ONNX graph fed it the float sum: 1.3e-2 of the largest output off)."""
+    from models import largest_error_in_onnx_runtime
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_BlockOutputReadInFloatToo(), batches, target)
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path, int8_residual_branches=False) <= 2e-6

@@ -855,6 +855,12 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             float_reader = op.type in self.float_op_types or (
                 op.type in _VALUE_PASSING_OPS and self._passes_on_another_grid(op, name)
             )
+        if float_reader and name in self.coded:
+            # A tensor the simulation holds on codes for every reader (a block output a fused
+            # conv writes): a float op reads them too, up to 255 (measured: a sigmoid of a
+            # block output beside its int8 reader read the float sum, 1.3e-2 of the largest
+            # output off the simulation).
+            return self.coded_values.get(name, self.names[name])
         if float_reader and name in self.layer_inputs and name not in self.coded_residuals:
             # An int8 layer's input is quantized for that layer alone: an op computing in
             # float beside it (an upsample, an activation) reads the float value, as in the
