@@ -712,13 +712,10 @@ class CalibrationSession:
                 sample = collector.sample(value, quantizer.uses_signed_values)
                 collector.submit(quantizer, [sample], state.name)
         first = inputs[0] if inputs else None
-        # Which layer's output it reads in float (an int8 head pool of the same tensor would
-        # make Paddle give it codes, quant_pool.int8_head_pools); a concat: every input's (each
-        # block output it joins is written on its int8 readers' codes, convert.concat_readers;
-        # with its first input's alone, a second block's sum kept its own: 1.1e-2 of the
-        # largest output off Paddle Inference).
-        for value in inputs if notes_reads else [first]:
-            source = self.source_of(value) if _is_float_tensor(value) else None
+        if _is_float_tensor(first):
+            # Which layer's output it reads in float (an int8 head pool of the same tensor
+            # would make Paddle give it codes, quant_pool.int8_head_pools).
+            source = self.source_of(first)
             if source is not None:
                 state.input_sources.add(source)
         if notes_reads:
