@@ -20,6 +20,7 @@ Format, one entry per layer that has an observation (those left out have none)::
                          "wide_input": true}, ...}
 
 ``input_sources``: hooked layers whose output the layer read as its first input;
+``joined_sources``: of a functional concat, those whose output it joined as a later input;
 ``input_source_calls``: ``[source, call]`` pairs naming which call within a forward (the first
 is 0) of each source wrote what was read, kept for sources with ``sum_calls``;
 ``input_rank``: the largest rank of that input (0 or absent: none seen); ``signed_input`` /
@@ -73,7 +74,7 @@ _FLAGS = (
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
-    "input_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
+    "input_sources", "joined_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
     "plain_input_calls", "calls_per_forward", "input_source_calls", "sum_calls",
 )
 
@@ -92,6 +93,8 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
         entry: LayerStructure = {}
         if state.input_sources:
             entry["input_sources"] = sorted(state.input_sources)
+        if state.joined_sources:
+            entry["joined_sources"] = sorted(state.joined_sources)
         source_calls = sorted(pair for pair in state.input_source_calls if pair[0] in summing_again)
         if source_calls:
             entry["input_source_calls"] = [[source, int(call)] for source, call in source_calls]
@@ -137,6 +140,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
     for state in states:
         entry = section.get(state.name, {})
         state.input_sources = set(entry.get("input_sources", ()))
+        state.joined_sources = set(entry.get("joined_sources", ()))
         state.input_source_calls = {(source, int(call)) for source, call in entry.get("input_source_calls", ())}
         state.input_rank = int(entry.get("input_rank", 0))
         state.earlier_readers = set(entry.get("earlier_readers", ()))
@@ -187,6 +191,7 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
         if unknown:
             raise ValueError(f"{where} has unknown keys {unknown}; known: {list(_KEYS)}")
         _check_names(where, "input_sources", entry.get("input_sources", []), names)
+        _check_names(where, "joined_sources", entry.get("joined_sources", []), names)
         _check_names(where, "earlier_readers", entry.get("earlier_readers", []), names)
         rank = entry.get("input_rank", 0)
         if not _is_int(rank) or not 0 <= rank <= _MAX_RANK:

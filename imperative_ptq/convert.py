@@ -408,7 +408,7 @@ def _simulate_fused_residuals(
         if by_name[name][1].residual_adds:
             return []  # an add reads the sum too, where the export keeps its own scale
         direct = [
-            state for _, state in hooked if name in state.input_sources
+            state for _, state in hooked if name in state.input_sources | state.joined_sources
             # An int8 conv reading no sum reads another call of a shared ReLU.
             and not (state.name in quantized and not (state.wide_input or state.signed_input))
         ]

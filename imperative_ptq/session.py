@@ -69,6 +69,9 @@ class LayerState:
     #: Names of the hooked layers whose output this layer read as its first input: the same
     #: tensor, or a global pool's output flattened (:meth:`CalibrationSession.source_of`).
     input_sources: set[str] = dataclasses.field(default_factory=set)
+    #: A functional concat's: the hooked layers whose output it joins as a later input (not
+    #: counted as a reader of theirs: their folding and pooling rules read ``input_sources``).
+    joined_sources: set[str] = dataclasses.field(default_factory=set)
     #: ``(source, call)`` for each of those reads: which call within a forward (the first is 0)
     #: of the source layer wrote the tensor read (a ReLU called once per residual block
     #: applied twice has a reader per call).
@@ -722,6 +725,10 @@ class CalibrationSession:
             for value in inputs:
                 if _is_float_tensor(value):
                     self._note_read(value, state.name)
+            for value in inputs[1:]:
+                source = self.source_of(value) if _is_float_tensor(value) else None
+                if source is not None:
+                    state.joined_sources.add(source)
         if _is_float_tensor(outputs):
             self._site_outputs[id(outputs)] = (weakref.ref(outputs), state.name)
         if state.input_quantizer is not None and _is_float_tensor(first) and first.size:

@@ -1407,3 +1407,45 @@ def test_onnx_runtime_adds_a_projection_bias_as_simulated(target, tmp_path) -> N
     x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path, int8_residual_branches=False) <= 2e-6
+
+
+class _TwoBlocksConcatenated(nn.Layer):
+    """Two identity blocks (an ``nn.ReLU`` after each add) of different output ranges, their
+    outputs concatenated into one int8 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv_norm(channels_in: int, relu: bool = False) -> nn.Sequential:
+            layers = [nn.Conv2D(channels_in, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8)]
+            return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+        self.stem, self.middle = conv_norm(3, relu=True), conv_norm(8, relu=True)
+        self.first = nn.LayerList([conv_norm(8, relu=True), conv_norm(8), nn.ReLU()])
+        self.second = nn.LayerList([conv_norm(8, relu=True), conv_norm(8), nn.ReLU()])
+        self.head = nn.Conv2D(16, 4, 1)
+        randomize_batch_norm_statistics(self, seed=5)
+        for norm in (self.middle[1], self.second[1][1]):  # the second block's range smaller
+            norm.weight.set_value(norm.weight * 0.3)
+            norm.bias.set_value(norm.bias * 0.3)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        def block(layers: nn.LayerList, y: paddle.Tensor) -> paddle.Tensor:
+            return layers[2](layers[1](layers[0](y)) + y)
+
+        x = self.stem(x)
+        return self.head(paddle.concat([block(self.first, x), block(self.second, self.middle(x))], 1))
+
+
+@pytest.mark.parametrize("target", [*X86_TARGETS, "x86-avx2"])
+def test_block_outputs_concatenated_are_written_on_the_readers_codes(target, tmp_path, avx2_runner) -> None:
+    """Each sum is written on the codes of the conv reading the concat, as Paddle's fused convs
+    write them; calibration recorded the concat's first input alone, so the second sum kept its
+    own threshold (1.1e-2 of the largest output off Paddle Inference)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(_TwoBlocksConcatenated(), batches, target)
+    assert qmodel.second[2].threshold == qmodel.head.input_thresholds[0] == qmodel.first[2].threshold
+    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=avx2_runner) <= 2e-6
