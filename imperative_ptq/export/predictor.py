@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import paddle.inference as paddle_infer
@@ -178,8 +178,9 @@ def create_predictor(
         # The int8 passes run (and print) on the first call.
         for name in predictor.get_input_names():
             predictor.get_input_handle(name)
-    _INPUT_DTYPES[predictor] = program_input_dtypes(os.fspath(path_prefix) + ".pdmodel")
-    _INPUT_SHAPES[predictor] = program_input_shapes(os.fspath(path_prefix) + ".pdmodel")
+    feeds = _feed_tensors(_program_desc(os.fspath(path_prefix) + ".pdmodel"))
+    _INPUT_DTYPES[predictor] = _numpy_dtypes(feeds)
+    _INPUT_SHAPES[predictor] = {name: [int(size) for size in tensor.dims] for name, tensor in feeds.items()}
     return predictor
 
 
@@ -289,24 +290,6 @@ def _shape_mismatch(predictor: Any, names: Sequence[str], arrays: Sequence[np.nd
     return None
 
 
-def program_input_shapes(model_file: str | os.PathLike) -> dict[str, list[int]]:
-    """The shapes of a legacy program's inputs (its feed variables) by name, ``-1`` for a size
-    the program takes any of; empty when the file is not a legacy program."""
-    program = _program_desc(model_file)
-    if program is None:
-        return {}
-    block = program.blocks[0]
-    types = {var.name: var.type for var in block.vars}
-    shapes: dict[str, list[int]] = {}
-    for op in block.ops:
-        for slot in op.outputs if op.type == "feed" else ():
-            for name in slot.arguments:
-                var_type = types.get(name)
-                if var_type is not None and var_type.HasField("dense_tensor"):
-                    shapes[name] = [int(size) for size in var_type.dense_tensor.tensor.dims]
-    return shapes
-
-
 def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
     """The numpy dtypes of a legacy program's inputs (its feed variables), by name.
 
@@ -317,25 +300,35 @@ def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
         ``{input name: dtype}``; empty when the file is not a legacy program, and without the
         inputs whose type has no numpy dtype (bfloat16).
     """
-    from paddle.base.proto import framework_pb2
+    return _numpy_dtypes(_feed_tensors(_program_desc(model_file)))
 
-    program = _program_desc(model_file)
+
+def _feed_tensors(program: Any) -> dict[str, Any]:
+    """The tensor descriptions (data type, dims: ``-1`` for a size the program takes any of)
+    of a parsed legacy program's feed variables, by name; empty for ``None``."""
     if program is None:
         return {}
     block = program.blocks[0]
     types = {var.name: var.type for var in block.vars}
-    dtypes: dict[str, np.dtype] = {}
+    tensors: dict[str, Any] = {}
     for op in block.ops:
-        if op.type != "feed":
-            continue
-        for slot in op.outputs:
+        for slot in op.outputs if op.type == "feed" else ():
             for name in slot.arguments:
                 var_type = types.get(name)
-                if var_type is None or not var_type.HasField("dense_tensor"):
-                    continue
-                type_name = framework_pb2.VarType.Type.Name(var_type.dense_tensor.tensor.data_type)
-                if type_name in _PADDLE_DTYPES:
-                    dtypes[name] = np.dtype(_PADDLE_DTYPES[type_name])
+                if var_type is not None and var_type.HasField("dense_tensor"):
+                    tensors[name] = var_type.dense_tensor.tensor
+    return tensors
+
+
+def _numpy_dtypes(tensors: Mapping[str, Any]) -> dict[str, np.dtype]:
+    """The numpy dtypes of :func:`_feed_tensors`' descriptions (those that have one)."""
+    from paddle.base.proto import framework_pb2
+
+    dtypes: dict[str, np.dtype] = {}
+    for name, tensor in tensors.items():
+        type_name = framework_pb2.VarType.Type.Name(tensor.data_type)
+        if type_name in _PADDLE_DTYPES:
+            dtypes[name] = np.dtype(_PADDLE_DTYPES[type_name])
     return dtypes
 
 
