@@ -45,7 +45,7 @@ import paddle
 
 from .fuse import batch_norm_factor_and_bias
 from .quant_layers import QuantizedLayer, keeps_forward
-from .quant_residual import QuantizedResidualOutput
+from .quant_residual import unwrapped_norm
 from .quantizers.qparams import symmetric_levels
 from .registry import BATCH_NORM_TYPES
 from .session import LayerState
@@ -100,7 +100,7 @@ def put_conv_biases_on_grid(
         # (A projection shortcut's BatchNorm, which convert wrapped to write its s8 residual
         # codes: ONNX Runtime folds it into the QLinearConv too, measured 6.9e-3 .. 1.2e-2 of
         # the largest output off the simulation with the bias off the grid.)
-        norms = [_unwrapped(layers.get(reader.name)) for reader in following]
+        norms = [unwrapped_norm(layers.get(reader.name)) for reader in following]
         if len(following) > 1 and isinstance(layer.layer, paddle.nn.Conv2D) and all(
             isinstance(norm, BATCH_NORM_TYPES) and reader.input_sources == {state.name}
             for norm, reader in zip(norms, following)
@@ -128,12 +128,6 @@ def put_conv_biases_on_grid(
     if moved:
         logger.info("%d conv/Linear biases moved onto their int32 grid of input x weight scale", moved)
     return moved
-
-
-def _unwrapped(layer: paddle.nn.Layer | None) -> paddle.nn.Layer | None:
-    """The BatchNorm inside a :class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`,
-    else ``layer``."""
-    return layer.layer if isinstance(layer, QuantizedResidualOutput) else layer
 
 
 def _coded_input_scale(layer: object, target: Target, activation_bits: int) -> float | None:

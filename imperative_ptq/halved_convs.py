@@ -38,6 +38,7 @@ import paddle
 
 from .fuse import batch_norm_factor_and_bias
 from .quant_layers import keeps_forward
+from .quant_residual import unwrapped_norm
 from .registry import BATCH_NORM_TYPES
 from .session import LayerState
 
@@ -78,8 +79,7 @@ def norm_factor(norm: paddle.nn.Layer) -> np.ndarray:
     """The float32 per-channel factor ``gamma / sqrt(variance + eps)`` of a BatchNorm folded
     into the conv before it (also inside the wrapper ``convert`` may have put around it: a
     residual BatchNorm's :class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`)."""
-    while not hasattr(norm, "_mean") and isinstance(getattr(norm, "layer", None), paddle.nn.Layer):
-        norm = norm.layer
+    norm = unwrapped_norm(norm)
     mean = norm._mean.numpy().astype(np.float32)
     gamma = norm.weight.numpy().astype(np.float32) if norm.weight is not None else np.ones_like(mean)
     factor, _ = batch_norm_factor_and_bias(

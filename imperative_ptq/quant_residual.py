@@ -84,7 +84,7 @@ from .rounding import grid_codes
 __all__ = [
     "S8_MIN", "QuantizedResidualOutput", "ResidualAdd", "ResidualCodesInput", "ResidualSumOutput",
     "find_residual_add", "quantize_residual_in_place", "relu_or_its_max_pool", "residual_on_codes",
-    "residual_output_codes",
+    "residual_output_codes", "unwrapped_norm",
 ]
 
 #: Smallest code of an s8 tensor a oneDNN conv writes (it saturates there, not at ``-L``).
@@ -278,6 +278,13 @@ def residual_output_codes(y: paddle.Tensor, threshold: float, activation_bits: i
     (below ``-L`` at 8 bits; on both sides below 8 bits)."""
     step = np.float32(threshold / symmetric_levels(activation_bits))
     return grid_codes(y, step, S8_MIN, S8_MAX, half_to_even=True) * step
+
+
+def unwrapped_norm(layer: paddle.nn.Layer | None) -> paddle.nn.Layer | None:
+    """The BatchNorm (or conv) a :class:`QuantizedResidualOutput` wraps, else ``layer``: what
+    folding reads the parameters of, where ``convert`` made a projection's BatchNorm write s8
+    residual codes."""
+    return layer.layer if isinstance(layer, QuantizedResidualOutput) else layer
 
 
 class QuantizedResidualOutput(paddle.nn.Layer):

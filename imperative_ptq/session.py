@@ -461,6 +461,10 @@ class CalibrationSession:
                     return name
         return None
 
+    def _changed_in_place(self, output: paddle.Tensor) -> bool:
+        """Whether an in-place op changed a hooked layer's ``output`` since the layer wrote it."""
+        return self._output_versions.get(id(output), 0) != output._inplace_version()
+
     def _warn_in_place(self, reader: str, source: str) -> None:
         """Warns (once per layer) that ``reader`` reads ``source``'s output changed in place."""
         if reader in self._warned_in_place:
@@ -535,8 +539,8 @@ class CalibrationSession:
         if found is None or (not gives_scale and not found.residual_readers):
             return None
         changed = [
-            name for tensor, name in outputs if name in (found.fused, found.residual)
-            and self._output_versions.get(id(tensor), 0) != tensor._inplace_version()
+            name for tensor, name in outputs
+            if name in (found.fused, found.residual) and self._changed_in_place(tensor)
         ]
         if changed:
             self._warn_in_place(reader, changed[0])
@@ -582,7 +586,7 @@ class CalibrationSession:
         if _is_float_tensor(first):
             self._first_seen(first)
             source = self.source_of(first)
-            if source is not None and self._output_versions.get(id(first), 0) != first._inplace_version():
+            if source is not None and self._changed_in_place(first):
                 self._warn_in_place(state.name, source)
             site = self._site_outputs.get(id(first))
             if site is not None and site[0]() is first:

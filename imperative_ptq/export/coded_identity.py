@@ -117,9 +117,9 @@ def round_unfused_sums(
     (:class:`~imperative_ptq.quant_residual.ResidualSumOutput`) on those codes, computed in
     float, where Paddle does not fuse its add of an identity shortcut on codes and an int8 conv
     output into that conv: the identity is no ancestor of the conv's output (an HRNet fuse
-    layer's ``relu(x1 + conv_bn(x0))``) or the export kept the conv out of the add. A fused conv writes the codes itself; an unfused add's ReLU output is
-    float, which the network returned where the simulation returns codes (measured: 2.6e-3 of
-    the largest output off).
+    layer's ``relu(x1 + conv_bn(x0))``) or the export kept the conv out of the add. A fused
+    conv writes the codes itself; an unfused add's ReLU output is float, which the network
+    returned where the simulation returns codes (measured: 2.6e-3 of the largest output off).
 
     Args:
         block: The program's global block (rewritten in place).
@@ -144,7 +144,7 @@ def round_unfused_sums(
         # (An add Paddle does not fuse reads an identity through the codes of
         # :func:`round_float_readers`.)
         shortcut = next(
-            (name for name in operands if name in identities or name.removesuffix(_ON_GRID) in identities), None
+            (operand for operand in operands if operand.removesuffix(_ON_GRID) in identities), None
         )
         if len(operands) != 2 or shortcut is None or _fused_residual_add(add, shortcut, int8_output, writers):
             continue
@@ -206,7 +206,7 @@ def _fused_residual_add(
     if len(operands) != 2 or name not in operands:
         return False
     other = operands[1 - operands.index(name)]
-    return int8_output(other) and name in ancestors(other, dict(writers))
+    return int8_output(other) and name in ancestors(other, writers)
 
 
 def _insert_codes(

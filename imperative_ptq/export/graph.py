@@ -4,7 +4,7 @@ and the parameter tensors in its scope. ``loaded`` is a :class:`.program.LegacyP
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import paddle
@@ -39,7 +39,7 @@ def readers(block: "paddle.static.Block") -> dict[str, list[Operator]]:
     return found
 
 
-def ancestors(name: str, writers: dict[str, Operator]) -> set[str]:
+def ancestors(name: str, writers: Mapping[str, Operator]) -> set[str]:
     """Every variable ``name`` is computed from (through any op, parameters included).
     Paddle's oneDNN passes fuse a residual add into a conv only where the residual is one of
     the conv output's ancestors."""

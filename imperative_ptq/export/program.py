@@ -330,9 +330,11 @@ def quantize_program(
         out for record in records if record.residual_codes and record.weight_name is None
         for _, out in record.calls if out
     )
-    rounded = round_float_readers(
-        block, identities, lambda name: int8_weight_op_output(block, name, writers), coded_layer_outputs
-    )
+    # (The ops these passes insert leave the conv/fc outputs and their writers as they were.)
+    def int8_output(name: str) -> bool:
+        return int8_weight_op_output(block, name, writers)
+
+    rounded = round_float_readers(block, identities, int8_output, coded_layer_outputs)
     if rounded:
         logger.info("%d float ops read an identity shortcut on its codes, as simulated", rounded)
     # The sums the simulation puts on a fused conv's codes whose add Paddle does not fuse.
@@ -340,9 +342,7 @@ def quantize_program(
         out: CodedIdentity(coded_thresholds[out], top, activation_bits)
         for out, top in sum_code_tops.items() if out in coded_thresholds
     }
-    rounded = round_unfused_sums(
-        block, sums, set(identities), lambda name: int8_weight_op_output(block, name, producers(block))
-    )
+    rounded = round_unfused_sums(block, sums, set(identities), int8_output)
     if rounded:
         logger.info("%d residual sums Paddle adds in float are put on the codes the simulation "
                     "reads them on", rounded)
