@@ -21,13 +21,16 @@ Format, one entry per layer that has an observation (those left out have none)::
 
 ``input_sources``: hooked layers whose output the layer read as its first input;
 ``joined_sources``: of a functional concat, those whose output it joined as a later input;
+``site_sources``: the observed-only sites (a functional concat) whose output the layer read as
+its first input;
 ``input_source_calls``: ``[source, call]`` pairs naming which call within a forward (the first
 is 0) of each source wrote what was read, kept for sources with ``sum_calls``;
 ``input_rank``: the largest rank of that input (0 or absent: none seen); ``signed_input`` /
 ``wide_input``: that input was written s8 / u8 up to code 255 by a fused residual conv;
 ``calls_per_forward``: how many times a forward called a layer with per-call observations;
-``sum_calls``: of an ``nn.ReLU`` that read more than one residual sum in a forward (a residual
-block applied more than once), the calls that read one;
+``sum_calls``: of an ``nn.ReLU`` called more than once in a forward that read a residual sum in
+some of its calls or in more than one (a residual block applied more than once, a ReLU shared
+with other adds), the calls that read one;
 ``plain_input_calls``: of such a layer with a ``signed_input`` / ``wide_input``, the calls (the
 first is 0) whose input was on no such codes (a conv of a residual block called again on the
 block's output);
@@ -74,7 +77,7 @@ _FLAGS = (
 _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
-    "input_sources", "joined_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
+    "input_sources", "joined_sources", "site_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
     "plain_input_calls", "calls_per_forward", "input_source_calls", "sum_calls",
 )
 
@@ -88,6 +91,11 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
     # Per-call observations are kept where convert reads them: a ReLU reading several sums in
     # a forward (a residual block applied more than once) and the layers reading it.
     summing_again = {state.name for state in states if state.calls_per_forward > 1 and len(state.sum_calls) > 1}
+    # And which calls of a ReLU read a sum, where not all did.
+    summing_in_some = {
+        state.name for state in states
+        if state.calls_per_forward > 1 and 0 < len(state.sum_calls) < state.calls_per_forward
+    }
     section: dict[str, LayerStructure] = {}
     for state in states:
         entry: LayerStructure = {}
@@ -95,6 +103,8 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
             entry["input_sources"] = sorted(state.input_sources)
         if state.joined_sources:
             entry["joined_sources"] = sorted(state.joined_sources)
+        if state.site_sources:
+            entry["site_sources"] = sorted(state.site_sources)
         source_calls = sorted(pair for pair in state.input_source_calls if pair[0] in summing_again)
         if source_calls:
             entry["input_source_calls"] = [[source, int(call)] for source, call in source_calls]
@@ -106,9 +116,9 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
             if getattr(state, flag):
                 entry[flag] = True
         plain_calls = state.plain_calls()
-        if plain_calls or state.name in summing_again:
+        if plain_calls or state.name in summing_again | summing_in_some:
             entry["calls_per_forward"] = int(state.calls_per_forward)
-        if state.name in summing_again:
+        if state.name in summing_again | summing_in_some:
             entry["sum_calls"] = sorted(int(call) for call in state.sum_calls)
         if plain_calls:
             entry["plain_input_calls"] = sorted(plain_calls)
@@ -141,6 +151,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         entry = section.get(state.name, {})
         state.input_sources = set(entry.get("input_sources", ()))
         state.joined_sources = set(entry.get("joined_sources", ()))
+        state.site_sources = set(entry.get("site_sources", ()))
         state.input_source_calls = {(source, int(call)) for source, call in entry.get("input_source_calls", ())}
         state.input_rank = int(entry.get("input_rank", 0))
         state.earlier_readers = set(entry.get("earlier_readers", ()))
@@ -192,6 +203,7 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
             raise ValueError(f"{where} has unknown keys {unknown}; known: {list(_KEYS)}")
         _check_names(where, "input_sources", entry.get("input_sources", []), names)
         _check_names(where, "joined_sources", entry.get("joined_sources", []), names)
+        _check_names(where, "site_sources", entry.get("site_sources", []), names)
         _check_names(where, "earlier_readers", entry.get("earlier_readers", []), names)
         rank = entry.get("input_rank", 0)
         if not _is_int(rank) or not 0 <= rank <= _MAX_RANK:

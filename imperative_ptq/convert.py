@@ -457,9 +457,14 @@ def _simulate_fused_residuals(
         if threshold is None:
             return
         top = U8_MAX if add.residual_readers else symmetric_levels(8)
+        relu_state = by_name[add.sum_reader][1]
+        call_sums = _sum_calls(relu_state)
+        if call_sums is not None:
+            count_forwards(model)
         sums[add.sum_reader] = ResidualSumOutput(
             relu, threshold, top, activation_bits,
-            call_thresholds=_sum_call_thresholds(by_name[add.sum_reader][1], coded_readers, quantized, own),
+            call_thresholds=_sum_call_thresholds(relu_state, coded_readers, quantized, own),
+            call_sums=call_sums,
         )
         replace_sublayer(model, relu, sums[add.sum_reader])
         conv.sum_outputs.append(sums[add.sum_reader])
@@ -555,6 +560,19 @@ def _simulate_fused_residuals(
     # largest output off Paddle Inference with that ReLU read on s8 codes. Tables written
     # before the sum's reader was recorded name none.)
     float_sums -= fused_sums | {""}
+    for layer, state in hooked:
+        reader = quantized.get(state.name)
+        if reader is not None and state.signed_input and (state.name in float_sums or state.input_sources & float_sums):
+            # Calibration took the ReLU after an add of an s8 projection for codes, but Paddle
+            # adds it in float (a projection reading the signed input shifted, ``x86``): its
+            # u8 readers clip the float output at their threshold (export.unsigned), and a
+            # fused conv adding it as an identity reads it on its u8 scale, up to code 255
+            # (measured: two blocks on an image, 58% of the largest output off Paddle
+            # Inference with both on s8 codes).
+            reader.input_top_code = symmetric_levels(activation_bits)
+            reader.input_call_tops = None
+            if reader.residual_codes:
+                reader.residual_codes = U8_MAX
     for layer, state in hooked:
         reader = quantized.get(state.name)
         if reader is None or reader.residual_codes or not reader.input_unsigned:
@@ -668,6 +686,15 @@ def _warn_of_calls_on_other_ranges(states: list[LayerState]) -> None:
             "the layer per call (copy.deepcopy: the same weights) gives each call its own "
             "threshold: %s", len(found), _CALL_RANGE_RATIO, ", ".join(found[:5]) + (", ..." if len(found) > 5 else ""),
         )
+
+
+def _sum_calls(relu: LayerState) -> list[bool] | None:
+    """Per call of a residual sum's ReLU called more than once in a forward, whether it read
+    a sum (:attr:`LayerState.sum_calls`); ``None`` where every call did, or calibration did
+    not record which (a table written before, or a ReLU called once)."""
+    if relu.calls_per_forward < 2 or not relu.sum_calls or len(relu.sum_calls) >= relu.calls_per_forward:
+        return None
+    return [call in relu.sum_calls for call in range(relu.calls_per_forward)]
 
 
 def _sum_call_thresholds(

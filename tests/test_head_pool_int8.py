@@ -414,3 +414,35 @@ def test_a_head_pool_whose_input_a_float_layer_reads_too_stays_float(target, tmp
     assert not isinstance(qmodel.gap, QuantizedGlobalAveragePool)
     x = rng.random((2, 3, 32, 32)).astype("float32")
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 1e-5
+
+
+class _DenseNetHead(nn.Layer):
+    """DenseNet's head: a concat of two convs' outputs, BatchNorm -> ReLU (the BatchNorm on no
+    conv output, so Paddle fuses the ReLU into it), the global pool, the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2D(3, 4, 3, padding=1), nn.Conv2D(3, 4, 1)
+        self.norm, self.relu = nn.BatchNorm2D(8), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2D(1), nn.Linear(8, 10)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        joined = self.relu(self.norm(paddle.concat([self.a(x), self.b(x)], 1)))
+        return self.fc(paddle.flatten(self.pool(joined), 1))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_a_pool_of_a_relu_fused_into_its_batch_norm_reads_u8_codes(target, tmp_path) -> None:
+    """Paddle fuses the ReLU into a BatchNorm on no conv output and writes it s8, which the pool
+    read clipped at code 127 on a step 255/127 times the simulation's (measured: 7.1e-2 .. 8.0e-2
+    of the largest logit off on this head); the pool now reads a ReLU copy Paddle quantizes u8."""
+    from models import randomize_batch_norm_statistics
+
+    paddle.seed(0)
+    model = _DenseNetHead()
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)], target)
+    assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
+    x = rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6

@@ -21,7 +21,9 @@ returns the float tensor, the simulation its codes).
 Paddle fuses the add itself only where the identity is an ancestor of the conv's output; an add
 of an identity from another branch (an HRNet fuse layer's ``x1 + conv_bn(x0)``) is a float
 reader like the others, and the ReLU output after it, which a fused conv would have written on
-codes, is put on them too (:func:`round_unfused_sums`).
+codes, is put on them too (:func:`round_unfused_sums`). Likewise an add of two conv outputs
+whose projection conv's input is no ancestor of the other conv's output: the projection's s8
+residual codes and the sum's codes (:func:`round_unfused_projections`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import paddle
 from ..quantizers.qparams import symmetric_levels
 from .graph import Operator, ancestors, feeds_quantize, insert_op, op_index, producers, readers
 
-__all__ = ["CodedIdentity", "round_float_readers", "round_unfused_sums"]
+__all__ = ["CodedIdentity", "round_float_readers", "round_unfused_projections", "round_unfused_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ _ON_GRID = ".codes.on_grid"
 
 @dataclasses.dataclass(frozen=True)
 class CodedIdentity:
-    """An identity shortcut on codes: ``clip(round(x / step), 0, top) * step``.
+    """An identity shortcut on codes: ``clip(round(x / step), lowest, top) * step``.
 
     Attributes:
         threshold: ``t`` of the codes (the input threshold of the conv reading it).
@@ -56,6 +58,8 @@ class CodedIdentity:
     threshold: float
     top: int
     activation_bits: int
+    #: The smallest code (-128 for a projection's s8 residual codes).
+    lowest: int = 0
 
     @property
     def step(self) -> float:
@@ -150,22 +154,93 @@ def round_unfused_sums(
             continue
         if not _int8_conv_operand(operands[1 - operands.index(shortcut)], int8_output, writers):
             continue  # its conv runs fp32: the simulation adds in float too
-        # The ReLU writes a float copy; the codes take its name, so every reader reads them.
-        var = block.var(name)
-        plain = block.create_var(name=f"{name}.float_sum", shape=var.shape, dtype=var.dtype)
-        relu._rename_output(name, plain.name)
-        threshold = {}
-        if relu.has_attr("out_threshold"):
-            threshold = {"out_threshold": float(relu.attr("out_threshold"))}
-            relu._remove_attr("out_threshold")
-        # (A ReLU last, on codes >= 0: Paddle reads a ReLU output as unsigned, a scale output
-        # as signed, which halved the resolution its int8 readers quantize it with.)
-        on_grid = block.create_var(name=f"{name}{_ON_GRID}", shape=var.shape, dtype=var.dtype)
-        index = op_index(block, relu) + 1
-        _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes, {})
-        insert_op(block, index + 4, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]}, attrs=threshold)
+        _put_output_on_codes(block, relu, codes)
         rounded += 1
     return rounded
+
+
+def _put_output_on_codes(block: "paddle.static.Block", relu: Operator, codes: CodedIdentity) -> None:
+    """Makes ``relu`` write a float copy and puts its output on ``codes`` under its name, so
+    every reader reads them."""
+    name = relu.output("Out")[0]
+    var = block.var(name)
+    plain = block.create_var(name=f"{name}.float_sum", shape=var.shape, dtype=var.dtype)
+    relu._rename_output(name, plain.name)
+    threshold = {}
+    if relu.has_attr("out_threshold"):
+        threshold = {"out_threshold": float(relu.attr("out_threshold"))}
+        relu._remove_attr("out_threshold")
+    # (A ReLU last, on codes >= 0: Paddle reads a ReLU output as unsigned, a scale output as
+    # signed, which halved the resolution its int8 readers quantize it with.)
+    on_grid = block.create_var(name=f"{name}{_ON_GRID}", shape=var.shape, dtype=var.dtype)
+    index = op_index(block, relu) + 1
+    _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes, {})
+    insert_op(block, index + 4, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]}, attrs=threshold)
+
+
+def round_unfused_projections(
+    block: "paddle.static.Block", projections: Mapping[str, CodedIdentity], sums: Mapping[str, CodedIdentity],
+    int8_output: Callable[[str], bool],
+) -> int:
+    """Puts a projection shortcut the simulation adds as s8 residual codes
+    (:class:`~imperative_ptq.quant_residual.QuantizedResidualOutput`), and the ReLU output after
+    its add, on those codes, computed in float, where Paddle does not fuse the add into the
+    other conv.
+
+    Paddle's oneDNN pass fuses two conv outputs' add into the second conv only where the
+    projection conv's input (the tensor its quantize op reads) is an ancestor of the second
+    conv's output. A projection reading its input through a u8 clip of its own (an attention
+    gate ``relu(conv(up(max_pool(a))) + conv(a))``, whose max-pool reads ``a`` on codes up to
+    255 while the projection clips it at 127) is added in float, on float operands (measured:
+    30% of the largest output off the simulation).
+
+    Args:
+        block: The program's global block (rewritten in place).
+        projections: Projection outputs the simulation writes as s8 codes -> those codes.
+        sums: ReLU output -> the codes the simulation puts it on.
+        int8_output: Whether a tensor is an int8 conv/fc output (after its bias add or
+            BatchNorm).
+
+    Returns:
+        How many projections were put on codes.
+    """
+    writers = producers(block)
+    rounded = 0
+    for add in [op for op in block.ops if op.type == "elementwise_add"]:
+        operands = add.input("X") + add.input("Y")
+        if len(operands) != 2:
+            continue
+        projection = next((name for name in operands if name in projections), None)
+        if projection is None:
+            continue
+        other = operands[1 - operands.index(projection)]
+        if not _int8_conv_operand(other, int8_output, writers) or _fuses_projection(projection, other, writers):
+            continue
+        _insert_codes(block, projection, projections[projection], [add], writers.get(projection))
+        after = readers(block).get(add.output("Out")[0], [])
+        if len(after) == 1 and after[0].type == "relu" and after[0].output("Out")[0] in sums:
+            _put_output_on_codes(block, after[0], sums[after[0].output("Out")[0]])
+        writers = producers(block)
+        rounded += 1
+    return rounded
+
+
+def _fuses_projection(projection: str, other: str, writers: Mapping[str, Operator]) -> bool:
+    """Whether Paddle fuses the add of the conv output ``other`` and the projection conv's
+    output ``projection`` (each perhaps behind a BatchNorm) into ``other``'s conv: the
+    projection conv's input, the tensor its quantize op reads, is an ancestor of ``other``."""
+    conv = writers.get(projection)
+    while conv is not None and conv.type in ("batch_norm", "elementwise_add", "scale"):
+        conv = writers.get(conv.input("X")[0])
+    if conv is None or "Input" not in conv.input_names or not conv.input("Input"):
+        return False
+    source = conv.input("Input")[0]
+    dequantize = writers.get(source)
+    if dequantize is not None and dequantize.type == "dequantize_linear":
+        quantize = writers.get(dequantize.input("X")[0])
+        if quantize is not None and quantize.type == "quantize_linear":
+            source = quantize.input("X")[0]
+    return source in ancestors(other, writers)
 
 
 def _int8_conv_operand(name: str, int8_output: Callable[[str], bool], writers: Mapping[str, Operator]) -> bool:
@@ -239,7 +314,7 @@ def _insert_codes_ops(
     steps = [
         ("scale", source, names[0], {"scale": 1.0 / codes.step, "bias": 0.0, "bias_after_scale": True}),
         ("round", names[0], names[1], {}),
-        ("clip", names[1], names[2], {"min": 0.0, "max": float(codes.top)}),
+        ("clip", names[1], names[2], {"min": float(codes.lowest), "max": float(codes.top)}),
         ("scale", names[2], out, {"scale": codes.step, "bias": 0.0, "bias_after_scale": True, **out_attrs}),
     ]
     for offset, (op_type, op_input, op_output, attrs) in enumerate(steps):

@@ -87,8 +87,9 @@ def unscale_fp32_layer_inputs(
         fp32_inputs: Further tensors read in fp32 by something else than a conv/fc (the
             input of a shift, :mod:`.shifted`).
         coded: Tensors the simulation holds on int8 codes for every reader (a fused
-            residual conv's sum, an identity shortcut): a concat may read them int8 beside
-            other readers (:func:`_read_beside_concat`).
+            residual conv's sum, an identity shortcut): they keep their scale, and a conv/fc
+            kept fp32 or a concat beside one reads them through an ``assign`` of its own; a
+            concat may read them int8 beside other readers (:func:`_read_beside_concat`).
 
     Returns:
         How many conv/fc ops are kept fp32.
@@ -96,21 +97,31 @@ def unscale_fp32_layer_inputs(
     writers, reading = producers(block), readers(block)
     pending, kept = list(fp32_inputs), 0
     fp32_ops: list = []
-    for op in block.ops:
-        if op.type in FP32_WEIGHT_OPS:
-            kept += 1
-            pending.extend(op.input(FP32_WEIGHT_OPS[op.type][1]))
-            fp32_ops.append(op)
-            continue
-        slots = INT8_WEIGHT_OPS.get(op.type)
-        if slots is None or not op.input(slots[0]):
-            continue
-        if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, writers):
-            continue
-        kept += 1
-        pending.extend(op.input(slots[1]))
-        fp32_ops.append(op)
     barriers: set[str] = set()
+    for op in list(block.ops):
+        if op.type in FP32_WEIGHT_OPS:
+            slot = FP32_WEIGHT_OPS[op.type][1]
+        else:
+            slots = INT8_WEIGHT_OPS.get(op.type)
+            if slots is None or not op.input(slots[0]):
+                continue
+            if is_int8(op) if is_int8 is not None else _reads_int8_weight(op, slots, writers):
+                continue
+            slot = slots[1]
+        kept += 1
+        fp32_ops.append(op)
+        for name in op.input(slot):
+            if name in coded and name in writers:
+                # A tensor the simulation holds on codes (a fused residual conv's sum, which
+                # that conv writes on codes only with a scale) keeps it; the fp32 layer reads
+                # it through an assign of its own, where Paddle's scale propagation stops
+                # (measured: a projection block's sum read by an fp32 Conv2DTranspose, added
+                # apart from its conv in float without the scale, 10% of the largest output
+                # off the simulation).
+                barriers.add(insert_reader_op(block, writers[name], name, [op], "assign", "fp32_reader"))
+                writers, reading = producers(block), readers(block)
+            else:
+                pending.append(name)
     mixed = _concat_inputs_beside_fp32_layers(block, fp32_ops, writers, reading, isolate_concats, coded, barriers)
     if isolate_concats and mixed:
         writers, reading = producers(block), readers(block)
@@ -171,13 +182,16 @@ def _concat_inputs_beside_fp32_layers(
                 or _signed_scale_from_behind(block, op, writers, reading)
             )
         ):
-            # (A concat an int8 layer reads keeps its sums as before: their codes are that
-            # layer's, which the export hands back through the concat.)
+            # (A concat of int8 layers' outputs that an int8 layer reads keeps its sums as
+            # before: their codes are that layer's, which the export hands back through the
+            # concat. Beside an fp32 layer the concat runs fp32 whatever reads it: measured, a
+            # projection block's sum joined with an fp32 Conv2DTranspose's output, 3.7e-2 of
+            # the largest output off the simulation while its add ran apart, in float.)
             quantized_after = any(
                 feeds_quantize(reader, reading) for reader in reading.get(op.output("Out")[0], [])
             )
             for name, (_, chain) in zip(list(op.input("X")), chains):
-                if isolate and name in coded and name in writers and not quantized_after:
+                if isolate and name in coded and name in writers and (beside_fp32 or not quantized_after):
                     copy = insert_reader_op(block, writers[name], name, [op], "assign", "beside_concat")
                     if barriers is not None:
                         barriers.add(copy)

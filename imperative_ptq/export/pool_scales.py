@@ -42,7 +42,7 @@ from .unsigned import (
 
 __all__ = [
     "align_pooled_scales", "align_signed_resampled_scales", "int8_pool_outputs",
-    "keep_average_pools_fp32", "resample_signed_tensors_in_float",
+    "keep_average_pools_fp32", "pool_signed_sums_through_copies", "resample_signed_tensors_in_float",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ def align_pooled_scales(
                 outputs[name] = threshold
             for source in op.input("X"):
                 pooled = op.type == "pool2d" and source in writers
-                if len(reading.get(source, [])) == 1:
+                # (A source the simulation holds on codes goes the way below also where the
+                # pool alone reads it: behind an F.max_pool2d, which calibration does not see,
+                # the codes are on the source's own threshold; measured: a projection block's
+                # sum put on the reader's, 1.3e-2 of the largest output off.)
+                if len(reading.get(source, [])) == 1 and not (pooled and source in coded_thresholds):
                     if not (
                         pooled and name not in identity_inputs and source not in on_codes
                         and _float_pool_readers(op, reading, walked)
@@ -245,7 +249,14 @@ def keep_average_pools_fp32(
             # threshold the simulation used; its output keeps the same grid.
             source = op.input("X")[0]
             written = _u8_pool_input_threshold(block, source, writers, threshold)
-            if written is None:
+            if written is None and _relu_of_a_norm(source, writers):
+                # Paddle fuses the ReLU into a BatchNorm on no conv/fc output (DenseNet's head
+                # after its last concat) and writes that s8, clipped at code 127 (measured:
+                # 8.4e-2 of the largest logit off the simulation's u8 codes up to 255). Without
+                # a scale it writes floats, which a ReLU copy quantizes u8 for the pool.
+                outputs.pop(source, None)
+                source, written = _rectify_input(block, op, source), threshold
+            elif written is None:
                 # oneDNN has no s8 -> u8 pool (the predictor failed to build it). The s8
                 # tensor clips at the threshold: codes 0..127, which the simulation models
                 # where its residual is a fused downsample shortcut; elsewhere it keeps 0..255
@@ -279,6 +290,14 @@ def keep_average_pools_fp32(
     return kept
 
 
+def _relu_of_a_norm(name: str, writers: Mapping) -> bool:
+    """Whether ``name`` is a ``relu`` output of a ``batch_norm`` on no conv/fc output, which
+    Paddle Inference fuses into the BatchNorm (its output no longer a ReLU's: s8)."""
+    op = writers.get(name)
+    norm = writers.get(op.input("X")[0]) if op is not None and op.type == "relu" else None
+    return norm is not None and norm.type == "batch_norm" and not gemm_output(writers, norm.input("X")[0])
+
+
 def _u8_pool_input_threshold(
     block: "paddle.static.Block", name: str, writers: Mapping, threshold: float
 ) -> float | None:
@@ -291,7 +310,8 @@ def _u8_pool_input_threshold(
     writes its output in the type of the other operand: s8 unless that is a ReLU output
     (measured: ``src:s8`` into the pool after a block with a downsample branch, where both
     operands are conv outputs). A ReLU6 is fused into the conv before it (through a BatchNorm
-    or bias add), which writes u8.
+    or bias add), which writes u8. A ReLU of a BatchNorm on no conv/fc output is fused into
+    that BatchNorm, which writes s8 (:func:`_relu_of_a_norm`).
     """
     op = writers.get(name)
     if op is not None and op.type == "relu6":
@@ -303,7 +323,7 @@ def _u8_pool_input_threshold(
         if source is None or source.type not in RELU6_U8_PRODUCERS:
             return None
         return unsigned_threshold(threshold, 8)
-    if op is None or op.type != "relu":
+    if op is None or op.type != "relu" or _relu_of_a_norm(name, writers):
         return None
     if not relu_after_residual_conv(block, name, writers):
         return threshold
@@ -312,6 +332,34 @@ def _u8_pool_input_threshold(
     convs = [operand for operand in operands if gemm_output(writers, operand)]
     unsigned = all(runs_unsigned(block, operand, writers) for operand in operands if operand not in convs)
     return threshold if len(convs) == 1 and unsigned else None
+
+
+def pool_signed_sums_through_copies(
+    block: "paddle.static.Block", sum_code_tops: Mapping[str, int], outputs: Mapping[str, float]
+) -> int:
+    """Gives the max-pools reading a ReLU that a fused int8 conv writes as s8 codes (after an
+    s8 residual: a projection shortcut) an ``assign`` copy of it, with its threshold.
+
+    oneDNN writes such a conv's output in the residual's data type, s8, while Paddle's int8
+    passes take every ``relu`` output for u8 and create the pool from s8 to u8, which oneDNN
+    refuses (``could not create a descriptor for a pooling forward propagation primitive``;
+    measured on a projection block's ``nn.ReLU`` output read by a max-pool, on every x86
+    target). Paddle dequantizes the codes for the copy and quantizes it again on the same
+    scale as s8, which it pools s8 to s8: the simulation's values (its sum codes, pooled).
+    Updates ``outputs``; returns how many copies were inserted.
+    """
+    writers, reading = producers(block), readers(block)
+    copied = 0
+    for name, top in sum_code_tops.items():
+        pools = [
+            op for op in reading.get(name, [])
+            if op.type == "pool2d" and op.attr("pooling_type") == "max"
+        ]
+        if top != symmetric_levels(8) or not pools or name not in outputs or name not in writers:
+            continue
+        insert_reader_op(block, writers[name], name, pools, "assign", "s8_pooled")
+        copied += 1
+    return copied
 
 
 def _rectify_input(block: "paddle.static.Block", pool, name: str) -> str:

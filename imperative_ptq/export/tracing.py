@@ -124,6 +124,9 @@ class LayerRecord:
         sum_codes_call_thresholds: With it, that threshold per traced call where the calls
             differ (:attr:`ResidualSumOutput.call_thresholds`), else empty: see
             :meth:`sum_codes_thresholds`.
+        sum_codes_calls: With it, per traced call whether the codes are its output's, where
+            some calls of the ReLU read no sum (:attr:`ResidualSumOutput.call_sums`), else
+            empty (all are).
         constant_call_weight: For a Linear whose calls on inputs computed from parameters only
             the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
             compute with; the exports give those calls it, in float; else ``None``.
@@ -167,6 +170,7 @@ class LayerRecord:
     sum_codes_threshold: float | None = None
     sum_codes_top: int = 0
     sum_codes_call_thresholds: tuple[float, ...] = ()
+    sum_codes_calls: tuple[bool, ...] = ()
     constant_call_weight: np.ndarray | None = None
     simulated_weight: np.ndarray | None = None
     runs_as_conv: bool = False
@@ -183,10 +187,11 @@ class LayerRecord:
         puts it on (with ``sum_codes_threshold``; empty without)."""
         if self.sum_codes_threshold is None:
             return {}
-        per_call = self.sum_codes_call_thresholds
+        per_call, coded = self.sum_codes_call_thresholds, self.sum_codes_calls
         return {
             output: float(per_call[call % len(per_call)] if per_call else self.sum_codes_threshold)
-            for call, (_, output) in enumerate(self.calls) if output
+            for call, (_, output) in enumerate(self.calls)
+            if output and (not coded or coded[call % len(coded)])
         }
 
     def top_code(self, input_name: str) -> int:
@@ -514,6 +519,7 @@ def _collect_records(
                 sum_codes_threshold=layer.threshold,
                 sum_codes_top=layer.top,
                 sum_codes_call_thresholds=layer.call_thresholds,
+                sum_codes_calls=layer.call_sums,
             )
             keep(layer, layer.layer, record)
         elif isinstance(layer, ResidualCodesInput):
