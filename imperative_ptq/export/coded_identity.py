@@ -35,9 +35,12 @@ from typing import Any, Callable, Collection, Mapping
 import paddle
 
 from ..quantizers.qparams import symmetric_levels
-from .graph import Operator, ancestors, feeds_quantize, insert_op, op_index, producers, readers
+from .graph import Operator, ancestors, feeds_quantize, insert_op, is_persistable, op_index, producers, readers
 
-__all__ = ["CodedIdentity", "round_float_readers", "round_unfused_projections", "round_unfused_sums"]
+__all__ = [
+    "CodedIdentity", "round_float_readers", "round_relus_written_in_float", "round_unfused_projections",
+    "round_unfused_sums",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,39 @@ def round_unfused_sums(
         if not _int8_conv_operand(operands[1 - operands.index(shortcut)], int8_output, writers):
             continue  # its conv runs fp32: the simulation adds in float too
         _put_output_on_codes(block, relu, codes)
+        rounded += 1
+    return rounded
+
+
+def round_relus_written_in_float(block: "paddle.static.Block", sums: Mapping[str, CodedIdentity]) -> int:
+    """Puts each ReLU output the simulation holds on its int8 conv's codes (for a max-pool after
+    it, ``convert``'s pooled codes) on those codes, computed in float, where no int8 op reads it
+    directly: no quantize op, no int8 max-pool (one with an output scale). Paddle then writes
+    the conv's output in float (a fused conv with ``force_fp32_output``), which a u8 clip in
+    front of another int8 reader and the float ops read unrounded (measured: a ReLU max-pooled
+    into a returned concat beside its clipped conv reader, 2.6e-3 of the largest output off).
+    A ReLU after a residual add is left to the fused conv, which writes codes in any case, and
+    to :func:`round_unfused_sums`.
+
+    Returns:
+        How many ReLU outputs were put on codes.
+    """
+    writers, reading = producers(block), readers(block)
+    rounded = 0
+    for name, codes in sums.items():
+        relu = writers.get(name)
+        if relu is None or relu.type != "relu" or relu.input("X")[0].endswith(_ON_GRID):
+            continue  # (already put on codes)
+        before = writers.get(relu.input("X")[0])
+        if before is not None and before.type == "elementwise_add" and not is_persistable(block, before.input("Y")[0]):
+            continue
+        if any(
+            op.type == "quantize_linear" or (op.type == "pool2d" and op.has_attr("out_threshold"))
+            for op in reading.get(name, [])
+        ):
+            continue
+        _put_output_on_codes(block, relu, codes)
+        writers, reading = producers(block), readers(block)
         rounded += 1
     return rounded
 

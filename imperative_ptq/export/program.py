@@ -36,7 +36,9 @@ from ..quant_pool import U8_MAX
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
 from .activation_matmuls import quantize_activation_matmuls
-from .coded_identity import CodedIdentity, round_float_readers, round_unfused_projections, round_unfused_sums
+from .coded_identity import (
+    CodedIdentity, round_float_readers, round_relus_written_in_float, round_unfused_projections, round_unfused_sums,
+)
 from .float_readers import (
     float_outputs_for_float_readers,
     isolate_fp32_weight_op_outputs,
@@ -72,6 +74,7 @@ from .residual_adds import (
 from .rnn_fusion import LSTMFusion, fuse_lstm_ops
 from .shared_outputs import isolate_quantized_shared_outputs, isolate_sliced_pieces
 from .shifted import SHIFT_OPS, absorb_shift, insert_shift, shifted_u8_threshold
+from .strided_pointwise import subsample_strided_pointwise_convs
 from .tracing import LayerRecord, model_activation_bits
 from .unsigned import (
     FusedReluClips,
@@ -343,15 +346,18 @@ def quantize_program(
         for out, top in sum_code_tops.items() if out in coded_thresholds
     }
     rounded = round_unfused_sums(block, sums, set(identities), int8_output)
+    subsample_strided_pointwise_convs(block)
     # The projections the simulation writes as s8 residual codes (clipped at -128 and 127).
     projections = {
         out: CodedIdentity(record.output_thresholds[0], symmetric_levels(8), activation_bits, lowest=-symmetric_levels(8) - 1)
         for record in records if record.residual_output and record.output_thresholds for _, out in record.calls if out
     }
     rounded += round_unfused_projections(block, projections, sums, int8_output)
+    rounded += round_relus_written_in_float(block, sums)
     if rounded:
-        logger.info("%d residual sums Paddle adds in float are put on the codes the simulation "
-                    "reads them on", rounded)
+        logger.info("%d tensors Paddle computes in float (residual sums, their projections, ReLUs "
+                    "an int8 conv would write as codes) are put on the codes the simulation reads "
+                    "them on", rounded)
     loaded.program._sync_with_cpp()
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
