@@ -36,6 +36,7 @@ import paddle
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import Operator, ancestors, feeds_quantize, insert_op, is_persistable, op_index, producers, readers
+from .legacy_program import int8_weight_op_writing
 
 __all__ = [
     "CodedIdentity", "round_float_readers", "round_relus_written_in_float", "round_unfused_projections",
@@ -250,7 +251,7 @@ def round_unfused_projections(
         if projection is None:
             continue
         other = operands[1 - operands.index(projection)]
-        if not _int8_conv_operand(other, int8_output, writers) or _fuses_projection(projection, other, writers):
+        if not _int8_conv_operand(other, int8_output, writers) or _fuses_projection(block, projection, other, writers):
             continue
         _insert_codes(block, projection, projections[projection], [add], writers.get(projection))
         after = readers(block).get(add.output("Out")[0], [])
@@ -261,13 +262,13 @@ def round_unfused_projections(
     return rounded
 
 
-def _fuses_projection(projection: str, other: str, writers: Mapping[str, Operator]) -> bool:
+def _fuses_projection(
+    block: "paddle.static.Block", projection: str, other: str, writers: Mapping[str, Operator]
+) -> bool:
     """Whether Paddle fuses the add of the conv output ``other`` and the projection conv's
     output ``projection`` (each perhaps behind a BatchNorm) into ``other``'s conv: the
     projection conv's input, the tensor its quantize op reads, is an ancestor of ``other``."""
-    conv = writers.get(projection)
-    while conv is not None and conv.type in ("batch_norm", "elementwise_add", "scale"):
-        conv = writers.get(conv.input("X")[0])
+    conv = int8_weight_op_writing(block, projection, writers)
     if conv is None or "Input" not in conv.input_names or not conv.input("Input"):
         return False
     source = conv.input("Input")[0]
