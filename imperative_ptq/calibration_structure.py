@@ -91,11 +91,8 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
     # Per-call observations are kept where convert reads them: a ReLU reading several sums in
     # a forward (a residual block applied more than once) and the layers reading it.
     summing_again = {state.name for state in states if state.calls_per_forward > 1 and len(state.sum_calls) > 1}
-    # And which calls of a ReLU read a sum, where not all did.
-    summing_in_some = {
-        state.name for state in states
-        if state.calls_per_forward > 1 and 0 < len(state.sum_calls) < state.calls_per_forward
-    }
+    # And which calls of a ReLU called more than once read a sum (all, or only some).
+    summing = {state.name for state in states if state.calls_per_forward > 1 and state.sum_calls}
     section: dict[str, LayerStructure] = {}
     for state in states:
         entry: LayerStructure = {}
@@ -116,9 +113,9 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
             if getattr(state, flag):
                 entry[flag] = True
         plain_calls = state.plain_calls()
-        if plain_calls or state.name in summing_again | summing_in_some:
+        if plain_calls or state.name in summing:
             entry["calls_per_forward"] = int(state.calls_per_forward)
-        if state.name in summing_again | summing_in_some:
+        if state.name in summing:
             entry["sum_calls"] = sorted(int(call) for call in state.sum_calls)
         if plain_calls:
             entry["plain_input_calls"] = sorted(plain_calls)

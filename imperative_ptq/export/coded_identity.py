@@ -36,7 +36,7 @@ import paddle
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import Operator, ancestors, feeds_quantize, insert_op, is_persistable, op_index, producers, readers
-from .legacy_program import int8_weight_op_writing
+from .legacy_program import int8_weight_op_writing, quantize_pair
 
 __all__ = [
     "CodedIdentity", "round_float_readers", "round_relus_written_in_float", "round_unfused_projections",
@@ -273,11 +273,9 @@ def _fuses_projection(
     if conv is None or "Input" not in conv.input_names or not conv.input("Input"):
         return False
     source = conv.input("Input")[0]
-    dequantize = writers.get(source)
-    if dequantize is not None and dequantize.type == "dequantize_linear":
-        quantize = writers.get(dequantize.input("X")[0])
-        if quantize is not None and quantize.type == "quantize_linear":
-            source = quantize.input("X")[0]
+    pair = quantize_pair(source, writers)
+    if pair is not None:
+        source = pair[0].input("X")[0]
     return source in ancestors(other, writers)
 
 

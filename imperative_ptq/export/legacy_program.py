@@ -187,6 +187,16 @@ _VALUE_PRESERVING_OPS = frozenset({
 })
 
 
+def quantize_pair(name: str, writers: Mapping) -> tuple[Any, Any] | None:
+    """The ``quantize_linear`` and ``dequantize_linear`` ops whose output ``name`` is (an
+    activation's Q/DQ pair in front of its int8 reader), else ``None``."""
+    dequantize = writers.get(name)
+    if dequantize is None or dequantize.type != "dequantize_linear":
+        return None
+    quantize = writers.get(dequantize.input("X")[0])
+    return (quantize, dequantize) if quantize is not None and quantize.type == "quantize_linear" else None
+
+
 def passes_values(op) -> bool:
     """Whether ``op`` hands on its input's values: a value-preserving op, a max pool, or an
     inference dropout that Paddle removes (:func:`.unsigned.removed_dropout`)."""

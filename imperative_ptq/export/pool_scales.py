@@ -338,15 +338,18 @@ def pool_signed_sums_through_copies(
     block: "paddle.static.Block", sum_code_tops: Mapping[str, int], outputs: Mapping[str, float]
 ) -> int:
     """Gives the max-pools reading a ReLU that a fused int8 conv writes as s8 codes (after an
-    s8 residual: a projection shortcut) an ``assign`` copy of it, with its threshold.
+    s8 residual: a projection shortcut) an ``assign`` copy of it.
 
     oneDNN writes such a conv's output in the residual's data type, s8, while Paddle's int8
     passes take every ``relu`` output for u8 and create the pool from s8 to u8, which oneDNN
     refuses (``could not create a descriptor for a pooling forward propagation primitive``;
     measured on a projection block's ``nn.ReLU`` output read by a max-pool, on every x86
-    target). Paddle dequantizes the codes for the copy and quantizes it again on the same
-    scale as s8, which it pools s8 to s8: the simulation's values (its sum codes, pooled).
-    Updates ``outputs``; returns how many copies were inserted.
+    target). Paddle dequantizes the codes for the copy, which it runs in float, and the pool
+    reads them in float: the simulation's values (its sum codes, pooled). ``outputs``: the
+    scales written so far (a ReLU without one is not written as codes).
+
+    Returns:
+        How many copies were inserted.
     """
     writers, reading = producers(block), readers(block)
     copied = 0

@@ -33,6 +33,7 @@ import numpy as np
 import paddle
 
 from ..quant_pool import U8_MAX
+from ..quant_residual import S8_MAX, S8_MIN
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_levels
 from .activation_matmuls import quantize_activation_matmuls
@@ -349,7 +350,7 @@ def quantize_program(
     subsample_strided_pointwise_convs(block)
     # The projections the simulation writes as s8 residual codes (clipped at -128 and 127).
     projections = {
-        out: CodedIdentity(record.output_thresholds[0], symmetric_levels(8), activation_bits, lowest=-symmetric_levels(8) - 1)
+        out: CodedIdentity(record.output_thresholds[0], S8_MAX, activation_bits, lowest=S8_MIN)
         for record in records if record.residual_output and record.output_thresholds for _, out in record.calls if out
     }
     rounded += round_unfused_projections(block, projections, sums, int8_output)

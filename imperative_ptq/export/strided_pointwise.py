@@ -24,6 +24,7 @@ import logging
 import paddle
 
 from .graph import insert_op, is_persistable, op_index, producers, readers, remove_op
+from .legacy_program import quantize_pair
 
 __all__ = ["subsample_strided_pointwise_convs"]
 
@@ -59,10 +60,10 @@ def subsample_strided_pointwise_convs(block: "paddle.static.Block") -> int:
             or shape[1] % 16 != _RACING_CHANNELS_MOD_16
         ):
             continue
-        dequantize = writers.get(conv.input("Input")[0])
-        quantize = writers.get(dequantize.input("X")[0]) if dequantize is not None and dequantize.type == "dequantize_linear" else None
-        if quantize is None or quantize.type != "quantize_linear":
+        pair = quantize_pair(conv.input("Input")[0], writers)
+        if pair is None:
             continue
+        quantize, dequantize = pair
         source = quantize.input("X")[0]
         var = block.var(source)
         subsampled = list(var.shape[:2]) + [
