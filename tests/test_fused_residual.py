@@ -1061,6 +1061,20 @@ def test_codes_wrappers_refuse_a_bad_grid(kind, threshold, top) -> None:
 
 
 @pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(call_sums=[False, False]), "a call reading a sum"),
+        (dict(call_thresholds=[1.0, 2.0], call_sums=[False, True, False]), "2 call thresholds for 3 calls"),
+    ],
+)
+def test_a_sum_output_refuses_per_call_settings_that_disagree(options, message) -> None:
+    from imperative_ptq.quant_residual import ResidualSumOutput
+
+    with pytest.raises(ValueError, match=message):
+        ResidualSumOutput(nn.ReLU(), 1.0, 255, **options)
+
+
+@pytest.mark.parametrize(
     "trees, width, residual_root, conv_head",
     [(4, 8, False, False), (2, 16, False, False), (4, 8, True, False), (2, 8, True, True)],
 )
