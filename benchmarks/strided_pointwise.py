@@ -1,0 +1,122 @@
+"""What the strided 1x1 conv rewrite costs (``imperative_ptq/export/strided_pointwise.py``).
+
+A RegNetX-200MF-shaped stack (widths 24, 56, 152, 368 at 112x112; grouped 3x3 bottlenecks, each
+stage opened by a projection block whose 1x1 stride-2 shortcut reads 8 mod 16 channels) is
+quantized once and exported twice: as shipped, its three affected shortcuts reading a 1x1
+max-pool at stride 1 (and their adds computed in float), and without the rewrite. Paddle
+Inference runs both, and the fp32 export, on ONE thread (without the rewrite two threads give
+wrong outputs on AVX2 CPUs), interleaved round by round; medians of the rounds. Also reports each
+int8 export's largest difference to the dygraph simulation.
+
+Usage: python benchmarks/strided_pointwise.py [--rounds 5] [--iters 10] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import paddle
+
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
+from imperative_ptq.export import create_predictor, predict, program, save_fp32_model, save_quantized_model
+
+SIZE = 112
+
+
+def _conv_norm(ci: int, co: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> paddle.nn.Sequential:
+    layers = [paddle.nn.Conv2D(ci, co, kernel, stride, kernel // 2, groups=groups, bias_attr=False), paddle.nn.BatchNorm2D(co)]
+    return paddle.nn.Sequential(*layers, *([paddle.nn.ReLU()] if relu else []))
+
+
+class _Bottleneck(paddle.nn.Layer):
+    def __init__(self, ci: int, co: int, stride: int) -> None:
+        super().__init__()
+        self.branch = paddle.nn.Sequential(
+            _conv_norm(ci, co, 1), _conv_norm(co, co, 3, stride, groups=co // 8), _conv_norm(co, co, 1, relu=False)
+        )
+        self.shortcut = _conv_norm(ci, co, 1, stride, relu=False) if stride != 1 or ci != co else None
+        self.relu = paddle.nn.ReLU()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.relu(self.branch(x) + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class RegNetX200(paddle.nn.Sequential):
+    """Stem, four stages (1, 1, 4, 7 blocks), no head: the feature map."""
+
+    def __init__(self) -> None:
+        widths, depths, blocks, ci = (24, 56, 152, 368), (1, 1, 4, 7), [], 32
+        for width, depth in zip(widths, depths):
+            for index in range(depth):
+                blocks.append(_Bottleneck(ci, width, 2 if index == 0 else 1))
+                ci = width
+        super().__init__(_conv_norm(3, 32, 3, 2), *blocks)
+
+
+def _time(run, iters: int) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    paddle.seed(0)
+    model = RegNetX200()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
+    qmodel = ptq.quantize(model)
+    for _ in range(4):
+        qmodel(paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)))
+    ptq.convert(qmodel)
+    x = rng.random((args.batch, 3, SIZE, SIZE), np.float32)
+    with paddle.no_grad():
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    with tempfile.TemporaryDirectory() as workdir:
+        save_fp32_model(model, f"{workdir}/fp32", spec)
+        save_quantized_model(qmodel, f"{workdir}/rewritten", spec)
+        rewrite = program.subsample_strided_pointwise_convs
+        program.subsample_strided_pointwise_convs = lambda block: 0
+        try:
+            save_quantized_model(qmodel, f"{workdir}/plain", spec)
+        finally:
+            program.subsample_strided_pointwise_convs = rewrite
+        engines = {
+            "fp32": create_predictor(f"{workdir}/fp32", int8=False, num_threads=1),
+            "int8, strided 1x1 rewritten": create_predictor(f"{workdir}/rewritten", num_threads=1),
+            "int8, not rewritten": create_predictor(f"{workdir}/plain", num_threads=1),
+        }
+        times = {name: [] for name in engines}
+        for _ in range(args.rounds):
+            for name, predictor in engines.items():
+                times[name].append(_time(lambda: predict(predictor, x), args.iters))
+        errors = {
+            name: float(np.abs(predict(predictor, x)[0] - simulated).max() / np.abs(simulated).max())
+            for name, predictor in engines.items() if name != "fp32"
+        }
+    fp32 = statistics.median(times["fp32"])
+    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__} "
+          f"target=x86-avx2 batch={args.batch} one thread, medians of {args.rounds} rounds of {args.iters}")
+    print("| engine | ms | speed-up vs fp32 | largest difference to the simulation |")
+    print("|---|---|---|---|")
+    for name in engines:
+        median = statistics.median(times[name])
+        error = f"{errors[name]:.1e}" if name in errors else ""
+        print(f"| {name} | {median:.2f} | {fp32 / median:.2f}x | {error} |")
+
+
+if __name__ == "__main__":
+    main()
