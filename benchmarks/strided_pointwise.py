@@ -2,11 +2,11 @@
 
 A RegNetX-200MF-shaped stack (widths 24, 56, 152, 368 at 112x112; grouped 3x3 bottlenecks, each
 stage opened by a projection block whose 1x1 stride-2 shortcut reads 8 mod 16 channels) is
-quantized once and exported twice: as shipped, its three affected shortcuts reading a 1x1
-max-pool at stride 1 (and their adds computed in float), and without the rewrite. Paddle
-Inference runs both, and the fp32 export, on ONE thread (without the rewrite two threads give
-wrong outputs on AVX2 CPUs), interleaved round by round; medians of the rounds. Also reports each
-int8 export's largest difference to the dygraph simulation.
+quantized once and exported twice: as shipped, its three affected shortcuts widened to a 2x2
+kernel with zero taps, and without the rewrite. Paddle Inference runs both, and the fp32
+export, on ONE thread (without the rewrite two threads give wrong outputs on AVX2 CPUs),
+interleaved round by round; medians of the rounds. Also reports each int8 export's largest
+difference to the dygraph simulation.
 
 Usage: python benchmarks/strided_pointwise.py [--rounds 5] [--iters 10] [--batch 8]
 """
@@ -88,12 +88,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         save_fp32_model(model, f"{workdir}/fp32", spec)
         save_quantized_model(qmodel, f"{workdir}/rewritten", spec)
-        rewrite = program.subsample_strided_pointwise_convs
-        program.subsample_strided_pointwise_convs = lambda block: 0
+        rewrite = program.widen_strided_pointwise_convs
+        program.widen_strided_pointwise_convs = lambda loaded: 0
         try:
             save_quantized_model(qmodel, f"{workdir}/plain", spec)
         finally:
-            program.subsample_strided_pointwise_convs = rewrite
+            program.widen_strided_pointwise_convs = rewrite
         engines = {
             "fp32": create_predictor(f"{workdir}/fp32", int8=False, num_threads=1),
             "int8, strided 1x1 rewritten": create_predictor(f"{workdir}/rewritten", num_threads=1),

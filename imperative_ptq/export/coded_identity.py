@@ -229,8 +229,7 @@ def round_unfused_projections(
     conv's output. A projection reading its input through a u8 clip of its own (an attention
     gate ``relu(conv(up(max_pool(a))) + conv(a))``, whose max-pool reads ``a`` on codes up to
     255 while the projection clips it at 127) is added in float, on float operands (measured:
-    30% of the largest output off the simulation); so is a strided 1x1 projection that
-    :mod:`.strided_pointwise` gives a max-pool of its input.
+    30% of the largest output off the simulation).
 
     Args:
         block: The program's global block (rewritten in place).

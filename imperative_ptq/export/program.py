@@ -75,7 +75,7 @@ from .residual_adds import (
 from .rnn_fusion import LSTMFusion, fuse_lstm_ops
 from .shared_outputs import isolate_quantized_shared_outputs, isolate_sliced_pieces
 from .shifted import SHIFT_OPS, absorb_shift, insert_shift, shifted_u8_threshold
-from .strided_pointwise import subsample_strided_pointwise_convs
+from .strided_pointwise import widen_strided_pointwise_convs
 from .tracing import LayerRecord, model_activation_bits
 from .unsigned import (
     FusedReluClips,
@@ -347,7 +347,7 @@ def quantize_program(
         for out, top in sum_code_tops.items() if out in coded_thresholds
     }
     rounded = round_unfused_sums(block, sums, set(identities), int8_output)
-    subsample_strided_pointwise_convs(block)
+    widen_strided_pointwise_convs(loaded)
     # The projections the simulation writes as s8 residual codes (clipped at -128 and 127).
     projections = {
         out: CodedIdentity(record.output_thresholds[0], S8_MAX, activation_bits, lowest=S8_MIN)
