@@ -35,7 +35,9 @@ from typing import Any, Callable, Collection, Mapping
 import paddle
 
 from ..quantizers.qparams import symmetric_levels
-from .graph import Operator, ancestors, feeds_quantize, insert_op, is_persistable, op_index, producers, readers
+from .graph import (
+    Operator, ancestors, feeds_quantize, insert_op, is_persistable, op_index, producers, readers, rounding_steps,
+)
 from .legacy_program import int8_weight_op_writing, quantize_pair
 
 __all__ = [
@@ -211,8 +213,8 @@ def _put_output_on_codes(block: "paddle.static.Block", relu: Operator, codes: Co
     # signed, which halved the resolution its int8 readers quantize it with.)
     on_grid = block.create_var(name=f"{name}{_ON_GRID}", shape=var.shape, dtype=var.dtype)
     index = op_index(block, relu) + 1
-    _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes, {})
-    insert_op(block, index + 4, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]}, attrs=threshold)
+    after = _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes, {})
+    insert_op(block, after, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]}, attrs=threshold)
 
 
 def round_unfused_projections(
@@ -339,18 +341,20 @@ def _insert_codes(
 def _insert_codes_ops(
     block: "paddle.static.Block", index: int, source: str, out: str, stem: str,
     codes: CodedIdentity, out_attrs: dict[str, Any],
-) -> None:
-    """Inserts ``out = scale(clip(round(scale(source, 1 / step)), 0, top), step)`` at ``index``
-    (its other variables named ``<stem>.<step>``, ``out_attrs`` on its last op)."""
+) -> int:
+    """Inserts ``out = scale(clip(round(scale(source, 1 / step)), 0, top), step)`` (the round
+    as :func:`.graph.rounding_steps`) at ``index`` (its other variables named
+    ``<stem>.<step>``, ``out_attrs`` on its last op); returns the index after them."""
     var = block.var(source)
-    names = [f"{stem}.{part}" for part in ("scaled", "rounded", "clipped")]
+    names = [f"{stem}.{part}" for part in ("scaled", "shifted", "rounded", "clipped")]
     for new in names:
         block.create_var(name=new, shape=var.shape, dtype=var.dtype)
     steps = [
-        ("scale", source, names[0], {"scale": 1.0 / codes.step, "bias": 0.0, "bias_after_scale": True}),
-        ("round", names[0], names[1], {}),
-        ("clip", names[1], names[2], {"min": float(codes.lowest), "max": float(codes.top)}),
-        ("scale", names[2], out, {"scale": codes.step, "bias": 0.0, "bias_after_scale": True, **out_attrs}),
+        ("scale", {"X": [source]}, {"Out": [names[0]]}, {"scale": 1.0 / codes.step, "bias": 0.0, "bias_after_scale": True}),
+        *rounding_steps(names[0], names[2], names[1]),
+        ("clip", {"X": [names[2]]}, {"Out": [names[3]]}, {"min": float(codes.lowest), "max": float(codes.top)}),
+        ("scale", {"X": [names[3]]}, {"Out": [out]}, {"scale": codes.step, "bias": 0.0, "bias_after_scale": True, **out_attrs}),
     ]
-    for offset, (op_type, op_input, op_output, attrs) in enumerate(steps):
-        insert_op(block, index + offset, type=op_type, inputs={"X": [op_input]}, outputs={"Out": [op_output]}, attrs=attrs)
+    for offset, (op_type, inputs, outputs, attrs) in enumerate(steps):
+        insert_op(block, index + offset, type=op_type, inputs=inputs, outputs=outputs, attrs=attrs)
+    return index + len(steps)

@@ -84,6 +84,7 @@ from .unsigned import (
     insert_clip_relu,
     relu_after_residual_conv,
     runs_unsigned,
+    shared_output_clips,
     unsigned_threshold,
 )
 from .weight_ops import (
@@ -360,6 +361,7 @@ def quantize_program(
                     "an int8 conv would write as codes) are put on the codes the simulation reads "
                     "them on", rounded)
     loaded.program._sync_with_cpp()
+    shared_output_clips(loaded)
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
     read_integer_weights_through_copies(loaded)

@@ -35,7 +35,10 @@ from typing import Callable
 import numpy as np
 
 from ..quant_rnn import CALLED_WITH_STATES, quantize_gate_rows
-from .graph import fill_constant_value, get_tensor, insert_op, is_persistable, new_persistable, producers, readers, remove_op
+from .graph import (
+    fill_constant_value, get_tensor, insert_op, is_persistable, new_persistable, producers, readers, remove_op,
+    rounding_steps,
+)
 from .tracing import LayerRecord
 
 __all__ = ["FusedLSTM", "LSTMFusion", "fuse_lstm_ops", "zero_initial_states"]
@@ -326,7 +329,7 @@ def _final_cell_ops(
         # The input on the kernel's data grid (quant_rnn.QuantizedLSTM.quantize_data).
         ("scale", {"X": [sequence]}, {"Out": [codes]},
          {"scale": 127.0 / data_threshold, "bias": 0.0, "bias_after_scale": True}),
-        ("round", {"X": [codes]}, {"Out": [rounded]}, {}),
+        *rounding_steps(codes, rounded, tensor("shifted_codes", input_size)),
         ("clip", {"X": [rounded]}, {"Out": [clipped]}, {"min": -128.0, "max": 127.0}),
         ("scale", {"X": [clipped]}, {"Out": [on_grid]},
          {"scale": data_threshold / 127.0, "bias": 0.0, "bias_after_scale": True}),

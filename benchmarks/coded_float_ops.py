@@ -1,0 +1,144 @@
+"""What the float ops that put a tensor on the simulation's codes cost in Paddle Inference
+(``imperative_ptq/export/coded_identity.py``).
+
+An HRNet-shaped two-resolution stack (a 112x112 image; branches of 32 channels at 56x56 and 64
+at 28x28 exchanging information in four fuse layers) where Paddle does not fuse the low branch's
+add ``low + bn(conv_stride2(high))`` (``low`` was read by another conv first): the export
+computes each such sum's codes in float, ``scale(clip(round(scale(x, 1 / step)), ...), step)``.
+Each high-resolution branch output feeds an int8 conv (through a u8 clip) and a float add.
+Exported three times: as shipped (the rounding as two ``scale`` ops shifting by 1.5 * 2**23,
+:func:`imperative_ptq.export.graph.rounding_steps`; the u8 clips of tensors other ops read too
+as ``clip`` ops, :func:`imperative_ptq.export.unsigned.shared_output_clips`), with Paddle's
+``round`` op in place of the shifts, and with those clips left ``elementwise_min`` ops (the
+export's earlier forms). Paddle Inference runs them and the fp32 export on one thread,
+interleaved round by round; medians of the rounds; each int8 export's largest difference to
+the dygraph simulation too.
+
+Usage: python benchmarks/coded_float_ops.py [--rounds 5] [--iters 10] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
+from imperative_ptq.export import coded_identity, create_predictor, predict, program, save_fp32_model, save_quantized_model
+
+SIZE = 112
+nn = paddle.nn
+
+
+class _Fuse(nn.Layer):
+    """One conv per branch, then each branch added to the other resampled."""
+
+    def __init__(self, high: int, low: int) -> None:
+        super().__init__()
+        self.high = nn.Sequential(nn.Conv2D(high, high, 3, padding=1, bias_attr=False), nn.BatchNorm2D(high), nn.ReLU())
+        self.low = nn.Sequential(nn.Conv2D(low, low, 3, padding=1, bias_attr=False), nn.BatchNorm2D(low), nn.ReLU())
+        self.up = nn.Sequential(nn.Conv2D(low, high, 1, bias_attr=False), nn.BatchNorm2D(high))
+        self.down = nn.Sequential(nn.Conv2D(high, low, 3, stride=2, padding=1, bias_attr=False), nn.BatchNorm2D(low))
+
+    def forward(self, branches: tuple[paddle.Tensor, paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor]:
+        high, low = self.high(branches[0]), self.low(branches[1])
+        fused_high = F.relu(high + F.interpolate(self.up(low), scale_factor=2))
+        return fused_high, F.relu(low + self.down(high))  # `low` was read by `up` first
+
+
+class HRNetShaped(nn.Layer):
+    def __init__(self, high: int = 32, low: int = 64, fuses: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2D(3, high, 3, 2, 1, bias_attr=False), nn.BatchNorm2D(high), nn.ReLU())
+        self.split = nn.Sequential(nn.Conv2D(high, low, 3, 2, 1, bias_attr=False), nn.BatchNorm2D(low), nn.ReLU())
+        self.fuses = nn.LayerList([_Fuse(high, low) for _ in range(fuses)])
+        self.head_high, self.head_low = nn.Conv2D(high, 8, 1), nn.Conv2D(low, 16, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        high = self.stem(x)
+        branches = (high, self.split(high))
+        for fuse in self.fuses:
+            branches = fuse(branches)
+        return paddle.concat([self.head_high(branches[0]).flatten(1), self.head_low(branches[1]).flatten(1)], 1)
+
+
+def _round_op(source: str, rounded: str, shifted: str) -> list[tuple[str, dict, dict, dict]]:
+    """The earlier form: one ``round`` op."""
+    return [("round", {"X": [source]}, {"Out": [rounded]}, {})]
+
+
+def _time(run, iters: int) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    paddle.seed(0)
+    model = HRNetShaped()
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
+    qmodel = ptq.quantize(model)
+    for _ in range(4):
+        qmodel(paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)))
+    ptq.convert(qmodel)
+    x = rng.random((args.batch, 3, SIZE, SIZE), np.float32)
+    with paddle.no_grad():
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    with tempfile.TemporaryDirectory() as workdir:
+        save_fp32_model(model, f"{workdir}/fp32", spec)
+        save_quantized_model(qmodel, f"{workdir}/shifted", spec)
+        shipped = coded_identity.rounding_steps
+        coded_identity.rounding_steps = _round_op
+        try:
+            save_quantized_model(qmodel, f"{workdir}/round_op", spec)
+        finally:
+            coded_identity.rounding_steps = shipped
+        clips = program.shared_output_clips
+        program.shared_output_clips = lambda loaded: 0
+        try:
+            save_quantized_model(qmodel, f"{workdir}/min_clips", spec)
+        finally:
+            program.shared_output_clips = clips
+        engines = {
+            "fp32": create_predictor(f"{workdir}/fp32", int8=False, num_threads=1),
+            "int8 as exported": create_predictor(f"{workdir}/shifted", num_threads=1),
+            "int8, codes rounded by a round op": create_predictor(f"{workdir}/round_op", num_threads=1),
+            "int8, shared u8 clips as elementwise_min": create_predictor(f"{workdir}/min_clips", num_threads=1),
+        }
+        times = {name: [] for name in engines}
+        for _ in range(args.rounds):
+            for name, predictor in engines.items():
+                times[name].append(_time(lambda: predict(predictor, x), args.iters))
+        errors = {
+            name: float(np.abs(predict(predictor, x)[0] - simulated).max() / np.abs(simulated).max())
+            for name, predictor in engines.items() if name != "fp32"
+        }
+    fp32 = statistics.median(times["fp32"])
+    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__} "
+          f"target=x86-avx2 batch={args.batch} one thread, medians of {args.rounds} rounds of {args.iters}")
+    print("| engine | ms | speed-up vs fp32 | largest difference to the simulation |")
+    print("|---|---|---|---|")
+    for name in engines:
+        median = statistics.median(times[name])
+        error = f"{errors[name]:.1e}" if name in errors else ""
+        print(f"| {name} | {median:.2f} | {fp32 / median:.2f}x | {error} |")
+
+
+if __name__ == "__main__":
+    main()
