@@ -96,6 +96,27 @@ def test_an_identity_paddle_does_not_fuse_is_added_on_its_codes(build, target, t
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path, int8_residual_branches=False) < 2e-6
 
 
+class _DroppedHighOutput(_CrossResolutionFusion):
+    """The fuse layer with its high-resolution output computed and dropped: Paddle prunes
+    ``up``, the int8 reader the simulation put ``low`` on codes for, and adds ``low`` in float."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        stem = F.relu(self.stem(x))
+        high, low = F.relu(self.high(stem)), F.relu(self.low(stem))
+        F.relu(high + F.interpolate(self.up_norm(self.up(low)), scale_factor=2))  # (unused)
+        return self.head_low(F.relu(low + self.down_norm(self.down(high)))).flatten(1)
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_an_identity_whose_int8_reader_is_pruned_is_added_on_its_codes(target, tmp_path) -> None:
+    """(Before: 9.9e-3 of the largest output off Paddle Inference on an HRNet-shaped stack.)"""
+    paddle.seed(0)
+    qmodel = converted(_DroppedHighOutput(), _batches(4), target)
+    x = np.random.default_rng(7).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path, int8_residual_branches=False) < 2e-6
+
+
 class _SharedReluFusion(nn.Layer):
     """HRNet's fuse layer with one ``nn.ReLU`` for both outputs (as PaddleSeg's HRNet-W18-Small
     builds it with ``layer_act``): the conv of the low branch's sum (``low + bn(conv(high))``,
