@@ -30,7 +30,8 @@ is 0) of each source wrote what was read, kept for sources with ``sum_calls``;
 ``calls_per_forward``: how many times a forward called a layer with per-call observations;
 ``sum_calls``: of an ``nn.ReLU`` called more than once in a forward that read a residual sum in
 some of its calls or in more than one (a residual block applied more than once, a ReLU shared
-with other adds), the calls that read one;
+with other adds), the calls that read one; ``signed_sum_calls``: of those, the calls whose sum's
+residual was s8 (a projection block's), whose codes end at 127;
 ``plain_input_calls``: of such a layer with a ``signed_input`` / ``wide_input``, the calls (the
 first is 0) whose input was on no such codes (a conv of a residual block called again on the
 block's output);
@@ -78,7 +79,7 @@ _ADD_KEYS = ("fused", "residual_readers", "residual_top")
 _ADD_KEYS_OPTIONAL = {*_ADD_KEYS, "residual_is_input", "sum_reader"}
 _KEYS = (
     "input_sources", "joined_sources", "site_sources", "input_rank", *_FLAGS, "constant_call_inputs", "residual_adds", "earlier_readers",
-    "plain_input_calls", "calls_per_forward", "input_source_calls", "sum_calls",
+    "plain_input_calls", "calls_per_forward", "input_source_calls", "sum_calls", "signed_sum_calls",
 )
 
 #: A layer's entry in the section (JSON-ready).
@@ -117,6 +118,8 @@ def structure_of(states: Iterable[LayerState]) -> dict[str, LayerStructure]:
             entry["calls_per_forward"] = int(state.calls_per_forward)
         if state.name in summing:
             entry["sum_calls"] = sorted(int(call) for call in state.sum_calls)
+            if state.signed_sum_calls:
+                entry["signed_sum_calls"] = sorted(int(call) for call in state.signed_sum_calls)
         if plain_calls:
             entry["plain_input_calls"] = sorted(plain_calls)
         if state.constant_call_inputs:
@@ -158,6 +161,7 @@ def apply_structure(states: Iterable[LayerState], section: Mapping[str, LayerStr
         state.coded_input_calls = set()
         state.calls_per_forward = int(entry.get("calls_per_forward", 0))
         state.sum_calls = set(entry.get("sum_calls", ()))
+        state.signed_sum_calls = set(entry.get("signed_sum_calls", ()))
         state.constant_operand = bool(entry.get("constant_operand", False))
         state.constant_input = bool(entry.get("constant_input", False))
         state.computed_weight = bool(entry.get("computed_weight", False))
@@ -240,8 +244,8 @@ def check_structure(path: str | os.PathLike, section: Any, layer_names: Iterable
 def _check_calls(where: str, entry: Mapping[str, Any]) -> None:
     """``calls_per_forward`` must be an integer of at least 2; ``sum_calls`` and
     ``plain_input_calls`` call indices below it, the latter given with ``signed_input`` or
-    ``wide_input``."""
-    if not {"plain_input_calls", "calls_per_forward", "sum_calls"} & set(entry):
+    ``wide_input``; ``signed_sum_calls`` calls of ``sum_calls``."""
+    if not {"plain_input_calls", "calls_per_forward", "sum_calls", "signed_sum_calls"} & set(entry):
         return
     calls, count = entry.get("plain_input_calls"), entry.get("calls_per_forward")
     if not _is_int(count) or count < 2:
@@ -249,6 +253,9 @@ def _check_calls(where: str, entry: Mapping[str, Any]) -> None:
     sums = entry.get("sum_calls", [])
     if not isinstance(sums, list) or not all(_is_int(call) and 0 <= call < count for call in sums):
         raise ValueError(f"{where}: sum_calls must list calls 0..{count - 1}, got {sums!r}")
+    signed = entry.get("signed_sum_calls", [])
+    if not isinstance(signed, list) or not all(_is_int(call) and call in sums for call in signed):
+        raise ValueError(f"{where}: signed_sum_calls must list calls of sum_calls {sums!r}, got {signed!r}")
     if calls is None:
         return
     if not (

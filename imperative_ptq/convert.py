@@ -447,7 +447,14 @@ def _simulate_fused_residuals(
         """The fused conv writes the sum's ReLU (an ``nn.ReLU``) as codes for every reader."""
         relu, _ = by_name.get(add.sum_reader, (None, None))
         conv = conv_of(add.fused)
-        if not isinstance(relu, paddle.nn.ReLU) or conv is None or add.sum_reader in sums:
+        if not isinstance(relu, paddle.nn.ReLU) or conv is None:
+            return
+        if add.sum_reader in sums:
+            # A ReLU shared by several blocks' sums: each block's fused conv marks its call
+            # (measured: a projection block's, unmarked, left its sum in float where Paddle
+            # writes codes, 6.3e-3 of the largest logit off).
+            if sums[add.sum_reader] not in conv.sum_outputs:
+                conv.sum_outputs.append(sums[add.sum_reader])
             return
         coded_readers = [
             state for _, state in hooked
@@ -467,12 +474,13 @@ def _simulate_fused_residuals(
         top = U8_MAX if add.residual_readers else symmetric_levels(8)
         relu_state = by_name[add.sum_reader][1]
         call_sums = _sum_calls(relu_state)
-        if call_sums is not None:
+        call_tops = _sum_call_tops(relu_state)
+        if call_sums is not None or call_tops is not None:
             count_forwards(model)
         sums[add.sum_reader] = ResidualSumOutput(
             relu, threshold, top, activation_bits,
             call_thresholds=_sum_call_thresholds(relu_state, coded_readers, quantized, own),
-            call_sums=call_sums,
+            call_sums=call_sums, call_tops=call_tops,
         )
         replace_sublayer(model, relu, sums[add.sum_reader])
         conv.sum_outputs.append(sums[add.sum_reader])
@@ -703,6 +711,16 @@ def _sum_calls(relu: LayerState) -> list[bool] | None:
     if relu.calls_per_forward < 2 or not relu.sum_calls or len(relu.sum_calls) >= relu.calls_per_forward:
         return None
     return [call in relu.sum_calls for call in range(relu.calls_per_forward)]
+
+
+def _sum_call_tops(relu: LayerState) -> list[int] | None:
+    """Per call of a residual sum's ReLU called more than once in a forward, the largest code
+    of that call's sum: 127 where its residual was s8 (:attr:`LayerState.signed_sum_calls`),
+    else 255; ``None`` where every sum's is the same (or calibration did not record them)."""
+    if relu.calls_per_forward < 2 or not relu.signed_sum_calls or relu.signed_sum_calls >= relu.sum_calls:
+        return None
+    # (The ReLU's other calls read no sum: their top is never used.)
+    return [symmetric_levels(8) if call in relu.signed_sum_calls else U8_MAX for call in range(relu.calls_per_forward)]
 
 
 def _sum_call_thresholds(

@@ -419,10 +419,14 @@ class ResidualSumOutput(_OnCodes):
             may run that one between the fused conv and its sum, which the mark alone would
             put on codes instead (measured: 3.2e-3 of the largest output off Paddle
             Inference, the float sum returned).
+        call_tops: ``None``, or the largest code per call where the sums' residuals differ: a
+            ReLU shared by an identity block's sum (u8 residual, codes up to 255) and a
+            projection block's (s8, up to 127).
 
     Raises:
-        ValueError: A threshold is not a positive number, ``top`` is not 1..255, or
-            ``call_thresholds`` and ``call_sums`` count the calls differently.
+        ValueError: A threshold is not a positive number, ``top`` (or a call's) is not
+            1..255, or ``call_thresholds``, ``call_sums`` and ``call_tops`` count the calls
+            differently.
     """
 
     def __init__(
@@ -433,11 +437,13 @@ class ResidualSumOutput(_OnCodes):
         activation_bits: int = 8,
         call_thresholds: Sequence[float] | None = None,
         call_sums: Sequence[bool] | None = None,
+        call_tops: Sequence[int] | None = None,
     ) -> None:
         super().__init__(layer, threshold, top, activation_bits)
         self.sum_pending = False
         self.call_thresholds: tuple[float, ...] = ()
         self.call_sums: tuple[bool, ...] = ()
+        self.call_tops: tuple[int, ...] = ()
         self._calls: CallCounter | None = None
         if call_thresholds is not None:
             self.call_thresholds = tuple(float(t) for t in call_thresholds)
@@ -449,11 +455,21 @@ class ResidualSumOutput(_OnCodes):
             self.call_sums = tuple(bool(reads) for reads in call_sums)
             if not any(self.call_sums):
                 raise ValueError(f"ResidualSumOutput needs a call reading a sum, got {list(call_sums)!r}")
-        counts = {len(per_call) for per_call in (self.call_thresholds, self.call_sums) if per_call}
+        if call_tops is not None:
+            if not call_tops or not all(
+                isinstance(top, (int, np.integer)) and not isinstance(top, bool) and 0 < top <= U8_MAX
+                for top in call_tops
+            ):
+                raise ValueError(f"ResidualSumOutput needs call tops of 1..{U8_MAX}, got {list(call_tops)!r}")
+            self.call_tops = tuple(int(top) for top in call_tops)
+        counts = {
+            len(per_call) for per_call in (self.call_thresholds, self.call_sums, self.call_tops) if per_call
+        }
         if len(counts) > 1:
             raise ValueError(
-                f"ResidualSumOutput: {len(self.call_thresholds)} call thresholds for "
-                f"{len(self.call_sums)} calls"
+                f"ResidualSumOutput: {len(self.call_thresholds)} call thresholds, "
+                f"{len(self.call_sums)} call sums and {len(self.call_tops)} call tops count the "
+                f"calls differently"
             )
         if counts:
             self._calls = CallCounter(counts.pop())
@@ -469,10 +485,13 @@ class ResidualSumOutput(_OnCodes):
             return output
         self.sum_pending = False
         threshold = self.call_thresholds[call] if self.call_thresholds else self.threshold
-        return residual_on_codes(output, threshold, self.activation_bits, self.top)
+        top = self.call_tops[call] if self.call_tops else self.top
+        return residual_on_codes(output, threshold, self.activation_bits, top)
 
     def extra_repr(self) -> str:
         per_call = f", per call {[f'{t:.6g}' for t in self.call_thresholds]}" if self.call_thresholds else ""
         if self.call_sums:
             per_call += f", calls {[call for call, reads in enumerate(self.call_sums) if reads]} of {len(self.call_sums)}"
+        if self.call_tops:
+            per_call += f", tops per call {list(self.call_tops)}"
         return f"residual sum's output on codes 0..{self.top} of threshold {self.threshold:.6g}{per_call}"

@@ -104,8 +104,11 @@ class LayerState:
     coded_input_calls: set[int] = dataclasses.field(default_factory=set)
     #: The most calls of the layer on a float input in one forward.
     calls_per_forward: int = 0
-    #: Of an ``nn.ReLU`` reading a residual sum, the calls within a forward that read one.
+    #: Of an ``nn.ReLU`` reading a residual sum, the calls within a forward that read one,
+    #: and of those the calls whose sum's residual was s8 (a downsample shortcut's, no layer
+    #: reading it before the add): Paddle writes that call's output on codes up to 127.
     sum_calls: set[int] = dataclasses.field(default_factory=set)
+    signed_sum_calls: set[int] = dataclasses.field(default_factory=set)
     #: Of a layer called more than once in a forward, the largest ``|value|`` of each call's
     #: first input over the calibration forwards (one threshold serves every call).
     call_ranges: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -614,6 +617,8 @@ class CalibrationSession:
                 elif found is not None and isinstance(layer, paddle.nn.ReLU):
                     after = outputs if _is_float_tensor(outputs) else None
                     state.sum_calls.add(self._calls[state.name])
+                    if not found.residual_readers:
+                        state.signed_sum_calls.add(self._calls[state.name])
                 if after is not None:
                     unsigned = found.residual_readers or relu_or_its_max_pool(found.residual, self._by_name)
                     kind = self._wide if unsigned else self._signed

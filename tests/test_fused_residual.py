@@ -1064,7 +1064,10 @@ def test_codes_wrappers_refuse_a_bad_grid(kind, threshold, top) -> None:
     "options, message",
     [
         (dict(call_sums=[False, False]), "a call reading a sum"),
-        (dict(call_thresholds=[1.0, 2.0], call_sums=[False, True, False]), "2 call thresholds for 3 calls"),
+        (dict(call_thresholds=[1.0, 2.0], call_sums=[False, True, False]), "2 call thresholds, 3 call sums"),
+        (dict(call_tops=[255, 127, 127], call_sums=[False, True]), "2 call sums and 3 call tops"),
+        (dict(call_tops=[255, 256]), "call tops of 1..255"),
+        (dict(call_tops=[255, True]), "call tops of 1..255"),
     ],
 )
 def test_a_sum_output_refuses_per_call_settings_that_disagree(options, message) -> None:

@@ -12,6 +12,7 @@ import paddle
 import pytest
 from paddle.vision.models.resnet import BasicBlock
 
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from avx2_kernels import on_avx2, paddle_inference_outputs
@@ -219,37 +220,60 @@ def _conv_norm(channels_in: int, channels_out: int, kernel: int = 3, stride: int
 
 class _SharedBlockReLU(nn.Layer):
     """An identity block and a projection block sharing one ``nn.ReLU`` (a network written with
-    one ``self.relu``), the pool -> fc head reading its second call."""
+    one ``self.relu``), the head (``pool``: an int8 pool -> fc, else a float mean -> fc) reading
+    its second call."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: bool) -> None:
         super().__init__()
         self.stem, self.a1, self.a2 = _conv_norm(3, 8), _conv_norm(8, 8), _conv_norm(8, 8, relu=False)
         self.b1, self.b2 = _conv_norm(8, 11, stride=2), _conv_norm(11, 11, relu=False)
         self.shortcut = _conv_norm(8, 11, 1, 2, relu=False)
-        self.relu, self.pool, self.fc = nn.ReLU(), nn.AdaptiveAvgPool2D(1), nn.Linear(11, 10)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(11, 10)
+        self.pool = nn.AdaptiveAvgPool2D(1) if pool else None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x = self.stem(x)
         x = self.relu(self.a2(self.a1(x)) + x)
         x = self.relu(self.b2(self.b1(x)) + self.shortcut(x))
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(self.pool(x).flatten(1) if self.pool is not None else x.mean([2, 3]))
+
+
+def _shared_relu_batches() -> list[paddle.Tensor]:
+    rng = np.random.default_rng(0)
+    return [paddle.to_tensor(rng.standard_normal([4, 3, 32, 32]).astype("float32")) for _ in range(4)]
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-avx2"])
-def test_a_pool_reading_a_later_call_of_a_shared_relu_takes_that_calls_threshold(target, tmp_path) -> None:
-    """(Before: the first call's, 1.2e-2 .. 2.4e-2 of the largest logit off Paddle Inference,
-    1.7e-2 off ONNX Runtime on x86-avx2.)"""
+@pytest.mark.parametrize("pool", [True, False], ids=["int8_pool", "float_mean"])
+def test_a_relu_shared_by_an_identity_and_a_projection_sum_runs_as_simulated(pool, target, tmp_path) -> None:
+    """Each call of the ReLU is on its own sum's codes: the identity's up to 255, the
+    projection's (s8 residual) up to 127, each marked by its own fused conv; the int8 pool
+    takes the threshold of the call it reads. (Before: the projection's call unmarked, in
+    float, 6.3e-3 of the largest logit off Paddle Inference; the pool on the first call's
+    threshold, 1.2e-2 .. 2.4e-2 off Paddle Inference and 1.7e-2 off ONNX Runtime.)"""
     paddle.seed(0)
-    model = _SharedBlockReLU()
+    model = _SharedBlockReLU(pool)
     randomize_batch_norm_statistics(model, seed=0)
-    rng = np.random.default_rng(0)
-    batches = [paddle.to_tensor(rng.standard_normal([4, 3, 32, 32]).astype("float32")) for _ in range(4)]
-    qmodel = converted(model, batches, target)
-    assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
-    assert qmodel.pool.input_threshold == qmodel.relu.call_thresholds[1] != qmodel.relu.call_thresholds[0]
-    x = rng.standard_normal([4, 3, 32, 32]).astype("float32")
+    qmodel = converted(model, _shared_relu_batches(), target)
+    assert qmodel.relu.call_tops == (255, 127)
+    if pool:
+        assert isinstance(qmodel.pool, QuantizedGlobalAveragePool)
+        assert qmodel.pool.input_threshold == qmodel.relu.call_thresholds[1] != qmodel.relu.call_thresholds[0]
+    x = np.random.default_rng(7).standard_normal([4, 3, 32, 32]).astype("float32")
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) <= 2e-6
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path, int8_residual_branches=False) <= 2e-6
+    # Converted from its calibration table alike (the table keeps the s8 sum's call).
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
+    calibrated = ptq.quantize(model)
+    for batch in _shared_relu_batches():
+        calibrated(batch)
+    ptq.save_calibration_table(calibrated, tmp_path / "table.json")
+    reloaded = ptq.quantize(model)
+    ptq.load_calibration_table(reloaded, tmp_path / "table.json")
+    ptq.convert(reloaded)
+    assert reloaded.relu.call_tops == (255, 127)
+    with paddle.no_grad():
+        np.testing.assert_array_equal(reloaded(paddle.to_tensor(x)).numpy(), qmodel(paddle.to_tensor(x)).numpy())
 
 
 def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:

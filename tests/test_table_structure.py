@@ -77,15 +77,18 @@ def test_a_table_loaded_resnet_simulates_and_exports_as_the_calibrated_one(resne
     # ResNet-18 has all of them: u8 (255) and s8-stored (127) identity shortcuts, downsample
     # shortcuts, inputs written s8 or as wide u8 codes, a head pool read by the fc, the fc
     # whose output the model returns; and each block's one ReLU, called on its first
-    # BatchNorm's output and then on the sum, with the call that read the sum.
+    # BatchNorm's output and then on the sum, with the call that read the sum (and, in the
+    # downsample blocks, that the sum's residual was s8).
     assert kinds == {
         "input_sources", "input_rank", "residual_adds", "signed_input", "wide_input", "model_output",
-        "calls_per_forward", "sum_calls",
+        "calls_per_forward", "sum_calls", "signed_sum_calls",
     }
     per_call = {name: (entry["calls_per_forward"], tuple(entry["sum_calls"])) for name, entry in structure.items()
                 if "sum_calls" in entry}
     assert sorted(per_call) == [f"layer{stage}.{block}.relu" for stage in range(1, 5) for block in range(2)]
     assert set(per_call.values()) == {(2, (1,))}
+    signed_sums = {name: entry["signed_sum_calls"] for name, entry in structure.items() if "signed_sum_calls" in entry}
+    assert signed_sums == {f"layer{stage}.0.relu": [1] for stage in range(2, 5)}
     assert [name for name, entry in structure.items() if entry.get("model_output")] == ["fc"]
     assert tops == {127, 255}
 
@@ -252,6 +255,9 @@ MALFORMED = {
     "calls-per-forward-one": (("structure", "fc", "calls_per_forward"), 1, "'fc'.*calls_per_forward"),
     "plain-calls-without-count": (("structure", "fc", "plain_input_calls"), [0], "'fc'.*calls_per_forward"),
     "sum-calls-without-count": (("structure", "fc", "sum_calls"), [1], "'fc'.*calls_per_forward"),
+    "signed-sum-call-reading-no-sum": (
+        ("structure", "layer2.0.relu", "signed_sum_calls"), [0], "'layer2.0.relu'.*signed_sum_calls"
+    ),
     "source-calls-unknown-layer": (("structure", "fc", "input_source_calls"), [["pool", 1]], "'fc'.*'pool'"),
     "source-calls-not-pairs": (("structure", "fc", "input_source_calls"), [["avgpool"]], "'fc'.*input_source_calls"),
     "section-a-list": (("structure",), [], "'structure'"),

@@ -326,7 +326,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         #: Tensors the simulation holds as u8 codes for every reader, the caller included ->
         #: (threshold, largest code): an identity shortcut its conv quantizes in place
         #: (``LayerRecord.residual_codes``) and the ReLU call a fused int8 conv writes
-        #: (``LayerRecord.sum_codes_top``).
+        #: (``LayerRecord.sum_codes_tops``).
         self.coded = self._coded_tensors(records)
         #: program var in ``coded`` -> its ONNX tensor on those codes (what the caller gets).
         self.coded_values: dict[str, str] = {}
@@ -378,6 +378,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             for inputs, _ in record.calls if inputs
         }
         for record in records:
+            tops = record.sum_codes_tops()
             for output, threshold in record.sum_codes_thresholds().items():
                 # (Read by max-pools, and perhaps by int8 convs: convert's pooled codes.)
                 pooled = any(
@@ -385,7 +386,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                     for op in self.readers.get(output, [])
                 )
                 if pooled or relu_after_residual_conv(self.block, output, self.producer):
-                    coded[output] = (threshold, int(record.sum_codes_top))
+                    coded[output] = (threshold, tops[output])
         return coded
 
     def _activation_thresholds(self, records: Sequence[LayerRecord]) -> dict[str, float]:

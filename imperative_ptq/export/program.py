@@ -201,9 +201,7 @@ def quantize_program(
         clip_concat_inputs(loaded, weights, outputs, clips)
     # ReLU outputs the simulation puts on a fused int8 conv's codes -> the largest code; those
     # up to 127 (after an s8 residual) need no clip in front of their readers.
-    sum_code_tops = {
-        out: record.sum_codes_top for record in records for out in record.sum_codes_thresholds()
-    }
+    sum_code_tops = {out: top for record in records for out, top in record.sum_codes_tops().items()}
     inserted = _quantize_weight_ops(loaded, weights, written, clips, sum_code_tops, unsigned_inputs)
 
     quantize_activation_matmuls(loaded, records, written, inserted.dequantized, narrow_below_8_bits=unsigned_inputs)

@@ -127,6 +127,8 @@ class LayerRecord:
         sum_codes_calls: With it, per traced call whether the codes are its output's, where
             some calls of the ReLU read no sum (:attr:`ResidualSumOutput.call_sums`), else
             empty (all are).
+        sum_codes_call_tops: With it, the largest code per traced call where the calls' sums
+            differ (:attr:`ResidualSumOutput.call_tops`), else empty (``sum_codes_top``).
         constant_call_weight: For a Linear whose calls on inputs computed from parameters only
             the simulation runs in fp32 (``QuantizedLayer.constant_inputs``), the weight they
             compute with; the exports give those calls it, in float; else ``None``.
@@ -171,6 +173,7 @@ class LayerRecord:
     sum_codes_top: int = 0
     sum_codes_call_thresholds: tuple[float, ...] = ()
     sum_codes_calls: tuple[bool, ...] = ()
+    sum_codes_call_tops: tuple[int, ...] = ()
     constant_call_weight: np.ndarray | None = None
     simulated_weight: np.ndarray | None = None
     runs_as_conv: bool = False
@@ -192,6 +195,15 @@ class LayerRecord:
             output: float(per_call[call % len(per_call)] if per_call else self.sum_codes_threshold)
             for call, (_, output) in enumerate(self.calls)
             if output and (not coded or coded[call % len(coded)])
+        }
+
+    def sum_codes_tops(self) -> dict[str, int]:
+        """Output variable of each traced call :meth:`sum_codes_thresholds` names -> the
+        largest of its codes."""
+        tops, coded = self.sum_codes_call_tops, self.sum_codes_thresholds()
+        return {
+            output: int(tops[call % len(tops)] if tops else self.sum_codes_top)
+            for call, (_, output) in enumerate(self.calls) if output in coded
         }
 
     def top_code(self, input_name: str) -> int:
@@ -520,6 +532,7 @@ def _collect_records(
                 sum_codes_top=layer.top,
                 sum_codes_call_thresholds=layer.call_thresholds,
                 sum_codes_calls=layer.call_sums,
+                sum_codes_call_tops=layer.call_tops,
             )
             keep(layer, layer.layer, record)
         elif isinstance(layer, ResidualCodesInput):
