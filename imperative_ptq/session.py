@@ -40,6 +40,11 @@ SESSION_ATTR = "_ptq_session"
 #: Calibration batches kept for bias correction and AdaRound.
 MAX_CACHED_BATCHES = 64
 _NORM_TYPES = BATCH_NORM_TYPES
+
+
+def _activation(layer: paddle.nn.Layer) -> bool:
+    """Whether ``layer`` is one of Paddle's activation layers (``nn.ReLU``, ``nn.GELU``, ...)."""
+    return type(layer).__module__ == paddle.nn.layer.activation.__name__
 #: Batch norms that normalize with each batch's statistics in eval mode when built with
 #: ``use_global_stats=False``.
 _BATCH_STATISTICS_NORMS = (
@@ -540,6 +545,13 @@ class CalibrationSession:
         with paddle.no_grad():
             found = find_residual_add(value, outputs, readers, signed, branch_inputs, inputs, branch_sources)
         if found is None or (not gives_scale and not found.residual_readers):
+            return None
+        fused = next((layer for layer, state in self.layers if state.name == found.fused), None)
+        if fused is not None and _activation(fused):
+            # No conv to fuse the add into, and likely no add at all: an activation's output
+            # plus its input can equal a scaled copy of it (``relu(relu(x) + x)`` is
+            # ``2 * relu(x)``; measured, taken for a residual: a conv reading ``relu(x) * 2``
+            # simulated on codes up to 255 where both runtimes clip at 127, 0.29 off).
             return None
         changed = [
             name for tensor, name in outputs
