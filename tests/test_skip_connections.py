@@ -553,3 +553,36 @@ def test_a_scaled_relu_output_is_no_residual_sum(doubled, target, tmp_path) -> N
     x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
+
+
+class _PooledSelfSum(paddle.nn.Layer):
+    """A conv + ReLU output added to a nearest upsampling of its own max-pool (a stacked
+    hourglass level), read by an int8 conv: Paddle cannot fuse the add into the conv (the ReLU
+    sits between them), so it computes it in float, as the simulation does with the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = paddle.nn.Sequential(
+            paddle.nn.Conv2D(3, 16, 3, 2, 1, bias_attr=False), paddle.nn.BatchNorm2D(16), paddle.nn.ReLU()
+        )
+        self.pool, self.up = paddle.nn.MaxPool2D(2, 2), paddle.nn.Upsample(scale_factor=2)
+        self.conv = paddle.nn.Sequential(paddle.nn.Conv2D(16, 16, 1, bias_attr=False), paddle.nn.BatchNorm2D(16))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a = self.stem(x)
+        return self.conv(a + self.up(self.pool(a)))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_a_max_pool_added_to_its_conv_relu_input_runs_in_float(target, tmp_path) -> None:
+    """(Before, on x86-avx2, whose stem runs int8 on the signed image: the pool kept a scale for
+    the add's sake and ran int8, 1.3e-2 of the largest output off Paddle Inference.)"""
+    paddle.seed(0)
+    model = _PooledSelfSum()
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(model, batches, target)
+    x = rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
