@@ -274,7 +274,15 @@ def quantize_program(
                     outputs[inputs[0]] = record.input_threshold
     # A network input the simulation reads on those codes has no op to carry its scale: the
     # adds fused into an int8 conv read a relu copy that does (:func:`.residual_adds.scaled_input_copies`).
-    input_copies = scaled_input_copies(block, outputs, set(loaded.feed_names))
+    # So does an identity on u8 codes up to 255 that Paddle would run s8, its writer no ReLU
+    # (a stacked hourglass level's sum of two ReLU outputs; measured, clipped at 127 by Paddle:
+    # 0.11 .. 0.24 of the largest output off the simulation).
+    writers = producers(block)
+    signed_identities = {
+        name for name, codes in identities.items()
+        if codes.top > S8_MAX and name in outputs and name in writers and not runs_unsigned(block, name, writers)
+    }
+    input_copies = scaled_input_copies(block, outputs, set(loaded.feed_names) | signed_identities)
     writers = producers(block)
     activation_bits = model_activation_bits(records)
     returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records), float_adds=True)

@@ -107,15 +107,15 @@ def isolate_unscaled_residual_adds(
 def scaled_input_copies(
     block: "paddle.static.Block", outputs: dict[str, float], feeds: set[str]
 ) -> dict[str, str]:
-    """Gives each network input with a threshold in ``outputs`` that an add reads beside an
-    int8 conv's output (an identity shortcut on u8 codes, ``x + conv(x)`` on an image) a
+    """Gives each tensor of ``feeds`` with a threshold in ``outputs`` that an add reads beside
+    an int8 conv's output (an identity shortcut on u8 codes, ``x + conv(x)`` on an image) a
     ``relu`` copy for those adds, which carries the threshold: Paddle fuses such an add into
     the conv only when the residual has a scale, and a feed variable has no op to write one
     (measured: the conv ran fp32 with the add fused, 0.9-1.7% of the largest output off the
     simulation), and only where the residual is an ancestor of the conv's output, so the u8
     clips in front of int8 readers read the copy too. ``relu`` keeps the copy u8 and changes
-    no value the simulation reads there (its codes clip at 0 too). Updates ``outputs``;
-    returns input -> copy.
+    no value the simulation reads there (its codes clip at 0 too): callers pass the identities
+    Paddle would otherwise run s8 as well. Updates ``outputs``; returns tensor -> copy.
     """
     writers, reading = producers(block), readers(block)
     copies: dict[str, str] = {}
