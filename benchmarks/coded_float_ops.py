@@ -20,17 +20,15 @@ Usage: python benchmarks/coded_float_ops.py [--rounds 5] [--iters 10] [--batch 8
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
-from imperative_ptq.export import coded_identity, create_predictor, predict, program, save_fp32_model, save_quantized_model
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+from imperative_ptq.export import coded_identity, create_predictor, program, save_fp32_model, save_quantized_model
+from side_by_side import print_side_by_side
 
 SIZE = 112
 nn = paddle.nn
@@ -73,14 +71,6 @@ def _round_op(source: str, rounded: str, shifted: str) -> list[tuple[str, dict, 
     return [("round", {"X": [source]}, {"Out": [rounded]}, {})]
 
 
-def _time(run, iters: int) -> float:
-    run()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -121,24 +111,9 @@ def main() -> None:
             "int8, codes rounded by a round op": create_predictor(f"{workdir}/round_op", num_threads=1),
             "int8, shared u8 clips as elementwise_min": create_predictor(f"{workdir}/min_clips", num_threads=1),
         }
-        times = {name: [] for name in engines}
-        for _ in range(args.rounds):
-            for name, predictor in engines.items():
-                times[name].append(_time(lambda: predict(predictor, x), args.iters))
-        errors = {
-            name: float(np.abs(predict(predictor, x)[0] - simulated).max() / np.abs(simulated).max())
-            for name, predictor in engines.items() if name != "fp32"
-        }
-    fp32 = statistics.median(times["fp32"])
-    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__} "
-          f"target=x86-avx2 batch={args.batch} one thread, medians of {args.rounds} rounds of {args.iters}")
-    print("| engine | ms | speed-up vs fp32 | largest difference to the simulation |")
-    print("|---|---|---|---|")
-    for name in engines:
-        median = statistics.median(times[name])
-        error = f"{errors[name]:.1e}" if name in errors else ""
-        print(f"| {name} | {median:.2f} | {fp32 / median:.2f}x | {error} |")
-
+        print_side_by_side(
+            engines, x, simulated, args.rounds, args.iters, f"target=x86-avx2 batch={args.batch} one thread"
+        )
 
 if __name__ == "__main__":
     main()

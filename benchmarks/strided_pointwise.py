@@ -14,16 +14,14 @@ Usage: python benchmarks/strided_pointwise.py [--rounds 5] [--iters 10] [--batch
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import paddle
 
-from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
-from imperative_ptq.export import create_predictor, predict, program, save_fp32_model, save_quantized_model
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
+from imperative_ptq.export import create_predictor, program, save_fp32_model, save_quantized_model
+from side_by_side import print_side_by_side
 
 SIZE = 112
 
@@ -56,14 +54,6 @@ class RegNetX200(paddle.nn.Sequential):
                 blocks.append(_Bottleneck(ci, width, 2 if index == 0 else 1))
                 ci = width
         super().__init__(_conv_norm(3, 32, 3, 2), *blocks)
-
-
-def _time(run, iters: int) -> float:
-    run()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def main() -> None:
@@ -99,24 +89,9 @@ def main() -> None:
             "int8, strided 1x1 rewritten": create_predictor(f"{workdir}/rewritten", num_threads=1),
             "int8, not rewritten": create_predictor(f"{workdir}/plain", num_threads=1),
         }
-        times = {name: [] for name in engines}
-        for _ in range(args.rounds):
-            for name, predictor in engines.items():
-                times[name].append(_time(lambda: predict(predictor, x), args.iters))
-        errors = {
-            name: float(np.abs(predict(predictor, x)[0] - simulated).max() / np.abs(simulated).max())
-            for name, predictor in engines.items() if name != "fp32"
-        }
-    fp32 = statistics.median(times["fp32"])
-    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__} "
-          f"target=x86-avx2 batch={args.batch} one thread, medians of {args.rounds} rounds of {args.iters}")
-    print("| engine | ms | speed-up vs fp32 | largest difference to the simulation |")
-    print("|---|---|---|---|")
-    for name in engines:
-        median = statistics.median(times[name])
-        error = f"{errors[name]:.1e}" if name in errors else ""
-        print(f"| {name} | {median:.2f} | {fp32 / median:.2f}x | {error} |")
-
+        print_side_by_side(
+            engines, x, simulated, args.rounds, args.iters, f"target=x86-avx2 batch={args.batch} one thread"
+        )
 
 if __name__ == "__main__":
     main()

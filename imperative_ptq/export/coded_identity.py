@@ -291,13 +291,22 @@ def _unfused_conv_add(
 ) -> bool:
     """Whether ``op`` adds ``name`` to an int8 conv/fc output in float (Paddle does not fuse
     it: ``name`` is no ancestor of that output)."""
+    other = _added_to(op, name)
+    return (
+        other is not None and _int8_conv_operand(other, int8_output, writers)
+        and not _fused_residual_add(op, name, int8_output, writers)
+    )
+
+
+def _added_to(op: Operator, name: str) -> str | None:
+    """The other operand of ``op`` if it is an ``elementwise_add`` of ``name`` and one more
+    tensor, else ``None``."""
     if op.type != "elementwise_add":
-        return False
+        return None
     operands = op.input("X") + op.input("Y")
     if len(operands) != 2 or name not in operands:
-        return False
-    other = operands[1 - operands.index(name)]
-    return _int8_conv_operand(other, int8_output, writers) and not _fused_residual_add(op, name, int8_output, writers)
+        return None
+    return operands[1 - operands.index(name)]
 
 
 def _int8_conv_operand(name: str, int8_output: Callable[[str], bool], writers: Mapping[str, Operator]) -> bool:
@@ -332,13 +341,8 @@ def _fused_residual_add(
     an add Paddle fuses into that conv. (From another branch, as in an HRNet fuse layer's
     ``x1 + conv_bn(x0)``, it is added in float: measured 7.6e-3 .. 8.7e-3 of the largest
     output off the simulation, which reads ``x1`` on its codes as for a fused add.)"""
-    if op.type != "elementwise_add":
-        return False
-    operands = op.input("X") + op.input("Y")
-    if len(operands) != 2 or name not in operands:
-        return False
-    other = operands[1 - operands.index(name)]
-    return int8_output(other) and name in ancestors(other, writers)
+    other = _added_to(op, name)
+    return other is not None and int8_output(other) and name in ancestors(other, writers)
 
 
 def _insert_codes(

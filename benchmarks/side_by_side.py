@@ -1,0 +1,51 @@
+"""Shared by the export benchmarks that time Paddle Inference programs side by side in one
+process (``strided_pointwise.py``, ``coded_float_ops.py``): engines interleaved round by round,
+medians of the rounds, each int8 engine's largest difference to the dygraph simulation."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import paddle
+
+from imperative_ptq import cpu_info
+from imperative_ptq.export import predict
+
+
+def milliseconds_per_call(run: Callable[[], Any], iters: int) -> float:
+    """Mean wall time of ``run`` over ``iters`` calls after one warm-up call, in ms."""
+    run()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def print_side_by_side(
+    engines: Mapping[str, Any], x: np.ndarray, simulated: np.ndarray, rounds: int, iters: int, setting: str
+) -> None:
+    """Times ``engines`` (name -> predictor; the first is the fp32 baseline) on ``x``, rounds
+    interleaved, and prints a markdown table of medians, speed-ups and each other engine's
+    largest difference to ``simulated`` relative to its largest value."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, predictor in engines.items():
+            times[name].append(milliseconds_per_call(lambda: predict(predictor, x), iters))
+    baseline = next(iter(engines))
+    errors = {
+        name: float(np.abs(predict(predictor, x)[0] - simulated).max() / np.abs(simulated).max())
+        for name, predictor in engines.items() if name != baseline
+    }
+    reference = statistics.median(times[baseline])
+    print(f"# {datetime.date.today()} {cpu_info().describe()} paddle={paddle.__version__} {setting}, "
+          f"medians of {rounds} rounds of {iters}")
+    print(f"| engine | ms | speed-up vs {baseline} | largest difference to the simulation |")
+    print("|---|---|---|---|")
+    for name in engines:
+        median = statistics.median(times[name])
+        error = f"{errors[name]:.1e}" if name in errors else ""
+        print(f"| {name} | {median:.2f} | {reference / median:.2f}x | {error} |")
