@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 import paddle
 
@@ -82,9 +82,11 @@ def round_float_readers(
     A reader after the identity's first int8 reader (its quantize op, perhaps behind a u8
     clip) reads ``scale -> round -> clip -> scale`` of it instead, except the residual add of
     an int8 conv (Paddle fuses it and reads the codes; a reader in front would stop that
-    fusion). The rounded tensor gets the identity's ``out_threshold``, so an int8 op reading
-    it (a concat) keeps its scale. Where Paddle pruned its int8 readers (their outputs unused),
-    the residual add the simulation fused, which Paddle computes in float, reads the codes.
+    fusion). The rounded tensor carries no scale of its own (measured: giving it, and the
+    ReLUs :func:`round_relus_written_in_float` puts on codes, their writer's ``out_threshold``
+    made Paddle Inference 2.2e-2 .. 3.2e-2 off hourglass-shaped stacks it had run exactly).
+    Where Paddle pruned its int8 readers (their outputs unused), the residual add the
+    simulation fused, which Paddle computes in float, reads the codes.
 
     Args:
         block: The program's global block (rewritten in place).
@@ -118,7 +120,7 @@ def round_float_readers(
             # an HRNet-shaped stack's dropped last upsample, 9.9e-3 of the largest output off).
             floats = [op for op in consumers if _unfused_conv_add(op, name, int8_output, writers)]
         if floats:
-            _insert_codes(block, name, codes, floats, writers.get(name))
+            _insert_codes(block, name, codes, floats)
             rounded += len(floats)
             logger.debug("%s: %d float readers read its codes (%s)", name, len(floats),
                          ", ".join(op.type for op in floats))
@@ -211,16 +213,14 @@ def _put_output_on_codes(block: "paddle.static.Block", relu: Operator, codes: Co
     var = block.var(name)
     plain = block.create_var(name=f"{name}.float_sum", shape=var.shape, dtype=var.dtype)
     relu._rename_output(name, plain.name)
-    threshold = {}
-    if relu.has_attr("out_threshold"):
-        threshold = {"out_threshold": float(relu.attr("out_threshold"))}
+    if relu.has_attr("out_threshold"):  # (the float copy runs fp32)
         relu._remove_attr("out_threshold")
     # (A ReLU last, on codes >= 0: Paddle reads a ReLU output as unsigned, a scale output as
     # signed, which halved the resolution its int8 readers quantize it with.)
     on_grid = block.create_var(name=f"{name}{_ON_GRID}", shape=var.shape, dtype=var.dtype)
     index = op_index(block, relu) + 1
-    after = _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes, {})
-    insert_op(block, after, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]}, attrs=threshold)
+    after = _insert_codes_ops(block, index, plain.name, on_grid.name, f"{name}.codes", codes)
+    insert_op(block, after, type="relu", inputs={"X": [on_grid.name]}, outputs={"Out": [name]})
 
 
 def round_unfused_projections(
@@ -261,7 +261,7 @@ def round_unfused_projections(
         other = operands[1 - operands.index(projection)]
         if not _int8_conv_operand(other, int8_output, writers) or _fuses_projection(block, projection, other, writers):
             continue
-        _insert_codes(block, projection, projections[projection], [add], writers.get(projection))
+        _insert_codes(block, projection, projections[projection], [add])
         after = readers(block).get(add.output("Out")[0], [])
         if len(after) == 1 and after[0].type == "relu" and after[0].output("Out")[0] in sums:
             _put_output_on_codes(block, after[0], sums[after[0].output("Out")[0]])
@@ -346,29 +346,25 @@ def _fused_residual_add(
 
 
 def _insert_codes(
-    block: "paddle.static.Block", name: str, codes: CodedIdentity, consumers: list[Operator],
-    writer: Operator | None,
+    block: "paddle.static.Block", name: str, codes: CodedIdentity, consumers: list[Operator]
 ) -> None:
     """Inserts the float codes of ``name`` in front of the first of ``consumers`` and makes
     them all read it."""
     var = block.var(name)
     on_grid = block.create_var(name=f"{name}{_ON_GRID}", shape=var.shape, dtype=var.dtype)
-    threshold = {}
-    if writer is not None and writer.has_attr("out_threshold"):
-        threshold = {"out_threshold": float(writer.attr("out_threshold"))}
     index = min(op_index(block, op) for op in consumers)
-    _insert_codes_ops(block, index, name, on_grid.name, f"{name}.codes", codes, threshold)
+    _insert_codes_ops(block, index, name, on_grid.name, f"{name}.codes", codes)
     for consumer in consumers:
         consumer._rename_input(name, on_grid.name)
 
 
 def _insert_codes_ops(
     block: "paddle.static.Block", index: int, source: str, out: str, stem: str,
-    codes: CodedIdentity, out_attrs: dict[str, Any],
+    codes: CodedIdentity,
 ) -> int:
     """Inserts ``out = scale(clip(round(scale(source, 1 / step)), 0, top), step)`` (the round
     as :func:`.graph.rounding_steps`) at ``index`` (its other variables named
-    ``<stem>.<step>``, ``out_attrs`` on its last op); returns the index after them."""
+    ``<stem>.<step>``); returns the index after them."""
     var = block.var(source)
     names = [f"{stem}.{part}" for part in ("scaled", "shifted", "rounded", "clipped")]
     for new in names:
@@ -377,7 +373,7 @@ def _insert_codes_ops(
         ("scale", {"X": [source]}, {"Out": [names[0]]}, {"scale": 1.0 / codes.step, "bias": 0.0, "bias_after_scale": True}),
         *rounding_steps(names[0], names[2], names[1]),
         ("clip", {"X": [names[2]]}, {"Out": [names[3]]}, {"min": float(codes.lowest), "max": float(codes.top)}),
-        ("scale", {"X": [names[3]]}, {"Out": [out]}, {"scale": codes.step, "bias": 0.0, "bias_after_scale": True, **out_attrs}),
+        ("scale", {"X": [names[3]]}, {"Out": [out]}, {"scale": codes.step, "bias": 0.0, "bias_after_scale": True}),
     ]
     for offset, (op_type, inputs, outputs, attrs) in enumerate(steps):
         insert_op(block, index + offset, type=op_type, inputs=inputs, outputs=outputs, attrs=attrs)
