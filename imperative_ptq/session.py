@@ -40,11 +40,6 @@ SESSION_ATTR = "_ptq_session"
 #: Calibration batches kept for bias correction and AdaRound.
 MAX_CACHED_BATCHES = 64
 _NORM_TYPES = BATCH_NORM_TYPES
-
-
-def _activation(layer: paddle.nn.Layer) -> bool:
-    """Whether ``layer`` is one of Paddle's activation layers (``nn.ReLU``, ``nn.GELU``, ...)."""
-    return type(layer).__module__ == paddle.nn.layer.activation.__name__
 #: Batch norms that normalize with each batch's statistics in eval mode when built with
 #: ``use_global_stats=False``.
 _BATCH_STATISTICS_NORMS = (
@@ -55,6 +50,11 @@ _DROPOUT_TYPES = tuple(
     for name in ("Dropout", "Dropout2D", "Dropout3D", "AlphaDropout", "FeatureAlphaDropout")
     if hasattr(paddle.nn, name)
 )
+
+
+def _activation(layer: paddle.nn.Layer) -> bool:
+    """Whether ``layer`` is one of Paddle's activation layers (``nn.ReLU``, ``nn.GELU``, ...)."""
+    return type(layer).__module__ == paddle.nn.layer.activation.__name__
 
 
 @dataclasses.dataclass
