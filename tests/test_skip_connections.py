@@ -614,3 +614,25 @@ def test_an_identity_written_by_an_add_is_read_on_u8_codes(target, tmp_path) -> 
     """(Before: 1.7e-2 .. 0.18 of the largest output off Paddle Inference.)"""
     # (The residual branch's BatchNorm output in float, as simulated: not ONNX's default.)
     _assert_runs_as_simulated(_HourglassLevel, target, tmp_path, int8_residual_branches=False)
+
+
+class _BlockBesidePooledInput(_PooledSelfSum):
+    """``conv(relu(x + bn(conv(x))) + up(max_pool(x)))`` of a conv + ReLU output ``x``: the
+    simulation holds ``x`` on its conv's codes for the max-pool, and the residual block's fused
+    conv reads it as its identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch = paddle.nn.Sequential(paddle.nn.Conv2D(16, 16, 3, 1, 1, bias_attr=False), paddle.nn.BatchNorm2D(16))
+        self.relu = paddle.nn.ReLU()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        a = self.stem(x)
+        return self.conv(self.relu(a + self.branch(a)) + self.up(self.pool(a)))
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
+def test_a_pooled_relu_a_fused_residual_conv_reads_keeps_its_scale(target, tmp_path) -> None:
+    """(Before, on x86-avx2: the export put ``x`` on codes in float, its copy without a scale,
+    so Paddle ran the residual conv fp32, 2.2e-2 of the largest output off.)"""
+    _assert_runs_as_simulated(_BlockBesidePooledInput, target, tmp_path, int8_residual_branches=False)

@@ -173,7 +173,9 @@ def round_unfused_sums(
     return rounded
 
 
-def round_relus_written_in_float(block: "paddle.static.Block", sums: Mapping[str, CodedIdentity]) -> int:
+def round_relus_written_in_float(
+    block: "paddle.static.Block", sums: Mapping[str, CodedIdentity], int8_output: Callable[[str], bool]
+) -> int:
     """Puts each ReLU output the simulation holds on its int8 conv's codes (for a max-pool after
     it, ``convert``'s pooled codes) on those codes, computed in float, where no int8 op reads it
     directly: no quantize op, no int8 max-pool (one with an output scale). Paddle then writes
@@ -181,7 +183,15 @@ def round_relus_written_in_float(block: "paddle.static.Block", sums: Mapping[str
     front of another int8 reader and the float ops read unrounded (measured: a ReLU max-pooled
     into a returned concat beside its clipped conv reader, 2.6e-3 of the largest output off).
     A ReLU after a residual add is left to the fused conv, which writes codes in any case, and
-    to :func:`round_unfused_sums`.
+    to :func:`round_unfused_sums`; so is a ReLU a residual add reads that Paddle fuses into an
+    int8 conv, which needs the ReLU's scale (measured: ``conv(block(x) + up(max_pool(x)))``,
+    ``x`` read by the block's fused residual conv, which ran fp32: 2.2e-2 off).
+
+    Args:
+        block: The program's global block (rewritten in place).
+        sums: ReLU output -> the codes the simulation puts it on.
+        int8_output: Whether a tensor is an int8 conv/fc output (after its bias add or
+            BatchNorm).
 
     Returns:
         How many ReLU outputs were put on codes.
@@ -200,6 +210,8 @@ def round_relus_written_in_float(block: "paddle.static.Block", sums: Mapping[str
             for op in reading.get(name, [])
         ):
             continue
+        if any(_fused_residual_add(op, name, int8_output, writers) for op in reading.get(name, [])):
+            continue  # (its fused conv needs the ReLU's scale, which the float copy drops)
         _put_output_on_codes(block, relu, codes)
         writers, reading = producers(block), readers(block)
         rounded += 1

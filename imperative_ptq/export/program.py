@@ -361,7 +361,7 @@ def quantize_program(
         for record in records if record.residual_output and record.output_thresholds for _, out in record.calls if out
     }
     rounded += round_unfused_projections(block, projections, sums, int8_output)
-    rounded += round_relus_written_in_float(block, sums)
+    rounded += round_relus_written_in_float(block, sums, int8_output)
     if rounded:
         logger.info("%d tensors Paddle computes in float (residual sums, their projections, ReLUs "
                     "an int8 conv would write as codes) are put on the codes the simulation reads "
