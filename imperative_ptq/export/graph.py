@@ -17,7 +17,7 @@ __all__ = [
     "exact_nearest_resizes", "feeds_quantize", "filters_of_their_own", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "plain_fp32_dilated_depthwise_outputs", "producers", "readers", "reduce_open_adaptive_pools",
-    "remove_inference_dropouts", "remove_op", "rounding_steps",
+    "remove_inference_dropouts", "remove_op", "replace_op", "rounding_steps",
     "separate_chained_activations", "set_tensor", "transposed_matmul", "unfused_feature_map_reshapes",
 ]
 
@@ -95,6 +95,13 @@ def insert_op(block: "paddle.static.Block", index: int, **op: Any) -> Operator:
 def remove_op(block: "paddle.static.Block", index: int) -> None:
     """``block._remove_op`` without the re-sync (see :func:`insert_op`)."""
     block._remove_op(index, sync=False)
+
+
+def replace_op(block: "paddle.static.Block", op: Operator, **new: Any) -> Operator:
+    """Puts the op described by ``new`` (:func:`insert_op`'s keywords) where ``op`` was."""
+    index = op_index(block, op)
+    remove_op(block, index)
+    return insert_op(block, index, **new)
 
 
 def op_index(block: "paddle.static.Block", op: Operator) -> int:
@@ -706,11 +713,9 @@ def multiply_instead_of_scaling(loaded: Any) -> int:
         source, out = op.input("X")[0], op.output("Out")[0]
         if factor in (0.0, 1.0) or not _written_by_weight_op(block, source, making):
             continue
-        index = op_index(block, op)
         constant = new_persistable(loaded, f"{out}.factor", np.array([factor], np.float32))
-        remove_op(block, index)
-        insert_op(
-            block, index, type="elementwise_mul", inputs={"X": [source], "Y": [constant]},
+        replace_op(
+            block, op, type="elementwise_mul", inputs={"X": [source], "Y": [constant]},
             outputs={"Out": [out]}, attrs={"axis": -1},
         )
         rewritten += 1
@@ -832,10 +837,8 @@ def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
         pooled_axis = 2 + ksize.index(1)
         maximum = op.type == "max_pool2d_with_index" or op.attr("pooling_type") == "max"
         source, out = op.input("X")[0], op.output("Out")[0]
-        index = op_index(block, op)
-        remove_op(block, index)
-        insert_op(
-            block, index, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
+        replace_op(
+            block, op, type="reduce_max" if maximum else "reduce_mean", inputs={"X": [source]},
             outputs={"Out": [out]}, attrs={"dim": [pooled_axis], "keep_dim": True, "reduce_all": False},
         )
         replaced += 1

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import get_tensor, insert_op, is_persistable, new_persistable, producers, readers, set_tensor
-from .graph import insert_reader_op, op_index, remove_op, transposed_matmul
+from .graph import insert_reader_op, op_index, replace_op, transposed_matmul
 from .tracing import LayerRecord
 
 logger = logging.getLogger(__name__)
@@ -253,10 +253,8 @@ def shared_output_clips(loaded) -> int:
         if len(reading.get(source, [])) < 2:
             continue
         bound = float(get_tensor(loaded, op.input("Y")[0]).reshape(-1)[0])
-        index = op_index(block, op)
-        remove_op(block, index)
-        insert_op(
-            block, index, type="clip", inputs={"X": [source]}, outputs={"Out": [out]},
+        replace_op(
+            block, op, type="clip", inputs={"X": [source]}, outputs={"Out": [out]},
             attrs={"min": 0.0, "max": bound},
         )
         rewritten += 1
