@@ -19,16 +19,13 @@ Usage: python benchmarks/coded_float_ops.py [--rounds 5] [--iters 10] [--batch 8
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
-import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
 from imperative_ptq.export import coded_identity, create_predictor, program, save_fp32_model, save_quantized_model
-from side_by_side import print_side_by_side
+from side_by_side import converted_on_images, parsed_arguments, print_side_by_side, replaced
 
 SIZE = 112
 nn = paddle.nn
@@ -72,39 +69,17 @@ def _round_op(source: str, rounded: str, shifted: str) -> list[tuple[str, dict, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+    args = parsed_arguments(__doc__.splitlines()[0])
     paddle.seed(0)
     model = HRNetShaped()
-    model.eval()
-    rng = np.random.default_rng(0)
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
-    qmodel = ptq.quantize(model)
-    for _ in range(4):
-        qmodel(paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)))
-    ptq.convert(qmodel)
-    x = rng.random((args.batch, 3, SIZE, SIZE), np.float32)
-    with paddle.no_grad():
-        simulated = qmodel(paddle.to_tensor(x)).numpy()
-    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    qmodel, x, simulated, spec = converted_on_images(model, SIZE, args.batch)
     with tempfile.TemporaryDirectory() as workdir:
         save_fp32_model(model, f"{workdir}/fp32", spec)
         save_quantized_model(qmodel, f"{workdir}/shifted", spec)
-        shipped = coded_identity.rounding_steps
-        coded_identity.rounding_steps = _round_op
-        try:
+        with replaced(coded_identity, "rounding_steps", _round_op):
             save_quantized_model(qmodel, f"{workdir}/round_op", spec)
-        finally:
-            coded_identity.rounding_steps = shipped
-        clips = program.shared_output_clips
-        program.shared_output_clips = lambda loaded: 0
-        try:
+        with replaced(program, "shared_output_clips", lambda loaded: 0):
             save_quantized_model(qmodel, f"{workdir}/min_clips", spec)
-        finally:
-            program.shared_output_clips = clips
         engines = {
             "fp32": create_predictor(f"{workdir}/fp32", int8=False, num_threads=1),
             "int8 as exported": create_predictor(f"{workdir}/shifted", num_threads=1),
@@ -114,6 +89,7 @@ def main() -> None:
         print_side_by_side(
             engines, x, simulated, args.rounds, args.iters, f"target=x86-avx2 batch={args.batch} one thread"
         )
+
 
 if __name__ == "__main__":
     main()

@@ -4,16 +4,57 @@ medians of the rounds, each int8 engine's largest difference to the dygraph simu
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import paddle
 
-from imperative_ptq import cpu_info
+from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
 from imperative_ptq.export import predict
+
+
+def parsed_arguments(description: str) -> argparse.Namespace:
+    """``--rounds``, ``--iters`` and ``--batch`` from the command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    return parser.parse_args()
+
+
+def converted_on_images(
+    model: paddle.nn.Layer, size: int, batch: int
+) -> tuple[paddle.nn.Layer, np.ndarray, np.ndarray, list[paddle.static.InputSpec]]:
+    """``model`` calibrated on four batches of random ``[0, 1)`` images of ``size`` (KL,
+    per-channel weights, target ``x86-avx2``) and converted; a batch of ``batch`` images,
+    the simulation's output for it, and the input spec to export with."""
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
+    qmodel = ptq.quantize(model)
+    for _ in range(4):
+        qmodel(paddle.to_tensor(rng.random((4, 3, size, size), np.float32)))
+    ptq.convert(qmodel)
+    x = rng.random((batch, 3, size, size), np.float32)
+    with paddle.no_grad():
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+    return qmodel, x, simulated, [paddle.static.InputSpec([None, 3, size, size], "float32", "x")]
+
+
+@contextlib.contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block (an export pass switched off or swapped)."""
+    shipped = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, shipped)
 
 
 def milliseconds_per_call(run: Callable[[], Any], iters: int) -> float:

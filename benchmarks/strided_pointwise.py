@@ -13,15 +13,12 @@ Usage: python benchmarks/strided_pointwise.py [--rounds 5] [--iters 10] [--batch
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
-import numpy as np
 import paddle
 
-from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig
 from imperative_ptq.export import create_predictor, program, save_fp32_model, save_quantized_model
-from side_by_side import print_side_by_side
+from side_by_side import converted_on_images, parsed_arguments, print_side_by_side, replaced
 
 SIZE = 112
 
@@ -57,33 +54,15 @@ class RegNetX200(paddle.nn.Sequential):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+    args = parsed_arguments(__doc__.splitlines()[0])
     paddle.seed(0)
     model = RegNetX200()
-    model.eval()
-    rng = np.random.default_rng(0)
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target="x86-avx2"))
-    qmodel = ptq.quantize(model)
-    for _ in range(4):
-        qmodel(paddle.to_tensor(rng.random((4, 3, SIZE, SIZE), np.float32)))
-    ptq.convert(qmodel)
-    x = rng.random((args.batch, 3, SIZE, SIZE), np.float32)
-    with paddle.no_grad():
-        simulated = qmodel(paddle.to_tensor(x)).numpy()
-    spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]
+    qmodel, x, simulated, spec = converted_on_images(model, SIZE, args.batch)
     with tempfile.TemporaryDirectory() as workdir:
         save_fp32_model(model, f"{workdir}/fp32", spec)
         save_quantized_model(qmodel, f"{workdir}/rewritten", spec)
-        rewrite = program.widen_strided_pointwise_convs
-        program.widen_strided_pointwise_convs = lambda loaded: 0
-        try:
+        with replaced(program, "widen_strided_pointwise_convs", lambda loaded: 0):
             save_quantized_model(qmodel, f"{workdir}/plain", spec)
-        finally:
-            program.widen_strided_pointwise_convs = rewrite
         engines = {
             "fp32": create_predictor(f"{workdir}/fp32", int8=False, num_threads=1),
             "int8, strided 1x1 rewritten": create_predictor(f"{workdir}/rewritten", num_threads=1),
@@ -92,6 +71,7 @@ def main() -> None:
         print_side_by_side(
             engines, x, simulated, args.rounds, args.iters, f"target=x86-avx2 batch={args.batch} one thread"
         )
+
 
 if __name__ == "__main__":
     main()
