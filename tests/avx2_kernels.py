@@ -1,9 +1,14 @@
 """Paddle Inference with oneDNN capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``): the arithmetic
 of a CPU without VNNI, on this one. The cap is read when oneDNN starts, so tests send their
-exported files to a subprocess that started with it (:class:`Avx2Runner`)."""
+exported files to a subprocess that started with it (:class:`Avx2Runner`).
+
+Each export is checked on the kernels its target promises to be exact on
+(:func:`paddle_inference_outputs`): an ``x86-avx2`` export on oneDNN's AVX2 kernels (under the
+cap where this CPU's int8 kernels are others), an ``x86-vnni`` export never under the cap."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
@@ -33,12 +38,23 @@ class Avx2Runner:
 
     def predict(self, path_prefix: str | os.PathLike, *inputs: np.ndarray) -> list[np.ndarray]:
         """Outputs of ``create_predictor(path_prefix, num_threads=1)`` on AVX2 kernels."""
+        return self.predict_calls(path_prefix, inputs, calls=1, num_threads=1)[0]
+
+    def predict_calls(
+        self, path_prefix: str | os.PathLike, inputs: Sequence[np.ndarray], calls: int, num_threads: int,
+    ) -> list[list[np.ndarray]]:
+        """The outputs of ``calls`` runs of ``inputs`` through one predictor of
+        ``create_predictor(path_prefix, num_threads)`` on AVX2 kernels, a list per call."""
         directory = pathlib.Path(tempfile.mkdtemp(prefix="avx2_"))
         try:
             np.savez(directory / "inputs.npz", *inputs)
-            self._request({"prefix": os.fspath(path_prefix), "directory": str(directory)})
+            self._request({
+                "prefix": os.fspath(path_prefix), "directory": str(directory), "calls": calls,
+                "num_threads": num_threads,
+            })
             with np.load(directory / "outputs.npz") as outputs:
-                return [outputs[f"arr_{i}"] for i in range(len(outputs.files))]
+                count = len(outputs.files) // calls
+                return [[outputs[f"arr_{call * count + i}"] for i in range(count)] for call in range(calls)]
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -61,6 +77,31 @@ class Avx2Runner:
         self._process.wait(self._timeout)
 
 
+_SHARED: list[Avx2Runner] = []
+
+
+def shared_runner() -> Avx2Runner | None:
+    """This process's :class:`Avx2Runner` (started on first use, ended at exit), or ``None``
+    where this CPU's int8 kernels are AVX2 already."""
+    import imperative_ptq as ip
+
+    if ip.cpu_info().isa == "avx2":
+        return None
+    if not _SHARED:
+        _SHARED.append(Avx2Runner())
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]
+
+
+def exact_natively(target: str | None) -> bool:
+    """Whether this CPU's own int8 kernels are those ``target``'s export is written for: all
+    but ``x86-avx2`` where they are not AVX2 (an ``x86-vnni`` export is run natively on every
+    CPU: exact with VNNI, and without it exact wherever no int8 layer reads a signed input)."""
+    import imperative_ptq as ip
+
+    return target != "x86-avx2" or ip.cpu_info().isa == "avx2"
+
+
 def on_avx2(avx2_runner: Avx2Runner | None, target: str) -> Avx2Runner | None:
     """The AVX2-kernel runner where ``target``'s export must be exact on AVX2 kernels too
     (``x86``; ``x86-vnni`` saturates there by design)."""
@@ -71,12 +112,23 @@ def paddle_inference_outputs(
     path_prefix: str | os.PathLike, inputs: Sequence[np.ndarray], avx2_runner: Avx2Runner | None,
     on_avx2: bool = True,
 ) -> dict[str, list[np.ndarray]]:
-    """Paddle Inference's outputs (one thread) on this CPU's kernels (``"native"``) and, when
-    ``avx2_runner`` is given and ``on_avx2`` (False for exports meant for VNNI only), on
-    oneDNN's AVX2 kernels (``"AVX2 kernels"``)."""
-    from imperative_ptq.export import create_predictor, predict
+    """Paddle Inference's outputs (one thread) on the kernels the export's target is exact on.
 
-    outputs = {"native": predict(create_predictor(path_prefix, num_threads=1), *inputs)}
-    if avx2_runner is not None and on_avx2:
-        outputs["AVX2 kernels"] = avx2_runner.predict(path_prefix, *inputs)
+    Returns:
+        ``"native"``: this CPU's kernels, unless :func:`exact_natively` says the target's are
+        others. ``"AVX2 kernels"``: oneDNN's AVX2 kernels (under the cap where this CPU's
+        int8 kernels are others), for an ``x86-avx2`` export always and for an ``x86`` export
+        when ``avx2_runner`` is given and ``on_avx2``; never for an ``x86-vnni`` export, which
+        saturates there by design.
+    """
+    from imperative_ptq.export import create_predictor, predict
+    from imperative_ptq.export.predictor import exported_target
+
+    target = exported_target(os.fspath(path_prefix))
+    outputs = {}
+    if exact_natively(target):
+        outputs["native"] = predict(create_predictor(path_prefix, num_threads=1), *inputs)
+    runner = shared_runner() if target == "x86-avx2" else avx2_runner if on_avx2 and target != "x86-vnni" else None
+    if runner is not None:
+        outputs["AVX2 kernels"] = runner.predict(path_prefix, *inputs)
     return outputs

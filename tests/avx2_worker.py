@@ -1,6 +1,7 @@
 """Runs exported programs in Paddle Inference for :class:`avx2_kernels.Avx2Runner`, under the
 ISA cap its environment sets. One JSON request per input line: ``prefix`` and either
-``directory`` (holding ``inputs.npz``; the outputs are written to ``outputs.npz`` there) or
+``directory`` (holding ``inputs.npz``; the outputs of ``calls`` runs on ``num_threads``
+threads, one by default, are written to ``outputs.npz`` there, call after call) or
 ``report`` (the reply carries ``int8_report``'s fields). One JSON reply line each."""
 
 import dataclasses
@@ -19,7 +20,8 @@ def _serve(request: dict) -> dict:
         return {"report": dataclasses.asdict(int8_report(request["prefix"]))}
     with np.load(f"{request['directory']}/inputs.npz") as data:
         inputs = [data[f"arr_{i}"] for i in range(len(data.files))]
-    outputs = predict(create_predictor(request["prefix"], num_threads=1), *inputs)
+    predictor = create_predictor(request["prefix"], num_threads=request.get("num_threads", 1))
+    outputs = [output for _ in range(request.get("calls", 1)) for output in predict(predictor, *inputs)]
     np.savez(f"{request['directory']}/outputs.npz", *outputs)
     return {"ok": True}
 

@@ -28,14 +28,9 @@ def avx2_runner():
     """An :class:`avx2_kernels.Avx2Runner` on a CPU with VNNI, where oneDNN's AVX2 kernels
     compute differently from the native ones; ``None`` where the native kernels are AVX2."""
     import imperative_ptq as ip
-    from avx2_kernels import Avx2Runner
+    from avx2_kernels import shared_runner
 
-    if not ip.cpu_info().vnni:
-        yield None
-        return
-    runner = Avx2Runner()
-    yield runner
-    runner.close()
+    yield shared_runner() if ip.cpu_info().vnni else None
 
 
 def pytest_configure(config) -> None:

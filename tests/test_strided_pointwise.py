@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
+from avx2_kernels import exact_natively, shared_runner
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.export.legacy_program import legacy_static_mode
 from models import converted, randomize_batch_norm_statistics
@@ -54,14 +55,20 @@ def test_a_strided_pointwise_conv_runs_as_simulated_on_two_threads(block, target
     qmodel = converted(model, batches, target)
     prefix = str(tmp_path / "m")
     save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, None, None], "float32", "x")])
-    predictor = create_predictor(prefix, num_threads=2)
+    # The race is in oneDNN's AVX2 kernels: run them under the cap where this CPU has others.
+    avx2 = shared_runner()
+    predictor = create_predictor(prefix, num_threads=2) if exact_natively(target) else None
     # (Sizes whose strided map is odd: the conv's bottom and right padding keeps its size.)
     for size in (SIZE, SIZE + 2):
         x = rng.standard_normal((4, 3, size, size)).astype(np.float32)
         with paddle.no_grad():
             simulated = qmodel(paddle.to_tensor(x)).numpy()
-        errors = [relative_error(predict(predictor, x)[0], simulated) for _ in range(60 if size == SIZE else 20)]
-        assert max(errors) < 2e-6, size
+        calls = 60 if size == SIZE else 20
+        runs = [] if predictor is None else [predict(predictor, x)[0] for _ in range(calls)]
+        if avx2 is not None:
+            runs += [outputs[0] for outputs in avx2.predict_calls(prefix, [x], calls, num_threads=2)]
+        assert len(runs) >= calls
+        assert max(relative_error(ran, simulated) for ran in runs) < 2e-6, size
     with legacy_static_mode():
         program, _, _ = paddle.static.load_inference_model(prefix, paddle.static.Executor(paddle.CPUPlace()))
     block = program.global_block()
