@@ -101,6 +101,44 @@ def test_int8_conv_after_a_transposed_conv_runs_at_batch_4(bias, tmp_path) -> No
     assert _cosine(ran, qmodel(paddle.to_tensor(x)).numpy()) >= 0.999
 
 
+class _GroupedOnSignedInput(nn.Layer):
+    """A ResNeXt-style grouped 3x3 conv on the (signed) input, which ``x86`` keeps fp32 (padded),
+    read by an int8 1x1 conv through ``activation``."""
+
+    def __init__(self, channels: int, groups: int, activation: nn.Layer | None) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2D(channels, channels, 3, padding=1, groups=groups)
+        self.norm = nn.BatchNorm2D(channels)
+        self.activation = activation
+        self.pointwise = nn.Conv2D(channels, channels, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = self.norm(self.grouped(x))
+        return self.pointwise(x if self.activation is None else self.activation(x))
+
+
+@pytest.mark.parametrize("activation", [None, nn.ReLU, nn.GELU], ids=["linear", "relu", "gelu"])
+@pytest.mark.parametrize("channels, groups", [(8, 2), (16, 4), (32, 8), (16, 8)])
+def test_an_int8_conv_after_an_fp32_grouped_conv_runs(channels, groups, activation, tmp_path) -> None:
+    """On AVX-512 CPUs oneDNN's fp32 grouped conv writes a blocked layout (aBcd4b) that Paddle
+    Inference could not quantize for the int8 conv after it: "could not construct a memory
+    descriptor using strides" at run, for 4 or more channels per group (measured on a Zen 5
+    EPYC with AVX-512 VNNI; the AVX2 kernels write a plain layout)."""
+    from models import converted, largest_error_in_paddle_inference, randomize_batch_norm_statistics
+
+    paddle.seed(0)
+    model = _GroupedOnSignedInput(channels, groups, None if activation is None else activation())
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((4, channels, 16, 16)).astype(np.float32)) for _ in range(4)]
+    qmodel = converted(model, batches, "x86")
+    assert not isinstance(qmodel.grouped, ip.QuantizedLayer) and isinstance(qmodel.pointwise, ip.QuantizedLayer)
+    x = rng.standard_normal((4, channels, 16, 16)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    report = int8_report(tmp_path / "m")
+    assert report.int8 == {"fused_conv2d": 1} and report.fp32 == {"fused_conv2d": 1}, report
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_int8_conv1d_after_a_transposed_conv1d_runs(bias, tmp_path) -> None:
     """A HiFi-GAN-style upsampler: Paddle Inference failed to build the Conv1DTranspose's

@@ -16,7 +16,7 @@ __all__ = [
     "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "filters_of_their_own", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
-    "plain_fp32_dilated_depthwise_outputs", "producers", "readers", "reduce_open_adaptive_pools",
+    "plain_fp32_blocked_conv_outputs", "producers", "readers", "reduce_open_adaptive_pools",
     "remove_inference_dropouts", "remove_op", "replace_op", "rounding_steps",
     "separate_chained_activations", "set_tensor", "transposed_matmul", "unfused_feature_map_reshapes",
 ]
@@ -422,18 +422,19 @@ def unfused_feature_map_reshapes(block: "paddle.static.Block") -> int:
     return inserted
 
 
-def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weights: set[str]) -> int:
-    """Puts an ``assign`` after each fp32 dilated depthwise conv (with its bias add and
-    BatchNorm), in front of whatever reads it.
+def plain_fp32_blocked_conv_outputs(block: "paddle.static.Block", int8_weights: set[str]) -> int:
+    """Puts an ``assign`` after each fp32 conv whose oneDNN kernel writes a blocked layout (with
+    its bias add and BatchNorm), in front of whatever reads it.
 
-    oneDNN runs a dilated depthwise conv in fp32 with its ``jit_dw`` kernel, which writes a
-    blocked layout (``aBcd8b`` on AVX2; undilated ones run ``brdgmm_dw``, channels-last), and
-    Paddle 3.3.1's int8 pipeline cannot quantize that layout for an int8 reader: the predictor
-    fails at run with "could not construct a memory descriptor using strides" (the dilated
-    exit flow of Xception's DeepLab variant: a separable conv on a signed input, which the
-    ``x86`` target keeps fp32). The ``assign`` runs as a plain CPU op and hands its readers a
-    plain layout; it sits before the activation, so a ReLU still runs as its own ``relu`` op
-    (u8 to Paddle). Int8 depthwise convs (u8 inputs) are not affected.
+    Paddle 3.3.1's int8 pipeline cannot quantize a blocked layout for an int8 reader: the
+    predictor fails at run with "could not construct a memory descriptor using strides". Two
+    fp32 convs write one: a dilated depthwise conv, which oneDNN runs with its ``jit_dw``
+    kernel (``aBcd8b`` on AVX2; undilated ones run ``brdgmm_dw``, channels-last; the dilated
+    exit flow of Xception's DeepLab variant), and a grouped conv that is not depthwise
+    (``aBcd4b`` on AVX-512 CPUs, with 4 or more channels per group; a ResNeXt block's grouped
+    3x3 conv on a signed input, which the ``x86`` target keeps fp32). The ``assign`` runs as a
+    plain CPU op and hands its readers a plain layout; it sits before the activation, so a ReLU
+    still runs as its own ``relu`` op (u8 to Paddle). Int8 convs are not affected.
 
     Args:
         block: The traced program's block, before quantization.
@@ -445,10 +446,7 @@ def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weig
     reading = readers(block)
     inserted = 0
     for op in list(block.ops):
-        if (
-            op.type != "depthwise_conv2d" or all(step == 1 for step in op.attr("dilations"))
-            or op.input("Filter")[0] in int8_weights
-        ):
+        if not _writes_blocked_layout(op) or op.input("Filter")[0] in int8_weights:
             continue
         writer, name = op, op.output("Output")[0]
         while len(reading.get(name, [])) == 1:
@@ -466,6 +464,14 @@ def plain_fp32_dilated_depthwise_outputs(block: "paddle.static.Block", int8_weig
             insert_reader_op(block, writer, name, consumers, "assign", "plain")
             inserted += 1
     return inserted
+
+
+def _writes_blocked_layout(op: Operator) -> bool:
+    """Whether oneDNN's fp32 kernel for ``op`` writes a blocked layout (see
+    :func:`plain_fp32_blocked_conv_outputs`)."""
+    if op.type == "depthwise_conv2d":
+        return any(step != 1 for step in op.attr("dilations"))
+    return op.type == "conv2d" and op.attr("groups") > 1
 
 
 def complete_batch_norm_parameters(loaded: Any) -> int:

@@ -36,7 +36,7 @@ from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
     exact_nearest_resizes, filters_of_their_own, is_persistable, multiply_instead_of_scaling,
-    plain_fp32_dilated_depthwise_outputs, producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
+    plain_fp32_blocked_conv_outputs, producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
     unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
@@ -277,7 +277,7 @@ def save_quantized_model(
             if target_spec.onednn:
                 signed_inputs_of_halved_convs(loaded, traced.records)
                 work_around_onednn_passes(loaded)
-                plain_fp32_dilated_depthwise_outputs(
+                plain_fp32_blocked_conv_outputs(
                     loaded.program.global_block(),
                     {record.weight_name for record in traced.records if record.weight_name},
                 )
