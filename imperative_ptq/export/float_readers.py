@@ -40,8 +40,8 @@ from .legacy_program import (
 from .unsigned import FUSING_OPS, relu_after_residual_conv, runs_unsigned
 
 __all__ = [
-    "float_outputs_for_float_readers", "isolate_fp32_weight_op_outputs", "reads_in_float",
-    "returned_only_outputs", "unscale_fp32_layer_inputs",
+    "float_outputs_for_float_readers", "isolate_fp32_weight_op_outputs", "max_pools_read_by_activations",
+    "reads_in_float", "returned_only_outputs", "unscale_fp32_layer_inputs",
 ]
 
 
@@ -341,6 +341,34 @@ def reads_in_float(op) -> bool:
     return op.type not in _ONEDNN_INT8_READERS and op.type not in FUSABLE_ACTIVATIONS and (
         op.type not in _SCALE_PROPAGATING_OPS and op.type not in ("fetch", "feed")
     )
+
+
+def max_pools_read_by_activations(
+    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping, on_codes: Collection[str],
+) -> set[str]:
+    """The scaled max-pool outputs (an ``nn.MaxPool2D`` calibrated as a layer) that only
+    activations read, which Paddle Inference computes in float after a pool (no conv or fc
+    before them to absorb them), except those the simulation holds on codes.
+
+    With a scale of its own Paddle runs such a pool int8: it rounds the pool's input on the
+    pool's grid, then the int8 reader after the activation rounds again on its own, where the
+    simulation pools and activates in float and rounds once (measured: ``conv ->
+    nn.MaxPool2D -> nn.ReLU -> conv``, 1.2e-2 of the largest output off on ``x86`` and
+    ``x86-vnni``; with a Sigmoid 1.5e-2; with a Hardswish, GELU, tanh, SiLU or LeakyReLU on
+    ``x86-vnni``, whose int8 reader reads the activation's signed output). Without one the pool
+    runs fp32. (The export's own u8 clips, ``clip`` ops, are not such readers: a pool read
+    through them is on its reader's grid, :func:`.pool_scales.align_pooled_scales`.)
+    """
+    reading = readers(block)
+    found = set()
+    for name in outputs:
+        writer = writers.get(name)
+        if name in on_codes or writer is None or writer.type != "pool2d" or writer.attr("pooling_type") != "max":
+            continue
+        ops = reading.get(name, [])
+        if ops and all(op.type in FUSABLE_ACTIVATIONS and op.type != "clip" for op in ops):
+            found.add(name)
+    return found
 
 
 def returned_only_outputs(

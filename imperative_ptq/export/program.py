@@ -43,6 +43,7 @@ from .coded_identity import (
 from .float_readers import (
     float_outputs_for_float_readers,
     isolate_fp32_weight_op_outputs,
+    max_pools_read_by_activations,
     returned_only_outputs,
     unscale_fp32_layer_inputs,
 )
@@ -286,6 +287,7 @@ def quantize_program(
     writers = producers(block)
     activation_bits = model_activation_bits(records)
     returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records), float_adds=True)
+    returned |= max_pools_read_by_activations(block, outputs, writers, on_codes)
     if returned:
         logger.info(
             "%d tensors that no int8 op reads (the network returns them, or only fp32 pools and "
