@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 import paddle
 
+from .rounding import grid_codes
+
 __all__ = [
     "CALLED_WITH_STATES", "QuantizedLSTM", "fp32_call_reason", "fusion_lstm_weight_thresholds", "gate_row_codes",
     "lstm_int8_refusal", "quantize_gate_rows", "weight_multipliers",
@@ -200,7 +202,7 @@ class QuantizedLSTM(paddle.nn.Layer):
     def quantize_data(self, value: paddle.Tensor) -> paddle.Tensor:
         """Input or hidden state on the kernel's data grid (codes -128..127 of the threshold)."""
         step = self.data_threshold / 127
-        return paddle.clip(paddle.round(value / step), _DATA_MIN, _DATA_MAX) * step
+        return grid_codes(value, step, _DATA_MIN, _DATA_MAX) * step
 
     def forward(
         self, inputs: paddle.Tensor, initial_states: Any = None, sequence_length: Any = None
@@ -216,11 +218,13 @@ class QuantizedLSTM(paddle.nn.Layer):
                 self._warned_fp32 = True
             return self.layer(inputs, initial_states, sequence_length)
         time_major = self.layer.time_major
-        sequence = inputs if time_major else paddle.transpose(inputs, [1, 0, 2])  # [T, B, in]
+        # (Codes taken before the transpose: in the caller's layout, batch-major where it is.)
+        data = self.quantize_data(inputs)
+        sequence = data if time_major else paddle.transpose(data, [1, 0, 2])  # [T, B, in]
         steps, batch = sequence.shape[0], sequence.shape[1]
         hidden_size = self.layer.hidden_size
         # One GEMM for the input part of every step, as oneDNN does.
-        gates_x = paddle.matmul(self.quantize_data(sequence), self._weight_ih) + self._bias
+        gates_x = paddle.matmul(sequence, self._weight_ih) + self._bias
         hidden = paddle.zeros([batch, hidden_size], dtype=inputs.dtype)
         cell = paddle.zeros([batch, hidden_size], dtype=inputs.dtype)
         outputs = []

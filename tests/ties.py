@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import paddle
 
-from imperative_ptq import quant_layers, quant_pool, quant_residual, shifted_input
+from imperative_ptq import quant_layers, quant_pool, quant_residual, quant_rnn, shifted_input
 
 #: How close to a half code (in codes) a simulated value must be for its rounding to count as
 #: a tie: a few float32 ulps of codes up to 255 (the flips measured on the AVX2 EPYC were 0 to
@@ -109,6 +109,8 @@ def _recorded(rounding: _Rounding) -> Iterator[None]:
     for module, name, wrap in (
         (quant_layers, "grid_codes", wrap_grid_codes), (quant_pool, "grid_codes", wrap_grid_codes),
         (quant_residual, "grid_codes", wrap_grid_codes),
+        # An LSTM's input and hidden state on its data grid, at every step.
+        (quant_rnn, "grid_codes", wrap_grid_codes),
         # A global pool's mean of integer codes; a shifted input's float32 (x + c) * k.
         (quant_pool, "round_half_to_even", wrap_round(True)),
         (shifted_input, "round_half_to_even", wrap_round(False)),
@@ -128,6 +130,29 @@ def relative_error(ran: np.ndarray, simulated: np.ndarray) -> float:
     return float(np.abs(ran - simulated).max() / np.abs(simulated).max())
 
 
+def _copies(sites: list[TieSite]) -> list[tuple[TieSite, ...]]:
+    """``sites`` grouped into copies of one rounding (one value at one call, or at one element
+    of several calls), in the order of their first site."""
+    group = list(range(len(sites)))
+
+    def root(index: int) -> int:
+        while group[index] != index:
+            group[index] = group[group[index]]
+            index = group[index]
+        return index
+
+    first: dict[tuple, int] = {}
+    for index, site in enumerate(sites):
+        if site.exact:
+            continue
+        for key in (("call", site.call, site.value), ("element", site.element, site.value)):
+            group[root(index)] = root(first.setdefault(key, index))
+    units: dict[int, list[TieSite]] = {}
+    for index, site in enumerate(sites):
+        units.setdefault(root(index), []).append(site)
+    return [tuple(unit) for unit in units.values()]
+
+
 def simulation_up_to_ties(
     simulate: Callable[[], np.ndarray], ran: np.ndarray, bound: float, candidates: int = 8, max_flips: int = 2
 ) -> tuple[np.ndarray, list[TieSite]]:
@@ -142,8 +167,8 @@ def simulation_up_to_ties(
         simulate: Runs the simulation (a converted model's forward) and returns its output.
         ran: The runtime's output for the same input, batch-major.
         bound: The error (:func:`relative_error`) the caller asserts.
-        candidates: Tie sites tried per row (the copies of one value in one call count as one
-            site, and flip together).
+        candidates: Tie sites tried per row (the copies of one rounding count as one site, and
+            flip together: one value at one call, or at one element of several calls).
         max_flips: Flips at most per row (of such sites).
 
     Returns:
@@ -182,13 +207,12 @@ def simulation_up_to_ties(
         # in the simulation: a nearest upsample of a fused conv's output, whose codes Paddle
         # writes once and copies, where the simulation rounds each copy (measured on a Zen 5
         # EPYC, x86-vnni: an HRNet-style fuse, one code 7.6e-6 from a half copied to a 2x2
-        # block, 2.7e-3 of the largest output off until all four copies flip). Such copies
-        # flip together, as one site.
-        # (Not the exact halves of integer means, which are distinct values that tie.)
-        copies: dict[tuple, list[TieSite]] = {}
-        for site in sites:
-            copies.setdefault((site.call, site.element) if site.exact else (site.call, site.value), []).append(site)
-        units = [tuple(unit) for unit in copies.values()]
+        # block, 2.7e-3 of the largest output off until all four copies flip). So is one value
+        # at one element of several calls: an input that several layers read on one grid (a
+        # transformer's q, k and v projections of one LayerNorm output), which Paddle quantizes
+        # once. Such copies flip together, as one site. (Not the exact halves of integer
+        # means, which are distinct values that tie.)
+        units = _copies(sites)
         best, best_error = (), errors[row]
         for size in range(1, max_flips + 1):
             # Combinations holding the best smaller one first: with it, one more flip is
