@@ -10,7 +10,10 @@ import numpy as np
 import paddle
 import pytest
 
+from avx2_kernels import paddle_inference_outputs
+from imperative_ptq.export import save_quantized_model
 from models import X86_TARGETS, converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference
+from ties import relative_error, simulation_up_to_ties
 
 nn = paddle.nn
 F = nn.functional
@@ -67,3 +70,81 @@ def test_float_ops_beside_a_scaled_concat_run_as_simulated(build, shape, target,
     x = rng.standard_normal(shape).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     assert largest_error_in_onnx_runtime(qmodel, x, tmp_path) < 2e-6
+
+
+class _ReadBesideConcat(nn.Layer):
+    """A conv output joined into a concat for an int8 head and also read by ``reader`` (a
+    pool, a resize, a layout op), whose output the network returns."""
+
+    def __init__(self, reader) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2D(4, 8, 3, padding=1), nn.Conv2D(4, 8, 3, padding=1)
+        self.head = nn.Conv2D(16, 8, 1)
+        self.reader = reader
+
+    def forward(self, x: paddle.Tensor) -> list[paddle.Tensor]:
+        a = self.a(x)
+        return [self.head(paddle.concat([a, self.b(x)], axis=1)), self.reader(a)]
+
+
+READERS = {
+    "max-pool": lambda a: F.max_pool2d(a, 2, 2),
+    "avg-pool": lambda a: F.avg_pool2d(a, 2, 2),
+    "upsample": lambda a: F.interpolate(a, scale_factor=2, mode="nearest"),
+    "slice": lambda a: a[:, :4],
+    "transpose": lambda a: a.transpose([0, 2, 3, 1]),
+}
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+@pytest.mark.parametrize("reader", list(READERS))
+def test_a_pool_or_layout_op_beside_a_scaled_concat_runs_in_float(reader, target, tmp_path) -> None:
+    """Paddle propagated the concat's scale onto ``a`` and across the op reading it too, ran
+    that op int8 and returned its output on the concat's grid (before, on x86-vnni: 4.4e-3 of
+    the largest output off, the average pool 1.7e-2; a BiFPN's max-pooled input 1.4e-2)."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    shape = (4, 4, 8, 8)
+    qmodel = converted(
+        _ReadBesideConcat(READERS[reader]), [paddle.to_tensor(rng.standard_normal(shape).astype(np.float32)) for _ in range(4)],
+        target,
+    )
+    x = rng.standard_normal(shape).astype(np.float32)
+    prefix = str(tmp_path / "m")
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")])
+    for index, ran in enumerate(paddle_inference_outputs(prefix, [x], None)["native"]):
+        simulated, _ = simulation_up_to_ties(lambda: qmodel(paddle.to_tensor(x))[index].numpy(), ran, 2e-6)
+        assert relative_error(ran, simulated) < 2e-6, index
+
+
+class _NormedBranches(nn.Layer):
+    """Two conv -> BatchNorm -> ReLU branches on the (signed) input, fp32 on ``x86``, joined
+    into an int8 1x1 conv; the first ReLU's max-pool is returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = (
+            nn.Sequential(nn.Conv2D(8, 8, 3, padding=1, bias_attr=False), nn.BatchNorm2D(8), nn.ReLU()) for _ in range(2)
+        )
+        self.head = nn.Conv2D(16, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        o = self.a(x)
+        return self.head(paddle.concat([o, self.b(x)], axis=1)) + F.max_pool2d(o, 2, 2).mean()
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_a_pooled_relu_of_an_fp32_conv_and_norm_beside_a_concat_runs_in_float(target, tmp_path) -> None:
+    """The walk from a concat to the fp32 conv beside it stopped at the BatchNorm: the ReLU
+    kept its scale and Paddle pooled its u8 codes (before, on x86: 4.4e-3 of the largest
+    output off)."""
+    from models import randomize_batch_norm_statistics
+
+    paddle.seed(0)
+    model = _NormedBranches()
+    randomize_batch_norm_statistics(model, seed=0)
+    rng = np.random.default_rng(0)
+    shape = (4, 8, 16, 16)
+    qmodel = converted(model, [paddle.to_tensor(rng.standard_normal(shape).astype(np.float32)) for _ in range(4)], target)
+    x = rng.standard_normal(shape).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6

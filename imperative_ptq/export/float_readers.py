@@ -157,8 +157,9 @@ def unscale_fp32_layer_inputs(
     return kept
 
 
-#: Ops between a conv/fc and a concat that oneDNN fuses into the conv (its bias, activation).
-_FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "relu", "relu6", "hard_swish", "swish", "leaky_relu"})
+#: Ops between a conv/fc and a concat that oneDNN fuses into the conv (its bias, BatchNorm,
+#: activation).
+_FUSED_INTO_CONV_OPS = frozenset({"elementwise_add", "batch_norm", "relu", "relu6", "hard_swish", "swish", "leaky_relu"})
 
 
 def _concat_inputs_beside_fp32_layers(
@@ -423,14 +424,20 @@ def separate_scaled_products(loaded: LegacyProgram) -> int:
             )
         return scaled[name]
 
+    def takes_float_values(reader: "paddle.base.framework.Operator") -> bool:
+        # (A pool, resize or layout op without a scale of its own runs on the values Paddle
+        # hands it: the codes on the concat's grid, once propagation reaches its input.)
+        return reader.type != "quantize_linear" and (
+            reader.type not in _SCALE_PASSING_READERS
+            or not any(has_scale(out) for slot in reader.output_names for out in reader.output(slot))
+        )
+
     copies = 0
     for op in list(block.ops):
         if op.type == "concat" and has_scale(op.output("Out")[0]):
             for index, name in enumerate(op.input("X")):
                 others = [reader for reader in reading.get(name, []) if reader is not op]
-                if name in writers and any(
-                    reader.type not in _SCALE_PASSING_READERS and reader.type != "quantize_linear" for reader in others
-                ):
+                if name in writers and any(takes_float_values(reader) for reader in others):
                     insert_reader_op(block, writers[name], name, [op], "assign", f"concatenated_{op_index(block, op)}_{index}")
                     copies += 1
         elif op.type == "elementwise_mul":
