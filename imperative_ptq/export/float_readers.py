@@ -349,11 +349,13 @@ def reads_in_float(op) -> bool:
 
 
 def max_pools_read_by_activations(
-    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping, on_codes: Collection[str],
+    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
 ) -> set[str]:
     """The scaled max-pool outputs (an ``nn.MaxPool2D`` calibrated as a layer) that only
     activations read, which Paddle Inference computes in float after a pool (no conv or fc
-    before them to absorb them), except those the simulation holds on codes.
+    before them to absorb them), in the traced program (before the export adds clips and
+    ReLU copies of its own: ResNet's stem pool, read by a conv and an add, keeps its scale and
+    runs int8 on the stem conv's codes).
 
     With a scale of its own Paddle runs such a pool int8: it rounds the pool's input on the
     pool's grid, then the int8 reader after the activation rounds again on its own, where the
@@ -361,17 +363,16 @@ def max_pools_read_by_activations(
     nn.MaxPool2D -> nn.ReLU -> conv``, 1.2e-2 of the largest output off on ``x86`` and
     ``x86-vnni``; with a Sigmoid 1.5e-2; with a Hardswish, GELU, tanh, SiLU or LeakyReLU on
     ``x86-vnni``, whose int8 reader reads the activation's signed output). Without one the pool
-    runs fp32. (The export's own u8 clips, ``clip`` ops, are not such readers: a pool read
-    through them is on its reader's grid, :func:`.pool_scales.align_pooled_scales`.)
+    runs fp32. (The caller leaves out those the simulation holds on codes.)
     """
     reading = readers(block)
     found = set()
     for name in outputs:
         writer = writers.get(name)
-        if name in on_codes or writer is None or writer.type != "pool2d" or writer.attr("pooling_type") != "max":
+        if writer is None or writer.type != "pool2d" or writer.attr("pooling_type") != "max":
             continue
         ops = reading.get(name, [])
-        if ops and all(op.type in FUSABLE_ACTIVATIONS and op.type != "clip" for op in ops):
+        if ops and all(op.type in FUSABLE_ACTIVATIONS for op in ops):
             found.add(name)
     return found
 

@@ -192,6 +192,8 @@ def quantize_program(
             for name in op.input(slot):
                 consumers.setdefault(name, []).append(op.type)
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
+    # (Read before the clips and copies below add activations of the export's own.)
+    pools_before_activations = max_pools_read_by_activations(block, outputs, producers(block))
     matmuls_as_convs(loaded, weights)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
@@ -287,7 +289,7 @@ def quantize_program(
     writers = producers(block)
     activation_bits = model_activation_bits(records)
     returned = returned_only_outputs(block, outputs, writers, int8_pool_outputs(records), float_adds=True)
-    returned |= max_pools_read_by_activations(block, outputs, writers, on_codes)
+    returned |= pools_before_activations - on_codes
     if returned:
         logger.info(
             "%d tensors that no int8 op reads (the network returns them, or only fp32 pools and "
