@@ -11,16 +11,21 @@ from models import mlp
 from ties import TIE_DISTANCE, _recorded, _Rounding, relative_error, simulation_up_to_ties
 
 
-def _converted() -> tuple[paddle.nn.Layer, np.ndarray]:
-    """A converted Linear and a batch whose row 1 holds an input exactly on a half code."""
-    paddle.seed(0)
-    model = mlp(16, 4)  # one Linear: a flipped input code moves its outputs
+def _absmax_converted(model: paddle.nn.Layer, batch: np.ndarray) -> paddle.nn.Layer:
+    """``model`` converted with abs-max thresholds calibrated on ``batch``."""
     model.eval()
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
     qmodel = ptq.quantize(model)
-    rng = np.random.default_rng(0)
-    qmodel(paddle.to_tensor(rng.random([8, 16], np.float32)))
+    qmodel(paddle.to_tensor(batch))
     ptq.convert(qmodel)
+    return qmodel
+
+
+def _converted() -> tuple[paddle.nn.Layer, np.ndarray]:
+    """A converted Linear and a batch whose row 1 holds an input exactly on a half code."""
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    qmodel = _absmax_converted(mlp(16, 4), rng.random([8, 16], np.float32))  # a flipped code moves the outputs
     x = rng.random([3, 16], np.float32) * 0.9
     step = np.float32(qmodel[0].input_thresholds[0]) / np.float32(127)
     x[1, 5] = np.float32(40.5) * step
@@ -84,12 +89,8 @@ def test_the_copies_of_a_value_a_nearest_upsample_made_flip_as_one() -> None:
     until all four flipped). They count as one site of the default two."""
     paddle.seed(0)
     model = paddle.nn.Sequential(paddle.nn.Upsample(scale_factor=2, mode="nearest"), paddle.nn.Conv2D(2, 4, 1))
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
     rng = np.random.default_rng(0)
-    qmodel(paddle.to_tensor(rng.random([4, 2, 4, 4], np.float32)))
-    ptq.convert(qmodel)
+    qmodel = _absmax_converted(model, rng.random([4, 2, 4, 4], np.float32))
     x = rng.random([3, 2, 4, 4], np.float32) * 0.9
     step = np.float32(qmodel[1].input_thresholds[0]) / np.float32(127)
     x[1, 0, 2, 1] = np.float32(40.5) * step
@@ -122,13 +123,8 @@ def test_one_input_several_layers_read_flips_as_one() -> None:
     each layer (measured: a DeiT-style block's LayerNorm output read by q, k and v, 2.2e-2 off
     until all three flipped)."""
     paddle.seed(0)
-    model = _TwoReaders()
-    model.eval()
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    qmodel = ptq.quantize(model)
     rng = np.random.default_rng(0)
-    qmodel(paddle.to_tensor(rng.random([8, 16], np.float32)))
-    ptq.convert(qmodel)
+    qmodel = _absmax_converted(_TwoReaders(), rng.random([8, 16], np.float32))
     assert qmodel.first.input_thresholds == qmodel.second.input_thresholds
     x = rng.random([3, 16], np.float32) * 0.9
     x[1, 5] = np.float32(40.5) * np.float32(qmodel.first.input_thresholds[0]) / np.float32(127)
