@@ -3,12 +3,14 @@ nothing else: a wrong scale stays an error."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import paddle
 
 import imperative_ptq as ip
 from models import mlp
-from ties import TIE_DISTANCE, _recorded, _Rounding, relative_error, simulation_up_to_ties
+from ties import TIE_DISTANCE, TieSite, _recorded, _Rounding, relative_error, simulation_up_to_ties
 
 
 def _absmax_converted(model: paddle.nn.Layer, batch: np.ndarray) -> paddle.nn.Layer:
@@ -19,6 +21,14 @@ def _absmax_converted(model: paddle.nn.Layer, batch: np.ndarray) -> paddle.nn.La
     qmodel(paddle.to_tensor(batch))
     ptq.convert(qmodel)
     return qmodel
+
+
+def _run(simulate: Callable[[], np.ndarray], flips: list[TieSite]) -> tuple[np.ndarray, _Rounding]:
+    """The simulation of a 3-row batch with ``flips`` decided the other way (a "runtime" that
+    rounds them so), and its rounding record (its tie sites where ``flips`` is empty)."""
+    rounding = _Rounding(3, frozenset((site.call, site.element) for site in flips))
+    with _recorded(rounding), paddle.no_grad():
+        return simulate(), rounding
 
 
 def _converted() -> tuple[paddle.nn.Layer, np.ndarray]:
@@ -35,15 +45,11 @@ def _converted() -> tuple[paddle.nn.Layer, np.ndarray]:
 def test_a_tie_decided_the_other_way_is_explained() -> None:
     qmodel, x = _converted()
     simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
-    recorded = _Rounding(3, frozenset())
-    with _recorded(recorded), paddle.no_grad():
-        plain = simulate()
+    plain, recorded = _run(simulate, [])
     tie = next(site for site in recorded.sites if site.call == 0 and site.element == 16 + 5)
     assert tie.distance <= TIE_DISTANCE and tie.row == 1
     # A "runtime" that rounds that one input the other way.
-    other_way = _Rounding(3, frozenset([(tie.call, tie.element)]))
-    with _recorded(other_way), paddle.no_grad():
-        ran = simulate()
+    ran, _ = _run(simulate, [tie])
     assert relative_error(ran, plain) > 1e-3
     explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
     assert flipped == [tie] and relative_error(ran, explained) == 0.0
@@ -69,15 +75,11 @@ def test_a_conv_output_exactly_on_a_half_is_a_near_tie_first_in_line() -> None:
             x[1, column] = np.float32(20.5 + column + 3e-5) * step
     x[1, 9] = np.float32(60.5 + 3e-5) * step
     simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
-    recorded = _Rounding(3, frozenset())
-    with _recorded(recorded), paddle.no_grad():
-        simulate()
+    _, recorded = _run(simulate, [])
     row_sites = [site for site in recorded.sites if site.row == 1]
     tie = next(site for site in row_sites if site.element == 16 + 5)
     assert tie.distance == 0.0 and not tie.exact and len(row_sites) > 8
-    other_way = _Rounding(3, frozenset([(tie.call, tie.element)]))
-    with _recorded(other_way), paddle.no_grad():
-        ran = simulate()
+    ran, _ = _run(simulate, [tie])
     explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
     assert flipped == [tie] and relative_error(ran, explained) == 0.0
 
@@ -95,14 +97,10 @@ def test_the_copies_of_a_value_a_nearest_upsample_made_flip_as_one() -> None:
     step = np.float32(qmodel[1].input_thresholds[0]) / np.float32(127)
     x[1, 0, 2, 1] = np.float32(40.5) * step
     simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
-    recorded = _Rounding(3, frozenset())
-    with _recorded(recorded), paddle.no_grad():
-        simulate()
+    _, recorded = _run(simulate, [])
     copies = [site for site in recorded.sites if site.row == 1 and site.value == recorded.sites[0].value]
     assert len(copies) == 4 and len({site.call for site in copies}) == 1
-    other_way = _Rounding(3, frozenset((site.call, site.element) for site in copies))
-    with _recorded(other_way), paddle.no_grad():
-        ran = simulate()
+    ran, _ = _run(simulate, copies)
     explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
     assert sorted(flipped, key=lambda site: site.element) == copies and relative_error(ran, explained) == 0.0
 
@@ -129,14 +127,10 @@ def test_one_input_several_layers_read_flips_as_one() -> None:
     x = rng.random([3, 16], np.float32) * 0.9
     x[1, 5] = np.float32(40.5) * np.float32(qmodel.first.input_thresholds[0]) / np.float32(127)
     simulate = lambda: qmodel(paddle.to_tensor(x)).numpy()  # noqa: E731
-    recorded = _Rounding(3, frozenset())
-    with _recorded(recorded), paddle.no_grad():
-        simulate()
+    _, recorded = _run(simulate, [])
     copies = [site for site in recorded.sites if site.row == 1 and site.element == 16 + 5]
     assert len(copies) == 2 and len({site.call for site in copies}) == 2
-    other_way = _Rounding(3, frozenset((site.call, site.element) for site in copies))
-    with _recorded(other_way), paddle.no_grad():
-        ran = simulate()
+    ran, _ = _run(simulate, copies)
     explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6, max_flips=1)
     assert flipped == copies and relative_error(ran, explained) == 0.0
 
@@ -156,14 +150,10 @@ def test_a_tie_in_an_lstm_data_code_is_explained() -> None:
     x = np.random.default_rng(1).uniform(-1, 1, [3, 5, 8]).astype(np.float32)
     x[2, 1, 3] = np.float32(40.5) * np.float32(2.5) / np.float32(127)
     simulate = lambda: simulated(paddle.to_tensor(x))[0].numpy()  # noqa: E731
-    recorded = _Rounding(3, frozenset())
-    with _recorded(recorded), paddle.no_grad():
-        plain = simulate()
+    plain, recorded = _run(simulate, [])
     tie = next(site for site in recorded.sites if site.call == 0 and site.element == 2 * 5 * 8 + 1 * 8 + 3)
     assert tie.row == 2
-    other_way = _Rounding(3, frozenset([(tie.call, tie.element)]))
-    with _recorded(other_way), paddle.no_grad():
-        ran = simulate()
+    ran, _ = _run(simulate, [tie])
     assert relative_error(ran, plain) > 1e-3
     explained, flipped = simulation_up_to_ties(simulate, ran, 1e-6)
     assert flipped == [tie] and relative_error(ran, explained) == 0.0
