@@ -2,7 +2,7 @@
 concat's scale back onto its inputs, so the int8 layer writing one wrote codes on the concat's
 grid for its float readers too, and a product of two scaled activations ran int8, where the
 simulation computes them in float and quantizes the concat once
-(``export.float_readers.separate_scaled_products``)."""
+(``export.float_readers.keep_concat_scales_off_float_ops``)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "float_outputs_for_float_readers", "isolate_fp32_weight_op_outputs", "max_pools_read_by_activations",
-    "reads_in_float", "returned_only_outputs", "separate_scaled_products", "unscale_fp32_layer_inputs",
+    "reads_in_float", "returned_only_outputs", "keep_concat_scales_off_float_ops", "unscale_fp32_layer_inputs",
 ]
 
 
@@ -383,7 +383,7 @@ _SCALE_PASSING_READERS = frozenset({
 })
 
 
-def separate_scaled_products(loaded: LegacyProgram) -> int:
+def keep_concat_scales_off_float_ops(loaded: LegacyProgram) -> int:
     """Keeps Paddle Inference's scale propagation from a concat to the float ops around it:
     each input of a scaled concat that float ops read too is handed to the concat through an
     ``assign``, and each product of two scaled activations (an ``elementwise_mul`` whose

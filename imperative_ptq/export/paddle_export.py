@@ -29,7 +29,7 @@ from .legacy_program import (
     LegacyProgram, ProgramScales, legacy_static_mode, load_legacy_program, save_legacy_program,
 )
 from .weight_ops import fold_conv_bias
-from .float_readers import separate_scaled_products
+from .float_readers import keep_concat_scales_off_float_ops
 from .atomic import export_directory, staged_export
 from .constant_folding import fold_parameter_subgraphs
 from .padded_pools import exact_padded_pools
@@ -287,7 +287,7 @@ def save_quantized_model(
                 unsigned_inputs=target_spec.unsigned_inputs,
             )
             if target_spec.onednn:
-                separate_scaled_products(loaded)
+                keep_concat_scales_off_float_ops(loaded)
                 multiply_instead_of_scaling(loaded)
                 fold_parameter_subgraphs(loaded)
             _warn_computed_weight_convs(loaded)
