@@ -7,7 +7,9 @@ the float readers a tensor of their own: the inputs of conv/fc layers kept fp32
 (:func:`unscale_fp32_layer_inputs`), tensors only returned or read by ops that compute in
 float (:func:`returned_only_outputs`), int8 conv/fc outputs that fp32 ops read too
 (:func:`float_outputs_for_float_readers`), and transposed or 3-D conv outputs in front of a
-quantize op (:func:`isolate_fp32_weight_op_outputs`).
+quantize op (:func:`isolate_fp32_weight_op_outputs`); max-pools that only activations read
+(:func:`max_pools_read_by_activations`) and the float ops beside a scaled concat, which Paddle's
+scale propagation reaches (:func:`keep_concat_scales_off_float_ops`).
 """
 
 from __future__ import annotations
@@ -385,8 +387,9 @@ _SCALE_PASSING_READERS = frozenset({
 
 def keep_concat_scales_off_float_ops(loaded: LegacyProgram) -> int:
     """Keeps Paddle Inference's scale propagation from a concat to the float ops around it:
-    each input of a scaled concat that float ops read too is handed to the concat through an
-    ``assign``, and each product of two scaled activations (an ``elementwise_mul`` whose
+    each input of a scaled concat that float ops read too (a pool, resize or layout op counts
+    as one where its own output carries no scale: Paddle would run it int8 on the concat's
+    grid) is handed to the concat through an ``assign``, and each product of two scaled activations (an ``elementwise_mul`` whose
     inputs and output all carry a scale, none a parameter) reaches its readers through one.
 
     The simulation quantizes a concat's output once and computes the ops beside it in float
@@ -397,7 +400,7 @@ def keep_concat_scales_off_float_ops(loaded: LegacyProgram) -> int:
     operand and the product rounded on that grid). Measured on ``x86-vnni``:
     ``Linear(concat([x, x * x]))`` 2.2e-2 of the largest output off, a head on ``[u, v,
     |u - v|, u * v]`` 1.0e-2, a GLU-style ``concat([a * sigmoid(b), a])`` of a split conv
-    output 1.3e-2. Propagation does not cross an ``assign``: the concat quantizes its inputs
+    output 1.3e-2, a returned max-pool of a concat input 4.4e-3. Propagation does not cross an ``assign``: the concat quantizes its inputs
     itself, once, as simulated.
 
     Args:
