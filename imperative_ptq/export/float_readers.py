@@ -350,9 +350,7 @@ def reads_in_float(op) -> bool:
     )
 
 
-def max_pools_read_by_activations(
-    block: "paddle.static.Block", outputs: Mapping[str, float], writers: Mapping,
-) -> set[str]:
+def max_pools_read_by_activations(block: "paddle.static.Block", outputs: Mapping[str, float]) -> set[str]:
     """The scaled max-pool outputs (an ``nn.MaxPool2D`` calibrated as a layer) that only
     activations read, which Paddle Inference computes in float after a pool (no conv or fc
     before them to absorb them), in the traced program (before the export adds clips and
@@ -367,7 +365,7 @@ def max_pools_read_by_activations(
     ``x86-vnni``, whose int8 reader reads the activation's signed output). Without one the pool
     runs fp32. (The caller leaves out those the simulation holds on codes.)
     """
-    reading = readers(block)
+    reading, writers = readers(block), producers(block)
     found = set()
     for name in outputs:
         writer = writers.get(name)
@@ -380,9 +378,7 @@ def max_pools_read_by_activations(
 
 
 #: Ops Paddle Inference's scale propagation hands a scale across, output to inputs.
-_SCALE_PASSING_READERS = frozenset({
-    "concat", "reshape2", "transpose2", "slice", "split", "nearest_interp", "nearest_interp_v2", "pool2d",
-})
+_SCALE_PASSING_READERS = frozenset(SCALE_CARRYING_OPS) | {"concat", "nearest_interp"}
 
 
 def keep_concat_scales_off_float_ops(loaded: LegacyProgram) -> int:
@@ -413,18 +409,15 @@ def keep_concat_scales_off_float_ops(loaded: LegacyProgram) -> int:
     reading, writers = readers(block), producers(block)
     scaled: dict[str, bool] = {}
 
-    def has_scale(name: str, depth: int = 0) -> bool:
+    def has_scale(name: str) -> bool:  # (readers lie ahead: the walk ends)
         if name not in scaled:
             writer = writers.get(name)
-            scaled[name] = depth < 8 and (
-                (writer is not None and writer.has_attr("out_threshold"))
-                or any(
-                    op.type == "quantize_linear" or (
-                        op.type in _SCALE_PASSING_READERS
-                        and any(has_scale(out, depth + 1) for slot in op.output_names for out in op.output(slot))
-                    )
-                    for op in reading.get(name, [])
+            scaled[name] = (writer is not None and writer.has_attr("out_threshold")) or any(
+                op.type == "quantize_linear" or (
+                    op.type in _SCALE_PASSING_READERS
+                    and any(has_scale(out) for slot in op.output_names for out in op.output(slot))
                 )
+                for op in reading.get(name, [])
             )
         return scaled[name]
 

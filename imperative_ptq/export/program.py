@@ -193,7 +193,7 @@ def quantize_program(
                 consumers.setdefault(name, []).append(op.type)
     weights, outputs = collect_scales(records, consumers, extra_outputs, quantize_residuals)
     # (Read before the clips and copies below add activations of the export's own.)
-    pools_before_activations = max_pools_read_by_activations(block, outputs, producers(block))
+    pools_before_activations = max_pools_read_by_activations(block, outputs)
     matmuls_as_convs(loaded, weights)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
