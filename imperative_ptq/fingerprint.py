@@ -45,6 +45,10 @@ def fingerprint(value: paddle.Tensor) -> Fingerprint:
     change a prefix)."""
     with paddle.no_grad():
         flat = paddle.flatten(value)
+        if flat.dtype == paddle.float16 and flat.place.is_cpu_place():
+            # (Paddle 3.3.1 has no float16 gather on the CPU: a half-precision model reached
+            # this error before its own layers reported theirs.)
+            flat = flat.astype("float32")
         positions, weights = _sample_positions(int(flat.shape[0]))
         sample = paddle.gather(flat, positions).astype("float32").numpy()
     # In numpy: a paddle.multiply here would be taken for the calling layer's own (a

@@ -485,3 +485,14 @@ def test_a_bare_supported_layer_is_refused_with_the_fix(layer) -> None:
     """It was refused as having "no leaf layer supported by PTQRegistry", though it is one."""
     with pytest.raises(ValueError, match=rf"bare {type(layer).__name__}.*paddle\.nn\.Sequential\(model\)"):
         ImperativePTQ().quantize(layer)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_activations_are_fingerprinted_as_their_float32_values(dtype: str) -> None:
+    """Paddle 3.3.1 has no float16 gather on the CPU: a half-precision model failed inside
+    calibration's fingerprint ("kernel `gather` is not registered") before its own layers
+    could report what they lack."""
+    from imperative_ptq.fingerprint import fingerprint
+
+    values = paddle.linspace(-4.0, 4.0, 1000).reshape([10, 100])
+    assert fingerprint(values.astype(dtype)) == fingerprint(values.astype(dtype).astype("float32"))
