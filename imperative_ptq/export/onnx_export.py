@@ -100,6 +100,22 @@ def unsigned_weight_codes(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.int16) + U8_WEIGHT_ZERO_POINT).astype(np.uint8)
 
 
+#: Values per output channel up to which a spatial filter ONNX Runtime runs in float is stored
+#: as float32 (see ``_Converter._conv``): depthwise filters up to 8x8, an RGB stem's 3x3, 4x4.
+_FLOAT_STORED_FILTER_VALUES = 64
+
+
+#: Ops ONNX Runtime folds into a Conv with a constant filter when their other inputs are
+#: constants (ConvAddFusion, ConvMulFusion, ConvBNFusion), and ops a QuantizeLinear after
+#: them reaches the Conv through (Relu/Clip dropped before it, moved up through layout ops
+#: and max-pools): see ``_Converter._store_quantized_filters_fused_into_quantized_convs``.
+_CONV_FUSED_CONSTANT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
+_QUANTIZE_CROSSED_OPS = frozenset({
+    "Relu", "Clip", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+    "MaxPool", "Slice", "Gather", "Resize", "Split", "Concat",
+})
+
+
 def weight_codes_and_zero(codes: np.ndarray, zero_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Integer weight storage for an integer kernel fed u8 codes up to 255: the int8 codes
     with zero points 0 (``zero_shape``), or the uint8 codes about zero point 128 where
@@ -241,6 +257,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         self.biases_on_grid = biases_on_grid
         #: conv outputs whose off-grid bias is added in float (a float conv in ONNX Runtime)
         self.float_biases: list[str] = []
+        #: float32 filter constant -> the arguments of its int8 storage (see ``_conv``)
+        self.float_stored_filters: dict[str, tuple] = {}
         #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
         self.int8_residual_branches = int8_residual_branches
         #: conv outputs whose bias ONNX Runtime adds rounded to its int32 grid
@@ -648,6 +666,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         axis: int,
         factor: np.ndarray | None = None,
         unsigned: bool = False,
+        dequantized: bool = False,
     ) -> tuple[str, np.ndarray]:
         """The ``DequantizeLinear`` of a calibrated layer's weight, and its per-channel scales.
 
@@ -661,6 +680,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         and the simulation follows; otherwise the layer's own codes, ``-L..L`` below 8 bits),
         stored as uint8 about zero point 128 where ``unsigned`` (an input whose codes pass 127:
         :meth:`_input_codes_pass_127`) and they are large enough to saturate.
+
+        ``dequantized``: store the int8 grid's values as a float32 constant instead, the
+        product ``DequantizeLinear`` computes (for a layer ONNX Runtime runs in float).
         """
         factor = np.ones([weight.shape[axis]], np.float32) if factor is None else factor
         int4 = self.int4_weights and record.weight_bits <= 4
@@ -690,6 +712,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         scale, integers = _weight_codes(weight, record.weight_thresholds, record.traced_weight_bits, factor, shape)
         # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
         codes = np.clip(integers, -128, 127).astype(np.int8)
+        if dequantized:
+            return self._const(weight_name, codes.astype(np.float32) * scale.reshape(shape)), scale
         if unsigned:
             codes, zeros = weight_codes_and_zero(codes, scale.shape)
         else:
@@ -999,15 +1023,33 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         unsigned = self._input_codes_pass_127(op.input("Input")[0], x_scale)
-        w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned)
-        if not self._quantized_after(out):
-            # ONNX Runtime fuses a QLinearConv only where a QuantizeLinear (perhaps behind a
-            # Relu) follows the conv; elsewhere (before a Swish or Hardswish, a float multiply,
-            # as the network's output) it runs a float Conv on the dequantized input and
-            # weight, where an int32 bias only adds its rounding (measured: conv + BatchNorm +
-            # Swish -> conv, 3.4e-3 of the largest output off the simulation on 3% of the
-            # outputs; PP-OCRv4's first depthwise conv as x2paddle writes it, read by a
-            # multiply, 2.8e-2; exact with the bias in float).
+        float_run = not self._quantized_after(out)
+        # ONNX Runtime fuses a QLinearConv only where a QuantizeLinear (perhaps behind a Relu)
+        # follows the conv; elsewhere (before a Swish or Hardswish, a float multiply, as the
+        # network's output) it runs a float Conv on the dequantized input and weight. A
+        # spatial filter of few values per output channel (a depthwise conv, a stem conv over
+        # an RGB image) is then stored as the float32 values DequantizeLinear computes: a
+        # constant weight lets ONNX Runtime prepack it into its blocked float kernels, where a
+        # dequantized one took its generic path (measured at batch 8 on MobileNetV3-small,
+        # `x86-vnni`: its nine 5x5 depthwise convs before Hardswish 1.2-2.7 ms each; the
+        # whole model 1.7x faster with them constant, for 0.16 MB more than the int8 file's
+        # 2.56 MB). 1x1 filters (a plain GEMM either way) and larger ones keep int8 storage:
+        # dense 3x3 convs before SiLU made a YOLO-style net's file 3.1x larger for 1.2x its
+        # int8 speed, still slower than its fp32.
+        # (Not in a loop's or branch's body: _store_quantized_filters_fused_into_quantized_convs
+        # sees the main graph only.)
+        float_stored = (
+            float_run and weight[0].size <= _FLOAT_STORED_FILTER_VALUES and weight[0, 0].size > 1
+            and self.block.idx == 0
+        )
+        w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned, float_stored)
+        if float_stored and self.initializers[-1].name == w:  # (not INT4 storage)
+            self.float_stored_filters[w] = (weight_name, weight, record, 0, factor, unsigned)
+        if float_run:
+            # (An int32 bias would only add its rounding: measured, conv + BatchNorm + Swish
+            # -> conv, 3.4e-3 of the largest output off the simulation on 3% of the outputs;
+            # PP-OCRv4's first depthwise conv as x2paddle writes it, read by a multiply,
+            # 2.8e-2; exact with the bias in float.)
             self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         b_scale = bias_grid_steps(x_scale[0], w_scale)
@@ -1039,6 +1081,57 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             "bias.dq", axis=0,
         )
         self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
+
+    def _store_quantized_filters_fused_into_quantized_convs(self) -> None:
+        """Gives back its int8 storage to each float32 filter (``float_stored_filters``) of a
+        Conv that ONNX Runtime's optimizer can bring next to a QuantizeLinear.
+
+        ONNX Runtime folds a constant add, multiply or BatchNorm into a Conv with a constant
+        filter, drops a Relu or Clip before a QuantizeLinear, and moves a QuantizeLinear up
+        through layout ops and max-pools; a Conv reading a DequantizeLinear with a float32
+        filter and a QuantizeLinear after it then gets that filter quantized on one
+        per-tensor scale of its own (ONNX Runtime's weight-bias quantization; measured: an
+        NHWC stem conv whose BatchNorm stayed a node of its own, 2.3% of the largest output
+        off the simulation).
+        """
+        if not self.float_stored_filters:
+            return
+        readers: dict[str, list] = {}
+        for node in self.nodes:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        constants = {initializer.name for initializer in self.initializers}
+        for node in self.nodes:  # (in order: ONNX Runtime folds what only constants feed)
+            if node.input and all(name in constants for name in node.input if name):
+                constants.update(node.output)
+
+        def reaches_quantize(tensor: str) -> bool:
+            pending, seen = [tensor], set()
+            while pending:
+                name = pending.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                for node in readers.get(name, []):
+                    if node.op_type == "QuantizeLinear":
+                        return True
+                    others = [operand for operand in node.input if operand and operand != name]
+                    if node.op_type in _CONV_FUSED_CONSTANT_OPS and not all(o in constants for o in others):
+                        continue
+                    if node.op_type in _CONV_FUSED_CONSTANT_OPS or node.op_type in _QUANTIZE_CROSSED_OPS:
+                        pending.extend(node.output)
+            return False
+
+        for node in [n for n in self.nodes if n.op_type == "Conv" and n.input[1] in self.float_stored_filters]:
+            if reaches_quantize(node.output[0]):
+                filter_name = node.input[1]
+                count = len(self.nodes)
+                node.input[1], _ = self._quantized_weight(*self.float_stored_filters.pop(filter_name))
+                dequantize = self.nodes[count:]  # (appended: moved in front of the Conv)
+                del self.nodes[count:]
+                position = next(i for i, n in enumerate(self.nodes) if n is node)
+                self.nodes[position:position] = dequantize
+                self.initializers = [i for i in self.initializers if i.name != filter_name]
 
     def _quantized_after(self, var: str) -> bool:
         """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU: where ONNX
@@ -1953,6 +2046,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
             dtype = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(var.dtype))  # arg_max: int
             outputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
+        self._store_quantized_filters_fused_into_quantized_convs()
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", opset)]
         if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
