@@ -7,7 +7,9 @@ conv over RGB) is stored as the float32 values DequantizeLinear would compute, s
 Runtime can prepack it (its generic path for a dequantized filter took 1.2-2.7 ms for each of
 MobileNetV3-small's 5x5 depthwise convs at batch 8). A float32 filter that ONNX Runtime can
 bring next to a QuantizeLinear (a constant add or BatchNorm folded in, a Relu dropped) keeps
-its int8 storage: ONNX Runtime would quantize it again on one per-tensor scale of its own.
+its int8 storage: ONNX Runtime would quantize it again on one per-tensor scale of its own. An
+fp32 layer's filter in that position (its input a DequantizeLinear) gets a Clip to the float
+range in front of its input instead.
 """
 
 from __future__ import annotations
@@ -132,6 +134,34 @@ def test_a_float_filter_onnx_runtime_would_fuse_before_a_quantize_keeps_int8_sto
     path = export_onnx(quantized, str(tmp_path / "m.onnx"), spec)
     assert [kind for kind, _ in _conv_filters(path)] == ["int8", "int8"]
     x = rng.standard_normal([4, 10, 10, 3]).astype(np.float32)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
+    assert relative_error(ran, simulated) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["block.0.conv1", "block.2.conv1"])
+def test_an_fp32_conv_on_codes_keeps_its_float_filter_in_onnx_runtime(tmp_path, name) -> None:
+    """A conv ``keep_fp32`` put back in float inside a residual block reads the block input
+    the simulation holds on codes (a DequantizeLinear), and an int8 conv's QuantizeLinear
+    follows its ReLU: ONNX Runtime quantized its float filter on one per-tensor scale (1.1%
+    of the largest logit off the simulation with the exact residual form). A Clip to the
+    float range in front of its input keeps ONNX Runtime from doing so."""
+    import copy
+
+    from imperative_ptq.analysis import keep_fp32
+    from models import ThreeBlockResNet
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = ThreeBlockResNet()
+    model.eval()
+    batches = [paddle.to_tensor(rng.random((4, 3, 16, 16), np.float32)) for _ in range(3)]
+    quantized = converted(copy.deepcopy(model), batches)
+    keep_fp32(quantized, [name], model)
+    spec = [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")]
+    path = export_onnx(quantized, str(tmp_path / "m.onnx"), spec, int8_residual_branches=False)
+    x = rng.random((8, 3, 16, 16), np.float32)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)

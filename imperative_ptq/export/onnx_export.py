@@ -108,7 +108,7 @@ _FLOAT_STORED_FILTER_VALUES = 64
 #: Ops ONNX Runtime folds into a Conv with a constant filter when their other inputs are
 #: constants (ConvAddFusion, ConvMulFusion, ConvBNFusion), and ops a QuantizeLinear after
 #: them reaches the Conv through (Relu/Clip dropped before it, moved up through layout ops
-#: and max-pools): see ``_Converter._store_quantized_filters_fused_into_quantized_convs``.
+#: and max-pools): see ``_Converter._keep_float_filters_from_requantization``.
 _CONV_FUSED_CONSTANT_OPS = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
 _QUANTIZE_CROSSED_OPS = frozenset({
     "Relu", "Clip", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity",
@@ -1036,7 +1036,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         # 2.56 MB). 1x1 filters (a plain GEMM either way) and larger ones keep int8 storage:
         # dense 3x3 convs before SiLU made a YOLO-style net's file 3.1x larger for 1.2x its
         # int8 speed, still slower than its fp32.
-        # (Not in a loop's or branch's body: _store_quantized_filters_fused_into_quantized_convs
+        # (Not in a loop's or branch's body: _keep_float_filters_from_requantization
         # sees the main graph only.)
         float_stored = (
             float_run and weight[0].size <= _FLOAT_STORED_FILTER_VALUES and weight[0, 0].size > 1
@@ -1082,25 +1082,32 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         )
         self._bind(out, self._node("Conv", [x, w, b], out, **attrs))
 
-    def _store_quantized_filters_fused_into_quantized_convs(self) -> None:
-        """Gives back its int8 storage to each float32 filter (``float_stored_filters``) of a
-        Conv that ONNX Runtime's optimizer can bring next to a QuantizeLinear.
+    def _keep_float_filters_from_requantization(self) -> None:
+        """Keeps ONNX Runtime from quantizing a float32 filter again.
 
-        ONNX Runtime folds a constant add, multiply or BatchNorm into a Conv with a constant
-        filter, drops a Relu or Clip before a QuantizeLinear, and moves a QuantizeLinear up
-        through layout ops and max-pools; a Conv reading a DequantizeLinear with a float32
-        filter and a QuantizeLinear after it then gets that filter quantized on one
-        per-tensor scale of its own (ONNX Runtime's weight-bias quantization; measured: an
+        ONNX Runtime's optimizer (its weight-bias quantization) quantizes the float32 filter of
+        a Conv, ConvTranspose or Gemm that reads a DequantizeLinear and that a QuantizeLinear
+        follows, after its own fusions (a constant add, multiply or BatchNorm folded into the
+        conv, a Relu or Clip dropped before the QuantizeLinear, the QuantizeLinear moved up
+        through layout ops and max-pools), on one per-tensor scale of its own (measured: an
         NHWC stem conv whose BatchNorm stayed a node of its own, 2.3% of the largest output
-        off the simulation).
+        off the simulation; a conv kept fp32 by ``keep_fp32`` on a block input held on codes,
+        1.1%). A small filter stored in float for speed (``float_stored_filters``) gets its
+        int8 storage back there (ONNX Runtime then fuses the conv into ``QLinearConv``); an
+        fp32 layer's filter gets a ``Clip`` to the float range in front of its input, which
+        computes nothing and is not a DequantizeLinear.
         """
-        if not self.float_stored_filters:
-            return
         readers: dict[str, list] = {}
+        producers: dict[str, Any] = {}
         for node in self.nodes:
             for name in node.input:
                 readers.setdefault(name, []).append(node)
+            producers.update(dict.fromkeys(node.output, node))
         constants = {initializer.name for initializer in self.initializers}
+        float_filters = {
+            initializer.name for initializer in self.initializers
+            if initializer.data_type == self.onnx.TensorProto.FLOAT
+        }
         for node in self.nodes:  # (in order: ONNX Runtime folds what only constants feed)
             if node.input and all(name in constants for name in node.input if name):
                 constants.update(node.output)
@@ -1122,16 +1129,29 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                         pending.extend(node.output)
             return False
 
-        for node in [n for n in self.nodes if n.op_type == "Conv" and n.input[1] in self.float_stored_filters]:
-            if reaches_quantize(node.output[0]):
-                filter_name = node.input[1]
-                count = len(self.nodes)
+        exposed = [
+            node for node in self.nodes
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 1
+            and node.input[1] in float_filters
+            and getattr(producers.get(node.input[0]), "op_type", None) == "DequantizeLinear"
+            and reaches_quantize(node.output[0])
+        ]
+        for node in exposed:
+            count = len(self.nodes)
+            filter_name = node.input[1]
+            if filter_name in self.float_stored_filters:
                 node.input[1], _ = self._quantized_weight(*self.float_stored_filters.pop(filter_name))
-                dequantize = self.nodes[count:]  # (appended: moved in front of the Conv)
-                del self.nodes[count:]
-                position = next(i for i, n in enumerate(self.nodes) if n is node)
-                self.nodes[position:position] = dequantize
                 self.initializers = [i for i in self.initializers if i.name != filter_name]
+            else:
+                largest = np.finfo(np.float32).max
+                node.input[0] = self._node(
+                    "Clip", [node.input[0], self._const("min", np.array(-largest, np.float32)),
+                             self._const("max", np.array(largest, np.float32))], node.input[0] + ".float",
+                )
+            inserted = self.nodes[count:]  # (appended: moved in front of the node)
+            del self.nodes[count:]
+            position = next(i for i, n in enumerate(self.nodes) if n is node)
+            self.nodes[position:position] = inserted
 
     def _quantized_after(self, var: str) -> bool:
         """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU: where ONNX
@@ -2046,7 +2066,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             shape = [d if d >= 0 else f"{name}_dim{i}" for i, d in enumerate(var.shape)]
             dtype = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(var.dtype))  # arg_max: int
             outputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
-        self._store_quantized_filters_fused_into_quantized_convs()
+        self._keep_float_filters_from_requantization()
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", opset)]
         if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
