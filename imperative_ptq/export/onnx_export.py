@@ -257,7 +257,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         self.biases_on_grid = biases_on_grid
         #: conv outputs whose off-grid bias is added in float (a float conv in ONNX Runtime)
         self.float_biases: list[str] = []
-        #: float32 filter constant -> the arguments of its int8 storage (see ``_conv``)
+        #: float32 filter constant -> the _quantized_weight arguments of its int8 storage
         self.float_stored_filters: dict[str, tuple] = {}
         #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
         self.int8_residual_branches = int8_residual_branches
@@ -682,7 +682,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         :meth:`_input_codes_pass_127`) and they are large enough to saturate.
 
         ``dequantized``: store the int8 grid's values as a float32 constant instead, the
-        product ``DequantizeLinear`` computes (for a layer ONNX Runtime runs in float).
+        product ``DequantizeLinear`` computes (for a layer ONNX Runtime runs in float; noted
+        in ``float_stored_filters``). INT4 storage, where it applies, is kept.
         """
         factor = np.ones([weight.shape[axis]], np.float32) if factor is None else factor
         int4 = self.int4_weights and record.weight_bits <= 4
@@ -713,7 +714,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         # -128 too: a Linear's weight as Paddle's oneDNN fc runs it can hold it.
         codes = np.clip(integers, -128, 127).astype(np.int8)
         if dequantized:
-            return self._const(weight_name, codes.astype(np.float32) * scale.reshape(shape)), scale
+            stored = self._const(weight_name, codes.astype(np.float32) * scale.reshape(shape))
+            self.float_stored_filters[stored] = (weight_name, weight, record, axis, factor, unsigned)
+            return stored, scale
         if unsigned:
             codes, zeros = weight_codes_and_zero(codes, scale.shape)
         else:
@@ -1043,8 +1046,6 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             and self.block.idx == 0
         )
         w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned, float_stored)
-        if float_stored and self.initializers[-1].name == w:  # (not INT4 storage)
-            self.float_stored_filters[w] = (weight_name, weight, record, 0, factor, unsigned)
         if float_run:
             # (An int32 bias would only add its rounding: measured, conv + BatchNorm + Swish
             # -> conv, 3.4e-3 of the largest output off the simulation on 3% of the outputs;
@@ -1097,20 +1098,19 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         fp32 layer's filter gets a ``Clip`` to the float range in front of its input, which
         computes nothing and is not a DequantizeLinear.
         """
+        float_filters = {
+            initializer.name for initializer in self.initializers
+            if initializer.data_type == self.onnx.TensorProto.FLOAT
+        }
+        constants = {initializer.name for initializer in self.initializers}
         readers: dict[str, list] = {}
         producers: dict[str, Any] = {}
         for node in self.nodes:
             for name in node.input:
                 readers.setdefault(name, []).append(node)
             producers.update(dict.fromkeys(node.output, node))
-        constants = {initializer.name for initializer in self.initializers}
-        float_filters = {
-            initializer.name for initializer in self.initializers
-            if initializer.data_type == self.onnx.TensorProto.FLOAT
-        }
-        for node in self.nodes:  # (in order: ONNX Runtime folds what only constants feed)
             if node.input and all(name in constants for name in node.input if name):
-                constants.update(node.output)
+                constants.update(node.output)  # (in order: ONNX Runtime folds what only constants feed)
 
         def reaches_quantize(tensor: str) -> bool:
             pending, seen = [tensor], set()
