@@ -65,6 +65,8 @@ class Target:
         halved_signed_convs: A conv reading a signed input runs int8 on s8 with the 7-bit
             weights oneDNN's AVX2 kernels derive (:mod:`imperative_ptq.halved_convs`), before
             ``shifted_signed_inputs`` is tried; exact only where the int8 kernels are AVX2.
+        paddle_lite: The program is converted by Paddle Lite's ``opt``: the export writes it in
+            the op forms Lite reads (:mod:`imperative_ptq.export.paddle_lite`).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Target:
     onednn: bool
     paddle_fc_weights: bool
     halved_signed_convs: bool = False
+    paddle_lite: bool = False
 
 
 _X86 = Target(
@@ -123,6 +126,7 @@ TARGETS: dict[str, Target] = {
             requires_vnni=False,
             onednn=False,
             paddle_fc_weights=False,
+            paddle_lite=True,
         ),
     )
 }

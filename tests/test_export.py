@@ -253,7 +253,7 @@ def test_int8_kernels_really_run(exports, name, num_convs, num_linears) -> None:
     assert not any(",batch_normalization," in line for line in executed)
 
 
-# ------------------------------------------------------------------------ program form (Lite)
+# ------------------------------------------------------------------------- program form (QDQ)
 def test_program_has_qdq_form_with_int8_weights(exports) -> None:
     ops, dtypes, values = _load_program(exports["lenet"].prefix)
     producers = {out: (kind, ins, attrs) for kind, ins, outs, attrs in ops for names in outs.values() for out in names}
@@ -278,33 +278,6 @@ def test_program_has_qdq_form_with_int8_weights(exports) -> None:
         threshold = values[q_ins["Scale"][0]]
         assert threshold.shape == (1,) and threshold[0] > 0
         assert values[q_ins["ZeroPoint"][0]].dtype == np.int32
-
-
-def _paddle_lite_opt() -> str | None:
-    """Paddle Lite's ``opt`` (``$PADDLE_LITE_OPT`` or ``paddle_lite_opt`` on the PATH). Its
-    wheel exists for Python <= 3.10 only, so it usually lives in a separate environment."""
-    import shutil
-
-    return os.environ.get("PADDLE_LITE_OPT") or shutil.which("paddle_lite_opt")
-
-
-@pytest.mark.skipif(_paddle_lite_opt() is None, reason="Paddle Lite opt not installed")
-@pytest.mark.parametrize("name, num_convs", [("lenet", 2), ("convnet", 4)])
-def test_paddle_lite_opt_converts_to_arm_int8_kernels(exports, tmp_path, name, num_convs) -> None:
-    prefix = exports[name].prefix
-    out = str(tmp_path / name)
-    result = subprocess.run(
-        [_paddle_lite_opt(), f"--model_file={prefix}.pdmodel", f"--param_file={prefix}.pdiparams",
-         "--valid_targets=arm", f"--optimize_out={out}", "--optimize_out_type=naive_buffer"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    with open(out + ".nb", "rb") as file:
-        program = file.read()
-    # The ARM program picks int8 conv kernels (int8 or fp32 output), never the fp32 one.
-    int8_convs = program.count(b"conv2d/int8_out/") + program.count(b"conv2d/fp32_out/")
-    assert int8_convs == num_convs and b"conv2d/def/" not in program
-    assert b"enable_int8" in program
 
 
 def test_weights_match_dygraph_thresholds_and_files(exports) -> None:
