@@ -58,6 +58,7 @@ from ..converted import converted_biases_on_grid, converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
 from ..quant_pool import U8_MAX
+from .unsigned import RELU6_CLIP
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shift_value, shifted_levels, shifted_multiplier
 from .tracing import (
@@ -69,6 +70,8 @@ __all__ = ["INT4_OPSET", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
+#: Convs ONNX Runtime can run as ``QLinearConv``.
+_CONV_OPS = ("conv2d", "depthwise_conv2d")
 #: Convs and 3-d pools every export keeps fp32 (no int8 kernel in either runtime): they read
 #: their input's float value.
 _FLOAT_CONV_OPS = frozenset({
@@ -778,9 +781,18 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 # QuantizeLinear made ONNX Runtime's MobileNetV2 1.8x slower).
                 s = self._const("scale", np.array(scale, dtype=np.float32))
                 z = self._const("zero_point", np.array(zero, dtype=np.uint8))
+                top = self.coded.get(var, (threshold, 0))[1]
+                clipped_at_threshold = not (var in self.residuals or var in self.wide or top == U8_MAX)
+                if producer.type == "relu6" and clipped_at_threshold and threshold <= RELU6_CLIP:
+                    # Codes clipped at the threshold, which lies within the ReLU6's 6: the
+                    # codes of its input are the same, and ONNX Runtime drops a Relu before a
+                    # QuantizeLinear itself but not a Clip at 6 whose output the Q range
+                    # passes (a threshold above 3: 255 codes of t / 127 reach 2 t), so the
+                    # conv before it ran in float (a ReLU6 with no float reader is then dead:
+                    # _without_dead_nodes).
+                    tensor = self.names.get(producer.input("X")[0], tensor)
                 codes = self._node("QuantizeLinear", [tensor, s, z], var + ".q")
                 self.scales[var] = (scale, zero)
-                top = self.coded.get(var, (threshold, 0))[1]
                 if var in self.residuals or var in self.wide or top == U8_MAX:
                     unclipped = self._node("DequantizeLinear", [codes, s, z], var + ".unclipped.dq")
                     self.unclipped[var] = unclipped
@@ -934,8 +946,60 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         scale, zero = float(record.input_scale), int(record.input_zero_point)
         key = (var, scale, zero)
         if key not in self._shifted_tensors:
-            self._shifted_tensors[key] = self._shifted_qdq(tensor, scale, zero, shifted_levels(record.activation_bits), var)
+            levels = shifted_levels(record.activation_bits)
+            self._shifted_tensors[key] = (
+                self._qdq(tensor, scale, zero, var + ".shifted", codes=(0, levels))
+                if self._written_by_int8_conv(var) or self._sum_with_a_conv_output(var)
+                else self._shifted_qdq(tensor, scale, zero, levels, var)
+            )
         return self._shifted_tensors[key], (scale, zero)
+
+    def _sum_with_a_conv_output(self, var: str) -> bool:
+        """Whether ``var`` is a residual add's sum of which one operand is an int8 conv's
+        output (a linear bottleneck's block output read by the next expand conv): as for a
+        conv's output, ONNX Runtime's sum is not the simulation's to the last bit, so the
+        exact float32 form of :meth:`_shifted_qdq` buys nothing for it, and a plain
+        ``QuantizeLinear`` saves its Add and Mul."""
+        writer = self.producer.get(var)
+        if var not in self.shifted or writer is None or writer.type != "elementwise_add":
+            return False
+        operands = [writer.input(slot)[0] for slot in ("X", "Y")]
+        return not any(self._is_param(name) for name in operands) and any(
+            self._written_by_int8_conv(name) for name in operands
+        )
+
+    def _written_by_int8_conv(self, var: str) -> bool:
+        """Whether ``var`` is an int8 conv's output, behind the bias add and BatchNorm that
+        :meth:`_conv` absorbs into it."""
+        writer = self.producer.get(var)
+        for absorbed in ("batch_norm", "elementwise_add"):  # as _conv absorbs them, backwards
+            if writer is not None and writer.type == absorbed:
+                source = writer.input("X")[0]
+                if absorbed == "elementwise_add" and not self._is_param(writer.input("Y")[0]):
+                    return False  # a residual add: the sum is no conv's output
+                if len(self.readers.get(source, [])) != 1 or source in self.fetched:
+                    return False
+                writer = self.producer.get(source)
+        return writer is not None and writer.type in _CONV_OPS and writer.input("Filter")[0] in self.weights
+
+    def _conv_to_shifted_conv(self, var: str) -> bool:
+        """Whether ``var`` is an int8 conv's output (its bias add and BatchNorm absorbed) read
+        by one int8 conv alone, on a shifted grid (a linear bottleneck's projection read by
+        the next block's expand conv). That reader quantizes it with a plain
+        ``QuantizeLinear(x, s, z)``, clipped to ``0..M`` (:meth:`_layer_input`), so the
+        writing conv is written for ONNX Runtime to fuse into a ``QLinearConv`` whose codes
+        the reader takes: it ran in float before, followed by the Add and Mul of
+        :meth:`_shifted_qdq`, whose float32 arithmetic (Paddle Inference's) buys nothing
+        there, as ONNX Runtime's conv output is not the simulation's to the last bit anyway
+        (both differ at rounding ties only)."""
+        readers = self.readers.get(var, [])
+        if var not in self.shifted or var in self.fetched or len(readers) != 1:
+            return False
+        reader = readers[0]
+        record = self.weights.get(reader.input("Filter")[0]) if reader.type in _CONV_OPS else None
+        if record is None or record.input_shift_response is None:
+            return False
+        return self._written_by_int8_conv(var)
 
     def _own_grid(self, var: str, record: LayerRecord) -> tuple[str, tuple[float, int]] | None:
         """The Q/DQ of ``var`` on ``record``'s input threshold, where the tensor's Q/DQ is on
@@ -967,7 +1031,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         ``clip(rint(float32(x + c) * k), 0, M)`` (:func:`imperative_ptq.shifted_input.shifted_codes`):
         an ``Add`` and a ``Mul`` in float32, a ``QuantizeLinear`` of scale 1 (which rounds
         ``x / 1`` exactly; ``QuantizeLinear(x, s, z)`` rounds ``x / s``, other codes near
-        ties), the codes clipped to ``0..M``, and a ``DequantizeLinear`` on the grid."""
+        ties), the codes clipped to ``0..M``, and a ``DequantizeLinear`` on the grid. (Not for
+        an int8 conv's output or a sum with one: :meth:`_conv_to_shifted_conv`.)"""
         shifted = self._node("Add", [tensor, self._const("shift", np.array(shift_value(scale, zero)))], stem + ".shift")
         scaled = self._node("Mul", [shifted, self._const("multiplier", np.array(shifted_multiplier(scale)))],
                             stem + ".multiplied")
@@ -1154,12 +1219,13 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             self.nodes[position:position] = inserted
 
     def _quantized_after(self, var: str) -> bool:
-        """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU: where ONNX
-        Runtime can fuse the conv writing it into ``QLinearConv``."""
+        """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU (or the shifted
+        one of :meth:`_conv_to_shifted_conv`): where ONNX Runtime can fuse the conv writing it
+        into ``QLinearConv``."""
         def quantized(name: str) -> bool:
             return name in self.thresholds or name in self.coded
 
-        return quantized(var) or any(
+        return quantized(var) or self._conv_to_shifted_conv(var) or any(
             reader.type in ("relu", "relu6") and quantized(reader.output("Out")[0])
             for reader in self.readers.get(var, [])
         )
@@ -2067,6 +2133,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             dtype = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(var.dtype))  # arg_max: int
             outputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
         self._keep_float_filters_from_requantization()
+        self.nodes = _without_dead_nodes(self.nodes, {output.name for output in outputs})
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", opset)]
         if any(node.domain == "com.microsoft" for node in self.nodes):  # DynamicQuantizeLSTM
@@ -2264,3 +2331,28 @@ def export_onnx(
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
     return path
+
+
+def _names_read(nodes: Sequence[Any]) -> set[str]:
+    """Every tensor name ``nodes`` read, those their loop and branch bodies read from outside
+    included."""
+    read: set[str] = set()
+    for node in nodes:
+        read.update(node.input)
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            for body in bodies:
+                read |= _names_read(body.node) | {output.name for output in body.output}
+    return read
+
+
+def _without_dead_nodes(nodes: list[Any], graph_outputs: set[str]) -> list[Any]:
+    """``nodes`` without those whose outputs nothing reads (a float ReLU6 whose readers all
+    take the codes of its input): ONNX Runtime fuses a conv into ``QLinearConv`` only where
+    its QuantizeLinear is its one reader."""
+    while True:
+        read = _names_read(nodes) | graph_outputs
+        alive = [node for node in nodes if any(name in read for name in node.output)]
+        if len(alive) == len(nodes):
+            return nodes
+        nodes = alive
