@@ -3,7 +3,8 @@
 Paddle 3.3.1 traces ``relu6`` without ``threshold`` and ``swish`` without ``beta``, which Lite
 2.13 requires, and ``opt`` crashes on a flatten that a transpose reads (ViT, MLP-Mixer, Swin):
 the export writes those attributes and such flattens as reshapes
-(:mod:`imperative_ptq.export.paddle_lite`). The forms are checked in every run; ``opt`` itself
+(:mod:`imperative_ptq.export.paddle_lite`), and its batch norm takes NCHW only: channels-last
+ops run on NCHW between transposes. The forms are checked in every run; ``opt`` itself
 when it is installed (``PADDLE_LITE_OPT=/path/to/paddle_lite_opt`` or ``paddle_lite_opt`` on the
 PATH; its wheel exists for Python <= 3.10 only, so it usually lives in an environment of its
 own, and CI skips those tests).
@@ -63,6 +64,24 @@ class _TokensOfFeatures(nn.Layer):
         return tokens.transpose([0, 2, 1]).reshape([-1, 8, 4, 4]).flatten(1)
 
 
+class _ChannelsLast(nn.Layer):
+    """NHWC convs and batch norm (Lite 2.13's batch norm takes NCHW only), a depthwise conv
+    before a Hardswish, an NHWC global pool and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1, data_format="NHWC")
+        self.norm = nn.BatchNorm2D(8, data_format="NHWC")
+        self.depthwise = nn.Conv2D(8, 8, 3, padding=1, groups=8, data_format="NHWC")
+        self.pool = nn.AdaptiveAvgPool2D(1, data_format="NHWC")
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        features = nn.functional.relu(self.norm(self.conv(x)))
+        features = nn.functional.hardswish(self.depthwise(features))
+        return self.head(self.pool(features).flatten(1))
+
+
 def _mobilenet_v2() -> nn.Layer:
     return paddle.vision.models.mobilenet_v2(num_classes=10)
 
@@ -73,6 +92,7 @@ MODELS = {
     "convnet": (lambda: MnistConvNet(channels=(16, 32)), [1, 28, 28], 4, 0),
     "tokens_of_features": (_TokensOfFeatures, [3, 4, 4], 2, 1),
     "mobilenet_v2": (_mobilenet_v2, [3, 32, 32], 52, 1),
+    "channels_last": (_ChannelsLast, [8, 8, 3], 2, 1),
 }
 
 
@@ -126,6 +146,18 @@ def test_arm_program_has_the_attributes_and_reshapes_lite_reads(tmp_path) -> Non
     assert attributes[("relu6", "threshold")] == 6.0 and attributes[("swish", "beta")] == 1.0
     assert "flatten_contiguous_range" not in {op.type for op in ops}
     # The same function: Paddle's fp32 executor runs the QDQ program as simulated.
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, int8=False), x)[0]
+    np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())
+
+
+def test_arm_program_runs_channels_last_ops_on_nchw(tmp_path) -> None:
+    prefix, qmodel, x = _arm_export("channels_last", tmp_path)
+    layouts = [
+        attr.s for op in _saved_ops(prefix) for attr in op.attrs
+        if attr.name in ("data_format", "data_layout")
+    ]
+    assert layouts and set(layouts) <= {"NCHW", "AnyLayout"}, layouts
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     ran = predict(create_predictor(prefix, int8=False), x)[0]
     np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())

@@ -276,6 +276,8 @@ def save_quantized_model(
             complete_batch_norm_parameters(loaded)
             remove_inference_dropouts(loaded, traced.records)
             separate_chained_activations(loaded.program.global_block())
+            if target_spec.paddle_lite:
+                channels_last_to_first(loaded.program.global_block())  # Lite 2.13: NCHW only
             if target_spec.onednn:
                 signed_inputs_of_halved_convs(loaded, traced.records)
                 work_around_onednn_passes(loaded)
@@ -356,8 +358,9 @@ def work_around_onednn_passes(loaded: LegacyProgram) -> None:
     transposed into a matmul, channels-last convs/norms/pools, convs on filters computed from
     the input (:mod:`.dynamic_filters`), nearest resizes that are not whole-number upscales,
     windowed pools with unequal paddings or ``ceil_mode`` (:mod:`.padded_pools`), adaptive
-    pools that keep an axis open, clips with tensor bounds. Programs for Paddle Lite are left as traced (two
-    activations in a row are separated for every runtime)."""
+    pools that keep an axis open, clips with tensor bounds. Programs for Paddle Lite are left as traced
+    but for their channels-last ops and the forms of :mod:`.paddle_lite` (two activations in a
+    row are separated for every runtime)."""
     block = loaded.program.global_block()
     constant_clip_bounds(loaded)
     complete_matmul_widths(block)

@@ -13,7 +13,10 @@ wheel's ``opt``) still requires, and ``opt`` stops on them (measured, fp32 progr
   as the one ``-1`` of a ``reshape2`` (``0`` copies a leading dimension, the dimensions after
   it are known) becomes that ``reshape2``, which computes the same tensor.
 
-The x86 targets' programs are left alone: Paddle Inference reads both forms.
+The export also runs the program's channels-last convs, batch norms and pools on NCHW between
+two transposes (:func:`.graph.channels_last_to_first`, as for Paddle Inference): Lite 2.13's
+batch norm stops on NHWC ("Only support NCHW"). The x86 targets' programs are left alone:
+Paddle Inference reads both forms.
 """
 
 from __future__ import annotations
