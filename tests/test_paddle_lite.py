@@ -4,7 +4,8 @@ Paddle 3.3.1 traces ``relu6`` without ``threshold`` and ``swish`` without ``beta
 2.13 requires, and ``opt`` crashes on a flatten that a transpose reads (ViT, MLP-Mixer, Swin):
 the export writes those attributes and such flattens as reshapes
 (:mod:`imperative_ptq.export.paddle_lite`), and its batch norm takes NCHW only: channels-last
-ops run on NCHW between transposes. The forms are checked in every run; ``opt`` itself
+ops run on NCHW between transposes. ``brelu`` and ``selu``, which Lite has no ARM kernel for, are
+written as the ops that compute them, and pruned outputs Lite requires are put back. The forms are checked in every run; ``opt`` itself
 when it is installed (``PADDLE_LITE_OPT=/path/to/paddle_lite_opt`` or ``paddle_lite_opt`` on the
 PATH; its wheel exists for Python <= 3.10 only, so it usually lives in an environment of its
 own, and CI skips those tests).
@@ -82,6 +83,20 @@ class _ChannelsLast(nn.Layer):
         return self.head(self.pool(features).flatten(1))
 
 
+class _OpsWithoutLiteKernels(nn.Layer):
+    """``F.hardtanh`` (Paddle's ``brelu``), an InstanceNorm (whose saved statistics Paddle's
+    save prunes) and a SELU between convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2D(3, 8, 3, padding=1), nn.Conv2D(8, 8, 1), nn.Conv2D(8, 4, 1)
+        self.norm, self.selu = nn.InstanceNorm2D(8), nn.SELU()
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.conv2(nn.functional.hardtanh(self.conv1(x), -0.5, 1.5))
+        return self.conv3(self.selu(self.norm(y))).flatten(1)
+
+
 def _mobilenet_v2() -> nn.Layer:
     return paddle.vision.models.mobilenet_v2(num_classes=10)
 
@@ -93,6 +108,7 @@ MODELS = {
     "tokens_of_features": (_TokensOfFeatures, [3, 4, 4], 2, 1),
     "mobilenet_v2": (_mobilenet_v2, [3, 32, 32], 52, 1),
     "channels_last": (_ChannelsLast, [8, 8, 3], 2, 1),
+    "ops_without_lite_kernels": (_OpsWithoutLiteKernels, [3, 6, 6], 3, 0),
 }
 
 
@@ -158,6 +174,18 @@ def test_arm_program_runs_channels_last_ops_on_nchw(tmp_path) -> None:
         if attr.name in ("data_format", "data_layout")
     ]
     assert layouts and set(layouts) <= {"NCHW", "AnyLayout"}, layouts
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran = predict(create_predictor(prefix, int8=False), x)[0]
+    np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())
+
+
+def test_arm_program_has_lite_kernels_for_every_op(tmp_path) -> None:
+    prefix, qmodel, x = _arm_export("ops_without_lite_kernels", tmp_path)
+    ops = _saved_ops(prefix)
+    assert not {"brelu", "selu"} & {op.type for op in ops}
+    (norm,) = [op for op in ops if op.type == "instance_norm"]
+    written = {slot.parameter: list(slot.arguments) for slot in norm.outputs}
+    assert written["SavedMean"] and written["SavedVariance"], written
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     ran = predict(create_predictor(prefix, int8=False), x)[0]
     np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())

@@ -33,7 +33,7 @@ from .float_readers import keep_concat_scales_off_float_ops
 from .atomic import export_directory, staged_export
 from .constant_folding import fold_parameter_subgraphs
 from .padded_pools import exact_padded_pools
-from .paddle_lite import lite_op_forms, write_lite_attributes
+from .paddle_lite import lite_op_forms, complete_saved_program
 from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
@@ -299,7 +299,7 @@ def save_quantized_model(
                 lite_op_forms(loaded.program)
             save_legacy_program(loaded, staging)
             if target_spec.paddle_lite:
-                write_lite_attributes(staging + ".pdmodel")
+                complete_saved_program(staging + ".pdmodel")
         # One content for PREFIX.calibration.json, whoever calls: the table convert recorded
         # (what save_calibration_table writes), else one rebuilt from the traced layers.
         if calibration_table is None:

@@ -13,6 +13,11 @@ wheel's ``opt``) still requires, and ``opt`` stops on them (measured, fp32 progr
   as the one ``-1`` of a ``reshape2`` (``0`` copies a leading dimension, the dimensions after
   it are known) becomes that ``reshape2``, which computes the same tensor.
 
+* Lite 2.13 has no ARM kernel for ``brelu`` (``F.hardtanh``) nor ``selu``: they become the
+  ``clip`` and the ``elu`` then ``scale`` that compute them, and its ``instance_norm`` requires
+  the ``SavedMean`` / ``SavedVariance`` outputs Paddle's save prunes ("Check failed:
+  is_dispensable || is_have_output"), which the saved program gets back.
+
 The export also runs the program's channels-last convs, batch norms and pools on NCHW between
 two transposes (:func:`.graph.channels_last_to_first`, as for Paddle Inference): Lite 2.13's
 batch norm stops on NHWC ("Only support NCHW"). The x86 targets' programs are left alone:
@@ -23,9 +28,12 @@ from __future__ import annotations
 
 import logging
 
-from .graph import replace_op
+from .graph import insert_op, op_index, replace_op
 
-__all__ = ["LITE_DEFAULT_ATTRIBUTES", "flatten_as_reshape_shape", "lite_op_forms", "write_lite_attributes"]
+__all__ = [
+    "LITE_DEFAULT_ATTRIBUTES", "LITE_REQUIRED_OUTPUTS", "complete_saved_program", "flatten_as_reshape_shape",
+    "lite_op_forms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,30 +63,64 @@ def flatten_as_reshape_shape(shape: list[int], start: int, stop: int) -> list[in
     return [0] * start + [-1] + [int(size) for size in after]
 
 
+#: op type -> outputs Paddle Lite 2.13 requires that Paddle's save prunes when nothing reads them.
+LITE_REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {"instance_norm": ("SavedMean", "SavedVariance")}
+
+
 def lite_op_forms(program) -> int:
-    """Replaces the flattens of ``program`` (every block) that Paddle Lite's ``opt`` crashes
-    on by the ``reshape2`` that computes the same (see the module docstring).
+    """Replaces the ops of ``program`` (every block) that Paddle Lite's ``opt`` crashes on or
+    has no ARM kernel for by ops that compute the same (see the module docstring): flattens
+    that a reshape can write, ``brelu`` and ``selu``.
 
     Returns:
         How many ops were replaced.
     """
+    rewrites = {"flatten_contiguous_range": _flatten_as_reshape, "brelu": _brelu_as_clip, "selu": _selu_as_elu}
     replaced = sum(
-        _flatten_as_reshape(block, op)
-        for block in program.blocks for op in list(block.ops)
-        if op.type == "flatten_contiguous_range"
+        rewrites[op.type](block, op)
+        for block in program.blocks for op in list(block.ops) if op.type in rewrites
     )
     if replaced:
-        logger.info("%d flattens written as reshape2 for Paddle Lite's opt", replaced)
+        logger.info("%d ops written in forms Paddle Lite's opt reads", replaced)
     return replaced
 
 
-def write_lite_attributes(model_path: str) -> int:
+def _brelu_as_clip(block, op) -> bool:
+    """``brelu(t_min, t_max)`` as the ``clip`` it is."""
+    replace_op(
+        block, op, type="clip", inputs={"X": op.input("X")}, outputs={"Out": op.output("Out")},
+        attrs={"min": float(op.attr("t_min")), "max": float(op.attr("t_max"))},
+    )
+    return True
+
+
+def _selu_as_elu(block, op) -> bool:
+    """``selu(alpha, scale)`` as ``scale * elu(x, alpha)`` (one rounding more than Paddle's
+    kernel: float32 ulps)."""
+    out = op.output("Out")[0]
+    source = block._var_recursive(op.input("X")[0])
+    elu = block.create_var(name=f"{out}.elu", shape=source.shape, dtype=source.dtype)
+    scale, alpha = float(op.attr("scale")), float(op.attr("alpha"))
+    index = op_index(block, op)
+    replace_op(
+        block, op, type="scale", inputs={"X": [elu.name]}, outputs={"Out": [out]},
+        attrs={"scale": scale, "bias": 0.0, "bias_after_scale": True},
+    )
+    insert_op(
+        block, index, type="elu", inputs={"X": [source.name]}, outputs={"Out": [elu.name]},
+        attrs={"alpha": alpha},
+    )
+    return True
+
+
+def complete_saved_program(model_path: str) -> int:
     """Adds to the saved program ``model_path`` (a ``.pdmodel``) the attributes of
-    :data:`LITE_DEFAULT_ATTRIBUTES` its ops lack. (In the file: Paddle's save drops them as
-    attributes its own ops no longer define.)
+    :data:`LITE_DEFAULT_ATTRIBUTES` and the outputs of :data:`LITE_REQUIRED_OUTPUTS` its ops
+    lack. (In the file: Paddle's save drops attributes its own ops no longer define and
+    prunes outputs nothing reads.)
 
     Returns:
-        How many ops got attributes.
+        How many ops were completed.
     """
     from paddle.base.proto import framework_pb2
 
@@ -87,17 +129,38 @@ def write_lite_attributes(model_path: str) -> int:
         program.ParseFromString(file.read())
     completed = 0
     for block in program.blocks:
+        variables = {variable.name: variable for variable in block.vars}
         for op in block.ops:
             defaults = LITE_DEFAULT_ATTRIBUTES.get(op.type, {})
             present = {attribute.name for attribute in op.attrs}
             missing = [name for name in defaults if name not in present]
             for name in missing:
                 op.attrs.add(name=name, type=framework_pb2.FLOAT, f=defaults[name])
-            completed += bool(missing)
+            written = {slot.parameter for slot in op.outputs if slot.arguments}
+            outputs = [name for name in LITE_REQUIRED_OUTPUTS.get(op.type, ()) if name not in written]
+            if outputs:
+                _add_outputs(block, op, outputs, variables)
+            completed += bool(missing or outputs)
     if completed:
         with open(model_path, "wb") as file:
             file.write(program.SerializeToString())
     return completed
+
+
+def _add_outputs(block, op, slots: list[str], variables: dict) -> None:
+    """Gives ``op`` (a serialized ``OpDesc`` of ``block``) float32 variables for ``slots``,
+    named after its first output, typed as that output is, of unknown shape."""
+    first = next(slot.arguments[0] for slot in op.outputs if slot.arguments)
+    for slot in slots:
+        name = f"{first}.{slot.lower()}"
+        variable = block.vars.add()
+        variable.CopyFrom(variables[first])
+        variable.name = name
+        del variable.type.dense_tensor.tensor.dims[:]
+        variable.type.dense_tensor.tensor.dims.append(-1)
+        variables[name] = variable
+        entry = next((entry for entry in op.outputs if entry.parameter == slot), None) or op.outputs.add(parameter=slot)
+        entry.arguments.append(name)
 
 
 def _flatten_as_reshape(block, op) -> bool:
