@@ -26,8 +26,8 @@ import datetime
 import logging
 import os
 import statistics
+import sys
 import tempfile
-import time
 from typing import Callable
 
 import numpy as np
@@ -39,21 +39,15 @@ from imperative_ptq.export import (
 )
 from imperative_ptq.models import MnistSequenceEncoder
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import milliseconds_per_call  # noqa: E402
+
 SPEC = [paddle.static.InputSpec([None, 1, 28, 28], "float32", "x")]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
-def _time(run: Callable[[], object], iters: int) -> float:
-    """Milliseconds per call of ``run`` over ``iters`` calls, after one untimed call."""
-    run()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def _ort_session(path: str):
@@ -146,7 +140,7 @@ def measure(
         for round_index in range(rounds):
             order = names[round_index % len(names):] + names[: round_index % len(names)]
             for name in order:
-                times[name].append(_time(lambda run=engines[name]: run(x), iters))
+                times[name].append(milliseconds_per_call(lambda run=engines[name]: run(x), iters))
         medians = {name: statistics.median(values) for name, values in times.items()}
         rows.append({
             "batch": batch, "medians": medians, "cosines": cosines,

@@ -25,8 +25,8 @@ import datetime
 import logging
 import os
 import statistics
+import sys
 import tempfile
-import time
 
 import numpy as np
 import paddle
@@ -40,6 +40,9 @@ from imperative_ptq.quant_layers import QuantizedMatmul
 from imperative_ptq.quant_rnn import QuantizedLSTM
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
 from imperative_ptq.models import MnistConvNet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import milliseconds_per_call  # noqa: E402
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -229,21 +232,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-#: Pause before each engine's timed round. Paddle's OpenMP runtime (``libiomp5``) keeps its
-#: threads spinning for 200 ms (``KMP_BLOCKTIME``) after each parallel region, on the cores
-#: the next engine then runs on: ONNX Runtime timed right after Paddle Inference measured
-#: MobileNetV2's int8 at 24.5 ms per batch of 8, 13.8 ms on quiet cores.
-SETTLE_SECONDS = 0.3
-
-
-def _time(run, iters: int) -> float:
-    run()  # warm-up of this round
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters * 1000
-
-
 def _size(path: str) -> int:
     return os.path.getsize(path)
 
@@ -329,8 +317,7 @@ def bench_model(
         times: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(rounds):
             for engine_name, run in runs.items():
-                time.sleep(SETTLE_SECONDS)  # the previous engine's threads stop spinning
-                times[engine_name].append(_time(run, iters))
+                times[engine_name].append(milliseconds_per_call(run, iters))
         medians = {k: statistics.median(v) for k, v in times.items()}
         row = {"model": name, "batch": batch, **{f"{k} ms": v for k, v in medians.items()}}
         row["paddle speed-up"] = medians["paddle fp32"] / medians["paddle int8"]

@@ -24,14 +24,17 @@ import datetime
 import logging
 import os
 import statistics
+import sys
 import tempfile
-import time
 
 import numpy as np
 import paddle
 
 from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
 from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from side_by_side import milliseconds_per_call  # noqa: E402
 
 
 class LSTMClassifier(paddle.nn.Layer):
@@ -50,14 +53,6 @@ class LSTMClassifier(paddle.nn.Layer):
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
-def _time(run, iters: int) -> float:
-    run()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters * 1000
 
 
 def main() -> None:
@@ -116,7 +111,7 @@ def main() -> None:
             times: dict[str, list[float]] = {form: [] for form in runs}
             for _ in range(args.rounds):
                 for form, run in runs.items():
-                    times[form].append(_time(run, args.iters))
+                    times[form].append(milliseconds_per_call(run, args.iters))
             rows.append((batch, {form: statistics.median(t) for form, t in times.items()}, cosines))
     print(
         f"{datetime.date.today()} · {cpu_info().describe()} · Paddle {paddle.__version__} · "

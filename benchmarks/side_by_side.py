@@ -1,6 +1,8 @@
 """Shared by the export benchmarks that time Paddle Inference programs side by side in one
 process (``strided_pointwise.py``, ``coded_float_ops.py``): engines interleaved round by round,
-medians of the rounds, each int8 engine's largest difference to the dygraph simulation."""
+medians of the rounds, each int8 engine's largest difference to the dygraph simulation; and
+the timing of one round (:func:`milliseconds_per_call`) for every benchmark that interleaves
+engines (``inference.py``, ``lstm_runtimes.py``, ``dynamic_latency.py`` too)."""
 
 from __future__ import annotations
 
@@ -57,8 +59,17 @@ def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, shipped)
 
 
+#: Pause before each timed round. Paddle's OpenMP runtime (``libiomp5``) keeps its threads
+#: spinning for 200 ms (``KMP_BLOCKTIME``) after each parallel region, on the cores the engine
+#: timed next runs on: ONNX Runtime timed right after Paddle Inference measured MobileNetV2's
+#: int8 at 24.5 ms per batch of 8 (``benchmarks/inference.py``), 13.8 ms on quiet cores.
+SETTLE_SECONDS = 0.3
+
+
 def milliseconds_per_call(run: Callable[[], Any], iters: int) -> float:
-    """Mean wall time of ``run`` over ``iters`` calls after one warm-up call, in ms."""
+    """Mean wall time of ``run`` over ``iters`` calls after a pause of :data:`SETTLE_SECONDS`
+    and one warm-up call, in ms."""
+    time.sleep(SETTLE_SECONDS)
     run()
     start = time.perf_counter()
     for _ in range(iters):
