@@ -1,22 +1,20 @@
 """The ``arm`` target's program in the op forms Paddle Lite's ``opt`` reads.
 
-Paddle 3.3.1 traces some ops without attributes that Paddle Lite 2.13 (the ``paddlelite``
-wheel's ``opt``) still requires, and ``opt`` stops on them (measured, fp32 programs as well):
+Paddle 3.3.1 writes some ops in forms that Paddle Lite 2.13 (the ``paddlelite`` wheel's
+``opt``) stops or crashes on, fp32 programs as well (measured):
 
-* ``relu6`` lost its ``threshold`` (the clip is always at 6): "No attributes called threshold
-  found for relu6" (MobileNetV2), and ``swish`` its ``beta`` (always 1: SiLU): "No
-  attributes called beta found for swish" (ShuffleNetV2-swish). Both get the value Paddle
-  3.3.1 computes with.
-* ``opt`` crashes (segmentation fault) on a ``flatten_contiguous_range`` that a ``transpose2``
-  reads (a ViT's, an MLP-Mixer's or a Swin's ``conv(x).flatten(2).transpose([0, 2, 1])``) and
-  on a program whose output a flatten writes. A flatten whose merged dimension can be written
-  as the one ``-1`` of a ``reshape2`` (``0`` copies a leading dimension, the dimensions after
-  it are known) becomes that ``reshape2``, which computes the same tensor.
-
-* Lite 2.13 has no ARM kernel for ``brelu`` (``F.hardtanh``) nor ``selu``: they become the
-  ``clip`` and the ``elu`` then ``scale`` that compute them, and its ``instance_norm`` requires
-  the ``SavedMean`` / ``SavedVariance`` outputs Paddle's save prunes ("Check failed:
-  is_dispensable || is_have_output"), which the saved program gets back.
+* ``relu6`` without its ``threshold`` (the clip is always at 6): "No attributes called
+  threshold found for relu6" (MobileNetV2), ``swish`` without its ``beta`` (always 1: SiLU),
+  and ``instance_norm`` without the ``SavedMean`` / ``SavedVariance`` outputs its save prunes
+  ("Check failed: is_dispensable || is_have_output"). The saved program gets the attributes at
+  the values Paddle 3.3.1 computes with, and the outputs (:func:`complete_saved_program`).
+* A ``flatten_contiguous_range`` that a ``transpose2`` reads (a ViT's, an MLP-Mixer's or a
+  Swin's ``conv(x).flatten(2).transpose([0, 2, 1])``), or that writes the program's output:
+  a segmentation fault. A flatten whose merged dimension can be the one ``-1`` of a
+  ``reshape2`` (``0`` copies a leading dimension, the dimensions after it are known) becomes
+  that ``reshape2``, which computes the same tensor.
+* ``brelu`` (``F.hardtanh``) and ``selu``, for which Lite 2.13 has no ARM kernel: they become
+  the ``clip``, and the ``elu`` then ``scale``, that compute them.
 
 The export also runs the program's channels-last convs, batch norms and pools on NCHW between
 two transposes (:func:`.graph.channels_last_to_first`, as for Paddle Inference): Lite 2.13's
@@ -43,6 +41,8 @@ LITE_DEFAULT_ATTRIBUTES: dict[str, dict[str, float]] = {
     "relu6": {"threshold": 6.0},
     "swish": {"beta": 1.0},
 }
+#: op type -> outputs Paddle Lite 2.13 requires that Paddle's save prunes when nothing reads them.
+LITE_REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {"instance_norm": ("SavedMean", "SavedVariance")}
 
 
 def flatten_as_reshape_shape(shape: list[int], start: int, stop: int) -> list[int] | None:
@@ -61,10 +61,6 @@ def flatten_as_reshape_shape(shape: list[int], start: int, stop: int) -> list[in
     if not all(int(size) > 0 for size in after):
         return None
     return [0] * start + [-1] + [int(size) for size in after]
-
-
-#: op type -> outputs Paddle Lite 2.13 requires that Paddle's save prunes when nothing reads them.
-LITE_REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {"instance_norm": ("SavedMean", "SavedVariance")}
 
 
 def lite_op_forms(program) -> int:
@@ -159,8 +155,8 @@ def _add_outputs(block, op, slots: list[str], variables: dict) -> None:
         del variable.type.dense_tensor.tensor.dims[:]
         variable.type.dense_tensor.tensor.dims.append(-1)
         variables[name] = variable
-        entry = next((entry for entry in op.outputs if entry.parameter == slot), None) or op.outputs.add(parameter=slot)
-        entry.arguments.append(name)
+        entry = next((entry for entry in op.outputs if entry.parameter == slot), None)
+        (entry or op.outputs.add(parameter=slot)).arguments.append(name)
 
 
 def _flatten_as_reshape(block, op) -> bool:
