@@ -97,3 +97,47 @@ def test_onnx_runtime_runs_every_conv_in_integer_kernels_as_simulated(tmp_path) 
     ran = session.run(None, {session.get_inputs()[0].name: x})[0]
     simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
     assert relative_error(ran, simulated) < 1e-5
+
+
+class _PreNormBlock(nn.Layer):
+    """A pre-norm transformer MLP: LayerNorm -> Linear -> GELU -> Linear, plus a residual;
+    both Linear layers read signed inputs (a LayerNorm's and a GELU's output), shifted on
+    ``x86``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+@pytest.mark.parametrize("exact_shifts", [True, False])
+def test_exact_shifts_chooses_the_form_of_float_op_outputs(exact_shifts, tmp_path) -> None:
+    """``exact_shifts=False`` writes the LayerNorm's and the GELU's shifts as plain
+    QuantizeLinear ops too (faster in ONNX Runtime), the same codes up to rounding ties."""
+    paddle.seed(0)
+    model = _PreNormBlock()
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal([4, 6, 16]).astype(np.float32)) for _ in range(3)]
+    quantized = converted(model, batches, "x86")
+    spec = [paddle.static.InputSpec([None, 6, 16], "float32", "x")]
+    path = export_onnx(quantized, str(tmp_path / "m.onnx"), spec, exact_shifts=exact_shifts)
+    graph = onnx.load(path).graph
+    multipliers = [
+        node for node in graph.node
+        if node.op_type == "Mul" and any(name.startswith("multiplier") for name in node.input)
+    ]
+    assert len(multipliers) == (2 if exact_shifts else 0), [node.input for node in multipliers]
+    x = rng.standard_normal([4, 6, 16]).astype(np.float32)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ran = session.run(None, {session.get_inputs()[0].name: x})[0]
+    simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
+    assert relative_error(ran, simulated) < 1e-5
+
+
+def test_exact_shifts_must_be_a_bool(tmp_path) -> None:
+    quantized, _, _ = _export(tmp_path)
+    with pytest.raises(TypeError, match="exact_shifts"):
+        export_onnx(quantized, str(tmp_path / "m.onnx"), SPEC, exact_shifts="no")
