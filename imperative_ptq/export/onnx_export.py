@@ -57,6 +57,7 @@ from ..bias_grid import bias_grid_steps, folded_weight_scales, int32_bias_codes
 from ..converted import converted_biases_on_grid, converted_target
 from ..fuse import batch_norm_factor_and_bias
 from ..quant_layers import QuantizedLayer, signed_input_floor
+from ..cpu import cpu_info
 from ..quant_pool import U8_MAX
 from .unsigned import RELU6_CLIP
 from ..quantizers.qparams import symmetric_levels
@@ -254,8 +255,11 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         int8_residual_branches: bool = True,
         biases_on_grid: bool = False,
         exact_shifts: bool = True,
+        vnni_only: bool = False,
     ):
         self.onnx = _require_onnx()
+        #: the file is for CPUs with VNNI only: int8 weights everywhere (see export_onnx)
+        self.vnni_only = vnni_only
         #: shifts of signed int8-layer inputs in Paddle Inference's float32 arithmetic where
         #: ONNX Runtime may compute the tensor as the simulation does (see export_onnx)
         self.exact_shifts = exact_shifts
@@ -921,8 +925,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         weights are written as uint8 instead where they can (:func:`weight_codes_and_zero`),
         which every x86 kernel multiplies exactly. Inputs clipped to codes 0..127 (the x86 targets' u8 and
         shifted grids) keep int8 weights, fused into the faster u8 x s8 kernels."""
-        if var in self.shifted:
-            return False  # codes 0..127 (shifted_levels)
+        if var in self.shifted or self.vnni_only:
+            return False  # codes 0..127 (shifted_levels); VNNI kernels sum in int32
         return scale[1] != 0 or var not in self.u8_inputs or var in self.wide
 
     def _layer_input(self, op, slot: str) -> tuple[str, tuple[float, int] | None]:
@@ -2210,6 +2214,7 @@ def export_onnx(
     int4_weights: bool | None = None,
     int8_residual_branches: bool = True,
     exact_shifts: bool = True,
+    vnni_only: bool = False,
 ) -> str:
     """Writes a QDQ ONNX model of a converted model to ``path`` (atomically).
 
@@ -2254,6 +2259,15 @@ def export_onnx(
             1.48x -> 2.14x at batch 1). The shift of an int8 conv's output, or of a residual
             sum with one, which ONNX Runtime never computes bit for bit as the simulation,
             takes the plain form either way.
+        vnni_only: The file is for CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX) only, as a
+            ``x86-vnni`` model's Paddle program is: a converted model's every 8-bit weight is
+            stored int8 (a ``quantize_dynamic`` model's keep their storage), for ONNX
+            Runtime's u8 x s8 kernels. By default a layer whose input codes can pass 127 (on
+            ``x86-vnni`` and ``arm`` a signed input about zero point 128) stores large weights
+            as uint8 about 128, which every x86 CPU multiplies exactly, where u8 x s8 kernels
+            without VNNI saturate int16 pair sums, but slower (measured on a Zen 5 EPYC:
+            MobileNetV2 on ``x86-vnni`` 0.95x -> 1.24x its fp32 in ONNX Runtime at batch 8, the
+            same outputs). A warning where this CPU has no VNNI.
 
     Returns:
         The path written.
@@ -2261,8 +2275,8 @@ def export_onnx(
     Raises:
         ImportError: ``onnx`` is not installed.
         TypeError / ValueError: As for ``save_quantized_model``; ``int4_weights`` not a bool
-            or ``None``, or ``True`` where it cannot be honoured; ``int8_residual_branches``
-            or ``exact_shifts`` not a bool.
+            or ``None``, or ``True`` where it cannot be honoured; ``int8_residual_branches``,
+            ``exact_shifts`` or ``vnni_only`` not a bool.
         NotImplementedError: The program contains an op without a converter, or one in a
             form not exported (an adaptive pool of an input size unknown when traced, an
             LSTM/GRU called with sequence lengths, ...): the message names the op, the tensor
@@ -2280,6 +2294,14 @@ def export_onnx(
         raise TypeError(f"int8_residual_branches must be True or False, got {int8_residual_branches!r}")
     if not isinstance(exact_shifts, bool):
         raise TypeError(f"exact_shifts must be True or False, got {exact_shifts!r}")
+    if not isinstance(vnni_only, bool):
+        raise TypeError(f"vnni_only must be True or False, got {vnni_only!r}")
+    if vnni_only and not cpu_info().vnni:
+        logger.warning(
+            "export_onnx(vnni_only=True) on a CPU without VNNI (%s): ONNX Runtime's u8 x s8 "
+            "kernels here saturate int16 pair sums, so the file cannot be checked on this CPU",
+            cpu_info().describe(),
+        )
     dynamic = is_dynamic_model(model)
     if dynamic:
         check_dynamic_model(model)
@@ -2312,7 +2334,7 @@ def export_onnx(
             converter = _Converter(
                 loaded, records, specs, unsigned_inputs, weights, dynamic_weights, int4,
                 symmetric_signed, int8_residual_branches, biases_on_grid=bool(converted_biases_on_grid(model)),
-                exact_shifts=exact_shifts,
+                exact_shifts=exact_shifts, vnni_only=vnni_only,
             )
             converter.int4_required = bool(int4_weights)
             onnx_model = converter.convert(opset)
