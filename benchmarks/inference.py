@@ -351,10 +351,13 @@ def fp32_onnx(qmodel: paddle.nn.Layer, model: paddle.nn.Layer, path: str, spec) 
     keep_fp32(fp32, names, model)
     graph_model = onnx.load(export_onnx(fp32, path, spec))
     graph = graph_model.graph
+    constants = {t.name for t in graph.initializer}
     codes = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8}
     rename: dict[str, str] = {}
     kept = []
     for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in constants:
+            raise ValueError(f"{path}: an integer weight is left in the fp32 graph")
         inputs = [rename.get(name, name) for name in node.input]
         # QuantizeLinear, the Clip of its uint8 codes and the DequantizeLinear: the float input.
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or (
@@ -365,8 +368,6 @@ def fp32_onnx(qmodel: paddle.nn.Layer, model: paddle.nn.Layer, path: str, spec) 
         del node.input[:]
         node.input.extend(inputs)
         kept.append(node)
-    if any(node.op_type == "DequantizeLinear" and node.input[0] in {t.name for t in graph.initializer} for node in graph.node):
-        raise ValueError(f"{path}: an integer weight is left in the fp32 graph")
     del graph.node[:]
     graph.node.extend(kept)
     onnx.save(graph_model, path)

