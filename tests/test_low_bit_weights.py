@@ -265,7 +265,10 @@ def test_onnx_runtime_runs_int4_weights_as_the_simulation(target: str, tmp_path)
     # output difference between the two exports).
     assert cosine > (0.9995 if target == "arm" else 0.998), cosine
     if target == "arm":
-        np.testing.assert_array_equal(int4, int8)
+        # The same codes; the int8 file's final Linear (its output the logits, in float) runs
+        # MatMulIntegerToFloat (int32 sums scaled once) where the INT4 file's runs a float
+        # MatMul: float32 rounding apart (bit for bit while both ran a float Gemm).
+        np.testing.assert_allclose(int4, int8, rtol=0, atol=1e-6 * np.abs(int8).max())
 
 
 @pytest.mark.parametrize("target", ["x86", "arm"])
