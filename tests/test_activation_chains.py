@@ -140,3 +140,67 @@ def test_resnet_stem_max_pool_stays_int8(tmp_path) -> None:
         program = load_legacy_program(str(tmp_path / "m")).program
     stem_pool = next(op for op in program.global_block().ops if op.type == "pool2d")
     assert stem_pool.has_attr("out_threshold")
+
+
+class _AbsBetweenInt8Layers(paddle.nn.Layer):
+    """An int8 conv or Linear, ``paddle.abs`` and an int8 layer reading it."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.first = paddle.nn.Conv2D(3, 16, 3, padding=1) if conv else paddle.nn.Linear(12, 32)
+        self.second = paddle.nn.Conv2D(16, 8, 1) if conv else paddle.nn.Linear(32, 8)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.second(paddle.abs(self.first(x)))
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
+def test_abs_before_an_int8_layer_runs_as_simulated(conv, target, tmp_path, avx2_runner) -> None:
+    """Paddle's activation passes fuse ``abs`` into the conv/fc first and then the u8 clip in
+    front of the next layer's quantize op over it, as a ReLU (before: 54% of the largest output
+    off the simulation with a conv, 71% with a Linear, on every x86 target); the clip is an
+    ``elementwise_min`` there, which no pass fuses."""
+    from models import converted, largest_error_in_paddle_inference
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 16, 16) if conv else (8, 12)
+    batches = [paddle.to_tensor(rng.random(shape).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(_AbsBetweenInt8Layers(conv), batches, target)
+    assert isinstance(qmodel.second, ip.QuantizedLayer)
+    x = rng.random(shape).astype(np.float32)
+    runner = avx2_runner if target == "x86" else None
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path, avx2_runner=runner) < 2e-6
+
+
+class _ConvRReLU(paddle.nn.Layer):
+    """A conv, ``nn.RReLU`` (in eval mode a leaky ReLU of slope ``(lower + upper) / 2``) and an
+    int8 1x1 conv reading it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.rrelu, self.head = paddle.nn.Conv2D(3, 8, 3), paddle.nn.RReLU(), paddle.nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.head(self.rrelu(self.conv(x)))
+
+
+def test_rrelu_runs_in_paddle_inference(tmp_path) -> None:
+    """Paddle saves ``rrelu`` without the ``Noise`` output its kernel writes: both exports
+    built a predictor that failed at its first run ("Required tensor shall not be nullptr ...
+    [operator < rrelu > error]"). They write the leaky ReLU it computes."""
+    from models import converted, largest_error_in_paddle_inference
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    model = _ConvRReLU()
+    model.eval()
+    x = rng.standard_normal((2, 3, 10, 10)).astype(np.float32)
+    prefix = str(tmp_path / "fp32")
+    save_fp32_model(model, prefix, [paddle.static.InputSpec([None, 3, 10, 10], "float32", "x")])
+    ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
+    batches = [paddle.to_tensor(rng.standard_normal((2, 3, 10, 10)).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(model, batches, "x86")
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6

@@ -17,7 +17,7 @@ __all__ = [
     "exact_nearest_resizes", "feeds_quantize", "filters_of_their_own", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "plain_fp32_blocked_conv_outputs", "producers", "readers", "reduce_open_adaptive_pools",
-    "remove_inference_dropouts", "remove_op", "replace_op", "rounding_steps",
+    "remove_inference_dropouts", "remove_op", "replace_op", "rounding_steps", "rrelus_as_leaky_relus",
     "separate_chained_activations", "set_tensor", "transposed_matmul", "unfused_feature_map_reshapes",
 ]
 
@@ -299,6 +299,30 @@ def _normalized_output(block: "paddle.static.Block", conv: Operator, reading: di
     if add is not None:
         output = add.output("Out")[0]
     return any(op.type == "batch_norm" for op in reading.get(output, []))
+
+
+def rrelus_as_leaky_relus(block: "paddle.static.Block") -> int:
+    """Writes each eval-mode ``rrelu`` (``nn.RReLU`` in inference) as the ``leaky_relu`` it
+    computes, of slope ``(lower + upper) / 2``.
+
+    Paddle 3.3.1 saves the op without its ``Noise`` output, which its kernel writes even in
+    eval mode: Paddle Inference built the predictor and failed at the first run ("Required
+    tensor shall not be nullptr ... [operator < rrelu > error]"), for the fp32 export too.
+
+    Returns:
+        How many ops were rewritten.
+    """
+    rewritten = 0
+    for op in list(block.ops):
+        if op.type != "rrelu" or not op.attr("is_test"):
+            continue
+        slope = float(np.float32((op.attr("lower") + op.attr("upper")) / 2.0))
+        replace_op(
+            block, op, type="leaky_relu", inputs={"X": op.input("X")}, outputs={"Out": op.output("Out")},
+            attrs={"alpha": slope},
+        )
+        rewritten += 1
+    return rewritten
 
 
 def remove_inference_dropouts(loaded: Any, records: Sequence[Any]) -> int:

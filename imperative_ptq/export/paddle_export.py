@@ -38,8 +38,8 @@ from .dynamic_filters import input_dependent_filter_convs_as_conv3d
 from .graph import (
     channels_last_to_first, complete_batch_norm_parameters, complete_matmul_widths, constant_clip_bounds,
     exact_nearest_resizes, filters_of_their_own, is_persistable, multiply_instead_of_scaling,
-    plain_fp32_blocked_conv_outputs, producers, reduce_open_adaptive_pools, remove_inference_dropouts, separate_chained_activations,
-    unfused_feature_map_reshapes,
+    plain_fp32_blocked_conv_outputs, producers, reduce_open_adaptive_pools, remove_inference_dropouts,
+    rrelus_as_leaky_relus, separate_chained_activations, unfused_feature_map_reshapes,
 )
 from .spec_check import check_input_spec_runs
 from .dynamic_export import is_dynamic_model, save_dynamic_model
@@ -275,6 +275,7 @@ def save_quantized_model(
             loaded = load_legacy_program(fp32_prefix)
             complete_batch_norm_parameters(loaded)
             remove_inference_dropouts(loaded, traced.records)
+            rrelus_as_leaky_relus(loaded.program.global_block())
             separate_chained_activations(loaded.program.global_block())
             if target_spec.paddle_lite:
                 channels_last_to_first(loaded.program.global_block())  # Lite 2.13: NCHW only
@@ -422,6 +423,7 @@ def save_fp32_model(
             loaded = load_legacy_program(staging + ".raw")
             complete_batch_norm_parameters(loaded)
             fold_conv_bias(loaded)
+            rrelus_as_leaky_relus(loaded.program.global_block())
             separate_chained_activations(loaded.program.global_block())
             work_around_onednn_passes(loaded)
             fold_parameter_subgraphs(loaded)

@@ -101,10 +101,19 @@ def unsigned_threshold(threshold: float, bits: int) -> float:
     return float(threshold) * 255.0 / symmetric_levels(bits)
 
 
+#: Activations after which Paddle 3.3.1 fuses a ``clip`` op into the conv/fc too, replacing
+#: them: a ReLU fused into a fc before its activation pass runs, and ``abs``, which its passes
+#: fuse first (they walk their activation list in order, ``abs`` before ``clip``; measured: conv
+#: -> abs -> the u8 clip of an int8 conv's input ran as conv + ReLU, 54% of the largest output
+#: off the simulation; Linear -> abs -> Linear 71%).
+_FUSED_BEFORE_A_CLIP = ("relu", "relu6", "abs")
+
+
 def gemm_output(writers: Mapping, name: str, through_activations: bool = False) -> bool:
     """Whether ``name`` is a conv/fc output (after its bias add or BatchNorm, if any, and with
-    ``through_activations`` after a ReLU/ReLU6 fused into it); ``writers``: variable -> op."""
-    passed = _FUSED_INTO_PRODUCER + (("relu", "relu6") if through_activations else ())
+    ``through_activations`` after an activation of :data:`_FUSED_BEFORE_A_CLIP` fused into it);
+    ``writers``: variable -> op."""
+    passed = _FUSED_INTO_PRODUCER + (_FUSED_BEFORE_A_CLIP if through_activations else ())
     source = writers.get(name)
     while source is not None and (source.type in passed or removed_dropout(source)):
         source = writers.get(source.input("X")[0])
