@@ -101,3 +101,34 @@ def test_pool_on_an_open_size_is_left_with_a_warning(tmp_path, caplog) -> None:
     x = np.random.default_rng(0).random([2, 4, 8, 8], np.float32)  # even: the kernels agree
     ran = predict(create_predictor(str(tmp_path / "m"), num_threads=1), x)[0]
     assert ran.shape == layer(paddle.to_tensor(x)).shape
+
+
+class _ReturnsMask(nn.Layer):
+    """An int8 conv, a ReLU and a max-pool that returns its positions (``return_mask``)."""
+
+    def __init__(self, pool: nn.Layer) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2D(3, 8, 3, padding=1), pool
+
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        return self.pool(nn.functional.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize(
+    "pool", [lambda: nn.MaxPool2D(3, 2, padding=1, return_mask=True), lambda: nn.AdaptiveMaxPool2D(4, return_mask=True)],
+    ids=["windowed", "adaptive"],
+)
+def test_onnx_export_returns_the_max_pool_mask_as_paddle_counts_it(pool, tmp_path) -> None:
+    """A returned mask has Paddle's positions within each channel's plane, int32 (before: a
+    bare ``KeyError`` naming the mask; only a mask that max-unpools read was exported)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    paddle.seed(0)
+    qmodel = converted(_ReturnsMask(pool()), [paddle.to_tensor(rng.random([2, 3, 16, 16], np.float32))])
+    path = export_onnx(qmodel, str(tmp_path / "m.onnx"), [paddle.static.InputSpec([None, 3, 16, 16], "float32", "x")])
+    x = rng.random([2, 3, 16, 16], np.float32)
+    values, mask = ort_outputs = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    simulated_values, simulated_mask = (tensor.numpy() for tensor in qmodel(paddle.to_tensor(x)))
+    assert mask.dtype == np.int32 and len(ort_outputs) == 2
+    np.testing.assert_array_equal(mask, simulated_mask)
+    np.testing.assert_allclose(values, simulated_values, rtol=0, atol=1e-6 * np.abs(simulated_values).max())
