@@ -64,8 +64,10 @@ class LayerSensitivity:
         sqnr_db: SQNR of the layer's output, quantized vs fp32, in dB (``inf`` if identical,
             NaN if the layer never ran on ``data``).
         cosine: Cosine similarity of the layer's output, quantized vs fp32.
-        output_sqnr_db: SQNR of the model's output with only this layer quantized.
-        output_cosine: Cosine similarity of the model's output with only this layer quantized.
+        output_sqnr_db: SQNR of the model's output with only this layer quantized (of a model
+            returning several float tensors, the lowest of theirs).
+        output_cosine: Cosine similarity of the model's output with only this layer quantized
+            (the lowest of several outputs').
         metric: ``metric(model)`` with only this layer quantized, if a metric was given.
         metric_drop: fp32 metric minus :attr:`metric` (positive: worse), if a metric was given.
         input_threshold: The layer's calibrated input threshold.
@@ -367,16 +369,58 @@ class _ErrorStats:
         return self.dot / norm if norm > 0 else float(self.signal == self.quantized)
 
 
-def _first_float_tensor(value: Any) -> paddle.Tensor:
+def _float_tensors(value: Any) -> list[paddle.Tensor]:
+    """The float tensors of a layer's or model's output (nested tuples, lists and dicts, in
+    order; a lone tensor whatever its type)."""
     if isinstance(value, paddle.Tensor):
-        return value
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    found = []
     if isinstance(value, (list, tuple)):
         for item in value:
-            if isinstance(item, paddle.Tensor) and paddle.is_floating_point(item):
-                return item
-    if isinstance(value, dict):
-        return _first_float_tensor(list(value.values()))
-    raise TypeError(f"model output has no float tensor: {type(value).__name__}")
+            if isinstance(item, paddle.Tensor):
+                if paddle.is_floating_point(item):
+                    found.append(item)
+            else:
+                found.extend(_float_tensors(item))
+    return found
+
+
+def _first_float_tensor(value: Any) -> paddle.Tensor:
+    found = _float_tensors(value)
+    if not found:
+        raise TypeError(f"model output has no float tensor: {type(value).__name__}")
+    return found[0]
+
+
+class _OutputsStats:
+    """:class:`_ErrorStats` of each float tensor a model returns; the figures are the worst
+    output's (a layer that only one of several heads reads is as sensitive as that head)."""
+
+    __slots__ = ("outputs",)
+
+    def __init__(self) -> None:
+        self.outputs: list[_ErrorStats] = []
+
+    def add(self, reference: list[paddle.Tensor], quantized: list[paddle.Tensor]) -> None:
+        if len(reference) != len(quantized):
+            raise ValueError(
+                f"the model returned {len(reference)} float tensors in fp32 and {len(quantized)} with "
+                "one layer quantized"
+            )
+        while len(self.outputs) < len(reference):
+            self.outputs.append(_ErrorStats())
+        for stats, ref, out in zip(self.outputs, reference, quantized):
+            stats.add(ref, out)
+
+    @property
+    def sqnr_db(self) -> float:
+        return min((stats.sqnr_db for stats in self.outputs), default=math.nan)
+
+    @property
+    def cosine(self) -> float:
+        return min((stats.cosine for stats in self.outputs), default=math.nan)
 
 
 class _Capture:
@@ -400,8 +444,9 @@ def analyze(
 
     For each :class:`QuantizedLayer` of ``quantized_model``, the fp32 ``model`` is run with that
     one layer swapped in (and restored afterwards, also on error), and compared to the plain
-    fp32 run: the layer's own output (SQNR, cosine) and the model's output (SQNR, cosine), all
-    accumulated over every element of every batch; plus ``metric`` of that model if given.
+    fp32 run: the layer's own output (SQNR, cosine) and the model's output (SQNR, cosine; of a
+    model returning several float tensors, the worst of them), all accumulated over every
+    element of every batch; plus ``metric`` of that model if given.
     Observed-only layers (functional concats and multiplies, float in every runtime) get rows
     with their output thresholds and no measurement.
 
@@ -424,7 +469,7 @@ def analyze(
     model = with_matmul_sites(model, quantized_model)
     pairs = _pairs(model, quantized_model)
     layer_stats = {name: _ErrorStats() for name, _, _ in pairs}
-    output_stats = {name: _ErrorStats() for name, _, _ in pairs}
+    output_stats = {name: _OutputsStats() for name, _, _ in pairs}
     batches = data if max_batches is None else itertools.islice(data, max_batches)
     num_batches = 0
     to_call = batch_to_call(model)
@@ -434,16 +479,19 @@ def analyze(
             captures = {name: _Capture() for name, _, _ in pairs}
             handles = [fp32.register_forward_post_hook(captures[name]) for name, fp32, _ in pairs]
             try:
-                reference = _first_float_tensor(model(*args, **kwargs))
+                returned = model(*args, **kwargs)
             finally:
                 for handle in handles:
                     handle.remove()
+            reference = _float_tensors(returned)
+            if not reference:
+                raise TypeError(f"model output has no float tensor: {type(returned).__name__}")
             for name, _, quantized in pairs:
                 capture = _Capture()
                 handle = quantized.register_forward_post_hook(capture)
                 try:
                     with _swapped(model, name, quantized):
-                        output = _first_float_tensor(model(*args, **kwargs))
+                        output = _float_tensors(model(*args, **kwargs))
                 finally:
                     handle.remove()
                 if captures[name].value is None or capture.value is None:

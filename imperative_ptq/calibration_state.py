@@ -8,10 +8,14 @@ statistic, keyed ``"<layer>/<role>/<statistic>"``, plus a JSON header::
     {"format": "imperative_ptq.calibration_state", "format_version": 1,
      "config": {...},
      "quantizers": {"<layer>/<role>": {"type": "KLQuantizer", "config": {...}}, ...},
-     "measured_on": {"<layer>": {...}, ...}}
+     "measured_on": {"<layer>": {...}, ...},
+     "structure": {"<layer>": {...}, ...}}
 
 ``measured_on`` records what each layer was calibrated on (:mod:`imperative_ptq.layer_signature`);
-files written before it was recorded have none and load unchecked.
+files written before it was recorded have none and load unchecked. ``structure`` is what the
+calibration forwards saw of the graph (:mod:`imperative_ptq.calibration_structure`, the same
+section as the calibration table's), so a model that loads the state converts and exports as
+the calibrated one; files written before it was recorded leave it as it is.
 
 Written atomically: to a temporary file first, then renamed.
 """
@@ -24,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .calibration_structure import STRUCTURE
 from .files import atomic_file
 from .functional_matmul import missing_site_hint
 from .quantizers import BaseQuantizer
@@ -40,9 +45,11 @@ def write_state(
     quantizers: Mapping[str, BaseQuantizer],
     config: Any,
     measured_on: Mapping[str, Any] | None = None,
+    structure: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes the statistics of ``quantizers`` (keyed ``"<layer>/<role>"``) to ``path``, with
-    what each layer was measured on."""
+    what each layer was measured on and the structure calibration observed
+    (:mod:`imperative_ptq.calibration_structure`, the calibration table's section)."""
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -53,6 +60,8 @@ def write_state(
     }
     if measured_on:
         header["measured_on"] = dict(measured_on)
+    if structure is not None:
+        header[STRUCTURE] = dict(structure)
     arrays = {_HEADER: np.asarray(json.dumps(header))}
     for key, quantizer in quantizers.items():
         for name, value in quantizer.state_dict().items():

@@ -29,7 +29,7 @@ from .algorithms import schedule
 from .batches import check_iterable_of_batches, run_batches
 from .bias_grid import put_conv_biases_on_grid
 from .calibration_state import check_compatible, read_state, write_state
-from .calibration_structure import structure_of
+from .calibration_structure import STRUCTURE, apply_structure, check_structure, structure_of
 from .calibration_table import (
     CalibrationTable,
     apply_table,
@@ -343,7 +343,7 @@ class ImperativePTQ:
         session.flush()
         write_state(
             path, session.quantizers(), self._quant_config.to_dict(),
-            layer_signatures(session.layers),
+            layer_signatures(session.layers), structure_of(state for _, state in session.layers),
         )
 
     def load_state(
@@ -352,7 +352,10 @@ class ImperativePTQ:
         """Loads statistics saved by :meth:`save_state`, replacing or merging with the current.
 
         Merging is exact for abs-max statistics; histograms are re-binned onto a common range
-        (mass is conserved, placed to within one bin).
+        (mass is conserved, placed to within one bin). Replacing also sets the structure the
+        file records (what the calibration forwards saw of the graph: which outputs the model
+        returns, the residual adds, ...), so the model converts as the calibrated one did;
+        merging keeps the structure already there.
 
         Raises:
             ValueError: The file does not match the model (the first mismatch is named) or is
@@ -365,6 +368,9 @@ class ImperativePTQ:
         quantizers = session.quantizers()
         check_compatible(os.fspath(path), header, quantizers)
         check_signatures(path, header.get("measured_on"), layer_signatures(session.layers))
+        structure = header.get(STRUCTURE)
+        if structure is not None:
+            check_structure(path, structure, [state.name for _, state in session.layers])
         with restored_on_failure([state for _, state in session.layers]):
             for key, quantizer in quantizers.items():
                 loaded = quantizer.clone()
@@ -379,6 +385,8 @@ class ImperativePTQ:
                         raise ValueError(f"{path}: {key!r}: {error}") from None
                 else:
                     quantizer.load_state_dict(states[key])
+            if structure is not None and not merge:  # last: a failed entry above leaves it
+                apply_structure((state for _, state in session.layers), structure)
 
     def sync(self, model: paddle.nn.Layer, group: Any = None) -> None:
         """Merges the statistics of every ``paddle.distributed`` rank, on every rank.

@@ -324,3 +324,50 @@ def test_analyze_marks_layers_that_never_ran_as_unmeasured(caplog) -> None:
     assert report.names[-1] == "b"
     assert "never ran" in caplog.text and "b" in caplog.text
     assert "nan" in report.to_markdown()
+
+
+class _TwoHeads(nn.Layer):
+    """A body and two Linear heads, returned as a tuple or a dict."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.head_a, self.head_b = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 4)
+        self.as_dict = as_dict
+
+    def forward(self, x: paddle.Tensor):
+        hidden = nn.functional.relu(self.body(x))
+        a, b = self.head_a(hidden), self.head_b(hidden)
+        return {"a": a, "b": b} if self.as_dict else (a, b)
+
+
+def _sqnr_and_cosine(reference: np.ndarray, quantized: np.ndarray) -> tuple[float, float]:
+    reference, quantized = reference.astype(np.float64).ravel(), quantized.astype(np.float64).ravel()
+    sqnr = 10 * math.log10((reference ** 2).sum() / ((reference - quantized) ** 2).sum())
+    return sqnr, float(reference @ quantized / np.linalg.norm(reference) / np.linalg.norm(quantized))
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_analyze_measures_every_output_of_the_model(as_dict) -> None:
+    """A layer that only the second head reads changes the second output alone: its row has
+    that output's figures (before: the first output's, inf dB and cosine 1.0, ranked last)."""
+    paddle.seed(0)
+    model = _TwoHeads(as_dict)
+    data = [np.random.default_rng(i).standard_normal((8, 16)).astype(np.float32) for i in range(3)]
+    ptq = ImperativePTQ(PTQConfig(HistQuantizer(), PerChannelAbsmaxQuantizer(4)))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, data, progress=False)
+    ptq.convert(qmodel)
+    row = analyze(model, qmodel, data).row("head_b")
+    reference, quantized = [], []
+    with paddle.no_grad():
+        for batch in data:
+            x = paddle.to_tensor(batch)
+            outputs = model(x)
+            reference.append((outputs["b"] if as_dict else outputs[1]).numpy())
+            swapped = copy.deepcopy(model)
+            swapped.head_b = qmodel.head_b
+            outputs = swapped(x)
+            quantized.append((outputs["b"] if as_dict else outputs[1]).numpy())
+    sqnr, cosine = _sqnr_and_cosine(np.concatenate(reference), np.concatenate(quantized))
+    assert math.isfinite(row.output_sqnr_db) and row.output_cosine < 1.0
+    np.testing.assert_allclose([row.output_sqnr_db, row.output_cosine], [sqnr, cosine], rtol=1e-6)
