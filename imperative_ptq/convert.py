@@ -242,6 +242,14 @@ def convert_layers(
             "the simulation keeps them fp32 as the runtime runs them: %s", len(no_int8_kernel),
             first_names([f"{name} ({kind})" for name, kind in no_int8_kernel]),
         )
+    unsupported = _unhooked_weight_layers(model, hooked)
+    if unsupported:
+        logger.warning(
+            "%d layers hold a weight that no registered layer type quantizes and stay fp32 "
+            "(not calibrated, not in the calibration table; register their type in PTQRegistry "
+            "or multiply their weight with an nn.Linear, nn.Conv2D or paddle.matmul to quantize "
+            "it): %s", len(unsupported), first_names(unsupported),
+        )
     rnn_fp32.extend(_unhooked_recurrent_layers(model, hooked))
     if rnn_fp32:
         logger.warning(
@@ -748,6 +756,33 @@ def _sum_call_thresholds(
         return None
     # (The ReLU's other calls read no sum: their threshold is never used.)
     return [per_sum.get(call, own[0]) for call in range(relu.calls_per_forward)]
+
+
+def _unhooked_weight_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:
+    """``"name (type)"`` of the leaf layers calibration never hooked that hold a weight (a
+    parameter of two or more dimensions: ``nn.Bilinear``, ``DeformConv2D``, a layer of the
+    user's own), outside recurrent layers (:func:`_unhooked_recurrent_layers` names those) and
+    hooked composites. Not embeddings (a lookup, fp32 by design) nor layers marked
+    ``skip_quant``; a layer whose forward multiplies its weight by ``paddle.matmul`` or
+    ``F.conv2d`` holds the calibrated call as a sublayer and is no leaf."""
+    hooked_layers = {id(layer) for layer, _ in hooked}
+    inside: set[int] = set()
+    for _, layer in model.named_sublayers():
+        if id(layer) in hooked_layers or isinstance(
+            layer, (QuantizedLayer, QuantizedLSTM, paddle.nn.layer.rnn.RNNBase, paddle.nn.RNN, paddle.nn.BiRNN)
+        ):
+            inside.update(id(sublayer) for sublayer in layer.sublayers())
+    found = []
+    for name, layer in model.named_sublayers():
+        if (
+            layer.sublayers() or id(layer) in hooked_layers or id(layer) in inside
+            or isinstance(layer, (paddle.nn.Embedding, QuantizedLayer))
+            or getattr(layer, "skip_quant", False) is True
+        ):
+            continue
+        if any(len(parameter.shape) >= 2 for parameter in layer.parameters(include_sublayers=False)):
+            found.append(f"{name} ({type(layer).__name__})")
+    return found
 
 
 def _unhooked_recurrent_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> list[str]:

@@ -238,6 +238,21 @@ def test_vnni_export_warns_on_a_cpu_without_vnni(tmp_path, monkeypatch, caplog) 
     assert predictor_module.exported_target(prefix) == "x86-vnni"
 
 
+def test_arm_export_warns_in_paddle_inference(tmp_path, caplog) -> None:
+    """An ``arm`` export simulates Paddle Lite's kernels; Paddle Inference ran it without a word
+    (a PP-LCNet-style net 25% of the largest logit off its simulation there)."""
+    ptq, qmodel = _converted("arm", paddle.randn([32, 8]))
+    prefix = str(tmp_path / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 8], "float32", "x")])
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.predictor"):
+        create_predictor(prefix, num_threads=1)
+    assert "target 'arm'" in caplog.text and "Paddle Lite" in caplog.text and "target='x86'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.predictor"):
+        create_predictor(prefix, int8=False, num_threads=1)  # its fp32 program: nothing to say
+    assert not caplog.text
+
+
 # ------------------------------------------------------------------- the x86 program rewrite
 def _export_kl(model: paddle.nn.Layer, x: np.ndarray, prefix: str):
     """KL thresholds (they clip), x86 target: (op types of the program, runtime output,

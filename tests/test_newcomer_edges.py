@@ -4,6 +4,7 @@ quantized model's inputs, and calibration never running with dropout active."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -913,3 +914,64 @@ def test_calibration_warns_of_an_output_changed_in_place(how, caplog) -> None:
         assert not warnings
     else:
         assert len(warnings) == 1 and "'c' reads the output of 'b'" in warnings[0]
+
+
+class _UnregisteredWeights(paddle.nn.Layer):
+    """Layers whose weights no registered layer type quantizes (``nn.Bilinear``,
+    ``DeformConv2D``) beside ones that are fp32 by design (an embedding, a GRU, which their
+    own warning names) and an int8 Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from paddle.vision.ops import DeformConv2D
+
+        self.embedding = paddle.nn.Embedding(10, 4)
+        self.gru = paddle.nn.GRU(4, 4)
+        self.offsets = paddle.nn.Conv2D(1, 18, 3, padding=1)
+        self.deform = DeformConv2D(1, 2, 3, padding=1)
+        self.bilinear = paddle.nn.Bilinear(4, 4, 3)
+        self.head = paddle.nn.Linear(3 + 2, 2)
+
+    def forward(self, tokens: paddle.Tensor, image: paddle.Tensor) -> paddle.Tensor:
+        sequence = self.gru(self.embedding(tokens))[0].mean(1)
+        features = self.deform(image, self.offsets(image)).mean([2, 3])
+        return self.head(paddle.concat([self.bilinear(sequence, sequence), features], 1))
+
+
+def test_layers_holding_weights_no_registered_type_quantizes_are_named_at_convert(caplog) -> None:
+    """Before, nn.Bilinear and DeformConv2D stayed fp32 without a word: not calibrated, not in
+    the calibration table, not in any warning, while Conv3D or GRU layers were named."""
+    import imperative_ptq as ip
+
+    paddle.seed(0)
+    model = _UnregisteredWeights()
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        qmodel(paddle.to_tensor(rng.integers(0, 10, [2, 5])), paddle.to_tensor(rng.random([2, 1, 6, 6], np.float32)))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.convert"):
+        ptq.convert(qmodel)
+    named = [record.getMessage() for record in caplog.records if "hold a weight" in record.getMessage()]
+    assert len(named) == 1 and named[0].startswith("2 layers"), named
+    assert "deform (DeformConv2D)" in named[0] and "bilinear (Bilinear)" in named[0]
+    assert "embedding" not in named[0] and "gru" not in named[0]
+    assert isinstance(qmodel.head, ip.QuantizedLayer)
+
+
+def test_export_names_weights_of_ops_without_an_int8_kernel(tmp_path, caplog) -> None:
+    """The export's read-back of what Paddle Inference runs names them too, by their paths."""
+    import imperative_ptq as ip
+
+    paddle.seed(0)
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(_UnregisteredWeights())
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        qmodel(paddle.to_tensor(rng.integers(0, 10, [2, 5])), paddle.to_tensor(rng.random([2, 1, 6, 6], np.float32)))
+    ptq.convert(qmodel)
+    spec = [paddle.static.InputSpec([None, 5], "int64", "tokens"), paddle.static.InputSpec([None, 1, 6, 6], "float32", "image")]
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export"):
+        ptq.save_quantized_model(qmodel, str(tmp_path / "m"), spec)
+    warned = [record.getMessage() for record in caplog.records if "without an int8 kernel" in record.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith(": bilinear.weight, deform.weight"), warned

@@ -30,7 +30,10 @@ GEMM_OPS = frozenset({
     "fusion_lstm", "fusion_gru", "multi_gru", "rnn",
 })
 #: Products of tensors that Paddle Inference runs in float only (no int8 kernel), by input slot.
-FLOAT_PRODUCT_OPS = {"einsum": ("Operands",), "bmm": ("X", "Y"), "addmm": ("X", "Y")}
+FLOAT_PRODUCT_OPS = {
+    "einsum": ("Operands",), "bmm": ("X", "Y"), "addmm": ("X", "Y"),
+    "bilinear_tensor_product": ("Weight",), "deformable_conv": ("Filter",), "deformable_conv_v1": ("Filter",),
+}
 #: Int8 ops that pass their input's type through (walked back to find a GEMM input's type).
 _TYPE_PRESERVING_OPS = frozenset(
     {"pool2d", "reshape2", "transpose2", "fused_transpose", "slice", "split", "requantize",
@@ -54,8 +57,9 @@ class Int8Report:
             their kernel (``relu``, ``gelu``, ...).
         float_product_weights: Persistable inputs (also through unsqueeze, expand, reshape
             or transpose ops) of the products Paddle has no int8 kernel for
-            (:data:`FLOAT_PRODUCT_OPS`: ``einsum``, ``bmm``, ``addmm``), which always run in
-            float: weights no calibrated layer quantizes.
+            (:data:`FLOAT_PRODUCT_OPS`: ``einsum``, ``bmm``, ``addmm``, ``nn.Bilinear``'s and
+            deformable convs' ops), which always run in float: weights no calibrated layer
+            quantizes.
     """
 
     int8: dict[str, int]

@@ -131,7 +131,7 @@ def _export_target(model: paddle.nn.Layer, target: str | None) -> Target:
 
 def _log_runtime_report(
     path: str, written: ProgramScales, target: Target, own_parameters: Mapping[str, str],
-    halved: int = 0,
+    parameter_paths: Mapping[str, str], halved: int = 0,
 ) -> None:
     """Logs what Paddle Inference runs in int8 (:func:`.inspect.int8_report`): one INFO line
     naming the calibrated layers that run fp32, a warning for those that Paddle's passes made
@@ -139,7 +139,8 @@ def _log_runtime_report(
     it stores fp32 were warned about when writing it), one for convs/matmuls on parameters of
     the model's own layer classes that nothing calibrated (``own_parameters``: program name ->
     path in the model; a parameter of Paddle's layers runs fp32 on purpose, an activation
-    operand is no parameter), naming them by their paths, and one for int8 ops reading a
+    operand is no parameter), naming them by their paths, one for weights multiplied by ops
+    without an int8 kernel (named by ``parameter_paths``), and one for int8 ops reading a
     signed input on the ``x86`` target (more than the ``halved`` convs that read one on
     ``x86-avx2``).
     A failure to build the report is logged, never raised: the export itself is done."""
@@ -174,12 +175,13 @@ def _log_runtime_report(
     # Products Paddle has no int8 kernel for, on a parameter (paddle.einsum, bmm or addmm of a
     # layer's own weight: an MoE's experts, an x2paddle Einsum): fp32 however calibrated.
     float_products = sorted({
-        own_parameters.get(name, f"{name} (computed from parameters)") for name in report.float_product_weights
+        parameter_paths.get(name, f"{name} (computed from parameters)") for name in report.float_product_weights
     })
     if float_products:
         logger.warning(
-            "%d weights are multiplied by einsum, bmm or addmm, which have no int8 kernel "
-            "and run fp32 (write them as paddle.matmul or an nn.Linear to quantize them): %s",
+            "%d weights are multiplied by ops without an int8 kernel (einsum, bmm, addmm, "
+            "nn.Bilinear's product, a deformable conv), which run fp32 (write the product as "
+            "paddle.matmul, an nn.Linear or an nn.Conv2D to quantize it): %s",
             len(float_products), ", ".join(float_products[:10]) + (" ..." if len(float_products) > 10 else ""),
         )
     if uncalibrated:
@@ -318,7 +320,7 @@ def save_quantized_model(
         )
     if target_spec.onednn:
         halved = sum(record.halved for record in traced.records)
-        _log_runtime_report(path, written, target_spec, traced.own_parameters, halved)
+        _log_runtime_report(path, written, target_spec, traced.own_parameters, traced.parameter_paths, halved)
 
 
 def _warn_computed_weight_convs(loaded: LegacyProgram) -> None:

@@ -88,6 +88,15 @@ def _warn_if_this_cpu_computes_otherwise(path_prefix: str) -> None:
     name = exported_target(path_prefix)
     if name not in TARGETS:
         return
+    if not TARGETS[name].onednn:
+        logger.warning(
+            "%s was exported for target %r, whose simulation computes what %s's int8 kernels "
+            "compute, not Paddle Inference's oneDNN ones: run it there (the program is for "
+            "Paddle Lite's opt), or export it with PTQConfig(target='x86') for Paddle Inference "
+            "on x86 CPUs.",
+            path_prefix, name, "Paddle Lite" if TARGETS[name].paddle_lite else "another runtime",
+        )
+        return
     if TARGETS[name].halved_signed_convs:
         cpu = cpu_info()
         if cpu.isa != "avx2":

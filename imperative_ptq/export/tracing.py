@@ -238,6 +238,8 @@ class TraceResult:
     #: functional call of the model's code. Program name -> its path in the model (``w1``,
     #: ``blocks.0.weight``).
     own_parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Every parameter's path in the model (program name -> ``bilinear.weight``), to name one.
+    parameter_paths: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def normalize_input_spec(input_spec: Any, model: paddle.nn.Layer | None = None) -> list[paddle.static.InputSpec]:
@@ -689,10 +691,12 @@ def trace_to_legacy_program(
             f"paddle.jit.save wrote no legacy program at {path_prefix}.pdmodel; this Paddle "
             f"version ({paddle.__version__}) is not supported for int8 export"
         )
-    own_parameters = {
-        parameter.name: f"{prefix}.{attribute}" if prefix else attribute
-        for prefix, layer in export_model.named_sublayers(include_self=True)
-        if not type(layer).__module__.startswith("paddle.") and not PTQRegistry.is_supported_layer(layer)
-        for attribute, parameter in layer._parameters.items() if parameter is not None
-    }
-    return TraceResult(path_prefix, records, own_parameters)
+    parameter_paths, own_parameters = {}, {}
+    for prefix, layer in export_model.named_sublayers(include_self=True):
+        own = not type(layer).__module__.startswith("paddle.") and not PTQRegistry.is_supported_layer(layer)
+        for attribute, parameter in layer._parameters.items():
+            if parameter is not None:
+                parameter_paths[parameter.name] = f"{prefix}.{attribute}" if prefix else attribute
+                if own:
+                    own_parameters[parameter.name] = parameter_paths[parameter.name]
+    return TraceResult(path_prefix, records, own_parameters, parameter_paths)
