@@ -178,6 +178,11 @@ class ImperativePTQ:
             )
         if fuse and fuse_list is None:
             raise TypeError("fuse_list must be given when fuse=True")
+        if fuse_list is not None and not fuse:
+            logger.warning(
+                "fuse_list is ignored without fuse=True (as in paddle.quantization's PTQ): "
+                "pass fuse=True to fold its pairs"
+            )
         check_quantizable(model)
         if not inplace:
             model = copy.deepcopy(model)

@@ -975,3 +975,19 @@ def test_export_names_weights_of_ops_without_an_int8_kernel(tmp_path, caplog) ->
         ptq.save_quantized_model(qmodel, str(tmp_path / "m"), spec)
     warned = [record.getMessage() for record in caplog.records if "without an int8 kernel" in record.getMessage()]
     assert len(warned) == 1 and warned[0].endswith(": bilinear.weight, deform.weight"), warned
+
+
+def test_fuse_list_without_fuse_is_named_as_ignored(caplog) -> None:
+    """Paddle's PTQ ignores fuse_list without fuse=True, and so does this drop-in; it says so
+    (before: silently, the BatchNorm left unfolded)."""
+    import imperative_ptq as ip
+
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
+        qmodel = ip.ImperativePTQ().quantize(model, fuse_list=[["0", "1"]])
+    assert "fuse_list is ignored without fuse=True" in caplog.text
+    assert isinstance(qmodel[1], paddle.nn.BatchNorm2D)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
+        ip.ImperativePTQ().quantize(model, fuse=True, fuse_list=[["0", "1"]])
+    assert "fuse_list is ignored" not in caplog.text

@@ -219,6 +219,9 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     "channel_shuffle": (lambda: nn.ChannelShuffle(2), True),
     # ENet/SegNet: a max-pool's mask read by a max-unpool (MaxPool's Indices -> MaxUnpool).
     "unpool": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y, 2, 2, return_mask=True), 2, 2)), True),
+    "max_pool2d_with_index/mask_read": (lambda: _Function(
+        lambda y: y + paddle.cast(F.max_pool2d(y[:, :, :15, :15], 3, 2, padding=1, return_mask=True)[1], "float32").mean() * 1e-2
+    ), True),
     "unpool/output_size": (lambda: _Function(lambda y: F.max_unpool2d(*F.max_pool2d(y[:, :, :15, :15], 3, 2, padding=1, return_mask=True), 3, 2, padding=1, output_size=[15, 15])), True),
     "conv2d_transpose/output_size": (_TransposedToSize, True),
     # CenterNet's DLA-up: a depthwise transposed conv upsampling by 2.
@@ -1141,9 +1144,9 @@ UNEXPORTED_FORMS = {
         "pool2d averaging with exclusive=False and paddings .* narrower than the begin one",
     ),
     "cummax/batch_axis": (lambda y: paddle.cummax(y, axis=0)[0], "cummax along an axis of dynamic length"),
-    "unpool/mask_elsewhere": (
-        lambda y: y + paddle.cast(F.max_pool2d(y, 2, 2, return_mask=True)[1], "float32").sum() * 0.0,
-        "max_pool2d_with_index whose Mask is read is exported only windowed and read by max-unpools",
+    "max_pool2d_with_index/global_mask": (
+        lambda y: y + paddle.cast(F.adaptive_max_pool2d(y, 1, return_mask=True)[1], "float32") * 1e-3,
+        "max_pool2d_with_index whose Mask is read or returned is exported only windowed",
     ),
 }
 

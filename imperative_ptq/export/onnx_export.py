@@ -272,8 +272,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         self.integer_matmul_outputs: set[str] = set()
         #: DequantizeLinear outputs of weights stored as INT4 (no integer kernel reads them)
         self.int4_stored: set[str] = set()
-        #: returned max-pool masks -> their positions within a channel's plane (see _max_pool)
-        self.plane_masks: dict[str, str] = {}
+        #: max-pool masks -> ONNX's MaxPool Indices, which MaxUnpool reads (see _max_pool)
+        self.pool_indices: dict[str, str] = {}
         #: float32 filter constant -> the _quantized_weight arguments of its int8 storage
         self.float_stored_filters: dict[str, tuple] = {}
         #: quantize the BatchNorm outputs of residual branches for QLinearConv (see export_onnx)
@@ -869,8 +869,6 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         returned unquantized: that reader reads the Q/DQ branch alone)."""
         if var in self.coded_values:
             return self.coded_values[var]
-        if var in self.plane_masks:
-            return self.plane_masks[var]
         if var in self.coded_outputs:
             return self.names[var]
         return self.unquantized.get(var, self.names[var])
@@ -1670,20 +1668,18 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
     def _pool(self, op) -> None:
         """pool2d / pool3d, and max_pool2d/3d_with_index (``nn.AdaptiveMaxPool2D``,
         ``return_mask``): global, adaptive (windows when the input size divides by the output
-        size, else :meth:`_uneven_adaptive_pool`) or windowed. A mask read by max-unpools
-        (ENet, SegNet) becomes the ``Indices`` of a windowed ``MaxPool``, which ``MaxUnpool``
-        reads (:meth:`_unpool`; both count positions their own way, consistently)."""
+        size, else :meth:`_uneven_adaptive_pool`) or windowed. A mask read or returned becomes
+        the ``Indices`` of a windowed ``MaxPool`` (:meth:`_max_pool`)."""
         with_index = op.type in ("max_pool2d_with_index", "max_pool3d_with_index")
         kind = "max" if with_index else op.attr("pooling_type")
         if op.has_attr("data_format") and op.attr("data_format") in ("NHWC", "NDHWC"):
             raise NotImplementedError(f"{op.type} in {op.attr('data_format')} is not exported")
         mask_readers = self.readers.get(op.output("Mask")[0], []) if with_index else []
-        if any(reader.type != "unpool" for reader in mask_readers) or (
-            (mask_readers or with_index and op.output("Mask")[0] in self.fetched) and op.attr("global_pooling")
-        ):
+        global_pool = op.attr("global_pooling") or op.attr("adaptive") and all(k == 1 for k in op.attr("ksize"))
+        if (mask_readers or with_index and op.output("Mask")[0] in self.fetched) and global_pool:
             raise NotImplementedError(
                 f"{op.type} whose Mask is read or returned is exported only windowed (or adaptive "
-                "over an evenly divided input) and read by max-unpools or returned"
+                "over an evenly divided input)"
             )
         ksize = list(op.attr("ksize"))
         out = self._out(op)
@@ -1754,22 +1750,24 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
 
     def _max_pool(self, op, pooled: str, out: str, attrs: dict[str, Any]) -> str:
         """A windowed ``MaxPool`` of ``pooled``; for max_pool2d/3d_with_index whose ``Mask``
-        max-unpools read or the network returns, one writing the values and their ``Indices``.
-        Those count positions over the whole NCHW tensor, which ``MaxUnpool`` reads; Paddle's
-        mask counts them within each channel's plane (int32), which a returned mask gets: the
-        indices modulo the plane's size."""
+        is read or returned, one writing the values and their ``Indices``. Those count
+        positions over the whole NCHW tensor, which ``MaxUnpool`` reads (:meth:`_unpool`, ENet's
+        and SegNet's decoders); Paddle's mask counts them within each channel's plane (int32),
+        which every other reader and the network's output get: the indices modulo the plane's
+        size."""
         mask = op.output("Mask")[0] if op.type in ("max_pool2d_with_index", "max_pool3d_with_index") else None
-        if mask is None or not (self.readers.get(mask) or mask in self.fetched):
+        readers = self.readers.get(mask, []) if mask else []
+        if mask is None or not (readers or mask in self.fetched):
             return self._node("MaxPool", [pooled], out, **attrs)
         node, indices = self._unique(out), self._unique(mask)
         self.nodes.append(self.helper.make_node("MaxPool", [pooled], [node, indices], **attrs))
-        self.names[mask] = indices
-        if mask in self.fetched:
+        self.pool_indices[mask] = self.names[mask] = indices
+        if mask in self.fetched or any(reader.type != "unpool" for reader in readers):
             shape = self._node("Shape", [pooled], mask + ".shape")
             spatial = self._slice_node(shape, 0, 2, 2 + len(attrs["kernel_shape"]), mask + ".spatial")
             plane = self._node("ReduceProd", [spatial], mask + ".plane", keepdims=1)
             within = self._node("Mod", [indices, plane], mask + ".within")
-            self.plane_masks[mask] = self._node("Cast", [within], mask + ".int32", to=self.onnx.TensorProto.INT32)
+            self.names[mask] = self._node("Cast", [within], mask + ".int32", to=self.onnx.TensorProto.INT32)
         return node
 
     def _average_pool(self, op, source: str, out: str, attrs: dict[str, Any]) -> str:
@@ -1809,7 +1807,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         attrs = dict(kernel_shape=[int(k) for k in op.attr("ksize")], strides=[int(s) for s in op.attr("strides")],
                      pads=paddings + paddings)
         out = self._out(op)
-        inputs = [self._in(op), self._in(op, "Indices")]
+        inputs = [self._in(op), self.pool_indices.get(op.input("Indices")[0]) or self._in(op, "Indices")]
         size = [int(d) for d in op.attr("output_size")] if op.has_attr("output_size") else []
         if size:
             leading = self._slice_node(self._node("Shape", [inputs[0]], out + ".shape"), 0, 0, 2, out + ".leading")
