@@ -14,7 +14,7 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_biases_on_grid", "converted_config", "converted_fine_tuning", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
+    "converted_biases_on_grid", "converted_config", "converted_fine_tuning", "converted_input_example", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
     "converted_table",
     "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
     "output_thresholds", "record_biases_on_grid", "record_config", "record_input_signature", "record_measured_on",
@@ -31,6 +31,7 @@ _OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
 _FINE_TUNING = "_ptq_fine_tuning"
 _CONFIG = "_ptq_config"
 _INPUT_SIGNATURE = "_ptq_input_signature"
+_INPUT_EXAMPLE = "_ptq_input_example"
 _BIASES_ON_GRID = "_ptq_biases_on_grid"
 
 
@@ -62,10 +63,21 @@ def record_config(model: paddle.nn.Layer, config: Mapping[str, Any]) -> None:
     setattr(model, _CONFIG, dict(config))
 
 
-def record_input_signature(model: paddle.nn.Layer, signature: Sequence[tuple[list, str]] | None) -> None:
+def record_input_signature(
+    model: paddle.nn.Layer, signature: Sequence[tuple[list, str]] | None,
+    example: Sequence[Sequence[int]] | None = None,
+) -> None:
     """Records the shapes and dtypes calibration saw the model's inputs with
-    (:attr:`imperative_ptq.session.CalibrationSession.input_signature`; ``None``: unknown)."""
+    (:attr:`imperative_ptq.session.CalibrationSession.input_signature`; ``None``: unknown), and
+    the concrete shapes of one calibration call (``input_example``)."""
     setattr(model, _INPUT_SIGNATURE, None if signature is None else [(list(s), d) for s, d in signature])
+    setattr(model, _INPUT_EXAMPLE, None if example is None else [list(shape) for shape in example])
+
+
+def converted_input_example(model: paddle.nn.Layer) -> list[list[int]] | None:
+    """The concrete input shapes of one calibration call that :func:`record_input_signature`
+    recorded, if any."""
+    return getattr(model, _INPUT_EXAMPLE, None)
 
 
 def record_biases_on_grid(model: paddle.nn.Layer, on_grid: bool) -> None:

@@ -539,7 +539,7 @@ class ImperativePTQ:
         record_biases_on_grid(model, bias_grid)
         record_measured_on(model, measured_on)
         record_config(model, config.to_dict())
-        record_input_signature(model, session.input_signature)
+        record_input_signature(model, session.input_signature, session.input_example)
         session.uninstall()
         return model
 
@@ -580,7 +580,9 @@ class ImperativePTQ:
             attached = session.attached
             session.detach()  # the check's zeros must not reach the statistics
             try:
-                check_input_spec_runs(model, specs, name_dropouts=False)  # (the export's names them)
+                check_input_spec_runs(  # (the export names the dropouts)
+                    model, specs, name_dropouts=False, examples=session.input_example,
+                )
             except BaseException:
                 remove_created_directories(path)
                 raise

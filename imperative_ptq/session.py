@@ -257,6 +257,9 @@ class CalibrationSession:
         #: passed something else than tensors, keyword tensors or another number of inputs
         #: (:meth:`_note_signature`).
         self.input_signature: list[tuple[list[int | None], str]] | None = None
+        #: The concrete shapes of the first such call's inputs: a shape the model runs on,
+        #: which the export's input-spec check tries first (``None`` with the signature).
+        self.input_example: list[list[int]] | None = None
         self._signature_unknown = False
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
@@ -420,16 +423,17 @@ class CalibrationSession:
         if self._signature_unknown:
             return
         if not args or kwargs or not all(isinstance(value, paddle.Tensor) for value in args):
-            self._signature_unknown, self.input_signature = True, None
+            self._signature_unknown, self.input_signature, self.input_example = True, None, None
             return
         seen = [(list(value.shape), str(value.dtype).replace("paddle.", "")) for value in args]
         if self.input_signature is None:
             self.input_signature = seen
+            self.input_example = [list(shape) for shape, _ in seen]
             return
         if [(len(shape), dtype) for shape, dtype in seen] != [
             (len(shape), dtype) for shape, dtype in self.input_signature
         ]:
-            self._signature_unknown, self.input_signature = True, None
+            self._signature_unknown, self.input_signature, self.input_example = True, None, None
             return
         self.input_signature = [
             ([size if size == new else None for size, new in zip(shape, new_shape)], dtype)

@@ -81,13 +81,55 @@ def test_dynamic_dimensions_are_checked_at_a_size_the_model_runs(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         ptq.save_quantized_model(qmodel, tmp_path / "model", _spec(None, 3, None, None))
     assert "could not check input_spec" not in caplog.text
-    # A head that takes 8x8 images only: no tried size fits, so it is exported with a warning
-    # (refusing would be wrong: the spec leaves the size open).
+    # A head that takes 8x8 images only: checked at the size it was calibrated on.
     ptq, qmodel = _converted(head_features=4 * 8 * 8)
     with caplog.at_level(logging.WARNING):
-        ptq.save_quantized_model(qmodel, tmp_path / "flat", _spec(None, 3, None, None))
+        ptq.save_quantized_model(qmodel, tmp_path / "calibrated", _spec(None, 3, None, None))
+    assert "could not check input_spec" not in caplog.text
+    # Converted from a table (no calibration call seen): no size of the grid fits, so it is
+    # exported with a warning (refusing would be wrong: the spec leaves the size open).
+    table = tmp_path / "table.json"
+    ptq.save_calibration_table(qmodel, table)
+    loading = ImperativePTQ(PTQConfig(AbsmaxQuantizer(), PerChannelAbsmaxQuantizer()))
+    paddle.seed(1)
+    loaded = loading.quantize(_Net(4 * 8 * 8))
+    loading.load_calibration_table(loaded, table)
+    loading.convert(loaded)
+    with caplog.at_level(logging.WARNING):
+        loading.save_quantized_model(loaded, tmp_path / "flat", _spec(None, 3, None, None))
     assert "could not check input_spec [[-1, 3, -1, -1]" in caplog.text
     assert (tmp_path / "flat.pdmodel").exists()
+
+
+class _WidthLogged(paddle.nn.Layer):
+    """A conv and a Linear over the pooled height that accepts any width, logging the input
+    shapes it runs on (a CRNN-like recognizer; such a model's LSTM on a zero-width feature map
+    crashed the process at a width of the spec check's grid)."""
+
+    shapes: list = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = paddle.nn.Conv2D(3, 4, 3, padding=1), paddle.nn.Linear(4, 5)
+
+    def forward(self, x):
+        if paddle.in_dynamic_mode():  # (not while the export traces it)
+            _WidthLogged.shapes.append(list(x.shape))
+        return self.fc(paddle.nn.functional.relu(self.conv(x)).mean([2]).transpose([0, 2, 1]))
+
+
+def test_dynamic_dimensions_are_checked_first_at_the_calibrated_sizes(tmp_path) -> None:
+    """The check runs the model at the calibration call's sizes first (batch 1): one run,
+    at a width it is known to run at, rather than the grid's widths 1, 28, ... first."""
+    paddle.seed(0)
+    ptq = ImperativePTQ()
+    qmodel = ptq.quantize(_WidthLogged())
+    qmodel(paddle.rand([2, 3, 48, 320]))
+    ptq.convert(qmodel)
+    _WidthLogged.shapes.clear()
+    ptq.save_quantized_model(qmodel, tmp_path / "model", _spec(None, 3, 48, None))
+    assert _WidthLogged.shapes[0] == [1, 3, 48, 320], _WidthLogged.shapes
+    assert [1, 3, 48, 1] not in _WidthLogged.shapes and [1, 3, 48, 28] not in _WidthLogged.shapes
 
 
 def test_contradicting_input_spec_fails_at_onnx_export_too(tmp_path) -> None:

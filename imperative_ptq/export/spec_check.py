@@ -45,15 +45,20 @@ DYNAMIC_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def check_input_spec_runs(
-    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], name_dropouts: bool = True
+    model: paddle.nn.Layer, input_spec: Sequence[paddle.static.InputSpec], name_dropouts: bool = True,
+    examples: Sequence[Sequence[int]] | None = None,
 ) -> bool:
     """Runs ``model`` (in eval mode, without gradients) on zeros shaped like ``input_spec``
     (ones for integer inputs), naming the ``F.dropout`` calls in training mode unless
     ``name_dropouts`` is False (a check the export repeats).
 
-    A dynamic (``None``/``-1``) batch dimension is tried at each of :data:`DYNAMIC_BATCHES`
-    (1 first), other dynamic dimensions at each of :data:`DYNAMIC_SIZES`; the first shape the
-    model runs on accepts the spec. The error quoted is that of batch 1.
+    With ``examples`` (the input shapes of a calibration call, which the model ran on) whose
+    sizes the spec allows, the dynamic dimensions take those sizes first (the batch 1, then the
+    example's). Else, or if the model fails there, a dynamic (``None``/``-1``) batch dimension
+    is tried at each of :data:`DYNAMIC_BATCHES` (1 first), other dynamic dimensions at each of
+    :data:`DYNAMIC_SIZES`; the first shape the model runs on accepts the spec. The error quoted
+    is that of batch 1. (A size of the grid can crash the process in a Paddle kernel: a CRNN's
+    LSTM on a zero-width feature map at width 28 did, where its calibration width 320 runs.)
 
     Returns:
         Whether the model ran on a shape of the spec (False: it failed at every tried shape
@@ -69,16 +74,18 @@ def check_input_spec_runs(
     sizes = DYNAMIC_SIZES if dynamic else DYNAMIC_SIZES[:1]
     batches = DYNAMIC_BATCHES if dynamic_batch else DYNAMIC_BATCHES[:1]
     error: Exception | None = None
-    for batch in batches:
-        for size in sizes:
-            inputs = [_probe(spec, size, batch) for spec in input_spec]
-            try:
-                watching = _training_dropouts_named(model) if name_dropouts else contextlib.nullcontext()
-                with paddle.no_grad(), watching:
-                    model(*inputs)
-                return True
-            except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
-                error = error or failure
+    tried_shapes = _example_shapes(input_spec, examples) + [
+        [_concrete_shape(spec.shape, size, batch) for spec in input_spec] for batch in batches for size in sizes
+    ]
+    for concrete in tried_shapes:
+        inputs = [_zeros(spec, shape) for spec, shape in zip(input_spec, concrete)]
+        try:
+            watching = _training_dropouts_named(model) if name_dropouts else contextlib.nullcontext()
+            with paddle.no_grad(), watching:
+                model(*inputs)
+            return True
+        except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
+            error = error or failure
     shapes = ", ".join(f"{list(spec.shape)} {spec.dtype}" for spec in input_spec)
     reason = f"{type(error).__name__}: {error_summary(error)}"
     tried = ", ".join(map(str, batches))
@@ -138,12 +145,36 @@ def _training_dropouts_named(model: paddle.nn.Layer) -> Iterator[None]:
         )
 
 
-def _probe(spec: paddle.static.InputSpec, size: int, batch: int) -> paddle.Tensor:
-    """Zeros shaped like ``spec``; ones for an integer input. Counts and lengths of 0 can
-    contradict the other inputs, which some Paddle kernels do not check: ``roi_align`` reading
-    zero boxes per image from ``boxes_num`` beside a box tensor with rows crashed the process
-    (a segmentation fault); ids and indices of 1 are valid wherever 0 is, given two entries."""
-    shape = _concrete_shape(spec.shape, size, batch)
+def _example_shapes(
+    input_spec: Sequence[paddle.static.InputSpec], examples: Sequence[Sequence[int]] | None
+) -> list[list[list[int]]]:
+    """The input shapes to try first: the spec's with each dynamic dimension at the example's
+    size, the batch at 1 and then at the example's; none if the examples do not fit the spec
+    (another count or rank, a fixed size they contradict)."""
+    if not examples or len(examples) != len(input_spec):
+        return []
+    for spec, example in zip(input_spec, examples):
+        dims = list(spec.shape)
+        if len(dims) != len(example) or any(
+            not _is_dynamic(dim) and int(dim) != size for dim, size in zip(dims, example)
+        ):
+            return []
+    full = [
+        [int(size) if _is_dynamic(dim) else int(dim) for dim, size in zip(spec.shape, example)]
+        for spec, example in zip(input_spec, examples)
+    ]
+    first = [
+        [1 if position == 0 and _is_dynamic(dim) else size for position, (dim, size) in enumerate(zip(spec.shape, shape))]
+        for spec, shape in zip(input_spec, full)
+    ]
+    return [first] if first == full else [first, full]
+
+
+def _zeros(spec: paddle.static.InputSpec, shape: list[int]) -> paddle.Tensor:
+    """Zeros of ``shape``; ones for an integer input. Counts and lengths of 0 can contradict
+    the other inputs, which some Paddle kernels do not check: ``roi_align`` reading zero boxes
+    per image from ``boxes_num`` beside a box tensor with rows crashed the process (a
+    segmentation fault); ids and indices of 1 are valid wherever 0 is, given two entries."""
     if paddle.is_integer(paddle.zeros([1], dtype=spec.dtype)):
         return paddle.ones(shape, dtype=spec.dtype)
     return paddle.zeros(shape, dtype=spec.dtype)

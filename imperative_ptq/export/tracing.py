@@ -329,6 +329,16 @@ def inferred_input_spec(model: paddle.nn.Layer) -> list[paddle.static.InputSpec]
     return specs
 
 
+def calibrated_input_shapes(model: paddle.nn.Layer) -> list[list[int]] | None:
+    """The concrete input shapes of one calibration call of ``model`` (calibrating, or
+    converted in this process), which it is known to run on; ``None`` if not known."""
+    from ..converted import converted_input_example
+    from ..session import calibrating_session
+
+    session = calibrating_session(model)
+    return session.input_example if session is not None else converted_input_example(model)
+
+
 def _refuse_state_changed_after_convert(
     name: str, layer: QuantizedLayer | QuantizedMatmul, layers: dict[str, paddle.nn.Layer]
 ) -> None:
@@ -629,7 +639,7 @@ def trace_to_legacy_program(
     export_model, records, by_layer = _collect_records(model, program_weights)
     check_finite_parameters(export_model, "export")
     check_finite_thresholds({record.name: _thresholds(record) for record in records}, "export")
-    runs_on_spec = check_input_spec_runs(export_model, input_spec)
+    runs_on_spec = check_input_spec_runs(export_model, input_spec, examples=calibrated_input_shapes(model))
     if not records:
         logger.warning(
             "no layer of the model runs int8 (every calibrated layer stayed fp32): the export "
