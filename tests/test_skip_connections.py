@@ -636,3 +636,62 @@ def test_a_pooled_relu_a_fused_residual_conv_reads_keeps_its_scale(target, tmp_p
     """(Before, on x86-avx2: the export put ``x`` on codes in float, its copy without a scale,
     so Paddle ran the residual conv fp32, 2.2e-2 of the largest output off.)"""
     _assert_runs_as_simulated(_BlockBesidePooledInput, target, tmp_path, int8_residual_branches=False)
+
+
+class _Affine(paddle.nn.Layer):
+    """PP-HGNetV2's learnable affine block, ``scale * x + bias`` (float ops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(1.0))
+        self.bias = self.create_parameter([1], default_initializer=paddle.nn.initializer.Constant(0.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.scale * x + self.bias
+
+
+class _AffineStem(paddle.nn.Layer):
+    """PP-HGNetV2's stem: conv, ReLU, affine, read by a second such block and by a max-pool,
+    both concatenated for a third conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem1 = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3, 2, 1), paddle.nn.ReLU(), _Affine())
+        self.stem2 = paddle.nn.Sequential(paddle.nn.Conv2D(8, 8, 3, 1, 1), paddle.nn.ReLU(), _Affine())
+        self.pool = paddle.nn.MaxPool2D(2, 1, padding="SAME", ceil_mode=True)
+        self.stem3 = paddle.nn.Sequential(paddle.nn.Conv2D(16, 8, 3, 1, 1), paddle.nn.ReLU())
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        features = self.stem1(x)
+        return self.stem3(paddle.concat([self.pool(features), self.stem2(features)], 1))
+
+
+def test_a_pool_reading_a_copy_of_a_shared_float_tensor_runs_a_fast_int8_kernel(tmp_path) -> None:
+    """The pool's copy of a tensor other ops read is an identity clip, which keeps oneDNN's
+    channels-last layout; an ``assign`` copy wrote it NCHW, on which oneDNN has only its
+    reference int8 pool (PP-HGNetV2-B0 0.3-0.5x its fp32 speed, its stem pool 78% of the
+    int8 time). As simulated either way."""
+    import subprocess
+    import sys
+
+    from checkout import checkout_env
+    from models import converted, largest_error_in_paddle_inference
+
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    batches = [paddle.to_tensor(rng.standard_normal((2, 3, 32, 32)).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(_AffineStem(), batches)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
+        f"predict(create_predictor({str(tmp_path / 'm')!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    pools = [line for line in done.stdout.splitlines() if ",exec," in line and ",pooling," in line]
+    assert pools and all(",ref:" not in line for line in pools), pools
+    assert any("src:s8" in line or "src:u8" in line for line in pools), pools  # the int8 pool
