@@ -101,3 +101,46 @@ def test_a_resize_of_unknown_size_is_named_in_a_warning(resize, warned, tmp_path
     ran = predict(create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1), x)[0]
     if not warned:
         np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
+
+
+class _ResizedToAnother(paddle.nn.Layer):
+    """A segmentation head's upsample of a coarse map to the size of a finer one, given as
+    ``paddle.shape(finer)[2:]`` (PaddleSeg's STDCSeg, PP-LiteSeg): 6x6 -> 16x16, no
+    whole-number scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine = paddle.nn.Conv2D(3, 8, 3, 3)
+        self.coarse = paddle.nn.Conv2D(8, 8, 3, 3, 1)
+        self.head = paddle.nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        fine = paddle.nn.functional.relu(self.fine(x))
+        coarse = paddle.nn.functional.relu(self.coarse(fine))
+        up = paddle.nn.functional.interpolate(coarse, paddle.shape(fine)[2:], mode="nearest")
+        return self.head(up + fine)
+
+
+def test_a_resize_to_another_tensors_fixed_size_is_exported_exactly(tmp_path, caplog) -> None:
+    """Sized by ``paddle.shape`` of a tensor the spec fixes: the export reads the size from
+    the traced shapes and writes the rows and columns Paddle's CPU kernel reads (before: a
+    warning to fix a spec that was fixed, and oneDNN's rounding in Paddle Inference)."""
+    paddle.seed(0)
+    model = _ResizedToAnother()
+    model.eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal([2, 3, 48, 48]).astype("float32")
+    spec = [paddle.static.InputSpec([None, 3, 48, 48], "float32", "x")]
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        save_fp32_model(model, str(tmp_path / "fp32"), spec)
+        ran = predict(create_predictor(str(tmp_path / "fp32"), int8=False, num_threads=1), x)[0]
+        np.testing.assert_allclose(ran, model(paddle.to_tensor(x)).numpy(), atol=1e-5)
+        batches = [paddle.to_tensor(rng.standard_normal([2, 3, 48, 48]).astype("float32")) for _ in range(3)]
+        quantized = converted(model, batches)
+        simulated = quantized(paddle.to_tensor(x)).numpy()
+        save_quantized_model(quantized, str(tmp_path / "int8"), spec)
+    assert "nearest resize" not in caplog.text
+    np.testing.assert_allclose(
+        predict(create_predictor(str(tmp_path / "int8"), num_threads=1), x)[0], simulated,
+        atol=1e-5 * np.abs(simulated).max(),
+    )

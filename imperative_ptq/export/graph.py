@@ -782,6 +782,7 @@ def exact_nearest_resizes(loaded: Any) -> int:
     """
     block = loaded.program.global_block()
     replaced = 0
+    writers = producers(block)
     for op in list(block.ops):
         if op.type != "nearest_interp_v2":
             continue
@@ -795,6 +796,12 @@ def exact_nearest_resizes(loaded: Any) -> int:
         sized_by_tensor = any(
             op.input(slot) for slot in ("OutSize", "SizeTensor", "Scale") if slot in op.input_names
         )
+        if sized_by_tensor and min(resized) < 1:
+            # Sized by another tensor's shape (paddle.shape(other)[2:], a segmentation head's
+            # upsample to the skip's size): known where the spec fixes that tensor's size.
+            known = _size_from_a_shape(block, op, writers)
+            if known is not None:
+                resized, sized_by_tensor = known, False
         dynamic = sized_by_tensor or min(sizes + resized) < 1
         if dynamic:
             whole_upscale = not sized_by_tensor and all(scale >= 1 and scale.is_integer() for scale in scales)
@@ -830,6 +837,26 @@ def exact_nearest_resizes(loaded: Any) -> int:
         remove_op(block, op_index(block, op))
         replaced += 1
     return replaced
+
+
+def _size_from_a_shape(block: "paddle.static.Block", resize: Operator, writers: Mapping[str, Operator]) -> list[int] | None:
+    """The output size of a resize whose ``OutSize`` is a slice of a ``shape`` op (through a
+    cast), where the sliced dimensions of that tensor are fixed in the traced program; else
+    ``None``."""
+    if "OutSize" not in resize.input_names or len(resize.input("OutSize")) != 1:
+        return None
+    op = writers.get(resize.input("OutSize")[0])
+    while op is not None and op.type == "cast":
+        op = writers.get(op.input("X")[0])
+    if op is None or op.type != "slice" or list(op.attr("axes")) != [0] or op.input("StartsTensor") or op.input("EndsTensor"):
+        return None
+    shape = writers.get(op.input("Input")[0])
+    if shape is None or shape.type != "shape":
+        return None
+    dims = list(block.var(shape.input("Input")[0]).shape)
+    start, end = int(op.attr("starts")[0]), int(op.attr("ends")[0])
+    size = dims[start:end]
+    return [int(d) for d in size] if len(size) == 2 and min(size) >= 1 else None
 
 
 def reduce_open_adaptive_pools(block: "paddle.static.Block") -> int:
