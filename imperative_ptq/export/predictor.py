@@ -162,6 +162,13 @@ def predictor_config(
         # as fp32, instead of 50 fused_matmul; 0.87x -> 0.98x fp32 speed, rough).
         config.pass_builder().insert_pass(0, "constant_folding_pass")
     config.set_cpu_math_library_num_threads(num_threads)
+    # Intermediate tensors share memory once their readers are done: the int8 program's many
+    # small ops (quantize, shift, clip) then touch less of it. Measured side by side, one
+    # thread, Zen 5 (AVX-512 VNNI): a BERT-shaped encoder's int8 forward 52.7 -> 44.8 ms at
+    # batch 8 (fp32 106.4 -> 103.7), MobileNetV3-small 13.1 -> 11.3 ms (fp32 11.1 -> 9.9);
+    # ResNet-18 and an MLP within noise; outputs identical. (With oneDNN's AVX2 kernels the
+    # encoder's gain was 2%.)
+    config.enable_memory_optim()
     config.disable_glog_info()
     logger.debug("predictor for %s: int8=%s threads=%d", path_prefix, int8, num_threads)
     return config
