@@ -374,3 +374,20 @@ def test_batch_norm_after_the_last_layer_of_a_chain_is_folded_too() -> None:
     equalized, _ = equalize(model, absorb_bias=False)
     assert isinstance(equalized[1], nn.Identity) and isinstance(equalized[4], nn.Identity)
     assert _relative_error(model(x).numpy(), equalized(x).numpy()) < 1e-5
+
+
+def test_ptq_config_equalization_that_finds_no_chain_warns(caplog) -> None:
+    """A model whose layers sit outside nn.Sequential (LeNet's attributes) has no chain
+    equalize finds: the config's equalization did nothing, said only at INFO level before."""
+    import logging
+
+    from imperative_ptq.models import LeNet
+
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms"):
+        ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True)).quantize(LeNet())
+    assert "found no pair of layers to equalize in LeNet" in caplog.text and "chains=" in caplog.text
+    caplog.clear()
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3), paddle.nn.ReLU(), paddle.nn.Conv2D(8, 8, 3))
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms"):
+        ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True)).quantize(model)
+    assert "found no pair" not in caplog.text

@@ -991,3 +991,23 @@ def test_fuse_list_without_fuse_is_named_as_ignored(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.ptq"):
         ip.ImperativePTQ().quantize(model, fuse=True, fuse_list=[["0", "1"]])
     assert "fuse_list is ignored" not in caplog.text
+
+
+def test_save_fp32_model_refuses_a_quantized_model(tmp_path) -> None:
+    """A converted (or calibrating) model given to save_fp32_model was written, and Paddle
+    Inference then failed on it ("could not reshape a memory descriptor")."""
+    import imperative_ptq as ip
+    from imperative_ptq.export import save_fp32_model
+
+    model = paddle.nn.Sequential(paddle.nn.Conv2D(1, 4, 3), paddle.nn.ReLU(), paddle.nn.Flatten(), paddle.nn.Linear(4 * 36, 3))
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    qmodel(paddle.rand([2, 1, 8, 8]))
+    spec = [paddle.static.InputSpec([None, 1, 8, 8], "float32", "x")]
+    with pytest.raises(TypeError, match="save_fp32_model takes the fp32 model.*save_quantized_model"):
+        save_fp32_model(qmodel, tmp_path / "calibrating", spec)
+    ptq.convert(qmodel)
+    with pytest.raises(TypeError, match="save_fp32_model takes the fp32 model"):
+        save_fp32_model(qmodel, tmp_path / "converted", spec)
+    assert not list(tmp_path.iterdir())
+    save_fp32_model(model, tmp_path / "fp32", spec)  # the model given to quantize

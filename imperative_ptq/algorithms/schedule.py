@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from typing import Any, Iterable, Iterator
 
 import paddle
@@ -23,6 +24,8 @@ from .adaround import adaround
 from .bias_correction import correct_bias, correct_bias_analytically
 from .cross_layer_equalization import equalize
 from .smooth_quant import apply_smoothing, smooth_quant
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["after_convert", "algorithm_batches", "before_calibration", "check_convertible", "prepare"]
 
@@ -46,7 +49,15 @@ def prepare(model: paddle.nn.Layer, session: CalibrationSession, config: PTQConf
     SmoothQuant still to apply."""
     if config.equalization:
         # ``model`` is the copy unless ``inplace``
-        equalize(model, inplace=True, relu6=config.relu6_equalization)
+        _, pairs = equalize(model, inplace=True, relu6=config.relu6_equalization)
+        if not pairs:
+            logger.warning(
+                "PTQConfig(equalization=True) found no pair of layers to equalize in %s: it "
+                "looks for conv/Linear layers in a row inside an nn.Sequential (a BatchNorm and "
+                "a ReLU/ReLU6 between them allowed); call imperative_ptq.equalize(model, "
+                "chains=[[...]]) with the chains of your model before quantize",
+                type(model).__name__,
+            )
     if config.needs_data:
         session.reference = copy.deepcopy(model)
     session.smoothing = config.smooth_quant

@@ -268,8 +268,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         self.biases_on_grid = biases_on_grid
         #: conv outputs whose off-grid bias is added in float (a float conv in ONNX Runtime)
         self.float_biases: list[str] = []
-        #: MatMul outputs of int8 layers (quantized input, integer weight): see _integer_matmul_in_float
-        self.integer_matmul_outputs: set[str] = set()
+        #: MatMul outputs of int8 layers (quantized input, integer weight) -> the int32 grid of
+        #: their bias (input x weight scales): see _integer_matmul_in_float
+        self.integer_matmul_outputs: dict[str, np.ndarray] = {}
         #: DequantizeLinear outputs of weights stored as INT4 (no integer kernel reads them)
         self.int4_stored: set[str] = set()
         #: max-pool masks -> ONNX's MaxPool Indices, which MaxUnpool reads (see _max_pool)
@@ -1384,9 +1385,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         out = self._out(op)
         if record is not None and x_scale is not None:
             unsigned = self._input_codes_pass_127(x_name, x_scale)
-            w, _ = self._quantized_weight(weight_name, weight, record, 1, unsigned=unsigned)
+            w, w_scale = self._quantized_weight(weight_name, weight, record, 1, unsigned=unsigned)
             if w not in self.int4_stored:
-                self.integer_matmul_outputs.add(out)
+                self.integer_matmul_outputs[out] = bias_grid_steps(x_scale[0], w_scale)
         else:
             w = self._const(weight_name, weight)
         self._bind(out, self._node("MatMul", [x, w], out))
@@ -1648,8 +1649,16 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         else:
             y = self._elementwise_operand(op, "Y")
         out = self._out(op)
-        if kind == "Add" and self._is_param(y_var) and self._integer_matmul_in_float(op.input("X")[0], out):
-            kind = "Sum"
+        product = op.input("X")[0]
+        if kind == "Add" and self._is_param(y_var) and product in self.integer_matmul_outputs:
+            if self._integer_matmul_in_float(product, out):
+                kind = "Sum"
+            else:
+                # ONNX Runtime fuses it into a QGemm, which rounds the bias onto its int32 grid.
+                steps = self.integer_matmul_outputs[product]
+                codes = self._param(y_var).astype(np.float64).reshape(-1) / steps.astype(np.float64).reshape(-1)
+                if np.abs(codes - np.round(codes)).max(initial=0.0) > _OFF_GRID:
+                    self.rounded_biases.append(out)
         self._bind(out, self._node(kind, [x, y], out))
 
     def _integer_matmul_in_float(self, product: str, out: str) -> bool:
@@ -2406,7 +2415,7 @@ def export_onnx(
             )
         if converter.rounded_biases and not converted_biases_on_grid(model):
             logger.warning(
-                "%d int8 convs have biases off ONNX Runtime's int32 grid (the model was converted "
+                "%d int8 convs or Linear layers have biases off ONNX Runtime's int32 grid (the model was converted "
                 "with bias_grid=False, ImperativeQAT.convert's default): ONNX Runtime rounds each "
                 "by up to half a step of input x weight scale, so its outputs depart from the "
                 "simulation (Paddle Inference adds them in float); convert with bias_grid=True "

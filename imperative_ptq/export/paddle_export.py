@@ -409,6 +409,15 @@ def save_fp32_model(
     """
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
+    if calibrating_session(model) is not None or any(
+        isinstance(layer, (QuantizedLayer, QuantizedMatmul)) for layer in model.sublayers(include_self=True)
+    ):
+        # Its quantized layers trace to a program Paddle Inference failed to run ("could
+        # not reshape a memory descriptor"), with or without its int8 passes.
+        raise TypeError(
+            "save_fp32_model takes the fp32 model; this one was quantized by ImperativePTQ "
+            "(pass the model given to quantize, or export this one with save_quantized_model)"
+        )
     specs = normalize_input_spec(input_spec)
     directory, _ = export_directory(path, EXPORT_SUFFIXES)
     path = os.path.join(directory, os.path.basename(os.fspath(path)))
