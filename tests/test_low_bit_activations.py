@@ -115,9 +115,12 @@ def test_paddle_inference_and_onnx_runtime_compute_the_simulation(name, bits, ta
     runs = paddle_inference_outputs(prefix, [x], avx2_runner, on_avx2=target == "x86")
     for kernels, (ran,) in runs.items():
         _assert_computes_the_simulation(ran, simulated, kernels)
-    if name not in ("residual", "resnet-like", "two-downsamples"):
-        # (ONNX Runtime quantizes a residual block's last conv output, which the simulation
-        # and Paddle Inference leave float, to keep its convs integer: see export_onnx.)
+    # A residual block too: below 8 bits export_onnx adds its branch in float, as the
+    # simulation and Paddle Inference do (int8_residual_branches=None; it quantized the
+    # branch's last conv output on the coarse grid before, 2.8e-2 off, and this model was left
+    # out). Blocks with a strided projection shortcut are still 2.8e-2 to 0.2 off in ONNX
+    # Runtime below 8 bits, and left out.
+    if name not in ("resnet-like", "two-downsamples"):
         _assert_computes_the_simulation(_onnx_output(qmodel, prefix + ".onnx", x), simulated, "ORT")
 
 
