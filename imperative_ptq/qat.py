@@ -392,12 +392,16 @@ class ImperativeQAT:
     def float_model(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         """The fine-tuned fp32 model (a copy without fake quantization, in eval mode): the
         fp32 reference to pass to ``analyze`` with the converted model."""
-        state = self._state(model)
-        state.hook.remove()  # so the copy carries no QAT hook
-        try:
-            plain = copy.deepcopy(model)
-        finally:
-            state.hook = model.register_forward_pre_hook(state.before_forward)
+        self._state(model)
+        plain = copy.deepcopy(model)
+        # The copy's QAT hook is the copy's state's, found in the copy's own hook table: its
+        # hook handle, deep-copied, still points at the table of the model it was copied from
+        # (a deep copy of a QAT model, a checkpoint, had the original's hook removed).
+        copied = getattr(plain, _STATE_ATTR)
+        keys = [key for key, hook in plain._forward_pre_hooks.items() if getattr(hook, "__self__", None) is copied]
+        for table in (plain._forward_pre_hooks, getattr(plain, "_forward_pre_hooks_with_kwargs_flag", {})):
+            for key in keys:
+                table.pop(key, None)
         delattr(plain, _STATE_ATTR)
         for _, layer in list(plain.named_sublayers()):
             if isinstance(layer, _WRAPPERS):

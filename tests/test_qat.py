@@ -547,3 +547,37 @@ def test_qat_linear_biases_off_the_int32_grid_are_named_at_onnx_export(tmp_path,
         # The two hidden Linear layers (quantized outputs), not the logits (a float output,
         # its bias added in float after MatMulIntegerToFloat).
         assert len(warned) == (label == "kept") and (label != "kept" or warned[0].startswith("2 int8")), warned
+
+
+def test_converting_a_deep_copy_leaves_the_qat_model_training_as_before() -> None:
+    """A checkpoint kept with copy.deepcopy and converted (or turned into its float model):
+    the copy's hook handle pointed at the original's hook table, so the original lost its QAT
+    hook (it stopped counting steps and freezing BatchNorm) and the copy kept two."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(
+        paddle.nn.Conv2D(1, 8, 3), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(), paddle.nn.Flatten(),
+        paddle.nn.Linear(8 * 6 * 6, 10),
+    )
+    x, labels = paddle.rand([16, 1, 8, 8]), paddle.randint(0, 10, [16])
+    ptq, calibrated = _calibrated(model, [x])
+    qat = ImperativeQAT(ptq, freeze_bn_after=3)
+    trainable = qat.quantize(calibrated)
+    optimizer = paddle.optimizer.SGD(1e-3, parameters=trainable.parameters())
+
+    def step() -> None:
+        paddle.nn.functional.cross_entropy(trainable(x), labels).backward()
+        optimizer.step()
+        optimizer.clear_grad()
+
+    for _ in range(5):
+        step()
+    checkpoint = copy.deepcopy(trainable)
+    qat.convert(checkpoint)
+    qat.float_model(copy.deepcopy(trainable))
+    assert len(trainable._forward_pre_hooks) == 1 and len(checkpoint._forward_pre_hooks) == 1
+    trainable.train()
+    mean = trainable[1]._mean.numpy().copy()
+    for _ in range(5):
+        step()
+    assert qat.fine_tuning(trainable)["steps"] == 10
+    np.testing.assert_array_equal(trainable[1]._mean.numpy(), mean)  # frozen after 3 steps
