@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 _BATCH_NORM_TYPES = BATCH_NORM_TYPES
 #: Attribute of a QAT model holding its :class:`_QATState` (only this module reads it).
 _STATE_ATTR = "_qat_state"
+#: The buffer holding the QAT model's step and backward counts (see _QATState.counters).
+_COUNTERS_BUFFER = "qat_counters"
 #: The layers QAT wraps around the fp32 model's (each keeps it as ``.layer``).
 _WRAPPERS = (
     FakeQuantLayer, FakeQuantResidualSource, QuantizedResidualOutput, QuantizedGlobalAveragePool
@@ -72,16 +74,30 @@ class _QATState:
         self.minima = minima
         self.structure = structure
         self.freeze_bn_after = freeze_bn_after
-        self.training_steps = 0
-        self.backward_passes = 0
+        #: [training steps, backward passes], a buffer of the QAT model: a checkpoint (its
+        #: state_dict) carries them, so a resumed model freezes BatchNorm where it left off.
+        self.counters = paddle.zeros([2], "int64")
         self.batch_norms: list[tuple[str, paddle.nn.Layer]] = []
         self.hook: Any = None
         #: Layers PTQ's convert runs int8 that QAT has no form for (LSTMs, matmuls of two
         #: activations): fp32 in the QAT forward, so kept fp32 by :meth:`ImperativeQAT.convert`.
         self.fp32_layers: list[str] = []
 
+    @property
+    def training_steps(self) -> int:
+        return int(self.counters.numpy()[0])
+
+    @property
+    def backward_passes(self) -> int:
+        return int(self.counters.numpy()[1])
+
+    def _count(self, position: int) -> None:
+        counters = self.counters.numpy().copy()
+        counters[position] += 1
+        self.counters.set_value(counters)
+
     def count_backward(self, gradient: paddle.Tensor) -> None:
-        self.backward_passes += 1
+        self._count(1)
 
     def before_forward(self, model: paddle.nn.Layer, inputs: Any) -> None:
         """Counts training steps (forwards with gradients enabled) and freezes BatchNorm."""
@@ -99,7 +115,7 @@ class _QATState:
         else:
             for _, norm in self.batch_norms:
                 norm.eval()
-        self.training_steps += 1
+        self._count(0)
 
 
 class ImperativeQAT:
@@ -205,6 +221,7 @@ class ImperativeQAT:
             if isinstance(layer, FakeQuantLayer):
                 layer.on_backward = state.count_backward
         state.hook = model.register_forward_pre_hook(state.before_forward)
+        model.register_buffer(_COUNTERS_BUFFER, state.counters, persistable=True)
         setattr(model, _STATE_ATTR, state)
         model.train()
         if self.freeze_bn_after == 0:
@@ -403,6 +420,7 @@ class ImperativeQAT:
             for key in keys:
                 table.pop(key, None)
         delattr(plain, _STATE_ATTR)
+        plain._buffers.pop(_COUNTERS_BUFFER, None)
         for _, layer in list(plain.named_sublayers()):
             if isinstance(layer, _WRAPPERS):
                 replace_sublayer(plain, layer, layer.layer)

@@ -581,3 +581,41 @@ def test_converting_a_deep_copy_leaves_the_qat_model_training_as_before() -> Non
         step()
     assert qat.fine_tuning(trainable)["steps"] == 10
     np.testing.assert_array_equal(trainable[1]._mean.numpy(), mean)  # frozen after 3 steps
+
+
+def test_a_qat_model_resumed_from_its_state_dict_keeps_counting_steps(tmp_path) -> None:
+    """The step and backward counts are a buffer of the QAT model, so a checkpoint carries
+    them: a model resumed past freeze_bn_after keeps BatchNorm frozen and records every step
+    (before: both counts restarted at 0, BatchNorm trained again for freeze_bn_after steps, and
+    convert of a model resumed without training warned it never trained)."""
+    def build():
+        paddle.seed(0)
+        model = paddle.nn.Sequential(
+            paddle.nn.Conv2D(1, 8, 3), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(), paddle.nn.Flatten(),
+            paddle.nn.Linear(8 * 6 * 6, 10),
+        )
+        ptq, calibrated = _calibrated(model, [paddle.to_tensor(np.random.default_rng(0).random((16, 1, 8, 8), np.float32))])
+        qat = ImperativeQAT(ptq, freeze_bn_after=3)
+        return qat, qat.quantize(calibrated)
+
+    x, labels = paddle.to_tensor(np.random.default_rng(1).random((16, 1, 8, 8), np.float32)), paddle.randint(0, 10, [16])
+
+    def train(model, steps: int) -> None:
+        optimizer = paddle.optimizer.SGD(1e-3, parameters=model.parameters())
+        for _ in range(steps):
+            paddle.nn.functional.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+            optimizer.clear_grad()
+
+    qat, trainable = build()
+    train(trainable, 5)
+    paddle.save(trainable.state_dict(), str(tmp_path / "checkpoint.pdparams"))
+    resumed_qat, resumed = build()
+    resumed.set_state_dict(paddle.load(str(tmp_path / "checkpoint.pdparams")))
+    assert resumed_qat.fine_tuning(resumed)["steps"] == 5
+    resumed_qat.convert(resumed)  # no "never trained", no "backward never reached"
+    mean = resumed[1]._mean.numpy().copy()
+    train(resumed, 2)
+    np.testing.assert_array_equal(resumed[1]._mean.numpy(), mean)  # frozen after 3 steps
+    assert resumed_qat.fine_tuning(resumed)["steps"] == 7
+    assert "qat_counters" not in dict(resumed_qat.convert(resumed).named_buffers())
