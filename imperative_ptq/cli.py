@@ -467,6 +467,11 @@ def calibration_data(
             a ``.npy`` file is bad (see :func:`npy_batches`).
     """
     directory = args.data
+    if os.path.isfile(directory):
+        raise CliError(
+            f"--data takes a directory of .npy files or images, not a file: {directory} "
+            f"(put it in a directory of its own and pass that)"
+        )
     if not os.path.isdir(directory):
         raise CliError(f"data directory not found: {directory}")
     npy, images = [], []

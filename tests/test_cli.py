@@ -134,6 +134,7 @@ def test_weights_and_module_factory(project, monkeypatch, capsys) -> None:
     ("no_such_module_xyz:build", "data", "cannot import module"),
     ("net.py:build", "empty", "no calibration data in"),
     ("net.py:build", "missing", "data directory not found"),
+    ("net.py:build", "data/batch0.npy", "--data takes a directory of .npy files or images, not a file"),
 ])
 def test_user_errors_are_one_line(project, capsys, model_spec, data, message) -> None:
     spec = model_spec if "/" in model_spec or model_spec.startswith("no_such") else str(
