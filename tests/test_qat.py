@@ -73,6 +73,21 @@ def _calibrated(model, batches, config=None):
     return ptq, calibrated
 
 
+def _fine_tuned_on_squares(model, batches, learning_rate):
+    """``model`` calibrated on ``batches``, fine-tuned one SGD step per batch on the mean
+    square of its output (moving its weights and biases off PTQ's), in eval mode."""
+    ptq, calibrated = _calibrated(model, batches)
+    qat = ImperativeQAT(ptq)
+    trainable = qat.quantize(calibrated)
+    optimizer = paddle.optimizer.SGD(learning_rate, parameters=trainable.parameters())
+    for x in batches:
+        (trainable(x) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    trainable.eval()
+    return qat, trainable
+
+
 def _train(model, batches, learning_rate, steps):
     optimizer = paddle.optimizer.Adam(learning_rate, parameters=model.parameters())
     for step in range(steps):
@@ -398,15 +413,7 @@ def test_convert_with_the_bias_grid_for_onnx_runtime(tmp_path, caplog) -> None:
     for norm in (model[1], model[4]):
         norm.bias.set_value((0.3 * rng.standard_normal(16)).astype("float32"))
     images = [paddle.to_tensor(np.abs(rng.standard_normal((4, 3, 16, 16))).astype("float32")) for _ in range(3)]
-    ptq, calibrated = _calibrated(model, images)
-    qat = ImperativeQAT(ptq)
-    trainable = qat.quantize(calibrated)
-    optimizer = paddle.optimizer.SGD(1e-3, parameters=trainable.parameters())
-    for x in images:
-        (trainable(x) ** 2).mean().backward()
-        optimizer.step()
-        optimizer.clear_grad()
-    trainable.eval()
+    qat, trainable = _fine_tuned_on_squares(model, images, 1e-3)
     kept, on_grid = qat.convert(trainable), qat.convert(trainable, bias_grid=True)
     x = np.abs(rng.standard_normal((2, 3, 16, 16))).astype("float32")
     with paddle.no_grad():
@@ -529,15 +536,7 @@ def test_qat_linear_biases_off_the_int32_grid_are_named_at_onnx_export(tmp_path,
     )
     rng = np.random.default_rng(0)
     batches = [paddle.to_tensor(rng.standard_normal((8, 16)).astype("float32")) for _ in range(3)]
-    ptq, calibrated = _calibrated(model, batches)
-    qat = ImperativeQAT(ptq)
-    trainable = qat.quantize(calibrated)
-    optimizer = paddle.optimizer.SGD(1e-2, parameters=trainable.parameters())
-    for x in batches:
-        (trainable(x) ** 2).mean().backward()
-        optimizer.step()
-        optimizer.clear_grad()
-    trainable.eval()
+    qat, trainable = _fine_tuned_on_squares(model, batches, 1e-2)
     spec = [paddle.static.InputSpec([None, 16], "float32", "x")]
     for label, converted in (("kept", qat.convert(trainable)), ("on_grid", qat.convert(trainable, bias_grid=True))):
         caplog.clear()
