@@ -820,8 +820,12 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                         # in Paddle Inference and the simulation.
                         self.names[var] = unclipped
                         return
+                # (Below 8 bits a projection block's sum is held on codes up to 127 of t / L,
+                # beyond L, which its readers read: measured, a 7-bit downsample block before
+                # a 1x1 conv clipped at L, 0.28 of the largest output off the simulation.)
+                highest = top if var in self.coded and levels < top < U8_MAX else levels
                 bounds = [self._const(name, np.array(value, np.uint8))
-                          for name, value in (("min", 0), ("max", levels))]
+                          for name, value in (("min", 0), ("max", highest))]
                 codes = self._node("Clip", [codes, *bounds], var + ".clip")
                 self.names[var] = self._node("DequantizeLinear", [codes, s, z], var + ".dq")
                 if var in self.coded and top != U8_MAX:
