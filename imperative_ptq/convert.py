@@ -776,7 +776,7 @@ def _unhooked_weight_layers(model: paddle.nn.Layer, hooked: HookedLayers) -> lis
     for name, layer in model.named_sublayers():
         if (
             layer.sublayers() or id(layer) in hooked_layers or id(layer) in inside
-            or isinstance(layer, (paddle.nn.Embedding, QuantizedLayer))
+            or isinstance(layer, paddle.nn.Embedding)
             or getattr(layer, "skip_quant", False) is True
         ):
             continue

@@ -78,7 +78,6 @@ class _QATState:
         #: state_dict) carries them, so a resumed model freezes BatchNorm where it left off.
         self.counters = paddle.zeros([2], "int64")
         self.batch_norms: list[tuple[str, paddle.nn.Layer]] = []
-        self.hook: Any = None
         #: Layers PTQ's convert runs int8 that QAT has no form for (LSTMs, matmuls of two
         #: activations): fp32 in the QAT forward, so kept fp32 by :meth:`ImperativeQAT.convert`.
         self.fp32_layers: list[str] = []
@@ -220,7 +219,7 @@ class ImperativeQAT:
         for _, layer in model.named_sublayers():
             if isinstance(layer, FakeQuantLayer):
                 layer.on_backward = state.count_backward
-        state.hook = model.register_forward_pre_hook(state.before_forward)
+        model.register_forward_pre_hook(state.before_forward)
         model.register_buffer(_COUNTERS_BUFFER, state.counters, persistable=True)
         setattr(model, _STATE_ATTR, state)
         model.train()

@@ -93,6 +93,13 @@ INT4_OPSET = 21
 U8_WEIGHT_ZERO_POINT = 128
 
 
+def _off_int32_grid(bias: np.ndarray, steps: np.ndarray) -> bool:
+    """Whether a conv or Linear bias lies more than :data:`_OFF_GRID` of a step off the int32
+    grid ONNX Runtime adds it on (``steps``: input x weight scale per output channel)."""
+    exact = np.asarray(bias, np.float64).reshape(-1) / np.asarray(steps, np.float64).reshape(-1)
+    return bool(np.abs(exact - np.round(exact)).max(initial=0.0) > _OFF_GRID)
+
+
 def pair_sums_can_saturate(codes: np.ndarray) -> bool:
     """Whether ``vpmaddubsw`` pair sums of u8 codes (up to 255) and these int8 weight codes
     can pass int16: not for weights of at most 7 bits (2 * 255 * 63 < 32767)."""
@@ -1145,7 +1152,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             return
         b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = int32_bias_codes(bias, b_scale)
-        if codes is not None and np.abs(codes - bias / b_scale.astype(np.float64)).max(initial=0.0) > _OFF_GRID:
+        if codes is not None and _off_int32_grid(bias, b_scale):
             if self.biases_on_grid and beta_completed:
                 # A bias convert could not move (a BatchNorm with neither beta nor a conv bias
                 # to move instead, bias_attr=False on both): added in float after the conv,
@@ -1663,9 +1670,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 kind = "Sum"
             else:
                 # ONNX Runtime fuses it into a QGemm, which rounds the bias onto its int32 grid.
-                steps = self.integer_matmul_outputs[product]
-                codes = self._param(y_var).astype(np.float64).reshape(-1) / steps.astype(np.float64).reshape(-1)
-                if np.abs(codes - np.round(codes)).max(initial=0.0) > _OFF_GRID:
+                if _off_int32_grid(self._param(y_var).reshape(-1), self.integer_matmul_outputs[product]):
                     self.rounded_biases.append(out)
         self._bind(out, self._node(kind, [x, y], out))
 

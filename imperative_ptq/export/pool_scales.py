@@ -299,12 +299,10 @@ def _pool_copy(block: "paddle.static.Block", writer, source: str, pool, readers_
     PP-HGNetV2's stem pool ran its reference kernel, 7.8 ms against 0.2 ms, and the whole
     network 0.3-0.5x its fp32 speed. Read by the pool alone, it stays an ``assign``, which no
     pass fuses into the writer either."""
+    suffix = f"pooled_{len(block.ops)}"
     if readers_of_source < 2:
-        return insert_reader_op(block, writer, source, [pool], "assign", f"pooled_{len(block.ops)}")
-    limit = float(np.finfo(np.float32).max)
-    return insert_reader_op(
-        block, writer, source, [pool], "clip", f"pooled_{len(block.ops)}", {"min": -limit, "max": limit}
-    )
+        return insert_reader_op(block, writer, source, [pool], "assign", suffix)
+    return insert_identity_clip(block, writer, source, [pool], suffix)
 
 
 def _relu_of_a_norm(name: str, writers: Mapping) -> bool:

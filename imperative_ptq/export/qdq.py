@@ -21,11 +21,11 @@ from .unsigned import gemm_output
 __all__ = ["activation_qdq", "insert_identity_clip", "narrowed_once"]
 
 
-def insert_identity_clip(block, writer, name: str, consumers: list, suffix: str = "isolated") -> None:
-    """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``
-    (its output ``<name>.<suffix>``)."""
+def insert_identity_clip(block, writer, name: str, consumers: list, suffix: str = "isolated") -> str:
+    """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``;
+    returns its output ``<name>.<suffix>``."""
     limit = float(np.finfo(np.float32).max)
-    insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
+    return insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
 
 
 def narrowed_once(
