@@ -692,6 +692,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         factor: np.ndarray | None = None,
         unsigned: bool = False,
         dequantized: bool = False,
+        restorable: bool = True,
     ) -> tuple[str, np.ndarray]:
         """The ``DequantizeLinear`` of a calibrated layer's weight, and its per-channel scales.
 
@@ -708,7 +709,9 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
 
         ``dequantized``: store the int8 grid's values as a float32 constant instead, the
         product ``DequantizeLinear`` computes (for a layer ONNX Runtime runs in float; noted
-        in ``float_stored_filters``). INT4 storage, where it applies, is kept.
+        in ``float_stored_filters`` where ``restorable``: the int8 storage comes back where a
+        QuantizeLinear follows, see :meth:`_keep_float_filters_from_requantization`). INT4
+        storage, where it applies, is kept.
         """
         factor = np.ones([weight.shape[axis]], np.float32) if factor is None else factor
         int4 = self.int4_weights and record.weight_bits <= 4
@@ -742,7 +745,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
         codes = np.clip(integers, -128, 127).astype(np.int8)
         if dequantized:
             stored = self._const(weight_name, codes.astype(np.float32) * scale.reshape(shape))
-            self.float_stored_filters[stored] = (weight_name, weight, record, axis, factor, unsigned)
+            if restorable:
+                self.float_stored_filters[stored] = (weight_name, weight, record, axis, factor, unsigned)
             return stored, scale
         if unsigned:
             codes, zeros = weight_codes_and_zero(codes, scale.shape)
@@ -1142,8 +1146,22 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             float_run and weight[0].size <= _FLOAT_STORED_FILTER_VALUES and weight[0, 0].size > 1
             and self.block.idx == 0
         )
-        w, w_scale = self._quantized_weight(weight_name, weight, record, 0, factor, unsigned, float_stored)
-        if float_run:
+        # A dense conv over a single input channel (a grayscale stem: LeNet's, an MNIST net's)
+        # runs in float even where a QuantizeLinear follows: ONNX Runtime's QLinearConv there
+        # took 2.3-4.7x the time of its float Conv on the same values (one thread, Zen 5:
+        # 1 -> 6 channels 5x5 at 28x28, batch 64, 2.79 vs 0.59 ms; 1 -> 32 3x3, 2.18 vs 0.95
+        # ms), while an RGB stem was 0.7-1.8x either way. The filter is stored as the values
+        # DequantizeLinear computes and the input stays the simulation's codes, so the float
+        # Conv computes the simulation's sums; a Clip in front keeps ONNX Runtime from
+        # quantizing the filter again (_keep_float_filters_from_requantization).
+        single_channel = (
+            weight.ndim == 4 and weight.shape[1] == 1 and op.attr("groups") == 1 and self.block.idx == 0
+        )
+        w, w_scale = self._quantized_weight(
+            weight_name, weight, record, 0, factor, unsigned, float_stored or single_channel,
+            restorable=not single_channel,
+        )
+        if float_run or single_channel:
             # (An int32 bias would only add its rounding: measured, conv + BatchNorm + Swish
             # -> conv, 3.4e-3 of the largest output off the simulation on 3% of the outputs;
             # PP-OCRv4's first depthwise conv as x2paddle writes it, read by a multiply,
@@ -1200,12 +1218,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             if initializer.data_type == self.onnx.TensorProto.FLOAT
         }
         constants = {initializer.name for initializer in self.initializers}
-        readers: dict[str, list] = {}
-        producers: dict[str, Any] = {}
+        readers, producers = _node_links(self.nodes)
         for node in self.nodes:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
-            producers.update(dict.fromkeys(node.output, node))
             if node.input and all(name in constants for name in node.input if name):
                 constants.update(node.output)  # (in order: ONNX Runtime folds what only constants feed)
 
@@ -1245,10 +1259,63 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                     "Clip", [node.input[0], self._const("min", np.array(-largest, np.float32)),
                              self._const("max", np.array(largest, np.float32))], node.input[0] + ".float",
                 )
-            inserted = self.nodes[count:]  # (appended: moved in front of the node)
-            del self.nodes[count:]
-            position = next(i for i, n in enumerate(self.nodes) if n is node)
-            self.nodes[position:position] = inserted
+            self._move_appended_before(node, count)
+
+    def _keep_max_pools_float(self) -> None:
+        """Keeps ONNX Runtime from moving a max-pool onto uint8 codes in NCHW.
+
+        ONNX Runtime's QDQ propagation moves a DequantizeLinear that a MaxPool alone reads to
+        the pool's output (a QuantizeLinear / DequantizeLinear pair after it) unless what reads
+        the pool is a QuantizeLinear; the MaxPool then runs on uint8, outside its NHWC path,
+        in a generic kernel (measured, one thread, Zen 5: 2x2 pools of a LeNet at batch 64,
+        [64, 6, 28, 28] 1.40 vs 0.26 ms in float; a 3x3 stride-2 pool of [8, 64, 112, 112]
+        39.4 vs 7.1 ms; the same values either way). An identity Clip between the
+        DequantizeLinear and the pool stops it: the pool runs in float on the dequantized
+        codes, which a maximum leaves on their grid. Only where the codes come from a float op
+        (a float Conv, as a grayscale stem is): behind a QLinearConv or QLinearAdd ONNX Runtime
+        runs the pool on codes in its NHWC kernel (the demo's ConvNet: 0.015 ms at batch 64,
+        0.3 ms with the Clip), and a pool a QuantizeLinear reads is not moved at all (ResNet's
+        stem pool, NHWC too).
+        """
+        readers, producers = _node_links(self.nodes)
+
+        def dequantized(name: str) -> bool:
+            return getattr(producers.get(name), "op_type", None) == "DequantizeLinear"
+
+        def integer_kernel_output(name: str) -> bool:
+            """Whether ``name`` is what a QLinearConv or QLinearAdd will write (its Relu too)."""
+            node = producers.get(name)
+            if node is not None and node.op_type in ("Relu", "Clip"):
+                node = producers.get(node.input[0])
+            if node is None:
+                return False
+            if node.op_type == "Conv":
+                return len(node.input) > 1 and dequantized(node.input[0]) and dequantized(node.input[1])
+            return node.op_type == "Add" and all(dequantized(operand) for operand in node.input)
+
+        largest = float(np.finfo(np.float32).max)
+        for pool in [node for node in self.nodes if node.op_type == "MaxPool"]:
+            pooled = pool.input[0]
+            writer = producers.get(pooled)
+            after = readers.get(pool.output[0], [])
+            if (
+                writer is None or writer.op_type != "DequantizeLinear" or len(readers[pooled]) != 1
+                or not after or all(node.op_type == "QuantizeLinear" for node in after)
+            ):
+                continue
+            quantize = producers.get(writer.input[0])
+            if quantize is None or quantize.op_type != "QuantizeLinear" or integer_kernel_output(quantize.input[0]):
+                continue
+            count = len(self.nodes)
+            pool.input[0] = self._clip(pooled, -largest, largest, pooled + ".float")
+            self._move_appended_before(pool, count)
+
+    def _move_appended_before(self, node: Any, count: int) -> None:
+        """Moves the nodes appended after the first ``count`` in front of ``node``."""
+        inserted = self.nodes[count:]
+        del self.nodes[count:]
+        position = next(i for i, other in enumerate(self.nodes) if other is node)
+        self.nodes[position:position] = inserted
 
     def _quantized_after(self, var: str) -> bool:
         """Whether a QuantizeLinear reads ``var``, directly or behind a ReLU (or the shifted
@@ -2206,6 +2273,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             dtype = self.helper.np_dtype_to_tensor_dtype(numpy_dtype(var.dtype))  # arg_max: int
             outputs.append(self.helper.make_tensor_value_info(name, dtype, shape))
         self._keep_float_filters_from_requantization()
+        self._keep_max_pools_float()
         self.nodes = _without_dead_nodes(self.nodes, {output.name for output in outputs})
         graph = self.helper.make_graph(self.nodes, "imperative_ptq", inputs, outputs, self.initializers)
         opsets = [self.helper.make_opsetid("", opset)]
@@ -2461,6 +2529,17 @@ def _names_read(nodes: Sequence[Any]) -> set[str]:
             for body in bodies:
                 read |= _names_read(body.node) | {output.name for output in body.output}
     return read
+
+
+def _node_links(nodes: Sequence[Any]) -> tuple[dict[str, list], dict[str, Any]]:
+    """The readers of each tensor of ``nodes`` (ONNX nodes) and the node writing each."""
+    readers: dict[str, list] = {}
+    producers: dict[str, Any] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+        producers.update(dict.fromkeys(node.output, node))
+    return readers, producers
 
 
 def _without_dead_nodes(nodes: list[Any], graph_outputs: set[str]) -> list[Any]:
