@@ -67,7 +67,7 @@ from .pool_scales import (
     pool_signed_sums_through_copies,
     resample_signed_tensors_in_float,
 )
-from .qdq import activation_qdq, narrowed_once
+from .qdq import activation_qdq, drop_identity_clips_before_u8_clips, narrowed_once
 from .residual_adds import (
     isolate_unscaled_residual_adds,
     scaled_input_copies,
@@ -372,6 +372,7 @@ def quantize_program(
                     "them on", rounded)
     loaded.program._sync_with_cpp()
     shared_output_clips(loaded)
+    drop_identity_clips_before_u8_clips(block)
     if isolated:
         logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
     read_integer_weights_through_copies(loaded)

@@ -14,11 +14,11 @@ from typing import Mapping
 import numpy as np
 
 from ..quantizers.qparams import symmetric_levels
-from .graph import insert_op, insert_reader_op, new_persistable
+from .graph import insert_op, insert_reader_op, is_persistable, new_persistable, op_index, producers, readers, remove_op
 from .legacy_program import LegacyProgram
 from .unsigned import gemm_output
 
-__all__ = ["activation_qdq", "insert_identity_clip", "narrowed_once"]
+__all__ = ["activation_qdq", "drop_identity_clips_before_u8_clips", "insert_identity_clip", "narrowed_once"]
 
 
 def insert_identity_clip(block, writer, name: str, consumers: list, suffix: str = "isolated") -> str:
@@ -26,6 +26,44 @@ def insert_identity_clip(block, writer, name: str, consumers: list, suffix: str 
     returns its output ``<name>.<suffix>``."""
     limit = float(np.finfo(np.float32).max)
     return insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
+
+
+def _identity_clip(op) -> bool:
+    """Whether ``op`` is a clip over the whole float range (:func:`insert_identity_clip`)."""
+    limit = float(np.finfo(np.float32).max)
+    return op.type == "clip" and op.attr("min") <= -limit and op.attr("max") >= limit
+
+
+def drop_identity_clips_before_u8_clips(block) -> int:
+    """Removes the identity clip after a pool whose one reader is a u8 clip
+    (:func:`.unsigned.insert_clip_relu`: a ``clip`` or ``elementwise_min``, then a ``relu``) or a
+    shift (:func:`.shifted.insert_shift`: a ``fused_elementwise_add`` of a parameter, then a
+    ``relu``): those are no ops Paddle carries a scale back through either, and oneDNN fuses
+    nothing into a pool, so the identity clip only cost an op (one in each squeeze-excite block
+    of a MobileNetV3, whose pool stays fp32). Returns how many were removed."""
+    writers, reading = producers(block), readers(block)
+    dropped = 0
+    for op in list(block.ops):
+        if not _identity_clip(op):
+            continue
+        source, out = op.input("X")[0], op.output("Out")[0]
+        after = reading.get(out, [])
+        writer = writers.get(source)
+        if (
+            writer is None or writer.type != "pool2d" or len(reading.get(source, [])) != 1 or len(after) != 1
+            or not (
+                after[0].type in ("clip", "elementwise_min")
+                or after[0].type == "fused_elementwise_add" and is_persistable(block, after[0].input("Y")[0])
+            )
+        ):
+            continue
+        u8_readers = reading.get(after[0].output("Out")[0], [])
+        if len(u8_readers) != 1 or u8_readers[0].type != "relu":
+            continue
+        after[0]._rename_input(out, source)
+        remove_op(block, op_index(block, op))
+        dropped += 1
+    return dropped
 
 
 def narrowed_once(
