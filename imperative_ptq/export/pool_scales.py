@@ -124,11 +124,15 @@ def align_pooled_scales(
                 # gets a copy of its own, on the reader's grid. Paddle quantized the shared
                 # input with its own scale, pooled the codes and quantized them again
                 # (measured: 1.9% of the largest output off, 99% of the outputs; 3e-7 after).
-                copy = _pool_copy(block, writers[source], source, op, len(reading.get(source, [])))
-                outputs[copy] = threshold
                 # A source on codes is pooled on them wherever it is read (the simulation's
-                # codes); a float one is pooled in float only where read in float.
+                # codes); a float one is pooled in float only where read in float. (That fp32
+                # pool first: it reads the source too, which makes the int8 pool's copy an
+                # identity clip rather than an assign; measured on Inception-v3, whose stem
+                # pool feeds int8 convs and a float average pool: the assign wrote NCHW and
+                # oneDNN ran its reference s8 pool, 12.5 of 46 ms of the int8 forward.)
                 _pool_in_float_for_float_readers(block, op, source, set() if source in on_codes else walked)
+                copy = _pool_copy(block, writers[source], source, op, len(readers(block).get(source, [])))
+                outputs[copy] = threshold
                 # The next walks see those ops: a pool added for other readers that another
                 # clip reaches gets a copy of its own too (measured: an Inception pool branch
                 # beside a conv, both reading a stem max-pool, read the int8 stem conv's
