@@ -1262,20 +1262,20 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             self._move_appended_before(node, count)
 
     def _keep_max_pools_float(self) -> None:
-        """Keeps ONNX Runtime from moving a max-pool onto uint8 codes in NCHW.
+        """Keeps ONNX Runtime from running a max-pool on uint8 codes in NCHW.
 
-        ONNX Runtime's QDQ propagation moves a DequantizeLinear that a MaxPool alone reads to
-        the pool's output (a QuantizeLinear / DequantizeLinear pair after it) unless what reads
-        the pool is a QuantizeLinear; the MaxPool then runs on uint8, outside its NHWC path,
-        in a generic kernel (measured, one thread, Zen 5: 2x2 pools of a LeNet at batch 64,
-        [64, 6, 28, 28] 1.40 vs 0.26 ms in float; a 3x3 stride-2 pool of [8, 64, 112, 112]
-        39.4 vs 7.1 ms; the same values either way). An identity Clip between the
-        DequantizeLinear and the pool stops it: the pool runs in float on the dequantized
-        codes, which a maximum leaves on their grid. Only where the codes come from a float op
-        (a float Conv, as a grayscale stem is): behind a QLinearConv or QLinearAdd ONNX Runtime
-        runs the pool on codes in its NHWC kernel (the demo's ConvNet: 0.015 ms at batch 64,
-        0.3 ms with the Clip), and a pool a QuantizeLinear reads is not moved at all (ResNet's
-        stem pool, NHWC too).
+        ONNX Runtime moves a max-pool onto codes two ways: it drops a DequantizeLinear ->
+        MaxPool -> QuantizeLinear group on one grid (the export keeps a pool's input grid), and
+        its QDQ propagation moves a DequantizeLinear that a MaxPool alone reads behind the pool
+        when no QuantizeLinear reads the pool. Behind a QLinearConv or QLinearAdd that pool
+        then runs in ONNX Runtime's NHWC kernel (ResNet's stem pool; the demo ConvNet's, 0.015
+        ms at batch 64); behind anything else (a float Conv, as a grayscale stem is, a concat,
+        a Clip of the codes) in a generic NCHW kernel, far slower than its float one (one
+        thread, Zen 5, the same values either way: LeNet's 2x2 pool of [64, 6, 28, 28] 1.40 vs
+        0.26 ms; a 3x3 stride-2 pool of [8, 64, 112, 112] 39.4 vs 7.1 ms; SqueezeNet's
+        [8, 128, 55, 55] 11.3 vs 0.4 ms). There an identity Clip between the DequantizeLinear
+        and the pool, and one between the pool and the QuantizeLinear reading it, keep the pool
+        in float on the dequantized codes, which a maximum leaves on their grid.
         """
         readers, producers = _node_links(self.nodes)
 
@@ -1298,23 +1298,37 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             pooled = pool.input[0]
             writer = producers.get(pooled)
             after = readers.get(pool.output[0], [])
-            if (
-                writer is None or writer.op_type != "DequantizeLinear" or len(readers[pooled]) != 1
-                or not after or all(node.op_type == "QuantizeLinear" for node in after)
+            quantized_after = bool(after) and all(node.op_type == "QuantizeLinear" for node in after)
+            if writer is None or writer.op_type != "DequantizeLinear" or not after or (
+                len(readers[pooled]) != 1 and not quantized_after
             ):
                 continue
             quantize = producers.get(writer.input[0])
-            if quantize is None or quantize.op_type != "QuantizeLinear" or integer_kernel_output(quantize.input[0]):
+            codes_clipped = quantize is not None and quantize.op_type == "Clip"
+            if codes_clipped:
+                quantize = producers.get(quantize.input[0])
+            if quantize is None or quantize.op_type != "QuantizeLinear" or (
+                integer_kernel_output(quantize.input[0]) and not codes_clipped
+            ):
                 continue
             count = len(self.nodes)
             pool.input[0] = self._clip(pooled, -largest, largest, pooled + ".float")
             self._move_appended_before(pool, count)
+            if quantized_after:
+                out = pool.output[0]
+                pool.output[0] = self._unique(out + ".pooled")
+                count = len(self.nodes)
+                clipped = self._clip(pool.output[0], -largest, largest, out + ".float")
+                for node in after:
+                    node.input[:] = [clipped if name == out else name for name in node.input]
+                self._move_appended_before(pool, count, behind=True)
 
-    def _move_appended_before(self, node: Any, count: int) -> None:
-        """Moves the nodes appended after the first ``count`` in front of ``node``."""
+    def _move_appended_before(self, node: Any, count: int, behind: bool = False) -> None:
+        """Moves the nodes appended after the first ``count`` in front of ``node`` (right
+        behind it with ``behind``)."""
         inserted = self.nodes[count:]
         del self.nodes[count:]
-        position = next(i for i, other in enumerate(self.nodes) if other is node)
+        position = next(i for i, other in enumerate(self.nodes) if other is node) + int(behind)
         self.nodes[position:position] = inserted
 
     def _quantized_after(self, var: str) -> bool:
