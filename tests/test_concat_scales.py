@@ -178,10 +178,7 @@ def test_a_dense_blocks_batch_norms_run_in_onednns_blocked_layout(tmp_path) -> N
     scale op, which keeps oneDNN's blocked layout: as an assign (NCHW) the BatchNorms behind it
     ran oneDNN's plain-layout kernel (DenseNet-121: 5.9 ms at batch 1 against 1.3 ms for all 62
     in fp32; int8 1.21x -> 1.60x its fp32 speed). As simulated either way."""
-    import subprocess
-    import sys
-
-    from checkout import checkout_env
+    from checkout import onednn_executions
     from models import randomize_batch_norm_statistics
 
     paddle.seed(0)
@@ -192,14 +189,5 @@ def test_a_dense_blocks_batch_norms_run_in_onednns_blocked_layout(tmp_path) -> N
     qmodel = converted(model, batches)
     x = rng.random((2, 3, 32, 32), dtype=np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
-    np.save(tmp_path / "x.npy", x)
-    script = (
-        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
-        f"predict(create_predictor({str(tmp_path / 'm')!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"), capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    norms = [line for line in done.stdout.splitlines() if ",exec," in line and ",batch_normalization," in line]
+    norms = onednn_executions(tmp_path / "m", x, tmp_path, "batch_normalization")
     assert norms and all("ncsp_bnorm" not in line for line in norms), norms

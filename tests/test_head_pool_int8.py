@@ -16,7 +16,7 @@ from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer
 from imperative_ptq.export import create_predictor, int8_report, predict, save_quantized_model
 from imperative_ptq.quant_pool import QuantizedGlobalAveragePool
 from avx2_kernels import on_avx2, paddle_inference_outputs
-from checkout import checkout_env
+from checkout import onednn_executions
 from models import (
     X86_TARGETS, ThreeBlockResNet, converted, converted_from_old_table,
     largest_error_in_onnx_runtime, largest_error_in_paddle_inference, randomize_batch_norm_statistics,
@@ -278,21 +278,8 @@ def test_a_relu_shared_by_an_identity_and_a_projection_sum_runs_as_simulated(poo
 
 def test_the_pool_runs_u8_in_paddle_inference(tmp_path, capfd) -> None:
     """oneDNN's verbose log: the pool reads and writes u8 (the grid the simulation averages)."""
-    import subprocess
-    import sys
-
     _, prefix, x = _exported("conv_head", "x86", tmp_path)
-    np.save(tmp_path / "x.npy", x)
-    script = (
-        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
-        f"predict(create_predictor({prefix!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"),
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    pools = [line for line in done.stdout.splitlines() if ",exec," in line and ",pooling," in line]
+    pools = onednn_executions(prefix, x, tmp_path, "pooling")
     assert pools and all("src:u8" in line and "dst:u8" in line for line in pools), pools
 
 

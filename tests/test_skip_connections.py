@@ -671,10 +671,7 @@ def test_a_pool_reading_a_copy_of_a_shared_float_tensor_runs_a_fast_int8_kernel(
     channels-last layout; an ``assign`` copy wrote it NCHW, on which oneDNN has only its
     reference int8 pool (PP-HGNetV2-B0 0.3-0.5x its fp32 speed, its stem pool 78% of the
     int8 time). As simulated either way."""
-    import subprocess
-    import sys
-
-    from checkout import checkout_env
+    from checkout import onednn_executions
     from models import converted, largest_error_in_paddle_inference
 
     paddle.seed(0)
@@ -683,16 +680,7 @@ def test_a_pool_reading_a_copy_of_a_shared_float_tensor_runs_a_fast_int8_kernel(
     qmodel = converted(_AffineStem(), batches)
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
-    np.save(tmp_path / "x.npy", x)
-    script = (
-        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
-        f"predict(create_predictor({str(tmp_path / 'm')!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"), capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    pools = [line for line in done.stdout.splitlines() if ",exec," in line and ",pooling," in line]
+    pools = onednn_executions(tmp_path / "m", x, tmp_path, "pooling")
     assert pools and all(",ref:" not in line for line in pools), pools
     assert any("src:s8" in line or "src:u8" in line for line in pools), pools  # the int8 pool
 
@@ -762,10 +750,7 @@ def test_a_max_pool_beside_its_fp32_twin_runs_a_fast_int8_kernel(tmp_path) -> No
     """The int8 pool's copy of its input is an identity clip once the fp32 pool the average
     pool reads is in place (an assign copy before: NCHW, oneDNN's reference s8 pool, 12.5 of
     Inception-v3's 46 ms int8 forward; 1.49x -> 2.57x its fp32 speed at batch 1)."""
-    import subprocess
-    import sys
-
-    from checkout import checkout_env
+    from checkout import onednn_executions
 
     paddle.seed(0)
     rng = np.random.default_rng(0)
@@ -775,15 +760,6 @@ def test_a_max_pool_beside_its_fp32_twin_runs_a_fast_int8_kernel(tmp_path) -> No
     qmodel = converted(model, batches)
     x = rng.random((2, 3, 33, 33), dtype=np.float32)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
-    np.save(tmp_path / "x.npy", x)
-    script = (
-        "import numpy as np; from imperative_ptq.export import create_predictor, predict; "
-        f"predict(create_predictor({str(tmp_path / 'm')!r}, num_threads=1), np.load({str(tmp_path / 'x.npy')!r}))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=checkout_env(ONEDNN_VERBOSE="1"), capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    pools = [line for line in done.stdout.splitlines() if ",exec," in line and ",pooling," in line]
+    pools = onednn_executions(tmp_path / "m", x, tmp_path, "pooling")
     assert any("src:s8" in line or "src:u8" in line for line in pools), pools  # the int8 pool
     assert all(",ref:" not in line for line in pools), pools
