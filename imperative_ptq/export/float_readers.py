@@ -230,8 +230,9 @@ def _concat_inputs_beside_fp32_layers(
                 # DenseNet-121's BatchNorms behind its first block's concats ran oneDNN's
                 # plain-layout kernel (5.9 ms at batch 1 against 1.3 ms for all 62 in fp32;
                 # its int8 forward 28.3 -> 21.8 ms, outputs identical). (Paddle carries a
-                # scale through a scale op, so an int8 reader's would come back.)
-                if quantized_after:
+                # scale through a scale op, so an int8 reader's would come back, also from
+                # behind layout ops: a channel shuffle's reshapes into a split.)
+                if quantized_after or any(_requantizes(reader, reading, op, through_concats=True) for reader in after):
                     insert_reader_op(block, op, out, after, "assign", "isolated")
                 else:
                     insert_reader_op(
@@ -255,19 +256,22 @@ _REQUANTIZING_READERS = frozenset({"quantize_linear", "assign", "concat"})
 _U8_CLIPS = frozenset({"clip", "elementwise_min"})
 
 
-def _requantizes(reader, reading: Mapping, concat) -> bool:
+def _requantizes(reader, reading: Mapping, concat, through_concats: bool = False) -> bool:
     """Whether ``reader`` quantizes its input (:data:`_REQUANTIZING_READERS`) or passes it,
     through ops carrying a scale back (a resize, a max-pool, a reshape), to one that does (a
-    PAN neck's upsampled copy of a tensor beside its concat)."""
+    PAN neck's upsampled copy of a tensor beside its concat). ``through_concats``: whether a
+    scale can come back to the input at all along Paddle's scale propagation: through concats
+    too (a concat's output scale goes to its inputs), to a quantize op or an assign copy."""
+    ends = frozenset({"quantize_linear", "assign"}) if through_concats else _REQUANTIZING_READERS
     pending, seen = [reader], set()
     while pending:
         op = pending.pop()
         if id(op) in seen or op is concat:
             continue
         seen.add(id(op))
-        if op.type in _REQUANTIZING_READERS:
+        if op.type in ends:
             return True
-        if op.type in SCALE_CARRYING_OPS:
+        if op.type in SCALE_CARRYING_OPS or (through_concats and op.type == "concat"):
             pending.extend(
                 after for slot in op.output_names for name in op.output(slot) for after in reading.get(name, [])
             )
