@@ -657,7 +657,8 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                     continue
                 if source not in thresholds:
                     if (
-                        out in self.u8_inputs and out in thresholds and out not in self.affine
+                        source not in self.coded and source not in self.affine
+                        and out in self.u8_inputs and out in thresholds and out not in self.affine
                         and out not in self.fetched and self._read_only_on_its_grid(out, thresholds)
                     ):
                         thresholds[source] = thresholds[out]
