@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import paddle
@@ -262,6 +262,25 @@ def without_structure(path: str | pathlib.Path, to: str | pathlib.Path) -> pathl
     to = pathlib.Path(to)
     to.write_text(json.dumps(document), encoding="utf-8")
     return to
+
+
+def converted_with_input(
+    build: Callable[[], paddle.nn.Layer], shape: list[int], normal: bool = False, target: str = "x86",
+    seed: int = 0,
+) -> tuple[paddle.nn.Layer, np.ndarray]:
+    """``build()`` (made after ``paddle.seed(seed)``) with randomized BatchNorm statistics,
+    converted for ``target`` on three random batches of ``shape`` (standard normal with
+    ``normal``, else uniform in [0, 1)), and a fourth batch to run it on."""
+    paddle.seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build()
+    randomize_batch_norm_statistics(model, seed)
+
+    def batch() -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32) if normal else rng.random(shape, dtype=np.float32)
+
+    quantized = converted(model, [paddle.to_tensor(batch()) for _ in range(3)], target)
+    return quantized, batch()
 
 
 def converted_from_old_table(

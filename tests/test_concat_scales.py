@@ -179,15 +179,9 @@ def test_a_dense_blocks_batch_norms_run_in_onednns_blocked_layout(tmp_path) -> N
     ran oneDNN's plain-layout kernel (DenseNet-121: 5.9 ms at batch 1 against 1.3 ms for all 62
     in fp32; int8 1.21x -> 1.60x its fp32 speed). As simulated either way."""
     from checkout import onednn_executions
-    from models import randomize_batch_norm_statistics
+    from models import converted_with_input
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = _DenseBlock()
-    randomize_batch_norm_statistics(model, 0)
-    batches = [paddle.to_tensor(rng.random((2, 3, 32, 32), dtype=np.float32)) for _ in range(3)]
-    qmodel = converted(model, batches)
-    x = rng.random((2, 3, 32, 32), dtype=np.float32)
+    qmodel, x = converted_with_input(_DenseBlock, [2, 3, 32, 32])
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     norms = onednn_executions(tmp_path / "m", x, tmp_path, "batch_normalization")
     assert norms and all("ncsp_bnorm" not in line for line in norms), norms

@@ -14,7 +14,7 @@ import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, predict
 from avx2_kernels import paddle_inference_outputs
 from models import (
-    X86_TARGETS, converted, largest_error_in_onnx_runtime, largest_error_in_paddle_inference,
+    X86_TARGETS, converted, converted_with_input, largest_error_in_onnx_runtime, largest_error_in_paddle_inference,
     randomize_batch_norm_statistics,
 )
 from ties import simulation_up_to_ties
@@ -711,13 +711,7 @@ def test_a_squeeze_excite_pool_feeds_its_u8_clip_or_shift_directly(activation, t
     192 ops in Paddle Inference; its forward 2-5% faster, the same output)."""
     from imperative_ptq.export.legacy_program import legacy_static_mode
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = _SqueezeExcite(activation)
-    randomize_batch_norm_statistics(model, 0)
-    batches = [paddle.to_tensor(rng.standard_normal((4, 8, 16, 16)).astype(np.float32)) for _ in range(3)]
-    qmodel = converted(model, batches)
-    x = rng.standard_normal((4, 8, 16, 16)).astype(np.float32)
+    qmodel, x = converted_with_input(lambda: _SqueezeExcite(activation), [4, 8, 16, 16], normal=True)
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     with open(tmp_path / "m.pdmodel", "rb") as file, legacy_static_mode():
         program = paddle.base.framework.Program.parse_from_string(file.read())
@@ -752,13 +746,7 @@ def test_a_max_pool_beside_its_fp32_twin_runs_a_fast_int8_kernel(tmp_path) -> No
     Inception-v3's 46 ms int8 forward; 1.49x -> 2.57x its fp32 speed at batch 1)."""
     from checkout import onednn_executions
 
-    paddle.seed(0)
-    rng = np.random.default_rng(0)
-    model = _InceptionStem()
-    randomize_batch_norm_statistics(model, 0)
-    batches = [paddle.to_tensor(rng.random((2, 3, 33, 33), dtype=np.float32)) for _ in range(3)]
-    qmodel = converted(model, batches)
-    x = rng.random((2, 3, 33, 33), dtype=np.float32)
+    qmodel, x = converted_with_input(_InceptionStem, [2, 3, 33, 33])
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     pools = onednn_executions(tmp_path / "m", x, tmp_path, "pooling")
     assert any("src:s8" in line or "src:u8" in line for line in pools), pools  # the int8 pool
