@@ -934,6 +934,12 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                   for name, value in (("min", low), ("max", high))]
         return self._node("Clip", [tensor, *bounds], stem + ".clip")
 
+    def _identity_clip(self, tensor: str, stem: str) -> str:
+        """A ``Clip`` of ``tensor`` to the whole float range: it computes nothing, but no ONNX
+        Runtime fusion or QDQ propagation crosses it."""
+        largest = float(np.finfo(np.float32).max)
+        return self._clip(tensor, -largest, largest, stem)
+
     def _qdq(
         self, tensor: str, scale: float, zero: int, stem: str,
         codes: tuple[int, int] | None = None,
@@ -1289,11 +1295,7 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 node.input[1], _ = self._quantized_weight(*self.float_stored_filters.pop(filter_name))
                 self.initializers = [i for i in self.initializers if i.name != filter_name]
             else:
-                largest = np.finfo(np.float32).max
-                node.input[0] = self._node(
-                    "Clip", [node.input[0], self._const("min", np.array(-largest, np.float32)),
-                             self._const("max", np.array(largest, np.float32))], node.input[0] + ".float",
-                )
+                node.input[0] = self._identity_clip(node.input[0], node.input[0] + ".float")
             self._move_appended_before(node, count)
 
     def _keep_max_pools_float(self) -> None:
@@ -1328,7 +1330,6 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
                 return len(node.input) > 1 and dequantized(node.input[0]) and dequantized(node.input[1])
             return node.op_type == "Add" and all(dequantized(operand) for operand in node.input)
 
-        largest = float(np.finfo(np.float32).max)
         for pool in [node for node in self.nodes if node.op_type == "MaxPool"]:
             pooled = pool.input[0]
             writer = producers.get(pooled)
@@ -1347,13 +1348,13 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             ):
                 continue
             count = len(self.nodes)
-            pool.input[0] = self._clip(pooled, -largest, largest, pooled + ".float")
+            pool.input[0] = self._identity_clip(pooled, pooled + ".float")
             self._move_appended_before(pool, count)
             if quantized_after:
                 out = pool.output[0]
                 pool.output[0] = self._unique(out + ".pooled")
                 count = len(self.nodes)
-                clipped = self._clip(pool.output[0], -largest, largest, out + ".float")
+                clipped = self._identity_clip(pool.output[0], out + ".float")
                 for node in after:
                     node.input[:] = [clipped if name == out else name for name in node.input]
                 self._move_appended_before(pool, count, behind=True)

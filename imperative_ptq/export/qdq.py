@@ -21,17 +21,21 @@ from .unsigned import gemm_output
 __all__ = ["activation_qdq", "drop_identity_clips_before_u8_clips", "insert_identity_clip", "narrowed_once"]
 
 
+#: The bound of an identity clip: the whole float32 range.
+_FLOAT32_LIMIT = float(np.finfo(np.float32).max)
+
+
 def insert_identity_clip(block, writer, name: str, consumers: list, suffix: str = "isolated") -> str:
     """Makes ``consumers`` read ``clip(name)`` over the whole float range instead of ``name``;
     returns its output ``<name>.<suffix>``."""
-    limit = float(np.finfo(np.float32).max)
-    return insert_reader_op(block, writer, name, consumers, "clip", suffix, {"min": -limit, "max": limit})
+    return insert_reader_op(
+        block, writer, name, consumers, "clip", suffix, {"min": -_FLOAT32_LIMIT, "max": _FLOAT32_LIMIT}
+    )
 
 
 def _identity_clip(op) -> bool:
     """Whether ``op`` is a clip over the whole float range (:func:`insert_identity_clip`)."""
-    limit = float(np.finfo(np.float32).max)
-    return op.type == "clip" and op.attr("min") <= -limit and op.attr("max") >= limit
+    return op.type == "clip" and op.attr("min") <= -_FLOAT32_LIMIT and op.attr("max") >= _FLOAT32_LIMIT
 
 
 def drop_identity_clips_before_u8_clips(block) -> int:
