@@ -6,7 +6,8 @@ weights, calibrated on random data), a 784-256-128-10 MLP, a LeNet, the demo's M
 a BERT-shaped encoder (6 layers, hidden 384, 12 heads, sequence 128, like MiniLM-L6; random
 weights, random token ids; its output is the pooled embedding) and ConvNeXt-T's layout (its
 pointwise Linear layers read channels-last rank-4 tensors, which the export runs as 1x1 convs)
-and a YOLOv5-style SiLU backbone (``yolo_csp``, 320x320). ONNX Runtime columns are left
+and a YOLOv5-style SiLU backbone (``yolo_csp``, 320x320). ``--models`` also takes SqueezeNet 1.1, GoogLeNet,
+DenseNet-121 and Inception-v3 (299x299), which the default run leaves out (``EXTRA_MODELS``). ONNX Runtime columns are left
 empty for a model the ONNX export does not translate. Logit cosine is against
 the dygraph fp32 model; sizes are of the exported files. Quantization is KL activations and
 per-channel absmax weights for the deployment ``--target`` (default ``x86``); the header line
@@ -217,6 +218,14 @@ MODELS = {
     "wavenet": (WaveNet, [1, 1600], (1, 8), "float32"),
     "yolo_csp": (CspNet, [3, 320, 320], (1, 4), "float32"),
 }
+#: Larger ``paddle.vision`` classifiers, timed only when named in ``--models`` (a few minutes
+#: each): the concat-, pool- and BatchNorm-heavy layouts whose int8 exports had slow paths.
+EXTRA_MODELS = {
+    "squeezenet1_1": (lambda: paddle.vision.models.squeezenet1_1(), [3, 224, 224], (1, 8), "float32"),
+    "googlenet": (lambda: paddle.vision.models.googlenet(), [3, 224, 224], (1, 8), "float32"),
+    "densenet121": (lambda: paddle.vision.models.densenet121(), [3, 224, 224], (1, 8), "float32"),
+    "inception_v3": (lambda: paddle.vision.models.inception_v3(), [3, 299, 299], (1, 8), "float32"),
+}
 
 
 def model_input(shape: list[int], dtype: str, batch: int, seed: int) -> np.ndarray:
@@ -243,7 +252,7 @@ def export_model(name: str, workdir: str, target: str = DEFAULT_TARGET):
     Returns:
         ``(model, converted model, input spec, fp32 prefix, int8 prefix)``.
     """
-    factory, shape, _, dtype = MODELS[name]
+    factory, shape, _, dtype = {**MODELS, **EXTRA_MODELS}[name]
     paddle.seed(0)
     model = factory()
     model.eval()
@@ -266,7 +275,7 @@ def bench_model(
     """Export ``name`` in fp32 and int8 (for ``target``) and time every engine on it
     (``float_branches``: also ONNX Runtime on the export with
     ``int8_residual_branches=False``)."""
-    _, shape, batches, dtype = MODELS[name]
+    _, shape, batches, dtype = {**MODELS, **EXTRA_MODELS}[name]
     model, qmodel, spec, fp32_prefix, int8_prefix = export_model(
         name, os.path.join(workdir, name), target
     )
@@ -306,7 +315,9 @@ def bench_model(
     for batch in batches:
         x = model_input(shape, dtype, batch, seed=batch)
         with paddle.no_grad():
-            reference = model(paddle.to_tensor(x)).numpy()
+            reference = model(paddle.to_tensor(x))
+        # (GoogLeNet returns its two auxiliary heads too: the first output is the logits.)
+        reference = (reference[0] if isinstance(reference, (list, tuple)) else reference).numpy()
         runs = {}
         for engine_name, engine in engines.items():
             if engine_name.startswith("ort"):
