@@ -393,7 +393,7 @@ class ResidualCodesInput(_OnCodes):
 class ResidualSumOutput(_OnCodes):
     """The ``nn.ReLU`` reading a residual sum that Paddle Inference fuses into an int8 conv (or
     after an int8 conv whose output an int8 max-pool reads, ``convert``'s
-    ``_simulate_pooled_codes``): that call's output on the codes the conv writes.
+    ``residual_simulation.simulate_pooled_codes``): that call's output on the codes the conv writes.
 
     A fused int8 residual conv always writes its output as codes (oneDNN cannot give it an
     fp32 output), so every reader of the block's output reads them: the next block's convs

@@ -83,7 +83,7 @@ def isolate_unscaled_residual_adds(
             # A signed activation as the residual (an identity shortcut that is no ReLU or conv
             # output) is read on codes only where the simulation puts it on them.
             # A u8 residual (a ReLU output) of a signed sum: oneDNN would read its codes as s8
-            # (the simulation adds it in float, convert._simulate_fused_residuals).
+            # (the simulation adds it in float, residual_simulation.FusedResiduals).
             coded = (
                 other in coded_residuals or (runs_unsigned(block, other, writers) and not signed_sum)
                 or int8_output[other]
