@@ -282,8 +282,8 @@ class _LayerSwaps:
             self.affine.append(state.name)  # simulated on its thresholds (see warn_of_fp32_layers)
 
     def warn_of_fp32_layers(self) -> None:
-        """One warning per reason a layer with a weight stays fp32 (or runs part of its calls fp32,
-        or is simulated on other parameters than it was calibrated with), naming the layers."""
+        """One warning per reason a layer with a weight stays fp32, naming every such layer (and
+        one for layers simulated on other parameters than calibrated, or with calls fp32)."""
         if self.affine:
             logger.warning(
                 "%d layers were calibrated with zero points (symmetric=False), which no int8 "
@@ -298,7 +298,7 @@ class _LayerSwaps:
                 "%d calibrated layers stay fp32: Paddle Inference's int8 program form has no int8 "
                 "kernel for their ops (conv3d, conv2d_transpose, a fc on a rank > 3 input, ...), so "
                 "the simulation keeps them fp32 as the runtime runs them: %s", len(self.no_int8_kernel),
-                first_names([f"{name} ({kind})" for name, kind in self.no_int8_kernel]),
+                ", ".join([f"{name} ({kind})" for name, kind in self.no_int8_kernel]),
             )
         unsupported = _unhooked_weight_layers(self.model, self.hooked)
         if unsupported:
@@ -306,7 +306,7 @@ class _LayerSwaps:
                 "%d layers hold a weight that no registered layer type quantizes and stay fp32 "
                 "(not calibrated, not in the calibration table; register their type in PTQRegistry "
                 "or multiply their weight with an nn.Linear, nn.Conv2D or paddle.matmul to quantize "
-                "it): %s", len(unsupported), first_names(unsupported),
+                "it): %s", len(unsupported), ", ".join(unsupported),
             )
         fp32_rnns = [*self.fp32_rnns, *_unhooked_recurrent_layers(self.model, self.hooked)]
         if fp32_rnns:
@@ -314,7 +314,7 @@ class _LayerSwaps:
                 "%d recurrent layers stay fp32: Paddle Inference's oneDNN int8 kernels run only "
                 "one-layer, one-direction 8-bit LSTMs (its fusion_gru computes the GRU variant "
                 "that resets the hidden state before the recurrent matmul, not paddle.nn.GRU's): %s",
-                len(fp32_rnns), first_names(fp32_rnns),
+                len(fp32_rnns), ", ".join(fp32_rnns),
             )
         if self.constant_operands:
             logger.warning(
@@ -323,7 +323,7 @@ class _LayerSwaps:
                 "Paddle Inference folds that operand into a constant and runs the matmul as an "
                 "fp32 mul. Multiply by the parameter itself (paddle.matmul(x, self.weight, "
                 "transpose_y=True)) to run it as an int8 fc: %s",
-                len(self.constant_operands), first_names(self.constant_operands),
+                len(self.constant_operands), ", ".join(self.constant_operands),
             )
         if self.constant_inputs:
             logger.warning(
@@ -331,7 +331,7 @@ class _LayerSwaps:
                 "model's inputs changed (a parameter, or a function of parameters only, such as "
                 "a projection of a position-embedding table) and stay fp32: Paddle Inference folds "
                 "them into constants computed in fp32: %s",
-                len(self.constant_inputs), first_names(self.constant_inputs),
+                len(self.constant_inputs), ", ".join(self.constant_inputs),
             )
         if self.computed_weights:
             logger.warning(
@@ -339,7 +339,7 @@ class _LayerSwaps:
                 "self.mask, or a standardized weight), not by their weight parameter: Paddle "
                 "Inference and ONNX Runtime fold that weight into an fp32 constant and run the "
                 "layer fp32, so the simulation keeps them fp32 too: %s",
-                len(self.computed_weights), first_names(self.computed_weights),
+                len(self.computed_weights), ", ".join(self.computed_weights),
             )
         if self.constant_calls:
             logger.warning(
@@ -365,7 +365,7 @@ class _LayerSwaps:
             )
             logger.warning(
                 "target %r: %d layers read a signed input and stay fp32 (%s): %s. %s%s.",
-                self.target.name, len(self.signed_inputs), first_names(self.signed_inputs), why, alternatives,
+                self.target.name, len(self.signed_inputs), ", ".join(self.signed_inputs), why, alternatives,
                 _native_hint(self.target),
             )
         if self.fp32_matmuls:
@@ -373,7 +373,7 @@ class _LayerSwaps:
                 "target %r: %d matmuls of two activations stay fp32 (%s): oneDNN runs both "
                 "operands as s8, and without VNNI its int16 pair sums saturate. "
                 "PTQConfig(target='x86-vnni') quantizes them for VNNI/AMX CPUs only%s.",
-                self.target.name, len(self.fp32_matmuls), first_names(self.fp32_matmuls),
+                self.target.name, len(self.fp32_matmuls), ", ".join(self.fp32_matmuls),
                 _native_hint(self.target, vnni_only=True),
             )
 

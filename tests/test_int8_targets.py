@@ -538,3 +538,14 @@ def test_create_predictor_warns_about_patch_convs_on_amx_cpus(tmp_path, caplog) 
         create_predictor(prefix)
     warned = "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in caplog.text
     assert warned == (ip.cpu_info().isa == "amx"), caplog.text
+
+
+def test_signed_input_warning_names_every_layer_it_keeps_fp32(monkeypatch, caplog) -> None:
+    """The warning named the first 10 of the layers it kept fp32 and ended with "...": a
+    detector with 30 such convs left 20 unnamed."""
+    paddle.seed(0)
+    model = paddle.nn.Sequential(*[paddle.nn.Conv2D(2, 2, 3, padding=1) for _ in range(12)])
+    warnings = _convert_warnings(model, paddle.randn([4, 2, 5, 5]), "x86", ("avx2",), monkeypatch, caplog)
+    # (The first conv reads the signed input too.)
+    names = ", ".join(str(index) for index in range(12))
+    assert f"target 'x86': 12 layers read a signed input and stay fp32 ({names}):" in warnings
