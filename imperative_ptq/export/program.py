@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import paddle
@@ -239,34 +239,7 @@ def quantize_program(
     )
     written.fp32_layers = _fp32_layers(weights, written, block)
     written.weight_layers = {name: record.name for name, record in weights.items()}
-    no_kernel = {
-        name: kind for name, kind in written.fp32_layers.items()
-        if name not in lstms.refused and name not in lstms.simulated_fp32
-    }
-    # A layer called inside a loop or branch on a tensor (``for _ in range(x.shape[1])`` on a
-    # dynamic size, ``if x.mean() > 0``) is read by the while / conditional_block op alone:
-    # its ops sit in a sub-block, which Paddle Inference's int8 passes do not reach (measured:
-    # a Linear applied 16 times in such a loop, 31% of the largest output off the simulation).
-    in_blocks = {
-        name for op in block.ops if op.type in _CONTROL_FLOW_OPS for name in op.input_arg_names
-    } - {name for op in block.ops if op.type not in _CONTROL_FLOW_OPS for name in op.input_arg_names}
-    looped = {record.name for name, record in weights.items() if name in in_blocks}
-    if looped:
-        logger.warning(
-            "%d layers calibrated and simulated in int8 are called inside a loop or branch on "
-            "a tensor (a while / conditional_block op), whose body Paddle Inference's int8 "
-            "passes do not reach: the runtime computes them in fp32, unlike the simulation. "
-            "Run the loop over a Python int, or put them back in fp32 with "
-            "imperative_ptq.keep_fp32(qmodel, %s, model) so that the simulation does too",
-            len(looped), sorted(looped),
-        )
-    no_kernel = {name: kind for name, kind in no_kernel.items() if name not in looped}
-    if no_kernel:
-        logger.warning(
-            "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "
-            "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
-            "%s", len(no_kernel), ", ".join(f"{name} ({kind})" for name, kind in no_kernel.items()),
-        )
+    _warn_of_fp32_layers(block, weights, written, lstms)
     for record in records:
         if record.residual_codes:
             # The simulation stores this input as u8 codes of the layer's input threshold
@@ -297,6 +270,101 @@ def quantize_program(
             "Inference writes them in float as the simulation does: %s", len(returned),
             ", ".join(sorted(returned)),
         )
+    _write_output_scales(block, outputs, returned, written, writers, unsigned_inputs, activation_bits)
+    simulated_residuals = {out for record in records if record.residual_output for _, out in record.calls if out}
+    # Tensors the simulation reads as a fused conv's residual codes: those outputs, and the
+    # identity shortcuts (network inputs through the copies the adds read).
+    identities.update({copy: identities[name] for name, copy in input_copies.items() if name in identities})
+    coded_residuals = simulated_residuals | set(identities)
+    isolated = isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
+    separate_self_residual_inputs(block)
+    if isolated:
+        _drop_float_only_scales(block, written, records, coded_residuals | on_codes)
+    unscaled = float_outputs_for_float_readers(block, written, coded_residuals | set(sum_code_tops))
+    if unscaled:
+        logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
+                    len(unscaled), ", ".join(unscaled))
+    _put_float_tensors_on_codes(block, records, identities, sum_code_tops, coded_thresholds, activation_bits)
+    widen_strided_pointwise_convs(loaded)
+    loaded.program._sync_with_cpp()
+    shared_output_clips(loaded)
+    drop_identity_clips_before_u8_clips(block)
+    if isolated:
+        logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
+    read_integer_weights_through_copies(loaded)
+    logger.info(
+        "int8 program: %d int8 weights, %d activation QDQ pairs, %d output scales, %d conv/fc "
+        "ops kept fp32",
+        len(written.weights), len(inserted.dequantized), len(written.outputs), kept,
+    )
+    return written
+
+
+def _drop_float_only_scales(
+    block: "paddle.static.Block", written: ProgramScales, records: list[LayerRecord], coded: set[str]
+) -> None:
+    """Takes the output scale off the tensors only float ops read once adds were kept out of
+    their convs, but not off those the simulation holds on codes (``coded``: a fused conv's
+    residual, a coded sum)."""
+    # An add kept out of its conv computes in float: a scale on its other operand now only
+    # makes that operand's writer run int8 (measured: Xception's entry-flow max-pool of an
+    # fp32 separable conv's BatchNorm output, added to the strided shortcut conv: the pool
+    # ran s8, 0.9% of the next conv's largest output off, 2.3% of Xception41's logits).
+    writers = producers(block)
+    float_only = returned_only_outputs(
+        block, written.outputs, writers, int8_pool_outputs(records), float_adds=True
+    ) - coded
+    for name in float_only:  # (each written as its writer's out_threshold: _write_output_scales)
+        writers[name]._remove_attr("out_threshold")
+        written.outputs.pop(name)
+
+
+def _warn_of_fp32_layers(
+    block: "paddle.static.Block", weights: dict[str, LayerRecord], written: ProgramScales, lstms: LSTMFusion
+) -> None:
+    """Warns of the layers simulated int8 that the program runs fp32: called inside a loop or
+    branch on a tensor, or an op with no int8 kernel (conv3d, conv2d_transpose, ...)."""
+    no_kernel = {
+        name: kind for name, kind in written.fp32_layers.items()
+        if name not in lstms.refused and name not in lstms.simulated_fp32
+    }
+    # A layer called inside a loop or branch on a tensor (``for _ in range(x.shape[1])`` on a
+    # dynamic size, ``if x.mean() > 0``) is read by the while / conditional_block op alone:
+    # its ops sit in a sub-block, which Paddle Inference's int8 passes do not reach (measured:
+    # a Linear applied 16 times in such a loop, 31% of the largest output off the simulation).
+    in_blocks = {
+        name for op in block.ops if op.type in _CONTROL_FLOW_OPS for name in op.input_arg_names
+    } - {name for op in block.ops if op.type not in _CONTROL_FLOW_OPS for name in op.input_arg_names}
+    looped = {record.name for name, record in weights.items() if name in in_blocks}
+    if looped:
+        logger.warning(
+            "%d layers calibrated and simulated in int8 are called inside a loop or branch on "
+            "a tensor (a while / conditional_block op), whose body Paddle Inference's int8 "
+            "passes do not reach: the runtime computes them in fp32, unlike the simulation. "
+            "Run the loop over a Python int, or put them back in fp32 with "
+            "imperative_ptq.keep_fp32(qmodel, %s, model) so that the simulation does too",
+            len(looped), sorted(looped),
+        )
+    no_kernel = {name: kind for name, kind in no_kernel.items() if name not in looped}
+    if no_kernel:
+        logger.warning(
+            "%d layers calibrated and simulated in int8 are exported fp32 (Paddle's int8 "
+            "program form has no int8 kernel for their ops, e.g. conv3d, conv2d_transpose): "
+            "%s", len(no_kernel), ", ".join(f"{name} ({kind})" for name, kind in no_kernel.items()),
+        )
+
+
+def _write_output_scales(
+    block: "paddle.static.Block",
+    outputs: Mapping[str, float],
+    returned: set[str],
+    written: ProgramScales,
+    writers: Mapping[str, Any],
+    unsigned_inputs: bool,
+    activation_bits: int,
+) -> None:
+    """Writes each scaled tensor's threshold as its writer's ``out_threshold`` (not the tensors
+    only float ops read, ``returned``), in the 8-bit form Paddle reads, into ``written.outputs``."""
     for name, threshold in outputs.items():
         if name in returned:
             continue
@@ -315,30 +383,19 @@ def quantize_program(
             threshold = threshold * symmetric_levels(8) / symmetric_levels(activation_bits)
         op._set_attr("out_threshold", float(threshold))
         written.outputs[name] = float(threshold)
-    simulated_residuals = {out for record in records if record.residual_output for _, out in record.calls if out}
-    # Tensors the simulation reads as a fused conv's residual codes: those outputs, and the
-    # identity shortcuts (network inputs through the copies the adds read).
-    identities.update({copy: identities[name] for name, copy in input_copies.items() if name in identities})
-    coded_residuals = simulated_residuals | set(identities)
-    isolated = isolate_unscaled_residual_adds(block, written, simulated_residuals, coded_residuals)
-    separate_self_residual_inputs(block)
-    if isolated:
-        # An add kept out of its conv computes in float: a scale on its other operand now only
-        # makes that operand's writer run int8 (measured: Xception's entry-flow max-pool of an
-        # fp32 separable conv's BatchNorm output, added to the strided shortcut conv: the pool
-        # ran s8, 0.9% of the next conv's largest output off, 2.3% of Xception41's logits).
-        writers = producers(block)
-        # (Not a tensor the simulation holds on codes: a fused conv's residual, a coded sum.)
-        float_only = returned_only_outputs(
-            block, written.outputs, writers, int8_pool_outputs(records), float_adds=True
-        ) - coded_residuals - on_codes
-        for name in float_only:  # (each written on its writer's out_threshold above)
-            writers[name]._remove_attr("out_threshold")
-            written.outputs.pop(name)
-    unscaled = float_outputs_for_float_readers(block, written, coded_residuals | set(sum_code_tops))
-    if unscaled:
-        logger.info("%d int8 conv/fc outputs that fp32 ops read too are written in float: %s",
-                    len(unscaled), ", ".join(unscaled))
+
+
+def _put_float_tensors_on_codes(
+    block: "paddle.static.Block",
+    records: list[LayerRecord],
+    identities: Mapping[str, CodedIdentity],
+    sum_code_tops: Mapping[str, int],
+    coded_thresholds: Mapping[str, float],
+    activation_bits: int,
+) -> None:
+    """Rounds onto the codes the simulation reads them on the tensors Paddle computes in float:
+    identity shortcuts read by float ops, residual sums whose add Paddle does not fuse, their
+    projections, and ReLUs an int8 conv would write as codes."""
     writers = producers(block)
     # Float layers the simulation reads the codes with, wherever they run (ResidualCodesInput).
     coded_layer_outputs = frozenset(
@@ -346,6 +403,7 @@ def quantize_program(
         for _, out in record.calls if out
     )
     # (The ops these passes insert leave the conv/fc outputs and their writers as they were.)
+
     def int8_output(name: str) -> bool:
         return int8_weight_op_output(block, name, writers)
 
@@ -358,7 +416,6 @@ def quantize_program(
         for out, top in sum_code_tops.items() if out in coded_thresholds
     }
     rounded = round_unfused_sums(block, sums, set(identities), int8_output)
-    widen_strided_pointwise_convs(loaded)
     # The projections the simulation writes as s8 residual codes (clipped at -128 and 127).
     projections = {
         out: CodedIdentity(record.output_thresholds[0], S8_MAX, activation_bits, lowest=S8_MIN)
@@ -370,18 +427,6 @@ def quantize_program(
         logger.info("%d tensors Paddle computes in float (residual sums, their projections, ReLUs "
                     "an int8 conv would write as codes) are put on the codes the simulation reads "
                     "them on", rounded)
-    loaded.program._sync_with_cpp()
-    shared_output_clips(loaded)
-    drop_identity_clips_before_u8_clips(block)
-    if isolated:
-        logger.info("%d int8 conv/fc outputs kept out of a residual add without a scale", isolated)
-    read_integer_weights_through_copies(loaded)
-    logger.info(
-        "int8 program: %d int8 weights, %d activation QDQ pairs, %d output scales, %d conv/fc "
-        "ops kept fp32",
-        len(written.weights), len(inserted.dequantized), len(written.outputs), kept,
-    )
-    return written
 
 
 def _quantize_fused_lstms(
