@@ -48,7 +48,7 @@ from .float_readers import (
     unscale_fp32_layer_inputs,
 )
 from .folded_norms import fold_norms_into_halved_convs
-from .graph import new_persistable, producers, transposed_matmul
+from .graph import Operator, new_persistable, producers, transposed_matmul
 from .integer_weights import read_integer_weights_through_copies
 from .legacy_program import (
     INT8_WEIGHT_OPS,
@@ -509,58 +509,69 @@ def _quantize_weight_ops(
     Returns:
         The inserted tensors later passes look up.
     """
-    inserted = _InsertedInputs()
+    rewrite = _WeightOpRewrite(loaded, weights, written, clips, sum_code_tops, unsigned_inputs)
     block = loaded.program.global_block()
-    dequantized_weights: dict[str, str] = {}
-    dequantized_inputs, rectified, shifted_inputs = inserted.dequantized, inserted.rectified, inserted.shifted
-    shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
-    narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
-    constant_call_weights: dict[str, str] = {}  # weight -> its fp32 copy for calls on constants
-    writers = producers(block)
-
     index = 0
     while index < len(block.ops):
-        op = block.ops[index]
+        index += rewrite.op_at(index) + 1
+    return rewrite.inserted
+
+
+class _WeightOpRewrite:
+    """The rewrite of :func:`_quantize_weight_ops`, one conv/fc op at a time; ops reading the
+    same weight or the same input on the same grid share what was inserted for the first."""
+
+    def __init__(
+        self,
+        loaded: LegacyProgram,
+        weights: Mapping[str, LayerRecord],
+        written: ProgramScales,
+        clips: FusedReluClips,
+        sum_code_tops: Mapping[str, int],
+        unsigned_inputs: bool,
+    ) -> None:
+        self.loaded = loaded
+        self.block = loaded.program.global_block()
+        self.weights = weights
+        self.written = written
+        self.clips = clips
+        self.sum_code_tops = sum_code_tops
+        self.unsigned_inputs = unsigned_inputs
+        self.inserted = _InsertedInputs()
+        self.writers = producers(self.block)
+        self.dequantized_weights: dict[str, str] = {}
+        self.shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
+        self.narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
+        self.constant_call_weights: dict[str, str] = {}  # weight -> its fp32 copy for calls on constants
+
+    def op_at(self, index: int) -> int:
+        """Rewrites the op at ``index`` if it is a calibrated conv/fc; returns how many ops were
+        inserted in front of it."""
+        op = self.block.ops[index]
         slots = INT8_WEIGHT_OPS.get(op.type)
         if slots is None or transposed_matmul(op):
-            index += 1
-            continue
+            return 0
         weight_slot, input_slot, _ = slots
         weight_name = op.input(weight_slot)[0]
-        record = weights.get(weight_name)
+        record = self.weights.get(weight_name)
         if record is None:
-            index += 1
-            continue
+            return 0
         activation = op.input(input_slot)[0]
-        if record.constant_call_weight is not None and computed_from_parameters(block, activation, writers):
+        if record.constant_call_weight is not None and computed_from_parameters(self.block, activation, self.writers):
             # A call on a constant, which convert runs in fp32 (QuantizedLayer.constant_inputs):
             # the op reads that weight in float (one copy for every such call: Paddle Inference
             # folds them, and folding does not rescale it), and Paddle Inference folds the call.
-            if weight_name not in constant_call_weights:
-                constant_call_weights[weight_name] = new_persistable(
-                    loaded, f"{weight_name}.constant_call", np.asarray(record.constant_call_weight, np.float32),
+            if weight_name not in self.constant_call_weights:
+                self.constant_call_weights[weight_name] = new_persistable(
+                    self.loaded, f"{weight_name}.constant_call",
+                    np.asarray(record.constant_call_weight, np.float32),
                 )
-            op._rename_input(weight_name, constant_call_weights[weight_name])
-            index += 1
-            continue
-        added = 0
-        # Weight: int8 tensor -> dequantize_linear -> op.
-        dequantized = dequantized_weights.get(weight_name)
-        if dequantized is None:
-            dequantized = int8_weight(
-                loaded, index, weight_name, record, written,
-                clips.weight_factors.get(weight_name, 1.0),
-            )
-            dequantized_weights[weight_name] = dequantized
-        else:
-            # A weight read by several ops (a layer called twice) gets a private int8 copy per
-            # reader: oneDNN's int8 passes rescale each op's weight tensor in place, so a shared
-            # tensor is rescaled twice (measured: all-zero outputs for a Linear called twice).
-            dequantized = copy_int8_weight(loaded, index, dequantized, serial=index)
-        added += 1
-        op._rename_input(weight_name, dequantized)
+            op._rename_input(weight_name, self.constant_call_weights[weight_name])
+            return 0
+        self._int8_weight(index, op, weight_name, record)
+        added = 1
         # Activation: [relu ->] quantize_linear -> dequantize_linear -> op.
-        if is_constant(block, activation, writers):
+        if is_constant(self.block, activation, self.writers):
             # convert keeps such a layer fp32 once calibration saw its input unchanged while
             # the model's inputs changed (LayerState.constant_input); one batch cannot show it.
             logger.warning(
@@ -569,14 +580,56 @@ def _quantize_weight_ops(
                 "Calibrate with two or more different batches, so that convert keeps it fp32 "
                 "too.", record.name, activation,
             )
-        quantized, threshold = activation, record.input_threshold
-        if unsigned_inputs and record.input_unsigned:
+        quantized, threshold, inserted = self._input_grid(index + added, op, slots, weight_name, record, activation)
+        added += inserted
+        # oneDNN's pipeline reads 8-bit quantize ops only: every threshold above puts a
+        # narrower grid on 8-bit codes.
+        bits = 8 if self.unsigned_inputs else record.activation_bits
+        key = (quantized, threshold)
+        dequantized_inputs = self.inserted.dequantized
+        qdq = dequantized_inputs.get(key)
+        if qdq is None:
+            qdq = activation_qdq(
+                self.loaded, index + added, quantized, threshold, bits, len(dequantized_inputs),
+            )
+            dequantized_inputs[key] = qdq
+            self.written.inputs[quantized] = threshold
+            added += 2
+        op._rename_input(activation, qdq)
+        return added
+
+    def _int8_weight(self, index: int, op: Operator, weight_name: str, record: LayerRecord) -> None:
+        """Weight: int8 tensor -> dequantize_linear (inserted at ``index``) -> op."""
+        dequantized = self.dequantized_weights.get(weight_name)
+        if dequantized is None:
+            dequantized = int8_weight(
+                self.loaded, index, weight_name, record, self.written,
+                self.clips.weight_factors.get(weight_name, 1.0),
+            )
+            self.dequantized_weights[weight_name] = dequantized
+        else:
+            # A weight read by several ops (a layer called twice) gets a private int8 copy per
+            # reader: oneDNN's int8 passes rescale each op's weight tensor in place, so a shared
+            # tensor is rescaled twice (measured: all-zero outputs for a Linear called twice).
+            dequantized = copy_int8_weight(self.loaded, index, dequantized, serial=index)
+        op._rename_input(weight_name, dequantized)
+
+    def _input_grid(
+        self, index: int, op: Operator, slots: tuple[str, str, str], weight_name: str, record: LayerRecord,
+        activation: str,
+    ) -> tuple[str, float, int]:
+        """The tensor the op's input Q/DQ pair quantizes and its threshold, after the u8 clip,
+        the shift or the narrowing (inserted at ``index``) its grid needs on x86; and how many
+        ops were inserted."""
+        quantized, threshold, added = activation, record.input_threshold, 0
+        clips, writers = self.clips, self.writers
+        if self.unsigned_inputs and record.input_unsigned:
             threshold = clips.thresholds.get(activation, threshold)
             if activation not in clips.thresholds and not (
-                relu_after_residual_conv(block, activation, writers)
+                relu_after_residual_conv(self.block, activation, writers)
                 and (
                     record.top_code(activation) > symmetric_levels(record.activation_bits)
-                    or (record.residual_codes and sum_code_tops.get(activation, U8_MAX) <= symmetric_levels(8))
+                    or (record.residual_codes and self.sum_code_tops.get(activation, U8_MAX) <= symmetric_levels(8))
                 )
             ):
                 # Clip at the threshold and rectify, so Paddle runs it as u8 (a ``clip`` output
@@ -587,52 +640,35 @@ def _quantize_weight_ops(
                 # Where it clips at 127 (an add calibration did not find fused, such as a
                 # pooled projection's, whose ReLU output the next block reads as its identity:
                 # measured 1.5% of the largest logit off on DLA-shaped trees), so does this.
+                rectified = self.inserted.rectified
                 quantized = rectified.get((activation, threshold))
                 if quantized is None:
-                    quantized = insert_clip_relu(
-                        loaded, index + added, activation, threshold, writers
-                    )
+                    quantized = insert_clip_relu(self.loaded, index, activation, threshold, writers)
                     rectified[(activation, threshold)] = quantized
                     added += 2
             threshold = unsigned_threshold(threshold, record.activation_bits)
-        elif unsigned_inputs and record.input_shift_response is not None:
+        elif self.unsigned_inputs and record.input_shift_response is not None:
             # A signed input on u8 codes 0..127: shifted in front, the bias takes it back.
             threshold = shifted_u8_threshold(record)
             grid = (activation, record.input_scale, record.input_zero_point)
-            quantized = shifted_inputs.get(grid)
+            quantized = self.inserted.shifted.get(grid)
             if quantized is None:
                 quantized = insert_shift(
-                    loaded, index + added, activation, record,
-                    shifted_levels(record.activation_bits),
+                    self.loaded, index, activation, record, shifted_levels(record.activation_bits),
                 )
-                shifted_inputs[grid] = quantized
+                self.inserted.shifted[grid] = quantized
                 added += SHIFT_OPS
             absorb_shift(
-                loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
-                shifted_biases,
+                self.loaded, op, slots[2], record, clips.weight_factors.get(weight_name, 1.0),
+                self.shifted_biases,
             )
-        elif unsigned_inputs and record.activation_bits < 8:
+        elif self.unsigned_inputs and record.activation_bits < 8:
             # A signed input on a narrower grid, clipped to its codes.
-            quantized, threshold, clip_ops = narrowed_once(
-                narrow_inputs, loaded, index + added, activation, threshold,
+            quantized, threshold, added = narrowed_once(
+                self.narrow_inputs, self.loaded, index, activation, threshold,
                 record.activation_bits, writers,
             )
-            added += clip_ops
-        # oneDNN's pipeline reads 8-bit quantize ops only: every threshold above puts a
-        # narrower grid on 8-bit codes.
-        bits = 8 if unsigned_inputs else record.activation_bits
-        key = (quantized, threshold)
-        qdq = dequantized_inputs.get(key)
-        if qdq is None:
-            qdq = activation_qdq(
-                loaded, index + added, quantized, threshold, bits, len(dequantized_inputs),
-            )
-            dequantized_inputs[key] = qdq
-            written.inputs[quantized] = threshold
-            added += 2
-        op._rename_input(activation, qdq)
-        index += added + 1
-    return inserted
+        return quantized, threshold, added
 
 
 #: Ops whose sub-block holds the ops of a loop or branch on a tensor.
