@@ -53,6 +53,7 @@ from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_spectral_ops import SpectralOpConverters
 from .onnx_lstm import SimulatedLSTMConverter
 from .padded_pools import onnx_pads, same_pads
+from ..calibration_table import first_names
 from ..bias_grid import bias_grid_steps, folded_weight_scales, int32_bias_codes
 from ..converted import converted_biases_on_grid, converted_target
 from ..fuse import batch_norm_factor_and_bias
@@ -184,7 +185,6 @@ def _require_onnx():
             "export_onnx needs the 'onnx' package: pip install 'imperative_ptq[export]'"
         ) from error
     return onnx
-
 
 
 #: Ops whose output holds some of their input's values, in another layout.
@@ -2477,23 +2477,7 @@ def export_onnx(
     from .paddle_export import check_exportable
 
     _require_onnx()
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
-    if int4_weights is not None and not isinstance(int4_weights, bool):
-        raise TypeError(f"int4_weights must be True, False or None, got {int4_weights!r}")
-    if int8_residual_branches is not None and not isinstance(int8_residual_branches, bool):
-        raise TypeError(f"int8_residual_branches must be True, False or None, got {int8_residual_branches!r}")
-    if not isinstance(exact_shifts, bool):
-        raise TypeError(f"exact_shifts must be True or False, got {exact_shifts!r}")
-    if not isinstance(vnni_only, bool):
-        raise TypeError(f"vnni_only must be True or False, got {vnni_only!r}")
-    cpu = cpu_info() if vnni_only else None
-    if cpu is not None and not cpu.vnni:
-        logger.warning(
-            "export_onnx(vnni_only=True) on a CPU without VNNI (%s): ONNX Runtime's u8 x s8 "
-            "kernels here saturate int16 pair sums, so the file cannot be checked on this CPU",
-            cpu.describe(),
-        )
+    _check_export_options(opset, int4_weights, int8_residual_branches, exact_shifts, vnni_only)
     dynamic = is_dynamic_model(model)
     if dynamic:
         check_dynamic_model(model)
@@ -2532,40 +2516,72 @@ def export_onnx(
             )
             converter.int4_required = bool(int4_weights)
             onnx_model = converter.convert(opset)
-        if converter.int4_inexact:
-            layers = ", ".join(converter.int4_inexact[:5]) + (", ..." if len(converter.int4_inexact) > 5 else "")
-            if int4_weights:
-                logger.warning(
-                    "int4_weights=True: %d layers stored as INT4 hold their own 4-bit codes, not "
-                    "the 8-bit requantization the simulation computes with on target %r (Paddle's "
-                    "fc and oneDNN derive it), so ONNX Runtime departs from the simulation on "
-                    "them; int4_weights=None stores those int8, exactly: %s",
-                    len(converter.int4_inexact), converted_target(model).name, layers,
-                )
-            else:
-                logger.info(
-                    "%d layers with weights of <= 4 bits stored as int8: on this target the "
-                    "simulation computes with their 8-bit requantization, which INT4 cannot "
-                    "hold: %s", len(converter.int4_inexact), layers,
-                )
-        if converter.float_biases:
-            logger.info(
-                "%d int8 convs add a bias off ONNX Runtime's int32 grid in float, as simulated "
-                "(ONNX Runtime runs them as float convs): %s", len(converter.float_biases),
-                ", ".join(converter.float_biases[:5]) + (", ..." if len(converter.float_biases) > 5 else ""),
-            )
-        if converter.rounded_biases and not converted_biases_on_grid(model):
-            logger.warning(
-                "%d int8 convs or Linear layers have biases off ONNX Runtime's int32 grid (the model was converted "
-                "with bias_grid=False, ImperativeQAT.convert's default): ONNX Runtime rounds each "
-                "by up to half a step of input x weight scale, so its outputs depart from the "
-                "simulation (Paddle Inference adds them in float); convert with bias_grid=True "
-                "to make them agree: %s", len(converter.rounded_biases),
-                ", ".join(converter.rounded_biases[:5]) + (", ..." if len(converter.rounded_biases) > 5 else ""),
-            )
+        _log_inexact_weights_and_biases(converter, model, int4_weights)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
     return path
+
+
+def _check_export_options(
+    opset: Any, int4_weights: Any, int8_residual_branches: Any, exact_shifts: Any, vnni_only: Any
+) -> None:
+    """Raises on an option of :func:`export_onnx` of the wrong type or value; warns where
+    ``vnni_only`` asks for a file this CPU cannot check."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13 (per-channel QDQ), got {opset!r}")
+    if int4_weights is not None and not isinstance(int4_weights, bool):
+        raise TypeError(f"int4_weights must be True, False or None, got {int4_weights!r}")
+    if int8_residual_branches is not None and not isinstance(int8_residual_branches, bool):
+        raise TypeError(f"int8_residual_branches must be True, False or None, got {int8_residual_branches!r}")
+    if not isinstance(exact_shifts, bool):
+        raise TypeError(f"exact_shifts must be True or False, got {exact_shifts!r}")
+    if not isinstance(vnni_only, bool):
+        raise TypeError(f"vnni_only must be True or False, got {vnni_only!r}")
+    cpu = cpu_info() if vnni_only else None
+    if cpu is not None and not cpu.vnni:
+        logger.warning(
+            "export_onnx(vnni_only=True) on a CPU without VNNI (%s): ONNX Runtime's u8 x s8 "
+            "kernels here saturate int16 pair sums, so the file cannot be checked on this CPU",
+            cpu.describe(),
+        )
+
+
+def _log_inexact_weights_and_biases(
+    converter: "_Converter", model: paddle.nn.Layer, int4_weights: bool | None
+) -> None:
+    """Says which layers the file stores or computes otherwise than the simulation: weights of
+    <= 4 bits as int8 (or, with ``int4_weights=True``, as INT4 off the simulation), biases off
+    ONNX Runtime's int32 grid added in float or rounded onto it."""
+    if converter.int4_inexact:
+        if int4_weights:
+            logger.warning(
+                "int4_weights=True: %d layers stored as INT4 hold their own 4-bit codes, not "
+                "the 8-bit requantization the simulation computes with on target %r (Paddle's "
+                "fc and oneDNN derive it), so ONNX Runtime departs from the simulation on "
+                "them; int4_weights=None stores those int8, exactly: %s",
+                len(converter.int4_inexact), converted_target(model).name, ", ".join(converter.int4_inexact),
+            )
+        else:
+            logger.info(
+                "%d layers with weights of <= 4 bits stored as int8: on this target the "
+                "simulation computes with their 8-bit requantization, which INT4 cannot "
+                "hold: %s", len(converter.int4_inexact), first_names(converter.int4_inexact, 5),
+            )
+    if converter.float_biases:
+        logger.info(
+            "%d int8 convs add a bias off ONNX Runtime's int32 grid in float, as simulated "
+            "(ONNX Runtime runs them as float convs): %s", len(converter.float_biases),
+            first_names(converter.float_biases, 5),
+        )
+    if converter.rounded_biases and not converted_biases_on_grid(model):
+        logger.warning(
+            "%d int8 convs or Linear layers have biases off ONNX Runtime's int32 grid (the model was converted "
+            "with bias_grid=False, ImperativeQAT.convert's default): ONNX Runtime rounds each "
+            "by up to half a step of input x weight scale, so its outputs depart from the "
+            "simulation (Paddle Inference adds them in float); convert with bias_grid=True "
+            "to make them agree: %s", len(converter.rounded_biases),
+            ", ".join(converter.rounded_biases),
+        )
 
 
 def _names_read(nodes: Sequence[Any]) -> set[str]:

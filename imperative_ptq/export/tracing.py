@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import paddle
@@ -421,71 +421,11 @@ def _collect_records(
         if id(layer) in by_layer:
             continue  # the inner layer of a wrapper recorded above
         if isinstance(layer, QuantizedLayer):
-            _refuse_zero_points(name, layer)
-            _refuse_state_changed_after_convert(name, layer, layers)
-            inner = layer.layer
-            weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
-            shift_response = layer.input_shift_response()  # of the weight that runs
-            grid_weight = grid_thresholds = simulated_weight = None
-            # The weight its calls on constants compute with (QuantizedLayer.constant_inputs),
-            # before the program's own is traced in its place.
-            constant_call_weight = layer.weight.numpy().copy() if layer.constant_inputs else None
-            if layer.program_weight is not None:
-                if program_weights and (
-                    layer.paddle_fc_scales or layer.weight_bits < 8 or layer.halved_weights
-                ):
-                    # Codes Paddle derives its own from (a halved conv's 8-bit ones, whose
-                    # halving the simulation follows: quant_layers.runtime_weight).
-                    simulated_weight = inner.weight.numpy().copy()
-                    inner.weight.set_value(layer.program_weight)
-                    weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
-                else:
-                    # An 8-bit conv (and anything for ONNX) is traced with the weight it runs,
-                    # whose codes reach 127 in every channel: Paddle's requantization of it is
-                    # an identity whatever float32 values BatchNorm folding gives it. Stored
-                    # on its own grid, a channel with codes below 127 holds rounding ties the
-                    # folding decides (measured: 3.7% of the largest logit, fine-tuned
-                    # residual net). Narrower weights keep their own codes in the file.
-                    grid_weight = np.asarray(layer.program_weight, np.float32)
-                    grid_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
-            record = LayerRecord(
-                name=name,
-                layer_type=type(inner).__name__,
-                weight_name=inner.weight.name,
-                weight_thresholds=weight_thresholds,
-                weight_axis=layer.weight_axis,
-                weight_bits=layer.weight_bits,
-                grid_weight=grid_weight,
-                grid_thresholds=grid_thresholds,
-                input_threshold=float(layer.input_thresholds[0]),
-                input_scale=None if layer.input_scale is None else float(layer.input_scale),
-                input_zero_point=(
-                    None if layer.input_zero_point is None else int(layer.input_zero_point)
-                ),
-                input_unsigned=layer.input_unsigned,
-                residual_codes=layer.residual_codes,
-                input_top_code=layer.input_top_code,
-                input_call_tops=() if layer.input_call_tops is None else layer.input_call_tops.tops,
-                input_shift_response=shift_response,
-                activation_bits=layer.activation_bits,
-                output_thresholds=list(
-                    layer.output_thresholds if layer.residual_output_threshold is None
-                    else [layer.residual_output_threshold]
-                ),
-                residual_output=layer.residual_output_threshold is not None,
-                residual_fused_with=layer.residual_fused_with,
-                constant_call_weight=constant_call_weight,
-                simulated_weight=simulated_weight,
-                # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
-                # (.linear_as_conv); ONNX Runtime takes the stored ones.
-                runs_as_conv=program_weights and layer.runs_as_conv and not layer.constant_inputs,
-                halved=layer.halved_weights,
-                norm_factor=layer.norm_factor if program_weights else None,
-            )
+            record = _quantized_layer_record(name, layer, layers, program_weights)
             # Plain inner layer: its weight already holds the fake-quantized values, so the
             # traced fp32 program computes what the converted model does (minus input fake
             # quantization, which .program adds as quantize/dequantize ops).
-            keep(layer, inner, record)
+            keep(layer, layer.layer, record)
         elif isinstance(layer, QuantizedMatmul):
             _refuse_state_changed_after_convert(name, layer, layers)
             record = LayerRecord(
@@ -566,6 +506,74 @@ def _collect_records(
             )
             keep(layer, layer, record)
     return export_model, records, by_layer
+
+
+def _quantized_layer_record(
+    name: str, layer: QuantizedLayer, layers: Mapping[str, paddle.nn.Layer], program_weights: bool
+) -> LayerRecord:
+    """The record of an int8 conv/Linear ``layer`` (see :func:`_collect_records`); sets its inner
+    layer's weight to the one the program stores where that differs from the simulated one."""
+    _refuse_zero_points(name, layer)
+    _refuse_state_changed_after_convert(name, layer, layers)
+    inner = layer.layer
+    weight_thresholds = layer.weight_thresholds.numpy().astype(np.float32)
+    shift_response = layer.input_shift_response()  # of the weight that runs
+    grid_weight = grid_thresholds = simulated_weight = None
+    # The weight its calls on constants compute with (QuantizedLayer.constant_inputs),
+    # before the program's own is traced in its place.
+    constant_call_weight = layer.weight.numpy().copy() if layer.constant_inputs else None
+    if layer.program_weight is not None:
+        if program_weights and (
+            layer.paddle_fc_scales or layer.weight_bits < 8 or layer.halved_weights
+        ):
+            # Codes Paddle derives its own from (a halved conv's 8-bit ones, whose
+            # halving the simulation follows: quant_layers.runtime_weight).
+            simulated_weight = inner.weight.numpy().copy()
+            inner.weight.set_value(layer.program_weight)
+            weight_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
+        else:
+            # An 8-bit conv (and anything for ONNX) is traced with the weight it runs,
+            # whose codes reach 127 in every channel: Paddle's requantization of it is
+            # an identity whatever float32 values BatchNorm folding gives it. Stored
+            # on its own grid, a channel with codes below 127 holds rounding ties the
+            # folding decides (measured: 3.7% of the largest logit, fine-tuned
+            # residual net). Narrower weights keep their own codes in the file.
+            grid_weight = np.asarray(layer.program_weight, np.float32)
+            grid_thresholds = np.asarray(layer.program_weight_thresholds, np.float32)
+    return LayerRecord(
+        name=name,
+        layer_type=type(inner).__name__,
+        weight_name=inner.weight.name,
+        weight_thresholds=weight_thresholds,
+        weight_axis=layer.weight_axis,
+        weight_bits=layer.weight_bits,
+        grid_weight=grid_weight,
+        grid_thresholds=grid_thresholds,
+        input_threshold=float(layer.input_thresholds[0]),
+        input_scale=None if layer.input_scale is None else float(layer.input_scale),
+        input_zero_point=(
+            None if layer.input_zero_point is None else int(layer.input_zero_point)
+        ),
+        input_unsigned=layer.input_unsigned,
+        residual_codes=layer.residual_codes,
+        input_top_code=layer.input_top_code,
+        input_call_tops=() if layer.input_call_tops is None else layer.input_call_tops.tops,
+        input_shift_response=shift_response,
+        activation_bits=layer.activation_bits,
+        output_thresholds=list(
+            layer.output_thresholds if layer.residual_output_threshold is None
+            else [layer.residual_output_threshold]
+        ),
+        residual_output=layer.residual_output_threshold is not None,
+        residual_fused_with=layer.residual_fused_with,
+        constant_call_weight=constant_call_weight,
+        simulated_weight=simulated_weight,
+        # Paddle's fc would derive other weight scales: its matmuls become 1x1 convs
+        # (.linear_as_conv); ONNX Runtime takes the stored ones.
+        runs_as_conv=program_weights and layer.runs_as_conv and not layer.constant_inputs,
+        halved=layer.halved_weights,
+        norm_factor=layer.norm_factor if program_weights else None,
+    )
 
 
 def model_activation_bits(records: Sequence[LayerRecord]) -> int:
