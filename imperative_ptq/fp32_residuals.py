@@ -58,149 +58,189 @@ def refit_fused_residuals(
     Returns:
         The kept layers whose block could not be re-decided (see the module docstring).
     """
-    structure: dict[str, Any] = converted_structure(model) or {}
-    layers = dict(model.named_sublayers())
-    levels = symmetric_levels(8)
-    adds = [
-        (producer, add) for producer, entry in structure.items()
-        for add in entry.get("residual_adds", [])
-    ]
+    return _Refit(model, kept).run()
 
-    def int8_conv(name: str) -> bool:
-        layer = layers.get(name)
+
+class _Refit:
+    """The state of one :func:`refit_fused_residuals`: the model's layers by name (kept up to
+    date as layers are swapped), its calibrated structure and the kept layers not re-decided."""
+
+    def __init__(self, model: paddle.nn.Layer, kept: Mapping[str, paddle.nn.Layer]) -> None:
+        self.model = model
+        self.kept = kept
+        self.structure: dict[str, Any] = converted_structure(model) or {}
+        self.layers = dict(model.named_sublayers())
+        self.levels = symmetric_levels(8)
+        self.adds = [
+            (producer, add) for producer, entry in self.structure.items()
+            for add in entry.get("residual_adds", [])
+        ]
+        self.unresolved: set[str] = set()
+
+    def run(self) -> list[str]:
+        """Re-decides every block; returns the kept layers whose block could not be."""
+        self._unfuse_adds_of_fp32_convs()
+        self._read_float_sums_before_fp32_layers()
+        self._code_fp32_readers()
+        self._uncode_pooled_relus()
+        self._unresolved_downsamples()
+        return sorted(self.unresolved)
+
+    def _int8_conv(self, name: str) -> bool:
+        """Whether ``name`` is an int8 conv, or a BatchNorm after one."""
+        layer = self.layers.get(name)
         if isinstance(layer, _NORMS):
-            sources = structure.get(name, {}).get("input_sources", [])
-            layer = layers.get(sources[0]) if len(sources) == 1 else None
+            sources = self.structure.get(name, {}).get("input_sources", [])
+            layer = self.layers.get(sources[0]) if len(sources) == 1 else None
         return isinstance(layer, QuantizedLayer) and isinstance(layer.layer, paddle.nn.Conv2D)
 
-    def written_by_int8_conv(source: str) -> bool:
+    def _written_by_int8_conv(self, source: str) -> bool:
         """Whether an int8 conv writes ``source``'s output (through the ReLU fused into it)."""
-        fused = [add["fused"] for _, add in adds if add.get("sum_reader") == source]
+        fused = [add["fused"] for _, add in self.adds if add.get("sum_reader") == source]
         if fused:
-            return all(int8_conv(name) for name in fused)
-        sources = structure.get(source, {}).get("input_sources", [])
-        return isinstance(layers.get(source), paddle.nn.ReLU) and len(sources) == 1 and int8_conv(sources[0])
+            return all(self._int8_conv(name) for name in fused)
+        sources = self.structure.get(source, {}).get("input_sources", [])
+        return (
+            isinstance(self.layers.get(source), paddle.nn.ReLU) and len(sources) == 1 and self._int8_conv(sources[0])
+        )
 
-    def replace(name: str, new: paddle.nn.Layer) -> None:
-        replace_sublayer(model, layers[name], new)
-        layers[name] = new
+    def _replace(self, name: str, new: paddle.nn.Layer) -> None:
+        """Swaps the layer ``name`` for ``new`` in the model and in :attr:`layers`."""
+        replace_sublayer(self.model, self.layers[name], new)
+        self.layers[name] = new
 
-    unresolved: set[str] = set()
-    # Adds whose fused conv is now fp32: they run in float.
-    for producer, add in adds:
-        if int8_conv(add["fused"]):
-            continue
-        involved = {name for name in kept if name in (add["fused"], *structure.get(add["fused"], {}).get("input_sources", []))}
-        shortcut = layers.get(producer)
-        folded = isinstance(shortcut, QuantizedLayer) and shortcut.residual_output_threshold is not None
-        if isinstance(shortcut, QuantizedResidualOutput) or folded:
-            if folded:  # a projection conv with its BatchNorm folded: it writes floats again
-                shortcut.residual_output_threshold, shortcut.residual_fused_with = None, ""
-            else:
-                replace(producer, shortcut.layer)
-            reader = add.get("sum_reader", "")
-            if not reader:
-                unresolved |= involved
+    def _unfuse_adds_of_fp32_convs(self) -> None:
+        """Adds whose fused conv is now fp32 run in float: their shortcut writes floats, and the
+        int8 readers of the block output read it as u8 codes up to 255."""
+        for producer, add in self.adds:
+            if self._int8_conv(add["fused"]):
                 continue
-            # The block output: the fp32 conv's float output, quantized by each int8 reader
-            # as u8 up to 255 (the s8 residual had made it s8).
-            for name, entry in structure.items():
-                if not entry.get("signed_input") or reader not in entry.get("input_sources", []):
+            fused_inputs = self.structure.get(add["fused"], {}).get("input_sources", [])
+            involved = {name for name in self.kept if name in (add["fused"], *fused_inputs)}
+            shortcut = self.layers.get(producer)
+            folded = isinstance(shortcut, QuantizedLayer) and shortcut.residual_output_threshold is not None
+            if isinstance(shortcut, QuantizedResidualOutput) or folded:
+                if folded:  # a projection conv with its BatchNorm folded: it writes floats again
+                    shortcut.residual_output_threshold, shortcut.residual_fused_with = None, ""
+                else:
+                    self._replace(producer, shortcut.layer)
+                reader = add.get("sum_reader", "")
+                if not reader:
+                    self.unresolved |= involved
                     continue
-                layer = layers.get(name)
-                if isinstance(layer, QuantizedLayer) and layer.input_unsigned:
-                    layer.input_top_code = U8_MAX
-                    if layer.input_call_tops is not None:
-                        plain = set(entry.get("plain_input_calls", ()))
-                        layer.input_call_tops = PerCallTopCodes([
-                            top if call in plain else U8_MAX
-                            for call, top in enumerate(layer.input_call_tops.tops)
-                        ])
-                    if layer.residual_codes:
-                        layer.residual_codes = U8_MAX
-                elif isinstance(layer, QuantizedGlobalAveragePool):
-                    layer.top = U8_MAX
-                elif isinstance(layer, ResidualCodesInput):
-                    layer.top = U8_MAX
-        elif add["residual_readers"]:
-            readers = [layers.get(name) for name in add["residual_readers"]]
-            direct = any(
-                isinstance(layer, QuantizedLayer)
-                and (layer.input_top_code > levels or structure.get(name, {}).get("signed_input"))
-                for name, layer in zip(add["residual_readers"], readers)
+                # The block output: the fp32 conv's float output, quantized by each int8 reader
+                # as u8 up to 255 (the s8 residual had made it s8).
+                for name, entry in self.structure.items():
+                    if not entry.get("signed_input") or reader not in entry.get("input_sources", []):
+                        continue
+                    layer = self.layers.get(name)
+                    if isinstance(layer, QuantizedLayer) and layer.input_unsigned:
+                        layer.input_top_code = U8_MAX
+                        if layer.input_call_tops is not None:
+                            plain = set(entry.get("plain_input_calls", ()))
+                            layer.input_call_tops = PerCallTopCodes([
+                                top if call in plain else U8_MAX
+                                for call, top in enumerate(layer.input_call_tops.tops)
+                            ])
+                        if layer.residual_codes:
+                            layer.residual_codes = U8_MAX
+                    elif isinstance(layer, QuantizedGlobalAveragePool):
+                        layer.top = U8_MAX
+                    elif isinstance(layer, ResidualCodesInput):
+                        layer.top = U8_MAX
+            elif add["residual_readers"]:
+                readers = [self.layers.get(name) for name in add["residual_readers"]]
+                direct = any(
+                    isinstance(layer, QuantizedLayer)
+                    and (layer.input_top_code > self.levels or self.structure.get(name, {}).get("signed_input"))
+                    for name, layer in zip(add["residual_readers"], readers)
+                )
+                if direct:
+                    continue  # still written as codes: an int8 conv reads it directly
+                for name, layer in zip(add["residual_readers"], readers):
+                    if isinstance(layer, QuantizedLayer):
+                        layer.residual_codes, layer.residual_source = 0, ""
+                    elif isinstance(layer, ResidualCodesInput):
+                        self._replace(name, layer.layer)
+
+    def _read_float_sums_before_fp32_layers(self) -> None:
+        """Layers put on a sum's codes for a layer now fp32 that read the sum after them read the
+        float sum again."""
+        # Layers convert put on a sum's codes because a layer now fp32 read the sum after them
+        # (a ResNet-vd shortcut's pool run before its branch's conv): unless another int8 reader
+        # of the sum still does, they read the float sum again, as the same block written branch
+        # first does (measured: 0.95% of the largest output off Paddle Inference while kept).
+        still_coded = {
+            earlier for other, entry in self.structure.items()
+            if isinstance(self.layers.get(other), QuantizedLayer) and self.layers[other].residual_codes
+            for earlier in entry.get("earlier_readers", [])
+        }
+        for name in self.kept:
+            for earlier in self.structure.get(name, {}).get("earlier_readers", []):
+                if isinstance(self.layers.get(earlier), ResidualCodesInput) and earlier not in still_coded:
+                    self._replace(earlier, self.layers[earlier].layer)
+
+    def _code_fp32_readers(self) -> None:
+        """Readers now fp32 of a tensor an int8 conv still writes as codes read those codes."""
+        # Readers now fp32 of a tensor an int8 conv still writes as codes.
+        for name, old in self.kept.items():
+            if not isinstance(old, QuantizedLayer) or not old.input_unsigned:
+                continue
+            entry = self.structure.get(name, {})
+            top = old.residual_codes or (old.input_top_code if old.input_top_code > self.levels else 0)
+            if not top and entry.get("signed_input"):
+                top = self.levels
+            if not top:
+                continue
+            sources = entry.get("input_sources", [])
+            if len(sources) != 1:
+                self.unresolved.add(name)  # an F.relu output: its writer is not known
+                continue
+            read_as_residual = any(
+                name in add["residual_readers"] and self._int8_conv(add["fused"]) for _, add in self.adds
             )
-            if direct:
-                continue  # still written as codes: an int8 conv reads it directly
-            for name, layer in zip(add["residual_readers"], readers):
-                if isinstance(layer, QuantizedLayer):
-                    layer.residual_codes, layer.residual_source = 0, ""
-                elif isinstance(layer, ResidualCodesInput):
-                    replace(name, layer.layer)
-    # Layers convert put on a sum's codes because a layer now fp32 read the sum after them
-    # (a ResNet-vd shortcut's pool run before its branch's conv): unless another int8 reader
-    # of the sum still does, they read the float sum again, as the same block written branch
-    # first does (measured: 0.95% of the largest output off Paddle Inference while kept).
-    still_coded = {
-        earlier for other, entry in structure.items()
-        if isinstance(layers.get(other), QuantizedLayer) and layers[other].residual_codes
-        for earlier in entry.get("earlier_readers", [])
-    }
-    for name in kept:
-        for earlier in structure.get(name, {}).get("earlier_readers", []):
-            if isinstance(layers.get(earlier), ResidualCodesInput) and earlier not in still_coded:
-                replace(earlier, layers[earlier].layer)
-    # Readers now fp32 of a tensor an int8 conv still writes as codes.
-    for name, old in kept.items():
-        if not isinstance(old, QuantizedLayer) or not old.input_unsigned:
-            continue
-        entry = structure.get(name, {})
-        top = old.residual_codes or (old.input_top_code if old.input_top_code > levels else 0)
-        if not top and entry.get("signed_input"):
-            top = levels
-        if not top:
-            continue
-        sources = entry.get("input_sources", [])
-        if len(sources) != 1:
-            unresolved.add(name)  # an F.relu output: its writer is not known
-            continue
-        read_as_residual = any(
-            name in add["residual_readers"] and int8_conv(add["fused"]) for _, add in adds
-        )
-        read_by_int8 = any(
-            isinstance(layers.get(other), QuantizedLayer) and other != name
-            and other_entry.get("input_sources") == sources
-            and (other_entry.get("wide_input") or other_entry.get("signed_input"))
-            for other, other_entry in structure.items()
-        )
-        if (read_as_residual or read_by_int8) and written_by_int8_conv(sources[0]):
-            replace(name, ResidualCodesInput(
-                layers[name], float(old.input_thresholds[0]), top, old.activation_bits
-            ))
-    # A ReLU put on codes for an int8 max-pool (convert's pooled codes) whose pool is now read
-    # by an fp32 conv: the export drops the scales through the pool, and the conv writes floats.
-    sum_readers = {add.get("sum_reader", "") for _, add in adds}
-    for name, layer in list(layers.items()):
-        if not isinstance(layer, ResidualSumOutput) or name in sum_readers:
-            continue
-        pools = {other for other, entry in structure.items() if name in entry.get("input_sources", [])}
-        if all(
-            isinstance(layers.get(other), QuantizedLayer)
-            for other, entry in structure.items() if pools & set(entry.get("input_sources", []))
-        ):
-            continue
-        replace(name, layer.layer)
-        for conv in layers.values():
-            if isinstance(conv, QuantizedLayer) and layer in conv.sum_outputs:
-                conv.sum_outputs.remove(layer)
-    # A downsample conv kept fp32: its shortcut is quantized by Paddle from the conv's float
-    # output (measured 0.5% of the largest output off the simulation, cause not found).
-    for producer, add in adds:
-        if isinstance(layers.get(producer), QuantizedResidualOutput):
-            unresolved.update(
-                source for source in structure.get(producer, {}).get("input_sources", [])
-                if source in kept
+            read_by_int8 = any(
+                isinstance(self.layers.get(other), QuantizedLayer) and other != name
+                and other_entry.get("input_sources") == sources
+                and (other_entry.get("wide_input") or other_entry.get("signed_input"))
+                for other, other_entry in self.structure.items()
             )
-        simulated = kept.get(producer)
-        if isinstance(simulated, QuantizedLayer) and simulated.residual_output_threshold is not None:
-            unresolved.add(producer)  # the same, with its BatchNorm folded into it
-    return sorted(unresolved)
+            if (read_as_residual or read_by_int8) and self._written_by_int8_conv(sources[0]):
+                self._replace(name, ResidualCodesInput(
+                    self.layers[name], float(old.input_thresholds[0]), top, old.activation_bits
+                ))
+
+    def _uncode_pooled_relus(self) -> None:
+        """ReLUs put on codes for an int8 max-pool whose pool an fp32 conv now reads write floats
+        again."""
+        # A ReLU put on codes for an int8 max-pool (convert's pooled codes) whose pool is now read
+        # by an fp32 conv: the export drops the scales through the pool, and the conv writes floats.
+        sum_readers = {add.get("sum_reader", "") for _, add in self.adds}
+        for name, layer in list(self.layers.items()):
+            if not isinstance(layer, ResidualSumOutput) or name in sum_readers:
+                continue
+            pools = {other for other, entry in self.structure.items() if name in entry.get("input_sources", [])}
+            if all(
+                isinstance(self.layers.get(other), QuantizedLayer)
+                for other, entry in self.structure.items() if pools & set(entry.get("input_sources", []))
+            ):
+                continue
+            self._replace(name, layer.layer)
+            for conv in self.layers.values():
+                if isinstance(conv, QuantizedLayer) and layer in conv.sum_outputs:
+                    conv.sum_outputs.remove(layer)
+
+    def _unresolved_downsamples(self) -> None:
+        """Kept layers whose downsample shortcut Paddle quantizes from a float output: not
+        re-decided."""
+        # A downsample conv kept fp32: its shortcut is quantized by Paddle from the conv's float
+        # output (measured 0.5% of the largest output off the simulation, cause not found).
+        for producer, add in self.adds:
+            if isinstance(self.layers.get(producer), QuantizedResidualOutput):
+                self.unresolved.update(
+                    source for source in self.structure.get(producer, {}).get("input_sources", [])
+                    if source in self.kept
+                )
+            simulated = self.kept.get(producer)
+            if isinstance(simulated, QuantizedLayer) and simulated.residual_output_threshold is not None:
+                self.unresolved.add(producer)  # the same, with its BatchNorm folded into it

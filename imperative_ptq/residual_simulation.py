@@ -223,7 +223,8 @@ class FusedResiduals:
                         {reader.input_thresholds[0] for reader in readers}
                     ) != 1:
                         if state.name in self.sums and any(
-                            add.sum_reader in other.input_sources and other.name in self.quantized for _, other in self.hooked
+                            add.sum_reader in other.input_sources and other.name in self.quantized
+                            for _, other in self.hooked
                         ):
                             # The residual is itself a fused conv's sum on the codes that conv
                             # writes, read by a concat too (DLA's root adding its second block's
@@ -271,7 +272,8 @@ class FusedResiduals:
         codes, back on their own grid."""
         for layer, state in self.hooked:
             reader = self.quantized.get(state.name)
-            if reader is not None and state.signed_input and (state.name in float_sums or state.input_sources & float_sums):
+            reads_float_sum = state.name in float_sums or state.input_sources & float_sums
+            if reader is not None and state.signed_input and reads_float_sum:
                 # Calibration took the ReLU after an add of an s8 projection for codes, but Paddle
                 # adds it in float (a projection reading the signed input shifted, ``x86``): its
                 # u8 readers clip the float output at their threshold (export.unsigned), and a
