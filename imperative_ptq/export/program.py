@@ -15,7 +15,7 @@ The form is the one Paddle's own static quantization writes (``QuantWeightPass``
 
 :func:`quantize_program` writes that form in this order: biases, BatchNorms, Conv1D weights and
 LSTMs in the forms oneDNN fuses (:mod:`.weight_ops`, :mod:`.folded_norms`, :mod:`.rnn_fusion`);
-each conv/fc's int8 weight and input Q/DQ pair (:func:`_quantize_weight_ops`; on x86 after
+each conv/fc's int8 weight and input Q/DQ pair (:class:`_WeightOpRewrite`; on x86 after
 the u8 clip, :mod:`.unsigned`, or the shift, :mod:`.shifted`, its input's grid needs); the
 matmuls of two activations (:mod:`.activation_matmuls`); copies for tensors read on several
 grids (:mod:`.shared_outputs`); the scales around pools (:mod:`.pool_scales`); no scale where
@@ -205,7 +205,7 @@ def quantize_program(
     # ReLU outputs the simulation puts on a fused int8 conv's codes -> the largest code; those
     # up to 127 (after an s8 residual) need no clip in front of their readers.
     sum_code_tops = {out: top for record in records for out, top in record.sum_codes_tops().items()}
-    inserted = _quantize_weight_ops(loaded, weights, written, clips, sum_code_tops, unsigned_inputs)
+    inserted = _WeightOpRewrite(loaded, weights, written, clips, sum_code_tops, unsigned_inputs).run()
 
     quantize_activation_matmuls(loaded, records, written, inserted.dequantized, narrow_below_8_bits=unsigned_inputs)
     resample_signed_tensors_in_float(loaded)
@@ -472,7 +472,7 @@ def _quantize_fused_lstms(
 
 @dataclasses.dataclass
 class _InsertedInputs:
-    """The tensors :func:`_quantize_weight_ops` put in front of the int8 conv/fc ops, which
+    """The tensors :class:`_WeightOpRewrite` put in front of the int8 conv/fc ops, which
     later passes look up.
 
     Attributes:
@@ -486,17 +486,11 @@ class _InsertedInputs:
     shifted: dict[tuple[str, float, int], str] = dataclasses.field(default_factory=dict)
 
 
-def _quantize_weight_ops(
-    loaded: LegacyProgram,
-    weights: Mapping[str, LayerRecord],
-    written: ProgramScales,
-    clips: FusedReluClips,
-    sum_code_tops: Mapping[str, int],
-    unsigned_inputs: bool,
-) -> _InsertedInputs:
+class _WeightOpRewrite:
     """Gives every calibrated conv/fc op its int8 weight and its input's Q/DQ pair (on x86,
     after the u8 clip, the shift or the narrowing its input's grid needs), recording both in
-    ``written``; a call on a constant reads an fp32 copy of the weight instead.
+    ``written``; a call on a constant reads an fp32 copy of the weight instead. Ops reading the
+    same weight, or the same input on the same grid, share what was inserted for the first.
 
     Args:
         loaded: The program being rewritten.
@@ -505,21 +499,7 @@ def _quantize_weight_ops(
         clips: The fused ReLUs clipped for u8 inputs (:func:`.unsigned.clip_fused_relus`).
         sum_code_tops: ReLU outputs on a fused int8 conv's codes -> their largest code.
         unsigned_inputs: See :func:`quantize_program`.
-
-    Returns:
-        The inserted tensors later passes look up.
     """
-    rewrite = _WeightOpRewrite(loaded, weights, written, clips, sum_code_tops, unsigned_inputs)
-    block = loaded.program.global_block()
-    index = 0
-    while index < len(block.ops):
-        index += rewrite.op_at(index) + 1
-    return rewrite.inserted
-
-
-class _WeightOpRewrite:
-    """The rewrite of :func:`_quantize_weight_ops`, one conv/fc op at a time; ops reading the
-    same weight or the same input on the same grid share what was inserted for the first."""
 
     def __init__(
         self,
@@ -543,6 +523,13 @@ class _WeightOpRewrite:
         self.shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
         self.narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
         self.constant_call_weights: dict[str, str] = {}  # weight -> its fp32 copy for calls on constants
+
+    def run(self) -> _InsertedInputs:
+        """Rewrites the program; returns the inserted tensors later passes look up."""
+        index = 0
+        while index < len(self.block.ops):
+            index += self.op_at(index) + 1
+        return self.inserted
 
     def op_at(self, index: int) -> int:
         """Rewrites the op at ``index`` if it is a calibrated conv/fc; returns how many ops were
