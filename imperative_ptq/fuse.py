@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-__all__ = ["batch_norm_factor_and_bias", "fuse_layers"]
+__all__ = ["batch_norm_factor_and_bias", "fuse_layers", "norm_activation"]
 
 _FOLDABLE = {
     # (layer type, norm type): weight output-channel axis
@@ -21,6 +21,42 @@ _FOLDABLE = {
     (paddle.nn.Conv2D, paddle.nn.BatchNorm): 0,
     (paddle.nn.Linear, paddle.nn.BatchNorm1D): 1,
 }
+
+
+#: The layers computing what ``paddle.nn.BatchNorm(..., act=name)`` applies after normalizing
+#: (Paddle's legacy activation op ``name`` with its default attributes), by ``name``.
+_NORM_ACTIVATIONS: dict[str, type[paddle.nn.Layer]] = {
+    "relu": paddle.nn.ReLU, "relu6": paddle.nn.ReLU6, "sigmoid": paddle.nn.Sigmoid, "tanh": paddle.nn.Tanh,
+    "hard_swish": paddle.nn.Hardswish, "swish": paddle.nn.Swish, "silu": paddle.nn.Silu, "elu": paddle.nn.ELU,
+    "gelu": paddle.nn.GELU, "mish": paddle.nn.Mish, "selu": paddle.nn.SELU, "softsign": paddle.nn.Softsign,
+    "tanh_shrink": paddle.nn.Tanhshrink, "logsigmoid": paddle.nn.LogSigmoid,
+}
+
+
+def norm_activation(norm: paddle.nn.Layer) -> str | None:
+    """The activation a legacy ``paddle.nn.BatchNorm(..., act=...)`` applies after normalizing
+    (the name of Paddle's legacy op), ``None`` for a norm without one."""
+    act = getattr(norm, "_act", None) if isinstance(norm, paddle.nn.BatchNorm) else None
+    return act or None
+
+
+def _folded_norm_replacement(norm: paddle.nn.Layer, name: str) -> paddle.nn.Layer:
+    """What takes a folded norm's place: ``Identity``, or the layer of the activation a legacy
+    ``BatchNorm(act=...)`` applies (folding moves only the normalization into the weights).
+
+    Raises:
+        ValueError: The norm applies an activation no layer computes the same way.
+    """
+    act = norm_activation(norm)
+    if act is None:
+        return paddle.nn.Identity()
+    if act not in _NORM_ACTIVATIONS:
+        raise ValueError(
+            f"cannot fold BatchNorm {name!r}: it applies act={act!r} after normalizing, which no "
+            f"paddle.nn layer computes the same way (foldable: {sorted(_NORM_ACTIVATIONS)}); write it "
+            f"as a BatchNorm without act followed by the activation"
+        )
+    return _NORM_ACTIVATIONS[act]()
 
 
 def _find(model: paddle.nn.Layer, name: str) -> tuple[paddle.nn.Layer, str, paddle.nn.Layer]:
@@ -37,7 +73,8 @@ def _find(model: paddle.nn.Layer, name: str) -> tuple[paddle.nn.Layer, str, padd
 
 
 def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> paddle.nn.Layer:
-    """Folds each ``[conv_name, bn_name]`` pair of ``fuse_list`` in place; the BN becomes Identity.
+    """Folds each ``[conv_name, bn_name]`` pair of ``fuse_list`` in place; the BN becomes Identity
+    (a legacy ``BatchNorm(act=...)`` becomes the layer of its activation).
 
     Args:
         model: Model in eval mode (its batch-norm statistics are used).
@@ -48,7 +85,8 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
 
     Raises:
         TypeError: ``fuse_list`` is not a list of name pairs.
-        ValueError: A name is not a sublayer, or the pair cannot be folded.
+        ValueError: A name is not a sublayer, or the pair cannot be folded (a legacy
+            ``BatchNorm`` whose ``act`` no layer computes included).
     """
     if fuse_list is None or isinstance(fuse_list, str) or not isinstance(fuse_list, (list, tuple)):
         raise TypeError("fuse_list must be a list of [layer_name, norm_name] pairs when fuse=True")
@@ -73,10 +111,10 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
                 f"cannot fold {type(norm).__name__} {pair[1]!r} into "
                 f"{type(layer).__name__} {pair[0]!r}"
             )
-        folds.append((layer, norm, axis, norm_parent, norm_leaf))
-    for layer, norm, axis, norm_parent, norm_leaf in folds:
+        folds.append((layer, norm, axis, norm_parent, norm_leaf, _folded_norm_replacement(norm, pair[1])))
+    for layer, norm, axis, norm_parent, norm_leaf, replacement in folds:
         _fold(layer, norm, axis)
-        setattr(norm_parent, norm_leaf, paddle.nn.Identity())
+        setattr(norm_parent, norm_leaf, replacement)
     return model
 
 

@@ -12,6 +12,7 @@ import paddle
 import pytest
 from paddle import nn
 
+import imperative_ptq as ip
 from imperative_ptq import ImperativePTQ, PTQConfig, KLQuantizer, PerChannelAbsmaxQuantizer
 from imperative_ptq.algorithms import ChannelClip, equalize, find_chains
 from imperative_ptq.models import VerySimpleNet
@@ -391,3 +392,56 @@ def test_ptq_config_equalization_that_finds_no_chain_warns(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms"):
         ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True)).quantize(model)
     assert "found no pair" not in caplog.text
+
+
+def _legacy_norm_net(act: str) -> nn.Sequential:
+    """Conv -> legacy ``paddle.nn.BatchNorm(act=act)`` -> 1x1 conv, with trained-looking statistics."""
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm(8, act=act), nn.Conv2D(8, 4, 1))
+    norm = net[1]
+    norm._mean.set_value(paddle.randn([8]) * 0.3)
+    norm._variance.set_value(paddle.rand([8]) + 0.5)
+    norm.weight.set_value(paddle.rand([8]) * 2 + 0.1)
+    net.eval()
+    return net
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "hard_swish", "tanh"])
+def test_legacy_batch_norm_activation_ends_a_chain_and_survives_folding(act) -> None:
+    """A legacy BatchNorm(act=...) was folded into the conv before it as a plain norm: its
+    activation vanished (fp32 output 1.0-4.1 of its largest value off, silently) and CLE
+    scaled channels through a sigmoid or hard_swish."""
+    net = _legacy_norm_net(act)
+    x = paddle.randn([2, 3, 8, 8])
+    expected = net(x).numpy()
+    assert find_chains(net) == []
+    with pytest.raises(ValueError, match=f"BatchNorm '1' applies act='{act}'"):
+        equalize(net, [["0", "1", "2"]])
+    fused = ip.fuse_layers(copy.deepcopy(net), [["0", "1"]])
+    np.testing.assert_allclose(fused(x).numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("act, relu6", [("relu", "skip"), ("relu6", "clip")])
+def test_legacy_batch_norm_relu_links_a_chain(act, relu6) -> None:
+    """With act='relu' (or 'relu6', clipped per channel) the norm links the two convs: they are
+    equalized and the function is kept."""
+    net = _legacy_norm_net(act)
+    x = paddle.randn([2, 3, 8, 8])
+    expected = net(x).numpy()
+    assert find_chains(net) == [["0", "1", "2"]]
+    equalized, pairs = equalize(net, relu6=relu6)
+    assert [(pair.first, pair.second) for pair in pairs] == [("0", "2")]
+    assert not np.allclose(pairs[0].scales, 1.0)
+    expected_type = nn.ReLU if act == "relu" else ChannelClip
+    assert isinstance(equalized[1], expected_type)
+    np.testing.assert_allclose(equalized(x).numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_legacy_batch_norm_activation_without_a_layer_is_refused_by_fuse_layers() -> None:
+    """``act='hard_sigmoid'`` (slope 0.2) has no paddle.nn layer computing it: folding refuses,
+    naming the norm, and leaves the model as it was."""
+    net = _legacy_norm_net("hard_sigmoid")
+    before = net(paddle.ones([1, 3, 8, 8])).numpy()
+    with pytest.raises(ValueError, match="cannot fold BatchNorm '1': it applies act='hard_sigmoid'"):
+        ip.fuse_layers(net, [["0", "1"]])
+    np.testing.assert_array_equal(net(paddle.ones([1, 3, 8, 8])).numpy(), before)

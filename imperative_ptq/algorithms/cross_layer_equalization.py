@@ -21,7 +21,9 @@ gamma_i)``; ``c_i = max(0, beta_i - 3 |gamma_i|)`` is almost always below it, so
 without padding.
 
 Works on ``Conv2D`` (any groups, depthwise included) and ``Linear`` pairs, with a BatchNorm
-(folded here) and a ReLU (or Identity) between them.
+(folded here) and a ReLU (or Identity) between them. A legacy ``paddle.nn.BatchNorm(act=...)``
+is a BatchNorm and its activation: with ``act="relu"`` (or ``"relu6"``, see below) it links two
+layers, and folding leaves that activation in its place; any other ``act`` ends a chain.
 
 **ReLU6** does not commute with scaling: ``ReLU6(z / s) != ReLU6(z) / s``. Three choices
 (``relu6=``): ``"skip"`` the pair (with a warning); ``"clip"`` replaces the ReLU6 by a
@@ -43,7 +45,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-from ..fuse import fuse_layers
+from ..fuse import fuse_layers, norm_activation
 
 __all__ = ["ChannelClip", "EqualizedPair", "RELU6_MODES", "equalize", "find_chains", "input_channel_index"]
 
@@ -88,6 +90,9 @@ class ChannelClip(paddle.nn.Layer):
 _WEIGHTED = (paddle.nn.Conv2D, paddle.nn.Linear)
 _NORMS = (paddle.nn.BatchNorm2D, paddle.nn.BatchNorm, paddle.nn.BatchNorm1D)
 _ACTIVATIONS = (paddle.nn.ReLU, paddle.nn.ReLU6, ChannelClip)
+#: The ``act`` of a legacy ``paddle.nn.BatchNorm`` that a chain may pass through (as a ReLU or
+#: a ReLU6 after the norm).
+_LINKING_NORM_ACTIVATIONS = ("relu", "relu6")
 #: Number of standard deviations below the mean kept under a channel's absorbed bias.
 _ABSORB_SIGMAS = 3.0
 
@@ -170,8 +175,14 @@ def _split_chains(flat: Sequence[tuple[str, paddle.nn.Layer]]) -> list[list[str]
                 close()
             current.append((name, layer))
         elif isinstance(layer, _NORMS) and isinstance(last, _WEIGHTED):
-            current.append((name, layer))
-        elif isinstance(layer, _ACTIVATIONS) and isinstance(last, (*_WEIGHTED, *_NORMS)):
+            if norm_activation(layer) in (None, *_LINKING_NORM_ACTIVATIONS):
+                current.append((name, layer))
+            else:
+                close()  # an activation equalization cannot scale through
+        elif (
+            isinstance(layer, _ACTIVATIONS) and isinstance(last, (*_WEIGHTED, *_NORMS))
+            and norm_activation(last) is None
+        ):
             current.append((name, layer))
         else:
             close()
@@ -212,8 +223,9 @@ def equalize(
 
     Raises:
         TypeError: ``model`` is not a Layer or ``chains`` is not a list of name lists.
-        ValueError: ``relu6`` is not one of :data:`RELU6_MODES`, a chain names no sublayer, holds a layer that is neither weighted,
-            BatchNorm nor ReLU/ReLU6/Identity, or pairs layers whose channels differ.
+        ValueError: ``relu6`` is not one of :data:`RELU6_MODES`, a chain names no sublayer,
+            holds a layer that is neither weighted, BatchNorm nor ReLU/ReLU6/Identity (or a
+            BatchNorm whose ``act`` is neither), or pairs layers whose channels differ.
     """
     if not isinstance(model, paddle.nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
@@ -237,6 +249,8 @@ def equalize(
     norms = {norm: first for chain in chains for first, norm in _chain_norms(chain, layers)}
     folded_norms = _norm_statistics(layers, norms)
     fuse_layers(model, [[first, norm] for norm, first in norms.items()])
+    # (A folded BatchNorm(act=...) left its activation layer in its place.)
+    layers.update((name, layer) for name, layer in model.named_sublayers() if name in norms)
     pairs: list[EqualizedPair] = []
     for links in parsed:
         links = [link for link in links if _usable(link, model, layers, relu6)]
@@ -273,6 +287,14 @@ def _parse_chain(chain: Sequence[str], layers: dict[str, paddle.nn.Layer]) -> li
                     f"directly"
                 )
             norm = name
+            act = norm_activation(layer)
+            if act is not None and act not in _LINKING_NORM_ACTIVATIONS:
+                raise ValueError(
+                    f"chain {list(chain)}: BatchNorm {name!r} applies act={act!r}, which does not "
+                    f"commute with scaling: a chain may link layers through act='relu' or 'relu6' only"
+                )
+            if act is not None:
+                activation = name  # after folding, the norm's place holds its activation
         elif isinstance(layer, paddle.nn.Identity):
             continue  # e.g. a BatchNorm already folded by fuse_layers
         elif isinstance(layer, _ACTIVATIONS):
