@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-__all__ = ["batch_norm_factor_and_bias", "fuse_layers", "norm_activation"]
+__all__ = ["batch_norm_factor_and_bias", "fuse_layers", "norm_activation", "norm_channels"]
 
 _FOLDABLE = {
     # (layer type, norm type): weight output-channel axis
@@ -31,6 +31,11 @@ _NORM_ACTIVATIONS: dict[str, type[paddle.nn.Layer]] = {
     "gelu": paddle.nn.GELU, "mish": paddle.nn.Mish, "selu": paddle.nn.SELU, "softsign": paddle.nn.Softsign,
     "tanh_shrink": paddle.nn.Tanhshrink, "logsigmoid": paddle.nn.LogSigmoid,
 }
+
+
+def norm_channels(norm: paddle.nn.Layer) -> int:
+    """The number of channels a BatchNorm normalizes."""
+    return int(norm._mean.shape[0])
 
 
 def norm_activation(norm: paddle.nn.Layer) -> str | None:
@@ -110,6 +115,14 @@ def fuse_layers(model: paddle.nn.Layer, fuse_list: Sequence[Sequence[str]]) -> p
             raise ValueError(
                 f"cannot fold {type(norm).__name__} {pair[1]!r} into "
                 f"{type(layer).__name__} {pair[0]!r}"
+            )
+        outputs = int(layer.weight.shape[axis])
+        if norm_channels(norm) != outputs:
+            # (A BatchNorm1D after a Linear on a [N, C, L] input normalizes C, not the features.)
+            raise ValueError(
+                f"cannot fold {type(norm).__name__} {pair[1]!r} ({norm_channels(norm)} channels) into "
+                f"{type(layer).__name__} {pair[0]!r} ({outputs} output channels): the norm normalizes "
+                f"another axis than the layer's outputs"
             )
         folds.append((layer, norm, axis, norm_parent, norm_leaf, _folded_norm_replacement(norm, pair[1])))
     for layer, norm, axis, norm_parent, norm_leaf, replacement in folds:

@@ -445,3 +445,33 @@ def test_legacy_batch_norm_activation_without_a_layer_is_refused_by_fuse_layers(
     with pytest.raises(ValueError, match="cannot fold BatchNorm '1': it applies act='hard_sigmoid'"):
         ip.fuse_layers(net, [["0", "1"]])
     np.testing.assert_array_equal(net(paddle.ones([1, 3, 8, 8])).numpy(), before)
+
+
+@pytest.mark.parametrize("size", [8, 10])
+def test_relu6_clip_of_channels_last_convs_keeps_the_function(size) -> None:
+    """ChannelClip's bound was laid out [C, 1, 1] for every conv: on a channels-last conv's
+    [N, H, W, C] output it clipped along H and W (silently wrong where H == C, a broadcast
+    error at the first forward elsewhere)."""
+    paddle.seed(0)
+    net = nn.Sequential(
+        nn.Conv2D(3, 8, 3, padding=1, data_format="NHWC"), nn.ReLU6(), nn.Conv2D(8, 4, 1, data_format="NHWC")
+    )
+    net.eval()
+    x = paddle.randn([2, size, size, 3]) * 3
+    expected = net(x).numpy()
+    equalized, pairs = equalize(net, relu6="clip")
+    assert len(pairs) == 1 and not np.allclose(pairs[0].scales, 1.0)
+    np.testing.assert_allclose(equalized(x).numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_batch_norm_of_another_axis_than_the_linear_outputs_is_not_folded() -> None:
+    """A BatchNorm1D(C) after a Linear on a [N, C, L] input normalizes C, not the Linear's
+    outputs: find_chains took the pair and folding failed with numpy's "operands could not be
+    broadcast together"."""
+    net = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1D(5), nn.ReLU(), nn.Linear(10, 3))
+    net.eval()
+    assert find_chains(net) == []
+    with pytest.raises(ValueError, match=r"cannot fold BatchNorm1D '1' \(5 channels\) into Linear '0' \(10 output"):
+        ip.fuse_layers(net, [["0", "1"]])
+    with pytest.raises(ValueError, match="cannot fold BatchNorm1D '1'"):
+        equalize(net, [["0", "1", "2", "3"]])

@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
-from ..fuse import fuse_layers, norm_activation
+from ..fuse import fuse_layers, norm_activation, norm_channels
 
 __all__ = ["ChannelClip", "EqualizedPair", "RELU6_MODES", "equalize", "find_chains", "input_channel_index"]
 
@@ -175,7 +175,7 @@ def _split_chains(flat: Sequence[tuple[str, paddle.nn.Layer]]) -> list[list[str]
                 close()
             current.append((name, layer))
         elif isinstance(layer, _NORMS) and isinstance(last, _WEIGHTED):
-            if norm_activation(layer) in (None, *_LINKING_NORM_ACTIVATIONS):
+            if norm_activation(layer) in (None, *_LINKING_NORM_ACTIVATIONS) and norm_channels(layer) == _out_channels(last):
                 current.append((name, layer))
             else:
                 close()  # an activation equalization cannot scale through
@@ -373,7 +373,8 @@ def _usable(
         first = layers[link.first]
         replacement: paddle.nn.Layer = ChannelClip(
             np.full([_out_channels(first)], 6.0, np.float32),
-            spatial_dims=0 if isinstance(first, paddle.nn.Linear) else 2,
+            # (Channels last: a Linear's, a channels-last conv's output.)
+            spatial_dims=0 if isinstance(first, paddle.nn.Linear) or first._data_format == "NHWC" else 2,
         )
     else:
         replacement = paddle.nn.ReLU()
