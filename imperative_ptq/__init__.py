@@ -36,6 +36,8 @@ from .quantizers import (
     PerChannelAbsmaxQuantizer,
     PerChannelMinMaxQuantizer,
     QuantParams,
+    SUPPORT_ACT_QUANTIZERS,
+    SUPPORT_WT_QUANTIZERS,
     TensorRTKLQuantizer,
 )
 from .registry import LayerInfo, PTQRegistry, register_layer
@@ -69,6 +71,8 @@ __all__ = [
     "QuantParams",
     "QuantizedLayer",
     "QuantizedMatmul",
+    "SUPPORT_ACT_QUANTIZERS",
+    "SUPPORT_WT_QUANTIZERS",
     "SensitivityReport",
     "TARGETS",
     "Target",

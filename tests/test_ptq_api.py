@@ -656,3 +656,22 @@ def test_paddles_own_ptq_config_is_taken_as_the_same_quantizers() -> None:
         ImperativePTQ(paddle_quantization.PTQConfig(_Custom(), paddle_quantization.AbsmaxQuantizer()))
     with pytest.raises(TypeError, match=r"quant_config must be an imperative_ptq.PTQConfig .*got builtins.int"):
         ImperativePTQ(3)
+
+
+def test_support_lists_hold_paddles_quantizers_under_their_names() -> None:
+    """``paddle.quantization.SUPPORT_ACT_QUANTIZERS`` / ``SUPPORT_WT_QUANTIZERS`` had no
+    counterpart: a drop-in import of them failed."""
+    import paddle.quantization as paddle_quantization
+
+    import imperative_ptq as ip
+
+    for ours, paddles, role in (
+        (ip.SUPPORT_ACT_QUANTIZERS, paddle_quantization.SUPPORT_ACT_QUANTIZERS, "for_activations"),
+        (ip.SUPPORT_WT_QUANTIZERS, paddle_quantization.SUPPORT_WT_QUANTIZERS, "for_weights"),
+    ):
+        assert {cls.__name__ for cls in paddles} <= {cls.__name__ for cls in ours}
+        assert all(getattr(cls, role) for cls in ours)
+    for cls in ip.SUPPORT_ACT_QUANTIZERS:
+        PTQConfig(cls(), ip.PerChannelAbsmaxQuantizer())  # each is accepted in its role
+    for cls in ip.SUPPORT_WT_QUANTIZERS:
+        PTQConfig(ip.KLQuantizer(), cls())

@@ -34,9 +34,15 @@ ACTIVATION_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
 WEIGHT_QUANTIZERS: dict[str, type[BaseQuantizer]] = {
     name: cls for name, cls in QUANTIZERS.items() if cls.for_weights
 }
+#: The same classes as the lists ``paddle.quantization`` names ``SUPPORT_ACT_QUANTIZERS`` and
+#: ``SUPPORT_WT_QUANTIZERS`` (each of Paddle's classes is here under its name).
+SUPPORT_ACT_QUANTIZERS: list[type[BaseQuantizer]] = list(ACTIVATION_QUANTIZERS.values())
+SUPPORT_WT_QUANTIZERS: list[type[BaseQuantizer]] = list(WEIGHT_QUANTIZERS.values())
 
 __all__ = [
     "ACTIVATION_QUANTIZERS",
+    "SUPPORT_ACT_QUANTIZERS",
+    "SUPPORT_WT_QUANTIZERS",
     "AbsmaxQuantizer",
     "BaseHistQuantizer",
     "BaseQuantizer",
