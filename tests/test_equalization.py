@@ -15,6 +15,7 @@ from paddle import nn
 import imperative_ptq as ip
 from imperative_ptq import ImperativePTQ, PTQConfig, KLQuantizer, PerChannelAbsmaxQuantizer
 from imperative_ptq.algorithms import ChannelClip, equalize, find_chains
+from imperative_ptq.fuse import _NORM_ACTIVATIONS
 from imperative_ptq.models import VerySimpleNet
 
 
@@ -475,3 +476,15 @@ def test_batch_norm_of_another_axis_than_the_linear_outputs_is_not_folded() -> N
         ip.fuse_layers(net, [["0", "1"]])
     with pytest.raises(ValueError, match="cannot fold BatchNorm1D '1'"):
         equalize(net, [["0", "1", "2", "3"]])
+
+
+@pytest.mark.parametrize("act", sorted(_NORM_ACTIVATIONS))
+def test_every_foldable_norm_activation_computes_paddles_own(act) -> None:
+    """Each layer folding puts in place of a legacy BatchNorm(act=...) computes Paddle's
+    legacy activation op of that name (with its default attributes)."""
+    net = _legacy_norm_net(act)
+    x = paddle.randn([2, 3, 8, 8]) * 3
+    expected = net(x).numpy()
+    fused = ip.fuse_layers(copy.deepcopy(net), [["0", "1"]])
+    assert not isinstance(fused[1], nn.BatchNorm)
+    np.testing.assert_allclose(fused(x).numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
