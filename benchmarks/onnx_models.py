@@ -7,7 +7,8 @@ enough for speed, not for accuracy), converted for each ``--targets`` entry and 
 Paddle Inference int8 program and an ONNX QDQ file. fp32 Paddle Inference runs the converted
 model's ``save_fp32_model`` program, fp32 ONNX Runtime the original file. Medians of
 ``--rounds`` rounds of ``--iters`` calls, one thread each; the table also gives each int8
-engine's largest difference to the dygraph simulation, relative to its largest output.
+engine's largest difference to the dygraph simulation, relative to its largest output, and
+below it which convs/matmuls ONNX Runtime runs in integer kernels (``onnx_runtime_report``).
 
 Usage: python benchmarks/onnx_models.py MODEL.onnx --shape 1,3,224,224 [--targets x86,x86-vnni]
                                         [--rounds 5] [--iters 10] [--calibration-batches 4]
@@ -32,7 +33,7 @@ import numpy as np
 import paddle
 
 from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
-from imperative_ptq.export import create_predictor, export_onnx, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, export_onnx, onnx_runtime_report, predict, save_fp32_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import milliseconds_per_call  # noqa: E402
@@ -128,6 +129,7 @@ def main() -> None:
             "ONNX Runtime fp32": lambda: original.run(None, {original_input: x})[0],
         }
         simulated: dict[str, np.ndarray] = {}
+        reports: dict[str, str] = {"original file": onnx_runtime_report(args.onnx_path).summary()}
         for target in args.targets.split(","):
             ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), target=target))
             qmodel = ptq.quantize(model)
@@ -139,7 +141,9 @@ def main() -> None:
             prefix = os.path.join(workdir, target, "model")
             ptq.save_quantized_model(qmodel, prefix, spec)
             predictor = create_predictor(prefix, int8=True, num_threads=1)
-            session = _ort_session(export_onnx(qmodel, prefix + ".onnx", spec))
+            onnx_path = export_onnx(qmodel, prefix + ".onnx", spec)
+            reports[target] = onnx_runtime_report(onnx_path).summary()
+            session = _ort_session(onnx_path)
             name = session.get_inputs()[0].name
             for engine, run in (
                 (f"Paddle Inference int8 {target}", lambda p=predictor: predict(p, x)[0]),
@@ -163,6 +167,9 @@ def main() -> None:
                 reference = simulated[engine]
                 error = f"{float(np.abs(run() - reference).max() / np.abs(reference).max()):.1e}"
             print(f"| {engine} | {medians[engine]:.2f} | {baseline / medians[engine]:.2f}x | {error} |")
+        print()
+        for name, report in reports.items():
+            print(f"{name}: {report}")
 
 
 if __name__ == "__main__":
