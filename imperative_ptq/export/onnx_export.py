@@ -49,6 +49,7 @@ from .dynamic_export import (
     trace_dynamic_model,
 )
 from .onnx_control_flow import ControlFlowConverters
+from .onnx_inspect import onnx_runtime_report
 from .onnx_float_ops import FloatOpConverters, numpy_dtype
 from .onnx_spectral_ops import SpectralOpConverters
 from .onnx_lstm import SimulatedLSTMConverter
@@ -2519,7 +2520,34 @@ def export_onnx(
         _log_inexact_weights_and_biases(converter, model, int4_weights)
         with open(staging + ".onnx", "wb") as file:
             file.write(onnx_model.SerializeToString())
+    _log_what_onnx_runtime_runs(path, bool(records) or bool(dynamic_weights))
     return path
+
+
+def _log_what_onnx_runtime_runs(path: str, quantized: bool) -> None:
+    """Logs :func:`.onnx_inspect.onnx_runtime_report` of the file written, and warns where
+    ONNX Runtime runs none of a quantized model's convs/matmuls in integer kernels. Skipped
+    without onnxruntime; a failure to build the report is logged, never raised (the file is
+    written)."""
+    try:
+        import onnxruntime  # noqa: F401 - only to know whether the report can be built
+    except ImportError:
+        return
+    try:
+        report = onnx_runtime_report(path)
+    except Exception as error:  # noqa: BLE001 - the report is advice; the file is written
+        logger.warning("could not read back what ONNX Runtime runs in integer kernels: %s", error)
+        return
+    logger.info("%s: %s", path, report.summary())
+    if quantized and report.float and not report.integer:
+        logger.warning(
+            "ONNX Runtime runs none of the %d convs/matmuls of %s in integer kernels: the "
+            "output of each int8 layer feeds a float op (a SiLU, a Hardswish, an add; the "
+            "simulation computes those outputs in float, as Paddle Inference's fused int8 "
+            "kernels do), so ONNX Runtime runs them in float on weights it dequantizes, and "
+            "this file is no faster than the fp32 model; Paddle Inference runs them int8 "
+            "(save_quantized_model)", sum(report.float.values()), path,
+        )
 
 
 def _check_export_options(
