@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import paddle
 
 from .calibration_table import (
@@ -142,6 +143,8 @@ class _LayerSwaps:
         self.constant_inputs: list[str] = []
         #: Layers multiplying by a weight their forward computes.
         self.computed_weights: list[str] = []
+        #: ``"name (k of C)"`` of int8 layers with output channels whose every weight rounds to 0.
+        self.zeroed_channels: list[str] = []
 
     def fp32_layers(self) -> list[str]:
         """The simulated layers left fp32 (recurrent layers aside), as ``convert_layers`` returns them."""
@@ -238,6 +241,7 @@ class _LayerSwaps:
             scale, zero_point = grid
             signed_route = dict(input_scale=scale, input_zero_point=zero_point, input_shifted=True)
         beyond_fc = _beyond_fc(layer, state)
+        live_channels = _nonzero_channels(layer.weight.numpy(), weight_channel_axis)
         wrapped = QuantizedLayer(
             layer,
             entry["input"],
@@ -278,6 +282,9 @@ class _LayerSwaps:
             wrapped.folded_norm = self.halvable[state.name].norm
         replace_sublayer(self.model, layer, wrapped)
         self.quantized[state.name] = wrapped
+        zeroed = live_channels & ~_nonzero_channels(wrapped.layer.weight.numpy(), weight_channel_axis)
+        if zeroed.any():
+            self.zeroed_channels.append(f"{state.name} ({int(zeroed.sum())} of {zeroed.size})")
         if entry.get("weight_zero_point") or any(entry.get("input_zero_point", ())):
             self.affine.append(state.name)  # simulated on its thresholds (see warn_of_fp32_layers)
 
@@ -341,6 +348,15 @@ class _LayerSwaps:
                 "layer fp32, so the simulation keeps them fp32 too: %s",
                 len(self.computed_weights), ", ".join(self.computed_weights),
             )
+        if self.zeroed_channels:
+            logger.warning(
+                "%d int8 layers have output channels whose every weight rounds to 0 on the "
+                "weight grid (one threshold for all channels, or fewer than 8 bits, against "
+                "channels far narrower than the widest): those channels output their bias alone "
+                "(zeroed channels of all in brackets). Per-channel weights "
+                "(PerChannelAbsmaxQuantizer) or more bits keep them: %s",
+                len(self.zeroed_channels), ", ".join(self.zeroed_channels),
+            )
         if self.constant_calls:
             logger.warning(
                 "%d Linear layers are called both on activations and on an input that stayed the "
@@ -384,6 +400,12 @@ def _beyond_fc(layer: paddle.nn.Layer, state: LayerState) -> bool:
     fc fp32, cosine 0.9996 to an int8 simulation); the Paddle export runs a plain one as an
     int8 1x1 conv instead."""
     return isinstance(layer, paddle.nn.Linear) and state.input_rank > MAX_FC_INPUT_RANK
+
+
+def _nonzero_channels(weight: np.ndarray, channel_axis: int) -> np.ndarray:
+    """Per output channel (``channel_axis``), whether any of its weights is non-zero."""
+    others = tuple(axis for axis in range(weight.ndim) if axis != channel_axis)
+    return np.any(weight != 0, axis=others)
 
 
 def _runtime_codes(target: Target, activation_bits: int) -> bool:

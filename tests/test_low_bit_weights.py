@@ -418,3 +418,23 @@ def test_onnx_int4_conv1d_holds_the_layers_codes(tmp_path) -> None:
         simulated = qmodel(paddle.to_tensor(x)).numpy()
     cosine = float((ran * simulated).sum() / np.linalg.norm(ran) / np.linalg.norm(simulated))
     assert cosine > 0.9995, cosine  # measured 0.99994
+
+
+def test_channels_whose_weights_all_round_to_zero_are_named(caplog) -> None:
+    """Per-tensor 4-bit weights round every weight of a channel 20x narrower than the widest
+    to 0: the channel outputs its bias alone (a real captcha recognizer read nothing right,
+    0% against 45% fp32), and nothing said so. Per-channel weights keep those channels."""
+    model = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.ReLU()).eval()
+    weight = np.full((8, 3, 3, 3), 0.01, np.float32)
+    weight[0] = 1.0
+    model[0].weight.set_value(weight)
+    for weights, warned in ((ip.AbsmaxQuantizer(4), True), (ip.PerChannelAbsmaxQuantizer(4), False)):
+        ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), weights))
+        qmodel = ptq.quantize(model)
+        ptq.calibrate(qmodel, _data(0), progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+            ptq.convert(qmodel)
+        assert ("whose every weight rounds to 0" in caplog.text) is warned
+        if warned:
+            assert caplog.text.rstrip().endswith(": 0 (7 of 8)")
