@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..batches import run_hooked
 from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
-from .capture import capture_outputs, quantized_layers_in_order
+from .capture import _run, capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
 
 __all__ = [
@@ -98,6 +98,9 @@ def correct_bias(
     references = dict(reference.named_sublayers())
     corrections: dict[str, np.ndarray] = {}
     ordered = quantized_layers_in_order(quantized_model, batches[0])
+    model_outputs = _model_outputs(reference, batches)
+    error_before = _output_error(quantized_model, batches, model_outputs)
+    before = {name: _bias_state(layer) for name, layer in ordered}
     for name, layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
         fp32_layer = references.get(name)
         if fp32_layer is None:
@@ -110,8 +113,69 @@ def correct_bias(
         axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
         shift = channel_means(fp32_outputs, axis) - channel_means(quantized_outputs, axis)
         corrections[name] = _correct(layer, shift)
-    logger.info("bias correction: %d layers corrected", len(corrections))
+    error_after = _output_error(quantized_model, batches, model_outputs)
+    if error_after > error_before:
+        for name, layer in ordered:
+            _restore_bias(layer, *before[name])
+        logger.warning(
+            "bias correction moved the model's outputs further from the fp32 model's on the "
+            "calibration batches (relative squared error %.3g -> %.3g) and was undone: matching "
+            "each layer's mean output can turn into larger errors behind nonlinearities "
+            "(Hardswish, squeeze-excite gates); bias_correction='analytical' or more "
+            "calibration batches may do better", error_before, error_after,
+        )
+        return {}
+    logger.info(
+        "bias correction: %d layers corrected (relative squared output error on the "
+        "calibration batches %.3g -> %.3g)", len(corrections), error_before, error_after,
+    )
     return corrections
+
+
+def _model_outputs(model: paddle.nn.Layer, batches: Sequence[Any]) -> list[list[paddle.Tensor]]:
+    """Every tensor ``model`` returns (nested tuples, lists and dicts flattened), per batch."""
+    return _run(model, batches, model, False, _flat_tensors)
+
+
+def _flat_tensors(value: Any) -> list[paddle.Tensor]:
+    if isinstance(value, paddle.Tensor):
+        return [value.detach().clone()]
+    if isinstance(value, dict):
+        return [tensor for key in sorted(value, key=str) for tensor in _flat_tensors(value[key])]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _flat_tensors(item)]
+    return []
+
+
+def _output_error(
+    model: paddle.nn.Layer, batches: Sequence[Any], reference: list[list[paddle.Tensor]]
+) -> float:
+    """``sum ||y - y_fp32||^2 / sum ||y_fp32||^2`` over the model's float outputs and batches."""
+    error = total = 0.0
+    for outputs, expected in zip(_model_outputs(model, batches), reference):
+        for output, target in zip(outputs, expected):
+            if not paddle.is_floating_point(target):
+                continue
+            target = target.numpy().astype(np.float64)
+            error += float(np.sum((output.numpy().astype(np.float64) - target) ** 2))
+            total += float(np.sum(target ** 2))
+    return error / total if total > 0 else error
+
+
+def _bias_state(layer: QuantizedLayer) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The layer's bias (``None`` if it has none) and its recorded correction, as they are."""
+    bias = layer.layer.bias
+    return (None if bias is None else bias.numpy().copy()), layer.bias_correction
+
+
+def _restore_bias(layer: QuantizedLayer, bias: np.ndarray | None, recorded: np.ndarray | None) -> None:
+    """Puts back a state :func:`_bias_state` took."""
+    with paddle.no_grad():
+        if bias is None:
+            layer.layer.bias = None
+        else:
+            layer.layer.bias.set_value(bias)
+    layer.bias_correction = recorded
 
 
 def weight_shift(
