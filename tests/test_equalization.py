@@ -389,6 +389,11 @@ def test_ptq_config_equalization_that_finds_no_chain_warns(caplog) -> None:
         ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True)).quantize(LeNet())
     assert "found no pair of layers to equalize in LeNet" in caplog.text and "chains=" in caplog.text
     caplog.clear()
+    # (The warning named equalization=True whatever the config said.)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms"):
+        ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization="clip")).quantize(LeNet())
+    assert "PTQConfig(equalization='clip') found no pair" in caplog.text
+    caplog.clear()
     model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 8, 3), paddle.nn.ReLU(), paddle.nn.Conv2D(8, 8, 3))
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms"):
         ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), equalization=True)).quantize(model)

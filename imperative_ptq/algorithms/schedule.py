@@ -52,11 +52,11 @@ def prepare(model: paddle.nn.Layer, session: CalibrationSession, config: PTQConf
         _, pairs = equalize(model, inplace=True, relu6=config.relu6_equalization)
         if not pairs:
             logger.warning(
-                "PTQConfig(equalization=True) found no pair of layers to equalize in %s: it "
+                "PTQConfig(equalization=%r) found no pair of layers to equalize in %s: it "
                 "looks for conv/Linear layers in a row inside an nn.Sequential (a BatchNorm and "
                 "a ReLU/ReLU6 between them allowed); call imperative_ptq.equalize(model, "
                 "chains=[[...]]) with the chains of your model before quantize",
-                type(model).__name__,
+                config.equalization, type(model).__name__,
             )
     if config.needs_data:
         session.reference = copy.deepcopy(model)
