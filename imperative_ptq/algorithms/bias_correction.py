@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..batches import run_hooked
 from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
-from .capture import _run, capture_outputs, quantized_layers_in_order
+from .capture import capture_model_outputs, capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
 
 __all__ = [
@@ -98,7 +98,7 @@ def correct_bias(
     references = dict(reference.named_sublayers())
     corrections: dict[str, np.ndarray] = {}
     ordered = quantized_layers_in_order(quantized_model, batches[0])
-    model_outputs = _model_outputs(reference, batches)
+    model_outputs = capture_model_outputs(reference, batches)
     error_before = _output_error(quantized_model, batches, model_outputs)
     before = {name: _bias_state(layer) for name, layer in ordered}
     for name, layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
@@ -132,27 +132,12 @@ def correct_bias(
     return corrections
 
 
-def _model_outputs(model: paddle.nn.Layer, batches: Sequence[Any]) -> list[list[paddle.Tensor]]:
-    """Every tensor ``model`` returns (nested tuples, lists and dicts flattened), per batch."""
-    return _run(model, batches, model, False, _flat_tensors)
-
-
-def _flat_tensors(value: Any) -> list[paddle.Tensor]:
-    if isinstance(value, paddle.Tensor):
-        return [value.detach().clone()]
-    if isinstance(value, dict):
-        return [tensor for key in sorted(value, key=str) for tensor in _flat_tensors(value[key])]
-    if isinstance(value, (list, tuple)):
-        return [tensor for item in value for tensor in _flat_tensors(item)]
-    return []
-
-
 def _output_error(
     model: paddle.nn.Layer, batches: Sequence[Any], reference: list[list[paddle.Tensor]]
 ) -> float:
     """``sum ||y - y_fp32||^2 / sum ||y_fp32||^2`` over the model's float outputs and batches."""
     error = total = 0.0
-    for outputs, expected in zip(_model_outputs(model, batches), reference):
+    for outputs, expected in zip(capture_model_outputs(model, batches), reference):
         for output, target in zip(outputs, expected):
             if not paddle.is_floating_point(target):
                 continue

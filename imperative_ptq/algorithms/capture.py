@@ -14,7 +14,7 @@ import paddle
 from ..batches import batch_to_call, eval_mode, run_batches
 from ..quant_layers import QuantizedLayer, first_input
 
-__all__ = ["capture_inputs", "capture_outputs", "execution_order", "quantized_layers_in_order"]
+__all__ = ["capture_inputs", "capture_model_outputs", "capture_outputs", "execution_order", "quantized_layers_in_order"]
 
 
 class _Captured(Exception):
@@ -74,6 +74,22 @@ def capture_outputs(
 ) -> list[paddle.Tensor]:
     """The output of ``layer`` in ``model``'s forward of each batch."""
     return _run(model, batches, layer, False, _detached)
+
+
+def capture_model_outputs(model: paddle.nn.Layer, batches: Sequence[Any]) -> list[list[paddle.Tensor]]:
+    """Every tensor ``model`` returns for each batch (nested tuples, lists and dicts flattened,
+    dict values in key order)."""
+    return _run(model, batches, model, False, _flat_tensors)
+
+
+def _flat_tensors(value: Any) -> list[paddle.Tensor]:
+    if isinstance(value, paddle.Tensor):
+        return [value.detach().clone()]
+    if isinstance(value, dict):
+        return [tensor for key in sorted(value, key=str) for tensor in _flat_tensors(value[key])]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _flat_tensors(item)]
+    return []
 
 
 def execution_order(
