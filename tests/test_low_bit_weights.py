@@ -91,13 +91,13 @@ def test_calibration_table_round_trip_keeps_four_bit_weights(tmp_path) -> None:
         np.testing.assert_array_equal(fresh(x).numpy(), qmodel(x).numpy())
 
 
-def test_rounding_ties_of_the_runtime_requantization_are_simulated(tmp_path) -> None:
-    """A channel whose largest 4-bit code is 6 holds codes 3 that Paddle's 8-bit requantization
-    puts exactly half-way (3 * 127 / 6 = 63.5); which way each goes depends on float32
-    arithmetic, which the simulation follows."""
-    model = nn.Sequential(nn.Conv2D(4, 16, 1)).eval()
-    x = np.random.default_rng(0).random((2, 4, 4, 4)).astype("float32")
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(4)))
+def _tied_conv_in_paddle_inference(
+    model: nn.Layer, x: np.ndarray, target: str, tmp_path
+) -> tuple[np.ndarray, np.ndarray]:
+    """``model`` (a 4 -> 16 1x1 conv first) converted with 4-bit per-channel weights whose codes
+    are 6, 3, -3, 1 in every channel (codes 3 tie in Paddle's 8-bit requantization, 63.5),
+    exported: Paddle Inference's output for ``x`` and the simulation's."""
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(4), target=target))
     qmodel = ptq.quantize(model)
     ptq.calibrate(qmodel, [x], progress=False)
     ptq.convert(qmodel)
@@ -109,6 +109,16 @@ def test_rounding_ties_of_the_runtime_requantization_are_simulated(tmp_path) -> 
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     with paddle.no_grad():
         simulated = qmodel(paddle.to_tensor(x)).numpy()
+    return ran, simulated
+
+
+def test_rounding_ties_of_the_runtime_requantization_are_simulated(tmp_path) -> None:
+    """A channel whose largest 4-bit code is 6 holds codes 3 that Paddle's 8-bit requantization
+    puts exactly half-way (3 * 127 / 6 = 63.5); which way each goes depends on float32
+    arithmetic, which the simulation follows."""
+    model = nn.Sequential(nn.Conv2D(4, 16, 1)).eval()
+    x = np.random.default_rng(0).random((2, 4, 4, 4)).astype("float32")
+    ran, simulated = _tied_conv_in_paddle_inference(model, x, "x86", tmp_path)
     assert np.linalg.norm(ran - simulated) / np.linalg.norm(simulated) < 1e-5
 
 
@@ -126,18 +136,7 @@ def test_requantization_ties_stay_as_simulated_when_paddle_folds_a_batch_norm(ta
     model[1]._variance.set_value(rng.uniform(0.1, 5.0, 16).astype("float32"))
     model.eval()
     x = rng.random((2, 4, 4, 4)).astype("float32")
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(4), target=target))
-    qmodel = ptq.quantize(model)
-    ptq.calibrate(qmodel, [x], progress=False)
-    ptq.convert(qmodel)
-    codes = np.zeros((16, 4, 1, 1), np.int32)
-    codes[:, :, 0, 0] = [6, 3, -3, 1]
-    qmodel[0].set_weight_integers(codes)
-    prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 4, 4, 4], "float32")])
-    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
-    with paddle.no_grad():
-        simulated = qmodel(paddle.to_tensor(x)).numpy()
+    ran, simulated = _tied_conv_in_paddle_inference(model, x, target, tmp_path)
     assert np.abs(ran - simulated).max() / np.abs(simulated).max() < 1e-5
 
 
