@@ -36,6 +36,7 @@ __all__ = [
     "stored_weight_integers",
     "replace_sublayer",
     "onednn_requantizes_conv",
+    "channel_below_edge",
     "linear_runs_as_conv",
     "keeps_forward",
     "runtime_weight",
@@ -121,6 +122,13 @@ def onednn_requantizes_conv(
         return False
     if bits < 8 or thresholds.size == 1:
         return True
+    return channel_below_edge(weight, thresholds, bits, axis)
+
+
+def channel_below_edge(weight: np.ndarray, thresholds: np.ndarray, bits: int, axis: int) -> bool:
+    """Whether some non-zero output channel (``axis``) of ``weight``'s symmetric codes on the
+    grid of ``thresholds`` has no code ``+-L``: oneDNN's per-channel requantization of such a
+    channel is no identity, and can hold ties (``k * 127 / m`` for its largest code ``m``)."""
     codes = np.abs(quantize_weight(weight, thresholds, bits, axis)).astype(np.int32)
     largest = codes.max(axis=tuple(a for a in range(codes.ndim) if a != axis))
     return bool(np.any((largest > 0) & (largest < symmetric_levels(bits))))

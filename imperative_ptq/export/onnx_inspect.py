@@ -101,7 +101,7 @@ def _nodes(graph: Any) -> Iterator[Any]:
     for node in graph.node:
         yield node
         for attribute in node.attribute:
-            if attribute.g is not None and attribute.HasField("g"):
+            if attribute.HasField("g"):
                 yield from _nodes(attribute.g)
             for body in attribute.graphs:
                 yield from _nodes(body)

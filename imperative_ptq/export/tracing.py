@@ -27,8 +27,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..halved_convs import norm_factor
-from ..quant_layers import QuantizedLayer, QuantizedMatmul, quantize_weight, replace_sublayer
-from ..quantizers.qparams import symmetric_levels
+from ..quant_layers import QuantizedLayer, QuantizedMatmul, channel_below_edge, replace_sublayer
 from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
@@ -526,7 +525,9 @@ def _quantized_layer_record(
     if layer.program_weight is not None:
         if program_weights and (
             layer.paddle_fc_scales or layer.halved_weights
-            or (layer.weight_bits < 8 and _every_channel_reaches_its_edge(layer))
+            or (layer.weight_bits < 8 and not channel_below_edge(
+                layer.program_weight, layer.program_weight_thresholds, layer.weight_bits, layer.weight_axis
+            ))
         ):
             # Codes Paddle derives its own from (a halved conv's 8-bit ones, whose
             # halving the simulation follows: quant_layers.runtime_weight).
@@ -581,17 +582,6 @@ def _quantized_layer_record(
         halved=layer.halved_weights,
         norm_factor=layer.norm_factor if program_weights else None,
     )
-
-
-def _every_channel_reaches_its_edge(layer: QuantizedLayer) -> bool:
-    """Whether every non-zero output channel of ``layer``'s stored weight (``program_weight``)
-    has a code ``+-L`` on its grid, so that Paddle's per-channel requantization of it has no
-    rounding ties to decide."""
-    weight = np.asarray(layer.program_weight, np.float32)
-    levels = symmetric_levels(layer.weight_bits)
-    codes = np.abs(quantize_weight(weight, layer.program_weight_thresholds, layer.weight_bits, layer.weight_axis))
-    largest = codes.max(axis=tuple(axis for axis in range(codes.ndim) if axis != layer.weight_axis))
-    return bool(np.all((largest == 0) | (largest == levels)))
 
 
 def model_activation_bits(records: Sequence[LayerRecord]) -> int:
