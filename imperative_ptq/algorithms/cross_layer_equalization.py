@@ -175,7 +175,8 @@ def _split_chains(flat: Sequence[tuple[str, paddle.nn.Layer]]) -> list[list[str]
                 close()
             current.append((name, layer))
         elif isinstance(layer, _NORMS) and isinstance(last, _WEIGHTED):
-            if norm_activation(layer) in (None, *_LINKING_NORM_ACTIVATIONS) and norm_channels(layer) == _out_channels(last):
+            linking = norm_activation(layer) in (None, *_LINKING_NORM_ACTIVATIONS)
+            if linking and norm_channels(layer) == _out_channels(last):
                 current.append((name, layer))
             else:
                 close()  # an activation equalization cannot scale through
