@@ -242,6 +242,10 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
         self._input_gradient_scale: float | None = None  # set from the first input's size
         #: Called with the weight gradient of every backward pass (set by the QAT session).
         self.on_backward = None
+        #: The ReLUs on whose codes this conv writes its next output (a fused residual sum's,
+        #: or one an int8 max-pool reads), marked every forward as the converted layer's
+        #: :attr:`~imperative_ptq.quant_layers.QuantizedLayer.sum_outputs` (set by QAT).
+        self.sum_outputs: list = []
 
     def _threshold(self, values, name: str) -> paddle.Tensor:
         values = np.asarray(values, np.float32)
@@ -279,6 +283,8 @@ class FakeQuantLayer(WrappedParameters, paddle.nn.Layer):
                 x, input_threshold.detach() if self.learnable else self._initial_input_threshold,
                 self.activation_bits, self.residual_codes,
             )
+        for sum_output in self.sum_outputs:
+            sum_output.expect_sum()
         code_range = grid = None
         top_code = self.input_top_code if self.input_call_tops is None else self.input_call_tops.next_top()
         if self.input_shifted:
