@@ -13,6 +13,7 @@ own, and CI skips those tests).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import pytest
 from paddle.base.proto import framework_pb2
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, predict
+from imperative_ptq.export import create_predictor, int8_report, predict
 from imperative_ptq.export.paddle_lite import flatten_as_reshape_shape
 from imperative_ptq.models import MnistConvNet
 
@@ -204,6 +205,18 @@ def test_x86_program_keeps_paddles_forms(tmp_path) -> None:
     ops = _saved_ops(prefix)
     assert "flatten_contiguous_range" in {op.type for op in ops}
     assert not any(attr.name == "beta" for op in ops if op.type == "swish" for attr in op.attrs)
+    report = int8_report(prefix)
+    assert report.target == "x86" and "Paddle Lite" not in report.summary(), report.summary()
+
+
+def test_int8_report_of_an_arm_export_says_it_is_a_paddle_lite_program(tmp_path, caplog) -> None:
+    """Before: it reported Paddle Inference's x86 passes on it as if that were what runs."""
+    prefix, _, _ = _arm_export("lenet", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.export"):
+        report = int8_report(prefix)
+    assert report.target == "arm"
+    assert "exported for target 'arm', a program for Paddle Lite" in report.summary(), report.summary()
+    assert "exported for target 'arm'" in caplog.text and "Paddle Lite" in caplog.text, caplog.text
 
 
 @pytest.mark.skipif(_paddle_lite_opt() is None, reason="Paddle Lite opt not installed")

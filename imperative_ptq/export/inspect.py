@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import tempfile
 
 import paddle
 import paddle.inference as paddle_infer
 
-from .predictor import INT8_DELETED_PASSES, quiet_native_output
+from ..targets import TARGETS
+from .predictor import INT8_DELETED_PASSES, exported_target, quiet_native_output
 from .legacy_program import legacy_static_mode
 from .tracing import main_thread_only
 
 __all__ = ["Int8Report", "int8_report"]
+
+logger = logging.getLogger(__name__)
 
 #: Op types of Paddle's optimized int8 programs that multiply an input by a weight.
 GEMM_OPS = frozenset({
@@ -60,6 +64,9 @@ class Int8Report:
             (:data:`FLOAT_PRODUCT_OPS`: ``einsum``, ``bmm``, ``addmm``, ``nn.Bilinear``'s and
             deformable convs' ops), which always run in float: weights no calibrated layer
             quantizes.
+        target: The target the model was exported for (its ``.calibration.json``), or
+            ``None``. For one that no oneDNN kernel runs (``arm``: a Paddle Lite program), the
+            report is of Paddle Inference's x86 passes, not of what that runtime runs.
     """
 
     int8: dict[str, int]
@@ -69,6 +76,7 @@ class Int8Report:
     int8_other: dict[str, int] = dataclasses.field(default_factory=dict)
     fused_activations: dict[str, int] = dataclasses.field(default_factory=dict)
     float_product_weights: list[str] = dataclasses.field(default_factory=list)
+    target: str | None = None
 
     def summary(self) -> str:
         """One line: counts of int8 and fp32 conv/fc ops, and the s8-input ones."""
@@ -79,6 +87,12 @@ class Int8Report:
             text += f" ({_counts(self.fp32)})"
         if self.signed_inputs:
             text += f"; {len(self.signed_inputs)} int8 ops read a signed (s8) input"
+        if self.target in TARGETS and not TARGETS[self.target].onednn:
+            runtime = "Paddle Lite" if TARGETS[self.target].paddle_lite else "another runtime"
+            text += (
+                f" (exported for target {self.target!r}, a program for {runtime}: not what "
+                f"{runtime} runs)"
+            )
         return text
 
 
@@ -111,7 +125,16 @@ def int8_report(path_prefix: str | os.PathLike, num_threads: int = 1) -> Int8Rep
             paddle_infer.create_predictor(config)
         with open(os.path.join(cache, "_optimized.pdmodel"), "rb") as file, legacy_static_mode():
             program = paddle.base.framework.Program.parse_from_string(file.read())
-            return _report(program.global_block())
+    report = _report(program.global_block())
+    report.target = exported_target(path_prefix)
+    if report.target in TARGETS and not TARGETS[report.target].onednn:
+        logger.warning(
+            "int8_report(%s): the model was exported for target %r, whose int8 arithmetic is "
+            "not oneDNN's; the report is of Paddle Inference's x86 passes on it, not of what "
+            "%s runs", path_prefix, report.target,
+            "Paddle Lite" if TARGETS[report.target].paddle_lite else "its runtime",
+        )
+    return report
 
 
 def _report(block) -> Int8Report:
