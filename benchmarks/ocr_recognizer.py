@@ -5,7 +5,7 @@ text lines rendered here with known labels.
 
 * :func:`converted_recognizer` converts the ONNX file once and caches x2paddle's code and
   weights under ``<cache_dir>/<ONNX file stem>``, e.g. ``demos/.cache/ch_PP-OCRv4_rec_infer``
-  for the benchmark (delete that folder to convert again).
+  for the benchmark (converted again when the file changes).
 * :func:`rendered_lines` draws random alphanumeric lines (one to three words) with Pillow's
   own FreeType font, preprocessed as PaddleOCR's recognizer expects them.
 * :func:`score` decodes the recognizer's per-step probabilities greedily (CTC) and measures
@@ -17,17 +17,15 @@ text lines rendered here with known labels.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
-import re
-import shutil
 import string
-import types
 from typing import Callable, Sequence
 
 import numpy as np
 import paddle
+
+from imperative_ptq.onnx_import import load_onnx_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,51 +82,13 @@ def characters(onnx_path: str) -> list[str]:
 
 def converted_recognizer(onnx_path: str, cache_dir: str) -> paddle.nn.Layer:
     """The recognizer ``onnx_path`` (input ``x``: ``[batch, 3, 48, 320]``) as x2paddle's
-    dygraph model, converted on first use and cached in ``cache_dir/<file stem>``.
-
-    x2paddle's shape inference needs a fixed input shape and writes its batch size into the
-    reshapes of the generated code; the cached code has them at -1 so that any batch runs.
-    """
+    dygraph model, converted on first use and cached in ``cache_dir/<file stem>``
+    (:func:`~imperative_ptq.onnx_import.load_onnx_model`, converted at batch 1 with the batch
+    of its reshapes made dynamic, so that any batch runs)."""
     stem = os.path.splitext(os.path.basename(onnx_path))[0]
-    directory = os.path.join(cache_dir, stem)
-    code_path = os.path.join(directory, "x2paddle_code.py")
-    if not os.path.isfile(code_path):
-        _convert(onnx_path, directory)
-    spec = importlib.util.spec_from_file_location(f"{stem}_x2paddle", code_path)
-    code = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code)
-    return _instantiate(code, os.path.join(directory, "model.pdparams"))
-
-
-def _convert(onnx_path: str, directory: str) -> None:
-    from x2paddle.convert import onnx2paddle
-
-    logger.info("converting %s with x2paddle into %s (once)", onnx_path, directory)
-    staging = directory + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    # x2paddle names parameters after the ONNX initializers; dygraph refuses a name used
-    # before in the process outside a fresh unique_name scope.
-    with paddle.utils.unique_name.guard():
-        onnx2paddle(
-            onnx_path, staging, input_shape_dict=str({"x": [1, 3, HEIGHT, WIDTH]}),
-            disable_feedback=True,  # its feedback is a network call
-        )
-    code_path = os.path.join(staging, "x2paddle_code.py")
-    with open(code_path, encoding="utf-8") as file:
-        code = file.read()
-    code, count = re.subn(r"(paddle\.reshape\(x=\w+, shape=\[)1, ", r"\g<1>-1, ", code)
-    logger.info("made the batch dimension of %d reshapes dynamic", count)
-    with open(code_path, "w", encoding="utf-8") as file:
-        file.write(code)
-    os.replace(staging, directory)
-
-
-def _instantiate(code: types.ModuleType, params_path: str) -> paddle.nn.Layer:
-    with paddle.utils.unique_name.guard():
-        model = code.ONNXModel()
-    model.set_dict(paddle.load(params_path))
-    model.eval()
-    return model
+    return load_onnx_model(
+        onnx_path, os.path.join(cache_dir, stem), {"x": [1, 3, HEIGHT, WIDTH]}, dynamic_batch=True
+    )
 
 
 def random_lines(count: int, seed: int) -> list[str]:

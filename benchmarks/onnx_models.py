@@ -1,7 +1,8 @@
 """fp32 vs int8 latency of an ONNX model converted with x2paddle, in Paddle Inference and ONNX
 Runtime, engines interleaved in one process.
 
-The model (one float input of a fixed shape) is converted to a dygraph model with x2paddle,
+The model (one float input of a fixed shape) is converted to a dygraph model with x2paddle
+(``imperative_ptq.onnx_import.load_onnx_model``, which rewrites HardSwish for it),
 calibrated on a few batches of random ``[0, 1)`` inputs (KL activations, per-channel weights:
 enough for speed, not for accuracy), converted for each ``--targets`` entry and exported to a
 Paddle Inference int8 program and an ONNX QDQ file. fp32 Paddle Inference runs the converted
@@ -18,10 +19,7 @@ Usage: python benchmarks/onnx_models.py MODEL.onnx --shape 1,3,224,224 [--target
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import importlib.util
-import io
 import logging
 import os
 import statistics
@@ -34,6 +32,7 @@ import paddle
 
 from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer, PTQConfig, cpu_info
 from imperative_ptq.export import create_predictor, export_onnx, onnx_runtime_report, predict, save_fp32_model
+from imperative_ptq.onnx_import import load_onnx_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import milliseconds_per_call  # noqa: E402
@@ -41,53 +40,12 @@ from side_by_side import milliseconds_per_call  # noqa: E402
 logger = logging.getLogger("benchmarks.onnx_models")
 
 
-def without_hardswish(onnx_path: str, directory: str) -> str:
-    """``onnx_path``, or a copy in ``directory`` with every ``HardSwish`` written as
-    ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``, which computes the same: x2paddle 1.6.0
-    has no converter for ``HardSwish``."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(onnx_path)
-    nodes = list(model.graph.node)
-    if not any(node.op_type == "HardSwish" for node in nodes):
-        return onnx_path
-    del model.graph.node[:]
-    for node in nodes:
-        if node.op_type != "HardSwish":
-            model.graph.node.append(node)
-            continue
-        gate = f"{node.output[0]}.hard_sigmoid"
-        model.graph.node.extend([
-            helper.make_node("HardSigmoid", [node.input[0]], [gate], alpha=1 / 6, beta=0.5),
-            helper.make_node("Mul", [node.input[0], gate], list(node.output), name=node.name),
-        ])
-    path = os.path.join(directory, "without_hardswish.onnx")
-    onnx.save(model, path)
-    return path
-
-
 def converted_model(onnx_path: str, shape: list[int], directory: str) -> paddle.nn.Layer:
     """``onnx_path`` as x2paddle's dygraph model (converted into ``directory``), in eval mode."""
     import onnx
-    from x2paddle.convert import onnx2paddle
 
-    os.makedirs(directory, exist_ok=True)
-    onnx_path = without_hardswish(onnx_path, directory)
     input_name = onnx.load(onnx_path).graph.input[0].name
-    # x2paddle names parameters after the ONNX initializers: a fresh name scope each time.
-    # (x2paddle prints a line per node: kept off the table.)
-    with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        onnx2paddle(onnx_path, directory, input_shape_dict=str({input_name: shape}), disable_feedback=True)
-    spec = importlib.util.spec_from_file_location("x2paddle_code", os.path.join(directory, "x2paddle_code.py"))
-    code = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code)
-    with paddle.utils.unique_name.guard():
-        model = code.ONNXModel()
-    model.set_dict(paddle.load(os.path.join(directory, "model.pdparams")))
-    model.eval()
-    return model
+    return load_onnx_model(onnx_path, directory, {input_name: shape}, dynamic_batch=shape[0] == 1)
 
 
 def _ort_session(path: str) -> Any:

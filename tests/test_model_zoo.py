@@ -6,7 +6,6 @@ VNNI every export also runs on oneDNN's AVX2 kernels (``avx2_kernels.Avx2Runner`
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 from typing import Callable
 
@@ -16,6 +15,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.export import create_predictor, export_onnx, int8_report, predict
+from imperative_ptq.onnx_import import load_onnx_model
 
 nn = paddle.nn
 
@@ -214,24 +214,6 @@ def _onnx_classifier(path: pathlib.Path) -> None:
     onnx.save(model, str(path))
 
 
-def _x2paddle_model(onnx_path: pathlib.Path, directory: pathlib.Path) -> nn.Layer:
-    """The dygraph model x2paddle writes for ``onnx_path`` (its generated code and weights)."""
-    from x2paddle.convert import onnx2paddle
-
-    # x2paddle names its parameters after the ONNX initializers, and dygraph refuses a
-    # parameter name used before in the process outside a fresh unique_name scope.
-    with paddle.utils.unique_name.guard():
-        onnx2paddle(str(onnx_path), str(directory), disable_feedback=True)  # feedback = network
-    spec = importlib.util.spec_from_file_location("x2paddle_code", directory / "x2paddle_code.py")
-    code = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(code)
-    with paddle.utils.unique_name.guard():
-        model = code.ONNXModel()
-    model.set_dict(paddle.load(str(directory / "model.pdparams")))
-    model.eval()
-    return model
-
-
 def test_onnx_classifier_converted_by_x2paddle_exports_and_runs_what_the_simulation_computes(
     tmp_path,
 ) -> None:
@@ -243,7 +225,7 @@ def test_onnx_classifier_converted_by_x2paddle_exports_and_runs_what_the_simulat
     import onnxruntime
 
     _onnx_classifier(tmp_path / "classifier.onnx")
-    model = _x2paddle_model(tmp_path / "classifier.onnx", tmp_path / "x2paddle")
+    model = load_onnx_model(tmp_path / "classifier.onnx", tmp_path / "x2paddle")
     rng = np.random.default_rng(0)
     # Pixels in [0, 1]: the first conv reads a non-negative input, int8 on target 'x86'.
     x = rng.random([4, 3, 8, 8], dtype=np.float32)
@@ -338,7 +320,7 @@ def test_resnet_converted_from_onnx_by_x2paddle_runs_as_simulated(tmp_path) -> N
     from models import largest_error_in_paddle_inference
 
     _onnx_folded_resnet(tmp_path / "resnet.onnx")
-    model = _x2paddle_model(tmp_path / "resnet.onnx", tmp_path / "x2paddle")
+    model = load_onnx_model(tmp_path / "resnet.onnx", tmp_path / "x2paddle")
     rng = np.random.default_rng(0)
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
     qmodel = ptq.quantize(model)

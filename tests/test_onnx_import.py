@@ -1,0 +1,164 @@
+"""load_onnx_model: x2paddle's conversion of an ONNX file with HardSwish and a reshape written
+for batch 1, checked against ONNX Runtime on the file; reuse of a conversion, no half-written
+directory, refusal of quantized files and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, predict
+
+pytest.importorskip("x2paddle", reason="x2paddle not installed (extra 'test')")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from imperative_ptq.onnx_import import load_onnx_model  # noqa: E402
+
+
+def _hardswish_classifier(path, quantized: bool = False) -> str:
+    """Conv -> HardSwish -> global pool -> Reshape to ``[1, -1]`` (exported for batch 1) ->
+    Gemm; with ``quantized`` the conv's input goes through QuantizeLinear/DequantizeLinear."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([8, 3, 3, 3]) / 5).astype("float32"), "conv_w"),
+        numpy_helper.from_array((rng.standard_normal([8]) / 5).astype("float32"), "conv_b"),
+        numpy_helper.from_array((rng.standard_normal([10, 8]) / 3).astype("float32"), "fc_w"),
+        numpy_helper.from_array((rng.standard_normal([10]) / 3).astype("float32"), "fc_b"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero_point"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["conv_in", "conv_w", "conv_b"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["conv"], ["act"]),
+        helper.make_node("GlobalAveragePool", ["act"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    if quantized:
+        nodes[:0] = [
+            helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["codes"]),
+            helper.make_node("DequantizeLinear", ["codes", "scale", "zero_point"], ["conv_in"]),
+        ]
+    else:
+        nodes[0].input[0] = "x"
+    graph = helper.make_graph(
+        nodes, "classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _per_sample(path: str, x: np.ndarray) -> np.ndarray:
+    """ONNX Runtime on the batch-1 file, one sample at a time."""
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def test_a_batch_one_file_with_hardswish_converts_runs_any_batch_and_exports_int8(tmp_path, caplog) -> None:
+    """x2paddle 1.6.0 has no HardSwish converter (rewritten), and writes ``shape=[1, -1]``:
+    without ``dynamic_batch`` the model fails at batch 4 and a warning says why; with it, the
+    model computes ONNX Runtime's values at any batch and quantizes to a Paddle Inference int8
+    program that computes its simulation."""
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    x = np.random.default_rng(1).random([4, 3, 8, 8], dtype=np.float32)
+    expected = _per_sample(path, x)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
+        fixed = load_onnx_model(path, tmp_path / "fixed", {"x": [1, 3, 8, 8]})
+    assert "x2paddle wrote batch size 1 into 1 reshapes" in caplog.text, caplog.text
+    np.testing.assert_allclose(fixed(paddle.to_tensor(x[:1])).numpy(), expected[:1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        fixed(paddle.to_tensor(x))
+
+    model = load_onnx_model(path, tmp_path / "dynamic", {"x": [1, 3, 8, 8]}, dynamic_batch=True)
+    assert not model.training
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.random([4, 3, 8, 8], dtype=np.float32)))
+    ptq.convert(qmodel)
+    assert sum(isinstance(layer, ip.QuantizedLayer) for layer in qmodel.sublayers()) == 2
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "int8" / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-4 * np.abs(simulated).max())
+
+
+def test_a_directory_holding_the_same_conversion_is_loaded_without_converting(tmp_path, monkeypatch) -> None:
+    import x2paddle.convert
+
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    directory = tmp_path / "converted"
+    first = load_onnx_model(path, directory, {"x": [1, 3, 8, 8]}, dynamic_batch=True)
+    x = paddle.to_tensor(np.random.default_rng(1).random([2, 3, 8, 8], dtype=np.float32))
+    expected = first(x).numpy()
+    calls = []
+    original = x2paddle.convert.onnx2paddle
+    monkeypatch.setattr(x2paddle.convert, "onnx2paddle", lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs))
+    again = load_onnx_model(path, directory, {"x": [1, 3, 8, 8]}, dynamic_batch=True)
+    assert calls == []
+    np.testing.assert_array_equal(again(x).numpy(), expected)
+    # Other options, or another file, convert again.
+    load_onnx_model(path, directory, {"x": [1, 3, 8, 8]})
+    assert len(calls) == 1
+    with open(directory / "onnx_import.json", encoding="utf-8") as file:
+        assert json.load(file)["dynamic_batch"] is False
+
+
+def test_a_failed_conversion_leaves_the_previous_directory_and_no_staging(tmp_path, monkeypatch) -> None:
+    import x2paddle.convert
+
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    directory = tmp_path / "converted"
+    load_onnx_model(path, directory, {"x": [1, 3, 8, 8]}, dynamic_batch=True)
+    before = sorted(os.listdir(directory))
+
+    def interrupted(source, save_dir, **kwargs):
+        with open(os.path.join(save_dir, "x2paddle_code.py"), "w", encoding="utf-8") as file:
+            file.write("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(x2paddle.convert, "onnx2paddle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_onnx_model(path, directory, {"x": [1, 3, 8, 8]})
+    assert sorted(os.listdir(tmp_path)) == ["classifier.onnx", "converted"]
+    assert sorted(os.listdir(directory)) == before
+    with pytest.raises(KeyboardInterrupt):
+        load_onnx_model(path, tmp_path / "new", {"x": [1, 3, 8, 8]})
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_input(tmp_path) -> None:
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    quantized = _hardswish_classifier(tmp_path / "quantized.onnx", quantized=True)
+    with pytest.raises(ValueError, match=r"quantized\.onnx is already quantized \(DequantizeLinear, QuantizeLinear\)"):
+        load_onnx_model(quantized, tmp_path / "q")
+    with pytest.raises(FileNotFoundError, match="missing.onnx does not exist"):
+        load_onnx_model(tmp_path / "missing.onnx", tmp_path / "m")
+    with pytest.raises(TypeError, match="input_shapes must map input names to shapes"):
+        load_onnx_model(path, tmp_path / "m", [1, 3, 8, 8])
+    with pytest.raises(TypeError, match=r"input_shapes\['x'\] must be a list of positive ints"):
+        load_onnx_model(path, tmp_path / "m", {"x": [-1, 3, 8, 8]})
+    with pytest.raises(ValueError, match=r"input_shapes names \['image'\], which are not inputs"):
+        load_onnx_model(path, tmp_path / "m", {"image": [1, 3, 8, 8]})
+    with pytest.raises(ValueError, match="dynamic_batch needs batch 1"):
+        load_onnx_model(path, tmp_path / "m", {"x": [2, 3, 8, 8]}, dynamic_batch=True)
+    with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
+        load_onnx_model(path, tmp_path / "m", dynamic_batch=1)
+    assert sorted(os.listdir(tmp_path)) == ["classifier.onnx", "quantized.onnx"]
