@@ -228,3 +228,43 @@ def test_a_refused_export_leaves_no_directory_it_created(export, tmp_path) -> No
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
     run(qmodel, str(tmp_path / "existing" / "a" / "b" / "model"), _spec(None, 3, 8, 8))
     assert (tmp_path / "existing" / "a" / "b").is_dir()
+
+
+_PNET_EXPORT = """
+import sys
+import numpy as np, paddle
+from imperative_ptq.export import create_predictor, predict, save_fp32_model
+paddle.seed(0)
+net = paddle.nn.Sequential(  # MTCNN's PNet: no padding, 12x12 at least
+    paddle.nn.Conv2D(3, 10, 3), paddle.nn.PReLU(10), paddle.nn.MaxPool2D(2, 2, ceil_mode=True),
+    paddle.nn.Conv2D(10, 16, 3), paddle.nn.PReLU(16), paddle.nn.Conv2D(16, 32, 3), paddle.nn.PReLU(32),
+)
+net.eval()
+prefix = sys.argv[1]
+save_fp32_model(net, prefix, [paddle.static.InputSpec([None, 3, None, None], "float32", "x")])
+x = np.random.default_rng(0).random([1, 3, 12, 12], dtype=np.float32)
+ran = predict(create_predictor(prefix, int8=False, num_threads=1), x)[0]
+np.testing.assert_allclose(ran, net(paddle.to_tensor(x)).numpy(), rtol=1e-5, atol=1e-5)
+try:
+    save_fp32_model(net, prefix + "_1x1", [paddle.static.InputSpec([1, 3, 1, 1], "float32", "x")])
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_an_input_smaller_than_the_kernels_is_refused_before_a_layer_reads_negative_sizes(tmp_path) -> None:
+    """Paddle's dygraph conv returns ``[1, 10, -1, -1]`` for a 1x1 image and a 3x3 kernel; the
+    check's first size for open dimensions (1) then ran PReLU and max-pool on it: the
+    export of a PNet with a spec open in H and W hung or died with ``free(): invalid next
+    size``. (A subprocess, so that a crash fails this test only.)"""
+    import subprocess
+    import sys
+
+    prefix = str(tmp_path / "pnet")
+    result = subprocess.run(
+        [sys.executable, "-c", _PNET_EXPORT, prefix], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not fit the model" in result.stdout, result.stdout
+    assert "Conv2D writes an output of shape [1, 10, -1, -1]: the input is smaller than its kernel" in result.stdout
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pnet.pdiparams", "pnet.pdmodel"]

@@ -17,6 +17,13 @@ The same run names each ``F.dropout`` the eval-mode model calls in training mode
 activations scaled by ``1 / (1 - p)``, while Paddle Inference and ONNX Runtime run the op as the
 identity (measured: a two-Linear MLP 0.67 off the simulation). Paddle's saved program marks
 every dropout as an inference one, so only the dygraph run can tell.
+
+Paddle 3.3.1's dygraph conv does not refuse an input smaller than its kernel: a 3x3 conv
+without padding on a 1x1 image returns a tensor of shape ``[1, C, -1, -1]``, and the layers
+after it then write through negative sizes (measured: an MTCNN-style PNet's PReLU and max-pool
+after it corrupted the heap, and the export hung or died with ``free(): invalid next size``).
+During the check every layer's output is therefore checked as it is written, and a negative
+size fails that shape at once, before any layer reads it.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def check_input_spec_runs(
         inputs = [_zeros(spec, shape) for spec, shape in zip(input_spec, concrete)]
         try:
             watching = _training_dropouts_named(model) if name_dropouts else contextlib.nullcontext()
-            with paddle.no_grad(), watching:
+            with paddle.no_grad(), watching, _negative_sizes_refused(model):
                 model(*inputs)
             return True
         except Exception as failure:  # noqa: BLE001 - any failure means the spec does not fit
@@ -143,6 +150,38 @@ def _training_dropouts_named(model: paddle.nn.Layer) -> Iterator[None]:
             "not drop; called at %s", type(model).__name__, len(callers),
             "; ".join(dict.fromkeys(callers)),
         )
+
+
+@contextlib.contextmanager
+def _negative_sizes_refused(model: paddle.nn.Layer) -> Iterator[None]:
+    """Raises ``ValueError`` from a forward-post hook of any layer of ``model``
+    (itself included) whose output tensor has a negative dimension, while the block runs."""
+
+    def check(layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        for tensor in _tensors(outputs):
+            if any(size < 0 for size in tensor.shape):
+                raise ValueError(
+                    f"{type(layer).__name__} writes an output of shape {list(tensor.shape)}: the "
+                    f"input is smaller than its kernel"
+                )
+
+    handles = [layer.register_forward_post_hook(check) for layer in model.sublayers(include_self=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensors(outputs: Any) -> Iterator[paddle.Tensor]:
+    if isinstance(outputs, paddle.Tensor):
+        yield outputs
+    elif isinstance(outputs, (list, tuple)):
+        for output in outputs:
+            yield from _tensors(output)
+    elif isinstance(outputs, dict):
+        for output in outputs.values():
+            yield from _tensors(output)
 
 
 def _example_shapes(
