@@ -45,7 +45,7 @@ def converted_model(onnx_path: str, shape: list[int], directory: str) -> paddle.
     import onnx
 
     input_name = onnx.load(onnx_path).graph.input[0].name
-    return load_onnx_model(onnx_path, directory, {input_name: shape}, dynamic_batch=shape[0] == 1)
+    return load_onnx_model(onnx_path, directory, {input_name: shape})
 
 
 def _ort_session(path: str) -> Any:

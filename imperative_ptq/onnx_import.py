@@ -8,11 +8,18 @@ what x2paddle 1.6.0 leaves to its user:
 
 * ``HardSwish`` (MobileNetV3, PP-LCNet) has no converter: it is rewritten first as
   ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``, which computes the same values.
-* Its shape inference needs fixed input shapes and may write the batch size it was given
-  into the generated reshapes (``shape=[1, 6, -1]``), after which the model computes batch 1
-  only, silently wrong at other batches: with ``dynamic_batch`` such a leading ``1`` becomes
-  ``0`` (Paddle's "the input's size there"), so the model runs any batch (convert with batch
-  1); without it, a warning counts those reshapes.
+* ``MaxPool``/``AveragePool`` with ``dilations=[1, 1]`` (every Ultralytics YOLOv8 export's SPPF
+  pools) stop it ("only dilations = 0 is supported"): the all-ones attribute is dropped. A pool
+  without ``strides`` is converted with Paddle's default stride, the kernel size, where ONNX's
+  is 1 (a 3x3 max-pool of an 8x8 map gave 3x3): the default is written out first.
+* Its shape inference needs fixed input shapes and may write the batch size it was given into
+  the generated code (``paddle.reshape(x, shape=[1, 6, -1])``), after which the model computes
+  that batch only: the converted model is run at batch 2, and a warning says so when it fails
+  there. With ``dynamic_batch`` each reshape written with a leading ``1`` that reads a tensor
+  leading with 1 at batch 1 gets ``0`` there (Paddle's "the input's size here"), which changes
+  nothing at batch 1, and the model must then compute at batch 2 what it computes for each
+  sample alone; a reshape of a tensor without a batch (YOLOv8's anchor grid ``[W]`` to
+  ``[1, W]``) keeps its ``1``.
 * An already quantized file (``QuantizeLinear``, ``DynamicQuantizeLinear``, ``QLinearConv``,
   ``MatMulInteger``, ...) is refused, naming those ops: quantize the fp32 model instead.
 * Its parameters are named after the ONNX initializers, which dygraph refuses to create twice
@@ -33,9 +40,13 @@ import logging
 import os
 import re
 import shutil
+import sys
 from typing import Mapping, Sequence
 
+import numpy as np
 import paddle
+
+from .export.spec_check import error_summary
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
 
@@ -48,8 +59,10 @@ QUANTIZED_ONNX_OPS = frozenset({
     "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
     "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QGemm",
 })
-#: The stamp file recording which ONNX file and options a conversion directory holds.
+#: The stamp file recording which ONNX file and options a conversion directory holds, and
+#: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
+_LOADER_VERSION = 2
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -71,10 +84,9 @@ def load_onnx_model(
             the conversion of the same file with the same options).
         input_shapes: Input name -> fixed shape for x2paddle's shape inference, e.g.
             ``{"x": [1, 3, 48, 320]}``; ``None``: the file's own shapes.
-        dynamic_batch: Make a batch size of 1 that x2paddle wrote into the generated reshapes
-            the input's batch size (give batch 1 in ``input_shapes``): the model then runs any
-            batch size. The reshapes must keep the batch as their first dimension, as a
-            network's reshapes of activations do.
+        dynamic_batch: Make the model run any batch size (the batch of ``input_shapes``, else
+            of the file's shapes, must be 1): the reshapes x2paddle wrote with the batch read
+            it from their input, checked by running two samples as a batch and alone.
 
     Returns:
         The converted model (its class is x2paddle's ``ONNXModel``).
@@ -85,10 +97,14 @@ def load_onnx_model(
         TypeError: ``input_shapes`` is not a mapping of names to integer shapes, or
             ``dynamic_batch`` is not a bool.
         ValueError: The file is already quantized, an ``input_shapes`` name is not an input of
-            the model, or ``dynamic_batch`` is given with a batch other than 1.
+            the model, ``dynamic_batch`` is given with a batch other than 1 or without fixed
+            shapes, or the batch cannot be made dynamic (x2paddle wrote it elsewhere than in
+            reshapes: the model does not compute two samples as a batch as it does alone).
+        RuntimeError: x2paddle fails on the file (its error is chained).
     """
     try:
         import onnx
+        import x2paddle
         from x2paddle.convert import onnx2paddle
     except ImportError as error:
         raise ImportError(
@@ -105,15 +121,17 @@ def load_onnx_model(
     model = onnx.load_from_string(content)
     _check_inputs(model, onnx_path, shapes, dynamic_batch)
     stamp = {
+        "loader": _LOADER_VERSION,
+        "x2paddle": getattr(x2paddle, "__version__", ""),
         "onnx_sha256": hashlib.sha256(content).hexdigest(),
         "input_shapes": shapes,
         "dynamic_batch": dynamic_batch,
     }
     if _stamp_of(directory) != stamp:
-        _convert(model, directory, stamp, onnx2paddle)
+        _convert(model, onnx_path, directory, stamp, onnx2paddle)
     else:
         logger.info("%s already holds the conversion of %s: loading it", directory, onnx_path)
-    return _instantiate(directory, stamp["onnx_sha256"])
+    return _instantiate(directory)
 
 
 def _checked_shapes(input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]] | None:
@@ -148,8 +166,18 @@ def _check_inputs(model, onnx_path: str, shapes: dict[str, list[int]] | None, dy
     unknown = sorted(set(shapes or ()) - set(inputs))
     if unknown:
         raise ValueError(f"input_shapes names {unknown}, which are not inputs of {onnx_path} (its inputs: {inputs})")
-    if dynamic_batch and any(shape[:1] != [1] for shape in (shapes or {}).values()):
-        raise ValueError(f"dynamic_batch needs batch 1 in input_shapes (x2paddle writes it into reshapes), got {shapes}")
+    if dynamic_batch:
+        fixed = _input_shapes(model, shapes)
+        if fixed is None:
+            raise ValueError(
+                f"dynamic_batch needs fixed input shapes: give input_shapes (the inputs of "
+                f"{onnx_path}: {inputs} have open dimensions besides the batch)"
+            )
+        if any(shape[0] != 1 for shape, _ in fixed.values()):
+            raise ValueError(
+                f"dynamic_batch needs batch 1 in input_shapes (converted at batch 1 and 2), got "
+                f"{ {name: shape for name, (shape, _) in fixed.items()} }"
+            )
 
 
 def _stamp_of(directory: str) -> dict | None:
@@ -163,7 +191,28 @@ def _stamp_of(directory: str) -> dict | None:
         return None
 
 
-def _convert(model, directory: str, stamp: dict, onnx2paddle) -> None:
+def _input_shapes(model, shapes: dict[str, list[int]] | None) -> dict[str, tuple[list[int], np.dtype]] | None:
+    """Each graph input's shape (``shapes``' else the file's, an open batch as 1) and dtype;
+    ``None`` if a dimension besides the batch is open."""
+    from onnx import helper
+
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    fixed = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [dim.dim_value if dim.HasField("dim_value") else 0 for dim in tensor.shape.dim]
+        shape = list((shapes or {}).get(value.name) or dims)
+        if shape and shape[0] == 0:
+            shape[0] = 1
+        if any(size <= 0 for size in shape):
+            return None
+        fixed[value.name] = (shape, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    return fixed
+
+
+def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) -> None:
     """x2paddle's conversion of ``model`` into ``directory`` (replacing what it held)."""
     staging = directory.rstrip(os.sep) + ".converting"
     shutil.rmtree(staging, ignore_errors=True)
@@ -172,22 +221,13 @@ def _convert(model, directory: str, stamp: dict, onnx2paddle) -> None:
         source = os.path.join(staging, "model.onnx")
         import onnx
 
-        onnx.save(_without_hardswish(model), source)
-        captured = io.StringIO()
-        # Parameter names come from the ONNX initializers: a fresh scope for each conversion.
-        # (x2paddle prints a line per node, kept for the debug log.)
-        with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured):
-            onnx2paddle(
-                source, staging,
-                input_shape_dict=None if stamp["input_shapes"] is None else str(stamp["input_shapes"]),
-                disable_feedback=True,  # its feedback is a network call
-            )
-        logger.debug("x2paddle:\n%s", captured.getvalue())
-        code_path = os.path.join(staging, _CODE)
-        if not os.path.isfile(code_path):
-            raise RuntimeError(f"x2paddle wrote no model code (its output:\n{captured.getvalue()[-2000:]})")
-        _batch_one_reshapes(code_path, stamp["dynamic_batch"])
+        onnx.save(_x2paddle_ready(model), source)
+        _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
+        inputs = _input_shapes(model, stamp["input_shapes"])
+        if stamp["dynamic_batch"]:
+            _make_batch_dynamic(onnx_path, staging, inputs)
+        elif inputs is not None and all(shape[0] == 1 for shape, _ in inputs.values()):
+            _warn_if_batch_one_only(onnx_path, staging, inputs)
         os.remove(source)
         with open(os.path.join(staging, _STAMP), "w", encoding="utf-8") as file:
             json.dump(stamp, file)
@@ -196,18 +236,52 @@ def _convert(model, directory: str, stamp: dict, onnx2paddle) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("converted the ONNX model with x2paddle into %s", directory)
+    logger.info("converted %s with x2paddle into %s", onnx_path, directory)
 
 
-def _without_hardswish(model):
-    """``model`` with every ``HardSwish`` written as ``Mul(x, HardSigmoid(x, 1/6, 0.5))``."""
+def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes: dict | None) -> None:
+    captured = io.StringIO()
+    # Parameter names come from the ONNX initializers: a fresh scope for each conversion.
+    # (x2paddle prints a line per node, kept for the debug log.)
+    try:
+        with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(captured), \
+                contextlib.redirect_stderr(captured):
+            onnx2paddle(
+                source, target, input_shape_dict=None if shapes is None else str(shapes),
+                disable_feedback=True,  # its feedback is a network call
+            )
+    except Exception as error:  # noqa: BLE001 - x2paddle raises bare asserts and anything else
+        raise RuntimeError(
+            f"x2paddle could not convert {onnx_path}: {type(error).__name__}: {error} (its "
+            f"output: {captured.getvalue()[-1000:]})"
+        ) from error
+    logger.debug("x2paddle:\n%s", captured.getvalue())
+    if not os.path.isfile(os.path.join(target, _CODE)):
+        raise RuntimeError(
+            f"x2paddle wrote no model code for {onnx_path} (its output:\n{captured.getvalue()[-2000:]})"
+        )
+
+
+def _x2paddle_ready(model):
+    """``model`` with what x2paddle 1.6.0 cannot read written otherwise: ``HardSwish`` as
+    ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, and the
+    default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
+    the kernel size, not ONNX's 1)."""
     from onnx import helper
 
     nodes = list(model.graph.node)
-    if not any(node.op_type == "HardSwish" for node in nodes):
-        return model
     del model.graph.node[:]
+    rewritten = dropped = strided = 0
     for node in nodes:
+        if node.op_type in ("MaxPool", "AveragePool"):
+            attributes = {attribute.name: attribute for attribute in node.attribute}
+            dilations = attributes.get("dilations")
+            if dilations is not None and all(value == 1 for value in dilations.ints):
+                node.attribute.remove(dilations)
+                dropped += 1
+            if "strides" not in attributes and "kernel_shape" in attributes:
+                node.attribute.append(helper.make_attribute("strides", [1] * len(attributes["kernel_shape"].ints)))
+                strided += 1
         if node.op_type != "HardSwish":
             model.graph.node.append(node)
             continue
@@ -216,32 +290,125 @@ def _without_hardswish(model):
             helper.make_node("HardSigmoid", [node.input[0]], [gate], alpha=1 / 6, beta=0.5),
             helper.make_node("Mul", [node.input[0], gate], list(node.output), name=node.name),
         ])
-    logger.info("rewrote %d HardSwish nodes as x * HardSigmoid(x) (x2paddle has no HardSwish)",
-                sum(node.op_type == "HardSwish" for node in nodes))
+        rewritten += 1
+    if rewritten:
+        logger.info("rewrote %d HardSwish nodes as x * HardSigmoid(x) (x2paddle has no HardSwish)", rewritten)
+    if dropped:
+        logger.info("dropped dilations=1 of %d pools (x2paddle refuses the attribute)", dropped)
+    if strided:
+        logger.info("wrote ONNX's default strides=1 into %d pools (x2paddle takes the kernel size)", strided)
     return model
 
 
-def _batch_one_reshapes(code_path: str, dynamic_batch: bool) -> None:
-    """Makes the reshapes x2paddle wrote with batch 1 read the input's batch, or warns."""
+def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict) -> None:
+    """Rewrites each reshape of ``staging``'s code that x2paddle wrote with a leading 1 and that
+    reads a tensor leading with size 1 at batch 1 (a tensor of the batch) to copy its input's
+    leading size (``0``), and checks that the model then computes at batch 2 what it computes
+    for each sample alone. A reshape of a tensor without a batch (an anchor grid ``[W]`` to
+    ``[1, W]``) keeps its 1; at batch 1 the rewrite computes the same as before by design."""
+    code_path = os.path.join(staging, _CODE)
+    model = _instantiate(staging)
+    rng = np.random.default_rng(0)
+    samples = [_example_inputs(inputs, 1, rng) for _ in range(2)]
+    per_sample = [_outputs(model, sample) for sample in samples]
+    reshapes = _reshape_inputs(model, code_path, samples[0])
     with open(code_path, encoding="utf-8") as file:
-        code = file.read()
-    if not dynamic_batch:
-        count = len(_BATCH_ONE_RESHAPE.findall(code))
-        if count:
-            logger.warning(
-                "x2paddle wrote batch size 1 into %d reshapes: the model computes batch 1 only "
-                "(other batches give wrong shapes or values); convert with dynamic_batch=True "
-                "and batch 1 in input_shapes to run any batch", count,
-            )
-        return
-    code, count = _BATCH_ONE_RESHAPE.subn(r"\g<1>0, ", code)
+        lines = file.read().split("\n")
+    rewritten = [
+        number for number, line in enumerate(lines, start=1)
+        if _BATCH_ONE_RESHAPE.search(line) and reshapes.get(number, [0])[:1] == [1]
+    ]
+    for number in rewritten:
+        lines[number - 1] = _BATCH_ONE_RESHAPE.sub(r"\g<1>0, ", lines[number - 1])
     with open(code_path, "w", encoding="utf-8") as file:
-        file.write(code)
-    logger.info("made the batch dimension of %d reshapes the input's", count)
+        file.write("\n".join(lines))
+    batch = [paddle.concat([first, second]) for first, second in zip(*samples)]
+    try:
+        ran = _outputs(_instantiate(staging), batch)
+        problem = next((
+            f"output {index} is {float(np.abs(out - np.concatenate([a, b])).max()):.3g} off the "
+            f"samples' own" for index, (out, a, b) in enumerate(zip(ran, *per_sample))
+            if a.shape[:1] == (1,) and (out.shape != (2, *a.shape[1:]) or not np.allclose(
+                out, np.concatenate([a, b]), rtol=1e-4, atol=1e-5 * max(float(np.abs(a).max(initial=0)), 1.0)
+            ))
+        ), None)
+    except Exception as error:  # noqa: BLE001 - any failure at batch 2 is what this reports
+        problem = f"it fails: {type(error).__name__}: {error_summary(error)}"
+    if problem is not None:
+        raise ValueError(
+            f"dynamic_batch: {onnx_path}'s model does not compute batch 2 as its samples alone "
+            f"after the batch of {len(rewritten)} reshapes was made dynamic ({problem}): "
+            f"x2paddle wrote the batch size elsewhere too; convert at a fixed batch"
+        )
+    logger.info("made the leading size of %d reshapes the input's (the batch)", len(rewritten))
 
 
-def _instantiate(directory: str, digest: str) -> paddle.nn.Layer:
-    spec = importlib.util.spec_from_file_location(f"x2paddle_code_{digest[:16]}", os.path.join(directory, _CODE))
+def _reshape_inputs(model: paddle.nn.Layer, code_path: str, inputs: list[paddle.Tensor]) -> dict[int, list[int]]:
+    """Line of x2paddle's code -> the shape of the first tensor its ``paddle.reshape`` reshapes
+    in a forward on ``inputs``."""
+    seen: dict[int, list[int]] = {}
+    original = paddle.reshape
+
+    def recording(x, shape, name=None):
+        caller = sys._getframe(1)
+        if caller.f_code.co_filename == code_path:
+            seen.setdefault(caller.f_lineno, list(x.shape))
+        return original(x, shape, name=name)
+
+    paddle.reshape = recording
+    try:
+        _outputs(model, inputs)
+    finally:
+        paddle.reshape = original
+    return seen
+
+
+def _warn_if_batch_one_only(onnx_path: str, directory: str, inputs: dict) -> None:
+    """Warns when the model converted at batch 1 does not run at batch 2."""
+    model = _instantiate(directory)
+    rng = np.random.default_rng(0)
+    try:
+        single = _outputs(model, _example_inputs(inputs, 1, rng))
+    except Exception as error:  # noqa: BLE001 - inputs it needs otherwise (ids, masks): no probe
+        logger.debug("%s: not probed at batch 2 (it fails on uniform inputs: %s)", directory, error)
+        return
+    try:
+        double = _outputs(model, _example_inputs(inputs, 2, rng))
+        batch_one_only = any(
+            a.shape[:1] == (1,) and b.shape[:1] != (2,) for a, b in zip(single, double)
+        )
+    except Exception:  # noqa: BLE001 - any failure at batch 2 is what this warns of
+        batch_one_only = True
+    if batch_one_only:
+        logger.warning(
+            "%s: the converted model does not run at batch 2 (x2paddle wrote the batch size 1 "
+            "into its code): it computes batch 1 only; convert with dynamic_batch=True to run "
+            "any batch", onnx_path,
+        )
+
+
+def _example_inputs(inputs: dict, batch: int, rng: np.random.Generator) -> list[paddle.Tensor]:
+    """Inputs of ``batch``: uniform [0, 1) floats, integer ones."""
+    tensors = []
+    for shape, dtype in inputs.values():
+        shape = [batch, *shape[1:]]
+        values = rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.ones(shape, dtype)
+        tensors.append(paddle.to_tensor(values))
+    return tensors
+
+
+def _outputs(model: paddle.nn.Layer, inputs: list[paddle.Tensor]) -> list[np.ndarray]:
+    with paddle.no_grad():
+        outputs = model(*inputs)
+    if isinstance(outputs, paddle.Tensor):
+        return [outputs.numpy()]
+    return [output.numpy() for output in outputs]
+
+
+def _instantiate(directory: str) -> paddle.nn.Layer:
+    code_path = os.path.join(directory, _CODE)
+    name = f"x2paddle_code_{hashlib.sha256(code_path.encode()).hexdigest()[:16]}"
+    spec = importlib.util.spec_from_file_location(name, code_path)
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
     with paddle.utils.unique_name.guard():

@@ -77,7 +77,7 @@ def test_a_batch_one_file_with_hardswish_converts_runs_any_batch_and_exports_int
     expected = _per_sample(path, x)
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
         fixed = load_onnx_model(path, tmp_path / "fixed", {"x": [1, 3, 8, 8]})
-    assert "x2paddle wrote batch size 1 into 1 reshapes" in caplog.text, caplog.text
+    assert "classifier.onnx: the converted model does not run at batch 2" in caplog.text, caplog.text
     np.testing.assert_allclose(fixed(paddle.to_tensor(x[:1])).numpy(), expected[:1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
         fixed(paddle.to_tensor(x))
@@ -98,6 +98,89 @@ def test_a_batch_one_file_with_hardswish_converts_runs_any_batch_and_exports_int
     ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-4 * np.abs(simulated).max())
+
+
+def _save(nodes, initializers, inputs, outputs, path) -> str:
+    graph = helper.make_graph(nodes, "graph", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _anchor_grid(path) -> str:
+    """YOLOv8's head in small: a grid ``Range(0, W) + 0.5`` (no batch) reshaped to ``[1, -1]``
+    and added to the input, whose own reshape to ``[1, 2, -1]`` is of the batch."""
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    floats = lambda name, value: numpy_helper.from_array(np.array(value, np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "three"], ["width"], axis=0),
+        helper.make_node("Cast", ["width"], ["width_float"], to=TensorProto.FLOAT),
+        helper.make_node("Range", ["zero", "width_float", "one"], ["range"]),
+        helper.make_node("Add", ["range", "half"], ["grid"]),
+        helper.make_node("Reshape", ["grid", "row"], ["grid_row"]),
+        helper.make_node("Add", ["x", "grid_row"], ["shifted"]),
+        helper.make_node("MaxPool", ["shifted"], ["pooled"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], dilations=[1, 1]),
+        helper.make_node("Reshape", ["pooled", "flat"], ["y"]),
+    ]
+    initializers = [
+        ints("three", 3), floats("zero", 0.0), floats("one", 1.0), floats("half", 0.5),
+        ints("row", [1, -1]), ints("flat", [1, 2, -1]),
+    ]
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 64])], path,
+    )
+
+
+def test_only_reshapes_of_the_batch_become_dynamic_and_pools_convert_as_onnx_defines_them(tmp_path) -> None:
+    """Before: every ``shape=[1, ...]`` became ``[0, ...]``, the grid's too, which made it a
+    column (a YOLOv8 detector's box centres up to 98.6% of its largest output off, at batch 1
+    as well); x2paddle 1.6.0 refused the ``dilations=[1, 1]`` of YOLOv8's SPPF pools, and
+    converted a pool without ``strides`` with stride 3 (the kernel size; ONNX's default is 1)."""
+    path = _anchor_grid(tmp_path / "grid.onnx")
+    x = np.random.default_rng(1).standard_normal([3, 2, 8, 8]).astype(np.float32)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 2, 8, 8]}, dynamic_batch=True)
+    code = (tmp_path / "converted" / "x2paddle_code.py").read_text()
+    assert "shape=[1, -1]" in code and "shape=[0, 2, -1]" in code, code
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), _per_sample(path, x), rtol=0, atol=1e-6)
+
+
+def _class_token(path) -> str:
+    """A ViT's class token exported at batch 1: Expand to ``[1, 1, 8]``, concatenated with the
+    tokens: x2paddle writes the batch into the expand, no reshape can carry it."""
+    token = numpy_helper.from_array(np.ones([1, 1, 8], np.float32), "token")
+    shape = numpy_helper.from_array(np.array([1, 1, 8], np.int64), "token_shape")
+    nodes = [
+        helper.make_node("Expand", ["token", "token_shape"], ["tokens"]),
+        helper.make_node("Concat", ["tokens", "x"], ["y"], axis=1),
+    ]
+    return _save(
+        nodes, [token, shape], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])], path,
+    )
+
+
+def test_a_batch_written_elsewhere_than_in_reshapes_is_refused_for_dynamic_batch(tmp_path) -> None:
+    path = _class_token(tmp_path / "token.onnx")
+    with pytest.raises(ValueError, match=r"token\.onnx's model does not compute batch 2 as its samples alone .*it fails: ValueError: \(InvalidArgument\)"):
+        load_onnx_model(path, tmp_path / "converted", {"x": [1, 4, 8]}, dynamic_batch=True)
+    assert sorted(os.listdir(tmp_path)) == ["token.onnx"]
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 4, 8]})  # batch 1 only
+    assert model(paddle.ones([1, 4, 8])).shape == [1, 5, 8]
+
+
+def test_an_error_of_x2paddle_is_a_runtime_error_naming_the_file(tmp_path) -> None:
+    path = _save(
+        [helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,jk->ik")], [],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], tmp_path / "einsum.onnx",
+    )
+    with pytest.raises(RuntimeError, match=r"x2paddle could not convert .*einsum\.onnx"):
+        load_onnx_model(path, tmp_path / "converted")
+    assert sorted(os.listdir(tmp_path)) == ["einsum.onnx"]
 
 
 def test_a_directory_holding_the_same_conversion_is_loaded_without_converting(tmp_path, monkeypatch) -> None:
@@ -157,7 +240,7 @@ def test_bad_input(tmp_path) -> None:
         load_onnx_model(path, tmp_path / "m", {"x": [-1, 3, 8, 8]})
     with pytest.raises(ValueError, match=r"input_shapes names \['image'\], which are not inputs"):
         load_onnx_model(path, tmp_path / "m", {"image": [1, 3, 8, 8]})
-    with pytest.raises(ValueError, match="dynamic_batch needs batch 1"):
+    with pytest.raises(ValueError, match="dynamic_batch needs batch 1 in input_shapes"):
         load_onnx_model(path, tmp_path / "m", {"x": [2, 3, 8, 8]}, dynamic_batch=True)
     with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
         load_onnx_model(path, tmp_path / "m", dynamic_batch=1)
