@@ -48,7 +48,16 @@ def test_export_warns_where_onnx_runtime_runs_no_integer_kernel(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="imperative_ptq"):
         export_onnx(_converted(relu_net), tmp_path / "relu.onnx", SPEC)
     assert "convs/matmuls in integer kernels (2 QLinearConv)" in caplog.text
-    assert "runs none of" not in caplog.text
+    assert "runs none of" not in caplog.text and "runs only" not in caplog.text
+    caplog.clear()
+    # Fewer than half in integer kernels warns too (a layout detector, 2 of 102: 0.87x fp32).
+    mostly_float = paddle.nn.Sequential(
+        paddle.nn.Conv2D(3, 8, 3, padding=1), paddle.nn.ReLU(), paddle.nn.Conv2D(8, 8, 1), paddle.nn.PReLU(8),
+        paddle.nn.Conv2D(8, 8, 1), paddle.nn.Silu(), paddle.nn.Conv2D(8, 8, 1), paddle.nn.Hardswish(),
+    )
+    with caplog.at_level(logging.INFO, logger="imperative_ptq"):
+        export_onnx(_converted(mostly_float), tmp_path / "mostly_float.onnx", SPEC)
+    assert "ONNX Runtime runs only 1 of the 4 convs/matmuls of" in caplog.text, caplog.text
 
 
 def test_a_conv_before_a_float_activation_runs_in_float(tmp_path) -> None:

@@ -2526,7 +2526,8 @@ def export_onnx(
 
 def _log_what_onnx_runtime_runs(path: str, quantized: bool) -> None:
     """Logs :func:`.onnx_inspect.onnx_runtime_report` of the file written, and warns where
-    ONNX Runtime runs none of a quantized model's convs/matmuls in integer kernels. Skipped
+    ONNX Runtime runs fewer than half of a quantized model's convs/matmuls in integer kernels
+    (measured: a layout detector with 2 of 102 in integer kernels 0.87x its fp32). Skipped
     without onnxruntime; a failure to build the report is logged, never raised (the file is
     written)."""
     try:
@@ -2539,14 +2540,16 @@ def _log_what_onnx_runtime_runs(path: str, quantized: bool) -> None:
         logger.warning("could not read back what ONNX Runtime runs in integer kernels: %s", error)
         return
     logger.info("%s: %s", path, report.summary())
-    if quantized and report.float and not report.integer:
+    integer, floating = sum(report.integer.values()), sum(report.float.values())
+    if quantized and integer < floating:
         logger.warning(
-            "ONNX Runtime runs none of the %d convs/matmuls of %s in integer kernels: the "
-            "output of each int8 layer feeds a float op (a SiLU, a Hardswish, an add; the "
+            "ONNX Runtime runs %s of the %d convs/matmuls of %s in integer kernels: the output "
+            "of each of the others feeds a float op (a SiLU, a Hardswish, a PReLU, an add; the "
             "simulation computes those outputs in float, as Paddle Inference's fused int8 "
             "kernels do), so ONNX Runtime runs them in float on weights it dequantizes, and "
-            "this file is no faster than the fp32 model; Paddle Inference runs them int8 "
-            "(save_quantized_model)", sum(report.float.values()), path,
+            "this file is likely no faster than the fp32 model; Paddle Inference runs them int8 "
+            "(save_quantized_model)", f"only {integer}" if integer else "none",
+            integer + floating, path,
         )
 
 
