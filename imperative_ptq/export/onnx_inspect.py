@@ -39,10 +39,13 @@ class OnnxRuntimeReport:
         integer: Op type -> how many run in integer kernels (:data:`INTEGER_PRODUCTS`).
         float: Op type -> how many run in float (:data:`FLOAT_PRODUCTS`; ``MatMulNBits``
             multiplies by INT4 weights it dequantizes).
+        float_in_bodies: Of those, how many run inside loop or branch bodies (``Scan``,
+            ``Loop``, ``If``: an int8-simulated LSTM's products on its codes), by op type.
     """
 
     integer: dict[str, int]
     float: dict[str, int]
+    float_in_bodies: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: counts of the products run in integer kernels and in float."""
@@ -88,20 +91,23 @@ def onnx_runtime_report(path: str | os.PathLike, num_threads: int = 1) -> OnnxRu
         optimized = onnx.load(options.optimized_model_filepath)
     integer: collections.Counter = collections.Counter()
     floating: collections.Counter = collections.Counter()
-    for node in _nodes(optimized.graph):
+    in_bodies: collections.Counter = collections.Counter()
+    for node, in_body in _nodes(optimized.graph):
         if node.op_type in INTEGER_PRODUCTS:
             integer[node.op_type] += 1
         elif node.op_type in FLOAT_PRODUCTS:
             floating[node.op_type] += 1
-    return OnnxRuntimeReport(dict(integer), dict(floating))
+            in_bodies[node.op_type] += in_body
+    return OnnxRuntimeReport(dict(integer), dict(floating), {kind: count for kind, count in in_bodies.items() if count})
 
 
-def _nodes(graph: Any) -> Iterator[Any]:
-    """Every node of ``graph`` and of the loop and branch bodies inside it."""
+def _nodes(graph: Any, in_body: bool = False) -> Iterator[tuple[Any, bool]]:
+    """Every node of ``graph`` and of the loop and branch bodies inside it, each with whether
+    it is inside such a body."""
     for node in graph.node:
-        yield node
+        yield node, in_body
         for attribute in node.attribute:
             if attribute.HasField("g"):
-                yield from _nodes(attribute.g)
+                yield from _nodes(attribute.g, True)
             for body in attribute.graphs:
-                yield from _nodes(body)
+                yield from _nodes(body, True)
