@@ -28,6 +28,7 @@ from .batches import eval_mode
 from .config import PTQConfig, default_ptq_config
 from .fuse import fuse_layers
 from .ptq import ImperativePTQ
+from .session import calibrating_session
 
 __all__ = ["AccuracyControlResult", "Candidate", "default_candidates", "quantize_with_accuracy_control"]
 
@@ -178,6 +179,8 @@ def quantize_with_accuracy_control(
         ptq = ImperativePTQ(candidate.config)
         quantized = ptq.quantize(model, fuse=fuse_list is not None, fuse_list=fuse_list)
         ptq.calibrate(quantized, batches, progress=progress)
+        # (Each candidate is measured by the metric; no warning of the simulation per trial.)
+        calibrating_session(quantized).compare_after_convert = False
         ptq.convert(quantized, progress=progress)
         with eval_mode(quantized):
             candidate.metric = float(evaluate(quantized))

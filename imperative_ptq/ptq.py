@@ -61,6 +61,7 @@ from .registry import PTQRegistry
 from .reparametrized import computed_weight_layers, fold_weight_reparametrizations
 from .rollback import restored_on_failure
 from .session import CalibrationSession, LayerState, calibrating_session
+from .simulation_check import compare_with_fp32
 from .static_forwards import undecorate_static_forwards
 from .targets import get_target
 
@@ -541,6 +542,8 @@ class ImperativePTQ:
         record_config(model, config.to_dict())
         record_input_signature(model, session.input_signature, session.input_example)
         session.uninstall()
+        if session.compare_after_convert:
+            compare_with_fp32(model, session.last_call, session.last_outputs)
         return model
 
     # -------------------------------------------------------------------------------- export

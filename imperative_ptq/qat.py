@@ -183,7 +183,9 @@ class ImperativeQAT:
         self._ptq.remove_hooks(calibrated)
         # What PTQ's convert makes of it: which layers run int8, on which grid, with what.
         config = self._ptq.quant_config
-        dry_run = self._ptq.convert(copy.deepcopy(calibrated), bias_grid=False)
+        copied = copy.deepcopy(calibrated)
+        calibrating_session(copied).compare_after_convert = False
+        dry_run = self._ptq.convert(copied, bias_grid=False)
         table, minima = converted_table(dry_run), converted_minima(dry_run)
         simulated = {
             name: layer for name, layer in dry_run.named_sublayers()

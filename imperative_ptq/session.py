@@ -28,7 +28,7 @@ from .registry import BATCH_NORM_TYPES, PTQRegistry
 
 __all__ = [
     "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
-    "any_discovering", "discovering_session", "hooked_states",
+    "any_discovering", "discovering_session", "hooked_states", "returned_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,6 +260,14 @@ class CalibrationSession:
         #: The concrete shapes of the first such call's inputs: a shape the model runs on,
         #: which the export's input-spec check tries first (``None`` with the signature).
         self.input_example: list[list[int]] | None = None
+        #: The last completed calibration call, ``(args, kwargs)`` with its tensors copied,
+        #: and its float outputs: ``convert`` compares the int8 simulation with them
+        #: (:mod:`imperative_ptq.simulation_check`); ``None`` before the first call.
+        self.last_call: tuple[tuple, dict] | None = None
+        self.last_outputs: list[np.ndarray] | None = None
+        self._call: tuple[tuple, dict] | None = None
+        #: Whether ``convert`` compares (QAT's and the accuracy search's trial converts do not).
+        self.compare_after_convert = True
         self._signature_unknown = False
 
     def keep_batches(self, data: Iterable[Any]) -> Iterator[Any]:
@@ -416,6 +424,9 @@ class CalibrationSession:
                     self.inputs_changed = True
                 self._inputs_fingerprint = inputs_print
         self._note_signature(inputs, kwargs)
+        self._call = (
+            tuple(_copied(value) for value in inputs), {key: _copied(value) for key, value in kwargs.items()}
+        )
 
     def _note_signature(self, args: tuple, kwargs: dict) -> None:
         """Merges the model's inputs' shapes and dtypes into :attr:`input_signature` (the input
@@ -441,7 +452,9 @@ class CalibrationSession:
         ]
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
-        for value in _returned_tensors(outputs):
+        self.last_call, self._call = self._call, None
+        self.last_outputs = [value.numpy() for value in returned_tensors(outputs)]
+        for value in returned_tensors(outputs):
             source = self.source_of(value)
             if source is not None:
                 self._by_name[source][1].model_output = True
@@ -798,16 +811,22 @@ def _note_operands(state: LayerState, operands: tuple[paddle.Tensor, paddle.Tens
     state.constant_operand = sum(p is None for p in prints) == 1
 
 
-def _returned_tensors(outputs: Any) -> Iterator[paddle.Tensor]:
+def returned_tensors(outputs: Any) -> Iterator[paddle.Tensor]:
     """The float tensors of a forward's result, in tuples, lists and dict values at any
     depth."""
     if isinstance(outputs, dict):
         outputs = list(outputs.values())
     if isinstance(outputs, (tuple, list)):
         for value in outputs:
-            yield from _returned_tensors(value)
+            yield from returned_tensors(value)
     elif _is_float_tensor(outputs):
         yield outputs
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a tensor (the caller may fill its buffer with the next batch); anything
+    else as it is."""
+    return value.detach().clone() if isinstance(value, paddle.Tensor) else value
 
 
 def _is_float_tensor(value: Any) -> bool:
