@@ -543,7 +543,7 @@ class ImperativePTQ:
         record_input_signature(model, session.input_signature, session.input_example)
         session.uninstall()
         if session.compare_after_convert:
-            compare_with_fp32(model, session.last_call, session.last_outputs)
+            compare_with_fp32(model, session.compared_calls)
         return model
 
     # -------------------------------------------------------------------------------- export

@@ -1,6 +1,6 @@
-"""convert compares its int8 simulation with the fp32 model on the last calibration call: the
-cosine of each output is logged, a low one warned of; the call's inputs are copies; the trial
-converts of QAT and the accuracy search stay quiet."""
+"""convert compares its int8 simulation with the fp32 model on up to four calibration calls
+drawn from all of them: the cosine of each output is logged, a low one warned of; the calls'
+inputs are copies; the trial converts of QAT and the accuracy search stay quiet."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 import imperative_ptq as ip
 from imperative_ptq.accuracy_control import Candidate
+from imperative_ptq.session import COMPARED_CALLS, calibrating_session
 from imperative_ptq.simulation_check import WARN_BELOW
 
 LOGGER = "imperative_ptq.simulation_check"
@@ -58,20 +59,25 @@ def test_each_float_output_is_compared_on_the_last_calibration_call(bits, warned
     model, ptq, qmodel = _calibrated(bits, batches)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         ptq.convert(qmodel)
-    fp32, simulated = model(batches[-1]), qmodel(batches[-1])
-    expected = [_cosine(simulated[key].numpy(), fp32[key].numpy()) for key in ("scores", "boxes")]
+    expected = [
+        _cosine(
+            np.concatenate([qmodel(x)[key].numpy().ravel() for x in batches]),
+            np.concatenate([model(x)[key].numpy().ravel() for x in batches]),
+        )
+        for key in ("scores", "boxes")
+    ]
     assert (min(expected) < WARN_BELOW) == warned, expected
     ours = [record for record in caplog.records if record.name == LOGGER]
     logged = [record.getMessage() for record in ours if record.levelno == logging.INFO]
     assert logged == [
-        "convert: the int8 simulation's output on the last calibration batch has cosine "
+        "convert: on 3 calibration batches the int8 simulation's output has cosine "
         + ", ".join(f"{cosine:.4f}" for cosine in expected) + " to the fp32 model's"
     ], logged
     warnings = [record.getMessage() for record in ours if record.levelno == logging.WARNING]
     if warned:
         worst = int(np.argmin(expected))
         assert len(warnings) == 1 and warnings[0].startswith(
-            f"convert: on the last calibration batch the int8 simulation's output {worst} has cosine "
+            f"convert: on 3 calibration batches the int8 simulation's output {worst} has cosine "
             f"{expected[worst]:.3f} to the fp32 model's (below {WARN_BELOW:.2f})"
         ), warnings
         assert "analysis.analyze" in warnings[0] and "keep_fp32" in warnings[0]
@@ -79,9 +85,9 @@ def test_each_float_output_is_compared_on_the_last_calibration_call(bits, warned
         assert warnings == []
 
 
-def test_the_call_is_a_copy_of_inputs_the_caller_refills(caplog) -> None:
+def test_the_calls_are_copies_of_inputs_the_caller_refills(caplog) -> None:
     """A loader writing each batch into one buffer: the buffer holds the next data when
-    convert runs; compared on the copy, the 8-bit model stays quiet and its cosine is right."""
+    convert runs; compared on the copies, the 8-bit model stays quiet and its cosine is right."""
     rng = np.random.default_rng(0)
     buffer = paddle.zeros([8, 16])
     batches = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3)]
@@ -92,8 +98,10 @@ def test_the_call_is_a_copy_of_inputs_the_caller_refills(caplog) -> None:
     paddle.assign(paddle.to_tensor(100 * rng.standard_normal((8, 16)).astype(np.float32)), output=buffer)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         ptq.convert(qmodel)
-    last = paddle.to_tensor(batches[-1])
-    expected = _cosine(qmodel(last)["scores"].numpy(), model(last)["scores"].numpy())
+    expected = _cosine(
+        np.concatenate([qmodel(paddle.to_tensor(x))["scores"].numpy().ravel() for x in batches]),
+        np.concatenate([model(paddle.to_tensor(x))["scores"].numpy().ravel() for x in batches]),
+    )
     ours = [record for record in caplog.records if record.name == LOGGER]
     assert len(ours) == 1 and f"has cosine {expected:.4f}, " in ours[0].getMessage(), caplog.text
     assert ours[0].levelno == logging.INFO
@@ -130,3 +138,13 @@ def test_nothing_is_compared_without_a_calibration_call(tmp_path, caplog) -> Non
     with caplog.at_level(logging.INFO, logger=LOGGER):
         loading.convert(loaded)
     assert [record for record in caplog.records if record.name == LOGGER] == []
+
+
+def test_the_calls_compared_are_drawn_from_all_calls() -> None:
+    """Not the last ones only: one batch decided the warning by its data before (a voice
+    detector's calibration batches gave cosines from 0.76 to 0.99; silence the lowest)."""
+    batches = [paddle.full([2, 16], float(index)) for index in range(20)]
+    _, _, qmodel = _calibrated(8, batches)
+    kept = sorted(int(args[0][0, 0]) for args, _, _ in calibrating_session(qmodel).compared_calls)
+    assert len(kept) == COMPARED_CALLS == 4 and len(set(kept)) == 4
+    assert kept[0] < 16, kept  # (seeded: the same calls every time)

@@ -2551,15 +2551,17 @@ def _log_what_onnx_runtime_runs(path: str, quantized: bool) -> None:
     if quantized and floating and not integer:
         counted = f"none of the {floating} convs/matmuls"
     elif quantized and integer_convs < float_convs:
-        counted = f"only {integer_convs} of the {integer_convs + float_convs} convs"
+        total = integer_convs + float_convs
+        counted = f"only {integer_convs} of the {total} convs" if integer_convs else f"none of the {total} convs"
     else:
         return
     logger.warning(
-        "ONNX Runtime runs %s of %s in integer kernels: the output of each of the others feeds "
-        "a float op (a SiLU, a Hardswish, a PReLU, an add; the simulation computes those outputs "
-        "in float, as Paddle Inference's fused int8 kernels do), so ONNX Runtime runs them in "
-        "float on weights it dequantizes, and this file is likely no faster than the fp32 model; "
-        "Paddle Inference runs them int8 (save_quantized_model)", counted, path,
+        "ONNX Runtime runs %s of %s in integer kernels, so this file is likely no faster than "
+        "the fp32 model: a conv or matmul runs in float, on weights ONNX Runtime dequantizes, "
+        "where a float op reads its output (a SiLU, a Hardswish, a PReLU, an add: the simulation "
+        "computes those outputs in float, as Paddle Inference's fused int8 kernels do; Paddle "
+        "Inference runs such layers int8, save_quantized_model) or where convert kept it fp32 "
+        "(its warnings name those)", counted, path,
     )
 
 
