@@ -28,8 +28,8 @@ from .quantizers import BaseQuantizer
 from .registry import BATCH_NORM_TYPES, PTQRegistry
 
 __all__ = [
-    "COMPARED_CALLS", "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState", "calibrating_session",
-    "any_discovering", "discovering_session", "hooked_states", "returned_tensors",
+    "COMPARED_CALLS", "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState",
+    "calibrating_session", "any_discovering", "discovering_session", "hooked_states", "returned_tensors",
 ]
 
 logger = logging.getLogger(__name__)
