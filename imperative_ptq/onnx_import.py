@@ -32,6 +32,7 @@ what x2paddle 1.6.0 leaves to its user:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -348,10 +349,13 @@ def _reshape_inputs(model: paddle.nn.Layer, code_path: str, inputs: list[paddle.
     in a forward on ``inputs``."""
     seen: dict[int, list[int]] = {}
     original = paddle.reshape
+    # (importlib names the code by its absolute path; the caller may give a relative one.)
+    target = os.path.realpath(code_path)
+    is_target = functools.lru_cache(maxsize=None)(lambda filename: os.path.realpath(filename) == target)
 
     def recording(x, shape, name=None):
         caller = sys._getframe(1)
-        if caller.f_code.co_filename == code_path:
+        if is_target(caller.f_code.co_filename):
             seen.setdefault(caller.f_lineno, list(x.shape))
         return original(x, shape, name=name)
 
