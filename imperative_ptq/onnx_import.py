@@ -251,6 +251,19 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
                 source, target, input_shape_dict=None if shapes is None else str(shapes),
                 disable_feedback=True,  # its feedback is a network call
             )
+    except SystemExit as error:
+        # x2paddle calls exit(0) when paddle.jit.save of the static model it writes last fails
+        # (after its dygraph code and weights, which are all this module uses): it ended the
+        # caller's process, with status 0 and its message swallowed.
+        if not all(os.path.isfile(os.path.join(target, name)) for name in (_CODE, _PARAMS)):
+            raise RuntimeError(
+                f"x2paddle could not convert {onnx_path} (it exited: {captured.getvalue()[-1000:]})"
+            ) from error
+        logger.warning(
+            "x2paddle could not save the static model of %s (%s); its dygraph model, which is "
+            "what is quantized and exported here, is used", onnx_path,
+            captured.getvalue().strip().splitlines()[-1][:300] if captured.getvalue().strip() else "no message",
+        )
     except Exception as error:  # noqa: BLE001 - x2paddle raises bare asserts and anything else
         raise RuntimeError(
             f"x2paddle could not convert {onnx_path}: {type(error).__name__}: {error} (its "

@@ -248,9 +248,9 @@ def test_convs_on_signed_inputs_run_halved_as_simulated(
     assert sum(report.fp32.values()) == (1 if model_class is _MobileNet else 0), report
     if model_class is _ReluNet:
         # Both ReLUs on the relu6 route, their convs' thresholds steered (export/unsigned.py).
-        from imperative_ptq.export.predictor import _program_desc
+        from imperative_ptq.export.predictor import program_desc
 
-        ops = [op.type for op in _program_desc(prefix + ".pdmodel").blocks[0].ops]
+        ops = [op.type for op in program_desc(prefix + ".pdmodel").blocks[0].ops]
         assert ops.count("relu6") == 2 and "relu" not in ops, ops
     x = rng.standard_normal((3, 3, 16, 16)).astype("float32")
     session = ort.InferenceSession(export_onnx(qmodel, prefix, spec), providers=["CPUExecutionProvider"])

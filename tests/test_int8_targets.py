@@ -519,7 +519,7 @@ def test_create_predictor_warns_about_patch_convs_on_amx_cpus(tmp_path, caplog) 
     wrongly for some channel counts (measured on this package's AMX Xeon: Conv2D(32, 32, 4,
     stride=4) at cosine 0.09 to the simulation, exact on its VNNI kernels): on an AMX CPU
     ``create_predictor`` names such convs and the fix; elsewhere it says nothing."""
-    from imperative_ptq.export.predictor import patch_convs, _program_desc
+    from imperative_ptq.export.predictor import patch_convs, program_desc
 
     paddle.seed(0)
     model = paddle.nn.Sequential(
@@ -533,7 +533,7 @@ def test_create_predictor_warns_about_patch_convs_on_amx_cpus(tmp_path, caplog) 
     ptq.convert(qmodel)
     prefix = str(tmp_path / "m")
     save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([None, 32, 16, 16], "float32", "x")])
-    assert len(patch_convs(_program_desc(prefix + ".pdmodel"))) == 1  # the 4x4 stride-4 conv only
+    assert len(patch_convs(program_desc(prefix + ".pdmodel"))) == 1  # the 4x4 stride-4 conv only
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
         create_predictor(prefix)
     warned = "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI" in caplog.text

@@ -19,7 +19,10 @@ import paddle
 import paddle.inference as paddle_infer
 
 from ..targets import TARGETS
-from .predictor import INT8_DELETED_PASSES, exported_target, quiet_native_output
+from .predictor import (
+    INT8_DELETED_PASSES, RESHAPE_TRANSPOSE_MATMUL_PASS, exported_target, program_desc, quiet_native_output,
+    transposes_paddle_fuses_wrongly,
+)
 from .legacy_program import legacy_static_mode
 from .tracing import main_thread_only
 
@@ -117,6 +120,9 @@ def int8_report(path_prefix: str | os.PathLike, num_threads: int = 1) -> Int8Rep
         config.enable_mkldnn_int8()
         for name in INT8_DELETED_PASSES:
             config.delete_pass(name)
+        program = program_desc(path_prefix + ".pdmodel")
+        if program is not None and transposes_paddle_fuses_wrongly(program):
+            config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)  # as create_predictor does
         config.set_cpu_math_library_num_threads(num_threads)
         config.enable_save_optim_model(True)
         config.set_optim_cache_dir(cache)

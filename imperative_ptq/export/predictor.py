@@ -18,7 +18,8 @@ from ..targets import TARGETS
 from .atomic import recover_export
 
 __all__ = [
-    "create_predictor", "exported_target", "predict", "predictor_config", "program_input_dtypes",
+    "RESHAPE_TRANSPOSE_MATMUL_PASS", "create_predictor", "exported_target", "predict", "predictor_config",
+    "program_desc", "program_input_dtypes", "transposes_paddle_fuses_wrongly",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,9 +152,15 @@ def predictor_config(
         config.enable_mkldnn_int8()
         for name in INT8_DELETED_PASSES:
             config.delete_pass(name)
-    program = _program_desc(model_file)
+    program = program_desc(model_file)
     if int8 and program is not None:
         _warn_if_amx_patch_convs(path_prefix, program)
+    if program is not None and transposes_paddle_fuses_wrongly(program):
+        config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)
+        logger.info(
+            "%s: %s left out (it fuses a reshape with a size-1 dimension and a transpose into "
+            "a matmul and computes it wrongly)", path_prefix, RESHAPE_TRANSPOSE_MATMUL_PASS,
+        )
     if program is not None and _casts_int8_parameters(program):
         # A weight-only program (save_dynamic_model): constant_folding_pass turns its int8
         # weights into float32 ones, but in Paddle's list it runs after fc_fuse_pass, which
@@ -194,13 +201,13 @@ def create_predictor(
         # The int8 passes run (and print) on the first call.
         for name in predictor.get_input_names():
             predictor.get_input_handle(name)
-    feeds = _feed_tensors(_program_desc(os.fspath(path_prefix) + ".pdmodel"))
+    feeds = _feed_tensors(program_desc(os.fspath(path_prefix) + ".pdmodel"))
     _INPUT_DTYPES[predictor] = _numpy_dtypes(feeds)
     _INPUT_SHAPES[predictor] = {name: [int(size) for size in tensor.dims] for name, tensor in feeds.items()}
     return predictor
 
 
-def _program_desc(model_file: str | os.PathLike) -> Any:
+def program_desc(model_file: str | os.PathLike) -> Any:
     """The ``ProgramDesc`` protobuf of a legacy ``.pdmodel`` file, or ``None`` if it is not
     one (or holds no block)."""
     from paddle.base.proto import framework_pb2
@@ -268,6 +275,49 @@ def _warn_if_amx_patch_convs(path_prefix: str, program: Any) -> None:
         )
 
 
+#: Paddle Inference's oneDNN pass folding ``reshape2 -> transpose2`` into a matmul's input.
+RESHAPE_TRANSPOSE_MATMUL_PASS = "reshape_transpose_matmul_onednn_fuse_pass"
+_MATMUL_TYPES = ("matmul", "matmul_v2", "fused_matmul")
+
+
+def transposes_paddle_fuses_wrongly(program: Any) -> bool:
+    """Whether ``program`` feeds a matmul a ``transpose2`` (not the identity) of a ``reshape2``
+    whose shape has a size-1 dimension: :data:`RESHAPE_TRANSPOSE_MATMUL_PASS` folds the two
+    into the matmul, whose kernel then reads the wrong elements (measured on Paddle 3.3.1: a
+    PyTorch-exported encoder's attention, ``[12, 1, 4, 16]`` with axes ``[1, 2, 0, 3]``, 0.35
+    of the largest value off in fp32 alike; a ``[3, 1, 4, 5]`` reshape wrong for 4 of the 24
+    axis orders, right without a size-1 dimension)."""
+    block = program.blocks[0]
+    writers = {name: op for op in block.ops for slot in op.outputs for name in slot.arguments}
+
+    def writer_through_qdq(name: str | None) -> Any:
+        # (Paddle's int8 passes drop the quantize/dequantize pairs before they fuse.)
+        op = writers.get(name)
+        while op is not None and op.type in ("quantize_linear", "dequantize_linear"):
+            source = next((s.arguments[0] for s in op.inputs if s.parameter == "X" and s.arguments), None)
+            op = writers.get(source)
+        return op
+
+    for op in block.ops:
+        if op.type not in _MATMUL_TYPES:
+            continue
+        for slot in op.inputs:
+            if slot.parameter not in ("X", "Y") or not slot.arguments:
+                continue
+            transpose = writer_through_qdq(slot.arguments[0])
+            if transpose is None or transpose.type != "transpose2":
+                continue
+            axis = list(_attribute(transpose, "axis") or [])
+            source = next((s.arguments[0] for s in transpose.inputs if s.parameter == "X" and s.arguments), None)
+            reshape = writer_through_qdq(source)
+            if reshape is None or reshape.type != "reshape2" or axis == sorted(axis):
+                continue
+            shape = list(_attribute(reshape, "shape") or [])
+            if 2 <= len(shape) <= 4 and len(shape) == len(axis) and 1 in shape:
+                return True
+    return False
+
+
 def _casts_int8_parameters(program: Any) -> bool:
     """Whether a ``cast`` op of ``program`` reads an int8 parameter (the weight-only int8
     programs of :func:`.dynamic_export.save_dynamic_model`)."""
@@ -316,7 +366,7 @@ def program_input_dtypes(model_file: str | os.PathLike) -> dict[str, np.dtype]:
         ``{input name: dtype}``; empty when the file is not a legacy program, and without the
         inputs whose type has no numpy dtype (bfloat16).
     """
-    return _numpy_dtypes(_feed_tensors(_program_desc(model_file)))
+    return _numpy_dtypes(_feed_tensors(program_desc(model_file)))
 
 
 def _feed_tensors(program: Any) -> dict[str, Any]:
