@@ -247,3 +247,36 @@ def test_bad_input(tmp_path) -> None:
     with pytest.raises(TypeError, match="dynamic_batch must be a bool"):
         load_onnx_model(path, tmp_path / "m", dynamic_batch=1)
     assert sorted(os.listdir(tmp_path)) == ["classifier.onnx", "quantized.onnx"]
+
+
+def test_x2paddle_exiting_after_its_dygraph_files_is_a_warning_not_the_end_of_the_process(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """x2paddle 1.6.0 calls ``exit(0)`` when saving its static model fails (a PyTorch
+    encoder's reshapes to computed shapes), after the dygraph code and weights: that ended the
+    caller's process with status 0."""
+    import shutil
+
+    import x2paddle.convert
+
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    load_onnx_model(path, tmp_path / "good", {"x": [1, 3, 8, 8]})
+
+    def exits_after_the_dygraph_files(source, save_dir, **kwargs):
+        for name in ("x2paddle_code.py", "model.pdparams"):
+            shutil.copy(tmp_path / "good" / name, os.path.join(save_dir, name))
+        print("cannot save the static model")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(x2paddle.convert, "onnx2paddle", exits_after_the_dygraph_files)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
+        model = load_onnx_model(path, tmp_path / "exited", {"x": [1, 3, 8, 8]})
+    assert "x2paddle could not save the static model of" in caplog.text
+    assert "cannot save the static model" in caplog.text
+    x = np.random.default_rng(1).random([1, 3, 8, 8], dtype=np.float32)
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), _per_sample(path, x), rtol=0, atol=1e-5)
+
+    monkeypatch.setattr(x2paddle.convert, "onnx2paddle", lambda *args, **kwargs: (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(RuntimeError, match="x2paddle could not convert .* \\(it exited"):
+        load_onnx_model(path, tmp_path / "nothing", {"x": [1, 3, 8, 8]})
+    assert not (tmp_path / "nothing").exists()
