@@ -63,7 +63,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 2
+_LOADER_VERSION = 3
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -76,6 +76,7 @@ def load_onnx_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     dynamic_batch: bool = False,
+    fold_shapes: bool = False,
 ) -> paddle.nn.Layer:
     """The model of an ONNX file as x2paddle's dygraph model, in eval mode.
 
@@ -88,6 +89,13 @@ def load_onnx_model(
         dynamic_batch: Make the model run any batch size (the batch of ``input_shapes``, else
             of the file's shapes, must be 1): the reshapes x2paddle wrote with the batch read
             it from their input, checked by running two samples as a batch and alone.
+
+        fold_shapes: Fold the graph's shape computations into constants first (ONNX
+            Runtime's basic graph optimizations, the inputs fixed at their shapes): a PyTorch
+            export's reshapes to computed shapes (``x.view(b, n, heads, -1)`` in attention)
+            become constant reshapes, which Paddle's exports can trace; the model then runs
+            at those shapes only (with ``dynamic_batch``, where its reshapes keep the batch
+            first). Needs onnxruntime.
 
     Returns:
         The converted model (its class is x2paddle's ``ONNXModel``).
@@ -114,8 +122,9 @@ def load_onnx_model(
     onnx_path, directory = os.fspath(onnx_path), os.fspath(directory)
     if not os.path.isfile(onnx_path):
         raise FileNotFoundError(f"{onnx_path} does not exist")
-    if not isinstance(dynamic_batch, bool):
-        raise TypeError(f"dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
+    for name, flag in (("dynamic_batch", dynamic_batch), ("fold_shapes", fold_shapes)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     shapes = _checked_shapes(input_shapes)
     with open(onnx_path, "rb") as file:
         content = file.read()
@@ -127,6 +136,7 @@ def load_onnx_model(
         "onnx_sha256": hashlib.sha256(content).hexdigest(),
         "input_shapes": shapes,
         "dynamic_batch": dynamic_batch,
+        "fold_shapes": fold_shapes,
     }
     if _stamp_of(directory) != stamp:
         _convert(model, onnx_path, directory, stamp, onnx2paddle)
@@ -222,6 +232,8 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         source = os.path.join(staging, "model.onnx")
         import onnx
 
+        if stamp["fold_shapes"]:
+            model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
         onnx.save(_x2paddle_ready(model), source)
         _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
         inputs = _input_shapes(model, stamp["input_shapes"])
@@ -238,6 +250,38 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("converted %s with x2paddle into %s", onnx_path, directory)
+
+
+def _shapes_folded(model, inputs: dict | None, onnx_path: str, staging: str):
+    """``model`` with its inputs fixed at ``inputs``' shapes and ONNX Runtime's basic graph
+    optimizations (constant folding: shape computations become constants) applied."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError(f"fold_shapes needs onnxruntime ({error}): pip install onnxruntime") from error
+    if inputs is None:
+        raise ValueError(f"fold_shapes needs fixed input shapes: give input_shapes for {onnx_path}")
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in inputs:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in inputs[value.name][0]:
+                dims.add().dim_value = size
+    fixed_path, folded_path = os.path.join(staging, "fixed.onnx"), os.path.join(staging, "folded.onnx")
+    onnx.save(fixed, fixed_path)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = folded_path
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(fixed_path, options, providers=["CPUExecutionProvider"])
+    folded = onnx.load(folded_path)
+    for path in (fixed_path, folded_path):
+        os.remove(path)
+    logger.info("folded %s's shapes: %d nodes -> %d", onnx_path, len(model.graph.node), len(folded.graph.node))
+    return folded
 
 
 def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes: dict | None) -> None:

@@ -280,3 +280,48 @@ def test_x2paddle_exiting_after_its_dygraph_files_is_a_warning_not_the_end_of_th
     with pytest.raises(RuntimeError, match="x2paddle could not convert .* \\(it exited"):
         load_onnx_model(path, tmp_path / "nothing", {"x": [1, 3, 8, 8]})
     assert not (tmp_path / "nothing").exists()
+
+
+def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
+    """PyTorch's export of ``nn.TransformerEncoder`` reshapes to shapes computed from the input
+    (``Shape -> Gather -> Concat -> Reshape``): x2paddle keeps them computed, and neither its own
+    static save (it then called ``exit(0)``) nor this package's export could trace them.
+    ``fold_shapes=True`` folds them into constants first; the int8 export then runs in Paddle
+    Inference as simulated."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+        ),
+    ).eval()
+    path = str(tmp_path / "encoder.onnx")
+    torch.onnx.export(
+        encoder, torch.rand(1, 6, 16), path, input_names=["x"], output_names=["y"], opset_version=14,
+        dynamic_axes={"x": {0: "batch"}}, dynamo=False,
+    )
+    x = np.random.default_rng(1).random([1, 6, 16], dtype=np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    spec = [paddle.static.InputSpec([1, 6, 16], "float32", "x")]
+    rng = np.random.default_rng(2)
+    batches = [paddle.to_tensor(rng.random([1, 6, 16], dtype=np.float32)) for _ in range(3)]
+    for fold_shapes in (False, True):
+        model = load_onnx_model(path, tmp_path / f"fold_{fold_shapes}", {"x": [1, 6, 16]}, fold_shapes=fold_shapes)
+        np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+        ptq = ip.ImperativePTQ()
+        qmodel = ptq.quantize(model)
+        for batch in batches:
+            qmodel(batch)
+        ptq.convert(qmodel)
+        prefix = str(tmp_path / f"int8_{fold_shapes}" / "m")
+        if not fold_shapes:
+            with pytest.raises(ValueError, match="tracing the model with input_spec"):
+                ptq.save_quantized_model(qmodel, prefix, spec)
+            continue
+        simulated = qmodel(paddle.to_tensor(x)).numpy()
+        ptq.save_quantized_model(qmodel, prefix, spec)
+        ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+        np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-4 * np.abs(simulated).max())
+    with pytest.raises(TypeError, match="fold_shapes must be a bool"):
+        load_onnx_model(path, tmp_path / "m", fold_shapes="yes")
