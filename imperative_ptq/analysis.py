@@ -40,7 +40,9 @@ from .quant_rnn import QuantizedLSTM
 from .registry import PTQRegistry
 
 __all__ = [
+    "ErrorStats",
     "LayerSensitivity",
+    "OutputsStats",
     "SensitivityReport",
     "SkipSearchResult",
     "analyze",
@@ -326,7 +328,7 @@ def _pairs(
 
 
 # ------------------------------------------------------------------------------ analysis
-class _ErrorStats:
+class ErrorStats:
     """Running sums for SQNR and cosine similarity over all batches (flattened); both are NaN
     until a batch was added (a layer off every batch's path is unmeasured, not bit-exact)."""
 
@@ -394,14 +396,14 @@ def _first_float_tensor(value: Any) -> paddle.Tensor:
     return found[0]
 
 
-class _OutputsStats:
-    """:class:`_ErrorStats` of each float tensor a model returns; the figures are the worst
+class OutputsStats:
+    """:class:`ErrorStats` of each float tensor a model returns; the figures are the worst
     output's (a layer that only one of several heads reads is as sensitive as that head)."""
 
     __slots__ = ("outputs",)
 
     def __init__(self) -> None:
-        self.outputs: list[_ErrorStats] = []
+        self.outputs: list[ErrorStats] = []
 
     def add(self, reference: list[paddle.Tensor], quantized: list[paddle.Tensor]) -> None:
         if len(reference) != len(quantized):
@@ -410,7 +412,7 @@ class _OutputsStats:
                 "one layer quantized"
             )
         while len(self.outputs) < len(reference):
-            self.outputs.append(_ErrorStats())
+            self.outputs.append(ErrorStats())
         for stats, ref, out in zip(self.outputs, reference, quantized):
             stats.add(ref, out)
 
@@ -468,8 +470,8 @@ def analyze(
     """
     model = with_matmul_sites(model, quantized_model)
     pairs = _pairs(model, quantized_model)
-    layer_stats = {name: _ErrorStats() for name, _, _ in pairs}
-    output_stats = {name: _OutputsStats() for name, _, _ in pairs}
+    layer_stats = {name: ErrorStats() for name, _, _ in pairs}
+    output_stats = {name: OutputsStats() for name, _, _ in pairs}
     batches = data if max_batches is None else itertools.islice(data, max_batches)
     num_batches = 0
     to_call = batch_to_call(model)

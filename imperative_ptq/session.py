@@ -268,7 +268,7 @@ class CalibrationSession:
         #: sample, seeded): ``convert`` compares the int8 simulation with the fp32 outputs on
         #: them (:mod:`imperative_ptq.simulation_check`). One call alone decided by its data:
         #: a voice detector's batches gave cosines from 0.76 to 0.99, silence the lowest.
-        self.compared_calls: list[tuple[tuple, dict, list[np.ndarray]]] = []
+        self.compared_calls: list[tuple[tuple, dict, list[paddle.Tensor]]] = []
         self._completed_calls = 0
         self._sampling = random.Random(0)
         self._call: tuple[int, tuple, dict] | None = None
@@ -461,16 +461,17 @@ class CalibrationSession:
         ]
 
     def _after_forward(self, layer: paddle.nn.Layer, inputs: Any, outputs: Any) -> None:
+        returned = list(returned_tensors(outputs))
         self._completed_calls += 1
         if self._call is not None:
             slot, args, kwargs = self._call
-            kept = (args, kwargs, [value.numpy() for value in returned_tensors(outputs)])
+            kept = (args, kwargs, [_copied(value) for value in returned])
             if slot < len(self.compared_calls):
                 self.compared_calls[slot] = kept
             else:
                 self.compared_calls.append(kept)
             self._call = None
-        for value in returned_tensors(outputs):
+        for value in returned:
             source = self.source_of(value)
             if source is not None:
                 self._by_name[source][1].model_output = True

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 
+from .analysis import OutputsStats
 from .session import returned_tensors
 
 __all__ = ["WARN_BELOW", "compare_with_fp32"]
@@ -30,10 +31,11 @@ WARN_BELOW = 0.95
 
 
 def compare_with_fp32(
-    model: paddle.nn.Layer, calls: Sequence[tuple[tuple, dict, Sequence[np.ndarray]]]
+    model: paddle.nn.Layer, calls: Sequence[tuple[tuple, dict, Sequence[paddle.Tensor]]]
 ) -> list[float] | None:
     """Runs ``model`` (converted) on each call and logs the cosine of each float output, over
-    all calls, to the fp32 outputs; warns where one is below :data:`WARN_BELOW`.
+    all calls, to the fp32 outputs (``analyze``'s :class:`~imperative_ptq.analysis.OutputsStats`);
+    warns where one is below :data:`WARN_BELOW`.
 
     Args:
         model: The converted model.
@@ -43,32 +45,25 @@ def compare_with_fp32(
         The cosines, or ``None`` where nothing could be compared (no call kept, the outputs
         differ in number or shape, the simulation fails on a call, an output is not finite).
     """
-    pairs: list[tuple[list[np.ndarray], Sequence[np.ndarray]]] = []
+    stats = OutputsStats()
     for args, kwargs, fp32_outputs in calls:
         try:
             with paddle.no_grad():
-                simulated = [value.numpy() for value in returned_tensors(model(*args, **kwargs))]
+                simulated = list(returned_tensors(model(*args, **kwargs)))
+            if [list(t.shape) for t in simulated] != [list(t.shape) for t in fp32_outputs] or not all(
+                bool(paddle.isfinite(t).all()) for t in [*simulated, *fp32_outputs]
+            ):
+                return None
+            stats.add(list(fp32_outputs), simulated)
         except Exception as error:  # noqa: BLE001 - a check, never a reason for convert to fail
             logger.debug("the simulation was not compared with fp32: %s", error)
             return None
-        if len(simulated) != len(fp32_outputs) or any(
-            a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all())
-            for a, b in zip(simulated, fp32_outputs)
-        ):
-            return None
-        pairs.append((simulated, fp32_outputs))
-    if not pairs or not pairs[0][1] or len({len(outputs) for _, outputs in pairs}) != 1:
+    if not stats.outputs:
         return None
-    cosines = [
-        _cosine(
-            np.concatenate([simulated[index].ravel() for simulated, _ in pairs]),
-            np.concatenate([fp32[index].ravel() for _, fp32 in pairs]),
-        )
-        for index in range(len(pairs[0][1]))
-    ]
+    cosines = [output.cosine for output in stats.outputs]
     logger.info(
         "convert: on %d calibration batches the int8 simulation's output has cosine %s to the "
-        "fp32 model's", len(pairs), ", ".join(f"{cosine:.4f}" for cosine in cosines),
+        "fp32 model's", len(calls), ", ".join(f"{cosine:.4f}" for cosine in cosines),
     )
     worst = int(np.argmin(cosines))
     if cosines[worst] < WARN_BELOW:
@@ -78,14 +73,7 @@ def compare_with_fp32(
             "analysis.analyze(fp32_model, converted, batches) ranks the layers responsible; "
             "keep them fp32 with analysis.keep_fp32 (or let analysis.search_skip_set choose), "
             "or try another activation quantizer (HistQuantizer(hist_percent=0.9999), "
-            "MSEQuantizer) or ImperativeQAT.", len(pairs), worst, cosines[worst], WARN_BELOW,
+            "MSEQuantizer) or ImperativeQAT.", len(calls), worst, cosines[worst], WARN_BELOW,
         )
     return cosines
 
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    if norms == 0:
-        return 1.0 if not a.any() and not b.any() else 0.0
-    return float(a @ b / norms)
