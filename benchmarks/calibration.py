@@ -222,11 +222,11 @@ class HookProfiler:
 
     def __enter__(self) -> "HookProfiler":
         from imperative_ptq import collector as collector_module
-        from imperative_ptq import ptq as ptq_module
+        from imperative_ptq import session as session_module
         from imperative_ptq.quantizers import sample as sample_module
 
         coll = collector_module.CalibrationCollector
-        self._wrap(ptq_module._Session, "hook", "hook (total, forward thread)")
+        self._wrap(session_module.CalibrationSession, "hook", "hook (total, forward thread)")
         self._wrap(coll, "sample", "  sample: |x| copy")
         self._wrap(coll, "submit", "  submit: queue put")
         self._wrap(coll, "_run", "worker busy (observe_samples)")
