@@ -70,9 +70,12 @@ def compare_with_fp32(
         logger.warning(
             "convert: on %d calibration batches the int8 simulation's output %d has cosine "
             "%.3f to the fp32 model's (below %.2f): int8 loses accuracy here. "
-            "analysis.analyze(fp32_model, converted, batches) ranks the layers responsible; "
-            "keep them fp32 with analysis.keep_fp32 (or let analysis.search_skip_set choose), "
-            "or try another activation quantizer (HistQuantizer(hist_percent=0.9999), "
+            "accuracy_control.quantize_with_accuracy_control(model, data, evaluate, max_drop) "
+            "tries bias correction and equalization, then keeps the fewest layers fp32 that "
+            "meet your metric; "
+            "by hand, analysis.analyze(fp32_model, converted, batches) ranks the layers "
+            "responsible, analysis.keep_fp32 keeps them fp32 (analysis.search_skip_set "
+            "chooses), or try another activation quantizer (HistQuantizer(hist_percent=0.9999), "
             "MSEQuantizer) or ImperativeQAT.", len(calls), worst, cosines[worst], WARN_BELOW,
         )
     return cosines

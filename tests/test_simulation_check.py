@@ -81,6 +81,7 @@ def test_each_float_output_is_compared_on_the_last_calibration_call(bits, warned
             f"{expected[worst]:.3f} to the fp32 model's (below {WARN_BELOW:.2f})"
         ), warnings
         assert "analysis.analyze" in warnings[0] and "keep_fp32" in warnings[0]
+        assert "quantize_with_accuracy_control(model, data, evaluate, max_drop)" in warnings[0]
     else:
         assert warnings == []
 
