@@ -20,6 +20,11 @@ what x2paddle 1.6.0 leaves to its user:
   nothing at batch 1, and the model must then compute at batch 2 what it computes for each
   sample alone; a reshape of a tensor without a batch (YOLOv8's anchor grid ``[W]`` to
   ``[1, W]``) keeps its ``1``.
+* What TFLite and jax2tf converters write: a ``PRelu`` slope of shape ``[1, C, 1, 1]`` (x2paddle
+  fails on it, and loses a ``[C]`` one's values) is stored as PyTorch's ``[C, 1, 1]``; an
+  infinite initializer (a ``Max`` with ``-inf``), which x2paddle writes as a string Paddle
+  refuses, becomes the largest finite float32; a global pool of a 3-D tensor becomes a
+  reduction over its last axis (x2paddle's adaptive 1-D pool fails every export's trace).
 * An already quantized file (``QuantizeLinear``, ``DynamicQuantizeLinear``, ``QLinearConv``,
   ``MatMulInteger``, ...) is refused, naming those ops: quantize the fp32 model instead.
 * Its parameters are named after the ONNX initializers, which dygraph refuses to create twice
@@ -63,7 +68,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 3
+_LOADER_VERSION = 4
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -309,9 +314,11 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
             captured.getvalue().strip().splitlines()[-1][:300] if captured.getvalue().strip() else "no message",
         )
     except Exception as error:  # noqa: BLE001 - x2paddle raises bare asserts and anything else
+        cause = _root_cause(error)
         raise RuntimeError(
-            f"x2paddle could not convert {onnx_path}: {type(error).__name__}: {error} (its "
-            f"output: {captured.getvalue()[-1000:]})"
+            f"x2paddle could not convert {onnx_path}: {type(error).__name__}: {error}"
+            + ("" if cause is error else f", caused by {type(cause).__name__}: {cause}")
+            + f" (its output: {captured.getvalue()[-1000:]})"
         ) from error
     logger.debug("x2paddle:\n%s", captured.getvalue())
     if not os.path.isfile(os.path.join(target, _CODE)):
@@ -320,13 +327,26 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
         )
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain (x2paddle re-raises a node's error as
+    "convert failed node: ..." without its message)."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    return error
+
+
 def _x2paddle_ready(model):
     """``model`` with what x2paddle 1.6.0 cannot read written otherwise: ``HardSwish`` as
-    ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, and the
+    ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1)."""
+    the kernel size, not ONNX's 1), and the initializers and global pools of
+    :func:`_initializers_ready` and :func:`_global_pools_as_reductions`."""
     from onnx import helper
 
+    _initializers_ready(model)
+    _global_pools_as_reductions(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -356,6 +376,73 @@ def _x2paddle_ready(model):
     if strided:
         logger.info("wrote ONNX's default strides=1 into %d pools (x2paddle takes the kernel size)", strided)
     return model
+
+
+def _initializers_ready(model) -> None:
+    """Rewrites, in place, the initializers x2paddle 1.6.0 cannot convert: a ``PRelu`` slope
+    of shape ``[1, C, 1, 1]`` (as TFLite converters write it; x2paddle failed on the node, and
+    loses a 1-D one's values) becomes PyTorch's ``[C, 1, 1]``, and an infinite value (jax2tf's ``Max`` with ``-inf``
+    for a max-pool's padding; x2paddle writes ``fill_value='-inf'``, which Paddle refuses)
+    becomes the largest finite float32 of its sign, which every comparison, max, min and
+    softmax it feeds treats alike."""
+    from onnx import numpy_helper
+
+    initializers = {initializer.name: initializer for initializer in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    slopes = infinite = 0
+    for node in model.graph.node:
+        slope = initializers.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) > 1 else None
+        if slope is None or readers.get(slope.name) != 1:
+            continue
+        value = numpy_helper.to_array(slope)
+        if value.ndim > 3 and value.size > 1 and all(size == 1 for size in value.shape[:value.ndim - 3]):
+            slope.CopyFrom(numpy_helper.from_array(value.reshape(value.shape[value.ndim - 3:]), slope.name))
+            slopes += 1
+    for initializer in model.graph.initializer:
+        value = numpy_helper.to_array(initializer)
+        if value.dtype.kind == "f" and np.isinf(value).any():
+            largest = np.finfo(value.dtype).max
+            finite = np.where(np.isinf(value), np.copysign(largest, value), value).astype(value.dtype)
+            initializer.CopyFrom(numpy_helper.from_array(finite, initializer.name))
+            infinite += 1
+    if slopes:
+        logger.info("reshaped %d PRelu slopes of shape [1, C, 1, 1] to [C, 1, 1] (x2paddle converts only those)", slopes)
+    if infinite:
+        logger.info("replaced the infinities of %d initializers by the largest finite float (x2paddle "
+                    "writes them as a string Paddle refuses)", infinite)
+
+
+def _global_pools_as_reductions(model) -> None:
+    """Rewrites, in place, each ``GlobalMaxPool``/``GlobalAveragePool`` of a 3-D tensor (a
+    Conv1D head) as ``ReduceMax``/``ReduceMean`` over its last axis: x2paddle converts it to
+    Paddle's adaptive 1-D pool, which runs in dygraph but fails every export's trace (its
+    ``output_size`` given as a list)."""
+    import onnx
+    from onnx import helper
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
+        logger.debug("ONNX shape inference failed (%s): global pools left as they are", error)
+        return
+    ranks = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if value.type.tensor_type.HasField("shape")
+    }
+    reductions = {"GlobalMaxPool": "ReduceMax", "GlobalAveragePool": "ReduceMean"}
+    rewritten = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in reductions and ranks.get(node.input[0]) == 3:
+            model.graph.node[index].CopyFrom(helper.make_node(
+                reductions[node.op_type], list(node.input), list(node.output), name=node.name, axes=[2], keepdims=1,
+            ))
+            rewritten += 1
+    if rewritten:
+        logger.info("rewrote %d global pools of 3-D tensors as reductions over their last axis", rewritten)
 
 
 def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict) -> None:

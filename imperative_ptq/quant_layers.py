@@ -545,6 +545,24 @@ def linear_runs_as_conv(weight: np.ndarray, thresholds: np.ndarray, bits: int, a
 MIN_WEIGHT_THRESHOLD = 1e-30
 
 
+def zero_channel_thresholds(weight: np.ndarray, thresholds: np.ndarray, axis: int) -> np.ndarray:
+    """``thresholds`` with each all-zero channel's (a pruned filter's) raised to the largest.
+
+    Any threshold represents a channel of zeros, but a runtime adds the channel's bias on the
+    grid of input x weight scale (ONNX Runtime in int32, ``QLinearConv``): on the tiny
+    threshold calibration gives such a channel, the bias is billions of steps and saturates
+    (measured: a conv with two pruned filters read by a ReLU6 written as ``paddle.clip``,
+    ONNX Runtime 0.43 of the largest output off the simulation on every input; MediaPipe's
+    hand landmark model has 26 convs with pruned filters)."""
+    if thresholds.size <= 1:
+        return thresholds
+    reduced = tuple(dim for dim in range(weight.ndim) if dim != axis % weight.ndim)
+    zero = np.abs(weight).max(axis=reduced) == 0
+    if not zero.any() or zero.all():
+        return thresholds
+    return np.where(zero, thresholds.max(), thresholds).astype(thresholds.dtype)
+
+
 class WrappedParameters:
     """``weight`` and ``bias`` of the wrapped layer (``self.layer``), as Paddle's own quantized
     layers expose them: models read them in their forward (PaddleNLP's BERT and ERNIE cast
@@ -715,8 +733,10 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         self.weight_bits = weight_bits
         self.input_thresholds = [float(t) for t in input_thresholds]
         self.output_thresholds = [float(t) for t in output_thresholds]
-        weight_thresholds = np.asarray(weight_thresholds, dtype=np.float32).reshape(-1)
         weight = layer.weight
+        weight_thresholds = zero_channel_thresholds(
+            weight.numpy(), np.asarray(weight_thresholds, dtype=np.float32).reshape(-1), weight_axis
+        )
         paddle_fc_scales = paddle_fc_scales and weight_scales is None and weight.ndim == 2
         self.runs_as_conv = bool(
             paddle_fc_scales and isinstance(layer, paddle.nn.Linear)

@@ -185,6 +185,69 @@ def test_an_error_of_x2paddle_is_a_runtime_error_naming_the_file(tmp_path) -> No
     assert sorted(os.listdir(tmp_path)) == ["einsum.onnx"]
 
 
+def _tflite_style_net(path) -> str:
+    """What TFLite and jax2tf converters write and x2paddle 1.6.0 could not take: a PRelu slope
+    of shape [1, C, 1, 1] (x2paddle failed on the node; it loses a [C] one's values), a ``Max`` with a ``-inf`` constant
+    (x2paddle wrote ``fill_value='-inf'``, which Paddle refuses) and a ``GlobalMaxPool`` of a
+    Conv1D output (converted to an adaptive pool no export could trace)."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([4, 3, 3, 3]) / 3).astype("float32"), "conv_w"),
+        numpy_helper.from_array(np.array([0.1, 0.2, 0.3, 0.4], np.float32).reshape(1, 4, 1, 1), "slope"),
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "lowest"),
+        numpy_helper.from_array(np.array([1, 4, 64], np.int64), "rows"),
+        numpy_helper.from_array((rng.standard_normal([6, 4, 3]) / 3).astype("float32"), "conv1d_w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["conv"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("PRelu", ["conv", "slope"], ["act"]),
+        helper.make_node("Max", ["act", "lowest"], ["kept"]),
+        helper.make_node("Reshape", ["kept", "rows"], ["sequence"]),
+        helper.make_node("Conv", ["sequence", "conv1d_w"], ["conv1d"], kernel_shape=[3]),
+        helper.make_node("GlobalMaxPool", ["conv1d"], ["y"]),
+    ]
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 1])], path,
+    )
+
+
+def test_tflite_style_slopes_infinities_and_1d_global_pools_convert_and_export(tmp_path) -> None:
+    path = _tflite_style_net(tmp_path / "tflite_style.onnx")
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 8, 8]})
+    x = np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+    ptq = ip.ImperativePTQ()
+    qmodel = ptq.quantize(model)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        qmodel(paddle.to_tensor(rng.standard_normal([1, 3, 8, 8]).astype(np.float32)))
+    ptq.convert(qmodel)
+    simulated = qmodel(paddle.to_tensor(x)).numpy()
+    prefix = str(tmp_path / "int8" / "m")
+    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([1, 3, 8, 8], "float32", "x")])
+    ran = predict(create_predictor(prefix, num_threads=1), x)[0]
+    np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())
+
+
+def test_an_error_of_x2paddle_names_its_first_cause(tmp_path, monkeypatch) -> None:
+    """x2paddle re-raises a node's error as "convert failed node: ..." without its message."""
+    import x2paddle.convert
+
+    def failing(*args, **kwargs):
+        try:
+            raise TypeError("object of type 'NoneType' has no len()")
+        except TypeError as error:
+            raise Exception("convert failed node:y, op_type is PRelu") from error
+
+    monkeypatch.setattr(x2paddle.convert, "onnx2paddle", failing)
+    path = _hardswish_classifier(tmp_path / "classifier.onnx")
+    with pytest.raises(RuntimeError, match=r"convert failed node:y, op_type is PRelu, caused by TypeError: "
+                                           r"object of type 'NoneType' has no len\(\)"):
+        load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 8, 8]})
+
+
 def test_a_directory_holding_the_same_conversion_is_loaded_without_converting(tmp_path, monkeypatch) -> None:
     import x2paddle.convert
 

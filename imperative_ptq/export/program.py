@@ -90,6 +90,7 @@ from .unsigned import (
 )
 from .weight_ops import (
     add_zero_biases,
+    flatten_matmul_biases,
     copy_int8_weight,
     fold_conv_bias,
     int8_weight,
@@ -197,6 +198,7 @@ def quantize_program(
     matmuls_as_convs(loaded, weights)
     materialize_conv1d_weights(loaded, weights)
     add_zero_biases(loaded, weights)
+    flatten_matmul_biases(loaded, weights)
     lstms = fuse_lstm_ops(loaded, weights)
     written = _quantize_fused_lstms(loaded, weights, lstms)
     clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()

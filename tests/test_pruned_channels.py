@@ -1,0 +1,87 @@
+"""Convs with pruned (all-zero) filters, as pruned and distilled models ship them.
+
+Any weight threshold represents a channel of zeros, but ONNX Runtime adds the channel's bias
+on the int32 grid of input x weight scale: on the tiny threshold calibration gives such a
+channel the bias saturated. ``QuantizedLayer`` gives pruned channels the layer's largest
+threshold instead."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+from paddle import nn
+
+import imperative_ptq as ip
+from imperative_ptq.export import create_predictor, export_onnx, predict
+from imperative_ptq.quant_layers import QuantizedLayer, zero_channel_thresholds
+from ties import relative_error, simulation_up_to_ties
+
+PRUNED = [2, 5]
+
+
+class _PrunedNet(nn.Layer):
+    """A conv with two pruned filters and a bias, read by a ReLU6 written as x2paddle writes an
+    ONNX ``Clip`` (``paddle.clip`` with tensor bounds, a float op in both runtimes), then a
+    1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        clipped = paddle.clip(self.conv(x), min=paddle.full([1], 0.0), max=paddle.full([1], 6.0))
+        return self.head(clipped)
+
+
+def _pruned_net() -> nn.Layer:
+    paddle.seed(0)
+    model = _PrunedNet()
+    weight = model.conv.weight.numpy()
+    weight[PRUNED] = 0.0
+    model.conv.weight.set_value(weight)
+    model.conv.bias.set_value(np.array([0.3, 0.1, 0.5, -0.2, 0.25, 0.7, 0.05, 0.4], np.float32))
+    model.eval()
+    return model
+
+
+def test_pruned_channels_take_the_largest_threshold() -> None:
+    weight = np.arange(24, dtype=np.float32).reshape(4, 6) - 10.0
+    weight[1] = 0.0
+    thresholds = np.array([10.0, 1e-30, 3.0, 13.0], np.float32)
+    assert zero_channel_thresholds(weight, thresholds, 0).tolist() == [10.0, 13.0, 3.0, 13.0]
+    # a Linear's [in, out] weight: its channels are the columns
+    assert zero_channel_thresholds(weight.T.copy(), thresholds, 1).tolist() == [10.0, 13.0, 3.0, 13.0]
+    # nothing pruned, everything pruned, one threshold: unchanged
+    for kept_weight, kept in ((weight + 100.0, thresholds), (np.zeros_like(weight), thresholds),
+                              (weight, np.array([13.0], np.float32))):
+        assert zero_channel_thresholds(kept_weight, kept, 0).tolist() == kept.tolist()
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-vnni"])
+def test_pruned_filters_run_as_simulated_in_both_runtimes(target: str, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = _pruned_net()
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
+    quantized = ptq.quantize(model)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        quantized(paddle.to_tensor(rng.random((1, 3, 16, 16), dtype=np.float32)))
+    ptq.convert(quantized)
+    conv = quantized.conv
+    assert isinstance(conv, QuantizedLayer)
+    thresholds = conv.weight_thresholds.numpy()
+    assert np.all(thresholds[PRUNED] == thresholds.max())
+    assert conv.bias_on_grid is not None  # the whole layer's bias fits ONNX Runtime's int32 grid
+    spec = [paddle.static.InputSpec([1, 3, 16, 16], "float32", "x")]
+    ptq.save_quantized_model(quantized, str(tmp_path / "model"), input_spec=spec)
+    predictor = create_predictor(str(tmp_path / "model"))
+    session = ort.InferenceSession(
+        export_onnx(quantized, str(tmp_path / "model.onnx"), input_spec=spec), providers=["CPUExecutionProvider"]
+    )
+    for _ in range(4):
+        x = rng.random((1, 3, 16, 16), dtype=np.float32)
+        for ran in (predict(predictor, x)[0], session.run(None, {"x": x})[0]):
+            simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
+            assert relative_error(ran, simulated) < 1e-5
