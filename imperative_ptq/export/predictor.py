@@ -19,7 +19,7 @@ from .atomic import recover_export
 
 __all__ = [
     "RESHAPE_TRANSPOSE_MATMUL_PASS", "create_predictor", "exported_target", "predict", "predictor_config",
-    "program_desc", "program_input_dtypes", "transposes_paddle_fuses_wrongly",
+    "pads_paddle_misplaces", "program_desc", "program_input_dtypes", "transposes_paddle_fuses_wrongly",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,13 @@ def predictor_config(
         logger.info(
             "%s: %s left out (it fuses a reshape with a size-1 dimension and a transpose into "
             "a matmul and computes it wrongly)", path_prefix, RESHAPE_TRANSPOSE_MATMUL_PASS,
+        )
+    if program is not None and pads_paddle_misplaces(program):
+        # (set_mkldnn_op: the op types oneDNN may run; the others keep Paddle's CPU kernels)
+        config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - {"pad"})
+        logger.info(
+            "%s: its pad ops of the batch or channel axis run in Paddle's CPU kernel (oneDNN's "
+            "pads the wrong axes)", path_prefix,
         )
     if program is not None and _casts_int8_parameters(program):
         # A weight-only program (save_dynamic_model): constant_folding_pass turns its int8
@@ -314,6 +321,20 @@ def transposes_paddle_fuses_wrongly(program: Any) -> bool:
                 continue
             shape = list(_attribute(reshape, "shape") or [])
             if 2 <= len(shape) <= 4 and len(shape) == len(axis) and 1 in shape:
+                return True
+    return False
+
+
+def pads_paddle_misplaces(program: Any) -> bool:
+    """Whether ``program`` has a ``pad`` op padding its first two axes differently (a 4-D
+    tensor's channels, as MediaPipe's BlazeFace widens a residual branch; x2paddle's ONNX
+    ``Pad``): Paddle 3.3.1's oneDNN ``pad`` kernel swaps the paddings of those two axes
+    (measured: 4 channels added to a ``[1, 8, 64, 64]`` tensor gave ``[1, 8, 64, 68]``, fp32
+    alike, and the real models' predictors aborted in ``malloc_consolidate``)."""
+    for op in program.blocks[0].ops:
+        if op.type == "pad":
+            paddings = list(_attribute(op, "paddings") or [])
+            if len(paddings) >= 4 and paddings[0:2] != paddings[2:4]:
                 return True
     return False
 
