@@ -15,10 +15,12 @@ order rotates every round) and the table reports medians over the rounds, all un
 
 ``convert`` is timed once per model, with and without the comparison with fp32 it ends with
 (``convert`` runs the simulation on up to four calibration calls), on separate calibrations of
-the same batches.
+the same batches; with ``--bias-correction`` also with ``PTQConfig(bias_correction=True)``,
+which runs the simulation up to each layer in turn.
 
     python benchmarks/simulation.py                         # resnet18, mobilenet_v2, bert_encoder (~3 min)
     python benchmarks/simulation.py --models resnet18 --rounds 3 --skip-paddle
+    python benchmarks/simulation.py --models mobilenet_v2 --bias-correction
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ from imperative_ptq import ImperativePTQ, KLQuantizer, PerChannelAbsmaxQuantizer
 from imperative_ptq.session import calibrating_session  # noqa: E402
 
 
-def _calibrated_ours(model: paddle.nn.Layer, batches: list[paddle.Tensor], check: bool) -> tuple[paddle.nn.Layer, float]:
+def _calibrated_ours(
+    model: paddle.nn.Layer, batches: list[paddle.Tensor], check: bool, bias_correction: bool = False
+) -> tuple[paddle.nn.Layer, float]:
     """Our converted model and the seconds ``convert`` took (with or without its check)."""
-    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer()))
+    ptq = ImperativePTQ(PTQConfig(KLQuantizer(), PerChannelAbsmaxQuantizer(), bias_correction=bias_correction))
     quantized = ptq.quantize(model)
-    with paddle.no_grad():
-        for batch in batches:
-            quantized(batch)
+    ptq.calibrate(quantized, batches, progress=False)  # (keeps the batches bias correction reads)
     calibrating_session(quantized).compare_after_convert = check
     start = time.perf_counter()
     ptq.convert(quantized)
@@ -76,7 +78,9 @@ def _time_into(forward: Callable[[], object], times: list[float]) -> None:
     times.append((time.perf_counter() - start) * 1000)
 
 
-def bench_model(name: str, batch: int, calibration_batches: int, rounds: int, skip_paddle: bool) -> dict:
+def bench_model(
+    name: str, batch: int, calibration_batches: int, rounds: int, skip_paddle: bool, bias_correction: bool
+) -> dict:
     factory, shape, _, dtype = MODELS[name]
     paddle.seed(0)
     model = factory()
@@ -87,6 +91,8 @@ def bench_model(name: str, batch: int, calibration_batches: int, rounds: int, sk
     _, convert_unchecked = _calibrated_ours(model, batches, check=False)
     engines: dict[str, paddle.nn.Layer] = {"fp32": model, "ours": ours}
     result = {"model": name, "batch": batch, "convert": convert_checked, "convert_unchecked": convert_unchecked}
+    if bias_correction:
+        _, result["convert_bias_correction"] = _calibrated_ours(model, batches, check=True, bias_correction=True)
     if not skip_paddle:
         engines["paddle"], result["paddle_convert"] = _calibrated_paddle(model, batches)
     times: dict[str, list[float]] = {engine: [] for engine in engines}
@@ -110,15 +116,16 @@ def _table(results: list[dict], args: argparse.Namespace) -> str:
         f"{args.calibration_batches} calibration batches",
         "",
         "| model | batch | fp32 forward ms | ours: simulation ms (/ fp32) | paddle: simulation ms (/ fp32) "
-        "| ours: convert s (without its check) | paddle: _convert s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ours: convert s (without its check) | ours: convert with bias correction s | paddle: _convert s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         paddle_sim = f"{r['paddle']:.1f} ({r['paddle'] / r['fp32']:.2f}x)" if "paddle" in r else "-"
         paddle_convert = f"{r['paddle_convert']:.2f}" if "paddle_convert" in r else "-"
+        corrected = f"{r['convert_bias_correction']:.1f}" if "convert_bias_correction" in r else "-"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['fp32']:.1f} | {r['ours']:.1f} ({r['ours'] / r['fp32']:.2f}x) "
-            f"| {paddle_sim} | {r['convert']:.2f} ({r['convert_unchecked']:.2f}) | {paddle_convert} |"
+            f"| {paddle_sim} | {r['convert']:.2f} ({r['convert_unchecked']:.2f}) | {corrected} | {paddle_convert} |"
         )
     return "\n".join(lines)
 
@@ -132,13 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-paddle", action="store_true", help="leave out Paddle's built-in engine")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="also time convert with PTQConfig(bias_correction=True)")
     args = parser.parse_args(argv)
     unknown = [name for name in args.models if name not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     logging.basicConfig(level=logging.WARNING)
     results = [
-        bench_model(name, args.batch_size, args.calibration_batches, args.rounds, args.skip_paddle)
+        bench_model(name, args.batch_size, args.calibration_batches, args.rounds, args.skip_paddle, args.bias_correction)
         for name in args.models
     ]
     print(_table(results, args))

@@ -563,6 +563,32 @@ def zero_channel_thresholds(weight: np.ndarray, thresholds: np.ndarray, axis: in
     return np.where(zero, thresholds.max(), thresholds).astype(thresholds.dtype)
 
 
+def conv_bias_added_fast(layer: paddle.nn.Layer, x: paddle.Tensor) -> bool:
+    """Whether :func:`biased_conv2d` computes ``layer(x)``: a plain ``nn.Conv2D`` with a
+    bias, zero padding and NCHW data, no hooks of its own, in a dygraph forward (a trace
+    records the layer's own ops)."""
+    return (
+        type(layer) is paddle.nn.Conv2D and layer.bias is not None and paddle.in_dynamic_mode()
+        and layer._padding_mode == "zeros" and layer._data_format == "NCHW"
+        and not layer._forward_pre_hooks and not layer._forward_post_hooks and not x.is_dist()
+    )
+
+
+def biased_conv2d(layer: paddle.nn.Conv2D, x: paddle.Tensor) -> paddle.Tensor:
+    """``layer(x)`` (see :func:`conv_bias_added_fast`) with the bias added as ``[C, 1, 1]``:
+    Paddle adds it as ``[1, C, 1, 1]``, whose broadcast kernel took 48 ms on an
+    ``[8, 96, 112, 112]`` output against 19 ms (the same float additions; a biased conv 1.8x
+    its cost without a bias). Every conv of a model converted from ONNX has a bias (its
+    BatchNorm folded), and bias correction gives each conv one."""
+    output = paddle.nn.functional.conv._conv_nd(
+        x, layer.weight, bias=None, stride=layer._stride, padding=layer._updated_padding,
+        padding_algorithm=layer._padding_algorithm, dilation=layer._dilation, groups=layer._groups,
+        data_format=layer._data_format, channel_dim=layer._channel_dim, op_type=layer._op_type,
+        use_cudnn=layer._use_cudnn,
+    )
+    return output + layer.bias.reshape([-1, 1, 1])
+
+
 class WrappedParameters:
     """``weight`` and ``bias`` of the wrapped layer (``self.layer``), as Paddle's own quantized
     layers expose them: models read them in their forward (PaddleNLP's BERT and ERNIE cast
@@ -907,7 +933,11 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         for sum_output in self.sum_outputs:
             sum_output.expect_sum()
         top_code = None if self.input_call_tops is None else self.input_call_tops.next_top()
-        output = self.layer(self.quantize_input(inputs[0], top_code), *inputs[1:], **kwargs)
+        quantized_input = self.quantize_input(inputs[0], top_code)
+        if not inputs[1:] and not kwargs and conv_bias_added_fast(self.layer, quantized_input):
+            output = biased_conv2d(self.layer, quantized_input)
+        else:
+            output = self.layer(quantized_input, *inputs[1:], **kwargs)
         if self.residual_output_threshold is not None:
             output = residual_output_codes(output, self.residual_output_threshold, self.activation_bits)
         return output

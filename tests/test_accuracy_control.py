@@ -102,3 +102,35 @@ def test_unreachable_budget_warns_and_bad_input_is_refused(mlp_and_data, caplog)
         ip.quantize_with_accuracy_control(model, calibration, 3, 1.0)
     with pytest.raises(ValueError, match="input_spec"):
         ip.quantize_with_accuracy_control(model, calibration, only_the_original, 1.0, path="m")
+
+
+class _Unchained(paddle.nn.Layer):
+    """Two Linear layers called from ``forward``, in no ``nn.Sequential``: nothing for
+    cross-layer equalization to pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = paddle.nn.Linear(8, 16), paddle.nn.Linear(16, 4)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.second(paddle.nn.functional.relu(self.first(x)))
+
+
+def test_equalization_that_pairs_nothing_is_not_tried_again(caplog) -> None:
+    paddle.seed(0)
+    model = _Unchained()
+    model.eval()
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((16, 8)).astype("float32") for _ in range(2)]
+    evaluated: list[paddle.nn.Layer] = []
+
+    def unreachable(net: paddle.nn.Layer) -> float:
+        evaluated.append(net)
+        return 1.0 if net is model else 0.0
+
+    with caplog.at_level(logging.INFO, logger="imperative_ptq.accuracy_control"):
+        result = ip.quantize_with_accuracy_control(model, calibration, unreachable, 0.5, _config(8))
+    assert [c.name for c in result.candidates] == ["as configured", "bias correction", "CLE + bias correction"]
+    assert [c.metric is not None for c in result.candidates] == [True, True, False]
+    assert "CLE + bias correction not tried: equalization finds no pair of layers in _Unchained" in caplog.text
+    assert "CLE + bias correction: not tried" in result.summary()

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..batches import run_hooked
 from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
-from .capture import capture_model_outputs, capture_outputs, quantized_layers_in_order
+from .capture import capture_model_outputs, capture_outputs, quantized_layers_in_order, reduce_outputs
 from .cross_layer_equalization import input_channel_index
 
 __all__ = [
@@ -101,17 +101,17 @@ def correct_bias(
     model_outputs = capture_model_outputs(reference, batches)
     error_before = _output_error(quantized_model, batches, model_outputs)
     before = {name: _bias_state(layer) for name, layer in ordered}
+    missing = [name for name, _ in ordered if name not in references]
+    if missing:
+        raise ValueError(
+            f"bias correction: layer {missing[0]!r} has no fp32 counterpart in the reference "
+            "model: pass the fp32 model the quantized model was made from"
+        )
+    fp32_means = _fp32_channel_means(reference, {name: references[name] for name, _ in ordered}, batches)
     for name, layer in tqdm(ordered, desc="bias correction", unit="layer", disable=not progress):
-        fp32_layer = references.get(name)
-        if fp32_layer is None:
-            raise ValueError(
-                f"bias correction: layer {name!r} has no fp32 counterpart in the reference "
-                "model: pass the fp32 model the quantized model was made from"
-            )
-        fp32_outputs = capture_outputs(reference, fp32_layer, batches)
         quantized_outputs = capture_outputs(quantized_model, layer, batches)
-        axis = output_channel_axis(layer.layer, fp32_outputs[0].ndim)
-        shift = channel_means(fp32_outputs, axis) - channel_means(quantized_outputs, axis)
+        axis = output_channel_axis(layer.layer, quantized_outputs[0].ndim)
+        shift = fp32_means[name] - channel_means(quantized_outputs, axis)
         corrections[name] = _correct(layer, shift)
     error_after = _output_error(quantized_model, batches, model_outputs)
     if error_after > error_before:
@@ -130,6 +130,22 @@ def correct_bias(
         "calibration batches %.3g -> %.3g)", len(corrections), error_before, error_after,
     )
     return corrections
+
+
+def _fp32_channel_means(
+    reference: paddle.nn.Layer, layers: dict[str, paddle.nn.Layer], batches: Sequence[Any]
+) -> dict[str, np.ndarray]:
+    """Each fp32 layer's :func:`channel_means` over the batches, all in one pass (they do not
+    depend on the corrections: a pass per layer cost as much again as the quantized side)."""
+    sums: dict[str, tuple[np.ndarray, int]] = {}
+
+    def add(name: str, layer: paddle.nn.Layer, output: paddle.Tensor) -> None:
+        channel_sums, values = _channel_sums(output, output_channel_axis(layer, output.ndim))
+        total, count = sums.get(name, (0.0, 0))
+        sums[name] = (total + channel_sums, count + values)
+
+    reduce_outputs(reference, layers, batches, add)
+    return {name: total / count for name, (total, count) in sums.items()}
 
 
 def _output_error(
