@@ -284,7 +284,9 @@ class _LayerSwaps:
         self.quantized[state.name] = wrapped
         zeroed = live_channels & ~_nonzero_channels(wrapped.layer.weight.numpy(), weight_channel_axis)
         if zeroed.any():
-            self.zeroed_channels.append(f"{state.name} ({int(zeroed.sum())} of {zeroed.size})")
+            # (Paddle's fc takes each channel's scale from other weights: quant_layers.paddle_fc_weight)
+            by_fc = "; Paddle's int8 fc scales them by other weights" if wrapped.paddle_fc_scales else ""
+            self.zeroed_channels.append(f"{state.name} ({int(zeroed.sum())} of {zeroed.size}{by_fc})")
         if entry.get("weight_zero_point") or any(entry.get("input_zero_point", ())):
             self.affine.append(state.name)  # simulated on its thresholds (see warn_of_fp32_layers)
 
@@ -351,10 +353,12 @@ class _LayerSwaps:
         if self.zeroed_channels:
             logger.warning(
                 "%d int8 layers have output channels whose every weight rounds to 0 on the "
-                "weight grid (one threshold for all channels, or fewer than 8 bits, against "
-                "channels far narrower than the widest): those channels output their bias alone "
-                "(zeroed channels of all in brackets). Per-channel weights "
-                "(PerChannelAbsmaxQuantizer) or more bits keep them: %s",
+                "weight grid (one threshold for all channels, fewer than 8 bits, or a Linear "
+                "running as Paddle Inference's int8 fc, which takes each channel's scale from "
+                "other weights, against channels far narrower than the widest): those channels "
+                "output their bias alone (zeroed channels of all in brackets). Per-channel "
+                "weights (PerChannelAbsmaxQuantizer) or more bits keep them, except in an fc, "
+                "whose zeroed channels are nearly dead (keep_fp32 keeps them): %s",
                 len(self.zeroed_channels), ", ".join(self.zeroed_channels),
             )
         if self.constant_calls:

@@ -437,3 +437,21 @@ def test_channels_whose_weights_all_round_to_zero_are_named(caplog) -> None:
         assert ("whose every weight rounds to 0" in caplog.text) is warned
         if warned:
             assert caplog.text.rstrip().endswith(": 0 (7 of 8)")
+
+
+def test_a_linear_channel_paddles_fc_zeroes_is_named_with_its_cause(caplog) -> None:
+    """A nearly dead output channel of a Linear (weights 1e-6 of the widest, as in MediaPipe's
+    hand landmark head): Paddle's int8 fc takes its scale from other weights and rounds it to
+    0; per-channel weights cannot keep it, so the warning says the fc did it."""
+    paddle.seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()  # (a head may run as a conv)
+    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    weight[:, 3] *= 1e-6
+    model[0].weight.set_value(weight)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    qmodel = ptq.quantize(model)
+    ptq.calibrate(qmodel, [np.random.default_rng(1).random((4, 16), dtype=np.float32)], progress=False)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.convert(qmodel)
+    assert "whose every weight rounds to 0" in caplog.text
+    assert caplog.text.count("0 (1 of 8; Paddle's int8 fc scales them by other weights)") == 1, caplog.text
