@@ -381,10 +381,10 @@ def _x2paddle_ready(model):
 def _initializers_ready(model) -> None:
     """Rewrites, in place, the initializers x2paddle 1.6.0 cannot convert: a ``PRelu`` slope
     of shape ``[1, C, 1, 1]`` (as TFLite converters write it; x2paddle failed on the node, and
-    loses a 1-D one's values) becomes PyTorch's ``[C, 1, 1]``, and an infinite value (jax2tf's ``Max`` with ``-inf``
-    for a max-pool's padding; x2paddle writes ``fill_value='-inf'``, which Paddle refuses)
-    becomes the largest finite float32 of its sign, which every comparison, max, min and
-    softmax it feeds treats alike."""
+    loses a 1-D one's values) becomes PyTorch's ``[C, 1, 1]``, and an infinite value
+    (jax2tf's ``Max`` with ``-inf`` for a max-pool's padding; x2paddle writes
+    ``fill_value='-inf'``, which Paddle refuses) becomes the largest finite float32 of its
+    sign, which every comparison, max, min and softmax it feeds treats alike."""
     from onnx import numpy_helper
 
     initializers = {initializer.name: initializer for initializer in model.graph.initializer}
@@ -409,7 +409,9 @@ def _initializers_ready(model) -> None:
             initializer.CopyFrom(numpy_helper.from_array(finite, initializer.name))
             infinite += 1
     if slopes:
-        logger.info("reshaped %d PRelu slopes of shape [1, C, 1, 1] to [C, 1, 1] (x2paddle converts only those)", slopes)
+        logger.info(
+            "reshaped %d PRelu slopes of shape [1, C, 1, 1] to [C, 1, 1] (x2paddle converts only those)", slopes
+        )
     if infinite:
         logger.info("replaced the infinities of %d initializers by the largest finite float (x2paddle "
                     "writes them as a string Paddle refuses)", infinite)

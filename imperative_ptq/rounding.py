@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import paddle
 
-__all__ = ["grid_codes", "round_half_to_even", "straight_through"]
+__all__ = ["ROUNDING_SHIFT", "grid_codes", "round_half_to_even", "straight_through"]
 
 
 #: Per float dtype, the magnitude from which every value is an integer (2 ** mantissa bits):
 #: adding it to a smaller magnitude leaves no fraction bits, so the float addition itself
 #: rounds to the nearest integer, ties to even (IEEE 754's default rounding).
 _INTEGRAL_FROM = {paddle.float32: 2.0**23, paddle.float64: 2.0**52}
+#: 1.5 * 2**23: a float32 ``v`` with ``|v| <= 2**22`` plus it lands in [2**23, 2**24], where
+#: float32 holds only integers, so the addition rounds ``v`` half to even and subtracting it
+#: again is exact (the exported programs round codes computed in float with the same two steps).
+ROUNDING_SHIFT = 1.5 * _INTEGRAL_FROM[paddle.float32]
 
 
 def round_half_to_even(x: paddle.Tensor) -> paddle.Tensor:

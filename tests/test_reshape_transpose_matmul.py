@@ -12,8 +12,8 @@ import numpy as np
 import paddle
 import pytest
 
-import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, predict, save_fp32_model
+from imperative_ptq.export import create_predictor, predict, save_fp32_model, save_quantized_model
+from models import converted
 
 PASS = "reshape_transpose_matmul_onednn_fuse_pass"
 
@@ -95,17 +95,12 @@ def test_an_int8_seq_first_attention_runs_as_simulated(target, tmp_path) -> None
     """Before: 0.83 of the largest output off its simulation on ``x86`` for such an encoder
     (its fp32 export 0.87 off dygraph)."""
     paddle.seed(0)
-    model = _SeqFirstAttention()
-    model.eval()
     rng = np.random.default_rng(0)
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
-    qmodel = ptq.quantize(model)
-    for _ in range(3):
-        qmodel(paddle.to_tensor(rng.standard_normal([12, 32]).astype(np.float32)))
-    ptq.convert(qmodel)
+    batches = [paddle.to_tensor(rng.standard_normal([12, 32]).astype(np.float32)) for _ in range(3)]
+    qmodel = converted(_SeqFirstAttention(), batches, target)
     x = rng.standard_normal([12, 32]).astype(np.float32)
     simulated = qmodel(paddle.to_tensor(x)).numpy()
     prefix = str(tmp_path / "m")
-    ptq.save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([12, 32], "float32", "x")])
+    save_quantized_model(qmodel, prefix, [paddle.static.InputSpec([12, 32], "float32", "x")])
     ran = predict(create_predictor(prefix, num_threads=1), x)[0]
     assert np.abs(ran - simulated).max() <= 1e-3 * np.abs(simulated).max(), np.abs(ran - simulated).max()

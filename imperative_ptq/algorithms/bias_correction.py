@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..batches import run_hooked
 from ..functional_matmul import with_matmul_sites
 from ..quant_layers import QuantizedLayer
-from .capture import capture_model_outputs, capture_outputs, quantized_layers_in_order, reduce_outputs
+from .capture import capture_model_outputs, capture_outputs, quantized_layers_in_order
 from .cross_layer_equalization import input_channel_index
 
 __all__ = [
@@ -135,17 +135,34 @@ def correct_bias(
 def _fp32_channel_means(
     reference: paddle.nn.Layer, layers: dict[str, paddle.nn.Layer], batches: Sequence[Any]
 ) -> dict[str, np.ndarray]:
-    """Each fp32 layer's :func:`channel_means` over the batches, all in one pass (they do not
-    depend on the corrections: a pass per layer cost as much again as the quantized side)."""
-    sums: dict[str, tuple[np.ndarray, int]] = {}
+    """Each fp32 layer's :func:`channel_means` over the batches, of its first call in each
+    forward (as :func:`capture_outputs` takes it), all in one pass: they do not depend on the
+    corrections, and a pass per layer cost as much again as the quantized side.
 
-    def add(name: str, layer: paddle.nn.Layer, output: paddle.Tensor) -> None:
-        channel_sums, values = _channel_sums(output, output_channel_axis(layer, output.ndim))
-        total, count = sums.get(name, (0.0, 0))
-        sums[name] = (total + channel_sums, count + values)
+    Raises:
+        ValueError: A layer never ran in a forward of ``reference``.
+    """
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    seen_in_forward: set[str] = set()
 
-    reduce_outputs(reference, layers, batches, add)
-    return {name: total / count for name, (total, count) in sums.items()}
+    def hook_for(name: str):
+        def hook(layer: paddle.nn.Layer, inputs: tuple, output: paddle.Tensor) -> None:
+            if name in seen_in_forward:
+                return
+            seen_in_forward.add(name)
+            channel_sums, values = _channel_sums(output, output_channel_axis(layer, output.ndim))
+            sums[name] = sums.get(name, 0.0) + channel_sums
+            counts[name] = counts.get(name, 0) + values
+        return hook
+
+    handles = [layer.register_forward_post_hook(hook_for(name)) for name, layer in layers.items()]
+    handles.append(reference.register_forward_pre_hook(lambda model, inputs: seen_in_forward.clear()))
+    run_hooked(reference, batches, handles)
+    missing = [name for name in layers if name not in sums]
+    if missing:
+        raise ValueError(f"bias correction: layers {missing} never ran in a forward of {type(reference).__name__}")
+    return {name: sums[name] / counts[name] for name in layers}
 
 
 def _output_error(

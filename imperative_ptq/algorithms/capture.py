@@ -7,17 +7,14 @@ forward, so capturing layer ``k`` costs the layers before it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import paddle
 
 from ..batches import batch_to_call, eval_mode, run_batches
 from ..quant_layers import QuantizedLayer, first_input
 
-__all__ = [
-    "capture_inputs", "capture_model_outputs", "capture_outputs", "execution_order", "quantized_layers_in_order",
-    "reduce_outputs",
-]
+__all__ = ["capture_inputs", "capture_model_outputs", "capture_outputs", "execution_order", "quantized_layers_in_order"]
 
 
 class _Captured(Exception):
@@ -77,44 +74,6 @@ def capture_outputs(
 ) -> list[paddle.Tensor]:
     """The output of ``layer`` in ``model``'s forward of each batch."""
     return _run(model, batches, layer, False, _detached)
-
-
-def reduce_outputs(
-    model: paddle.nn.Layer, layers: Mapping[str, paddle.nn.Layer], batches: Sequence[Any],
-    reduce: Callable[[str, paddle.nn.Layer, paddle.Tensor], None],
-) -> None:
-    """Calls ``reduce(name, layer, output)`` with the output of each of ``layers``' first
-    call in ``model``'s full forward of each batch (what :func:`capture_outputs` takes for one
-    layer), in one pass over the batches for all of them.
-
-    Raises:
-        ValueError: A layer never ran in a forward.
-    """
-    names = {id(layer): name for name, layer in layers.items()}
-    ran: set[int] = set()
-    seen_in_forward: set[int] = set()
-
-    def post_hook(layer: paddle.nn.Layer, args: tuple, output: Any) -> None:
-        if id(layer) in seen_in_forward:
-            return
-        seen_in_forward.add(id(layer))
-        ran.add(id(layer))
-        reduce(names[id(layer)], layer, output)
-
-    handles = [layer.register_forward_post_hook(post_hook) for layer in layers.values()]
-    to_call = batch_to_call(model)
-    try:
-        with eval_mode(model), paddle.no_grad():
-            for batch in batches:
-                seen_in_forward.clear()
-                args, kwargs = to_call(batch)
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name, layer in layers.items() if id(layer) not in ran]
-    if missing:
-        raise ValueError(f"layers {missing} never ran in a forward of {type(model).__name__}")
 
 
 def capture_model_outputs(model: paddle.nn.Layer, batches: Sequence[Any]) -> list[list[paddle.Tensor]]:

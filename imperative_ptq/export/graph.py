@@ -9,11 +9,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import paddle
 
+from ..rounding import ROUNDING_SHIFT
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FUSABLE_ACTIVATIONS", "ancestors", "bias_of", "channels_last_to_first", "complete_batch_norm_parameters",
-    "complete_matmul_widths", "constant_clip_bounds",
+    "FUSABLE_ACTIVATIONS", "ancestors", "bias_add", "bias_of", "channels_last_to_first",
+    "complete_batch_norm_parameters", "complete_matmul_widths", "constant_clip_bounds",
     "exact_nearest_resizes", "feeds_quantize", "filters_of_their_own", "fill_constant_value", "get_tensor", "insert_op", "insert_reader_op",
     "insert_zero_bias", "is_persistable", "multiply_instead_of_scaling", "nearest_sources", "new_persistable", "op_index",
     "plain_fp32_blocked_conv_outputs", "producers", "readers", "reduce_open_adaptive_pools",
@@ -23,16 +25,10 @@ __all__ = [
 
 Operator = Any  # paddle.base.framework.Operator
 
-#: 1.5 * 2**23. A float32 ``v`` with ``|v| < 2**22`` plus it lands where float32 holds only
-#: integers, so the add rounds ``v`` half to even (as the simulation's ``paddle.round``), and
-#: subtracting it again is exact.
-_ROUNDING_SHIFT = 12582912.0
-
-
 def rounding_steps(source: str, rounded: str, shifted: str) -> list[tuple[str, dict, dict, dict]]:
     """``(type, inputs, outputs, attrs)`` of the ops that write ``rounded = round_half_even(source)``
     in a legacy program, through the variable ``shifted``: two ``scale`` ops adding and
-    subtracting :data:`_ROUNDING_SHIFT`.
+    subtracting :data:`ROUNDING_SHIFT`.
 
     Paddle Inference runs a ``round`` op in a scalar CPU kernel: measured on an AVX2 EPYC,
     370 ms for 1.4M values (a batch of 8 56x56x56 feature maps), where these two scales take
@@ -44,9 +40,9 @@ def rounding_steps(source: str, rounded: str, shifted: str) -> list[tuple[str, d
     """
     return [
         ("scale", {"X": [source]}, {"Out": [shifted]},
-         {"scale": 1.0, "bias": _ROUNDING_SHIFT, "bias_after_scale": True}),
+         {"scale": 1.0, "bias": ROUNDING_SHIFT, "bias_after_scale": True}),
         ("scale", {"X": [shifted]}, {"Out": [rounded]},
-         {"scale": 1.0, "bias": -_ROUNDING_SHIFT, "bias_after_scale": True}),
+         {"scale": 1.0, "bias": -ROUNDING_SHIFT, "bias_after_scale": True}),
     ]
 
 
@@ -141,11 +137,11 @@ def new_persistable(loaded: Any, name: str, value: np.ndarray) -> str:
 def bias_of(block: "paddle.static.Block", name: str, reading: dict[str, list[Operator]]) -> str | None:
     """The persistable bias added to ``name`` right after its producer (an ``elementwise_add``
     reading ``name`` as X and a parameter as Y), or ``None``; ``reading``: :func:`readers`."""
-    add = _bias_add(block, name, reading)
+    add = bias_add(block, name, reading)
     return None if add is None else add.input("Y")[0]
 
 
-def _bias_add(block: "paddle.static.Block", name: str, reading: dict[str, list[Operator]]) -> Operator | None:
+def bias_add(block: "paddle.static.Block", name: str, reading: dict[str, list[Operator]]) -> Operator | None:
     """The op :func:`bias_of` finds, or ``None``."""
     for add in reading.get(name, []):
         if add.type == "elementwise_add" and add.input("X") == [name] and is_persistable(
@@ -249,7 +245,7 @@ def filters_of_their_own(loaded: Any) -> int:
         value = get_tensor(loaded, name)
         for call, conv in enumerate(convs[1:], start=2):
             conv._rename_input(name, new_persistable(loaded, f"{name}.call_{call}", value))
-            add = _bias_add(block, conv.output("Output")[0], reading)
+            add = bias_add(block, conv.output("Output")[0], reading)
             if add is not None:
                 bias = add.input("Y")[0]
                 add._rename_input(bias, new_persistable(loaded, f"{bias}.call_{call}", get_tensor(loaded, bias)))
@@ -295,7 +291,7 @@ def _norms_of_their_own(loaded: Any, block: "paddle.static.Block") -> int:
 def _normalized_output(block: "paddle.static.Block", conv: Operator, reading: dict[str, list[Operator]]) -> bool:
     """Whether a ``batch_norm`` reads ``conv``'s output, or that output plus its bias."""
     output = conv.output("Output")[0]
-    add = _bias_add(block, output, reading)
+    add = bias_add(block, output, reading)
     if add is not None:
         output = add.output("Out")[0]
     return any(op.type == "batch_norm" for op in reading.get(output, []))

@@ -20,8 +20,7 @@ import paddle.inference as paddle_infer
 
 from ..targets import TARGETS
 from .predictor import (
-    INT8_DELETED_PASSES, RESHAPE_TRANSPOSE_MATMUL_PASS, exported_target, pads_paddle_misplaces, program_desc,
-    quiet_native_output, transposes_paddle_fuses_wrongly,
+    INT8_DELETED_PASSES, avoid_paddle_defects, exported_target, program_desc, quiet_native_output,
 )
 from .legacy_program import legacy_static_mode
 from .tracing import main_thread_only
@@ -121,10 +120,8 @@ def int8_report(path_prefix: str | os.PathLike, num_threads: int = 1) -> Int8Rep
         for name in INT8_DELETED_PASSES:
             config.delete_pass(name)
         program = program_desc(path_prefix + ".pdmodel")
-        if program is not None and transposes_paddle_fuses_wrongly(program):
-            config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)  # as create_predictor does
-        if program is not None and pads_paddle_misplaces(program):
-            config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - {"pad"})  # likewise
+        if program is not None:
+            avoid_paddle_defects(config, program)  # as create_predictor does
         config.set_cpu_math_library_num_threads(num_threads)
         config.enable_save_optim_model(True)
         config.set_optim_cache_dir(cache)

@@ -18,8 +18,9 @@ from ..targets import TARGETS
 from .atomic import recover_export
 
 __all__ = [
-    "RESHAPE_TRANSPOSE_MATMUL_PASS", "create_predictor", "exported_target", "predict", "predictor_config",
-    "pads_paddle_misplaces", "program_desc", "program_input_dtypes", "transposes_paddle_fuses_wrongly",
+    "RESHAPE_TRANSPOSE_MATMUL_PASS", "avoid_paddle_defects", "create_predictor", "exported_target", "predict",
+    "predictor_config", "pads_paddle_misplaces", "program_desc", "program_input_dtypes",
+    "transposes_paddle_fuses_wrongly",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,19 +156,9 @@ def predictor_config(
     program = program_desc(model_file)
     if int8 and program is not None:
         _warn_if_amx_patch_convs(path_prefix, program)
-    if program is not None and transposes_paddle_fuses_wrongly(program):
-        config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)
-        logger.info(
-            "%s: %s left out (it fuses a reshape with a size-1 dimension and a transpose into "
-            "a matmul and computes it wrongly)", path_prefix, RESHAPE_TRANSPOSE_MATMUL_PASS,
-        )
-    if program is not None and pads_paddle_misplaces(program):
-        # (set_mkldnn_op: the op types oneDNN may run; the others keep Paddle's CPU kernels)
-        config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - {"pad"})
-        logger.info(
-            "%s: its pad ops of the batch or channel axis run in Paddle's CPU kernel (oneDNN's "
-            "pads the wrong axes)", path_prefix,
-        )
+    if program is not None:
+        for workaround in avoid_paddle_defects(config, program):
+            logger.info("%s: %s", path_prefix, workaround)
     if program is not None and _casts_int8_parameters(program):
         # A weight-only program (save_dynamic_model): constant_folding_pass turns its int8
         # weights into float32 ones, but in Paddle's list it runs after fc_fuse_pass, which
@@ -186,6 +177,26 @@ def predictor_config(
     config.disable_glog_info()
     logger.debug("predictor for %s: int8=%s threads=%d", path_prefix, int8, num_threads)
     return config
+
+
+def avoid_paddle_defects(config: "paddle_infer.Config", program: Any) -> list[str]:
+    """Changes ``config`` so that Paddle 3.3.1's passes and kernels that compute ``program``
+    wrongly stay out (:func:`transposes_paddle_fuses_wrongly`, :func:`pads_paddle_misplaces`);
+    returns what it changed, a sentence each."""
+    changed = []
+    if transposes_paddle_fuses_wrongly(program):
+        config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)
+        changed.append(
+            f"{RESHAPE_TRANSPOSE_MATMUL_PASS} left out (it fuses a reshape with a size-1 "
+            "dimension and a transpose into a matmul and computes it wrongly)"
+        )
+    if pads_paddle_misplaces(program):
+        # (set_mkldnn_op: the op types oneDNN may run; the others keep Paddle's CPU kernels)
+        config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - {"pad"})
+        changed.append(
+            "its pad ops of the batch or channel axis run in Paddle's CPU kernel (oneDNN's pads the wrong axes)"
+        )
+    return changed
 
 
 def create_predictor(

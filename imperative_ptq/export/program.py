@@ -89,9 +89,8 @@ from .unsigned import (
     unsigned_threshold,
 )
 from .weight_ops import (
-    add_zero_biases,
-    flatten_matmul_biases,
     copy_int8_weight,
+    fc_fusable_biases,
     fold_conv_bias,
     int8_weight,
     materialize_conv1d_weights,
@@ -197,8 +196,7 @@ def quantize_program(
     pools_before_activations = max_pools_read_by_activations(block, outputs)
     matmuls_as_convs(loaded, weights)
     materialize_conv1d_weights(loaded, weights)
-    add_zero_biases(loaded, weights)
-    flatten_matmul_biases(loaded, weights)
+    fc_fusable_biases(loaded, weights)
     lstms = fuse_lstm_ops(loaded, weights)
     written = _quantize_fused_lstms(loaded, weights, lstms)
     clips = clip_fused_relus(loaded, weights, outputs) if unsigned_inputs else FusedReluClips()

@@ -1,8 +1,7 @@
 """Conv/fc weights and biases in the int8 program.
 
-Biases are put in the form the oneDNN passes fuse (:func:`fold_conv_bias`; a zero bias where a
-matmul has none, :func:`add_zero_biases`, a 1-D one where it has a ``[1, ..., 1, D]`` one,
-:func:`flatten_matmul_biases`), Conv1D weights become the 4-D weights of the conv2d
+Biases are put in the form the oneDNN passes fuse (:func:`fold_conv_bias`; a matmul's zero or 1-D
+bias, :func:`fc_fusable_biases`), Conv1D weights become the 4-D weights of the conv2d
 Paddle traces them into (:func:`materialize_conv1d_weights`), and each calibrated weight is
 stored as an int8 tensor behind a ``dequantize_linear`` with its per-channel thresholds
 (:func:`int8_weight`), a private copy for every further reader (:func:`copy_int8_weight`).
@@ -18,7 +17,7 @@ import paddle
 
 from ..quantizers.qparams import symmetric_levels
 from .graph import (
-    bias_of,
+    bias_add,
     get_tensor,
     insert_op,
     insert_zero_bias,
@@ -34,7 +33,7 @@ from .legacy_program import INT8_WEIGHT_OPS, LegacyProgram, ProgramScales
 from .tracing import LayerRecord
 
 __all__ = [
-    "add_zero_biases", "copy_int8_weight", "flatten_matmul_biases", "fold_conv_bias", "int8_weight",
+    "copy_int8_weight", "fc_fusable_biases", "fold_conv_bias", "int8_weight",
     "materialize_conv1d_weights",
 ]
 
@@ -123,75 +122,51 @@ def _broadcast_unfused_conv_biases(loaded: LegacyProgram, writers: Mapping) -> i
     return rewritten
 
 
-def add_zero_biases(loaded: LegacyProgram, weights: Mapping[str, LayerRecord]) -> int:
-    """Adds a zero bias after each calibrated matmul that has none.
+def fc_fusable_biases(loaded: LegacyProgram, weights: Mapping[str, LayerRecord]) -> int:
+    """Gives each calibrated matmul the bias Paddle Inference's fc fuse pass takes: a zero
+    one where it has none, ``[D]`` where it has one of shape ``[1, ..., 1, D]``.
 
     Paddle Inference's CPU passes turn ``matmul_v2`` with a weight into ``mul`` and fuse it
-    into an ``fc`` only together with a bias ``elementwise_add``; a bias-free Linear (or a
-    functional ``paddle.matmul`` on a parameter) stayed an fp32 ``mul`` while the simulation
-    computed it in int8 (measured on a 32->10 Linear: "1 mul fp32"; with the zero bias, an
-    int8 fc agreeing with the simulation).
+    into an ``fc`` only together with a bias ``elementwise_add`` of a 1-D bias; otherwise it
+    stayed an fp32 ``mul`` while the simulation computed it in int8: a bias-free Linear (or a
+    functional ``paddle.matmul`` on a parameter; measured on a 32->10 Linear: "1 mul fp32";
+    with the zero bias, an int8 fc agreeing with the simulation), and a functional
+    ``paddle.matmul(x, w) + b`` with ``b`` of shape ``[1, 1, D]`` (as x2paddle converts an ONNX
+    ``MatMul`` followed by an ``Add``; Google's magika file-type model: 7.2e-2 of the largest
+    output off the simulation on every input, its scores up to 0.17). A bias is reshaped only
+    where it has no more dimensions than the product, so the sum's shape is unchanged, and
+    the add reads a copy, so other readers of the parameter keep its shape.
 
     Returns:
-        How many biases were added.
+        How many biases were added or reshaped.
     """
     block = loaded.program.global_block()
     reading = readers(block)
-    added = 0
+    changed = 0
     for index, op in reversed(list(enumerate(block.ops))):
         if op.type not in ("matmul_v2", "mul") or transposed_matmul(op):
             continue
         weight_slot, _, output_slot = INT8_WEIGHT_OPS[op.type]
-        weight = op.input(weight_slot)[0]
-        if weight not in weights or len(block.var(weight).shape) != 2:
+        weight, output = op.input(weight_slot)[0], op.output(output_slot)[0]
+        if weight not in weights:
             continue
-        if bias_of(block, op.output(output_slot)[0], reading) is not None:
+        add = bias_add(block, output, reading)
+        if add is None and len(block.var(weight).shape) == 2:
+            columns = int(block.var(weight).shape[1])
+            insert_zero_bias(loaded, index, op, output_slot, f"{weight}.zero_bias", columns, -1)
+            changed += 1
             continue
-        columns = int(block.var(weight).shape[1])
-        insert_zero_bias(loaded, index, op, output_slot, f"{weight}.zero_bias", columns, -1)
-        added += 1
-    if added:
-        loaded.program._sync_with_cpp()
-    return added
-
-
-def flatten_matmul_biases(loaded: LegacyProgram, weights: Mapping[str, LayerRecord]) -> int:
-    """Stores each calibrated matmul's bias of shape ``[1, ..., 1, D]`` as ``[D]``.
-
-    Paddle Inference fuses a ``mul`` and its bias add into an int8 ``fc`` only for a 1-D
-    bias: a functional ``paddle.matmul(x, w) + b`` with ``b`` of shape ``[1, 1, D]`` (as
-    x2paddle converts an ONNX ``MatMul`` followed by an ``Add``; Google's magika file-type
-    model) stayed an fp32 ``mul`` while the simulation computed it in int8 (measured: 7.2e-2
-    of the largest output off the simulation on every input; magika's file-type scores up to
-    0.17). Only where the bias has no more dimensions than the product, so the sum's shape
-    is unchanged; the add reads a copy, so other readers of the parameter keep its shape.
-
-    Returns:
-        How many biases were flattened.
-    """
-    block = loaded.program.global_block()
-    reading = readers(block)
-    flattened = 0
-    for op in block.ops:
-        if op.type not in ("matmul_v2", "mul") or transposed_matmul(op):
+        bias = None if add is None else add.input("Y")[0]
+        if bias is None or not 2 <= len(block.var(bias).shape) <= len(block.var(output).shape) or any(
+            size != 1 for size in block.var(bias).shape[:-1]
+        ):
             continue
-        weight_slot, _, output_slot = INT8_WEIGHT_OPS[op.type]
-        if op.input(weight_slot)[0] not in weights:
-            continue
-        output = op.output(output_slot)[0]
-        bias = bias_of(block, output, reading)
-        if bias is None:
-            continue
-        bias_shape, output_shape = list(block.var(bias).shape), list(block.var(output).shape)
-        if len(bias_shape) < 2 or len(bias_shape) > len(output_shape) or any(size != 1 for size in bias_shape[:-1]):
-            continue
-        add = next(reader for reader in reading[output] if reader.type == "elementwise_add" and reader.input("Y") == [bias])
         add._rename_input(bias, new_persistable(loaded, f"{bias}.flat", get_tensor(loaded, bias).reshape(-1)))
         add._set_attr("axis", -1)
-        flattened += 1
-    if flattened:
+        changed += 1
+    if changed:
         loaded.program._sync_with_cpp()
-    return flattened
+    return changed
 
 
 #: Ops between a parameter and the conv2d that Paddle traces ``F.conv1d`` into.
