@@ -1203,33 +1203,38 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             weight_name, weight, record, 0, factor, unsigned, float_stored or single_channel,
             restorable=not single_channel,
         )
-        if float_run or single_channel:
-            # (An int32 bias would only add its rounding: measured, conv + BatchNorm + Swish
-            # -> conv, 3.4e-3 of the largest output off the simulation on 3% of the outputs;
-            # PP-OCRv4's first depthwise conv as x2paddle writes it, read by a multiply,
-            # 2.8e-2; exact with the bias in float.)
-            self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
-            return
         b_scale = bias_grid_steps(x_scale[0], w_scale)
         codes = int32_bias_codes(bias, b_scale)
-        if codes is not None and _off_int32_grid(bias, b_scale):
+        bias_after = codes is None
+        if not (bias_after or float_run or single_channel) and _off_int32_grid(bias, b_scale):
             if self.biases_on_grid and beta_completed:
                 # A bias convert could not move (a BatchNorm with neither beta nor a conv bias
                 # to move instead, bias_attr=False on both): added in float after the conv,
                 # as the simulation adds it, rather than rounded (measured: 4.5e-3 of the
                 # largest output off the simulation); ONNX Runtime runs this conv in float.
                 self.float_biases.append(out)
-                codes = None
+                bias_after = True
             else:
                 self.rounded_biases.append(out)
-        if codes is None:
-            # The bias on the int32 grid of input x weight scales would overflow (a tiny
-            # input range, such as the near-constant features of an untrained head next
-            # to a prior-probability bias of -4.6: wrapped to -2**31, every score 0.5):
-            # the conv runs without it and the bias is added in float after it.
+        if bias_after:
+            # Also where the bias on the int32 grid of input x weight scales would overflow:
+            # a tiny input range (the near-constant features of an untrained head next to a
+            # prior-probability bias of -4.6: wrapped to -2**31, every score 0.5), or a
+            # near-dead channel (weights or BatchNorm scale ~1e-8 beside a bias of 0.1). The
+            # conv runs without it and the bias is added in float after it; a float Conv too,
+            # whose bias ONNX Runtime's optimizer quantizes onto that grid itself where the
+            # filter comes from a DequantizeLinear, saturating it (measured: 0.41 of the
+            # largest output off the simulation).
             sums = self._node("Conv", [x, w], out + ".unbiased", **attrs)
             added = self._const("bias", bias.astype(np.float32).reshape([1, -1] + [1] * (weight.ndim - 2)))
             self._bind(out, self._node("Add", [sums, added], out))
+            return
+        if float_run or single_channel:
+            # (An int32 bias would only add its rounding: measured, conv + BatchNorm + Swish
+            # -> conv, 3.4e-3 of the largest output off the simulation on 3% of the outputs;
+            # PP-OCRv4's first depthwise conv as x2paddle writes it, read by a multiply,
+            # 2.8e-2; exact with the bias in float.)
+            self._bind(out, self._node("Conv", [x, w, self._const("bias", bias.astype(np.float32))], out, **attrs))
             return
         b = self._node(
             "DequantizeLinear",
