@@ -48,6 +48,7 @@ from .calibration_structure import STRUCTURE, apply_structure, check_structure
 from .collector import CalibrationError
 from .files import atomic_file
 from .functional_matmul import missing_site_hint
+from .probabilities import probability_thresholds
 from .quantizers import BaseQuantizer, QuantParams
 from .quantizers.qparams import affine_levels
 from .registry import PTQRegistry, layer_weight
@@ -110,7 +111,9 @@ def build_table(hooked: HookedLayers, allow_empty: bool = False) -> CalibrationT
         # A layer whose first input was never a float tensor keeps only its output
         # thresholds (``convert`` leaves it fp32 with those).
         if state.input_quantizer is not None and state.input_quantizer.is_calibrated:
-            entry["input"] = _activation_thresholds(state.input_quantizer)
+            entry["input"] = probability_thresholds(
+                state, state.input_quantizer, _activation_thresholds(state.input_quantizer)
+            )
             _add_affine_params(entry, "input", state.input_quantizer)
         elif state.input_quantizer is not None:
             no_input.append(state.name)

@@ -52,6 +52,7 @@ from .functional_conv import install as install_conv_routing
 from .functional_matmul import has_own_parameters
 from .functional_matmul import install as install_matmul_routing
 from .functional_ops import install as install_functional_op_routing
+from .probabilities import install as install_probability_routing
 from .functional_ops import restore_sites
 from .fuse import fuse_layers
 from .layer_signature import check_signatures, layer_signatures
@@ -241,6 +242,7 @@ class ImperativePTQ:
         install_matmul_routing()
         install_conv_routing()
         install_functional_op_routing()
+        install_probability_routing()
         session.attach()
         session.install()
         logger.info(

@@ -21,6 +21,7 @@ import numpy as np
 import paddle
 
 from .batches import eval_mode, run_batches
+from .probabilities import probability_thresholds
 from .quantizers import BaseHistQuantizer, BaseQuantizer
 from .quantizers.histogram import HistogramState
 from .quantizers.sample import TensorSample
@@ -104,6 +105,8 @@ def calibration_histograms(
         if quantizer is None or not quantizer.num_batches:
             continue
         threshold = _first_threshold(quantizer)
+        if role == "input" and threshold is not None:
+            (threshold,) = probability_thresholds(state, quantizer, [threshold])
         if isinstance(quantizer, BaseHistQuantizer):
             hist = quantizer.states[0]
             counts = None if hist.counts is None else np.asarray(hist.counts, np.float64)

@@ -29,7 +29,8 @@ from .registry import BATCH_NORM_TYPES, PTQRegistry
 
 __all__ = [
     "COMPARED_CALLS", "MAX_CACHED_BATCHES", "SESSION_ATTR", "STATE_ATTR", "CalibrationSession", "LayerState",
-    "calibrating_session", "any_discovering", "discovering_session", "hooked_states", "returned_tensors",
+    "calibrating_session", "any_discovering", "discovering_session", "hooked_states", "note_probabilities",
+    "noted_as_probabilities", "returned_tensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ class LayerState:
     #: many times it was called in it.
     last_forward: int = 0
     forward_calls: int = 0
+    #: Its first input was a softmax's output in every call that had a float one (``None``:
+    #: no float input seen): :mod:`imperative_ptq.probabilities`.
+    probability_input: bool | None = None
 
     def plain_calls(self) -> frozenset[int]:
         """The calls within a forward whose input was on no fused conv's codes, of a layer
@@ -219,6 +223,8 @@ class CalibrationSession:
         self._outputs: dict[int, tuple[Any, str]] = {}
         #: Outputs of the observed-only sites in the current forward, likewise.
         self._site_outputs: dict[int, tuple[Any, str]] = {}
+        #: Softmax outputs of the current forward (:func:`note_probabilities`), likewise.
+        self._probabilities: dict[int, Any] = {}
         self._pooled: list[tuple[paddle.Tensor, str]] = []
         #: ``id`` of an output in ``_outputs`` -> which call of its layer in the forward wrote it.
         self._output_calls: dict[int, int] = {}
@@ -344,6 +350,7 @@ class CalibrationSession:
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_post_hook(self._after_forward),
         ]
+        _ATTACHED.add(self)
         if self.new_state is not None:
             self._names = {
                 id(layer): name for name, layer in self.model.named_sublayers(include_self=True)
@@ -358,6 +365,7 @@ class CalibrationSession:
     def detach(self) -> None:
         """Removes every hook and stops the worker; statistics are kept."""
         _DISCOVERING.discard(self)
+        _ATTACHED.discard(self)
         self._names = {}
         for handle in self.root_hooks:
             handle.remove()
@@ -418,6 +426,7 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
+        self._probabilities = {}
         self._output_calls, self._output_versions = {}, {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self._calls.clear()
@@ -484,9 +493,16 @@ class CalibrationSession:
         self._outputs, self._site_outputs, self._pooled, self._read, self._signed, self._wide = (
             {}, {}, [], {}, {}, {}
         )
+        self._probabilities = {}
         self._output_calls, self._output_versions = {}, {}
         self._seen, self._branch_inputs, self._seen_order = {}, {}, itertools.count()
         self.collector.end_forward()
+
+    def read_probabilities(self, value: Any) -> bool:
+        """Whether ``value`` is a softmax output of the current forward (noted by
+        :func:`note_probabilities`)."""
+        noted = self._probabilities.get(id(value))
+        return noted is not None and noted() is value
 
     def source_of(self, value: paddle.Tensor) -> str | None:
         """The hooked layer of the current forward whose output ``value`` is: the same tensor,
@@ -634,6 +650,7 @@ class CalibrationSession:
         first = first_input(layer, inputs, kwargs)
         if _is_float_tensor(first):
             self._first_seen(first)
+            state.probability_input = self.read_probabilities(first) and state.probability_input is not False
             source = self.source_of(first)
             if source is not None and self._changed_in_place(first):
                 self._warn_in_place(state.name, source)
@@ -858,6 +875,23 @@ def _describe(value: Any) -> str:
 
 #: Sessions whose hooks are attached and that take layers found during calibration.
 _DISCOVERING: "weakref.WeakSet[CalibrationSession]" = weakref.WeakSet()
+#: Sessions whose hooks are attached.
+_ATTACHED: "weakref.WeakSet[CalibrationSession]" = weakref.WeakSet()
+
+
+def note_probabilities(value: Any) -> None:
+    """Records ``value`` (a softmax's output) in every attached session's current forward: a
+    hooked layer reading it as its first input reads probabilities
+    (:attr:`LayerState.probability_input`)."""
+    if _ATTACHED and _is_float_tensor(value):
+        for session in list(_ATTACHED):
+            session._probabilities[id(value)] = weakref.ref(value)
+
+
+def noted_as_probabilities(value: Any) -> bool:
+    """Whether an attached session noted ``value`` with :func:`note_probabilities` in its
+    current forward."""
+    return any(session.read_probabilities(value) for session in list(_ATTACHED))
 
 
 def any_discovering() -> bool:

@@ -673,10 +673,12 @@ def test_an_eval_mode_dropout_is_not_named_at_export(tmp_path, caplog) -> None:
     qmodel = ptq.quantize(model)
     ptq.calibrate(qmodel, [paddle.rand([4, 8])], progress=False)
     ptq.convert(qmodel)
+    # (Paddle's own, or imperative_ptq.probabilities' pass-through since quantize)
+    installed = paddle.nn.functional.dropout
     with caplog.at_level(logging.WARNING, logger="imperative_ptq.export.spec_check"):
         save_quantized_model(qmodel, str(tmp_path / "model"), [paddle.static.InputSpec([None, 8], "float32")])
     assert "F.dropout call" not in caplog.text
-    assert paddle.nn.functional.dropout.__module__ == "paddle.nn.functional.common"  # put back
+    assert paddle.nn.functional.dropout is installed  # put back
 
 
 # ---------------------------------------------------- 8. a forward decorated with to_static

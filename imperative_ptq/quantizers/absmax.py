@@ -38,6 +38,9 @@ class AbsmaxQuantizer(BaseQuantizer):
     def compute_threshold(self, index: int) -> float:
         return float(self.abs_max_vals[index])
 
+    def observed_maximum(self, index: int) -> float | None:
+        return float(self.abs_max_vals[index]) if index < self.num_tensors else None
+
     def _statistics(self) -> dict[str, np.ndarray]:
         return {"abs_max_vals": self.abs_max_vals.copy()}
 

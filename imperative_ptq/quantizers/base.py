@@ -163,6 +163,11 @@ class BaseQuantizer(abc.ABC):
     def compute_threshold(self, index: int) -> float | np.ndarray:
         """Threshold of the tensor at ``index`` from the current statistics."""
 
+    def observed_maximum(self, index: int) -> float | None:
+        """The largest ``|x|`` seen of the tensor at ``index`` (``None``: not kept by this
+        algorithm's statistics)."""
+        return None
+
     def compute_range(self, index: int) -> tuple[Any, Any]:
         """Affine quantizers: the clip range ``(lo, hi)`` of the tensor at ``index``."""
         raise NotImplementedError(f"{type(self).__name__} has no affine statistics")

@@ -236,6 +236,18 @@ class BaseHistQuantizer(BaseQuantizer, metaclass=abc.ABCMeta):
             return state.upper
         return self.threshold_from_histogram(state.counts, state.upper / self.bins)
 
+    def observed_maximum(self, index: int) -> float | None:
+        """The right edge of the last non-empty bin of ``|x|`` (of ``x`` and of ``-x`` for
+        affine statistics): the largest value seen, rounded up to the bin width."""
+        if index >= self.num_tensors:
+            return None
+        states = [self.states[index]] + ([] if self.symmetric else [self.negative_states[index]])
+        edges = [
+            float((np.flatnonzero(state.counts)[-1] + 1) * (state.upper / self.bins))
+            for state in states if state.counts is not None and np.any(state.counts)
+        ]
+        return max(edges, default=0.0)
+
     def compute_range(self, index: int) -> tuple[float, float]:
         """Affine clip range ``(-t_neg, t_pos)`` from the two one-sided searches."""
         if self.symmetric:
