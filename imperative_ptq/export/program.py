@@ -520,7 +520,8 @@ class _WeightOpRewrite:
         self.inserted = _InsertedInputs()
         self.writers = producers(self.block)
         self.dequantized_weights: dict[str, str] = {}
-        self.shifted_biases: dict[str, str] = {}  # bias / mean -> the variable holding it adjusted
+        # (layer, bias / mean) -> the variable holding it adjusted
+        self.shifted_biases: dict[tuple[str, str], str] = {}
         self.narrow_inputs: dict[tuple[str, float], tuple[str, float, int]] = {}
         self.constant_call_weights: dict[str, str] = {}  # weight -> its fp32 copy for calls on constants
 

@@ -77,7 +77,7 @@ def insert_shift(loaded: Any, index: int, name: str, record: LayerRecord, levels
 
 def absorb_shift(
     loaded: Any, op: Operator, output_slot: str, record: LayerRecord, factor: float,
-    absorbed: dict[str, str],
+    absorbed: dict[tuple[str, str], str],
 ) -> None:
     """Takes the shift's response out of what follows ``op``, the layer's conv/matmul.
 
@@ -93,11 +93,15 @@ def absorb_shift(
         output_slot: Its output slot.
         record: The layer's record (``input_shift_response`` set).
         factor: The layer's weight factor.
-        absorbed: Bias / mean variable -> the variable holding it adjusted (itself, or a copy
-            where other ops read it too); updated. A layer called twice shares its bias: the
-            second call's add reads the same adjusted variable (measured: a Linear called twice
-            on a shifted input, 14-57% of the largest output off Paddle Inference while its second
-            add read the unadjusted parameter).
+        absorbed: ``(layer, bias / mean variable)`` -> the variable holding it adjusted
+            (itself, or a copy where other ops read it too); updated. A layer called twice
+            shares its bias: the second call's add reads the same adjusted variable (measured:
+            a Linear called twice on a shifted input, 14-57% of the largest output off Paddle
+            Inference while its second add read the unadjusted parameter). Two layers reading
+            one bias parameter (x2paddle writes one for equal initializers, such as the zero
+            biases of a freshly initialized transformer's projections) each get their own
+            (measured: two matmuls sharing one, 3.97x the largest output off while the second
+            read the first's adjusted copy).
 
     Raises:
         ValueError: The op's output is read by something else than one bias add or BatchNorm
@@ -119,9 +123,10 @@ def absorb_shift(
                 response.size, axis,
             )
     adding = next((op for op in following if target in op.input_arg_names), None)
-    if target in absorbed:
-        if adding is not None and absorbed[target] != target:
-            adding._rename_input(target, absorbed[target])
+    key = (record.name, target)
+    if key in absorbed:
+        if adding is not None and absorbed[key] != target:
+            adding._rename_input(target, absorbed[key])
         return
     value = get_tensor(loaded, target)
     users = reading.get(target, [])
@@ -131,10 +136,10 @@ def absorb_shift(
         # copy; the other readers keep the parameter.
         copy = new_persistable(loaded, f"{target}.shift_absorbed_{len(absorbed) + 1}", value)
         (adding or users[0])._rename_input(target, copy)
-        absorbed[target] = copy
+        absorbed[key] = copy
         target = copy
     else:
-        absorbed[target] = target
+        absorbed[key] = target
     if value.size != delta.size:
         raise ValueError(
             f"{record.name}: the bias {target!r} after {op.type} has {value.size} values for "
