@@ -181,8 +181,8 @@ def predictor_config(
 
 def avoid_paddle_defects(config: "paddle_infer.Config", program: Any) -> list[str]:
     """Changes ``config`` so that Paddle 3.3.1's passes and kernels that compute ``program``
-    wrongly stay out (:func:`transposes_paddle_fuses_wrongly`, :func:`pads_paddle_misplaces`);
-    returns what it changed, a sentence each."""
+    wrongly stay out (:func:`transposes_paddle_fuses_wrongly`, :func:`pads_paddle_misplaces`,
+    :func:`divisions_paddle_misbroadcasts`); returns what it changed, a sentence each."""
     changed = []
     if transposes_paddle_fuses_wrongly(program):
         config.delete_pass(RESHAPE_TRANSPOSE_MATMUL_PASS)
@@ -190,12 +190,21 @@ def avoid_paddle_defects(config: "paddle_infer.Config", program: Any) -> list[st
             f"{RESHAPE_TRANSPOSE_MATMUL_PASS} left out (it fuses a reshape with a size-1 "
             "dimension and a transpose into a matmul and computes it wrongly)"
         )
+    kept_out = set()
     if pads_paddle_misplaces(program):
-        # (set_mkldnn_op: the op types oneDNN may run; the others keep Paddle's CPU kernels)
-        config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - {"pad"})
+        kept_out.add("pad")
         changed.append(
             "its pad ops of the batch or channel axis run in Paddle's CPU kernel (oneDNN's pads the wrong axes)"
         )
+    if divisions_paddle_misbroadcasts(program):
+        kept_out.add("elementwise_div")
+        changed.append(
+            "its divisions run in Paddle's CPU kernel (oneDNN's broadcasts a dividend smaller "
+            "than the divisor wrongly)"
+        )
+    if kept_out:
+        # (set_mkldnn_op: the op types oneDNN may run; the others keep Paddle's CPU kernels)
+        config.set_mkldnn_op({op.type for op in program.blocks[0].ops} - kept_out)
     return changed
 
 
@@ -347,6 +356,26 @@ def pads_paddle_misplaces(program: Any) -> bool:
             paddings = list(_attribute(op, "paddings") or [])
             if len(paddings) >= 4 and paddings[0:2] != paddings[2:4]:
                 return True
+    return False
+
+
+def divisions_paddle_misbroadcasts(program: Any) -> bool:
+    """Whether ``program`` divides a tensor by one it broadcasts against (an
+    ``elementwise_div`` whose ``X`` has another shape than its output: T5's and LLaMA's
+    RMSNorm as x2paddle writes ONNX's ``Div(1, sqrt(...))``): Paddle 3.3.1's oneDNN kernel
+    computes it wrongly, fp32 alike (measured: ``1 / r`` of a ``[1, 32, 1]`` tensor 8x the
+    largest value off, ``r / x`` of ``[1, 32, 1]`` by ``[1, 32, 128]`` 0.90; ``x / r``,
+    ``r - x``, ``maximum(r, x)`` and ``pow(r, x)`` exact)."""
+    block = program.blocks[0]
+    dims = {var.name: list(var.type.dense_tensor.tensor.dims) for var in block.vars if var.type.HasField("dense_tensor")}
+    for op in block.ops:
+        if op.type != "elementwise_div":
+            continue
+        x = next((slot.arguments[0] for slot in op.inputs if slot.parameter == "X" and slot.arguments), None)
+        out = next((slot.arguments[0] for slot in op.outputs if slot.parameter == "Out" and slot.arguments), None)
+        x_dims, out_dims = dims.get(x), dims.get(out)
+        if x_dims is None or out_dims is None or x_dims != out_dims:
+            return True
     return False
 
 
