@@ -68,7 +68,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 4
+_LOADER_VERSION = 5
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -341,12 +341,15 @@ def _x2paddle_ready(model):
     """``model`` with what x2paddle 1.6.0 cannot read written otherwise: ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1), and the initializers and global pools of
-    :func:`_initializers_ready` and :func:`_global_pools_as_reductions`."""
+    the kernel size, not ONNX's 1), and what :func:`_initializers_ready`,
+    :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions` and
+    :func:`_kernel_shapes_written` rewrite."""
     from onnx import helper
 
     _initializers_ready(model)
+    _identities_of_initializers_copied(model)
     _global_pools_as_reductions(model)
+    _kernel_shapes_written(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -415,6 +418,51 @@ def _initializers_ready(model) -> None:
     if infinite:
         logger.info("replaced the infinities of %d initializers by the largest finite float (x2paddle "
                     "writes them as a string Paddle refuses)", infinite)
+
+
+def _identities_of_initializers_copied(model) -> None:
+    """Replaces, in place, each ``Identity`` of an initializer by a copy of the initializer
+    under the ``Identity``'s output name. PyTorch's exporter writes one for every parameter
+    equal to another (the zero biases of a freshly initialized or zero-initialized net: timm's
+    EfficientNet, MobileNetV3, ConvNeXt, CSPDarkNet), and x2paddle takes the initializer away
+    from the first conv that reads it: the second failed with ``KeyError: '..._bias not a key
+    in dict_keys([...])'``."""
+    from onnx import numpy_helper
+
+    initializers = {initializer.name: initializer for initializer in model.graph.initializer}
+    outputs = {output.name for output in model.graph.output}
+    copied = [
+        node for node in model.graph.node
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs
+        and node.output[0] not in initializers
+    ]
+    for node in copied:
+        value = numpy_helper.to_array(initializers[node.input[0]])
+        model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        model.graph.node.remove(node)
+    if copied:
+        logger.info(
+            "copied %d initializers that Identity nodes shared (x2paddle converts each parameter "
+            "for one reader)", len(copied),
+        )
+
+
+def _kernel_shapes_written(model) -> None:
+    """Writes, in place, the optional ``kernel_shape`` of each ``Conv`` that lacks it from its
+    weight initializer's shape (x2paddle failed: ``object of type 'NoneType' has no len()``)."""
+    from onnx import helper
+
+    shapes = {initializer.name: list(initializer.dims) for initializer in model.graph.initializer}
+    written = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        if any(attribute.name == "kernel_shape" for attribute in node.attribute):
+            continue
+        node.attribute.append(helper.make_attribute("kernel_shape", shapes[node.input[1]][2:]))
+        written += 1
+    if written:
+        logger.info("wrote the kernel_shape of %d convs from their weights (x2paddle needs it)", written)
 
 
 def _global_pools_as_reductions(model) -> None:

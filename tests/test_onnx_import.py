@@ -231,6 +231,37 @@ def test_tflite_style_slopes_infinities_and_1d_global_pools_convert_and_export(t
     np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-5 * np.abs(simulated).max())
 
 
+def _pytorch_deduplicated_net(path) -> str:
+    """What PyTorch's exporter writes for two equal parameters: the second an ``Identity`` of
+    the first (here a conv bias; x2paddle 1.6.0 failed with ``KeyError: '..._bias not a key in
+    dict_keys([...])'``), and a conv without the optional ``kernel_shape`` (x2paddle failed with
+    ``TypeError: object of type 'NoneType' has no len()``)."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([8, 3, 3, 3]) / 3).astype("float32"), "w1"),
+        numpy_helper.from_array(np.linspace(-0.3, 0.4, 8).astype("float32"), "b1"),
+        numpy_helper.from_array((rng.standard_normal([8, 8, 1, 1]) / 3).astype("float32"), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["b1"], ["b2"]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"]),
+    ]
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], path,
+    )
+
+
+def test_parameters_pytorch_deduplicated_and_a_conv_without_kernel_shape_convert(tmp_path) -> None:
+    path = _pytorch_deduplicated_net(tmp_path / "deduplicated.onnx")
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 8, 8]})
+    x = np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_an_error_of_x2paddle_names_its_first_cause(tmp_path, monkeypatch) -> None:
     """x2paddle re-raises a node's error as "convert failed node: ..." without its message."""
     import x2paddle.convert
