@@ -50,7 +50,7 @@ def test_generous_budget_takes_the_first_configuration(mlp_and_data, tmp_path) -
         model, calibration, evaluate, 5.0, _config(8), path=tmp_path / "m", input_spec=spec
     )
     assert result.chosen.name == "as configured" and result.skip == [] and result.within_budget
-    assert [c.metric is not None for c in result.candidates] == [True, False, False]
+    assert [c.metric is not None for c in result.candidates] == [True, False, False, False, False]
     assert result.metric == pytest.approx(evaluate(result.model))
     assert result.fp32_metric - result.metric <= 5.0
     assert os.path.exists(tmp_path / "m.pdmodel")
@@ -71,15 +71,32 @@ def test_zero_budget_keeps_layers_in_fp32_ranked_by_analyze(mlp_and_data) -> Non
 
 
 def test_default_candidates_add_algorithms_for_low_bit_weights() -> None:
+    activations = ["MSE activations", "percentile activations"]
     assert [c.name for c in default_candidates(_config(8))] == [
-        "as configured", "bias correction", "CLE + bias correction"
+        "as configured", *activations, "bias correction", "CLE + bias correction"
     ]
     names = [c.name for c in default_candidates(_config(4))]
     assert names == [
-        "as configured", "bias correction", "CLE + bias correction", "AdaRound + bias correction"
+        "as configured", *activations, "bias correction", "CLE + bias correction", "AdaRound + bias correction"
     ]
-    assert default_candidates(_config(4))[3].config.adaround is not None
-    assert default_candidates(_config(4))[2].config.equalization
+    assert default_candidates(_config(4))[5].config.adaround is not None
+    assert default_candidates(_config(4))[4].config.equalization
+
+
+def test_default_candidates_try_the_other_activation_algorithms() -> None:
+    mse, percentile = default_candidates(_config(8))[1:3]
+    assert type(mse.config.activation_quantizer) is ip.MSEQuantizer
+    assert type(percentile.config.activation_quantizer) is ip.HistQuantizer
+    assert percentile.config.activation_quantizer.hist_percent == 0.9999
+    # the weights, target and other algorithms stay as configured
+    for candidate in (mse, percentile):
+        assert candidate.config.weight_quantizer.quant_bits == 8 and not candidate.config.bias_correction
+    # an affine 6-bit configuration gets affine 6-bit candidates, and none repeats it
+    config = ip.PTQConfig(ip.MSEQuantizer(quant_bits=6, symmetric=False), ip.PerChannelAbsmaxQuantizer())
+    (candidate,) = [c for c in default_candidates(config) if "activations" in c.name]
+    assert candidate.name == "percentile activations"
+    assert candidate.config.activation_quantizer.quant_bits == 6
+    assert candidate.config.activation_quantizer.symmetric is False
 
 
 def test_unreachable_budget_warns_and_bad_input_is_refused(mlp_and_data, caplog) -> None:
@@ -130,7 +147,9 @@ def test_equalization_that_pairs_nothing_is_not_tried_again(caplog) -> None:
 
     with caplog.at_level(logging.INFO, logger="imperative_ptq.accuracy_control"):
         result = ip.quantize_with_accuracy_control(model, calibration, unreachable, 0.5, _config(8))
-    assert [c.name for c in result.candidates] == ["as configured", "bias correction", "CLE + bias correction"]
-    assert [c.metric is not None for c in result.candidates] == [True, True, False]
+    assert [c.name for c in result.candidates] == [
+        "as configured", "MSE activations", "percentile activations", "bias correction", "CLE + bias correction"
+    ]
+    assert [c.metric is not None for c in result.candidates] == [True, True, True, True, False]
     assert "CLE + bias correction not tried: equalization finds no pair of layers in _Unchained" in caplog.text
     assert "CLE + bias correction: not tried" in result.summary()
