@@ -20,8 +20,9 @@ in the calibrating sessions (:func:`imperative_ptq.session.note_probabilities`),
 a layer reading it sets :attr:`LayerState.probability_input`. :func:`probability_thresholds`
 then raises that layer's input thresholds to the maximum when the calibration table is built.
 
-Limits: probabilities reshaped, transposed or sliced before the layer reads them are not
-recognized (their layer keeps its algorithm's threshold); affine quantizers keep theirs.
+Limits: probabilities reshaped, transposed or sliced before the layer reads them, and the
+PyTorch-style ``Tensor.softmax(dim)``, are not recognized (their layer keeps its algorithm's
+threshold); affine quantizers keep theirs.
 """
 
 from __future__ import annotations
