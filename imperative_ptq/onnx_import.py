@@ -68,7 +68,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 5
+_LOADER_VERSION = 6
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -281,7 +281,12 @@ def _shapes_folded(model, inputs: dict | None, onnx_path: str, staging: str):
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = folded_path
     options.log_severity_level = 3
-    onnxruntime.InferenceSession(fixed_path, options, providers=["CPUExecutionProvider"])
+    # Without its transpose optimizer, which pushes a permute -> LayerNorm -> permute (Hugging
+    # Face's ConvNeXt) into a LayerNorm over the channel axis with [1, C, 1, 1] parameters,
+    # which x2paddle converts to LayerNorm(normalized_shape=[1]).
+    onnxruntime.InferenceSession(
+        fixed_path, options, providers=["CPUExecutionProvider"], disabled_optimizers=["TransposeOptimizer"]
+    )
     folded = onnx.load(folded_path)
     for path in (fixed_path, folded_path):
         os.remove(path)
@@ -342,14 +347,17 @@ def _x2paddle_ready(model):
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
     the kernel size, not ONNX's 1), and what :func:`_initializers_ready`,
-    :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions` and
-    :func:`_kernel_shapes_written` rewrite."""
+    :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
+    :func:`_kernel_shapes_written`, :func:`_integer_ops_typed` and :func:`_uneven_splits_sliced`
+    rewrite."""
     from onnx import helper
 
     _initializers_ready(model)
     _identities_of_initializers_copied(model)
     _global_pools_as_reductions(model)
     _kernel_shapes_written(model)
+    _integer_ops_typed(model)
+    _uneven_splits_sliced(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -463,6 +471,101 @@ def _kernel_shapes_written(model) -> None:
         written += 1
     if written:
         logger.info("wrote the kernel_shape of %d convs from their weights (x2paddle needs it)", written)
+
+
+#: ONNX's integer element types.
+_INTEGER_TYPES = frozenset(range(2, 8)) | {12, 13}  # UINT8..INT64, UINT32, UINT64
+
+
+def _integer_ops_typed(model) -> None:
+    """Rewrites, in place, the integer ops whose x2paddle translation computes another type
+    in Paddle 3: a ``Div`` of integers (ONNX truncates to an integer; ``paddle.divide`` gives a
+    float32 quotient, and the op of it with an integer next failed the trace: ``torch.chunk``'s
+    sizes in EdgeNeXt, ``//`` in Hugging Face's Swin) becomes ``Cast(Div(Cast(a, double),
+    Cast(b, double)), type)`` (the cast truncates toward zero, as ONNX does); a ``CumSum`` of
+    int32 (``paddle.cumsum`` returns int64; RoBERTa's position ids ``cumsum(mask) * mask``
+    failed) gets a ``Cast`` back to its type."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if not any(node.op_type in ("Div", "CumSum") for node in model.graph.node):
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
+        logger.debug("ONNX shape inference failed (%s): integer ops left as they are", error)
+        return
+    types = {
+        value.name: value.type.tensor_type.elem_type
+        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    types.update({initializer.name: initializer.data_type for initializer in model.graph.initializer})
+    types.update({
+        node.output[0]: node.attribute[0].t.data_type for node in model.graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    })
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    divisions = cumsums = 0
+    for node in nodes:
+        kind = types.get(node.input[0]) if node.input else None
+        stem = node.name or node.output[0]
+        if node.op_type == "Div" and kind in _INTEGER_TYPES and types.get(node.input[1]) == kind:
+            operands = [f"{stem}.dividend", f"{stem}.divisor"]
+            model.graph.node.extend([
+                *(helper.make_node("Cast", [name], [cast], to=TensorProto.DOUBLE)
+                  for name, cast in zip(node.input, operands)),
+                helper.make_node("Div", operands, [f"{stem}.quotient"], name=node.name),
+                helper.make_node("Cast", [f"{stem}.quotient"], list(node.output), to=kind),
+            ])
+            divisions += 1
+        elif node.op_type == "CumSum" and kind in _INTEGER_TYPES and kind != TensorProto.INT64:
+            output = node.output[0]
+            node.output[0] = f"{output}.int64"
+            model.graph.node.extend([node, helper.make_node("Cast", [node.output[0]], [output], to=kind)])
+            cumsums += 1
+        else:
+            model.graph.node.append(node)
+    if divisions or cumsums:
+        logger.info(
+            "rewrote %d integer divisions as truncated float64 ones and cast %d integer cumsums back "
+            "to their type (x2paddle's Paddle ops return float32 / int64)", divisions, cumsums,
+        )
+
+
+def _uneven_splits_sliced(model) -> None:
+    """Rewrites, in place, each ``Split`` into parts of constant, unequal sizes (its ``split``
+    input, opset 13 and later) as one ``Slice`` per part: x2paddle's shape inference ignores
+    that input and splits evenly (LeViT's ``kv.split([16, 64], dim=3)`` became two parts of
+    40, and the conversion failed with ``KeyError: 0``)."""
+    from onnx import helper, numpy_helper
+
+    constants = {initializer.name: initializer for initializer in model.graph.initializer}
+    constants.update({
+        node.output[0]: node.attribute[0].t for node in model.graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    })
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    sliced = 0
+    for node in nodes:
+        sizes = None
+        if node.op_type == "Split" and len(node.input) > 1 and node.input[1] in constants:
+            sizes = numpy_helper.to_array(constants[node.input[1]]).reshape(-1).tolist()
+        if sizes is None or len(set(sizes)) == 1 or len(sizes) != len(node.output):
+            model.graph.node.append(node)
+            continue
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
+        stem = node.name or node.output[0]
+        ends = np.cumsum(sizes).tolist()
+        for index, (output, end) in enumerate(zip(node.output, ends)):
+            bounds = [f"{stem}.start{index}", f"{stem}.end{index}", f"{stem}.axis{index}"]
+            for name, value in zip(bounds, (end - sizes[index], end, axis)):
+                model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+            model.graph.node.append(helper.make_node("Slice", [node.input[0], *bounds], [output]))
+        sliced += 1
+    if sliced:
+        logger.info("rewrote %d splits into unequal parts as slices (x2paddle splits evenly)", sliced)
 
 
 def _global_pools_as_reductions(model) -> None:

@@ -262,6 +262,125 @@ def test_parameters_pytorch_deduplicated_and_a_conv_without_kernel_shape_convert
     np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
 
 
+def _constant(name: str, value, dtype=np.int64):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
+
+
+def _integer_division_net(path) -> tuple[str, np.ndarray]:
+    """``x[:, :(n + 1) // 2 * 2]`` with ``n`` read from the input's shape, as PyTorch exports
+    ``//`` and ``torch.chunk``'s sizes: an ONNX ``Div`` of int64 (x2paddle's ``paddle.divide``
+    gave float32, and the trace failed: "Type promotion only support calculations between
+    floating-point numbers")."""
+    nodes = [
+        _constant("index", 1), _constant("one", 1), _constant("two", 2), _constant("zero", [0]), _constant("axis", [1]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "index"], ["n"], axis=0),
+        helper.make_node("Add", ["n", "one"], ["n1"]),
+        helper.make_node("Div", ["n1", "two"], ["half"]),
+        helper.make_node("Mul", ["half", "two"], ["end0"]),
+        helper.make_node("Unsqueeze", ["end0", "zero"], ["end"]),
+        helper.make_node("Slice", ["x", "zero", "end", "axis"], ["y"]),
+    ]
+    x = np.random.default_rng(1).random((1, 5)).astype(np.float32)
+    return _save(
+        nodes, [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "columns"])], path,
+    ), x
+
+
+def _integer_cumsum_net(path) -> tuple[str, np.ndarray]:
+    """RoBERTa's position ids, ``cumsum(ids != 1) * (ids != 1) + 1`` in int32 (Paddle's
+    ``cumsum`` of int32 returns int64, and the multiply with int32 failed the trace)."""
+    nodes = [
+        _constant("axis", 1), _constant("padding", 1), _constant("one", 1, np.int32),
+        helper.make_node("Cast", ["x"], ["ids"], to=TensorProto.INT64),
+        helper.make_node("Equal", ["ids", "padding"], ["padded"]),
+        helper.make_node("Not", ["padded"], ["kept"]),
+        helper.make_node("Cast", ["kept"], ["mask"], to=TensorProto.INT32),
+        helper.make_node("CumSum", ["mask", "axis"], ["counted"]),
+        helper.make_node("Mul", ["counted", "mask"], ["masked"]),
+        helper.make_node("Add", ["masked", "one"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["y"], to=TensorProto.FLOAT),
+    ]
+    x = np.array([[0, 5, 1, 3, 1, 7]], np.float32)
+    return _save(
+        nodes, [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], path,
+    ), x
+
+
+def _uneven_split_net(path) -> tuple[str, np.ndarray]:
+    """LeViT's ``kv.split([key_dim, 4 * key_dim], dim=3)`` in small: a ``Split`` into parts of
+    2 and 6 (x2paddle's shape inference split evenly; ``KeyError: 0``)."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.random((6, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.random((2, 3)).astype(np.float32), "v"),
+    ]
+    nodes = [
+        _constant("sizes", [2, 6]),
+        helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=2),
+        helper.make_node("MatMul", ["b", "w"], ["bw"]),
+        helper.make_node("MatMul", ["a", "v"], ["av"]),
+        helper.make_node("Add", ["bw", "av"], ["y"]),
+    ]
+    x = rng.random((1, 6, 8)).astype(np.float32)
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 3])], path,
+    ), x
+
+
+@pytest.mark.parametrize("build", [_integer_division_net, _integer_cumsum_net, _uneven_split_net],
+                         ids=["integer-division", "integer-cumsum", "uneven-split"])
+def test_integer_ops_and_uneven_splits_convert_as_onnx_defines_them(build, tmp_path) -> None:
+    path, x = build(tmp_path / "net.onnx")
+    model = load_onnx_model(path, tmp_path / "converted", {"x": list(x.shape)})
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def _channels_last_norm_net(path) -> str:
+    """Hugging Face ConvNeXt's ``permute -> LayerNorm -> permute`` as PyTorch exports it at
+    opset 14 (the LayerNorm written out): ONNX Runtime's transpose optimizer, under
+    ``fold_shapes``, pushed it into a LayerNorm over the channel axis, which x2paddle converted
+    to ``LayerNorm(normalized_shape=[1])`` ("expected input with shape [*, 1]")."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([8, 8, 3, 3]) / 3).astype("float32"), "w"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype("float32"), "gamma"),
+        numpy_helper.from_array(rng.uniform(-0.5, 0.5, 8).astype("float32"), "beta"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["t"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["t", "mean"], ["centered"]),
+        helper.make_node("Pow", ["centered", "two"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1]),
+        helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+        helper.make_node("Div", ["centered", "deviation"], ["normed"]),
+        helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["biased"]),
+        helper.make_node("Transpose", ["biased"], ["y"], perm=[0, 3, 1, 2]),
+    ]
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], path,
+    )
+
+
+def test_fold_shapes_keeps_a_channels_last_norm_between_its_transposes(tmp_path) -> None:
+    path = _channels_last_norm_net(tmp_path / "norm.onnx")
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 8, 6, 6]}, fold_shapes=True)
+    x = np.random.default_rng(1).standard_normal([1, 8, 6, 6]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_an_error_of_x2paddle_names_its_first_cause(tmp_path, monkeypatch) -> None:
     """x2paddle re-raises a node's error as "convert failed node: ..." without its message."""
     import x2paddle.convert
