@@ -245,7 +245,7 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         if stamp["dynamic_batch"]:
             _make_batch_dynamic(onnx_path, staging, inputs)
         elif inputs is not None and all(shape[0] == 1 for shape, _ in inputs.values()):
-            _warn_if_batch_one_only(onnx_path, staging, inputs)
+            _warn_if_batch_one_only(onnx_path, staging, inputs, stamp["fold_shapes"])
         os.remove(source)
         with open(os.path.join(staging, _STAMP), "w", encoding="utf-8") as file:
             json.dump(stamp, file)
@@ -664,13 +664,22 @@ def _reshape_inputs(model: paddle.nn.Layer, code_path: str, inputs: list[paddle.
     return seen
 
 
-def _warn_if_batch_one_only(onnx_path: str, directory: str, inputs: dict) -> None:
-    """Warns when the model converted at batch 1 does not run at batch 2."""
+def _warn_if_batch_one_only(onnx_path: str, directory: str, inputs: dict, folded: bool) -> None:
+    """Warns when the model converted at batch 1 does not run at batch 2, or (its inputs all
+    float) does not run at all."""
     model = _instantiate(directory)
     rng = np.random.default_rng(0)
     try:
         single = _outputs(model, _example_inputs(inputs, 1, rng))
     except Exception as error:  # noqa: BLE001 - inputs it needs otherwise (ids, masks): no probe
+        if all(np.issubdtype(dtype, np.floating) for _, dtype in inputs.values()) and not folded:
+            # (PyTorch's ViT exports compute their class token's shape, which x2paddle writes
+            # as paddle.full of a shape tensor that Paddle 3.3.1 reads as [-1].)
+            logger.warning(
+                "%s: the converted model fails on inputs of its shapes (%s: %s); where it fails "
+                "on yours too, load it with fold_shapes=True, which makes its shape "
+                "computations constants", onnx_path, type(error).__name__, str(error).splitlines()[0][:200],
+            )
         logger.debug("%s: not probed at batch 2 (it fails on uniform inputs: %s)", directory, error)
         return
     try:

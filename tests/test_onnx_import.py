@@ -381,6 +381,40 @@ def test_fold_shapes_keeps_a_channels_last_norm_between_its_transposes(tmp_path)
     np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
 
 
+def _class_token_net(path) -> str:
+    """ViT's class token, ``cls.expand(1, -1, -1)`` as PyTorch exports it: a ``Where`` over a
+    ``ConstantOfShape`` of a 1-element shape, which x2paddle writes as ``paddle.full(shape=
+    tensor)``, read by Paddle 3.3.1 as shape ``[-1]``: the converted model fails its forward."""
+    nodes = [
+        _constant("shape", [1, -1, -1]), _constant("length", [3]), _constant("minus_one", -1),
+        helper.make_node("ConstantOfShape", ["length"], ["ones"], value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("Mul", ["ones", "minus_one"], ["negated"]),
+        helper.make_node("Equal", ["shape", "negated"], ["kept"]),
+        helper.make_node("Where", ["kept", "ones", "shape"], ["target"]),
+        helper.make_node("Expand", ["token", "target"], ["tokens"]),
+        helper.make_node("Concat", ["tokens", "x"], ["y"], axis=1),
+    ]
+    token = numpy_helper.from_array(np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 1, 8), "token")
+    return _save(
+        nodes, [token], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 8])], path,
+    )
+
+
+def test_a_model_failing_its_forward_is_pointed_to_fold_shapes(tmp_path, caplog) -> None:
+    path = _class_token_net(tmp_path / "token.onnx")
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
+        load_onnx_model(path, tmp_path / "converted", {"x": [1, 4, 8]})
+    assert "fails on inputs of its shapes" in caplog.text and "fold_shapes=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
+        model = load_onnx_model(path, tmp_path / "folded", {"x": [1, 4, 8]}, fold_shapes=True)
+    assert "fails on inputs" not in caplog.text
+    x = np.random.default_rng(1).random((1, 4, 8)).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-6)
+
+
 def test_an_error_of_x2paddle_names_its_first_cause(tmp_path, monkeypatch) -> None:
     """x2paddle re-raises a node's error as "convert failed node: ..." without its message."""
     import x2paddle.convert
