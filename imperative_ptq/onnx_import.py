@@ -473,6 +473,20 @@ def _kernel_shapes_written(model) -> None:
         logger.info("wrote the kernel_shape of %d convs from their weights (x2paddle needs it)", written)
 
 
+def _inferred_values(model, rewritten: str) -> list | None:
+    """The ``ValueInfoProto`` of every tensor ONNX's shape inference types in ``model`` (inputs
+    and outputs included); ``None`` (logged) where it cannot read the model, whose
+    ``rewritten`` ops are then left as they are."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
+        logger.debug("ONNX shape inference failed (%s): %s left as they are", error, rewritten)
+        return None
+    return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+
+
 #: ONNX's integer element types.
 _INTEGER_TYPES = frozenset(range(2, 8)) | {12, 13}  # UINT8..INT64, UINT32, UINT64
 
@@ -485,20 +499,14 @@ def _integer_ops_typed(model) -> None:
     Cast(b, double)), type)`` (the cast truncates toward zero, as ONNX does); a ``CumSum`` of
     int32 (``paddle.cumsum`` returns int64; RoBERTa's position ids ``cumsum(mask) * mask``
     failed) gets a ``Cast`` back to its type."""
-    import onnx
     from onnx import TensorProto, helper
 
     if not any(node.op_type in ("Div", "CumSum") for node in model.graph.node):
         return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
-        logger.debug("ONNX shape inference failed (%s): integer ops left as they are", error)
+    values = _inferred_values(model, "integer ops")
+    if values is None:
         return
-    types = {
-        value.name: value.type.tensor_type.elem_type
-        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    }
+    types = {value.name: value.type.tensor_type.elem_type for value in values}
     types.update({initializer.name: initializer.data_type for initializer in model.graph.initializer})
     types.update({
         node.output[0]: node.attribute[0].t.data_type for node in model.graph.node
@@ -573,17 +581,14 @@ def _global_pools_as_reductions(model) -> None:
     Conv1D head) as ``ReduceMax``/``ReduceMean`` over its last axis: x2paddle converts it to
     Paddle's adaptive 1-D pool, which runs in dygraph but fails every export's trace (its
     ``output_size`` given as a list)."""
-    import onnx
     from onnx import helper
 
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
-        logger.debug("ONNX shape inference failed (%s): global pools left as they are", error)
+    values = _inferred_values(model, "global pools")
+    if values is None:
         return
     ranks = {
         value.name: len(value.type.tensor_type.shape.dim)
-        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        for value in values
         if value.type.tensor_type.HasField("shape")
     }
     reductions = {"GlobalMaxPool": "ReduceMax", "GlobalAveragePool": "ReduceMean"}

@@ -111,6 +111,12 @@ def _save(nodes, initializers, inputs, outputs, path) -> str:
     return str(path)
 
 
+def _computes_as_onnx_runtime(model: paddle.nn.Layer, path: str, x: np.ndarray, atol: float) -> None:
+    """The converted ``model`` computes what ONNX Runtime computes of the file at ``path``."""
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=atol)
+
+
 def _anchor_grid(path) -> str:
     """YOLOv8's head in small: a grid ``Range(0, W) + 0.5`` (no batch) reshaped to ``[1, -1]``
     and added to the input, whose own reshape to ``[1, 2, -1]`` is of the batch."""
@@ -216,8 +222,7 @@ def test_tflite_style_slopes_infinities_and_1d_global_pools_convert_and_export(t
     path = _tflite_style_net(tmp_path / "tflite_style.onnx")
     model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 8, 8]})
     x = np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)
-    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
     ptq = ip.ImperativePTQ()
     qmodel = ptq.quantize(model)
     rng = np.random.default_rng(2)
@@ -258,8 +263,7 @@ def test_parameters_pytorch_deduplicated_and_a_conv_without_kernel_shape_convert
     path = _pytorch_deduplicated_net(tmp_path / "deduplicated.onnx")
     model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 8, 8]})
     x = np.random.default_rng(1).standard_normal([1, 3, 8, 8]).astype(np.float32)
-    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
 
 
 def _constant(name: str, value, dtype=np.int64):
@@ -336,8 +340,7 @@ def _uneven_split_net(path) -> tuple[str, np.ndarray]:
 def test_integer_ops_and_uneven_splits_convert_as_onnx_defines_them(build, tmp_path) -> None:
     path, x = build(tmp_path / "net.onnx")
     model = load_onnx_model(path, tmp_path / "converted", {"x": list(x.shape)})
-    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-6)
+    _computes_as_onnx_runtime(model, path, x, 1e-6)
 
 
 def _channels_last_norm_net(path) -> str:
@@ -377,8 +380,7 @@ def test_fold_shapes_keeps_a_channels_last_norm_between_its_transposes(tmp_path)
     path = _channels_last_norm_net(tmp_path / "norm.onnx")
     model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 8, 6, 6]}, fold_shapes=True)
     x = np.random.default_rng(1).standard_normal([1, 8, 6, 6]).astype(np.float32)
-    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
 
 
 def _class_token_net(path) -> str:
@@ -411,8 +413,7 @@ def test_a_model_failing_its_forward_is_pointed_to_fold_shapes(tmp_path, caplog)
         model = load_onnx_model(path, tmp_path / "folded", {"x": [1, 4, 8]}, fold_shapes=True)
     assert "fails on inputs" not in caplog.text
     x = np.random.default_rng(1).random((1, 4, 8)).astype(np.float32)
-    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-6)
+    _computes_as_onnx_runtime(model, path, x, 1e-6)
 
 
 def test_an_error_of_x2paddle_names_its_first_cause(tmp_path, monkeypatch) -> None:

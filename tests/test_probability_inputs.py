@@ -10,9 +10,8 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict
 from imperative_ptq.session import hooked_states
-from ties import relative_error, simulation_up_to_ties
+from ties import assert_both_runtimes_compute_the_simulation
 
 nn = paddle.nn
 F = nn.functional
@@ -156,22 +155,14 @@ def test_attention_weights_keep_their_maximum_through_dropout() -> None:
 
 @pytest.mark.parametrize("target", ["x86", "x86-vnni"])
 def test_both_runtimes_compute_the_simulation(target: str, tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     paddle.seed(0)
     model = _DistributionHead("layer")
     model.eval()
     ptq, quantized = _calibrated(model, target)
     ptq.convert(quantized)
     spec = [paddle.static.InputSpec([2, 8, 8, 8], "float32", "x")]
-    ptq.save_quantized_model(quantized, str(tmp_path / "model"), input_spec=spec)
-    predictor = create_predictor(str(tmp_path / "model"))
-    session = ort.InferenceSession(
-        export_onnx(quantized, str(tmp_path / "model.onnx"), input_spec=spec), providers=["CPUExecutionProvider"]
-    )
-    for x in _inputs(3, 2):
-        for ran in (predict(predictor, x)[0], session.run(None, {"x": x})[0]):
-            simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
-            assert relative_error(ran, simulated) < 1e-5
+    assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, _inputs(3, 2), tmp_path)
 
 
 @pytest.mark.parametrize(

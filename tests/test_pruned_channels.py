@@ -14,9 +14,8 @@ import pytest
 from paddle import nn
 
 import imperative_ptq as ip
-from imperative_ptq.export import create_predictor, export_onnx, predict
 from imperative_ptq.quant_layers import QuantizedLayer, zero_channel_thresholds
-from ties import relative_error, simulation_up_to_ties
+from ties import assert_both_runtimes_compute_the_simulation
 
 PRUNED = [2, 5]
 
@@ -63,7 +62,7 @@ def _pruned_net(kind: str = "pruned") -> nn.Layer:
 def _runtimes_agree_with_simulation(model: nn.Layer, target: str, tmp_path) -> nn.Layer:
     """Quantizes, exports and runs ``model`` in Paddle Inference and ONNX Runtime, each
     checked against the simulation on four inputs; returns the converted model."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer(), target=target))
     quantized = ptq.quantize(model)
     rng = np.random.default_rng(0)
@@ -71,16 +70,8 @@ def _runtimes_agree_with_simulation(model: nn.Layer, target: str, tmp_path) -> n
         quantized(paddle.to_tensor(rng.random((1, 3, 16, 16), dtype=np.float32)))
     ptq.convert(quantized)
     spec = [paddle.static.InputSpec([1, 3, 16, 16], "float32", "x")]
-    ptq.save_quantized_model(quantized, str(tmp_path / "model"), input_spec=spec)
-    predictor = create_predictor(str(tmp_path / "model"))
-    session = ort.InferenceSession(
-        export_onnx(quantized, str(tmp_path / "model.onnx"), input_spec=spec), providers=["CPUExecutionProvider"]
-    )
-    for _ in range(4):
-        x = rng.random((1, 3, 16, 16), dtype=np.float32)
-        for ran in (predict(predictor, x)[0], session.run(None, {"x": x})[0]):
-            simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, 1e-5)
-            assert relative_error(ran, simulated) < 1e-5
+    inputs = [rng.random((1, 3, 16, 16), dtype=np.float32) for _ in range(4)]
+    assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, inputs, tmp_path)
     return quantized
 
 

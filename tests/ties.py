@@ -228,3 +228,24 @@ def simulation_up_to_ties(
                 break
         flipped.extend(site for unit in best for site in unit)
     return (run(flipped)[0] if flipped else output), flipped
+
+
+def assert_both_runtimes_compute_the_simulation(
+    ptq, quantized: paddle.nn.Layer, spec: list, inputs: Iterable[np.ndarray], directory, bound: float = 1e-5
+) -> None:
+    """Exports the converted ``quantized`` (of ``ptq``) to Paddle Inference and ONNX Runtime
+    and asserts that each computes its simulation on every input, ties aside."""
+    import onnxruntime
+
+    from imperative_ptq.export import create_predictor, export_onnx, predict
+
+    ptq.save_quantized_model(quantized, str(directory / "model"), input_spec=spec)
+    predictor = create_predictor(str(directory / "model"))
+    session = onnxruntime.InferenceSession(
+        export_onnx(quantized, str(directory / "model.onnx"), input_spec=spec), providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    for x in inputs:
+        for ran in (predict(predictor, x)[0], session.run(None, {name: x})[0]):
+            simulated, _ = simulation_up_to_ties(lambda: quantized(paddle.to_tensor(x)).numpy(), ran, bound)
+            assert relative_error(ran, simulated) < bound
