@@ -14,15 +14,15 @@ reason; this package keeps the calibrated maximum (at most 1, and finer steps wh
 calibration saw no probability near 1).
 
 :func:`install` puts :func:`route_softmax` in place of ``paddle.nn.functional.softmax`` (which
-``nn.Softmax`` calls) and :func:`route_dropout` in place of ``paddle.nn.functional.dropout``
+``nn.Softmax`` calls) and of the PyTorch-style ``Tensor.softmax(dim)``, and
+:func:`route_dropout` in place of ``paddle.nn.functional.dropout``
 (attention applies it to its weights, the same values outside training); each notes its output
 in the calibrating sessions (:func:`imperative_ptq.session.note_probabilities`), and the hook of
 a layer reading it sets :attr:`LayerState.probability_input`. :func:`probability_thresholds`
 then raises that layer's input thresholds to the maximum when the calibration table is built.
 
-Limits: probabilities reshaped, transposed or sliced before the layer reads them, and the
-PyTorch-style ``Tensor.softmax(dim)``, are not recognized (their layer keeps its algorithm's
-threshold); affine quantizers keep theirs.
+Limits: probabilities reshaped, transposed or sliced before the layer reads them are not
+recognized (their layer keeps its algorithm's threshold); affine quantizers keep theirs.
 """
 
 from __future__ import annotations
@@ -55,12 +55,27 @@ def install() -> None:
         for name, router in routers.items():
             if module is not None and getattr(module, name, None) is _original[name]:
                 setattr(module, name, router)
+    # The dygraph tensor's PyTorch-style method (YOLOv8's ``x.softmax(1)``); the legacy trace's
+    # Variable keeps its own (export.legacy_ops shims that one).
+    method = getattr(paddle.Tensor, "softmax", None)
+    if callable(method):
+        _original["tensor_softmax"] = method
+        paddle.Tensor.softmax = _route_softmax_method
 
 
 @paddle.jit.not_to_static
 def route_softmax(*args: Any, **kwargs: Any) -> Any:
     """``paddle.nn.functional.softmax``, its output noted as probabilities."""
     output = _original["softmax"](*args, **kwargs)
+    if paddle.in_dynamic_mode():
+        note_probabilities(output)
+    return output
+
+
+@paddle.jit.not_to_static
+def _route_softmax_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.softmax``, its output noted as probabilities."""
+    output = _original["tensor_softmax"](self, *args, **kwargs)
     if paddle.in_dynamic_mode():
         note_probabilities(output)
     return output

@@ -22,7 +22,8 @@ BINS = 16
 class _DistributionHead(nn.Layer):
     """YOLOv8's box head: a conv predicting ``4 x BINS`` logits per position, a softmax over the
     bins and a 1x1 conv with weights ``0 .. BINS - 1`` (the expected bin of each box side).
-    ``softmax``: ``"layer"`` (``nn.Softmax``, as x2paddle writes it) or ``"functional"``."""
+    ``softmax``: ``"layer"`` (``nn.Softmax``, as x2paddle writes it), ``"functional"`` or
+    ``"method"`` (PyTorch-style ``x.softmax(1)``, as YOLOv8's code reads ported)."""
 
     def __init__(self, softmax: str) -> None:
         super().__init__()
@@ -30,12 +31,18 @@ class _DistributionHead(nn.Layer):
         # Trained heads are confident: most positions put most of the mass on one bin or two.
         self.pred.weight.set_value(self.pred.weight * 6.0)
         self.softmax = nn.Softmax(axis=1) if softmax == "layer" else None
+        self.method = softmax == "method"
         self.project = nn.Conv2D(BINS, 1, 1, bias_attr=False)
         self.project.weight.set_value(paddle.arange(BINS, dtype="float32").reshape([1, BINS, 1, 1]))
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         logits = self.pred(x).reshape([0, 4, BINS, -1]).transpose([0, 2, 1, 3])
-        probabilities = self.softmax(logits) if self.softmax is not None else F.softmax(logits, axis=1)
+        if self.softmax is not None:
+            probabilities = self.softmax(logits)
+        elif self.method:
+            probabilities = logits.softmax(1)
+        else:
+            probabilities = F.softmax(logits, axis=1)
         return self.project(probabilities).squeeze(1)
 
 
@@ -67,7 +74,7 @@ def _largest_probability(model: _DistributionHead, batches: list[np.ndarray]) ->
     return largest
 
 
-@pytest.mark.parametrize("softmax", ["layer", "functional"])
+@pytest.mark.parametrize("softmax", ["layer", "functional", "method"])
 def test_a_conv_reading_probabilities_keeps_their_maximum(softmax: str) -> None:
     paddle.seed(0)
     model = _DistributionHead(softmax)
