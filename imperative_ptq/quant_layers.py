@@ -774,12 +774,15 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         )
         if self.runs_as_conv:
             paddle_fc_scales = False
-        #: The weight runs on one threshold, the largest of its calibrated ones.
+        #: The weight runs on one threshold, the largest of its calibrated ones: a square 2-D
+        #: weight, which the Paddle export stores per tensor on every target (see
+        #: export.weight_ops.int8_weight; on ``arm`` the simulation kept per-channel ones, and
+        #: the program's weight was 42% of the output off it on a Linear's small channels).
         self.shared_weight_threshold = bool(
-            paddle_fc_scales and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
+            weight.ndim == 2 and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
+            and weight_scales is None and not self.runs_as_conv
         )
         if self.shared_weight_threshold:
-            # The export stores square weights per tensor (see export.weight_ops.int8_weight).
             weight_thresholds = np.full_like(weight_thresholds, weight_thresholds.max())
         self.paddle_fc_scales = paddle_fc_scales
         # Paddle requantizes a conv's weight per output channel from its largest value: an
