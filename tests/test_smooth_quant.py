@@ -245,3 +245,28 @@ def test_ptq_config_smooths_the_groups_it_finds() -> None:
     ]
     assert all(not np.allclose(group.scales, 1.0) for group in groups)
     np.testing.assert_allclose(smoothed(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+class _FunctionalBlock(nn.Layer):
+    """A LayerNorm and a functional ``paddle.matmul`` on a parameter, as x2paddle converts a
+    transformer block (no ``nn.Linear``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.weight = self.create_parameter([16, 16])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(self.norm(x).reshape([0, -1, 16]), self.weight)
+
+
+def test_a_model_without_linear_layers_is_told_why_nothing_is_smoothed(caplog) -> None:
+    import logging
+
+    paddle.seed(0)
+    model = _FunctionalBlock()
+    model.eval()
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq.algorithms.smooth_quant"):
+        _, groups = smooth_quant(model, [paddle.randn([2, 4, 16])])
+    assert groups == []
+    assert "no nn.Linear" in caplog.text and "functional paddle.matmul" in caplog.text

@@ -200,7 +200,13 @@ def smooth_quant(
         groups = [list(g) for g in settings.groups]
         check_groups(groups, layers)
     if not groups:
-        logger.warning("SmoothQuant found no LayerNorm/Linear -> Linear group to smooth")
+        linears = sum(isinstance(layer, paddle.nn.Linear) for layer in layers.values())
+        logger.warning(
+            "SmoothQuant found no LayerNorm/Linear -> Linear group to smooth (it smooths "
+            "nn.Linear layers that read a LayerNorm's or Linear's output tensor itself%s)",
+            "; this model has no nn.Linear: a model converted from ONNX (x2paddle) multiplies by its "
+            "weights with functional paddle.matmul calls, after reshapes" if not linears else "",
+        )
         return model, []
     first_linears = [layers[group[1]] for group in groups]
     maxima, rows, ranks = _input_statistics(model, first_linears, batches)
