@@ -487,6 +487,17 @@ def _inferred_values(model, rewritten: str) -> list | None:
     return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
 
 
+def _constant_tensors(model) -> dict:
+    """The ``TensorProto`` of every constant of ``model``: its initializers and the values of
+    its ``Constant`` nodes, by name."""
+    constants = {initializer.name: initializer for initializer in model.graph.initializer}
+    constants.update({
+        node.output[0]: node.attribute[0].t for node in model.graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    })
+    return constants
+
+
 #: ONNX's integer element types.
 _INTEGER_TYPES = frozenset(range(2, 8)) | {12, 13}  # UINT8..INT64, UINT32, UINT64
 
@@ -507,11 +518,7 @@ def _integer_ops_typed(model) -> None:
     if values is None:
         return
     types = {value.name: value.type.tensor_type.elem_type for value in values}
-    types.update({initializer.name: initializer.data_type for initializer in model.graph.initializer})
-    types.update({
-        node.output[0]: node.attribute[0].t.data_type for node in model.graph.node
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-    })
+    types.update({name: tensor.data_type for name, tensor in _constant_tensors(model).items()})
     nodes = list(model.graph.node)
     del model.graph.node[:]
     divisions = cumsums = 0
@@ -548,11 +555,7 @@ def _uneven_splits_sliced(model) -> None:
     40, and the conversion failed with ``KeyError: 0``)."""
     from onnx import helper, numpy_helper
 
-    constants = {initializer.name: initializer for initializer in model.graph.initializer}
-    constants.update({
-        node.output[0]: node.attribute[0].t for node in model.graph.node
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-    })
+    constants = _constant_tensors(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     sliced = 0

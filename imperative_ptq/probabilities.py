@@ -60,25 +60,24 @@ def install() -> None:
     method = getattr(paddle.Tensor, "softmax", None)
     if callable(method):
         _original["tensor_softmax"] = method
-        paddle.Tensor.softmax = _route_softmax_method
+        paddle.Tensor.softmax = _noting("tensor_softmax")
 
 
-@paddle.jit.not_to_static
-def route_softmax(*args: Any, **kwargs: Any) -> Any:
-    """``paddle.nn.functional.softmax``, its output noted as probabilities."""
-    output = _original["softmax"](*args, **kwargs)
-    if paddle.in_dynamic_mode():
-        note_probabilities(output)
-    return output
+def _noting(original: str) -> Callable[..., Any]:
+    """``_original[original]``, its dygraph output noted as probabilities."""
+
+    @paddle.jit.not_to_static
+    def call(*args: Any, **kwargs: Any) -> Any:
+        output = _original[original](*args, **kwargs)
+        if paddle.in_dynamic_mode():
+            note_probabilities(output)
+        return output
+
+    return call
 
 
-@paddle.jit.not_to_static
-def _route_softmax_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """``Tensor.softmax``, its output noted as probabilities."""
-    output = _original["tensor_softmax"](self, *args, **kwargs)
-    if paddle.in_dynamic_mode():
-        note_probabilities(output)
-    return output
+#: ``paddle.nn.functional.softmax``, its output noted as probabilities.
+route_softmax = _noting("softmax")
 
 
 @paddle.jit.not_to_static

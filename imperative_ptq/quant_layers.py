@@ -32,6 +32,7 @@ __all__ = [
     "fake_quantize_symmetric",
     "first_input",
     "signed_input_floor",
+    "stored_per_tensor",
     "quantize_weight",
     "stored_weight_integers",
     "replace_sublayer",
@@ -305,18 +306,23 @@ def runtime_weight(
     return weight.astype(np.float32), thresholds.astype(np.float32)
 
 
+def stored_per_tensor(shape: Sequence[int]) -> bool:
+    """Whether the Paddle export stores a weight of ``shape`` on one per-tensor threshold, on
+    every target: a square 2-D weight. Paddle's quant_dequant_mkldnn_pass guesses the channel
+    axis of a 2-D weight from the number of scales and, for a square ``[in, out]`` weight,
+    applies them per input row (measured: logit cosine 0.49 on a 100x100 Linear); one
+    per-tensor threshold is read the same way on every axis."""
+    return len(shape) == 2 and shape[0] == shape[1]
+
+
 def stored_weight_thresholds(
     thresholds: np.ndarray, shape: tuple[int, ...], axis: int, factor: float = 1.0
 ) -> np.ndarray:
     """The per-output-channel thresholds the Paddle export stores a weight of ``shape`` with,
     its calibrated ``thresholds`` multiplied by ``factor`` in float32 (the u8 routes of
-    :mod:`imperative_ptq.export.unsigned` scale weights)."""
+    :mod:`imperative_ptq.export.unsigned` scale weights; :func:`stored_per_tensor`)."""
     thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1) * np.float32(factor)
-    if len(shape) == 2 and shape[0] == shape[1] and np.ptp(thresholds) > 0:
-        # Paddle's quant_dequant_mkldnn_pass guesses the channel axis of a 2-D weight from the
-        # number of scales and, for a square [in, out] weight, applies them per input row
-        # (measured: logit cosine 0.49 on a 100x100 Linear). One per-tensor threshold is read
-        # the same way on every axis.
+    if stored_per_tensor(shape) and np.ptp(thresholds) > 0:
         thresholds = np.full_like(thresholds, thresholds.max())
     if thresholds.size == 1:
         thresholds = np.full([shape[axis]], thresholds[0], dtype=np.float32)
@@ -534,8 +540,8 @@ def linear_runs_as_conv(weight: np.ndarray, thresholds: np.ndarray, bits: int, a
     if weight.ndim != 2 or not np.any(weight):
         return False
     conv_weight, _ = runtime_weight(quantize_weight(weight, thresholds, bits, axis), thresholds, bits, axis, fc=False)
-    if weight.shape[0] == weight.shape[1]:
-        thresholds = np.full_like(thresholds, thresholds.max())  # see QuantizedLayer
+    if stored_per_tensor(weight.shape):
+        thresholds = np.full_like(thresholds, thresholds.max())
     fc_weight, _ = runtime_weight(quantize_weight(weight, thresholds, bits, axis), thresholds, bits, axis, fc=True)
     added = float(np.linalg.norm(fc_weight - weight)) - float(np.linalg.norm(conv_weight - weight))
     return added > FC_WEIGHT_ERROR_LIMIT * float(np.linalg.norm(weight))
@@ -779,7 +785,7 @@ class QuantizedLayer(WrappedParameters, paddle.nn.Layer):
         #: export.weight_ops.int8_weight; on ``arm`` the simulation kept per-channel ones, and
         #: the program's weight was 42% of the output off it on a Linear's small channels).
         self.shared_weight_threshold = bool(
-            weight.ndim == 2 and weight.shape[0] == weight.shape[1] and weight_thresholds.size > 1
+            stored_per_tensor(weight.shape) and weight_thresholds.size > 1
             and weight_scales is None and not self.runs_as_conv
         )
         if self.shared_weight_threshold:

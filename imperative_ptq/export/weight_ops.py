@@ -240,12 +240,12 @@ def int8_weight(
     ``factor``: the weight tensor was multiplied by it (:mod:`.unsigned`), so are the
     thresholds here; the integers stay those of the converted layer.
     """
-    from ..quant_layers import quantize_weight, stored_weight_thresholds
+    from ..quant_layers import quantize_weight, stored_per_tensor, stored_weight_thresholds
 
     block = loaded.program.global_block()
     weight = get_tensor(loaded, weight_name).astype(np.float32)
     axis = int(record.weight_axis)
-    if weight.ndim == 2 and weight.shape[0] == weight.shape[1] and np.ptp(record.weight_thresholds) > 0:
+    if stored_per_tensor(weight.shape) and np.ptp(record.weight_thresholds) > 0:
         logger.warning(
             "square weight %s %s: exported with one per-tensor threshold instead of %d "
             "per-channel ones (Paddle Inference misreads per-channel scales of square weights)",
