@@ -14,14 +14,15 @@ largest weight range among them.
 
 ``alpha`` is searched on the calibration data: for each candidate the group's Linears are
 quantized as the target computes them (per-tensor abs-max input, on x86 a signed one on the
-shifted 7-bit grid; per-channel abs-max weight, and on x86 the weight Paddle Inference's fc
+shifted 7-bit grid; per-channel abs-max weight, one threshold for a square weight, which the
+Paddle export stores per tensor on every target, and on x86 the weight Paddle Inference's fc
 re-derives from it) on the cached inputs, and the
 ``alpha`` with the smallest output mean squared error wins, if it beats not smoothing at all
 (otherwise the group is left alone). That comparison matters on x86: Paddle's fc takes its
-weight scales from runs of the row-major weight, not per output channel (a square weight gets
-one scale), so the rows smoothing enlarges can cost more than the input gains (measured on a
-LayerNorm -> q, k, v block with two outlier channels: output MSE 32 -> 13941 when smoothed
-with alpha 0.6 regardless; 16 -> 6.7 on the arm target's true per-channel weights).
+weight scales from runs of the row-major weight, not per output channel, so the rows smoothing
+enlarges can cost more than the input gains (measured on a LayerNorm -> q, k, v block with two
+outlier channels: output MSE 32 -> 13941 when smoothed with alpha 0.6 regardless; on the arm
+target the same block's q, k, v output MSE falls 0.17 -> 0.035).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import paddle
 
 from ..batches import run_hooked
-from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight
+from ..quant_layers import MAX_FC_INPUT_RANK, paddle_fc_weight, stored_per_tensor
 from ..quantizers.qparams import symmetric_levels
 from ..shifted_input import shifted_grid, shifted_levels
 from ..targets import DEFAULT_TARGET, get_target
@@ -114,11 +115,12 @@ def _fake_quantize(x: np.ndarray, thresholds: np.ndarray, bits: int) -> np.ndarr
     return np.clip(np.round(x / step), -levels, levels) * step
 
 
-def _runtime_weight(weight: np.ndarray, bits: int, paddle_fc: bool) -> np.ndarray:
+def _runtime_weight(weight: np.ndarray, bits: int, paddle_fc: bool, runs_as_conv: bool) -> np.ndarray:
     """The ``[in, out]`` weight a Linear computes with: per-output-channel abs-max codes (one
-    threshold for a square weight under Paddle's fc), re-derived as Paddle's fc does."""
+    threshold for a square weight, which the Paddle export stores per tensor unless the Linear
+    runs as a 1x1 conv), re-derived as Paddle's fc does."""
     thresholds = np.abs(weight).max(axis=0, keepdims=True)
-    if paddle_fc and weight.shape[0] == weight.shape[1]:
+    if stored_per_tensor(weight.shape) and not runs_as_conv:
         thresholds = np.full_like(thresholds, thresholds.max())
     quantized = _fake_quantize(weight, thresholds, bits).astype(np.float32)
     if not paddle_fc:
@@ -141,14 +143,16 @@ def _quantized_input(x: np.ndarray, bits: int, shifted: bool) -> np.ndarray:
 
 def _group_error(
     rows: np.ndarray, weights: list[np.ndarray], scales: np.ndarray, bits: int, paddle_fc: bool,
-    shifted: bool,
+    runs_as_conv: bool, shifted: bool,
 ) -> float:
-    """Output mean squared error of the group quantized after smoothing with ``scales``."""
+    """Output mean squared error of the group quantized after smoothing with ``scales``
+    (``paddle_fc``: weights re-derived as Paddle's fc does; ``runs_as_conv``: the Linears run
+    as 1x1 convs on per-channel weights, square ones included)."""
     x = rows / scales
     xq = _quantized_input(x, bits, shifted)
     error = 0.0
     for weight in weights:
-        wq = _runtime_weight(weight * scales[:, None], bits, paddle_fc)
+        wq = _runtime_weight(weight * scales[:, None], bits, paddle_fc, runs_as_conv)
         error += float(np.mean((xq @ wq - rows @ weight) ** 2))
     return error
 
@@ -216,21 +220,23 @@ def smooth_quant(
     smoothed = []
     for group, activation_max, sample, rank in zip(groups, maxima, rows, ranks):
         producer, *linears = group
-        # On a rank-4 input (ConvNeXt's channels-last layers) the Paddle export runs the
-        # Linear layers as 1x1 convs on their own per-channel weights, not as Paddle's fc.
-        paddle_fc = target_fc and rank <= MAX_FC_INPUT_RANK
+        # On a rank-4 input (ConvNeXt's channels-last layers) the x86 export runs the Linear
+        # layers as 1x1 convs on their own per-channel weights, not as Paddle's fc.
+        runs_as_conv = target_fc and rank > MAX_FC_INPUT_RANK
+        paddle_fc = target_fc and not runs_as_conv
         weights = [layers[name].weight.numpy().astype(np.float64) for name in linears]
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         errors: dict[float | None, float] = {
             float(alpha): _group_error(
                 sample, weights, smoothing_scales(activation_max, weight_max, alpha),
-                settings.quant_bits, paddle_fc, shifted,
+                settings.quant_bits, paddle_fc, runs_as_conv, shifted,
             )
             for alpha in alphas
         }
         if settings.alpha is None:  # a searched alpha must beat leaving the group alone
             errors[None] = _group_error(
-                sample, weights, np.ones_like(activation_max), settings.quant_bits, paddle_fc, shifted
+                sample, weights, np.ones_like(activation_max), settings.quant_bits, paddle_fc, runs_as_conv,
+                shifted,
             )
         alpha = min(errors, key=errors.get)
         if alpha is None:
