@@ -399,6 +399,12 @@ CASES: dict[str, tuple[Callable[[], nn.Layer], bool]] = {
     # CLIP's pooled token: one position per row, picked by index tensors broadcast together.
     "broadcast_tensors": (lambda: _Function(
         lambda y: y[paddle.arange(paddle.shape(y)[0]), paddle.argmax(y.mean([2, 3]), -1)]), False),
+    # Elementwise ops of bool masks (x2paddle writes ONNX's Expand of a causal mask as
+    # paddle.full(True) * mask): ONNX's arithmetic takes no bool, they become And / Or.
+    "elementwise_mul/bool": (lambda: _Function(
+        lambda y: y * ((y > 0.2) * paddle.full([1, 1, SIZE, SIZE], True, "bool")).astype("float32")), True),
+    "elementwise_add/bool": (lambda: _Function(
+        lambda y: y * paddle.add(y > 0.6, y < 0.2).astype("float32")), True),
     "split/inferred_section": (lambda: _Function(
         lambda y: paddle.concat(paddle.split(y, [3, -1], axis=1)[::-1], axis=1)), True),
 }

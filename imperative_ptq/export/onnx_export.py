@@ -163,6 +163,11 @@ _ELEMENTWISE_OPS = {
     "elementwise_max": "Max",
 }
 
+#: The ONNX ops of Paddle's elementwise ops on bool tensors (ONNX's arithmetic takes no bool:
+#: x2paddle writes ONNX's ``Expand`` of a bool mask as ``paddle.full(True) * mask``, which a
+#: ``Mul`` made a file ONNX Runtime refuses, ``INVALID_GRAPH``).
+_BOOL_ELEMENTWISE_OPS = {"Mul": "And", "Add": "Or"}  # (Paddle has no other on bool)
+
 #: How a failed ONNX export ends its message.
 _PADDLE_EXPORT_ELSEWHERE = (
     "the Paddle Inference export (ImperativePTQ.save_quantized_model) does not go through "
@@ -1795,6 +1800,10 @@ class _Converter(FloatOpConverters, SpectralOpConverters, SimulatedLSTMConverter
             y = self._elementwise_operand(op, "Y")
         out = self._out(op)
         product = op.input("X")[0]
+        if numpy_dtype(self.block._find_var_recursive(product).dtype) == np.bool_:
+            if kind not in _BOOL_ELEMENTWISE_OPS:
+                raise NotImplementedError(f"{op.type} of bool tensors (writing {out}) is not exported")
+            kind = _BOOL_ELEMENTWISE_OPS[kind]
         if kind == "Add" and self._is_param(y_var) and product in self.integer_matmul_outputs:
             if self._integer_matmul_in_float(product, out):
                 kind = "Sum"
