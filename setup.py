@@ -24,9 +24,11 @@ setup(
         # onnx.mapping, which onnx removed in 1.19, and imports requests without declaring it.
         # pytest-xdist runs the suite on both cores of a CI machine, a file per worker so that
         # module fixtures are built once (14.5 -> 8.1 minutes on a 2-core AVX2 EPYC).
+        # onnxscript is what torch.onnx.export's default (dynamo) exporter runs on: the test of
+        # loading the opset-20 files it writes exports one.
         "test": [
             "pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "onnx==1.18.0", "onnxruntime",
-            "matplotlib", "x2paddle==1.6.0", "requests",
+            "matplotlib", "x2paddle==1.6.0", "requests", "onnxscript",
         ],
         # QDQ ONNX export (imperative_ptq.export.export_onnx) and running it.
         "export": ["onnx", "onnxruntime"],

@@ -6,6 +6,10 @@ x2paddle (``pip install x2paddle``) writes the Paddle code and weights of an ONN
 ``paddle.matmul`` calls on parameters are calibrated as Linear layers). On the way it handles
 what x2paddle 1.6.0 leaves to its user:
 
+* It refuses files of opsets 16 and newer (PyTorch's default dynamo exporter writes 20): they
+  are lowered to opset 15 first (:mod:`imperative_ptq.onnx_opsets`), and weights stored beside
+  the file (``<name>.onnx.data``) are read from its directory. A ``Gemm`` without its optional
+  bias (the dynamo exporter's Linear with a zero bias) gets a zero one.
 * ``HardSwish`` (MobileNetV3, PP-LCNet) has no converter: it is rewritten first as
   ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``, which computes the same values.
 * ``MaxPool``/``AveragePool`` with ``dilations=[1, 1]`` (every Ultralytics YOLOv8 export's SPPF
@@ -53,6 +57,7 @@ import numpy as np
 import paddle
 
 from .export.spec_check import error_summary
+from .onnx_opsets import constant_tensors, inferred_values, lowered_to_opset_15
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
 
@@ -68,7 +73,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 6
+_LOADER_VERSION = 7
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -110,7 +115,9 @@ def load_onnx_model(
         FileNotFoundError: ``onnx_path`` does not exist.
         TypeError: ``input_shapes`` is not a mapping of names to integer shapes, or
             ``dynamic_batch`` is not a bool.
-        ValueError: The file is already quantized, an ``input_shapes`` name is not an input of
+        ValueError: The file is already quantized, a node of opset 16 or newer has no opset-15
+            form (:func:`~imperative_ptq.onnx_opsets.lowered_to_opset_15`), an
+            ``input_shapes`` name is not an input of
             the model, ``dynamic_batch`` is given with a batch other than 1 or without fixed
             shapes, or the batch cannot be made dynamic (x2paddle wrote it elsewhere than in
             reshapes: the model does not compute two samples as a batch as it does alone).
@@ -134,11 +141,14 @@ def load_onnx_model(
     with open(onnx_path, "rb") as file:
         content = file.read()
     model = onnx.load_from_string(content)
+    external = any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
+    if external:  # weights in files beside it (PyTorch's dynamo exporter writes <name>.onnx.data)
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(onnx_path)))
     _check_inputs(model, onnx_path, shapes, dynamic_batch)
     stamp = {
         "loader": _LOADER_VERSION,
         "x2paddle": getattr(x2paddle, "__version__", ""),
-        "onnx_sha256": hashlib.sha256(content).hexdigest(),
+        "onnx_sha256": hashlib.sha256(model.SerializeToString() if external else content).hexdigest(),
         "input_shapes": shapes,
         "dynamic_batch": dynamic_batch,
         "fold_shapes": fold_shapes,
@@ -239,8 +249,9 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
 
         if stamp["fold_shapes"]:
             model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
-        onnx.save(_x2paddle_ready(model), source)
+        onnx.save(_x2paddle_ready(model, onnx_path), source)
         _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
+        _keepdims_as_bools(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:
             _make_batch_dynamic(onnx_path, staging, inputs)
@@ -300,7 +311,7 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
     # (x2paddle prints a line per node, kept for the debug log.)
     try:
         with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured):
+                contextlib.redirect_stderr(captured), _dygraph_files_only():
             onnx2paddle(
                 source, target, input_shape_dict=None if shapes is None else str(shapes),
                 disable_feedback=True,  # its feedback is a network call
@@ -332,6 +343,41 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
         )
 
 
+#: A ``keepdim`` x2paddle wrote as the ONNX integer.
+_INTEGER_KEEPDIM = re.compile(r"\bkeepdim=([01])\b")
+
+
+def _keepdims_as_bools(code_path: str) -> None:
+    """Rewrites ``keepdim=1`` / ``keepdim=0`` in x2paddle's code as ``True`` / ``False``: Paddle
+    3.3.1's ``paddle.sum(..., keepdim=1)`` aborts the process (``TypeError: Cannot interpret
+    '1' as a data type``, ``SIGABRT``); x2paddle writes the ONNX attribute as it is for
+    ``ReduceSum``."""
+    with open(code_path, encoding="utf-8") as file:
+        code = file.read()
+    fixed, count = _INTEGER_KEEPDIM.subn(lambda match: f"keepdim={bool(int(match.group(1)))}", code)
+    if count:
+        with open(code_path, "w", encoding="utf-8") as file:
+            file.write(fixed)
+        logger.info("wrote %d integer keepdim arguments of x2paddle's code as bools", count)
+
+
+@contextlib.contextmanager
+def _dygraph_files_only():
+    """x2paddle's conversion without the static model it saves last (``paddle.jit.save`` of its
+    own code), which this module never reads: saving it failed for PyTorch encoders' computed
+    reshapes (x2paddle then calls ``exit(0)``), aborted the process on Paddle 3.3.1 for any
+    ``ReduceSum`` with ``keepdims=1`` (see :func:`_keepdims_as_bools`), and took most of the
+    conversion's time."""
+    from x2paddle.core.program import PaddleGraph
+
+    original = PaddleGraph.dygraph2static
+    PaddleGraph.dygraph2static = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        PaddleGraph.dygraph2static = original
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The first exception of ``error``'s chain (x2paddle re-raises a node's error as
     "convert failed node: ..." without its message)."""
@@ -342,22 +388,28 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _x2paddle_ready(model):
-    """``model`` with what x2paddle 1.6.0 cannot read written otherwise: ``HardSwish`` as
+def _x2paddle_ready(model, onnx_path: str):
+    """``model`` with what x2paddle 1.6.0 cannot read written otherwise: opsets 16 and newer
+    lowered to 15 (:func:`~imperative_ptq.onnx_opsets.lowered_to_opset_15`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
     the kernel size, not ONNX's 1), and what :func:`_initializers_ready`,
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
-    :func:`_kernel_shapes_written`, :func:`_integer_ops_typed` and :func:`_uneven_splits_sliced`
-    rewrite."""
+    :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
+    :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
+    :func:`_norm_reductions_spelled_out` and :func:`_reduce_sums_one_axis_at_a_time` rewrite."""
     from onnx import helper
 
+    lowered_to_opset_15(model, onnx_path)
     _initializers_ready(model)
     _identities_of_initializers_copied(model)
     _global_pools_as_reductions(model)
     _kernel_shapes_written(model)
+    _gemm_biases_written(model)
     _integer_ops_typed(model)
     _uneven_splits_sliced(model)
+    _norm_reductions_spelled_out(model)
+    _reduce_sums_one_axis_at_a_time(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -455,6 +507,126 @@ def _identities_of_initializers_copied(model) -> None:
         )
 
 
+def _gemm_biases_written(model) -> None:
+    """Gives, in place, each ``Gemm`` without its optional ``C`` input a zero bias: x2paddle
+    reads a third input (``IndexError: list index out of range``); PyTorch's dynamo exporter
+    leaves it out of a Linear whose bias is zero."""
+    from onnx import numpy_helper
+
+    shapes = {initializer.name: list(initializer.dims) for initializer in model.graph.initializer}
+    written = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or (len(node.input) > 2 and node.input[2]) or shapes.get(node.input[1], []) == []:
+            continue
+        transposed = any(attribute.name == "transB" and attribute.i for attribute in node.attribute)
+        columns = shapes[node.input[1]][0 if transposed else 1]
+        bias = f"{node.output[0]}.zero_bias"
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros([columns], np.float32), bias))
+        del node.input[2:]
+        node.input.append(bias)
+        written += 1
+    if written:
+        logger.info("gave %d Gemm nodes without a bias a zero one (x2paddle reads a third input)", written)
+
+
+def _norm_reductions_spelled_out(model) -> None:
+    """Rewrites, in place, each ``ReduceL2`` as ``Sqrt(ReduceSum(x * x))`` and each ``ReduceL1``
+    as ``ReduceSum(Abs(x))``: x2paddle writes them as ``paddle.norm(p=2 / 1, axis=axes)``, which
+    over two axes is Paddle's *matrix* norm (the largest singular value; ConvNeXt-V2's GRN,
+    ``torch.norm(x, p=2, dim=(1, 2))``, computed the wrong values, and its SVD has no export)."""
+    from onnx import helper, numpy_helper
+
+    version = _opset_version(model)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    rewritten = 0
+    for node in nodes:
+        if node.op_type not in ("ReduceL1", "ReduceL2"):
+            model.graph.node.append(node)
+            continue
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        stem, squared = node.output[0], node.op_type == "ReduceL2"
+        terms, total = f"{stem}.terms", f"{stem}.sum" if squared else stem
+        model.graph.node.append(
+            helper.make_node("Mul", [node.input[0]] * 2, [terms]) if squared
+            else helper.make_node("Abs", [node.input[0]], [terms])
+        )
+        keepdims = int(attributes.get("keepdims", 1))
+        if "axes" not in attributes:
+            model.graph.node.append(helper.make_node("ReduceSum", [terms], [total], keepdims=keepdims))
+        elif version < 13:
+            model.graph.node.append(helper.make_node("ReduceSum", [terms], [total], keepdims=keepdims, axes=attributes["axes"]))
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(np.array(attributes["axes"], np.int64), f"{stem}.axes"))
+            model.graph.node.append(helper.make_node("ReduceSum", [terms, f"{stem}.axes"], [total], keepdims=keepdims))
+        if squared:
+            model.graph.node.append(helper.make_node("Sqrt", [total], [stem]))
+        rewritten += 1
+    if rewritten:
+        logger.info("spelled out %d ReduceL1/ReduceL2 nodes (x2paddle writes Paddle's matrix norms)", rewritten)
+
+
+def _reduce_sums_one_axis_at_a_time(model) -> None:
+    """Rewrites, in place, each ``ReduceSum`` whose axes are an input (opset 13 and later) for
+    x2paddle 1.6.0's reading of that form: a sum over several axes becomes one sum per axis
+    (it failed: "The truth value of an array with more than one element is ambiguous"), in an
+    order that keeps the indices of the axes still to sum; and ``keepdims`` is written out (it
+    took a missing one as 0, where ONNX's default is 1)."""
+    from onnx import helper, numpy_helper
+
+    constants = constant_tensors(model)
+
+    @functools.lru_cache(maxsize=None)
+    def ranks() -> dict[str, int]:
+        return {
+            value.name: len(value.type.tensor_type.shape.dim)
+            for value in inferred_values(model, "sums over axes of both signs") or []
+            if value.type.tensor_type.HasField("shape")
+        }
+
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    rewritten = 0
+    for node in nodes:
+        axes_input = node.input[1] if node.op_type == "ReduceSum" and len(node.input) > 1 else ""
+        if axes_input not in constants:
+            model.graph.node.append(node)
+            continue
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        keepdims = int(attributes.get("keepdims", 1))
+        axes = numpy_helper.to_array(constants[axes_input]).reshape(-1).astype(int).tolist()
+        if len(axes) <= 1:
+            model.graph.node.append(helper.make_node(
+                "ReduceSum", list(node.input), list(node.output), name=node.name, keepdims=keepdims,
+                noop_with_empty_axes=int(attributes.get("noop_with_empty_axes", 0)),
+            ))
+            rewritten += "keepdims" not in attributes
+            continue
+        if not keepdims:  # each sum drops its axis: the others must keep their indices
+            if all(axis >= 0 for axis in axes) or all(axis < 0 for axis in axes):
+                axes = sorted(axes, reverse=axes[0] >= 0)  # the last first; the most negative first
+            else:
+                rank = ranks().get(node.input[0])
+                if rank is None:  # (x2paddle then fails on the node, naming it)
+                    model.graph.node.append(node)
+                    continue
+                axes = sorted((axis % rank for axis in axes), reverse=True)
+        stem, value = node.output[0], node.input[0]
+        for index, axis in enumerate(axes):
+            out = node.output[0] if index == len(axes) - 1 else f"{stem}.sum{index}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{out}.axis"))
+            model.graph.node.append(helper.make_node("ReduceSum", [value, f"{out}.axis"], [out], keepdims=keepdims))
+            value = out
+        rewritten += 1
+    if rewritten:
+        logger.info("rewrote %d ReduceSum nodes for x2paddle (one axis at a time, keepdims written)", rewritten)
+
+
+def _opset_version(model) -> int:
+    """``model``'s default-domain opset."""
+    return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), 1)
+
+
 def _kernel_shapes_written(model) -> None:
     """Writes, in place, the optional ``kernel_shape`` of each ``Conv`` that lacks it from its
     weight initializer's shape (x2paddle failed: ``object of type 'NoneType' has no len()``)."""
@@ -473,31 +645,6 @@ def _kernel_shapes_written(model) -> None:
         logger.info("wrote the kernel_shape of %d convs from their weights (x2paddle needs it)", written)
 
 
-def _inferred_values(model, rewritten: str) -> list | None:
-    """The ``ValueInfoProto`` of every tensor ONNX's shape inference types in ``model`` (inputs
-    and outputs included); ``None`` (logged) where it cannot read the model, whose
-    ``rewritten`` ops are then left as they are."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
-        logger.debug("ONNX shape inference failed (%s): %s left as they are", error, rewritten)
-        return None
-    return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-
-
-def _constant_tensors(model) -> dict:
-    """The ``TensorProto`` of every constant of ``model``: its initializers and the values of
-    its ``Constant`` nodes, by name."""
-    constants = {initializer.name: initializer for initializer in model.graph.initializer}
-    constants.update({
-        node.output[0]: node.attribute[0].t for node in model.graph.node
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-    })
-    return constants
-
-
 #: ONNX's integer element types.
 _INTEGER_TYPES = frozenset(range(2, 8)) | {12, 13}  # UINT8..INT64, UINT32, UINT64
 
@@ -514,11 +661,11 @@ def _integer_ops_typed(model) -> None:
 
     if not any(node.op_type in ("Div", "CumSum") for node in model.graph.node):
         return
-    values = _inferred_values(model, "integer ops")
+    values = inferred_values(model, "integer ops")
     if values is None:
         return
     types = {value.name: value.type.tensor_type.elem_type for value in values}
-    types.update({name: tensor.data_type for name, tensor in _constant_tensors(model).items()})
+    types.update({name: tensor.data_type for name, tensor in constant_tensors(model).items()})
     nodes = list(model.graph.node)
     del model.graph.node[:]
     divisions = cumsums = 0
@@ -555,7 +702,7 @@ def _uneven_splits_sliced(model) -> None:
     40, and the conversion failed with ``KeyError: 0``)."""
     from onnx import helper, numpy_helper
 
-    constants = _constant_tensors(model)
+    constants = constant_tensors(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     sliced = 0
@@ -586,7 +733,7 @@ def _global_pools_as_reductions(model) -> None:
     ``output_size`` given as a list)."""
     from onnx import helper
 
-    values = _inferred_values(model, "global pools")
+    values = inferred_values(model, "global pools")
     if values is None:
         return
     ranks = {

@@ -266,6 +266,63 @@ def test_parameters_pytorch_deduplicated_and_a_conv_without_kernel_shape_convert
     _computes_as_onnx_runtime(model, path, x, 1e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_gemm_without_its_bias_converts(tmp_path, transposed: bool) -> None:
+    """PyTorch's dynamo exporter leaves the optional ``C`` out of a Linear's ``Gemm`` whose
+    bias is zero; x2paddle read a third input (``IndexError: list index out of range``)."""
+    weight = np.random.default_rng(0).standard_normal((6, 4) if transposed else (4, 6)).astype(np.float32)
+    path = _save(
+        [helper.make_node("Gemm", ["x", "weight"], ["y"], transB=int(transposed), alpha=1.0)],
+        [numpy_helper.from_array(weight, "weight")], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], tmp_path / "gemm.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [3, 4]})
+    x = np.random.default_rng(1).standard_normal([3, 4]).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
+
+
+def _reduction_net(path, op: str, opset: int, axes: list[int] | None, keepdims: int | None) -> str:
+    """One reduction of a ``[2, 4, 5, 3]`` input, its axes an attribute (before opset 13, and
+    for every op but ``ReduceSum`` up to opset 17) or an input."""
+    attributes = {} if keepdims is None else {"keepdims": keepdims}
+    inputs, initializers = ["x"], []
+    if axes is not None and op == "ReduceSum" and opset >= 13:
+        inputs.append("axes")
+        initializers.append(numpy_helper.from_array(np.array(axes, np.int64), "axes"))
+    elif axes is not None:
+        attributes["axes"] = axes
+    shape = [2, 4, 5, 3]
+    kept = keepdims is None or keepdims
+    reduced = [size for axis, size in enumerate(shape) if axes is not None and axis not in [a % 4 for a in axes]]
+    out_shape = [1 if axes is None or axis in [a % 4 for a in axes] else size for axis, size in enumerate(shape)] if kept else reduced
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], **attributes)], "reduction",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("op, opset, axes, keepdims", [
+    ("ReduceL2", 13, [1, 2], 1), ("ReduceL2", 11, [1, 2], 0), ("ReduceL1", 13, [-1, 1], 1), ("ReduceL2", 13, None, 0),
+    ("ReduceSum", 11, [1], 1), ("ReduceSum", 13, [1], 1), ("ReduceSum", 13, [1], None), ("ReduceSum", 13, [1, -1], 0),
+    ("ReduceSum", 13, [2, 1], 1), ("ReduceSum", 13, [-3, -1], 0), ("ReduceSum", 13, [3, -3], 0),
+])
+def test_norms_and_sums_compute_what_onnx_runtime_computes(tmp_path, op: str, opset: int, axes, keepdims) -> None:
+    """x2paddle writes ``ReduceL2``/``ReduceL1`` over two axes as Paddle's matrix norms (the
+    largest singular value: ConvNeXt-V2's GRN), a ``ReduceSum`` with ``keepdims=1`` as
+    ``paddle.sum(keepdim=1)``, which aborted the process, one without ``keepdims`` as if it
+    were 0, and fails on a sum over an axes input of several axes."""
+    path = _reduction_net(tmp_path / "reduction.onnx", op, opset, axes, keepdims)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [2, 4, 5, 3]})
+    x = np.random.default_rng(1).standard_normal([2, 4, 5, 3]).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
