@@ -1,4 +1,5 @@
-"""NaN/Inf weights and thresholds are refused at convert and at export, naming the layer."""
+"""NaN/Inf weights and thresholds are refused at convert and at export, naming the layer;
+activations of float32 denormals calibrate as zeros."""
 
 from __future__ import annotations
 
@@ -114,3 +115,31 @@ def test_export_refuses_non_finite_weights_and_thresholds(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"cannot export: layer 'fc' output thresholds are not finite"):
         ptq.save_quantized_model(other, prefix, _SPEC)
     assert _digests(prefix) == before
+
+
+@pytest.mark.parametrize("quantizer", [
+    "KLQuantizer", "HistQuantizer", "MSEQuantizer", "TensorRTKLQuantizer", "AbsmaxQuantizer",
+    "MovingAverageAbsmaxQuantizer", "MinMaxQuantizer",
+])
+def test_an_input_of_float32_denormals_calibrates_as_zero(quantizer: str, tmp_path) -> None:
+    """Activations that vanish below float32's smallest normal number (a random-weight
+    MobileViT's, ~1e-43) stopped the histogram quantizers ("Too many bins for data range");
+    no int8 scale of them is finite. They calibrate as zeros: threshold 0, finite outputs."""
+    import numpy as np
+
+    import imperative_ptq as ip
+
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(8, 8), paddle.nn.ReLU(), paddle.nn.Linear(8, 4))
+    model.eval()
+    rng = np.random.default_rng(0)
+    thresholds = {}
+    for scale in (0.0, 1e-43):
+        ptq = ImperativePTQ(PTQConfig(getattr(ip, quantizer)(), PerChannelAbsmaxQuantizer()))
+        qmodel = ptq.quantize(model)
+        ptq.calibrate(qmodel, [(rng.random([2, 8]) * scale).astype("float32") for _ in range(3)], progress=False)
+        thresholds[scale] = ptq.calibration_table(qmodel)["0"]["input"]
+    assert thresholds[1e-43] == thresholds[0.0]  # (the floor an all-zero input gets)
+    ptq.convert(qmodel)
+    x = paddle.to_tensor((rng.random([2, 8]) * 1e-43).astype("float32"))
+    assert np.isfinite(qmodel(x).numpy()).all()

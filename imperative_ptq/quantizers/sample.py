@@ -18,6 +18,9 @@ import paddle
 
 __all__ = ["SampleSide", "TensorSample", "exact_histogram"]
 
+#: float32's smallest normal number: a tensor no larger counts as zero (:meth:`TensorSample.abs_max`).
+_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
 #: Half-width, in bins, of the band around each bin edge inside which ``paddle.histogram`` and
 #: ``np.histogram`` may disagree. Both place a value within a few float32 ulps of its true
 #: position (at most ~6e-5 bins for 1024 bins), so 1e-3 bins is a wide safety margin.
@@ -119,7 +122,11 @@ class TensorSample:
         return int(self.abs_values.size)
 
     def abs_max(self) -> float:
-        """Largest finite ``|x|``; NaN and Inf are ignored (0.0 when nothing is finite)."""
+        """Largest finite ``|x|``; NaN and Inf are ignored (0.0 when nothing is finite), and so
+        is a largest value below float32's smallest normal number: no int8 scale of it is
+        finite (``127 / 1e-43`` overflows), and 1024 histogram bins over it have no distinct
+        float32 edges (a random-weight MobileViT's vanishing activations stopped KL
+        calibration: "Too many bins for data range")."""
         if self._abs_max is None:
             with paddle.no_grad():
                 value = float(paddle.max(self.abs_values)) if self.numel else 0.0
@@ -131,7 +138,7 @@ class TensorSample:
                         paddle.zeros_like(self.abs_values),
                     )
                     value = float(paddle.max(finite))
-            self._abs_max = value
+            self._abs_max = value if value >= _SMALLEST_NORMAL else 0.0
         return self._abs_max
 
     def histogram(self, bins: int, upper: float, exact_binning: bool = False) -> np.ndarray:
