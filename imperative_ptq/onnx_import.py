@@ -410,6 +410,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _uneven_splits_sliced(model)
     _norm_reductions_spelled_out(model)
     _reduce_sums_one_axis_at_a_time(model)
+    _gathers_of_index_arrays_flattened(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -620,6 +621,65 @@ def _reduce_sums_one_axis_at_a_time(model) -> None:
         rewritten += 1
     if rewritten:
         logger.info("rewrote %d ReduceSum nodes for x2paddle (one axis at a time, keepdims written)", rewritten)
+
+
+def _gathers_of_index_arrays_flattened(model) -> None:
+    """Rewrites, in place, each ``Gather`` of a constant index of rank 2 or more as a
+    ``Gather`` of the flattened index and a ``Reshape`` to ONNX's output shape
+    (``x.shape[:axis] + index.shape + x.shape[axis + 1:]``): x2paddle's ``paddle.gather``
+    reads the index as 1-D and dropped its extra axes (``torch.nn.Unfold`` as exported in
+    Hugging Face ConvBERT, whose next 6-axis transpose then failed). The trailing sizes come
+    from ONNX's shape inference, else from the input's shape at run time."""
+    from onnx import helper, numpy_helper
+
+    constants = constant_tensors(model)
+    gathers = [
+        node for node in model.graph.node
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in constants
+        and len(constants[node.input[1]].dims) >= 2
+    ]
+    if not gathers:
+        return
+    shapes = {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else 0 for dim in value.type.tensor_type.shape.dim]
+        for value in inferred_values(model, "gathers of index arrays") or []
+        if value.type.tensor_type.HasField("shape")
+    }
+    for node in gathers:
+        index = numpy_helper.to_array(constants[node.input[1]])
+        stem, out = node.output[0], node.output[0]
+        data_shape = shapes.get(node.input[0])
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 0)
+        rank = len(data_shape) if data_shape is not None else None
+        model.graph.initializer.append(numpy_helper.from_array(index.reshape(-1), f"{stem}.flat_index"))
+        node.input[1] = f"{stem}.flat_index"
+        node.output[0] = f"{stem}.flat"
+        position = list(model.graph.node).index(node)
+        if rank is not None and axis < 0:
+            axis += rank
+        if rank is not None and all(size > 0 for size in data_shape[axis + 1:]) and axis >= 0:
+            shape = [0] * axis + list(index.shape) + data_shape[axis + 1:]
+            model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{stem}.shape"))
+            reshape = [helper.make_node("Reshape", [node.output[0], f"{stem}.shape"], [out])]
+        else:
+            ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), f"{stem}.{name}")  # noqa: E731
+            model.graph.initializer.extend([
+                # (after the last axis, -1: an empty slice from "past the end")
+                ints("zero", [0]), ints("axis", [axis]), ints("after", [2 ** 62 if axis == -1 else axis + 1]),
+                ints("end", [2 ** 62]), ints("index_shape", list(index.shape)),
+            ])
+            reshape = [
+                helper.make_node("Shape", [node.input[0]], [f"{stem}.data_shape"]),
+                helper.make_node("Slice", [f"{stem}.data_shape", f"{stem}.zero", f"{stem}.axis"], [f"{stem}.leading"]),
+                helper.make_node("Slice", [f"{stem}.data_shape", f"{stem}.after", f"{stem}.end"], [f"{stem}.trailing"]),
+                helper.make_node(
+                    "Concat", [f"{stem}.leading", f"{stem}.index_shape", f"{stem}.trailing"], [f"{stem}.shape"], axis=0
+                ),
+                helper.make_node("Reshape", [node.output[0], f"{stem}.shape"], [out]),
+            ]
+        for offset, new in enumerate(reshape, start=1):
+            model.graph.node.insert(position + offset, new)
+    logger.info("flattened the index arrays of %d gathers (x2paddle reads an index as 1-D)", len(gathers))
 
 
 def _opset_version(model) -> int:

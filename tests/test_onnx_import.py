@@ -323,6 +323,29 @@ def test_norms_and_sums_compute_what_onnx_runtime_computes(tmp_path, op: str, op
     _computes_as_onnx_runtime(model, path, x, 1e-5)
 
 
+@pytest.mark.parametrize("shape, axis, index", [
+    ([1, 4, 3, 5, 6], 4, [[2]]), ([2, 4, 5], -1, [[0, 4], [1, 1], [3, 2]]), ([3, 4, 2], 0, [[2, 0]]),
+    (["batch", 4, "width"], 1, [[1, 3], [0, 2]]), ([2, 4, "width"], -2, [[3], [1]]),
+], ids=["unfold", "last-axis", "first-axis", "open-trailing-size", "open-last-size"])
+def test_a_gather_of_an_index_array_keeps_the_index_axes(tmp_path, shape, axis: int, index) -> None:
+    """ONNX's ``Gather`` output is ``x.shape[:axis] + index.shape + x.shape[axis + 1:]``;
+    x2paddle's ``paddle.gather`` read an index of rank 2 as 1-D (``torch.nn.Unfold`` in Hugging
+    Face ConvBERT; its next transpose failed). Sizes the file leaves open are read at run time."""
+    fixed = [2 if isinstance(size, str) else size for size in shape]
+    at = axis % len(shape)
+    out_shape = shape[:at] + list(np.shape(index)) + shape[at + 1:]
+    path = _save(
+        [helper.make_node("Gather", ["x", "index"], ["g"], axis=axis), helper.make_node("Relu", ["g"], ["y"])],
+        [numpy_helper.from_array(np.array(index, np.int64), "index")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], tmp_path / "gather.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": fixed})
+    x = np.random.default_rng(1).standard_normal(fixed).astype(np.float32)
+    assert list(model(paddle.to_tensor(x)).shape) == [2 if isinstance(size, str) else size for size in out_shape]
+    _computes_as_onnx_runtime(model, path, x, 0.0)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
