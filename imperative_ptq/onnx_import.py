@@ -411,6 +411,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _norm_reductions_spelled_out(model)
     _reduce_sums_one_axis_at_a_time(model)
     _gathers_of_index_arrays_flattened(model)
+    _gather_elements_indices_copied(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -680,6 +681,32 @@ def _gathers_of_index_arrays_flattened(model) -> None:
         for offset, new in enumerate(reshape, start=1):
             model.graph.node.insert(position + offset, new)
     logger.info("flattened the index arrays of %d gathers (x2paddle reads an index as 1-D)", len(gathers))
+
+
+def _gather_elements_indices_copied(model) -> None:
+    """Gives, in place, each ``GatherElements`` after the first that reads the same computed
+    index tensor an ``Identity`` copy of it: x2paddle 1.6.0 transposes the index's recorded shape in
+    place while converting the first, and the second was converted for the transposed shape
+    (DeBERTa-v2's relative-position attention: the converted model's forward failed)."""
+    from onnx import helper
+
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    seen: set[str] = set()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    copied = 0
+    for node in nodes:
+        if node.op_type == "GatherElements" and len(node.input) > 1:
+            index = node.input[1]
+            if index in seen and index not in initializers:  # (an initializer's shape stays)
+                copy = f"{node.output[0]}.index"
+                model.graph.node.append(helper.make_node("Identity", [index], [copy]))
+                node.input[1] = copy
+                copied += 1
+            seen.add(index)
+        model.graph.node.append(node)
+    if copied:
+        logger.info("copied the shared index of %d GatherElements (x2paddle reshapes it in place)", copied)
 
 
 def _opset_version(model) -> int:

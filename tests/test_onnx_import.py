@@ -346,6 +346,32 @@ def test_a_gather_of_an_index_array_keeps_the_index_axes(tmp_path, shape, axis: 
     _computes_as_onnx_runtime(model, path, x, 0.0)
 
 
+@pytest.mark.parametrize("computed", [True, False], ids=["computed-index", "initializer-index"])
+def test_gather_elements_sharing_an_index_convert(tmp_path, computed: bool) -> None:
+    """Two ``GatherElements`` reading one index (DeBERTa-v2's relative-position attention):
+    x2paddle transposed the index's recorded shape in place for the first, and the converted
+    model's forward failed on the second."""
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 16, size=[1 if computed else 4, 8, 8]).astype(np.int64)
+    initializers = [numpy_helper.from_array(index, "small" if computed else "index")]
+    nodes = []
+    if computed:
+        initializers.append(numpy_helper.from_array(np.array([4, 8, 8], np.int64), "shape"))
+        nodes.append(helper.make_node("Expand", ["small", "shape"], ["index"]))
+    nodes += [
+        helper.make_node("GatherElements", ["x", "index"], ["first"], axis=-1),
+        helper.make_node("GatherElements", ["x", "index"], ["second"], axis=-1),
+        helper.make_node("Mul", ["first", "second"], ["y"]),
+    ]
+    path = _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8, 8])], tmp_path / "gather_elements.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [4, 8, 16]})
+    x = rng.standard_normal([4, 8, 16]).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 0.0)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
