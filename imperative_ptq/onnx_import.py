@@ -311,7 +311,7 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
     # (x2paddle prints a line per node, kept for the debug log.)
     try:
         with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured), _dygraph_files_only():
+                contextlib.redirect_stderr(captured), _x2paddle_isolated():
             onnx2paddle(
                 source, target, input_shape_dict=None if shapes is None else str(shapes),
                 disable_feedback=True,  # its feedback is a network call
@@ -362,14 +362,23 @@ def _keepdims_as_bools(code_path: str) -> None:
 
 
 @contextlib.contextmanager
-def _dygraph_files_only():
-    """x2paddle's conversion without the static model it saves last (``paddle.jit.save`` of its
-    own code), which this module never reads: saving it failed for PyTorch encoders' computed
-    reshapes (x2paddle then calls ``exit(0)``), aborted the process on Paddle 3.3.1 for any
-    ``ReduceSum`` with ``keepdims=1`` (see :func:`_keepdims_as_bools`), and took most of the
-    conversion's time."""
+def _x2paddle_isolated():
+    """x2paddle's conversion on its own: without the static model it saves last
+    (``paddle.jit.save`` of its own code), which this module never reads (saving it failed for
+    PyTorch encoders' computed reshapes, x2paddle then calls ``exit(0)``; it aborted the process
+    on Paddle 3.3.1 for any ``ReduceSum`` with ``keepdims=1``, see :func:`_keepdims_as_bools`;
+    and took most of the conversion's time), and with none of the values its shape inference
+    computed for an earlier file: they live in a mutable default argument of
+    ``SymbolicShapeInference._infer_impl``, shared by every conversion in the process, and a
+    tensor named like one of an earlier model's (``shape``) took that one's value (a
+    ``GatherElements`` converted for the earlier model's input shape failed its forward)."""
     from x2paddle.core.program import PaddleGraph
+    from x2paddle.decoder.onnx_shape_inference import SymbolicShapeInference
 
+    defaults = SymbolicShapeInference._infer_impl.__defaults__ or ()
+    for default in defaults:
+        if isinstance(default, dict):
+            default.clear()
     original = PaddleGraph.dygraph2static
     PaddleGraph.dygraph2static = lambda self, *args, **kwargs: None
     try:
@@ -685,28 +694,33 @@ def _gathers_of_index_arrays_flattened(model) -> None:
 
 def _gather_elements_indices_copied(model) -> None:
     """Gives, in place, each ``GatherElements`` after the first that reads the same computed
-    index tensor an ``Identity`` copy of it: x2paddle 1.6.0 transposes the index's recorded shape in
-    place while converting the first, and the second was converted for the transposed shape
-    (DeBERTa-v2's relative-position attention: the converted model's forward failed)."""
-    from onnx import helper
+    index tensor its own copy, computed again by a copy of the node that wrote it: x2paddle
+    1.6.0 transposes the index's recorded shape in place while converting the first reader,
+    and the second was converted for the transposed shape (DeBERTa-v2's relative-position
+    attention: the converted model's forward failed)."""
+    import onnx
 
-    initializers = {initializer.name for initializer in model.graph.initializer}
+    writers = {output: node for node in model.graph.node for output in node.output}
     seen: set[str] = set()
     nodes = list(model.graph.node)
     del model.graph.node[:]
     copied = 0
     for node in nodes:
-        if node.op_type == "GatherElements" and len(node.input) > 1:
-            index = node.input[1]
-            if index in seen and index not in initializers:  # (an initializer's shape stays)
-                copy = f"{node.output[0]}.index"
-                model.graph.node.append(helper.make_node("Identity", [index], [copy]))
-                node.input[1] = copy
-                copied += 1
+        index = node.input[1] if node.op_type == "GatherElements" and len(node.input) > 1 else None
+        writer = writers.get(index)
+        if index in seen and writer is not None and len(writer.output) == 1:
+            again = onnx.NodeProto()
+            again.CopyFrom(writer)
+            again.name = ""
+            again.output[0] = f"{node.output[0]}.index"
+            model.graph.node.append(again)
+            node.input[1] = again.output[0]
+            copied += 1
+        if index is not None:
             seen.add(index)
         model.graph.node.append(node)
     if copied:
-        logger.info("copied the shared index of %d GatherElements (x2paddle reshapes it in place)", copied)
+        logger.info("computed the shared index of %d GatherElements again for each (x2paddle reshapes it in place)", copied)
 
 
 def _opset_version(model) -> int:

@@ -372,6 +372,25 @@ def test_gather_elements_sharing_an_index_convert(tmp_path, computed: bool) -> N
     _computes_as_onnx_runtime(model, path, x, 0.0)
 
 
+def test_a_conversion_reads_no_value_of_an_earlier_one(tmp_path) -> None:
+    """x2paddle 1.6.0's shape inference keeps the values it computes in a mutable default
+    argument, shared by every conversion of the process: a tensor named ``shape`` here took
+    the value of the earlier model's ``shape`` (``Shape(x)``, ``[1, 2, 8, 8]``), and the
+    GatherElements reading the index expanded to it was converted for that shape."""
+    load_onnx_model(_anchor_grid(tmp_path / "grid.onnx"), tmp_path / "earlier", {"x": [1, 2, 8, 8]})
+    rng = np.random.default_rng(0)
+    path = _save(
+        [helper.make_node("Expand", ["small", "shape"], ["index"]),
+         helper.make_node("GatherElements", ["x", "index"], ["y"], axis=-1)],
+        [numpy_helper.from_array(rng.integers(0, 16, size=[1, 8, 8]).astype(np.int64), "small"),
+         numpy_helper.from_array(np.array([4, 8, 8], np.int64), "shape")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8, 8])], tmp_path / "later.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "later", {"x": [4, 8, 16]})
+    _computes_as_onnx_runtime(model, path, rng.standard_normal([4, 8, 16]).astype(np.float32), 0.0)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
