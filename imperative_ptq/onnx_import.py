@@ -251,7 +251,7 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
             model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
         onnx.save(_x2paddle_ready(model, onnx_path), source)
         _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
-        _keepdims_as_bools(os.path.join(staging, _CODE))
+        _code_ready(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:
             _make_batch_dynamic(onnx_path, staging, inputs)
@@ -345,20 +345,25 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
 
 #: A ``keepdim`` x2paddle wrote as the ONNX integer.
 _INTEGER_KEEPDIM = re.compile(r"\bkeepdim=([01])\b")
+#: A numpy scalar as numpy 2 prints it (``np.int64(8)``, ``np.float32(0.5)``, ``np.True_``).
+_NUMPY_SCALAR = re.compile(r"\bnp\.(?:u?int\d+|float\d+|bool_?)\(([^()]*)\)|\bnp\.(True|False)_")
 
 
-def _keepdims_as_bools(code_path: str) -> None:
-    """Rewrites ``keepdim=1`` / ``keepdim=0`` in x2paddle's code as ``True`` / ``False``: Paddle
-    3.3.1's ``paddle.sum(..., keepdim=1)`` aborts the process (``TypeError: Cannot interpret
-    '1' as a data type``, ``SIGABRT``); x2paddle writes the ONNX attribute as it is for
-    ``ReduceSum``."""
+def _code_ready(code_path: str) -> None:
+    """Rewrites what Paddle 3.3.1 and numpy 2 cannot run in x2paddle's code: ``keepdim=1`` /
+    ``keepdim=0`` (written as the ONNX integer for ``ReduceSum``) as ``True`` / ``False``
+    (``paddle.sum(..., keepdim=1)`` aborts the process: ``TypeError: Cannot interpret '1' as a
+    data type``, ``SIGABRT``), and numpy scalars written as numpy 2 prints them
+    (``size=[np.int64(8), np.int64(10)]`` of a ``Resize`` by sizes; the code imports no
+    ``np``) as their values."""
     with open(code_path, encoding="utf-8") as file:
         code = file.read()
-    fixed, count = _INTEGER_KEEPDIM.subn(lambda match: f"keepdim={bool(int(match.group(1)))}", code)
-    if count:
+    fixed, keepdims = _INTEGER_KEEPDIM.subn(lambda match: f"keepdim={bool(int(match.group(1)))}", code)
+    fixed, scalars = _NUMPY_SCALAR.subn(lambda match: match.group(1) or match.group(2), fixed)
+    if keepdims or scalars:
         with open(code_path, "w", encoding="utf-8") as file:
             file.write(fixed)
-        logger.info("wrote %d integer keepdim arguments of x2paddle's code as bools", count)
+        logger.info("rewrote %d integer keepdim arguments and %d numpy scalars of x2paddle's code", keepdims, scalars)
 
 
 @contextlib.contextmanager
@@ -366,7 +371,7 @@ def _x2paddle_isolated():
     """x2paddle's conversion on its own: without the static model it saves last
     (``paddle.jit.save`` of its own code), which this module never reads (saving it failed for
     PyTorch encoders' computed reshapes, x2paddle then calls ``exit(0)``; it aborted the process
-    on Paddle 3.3.1 for any ``ReduceSum`` with ``keepdims=1``, see :func:`_keepdims_as_bools`;
+    on Paddle 3.3.1 for any ``ReduceSum`` with ``keepdims=1``, see :func:`_code_ready`;
     and took most of the conversion's time), and with none of the values its shape inference
     computed for an earlier file: they live in a mutable default argument of
     ``SymbolicShapeInference._infer_impl``, shared by every conversion in the process, and a
@@ -406,7 +411,9 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
     :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
-    :func:`_norm_reductions_spelled_out` and :func:`_reduce_sums_one_axis_at_a_time` rewrite."""
+    :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
+    :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied` and
+    :func:`_linear_resizes_ready` rewrite."""
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
@@ -421,6 +428,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _reduce_sums_one_axis_at_a_time(model)
     _gathers_of_index_arrays_flattened(model)
     _gather_elements_indices_copied(model)
+    _linear_resizes_ready(model, onnx_path)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -721,6 +729,64 @@ def _gather_elements_indices_copied(model) -> None:
         model.graph.node.append(node)
     if copied:
         logger.info("computed the shared index of %d GatherElements again for each (x2paddle reshapes it in place)", copied)
+
+
+#: ONNX Resize coordinate modes x2paddle 1.6.0 converts to Paddle's for linear interpolation.
+_LINEAR_RESIZE_MODES = frozenset({"pytorch_half_pixel", "align_corners"})
+
+
+def _linear_resizes_ready(model, onnx_path: str) -> None:
+    """Writes, in place, the ``half_pixel`` coordinates of each linear ``Resize`` (ONNX's
+    default, and what PyTorch writes for ``F.interpolate(mode="bilinear",
+    align_corners=False)``) as ``pytorch_half_pixel``, the same wherever no output size is 1:
+    x2paddle converts a ``Resize`` by scales in any mode but ``pytorch_half_pixel`` to Paddle's
+    ``align_corners=True`` (measured: 25% of the largest value off ONNX Runtime). Other
+    coordinate modes of a linear resize (``asymmetric``, ``tf_crop_and_resize``, ...) it
+    converts wrongly too: they raise a ``ValueError`` naming the nodes."""
+    from onnx import helper, numpy_helper
+
+    shapes = None
+    wrong = []
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type == "Resize":  # x2paddle reads each input by position: none left out
+            for position in range(1, len(node.input) - 1):
+                if not node.input[position]:
+                    node.input[position] = f"{node.output[0]}.empty{position}"
+                    model.graph.initializer.append(numpy_helper.from_array(np.zeros([0], np.float32), node.input[position]))
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        mode = attributes.get("mode", b"nearest")
+        if node.op_type != "Resize" or (mode.decode() if isinstance(mode, bytes) else mode) != "linear":
+            continue
+        coordinates = attributes.get("coordinate_transformation_mode", b"half_pixel")
+        coordinates = coordinates.decode() if isinstance(coordinates, bytes) else coordinates
+        if coordinates in _LINEAR_RESIZE_MODES:
+            continue
+        if coordinates != "half_pixel":
+            wrong.append(f"{node.name or node.output[0]!r} ({coordinates})")
+            continue
+        if shapes is None:
+            shapes = {
+                value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim]
+                for value in inferred_values(model, "linear resizes") or []
+                if value.type.tensor_type.HasField("shape")
+            }
+        if 1 in shapes.get(node.output[0], [])[2:]:
+            wrong.append(f"{node.name or node.output[0]!r} (half_pixel to a size of 1)")
+            continue
+        for attribute in list(node.attribute):
+            if attribute.name == "coordinate_transformation_mode":
+                node.attribute.remove(attribute)
+        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "pytorch_half_pixel"))
+        rewritten += 1
+    if wrong:
+        raise ValueError(
+            f"{onnx_path} has linear Resize nodes whose coordinates x2paddle 1.6.0 converts "
+            f"wrongly: {', '.join(wrong[:8])}; it converts half_pixel (to sizes above 1), "
+            f"pytorch_half_pixel and align_corners"
+        )
+    if rewritten:
+        logger.info("wrote the half_pixel coordinates of %d linear resizes as pytorch_half_pixel", rewritten)
 
 
 def _opset_version(model) -> int:

@@ -391,6 +391,42 @@ def test_a_conversion_reads_no_value_of_an_earlier_one(tmp_path) -> None:
     _computes_as_onnx_runtime(model, path, rng.standard_normal([4, 8, 16]).astype(np.float32), 0.0)
 
 
+def _linear_resize(path, coordinates: str | None, by_sizes: bool) -> str:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear")`` as ONNX writes it: a linear
+    ``Resize`` of a ``[1, 2, 4, 5]`` input by scales or by sizes, then a ``Relu``."""
+    attributes = {"mode": "linear"} | ({} if coordinates is None else {"coordinate_transformation_mode": coordinates})
+    if by_sizes:
+        inputs = ["x", "", "", "sizes"]
+        initializers = [numpy_helper.from_array(np.array([1, 2, 8, 10], np.int64), "sizes")]
+    else:
+        inputs = ["x", "", "scales"]
+        initializers = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    return _save(
+        [helper.make_node("Resize", inputs, ["r"], **attributes), helper.make_node("Relu", ["r"], ["y"])],
+        initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 10])], path,
+    )
+
+
+@pytest.mark.parametrize("coordinates", [None, "half_pixel", "pytorch_half_pixel", "align_corners"])
+@pytest.mark.parametrize("by_sizes", [False, True], ids=["scales", "sizes"])
+def test_linear_resizes_compute_what_onnx_runtime_computes(tmp_path, coordinates, by_sizes: bool) -> None:
+    """PyTorch's bilinear ``F.interpolate`` (``align_corners=False``) is a ``Resize`` with
+    ``half_pixel`` coordinates (ONNX's default), which x2paddle converted by scales to
+    Paddle's ``align_corners=True``: 25% of the largest value off, silently."""
+    path = _linear_resize(tmp_path / "resize.onnx", coordinates, by_sizes)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 2, 4, 5]})
+    x = np.random.default_rng(1).standard_normal([1, 2, 4, 5]).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 1e-5)
+
+
+def test_a_linear_resize_x2paddle_converts_wrongly_is_refused_by_name(tmp_path) -> None:
+    path = _linear_resize(tmp_path / "resize.onnx", "asymmetric", False)
+    with pytest.raises(ValueError, match=r"linear Resize nodes .* 'r' \(asymmetric\)"):
+        load_onnx_model(path, tmp_path / "converted", {"x": [1, 2, 4, 5]})
+    assert not (tmp_path / "converted").exists()
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
