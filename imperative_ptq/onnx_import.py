@@ -73,7 +73,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 7
+_LOADER_VERSION = 8
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -404,7 +404,8 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _x2paddle_ready(model, onnx_path: str):
     """``model`` with what x2paddle 1.6.0 cannot read written otherwise: opsets 16 and newer
-    lowered to 15 (:func:`~imperative_ptq.onnx_opsets.lowered_to_opset_15`), ``HardSwish`` as
+    lowered to 15 (:func:`~imperative_ptq.onnx_opsets.lowered_to_opset_15`), ``Constant`` values
+    of list or scalar form as tensors (:func:`_constants_as_tensors`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
     the kernel size, not ONNX's 1), and what :func:`_initializers_ready`,
@@ -417,6 +418,7 @@ def _x2paddle_ready(model, onnx_path: str):
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
+    _constants_as_tensors(model)
     _initializers_ready(model)
     _identities_of_initializers_copied(model)
     _global_pools_as_reductions(model)
@@ -787,6 +789,25 @@ def _linear_resizes_ready(model, onnx_path: str) -> None:
         )
     if rewritten:
         logger.info("wrote the half_pixel coordinates of %d linear resizes as pytorch_half_pixel", rewritten)
+
+
+def _constants_as_tensors(model) -> None:
+    """Writes, in place, each ``Constant`` node of a list or scalar value (``value_ints``,
+    ``value_float``, ...) with its value as a tensor, the one form x2paddle 1.6.0 converts
+    (``AttributeError: 'NoneType' object has no attribute 'dtype'``)."""
+    from onnx import helper
+
+    constants = constant_tensors(model)
+    written = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name != "value" \
+                and node.output[0] in constants:
+            model.graph.node[index].CopyFrom(
+                helper.make_node("Constant", [], list(node.output), name=node.name, value=constants[node.output[0]])
+            )
+            written += 1
+    if written:
+        logger.info("wrote the values of %d Constant nodes as tensors (x2paddle reads no other form)", written)
 
 
 def _opset_version(model) -> int:

@@ -53,6 +53,9 @@ _DROPPABLE_ATTRIBUTES = {
     "AveragePool": {"dilations": 1},
 }
 
+#: Attribute values added after opset 15 to attributes opset 15 has (they have no opset-15 form).
+_NEWER_VALUES = {("Pad", "mode"): {b"wrap"}, ("Resize", "coordinate_transformation_mode"): {b"half_pixel_symmetric"}}
+
 
 def _needs_shapes(node, attributes: dict) -> bool:
     """Whether lowering ``node`` reads a shape: a LayerNormalization's positive axis, a Split's
@@ -62,14 +65,28 @@ def _needs_shapes(node, attributes: dict) -> bool:
     return node.op_type == "Split" and "num_outputs" in attributes
 
 
+#: The numpy dtype of each list or scalar form of a ``Constant`` node's value.
+_CONSTANT_FORMS = {
+    "value_ints": np.int64, "value_int": np.int64, "value_floats": np.float32, "value_float": np.float32,
+}
+
+
 def constant_tensors(model) -> dict:
     """The ``TensorProto`` of every constant of ``model``: its initializers and the values of
-    its ``Constant`` nodes, by name."""
+    its ``Constant`` nodes (``value``, or a list or scalar: ``value_ints``, ``value_float``,
+    ...), by name."""
+    from onnx import helper, numpy_helper
+
     constants = {initializer.name: initializer for initializer in model.graph.initializer}
-    constants.update({
-        node.output[0]: node.attribute[0].t for node in model.graph.node
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-    })
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            continue
+        attribute = node.attribute[0]
+        if attribute.name == "value":
+            constants[node.output[0]] = attribute.t
+        elif attribute.name in _CONSTANT_FORMS:
+            value = np.asarray(helper.get_attribute_value(attribute), _CONSTANT_FORMS[attribute.name])
+            constants[node.output[0]] = numpy_helper.from_array(value, node.output[0])
     return constants
 
 
@@ -159,7 +176,7 @@ class _Lowering:
         }
 
     def lower(self, node) -> list:
-        from onnx import defs
+        from onnx import defs, helper
 
         if node.domain not in ("", "ai.onnx"):
             return [node]
@@ -175,6 +192,9 @@ class _Lowering:
         newer = sorted({attribute.name for attribute in node.attribute} - set(schema.attributes))
         if newer:
             raise _Unsupported(f"attributes {newer}")
+        for attribute in node.attribute:
+            if helper.get_attribute_value(attribute) in _NEWER_VALUES.get((node.op_type, attribute.name), ()):
+                raise _Unsupported(f"{attribute.name}={helper.get_attribute_value(attribute).decode()!r}")
         while node.input and not node.input[-1]:  # optional inputs left out
             del node.input[-1]
         if len(node.input) > schema.max_input:
@@ -227,16 +247,27 @@ class _Lowering:
             axis -= len(shape)
         axes = list(range(axis, 0))
         mean, centred, variance, deviation = (f"{stem}.{part}" for part in ("mean", "centred", "variance", "deviation"))
+        scale = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        # x2paddle fuses the Pow form into paddle.nn.LayerNorm(normalized_shape=[the scale's
+        # first size]): right for the last axis and 1-D parameters only (over [C, W] the
+        # converted model failed, and a used Mean output was lost); else the square is a Mul.
+        fusable = axes == [-1] and len(node.output) == 1 and all(
+            name is None or len(self.constants[name].dims) == 1 if name in self.constants else name is None
+            for name in (scale, bias)
+        )
+        squared = (
+            helper.make_node("Pow", [centred, self._constant(f"{stem}.two", 2.0)], [f"{stem}.squared"]) if fusable
+            else helper.make_node("Mul", [centred, centred], [f"{stem}.squared"])
+        )
         nodes = [
             helper.make_node("ReduceMean", [x], [mean], axes=axes, keepdims=1),
             helper.make_node("Sub", [x, mean], [centred]),
-            helper.make_node("Pow", [centred, self._constant(f"{stem}.two", 2.0)], [f"{stem}.squared"]),
+            squared,
             helper.make_node("ReduceMean", [f"{stem}.squared"], [variance], axes=axes, keepdims=1),
             helper.make_node("Add", [variance, self._constant(f"{stem}.epsilon", epsilon)], [f"{stem}.shifted"]),
             helper.make_node("Sqrt", [f"{stem}.shifted"], [deviation]),
         ]
-        scale = node.input[1] if len(node.input) > 1 and node.input[1] else None
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         steps = [("Div", deviation, f"{stem}.normalized")]
         if scale:
             steps.append(("Mul", scale, f"{stem}.scaled"))

@@ -106,6 +106,24 @@ def test_an_opset_17_model_keeps_its_reductions_axes_attributes(tmp_path) -> Non
     _runs_as_onnx_runtime(model, path, tmp_path)
 
 
+def test_a_layer_norm_over_two_axes_and_axes_from_a_list_constant(tmp_path) -> None:
+    """``nn.LayerNorm([C, W])`` (axis 1 of ``[N, C, W]``, a 2-D scale and bias): x2paddle fused
+    the lowered ``Pow`` form into ``paddle.nn.LayerNorm([C])``, whose forward failed; a
+    reduction's axes from a ``Constant`` of ``value_ints`` were refused as computed, and
+    x2paddle fails on such a ``Constant`` itself."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["norm"], axis=1),
+        helper.make_node("Constant", [], ["axes"], value_ints=[1]),
+        helper.make_node("ReduceMean", ["norm", "axes"], ["y"], keepdims=0),
+    ]
+    initializers = [_floats("gamma", rng.uniform(0.5, 1.5, (5, 8))), _floats("beta", rng.uniform(-1, 1, (5, 8)))]
+    model = _model(nodes, initializers, {"y": [2, 8]})
+    path = tmp_path / "two_axes.onnx"
+    onnx.save(model, path)
+    _runs_as_onnx_runtime(model, path, tmp_path)
+
+
 def test_the_lowered_model_is_an_opset_15_model() -> None:
     model = _opset_20_model()
     assert lowered_to_opset_15(model) == 9
@@ -138,6 +156,9 @@ def test_weights_in_a_file_beside_the_model_are_read_from_its_directory(tmp_path
     (helper.make_node("ReduceMean", ["x", "axes"], ["y"]), "axes computed by the graph"),
     (helper.make_node("Pad", ["x", "pads", "", "pad_axes"], ["y"]), "4 inputs"),
     (helper.make_node("Gelu", ["x"], ["y"], approximate="fast"), "approximate='fast'"),
+    (helper.make_node("Pad", ["x", "pads"], ["y"], mode="wrap"), "mode='wrap'"),
+    (helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                      coordinate_transformation_mode="half_pixel_symmetric"), "half_pixel_symmetric"),
 ])
 def test_what_opset_15_cannot_express_is_refused_by_name(tmp_path, node, named: str) -> None:
     initializers = [_floats("scales", [1, 1, 2]), _ints("pads", [0, 1, 1, 0, 1, 1]), _ints("pad_axes", [1, 2])]
