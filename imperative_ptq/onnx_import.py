@@ -413,8 +413,8 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
     :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
-    :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied` and
-    :func:`_linear_resizes_ready` rewrite."""
+    :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
+    :func:`_linear_resizes_ready` and :func:`_pad_values_shifted` rewrite."""
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
@@ -431,6 +431,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _gathers_of_index_arrays_flattened(model)
     _gather_elements_indices_copied(model)
     _linear_resizes_ready(model, onnx_path)
+    _pad_values_shifted(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -808,6 +809,38 @@ def _constants_as_tensors(model) -> None:
             written += 1
     if written:
         logger.info("wrote the values of %d Constant nodes as tensors (x2paddle reads no other form)", written)
+
+
+def _pad_values_shifted(model) -> None:
+    """Rewrites, in place, each constant-mode ``Pad`` of a non-zero constant value ``v`` (its
+    third input, opset 11 and later) as ``Pad(x - v, pads, 0) + v``: x2paddle reads the value
+    from the attribute of older opsets only and padded with 0 (``F.pad(x, pads, value=0.5)``
+    0.5 off, silently). The shifted form rounds inside values by at most an ulp."""
+    from onnx import helper, numpy_helper
+
+    constants = constant_tensors(model)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    rewritten = 0
+    for node in nodes:
+        value_name = node.input[2] if node.op_type == "Pad" and len(node.input) > 2 else ""
+        mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+        value = numpy_helper.to_array(constants[value_name]) if value_name in constants else None
+        if value is None or mode != b"constant" or not np.any(value) or value.dtype.kind != "f":
+            model.graph.node.append(node)
+            continue
+        stem = node.output[0]
+        zero = numpy_helper.from_array(np.zeros_like(value), f"{stem}.zero")
+        model.graph.initializer.append(zero)
+        padded = helper.make_node("Pad", [f"{stem}.shifted", node.input[1], zero.name] + list(node.input[3:]), [f"{stem}.padded"], mode="constant")
+        model.graph.node.extend([
+            helper.make_node("Sub", [node.input[0], value_name], [f"{stem}.shifted"]),
+            padded,
+            helper.make_node("Add", [f"{stem}.padded", value_name], [stem]),
+        ])
+        rewritten += 1
+    if rewritten:
+        logger.info("padded %d Pad nodes of a non-zero value as a shift (x2paddle pads with 0)", rewritten)
 
 
 def _opset_version(model) -> int:

@@ -427,6 +427,22 @@ def test_a_linear_resize_x2paddle_converts_wrongly_is_refused_by_name(tmp_path) 
     assert not (tmp_path / "converted").exists()
 
 
+@pytest.mark.parametrize("shape, pads", [([1, 2, 4, 4], [0, 0, 2, 1, 0, 0, 2, 1]), ([1, 2, 5], [0, 0, 1, 0, 0, 2])])
+def test_a_pad_of_a_non_zero_value_pads_with_it(tmp_path, shape, pads) -> None:
+    """``F.pad(x, pads, value=0.5)``: ONNX's ``Pad`` reads the value as an input since opset
+    11; x2paddle read it from the older attribute only and padded with 0, silently."""
+    path = _save(
+        [helper.make_node("Pad", ["x", "pads", "value"], ["y"], mode="constant")],
+        [numpy_helper.from_array(np.array(pads, np.int64), "pads"), numpy_helper.from_array(np.array(0.5, np.float32), "value")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [a + b + c for a, b, c in zip(shape, pads[:len(shape)], pads[len(shape):])])],
+        tmp_path / "pad.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": shape})
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 1e-6)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
