@@ -73,7 +73,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 8
+_LOADER_VERSION = 9
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -414,7 +414,8 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
     :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
     :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
-    :func:`_linear_resizes_ready` and :func:`_pad_values_shifted` rewrite."""
+    :func:`_linear_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`
+    and :func:`_squares_of_multi_axis_means_multiplied` rewrite."""
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
@@ -432,6 +433,8 @@ def _x2paddle_ready(model, onnx_path: str):
     _gather_elements_indices_copied(model)
     _linear_resizes_ready(model, onnx_path)
     _pad_values_shifted(model)
+    _squeezes_given_axes(model)
+    _squares_of_multi_axis_means_multiplied(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -841,6 +844,84 @@ def _pad_values_shifted(model) -> None:
         rewritten += 1
     if rewritten:
         logger.info("padded %d Pad nodes of a non-zero value as a shift (x2paddle pads with 0)", rewritten)
+
+
+def _squeezes_given_axes(model) -> None:
+    """Gives, in place, each ``Squeeze`` without axes (every axis of size 1: PyTorch's default
+    exporter writes ``x.mean()`` as ``ReduceMean`` and such a ``Squeeze``) its axes, from
+    ONNX's shape inference: x2paddle reads them by position (``IndexError``)."""
+    from onnx import helper, numpy_helper
+
+    squeezes = [
+        node for node in model.graph.node
+        if node.op_type == "Squeeze" and len([name for name in node.input if name]) == 1
+        and not any(attribute.name == "axes" for attribute in node.attribute)
+    ]
+    if not squeezes:
+        return
+    shapes = {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        for value in inferred_values(model, "squeezes without axes") or []
+        if value.type.tensor_type.HasField("shape")
+    }
+    given = 0
+    for node in squeezes:
+        shape = shapes.get(node.input[0])
+        if shape is None or None in shape:
+            continue
+        # One axis per Squeeze, the last first (x2paddle also fails on several axes given as
+        # an input: "The truth value of an array ... is ambiguous").
+        axes = [axis for axis, size in enumerate(shape) if size == 1][::-1]
+        if not axes:
+            continue
+        position = list(model.graph.node).index(node)
+        source, stem = node.input[0], node.output[0]
+        chain = []
+        for index, axis in enumerate(axes):
+            out = stem if index == len(axes) - 1 else f"{stem}.squeezed{index}"
+            if _opset_version(model) >= 13:
+                model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{out}.axis"))
+                chain.append(helper.make_node("Squeeze", [source, f"{out}.axis"], [out]))
+            else:
+                chain.append(helper.make_node("Squeeze", [source], [out], axes=[axis]))
+            source = out
+        model.graph.node.remove(node)
+        for offset, new in enumerate(chain):
+            model.graph.node.insert(position + offset, new)
+        given += 1
+    if given:
+        logger.info("wrote the axes of %d squeezes without them (x2paddle reads them by position)", given)
+
+
+def _squares_of_multi_axis_means_multiplied(model) -> None:
+    """Rewrites, in place, each ``Pow(x, 2)`` read by a ``ReduceMean`` over several axes as
+    ``Mul(x, x)``: x2paddle fuses PyTorch's LayerNorm pattern (``ReduceMean -> Sub -> Pow ->
+    ReduceMean -> ...``) into ``paddle.nn.LayerNorm([the scale's first size])``, whatever its
+    axes (``nn.LayerNorm([C, W])`` at opset 15 and older: the converted model's forward
+    failed)."""
+    from onnx import helper, numpy_helper
+
+    constants = constant_tensors(model)
+    multi_axis_means = set()
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean":
+            continue
+        axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+        if axes is None and len(node.input) > 1 and node.input[1] in constants:
+            axes = numpy_helper.to_array(constants[node.input[1]]).reshape(-1).tolist()
+        if axes is not None and len(axes) > 1:
+            multi_axis_means.add(node.input[0])
+    rewritten = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "Pow" and node.output[0] in multi_axis_means and node.input[1] in constants \
+                and numpy_helper.to_array(constants[node.input[1]]).size == 1 \
+                and float(numpy_helper.to_array(constants[node.input[1]]).reshape(-1)[0]) == 2.0:
+            model.graph.node[index].CopyFrom(
+                helper.make_node("Mul", [node.input[0], node.input[0]], list(node.output), name=node.name)
+            )
+            rewritten += 1
+    if rewritten:
+        logger.info("wrote %d squares before means over several axes as products (x2paddle's LayerNorm fusion)", rewritten)
 
 
 def _opset_version(model) -> int:

@@ -443,6 +443,51 @@ def test_a_pad_of_a_non_zero_value_pads_with_it(tmp_path, shape, pads) -> None:
     _computes_as_onnx_runtime(model, path, x, 1e-6)
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_a_squeeze_without_axes_squeezes_every_axis_of_size_one(tmp_path, opset: int) -> None:
+    """PyTorch's default exporter writes ``x.mean()`` as a ``ReduceMean`` keeping its axes and
+    a ``Squeeze`` without axes; x2paddle read the axes by position (``IndexError``)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=1), helper.make_node("Squeeze", ["mean"], ["m"]),
+         helper.make_node("Add", ["x", "m"], ["y"])], "graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    path = str(tmp_path / "mean.onnx")
+    onnx.save(model, path)
+    converted = load_onnx_model(path, tmp_path / "converted", {"x": [2, 5]})
+    _computes_as_onnx_runtime(converted, path, np.random.default_rng(1).standard_normal([2, 5]).astype(np.float32), 1e-6)
+
+
+def test_a_layer_norm_over_two_axes_spelled_out_converts(tmp_path) -> None:
+    """``nn.LayerNorm([C, W])`` as PyTorch writes it at opset 15 and older (``ReduceMean`` over
+    two axes, ``Pow``, ...): x2paddle fused it into ``paddle.nn.LayerNorm([C])``, whose forward
+    failed."""
+    rng = np.random.default_rng(0)
+    floats = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-2, -1], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Pow", ["centred", "two"], ["squared"]),
+        helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-2, -1], keepdims=1),
+        helper.make_node("Add", ["variance", "epsilon"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["deviation"]),
+        helper.make_node("Div", ["centred", "deviation"], ["normalized"]),
+        helper.make_node("Mul", ["normalized", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["y"]),
+    ]
+    path = _save(
+        nodes, [floats("two", 2.0), floats("epsilon", 1e-5), floats("gamma", rng.uniform(0.5, 1.5, (3, 5))),
+                floats("beta", rng.uniform(-1, 1, (3, 5)))],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])], tmp_path / "norm.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [2, 3, 5]})
+    _computes_as_onnx_runtime(model, path, rng.standard_normal([2, 3, 5]).astype(np.float32), 1e-5)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
