@@ -73,7 +73,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 9
+_LOADER_VERSION = 10
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -414,8 +414,9 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
     :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
     :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
-    :func:`_linear_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`
-    and :func:`_squares_of_multi_axis_means_multiplied` rewrite."""
+    :func:`_linear_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`,
+    :func:`_squares_of_multi_axis_means_multiplied` and :func:`_recurrent_outputs_named`
+    rewrite."""
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
@@ -435,6 +436,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _pad_values_shifted(model)
     _squeezes_given_axes(model)
     _squares_of_multi_axis_means_multiplied(model)
+    _recurrent_outputs_named(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -922,6 +924,29 @@ def _squares_of_multi_axis_means_multiplied(model) -> None:
             rewritten += 1
     if rewritten:
         logger.info("wrote %d squares before means over several axes as products (x2paddle's LayerNorm fusion)", rewritten)
+
+
+#: Outputs of ONNX's recurrent ops (``Y``, ``Y_h`` and, for an LSTM, ``Y_c``).
+_RECURRENT_OUTPUTS = {"LSTM": 3, "GRU": 2, "RNN": 2}
+
+
+def _recurrent_outputs_named(model) -> None:
+    """Names, in place, the optional outputs a recurrent node leaves out (PyTorch's default
+    exporter writes an ``nn.LSTM`` whose states are unused with its ``Y`` only): x2paddle
+    reads each by position ("Output numbers of Node ... is 1 <= index:1")."""
+    named = 0
+    for node in model.graph.node:
+        count = _RECURRENT_OUTPUTS.get(node.op_type)
+        if count is None or (len(node.output) >= count and all(node.output[:count])):
+            continue
+        while len(node.output) < count:
+            node.output.append("")
+        for position in range(count):
+            if not node.output[position]:
+                node.output[position] = f"{node.name or node.output[0]}.unused_output{position}"
+        named += 1
+    if named:
+        logger.info("named the left-out outputs of %d recurrent nodes (x2paddle reads them by position)", named)
 
 
 def _opset_version(model) -> int:

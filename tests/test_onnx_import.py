@@ -488,6 +488,28 @@ def test_a_layer_norm_over_two_axes_spelled_out_converts(tmp_path) -> None:
     _computes_as_onnx_runtime(model, path, rng.standard_normal([2, 3, 5]).astype(np.float32), 1e-5)
 
 
+def test_an_lstm_returning_its_sequence_only_converts(tmp_path) -> None:
+    """PyTorch's default exporter writes an ``nn.LSTM`` whose states are unused with its ``Y``
+    output only; x2paddle read the others by position ("Output numbers of Node ... is 1")."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+        for name, shape in (("W", [1, 16, 5]), ("R", [1, 16, 4]), ("B", [1, 32]), ("h0", [1, 1, 4]), ("c0", [1, 1, 4]))
+    ]
+    path = _save(
+        [helper.make_node("LSTM", ["x", "W", "R", "B", "", "h0", "c0"], ["y"], hidden_size=4)], weights,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 1, 4])], tmp_path / "lstm.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [3, 1, 5]})
+    x = rng.standard_normal([3, 1, 5]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    output = model(paddle.to_tensor(x))
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    np.testing.assert_allclose(output.numpy().reshape(expected.shape), expected, rtol=0, atol=1e-6)
+    assert list(output.shape) == list(expected.shape)
+
+
 def _constant(name: str, value, dtype=np.int64):
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype), name))
 
