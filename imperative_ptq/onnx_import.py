@@ -57,7 +57,7 @@ import numpy as np
 import paddle
 
 from .export.spec_check import error_summary
-from .onnx_opsets import constant_tensors, inferred_values, lowered_to_opset_15
+from .onnx_opsets import constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
 
@@ -563,7 +563,7 @@ def _norm_reductions_spelled_out(model) -> None:
     ``torch.norm(x, p=2, dim=(1, 2))``, computed the wrong values, and its SVD has no export)."""
     from onnx import helper, numpy_helper
 
-    version = _opset_version(model)
+    version = default_opset(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = 0
@@ -605,11 +605,7 @@ def _reduce_sums_one_axis_at_a_time(model) -> None:
 
     @functools.lru_cache(maxsize=None)
     def ranks() -> dict[str, int]:
-        return {
-            value.name: len(value.type.tensor_type.shape.dim)
-            for value in inferred_values(model, "sums over axes of both signs") or []
-            if value.type.tensor_type.HasField("shape")
-        }
+        return {name: len(shape) for name, shape in inferred_shapes(model, "sums over axes of both signs").items()}
 
     nodes = list(model.graph.node)
     del model.graph.node[:]
@@ -666,11 +662,7 @@ def _gathers_of_index_arrays_flattened(model) -> None:
     ]
     if not gathers:
         return
-    shapes = {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else 0 for dim in value.type.tensor_type.shape.dim]
-        for value in inferred_values(model, "gathers of index arrays") or []
-        if value.type.tensor_type.HasField("shape")
-    }
+    shapes = inferred_shapes(model, "gathers of index arrays")
     for node in gathers:
         index = numpy_helper.to_array(constants[node.input[1]])
         stem, out = node.output[0], node.output[0]
@@ -683,7 +675,7 @@ def _gathers_of_index_arrays_flattened(model) -> None:
         position = list(model.graph.node).index(node)
         if rank is not None and axis < 0:
             axis += rank
-        if rank is not None and all(size > 0 for size in data_shape[axis + 1:]) and axis >= 0:
+        if rank is not None and all(data_shape[axis + 1:]) and axis >= 0:  # (no size open or 0)
             shape = [0] * axis + list(index.shape) + data_shape[axis + 1:]
             model.graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{stem}.shape"))
             reshape = [helper.make_node("Reshape", [node.output[0], f"{stem}.shape"], [out])]
@@ -774,11 +766,7 @@ def _linear_resizes_ready(model, onnx_path: str) -> None:
             wrong.append(f"{node.name or node.output[0]!r} ({coordinates})")
             continue
         if shapes is None:
-            shapes = {
-                value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim]
-                for value in inferred_values(model, "linear resizes") or []
-                if value.type.tensor_type.HasField("shape")
-            }
+            shapes = inferred_shapes(model, "linear resizes")
         if 1 in shapes.get(node.output[0], [])[2:]:
             wrong.append(f"{node.name or node.output[0]!r} (half_pixel to a size of 1)")
             continue
@@ -861,11 +849,7 @@ def _squeezes_given_axes(model) -> None:
     ]
     if not squeezes:
         return
-    shapes = {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
-        for value in inferred_values(model, "squeezes without axes") or []
-        if value.type.tensor_type.HasField("shape")
-    }
+    shapes = inferred_shapes(model, "squeezes without axes")
     given = 0
     for node in squeezes:
         shape = shapes.get(node.input[0])
@@ -881,7 +865,7 @@ def _squeezes_given_axes(model) -> None:
         chain = []
         for index, axis in enumerate(axes):
             out = stem if index == len(axes) - 1 else f"{stem}.squeezed{index}"
-            if _opset_version(model) >= 13:
+            if default_opset(model) >= 13:
                 model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{out}.axis"))
                 chain.append(helper.make_node("Squeeze", [source, f"{out}.axis"], [out]))
             else:
@@ -947,11 +931,6 @@ def _recurrent_outputs_named(model) -> None:
         named += 1
     if named:
         logger.info("named the left-out outputs of %d recurrent nodes (x2paddle reads them by position)", named)
-
-
-def _opset_version(model) -> int:
-    """``model``'s default-domain opset."""
-    return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), 1)
 
 
 def _kernel_shapes_written(model) -> None:
@@ -1060,14 +1039,7 @@ def _global_pools_as_reductions(model) -> None:
     ``output_size`` given as a list)."""
     from onnx import helper
 
-    values = inferred_values(model, "global pools")
-    if values is None:
-        return
-    ranks = {
-        value.name: len(value.type.tensor_type.shape.dim)
-        for value in values
-        if value.type.tensor_type.HasField("shape")
-    }
+    ranks = {name: len(shape) for name, shape in inferred_shapes(model, "global pools").items()}
     reductions = {"GlobalMaxPool": "ReduceMax", "GlobalAveragePool": "ReduceMean"}
     rewritten = 0
     for index, node in enumerate(model.graph.node):

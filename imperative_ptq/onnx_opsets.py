@@ -29,7 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["X2PADDLE_OPSET", "constant_tensors", "inferred_values", "lowered_to_opset_15"]
+__all__ = [
+    "X2PADDLE_OPSET", "constant_tensors", "default_opset", "inferred_shapes", "inferred_values",
+    "lowered_to_opset_15",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,22 @@ def inferred_values(model, rewritten: str) -> list | None:
     return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
 
 
+def inferred_shapes(model, rewritten: str) -> dict[str, list[int | None]]:
+    """The shape of every tensor ONNX's shape inference types in ``model`` (``None`` for a size
+    it leaves open), by name; empty where it cannot read the model (see
+    :func:`inferred_values`)."""
+    return {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        for value in inferred_values(model, rewritten) or []
+        if value.type.tensor_type.HasField("shape")
+    }
+
+
+def default_opset(model) -> int:
+    """``model``'s default-domain (``ai.onnx``) opset; 1 where it names none."""
+    return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), 1)
+
+
 def lowered_to_opset_15(model, name: str = "the model") -> int:
     """Rewrites ``model`` (an ``onnx.ModelProto``) in place from its opset to opset 15.
 
@@ -117,8 +136,8 @@ def lowered_to_opset_15(model, name: str = "the model") -> int:
     Raises:
         ValueError: A node that opset 15 cannot express (named with its op type).
     """
-    version = _default_opset(model)
-    if version is None or version <= X2PADDLE_OPSET:
+    version = default_opset(model)
+    if version <= X2PADDLE_OPSET:
         return 0
     lowering = _Lowering(model, version)
     nodes = list(model.graph.node)
@@ -151,10 +170,6 @@ class _Unsupported(Exception):
     """A node opset 15 cannot express; its message says why."""
 
 
-def _default_opset(model) -> int | None:
-    return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), None)
-
-
 class _Lowering:
     """The opset-15 form of each node of one model (new nodes and constants are named after the
     node's first output)."""
@@ -165,11 +180,7 @@ class _Lowering:
         # Shapes are inferred now, on the whole graph, where a lowering reads them.
         self._shapes: dict[str, list[int | None]] = {}
         if any(_needs_shapes(node, self._attributes(node)) for node in model.graph.node):
-            self._shapes = {
-                value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
-                for value in inferred_values(model, "ops of newer opsets") or []
-                if value.type.tensor_type.HasField("shape")
-            }
+            self._shapes = inferred_shapes(model, "ops of newer opsets")
         self._lowerings: dict[str, Callable] = {
             "LayerNormalization": self._layer_norm, "Gelu": self._gelu, "Mish": self._mish,
             "Split": self._split,
