@@ -57,6 +57,7 @@ import numpy as np
 import paddle
 
 from .export.spec_check import error_summary
+from .onnx_einsum import einsums_as_matmuls
 from .onnx_opsets import constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
@@ -408,18 +409,20 @@ def _x2paddle_ready(model, onnx_path: str):
     of list or scalar form as tensors (:func:`_constants_as_tensors`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1), and what :func:`_initializers_ready`,
+    the kernel size, not ONNX's 1), ``Einsum`` as ``MatMul`` products
+    (:func:`~imperative_ptq.onnx_einsum.einsums_as_matmuls`), and what :func:`_initializers_ready`,
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
     :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
     :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
     :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
     :func:`_linear_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`,
-    :func:`_squares_of_multi_axis_means_multiplied` and :func:`_recurrent_outputs_named`
-    rewrite."""
+    :func:`_squares_of_multi_axis_means_multiplied`, :func:`_recurrent_outputs_named` and
+    :func:`_lstm_inputs_written` rewrite."""
     from onnx import helper
 
     lowered_to_opset_15(model, onnx_path)
+    einsums_as_matmuls(model)
     _constants_as_tensors(model)
     _initializers_ready(model)
     _identities_of_initializers_copied(model)
@@ -437,6 +440,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _squeezes_given_axes(model)
     _squares_of_multi_axis_means_multiplied(model)
     _recurrent_outputs_named(model)
+    _lstm_inputs_written(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -931,6 +935,61 @@ def _recurrent_outputs_named(model) -> None:
         named += 1
     if named:
         logger.info("named the left-out outputs of %d recurrent nodes (x2paddle reads them by position)", named)
+
+
+def _lstm_inputs_written(model) -> None:
+    """Writes, in place, the optional inputs of each ``LSTM`` that x2paddle reads
+    unconditionally ("local variable 'init_h' referenced before assignment"): a zero bias and
+    zero initial states of the input's batch (``ConstantOfShape`` of its shape)."""
+    from onnx import helper, numpy_helper
+
+    constants = constant_tensors(model)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    written = 0
+    for node in nodes:
+        inputs = list(node.input) + [""] * (7 - len(node.input))
+        if node.op_type != "LSTM" or node.input[1] not in constants or all(inputs[position] for position in (3, 5, 6)):
+            model.graph.node.append(node)
+            continue
+        directions, gates = list(constants[node.input[1]].dims)[:2]  # W: [directions, 4 * hidden, input]
+        hidden = gates // 4
+        stem = node.name or node.output[0]
+
+        def constant(name: str, value: np.ndarray) -> str:
+            model.graph.initializer.append(numpy_helper.from_array(value, f"{stem}.{name}"))
+            return f"{stem}.{name}"
+
+        if not inputs[3]:
+            inputs[3] = constant("zero_bias", np.zeros([directions, 8 * hidden], np.float32))
+        if not (inputs[5] and inputs[6]):
+            zero_state = f"{stem}.zero_state"
+            model.graph.node.extend([
+                helper.make_node("Shape", [node.input[0]], [f"{stem}.input_shape"]),
+                helper.make_node(
+                    "Gather", [f"{stem}.input_shape", constant("batch_axis", np.array([1], np.int64))],
+                    [f"{stem}.batch"], axis=0,
+                ),
+                helper.make_node(
+                    "Concat",
+                    [
+                        constant("directions", np.array([directions], np.int64)), f"{stem}.batch",
+                        constant("hidden", np.array([hidden], np.int64)),
+                    ],
+                    [f"{stem}.state_shape"], axis=0,
+                ),
+                helper.make_node(
+                    "ConstantOfShape", [f"{stem}.state_shape"], [zero_state],
+                    value=numpy_helper.from_array(np.zeros([1], np.float32)),
+                ),
+            ])
+            inputs[5], inputs[6] = inputs[5] or zero_state, inputs[6] or zero_state
+        del node.input[:]
+        node.input.extend(inputs)
+        model.graph.node.append(node)
+        written += 1
+    if written:
+        logger.info("wrote the bias or initial states of %d LSTM nodes (x2paddle reads them all)", written)
 
 
 def _kernel_shapes_written(model) -> None:

@@ -182,13 +182,13 @@ def test_a_batch_written_elsewhere_than_in_reshapes_is_refused_for_dynamic_batch
 
 def test_an_error_of_x2paddle_is_a_runtime_error_naming_the_file(tmp_path) -> None:
     path = _save(
-        [helper.make_node("Einsum", ["x", "x"], ["y"], equation="ij,jk->ik")], [],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], tmp_path / "einsum.onnx",
+        [helper.make_node("Det", ["x"], ["y"])], [],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], tmp_path / "det.onnx",
     )
-    with pytest.raises(RuntimeError, match=r"x2paddle could not convert .*einsum\.onnx"):
+    with pytest.raises(RuntimeError, match=r"x2paddle could not convert .*det\.onnx"):
         load_onnx_model(path, tmp_path / "converted")
-    assert sorted(os.listdir(tmp_path)) == ["einsum.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["det.onnx"]
 
 
 def _tflite_style_net(path) -> str:
@@ -508,6 +508,34 @@ def test_an_lstm_returning_its_sequence_only_converts(tmp_path) -> None:
     output = output[0] if isinstance(output, (list, tuple)) else output
     np.testing.assert_allclose(output.numpy().reshape(expected.shape), expected, rtol=0, atol=1e-6)
     assert list(output.shape) == list(expected.shape)
+
+
+@pytest.mark.parametrize("inputs,direction", [
+    (["x", "W", "R"], "forward"), (["x", "W", "R", "B"], "bidirectional"), (["x", "W", "R", "B", "", "h0"], "forward"),
+])
+def test_an_lstm_without_its_optional_inputs_converts(tmp_path, inputs, direction: str) -> None:
+    """tf2onnx and other exporters leave out an LSTM's bias and initial states (zeros); x2paddle
+    read both ("local variable 'init_h' referenced before assignment")."""
+    rng = np.random.default_rng(0)
+    directions = 2 if direction == "bidirectional" else 1
+    shapes = {"W": [directions, 16, 5], "R": [directions, 16, 4], "B": [directions, 32], "h0": [directions, 2, 4]}
+    weights = [
+        numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+        for name, shape in shapes.items() if name in inputs
+    ]
+    path = _save(
+        [helper.make_node("LSTM", inputs, ["y", "y_h"], direction=direction, hidden_size=4)], weights,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["time", directions, "batch", 4])], tmp_path / "lstm.onnx",
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [3, 2, 5]})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal([3, 2, 5]).astype(np.float32)
+    expected = session.run(["y"], {"x": x})[0]
+    output = model(paddle.to_tensor(x))
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    assert list(output.shape) == list(expected.shape)
+    np.testing.assert_allclose(output.numpy(), expected, rtol=0, atol=1e-6)
 
 
 def _constant(name: str, value, dtype=np.int64):
