@@ -1290,8 +1290,9 @@ def test_random_ops_draw_from_their_distribution_in_onnx_runtime(tmp_path) -> No
 
 
 class _ScatterAdds(nn.Layer):
-    """index_add of two rows of the features, and put_along_axis adding at each row's
-    largest value."""
+    """index_add of two rows of the features, put_along_axis adding at each row's largest
+    value, and scatter_nd_add of rows at ``[channel, row]`` indices, one repeated (x2paddle's
+    form of an ONNX ``ScatterND``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1300,12 +1301,16 @@ class _ScatterAdds(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         y = self.conv(x)
         added = paddle.index_add(y, paddle.to_tensor([5, 1]), 1, y[:, :2] * 0.5)
-        return paddle.put_along_axis(added, added.argmax(3, keepdim=True), 1.0, axis=3, reduce="add")
+        put = paddle.put_along_axis(added, added.argmax(3, keepdim=True), 1.0, axis=3, reduce="add")
+        rows = put.transpose([1, 2, 0, 3])  # [channel, height, sample, width]
+        index = paddle.to_tensor([[1, 2], [6, 0], [1, 2]], dtype="int32")
+        return paddle.scatter_nd_add(rows, index, rows[0, :3] * 0.25).transpose([2, 0, 1, 3])
 
 
 def test_scatter_adds_run_in_onnx_runtime_from_opset_16(tmp_path) -> None:
-    """index_add and put_along_axis(reduce="add") had no converter; ScatterElements adds from
-    opset 16 on, and below it the error names the opset to pass."""
+    """index_add, put_along_axis(reduce="add") and scatter_nd_add had no converter;
+    ScatterElements and ScatterND add from opset 16 on, and below it the error names the opset
+    to pass."""
     qmodel = _quantized(_ScatterAdds(), [4, 3, SIZE, SIZE])
     x = np.random.default_rng(1).random([4, 3, SIZE, SIZE]).astype("float32")
     spec = [paddle.static.InputSpec([None, 3, SIZE, SIZE], "float32", "x")]

@@ -134,6 +134,7 @@ class FloatOpConverters(TensorOpConverters):
             "rrelu": self._rrelu, "channel_shuffle": self._channel_shuffle, "maxout": self._maxout,
             "meshgrid": self._meshgrid, "label_smooth": self._label_smooth,
             "take_along_axis": self._take_along_axis, "lp_pool2d": self._lp_pool, "scatter": self._scatter,
+            "scatter_nd_add": self._scatter_nd_add,
             "bicubic_interp_v2": self._interpolate,
             "unbind": self._unbind, "repeat_interleave": self._repeat_interleave,
             "median": self._median, "logcumsumexp": self._logcumsumexp, "unfold": self._unfold,
@@ -944,6 +945,15 @@ class FloatOpConverters(TensorOpConverters):
         zeros = self._node("ConstantOfShape", [self._node("Shape", [updates], out + ".shape")], out + ".zeros", value=zero)
         cleared = self._node("ScatterND", [self._in(op), indices, zeros], out + ".cleared")
         self._bind(out, self._node("ScatterND", [cleared, indices, updates], out, reduction="add"))
+
+    def _scatter_nd_add(self, op) -> None:
+        """scatter_nd_add (x2paddle's form of an ONNX ``ScatterND``): ``X`` with ``Updates``
+        added at the index tuples of ``Index``'s last axis, repeated ones adding up, as
+        ``ScatterND`` adding (opset 16)."""
+        self._require_opset(self._SCATTER_ADD_OPSET, "scatter_nd_add is ONNX's ScatterND adding")
+        out = self._out(op)
+        index = self._node("Cast", [self._in(op, "Index")], out + ".index", to=self.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)))
+        self._bind(out, self._node("ScatterND", [self._in(op), index, self._in(op, "Updates")], out, reduction="add"))
 
     def _lp_pool(self, op) -> None:
         """lp_pool2d (``nn.LPPool2D``, NCHW, an integer norm): ONNX's ``LpPool``, the ``p``-th
