@@ -1,10 +1,15 @@
-"""Wall time of the int8 exports, and what re-syncing the program after every edit would cost.
+"""Wall time of convert and of the int8 exports, and what their earlier forms would cost.
 
 Quantizes `paddle.vision` models (random weights, KL + per-channel, two calibration batches)
-and times `save_quantized_model` and `export_onnx` in one process, alternating the export
-as it is with the same export using Paddle's syncing `Block._insert_op` / `_remove_op`
-(which re-read the whole block from its C++ description on every edit), medians of
-`--rounds`. The int8 program written is the same either way (checked: identical op lists).
+and times `convert`, `save_quantized_model` and `export_onnx` in one process, medians of
+`--rounds`, alternating each as it is with the same step done as before:
+
+* a walk of the whole model per swapped layer (`quant_layers.replace_sublayer` once per
+  layer) instead of one walk swapping all of them (`replace_sublayers`), in `convert` and
+  in the exports' unwrapping; the converted models compute the same (checked);
+* Paddle's syncing `Block._insert_op` / `_remove_op` (which re-read the whole block from its
+  C++ description on every edit). The int8 program written is the same either way
+  (checked: identical op lists).
 
     python benchmarks/export_time.py                       # resnet18, mobilenet_v2, densenet121
     python benchmarks/export_time.py --models densenet121 --rounds 5
@@ -13,6 +18,7 @@ as it is with the same export using Paddle's syncing `Block._insert_op` / `_remo
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import statistics
@@ -48,6 +54,26 @@ def syncing_edits() -> Iterator[None]:
                     setattr(module, name, plain)
 
 
+@contextlib.contextmanager
+def walk_per_layer() -> Iterator[None]:
+    """Swaps layers with a walk of the model per layer (what convert and the exports did)."""
+    from imperative_ptq import convert, quant_layers
+    from imperative_ptq.export import tracing
+
+    one_walk = quant_layers.replace_sublayers
+
+    def per_layer(model, replacements) -> int:
+        return sum(one_walk(model, [pair]) for pair in replacements)
+
+    try:
+        for module in (convert, tracing):
+            module.replace_sublayers = per_layer
+        yield
+    finally:
+        for module in (convert, tracing):
+            module.replace_sublayers = one_walk
+
+
 def _modules_using_graph_edits() -> list:
     from imperative_ptq.export import (
         coded_identity, dynamic_export, graph, program, rnn_fusion, shifted, unsigned,
@@ -79,38 +105,67 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.disable(logging.WARNING)
     print(f"# {ip.cpu_info().describe()}; Paddle {paddle.__version__}; medians of {args.rounds} rounds, s")
-    print("| model | ops in the int8 program | save_quantized_model s | same, syncing edits s | speed-up | export_onnx s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | ops in the int8 program | convert | convert, a walk per layer | save_quantized_model "
+          "| same, a walk per layer | same, syncing edits | export_onnx | same, a walk per layer |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     spec = [paddle.static.InputSpec([None, 3, args.size, args.size], "float32", "x")]
     for name in args.models.split(","):
-        paddle.seed(0)
-        model = getattr(paddle.vision.models, name)(num_classes=10)
-        model.eval()
-        rng = np.random.default_rng(0)
-        ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-        quantized = ptq.quantize(model)
-        for _ in range(2):
-            quantized(paddle.to_tensor(rng.standard_normal([2, 3, args.size, args.size]).astype("float32")))
-        ptq.convert(quantized)
-        times: dict[str, list[float]] = {"plain": [], "syncing": [], "onnx": []}
+        times: dict[str, list[float]] = collections.defaultdict(list)
         with tempfile.TemporaryDirectory() as directory:
-            ops = {}
+            ops, outputs = {}, {}
             for _ in range(args.rounds):
-                for kind in ("plain", "syncing"):
+                for kind in ("plain", "per_layer"):
+                    walks = walk_per_layer() if kind == "per_layer" else contextlib.nullcontext()
+                    ptq, quantized, x = _calibrated(name, args.size)
+                    with walks:
+                        start = time.perf_counter()
+                        ptq.convert(quantized)
+                        times[f"convert {kind}"].append(time.perf_counter() - start)
+                    outputs[kind] = quantized(x).numpy()
+                for kind in ("plain", "per_layer", "syncing"):
                     prefix = f"{directory}/{kind}"
-                    with syncing_edits() if kind == "syncing" else contextlib.nullcontext():
+                    edits = syncing_edits() if kind == "syncing" else contextlib.nullcontext()
+                    walks = walk_per_layer() if kind == "per_layer" else contextlib.nullcontext()
+                    with edits, walks:
                         start = time.perf_counter()
                         save_quantized_model(quantized, prefix, spec)
-                        times[kind].append(time.perf_counter() - start)
+                        times[f"save {kind}"].append(time.perf_counter() - start)
                     ops[kind] = _program_ops(prefix)
-                start = time.perf_counter()
-                export_onnx(quantized, f"{directory}/m.onnx", spec)
-                times["onnx"].append(time.perf_counter() - start)
-            if ops["plain"] != ops["syncing"]:
-                raise RuntimeError(f"{name}: the two exports wrote different programs")
-        plain, syncing, onnx = (statistics.median(times[k]) for k in ("plain", "syncing", "onnx"))
-        print(f"| {name} | {len(ops['plain'])} | {plain:.2f} | {syncing:.2f} | {syncing / plain:.2f}x | {onnx:.2f} |",
-              flush=True)
+                for kind in ("plain", "per_layer"):
+                    with walk_per_layer() if kind == "per_layer" else contextlib.nullcontext():
+                        start = time.perf_counter()
+                        export_onnx(quantized, f"{directory}/m.onnx", spec)
+                        times[f"onnx {kind}"].append(time.perf_counter() - start)
+            if len({tuple(program) for program in ops.values()}) != 1:
+                raise RuntimeError(f"{name}: the exports wrote different programs")
+            if not np.array_equal(outputs["plain"], outputs["per_layer"]):
+                raise RuntimeError(f"{name}: the two converts compute different outputs")
+        median = {key: statistics.median(values) for key, values in times.items()}
+        print(
+            f"| {name} | {len(ops['plain'])} | {median['convert plain']:.2f} | {median['convert per_layer']:.2f} "
+            f"| {median['save plain']:.2f} | {median['save per_layer']:.2f} | {median['save syncing']:.2f} "
+            f"| {median['onnx plain']:.2f} | {median['onnx per_layer']:.2f} |",
+            flush=True,
+        )
+
+
+def _calibrated(name: str, size: int):
+    """A ``paddle.vision`` model quantized and calibrated on two random batches, with its
+    ImperativePTQ and an input batch."""
+    import numpy as np
+    import paddle
+
+    import imperative_ptq as ip
+
+    paddle.seed(0)
+    model = getattr(paddle.vision.models, name)(num_classes=10)
+    model.eval()
+    rng = np.random.default_rng(0)
+    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.KLQuantizer(), ip.PerChannelAbsmaxQuantizer()))
+    quantized = ptq.quantize(model)
+    for _ in range(2):
+        quantized(paddle.to_tensor(rng.standard_normal([2, 3, size, size]).astype("float32")))
+    return ptq, quantized, paddle.to_tensor(rng.standard_normal([2, 3, size, size]).astype("float32"))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ import paddle
 from .targets import DEFAULT_TARGET, Target, get_target
 
 __all__ = [
-    "converted_biases_on_grid", "converted_config", "converted_fine_tuning", "converted_input_example", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
+    "STATE_PREFIX", "converted_biases_on_grid", "converted_config", "converted_fine_tuning", "converted_input_example", "converted_input_signature", "converted_measured_on", "converted_minima", "converted_structure",
     "converted_table",
-    "converted_target", "is_marked_converted", "mark_converted", "mark_fine_tuned",
+    "converted_target", "holds_package_state", "is_marked_converted", "mark_converted", "mark_fine_tuned",
     "output_thresholds", "record_biases_on_grid", "record_config", "record_input_signature", "record_measured_on",
     "set_output_thresholds",
 ]
+
+#: How the attributes this package sets on a user's layers begin (these, and the session's).
+STATE_PREFIX = "_ptq_"
 
 _CONVERTED = "_ptq_converted"
 _TABLE = "_ptq_calibration_table"
@@ -33,6 +36,12 @@ _CONFIG = "_ptq_config"
 _INPUT_SIGNATURE = "_ptq_input_signature"
 _INPUT_EXAMPLE = "_ptq_input_example"
 _BIASES_ON_GRID = "_ptq_biases_on_grid"
+
+
+def holds_package_state(attribute: str) -> bool:
+    """Whether a layer's ``attribute`` is one this package set (a converted model's table,
+    structure, ...; a calibration session's state): it holds no layer of the model."""
+    return attribute.startswith(STATE_PREFIX)
 
 
 def mark_converted(

@@ -15,7 +15,8 @@ import paddle
 import pytest
 
 import imperative_ptq as ip
-from imperative_ptq.quant_layers import QuantizedLayer, replace_sublayer
+from imperative_ptq.converted import STATE_PREFIX
+from imperative_ptq.quant_layers import QuantizedLayer, replace_sublayer, replace_sublayers
 from models import converted, largest_error_in_paddle_inference
 
 nn = paddle.nn
@@ -92,3 +93,25 @@ def test_a_layer_only_in_a_container_is_replaced_in_it(container: str) -> None:
     replace_sublayer(holder, old, new)
     entry = holder.kept["k"] if container == "dict" else holder.kept[0]
     assert entry is new
+
+
+def test_replace_sublayers_swaps_many_layers_in_one_walk_as_one_call_each_would() -> None:
+    """Shared under two names, in a child layer, in containers: each reference replaced once;
+    the package's state on a layer (a converted model's table, which holds no layer) is not
+    searched."""
+    holder, inner = nn.Layer(), nn.Layer()
+    first, second, third = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    new_first, new_second, new_third = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    holder.add_sublayer("first", first)
+    holder.add_sublayer("alias", first)
+    holder.add_sublayer("inner", inner)
+    inner.add_sublayer("second", second)
+    inner.add_sublayer("third", third)
+    holder.listed = [first, (second, third)]
+    setattr(holder, STATE_PREFIX + "table", {"kept": [third]})
+    assert replace_sublayers(holder, [(first, new_first), (second, new_second), (third, new_third)]) == 7
+    assert holder.first is new_first and holder.alias is new_first
+    assert inner.second is new_second and inner.third is new_third
+    assert holder.listed == [new_first, (new_second, new_third)]
+    assert getattr(holder, STATE_PREFIX + "table")["kept"][0] is third
+    assert replace_sublayers(holder, []) == 0

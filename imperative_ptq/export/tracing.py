@@ -27,7 +27,7 @@ import paddle
 from ..converted import output_thresholds
 from ..finite import check_finite_parameters, check_finite_thresholds
 from ..halved_convs import norm_factor
-from ..quant_layers import QuantizedLayer, QuantizedMatmul, channel_below_edge, replace_sublayer
+from ..quant_layers import QuantizedLayer, QuantizedMatmul, channel_below_edge, replace_sublayers
 from ..quant_pool import QuantizedGlobalAveragePool
 from ..quant_residual import QuantizedResidualOutput, ResidualCodesInput, ResidualSumOutput
 from ..quant_rnn import QuantizedLSTM, fp32_call_reason
@@ -408,11 +408,12 @@ def _collect_records(
     export_model.eval()
     records: list[LayerRecord] = []
     by_layer: dict[int, LayerRecord] = {}
+    unwrapped: list[tuple[paddle.nn.Layer, paddle.nn.Layer]] = []
 
     def keep(wrapper: paddle.nn.Layer, inner: paddle.nn.Layer, record: LayerRecord) -> None:
         """Records ``record`` for ``inner``, which the trace runs where ``wrapper`` was."""
         if wrapper is not inner:
-            replace_sublayer(export_model, wrapper, inner)
+            unwrapped.append((wrapper, inner))  # (replaced at the end, in one walk)
         by_layer[id(inner)] = record
         records.append(record)
 
@@ -505,6 +506,7 @@ def _collect_records(
                 output_thresholds=output_thresholds(layer),
             )
             keep(layer, layer, record)
+    replace_sublayers(export_model, unwrapped)
     return export_model, records, by_layer
 
 
