@@ -5,8 +5,9 @@ and times `convert`, `save_quantized_model` and `export_onnx` in one process, me
 `--rounds`, alternating each as it is with the same step done as before:
 
 * a walk of the whole model per swapped layer (`quant_layers.replace_sublayer` once per
-  layer) instead of one walk swapping all of them (`replace_sublayers`), in `convert` and
-  in the exports' unwrapping; the converted models compute the same (checked);
+  layer), searching the package's own state on the layers too (a converted model's table),
+  instead of one walk swapping all of them (`replace_sublayers`), in `convert` and in the
+  exports' unwrapping; the converted models compute the same (checked);
 * Paddle's syncing `Block._insert_op` / `_remove_op` (which re-read the whole block from its
   C++ description on every edit). The int8 program written is the same either way
   (checked: identical op lists).
@@ -56,11 +57,12 @@ def syncing_edits() -> Iterator[None]:
 
 @contextlib.contextmanager
 def walk_per_layer() -> Iterator[None]:
-    """Swaps layers with a walk of the model per layer (what convert and the exports did)."""
+    """Swaps layers as convert and the exports did before: a walk of the model per layer,
+    each searching the package's state on the layers (a converted model's table) too."""
     from imperative_ptq import convert, quant_layers
     from imperative_ptq.export import tracing
 
-    one_walk = quant_layers.replace_sublayers
+    one_walk, skipped = quant_layers.replace_sublayers, quant_layers.holds_package_state
 
     def per_layer(model, replacements) -> int:
         return sum(one_walk(model, [pair]) for pair in replacements)
@@ -68,10 +70,12 @@ def walk_per_layer() -> Iterator[None]:
     try:
         for module in (convert, tracing):
             module.replace_sublayers = per_layer
+        quant_layers.holds_package_state = lambda attribute: False
         yield
     finally:
         for module in (convert, tracing):
             module.replace_sublayers = one_walk
+        quant_layers.holds_package_state = skipped
 
 
 def _modules_using_graph_edits() -> list:
@@ -105,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.disable(logging.WARNING)
     print(f"# {ip.cpu_info().describe()}; Paddle {paddle.__version__}; medians of {args.rounds} rounds, s")
-    print("| model | ops in the int8 program | convert | convert, a walk per layer | save_quantized_model "
-          "| same, a walk per layer | same, syncing edits | export_onnx | same, a walk per layer |")
+    print("| model | ops in the int8 program | convert | convert, walks as before | save_quantized_model "
+          "| same, walks as before | same, syncing edits | export_onnx | same, walks as before |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     spec = [paddle.static.InputSpec([None, 3, args.size, args.size], "float32", "x")]
     for name in args.models.split(","):
