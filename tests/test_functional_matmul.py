@@ -1180,3 +1180,33 @@ def test_a_weight_multiplied_by_a_product_without_int8_kernel_is_named(how, tmp_
         assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
     assert "multiplied by ops without an int8 kernel (einsum, bmm, addmm" in caplog.text
     assert ("unsqueeze" if how == "bmm" else ": w") in caplog.text.split("without an int8 kernel")[1]
+
+
+class PerHeadProjection(paddle.nn.Layer):
+    """A matmul by a ``[heads, in, out]`` weight (Funnel's per-head projection as x2paddle
+    converts its ``Einsum``), which Paddle has no int8 kernel for, after a calibrated Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = paddle.nn.Linear(8, 16)
+        self.heads = self.create_parameter([2, 8, 4])
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        hidden = self.linear(x).reshape([0, 0, 2, 8]).transpose([0, 2, 1, 3])
+        return paddle.matmul(hidden, self.heads)
+
+
+def test_a_matmul_by_a_batched_weight_is_named_with_its_reason(tmp_path, caplog) -> None:
+    paddle.seed(0)
+    rng = np.random.default_rng(0)
+    ptq = _ptq("x86")
+    model = PerHeadProjection()
+    model.eval()
+    quantized = ptq.quantize(model)
+    ptq.calibrate(quantized, [rng.standard_normal([2, 5, 8]).astype("float32") for _ in range(3)], progress=False)
+    ptq.convert(quantized)
+    with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
+        ptq.save_quantized_model(quantized, str(tmp_path / "heads"), input_spec=[paddle.static.InputSpec([None, 5, 8], "float32", "x")])
+    warned = [record.message for record in caplog.records if "were not calibrated" in record.message]
+    assert len(warned) == 1 and "a weight of more than two dimensions" in warned[0], caplog.text
+    assert warned[0].endswith("parameters heads"), warned[0]

@@ -189,10 +189,11 @@ def _log_runtime_report(
         # the routing did not take (functional_conv.py, functional_matmul.py).
         logger.warning(
             "%d conv/matmul ops on parameters were not calibrated and run fp32 (a functional "
-            "call the routing does not take: channels-last data, a weight passed in from "
-            "another layer, a call outside its layer's forward, F.conv2d bound by name before "
-            "quantize; an nn.Conv2D or nn.Linear layer holding the weight is calibrated and "
-            "runs int8): parameters %s",
+            "call the routing does not take: channels-last data, a matmul by a weight of more "
+            "than two dimensions (a batched product, such as per-head projections), a weight "
+            "passed in from another layer, a call outside its layer's forward, F.conv2d bound "
+            "by name before quantize; an nn.Conv2D or nn.Linear layer holding the weight is "
+            "calibrated and runs int8): parameters %s",
             len(uncalibrated), ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else ""),
         )
     if len(report.signed_inputs) > halved and not target.signed_inputs_int8:
