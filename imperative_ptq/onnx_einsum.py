@@ -3,12 +3,15 @@
 x2paddle 1.6.0 has no ``Einsum`` (PyTorch writes ``torch.einsum`` as one: CvT's and Funnel's
 attention, many custom attention blocks). Each node becomes its products, one operand pair at a
 time from the left: an index only one operand reads and nothing after it keeps is summed out
-(``ReduceSum``); the two operands are transposed to ``[batch, free, contracted]`` and
-``[batch, contracted, free]`` order, their contracted indices merged into one axis
-(``Reshape`` with ``0`` for every axis it keeps, so no size has to be known), the free indices
-of one operand given size-1 axes in the other so that ``MatMul`` broadcasts over them, and the
-product transposed to the equation's output order. An ``Einsum`` with an index repeated in one
-operand (a trace or diagonal) raises a ``ValueError`` naming the node.
+(``ReduceSum``); the first operand is transposed to ``[its other free indices, batch, its last
+free index, contracted]`` and the second to ``[batch, its other free indices, contracted, its
+last free index]``, several contracted indices merged into one axis (a ``Reshape`` with ``0``
+for every axis it keeps, so no size has to be known), the second's other free indices given
+size-1 axes in the first (``MatMul`` broadcasts the second over the first's leading ones), and
+the product transposed to the equation's output order. A constant operand's transposes and
+reshapes are computed here, so a weight stays a parameter: ``bic,cd->bid`` becomes a
+``MatMul`` by ``cd``, which the calibration takes as a Linear. An ``Einsum`` with an index
+repeated in one operand (a trace or diagonal) raises a ``ValueError`` naming the node.
 """
 
 from __future__ import annotations
@@ -91,7 +94,10 @@ def einsums_as_matmuls(model) -> int:
     needs_ranks = any("..." in _equation(node) for node in einsums)
     shapes = inferred_shapes(model, "Einsum nodes with '...'") if needs_ranks else {}
     axes_as_inputs = default_opset(model) >= 13
-    values = {name: numpy_helper.to_array(tensor) for name, tensor in constant_tensors(model).items()}
+    constants = constant_tensors(model)
+    values = {  # (only the Einsums' operands: a model's other weights are not copied)
+        name: numpy_helper.to_array(constants[name]) for node in einsums for name in node.input if name in constants
+    }
     nodes = list(model.graph.node)
     del model.graph.node[:]
     refused: list[str] = []
