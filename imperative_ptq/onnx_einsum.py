@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .onnx_opsets import constant_tensors, default_opset, inferred_shapes
+from .onnx_opsets import axes_node, constant_tensors, default_opset, inferred_shapes
 
 __all__ = ["einsums_as_matmuls", "parsed_equation"]
 
@@ -93,7 +93,7 @@ def einsums_as_matmuls(model) -> int:
         return 0
     needs_ranks = any("..." in _equation(node) for node in einsums)
     shapes = inferred_shapes(model, "Einsum nodes with '...'") if needs_ranks else {}
-    axes_as_inputs = default_opset(model) >= 13
+    opset = default_opset(model)
     constants = constant_tensors(model)
     values = {  # (only the Einsums' operands: a model's other weights are not copied)
         name: numpy_helper.to_array(constants[name]) for node in einsums for name in node.input if name in constants
@@ -111,7 +111,7 @@ def einsums_as_matmuls(model) -> int:
         ]
         try:
             letters, output = parsed_equation(_equation(node), ranks)
-            writer = _Writer(node.output[0], axes_as_inputs, dict(values))
+            writer = _Writer(node.output[0], opset, dict(values))
             written = writer.einsum(list(node.input), letters, output, node.name)
             read = {name for written_node in written for name in written_node.input}
             model.graph.node.extend(written)
@@ -163,7 +163,7 @@ class _Writer:
     """The nodes computing one ``Einsum``, named after its output ``stem``."""
 
     stem: str
-    axes_as_inputs: bool
+    opset: int
     #: Constant values by name: the model's and the writer's own.
     values: dict = field(default_factory=dict)
     count: int = 0
@@ -260,10 +260,14 @@ class _Writer:
         return self._axes_op("Unsqueeze", name, axes) if axes else name
 
     def _axes_op(self, op_type: str, name: str, axes: list[int], **attributes) -> str:
-        """An op taking ``axes`` as an input (opset 13 and newer) or an attribute."""
-        if self.axes_as_inputs:
-            return self._node(op_type, [name, self._constant("axes", np.array(axes, np.int64))], **attributes)
-        return self._node(op_type, [name], axes=axes, **attributes)
+        """``op_type`` over ``axes`` in the form of the opset (:func:`axes_node`); of a constant,
+        a new constant (the writer's sums drop their axes: ``keepdims=0``)."""
+        if name in self.values:
+            return self._constant(op_type.lower(), np.ascontiguousarray(_FOLDED[op_type](self.values[name], axes)))
+        node, axes_tensors = axes_node(op_type, name, axes, self._fresh(op_type.lower()), self.opset, **attributes)
+        self.nodes.append(node)
+        self.constants.extend(axes_tensors)
+        return node.output[0]
 
     def _fresh(self, what: str) -> str:
         """A new tensor name."""
@@ -280,16 +284,13 @@ class _Writer:
         return name
 
     def _node(self, op_type: str, inputs: list[str], output: str | None = None, **attributes) -> str:
-        """Appends a node; returns its output's name. A constant's transpose, reshape or sum is
-        a new constant instead (a weight operand stays a parameter of the converted model)."""
+        """Appends a node; returns its output's name. A constant's transpose or reshape is a new
+        constant instead (a weight operand stays a parameter of the converted model)."""
         from onnx import helper
 
-        if output is None and inputs[0] in self.values and op_type in _FOLDED:
-            axes = attributes.get("axes")
-            if axes is None and len(inputs) > 1:
-                axes = self.values[inputs[1]]
-            folded = _FOLDED[op_type](self.values[inputs[0]], attributes.get("perm", axes))
-            return self._constant(op_type.lower(), np.ascontiguousarray(folded))
+        if output is None and inputs[0] in self.values and op_type in ("Transpose", "Reshape"):
+            argument = attributes["perm"] if op_type == "Transpose" else self.values[inputs[1]]
+            return self._constant(op_type.lower(), np.ascontiguousarray(_FOLDED[op_type](self.values[inputs[0]], argument)))
         output = output or self._fresh(op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [output], **attributes))
         return output

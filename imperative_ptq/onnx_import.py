@@ -58,7 +58,9 @@ import paddle
 
 from .export.spec_check import error_summary
 from .onnx_einsum import einsums_as_matmuls
-from .onnx_opsets import constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15
+from .onnx_opsets import (
+    axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15,
+)
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
 
@@ -565,7 +567,7 @@ def _norm_reductions_spelled_out(model) -> None:
     as ``ReduceSum(Abs(x))``: x2paddle writes them as ``paddle.norm(p=2 / 1, axis=axes)``, which
     over two axes is Paddle's *matrix* norm (the largest singular value; ConvNeXt-V2's GRN,
     ``torch.norm(x, p=2, dim=(1, 2))``, computed the wrong values, and its SVD has no export)."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     version = default_opset(model)
     nodes = list(model.graph.node)
@@ -585,11 +587,10 @@ def _norm_reductions_spelled_out(model) -> None:
         keepdims = int(attributes.get("keepdims", 1))
         if "axes" not in attributes:
             model.graph.node.append(helper.make_node("ReduceSum", [terms], [total], keepdims=keepdims))
-        elif version < 13:
-            model.graph.node.append(helper.make_node("ReduceSum", [terms], [total], keepdims=keepdims, axes=attributes["axes"]))
         else:
-            model.graph.initializer.append(numpy_helper.from_array(np.array(attributes["axes"], np.int64), f"{stem}.axes"))
-            model.graph.node.append(helper.make_node("ReduceSum", [terms, f"{stem}.axes"], [total], keepdims=keepdims))
+            reduce, axes = axes_node("ReduceSum", terms, attributes["axes"], total, version, keepdims=keepdims)
+            model.graph.node.append(reduce)
+            model.graph.initializer.extend(axes)
         if squared:
             model.graph.node.append(helper.make_node("Sqrt", [total], [stem]))
         rewritten += 1
@@ -606,6 +607,7 @@ def _reduce_sums_one_axis_at_a_time(model) -> None:
     from onnx import helper, numpy_helper
 
     constants = constant_tensors(model)
+    version = default_opset(model)
 
     @functools.lru_cache(maxsize=None)
     def ranks() -> dict[str, int]:
@@ -641,8 +643,9 @@ def _reduce_sums_one_axis_at_a_time(model) -> None:
         stem, value = node.output[0], node.input[0]
         for index, axis in enumerate(axes):
             out = node.output[0] if index == len(axes) - 1 else f"{stem}.sum{index}"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{out}.axis"))
-            model.graph.node.append(helper.make_node("ReduceSum", [value, f"{out}.axis"], [out], keepdims=keepdims))
+            reduce, axis_tensor = axes_node("ReduceSum", value, [axis], out, version, f"{out}.axis", keepdims=keepdims)
+            model.graph.node.append(reduce)
+            model.graph.initializer.extend(axis_tensor)
             value = out
         rewritten += 1
     if rewritten:
@@ -844,8 +847,6 @@ def _squeezes_given_axes(model) -> None:
     """Gives, in place, each ``Squeeze`` without axes (every axis of size 1: PyTorch's default
     exporter writes ``x.mean()`` as ``ReduceMean`` and such a ``Squeeze``) its axes, from
     ONNX's shape inference: x2paddle reads them by position (``IndexError``)."""
-    from onnx import helper, numpy_helper
-
     squeezes = [
         node for node in model.graph.node
         if node.op_type == "Squeeze" and len([name for name in node.input if name]) == 1
@@ -854,6 +855,7 @@ def _squeezes_given_axes(model) -> None:
     if not squeezes:
         return
     shapes = inferred_shapes(model, "squeezes without axes")
+    version = default_opset(model)
     given = 0
     for node in squeezes:
         shape = shapes.get(node.input[0])
@@ -869,11 +871,9 @@ def _squeezes_given_axes(model) -> None:
         chain = []
         for index, axis in enumerate(axes):
             out = stem if index == len(axes) - 1 else f"{stem}.squeezed{index}"
-            if default_opset(model) >= 13:
-                model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{out}.axis"))
-                chain.append(helper.make_node("Squeeze", [source, f"{out}.axis"], [out]))
-            else:
-                chain.append(helper.make_node("Squeeze", [source], [out], axes=[axis]))
+            squeeze, axis_tensor = axes_node("Squeeze", source, [axis], out, version)
+            chain.append(squeeze)
+            model.graph.initializer.extend(axis_tensor)
             source = out
         model.graph.node.remove(node)
         for offset, new in enumerate(chain):

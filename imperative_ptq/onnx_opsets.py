@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "X2PADDLE_OPSET", "constant_tensors", "default_opset", "inferred_shapes", "inferred_values",
+    "X2PADDLE_OPSET", "axes_node", "constant_tensors", "default_opset", "inferred_shapes", "inferred_values",
     "lowered_to_opset_15",
 ]
 
@@ -121,6 +121,32 @@ def inferred_shapes(model, rewritten: str) -> dict[str, list[int | None]]:
 def default_opset(model) -> int:
     """``model``'s default-domain (``ai.onnx``) opset; 1 where it names none."""
     return next((opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")), 1)
+
+
+#: Ops whose ``axes`` became an input at opset 13.
+_AXES_INPUT_FROM_13 = frozenset({"Squeeze", "Unsqueeze", "ReduceSum"})
+
+
+def axes_node(
+    op_type: str, data: str, axes: list[int], output: str, opset: int, axes_name: str | None = None, **attributes
+) -> tuple:
+    """A ``Squeeze``, ``Unsqueeze`` or ``ReduceSum`` of ``data`` over ``axes`` writing
+    ``output``, in the form of ``opset`` (up to 17): the axes an int64 input from opset 13 on,
+    an attribute before.
+
+    Returns:
+        ``(node, initializers)``: the ``NodeProto`` and the ``TensorProto`` of its axes (named
+        ``axes_name``, by default ``<output>.axes``; none before opset 13), for the caller to
+        add to its graph.
+    """
+    from onnx import helper, numpy_helper
+
+    if op_type not in _AXES_INPUT_FROM_13:
+        raise ValueError(f"axes_node writes {sorted(_AXES_INPUT_FROM_13)}, not {op_type!r}")
+    if opset < 13:
+        return helper.make_node(op_type, [data], [output], axes=list(axes), **attributes), []
+    axes_tensor = numpy_helper.from_array(np.array(axes, np.int64), axes_name or f"{output}.axes")
+    return helper.make_node(op_type, [data, axes_tensor.name], [output], **attributes), [axes_tensor]
 
 
 def lowered_to_opset_15(model, name: str = "the model") -> int:
