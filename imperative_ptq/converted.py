@@ -21,21 +21,22 @@ __all__ = [
     "set_output_thresholds",
 ]
 
-#: How the attributes this package sets on a user's layers begin (these, and the session's).
+#: How every attribute this package sets on a user's layers begins (these, and the calibration
+#: session's: :mod:`imperative_ptq.session`), so that :func:`holds_package_state` knows them.
 STATE_PREFIX = "_ptq_"
 
-_CONVERTED = "_ptq_converted"
-_TABLE = "_ptq_calibration_table"
-_MINIMA = "_ptq_input_minima"
-_STRUCTURE = "_ptq_structure"
-_TARGET = "_ptq_target"
-_MEASURED_ON = "_ptq_measured_on"
-_OUTPUT_THRESHOLDS = "_ptq_output_thresholds"
-_FINE_TUNING = "_ptq_fine_tuning"
-_CONFIG = "_ptq_config"
-_INPUT_SIGNATURE = "_ptq_input_signature"
-_INPUT_EXAMPLE = "_ptq_input_example"
-_BIASES_ON_GRID = "_ptq_biases_on_grid"
+_CONVERTED = STATE_PREFIX + "converted"
+_TABLE = STATE_PREFIX + "calibration_table"
+_MINIMA = STATE_PREFIX + "input_minima"
+_STRUCTURE = STATE_PREFIX + "structure"
+_TARGET = STATE_PREFIX + "target"
+_MEASURED_ON = STATE_PREFIX + "measured_on"
+_OUTPUT_THRESHOLDS = STATE_PREFIX + "output_thresholds"
+_FINE_TUNING = STATE_PREFIX + "fine_tuning"
+_CONFIG = STATE_PREFIX + "config"
+_INPUT_SIGNATURE = STATE_PREFIX + "input_signature"
+_INPUT_EXAMPLE = STATE_PREFIX + "input_example"
+_BIASES_ON_GRID = STATE_PREFIX + "biases_on_grid"
 
 
 def holds_package_state(attribute: str) -> bool:

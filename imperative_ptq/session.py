@@ -21,6 +21,7 @@ import paddle
 
 from .collector import CalibrationCollector, CalibrationError
 from .computed_weights import computes_its_weight, may_compute_its_weight
+from .converted import STATE_PREFIX
 from .fingerprint import Fingerprint, fingerprint
 from .quant_layers import first_input
 from .quant_residual import ResidualAdd, find_residual_add, relu_or_its_max_pool
@@ -36,9 +37,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Attribute of a hooked layer holding its :class:`LayerState`.
-STATE_ATTR = "_ptq_state"
+STATE_ATTR = STATE_PREFIX + "state"
 #: Attribute of a model being calibrated holding its :class:`CalibrationSession`.
-SESSION_ATTR = "_ptq_session"
+SESSION_ATTR = STATE_PREFIX + "session"
 #: Calibration calls ``convert`` runs the simulation on, to compare it with fp32.
 COMPARED_CALLS = 4
 #: Calibration batches kept for bias correction and AdaRound.
