@@ -226,3 +226,21 @@ def test_pytorch_default_export_quantizes_and_runs_in_both_runtimes(tmp_path, ca
     assert sum(isinstance(layer, QuantizedLayer) for layer in quantized.sublayers()) >= 4
     spec = [paddle.static.InputSpec(shape, "float32", "x")]
     assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, inputs[4:], tmp_path)
+
+
+@pytest.mark.parametrize("opset", [12, 13])
+def test_axes_node_writes_the_axes_in_its_opsets_form(opset: int) -> None:
+    """An attribute before opset 13, an int64 input after; another op type is refused."""
+    from imperative_ptq.onnx_opsets import axes_node
+
+    node, initializers = axes_node("ReduceSum", "x", [1, 2], "y", opset, keepdims=0)
+    assert node.op_type == "ReduceSum" and list(node.output) == ["y"]
+    keepdims = next(attribute.i for attribute in node.attribute if attribute.name == "keepdims")
+    assert keepdims == 0
+    if opset < 13:
+        assert list(node.input) == ["x"] and not initializers
+        assert next(list(attribute.ints) for attribute in node.attribute if attribute.name == "axes") == [1, 2]
+    else:
+        assert list(node.input) == ["x", "y.axes"] and numpy_helper.to_array(initializers[0]).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="not 'ReduceMean'"):
+        axes_node("ReduceMean", "x", [1], "y", opset)
