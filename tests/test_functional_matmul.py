@@ -1188,7 +1188,7 @@ class PerHeadProjection(paddle.nn.Layer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.linear = paddle.nn.Linear(8, 16)
+        self.linear = paddle.nn.Linear(WIDTH, 16)
         self.heads = self.create_parameter([2, 8, 4])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -1198,15 +1198,11 @@ class PerHeadProjection(paddle.nn.Layer):
 
 def test_a_matmul_by_a_batched_weight_is_named_with_its_reason(tmp_path, caplog) -> None:
     paddle.seed(0)
-    rng = np.random.default_rng(0)
-    ptq = _ptq("x86")
     model = PerHeadProjection()
     model.eval()
-    quantized = ptq.quantize(model)
-    ptq.calibrate(quantized, [rng.standard_normal([2, 5, 8]).astype("float32") for _ in range(3)], progress=False)
-    ptq.convert(quantized)
+    ptq, quantized, _ = _converted(model)
     with caplog.at_level(logging.WARNING, logger="imperative_ptq"):
-        ptq.save_quantized_model(quantized, str(tmp_path / "heads"), input_spec=[paddle.static.InputSpec([None, 5, 8], "float32", "x")])
+        ptq.save_quantized_model(quantized, str(tmp_path / "heads"), input_spec=[paddle.static.InputSpec([None, LENGTH, WIDTH], "float32", "x")])
     warned = [record.message for record in caplog.records if "were not calibrated" in record.message]
     assert len(warned) == 1 and "a weight of more than two dimensions" in warned[0], caplog.text
     assert warned[0].endswith("parameters heads"), warned[0]
