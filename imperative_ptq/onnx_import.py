@@ -10,6 +10,9 @@ what x2paddle 1.6.0 leaves to its user:
   are lowered to opset 15 first (:mod:`imperative_ptq.onnx_opsets`), and weights stored beside
   the file (``<name>.onnx.data``) are read from its directory. A ``Gemm`` without its optional
   bias (the dynamo exporter's Linear with a zero bias) gets a zero one.
+* ``Einsum`` and ``DFT`` have no converter: they become ``MatMul`` products
+  (:mod:`imperative_ptq.onnx_einsum`, :mod:`imperative_ptq.onnx_dft`), a weight operand or a
+  transform's matrix a parameter calibrated as a Linear.
 * ``HardSwish`` (MobileNetV3, PP-LCNet) has no converter: it is rewritten first as
   ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``, which computes the same values.
 * ``MaxPool``/``AveragePool`` with ``dilations=[1, 1]`` (every Ultralytics YOLOv8 export's SPPF
@@ -57,6 +60,7 @@ import numpy as np
 import paddle
 
 from .export.spec_check import error_summary
+from .onnx_dft import dfts_as_matmuls
 from .onnx_einsum import einsums_as_matmuls
 from .onnx_opsets import (
     axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15,
@@ -411,8 +415,9 @@ def _x2paddle_ready(model, onnx_path: str):
     of list or scalar form as tensors (:func:`_constants_as_tensors`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1), ``Einsum`` as ``MatMul`` products
-    (:func:`~imperative_ptq.onnx_einsum.einsums_as_matmuls`), and what :func:`_initializers_ready`,
+    the kernel size, not ONNX's 1), ``DFT`` and ``Einsum`` as ``MatMul`` products
+    (:func:`~imperative_ptq.onnx_dft.dfts_as_matmuls`,
+    :func:`~imperative_ptq.onnx_einsum.einsums_as_matmuls`), and what :func:`_initializers_ready`,
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
     :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
@@ -423,6 +428,7 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_lstm_inputs_written` rewrite."""
     from onnx import helper
 
+    dfts_as_matmuls(model)
     lowered_to_opset_15(model, onnx_path)
     einsums_as_matmuls(model)
     _constants_as_tensors(model)
