@@ -11,17 +11,15 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import paddle
 import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-import imperative_ptq as ip  # noqa: E402
 from imperative_ptq.onnx_dft import dft_matrix, dfts_as_matmuls  # noqa: E402
 
-from ties import assert_both_runtimes_compute_the_simulation  # noqa: E402
+from onnx_blocks import assert_onnx_block_quantizes_and_runs_its_simulation  # noqa: E402
 
 
 def _reference_dft(x: np.ndarray, length: int, onesided: bool, inverse: bool) -> np.ndarray:
@@ -176,28 +174,5 @@ def test_a_fourier_mixing_block_loads_quantizes_and_runs_its_simulation(tmp_path
     original; both transforms are calibrated and converted as matmuls by parameters beside the
     two projections, and Paddle Inference and ONNX Runtime compute the int8 simulation."""
     pytest.importorskip("x2paddle")
-    from imperative_ptq.onnx_import import load_onnx_model
-
-    path = _fourier_mixing(tmp_path / "mixing.onnx")
-    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 8, 16]}, dynamic_batch=True)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal([3, 8, 16]).astype(np.float32)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    expected = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    with paddle.no_grad():
-        np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
-
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    quantized = ptq.quantize(model)
-    for _ in range(4):
-        quantized(paddle.to_tensor(rng.standard_normal([3, 8, 16]).astype(np.float32)))
-    ptq.convert(quantized)
-    weight_products = [layer for layer in quantized.sublayers() if isinstance(layer, ip.QuantizedLayer)]
-    assert len(weight_products) == 4, [type(layer).__name__ for layer in quantized.sublayers()]
-    with paddle.no_grad():
-        simulated = quantized(paddle.to_tensor(x)).numpy()
-    cosine = float((simulated * expected).sum() / np.linalg.norm(simulated) / np.linalg.norm(expected))
-    assert 0.99 < cosine < 1.0, cosine
-    spec = [paddle.static.InputSpec([None, 8, 16], "float32", "x")]
-    assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, [x], tmp_path)
+    assert_onnx_block_quantizes_and_runs_its_simulation(_fourier_mixing(tmp_path / "mixing.onnx"), [1, 8, 16], 4, tmp_path)
 

@@ -7,17 +7,15 @@ parameters and runs its simulation in both runtimes; traces and diagonals are re
 from __future__ import annotations
 
 import numpy as np
-import paddle
 import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-import imperative_ptq as ip  # noqa: E402
 from imperative_ptq.onnx_einsum import einsums_as_matmuls, parsed_equation  # noqa: E402
 
-from ties import assert_both_runtimes_compute_the_simulation  # noqa: E402
+from onnx_blocks import assert_onnx_block_quantizes_and_runs_its_simulation  # noqa: E402
 
 #: Equations and operand shapes: attention scores and values, Funnel's relative attention
 #: (a batch index and a contracted one on a weight), two contracted indices, outer products,
@@ -145,27 +143,4 @@ def test_an_attention_block_of_einsums_loads_quantizes_and_runs_its_simulation(t
     original; its four weight products are calibrated and converted as matmuls by parameters,
     and Paddle Inference and ONNX Runtime compute the int8 simulation."""
     pytest.importorskip("x2paddle")
-    from imperative_ptq.onnx_import import load_onnx_model
-
-    path = _einsum_attention(tmp_path / "attention.onnx")
-    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 5, 64]}, dynamic_batch=True)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal([3, 5, 64]).astype(np.float32)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    expected = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    with paddle.no_grad():
-        np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=2e-5)
-
-    ptq = ip.ImperativePTQ(ip.PTQConfig(ip.AbsmaxQuantizer(), ip.PerChannelAbsmaxQuantizer()))
-    quantized = ptq.quantize(model)
-    for _ in range(4):
-        quantized(paddle.to_tensor(rng.standard_normal([3, 5, 64]).astype(np.float32)))
-    ptq.convert(quantized)
-    weight_products = [layer for layer in quantized.sublayers() if isinstance(layer, ip.QuantizedLayer)]
-    assert len(weight_products) == 4, [type(layer).__name__ for layer in quantized.sublayers()]
-    with paddle.no_grad():
-        simulated = quantized(paddle.to_tensor(x)).numpy()
-    cosine = float((simulated * expected).sum() / np.linalg.norm(simulated) / np.linalg.norm(expected))
-    assert 0.99 < cosine < 1.0, cosine
-    spec = [paddle.static.InputSpec([None, 5, 64], "float32", "x")]
-    assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, [x], tmp_path)
+    assert_onnx_block_quantizes_and_runs_its_simulation(_einsum_attention(tmp_path / "attention.onnx"), [1, 5, 64], 4, tmp_path)
