@@ -135,7 +135,8 @@ def _matmul_form(node, tensor_type, constants: dict, opset: int) -> tuple[list, 
     length = samples if length is None else int(length)
     onesided, inverse = bool(attributes.get("onesided", 0)), bool(attributes.get("inverse", 0))
     if onesided and (inverse or parts == 2):
-        raise ValueError(f"a one-sided {'inverse ' if inverse else ''}transform of {'complex' if parts == 2 else 'real'} input (ONNX defines one-sided forward transforms of real input only)")
+        kind = f"{'inverse ' if inverse else ''}transform of {'complex' if parts == 2 else 'real'} input"
+        raise ValueError(f"a one-sided {kind} (ONNX defines one-sided forward transforms of real input only)")
     if length < 1:
         raise ValueError(f"dft_length {length}")
     dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32

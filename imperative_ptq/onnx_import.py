@@ -62,6 +62,7 @@ import paddle
 from .export.spec_check import error_summary
 from .onnx_dft import dfts_as_matmuls
 from .onnx_einsum import einsums_as_matmuls
+from .onnx_recurrent import recurrent_converters_installed, recurrents_checked
 from .onnx_opsets import (
     axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15,
 )
@@ -80,7 +81,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 10
+_LOADER_VERSION = 11
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -318,7 +319,7 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
     # (x2paddle prints a line per node, kept for the debug log.)
     try:
         with paddle.utils.unique_name.guard(), contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured), _x2paddle_isolated():
+                contextlib.redirect_stderr(captured), _x2paddle_isolated(), recurrent_converters_installed():
             onnx2paddle(
                 source, target, input_shape_dict=None if shapes is None else str(shapes),
                 disable_feedback=True,  # its feedback is a network call
@@ -354,6 +355,8 @@ def _run_x2paddle(onnx2paddle, onnx_path: str, source: str, target: str, shapes:
 _INTEGER_KEEPDIM = re.compile(r"\bkeepdim=([01])\b")
 #: A numpy scalar as numpy 2 prints it (``np.int64(8)``, ``np.float32(0.5)``, ``np.True_``).
 _NUMPY_SCALAR = re.compile(r"\bnp\.(?:u?int\d+|float\d+|bool_?)\(([^()]*)\)|\bnp\.(True|False)_")
+#: ONNX's cubic ``Resize`` mode as x2paddle passes it to ``F.interpolate`` (Paddle's is ``bicubic``).
+_CUBIC_MODE = re.compile(r"\bmode='cubic'")
 
 
 def _code_ready(code_path: str) -> None:
@@ -362,15 +365,20 @@ def _code_ready(code_path: str) -> None:
     (``paddle.sum(..., keepdim=1)`` aborts the process: ``TypeError: Cannot interpret '1' as a
     data type``, ``SIGABRT``), and numpy scalars written as numpy 2 prints them
     (``size=[np.int64(8), np.int64(10)]`` of a ``Resize`` by sizes; the code imports no
-    ``np``) as their values."""
+    ``np``) as their values, and ONNX's ``mode='cubic'`` of ``F.interpolate`` as Paddle's
+    ``bicubic``."""
     with open(code_path, encoding="utf-8") as file:
         code = file.read()
     fixed, keepdims = _INTEGER_KEEPDIM.subn(lambda match: f"keepdim={bool(int(match.group(1)))}", code)
     fixed, scalars = _NUMPY_SCALAR.subn(lambda match: match.group(1) or match.group(2), fixed)
-    if keepdims or scalars:
+    fixed, cubic = _CUBIC_MODE.subn("mode='bicubic'", fixed)
+    if keepdims or scalars or cubic:
         with open(code_path, "w", encoding="utf-8") as file:
             file.write(fixed)
-        logger.info("rewrote %d integer keepdim arguments and %d numpy scalars of x2paddle's code", keepdims, scalars)
+        logger.info(
+            "rewrote %d integer keepdim arguments, %d numpy scalars and %d cubic modes of x2paddle's code",
+            keepdims, scalars, cubic,
+        )
 
 
 @contextlib.contextmanager
@@ -421,11 +429,13 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
     :func:`_kernel_shapes_written`, :func:`_gemm_biases_written`,
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
-    :func:`_norm_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
+    :func:`_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
     :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
-    :func:`_linear_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`,
-    :func:`_squares_of_multi_axis_means_multiplied`, :func:`_recurrent_outputs_named` and
-    :func:`_lstm_inputs_written` rewrite."""
+    :func:`_interpolating_resizes_ready`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`, :func:`_trilus_as_masks`,
+    :func:`_squares_of_multi_axis_means_multiplied` and :func:`_recurrent_outputs_named`
+    rewrite; ``LSTM``/``GRU`` nodes Paddle's layers do not compute are refused
+    (:func:`~imperative_ptq.onnx_recurrent.recurrents_checked`; the nodes themselves are
+    converted by :func:`~imperative_ptq.onnx_recurrent.convert_recurrent`)."""
     from onnx import helper
 
     dfts_as_matmuls(model)
@@ -439,16 +449,17 @@ def _x2paddle_ready(model, onnx_path: str):
     _gemm_biases_written(model)
     _integer_ops_typed(model)
     _uneven_splits_sliced(model)
-    _norm_reductions_spelled_out(model)
+    _reductions_spelled_out(model)
     _reduce_sums_one_axis_at_a_time(model)
     _gathers_of_index_arrays_flattened(model)
     _gather_elements_indices_copied(model)
-    _linear_resizes_ready(model, onnx_path)
+    _interpolating_resizes_ready(model, onnx_path)
     _pad_values_shifted(model)
     _squeezes_given_axes(model)
+    _trilus_as_masks(model, onnx_path)
     _squares_of_multi_axis_means_multiplied(model)
     _recurrent_outputs_named(model)
-    _lstm_inputs_written(model)
+    recurrents_checked(model, onnx_path)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0
@@ -568,40 +579,72 @@ def _gemm_biases_written(model) -> None:
         logger.info("gave %d Gemm nodes without a bias a zero one (x2paddle reads a third input)", written)
 
 
-def _norm_reductions_spelled_out(model) -> None:
-    """Rewrites, in place, each ``ReduceL2`` as ``Sqrt(ReduceSum(x * x))`` and each ``ReduceL1``
-    as ``ReduceSum(Abs(x))``: x2paddle writes them as ``paddle.norm(p=2 / 1, axis=axes)``, which
-    over two axes is Paddle's *matrix* norm (the largest singular value; ConvNeXt-V2's GRN,
-    ``torch.norm(x, p=2, dim=(1, 2))``, computed the wrong values, and its SVD has no export)."""
+#: Reductions x2paddle 1.6.0 converts wrongly or not at all, as ``ReduceSum`` of terms.
+_SPELLED_OUT_REDUCTIONS = frozenset({"ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
+
+
+def _reductions_spelled_out(model) -> None:
+    """Rewrites, in place, each ``ReduceL2`` as ``Sqrt(ReduceSum(x * x))``, ``ReduceL1`` as
+    ``ReduceSum(Abs(x))``, ``ReduceSumSquare`` as ``ReduceSum(x * x)``, ``ReduceLogSum`` as
+    ``Log(ReduceSum(x))`` and ``ReduceLogSumExp`` (``torch.logsumexp``) as ``Log(ReduceSum(Exp(x
+    - m))) + m`` with ``m`` the maximum over the same axes (no overflow): x2paddle writes the
+    first two as ``paddle.norm(p=2 / 1, axis=axes)``, which over two axes is Paddle's *matrix*
+    norm (the largest singular value; ConvNeXt-V2's GRN, ``torch.norm(x, p=2, dim=(1, 2))``,
+    computed the wrong values, and its SVD has no export), and has no converter for the other
+    three ("Model is not supported yet")."""
     from onnx import helper
 
     version = default_opset(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = 0
+
+    def reduction(op_type: str, data: str, output: str, axes, keepdims: int) -> None:
+        if axes is None:  # (every axis)
+            model.graph.node.append(helper.make_node(op_type, [data], [output], keepdims=keepdims))
+        elif op_type == "ReduceSum":
+            reduce, axes_tensors = axes_node("ReduceSum", data, axes, output, version, keepdims=keepdims)
+            model.graph.node.append(reduce)
+            model.graph.initializer.extend(axes_tensors)
+        else:  # (ReduceMax takes its axes as an attribute up to opset 17)
+            model.graph.node.append(helper.make_node(op_type, [data], [output], axes=list(axes), keepdims=keepdims))
+
     for node in nodes:
-        if node.op_type not in ("ReduceL1", "ReduceL2"):
+        if node.op_type not in _SPELLED_OUT_REDUCTIONS:
             model.graph.node.append(node)
             continue
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-        stem, squared = node.output[0], node.op_type == "ReduceL2"
-        terms, total = f"{stem}.terms", f"{stem}.sum" if squared else stem
-        model.graph.node.append(
-            helper.make_node("Mul", [node.input[0]] * 2, [terms]) if squared
-            else helper.make_node("Abs", [node.input[0]], [terms])
-        )
-        keepdims = int(attributes.get("keepdims", 1))
-        if "axes" not in attributes:
-            model.graph.node.append(helper.make_node("ReduceSum", [terms], [total], keepdims=keepdims))
+        axes, keepdims = attributes.get("axes"), int(attributes.get("keepdims", 1))
+        stem, source, op_type = node.output[0], node.input[0], node.op_type
+        terms, total = f"{stem}.terms", f"{stem}.sum"
+        if op_type in ("ReduceL2", "ReduceSumSquare"):
+            model.graph.node.append(helper.make_node("Mul", [source, source], [terms]))
+        elif op_type == "ReduceL1":
+            model.graph.node.append(helper.make_node("Abs", [source], [terms]))
+        elif op_type == "ReduceLogSum":
+            terms = source
         else:
-            reduce, axes = axes_node("ReduceSum", terms, attributes["axes"], total, version, keepdims=keepdims)
-            model.graph.node.append(reduce)
-            model.graph.initializer.extend(axes)
-        if squared:
+            reduction("ReduceMax", source, f"{stem}.max_kept", axes, 1)
+            model.graph.node.append(helper.make_node("Sub", [source, f"{stem}.max_kept"], [f"{stem}.shifted"]))
+            model.graph.node.append(helper.make_node("Exp", [f"{stem}.shifted"], [terms]))
+        reduction("ReduceSum", terms, stem if op_type in ("ReduceL1", "ReduceSumSquare") else total, axes, keepdims)
+        if op_type == "ReduceL2":
             model.graph.node.append(helper.make_node("Sqrt", [total], [stem]))
+        elif op_type == "ReduceLogSum":
+            model.graph.node.append(helper.make_node("Log", [total], [stem]))
+        elif op_type == "ReduceLogSumExp":
+            maximum = f"{stem}.max_kept"
+            if not keepdims:
+                maximum = f"{stem}.max"
+                reduction("ReduceMax", source, maximum, axes, 0)
+            model.graph.node.append(helper.make_node("Log", [total], [f"{stem}.log"]))
+            model.graph.node.append(helper.make_node("Add", [f"{stem}.log", maximum], [stem]))
         rewritten += 1
     if rewritten:
-        logger.info("spelled out %d ReduceL1/ReduceL2 nodes (x2paddle writes Paddle's matrix norms)", rewritten)
+        logger.info(
+            "spelled out %d ReduceL1/L2/SumSquare/LogSum/LogSumExp nodes (x2paddle writes Paddle's matrix "
+            "norms for the first two and has none of the others)", rewritten,
+        )
 
 
 def _reduce_sums_one_axis_at_a_time(model) -> None:
@@ -744,58 +787,90 @@ def _gather_elements_indices_copied(model) -> None:
         logger.info("computed the shared index of %d GatherElements again for each (x2paddle reshapes it in place)", copied)
 
 
-#: ONNX Resize coordinate modes x2paddle 1.6.0 converts to Paddle's for linear interpolation.
-_LINEAR_RESIZE_MODES = frozenset({"pytorch_half_pixel", "align_corners"})
+#: ONNX Resize coordinate modes x2paddle 1.6.0 converts to Paddle's for linear and cubic
+#: interpolation (``half_pixel`` is written as the first where no output size is 1).
+_RESIZE_COORDINATE_MODES = frozenset({"pytorch_half_pixel", "align_corners"})
+
+#: ``cubic_coeff_a`` of Paddle's bicubic interpolation (ONNX's default, PyTorch's).
+_PADDLE_CUBIC_COEFFICIENT = -0.75
 
 
-def _linear_resizes_ready(model, onnx_path: str) -> None:
-    """Writes, in place, the ``half_pixel`` coordinates of each linear ``Resize`` (ONNX's
-    default, and what PyTorch writes for ``F.interpolate(mode="bilinear",
-    align_corners=False)``) as ``pytorch_half_pixel``, the same wherever no output size is 1:
-    x2paddle converts a ``Resize`` by scales in any mode but ``pytorch_half_pixel`` to Paddle's
-    ``align_corners=True`` (measured: 25% of the largest value off ONNX Runtime). Other
-    coordinate modes of a linear resize (``asymmetric``, ``tf_crop_and_resize``, ...) it
-    converts wrongly too: they raise a ``ValueError`` naming the nodes."""
+def _interpolating_resizes_ready(model, onnx_path: str) -> None:
+    """Writes, in place, each linear or cubic ``Resize`` in a form x2paddle converts to what
+    ONNX computes: ``half_pixel`` coordinates (ONNX's default, and what PyTorch writes for
+    ``F.interpolate(mode="bilinear"|"bicubic", align_corners=False)``) as
+    ``pytorch_half_pixel``, the same wherever no output size is 1 (x2paddle converts a linear
+    ``Resize`` by scales in any mode but ``pytorch_half_pixel`` to Paddle's
+    ``align_corners=True``: measured 25% of the largest value off ONNX Runtime), and a cubic
+    ``Resize`` by scales with ``align_corners`` coordinates by its output sizes (x2paddle drops
+    the mode of one by scales: measured 36% off). Its code's ``mode='cubic'`` becomes Paddle's
+    ``bicubic`` (:func:`_code_ready`), which computes ONNX's cubic with ``cubic_coeff_a=-0.75``
+    and ``exclude_outside=0`` (PyTorch's) within 6e-7. Other coordinate modes (``asymmetric``,
+    ``tf_crop_and_resize``, ...), other cubic coefficients, ``exclude_outside=1`` and a
+    ``half_pixel`` resize to a size of 1 raise a ``ValueError`` naming the nodes."""
     from onnx import helper, numpy_helper
 
     shapes = None
     wrong = []
-    rewritten = 0
+    rewritten = sized = 0
     for node in model.graph.node:
-        if node.op_type == "Resize":  # x2paddle reads each input by position: none left out
-            for position in range(1, len(node.input) - 1):
-                if not node.input[position]:
-                    node.input[position] = f"{node.output[0]}.empty{position}"
-                    model.graph.initializer.append(numpy_helper.from_array(np.zeros([0], np.float32), node.input[position]))
+        if node.op_type != "Resize":
+            continue
+        for position in range(1, len(node.input) - 1):  # x2paddle reads each input by position: none left out
+            if not node.input[position]:
+                node.input[position] = f"{node.output[0]}.empty{position}"
+                model.graph.initializer.append(numpy_helper.from_array(np.zeros([0], np.float32), node.input[position]))
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-        mode = attributes.get("mode", b"nearest")
-        if node.op_type != "Resize" or (mode.decode() if isinstance(mode, bytes) else mode) != "linear":
+        mode = _text(attributes.get("mode", b"nearest"))
+        if mode not in ("linear", "cubic"):
             continue
-        coordinates = attributes.get("coordinate_transformation_mode", b"half_pixel")
-        coordinates = coordinates.decode() if isinstance(coordinates, bytes) else coordinates
-        if coordinates in _LINEAR_RESIZE_MODES:
+        name = repr(node.name or node.output[0])
+        coefficient = float(attributes.get("cubic_coeff_a", _PADDLE_CUBIC_COEFFICIENT))
+        if mode == "cubic" and (coefficient != _PADDLE_CUBIC_COEFFICIENT or attributes.get("exclude_outside", 0)):
+            wrong.append(f"{name} (cubic_coeff_a={coefficient:g}, exclude_outside={attributes.get('exclude_outside', 0)}; "
+                         f"Paddle's bicubic is {_PADDLE_CUBIC_COEFFICIENT:g}, 0)")
             continue
-        if coordinates != "half_pixel":
-            wrong.append(f"{node.name or node.output[0]!r} ({coordinates})")
+        coordinates = _text(attributes.get("coordinate_transformation_mode", b"half_pixel"))
+        if coordinates not in _RESIZE_COORDINATE_MODES and coordinates != "half_pixel":
+            wrong.append(f"{name} ({mode}, {coordinates})")
             continue
         if shapes is None:
-            shapes = inferred_shapes(model, "linear resizes")
-        if 1 in shapes.get(node.output[0], [])[2:]:
-            wrong.append(f"{node.name or node.output[0]!r} (half_pixel to a size of 1)")
+            shapes = inferred_shapes(model, "interpolating resizes")
+        output_shape = shapes.get(node.output[0], [])
+        if coordinates == "half_pixel" and 1 in output_shape[2:]:
+            wrong.append(f"{name} ({mode}, half_pixel to a size of 1)")
             continue
-        for attribute in list(node.attribute):
-            if attribute.name == "coordinate_transformation_mode":
-                node.attribute.remove(attribute)
-        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "pytorch_half_pixel"))
-        rewritten += 1
+        if coordinates == "half_pixel":
+            for attribute in list(node.attribute):
+                if attribute.name == "coordinate_transformation_mode":
+                    node.attribute.remove(attribute)
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "pytorch_half_pixel"))
+            rewritten += 1
+        if mode == "cubic" and coordinates == "align_corners" and len(node.input) == 3:
+            if not output_shape or None in output_shape or 0 in output_shape:
+                wrong.append(f"{name} (cubic, align_corners, by scales to an output shape shape inference leaves open)")
+                continue
+            sizes = numpy_helper.from_array(np.array(output_shape, np.int64), f"{node.output[0]}.sizes")
+            model.graph.initializer.append(sizes)
+            node.input[2] = f"{node.output[0]}.empty2"
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros([0], np.float32), node.input[2]))
+            node.input.append(sizes.name)
+            sized += 1
     if wrong:
         raise ValueError(
-            f"{onnx_path} has linear Resize nodes whose coordinates x2paddle 1.6.0 converts "
-            f"wrongly: {', '.join(wrong[:8])}; it converts half_pixel (to sizes above 1), "
-            f"pytorch_half_pixel and align_corners"
+            f"{onnx_path} has Resize nodes that x2paddle 1.6.0 converts wrongly: {', '.join(wrong[:8])}; "
+            f"it converts linear and cubic (cubic_coeff_a=-0.75, exclude_outside=0) resizes with "
+            f"half_pixel (to sizes above 1), pytorch_half_pixel and align_corners coordinates"
         )
     if rewritten:
-        logger.info("wrote the half_pixel coordinates of %d linear resizes as pytorch_half_pixel", rewritten)
+        logger.info("wrote the half_pixel coordinates of %d linear/cubic resizes as pytorch_half_pixel", rewritten)
+    if sized:
+        logger.info("wrote %d cubic align_corners resizes by scales as resizes by sizes", sized)
+
+
+def _text(value) -> str:
+    """An ONNX string attribute's value as ``str``."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _constants_as_tensors(model) -> None:
@@ -847,6 +922,59 @@ def _pad_values_shifted(model) -> None:
         rewritten += 1
     if rewritten:
         logger.info("padded %d Pad nodes of a non-zero value as a shift (x2paddle pads with 0)", rewritten)
+
+
+def _trilus_as_masks(model, onnx_path: str) -> None:
+    """Rewrites, in place, each ``Trilu`` (``torch.triu``/``tril`` of a computed tensor, opset
+    14) as a ``Where`` of a constant mask of its last two axes, which shape inference must
+    know, as the diagonal offset ``k`` must be a constant: x2paddle has no ``Trilu`` ("Model is
+    not supported yet"). ``Where`` keeps an infinity above the diagonal (a causal mask of
+    ``-inf``) where a product by a 0/1 mask would write NaN. Others raise a ``ValueError``
+    naming them."""
+    from onnx import helper, numpy_helper
+
+    if not any(node.op_type == "Trilu" for node in model.graph.node):
+        return
+    values = {value.name: value.type.tensor_type for value in inferred_values(model, "Trilu nodes", data_prop=True) or []}
+    constants = constant_tensors(model)
+    wrong, rewritten = [], 0
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for node in nodes:
+        if node.op_type != "Trilu":
+            model.graph.node.append(node)
+            continue
+        tensor_type = values.get(node.input[0])
+        shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim] if tensor_type else []
+        offset = node.input[1] if len(node.input) > 1 else ""
+        if len(shape) < 2 or None in shape[-2:] or 0 in shape[-2:]:
+            wrong.append(f"{node.name or node.output[0]!r} (input shape {shape or 'unknown'})")
+            model.graph.node.append(node)
+            continue
+        if offset and offset not in constants:
+            wrong.append(f"{node.name or node.output[0]!r} (a computed diagonal offset {offset!r})")
+            model.graph.node.append(node)
+            continue
+        k = int(numpy_helper.to_array(constants[offset]).reshape(-1)[0]) if offset else 0
+        upper = bool(next((attribute.i for attribute in node.attribute if attribute.name == "upper"), 1))
+        rows, columns = shape[-2:]
+        above = np.arange(columns)[None, :] - np.arange(rows)[:, None]
+        mask = above >= k if upper else above <= k
+        stem = node.output[0]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(mask, f"{stem}.mask"), numpy_helper.from_array(np.zeros([], dtype), f"{stem}.zero"),
+        ])
+        model.graph.node.append(
+            helper.make_node("Where", [f"{stem}.mask", node.input[0], f"{stem}.zero"], [stem], name=node.name)
+        )
+        rewritten += 1
+    if wrong:
+        raise ValueError(
+            f"{onnx_path} has Trilu nodes (x2paddle has none) that no constant mask computes: {', '.join(wrong[:8])}; "
+            "the last two axes must have sizes shape inference knows (input_shapes) and the offset k must be a constant"
+        )
+    logger.info("wrote %d Trilu nodes as a Where of a constant mask (x2paddle has no Trilu)", rewritten)
 
 
 def _squeezes_given_axes(model) -> None:
@@ -941,61 +1069,6 @@ def _recurrent_outputs_named(model) -> None:
         named += 1
     if named:
         logger.info("named the left-out outputs of %d recurrent nodes (x2paddle reads them by position)", named)
-
-
-def _lstm_inputs_written(model) -> None:
-    """Writes, in place, the optional inputs of each ``LSTM`` that x2paddle reads
-    unconditionally ("local variable 'init_h' referenced before assignment"): a zero bias and
-    zero initial states of the input's batch (``ConstantOfShape`` of its shape)."""
-    from onnx import helper, numpy_helper
-
-    constants = constant_tensors(model)
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    written = 0
-    for node in nodes:
-        inputs = list(node.input) + [""] * (7 - len(node.input))
-        if node.op_type != "LSTM" or node.input[1] not in constants or all(inputs[position] for position in (3, 5, 6)):
-            model.graph.node.append(node)
-            continue
-        directions, gates = list(constants[node.input[1]].dims)[:2]  # W: [directions, 4 * hidden, input]
-        hidden = gates // 4
-        stem = node.name or node.output[0]
-
-        def constant(name: str, value: np.ndarray) -> str:
-            model.graph.initializer.append(numpy_helper.from_array(value, f"{stem}.{name}"))
-            return f"{stem}.{name}"
-
-        if not inputs[3]:
-            inputs[3] = constant("zero_bias", np.zeros([directions, 8 * hidden], np.float32))
-        if not (inputs[5] and inputs[6]):
-            zero_state = f"{stem}.zero_state"
-            model.graph.node.extend([
-                helper.make_node("Shape", [node.input[0]], [f"{stem}.input_shape"]),
-                helper.make_node(
-                    "Gather", [f"{stem}.input_shape", constant("batch_axis", np.array([1], np.int64))],
-                    [f"{stem}.batch"], axis=0,
-                ),
-                helper.make_node(
-                    "Concat",
-                    [
-                        constant("directions", np.array([directions], np.int64)), f"{stem}.batch",
-                        constant("hidden", np.array([hidden], np.int64)),
-                    ],
-                    [f"{stem}.state_shape"], axis=0,
-                ),
-                helper.make_node(
-                    "ConstantOfShape", [f"{stem}.state_shape"], [zero_state],
-                    value=numpy_helper.from_array(np.zeros([1], np.float32)),
-                ),
-            ])
-            inputs[5], inputs[6] = inputs[5] or zero_state, inputs[6] or zero_state
-        del node.input[:]
-        node.input.extend(inputs)
-        model.graph.node.append(node)
-        written += 1
-    if written:
-        logger.info("wrote the bias or initial states of %d LSTM nodes (x2paddle reads them all)", written)
 
 
 def _kernel_shapes_written(model) -> None:

@@ -93,14 +93,15 @@ def constant_tensors(model) -> dict:
     return constants
 
 
-def inferred_values(model, rewritten: str) -> list | None:
+def inferred_values(model, rewritten: str, data_prop: bool = False) -> list | None:
     """The ``ValueInfoProto`` of every tensor ONNX's shape inference types in ``model`` (inputs
     and outputs included); ``None`` (logged) where it cannot read the model, whose
-    ``rewritten`` ops are then left as they are."""
+    ``rewritten`` ops are then left as they are. ``data_prop`` also propagates the values of
+    shape computations (a ``ConstantOfShape`` of an input's ``Shape`` gets its shape)."""
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=data_prop)
     except Exception as error:  # noqa: BLE001 - a model shape inference cannot read: left as it is
         logger.debug("ONNX shape inference failed (%s): %s left as they are", error, rewritten)
         return None

@@ -11,12 +11,18 @@ import imperative_ptq as ip
 from ties import assert_both_runtimes_compute_the_simulation
 
 
-def assert_onnx_block_quantizes_and_runs_its_simulation(path: str, shape: list[int], weight_products: int, directory) -> None:
+def assert_onnx_block_quantizes_and_runs_its_simulation(
+    path: str, shape: list[int], weight_products: int, directory
+) -> paddle.nn.Layer:
     """Loads the file at ``path`` (one float input ``x`` of ``shape``, batch 1), asserts the
     converted model computes ONNX Runtime's values of the file at batch 3, quantizes it
     (abs-max activations, per-channel weights, four calibration batches) with
     ``weight_products`` layers converted, and asserts the simulation is close to fp32 and that
-    Paddle Inference and ONNX Runtime compute it."""
+    Paddle Inference and ONNX Runtime compute it.
+
+    Returns:
+        The converted model.
+    """
     import onnxruntime
 
     from imperative_ptq.onnx_import import load_onnx_model
@@ -42,3 +48,4 @@ def assert_onnx_block_quantizes_and_runs_its_simulation(path: str, shape: list[i
     assert 0.99 < cosine < 1.0, cosine
     spec = [paddle.static.InputSpec([None, *shape[1:]], "float32", "x")]
     assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, [x], directory)
+    return quantized

@@ -102,9 +102,9 @@ def test_a_batch_one_file_with_hardswish_converts_runs_any_batch_and_exports_int
     np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-4 * np.abs(simulated).max())
 
 
-def _save(nodes, initializers, inputs, outputs, path) -> str:
+def _save(nodes, initializers, inputs, outputs, path, opset: int = 13) -> str:
     graph = helper.make_graph(nodes, "graph", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -311,16 +311,71 @@ def _reduction_net(path, op: str, opset: int, axes: list[int] | None, keepdims: 
     ("ReduceL2", 13, [1, 2], 1), ("ReduceL2", 11, [1, 2], 0), ("ReduceL1", 13, [-1, 1], 1), ("ReduceL2", 13, None, 0),
     ("ReduceSum", 11, [1], 1), ("ReduceSum", 13, [1], 1), ("ReduceSum", 13, [1], None), ("ReduceSum", 13, [1, -1], 0),
     ("ReduceSum", 13, [2, 1], 1), ("ReduceSum", 13, [-3, -1], 0), ("ReduceSum", 13, [3, -3], 0),
+    ("ReduceLogSumExp", 13, [1, 2], 1), ("ReduceLogSumExp", 11, [-1], 0), ("ReduceLogSumExp", 13, None, 0),
+    ("ReduceLogSumExp", 13, [2], None), ("ReduceSumSquare", 13, [1, 3], 0), ("ReduceLogSum", 13, [1], 1),
 ])
 def test_norms_and_sums_compute_what_onnx_runtime_computes(tmp_path, op: str, opset: int, axes, keepdims) -> None:
     """x2paddle writes ``ReduceL2``/``ReduceL1`` over two axes as Paddle's matrix norms (the
     largest singular value: ConvNeXt-V2's GRN), a ``ReduceSum`` with ``keepdims=1`` as
     ``paddle.sum(keepdim=1)``, which aborted the process, one without ``keepdims`` as if it
-    were 0, and fails on a sum over an axes input of several axes."""
+    were 0, and fails on a sum over an axes input of several axes; it has no
+    ``ReduceLogSumExp`` (``torch.logsumexp``), ``ReduceSumSquare`` or ``ReduceLogSum``."""
     path = _reduction_net(tmp_path / "reduction.onnx", op, opset, axes, keepdims)
     model = load_onnx_model(path, tmp_path / "converted", {"x": [2, 4, 5, 3]})
     x = np.random.default_rng(1).standard_normal([2, 4, 5, 3]).astype(np.float32)
+    if op == "ReduceLogSum":
+        x = np.abs(x) + 0.1
+    elif op == "ReduceLogSumExp":
+        x = x * 30  # (exp of the largest alone would lose digits: the sum is shifted by the maximum)
     _computes_as_onnx_runtime(model, path, x, 1e-5)
+
+
+@pytest.mark.parametrize("upper", [1, 0])
+@pytest.mark.parametrize("offset", [None, -1, 2])
+def test_a_trilu_keeps_onnx_runtimes_triangle(tmp_path, upper: int, offset) -> None:
+    """``torch.triu``/``tril`` of a computed tensor (opset 14 ``Trilu``): x2paddle has none; a
+    ``Where`` of a constant mask of the last two axes computes it."""
+    initializers = [] if offset is None else [numpy_helper.from_array(np.array(offset, np.int64), "k")]
+    path = _save(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Trilu", ["r"] + ([] if offset is None else ["k"]), ["y"], upper=upper)],
+        initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6])], tmp_path / "trilu.onnx", opset=14,
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [2, 4, 6]})
+    _computes_as_onnx_runtime(model, path, np.random.default_rng(1).standard_normal([2, 4, 6]).astype(np.float32), 0.0)
+
+
+def test_a_causal_mask_of_minus_infinity_keeps_its_infinities(tmp_path) -> None:
+    """A causal mask built in the graph (``torch.full_like(scores, -inf).triu(1)``) added to
+    attention scores: the mask keeps ``-inf`` above the diagonal and zeros on and below it,
+    where a product by a 0/1 mask would write NaN (``-inf * 0``)."""
+    path = _save(
+        [helper.make_node("Shape", ["x"], ["shape"]),
+         helper.make_node("ConstantOfShape", ["shape"], ["infinities"],
+                          value=numpy_helper.from_array(np.array([-np.inf], np.float32))),
+         helper.make_node("Trilu", ["infinities", "one"], ["mask"], upper=1),
+         helper.make_node("Add", ["x", "mask"], ["masked"]),
+         helper.make_node("Softmax", ["masked"], ["y"], axis=-1)],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 5])], tmp_path / "causal.onnx", opset=14,
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [2, 5, 5]})
+    x = np.random.default_rng(1).standard_normal([2, 5, 5]).astype(np.float32)
+    _computes_as_onnx_runtime(model, path, x, 1e-6)
+    assert not np.isnan(model(paddle.to_tensor(x)).numpy()).any()
+
+
+def test_a_trilu_over_axes_of_unknown_size_is_refused_by_name(tmp_path) -> None:
+    path = _save(
+        [helper.make_node("Trilu", ["x"], ["y"], name="triangle")], [],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "rows", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "rows", 6])], tmp_path / "trilu.onnx", opset=14,
+    )
+    with pytest.raises(ValueError, match=r"Trilu nodes .* 'triangle' \(input shape \[2, None, 6\]\)"):
+        load_onnx_model(path, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
 
 
 @pytest.mark.parametrize("shape, axis, index", [
@@ -391,10 +446,11 @@ def test_a_conversion_reads_no_value_of_an_earlier_one(tmp_path) -> None:
     _computes_as_onnx_runtime(model, path, rng.standard_normal([4, 8, 16]).astype(np.float32), 0.0)
 
 
-def _linear_resize(path, coordinates: str | None, by_sizes: bool) -> str:
-    """``F.interpolate(x, scale_factor=2, mode="bilinear")`` as ONNX writes it: a linear
-    ``Resize`` of a ``[1, 2, 4, 5]`` input by scales or by sizes, then a ``Relu``."""
-    attributes = {"mode": "linear"} | ({} if coordinates is None else {"coordinate_transformation_mode": coordinates})
+def _interpolating_resize(path, mode: str, coordinates: str | None, by_sizes: bool, **attributes) -> str:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear"|"bicubic")`` as ONNX writes it: a
+    linear or cubic ``Resize`` of a ``[1, 2, 4, 5]`` input by scales or by sizes, then a
+    ``Relu``."""
+    attributes = {"mode": mode, **attributes} | ({} if coordinates is None else {"coordinate_transformation_mode": coordinates})
     if by_sizes:
         inputs = ["x", "", "", "sizes"]
         initializers = [numpy_helper.from_array(np.array([1, 2, 8, 10], np.int64), "sizes")]
@@ -408,21 +464,30 @@ def _linear_resize(path, coordinates: str | None, by_sizes: bool) -> str:
     )
 
 
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
 @pytest.mark.parametrize("coordinates", [None, "half_pixel", "pytorch_half_pixel", "align_corners"])
 @pytest.mark.parametrize("by_sizes", [False, True], ids=["scales", "sizes"])
-def test_linear_resizes_compute_what_onnx_runtime_computes(tmp_path, coordinates, by_sizes: bool) -> None:
-    """PyTorch's bilinear ``F.interpolate`` (``align_corners=False``) is a ``Resize`` with
-    ``half_pixel`` coordinates (ONNX's default), which x2paddle converted by scales to
-    Paddle's ``align_corners=True``: 25% of the largest value off, silently."""
-    path = _linear_resize(tmp_path / "resize.onnx", coordinates, by_sizes)
+def test_interpolating_resizes_compute_what_onnx_runtime_computes(tmp_path, mode: str, coordinates, by_sizes: bool) -> None:
+    """PyTorch's bilinear and bicubic ``F.interpolate`` (``align_corners=False``) are a
+    ``Resize`` with ``half_pixel`` coordinates (ONNX's default), which x2paddle converted by
+    scales to Paddle's ``align_corners=True`` (linear: 25% of the largest value off, silently);
+    it passed ONNX's ``cubic`` mode to Paddle, which knows ``bicubic`` (every cubic resize
+    failed), and dropped the ``align_corners`` of a cubic resize by scales (36% off)."""
+    path = _interpolating_resize(tmp_path / "resize.onnx", mode, coordinates, by_sizes)
     model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 2, 4, 5]})
     x = np.random.default_rng(1).standard_normal([1, 2, 4, 5]).astype(np.float32)
     _computes_as_onnx_runtime(model, path, x, 1e-5)
 
 
-def test_a_linear_resize_x2paddle_converts_wrongly_is_refused_by_name(tmp_path) -> None:
-    path = _linear_resize(tmp_path / "resize.onnx", "asymmetric", False)
-    with pytest.raises(ValueError, match=r"linear Resize nodes .* 'r' \(asymmetric\)"):
+@pytest.mark.parametrize("mode,coordinates,attributes,reason", [
+    ("linear", "asymmetric", {}, r"linear, asymmetric"),
+    ("cubic", "tf_half_pixel_for_nn", {}, r"cubic, tf_half_pixel_for_nn"),
+    ("cubic", None, {"cubic_coeff_a": -0.5}, r"cubic_coeff_a=-0.5, exclude_outside=0"),
+    ("cubic", None, {"exclude_outside": 1}, r"cubic_coeff_a=-0.75, exclude_outside=1"),
+])
+def test_an_interpolating_resize_x2paddle_converts_wrongly_is_refused_by_name(tmp_path, mode, coordinates, attributes, reason) -> None:
+    path = _interpolating_resize(tmp_path / "resize.onnx", mode, coordinates, False, **attributes)
+    with pytest.raises(ValueError, match=rf"Resize nodes that x2paddle 1.6.0 converts wrongly: 'r' \({reason}"):
         load_onnx_model(path, tmp_path / "converted", {"x": [1, 2, 4, 5]})
     assert not (tmp_path / "converted").exists()
 

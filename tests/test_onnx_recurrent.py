@@ -1,0 +1,188 @@
+"""ONNX GRU nodes (x2paddle 1.6.0 has no converter) and LSTM nodes (its converter lost the
+states) load as ``paddle.nn.GRU`` / ``LSTM`` layers that compute ONNX Runtime's values: forward
+and bidirectional, with and without bias and initial states, the sequence and the last states
+read; the GRU's parameters are ONNX's gates reordered, checked against a GRU step written from
+ONNX's formulas; classifiers reading the last state quantize and run their simulation in both
+runtimes; what Paddle's layers do not compute is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("x2paddle")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from imperative_ptq.onnx_recurrent import paddle_recurrent_parameters  # noqa: E402
+from imperative_ptq.onnx_import import load_onnx_model  # noqa: E402
+
+from onnx_blocks import assert_onnx_block_quantizes_and_runs_its_simulation  # noqa: E402
+
+SEQUENCE, BATCH, INPUT, HIDDEN = 6, 2, 5, 4
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def _onnx_gru_direction(x, weight, recurrent, bias, state) -> np.ndarray:
+    """ONNX's GRU (``linear_before_reset=1``, gates z, r, h) over ``x`` ``[sequence, batch,
+    input]``, one step at a time from the operator's formulas."""
+    wz, wr, wh = np.split(weight, 3)
+    rz, rr, rh = np.split(recurrent, 3)
+    wbz, wbr, wbh, rbz, rbr, rbh = np.split(bias, 6)
+    outputs = []
+    for step in x:
+        z = _sigmoid(step @ wz.T + state @ rz.T + wbz + rbz)
+        r = _sigmoid(step @ wr.T + state @ rr.T + wbr + rbr)
+        h = np.tanh(step @ wh.T + r * (state @ rh.T + rbh) + wbh)
+        state = (1 - z) * h + z * state
+        outputs.append(state)
+    return np.stack(outputs)
+
+
+def test_paddle_gru_parameters_compute_onnx_gru_formulas() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal([1, 3 * HIDDEN, INPUT]).astype(np.float32)
+    recurrent = rng.standard_normal([1, 3 * HIDDEN, HIDDEN]).astype(np.float32)
+    bias = rng.standard_normal([1, 6 * HIDDEN]).astype(np.float32)
+    x = rng.standard_normal([SEQUENCE, BATCH, INPUT]).astype(np.float32)
+    state = rng.standard_normal([1, BATCH, HIDDEN]).astype(np.float32)
+    gru = paddle.nn.GRU(INPUT, HIDDEN, time_major=True)
+    (parameters,) = paddle_recurrent_parameters("GRU", weight, recurrent, bias)
+    gru.set_state_dict({f"{name}_l0": paddle.to_tensor(value) for name, value in parameters.items()})
+    with paddle.no_grad():
+        y, last = gru(paddle.to_tensor(x), paddle.to_tensor(state))
+    expected = _onnx_gru_direction(x, weight[0], recurrent[0], bias[0], state[0])
+    np.testing.assert_allclose(y.numpy(), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(last.numpy()[0], expected[-1], rtol=0, atol=2e-6)
+
+
+#: Gates and state outputs of each recurrent op.
+GATES = {"GRU": 3, "LSTM": 4}
+STATES = {"GRU": ("y_h",), "LSTM": ("y_h", "y_c")}
+
+
+def _recurrent_file(
+    path, op_type: str = "GRU", direction: str = "forward", bias: bool = True, state: bool = True,
+    outputs: tuple[str, ...] | None = None, **attributes,
+) -> str:
+    """One ONNX LSTM or GRU (PyTorch's ``linear_before_reset=1`` unless given) of a ``[6, 2, 5]``
+    input, writing ``outputs`` (all by default; ``""`` leaves one out)."""
+    rng = np.random.default_rng(1)
+    directions, gates = (2 if direction == "bidirectional" else 1), GATES[op_type]
+    outputs = ("y", *STATES[op_type]) if outputs is None else outputs
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([directions, gates * HIDDEN, INPUT]) / 2).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal([directions, gates * HIDDEN, HIDDEN]) / 2).astype(np.float32), "R"),
+    ]
+    inputs = ["x", "W", "R", "", "", "", "", ""]
+    if bias:
+        initializers.append(numpy_helper.from_array(rng.standard_normal([directions, 2 * gates * HIDDEN]).astype(np.float32), "B"))
+        inputs[3] = "B"
+    for position, name in zip((5, 6), STATES[op_type] if state else ()):
+        initializers.append(numpy_helper.from_array(rng.standard_normal([directions, BATCH, HIDDEN]).astype(np.float32), f"{name}0"))
+        inputs[position] = f"{name}0"
+    if attributes.pop("peepholes", False):
+        initializers.append(numpy_helper.from_array(rng.standard_normal([directions, 3 * HIDDEN]).astype(np.float32), "P"))
+        inputs[7] = "P"
+    while not inputs[-1]:
+        inputs.pop()
+    if op_type == "GRU":
+        attributes = {"linear_before_reset": 1} | attributes
+    node = helper.make_node(op_type, inputs, list(outputs), name="rnn", hidden_size=HIDDEN, direction=direction, **attributes)
+    shapes = {"y": [SEQUENCE, directions, BATCH, HIDDEN]} | {name: [directions, BATCH, HIDDEN] for name in STATES[op_type]}
+    graph = helper.make_graph(
+        [node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQUENCE, BATCH, INPUT])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in outputs if name], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("bias,state", [(True, True), (False, False)], ids=["given", "left-out"])
+@pytest.mark.parametrize("written", ["all", "states", "sequence"])
+def test_a_recurrent_node_loads_and_computes_onnx_runtimes_values(
+    tmp_path, op_type: str, direction: str, bias: bool, state: bool, written: str
+) -> None:
+    outputs = {"all": None, "states": ("", *STATES[op_type]), "sequence": ("y",)}[written]
+    path = _recurrent_file(tmp_path / "rnn.onnx", op_type, direction, bias, state, outputs)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [SEQUENCE, BATCH, INPUT]})
+    assert any(type(layer).__name__ == op_type for layer in model.sublayers())
+    x = np.random.default_rng(2).standard_normal([SEQUENCE, BATCH, INPUT]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with paddle.no_grad():
+        computed = model(paddle.to_tensor(x))
+    computed = computed if isinstance(computed, (list, tuple)) else [computed]
+    assert len(computed) == len(expected)
+    for ours, theirs in zip(computed, expected):
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("op_type,attributes,reason", [
+    ("GRU", {"linear_before_reset": 0}, r"linear_before_reset=0"),
+    ("GRU", {"direction": "reverse"}, r"direction 'reverse'"),
+    ("GRU", {"clip": 3.0}, r"clip=3"),
+    ("GRU", {"layout": 1}, r"layout=1"),
+    ("GRU", {"activations": ["Sigmoid", "Relu"]}, r"activations \['Sigmoid', 'Relu'\]"),
+    ("LSTM", {"input_forget": 1}, r"input_forget=1"),
+    ("LSTM", {"peepholes": True}, r"peepholes"),
+    ("LSTM", {"direction": "reverse"}, r"direction 'reverse'"),
+])
+def test_a_recurrent_node_paddle_does_not_compute_is_refused_by_name(tmp_path, op_type: str, attributes: dict, reason: str) -> None:
+    path = _recurrent_file(tmp_path / "rnn.onnx", op_type, **attributes)
+    with pytest.raises(ValueError, match=rf"recurrent nodes that paddle.nn.LSTM/GRU do not compute: {op_type} 'rnn' \(.*{reason}"):
+        load_onnx_model(path, tmp_path / "converted", {"x": [SEQUENCE, BATCH, INPUT]})
+    assert not (tmp_path / "converted").exists()
+
+
+def _recurrent_classifier(path, op_type: str) -> str:
+    """A batch-first recurrent classifier as PyTorch exports one: ``x [batch, 6, 5]`` transposed
+    to time-major, a GRU's last state (an LSTM's last hidden plus cell state), a Linear head."""
+    rng = np.random.default_rng(3)
+    gates = {"GRU": 3, "LSTM": 4}[op_type]
+    states = ["state"] if op_type == "GRU" else ["state", "cell"]
+    attributes = {"linear_before_reset": 1} if op_type == "GRU" else {}
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
+        helper.make_node(op_type, ["time_major", "W", "R", "B"], ["", *states], hidden_size=8, **attributes),
+        helper.make_node("Add", states, ["summed"]) if op_type == "LSTM" else helper.make_node("Identity", states, ["summed"]),
+        helper.make_node("Squeeze", ["summed", "first"], ["features"]),
+        helper.make_node("MatMul", ["features", "head"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([1, gates * 8, INPUT]) / 2).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal([1, gates * 8, 8]) / 3).astype(np.float32), "R"),
+        numpy_helper.from_array((rng.standard_normal([1, gates * 16]) / 4).astype(np.float32), "B"),
+        numpy_helper.from_array(np.array([0], np.int64), "first"),
+        numpy_helper.from_array((rng.standard_normal([8, 3]) / 3).astype(np.float32), "head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "recurrent_classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQUENCE, INPUT])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
+def test_a_classifier_reading_the_states_loads_quantizes_and_runs_its_simulation(tmp_path, op_type: str) -> None:
+    """A node reading a recurrent node's state (not its sequence) failed in x2paddle: it reads
+    ``<first output>_p1``, which x2paddle's LSTM converter never wrote. The head is calibrated
+    and converted, and the LSTM too (Paddle Inference's int8 ``fusion_lstm``; its int8 GRU
+    computes another variant, so the GRU stays fp32); both runtimes compute the simulation."""
+    path = _recurrent_classifier(tmp_path / "classifier.onnx", op_type)
+    quantized = assert_onnx_block_quantizes_and_runs_its_simulation(path, [1, SEQUENCE, INPUT], 1, tmp_path)
+    recurrent = {type(layer).__name__ for layer in quantized.sublayers()} & {"QuantizedLSTM", "LSTM", "GRU"}
+    assert recurrent == ({"QuantizedLSTM", "LSTM"} if op_type == "LSTM" else {"GRU"}), recurrent
