@@ -61,6 +61,15 @@ def test_paddle_gru_parameters_compute_onnx_gru_formulas() -> None:
     np.testing.assert_allclose(last.numpy()[0], expected[-1], rtol=0, atol=2e-6)
 
 
+def _saved(graph, path) -> str:
+    """``graph`` saved at ``path`` as an opset-14 model."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
 #: Gates and state outputs of each recurrent op.
 GATES = {"GRU": 3, "LSTM": 4}
 STATES = {"GRU": ("y_h",), "LSTM": ("y_h", "y_c")}
@@ -99,11 +108,7 @@ def _recurrent_file(
         [node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQUENCE, BATCH, INPUT])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in outputs if name], initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return _saved(graph, path)
 
 
 @pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
@@ -169,11 +174,7 @@ def _recurrent_classifier(path, op_type: str) -> str:
         nodes, "recurrent_classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQUENCE, INPUT])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
+    return _saved(graph, path)
 
 
 @pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
