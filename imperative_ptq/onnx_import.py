@@ -62,7 +62,7 @@ import paddle
 from .export.spec_check import error_summary
 from .onnx_dft import dfts_as_matmuls
 from .onnx_einsum import einsums_as_matmuls
-from .onnx_recurrent import recurrent_converters_installed, recurrents_checked
+from .onnx_recurrent import recurrent_converters_installed, recurrent_inputs_folded, recurrents_checked
 from .onnx_opsets import (
     axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, lowered_to_opset_15,
 )
@@ -460,6 +460,7 @@ def _x2paddle_ready(model, onnx_path: str):
     _squares_of_multi_axis_means_multiplied(model)
     _recurrent_outputs_named(model)
     recurrents_checked(model, onnx_path)
+    recurrent_inputs_folded(model)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     rewritten = dropped = strided = 0

@@ -29,7 +29,10 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["convert_recurrent", "paddle_recurrent_parameters", "recurrent_converters_installed", "recurrents_checked"]
+__all__ = [
+    "convert_recurrent", "paddle_recurrent_parameters", "recurrent_converters_installed", "recurrent_inputs_folded",
+    "recurrents_checked",
+]
 
 #: Paddle's gate order as positions of ONNX's gates (LSTM: i, o, f, c -> i, f, c, o; GRU:
 #: z, r, h -> r, z, c).
@@ -75,6 +78,96 @@ def recurrents_checked(model, onnx_path: str) -> None:
             f"{onnx_path} has recurrent nodes that paddle.nn.LSTM/GRU do not compute: {'; '.join(refused[:8])}; "
             "they compute forward and bidirectional LSTMs and GRUs with linear_before_reset=1 (PyTorch's export)"
         )
+
+
+def recurrent_inputs_folded(model) -> int:
+    """Rewrites, in place, the constant inputs of each ``LSTM`` / ``GRU`` node as the converters
+    read them: a ``W``, ``R`` or ``B`` computed from constants only (PyTorch's default exporter
+    reorders a bidirectional layer's input weights with ``Slice``/``Concat``/``Unsqueeze`` of
+    the initializers) becomes an initializer of its value (computed by ONNX's reference
+    evaluator), and an initial state of constant zeros (an ``nn.LSTM``/``GRU`` called without
+    one, exported at the example's batch) is left out, so Paddle's own zeros follow the
+    input's batch. The nodes that computed them are dropped where nothing else reads them.
+
+    Returns:
+        The number of inputs rewritten.
+    """
+    from onnx import numpy_helper
+
+    constants = {initializer.name: initializer for initializer in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    values: dict[str, np.ndarray | None] = {}
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type not in _PADDLE_GATE_ORDER:
+            continue
+        for position in (1, 2, 3, *_STATE_INPUTS[node.op_type]):
+            name = node.input[position] if position < len(node.input) else ""
+            if not name or (name in constants and position < _SEQUENCE_LENGTHS):
+                continue
+            if name not in values:
+                values[name] = (
+                    numpy_helper.to_array(constants[name]) if name in constants else _constant_value(model, name, producers)
+                )
+            value = values[name]
+            if value is None:
+                continue
+            if position > _SEQUENCE_LENGTHS:
+                if np.any(value):
+                    continue
+                node.input[position] = ""
+            else:
+                folded = f"{name}.folded"
+                if folded not in constants:
+                    constants[folded] = numpy_helper.from_array(np.asarray(value), folded)
+                    model.graph.initializer.append(constants[folded])
+                node.input[position] = folded
+            rewritten += 1
+        while node.input and not node.input[-1]:
+            del node.input[-1]
+    if rewritten:
+        _drop_unread_nodes(model)
+    return rewritten
+
+
+def _constant_value(model, name: str, producers: dict) -> np.ndarray | None:
+    """The value of the tensor ``name`` where it is computed from initializers only (ONNX's
+    reference evaluator on the nodes computing it); ``None`` where a graph input reaches it."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    ancestors: list = []
+    pending = [name]
+    while pending:
+        tensor = pending.pop()
+        if not tensor or tensor in initializers:
+            continue
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node not in ancestors:
+            ancestors.append(node)
+            pending.extend(node.input)
+    graph = helper.make_graph(
+        [node for node in model.graph.node if node in ancestors], "constant", [],
+        [helper.make_empty_tensor_value_info(name)], list(model.graph.initializer),
+    )
+    subgraph = helper.make_model(graph, opset_imports=list(model.opset_import))
+    subgraph.ir_version = model.ir_version
+    (value,) = ReferenceEvaluator(subgraph).run(None, {})
+    return np.asarray(value)
+
+
+def _drop_unread_nodes(model) -> None:
+    """Removes, in place, the nodes none of whose outputs any node or graph output reads."""
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
+        unread = [node for node in model.graph.node if not any(output in read for output in node.output)]
+        if not unread:
+            return
+        for node in unread:
+            model.graph.node.remove(node)
 
 
 def paddle_recurrent_parameters(

@@ -187,3 +187,46 @@ def test_a_classifier_reading_the_states_loads_quantizes_and_runs_its_simulation
     quantized = assert_onnx_block_quantizes_and_runs_its_simulation(path, [1, SEQUENCE, INPUT], 1, tmp_path)
     recurrent = {type(layer).__name__ for layer in quantized.sublayers()} & {"QuantizedLSTM", "LSTM", "GRU"}
     assert recurrent == ({"QuantizedLSTM", "LSTM"} if op_type == "LSTM" else {"GRU"}), recurrent
+
+
+@pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
+def test_weights_computed_from_constants_and_zero_states_load_for_any_batch(tmp_path, op_type: str) -> None:
+    """PyTorch's default exporter computes a layer's ``W`` from its parameter (``Slice`` and
+    ``Concat`` of gate blocks, ``Unsqueeze``) and writes the states of an ``nn.GRU``/``LSTM``
+    called without them as zeros of the example's batch: the converter read no constant
+    ``W`` ("its W, R and B must be constants"), and zeros of batch 1 fixed the batch."""
+    rng = np.random.default_rng(4)
+    gates = GATES[op_type]
+    raw = (rng.standard_normal([gates * HIDDEN, INPUT]) / 2).astype(np.float32)
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    states = [f"{name}0" for name in STATES[op_type]]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["time_major"], perm=[1, 0, 2]),
+        helper.make_node("Slice", ["raw", "start", "middle", "axis"], ["first_gate"]),
+        helper.make_node("Slice", ["raw", "middle", "end", "axis"], ["other_gates"]),
+        helper.make_node("Concat", ["first_gate", "other_gates"], ["joined"], axis=0),
+        helper.make_node("Unsqueeze", ["joined", "axis"], ["W"]),
+        helper.make_node(
+            op_type, ["time_major", "W", "R", "B", "", *states], ["sequence", "state", *(["cell"] if op_type == "LSTM" else [])],
+            hidden_size=HIDDEN, **({"linear_before_reset": 1} if op_type == "GRU" else {}),
+        ),
+        helper.make_node("Squeeze", ["state", "axis"], ["y"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(raw, "raw"), ints("start", [0]), ints("middle", [HIDDEN]), ints("end", [gates * HIDDEN]),
+        ints("axis", [0]),
+        numpy_helper.from_array((rng.standard_normal([1, gates * HIDDEN, HIDDEN]) / 2).astype(np.float32), "R"),
+        numpy_helper.from_array(rng.standard_normal([1, 2 * gates * HIDDEN]).astype(np.float32), "B"),
+        *[numpy_helper.from_array(np.zeros([1, 1, HIDDEN], np.float32), state) for state in states],
+    ]
+    graph = helper.make_graph(
+        nodes, "exported", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, SEQUENCE, INPUT])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, HIDDEN])], initializers,
+    )
+    path = _saved(graph, tmp_path / "exported.onnx")
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, SEQUENCE, INPUT]}, dynamic_batch=True)
+    x = np.random.default_rng(5).standard_normal([3, SEQUENCE, INPUT]).astype(np.float32)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    expected = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    with paddle.no_grad():
+        np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=2e-6)
