@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "X2PADDLE_OPSET", "axes_node", "constant_tensors", "default_opset", "inferred_shapes", "inferred_values",
-    "lowered_to_opset_15",
+    "X2PADDLE_OPSET", "axes_node", "computed_constant", "constant_tensors", "default_opset", "inferred_shapes",
+    "inferred_values", "lowered_to_opset_15", "unread_nodes_dropped",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,53 @@ def inferred_shapes(model, rewritten: str) -> dict[str, list[int | None]]:
         for value in inferred_values(model, rewritten) or []
         if value.type.tensor_type.HasField("shape")
     }
+
+
+def computed_constant(model, name: str, producers: dict | None = None) -> np.ndarray | None:
+    """The value of the tensor ``name`` of ``model`` where it is computed from initializers
+    only (ONNX's reference evaluator on the nodes computing it); ``None`` where a graph input
+    reaches it. ``producers`` maps each output to its node (built here if not given)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    if producers is None:
+        producers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    ancestors: list = []
+    pending = [name]
+    while pending:
+        tensor = pending.pop()
+        if not tensor or tensor in initializers:
+            continue
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node not in ancestors:
+            ancestors.append(node)
+            pending.extend(node.input)
+    graph = helper.make_graph(
+        [node for node in model.graph.node if node in ancestors], "constant", [],
+        [helper.make_empty_tensor_value_info(name)], list(model.graph.initializer),
+    )
+    subgraph = helper.make_model(graph, opset_imports=list(model.opset_import))
+    subgraph.ir_version = model.ir_version
+    try:
+        (value,) = ReferenceEvaluator(subgraph).run(None, {})
+    except Exception as error:  # noqa: BLE001 - an op the evaluator lacks: the value stays computed
+        logger.debug("could not compute %r from constants: %s", name, error)
+        return None
+    return np.asarray(value)
+
+
+def unread_nodes_dropped(model) -> None:
+    """Removes, in place, the nodes none of whose outputs any node or graph output reads."""
+    while True:
+        read = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
+        unread = [node for node in model.graph.node if not any(output in read for output in node.output)]
+        if not unread:
+            return
+        for node in unread:
+            model.graph.node.remove(node)
 
 
 def default_opset(model) -> int:

@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .onnx_opsets import computed_constant, unread_nodes_dropped
+
 __all__ = [
     "convert_recurrent", "paddle_recurrent_parameters", "recurrent_converters_installed", "recurrent_inputs_folded",
     "recurrents_checked",
@@ -107,7 +109,7 @@ def recurrent_inputs_folded(model) -> int:
                 continue
             if name not in values:
                 values[name] = (
-                    numpy_helper.to_array(constants[name]) if name in constants else _constant_value(model, name, producers)
+                    numpy_helper.to_array(constants[name]) if name in constants else computed_constant(model, name, producers)
                 )
             value = values[name]
             if value is None:
@@ -126,48 +128,8 @@ def recurrent_inputs_folded(model) -> int:
         while node.input and not node.input[-1]:
             del node.input[-1]
     if rewritten:
-        _drop_unread_nodes(model)
+        unread_nodes_dropped(model)
     return rewritten
-
-
-def _constant_value(model, name: str, producers: dict) -> np.ndarray | None:
-    """The value of the tensor ``name`` where it is computed from initializers only (ONNX's
-    reference evaluator on the nodes computing it); ``None`` where a graph input reaches it."""
-    from onnx import helper
-    from onnx.reference import ReferenceEvaluator
-
-    initializers = {initializer.name for initializer in model.graph.initializer}
-    ancestors: list = []
-    pending = [name]
-    while pending:
-        tensor = pending.pop()
-        if not tensor or tensor in initializers:
-            continue
-        node = producers.get(tensor)
-        if node is None:
-            return None
-        if node not in ancestors:
-            ancestors.append(node)
-            pending.extend(node.input)
-    graph = helper.make_graph(
-        [node for node in model.graph.node if node in ancestors], "constant", [],
-        [helper.make_empty_tensor_value_info(name)], list(model.graph.initializer),
-    )
-    subgraph = helper.make_model(graph, opset_imports=list(model.opset_import))
-    subgraph.ir_version = model.ir_version
-    (value,) = ReferenceEvaluator(subgraph).run(None, {})
-    return np.asarray(value)
-
-
-def _drop_unread_nodes(model) -> None:
-    """Removes, in place, the nodes none of whose outputs any node or graph output reads."""
-    while True:
-        read = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
-        unread = [node for node in model.graph.node if not any(output in read for output in node.output)]
-        if not unread:
-            return
-        for node in unread:
-            model.graph.node.remove(node)
 
 
 def paddle_recurrent_parameters(

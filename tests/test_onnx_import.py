@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import paddle
@@ -910,3 +911,66 @@ def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
         np.testing.assert_allclose(ran, simulated, rtol=0, atol=1e-4 * np.abs(simulated).max())
     with pytest.raises(TypeError, match="fold_shapes must be a bool"):
         load_onnx_model(path, tmp_path / "m", fold_shapes="yes")
+
+
+def _padded_convs(path, pads_as_computation: bool, value: float = 0.0, pool: bool = False) -> str:
+    """``nn.ZeroPad2d((0, 1, 0, 1))`` before a stride-2 conv, as PyTorch's TorchScript exporter
+    writes it (its pads a ``ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose ->
+    Reshape`` chain of constants if ``pads_as_computation``), then a second conv of the same
+    padded tensor and a max-pool of it (``pool``), which a conv's own padding cannot stand for."""
+    rng = np.random.default_rng(0)
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal([8, 3, 3, 3]) / 3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal([8, 8, 3, 3]) / 8).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(value, np.float32), "value"),
+    ]
+    if pads_as_computation:  # ONNX pads [0, 0, 0, 0, 0, 0, 1, 1] from torch's (0, 1, 0, 1), reversed pairwise
+        nodes = [
+            helper.make_node("ConstantOfShape", ["four"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.int64))),
+            helper.make_node("Concat", ["torch_pads", "zeros"], ["all_pads"], axis=0),
+            helper.make_node("Reshape", ["all_pads", "pairs"], ["paired"]),
+            helper.make_node("Slice", ["paired", "minus_one", "very_negative", "zero", "minus_one"], ["reversed"]),
+            helper.make_node("Transpose", ["reversed"], ["transposed"], perm=[1, 0]),
+            helper.make_node("Reshape", ["transposed", "flat"], ["pads"]),
+        ]
+        initializers += [ints("four", [4]), ints("torch_pads", [0, 1, 0, 1]), ints("pairs", [-1, 2]), ints("minus_one", [-1]),
+                         ints("very_negative", [-(2 ** 62)]), ints("zero", [0]), ints("flat", [-1])]
+    else:
+        nodes, initializers = [], initializers + [ints("pads", [0, 0, 0, 0, 0, 0, 1, 1])]
+    nodes += [
+        helper.make_node("Pad", ["x", "pads", "value"], ["padded"], mode="constant"),
+        helper.make_node("Conv", ["padded", "w1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Pad", ["r1", "pads", "value"], ["padded2"], mode="constant"),
+        helper.make_node("Conv", ["padded2", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    outputs = ["c2"]
+    if pool:
+        nodes.append(helper.make_node("MaxPool", ["padded2"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]))
+        outputs.append("pooled")
+    shapes = {"c2": [1, 8, 9, 9], "pooled": [1, 8, 5, 5]}
+    return _save(
+        nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]) for name in outputs], path,
+    )
+
+
+@pytest.mark.parametrize("pads_as_computation", [False, True], ids=["constant-pads", "computed-pads"])
+@pytest.mark.parametrize("value,pool,pad_ops", [(0.0, False, 0), (0.5, False, 2), (0.0, True, 1)],
+                         ids=["zeros", "non-zero", "read-by-a-pool"])
+def test_pads_before_convs_load_and_zero_ones_fold_into_the_convs(tmp_path, pads_as_computation: bool, value, pool, pad_ops) -> None:
+    """The TorchScript exporter's computed pads made x2paddle's code fail (``paddle.full`` of
+    shape ``[-1]``): small constant computations are folded first. A zero pad that only a conv
+    reads becomes that conv's padding (x2paddle's pad op runs outside oneDNN); a pad of another
+    value, or one a max-pool also reads, stays a pad op."""
+    path = _padded_convs(tmp_path / "padded.onnx", pads_as_computation, value, pool)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 3, 16, 16]}, dynamic_batch=True)
+    code = (tmp_path / "converted" / "x2paddle_code.py").read_text()
+    assert len(re.findall(r"= paddle\.nn\.Pad2D\(|functional\.pad\(", code)) == pad_ops, code
+    x = np.random.default_rng(1).standard_normal([1, 3, 16, 16]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    computed = model(paddle.to_tensor(x))
+    computed = computed if isinstance(computed, (list, tuple)) else [computed]
+    for ours, theirs in zip(computed, expected):
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-5)
