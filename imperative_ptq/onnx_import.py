@@ -64,8 +64,8 @@ from .onnx_dft import dfts_as_matmuls
 from .onnx_einsum import einsums_as_matmuls
 from .onnx_recurrent import recurrent_converters_installed, recurrent_inputs_folded, recurrents_checked
 from .onnx_opsets import (
-    axes_node, computed_constant, constant_tensors, default_opset, inferred_shapes, inferred_values,
-    lowered_to_opset_15, unread_nodes_dropped,
+    attribute_text, axes_node, computed_constant, constant_tensors, default_opset, inferred_shapes,
+    inferred_values, lowered_to_opset_15, unread_nodes_dropped,
 )
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
@@ -432,7 +432,8 @@ def _x2paddle_ready(model, onnx_path: str):
     :func:`_integer_ops_typed`, :func:`_uneven_splits_sliced`,
     :func:`_reductions_spelled_out`, :func:`_reduce_sums_one_axis_at_a_time`,
     :func:`_gathers_of_index_arrays_flattened`, :func:`_gather_elements_indices_copied`,
-    :func:`_interpolating_resizes_ready`, :func:`_zero_pads_folded_into_convs`, :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`, :func:`_trilus_as_masks`,
+    :func:`_interpolating_resizes_ready`, :func:`_zero_pads_folded_into_convs`,
+    :func:`_pad_values_shifted`, :func:`_squeezes_given_axes`, :func:`_trilus_as_masks`,
     :func:`_squares_of_multi_axis_means_multiplied` and :func:`_recurrent_outputs_named`
     rewrite; ``LSTM``/``GRU`` nodes Paddle's layers do not compute are refused
     (:func:`~imperative_ptq.onnx_recurrent.recurrents_checked`; the nodes themselves are
@@ -825,7 +826,7 @@ def _interpolating_resizes_ready(model, onnx_path: str) -> None:
                 node.input[position] = f"{node.output[0]}.empty{position}"
                 model.graph.initializer.append(numpy_helper.from_array(np.zeros([0], np.float32), node.input[position]))
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-        mode = _text(attributes.get("mode", b"nearest"))
+        mode = attribute_text(attributes.get("mode", b"nearest"))
         if mode not in ("linear", "cubic"):
             continue
         name = repr(node.name or node.output[0])
@@ -834,7 +835,7 @@ def _interpolating_resizes_ready(model, onnx_path: str) -> None:
             wrong.append(f"{name} (cubic_coeff_a={coefficient:g}, exclude_outside={attributes.get('exclude_outside', 0)}; "
                          f"Paddle's bicubic is {_PADDLE_CUBIC_COEFFICIENT:g}, 0)")
             continue
-        coordinates = _text(attributes.get("coordinate_transformation_mode", b"half_pixel"))
+        coordinates = attribute_text(attributes.get("coordinate_transformation_mode", b"half_pixel"))
         if coordinates not in _RESIZE_COORDINATE_MODES and coordinates != "half_pixel":
             wrong.append(f"{name} ({mode}, {coordinates})")
             continue
@@ -870,11 +871,6 @@ def _interpolating_resizes_ready(model, onnx_path: str) -> None:
         logger.info("wrote the half_pixel coordinates of %d linear/cubic resizes as pytorch_half_pixel", rewritten)
     if sized:
         logger.info("wrote %d cubic align_corners resizes by scales as resizes by sizes", sized)
-
-
-def _text(value) -> str:
-    """An ONNX string attribute's value as ``str``."""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _computed_pads_folded(model) -> None:
@@ -932,8 +928,9 @@ def _zero_pads_folded_into_convs(model) -> None:
     ``Conv`` reads (and nothing else) into that conv's ``pads``, which compute the same values:
     PyTorch's ``nn.ZeroPad2d``/``F.pad`` before a conv (TensorFlow's asymmetric "same" padding
     ported), which x2paddle writes as a ``pad`` op that Paddle Inference must keep out of oneDNN
-    (:func:`imperative_ptq.export.predictor.create_predictor`; measured on a 9-conv net at batch
-    8, one thread: 1.27x the time of the same net with its pads in the convs)."""
+    (:func:`imperative_ptq.export.predictor.create_predictor`; ``benchmarks/onnx_pads.py``, a
+    9-conv net at batch 8 on one thread: 1.35x the time of the same net with its pads in the
+    convs)."""
     from onnx import helper, numpy_helper
 
     constants = constant_tensors(model)

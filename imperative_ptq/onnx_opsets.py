@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "X2PADDLE_OPSET", "axes_node", "computed_constant", "constant_tensors", "default_opset", "inferred_shapes",
+    "X2PADDLE_OPSET", "attribute_text", "axes_node", "computed_constant", "constant_tensors", "default_opset", "inferred_shapes",
     "inferred_values", "lowered_to_opset_15", "unread_nodes_dropped",
 ]
 
@@ -164,6 +164,11 @@ def unread_nodes_dropped(model) -> None:
             return
         for node in unread:
             model.graph.node.remove(node)
+
+
+def attribute_text(value) -> str:
+    """An ONNX string attribute's value (``bytes`` from ``helper.get_attribute_value``) as ``str``."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def default_opset(model) -> int:

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .onnx_opsets import computed_constant, unread_nodes_dropped
+from .onnx_opsets import attribute_text, computed_constant, unread_nodes_dropped
 
 __all__ = [
     "convert_recurrent", "paddle_recurrent_parameters", "recurrent_converters_installed", "recurrent_inputs_folded",
@@ -57,8 +57,8 @@ def recurrents_checked(model, onnx_path: str) -> None:
         if node.op_type not in _PADDLE_GATE_ORDER:
             continue
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-        direction = _text(attributes.get("direction", b"forward"))
-        activations = [_text(name) for name in attributes.get("activations", [])]
+        direction = attribute_text(attributes.get("direction", b"forward"))
+        activations = [attribute_text(name) for name in attributes.get("activations", [])]
         defaults = _DEFAULT_ACTIVATIONS[node.op_type] * 2
         given = lambda position: len(node.input) > position and bool(node.input[position])  # noqa: E731
         reasons = [
@@ -196,7 +196,7 @@ def convert_recurrent(opset, node) -> None:
     outputs = [node.output(index) for index in range(1 + len(_STATE_INPUTS[op_type]))]
     opset.paddle_graph.add_layer(
         f"paddle.nn.{op_type}", inputs=layer_inputs, outputs=[layer_name, *outputs], input_size=weight.shape[2],
-        hidden_size=hidden, num_layers=1, direction=string(_text(node.get_attr("direction", "forward"))),
+        hidden_size=hidden, num_layers=1, direction=string(attribute_text(node.get_attr("direction", "forward"))),
         time_major=True,
     )
     sequence = outputs[0]
@@ -226,8 +226,3 @@ def recurrent_converters_installed() -> Iterator[None]:
                 setattr(OpSet, name, originals[name])
             else:
                 delattr(OpSet, name)
-
-
-def _text(value) -> str:
-    """An ONNX string attribute's value as ``str``."""
-    return value.decode() if isinstance(value, bytes) else value
