@@ -1,19 +1,19 @@
-"""ONNX ``LSTM`` and ``GRU`` nodes as ``paddle.nn.LSTM`` / ``paddle.nn.GRU`` layers: the
-converters x2paddle 1.6.0 lacks (``GRU``) or writes wrongly (``LSTM``).
+"""ONNX ``LSTM``, ``GRU`` and ``RNN`` nodes as ``paddle.nn.LSTM`` / ``GRU`` / ``SimpleRNN``
+layers: the converters x2paddle 1.6.0 lacks (``GRU``, ``RNN``) or writes wrongly (``LSTM``).
 
-x2paddle has no ``GRU`` ("Model is not supported yet": every ``nn.GRU`` exported from PyTorch
-failed to load). Its ``LSTM`` named the states wrongly: it names a node after its first output,
-and a node reading another output reads ``<that name>_p<index>``, which its converter never
-wrote (a model reading an LSTM's last hidden or cell state, a classifier's ``h_n``, failed:
+x2paddle has no ``GRU`` or ``RNN`` ("Model is not supported yet": every ``nn.GRU`` and
+``nn.RNN`` exported from PyTorch failed to load). Its ``LSTM`` named the states wrongly: it
+names a node after its first output, and a node reading another output reads ``<that
+name>_p<index>``, which its converter never wrote (a model reading an LSTM's last hidden or cell state, a classifier's ``h_n``, failed:
 "Couldn't find ..._p1 in previous layers"); and it needs the initial states, whose reshape to
-their shape at conversion fixed the batch. :func:`convert_recurrent` writes both ops: the gates
+their shape at conversion fixed the batch. :func:`convert_recurrent` writes the three ops: the gates
 reordered from ONNX's (LSTM input, output, forget, cell; GRU update, reset, hidden) to Paddle's
 (input, forget, cell, output; reset, update, candidate), a zero bias where the node has none,
 no initial states where it has none (Paddle's zeros of the input's batch), the ``[sequence,
 batch, directions * hidden]`` output as ONNX's ``[sequence, directions, batch, hidden]``, and
 each state also under the name its readers use. Paddle's GRU is ONNX's with
 ``linear_before_reset=1`` (the reset gate applied to the recurrent product plus its bias),
-which PyTorch exports.
+which PyTorch exports; its ``SimpleRNN`` is ONNX's ``RNN`` with ``Tanh`` or ``Relu``.
 
 :func:`recurrents_checked` refuses, by name, what Paddle's layers do not compute:
 ``linear_before_reset=0``, an LSTM's ``input_forget`` or peepholes, a ``reverse`` direction,
@@ -38,11 +38,14 @@ __all__ = [
 
 #: Paddle's gate order as positions of ONNX's gates (LSTM: i, o, f, c -> i, f, c, o; GRU:
 #: z, r, h -> r, z, c).
-_PADDLE_GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2)}
-#: ONNX's default activations of one direction (Paddle's, which takes no others).
-_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+_PADDLE_GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+#: ONNX's default activations of one direction (Paddle's, which takes no others; an RNN's may
+#: also be ``relu``, Paddle's ``SimpleRNN(activation="relu")``).
+_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"), "RNN": ("tanh",)}
+#: Paddle's layer of each ONNX op.
+_PADDLE_LAYERS = {"LSTM": "paddle.nn.LSTM", "GRU": "paddle.nn.GRU", "RNN": "paddle.nn.SimpleRNN"}
 #: Positions of the initial states among the node's inputs, and of ``sequence_lens``.
-_STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,)}
+_STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
 _SEQUENCE_LENGTHS = 4
 _LSTM_PEEPHOLES = 7
 
@@ -69,7 +72,8 @@ def recurrents_checked(model, onnx_path: str) -> None:
             *([f"direction {direction!r}"] if direction not in ("forward", "bidirectional") else []),
             *(["sequence_lens"] if given(_SEQUENCE_LENGTHS) else []),
             *([f"activations {activations}"]
-              if [name.lower() for name in activations] != list(defaults[:len(activations)]) else []),
+              if [name.lower() for name in activations] != list(defaults[:len(activations)])
+              and not (node.op_type == "RNN" and {name.lower() for name in activations} == {"relu"}) else []),
             *([f"clip={attributes['clip']:g}"] if "clip" in attributes else []),
             *(["layout=1 (batch first)"] if attributes.get("layout", 0) else []),
         ]
@@ -194,10 +198,12 @@ def convert_recurrent(opset, node) -> None:
         layer_inputs["initial_states"] = tuple(states) if op_type == "LSTM" else states[0]
     hidden = weight.shape[1] // len(_PADDLE_GATE_ORDER[op_type])
     outputs = [node.output(index) for index in range(1 + len(_STATE_INPUTS[op_type]))]
+    activations = [attribute_text(name).lower() for name in node.get_attr("activations", [])]
+    layer_attributes = {"activation": string("relu")} if op_type == "RNN" and "relu" in activations else {}
     opset.paddle_graph.add_layer(
-        f"paddle.nn.{op_type}", inputs=layer_inputs, outputs=[layer_name, *outputs], input_size=weight.shape[2],
+        _PADDLE_LAYERS[op_type], inputs=layer_inputs, outputs=[layer_name, *outputs], input_size=weight.shape[2],
         hidden_size=hidden, num_layers=1, direction=string(attribute_text(node.get_attr("direction", "forward"))),
-        time_major=True,
+        time_major=True, **layer_attributes,
     )
     sequence = outputs[0]
     # Paddle's [sequence, batch, directions * hidden] as ONNX's [sequence, directions, batch, hidden].

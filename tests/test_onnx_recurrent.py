@@ -71,8 +71,8 @@ def _saved(graph, path) -> str:
 
 
 #: Gates and state outputs of each recurrent op.
-GATES = {"GRU": 3, "LSTM": 4}
-STATES = {"GRU": ("y_h",), "LSTM": ("y_h", "y_c")}
+GATES = {"GRU": 3, "LSTM": 4, "RNN": 1}
+STATES = {"GRU": ("y_h",), "LSTM": ("y_h", "y_c"), "RNN": ("y_h",)}
 
 
 def _recurrent_file(
@@ -111,7 +111,7 @@ def _recurrent_file(
     return _saved(graph, path)
 
 
-@pytest.mark.parametrize("op_type", ["GRU", "LSTM"])
+@pytest.mark.parametrize("op_type", ["GRU", "LSTM", "RNN"])
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
 @pytest.mark.parametrize("bias,state", [(True, True), (False, False)], ids=["given", "left-out"])
 @pytest.mark.parametrize("written", ["all", "states", "sequence"])
@@ -121,7 +121,7 @@ def test_a_recurrent_node_loads_and_computes_onnx_runtimes_values(
     outputs = {"all": None, "states": ("", *STATES[op_type]), "sequence": ("y",)}[written]
     path = _recurrent_file(tmp_path / "rnn.onnx", op_type, direction, bias, state, outputs)
     model = load_onnx_model(path, tmp_path / "converted", {"x": [SEQUENCE, BATCH, INPUT]})
-    assert any(type(layer).__name__ == op_type for layer in model.sublayers())
+    assert any(type(layer).__name__ == {"RNN": "SimpleRNN"}.get(op_type, op_type) for layer in model.sublayers())
     x = np.random.default_rng(2).standard_normal([SEQUENCE, BATCH, INPUT]).astype(np.float32)
     expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     with paddle.no_grad():
@@ -141,6 +141,8 @@ def test_a_recurrent_node_loads_and_computes_onnx_runtimes_values(
     ("LSTM", {"input_forget": 1}, r"input_forget=1"),
     ("LSTM", {"peepholes": True}, r"peepholes"),
     ("LSTM", {"direction": "reverse"}, r"direction 'reverse'"),
+    ("RNN", {"activations": ["Relu", "Tanh"], "direction": "bidirectional"}, r"activations \['Relu', 'Tanh'\]"),
+    ("RNN", {"activations": ["Sigmoid"]}, r"activations \['Sigmoid'\]"),
 ])
 def test_a_recurrent_node_paddle_does_not_compute_is_refused_by_name(tmp_path, op_type: str, attributes: dict, reason: str) -> None:
     path = _recurrent_file(tmp_path / "rnn.onnx", op_type, **attributes)
@@ -230,3 +232,18 @@ def test_weights_computed_from_constants_and_zero_states_load_for_any_batch(tmp_
     expected = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
     with paddle.no_grad():
         np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_a_relu_rnn_loads_as_a_relu_simple_rnn(tmp_path, direction: str) -> None:
+    """``nn.RNN(nonlinearity="relu")`` exports an ONNX ``RNN`` with ``Relu`` activations:
+    Paddle's ``SimpleRNN(activation="relu")``."""
+    activations = ["Relu"] * (2 if direction == "bidirectional" else 1)
+    path = _recurrent_file(tmp_path / "rnn.onnx", "RNN", direction, activations=activations)
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [SEQUENCE, BATCH, INPUT]})
+    x = np.random.default_rng(2).standard_normal([SEQUENCE, BATCH, INPUT]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with paddle.no_grad():
+        computed = model(paddle.to_tensor(x))
+    for ours, theirs in zip(computed, expected):
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=2e-6)
