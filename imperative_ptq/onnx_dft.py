@@ -14,8 +14,7 @@ parameter of the converted model, so the calibration takes each transform as a L
 
 A node whose signal length or rank is unknown, whose ``dft_length`` or ``axis`` is computed, or
 that asks for a one-sided transform other than a forward one of real input (which ONNX does not
-define) raises a
-``ValueError`` naming it.
+define) raises a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import logging
 
 import numpy as np
 
-from .onnx_opsets import constant_tensors, default_opset, inferred_values
+from .onnx_opsets import constant_tensors, default_opset, inferred_values, tensor_shape
 
 __all__ = ["dft_matrix", "dfts_as_matmuls"]
 
@@ -118,9 +117,9 @@ def _matmul_form(node, tensor_type, constants: dict, opset: int) -> tuple[list, 
     from onnx import helper
 
     attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-    if tensor_type is None or not tensor_type.HasField("shape"):
+    shape = tensor_shape(tensor_type)
+    if shape is None:
         raise ValueError("its input's shape is unknown")
-    shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
     rank = len(shape)
     axis = _constant_input(node, 2, constants, "axis")
     if axis is None:
@@ -149,20 +148,15 @@ def _matmul_form(node, tensor_type, constants: dict, opset: int) -> tuple[list, 
         names["merged"]: np.array([0] * (rank - 2) + [-1], np.int64),
         names["split"]: np.array([0] * (rank - 2) + [matrix.shape[1] // 2, 2], np.int64),
     }
-    written = []
-    source = node.input[0]
-    if order != sorted(order):
-        written.append(helper.make_node("Transpose", [source], [f"{stem}.moved"], perm=order))
-        source = f"{stem}.moved"
+    moved = order != sorted(order)
+    source = f"{stem}.moved" if moved else node.input[0]
+    written = [helper.make_node("Transpose", [node.input[0]], [source], perm=order)] if moved else []
     written += [
         helper.make_node("Reshape", [source, names["merged"]], [f"{stem}.samples"]),
         helper.make_node("MatMul", [f"{stem}.samples", names["matrix"]], [f"{stem}.product"]),
+        helper.make_node("Reshape", [f"{stem}.product", names["split"]], [f"{stem}.spectrum" if moved else node.output[0]]),
     ]
-    moved_back = order != sorted(order)
-    written.append(helper.make_node(
-        "Reshape", [f"{stem}.product", names["split"]], [f"{stem}.spectrum" if moved_back else node.output[0]],
-    ))
-    if moved_back:
+    if moved:
         written.append(helper.make_node("Transpose", [f"{stem}.spectrum"], [node.output[0]], perm=list(np.argsort(order))))
     written[-1].name = node.name
     return written, constants_written

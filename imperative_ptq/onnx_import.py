@@ -64,8 +64,8 @@ from .onnx_dft import dfts_as_matmuls
 from .onnx_einsum import einsums_as_matmuls
 from .onnx_recurrent import recurrent_converters_installed, recurrent_inputs_folded, recurrents_checked
 from .onnx_opsets import (
-    attribute_text, axes_node, computed_constant, constant_tensors, default_opset, inferred_shapes,
-    inferred_values, lowered_to_opset_15, unread_nodes_dropped,
+    attribute_text, axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, input_folded,
+    lowered_to_opset_15, tensor_shape, unread_nodes_dropped,
 )
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
@@ -875,30 +875,16 @@ def _interpolating_resizes_ready(model, onnx_path: str) -> None:
 
 def _computed_pads_folded(model) -> None:
     """Replaces, in place, the ``pads`` and value inputs of each ``Pad`` node that are computed
-    from constants only by initializers of their values (:func:`computed_constant`): PyTorch's
+    from constants only by initializers of their values (:func:`input_folded`): PyTorch's
     TorchScript exporter writes the pads of ``F.pad``/``nn.ZeroPad2d`` as a chain of
     ``ConstantOfShape``, ``Concat``, ``Reshape``, ``Slice`` and ``Transpose`` of constants,
     which x2paddle converted into code that failed (``paddle.full`` of shape ``[-1]``)."""
-    from onnx import numpy_helper
-
     constants = constant_tensors(model)
     producers = {output: node for node in model.graph.node for output in node.output}
-    folded = 0
-    for node in model.graph.node:
-        if node.op_type != "Pad":
-            continue
-        for position in (1, 2):
-            name = node.input[position] if position < len(node.input) else ""
-            if not name or name in constants:
-                continue
-            if f"{name}.folded" not in constants:  # (pads several Pad nodes read: folded once)
-                value = computed_constant(model, name, producers)
-                if value is None:
-                    continue
-                constants[f"{name}.folded"] = numpy_helper.from_array(value, f"{name}.folded")
-                model.graph.initializer.append(constants[f"{name}.folded"])
-            node.input[position] = f"{name}.folded"
-            folded += 1
+    folded = sum(
+        input_folded(model, node, position, constants, producers)
+        for node in model.graph.node if node.op_type == "Pad" for position in (1, 2)
+    )
     if folded:
         unread_nodes_dropped(model)
         logger.info("folded %d pad amounts computed from constants into constants", folded)
@@ -1033,7 +1019,7 @@ def _trilus_as_masks(model, onnx_path: str) -> None:
             model.graph.node.append(node)
             continue
         tensor_type = values.get(node.input[0])
-        shape = [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim] if tensor_type else []
+        shape = tensor_shape(tensor_type) or []
         offset = node.input[1] if len(node.input) > 1 else ""
         if len(shape) < 2 or None in shape[-2:] or 0 in shape[-2:]:
             wrong.append(f"{node.name or node.output[0]!r} (input shape {shape or 'unknown'})")

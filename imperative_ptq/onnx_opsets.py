@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "X2PADDLE_OPSET", "attribute_text", "axes_node", "computed_constant", "constant_tensors", "default_opset", "inferred_shapes",
-    "inferred_values", "lowered_to_opset_15", "unread_nodes_dropped",
+    "X2PADDLE_OPSET", "attribute_text", "axes_node", "computed_constant", "constant_tensors", "default_opset",
+    "inferred_shapes", "inferred_values", "input_folded", "lowered_to_opset_15", "tensor_shape", "unread_nodes_dropped",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,12 +108,20 @@ def inferred_values(model, rewritten: str, data_prop: bool = False) -> list | No
     return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
 
 
+def tensor_shape(tensor_type) -> list[int | None] | None:
+    """The shape of a ``TypeProto.Tensor`` (``None`` for a size it leaves open); ``None`` where
+    it has no shape."""
+    if tensor_type is None or not tensor_type.HasField("shape"):
+        return None
+    return [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim]
+
+
 def inferred_shapes(model, rewritten: str) -> dict[str, list[int | None]]:
     """The shape of every tensor ONNX's shape inference types in ``model`` (``None`` for a size
     it leaves open), by name; empty where it cannot read the model (see
     :func:`inferred_values`)."""
     return {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        value.name: tensor_shape(value.type.tensor_type)
         for value in inferred_values(model, rewritten) or []
         if value.type.tensor_type.HasField("shape")
     }
@@ -128,22 +136,25 @@ def computed_constant(model, name: str, producers: dict | None = None) -> np.nda
 
     if producers is None:
         producers = {output: node for node in model.graph.node for output in node.output}
-    initializers = {initializer.name for initializer in model.graph.initializer}
-    ancestors: list = []
+    initializers = {initializer.name: initializer for initializer in model.graph.initializer}
+    ancestors, read = {}, set()  # (by id: only the initializers these nodes read are copied)
     pending = [name]
     while pending:
         tensor = pending.pop()
-        if not tensor or tensor in initializers:
+        if not tensor:
+            continue
+        if tensor in initializers:
+            read.add(tensor)
             continue
         node = producers.get(tensor)
         if node is None:
             return None
-        if node not in ancestors:
-            ancestors.append(node)
+        if id(node) not in ancestors:
+            ancestors[id(node)] = node
             pending.extend(node.input)
     graph = helper.make_graph(
-        [node for node in model.graph.node if node in ancestors], "constant", [],
-        [helper.make_empty_tensor_value_info(name)], list(model.graph.initializer),
+        [node for node in model.graph.node if id(node) in ancestors], "constant", [],
+        [helper.make_empty_tensor_value_info(name)], [initializers[tensor] for tensor in sorted(read)],
     )
     subgraph = helper.make_model(graph, opset_imports=list(model.opset_import))
     subgraph.ir_version = model.ir_version
@@ -153,6 +164,30 @@ def computed_constant(model, name: str, producers: dict | None = None) -> np.nda
         logger.debug("could not compute %r from constants: %s", name, error)
         return None
     return np.asarray(value)
+
+
+def input_folded(model, node, position: int, constants: dict, producers: dict) -> bool:
+    """Replaces, in place, ``node``'s input at ``position`` where it is computed from constants
+    only (:func:`computed_constant`) by an initializer ``<name>.folded`` of its value (written
+    once, however many nodes read it; ``constants``, the model's by name, gains it).
+
+    Returns:
+        Whether the input now reads such an initializer.
+    """
+    from onnx import numpy_helper
+
+    name = node.input[position] if position < len(node.input) else ""
+    if not name or name in constants:
+        return False
+    folded = f"{name}.folded"
+    if folded not in constants:
+        value = computed_constant(model, name, producers)
+        if value is None:
+            return False
+        constants[folded] = numpy_helper.from_array(value, folded)
+        model.graph.initializer.append(constants[folded])
+    node.input[position] = folded
+    return True
 
 
 def unread_nodes_dropped(model) -> None:

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .onnx_opsets import attribute_text, computed_constant, unread_nodes_dropped
+from .onnx_opsets import attribute_text, computed_constant, input_folded, unread_nodes_dropped
 
 __all__ = [
     "convert_recurrent", "paddle_recurrent_parameters", "recurrent_converters_installed", "recurrent_inputs_folded",
@@ -102,33 +102,19 @@ def recurrent_inputs_folded(model) -> int:
 
     constants = {initializer.name: initializer for initializer in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
-    values: dict[str, np.ndarray | None] = {}
     rewritten = 0
     for node in model.graph.node:
         if node.op_type not in _PADDLE_GATE_ORDER:
             continue
-        for position in (1, 2, 3, *_STATE_INPUTS[node.op_type]):
+        rewritten += sum(input_folded(model, node, position, constants, producers) for position in (1, 2, 3))
+        for position in _STATE_INPUTS[node.op_type]:
             name = node.input[position] if position < len(node.input) else ""
-            if not name or (name in constants and position < _SEQUENCE_LENGTHS):
+            if not name:
                 continue
-            if name not in values:
-                values[name] = (
-                    numpy_helper.to_array(constants[name]) if name in constants else computed_constant(model, name, producers)
-                )
-            value = values[name]
-            if value is None:
-                continue
-            if position > _SEQUENCE_LENGTHS:
-                if np.any(value):
-                    continue
+            value = numpy_helper.to_array(constants[name]) if name in constants else computed_constant(model, name, producers)
+            if value is not None and not np.any(value):
                 node.input[position] = ""
-            else:
-                folded = f"{name}.folded"
-                if folded not in constants:
-                    constants[folded] = numpy_helper.from_array(np.asarray(value), folded)
-                    model.graph.initializer.append(constants[folded])
-                node.input[position] = folded
-            rewritten += 1
+                rewritten += 1
         while node.input and not node.input[-1]:
             del node.input[-1]
     if rewritten:
