@@ -82,7 +82,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 12
+_LOADER_VERSION = 13
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -256,6 +256,7 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         source = os.path.join(staging, "model.onnx")
         import onnx
 
+        batch_axes = _output_batch_axes(model)
         if stamp["fold_shapes"]:
             model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
         onnx.save(_x2paddle_ready(model, onnx_path), source)
@@ -263,9 +264,9 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         _code_ready(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:
-            _make_batch_dynamic(onnx_path, staging, inputs)
+            _make_batch_dynamic(onnx_path, staging, inputs, batch_axes)
         elif inputs is not None and all(shape[0] == 1 for shape, _ in inputs.values()):
-            _warn_if_batch_one_only(onnx_path, staging, inputs, stamp["fold_shapes"])
+            _warn_if_batch_one_only(onnx_path, staging, inputs, stamp["fold_shapes"], batch_axes)
         os.remove(source)
         with open(os.path.join(staging, _STAMP), "w", encoding="utf-8") as file:
             json.dump(stamp, file)
@@ -303,9 +304,13 @@ def _shapes_folded(model, inputs: dict | None, onnx_path: str, staging: str):
     options.log_severity_level = 3
     # Without its transpose optimizer, which pushes a permute -> LayerNorm -> permute (Hugging
     # Face's ConvNeXt) into a LayerNorm over the channel axis with [1, C, 1, 1] parameters,
-    # which x2paddle converts to LayerNorm(normalized_shape=[1]).
+    # which x2paddle converts to LayerNorm(normalized_shape=[1]); and without its MatMul + Add
+    # fusion, which writes a Linear of a 3-D input as a Gemm between reshapes to and from the
+    # batch's rows ([batch * sequence, features]: dynamic_batch cannot make those follow the
+    # batch).
     onnxruntime.InferenceSession(
-        fixed_path, options, providers=["CPUExecutionProvider"], disabled_optimizers=["TransposeOptimizer"]
+        fixed_path, options, providers=["CPUExecutionProvider"],
+        disabled_optimizers=["TransposeOptimizer", "MatMulAddFusion"],
     )
     folded = onnx.load(folded_path)
     for path in (fixed_path, folded_path):
@@ -1264,7 +1269,35 @@ def _global_pools_as_reductions(model) -> None:
         logger.info("rewrote %d global pools of 3-D tensors as reductions over their last axis", rewritten)
 
 
-def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict) -> None:
+def _output_batch_axes(model) -> list[int | None]:
+    """The axis of each graph output that the file names as the batch (the name of an input's
+    leading dimension: PyTorch's exporter writes a recurrent layer's final state ``[directions,
+    batch, hidden]`` so); ``None`` where it names none."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    batch_names = {
+        value.type.tensor_type.shape.dim[0].dim_param for value in model.graph.input
+        if value.name not in initializers and value.type.tensor_type.shape.dim
+    } - {""}
+    axes = []
+    for value in model.graph.output:
+        named = [axis for axis, dim in enumerate(value.type.tensor_type.shape.dim) if dim.dim_param in batch_names]
+        axes.append(named[0] if len(named) == 1 else None)
+    return axes
+
+
+def _batch_axis(named: int | None, single: np.ndarray, double: np.ndarray) -> int:
+    """The batch axis of an output computed for one sample (``single``) and for two
+    (``double``): the file's name for it, else the one axis of size 1 that became 2, else 0."""
+    if named is not None:
+        return named
+    if single.ndim == double.ndim:
+        changed = [axis for axis, (one, two) in enumerate(zip(single.shape, double.shape)) if one != two]
+        if len(changed) == 1 and (single.shape[changed[0]], double.shape[changed[0]]) == (1, 2):
+            return changed[0]
+    return 0
+
+
+def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict, batch_axes: list[int | None]) -> None:
     """Rewrites each reshape of ``staging``'s code that x2paddle wrote with a leading 1 and that
     reads a tensor leading with size 1 at batch 1 (a tensor of the batch) to copy its input's
     leading size (``0``), and checks that the model then computes at batch 2 what it computes
@@ -1289,13 +1322,10 @@ def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict) -> None:
     batch = [paddle.concat([first, second]) for first, second in zip(*samples)]
     try:
         ran = _outputs(_instantiate(staging), batch)
-        problem = next((
-            f"output {index} is {float(np.abs(out - np.concatenate([a, b])).max()):.3g} off the "
-            f"samples' own" for index, (out, a, b) in enumerate(zip(ran, *per_sample))
-            if a.shape[:1] == (1,) and (out.shape != (2, *a.shape[1:]) or not np.allclose(
-                out, np.concatenate([a, b]), rtol=1e-4, atol=1e-5 * max(float(np.abs(a).max(initial=0)), 1.0)
-            ))
-        ), None)
+        problem = next(filter(None, (
+            _batch_problem(index, out, a, b, _batch_axis(named, a, out))
+            for index, (out, a, b, named) in enumerate(zip(ran, *per_sample, _padded(batch_axes, len(ran))))
+        )), None)
     except Exception as error:  # noqa: BLE001 - any failure at batch 2 is what this reports
         problem = f"it fails: {type(error).__name__}: {error_summary(error)}"
     if problem is not None:
@@ -1305,6 +1335,26 @@ def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict) -> None:
             f"x2paddle wrote the batch size elsewhere too; convert at a fixed batch"
         )
     logger.info("made the leading size of %d reshapes the input's (the batch)", len(rewritten))
+
+
+def _padded(batch_axes: list[int | None], count: int) -> list[int | None]:
+    """``batch_axes`` for ``count`` outputs (x2paddle may return fewer or more than the file's)."""
+    return (list(batch_axes) + [None] * count)[:count]
+
+
+def _batch_problem(index: int, batch: np.ndarray, first: np.ndarray, second: np.ndarray, axis: int) -> str | None:
+    """How output ``index`` computed for two samples as a batch differs from the two computed
+    alone (concatenated on its batch ``axis``); ``None`` where it agrees, or where the output
+    has no batch of 1 on that axis (it does not depend on the batch)."""
+    if first.ndim <= axis or first.shape[axis] != 1:
+        return None
+    expected = np.concatenate([first, second], axis=axis)
+    if batch.shape != expected.shape:
+        return f"output {index} has shape {list(batch.shape)}, not {list(expected.shape)}"
+    scale = max(float(np.abs(first).max(initial=0)), 1.0)
+    if not np.allclose(batch, expected, rtol=1e-4, atol=1e-5 * scale):
+        return f"output {index} is {float(np.abs(batch - expected).max()):.3g} off the samples' own"
+    return None
 
 
 def _reshape_inputs(model: paddle.nn.Layer, code_path: str, inputs: list[paddle.Tensor]) -> dict[int, list[int]]:
@@ -1330,7 +1380,9 @@ def _reshape_inputs(model: paddle.nn.Layer, code_path: str, inputs: list[paddle.
     return seen
 
 
-def _warn_if_batch_one_only(onnx_path: str, directory: str, inputs: dict, folded: bool) -> None:
+def _warn_if_batch_one_only(
+    onnx_path: str, directory: str, inputs: dict, folded: bool, batch_axes: list[int | None]
+) -> None:
     """Warns when the model converted at batch 1 does not run at batch 2, or (its inputs all
     float) does not run at all."""
     model = _instantiate(directory)
@@ -1351,7 +1403,9 @@ def _warn_if_batch_one_only(onnx_path: str, directory: str, inputs: dict, folded
     try:
         double = _outputs(model, _example_inputs(inputs, 2, rng))
         batch_one_only = any(
-            a.shape[:1] == (1,) and b.shape[:1] != (2,) for a, b in zip(single, double)
+            a.ndim > axis and a.shape[axis] == 1 and (b.ndim != a.ndim or b.shape[axis] != 2)
+            for a, b, named in zip(single, double, _padded(batch_axes, len(single)))
+            for axis in [_batch_axis(named, a, b)]
         )
     except Exception:  # noqa: BLE001 - any failure at batch 2 is what this warns of
         batch_one_only = True

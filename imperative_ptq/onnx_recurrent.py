@@ -91,15 +91,14 @@ def recurrent_inputs_folded(model) -> int:
     read them: a ``W``, ``R`` or ``B`` computed from constants only (PyTorch's default exporter
     reorders a bidirectional layer's input weights with ``Slice``/``Concat``/``Unsqueeze`` of
     the initializers) becomes an initializer of its value (computed by ONNX's reference
-    evaluator), and an initial state of constant zeros (an ``nn.LSTM``/``GRU`` called without
-    one, exported at the example's batch) is left out, so Paddle's own zeros follow the
-    input's batch. The nodes that computed them are dropped where nothing else reads them.
+    evaluator), and an initial state of zeros (an ``nn.LSTM``/``GRU`` called without one:
+    constant zeros of the example's batch, or zeros of a shape computed from the input's
+    batch) is left out, so Paddle's own zeros follow the input's batch. The nodes that
+    computed them are dropped where nothing else reads them.
 
     Returns:
         The number of inputs rewritten.
     """
-    from onnx import numpy_helper
-
     constants = {initializer.name: initializer for initializer in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
     rewritten = 0
@@ -111,8 +110,7 @@ def recurrent_inputs_folded(model) -> int:
             name = node.input[position] if position < len(node.input) else ""
             if not name:
                 continue
-            value = numpy_helper.to_array(constants[name]) if name in constants else computed_constant(model, name, producers)
-            if value is not None and not np.any(value):
+            if _zeros(model, name, constants, producers):
                 node.input[position] = ""
                 rewritten += 1
         while node.input and not node.input[-1]:
@@ -120,6 +118,23 @@ def recurrent_inputs_folded(model) -> int:
     if rewritten:
         unread_nodes_dropped(model)
     return rewritten
+
+
+def _zeros(model, name: str, constants: dict, producers: dict) -> bool:
+    """Whether the tensor ``name`` is all zeros whatever the input: constant zeros, or a
+    ``ConstantOfShape`` of zero or an ``Expand`` of zeros to a shape computed from the input
+    (PyTorch's TorchScript exporter writes a recurrent layer's missing initial state as zeros
+    of the input's batch)."""
+    from onnx import numpy_helper
+
+    node = producers.get(name)
+    if node is not None and node.op_type == "ConstantOfShape":
+        fill = next((attribute.t for attribute in node.attribute if attribute.name == "value"), None)
+        return fill is None or not np.any(numpy_helper.to_array(fill))
+    if node is not None and node.op_type == "Expand":
+        return _zeros(model, node.input[0], constants, producers)
+    value = numpy_helper.to_array(constants[name]) if name in constants else computed_constant(model, name, producers)
+    return value is not None and not np.any(value)
 
 
 def paddle_recurrent_parameters(

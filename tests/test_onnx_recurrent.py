@@ -7,6 +7,8 @@ runtimes; what Paddle's layers do not compute is refused by name."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import paddle
 import pytest
@@ -247,3 +249,75 @@ def test_a_relu_rnn_loads_as_a_relu_simple_rnn(tmp_path, direction: str) -> None
         computed = model(paddle.to_tensor(x))
     for ours, theirs in zip(computed, expected):
         np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("op_type", ["RNN", "GRU", "LSTM"])
+def test_torchscript_exports_with_an_open_batch_load_for_any_batch(tmp_path, caplog, op_type: str) -> None:
+    """PyTorch's TorchScript exporter with an open batch (``dynamic_axes``) writes the final
+    state ``[directions, batch, hidden]`` with its batch on axis 1 (the batch check joined
+    every output on axis 0 and refused the file: "output 1 is 0.06 off the samples' own"; a
+    load without ``dynamic_batch`` warned that the model computes batch 1 only), the
+    initial states as zeros of a shape computed from the input's batch, and, with
+    ``fold_shapes``, ONNX Runtime's MatMul + Add fusion wrote the head over the sequence as a
+    Gemm between reshapes to ``[batch * sequence, features]``, which fixed the batch."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.recurrent = getattr(torch.nn, op_type)(INPUT, HIDDEN, batch_first=True)
+            self.head = torch.nn.Linear(HIDDEN, 3)
+
+        def forward(self, x):
+            sequence, state = self.recurrent(x)
+            return self.head(sequence), state[0] if op_type == "LSTM" else state
+
+    path = str(tmp_path / "tagger.onnx")
+    torch.onnx.export(
+        Tagger().eval(), (torch.randn(1, SEQUENCE, INPUT),), path, input_names=["x"], output_names=["y", "h"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}, "h": {1: "batch"}}, opset_version=14, dynamo=False,
+    )
+    x = np.random.default_rng(6).standard_normal([3, SEQUENCE, INPUT]).astype(np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for dynamic_batch, fold_shapes in ((False, False), (True, False), (True, True)):
+        with caplog.at_level(logging.WARNING, logger="imperative_ptq.onnx_import"):
+            model = load_onnx_model(
+                path, tmp_path / f"{dynamic_batch}_{fold_shapes}", {"x": [1, SEQUENCE, INPUT]},
+                dynamic_batch=dynamic_batch, fold_shapes=fold_shapes,
+            )
+        assert "batch 1 only" not in caplog.text
+        with paddle.no_grad():
+            computed = model(paddle.to_tensor(x))
+        assert len(computed) == 2
+        for ours, theirs in zip(computed, expected):
+            np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("fill, left_out", [(None, True), (0.0, True), (1.0, False)])
+def test_zeros_of_a_computed_shape_are_a_left_out_state(fill: float | None, left_out: bool) -> None:
+    """An initial state computed as ``ConstantOfShape`` of the input's batch is left out (Paddle's
+    zeros of the input's batch) where it is zeros (its value omitted or 0), and kept otherwise."""
+    from imperative_ptq.onnx_recurrent import recurrent_inputs_folded
+
+    value = {} if fill is None else {"value": numpy_helper.from_array(np.array([fill], np.float32))}
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], start=1, end=2),
+        helper.make_node("Concat", ["one", "shape", "hidden"], ["state_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["state_shape"], ["state"], **value),
+        helper.make_node("GRU", ["x", "W", "R", "", "", "state"], ["y"], hidden_size=HIDDEN, linear_before_reset=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([HIDDEN], np.int64), "hidden"),
+        numpy_helper.from_array(np.ones([1, 3 * HIDDEN, INPUT], np.float32), "W"),
+        numpy_helper.from_array(np.ones([1, 3 * HIDDEN, HIDDEN], np.float32), "R"),
+    ]
+    graph = helper.make_graph(
+        nodes, "zero_state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [SEQUENCE, "batch", INPUT])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    assert recurrent_inputs_folded(model) == int(left_out)
+    recurrent = next(node for node in model.graph.node if node.op_type == "GRU")
+    assert list(recurrent.input) == (["x", "W", "R"] if left_out else ["x", "W", "R", "", "", "state"])
+    assert [node.op_type for node in model.graph.node] == (["GRU"] if left_out else ["Shape", "Concat", "ConstantOfShape", "GRU"])
