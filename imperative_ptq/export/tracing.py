@@ -628,14 +628,47 @@ def _forget_failed_traces() -> None:
 
 @contextlib.contextmanager
 def legacy_trace() -> Iterator[None]:
-    """Lets PIR-only Paddle APIs trace into legacy programs (:func:`.legacy_ops.legacy_ir_fallback`)
-    and leaves no state of a failed trace behind."""
+    """Lets PIR-only Paddle APIs trace into legacy programs (:func:`.legacy_ops.legacy_ir_fallback`),
+    looks up call sites without reading source (:func:`_call_sites_without_source`) and leaves
+    no state of a failed trace behind."""
     _forget_failed_traces()
     try:
-        with legacy_ir_fallback():
+        with legacy_ir_fallback(), _call_sites_without_source():
             yield
     finally:
         _forget_failed_traces()
+
+
+class _SourcelessInspect:
+    """The ``inspect`` module, with a ``stack()`` that reads no source lines."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+    @staticmethod
+    def stack(context: int = 1) -> list[inspect.FrameInfo]:
+        return inspect.stack(0)[1:]
+
+
+@contextlib.contextmanager
+def _call_sites_without_source() -> Iterator[None]:
+    """Paddle's arithmetic on legacy-IR variables (``x + y`` traced) calls ``inspect.stack()``
+    for a deprecation warning's file and line whenever the right operand's leading size is
+    open (every residual add of a batch), which reads the source lines of every frame of the
+    stack and searches ``sys.modules`` for the module of each frame of code that none holds
+    (dy2static's): ~1 ms per add in a script, ~50 ms under pytest (a deeper stack, more
+    modules; 8.5 of the 75 s of ``tests/test_fused_residual.py`` on one core). Within the
+    trace it gets the same frames, files and lines without their source."""
+    from paddle.base.layers import math_op_patch
+
+    if getattr(math_op_patch, "inspect", None) is not inspect:
+        yield
+        return
+    math_op_patch.inspect = _SourcelessInspect()
+    try:
+        yield
+    finally:
+        math_op_patch.inspect = inspect
 
 
 def trace_to_legacy_program(
