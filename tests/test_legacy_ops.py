@@ -130,3 +130,38 @@ def test_a_captured_dygraph_tensor_is_traced_as_a_constant(tmp_path) -> None:
     )
     qmodel = converted(model, [paddle.to_tensor(rng.standard_normal((2, 4000)).astype(np.float32)) for _ in range(2)])
     assert largest_error_in_paddle_inference(qmodel, x, tmp_path) < 2e-6
+
+
+def test_bindings_made_after_an_earlier_trace_are_wrapped_and_all_restored(monkeypatch) -> None:
+    """The trace remembers which names of each module are bound to a ``_C_ops`` function or a
+    shimmed API (scanning every module on each export cost 20-40 ms of it): a module that
+    gains such a name after a trace (code importing into it), a new Paddle module, and a
+    name rebound by the user since (one of a Paddle module bound to its ``_C_ops`` function)
+    are each seen as they are now; every binding is restored after."""
+    import sys
+    import types
+
+    from imperative_ptq.export.legacy_ops import legacy_ir_fallback
+
+    normalize = F.normalize
+    module, name, c_op = next(
+        (module, name, value) for module_name, module in list(sys.modules.items())
+        if module_name.startswith("paddle.") and isinstance(module, types.ModuleType) and module is not paddle._C_ops
+        for name, value in list(vars(module).items()) if getattr(paddle._C_ops, name, None) is value
+    )
+    users = types.ModuleType("user_module")
+    monkeypatch.setitem(sys.modules, "user_module", users)
+    with legacy_ir_fallback():  # scans the modules as they are now
+        assert getattr(getattr(module, name), "__wrapped_pir_only__", None) is c_op
+    users.normalize = normalize
+    late = types.ModuleType("paddle.late_module")
+    sigmoid = late.sigmoid = paddle._C_ops.sigmoid
+    monkeypatch.setitem(sys.modules, "paddle.late_module", late)
+    users_function = lambda *args, **kwargs: None  # noqa: E731 - the user's own function
+    monkeypatch.setattr(module, name, users_function)
+    with legacy_ir_fallback():
+        assert users.normalize is not normalize and users.normalize.__wrapped__ is normalize
+        assert getattr(late.sigmoid, "__wrapped_pir_only__", None) is sigmoid
+        assert getattr(module, name) is users_function
+    assert users.normalize is normalize and late.sigmoid is sigmoid is paddle._C_ops.sigmoid
+    assert getattr(module, name) is users_function and F.normalize is normalize

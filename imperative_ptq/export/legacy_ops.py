@@ -6,7 +6,8 @@ them cannot be traced under ``DygraphOldIrGuard`` ("must be Value, but got Varia
 Paddle Inference has legacy kernels for every one of them.
 
 :func:`legacy_ir_fallback` wraps every ``paddle._C_ops`` function (and every binding of one in
-Paddle's public namespaces) for the duration of a trace. A call that receives a legacy
+Paddle's public namespaces) for the duration of a trace (the wrappers made, and each module's
+bound names found, once per process). A call that receives a legacy
 ``Variable`` is *replayed* on placeholders in a scratch PIR program, which gives the PIR ops it
 builds with named inputs and attributes; each is then appended to the traced legacy program as
 the legacy op whose PHI kernel it names (``pd_op.matmul`` -> ``matmul_v2``), its inputs and
@@ -28,6 +29,7 @@ import functools
 import math
 import sys
 import types
+import weakref
 from typing import Any, Callable, Iterator
 
 import paddle
@@ -549,29 +551,81 @@ class _LegacyShape(tuple):
         return math.prod(self)
 
 
-@contextlib.contextmanager
-def legacy_ir_fallback() -> Iterator[None]:
-    """Lets every PIR-only Paddle API be traced into a legacy program (see module docstring)."""
-    c_ops = {
-        id(function): name for name, function in vars(paddle._C_ops).items()
+def _is_one_of(value: Any, functions: dict[int, Any]) -> bool:
+    """Whether ``value`` is one of ``functions`` (id -> function)."""
+    return id(value) in functions and functions[id(value)] is value
+
+
+class _BindingScans:
+    """Which names of each module are bound to functions of a set, scanned once per module
+    and set (a trace patches those names: rescanning the ~900 Paddle modules, or every module
+    for the shims, on each trace cost 20-40 ms of each export). A module is scanned again
+    when its number of names changed (a module gains names as code imports into it)."""
+
+    def __init__(self) -> None:
+        self._targets: dict[int, Any] = {}
+        self._names: weakref.WeakKeyDictionary[types.ModuleType, tuple[int, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+    def of(self, targets: dict[int, Any]) -> _BindingScans:
+        """These scans for ``targets`` (id -> function): the earlier ones if the set is the same."""
+        if targets.keys() != self._targets.keys():
+            self._targets = dict(targets)
+            self._names = weakref.WeakKeyDictionary()
+        return self
+
+    def bound(self, module: types.ModuleType) -> list[tuple[str, Any]]:
+        """``(name, function)`` for each name of ``module`` bound to one of the targets now."""
+        targets, namespace = self._targets, vars(module)
+        entry = self._names.get(module)
+        if entry is None or entry[0] != len(namespace):
+            names = tuple(name for name, value in list(namespace.items()) if _is_one_of(value, targets))
+            entry = self._names[module] = (len(namespace), names)
+        bound = [(name, namespace.get(name)) for name in entry[1]]
+        return [(name, value) for name, value in bound if _is_one_of(value, targets)]
+
+
+_C_OP_BINDINGS = _BindingScans()
+_SHIM_BINDINGS = _BindingScans()
+#: id(C op) -> (the C op, its fallback wrapper), made once per process.
+_FALLBACKS: dict[int, tuple[Callable, Callable]] = {}
+#: Whether a trace is patched now (a nested one finds everything patched).
+_ACTIVE: list[bool] = []
+
+
+def _c_ops() -> dict[int, tuple[str, Callable]]:
+    """id -> (name, function) of each public ``paddle._C_ops`` function."""
+    return {
+        id(function): (name, function) for name, function in vars(paddle._C_ops).items()
         if not name.startswith("_") and callable(function) and not isinstance(function, type)
         and not isinstance(function, types.ModuleType)
     }
+
+
+def _fallback_of(name: str, function: Callable) -> Callable:
+    entry = _FALLBACKS.get(id(function))
+    if entry is None or entry[0] is not function:
+        entry = _FALLBACKS[id(function)] = (function, _fallback(f"paddle._C_ops.{name}", function))
+    return entry[1]
+
+
+@contextlib.contextmanager
+def legacy_ir_fallback() -> Iterator[None]:
+    """Lets every PIR-only Paddle API be traced into a legacy program (see module docstring)."""
+    if _ACTIVE:
+        yield
+        return
+    c_ops = _c_ops()
+    functions = {key: function for key, (_, function) in c_ops.items()}
     patched: list[tuple[Any, str, Any]] = []
-    wrappers: dict[int, Callable] = {}
     variable = paddle.static.Variable
     added: list[str] = []
+    _ACTIVE.append(True)
     try:
+        c_op_bindings = _C_OP_BINDINGS.of(functions)
         for module in _namespaces():
-            for name, value in list(vars(module).items()):
-                key = id(value)
-                if key not in c_ops:
-                    continue
-                wrapper = wrappers.get(key)
-                if wrapper is None:
-                    wrapper = wrappers[key] = _fallback(f"paddle._C_ops.{c_ops[key]}", value)
+            for name, value in c_op_bindings.bound(module):
                 patched.append((module, name, value))
-                setattr(module, name, wrapper)
+                setattr(module, name, _fallback_of(c_ops[id(value)][0], value))
         shims: dict[int, tuple[Any, Callable]] = {}  # id(original) -> (original, shimmed)
         for (module_name, name), shim in _BROKEN_LEGACY_BRANCHES.items():
             module = sys.modules.get(module_name)
@@ -579,14 +633,13 @@ def legacy_ir_fallback() -> Iterator[None]:
             if callable(original) and id(original) not in shims:
                 shims[id(original)] = (original, shim(original))
         if shims:
+            shim_bindings = _SHIM_BINDINGS.of({key: original for key, (original, _) in shims.items()})
             for module in list(sys.modules.values()):
                 if not isinstance(module, types.ModuleType):
                     continue
-                for name, value in list(vars(module).items()):
-                    entry = shims.get(id(value))
-                    if entry is not None and entry[0] is value:
-                        patched.append((module, name, value))
-                        setattr(module, name, entry[1])
+                for name, value in shim_bindings.bound(module):
+                    patched.append((module, name, value))
+                    setattr(module, name, shims[id(value)][1])
             for name, value in list(vars(variable).items()):  # the method form, x.kthvalue(...)
                 entry = shims.get(id(value))
                 if entry is not None and entry[0] is value:
@@ -598,7 +651,7 @@ def legacy_ir_fallback() -> Iterator[None]:
         # API of the same name (``paddle.sum``, ...) converts those, and its C op is wrapped above.
         for name, value in list(vars(variable).items()):
             api = getattr(paddle.tensor, name, None)
-            if id(value) in c_ops and callable(api):
+            if _is_one_of(value, functions) and callable(api):
                 patched.append((variable, name, value))
                 setattr(variable, name, api)
         # ``paddle.lerp`` reads ``x.is_cuda`` before it checks the mode; the legacy Variable
@@ -615,3 +668,4 @@ def legacy_ir_fallback() -> Iterator[None]:
             delattr(variable, name)
         for module, name, value in reversed(patched):
             setattr(module, name, value)
+        _ACTIVE.clear()
