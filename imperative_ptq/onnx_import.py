@@ -65,7 +65,7 @@ from .onnx_einsum import einsums_as_matmuls
 from .onnx_recurrent import recurrent_converters_installed, recurrent_inputs_folded, recurrents_checked
 from .onnx_opsets import (
     attribute_text, axes_node, constant_tensors, default_opset, inferred_shapes, inferred_values, input_folded,
-    lowered_to_opset_15, tensor_shape, unread_nodes_dropped,
+    lowered_to_opset_15, tensor_shape, unread_nodes_dropped, with_input_shapes,
 )
 
 __all__ = ["QUANTIZED_ONNX_OPS", "load_onnx_model"]
@@ -82,7 +82,7 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 13
+_LOADER_VERSION = 14
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
@@ -259,7 +259,7 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         batch_axes = _output_batch_axes(model)
         if stamp["fold_shapes"]:
             model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
-        onnx.save(_x2paddle_ready(model, onnx_path), source)
+        onnx.save(_x2paddle_ready(model, onnx_path, stamp["input_shapes"]), source)
         _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
         _code_ready(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
@@ -288,14 +288,7 @@ def _shapes_folded(model, inputs: dict | None, onnx_path: str, staging: str):
         raise ImportError(f"fold_shapes needs onnxruntime ({error}): pip install onnxruntime") from error
     if inputs is None:
         raise ValueError(f"fold_shapes needs fixed input shapes: give input_shapes for {onnx_path}")
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        if value.name in inputs:
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for size in inputs[value.name][0]:
-                dims.add().dim_value = size
+    fixed = with_input_shapes(model, {name: shape for name, (shape, _) in inputs.items()})
     fixed_path, folded_path = os.path.join(staging, "fixed.onnx"), os.path.join(staging, "folded.onnx")
     onnx.save(fixed, fixed_path)
     options = onnxruntime.SessionOptions()
@@ -423,13 +416,14 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _x2paddle_ready(model, onnx_path: str):
+def _x2paddle_ready(model, onnx_path: str, input_shapes: dict | None = None):
     """``model`` with what x2paddle 1.6.0 cannot read written otherwise: opsets 16 and newer
     lowered to 15 (:func:`~imperative_ptq.onnx_opsets.lowered_to_opset_15`), ``Constant`` values
     of list or scalar form as tensors (:func:`_constants_as_tensors`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1), ``DFT`` and ``Einsum`` as ``MatMul`` products
+    the kernel size, not ONNX's 1; ``input_shapes``: the shapes converted at, for the
+    lowering's shape inference), ``DFT`` and ``Einsum`` as ``MatMul`` products
     (:func:`~imperative_ptq.onnx_dft.dfts_as_matmuls`,
     :func:`~imperative_ptq.onnx_einsum.einsums_as_matmuls`), and what :func:`_initializers_ready`,
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
@@ -447,7 +441,7 @@ def _x2paddle_ready(model, onnx_path: str):
 
     _computed_pads_folded(model)
     dfts_as_matmuls(model)
-    lowered_to_opset_15(model, onnx_path)
+    lowered_to_opset_15(model, onnx_path, input_shapes)
     einsums_as_matmuls(model)
     _constants_as_tensors(model)
     _initializers_ready(model)

@@ -25,13 +25,14 @@ computed axes) raises a ``ValueError`` naming those nodes. Only the top graph is
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "X2PADDLE_OPSET", "attribute_text", "axes_node", "computed_constant", "constant_tensors", "default_opset",
     "inferred_shapes", "inferred_values", "input_folded", "lowered_to_opset_15", "tensor_shape", "unread_nodes_dropped",
+    "with_input_shapes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -237,12 +238,32 @@ def axes_node(
     return helper.make_node(op_type, [data, axes_tensor.name], [output], **attributes), [axes_tensor]
 
 
-def lowered_to_opset_15(model, name: str = "the model") -> int:
+def with_input_shapes(model, shapes: Mapping[str, Sequence[int]]):
+    """A copy of ``model`` whose graph inputs named in ``shapes`` have those fixed shapes."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dims.add().dim_value = int(size)
+    return fixed
+
+
+def lowered_to_opset_15(
+    model, name: str = "the model", input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> int:
     """Rewrites ``model`` (an ``onnx.ModelProto``) in place from its opset to opset 15.
 
     Args:
         model: The model; left as it is if its default-domain opset is 15 or older.
         name: How errors name the model (its file).
+        input_shapes: Input name -> the shape the model is converted at, for the shapes a
+            lowering reads (an 18-opset ``Split`` into ``num_outputs`` of an axis the file
+            leaves open gets its sizes from it); ``None``: the file's own shapes.
 
     Returns:
         The number of nodes rewritten.
@@ -253,7 +274,7 @@ def lowered_to_opset_15(model, name: str = "the model") -> int:
     version = default_opset(model)
     if version <= X2PADDLE_OPSET:
         return 0
-    lowering = _Lowering(model, version)
+    lowering = _Lowering(model, version, input_shapes)
     nodes = list(model.graph.node)
     del model.graph.node[:]
     refused: list[str] = []
@@ -288,13 +309,14 @@ class _Lowering:
     """The opset-15 form of each node of one model (new nodes and constants are named after the
     node's first output)."""
 
-    def __init__(self, model, version: int) -> None:
+    def __init__(self, model, version: int, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         self.model, self.version = model, version
         self.constants = constant_tensors(model)
         # Shapes are inferred now, on the whole graph, where a lowering reads them.
         self._shapes: dict[str, list[int | None]] = {}
         if any(_needs_shapes(node, self._attributes(node)) for node in model.graph.node):
-            self._shapes = inferred_shapes(model, "ops of newer opsets")
+            shaped = with_input_shapes(model, input_shapes) if input_shapes else model
+            self._shapes = inferred_shapes(shaped, "ops of newer opsets")
         self._lowerings: dict[str, Callable] = {
             "LayerNormalization": self._layer_norm, "Gelu": self._gelu, "Mish": self._mish,
             "Split": self._split,

@@ -244,3 +244,24 @@ def test_axes_node_writes_the_axes_in_its_opsets_form(opset: int) -> None:
         assert list(node.input) == ["x", "y.axes"] and numpy_helper.to_array(initializers[0]).tolist() == [1, 2]
     with pytest.raises(ValueError, match="not 'ReduceMean'"):
         axes_node("ReduceMean", "x", [1], "y", opset)
+
+
+def test_a_split_into_parts_of_an_open_axis_takes_the_size_from_input_shapes(tmp_path) -> None:
+    """Opset 18's ``Split(num_outputs=3)`` of 8 rows is ``[3, 3, 2]``; where the file leaves the
+    axis open (``N``) the lowering read no size and let opset 15 split evenly, and the converted
+    model failed when run ("must be evenly divisible"): the size now comes from ``input_shapes``."""
+    nodes = [helper.make_node("Split", ["x"], ["a", "b", "c"], axis=0, num_outputs=3)]
+    graph = helper.make_graph(
+        nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 4]) for name in "abc"],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "split.onnx"
+    onnx.save(model, path)
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert [part.shape[0] for part in expected] == [3, 3, 2]
+    converted = load_onnx_model(path, tmp_path / "converted", {"x": [8, 4]})
+    for ours, theirs in zip(converted(paddle.to_tensor(x)), expected):
+        np.testing.assert_array_equal(ours.numpy(), theirs)
