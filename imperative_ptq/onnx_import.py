@@ -82,11 +82,15 @@ QUANTIZED_ONNX_OPS = frozenset({
 #: The stamp file recording which ONNX file and options a conversion directory holds, and
 #: which conversion (this module's :data:`_LOADER_VERSION`, x2paddle's version) wrote it.
 _STAMP = "onnx_import.json"
-_LOADER_VERSION = 14
+_LOADER_VERSION = 15
 _CODE = "x2paddle_code.py"
 _PARAMS = "model.pdparams"
 #: A reshape x2paddle wrote with the batch size of its fixed input shape (1).
 _BATCH_ONE_RESHAPE = re.compile(r"(paddle\.reshape\(x=\w+, shape=\[)1, ")
+#: How x2paddle makes an ONNX name a variable name (after a ``x2paddle_`` prefix).
+_X2PADDLE_NAME_CHARACTERS = str.maketrans({character: "_" for character in " .*?\\/-:;"})
+#: A reshape x2paddle wrote to a constant shape.
+_CONSTANT_RESHAPE = re.compile(r"(paddle\.reshape\(x=\w+, shape=\[)([-\d, ]+)(\])")
 
 
 def load_onnx_model(
@@ -257,14 +261,19 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         import onnx
 
         batch_axes = _output_batch_axes(model)
+        at_batch_two = None
         if stamp["fold_shapes"]:
-            model = _shapes_folded(model, _input_shapes(model, stamp["input_shapes"]), onnx_path, staging)
+            fixed = _input_shapes(model, stamp["input_shapes"])
+            if stamp["dynamic_batch"]:
+                doubled = {name: ([2, *shape[1:]], dtype) for name, (shape, dtype) in fixed.items()}
+                at_batch_two = _reshape_sizes(_shapes_folded(model, doubled, onnx_path, staging))
+            model = _shapes_folded(model, fixed, onnx_path, staging)
         onnx.save(_x2paddle_ready(model, onnx_path, stamp["input_shapes"]), source)
         _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
         _code_ready(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:
-            _make_batch_dynamic(onnx_path, staging, inputs, batch_axes)
+            _make_batch_dynamic(onnx_path, staging, inputs, batch_axes, at_batch_two)
         elif inputs is not None and all(shape[0] == 1 for shape, _ in inputs.values()):
             _warn_if_batch_one_only(onnx_path, staging, inputs, stamp["fold_shapes"], batch_axes)
         os.remove(source)
@@ -1291,12 +1300,18 @@ def _batch_axis(named: int | None, single: np.ndarray, double: np.ndarray) -> in
     return 0
 
 
-def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict, batch_axes: list[int | None]) -> None:
+def _make_batch_dynamic(
+    onnx_path: str, staging: str, inputs: dict, batch_axes: list[int | None],
+    at_batch_two: dict[str, list[int]] | None = None,
+) -> None:
     """Rewrites each reshape of ``staging``'s code that x2paddle wrote with a leading 1 and that
     reads a tensor leading with size 1 at batch 1 (a tensor of the batch) to copy its input's
-    leading size (``0``), and checks that the model then computes at batch 2 what it computes
-    for each sample alone. A reshape of a tensor without a batch (an anchor grid ``[W]`` to
-    ``[1, W]``) keeps its 1; at batch 1 the rewrite computes the same as before by design."""
+    leading size (``0``), and each reshape whose written sizes hold the batch inside one of them
+    (``at_batch_two``: the sizes of the graph folded at batch 2) to infer that one (``-1``,
+    :func:`_reshapes_holding_the_batch`), and checks that the model
+    then computes at batch 2 what it computes for each sample alone. A reshape of a tensor
+    without a batch (an anchor grid ``[W]`` to ``[1, W]``) keeps its 1; at batch 1 the rewrites
+    compute the same as before by design."""
     code_path = os.path.join(staging, _CODE)
     model = _instantiate(staging)
     rng = np.random.default_rng(0)
@@ -1314,6 +1329,17 @@ def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict, batch_axes: 
     with open(code_path, "w", encoding="utf-8") as file:
         file.write("\n".join(lines))
     batch = [paddle.concat([first, second]) for first, second in zip(*samples)]
+    inferred = _reshapes_holding_the_batch(lines, rewritten, at_batch_two or {})
+    for number, axis in inferred.items():
+        lines[number - 1] = _CONSTANT_RESHAPE.sub(
+            lambda match: match.group(1) + ", ".join(
+                "-1" if index == axis else size.strip() for index, size in enumerate(match.group(2).split(","))
+            ) + match.group(3),
+            lines[number - 1],
+        )
+    rewritten += list(inferred)
+    with open(code_path, "w", encoding="utf-8") as file:
+        file.write("\n".join(lines))
     try:
         ran = _outputs(_instantiate(staging), batch)
         problem = next(filter(None, (
@@ -1328,7 +1354,45 @@ def _make_batch_dynamic(onnx_path: str, staging: str, inputs: dict, batch_axes: 
             f"after the batch of {len(rewritten)} reshapes was made dynamic ({problem}): "
             f"x2paddle wrote the batch size elsewhere too; convert at a fixed batch"
         )
-    logger.info("made the leading size of %d reshapes the input's (the batch)", len(rewritten))
+    logger.info(
+        "made the batch of %d reshapes follow the input's (%d inferred where the batch sits "
+        "inside a size)", len(rewritten), len(inferred),
+    )
+
+
+def _reshape_sizes(model) -> dict[str, list[int]]:
+    """x2paddle's variable name of each ``Reshape`` output of ``model`` -> the sizes it
+    reshapes to, where those are a constant."""
+    from onnx import numpy_helper
+
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    return {
+        "x2paddle_" + node.output[0].translate(_X2PADDLE_NAME_CHARACTERS): [
+            int(size) for size in numpy_helper.to_array(constants[node.input[1]]).reshape(-1)
+        ]
+        for node in model.graph.node
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in constants
+    }
+
+
+def _reshapes_holding_the_batch(lines: list[str], skipped: list[int], at_batch_two: dict[str, list[int]]) -> dict[int, int]:
+    """Line -> axis, for each reshape of x2paddle's code to constant sizes (written at batch 1)
+    whose sizes at batch 2 (``at_batch_two``, by output variable, from the same graph folded at
+    batch 2) differ on one axis only, twofold: the batch inside that size (PyTorch's attention
+    reshapes a time-major ``[sequence, batch, features]`` to ``[sequence, batch * heads, head
+    size]``, ``[6, 4, 8]`` at batch 1, ``[6, 8, 8]`` at 2). Lines in ``skipped`` are left out."""
+    found = {}
+    for number, line in enumerate(lines, start=1):
+        match = _CONSTANT_RESHAPE.search(line)
+        assigned = line.split("=", 1)[0].strip()
+        if match is None or number in skipped or assigned not in at_batch_two:
+            continue
+        one = [int(size) for size in match.group(2).split(",") if size.strip()]
+        two = at_batch_two[assigned]
+        changed = [axis for axis, (a, b) in enumerate(zip(one, two)) if a != b]
+        if len(one) == len(two) and -1 not in one and len(changed) == 1 and two[changed[0]] == 2 * one[changed[0]]:
+            found[number] = changed[0]
+    return found
 
 
 def _padded(batch_axes: list[int | None], count: int) -> list[int | None]:

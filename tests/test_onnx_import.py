@@ -913,6 +913,41 @@ def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
         load_onnx_model(path, tmp_path / "m", fold_shapes="yes")
 
 
+def test_fold_shapes_with_dynamic_batch_loads_a_pytorch_encoder_for_any_batch(tmp_path) -> None:
+    """``nn.MultiheadAttention`` runs time-major and reshapes to ``[sequence, batch * heads,
+    head size]``: folded at batch 1, x2paddle writes ``[6, 4, 8]``, a batch inside a size that
+    the leading-1 rewrite cannot reach ("dynamic_batch: ... does not compute batch 2"). Such a
+    size is now inferred (``-1``): the model computes ONNX Runtime's output at batch 3, and its
+    int8 export runs the simulation at batch 3 in both runtimes."""
+    torch = pytest.importorskip("torch")
+    from ties import assert_both_runtimes_compute_the_simulation
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(16, 32),
+        torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+        ),
+    ).eval()
+    path = str(tmp_path / "encoder.onnx")
+    torch.onnx.export(
+        encoder, torch.rand(1, 6, 16), path, input_names=["x"], output_names=["y"], opset_version=14,
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+    )
+    model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 6, 16]}, fold_shapes=True, dynamic_batch=True)
+    rng = np.random.default_rng(3)
+    x = rng.random([3, 6, 16], dtype=np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-5)
+    ptq = ip.ImperativePTQ()
+    quantized = ptq.quantize(model)
+    for _ in range(3):
+        quantized(paddle.to_tensor(rng.random([2, 6, 16], dtype=np.float32)))
+    ptq.convert(quantized)
+    spec = [paddle.static.InputSpec([None, 6, 16], "float32", "x")]
+    assert_both_runtimes_compute_the_simulation(ptq, quantized, spec, [x], tmp_path)
+
+
 def _padded_convs(path, pads_as_computation: bool, value: float = 0.0, pool: bool = False) -> str:
     """``nn.ZeroPad2d((0, 1, 0, 1))`` before a stride-2 conv, as PyTorch's TorchScript exporter
     writes it (its pads a ``ConstantOfShape -> Concat -> Reshape -> Slice -> Transpose ->
