@@ -868,12 +868,9 @@ def test_x2paddle_exiting_after_its_dygraph_files_is_a_warning_not_the_end_of_th
     assert not (tmp_path / "nothing").exists()
 
 
-def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
-    """PyTorch's export of ``nn.TransformerEncoder`` reshapes to shapes computed from the input
-    (``Shape -> Gather -> Concat -> Reshape``): x2paddle keeps them computed, and neither its own
-    static save (it then called ``exit(0)``) nor this package's export could trace them.
-    ``fold_shapes=True`` folds them into constants first; the int8 export then runs in Paddle
-    Inference as simulated."""
+def _pytorch_encoder_file(path) -> str:
+    """A Linear and one ``nn.TransformerEncoderLayer`` (d_model 32, 4 heads; ``[batch, 6, 16]``
+    inputs) as PyTorch's TorchScript exporter writes it at opset 14, the batch open."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(
@@ -882,11 +879,20 @@ def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
             torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
         ),
     ).eval()
-    path = str(tmp_path / "encoder.onnx")
     torch.onnx.export(
-        encoder, torch.rand(1, 6, 16), path, input_names=["x"], output_names=["y"], opset_version=14,
-        dynamic_axes={"x": {0: "batch"}}, dynamo=False,
+        encoder, torch.rand(1, 6, 16), str(path), input_names=["x"], output_names=["y"], opset_version=14,
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
     )
+    return str(path)
+
+
+def test_fold_shapes_lets_a_pytorch_encoders_reshapes_trace(tmp_path) -> None:
+    """PyTorch's export of ``nn.TransformerEncoder`` reshapes to shapes computed from the input
+    (``Shape -> Gather -> Concat -> Reshape``): x2paddle keeps them computed, and neither its own
+    static save (it then called ``exit(0)``) nor this package's export could trace them.
+    ``fold_shapes=True`` folds them into constants first; the int8 export then runs in Paddle
+    Inference as simulated."""
+    path = _pytorch_encoder_file(tmp_path / "encoder.onnx")
     x = np.random.default_rng(1).random([1, 6, 16], dtype=np.float32)
     expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     spec = [paddle.static.InputSpec([1, 6, 16], "float32", "x")]
@@ -919,21 +925,9 @@ def test_fold_shapes_with_dynamic_batch_loads_a_pytorch_encoder_for_any_batch(tm
     the leading-1 rewrite cannot reach ("dynamic_batch: ... does not compute batch 2"). Such a
     size is now inferred (``-1``): the model computes ONNX Runtime's output at batch 3, and its
     int8 export runs the simulation at batch 3 in both runtimes."""
-    torch = pytest.importorskip("torch")
     from ties import assert_both_runtimes_compute_the_simulation
 
-    torch.manual_seed(0)
-    encoder = torch.nn.Sequential(
-        torch.nn.Linear(16, 32),
-        torch.nn.TransformerEncoder(
-            torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
-        ),
-    ).eval()
-    path = str(tmp_path / "encoder.onnx")
-    torch.onnx.export(
-        encoder, torch.rand(1, 6, 16), path, input_names=["x"], output_names=["y"], opset_version=14,
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
-    )
+    path = _pytorch_encoder_file(tmp_path / "encoder.onnx")
     model = load_onnx_model(path, tmp_path / "converted", {"x": [1, 6, 16]}, fold_shapes=True, dynamic_batch=True)
     rng = np.random.default_rng(3)
     x = rng.random([3, 6, 16], dtype=np.float32)
