@@ -269,7 +269,18 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
                 at_batch_two = _reshape_sizes(_shapes_folded(model, doubled, onnx_path, staging))
             model = _shapes_folded(model, fixed, onnx_path, staging)
         onnx.save(_x2paddle_ready(model, onnx_path, stamp["input_shapes"]), source)
-        _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
+        try:
+            _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
+        except RuntimeError as error:
+            computed = sum(node.op_type == "Shape" for node in model.graph.node)
+            if stamp["fold_shapes"] or not computed:
+                raise
+            # (measured: a class token expanded to the batch read by Shape, as PyTorch's
+            # exporters write a ViT's, fails in x2paddle's shape inference: "KeyError: 0")
+            raise RuntimeError(
+                f"{error}; the file computes shapes from its inputs ({computed} Shape nodes), which "
+                f"x2paddle often fails on: load it with fold_shapes=True, which makes them constants first"
+            ) from error
         _code_ready(os.path.join(staging, _CODE))
         inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:

@@ -265,3 +265,34 @@ def test_a_split_into_parts_of_an_open_axis_takes_the_size_from_input_shapes(tmp
     converted = load_onnx_model(path, tmp_path / "converted", {"x": [8, 4]})
     for ours, theirs in zip(converted(paddle.to_tensor(x)), expected):
         np.testing.assert_array_equal(ours.numpy(), theirs)
+
+
+def test_a_conversion_failing_on_computed_shapes_names_fold_shapes(tmp_path) -> None:
+    """A class token expanded to the batch (``cls.expand(x.shape[0], -1, -1)``, as a ViT's), from
+    PyTorch's default exporter with an open batch, computes its shape from ``Shape(x)``; x2paddle
+    fails on it ("KeyError: 0" from its shape inference): the error now says to load with
+    ``fold_shapes=True``, with which the file loads and computes ONNX Runtime's output."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+
+    class ClassToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.randn(1, 1, 8))
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.cat([self.token.expand(x.shape[0], -1, -1), self.fc(x)], 1)
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "token.onnx")
+    torch.onnx.export(
+        ClassToken().eval(), (torch.rand(1, 4, 8),), path, input_names=["x"], output_names=["y"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
+    with pytest.raises(RuntimeError, match=r"computes shapes from its inputs \(\d+ Shape nodes\).*fold_shapes=True"):
+        load_onnx_model(path, tmp_path / "plain", {"x": [1, 4, 8]})
+    x = np.random.default_rng(0).random([1, 4, 8], dtype=np.float32)
+    expected = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    model = load_onnx_model(path, tmp_path / "folded", {"x": [1, 4, 8]}, fold_shapes=True)
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), expected, rtol=0, atol=1e-6)
