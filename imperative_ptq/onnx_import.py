@@ -1319,10 +1319,10 @@ def _make_batch_dynamic(
     reads a tensor leading with size 1 at batch 1 (a tensor of the batch) to copy its input's
     leading size (``0``), and each reshape whose written sizes hold the batch inside one of them
     (``at_batch_two``: the sizes of the graph folded at batch 2) to infer that one (``-1``,
-    :func:`_reshapes_holding_the_batch`), and checks that the model
-    then computes at batch 2 what it computes for each sample alone. A reshape of a tensor
-    without a batch (an anchor grid ``[W]`` to ``[1, W]``) keeps its 1; at batch 1 the rewrites
-    compute the same as before by design."""
+    :func:`_reshapes_holding_the_batch`), and checks that the model then computes at batch 2
+    what it computes for each sample alone. A reshape of a tensor without a batch (an anchor
+    grid ``[W]`` to ``[1, W]``) keeps its 1; at batch 1 the rewrites compute the same as before
+    by design."""
     code_path = os.path.join(staging, _CODE)
     model = _instantiate(staging)
     rng = np.random.default_rng(0)
@@ -1337,20 +1337,13 @@ def _make_batch_dynamic(
     ]
     for number in rewritten:
         lines[number - 1] = _BATCH_ONE_RESHAPE.sub(r"\g<1>0, ", lines[number - 1])
-    with open(code_path, "w", encoding="utf-8") as file:
-        file.write("\n".join(lines))
-    batch = [paddle.concat([first, second]) for first, second in zip(*samples)]
     inferred = _reshapes_holding_the_batch(lines, rewritten, at_batch_two or {})
     for number, axis in inferred.items():
-        lines[number - 1] = _CONSTANT_RESHAPE.sub(
-            lambda match: match.group(1) + ", ".join(
-                "-1" if index == axis else size.strip() for index, size in enumerate(match.group(2).split(","))
-            ) + match.group(3),
-            lines[number - 1],
-        )
+        lines[number - 1] = _with_size_inferred(lines[number - 1], axis)
     rewritten += list(inferred)
     with open(code_path, "w", encoding="utf-8") as file:
         file.write("\n".join(lines))
+    batch = [paddle.concat([first, second]) for first, second in zip(*samples)]
     try:
         ran = _outputs(_instantiate(staging), batch)
         problem = next(filter(None, (
@@ -1369,6 +1362,17 @@ def _make_batch_dynamic(
         "made the batch of %d reshapes follow the input's (%d inferred where the batch sits "
         "inside a size)", len(rewritten), len(inferred),
     )
+
+
+def _with_size_inferred(line: str, axis: int) -> str:
+    """``line`` (a reshape of x2paddle's code to constant sizes) with its size on ``axis``
+    written ``-1``."""
+    def inferred(match: re.Match) -> str:
+        sizes = [size.strip() for size in match.group(2).split(",")]
+        sizes[axis] = "-1"
+        return match.group(1) + ", ".join(sizes) + match.group(3)
+
+    return _CONSTANT_RESHAPE.sub(inferred, line)
 
 
 def _reshape_sizes(model) -> dict[str, list[int]]:
