@@ -261,13 +261,13 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
         import onnx
 
         batch_axes = _output_batch_axes(model)
+        inputs = _input_shapes(model, stamp["input_shapes"])
         at_batch_two = None
         if stamp["fold_shapes"]:
-            fixed = _input_shapes(model, stamp["input_shapes"])
             if stamp["dynamic_batch"]:
-                doubled = {name: ([2, *shape[1:]], dtype) for name, (shape, dtype) in fixed.items()}
+                doubled = {name: ([2, *shape[1:]], dtype) for name, (shape, dtype) in inputs.items()}
                 at_batch_two = _reshape_sizes(_shapes_folded(model, doubled, onnx_path, staging))
-            model = _shapes_folded(model, fixed, onnx_path, staging)
+            model = _shapes_folded(model, inputs, onnx_path, staging)
         onnx.save(_x2paddle_ready(model, onnx_path, stamp["input_shapes"]), source)
         try:
             _run_x2paddle(onnx2paddle, onnx_path, source, staging, stamp["input_shapes"])
@@ -282,7 +282,6 @@ def _convert(model, onnx_path: str, directory: str, stamp: dict, onnx2paddle) ->
                 f"x2paddle often fails on: load it with fold_shapes=True, which makes them constants first"
             ) from error
         _code_ready(os.path.join(staging, _CODE))
-        inputs = _input_shapes(model, stamp["input_shapes"])
         if stamp["dynamic_batch"]:
             _make_batch_dynamic(onnx_path, staging, inputs, batch_axes, at_batch_two)
         elif inputs is not None and all(shape[0] == 1 for shape, _ in inputs.values()):
@@ -442,8 +441,7 @@ def _x2paddle_ready(model, onnx_path: str, input_shapes: dict | None = None):
     of list or scalar form as tensors (:func:`_constants_as_tensors`), ``HardSwish`` as
     ``Mul(x, HardSigmoid(x, 1/6, 0.5))``, all-ones ``dilations`` of pools dropped, the
     default ``strides`` of pools written out (x2paddle leaves them to Paddle, whose default is
-    the kernel size, not ONNX's 1; ``input_shapes``: the shapes converted at, for the
-    lowering's shape inference), ``DFT`` and ``Einsum`` as ``MatMul`` products
+    the kernel size, not ONNX's 1), ``DFT`` and ``Einsum`` as ``MatMul`` products
     (:func:`~imperative_ptq.onnx_dft.dfts_as_matmuls`,
     :func:`~imperative_ptq.onnx_einsum.einsums_as_matmuls`), and what :func:`_initializers_ready`,
     :func:`_identities_of_initializers_copied`, :func:`_global_pools_as_reductions`,
@@ -456,7 +454,8 @@ def _x2paddle_ready(model, onnx_path: str, input_shapes: dict | None = None):
     :func:`_squares_of_multi_axis_means_multiplied` and :func:`_recurrent_outputs_named`
     rewrite; ``LSTM``/``GRU`` nodes Paddle's layers do not compute are refused
     (:func:`~imperative_ptq.onnx_recurrent.recurrents_checked`; the nodes themselves are
-    converted by :func:`~imperative_ptq.onnx_recurrent.convert_recurrent`)."""
+    converted by :func:`~imperative_ptq.onnx_recurrent.convert_recurrent`). ``input_shapes``
+    (input name -> the shape converted at) serves the lowering's shape inference."""
     from onnx import helper
 
     _computed_pads_folded(model)
